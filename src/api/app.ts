@@ -1,0 +1,205 @@
+/**
+ * The HTTP API, built as a factory: `buildApp({manager, ...})` returns a
+ * fastify instance that tests drive with `inject()`; the daemon binds it to
+ * the unix socket. Every body and query is parsed with zod (strict: unknown
+ * fields are errors); every error leaves as `{error: {code, message, hint}}`.
+ */
+import { createReadStream } from "node:fs";
+import { access } from "node:fs/promises";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
+import type { Logger } from "pino";
+import { StringDecoder } from "node:string_decoder";
+import { z } from "zod";
+import { SandboxdError } from "../errors.js";
+import type { PhaseManager } from "../phases/manager.js";
+import { PHASE_MODES } from "../phases/types.js";
+
+export interface AppOptions {
+  manager: PhaseManager;
+  logger: Logger;
+  info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
+}
+
+const phaseIdParam = z.object({ id: z.string().regex(/^ph_[0-9a-f]{12}$/, "not a phase id (ph_ followed by 12 hex digits)") });
+
+const startBody = z
+  .object({
+    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path"),
+    phase: z
+      .string()
+      .min(1)
+      .max(128)
+      .regex(/^[\w.\- ]+$/, "letters, digits, space, '.', '_' and '-' only"),
+    mode: z.enum(PHASE_MODES),
+  })
+  .strict();
+
+const MAX_ARG_BYTES = 128 * 1024;
+const execBody = z
+  .object({
+    argv: z
+      .array(z.string().max(MAX_ARG_BYTES).refine((a) => !a.includes("\0"), "must not contain NUL bytes"))
+      .min(1, "must name a program to run")
+      .max(4096)
+      .refine((a) => a[0] !== "", "argv[0] must not be empty"),
+    timeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    reason: z.string().max(2000).optional(),
+  })
+  .strict();
+
+const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+
+function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
+  const r = schema.safeParse(value ?? {});
+  if (r.success) return r.data;
+  const problems = r.error.issues.map((i) => {
+    const at = i.path.length ? i.path.join(".") : where;
+    return i.code === "unrecognized_keys" ? `${where}: unknown field(s) ${i.keys.join(", ")}` : `${where}.${at}: ${i.message}`;
+  });
+  throw new SandboxdError("SBX_ERR_VALIDATION", `invalid request: ${problems.join("; ")}`, { details: r.error.issues });
+}
+
+const truthy = (v: string | undefined) => v === "1" || v === "true";
+
+export function buildApp(opts: AppOptions): FastifyInstance {
+  const app = Fastify({
+    loggerInstance: opts.logger.child({ mod: "api" }) as FastifyBaseLogger,
+    disableRequestLogging: true,
+    bodyLimit: 8 * 1024 * 1024,
+    return503OnClosing: true,
+  });
+  const { manager } = opts;
+
+  app.setErrorHandler((err, req, reply) => {
+    if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
+    const fe = err as { code?: string; statusCode?: number; message: string };
+    if (fe.code?.startsWith("FST_ERR_CTP") || err instanceof SyntaxError) {
+      const e = new SandboxdError("SBX_ERR_BAD_JSON", `request body is not valid JSON: ${fe.message}`);
+      return reply.status(fe.statusCode === 413 ? 413 : e.status).send(e.toBody());
+    }
+    req.log.error({ err }, "unhandled error");
+    const e = new SandboxdError("SBX_ERR_INTERNAL", `internal error: ${fe.message}`);
+    return reply.status(e.status).send(e.toBody());
+  });
+  app.setNotFoundHandler((req, reply) => {
+    const e = new SandboxdError("SBX_ERR_NOT_FOUND", `no route ${req.method} ${req.url}`);
+    return reply.status(e.status).send(e.toBody());
+  });
+
+  app.get("/v1/health", async () => ({ ok: true, ...opts.info }));
+
+  app.get("/v1/phases", async () => ({ phases: await manager.list() }));
+
+  app.post("/v1/phases", async (req, reply) => {
+    const body = parse(startBody, req.body, "body");
+    const phase = await manager.start(body);
+    return reply.status(201).send({ phase });
+  });
+
+  app.get("/v1/phases/:id", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    return { phase: await manager.get(id) };
+  });
+
+  app.delete("/v1/phases/:id", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    return { phase: await manager.stop(id) };
+  });
+
+  app.post("/v1/phases/:id/exec", async (req, reply) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const q = parse(streamQuery, req.query, "query");
+    const body = parse(execBody, req.body, "body");
+    if (!truthy(q.stream)) {
+      return { result: await manager.exec(id, body) };
+    }
+    return streamExec(reply, manager, id, body);
+  });
+
+  app.get("/v1/phases/:id/logs", async (req, reply) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const q = parse(logsQuery, req.query, "query");
+    const src = await manager.logs(id, truthy(q.follow));
+    reply.header("content-type", "text/plain; charset=utf-8");
+    if ("file" in src) {
+      const exists = await access(src.file).then(
+        () => true,
+        () => false,
+      );
+      return reply.send(exists ? createReadStream(src.file) : "");
+    }
+    const stream = src.stream;
+    reply.raw.on("close", () => (stream as unknown as { destroy?: () => void }).destroy?.());
+    return reply.send(stream);
+  });
+
+  return app;
+}
+
+/**
+ * NDJSON exec: `{"type":"stdout"|"stderr","data":"…"}` lines as output
+ * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
+ * A policy refusal or bad request is answered before the stream starts, as an
+ * ordinary error response. A slow reader slows the command (backpressure);
+ * a reader that disconnects ends it.
+ */
+async function streamExec(
+  reply: FastifyReply,
+  manager: PhaseManager,
+  id: string,
+  body: { argv: string[]; timeoutMs?: number; reason?: string },
+): Promise<void> {
+  const res = reply.raw;
+  const abort = new AbortController();
+  const flow = manager.flow(id);
+  let paused = false;
+  let headersSent = false;
+  const decoders = { stdout: new StringDecoder("utf8"), stderr: new StringDecoder("utf8") };
+
+  const ensureHeaders = () => {
+    if (headersSent) return;
+    headersSent = true;
+    reply.hijack();
+    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+  };
+  const write = (obj: unknown) => {
+    ensureHeaders();
+    if (!res.write(JSON.stringify(obj) + "\n") && !paused) {
+      paused = true;
+      flow.pause();
+      res.once("drain", () => {
+        paused = false;
+        flow.resume();
+      });
+    }
+  };
+  const emit = (type: "stdout" | "stderr") => (chunk: Buffer) => {
+    const data = decoders[type].write(chunk);
+    if (data) write({ type, data });
+  };
+  res.on("close", () => {
+    if (!res.writableFinished) abort.abort();
+    if (paused) {
+      paused = false;
+      flow.resume();
+    }
+  });
+
+  try {
+    // The first output chunk (or the exit) commits the 200; anything thrown
+    // before that — policy, validation, a stopped phase — is a normal error reply.
+    const result = await manager.exec(id, body, { stdout: emit("stdout"), stderr: emit("stderr") }, abort.signal);
+    for (const t of ["stdout", "stderr"] as const) {
+      const rest = decoders[t].end();
+      if (rest) write({ type: t, data: rest });
+    }
+    write({ type: "exit", result });
+    res.end();
+  } catch (err) {
+    if (!headersSent) throw err;
+    const e = err instanceof SandboxdError ? err : new SandboxdError("SBX_ERR_INTERNAL", (err as Error).message);
+    write({ type: "error", ...e.toBody() });
+    res.end();
+  }
+}

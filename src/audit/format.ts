@@ -1,0 +1,53 @@
+/**
+ * Rendering of build_audit.log lines in the SKILLS.md "Audit & Logging
+ * Requirements" format. Every line this module returns starts with
+ * `[TIMESTAMP]`; text from the sandbox (command arguments, output) can never
+ * start a line of its own: control characters in single-line fields are
+ * escaped, and multi-line output continues on lines indented with "    | ".
+ */
+
+/** ISO 8601 UTC with milliseconds, e.g. 2026-01-28T14:32:01.123Z */
+export function timestamp(date: Date): string {
+  return date.toISOString();
+}
+
+const SAFE_ARG = /^[A-Za-z0-9_\-+=.,/:@%^]+$/;
+
+/** POSIX-shell quoting of argv for display (the command is never run from this text). */
+export function quoteArgv(argv: readonly string[]): string {
+  return argv.map((a) => (a !== "" && SAFE_ARG.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(" ");
+}
+
+/** Escape every C0 control character, DEL and the C1 range so one field stays on one line. */
+export function escapeControl(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (ch) => {
+    switch (ch) {
+      case "\n":
+        return "\\n";
+      case "\r":
+        return "\\r";
+      case "\t":
+        return "\\t";
+      default:
+        return `\\x${ch.charCodeAt(0).toString(16).padStart(2, "0")}`;
+    }
+  });
+}
+
+/**
+ * Output as one header line plus continuation lines. Tabs are kept; other
+ * control characters (ANSI escapes included) are escaped.
+ */
+export function renderOutput(ts: string, label: "STDOUT" | "STDERR", text: string, truncatedBytes: number): string[] {
+  const trimmed = text.endsWith("\n") ? text.slice(0, -1) : text;
+  const note = truncatedBytes > 0 ? ` [${truncatedBytes} more bytes not kept]` : "";
+  if (trimmed === "") return [`[${ts}] ${label}: (empty)${note}`];
+  const rows = trimmed.split("\n").map((row) => escapeControl(row).replace(/\\t/g, "\t"));
+  const [first, ...rest] = rows;
+  return [`[${ts}] ${label}:${note} ${first}`, ...rest.map((r) => `    | ${r}`)];
+}
+
+/** `[TIMESTAMP] [SKILL] [ACTION] [TARGET] [RESULT]` */
+export function actionLine(ts: string, skill: string, action: string, target: string, result: string): string {
+  return `[${ts}] [${skill}] [${action}] [${escapeControl(target)}] [${escapeControl(result)}]`;
+}

@@ -1,0 +1,302 @@
+#!/usr/bin/env node
+/**
+ * The sandboxd command line: the daemon (`start`) and its operator client.
+ *
+ * Exit codes: 0 success; 1 an error sandboxd reported (code and hint on
+ * stderr); 2 bad usage. `exec` exits with the command's own code, 124 when
+ * the command was killed at its timeout, 126 when policy refused it, 125 when
+ * sandboxd itself failed, 128+N when the command died of signal N.
+ */
+import { Command, Option, InvalidArgumentError } from "commander";
+import { constants as osConstants } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { SandboxdError } from "../errors.js";
+import { clientSocket, resolveSettings } from "../config/settings.js";
+import type { ExecResult } from "../phases/manager.js";
+import type { PhaseView } from "../phases/types.js";
+import { VERSION } from "../version.js";
+import { ApiClient } from "./client.js";
+
+const EXIT = { error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126 } as const;
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+class CliExit extends Error {
+  constructor(readonly code: number) {
+    super(`exit ${code}`);
+  }
+}
+
+function printError(err: unknown): void {
+  if (err instanceof SandboxdError) {
+    process.stderr.write(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}\n`);
+  } else {
+    process.stderr.write(`sandboxd: ${(err as Error).message ?? String(err)}\n`);
+  }
+}
+
+function client(cmd: Command): ApiClient {
+  const opts = cmd.optsWithGlobals<{ socket?: string }>();
+  return new ApiClient(clientSocket(opts.socket));
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + "\n");
+}
+
+function age(iso: string): string {
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h`;
+  return `${Math.floor(s / 86400)}d`;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
+}
+
+function printPhase(p: PhaseView): void {
+  const lines = [
+    ["id", p.id],
+    ["phase", p.name],
+    ["mode", p.mode],
+    ["state", p.state],
+    ["project", p.project],
+    ["runs as", `${p.uid}:${p.gid}`],
+    ["container", p.containerName],
+    ["created", p.createdAt],
+    ...(p.stoppedAt ? [["stopped", p.stoppedAt]] : []),
+    ...(p.endReason ? [["end reason", p.endReason]] : []),
+  ];
+  process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v ?? ""])));
+}
+
+function parseTimeout(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("give the timeout in seconds, a positive number (e.g. 30 or 0.5)");
+  return Math.round(n * 1000);
+}
+
+function signalExitCode(signal: string | null): number {
+  const n = signal ? (osConstants.signals as Record<string, number>)[signal] : undefined;
+  return n ? 128 + n : EXIT.sandboxdFailed;
+}
+
+export function exitCodeFor(result: Pick<ExecResult, "exitCode" | "signal" | "timedOut">): number {
+  if (result.timedOut) return EXIT.timeout;
+  if (result.exitCode !== null) return result.exitCode;
+  return signalExitCode(result.signal);
+}
+
+function program(): Command {
+  const prog = new Command("sandboxd")
+    .description("Run autonomous coding agents' phases in disposable, policy-mediated Docker sandboxes.")
+    .version(VERSION)
+    .addOption(new Option("--socket <path>", "daemon socket (default: $SANDBOXD_SOCKET, /run/sandboxd/sandboxd.sock as root)"))
+    .showHelpAfterError("(run with --help for usage)")
+    .configureOutput({ outputError: (str, write) => write(`sandboxd: ${str.replace(/^error: /, "")}`) })
+    .exitOverride();
+
+  prog
+    .command("start")
+    .description("run the daemon in the foreground (SIGTERM or Ctrl-C stops it and its phases)")
+    .option("--state-dir <dir>", "where phase records and audit logs live (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
+    .action(async (opts: { stateDir?: string }, cmd: Command) => {
+      const { startDaemon } = await import("../daemon.js");
+      const settings = resolveSettings({ socket: cmd.optsWithGlobals<{ socket?: string }>().socket, stateDir: opts.stateDir });
+      const daemon = await startDaemon(settings);
+      await new Promise<void>((resolve) => {
+        let stopping = false;
+        const stop = (sig: string) => {
+          if (stopping) return;
+          stopping = true;
+          daemon.log.info({ signal: sig }, "signal received");
+          daemon.close().then(resolve, (e: Error) => {
+            daemon.log.error({ err: e.message }, "shutdown failed");
+            resolve();
+          });
+        };
+        process.once("SIGTERM", () => stop("SIGTERM"));
+        process.once("SIGINT", () => stop("SIGINT"));
+      });
+    });
+
+  const image = prog.command("image").description("manage the sandbox image");
+  image
+    .command("build")
+    .description("build the sandbox image from sandbox/Dockerfile (creates an offline Debian base first when no registry is reachable)")
+    .option("--tag <ref>", "image reference", process.env.SANDBOXD_IMAGE || "sandboxd-sandbox:latest")
+    .option("--base <ref>", "base image (default debian:bookworm-slim, or the offline base when it cannot be pulled)")
+    .option("--force", "rebuild even when the image is current")
+    .option("--no-cache", "do not use the build cache")
+    .action(async (opts: { tag: string; base?: string; force?: boolean; cache: boolean }) => {
+      const { default: Docker } = await import("dockerode");
+      const img = await import("../runtime/image.js");
+      const docker = new Docker();
+      const log = (line: string) => process.stderr.write(line.endsWith("\n") ? line : line + "\n");
+      const common = {
+        tag: opts.tag,
+        dockerfileDir: path.join(ROOT, "sandbox"),
+        shimBundlePath: path.join(ROOT, "dist", "shim", "shim.cjs"),
+        log,
+      };
+      if (opts.base || !opts.cache) {
+        const base = await img.ensureBaseImage(docker, { base: opts.base ?? img.DEFAULT_BASE_IMAGE, log });
+        const r = await img.buildSandboxImage(docker, { ...common, base, noCache: !opts.cache });
+        process.stdout.write(`${opts.tag} ${r.imageId}\n`);
+      } else {
+        const r = await img.ensureSandboxImage(docker, { ...common, force: opts.force ?? false });
+        process.stdout.write(`${opts.tag} ${(r as { imageId?: string }).imageId ?? ""}\n`);
+      }
+    });
+
+  const phase = prog.command("phase").description("start, inspect and stop phases");
+  phase
+    .command("start")
+    .description("start a phase: a fresh sandbox container with the project mounted at /workspace")
+    .argument("<project>", "the project directory")
+    .requiredOption("--phase <name>", "the phase's name from the implementation plan, e.g. 2.3")
+    .addOption(new Option("--mode <mode>", "backtest, paper or test").choices(["backtest", "paper", "test"]).makeOptionMandatory())
+    .option("--json", "print the phase record as JSON")
+    .action(async (project: string, opts: { phase: string; mode: string; json?: boolean }, cmd: Command) => {
+      const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("POST", "/v1/phases", {
+        project: path.resolve(project),
+        phase: opts.phase,
+        mode: opts.mode,
+      });
+      if (opts.json) printJson(p);
+      else process.stdout.write(p.id + "\n");
+    });
+  phase
+    .command("show")
+    .description("show one phase")
+    .argument("<id>")
+    .option("--json", "print JSON")
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("GET", `/v1/phases/${encodeURIComponent(id)}`);
+      if (opts.json) printJson(p);
+      else printPhase(p);
+    });
+  phase
+    .command("stop")
+    .description("stop a phase: end its commands, remove its container, keep its logs and audit trail")
+    .argument("<id>")
+    .option("--json", "print the final phase record as JSON")
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("DELETE", `/v1/phases/${encodeURIComponent(id)}`);
+      if (opts.json) printJson(p);
+      else process.stdout.write(`${p.id} ${p.state}\n`);
+    });
+
+  prog
+    .command("ps")
+    .description("list phases (running ones; --all for every phase on record)")
+    .option("-a, --all", "include stopped and failed phases")
+    .option("--json", "print JSON")
+    .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
+      const { phases } = await client(cmd).request<{ phases: PhaseView[] }>("GET", "/v1/phases");
+      const shown = opts.all ? phases : phases.filter((p) => p.state === "running" || p.state === "starting" || p.state === "stopping");
+      if (opts.json) return printJson(shown);
+      const rows = [["ID", "PHASE", "MODE", "STATE", "AGE", "RUNNING", "PROJECT"]];
+      for (const p of shown) rows.push([p.id, p.name, p.mode, p.state, age(p.createdAt), String(p.runningExecs), p.project]);
+      process.stdout.write(table(rows));
+    });
+
+  prog
+    .command("exec")
+    .description("run a command in a phase's sandbox, streaming its output; exits with the command's exit code")
+    .argument("<id>", "phase id")
+    .argument("<argv...>", "the command and its arguments (put them after --)")
+    .option("--timeout <seconds>", "kill the command after this many seconds (default 60; paper mode allows up to 300)", parseTimeout)
+    .option("--reason <text>", "why the command is run (recorded in the audit trail)")
+    .option("--json", "do not stream; print the result record as JSON when the command ends")
+    .addHelpText(
+      "after",
+      "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy;\n125 sandboxd failed; 128+N the command died of signal N.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
+    )
+    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const body = { argv, ...(opts.timeout ? { timeoutMs: opts.timeout } : {}), ...(opts.reason ? { reason: opts.reason } : {}) };
+      const url = `/v1/phases/${encodeURIComponent(id)}/exec`;
+      try {
+        if (opts.json) {
+          const { result } = await api.request<{ result: ExecResult }>("POST", url, body);
+          printJson(result);
+          throw new CliExit(exitCodeFor(result));
+        }
+        const res = await api.stream("POST", `${url}?stream=1`, body);
+        const code = await followExecStream(res);
+        throw new CliExit(code);
+      } catch (err) {
+        if (err instanceof CliExit) throw err;
+        printError(err);
+        const policy = err instanceof SandboxdError && (err.code === "SBX_ERR_POLICY_DENIED" || err.code === "SBX_ERR_POLICY_NEEDS_APPROVAL");
+        throw new CliExit(policy ? EXIT.policy : EXIT.sandboxdFailed);
+      }
+    });
+
+  prog
+    .command("logs")
+    .description("print a phase's container logs (the shim's own log); -f follows them live")
+    .argument("<id>")
+    .option("-f, --follow", "keep printing as the container writes")
+    .action(async (id: string, opts: { follow?: boolean }, cmd: Command) => {
+      const res = await client(cmd).stream("GET", `/v1/phases/${encodeURIComponent(id)}/logs${opts.follow ? "?follow=1" : ""}`);
+      for await (const chunk of res) process.stdout.write(chunk as Buffer);
+    });
+
+  return prog;
+}
+
+async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
+  let buffered = "";
+  let code: number = EXIT.sandboxdFailed;
+  const handle = (line: string) => {
+    if (!line) return;
+    const ev = JSON.parse(line) as
+      | { type: "stdout" | "stderr"; data: string }
+      | { type: "exit"; result: ExecResult }
+      | { type: "error"; error: { code: string; message: string; hint: string } };
+    if (ev.type === "exit") {
+      code = exitCodeFor(ev.result);
+      if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
+    } else if (ev.type === "error") {
+      process.stderr.write(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}\n`);
+      code = EXIT.sandboxdFailed;
+    } else if (ev.type === "stdout") process.stdout.write(ev.data);
+    else process.stderr.write(ev.data);
+  };
+  for await (const chunk of res) {
+    buffered += (chunk as Buffer).toString("utf8");
+    let nl: number;
+    while ((nl = buffered.indexOf("\n")) >= 0) {
+      handle(buffered.slice(0, nl));
+      buffered = buffered.slice(nl + 1);
+    }
+  }
+  handle(buffered);
+  return code;
+}
+
+async function main(argv: string[]): Promise<number> {
+  try {
+    await program().parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CliExit) return err.code;
+    const ce = err as { code?: string; exitCode?: number };
+    if (typeof ce.code === "string" && ce.code.startsWith("commander.")) {
+      // help and version are not errors
+      if (ce.code === "commander.helpDisplayed" || ce.code === "commander.version" || ce.code === "commander.help") return 0;
+      return EXIT.usage;
+    }
+    printError(err);
+    return EXIT.error;
+  }
+}
+
+main(process.argv).then((code) => {
+  process.exitCode = code;
+});

@@ -1,0 +1,69 @@
+/**
+ * Daemon settings: flags over environment over defaults, validated once, whole.
+ */
+import os from "node:os";
+import path from "node:path";
+import { z } from "zod";
+import { SandboxdError } from "../errors.js";
+
+export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
+
+export interface Settings {
+  socket: string;
+  stateDir: string;
+  image: string;
+  logLevel: "fatal" | "error" | "warn" | "info" | "debug" | "trace";
+  shimConnectTimeoutMs: number;
+}
+
+function isRoot(): boolean {
+  return process.getuid?.() === 0;
+}
+
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (isRoot()) return "/var/lib/sandboxd";
+  const base = env.XDG_STATE_HOME || path.join(os.homedir(), ".local", "state");
+  return path.join(base, "sandboxd");
+}
+
+export function defaultSocket(env: NodeJS.ProcessEnv = process.env): string {
+  if (isRoot()) return "/run/sandboxd/sandboxd.sock";
+  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, "sandboxd", "sandboxd.sock");
+  return path.join(defaultStateDir(env), "sandboxd.sock");
+}
+
+/** The socket a client talks to: --socket, then SANDBOXD_SOCKET, then the default. */
+export function clientSocket(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
+  return path.resolve(flag ?? (env.SANDBOXD_SOCKET || defaultSocket(env)));
+}
+
+const settingsSchema = z
+  .object({
+    socket: z.string().min(1).refine((p) => Buffer.byteLength(p) < 104, "a unix socket path must be shorter than 104 bytes"),
+    stateDir: z.string().min(1),
+    image: z.string().min(1).regex(/^[\w./:@-]+$/, "not a Docker image reference"),
+    logLevel: z.enum(["fatal", "error", "warn", "info", "debug", "trace"]),
+    shimConnectTimeoutMs: z.number().int().min(1000).max(600_000),
+  })
+  .strict();
+
+export function resolveSettings(
+  flags: { socket?: string; stateDir?: string },
+  env: NodeJS.ProcessEnv = process.env,
+): Settings {
+  const raw = {
+    socket: path.resolve(flags.socket ?? (env.SANDBOXD_SOCKET || defaultSocket(env))),
+    stateDir: path.resolve(flags.stateDir ?? (env.SANDBOXD_STATE_DIR || defaultStateDir(env))),
+    image: env.SANDBOXD_IMAGE || DEFAULT_IMAGE,
+    logLevel: env.SANDBOXD_LOG_LEVEL || "info",
+    shimConnectTimeoutMs: env.SANDBOXD_SHIM_TIMEOUT_MS ? Number(env.SANDBOXD_SHIM_TIMEOUT_MS) : 30_000,
+  };
+  const r = settingsSchema.safeParse(raw);
+  if (!r.success) {
+    const problems = r.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");
+    throw new SandboxdError("SBX_ERR_CONFIG", `invalid settings: ${problems}`, {
+      hint: "check --socket/--state-dir and SANDBOXD_* variables (see .env.example)",
+    });
+  }
+  return Object.freeze(r.data) as Settings;
+}

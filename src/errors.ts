@@ -1,0 +1,67 @@
+/**
+ * The one registry of sandboxd's coded errors.
+ *
+ * Every error that crosses the API carries a stable `SBX_ERR_*` code, an HTTP
+ * status, a message saying what went wrong and a hint saying what to do next.
+ * Clients branch on the code; codes are never reused for another meaning.
+ */
+
+export interface ErrorSpec {
+  status: number;
+  /** default hint; a throw site may give a more specific one */
+  hint: string;
+}
+
+export const ERRORS = {
+  SBX_ERR_BAD_JSON: { status: 400, hint: "send a JSON object body with Content-Type: application/json" },
+  SBX_ERR_VALIDATION: { status: 400, hint: "fix the fields named above; docs/API.md lists each route's body" },
+  SBX_ERR_PROJECT_NOT_FOUND: { status: 400, hint: "pass the path of an existing project directory" },
+  SBX_ERR_PROJECT_NOT_DIR: { status: 400, hint: "pass the project's directory, not a file inside it" },
+  SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within the phase's limit (SKILLS.md §2: 60 s, up to 5 min in paper mode)" },
+  SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
+  SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },
+  SBX_ERR_PHASE_NOT_RUNNING: { status: 409, hint: "start a new phase with `sandboxd phase start`" },
+  SBX_ERR_POLICY_DENIED: { status: 403, hint: "run a narrower command that the policy allows" },
+  SBX_ERR_POLICY_NEEDS_APPROVAL: { status: 403, hint: "this command is not on the whitelist and needs human approval" },
+  SBX_ERR_IMAGE_MISSING: { status: 503, hint: "build the sandbox image with `sandboxd image build`" },
+  SBX_ERR_DOCKER: { status: 502, hint: "check that the Docker engine is running (`docker info`)" },
+  SBX_ERR_SHIM_TIMEOUT: { status: 504, hint: "the sandbox's shim did not connect; see `sandboxd logs <id>` and the daemon log" },
+  SBX_ERR_SHIM_LOST: { status: 502, hint: "the sandbox's shim disconnected; the command's result is unknown, see `sandboxd logs <id>`" },
+  SBX_ERR_SHUTTING_DOWN: { status: 503, hint: "the daemon is stopping; start it again with `sandboxd start`" },
+  SBX_ERR_DAEMON_RUNNING: { status: 409, hint: "another daemon holds this socket; stop it or pass --socket" },
+  SBX_ERR_DAEMON_UNREACHABLE: { status: 503, hint: "start the daemon with `sandboxd start` (or `npm start`), or pass --socket" },
+  SBX_ERR_CONFIG: { status: 500, hint: "fix the settings named above and start again" },
+  SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
+} as const satisfies Record<string, ErrorSpec>;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export interface ErrorBody {
+  error: { code: ErrorCode; message: string; hint: string; details?: unknown };
+}
+
+export class SandboxdError extends Error {
+  override name = "SandboxdError";
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly hint: string;
+  readonly details: unknown;
+
+  constructor(code: ErrorCode, message: string, opts: { hint?: string; details?: unknown; cause?: unknown } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.code = code;
+    this.status = ERRORS[code].status;
+    this.hint = opts.hint ?? ERRORS[code].hint;
+    this.details = opts.details;
+  }
+
+  toBody(): ErrorBody {
+    const error: ErrorBody["error"] = { code: this.code, message: this.message, hint: this.hint };
+    if (this.details !== undefined) error.details = this.details;
+    return { error };
+  }
+}
+
+export function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === "string" && Object.prototype.hasOwnProperty.call(ERRORS, value);
+}

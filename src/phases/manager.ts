@@ -1,0 +1,578 @@
+/**
+ * The phase registry and state machine: start, exec, stop, reconcile.
+ *
+ *   starting ──▶ running ──▶ stopping ──▶ stopped
+ *       │            │
+ *       └────────────┴──────▶ failed   (container or shim lost, start failed)
+ *
+ * Every container it creates carries the phase id and this daemon's instance
+ * id as labels, so a restarted daemon finds them (reconcile) and nothing is
+ * orphaned.
+ */
+import { createWriteStream } from "node:fs";
+import { realpath, stat } from "node:fs/promises";
+import { pipeline } from "node:stream/promises";
+import type { Logger } from "pino";
+import { BuildLog } from "../audit/buildlog.js";
+import { actionLine, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
+import { SandboxdError } from "../errors.js";
+import { defaultLimits, type PhaseLimits } from "../policy/limits.js";
+import { evaluateArgv, type Verdict } from "../policy/shell.js";
+import { LABELS, type ContainerRuntime } from "../runtime/types.js";
+import { SHIM_ENV, SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
+import type { Clock, IdSource } from "../util/clock.js";
+import { ShimChannel } from "./shim-channel.js";
+import { PhaseStore } from "./store.js";
+import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
+
+export interface ManagerOptions {
+  runtime: ContainerRuntime;
+  stateDir: string;
+  instance: string;
+  image: string;
+  log: Logger;
+  clock: Clock;
+  ids: IdSource;
+  shimConnectTimeoutMs?: number;
+}
+
+export interface StartRequest {
+  project: string;
+  phase: string;
+  mode: PhaseMode;
+}
+
+export interface ExecRequest {
+  argv: string[];
+  timeoutMs?: number;
+  reason?: string;
+}
+
+export interface ExecSink {
+  stdout(chunk: Buffer): void;
+  stderr(chunk: Buffer): void;
+}
+
+export interface ExecResult {
+  phaseId: string;
+  argv: string[];
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  durationMs: number;
+  stdout: string;
+  stderr: string;
+  stdoutBytes: number;
+  stderrBytes: number;
+  stdoutTruncated: boolean;
+  stderrTruncated: boolean;
+  outputCapBytes: number;
+  rule: { id: string; clause: string };
+}
+
+export interface ReconcileReport {
+  readopted: string[];
+  reaped: Array<{ id: string; reason: string }>;
+  lost: string[];
+}
+
+interface LivePhase {
+  record: PhaseRecord;
+  channel: ShimChannel | null;
+  audit: BuildLog;
+  limits: PhaseLimits;
+}
+
+/** Environment of every command (the shim gives commands nothing of its own). */
+function commandEnv(record: PhaseRecord): Record<string, string> {
+  return {
+    PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    HOME: "/tmp",
+    LANG: "C.UTF-8",
+    PYTHONUNBUFFERED: "1",
+    // no __pycache__ churn in the operator's tree
+    PYTHONDONTWRITEBYTECODE: "1",
+    SANDBOXD_PHASE: record.id,
+    SANDBOXD_MODE: record.mode,
+  };
+}
+
+/** Keeps the first `cap` bytes of a stream and counts the rest. */
+class CappedBuffer {
+  private parts: Buffer[] = [];
+  kept = 0;
+  total = 0;
+  constructor(private readonly cap: number) {}
+  push(chunk: Buffer): void {
+    this.total += chunk.length;
+    const room = this.cap - this.kept;
+    if (room <= 0) return;
+    const part = chunk.length <= room ? chunk : chunk.subarray(0, room);
+    this.parts.push(Buffer.from(part));
+    this.kept += part.length;
+  }
+  text(limit = this.cap): string {
+    return Buffer.concat(this.parts).subarray(0, limit).toString("utf8");
+  }
+}
+
+export class PhaseManager {
+  private readonly phases = new Map<string, LivePhase>();
+  private readonly store: PhaseStore;
+  private shuttingDown = false;
+  private readonly connectTimeoutMs: number;
+
+  constructor(private readonly opts: ManagerOptions) {
+    this.store = new PhaseStore(opts.stateDir);
+    this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
+  }
+
+  /* ------------------------------- queries ------------------------------- */
+
+  async list(): Promise<PhaseView[]> {
+    const { records } = await this.store.loadAll();
+    return records
+      .map((r) => this.view(this.phases.get(r.id)?.record ?? r))
+      .sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+  }
+
+  async get(id: string): Promise<PhaseView> {
+    const live = this.phases.get(id);
+    if (live) return this.view(live.record);
+    const { records } = await this.store.loadAll();
+    const r = records.find((x) => x.id === id);
+    if (!r) throw notFound(id);
+    return this.view(r);
+  }
+
+  private view(record: PhaseRecord): PhaseView {
+    return { ...record, runningExecs: this.phases.get(record.id)?.channel?.runningExecs ?? 0 };
+  }
+
+  /* -------------------------------- start -------------------------------- */
+
+  async start(req: StartRequest): Promise<PhaseView> {
+    this.assertServing();
+    const project = await resolveProject(req.project);
+    const owner = await stat(project);
+    if (!(await this.opts.runtime.imageExists(this.opts.image))) {
+      throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${this.opts.image} is not in the Docker engine`);
+    }
+    const id = this.opts.ids.phaseId();
+    const token = this.opts.ids.token();
+    const limits = defaultLimits(req.mode);
+    const record: PhaseRecord = {
+      id,
+      name: req.phase,
+      project,
+      mode: req.mode,
+      state: "starting",
+      instance: this.opts.instance,
+      image: this.opts.image,
+      containerId: null,
+      containerName: `sandboxd-${id}`,
+      uid: owner.uid,
+      gid: owner.gid,
+      createdAt: timestamp(this.opts.clock.now()),
+      stoppedAt: null,
+      endReason: null,
+    };
+    await this.store.create(record, token);
+    const live: LivePhase = { record, channel: null, audit: new BuildLog(this.store.buildLogPath(id)), limits };
+    this.phases.set(id, live);
+    try {
+      live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
+      await live.channel.listen();
+      record.containerId = await this.opts.runtime.runPhaseContainer({
+        name: record.containerName,
+        image: this.opts.image,
+        labels: {
+          [LABELS.managed]: "1",
+          [LABELS.phase]: id,
+          [LABELS.instance]: this.opts.instance,
+          [LABELS.mode]: req.mode,
+          [LABELS.project]: project,
+        },
+        projectDir: project,
+        runDir: this.store.runDir(id),
+        env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
+        memoryBytes: limits.memoryBytes,
+        cpus: limits.cpus,
+        pidsLimit: limits.pidsLimit,
+        fileSizeBytes: limits.fileSizeBytes,
+        tmpfsBytes: limits.tmpfsBytes,
+        // A non-root daemon owns the run dir; the in-container root then needs
+        // DAC_OVERRIDE to reach the socket (its children never keep it).
+        capAdd: ["SETUID", "SETGID", "KILL", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
+      });
+      await live.channel.waitReady(this.connectTimeoutMs);
+      record.state = "running";
+      await this.store.save(record);
+      await live.audit.append([
+        actionLine(timestamp(this.opts.clock.now()), "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
+        `[${timestamp(this.opts.clock.now())}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}`,
+      ]);
+      this.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
+      return this.view(record);
+    } catch (err) {
+      // A phase that failed to start leaves nothing behind.
+      this.phases.delete(id);
+      await live.channel?.close({ shutdownShim: false }).catch(() => undefined);
+      if (record.containerId) await this.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
+      await live.audit.close().catch(() => undefined);
+      await this.store.remove(id).catch(() => undefined);
+      this.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
+      throw err;
+    }
+  }
+
+  /* --------------------------------- exec -------------------------------- */
+
+  async exec(id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+    this.assertServing();
+    const live = await this.running(id);
+    const { limits, record } = live;
+    const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
+    if (timeoutMs > limits.maxTimeoutMs) {
+      throw new SandboxdError(
+        "SBX_ERR_TIMEOUT_RANGE",
+        `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+      );
+    }
+    const verdict = evaluateArgv(req.argv);
+    const cmd = quoteArgv(req.argv);
+    const ts = () => timestamp(this.opts.clock.now());
+
+    // The verdict is on disk before anything runs.
+    const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
+    await live.audit.append([
+      `[${ts()}] SHELL_EXEC: ${actionTarget(cmd)}`,
+      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${reasonNote}`),
+    ]);
+    if (verdict.decision !== "allow") throw policyError(verdict, cmd);
+
+    const channel = live.channel;
+    if (!channel?.connected) {
+      throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+    }
+    const out = new CappedBuffer(limits.outputCapBytes);
+    const err = new CappedBuffer(limits.outputCapBytes);
+    const started = this.opts.clock.monotonicMs();
+
+    const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+      (resolve, reject) => {
+        let execId = 0;
+        // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
+        const backstop = setTimeout(
+          () => {
+            channel.signal(execId, "SIGKILL");
+            finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
+          },
+          timeoutMs + limits.killGraceMs + 10_000,
+        );
+        const onAbort = () => channel.signal(execId, "SIGKILL");
+        let done = false;
+        const finish = (fn: () => void) => {
+          if (done) return;
+          done = true;
+          clearTimeout(backstop);
+          abort?.removeEventListener("abort", onAbort);
+          fn();
+        };
+        execId = channel.exec(
+          {
+            argv: req.argv,
+            cwd: SHIM_PATHS.workspace,
+            env: commandEnv(record),
+            timeoutMs,
+            killGraceMs: limits.killGraceMs,
+            uid: record.uid,
+            gid: record.gid,
+          },
+          {
+            onStarted: () => undefined,
+            onStdout: (c) => {
+              out.push(c);
+              sink?.stdout(c);
+            },
+            onStderr: (c) => {
+              err.push(c);
+              sink?.stderr(c);
+            },
+            onExit: (exit) => finish(() => resolve({ exit })),
+            onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
+            onLost: (e) => finish(() => reject(e)),
+          },
+        );
+        // A client that goes away (Ctrl-C on a streaming exec) ends its command.
+        if (abort?.aborted) onAbort();
+        else abort?.addEventListener("abort", onAbort, { once: true });
+      },
+    ).catch(async (e: unknown) => {
+      await live.audit
+        .append([actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`)])
+        .catch(() => undefined);
+      throw e;
+    });
+
+    const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
+    let exitCode: number | null;
+    let signal: string | null = null;
+    let timedOut = false;
+    if (outcome.spawnError) {
+      // Same convention as a shell: 127 not found, 126 not executable.
+      exitCode = outcome.spawnError.code === "ENOENT" ? 127 : 126;
+      err.push(Buffer.from(`sandboxd: cannot run ${req.argv[0]}: ${outcome.spawnError.message}\n`));
+    } else {
+      const exit = outcome.exit!;
+      exitCode = exit.exitCode;
+      signal = exit.signal;
+      timedOut = exit.timedOut;
+    }
+
+    const resultWord = timedOut
+      ? `TIMEOUT after ${timeoutMs} ms`
+      : exitCode === 0
+        ? "PASS"
+        : exitCode === null
+          ? `KILLED ${signal}`
+          : `FAIL exit ${exitCode}`;
+    const auditCap = limits.auditOutputCapBytes;
+    await live.audit.append([
+      `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
+      ...renderOutput(ts(), "STDOUT", out.text(auditCap), Math.max(0, out.total - Math.min(out.kept, auditCap))),
+      ...renderOutput(ts(), "STDERR", err.text(auditCap), Math.max(0, err.total - Math.min(err.kept, auditCap))),
+      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
+    ]);
+
+    return {
+      phaseId: id,
+      argv: req.argv,
+      exitCode,
+      signal,
+      timedOut,
+      durationMs,
+      stdout: out.text(),
+      stderr: err.text(),
+      stdoutBytes: out.total,
+      stderrBytes: err.total,
+      stdoutTruncated: out.total > out.kept,
+      stderrTruncated: err.total > err.kept,
+      outputCapBytes: limits.outputCapBytes,
+      rule: { id: verdict.ruleId, clause: verdict.clause },
+    };
+  }
+
+  /** Flow control for a streaming client of this phase. */
+  flow(id: string): { pause(): void; resume(): void } {
+    const ch = this.phases.get(id)?.channel;
+    return { pause: () => ch?.pause(), resume: () => ch?.resume() };
+  }
+
+  /* --------------------------------- logs -------------------------------- */
+
+  async logs(id: string, follow: boolean): Promise<{ stream: NodeJS.ReadableStream } | { file: string }> {
+    const live = this.phases.get(id);
+    if (live?.record.containerId && live.record.state === "running") {
+      return { stream: await this.opts.runtime.logs(live.record.containerId, { follow }) };
+    }
+    await this.get(id); // 404 for an unknown id
+    return { file: this.store.containerLogPath(id) };
+  }
+
+  /* --------------------------------- stop -------------------------------- */
+
+  async stop(id: string, why = "stopped by operator"): Promise<PhaseView> {
+    const live = this.phases.get(id);
+    if (!live) {
+      const view = await this.get(id);
+      throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already ${view.state}`, {
+        hint: "nothing to stop; `sandboxd ps` lists running phases",
+      });
+    }
+    if (live.record.state === "stopping") {
+      throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already stopping`);
+    }
+    await this.finish(live, "stopped", why);
+    return this.view(live.record);
+  }
+
+  /** Stop the container, keep its logs, close the record. */
+  private async finish(live: LivePhase, state: "stopped" | "failed", why: string): Promise<void> {
+    const { record } = live;
+    record.state = "stopping";
+    const running = live.channel?.runningExecs ?? 0;
+    await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
+    if (record.containerId) {
+      await this.saveContainerLogs(record).catch((e: Error) =>
+        this.opts.log.warn({ phase: record.id, err: e.message }, "could not keep container logs"),
+      );
+      await this.opts.runtime.stopAndRemove(record.containerId, 2);
+    }
+    await this.store.removeRunDir(record.id).catch(() => undefined);
+    record.state = state;
+    record.stoppedAt = timestamp(this.opts.clock.now());
+    record.endReason = why;
+    await this.store.save(record);
+    const ts = timestamp(this.opts.clock.now());
+    await live.audit
+      .append([
+        actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
+        state === "stopped"
+          ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}`
+          : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
+      ])
+      .catch(() => undefined);
+    await live.audit.close().catch(() => undefined);
+    this.phases.delete(record.id);
+    this.opts.log.info({ phase: record.id, state, why }, "phase ended");
+  }
+
+  private async saveContainerLogs(record: PhaseRecord): Promise<void> {
+    if (!record.containerId) return;
+    const stream = await this.opts.runtime.logs(record.containerId, { follow: false });
+    await pipeline(stream, createWriteStream(this.store.containerLogPath(record.id), { flags: "a", mode: 0o600 }));
+  }
+
+  /* ------------------------------ reconcile ------------------------------ */
+
+  /**
+   * After a restart: re-adopt running phases whose shim reconnects, clean up
+   * everything else this instance created. Says which in the report and log.
+   */
+  async reconcile(): Promise<ReconcileReport> {
+    const report: ReconcileReport = { readopted: [], reaped: [], lost: [] };
+    const containers = await this.opts.runtime.list({ [LABELS.instance]: this.opts.instance });
+    const { records, broken } = await this.store.loadAll();
+    for (const b of broken) this.opts.log.warn({ phase: b.id, err: b.error }, "unreadable phase record skipped");
+    const byId = new Map(records.map((r) => [r.id, r]));
+    const seen = new Set<string>();
+
+    await Promise.all(
+      containers.map(async (c) => {
+        const id = c.labels[LABELS.phase] ?? "";
+        seen.add(id);
+        const record = byId.get(id);
+        const alive = record && (record.state === "running" || record.state === "starting") && c.running;
+        if (record && alive) {
+          const live: LivePhase = {
+            record: { ...record, containerId: c.id },
+            channel: null,
+            audit: new BuildLog(this.store.buildLogPath(id)),
+            limits: defaultLimits(record.mode),
+          };
+          this.phases.set(id, live);
+          try {
+            const token = await this.store.token(id);
+            live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
+            await live.channel.listen();
+            await live.channel.waitReady(this.connectTimeoutMs);
+            live.record.state = "running";
+            await this.store.save(live.record);
+            await live.audit.append([
+              actionLine(timestamp(this.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${id})`, "daemon restarted; shim reconnected"),
+            ]);
+            report.readopted.push(id);
+            return;
+          } catch (err) {
+            await this.finish(live, "failed", `daemon restarted and the phase could not be re-adopted: ${(err as Error).message}`);
+            report.reaped.push({ id, reason: "shim did not reconnect" });
+            return;
+          }
+        }
+        // A container with no live record: keep what can be kept, then remove it.
+        if (record) {
+          const live: LivePhase = {
+            record: { ...record, containerId: c.id },
+            channel: null,
+            audit: new BuildLog(this.store.buildLogPath(id)),
+            limits: defaultLimits(record.mode),
+          };
+          const why = c.running ? `record says ${record.state}` : `container had ${c.state}`;
+          await this.finish(live, record.state === "stopped" ? "stopped" : "failed", `reaped after daemon restart (${why})`);
+          report.reaped.push({ id, reason: why });
+        } else {
+          await this.opts.runtime.stopAndRemove(c.id, 0);
+          report.reaped.push({ id: id || c.name, reason: "no phase record" });
+        }
+      }),
+    );
+
+    for (const r of records) {
+      if ((r.state === "running" || r.state === "starting" || r.state === "stopping") && !seen.has(r.id)) {
+        const live: LivePhase = { record: { ...r, containerId: null }, channel: null, audit: new BuildLog(this.store.buildLogPath(r.id)), limits: defaultLimits(r.mode) };
+        await this.finish(live, "failed", "container vanished while the daemon was down");
+        report.lost.push(r.id);
+      }
+    }
+    if (report.readopted.length + report.reaped.length + report.lost.length > 0) {
+      this.opts.log.info(report, "reconciled phases after restart");
+    }
+    return report;
+  }
+
+  /* ------------------------------- shutdown ------------------------------ */
+
+  /** SIGTERM: refuse new work, stop every phase, leave nothing running. */
+  async shutdown(): Promise<void> {
+    this.shuttingDown = true;
+    await Promise.all(
+      [...this.phases.values()].map((live) =>
+        this.finish(live, "stopped", "daemon shut down").catch((e: Error) =>
+          this.opts.log.error({ phase: live.record.id, err: e.message }, "stopping phase at shutdown failed"),
+        ),
+      ),
+    );
+  }
+
+  private assertServing(): void {
+    if (this.shuttingDown) throw new SandboxdError("SBX_ERR_SHUTTING_DOWN", "the daemon is shutting down");
+  }
+
+  private async running(id: string): Promise<LivePhase> {
+    const live = this.phases.get(id);
+    if (live && live.record.state === "running") return live;
+    const view = await this.get(id);
+    throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${view.state}, not running`);
+  }
+}
+
+function notFound(id: string): SandboxdError {
+  return new SandboxdError("SBX_ERR_PHASE_NOT_FOUND", `no phase with id ${id}`);
+}
+
+function actionTarget(cmd: string): string {
+  // quoteArgv already single-quotes anything unusual; escape what is left so the line stays one line.
+  return cmd.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (ch) => `\\x${ch.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+function policyError(verdict: Verdict, cmd: string): SandboxdError {
+  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision };
+  if (verdict.decision === "forbid") {
+    return new SandboxdError("SBX_ERR_POLICY_DENIED", `policy denied \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`, {
+      details,
+    });
+  }
+  return new SandboxdError(
+    "SBX_ERR_POLICY_NEEDS_APPROVAL",
+    `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`,
+    {
+      hint: "run a whitelisted command instead; human approvals (sandboxd approvals) arrive with the policy engine",
+      details,
+    },
+  );
+}
+
+async function resolveProject(project: string): Promise<string> {
+  let real: string;
+  try {
+    real = await realpath(project);
+  } catch {
+    throw new SandboxdError("SBX_ERR_PROJECT_NOT_FOUND", `project path ${project} does not exist`);
+  }
+  const s = await stat(real);
+  if (!s.isDirectory()) {
+    throw new SandboxdError("SBX_ERR_PROJECT_NOT_DIR", `project path ${project} is not a directory`);
+  }
+  return real;
+}

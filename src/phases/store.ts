@@ -1,0 +1,84 @@
+/**
+ * On-disk state of phases: `<stateDir>/phases/<id>/` holds phase.json (the
+ * record), token (the shim's secret, 0600), build_audit.log, container.log
+ * (kept when the container is removed) and run/ (bind-mounted into the
+ * container; 0700, so only the root-run shim can reach the socket in it).
+ */
+import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { phaseRecordSchema, type PhaseRecord } from "./types.js";
+
+export class PhaseStore {
+  readonly root: string;
+
+  constructor(stateDir: string) {
+    this.root = path.join(stateDir, "phases");
+  }
+
+  dir(id: string): string {
+    return path.join(this.root, id);
+  }
+  runDir(id: string): string {
+    return path.join(this.dir(id), "run");
+  }
+  controlSocket(id: string): string {
+    return path.join(this.runDir(id), "control.sock");
+  }
+  buildLogPath(id: string): string {
+    return path.join(this.dir(id), "build_audit.log");
+  }
+  containerLogPath(id: string): string {
+    return path.join(this.dir(id), "container.log");
+  }
+
+  async create(record: PhaseRecord, token: string): Promise<void> {
+    await mkdir(this.root, { recursive: true, mode: 0o700 });
+    await mkdir(this.dir(record.id), { mode: 0o700 });
+    await mkdir(this.runDir(record.id), { mode: 0o700 });
+    await writeFile(path.join(this.dir(record.id), "token"), token, { mode: 0o600 });
+    await this.save(record);
+  }
+
+  /** Atomic replace, so a crash never leaves a half-written record. */
+  async save(record: PhaseRecord): Promise<void> {
+    const file = path.join(this.dir(record.id), "phase.json");
+    const tmp = `${file}.tmp`;
+    await writeFile(tmp, JSON.stringify(record, null, 2) + "\n", { mode: 0o600 });
+    await rename(tmp, file);
+  }
+
+  async token(id: string): Promise<string> {
+    return (await readFile(path.join(this.dir(id), "token"), "utf8")).trim();
+  }
+
+  /** Every readable record; unreadable ones are reported, not fatal. */
+  async loadAll(): Promise<{ records: PhaseRecord[]; broken: Array<{ id: string; error: string }> }> {
+    const records: PhaseRecord[] = [];
+    const broken: Array<{ id: string; error: string }> = [];
+    let ids: string[];
+    try {
+      ids = await readdir(this.root);
+    } catch {
+      return { records, broken };
+    }
+    for (const id of ids) {
+      try {
+        const raw = JSON.parse(await readFile(path.join(this.dir(id), "phase.json"), "utf8"));
+        records.push(phaseRecordSchema.parse(raw));
+      } catch (err) {
+        broken.push({ id, error: (err as Error).message });
+      }
+    }
+    return { records, broken };
+  }
+
+  /** For a phase whose start failed: nothing of it may stay behind. */
+  async remove(id: string): Promise<void> {
+    await rm(this.dir(id), { recursive: true, force: true });
+  }
+
+  /** The run dir is only needed while the container lives. */
+  async removeRunDir(id: string): Promise<void> {
+    await rm(this.runDir(id), { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,34 @@
+import { z } from "zod";
+
+export const PHASE_MODES = ["backtest", "paper", "test"] as const;
+export type PhaseMode = (typeof PHASE_MODES)[number];
+
+export const PHASE_STATES = ["starting", "running", "stopping", "stopped", "failed"] as const;
+export type PhaseState = (typeof PHASE_STATES)[number];
+
+/** What the daemon persists about a phase (phase.json in the phase's state folder). */
+export const phaseRecordSchema = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    project: z.string(),
+    mode: z.enum(PHASE_MODES),
+    state: z.enum(PHASE_STATES),
+    instance: z.string(),
+    image: z.string(),
+    containerId: z.string().nullable(),
+    containerName: z.string(),
+    uid: z.number().int(),
+    gid: z.number().int(),
+    createdAt: z.string(),
+    stoppedAt: z.string().nullable(),
+    /** why the phase ended, when it did not end by an operator's stop */
+    endReason: z.string().nullable(),
+  })
+  .strict();
+export type PhaseRecord = z.infer<typeof phaseRecordSchema>;
+
+/** The public view of a phase (what the API returns). */
+export interface PhaseView extends PhaseRecord {
+  runningExecs: number;
+}

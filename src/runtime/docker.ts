@@ -1,0 +1,160 @@
+/**
+ * ContainerRuntime on the Docker Engine API (dockerode), and the one place the
+ * sandbox's hardening is written down.
+ */
+import Docker from "dockerode";
+import { PassThrough, type Readable } from "node:stream";
+import { SandboxdError } from "../errors.js";
+import { SHIM_PATHS } from "../shim/protocol.js";
+import type { ContainerRuntime, ContainerSummary, PhaseContainerSpec } from "./types.js";
+
+function statusOf(err: unknown): number | undefined {
+  return typeof err === "object" && err !== null && "statusCode" in err
+    ? (err as { statusCode?: number }).statusCode
+    : undefined;
+}
+
+function dockerError(what: string, err: unknown): SandboxdError {
+  const message = err instanceof Error ? err.message : String(err);
+  return new SandboxdError("SBX_ERR_DOCKER", `Docker engine: ${what} failed: ${message}`, { cause: err });
+}
+
+/** The HostConfig every phase container gets. Exported for the hardening tests. */
+export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
+  return {
+    // Loopback only: `--internal` networks can still reach the host's bridge addresses.
+    NetworkMode: "none",
+    CapDrop: ["ALL"],
+    // The shim needs SETUID/SETGID to drop to the project owner and KILL to
+    // signal process groups owned by that uid; its children keep none of them.
+    CapAdd: spec.capAdd,
+    SecurityOpt: ["no-new-privileges"],
+    ReadonlyRootfs: true,
+    Tmpfs: { "/tmp": `rw,nosuid,nodev,size=${spec.tmpfsBytes},mode=1777` },
+    Binds: [`${spec.projectDir}:${SHIM_PATHS.workspace}:rw`, `${spec.runDir}:${SHIM_PATHS.runDir}:rw`],
+    Memory: spec.memoryBytes,
+    MemorySwap: spec.memoryBytes,
+    NanoCpus: Math.round(spec.cpus * 1e9),
+    PidsLimit: spec.pidsLimit,
+    Ulimits: [{ Name: "fsize", Soft: spec.fileSizeBytes, Hard: spec.fileSizeBytes }],
+    IpcMode: "private",
+    Privileged: false,
+    AutoRemove: false,
+    RestartPolicy: { Name: "no" },
+  };
+}
+
+export class DockerRuntime implements ContainerRuntime {
+  readonly docker: Docker;
+
+  constructor(docker?: Docker) {
+    this.docker = docker ?? new Docker();
+  }
+
+  async ping(): Promise<void> {
+    try {
+      await this.docker.ping();
+    } catch (err) {
+      throw new SandboxdError("SBX_ERR_DOCKER", `cannot reach the Docker engine: ${(err as Error).message}`, {
+        hint: "start the engine (npm start does it on Debian as root) or set DOCKER_HOST",
+        cause: err,
+      });
+    }
+  }
+
+  async imageExists(ref: string): Promise<boolean> {
+    try {
+      await this.docker.getImage(ref).inspect();
+      return true;
+    } catch (err) {
+      if (statusOf(err) === 404) return false;
+      throw dockerError(`inspecting image ${ref}`, err);
+    }
+  }
+
+  async runPhaseContainer(spec: PhaseContainerSpec): Promise<string> {
+    let container: Docker.Container;
+    try {
+      container = await this.docker.createContainer({
+        name: spec.name,
+        Image: spec.image,
+        Labels: spec.labels,
+        Env: Object.entries(spec.env).map(([k, v]) => `${k}=${v}`),
+        User: "0:0",
+        WorkingDir: SHIM_PATHS.workspace,
+        NetworkDisabled: true,
+        Tty: false,
+        OpenStdin: false,
+        HostConfig: hostConfigFor(spec),
+      });
+    } catch (err) {
+      throw dockerError(`creating container ${spec.name}`, err);
+    }
+    try {
+      await container.start();
+    } catch (err) {
+      await container.remove({ force: true }).catch(() => undefined);
+      throw dockerError(`starting container ${spec.name}`, err);
+    }
+    return container.id;
+  }
+
+  async stopAndRemove(id: string, graceSec: number): Promise<void> {
+    const c = this.docker.getContainer(id);
+    try {
+      await c.stop({ t: graceSec });
+    } catch (err) {
+      const s = statusOf(err);
+      if (s !== 304 && s !== 404) throw dockerError(`stopping container ${id}`, err);
+    }
+    try {
+      await c.remove({ force: true, v: true });
+    } catch (err) {
+      const s = statusOf(err);
+      // 409: removal already in progress
+      if (s !== 404 && s !== 409) throw dockerError(`removing container ${id}`, err);
+    }
+  }
+
+  async list(labelFilter: Record<string, string>): Promise<ContainerSummary[]> {
+    try {
+      const found = await this.docker.listContainers({
+        all: true,
+        filters: { label: Object.entries(labelFilter).map(([k, v]) => `${k}=${v}`) },
+      });
+      return found.map((c) => ({
+        id: c.Id,
+        name: (c.Names[0] ?? "").replace(/^\//, ""),
+        labels: c.Labels ?? {},
+        running: c.State === "running",
+        state: c.State,
+      }));
+    } catch (err) {
+      throw dockerError("listing containers", err);
+    }
+  }
+
+  async logs(id: string, opts: { follow: boolean }): Promise<Readable> {
+    const c = this.docker.getContainer(id);
+    const out = new PassThrough();
+    try {
+      if (opts.follow) {
+        const raw = await c.logs({ follow: true, stdout: true, stderr: true });
+        this.docker.modem.demuxStream(raw, out, out);
+        raw.on("end", () => out.end());
+        raw.on("error", (e) => out.destroy(e));
+        out.on("close", () => (raw as unknown as { destroy?: () => void }).destroy?.());
+      } else {
+        const buf = await c.logs({ follow: false, stdout: true, stderr: true });
+        const src = new PassThrough();
+        this.docker.modem.demuxStream(src, out, out);
+        src.on("end", () => out.end());
+        src.end(buf);
+      }
+    } catch (err) {
+      if (statusOf(err) === 404) throw new SandboxdError("SBX_ERR_DOCKER", `container ${id} no longer exists`);
+      throw dockerError(`reading logs of ${id}`, err);
+    }
+    return out;
+  }
+}

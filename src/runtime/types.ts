@@ -1,0 +1,54 @@
+/**
+ * The container runtime seam. The phase manager talks only to this interface;
+ * runtime/docker.ts implements it on the Docker Engine API, and a Kubernetes
+ * backend can stand beside it.
+ */
+import type { Readable } from "node:stream";
+
+export const LABELS = {
+  managed: "sandboxd.managed",
+  phase: "sandboxd.phase",
+  instance: "sandboxd.instance",
+  mode: "sandboxd.mode",
+  project: "sandboxd.project",
+} as const;
+
+export interface PhaseContainerSpec {
+  name: string;
+  image: string;
+  labels: Record<string, string>;
+  /** host path bind-mounted read-write at /workspace */
+  projectDir: string;
+  /** host path bind-mounted at /run/sandboxd (the control socket lives here) */
+  runDir: string;
+  /** environment of the shim process (not of the commands it runs) */
+  env: Record<string, string>;
+  memoryBytes: number;
+  cpus: number;
+  pidsLimit: number;
+  fileSizeBytes: number;
+  tmpfsBytes: number;
+  /** capabilities on top of an empty set */
+  capAdd: string[];
+}
+
+export interface ContainerSummary {
+  id: string;
+  name: string;
+  labels: Record<string, string>;
+  running: boolean;
+  state: string;
+}
+
+export interface ContainerRuntime {
+  /** throws SBX_ERR_DOCKER when the engine cannot be reached */
+  ping(): Promise<void>;
+  imageExists(ref: string): Promise<boolean>;
+  /** create and start; returns the container id */
+  runPhaseContainer(spec: PhaseContainerSpec): Promise<string>;
+  /** stop (SIGTERM, then SIGKILL after graceSec) and remove; a missing container is not an error */
+  stopAndRemove(id: string, graceSec: number): Promise<void>;
+  list(labelFilter: Record<string, string>): Promise<ContainerSummary[]>;
+  /** the container's stdout and stderr, interleaved as they were written */
+  logs(id: string, opts: { follow: boolean }): Promise<Readable>;
+}

@@ -1,0 +1,225 @@
+/**
+ * The control-channel protocol between the daemon and the in-container shim.
+ *
+ * One unix-socket connection per phase, opened by the shim to the daemon's
+ * listener in the phase's run dir (`/run/sandboxd/control.sock` inside the
+ * container). Binary framing, so command output is carried without base64 or
+ * JSON escaping (streaming throughput is a stated target):
+ *
+ *   u32be payloadLength | u8 kind | u32be execId | payload
+ *
+ * kind 1 = JSON control message (execId 0), 2 = stdout bytes, 3 = stderr bytes.
+ *
+ * Both sides validate every JSON message with the zod schemas below: the
+ * daemon treats the shim as untrusted input (it runs inside the sandbox).
+ */
+import { z } from "zod";
+
+export const PROTOCOL_VERSION = 1;
+export const HEADER_BYTES = 9;
+/** Largest payload either side accepts; larger frames are a protocol error. */
+export const MAX_FRAME_PAYLOAD = 1024 * 1024;
+
+export const FrameKind = { Json: 1, Stdout: 2, Stderr: 3 } as const;
+export type FrameKindValue = (typeof FrameKind)[keyof typeof FrameKind];
+
+export interface Frame {
+  kind: FrameKindValue;
+  execId: number;
+  payload: Buffer;
+}
+
+export function encodeFrame(kind: FrameKindValue, execId: number, payload: Buffer): Buffer {
+  const header = Buffer.allocUnsafe(HEADER_BYTES);
+  header.writeUInt32BE(payload.length, 0);
+  header.writeUInt8(kind, 4);
+  header.writeUInt32BE(execId >>> 0, 5);
+  return Buffer.concat([header, payload], HEADER_BYTES + payload.length);
+}
+
+/** Header only, for callers that write header and payload separately (no copy). */
+export function encodeHeader(kind: FrameKindValue, execId: number, payloadLength: number): Buffer {
+  const header = Buffer.allocUnsafe(HEADER_BYTES);
+  header.writeUInt32BE(payloadLength, 0);
+  header.writeUInt8(kind, 4);
+  header.writeUInt32BE(execId >>> 0, 5);
+  return header;
+}
+
+export function encodeMessage(message: ShimToDaemon | DaemonToShim): Buffer {
+  return encodeFrame(FrameKind.Json, 0, Buffer.from(JSON.stringify(message), "utf8"));
+}
+
+export class ProtocolError extends Error {
+  override name = "ProtocolError";
+}
+
+/**
+ * Incremental frame decoder. Keeps a list of pending chunks and only copies
+ * when a frame straddles chunk boundaries.
+ */
+export class FrameDecoder {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+
+  push(chunk: Buffer): Frame[] {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const frames: Frame[] = [];
+    for (;;) {
+      if (this.buffered < HEADER_BYTES) break;
+      const head = this.peek(HEADER_BYTES);
+      const length = head.readUInt32BE(0);
+      const kind = head.readUInt8(4);
+      const execId = head.readUInt32BE(5);
+      if (length > MAX_FRAME_PAYLOAD) {
+        throw new ProtocolError(`frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD}-byte limit`);
+      }
+      if (kind !== FrameKind.Json && kind !== FrameKind.Stdout && kind !== FrameKind.Stderr) {
+        throw new ProtocolError(`unknown frame kind ${kind}`);
+      }
+      if (this.buffered < HEADER_BYTES + length) break;
+      this.take(HEADER_BYTES);
+      const payload = this.take(length);
+      frames.push({ kind: kind as FrameKindValue, execId, payload });
+    }
+    return frames;
+  }
+
+  private peek(n: number): Buffer {
+    const first = this.chunks[0]!;
+    if (first.length >= n) return first.subarray(0, n);
+    return Buffer.concat(this.chunks, this.buffered).subarray(0, n);
+  }
+
+  private take(n: number): Buffer {
+    this.buffered -= n;
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    if (first.length > n) {
+      this.chunks[0] = first.subarray(n);
+      return first.subarray(0, n);
+    }
+    if (first.length === n) {
+      this.chunks.shift();
+      return first;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.chunks[0]!;
+      const want = n - off;
+      if (c.length <= want) {
+        c.copy(out, off);
+        off += c.length;
+        this.chunks.shift();
+      } else {
+        c.copy(out, off, 0, want);
+        this.chunks[0] = c.subarray(want);
+        off += want;
+      }
+    }
+    return out;
+  }
+}
+
+const execIdSchema = z.number().int().min(1).max(0xffffffff);
+const signalSchema = z.enum(["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP"]);
+
+/* ---------------------------- shim -> daemon ---------------------------- */
+
+export const helloSchema = z
+  .object({
+    type: z.literal("hello"),
+    protocol: z.literal(PROTOCOL_VERSION),
+    token: z.string().min(16).max(256),
+    pid: z.number().int(),
+    node: z.string().max(64),
+    /** execs the shim still tracks after a reconnect (normally none: it kills them on disconnect) */
+    running: z.array(execIdSchema).max(10_000),
+  })
+  .strict();
+
+export const startedSchema = z
+  .object({ type: z.literal("started"), execId: execIdSchema, pid: z.number().int() })
+  .strict();
+
+export const exitSchema = z
+  .object({
+    type: z.literal("exit"),
+    execId: execIdSchema,
+    /** null when the process was ended by a signal */
+    exitCode: z.number().int().min(0).max(255).nullable(),
+    signal: z.string().max(16).nullable(),
+    timedOut: z.boolean(),
+    durationMs: z.number().nonnegative().max(86_400_000),
+  })
+  .strict();
+
+export const spawnErrorSchema = z
+  .object({
+    type: z.literal("spawn_error"),
+    execId: execIdSchema,
+    /** errno code such as ENOENT or EACCES */
+    code: z.string().max(32),
+    message: z.string().max(4096),
+  })
+  .strict();
+
+export const shimToDaemonSchema = z.discriminatedUnion("type", [
+  helloSchema,
+  startedSchema,
+  exitSchema,
+  spawnErrorSchema,
+]);
+export type ShimToDaemon = z.infer<typeof shimToDaemonSchema>;
+export type ExitMessage = z.infer<typeof exitSchema>;
+
+/* ---------------------------- daemon -> shim ---------------------------- */
+
+export const welcomeSchema = z.object({ type: z.literal("welcome"), phaseId: z.string() }).strict();
+
+export const execSchema = z
+  .object({
+    type: z.literal("exec"),
+    execId: execIdSchema,
+    argv: z.array(z.string()).min(1),
+    cwd: z.string(),
+    env: z.record(z.string()),
+    timeoutMs: z.number().int().positive(),
+    /** grace between SIGTERM and SIGKILL when the timeout fires */
+    killGraceMs: z.number().int().nonnegative(),
+    uid: z.number().int().nonnegative(),
+    gid: z.number().int().nonnegative(),
+  })
+  .strict();
+
+export const signalMessageSchema = z
+  .object({ type: z.literal("signal"), execId: execIdSchema, signal: signalSchema })
+  .strict();
+
+export const shutdownSchema = z.object({ type: z.literal("shutdown") }).strict();
+
+export const daemonToShimSchema = z.discriminatedUnion("type", [
+  welcomeSchema,
+  execSchema,
+  signalMessageSchema,
+  shutdownSchema,
+]);
+export type DaemonToShim = z.infer<typeof daemonToShimSchema>;
+export type ExecMessage = z.infer<typeof execSchema>;
+
+/** Paths and environment names shared by the image, the runtime and the shim. */
+export const SHIM_PATHS = {
+  /** where the phase's run dir is mounted inside the container */
+  runDir: "/run/sandboxd",
+  controlSocket: "/run/sandboxd/control.sock",
+  workspace: "/workspace",
+  /** where sandbox/Dockerfile installs the bundled shim */
+  shimBundle: "/opt/sandboxd/shim.cjs",
+} as const;
+
+export const SHIM_ENV = {
+  token: "SANDBOXD_SHIM_TOKEN",
+  socket: "SANDBOXD_CONTROL_SOCKET",
+} as const;
