@@ -3,7 +3,6 @@ import { defineConfig } from "vitest/config";
 export default defineConfig({
   test: {
     include: ["test/**/*.test.ts"],
-    globalSetup: ["test/helpers/global-setup.ts"],
     // Integration tests share one Docker engine and two cores; run files one at a time.
     fileParallelism: false,
     testTimeout: 120_000,

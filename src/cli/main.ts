@@ -8,7 +8,6 @@
  * sandboxd itself failed, 128+N when the command died of signal N.
  */
 import { Command, Option, InvalidArgumentError } from "commander";
-import { constants as osConstants } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
@@ -17,8 +16,8 @@ import type { ExecResult } from "../phases/manager.js";
 import type { PhaseView } from "../phases/types.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
+import { EXIT, exitCodeFor } from "./exit-codes.js";
 
-const EXIT = { error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126 } as const;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 
 class CliExit extends Error {
@@ -77,17 +76,6 @@ function parseTimeout(value: string): number {
   const n = Number(value);
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("give the timeout in seconds, a positive number (e.g. 30 or 0.5)");
   return Math.round(n * 1000);
-}
-
-function signalExitCode(signal: string | null): number {
-  const n = signal ? (osConstants.signals as Record<string, number>)[signal] : undefined;
-  return n ? 128 + n : EXIT.sandboxdFailed;
-}
-
-export function exitCodeFor(result: Pick<ExecResult, "exitCode" | "signal" | "timedOut">): number {
-  if (result.timedOut) return EXIT.timeout;
-  if (result.exitCode !== null) return result.exitCode;
-  return signalExitCode(result.signal);
 }
 
 function program(): Command {

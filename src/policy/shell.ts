@@ -122,8 +122,23 @@ export function evaluateArgv(argv: readonly string[]): Verdict {
   };
 }
 
+/** docker-compose global options that take a value (`-f x.yml`), so the value is not the subcommand */
+const COMPOSE_VALUE_OPTIONS = new Set([
+  "-f", "--file", "-p", "--project-name", "--env-file", "--profile", "--project-directory",
+  "-H", "--host", "--log-level", "--ansi", "--context", "-c",
+]);
+
+function composeSubcommand(args: readonly string[]): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (COMPOSE_VALUE_OPTIONS.has(a)) i++;
+    else if (!a.startsWith("-")) return a;
+  }
+  return undefined;
+}
+
 function evaluateCompose(args: readonly string[]): Verdict {
-  const sub = args.find((a) => !a.startsWith("-"));
+  const sub = composeSubcommand(args);
   if (sub === "rm") {
     return {
       decision: "forbid",

@@ -1,0 +1,209 @@
+/**
+ * End to end: the real `sandboxd` CLI against a real daemon process on a real
+ * unix socket, real containers. Includes the crash test: SIGKILL the daemon
+ * while phases run, restart it, and check it reconciles them.
+ */
+import { readFile, stat, writeFile } from "node:fs/promises";
+import net from "node:net";
+import path from "node:path";
+import type { ChildProcess } from "node:child_process";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { PhaseView } from "../../src/phases/types.js";
+import {
+  cli,
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  spawnDaemon,
+  tempDir,
+  waitExit,
+} from "../helpers/sandbox.js";
+
+let stateDir: string;
+let socket: string;
+let daemon: { child: ChildProcess; output: () => string };
+let project: string;
+const projects: string[] = [];
+
+async function startPhase(mode = "backtest", name = "1.1"): Promise<PhaseView> {
+  const p = await makeProject();
+  projects.push(p);
+  const r = await cli(["phase", "start", p, "--phase", name, "--mode", mode, "--json"], { socket });
+  expect(r.stderr).toBe("");
+  expect(r.code).toBe(0);
+  return JSON.parse(r.stdout) as PhaseView;
+}
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  stateDir = await tempDir("e2e");
+  socket = path.join(stateDir, "sandboxd.sock");
+  daemon = await spawnDaemon(stateDir, socket);
+  project = await makeProject();
+  projects.push(project);
+});
+
+afterAll(async () => {
+  if (daemon?.child.exitCode === null) {
+    daemon.child.kill("SIGTERM");
+    await waitExit(daemon.child).catch(() => undefined);
+  }
+  // Belt and braces: nothing this suite started may outlive it.
+  for (const c of stateDir ? await containersOf(stateDir).catch(() => []) : []) {
+    await docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined);
+  }
+  for (const p of projects) await removeDir(p);
+  if (stateDir) await removeDir(stateDir);
+});
+
+describe("sandboxd CLI", () => {
+  it("phase start prints the id; ps lists it; phase show describes it", async () => {
+    const r = await cli(["phase", "start", project, "--phase", "3.1", "--mode", "test"], { socket });
+    expect(r.code).toBe(0);
+    const id = r.stdout.trim();
+    expect(id).toMatch(/^ph_[0-9a-f]{12}$/);
+    const ps = await cli(["ps"], { socket });
+    expect(ps.stdout).toMatch(/^ID\s+PHASE\s+MODE\s+STATE/);
+    expect(ps.stdout).toMatch(new RegExp(`${id}\\s+3\\.1\\s+test\\s+running`));
+    const json = JSON.parse((await cli(["ps", "--json"], { socket })).stdout) as PhaseView[];
+    expect(json.find((p) => p.id === id)?.state).toBe("running");
+    const show = await cli(["phase", "show", id], { socket });
+    expect(show.stdout).toMatch(/state:\s+running/);
+    const stop = await cli(["phase", "stop", id], { socket });
+    expect(stop.stdout.trim()).toBe(`${id} stopped`);
+    expect((await cli(["ps"], { socket })).stdout).not.toContain(id);
+    expect((await cli(["ps", "--all"], { socket })).stdout).toMatch(new RegExp(`${id}.*stopped`));
+  });
+
+  it("exec streams output and exits with the command's exit code, 124 at timeout, 126 when refused", async () => {
+    const p = await startPhase();
+    const ok = await cli(["exec", p.id, "--", "python3", "-c", "import sys; print('hello'); print('oops', file=sys.stderr); sys.exit(3)"], {
+      socket,
+    });
+    expect(ok.stdout).toBe("hello\n");
+    expect(ok.stderr).toBe("oops\n");
+    expect(ok.code).toBe(3);
+
+    const slow = await cli(["exec", p.id, "--timeout", "1", "--", "python3", "-c", "import time; time.sleep(30)"], { socket });
+    expect(slow.code).toBe(124);
+    expect(slow.stderr).toMatch(/timeout/);
+
+    const refused = await cli(["exec", p.id, "--", "curl", "http://example.com"], { socket });
+    expect(refused.code).toBe(126);
+    expect(refused.stderr).toMatch(/SBX_ERR_POLICY_NEEDS_APPROVAL/);
+    expect(refused.stderr).toMatch(/hint: /);
+
+    const denied = await cli(["exec", p.id, "--", "sudo", "id"], { socket });
+    expect(denied.code).toBe(126);
+    expect(denied.stderr).toMatch(/policy denied `sudo id` \(rule shell\.forbidden\.privilege/);
+
+    const json = await cli(["exec", p.id, "--json", "--reason", "check", "--", "python3", "-c", "print(42)"], { socket });
+    expect(json.code).toBe(0);
+    expect(JSON.parse(json.stdout)).toMatchObject({ exitCode: 0, stdout: "42\n", timedOut: false });
+
+    const signalled = await cli(["exec", p.id, "--", "python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], { socket });
+    expect(signalled.code).toBe(128 + 15);
+  });
+
+  it("logs prints the container's log and -f follows it until the phase stops", async () => {
+    const p = await startPhase();
+    const logs = await cli(["logs", p.id], { socket });
+    expect(logs.code).toBe(0);
+    expect(logs.stdout).toMatch(/\S/);
+    const follow = cli(["logs", "-f", p.id], { socket, timeoutMs: 60_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    await cli(["exec", p.id, "--", "python3", "-c", "print(1)"], { socket });
+    await cli(["phase", "stop", p.id], { socket });
+    const followed = await follow;
+    expect(followed.code).toBe(0);
+    expect(followed.stdout.length).toBeGreaterThanOrEqual(logs.stdout.length);
+    // after the stop the kept log is served from the state dir
+    const kept = await cli(["logs", p.id], { socket });
+    expect(kept.code).toBe(0);
+    expect(kept.stdout).toMatch(/\S/);
+  });
+
+  it("says clearly when input is wrong or the daemon is not there", async () => {
+    const missing = await cli(["phase", "start", "/nonexistent/project", "--phase", "1", "--mode", "test"], { socket });
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/does not exist \[SBX_ERR_PROJECT_NOT_FOUND\]/);
+    const badMode = await cli(["phase", "start", project, "--phase", "1", "--mode", "live"], { socket });
+    expect(badMode.code).toBe(2);
+    expect(badMode.stderr).toMatch(/backtest, paper, test/);
+    const badTimeout = await cli(["exec", "ph_000000000000", "--timeout", "abc", "--", "pytest"], { socket });
+    expect(badTimeout.code).toBe(2);
+    const unknown = await cli(["exec", "ph_000000000000", "--", "pytest"], { socket });
+    expect(unknown.code).toBe(125);
+    expect(unknown.stderr).toMatch(/SBX_ERR_PHASE_NOT_FOUND/);
+    const nowhere = await cli(["ps"], { socket: path.join(stateDir, "nobody.sock") });
+    expect(nowhere.code).toBe(1);
+    expect(nowhere.stderr).toMatch(/cannot reach the sandboxd daemon.*SBX_ERR_DAEMON_UNREACHABLE/);
+    expect(nowhere.stderr).toMatch(/hint: start the daemon/);
+    const help = await cli(["exec", "--help"]);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toMatch(/124 killed at its timeout; 126 refused by policy/);
+  });
+
+  it("a second daemon on the same socket refuses to start; a stale socket is replaced", async () => {
+    const second = await cli(["--socket", socket, "start", "--state-dir", stateDir], { timeoutMs: 30_000 });
+    expect(second.code).toBe(1);
+    expect(second.stderr).toMatch(/already serving .*SBX_ERR_DAEMON_RUNNING/);
+
+    const otherState = await tempDir("stale");
+    const staleSock = path.join(otherState, "s.sock");
+    // a socket file nobody listens on, as a crashed daemon leaves it
+    const srv = net.createServer();
+    await new Promise<void>((r) => srv.listen(staleSock, r));
+    await new Promise<void>((r) => {
+      (srv as unknown as { _handle: { close(): void } | null })._handle?.close();
+      r();
+    });
+    expect((await stat(staleSock)).isSocket()).toBe(true);
+    const d = await spawnDaemon(otherState, staleSock);
+    expect(d.output()).toMatch(/removed a stale socket/);
+    d.child.kill("SIGTERM");
+    expect(await waitExit(d.child)).toBe(0);
+    await expect(stat(staleSock)).rejects.toThrow();
+    await removeDir(otherState);
+  });
+
+  it("reconciles after SIGKILL: running phases are re-adopted, dead ones cleaned up", async () => {
+    const keep = await startPhase("backtest", "keep");
+    const dies = await startPhase("backtest", "dies");
+    await writeFile(path.join(stateDir, "marker"), "x");
+
+    daemon.child.kill("SIGKILL");
+    await waitExit(daemon.child);
+    // the containers outlive the daemon…
+    expect((await docker.getContainer(keep.containerName).inspect()).State.Running).toBe(true);
+    // …and one of them dies while nobody is watching
+    await docker.getContainer(dies.containerName).kill();
+
+    daemon = await spawnDaemon(stateDir, socket);
+    const out = daemon.output();
+    expect(out).toMatch(new RegExp(`re-adopted running phase.*${keep.id}|${keep.id}.*re-adopted running phase`));
+    expect(out).toMatch(new RegExp(`${dies.id}`));
+
+    const r = await cli(["exec", keep.id, "--", "python3", "-c", "print('after restart')"], { socket });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe("after restart\n");
+
+    const gone = JSON.parse((await cli(["phase", "show", dies.id, "--json"], { socket })).stdout) as PhaseView;
+    expect(gone.state).toBe("failed");
+    expect(gone.endReason).toMatch(/reaped after daemon restart/);
+    await expect(docker.getContainer(dies.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
+    const audit = await readFile(path.join(stateDir, "phases", keep.id, "build_audit.log"), "utf8");
+    expect(audit).toMatch(/\[PHASE\] \[READOPT\]/);
+  });
+
+  it("SIGTERM stops the daemon cleanly: phases stopped, containers removed, socket gone", async () => {
+    await startPhase("test", "last");
+    expect((await containersOf(stateDir)).length).toBeGreaterThan(0);
+    daemon.child.kill("SIGTERM");
+    expect(await waitExit(daemon.child)).toBe(0);
+    expect(await containersOf(stateDir)).toEqual([]);
+    await expect(stat(socket)).rejects.toThrow();
+  });
+});

@@ -1,0 +1,163 @@
+/**
+ * Test helpers: throwaway projects, a real daemon on a real socket, the real
+ * CLI. Nothing here fakes Docker: a test that needs the engine or the image
+ * and finds neither fails with a message saying how to set them up.
+ */
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { chown, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { fileURLToPath } from "node:url";
+import Docker from "dockerode";
+import pino from "pino";
+import { ApiClient } from "../../src/cli/client.js";
+import { DEFAULT_IMAGE, resolveSettings } from "../../src/config/settings.js";
+import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
+
+export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+export const CLI = path.join(ROOT, "dist", "cli", "main.js");
+/** The uid:gid that owns test projects (commands run as the project owner). */
+export const OWNER = { uid: 1000, gid: 1000 };
+
+export const docker = new Docker();
+
+export async function requireEngineAndImage(): Promise<void> {
+  try {
+    await docker.ping();
+  } catch (err) {
+    throw new Error(`no Docker engine reachable (${(err as Error).message}); run \`npm test\`, which starts one`);
+  }
+  try {
+    await docker.getImage(DEFAULT_IMAGE).inspect();
+  } catch {
+    throw new Error(`sandbox image ${DEFAULT_IMAGE} missing; run \`npm test\` (or \`sandboxd image build\`)`);
+  }
+}
+
+export async function tempDir(prefix: string): Promise<string> {
+  return mkdtemp(path.join(os.tmpdir(), `sbx-${prefix}-`));
+}
+
+/** A small Python project owned by OWNER, with one passing and one failing test. */
+export async function makeProject(): Promise<string> {
+  const dir = await tempDir("proj");
+  await mkdir(path.join(dir, "tests"));
+  await mkdir(path.join(dir, "services"));
+  await writeFile(path.join(dir, "services", "__init__.py"), "");
+  await writeFile(
+    path.join(dir, "services", "calc.py"),
+    '"""Tiny module under test."""\n\n\ndef add(a: int, b: int) -> int:\n    return a + b\n',
+  );
+  await writeFile(
+    path.join(dir, "tests", "test_calc.py"),
+    "from services.calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n",
+  );
+  await writeFile(
+    path.join(dir, "tests", "test_broken.py"),
+    "from services.calc import add\n\n\ndef test_broken():\n    assert add(2, 2) == 5\n",
+  );
+  await chownTree(dir);
+  return dir;
+}
+
+async function chownTree(dir: string): Promise<void> {
+  await promisify(execFile)("chown", ["-R", `${OWNER.uid}:${OWNER.gid}`, dir]);
+  await chown(dir, OWNER.uid, OWNER.gid);
+}
+
+export interface TestDaemon {
+  daemon: RunningDaemon;
+  api: ApiClient;
+  stateDir: string;
+  socket: string;
+  close(): Promise<void>;
+}
+
+/** The real daemon, in this process, serving a real unix socket. */
+export async function startTestDaemon(): Promise<TestDaemon> {
+  const stateDir = await tempDir("state");
+  const socket = path.join(stateDir, "sandboxd.sock");
+  const settings = resolveSettings({ socket, stateDir }, {});
+  const daemon = await startDaemon(settings, { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) });
+  return {
+    daemon,
+    api: new ApiClient(socket),
+    stateDir,
+    socket,
+    close: async () => {
+      await daemon.close();
+      await rm(stateDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run the real CLI (built JS) and collect its output. */
+export function cli(args: string[], opts: { socket?: string; timeoutMs?: number } = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (c: Buffer) => (stdout += c.toString()));
+    child.stderr.on("data", (c: Buffer) => (stderr += c.toString()));
+    const timer = setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs ?? 120_000);
+    child.on("error", reject);
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** `sandboxd start` as its own process, resolved once the socket answers. */
+export async function spawnDaemon(stateDir: string, socket: string): Promise<{ child: ChildProcess; output: () => string }> {
+  const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info" },
+  });
+  let out = "";
+  child.stdout!.on("data", (c: Buffer) => (out += c.toString()));
+  child.stderr!.on("data", (c: Buffer) => (out += c.toString()));
+  const api = new ApiClient(socket);
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}: ${out}`);
+    try {
+      await api.request("GET", "/v1/health");
+      return { child, output: () => out };
+    } catch {
+      if (Date.now() > deadline) throw new Error(`daemon did not answer within 60 s: ${out}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+export function waitExit(child: ChildProcess, timeoutMs = 60_000): Promise<number | null> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("process did not exit in time")), timeoutMs);
+    child.once("exit", (code) => {
+      clearTimeout(t);
+      resolve(code);
+    });
+  });
+}
+
+/** Containers labelled with this daemon instance. */
+export async function containersOf(stateDir: string): Promise<Docker.ContainerInfo[]> {
+  const { readFile } = await import("node:fs/promises");
+  const instance = (await readFile(path.join(stateDir, "instance"), "utf8")).trim();
+  return docker.listContainers({ all: true, filters: { label: [`sandboxd.instance=${instance}`] } });
+}
+
+export async function removeDir(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true });
+}

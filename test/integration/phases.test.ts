@@ -1,0 +1,439 @@
+/**
+ * Phases and mediated exec against the real engine and the real sandbox image,
+ * driven through the real unix socket. Security properties are checked by
+ * attempting the attack from inside the sandbox.
+ */
+import { readFile, stat, writeFile, readdir } from "node:fs/promises";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SandboxdError } from "../../src/errors.js";
+import type { ExecResult } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import {
+  OWNER,
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  startTestDaemon,
+  type TestDaemon,
+} from "../helpers/sandbox.js";
+
+let t: TestDaemon;
+let project: string;
+let phase: PhaseView;
+
+async function exec(argv: string[], extra: { timeoutMs?: number; phaseId?: string } = {}): Promise<ExecResult> {
+  const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${extra.phaseId ?? phase.id}/exec`, {
+    argv,
+    ...(extra.timeoutMs ? { timeoutMs: extra.timeoutMs } : {}),
+  });
+  return result;
+}
+
+async function py(code: string, extra: { timeoutMs?: number; phaseId?: string } = {}): Promise<ExecResult> {
+  return exec(["python3", "-c", code], extra);
+}
+
+async function expectCode(p: Promise<unknown>, code: string, status?: number): Promise<SandboxdError> {
+  const err = await p.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(SandboxdError);
+  const e = err as SandboxdError;
+  expect(e.code).toBe(code);
+  if (status) expect(e.status).toBe(status);
+  expect(e.hint.length).toBeGreaterThan(10);
+  return e;
+}
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  t = await startTestDaemon();
+  project = await makeProject();
+  ({ phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "2.3", mode: "backtest" }));
+});
+
+afterAll(async () => {
+  await t?.close();
+  if (project) await removeDir(project);
+});
+
+describe("phase lifecycle", () => {
+  it("starts a running phase whose commands run as the project owner", async () => {
+    expect(phase.state).toBe("running");
+    expect(phase.id).toMatch(/^ph_[0-9a-f]{12}$/);
+    expect(phase.uid).toBe(OWNER.uid);
+    const r = await exec(["python3", "-c", "import os; print(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())"]);
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout.trim()).toBe(`${OWNER.uid} ${OWNER.gid} [] /workspace`);
+    const listed = await t.api.request<{ phases: PhaseView[] }>("GET", "/v1/phases");
+    expect(listed.phases.map((p) => p.id)).toContain(phase.id);
+  });
+
+  it("labels and hardens the container (as Docker reports it)", async () => {
+    const info = await docker.getContainer(phase.containerName).inspect();
+    const hc = info.HostConfig;
+    expect(info.Config.Labels["sandboxd.phase"]).toBe(phase.id);
+    expect(info.Config.Labels["sandboxd.instance"]).toMatch(/^[0-9a-f]{16}$/);
+    expect(hc.NetworkMode).toBe("none");
+    expect(hc.CapDrop).toEqual(["ALL"]);
+    expect([...(hc.CapAdd ?? [])].sort()).toEqual(["KILL", "SETGID", "SETUID"]);
+    expect(hc.SecurityOpt).toContain("no-new-privileges");
+    expect(hc.ReadonlyRootfs).toBe(true);
+    expect(hc.Privileged).toBe(false);
+    expect(hc.Memory).toBe(2048 * 1024 * 1024);
+    expect(hc.NanoCpus).toBe(1e9);
+    expect(hc.PidsLimit).toBe(256);
+    expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 10 * 1024 * 1024, Hard: 10 * 1024 * 1024 }]);
+    // Only the project and the phase's run dir come from the host; no Docker socket.
+    const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
+    expect(sources).toEqual([project, path.join(t.stateDir, "phases", phase.id, "run")].sort());
+    expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
+    expect(Object.keys(info.NetworkSettings.Networks)).toEqual(["none"]);
+  });
+
+  it("streams NDJSON output and an exit event", async () => {
+    const res = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, {
+      argv: ["python3", "-c", "import sys; print('out1'); print('err1', file=sys.stderr); print('out2')"],
+    });
+    let body = "";
+    for await (const c of res) body += (c as Buffer).toString();
+    const events = body.trim().split("\n").map((l) => JSON.parse(l) as { type: string; data?: string; result?: ExecResult });
+    const out = events.filter((e) => e.type === "stdout").map((e) => e.data).join("");
+    const err = events.filter((e) => e.type === "stderr").map((e) => e.data).join("");
+    expect(out).toBe("out1\nout2\n");
+    expect(err).toBe("err1\n");
+    expect(events.at(-1)?.type).toBe("exit");
+    expect(events.at(-1)?.result?.exitCode).toBe(0);
+  });
+});
+
+describe("mediated exec", () => {
+  it("runs pytest on the project: passing file exits 0, failing file exits 1", async () => {
+    const ok = await exec(["pytest", "-q", "-p", "no:cacheprovider", "tests/test_calc.py"]);
+    expect(ok.exitCode).toBe(0);
+    expect(ok.stdout).toMatch(/1 passed/);
+    const bad = await exec(["pytest", "-q", "-p", "no:cacheprovider", "tests/test_broken.py"]);
+    expect(bad.exitCode).toBe(1);
+    expect(bad.stdout).toMatch(/1 failed/);
+  });
+
+  it("writes SHELL_EXEC, RETURN_CODE, STDOUT and STDERR to the audit trail before answering", async () => {
+    const marker = `audit-${Date.now()}`;
+    await exec(["python3", "-c", `import sys; print('${marker}'); print('warn-${marker}', file=sys.stderr); sys.exit(4)`]);
+    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const lines = log.split("\n");
+    const start = lines.findIndex((l) => l.includes("SHELL_EXEC:") && l.includes(marker));
+    expect(start).toBeGreaterThanOrEqual(0);
+    const block = lines.slice(start, start + 8).join("\n");
+    expect(block).toMatch(/^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] SHELL_EXEC: python3 -c /m);
+    expect(block).toMatch(/\] RETURN_CODE: 4$/m);
+    expect(block).toMatch(new RegExp(`\\] STDOUT: ${marker}$`, "m"));
+    expect(block).toMatch(new RegExp(`\\] STDERR: warn-${marker}$`, "m"));
+    expect(block).toMatch(/\[SHELL\] \[EXEC\] \[python3 -c .*\] \[FAIL exit 4\]/);
+  });
+
+  it("keeps the audit trail one line per record when output tries to forge lines", async () => {
+    const forged = "[2020-01-01T00:00:00.000Z] RETURN_CODE: 0";
+    await exec(["python3", "-c", `print('first'); print(${JSON.stringify(forged)}); print('\\x1b[31mred\\x1b[0m')`]);
+    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    // Every line either starts with a timestamp the daemon wrote, or is an indented continuation.
+    for (const line of log.split("\n").filter(Boolean)) {
+      expect(line).toMatch(/^(\[\d{4}-\d\d-\d\dT[\d:.]+Z\] |    \| )/);
+    }
+    expect(log).not.toMatch(/^\[2020-01-01/m);
+    expect(log).toContain("\\x1b[31mred");
+  });
+
+  it("kills a command and all of its children at the timeout", async () => {
+    const r = await py(
+      "import subprocess, time; subprocess.Popen(['sleep', '300']); subprocess.Popen(['sh', '-c', 'sleep 301']); print('spawned', flush=True); time.sleep(300)",
+      { timeoutMs: 1500 },
+    );
+    expect(r.timedOut).toBe(true);
+    expect(r.exitCode).toBeNull();
+    expect(r.stdout).toContain("spawned");
+    expect(r.durationMs).toBeGreaterThanOrEqual(1400);
+    expect(r.durationMs).toBeLessThan(15_000);
+    const top = await docker.getContainer(phase.containerName).top({ ps_args: "-eo pid,args" });
+    const cmds = top.Processes.map((p) => p.join(" "));
+    expect(cmds.filter((c) => /sleep 30[01]/.test(c))).toEqual([]);
+  });
+
+  it("leaves no background process behind once a command exits", async () => {
+    const p = await py("import subprocess; subprocess.Popen(['sleep', '302'], start_new_session=False); print('bg')");
+    expect(p.exitCode).toBe(0);
+    const top = await docker.getContainer(phase.containerName).top({ ps_args: "-eo pid,args" });
+    expect(top.Processes.map((x) => x.join(" ")).filter((c) => c.includes("sleep 302"))).toEqual([]);
+  });
+
+  it("caps the output it keeps and reports the truncation, while counting every byte", async () => {
+    const r = await py("import sys; sys.stdout.write('x' * 5_000_000)");
+    expect(r.exitCode).toBe(0);
+    expect(r.stdoutBytes).toBe(5_000_000);
+    expect(r.stdoutTruncated).toBe(true);
+    expect(r.stdout.length).toBe(r.outputCapBytes);
+    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    expect(log).toMatch(/STDOUT: \[\d+ more bytes not kept\] x+/);
+  });
+
+  it("streams every byte of a large output", async () => {
+    const res = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, {
+      argv: ["python3", "-c", "import sys\nfor i in range(200000): sys.stdout.write('%08d\\n' % i)"],
+    });
+    let buf = "";
+    let stdout = "";
+    let exit: ExecResult | undefined;
+    for await (const c of res) {
+      buf += (c as Buffer).toString();
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const ev = JSON.parse(buf.slice(0, nl)) as { type: string; data?: string; result?: ExecResult };
+        buf = buf.slice(nl + 1);
+        if (ev.type === "stdout") stdout += ev.data;
+        if (ev.type === "exit") exit = ev.result;
+      }
+    }
+    expect(exit?.exitCode).toBe(0);
+    expect(stdout.length).toBe(200000 * 9);
+    expect(stdout.endsWith("00199999\n")).toBe(true);
+  });
+
+  it("reports an allowed program that is not installed as exit 127", async () => {
+    // docker-compose is on the whitelist but not in the sandbox image
+    const r = await exec(["docker-compose", "ps"]);
+    expect(r.exitCode).toBe(127);
+    expect(r.stderr).toMatch(/cannot run docker-compose/);
+  });
+
+  it("runs execs in two phases at once", async () => {
+    const other = await makeProject();
+    const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", {
+      project: other,
+      phase: "2.4",
+      mode: "test",
+    });
+    try {
+      const code = (tag: string) => `import time; time.sleep(1.0); print('${tag}', open('services/calc.py').read().count('def'))`;
+      const [a, b] = await Promise.all([py(code("A")), py(code("B"), { phaseId: p2.id })]);
+      expect(a.stdout.trim()).toBe("A 1");
+      expect(b.stdout.trim()).toBe("B 1");
+      const logB = await readFile(path.join(t.stateDir, "phases", p2.id, "build_audit.log"), "utf8");
+      expect(logB).toContain("print('B'");
+      expect(logB).not.toContain("print('A'");
+    } finally {
+      await t.api.request("DELETE", `/v1/phases/${p2.id}`);
+      await removeDir(other);
+    }
+  });
+});
+
+describe("policy (minimal whitelist)", () => {
+  it("refuses a non-whitelisted command without running it", async () => {
+    const marker = path.join(project, "should-not-exist");
+    const e = await expectCode(exec(["touch", "/workspace/should-not-exist"]), "SBX_ERR_POLICY_NEEDS_APPROVAL", 403);
+    expect(e.message).toContain("shell.not-whitelisted");
+    await expect(stat(marker)).rejects.toThrow();
+  });
+
+  it("forbids sudo and recursive rm, naming the rule and the SKILLS.md clause", async () => {
+    const e = await expectCode(exec(["sudo", "id"]), "SBX_ERR_POLICY_DENIED", 403);
+    expect(e.message).toMatch(/shell\.forbidden\.privilege.*SKILLS\.md §2/);
+    await expectCode(exec(["rm", "-rf", "/workspace"]), "SBX_ERR_POLICY_DENIED", 403);
+    expect((await stat(path.join(project, "services", "calc.py"))).isFile()).toBe(true);
+    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    expect(log).toMatch(/\[SHELL\] \[POLICY\] \[sudo id\] \[FORBID shell\.forbidden\.privilege/);
+  });
+});
+
+describe("attacks from inside the sandbox", () => {
+  it("cannot write the image's filesystem", async () => {
+    const r = await py("open('/usr/pwned', 'w').write('x')");
+    expect(r.exitCode).not.toBe(0);
+    expect(r.stderr).toMatch(/Read-only file system/);
+  });
+
+  it("has no network but loopback: outside hosts and the Docker bridge are unreachable", async () => {
+    const r = await py(
+      [
+        "import socket",
+        "res = []",
+        "for host in ['1.1.1.1', '172.17.0.1', '10.0.0.1']:",
+        "    s = socket.socket(); s.settimeout(3)",
+        "    try: s.connect((host, 53)); res.append('connected ' + host)",
+        "    except OSError as e: res.append(type(e).__name__ + ':' + str(e.errno))",
+        "print(res)",
+        "import subprocess; print(open('/proc/net/dev').read())",
+      ].join("\n"),
+    );
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout).not.toContain("connected");
+    expect(r.stdout).toMatch(/OSError:101.*OSError:101.*OSError:101/); // ENETUNREACH
+    const ifaces = r.stdout
+      .split("\n")
+      .filter((l) => l.includes(":") && !l.includes("|") && !l.startsWith("["))
+      .map((l) => l.split(":")[0]!.trim());
+    expect(ifaces).toEqual(["lo"]);
+  });
+
+  it("cannot become root or keep any capability", async () => {
+    const r = await py(
+      [
+        "import os",
+        "try: os.setuid(0); print('became root')",
+        "except PermissionError: print('setuid refused')",
+        "print([l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'NoNewPrivs'))])",
+      ].join("\n"),
+    );
+    expect(r.stdout).toContain("setuid refused");
+    expect(r.stdout).toContain("CapEff:\\t0000000000000000");
+    expect(r.stdout).toContain("CapPrm:\\t0000000000000000");
+    expect(r.stdout).toContain("NoNewPrivs:\\t1");
+  });
+
+  it("cannot reach the shim's control socket or read the shim's secret", async () => {
+    const r = await py(
+      [
+        "import socket, os",
+        "s = socket.socket(socket.AF_UNIX)",
+        "try: s.connect('/run/sandboxd/control.sock'); print('connected')",
+        "except OSError as e: print('socket', type(e).__name__)",
+        "for p in os.listdir('/proc'):",
+        "    if p.isdigit():",
+        "        try: env = open('/proc/%s/environ' % p, 'rb').read()",
+        "        except OSError: continue",
+        "        if b'SANDBOXD_SHIM_TOKEN' in env: print('token visible in', p)",
+        "print('env', 'SANDBOXD_SHIM_TOKEN' in os.environ)",
+      ].join("\n"),
+    );
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout).toContain("socket PermissionError");
+    expect(r.stdout).not.toContain("connected");
+    expect(r.stdout).not.toContain("token visible");
+    expect(r.stdout).toContain("env False");
+  });
+
+  it("cannot create a file over 10 MB (SKILLS.md Resource Limits)", async () => {
+    const r = await py("f = open('/workspace/big.bin', 'wb')\nf.write(b'0' * (11 * 1024 * 1024))\nf.close()");
+    expect(r.exitCode).not.toBe(0);
+    expect(r.stderr).toMatch(/File too large|Errno 27/);
+    const s = await stat(path.join(project, "big.bin"));
+    expect(s.size).toBeLessThanOrEqual(10 * 1024 * 1024);
+  });
+
+  it("creates files owned by the project owner, not root", async () => {
+    const r = await py("open('/workspace/owned.txt', 'w').write('x')");
+    expect(r.exitCode).toBe(0);
+    const s = await stat(path.join(project, "owned.txt"));
+    expect([s.uid, s.gid]).toEqual([OWNER.uid, OWNER.gid]);
+  });
+});
+
+describe("bad input leaves nothing behind", () => {
+  async function snapshot() {
+    const containers = (await containersOf(t.stateDir)).length;
+    const phases = (await readdir(path.join(t.stateDir, "phases"))).length;
+    return { containers, phases };
+  }
+
+  async function raw(method: string, url: string, body: string, contentType = "application/json") {
+    const http = await import("node:http");
+    return new Promise<{ status: number; json: { error: { code: string; message: string; hint: string } } }>((resolve, reject) => {
+      const req = http.request({ socketPath: t.socket, method, path: url, headers: { "content-type": contentType } }, (res) => {
+        let text = "";
+        res.on("data", (c: Buffer) => (text += c.toString()));
+        res.on("end", () => resolve({ status: res.statusCode ?? 0, json: JSON.parse(text) }));
+      });
+      req.on("error", reject);
+      req.end(body);
+    });
+  }
+
+  it("answers each with a 4xx coded error and creates no container or state", async () => {
+    const before = await snapshot();
+    const notDir = path.join(project, "services", "calc.py");
+    const cases: Array<[Promise<{ status: number; json: { error: { code: string } } }>, number, string]> = [
+      [raw("POST", "/v1/phases", "{not json"), 400, "SBX_ERR_BAD_JSON"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project, phase: "x", mode: "backtest", extra: 1 })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project, phase: "x", mode: "live" })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project: "/nonexistent/p", phase: "x", mode: "test" })), 400, "SBX_ERR_PROJECT_NOT_FOUND"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project: notDir, phase: "x", mode: "test" })), 400, "SBX_ERR_PROJECT_NOT_DIR"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project: "relative/path", phase: "x", mode: "test" })), 400, "SBX_ERR_VALIDATION"],
+      [raw("GET", "/v1/phases/ph_000000000000", ""), 404, "SBX_ERR_PHASE_NOT_FOUND"],
+      [raw("GET", "/v1/phases/not-an-id", ""), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: [] })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: [""] })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: ["pytest"], timeoutMs: 10_000_000 })), 400, "SBX_ERR_TIMEOUT_RANGE"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: ["pytest"], timeoutMs: -5 })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ command: "pytest" })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", "/v1/phases/ph_000000000000/exec", JSON.stringify({ argv: ["pytest"] })), 404, "SBX_ERR_PHASE_NOT_FOUND"],
+      [raw("GET", "/v1/nothing-here", ""), 404, "SBX_ERR_NOT_FOUND"],
+    ];
+    for (const [p, status, code] of cases) {
+      const r = await p;
+      expect({ status: r.status, code: r.json.error.code }).toEqual({ status, code });
+      expect(r.json.error.hint).toBeTruthy();
+    }
+    expect(await snapshot()).toEqual(before);
+    // and the daemon keeps serving
+    expect((await exec(["python3", "-c", "print(1)"])).stdout).toBe("1\n");
+  });
+
+  it("refuses exec on a stopped phase and a second stop", async () => {
+    const other = await makeProject();
+    const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: other, phase: "9", mode: "paper" });
+    const { phase: stopped } = await t.api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${p2.id}`);
+    expect(stopped.state).toBe("stopped");
+    await expectCode(exec(["pytest"], { phaseId: p2.id }), "SBX_ERR_PHASE_NOT_RUNNING", 409);
+    await expectCode(t.api.request("DELETE", `/v1/phases/${p2.id}`), "SBX_ERR_PHASE_NOT_RUNNING", 409);
+    // stopped: container gone, logs and audit kept
+    await expect(docker.getContainer(p2.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
+    const dir = path.join(t.stateDir, "phases", p2.id);
+    expect(await readFile(path.join(dir, "build_audit.log"), "utf8")).toMatch(/PHASE_COMPLETE: Phase 9/);
+    expect(await readFile(path.join(dir, "container.log"), "utf8")).toMatch(/\S/);
+    await removeDir(other);
+  });
+
+  it("accepts a paper-mode timeout up to 5 minutes but not beyond", async () => {
+    const other = await makeProject();
+    const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: other, phase: "p", mode: "paper" });
+    try {
+      const r = await exec(["python3", "-c", "print('feed')"], { phaseId: p2.id, timeoutMs: 300_000 });
+      expect(r.exitCode).toBe(0);
+      await expectCode(exec(["python3", "-c", "1"], { phaseId: p2.id, timeoutMs: 300_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
+      await expectCode(exec(["python3", "-c", "1"], { timeoutMs: 60_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
+    } finally {
+      await t.api.request("DELETE", `/v1/phases/${p2.id}`);
+      await removeDir(other);
+    }
+  });
+});
+
+describe("shim channel", () => {
+  it("drops a connection with a wrong token and keeps serving the real shim", async () => {
+    const net = await import("node:net");
+    const { encodeMessage } = await import("../../src/shim/protocol.js");
+    const sockPath = path.join(t.stateDir, "phases", phase.id, "run", "control.sock");
+    const closed = await new Promise<boolean>((resolve) => {
+      const s = net.connect(sockPath, () => {
+        s.write(encodeMessage({ type: "hello", protocol: 1, token: "f".repeat(64), pid: 1, node: "x", running: [] }));
+      });
+      s.on("close", () => resolve(true));
+      s.on("error", () => undefined);
+      setTimeout(() => resolve(false), 8000);
+    });
+    expect(closed).toBe(true);
+    expect((await exec(["python3", "-c", "print('still here')"])).stdout).toBe("still here\n");
+  });
+
+  it("run dir and socket are private to root", async () => {
+    const run = path.join(t.stateDir, "phases", phase.id, "run");
+    expect((await stat(run)).mode & 0o777).toBe(0o700);
+    expect((await stat(path.join(run, "control.sock"))).mode & 0o777).toBe(0o600);
+    expect((await stat(t.socket)).mode & 0o777).toBe(0o600);
+    await writeFile(path.join(project, "touched"), "x"); // the project itself stays writable by the host
+  });
+});

@@ -1,0 +1,64 @@
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { BuildLog } from "../../src/audit/buildlog.js";
+import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../../src/audit/format.js";
+
+const TS = timestamp(new Date(Date.UTC(2025, 0, 28, 14, 32, 1, 5)));
+
+describe("build_audit.log format", () => {
+  it("stamps ISO 8601 UTC with milliseconds", () => {
+    expect(TS).toBe("2025-01-28T14:32:01.005Z");
+  });
+
+  it("renders the SKILLS.md action line", () => {
+    expect(actionLine(TS, "SHELL", "EXEC", "pytest tests/test_risk.py", "PASS")).toBe(
+      "[2025-01-28T14:32:01.005Z] [SHELL] [EXEC] [pytest tests/test_risk.py] [PASS]",
+    );
+  });
+
+  it("quotes argv so the displayed command is unambiguous", () => {
+    expect(quoteArgv(["pytest", "-k", "a b", "it's", ""])).toBe(`pytest -k 'a b' 'it'\\''s' ''`);
+  });
+
+  it("escapes control characters, ANSI escapes and line separators", () => {
+    expect(escapeControl("a\nb\r\tc\u001b[31m\u2028")).toBe("a\\nb\\r\\tc\\x1b[31m\\x2028");
+  });
+
+  it("renders multi-line output as indented continuation lines that cannot forge a record", () => {
+    const lines = renderOutput(TS, "STDOUT", "one\n[2020-01-01T00:00:00.000Z] RETURN_CODE: 0\n\u001b[1mbold\n", 0);
+    expect(lines).toEqual([
+      `[${TS}] STDOUT: one`,
+      "    | [2020-01-01T00:00:00.000Z] RETURN_CODE: 0",
+      "    | \\x1b[1mbold",
+    ]);
+  });
+
+  it("notes empty and truncated output", () => {
+    expect(renderOutput(TS, "STDERR", "", 0)).toEqual([`[${TS}] STDERR: (empty)`]);
+    expect(renderOutput(TS, "STDOUT", "x", 10)[0]).toBe(`[${TS}] STDOUT: [10 more bytes not kept] x`);
+  });
+});
+
+describe("BuildLog", () => {
+  it("appends in call order, never truncates, and survives a failed append", async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-log-"));
+    const file = path.join(dir, "build_audit.log");
+    try {
+      const a = new BuildLog(file);
+      await Promise.all(Array.from({ length: 50 }, (_, i) => a.append([`line ${i}`])));
+      await a.close();
+      await expect(a.append(["late"])).rejects.toThrow(/closed/);
+      const b = new BuildLog(file); // reopen appends, does not truncate
+      await b.append(["again"]);
+      await b.close();
+      const text = await readFile(file, "utf8");
+      expect(text.split("\n").filter(Boolean)).toEqual([...Array.from({ length: 50 }, (_, i) => `line ${i}`), "again"]);
+      const bad = new BuildLog(path.join(dir, "missing-dir", "x.log"));
+      await expect(bad.append(["x"])).rejects.toThrow(/ENOENT/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
