@@ -17,6 +17,10 @@ export const ERRORS = {
   SBX_ERR_VALIDATION: { status: 400, hint: "fix the fields named above; docs/API.md lists each route's body" },
   SBX_ERR_PROJECT_NOT_FOUND: { status: 400, hint: "pass the path of an existing project directory" },
   SBX_ERR_PROJECT_NOT_DIR: { status: 400, hint: "pass the project's directory, not a file inside it" },
+  SBX_ERR_PROJECT_ROOT_OWNED: {
+    status: 400,
+    hint: "give the project to the operator's user (chown -R USER: DIR); commands run as the project's owner and never as root",
+  },
   SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within the phase's limit (SKILLS.md §2: 60 s, up to 5 min in paper mode)" },
   SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
   SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },

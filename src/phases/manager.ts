@@ -201,9 +201,13 @@ export class PhaseManager {
         pidsLimit: limits.pidsLimit,
         fileSizeBytes: limits.fileSizeBytes,
         tmpfsBytes: limits.tmpfsBytes,
-        // A non-root daemon owns the run dir; the in-container root then needs
-        // DAC_OVERRIDE to reach the socket (its children never keep it).
-        capAdd: ["SETUID", "SETGID", "KILL", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
+        // SETUID/SETGID: drop to the project owner; KILL: signal that owner's
+        // process groups; DAC_READ_SEARCH: libuv chdirs into /workspace before
+        // it switches uid, and a 0700 project is closed to a capability-less
+        // root. A non-root daemon owns the run dir, so the shim then also needs
+        // DAC_OVERRIDE to reach its socket. Children keep none of these: they
+        // always switch to a non-zero uid (root-owned projects are refused).
+        capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
       });
       await live.channel.waitReady(this.connectTimeoutMs);
       record.state = "running";
@@ -573,6 +577,12 @@ async function resolveProject(project: string): Promise<string> {
   const s = await stat(real);
   if (!s.isDirectory()) {
     throw new SandboxdError("SBX_ERR_PROJECT_NOT_DIR", `project path ${project} is not a directory`);
+  }
+  if (s.uid === 0) {
+    // Commands run as the project's owner. As uid 0 they would keep the shim's
+    // capabilities (root keeps its bounding set across execve) and could read
+    // the shim's secret; so root-owned projects are refused outright.
+    throw new SandboxdError("SBX_ERR_PROJECT_ROOT_OWNED", `project ${real} is owned by root; its commands would run as root`);
   }
   return real;
 }

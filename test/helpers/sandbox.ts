@@ -45,6 +45,8 @@ export async function makeProject(): Promise<string> {
   await mkdir(path.join(dir, "tests"));
   await mkdir(path.join(dir, "services"));
   await writeFile(path.join(dir, "services", "__init__.py"), "");
+  // a root conftest.py makes pytest put the project root on sys.path, as trading repos do
+  await writeFile(path.join(dir, "conftest.py"), "");
   await writeFile(
     path.join(dir, "services", "calc.py"),
     '"""Tiny module under test."""\n\n\ndef add(a: int, b: int) -> int:\n    return a + b\n',

@@ -1,0 +1,600 @@
+/**
+ * Runs the real shim bundle (dist/shim/shim.cjs) as a host process against a
+ * test double of the daemon on a unix socket, and checks from outside (/proc)
+ * that what the shim claims to have killed is really gone.
+ *
+ * Needs root, like the shim in its container: commands run as uid/gid 65534.
+ */
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import {
+  FrameDecoder,
+  FrameKind,
+  encodeFrame,
+  shimToDaemonSchema,
+  type ExecMessage,
+  type ShimToDaemon,
+} from "../../src/shim/protocol.js";
+
+const repoRoot = join(import.meta.dirname, "../..");
+const bundle = join(repoRoot, "dist/shim/shim.cjs");
+const TOKEN = "test-token-0123456789abcdef-SECRET";
+const NOBODY = 65534;
+const isRoot = process.getuid?.() === 0;
+
+/** Rebuilds the bundle when it is missing or older than the shim's sources. */
+function ensureBundle(): void {
+  const srcDir = join(repoRoot, "src/shim");
+  const newestSource = Math.max(...readdirSync(srcDir).map((f) => statSync(join(srcDir, f)).mtimeMs));
+  if (existsSync(bundle) && statSync(bundle).mtimeMs >= newestSource) return;
+  execFileSync(process.execPath, [join(repoRoot, "scripts/bundle-shim.mjs")], { cwd: repoRoot, stdio: "pipe" });
+}
+
+/* --------------------------- the daemon's side --------------------------- */
+
+type Event =
+  | { type: "message"; message: ShimToDaemon }
+  | { type: "output"; kind: number; execId: number; data: Buffer };
+
+/** One control connection from the shim, seen from the daemon. */
+class Conn {
+  readonly events: Event[] = [];
+  closed = false;
+  private readonly problems: string[] = [];
+  private readonly wakers = new Set<() => void>();
+
+  constructor(
+    readonly socket: net.Socket,
+    autoWelcome: boolean,
+  ) {
+    const decoder = new FrameDecoder();
+    socket.on("data", (chunk: Buffer) => {
+      for (const frame of decoder.push(chunk)) {
+        if (frame.kind === FrameKind.Json) {
+          // The daemon treats the shim as untrusted: everything must validate.
+          const parsed = shimToDaemonSchema.safeParse(JSON.parse(frame.payload.toString("utf8")));
+          if (!parsed.success) {
+            this.problems.push(`invalid message from the shim: ${parsed.error.message}`);
+            continue;
+          }
+          this.events.push({ type: "message", message: parsed.data });
+          if (autoWelcome && parsed.data.type === "hello") this.send({ type: "welcome", phaseId: "phase-test" });
+        } else {
+          this.events.push({ type: "output", kind: frame.kind, execId: frame.execId, data: frame.payload });
+        }
+      }
+      this.wake();
+    });
+    socket.on("close", () => {
+      this.closed = true;
+      this.wake();
+    });
+    socket.on("error", () => {});
+  }
+
+  send(message: unknown): void {
+    this.socket.write(encodeFrame(FrameKind.Json, 0, Buffer.from(JSON.stringify(message))));
+  }
+
+  messages(): ShimToDaemon[] {
+    return this.events.flatMap((e) => (e.type === "message" ? [e.message] : []));
+  }
+
+  /** Resolves with the first non-undefined result of `probe`, re-run as events arrive. */
+  waitFor<T>(probe: () => T | undefined, what: string, timeoutMs = 10_000): Promise<T> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        if (this.problems.length > 0) {
+          done();
+          reject(new Error(this.problems.join("\n")));
+          return true;
+        }
+        const value = probe();
+        if (value === undefined) return false;
+        done();
+        resolve(value);
+        return true;
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        this.wakers.delete(waker);
+      };
+      const waker = (): void => void check();
+      if (!check()) this.wakers.add(waker);
+    });
+  }
+
+  message<K extends ShimToDaemon["type"]>(
+    type: K,
+    execId?: number,
+    timeoutMs?: number,
+  ): Promise<Extract<ShimToDaemon, { type: K }>> {
+    return this.waitFor(
+      () =>
+        this.messages().find(
+          (m): m is Extract<ShimToDaemon, { type: K }> =>
+            m.type === type && (execId === undefined || ("execId" in m && m.execId === execId)),
+        ),
+      `${type}${execId === undefined ? "" : ` for exec ${execId}`}`,
+      timeoutMs,
+    );
+  }
+
+  output(execId: number, kind: number): Buffer {
+    return Buffer.concat(
+      this.events.flatMap((e) => (e.type === "output" && e.execId === execId && e.kind === kind ? [e.data] : [])),
+    );
+  }
+
+  private wake(): void {
+    for (const w of [...this.wakers]) w();
+  }
+}
+
+class FakeDaemon {
+  readonly connections: Conn[] = [];
+  private readonly server: net.Server;
+  private readonly wakers = new Set<() => void>();
+  autoWelcome = true;
+
+  constructor(readonly socketPath: string) {
+    this.server = net.createServer((socket) => {
+      this.connections.push(new Conn(socket, this.autoWelcome));
+      for (const w of [...this.wakers]) w();
+    });
+  }
+
+  listen(): Promise<void> {
+    return new Promise((resolve) => this.server.listen(this.socketPath, resolve));
+  }
+
+  /** The n-th connection (0-based), once it exists. */
+  connection(n: number, timeoutMs = 10_000): Promise<Conn> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.wakers.delete(check);
+        reject(new Error(`timed out waiting for shim connection #${n + 1}`));
+      }, timeoutMs);
+      const check = (): void => {
+        const conn = this.connections[n];
+        if (!conn) return;
+        clearTimeout(timer);
+        this.wakers.delete(check);
+        resolve(conn);
+      };
+      this.wakers.add(check);
+      check();
+    });
+  }
+
+  close(): Promise<void> {
+    for (const c of this.connections) c.socket.destroy();
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+/* ------------------------------- the shim -------------------------------- */
+
+interface ShimProcess {
+  proc: ChildProcess;
+  daemon: FakeDaemon;
+  stderr: () => string;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+let tempDir = "";
+const shims: ShimProcess[] = [];
+
+function launchShim(socketPath: string, token: string | undefined): Omit<ShimProcess, "daemon"> {
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, SANDBOXD_CONTROL_SOCKET: socketPath };
+  if (token !== undefined) env.SANDBOXD_SHIM_TOKEN = token;
+  const proc = spawn(process.execPath, [bundle], { env, stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  proc.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    proc.once("exit", (code, signal) => resolve({ code, signal })),
+  );
+  return { proc, stderr: () => stderr, exited };
+}
+
+async function startShim(opts: { autoWelcome?: boolean; listenFirst?: boolean } = {}): Promise<ShimProcess> {
+  const daemon = new FakeDaemon(join(tempDir, `control-${shims.length}.sock`));
+  daemon.autoWelcome = opts.autoWelcome ?? true;
+  if (opts.listenFirst ?? true) await daemon.listen();
+  const shim = { ...launchShim(daemon.socketPath, TOKEN), daemon };
+  shims.push(shim);
+  return shim;
+}
+
+let nextExecId = 1;
+// Distinctive `sleep` durations, so /proc checks cannot confuse our processes
+// with anyone else's (and leaked ones can be found and cleaned up).
+const markerBase = 40_000 + (process.pid % 1000) * 100;
+let nextMarker = 0;
+const markers: string[] = [];
+function marker(): string {
+  const m = String(markerBase + nextMarker++);
+  markers.push(m);
+  return m;
+}
+
+interface ExecResult {
+  execId: number;
+  started?: Extract<ShimToDaemon, { type: "started" }>;
+  exit?: Extract<ShimToDaemon, { type: "exit" }>;
+  spawnError?: Extract<ShimToDaemon, { type: "spawn_error" }>;
+  stdout: Buffer;
+  stderr: Buffer;
+}
+
+function sendExec(conn: Conn, fields: Partial<ExecMessage> & Pick<ExecMessage, "argv">): number {
+  const execId = nextExecId++;
+  const message: ExecMessage = {
+    type: "exec",
+    execId,
+    cwd: "/",
+    env: { PATH: "/usr/local/bin:/usr/bin:/bin" },
+    timeoutMs: 30_000,
+    killGraceMs: 500,
+    uid: NOBODY,
+    gid: NOBODY,
+    ...fields,
+  };
+  conn.send(message);
+  return execId;
+}
+
+async function finished(conn: Conn, execId: number, timeoutMs = 15_000): Promise<ExecResult> {
+  await conn.waitFor(
+    () => conn.messages().find((m) => (m.type === "exit" || m.type === "spawn_error") && m.execId === execId),
+    `exit of exec ${execId}`,
+    timeoutMs,
+  );
+  const mine = conn.messages().filter((m) => "execId" in m && m.execId === execId);
+  return {
+    execId,
+    started: mine.find((m) => m.type === "started") as ExecResult["started"],
+    exit: mine.find((m) => m.type === "exit") as ExecResult["exit"],
+    spawnError: mine.find((m) => m.type === "spawn_error") as ExecResult["spawnError"],
+    stdout: conn.output(execId, FrameKind.Stdout),
+    stderr: conn.output(execId, FrameKind.Stderr),
+  };
+}
+
+async function run(conn: Conn, fields: Partial<ExecMessage> & Pick<ExecMessage, "argv">): Promise<ExecResult> {
+  return finished(conn, sendExec(conn, fields));
+}
+
+async function welcomed(shim: ShimProcess, n = 0): Promise<Conn> {
+  const conn = await shim.daemon.connection(n);
+  await conn.message("hello");
+  return conn;
+}
+
+/* ------------------------------ /proc checks ------------------------------ */
+
+/** Live (non-zombie) processes of `uid` whose argv, joined by spaces, is exactly `command`. */
+function liveProcesses(uid: number, command: string): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const status = readFileSync(`/proc/${name}/status`, "utf8");
+      const state = /^State:\s+(\S)/m.exec(status)?.[1];
+      const realUid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]);
+      const argv = readFileSync(`/proc/${name}/cmdline`, "utf8").split("\0").slice(0, -1);
+      if (state !== "Z" && realUid === uid && argv.join(" ") === command) pids.push(Number(name));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return pids;
+}
+
+/** Polls briefly (SIGKILL delivery is asynchronous); a leaked process lives far longer. */
+async function expectGone(needle: string, withinMs = 2_000): Promise<void> {
+  const deadline = Date.now() + withinMs;
+  let pids = liveProcesses(NOBODY, needle);
+  while (pids.length > 0 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+    pids = liveProcesses(NOBODY, needle);
+  }
+  expect(pids, `processes matching "${needle}" still alive`).toEqual([]);
+}
+
+async function expectAlive(needle: string, count: number): Promise<void> {
+  const deadline = Date.now() + 5_000;
+  while (liveProcesses(NOBODY, needle).length < count && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  expect(liveProcesses(NOBODY, needle)).toHaveLength(count);
+}
+
+function logLines(shim: ShimProcess): Record<string, unknown>[] {
+  return shim
+    .stderr()
+    .split("\n")
+    .filter((l) => l.length > 0)
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+/* --------------------------------- tests --------------------------------- */
+
+describe.skipIf(!isRoot)("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
+  beforeAll(() => {
+    ensureBundle();
+    tempDir = mkdtempSync(join(tmpdir(), "sandboxd-shim-test-"));
+  });
+
+  afterEach(async () => {
+    for (const shim of shims.splice(0)) {
+      if (shim.proc.exitCode === null && shim.proc.signalCode === null) {
+        shim.proc.kill("SIGTERM"); // the shim kills its commands on SIGTERM
+        await shim.exited;
+      }
+      await shim.daemon.close();
+    }
+  });
+
+  afterAll(() => {
+    // Safety net only: a leak would already have failed its test.
+    for (const m of markers) for (const pid of liveProcesses(NOBODY, `sleep ${m}`)) process.kill(pid, "SIGKILL");
+    if (tempDir) rmSync(tempDir, { recursive: true, force: true });
+  });
+
+  it("exits 2 with a clear message when the token is missing", async () => {
+    const shim = launchShim(join(tempDir, "unused.sock"), undefined);
+    const { code } = await shim.exited;
+    expect(code).toBe(2);
+    expect(shim.stderr()).toContain("SANDBOXD_SHIM_TOKEN is not set");
+  });
+
+  it("says hello with the token, and children never see it", async () => {
+    const shim = await startShim();
+    const conn = await shim.daemon.connection(0);
+    const hello = await conn.message("hello");
+    expect(hello).toMatchObject({ protocol: 1, token: TOKEN, pid: shim.proc.pid, running: [] });
+    expect(hello.node).toMatch(/^v\d+\./);
+
+    const result = await run(conn, { argv: ["env"], env: { ONLY_THIS: "yes" } });
+    expect(result.exit).toMatchObject({ exitCode: 0, signal: null, timedOut: false });
+    // env exactly as given: nothing inherited from the shim, token included
+    expect(result.stdout.toString()).toBe("ONLY_THIS=yes\n");
+
+    // logs are JSON lines and never carry the token or env values
+    const lines = logLines(shim);
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) expect(line).toMatchObject({ ts: expect.any(String), level: expect.any(String) });
+    expect(shim.stderr()).not.toContain(TOKEN);
+    expect(shim.stderr()).not.toContain("ONLY_THIS");
+  });
+
+  it("waits for the daemon to listen, then connects", async () => {
+    const shim = await startShim({ listenFirst: false });
+    await new Promise((r) => setTimeout(r, 350)); // a few failed dials
+    await shim.daemon.listen();
+    const conn = await welcomed(shim);
+    const result = await run(conn, { argv: ["true"] });
+    expect(result.exit?.exitCode).toBe(0);
+  });
+
+  it("streams stdout and stderr separately and reports the exit after them", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const result = await run(conn, {
+      argv: ["sh", "-c", "echo out1; echo err1 >&2; echo out2; echo err2 >&2"],
+    });
+    expect(result.started?.pid).toBeGreaterThan(1);
+    expect(result.stdout.toString()).toBe("out1\nout2\n");
+    expect(result.stderr.toString()).toBe("err1\nerr2\n");
+    expect(result.exit).toMatchObject({ exitCode: 0, signal: null, timedOut: false });
+    expect(result.exit?.durationMs).toBeGreaterThanOrEqual(0);
+
+    const ofThisExec = conn.events.filter((e) =>
+      e.type === "output" ? e.execId === result.execId : "execId" in e.message && e.message.execId === result.execId,
+    );
+    expect(ofThisExec[0]).toMatchObject({ type: "message", message: { type: "started" } });
+    expect(ofThisExec.at(-1)).toMatchObject({ type: "message", message: { type: "exit" } });
+  });
+
+  it("reports a non-zero exit code", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const result = await run(conn, { argv: ["sh", "-c", "exit 3"] });
+    expect(result.exit).toMatchObject({ exitCode: 3, signal: null, timedOut: false });
+  });
+
+  it("runs the command as the requested uid and gid, with no supplementary groups", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const result = await run(conn, { argv: ["sh", "-c", "id -u; id -g; id -G"] });
+    expect(result.stdout.toString()).toBe(`${NOBODY}\n${NOBODY}\n${NOBODY}\n`);
+  });
+
+  it("reports spawn failures as spawn_error and nothing else", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+
+    const missing = await run(conn, { argv: ["/no/such/program"] });
+    expect(missing.spawnError).toMatchObject({ code: "ENOENT" });
+    const noCwd = await run(conn, { argv: ["true"], cwd: "/no/such/dir" });
+    expect(noCwd.spawnError?.code).toBe("ENOENT");
+    expect(noCwd.spawnError?.message).toContain("/no/such/dir does not exist");
+    const notExecutable = await run(conn, { argv: ["/etc/passwd"] });
+    expect(notExecutable.spawnError).toMatchObject({ code: "EACCES" });
+
+    // the shim is still serving, and sent nothing else for the failed ids
+    const ok = await run(conn, { argv: ["true"] });
+    expect(ok.exit?.exitCode).toBe(0);
+    for (const r of [missing, noCwd, notExecutable]) {
+      expect(conn.messages().filter((m) => "execId" in m && m.execId === r.execId)).toHaveLength(1);
+      expect(r.stdout.length + r.stderr.length).toBe(0);
+    }
+  });
+
+  it("on timeout, SIGTERMs then kills the whole group", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const execId = sendExec(conn, {
+      argv: ["sh", "-c", `sleep ${m} & sleep ${m} & wait`],
+      timeoutMs: 500,
+      killGraceMs: 300,
+    });
+    await conn.message("started", execId);
+    await expectAlive(`sleep ${m}`, 2);
+    const result = await finished(conn, execId);
+    expect(result.exit).toMatchObject({ timedOut: true, exitCode: null, signal: "SIGTERM" });
+    expect(result.exit?.durationMs).toBeGreaterThanOrEqual(500);
+    expect(result.exit?.durationMs).toBeLessThan(5_000);
+    await expectGone(`sleep ${m}`);
+  });
+
+  it("SIGKILLs a command that ignores SIGTERM once the grace period ends", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const result = await run(conn, {
+      argv: ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"],
+      timeoutMs: 300,
+      killGraceMs: 300,
+    });
+    expect(result.stdout.toString()).toBe("ready\n");
+    expect(result.exit).toMatchObject({ timedOut: true, exitCode: null, signal: "SIGKILL" });
+    expect(result.exit?.durationMs).toBeGreaterThanOrEqual(600);
+  });
+
+  it("kills a background process that outlives its leader", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const result = await run(conn, { argv: ["sh", "-c", `sleep ${m} & echo hi`] });
+    expect(result.stdout.toString()).toBe("hi\n");
+    expect(result.exit).toMatchObject({ exitCode: 0, timedOut: false });
+    // The sleep holds stdout open; the exit is prompt because it was killed,
+    // not because the shim gave up waiting for EOF.
+    expect(result.exit?.durationMs).toBeLessThan(1_500);
+    await expectGone(`sleep ${m}`);
+  });
+
+  it("kills processes that left the session while their parent lived", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    // The inner sh stays in the group; its child escapes group and session
+    // with setsid. Only the ppid walk from a group member finds it.
+    const execId = sendExec(conn, {
+      argv: ["sh", "-c", `sh -c 'setsid sleep ${m} >/dev/null 2>&1 & wait' & sleep 0.3; exit 0`],
+    });
+    const result = await finished(conn, execId);
+    expect(result.exit?.exitCode).toBe(0);
+    await expectGone(`sleep ${m}`);
+  });
+
+  it("forwards a signal from the daemon to the process group", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const execId = sendExec(conn, { argv: ["sleep", m] });
+    await conn.message("started", execId);
+    conn.send({ type: "signal", execId, signal: "SIGINT" });
+    const result = await finished(conn, execId);
+    expect(result.exit).toMatchObject({ exitCode: null, signal: "SIGINT", timedOut: false });
+    await expectGone(`sleep ${m}`);
+  });
+
+  it("delivers 20 MB of output completely, even when the daemon stalls reading", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const argv = ["head", "-c", "20000000", "/dev/zero"];
+    let stalled = false;
+    let writersDuringStall = -1;
+    conn.socket.on("data", () => {
+      if (stalled) return;
+      stalled = true; // stop reading for a while: the shim must pause, not buffer without bound
+      conn.socket.pause();
+      setTimeout(() => (writersDuringStall = liveProcesses(NOBODY, argv.join(" ")).length), 400);
+      setTimeout(() => conn.socket.resume(), 500);
+    });
+    const result = await run(conn, { argv });
+    // Unthrottled, head finishes in a few ms; still running mid-stall means it
+    // was blocked on its full pipe, i.e. the shim paused reading it.
+    expect(writersDuringStall).toBe(1);
+    expect(result.exit?.exitCode).toBe(0);
+    expect(result.stdout.length).toBe(20_000_000);
+    expect(result.stdout.every((b) => b === 0)).toBe(true);
+    expect(logLines(shim).some((l) => l.level === "error")).toBe(false);
+  });
+
+  it("ignores invalid messages and keeps serving", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    conn.send({ type: "exec", execId: 900, argv: ["true"], bogus: true });
+    conn.socket.write(encodeFrame(FrameKind.Json, 0, Buffer.from("{not json")));
+    conn.send({ type: "signal", execId: 901, signal: "SIGSTOP" });
+    const result = await run(conn, { argv: ["echo", "still here"] });
+    expect(result.stdout.toString()).toBe("still here\n");
+    expect(conn.messages().some((m) => "execId" in m && (m.execId === 900 || m.execId === 901))).toBe(false);
+    const ignored = logLines(shim).filter((l) => String(l.msg).startsWith("ignoring"));
+    expect(ignored.length).toBeGreaterThanOrEqual(3);
+  });
+
+  it("ignores commands sent before welcome", async () => {
+    const shim = await startShim({ autoWelcome: false });
+    const conn = await welcomed(shim);
+    const early = sendExec(conn, { argv: ["true"] });
+    conn.send({ type: "welcome", phaseId: "late" });
+    const result = await run(conn, { argv: ["true"] });
+    expect(result.exit?.exitCode).toBe(0);
+    expect(conn.messages().some((m) => "execId" in m && m.execId === early)).toBe(false);
+  });
+
+  it("kills running commands when the daemon disconnects, then reconnects and says hello again", async () => {
+    const shim = await startShim();
+    const first = await welcomed(shim);
+    const m = marker();
+    const execId = sendExec(first, { argv: ["sh", "-c", `sleep ${m} & sleep ${m}`] });
+    await first.message("started", execId);
+    await expectAlive(`sleep ${m}`, 2);
+
+    first.socket.destroy(); // the daemon crashed
+    await expectGone(`sleep ${m}`);
+
+    const second = await welcomed(shim, 1);
+    const hello = await second.message("hello");
+    expect(hello).toMatchObject({ token: TOKEN, running: [] });
+    const result = await run(second, { argv: ["echo", "again"] });
+    expect(result.stdout.toString()).toBe("again\n");
+    // nothing about the killed exec leaks onto the new connection
+    expect(second.messages().some((msg) => "execId" in msg && msg.execId === execId)).toBe(false);
+  });
+
+  it("on shutdown, kills everything and exits 0", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const execId = sendExec(conn, { argv: ["sleep", m] });
+    await conn.message("started", execId);
+    conn.send({ type: "shutdown" });
+    expect(await shim.exited).toEqual({ code: 0, signal: null });
+    await expectGone(`sleep ${m}`);
+  });
+
+  it("on SIGTERM, kills its commands before exiting", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const execId = sendExec(conn, { argv: ["sleep", m] });
+    await conn.message("started", execId);
+    shim.proc.kill("SIGTERM");
+    expect((await shim.exited).code).toBe(143);
+    await expectGone(`sleep ${m}`);
+  });
+});
