@@ -77,6 +77,7 @@ export async function startDaemon(
     clock: systemClock,
     ids: randomIds,
     shimConnectTimeoutMs: settings.shimConnectTimeoutMs,
+    extraAllow: settings.extraAllow,
   });
   const report = await manager.reconcile();
   for (const id of report.readopted) log.info({ phase: id }, "re-adopted running phase");

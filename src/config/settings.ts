@@ -14,6 +14,8 @@ export interface Settings {
   image: string;
   logLevel: "fatal" | "error" | "warn" | "info" | "debug" | "trace";
   shimConnectTimeoutMs: number;
+  /** bare program names allowed on top of the SKILLS.md whitelist (operator's choice) */
+  extraAllow: string[];
 }
 
 function isRoot(): boolean {
@@ -44,6 +46,7 @@ const settingsSchema = z
     image: z.string().min(1).regex(/^[\w./:@-]+$/, "not a Docker image reference"),
     logLevel: z.enum(["fatal", "error", "warn", "info", "debug", "trace"]),
     shimConnectTimeoutMs: z.number().int().min(1000).max(600_000),
+    extraAllow: z.array(z.string().regex(/^[\w.+-]+$/, "SANDBOXD_EXTRA_ALLOW takes bare program names separated by commas")),
   })
   .strict();
 
@@ -57,6 +60,10 @@ export function resolveSettings(
     image: env.SANDBOXD_IMAGE || DEFAULT_IMAGE,
     logLevel: env.SANDBOXD_LOG_LEVEL || "info",
     shimConnectTimeoutMs: env.SANDBOXD_SHIM_TIMEOUT_MS ? Number(env.SANDBOXD_SHIM_TIMEOUT_MS) : 30_000,
+    extraAllow: (env.SANDBOXD_EXTRA_ALLOW ?? "")
+      .split(",")
+      .map((p) => p.trim())
+      .filter(Boolean),
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

@@ -34,6 +34,8 @@ export interface ManagerOptions {
   clock: Clock;
   ids: IdSource;
   shimConnectTimeoutMs?: number;
+  /** operator's additions to the whitelist (settings.extraAllow) */
+  extraAllow?: readonly string[];
 }
 
 export interface StartRequest {
@@ -121,9 +123,11 @@ export class PhaseManager {
   private readonly store: PhaseStore;
   private shuttingDown = false;
   private readonly connectTimeoutMs: number;
+  private readonly extraAllow: ReadonlySet<string>;
 
   constructor(private readonly opts: ManagerOptions) {
     this.store = new PhaseStore(opts.stateDir);
+    this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
   }
 
@@ -243,7 +247,7 @@ export class PhaseManager {
         `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
       );
     }
-    const verdict = evaluateArgv(req.argv);
+    const verdict = evaluateArgv(req.argv, { extraAllow: this.extraAllow });
     const cmd = quoteArgv(req.argv);
     const ts = () => timestamp(this.opts.clock.now());
 

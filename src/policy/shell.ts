@@ -58,7 +58,15 @@ function isRecursiveFlag(arg: string): boolean {
   return arg === "--recursive" || /^-[a-zA-Z]*[rR][a-zA-Z]*$/.test(arg);
 }
 
-export function evaluateArgv(argv: readonly string[]): Verdict {
+export interface ShellPolicyOptions {
+  /**
+   * Programs the operator allows on top of the whitelist (daemon setting
+   * SANDBOXD_EXTRA_ALLOW). Set outside the sandbox only; forbidden rules still win.
+   */
+  extraAllow?: ReadonlySet<string>;
+}
+
+export function evaluateArgv(argv: readonly string[], opts: ShellPolicyOptions = {}): Verdict {
   const program = argv[0] ?? "";
   const args = argv.slice(1);
 
@@ -105,6 +113,14 @@ export function evaluateArgv(argv: readonly string[]): Verdict {
   }
   if (program === "docker-compose") {
     return evaluateCompose(args);
+  }
+  if (opts.extraAllow?.has(program)) {
+    return {
+      decision: "allow",
+      ruleId: "shell.operator-allow",
+      clause: CLAUSE_WHITELIST,
+      reason: `\`${program}\` is allowed by the operator's SANDBOXD_EXTRA_ALLOW`,
+    };
   }
   if (WHITELIST.has(program)) {
     return {

@@ -55,4 +55,11 @@ describe("evaluateArgv (SKILLS.md §2 whitelist and forbidden commands)", () => 
     expect(evaluateArgv(["touch", "pytest"]).decision).toBe("ask");
     expect(evaluateArgv(["env", "python", "x.py"]).decision).toBe("ask");
   });
+
+  it("lets the operator allow extra programs, but never a forbidden one", () => {
+    const extraAllow = new Set(["true", "sudo"]);
+    expect(evaluateArgv(["true"], { extraAllow })).toMatchObject({ decision: "allow", ruleId: "shell.operator-allow" });
+    expect(evaluateArgv(["sudo", "id"], { extraAllow }).decision).toBe("forbid");
+    expect(evaluateArgv(["true"]).decision).toBe("ask");
+  });
 });

@@ -1,0 +1,272 @@
+/**
+ * One command run by the shim: spawn, stream output, enforce the timeout, and
+ * make sure nothing it started outlives it before `exit` is reported.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { statSync } from "node:fs";
+import type { Readable } from "node:stream";
+import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
+import { errorFields, log } from "./log.js";
+import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, type ProcStat } from "./procs.js";
+
+/** setTimeout fires at once for delays above 2^31-1 ms; clamp (about 24.8 days). */
+const MAX_TIMER_MS = 0x7fffffff;
+/** exitSchema caps durationMs at one day. */
+const MAX_DURATION_MS = 86_400_000;
+/**
+ * After the leader exits and its processes are killed, the output pipes should
+ * reach EOF quickly. If one stays open with nothing arriving for this long, a
+ * process we could not find still holds its write end (see procs.ts).
+ */
+const OUTPUT_IDLE_CAP_MS = 2_000;
+/**
+ * Once every known writer is dead, only what sits in the pipe buffers can
+ * still arrive (a pipe holds at most /proc/sys/fs/pipe-max-size, 1 MiB by
+ * default). More than this after the leader's exit means an escaped process is
+ * still writing, and waiting for EOF could take forever.
+ */
+const POST_EXIT_OUTPUT_BUDGET = 4 * 1024 * 1024;
+
+export type OutputKind = typeof FrameKind.Stdout | typeof FrameKind.Stderr;
+
+/**
+ * Pauses every exec's stdout/stderr while the control socket is backpressured,
+ * so a fast writer cannot grow the shim's memory without bound; the children
+ * then block on their full pipes, which is the backpressure they should feel.
+ */
+export class OutputGate {
+  private readonly streams = new Set<Readable>();
+  private pausedNow = false;
+
+  get paused(): boolean {
+    return this.pausedNow;
+  }
+
+  add(stream: Readable): void {
+    this.streams.add(stream);
+    stream.once("close", () => this.streams.delete(stream));
+    if (this.pausedNow) stream.pause();
+  }
+
+  pause(): void {
+    if (this.pausedNow) return;
+    this.pausedNow = true;
+    for (const s of this.streams) s.pause();
+  }
+
+  resume(): void {
+    if (!this.pausedNow) return;
+    this.pausedNow = false;
+    for (const s of this.streams) s.resume();
+  }
+}
+
+/** What an exec needs from the control connection. */
+export interface ExecLink {
+  send(message: ShimToDaemon): void;
+  sendOutput(kind: OutputKind, execId: number, chunk: Buffer): void;
+  readonly gate: OutputGate;
+}
+
+export class RunningExec {
+  readonly execId: number;
+  /** Resolves once `exit` or `spawn_error` has been handed to the link. */
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+  private pid: number | undefined;
+  private leaderExited = false;
+  private timedOut = false;
+  private readonly timers: NodeJS.Timeout[] = [];
+  private readonly startedAt = performance.now();
+  private lastOutputAt = Date.now();
+  private postExitBudget = POST_EXIT_OUTPUT_BUDGET;
+  private readonly streams: Readable[] = [];
+  /**
+   * Processes of this exec seen while the leader was alive. After the leader
+   * exits, children that left its session have no link back to it; these
+   * let the final cleanup find them anyway.
+   */
+  private known: ProcStat[] = [];
+
+  private constructor(
+    private readonly msg: ExecMessage,
+    private readonly link: ExecLink,
+  ) {
+    this.execId = msg.execId;
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+  }
+
+  static start(msg: ExecMessage, link: ExecLink): RunningExec {
+    const exec = new RunningExec(msg, link);
+    exec.spawn();
+    return exec;
+  }
+
+  /** True from `started` until the leader has exited. */
+  get running(): boolean {
+    return this.pid !== undefined && !this.leaderExited;
+  }
+
+  /** Forwards a daemon-requested signal to the whole process group. */
+  signal(signal: NodeJS.Signals): void {
+    if (!this.running || this.pid === undefined) return;
+    log("info", "signal", { execId: this.execId, signal });
+    // The signal goes to the group, as a terminal's would; the snapshot is for
+    // the cleanup after the leader exits (see `known`).
+    this.known = [...this.known, ...findExecProcesses(readProcTable(), this.pid)];
+    signalGroup(this.pid, signal);
+  }
+
+  /** SIGKILLs everything the exec started (disconnect, shutdown, shim exit). */
+  kill(): void {
+    // After the leader has exited, cleanup has already run, and its pid may in
+    // principle be reused by an unrelated process; do not signal it again.
+    if (!this.running || this.pid === undefined) return;
+    signalExecProcesses(this.pid, "SIGKILL", this.known);
+  }
+
+  private spawn(): void {
+    const { msg } = this;
+    const [file, ...args] = msg.argv;
+    if (file === undefined) return this.spawnFailed("EINVAL", "argv is empty");
+    let child: ChildProcess;
+    try {
+      child = spawn(file, args, {
+        cwd: msg.cwd,
+        env: msg.env, // exactly as given: nothing of the shim's environment is inherited
+        uid: msg.uid,
+        gid: msg.gid,
+        // New session and process group, so the whole command can be signalled
+        // at once (Docker has no exec-kill API, which is why the shim does it).
+        detached: true,
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+    } catch (err) {
+      // Node throws for some errors (EPERM from setuid, bad arguments) and
+      // emits 'error' for others (ENOENT, EACCES): both are a spawn_error.
+      const { code, error } = errorFields(err);
+      return this.spawnFailed(code ?? "ESPAWN", error);
+    }
+    if (child.pid === undefined) {
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      child.once("error", (err) => {
+        const { code, error } = errorFields(err);
+        this.spawnFailed(code ?? "ESPAWN", this.explainSpawnError(code, error));
+      });
+      return;
+    }
+    this.pid = child.pid;
+    // A live child can still emit 'error' (e.g. a failed child.kill()); without a
+    // listener that would crash the shim.
+    child.on("error", (err) => log("warn", "child process error", { execId: this.execId, ...errorFields(err) }));
+    log("info", "exec started", {
+      execId: this.execId,
+      pid: this.pid,
+      argv0: file,
+      argc: msg.argv.length,
+      cwd: msg.cwd,
+      uid: msg.uid,
+      gid: msg.gid,
+    });
+    this.link.send({ type: "started", execId: this.execId, pid: this.pid });
+    // stdio is ["ignore", "pipe", "pipe"], so both streams exist.
+    this.pipeOutput(child.stdout!, FrameKind.Stdout);
+    this.pipeOutput(child.stderr!, FrameKind.Stderr);
+    child.once("exit", (code, signal) => void this.onLeaderExit(code, signal));
+    this.armTimeout(this.pid);
+  }
+
+  /** ENOENT is also what a missing cwd produces; say which it was. */
+  private explainSpawnError(code: string | undefined, message: string): string {
+    if (code !== "ENOENT") return message;
+    try {
+      statSync(this.msg.cwd);
+    } catch {
+      return `${message} (cwd ${this.msg.cwd} does not exist)`;
+    }
+    return message;
+  }
+
+  private spawnFailed(code: string, message: string): void {
+    log("warn", "spawn failed", { execId: this.execId, argv0: this.msg.argv[0], code, error: message });
+    this.link.send({
+      type: "spawn_error",
+      execId: this.execId,
+      code: code.slice(0, 32),
+      message: message.slice(0, 4096),
+    });
+    this.resolveDone();
+  }
+
+  private pipeOutput(stream: Readable, kind: OutputKind): void {
+    this.streams.push(stream);
+    stream.on("data", (chunk: Buffer) => {
+      this.lastOutputAt = Date.now();
+      if (this.leaderExited) {
+        this.postExitBudget -= chunk.length;
+        if (this.postExitBudget < 0) {
+          log("warn", "output still flowing after the command exited; an escaped process holds the pipe, closing it", {
+            execId: this.execId,
+          });
+          this.closeOutput();
+          return;
+        }
+      }
+      this.link.sendOutput(kind, this.execId, chunk);
+    });
+    stream.on("error", (err) => log("warn", "output stream error", { execId: this.execId, ...errorFields(err) }));
+    this.link.gate.add(stream);
+  }
+
+  private armTimeout(pid: number): void {
+    const { timeoutMs, killGraceMs } = this.msg;
+    this.timers.push(
+      setTimeout(() => {
+        this.timedOut = true;
+        log("info", "exec timed out, sending SIGTERM", { execId: this.execId, timeoutMs, killGraceMs });
+        this.known = signalExecProcesses(pid, "SIGTERM");
+        this.timers.push(
+          setTimeout(() => {
+            this.known = signalExecProcesses(pid, "SIGKILL", this.known);
+          }, Math.min(killGraceMs, MAX_TIMER_MS)),
+        );
+      }, Math.min(timeoutMs, MAX_TIMER_MS)),
+    );
+  }
+
+  private async onLeaderExit(exitCode: number | null, signal: NodeJS.Signals | null): Promise<void> {
+    this.leaderExited = true;
+    for (const t of this.timers) clearTimeout(t);
+    this.lastOutputAt = Date.now();
+    // No background process may outlive its command.
+    const killed = signalExecProcesses(this.pid!, "SIGKILL", this.known);
+    if (killed.length > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed.length });
+    await this.outputClosed();
+    const durationMs = Math.min(Math.round(performance.now() - this.startedAt), MAX_DURATION_MS);
+    log("info", "exec exited", { execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });
+    // Sent after the streams closed, so after every output frame of this exec.
+    this.link.send({ type: "exit", execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });
+    this.resolveDone();
+  }
+
+  /** Waits for EOF on stdout and stderr, unless a leaked descriptor keeps one open. */
+  private async outputClosed(): Promise<void> {
+    const open = this.streams.filter((s) => !s.destroyed);
+    const closed = Promise.all(open.map((s) => new Promise((resolve) => s.once("close", resolve))));
+    const watchdog = setInterval(() => {
+      // Time spent paused for backpressure is the daemon's, not a leak.
+      if (this.link.gate.paused) this.lastOutputAt = Date.now();
+      else if (Date.now() - this.lastOutputAt >= OUTPUT_IDLE_CAP_MS) {
+        log("warn", "output pipe still open after the command exited; closing it", { execId: this.execId });
+        this.closeOutput();
+      }
+    }, 250);
+    await closed;
+    clearInterval(watchdog);
+  }
+
+  private closeOutput(): void {
+    for (const s of this.streams) s.destroy();
+  }
+}
