@@ -4,7 +4,6 @@
  * while phases run, restart it, and check it reconciles them.
  */
 import { readFile, stat, writeFile } from "node:fs/promises";
-import net from "node:net";
 import path from "node:path";
 import type { ChildProcess } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -153,13 +152,9 @@ describe("sandboxd CLI", () => {
 
     const otherState = await tempDir("stale");
     const staleSock = path.join(otherState, "s.sock");
-    // a socket file nobody listens on, as a crashed daemon leaves it
-    const srv = net.createServer();
-    await new Promise<void>((r) => srv.listen(staleSock, r));
-    await new Promise<void>((r) => {
-      (srv as unknown as { _handle: { close(): void } | null })._handle?.close();
-      r();
-    });
+    // a socket file nobody listens on, as a crashed daemon leaves it: bound, then the process exits
+    const { execFileSync } = await import("node:child_process");
+    execFileSync("python3", ["-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)", staleSock]);
     expect((await stat(staleSock)).isSocket()).toBe(true);
     const d = await spawnDaemon(otherState, staleSock);
     expect(d.output()).toMatch(/removed a stale socket/);

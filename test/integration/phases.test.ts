@@ -37,6 +37,12 @@ async function py(code: string, extra: { timeoutMs?: number; phaseId?: string } 
   return exec(["python3", "-c", code], extra);
 }
 
+/** The container's processes as Docker sees them (from outside the sandbox). */
+async function processes(): Promise<string[]> {
+  const top = (await docker.getContainer(phase.containerName).top({ ps_args: "-eo pid,args" })) as { Processes: string[][] };
+  return top.Processes.map((p) => p.join(" "));
+}
+
 async function expectCode(p: Promise<unknown>, code: string, status?: number): Promise<SandboxdError> {
   const err = await p.then(
     () => null,
@@ -160,16 +166,13 @@ describe("mediated exec", () => {
     expect(r.stdout).toContain("spawned");
     expect(r.durationMs).toBeGreaterThanOrEqual(1400);
     expect(r.durationMs).toBeLessThan(15_000);
-    const top = await docker.getContainer(phase.containerName).top({ ps_args: "-eo pid,args" });
-    const cmds = top.Processes.map((p) => p.join(" "));
-    expect(cmds.filter((c) => /sleep 30[01]/.test(c))).toEqual([]);
+    expect((await processes()).filter((c) => /sleep 30[01]/.test(c))).toEqual([]);
   });
 
   it("leaves no background process behind once a command exits", async () => {
     const p = await py("import subprocess; subprocess.Popen(['sleep', '302'], start_new_session=False); print('bg')");
     expect(p.exitCode).toBe(0);
-    const top = await docker.getContainer(phase.containerName).top({ ps_args: "-eo pid,args" });
-    expect(top.Processes.map((x) => x.join(" ")).filter((c) => c.includes("sleep 302"))).toEqual([]);
+    expect((await processes()).filter((c) => c.includes("sleep 302"))).toEqual([]);
   });
 
   it("caps the output it keeps and reports the truncation, while counting every byte", async () => {
@@ -358,7 +361,7 @@ describe("bad input leaves nothing behind", () => {
     const before = await snapshot();
     const rootOwned = await mkdtemp(path.join(os.tmpdir(), "sbx-rootproj-"));
     const notDir = path.join(project, "services", "calc.py");
-    const cases: Array<[Promise<{ status: number; json: { error: { code: string } } }>, number, string]> = [
+    const cases: Array<[Promise<{ status: number; json: { error: { code: string; hint: string } } }>, number, string]> = [
       [raw("POST", "/v1/phases", "{not json"), 400, "SBX_ERR_BAD_JSON"],
       [raw("POST", "/v1/phases", JSON.stringify({ project, phase: "x", mode: "backtest", extra: 1 })), 400, "SBX_ERR_VALIDATION"],
       [raw("POST", "/v1/phases", JSON.stringify({ project, phase: "x", mode: "live" })), 400, "SBX_ERR_VALIDATION"],
