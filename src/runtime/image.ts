@@ -547,11 +547,17 @@ export async function ensureSandboxImage(docker: Docker, opts: EnsureImageOption
   }
 
   log(status === "current" ? `rebuilding ${tag} (forced)` : `sandbox image ${tag} is ${status}; building it`);
-  const base = await ensureBaseImage(docker, {
-    base: wanted,
-    log,
-    ...(opts.pullTimeoutMs === undefined ? {} : { pullTimeoutMs: opts.pullTimeoutMs }),
-  });
+  // With no base asked for, a base that is already here is used as is: on a
+  // machine without a registry, retrying the pull on every shim change would
+  // only add its timeout to each rebuild.
+  const base =
+    present !== undefined && (opts.base === undefined || present === opts.base)
+      ? present
+      : await ensureBaseImage(docker, {
+          base: wanted,
+          log,
+          ...(opts.pullTimeoutMs === undefined ? {} : { pullTimeoutMs: opts.pullTimeoutMs }),
+        });
   const result = await buildSandboxImage(docker, {
     tag,
     base,
