@@ -9,7 +9,13 @@ say() { printf 'sandboxd setup: %s\n' "$*" >&2; }
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing node modules (npm ci)"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm 11 can reject a lock it wrote itself when a dependency (rollup) lists
+  # optional packages for other platforms (npm/cli#4828); `npm install` then
+  # installs from the same lock, adding only the missing platform entries.
+  if ! npm ci --no-audit --no-fund --loglevel=error; then
+    say "npm ci refused the lock file; installing with npm install from the same lock"
+    npm install --no-audit --no-fund --loglevel=error
+  fi
 fi
 
 say "building (tsc + shim bundle)"
