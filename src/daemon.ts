@@ -8,6 +8,7 @@ import net from "node:net";
 import path from "node:path";
 import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
+import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
 import { PhaseManager } from "./phases/manager.js";
@@ -68,7 +69,9 @@ export async function startDaemon(
   const runtime = deps.runtime ?? new DockerRuntime();
   await runtime.ping();
   const instance = await instanceId(settings.stateDir);
+  const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
   const manager = new PhaseManager({
+    approvals,
     runtime,
     stateDir: settings.stateDir,
     instance,
@@ -86,6 +89,7 @@ export async function startDaemon(
 
   const app = buildApp({
     manager,
+    approvals,
     logger: log,
     info: { version: VERSION, instance, pid: process.pid, stateDir: settings.stateDir, socket: settings.socket },
   });

@@ -11,11 +11,13 @@ import type { Logger } from "pino";
 import { StringDecoder } from "node:string_decoder";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
+import type { ApprovalQueue } from "../approvals/queue.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { PHASE_MODES } from "../phases/types.js";
 
 export interface AppOptions {
   manager: PhaseManager;
+  approvals: ApprovalQueue;
   logger: Logger;
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
 }
@@ -47,6 +49,12 @@ const execBody = z
   })
   .strict();
 
+const approvalIdParam = z.object({ id: z.string().regex(/^ap_[0-9a-f]{12}$/, "not an approval id (ap_ followed by 12 hex digits)") });
+const approvalsQuery = z
+  .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
+  .strict();
+const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
+
 const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
@@ -64,8 +72,8 @@ const truthy = (v: string | undefined) => v === "1" || v === "true";
 
 export function buildApp(opts: AppOptions): FastifyInstance {
   const app = Fastify({
-    loggerInstance: opts.logger.child({ mod: "api" }) as FastifyBaseLogger,
-    disableRequestLogging: true,
+    // Per-request lines are noise here (the audit trail records what matters); keep warnings and errors.
+    loggerInstance: opts.logger.child({ mod: "api" }, { level: "warn" }) as FastifyBaseLogger,
     bodyLimit: 8 * 1024 * 1024,
     return503OnClosing: true,
   });
@@ -116,6 +124,24 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     }
     return streamExec(reply, manager, id, body);
   });
+
+  app.get("/v1/approvals", async (req) => {
+    const q = parse(approvalsQuery, req.query, "query");
+    return { approvals: opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) }) };
+  });
+
+  app.get("/v1/approvals/:id", async (req) => {
+    const { id } = parse(approvalIdParam, req.params, "path");
+    return { approval: opts.approvals.get(id) };
+  });
+
+  for (const decision of ["approve", "deny"] as const) {
+    app.post(`/v1/approvals/:id/${decision}`, async (req) => {
+      const { id } = parse(approvalIdParam, req.params, "path");
+      const body = parse(decisionBody, req.body ?? {}, "body");
+      return { approval: await manager.decideApproval(id, decision, body.note) };
+    });
+  }
 
   app.get("/v1/phases/:id/logs", async (req, reply) => {
     const { id } = parse(phaseIdParam, req.params, "path");

@@ -14,6 +14,8 @@ import { SandboxdError } from "../errors.js";
 import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseView } from "../phases/types.js";
+import type { Approval } from "../approvals/queue.js";
+import { quoteArgv } from "../audit/format.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
 import { EXIT, exitCodeFor } from "./exit-codes.js";
@@ -224,6 +226,53 @@ function program(): Command {
         throw new CliExit(policy ? EXIT.policy : EXIT.sandboxdFailed);
       }
     });
+
+  const approvals = prog
+    .command("approvals")
+    .description("human approvals: commands the policy sends to a person (SKILLS.md: \"requires human approval\")");
+  approvals
+    .command("ls")
+    .description("list pending approval requests (--all: with decided, used and expired ones)")
+    .option("-a, --all", "include decided, used and expired requests")
+    .option("--phase <id>", "only this phase's requests")
+    .option("--json", "print JSON")
+    .action(async (opts: { all?: boolean; phase?: string; json?: boolean }, cmd: Command) => {
+      const q = new URLSearchParams();
+      if (opts.all) q.set("all", "1");
+      if (opts.phase) q.set("phase", opts.phase);
+      const { approvals: list } = await client(cmd).request<{ approvals: Approval[] }>("GET", `/v1/approvals?${q.toString()}`);
+      if (opts.json) return printJson(list);
+      if (list.length === 0) {
+        process.stdout.write(opts.all ? "no approval requests\n" : "no pending approval requests\n");
+        return;
+      }
+      const rows = [["ID", "PHASE", "STATE", "REQUESTED", "RULE", "COMMAND"]];
+      for (const a of list) {
+        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, a.argv ? quoteArgv(a.argv) : (a.command ?? "")]);
+      }
+      process.stdout.write(table(rows));
+    });
+  for (const decision of ["approve", "deny"] as const) {
+    approvals
+      .command(decision)
+      .description(
+        decision === "approve"
+          ? "approve a request: that exact command may then run once in its phase"
+          : "deny a request: the command stays refused",
+      )
+      .argument("<id>", "approval id (ap_…)")
+      .option("--note <text>", "why (recorded in the audit trail)")
+      .option("--json", "print the decided request as JSON")
+      .action(async (id: string, opts: { note?: string; json?: boolean }, cmd: Command) => {
+        const { approval: a } = await client(cmd).request<{ approval: Approval }>(
+          "POST",
+          `/v1/approvals/${encodeURIComponent(id)}/${decision}`,
+          opts.note ? { note: opts.note } : {},
+        );
+        if (opts.json) return printJson(a);
+        process.stdout.write(`${a.id} ${a.state}\n`);
+      });
+  }
 
   prog
     .command("logs")

@@ -15,6 +15,7 @@ import { pipeline } from "node:stream/promises";
 import type { Logger } from "pino";
 import { BuildLog } from "../audit/buildlog.js";
 import { actionLine, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
+import { ApprovalQueue, type Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { defaultLimits, type PhaseLimits } from "../policy/limits.js";
 import { evaluateArgv, type Verdict } from "../policy/shell.js";
@@ -36,6 +37,7 @@ export interface ManagerOptions {
   shimConnectTimeoutMs?: number;
   /** operator's additions to the whitelist (settings.extraAllow) */
   extraAllow?: readonly string[];
+  approvals: ApprovalQueue;
 }
 
 export interface StartRequest {
@@ -247,16 +249,45 @@ export class PhaseManager {
         `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
       );
     }
-    const verdict = evaluateArgv(req.argv, { extraAllow: this.extraAllow });
+    let verdict: Verdict = evaluateArgv(req.argv, { extraAllow: this.extraAllow });
     const cmd = quoteArgv(req.argv);
     const ts = () => timestamp(this.opts.clock.now());
+    const key = { argv: req.argv };
+
+    // An `ask` the operator already approved for exactly this command runs once.
+    let approval: Approval | null = null;
+    if (verdict.decision === "ask") {
+      approval = await this.opts.approvals.consume(id, key);
+      if (approval) {
+        verdict = {
+          decision: "allow",
+          ruleId: verdict.ruleId,
+          clause: verdict.clause,
+          reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})`,
+        };
+      }
+    }
 
     // The verdict is on disk before anything runs.
     const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
+    const approvalNote = approval ? ` approval=${approval.id}` : "";
     await live.audit.append([
       `[${ts()}] SHELL_EXEC: ${actionTarget(cmd)}`,
-      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${reasonNote}`),
+      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
     ]);
+    if (verdict.decision === "ask") {
+      const { approval: pending, created } = await this.opts.approvals.request(id, key, {
+        ruleId: verdict.ruleId,
+        clause: verdict.clause,
+        policyReason: verdict.reason,
+        requestReason: req.reason,
+      });
+      if (created) {
+        await live.audit.append([actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)]);
+        this.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+      }
+      throw policyError(verdict, cmd, pending.id);
+    }
     if (verdict.decision !== "allow") throw policyError(verdict, cmd);
 
     const channel = live.channel;
@@ -371,6 +402,30 @@ export class PhaseManager {
     };
   }
 
+  /* ------------------------------ approvals ----------------------------- */
+
+  async decideApproval(approvalId: string, decision: "approve" | "deny", note?: string): Promise<Approval> {
+    this.assertServing();
+    const before = this.opts.approvals.get(approvalId);
+    const live = this.phases.get(before.phaseId);
+    if (!live) {
+      throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
+    }
+    const a = await this.opts.approvals.decide(approvalId, decision, note);
+    const cmd = a.argv ? quoteArgv(a.argv) : (a.command ?? "");
+    await live.audit.append([
+      actionLine(
+        timestamp(this.opts.clock.now()),
+        "APPROVAL",
+        decision === "approve" ? "APPROVE" : "DENY",
+        cmd,
+        `${a.id} by operator${note ? `: ${note}` : ""}`,
+      ),
+    ]);
+    this.opts.log.info({ phase: a.phaseId, approval: a.id, decision }, "approval decided");
+    return a;
+  }
+
   /** Flow control for a streaming client of this phase. */
   flow(id: string): { pause(): void; resume(): void } {
     const ch = this.phases.get(id)?.channel;
@@ -418,6 +473,7 @@ export class PhaseManager {
       await this.opts.runtime.stopAndRemove(record.containerId, 2);
     }
     await this.store.removeRunDir(record.id).catch(() => undefined);
+    await this.opts.approvals.expirePhase(record.id).catch(() => undefined);
     record.state = state;
     record.stoppedAt = timestamp(this.opts.clock.now());
     record.endReason = why;
@@ -554,8 +610,8 @@ function actionTarget(cmd: string): string {
   return cmd.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (ch) => `\\x${ch.charCodeAt(0).toString(16).padStart(2, "0")}`);
 }
 
-function policyError(verdict: Verdict, cmd: string): SandboxdError {
-  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision };
+function policyError(verdict: Verdict, cmd: string, approvalId?: string): SandboxdError {
+  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision, ...(approvalId ? { approvalId } : {}) };
   if (verdict.decision === "forbid") {
     return new SandboxdError("SBX_ERR_POLICY_DENIED", `policy denied \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`, {
       details,
@@ -565,7 +621,9 @@ function policyError(verdict: Verdict, cmd: string): SandboxdError {
     "SBX_ERR_POLICY_NEEDS_APPROVAL",
     `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`,
     {
-      hint: "run a whitelisted command instead; human approvals (sandboxd approvals) arrive with the policy engine",
+      hint: approvalId
+        ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
+        : "run a whitelisted command instead",
       details,
     },
   );

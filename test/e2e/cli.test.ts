@@ -106,6 +106,25 @@ describe("sandboxd CLI", () => {
     expect(signalled.code).toBe(128 + 15);
   });
 
+  it("approvals: ls shows the pending request, approve lets the command run once", async () => {
+    const p = await startPhase();
+    const refused = await cli(["exec", p.id, "--reason", "need a marker", "--", "touch", "/workspace/cli-approved"], { socket });
+    expect(refused.code).toBe(126);
+    const id = /approval (ap_[0-9a-f]{12}) is pending/.exec(refused.stderr)?.[1];
+    expect(id).toBeDefined();
+    const ls = await cli(["approvals", "ls"], { socket });
+    expect(ls.stdout).toMatch(new RegExp(`${id}\\s+${p.id}\\s+pending\\s+.*touch /workspace/cli-approved`));
+    const ok = await cli(["approvals", "approve", id!, "--note", "fine"], { socket });
+    expect(ok.stdout.trim()).toBe(`${id} approved`);
+    expect((await cli(["exec", p.id, "--", "touch", "/workspace/cli-approved"], { socket })).code).toBe(0);
+    expect((await cli(["exec", p.id, "--", "touch", "/workspace/cli-approved"], { socket })).code).toBe(126);
+    const json = JSON.parse((await cli(["approvals", "ls", "--all", "--json", "--phase", p.id], { socket })).stdout) as Array<{ id: string; state: string; requestReason: string }>;
+    expect(json.find((a) => a.id === id)).toMatchObject({ state: "used", requestReason: "need a marker" });
+    const bad = await cli(["approvals", "approve", "ap_000000000000"], { socket });
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/SBX_ERR_APPROVAL_NOT_FOUND/);
+  });
+
   it("logs prints the container's log and -f follows it until the phase stops", async () => {
     const p = await startPhase();
     const logs = await cli(["logs", p.id], { socket });

@@ -254,6 +254,54 @@ describe("policy (minimal whitelist)", () => {
   });
 });
 
+describe("human approvals", () => {
+  it("an asked command runs only after approval, and only once", async () => {
+    const marker = path.join(project, "approved-marker");
+    const argv = ["touch", "/workspace/approved-marker"];
+    const first = await expectCode(exec(argv), "SBX_ERR_POLICY_NEEDS_APPROVAL", 403);
+    const approvalId = (first.details as { approvalId: string }).approvalId;
+    expect(approvalId).toMatch(/^ap_[0-9a-f]{12}$/);
+    expect(first.hint).toContain(`sandboxd approvals approve ${approvalId}`);
+    // asking again while pending gives the same request, and still nothing runs
+    const again = await expectCode(exec(argv), "SBX_ERR_POLICY_NEEDS_APPROVAL", 403);
+    expect((again.details as { approvalId: string }).approvalId).toBe(approvalId);
+    await expect(stat(marker)).rejects.toThrow();
+    const pending = await t.api.request<{ approvals: Array<{ id: string; state: string }> }>("GET", "/v1/approvals");
+    expect(pending.approvals.find((a) => a.id === approvalId)?.state).toBe("pending");
+
+    // approving a different command's request does not unlock this one
+    const other = await expectCode(exec(["touch", "/workspace/other-marker"]), "SBX_ERR_POLICY_NEEDS_APPROVAL");
+    await t.api.request("POST", `/v1/approvals/${(other.details as { approvalId: string }).approvalId}/deny`, { note: "no" });
+
+    const { approval } = await t.api.request<{ approval: { state: string } }>("POST", `/v1/approvals/${approvalId}/approve`, {
+      note: "ok for this test",
+    });
+    expect(approval.state).toBe("approved");
+    await expectCode(t.api.request("POST", `/v1/approvals/${approvalId}/deny`, {}), "SBX_ERR_APPROVAL_DECIDED", 409);
+
+    const ran = await exec(argv);
+    expect(ran.exitCode).toBe(0);
+    expect((await stat(marker)).isFile()).toBe(true);
+    await expect(stat(path.join(project, "other-marker"))).rejects.toThrow();
+
+    // used: the next identical exec needs a new approval
+    const third = await expectCode(exec(argv), "SBX_ERR_POLICY_NEEDS_APPROVAL", 403);
+    expect((third.details as { approvalId: string }).approvalId).not.toBe(approvalId);
+    const all = await t.api.request<{ approvals: Array<{ id: string; state: string }> }>("GET", "/v1/approvals?all=1");
+    expect(all.approvals.find((a) => a.id === approvalId)?.state).toBe("used");
+
+    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[REQUEST\\] \\[touch /workspace/approved-marker\\] \\[${approvalId} pending`));
+    expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[APPROVE\\] .*\\[${approvalId} by operator: ok for this test\\]`));
+    expect(log).toMatch(new RegExp(`\\[SHELL\\] \\[POLICY\\] \\[touch /workspace/approved-marker\\] \\[ALLOW shell\\.not-whitelisted .*approval=${approvalId}`));
+  });
+
+  it("rejects unknown approval ids with a coded error", async () => {
+    await expectCode(t.api.request("POST", "/v1/approvals/ap_000000000000/approve", {}), "SBX_ERR_APPROVAL_NOT_FOUND", 404);
+    await expectCode(t.api.request("POST", "/v1/approvals/nope/approve", {}), "SBX_ERR_VALIDATION", 400);
+  });
+});
+
 describe("attacks from inside the sandbox", () => {
   it("cannot write the image's filesystem", async () => {
     const r = await py("open('/usr/pwned', 'w').write('x')");
