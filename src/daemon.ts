@@ -81,6 +81,7 @@ export async function startDaemon(
     ids: randomIds,
     shimConnectTimeoutMs: settings.shimConnectTimeoutMs,
     extraAllow: settings.extraAllow,
+    buildLogLocation: settings.buildLog,
   });
   const report = await manager.reconcile();
   for (const id of report.readopted) log.info({ phase: id }, "re-adopted running phase");

@@ -21,6 +21,10 @@ export const ERRORS = {
     status: 400,
     hint: "give the project to the operator's user (chown -R USER: DIR); commands run as the project's owner and never as root",
   },
+  SBX_ERR_BUILD_LOG_UNSAFE: {
+    status: 400,
+    hint: "remove or rename that file in the project; sandboxd creates build_audit.log itself (or set SANDBOXD_BUILD_LOG=state)",
+  },
   SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within the phase's limit (SKILLS.md §2: 60 s, up to 5 min in paper mode)" },
   SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
   SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },

@@ -16,6 +16,8 @@ export interface Settings {
   shimConnectTimeoutMs: number;
   /** bare program names allowed on top of the SKILLS.md whitelist (operator's choice) */
   extraAllow: string[];
+  /** build_audit.log at the project root (mounted read-only in the sandbox) or in the state dir */
+  buildLog: "project" | "state";
 }
 
 function isRoot(): boolean {
@@ -46,6 +48,7 @@ const settingsSchema = z
     image: z.string().min(1).regex(/^[\w./:@-]+$/, "not a Docker image reference"),
     logLevel: z.enum(["fatal", "error", "warn", "info", "debug", "trace"]),
     shimConnectTimeoutMs: z.number().int().min(1000).max(600_000),
+    buildLog: z.enum(["project", "state"]),
     extraAllow: z.array(z.string().regex(/^[\w.+-]+$/, "SANDBOXD_EXTRA_ALLOW takes bare program names separated by commas")),
   })
   .strict();
@@ -60,6 +63,7 @@ export function resolveSettings(
     image: env.SANDBOXD_IMAGE || DEFAULT_IMAGE,
     logLevel: env.SANDBOXD_LOG_LEVEL || "info",
     shimConnectTimeoutMs: env.SANDBOXD_SHIM_TIMEOUT_MS ? Number(env.SANDBOXD_SHIM_TIMEOUT_MS) : 30_000,
+    buildLog: env.SANDBOXD_BUILD_LOG || "project",
     extraAllow: (env.SANDBOXD_EXTRA_ALLOW ?? "")
       .split(",")
       .map((p) => p.trim())

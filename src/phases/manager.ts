@@ -11,9 +11,10 @@
  */
 import { createWriteStream } from "node:fs";
 import { realpath, stat } from "node:fs/promises";
+import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import type { Logger } from "pino";
-import { BuildLog } from "../audit/buildlog.js";
+import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import { actionLine, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { ApprovalQueue, type Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
@@ -38,6 +39,8 @@ export interface ManagerOptions {
   /** operator's additions to the whitelist (settings.extraAllow) */
   extraAllow?: readonly string[];
   approvals: ApprovalQueue;
+  /** where build_audit.log lives: the project root (default, mounted read-only in the sandbox) or the state dir */
+  buildLogLocation?: "project" | "state";
 }
 
 export interface StartRequest {
@@ -126,6 +129,7 @@ export class PhaseManager {
   private shuttingDown = false;
   private readonly connectTimeoutMs: number;
   private readonly extraAllow: ReadonlySet<string>;
+  private readonly buildLogs = new BuildLogRegistry();
 
   constructor(private readonly opts: ManagerOptions) {
     this.store = new PhaseStore(opts.stateDir);
@@ -167,6 +171,10 @@ export class PhaseManager {
     const id = this.opts.ids.phaseId();
     const token = this.opts.ids.token();
     const limits = defaultLimits(req.mode);
+    const inProject = (this.opts.buildLogLocation ?? "project") === "project";
+    const buildLog = inProject ? path.join(project, BUILD_LOG_NAME) : this.store.buildLogPath(id);
+    // Opened (and checked) before anything else exists, so an unsafe path leaves nothing behind.
+    const audit = inProject ? await this.buildLogs.acquire(buildLog, id, 0o644) : null;
     const record: PhaseRecord = {
       id,
       name: req.phase,
@@ -181,10 +189,11 @@ export class PhaseManager {
       gid: owner.gid,
       createdAt: timestamp(this.opts.clock.now()),
       stoppedAt: null,
+      buildLog,
       endReason: null,
     };
     await this.store.create(record, token);
-    const live: LivePhase = { record, channel: null, audit: new BuildLog(this.store.buildLogPath(id)), limits };
+    const live: LivePhase = { record, channel: null, audit: audit ?? (await this.buildLogs.acquire(buildLog, id)), limits };
     this.phases.set(id, live);
     try {
       live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
@@ -201,6 +210,8 @@ export class PhaseManager {
         },
         projectDir: project,
         runDir: this.store.runDir(id),
+        // the agent reads its audit trail but can neither change nor replace it
+        readOnlyFiles: inProject ? [{ host: buildLog, container: `${SHIM_PATHS.workspace}/${BUILD_LOG_NAME}` }] : [],
         env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
         memoryBytes: limits.memoryBytes,
         cpus: limits.cpus,
@@ -229,7 +240,7 @@ export class PhaseManager {
       this.phases.delete(id);
       await live.channel?.close({ shutdownShim: false }).catch(() => undefined);
       if (record.containerId) await this.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
-      await live.audit.close().catch(() => undefined);
+      await this.buildLogs.release(buildLog, id).catch(() => undefined);
       await this.store.remove(id).catch(() => undefined);
       this.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
       throw err;
@@ -487,7 +498,7 @@ export class PhaseManager {
           : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
       ])
       .catch(() => undefined);
-    await live.audit.close().catch(() => undefined);
+    await this.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
     this.phases.delete(record.id);
     this.opts.log.info({ phase: record.id, state, why }, "phase ended");
   }
@@ -522,7 +533,7 @@ export class PhaseManager {
           const live: LivePhase = {
             record: { ...record, containerId: c.id },
             channel: null,
-            audit: new BuildLog(this.store.buildLogPath(id)),
+            audit: await this.reopenAudit(record),
             limits: defaultLimits(record.mode),
           };
           this.phases.set(id, live);
@@ -549,7 +560,7 @@ export class PhaseManager {
           const live: LivePhase = {
             record: { ...record, containerId: c.id },
             channel: null,
-            audit: new BuildLog(this.store.buildLogPath(id)),
+            audit: await this.reopenAudit(record),
             limits: defaultLimits(record.mode),
           };
           const why = c.running ? `record says ${record.state}` : `container had ${c.state}`;
@@ -564,7 +575,12 @@ export class PhaseManager {
 
     for (const r of records) {
       if ((r.state === "running" || r.state === "starting" || r.state === "stopping") && !seen.has(r.id)) {
-        const live: LivePhase = { record: { ...r, containerId: null }, channel: null, audit: new BuildLog(this.store.buildLogPath(r.id)), limits: defaultLimits(r.mode) };
+        const live: LivePhase = {
+          record: { ...r, containerId: null },
+          channel: null,
+          audit: await this.reopenAudit(r),
+          limits: defaultLimits(r.mode),
+        };
         await this.finish(live, "failed", "container vanished while the daemon was down");
         report.lost.push(r.id);
       }
@@ -573,6 +589,22 @@ export class PhaseManager {
       this.opts.log.info(report, "reconciled phases after restart");
     }
     return report;
+  }
+
+  /**
+   * After a restart, a phase's log may have become unusable (removed and
+   * replaced by something unsafe); then the record goes to the state dir,
+   * so reconciling never fails for want of a log.
+   */
+  private async reopenAudit(record: PhaseRecord): Promise<BuildLog> {
+    try {
+      return await this.buildLogs.acquire(record.buildLog, record.id, 0o644);
+    } catch (err) {
+      const fallback = this.store.buildLogPath(record.id);
+      this.opts.log.warn({ phase: record.id, path: record.buildLog, err: (err as Error).message, fallback }, "build log unusable; writing to the state dir");
+      record.buildLog = fallback;
+      return this.buildLogs.acquire(fallback, record.id);
+    }
   }
 
   /* ------------------------------- shutdown ------------------------------ */
@@ -600,6 +632,8 @@ export class PhaseManager {
     throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${view.state}, not running`);
   }
 }
+
+export const BUILD_LOG_NAME = "build_audit.log";
 
 function notFound(id: string): SandboxdError {
   return new SandboxdError("SBX_ERR_PHASE_NOT_FOUND", `no phase with id ${id}`);

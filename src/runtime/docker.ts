@@ -31,7 +31,11 @@ export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
     SecurityOpt: ["no-new-privileges"],
     ReadonlyRootfs: true,
     Tmpfs: { "/tmp": `rw,nosuid,nodev,size=${spec.tmpfsBytes},mode=1777` },
-    Binds: [`${spec.projectDir}:${SHIM_PATHS.workspace}:rw`, `${spec.runDir}:${SHIM_PATHS.runDir}:rw`],
+    Binds: [
+      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw`,
+      `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
+      ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
+    ],
     Memory: spec.memoryBytes,
     MemorySwap: spec.memoryBytes,
     NanoCpus: Math.round(spec.cpus * 1e9),

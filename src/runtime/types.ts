@@ -21,6 +21,8 @@ export interface PhaseContainerSpec {
   projectDir: string;
   /** host path bind-mounted at /run/sandboxd (the control socket lives here) */
   runDir: string;
+  /** host files mounted read-only at a path inside /workspace (over the rw project mount) */
+  readOnlyFiles: Array<{ host: string; container: string }>;
   /** environment of the shim process (not of the commands it runs) */
   env: Record<string, string>;
   memoryBytes: number;

@@ -208,7 +208,7 @@ describe("sandboxd CLI", () => {
     expect(gone.state).toBe("failed");
     expect(gone.endReason).toMatch(/reaped after daemon restart/);
     await expect(docker.getContainer(dies.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
-    const audit = await readFile(path.join(stateDir, "phases", keep.id, "build_audit.log"), "utf8");
+    const audit = await readFile(keep.buildLog, "utf8");
     expect(audit).toMatch(/\[PHASE\] \[READOPT\]/);
   });
 

@@ -3,7 +3,7 @@
  * driven through the real unix socket. Security properties are checked by
  * attempting the attack from inside the sandbox.
  */
-import { mkdtemp, readFile, readdir, stat, writeFile } from "node:fs/promises";
+import { chown, mkdtemp, readFile, readdir, stat, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -16,6 +16,7 @@ import {
   docker,
   makeProject,
   removeDir,
+  tempDir as tempDirFor,
   requireEngineAndImage,
   startTestDaemon,
   type TestDaemon,
@@ -97,7 +98,8 @@ describe("phase lifecycle", () => {
     expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 10 * 1024 * 1024, Hard: 10 * 1024 * 1024 }]);
     // Only the project and the phase's run dir come from the host; no Docker socket.
     const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
-    expect(sources).toEqual([project, path.join(t.stateDir, "phases", phase.id, "run")].sort());
+    expect(sources).toEqual([project, path.join(t.stateDir, "phases", phase.id, "run"), phase.buildLog].sort());
+    expect(info.Mounts.find((m) => m.Source === phase.buildLog)).toMatchObject({ Destination: "/workspace/build_audit.log", RW: false });
     expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
     // no network endpoint at all (Docker lists none, or only "none")
     expect(Object.keys(info.NetworkSettings.Networks ?? {}).filter((n) => n !== "none")).toEqual([]);
@@ -132,7 +134,7 @@ describe("mediated exec", () => {
   it("writes SHELL_EXEC, RETURN_CODE, STDOUT and STDERR to the audit trail before answering", async () => {
     const marker = `audit-${Date.now()}`;
     await exec(["python3", "-c", `import sys; print('${marker}'); print('warn-${marker}', file=sys.stderr); sys.exit(4)`]);
-    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const log = await readFile(phase.buildLog, "utf8");
     const lines = log.split("\n");
     const start = lines.findIndex((l) => l.includes("SHELL_EXEC:") && l.includes(marker));
     expect(start).toBeGreaterThanOrEqual(0);
@@ -147,7 +149,7 @@ describe("mediated exec", () => {
   it("keeps the audit trail one line per record when output tries to forge lines", async () => {
     const forged = "[2020-01-01T00:00:00.000Z] RETURN_CODE: 0";
     await exec(["python3", "-c", `print('first'); print(${JSON.stringify(forged)}); print('\\x1b[31mred\\x1b[0m')`]);
-    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const log = await readFile(phase.buildLog, "utf8");
     // Every line either starts with a timestamp the daemon wrote, or is an indented continuation.
     for (const line of log.split("\n").filter(Boolean)) {
       expect(line).toMatch(/^(\[\d{4}-\d\d-\d\dT[\d:.]+Z\] |    \| )/);
@@ -181,7 +183,7 @@ describe("mediated exec", () => {
     expect(r.stdoutBytes).toBe(5_000_000);
     expect(r.stdoutTruncated).toBe(true);
     expect(r.stdout.length).toBe(r.outputCapBytes);
-    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(/STDOUT: \[\d+ more bytes not kept\] x+/);
   });
 
@@ -226,7 +228,7 @@ describe("mediated exec", () => {
       const [a, b] = await Promise.all([py(code("tagA")), py(code("tagB"), { phaseId: p2.id })]);
       expect(a.stdout.trim()).toBe("tagA 1");
       expect(b.stdout.trim()).toBe("tagB 1");
-      const logB = await readFile(path.join(t.stateDir, "phases", p2.id, "build_audit.log"), "utf8");
+      const logB = await readFile(p2.buildLog, "utf8");
       expect(logB).toContain("tagB");
       expect(logB).not.toContain("tagA");
     } finally {
@@ -249,7 +251,7 @@ describe("policy (minimal whitelist)", () => {
     expect(e.message).toMatch(/shell\.forbidden\.privilege.*SKILLS\.md §2/);
     await expectCode(exec(["rm", "-rf", "/workspace"]), "SBX_ERR_POLICY_DENIED", 403);
     expect((await stat(path.join(project, "services", "calc.py"))).isFile()).toBe(true);
-    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(/\[SHELL\] \[POLICY\] \[sudo id\] \[FORBID shell\.forbidden\.privilege/);
   });
 });
@@ -290,7 +292,7 @@ describe("human approvals", () => {
     const all = await t.api.request<{ approvals: Array<{ id: string; state: string }> }>("GET", "/v1/approvals?all=1");
     expect(all.approvals.find((a) => a.id === approvalId)?.state).toBe("used");
 
-    const log = await readFile(path.join(t.stateDir, "phases", phase.id, "build_audit.log"), "utf8");
+    const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[REQUEST\\] \\[touch /workspace/approved-marker\\] \\[${approvalId} pending`));
     expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[APPROVE\\] .*\\[${approvalId} by operator: ok for this test\\]`));
     expect(log).toMatch(new RegExp(`\\[SHELL\\] \\[POLICY\\] \\[touch /workspace/approved-marker\\] \\[ALLOW shell\\.not-whitelisted .*approval=${approvalId}`));
@@ -377,6 +379,31 @@ describe("attacks from inside the sandbox", () => {
     expect(s.size).toBeLessThanOrEqual(10 * 1024 * 1024);
   });
 
+  it("cannot change, truncate, replace or delete its audit trail", async () => {
+    const before = await readFile(phase.buildLog, "utf8");
+    const r = await py(
+      [
+        "import os",
+        "p = '/workspace/build_audit.log'",
+        "print('readable', len(open(p).read()) > 0)",
+        "for name, f in [('append', lambda: open(p, 'a').write('[2020-01-01T00:00:00.000Z] forged\\n')),",
+        "                ('truncate', lambda: open(p, 'w')),",
+        "                ('rename', lambda: os.rename(p, '/workspace/moved.log')),",
+        "                ('unlink', lambda: os.unlink(p)),",
+        "                ('chmod', lambda: os.chmod(p, 0o777))]:",
+        "    try: f(); print(name, 'succeeded')",
+        "    except OSError as e: print(name, 'refused', e.errno)",
+      ].join("\n"),
+    );
+    expect(r.stdout).toContain("readable True");
+    expect(r.stdout).not.toContain("succeeded");
+    expect(r.stdout.match(/refused/g)?.length).toBe(5);
+    const after = await readFile(phase.buildLog, "utf8");
+    expect(after.startsWith(before)).toBe(true);
+    expect(after).not.toMatch(/^\[2020-01-01T00:00:00\.000Z\] forged/m);
+    expect((await stat(phase.buildLog)).uid).toBe(0);
+  });
+
   it("creates files owned by the project owner, not root", async () => {
     const r = await py("open('/workspace/owned.txt', 'w').write('x')");
     expect(r.exitCode).toBe(0);
@@ -438,6 +465,25 @@ describe("bad input leaves nothing behind", () => {
     expect((await exec(["python3", "-c", "print(1)"])).stdout).toBe("1\n");
   });
 
+  it("will not write its audit trail through a symlink or into a file someone else made", async () => {
+    const before = await snapshot();
+    const victim = path.join(await tempDirFor("victim"), "victim.txt");
+    await writeFile(victim, "original\n");
+    const linked = await makeProject();
+    await symlink(victim, path.join(linked, "build_audit.log"));
+    await chown(path.join(linked, "build_audit.log"), OWNER.uid, OWNER.gid).catch(() => undefined);
+    await expectCode(t.api.request("POST", "/v1/phases", { project: linked, phase: "x", mode: "test" }), "SBX_ERR_BUILD_LOG_UNSAFE", 400);
+    expect(await readFile(victim, "utf8")).toBe("original\n");
+
+    const foreign = await makeProject();
+    await writeFile(path.join(foreign, "build_audit.log"), "[2020-01-01T00:00:00.000Z] PHASE_COMPLETE: forged\n");
+    await chown(path.join(foreign, "build_audit.log"), OWNER.uid, OWNER.gid);
+    const e = await expectCode(t.api.request("POST", "/v1/phases", { project: foreign, phase: "x", mode: "test" }), "SBX_ERR_BUILD_LOG_UNSAFE");
+    expect(e.message).toMatch(/owned by uid 1000/);
+    expect(await snapshot()).toEqual(before);
+    await Promise.all([removeDir(linked), removeDir(foreign), removeDir(path.dirname(victim))]);
+  });
+
   it("refuses exec on a stopped phase and a second stop", async () => {
     const other = await makeProject();
     const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: other, phase: "9", mode: "paper" });
@@ -448,7 +494,8 @@ describe("bad input leaves nothing behind", () => {
     // stopped: container gone, logs and audit kept
     await expect(docker.getContainer(p2.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
     const dir = path.join(t.stateDir, "phases", p2.id);
-    expect(await readFile(path.join(dir, "build_audit.log"), "utf8")).toMatch(/PHASE_COMPLETE: Phase 9/);
+    expect(stopped.buildLog).toBe(path.join(other, "build_audit.log"));
+    expect(await readFile(stopped.buildLog, "utf8")).toMatch(/PHASE_COMPLETE: Phase 9/);
     expect(await readFile(path.join(dir, "container.log"), "utf8")).toMatch(/\S/);
     await removeDir(other);
   });

@@ -1,0 +1,607 @@
+/**
+ * audit.jsonl: the daemon's hash-chained, fsync'ed audit journal.
+ *
+ * One line per event, each line the canonical JSON (./canonical.ts) of
+ *   {seq, ts, prev, hash, type, phase?, rule?, clause?, ...fields}
+ * with hash = sha256_hex( prev_hex || canonical(record without "hash") ),
+ * seq from 1, and prev of record 1 = 64 zeros. docs/AUDIT.md has the details
+ * and the guarantees.
+ *
+ * Durability: every append goes through this one writer. `append` resolves
+ * only after the record's bytes are written (O_APPEND) and fdatasync'ed, and
+ * after audit.anchor names it; callers await it before acting on the decision
+ * it records (ARCHITECTURE.md: "fsync'd before the verdict is acted on").
+ * Appends that arrive while a write+sync is in flight are batched into the
+ * next single write+fdatasync (group commit).
+ *
+ * Fail closed: the first failed write, sync or anchor update (ENOSPC, EIO,
+ * anything) puts the journal in a failed state; that append and every later
+ * one reject with SBX_ERR_AUDIT_FAILED naming the errno and the path, so
+ * nothing is acted on without a record (SKILLS.md "Audit Trail").
+ */
+import { createHash } from "node:crypto";
+import * as fs from "node:fs";
+import { mkdir as mkdirP } from "node:fs/promises";
+import path from "node:path";
+import { SandboxdError } from "../errors.js";
+import type { Clock } from "../util/clock.js";
+import { canonicalJson, toWellFormed } from "./canonical.js";
+
+export const JOURNAL_FILE = "audit.jsonl";
+export const ANCHOR_FILE = "audit.anchor";
+export const GENESIS_HASH = "0".repeat(64);
+
+/** What a caller records. `seq`, `ts`, `prev` and `hash` are set by the journal. */
+export interface AuditEvent {
+  type: string;
+  phase?: string;
+  /** id of the policy rule that decided, e.g. "shell.forbidden.rm-recursive" */
+  rule?: string;
+  /** the SKILLS.md clause behind the rule, e.g. "§2 Forbidden" */
+  clause?: string;
+  [field: string]: unknown;
+}
+
+export interface AuditRecord extends AuditEvent {
+  seq: number;
+  ts: string;
+  prev: string;
+  hash: string;
+}
+
+export interface ChainHead {
+  seq: number;
+  hash: string;
+}
+
+/** Anything with a `redact(text)` method (./redact.ts `Redactor`). */
+export interface TextRedactor {
+  redact(text: string): string;
+}
+
+/**
+ * The file-system calls the journal makes, so a unit test can inject ENOSPC
+ * on the Nth write or count fdatasync calls. `nodeJournalFs` is the real one.
+ */
+export interface JournalFs {
+  mkdir(dir: string): Promise<void>;
+  open(file: string, flags: number, mode: number): Promise<number>;
+  close(fd: number): Promise<void>;
+  size(fd: number): Promise<number>;
+  read(fd: number, buffer: Buffer, offset: number, length: number, position: number): Promise<number>;
+  write(fd: number, buffer: Buffer, offset: number, length: number): Promise<number>;
+  fdatasync(fd: number): Promise<void>;
+  fsync(fd: number): Promise<void>;
+  ftruncate(fd: number, length: number): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
+  /** rejects with ENOENT when the file does not exist */
+  readFile(file: string): Promise<Buffer>;
+}
+
+function cb<T>(fn: (done: (err: NodeJS.ErrnoException | null, value: T) => void) => void): Promise<T> {
+  return new Promise((resolve, reject) => fn((err, value) => (err ? reject(err) : resolve(value))));
+}
+
+export const nodeJournalFs: JournalFs = {
+  mkdir: async (dir) => {
+    await mkdirP(dir, { recursive: true, mode: 0o700 });
+  },
+  open: (file, flags, mode) => cb<number>((d) => fs.open(file, flags, mode, d)),
+  close: (fd) => cb<void>((d) => fs.close(fd, (e) => d(e, undefined))),
+  size: (fd) => cb<number>((d) => fs.fstat(fd, (e, st) => d(e, e ? 0 : st.size))),
+  read: (fd, buffer, offset, length, position) =>
+    cb<number>((d) => fs.read(fd, buffer, offset, length, position, (e, n) => d(e, n))),
+  write: (fd, buffer, offset, length) => cb<number>((d) => fs.write(fd, buffer, offset, length, null, (e, n) => d(e, n))),
+  fdatasync: (fd) => cb<void>((d) => fs.fdatasync(fd, (e) => d(e, undefined))),
+  fsync: (fd) => cb<void>((d) => fs.fsync(fd, (e) => d(e, undefined))),
+  ftruncate: (fd, length) => cb<void>((d) => fs.ftruncate(fd, length, (e) => d(e, undefined))),
+  rename: (from, to) => cb<void>((d) => fs.rename(from, to, (e) => d(e, undefined))),
+  readFile: (file) => cb<Buffer>((d) => fs.readFile(file, d)),
+};
+
+export interface JournalOptions {
+  clock: Clock;
+  /** keep audit.anchor up to date (default true) */
+  anchor?: boolean;
+  fs?: JournalFs;
+  /** applied to every string (keys and values) of every event before it is hashed */
+  redactor?: TextRedactor;
+  /**
+   * How often the anchor is made durable against power loss (fdatasync of the
+   * anchor and fsync of the directory), in ms of the injected clock's
+   * monotonic time. Default 1000. 0 = after every batch.
+   */
+  anchorSyncMs?: number;
+}
+
+const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
+const HEX64 = /^[0-9a-f]{64}$/;
+
+/** hash = sha256_hex(prev || canonical(record without hash)), prev as its 64 ASCII hex characters. */
+export function recordHash(withoutHash: Record<string, unknown> & { prev: string }): string {
+  return createHash("sha256").update(withoutHash.prev, "utf8").update(canonicalJson(withoutHash), "utf8").digest("hex");
+}
+
+/**
+ * Checks one parsed line on its own: shape, hash, canonical form. Returns a
+ * reason when it is bad, null when it is good. (Chain links are the caller's.)
+ */
+export function checkRecord(line: string, parsed: unknown): string | null {
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) return "not a JSON object";
+  const rec = parsed as Record<string, unknown>;
+  if (typeof rec.seq !== "number" || !Number.isSafeInteger(rec.seq) || rec.seq < 1) return "seq is not a positive integer";
+  if (typeof rec.prev !== "string" || !HEX64.test(rec.prev)) return "prev is not a sha256 hex digest";
+  if (typeof rec.hash !== "string" || !HEX64.test(rec.hash)) return "hash is not a sha256 hex digest";
+  if (typeof rec.ts !== "string") return "ts is not a string";
+  if (typeof rec.type !== "string" || rec.type === "") return "type is not a non-empty string";
+  const { hash, ...rest } = rec;
+  let want: string;
+  let canon: string;
+  try {
+    want = recordHash(rest as Record<string, unknown> & { prev: string });
+    canon = canonicalJson(rec);
+  } catch (e) {
+    return `not canonical JSON data (${(e as Error).message})`;
+  }
+  if (want !== hash) return "hash mismatch: the record's content was changed after it was written";
+  if (canon !== line) return "not in canonical form (whitespace, key order or escaping was changed)";
+  return null;
+}
+
+export function parseAnchor(bytes: Buffer, file: string): ChainHead {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(bytes.toString("utf8"));
+  } catch {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} is not JSON`);
+  }
+  const a = parsed as Partial<ChainHead> | null;
+  if (
+    typeof a !== "object" ||
+    a === null ||
+    typeof a.seq !== "number" ||
+    !Number.isSafeInteger(a.seq) ||
+    a.seq < 0 ||
+    typeof a.hash !== "string" ||
+    !HEX64.test(a.hash)
+  ) {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} does not hold {seq, hash}`);
+  }
+  return { seq: a.seq, hash: a.hash };
+}
+
+function errnoOf(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException | null)?.code;
+  return typeof code === "string" ? code : "EUNKNOWN";
+}
+
+function auditFailed(op: string, file: string, e: unknown): SandboxdError {
+  const code = errnoOf(e);
+  return new SandboxdError(
+    "SBX_ERR_AUDIT_FAILED",
+    `audit trail ${op} failed with ${code} on ${file}: ${(e as Error)?.message ?? String(e)}; ` +
+      "sandboxd refuses all new work, because nothing may run without a record",
+    { cause: e, details: { errno: code, path: file, op } },
+  );
+}
+
+function sanitize(value: unknown, redact: ((s: string) => string) | null): unknown {
+  if (typeof value === "string") {
+    const w = toWellFormed(value);
+    return redact ? redact(w) : w;
+  }
+  if (Array.isArray(value)) return value.map((v) => sanitize(v, redact));
+  if (typeof value === "object" && value !== null) {
+    const proto: unknown = Object.getPrototypeOf(value);
+    if (proto !== Object.prototype && proto !== null) return value; // canonicalJson rejects it
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) {
+      if (v === undefined) continue;
+      out[sanitize(k, redact) as string] = sanitize(v, redact);
+    }
+    return out;
+  }
+  return value;
+}
+
+interface Pending {
+  line: Buffer;
+  record: AuditRecord;
+  resolve: (r: AuditRecord) => void;
+  reject: (e: unknown) => void;
+}
+
+const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT;
+const O_TMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC;
+
+export class AuditJournal {
+  readonly path: string;
+  readonly anchorPath: string;
+  private readonly fs: JournalFs;
+  private readonly clock: Clock;
+  private readonly anchorEnabled: boolean;
+  private readonly anchorSyncMs: number;
+  private readonly redactor: TextRedactor | null;
+  private fd: number;
+  /** last seq/hash handed out (records may still be in flight) */
+  private head: ChainHead;
+  /** last seq/hash written and synced */
+  private synced: ChainHead;
+  private queue: Pending[] = [];
+  private scheduled = false;
+  private flushing = false;
+  private failure: SandboxdError | null = null;
+  private closed = false;
+  private closing: Promise<void> | null = null;
+  private idleWaiters: Array<() => void> = [];
+  private lastAnchorSync = -Infinity;
+  private stats = { batches: 0, records: 0 };
+
+  private constructor(dir: string, fd: number, head: ChainHead, opts: JournalOptions) {
+    this.path = path.join(dir, JOURNAL_FILE);
+    this.anchorPath = path.join(dir, ANCHOR_FILE);
+    this.fs = opts.fs ?? nodeJournalFs;
+    this.clock = opts.clock;
+    this.anchorEnabled = opts.anchor ?? true;
+    this.anchorSyncMs = opts.anchorSyncMs ?? 1000;
+    this.redactor = opts.redactor ?? null;
+    this.fd = fd;
+    this.head = { ...head };
+    this.synced = { ...head };
+  }
+
+  /**
+   * Opens (creating if absent) `dir/audit.jsonl` and `dir/audit.anchor` and
+   * continues the chain from the last complete line. A torn final line (no
+   * trailing newline: a crash mid-write) is cut off when it lies after the
+   * anchored seq — it was never acknowledged — and an
+   * `audit.torn_record_dropped` record says so. A journal shorter than its
+   * anchor is refused with SBX_ERR_AUDIT_CORRUPT.
+   */
+  static async open(dir: string, opts: JournalOptions): Promise<AuditJournal> {
+    const jfs = opts.fs ?? nodeJournalFs;
+    const file = path.join(dir, JOURNAL_FILE);
+    const anchorFile = path.join(dir, ANCHOR_FILE);
+    const anchorEnabled = opts.anchor ?? true;
+    let fd: number;
+    try {
+      await jfs.mkdir(dir);
+      fd = await jfs.open(file, O_JOURNAL, 0o600);
+    } catch (e) {
+      throw auditFailed("open", file, e);
+    }
+    try {
+      const tail = await readTail(jfs, fd, file);
+      let anchor: ChainHead | null = null;
+      if (anchorEnabled) {
+        try {
+          anchor = parseAnchor(await jfs.readFile(anchorFile), anchorFile);
+        } catch (e) {
+          if (e instanceof SandboxdError) {
+            throw new SandboxdError(
+              "SBX_ERR_AUDIT_CORRUPT",
+              `${e.message}; run \`sandboxd audit verify\`. If the anchor was lost in a power failure and the chain verifies, move ${anchorFile} aside and start again`,
+            );
+          }
+          if (errnoOf(e) !== "ENOENT") throw auditFailed("anchor read", anchorFile, e);
+        }
+        if (anchor && anchor.seq > tail.head.seq) {
+          throw new SandboxdError(
+            "SBX_ERR_AUDIT_CORRUPT",
+            `${file} ends at seq ${tail.head.seq} but ${anchorFile} says ${anchor.seq} records were acknowledged: the journal was truncated`,
+          );
+        }
+        if (anchor && anchor.seq === tail.head.seq && anchor.hash !== tail.head.hash) {
+          throw new SandboxdError(
+            "SBX_ERR_AUDIT_CORRUPT",
+            `record ${anchor.seq} in ${file} does not have the hash ${anchorFile} holds: the journal's tail was rewritten`,
+          );
+        }
+      }
+      if (tail.tornBytes > 0) {
+        // The torn record's seq is tail.head.seq + 1 > anchor.seq: never acknowledged.
+        try {
+          await jfs.ftruncate(fd, tail.completeEnd);
+          await jfs.fsync(fd);
+        } catch (e) {
+          throw auditFailed("truncate of a torn final line", file, e);
+        }
+      }
+      const journal = new AuditJournal(dir, fd, tail.head, opts);
+      let appended = false;
+      if (tail.tornBytes > 0) {
+        appended = true;
+        await journal.append({
+          type: "audit.torn_record_dropped",
+          bytes: tail.tornBytes,
+          sha256: tail.tornSha256,
+          afterSeq: tail.head.seq,
+          reason: "the final line had no newline (a crash mid-write); it was never acknowledged",
+        });
+      }
+      if (anchorEnabled && anchor === null && tail.head.seq > 0) {
+        appended = true;
+        await journal.append({
+          type: "audit.anchor_missing",
+          afterSeq: tail.head.seq,
+          reason: `${ANCHOR_FILE} was absent; tail truncation before this record cannot be ruled out`,
+        });
+      }
+      if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq)) {
+        await journal.writeAnchor(journal.synced, true).catch((e: unknown) => {
+          throw auditFailed("anchor update", anchorFile, e);
+        });
+      }
+      return journal;
+    } catch (e) {
+      await jfs.close(fd).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** The error that put the journal in its failed state, or null. */
+  get failed(): SandboxdError | null {
+    return this.failure;
+  }
+
+  /** seq and hash of the last record on disk (written, synced, anchored). */
+  get durable(): ChainHead {
+    return { ...this.synced };
+  }
+
+  /** write+fdatasync batches so far, and the records in them */
+  get counters(): { batches: number; records: number } {
+    return { ...this.stats };
+  }
+
+  /**
+   * Appends one record. Resolves with the record once its bytes are written
+   * and fdatasync'ed (and the anchor names it). Rejects with
+   * SBX_ERR_AUDIT_FAILED if the journal failed (this append or any before),
+   * SBX_ERR_INTERNAL for an event that is not JSON data or sets a reserved
+   * field; such an event takes no seq.
+   */
+  append(event: AuditEvent, opts: { redactor?: TextRedactor } = {}): Promise<AuditRecord> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.closed) return Promise.reject(new SandboxdError("SBX_ERR_INTERNAL", `audit journal ${this.path} is closed`));
+    let pending: Omit<Pending, "resolve" | "reject">;
+    try {
+      pending = this.build(event, opts.redactor ?? this.redactor);
+    } catch (e) {
+      return Promise.reject(
+        e instanceof SandboxdError
+          ? e
+          : new SandboxdError("SBX_ERR_INTERNAL", `audit event of type ${JSON.stringify(String(event?.type))} rejected: ${(e as Error).message}`, {
+              cause: e,
+            }),
+      );
+    }
+    return new Promise<AuditRecord>((resolve, reject) => {
+      this.queue.push({ ...pending, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  /** Waits for every accepted append, makes the anchor durable, closes the files. */
+  close(): Promise<void> {
+    if (this.closing) return this.closing;
+    this.closed = true;
+    this.closing = (async () => {
+      await this.idle();
+      if (!this.failure && this.anchorEnabled) await this.writeAnchor(this.synced, true).catch(() => undefined);
+      await this.fs.close(this.fd).catch(() => undefined);
+    })();
+    return this.closing;
+  }
+
+  private build(event: AuditEvent, redactor: TextRedactor | null): Omit<Pending, "resolve" | "reject"> {
+    if (typeof event !== "object" || event === null) throw new SandboxdError("SBX_ERR_INTERNAL", "audit event must be an object");
+    for (const key of Object.keys(event)) {
+      if (RESERVED.has(key)) throw new SandboxdError("SBX_ERR_INTERNAL", `audit event sets the reserved field "${key}"`);
+    }
+    const clean = sanitize(event, redactor ? (s) => redactor.redact(s) : null) as Record<string, unknown>;
+    const { type, phase, rule, clause, ...fields } = clean;
+    if (typeof type !== "string" || type === "") throw new SandboxdError("SBX_ERR_INTERNAL", "audit event needs a non-empty string type");
+    for (const [k, v] of [
+      ["phase", phase],
+      ["rule", rule],
+      ["clause", clause],
+    ] as const) {
+      if (v !== undefined && typeof v !== "string") throw new SandboxdError("SBX_ERR_INTERNAL", `audit event field "${k}" must be a string`);
+    }
+    const seq = this.head.seq + 1;
+    const prev = this.head.hash;
+    const ts = this.clock.now().toISOString();
+    const withoutHash: Record<string, unknown> & { prev: string } = { seq, ts, prev, type, phase, rule, clause, ...fields };
+    const hash = recordHash(withoutHash); // throws on non-JSON data before the seq is taken
+    const record = { seq, ts, prev, hash, type, phase, rule, clause, ...fields } as AuditRecord;
+    for (const k of ["phase", "rule", "clause"] as const) if (record[k] === undefined) delete record[k];
+    const line = Buffer.from(`${canonicalJson(record)}\n`, "utf8");
+    this.head = { seq, hash };
+    return { line, record };
+  }
+
+  private schedule(): void {
+    if (this.flushing || this.scheduled) return;
+    this.scheduled = true;
+    // A microtask, so that appends made in the same tick share the first batch.
+    queueMicrotask(() => {
+      this.scheduled = false;
+      void this.flushLoop();
+    });
+  }
+
+  private async flushLoop(): Promise<void> {
+    if (this.flushing) return;
+    this.flushing = true;
+    try {
+      while (this.queue.length > 0 && !this.failure) {
+        const batch = this.queue;
+        this.queue = [];
+        const first = batch[0]!;
+        const data = batch.length === 1 ? first.line : Buffer.concat(batch.map((p) => p.line));
+        const last = batch[batch.length - 1]!.record;
+        let op = "write";
+        let file = this.path;
+        try {
+          await this.writeFully(data);
+          op = "fdatasync";
+          await this.fs.fdatasync(this.fd);
+          this.synced = { seq: last.seq, hash: last.hash };
+          this.stats.batches += 1;
+          this.stats.records += batch.length;
+          if (this.anchorEnabled) {
+            op = "anchor update";
+            file = this.anchorPath;
+            const due = this.clock.monotonicMs() - this.lastAnchorSync >= this.anchorSyncMs;
+            await this.writeAnchor(this.synced, due);
+          }
+        } catch (e) {
+          this.fail(auditFailed(op, file, e), batch);
+          break;
+        }
+        for (const p of batch) p.resolve(p.record);
+      }
+    } finally {
+      this.flushing = false;
+      if (this.queue.length > 0 && !this.failure) this.schedule();
+      else {
+        const waiters = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const w of waiters) w();
+      }
+    }
+  }
+
+  private fail(err: SandboxdError, batch: Pending[]): void {
+    this.failure = err;
+    const rest = this.queue;
+    this.queue = [];
+    for (const p of batch) p.reject(err);
+    for (const p of rest) p.reject(err);
+  }
+
+  private async writeFully(data: Buffer): Promise<void> {
+    let off = 0;
+    while (off < data.length) {
+      const n = await this.fs.write(this.fd, data, off, data.length - off);
+      if (n <= 0) throw Object.assign(new Error("write returned 0 bytes"), { code: "EIO" });
+      off += n;
+    }
+  }
+
+  /**
+   * Anchor = `{"hash":…,"seq":…}` written to a temp file and renamed over
+   * audit.anchor, so a reader sees the old or the new anchor, never a mix.
+   * With `durable`, the temp file is fdatasync'ed before the rename and the
+   * directory fsync'ed after it, so the anchor survives a power failure.
+   */
+  private async writeAnchor(head: ChainHead, durable: boolean): Promise<void> {
+    const tmp = `${this.anchorPath}.tmp`;
+    const data = Buffer.from(`${canonicalJson({ seq: head.seq, hash: head.hash })}\n`, "utf8");
+    const fd = await this.fs.open(tmp, O_TMP, 0o600);
+    try {
+      let off = 0;
+      while (off < data.length) {
+        const n = await this.fs.write(fd, data, off, data.length - off);
+        if (n <= 0) throw Object.assign(new Error("write returned 0 bytes"), { code: "EIO" });
+        off += n;
+      }
+      if (durable) await this.fs.fdatasync(fd);
+    } finally {
+      await this.fs.close(fd);
+    }
+    await this.fs.rename(tmp, this.anchorPath);
+    if (durable) {
+      const dfd = await this.fs.open(path.dirname(this.anchorPath), fs.constants.O_RDONLY, 0);
+      try {
+        await this.fs.fsync(dfd);
+      } finally {
+        await this.fs.close(dfd);
+      }
+      this.lastAnchorSync = this.clock.monotonicMs();
+    }
+  }
+
+  private idle(): Promise<void> {
+    if (!this.flushing && !this.scheduled && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+}
+
+interface Tail {
+  head: ChainHead;
+  /** offset just after the last complete line */
+  completeEnd: number;
+  tornBytes: number;
+  tornSha256: string | null;
+}
+
+async function readExactly(jfs: JournalFs, fd: number, position: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length);
+  let off = 0;
+  while (off < length) {
+    const n = await jfs.read(fd, buf, off, length - off, position + off);
+    if (n <= 0) throw Object.assign(new Error("unexpected end of file"), { code: "EIO" });
+    off += n;
+  }
+  return buf;
+}
+
+/** Position of the last "\n" before `end`, or -1. Reads backwards in 64 KiB steps. */
+async function lastNewlineBefore(jfs: JournalFs, fd: number, end: number): Promise<number> {
+  const STEP = 64 * 1024;
+  let hi = end;
+  while (hi > 0) {
+    const lo = Math.max(0, hi - STEP);
+    const chunk = await readExactly(jfs, fd, lo, hi - lo);
+    const i = chunk.lastIndexOf(10);
+    if (i >= 0) return lo + i;
+    hi = lo;
+  }
+  return -1;
+}
+
+async function readTail(jfs: JournalFs, fd: number, file: string): Promise<Tail> {
+  let size: number;
+  try {
+    size = await jfs.size(fd);
+  } catch (e) {
+    throw auditFailed("stat", file, e);
+  }
+  const empty: Tail = { head: { seq: 0, hash: GENESIS_HASH }, completeEnd: 0, tornBytes: 0, tornSha256: null };
+  if (size === 0) return empty;
+  let lastNl: number;
+  let line: Buffer;
+  let torn: Buffer | null = null;
+  try {
+    lastNl = await lastNewlineBefore(jfs, fd, size);
+    const completeEnd = lastNl + 1;
+    if (completeEnd < size) torn = await readExactly(jfs, fd, completeEnd, size - completeEnd);
+    if (completeEnd === 0) {
+      return { ...empty, tornBytes: size, tornSha256: createHash("sha256").update(torn!).digest("hex") };
+    }
+    const start = (await lastNewlineBefore(jfs, fd, lastNl)) + 1;
+    line = await readExactly(jfs, fd, start, lastNl - start);
+  } catch (e) {
+    throw auditFailed("read of the tail", file, e);
+  }
+  const text = line.toString("utf8");
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  const bad = parsed === undefined ? "not JSON" : checkRecord(text, parsed);
+  if (bad) {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `the last complete record of ${file} is bad (${bad}); run \`sandboxd audit verify\``);
+  }
+  const rec = parsed as AuditRecord;
+  return {
+    head: { seq: rec.seq, hash: rec.hash },
+    completeEnd: lastNl + 1,
+    tornBytes: torn ? torn.length : 0,
+    tornSha256: torn ? createHash("sha256").update(torn).digest("hex") : null,
+  };
+}
