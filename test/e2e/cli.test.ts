@@ -15,6 +15,7 @@ import {
   makeProject,
   removeDir,
   requireEngineAndImage,
+  ROOT,
   spawnDaemon,
   tempDir,
   waitExit,
@@ -210,6 +211,40 @@ describe("sandboxd CLI", () => {
     await expect(docker.getContainer(dies.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
     const audit = await readFile(keep.buildLog, "utf8");
     expect(audit).toMatch(/\[PHASE\] \[READOPT\]/);
+  });
+
+  it("the README's `npm start` serves the socket, and SIGTERM to npm stops the daemon and its phases", async () => {
+    const { spawn } = await import("node:child_process");
+    const dir = await tempDir("npmstart");
+    const sock = path.join(dir, "d.sock");
+    const child = spawn("npm", ["start", "--silent"], {
+      cwd: ROOT,
+      env: { ...process.env, SANDBOXD_SOCKET: sock, SANDBOXD_STATE_DIR: dir },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    child.stdout!.on("data", (c: Buffer) => (out += c.toString()));
+    child.stderr!.on("data", (c: Buffer) => (out += c.toString()));
+    try {
+      const deadline = Date.now() + 120_000;
+      while ((await cli(["ps"], { socket: sock })).code !== 0) {
+        if (Date.now() > deadline || child.exitCode !== null) throw new Error(`npm start did not come up: ${out}`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      const p = await makeProject();
+      projects.push(p);
+      expect((await cli(["phase", "start", p, "--phase", "n", "--mode", "test"], { socket: sock })).code).toBe(0);
+      expect((await containersOf(dir)).length).toBe(1);
+      child.kill("SIGTERM");
+      await waitExit(child);
+      expect(await containersOf(dir)).toEqual([]);
+      await expect(stat(sock)).rejects.toThrow();
+      expect(out).toMatch(/"msg":"stopped"/);
+    } finally {
+      if (child.exitCode === null) child.kill("SIGKILL");
+      for (const c of await containersOf(dir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true });
+      await removeDir(dir);
+    }
   });
 
   it("SIGTERM stops the daemon cleanly: phases stopped, containers removed, socket gone", async () => {
