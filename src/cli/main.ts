@@ -121,7 +121,8 @@ function program(): Command {
     .option("--base <ref>", "base image (default debian:bookworm-slim, or the offline base when it cannot be pulled)")
     .option("--force", "rebuild even when the image is current")
     .option("--no-cache", "do not use the build cache")
-    .action(async (opts: { tag: string; base?: string; force?: boolean; cache: boolean }) => {
+    .option("--json", "print the result as JSON (progress still goes to stderr)")
+    .action(async (opts: { tag: string; base?: string; force?: boolean; cache: boolean; json?: boolean }) => {
       const { default: Docker } = await import("dockerode");
       const img = await import("../runtime/image.js");
       const docker = new Docker();
@@ -135,10 +136,12 @@ function program(): Command {
       if (opts.base || !opts.cache) {
         const base = await img.ensureBaseImage(docker, { base: opts.base ?? img.DEFAULT_BASE_IMAGE, log });
         const r = await img.buildSandboxImage(docker, { ...common, base, noCache: !opts.cache });
-        process.stdout.write(`${opts.tag} ${r.imageId}\n`);
+        if (opts.json) printJson({ tag: opts.tag, ...r });
+        else process.stdout.write(`${opts.tag} ${r.imageId}\n`);
       } else {
         const r = await img.ensureSandboxImage(docker, { ...common, force: opts.force ?? false });
-        process.stdout.write(`${opts.tag} ${(r as { imageId?: string }).imageId ?? ""}\n`);
+        if (opts.json) printJson(r);
+        else process.stdout.write(`${r.tag} ${r.imageId}\n`);
       }
     });
 
