@@ -70,12 +70,11 @@ export interface JournalFs {
   size(fd: number): Promise<number>;
   read(fd: number, buffer: Buffer, offset: number, length: number, position: number): Promise<number>;
   write(fd: number, buffer: Buffer, offset: number, length: number): Promise<number>;
+  /** pwrite(2): write at `position`, ignoring the file offset */
+  writeAt(fd: number, buffer: Buffer, offset: number, length: number, position: number): Promise<number>;
   fdatasync(fd: number): Promise<void>;
   fsync(fd: number): Promise<void>;
   ftruncate(fd: number, length: number): Promise<void>;
-  rename(from: string, to: string): Promise<void>;
-  /** rejects with ENOENT when the file does not exist */
-  readFile(file: string): Promise<Buffer>;
 }
 
 function cb<T>(fn: (done: (err: NodeJS.ErrnoException | null, value: T) => void) => void): Promise<T> {
@@ -95,8 +94,8 @@ export const nodeJournalFs: JournalFs = {
   fdatasync: (fd) => cb<void>((d) => fs.fdatasync(fd, (e) => d(e, undefined))),
   fsync: (fd) => cb<void>((d) => fs.fsync(fd, (e) => d(e, undefined))),
   ftruncate: (fd, length) => cb<void>((d) => fs.ftruncate(fd, length, (e) => d(e, undefined))),
-  rename: (from, to) => cb<void>((d) => fs.rename(from, to, (e) => d(e, undefined))),
-  readFile: (file) => cb<Buffer>((d) => fs.readFile(file, d)),
+  writeAt: (fd, buffer, offset, length, position) =>
+    cb<number>((d) => fs.write(fd, buffer, offset, length, position, (e, n) => d(e, n))),
 };
 
 export interface JournalOptions {
@@ -107,9 +106,10 @@ export interface JournalOptions {
   /** applied to every string (keys and values) of every event before it is hashed */
   redactor?: TextRedactor;
   /**
-   * How often the anchor is made durable against power loss (fdatasync of the
-   * anchor and fsync of the directory), in ms of the injected clock's
-   * monotonic time. Default 1000. 0 = after every batch.
+   * How often the anchor is made durable against power loss (fdatasync of
+   * audit.anchor), in ms of the injected clock's monotonic time. Default
+   * 1000; 0 = after every batch. The anchor is *written* after every batch
+   * regardless, before the batch is acknowledged.
    */
   anchorSyncMs?: number;
 }
@@ -212,17 +212,28 @@ interface Pending {
 }
 
 const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT;
-const O_TMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC;
+const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT;
+/** The anchor is always this many bytes (JSON padded with spaces, then "\n"), overwritten in place. */
+export const ANCHOR_BYTES = 128;
+
+/** `{"hash":"…","seq":N}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
+export function anchorBytes(head: ChainHead): Buffer {
+  const json = canonicalJson({ seq: head.seq, hash: head.hash });
+  return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
+}
 
 export class AuditJournal {
   readonly path: string;
   readonly anchorPath: string;
   private readonly fs: JournalFs;
   private readonly clock: Clock;
-  private readonly anchorEnabled: boolean;
   private readonly anchorSyncMs: number;
   private readonly redactor: TextRedactor | null;
-  private fd: number;
+  private readonly fd: number;
+  /** fd of audit.anchor, -1 when the anchor is off */
+  private readonly afd: number;
+  /** the anchor file is longer than ANCHOR_BYTES (written by something else): cut it on the next write */
+  private anchorOversize: boolean;
   /** last seq/hash handed out (records may still be in flight) */
   private head: ChainHead;
   /** last seq/hash written and synced */
@@ -237,15 +248,16 @@ export class AuditJournal {
   private lastAnchorSync = -Infinity;
   private stats = { batches: 0, records: 0 };
 
-  private constructor(dir: string, fd: number, head: ChainHead, opts: JournalOptions) {
+  private constructor(dir: string, fd: number, afd: number, anchorSize: number, head: ChainHead, opts: JournalOptions) {
     this.path = path.join(dir, JOURNAL_FILE);
     this.anchorPath = path.join(dir, ANCHOR_FILE);
     this.fs = opts.fs ?? nodeJournalFs;
     this.clock = opts.clock;
-    this.anchorEnabled = opts.anchor ?? true;
     this.anchorSyncMs = opts.anchorSyncMs ?? 1000;
     this.redactor = opts.redactor ?? null;
     this.fd = fd;
+    this.afd = afd;
+    this.anchorOversize = anchorSize > ANCHOR_BYTES;
     this.head = { ...head };
     this.synced = { ...head };
   }
@@ -256,34 +268,64 @@ export class AuditJournal {
    * trailing newline: a crash mid-write) is cut off when it lies after the
    * anchored seq — it was never acknowledged — and an
    * `audit.torn_record_dropped` record says so. A journal shorter than its
-   * anchor is refused with SBX_ERR_AUDIT_CORRUPT.
+   * anchor, or whose record at the anchored seq has another hash, is refused
+   * with SBX_ERR_AUDIT_CORRUPT. Only the tail is checked here; `verifyJournal`
+   * checks the whole chain.
    */
   static async open(dir: string, opts: JournalOptions): Promise<AuditJournal> {
     const jfs = opts.fs ?? nodeJournalFs;
     const file = path.join(dir, JOURNAL_FILE);
     const anchorFile = path.join(dir, ANCHOR_FILE);
     const anchorEnabled = opts.anchor ?? true;
-    let fd: number;
+    let fd = -1;
+    let afd = -1;
+    const closeAll = async () => {
+      if (fd >= 0) await jfs.close(fd).catch(() => undefined);
+      if (afd >= 0) await jfs.close(afd).catch(() => undefined);
+    };
+    let step = "open";
+    let stepFile = file;
     try {
       await jfs.mkdir(dir);
       fd = await jfs.open(file, O_JOURNAL, 0o600);
+      if (anchorEnabled) {
+        stepFile = anchorFile;
+        afd = await jfs.open(anchorFile, O_ANCHOR, 0o600);
+      }
+      // make the two directory entries durable (once per open)
+      step = "fsync of the directory";
+      stepFile = dir;
+      const dfd = await jfs.open(dir, fs.constants.O_RDONLY, 0);
+      try {
+        await jfs.fsync(dfd);
+      } finally {
+        await jfs.close(dfd);
+      }
     } catch (e) {
-      throw auditFailed("open", file, e);
+      await closeAll();
+      throw auditFailed(step, stepFile, e);
     }
     try {
       const tail = await readTail(jfs, fd, file);
       let anchor: ChainHead | null = null;
+      let anchorSize = 0;
       if (anchorEnabled) {
+        let bytes: Buffer;
         try {
-          anchor = parseAnchor(await jfs.readFile(anchorFile), anchorFile);
+          anchorSize = await jfs.size(afd);
+          bytes = await readExactly(jfs, afd, 0, anchorSize);
         } catch (e) {
-          if (e instanceof SandboxdError) {
+          throw auditFailed("anchor read", anchorFile, e);
+        }
+        if (anchorSize > 0) {
+          try {
+            anchor = parseAnchor(bytes, anchorFile);
+          } catch (e) {
             throw new SandboxdError(
               "SBX_ERR_AUDIT_CORRUPT",
-              `${e.message}; run \`sandboxd audit verify\`. If the anchor was lost in a power failure and the chain verifies, move ${anchorFile} aside and start again`,
+              `${(e as Error).message}; run \`sandboxd audit verify\`. If the anchor was damaged in a power failure and the chain verifies, move ${anchorFile} aside and start again`,
             );
           }
-          if (errnoOf(e) !== "ENOENT") throw auditFailed("anchor read", anchorFile, e);
         }
         if (anchor && anchor.seq > tail.head.seq) {
           throw new SandboxdError(
@@ -307,7 +349,7 @@ export class AuditJournal {
           throw auditFailed("truncate of a torn final line", file, e);
         }
       }
-      const journal = new AuditJournal(dir, fd, tail.head, opts);
+      const journal = new AuditJournal(dir, fd, afd, anchorSize, tail.head, opts);
       let appended = false;
       if (tail.tornBytes > 0) {
         appended = true;
@@ -324,17 +366,17 @@ export class AuditJournal {
         await journal.append({
           type: "audit.anchor_missing",
           afterSeq: tail.head.seq,
-          reason: `${ANCHOR_FILE} was absent; tail truncation before this record cannot be ruled out`,
+          reason: `${ANCHOR_FILE} was absent or empty; truncation of the journal before this record cannot be ruled out`,
         });
       }
-      if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq)) {
+      if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq || anchorSize !== ANCHOR_BYTES)) {
         await journal.writeAnchor(journal.synced, true).catch((e: unknown) => {
           throw auditFailed("anchor update", anchorFile, e);
         });
       }
       return journal;
     } catch (e) {
-      await jfs.close(fd).catch(() => undefined);
+      await closeAll();
       throw e;
     }
   }
@@ -388,8 +430,9 @@ export class AuditJournal {
     this.closed = true;
     this.closing = (async () => {
       await this.idle();
-      if (!this.failure && this.anchorEnabled) await this.writeAnchor(this.synced, true).catch(() => undefined);
+      if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true).catch(() => undefined);
       await this.fs.close(this.fd).catch(() => undefined);
+      if (this.afd >= 0) await this.fs.close(this.afd).catch(() => undefined);
     })();
     return this.closing;
   }
@@ -450,7 +493,7 @@ export class AuditJournal {
           this.synced = { seq: last.seq, hash: last.hash };
           this.stats.batches += 1;
           this.stats.records += batch.length;
-          if (this.anchorEnabled) {
+          if (this.afd >= 0) {
             op = "anchor update";
             file = this.anchorPath;
             const due = this.clock.monotonicMs() - this.lastAnchorSync >= this.anchorSyncMs;
@@ -491,34 +534,28 @@ export class AuditJournal {
   }
 
   /**
-   * Anchor = `{"hash":…,"seq":…}` written to a temp file and renamed over
-   * audit.anchor, so a reader sees the old or the new anchor, never a mix.
-   * With `durable`, the temp file is fdatasync'ed before the rename and the
-   * directory fsync'ed after it, so the anchor survives a power failure.
+   * The anchor is one fixed-size pwrite(2) over the same 128 bytes: a process
+   * crash cannot leave half of it (one syscall within one page), and it costs
+   * one syscall per batch instead of the four of temp file + rename (measured:
+   * ~3 µs against ~130 µs, which halved throughput at one outstanding append).
+   * With `durable` it is fdatasync'ed too, so it survives a power failure;
+   * that relies on a 128-byte overwrite at offset 0 being atomic on the disk
+   * (it lies within one 512-byte sector). See docs/AUDIT.md.
    */
   private async writeAnchor(head: ChainHead, durable: boolean): Promise<void> {
-    const tmp = `${this.anchorPath}.tmp`;
-    const data = Buffer.from(`${canonicalJson({ seq: head.seq, hash: head.hash })}\n`, "utf8");
-    const fd = await this.fs.open(tmp, O_TMP, 0o600);
-    try {
-      let off = 0;
-      while (off < data.length) {
-        const n = await this.fs.write(fd, data, off, data.length - off);
-        if (n <= 0) throw Object.assign(new Error("write returned 0 bytes"), { code: "EIO" });
-        off += n;
-      }
-      if (durable) await this.fs.fdatasync(fd);
-    } finally {
-      await this.fs.close(fd);
+    const data = anchorBytes(head);
+    let off = 0;
+    while (off < data.length) {
+      const n = await this.fs.writeAt(this.afd, data, off, data.length - off, off);
+      if (n <= 0) throw Object.assign(new Error("write returned 0 bytes"), { code: "EIO" });
+      off += n;
     }
-    await this.fs.rename(tmp, this.anchorPath);
+    if (this.anchorOversize) {
+      await this.fs.ftruncate(this.afd, ANCHOR_BYTES);
+      this.anchorOversize = false;
+    }
     if (durable) {
-      const dfd = await this.fs.open(path.dirname(this.anchorPath), fs.constants.O_RDONLY, 0);
-      try {
-        await this.fs.fsync(dfd);
-      } finally {
-        await this.fs.close(dfd);
-      }
+      await this.fs.fdatasync(this.afd);
       this.lastAnchorSync = this.clock.monotonicMs();
     }
   }

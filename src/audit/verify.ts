@@ -39,10 +39,19 @@ export async function verifyJournal(dir: string): Promise<VerifyResult> {
 
   let anchor: ChainHead | null = null;
   let anchorProblem: string | null = null;
-  try {
-    anchor = parseAnchor(await readFile(anchorFile), anchorFile);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "ENOENT") anchorProblem = (e as Error).message;
+  // The daemon overwrites the anchor in place; a read racing that write could
+  // see a mix, so an unparsable anchor is read again before it is reported.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    anchorProblem = null;
+    try {
+      const bytes = await readFile(anchorFile);
+      if (bytes.length > 0) anchor = parseAnchor(bytes, anchorFile); // empty: created, never written
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") break;
+      anchorProblem = (e as Error).message;
+      await new Promise((r) => setTimeout(r, 10));
+    }
   }
 
   let lastSeq = 0;

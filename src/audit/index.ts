@@ -1,0 +1,34 @@
+/** Public surface of the audit folder: build_audit.log, audit.jsonl, verification, redaction. */
+export { BuildLog } from "./buildlog.js";
+export { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "./format.js";
+export { canonicalBytes, canonicalJson, toWellFormed, type JsonValue } from "./canonical.js";
+export {
+  ANCHOR_FILE,
+  AuditJournal,
+  GENESIS_HASH,
+  JOURNAL_FILE,
+  checkRecord,
+  nodeJournalFs,
+  recordHash,
+  type AuditEvent,
+  type AuditRecord,
+  type ChainHead,
+  type JournalFs,
+  type JournalOptions,
+  type TextRedactor,
+} from "./journal.js";
+export { assertJournalIntact, describeVerifyResult, verifyJournal, type VerifyResult } from "./verify.js";
+export {
+  ByteStreamRedactor,
+  MIN_SECRET_LENGTH,
+  REDACTED,
+  Redactor,
+  SECRET_NAME,
+  StreamRedactor,
+  collectSecrets,
+  findSecrets,
+  secretsFromDotenv,
+  type IntervalFinder,
+  type RedactorOptions,
+  type SecretFinding,
+} from "./redact.js";

@@ -1,0 +1,433 @@
+/**
+ * Secrets never reach a log (SKILLS.md "Credential Handling": never log API
+ * keys, database passwords, secret tokens). Commands get the project's .env
+ * values; everything the daemon writes — audit records, stored output, the
+ * streamed copy, the operational log, error messages — goes through a
+ * Redactor that replaces each secret *value* with [REDACTED], wherever it
+ * appears and under whatever name, including when it is split across output
+ * chunks (StreamRedactor).
+ *
+ * Which values are secrets (collectSecrets; docs/AUDIT.md "Redaction"):
+ *  1. the value of any variable, from .env or from the environment the daemon
+ *     passes to commands, whose name looks like a credential (SECRET_NAME);
+ *  2. the password of any URL-looking value (`postgres://u:PASS@h/db`), the
+ *     value of a secret-named URL query parameter, and `password=…` in a
+ *     libpq-style connection string;
+ *  3. every other .env value of 6 characters or more, unless it plainly is
+ *     not a secret: a number, a boolean, an IP address, `localhost[:port]`,
+ *     a URL without credentials, or a common configuration word (NOT_SECRET).
+ * For each value the URL-encoded and JSON-escaped forms are scrubbed too, and
+ * each line (≥ 8 chars) of a multi-line value (a PEM key) on its own. Other
+ * encodings (base64, hex) of a secret are NOT recognised.
+ *
+ * Matching is Aho-Corasick over UTF-16 code units: one pass over the text
+ * whatever the number of secrets. Overlapping occurrences are merged into one
+ * [REDACTED], so no fragment of any secret survives.
+ */
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { StringDecoder } from "node:string_decoder";
+import dotenv from "dotenv";
+
+export const REDACTED = "[REDACTED]";
+/** Shorter secrets are not scrubbed: replacing every "abc" would wreck ordinary text. */
+export const MIN_SECRET_LENGTH = 4;
+
+/** A variable name that looks like it holds a credential. */
+export const SECRET_NAME = /KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|PWD|CREDENTIAL|CREDS|AUTH|PRIVATE|DSN|SALT|COOKIE|SESSION|SIGNATURE/i;
+/** Names matching SECRET_NAME that are not credentials (the shell's working directory). */
+const NOT_SECRET_NAMES = new Set(["PWD", "OLDPWD"]);
+
+/** Values under a secret-looking name that are still not secrets. */
+const LITERAL = /^(true|false|yes|no|on|off|null|none|nil|undefined|enabled|disabled)$/i;
+/** Every other .env value is a secret unless it is one of these. */
+const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$/;
+const IPV4 = /^(\d{1,3}\.){3}\d{1,3}(:\d+)?$/;
+const LOCALHOST = /^(localhost|127\.0\.0\.1|0\.0\.0\.0|::1|\[::1\])(:\d+)?$/i;
+const NOT_SECRET = new Set(
+  [
+    "localhost",
+    "development",
+    "production",
+    "staging",
+    "testing",
+    "default",
+    "postgres",
+    "postgresql",
+    "redis",
+    "questdb",
+    "sqlite",
+    "mysql",
+    "debug",
+    "verbose",
+    "warning",
+    "error",
+    "critical",
+    "paper",
+    "simulation",
+    "backtest",
+    "utf-8",
+    "utf8",
+    "disable",
+    "require",
+    "prefer",
+    "UTC",
+  ].map((w) => w.toLowerCase()),
+);
+const DOTENV_MIN_LENGTH = 6;
+const PEM_LINE_MIN_LENGTH = 8;
+const CONNINFO_PASSWORD = /\b(?:password|passwd|pwd)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|([^\s'][^\s]*))/gi;
+
+export interface SecretFinding {
+  /** the variable it came from */
+  name: string;
+  value: string;
+  why: "name" | "url-password" | "url-query" | "conninfo-password" | "dotenv-value";
+}
+
+function plainlyNotSecret(value: string): boolean {
+  const v = value.trim();
+  if (LITERAL.test(v) || NUMBER.test(v) || IPV4.test(v) || LOCALHOST.test(v)) return true;
+  if (NOT_SECRET.has(v.toLowerCase())) return true;
+  const url = parseUrl(v);
+  if (url && url.password === "" && url.username === "" && url.search === "" && url.hash === "") return true;
+  return false;
+}
+
+function parseUrl(value: string): URL | null {
+  if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) return null;
+  try {
+    return new URL(value);
+  } catch {
+    return null;
+  }
+}
+
+function safeDecode(s: string): string {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return s;
+  }
+}
+
+/** Secrets inside one value that hold regardless of the variable's name. */
+function embedded(name: string, value: string): SecretFinding[] {
+  const found: SecretFinding[] = [];
+  for (const word of value.split(/\s+/)) {
+    const url = parseUrl(word);
+    if (!url) continue;
+    if (url.password) {
+      found.push({ name, value: url.password, why: "url-password" });
+      found.push({ name, value: safeDecode(url.password), why: "url-password" });
+    }
+    for (const [k, v] of url.searchParams) {
+      if (v && SECRET_NAME.test(k)) found.push({ name, value: v, why: "url-query" });
+    }
+  }
+  for (const m of value.matchAll(CONNINFO_PASSWORD)) {
+    const pw = m[1] ?? m[2];
+    if (pw) found.push({ name, value: pw, why: "conninfo-password" });
+  }
+  return found;
+}
+
+/**
+ * Which values of `vars` are secrets. `origin` "dotenv" applies all three
+ * rules; "env" (the daemon's own environment passed to commands) only the
+ * name and embedded-credential rules, since it holds PATH, HOME and the like.
+ */
+export function findSecrets(vars: Record<string, string | undefined>, origin: "dotenv" | "env", opts: { notSecret?: readonly string[] } = {}): SecretFinding[] {
+  const exempt = new Set(opts.notSecret ?? []);
+  const found: SecretFinding[] = [];
+  for (const [name, value] of Object.entries(vars)) {
+    if (value === undefined || value === "" || exempt.has(name)) continue;
+    found.push(...embedded(name, value));
+    const v = value.trim();
+    if (SECRET_NAME.test(name) && !NOT_SECRET_NAMES.has(name.toUpperCase())) {
+      const shortNumber = /^\d+$/.test(v) && v.length < 6;
+      if (!LITERAL.test(v) && !shortNumber) found.push({ name, value, why: "name" });
+      continue;
+    }
+    if (origin === "dotenv" && v.length >= DOTENV_MIN_LENGTH && !plainlyNotSecret(v)) {
+      found.push({ name, value, why: "dotenv-value" });
+    }
+  }
+  return found;
+}
+
+/** A secret plus the other forms in which it is likely to be printed. */
+function variants(value: string): string[] {
+  const out = new Set<string>([value]);
+  const trimmed = value.trim();
+  if (trimmed) out.add(trimmed);
+  const encoded = encodeURIComponent(value);
+  if (encoded !== value) out.add(encoded);
+  const json = JSON.stringify(value).slice(1, -1);
+  if (json !== value) out.add(json);
+  if (/[\r\n]/.test(value)) {
+    for (const line of value.split(/\r?\n/)) {
+      const l = line.trim();
+      if (l.length >= PEM_LINE_MIN_LENGTH) out.add(l);
+    }
+  }
+  return [...out];
+}
+
+/** Parses .env text (dotenv rules: quotes, comments, `export` prefix) and returns its secret findings. */
+export function secretsFromDotenv(text: string, opts: { notSecret?: readonly string[] } = {}): SecretFinding[] {
+  return findSecrets(dotenv.parse(text), "dotenv", opts);
+}
+
+/**
+ * The secret values for a project: from `projectDir/.env` (missing file →
+ * none) and from `env`, the variables the daemon passes to commands.
+ * Deduplicated, with the variants each is likely printed in.
+ */
+export async function collectSecrets(
+  projectDir: string,
+  env: Record<string, string | undefined> = {},
+  opts: { notSecret?: readonly string[] } = {},
+): Promise<string[]> {
+  let text = "";
+  try {
+    text = await readFile(path.join(projectDir, ".env"), "utf8");
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+  }
+  const findings = [...secretsFromDotenv(text, opts), ...findSecrets(env, "env", opts)];
+  const values = new Set<string>();
+  for (const f of findings) for (const v of variants(f.value)) values.add(v);
+  return [...values];
+}
+
+/* ------------------------------ matching ------------------------------ */
+
+/** Finds the merged [start, end) intervals of secret occurrences in a text. */
+export interface IntervalFinder {
+  intervals(text: string): Array<[number, number]>;
+}
+
+/** Aho-Corasick automaton over UTF-16 code units. */
+class Matcher implements IntervalFinder {
+  private readonly goto: Array<Map<number, number>> = [new Map()];
+  private readonly fail: number[] = [0];
+  /** length of the longest pattern that ends at this state (itself or via fail links), 0 if none */
+  private readonly best: number[] = [0];
+
+  constructor(patterns: readonly string[]) {
+    for (const p of patterns) {
+      let s = 0;
+      for (let i = 0; i < p.length; i++) {
+        const c = p.charCodeAt(i);
+        let t = this.goto[s]!.get(c);
+        if (t === undefined) {
+          t = this.goto.length;
+          this.goto.push(new Map());
+          this.fail.push(0);
+          this.best.push(0);
+          this.goto[s]!.set(c, t);
+        }
+        s = t;
+      }
+      this.best[s] = Math.max(this.best[s]!, p.length);
+    }
+    const queue: number[] = [];
+    for (const t of this.goto[0]!.values()) queue.push(t);
+    for (let qi = 0; qi < queue.length; qi++) {
+      const s = queue[qi]!;
+      for (const [c, t] of this.goto[s]!) {
+        let f = this.fail[s]!;
+        while (f !== 0 && !this.goto[f]!.has(c)) f = this.fail[f]!;
+        const ft = this.goto[f]!.get(c);
+        this.fail[t] = ft !== undefined && ft !== t ? ft : 0;
+        this.best[t] = Math.max(this.best[t]!, this.best[this.fail[t]!]!);
+        queue.push(t);
+      }
+    }
+  }
+
+  /**
+   * Every occurrence of every pattern in `text`, as merged [start, end)
+   * intervals: overlapping occurrences become one interval. Sorted, disjoint.
+   */
+  intervals(text: string): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    const goto = this.goto;
+    const fail = this.fail;
+    const best = this.best;
+    const root = goto[0]!;
+    let s = 0;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      let t = goto[s]!.get(c);
+      while (t === undefined && s !== 0) {
+        s = fail[s]!;
+        t = goto[s]!.get(c);
+      }
+      s = t ?? (root.get(c) ?? 0);
+      const len = best[s]!;
+      if (len > 0) {
+        let start = i + 1 - len;
+        const end = i + 1;
+        // merge with earlier intervals this one overlaps (it may reach back over several)
+        while (out.length > 0 && out[out.length - 1]![1] > start) {
+          start = Math.min(start, out.pop()![0]);
+        }
+        out.push([start, end]);
+      }
+    }
+    return out;
+  }
+}
+
+export interface RedactorOptions {
+  /** called once per problem (e.g. secrets too short to scrub); default process.emitWarning */
+  onWarning?: (message: string) => void;
+}
+
+export class Redactor {
+  private readonly matcher: Matcher | null;
+  /** length of the longest secret; a stream holds back up to this − 1 chars */
+  readonly longest: number;
+  readonly size: number;
+  readonly warnings: readonly string[];
+
+  constructor(secrets: Iterable<string>, opts: RedactorOptions = {}) {
+    const all = new Set<string>();
+    let short = 0;
+    for (const s of secrets) {
+      if (s.length === 0) continue;
+      if (s.length < MIN_SECRET_LENGTH) short += 1;
+      else all.add(s);
+    }
+    const warnings: string[] = [];
+    if (short > 0) {
+      // never name or show the value itself
+      warnings.push(
+        `${short} secret value${short === 1 ? " is" : "s are"} shorter than ${MIN_SECRET_LENGTH} characters and will not be scrubbed from logs; use longer secrets`,
+      );
+    }
+    this.warnings = warnings;
+    const warn = opts.onWarning ?? ((m: string) => process.emitWarning(m, { code: "SANDBOXD_SHORT_SECRET" }));
+    for (const w of warnings) warn(w);
+    const list = [...all].sort((a, b) => b.length - a.length);
+    this.size = list.length;
+    this.longest = list[0]?.length ?? 0;
+    this.matcher = list.length > 0 ? new Matcher(list) : null;
+  }
+
+  /** `text` with every secret occurrence replaced by [REDACTED]. */
+  redact(text: string): string {
+    if (!this.matcher || text.length === 0) return text;
+    return render(text, this.matcher.intervals(text), 0, text.length).out;
+  }
+
+  /** UTF-8 in, UTF-8 out (invalid bytes become U+FFFD). */
+  redactBuffer(bytes: Uint8Array): Buffer {
+    if (!this.matcher) return Buffer.from(bytes);
+    return Buffer.from(this.redact(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("utf8")), "utf8");
+  }
+
+  /** A redactor for one output stream, safe across chunk boundaries. */
+  stream(): StreamRedactor {
+    return new StreamRedactor(this.matcher, this.longest);
+  }
+
+  /** The same for raw bytes: decodes UTF-8 across chunk boundaries (StringDecoder) first. */
+  byteStream(): ByteStreamRedactor {
+    return new ByteStreamRedactor(this.stream());
+  }
+}
+
+/**
+ * Emits text up to `cut`; intervals must be sorted and disjoint. The first
+ * `cover` chars are already emitted inside an earlier [REDACTED] (a secret
+ * that straddled the previous cut), so intervals overlapping them continue
+ * that marker instead of starting a new one. Returns the output and, if an
+ * interval crosses `cut`, how far past `cut` the marker already reaches.
+ */
+function render(buf: string, ivs: ReadonlyArray<[number, number]>, cover: number, cut: number): { out: string; cover: number } {
+  let out = "";
+  let pos = 0;
+  let i = 0;
+  if (cover > 0) {
+    let end = cover;
+    while (i < ivs.length && ivs[i]![0] < end) end = Math.max(end, ivs[i++]![1]);
+    if (end > cut) return { out: "", cover: end - cut };
+    pos = end;
+  }
+  for (; i < ivs.length; i++) {
+    const [s, e] = ivs[i]!;
+    if (s >= cut) break;
+    out += buf.slice(pos, s) + REDACTED;
+    if (e > cut) return { out, cover: e - cut };
+    pos = e;
+  }
+  if (pos < cut) out += buf.slice(pos, cut);
+  return { out, cover: 0 };
+}
+
+/**
+ * Redacts a stream of text chunks. `push` returns what is safe to emit now
+ * and holds back the last (longest secret − 1) chars, which could be the
+ * start of a secret completed by the next chunk; `end` flushes. The
+ * concatenated output equals `redact()` of the concatenated input, wherever
+ * the chunks were split.
+ */
+export class StreamRedactor {
+  private held = "";
+  /** chars at the start of `held` already covered by an emitted [REDACTED] */
+  private cover = 0;
+  private ended = false;
+
+  constructor(
+    private readonly matcher: IntervalFinder | null,
+    private readonly longest: number,
+  ) {}
+
+  push(chunk: string): string {
+    if (this.ended) throw new Error("StreamRedactor: push after end");
+    if (!this.matcher) return chunk;
+    if (chunk.length === 0) return "";
+    const buf = this.held + chunk;
+    let cut = Math.max(0, buf.length - (this.longest - 1));
+    // never split a surrogate pair between two emitted pieces
+    if (cut > 0 && cut < buf.length && isHighSurrogate(buf.charCodeAt(cut - 1))) cut -= 1;
+    return this.emit(buf, cut);
+  }
+
+  end(): string {
+    if (this.ended) return "";
+    this.ended = true;
+    if (!this.matcher) return "";
+    const buf = this.held;
+    return this.emit(buf, buf.length);
+  }
+
+  private emit(buf: string, cut: number): string {
+    const r = render(buf, this.matcher!.intervals(buf), this.cover, cut);
+    this.held = buf.slice(cut);
+    this.cover = r.cover;
+    return r.out;
+  }
+}
+
+/** StreamRedactor for bytes: UTF-8 is decoded across chunk boundaries, the output re-encoded. */
+export class ByteStreamRedactor {
+  private readonly decoder = new StringDecoder("utf8");
+  constructor(private readonly inner: StreamRedactor) {}
+
+  push(chunk: Uint8Array): Buffer {
+    return Buffer.from(this.inner.push(this.decoder.write(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength))), "utf8");
+  }
+
+  end(): Buffer {
+    const rest = this.decoder.end();
+    return Buffer.from(this.inner.push(rest) + this.inner.end(), "utf8");
+  }
+}
+
+function isHighSurrogate(c: number): boolean {
+  return c >= 0xd800 && c <= 0xdbff;
+}

@@ -1,0 +1,276 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { REDACTED, Redactor, collectSecrets, findSecrets, secretsFromDotenv } from "../../src/audit/redact.js";
+
+const quiet = { onWarning: () => undefined };
+
+/** Stream `text` through a fresh StreamRedactor in the given pieces. */
+function streamed(r: Redactor, pieces: string[]): string {
+  const s = r.stream();
+  return pieces.map((p) => s.push(p)).join("") + s.end();
+}
+
+/** Deterministic PRNG so failures reproduce. */
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+describe("Redactor.redact", () => {
+  it("scrubs by value wherever the value appears", () => {
+    const r = new Redactor(["s3cr3t-token-value", "pg-pass-123"], quiet);
+    expect(r.redact("curl -H 'Authorization: Bearer s3cr3t-token-value' x")).toBe(`curl -H 'Authorization: Bearer ${REDACTED}' x`);
+    expect(r.redact("pg-pass-123pg-pass-123 and pg-pass-12")).toBe(`${REDACTED}${REDACTED} and pg-pass-12`);
+    expect(r.redact("nothing here")).toBe("nothing here");
+  });
+
+  it("prefers the longest secret and merges overlapping ones so no fragment survives", () => {
+    const r = new Redactor(["abcdef", "abcdefghij", "defghijklm", "klmnop"], quiet);
+    expect(r.redact("xx abcdefghij yy")).toBe(`xx ${REDACTED} yy`);
+    // abcdef + defghijklm + klmnop overlap in a chain: one marker, no leaked "ghij…op"
+    expect(r.redact("1abcdefghijklmnop2")).toBe(`1${REDACTED}2`);
+    expect(r.redact("defghijklm")).toBe(REDACTED);
+    // a shorter secret entirely inside a longer one
+    const nested = new Redactor(["password123", "word"], quiet);
+    expect(nested.redact("my password123 word")).toBe(`my ${REDACTED} ${REDACTED}`);
+  });
+
+  it("ignores secrets shorter than 4 characters, with a warning that does not show them", () => {
+    const warnings: string[] = [];
+    const r = new Redactor(["abc", "", "abcd"], { onWarning: (m) => warnings.push(m) });
+    expect(r.redact("abc abcd")).toBe(`abc ${REDACTED}`);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatch(/1 secret value is shorter than 4/);
+    expect(warnings[0]).not.toContain("abc");
+  });
+
+  it("handles regex metacharacters, surrogate pairs and a Buffer variant", () => {
+    const r = new Redactor(["a.b*c+(d)?[e]$", "k€y😀pass"], quiet);
+    expect(r.redact("x a.b*c+(d)?[e]$ y aXbbbc")).toBe(`x ${REDACTED} y aXbbbc`);
+    expect(r.redact("😀k€y😀pass😀")).toBe(`😀${REDACTED}😀`);
+    expect(r.redactBuffer(Buffer.from("é k€y😀pass é")).toString()).toBe(`é ${REDACTED} é`);
+  });
+
+  it("a Redactor with no secrets passes text through", () => {
+    const r = new Redactor([], quiet);
+    expect(r.redact("abc")).toBe("abc");
+    expect(streamed(r, ["a", "b"])).toBe("ab");
+  });
+});
+
+describe("StreamRedactor", () => {
+  const secret = "sk_live_0123456789abcdef";
+  const r = new Redactor([secret, "ghp_ZYXWVUTSRQ"], quiet);
+  const text = `start ${secret} middle ghp_ZYXWVUTSRQ${secret} end`;
+  const want = r.redact(text);
+
+  it("scrubs a secret split at every point into 2 chunks", () => {
+    expect(want).toBe(`start ${REDACTED} middle ${REDACTED}${REDACTED} end`);
+    for (let i = 0; i <= text.length; i++) {
+      expect(streamed(r, [text.slice(0, i), text.slice(i)])).toBe(want);
+    }
+  });
+
+  it("scrubs a secret split into 3 chunks at every pair of points", () => {
+    const t = `>${secret}<`;
+    const w = r.redact(t);
+    for (let i = 0; i <= t.length; i++) {
+      for (let k = i; k <= t.length; k++) {
+        expect(streamed(r, [t.slice(0, i), t.slice(i, k), t.slice(k)])).toBe(w);
+      }
+    }
+  });
+
+  it("scrubs one character at a time, and holds back no more than (longest - 1) chars", () => {
+    const s = r.stream();
+    let out = "";
+    for (const ch of text) {
+      out += s.push(ch);
+    }
+    out += s.end();
+    expect(out).toBe(want);
+    const s2 = r.stream();
+    const emitted = s2.push("x".repeat(100));
+    expect(emitted.length).toBe(100 - (secret.length - 1));
+    expect(emitted + s2.end()).toBe("x".repeat(100));
+  });
+
+  it("flushes a secret at the very end with end(), and a partial secret unredacted", () => {
+    const s = r.stream();
+    const a = s.push(`tail ${secret.slice(0, 10)}`);
+    const b = s.push(secret.slice(10));
+    expect(a + b).not.toContain("sk_live");
+    expect(a + b + s.end()).toBe(`tail ${REDACTED}`);
+    expect(streamed(r, ["tail sk_live_01"])).toBe("tail sk_live_01");
+  });
+
+  it("matches redact() on random texts, random secrets (overlapping, nested) and random chunking", () => {
+    const rand = rng(42);
+    const alphabet = "abcab-\n😀";
+    const pick = (n: number) => Array.from({ length: n }, () => alphabet[Math.floor(rand() * alphabet.length)]).join("");
+    for (let round = 0; round < 400; round++) {
+      const secrets = Array.from({ length: 1 + Math.floor(rand() * 5) }, () => pick(4 + Math.floor(rand() * 6)));
+      const red = new Redactor(secrets, quiet);
+      let t = "";
+      while (t.length < 120) t += rand() < 0.3 ? secrets[Math.floor(rand() * secrets.length)]! : pick(1 + Math.floor(rand() * 6));
+      const expected = red.redact(t);
+      const pieces: string[] = [];
+      let pos = 0;
+      while (pos < t.length) {
+        const n = Math.floor(rand() * 12);
+        pieces.push(t.slice(pos, pos + n));
+        pos += n;
+      }
+      expect(streamed(red, pieces)).toBe(expected);
+      for (const sec of secrets) if (sec.length >= 4) expect(expected.includes(sec)).toBe(false);
+    }
+  });
+
+  it("does not split a surrogate pair between two emitted pieces", () => {
+    const red = new Redactor(["zzzzzz"], quiet);
+    const s = red.stream();
+    const parts = [s.push("ab😀"), s.push("cd😀e😀"), s.push("f"), s.end()];
+    for (const p of parts) expect(p).not.toMatch(/[\ud800-\udbff]$|^[\udc00-\udfff]/);
+    expect(parts.join("")).toBe("ab😀cd😀e😀f");
+  });
+
+  it("byte streams: UTF-8 split inside a character and inside a secret", () => {
+    const red = new Redactor(["pässwörd-€€"], quiet);
+    const bytes = Buffer.from("x pässwörd-€€ y €");
+    for (let i = 0; i <= bytes.length; i++) {
+      for (let k = i; k <= bytes.length; k += 3) {
+        const s = red.byteStream();
+        const out = Buffer.concat([s.push(bytes.subarray(0, i)), s.push(bytes.subarray(i, k)), s.push(bytes.subarray(k)), s.end()]);
+        expect(out.toString()).toBe(`x ${REDACTED} y €`);
+      }
+    }
+  });
+
+  it("is fast enough: 100 secrets over 1 MB in well under a second", () => {
+    const rand = rng(7);
+    const secrets = Array.from({ length: 100 }, (_, i) => `secret-${i}-${Math.floor(rand() * 1e12).toString(36)}`);
+    const red = new Redactor(secrets, quiet);
+    const chunk = "Lorem ipsum dolor sit amet, secret-5 consectetur adipiscing elit 0123456789.\n";
+    const text = chunk.repeat(Math.ceil(1_000_000 / chunk.length)) + secrets[42];
+    const t0 = performance.now();
+    const out = red.redact(text);
+    const ms = performance.now() - t0;
+    expect(out.endsWith(REDACTED)).toBe(true);
+    expect(ms).toBeLessThan(1000);
+  });
+});
+
+describe("which values are secrets", () => {
+  it("name heuristics: keys, tokens, passwords, credentials; not PWD, booleans or small numbers", () => {
+    const f = findSecrets(
+      {
+        OPENAI_API_KEY: "sk-abc",
+        GITHUB_TOKEN: "ghp_x1y2",
+        DB_PASSWORD: "hunter22",
+        DB_PASS: "p4ss",
+        AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI",
+        SENTRY_DSN: "https://k3y@o1.ingest.sentry.io/2",
+        PWD: "/work/main",
+        OLDPWD: "/home/me",
+        FEATURE_AUTH_ENABLED: "true",
+        TOKEN_TTL: "3600",
+        PATH: "/usr/bin:/bin",
+        HOME: "/home/me",
+      },
+      "env",
+    );
+    const names = new Set(f.filter((x) => x.why === "name").map((x) => x.name));
+    expect(names).toEqual(new Set(["OPENAI_API_KEY", "GITHUB_TOKEN", "DB_PASSWORD", "DB_PASS", "AWS_SECRET_ACCESS_KEY", "SENTRY_DSN"]));
+    expect(f.map((x) => x.value)).not.toContain("/work/main");
+    expect(f.find((x) => x.why === "url-password")).toBeUndefined(); // sentry's key is the username; the whole DSN is scrubbed by name
+  });
+
+  it("extracts URL passwords, secret query parameters and libpq passwords under any name", () => {
+    const f = findSecrets(
+      {
+        DATABASE_URL: "postgres://trader:p%40ss%2Fw0rd@db.internal:5432/trading",
+        REDIS_URL: "redis://:r3dis-pw@localhost:6379/0",
+        FEED_URL: "wss://feed.example.com/stream?apikey=feedkey123&symbol=BTC",
+        PG_CONNINFO: "host=localhost user=trader password='pg pw 42' dbname=trading",
+        PLAIN_URL: "http://localhost:9000",
+      },
+      "env",
+    );
+    const values = f.map((x) => x.value);
+    expect(values).toEqual(expect.arrayContaining(["p%40ss%2Fw0rd", "p@ss/w0rd", "r3dis-pw", "feedkey123", "pg pw 42"]));
+    expect(values).not.toContain("trader");
+    expect(values).not.toContain("BTC");
+    expect(values).not.toContain("http://localhost:9000");
+  });
+
+  it("every other .env value of 6+ chars unless plainly not a secret", () => {
+    const f = secretsFromDotenv(
+      [
+        "EXCHANGE_ACCOUNT=acct-77f3e9",
+        "DB_HOST=localhost",
+        "DB_PORT=5432",
+        "QUESTDB=127.0.0.1:8812",
+        "MODE=paper",
+        "LOG_LEVEL=warning",
+        "DEBUG=false",
+        "RATIO=0.75",
+        "ENDPOINT=https://api.example.com/v1",
+        "SHORT=abcde",
+        "DB_USER=trader_bot",
+      ].join("\n"),
+    );
+    expect(f.filter((x) => x.why === "dotenv-value").map((x) => x.name).sort()).toEqual(["DB_USER", "EXCHANGE_ACCOUNT"]);
+  });
+
+  it("parses .env with quotes, comments, export prefix and multi-line values", () => {
+    const text = [
+      "# a comment API_KEY=not-this-one",
+      "export API_KEY=exported-key-1",
+      'QUOTED_SECRET="double quoted # not a comment"',
+      "SINGLE_TOKEN='single-quoted-tok'",
+      "INLINE_PASSWORD=inline-pw # trailing comment",
+      'PRIVATE_KEY="-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\\n-----END PRIVATE KEY-----"',
+      "EMPTY_SECRET=",
+    ].join("\n");
+    const values = secretsFromDotenv(text).map((x) => x.value);
+    expect(values).toEqual(
+      expect.arrayContaining(["exported-key-1", "double quoted # not a comment", "single-quoted-tok", "inline-pw"]),
+    );
+    expect(values).not.toContain("not-this-one");
+    expect(values.some((v) => v.includes("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"))).toBe(true);
+  });
+
+  it("collectSecrets reads the project's .env (missing → none) and the passed env, with printable variants", async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-redact-"));
+    try {
+      expect(await collectSecrets(dir)).toEqual([]);
+      await writeFile(
+        path.join(dir, ".env"),
+        'DB_PASSWORD=p@ss w"rd\nPRIVATE_KEY="-----BEGIN KEY-----\\nAAAABBBBCCCCDDDD\\n-----END KEY-----"\nDB_PORT=5432\n',
+      );
+      const secrets = await collectSecrets(dir, { SERVICE_TOKEN: "svc-token-9", PATH: "/usr/bin" }, { notSecret: [] });
+      expect(secrets).toEqual(expect.arrayContaining(["p@ss w\"rd", "p%40ss%20w%22rd", 'p@ss w\\"rd', "AAAABBBBCCCCDDDD", "svc-token-9"]));
+      expect(secrets).not.toContain("5432");
+      expect(secrets).not.toContain("/usr/bin");
+      const red = new Redactor(secrets, quiet);
+      expect(red.redact("key:\r\nAAAABBBBCCCCDDDD\r\n url=x?p=p%40ss%20w%22rd")).toBe(`key:\r\n${REDACTED}\r\n url=x?p=${REDACTED}`);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("no false positives on short or ordinary values", () => {
+    const secrets = secretsFromDotenv("A=yes\nB=1234\nC=on\nD=abc\nE=localhost:5432\nF=production\nG=10.0.0.12\n");
+    expect(secrets).toEqual([]);
+    const red = new Redactor(secrets.map((s) => s.value), quiet);
+    const line = "pytest -k production --port 5432 yes on abc";
+    expect(red.redact(line)).toBe(line);
+  });
+});
