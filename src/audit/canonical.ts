@@ -23,13 +23,17 @@ export type JsonValue = null | boolean | number | string | JsonValue[] | { [key:
 const EXTRA_ESCAPES = /[\u007f-\u009f\u2028\u2029]/g;
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 const LONE_SURROGATE_G = new RegExp(LONE_SURROGATE.source, "g");
+/** Cheap pre-check: most strings have none of the characters the slow paths care about. */
+const ANY_SURROGATE = /[\uD800-\uDFFF]/;
+const ANY_SPECIAL = /[\u007f-\u009f\u2028\u2029\uD800-\uDFFF]/;
 
 /** Replace every lone surrogate with U+FFFD (what String.prototype.toWellFormed does). */
 export function toWellFormed(text: string): string {
-  return text.replace(LONE_SURROGATE_G, "\uFFFD");
+  return ANY_SURROGATE.test(text) ? text.replace(LONE_SURROGATE_G, "\uFFFD") : text;
 }
 
 function str(s: string): string {
+  if (!ANY_SPECIAL.test(s)) return JSON.stringify(s);
   if (LONE_SURROGATE.test(s)) throw new TypeError("canonical JSON: string contains a lone surrogate");
   return JSON.stringify(s).replace(EXTRA_ESCAPES, (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
@@ -67,6 +71,37 @@ function write(value: unknown, at: string): string {
     default:
       throw new TypeError(`canonical JSON: ${typeof value} at ${at} is not JSON data`);
   }
+}
+
+/**
+ * Canonical JSON of an object with one more string member `key` set to
+ * `value`, computed from `members` (see canonicalMembers) without
+ * serialising the rest again.
+ */
+export function withMember(members: ReadonlyArray<readonly [string, string]>, key: string, value: string): string {
+  const extra = `${str(key)}:${str(value)}`;
+  const parts: string[] = [];
+  let placed = false;
+  for (const [k, text] of members) {
+    if (!placed && k > key) {
+      parts.push(extra);
+      placed = true;
+    }
+    if (k !== key) parts.push(text);
+  }
+  if (!placed) parts.push(extra);
+  return `{${parts.join(",")}}`;
+}
+
+/** The sorted `"key":value` members of a plain object's canonical form. */
+export function canonicalMembers(obj: Record<string, unknown>): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  for (const key of Object.keys(obj).sort()) {
+    const v = obj[key];
+    if (v === undefined) continue;
+    out.push([key, `${str(key)}:${write(v, `$.${key}`)}`]);
+  }
+  return out;
 }
 
 /** Canonical JSON text of `value` (throws TypeError on anything that is not plain, finite, well-formed JSON data). */

@@ -3,10 +3,13 @@ export { BuildLog } from "./buildlog.js";
 export { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "./format.js";
 export { canonicalBytes, canonicalJson, toWellFormed, type JsonValue } from "./canonical.js";
 export {
+  ANCHOR_BYTES,
   ANCHOR_FILE,
   AuditJournal,
   GENESIS_HASH,
   JOURNAL_FILE,
+  LOCK_FILE,
+  anchorBytes,
   checkRecord,
   nodeJournalFs,
   recordHash,

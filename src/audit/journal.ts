@@ -21,14 +21,15 @@
  */
 import { createHash } from "node:crypto";
 import * as fs from "node:fs";
-import { mkdir as mkdirP } from "node:fs/promises";
+import { mkdir as mkdirP, readFile, unlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import type { Clock } from "../util/clock.js";
-import { canonicalJson, toWellFormed } from "./canonical.js";
+import { canonicalJson, canonicalMembers, toWellFormed, withMember } from "./canonical.js";
 
 export const JOURNAL_FILE = "audit.jsonl";
 export const ANCHOR_FILE = "audit.anchor";
+export const LOCK_FILE = "audit.lock";
 export const GENESIS_HASH = "0".repeat(64);
 
 /** What a caller records. `seq`, `ts`, `prev` and `hash` are set by the journal. */
@@ -222,6 +223,42 @@ export function anchorBytes(head: ChainHead): Buffer {
   return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
 }
 
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return errnoOf(e) === "EPERM";
+  }
+}
+
+/**
+ * One writer per journal: two daemons appending to the same file would fork
+ * the chain. `audit.lock` holds the writer's pid, created O_EXCL; a lock whose
+ * process is gone (a crashed daemon) is taken over.
+ */
+async function acquireLock(dir: string): Promise<string> {
+  const file = path.join(dir, LOCK_FILE);
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      await writeFile(file, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
+      return file;
+    } catch (e) {
+      if (errnoOf(e) !== "EEXIST") throw auditFailed("lock", file, e);
+    }
+    const pid = Number.parseInt(await readFile(file, "utf8").catch(() => ""), 10);
+    if (Number.isSafeInteger(pid) && pid > 0 && pidAlive(pid)) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_FAILED",
+        `${path.join(dir, JOURNAL_FILE)} is already being written by process ${pid} (${file}); one writer per audit journal`,
+        { hint: "stop the other sandboxd that uses this state dir, or give this one its own --state-dir" },
+      );
+    }
+    await unlink(file).catch(() => undefined); // stale: its writer died
+  }
+  throw new SandboxdError("SBX_ERR_AUDIT_FAILED", `could not take ${file}: other processes keep creating it`);
+}
+
 export class AuditJournal {
   readonly path: string;
   readonly anchorPath: string;
@@ -232,6 +269,7 @@ export class AuditJournal {
   private readonly fd: number;
   /** fd of audit.anchor, -1 when the anchor is off */
   private readonly afd: number;
+  private readonly lockFile: string;
   /** the anchor file is longer than ANCHOR_BYTES (written by something else): cut it on the next write */
   private anchorOversize: boolean;
   /** last seq/hash handed out (records may still be in flight) */
@@ -248,7 +286,8 @@ export class AuditJournal {
   private lastAnchorSync = -Infinity;
   private stats = { batches: 0, records: 0 };
 
-  private constructor(dir: string, fd: number, afd: number, anchorSize: number, head: ChainHead, opts: JournalOptions) {
+  private constructor(dir: string, fd: number, afd: number, lockFile: string, anchorSize: number, head: ChainHead, opts: JournalOptions) {
+    this.lockFile = lockFile;
     this.path = path.join(dir, JOURNAL_FILE);
     this.anchorPath = path.join(dir, ANCHOR_FILE);
     this.fs = opts.fs ?? nodeJournalFs;
@@ -279,14 +318,21 @@ export class AuditJournal {
     const anchorEnabled = opts.anchor ?? true;
     let fd = -1;
     let afd = -1;
+    let lockFile: string | null = null;
     const closeAll = async () => {
       if (fd >= 0) await jfs.close(fd).catch(() => undefined);
       if (afd >= 0) await jfs.close(afd).catch(() => undefined);
+      if (lockFile) await unlink(lockFile).catch(() => undefined);
     };
     let step = "open";
     let stepFile = file;
     try {
       await jfs.mkdir(dir);
+    } catch (e) {
+      throw auditFailed("mkdir", dir, e);
+    }
+    lockFile = await acquireLock(dir);
+    try {
       fd = await jfs.open(file, O_JOURNAL, 0o600);
       if (anchorEnabled) {
         stepFile = anchorFile;
@@ -349,7 +395,7 @@ export class AuditJournal {
           throw auditFailed("truncate of a torn final line", file, e);
         }
       }
-      const journal = new AuditJournal(dir, fd, afd, anchorSize, tail.head, opts);
+      const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts);
       let appended = false;
       if (tail.tornBytes > 0) {
         appended = true;
@@ -433,6 +479,7 @@ export class AuditJournal {
       if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true).catch(() => undefined);
       await this.fs.close(this.fd).catch(() => undefined);
       if (this.afd >= 0) await this.fs.close(this.afd).catch(() => undefined);
+      await unlink(this.lockFile).catch(() => undefined);
     })();
     return this.closing;
   }
@@ -456,10 +503,13 @@ export class AuditJournal {
     const prev = this.head.hash;
     const ts = this.clock.now().toISOString();
     const withoutHash: Record<string, unknown> & { prev: string } = { seq, ts, prev, type, phase, rule, clause, ...fields };
-    const hash = recordHash(withoutHash); // throws on non-JSON data before the seq is taken
+    // serialise once: the hashed bytes, and the line = the same members plus "hash"
+    const members = canonicalMembers(withoutHash); // throws on non-JSON data before the seq is taken
+    const hashed = `{${members.map((m) => m[1]).join(",")}}`;
+    const hash = createHash("sha256").update(prev, "utf8").update(hashed, "utf8").digest("hex");
     const record = { seq, ts, prev, hash, type, phase, rule, clause, ...fields } as AuditRecord;
     for (const k of ["phase", "rule", "clause"] as const) if (record[k] === undefined) delete record[k];
-    const line = Buffer.from(`${canonicalJson(record)}\n`, "utf8");
+    const line = Buffer.from(`${withMember(members, "hash", hash)}\n`, "utf8");
     this.head = { seq, hash };
     return { line, record };
   }

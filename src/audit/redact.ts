@@ -157,7 +157,7 @@ export function findSecrets(vars: Record<string, string | undefined>, origin: "d
 }
 
 /** A secret plus the other forms in which it is likely to be printed. */
-function variants(value: string): string[] {
+export function variants(value: string): string[] {
   const out = new Set<string>([value]);
   const trimmed = value.trim();
   if (trimmed) out.add(trimmed);
@@ -208,14 +208,26 @@ export interface IntervalFinder {
   intervals(text: string): Array<[number, number]>;
 }
 
-/** Aho-Corasick automaton over UTF-16 code units. */
+/** Dense transition tables above this many cells fall back to the sparse trie walk. */
+const MAX_DENSE_CELLS = 8_000_000;
+
+/**
+ * Aho-Corasick automaton over UTF-16 code units. The trie is compiled into a
+ * dense DFA over the code units that occur in some secret (every other code
+ * unit is class 0 and leads back to the root), so scanning costs one table
+ * lookup per code unit whatever the number of secrets.
+ */
 class Matcher implements IntervalFinder {
   private readonly goto: Array<Map<number, number>> = [new Map()];
   private readonly fail: number[] = [0];
   /** length of the longest pattern that ends at this state (itself or via fail links), 0 if none */
-  private readonly best: number[] = [0];
+  private readonly best: Int32Array;
+  private readonly classOf: Uint16Array | null = null;
+  private readonly width: number = 0;
+  private readonly delta: Int32Array | null = null;
 
   constructor(patterns: readonly string[]) {
+    const best: number[] = [0];
     for (const p of patterns) {
       let s = 0;
       for (let i = 0; i < p.length; i++) {
@@ -225,26 +237,50 @@ class Matcher implements IntervalFinder {
           t = this.goto.length;
           this.goto.push(new Map());
           this.fail.push(0);
-          this.best.push(0);
+          best.push(0);
           this.goto[s]!.set(c, t);
         }
         s = t;
       }
-      this.best[s] = Math.max(this.best[s]!, p.length);
+      best[s] = Math.max(best[s]!, p.length);
     }
-    const queue: number[] = [];
-    for (const t of this.goto[0]!.values()) queue.push(t);
-    for (let qi = 0; qi < queue.length; qi++) {
-      const s = queue[qi]!;
+    const order: number[] = [];
+    for (const t of this.goto[0]!.values()) order.push(t);
+    for (let qi = 0; qi < order.length; qi++) {
+      const s = order[qi]!;
       for (const [c, t] of this.goto[s]!) {
         let f = this.fail[s]!;
         while (f !== 0 && !this.goto[f]!.has(c)) f = this.fail[f]!;
         const ft = this.goto[f]!.get(c);
         this.fail[t] = ft !== undefined && ft !== t ? ft : 0;
-        this.best[t] = Math.max(this.best[t]!, this.best[this.fail[t]!]!);
-        queue.push(t);
+        best[t] = Math.max(best[t]!, best[this.fail[t]!]!);
+        order.push(t);
       }
     }
+    this.best = Int32Array.from(best);
+
+    const classOf = new Uint16Array(65536);
+    let classes = 0;
+    for (const p of patterns) {
+      for (let i = 0; i < p.length; i++) {
+        const c = p.charCodeAt(i);
+        if (classOf[c] === 0) classOf[c] = ++classes;
+      }
+    }
+    const width = classes + 1;
+    const nodes = this.goto.length;
+    if (nodes * width > MAX_DENSE_CELLS) return;
+    const delta = new Int32Array(nodes * width);
+    const fill = (s: number) => {
+      const f = this.fail[s]!;
+      for (let k = 1; k < width; k++) delta[s * width + k] = s === 0 ? 0 : delta[f * width + k]!;
+      for (const [c, t] of this.goto[s]!) delta[s * width + classOf[c]!] = t;
+    };
+    fill(0);
+    for (const s of order) fill(s); // BFS order: a state's fail state is filled before it
+    this.classOf = classOf;
+    this.width = width;
+    this.delta = delta;
   }
 
   /**
@@ -253,11 +289,27 @@ class Matcher implements IntervalFinder {
    */
   intervals(text: string): Array<[number, number]> {
     const out: Array<[number, number]> = [];
+    const best = this.best;
+    const push = (i: number, len: number) => {
+      let start = i + 1 - len;
+      // merge with earlier intervals this one overlaps (it may reach back over several)
+      while (out.length > 0 && out[out.length - 1]![1] > start) start = Math.min(start, out.pop()![0]);
+      out.push([start, i + 1]);
+    };
+    let s = 0;
+    if (this.delta && this.classOf) {
+      const delta = this.delta;
+      const classOf = this.classOf;
+      const width = this.width;
+      for (let i = 0; i < text.length; i++) {
+        s = delta[s * width + classOf[text.charCodeAt(i)]!]!;
+        const len = best[s]!;
+        if (len > 0) push(i, len);
+      }
+      return out;
+    }
     const goto = this.goto;
     const fail = this.fail;
-    const best = this.best;
-    const root = goto[0]!;
-    let s = 0;
     for (let i = 0; i < text.length; i++) {
       const c = text.charCodeAt(i);
       let t = goto[s]!.get(c);
@@ -265,17 +317,9 @@ class Matcher implements IntervalFinder {
         s = fail[s]!;
         t = goto[s]!.get(c);
       }
-      s = t ?? (root.get(c) ?? 0);
+      s = t ?? 0;
       const len = best[s]!;
-      if (len > 0) {
-        let start = i + 1 - len;
-        const end = i + 1;
-        // merge with earlier intervals this one overlaps (it may reach back over several)
-        while (out.length > 0 && out[out.length - 1]![1] > start) {
-          start = Math.min(start, out.pop()![0]);
-        }
-        out.push([start, end]);
-      }
+      if (len > 0) push(i, len);
     }
     return out;
   }

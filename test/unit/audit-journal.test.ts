@@ -1,3 +1,4 @@
+import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { appendFile, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
@@ -9,6 +10,7 @@ import {
   AuditJournal,
   GENESIS_HASH,
   JOURNAL_FILE,
+  LOCK_FILE,
   nodeJournalFs,
   type AuditRecord,
   type JournalFs,
@@ -168,6 +170,23 @@ describe("audit.jsonl record format", () => {
     expect((await j.append({ type: "ok" })).seq).toBe(1);
     await j.close();
     await expect(j.append({ type: "late" })).rejects.toMatchObject({ code: "SBX_ERR_INTERNAL" });
+  });
+});
+
+describe("one writer per journal", () => {
+  it("refuses a second writer while the first is open; takes over the lock of a dead one", async () => {
+    const j = await AuditJournal.open(dir, { clock: fixedClock() });
+    const err = await AuditJournal.open(dir, { clock: fixedClock() }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: "SBX_ERR_AUDIT_FAILED", message: expect.stringContaining(`process ${process.pid}`) });
+    expect((err as SandboxdError).hint).toMatch(/state-dir/);
+    await j.append({ type: "still.fine" });
+    await j.close();
+    await expect(stat(path.join(dir, LOCK_FILE))).rejects.toMatchObject({ code: "ENOENT" });
+    const dead = spawnSync("true").pid;
+    await writeFile(path.join(dir, LOCK_FILE), `${dead}\n`);
+    const j2 = await AuditJournal.open(dir, { clock: fixedClock() });
+    expect((await readFile(path.join(dir, LOCK_FILE), "utf8")).trim()).toBe(String(process.pid));
+    await j2.close();
   });
 });
 

@@ -153,6 +153,16 @@ describe("StreamRedactor", () => {
     }
   });
 
+  it("a very large secret set (sparse automaton) scrubs the same way", () => {
+    const rand = rng(9);
+    const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const secrets = Array.from({ length: 2100 }, () => Array.from({ length: 64 }, () => abc[Math.floor(rand() * abc.length)]).join(""));
+    const red = new Redactor(secrets, quiet);
+    const text = `a ${secrets[0]} b ${secrets[2099]}${secrets[7]} c`;
+    expect(red.redact(text)).toBe(`a ${REDACTED} b ${REDACTED}${REDACTED} c`);
+    expect(streamed(red, [text.slice(0, 40), text.slice(40, 100), text.slice(100)])).toBe(red.redact(text));
+  });
+
   it("is fast enough: 100 secrets over 1 MB in well under a second", () => {
     const rand = rng(7);
     const secrets = Array.from({ length: 100 }, (_, i) => `secret-${i}-${Math.floor(rand() * 1e12).toString(36)}`);
