@@ -30,6 +30,8 @@ export {
   StreamRedactor,
   collectSecrets,
   findSecrets,
+  redactDeep,
+  redactingWriter,
   secretsFromDotenv,
   type IntervalFinder,
   type RedactorOptions,

@@ -385,6 +385,40 @@ export class Redactor {
 }
 
 /**
+ * `value` with every string in it (object keys included) redacted: for API
+ * error bodies, stored command results, structured log objects. Plain
+ * objects and arrays are copied; other values are returned as they are.
+ */
+export function redactDeep<T>(value: T, redactor: { redact(text: string): string }): T {
+  const walk = (v: unknown): unknown => {
+    if (typeof v === "string") return redactor.redact(v);
+    if (Array.isArray(v)) return v.map(walk);
+    if (typeof v === "object" && v !== null) {
+      const proto: unknown = Object.getPrototypeOf(v);
+      if (proto !== Object.prototype && proto !== null) return v;
+      const out: Record<string, unknown> = {};
+      for (const [k, x] of Object.entries(v)) out[redactor.redact(k)] = walk(x);
+      return out;
+    }
+    return v;
+  };
+  return walk(value) as T;
+}
+
+/**
+ * A destination for line-oriented loggers (pino writes each record with one
+ * `write(line)` call) that redacts every line before passing it on. Secrets
+ * inside JSON strings are caught through their JSON-escaped variant
+ * (collectSecrets adds it).
+ */
+export function redactingWriter<W extends { write(chunk: string): unknown }>(
+  redactor: { redact(text: string): string },
+  dest: W,
+): { write(chunk: string): unknown } {
+  return { write: (chunk: string) => dest.write(redactor.redact(chunk)) };
+}
+
+/**
  * Emits text up to `cut`; intervals must be sorted and disjoint. The first
  * `cover` chars are already emitted inside an earlier [REDACTED] (a secret
  * that straddled the previous cut), so intervals overlapping them continue

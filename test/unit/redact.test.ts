@@ -2,7 +2,8 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { REDACTED, Redactor, collectSecrets, findSecrets, secretsFromDotenv } from "../../src/audit/redact.js";
+import { REDACTED, Redactor, collectSecrets, findSecrets, redactDeep, redactingWriter, secretsFromDotenv } from "../../src/audit/redact.js";
+import { SandboxdError } from "../../src/errors.js";
 
 const quiet = { onWarning: () => undefined };
 
@@ -62,6 +63,33 @@ describe("Redactor.redact", () => {
     const r = new Redactor([], quiet);
     expect(r.redact("abc")).toBe("abc");
     expect(streamed(r, ["a", "b"])).toBe("ab");
+  });
+});
+
+describe("redacting structured values and log lines", () => {
+  it("redactDeep scrubs every string of an API error body, keys included", () => {
+    const r = new Redactor(["tok-123456"], quiet);
+    const body = new SandboxdError("SBX_ERR_POLICY_DENIED", "policy denied `curl -H tok-123456`", {
+      details: { argv: ["curl", "-H", "tok-123456"], "tok-123456": 1, n: 2, ok: true, nil: null },
+    }).toBody();
+    const out = redactDeep(body, r);
+    expect(JSON.stringify(out)).not.toContain("tok-123456");
+    expect(out.error.message).toBe(`policy denied \`curl -H ${REDACTED}\``);
+    expect(out.error.details).toEqual({ argv: ["curl", "-H", REDACTED], [REDACTED]: 1, n: 2, ok: true, nil: null });
+  });
+
+  it("redactingWriter scrubs each JSON log line, including a secret that JSON escaped", async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-redact-"));
+    try {
+      await writeFile(path.join(dir, ".env"), 'DB_PASSWORD=pa"ss\\word\n');
+      const r = new Redactor(await collectSecrets(dir), quiet);
+      const lines: string[] = [];
+      const w = redactingWriter(r, { write: (l: string) => lines.push(l) });
+      w.write(`${JSON.stringify({ level: 30, msg: "connecting with pa\"ss\\word" })}\n`);
+      expect(lines[0]).toBe(`{"level":30,"msg":"connecting with ${REDACTED}"}\n`);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 
