@@ -8,6 +8,8 @@ import net from "node:net";
 import path from "node:path";
 import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
+import { AuditJournal } from "./audit/journal.js";
+import { initShellParser, loadPolicy } from "./policy/index.js";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -19,6 +21,8 @@ import { VERSION } from "./version.js";
 
 export interface RunningDaemon {
   close(): Promise<void>;
+  /** re-read the policy file; false (and the old policy kept) when it is broken */
+  reload(): Promise<boolean>;
   manager: PhaseManager;
   log: Logger;
 }
@@ -69,9 +73,15 @@ export async function startDaemon(
   const runtime = deps.runtime ?? new DockerRuntime();
   await runtime.ping();
   const instance = await instanceId(settings.stateDir);
+  // The policy is loaded and validated whole before anything is served; a broken one stops the start.
+  await initShellParser();
+  let policy = await loadPolicy(settings.policyFile);
+  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
   const manager = new PhaseManager({
     approvals,
+    journal,
+    policy: () => policy,
     runtime,
     stateDir: settings.stateDir,
     instance,
@@ -91,6 +101,7 @@ export async function startDaemon(
   const app = buildApp({
     manager,
     approvals,
+    stateDir: settings.stateDir,
     logger: log,
     info: { version: VERSION, instance, pid: process.pid, stateDir: settings.stateDir, socket: settings.socket },
   });
@@ -104,14 +115,29 @@ export async function startDaemon(
   await chmod(settings.socket, 0o600);
   log.info({ socket: settings.socket, stateDir: settings.stateDir, instance, version: VERSION }, "sandboxd listening");
 
+  /** SIGHUP: re-read the policy; a broken file changes nothing (it never half-applies). */
+  const reload = async (): Promise<boolean> => {
+    try {
+      const next = await loadPolicy(settings.policyFile);
+      policy = next;
+      await journal.append({ type: "policy.reload", file: settings.policyFile });
+      log.info({ policy: settings.policyFile }, "policy reloaded");
+      return true;
+    } catch (err) {
+      log.error({ policy: settings.policyFile, err: (err as Error).message }, "policy reload refused; the previous policy stays in force");
+      return false;
+    }
+  };
+
   let closing: Promise<void> | null = null;
   const close = () =>
     (closing ??= (async () => {
       log.info("shutting down: stopping phases");
       await manager.shutdown();
       await app.close();
+      await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
       await unlink(settings.socket).catch(() => undefined);
       log.info("stopped");
     })());
-  return { close, manager, log };
+  return { close, reload, manager, log };
 }

@@ -8,16 +8,19 @@ import { createReadStream } from "node:fs";
 import { access } from "node:fs/promises";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
-import { StringDecoder } from "node:string_decoder";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
+import { followRecords, readRecords } from "../audit/read.js";
+import { verifyJournal } from "../audit/verify.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { PHASE_MODES } from "../phases/types.js";
 
 export interface AppOptions {
   manager: PhaseManager;
   approvals: ApprovalQueue;
+  /** the daemon's state dir, where audit.jsonl lives */
+  stateDir: string;
   logger: Logger;
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
 }
@@ -33,6 +36,7 @@ const startBody = z
       .max(128)
       .regex(/^[\w.\- ]+$/, "letters, digits, space, '.', '_' and '-' only"),
     mode: z.enum(PHASE_MODES),
+    policy: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path to a policy file").optional(),
   })
   .strict();
 
@@ -43,17 +47,36 @@ const execBody = z
       .array(z.string().max(MAX_ARG_BYTES).refine((a) => !a.includes("\0"), "must not contain NUL bytes"))
       .min(1, "must name a program to run")
       .max(4096)
-      .refine((a) => a[0] !== "", "argv[0] must not be empty"),
+      .refine((a) => a[0] !== "", "argv[0] must not be empty")
+      .optional(),
+    command: z
+      .string()
+      .min(1, "must not be empty")
+      .max(32 * 1024)
+      .refine((c) => !c.includes("\0"), "must not contain NUL bytes")
+      .optional(),
     timeoutMs: z.number().int().positive().max(86_400_000).optional(),
     reason: z.string().max(2000).optional(),
   })
-  .strict();
+  .strict()
+  .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
+    message: "give exactly one of argv (an array, preferred) or command (a string)",
+  });
 
 const approvalIdParam = z.object({ id: z.string().regex(/^ap_[0-9a-f]{12}$/, "not an approval id (ap_ followed by 12 hex digits)") });
 const approvalsQuery = z
   .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
   .strict();
 const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
+
+const auditQuery = z
+  .object({
+    phase: phaseIdParam.shape.id.optional(),
+    after: z.coerce.number().int().nonnegative().optional(),
+    last: z.coerce.number().int().positive().max(100_000).optional(),
+    follow: z.enum(["0", "1", "true", "false"]).optional(),
+  })
+  .strict();
 
 const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
@@ -143,6 +166,25 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     });
   }
 
+  // audit.jsonl, as JSON (a list) or, with follow, NDJSON as records are appended.
+  app.get("/v1/audit", async (req, reply) => {
+    const q = parse(auditQuery, req.query, "query");
+    const filter = { phase: q.phase, after: q.after };
+    const records = await readRecords(opts.stateDir, filter, q.last);
+    if (!truthy(q.follow)) return { records };
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    for (const r of records) res.write(JSON.stringify(r) + "\n");
+    const stop = new AbortController();
+    res.on("close", () => stop.abort());
+    const after = records.at(-1)?.seq ?? q.after;
+    await followRecords(opts.stateDir, { phase: q.phase, after }, (r) => res.write(JSON.stringify(r) + "\n"), stop.signal);
+    res.end();
+  });
+
+  app.get("/v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
+
   app.get("/v1/phases/:id/logs", async (req, reply) => {
     const { id } = parse(phaseIdParam, req.params, "path");
     const q = parse(logsQuery, req.query, "query");
@@ -174,14 +216,13 @@ async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
   id: string,
-  body: { argv: string[]; timeoutMs?: number; reason?: string },
+  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined },
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();
   const flow = manager.flow(id);
   let paused = false;
   let headersSent = false;
-  const decoders = { stdout: new StringDecoder("utf8"), stderr: new StringDecoder("utf8") };
 
   const ensureHeaders = () => {
     if (headersSent) return;
@@ -200,10 +241,7 @@ async function streamExec(
       });
     }
   };
-  const emit = (type: "stdout" | "stderr") => (chunk: Buffer) => {
-    const data = decoders[type].write(chunk);
-    if (data) write({ type, data });
-  };
+  const emit = (type: "stdout" | "stderr") => (data: string) => write({ type, data });
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
     if (paused) {
@@ -216,10 +254,6 @@ async function streamExec(
     // The first output chunk (or the exit) commits the 200; anything thrown
     // before that — policy, validation, a stopped phase — is a normal error reply.
     const result = await manager.exec(id, body, { stdout: emit("stdout"), stderr: emit("stderr") }, abort.signal);
-    for (const t of ["stdout", "stderr"] as const) {
-      const rest = decoders[t].end();
-      if (rest) write({ type: t, data: rest });
-    }
     write({ type: "exit", result });
     res.end();
   } catch (err) {

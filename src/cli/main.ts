@@ -15,7 +15,8 @@ import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseView } from "../phases/types.js";
 import type { Approval } from "../approvals/queue.js";
-import { quoteArgv } from "../audit/format.js";
+import { escapeControl, quoteArgv } from "../audit/format.js";
+import type { AuditRecord } from "../audit/journal.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
 import { EXIT, exitCodeFor } from "./exit-codes.js";
@@ -93,10 +94,16 @@ function program(): Command {
     .command("start")
     .description("run the daemon in the foreground (SIGTERM or Ctrl-C stops it and its phases)")
     .option("--state-dir <dir>", "where phase records and audit logs live (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
-    .action(async (opts: { stateDir?: string }, cmd: Command) => {
+    .option("--policy <file>", "the policy every phase runs under (default: $SANDBOXD_POLICY, policies/default.yaml); SIGHUP re-reads it")
+    .action(async (opts: { stateDir?: string; policy?: string }, cmd: Command) => {
       const { startDaemon } = await import("../daemon.js");
-      const settings = resolveSettings({ socket: cmd.optsWithGlobals<{ socket?: string }>().socket, stateDir: opts.stateDir });
+      const settings = resolveSettings({
+        socket: cmd.optsWithGlobals<{ socket?: string }>().socket,
+        stateDir: opts.stateDir,
+        policy: opts.policy,
+      });
       const daemon = await startDaemon(settings);
+      process.on("SIGHUP", () => void daemon.reload());
       await new Promise<void>((resolve) => {
         let stopping = false;
         const stop = (sig: string) => {
@@ -152,12 +159,14 @@ function program(): Command {
     .argument("<project>", "the project directory")
     .requiredOption("--phase <name>", "the phase's name from the implementation plan, e.g. 2.3")
     .addOption(new Option("--mode <mode>", "backtest, paper or test").choices(["backtest", "paper", "test"]).makeOptionMandatory())
+    .option("--policy <file>", "a stricter policy file for this phase (it can only narrow the daemon's policy)")
     .option("--json", "print the phase record as JSON")
-    .action(async (project: string, opts: { phase: string; mode: string; json?: boolean }, cmd: Command) => {
+    .action(async (project: string, opts: { phase: string; mode: string; policy?: string; json?: boolean }, cmd: Command) => {
       const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("POST", "/v1/phases", {
         project: path.resolve(project),
         phase: opts.phase,
         mode: opts.mode,
+        ...(opts.policy ? { policy: path.resolve(opts.policy) } : {}),
       });
       if (opts.json) printJson(p);
       else process.stdout.write(p.id + "\n");
@@ -201,7 +210,8 @@ function program(): Command {
     .command("exec")
     .description("run a command in a phase's sandbox, streaming its output; exits with the command's exit code")
     .argument("<id>", "phase id")
-    .argument("<argv...>", "the command and its arguments (put them after --)")
+    .argument("[argv...]", "the command and its arguments (put them after --)")
+    .option("-c, --command <string>", "a shell command string instead of argv; parsed and judged part by part (anything the parser cannot vouch for is refused)")
     .option("--timeout <seconds>", "kill the command after this many seconds (default 60; paper mode allows up to 300)", parseTimeout)
     .option("--reason <text>", "why the command is run (recorded in the audit trail)")
     .option("--json", "do not stream; print the result record as JSON when the command ends")
@@ -209,9 +219,12 @@ function program(): Command {
       "after",
       "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy;\n125 sandboxd failed; 128+N the command died of signal N.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
-    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean }, cmd: Command) => {
+    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string }, cmd: Command) => {
       const api = client(cmd);
-      const body = { argv, ...(opts.timeout ? { timeoutMs: opts.timeout } : {}), ...(opts.reason ? { reason: opts.reason } : {}) };
+      if ((argv.length > 0) === (opts.command !== undefined)) {
+        cmd.error("give the command either after -- as argv, or as --command \"STRING\" (not both)", { exitCode: EXIT.usage });
+      }
+      const body = { ...(opts.command !== undefined ? { command: opts.command } : { argv }), ...(opts.timeout ? { timeoutMs: opts.timeout } : {}), ...(opts.reason ? { reason: opts.reason } : {}) };
       const url = `/v1/phases/${encodeURIComponent(id)}/exec`;
       try {
         if (opts.json) {
@@ -277,6 +290,67 @@ function program(): Command {
       });
   }
 
+  const audit = prog.command("audit").description("read and verify the audit trail (audit.jsonl: hash-chained, one record per event)");
+  audit
+    .command("tail")
+    .description("print the latest audit records (-f: keep printing as they are written)")
+    .option("--phase <id>", "only this phase's records")
+    .option("-n, --lines <n>", "how many records to print first", (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError("give a positive whole number");
+      return n;
+    }, 20)
+    .option("-f, --follow", "keep printing new records until interrupted")
+    .option("--json", "one JSON record per line, exactly as stored")
+    .action(async (opts: { phase?: string; lines: number; follow?: boolean; json?: boolean }, cmd: Command) => {
+      const q = new URLSearchParams({ last: String(opts.lines) });
+      if (opts.phase) q.set("phase", opts.phase);
+      const print = (r: AuditRecord) => process.stdout.write(opts.json ? JSON.stringify(r) + "\n" : renderRecord(r) + "\n");
+      if (!opts.follow) {
+        const { records } = await client(cmd).request<{ records: AuditRecord[] }>("GET", `/v1/audit?${q.toString()}`);
+        records.forEach(print);
+        return;
+      }
+      q.set("follow", "1");
+      const res = await client(cmd).stream("GET", `/v1/audit?${q.toString()}`);
+      let buf = "";
+      for await (const chunk of res) {
+        buf += (chunk as Buffer).toString("utf8");
+        let nl: number;
+        while ((nl = buf.indexOf("\n")) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          if (line) print(JSON.parse(line) as AuditRecord);
+        }
+      }
+    });
+  audit
+    .command("show")
+    .description("print every audit record of one phase")
+    .argument("<phase>", "phase id")
+    .option("--json", "print the records as a JSON array")
+    .action(async (phaseId: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      await api.request("GET", `/v1/phases/${encodeURIComponent(phaseId)}`); // 404 for an unknown phase
+      const { records } = await api.request<{ records: AuditRecord[] }>("GET", `/v1/audit?phase=${encodeURIComponent(phaseId)}`);
+      if (opts.json) return printJson(records);
+      for (const r of records) process.stdout.write(renderRecord(r) + "\n");
+    });
+  audit
+    .command("verify")
+    .description("check the hash chain and its anchor: names the first bad record, or says the chain is intact up to N")
+    .option("--state-dir <dir>", "verify the files in this state dir directly, without the daemon")
+    .option("--json", "print the result as JSON")
+    .action(async (opts: { stateDir?: string; json?: boolean }, cmd: Command) => {
+      const { verifyJournal, describeVerifyResult } = await import("../audit/verify.js");
+      const result = opts.stateDir
+        ? await verifyJournal(path.resolve(opts.stateDir))
+        : (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
+      if (opts.json) printJson(result);
+      else process.stdout.write(describeVerifyResult(result) + "\n");
+      if (!result.ok) throw new CliExit(EXIT.error);
+    });
+
   prog
     .command("logs")
     .description("print a phase's container logs (the shim's own log); -f follows them live")
@@ -288,6 +362,22 @@ function program(): Command {
     });
 
   return prog;
+}
+
+/** One audit record as a line: seq, time, phase, type, then its decision and the most telling fields. */
+function renderRecord(r: AuditRecord): string {
+  const f = r as Record<string, unknown>;
+  const what = typeof f.command === "string" ? f.command : Array.isArray(f.argv) ? quoteArgv(f.argv as string[]) : "";
+  const bits = [
+    typeof f.decision === "string" ? String(f.decision).toUpperCase() : "",
+    r.rule ? `${r.rule}` : "",
+    typeof f.exitCode === "number" || f.exitCode === null && "signal" in f ? `exit=${f.exitCode ?? f.signal}` : "",
+    f.timedOut === true ? "timeout" : "",
+    typeof f.approval === "string" ? String(f.approval) : "",
+    typeof f.reason === "string" && r.type.startsWith("phase.") ? String(f.reason) : "",
+    what ? escapeControl(what) : "",
+  ].filter(Boolean);
+  return `${String(r.seq).padStart(6)}  ${r.ts}  ${r.phase ?? "-".padEnd(15)}  ${r.type.padEnd(16)} ${bits.join("  ")}`;
 }
 
 async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {

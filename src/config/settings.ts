@@ -5,6 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
+import { DEFAULT_POLICY_FILE } from "../policy/load.js";
 
 export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
 
@@ -16,6 +17,8 @@ export interface Settings {
   shimConnectTimeoutMs: number;
   /** bare program names allowed on top of the SKILLS.md whitelist (operator's choice) */
   extraAllow: string[];
+  /** the policy every phase runs under (policies/default.yaml unless SANDBOXD_POLICY says otherwise) */
+  policyFile: string;
   /** build_audit.log at the project root (mounted read-only in the sandbox) or in the state dir */
   buildLog: "project" | "state";
 }
@@ -49,12 +52,13 @@ const settingsSchema = z
     logLevel: z.enum(["fatal", "error", "warn", "info", "debug", "trace"]),
     shimConnectTimeoutMs: z.number().int().min(1000).max(600_000),
     buildLog: z.enum(["project", "state"]),
+    policyFile: z.string().min(1),
     extraAllow: z.array(z.string().regex(/^[\w.+-]+$/, "SANDBOXD_EXTRA_ALLOW takes bare program names separated by commas")),
   })
   .strict();
 
 export function resolveSettings(
-  flags: { socket?: string; stateDir?: string },
+  flags: { socket?: string | undefined; stateDir?: string | undefined; policy?: string | undefined },
   env: NodeJS.ProcessEnv = process.env,
 ): Settings {
   const raw = {
@@ -64,6 +68,7 @@ export function resolveSettings(
     logLevel: env.SANDBOXD_LOG_LEVEL || "info",
     shimConnectTimeoutMs: env.SANDBOXD_SHIM_TIMEOUT_MS ? Number(env.SANDBOXD_SHIM_TIMEOUT_MS) : 30_000,
     buildLog: env.SANDBOXD_BUILD_LOG || "project",
+    policyFile: path.resolve(flags.policy ?? (env.SANDBOXD_POLICY || DEFAULT_POLICY_FILE)),
     extraAllow: (env.SANDBOXD_EXTRA_ALLOW ?? "")
       .split(",")
       .map((p) => p.trim())

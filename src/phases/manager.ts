@@ -14,15 +14,21 @@ import { realpath, stat } from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import type { Logger } from "pino";
+import { constants as fsc } from "node:fs";
+import { open as openFile } from "node:fs/promises";
+import dotenv from "dotenv";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
-import { actionLine, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
+import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
+import type { AuditEvent, AuditJournal } from "../audit/journal.js";
+import { Redactor, findSecrets, secretsFromDotenv, variants } from "../audit/redact.js";
 import { ApprovalQueue, type Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
-import { defaultLimits, type PhaseLimits } from "../policy/limits.js";
-import { evaluateArgv, type Verdict } from "../policy/shell.js";
+import { PARSE_RULE_ID, combine, evaluateCommand, loadPolicy, type Policy, type Verdict } from "../policy/index.js";
+import type { PhaseLimits } from "../policy/limits.js";
 import { LABELS, type ContainerRuntime } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
 import type { Clock, IdSource } from "../util/clock.js";
+import { PhaseRecorder } from "./recorder.js";
 import { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
@@ -39,6 +45,10 @@ export interface ManagerOptions {
   /** operator's additions to the whitelist (settings.extraAllow) */
   extraAllow?: readonly string[];
   approvals: ApprovalQueue;
+  /** the hash-chained audit.jsonl: every decision is recorded here before it is acted on */
+  journal: AuditJournal;
+  /** the daemon's policy; a getter, so a reload (SIGHUP) applies to the next decision */
+  policy: () => Policy;
   /** where build_audit.log lives: the project root (default, mounted read-only in the sandbox) or the state dir */
   buildLogLocation?: "project" | "state";
 }
@@ -47,22 +57,28 @@ export interface StartRequest {
   project: string;
   phase: string;
   mode: PhaseMode;
+  /** a stricter policy file (host path) for this phase; it can only narrow the daemon's */
+  policy?: string | undefined;
 }
 
+/** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
 export interface ExecRequest {
-  argv: string[];
-  timeoutMs?: number;
-  reason?: string;
+  argv?: string[] | undefined;
+  command?: string | undefined;
+  timeoutMs?: number | undefined;
+  reason?: string | undefined;
 }
 
+/** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
-  stdout(chunk: Buffer): void;
-  stderr(chunk: Buffer): void;
+  stdout(text: string): void;
+  stderr(text: string): void;
 }
 
 export interface ExecResult {
   phaseId: string;
-  argv: string[];
+  argv: string[] | null;
+  command: string | null;
   exitCode: number | null;
   signal: string | null;
   timedOut: boolean;
@@ -86,13 +102,22 @@ export interface ReconcileReport {
 interface LivePhase {
   record: PhaseRecord;
   channel: ShimChannel | null;
-  audit: BuildLog;
-  limits: PhaseLimits;
+  rec: PhaseRecorder;
+  /** the phase's own stricter policy, if any (combined with the daemon's at each decision) */
+  phasePolicy: Policy | null;
+  /** the project's .env, passed to every command (SKILLS.md Credential Handling: "Read: Environment variables from .env") */
+  dotenv: Record<string, string>;
 }
 
+/** Names a project's .env cannot set for commands: the sandbox's own plumbing. */
+const RESERVED_ENV = /^(PATH|HOME|LANG|SANDBOXD_.*|LD_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP)$/;
+
 /** Environment of every command (the shim gives commands nothing of its own). */
-function commandEnv(record: PhaseRecord): Record<string, string> {
+function commandEnv(record: PhaseRecord, fromDotenv: Record<string, string> = {}): Record<string, string> {
+  const base: Record<string, string> = {};
+  for (const [k, v] of Object.entries(fromDotenv)) if (!RESERVED_ENV.test(k)) base[k] = v;
   return {
+    ...base,
     PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     HOME: "/tmp",
     LANG: "C.UTF-8",
@@ -104,22 +129,39 @@ function commandEnv(record: PhaseRecord): Record<string, string> {
   };
 }
 
-/** Keeps the first `cap` bytes of a stream and counts the rest. */
-class CappedBuffer {
-  private parts: Buffer[] = [];
+/** Keeps the first `cap` UTF-8 bytes of a stream's (scrubbed) text; `total` counts the command's raw bytes. */
+class CappedText {
+  private parts: string[] = [];
   kept = 0;
   total = 0;
+  truncated = false;
   constructor(private readonly cap: number) {}
-  push(chunk: Buffer): void {
-    this.total += chunk.length;
-    const room = this.cap - this.kept;
-    if (room <= 0) return;
-    const part = chunk.length <= room ? chunk : chunk.subarray(0, room);
-    this.parts.push(Buffer.from(part));
-    this.kept += part.length;
+  count(rawBytes: number): void {
+    this.total += rawBytes;
   }
-  text(limit = this.cap): string {
-    return Buffer.concat(this.parts).subarray(0, limit).toString("utf8");
+  push(text: string): void {
+    if (text === "") return;
+    const room = this.cap - this.kept;
+    if (room <= 0) {
+      this.truncated = true;
+      return;
+    }
+    const bytes = Buffer.byteLength(text);
+    if (bytes <= room) {
+      this.parts.push(text);
+      this.kept += bytes;
+      return;
+    }
+    // cut at a character boundary within the room left
+    const cut = Buffer.from(text).subarray(0, room).toString("utf8").replace(/\uFFFD$/, "");
+    this.parts.push(cut);
+    this.kept += Buffer.byteLength(cut);
+    this.truncated = true;
+  }
+  text(limitBytes = this.cap): string {
+    const all = this.parts.join("");
+    if (limitBytes >= this.kept) return all;
+    return Buffer.from(all).subarray(0, limitBytes).toString("utf8").replace(/\uFFFD$/, "");
   }
 }
 
@@ -165,12 +207,15 @@ export class PhaseManager {
     this.assertServing();
     const project = await resolveProject(req.project);
     const owner = await stat(project);
+    // A phase policy is read and validated before anything exists.
+    const phasePolicy = req.policy ? await loadPolicy(req.policy) : null;
     if (!(await this.opts.runtime.imageExists(this.opts.image))) {
       throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${this.opts.image} is not in the Docker engine`);
     }
+    const { vars: env, text: envText } = await readDotenv(project, owner.uid);
     const id = this.opts.ids.phaseId();
     const token = this.opts.ids.token();
-    const limits = defaultLimits(req.mode);
+    const limits = this.policyFor(phasePolicy).limits[req.mode];
     const inProject = (this.opts.buildLogLocation ?? "project") === "project";
     const buildLog = inProject ? path.join(project, BUILD_LOG_NAME) : this.store.buildLogPath(id);
     // Opened (and checked) before anything else exists, so an unsafe path leaves nothing behind.
@@ -189,11 +234,18 @@ export class PhaseManager {
       gid: owner.gid,
       createdAt: timestamp(this.opts.clock.now()),
       stoppedAt: null,
+      policyFile: req.policy ?? null,
       buildLog,
       endReason: null,
     };
     await this.store.create(record, token);
-    const live: LivePhase = { record, channel: null, audit: audit ?? (await this.buildLogs.acquire(buildLog, id)), limits };
+    const live: LivePhase = {
+      record,
+      channel: null,
+      rec: this.recorder(record, audit ?? (await this.buildLogs.acquire(buildLog, id)), envText, env),
+      phasePolicy,
+      dotenv: env,
+    };
     this.phases.set(id, live);
     try {
       live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
@@ -229,10 +281,24 @@ export class PhaseManager {
       await live.channel.waitReady(this.connectTimeoutMs);
       record.state = "running";
       await this.store.save(record);
-      await live.audit.append([
-        actionLine(timestamp(this.opts.clock.now()), "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
-        `[${timestamp(this.opts.clock.now())}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}`,
-      ]);
+      const ts = timestamp(this.opts.clock.now());
+      await live.rec.record(
+        {
+          type: "phase.start",
+          name: record.name,
+          mode: record.mode,
+          project,
+          uid: record.uid,
+          gid: record.gid,
+          image: record.image,
+          container: record.containerId,
+          policyFile: record.policyFile,
+        },
+        [
+          actionLine(ts, "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
+          `[${ts}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
+        ],
+      );
       this.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
       return this.view(record);
     } catch (err) {
@@ -247,12 +313,34 @@ export class PhaseManager {
     }
   }
 
+  /** The effective policy: the daemon's, narrowed by the phase's own when it has one. */
+  private policyFor(phasePolicy: Policy | null): Policy {
+    const base = this.opts.policy();
+    return phasePolicy ? combine(base, phasePolicy) : base;
+  }
+
+  private limitsOf(live: LivePhase): PhaseLimits {
+    return this.policyFor(live.phasePolicy).limits[live.record.mode];
+  }
+
+  private recorder(record: PhaseRecord, log: BuildLog, envText: string, env: Record<string, string>): PhaseRecorder {
+    // Every value the commands get that could be a secret is scrubbed from every record.
+    const findings = [...secretsFromDotenv(envText), ...findSecrets(commandEnv(record, env), "env")];
+    const secrets = new Set<string>();
+    for (const f of findings) for (const v of variants(f.value)) secrets.add(v);
+    const redactor = new Redactor(secrets, {
+      onWarning: (m) => this.opts.log.warn({ phase: record.id }, m),
+    });
+    return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
+  }
+
   /* --------------------------------- exec -------------------------------- */
 
   async exec(id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
     this.assertServing();
     const live = await this.running(id);
-    const { limits, record } = live;
+    const { record, rec } = live;
+    const limits = this.limitsOf(live);
     const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
     if (timeoutMs > limits.maxTimeoutMs) {
       throw new SandboxdError(
@@ -260,32 +348,44 @@ export class PhaseManager {
         `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
       );
     }
-    let verdict: Verdict = evaluateArgv(req.argv, { extraAllow: this.extraAllow });
-    const cmd = quoteArgv(req.argv);
+    const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
+    let verdict: Verdict = evaluateCommand(this.policyFor(live.phasePolicy), input, { extraAllow: this.extraAllow });
+    // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
+    const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
     const ts = () => timestamp(this.opts.clock.now());
-    const key = { argv: req.argv };
+    const key = { argv: req.argv, command: req.command };
+    const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
 
-    // An `ask` the operator already approved for exactly this command runs once.
+    // An `ask` a human already approved for exactly this command runs once.
     let approval: Approval | null = null;
     if (verdict.decision === "ask") {
       approval = await this.opts.approvals.consume(id, key);
       if (approval) {
-        verdict = {
-          decision: "allow",
-          ruleId: verdict.ruleId,
-          clause: verdict.clause,
-          reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})`,
-        };
+        verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
       }
     }
 
-    // The verdict is on disk before anything runs.
+    // The verdict is on disk, in both records, before anything runs.
     const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
     const approvalNote = approval ? ` approval=${approval.id}` : "";
-    await live.audit.append([
-      `[${ts()}] SHELL_EXEC: ${actionTarget(cmd)}`,
-      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
-    ]);
+    await rec.record(
+      {
+        type: "exec.verdict",
+        ...what,
+        decision: verdict.decision,
+        rule: verdict.ruleId,
+        clause: verdict.clause,
+        reason: verdict.reason,
+        parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
+        approval: approval?.id ?? null,
+        requestReason: req.reason ?? null,
+        timeoutMs,
+      },
+      [
+        `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
+        actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
+      ],
+    );
     if (verdict.decision === "ask") {
       const { approval: pending, created } = await this.opts.approvals.request(id, key, {
         ruleId: verdict.ruleId,
@@ -294,19 +394,24 @@ export class PhaseManager {
         requestReason: req.reason,
       });
       if (created) {
-        await live.audit.append([actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)]);
+        await rec.record(
+          { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason },
+          [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)],
+        );
         this.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
       }
-      throw policyError(verdict, cmd, pending.id);
+      throw policyError(verdict, cmd, rec, pending.id);
     }
-    if (verdict.decision !== "allow") throw policyError(verdict, cmd);
+    if (verdict.decision !== "allow") throw policyError(verdict, cmd, rec);
 
     const channel = live.channel;
     if (!channel?.connected) {
       throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
     }
-    const out = new CappedBuffer(limits.outputCapBytes);
-    const err = new CappedBuffer(limits.outputCapBytes);
+    const out = new CappedText(limits.outputCapBytes);
+    const err = new CappedText(limits.outputCapBytes);
+    const outText = rec.outputStream();
+    const errText = rec.outputStream();
     const started = this.opts.clock.monotonicMs();
 
     const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
@@ -331,9 +436,9 @@ export class PhaseManager {
         };
         execId = channel.exec(
           {
-            argv: req.argv,
+            argv: verdict.execArgv,
             cwd: SHIM_PATHS.workspace,
-            env: commandEnv(record),
+            env: commandEnv(record, live.dotenv),
             timeoutMs,
             killGraceMs: limits.killGraceMs,
             uid: record.uid,
@@ -342,12 +447,16 @@ export class PhaseManager {
           {
             onStarted: () => undefined,
             onStdout: (c) => {
-              out.push(c);
-              sink?.stdout(c);
+              out.count(c.length);
+              const text = outText.push(c);
+              out.push(text);
+              if (text) sink?.stdout(text);
             },
             onStderr: (c) => {
-              err.push(c);
-              sink?.stderr(c);
+              err.count(c.length);
+              const text = errText.push(c);
+              err.push(text);
+              if (text) sink?.stderr(text);
             },
             onExit: (exit) => finish(() => resolve({ exit })),
             onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
@@ -359,11 +468,22 @@ export class PhaseManager {
         else abort?.addEventListener("abort", onAbort, { once: true });
       },
     ).catch(async (e: unknown) => {
-      await live.audit
-        .append([actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`)])
+      await rec
+        .record({ type: "exec.error", ...what, error: (e as Error).message }, [
+          actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
+        ])
         .catch(() => undefined);
       throw e;
     });
+    // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
+    for (const [buf, stream, toSink] of [
+      [out, outText, sink?.stdout.bind(sink)],
+      [err, errText, sink?.stderr.bind(sink)],
+    ] as const) {
+      const rest = stream.end();
+      buf.push(rest);
+      if (rest) toSink?.(rest);
+    }
 
     const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
     let exitCode: number | null;
@@ -372,7 +492,7 @@ export class PhaseManager {
     if (outcome.spawnError) {
       // Same convention as a shell: 127 not found, 126 not executable.
       exitCode = outcome.spawnError.code === "ENOENT" ? 127 : 126;
-      err.push(Buffer.from(`sandboxd: cannot run ${req.argv[0]}: ${outcome.spawnError.message}\n`));
+      err.push(rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`));
     } else {
       const exit = outcome.exit!;
       exitCode = exit.exitCode;
@@ -388,16 +508,33 @@ export class PhaseManager {
           ? `KILLED ${signal}`
           : `FAIL exit ${exitCode}`;
     const auditCap = limits.auditOutputCapBytes;
-    await live.audit.append([
-      `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
-      ...renderOutput(ts(), "STDOUT", out.text(auditCap), Math.max(0, out.total - Math.min(out.kept, auditCap))),
-      ...renderOutput(ts(), "STDERR", err.text(auditCap), Math.max(0, err.total - Math.min(err.kept, auditCap))),
-      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
-    ]);
+    const auditOut = out.text(auditCap);
+    const auditErr = err.text(auditCap);
+    const notKept = (b: CappedText, kept: string) => Math.max(0, b.total - Buffer.byteLength(kept));
+    await rec.record(
+      {
+        type: "exec.result",
+        ...what,
+        exitCode,
+        signal,
+        timedOut,
+        durationMs,
+        stdoutBytes: out.total,
+        stderrBytes: err.total,
+        stdout: auditOut,
+        stderr: auditErr,
+      },
+      [
+        `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
+        ...renderOutput(ts(), "STDOUT", auditOut, notKept(out, auditOut)),
+        ...renderOutput(ts(), "STDERR", auditErr, notKept(err, auditErr)),
+        actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
+      ],
+    );
 
     return {
       phaseId: id,
-      argv: req.argv,
+      ...what,
       exitCode,
       signal,
       timedOut,
@@ -406,8 +543,8 @@ export class PhaseManager {
       stderr: err.text(),
       stdoutBytes: out.total,
       stderrBytes: err.total,
-      stdoutTruncated: out.total > out.kept,
-      stderrTruncated: err.total > err.kept,
+      stdoutTruncated: out.truncated,
+      stderrTruncated: err.truncated,
       outputCapBytes: limits.outputCapBytes,
       rule: { id: verdict.ruleId, clause: verdict.clause },
     };
@@ -423,8 +560,8 @@ export class PhaseManager {
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
     }
     const a = await this.opts.approvals.decide(approvalId, decision, note);
-    const cmd = a.argv ? quoteArgv(a.argv) : (a.command ?? "");
-    await live.audit.append([
+    const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : (a.command ?? ""));
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, note: note ?? null }, [
       actionLine(
         timestamp(this.opts.clock.now()),
         "APPROVAL",
@@ -490,14 +627,14 @@ export class PhaseManager {
     record.endReason = why;
     await this.store.save(record);
     const ts = timestamp(this.opts.clock.now());
-    await live.audit
-      .append([
+    await live.rec
+      .record({ type: state === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running }, [
         actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
         state === "stopped"
           ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}`
           : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
       ])
-      .catch(() => undefined);
+      .catch((e: Error) => this.opts.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
     await this.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
     this.phases.delete(record.id);
     this.opts.log.info({ phase: record.id, state, why }, "phase ended");
@@ -530,21 +667,17 @@ export class PhaseManager {
         const record = byId.get(id);
         const alive = record && (record.state === "running" || record.state === "starting") && c.running;
         if (record && alive) {
-          const live: LivePhase = {
-            record: { ...record, containerId: c.id },
-            channel: null,
-            audit: await this.reopenAudit(record),
-            limits: defaultLimits(record.mode),
-          };
+          const live = await this.revive({ ...record, containerId: c.id });
           this.phases.set(id, live);
           try {
+            if (live.record.state === "failed") throw new Error(live.record.endReason ?? "phase policy unreadable");
             const token = await this.store.token(id);
             live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
             await live.channel.listen();
             await live.channel.waitReady(this.connectTimeoutMs);
             live.record.state = "running";
             await this.store.save(live.record);
-            await live.audit.append([
+            await live.rec.record({ type: "phase.readopt", name: record.name }, [
               actionLine(timestamp(this.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${id})`, "daemon restarted; shim reconnected"),
             ]);
             report.readopted.push(id);
@@ -557,12 +690,7 @@ export class PhaseManager {
         }
         // A container with no live record: keep what can be kept, then remove it.
         if (record) {
-          const live: LivePhase = {
-            record: { ...record, containerId: c.id },
-            channel: null,
-            audit: await this.reopenAudit(record),
-            limits: defaultLimits(record.mode),
-          };
+          const live = await this.revive({ ...record, containerId: c.id });
           const why = c.running ? `record says ${record.state}` : `container had ${c.state}`;
           await this.finish(live, record.state === "stopped" ? "stopped" : "failed", `reaped after daemon restart (${why})`);
           report.reaped.push({ id, reason: why });
@@ -575,12 +703,7 @@ export class PhaseManager {
 
     for (const r of records) {
       if ((r.state === "running" || r.state === "starting" || r.state === "stopping") && !seen.has(r.id)) {
-        const live: LivePhase = {
-          record: { ...r, containerId: null },
-          channel: null,
-          audit: await this.reopenAudit(r),
-          limits: defaultLimits(r.mode),
-        };
+        const live = await this.revive({ ...r, containerId: null });
         await this.finish(live, "failed", "container vanished while the daemon was down");
         report.lost.push(r.id);
       }
@@ -589,6 +712,27 @@ export class PhaseManager {
       this.opts.log.info(report, "reconciled phases after restart");
     }
     return report;
+  }
+
+  /**
+   * A phase's in-memory state rebuilt from its record after a restart. A phase
+   * whose own policy can no longer be read is not re-adopted with a wider one:
+   * revive throws and the caller ends the phase.
+   */
+  private async revive(record: PhaseRecord): Promise<LivePhase> {
+    const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
+    const log = await this.reopenAudit(record);
+    const live: LivePhase = { record, channel: null, rec: this.recorder(record, log, text, vars), phasePolicy: null, dotenv: vars };
+    if (record.policyFile) {
+      try {
+        live.phasePolicy = await loadPolicy(record.policyFile);
+      } catch (err) {
+        // Keep the phase closed to commands: record why, let the caller reap it.
+        live.record.state = "failed";
+        live.record.endReason = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
+      }
+    }
+    return live;
   }
 
   /**
@@ -623,6 +767,9 @@ export class PhaseManager {
 
   private assertServing(): void {
     if (this.shuttingDown) throw new SandboxdError("SBX_ERR_SHUTTING_DOWN", "the daemon is shutting down");
+    // Fail closed: nothing is done that cannot be recorded.
+    const failed = this.opts.journal.failed;
+    if (failed) throw failed;
   }
 
   private async running(id: string): Promise<LivePhase> {
@@ -639,21 +786,19 @@ function notFound(id: string): SandboxdError {
   return new SandboxdError("SBX_ERR_PHASE_NOT_FOUND", `no phase with id ${id}`);
 }
 
-function actionTarget(cmd: string): string {
-  // quoteArgv already single-quotes anything unusual; escape what is left so the line stays one line.
-  return cmd.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (ch) => `\\x${ch.charCodeAt(0).toString(16).padStart(2, "0")}`);
-}
 
-function policyError(verdict: Verdict, cmd: string, approvalId?: string): SandboxdError {
+function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approvalId?: string): SandboxdError {
   const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision, ...(approvalId ? { approvalId } : {}) };
+  const reason = rec.redact(verdict.reason);
   if (verdict.decision === "forbid") {
-    return new SandboxdError("SBX_ERR_POLICY_DENIED", `policy denied \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`, {
+    const code = verdict.ruleId === PARSE_RULE_ID ? "SBX_ERR_COMMAND_PARSE" : "SBX_ERR_POLICY_DENIED";
+    return new SandboxdError(code, `policy denied \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`, {
       details,
     });
   }
   return new SandboxdError(
     "SBX_ERR_POLICY_NEEDS_APPROVAL",
-    `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${verdict.reason}`,
+    `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`,
     {
       hint: approvalId
         ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
@@ -661,6 +806,37 @@ function policyError(verdict: Verdict, cmd: string, approvalId?: string): Sandbo
       details,
     },
   );
+}
+
+/**
+ * The project's .env, read without trusting the project: the agent could have
+ * replaced it with a symlink to a file only root may read, and the daemon
+ * (root) must not pass that file's contents to the agent's commands.
+ */
+async function readDotenv(project: string, ownerUid: number): Promise<{ vars: Record<string, string>; text: string }> {
+  let fh;
+  try {
+    fh = await openFile(path.join(project, ".env"), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return { vars: {}, text: "" };
+    if (code === "ELOOP") throw new SandboxdError("SBX_ERR_VALIDATION", `${project}/.env is a symbolic link; sandboxd reads only a regular .env file`, {
+      hint: "replace the link with the file itself",
+    });
+    throw err;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || (st.uid !== ownerUid && st.uid !== 0) || st.size > 1024 * 1024) {
+      throw new SandboxdError("SBX_ERR_VALIDATION", `${project}/.env must be a regular file under 1 MiB owned by the project's owner`, {
+        hint: "fix the file's type, owner or size",
+      });
+    }
+    const text = await fh.readFile("utf8");
+    return { vars: dotenv.parse(text), text };
+  } finally {
+    await fh.close();
+  }
 }
 
 async function resolveProject(project: string): Promise<string> {

@@ -22,6 +22,8 @@ export const phaseRecordSchema = z
     gid: z.number().int(),
     createdAt: z.string(),
     stoppedAt: z.string().nullable(),
+    /** the stricter policy file this phase runs under, on top of the daemon's (null: the daemon's alone) */
+    policyFile: z.string().nullable(),
     /** the phase's build_audit.log (the project root's by default) */
     buildLog: z.string(),
     /** why the phase ended, when it did not end by an operator's stop */

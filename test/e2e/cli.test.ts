@@ -19,6 +19,7 @@ import {
   spawnDaemon,
   tempDir,
   waitExit,
+  writeScript,
 } from "../helpers/sandbox.js";
 
 let stateDir: string;
@@ -79,14 +80,14 @@ describe("sandboxd CLI", () => {
 
   it("exec streams output and exits with the command's exit code, 124 at timeout, 126 when refused", async () => {
     const p = await startPhase();
-    const ok = await cli(["exec", p.id, "--", "python3", "-c", "import sys; print('hello'); print('oops', file=sys.stderr); sys.exit(3)"], {
+    const ok = await cli(["exec", p.id, "--", "python3", await writeScript(p.project, "import sys; print('hello'); print('oops', file=sys.stderr); sys.exit(3)")], {
       socket,
     });
     expect(ok.stdout).toBe("hello\n");
     expect(ok.stderr).toBe("oops\n");
     expect(ok.code).toBe(3);
 
-    const slow = await cli(["exec", p.id, "--timeout", "1", "--", "python3", "-c", "import time; time.sleep(30)"], { socket });
+    const slow = await cli(["exec", p.id, "--timeout", "1", "--", "python3", await writeScript(p.project, "import time; time.sleep(30)")], { socket });
     expect(slow.code).toBe(124);
     expect(slow.stderr).toMatch(/timeout/);
 
@@ -99,11 +100,11 @@ describe("sandboxd CLI", () => {
     expect(denied.code).toBe(126);
     expect(denied.stderr).toMatch(/policy denied `sudo id` \(rule shell\.forbidden\.privilege/);
 
-    const json = await cli(["exec", p.id, "--json", "--reason", "check", "--", "python3", "-c", "print(42)"], { socket });
+    const json = await cli(["exec", p.id, "--json", "--reason", "check", "--", "python3", await writeScript(p.project, "print(42)")], { socket });
     expect(json.code).toBe(0);
     expect(JSON.parse(json.stdout)).toMatchObject({ exitCode: 0, stdout: "42\n", timedOut: false });
 
-    const signalled = await cli(["exec", p.id, "--", "python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], { socket });
+    const signalled = await cli(["exec", p.id, "--", "python3", await writeScript(p.project, "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")], { socket });
     expect(signalled.code).toBe(128 + 15);
   });
 
@@ -133,7 +134,7 @@ describe("sandboxd CLI", () => {
     expect(logs.stdout).toMatch(/\S/);
     const follow = cli(["logs", "-f", p.id], { socket, timeoutMs: 60_000 });
     await new Promise((r) => setTimeout(r, 500));
-    await cli(["exec", p.id, "--", "python3", "-c", "print(1)"], { socket });
+    await cli(["exec", p.id, "--", "python3", await writeScript(p.project, "print(1)")], { socket });
     await cli(["phase", "stop", p.id], { socket });
     const followed = await follow;
     expect(followed.code).toBe(0);
@@ -201,7 +202,7 @@ describe("sandboxd CLI", () => {
     expect(out).toMatch(new RegExp(`re-adopted running phase.*${keep.id}|${keep.id}.*re-adopted running phase`));
     expect(out).toMatch(new RegExp(`${dies.id}`));
 
-    const r = await cli(["exec", keep.id, "--", "python3", "-c", "print('after restart')"], { socket });
+    const r = await cli(["exec", keep.id, "--", "python3", await writeScript(keep.project, "print('after restart')")], { socket });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe("after restart\n");
 

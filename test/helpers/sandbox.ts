@@ -68,6 +68,23 @@ async function chownTree(dir: string): Promise<void> {
   await chown(dir, OWNER.uid, OWNER.gid);
 }
 
+let scriptCount = 0;
+
+/**
+ * Writes Python code into the project as a script owned by the project's owner
+ * and returns its path relative to the project, for `python3 <path>`: the way
+ * an agent runs code (the default policy sends inline `python -c` to a human).
+ */
+export async function writeScript(project: string, code: string): Promise<string> {
+  const dir = path.join(project, "sbx_scripts");
+  await mkdir(dir, { recursive: true });
+  await chown(dir, OWNER.uid, OWNER.gid);
+  const rel = path.join("sbx_scripts", `s${process.pid}_${++scriptCount}.py`);
+  await writeFile(path.join(project, rel), code + "\n");
+  await chown(path.join(project, rel), OWNER.uid, OWNER.gid);
+  return rel;
+}
+
 export interface TestDaemon {
   daemon: RunningDaemon;
   api: ApiClient;

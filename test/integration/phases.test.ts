@@ -17,6 +17,7 @@ import {
   makeProject,
   removeDir,
   tempDir as tempDirFor,
+  writeScript,
   requireEngineAndImage,
   startTestDaemon,
   type TestDaemon,
@@ -34,8 +35,10 @@ async function exec(argv: string[], extra: { timeoutMs?: number; phaseId?: strin
   return result;
 }
 
-async function py(code: string, extra: { timeoutMs?: number; phaseId?: string } = {}): Promise<ExecResult> {
-  return exec(["python3", "-c", code], extra);
+/** Runs Python code as the agent would: a script in the project, then `python3 <script>`. */
+async function py(code: string, extra: { timeoutMs?: number; phaseId?: string; project?: string } = {}): Promise<ExecResult> {
+  const script = await writeScript(extra.project ?? project, code);
+  return exec(["python3", script], extra);
 }
 
 /** The container's processes as Docker sees them (from outside the sandbox). */
@@ -74,7 +77,7 @@ describe("phase lifecycle", () => {
     expect(phase.state).toBe("running");
     expect(phase.id).toMatch(/^ph_[0-9a-f]{12}$/);
     expect(phase.uid).toBe(OWNER.uid);
-    const r = await exec(["python3", "-c", "import os; print(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())"]);
+    const r = await py("import os; print(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())");
     expect(r.exitCode).toBe(0);
     expect(r.stdout.trim()).toBe(`${OWNER.uid} ${OWNER.gid} [] /workspace`);
     const listed = await t.api.request<{ phases: PhaseView[] }>("GET", "/v1/phases");
@@ -107,7 +110,7 @@ describe("phase lifecycle", () => {
 
   it("streams NDJSON output and an exit event", async () => {
     const res = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, {
-      argv: ["python3", "-c", "import sys; print('out1'); print('err1', file=sys.stderr); print('out2')"],
+      argv: ["python3", await writeScript(project, "import sys; print('out1'); print('err1', file=sys.stderr); print('out2')")],
     });
     let body = "";
     for await (const c of res) body += (c as Buffer).toString();
@@ -133,22 +136,23 @@ describe("mediated exec", () => {
 
   it("writes SHELL_EXEC, RETURN_CODE, STDOUT and STDERR to the audit trail before answering", async () => {
     const marker = `audit-${Date.now()}`;
-    await exec(["python3", "-c", `import sys; print('${marker}'); print('warn-${marker}', file=sys.stderr); sys.exit(4)`]);
+    await py(`import sys; print('${marker}'); print('warn-${marker}', file=sys.stderr); sys.exit(4)`);
     const log = await readFile(phase.buildLog, "utf8");
     const lines = log.split("\n");
-    const start = lines.findIndex((l) => l.includes("SHELL_EXEC:") && l.includes(marker));
+    const outLine = lines.findIndex((l) => l.includes(`STDOUT: ${marker}`));
+    const start = lines.slice(0, outLine).findLastIndex((l) => l.includes("SHELL_EXEC:"));
     expect(start).toBeGreaterThanOrEqual(0);
     const block = lines.slice(start, start + 8).join("\n");
-    expect(block).toMatch(/^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] SHELL_EXEC: python3 -c /m);
+    expect(block).toMatch(/^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] SHELL_EXEC: python3 sbx_scripts\/s\d+_\d+\.py$/m);
     expect(block).toMatch(/\] RETURN_CODE: 4$/m);
     expect(block).toMatch(new RegExp(`\\] STDOUT: ${marker}$`, "m"));
     expect(block).toMatch(new RegExp(`\\] STDERR: warn-${marker}$`, "m"));
-    expect(block).toMatch(/\[SHELL\] \[EXEC\] \[python3 -c .*\] \[FAIL exit 4\]/);
+    expect(block).toMatch(/\[SHELL\] \[EXEC\] \[python3 sbx_scripts\/.*\] \[FAIL exit 4\]/);
   });
 
   it("keeps the audit trail one line per record when output tries to forge lines", async () => {
     const forged = "[2020-01-01T00:00:00.000Z] RETURN_CODE: 0";
-    await exec(["python3", "-c", `print('first'); print(${JSON.stringify(forged)}); print('\\x1b[31mred\\x1b[0m')`]);
+    await py(`print('first'); print(${JSON.stringify(forged)}); print('\\x1b[31mred\\x1b[0m')`);
     const log = await readFile(phase.buildLog, "utf8");
     // Every line either starts with a timestamp the daemon wrote, or is an indented continuation.
     for (const line of log.split("\n").filter(Boolean)) {
@@ -189,7 +193,7 @@ describe("mediated exec", () => {
 
   it("streams every byte of a large output", async () => {
     const res = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, {
-      argv: ["python3", "-c", "import sys\nfor i in range(200000): sys.stdout.write('%08d\\n' % i)"],
+      argv: ["python3", await writeScript(project, "import sys\nfor i in range(200000): sys.stdout.write('%08d\\n' % i)")],
     });
     let buf = "";
     let stdout = "";
@@ -225,7 +229,7 @@ describe("mediated exec", () => {
     });
     try {
       const code = (tag: string) => `import time; time.sleep(1.0); print("${tag}", open("services/calc.py").read().count("def"))`;
-      const [a, b] = await Promise.all([py(code("tagA")), py(code("tagB"), { phaseId: p2.id })]);
+      const [a, b] = await Promise.all([py(code("tagA")), py(code("tagB"), { phaseId: p2.id, project: other })]);
       expect(a.stdout.trim()).toBe("tagA 1");
       expect(b.stdout.trim()).toBe("tagB 1");
       const logB = await readFile(p2.buildLog, "utf8");
@@ -450,7 +454,9 @@ describe("bad input leaves nothing behind", () => {
       [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: [""] })), 400, "SBX_ERR_VALIDATION"],
       [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: ["pytest"], timeoutMs: 10_000_000 })), 400, "SBX_ERR_TIMEOUT_RANGE"],
       [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ argv: ["pytest"], timeoutMs: -5 })), 400, "SBX_ERR_VALIDATION"],
-      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ command: "pytest" })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ command: "pytest", argv: ["pytest"] })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", `/v1/phases/${phase.id}/exec`, JSON.stringify({ reason: "nothing to run" })), 400, "SBX_ERR_VALIDATION"],
+      [raw("POST", "/v1/phases", JSON.stringify({ project, phase: "x", mode: "test", policy: "/nonexistent/policy.yaml" })), 400, "SBX_ERR_POLICY_INVALID"],
       [raw("POST", "/v1/phases/ph_000000000000/exec", JSON.stringify({ argv: ["pytest"] })), 404, "SBX_ERR_PHASE_NOT_FOUND"],
       [raw("GET", "/v1/nothing-here", ""), 404, "SBX_ERR_NOT_FOUND"],
     ];
@@ -462,7 +468,7 @@ describe("bad input leaves nothing behind", () => {
     expect(await snapshot()).toEqual(before);
     await removeDir(rootOwned);
     // and the daemon keeps serving
-    expect((await exec(["python3", "-c", "print(1)"])).stdout).toBe("1\n");
+    expect((await py("print(1)")).stdout).toBe("1\n");
   });
 
   it("will not write its audit trail through a symlink or into a file someone else made", async () => {
@@ -504,7 +510,7 @@ describe("bad input leaves nothing behind", () => {
     const other = await makeProject();
     const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: other, phase: "p", mode: "paper" });
     try {
-      const r = await exec(["python3", "-c", "print('feed')"], { phaseId: p2.id, timeoutMs: 300_000 });
+      const r = await py("print('feed')", { phaseId: p2.id, project: other, timeoutMs: 300_000 });
       expect(r.exitCode).toBe(0);
       await expectCode(exec(["python3", "-c", "1"], { phaseId: p2.id, timeoutMs: 300_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
       await expectCode(exec(["python3", "-c", "1"], { timeoutMs: 60_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
@@ -529,7 +535,7 @@ describe("shim channel", () => {
       setTimeout(() => resolve(false), 8000);
     });
     expect(closed).toBe(true);
-    expect((await exec(["python3", "-c", "print('still here')"])).stdout).toBe("still here\n");
+    expect((await py("print('still here')")).stdout).toBe("still here\n");
   });
 
   it("run dir and socket are private to root", async () => {

@@ -1,0 +1,54 @@
+/**
+ * One place where a phase's events are recorded, so every call site does it
+ * the same way: the hash-chained journal first (the source of truth), then the
+ * human build_audit.log, both durable before `record` resolves — callers
+ * await it before acting on the decision it records. Every string passes the
+ * phase's secret redactor on the way in.
+ */
+import type { BuildLog } from "../audit/buildlog.js";
+import type { AuditEvent, AuditJournal, AuditRecord } from "../audit/journal.js";
+import { Redactor, StreamRedactor } from "../audit/redact.js";
+import { StringDecoder } from "node:string_decoder";
+
+export class PhaseRecorder {
+  constructor(
+    readonly phaseId: string,
+    private readonly journal: AuditJournal,
+    readonly build: BuildLog,
+    readonly redactor: Redactor,
+  ) {}
+
+  async record(event: AuditEvent, lines: readonly string[]): Promise<AuditRecord> {
+    const rec = await this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor });
+    await this.build.append(lines.map((l) => this.redactor.redact(l)));
+    return rec;
+  }
+
+  redact(text: string): string {
+    return this.redactor.redact(text);
+  }
+
+  /** Decoder + redactor for one output stream of one command. */
+  outputStream(): OutputText {
+    return new OutputText(this.redactor.size > 0 ? this.redactor.stream() : null);
+  }
+}
+
+/**
+ * Bytes of one output stream → UTF-8 text with secrets scrubbed, correct
+ * across chunk boundaries (a character or a secret split between chunks).
+ */
+export class OutputText {
+  private readonly decoder = new StringDecoder("utf8");
+  constructor(private readonly redactor: StreamRedactor | null) {}
+
+  push(chunk: Buffer): string {
+    const text = this.decoder.write(chunk);
+    return this.redactor ? this.redactor.push(text) : text;
+  }
+
+  end(): string {
+    const rest = this.decoder.end();
+    return this.redactor ? this.redactor.push(rest) + this.redactor.end() : rest;
+  }
+}
