@@ -140,7 +140,8 @@ describe("mediated exec", () => {
     const log = await readFile(phase.buildLog, "utf8");
     const lines = log.split("\n");
     const outLine = lines.findIndex((l) => l.includes(`STDOUT: ${marker}`));
-    const start = lines.slice(0, outLine).findLastIndex((l) => l.includes("SHELL_EXEC:"));
+    let start = outLine;
+    while (start >= 0 && !lines[start]!.includes("SHELL_EXEC:")) start--;
     expect(start).toBeGreaterThanOrEqual(0);
     const block = lines.slice(start, start + 8).join("\n");
     expect(block).toMatch(/^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] SHELL_EXEC: python3 sbx_scripts\/s\d+_\d+\.py$/m);
