@@ -534,7 +534,9 @@ export class PhaseManager {
 
     return {
       phaseId: id,
-      ...what,
+      // scrubbed like every other copy: the caller may have passed a secret as an argument
+      argv: what.argv?.map((a) => rec.redact(a)) ?? null,
+      command: what.command === null ? null : rec.redact(what.command),
       exitCode,
       signal,
       timedOut,
