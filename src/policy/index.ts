@@ -1,0 +1,43 @@
+/**
+ * The policy engine's public surface: SKILLS.md as a policy file
+ * (policies/default.yaml), loaded and validated once, and the judgment of
+ * commands against it.
+ */
+export {
+  DECISIONS,
+  DECISION_RANK,
+  ERROR_CATEGORIES,
+  policyFileSchema,
+  type CompiledRule,
+  type DatabasePolicy,
+  type Decision,
+  type ErrorCategory,
+  type FailFastPolicy,
+  type FilePathRule,
+  type FilePolicy,
+  type Policy,
+  type PolicyFile,
+  type ShellLayer,
+} from "./schema.js";
+export { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "./load.js";
+export {
+  MAX_SHELL_NESTING,
+  OPERATOR_RULE_ID,
+  PARSE_RULE_ID,
+  UNKNOWN_RULE_ID,
+  errorCodeFor,
+  evaluateCommand,
+  type CommandInput,
+  type EvaluateOptions,
+  type PartVerdict,
+  type Verdict,
+} from "./evaluate.js";
+export {
+  MAX_COMMAND_LENGTH,
+  initShellParser,
+  innerShellCommand,
+  isShellParserReady,
+  parseCommand,
+  type ParseResult,
+} from "./shellparse.js";
+export { defaultLimits, type PhaseLimits } from "./limits.js";

@@ -1,0 +1,341 @@
+/**
+ * The shape of a policy file (policies/*.yaml), validated with zod once when
+ * the policy loads, and the frozen Policy the rest of the daemon works with.
+ *
+ * Every object is strict: an unknown key is an error, not something ignored,
+ * so a misspelt `not_mach:` cannot silently drop a rule's self-test. Ceilings
+ * that SKILLS.md states as numbers (5-minute timeout, 10 MB files, 30 s
+ * queries, 2 files per iteration, 3 attempts) are part of the schema: no
+ * policy file can go beyond them.
+ *
+ * Sizes may be written as numbers (bytes) or with a unit ("10MiB", "64KiB",
+ * "2GiB"); durations as numbers (ms) or with a unit ("60s", "5m", "2000ms").
+ */
+import { z } from "zod";
+import type { PhaseMode } from "../phases/types.js";
+import type { PhaseLimits } from "./limits.js";
+
+export const DECISIONS = ["allow", "ask", "forbid"] as const;
+export type Decision = (typeof DECISIONS)[number];
+
+/** forbid > ask > allow: when several rules match, the highest rank wins. */
+export const DECISION_RANK: Readonly<Record<Decision, number>> = Object.freeze({ allow: 0, ask: 1, forbid: 2 });
+
+export const ERROR_CATEGORIES = ["syntax", "import", "type", "test", "runtime", "database"] as const;
+export type ErrorCategory = (typeof ERROR_CATEGORIES)[number];
+
+const MiB = 1024 * 1024;
+
+/* ------------------------------ scalars -------------------------------- */
+
+const idSchema = z
+  .string()
+  .regex(/^[a-z][a-z0-9-]*(\.[a-z0-9][a-z0-9-]*)+$/, 'must be a dotted lower-case id such as "shell.forbidden.dd"');
+
+const clauseSchema = z
+  .string()
+  .regex(/^SKILLS\.md \S/, 'must name the SKILLS.md clause it enforces, starting with "SKILLS.md " (e.g. "SKILLS.md §2 …")');
+
+const decisionSchema = z.enum(DECISIONS);
+
+const justificationSchema = z.string().min(10, "say why, and what to do instead (at least 10 characters)");
+
+const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB, GiB: 1024 * MiB, KB: 1000, MB: 1000_000, GB: 1000_000_000 };
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, min: 60_000, h: 3_600_000 };
+
+function quantity(units: Record<string, number>, what: string, example: string) {
+  return z.unknown().transform((v, ctx): number => {
+    let n: number | undefined;
+    if (typeof v === "number") n = v;
+    else if (typeof v === "string") {
+      const m = /^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)?\s*$/.exec(v);
+      const unit = m?.[2] ?? "";
+      const factor = unit === "" ? 1 : units[unit];
+      if (m && factor !== undefined) n = Math.round(Number(m[1]) * factor);
+    }
+    if (n === undefined || !Number.isSafeInteger(n) || n < 0) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        message: `expected ${what}: a whole number or a string such as "${example}" (units: ${Object.keys(units).join(", ")}); got ${JSON.stringify(v)}`,
+      });
+      return z.NEVER;
+    }
+    return n;
+  });
+}
+
+const bytes = () => quantity(SIZE_UNITS, "a size", "10MiB");
+const millis = () => quantity(DURATION_UNITS, "a duration", "60s");
+
+function atMost(schema: z.ZodType<number, z.ZodTypeDef, unknown>, max: number, why: string) {
+  return schema.refine((n) => n <= max, { message: `at most ${max} (${why})` });
+}
+
+/* ----------------------------- shell rules ------------------------------ */
+
+const flagSchema = z
+  .string()
+  .regex(/^--?[A-Za-z0-9][A-Za-z0-9-]*$/, 'a flag such as "-r" or "--recursive"');
+
+/**
+ * The argument matchers a token may use (a small, closed set):
+ * - {flag: ["-r", "--recursive"]}: "-r" matches the argument -r and any
+ *   cluster of short flags containing r (-rf, -fr); "--recursive" matches
+ *   --recursive and --recursive=…; a longer single-dash flag ("-delete")
+ *   matches exactly;
+ * - {prefix: "mkfs."}: an argument starting with the text;
+ * - {contains: "/"}: an argument containing the text;
+ * - {not: [up, down]}: any argument except these words.
+ */
+const matcherSchema = z.union(
+  [
+    z.object({ flag: z.array(flagSchema).min(1) }).strict(),
+    z.object({ prefix: z.string().min(1) }).strict(),
+    z.object({ contains: z.string().min(1) }).strict(),
+    z.object({ not: z.array(z.string().min(1)).min(1) }).strict(),
+  ],
+  {
+    errorMap: () => ({
+      message: 'expected a matcher: {flag: ["-r", "--long"]}, {prefix: "…"}, {contains: "…"} or {not: [words]}',
+    }),
+  },
+);
+export type MatcherSpec = z.infer<typeof matcherSchema>;
+
+const atomSchema = z.union([z.string().min(1, "a word cannot be empty"), matcherSchema]);
+export type AtomSpec = z.infer<typeof atomSchema>;
+
+/** a word, a matcher, or a list of alternatives (words and matchers) */
+const tokenSchema = z.union([atomSchema, z.array(atomSchema).min(1, "a list of alternatives cannot be empty")]);
+export type TokenSpec = z.infer<typeof tokenSchema>;
+
+/** An example command: an argv list, or a string split at blanks (no quoting; use a list for arguments with spaces). */
+const exampleSchema = z.union([
+  z.array(z.string()).min(1, "an example argv cannot be empty"),
+  z
+    .string()
+    .refine((s) => s.trim() !== "", "an example cannot be empty")
+    .transform((s) => s.trim().split(/\s+/)),
+]);
+
+export const shellRuleSchema = z
+  .object({
+    id: idSchema,
+    clause: clauseSchema,
+    decision: decisionSchema,
+    justification: justificationSchema,
+    /** argv prefix: token 0 matches the program (as given, or its file name), the rest the following arguments */
+    pattern: z.array(tokenSchema).min(1, "a pattern needs at least the program"),
+    /** additionally, some argument after the program must match this token */
+    anyArg: tokenSchema.optional(),
+    /**
+     * match the pattern's tokens after the program against positional
+     * arguments only: words starting with "-" are skipped, and so is the word
+     * after an option listed in withValue (`-f x.yml`)
+     */
+    skipOptions: z.object({ withValue: z.array(flagSchema) }).strict().optional(),
+    match: z.array(exampleSchema).optional(),
+    not_match: z.array(exampleSchema).optional(),
+  })
+  .strict();
+export type ShellRuleSpec = z.infer<typeof shellRuleSchema>;
+
+/* -------------------------------- limits -------------------------------- */
+
+const limitFields = {
+  memoryBytes: bytes(),
+  cpus: z.number().positive(),
+  pidsLimit: z.number().int().positive(),
+  fileSizeBytes: atMost(bytes(), 10 * MiB, "SKILLS.md Resource Limits: no files larger than 10MB"),
+  tmpfsBytes: bytes(),
+  defaultTimeoutMs: millis(),
+  maxTimeoutMs: atMost(millis(), 300_000, "SKILLS.md §2 Execution Timeouts: up to 5 minutes"),
+  killGraceMs: millis(),
+  outputCapBytes: bytes(),
+  auditOutputCapBytes: bytes(),
+};
+
+const limitsSchema = z
+  .object({
+    /** limits for every mode */
+    default: z.object(limitFields).strict(),
+    /** per-mode differences */
+    modes: z
+      .object({
+        backtest: z.object(limitFields).partial().strict().optional(),
+        paper: z.object(limitFields).partial().strict().optional(),
+        test: z.object(limitFields).partial().strict().optional(),
+      })
+      .strict()
+      .optional(),
+  })
+  .strict();
+
+/* ---------------------- fail-fast, files, database ---------------------- */
+
+const attempts = z.number().int().min(1).max(3, "at most 3 (SKILLS.md Fail-Fast Protocol: 3 consecutive attempts)");
+
+const failFastSchema = z
+  .object({
+    clause: clauseSchema,
+    maxAttempts: z
+      .object({ syntax: attempts, import: attempts, type: attempts, test: attempts, runtime: attempts, database: attempts })
+      .strict(),
+  })
+  .strict();
+
+const FILE_OPERATIONS = ["create", "modify", "delete", "rename"] as const;
+
+const filesSchema = z
+  .object({
+    maxFilesPerIteration: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        value: z.number().int().min(1).max(2, "at most 2 (SKILLS.md §1 Atomic Modification Rule)"),
+      })
+      .strict(),
+    maxFileSizeBytes: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        value: atMost(bytes(), 10 * MiB, "SKILLS.md Resource Limits: no files larger than 10MB"),
+      })
+      .strict(),
+    paths: z.array(
+      z
+        .object({
+          id: idSchema,
+          clause: clauseSchema,
+          /** project-relative glob: `*` within a path segment, `**` across segments */
+          glob: z.string().min(1),
+          operations: z.array(z.enum(FILE_OPERATIONS)).min(1),
+          decision: decisionSchema,
+          /** the decision does not apply when the phase was started with permission for this path */
+          phasePermission: z.boolean().optional(),
+          justification: justificationSchema,
+        })
+        .strict(),
+    ),
+  })
+  .strict();
+
+const sqlName = z.string().regex(/^[a-z_][a-z0-9_]*$/, "a lower-case SQL name");
+
+const databaseSchema = z
+  .object({
+    readOnlyDefault: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        value: z.literal(true, { errorMap: () => ({ message: "must be true (SKILLS.md §3: all queries are SELECT by default)" }) }),
+        /** writes allowed only against the database named by this variable (test-only environments) */
+        testDatabaseEnv: z.string().regex(/^[A-Z_][A-Z0-9_]*$/, "an environment variable name"),
+        /** in paper mode, writes only to tables with this prefix */
+        paperTablePrefix: sqlName,
+      })
+      .strict(),
+    statementTimeoutMs: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        value: atMost(millis(), 30_000, "SKILLS.md §3 Connection Management: maximum query timeout 30 seconds"),
+      })
+      .strict(),
+    deniedFunctions: z
+      .object({ id: idSchema, clause: clauseSchema, decision: decisionSchema, functions: z.array(sqlName).min(1) })
+      .strict(),
+    alphaMarkers: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        decision: decisionSchema,
+        /** statistical functions used for parameter tuning */
+        functions: z.array(sqlName),
+        /** tables that may not be joined with each other */
+        joins: z.array(z.tuple([sqlName, sqlName])),
+      })
+      .strict(),
+    schemaChanges: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        decision: z.enum(["ask", "forbid"]),
+        /** statement kinds, as the SQL gateway classifies them (e.g. drop-table) */
+        statements: z.array(z.string().regex(/^[a-z][a-z-]*$/, "a statement kind such as drop-table")).min(1),
+      })
+      .strict(),
+  })
+  .strict();
+
+/* -------------------------------- policy -------------------------------- */
+
+export const policyFileSchema = z
+  .object({
+    version: z.literal(1, { errorMap: () => ({ message: "must be 1 (the only policy format so far)" }) }),
+    shell: z
+      .object({
+        rules: z.array(shellRuleSchema),
+        /** the decision for a command no rule matches; SKILLS.md §2: such commands require human approval */
+        unknown: z.enum(["ask", "forbid"]),
+      })
+      .strict(),
+    limits: limitsSchema,
+    failFast: failFastSchema,
+    files: filesSchema,
+    database: databaseSchema,
+  })
+  .strict();
+export type PolicyFile = z.infer<typeof policyFileSchema>;
+
+/* ------------------------------ loaded form ----------------------------- */
+
+export type ArgMatcher = (arg: string) => boolean;
+
+/** A shell rule ready to match argv (built by compileRule in evaluate.ts). */
+export interface CompiledRule {
+  readonly id: string;
+  readonly clause: string;
+  readonly decision: Decision;
+  readonly rank: number;
+  readonly justification: string;
+  /** token 0 */
+  readonly program: ArgMatcher;
+  /** tokens 1… */
+  readonly rest: readonly ArgMatcher[];
+  readonly anyArg: ArgMatcher | undefined;
+  /** options whose value is the next word; set when the rule skips options */
+  readonly skipOptions: ReadonlySet<string> | undefined;
+}
+
+/** The shell rules of one policy file. A combined policy judges under every layer; the strictest wins. */
+export interface ShellLayer {
+  readonly source: string;
+  readonly rules: readonly CompiledRule[];
+  readonly unknown: "ask" | "forbid";
+  /** programs named by this layer's allow rules, for messages */
+  readonly whitelist: readonly string[];
+}
+
+export type FailFastPolicy = PolicyFile["failFast"];
+export type FilePolicy = PolicyFile["files"];
+export type FilePathRule = FilePolicy["paths"][number];
+
+/** The database section; a combined policy sets a write exception to null when the layers disagree on it. */
+export interface DatabasePolicy extends Omit<PolicyFile["database"], "readOnlyDefault"> {
+  readOnlyDefault: Omit<PolicyFile["database"]["readOnlyDefault"], "testDatabaseEnv" | "paperTablePrefix"> & {
+    testDatabaseEnv: string | null;
+    paperTablePrefix: string | null;
+  };
+}
+
+export interface Policy {
+  readonly version: 1;
+  /** the files this policy was loaded from, base first */
+  readonly sources: readonly string[];
+  readonly shell: { readonly layers: readonly ShellLayer[] };
+  readonly limits: Readonly<Record<PhaseMode, Readonly<PhaseLimits>>>;
+  readonly failFast: Readonly<FailFastPolicy>;
+  readonly files: Readonly<FilePolicy>;
+  readonly database: Readonly<DatabasePolicy>;
+}
