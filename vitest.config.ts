@@ -7,6 +7,7 @@ export default defineConfig({
     fileParallelism: false,
     testTimeout: 120_000,
     hookTimeout: 300_000,
-    reporters: ["default", ["json", { outputFile: ".state/vitest-results.json" }]],
+    // .ci/run sums these reports into its closing `N passed, N failed` line.
+    reporters: ["default", ["json", { outputFile: process.env.SANDBOXD_TEST_REPORT ?? ".state/vitest-results.json" }]],
   },
 });
