@@ -1,5 +1,9 @@
 /**
- * Minimal shell policy: the SKILLS.md §2 command whitelist, judged on argv.
+ * The first, hand-written shell policy: the SKILLS.md §2 command whitelist,
+ * judged on argv. The daemon no longer uses it — policies/default.yaml and
+ * ./evaluate.ts replaced it. It stays as a reference: the engine's tests check
+ * that the default policy reproduces every decision below, and
+ * bench/policy-eval.mjs measures the engine against it.
  *
  * argv is never joined into a string and matched with a regex: the program is
  * argv[0] exactly (a bare name resolved on the sandbox's PATH), and the rules
