@@ -91,6 +91,7 @@ export async function startDaemon(
     ids: randomIds,
     shimConnectTimeoutMs: settings.shimConnectTimeoutMs,
     extraAllow: settings.extraAllow,
+    serviceOverrides: settings.serviceOverrides,
     buildLogLocation: settings.buildLog,
   });
   const report = await manager.reconcile();

@@ -6,6 +6,7 @@ import path from "node:path";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { DEFAULT_POLICY_FILE } from "../policy/load.js";
+import { serviceOverridesFromEnv } from "../net/services.js";
 
 export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
 
@@ -21,6 +22,8 @@ export interface Settings {
   policyFile: string;
   /** build_audit.log at the project root (mounted read-only in the sandbox) or in the state dir */
   buildLog: "project" | "state";
+  /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_REDIS_URL) */
+  serviceOverrides: Record<string, string>;
 }
 
 function isRoot(): boolean {
@@ -54,6 +57,7 @@ const settingsSchema = z
     buildLog: z.enum(["project", "state"]),
     policyFile: z.string().min(1),
     extraAllow: z.array(z.string().regex(/^[\w.+-]+$/, "SANDBOXD_EXTRA_ALLOW takes bare program names separated by commas")),
+    serviceOverrides: z.record(z.string().url("SANDBOXD_SERVICE_*_URL must be a URL")),
   })
   .strict();
 
@@ -73,6 +77,7 @@ export function resolveSettings(
       .split(",")
       .map((p) => p.trim())
       .filter(Boolean),
+    serviceOverrides: serviceOverridesFromEnv(env),
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

@@ -30,6 +30,8 @@ import { SHIM_ENV, SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
 import type { Clock, IdSource } from "../util/clock.js";
 import { PhaseRecorder } from "./recorder.js";
 import { ShimChannel } from "./shim-channel.js";
+import { listenList, resolveServices, type PhaseServices } from "../net/services.js";
+import { TunnelServer } from "../net/tunnels.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
 
@@ -51,6 +53,8 @@ export interface ManagerOptions {
   policy: () => Policy;
   /** where build_audit.log lives: the project root (default, mounted read-only in the sandbox) or the state dir */
   buildLogLocation?: "project" | "state";
+  /** service URLs overriding the project's .env (settings.serviceOverrides) */
+  serviceOverrides?: Readonly<Record<string, string>>;
 }
 
 export interface StartRequest {
@@ -105,8 +109,14 @@ interface LivePhase {
   rec: PhaseRecorder;
   /** the phase's own stricter policy, if any (combined with the daemon's at each decision) */
   phasePolicy: Policy | null;
-  /** the project's .env, passed to every command (SKILLS.md Credential Handling: "Read: Environment variables from .env") */
+  /**
+   * the project's .env, passed to every command (SKILLS.md Credential Handling: "Read: Environment variables from .env"),
+   * with the service URLs replaced by their password-less tunnel URLs (src/net/services.ts)
+   */
   dotenv: Record<string, string>;
+  /* --- service tunnels (src/net) --- */
+  services: PhaseServices;
+  tunnels: TunnelServer | null;
 }
 
 /** Names a project's .env cannot set for commands: the sandbox's own plumbing. */
@@ -239,17 +249,21 @@ export class PhaseManager {
       endReason: null,
     };
     await this.store.create(record, token);
+    const services = resolveServices(req.mode, env, this.opts.serviceOverrides);
     const live: LivePhase = {
       record,
       channel: null,
       rec: this.recorder(record, audit ?? (await this.buildLogs.acquire(buildLog, id)), envText, env),
       phasePolicy,
-      dotenv: env,
+      dotenv: { ...env, ...services.env },
+      services,
+      tunnels: null,
     };
     this.phases.set(id, live);
     try {
       live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
       await live.channel.listen();
+      await this.openTunnels(live, token);
       record.containerId = await this.opts.runtime.runPhaseContainer({
         name: record.containerName,
         image: this.opts.image,
@@ -305,12 +319,35 @@ export class PhaseManager {
       // A phase that failed to start leaves nothing behind.
       this.phases.delete(id);
       await live.channel?.close({ shutdownShim: false }).catch(() => undefined);
+      await live.tunnels?.close().catch(() => undefined);
       if (record.containerId) await this.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
       await this.buildLogs.release(buildLog, id).catch(() => undefined);
       await this.store.remove(id).catch(() => undefined);
       this.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
       throw err;
     }
+  }
+
+  /**
+   * The phase's service tunnels: a TunnelServer on <runDir>/tunnel.sock, and
+   * the list of listeners the shim opens (sent after every welcome).
+   */
+  private async openTunnels(live: LivePhase, token: string): Promise<void> {
+    const id = live.record.id;
+    live.tunnels = new TunnelServer({
+      socketPath: path.join(this.store.runDir(id), "tunnel.sock"),
+      token,
+      phaseId: id,
+      mode: live.record.mode,
+      services: () => live.services,
+      rec: live.rec,
+      clock: this.opts.clock,
+      log: this.opts.log,
+      // TODO(gateway): pass src/db/gateway.ts handleClient here once it lands.
+      gateway: null,
+    });
+    await live.tunnels.listen();
+    live.channel?.setServices(listenList(live.services));
   }
 
   /** The effective policy: the daemon's, narrowed by the phase's own when it has one. */
@@ -616,6 +653,7 @@ export class PhaseManager {
     record.state = "stopping";
     const running = live.channel?.runningExecs ?? 0;
     await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
+    await live.tunnels?.close().catch(() => undefined);
     if (record.containerId) {
       await this.saveContainerLogs(record).catch((e: Error) =>
         this.opts.log.warn({ phase: record.id, err: e.message }, "could not keep container logs"),
@@ -676,6 +714,7 @@ export class PhaseManager {
             const token = await this.store.token(id);
             live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
             await live.channel.listen();
+            await this.openTunnels(live, token);
             await live.channel.waitReady(this.connectTimeoutMs);
             live.record.state = "running";
             await this.store.save(live.record);
@@ -724,7 +763,16 @@ export class PhaseManager {
   private async revive(record: PhaseRecord): Promise<LivePhase> {
     const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
     const log = await this.reopenAudit(record);
-    const live: LivePhase = { record, channel: null, rec: this.recorder(record, log, text, vars), phasePolicy: null, dotenv: vars };
+    const services = resolveServices(record.mode, vars, this.opts.serviceOverrides);
+    const live: LivePhase = {
+      record,
+      channel: null,
+      rec: this.recorder(record, log, text, vars),
+      phasePolicy: null,
+      dotenv: { ...vars, ...services.env },
+      services,
+      tunnels: null,
+    };
     if (record.policyFile) {
       try {
         live.phasePolicy = await loadPolicy(record.policyFile);

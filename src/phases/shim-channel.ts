@@ -42,6 +42,7 @@ export class ShimChannel {
   private nextExecId = 1;
   private readyWaiters: Array<() => void> = [];
   private pausedBy = 0;
+  private services: Array<{ name: string; port: number }> | null = null;
 
   constructor(
     private readonly socketPath: string,
@@ -89,6 +90,15 @@ export class ShimChannel {
       };
       this.readyWaiters.push(done);
     });
+  }
+
+  /**
+   * The service tunnels the shim should listen for (127.0.0.1:<port>). Sent
+   * now if the shim is connected, and again after every (re)connect.
+   */
+  setServices(services: Array<{ name: string; port: number }>): void {
+    this.services = services;
+    if (this.active) this.send({ type: "listen", services });
   }
 
   exec(msg: Omit<ExecMessage, "type" | "execId">, handlers: ExecHandlers): number {
@@ -203,6 +213,7 @@ export class ShimChannel {
     }
     if (this.pausedBy > 0) sock.pause();
     this.send({ type: "welcome", phaseId: this.phaseId });
+    if (this.services) this.send({ type: "listen", services: this.services });
     this.log.info({ phase: this.phaseId, shimPid: pid }, "shim connected");
     const waiters = this.readyWaiters;
     this.readyWaiters = [];

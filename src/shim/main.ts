@@ -11,8 +11,10 @@
  * Node 18, so only Node built-ins and zod may be imported here.
  */
 import net from "node:net";
+import path from "node:path";
 import { errorFields, log } from "./log.js";
 import { OutputGate, RunningExec, type ExecLink, type OutputKind } from "./exec.js";
+import { TunnelListeners } from "./tunnels.js";
 import {
   FrameDecoder,
   FrameKind,
@@ -43,11 +45,15 @@ class Shim implements ExecLink {
   private readonly execs = new Map<number, RunningExec>();
   private socket: net.Socket | null = null;
   private welcomed = false;
+  private readonly tunnels: TunnelListeners;
 
   constructor(
     private readonly socketPath: string,
     private readonly token: string,
-  ) {}
+    tunnelSocketPath: string,
+  ) {
+    this.tunnels = new TunnelListeners(tunnelSocketPath, token);
+  }
 
   /** Serves connection after connection; only shutdown or a signal ends the process. */
   async run(): Promise<never> {
@@ -202,8 +208,12 @@ class Shim implements ExecLink {
         else log("warn", "signal for an exec that is not running", { execId: message.execId });
         return;
       }
+      case "listen":
+        this.tunnels.apply(message.services);
+        return;
       case "shutdown":
         log("info", "shutdown requested by the daemon");
+        this.tunnels.closeAll();
         this.killAll();
         this.socket?.destroy();
         process.exit(0);
@@ -254,7 +264,8 @@ function main(): void {
     process.exit(2);
   }
 
-  const shim = new Shim(socketPath, token);
+  // the tunnel socket sits beside the control socket, in the phase's run dir
+  const shim = new Shim(socketPath, token, path.join(path.dirname(socketPath), path.basename(SHIM_PATHS.tunnelSocket)));
   log("info", "shim starting", { pid: process.pid, node: process.version, socket: socketPath });
 
   // tini forwards `docker stop`'s SIGTERM to us; the commands run in their own

@@ -200,20 +200,50 @@ export const signalMessageSchema = z
 
 export const shutdownSchema = z.object({ type: z.literal("shutdown") }).strict();
 
+/** a service name as policy and the tunnel header carry it (postgres, questdb-pg, redis …) */
+export const serviceNameSchema = z.string().regex(/^[a-z][a-z0-9-]{0,31}$/);
+export const tunnelPortSchema = z.number().int().min(1).max(65535);
+
+/**
+ * Sent after welcome (and again after every reconnect): the shim listens on
+ * 127.0.0.1:<port> for each service, closing listeners not in the list, and
+ * tunnels every accepted connection through SHIM_PATHS.tunnelSocket.
+ */
+export const listenSchema = z
+  .object({
+    type: z.literal("listen"),
+    services: z.array(z.object({ name: serviceNameSchema, port: tunnelPortSchema }).strict()).max(64),
+  })
+  .strict();
+
+/**
+ * The one line a shim writes first on each connection to the tunnel socket;
+ * raw bytes of the tunnelled connection follow. At most TUNNEL_HEADER_MAX bytes.
+ */
+export const tunnelHeaderSchema = z
+  .object({ token: z.string().min(16).max(256), service: serviceNameSchema, port: tunnelPortSchema })
+  .strict();
+export type TunnelHeader = z.infer<typeof tunnelHeaderSchema>;
+export const TUNNEL_HEADER_MAX = 1024;
+
 export const daemonToShimSchema = z.discriminatedUnion("type", [
   welcomeSchema,
   execSchema,
   signalMessageSchema,
   shutdownSchema,
+  listenSchema,
 ]);
 export type DaemonToShim = z.infer<typeof daemonToShimSchema>;
 export type ExecMessage = z.infer<typeof execSchema>;
+export type ListenMessage = z.infer<typeof listenSchema>;
 
 /** Paths and environment names shared by the image, the runtime and the shim. */
 export const SHIM_PATHS = {
   /** where the phase's run dir is mounted inside the container */
   runDir: "/run/sandboxd",
   controlSocket: "/run/sandboxd/control.sock",
+  /** one connection per tunnelled TCP connection (header line, then raw bytes) */
+  tunnelSocket: "/run/sandboxd/tunnel.sock",
   workspace: "/workspace",
   /** where sandbox/Dockerfile installs the bundled shim */
   shimBundle: "/opt/sandboxd/shim.cjs",

@@ -1,0 +1,214 @@
+/**
+ * Which local services a phase can reach, and where they really are.
+ *
+ * The project's `.env` names the services the way the trading system does —
+ * DATABASE_URL (production PostgreSQL), DATABASE_URL_TEST (the isolated test
+ * database), QUESTDB_URL, REDIS_URL — and the daemon's own environment can
+ * override each (`SANDBOXD_SERVICE_<VAR>`, e.g. SANDBOXD_SERVICE_REDIS_URL;
+ * see settings.serviceOverrides). The daemon dials these upstreams on the
+ * host. Inside the sandbox the same variables point at the shim's tunnels on
+ * 127.0.0.1 and carry no password: the real URLs never enter the container.
+ *
+ * Mode decides the PostgreSQL upstream: backtest/test → DATABASE_URL_TEST
+ * only (never a fall-back to production: without it, PostgreSQL is simply not
+ * available and every attempt is refused and recorded with that reason);
+ * paper → DATABASE_URL.
+ */
+import type { PhaseMode } from "../phases/types.js";
+
+/** How the daemon treats a service's bytes. */
+export type ServiceProtocol = "postgres" | "raw";
+
+export interface ServiceDefault {
+  name: string;
+  /** the port the shim listens on inside the sandbox (127.0.0.1) */
+  port: number;
+  protocol: ServiceProtocol;
+}
+
+/** SKILLS.md Network Boundaries: "Connections to localhost services (QuestDB, PostgreSQL, Redis)". */
+export const DEFAULT_SERVICES: readonly ServiceDefault[] = Object.freeze([
+  { name: "postgres", port: 5432, protocol: "postgres" },
+  { name: "questdb-pg", port: 8812, protocol: "postgres" },
+  { name: "questdb-http", port: 9000, protocol: "raw" },
+  { name: "redis", port: 6379, protocol: "raw" },
+]);
+
+export const NETWORK_CLAUSE = "SKILLS.md Security & Safety Guardrails — Network Boundaries: connections to localhost services (QuestDB, PostgreSQL, Redis) only";
+export const TEST_DB_CLAUSE = "SKILLS.md §3 Read-Only Default: INSERT/UPDATE/DELETE only in test-only environments";
+
+/** The .env variables that name services (and are rewritten for the sandbox). */
+export const SERVICE_VARS = ["DATABASE_URL", "DATABASE_URL_TEST", "QUESTDB_URL", "REDIS_URL"] as const;
+export type ServiceVar = (typeof SERVICE_VARS)[number];
+
+/** Daemon-side override variable for a service variable: SANDBOXD_SERVICE_REDIS_URL … */
+export function overrideVar(v: ServiceVar): string {
+  return `SANDBOXD_SERVICE_${v}`;
+}
+
+export interface Upstream {
+  host: string;
+  port: number;
+}
+
+export interface ResolvedService extends ServiceDefault {
+  /** where the daemon connects; null when the service is not available to this phase */
+  upstream: Upstream | null;
+  /** the database the upstream URL names (postgres services), for the gateway */
+  database: string | null;
+  /** the full upstream URL (with credentials) — daemon memory only, never sent to the sandbox */
+  url: string | null;
+  /** why the service is unavailable (recorded with every refused connection) */
+  refusal: string | null;
+  /** policy rule and clause recorded with each connection */
+  rule: string;
+  clause: string;
+}
+
+export interface PhaseServices {
+  services: ResolvedService[];
+  /** variables to set in the sandbox's command environment (tunnel URLs, no passwords) */
+  env: Record<string, string>;
+}
+
+/** Picks up SANDBOXD_SERVICE_* overrides from an environment (for settings). */
+export function serviceOverridesFromEnv(env: NodeJS.ProcessEnv): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const v of SERVICE_VARS) {
+    const value = env[overrideVar(v)];
+    if (value) out[v] = value;
+  }
+  return out;
+}
+
+function parseUrl(raw: string | undefined): URL | null {
+  if (!raw) return null;
+  try {
+    return new URL(raw);
+  } catch {
+    return null;
+  }
+}
+
+function upstreamOf(url: URL, defaultPort: number): Upstream {
+  // URL keeps IPv6 literals bracketed; net.connect wants them bare
+  const host = url.hostname.replace(/^\[(.*)\]$/, "$1") || "127.0.0.1";
+  return { host, port: url.port ? Number(url.port) : defaultPort };
+}
+
+function dbName(url: URL | null): string | null {
+  if (!url) return null;
+  const name = decodeURIComponent(url.pathname.replace(/^\//, ""));
+  return name || null;
+}
+
+/**
+ * Resolve a phase's services from the project's .env (`vars`, as readDotenv
+ * returned them) and the daemon's overrides, for a mode.
+ */
+export function resolveServices(
+  mode: PhaseMode,
+  vars: Readonly<Record<string, string>>,
+  overrides: Readonly<Record<string, string>> = {},
+): PhaseServices {
+  const pick = (v: ServiceVar): string | undefined => overrides[v] || vars[v] || undefined;
+  const prodUrl = pick("DATABASE_URL");
+  const testUrl = pick("DATABASE_URL_TEST");
+  const questUrl = parseUrl(pick("QUESTDB_URL"));
+  const redisUrl = parseUrl(pick("REDIS_URL"));
+
+  const services: ResolvedService[] = [];
+  const env: Record<string, string> = {};
+  const def = (name: string): ServiceDefault => DEFAULT_SERVICES.find((s) => s.name === name)!;
+
+  // PostgreSQL, chosen by mode.
+  {
+    const d = def("postgres");
+    const paper = mode === "paper";
+    const raw = paper ? prodUrl : testUrl;
+    const url = parseUrl(raw);
+    let refusal: string | null = null;
+    if (!url) {
+      refusal = paper
+        ? prodUrl
+          ? "DATABASE_URL is not a valid URL"
+          : "DATABASE_URL is not set (project .env or SANDBOXD_SERVICE_DATABASE_URL)"
+        : testUrl
+          ? "DATABASE_URL_TEST is not a valid URL"
+          : `a ${mode}-mode phase may use only the test database, and DATABASE_URL_TEST is not set` +
+            (prodUrl ? " (DATABASE_URL, production, is never used in this mode)" : "");
+    }
+    services.push({
+      ...d,
+      upstream: url ? upstreamOf(url, 5432) : null,
+      database: dbName(url),
+      url: url ? raw! : null,
+      refusal,
+      rule: paper ? "net.service.postgres" : "db.test-database-only",
+      clause: paper ? NETWORK_CLAUSE : TEST_DB_CLAUSE,
+    });
+    // Both names point at the database the tunnel really reaches in this mode.
+    const db = dbName(url) ?? dbName(parseUrl(paper ? testUrl : prodUrl)) ?? "postgres";
+    const inside = `postgresql://sandbox@127.0.0.1:${d.port}/${encodeURIComponent(db)}`;
+    if (prodUrl !== undefined || testUrl !== undefined) {
+      if (prodUrl !== undefined) env.DATABASE_URL = inside;
+      if (testUrl !== undefined) env.DATABASE_URL_TEST = inside;
+    }
+  }
+
+  // QuestDB: one URL names the host; the PostgreSQL wire (8812) and HTTP (9000) ports are both tunnelled.
+  for (const name of ["questdb-pg", "questdb-http"] as const) {
+    const d = def(name);
+    let upstream: Upstream | null = null;
+    if (questUrl) {
+      const isHttp = questUrl.protocol === "http:" || questUrl.protocol === "https:";
+      const wantsHttp = name === "questdb-http";
+      upstream =
+        isHttp === wantsHttp
+          ? upstreamOf(questUrl, wantsHttp ? 9000 : 8812)
+          : { host: upstreamOf(questUrl, 0).host, port: wantsHttp ? 9000 : 8812 };
+    }
+    services.push({
+      ...d,
+      upstream,
+      database: name === "questdb-pg" ? (dbName(questUrl) ?? "qdb") : null,
+      url: questUrl ? questUrl.href : null,
+      refusal: upstream ? null : "QUESTDB_URL is not set (project .env or SANDBOXD_SERVICE_QUESTDB_URL)",
+      rule: `net.service.${name}`,
+      clause: NETWORK_CLAUSE,
+    });
+  }
+  if (questUrl) {
+    const isHttp = questUrl.protocol === "http:" || questUrl.protocol === "https:";
+    const scheme = isHttp ? "http" : questUrl.protocol.replace(/:$/, "");
+    const user = !isHttp && questUrl.username ? `${questUrl.username}@` : "";
+    const port = def(isHttp ? "questdb-http" : "questdb-pg").port;
+    const rest = questUrl.pathname === "/" ? "" : questUrl.pathname;
+    env.QUESTDB_URL = `${scheme}://${user}127.0.0.1:${port}${rest}`;
+  }
+
+  // Redis
+  {
+    const d = def("redis");
+    services.push({
+      ...d,
+      upstream: redisUrl ? upstreamOf(redisUrl, 6379) : null,
+      database: null,
+      url: redisUrl ? redisUrl.href : null,
+      refusal: redisUrl ? null : "REDIS_URL is not set (project .env or SANDBOXD_SERVICE_REDIS_URL)",
+      rule: "net.service.redis",
+      clause: NETWORK_CLAUSE,
+    });
+    if (pick("REDIS_URL") !== undefined) {
+      const dbIndex = redisUrl?.pathname.replace(/^\//, "") || "0";
+      env.REDIS_URL = `redis://127.0.0.1:${d.port}/${/^\d+$/.test(dbIndex) ? dbIndex : "0"}`;
+    }
+  }
+
+  return { services, env };
+}
+
+/** The listen list sent to the shim: every known service (refused ones too, so the refusal is recorded, not a bare ECONNREFUSED). */
+export function listenList(s: PhaseServices): Array<{ name: string; port: number }> {
+  return s.services.map(({ name, port }) => ({ name, port }));
+}

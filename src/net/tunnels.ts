@@ -1,0 +1,272 @@
+/**
+ * Service tunnels, daemon side: one TunnelServer per phase, listening on
+ * `<runDir>/tunnel.sock` (0600 in the 0700 run dir: only the shim reaches it).
+ *
+ * Each connection carries one tunnelled TCP connection from inside the
+ * sandbox. It starts with a header line `{"token","service","port"}\n` (at
+ * most 1 KiB, within 5 s); the token is compared in constant time and the
+ * service must be one this phase may use. The decision is recorded
+ * (`net.connect`, awaited: on disk before anything is dialled), then the
+ * daemon connects upstream and pipes. PostgreSQL-protocol services go to the
+ * SQL gateway when one is wired in (`gateway` option); without it, only the
+ * isolated test database is piped raw and everything else speaking the
+ * PostgreSQL protocol is refused — a raw pipe would bypass statement checks.
+ * On close `net.close` records bytes each way and the duration.
+ *
+ * bytesOut = bytes from the sandbox to the upstream; bytesIn = bytes from
+ * the upstream into the sandbox.
+ */
+import { chmod, unlink } from "node:fs/promises";
+import net from "node:net";
+import { timingSafeEqual } from "node:crypto";
+import type { Logger } from "pino";
+import { actionLine, timestamp } from "../audit/format.js";
+import type { PhaseRecorder } from "../phases/recorder.js";
+import type { PhaseMode } from "../phases/types.js";
+import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
+import type { Clock } from "../util/clock.js";
+import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
+
+const HEADER_TIMEOUT_MS = 5_000;
+const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
+/** concurrent tunnelled connections per phase */
+const MAX_CONNECTIONS = 128;
+
+/** What the SQL gateway needs to take over a PostgreSQL-protocol connection. */
+export interface GatewayHandoff {
+  (client: net.Socket, ctx: { service: ResolvedService; mode: PhaseMode; phaseId: string; head: Buffer }): void;
+}
+
+export interface TunnelServerOptions {
+  socketPath: string;
+  token: string;
+  phaseId: string;
+  mode: PhaseMode;
+  /** a getter: the phase's services as resolved at start (or re-adoption) */
+  services: () => PhaseServices;
+  rec: PhaseRecorder;
+  clock: Clock;
+  log: Logger;
+  /** the SQL gateway (src/db/gateway.ts) once it exists; null: raw pipe to the test database only */
+  gateway?: GatewayHandoff | null;
+}
+
+interface Refusal {
+  service: string;
+  port: number | null;
+  reason: string;
+  rule: string;
+  clause: string;
+}
+
+export class TunnelServer {
+  private server: net.Server | null = null;
+  private readonly sockets = new Set<net.Socket>();
+  private closed = false;
+
+  constructor(private readonly opts: TunnelServerOptions) {}
+
+  get connections(): number {
+    return this.sockets.size;
+  }
+
+  async listen(): Promise<void> {
+    await unlink(this.opts.socketPath).catch(() => undefined);
+    const server = net.createServer({ pauseOnConnect: true }, (sock) => this.onConnection(sock));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(this.opts.socketPath, () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+    await chmod(this.opts.socketPath, 0o600);
+    this.server = server;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const server = this.server;
+    this.server = null;
+    for (const s of this.sockets) s.destroy();
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    await unlink(this.opts.socketPath).catch(() => undefined);
+  }
+
+  private onConnection(sock: net.Socket): void {
+    if (this.closed) return void sock.destroy();
+    this.sockets.add(sock);
+    sock.once("close", () => this.sockets.delete(sock));
+    sock.on("error", (err) => this.opts.log.debug({ phase: this.opts.phaseId, err: err.message }, "tunnel socket error"));
+    void this.readHeader(sock).then(
+      (r) => this.decide(sock, r),
+      (err: Error) => this.refuse(sock, { service: "?", port: null, reason: err.message, rule: "net.tunnel-header", clause: NETWORK_CLAUSE }),
+    );
+  }
+
+  /** The header line and whatever followed it in the same reads. */
+  private readHeader(sock: net.Socket): Promise<{ line: string; head: Buffer }> {
+    return new Promise((resolve, reject) => {
+      let buf = Buffer.alloc(0);
+      const timer = setTimeout(() => done(new Error(`no tunnel header within ${HEADER_TIMEOUT_MS} ms`)), HEADER_TIMEOUT_MS);
+      const onData = (chunk: Buffer) => {
+        buf = Buffer.concat([buf, chunk]);
+        const nl = buf.indexOf(0x0a);
+        if (nl >= 0 && nl <= TUNNEL_HEADER_MAX) {
+          done(null, { line: buf.subarray(0, nl).toString("utf8"), head: buf.subarray(nl + 1) });
+        } else if (buf.length > TUNNEL_HEADER_MAX) {
+          done(new Error(`tunnel header longer than ${TUNNEL_HEADER_MAX} bytes`));
+        }
+      };
+      const onEnd = () => done(new Error("connection ended before the tunnel header"));
+      const done = (err: Error | null, r?: { line: string; head: Buffer }) => {
+        clearTimeout(timer);
+        sock.off("data", onData);
+        sock.off("end", onEnd);
+        sock.off("close", onEnd);
+        sock.pause();
+        if (err) reject(err);
+        else resolve(r!);
+      };
+      sock.on("data", onData);
+      sock.once("end", onEnd);
+      sock.once("close", onEnd);
+      sock.resume();
+    });
+  }
+
+  private async decide(sock: net.Socket, { line, head }: { line: string; head: Buffer }): Promise<void> {
+    let json: unknown;
+    try {
+      json = JSON.parse(line);
+    } catch {
+      json = null;
+    }
+    const parsed = tunnelHeaderSchema.safeParse(json);
+    if (!parsed.success) {
+      return this.refuse(sock, { service: "?", port: null, reason: "malformed tunnel header", rule: "net.tunnel-header", clause: NETWORK_CLAUSE });
+    }
+    const { token, service: name, port } = parsed.data;
+    if (!tokenMatches(token, this.opts.token)) {
+      return this.refuse(sock, { service: name, port, reason: "tunnel header carried a wrong token", rule: "net.tunnel-auth", clause: NETWORK_CLAUSE });
+    }
+    const service = this.opts.services().services.find((s) => s.name === name && s.port === port);
+    if (!service) {
+      return this.refuse(sock, {
+        service: name,
+        port,
+        reason: `${name} on port ${port} is not a service this phase may use`,
+        rule: "net.unknown-service",
+        clause: NETWORK_CLAUSE,
+      });
+    }
+    const base = { service: name, port, rule: service.rule, clause: service.clause };
+    if (!service.upstream || service.refusal) {
+      return this.refuse(sock, { ...base, reason: service.refusal ?? `${name} has no upstream` });
+    }
+    const gateway = this.opts.gateway ?? null;
+    if (service.protocol === "postgres" && !gateway && !(service.name === "postgres" && this.opts.mode !== "paper")) {
+      // TODO(gateway): src/db/gateway.ts handleClient takes these over once it lands.
+      return this.refuse(sock, {
+        ...base,
+        reason: `${name} is reachable only through the SQL gateway, which this daemon does not have yet`,
+        rule: "db.gateway-required",
+      });
+    }
+    if (this.sockets.size > MAX_CONNECTIONS) {
+      return this.refuse(sock, { ...base, reason: `more than ${MAX_CONNECTIONS} concurrent tunnelled connections` });
+    }
+
+    const via = service.protocol === "postgres" && gateway ? "gateway" : "raw";
+    try {
+      await this.opts.rec.record(
+        { type: "net.connect", service: name, port, decision: "allow", rule: service.rule, clause: service.clause, via, upstream: `${service.upstream.host}:${service.upstream.port}` },
+        [actionLine(this.ts(), "NET", "CONNECT", `${name} 127.0.0.1:${port}`, `ALLOW ${service.rule} (${service.clause}) via ${via}`)],
+      );
+    } catch (err) {
+      // Fail closed: nothing is connected that could not be recorded.
+      this.opts.log.error({ phase: this.opts.phaseId, err: (err as Error).message }, "could not record a tunnel connection; refused");
+      sock.destroy();
+      return;
+    }
+    if (sock.destroyed || this.closed) return void sock.destroy();
+
+    if (via === "gateway") {
+      gateway!(sock, { service, mode: this.opts.mode, phaseId: this.opts.phaseId, head });
+      return;
+    }
+    this.pipeRaw(sock, service, head);
+  }
+
+  private pipeRaw(sock: net.Socket, service: ResolvedService, head: Buffer): void {
+    const started = this.opts.clock.monotonicMs();
+    const upstream = net.connect({ host: service.upstream!.host, port: service.upstream!.port });
+    this.sockets.add(upstream);
+    upstream.once("close", () => this.sockets.delete(upstream));
+    let bytesOut = head.length;
+    let bytesIn = 0;
+    let error: string | null = null;
+    const connectTimer = setTimeout(() => {
+      error = `upstream did not accept within ${UPSTREAM_CONNECT_TIMEOUT_MS} ms`;
+      upstream.destroy();
+    }, UPSTREAM_CONNECT_TIMEOUT_MS);
+    upstream.once("connect", () => {
+      clearTimeout(connectTimer);
+      if (head.length > 0) upstream.write(head);
+      sock.on("data", (c: Buffer) => (bytesOut += c.length));
+      upstream.on("data", (c: Buffer) => (bytesIn += c.length));
+      sock.pipe(upstream);
+      upstream.pipe(sock);
+      sock.resume();
+    });
+    upstream.on("error", (err) => {
+      error ??= `upstream: ${err.message}`;
+    });
+    sock.on("error", (err) => {
+      error ??= `sandbox side: ${err.message}`;
+    });
+    let closedCount = 0;
+    const onClose = (other: net.Socket) => (hadError: boolean) => {
+      if (!other.destroyed) {
+        if (hadError || other.connecting) other.destroy();
+        else {
+          other.end();
+          setTimeout(() => other.destroy(), 30_000).unref();
+        }
+      }
+      if (++closedCount < 2) return;
+      clearTimeout(connectTimer);
+      const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
+      void this.opts.rec
+        .record(
+          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error },
+          [actionLine(this.ts(), "NET", "CLOSE", `${service.name} 127.0.0.1:${service.port}`, `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`)],
+        )
+        .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
+    };
+    sock.once("close", onClose(upstream));
+    upstream.once("close", onClose(sock));
+  }
+
+  private async refuse(sock: net.Socket, r: Refusal): Promise<void> {
+    sock.destroy();
+    if (this.closed && r.rule === "net.tunnel-header") return; // torn down by close(), not a refusal
+    await this.opts.rec
+      .record(
+        { type: "net.connect", service: r.service, port: r.port, decision: "forbid", rule: r.rule, clause: r.clause, reason: r.reason },
+        [actionLine(this.ts(), "NET", "CONNECT", `${r.service} 127.0.0.1:${r.port ?? "?"}`, `FORBID ${r.rule} (${r.clause}): ${r.reason}`)],
+      )
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection"));
+    this.opts.log.info({ phase: this.opts.phaseId, service: r.service, reason: r.reason }, "tunnel connection refused");
+  }
+
+  private ts(): string {
+    return timestamp(this.opts.clock.now());
+  }
+}
+
+function tokenMatches(given: string, expected: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(expected);
+  return a.length === b.length && timingSafeEqual(a, b);
+}

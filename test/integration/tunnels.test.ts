@@ -1,0 +1,205 @@
+/**
+ * Service tunnels end to end: a real daemon, a real phase container
+ * (--network none) and a real upstream on the host's loopback. Code in the
+ * sandbox connects to 127.0.0.1:<port> as on a laptop; the shim tunnels the
+ * connection through the run dir to the daemon, which records it and dials
+ * the upstream. Everything else fails fast.
+ *
+ * TODO: once test/helpers/postgres.ts and src/db/gateway.ts exist, add the
+ * PostgreSQL case (psql "$DATABASE_URL_TEST" -c 'select count(*) from orders'
+ * in test mode); until then the upstream is a TCP echo server behind REDIS_URL.
+ */
+import { chown, readFile, writeFile } from "node:fs/promises";
+import net from "node:net";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { ExecResult } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+
+let t: TestDaemon;
+let echo: net.Server;
+let echoPort = 0;
+let echoBytes = 0;
+const cleanup: string[] = [];
+const SECRET = "tUnn3l-pr0d-Passw0rd-77";
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  echo = net.createServer((s) => {
+    s.on("data", (c: Buffer) => (echoBytes += c.length));
+    s.pipe(s);
+    s.on("error", () => undefined);
+  });
+  await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
+  echoPort = (echo.address() as net.AddressInfo).port;
+  t = await startTestDaemon();
+});
+
+afterAll(async () => {
+  await t?.close();
+  await new Promise((r) => echo?.close(r));
+  for (const d of cleanup) await removeDir(d);
+});
+
+async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
+  return (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv })).result;
+}
+
+async function journal(): Promise<Array<Record<string, unknown>>> {
+  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .map((r) => ((r.event as Record<string, unknown> | undefined) ?? r));
+}
+
+const PROBE = (secret: string, echoPortOnHost: number) => `
+import json, os, socket, time
+
+def connect(port, retry_s=0.0):
+    deadline = time.monotonic() + retry_s
+    while True:
+        t0 = time.monotonic()
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5), None, time.monotonic() - t0
+        except OSError as e:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            return None, e.errno, time.monotonic() - t0
+
+out = {}
+# 1. Redis tunnel: echo round trip of 200 KB
+s, err, _ = connect(6379, retry_s=5)
+payload = bytes(range(256)) * 800
+got = b""
+if s:
+    s.sendall(payload)
+    while len(got) < len(payload):
+        c = s.recv(65536)
+        if not c:
+            break
+        got += c
+    s.close()
+out["echo_ok"] = got == payload
+out["echo_err"] = err
+out["sent"] = len(payload)
+
+# 2. a port with no tunnel: refused at once
+s, err, dt = connect(5433)
+out["p5433_errno"] = err
+out["p5433_secs"] = dt
+
+# 3. the host's own port is not reachable: no interface but loopback
+s, err, dt = connect(${echoPortOnHost})
+out["host_port_errno"] = err
+try:
+    socket.create_connection(("10.0.0.1", 80), timeout=2)
+    out["external"] = "connected"
+except OSError as e:
+    out["external"] = e.errno
+
+# 4. PostgreSQL in test mode without DATABASE_URL_TEST: accepted by the shim, closed by the daemon
+s, err, _ = connect(5432, retry_s=5)
+if s:
+    s.settimeout(5)
+    try:
+        out["pg_read"] = len(s.recv(100))
+    except OSError as e:
+        out["pg_read"] = "err %s" % e.errno
+    s.close()
+
+out["env"] = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_TEST", "REDIS_URL", "QUESTDB_URL")}
+out["secret_in_env"] = any("${secret}" in v for v in os.environ.values())
+print(json.dumps(out))
+`;
+
+describe("service tunnels", () => {
+  it("tunnels a listed service to its upstream, refuses everything else, and records each connection", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await writeFile(
+      path.join(project, ".env"),
+      [
+        `DATABASE_URL=postgresql://trader:${SECRET}@127.0.0.1:1/trading`,
+        `REDIS_URL=redis://:${SECRET}@127.0.0.1:${echoPort}/2`,
+        `QUESTDB_URL=http://admin:${SECRET}@127.0.0.1:1`,
+        "",
+      ].join("\n"),
+    );
+    await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "net", mode: "test" });
+    const script = await writeScript(project, PROBE(SECRET, echoPort));
+    const r = await exec(phase, ["python3", script]);
+    expect(r.stderr).toBe("");
+    expect(r.exitCode).toBe(0);
+    const out = JSON.parse(r.stdout) as Record<string, unknown>;
+
+    expect(out.echo_err).toBeNull();
+    expect(out.echo_ok).toBe(true);
+    expect(echoBytes).toBe(out.sent);
+    expect(out.p5433_errno).toBe(111); // ECONNREFUSED
+    expect(out.p5433_secs as number).toBeLessThan(0.5);
+    expect(out.host_port_errno).toBe(111);
+    expect(out.external).toBe(101); // ENETUNREACH: no route, no interface
+    expect(out.pg_read).toBe(0); // closed by the daemon without a byte
+    expect(out.env).toEqual({
+      DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading",
+      DATABASE_URL_TEST: null,
+      REDIS_URL: "redis://127.0.0.1:6379/2",
+      QUESTDB_URL: "http://127.0.0.1:9000",
+    });
+    expect(out.secret_in_env).toBe(false);
+
+    // net.close is written when both sides have closed: give it a moment
+    let records: Array<Record<string, unknown>> = [];
+    for (let i = 0; i < 50; i++) {
+      records = (await journal()).filter((e) => e.phase === phase.id && String(e.type).startsWith("net."));
+      if (records.some((e) => e.type === "net.close")) break;
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    const redisConnect = records.find((e) => e.type === "net.connect" && e.service === "redis");
+    expect(redisConnect).toMatchObject({ decision: "allow", rule: "net.service.redis", port: 6379 });
+    expect(String(redisConnect!.clause)).toMatch(/^SKILLS\.md /);
+    const close = records.find((e) => e.type === "net.close" && e.service === "redis");
+    expect(close).toMatchObject({ bytesIn: out.sent, bytesOut: out.sent, error: null });
+    expect(typeof close!.durationMs).toBe("number");
+    const pg = records.find((e) => e.type === "net.connect" && e.service === "postgres");
+    expect(pg).toMatchObject({ decision: "forbid", rule: "db.test-database-only" });
+    expect(String(pg!.reason)).toMatch(/DATABASE_URL_TEST is not set/);
+    // the refusal comes before the connection would have been made
+    expect(records.indexOf(redisConnect!)).toBeLessThan(records.indexOf(close!));
+
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    const logText = await readFile(phase.buildLog, "utf8");
+    expect(logText).toMatch(/\[NET\] \[CONNECT\] \[redis 127\.0\.0\.1:6379\] \[ALLOW net\.service\.redis/);
+    expect(logText).toMatch(/\[NET\] \[CLOSE\] \[redis 127\.0\.0\.1:6379\] \[in=204800 out=204800 /);
+    expect(logText).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[FORBID db\.test-database-only/);
+    const all = (await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8")) + logText;
+    expect(all).not.toContain(SECRET);
+  });
+
+  it("keeps the tunnel socket private to the run dir (0600) and gone after the phase", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "net2", mode: "backtest" });
+    const { stat } = await import("node:fs/promises");
+    const sock = path.join(t.stateDir, "phases", phase.id, "run", "tunnel.sock");
+    expect((await stat(sock)).mode & 0o777).toBe(0o600);
+    // a wrong token is refused and recorded
+    const c = net.createConnection({ path: sock });
+    await new Promise<void>((res) => c.once("connect", () => res()));
+    c.write(JSON.stringify({ token: "0".repeat(64), service: "redis", port: 6379 }) + "\n");
+    await new Promise<void>((res) => c.once("close", () => res()));
+    let refused: Record<string, unknown> | undefined;
+    for (let i = 0; i < 50 && !refused; i++) {
+      refused = (await journal()).find((e) => e.phase === phase.id && e.type === "net.connect" && e.rule === "net.tunnel-auth");
+      if (!refused) await new Promise((res) => setTimeout(res, 100));
+    }
+    expect(refused).toMatchObject({ decision: "forbid", reason: "tunnel header carried a wrong token" });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    await expect(stat(sock)).rejects.toThrow();
+  });
+});
