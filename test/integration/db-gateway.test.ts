@@ -1,14 +1,89 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+/**
+ * The database gateway against a real PostgreSQL 15 (test/helpers/postgres.ts):
+ * a tiny TCP server in the test hands each connection to handleClient, as the
+ * tunnel server will. Clients are pg.Client (simple protocol for queries
+ * without parameters, extended protocol with them) and psql.
+ */
+import { execFile } from "node:child_process";
+import net from "node:net";
+import { promisify } from "node:util";
 import pg from "pg";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { handleClient, rowsFromTag, type GatewayOptions } from "../../src/db/gateway.js";
 import { startPostgres, type TestPostgres } from "../helpers/postgres.js";
 
+const run = promisify(execFile);
+
 let db: TestPostgres;
+const servers: net.Server[] = [];
+
 beforeAll(async () => {
   db = await startPostgres();
 }, 120_000);
+
 afterAll(async () => {
+  for (const s of servers) s.close();
   await db?.stop();
 });
+
+interface Recorded {
+  event: { type: string; [k: string]: unknown };
+  lines: string[];
+}
+
+interface Gateway {
+  port: number;
+  records: Recorded[];
+  lines(): string[];
+  connect(extra?: Partial<pg.ClientConfig>): Promise<pg.Client>;
+}
+
+async function startGateway(mode: GatewayOptions["mode"], extra: Partial<GatewayOptions> = {}): Promise<Gateway> {
+  const records: Recorded[] = [];
+  const opts: GatewayOptions = {
+    engine: "postgres",
+    mode,
+    upstream: {
+      host: db.host,
+      port: db.port,
+      user: db.gateway.user,
+      password: db.gateway.password,
+      database: mode === "paper" ? "trading" : "trading_test",
+    },
+    record: async (event, lines) => {
+      records.push({ event, lines });
+    },
+    ...extra,
+  };
+  const server = net.createServer((sock) => void handleClient(sock, opts));
+  servers.push(server);
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    port,
+    records,
+    lines: () => records.flatMap((r) => r.lines),
+    connect: async (more = {}) => {
+      // the client's credentials and database are ignored by the gateway
+      const c = new pg.Client({ host: "127.0.0.1", port, user: "agent", password: "whatever", database: "postgres", ...more });
+      await c.connect();
+      return c;
+    },
+  };
+}
+
+async function superCount(table: string, database: string): Promise<number> {
+  return Number((await db.psql(`SELECT count(*) FROM ${table}`, database)).trim());
+}
+
+async function refused(c: pg.Client, sql: string, values?: unknown[]): Promise<pg.DatabaseError> {
+  const err = await c.query(sql, values).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err, `expected a refusal of ${sql}`).toBeInstanceOf(Error);
+  return err as pg.DatabaseError;
+}
 
 describe("test postgres helper", () => {
   it("serves both databases with the gateway role's grants", async () => {
@@ -18,9 +93,265 @@ describe("test postgres helper", () => {
     try {
       expect((await c.query("SELECT count(*)::int AS n FROM signals")).rows[0].n).toBe(3);
       await expect(c.query("DELETE FROM orders")).rejects.toThrow(/permission denied/);
-      await c.query("INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ('X','buy',1,1,'new')");
     } finally {
       await c.end();
     }
+  });
+});
+
+describe("db gateway (PostgreSQL)", () => {
+  let paper: Gateway;
+  let testGw: Gateway;
+  beforeAll(async () => {
+    paper = await startGateway("paper");
+    testGw = await startGateway("test");
+  });
+
+  it("relays reads and records them with row counts", async () => {
+    const c = await paper.connect();
+    try {
+      const r = await c.query("SELECT * FROM orders WHERE status = 'pending' LIMIT 50");
+      expect(r.rows).toHaveLength(2);
+      expect((await c.query("SELECT current_database() AS d, current_user AS u")).rows[0]).toEqual({ d: "trading", u: "sandboxd_gw" });
+      const p = await c.query("SELECT symbol FROM orders WHERE id = $1", [1]);
+      expect(p.rows).toEqual([{ symbol: "BTC-USD" }]);
+    } finally {
+      await c.end();
+    }
+    const q = paper.records.find((r) => r.event.type === "db.query" && String(r.event.sql).includes("status = 'pending'"));
+    expect(q?.event).toMatchObject({ engine: "postgres", mode: "paper", database: "trading", decision: "allow", rule: expect.any(String), clause: expect.any(String) });
+    expect(q?.lines[0]).toMatch(/^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] DB_QUERY \[PostgreSQL\]: SELECT \* FROM orders WHERE status = 'pending' LIMIT 50$/);
+    const lines = paper.lines();
+    expect(lines.some((l) => /\] DB_RESULT: 2 rows returned$/.test(l))).toBe(true);
+    expect(paper.records.some((r) => r.event.type === "db.result" && r.event.rows === 2)).toBe(true);
+    // the extended-protocol query is recorded too
+    expect(lines.some((l) => l.endsWith("DB_QUERY [PostgreSQL]: SELECT symbol FROM orders WHERE id = $1"))).toBe(true);
+  });
+
+  it("refuses writes and escapes in paper mode with a clean error; the connection stays usable and the tables unchanged", async () => {
+    const c = await paper.connect();
+    const attempts = [
+      "INSERT INTO orders (symbol, side, qty, price, status) VALUES ('X', 'buy', 1, 1, 'new')",
+      "UPDATE orders SET status = 'cancelled'",
+      "DELETE FROM orders",
+      "DROP TABLE orders",
+      "TRUNCATE fills",
+      "COPY orders FROM STDIN",
+      "COPY orders TO STDOUT",
+      "SET default_transaction_read_only = off",
+      "SELECT pg_sleep(1)",
+      "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+      "BEGIN READ WRITE",
+      "SELECT 1; DELETE FROM positions",
+    ];
+    try {
+      for (const sql of attempts) {
+        const e = await refused(c, sql);
+        expect(e.code, sql).toBe("42501");
+        expect(e.message, sql).toMatch(/^sandboxd refused this statement: db\.[\w.-]+ \(SKILLS\.md/);
+        // the same connection answers the next query
+        expect((await c.query("SELECT count(*)::int AS n FROM orders")).rows[0].n).toBe(3);
+      }
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+    expect(await superCount("fills", "trading")).toBe(2);
+    expect(await superCount("positions", "trading")).toBe(2);
+    expect(await db.psql("SELECT DISTINCT status FROM orders ORDER BY 1", "trading")).toBe("filled\npending\n");
+    // each refusal is recorded with its rule and clause, and a DB_ERROR line
+    const refusals = paper.records.filter((r) => r.event.type === "db.query" && r.event.decision !== "allow");
+    expect(refusals.map((r) => r.event.sql)).toEqual(expect.arrayContaining(attempts));
+    for (const r of refusals) {
+      expect(r.event.rule).toMatch(/^db\./);
+      expect(r.event.clause).toMatch(/^SKILLS\.md/);
+      expect(r.lines[1]).toMatch(/\] DB_ERROR: refused \((forbid|ask)\) by db\./);
+    }
+  });
+
+  it("ignores the client's startup options: the session stays read-only", async () => {
+    const c = await paper.connect({ options: "-c default_transaction_read_only=off -c statement_timeout=0", user: "postgres", database: "trading_test" });
+    try {
+      expect((await c.query("SHOW default_transaction_read_only")).rows[0]).toEqual({ default_transaction_read_only: "on" });
+      expect((await c.query("SHOW transaction_read_only")).rows[0]).toEqual({ transaction_read_only: "on" });
+      expect((await c.query("SHOW statement_timeout")).rows[0]).toEqual({ statement_timeout: "30s" });
+      expect((await c.query("SELECT current_database() AS d, current_user AS u")).rows[0]).toEqual({ d: "trading", u: "sandboxd_gw" });
+      const e = await refused(c, "INSERT INTO orders (symbol, side, qty, price, status) VALUES ('X', 'buy', 1, 1, 'new')");
+      expect(e.code).toBe("42501");
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+  });
+
+  it("lets paper-mode writes to paper_* through to production, then restores read-only", async () => {
+    const before = await superCount("paper_orders", "trading");
+    const c = await paper.connect();
+    try {
+      const r = await c.query("INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ('ETH-USD', 'buy', 1, 2500, 'new')");
+      expect(r.rowCount).toBe(1);
+      // extended protocol, twice on a named statement (the second run is Bind/Execute only)
+      for (let i = 0; i < 2; i++) {
+        const p = await c.query({
+          name: "paper_ins",
+          text: "INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ($1, 'sell', $2, 1, 'new') RETURNING id",
+          values: ["SOL-USD", i + 1],
+        });
+        expect(p.rows).toHaveLength(1);
+      }
+      expect((await c.query("SHOW default_transaction_read_only")).rows[0]).toEqual({ default_transaction_read_only: "on" });
+      await refused(c, "UPDATE orders SET status = 'x'");
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("paper_orders", "trading")).toBe(before + 3);
+    expect(await superCount("paper_orders", "trading_test")).toBe(1);
+    expect(paper.lines().some((l) => l.endsWith("DB_RESULT: 1 rows returned"))).toBe(true);
+    // the gateway's own SET SESSION CHARACTERISTICS are neither shown nor recorded
+    expect(paper.lines().some((l) => l.includes("SESSION CHARACTERISTICS"))).toBe(false);
+  });
+
+  it("sends test mode to trading_test, where writes work", async () => {
+    const c = await testGw.connect({ database: "trading" });
+    try {
+      expect((await c.query("SELECT current_database() AS d")).rows[0]).toEqual({ d: "trading_test" });
+      await c.query("INSERT INTO orders (symbol, side, qty, price, status) VALUES ('X', 'buy', 1, 1, 'new')");
+      await c.query("UPDATE orders SET status = 'cancelled' WHERE symbol = $1", ["X"]);
+      await c.query("CREATE TABLE fixture_t (id int)");
+      await c.query("INSERT INTO fixture_t SELECT generate_series(1, 5)");
+      expect((await c.query("SELECT count(*)::int AS n FROM fixture_t")).rows[0].n).toBe(5);
+      // destructive DDL still asks, in every mode
+      expect((await refused(c, "DROP TABLE fixture_t")).code).toBe("42501");
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("orders", "trading_test")).toBe(4);
+    expect(await superCount("orders", "trading")).toBe(3);
+    expect(testGw.lines().some((l) => l.endsWith("DB_RESULT: 5 rows returned"))).toBe(true);
+  });
+
+  it("refuses a parameterised DELETE in the extended protocol; the next query on the same client works", async () => {
+    const c = await paper.connect();
+    try {
+      const e = await refused(c, "DELETE FROM orders WHERE id = $1", [1]);
+      expect(e.code).toBe("42501");
+      expect(e.message).toMatch(/sandboxd refused this statement/);
+      expect((await c.query("SELECT count(*)::int AS n FROM orders WHERE id <= $1", [3])).rows[0].n).toBe(3);
+      // a refused named statement does not exist afterwards; the client recovers
+      await refused(c, { name: "del", text: "DELETE FROM orders WHERE id = $1", values: [2] } as unknown as string);
+      expect((await c.query("SELECT 1 AS one")).rows[0].one).toBe(1);
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+  });
+
+  it("keeps a refusal inside a transaction block in protocol order", async () => {
+    const c = await paper.connect();
+    try {
+      await c.query("BEGIN");
+      await refused(c, "DELETE FROM orders");
+      // like any error, the refusal aborts the block
+      const e = await refused(c, "SELECT 1");
+      expect(e.code).toBe("25P02");
+      await c.query("ROLLBACK");
+      expect((await c.query("SELECT count(*)::int AS n FROM orders")).rows[0].n).toBe(3);
+    } finally {
+      await c.end();
+    }
+  });
+
+  it("works with psql (simple protocol)", async () => {
+    const env = { ...process.env, PGPASSWORD: "whatever", PGCONNECT_TIMEOUT: "10" };
+    const { stdout } = await run("psql", ["-X", "-A", "-t", "-h", "127.0.0.1", "-p", String(paper.port), "-U", "agent", "-d", "x", "-c", "SELECT count(*) FROM orders WHERE status = 'pending'"], { env });
+    expect(stdout.trim()).toBe("2");
+    const r = await run(
+      "psql",
+      ["-X", "-A", "-t", "-h", "127.0.0.1", "-p", String(paper.port), "-U", "agent", "-d", "x", "-c", "DELETE FROM orders", "-c", "SELECT count(*) FROM orders"],
+      { env },
+    );
+    expect(r.stderr).toMatch(/ERROR: {2}sandboxd refused this statement/);
+    expect(r.stdout.trim()).toBe("3");
+    expect(await superCount("orders", "trading")).toBe(3);
+  });
+
+  it("forwards a CancelRequest with the upstream backend's key", async () => {
+    const c = await paper.connect();
+    try {
+      const started = Date.now();
+      const q = c.query("SELECT count(*) FROM generate_series(1, 1e10)").then(
+        () => undefined,
+        (e: unknown) => e as pg.DatabaseError,
+      );
+      await new Promise((r) => setTimeout(r, 500));
+      const k = c as unknown as { processID: number; secretKey: number };
+      await new Promise<void>((resolve, reject) => {
+        const s = net.connect({ host: "127.0.0.1", port: paper.port }, () => {
+          const b = Buffer.alloc(16);
+          b.writeInt32BE(16, 0);
+          b.writeInt32BE(80877102, 4);
+          b.writeInt32BE(k.processID, 8);
+          b.writeInt32BE(k.secretKey, 12);
+          s.end(b);
+        });
+        s.on("close", () => resolve());
+        s.on("error", reject);
+      });
+      const e = await q;
+      expect(e?.code).toBe("57014");
+      expect(e?.message).toMatch(/user request/);
+      expect(Date.now() - started).toBeLessThan(5_000);
+      expect((await c.query("SELECT 1 AS one")).rows[0].one).toBe(1);
+    } finally {
+      await c.end();
+    }
+  });
+
+  it("cuts a slow allowed query off at the statement timeout", async () => {
+    const quick = await startGateway("paper", { statementTimeoutMs: 1500 });
+    const c = await quick.connect();
+    try {
+      const started = Date.now();
+      const e = await refused(c, "SELECT count(*) FROM generate_series(1, 1e9)");
+      const took = Date.now() - started;
+      expect(e.code).toBe("57014");
+      expect(took).toBeGreaterThanOrEqual(1_200);
+      expect(took).toBeLessThan(5_000);
+      expect((await c.query("SELECT 1 AS one")).rows[0].one).toBe(1);
+    } finally {
+      await c.end();
+    }
+    expect(quick.lines().some((l) => /\] DB_ERROR: canceling statement due to statement timeout/.test(l))).toBe(true);
+  });
+
+  it("fails closed when the audit sink fails", async () => {
+    const broken = await startGateway("paper", {
+      record: async () => {
+        throw new Error("disk full");
+      },
+    });
+    const c = new pg.Client({ host: "127.0.0.1", port: broken.port, user: "agent", database: "x" });
+    c.on("error", () => undefined);
+    await c.connect();
+    await expect(c.query("SELECT 1")).rejects.toThrow();
+    await c.end().catch(() => undefined);
+  });
+
+  it("reports an upstream it cannot log in to as a FATAL error", async () => {
+    const bad = await startGateway("paper", {
+      upstream: { host: db.host, port: db.port, user: db.gateway.user, password: "wrong", database: "trading" },
+    });
+    const c = new pg.Client({ host: "127.0.0.1", port: bad.port, user: "agent", database: "x" });
+    await expect(c.connect()).rejects.toThrow(/sandboxd database gateway: cannot open the PostgreSQL connection/);
+  });
+});
+
+describe("rowsFromTag", () => {
+  it("reads the row count of CommandComplete tags", () => {
+    expect(rowsFromTag("SELECT 3")).toBe(3);
+    expect(rowsFromTag("INSERT 0 7")).toBe(7);
+    expect(rowsFromTag("UPDATE 2")).toBe(2);
+    expect(rowsFromTag("COPY 5")).toBe(5);
+    expect(rowsFromTag("CREATE TABLE")).toBe(0);
   });
 });

@@ -1,0 +1,949 @@
+/**
+ * The database gateway: a PostgreSQL v3 wire-protocol proxy between a
+ * sandboxed agent (whose TCP connection the tunnel hands over as a Duplex)
+ * and the real database, enforcing SKILLS.md §3 "DATABASE ACCESS".
+ *
+ * - The client's StartupMessage is read and thrown away (user, password,
+ *   database, `options`, every GUC): the upstream connection is made with the
+ *   gateway's own role and session settings chosen per mode. The client is
+ *   told AuthenticationOk: the tunnel already authenticated the phase.
+ * - Every statement is judged before it is forwarded: simple Query (`Q`) and
+ *   Parse (`P`) by classifySql (classifyQuestDb for QuestDB), FunctionCall
+ *   (`F`) always refused. Bind/Describe/Execute/Close/Sync/Flush and COPY data
+ *   pass through: the server only knows statements the gateway let through.
+ * - A refused statement never reaches the server. In its place the gateway
+ *   sends a one-token query that cannot parse (`sandboxd_refused_<nonce>_<n>`)
+ *   and rewrites the server's syntax error into the refusal (SQLSTATE 42501,
+ *   naming the rule and the SKILLS.md clause). The server thus answers in
+ *   protocol order, with the ReadyForQuery (and transaction status) a real
+ *   error would give, even for pipelined clients; in the extended protocol
+ *   the client's messages up to Sync are discarded.
+ * - Upstream session: statement_timeout (≤ 30 s), idle-in-transaction
+ *   timeout, and default_transaction_read_only=on in paper mode (production).
+ *   An allowed paper-mode write (to `paper_*`) outside a transaction block is
+ *   bracketed by the gateway's own `SET SESSION CHARACTERISTICS AS
+ *   TRANSACTION READ WRITE` / `READ ONLY`, whose answers the client never sees.
+ * - Every statement is recorded (awaited) before it is forwarded, every
+ *   CommandComplete before the client gets it, every server error likewise:
+ *   `DB_QUERY [PostgreSQL|QuestDB]: …`, `DB_RESULT: n rows returned`,
+ *   `DB_ERROR: …`. A failing audit sink closes the connection (fail closed).
+ * - Watchdog: a query running past statementTimeoutMs + 2 s gets a
+ *   CancelRequest upstream; past + 5 s both connections are dropped.
+ * - CancelRequest from the client is mapped from the key the gateway gave it
+ *   to the upstream backend's key.
+ */
+import { createHash, createHmac, pbkdf2Sync, randomBytes, randomInt, timingSafeEqual } from "node:crypto";
+import net from "node:net";
+import type { Duplex } from "node:stream";
+import type { Logger } from "pino";
+import { escapeControl, timestamp } from "../audit/format.js";
+import { classifySql, initSqlParser, rememberPrepared, type SqlVerdict } from "./classify.js";
+import { classifyQuestDb } from "./questdb-gate.js";
+
+export interface GatewayUpstream {
+  host: string;
+  port: number;
+  user: string;
+  password: string;
+  database: string;
+}
+
+export interface GatewayOptions {
+  engine: "postgres" | "questdb";
+  mode: "backtest" | "paper" | "test";
+  /** chosen by the caller per mode (paper: production; test/backtest: the test database) */
+  upstream: GatewayUpstream;
+  /** audit sink (journal + build log), awaited before the gateway acts */
+  record(event: { type: string; [k: string]: unknown }, lines: string[]): Promise<void>;
+  /** scrubs secrets from SQL and messages before they are recorded */
+  redact?(s: string): string;
+  /** default and maximum 30000 (SKILLS.md §3: 30 s max query timeout) */
+  statementTimeoutMs?: number;
+  /** upstream idle_in_transaction_session_timeout; default 60000 */
+  idleInTransactionTimeoutMs?: number;
+  log?: Logger;
+}
+
+export const MAX_STATEMENT_TIMEOUT_MS = 30_000;
+const WATCHDOG_CANCEL_AFTER_MS = 2_000;
+const WATCHDOG_DROP_AFTER_MS = 5_000;
+const CONNECT_TIMEOUT_MS = 10_000;
+/** larger messages are a protocol violation (PostgreSQL's own limit is 1 GB) */
+const MAX_MESSAGE = 1 << 30;
+
+const PROTOCOL_3 = 196608;
+const SSL_REQUEST = 80877103;
+const GSSENC_REQUEST = 80877104;
+const CANCEL_REQUEST = 80877102;
+
+/* ----------------------------- message codec ---------------------------- */
+
+function cstr(s: string): Buffer {
+  return Buffer.from(`${s}\u0000`, "utf8");
+}
+
+function message(type: string, ...parts: Buffer[]): Buffer {
+  const len = parts.reduce((n, p) => n + p.length, 4);
+  const head = Buffer.allocUnsafe(5);
+  head.write(type, 0, "latin1");
+  head.writeInt32BE(len, 1);
+  return Buffer.concat([head, ...parts]);
+}
+
+function int32(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeInt32BE(n);
+  return b;
+}
+
+function errorResponse(fields: Record<string, string>): Buffer {
+  const parts = Object.entries(fields).map(([k, v]) => Buffer.concat([Buffer.from(k, "latin1"), cstr(v)]));
+  return message("E", ...parts, Buffer.from([0]));
+}
+
+function readyForQuery(status: "I" | "T" | "E"): Buffer {
+  return message("Z", Buffer.from(status, "latin1"));
+}
+
+/** ErrorResponse/NoticeResponse body → field code → value */
+function parseFields(body: Buffer): Map<string, string> {
+  const out = new Map<string, string>();
+  let i = 0;
+  while (i < body.length && body[i] !== 0) {
+    const code = String.fromCharCode(body[i]!);
+    const end = body.indexOf(0, i + 1);
+    if (end < 0) break;
+    out.set(code, body.toString("utf8", i + 1, end));
+    i = end + 1;
+  }
+  return out;
+}
+
+/** Rows from a CommandComplete tag: `SELECT 3`, `INSERT 0 1`, `UPDATE 2`, `COPY 5`, … (0 for tags without a count) */
+export function rowsFromTag(tag: string): number {
+  const m = /^(?:SELECT|INSERT \d+|UPDATE|DELETE|MERGE|COPY|FETCH|MOVE) (\d+)$/.exec(tag);
+  return m ? Number(m[1]) : 0;
+}
+
+/* ------------------------------ byte reader ----------------------------- */
+
+/** Buffered reads of exact lengths from a stream, for the startup phase only. */
+class ByteReader {
+  private chunks: Buffer[] = [];
+  private length = 0;
+  private wake: (() => void) | undefined;
+  private failure: Error | undefined;
+
+  constructor(private readonly stream: Duplex) {
+    stream.on("data", this.onData);
+    stream.on("end", this.onEnd);
+    stream.on("close", this.onEnd);
+    stream.on("error", this.onError);
+  }
+
+  private readonly onData = (b: Buffer): void => {
+    this.chunks.push(b);
+    this.length += b.length;
+    this.wake?.();
+  };
+  private readonly onEnd = (): void => {
+    this.failure ??= new Error("connection closed");
+    this.wake?.();
+  };
+  private readonly onError = (e: Error): void => {
+    this.failure ??= e;
+    this.wake?.();
+  };
+
+  async read(n: number): Promise<Buffer> {
+    while (this.length < n) {
+      if (this.failure) throw this.failure;
+      await new Promise<void>((resolve) => (this.wake = resolve));
+      this.wake = undefined;
+    }
+    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+    this.chunks = all.length > n ? [all.subarray(n)] : [];
+    this.length -= n;
+    return all.subarray(0, n);
+  }
+
+  /** a typed message: type byte, int32 length, body */
+  async message(): Promise<{ type: string; body: Buffer }> {
+    const head = await this.read(5);
+    const len = head.readInt32BE(1);
+    if (len < 4 || len > MAX_MESSAGE) throw new Error(`bad message length ${len}`);
+    const body = await this.read(len - 4);
+    return { type: String.fromCharCode(head[0]!), body };
+  }
+
+  /** Stops listening and returns what was read but not consumed; the stream is left paused. */
+  detach(): Buffer | undefined {
+    this.stream.off("data", this.onData);
+    this.stream.off("end", this.onEnd);
+    this.stream.off("close", this.onEnd);
+    this.stream.off("error", this.onError);
+    this.stream.pause();
+    const rest = this.chunks.length ? Buffer.concat(this.chunks) : undefined;
+    this.chunks = [];
+    this.length = 0;
+    return rest;
+  }
+}
+
+/* ------------------------------- cancel keys ---------------------------- */
+
+interface UpstreamKey {
+  host: string;
+  port: number;
+  pid: number;
+  secret: number;
+}
+
+/** the key each client was given → the upstream backend's key */
+const cancelKeys = new Map<string, UpstreamKey>();
+
+function sendCancel(key: UpstreamKey): void {
+  const s = net.connect({ host: key.host, port: key.port });
+  s.on("error", () => undefined);
+  s.setTimeout(CONNECT_TIMEOUT_MS, () => s.destroy());
+  s.on("connect", () => {
+    const b = Buffer.allocUnsafe(16);
+    b.writeInt32BE(16, 0);
+    b.writeInt32BE(CANCEL_REQUEST, 4);
+    b.writeInt32BE(key.pid, 8);
+    b.writeInt32BE(key.secret, 12);
+    s.end(b);
+  });
+}
+
+/* ------------------------------ upstream auth --------------------------- */
+
+interface Upstream {
+  socket: net.Socket;
+  pid: number;
+  secret: number;
+  /** raw ParameterStatus messages to replay to the client */
+  parameterStatus: Buffer[];
+  status: "I" | "T" | "E";
+  leftover: Buffer | undefined;
+}
+
+class UpstreamError extends Error {
+  constructor(
+    message: string,
+    readonly fields?: Map<string, string>,
+  ) {
+    super(message);
+  }
+}
+
+function scramClientProof(password: string, clientFirstBare: string, serverFirst: string, clientNonce: string) {
+  const attrs = new Map(serverFirst.split(",").map((kv) => [kv.slice(0, 1), kv.slice(2)] as const));
+  const nonce = attrs.get("r");
+  const salt = attrs.get("s");
+  const iterations = Number(attrs.get("i"));
+  if (!nonce || !salt || !Number.isInteger(iterations) || iterations < 1) throw new UpstreamError("bad SCRAM server-first-message");
+  if (!nonce.startsWith(clientNonce) || nonce.length === clientNonce.length) throw new UpstreamError("SCRAM nonce mismatch");
+  if (iterations > 1_000_000) throw new UpstreamError("SCRAM iteration count too large");
+  // SASLprep is not applied: the gateway's password is generated ASCII
+  const salted = pbkdf2Sync(password.normalize("NFKC"), Buffer.from(salt, "base64"), iterations, 32, "sha256");
+  const clientKey = createHmac("sha256", salted).update("Client Key").digest();
+  const storedKey = createHash("sha256").update(clientKey).digest();
+  const withoutProof = `c=biws,r=${nonce}`;
+  const authMessage = `${clientFirstBare},${serverFirst},${withoutProof}`;
+  const signature = createHmac("sha256", storedKey).update(authMessage).digest();
+  const proof = Buffer.alloc(clientKey.length);
+  for (let i = 0; i < proof.length; i++) proof[i] = clientKey[i]! ^ signature[i]!;
+  const serverKey = createHmac("sha256", salted).update("Server Key").digest();
+  const serverSignature = createHmac("sha256", serverKey).update(authMessage).digest();
+  return { final: `${withoutProof},p=${proof.toString("base64")}`, serverSignature };
+}
+
+async function connectUpstream(opts: GatewayOptions, timeoutMs: number): Promise<Upstream> {
+  const { host, port, user, password, database } = opts.upstream;
+  const socket = net.connect({ host, port });
+  socket.setNoDelay(true);
+  const reader = new ByteReader(socket);
+  const timer = setTimeout(() => socket.destroy(new Error(`upstream ${host}:${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
+  try {
+    const params: Record<string, string> = { user, database, application_name: "sandboxd-gateway" };
+    if (opts.engine === "postgres") {
+      Object.assign(params, {
+        client_encoding: "UTF8",
+        standard_conforming_strings: "on",
+        default_transaction_read_only: opts.mode === "paper" ? "on" : "off",
+        statement_timeout: String(timeoutMs),
+        idle_in_transaction_session_timeout: String(opts.idleInTransactionTimeoutMs ?? 60_000),
+      });
+    }
+    const body = Buffer.concat([int32(PROTOCOL_3), ...Object.entries(params).flatMap(([k, v]) => [cstr(k), cstr(v)]), Buffer.from([0])]);
+    socket.write(Buffer.concat([int32(body.length + 4), body]));
+
+    let scram: { clientNonce: string; clientFirstBare: string; serverSignature?: Buffer } | undefined;
+    const up: Omit<Upstream, "leftover"> = { socket, pid: 0, secret: 0, parameterStatus: [], status: "I" };
+    for (;;) {
+      const { type, body: b } = await reader.message();
+      if (type === "R") {
+        const code = b.readInt32BE(0);
+        if (code === 0) continue;
+        if (code === 3) {
+          socket.write(message("p", cstr(password)));
+        } else if (code === 5) {
+          const inner = createHash("md5").update(password + user).digest("hex");
+          const outer = createHash("md5").update(inner).update(b.subarray(4, 8)).digest("hex");
+          socket.write(message("p", cstr(`md5${outer}`)));
+        } else if (code === 10) {
+          const mechanisms = b.toString("utf8", 4).split("\u0000");
+          if (!mechanisms.includes("SCRAM-SHA-256")) throw new UpstreamError(`upstream offers no supported SASL mechanism (${mechanisms.join(", ")})`);
+          const clientNonce = randomBytes(18).toString("base64");
+          const clientFirstBare = `n=*,r=${clientNonce}`;
+          scram = { clientNonce, clientFirstBare };
+          const first = Buffer.from(`n,,${clientFirstBare}`, "utf8");
+          socket.write(message("p", cstr("SCRAM-SHA-256"), int32(first.length), first));
+        } else if (code === 11) {
+          if (!scram) throw new UpstreamError("SASLContinue without SASL");
+          const r = scramClientProof(password, scram.clientFirstBare, b.toString("utf8", 4), scram.clientNonce);
+          scram.serverSignature = r.serverSignature;
+          socket.write(message("p", Buffer.from(r.final, "utf8")));
+        } else if (code === 12) {
+          const v = /(?:^|,)v=([^,]*)/.exec(b.toString("utf8", 4))?.[1];
+          const got = v ? Buffer.from(v, "base64") : Buffer.alloc(0);
+          if (!scram?.serverSignature || got.length !== scram.serverSignature.length || !timingSafeEqual(got, scram.serverSignature)) {
+            throw new UpstreamError("upstream's SCRAM server signature does not verify");
+          }
+        } else {
+          throw new UpstreamError(`upstream asks for an unsupported authentication method (${code})`);
+        }
+      } else if (type === "E") {
+        const f = parseFields(b);
+        throw new UpstreamError(f.get("M") ?? "upstream refused the connection", f);
+      } else if (type === "S") {
+        up.parameterStatus.push(message("S", b));
+      } else if (type === "K") {
+        up.pid = b.readInt32BE(0);
+        up.secret = b.readInt32BE(4);
+      } else if (type === "Z") {
+        up.status = (String.fromCharCode(b[0] ?? 73) as Upstream["status"]) ?? "I";
+        break;
+      }
+      // NoticeResponse, NegotiateProtocolVersion: ignored during startup
+    }
+    clearTimeout(timer);
+    const leftover = reader.detach();
+    return { ...up, leftover };
+  } catch (e) {
+    clearTimeout(timer);
+    reader.detach();
+    socket.destroy();
+    throw e;
+  }
+}
+
+/* ------------------------------- the session ---------------------------- */
+
+type Unit = { kind: "client" } | { kind: "internal" };
+
+interface Refusal {
+  verdict: SqlVerdict;
+}
+
+/**
+ * Serves one client connection until either side closes. Resolves when the
+ * connection is over; never rejects (errors are logged and close the client).
+ */
+export async function handleClient(client: Duplex, opts: GatewayOptions): Promise<void> {
+  const log = opts.log;
+  try {
+    await serve(client, opts);
+  } catch (e) {
+    log?.warn({ err: e }, "db gateway: connection ended with an error");
+    client.destroy();
+  }
+}
+
+async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
+  const timeoutMs = Math.min(Math.max(1, opts.statementTimeoutMs ?? MAX_STATEMENT_TIMEOUT_MS), MAX_STATEMENT_TIMEOUT_MS);
+  const redact = opts.redact ?? ((s: string) => s);
+  const engineName = opts.engine === "questdb" ? "QuestDB" : "PostgreSQL";
+  const log = opts.log;
+  client.on("error", (e) => log?.debug({ err: e }, "db gateway: client socket error"));
+
+  /* ---- client startup: SSLRequest / GSSENCRequest / CancelRequest / StartupMessage ---- */
+  const creader = new ByteReader(client);
+  for (;;) {
+    const len = (await creader.read(4)).readInt32BE(0);
+    if (len < 8 || len > 10_000) {
+      client.destroy();
+      return;
+    }
+    const body = await creader.read(len - 4);
+    const code = body.readInt32BE(0);
+    if (code === SSL_REQUEST || code === GSSENC_REQUEST) {
+      client.write("N");
+      continue;
+    }
+    if (code === CANCEL_REQUEST) {
+      if (body.length >= 12) {
+        const key = cancelKeys.get(`${body.readInt32BE(4)}:${body.readInt32BE(8)}`);
+        if (key) sendCancel(key);
+      }
+      creader.detach();
+      client.end();
+      return;
+    }
+    if (code !== PROTOCOL_3) {
+      creader.detach();
+      client.end(errorResponse({ S: "FATAL", V: "FATAL", C: "0A000", M: `unsupported frontend protocol ${code >>> 16}.${code & 0xffff}` }));
+      return;
+    }
+    // the client's user, password, database, options and GUCs are ignored on purpose
+    break;
+  }
+
+  /* ---- upstream ---- */
+  let upstream: Upstream;
+  try {
+    upstream = await connectUpstream(opts, timeoutMs);
+  } catch (e) {
+    log?.warn({ err: e, upstream: `${opts.upstream.host}:${opts.upstream.port}/${opts.upstream.database}` }, "db gateway: upstream connection failed");
+    const msg = e instanceof UpstreamError ? e.message : (e as Error).message;
+    creader.detach();
+    client.end(
+      errorResponse({
+        S: "FATAL",
+        V: "FATAL",
+        C: "08006",
+        M: `sandboxd database gateway: cannot open the ${engineName} connection: ${redact(msg)} (SBX_ERR_INTERNAL)`,
+      }),
+    );
+    return;
+  }
+  const up = upstream.socket;
+
+  const clientKey = { pid: randomInt(1, 2 ** 31 - 1), secret: randomInt(-(2 ** 31), 2 ** 31 - 1) };
+  const keyId = `${clientKey.pid}:${clientKey.secret}`;
+  const upstreamKey: UpstreamKey = { host: opts.upstream.host, port: opts.upstream.port, pid: upstream.pid, secret: upstream.secret };
+  cancelKeys.set(keyId, upstreamKey);
+
+  const authOk = message("R", int32(0));
+  const keyData = message("K", int32(clientKey.pid), int32(clientKey.secret));
+  client.write(Buffer.concat([authOk, ...upstream.parameterStatus, keyData, readyForQuery(upstream.status)]));
+  const clientLeftover = creader.detach();
+
+  /* ---- session state ---- */
+  const nonce = randomBytes(6).toString("hex");
+  const poisonPrefix = `sandboxd_refused_${nonce}_`;
+  let poisonSeq = 0;
+  const refusals = new Map<number, Refusal>();
+  const prepared = new Map<string, SqlVerdict>();
+  /** extended-protocol statement names whose (allowed) statement writes, for paper-mode elevation */
+  const writeStatements = new Set<string>();
+  /** who owns each pending ReadyForQuery, in order */
+  const units: Unit[] = [];
+  let txStatus: Upstream["status"] = upstream.status;
+  /** messages of the current extended batch forwarded so far (reset at Sync) */
+  let batchMessages = 0;
+  let batchElevated = false;
+  let discardUntilSync = false;
+  let busySince: number | undefined;
+  let cancelSent = false;
+  let closed = false;
+
+  const classify = (sql: string): SqlVerdict =>
+    opts.engine === "questdb" ? classifyQuestDb(sql, { mode: opts.mode }) : classifySql(sql, { mode: opts.mode, prepared });
+  if (opts.engine === "postgres") await initSqlParser();
+
+  let watchdog: NodeJS.Timeout | undefined;
+  let done!: () => void;
+  const finished = new Promise<void>((r) => (done = r));
+  const close = (why: string): void => {
+    if (closed) return;
+    closed = true;
+    log?.debug({ why }, "db gateway: closing");
+    if (watchdog) clearInterval(watchdog);
+    cancelKeys.delete(keyId);
+    up.destroy();
+    client.destroy();
+    done();
+  };
+  up.on("error", (e) => {
+    log?.debug({ err: e }, "db gateway: upstream socket error");
+    close("upstream error");
+  });
+  client.on("error", () => close("client error"));
+  up.on("close", () => close("upstream closed"));
+  client.on("close", () => close("client closed"));
+  up.on("end", () => close("upstream ended"));
+  client.on("end", () => close("client ended"));
+
+  watchdog = setInterval(() => {
+    if (busySince === undefined) return;
+    const ran = Date.now() - busySince;
+    if (ran > timeoutMs + WATCHDOG_DROP_AFTER_MS) {
+      log?.warn({ ran }, "db gateway: query still running past the timeout; dropping the connection");
+      void opts
+        .record({ type: "db.timeout", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, action: "drop", ms: ran }, [
+          `[${timestamp(new Date())}] DB_ERROR: query still running after ${ran} ms; connection dropped`,
+        ])
+        .catch(() => undefined);
+      close("watchdog");
+    } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !cancelSent) {
+      cancelSent = true;
+      log?.warn({ ran }, "db gateway: query running past the timeout; cancelling upstream");
+      sendCancel(upstreamKey);
+    }
+  }, 250);
+  watchdog.unref();
+
+  const markBusy = (): void => {
+    if (busySince === undefined) {
+      busySince = Date.now();
+      cancelSent = false;
+    }
+  };
+
+  const auditFailed = (e: unknown): void => {
+    log?.error({ err: e }, "db gateway: audit sink failed; closing the connection (fail closed)");
+    close("audit failure");
+  };
+
+  /* ---- writing with backpressure ---- */
+  // a source is read again only when its chunk is processed and its destination has drained
+  const flow = { client: { processing: false, blocked: false }, up: { processing: false, blocked: false } };
+  const writeUp = (b: Buffer): void => {
+    if (b.length && !up.write(b) && !flow.client.blocked) {
+      flow.client.blocked = true;
+      client.pause();
+      up.once("drain", () => {
+        flow.client.blocked = false;
+        if (!closed && !flow.client.processing) client.resume();
+      });
+    }
+  };
+  const writeClient = (b: Buffer): void => {
+    if (b.length && !client.write(b) && !flow.up.blocked) {
+      flow.up.blocked = true;
+      up.pause();
+      client.once("drain", () => {
+        flow.up.blocked = false;
+        if (!closed && !flow.up.processing) up.resume();
+      });
+    }
+  };
+
+  const internalQuery = (sql: string): void => {
+    units.push({ kind: "internal" });
+    writeUp(message("Q", cstr(sql)));
+  };
+  const elevate = (): void => internalQuery("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE");
+  const lower = (): void => internalQuery("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY");
+  const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
+  const needsElevation = (v: SqlVerdict): boolean => opts.engine === "postgres" && opts.mode === "paper" && txStatus === "I" && isWrite(v);
+
+  /** records a statement; returns false (after closing) when the audit sink failed */
+  const recordQuery = async (sql: string, verdict: SqlVerdict, via: string): Promise<boolean> => {
+    const shown = redact(sql);
+    const ts = timestamp(new Date());
+    const lines = [`[${ts}] DB_QUERY [${engineName}]: ${escapeControl(shown)}`];
+    if (verdict.decision !== "allow") {
+      lines.push(`[${ts}] DB_ERROR: refused (${verdict.decision}) by ${verdict.ruleId} — ${verdict.clause}: ${escapeControl(redact(verdict.reason))}`);
+    }
+    try {
+      await opts.record(
+        {
+          type: "db.query",
+          engine: opts.engine,
+          mode: opts.mode,
+          database: opts.upstream.database,
+          via,
+          sql: shown,
+          decision: verdict.decision,
+          rule: verdict.ruleId,
+          clause: verdict.clause,
+          ...(verdict.decision !== "allow" ? { reason: redact(verdict.reason) } : {}),
+        },
+        lines,
+      );
+      return true;
+    } catch (e) {
+      auditFailed(e);
+      return false;
+    }
+  };
+
+  const poison = (verdict: SqlVerdict): string => {
+    const n = ++poisonSeq;
+    refusals.set(n, { verdict });
+    return `${poisonPrefix}${n}`;
+  };
+
+  /* ---- client → upstream ---- */
+  let cPending: Buffer | undefined;
+  /** bytes still to come of a message being streamed (forwarded, or discarded when !streamForward) */
+  let streamRemaining = 0;
+  let streamForward = true;
+
+  const handleQuery = async (raw: Buffer, body: Buffer): Promise<void> => {
+    const sql = body.toString("utf8", 0, Math.max(0, body.length - 1));
+    let verdict: SqlVerdict;
+    try {
+      verdict = classify(sql);
+    } catch (e) {
+      log?.error({ err: e }, "db gateway: classifier failed");
+      verdict = { decision: "forbid", ruleId: "db.internal", clause: "SKILLS.md Core Principles: Safety First", reason: "the classifier failed (SBX_ERR_INTERNAL)", statements: [] };
+    }
+    if (!(await recordQuery(sql, verdict, "simple"))) return;
+    if (verdict.decision === "allow") {
+      const elevated = needsElevation(verdict);
+      if (elevated) elevate();
+      if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
+      units.push({ kind: "client" });
+      markBusy();
+      writeUp(raw);
+      if (elevated) lower();
+    } else {
+      units.push({ kind: "client" });
+      writeUp(message("Q", cstr(poison(verdict))));
+    }
+  };
+
+  const handleParse = async (raw: Buffer, body: Buffer): Promise<void> => {
+    const nameEnd = body.indexOf(0);
+    const queryEnd = nameEnd < 0 ? -1 : body.indexOf(0, nameEnd + 1);
+    if (queryEnd < 0) {
+      close("malformed Parse");
+      return;
+    }
+    const name = body.toString("utf8", 0, nameEnd);
+    const sql = body.toString("utf8", nameEnd + 1, queryEnd);
+    let verdict: SqlVerdict;
+    try {
+      verdict = classify(sql);
+    } catch (e) {
+      log?.error({ err: e }, "db gateway: classifier failed");
+      verdict = { decision: "forbid", ruleId: "db.internal", clause: "SKILLS.md Core Principles: Safety First", reason: "the classifier failed (SBX_ERR_INTERNAL)", statements: [] };
+    }
+    if (!(await recordQuery(sql, verdict, "extended"))) return;
+    if (verdict.decision === "allow") {
+      if (isWrite(verdict)) writeStatements.add(name);
+      else writeStatements.delete(name);
+      if (batchMessages === 0 && needsElevation(verdict)) {
+        elevate();
+        batchElevated = true;
+      }
+      if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
+      batchMessages++;
+      writeUp(raw);
+    } else {
+      writeStatements.delete(name);
+      batchMessages++;
+      writeUp(message("P", cstr(""), cstr(poison(verdict)), Buffer.from([0, 0])));
+      discardUntilSync = true;
+    }
+  };
+
+  const handleFunctionCall = async (): Promise<void> => {
+    const verdict: SqlVerdict = {
+      decision: "forbid",
+      ruleId: "db.function-call",
+      clause: "SKILLS.md §3 Read-Only Default",
+      reason: "the FunctionCall protocol message calls a function by OID, which the gateway cannot judge; use SELECT fn(...)",
+      statements: [],
+    };
+    if (!(await recordQuery("<FunctionCall message>", verdict, "function-call"))) return;
+    units.push({ kind: "client" });
+    writeUp(message("Q", cstr(poison(verdict))));
+  };
+
+  /** a Bind opening a paper-mode batch for a statement that writes (re-execution of a named statement) */
+  const elevateForBind = (buf: Buffer, off: number, total: number): boolean => {
+    // B: portal cstring, statement cstring, …
+    if (batchMessages !== 0 || opts.mode !== "paper" || opts.engine !== "postgres" || txStatus !== "I" || writeStatements.size === 0) return false;
+    const p = buf.indexOf(0, off + 5);
+    if (p < 0 || p >= off + total) return false;
+    const s = buf.indexOf(0, p + 1);
+    if (s < 0 || s >= off + total) return false;
+    return writeStatements.has(buf.toString("utf8", p + 1, s));
+  };
+
+  const processClient = async (chunk: Buffer): Promise<void> => {
+    let buf = cPending ? Buffer.concat([cPending, chunk]) : chunk;
+    cPending = undefined;
+    let off = 0;
+    if (streamRemaining > 0) {
+      const n = Math.min(streamRemaining, buf.length);
+      if (streamForward) writeUp(buf.subarray(0, n));
+      streamRemaining -= n;
+      off = n;
+    }
+    let seg = off; // start of the pass-through segment not yet written
+    const flush = (to: number): void => {
+      if (to > seg) writeUp(buf.subarray(seg, to));
+      seg = to;
+    };
+    while (off < buf.length && !closed) {
+      if (buf.length - off < 5) break;
+      const type = String.fromCharCode(buf[off]!);
+      const len = buf.readInt32BE(off + 1);
+      if (len < 4 || len > MAX_MESSAGE) {
+        flush(off);
+        writeClient(errorResponse({ S: "FATAL", V: "FATAL", C: "08P01", M: "invalid message length" }));
+        close("protocol violation");
+        return;
+      }
+      const total = len + 1;
+      const complete = buf.length - off >= total;
+
+      if (discardUntilSync && type !== "S") {
+        flush(off);
+        if (complete) {
+          off += total;
+        } else {
+          streamRemaining = total - (buf.length - off);
+          streamForward = false;
+          off = buf.length;
+        }
+        seg = off;
+        continue;
+      }
+
+      if (type === "B" && complete && elevateForBind(buf, off, total)) {
+        flush(off);
+        elevate();
+        batchElevated = true;
+      }
+      switch (type) {
+        case "Q":
+        case "P":
+        case "F": {
+          if (!complete) {
+            flush(off);
+            cPending = buf.subarray(off);
+            return;
+          }
+          flush(off);
+          const raw = buf.subarray(off, off + total);
+          const body = buf.subarray(off + 5, off + total);
+          if (type === "Q") await handleQuery(raw, body);
+          else if (type === "P") await handleParse(raw, body);
+          else await handleFunctionCall();
+          off += total;
+          seg = off;
+          continue;
+        }
+        case "S":
+          if (!complete) break;
+          discardUntilSync = false;
+          off += total;
+          flush(off);
+          units.push({ kind: "client" });
+          batchMessages = 0;
+          if (batchElevated) {
+            batchElevated = false;
+            lower();
+          }
+          continue;
+        case "X":
+          flush(off);
+          close("client terminated");
+          return;
+        case "B":
+        case "E":
+        case "D":
+        case "C":
+        case "H":
+        case "d":
+        case "c":
+        case "f":
+          if (type === "E") markBusy();
+          if (type !== "d" && type !== "c" && type !== "f" && type !== "H") batchMessages++;
+          if (complete) {
+            off += total;
+            continue;
+          }
+          // stream the rest of a large message through without buffering it
+          streamRemaining = total - (buf.length - off);
+          streamForward = true;
+          off = buf.length;
+          flush(off);
+          return;
+        default:
+          flush(off);
+          writeClient(errorResponse({ S: "FATAL", V: "FATAL", C: "08P01", M: `sandboxd database gateway: unexpected message type '${type}'` }));
+          close("protocol violation");
+          return;
+      }
+      break; // incomplete Sync
+    }
+    flush(off);
+    if (off < buf.length) cPending = Buffer.from(buf.subarray(off));
+  };
+
+  /* ---- upstream → client ---- */
+  let uPending: Buffer | undefined;
+  let uStreamRemaining = 0;
+  let uStreamForward = true;
+
+  const recordSafe = async (event: { type: string; [k: string]: unknown }, lines: string[]): Promise<boolean> => {
+    try {
+      await opts.record(event, lines);
+      return true;
+    } catch (e) {
+      auditFailed(e);
+      return false;
+    }
+  };
+
+  const processUpstream = async (chunk: Buffer): Promise<void> => {
+    let buf = uPending ? Buffer.concat([uPending, chunk]) : chunk;
+    uPending = undefined;
+    let off = 0;
+    if (uStreamRemaining > 0) {
+      const n = Math.min(uStreamRemaining, buf.length);
+      if (uStreamForward) writeClient(buf.subarray(0, n));
+      uStreamRemaining -= n;
+      off = n;
+    }
+    let seg = off;
+    const flush = (to: number): void => {
+      if (to > seg) writeClient(buf.subarray(seg, to));
+      seg = to;
+    };
+    while (off < buf.length && !closed) {
+      if (buf.length - off < 5) break;
+      const type = String.fromCharCode(buf[off]!);
+      const len = buf.readInt32BE(off + 1);
+      if (len < 4 || len > MAX_MESSAGE) {
+        close("upstream protocol violation");
+        return;
+      }
+      const total = len + 1;
+      const complete = buf.length - off >= total;
+      const internal = units[0]?.kind === "internal";
+
+      if (internal) {
+        // answers to the gateway's own queries never reach the client
+        flush(off);
+        if (!complete) {
+          if (type === "Z" || type === "E") {
+            uPending = Buffer.from(buf.subarray(off));
+            return;
+          }
+          uStreamRemaining = total - (buf.length - off);
+          uStreamForward = false;
+          return;
+        }
+        if (type === "E") log?.warn({ error: parseFields(buf.subarray(off + 5, off + total)).get("M") }, "db gateway: internal query failed");
+        if (type === "Z") {
+          units.shift();
+          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
+        }
+        off += total;
+        seg = off;
+        continue;
+      }
+
+      if (type === "C" || type === "E" || type === "Z") {
+        if (!complete) break;
+        const body = buf.subarray(off + 5, off + total);
+        if (type === "Z") {
+          units.shift();
+          txStatus = String.fromCharCode(body[0]!) as Upstream["status"];
+          if (units.length === 0) {
+            busySince = undefined;
+            refusals.clear();
+          }
+          off += total;
+          continue;
+        }
+        flush(off);
+        up.pause();
+        if (type === "C") {
+          const tag = body.toString("utf8", 0, Math.max(0, body.length - 1));
+          const rows = rowsFromTag(tag);
+          const ok = await recordSafe(
+            { type: "db.result", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, rows, command: tag },
+            [`[${timestamp(new Date())}] DB_RESULT: ${rows} rows returned`],
+          );
+          if (!ok) return;
+          off += total;
+          continue; // forwarded as part of the next segment
+        }
+        // ErrorResponse: a refusal placeholder, or a real error
+        const fields = parseFields(body);
+        const m = fields.get("M") ?? "";
+        const at = m.indexOf(poisonPrefix);
+        const refusal = at >= 0 ? refusals.get(Number.parseInt(m.slice(at + poisonPrefix.length), 10)) : undefined;
+        if (refusal) {
+          const v = refusal.verdict;
+          writeClient(
+            errorResponse({
+              S: "ERROR",
+              V: "ERROR",
+              C: "42501",
+              M: `sandboxd refused this statement: ${v.ruleId} (${v.clause}): ${v.reason}`,
+              D: `decision: ${v.decision}; error code SBX_ERR_SQL_REFUSED`,
+              H: v.decision === "ask" ? "this needs human approval; ask the operator, or run a read-only query" : "run a read-only query, or one the phase's mode allows",
+            }),
+          );
+        } else {
+          const ok = await recordSafe(
+            {
+              type: "db.error",
+              engine: opts.engine,
+              mode: opts.mode,
+              database: opts.upstream.database,
+              sqlstate: fields.get("C"),
+              message: redact(m),
+            },
+            [`[${timestamp(new Date())}] DB_ERROR: ${escapeControl(redact(m))}${fields.get("C") ? ` (SQLSTATE ${fields.get("C")})` : ""}`],
+          );
+          if (!ok) return;
+          writeClient(buf.subarray(off, off + total));
+        }
+        off += total;
+        seg = off;
+        continue;
+      }
+
+      // everything else passes through; large DataRows are streamed
+      if (complete) {
+        off += total;
+        continue;
+      }
+      uStreamRemaining = total - (buf.length - off);
+      uStreamForward = true;
+      off = buf.length;
+      flush(off);
+      return;
+    }
+    flush(off);
+    if (off < buf.length) uPending = Buffer.from(buf.subarray(off));
+  };
+
+  /* ---- pumps: one chunk at a time, in order ---- */
+  const pump = (from: Duplex, state: { processing: boolean; blocked: boolean }, process: (b: Buffer) => Promise<void>, first: Buffer | undefined): void => {
+    let chain = Promise.resolve();
+    const onChunk = (b: Buffer): void => {
+      from.pause();
+      state.processing = true;
+      chain = chain
+        .then(() => (closed ? undefined : process(b)))
+        .then(() => {
+          state.processing = false;
+          if (!closed && !state.blocked) from.resume();
+        })
+        .catch((e: unknown) => {
+          log?.error({ err: e }, "db gateway: relay failed");
+          close("relay error");
+        });
+    };
+    if (first?.length) onChunk(first);
+    from.on("data", onChunk);
+    from.resume();
+  };
+  pump(up, flow.up, processUpstream, upstream.leftover);
+  pump(client, flow.client, processClient, clientLeftover);
+
+  await finished;
+}
