@@ -578,7 +578,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   };
 
   /* ---- client → upstream ---- */
-  let cPending: Buffer | undefined;
+  /** an incomplete message (or header) carried over, as chunks, and the bytes it needs in all (0: header incomplete) */
+  let cParts: Buffer[] = [];
+  let cPartsLength = 0;
+  let cNeed = 0;
   /** bytes still to come of a message being streamed (forwarded, or discarded when !streamForward) */
   let streamRemaining = 0;
   let streamForward = true;
@@ -667,8 +670,17 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   };
 
   const processClient = async (chunk: Buffer): Promise<void> => {
-    let buf = cPending ? Buffer.concat([cPending, chunk]) : chunk;
-    cPending = undefined;
+    let buf = chunk;
+    if (cParts.length) {
+      cParts.push(chunk);
+      cPartsLength += chunk.length;
+      // a large statement arrives in many chunks: join them once, when it is complete
+      if (cNeed > 0 && cPartsLength < cNeed) return;
+      buf = Buffer.concat(cParts, cPartsLength);
+      cParts = [];
+      cPartsLength = 0;
+      cNeed = 0;
+    }
     let off = 0;
     if (streamRemaining > 0) {
       const n = Math.min(streamRemaining, buf.length);
@@ -718,7 +730,9 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         case "F": {
           if (!complete) {
             flush(off);
-            cPending = buf.subarray(off);
+            cParts = [buf.subarray(off)];
+            cPartsLength = buf.length - off;
+            cNeed = total;
             return;
           }
           flush(off);
@@ -776,7 +790,12 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       break; // incomplete Sync
     }
     flush(off);
-    if (off < buf.length) cPending = Buffer.from(buf.subarray(off));
+    if (off < buf.length) {
+      // an incomplete header or Sync: small
+      cParts = [Buffer.from(buf.subarray(off))];
+      cPartsLength = buf.length - off;
+      cNeed = 0;
+    }
   };
 
   /* ---- upstream → client ---- */

@@ -4,7 +4,7 @@
  * tunnel server will. Clients are pg.Client (simple protocol for queries
  * without parameters, extended protocol with them) and psql.
  */
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import net from "node:net";
 import { promisify } from "node:util";
 import pg from "pg";
@@ -343,6 +343,77 @@ describe("db gateway (PostgreSQL)", () => {
     });
     const c = new pg.Client({ host: "127.0.0.1", port: bad.port, user: "agent", database: "x" });
     await expect(c.connect()).rejects.toThrow(/sandboxd database gateway: cannot open the PostgreSQL connection/);
+  });
+});
+
+describe("db gateway: large messages, COPY, QuestDB path and watchdog", () => {
+  it("relays a large statement, a large row and a large COPY TO STDOUT intact", async () => {
+    const gw = await startGateway("test");
+    const c = await gw.connect();
+    try {
+      const big = "x".repeat(3_000_000);
+      const r = await c.query(`SELECT length('${big}') AS n`);
+      expect(r.rows[0].n).toBe(3_000_000);
+      const row = await c.query("SELECT repeat('y', 5000000) AS s");
+      expect(row.rows[0].s).toHaveLength(5_000_000);
+      const many = await c.query("SELECT g, repeat('z', 200) AS pad FROM generate_series(1, 50000) g");
+      expect(many.rowCount).toBe(50000);
+      expect(many.rows[49999].g).toBe(50000);
+    } finally {
+      await c.end();
+    }
+    expect(gw.lines().some((l) => l.endsWith("DB_RESULT: 50000 rows returned"))).toBe(true);
+    // psql COPY TO STDOUT (allowed in test mode), streamed through
+    const env = { ...process.env, PGPASSWORD: "x" };
+    const { stdout } = await run(
+      "psql",
+      ["-X", "-h", "127.0.0.1", "-p", String(gw.port), "-U", "agent", "-d", "x", "-c", "COPY (SELECT g, repeat('q', 100) FROM generate_series(1, 100000) g) TO STDOUT"],
+      { env, maxBuffer: 64 * 1024 * 1024 },
+    );
+    expect(stdout.split("\n").filter(Boolean)).toHaveLength(100000);
+  });
+
+  it("relays COPY FROM STDIN in test mode", async () => {
+    const gw = await startGateway("test");
+    const before = await superCount("signals", "trading_test");
+    const child = spawn(
+      "psql",
+      ["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", String(gw.port), "-U", "agent", "-d", "x", "-c", "COPY signals (symbol, value) FROM STDIN"],
+      { env: { ...process.env, PGPASSWORD: "x" }, stdio: ["pipe", "pipe", "pipe"] },
+    );
+    let out = "";
+    child.stdout.on("data", (b: Buffer) => (out += b.toString()));
+    child.stderr.on("data", (b: Buffer) => (out += b.toString()));
+    const rows = Array.from({ length: 2000 }, (_, i) => `SYM-${i}\t${i / 10}`).join("\n");
+    child.stdin.end(`${rows}\n\\.\n`);
+    const code = await new Promise<number | null>((r) => child.on("close", r));
+    expect(code, out).toBe(0);
+    expect(out).toMatch(/COPY 2000/);
+    expect(await superCount("signals", "trading_test")).toBe(before + 2000);
+    expect(gw.lines().some((l) => l.endsWith("DB_RESULT: 2000 rows returned"))).toBe(true);
+  });
+
+  it("judges QuestDB-engine statements with the QuestDB gate, records them as QuestDB, and the watchdog cancels a query the server does not time out", async () => {
+    // QuestDB has no statement_timeout, so the gateway sets none upstream for engine "questdb": the watchdog is the limit
+    const quest = await startGateway("paper", { engine: "questdb", statementTimeoutMs: 1000 });
+    const c = await quest.connect();
+    try {
+      expect((await c.query("SELECT count(*)::int AS n FROM orders")).rows[0].n).toBe(3);
+      const e = await refused(c, "INSERT INTO orders (symbol, side, qty, price, status) VALUES ('X', 'buy', 1, 1, 'new')");
+      expect(e.code).toBe("42501");
+      expect(e.message).toMatch(/db\.paper-prefix/);
+      const started = Date.now();
+      const slow = await refused(c, "SELECT count(*) FROM generate_series(1, 1000000000000)");
+      const took = Date.now() - started;
+      expect(slow.code).toBe("57014");
+      expect(took).toBeGreaterThanOrEqual(2_800); // 1 s + 2 s grace
+      expect(took).toBeLessThan(5_500);
+      expect((await c.query("SELECT 1 AS one")).rows[0].one).toBe(1);
+    } finally {
+      await c.end();
+    }
+    expect(quest.lines().some((l) => /\] DB_QUERY \[QuestDB\]: SELECT count\(\*\)::int AS n FROM orders$/.test(l))).toBe(true);
+    expect(await superCount("orders", "trading")).toBe(3);
   });
 });
 
