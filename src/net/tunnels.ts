@@ -32,9 +32,13 @@ const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
 /** concurrent tunnelled connections per phase */
 const MAX_CONNECTIONS = 128;
 
-/** What the SQL gateway needs to take over a PostgreSQL-protocol connection. */
+/**
+ * Takes over a PostgreSQL-protocol connection (the SQL gateway,
+ * src/db/gateway.ts handleClient); resolves when the connection is over.
+ * The socket is paused; the hand-off resumes it once it listens.
+ */
 export interface GatewayHandoff {
-  (client: net.Socket, ctx: { service: ResolvedService; mode: PhaseMode; phaseId: string; head: Buffer }): void;
+  (client: net.Socket, service: ResolvedService): Promise<void>;
 }
 
 export interface TunnelServerOptions {
@@ -105,7 +109,7 @@ export class TunnelServer {
   }
 
   /** The header line and whatever followed it in the same reads. */
-  private readHeader(sock: net.Socket): Promise<{ line: string; head: Buffer }> {
+  private readHeader(sock: net.Socket): Promise<{ line: string; head: Buffer; headerBytes: number }> {
     return new Promise((resolve, reject) => {
       let buf = Buffer.alloc(0);
       const timer = setTimeout(() => done(new Error(`no tunnel header within ${HEADER_TIMEOUT_MS} ms`)), HEADER_TIMEOUT_MS);
@@ -113,13 +117,13 @@ export class TunnelServer {
         buf = Buffer.concat([buf, chunk]);
         const nl = buf.indexOf(0x0a);
         if (nl >= 0 && nl <= TUNNEL_HEADER_MAX) {
-          done(null, { line: buf.subarray(0, nl).toString("utf8"), head: buf.subarray(nl + 1) });
+          done(null, { line: buf.subarray(0, nl).toString("utf8"), head: buf.subarray(nl + 1), headerBytes: nl + 1 });
         } else if (buf.length > TUNNEL_HEADER_MAX) {
           done(new Error(`tunnel header longer than ${TUNNEL_HEADER_MAX} bytes`));
         }
       };
       const onEnd = () => done(new Error("connection ended before the tunnel header"));
-      const done = (err: Error | null, r?: { line: string; head: Buffer }) => {
+      const done = (err: Error | null, r?: { line: string; head: Buffer; headerBytes: number }) => {
         clearTimeout(timer);
         sock.off("data", onData);
         sock.off("end", onEnd);
@@ -135,7 +139,7 @@ export class TunnelServer {
     });
   }
 
-  private async decide(sock: net.Socket, { line, head }: { line: string; head: Buffer }): Promise<void> {
+  private async decide(sock: net.Socket, { line, head, headerBytes }: { line: string; head: Buffer; headerBytes: number }): Promise<void> {
     let json: unknown;
     try {
       json = JSON.parse(line);
@@ -166,7 +170,6 @@ export class TunnelServer {
     }
     const gateway = this.opts.gateway ?? null;
     if (service.protocol === "postgres" && !gateway && !(service.name === "postgres" && this.opts.mode !== "paper")) {
-      // TODO(gateway): src/db/gateway.ts handleClient takes these over once it lands.
       return this.refuse(sock, {
         ...base,
         reason: `${name} is reachable only through the SQL gateway, which this daemon does not have yet`,
@@ -191,20 +194,40 @@ export class TunnelServer {
     }
     if (sock.destroyed || this.closed) return void sock.destroy();
 
+    // bytes that came with the header belong to the tunnelled stream
+    if (head.length > 0) sock.unshift(head);
+    const started = this.opts.clock.monotonicMs();
+    const closed = (error: string | null) => {
+      const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
+      // counted on the tunnel socket: what the sandbox sent (less the header) and what it was sent
+      const bytesOut = Math.max(0, sock.bytesRead - headerBytes);
+      const bytesIn = sock.bytesWritten;
+      void this.opts.rec
+        .record(
+          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error },
+          [actionLine(this.ts(), "NET", "CLOSE", `${service.name} 127.0.0.1:${service.port}`, `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`)],
+        )
+        .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
+    };
     if (via === "gateway") {
-      gateway!(sock, { service, mode: this.opts.mode, phaseId: this.opts.phaseId, head });
+      const over = gateway!(sock, service);
+      sock.resume();
+      void over.then(
+        () => (sock.destroyed ? closed(null) : sock.once("close", () => closed(null))),
+        (e: Error) => {
+          sock.destroy();
+          closed(`gateway: ${e.message}`);
+        },
+      );
       return;
     }
-    this.pipeRaw(sock, service, head);
+    this.pipeRaw(sock, service, closed);
   }
 
-  private pipeRaw(sock: net.Socket, service: ResolvedService, head: Buffer): void {
-    const started = this.opts.clock.monotonicMs();
+  private pipeRaw(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void): void {
     const upstream = net.connect({ host: service.upstream!.host, port: service.upstream!.port });
     this.sockets.add(upstream);
     upstream.once("close", () => this.sockets.delete(upstream));
-    let bytesOut = head.length;
-    let bytesIn = 0;
     let error: string | null = null;
     const connectTimer = setTimeout(() => {
       error = `upstream did not accept within ${UPSTREAM_CONNECT_TIMEOUT_MS} ms`;
@@ -212,9 +235,6 @@ export class TunnelServer {
     }, UPSTREAM_CONNECT_TIMEOUT_MS);
     upstream.once("connect", () => {
       clearTimeout(connectTimer);
-      if (head.length > 0) upstream.write(head);
-      sock.on("data", (c: Buffer) => (bytesOut += c.length));
-      upstream.on("data", (c: Buffer) => (bytesIn += c.length));
       sock.pipe(upstream);
       upstream.pipe(sock);
       sock.resume();
@@ -236,13 +256,7 @@ export class TunnelServer {
       }
       if (++closedCount < 2) return;
       clearTimeout(connectTimer);
-      const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
-      void this.opts.rec
-        .record(
-          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error },
-          [actionLine(this.ts(), "NET", "CLOSE", `${service.name} 127.0.0.1:${service.port}`, `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`)],
-        )
-        .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
+      closed(error);
     };
     sock.once("close", onClose(upstream));
     upstream.once("close", onClose(sock));

@@ -31,7 +31,8 @@ import type { Clock, IdSource } from "../util/clock.js";
 import { PhaseRecorder } from "./recorder.js";
 import { ShimChannel } from "./shim-channel.js";
 import { listenList, resolveServices, type PhaseServices } from "../net/services.js";
-import { TunnelServer } from "../net/tunnels.js";
+import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
+import { handleClient } from "../db/gateway.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
 
@@ -343,11 +344,37 @@ export class PhaseManager {
       rec: live.rec,
       clock: this.opts.clock,
       log: this.opts.log,
-      // TODO(gateway): pass src/db/gateway.ts handleClient here once it lands.
-      gateway: null,
+      gateway: this.gatewayFor(live),
     });
     await live.tunnels.listen();
     live.channel?.setServices(listenList(live.services));
+  }
+
+  /**
+   * PostgreSQL-protocol tunnels end in the SQL gateway (src/db/gateway.ts):
+   * it logs in upstream with the credentials of the URL chosen for the mode
+   * (they stay in the daemon), judges every statement under the phase's
+   * policy and records DB_QUERY / DB_RESULT / DB_ERROR.
+   */
+  private gatewayFor(live: LivePhase): GatewayHandoff {
+    return async (client, service) => {
+      const url = new URL(service.url!);
+      await handleClient(client, {
+        engine: service.name === "questdb-pg" ? "questdb" : "postgres",
+        mode: live.record.mode,
+        upstream: {
+          host: service.upstream!.host,
+          port: service.upstream!.port,
+          user: decodeURIComponent(url.username),
+          password: decodeURIComponent(url.password),
+          database: service.database ?? "",
+        },
+        record: async (event, lines) => void (await live.rec.record(event, lines)),
+        redact: (text) => live.rec.redact(text),
+        statementTimeoutMs: this.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+        log: this.opts.log,
+      });
+    };
   }
 
   /** The effective policy: the daemon's, narrowed by the phase's own when it has one. */

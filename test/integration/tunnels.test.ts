@@ -5,9 +5,9 @@
  * connection through the run dir to the daemon, which records it and dials
  * the upstream. Everything else fails fast.
  *
- * TODO: once test/helpers/postgres.ts and src/db/gateway.ts exist, add the
- * PostgreSQL case (psql "$DATABASE_URL_TEST" -c 'select count(*) from orders'
- * in test mode); until then the upstream is a TCP echo server behind REDIS_URL.
+ * Upstreams: a TCP echo server behind REDIS_URL (raw pipe), and a throwaway
+ * PostgreSQL cluster (test/helpers/postgres.ts) behind DATABASE_URL(_TEST),
+ * reached through the SQL gateway (src/db/gateway.ts).
  */
 import { chown, readFile, writeFile } from "node:fs/promises";
 import net from "node:net";
@@ -15,6 +15,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
+import { startPostgres, type TestPostgres } from "../helpers/postgres.js";
 import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
@@ -201,5 +202,83 @@ describe("service tunnels", () => {
     expect(refused).toMatchObject({ decision: "forbid", reason: "tunnel header carried a wrong token" });
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     await expect(stat(sock)).rejects.toThrow();
+  });
+});
+
+const PG_PROBE = `
+import json, os, subprocess
+import psycopg2
+out = {"env": os.environ.get("DATABASE_URL_TEST"), "env_prod": os.environ.get("DATABASE_URL")}
+p = subprocess.run(["psql", os.environ["DATABASE_URL_TEST"] if os.environ.get("SANDBOXD_MODE") != "paper" else os.environ["DATABASE_URL"],
+                    "-XAt", "-c", "select count(*) from orders"], capture_output=True, text=True, timeout=30)
+out["psql"] = {"code": p.returncode, "out": p.stdout.strip(), "err": p.stderr.strip()}
+conn = psycopg2.connect(os.environ["DATABASE_URL"])
+conn.autocommit = True
+cur = conn.cursor()
+cur.execute("select current_database()")
+out["db"] = cur.fetchone()[0]
+try:
+    cur.execute("insert into orders (symbol, side, qty, price, status) values ('X', 'buy', 1, 1, 'new')")
+    out["insert"] = "ok %d" % cur.rowcount
+except Exception as e:
+    out["insert"] = "refused: %s" % str(e).splitlines()[0]
+conn.close()
+print(json.dumps(out))
+`;
+
+describe("PostgreSQL through the tunnel and the SQL gateway", () => {
+  let db: TestPostgres;
+  beforeAll(async () => {
+    db = await startPostgres();
+  });
+  afterAll(async () => {
+    await db?.stop();
+  });
+
+  async function pgProject(): Promise<string> {
+    const project = await makeProject();
+    cleanup.push(project);
+    const gw = `${db.gateway.user}:${encodeURIComponent(db.gateway.password)}@127.0.0.1:${db.port}`;
+    await writeFile(path.join(project, ".env"), `DATABASE_URL=postgresql://${gw}/trading\nDATABASE_URL_TEST=postgresql://${gw}/trading_test\n`);
+    await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+    return project;
+  }
+
+  it("test mode: psql \"$DATABASE_URL_TEST\" counts the test database's orders; writes go to the test database", async () => {
+    const project = await pgProject();
+    const expected = (await db.psql("select count(*) from orders", "trading_test")).trim();
+    const prodBefore = (await db.psql("select count(*) from orders", "trading")).trim();
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "pg", mode: "test" });
+    const r = await exec(phase, ["python3", await writeScript(project, PG_PROBE)]);
+    expect(r.stderr).toBe("");
+    const out = JSON.parse(r.stdout) as Record<string, any>;
+    expect(out.env).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
+    expect(out.env_prod).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
+    expect(out.psql).toEqual({ code: 0, out: expected, err: "" });
+    expect(out.db).toBe("trading_test");
+    expect(out.insert).toBe("ok 1");
+    expect((await db.psql("select count(*) from orders", "trading_test")).trim()).toBe(String(Number(expected) + 1));
+    expect((await db.psql("select count(*) from orders", "trading")).trim()).toBe(prodBefore);
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[ALLOW db\.test-database-only .* via gateway\]/);
+    expect(log).toMatch(/DB_QUERY \[PostgreSQL\]: select count\(\*\) from orders/);
+    expect(log).toMatch(/\[NET\] \[CLOSE\] \[postgres 127\.0\.0\.1:5432\] \[in=\d+ out=\d+ /);
+    expect(log).not.toContain(db.gateway.password);
+  });
+
+  it("paper mode: production, read-only outside paper_ tables", async () => {
+    const project = await pgProject();
+    const expected = (await db.psql("select count(*) from orders", "trading")).trim();
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "pg", mode: "paper" });
+    const r = await exec(phase, ["python3", await writeScript(project, PG_PROBE)]);
+    expect(r.stderr).toBe("");
+    const out = JSON.parse(r.stdout) as Record<string, any>;
+    expect(out.env_prod).toBe("postgresql://sandbox@127.0.0.1:5432/trading");
+    expect(out.psql).toEqual({ code: 0, out: expected, err: "" });
+    expect(out.db).toBe("trading");
+    expect(out.insert).toMatch(/^refused: /);
+    expect((await db.psql("select count(*) from orders", "trading")).trim()).toBe(expected);
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
   });
 });
