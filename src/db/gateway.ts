@@ -367,6 +367,8 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   const engineName = opts.engine === "questdb" ? "QuestDB" : "PostgreSQL";
   const log = opts.log;
   client.on("error", (e) => log?.debug({ err: e }, "db gateway: client socket error"));
+  // small protocol messages must not wait for delayed ACKs (Nagle); a tunnel stream has no such method
+  (client as Partial<net.Socket>).setNoDelay?.(true);
 
   /* ---- client startup: SSLRequest / GSSENCRequest / CancelRequest / StartupMessage ---- */
   const creader = new ByteReader(client);
