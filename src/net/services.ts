@@ -15,6 +15,7 @@
  * paper → DATABASE_URL.
  */
 import type { PhaseMode } from "../phases/types.js";
+import { DEFAULT_NETWORK, type NetworkPolicy } from "../policy/schema.js";
 
 /** How the daemon treats a service's bytes. */
 export type ServiceProtocol = "postgres" | "raw";
@@ -26,7 +27,11 @@ export interface ServiceDefault {
   protocol: ServiceProtocol;
 }
 
-/** SKILLS.md Network Boundaries: "Connections to localhost services (QuestDB, PostgreSQL, Redis)". */
+/**
+ * SKILLS.md Network Boundaries: "Connections to localhost services (QuestDB,
+ * PostgreSQL, Redis)". Which of them a phase may use, and on which port,
+ * is the policy's `network` section; these are the protocols and usual ports.
+ */
 export const DEFAULT_SERVICES: readonly ServiceDefault[] = Object.freeze([
   { name: "postgres", port: 5432, protocol: "postgres" },
   { name: "questdb-pg", port: 8812, protocol: "postgres" },
@@ -34,7 +39,7 @@ export const DEFAULT_SERVICES: readonly ServiceDefault[] = Object.freeze([
   { name: "redis", port: 6379, protocol: "raw" },
 ]);
 
-export const NETWORK_CLAUSE = "SKILLS.md Security & Safety Guardrails — Network Boundaries: connections to localhost services (QuestDB, PostgreSQL, Redis) only";
+export const NETWORK_CLAUSE = DEFAULT_NETWORK.clause;
 export const TEST_DB_CLAUSE = "SKILLS.md §3 Read-Only Default: INSERT/UPDATE/DELETE only in test-only environments";
 
 /** The .env variables that name services (and are rewritten for the sandbox). */
@@ -104,12 +109,16 @@ function dbName(url: URL | null): string | null {
 
 /**
  * Resolve a phase's services from the project's .env (`vars`, as readDotenv
- * returned them) and the daemon's overrides, for a mode.
+ * returned them) and the daemon's overrides, for a mode, under the policy's
+ * network section. Services the policy does not list are left out (nothing
+ * listens for them); the sandbox's variables are rewritten all the same, so
+ * a real URL never enters the container.
  */
 export function resolveServices(
   mode: PhaseMode,
   vars: Readonly<Record<string, string>>,
   overrides: Readonly<Record<string, string>> = {},
+  network: Readonly<NetworkPolicy> = DEFAULT_NETWORK,
 ): PhaseServices {
   const pick = (v: ServiceVar): string | undefined => overrides[v] || vars[v] || undefined;
   const prodUrl = pick("DATABASE_URL");
@@ -119,7 +128,12 @@ export function resolveServices(
 
   const services: ResolvedService[] = [];
   const env: Record<string, string> = {};
-  const def = (name: string): ServiceDefault => DEFAULT_SERVICES.find((s) => s.name === name)!;
+  const allowed = (name: string) => network.services.find((s) => s.name === name);
+  const def = (name: string): ServiceDefault => {
+    const d = DEFAULT_SERVICES.find((s) => s.name === name)!;
+    return { ...d, port: allowed(name)?.port ?? d.port };
+  };
+  const ruleOf = (name: string) => allowed(name)?.id ?? `net.service.${name}`;
 
   // PostgreSQL, chosen by mode.
   {
@@ -144,8 +158,9 @@ export function resolveServices(
       database: dbName(url),
       url: url ? raw! : null,
       refusal,
-      rule: paper ? "net.service.postgres" : "db.test-database-only",
-      clause: paper ? NETWORK_CLAUSE : TEST_DB_CLAUSE,
+      // outside paper mode, a missing test database is refused under the read-only rule, not the network one
+      rule: !paper && !url ? "db.test-database-only" : ruleOf("postgres"),
+      clause: !paper && !url ? TEST_DB_CLAUSE : network.clause,
     });
     // Both names point at the database the tunnel really reaches in this mode.
     const db = dbName(url) ?? dbName(parseUrl(paper ? testUrl : prodUrl)) ?? "postgres";
@@ -174,8 +189,8 @@ export function resolveServices(
       database: name === "questdb-pg" ? (dbName(questUrl) ?? "qdb") : null,
       url: questUrl ? questUrl.href : null,
       refusal: upstream ? null : "QUESTDB_URL is not set (project .env or SANDBOXD_SERVICE_QUESTDB_URL)",
-      rule: `net.service.${name}`,
-      clause: NETWORK_CLAUSE,
+      rule: ruleOf(name),
+      clause: network.clause,
     });
   }
   if (questUrl) {
@@ -196,8 +211,8 @@ export function resolveServices(
       database: null,
       url: redisUrl ? redisUrl.href : null,
       refusal: redisUrl ? null : "REDIS_URL is not set (project .env or SANDBOXD_SERVICE_REDIS_URL)",
-      rule: "net.service.redis",
-      clause: NETWORK_CLAUSE,
+      rule: ruleOf("redis"),
+      clause: network.clause,
     });
     if (pick("REDIS_URL") !== undefined) {
       const dbIndex = redisUrl?.pathname.replace(/^\//, "") || "0";
@@ -205,7 +220,7 @@ export function resolveServices(
     }
   }
 
-  return { services, env };
+  return { services: services.filter((s) => allowed(s.name)), env };
 }
 
 /** The listen list sent to the shim: every known service (refused ones too, so the refusal is recorded, not a bare ECONNREFUSED). */

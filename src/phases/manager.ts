@@ -250,7 +250,7 @@ export class PhaseManager {
       endReason: null,
     };
     await this.store.create(record, token);
-    const services = resolveServices(req.mode, env, this.opts.serviceOverrides);
+    const services = resolveServices(req.mode, env, this.opts.serviceOverrides, this.policyFor(phasePolicy).network);
     const live: LivePhase = {
       record,
       channel: null,
@@ -790,7 +790,7 @@ export class PhaseManager {
   private async revive(record: PhaseRecord): Promise<LivePhase> {
     const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
     const log = await this.reopenAudit(record);
-    const services = resolveServices(record.mode, vars, this.opts.serviceOverrides);
+    const services = resolveServices(record.mode, vars, this.opts.serviceOverrides, this.opts.policy().network);
     const live: LivePhase = {
       record,
       channel: null,
@@ -808,6 +808,7 @@ export class PhaseManager {
         live.record.state = "failed";
         live.record.endReason = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
       }
+      if (live.phasePolicy) live.services = resolveServices(record.mode, vars, this.opts.serviceOverrides, this.policyFor(live.phasePolicy).network);
     }
     return live;
   }

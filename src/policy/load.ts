@@ -19,12 +19,14 @@ import { compileLayer, judgeInLayer, ruleMatches, show } from "./evaluate.js";
 import type { PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
+  DEFAULT_NETWORK,
   ERROR_CATEGORIES,
   policyFileSchema,
   shellRuleSchema,
   type DatabasePolicy,
   type Decision,
   type FilePolicy,
+  type NetworkPolicy,
   type Policy,
   type PolicyFile,
   type ShellRuleSpec,
@@ -231,6 +233,7 @@ function build(file: string, data: PolicyFile): Policy {
     failFast: data.failFast,
     files: data.files,
     database: data.database,
+    network: data.network ?? DEFAULT_NETWORK,
   };
 }
 
@@ -281,6 +284,10 @@ export function combine(base: Policy, stricter: Policy): Policy {
       statements: union(a.schemaChanges.statements, b.schemaChanges.statements),
     },
   };
+  const network: NetworkPolicy = {
+    clause: base.network.clause,
+    services: base.network.services.filter((s) => stricter.network.services.some((t) => t.name === s.name && t.port === s.port)),
+  };
   return deepFreeze({
     version: 1,
     sources: [...base.sources, ...stricter.sources],
@@ -289,6 +296,7 @@ export function combine(base: Policy, stricter: Policy): Policy {
     failFast: { clause: base.failFast.clause, maxAttempts },
     files,
     database,
+    network,
   });
 }
 

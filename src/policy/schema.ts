@@ -268,6 +268,53 @@ const databaseSchema = z
   })
   .strict();
 
+/* -------------------------------- network ------------------------------- */
+
+/** The services sandboxd knows how to find (src/net/services.ts resolves their upstreams from .env). */
+export const NETWORK_SERVICES = ["postgres", "questdb-pg", "questdb-http", "redis"] as const;
+
+const networkSchema = z
+  .object({
+    clause: clauseSchema,
+    /**
+     * The local services a phase may reach, each on 127.0.0.1:<port> inside
+     * the sandbox (a shim listener tunnelled to the daemon). Anything else
+     * gets ECONNREFUSED: the container has no interface but loopback.
+     */
+    services: z
+      .array(
+        z
+          .object({
+            id: idSchema,
+            name: z.enum(NETWORK_SERVICES),
+            port: z.number().int().min(1).max(65535),
+            justification: justificationSchema,
+          })
+          .strict(),
+      )
+      .superRefine((list, ctx) => {
+        const seen = new Set<string>();
+        for (const [i, s] of list.entries()) {
+          for (const key of [`name ${s.name}`, `port ${s.port}`]) {
+            if (seen.has(key)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: [i], message: `${key} is listed twice` });
+            seen.add(key);
+          }
+        }
+      }),
+  })
+  .strict();
+
+/** Without a network section: SKILLS.md's local services on their usual ports. */
+export const DEFAULT_NETWORK: z.infer<typeof networkSchema> = {
+  clause: "SKILLS.md Security & Safety Guardrails — Network Boundaries: connections to localhost services (QuestDB, PostgreSQL, Redis) only",
+  services: [
+    { id: "net.service.postgres", name: "postgres", port: 5432, justification: "PostgreSQL, through the SQL gateway (test database outside paper mode)" },
+    { id: "net.service.questdb-pg", name: "questdb-pg", port: 8812, justification: "QuestDB's PostgreSQL wire protocol, through the SQL gateway" },
+    { id: "net.service.questdb-http", name: "questdb-http", port: 9000, justification: "QuestDB's HTTP API (market data)" },
+    { id: "net.service.redis", name: "redis", port: 6379, justification: "Redis (caches, queues)" },
+  ],
+};
+
 /* -------------------------------- policy -------------------------------- */
 
 export const policyFileSchema = z
@@ -284,8 +331,11 @@ export const policyFileSchema = z
     failFast: failFastSchema,
     files: filesSchema,
     database: databaseSchema,
+    /** optional: without it, DEFAULT_NETWORK */
+    network: networkSchema.optional(),
   })
   .strict();
+export type NetworkPolicy = z.infer<typeof networkSchema>;
 export type PolicyFile = z.infer<typeof policyFileSchema>;
 
 /* ------------------------------ loaded form ----------------------------- */
@@ -338,4 +388,6 @@ export interface Policy {
   readonly failFast: Readonly<FailFastPolicy>;
   readonly files: Readonly<FilePolicy>;
   readonly database: Readonly<DatabasePolicy>;
+  /** the services a phase may reach; a combined policy keeps only those both layers allow on the same port */
+  readonly network: Readonly<NetworkPolicy>;
 }

@@ -261,7 +261,7 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
     expect((await db.psql("select count(*) from orders", "trading")).trim()).toBe(prodBefore);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     const log = await readFile(phase.buildLog, "utf8");
-    expect(log).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[ALLOW db\.test-database-only .* via gateway\]/);
+    expect(log).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[ALLOW net\.service\.postgres .* via gateway\]/);
     expect(log).toMatch(/DB_QUERY \[PostgreSQL\]: select count\(\*\) from orders/);
     expect(log).toMatch(/\[NET\] \[CLOSE\] \[postgres 127\.0\.0\.1:5432\] \[in=\d+ out=\d+ /);
     expect(log).not.toContain(db.gateway.password);

@@ -1,6 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { listenList, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
 import { daemonToShimSchema, tunnelHeaderSchema } from "../../src/shim/protocol.js";
+import { readFile } from "node:fs/promises";
+import { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "../../src/policy/load.js";
 
 const ENV = {
   DATABASE_URL: "postgresql://trader:pr0d-pw@db.internal:6543/trading",
@@ -74,5 +76,37 @@ describe("tunnel protocol", () => {
     expect(daemonToShimSchema.safeParse({ type: "listen", services: [], extra: 1 }).success).toBe(false);
     expect(tunnelHeaderSchema.safeParse({ token: "a".repeat(64), service: "redis", port: 6379 }).success).toBe(true);
     expect(tunnelHeaderSchema.safeParse({ token: "a".repeat(64), service: "Redis; rm", port: 6379 }).success).toBe(false);
+  });
+});
+
+describe("policy network section", () => {
+  it("default.yaml lists PostgreSQL, QuestDB (wire and HTTP) and Redis; a phase policy can only remove services", async () => {
+    const base = await loadPolicy();
+    expect(base.network.services.map((x) => `${x.name}:${x.port}`)).toEqual(["postgres:5432", "questdb-pg:8812", "questdb-http:9000", "redis:6379"]);
+    const text = await readFile(DEFAULT_POLICY_FILE, "utf8");
+    const cut = text.slice(0, text.indexOf("\nnetwork:"));
+    const narrow = parsePolicy(
+      `${cut}\nnetwork:\n  clause: "SKILLS.md Network Boundaries"\n  services:\n    - {id: net.service.redis, name: redis, port: 6379, justification: only the cache here}\n    - {id: net.service.pg, name: postgres, port: 6000, justification: another port is not a narrowing}\n`,
+      "narrow.yaml",
+    );
+    const c = combine(base, narrow);
+    expect(c.network.services.map((x) => x.name)).toEqual(["redis"]);
+    const s = resolveServices("test", ENV, {}, c.network);
+    expect(listenList(s)).toEqual([{ name: "redis", port: 6379 }]);
+    // the variables of services left out are still rewritten: no real URL enters the sandbox
+    expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
+    // without a network section: the defaults
+    expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(4);
+  });
+
+  it("rejects a service listed twice or on a port already used", async () => {
+    const text = await readFile(DEFAULT_POLICY_FILE, "utf8");
+    const cut = text.slice(0, text.indexOf("\nnetwork:"));
+    expect(() =>
+      parsePolicy(
+        `${cut}\nnetwork:\n  clause: "SKILLS.md Network Boundaries"\n  services:\n    - {id: net.a.b, name: redis, port: 6379, justification: the cache of the system}\n    - {id: net.c.d, name: postgres, port: 6379, justification: the database of the system}\n`,
+        "dup.yaml",
+      ),
+    ).toThrow(/port 6379 is listed twice/);
   });
 });
