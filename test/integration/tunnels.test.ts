@@ -16,7 +16,21 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { startPostgres, type TestPostgres } from "../helpers/postgres.js";
-import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { ApiClient } from "../../src/cli/client.js";
+import {
+  OWNER,
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  spawnDaemon,
+  startTestDaemon,
+  tempDir,
+  waitExit,
+  writeScript,
+  type TestDaemon,
+} from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 let echo: net.Server;
@@ -280,5 +294,56 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
     expect(out.insert).toMatch(/^refused: /);
     expect((await db.psql("select count(*) from orders", "trading")).trim()).toBe(expected);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
+});
+
+describe("tunnels across a daemon crash", () => {
+  it("a re-adopted phase gets its tunnels back: new tunnel socket, listeners kept by the shim", async () => {
+    const stateDir = await tempDir("tun-crash");
+    const socket = path.join(stateDir, "sandboxd.sock");
+    let daemon = await spawnDaemon(stateDir, socket);
+    const api = new ApiClient(socket);
+    const project = await makeProject();
+    cleanup.push(project);
+    try {
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${echoPort}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "crash", mode: "backtest" });
+      const script = await writeScript(
+        project,
+        [
+          "import socket",
+          "s = socket.create_connection(('127.0.0.1', 6379), timeout=5)",
+          "s.sendall(b'PING\\r\\n')",
+          "got = b''",
+          "while len(got) < 6:",
+          "    c = s.recv(100)",
+          "    if not c: break",
+          "    got += c",
+          "print(got.decode().strip())",
+        ].join("\n"),
+      );
+      const run = async () => (await api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
+      expect((await run()).stdout).toBe("PING\n");
+
+      daemon.child.kill("SIGKILL");
+      await waitExit(daemon.child);
+      daemon = await spawnDaemon(stateDir, socket);
+      expect(daemon.output()).toMatch(/re-adopted/);
+      const after = await run();
+      expect(after.stderr).toBe("");
+      expect(after.stdout).toBe("PING\n");
+      const text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
+      const connects = text.split("\n").filter((l) => l.includes('"type":"net.connect"') && l.includes(phase.id));
+      expect(connects).toHaveLength(2);
+      await api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      if (daemon.child.exitCode === null) {
+        daemon.child.kill("SIGTERM");
+        await waitExit(daemon.child).catch(() => undefined);
+      }
+      for (const c of await containersOf(stateDir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined);
+      await removeDir(stateDir);
+    }
   });
 });
