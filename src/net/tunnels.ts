@@ -65,13 +65,16 @@ interface Refusal {
 
 export class TunnelServer {
   private server: net.Server | null = null;
+  /** every open socket (tunnel and upstream), destroyed on close() */
   private readonly sockets = new Set<net.Socket>();
+  /** tunnel connections from the shim */
+  private readonly tunnels = new Set<net.Socket>();
   private closed = false;
 
   constructor(private readonly opts: TunnelServerOptions) {}
 
   get connections(): number {
-    return this.sockets.size;
+    return this.tunnels.size;
   }
 
   async listen(): Promise<void> {
@@ -100,7 +103,11 @@ export class TunnelServer {
   private onConnection(sock: net.Socket): void {
     if (this.closed) return void sock.destroy();
     this.sockets.add(sock);
-    sock.once("close", () => this.sockets.delete(sock));
+    this.tunnels.add(sock);
+    sock.once("close", () => {
+      this.sockets.delete(sock);
+      this.tunnels.delete(sock);
+    });
     sock.on("error", (err) => this.opts.log.debug({ phase: this.opts.phaseId, err: err.message }, "tunnel socket error"));
     void this.readHeader(sock).then(
       (r) => this.decide(sock, r),
@@ -176,7 +183,7 @@ export class TunnelServer {
         rule: "db.gateway-required",
       });
     }
-    if (this.sockets.size > MAX_CONNECTIONS) {
+    if (this.tunnels.size > MAX_CONNECTIONS) {
       return this.refuse(sock, { ...base, reason: `more than ${MAX_CONNECTIONS} concurrent tunnelled connections` });
     }
 
@@ -192,7 +199,16 @@ export class TunnelServer {
       sock.destroy();
       return;
     }
-    if (sock.destroyed || this.closed) return void sock.destroy();
+    if (sock.destroyed || this.closed) {
+      sock.destroy();
+      // the allow is on record; so is the end
+      await this.opts.rec
+        .record({ type: "net.close", service: name, port, bytesIn: 0, bytesOut: 0, durationMs: 0, error: "closed before the upstream was dialled" }, [
+          actionLine(this.ts(), "NET", "CLOSE", `${name} 127.0.0.1:${port}`, "in=0 out=0 0ms ERROR closed before the upstream was dialled"),
+        ])
+        .catch(() => undefined);
+      return;
+    }
 
     // bytes that came with the header belong to the tunnelled stream
     if (head.length > 0) sock.unshift(head);
