@@ -873,6 +873,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           if (units.length === 0) {
             busySince = undefined;
             refusals.clear();
+          } else {
+            // pipelined: the next statement starts now
+            busySince = Date.now();
+            cancelSent = false;
           }
           off += total;
           continue;

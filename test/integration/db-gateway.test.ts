@@ -417,6 +417,107 @@ describe("db gateway: large messages, COPY, QuestDB path and watchdog", () => {
   });
 });
 
+/** A raw wire-protocol client: enough to send what pg and psql never do. */
+class RawClient {
+  private buf = Buffer.alloc(0);
+  private wake: (() => void) | undefined;
+  constructor(readonly sock: net.Socket) {
+    sock.on("data", (b: Buffer) => {
+      this.buf = Buffer.concat([this.buf, b]);
+      this.wake?.();
+    });
+    sock.on("close", () => this.wake?.());
+  }
+  static async open(port: number): Promise<RawClient> {
+    const sock = net.connect({ host: "127.0.0.1", port });
+    await new Promise<void>((r, j) => sock.once("connect", r).once("error", j));
+    return new RawClient(sock);
+  }
+  private async need(n: number): Promise<void> {
+    while (this.buf.length < n) {
+      if (this.sock.destroyed) throw new Error("closed");
+      await new Promise<void>((r) => (this.wake = r));
+    }
+  }
+  async byte(): Promise<string> {
+    await this.need(1);
+    const c = String.fromCharCode(this.buf[0]!);
+    this.buf = this.buf.subarray(1);
+    return c;
+  }
+  async message(): Promise<{ type: string; body: Buffer }> {
+    await this.need(5);
+    const total = this.buf.readInt32BE(1) + 1;
+    await this.need(total);
+    const m = { type: String.fromCharCode(this.buf[0]!), body: this.buf.subarray(5, total) };
+    this.buf = this.buf.subarray(total);
+    return m;
+  }
+  /** message types up to and including the next ReadyForQuery; ErrorResponse SQLSTATEs inline as E:<code> */
+  async untilReady(): Promise<string[]> {
+    const out: string[] = [];
+    for (;;) {
+      const m = await this.message();
+      if (m.type === "E") {
+        const i = m.body.indexOf(Buffer.from("C42501"));
+        out.push(i >= 0 ? "E:42501" : `E:${/C([0-9A-Z]{5})/.exec(m.body.toString("latin1"))?.[1]}`);
+      } else out.push(m.type);
+      if (m.type === "Z") return out;
+    }
+  }
+}
+
+const frame = (type: string, body: Buffer): Buffer => {
+  const h = Buffer.alloc(5);
+  h.write(type, 0, "latin1");
+  h.writeInt32BE(body.length + 4, 1);
+  return Buffer.concat([h, body]);
+};
+const q = (sql: string): Buffer => frame("Q", Buffer.from(`${sql}\0`));
+
+describe("db gateway on the wire", () => {
+  it("answers SSLRequest with N, ignores startup options, refuses FunctionCall and keeps pipelined answers in order", async () => {
+    const gw = await startGateway("paper");
+    const c = await RawClient.open(gw.port);
+    try {
+      const ssl = Buffer.alloc(8);
+      ssl.writeInt32BE(8, 0);
+      ssl.writeInt32BE(80877103, 4);
+      c.sock.write(ssl);
+      expect(await c.byte()).toBe("N");
+      const params = Buffer.from("user\0postgres\0database\0trading_test\0options\0-c default_transaction_read_only=off\0\0");
+      const start = Buffer.alloc(8);
+      start.writeInt32BE(8 + params.length, 0);
+      start.writeInt32BE(196608, 4);
+      c.sock.write(Buffer.concat([start, params]));
+      const startup = await c.untilReady();
+      expect(startup[0]).toBe("R");
+      expect(startup).toContain("K");
+      // FunctionCall (pg_sleep's OID would do; any OID is refused)
+      const f = Buffer.alloc(12);
+      f.writeInt32BE(2626, 0); // function OID
+      f.writeInt16BE(0, 4); // no argument formats
+      f.writeInt16BE(0, 6); // no arguments
+      f.writeInt16BE(0, 8); // result format
+      c.sock.write(frame("F", f.subarray(0, 10)));
+      expect(await c.untilReady()).toEqual(["E:42501", "Z"]);
+      // pipelined: refused, allowed, refused, allowed in one write
+      c.sock.write(Buffer.concat([q("DELETE FROM orders"), q("SELECT count(*) FROM orders"), q("UPDATE orders SET qty = 0"), q("SHOW default_transaction_read_only")]));
+      expect(await c.untilReady()).toEqual(["E:42501", "Z"]);
+      expect(await c.untilReady()).toEqual(["T", "D", "C", "Z"]);
+      expect(await c.untilReady()).toEqual(["E:42501", "Z"]);
+      const show = await c.untilReady();
+      expect(show).toEqual(["T", "D", "C", "Z"]);
+      c.sock.write(frame("X", Buffer.alloc(0)));
+      await new Promise((r) => c.sock.once("close", r));
+    } finally {
+      c.sock.destroy();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+    expect(gw.records.some((r) => r.event.type === "db.query" && r.event.via === "function-call" && r.event.rule === "db.function-call")).toBe(true);
+  });
+});
+
 describe("rowsFromTag", () => {
   it("reads the row count of CommandComplete tags", () => {
     expect(rowsFromTag("SELECT 3")).toBe(3);
