@@ -1,0 +1,63 @@
+#!/usr/bin/env node
+/**
+ * Renders bench/results/latest.json (or the file given) as the Markdown tables
+ * BENCHMARKS.md carries, so the document is pasted from a real run, not retyped.
+ *
+ *   node bench/report.mjs [results.json]
+ */
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+
+const file = process.argv[2] ?? fileURLToPath(new URL("./results/latest.json", import.meta.url));
+const r = JSON.parse(readFileSync(file, "utf8"));
+const b = r.benchmarks;
+const f = (x, d = 1) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(d) : "—");
+const verdict = (p) => (p ? "**pass**" : "**MISS**");
+const out = [];
+
+out.push(`Run of ${r.date} (${r.durationS ?? "?"} s), commit ${r.machine.gitCommit}${r.machine.srcDirty ? " (plus uncommitted src/ changes)" : ""}: ${r.machine.cpus} cores (${r.machine.cpuModel}), ${r.machine.memGiB} GiB, ${r.machine.kernel}; Node ${r.machine.node} (daemon, CLI, bench), Node ${r.machine.imageNode} (shim, in the image); Docker ${r.machine.dockerServer}; load average ${r.machine.loadavgAtStart?.[0]} at start, ${r.machine.loadavgAtEnd?.[0]} at end.`);
+out.push("");
+out.push("| benchmark | p50 | p95 | mean | min | max | n |");
+out.push("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+const row = (name, s, d = 1) => out.push(`| ${name} | ${f(s.p50, d)} | ${f(s.p95, d)} | ${f(s.mean, d)} | ${f(s.min, d)} | ${f(s.max, d)} | ${s.n} |`);
+if (b.phaseStart) {
+  row("(a) phase start-to-ready, `POST /v1/phases` (ms)", b.phaseStart.phaseStart);
+  row("(a) baseline: `docker run --rm --entrypoint true` (ms)", b.phaseStart.dockerRunBare);
+  row("(a) info: same with `--network none` (ms)", b.phaseStart.dockerRunBareNoNetworkInfo);
+  row("(a) info: phase stop, `DELETE` (ms)", b.phaseStart.phaseStopInfo);
+}
+if (b.exec) {
+  row("(b) `true` via the API (ms)", b.exec.api, 2);
+  row("(b) info: of which daemon → shim → exit (ms)", b.exec.apiShimLegInfo);
+  row("(b) info: of which the shim's spawn → exit (ms)", b.exec.shimSpawnToExitInfo);
+  row("(b) `true` via the CLI, whole process (ms)", b.exec.cli);
+  row("(b) baseline: `docker exec <c> true`, whole process (ms)", b.exec.dockerExec);
+}
+if (b.stream) {
+  row("(c) 200 MiB stdout via the streaming API (MB/s)", b.stream.apiMBps);
+  row("(c) baseline: `docker exec <c> …` > /dev/null (MB/s)", b.stream.dockerExecMBps);
+  row("(c) daemon peak RSS growth per stream (MB)", b.stream.daemonRssGrowthMB);
+}
+out.push("");
+out.push("| target | measured | verdict |");
+out.push("| --- | --- | --- |");
+if (b.phaseStart) out.push(`| (a) phase start ≤ 1.3 × bare docker run (p50s) | ${f(b.phaseStart.ratioP50, 2)} × (mean ${f(b.phaseStart.ratioMean, 2)} ×) | ${verdict(b.phaseStart.pass)} |`);
+if (b.exec) out.push(`| (b) API exec ≤ 1/10 of docker exec (p50s) | ${f(b.exec.apiRatioP50, 3)} × (mean ${f(b.exec.apiRatioMean, 3)} ×) | ${verdict(b.exec.pass)} |`);
+if (b.stream) {
+  out.push(`| (c) stream ≥ 200 MB/s (p50) | ${f(b.stream.apiMBps.p50)} MB/s (docker exec: ${f(b.stream.dockerExecMBps.p50)}) | ${verdict(b.stream.targets.throughput.pass)} |`);
+  out.push(`| (c) daemon RSS growth < 50 MB (every run) | max ${f(b.stream.daemonRssGrowthMB.max)} MB (idle RSS ${f(b.stream.daemonRssIdleMB)} MB) | ${verdict(b.stream.targets.rss.pass)} |`);
+}
+out.push("");
+const busy = Object.entries(b)
+  .filter(([, v]) => v.machineDuringRun)
+  .map(([k, v]) => `${k} ${Math.round(v.machineDuringRun.cpuBusyFraction * 100)} % (load ${v.machineDuringRun.loadavg1Before} → ${v.machineDuringRun.loadavg1After})`);
+if (busy.length) out.push(`Machine CPU busy (all processes, both cores) during each benchmark: ${busy.join("; ")}.`);
+const c = b.stream?.cpuSecondsPerRunMean;
+if (c?.api) {
+  out.push("");
+  out.push("| CPU seconds per 200 MiB run (mean) | daemon | consumer (bench) | container | dockerd | rest of the machine |");
+  out.push("| --- | ---: | ---: | ---: | ---: | ---: |");
+  out.push(`| streaming API | ${f(c.api.daemon, 2)} | ${f(c.api.consumer, 2)} | ${f(c.api.container, 2)} (python3 + shim) | ${f(c.api.dockerd, 2)} | ${f(c.api.otherOnMachine, 2)} |`);
+  out.push(`| docker exec | ${f(c.dockerExec.daemon, 2)} | ${f(c.dockerExec.consumer, 2)} | ${f(c.dockerExec.container, 2)} (python3) | ${f(c.dockerExec.dockerd, 2)} | ${f(c.dockerExec.otherOnMachine, 2)} |`);
+}
+process.stdout.write(out.join("\n") + "\n");
