@@ -31,6 +31,15 @@ const HEADER_TIMEOUT_MS = 5_000;
 const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
 /** concurrent tunnelled connections per phase */
 const MAX_CONNECTIONS = 128;
+/**
+ * New connections per phase: a token bucket (burst, refill per second). Each
+ * connection costs two durable records; a loop of connects must not fill the
+ * audit disk (which would fail the daemon closed for every phase). Connections
+ * over the rate are dropped unrecorded one by one and recorded as one summary
+ * per second (`net.rate-limit`).
+ */
+const RATE_BURST = 200;
+const RATE_PER_SECOND = 50;
 
 /**
  * Takes over a PostgreSQL-protocol connection (the SQL gateway,
@@ -70,6 +79,10 @@ export class TunnelServer {
   /** tunnel connections from the shim */
   private readonly tunnels = new Set<net.Socket>();
   private closed = false;
+  private bucket = RATE_BURST;
+  private bucketAt = 0;
+  private dropped = 0;
+  private dropTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: TunnelServerOptions) {}
 
@@ -93,6 +106,8 @@ export class TunnelServer {
 
   async close(): Promise<void> {
     this.closed = true;
+    if (this.dropTimer) clearTimeout(this.dropTimer);
+    this.flushDropped();
     const server = this.server;
     this.server = null;
     for (const s of this.sockets) s.destroy();
@@ -102,6 +117,12 @@ export class TunnelServer {
 
   private onConnection(sock: net.Socket): void {
     if (this.closed) return void sock.destroy();
+    if (!this.takeToken()) {
+      sock.destroy();
+      this.dropped++;
+      this.dropTimer ??= setTimeout(() => this.flushDropped(), 1000);
+      return;
+    }
     this.sockets.add(sock);
     this.tunnels.add(sock);
     sock.once("close", () => {
@@ -288,6 +309,28 @@ export class TunnelServer {
       )
       .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection"));
     this.opts.log.info({ phase: this.opts.phaseId, service: r.service, reason: r.reason }, "tunnel connection refused");
+  }
+
+  private takeToken(): boolean {
+    const now = this.opts.clock.monotonicMs();
+    this.bucket = Math.min(RATE_BURST, this.bucket + ((now - this.bucketAt) / 1000) * RATE_PER_SECOND);
+    this.bucketAt = now;
+    if (this.bucket < 1) return false;
+    this.bucket -= 1;
+    return true;
+  }
+
+  private flushDropped(): void {
+    this.dropTimer = null;
+    const n = this.dropped;
+    this.dropped = 0;
+    if (n === 0) return;
+    const reason = `${n} connection(s) dropped: more than ${RATE_PER_SECOND} new tunnelled connections per second (burst ${RATE_BURST})`;
+    void this.opts.rec
+      .record({ type: "net.connect", service: "*", port: null, decision: "forbid", rule: "net.rate-limit", clause: NETWORK_CLAUSE, reason, count: n }, [
+        actionLine(this.ts(), "NET", "CONNECT", "* 127.0.0.1:*", `FORBID net.rate-limit: ${reason}`),
+      ])
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record dropped tunnel connections"));
   }
 
   private ts(): string {

@@ -111,4 +111,23 @@ describe("TunnelServer", () => {
     }
     expect(lines.some((l) => l.includes("[NET] [CONNECT]") && l.includes("FORBID net.tunnel-auth"))).toBe(true);
   });
+
+  it("drops connections over the rate limit and records them as one summary", async () => {
+    const before = events.length;
+    const header = JSON.stringify({ token: TOKEN, service: "redis", port: 6379 }) + "\n";
+    // more than the burst at once
+    const once = () =>
+      new Promise<void>((resolve) => {
+        const c = net.createConnection({ path: path.join(dir, "tunnel.sock") });
+        c.on("error", () => resolve());
+        c.on("close", () => resolve());
+        c.end(header);
+      });
+    await Promise.all(Array.from({ length: 260 }, once));
+    const summary = await until(() => events.slice(before).find((e) => e.rule === "net.rate-limit"));
+    expect(summary).toMatchObject({ type: "net.connect", decision: "forbid" });
+    expect(summary.count as number).toBeGreaterThan(0);
+    const allowed = events.slice(before).filter((e) => e.type === "net.connect" && e.decision === "allow").length;
+    expect(allowed + (summary.count as number)).toBe(260);
+  }, 20_000);
 });
