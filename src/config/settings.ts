@@ -5,10 +5,16 @@ import os from "node:os";
 import path from "node:path";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
-import { DEFAULT_POLICY_FILE } from "../policy/load.js";
+import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
 
 export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
+/**
+ * policies/default.yaml, as policy/load.ts names it. Spelled out here so the
+ * CLI, which resolves settings on every call, does not load the policy
+ * engine and its YAML parser just to learn a path.
+ */
+export const DEFAULT_POLICY_FILE = fileURLToPath(new URL("../../policies/default.yaml", import.meta.url));
 
 export interface Settings {
   socket: string;

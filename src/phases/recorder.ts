@@ -1,9 +1,11 @@
 /**
  * One place where a phase's events are recorded, so every call site does it
- * the same way: the hash-chained journal first (the source of truth), then the
- * human build_audit.log, both durable before `record` resolves — callers
- * await it before acting on the decision it records. Every string passes the
- * phase's secret redactor on the way in.
+ * the same way: the hash-chained journal (the source of truth) and the human
+ * build_audit.log, both durable before `record` resolves — callers await it
+ * before acting on the decision it records. The two appends (each with its
+ * own fdatasync) run concurrently: after a crash between them, one file can
+ * hold a record the other lacks, never a decision that was acted on without
+ * both. Every string passes the phase's secret redactor on the way in.
  */
 import type { BuildLog } from "../audit/buildlog.js";
 import type { AuditEvent, AuditJournal, AuditRecord } from "../audit/journal.js";
@@ -19,8 +21,10 @@ export class PhaseRecorder {
   ) {}
 
   async record(event: AuditEvent, lines: readonly string[]): Promise<AuditRecord> {
-    const rec = await this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor });
-    await this.build.append(lines.map((l) => this.redactor.redact(l)));
+    const [rec] = await Promise.all([
+      this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor }),
+      this.build.append(lines.map((l) => this.redactor.redact(l))),
+    ]);
     return rec;
   }
 

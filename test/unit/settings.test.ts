@@ -27,6 +27,14 @@ describe("settings", () => {
   });
 });
 
+describe("the default policy path", () => {
+  it("is the same file whether the CLI or the policy loader names it", async () => {
+    const settings = await import("../../src/config/settings.js");
+    const load = await import("../../src/policy/load.js");
+    expect(settings.DEFAULT_POLICY_FILE).toBe(load.DEFAULT_POLICY_FILE);
+  });
+});
+
 describe("errors", () => {
   it("every code has a 4xx/5xx status and an actionable hint", () => {
     for (const [code, spec] of Object.entries(ERRORS)) {
