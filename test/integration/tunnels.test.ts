@@ -281,6 +281,34 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
     expect(log).not.toContain(db.gateway.password);
   });
 
+  it("QuestDB's PostgreSQL wire (8812) goes through the gateway's QuestDB gate (PostgreSQL stands in for QuestDB)", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const gw = `${db.gateway.user}:${encodeURIComponent(db.gateway.password)}@127.0.0.1:${db.port}`;
+    await writeFile(path.join(project, ".env"), `QUESTDB_URL=postgresql://${gw}/trading_test\n`);
+    await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+    const expected = (await db.psql("select count(*) from orders", "trading_test")).trim();
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "qdb", mode: "test" });
+    const script = await writeScript(
+      project,
+      [
+        "import json, os, psycopg2",
+        "conn = psycopg2.connect(os.environ['QUESTDB_URL'])",
+        "conn.autocommit = True",
+        "cur = conn.cursor()",
+        "cur.execute('select count(*) from orders')",
+        "print(json.dumps({'url': os.environ['QUESTDB_URL'], 'count': cur.fetchone()[0]}))",
+      ].join("\n"),
+    );
+    const r = await exec(phase, ["python3", script]);
+    expect(r.stderr).toBe("");
+    expect(JSON.parse(r.stdout)).toEqual({ url: "postgresql://sandboxd_gw@127.0.0.1:8812/trading_test", count: Number(expected) });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(/\[NET\] \[CONNECT\] \[questdb-pg 127\.0\.0\.1:8812\] \[ALLOW net\.service\.questdb-pg .* via gateway\]/);
+    expect(log).toMatch(/DB_QUERY \[QuestDB\]: select count\(\*\) from orders/);
+  });
+
   it("paper mode: production, read-only outside paper_ tables", async () => {
     const project = await pgProject();
     const expected = (await db.psql("select count(*) from orders", "trading")).trim();
