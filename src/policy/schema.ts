@@ -310,9 +310,8 @@ export const DEFAULT_NETWORK: z.infer<typeof networkSchema> = {
   services: [
     { id: "net.service.postgres", name: "postgres", port: 5432, justification: "PostgreSQL, through the SQL gateway (test database outside paper mode)" },
     { id: "net.service.questdb-pg", name: "questdb-pg", port: 8812, justification: "QuestDB's PostgreSQL wire protocol, through the SQL gateway" },
-    { id: "net.service.questdb-http", name: "questdb-http", port: 9000, justification: "QuestDB's HTTP API (market data)" },
-    { id: "net.service.redis", name: "redis", port: 6379, justification: "Redis (caches, queues)" },
   ],
+  // QuestDB HTTP and Redis would be unchecked raw pipes: opt-in only (policies/default.yaml says how).
 };
 
 /* -------------------------------- policy -------------------------------- */

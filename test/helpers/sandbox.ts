@@ -68,6 +68,25 @@ async function chownTree(dir: string): Promise<void> {
   await chown(dir, OWNER.uid, OWNER.gid);
 }
 
+/**
+ * policies/default.yaml plus services it leaves out on purpose (raw pipes an
+ * operator may opt into), for the tunnel tests. The network list is the
+ * file's last section, so the entries are appended to it.
+ */
+export async function policyWithRawServices(): Promise<string> {
+  const { readFile } = await import("node:fs/promises");
+  const base = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+  const dir = await tempDir("policy");
+  const file = path.join(dir, "with-raw-services.yaml");
+  await writeFile(
+    file,
+    `${base.trimEnd()}\n` +
+      "    - {id: net.service.questdb-http, name: questdb-http, port: 9000, justification: QuestDB HTTP (test opt-in)}\n" +
+      "    - {id: net.service.redis, name: redis, port: 6379, justification: Redis (test opt-in)}\n",
+  );
+  return file;
+}
+
 let scriptCount = 0;
 
 /**
@@ -94,10 +113,10 @@ export interface TestDaemon {
 }
 
 /** The real daemon, in this process, serving a real unix socket. */
-export async function startTestDaemon(): Promise<TestDaemon> {
+export async function startTestDaemon(opts: { policy?: string } = {}): Promise<TestDaemon> {
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
-  const settings = resolveSettings({ socket, stateDir }, {});
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, {});
   const daemon = await startDaemon(settings, { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) });
   return {
     daemon,
@@ -137,8 +156,12 @@ export function cli(args: string[], opts: { socket?: string; timeoutMs?: number 
 }
 
 /** `sandboxd start` as its own process, resolved once the socket answers. */
-export async function spawnDaemon(stateDir: string, socket: string): Promise<{ child: ChildProcess; output: () => string }> {
-  const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir], {
+export async function spawnDaemon(
+  stateDir: string,
+  socket: string,
+  opts: { policy?: string } = {},
+): Promise<{ child: ChildProcess; output: () => string }> {
+  const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, ...(opts.policy ? ["--policy", opts.policy] : [])], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, SANDBOXD_LOG_LEVEL: "info" },
   });

@@ -26,6 +26,7 @@ import {
   requireEngineAndImage,
   spawnDaemon,
   startTestDaemon,
+  policyWithRawServices,
   tempDir,
   waitExit,
   writeScript,
@@ -33,6 +34,7 @@ import {
 } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
+let rawPolicy: string;
 let echo: net.Server;
 let echoPort = 0;
 let echoBytes = 0;
@@ -48,7 +50,9 @@ beforeAll(async () => {
   });
   await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
   echoPort = (echo.address() as net.AddressInfo).port;
-  t = await startTestDaemon();
+  // Redis and QuestDB HTTP are opt-in raw services: this daemon's policy lists them.
+  rawPolicy = await policyWithRawServices();
+  t = await startTestDaemon({ policy: rawPolicy });
 });
 
 afterAll(async () => {
@@ -329,7 +333,7 @@ describe("tunnels across a daemon crash", () => {
   it("a re-adopted phase gets its tunnels back: new tunnel socket, listeners kept by the shim", async () => {
     const stateDir = await tempDir("tun-crash");
     const socket = path.join(stateDir, "sandboxd.sock");
-    let daemon = await spawnDaemon(stateDir, socket);
+    let daemon = await spawnDaemon(stateDir, socket, { policy: rawPolicy });
     const api = new ApiClient(socket);
     const project = await makeProject();
     cleanup.push(project);
@@ -356,7 +360,7 @@ describe("tunnels across a daemon crash", () => {
 
       daemon.child.kill("SIGKILL");
       await waitExit(daemon.child);
-      daemon = await spawnDaemon(stateDir, socket);
+      daemon = await spawnDaemon(stateDir, socket, { policy: rawPolicy });
       expect(daemon.output()).toMatch(/re-adopted/);
       const after = await run();
       expect(after.stderr).toBe("");

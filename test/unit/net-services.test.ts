@@ -1,4 +1,14 @@
 import { describe, expect, it } from "vitest";
+import { DEFAULT_NETWORK } from "../../src/policy/schema.js";
+/** The default services plus the raw ones an operator may opt into (Redis, QuestDB HTTP). */
+const WITH_RAW = {
+  ...DEFAULT_NETWORK,
+  services: [
+    ...DEFAULT_NETWORK.services,
+    { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
+    { id: "net.service.redis", name: "redis" as const, port: 6379, justification: "opt-in" },
+  ],
+};
 import { listenList, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
 import { daemonToShimSchema, tunnelHeaderSchema } from "../../src/shim/protocol.js";
 import { readFile } from "node:fs/promises";
@@ -16,7 +26,7 @@ const byName = (s: ReturnType<typeof resolveServices>, n: string) => s.services.
 describe("resolveServices", () => {
   it("test and backtest modes reach the test database only", () => {
     for (const mode of ["test", "backtest"] as const) {
-      const s = resolveServices(mode, ENV);
+      const s = resolveServices(mode, ENV, {}, WITH_RAW);
       expect(byName(s, "postgres")).toMatchObject({ upstream: { host: "127.0.0.1", port: 5433 }, database: "trading_test", refusal: null });
       expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
       expect(s.env.DATABASE_URL_TEST).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
@@ -25,19 +35,19 @@ describe("resolveServices", () => {
 
   it("never falls back to production in test mode", () => {
     const { DATABASE_URL_TEST: _, ...prodOnly } = ENV;
-    const pg = byName(resolveServices("test", prodOnly), "postgres");
+    const pg = byName(resolveServices("test", prodOnly, {}, WITH_RAW), "postgres");
     expect(pg.upstream).toBeNull();
     expect(pg.refusal).toMatch(/DATABASE_URL_TEST is not set.*never used/);
   });
 
   it("paper mode reaches production", () => {
-    const s = resolveServices("paper", ENV);
+    const s = resolveServices("paper", ENV, {}, WITH_RAW);
     expect(byName(s, "postgres")).toMatchObject({ upstream: { host: "db.internal", port: 6543 }, database: "trading" });
     expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading");
   });
 
   it("rewrites every service variable to a password-less tunnel URL", () => {
-    const s = resolveServices("test", ENV);
+    const s = resolveServices("test", ENV, {}, WITH_RAW);
     expect(s.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading_test",
       DATABASE_URL_TEST: "postgresql://sandbox@127.0.0.1:5432/trading_test",
@@ -59,11 +69,11 @@ describe("resolveServices", () => {
   it("daemon overrides win over the project's .env", () => {
     const overrides = serviceOverridesFromEnv({ SANDBOXD_SERVICE_REDIS_URL: "redis://10.1.1.1:7000/0", OTHER: "x" });
     expect(overrides).toEqual({ REDIS_URL: "redis://10.1.1.1:7000/0" });
-    expect(byName(resolveServices("test", ENV, overrides), "redis").upstream).toEqual({ host: "10.1.1.1", port: 7000 });
+    expect(byName(resolveServices("test", ENV, overrides, WITH_RAW), "redis").upstream).toEqual({ host: "10.1.1.1", port: 7000 });
   });
 
   it("services that are not configured are listed but refused, and no variable is invented", () => {
-    const s = resolveServices("test", {});
+    const s = resolveServices("test", {}, {}, WITH_RAW);
     expect(s.env).toEqual({});
     for (const svc of s.services) expect(svc.refusal).toBeTruthy();
   });
@@ -80,23 +90,24 @@ describe("tunnel protocol", () => {
 });
 
 describe("policy network section", () => {
-  it("default.yaml lists PostgreSQL, QuestDB (wire and HTTP) and Redis; a phase policy can only remove services", async () => {
+  it("default.yaml lists the gateway services (PostgreSQL, QuestDB wire) only; a phase policy can only remove services", async () => {
     const base = await loadPolicy();
-    expect(base.network.services.map((x) => `${x.name}:${x.port}`)).toEqual(["postgres:5432", "questdb-pg:8812", "questdb-http:9000", "redis:6379"]);
+    expect(base.network.services.map((x) => `${x.name}:${x.port}`)).toEqual(["postgres:5432", "questdb-pg:8812"]);
     const text = await readFile(DEFAULT_POLICY_FILE, "utf8");
     const cut = text.slice(0, text.indexOf("\nnetwork:"));
     const narrow = parsePolicy(
       `${cut}\nnetwork:\n  clause: "SKILLS.md Network Boundaries"\n  services:\n    - {id: net.service.redis, name: redis, port: 6379, justification: only the cache here}\n    - {id: net.service.pg, name: postgres, port: 6000, justification: another port is not a narrowing}\n`,
       "narrow.yaml",
     );
+    // redis is not in the default, so a phase policy cannot add it: nothing is left
     const c = combine(base, narrow);
-    expect(c.network.services.map((x) => x.name)).toEqual(["redis"]);
+    expect(c.network.services.map((x) => x.name)).toEqual([]);
     const s = resolveServices("test", ENV, {}, c.network);
-    expect(listenList(s)).toEqual([{ name: "redis", port: 6379 }]);
+    expect(listenList(s)).toEqual([]);
     // the variables of services left out are still rewritten: no real URL enters the sandbox
     expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
     // without a network section: the defaults
-    expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(4);
+    expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(2);
   });
 
   it("rejects a service listed twice or on a port already used", async () => {

@@ -3,6 +3,16 @@
  * records, raw piping with bytes that arrive with the header, byte counts.
  */
 import { mkdtemp, rm } from "node:fs/promises";
+import { DEFAULT_NETWORK } from "../../src/policy/schema.js";
+/** The default services plus the raw ones an operator may opt into (Redis, QuestDB HTTP). */
+const WITH_RAW = {
+  ...DEFAULT_NETWORK,
+  services: [
+    ...DEFAULT_NETWORK.services,
+    { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
+    { id: "net.service.redis", name: "redis" as const, port: 6379, justification: "opt-in" },
+  ],
+};
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -25,7 +35,7 @@ beforeAll(async () => {
   echo = net.createServer((s) => s.pipe(s));
   await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
   const port = (echo.address() as net.AddressInfo).port;
-  const services = resolveServices("test", { REDIS_URL: `redis://127.0.0.1:${port}/0` });
+  const services = resolveServices("test", { REDIS_URL: `redis://127.0.0.1:${port}/0` }, {}, WITH_RAW);
   const rec = {
     record: async (e: Record<string, unknown>, l: string[]) => {
       events.push(e);
