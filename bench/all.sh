@@ -10,7 +10,7 @@ echo "== phases, exec, streaming (bench/run.mjs)" >&2
 node --expose-gc bench/run.mjs || status=1
 
 # Each ends its stdout with a JSON document (after any table): that document is kept.
-for b in policy-eval sql-classify audit-throughput; do
+for b in policy-eval sql-classify audit-throughput gateway; do
   echo "== $b (bench/$b.mjs)" >&2
   node "bench/$b.mjs" > "bench/results/$b.out" || status=1
   node -e '
