@@ -25,6 +25,7 @@ import type { PhaseRecorder } from "../phases/recorder.js";
 import type { PhaseMode } from "../phases/types.js";
 import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
 import type { Clock } from "../util/clock.js";
+import { handleRedisClient } from "./redis.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
 
 const HEADER_TIMEOUT_MS = 5_000;
@@ -208,7 +209,8 @@ export class TunnelServer {
       return this.refuse(sock, { ...base, reason: `more than ${MAX_CONNECTIONS} concurrent tunnelled connections` });
     }
 
-    const via = service.protocol === "postgres" && gateway ? "gateway" : "raw";
+    // Redis goes through the command filter (src/net/redis.ts), never a raw pipe
+    const via = service.protocol === "postgres" && gateway ? "gateway" : service.name === "redis" ? "redis-filter" : "raw";
     try {
       await this.opts.rec.record(
         { type: "net.connect", service: name, port, decision: "allow", rule: service.rule, clause: service.clause, via, upstream: `${service.upstream.host}:${service.upstream.port}` },
@@ -234,6 +236,7 @@ export class TunnelServer {
     // bytes that came with the header belong to the tunnelled stream
     if (head.length > 0) sock.unshift(head);
     const started = this.opts.clock.monotonicMs();
+    let redisCommands: number | null = null;
     const closed = (error: string | null) => {
       const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
       // counted on the tunnel socket: what the sandbox sent (less the header) and what it was sent
@@ -241,7 +244,7 @@ export class TunnelServer {
       const bytesIn = sock.bytesWritten;
       void this.opts.rec
         .record(
-          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error },
+          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error, ...(redisCommands !== null ? { commands: redisCommands } : {}) },
           [actionLine(this.ts(), "NET", "CLOSE", `${service.name} 127.0.0.1:${service.port}`, `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`)],
         )
         .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
@@ -258,10 +261,35 @@ export class TunnelServer {
       );
       return;
     }
+    if (via === "redis-filter") {
+      redisCommands = 0;
+      let filtered: Promise<unknown> = Promise.resolve();
+      // net.close waits for the filter's count of forwarded commands
+      return this.pipeRaw(sock, service, (error) => void filtered.then(() => closed(error)), (upstream) => {
+        filtered = handleRedisClient(sock, upstream, {
+          mode: this.opts.mode,
+          record: async (event, lines) => {
+            await this.opts.rec.record({ ...event, type: String(event.type), service: service.name, port: service.port }, lines);
+          },
+        }).then((r) => {
+          redisCommands = r.commands;
+        });
+      });
+    }
     this.pipeRaw(sock, service, closed);
   }
 
-  private pipeRaw(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void): void {
+  /** Dials the upstream; `relay` (default: a raw pipe both ways) takes over once it is connected. */
+  private pipeRaw(
+    sock: net.Socket,
+    service: ResolvedService,
+    closed: (error: string | null) => void,
+    relay: (upstream: net.Socket) => void = (upstream) => {
+      sock.pipe(upstream);
+      upstream.pipe(sock);
+      sock.resume();
+    },
+  ): void {
     const upstream = net.connect({ host: service.upstream!.host, port: service.upstream!.port });
     this.sockets.add(upstream);
     upstream.once("close", () => this.sockets.delete(upstream));
@@ -272,9 +300,7 @@ export class TunnelServer {
     }, UPSTREAM_CONNECT_TIMEOUT_MS);
     upstream.once("connect", () => {
       clearTimeout(connectTimer);
-      sock.pipe(upstream);
-      upstream.pipe(sock);
-      sock.resume();
+      relay(upstream);
     });
     upstream.on("error", (err) => {
       error ??= `upstream: ${err.message}`;

@@ -90,8 +90,8 @@ def connect(port, retry_s=0.0):
             return None, e.errno, time.monotonic() - t0
 
 out = {}
-# 1. Redis tunnel: echo round trip of 200 KB
-s, err, _ = connect(6379, retry_s=5)
+# 1. A raw tunnel (QuestDB's HTTP port): echo round trip of 200 KB
+s, err, _ = connect(9000, retry_s=5)
 payload = bytes(range(256)) * 800
 got = b""
 if s:
@@ -143,8 +143,8 @@ describe("service tunnels", () => {
       path.join(project, ".env"),
       [
         `DATABASE_URL=postgresql://trader:${SECRET}@127.0.0.1:1/trading`,
-        `REDIS_URL=redis://:${SECRET}@127.0.0.1:${echoPort}/2`,
-        `QUESTDB_URL=http://admin:${SECRET}@127.0.0.1:1`,
+        `REDIS_URL=redis://:${SECRET}@127.0.0.1:1/2`,
+        `QUESTDB_URL=http://admin:${SECRET}@127.0.0.1:${echoPort}`,
         "",
       ].join("\n"),
     );
@@ -179,10 +179,10 @@ describe("service tunnels", () => {
       if (records.some((e) => e.type === "net.close")) break;
       await new Promise((res) => setTimeout(res, 100));
     }
-    const redisConnect = records.find((e) => e.type === "net.connect" && e.service === "redis");
-    expect(redisConnect).toMatchObject({ decision: "allow", rule: "net.service.redis", port: 6379 });
+    const redisConnect = records.find((e) => e.type === "net.connect" && e.service === "questdb-http");
+    expect(redisConnect).toMatchObject({ decision: "allow", rule: "net.service.questdb-http", port: 9000 });
     expect(String(redisConnect!.clause)).toMatch(/^SKILLS\.md /);
-    const close = records.find((e) => e.type === "net.close" && e.service === "redis");
+    const close = records.find((e) => e.type === "net.close" && e.service === "questdb-http");
     expect(close).toMatchObject({ bytesIn: out.sent, bytesOut: out.sent, error: null });
     expect(typeof close!.durationMs).toBe("number");
     const pg = records.find((e) => e.type === "net.connect" && e.service === "postgres");
@@ -193,8 +193,8 @@ describe("service tunnels", () => {
 
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     const logText = await readFile(phase.buildLog, "utf8");
-    expect(logText).toMatch(/\[NET\] \[CONNECT\] \[redis 127\.0\.0\.1:6379\] \[ALLOW net\.service\.redis/);
-    expect(logText).toMatch(/\[NET\] \[CLOSE\] \[redis 127\.0\.0\.1:6379\] \[in=204800 out=204800 /);
+    expect(logText).toMatch(/\[NET\] \[CONNECT\] \[questdb-http 127\.0\.0\.1:9000\] \[ALLOW net\.service\.questdb-http/);
+    expect(logText).toMatch(/\[NET\] \[CLOSE\] \[questdb-http 127\.0\.0\.1:9000\] \[in=204800 out=204800 /);
     expect(logText).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[FORBID db\.test-database-only/);
     const all = (await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8")) + logText;
     expect(all).not.toContain(SECRET);
@@ -338,14 +338,15 @@ describe("tunnels across a daemon crash", () => {
     const project = await makeProject();
     cleanup.push(project);
     try {
-      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${echoPort}/0\n`);
+      // a raw tunnel (QuestDB's HTTP port) to the echo server
+      await writeFile(path.join(project, ".env"), `QUESTDB_URL=http://127.0.0.1:${echoPort}\n`);
       await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
       const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "crash", mode: "backtest" });
       const script = await writeScript(
         project,
         [
           "import socket",
-          "s = socket.create_connection(('127.0.0.1', 6379), timeout=5)",
+          "s = socket.create_connection(('127.0.0.1', 9000), timeout=5)",
           "s.sendall(b'PING\\r\\n')",
           "got = b''",
           "while len(got) < 6:",
@@ -376,6 +377,99 @@ describe("tunnels across a daemon crash", () => {
       }
       for (const c of await containersOf(stateDir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined);
       await removeDir(stateDir);
+    }
+  });
+});
+
+describe("Redis command filter through the tunnel", () => {
+  it("test mode: SET/GET work, FLUSHALL is refused with the error and the upstream data survives", async () => {
+    // A tiny RESP server stands in for redis-server (not installed on this host).
+    const store = new Map<string, string>([["keep", "me"]]);
+    const received: string[] = [];
+    const fake = net.createServer((s) => {
+      let buf = "";
+      s.on("data", (c: Buffer) => {
+        buf += c.toString("latin1");
+        for (;;) {
+          const m = /^\*(\d+)\r\n/.exec(buf);
+          if (!m) return;
+          let i = m[0].length;
+          const argv: string[] = [];
+          for (let k = 0; k < Number(m[1]); k++) {
+            const h = /^\$(\d+)\r\n/.exec(buf.slice(i));
+            if (!h || buf.length < i + h[0].length + Number(h[1]) + 2) return;
+            argv.push(buf.slice(i + h[0].length, i + h[0].length + Number(h[1])));
+            i += h[0].length + Number(h[1]) + 2;
+          }
+          buf = buf.slice(i);
+          const cmd = argv[0]!.toUpperCase();
+          received.push(cmd);
+          if (cmd === "SET") {
+            store.set(argv[1]!, argv[2]!);
+            s.write("+OK\r\n");
+          } else if (cmd === "GET") {
+            const v = store.get(argv[1]!);
+            s.write(v === undefined ? "$-1\r\n" : `$${v.length}\r\n${v}\r\n`);
+          } else if (cmd === "FLUSHALL") {
+            store.clear();
+            s.write("+OK\r\n");
+          } else s.write(`-ERR unknown command '${cmd}'\r\n`);
+        }
+      });
+      s.on("error", () => undefined);
+    });
+    await new Promise<void>((r) => fake.listen(0, "127.0.0.1", r));
+    try {
+      const project = await makeProject();
+      cleanup.push(project);
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${(fake.address() as net.AddressInfo).port}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis", mode: "test" });
+      const script = await writeScript(
+        project,
+        `
+import json, socket, time
+def cmd(*args):
+    out = b"*%d\\r\\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\\r\\n%s\\r\\n" % (len(a), a)
+    return out
+deadline = time.monotonic() + 5
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", 6379), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.05)
+s.sendall(cmd("SET", "a", "1") + cmd("FLUSHALL") + cmd("GET", "a") + cmd("GET", "keep"))
+want = b"+OK\\r\\n"
+got = b""
+while got.count(b"\\r\\n") < 6:
+    c = s.recv(4096)
+    if not c: break
+    got += c
+s.close()
+print(json.dumps(got.decode()))
+`,
+      );
+      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
+      expect(r.stderr).toBe("");
+      expect(JSON.parse(r.stdout)).toBe(
+        "+OK\r\n-ERR sandboxd refused FLUSHALL (rule redis.denied, SKILLS.md Safety First: no destructive actions)\r\n$1\r\n1\r\n$2\r\nme\r\n",
+      );
+      expect(received).toEqual(["SET", "GET", "GET"]);
+      expect(store.get("keep")).toBe("me");
+      let refusal: Record<string, unknown> | undefined;
+      for (let i = 0; i < 50 && !refusal; i++) {
+        refusal = (await journal()).find((e) => e.phase === phase.id && e.type === "redis.refused");
+        if (!refusal) await new Promise((res) => setTimeout(res, 100));
+      }
+      expect(refusal).toMatchObject({ command: "FLUSHALL", rule: "redis.denied", service: "redis", port: 6379 });
+      await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      await new Promise((r) => fake.close(r));
     }
   });
 });

@@ -35,7 +35,13 @@ beforeAll(async () => {
   echo = net.createServer((s) => s.pipe(s));
   await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
   const port = (echo.address() as net.AddressInfo).port;
-  const services = resolveServices("test", { REDIS_URL: `redis://127.0.0.1:${port}/0` }, {}, WITH_RAW);
+  // QuestDB's HTTP port is a raw pipe: the echo server stands in for it. (Redis goes through its command filter.)
+  const services = resolveServices(
+    "test",
+    { REDIS_URL: `redis://127.0.0.1:${port}/0`, QUESTDB_URL: `http://127.0.0.1:${port}` },
+    {},
+    WITH_RAW,
+  );
   const rec = {
     record: async (e: Record<string, unknown>, l: string[]) => {
       events.push(e);
@@ -93,11 +99,11 @@ async function until<T>(f: () => T | undefined): Promise<T> {
 describe("TunnelServer", () => {
   it("pipes an allowed service, including bytes sent together with the header, and records both ends", async () => {
     const payload = Buffer.alloc(300_000, 7);
-    const header = JSON.stringify({ token: TOKEN, service: "redis", port: 6379 }) + "\n";
+    const header = JSON.stringify({ token: TOKEN, service: "questdb-http", port: 9000 }) + "\n";
     const back = await tunnel(Buffer.concat([Buffer.from(header), payload.subarray(0, 10)]), payload.subarray(10));
     expect(back.equals(payload)).toBe(true);
     const close = await until(() => events.find((e) => e.type === "net.close"));
-    expect(close).toMatchObject({ service: "redis", bytesIn: payload.length, bytesOut: payload.length, error: null });
+    expect(close).toMatchObject({ service: "questdb-http", bytesIn: payload.length, bytesOut: payload.length, error: null });
     const connect = events.find((e) => e.type === "net.connect" && e.decision === "allow");
     expect(events.indexOf(connect!)).toBeLessThan(events.indexOf(close));
   });
