@@ -310,8 +310,9 @@ export const DEFAULT_NETWORK: z.infer<typeof networkSchema> = {
   services: [
     { id: "net.service.postgres", name: "postgres", port: 5432, justification: "PostgreSQL, through the SQL gateway (test database outside paper mode)" },
     { id: "net.service.questdb-pg", name: "questdb-pg", port: 8812, justification: "QuestDB's PostgreSQL wire protocol, through the SQL gateway" },
+    { id: "net.service.redis", name: "redis", port: 6379, justification: "Redis, through the command filter" },
   ],
-  // QuestDB HTTP and Redis would be unchecked raw pipes: opt-in only (policies/default.yaml says how).
+  // QuestDB HTTP would be an unchecked raw pipe: opt-in only (policies/default.yaml says how).
 };
 
 /* -------------------------------- policy -------------------------------- */

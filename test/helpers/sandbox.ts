@@ -69,9 +69,9 @@ async function chownTree(dir: string): Promise<void> {
 }
 
 /**
- * policies/default.yaml plus services it leaves out on purpose (raw pipes an
- * operator may opt into), for the tunnel tests. The network list is the
- * file's last section, so the entries are appended to it.
+ * policies/default.yaml plus the service it leaves out on purpose (QuestDB's
+ * HTTP API, a raw pipe an operator may opt into), for the tunnel tests. The
+ * network list is the file's last section, so the entry is appended to it.
  */
 export async function policyWithRawServices(): Promise<string> {
   const { readFile } = await import("node:fs/promises");
@@ -81,8 +81,7 @@ export async function policyWithRawServices(): Promise<string> {
   await writeFile(
     file,
     `${base.trimEnd()}\n` +
-      "    - {id: net.service.questdb-http, name: questdb-http, port: 9000, justification: QuestDB HTTP (test opt-in)}\n" +
-      "    - {id: net.service.redis, name: redis, port: 6379, justification: Redis (test opt-in)}\n",
+      "    - {id: net.service.questdb-http, name: questdb-http, port: 9000, justification: QuestDB HTTP (test opt-in)}\n",
   );
   return file;
 }

@@ -1,12 +1,11 @@
 import { describe, expect, it } from "vitest";
 import { DEFAULT_NETWORK } from "../../src/policy/schema.js";
-/** The default services plus the raw ones an operator may opt into (Redis, QuestDB HTTP). */
+/** The default services plus the raw one an operator may opt into (QuestDB HTTP). */
 const WITH_RAW = {
   ...DEFAULT_NETWORK,
   services: [
     ...DEFAULT_NETWORK.services,
     { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
-    { id: "net.service.redis", name: "redis" as const, port: 6379, justification: "opt-in" },
   ],
 };
 import { listenList, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
@@ -90,24 +89,23 @@ describe("tunnel protocol", () => {
 });
 
 describe("policy network section", () => {
-  it("default.yaml lists the gateway services (PostgreSQL, QuestDB wire) only; a phase policy can only remove services", async () => {
+  it("default.yaml lists the checked services (PostgreSQL, QuestDB wire, Redis); a phase policy can only remove services", async () => {
     const base = await loadPolicy();
-    expect(base.network.services.map((x) => `${x.name}:${x.port}`)).toEqual(["postgres:5432", "questdb-pg:8812"]);
+    expect(base.network.services.map((x) => `${x.name}:${x.port}`)).toEqual(["postgres:5432", "questdb-pg:8812", "redis:6379"]);
     const text = await readFile(DEFAULT_POLICY_FILE, "utf8");
     const cut = text.slice(0, text.indexOf("\nnetwork:"));
     const narrow = parsePolicy(
       `${cut}\nnetwork:\n  clause: "SKILLS.md Network Boundaries"\n  services:\n    - {id: net.service.redis, name: redis, port: 6379, justification: only the cache here}\n    - {id: net.service.pg, name: postgres, port: 6000, justification: another port is not a narrowing}\n`,
       "narrow.yaml",
     );
-    // redis is not in the default, so a phase policy cannot add it: nothing is left
     const c = combine(base, narrow);
-    expect(c.network.services.map((x) => x.name)).toEqual([]);
+    expect(c.network.services.map((x) => x.name)).toEqual(["redis"]);
     const s = resolveServices("test", ENV, {}, c.network);
-    expect(listenList(s)).toEqual([]);
+    expect(listenList(s)).toEqual([{ name: "redis", port: 6379 }]);
     // the variables of services left out are still rewritten: no real URL enters the sandbox
     expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
     // without a network section: the defaults
-    expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(2);
+    expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(3);
   });
 
   it("rejects a service listed twice or on a port already used", async () => {

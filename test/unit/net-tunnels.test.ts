@@ -4,13 +4,12 @@
  */
 import { mkdtemp, rm } from "node:fs/promises";
 import { DEFAULT_NETWORK } from "../../src/policy/schema.js";
-/** The default services plus the raw ones an operator may opt into (Redis, QuestDB HTTP). */
+/** The default services plus the raw one an operator may opt into (QuestDB HTTP). */
 const WITH_RAW = {
   ...DEFAULT_NETWORK,
   services: [
     ...DEFAULT_NETWORK.services,
     { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
-    { id: "net.service.redis", name: "redis" as const, port: 6379, justification: "opt-in" },
   ],
 };
 import net from "node:net";
