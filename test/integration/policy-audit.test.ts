@@ -283,7 +283,14 @@ async function startTestDaemonAt(stateDir: string) {
   const { startDaemon } = await import("../../src/daemon.js");
   const pino = (await import("pino")).default;
   const { ApiClient } = await import("../../src/cli/client.js");
-  const socket = path.join(await tempDir("fullsock"), "s.sock");
+  const sockDir = await tempDir("fullsock");
+  const socket = path.join(sockDir, "s.sock");
   const daemon = await startDaemon(resolveSettings({ socket, stateDir }, {}), { log: pino({ level: "silent" }) });
-  return { api: new ApiClient(socket), close: () => daemon.close() };
+  return {
+    api: new ApiClient(socket),
+    close: async () => {
+      await daemon.close();
+      await rm(sockDir, { recursive: true, force: true });
+    },
+  };
 }

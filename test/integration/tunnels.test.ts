@@ -52,6 +52,7 @@ beforeAll(async () => {
   echoPort = (echo.address() as net.AddressInfo).port;
   // Redis and QuestDB HTTP are opt-in raw services: this daemon's policy lists them.
   rawPolicy = await policyWithRawServices();
+  cleanup.push(path.dirname(rawPolicy));
   t = await startTestDaemon({ policy: rawPolicy });
 });
 
