@@ -27,6 +27,8 @@ import {
   type Decision,
   type FilePolicy,
   type NetworkPolicy,
+  type PackageIndexHost,
+  type PackageIndexPolicy,
   type Policy,
   type PolicyFile,
   type ShellRuleSpec,
@@ -284,9 +286,11 @@ export function combine(base: Policy, stricter: Policy): Policy {
       statements: union(a.schemaChanges.statements, b.schemaChanges.statements),
     },
   };
+  const packageIndex = narrowPackageIndex(base.network.packageIndex, stricter.network.packageIndex);
   const network: NetworkPolicy = {
     clause: base.network.clause,
     services: base.network.services.filter((s) => stricter.network.services.some((t) => t.name === s.name && t.port === s.port)),
+    ...(packageIndex ? { packageIndex } : {}),
   };
   return deepFreeze({
     version: 1,
@@ -298,6 +302,24 @@ export function combine(base: Policy, stricter: Policy): Policy {
     database,
     network,
   });
+}
+
+/**
+ * The package-index hosts both layers list alike: same name, same port, same
+ * pin (a phase policy cannot re-point a name at another address). The proxy
+ * port must agree, as for services. The index URL is the stricter layer's when
+ * its host survives, else the base's.
+ */
+function narrowPackageIndex(a: PackageIndexPolicy | undefined, b: PackageIndexPolicy | undefined): PackageIndexPolicy | null {
+  if (!a || !b || a.port !== b.port) return null;
+  const samePin = (x: PackageIndexHost["pin"], y: PackageIndexHost["pin"]) => (!x && !y) || (!!x && !!y && x.address === y.address && x.port === y.port);
+  const hosts = a.hosts.filter((h) => b.hosts.some((k) => k.name === h.name && k.port === h.port && samePin(h.pin, k.pin)));
+  if (hosts.length === 0) return null;
+  const survives = (u: string) => {
+    const url = new URL(u);
+    return hosts.some((h) => h.name === url.hostname && h.port === Number(url.port || 443));
+  };
+  return { ...a, hosts, indexUrl: survives(b.indexUrl) ? b.indexUrl : a.indexUrl };
 }
 
 function minValue<T extends { value: number }>(a: T, b: T): T {

@@ -273,6 +273,73 @@ const databaseSchema = z
 /** The services sandboxd knows how to find (src/net/services.ts resolves their upstreams from .env). */
 export const NETWORK_SERVICES = ["postgres", "questdb-pg", "questdb-http", "redis"] as const;
 
+/** A DNS host name as the proxy compares it: lower-case labels, no trailing dot, not all digits (never an IP literal). */
+const hostNameSchema = z
+  .string()
+  .max(253)
+  .regex(
+    /^(?=.*[a-z-])[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/,
+    "a lower-case DNS host name such as pypi.org (no trailing dot, no IP address)",
+  )
+  .refine((s) => !/^[0-9.]+$/.test(s.split(".").pop() ?? ""), "the last label cannot be all digits (write an IP address as a pin, not a name)");
+
+const ipAddressSchema = z.string().ip({ message: "an IPv4 or IPv6 address" });
+
+const portSchema = z.number().int().min(1).max(65535);
+
+/**
+ * SKILLS.md Network Boundaries, "Exception: Package downloads via pip from
+ * PyPI only": the hosts pip may reach through the daemon's allow-list proxy
+ * (src/net/proxy.ts). The proxy resolves each name itself and refuses
+ * private, loopback and link-local addresses; `pin` is the operator's
+ * choice of where a name really is (a local mirror), and bypasses that
+ * check for that name only.
+ */
+const packageIndexSchema = z
+  .object({
+    id: idSchema,
+    clause: clauseSchema,
+    /** the proxy's port inside the sandbox (127.0.0.1) */
+    port: portSchema,
+    /** PIP_INDEX_URL inside the sandbox; its host must be one of `hosts` */
+    indexUrl: z.string().url("an https:// URL such as https://pypi.org/simple"),
+    hosts: z
+      .array(
+        z
+          .object({
+            name: hostNameSchema,
+            /** the port the sandbox may CONNECT to (default 443) */
+            port: portSchema.default(443),
+            /** where the daemon dials instead of resolving the name (a local mirror) */
+            pin: z.object({ address: ipAddressSchema, port: portSchema }).strict().optional(),
+          })
+          .strict(),
+      )
+      .min(1, "list at least one host (leave packageIndex out to give pip no index)"),
+    justification: justificationSchema,
+  })
+  .strict()
+  .superRefine((p, ctx) => {
+    const seen = new Set<string>();
+    for (const [i, h] of p.hosts.entries()) {
+      if (seen.has(h.name)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["hosts", i, "name"], message: `host ${h.name} is listed twice` });
+      seen.add(h.name);
+    }
+    let url: URL | null = null;
+    try {
+      url = new URL(p.indexUrl);
+    } catch {
+      return; // reported by .url()
+    }
+    if (url.protocol !== "https:") {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["indexUrl"], message: "must be https:// (the proxy carries TLS only, by CONNECT)" });
+    } else if (!p.hosts.some((h) => h.name === url.hostname && h.port === Number(url.port || 443))) {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["indexUrl"], message: `host ${url.host} is not among hosts (with its port)` });
+    }
+  });
+export type PackageIndexPolicy = z.infer<typeof packageIndexSchema>;
+export type PackageIndexHost = PackageIndexPolicy["hosts"][number];
+
 const networkSchema = z
   .object({
     clause: clauseSchema,
@@ -301,10 +368,18 @@ const networkSchema = z
           }
         }
       }),
+    /** optional: without it pip has no index (see packageIndexSchema) */
+    packageIndex: packageIndexSchema.optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((n, ctx) => {
+    const clash = n.packageIndex && n.services.find((s) => s.port === n.packageIndex!.port);
+    if (clash) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["packageIndex", "port"], message: `port ${clash.port} is already service ${clash.name}'s` });
+  });
 
-/** Without a network section: SKILLS.md's local services on their usual ports. */
+export const PACKAGE_INDEX_CLAUSE = "SKILLS.md Security & Safety Guardrails — Network Boundaries: package downloads via pip from PyPI only";
+
+/** Without a network section: SKILLS.md's local services on their usual ports, and PyPI for pip. */
 export const DEFAULT_NETWORK: z.infer<typeof networkSchema> = {
   clause: "SKILLS.md Security & Safety Guardrails — Network Boundaries: connections to localhost services (QuestDB, PostgreSQL, Redis) only",
   services: [
@@ -312,6 +387,17 @@ export const DEFAULT_NETWORK: z.infer<typeof networkSchema> = {
     { id: "net.service.questdb-pg", name: "questdb-pg", port: 8812, justification: "QuestDB's PostgreSQL wire protocol, through the SQL gateway" },
     { id: "net.service.redis", name: "redis", port: 6379, justification: "Redis, through the command filter" },
   ],
+  packageIndex: {
+    id: "net.package-index",
+    clause: PACKAGE_INDEX_CLAUSE,
+    port: 3128,
+    indexUrl: "https://pypi.org/simple",
+    hosts: [
+      { name: "pypi.org", port: 443 },
+      { name: "files.pythonhosted.org", port: 443 },
+    ],
+    justification: "pip installs from PyPI (the index and its file host) and nowhere else",
+  },
   // QuestDB HTTP would be an unchecked raw pipe: opt-in only (policies/default.yaml says how).
 };
 
@@ -388,6 +474,9 @@ export interface Policy {
   readonly failFast: Readonly<FailFastPolicy>;
   readonly files: Readonly<FilePolicy>;
   readonly database: Readonly<DatabasePolicy>;
-  /** the services a phase may reach; a combined policy keeps only those both layers allow on the same port */
+  /**
+   * the services a phase may reach; a combined policy keeps only those both layers allow on the same port,
+   * and only the package-index hosts both list alike (same name, port and pin)
+   */
   readonly network: Readonly<NetworkPolicy>;
 }

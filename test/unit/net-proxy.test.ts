@@ -1,0 +1,211 @@
+/**
+ * pip's allow-list proxy (src/net/proxy.ts): the request head, host matching,
+ * address classification and the whole CONNECT decision, with a fake
+ * resolver and a fake record sink. The integration test
+ * (test/integration/pip-proxy.test.ts) runs pip through it from a sandbox.
+ */
+import { describe, expect, it } from "vitest";
+import {
+  ProxyRequestError,
+  RULE_ADDRESS,
+  RULE_UNRESOLVED,
+  classifyAddress,
+  decideConnect,
+  headEnd,
+  matchHost,
+  parseAuthority,
+  parseRequestHead,
+  type Address,
+} from "../../src/net/proxy.js";
+import { DEFAULT_NETWORK, type PackageIndexPolicy } from "../../src/policy/schema.js";
+
+const INDEX: PackageIndexPolicy = {
+  ...DEFAULT_NETWORK.packageIndex!,
+  hosts: [
+    { name: "pypi.org", port: 443 },
+    { name: "files.pythonhosted.org", port: 443 },
+    { name: "mirror.internal", port: 443, pin: { address: "10.1.2.3", port: 8443 } },
+    { name: "localhost", port: 443 },
+  ],
+};
+
+function statusOf(fn: () => unknown): number | null {
+  try {
+    fn();
+    return null;
+  } catch (e) {
+    return e instanceof ProxyRequestError ? e.status : -1;
+  }
+}
+
+describe("request head", () => {
+  it("finds the end of the head with CRLF or bare LF line ends", () => {
+    expect(headEnd(Buffer.from("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nTLS"))).toBe(39);
+    expect(headEnd(Buffer.from("CONNECT a:443 HTTP/1.1\n\nTLS"))).toBe(24);
+    expect(headEnd(Buffer.from("CONNECT a:443 HTTP/1.1\r\nHost: a"))).toBe(-1);
+  });
+
+  it("parses the request line and header fields", () => {
+    expect(parseRequestHead("CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\nUser-Agent: pip/23\r\n\r\n")).toEqual({
+      method: "CONNECT",
+      target: "pypi.org:443",
+      headers: [
+        ["host", "pypi.org:443"],
+        ["user-agent", "pip/23"],
+      ],
+    });
+    expect(parseRequestHead("GET http://pypi.org/simple/ HTTP/1.0\r\n\r\n").method).toBe("GET");
+  });
+
+  it.each([
+    ["no version", "CONNECT pypi.org:443\r\n\r\n"],
+    ["HTTP/2", "CONNECT pypi.org:443 HTTP/2.0\r\n\r\n"],
+    ["two spaces", "CONNECT  pypi.org:443 HTTP/1.1\r\n\r\n"],
+    ["a NUL", "CONNECT pypi.org\u0000.evil:443 HTTP/1.1\r\n\r\n"],
+    ["a bad header", "CONNECT pypi.org:443 HTTP/1.1\r\nno colon here\r\n\r\n"],
+    ["a folded header", "CONNECT pypi.org:443 HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"],
+  ])("refuses a head with %s (400)", (_what, text) => {
+    expect(statusOf(() => parseRequestHead(text))).toBe(400);
+  });
+
+  it("parses CONNECT authorities, IP literals marked", () => {
+    expect(parseAuthority("PyPI.org:443")).toEqual({ host: "pypi.org", port: 443, ip: 0 });
+    expect(parseAuthority("127.0.0.1:443")).toEqual({ host: "127.0.0.1", port: 443, ip: 4 });
+    expect(parseAuthority("[::1]:443")).toEqual({ host: "::1", port: 443, ip: 6 });
+    expect(parseAuthority("[::ffff:127.0.0.1]:443").ip).toBe(6);
+    expect(parseAuthority("pypi.org.:443").host).toBe("pypi.org.");
+    for (const bad of ["pypi.org", "pypi.org:", "pypi.org:0", "pypi.org:70000", "user@pypi.org:443", "[pypi.org]:443", "http://pypi.org:443", "pypi.org:443/x", "a b:443"]) {
+      expect(statusOf(() => parseAuthority(bad)), bad).toBe(400);
+    }
+  });
+});
+
+describe("host matching", () => {
+  const m = (target: string) => matchHost(INDEX, parseAuthority(target));
+
+  it("allows a listed name on its port, case-insensitively", () => {
+    expect(m("pypi.org:443")).toEqual({ host: { name: "pypi.org", port: 443 } });
+    expect(m("FILES.PythonHosted.ORG:443")).toMatchObject({ host: { name: "files.pythonhosted.org" } });
+  });
+
+  it.each([
+    ["pypi.org.evil.com:443", /not a package index/],
+    ["evilpypi.org:443", /not a package index/],
+    ["org:443", /not a package index/],
+    ["pypi.org.:443", /ends with a dot/],
+    ["pypi.org:80", /port 80 is not allowed for pypi\.org/],
+    ["pypi.org:8443", /port 8443/],
+    ["151.101.0.223:443", /is an IP address/],
+    ["[2a04:4e42::223]:443", /is an IP address/],
+    ["10.1.2.3:443", /is an IP address/],
+  ])("refuses %s", (target, reason) => {
+    const r = m(target);
+    expect("refusal" in r && r.refusal).toMatchObject({ status: 403, rule: "net.package-index" });
+    expect("refusal" in r && r.refusal.reason).toMatch(reason);
+  });
+
+  it("says what to do in the refusal", () => {
+    const r = m("evil.example:443");
+    expect("refusal" in r && r.refusal.reason).toBe(
+      "evil.example is not a package index in policy network.packageIndex (pypi.org, files.pythonhosted.org, mirror.internal, localhost); ask the operator to list it",
+    );
+  });
+});
+
+describe("address classification", () => {
+  it.each([
+    ["127.0.0.1", /^loopback/],
+    ["127.255.255.254", /^loopback/],
+    ["::1", /^loopback/],
+    ["0.0.0.0", /^unspecified/],
+    ["::", /^unspecified/],
+    ["10.0.0.1", /^private/],
+    ["172.16.0.1", /^private/],
+    ["172.31.255.255", /^private/],
+    ["192.168.1.1", /^private/],
+    ["100.64.0.1", /CGNAT/],
+    ["100.127.255.255", /CGNAT/],
+    ["169.254.169.254", /^link-local/],
+    ["fe80::1", /^link-local/],
+    ["fe80::1%eth0", /^link-local/],
+    ["febf::1", /^link-local/],
+    ["fd00::1", /^unique-local/],
+    ["fc00::1", /^unique-local/],
+    ["224.0.0.1", /^multicast/],
+    ["ff02::1", /^multicast/],
+    ["255.255.255.255", /broadcast/],
+    ["::ffff:127.0.0.1", /^loopback.*inside an IPv6/],
+    ["::ffff:7f00:1", /^loopback.*inside an IPv6/],
+    ["::ffff:10.0.0.1", /^private/],
+    ["::ffff:169.254.169.254", /^link-local/],
+    ["64:ff9b::a9fe:a9fe", /^link-local/],
+    ["2002:7f00:1::", /^loopback.*6to4/],
+    ["2002:c0a8:0101::1", /^private.*6to4/],
+    ["::127.0.0.1", /IPv4-compatible/],
+    ["2001:db8::1", /documentation/],
+    ["2001:0:4136:e378::1", /Teredo/],
+    ["198.18.0.1", /benchmarking/],
+    ["pypi.org", /not an IP address/],
+  ])("%s is refused", (address, why) => {
+    expect(classifyAddress(address)).toMatch(why);
+  });
+
+  it.each(["151.101.0.223", "8.8.8.8", "100.63.255.255", "100.128.0.1", "172.15.255.255", "172.32.0.1", "169.253.0.1", "2a04:4e42::223", "2606:4700::1111", "::ffff:151.101.0.223", "2002:9765:df::1"])(
+    "%s is public",
+    (address) => {
+      expect(classifyAddress(address)).toBeNull();
+    },
+  );
+});
+
+describe("the CONNECT decision", () => {
+  const resolver = (table: Record<string, string[]>) => {
+    const asked: string[] = [];
+    const lookup = async (name: string): Promise<Address[]> => {
+      asked.push(name);
+      const list = table[name];
+      if (!list) throw Object.assign(new Error("not found"), { code: "ENOTFOUND" });
+      return list.map((address) => ({ address, family: address.includes(":") ? 6 : 4 }));
+    };
+    return { asked, lookup };
+  };
+  const decide = (target: string, r: ReturnType<typeof resolver>) => decideConnect(INDEX, parseAuthority(target), r.lookup);
+
+  it("resolves the listed name itself and allows public addresses", async () => {
+    const r = resolver({ "pypi.org": ["151.101.0.223", "2a04:4e42::223"] });
+    const d = await decide("PYPI.org:443", r);
+    expect(d).toMatchObject({ allow: true, port: 443, pinned: false, host: { name: "pypi.org" } });
+    expect(d.allow && d.addresses.map((a) => a.address)).toEqual(["151.101.0.223", "2a04:4e42::223"]);
+    expect(r.asked).toEqual(["pypi.org"]);
+  });
+
+  it("refuses a name that resolves to any inward address (DNS rebinding, a poisoned resolver)", async () => {
+    const r = resolver({ "pypi.org": ["151.101.0.223", "169.254.169.254"], localhost: ["127.0.0.1"] });
+    expect(await decide("pypi.org:443", r)).toMatchObject({ allow: false, refusal: { status: 403, rule: RULE_ADDRESS } });
+    const local = await decide("localhost:443", r);
+    expect(local.allow === false && local.refusal.reason).toMatch(/^localhost resolves to 127\.0\.0\.1, loopback/);
+  });
+
+  it("never resolves what is not listed", async () => {
+    const r = resolver({});
+    for (const t of ["evil.example:443", "127.0.0.1:443", "pypi.org.:443", "pypi.org:80"]) {
+      expect((await decide(t, r)).allow).toBe(false);
+    }
+    expect(r.asked).toEqual([]);
+  });
+
+  it("dials a pinned host at the pin, private or not, without resolving", async () => {
+    const r = resolver({});
+    const d = await decide("mirror.internal:443", r);
+    expect(d).toMatchObject({ allow: true, port: 8443, pinned: true, addresses: [{ address: "10.1.2.3", family: 4 }] });
+    expect(r.asked).toEqual([]);
+    // the pin is for that name only: its address as a CONNECT target is still refused
+    expect((await decide("10.1.2.3:8443", r)).allow).toBe(false);
+  });
+
+  it("answers 502 for a listed name that does not resolve", async () => {
+    const d = await decide("files.pythonhosted.org:443", resolver({}));
+    expect(d).toMatchObject({ allow: false, refusal: { status: 502, rule: RULE_UNRESOLVED } });
+    expect(d.allow === false && d.refusal.reason).toMatch(/ENOTFOUND/);
+  });
+});
