@@ -15,10 +15,10 @@
  * paper → DATABASE_URL.
  */
 import type { PhaseMode } from "../phases/types.js";
-import { DEFAULT_NETWORK, type NetworkPolicy } from "../policy/schema.js";
+import { DEFAULT_NETWORK, type NetworkPolicy, type PackageIndexPolicy } from "../policy/schema.js";
 
 /** How the daemon treats a service's bytes. */
-export type ServiceProtocol = "postgres" | "raw";
+export type ServiceProtocol = "postgres" | "raw" | "http-proxy";
 
 export interface ServiceDefault {
   name: string;
@@ -26,6 +26,9 @@ export interface ServiceDefault {
   port: number;
   protocol: ServiceProtocol;
 }
+
+/** The tunnel service carrying pip's proxy connections. */
+export const PIP_PROXY_SERVICE = "pip-proxy";
 
 /**
  * SKILLS.md Network Boundaries: "Connections to localhost services (QuestDB,
@@ -37,6 +40,8 @@ export const DEFAULT_SERVICES: readonly ServiceDefault[] = Object.freeze([
   { name: "questdb-pg", port: 8812, protocol: "postgres" },
   { name: "questdb-http", port: 9000, protocol: "raw" },
   { name: "redis", port: 6379, protocol: "raw" },
+  // not a local service: pip's allow-list proxy (src/net/proxy.ts), from the policy's network.packageIndex
+  { name: PIP_PROXY_SERVICE, port: 3128, protocol: "http-proxy" },
 ]);
 
 export const NETWORK_CLAUSE = DEFAULT_NETWORK.clause;
@@ -68,6 +73,8 @@ export interface ResolvedService extends ServiceDefault {
   /** policy rule and clause recorded with each connection */
   rule: string;
   clause: string;
+  /** the pip-proxy service: the allow-list it enforces */
+  packageIndex?: PackageIndexPolicy;
 }
 
 export interface PhaseServices {
@@ -220,7 +227,45 @@ export function resolveServices(
     }
   }
 
-  return { services: services.filter((s) => allowed(s.name)), env };
+  const listed = services.filter((s) => allowed(s.name));
+  const index = network.packageIndex;
+  if (index) {
+    listed.push({
+      name: PIP_PROXY_SERVICE,
+      port: index.port,
+      protocol: "http-proxy",
+      upstream: null,
+      database: null,
+      url: null,
+      refusal: null,
+      rule: index.id,
+      clause: index.clause,
+      packageIndex: index,
+    });
+    Object.assign(env, proxyEnv(index));
+  }
+  return { services: listed, env };
+}
+
+/**
+ * pip (and anything else that honours the usual variables) goes through the
+ * proxy without the agent doing anything; the service tunnels on 127.0.0.1
+ * stay direct. pip reads PIP_PROXY and PIP_INDEX_URL like its --proxy and
+ * --index-url options; urllib and requests read HTTPS_PROXY/https_proxy.
+ */
+export function proxyEnv(index: Readonly<PackageIndexPolicy>): Record<string, string> {
+  const proxy = `http://127.0.0.1:${index.port}`;
+  const direct = "127.0.0.1,localhost,::1";
+  return {
+    PIP_PROXY: proxy,
+    PIP_INDEX_URL: index.indexUrl,
+    HTTPS_PROXY: proxy,
+    https_proxy: proxy,
+    HTTP_PROXY: proxy,
+    http_proxy: proxy,
+    NO_PROXY: direct,
+    no_proxy: direct,
+  };
 }
 
 /** The listen list sent to the shim: every known service (refused ones too, so the refusal is recorded, not a bare ECONNREFUSED). */

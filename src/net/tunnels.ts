@@ -25,6 +25,7 @@ import type { PhaseRecorder } from "../phases/recorder.js";
 import type { PhaseMode } from "../phases/types.js";
 import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
 import type { Clock } from "../util/clock.js";
+import { handleProxyClient } from "./proxy.js";
 import { handleRedisClient } from "./redis.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
 
@@ -194,7 +195,9 @@ export class TunnelServer {
       });
     }
     const base = { service: name, port, rule: service.rule, clause: service.clause };
-    if (!service.upstream || service.refusal) {
+    // pip's proxy has no fixed upstream: it dials the allow-listed host each CONNECT names (src/net/proxy.ts)
+    const proxyIndex = service.protocol === "http-proxy" ? (service.packageIndex ?? null) : null;
+    if (!proxyIndex && (!service.upstream || service.refusal)) {
       return this.refuse(sock, { ...base, reason: service.refusal ?? `${name} has no upstream` });
     }
     const gateway = this.opts.gateway ?? null;
@@ -210,10 +213,11 @@ export class TunnelServer {
     }
 
     // Redis goes through the command filter (src/net/redis.ts), never a raw pipe
-    const via = service.protocol === "postgres" && gateway ? "gateway" : service.name === "redis" ? "redis-filter" : "raw";
+    const via = proxyIndex ? "http-proxy" : service.protocol === "postgres" && gateway ? "gateway" : service.name === "redis" ? "redis-filter" : "raw";
+    const upstreamText = service.upstream ? `${service.upstream.host}:${service.upstream.port}` : "the CONNECT target, if allowed";
     try {
       await this.opts.rec.record(
-        { type: "net.connect", service: name, port, decision: "allow", rule: service.rule, clause: service.clause, via, upstream: `${service.upstream.host}:${service.upstream.port}` },
+        { type: "net.connect", service: name, port, decision: "allow", rule: service.rule, clause: service.clause, via, upstream: upstreamText },
         [actionLine(this.ts(), "NET", "CONNECT", `${name} 127.0.0.1:${port}`, `ALLOW ${service.rule} (${service.clause}) via ${via}`)],
       );
     } catch (err) {
@@ -237,6 +241,7 @@ export class TunnelServer {
     if (head.length > 0) sock.unshift(head);
     const started = this.opts.clock.monotonicMs();
     let redisCommands: number | null = null;
+    let proxyTarget: string | null = null;
     const closed = (error: string | null) => {
       const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
       // counted on the tunnel socket: what the sandbox sent (less the header) and what it was sent
@@ -244,8 +249,26 @@ export class TunnelServer {
       const bytesIn = sock.bytesWritten;
       void this.opts.rec
         .record(
-          { type: "net.close", service: service.name, port: service.port, bytesIn, bytesOut, durationMs, error, ...(redisCommands !== null ? { commands: redisCommands } : {}) },
-          [actionLine(this.ts(), "NET", "CLOSE", `${service.name} 127.0.0.1:${service.port}`, `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`)],
+          {
+            type: "net.close",
+            service: service.name,
+            port: service.port,
+            bytesIn,
+            bytesOut,
+            durationMs,
+            error,
+            ...(redisCommands !== null ? { commands: redisCommands } : {}),
+            ...(proxyIndex ? { target: proxyTarget } : {}),
+          },
+          [
+            actionLine(
+              this.ts(),
+              "NET",
+              "CLOSE",
+              `${service.name} 127.0.0.1:${service.port}${proxyTarget ? ` CONNECT ${proxyTarget}` : ""}`,
+              `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`,
+            ),
+          ],
         )
         .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
     };
@@ -257,6 +280,29 @@ export class TunnelServer {
         (e: Error) => {
           sock.destroy();
           closed(`gateway: ${e.message}`);
+        },
+      );
+      return;
+    }
+    if (proxyIndex) {
+      void handleProxyClient(sock, {
+        index: proxyIndex,
+        now: () => this.opts.clock.now(),
+        record: async (event, lines) => {
+          await this.opts.rec.record({ ...event, service: service.name }, lines);
+        },
+        onUpstream: (up) => {
+          this.sockets.add(up);
+          up.once("close", () => this.sockets.delete(up));
+        },
+      }).then(
+        (r) => {
+          proxyTarget = r.target;
+          closed(r.error);
+        },
+        (e: Error) => {
+          sock.destroy();
+          closed(`proxy: ${e.message}`);
         },
       );
       return;

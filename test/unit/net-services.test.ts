@@ -8,7 +8,7 @@ const WITH_RAW = {
     { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
   ],
 };
-import { listenList, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
+import { listenList, proxyEnv, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
 import { daemonToShimSchema, tunnelHeaderSchema } from "../../src/shim/protocol.js";
 import { readFile } from "node:fs/promises";
 import { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "../../src/policy/load.js";
@@ -52,6 +52,7 @@ describe("resolveServices", () => {
       DATABASE_URL_TEST: "postgresql://sandbox@127.0.0.1:5432/trading_test",
       QUESTDB_URL: "postgresql://admin@127.0.0.1:8812/qdb",
       REDIS_URL: "redis://127.0.0.1:6379/3",
+      ...proxyEnv(DEFAULT_NETWORK.packageIndex!),
     });
     for (const v of Object.values(s.env)) expect(v).not.toMatch(/pw|quest$/);
     expect(byName(s, "questdb-pg").upstream).toEqual({ host: "qdb.internal", port: 8812 });
@@ -62,6 +63,7 @@ describe("resolveServices", () => {
       { name: "questdb-pg", port: 8812 },
       { name: "questdb-http", port: 9000 },
       { name: "redis", port: 6379 },
+      { name: "pip-proxy", port: 3128 },
     ]);
   });
 
@@ -73,8 +75,28 @@ describe("resolveServices", () => {
 
   it("services that are not configured are listed but refused, and no variable is invented", () => {
     const s = resolveServices("test", {}, {}, WITH_RAW);
-    expect(s.env).toEqual({});
-    for (const svc of s.services) expect(svc.refusal).toBeTruthy();
+    expect(s.env).toEqual(proxyEnv(DEFAULT_NETWORK.packageIndex!));
+    for (const svc of s.services.filter((x) => x.protocol !== "http-proxy")) expect(svc.refusal).toBeTruthy();
+  });
+
+  it("points pip (and urllib, requests) at the proxy and keeps the tunnels direct", () => {
+    const s = resolveServices("test", ENV, {}, DEFAULT_NETWORK);
+    expect(byName(s, "pip-proxy")).toMatchObject({ port: 3128, protocol: "http-proxy", upstream: null, refusal: null, rule: "net.package-index" });
+    expect(byName(s, "pip-proxy").clause).toMatch(/^SKILLS\.md .*pip from PyPI only/);
+    expect(s.env).toMatchObject({
+      PIP_PROXY: "http://127.0.0.1:3128",
+      PIP_INDEX_URL: "https://pypi.org/simple",
+      HTTPS_PROXY: "http://127.0.0.1:3128",
+      https_proxy: "http://127.0.0.1:3128",
+      HTTP_PROXY: "http://127.0.0.1:3128",
+      http_proxy: "http://127.0.0.1:3128",
+      NO_PROXY: "127.0.0.1,localhost,::1",
+      no_proxy: "127.0.0.1,localhost,::1",
+    });
+    // without a package index in policy: no listener, no proxy variables
+    const none = resolveServices("test", ENV, {}, { ...DEFAULT_NETWORK, packageIndex: undefined });
+    expect(none.services.map((x) => x.name)).not.toContain("pip-proxy");
+    expect(Object.keys(none.env).filter((k) => /proxy|PIP_/i.test(k))).toEqual([]);
   });
 });
 
@@ -106,6 +128,94 @@ describe("policy network section", () => {
     expect(s.env.DATABASE_URL).toBe("postgresql://sandbox@127.0.0.1:5432/trading_test");
     // without a network section: the defaults
     expect(parsePolicy(cut, "none.yaml").network.services).toHaveLength(3);
+  });
+
+  const withNetwork = async (network: string) => {
+    const text = await readFile(DEFAULT_POLICY_FILE, "utf8");
+    const cut = text.slice(0, text.indexOf("\nnetwork:"));
+    return `${cut}\nnetwork:\n  clause: "SKILLS.md Network Boundaries"\n  services:\n    - {id: net.service.redis, name: redis, port: 6379, justification: only the cache here}\n${network}`;
+  };
+  const INDEX_HEAD = `  packageIndex:\n    id: net.package-index\n    clause: "SKILLS.md Network Boundaries: pip from PyPI only"\n    justification: pip installs from these hosts\n`;
+
+  it("default.yaml gives pip PyPI (the index and its file host) through the proxy on 3128", async () => {
+    const base = await loadPolicy();
+    expect(base.network.packageIndex).toEqual(DEFAULT_NETWORK.packageIndex);
+    expect(base.network.packageIndex).toMatchObject({
+      port: 3128,
+      indexUrl: "https://pypi.org/simple",
+      hosts: [
+        { name: "pypi.org", port: 443 },
+        { name: "files.pythonhosted.org", port: 443 },
+      ],
+    });
+  });
+
+  it("validates the package index whole, every problem with its path", async () => {
+    const text = await withNetwork(
+      INDEX_HEAD +
+        "    port: 6379\n" +
+        "    indexUrl: http://pypi.org/simple\n" +
+        "    hosts:\n" +
+        "      - {name: pypi.org.}\n" +
+        "      - {name: 10.0.0.1}\n" +
+        "      - {name: Files.PythonHosted.org}\n" +
+        "      - {name: mirror.internal, pin: {address: mirror.internal, port: 443}}\n" +
+        "      - {name: pypi.org, proxy: yes}\n",
+    );
+    let message = "";
+    try {
+      parsePolicy(text, "bad-index.yaml");
+    } catch (e) {
+      message = (e as Error).message;
+    }
+    expect(message).toMatch(/network\.packageIndex\.indexUrl: must be https:\/\//);
+    expect(message).toMatch(/network\.packageIndex\.hosts\[0\]\.name: a lower-case DNS host name/);
+    expect(message).toMatch(/network\.packageIndex\.hosts\[1\]\.name: /);
+    expect(message).toMatch(/network\.packageIndex\.hosts\[2\]\.name: a lower-case DNS host name/);
+    expect(message).toMatch(/network\.packageIndex\.hosts\[3\]\.pin\.address: an IPv4 or IPv6 address/);
+    expect(message).toMatch(/network\.packageIndex\.hosts\[4\]\.proxy: unknown key/);
+    // the cross-field checks run once the shape is right
+    const clash = await withNetwork(INDEX_HEAD + "    port: 6379\n    indexUrl: https://pypi.org/simple\n    hosts:\n      - {name: files.pythonhosted.org}\n      - {name: files.pythonhosted.org}\n");
+    expect(() => parsePolicy(clash, "clash.yaml")).toThrow(/hosts\[1\]\.name: host files\.pythonhosted\.org is listed twice/);
+    expect(() => parsePolicy(clash, "clash.yaml")).toThrow(/indexUrl: host pypi\.org is not among hosts/);
+    const port = await withNetwork(INDEX_HEAD + "    port: 6379\n    indexUrl: https://pypi.org/simple\n    hosts: [{name: pypi.org}]\n");
+    expect(() => parsePolicy(port, "port.yaml")).toThrow(/network\.packageIndex\.port: port 6379 is already service redis's/);
+  });
+
+  it("a phase policy narrows the package index: hosts both list alike, never a new pin", async () => {
+    const base = parsePolicy(
+      await withNetwork(
+        INDEX_HEAD +
+          "    port: 3128\n    indexUrl: https://pypi.org/simple\n    hosts:\n" +
+          "      - {name: pypi.org}\n      - {name: files.pythonhosted.org}\n      - {name: mirror.internal, pin: {address: 10.0.0.5, port: 443}}\n",
+      ),
+      "base.yaml",
+    );
+    const phase = parsePolicy(
+      await withNetwork(
+        INDEX_HEAD +
+          "    port: 3128\n    indexUrl: https://mirror.internal/simple\n    hosts:\n" +
+          "      - {name: pypi.org, pin: {address: 192.168.1.9, port: 443}}\n      - {name: files.pythonhosted.org}\n      - {name: mirror.internal, pin: {address: 10.0.0.5, port: 443}}\n      - {name: extra.example}\n",
+      ),
+      "phase.yaml",
+    );
+    const c = combine(base, phase).network.packageIndex!;
+    // pypi.org is dropped: the phase policy pinned it elsewhere; extra.example was never in the base
+    expect(c.hosts.map((h) => h.name)).toEqual(["files.pythonhosted.org", "mirror.internal"]);
+    expect(c.indexUrl).toBe("https://mirror.internal/simple");
+    expect(c.port).toBe(3128);
+    // a phase policy without one, or on another port: no package index at all
+    const none = parsePolicy(await withNetwork(""), "none.yaml");
+    expect(combine(base, none).network.packageIndex).toBeUndefined();
+    expect(resolveServices("test", {}, {}, combine(base, none).network).env).toEqual({});
+    const moved = parsePolicy(await withNetwork(INDEX_HEAD + "    port: 3129\n    indexUrl: https://pypi.org/simple\n    hosts: [{name: pypi.org}]\n"), "moved.yaml");
+    expect(combine(base, moved).network.packageIndex).toBeUndefined();
+    // the base's index URL stays when the phase's host did not survive
+    const onlyFiles = parsePolicy(
+      await withNetwork(INDEX_HEAD + "    port: 3128\n    indexUrl: https://extra.example/simple\n    hosts: [{name: extra.example}, {name: pypi.org}]\n"),
+      "only.yaml",
+    );
+    expect(combine(base, onlyFiles).network.packageIndex).toMatchObject({ indexUrl: "https://pypi.org/simple", hosts: [{ name: "pypi.org" }] });
   });
 
   it("rejects a service listed twice or on a port already used", async () => {
