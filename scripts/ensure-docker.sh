@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine is reachable, and (as root on an apt system) that
 # debootstrap is installed: no registry is reachable from CI, so the sandbox
-# base image is built offline with debootstrap (see src/runtime/image.ts).
+# base image is built offline with debootstrap (see src/runtime/image.ts);
+# and conntrack (conntrack-tools), with which the daemon records connections
+# refused inside a sandbox (see src/runtime/netns.ts).
 #
 # Idempotent and silent when nothing needs doing. Exit 1 with advice when the
 # engine cannot be reached and this script cannot fix that itself.
@@ -37,9 +39,9 @@ apt_install_missing() {
 }
 
 if engine_up; then
-  # Engine already running; still make sure the offline-base tool is present.
+  # Engine already running; still make sure the host tools are present.
   if is_root && has_apt; then
-    apt_install_missing debootstrap
+    apt_install_missing debootstrap conntrack
   fi
   exit 0
 fi
@@ -56,7 +58,7 @@ if ! is_root || ! has_apt; then
   exit 1
 fi
 
-apt_install_missing docker.io debootstrap
+apt_install_missing docker.io debootstrap conntrack
 
 if ! engine_up; then
   if pgrep -x dockerd >/dev/null 2>&1; then

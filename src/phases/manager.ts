@@ -31,6 +31,8 @@ import type { Clock, IdSource } from "../util/clock.js";
 import { PhaseRecorder } from "./recorder.js";
 import { ShimChannel } from "./shim-channel.js";
 import { listenList, resolveServices, type PhaseServices } from "../net/services.js";
+import { DEAD_PORT, StrayConnections } from "../net/stray.js";
+import { confineNetwork, RefusalWatch } from "../runtime/netns.js";
 import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
 import { handleClient } from "../db/gateway.js";
 import { PhaseStore } from "./store.js";
@@ -118,9 +120,14 @@ interface LivePhase {
   /* --- service tunnels (src/net) --- */
   services: PhaseServices;
   tunnels: TunnelServer | null;
+  /** connections to destinations that are not services: refused by the kernel, recorded from the conntrack watch */
+  stray: StrayConnections | null;
+  watch: RefusalWatch | null;
 }
 
 /** Names a project's .env cannot set for commands: the sandbox's own plumbing. */
+/** How long the conntrack watch may take to show it sees events (src/runtime/netns.ts). */
+const WATCH_READY_MS = 5_000;
 const RESERVED_ENV = /^(PATH|HOME|LANG|SANDBOXD_.*|LD_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP)$/;
 
 /** Environment of every command (the shim gives commands nothing of its own). */
@@ -259,6 +266,8 @@ export class PhaseManager {
       dotenv: { ...env, ...services.env },
       services,
       tunnels: null,
+      stray: null,
+      watch: null,
     };
     this.phases.set(id, live);
     try {
@@ -294,6 +303,7 @@ export class PhaseManager {
         capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
       });
       await live.channel.waitReady(this.connectTimeoutMs);
+      await this.confineNetwork(live);
       record.state = "running";
       await this.store.save(record);
       const ts = timestamp(this.opts.clock.now());
@@ -321,6 +331,7 @@ export class PhaseManager {
       this.phases.delete(id);
       await live.channel?.close({ shutdownShim: false }).catch(() => undefined);
       await live.tunnels?.close().catch(() => undefined);
+      live.watch?.stop();
       if (record.containerId) await this.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
       await this.buildLogs.release(buildLog, id).catch(() => undefined);
       await this.store.remove(id).catch(() => undefined);
@@ -347,7 +358,68 @@ export class PhaseManager {
       gateway: this.gatewayFor(live),
     });
     await live.tunnels.listen();
+    live.stray = new StrayConnections({
+      phaseId: id,
+      rec: live.rec,
+      clock: this.opts.clock,
+      log: this.opts.log,
+      services: () => listenList(live.services),
+    });
     live.channel?.setServices(listenList(live.services));
+  }
+
+  /**
+   * Makes every TCP connection in the container to an address outside
+   * loopback fail at once (not at routing) and be tracked, so that the
+   * shim's conntrack watch reports it (src/runtime/netns.ts). Where that
+   * cannot be done (a daemon that is not root, an engine on another host)
+   * the sandbox is no less closed — the kernel still refuses every such
+   * connection — but those refusals go unrecorded; the audit trail says so.
+   */
+  private async confineNetwork(live: LivePhase, opts: { readopt: boolean } = { readopt: false }): Promise<void> {
+    const { record } = live;
+    let error: string | null = null;
+    try {
+      const pid = await this.opts.runtime.containerPid(record.containerId!);
+      // after a restart the namespace keeps its rules; only the watch is new
+      if (!opts.readopt) await confineNetwork(pid, { deadPort: DEAD_PORT });
+      const watch = new RefusalWatch(
+        pid,
+        DEAD_PORT,
+        (c) => live.stray?.refused(c),
+        (why) => void this.watchEnded(live, why),
+      );
+      live.watch = watch;
+      await watch.ready(WATCH_READY_MS).catch((err: Error) => {
+        watch.stop();
+        live.watch = null;
+        throw err;
+      });
+    } catch (err) {
+      error = (err as Error).message;
+      this.opts.log.warn({ phase: record.id, err: error }, "connections to anything but services will be refused but not recorded");
+    }
+    const ts = timestamp(this.opts.clock.now());
+    await live.rec.record(
+      { type: "net.confine", deadPort: DEAD_PORT, recorded: error === null, ...(opts.readopt ? { readopt: true } : {}), ...(error ? { error } : {}) },
+      [
+        actionLine(ts, "NET", "CONFINE", `${record.name} (${record.id})`, error === null
+          ? `TCP to any address but loopback → 127.0.0.1:${DEAD_PORT}; every refused connection recorded`
+          : `DEGRADED: connections to anything but services are refused by the kernel but not recorded: ${error}`),
+      ],
+    );
+  }
+
+  /** The conntrack watch of a running phase ended on its own: say so in its trail. */
+  private async watchEnded(live: LivePhase, why: string): Promise<void> {
+    live.watch = null;
+    if (live.record.state !== "running") return;
+    this.opts.log.warn({ phase: live.record.id, why }, "conntrack watch ended; refused connections go unrecorded");
+    await live.rec
+      .record({ type: "net.confine", deadPort: DEAD_PORT, recorded: false, error: why }, [
+        actionLine(timestamp(this.opts.clock.now()), "NET", "CONFINE", `${live.record.name} (${live.record.id})`, `DEGRADED: the conntrack watch ended (${why}); refused connections are no longer recorded`),
+      ])
+      .catch(() => undefined);
   }
 
   /**
@@ -681,6 +753,9 @@ export class PhaseManager {
     const running = live.channel?.runningExecs ?? 0;
     await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
     await live.tunnels?.close().catch(() => undefined);
+    live.watch?.stop();
+    live.watch = null;
+    live.stray?.close();
     if (record.containerId) {
       await this.saveContainerLogs(record).catch((e: Error) =>
         this.opts.log.warn({ phase: record.id, err: e.message }, "could not keep container logs"),
@@ -743,6 +818,7 @@ export class PhaseManager {
             await live.channel.listen();
             await this.openTunnels(live, token);
             await live.channel.waitReady(this.connectTimeoutMs);
+            await this.confineNetwork(live, { readopt: true });
             live.record.state = "running";
             await this.store.save(live.record);
             await live.rec.record({ type: "phase.readopt", name: record.name }, [
@@ -799,6 +875,8 @@ export class PhaseManager {
       dotenv: { ...vars, ...services.env },
       services,
       tunnels: null,
+      stray: null,
+      watch: null,
     };
     if (record.policyFile) {
       try {

@@ -24,6 +24,13 @@ export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
   return {
     // Loopback only: `--internal` networks can still reach the host's bridge addresses.
     NetworkMode: "none",
+    // IPv4 loopback only: the NAT rule and conntrack watch (src/runtime/netns.ts) are IPv4.
+    // Ports below 1024 cannot be bound (the engine's default is 0): the dead port stays dead.
+    Sysctls: {
+      "net.ipv6.conf.all.disable_ipv6": "1",
+      "net.ipv6.conf.default.disable_ipv6": "1",
+      "net.ipv4.ip_unprivileged_port_start": "1024",
+    },
     CapDrop: ["ALL"],
     // The shim needs SETUID/SETGID to drop to the project owner and KILL to
     // signal process groups owned by that uid; its children keep none of them.
@@ -136,6 +143,17 @@ export class DockerRuntime implements ContainerRuntime {
     } catch (err) {
       throw dockerError("listing containers", err);
     }
+  }
+
+  async containerPid(id: string): Promise<number> {
+    let state: { Pid: number; Running: boolean };
+    try {
+      state = (await this.docker.getContainer(id).inspect()).State;
+    } catch (err) {
+      throw dockerError(`inspecting container ${id}`, err);
+    }
+    if (!state.Running || !(state.Pid > 0)) throw new SandboxdError("SBX_ERR_DOCKER", `container ${id} is not running`);
+    return state.Pid;
   }
 
   async logs(id: string, opts: { follow: boolean }): Promise<Readable> {

@@ -53,4 +53,9 @@ export interface ContainerRuntime {
   list(labelFilter: Record<string, string>): Promise<ContainerSummary[]>;
   /** the container's stdout and stderr, interleaved as they were written */
   logs(id: string, opts: { follow: boolean }): Promise<Readable>;
+  /**
+   * The host pid of the running container's first process: its namespaces
+   * are where src/runtime/netns.ts works. Throws when the container is gone.
+   */
+  containerPid(id: string): Promise<number>;
 }

@@ -163,7 +163,7 @@ describe("service tunnels", () => {
     expect(out.p5433_errno).toBe(111); // ECONNREFUSED
     expect(out.p5433_secs as number).toBeLessThan(0.5);
     expect(out.host_port_errno).toBe(111);
-    expect(out.external).toBe(101); // ENETUNREACH: no route, no interface
+    expect(out.external).toBe(111); // ECONNREFUSED at once: redirected to a port nothing can listen on (net.unlisted-destination)
     expect(out.pg_read).toBe(0); // closed by the daemon without a byte
     expect(out.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading",

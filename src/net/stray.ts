@@ -1,0 +1,88 @@
+/**
+ * Connections from a sandbox to anything that is not a service: another
+ * port, another host, a host address. The kernel refuses them at once and
+ * the daemon's conntrack watch sees each (src/runtime/netns.ts); this
+ * records each as a refused `net.connect` event.
+ *
+ * Rate-limited like the tunnels: a loop of connects must not fill the audit
+ * disk. Over the rate, refusals are counted and recorded as one summary a
+ * second.
+ */
+import type { Logger } from "pino";
+import { actionLine, timestamp } from "../audit/format.js";
+import type { PhaseRecorder } from "../phases/recorder.js";
+import type { RefusedConnection } from "../runtime/netns.js";
+import type { Clock } from "../util/clock.js";
+import { NETWORK_CLAUSE } from "./services.js";
+
+/** Where TCP to non-loopback addresses is redirected inside a phase container: nothing can listen there. */
+export const DEAD_PORT = 1;
+
+export const STRAY_RULE = "net.unlisted-destination";
+const RATE_BURST = 100;
+const RATE_PER_SECOND = 20;
+
+export interface StrayOptions {
+  phaseId: string;
+  rec: PhaseRecorder;
+  clock: Clock;
+  log: Logger;
+  /** the services this phase may use, named in the refusal ("postgres 127.0.0.1:5432, …") */
+  services: () => Array<{ name: string; port: number }>;
+}
+
+export class StrayConnections {
+  private bucket = RATE_BURST;
+  private bucketAt = 0;
+  private dropped = 0;
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(private readonly opts: StrayOptions) {}
+
+  /** Records one refused connection (or counts it, over the rate). */
+  refused(m: RefusedConnection): void {
+    if (!this.takeToken()) {
+      this.dropped++;
+      this.timer ??= setTimeout(() => this.flush(), 1000);
+      return;
+    }
+    const target = `${m.address}:${m.port}`;
+    const listed = this.opts.services().map((s) => `${s.name} 127.0.0.1:${s.port}`).join(", ") || "none";
+    const reason = `${m.proto} connection to ${target} refused: not a service this phase may use (services: ${listed})`;
+    void this.opts.rec
+      .record(
+        { type: "net.connect", service: null, proto: m.proto, address: m.address, port: m.port, decision: "forbid", rule: STRAY_RULE, clause: NETWORK_CLAUSE, reason },
+        [actionLine(timestamp(this.opts.clock.now()), "NET", "CONNECT", target, `FORBID ${STRAY_RULE} (${NETWORK_CLAUSE}): ${reason}`)],
+      )
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused connection"));
+    this.opts.log.info({ phase: this.opts.phaseId, target }, "stray connection refused");
+  }
+
+  /** Records what is still counted; call when the phase ends. */
+  close(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.flush();
+  }
+
+  private flush(): void {
+    this.timer = null;
+    const n = this.dropped;
+    this.dropped = 0;
+    if (n === 0) return;
+    const reason = `${n} more connection(s) to destinations that are not services refused (over ${RATE_PER_SECOND}/s, burst ${RATE_BURST}; not recorded one by one)`;
+    void this.opts.rec
+      .record({ type: "net.connect", service: null, port: null, decision: "forbid", rule: STRAY_RULE, clause: NETWORK_CLAUSE, reason, count: n }, [
+        actionLine(timestamp(this.opts.clock.now()), "NET", "CONNECT", "*", `FORBID ${STRAY_RULE}: ${reason}`),
+      ])
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record refused connections"));
+  }
+
+  private takeToken(): boolean {
+    const now = this.opts.clock.monotonicMs();
+    this.bucket = Math.min(RATE_BURST, this.bucket + ((now - this.bucketAt) / 1000) * RATE_PER_SECOND);
+    this.bucketAt = now;
+    if (this.bucket < 1) return false;
+    this.bucket -= 1;
+    return true;
+  }
+}
