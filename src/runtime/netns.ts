@@ -143,7 +143,10 @@ export class RefusalWatch {
     /** the watch ended on its own (its process failed or exited) */
     private readonly onEnd: (why: string) => void,
   ) {
-    const child = spawn("nsenter", ["-t", String(pid), "-n", "--", "conntrack", "-E", "-e", "DESTROY", "-p", "tcp", "--buffer-size", String(4 << 20)], {
+    // setpriv --pdeathsig: the watch dies with the daemon, even a SIGKILLed one (it
+    // would otherwise keep the namespace alive after the container is gone)
+    const argv = ["--pdeathsig", "SIGKILL", "--", "nsenter", "-t", String(pid), "-n", "--", "conntrack", "-E", "-e", "DESTROY", "-p", "tcp", "--buffer-size", String(4 << 20)];
+    const child = spawn("setpriv", argv, {
       stdio: ["ignore", "pipe", "pipe"],
     });
     this.child = child;

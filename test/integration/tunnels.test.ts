@@ -9,7 +9,7 @@
  * PostgreSQL cluster (test/helpers/postgres.ts) behind DATABASE_URL(_TEST),
  * reached through the SQL gateway (src/db/gateway.ts).
  */
-import { chown, readFile, writeFile } from "node:fs/promises";
+import { chown, readdir, readFile, readlink, writeFile } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -330,6 +330,21 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
   });
 });
 
+/** conntrack processes in the network namespace of `pid` (the daemon's watch of that phase). */
+async function conntrackWatchers(pid: number): Promise<number> {
+  const ns = await readlink(`/proc/${pid}/ns/net`);
+  let n = 0;
+  for (const p of await readdir("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      if ((await readFile(`/proc/${p}/comm`, "utf8")).trim() === "conntrack" && (await readlink(`/proc/${p}/ns/net`)) === ns) n++;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return n;
+}
+
 describe("tunnels across a daemon crash", () => {
   it("a re-adopted phase gets its tunnels back: new tunnel socket, listeners kept by the shim", async () => {
     const stateDir = await tempDir("tun-crash");
@@ -360,16 +375,31 @@ describe("tunnels across a daemon crash", () => {
       const run = async () => (await api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
       expect((await run()).stdout).toBe("PING\n");
 
+      const containerPid = (await docker.getContainer((await containersOf(stateDir))[0]!.Id).inspect()).State.Pid;
+      expect(await conntrackWatchers(containerPid)).toBe(1);
       daemon.child.kill("SIGKILL");
       await waitExit(daemon.child);
+      // the killed daemon's conntrack watch died with it
+      for (let i = 0; i < 20 && (await conntrackWatchers(containerPid)) > 0; i++) await new Promise((r) => setTimeout(r, 50));
+      expect(await conntrackWatchers(containerPid)).toBe(0);
       daemon = await spawnDaemon(stateDir, socket, { policy: rawPolicy });
       expect(daemon.output()).toMatch(/re-adopted/);
+      expect(await conntrackWatchers(containerPid)).toBe(1);
       const after = await run();
       expect(after.stderr).toBe("");
       expect(after.stdout).toBe("PING\n");
-      const text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
-      const connects = text.split("\n").filter((l) => l.includes('"type":"net.connect"') && l.includes(phase.id));
-      expect(connects).toHaveLength(2);
+      // the re-adopted phase's refused connections are still recorded (a new conntrack watch)
+      const stray = await writeScript(project, "import socket\ntry:\n    socket.create_connection(('10.1.2.3', 4321), timeout=5)\nexcept ConnectionRefusedError:\n    print('refused')");
+      expect((await api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", stray] })).result.stdout).toBe("refused\n");
+      let text = "";
+      for (let i = 0; i < 50 && !text.includes('"address":"10.1.2.3"'); i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
+      }
+      const mine = text.split("\n").filter((l) => l.includes(phase.id));
+      expect(mine.filter((l) => l.includes('"type":"net.connect"') && l.includes('"service":"questdb-http"'))).toHaveLength(2);
+      expect(mine.filter((l) => l.includes('"type":"net.confine"') && l.includes('"recorded":true'))).toHaveLength(2); // start, re-adoption
+      expect(mine.some((l) => l.includes('"rule":"net.unlisted-destination"') && l.includes('"address":"10.1.2.3"') && l.includes('"port":4321'))).toBe(true);
       await api.request("DELETE", `/v1/phases/${phase.id}`);
     } finally {
       if (daemon.child.exitCode === null) {
