@@ -79,7 +79,6 @@ export function headEnd(buf: Buffer): number {
 
 /** Parses a request head (request line and header fields; the closing blank line may be included). */
 export function parseRequestHead(text: string): RequestHead {
-  // eslint-disable-next-line no-control-regex
   if (/[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/.test(text)) throw new ProxyRequestError(400, "the request head contains control characters");
   const lines = text.replace(/(\r?\n)+$/, "").split(/\r?\n/);
   const m = /^(\S+) (\S+) HTTP\/1\.[01]$/.exec(lines[0] ?? "");
@@ -511,18 +510,25 @@ function relay(client: net.Socket, upstream: net.Socket, result: ProxyResult): P
     upstream.on("error", (e) => (result.error ??= `upstream: ${e.message}`));
     client.on("error", (e) => (result.error ??= `sandbox side: ${e.message}`));
     let closed = 0;
-    const onClose = (other: Duplex) => (hadError: boolean) => {
+    const onClose = (other: Duplex, waitForPeer: boolean) => (hadError: boolean) => {
       if (!other.destroyed) {
         if (hadError) other.destroy();
         else {
           other.end();
+          // The tunnel socket does not half-close: once the sandbox side is closed nothing can reach it any more,
+          // so the upstream is let go as soon as what was sent to it is flushed (an HTTPS server may keep its half
+          // open until its keep-alive timeout, and net.close would wait for it).
+          if (!waitForPeer) {
+            if (other.writableFinished) other.destroy();
+            else other.once("finish", () => other.destroy());
+          }
           setTimeout(() => other.destroy(), HALF_CLOSED_BACKSTOP_MS).unref();
         }
       }
       if (++closed === 2) resolve(result);
     };
-    client.once("close", onClose(upstream));
-    upstream.once("close", onClose(client));
+    client.once("close", onClose(upstream, false));
+    upstream.once("close", onClose(client, true));
     client.pipe(upstream);
     upstream.pipe(client);
     client.resume();

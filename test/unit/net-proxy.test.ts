@@ -4,6 +4,7 @@
  * resolver and a fake record sink. The integration test
  * (test/integration/pip-proxy.test.ts) runs pip through it from a sandbox.
  */
+import net from "node:net";
 import { describe, expect, it } from "vitest";
 import {
   ProxyRequestError,
@@ -11,11 +12,13 @@ import {
   RULE_UNRESOLVED,
   classifyAddress,
   decideConnect,
+  handleProxyClient,
   headEnd,
   matchHost,
   parseAuthority,
   parseRequestHead,
   type Address,
+  type ProxyResult,
 } from "../../src/net/proxy.js";
 import { DEFAULT_NETWORK, type PackageIndexPolicy } from "../../src/policy/schema.js";
 
@@ -207,5 +210,87 @@ describe("the CONNECT decision", () => {
     const d = await decide("files.pythonhosted.org:443", resolver({}));
     expect(d).toMatchObject({ allow: false, refusal: { status: 502, rule: RULE_UNRESOLVED } });
     expect(d.allow === false && d.refusal.reason).toMatch(/ENOTFOUND/);
+  });
+});
+
+describe("handleProxyClient", () => {
+  /** The proxy behind a loopback listener, a pinned echo upstream, and what was recorded and dialled. */
+  async function harness() {
+    const echo = net.createServer((s) => s.pipe(s));
+    await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
+    const echoPort = (echo.address() as net.AddressInfo).port;
+    const index: PackageIndexPolicy = { ...INDEX, hosts: [{ name: "mirror.test", port: 443, pin: { address: "127.0.0.1", port: echoPort } }] };
+    const events: Array<Record<string, unknown>> = [];
+    const lines: string[] = [];
+    const dialled: string[] = [];
+    const results: Array<Promise<ProxyResult>> = [];
+    const server = net.createServer({ pauseOnConnect: true }, (sock) => {
+      results.push(
+        handleProxyClient(sock, {
+          index,
+          now: () => new Date("2026-01-02T03:04:05Z"),
+          record: async (event, l) => {
+            events.push(event);
+            lines.push(...l);
+          },
+          dial: (address, port) => {
+            dialled.push(`${address}:${port}`);
+            return net.connect({ host: address, port });
+          },
+        }),
+      );
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as net.AddressInfo).port;
+    /** sends `request`, then `payload` once answered, and ends once the payload came back (tunnel sockets do not half-close) */
+    const talk = (request: string, payload = "") =>
+      new Promise<string>((resolve) => {
+        const c = net.connect({ host: "127.0.0.1", port });
+        let got = "";
+        c.on("data", (d: Buffer) => {
+          const first = got === "";
+          got += d.toString("latin1");
+          if (first && payload) c.write(payload);
+          if (!payload || got.endsWith(payload)) c.end();
+        });
+        c.on("close", () => resolve(got));
+        c.write(request);
+      });
+    const close = async () => {
+      await new Promise((r) => server.close(r));
+      await new Promise((r) => echo.close(r));
+    };
+    return { events, lines, dialled, results, talk, close, echoPort };
+  }
+
+  it("tunnels an allowed CONNECT to the pin, records before dialling, and resolves when both sides closed", async () => {
+    const h = await harness();
+    const got = await h.talk("CONNECT mirror.test:443 HTTP/1.1\r\nHost: mirror.test:443\r\n\r\n", "ping");
+    expect(got).toBe("HTTP/1.1 200 Connection established\r\n\r\nping");
+    const r = await h.results[0]!;
+    expect(r).toEqual({ target: "mirror.test:443", address: `127.0.0.1:${h.echoPort}`, error: null });
+    expect(h.dialled).toEqual([`127.0.0.1:${h.echoPort}`]);
+    expect(h.events).toEqual([
+      expect.objectContaining({ type: "net.proxy", decision: "allow", host: "mirror.test", port: 443, address: `127.0.0.1:${h.echoPort}`, pinned: true }),
+    ]);
+    expect(h.lines[0]).toMatch(/^\[2026-01-02T03:04:05(\.000)?Z\] \[NET\] \[PROXY\] \[CONNECT mirror\.test:443\] \[ALLOW net\.package-index /);
+    await h.close();
+  });
+
+  it("answers a refusal with 403 and its reason, records it, and dials nothing", async () => {
+    const h = await harness();
+    const got = await h.talk("CONNECT evil.test:443 HTTP/1.1\r\n\r\n");
+    expect(got).toMatch(/^HTTP\/1\.1 403 sandboxd refused CONNECT evil\.test:443: evil\.test is not a package index [\s\S]*\r\nConnection: close\r\n/);
+    const r = await h.results[0]!;
+    expect(r.error).toMatch(/^403 net\.package-index: /);
+    expect(h.events).toEqual([expect.objectContaining({ type: "net.proxy", decision: "forbid", host: "evil.test", port: 443, rule: "net.package-index" })]);
+    expect(h.dialled).toEqual([]);
+    // not CONNECT; an oversized head; a connection that says nothing
+    expect(await h.talk("GET http://mirror.test/ HTTP/1.1\r\n\r\n")).toMatch(/^HTTP\/1\.1 405 /);
+    expect(await h.talk(`CONNECT mirror.test:443 HTTP/1.1\r\nX: ${"a".repeat(9000)}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 431 /);
+    await Promise.all(h.results);
+    expect(h.events.map((e) => e.rule)).toEqual(["net.package-index", "net.proxy.request", "net.proxy.request"]);
+    expect(h.dialled).toEqual([]);
+    await h.close();
   });
 });
