@@ -16,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { startPostgres, type TestPostgres } from "../helpers/postgres.js";
+import { startRedis } from "../helpers/redis.js";
 import { ApiClient } from "../../src/cli/client.js";
 import {
   OWNER,
@@ -501,6 +502,89 @@ print(json.dumps(got.decode()))
       await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     } finally {
       await new Promise((r) => fake.close(r));
+    }
+  });
+});
+
+describe("Redis through the tunnel, against a real redis-server", () => {
+  const RESP = `
+import json, socket, sys, time
+def cmd(*args):
+    out = b"*%d\\r\\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\\r\\n%s\\r\\n" % (len(a), a)
+    return out
+def reply(f):
+    line = f.readline()
+    if line[:1] == b"$":
+        n = int(line[1:])
+        return line.decode() + (f.read(n + 2).decode() if n >= 0 else "")
+    return line.decode()
+deadline = time.monotonic() + 5
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", 6379), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.05)
+f = s.makefile("rb")
+cmds = json.loads(sys.argv[1])
+s.sendall(b"".join(cmd(*c) for c in cmds))
+print(json.dumps([reply(f) for _ in cmds]))
+`;
+
+  it("test mode: reads and writes work, FLUSHALL and CONFIG are refused, and the data survives (checked with redis-cli)", async () => {
+    const redis = await startRedis();
+    try {
+      await redis.cli("SET", "keep", "me");
+      const project = await makeProject();
+      cleanup.push(project);
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-real", mode: "test" });
+      const script = await writeScript(project, RESP);
+      const cmds = [["SET", "a", "1"], ["FLUSHALL"], ["CONFIG", "SET", "maxmemory", "1"], ["FLUSHDB"], ["GET", "a"], ["GET", "keep"], ["DBSIZE"]];
+      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script, JSON.stringify(cmds)] })).result;
+      expect(r.stderr).toBe("");
+      const replies = JSON.parse(r.stdout) as string[];
+      expect(replies[0]).toBe("+OK\r\n");
+      expect(replies[1]).toMatch(/^-ERR sandboxd refused FLUSHALL \(rule redis\.denied/);
+      expect(replies[2]).toMatch(/^-ERR sandboxd refused CONFIG/);
+      expect(replies[3]).toMatch(/^-ERR sandboxd refused FLUSHDB/);
+      expect(replies.slice(4)).toEqual(["$1\r\n1\r\n", "$2\r\nme\r\n", ":2\r\n"]);
+      // from outside: nothing was flushed, the setting is unchanged
+      expect(await redis.cli("DBSIZE")).toBe("2");
+      expect(await redis.cli("GET", "keep")).toBe("me");
+      expect(await redis.cli("CONFIG", "GET", "maxmemory")).toBe("maxmemory\n0");
+      await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      await redis.stop();
+    }
+  });
+
+  it("paper mode: reads work, writes are refused, the key is unchanged", async () => {
+    const redis = await startRedis();
+    try {
+      await redis.cli("SET", "price", "100");
+      const project = await makeProject();
+      cleanup.push(project);
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-paper", mode: "paper" });
+      const script = await writeScript(project, RESP);
+      const cmds = [["GET", "price"], ["SET", "price", "1"], ["DEL", "price"], ["INCR", "price"], ["GET", "price"]];
+      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script, JSON.stringify(cmds)] })).result;
+      expect(r.stderr).toBe("");
+      const replies = JSON.parse(r.stdout) as string[];
+      expect(replies[0]).toBe("$3\r\n100\r\n");
+      for (const i of [1, 2, 3]) expect(replies[i]).toMatch(/^-ERR sandboxd refused /);
+      expect(replies[4]).toBe("$3\r\n100\r\n");
+      expect(await redis.cli("GET", "price")).toBe("100");
+      await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      await redis.stop();
     }
   });
 });
