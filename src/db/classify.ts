@@ -1234,3 +1234,169 @@ export function rememberPrepared(map: Map<string, SqlVerdict>, verdict: SqlVerdi
     else if (s.deallocates !== undefined) map.delete(s.deallocates);
   }
 }
+
+/**
+ * A bounded LRU of verdicts for the gateway: drivers send the same few
+ * statements over and over, and a parse costs tens of microseconds. A verdict
+ * is a pure function of the text, the mode, the engine and the rules, so one
+ * cache serves one (engine, mode, rules) combination — the caller keeps one
+ * per combination. Two levels:
+ *
+ * - by exact text, for every verdict that depends on the text alone (not an
+ *   EXECUTE, which is judged as what the session prepared: `cacheableVerdict`);
+ * - by shape (`statementShape`: the text with its standalone numeric literals
+ *   blanked), for allowed plain SELECTs only. A SELECT's verdict never depends
+ *   on a number's value (the classifier reads numeric constants only in
+ *   transaction and EXPLAIN options), so `… WHERE aid = 1` and `… WHERE aid =
+ *   2` share one verdict; simple-protocol clients inline their parameters.
+ *
+ * Stored verdicts are frozen: every connection of the combination shares them.
+ */
+export class VerdictCache {
+  private readonly exact = new Map<string, SqlVerdict>();
+  private readonly shapes = new Map<string, SqlVerdict>();
+  hits = 0;
+  misses = 0;
+
+  constructor(
+    readonly maxEntries = 2048,
+    /** longer statements are judged every time (bounds the memory a cache holds) */
+    readonly maxKeyLength = 4096,
+  ) {}
+
+  get size(): number {
+    return this.exact.size + this.shapes.size;
+  }
+
+  /** The cached verdict for `sql`, else `judge(sql)` (stored when cacheable). */
+  lookup(sql: string, judge: (sql: string) => SqlVerdict): SqlVerdict {
+    if (sql.length > this.maxKeyLength) return judge(sql);
+    const hit = touch(this.exact, sql);
+    if (hit !== undefined) {
+      this.hits++;
+      return hit;
+    }
+    const shape = statementShape(sql);
+    if (shape !== undefined) {
+      const shared = touch(this.shapes, shape);
+      if (shared !== undefined) {
+        this.hits++;
+        return shared;
+      }
+    }
+    this.misses++;
+    const verdict = judge(sql);
+    if (cacheableVerdict(sql, verdict)) {
+      const plainSelect = verdict.decision === "allow" && verdict.statements.length > 0 && verdict.statements.every((st) => st.kind === "select");
+      if (shape !== undefined && plainSelect) put(this.shapes, shape, freezeVerdict(verdict), this.maxEntries);
+      else put(this.exact, sql, freezeVerdict(verdict), this.maxEntries);
+    }
+    return verdict;
+  }
+
+  clear(): void {
+    this.exact.clear();
+    this.shapes.clear();
+  }
+}
+
+function touch(map: Map<string, SqlVerdict>, key: string): SqlVerdict | undefined {
+  const v = map.get(key);
+  if (v !== undefined) {
+    // most recently used last
+    map.delete(key);
+    map.set(key, v);
+  }
+  return v;
+}
+
+function put(map: Map<string, SqlVerdict>, key: string, v: SqlVerdict, max: number): void {
+  if (map.size >= max) map.delete(map.keys().next().value as string);
+  map.set(key, v);
+}
+
+/**
+ * Whether a verdict depends on the text alone. Not when the text can run an
+ * EXECUTE (judged as what the session prepared under that name — also inside
+ * EXPLAIN or CREATE TABLE AS): a keyword cannot be escaped or split, so text
+ * without the letters `execute` in any case has none.
+ */
+export function cacheableVerdict(sql: string, v: SqlVerdict): boolean {
+  return !/execute/i.test(sql) && v.statements.every((s) => s.kind !== "execute");
+}
+
+function freezeVerdict(v: SqlVerdict): SqlVerdict {
+  if (Object.isFrozen(v)) return v;
+  for (const s of v.statements) {
+    Object.freeze(s.tables);
+    Object.freeze(s.writes);
+    Object.freeze(s);
+  }
+  Object.freeze(v.statements);
+  return Object.freeze(v);
+}
+
+const isDigit = (c: number): boolean => c >= 0x30 && c <= 0x39;
+/** letters, digits, `_`, `$` and every non-ASCII character continue an identifier or keyword in PostgreSQL's lexer */
+const isWordChar = (c: number): boolean => (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || isDigit(c) || c === 0x5f || c === 0x24 || c >= 0x80;
+
+/**
+ * The text with every standalone run of digits (a numeric literal or a part
+ * of one: not inside a word, string, quoted identifier or `$n`, and not
+ * followed by a letter, `_` or `$`) replaced by a NUL, which no judged
+ * statement contains. Two texts with the same shape differ only in the values
+ * of such numbers. Undefined — no shape, judge the text itself — for anything
+ * this small scanner does not lex exactly like PostgreSQL: comments,
+ * backslashes (escape strings), dollar quotes, NULs, unterminated quotes.
+ */
+export function statementShape(sql: string): string | undefined {
+  let out = "";
+  let last = 0;
+  const n = sql.length;
+  let i = 0;
+  while (i < n) {
+    const c = sql.charCodeAt(i);
+    if (c === 0x27 || c === 0x22) {
+      // 'string' or "identifier"; a doubled quote stays inside (no backslash escapes: refused below)
+      i++;
+      for (;;) {
+        if (i >= n) return undefined;
+        const d = sql.charCodeAt(i);
+        if (d === 0x5c || d === 0) return undefined;
+        i++;
+        if (d === c) {
+          if (i < n && sql.charCodeAt(i) === c) i++;
+          else break;
+        }
+      }
+      continue;
+    }
+    if (c === 0x5c || c === 0) return undefined;
+    if (c === 0x24) {
+      // $n parameter (kept); anything else is a dollar quote
+      if (i + 1 >= n || !isDigit(sql.charCodeAt(i + 1))) return undefined;
+      i++;
+      while (i < n && isDigit(sql.charCodeAt(i))) i++;
+      continue;
+    }
+    if ((c === 0x2d && sql.charCodeAt(i + 1) === 0x2d) || (c === 0x2f && sql.charCodeAt(i + 1) === 0x2a)) return undefined;
+    if (isDigit(c)) {
+      const from = i;
+      while (i < n && isDigit(sql.charCodeAt(i))) i++;
+      if (i < n && isWordChar(sql.charCodeAt(i))) {
+        // 1e5, 0x1F, 1_000, 123abc: kept as written
+        while (i < n && isWordChar(sql.charCodeAt(i))) i++;
+        continue;
+      }
+      out += `${sql.slice(last, from)}\u0000`;
+      last = i;
+      continue;
+    }
+    if (isWordChar(c)) {
+      while (i < n && isWordChar(sql.charCodeAt(i))) i++;
+      continue;
+    }
+    i++;
+  }
+  return last === 0 ? sql : out + sql.slice(last);
+}
