@@ -28,6 +28,23 @@ export class PhaseRecorder {
     return rec;
   }
 
+  /**
+   * Several events at once, in order, durable together: the journal appends
+   * are issued in the same tick (its group commit writes and fdatasyncs them
+   * as one batch) and the build-log lines go in one append (one fdatasync).
+   * Callers with a burst of records to make before one action (the database
+   * gateway: every statement of an incoming chunk) await this once instead
+   * of paying a sync per record.
+   */
+  async recordMany(entries: readonly { event: AuditEvent; lines: readonly string[] }[]): Promise<AuditRecord[]> {
+    if (entries.length === 0) return [];
+    const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, { redactor: this.redactor }));
+    const lines: string[] = [];
+    for (const e of entries) for (const l of e.lines) lines.push(this.redactor.redact(l));
+    const [records] = await Promise.all([Promise.all(appends), this.build.append(lines)]);
+    return records;
+  }
+
   redact(text: string): string {
     return this.redactor.redact(text);
   }
