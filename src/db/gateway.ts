@@ -37,7 +37,7 @@ import net from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { escapeControl, timestamp } from "../audit/format.js";
-import { classifySql, initSqlParser, rememberPrepared, type SqlVerdict } from "./classify.js";
+import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlVerdict } from "./classify.js";
 import { classifyQuestDb } from "./questdb-gate.js";
 
 export interface GatewayUpstream {
@@ -48,6 +48,12 @@ export interface GatewayUpstream {
   database: string;
 }
 
+/** One audit entry: the journal event and the build_audit.log lines. */
+export interface GatewayRecord {
+  event: { type: string; [k: string]: unknown };
+  lines: string[];
+}
+
 export interface GatewayOptions {
   engine: "postgres" | "questdb";
   mode: "backtest" | "paper" | "test";
@@ -55,6 +61,13 @@ export interface GatewayOptions {
   upstream: GatewayUpstream;
   /** audit sink (journal + build log), awaited before the gateway acts */
   record(event: { type: string; [k: string]: unknown }, lines: string[]): Promise<void>;
+  /**
+   * Optional: records several entries, in order, durable together when it
+   * resolves (e.g. PhaseRecorder.recordMany: one journal group commit and one
+   * build-log append). Without it the gateway starts one `record` per entry,
+   * in order, and awaits them all.
+   */
+  recordMany?(entries: GatewayRecord[]): Promise<void>;
   /** scrubs secrets from SQL and messages before they are recorded */
   redact?(s: string): string;
   /** default and maximum 30000 (SKILLS.md §3: 30 s max query timeout) */
@@ -70,6 +83,29 @@ const WATCHDOG_DROP_AFTER_MS = 5_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** larger messages are a protocol violation (PostgreSQL's own limit is 1 GB) */
 const MAX_MESSAGE = 1 << 30;
+
+/** a chunk's output segments up to this many bytes in all are joined into one buffer; larger ones are corked (one writev) */
+const JOIN_MAX = 16 * 1024;
+/** bytes a source may queue while an earlier chunk waits for its records, before it is paused */
+const QUEUE_HIGH_WATER = 256 * 1024;
+
+// message type bytes
+const T_QUERY = 0x51; // Q
+const T_PARSE = 0x50; // P
+const T_BIND = 0x42; // B
+const T_EXECUTE = 0x45; // E (frontend)
+const T_DESCRIBE = 0x44; // D (frontend)
+const T_CLOSE = 0x43; // C (frontend)
+const T_FLUSH = 0x48; // H
+const T_SYNC = 0x53; // S
+const T_TERMINATE = 0x58; // X
+const T_FUNCTION_CALL = 0x46; // F
+const T_COPY_DATA = 0x64; // d
+const T_COPY_DONE = 0x63; // c
+const T_COPY_FAIL = 0x66; // f
+const T_COMMAND_COMPLETE = 0x43; // C (backend)
+const T_ERROR = 0x45; // E (backend)
+const T_READY = 0x5a; // Z
 
 const PROTOCOL_3 = 196608;
 const SSL_REQUEST = 80877103;
@@ -103,6 +139,24 @@ function errorResponse(fields: Record<string, string>): Buffer {
 
 function readyForQuery(status: "I" | "T" | "E"): Buffer {
   return message("Z", Buffer.from(status, "latin1"));
+}
+
+/** the gateway's own queries around an allowed paper-mode write; their answers never reach the client */
+const ELEVATE = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"));
+const LOWER = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"));
+
+/**
+ * Verdict caches, one per engine and mode (the gateway judges with the
+ * default rules), shared by every connection: pgbench-like workloads and ORMs
+ * send the same statement texts again and again.
+ */
+const verdictCaches = new Map<string, VerdictCache>();
+const VERDICT_CACHE_ENTRIES = 2048;
+function verdictCache(engine: GatewayOptions["engine"], mode: GatewayOptions["mode"]): VerdictCache {
+  const key = `${engine}:${mode}`;
+  let c = verdictCaches.get(key);
+  if (!c) verdictCaches.set(key, (c = new VerdictCache(VERDICT_CACHE_ENTRIES)));
+  return c;
 }
 
 /** ErrorResponse/NoticeResponse body → field code → value */
@@ -451,8 +505,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let cancelSent = false;
   let closed = false;
 
-  const classify = (sql: string): SqlVerdict =>
+  const cache = verdictCache(opts.engine, opts.mode);
+  const judgeText = (sql: string): SqlVerdict =>
     opts.engine === "questdb" ? classifyQuestDb(sql, { mode: opts.mode }) : classifySql(sql, { mode: opts.mode, prepared });
+  const classify = (sql: string): SqlVerdict => cache.lookup(sql, judgeText);
   if (opts.engine === "postgres") await initSqlParser();
 
   let watchdog: NodeJS.Timeout | undefined;
@@ -509,67 +565,181 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     close("audit failure");
   };
 
-  /* ---- writing with backpressure ---- */
-  // a source is read again only when its chunk is processed and its destination has drained
-  const flow = { client: { processing: false, blocked: false }, up: { processing: false, blocked: false } };
-  const writeUp = (b: Buffer): void => {
-    if (b.length && !up.write(b) && !flow.client.blocked) {
-      flow.client.blocked = true;
-      client.pause();
-      up.once("drain", () => {
-        flow.client.blocked = false;
-        if (!closed && !flow.client.processing) client.resume();
-      });
-    }
-  };
-  const writeClient = (b: Buffer): void => {
-    if (b.length && !client.write(b) && !flow.up.blocked) {
-      flow.up.blocked = true;
-      up.pause();
-      client.once("drain", () => {
-        flow.up.blocked = false;
-        if (!closed && !flow.up.processing) up.resume();
-      });
-    }
-  };
-
-  const internalQuery = (sql: string): void => {
-    units.push({ kind: "internal" });
-    writeUp(message("Q", cstr(sql)));
-  };
-  const elevate = (): void => internalQuery("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE");
-  const lower = (): void => internalQuery("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY");
-  const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
-  const needsElevation = (v: SqlVerdict): boolean => opts.engine === "postgres" && opts.mode === "paper" && txStatus === "I" && isWrite(v);
-
-  /** records a statement; returns false (after closing) when the audit sink failed */
-  const recordQuery = async (sql: string, verdict: SqlVerdict, via: string): Promise<boolean> => {
-    const shown = redact(sql);
-    const ts = timestamp(new Date());
-    const lines = [`[${ts}] DB_QUERY [${engineName}]: ${escapeControl(shown)}`];
-    if (verdict.decision !== "allow") {
-      lines.push(`[${ts}] DB_ERROR: refused (${verdict.decision}) by ${verdict.ruleId} — ${verdict.clause}: ${escapeControl(redact(verdict.reason))}`);
-    }
+  /* ---- audit: collected per chunk, committed together, before the chunk is forwarded ---- */
+  /**
+   * Records the entries of one chunk, in order, and resolves true once all
+   * are durable; false (after closing the connection) if the sink failed.
+   * One awaited batch per chunk instead of one per message: the journal's
+   * group commit then makes them durable with one write and one fdatasync.
+   */
+  const commit = async (recs: GatewayRecord[]): Promise<boolean> => {
     try {
-      await opts.record(
-        {
-          type: "db.query",
-          engine: opts.engine,
-          mode: opts.mode,
-          database: opts.upstream.database,
-          via,
-          sql: shown,
-          decision: verdict.decision,
-          rule: verdict.ruleId,
-          clause: verdict.clause,
-          ...(verdict.decision !== "allow" ? { reason: redact(verdict.reason) } : {}),
-        },
-        lines,
-      );
+      if (opts.recordMany) await opts.recordMany(recs);
+      else if (recs.length === 1) await opts.record(recs[0]!.event, recs[0]!.lines);
+      // started together, in order: the sink keeps their order, and the journal groups them
+      else await Promise.all(recs.map((r) => opts.record(r.event, r.lines)));
       return true;
     } catch (e) {
       auditFailed(e);
       return false;
+    }
+  };
+
+  const queryRecord = (sql: string, verdict: SqlVerdict, via: string, ts: string): GatewayRecord => {
+    const shown = redact(sql);
+    const lines = [`[${ts}] DB_QUERY [${engineName}]: ${escapeControl(shown)}`];
+    if (verdict.decision !== "allow") {
+      lines.push(`[${ts}] DB_ERROR: refused (${verdict.decision}) by ${verdict.ruleId} — ${verdict.clause}: ${escapeControl(redact(verdict.reason))}`);
+    }
+    return {
+      event: {
+        type: "db.query",
+        engine: opts.engine,
+        mode: opts.mode,
+        database: opts.upstream.database,
+        via,
+        sql: shown,
+        decision: verdict.decision,
+        rule: verdict.ruleId,
+        clause: verdict.clause,
+        ...(verdict.decision !== "allow" ? { reason: redact(verdict.reason) } : {}),
+      },
+      lines,
+    };
+  };
+
+  /* ---- writing with backpressure ---- */
+  /**
+   * Each source is read through a pump: chunks are processed one at a time,
+   * in order. A chunk whose processing must wait (for its audit records) makes
+   * later chunks queue; the source is paused only when that queue grows past
+   * QUEUE_HIGH_WATER or its destination is full — not once per chunk.
+   */
+  interface Pump {
+    from: Duplex;
+    process(b: Buffer): Promise<void> | void;
+    busy: boolean;
+    /** the destination is full */
+    blocked: boolean;
+    paused: boolean;
+    queue: Buffer[];
+    queued: number;
+  }
+  const relayFailed = (e: unknown): void => {
+    log?.error({ err: e }, "db gateway: relay failed");
+    close("relay error");
+  };
+  const pause = (p: Pump): void => {
+    if (!p.paused) {
+      p.paused = true;
+      p.from.pause();
+    }
+  };
+  const settle = (p: Pump): void => {
+    if (!closed && p.paused && !p.blocked && !p.busy && p.queued < QUEUE_HIGH_WATER) {
+      p.paused = false;
+      p.from.resume();
+    }
+  };
+  const runOne = (p: Pump, b: Buffer): void => {
+    let r: Promise<void> | void;
+    try {
+      r = p.process(b);
+    } catch (e) {
+      relayFailed(e);
+      return;
+    }
+    if (r) {
+      p.busy = true;
+      r.then(() => {
+        p.busy = false;
+        drainQueue(p);
+      }, relayFailed);
+    }
+  };
+  const drainQueue = (p: Pump): void => {
+    while (!p.busy && !closed && p.queue.length) {
+      const b = p.queue.shift()!;
+      p.queued -= b.length;
+      runOne(p, b);
+    }
+    settle(p);
+  };
+  const makePump = (from: Duplex, process: Pump["process"]): Pump => ({ from, process, busy: false, blocked: false, paused: true, queue: [], queued: 0 });
+  const start = (p: Pump, first: Buffer | undefined): void => {
+    if (first?.length) runOne(p, first);
+    p.from.on("data", (b: Buffer) => {
+      if (closed) return;
+      if (p.busy || p.queue.length) {
+        p.queue.push(b);
+        p.queued += b.length;
+        if (p.queued >= QUEUE_HIGH_WATER) pause(p);
+        return;
+      }
+      runOne(p, b);
+    });
+    settle(p);
+  };
+
+  /** Writes a chunk's output with one write: one segment as is, small ones joined, large ones corked (one writev). */
+  const writeOut = (to: Duplex, bufs: Buffer[], source: Pump): void => {
+    if (bufs.length === 0 || closed) return;
+    let ok: boolean;
+    if (bufs.length === 1) ok = to.write(bufs[0]!);
+    else {
+      let total = 0;
+      for (const b of bufs) total += b.length;
+      if (total <= JOIN_MAX) ok = to.write(Buffer.concat(bufs, total));
+      else {
+        to.cork();
+        ok = true;
+        for (const b of bufs) ok = to.write(b);
+        to.uncork();
+      }
+    }
+    if (!ok && !source.blocked) {
+      source.blocked = true;
+      pause(source);
+      to.once("drain", () => {
+        source.blocked = false;
+        settle(source);
+      });
+    }
+  };
+
+  /** Sends a chunk's output once its records are durable; synchronous when there is nothing to record. */
+  const send = (to: Duplex, out: Buffer[], recs: GatewayRecord[], source: Pump, then?: () => void): Promise<void> | void => {
+    if (recs.length === 0) {
+      writeOut(to, out, source);
+      then?.();
+      return;
+    }
+    return commit(recs).then((ok) => {
+      if (!ok || closed) return;
+      writeOut(to, out, source);
+      then?.();
+    });
+  };
+
+  /** A protocol violation: nothing more of this chunk is recorded or forwarded. */
+  const violation = (m: string, why: string): void => {
+    if (!closed) client.write(errorResponse({ S: "FATAL", V: "FATAL", C: "08P01", M: m }));
+    close(why);
+  };
+
+  const internalQuery = (out: Buffer[], msg: Buffer): void => {
+    units.push({ kind: "internal" });
+    out.push(msg);
+  };
+  const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
+  const needsElevation = (v: SqlVerdict): boolean => opts.engine === "postgres" && opts.mode === "paper" && txStatus === "I" && isWrite(v);
+
+  const judge = (sql: string): SqlVerdict => {
+    try {
+      return classify(sql);
+    } catch (e) {
+      log?.error({ err: e }, "db gateway: classifier failed");
+      return { decision: "forbid", ruleId: "db.internal", clause: "SKILLS.md Core Principles: Safety First", reason: "the classifier failed (SBX_ERR_INTERNAL)", statements: [] };
     }
   };
 
@@ -588,66 +758,53 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let streamRemaining = 0;
   let streamForward = true;
 
-  const handleQuery = async (raw: Buffer, body: Buffer): Promise<void> => {
+  const onQuery = (raw: Buffer, body: Buffer, out: Buffer[], recs: GatewayRecord[], ts: string): void => {
     const sql = body.toString("utf8", 0, Math.max(0, body.length - 1));
-    let verdict: SqlVerdict;
-    try {
-      verdict = classify(sql);
-    } catch (e) {
-      log?.error({ err: e }, "db gateway: classifier failed");
-      verdict = { decision: "forbid", ruleId: "db.internal", clause: "SKILLS.md Core Principles: Safety First", reason: "the classifier failed (SBX_ERR_INTERNAL)", statements: [] };
-    }
-    if (!(await recordQuery(sql, verdict, "simple"))) return;
+    const verdict = judge(sql);
+    recs.push(queryRecord(sql, verdict, "simple", ts));
     if (verdict.decision === "allow") {
       const elevated = needsElevation(verdict);
-      if (elevated) elevate();
+      if (elevated) internalQuery(out, ELEVATE);
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
       units.push({ kind: "client" });
       markBusy();
-      writeUp(raw);
-      if (elevated) lower();
+      out.push(raw);
+      if (elevated) internalQuery(out, LOWER);
     } else {
       units.push({ kind: "client" });
-      writeUp(message("Q", cstr(poison(verdict))));
+      out.push(message("Q", cstr(poison(verdict))));
     }
   };
 
-  const handleParse = async (raw: Buffer, body: Buffer): Promise<void> => {
+  /** false: malformed */
+  const onParse = (raw: Buffer, body: Buffer, out: Buffer[], recs: GatewayRecord[], ts: string): boolean => {
     const nameEnd = body.indexOf(0);
     const queryEnd = nameEnd < 0 ? -1 : body.indexOf(0, nameEnd + 1);
-    if (queryEnd < 0) {
-      close("malformed Parse");
-      return;
-    }
-    const name = body.toString("utf8", 0, nameEnd);
+    if (queryEnd < 0) return false;
+    const name = nameEnd === 0 ? "" : body.toString("utf8", 0, nameEnd);
     const sql = body.toString("utf8", nameEnd + 1, queryEnd);
-    let verdict: SqlVerdict;
-    try {
-      verdict = classify(sql);
-    } catch (e) {
-      log?.error({ err: e }, "db gateway: classifier failed");
-      verdict = { decision: "forbid", ruleId: "db.internal", clause: "SKILLS.md Core Principles: Safety First", reason: "the classifier failed (SBX_ERR_INTERNAL)", statements: [] };
-    }
-    if (!(await recordQuery(sql, verdict, "extended"))) return;
+    const verdict = judge(sql);
+    recs.push(queryRecord(sql, verdict, "extended", ts));
     if (verdict.decision === "allow") {
       if (isWrite(verdict)) writeStatements.add(name);
-      else writeStatements.delete(name);
+      else if (writeStatements.size) writeStatements.delete(name);
       if (batchMessages === 0 && needsElevation(verdict)) {
-        elevate();
+        internalQuery(out, ELEVATE);
         batchElevated = true;
       }
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
       batchMessages++;
-      writeUp(raw);
+      out.push(raw);
     } else {
       writeStatements.delete(name);
       batchMessages++;
-      writeUp(message("P", cstr(""), cstr(poison(verdict)), Buffer.from([0, 0])));
+      out.push(message("P", cstr(""), cstr(poison(verdict)), Buffer.from([0, 0])));
       discardUntilSync = true;
     }
+    return true;
   };
 
-  const handleFunctionCall = async (): Promise<void> => {
+  const onFunctionCall = (out: Buffer[], recs: GatewayRecord[], ts: string): void => {
     const verdict: SqlVerdict = {
       decision: "forbid",
       ruleId: "db.function-call",
@@ -655,9 +812,9 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       reason: "the FunctionCall protocol message calls a function by OID, which the gateway cannot judge; use SELECT fn(...)",
       statements: [],
     };
-    if (!(await recordQuery("<FunctionCall message>", verdict, "function-call"))) return;
+    recs.push(queryRecord("<FunctionCall message>", verdict, "function-call", ts));
     units.push({ kind: "client" });
-    writeUp(message("Q", cstr(poison(verdict))));
+    out.push(message("Q", cstr(poison(verdict))));
   };
 
   /** a Bind opening a paper-mode batch for a statement that writes (re-execution of a named statement) */
@@ -671,7 +828,14 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     return writeStatements.has(buf.toString("utf8", p + 1, s));
   };
 
-  const processClient = async (chunk: Buffer): Promise<void> => {
+  /**
+   * One chunk from the client: every complete message is judged in place
+   * (offsets into the chunk, no copies), its records collected, and what goes
+   * upstream — the chunk's bytes, with refused statements swapped for their
+   * placeholders and the gateway's own queries inserted — is written once,
+   * after the records are durable.
+   */
+  const processClient = (chunk: Buffer): Promise<void> | void => {
     let buf = chunk;
     if (cParts.length) {
       cParts.push(chunk);
@@ -683,32 +847,34 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       cPartsLength = 0;
       cNeed = 0;
     }
+    const out: Buffer[] = [];
+    const recs: GatewayRecord[] = [];
+    let ts: string | undefined;
     let off = 0;
     if (streamRemaining > 0) {
       const n = Math.min(streamRemaining, buf.length);
-      if (streamForward) writeUp(buf.subarray(0, n));
+      if (streamForward) out.push(n === buf.length ? buf : buf.subarray(0, n));
       streamRemaining -= n;
       off = n;
     }
-    let seg = off; // start of the pass-through segment not yet written
+    let seg = off; // start of the pass-through segment not yet queued
     const flush = (to: number): void => {
-      if (to > seg) writeUp(buf.subarray(seg, to));
+      if (to > seg) out.push(seg === 0 && to === buf.length ? buf : buf.subarray(seg, to));
       seg = to;
     };
-    while (off < buf.length && !closed) {
+    let terminate = false;
+    scan: while (off < buf.length) {
       if (buf.length - off < 5) break;
-      const type = String.fromCharCode(buf[off]!);
+      const type = buf[off]!;
       const len = buf.readInt32BE(off + 1);
       if (len < 4 || len > MAX_MESSAGE) {
-        flush(off);
-        writeClient(errorResponse({ S: "FATAL", V: "FATAL", C: "08P01", M: "invalid message length" }));
-        close("protocol violation");
+        violation("invalid message length", "protocol violation");
         return;
       }
       const total = len + 1;
       const complete = buf.length - off >= total;
 
-      if (discardUntilSync && type !== "S") {
+      if (discardUntilSync && type !== T_SYNC) {
         flush(off);
         if (complete) {
           off += total;
@@ -721,34 +887,39 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         continue;
       }
 
-      if (type === "B" && complete && elevateForBind(buf, off, total)) {
+      if (type === T_BIND && complete && elevateForBind(buf, off, total)) {
         flush(off);
-        elevate();
+        internalQuery(out, ELEVATE);
         batchElevated = true;
       }
       switch (type) {
-        case "Q":
-        case "P":
-        case "F": {
+        case T_QUERY:
+        case T_PARSE:
+        case T_FUNCTION_CALL: {
           if (!complete) {
             flush(off);
             cParts = [buf.subarray(off)];
             cPartsLength = buf.length - off;
             cNeed = total;
-            return;
+            off = seg = buf.length;
+            break scan;
           }
           flush(off);
           const raw = buf.subarray(off, off + total);
-          const body = buf.subarray(off + 5, off + total);
-          if (type === "Q") await handleQuery(raw, body);
-          else if (type === "P") await handleParse(raw, body);
-          else await handleFunctionCall();
+          ts ??= timestamp(new Date());
+          if (type === T_QUERY) onQuery(raw, buf.subarray(off + 5, off + total), out, recs, ts);
+          else if (type === T_PARSE) {
+            if (!onParse(raw, buf.subarray(off + 5, off + total), out, recs, ts)) {
+              close("malformed Parse");
+              return;
+            }
+          } else onFunctionCall(out, recs, ts);
           off += total;
           seg = off;
           continue;
         }
-        case "S":
-          if (!complete) break;
+        case T_SYNC:
+          if (!complete) break scan;
           discardUntilSync = false;
           off += total;
           flush(off);
@@ -756,23 +927,24 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           batchMessages = 0;
           if (batchElevated) {
             batchElevated = false;
-            lower();
+            internalQuery(out, LOWER);
           }
           continue;
-        case "X":
+        case T_TERMINATE:
           flush(off);
-          close("client terminated");
-          return;
-        case "B":
-        case "E":
-        case "D":
-        case "C":
-        case "H":
-        case "d":
-        case "c":
-        case "f":
-          if (type === "E") markBusy();
-          if (type !== "d" && type !== "c" && type !== "f" && type !== "H") batchMessages++;
+          terminate = true;
+          off = seg = buf.length;
+          break scan;
+        case T_BIND:
+        case T_EXECUTE:
+        case T_DESCRIBE:
+        case T_CLOSE:
+        case T_FLUSH:
+        case T_COPY_DATA:
+        case T_COPY_DONE:
+        case T_COPY_FAIL:
+          if (type === T_EXECUTE) markBusy();
+          if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) batchMessages++;
           if (complete) {
             off += total;
             continue;
@@ -781,15 +953,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           streamRemaining = total - (buf.length - off);
           streamForward = true;
           off = buf.length;
-          flush(off);
-          return;
+          break scan;
         default:
-          flush(off);
-          writeClient(errorResponse({ S: "FATAL", V: "FATAL", C: "08P01", M: `sandboxd database gateway: unexpected message type '${type}'` }));
-          close("protocol violation");
+          violation(`sandboxd database gateway: unexpected message type '${String.fromCharCode(type)}'`, "protocol violation");
           return;
       }
-      break; // incomplete Sync
     }
     flush(off);
     if (off < buf.length) {
@@ -798,6 +966,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       cPartsLength = buf.length - off;
       cNeed = 0;
     }
+    return send(up, out, recs, clientPump, terminate ? () => close("client terminated") : undefined);
   };
 
   /* ---- upstream → client ---- */
@@ -805,34 +974,33 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let uStreamRemaining = 0;
   let uStreamForward = true;
 
-  const recordSafe = async (event: { type: string; [k: string]: unknown }, lines: string[]): Promise<boolean> => {
-    try {
-      await opts.record(event, lines);
-      return true;
-    } catch (e) {
-      auditFailed(e);
-      return false;
-    }
-  };
-
-  const processUpstream = async (chunk: Buffer): Promise<void> => {
-    let buf = uPending ? Buffer.concat([uPending, chunk]) : chunk;
+  /**
+   * One chunk from the server: CommandComplete and real errors are recorded
+   * (DB_RESULT / DB_ERROR) and pass through in place; refusal placeholders'
+   * errors are rewritten; answers to the gateway's own queries are dropped.
+   * The rest is written to the client once, after the records are durable.
+   */
+  const processUpstream = (chunk: Buffer): Promise<void> | void => {
+    const buf = uPending ? Buffer.concat([uPending, chunk]) : chunk;
     uPending = undefined;
+    const out: Buffer[] = [];
+    const recs: GatewayRecord[] = [];
+    let ts: string | undefined;
     let off = 0;
     if (uStreamRemaining > 0) {
       const n = Math.min(uStreamRemaining, buf.length);
-      if (uStreamForward) writeClient(buf.subarray(0, n));
+      if (uStreamForward) out.push(n === buf.length ? buf : buf.subarray(0, n));
       uStreamRemaining -= n;
       off = n;
     }
     let seg = off;
     const flush = (to: number): void => {
-      if (to > seg) writeClient(buf.subarray(seg, to));
+      if (to > seg) out.push(seg === 0 && to === buf.length ? buf : buf.subarray(seg, to));
       seg = to;
     };
-    while (off < buf.length && !closed) {
+    scan: while (off < buf.length) {
       if (buf.length - off < 5) break;
-      const type = String.fromCharCode(buf[off]!);
+      const type = buf[off]!;
       const len = buf.readInt32BE(off + 1);
       if (len < 4 || len > MAX_MESSAGE) {
         close("upstream protocol violation");
@@ -840,22 +1008,19 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       }
       const total = len + 1;
       const complete = buf.length - off >= total;
-      const internal = units[0]?.kind === "internal";
 
-      if (internal) {
+      if (units[0]?.kind === "internal") {
         // answers to the gateway's own queries never reach the client
         flush(off);
         if (!complete) {
-          if (type === "Z" || type === "E") {
-            uPending = Buffer.from(buf.subarray(off));
-            return;
-          }
+          if (type === T_READY || type === T_ERROR) break scan; // kept in uPending below
           uStreamRemaining = total - (buf.length - off);
           uStreamForward = false;
-          return;
+          off = seg = buf.length;
+          break scan;
         }
-        if (type === "E") log?.warn({ error: parseFields(buf.subarray(off + 5, off + total)).get("M") }, "db gateway: internal query failed");
-        if (type === "Z") {
+        if (type === T_ERROR) log?.warn({ error: parseFields(buf.subarray(off + 5, off + total)).get("M") }, "db gateway: internal query failed");
+        if (type === T_READY) {
           units.shift();
           txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
         }
@@ -864,12 +1029,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         continue;
       }
 
-      if (type === "C" || type === "E" || type === "Z") {
+      if (type === T_COMMAND_COMPLETE || type === T_ERROR || type === T_READY) {
         if (!complete) break;
-        const body = buf.subarray(off + 5, off + total);
-        if (type === "Z") {
+        if (type === T_READY) {
           units.shift();
-          txStatus = String.fromCharCode(body[0]!) as Upstream["status"];
+          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
           if (units.length === 0) {
             busySince = undefined;
             refusals.clear();
@@ -881,27 +1045,26 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           off += total;
           continue;
         }
-        flush(off);
-        up.pause();
-        if (type === "C") {
-          const tag = body.toString("utf8", 0, Math.max(0, body.length - 1));
+        ts ??= timestamp(new Date());
+        if (type === T_COMMAND_COMPLETE) {
+          const tag = buf.toString("utf8", off + 5, Math.max(off + 5, off + total - 1));
           const rows = rowsFromTag(tag);
-          const ok = await recordSafe(
-            { type: "db.result", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, rows, command: tag },
-            [`[${timestamp(new Date())}] DB_RESULT: ${rows} rows returned`],
-          );
-          if (!ok) return;
+          recs.push({
+            event: { type: "db.result", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, rows, command: tag },
+            lines: [`[${ts}] DB_RESULT: ${rows} rows returned`],
+          });
           off += total;
-          continue; // forwarded as part of the next segment
+          continue; // passes through in place
         }
         // ErrorResponse: a refusal placeholder, or a real error
-        const fields = parseFields(body);
+        const fields = parseFields(buf.subarray(off + 5, off + total));
         const m = fields.get("M") ?? "";
         const at = m.indexOf(poisonPrefix);
         const refusal = at >= 0 ? refusals.get(Number.parseInt(m.slice(at + poisonPrefix.length), 10)) : undefined;
         if (refusal) {
           const v = refusal.verdict;
-          writeClient(
+          flush(off);
+          out.push(
             errorResponse({
               S: "ERROR",
               V: "ERROR",
@@ -911,23 +1074,16 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
               H: v.decision === "ask" ? "this needs human approval; ask the operator, or run a read-only query" : "run a read-only query, or one the phase's mode allows",
             }),
           );
+          off += total;
+          seg = off;
         } else {
-          const ok = await recordSafe(
-            {
-              type: "db.error",
-              engine: opts.engine,
-              mode: opts.mode,
-              database: opts.upstream.database,
-              sqlstate: fields.get("C"),
-              message: redact(m),
-            },
-            [`[${timestamp(new Date())}] DB_ERROR: ${escapeControl(redact(m))}${fields.get("C") ? ` (SQLSTATE ${fields.get("C")})` : ""}`],
-          );
-          if (!ok) return;
-          writeClient(buf.subarray(off, off + total));
+          const code = fields.get("C");
+          recs.push({
+            event: { type: "db.error", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, sqlstate: code, message: redact(m) },
+            lines: [`[${ts}] DB_ERROR: ${escapeControl(redact(m))}${code ? ` (SQLSTATE ${code})` : ""}`],
+          });
+          off += total; // passes through in place
         }
-        off += total;
-        seg = off;
         continue;
       }
 
@@ -939,36 +1095,18 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       uStreamRemaining = total - (buf.length - off);
       uStreamForward = true;
       off = buf.length;
-      flush(off);
-      return;
+      break;
     }
     flush(off);
     if (off < buf.length) uPending = Buffer.from(buf.subarray(off));
+    return send(client, out, recs, upPump);
   };
 
   /* ---- pumps: one chunk at a time, in order ---- */
-  const pump = (from: Duplex, state: { processing: boolean; blocked: boolean }, process: (b: Buffer) => Promise<void>, first: Buffer | undefined): void => {
-    let chain = Promise.resolve();
-    const onChunk = (b: Buffer): void => {
-      from.pause();
-      state.processing = true;
-      chain = chain
-        .then(() => (closed ? undefined : process(b)))
-        .then(() => {
-          state.processing = false;
-          if (!closed && !state.blocked) from.resume();
-        })
-        .catch((e: unknown) => {
-          log?.error({ err: e }, "db gateway: relay failed");
-          close("relay error");
-        });
-    };
-    if (first?.length) onChunk(first);
-    from.on("data", onChunk);
-    from.resume();
-  };
-  pump(up, flow.up, processUpstream, upstream.leftover);
-  pump(client, flow.client, processClient, clientLeftover);
+  const upPump = makePump(up, processUpstream);
+  const clientPump = makePump(client, processClient);
+  start(upPump, upstream.leftover);
+  start(clientPump, clientLeftover);
 
   await finished;
 }

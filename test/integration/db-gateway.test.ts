@@ -474,6 +474,21 @@ const frame = (type: string, body: Buffer): Buffer => {
   return Buffer.concat([h, body]);
 };
 const q = (sql: string): Buffer => frame("Q", Buffer.from(`${sql}\0`));
+/** the extended protocol's Parse/Bind/Execute/Sync of an unnamed statement without parameters */
+const extended = (sql: string): Buffer =>
+  Buffer.concat([
+    frame("P", Buffer.concat([Buffer.from(`\0${sql}\0`), Buffer.from([0, 0])])),
+    frame("B", Buffer.from([0, 0, 0, 0, 0, 0, 0, 0])), // portal "", statement "", no formats, no parameters, no result formats
+    frame("E", Buffer.from([0, 0, 0, 0, 0])), // portal "", no row limit
+    frame("S", Buffer.alloc(0)),
+  ]);
+const startup = (): Buffer => {
+  const params = Buffer.from("user\0agent\0database\0x\0\0");
+  const head = Buffer.alloc(8);
+  head.writeInt32BE(8 + params.length, 0);
+  head.writeInt32BE(196608, 4);
+  return Buffer.concat([head, params]);
+};
 
 describe("db gateway on the wire", () => {
   it("answers SSLRequest with N, ignores startup options, refuses FunctionCall and keeps pipelined answers in order", async () => {
@@ -515,6 +530,105 @@ describe("db gateway on the wire", () => {
     }
     expect(await superCount("orders", "trading")).toBe(3);
     expect(gw.records.some((r) => r.event.type === "db.query" && r.event.via === "function-call" && r.event.rule === "db.function-call")).toBe(true);
+  });
+});
+
+describe("db gateway: a chunk's messages are judged, recorded and forwarded together", () => {
+  it("answers a pipelined chunk of allowed and refused statements (simple and extended, with a paper write) in order, records them in order, and changes only paper_orders", async () => {
+    const gw = await startGateway("paper");
+    const paperBefore = await superCount("paper_orders", "trading");
+    const statements = [
+      "SELECT count(*) FROM orders WHERE id = 1",
+      "DELETE FROM orders WHERE id = 1",
+      "INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ('PIPE-USD', 'buy', 1, 1, 'new')",
+      "SELECT count(*) FROM orders WHERE id = 2",
+      "UPDATE orders SET qty = 0",
+      "SELECT 42",
+    ];
+    const c = await RawClient.open(gw.port);
+    try {
+      c.sock.write(startup());
+      await c.untilReady();
+      // one write: simple queries, then two extended batches (one refused), then a simple query
+      c.sock.write(
+        Buffer.concat([q(statements[0]!), q(statements[1]!), q(statements[2]!), extended(statements[3]!), extended(statements[4]!), q(statements[5]!)]),
+      );
+      expect(await c.untilReady()).toEqual(["T", "D", "C", "Z"]);
+      expect(await c.untilReady()).toEqual(["E:42501", "Z"]);
+      expect(await c.untilReady()).toEqual(["C", "Z"]);
+      expect(await c.untilReady()).toEqual(["1", "2", "D", "C", "Z"]); // no Describe: no RowDescription
+      expect(await c.untilReady()).toEqual(["E:42501", "Z"]);
+      expect(await c.untilReady()).toEqual(["T", "D", "C", "Z"]);
+      c.sock.write(frame("X", Buffer.alloc(0)));
+      await new Promise((r) => c.sock.once("close", r));
+    } finally {
+      c.sock.destroy();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+    expect(Number((await db.psql("SELECT qty FROM orders WHERE id = 1", "trading")).trim())).not.toBe(0);
+    expect(await superCount("paper_orders", "trading")).toBe(paperBefore + 1);
+    // every statement recorded, in the order sent, each before its result
+    const queries = gw.records.filter((r) => r.event.type === "db.query");
+    expect(queries.map((r) => r.event.sql)).toEqual(statements);
+    expect(queries.map((r) => r.event.decision)).toEqual(["allow", "forbid", "allow", "allow", "forbid", "allow"]);
+    const kinds = gw.records.map((r) => (r.event.type === "db.result" ? `result:${r.event.command}` : r.event.type));
+    // DB_QUERY of a statement always comes before its DB_RESULT
+    for (const [i, sql] of statements.entries()) {
+      const at = gw.records.findIndex((r) => r.event.sql === sql);
+      expect(at, sql).toBeGreaterThanOrEqual(0);
+      if (i === 2) expect(kinds.indexOf("result:INSERT 0 1")).toBeGreaterThan(at);
+    }
+    expect(kinds.filter((k) => k.startsWith("result:"))).toEqual(["result:SELECT 1", "result:INSERT 0 1", "result:SELECT 1", "result:SELECT 1"]);
+    expect(gw.lines().some((l) => l.includes("SESSION CHARACTERISTICS"))).toBe(false);
+  });
+
+  it("batches a chunk's records into one recordMany call when the sink offers one", async () => {
+    const batches: number[] = [];
+    const gw = await startGateway("test", {
+      recordMany: async (entries) => {
+        batches.push(entries.length);
+      },
+    });
+    const c = await RawClient.open(gw.port);
+    try {
+      c.sock.write(startup());
+      await c.untilReady();
+      c.sock.write(Buffer.concat([q("SELECT 1"), q("SELECT 2"), q("SELECT 3")]));
+      for (let i = 0; i < 3; i++) expect(await c.untilReady()).toEqual(["T", "D", "C", "Z"]);
+    } finally {
+      c.sock.destroy();
+    }
+    // the three statements were recorded together; `record` was not used
+    expect(batches[0]).toBe(3);
+    expect(gw.records).toHaveLength(0);
+  });
+
+  it("forwards nothing of a chunk whose records fail, and closes the connection", async () => {
+    await db.psql("CREATE TABLE batch_t (v text); GRANT SELECT, INSERT ON batch_t TO sandboxd_gw", "trading_test");
+    let calls = 0;
+    const kept: string[] = [];
+    const gw = await startGateway("test", {
+      record: async (event) => {
+        calls++;
+        if (event.type === "db.query" && String(event.sql).includes("'second'")) throw new Error("disk full");
+        kept.push(String(event.sql ?? event.type));
+      },
+    });
+    const c = await RawClient.open(gw.port);
+    try {
+      c.sock.write(startup());
+      await c.untilReady();
+      // an earlier chunk goes through
+      c.sock.write(q("INSERT INTO batch_t VALUES ('first')"));
+      expect(await c.untilReady()).toEqual(["C", "Z"]);
+      // the sink fails on the middle record of this chunk
+      c.sock.write(Buffer.concat([q("INSERT INTO batch_t VALUES ('a')"), q("INSERT INTO batch_t VALUES ('second')"), q("INSERT INTO batch_t VALUES ('c')")]));
+      await new Promise((r) => (c.sock.destroyed ? r(undefined) : c.sock.once("close", r)));
+    } finally {
+      c.sock.destroy();
+    }
+    expect(calls).toBeGreaterThanOrEqual(3);
+    expect((await db.psql("SELECT string_agg(v, ',' ORDER BY v) FROM batch_t", "trading_test")).trim()).toBe("first");
   });
 });
 
