@@ -326,12 +326,13 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
   const result: ProxyResult = { target: null, address: null, error: null };
   const clientClosed = closedPromise(client);
 
-  const refuse = async (r: Refusal, target: string, host: string | null, port: number | null): Promise<ProxyResult> => {
+  /** `request`: what was asked, as shown in the log ("CONNECT host:port", "GET http://…", "?") */
+  const refuse = async (r: Refusal, request: string, host: string | null, port: number | null): Promise<ProxyResult> => {
     result.error = `${r.status} ${r.rule}: ${r.reason}`;
     try {
       await opts.record(
-        { type: "net.proxy", decision: "forbid", host, port, rule: r.rule, clause: opts.index.clause, reason: r.reason, status: r.status },
-        [actionLine(ts(), "NET", "PROXY", `CONNECT ${target}`, `FORBID ${r.rule} (${opts.index.clause}): ${r.reason}`)],
+        { type: "net.proxy", decision: "forbid", host, port, request, rule: r.rule, clause: opts.index.clause, reason: r.reason, status: r.status },
+        [actionLine(ts(), "NET", "PROXY", request, `FORBID ${r.rule} (${opts.index.clause}): ${r.reason}`)],
       );
     } catch (e) {
       // fail closed: no answer without a record
@@ -340,7 +341,7 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
       await clientClosed;
       return result;
     }
-    answer(client, r.status, `sandboxd refused CONNECT ${target}: ${r.reason} (rule ${r.rule})`);
+    answer(client, r.status, `sandboxd refused ${request}: ${r.reason} (rule ${r.rule})`);
     await clientClosed;
     return result;
   };
@@ -365,11 +366,17 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
     if (head.method !== "CONNECT") {
       const shown = display(`${head.method} ${head.target}`);
       result.target = shown;
+      let url: URL | null = null;
+      try {
+        url = new URL(head.target);
+      } catch {
+        // origin-form or garbage: no host to record
+      }
       return refuse(
         { status: 405, rule: RULE_REQUEST, reason: `only CONNECT is served (TLS to a package index in policy network.packageIndex); use https:// URLs` },
         shown,
-        null,
-        null,
+        url?.hostname ? display(url.hostname) : null,
+        url?.hostname ? Number(url.port || (url.protocol === "https:" ? 443 : 80)) : null,
       );
     }
     authority = parseAuthority(head.target);
@@ -381,7 +388,7 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
   result.target = target;
 
   const decision = await decideConnect(opts.index, authority, opts.lookup ?? systemLookup);
-  if (!decision.allow) return refuse(decision.refusal, target, display(authority.host), authority.port);
+  if (!decision.allow) return refuse(decision.refusal, `CONNECT ${target}`, display(authority.host), authority.port);
   if (client.destroyed) {
     result.error = "the sandbox side closed while the name was resolved";
     return result;

@@ -297,7 +297,7 @@ describe("pip's allow-list proxy", () => {
       "::ffff:127.0.0.1",
       INDEX_HOST,
       `${INDEX_HOST}.`,
-      null,
+      INDEX_HOST,
       "evil.sandboxd.test",
     ]);
     expect(refused.map((e) => e.rule)).toEqual([
@@ -318,5 +318,6 @@ describe("pip's allow-list proxy", () => {
     const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(/\[NET\] \[PROXY\] \[CONNECT evil\.sandboxd\.test:443\] \[FORBID net\.package-index \(SKILLS\.md [^)]*\): evil\.sandboxd\.test is not a package index/);
     expect(log).toMatch(new RegExp(`\\[NET\\] \\[PROXY\\] \\[CONNECT localhost:${trapPort}\\] \\[FORBID net\\.proxy\\.address .*loopback`));
+    expect(log).toMatch(/\[NET\] \[PROXY\] \[GET http:\/\/pypi\.sandboxd\.test\/simple\/\] \[FORBID net\.proxy\.request .*only CONNECT is served/);
   });
 });
