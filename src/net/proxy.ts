@@ -325,6 +325,7 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
   const ts = () => timestamp(now());
   const result: ProxyResult = { target: null, address: null, error: null };
   const clientClosed = closedPromise(client);
+  client.on("error", (e) => (result.error ??= `sandbox side: ${e.message}`));
 
   /** `request`: what was asked, as shown in the log ("CONNECT host:port", "GET http://…", "?") */
   const refuse = async (r: Refusal, request: string, host: string | null, port: number | null): Promise<ProxyResult> => {
@@ -382,7 +383,7 @@ export async function handleProxyClient(client: net.Socket, opts: ProxyOptions):
     authority = parseAuthority(head.target);
   } catch (e) {
     if (!(e instanceof ProxyRequestError)) throw e;
-    return refuse({ status: e.status, rule: RULE_REQUEST, reason: e.message }, "?", null, null);
+    return refuse({ status: e.status, rule: RULE_REQUEST, reason: e.message }, display(raw.head.split(/\r?\n/)[0] ?? "?"), null, null);
   }
   const target = `${display(authority.host)}:${authority.port}`;
   result.target = target;
@@ -515,7 +516,6 @@ function connectOnce(
 function relay(client: net.Socket, upstream: net.Socket, result: ProxyResult): Promise<ProxyResult> {
   return new Promise((resolve) => {
     upstream.on("error", (e) => (result.error ??= `upstream: ${e.message}`));
-    client.on("error", (e) => (result.error ??= `sandbox side: ${e.message}`));
     let closed = 0;
     const onClose = (other: Duplex, waitForPeer: boolean) => (hadError: boolean) => {
       if (!other.destroyed) {

@@ -215,11 +215,11 @@ describe("the CONNECT decision", () => {
 
 describe("handleProxyClient", () => {
   /** The proxy behind a loopback listener, a pinned echo upstream, and what was recorded and dialled. */
-  async function harness() {
+  async function harness(opts: { pinPort?: number } = {}) {
     const echo = net.createServer((s) => s.pipe(s));
     await new Promise<void>((r) => echo.listen(0, "127.0.0.1", r));
     const echoPort = (echo.address() as net.AddressInfo).port;
-    const index: PackageIndexPolicy = { ...INDEX, hosts: [{ name: "mirror.test", port: 443, pin: { address: "127.0.0.1", port: echoPort } }] };
+    const index: PackageIndexPolicy = { ...INDEX, hosts: [{ name: "mirror.test", port: 443, pin: { address: "127.0.0.1", port: opts.pinPort ?? echoPort } }] };
     const events: Array<Record<string, unknown>> = [];
     const lines: string[] = [];
     const dialled: string[] = [];
@@ -237,6 +237,7 @@ describe("handleProxyClient", () => {
             dialled.push(`${address}:${port}`);
             return net.connect({ host: address, port });
           },
+          headTimeoutMs: 300,
         }),
       );
     });
@@ -260,7 +261,7 @@ describe("handleProxyClient", () => {
       await new Promise((r) => server.close(r));
       await new Promise((r) => echo.close(r));
     };
-    return { events, lines, dialled, results, talk, close, echoPort };
+    return { events, lines, dialled, results, talk, close, echoPort, port };
   }
 
   it("tunnels an allowed CONNECT to the pin, records before dialling, and resolves when both sides closed", async () => {
@@ -288,9 +289,38 @@ describe("handleProxyClient", () => {
     // not CONNECT; an oversized head; a connection that says nothing
     expect(await h.talk("GET http://mirror.test/ HTTP/1.1\r\n\r\n")).toMatch(/^HTTP\/1\.1 405 /);
     expect(await h.talk(`CONNECT mirror.test:443 HTTP/1.1\r\nX: ${"a".repeat(9000)}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 431 /);
+    expect(await h.talk("CONNECT mirror.test HTTP/1.1\r\n\r\n")).toMatch(/^HTTP\/1\.1 400 sandboxd refused CONNECT mirror\.test HTTP\/1\.1: CONNECT needs host:port/);
     await Promise.all(h.results);
-    expect(h.events.map((e) => e.rule)).toEqual(["net.package-index", "net.proxy.request", "net.proxy.request"]);
+    expect(h.events.map((e) => e.rule)).toEqual(["net.package-index", "net.proxy.request", "net.proxy.request", "net.proxy.request"]);
+    expect(h.events.map((e) => e.request)).toEqual(["CONNECT evil.test:443", "GET http://mirror.test/", "?", "CONNECT mirror.test HTTP/1.1"]);
+    expect(h.events[1]).toMatchObject({ host: "mirror.test", port: 80, status: 405 });
     expect(h.dialled).toEqual([]);
+    await h.close();
+  });
+
+  it("answers 502 when the upstream cannot be reached, after recording the allow", async () => {
+    const closed = net.createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const deadPort = (closed.address() as net.AddressInfo).port;
+    await new Promise((r) => closed.close(r));
+    const h = await harness({ pinPort: deadPort });
+    expect(await h.talk("CONNECT mirror.test:443 HTTP/1.1\r\n\r\n")).toMatch(/^HTTP\/1\.1 502 sandboxd could not reach mirror\.test: 127\.0\.0\.1:\d+: ECONNREFUSED/);
+    expect((await h.results[0]!).error).toMatch(/^upstream: 127\.0\.0\.1:\d+: ECONNREFUSED/);
+    expect(h.events.map((e) => e.decision)).toEqual(["allow"]);
+    await h.close();
+  });
+
+  it("times out a slow head (408) and records nothing for a connection that says nothing", async () => {
+    const h = await harness();
+    // connects and closes without a byte
+    await new Promise<void>((resolve) => {
+      const c = net.connect({ host: "127.0.0.1", port: h.port }, () => c.end());
+      c.on("close", () => resolve());
+    });
+    expect(await h.talk("CONNECT mirror.te")).toMatch(/^HTTP\/1\.1 408 .*no complete request head within 300 ms/);
+    const [silent] = await Promise.all(h.results);
+    expect(silent!.error).toBe("closed before sending a request");
+    expect(h.events.map((e) => e.status)).toEqual([408]);
     await h.close();
   });
 });
