@@ -13,6 +13,10 @@ import { Redactor, StreamRedactor } from "../audit/redact.js";
 import { StringDecoder } from "node:string_decoder";
 
 export class PhaseRecorder {
+  /** build-log lines of recordMany calls waiting for the next grouped append */
+  private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
+  private buildBusy = false;
+
   constructor(
     readonly phaseId: string,
     private readonly journal: AuditJournal,
@@ -41,8 +45,46 @@ export class PhaseRecorder {
     const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, { redactor: this.redactor }));
     const lines: string[] = [];
     for (const e of entries) for (const l of e.lines) lines.push(this.redactor.redact(l));
-    const [records] = await Promise.all([Promise.all(appends), this.build.append(lines)]);
+    const [records] = await Promise.all([Promise.all(appends), this.appendBuildGrouped(lines)]);
     return records;
+  }
+
+  /**
+   * Group commit for build_audit.log, like the journal's: lines of
+   * recordMany calls made while an append is in flight go out together in
+   * the next one (one write, one fdatasync), so concurrent connections share
+   * syncs instead of queueing one each. Each caller's promise resolves once
+   * its own lines are durable.
+   */
+  private appendBuildGrouped(lines: string[]): Promise<void> {
+    let next = this.buildNext;
+    if (!next) {
+      let resolve!: () => void;
+      let reject!: (e: unknown) => void;
+      const done = new Promise<void>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      next = this.buildNext = { lines: [], done, resolve, reject };
+      // a microtask: recordMany calls of the same tick share the first append
+      if (!this.buildBusy) queueMicrotask(() => this.flushBuild());
+    }
+    for (const l of lines) next.lines.push(l);
+    return next.done;
+  }
+
+  private flushBuild(): void {
+    const group = this.buildNext;
+    if (!group || this.buildBusy) return;
+    this.buildNext = undefined;
+    this.buildBusy = true;
+    this.build
+      .append(group.lines)
+      .then(group.resolve, group.reject)
+      .finally(() => {
+        this.buildBusy = false;
+        this.flushBuild();
+      });
   }
 
   redact(text: string): string {

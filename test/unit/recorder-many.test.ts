@@ -53,4 +53,32 @@ describe("PhaseRecorder.recordMany", () => {
     expect(log).not.toContain("s3cr3t-value");
     expect(log.indexOf("SELECT 1")).toBeLessThan(log.indexOf("DB_RESULT"));
   });
+
+  it("groups the build-log lines of concurrent calls into shared appends, each call resolving once its lines are durable", async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-recmany-"));
+    dirs.push(dir);
+    const journal = await AuditJournal.open(dir, { clock: systemClock });
+    const build = new BuildLog(path.join(dir, "build_audit.log"));
+    const appends: number[] = [];
+    const real = build.append.bind(build);
+    build.append = (lines) => {
+      appends.push(lines.length);
+      return real(lines);
+    };
+    const rec = new PhaseRecorder("ph1", journal, build, new Redactor([]));
+    try {
+      const one = (i: number) => rec.recordMany([{ event: { type: "db.query", n: i }, lines: [`line ${i}`] }]);
+      // three in the same tick: one append; then two while that one is in flight: one more
+      const first = [one(1), one(2), one(3)];
+      await Promise.resolve();
+      const later = [one(4), one(5)];
+      await Promise.all([...first, ...later]);
+      expect(appends).toEqual([3, 2]);
+    } finally {
+      await journal.close();
+      await build.close();
+    }
+    const log = (await readFile(path.join(dir, "build_audit.log"), "utf8")).trim().split("\n");
+    expect(log).toEqual(["line 1", "line 2", "line 3", "line 4", "line 5"]);
+  });
 });
