@@ -37,7 +37,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { promisify } from "node:util";
-import { Cleanup } from "./lib.mjs";
+import { Cleanup, procContextSwitches, procCpuSeconds, systemBusySeconds } from "./lib.mjs";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const GATEWAY_JS = path.join(ROOT, "dist", "db", "gateway.js");
@@ -61,7 +61,43 @@ async function serve() {
   const { handleClient } = await import(pathToFileURL(GATEWAY_JS).href);
   let records = 0;
   let record;
-  if (cfg.recordFile) {
+  let recordMany;
+  if (cfg.relay) {
+    // the reference: a plain Node relay, no protocol at all (pipe both ways)
+    const server = net.createServer((socket) => {
+      socket.setNoDelay(true);
+      const up = net.connect({ host: cfg.upstream.host, port: cfg.upstream.port });
+      up.setNoDelay(true);
+      socket.pipe(up).on("error", () => socket.destroy());
+      up.pipe(socket).on("error", () => up.destroy());
+      socket.on("error", () => up.destroy());
+      up.on("error", () => socket.destroy());
+    });
+    server.listen(0, "127.0.0.1", () => process.stdout.write(`LISTEN ${server.address().port}\n`));
+    process.on("SIGTERM", () => process.exit(0));
+    return;
+  }
+  if (cfg.sink === "recorder") {
+    // the daemon's own sink: PhaseRecorder over the hash-chained journal (group commit) and build_audit.log
+    const dist = (p) => pathToFileURL(path.join(ROOT, "dist", p)).href;
+    const { AuditJournal } = await import(dist("audit/journal.js"));
+    const { BuildLog } = await import(dist("audit/buildlog.js"));
+    const { Redactor } = await import(dist("audit/redact.js"));
+    const { PhaseRecorder } = await import(dist("phases/recorder.js"));
+    const { systemClock } = await import(dist("util/clock.js"));
+    fs.mkdirSync(cfg.recordDir, { recursive: true });
+    const journal = await AuditJournal.open(cfg.recordDir, { clock: systemClock });
+    const build = new BuildLog(path.join(cfg.recordDir, "build_audit.log"));
+    const rec = new PhaseRecorder("bench", journal, build, new Redactor([]));
+    record = async (event, lines) => {
+      records++;
+      await rec.record(event, lines);
+    };
+    recordMany = async (entries) => {
+      records += entries.length;
+      await rec.recordMany(entries);
+    };
+  } else if (cfg.recordFile) {
     const fd = fs.openSync(cfg.recordFile, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT, 0o600);
     let tail = Promise.resolve();
     record = (event, lines) => {
@@ -75,6 +111,40 @@ async function serve() {
       tail = next.catch(() => undefined);
       return next;
     };
+    if (cfg.sink === "file-group") {
+      // the same file with group commit: every batch that arrives while a write + fdatasync is in
+      // flight (other connections' chunks) goes out together in the next one
+      record = undefined;
+      let next;
+      let busy = false;
+      const flush = () => {
+        if (!next || busy) return;
+        const group = next;
+        next = undefined;
+        busy = true;
+        const buf = Buffer.from(group.lines.join("\n") + "\n");
+        fs.write(fd, buf, 0, buf.length, null, (err) => {
+          const done = (e) => {
+            busy = false;
+            if (e) group.reject(e);
+            else group.resolve();
+            flush();
+          };
+          if (err) return done(err);
+          fs.fdatasync(fd, done);
+        });
+      };
+      recordMany = (entries) => {
+        records += entries.length;
+        if (!next) {
+          next = { lines: [] };
+          next.done = new Promise((resolve, reject) => Object.assign(next, { resolve, reject }));
+          if (!busy) queueMicrotask(flush);
+        }
+        for (const e of entries) next.lines.push(...e.lines);
+        return next.done;
+      };
+    }
   } else {
     // a cheap sink: count, keep nothing
     record = async () => {
@@ -82,7 +152,13 @@ async function serve() {
     };
   }
   const server = net.createServer((socket) => {
-    void handleClient(socket, { engine: "postgres", mode: "test", upstream: cfg.upstream, record });
+    void handleClient(socket, {
+      engine: "postgres",
+      mode: "test",
+      upstream: cfg.upstream,
+      record: record ?? ((event, lines) => recordMany([{ event, lines }])),
+      ...(recordMany ? { recordMany } : {}),
+    });
   });
   server.listen(0, "127.0.0.1", () => process.stdout.write(`LISTEN ${server.address().port}\n`));
   process.on("SIGTERM", () => {
@@ -203,11 +279,11 @@ async function startCluster(tmp) {
 }
 
 /** The gateway in its own Node process; resolves with its port and a stop() that reports the records count. */
-async function startGateway(tmp, upstream, { recordFile, cpuProfDir } = {}) {
+async function startGateway(tmp, upstream, { recordFile, recordDir, sink, relay, cpuProfDir } = {}) {
   const args = [...(cpuProfDir ? ["--cpu-prof", `--cpu-prof-dir=${cpuProfDir}`] : []), fileURLToPath(import.meta.url), "--serve"];
   const child = spawn(process.execPath, args, {
     stdio: ["ignore", "pipe", "inherit"],
-    env: { ...process.env, BENCH_GW_SERVE: JSON.stringify({ upstream, recordFile }) },
+    env: { ...process.env, BENCH_GW_SERVE: JSON.stringify({ upstream, recordFile, recordDir, sink, relay }) },
   });
   let out = "";
   child.stdout.on("data", (c) => (out += c));
@@ -346,61 +422,108 @@ async function main() {
   const upstream = { host: "127.0.0.1", port: pg.port, user: pg.gateway.user, password: pg.gateway.password, database: DB };
 
   const gw = await startGateway(tmp, upstream);
+  const relay = await startGateway(tmp, upstream, { relay: true });
   const env = { PGPASSWORD: pg.gateway.password, PGSSLMODE: "disable", PGCONNECT_TIMEOUT: "10" };
   const bench = (port, c, j, mode, seconds = SECONDS) =>
     pgbench(pgbenchBin, ["-n", "-S", "-T", String(seconds), "-c", String(c), "-j", String(j), "-M", mode, "-h", "127.0.0.1", "-p", String(port), "-U", GATEWAY_ROLE, DB], env).then(parseTps);
 
-  // warm-up: both paths, short (the gateway's first connection loads the SQL parser)
+  // warm-up: every path, short (the gateway's first connection loads the SQL parser)
   say("warm-up");
   await bench(pg.port, 8, 2, "extended", 2);
+  await bench(relay.port, 8, 2, "extended", 2);
   await bench(gw.port, 8, 2, "extended", 2);
 
+  /** one pgbench run through `via`, with the CPU it cost (machine, and the proxy process's own) */
+  const measured = async (via, k, seconds = SECONDS) => {
+    const proxy = via === "gateway" ? gw : via === "relay" ? relay : via.proxy;
+    const cpu0 = proxy ? procCpuSeconds(proxy.pid) : NaN;
+    const cs0 = proxy ? procContextSwitches(proxy.pid) : undefined;
+    const busy0 = systemBusySeconds();
+    const s = await bench(via === "direct" ? pg.port : proxy.port, k.clients, k.threads, k.mode, seconds);
+    const tx = s.tps * seconds;
+    s.machineCpuUsPerTx = Math.round(((systemBusySeconds() - busy0) * 1e6) / tx);
+    if (proxy) {
+      const cs1 = procContextSwitches(proxy.pid);
+      s.proxyCpuUsPerTx = Math.round(((procCpuSeconds(proxy.pid) - cpu0) * 1e6) / tx);
+      s.proxyInvoluntarySwitchesPerTx = Number(((cs1.involuntary - cs0.involuntary) / tx).toFixed(3));
+    }
+    return s;
+  };
+
+  const SIDES = ["direct", "relay", "gateway"];
   const configs = [];
   for (const c of [1, 8]) for (const mode of ["simple", "extended"]) configs.push({ clients: c, threads: c === 1 ? 1 : 2, mode });
-  const samples = new Map(configs.map((k) => [k, { direct: [], gateway: [] }]));
+  const samples = new Map(configs.map((k) => [k, { direct: [], relay: [], gateway: [] }]));
   for (let r = 0; r < ROUNDS; r++) {
     for (const k of configs) {
-      for (const side of ["direct", "gateway"]) {
-        const s = await bench(side === "direct" ? pg.port : gw.port, k.clients, k.threads, k.mode);
+      // the order rotates every round, so no side always runs first
+      for (let i = 0; i < SIDES.length; i++) {
+        const side = SIDES[(i + r) % SIDES.length];
+        const s = await measured(side, k);
         samples.get(k)[side].push(s);
-        say(`round ${r + 1} ${side} -c ${k.clients} -j ${k.threads} -M ${k.mode}: ${s.tps.toFixed(0)} tps`);
+        say(
+          `round ${r + 1} ${side.padEnd(7)} -c ${k.clients} -j ${k.threads} -M ${k.mode}: ${s.tps.toFixed(0)} tps, machine ${s.machineCpuUsPerTx} µs CPU/tx` +
+            (side !== "direct" ? `, ${side} process ${s.proxyCpuUsPerTx} µs CPU/tx, ${s.proxyInvoluntarySwitchesPerTx} involuntary switches/tx` : ""),
+        );
       }
     }
   }
   const { records } = await gw.stop();
+  await relay.stop();
   results.recordsMemorySink = records;
+  const med = (xs, f) => median(xs.map(f));
   for (const k of configs) {
     const s = samples.get(k);
-    const direct = median(s.direct.map((x) => x.tps));
-    const gateway = median(s.gateway.map((x) => x.tps));
+    const direct = med(s.direct, (x) => x.tps);
+    const gateway = med(s.gateway, (x) => x.tps);
+    const rel = med(s.relay, (x) => x.tps);
     results.configs.push({
       ...k,
       directTps: Math.round(direct),
+      relayTps: Math.round(rel),
       gatewayTps: Math.round(gateway),
       ratio: Number((gateway / direct).toFixed(3)),
-      directLatencyMs: median(s.direct.map((x) => x.latencyMs)),
-      gatewayLatencyMs: median(s.gateway.map((x) => x.latencyMs)),
-      addedLatencyUs: Math.round((median(s.gateway.map((x) => x.latencyMs)) - median(s.direct.map((x) => x.latencyMs))) * 1000),
-      samples: { direct: s.direct.map((x) => Math.round(x.tps)), gateway: s.gateway.map((x) => Math.round(x.tps)) },
+      relayRatio: Number((rel / direct).toFixed(3)),
+      directLatencyMs: med(s.direct, (x) => x.latencyMs),
+      gatewayLatencyMs: med(s.gateway, (x) => x.latencyMs),
+      addedLatencyUs: Math.round((med(s.gateway, (x) => x.latencyMs) - med(s.direct, (x) => x.latencyMs)) * 1000),
+      samples: Object.fromEntries(SIDES.map((side) => [side, s[side].map((x) => Math.round(x.tps))])),
+      machineCpuUsPerTx: Object.fromEntries(SIDES.map((side) => [side, med(s[side], (x) => x.machineCpuUsPerTx)])),
+      processCpuUsPerTx: { relay: med(s.relay, (x) => x.proxyCpuUsPerTx), gateway: med(s.gateway, (x) => x.proxyCpuUsPerTx) },
+      involuntarySwitchesPerTx: { relay: med(s.relay, (x) => x.proxyInvoluntarySwitchesPerTx), gateway: med(s.gateway, (x) => x.proxyInvoluntarySwitchesPerTx) },
       target: k.clients === 8 ? TARGET : null,
       pass: k.clients === 8 ? gateway / direct >= TARGET : null,
     });
   }
 
-  // info: a durable record sink (write + fdatasync per record call), 8 clients extended
-  {
-    say("info: record sink = file + fdatasync per call");
+  // info: durable record sinks, 8 clients, extended, against the direct median above
+  const k8 = { clients: 8, threads: 2, mode: "extended" };
+  const d8 = results.configs.find((x) => x.clients === 8 && x.mode === "extended").directTps;
+  const sinks = [
+    ["file", "record = append + fdatasync per record call, serialised (file under bench/results)"],
+    ["file-group", "recordMany = the same file with group commit: one append + fdatasync for every chunk's batch waiting (all connections)"],
+    ["recorder", "recordMany = PhaseRecorder: hash-chained audit journal (group commit, fdatasync) + build_audit.log (fdatasync), as in the daemon"],
+  ];
+  for (const [sink, what] of sinks) {
+    say(`info: record sink ${sink}`);
     const recordFile = path.join(ROOT, "bench", "results", `.gateway-record-${process.pid}.log`);
+    const recordDir = path.join(ROOT, "bench", "results", `.gateway-journal-${process.pid}`);
     cleanup.push("remove the record file", () => rm(recordFile, { force: true }));
-    const g2 = await startGateway(tmp, upstream, { recordFile });
-    const g = await bench(g2.port, 8, 2, "extended");
-    await g2.stop();
-    // against the direct median of the same configuration (measured above)
-    const d = results.configs.find((x) => x.clients === 8 && x.mode === "extended").directTps;
+    cleanup.push("remove the journal dir", () => rm(recordDir, { recursive: true, force: true }));
+    const g2 = await startGateway(tmp, upstream, { recordFile, recordDir, sink });
+    const g = await measured({ proxy: g2 }, k8);
+    const { records: n } = await g2.stop();
+    await rm(recordFile, { force: true });
+    await rm(recordDir, { recursive: true, force: true });
     results.info.push({
-      what: "record = append + fdatasync per call (file under bench/results)",
-      clients: 8, threads: 2, mode: "extended",
-      directTps: d, gatewayTps: Math.round(g.tps), ratio: Number((g.tps / d).toFixed(3)),
+      sink,
+      what,
+      ...k8,
+      directTps: d8,
+      gatewayTps: Math.round(g.tps),
+      ratio: Number((g.tps / d8).toFixed(3)),
+      records: n,
+      gatewayCpuUsPerTx: g.proxyCpuUsPerTx,
     });
   }
 
@@ -430,10 +553,10 @@ async function main() {
 function printTable() {
   const lines = [];
   lines.push(`pgbench -S, ${SECONDS} s, median of ${ROUNDS} interleaved rounds (${results.pgbench}; PostgreSQL ${results.postgres}; ${results.host.cpus} CPUs)`);
-  lines.push("clients  mode       direct tps  gateway tps  ratio  +latency µs  verdict");
+  lines.push("clients  mode       direct tps  relay tps (ratio)  gateway tps  ratio  +latency µs  gateway µs CPU/tx  verdict");
   for (const x of results.configs) {
     lines.push(
-      `${String(x.clients).padStart(7)}  ${x.mode.padEnd(9)}  ${String(x.directTps).padStart(10)}  ${String(x.gatewayTps).padStart(11)}  ${x.ratio.toFixed(2).padStart(5)}  ${String(x.addedLatencyUs).padStart(11)}  ${x.pass === null ? "" : x.pass ? `pass (≥ ${TARGET})` : `MISS (< ${TARGET})`}`,
+      `${String(x.clients).padStart(7)}  ${x.mode.padEnd(9)}  ${String(x.directTps).padStart(10)}  ${`${x.relayTps} (${x.relayRatio.toFixed(2)})`.padStart(17)}  ${String(x.gatewayTps).padStart(11)}  ${x.ratio.toFixed(2).padStart(5)}  ${String(x.addedLatencyUs).padStart(11)}  ${String(x.processCpuUsPerTx.gateway).padStart(17)}  ${x.pass === null ? "" : x.pass ? `pass (≥ ${TARGET})` : `MISS (< ${TARGET})`}`,
     );
   }
   for (const x of results.info) lines.push(`info: ${x.what}, -c ${x.clients} -M ${x.mode}: direct ${x.directTps}, gateway ${x.gatewayTps}, ratio ${x.ratio.toFixed(2)}`);

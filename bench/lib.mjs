@@ -257,3 +257,16 @@ export function systemBusySeconds() {
     return NaN;
   }
 }
+
+/** Voluntary and involuntary context switches of a process so far (/proc/<pid>/status); NaN when it is gone. */
+export function procContextSwitches(pid) {
+  try {
+    const text = readFileSync(`/proc/${pid}/status`, "utf8");
+    return {
+      voluntary: Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(text)?.[1]),
+      involuntary: Number(/^nonvoluntary_ctxt_switches:\s+(\d+)/m.exec(text)?.[1]),
+    };
+  } catch {
+    return { voluntary: NaN, involuntary: NaN };
+  }
+}
