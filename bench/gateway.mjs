@@ -402,6 +402,17 @@ async function main() {
     say("dist/db is older than src/db: npm run --silent build");
     execFileSync("npm", ["run", "--silent", "build"], { cwd: ROOT, stdio: ["ignore", "ignore", "inherit"] });
   }
+  const only = (process.env.BENCH_GW_ONLY ?? "pg,redis").split(",").map((x) => x.trim());
+  if (only.includes("pg")) await benchPg();
+  else results.pass = true;
+  if (only.includes("redis")) {
+    const tmp = await mkdtemp(path.join(os.tmpdir(), "sbx-redis-bench-"));
+    cleanup.push("remove the Redis bench's temp dir", () => rm(tmp, { recursive: true, force: true }));
+    await benchRedis(tmp);
+  }
+}
+
+async function benchPg() {
   const pgbenchBin = findBin("pgbench");
   if (!pgbenchBin) throw new Error("pgbench not found (PATH, /usr/lib/postgresql/*/bin)");
   results.pgbench = (await run(pgbenchBin, ["--version"])).stdout.trim();
@@ -540,20 +551,204 @@ async function main() {
     if (file) results.profile = { tps: Math.round(s.tps), ...summariseProfile(JSON.parse(await readFile(path.join(profDir, file), "utf8"))) };
   }
 
-  // Redis: only if installed
+}
+
+/* ================================= Redis ================================ */
+
+const REDIS_TESTS = "ping_mbulk,get,set";
+const REDIS_N = Number(process.env.BENCH_REDIS_N ?? 20000);
+const IMAGE = process.env.SANDBOXD_IMAGE || "sandboxd-sandbox:latest";
+const OWNER = { uid: 1000, gid: 1000 };
+
+/** redis-benchmark --csv → { TEST: { rps, avgMs, p50Ms, p95Ms, p99Ms } } */
+function parseRedisCsv(text) {
+  const out = {};
+  for (const line of text.split("\n")) {
+    const f = line.trim().replace(/^"|"$/g, "").split('","');
+    if (f.length < 8 || f[0] === "test") continue;
+    out[f[0]] = { rps: Number(f[1]), avgMs: Number(f[2]), p50Ms: Number(f[4]), p95Ms: Number(f[5]), p99Ms: Number(f[6]) };
+  }
+  if (!Object.keys(out).length) throw new Error(`no CSV rows in redis-benchmark output:\n${text.slice(-1500)}`);
+  return out;
+}
+const redisArgs = (host, port) => ["-h", host, "-p", String(port), "-P", "1", "-c", "1", "-n", String(REDIS_N), "-t", REDIS_TESTS, "--csv"];
+
+/** The daemon as its own process (as bench/run.mjs starts it), allowed to run redis-benchmark. */
+async function startDaemon(tmp) {
+  const stateDir = path.join(tmp, "state");
+  const socket = path.join(tmp, "sandboxd.sock");
+  const logFile = path.join(tmp, "daemon.log");
+  const logFd = fs.openSync(logFile, "a");
+  const child = spawn(process.execPath, [path.join(ROOT, "dist", "cli", "main.js"), "--socket", socket, "start", "--state-dir", stateDir], {
+    stdio: ["ignore", logFd, logFd],
+    env: {
+      ...process.env,
+      SANDBOXD_LOG_LEVEL: process.env.SANDBOXD_LOG_LEVEL || "info",
+      SANDBOXD_IMAGE: IMAGE,
+      // redis-benchmark is not on the SKILLS.md whitelist; the operator allows it for the bench
+      SANDBOXD_EXTRA_ALLOW: "redis-benchmark",
+    },
+  });
+  fs.closeSync(logFd);
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  const logTail = () => {
+    try {
+      return fs.readFileSync(logFile, "utf8").trimEnd().split("\n").slice(-20).join("\n");
+    } catch {
+      return "(no daemon log)";
+    }
+  };
+  cleanup.push("stop the daemon (SIGTERM)", async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill("SIGTERM");
+    const r = await Promise.race([exited.then(() => true), new Promise((res) => setTimeout(() => res(false), 45_000))]);
+    if (!r) {
+      child.kill("SIGKILL");
+      await exited;
+    }
+  });
+  const { ApiClient } = await import(pathToFileURL(path.join(ROOT, "dist", "cli", "client.js")).href);
+  const api = new ApiClient(socket);
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}:\n${logTail()}`);
+    try {
+      await api.request("GET", "/v1/health");
+      break;
+    } catch {
+      if (Date.now() > deadline) throw new Error(`daemon did not answer within 60 s:\n${logTail()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  const instance = fs.readFileSync(path.join(stateDir, "instance"), "utf8").trim();
+  return { api, instance, logTail };
+}
+
+/**
+ * Added latency per Redis round trip through the tunnel: redis-benchmark
+ * (-P 1 -c 1, PING_MBULK/GET/SET) straight to a redis-server on the host, in
+ * a plain container on the host network (same binary as in the sandbox, no
+ * tunnel), and inside a phase container through the shim's listener, the
+ * run-dir socket, the daemon's tunnel server and the RESP command filter.
+ * Interleaved, same run.
+ */
+async function benchRedis(tmp) {
   const rs = findBin("redis-server");
   const rb = findBin("redis-benchmark");
-  // (the Redis tunnel path is not wired into this bench yet: say so rather than guess)
+  if (!rs || !rb) {
+    results.redis = {
+      measured: false,
+      note: "redis-server/redis-benchmark are not installed: not measured (bench/all.sh installs them as root with scripts/ensure-test-tools.sh; or apt-get install redis-server)",
+    };
+    return;
+  }
+  if (process.getuid() !== 0) {
+    results.redis = { measured: false, note: "the tunnel leg needs root (a project owned by uid 1000 and the Docker engine): not measured" };
+    return;
+  }
+  try {
+    execFileSync("docker", ["image", "inspect", "--format", "{{.Id}}", IMAGE], { stdio: ["ignore", "pipe", "pipe"] });
+  } catch {
+    results.redis = { measured: false, note: `Docker engine unreachable or image ${IMAGE} missing (npm run bench sets both up): not measured` };
+    return;
+  }
+  const port = await freePort();
+  say(`redis: redis-server on 127.0.0.1:${port}`);
+  const server = spawn(rs, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"], {
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  const serverExited = new Promise((r) => server.once("close", r));
+  cleanup.push("stop redis-server", async () => {
+    server.kill("SIGKILL");
+    await serverExited;
+  });
+  for (let i = 0; ; i++) {
+    const ok = await new Promise((resolve) => {
+      const s = net.connect({ host: "127.0.0.1", port }, () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.on("error", () => resolve(false));
+    });
+    if (ok) break;
+    if (i > 100) throw new Error("redis-server did not listen within 10 s");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+
+  const project = path.join(tmp, "redis-project");
+  fs.mkdirSync(project);
+  await writeFile(path.join(project, "README.md"), "sandboxd redis bench project\n");
+  await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${port}/0\n`);
+  for (const f of ["README.md", ".env", "."]) await chown(path.join(project, f), OWNER.uid, OWNER.gid);
+  fs.chmodSync(tmp, 0o755);
+
+  say("redis: starting the daemon and a phase");
+  const d = await startDaemon(tmp);
+  cleanup.push("remove the daemon's containers", async () => {
+    const ids = execFileSync("docker", ["ps", "-aq", "--filter", `label=sandboxd.instance=${d.instance}`], { encoding: "utf8" }).split(/\s+/).filter(Boolean);
+    if (ids.length) execFileSync("docker", ["rm", "-f", ...ids], { stdio: "ignore" });
+  });
+  const { phase } = await d.api.request("POST", "/v1/phases", { project, phase: "bench-redis", mode: "test" });
+  cleanup.push("stop the redis phase", () => d.api.request("DELETE", `/v1/phases/${phase.id}`).catch(() => undefined));
+
+  const direct = async () => parseRedisCsv((await run(rb, redisArgs("127.0.0.1", port), { maxBuffer: 1 << 20 })).stdout);
+  const container = async () =>
+    parseRedisCsv(
+      (await run("docker", ["run", "--rm", "--network", "host", "--entrypoint", "redis-benchmark", IMAGE, ...redisArgs("127.0.0.1", port)], { maxBuffer: 1 << 20 })).stdout,
+    );
+  const tunnel = async () => {
+    const { result } = await d.api.request("POST", `/v1/phases/${phase.id}/exec`, { argv: ["redis-benchmark", ...redisArgs("127.0.0.1", 6379)], timeoutMs: 60_000 });
+    if (result.exitCode !== 0) throw new Error(`redis-benchmark in the phase exited ${result.exitCode}: ${result.stderr}\n${d.logTail()}`);
+    return parseRedisCsv(result.stdout);
+  };
+  say("redis: warm-up");
+  await direct();
+  await container();
+  for (let i = 0; ; i++) {
+    try {
+      await tunnel();
+      break;
+    } catch (e) {
+      if (i >= 5) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+  const legs = { direct, container, tunnel };
+  const samples = { direct: [], container: [], tunnel: [] };
+  const names = Object.keys(legs);
+  for (let r = 0; r < ROUNDS; r++) {
+    for (let i = 0; i < names.length; i++) {
+      const leg = names[(i + r) % names.length];
+      const s = await legs[leg]();
+      samples[leg].push(s);
+      say(`redis round ${r + 1} ${leg.padEnd(9)}: ${Object.entries(s).map(([t, v]) => `${t} p50 ${v.p50Ms} ms`).join(", ")}`);
+    }
+  }
+  const tests = Object.keys(samples.direct[0]);
   results.redis = {
-    measured: false,
-    note: rs && rb ? "redis-server and redis-benchmark found, but the tunnel measurement is not implemented here; not measured" : "redis-server/redis-benchmark not installed on this machine; not measured",
+    measured: true,
+    redisBenchmark: execFileSync(rb, ["--version"], { encoding: "utf8" }).trim(),
+    command: `redis-benchmark ${redisArgs("HOST", "PORT").join(" ")}`,
+    n: REDIS_N,
+    rounds: ROUNDS,
+    tests: tests.map((t) => {
+      const p50 = (leg) => median(samples[leg].map((x) => x[t].p50Ms));
+      const rps = (leg) => Math.round(median(samples[leg].map((x) => x[t].rps)));
+      return {
+        test: t,
+        p50Ms: { direct: p50("direct"), container: p50("container"), tunnel: p50("tunnel") },
+        rps: { direct: rps("direct"), container: rps("container"), tunnel: rps("tunnel") },
+        addedP50Us: { tunnelVsDirect: Math.round((p50("tunnel") - p50("direct")) * 1000), tunnelVsContainer: Math.round((p50("tunnel") - p50("container")) * 1000) },
+        samples: Object.fromEntries(names.map((leg) => [leg, samples[leg].map((x) => x[t])])),
+      };
+    }),
   };
 }
 
 function printTable() {
   const lines = [];
-  lines.push(`pgbench -S, ${SECONDS} s, median of ${ROUNDS} interleaved rounds (${results.pgbench}; PostgreSQL ${results.postgres}; ${results.host.cpus} CPUs)`);
-  lines.push("clients  mode       direct tps  relay tps (ratio)  gateway tps  ratio  +latency µs  gateway µs CPU/tx  verdict");
+  if (results.configs.length) lines.push(`pgbench -S, ${SECONDS} s, median of ${ROUNDS} interleaved rounds (${results.pgbench}; PostgreSQL ${results.postgres}; ${results.host.cpus} CPUs)`);
+  if (results.configs.length) lines.push("clients  mode       direct tps  relay tps (ratio)  gateway tps  ratio  +latency µs  gateway µs CPU/tx  verdict");
   for (const x of results.configs) {
     lines.push(
       `${String(x.clients).padStart(7)}  ${x.mode.padEnd(9)}  ${String(x.directTps).padStart(10)}  ${`${x.relayTps} (${x.relayRatio.toFixed(2)})`.padStart(17)}  ${String(x.gatewayTps).padStart(11)}  ${x.ratio.toFixed(2).padStart(5)}  ${String(x.addedLatencyUs).padStart(11)}  ${String(x.processCpuUsPerTx.gateway).padStart(17)}  ${x.pass === null ? "" : x.pass ? `pass (≥ ${TARGET})` : `MISS (< ${TARGET})`}`,
@@ -566,7 +761,12 @@ function printTable() {
     lines.push("  top functions:");
     for (const f of results.profile.top.slice(0, 12)) lines.push(`  ${String(f.pct).padStart(5)} %  ${f.fn}`);
   }
-  lines.push(`redis: ${results.redis?.note ?? "not measured"}`);
+  if (results.redis?.measured) {
+    lines.push(`redis (${results.redis.command}, n ${results.redis.n}, median of ${results.redis.rounds}): p50 ms direct / container (host net) / tunnel, added by the tunnel`);
+    for (const t of results.redis.tests) {
+      lines.push(`  ${t.test.padEnd(11)} ${t.p50Ms.direct} / ${t.p50Ms.container} / ${t.p50Ms.tunnel} ms, +${t.addedP50Us.tunnelVsDirect} µs vs direct, +${t.addedP50Us.tunnelVsContainer} µs vs container; rps ${t.rps.direct} / ${t.rps.container} / ${t.rps.tunnel}`);
+    }
+  } else lines.push(`redis: ${results.redis?.note ?? "not measured"}`);
   process.stdout.write(lines.join("\n") + "\n");
 }
 
@@ -580,7 +780,7 @@ async function finish(code, why) {
   }
   await cleanup.run();
   results.finished = new Date().toISOString();
-  if (results.configs.length) printTable();
+  if (results.configs.length || results.redis) printTable();
   process.stdout.write(JSON.stringify(results, null, 2) + "\n");
   fs.mkdirSync(path.join(ROOT, "bench", "results"), { recursive: true });
   fs.writeFileSync(path.join(ROOT, "bench", "results", "gateway.json"), JSON.stringify(results, null, 2) + "\n");
