@@ -12,7 +12,9 @@
  * Mode decides the PostgreSQL upstream: backtest/test → DATABASE_URL_TEST
  * only (never a fall-back to production: without it, PostgreSQL is simply not
  * available and every attempt is refused and recorded with that reason);
- * paper → DATABASE_URL.
+ * paper → DATABASE_URL. QuestDB likewise (SKILLS.md §3 Sandbox Principle:
+ * isolated test databases only): backtest/test → QUESTDB_URL_TEST, paper →
+ * QUESTDB_URL.
  */
 import type { PhaseMode } from "../phases/types.js";
 import { DEFAULT_NETWORK, type NetworkPolicy, type PackageIndexPolicy } from "../policy/schema.js";
@@ -48,7 +50,7 @@ export const NETWORK_CLAUSE = DEFAULT_NETWORK.clause;
 export const TEST_DB_CLAUSE = "SKILLS.md §3 Read-Only Default: INSERT/UPDATE/DELETE only in test-only environments";
 
 /** The .env variables that name services (and are rewritten for the sandbox). */
-export const SERVICE_VARS = ["DATABASE_URL", "DATABASE_URL_TEST", "QUESTDB_URL", "REDIS_URL"] as const;
+export const SERVICE_VARS = ["DATABASE_URL", "DATABASE_URL_TEST", "QUESTDB_URL", "QUESTDB_URL_TEST", "REDIS_URL"] as const;
 export type ServiceVar = (typeof SERVICE_VARS)[number];
 
 /** Daemon-side override variable for a service variable: SANDBOXD_SERVICE_REDIS_URL … */
@@ -130,7 +132,11 @@ export function resolveServices(
   const pick = (v: ServiceVar): string | undefined => overrides[v] || vars[v] || undefined;
   const prodUrl = pick("DATABASE_URL");
   const testUrl = pick("DATABASE_URL_TEST");
-  const questUrl = parseUrl(pick("QUESTDB_URL"));
+  // QuestDB, like PostgreSQL, by mode: the test instance outside paper mode, never production
+  const questProd = pick("QUESTDB_URL");
+  const questTest = pick("QUESTDB_URL_TEST");
+  const questRaw = mode === "paper" ? questProd : questTest;
+  const questUrl = parseUrl(questRaw);
   const redisUrl = parseUrl(pick("REDIS_URL"));
 
   const services: ResolvedService[] = [];
@@ -179,6 +185,15 @@ export function resolveServices(
   }
 
   // QuestDB: one URL names the host; the PostgreSQL wire (8812) and HTTP (9000) ports are both tunnelled.
+  const questRefusal =
+    mode === "paper"
+      ? questProd
+        ? "QUESTDB_URL is not a valid URL"
+        : "QUESTDB_URL is not set (project .env or SANDBOXD_SERVICE_QUESTDB_URL)"
+      : questTest
+        ? "QUESTDB_URL_TEST is not a valid URL"
+        : `a ${mode}-mode phase may use only the test QuestDB, and QUESTDB_URL_TEST is not set` +
+          (questProd ? " (QUESTDB_URL, production, is never used in this mode)" : "");
   for (const name of ["questdb-pg", "questdb-http"] as const) {
     const d = def(name);
     let upstream: Upstream | null = null;
@@ -195,9 +210,10 @@ export function resolveServices(
       upstream,
       database: name === "questdb-pg" ? (dbName(questUrl) ?? "qdb") : null,
       url: questUrl ? questUrl.href : null,
-      refusal: upstream ? null : "QUESTDB_URL is not set (project .env or SANDBOXD_SERVICE_QUESTDB_URL)",
-      rule: ruleOf(name),
-      clause: network.clause,
+      refusal: upstream ? null : questRefusal,
+      // outside paper mode, a missing test instance is refused under the read-only rule, not the network one
+      rule: !upstream && mode !== "paper" ? "db.test-database-only" : ruleOf(name),
+      clause: !upstream && mode !== "paper" ? TEST_DB_CLAUSE : network.clause,
     });
   }
   if (questUrl) {
@@ -206,7 +222,15 @@ export function resolveServices(
     const user = !isHttp && questUrl.username ? `${questUrl.username}@` : "";
     const port = def(isHttp ? "questdb-http" : "questdb-pg").port;
     const rest = questUrl.pathname === "/" ? "" : questUrl.pathname;
-    env.QUESTDB_URL = `${scheme}://${user}127.0.0.1:${port}${rest}`;
+    const inside = `${scheme}://${user}127.0.0.1:${port}${rest}`;
+    // both names point at the instance the tunnel really reaches in this mode
+    if (questProd !== undefined) env.QUESTDB_URL = inside;
+    if (questTest !== undefined) env.QUESTDB_URL_TEST = inside;
+  } else {
+    // no usable URL for this mode: the variables still must not carry a real address into the sandbox
+    const fallback = `postgresql://127.0.0.1:${def("questdb-pg").port}/qdb`;
+    if (questProd !== undefined) env.QUESTDB_URL = fallback;
+    if (questTest !== undefined) env.QUESTDB_URL_TEST = fallback;
   }
 
   // Redis

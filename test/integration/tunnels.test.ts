@@ -132,7 +132,7 @@ if s:
         out["pg_read"] = "err %s" % e.errno
     s.close()
 
-out["env"] = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_TEST", "REDIS_URL", "QUESTDB_URL")}
+out["env"] = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_TEST", "REDIS_URL", "QUESTDB_URL", "QUESTDB_URL_TEST")}
 out["secret_in_env"] = any("${secret}" in v for v in os.environ.values())
 print(json.dumps(out))
 `;
@@ -146,7 +146,9 @@ describe("service tunnels", () => {
       [
         `DATABASE_URL=postgresql://trader:${SECRET}@127.0.0.1:1/trading`,
         `REDIS_URL=redis://:${SECRET}@127.0.0.1:1/2`,
-        `QUESTDB_URL=http://admin:${SECRET}@127.0.0.1:${echoPort}`,
+        // test mode: the test QuestDB (the echo server), never QUESTDB_URL (production, a dead port here)
+        `QUESTDB_URL=http://admin:${SECRET}@127.0.0.1:1`,
+        `QUESTDB_URL_TEST=http://admin:${SECRET}@127.0.0.1:${echoPort}`,
         "",
       ].join("\n"),
     );
@@ -171,6 +173,7 @@ describe("service tunnels", () => {
       DATABASE_URL_TEST: null,
       REDIS_URL: "redis://127.0.0.1:6379/2",
       QUESTDB_URL: "http://127.0.0.1:9000",
+      QUESTDB_URL_TEST: "http://127.0.0.1:9000",
     });
     expect(out.secret_in_env).toBe(false);
 
@@ -291,7 +294,7 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
     const project = await makeProject();
     cleanup.push(project);
     const gw = `${db.gateway.user}:${encodeURIComponent(db.gateway.password)}@127.0.0.1:${db.port}`;
-    await writeFile(path.join(project, ".env"), `QUESTDB_URL=postgresql://${gw}/trading_test\n`);
+    await writeFile(path.join(project, ".env"), `QUESTDB_URL_TEST=postgresql://${gw}/trading_test\n`);
     await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
     const expected = (await db.psql("select count(*) from orders", "trading_test")).trim();
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "qdb", mode: "test" });
@@ -299,11 +302,11 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
       project,
       [
         "import json, os, psycopg2",
-        "conn = psycopg2.connect(os.environ['QUESTDB_URL'])",
+        "conn = psycopg2.connect(os.environ['QUESTDB_URL_TEST'])",
         "conn.autocommit = True",
         "cur = conn.cursor()",
         "cur.execute('select count(*) from orders')",
-        "print(json.dumps({'url': os.environ['QUESTDB_URL'], 'count': cur.fetchone()[0]}))",
+        "print(json.dumps({'url': os.environ['QUESTDB_URL_TEST'], 'count': cur.fetchone()[0]}))",
       ].join("\n"),
     );
     const r = await exec(phase, ["python3", script]);
@@ -356,7 +359,7 @@ describe("tunnels across a daemon crash", () => {
     cleanup.push(project);
     try {
       // a raw tunnel (QuestDB's HTTP port) to the echo server
-      await writeFile(path.join(project, ".env"), `QUESTDB_URL=http://127.0.0.1:${echoPort}\n`);
+      await writeFile(path.join(project, ".env"), `QUESTDB_URL_TEST=http://127.0.0.1:${echoPort}\n`);
       await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
       const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "crash", mode: "backtest" });
       const script = await writeScript(

@@ -17,6 +17,7 @@ const ENV = {
   DATABASE_URL: "postgresql://trader:pr0d-pw@db.internal:6543/trading",
   DATABASE_URL_TEST: "postgresql://tester:t3st-pw@127.0.0.1:5433/trading_test",
   QUESTDB_URL: "postgresql://admin:quest@qdb.internal:8812/qdb",
+  QUESTDB_URL_TEST: "postgresql://qtester:qt3st-pw@127.0.0.1:8813/qdb_test",
   REDIS_URL: "redis://:r3dis-pw@cache.internal:6380/3",
 };
 
@@ -39,6 +40,26 @@ describe("resolveServices", () => {
     expect(pg.refusal).toMatch(/DATABASE_URL_TEST is not set.*never used/);
   });
 
+  it("QuestDB outside paper mode: the test instance only, never production (SKILLS.md §3 Sandbox Principle)", () => {
+    for (const mode of ["test", "backtest"] as const) {
+      const s = resolveServices(mode, ENV, {}, WITH_RAW);
+      expect(byName(s, "questdb-pg")).toMatchObject({ upstream: { host: "127.0.0.1", port: 8813 }, database: "qdb_test", refusal: null });
+      const { QUESTDB_URL_TEST: _, ...prodOnly } = ENV;
+      const q = resolveServices(mode, prodOnly, {}, WITH_RAW);
+      for (const name of ["questdb-pg", "questdb-http"]) {
+        expect(byName(q, name).upstream).toBeNull();
+        expect(byName(q, name)).toMatchObject({ rule: "db.test-database-only" });
+        expect(byName(q, name).refusal).toMatch(/QUESTDB_URL_TEST is not set.*QUESTDB_URL, production, is never used/);
+      }
+      // the variable still names the tunnel, never the real host
+      expect(q.env.QUESTDB_URL).toBe("postgresql://127.0.0.1:8812/qdb");
+    }
+    const paper = resolveServices("paper", ENV, {}, WITH_RAW);
+    expect(byName(paper, "questdb-pg")).toMatchObject({ upstream: { host: "qdb.internal", port: 8812 }, database: "qdb", refusal: null });
+    expect(paper.env.QUESTDB_URL).toBe("postgresql://admin@127.0.0.1:8812/qdb");
+    expect(paper.env.QUESTDB_URL_TEST).toBe("postgresql://admin@127.0.0.1:8812/qdb");
+  });
+
   it("paper mode reaches production", () => {
     const s = resolveServices("paper", ENV, {}, WITH_RAW);
     expect(byName(s, "postgres")).toMatchObject({ upstream: { host: "db.internal", port: 6543 }, database: "trading" });
@@ -50,13 +71,14 @@ describe("resolveServices", () => {
     expect(s.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading_test",
       DATABASE_URL_TEST: "postgresql://sandbox@127.0.0.1:5432/trading_test",
-      QUESTDB_URL: "postgresql://admin@127.0.0.1:8812/qdb",
+      QUESTDB_URL: "postgresql://qtester@127.0.0.1:8812/qdb_test",
+      QUESTDB_URL_TEST: "postgresql://qtester@127.0.0.1:8812/qdb_test",
       REDIS_URL: "redis://127.0.0.1:6379/3",
       ...proxyEnv(DEFAULT_NETWORK.packageIndex!),
     });
     for (const v of Object.values(s.env)) expect(v).not.toMatch(/pw|quest$/);
-    expect(byName(s, "questdb-pg").upstream).toEqual({ host: "qdb.internal", port: 8812 });
-    expect(byName(s, "questdb-http").upstream).toEqual({ host: "qdb.internal", port: 9000 });
+    expect(byName(s, "questdb-pg").upstream).toEqual({ host: "127.0.0.1", port: 8813 });
+    expect(byName(s, "questdb-http").upstream).toEqual({ host: "127.0.0.1", port: 9000 });
     expect(byName(s, "redis").upstream).toEqual({ host: "cache.internal", port: 6380 });
     expect(listenList(s)).toEqual([
       { name: "postgres", port: 5432 },
