@@ -567,22 +567,16 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
 
   /* ---- audit: collected per chunk, committed together, before the chunk is forwarded ---- */
   /**
-   * Records the entries of one chunk, in order, and resolves true once all
-   * are durable; false (after closing the connection) if the sink failed.
-   * One awaited batch per chunk instead of one per message: the journal's
-   * group commit then makes them durable with one write and one fdatasync.
+   * Records the entries of one chunk, in order; the promise settles once all
+   * are durable. One awaited batch per chunk instead of one per message: the
+   * journal's group commit then makes them durable with one write and one
+   * fdatasync.
    */
-  const commit = async (recs: GatewayRecord[]): Promise<boolean> => {
-    try {
-      if (opts.recordMany) await opts.recordMany(recs);
-      else if (recs.length === 1) await opts.record(recs[0]!.event, recs[0]!.lines);
-      // started together, in order: the sink keeps their order, and the journal groups them
-      else await Promise.all(recs.map((r) => opts.record(r.event, r.lines)));
-      return true;
-    } catch (e) {
-      auditFailed(e);
-      return false;
-    }
+  const commit = (recs: GatewayRecord[]): Promise<unknown> => {
+    if (opts.recordMany) return opts.recordMany(recs);
+    if (recs.length === 1) return opts.record(recs[0]!.event, recs[0]!.lines);
+    // started together, in order: the sink keeps their order, and the journal groups them
+    return Promise.all(recs.map((r) => opts.record(r.event, r.lines)));
   };
 
   const queryRecord = (sql: string, verdict: SqlVerdict, via: string, ts: string): GatewayRecord => {
@@ -714,11 +708,22 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       then?.();
       return;
     }
-    return commit(recs).then((ok) => {
-      if (!ok || closed) return;
-      writeOut(to, out, source);
-      then?.();
-    });
+    let committed: Promise<unknown>;
+    try {
+      committed = commit(recs);
+    } catch (e) {
+      auditFailed(e);
+      return;
+    }
+    // nothing of the chunk is forwarded unless every record is durable (fail closed)
+    return committed.then(
+      () => {
+        if (closed) return;
+        writeOut(to, out, source);
+        then?.();
+      },
+      (e: unknown) => auditFailed(e),
+    );
   };
 
   /** A protocol violation: nothing more of this chunk is recorded or forwarded. */
