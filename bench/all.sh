@@ -9,6 +9,12 @@ status=0
 echo "== phases, exec, streaming (bench/run.mjs)" >&2
 node --expose-gc bench/run.mjs || status=1
 
+# The gateway bench measures Redis through the tunnel: redis-server and
+# redis-benchmark must be there. As root on an apt system this installs them
+# (and says so); otherwise it says what to install, and Redis is reported as
+# not measured.
+bash scripts/ensure-test-tools.sh || echo "bench: redis-server missing; the Redis round trip will not be measured" >&2
+
 # Each ends its stdout with a JSON document (after any table): that document is kept.
 for b in policy-eval sql-classify audit-throughput gateway; do
   echo "== $b (bench/$b.mjs)" >&2

@@ -3,7 +3,8 @@
  * The database gateway's throughput beside a direct connection, in one run:
  * `pgbench -S` (select-only) with 1 and 8 clients, simple and extended
  * protocol, straight to PostgreSQL and through `handleClient`
- * (dist/db/gateway.js), interleaved (direct, gateway, direct, gateway).
+ * (dist/db/gateway.js) and through a plain relay, interleaved (the order
+ * rotates every round); and the added latency of a tunnelled Redis round trip.
  *
  *   node bench/gateway.mjs           prints a table, then the JSON document
  *                                    (also written to bench/results/gateway.json)
@@ -17,16 +18,31 @@
  * cheap in-memory `record`. Direct runs use the same role over TCP.
  *
  * Target: gateway TPS ≥ 0.75 × direct TPS at 8 clients (each protocol).
- * Info rows: 8 clients, extended, with a `record` that appends every line to
- * a real file and fdatasyncs per call (the production journal is fsync'd;
- * see BENCHMARKS.md). When the target is missed, the gateway process is run
- * once more with --cpu-prof and its self time is summarised.
- * Redis: measured only if redis-server and redis-benchmark are installed.
+ * Reference in every round: a plain Node relay (pipe both ways, no protocol),
+ * so the gateway's cost can be told from the cost of any user-space hop on
+ * this machine. Each run also reports the CPU it cost per transaction (the
+ * whole machine's, and the proxy process's own) and the proxy's involuntary
+ * context switches.
+ * Info rows (8 clients, extended) with durable record sinks: a file appended
+ * and fdatasync'ed per record call; the same file with group commit
+ * (recordMany); the daemon's own PhaseRecorder (hash-chained journal + build
+ * log). When the target is missed, the gateway process is run once more with
+ * --cpu-prof and its self time is summarised.
  *
- * Everything started (cluster, gateway processes, pgbench) is stopped at the
- * end, on failure, on SIGINT/SIGTERM and by a watchdog (BENCH_GW_TIMEOUT_S,
- * default 420). BENCH_GW_SECONDS (default 10) sets pgbench -T; BENCH_GW_ROUNDS
- * (default 2) the rounds. Exit 1 if the target is missed or the bench failed.
+ * Redis (BENCH_GW_ONLY=redis to run it alone): redis-benchmark -P 1 -c 1
+ * (PING_MBULK, GET, SET; BENCH_REDIS_N requests each, default 20000) against
+ * a redis-server on the host: straight, from a plain container on the host
+ * network, and from inside a phase through the tunnel and the RESP filter.
+ * Needs redis-server and redis-benchmark (bench/all.sh installs them as root
+ * via scripts/ensure-test-tools.sh; this file installs nothing and says when
+ * they are missing), root and the Docker image.
+ *
+ * Everything started (cluster, gateway processes, pgbench, redis-server, the
+ * daemon and its phase) is stopped at the end, on failure, on SIGINT/SIGTERM
+ * and by a watchdog (BENCH_GW_TIMEOUT_S, default 900). BENCH_GW_SECONDS
+ * (default 10) sets pgbench -T; BENCH_GW_ROUNDS (default 2) the rounds;
+ * BENCH_GW_ONLY=pg,redis the parts. Exit 1 if the target is missed or the
+ * bench failed.
  */
 import { execFile, execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -46,7 +62,7 @@ const say = (s) => process.stderr.write(`bench/gateway: ${s}\n`);
 
 const SECONDS = Number(process.env.BENCH_GW_SECONDS ?? 10);
 const ROUNDS = Number(process.env.BENCH_GW_ROUNDS ?? 2);
-const TIMEOUT_S = Number(process.env.BENCH_GW_TIMEOUT_S ?? 420);
+const TIMEOUT_S = Number(process.env.BENCH_GW_TIMEOUT_S ?? 900);
 const TARGET = 0.75;
 const GATEWAY_ROLE = "sandboxd_gw";
 const SUPERUSER = "sbx_super";
@@ -621,7 +637,7 @@ async function startDaemon(tmp) {
     }
   }
   const instance = fs.readFileSync(path.join(stateDir, "instance"), "utf8").trim();
-  return { api, instance, logTail };
+  return { api, instance, logTail, pid: child.pid };
 }
 
 /**
@@ -696,9 +712,13 @@ async function benchRedis(tmp) {
     parseRedisCsv(
       (await run("docker", ["run", "--rm", "--network", "host", "--entrypoint", "redis-benchmark", IMAGE, ...redisArgs("127.0.0.1", port)], { maxBuffer: 1 << 20 })).stdout,
     );
+  const tunnelCpu = [];
   const tunnel = async () => {
+    const cpu0 = procCpuSeconds(d.pid);
     const { result } = await d.api.request("POST", `/v1/phases/${phase.id}/exec`, { argv: ["redis-benchmark", ...redisArgs("127.0.0.1", 6379)], timeoutMs: 60_000 });
     if (result.exitCode !== 0) throw new Error(`redis-benchmark in the phase exited ${result.exitCode}: ${result.stderr}\n${d.logTail()}`);
+    // the daemon's CPU per round trip (tunnel server + RESP filter; the exec itself is a few ms of it)
+    tunnelCpu.push(((procCpuSeconds(d.pid) - cpu0) * 1e6) / (REDIS_N * REDIS_TESTS.split(",").length));
     return parseRedisCsv(result.stdout);
   };
   say("redis: warm-up");
@@ -731,6 +751,7 @@ async function benchRedis(tmp) {
     command: `redis-benchmark ${redisArgs("HOST", "PORT").join(" ")}`,
     n: REDIS_N,
     rounds: ROUNDS,
+    daemonCpuUsPerRoundTrip: Math.round(median(tunnelCpu.slice(-ROUNDS))),
     tests: tests.map((t) => {
       const p50 = (leg) => median(samples[leg].map((x) => x[t].p50Ms));
       const rps = (leg) => Math.round(median(samples[leg].map((x) => x[t].rps)));
@@ -762,7 +783,7 @@ function printTable() {
     for (const f of results.profile.top.slice(0, 12)) lines.push(`  ${String(f.pct).padStart(5)} %  ${f.fn}`);
   }
   if (results.redis?.measured) {
-    lines.push(`redis (${results.redis.command}, n ${results.redis.n}, median of ${results.redis.rounds}): p50 ms direct / container (host net) / tunnel, added by the tunnel`);
+    lines.push(`redis (${results.redis.command}, n ${results.redis.n}, median of ${results.redis.rounds}; daemon ${results.redis.daemonCpuUsPerRoundTrip} µs CPU per tunnelled round trip): p50 ms direct / container (host net) / tunnel, added by the tunnel`);
     for (const t of results.redis.tests) {
       lines.push(`  ${t.test.padEnd(11)} ${t.p50Ms.direct} / ${t.p50Ms.container} / ${t.p50Ms.tunnel} ms, +${t.addedP50Us.tunnelVsDirect} µs vs direct, +${t.addedP50Us.tunnelVsContainer} µs vs container; rps ${t.rps.direct} / ${t.rps.container} / ${t.rps.tunnel}`);
     }
