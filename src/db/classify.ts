@@ -100,6 +100,8 @@ export type StatementKind =
 export interface SqlRules {
   /** Functions never let through, in any mode: exact names, or prefixes written `name*`. Matched on the function's own name, whatever its schema. */
   deniedFunctions: string[];
+  /** exceptions to deniedFunctions, by exact name (a policy's `deniedFunctions.allow`) */
+  liftedFunctions: string[];
   alphaMarkers: {
     /** statistical functions that mark alpha mining (exact or `prefix*`) */
     functions: string[];
@@ -152,6 +154,7 @@ export interface SqlContext {
 }
 
 export const DEFAULT_SQL_RULES: Readonly<SqlRules> = deepFreeze<SqlRules>({
+  liftedFunctions: [],
   deniedFunctions: [
     // waits that hold connections and locks (SKILLS.md §3 Connection Management)
     "pg_sleep*",
@@ -241,6 +244,7 @@ function deepFreeze<T>(value: T): T {
 export const sqlRulesSchema = z
   .object({
     deniedFunctions: z.array(z.string().min(1)),
+    liftedFunctions: z.array(z.string().regex(/^[a-z_][a-z0-9_]*$/, "an exact lower-case function name")),
     alphaMarkers: z
       .object({
         functions: z.array(z.string().min(1)),
@@ -313,9 +317,16 @@ export function matchPattern(m: Matcher, name: string): string | undefined {
   return undefined;
 }
 
+/** @internal the denied-list pattern that matches `name`, unless the name is lifted */
+export function deniedPattern(r: CompiledRules, name: string): string | undefined {
+  const pat = matchPattern(r.denied, name);
+  return pat !== undefined && !r.lifted.has(name.toLowerCase()) ? pat : undefined;
+}
+
 /** @internal */
 export interface CompiledRules {
   denied: Matcher;
+  lifted: Set<string>;
   alpha: Matcher;
   alphaDecision: "ask" | "forbid";
   alphaTables: string[][];
@@ -327,6 +338,7 @@ function compileRules(partial: Partial<SqlRules> | undefined): CompiledRules {
   const r: SqlRules = { ...DEFAULT_SQL_RULES, ...partial };
   return {
     denied: compileMatcher(r.deniedFunctions),
+    lifted: new Set(r.liftedFunctions.map((f) => f.toLowerCase())),
     alpha: compileMatcher(r.alphaMarkers.functions),
     alphaDecision: r.alphaMarkers.decision,
     alphaTables: (r.alphaMarkers.tables ?? []).map((set) => set.map((t) => t.toLowerCase())),
@@ -993,7 +1005,7 @@ function judgeStatement(stmt: Obj, ctx: SqlContext, rules: CompiledRules, prepar
   // side-effecting functions, in every mode and at any depth
   const seenDenied = new Set<string>();
   for (const f of facts.funcs) {
-    const pat = matchPattern(rules.denied, f.name);
+    const pat = deniedPattern(rules, f.name);
     if (pat !== undefined && !seenDenied.has(f.display)) {
       seenDenied.add(f.display);
       findings.push({

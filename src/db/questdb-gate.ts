@@ -48,6 +48,7 @@ import {
   SQL_CLAUSES,
   matchPattern,
   rulesFor,
+  deniedPattern,
   type SqlContext,
   type SqlDecision,
   type SqlStatementVerdict,
@@ -255,7 +256,7 @@ export function classifyQuestDb(sql: string, ctx: SqlContext): SqlVerdict {
   for (let i = 0; i + 1 < toks.length; i++) {
     const t = toks[i]!;
     if ((t.t === "word" || t.t === "qident") && toks[i + 1]!.v === "(" && toks[i + 1]!.t === "punct") {
-      const denied = matchPattern(rules.denied, t.v);
+      const denied = deniedPattern(rules, t.v);
       if (denied !== undefined && !deniedSeen.has(t.v)) {
         deniedSeen.add(t.v);
         findings.push({

@@ -275,6 +275,8 @@ export function combine(base: Policy, stricter: Policy): Policy {
     deniedFunctions: {
       ...stricterOf(a.deniedFunctions, b.deniedFunctions),
       functions: union(a.deniedFunctions.functions, b.deniedFunctions.functions),
+      // a built-in denial stays lifted only where both policies lift it
+      allow: (a.deniedFunctions.allow ?? []).filter((f) => (b.deniedFunctions.allow ?? []).includes(f)),
     },
     alphaMarkers: {
       ...stricterOf(a.alphaMarkers, b.alphaMarkers),

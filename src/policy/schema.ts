@@ -243,7 +243,20 @@ const databaseSchema = z
       })
       .strict(),
     deniedFunctions: z
-      .object({ id: idSchema, clause: clauseSchema, decision: decisionSchema, functions: z.array(sqlName).min(1) })
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        decision: decisionSchema,
+        /** denied on top of the gateway's built-in list (src/db/classify.ts DEFAULT_SQL_RULES) */
+        functions: z.array(sqlName).min(1),
+        /**
+         * Built-in denials this policy lifts, by exact name (e.g. pg_sleep, so
+         * that a test can show the 30 s statement timeout at work). Only a
+         * policy that lists a name lifts it; a phase policy cannot lift what
+         * the daemon's does not.
+         */
+        allow: z.array(sqlName).optional(),
+      })
       .strict(),
     alphaMarkers: z
       .object({
