@@ -37,7 +37,7 @@ import net from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { escapeControl, timestamp } from "../audit/format.js";
-import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlVerdict } from "./classify.js";
+import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlRules, type SqlVerdict } from "./classify.js";
 import { classifyQuestDb } from "./questdb-gate.js";
 
 export interface GatewayUpstream {
@@ -70,6 +70,8 @@ export interface GatewayOptions {
   recordMany?(entries: GatewayRecord[]): Promise<void>;
   /** scrubs secrets from SQL and messages before they are recorded */
   redact?(s: string): string;
+  /** the policy's SQL rules (src/db/policy-rules.ts sqlRulesFor); default: the built-in ones */
+  rules?: Readonly<SqlRules>;
   /** default and maximum 30000 (SKILLS.md §3: 30 s max query timeout) */
   statementTimeoutMs?: number;
   /** upstream idle_in_transaction_session_timeout; default 60000 */
@@ -146,16 +148,21 @@ const ELEVATE = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION RE
 const LOWER = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"));
 
 /**
- * Verdict caches, one per engine and mode (the gateway judges with the
- * default rules), shared by every connection: pgbench-like workloads and ORMs
- * send the same statement texts again and again.
+ * Verdict caches, one per rules object, engine and mode, shared by every
+ * connection: pgbench-like workloads and ORMs send the same statement texts
+ * again and again. Rules objects are shared per policy content
+ * (src/db/policy-rules.ts), and a cache goes with its rules.
  */
-const verdictCaches = new Map<string, VerdictCache>();
+const verdictCaches = new WeakMap<object, Map<string, VerdictCache>>();
+const DEFAULT_RULES_KEY = {};
 const VERDICT_CACHE_ENTRIES = 2048;
-function verdictCache(engine: GatewayOptions["engine"], mode: GatewayOptions["mode"]): VerdictCache {
+function verdictCache(rules: Readonly<SqlRules> | undefined, engine: GatewayOptions["engine"], mode: GatewayOptions["mode"]): VerdictCache {
+  const owner = rules ?? DEFAULT_RULES_KEY;
+  let byMode = verdictCaches.get(owner);
+  if (!byMode) verdictCaches.set(owner, (byMode = new Map()));
   const key = `${engine}:${mode}`;
-  let c = verdictCaches.get(key);
-  if (!c) verdictCaches.set(key, (c = new VerdictCache(VERDICT_CACHE_ENTRIES)));
+  let c = byMode.get(key);
+  if (!c) byMode.set(key, (c = new VerdictCache(VERDICT_CACHE_ENTRIES)));
   return c;
 }
 
@@ -505,9 +512,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let cancelSent = false;
   let closed = false;
 
-  const cache = verdictCache(opts.engine, opts.mode);
+  const rules = opts.rules;
+  const cache = verdictCache(rules, opts.engine, opts.mode);
   const judgeText = (sql: string): SqlVerdict =>
-    opts.engine === "questdb" ? classifyQuestDb(sql, { mode: opts.mode }) : classifySql(sql, { mode: opts.mode, prepared });
+    opts.engine === "questdb" ? classifyQuestDb(sql, { mode: opts.mode, rules }) : classifySql(sql, { mode: opts.mode, prepared, rules });
   const classify = (sql: string): SqlVerdict => cache.lookup(sql, judgeText);
   if (opts.engine === "postgres") await initSqlParser();
 

@@ -35,6 +35,7 @@ import { DEAD_PORT, StrayConnections } from "../net/stray.js";
 import { confineNetwork, RefusalWatch } from "../runtime/netns.js";
 import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
 import { handleClient } from "../db/gateway.js";
+import { sqlRulesFor } from "../db/policy-rules.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
 
@@ -442,8 +443,11 @@ export class PhaseManager {
           database: service.database ?? "",
         },
         record: async (event, lines) => void (await live.rec.record(event, lines)),
+        // a chunk's statements and results are made durable together (one group commit, one build-log append)
+        recordMany: async (entries) => void (await live.rec.recordMany(entries)),
         redact: (text) => live.rec.redact(text),
         statementTimeoutMs: this.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+        rules: sqlRulesFor(this.policyFor(live.phasePolicy).database),
         log: this.opts.log,
       });
     };

@@ -20,6 +20,7 @@ import { startRedis } from "../helpers/redis.js";
 import { ApiClient } from "../../src/cli/client.js";
 import {
   OWNER,
+  ROOT,
   containersOf,
   docker,
   makeProject,
@@ -289,6 +290,53 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
     expect(log).toMatch(/\[NET\] \[CLOSE\] \[postgres 127\.0\.0\.1:5432\] \[in=\d+ out=\d+ /);
     expect(log).not.toContain(db.gateway.password);
   });
+
+  it("SKILLS.md §3 maximum query timeout: a 40 s pg_sleep (lifted by the daemon's policy for this test) is cancelled at 30 s", async () => {
+    // default.yaml, with pg_sleep lifted from the gateway's denied functions
+    const base = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+    const lifted = base.replace(/(functions: \[pg_read_file[^\]]*\])/, "$1\n    allow: [pg_sleep]");
+    expect(lifted).not.toBe(base);
+    const dir = await tempDir("sleep-policy");
+    cleanup.push(dir);
+    await writeFile(path.join(dir, "policy.yaml"), lifted);
+    const sleepy = await startTestDaemon({ policy: path.join(dir, "policy.yaml") });
+    try {
+      const project = await pgProject();
+      const { phase } = await sleepy.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "sleep", mode: "test" });
+      const script = await writeScript(
+        project,
+        [
+          "import json, os, time, psycopg2",
+          "conn = psycopg2.connect(os.environ['DATABASE_URL_TEST'])",
+          "conn.autocommit = True",
+          "cur = conn.cursor()",
+          "t0 = time.monotonic()",
+          "try:",
+          "    cur.execute('select pg_sleep(40)')",
+          "    out = {'result': 'completed'}",
+          "except psycopg2.Error as e:",
+          "    out = {'result': 'error', 'sqlstate': e.pgcode, 'message': str(e).splitlines()[0]}",
+          "out['secs'] = time.monotonic() - t0",
+          "cur.execute('select 1')",
+          "out['after'] = cur.fetchone()[0]",
+          "print(json.dumps(out))",
+        ].join("\n"),
+      );
+      const r = (await sleepy.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
+      expect(r.stderr).toBe("");
+      const out = JSON.parse(r.stdout) as { result: string; sqlstate: string; message: string; secs: number; after: number };
+      expect(out).toMatchObject({ result: "error", sqlstate: "57014", after: 1 }); // query_canceled; the connection stays usable
+      expect(out.message).toMatch(/statement timeout/);
+      expect(out.secs).toBeGreaterThanOrEqual(29.5);
+      expect(out.secs).toBeLessThan(33);
+      await sleepy.api.request("DELETE", `/v1/phases/${phase.id}`);
+      const log = await readFile(phase.buildLog, "utf8");
+      expect(log).toMatch(/DB_QUERY \[PostgreSQL\]: select pg_sleep\(40\)/);
+      expect(log).toMatch(/DB_ERROR: .*statement timeout/);
+    } finally {
+      await sleepy.close();
+    }
+  }, 120_000);
 
   it("QuestDB's PostgreSQL wire (8812) goes through the gateway's QuestDB gate (PostgreSQL stands in for QuestDB)", async () => {
     const project = await makeProject();
