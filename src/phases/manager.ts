@@ -143,6 +143,10 @@ function commandEnv(record: PhaseRecord, fromDotenv: Record<string, string> = {}
     PYTHONUNBUFFERED: "1",
     // no __pycache__ churn in the operator's tree
     PYTHONDONTWRITEBYTECODE: "1",
+    // `pip install NAME` (SKILLS.md §2) works: the image's Python is Debian's and
+    // read-only, so pip installs into the user site under HOME (the phase's /tmp);
+    // without this, PEP 668 refuses every install outside a venv
+    PIP_BREAK_SYSTEM_PACKAGES: "1",
     SANDBOXD_PHASE: record.id,
     SANDBOXD_MODE: record.mode,
   };

@@ -242,8 +242,15 @@ describe("pip's allow-list proxy", () => {
     expect(inst.exitCode).toBe(0);
     const check = await writeScript(project, `import sys\nsys.path.insert(0, "pkgs")\nimport ${PKG}\nprint(${PKG}.VALUE)`);
     expect((await exec(phase, ["python3", check])).stdout.trim()).toBe("42");
+    // and plainly, as SKILLS.md has it (`pip install [package]`): into the user site (the
+    // image's system Python is read-only and Debian-managed), importable by later commands
+    const plain = await exec(phase, ["pip", "install", "--no-deps", PKG, "--cert", "standin-ca.pem", "--disable-pip-version-check"]);
+    expect(plain.stderr).not.toMatch(/externally-managed|ERROR/);
+    expect(plain.exitCode).toBe(0);
+    const where = await writeScript(project, `import ${PKG}\nprint(${PKG}.VALUE, ${PKG}.__file__)`);
+    expect((await exec(phase, ["python3", where])).stdout.trim()).toMatch(new RegExp(`^42 /tmp/\\.local/lib/python3\\.\\d+/site-packages/`));
 
-    const records = await waitForCloses(phase, 4);
+    const records = await waitForCloses(phase, 6);
     const allowed = records.filter((e) => e.type === "net.proxy" && e.decision === "allow");
     expect(allowed.map((e) => e.host)).toEqual(expect.arrayContaining([INDEX_HOST, FILES_HOST]));
     expect(allowed[0]).toMatchObject({ port: 443, address: `127.0.0.1:${standInPort}`, pinned: true, rule: "net.package-index", service: "pip-proxy" });
