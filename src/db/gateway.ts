@@ -402,7 +402,21 @@ async function connectUpstream(opts: GatewayOptions, timeoutMs: number): Promise
 
 /* ------------------------------- the session ---------------------------- */
 
-type Unit = { kind: "client" } | { kind: "internal" };
+type Unit = { readonly kind: "client" } | { readonly kind: "internal" };
+const CLIENT_UNIT: Unit = Object.freeze({ kind: "client" });
+const INTERNAL_UNIT: Unit = Object.freeze({ kind: "internal" });
+
+/** The audit timestamp, formatted once per millisecond (a busy connection records many per ms). */
+let lastStampMs = -1;
+let lastStamp = "";
+function stamp(): string {
+  const now = Date.now();
+  if (now !== lastStampMs) {
+    lastStampMs = now;
+    lastStamp = timestamp(new Date(now));
+  }
+  return lastStamp;
+}
 
 interface Refusal {
   verdict: SqlVerdict;
@@ -593,7 +607,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     if (verdict.decision !== "allow") {
       lines.push(`[${ts}] DB_ERROR: refused (${verdict.decision}) by ${verdict.ruleId} — ${verdict.clause}: ${escapeControl(redact(verdict.reason))}`);
     }
-    return {
+    const record: GatewayRecord = {
       event: {
         type: "db.query",
         engine: opts.engine,
@@ -604,10 +618,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         decision: verdict.decision,
         rule: verdict.ruleId,
         clause: verdict.clause,
-        ...(verdict.decision !== "allow" ? { reason: redact(verdict.reason) } : {}),
       },
       lines,
     };
+    if (verdict.decision !== "allow") record.event.reason = redact(verdict.reason);
+    return record;
   };
 
   /* ---- writing with backpressure ---- */
@@ -741,7 +756,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   };
 
   const internalQuery = (out: Buffer[], msg: Buffer): void => {
-    units.push({ kind: "internal" });
+    units.push(INTERNAL_UNIT);
     out.push(msg);
   };
   const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
@@ -771,31 +786,32 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let streamRemaining = 0;
   let streamForward = true;
 
-  const onQuery = (raw: Buffer, body: Buffer, out: Buffer[], recs: GatewayRecord[], ts: string): void => {
-    const sql = body.toString("utf8", 0, Math.max(0, body.length - 1));
+  /** a Query message: `raw` whole, its body at buf[start, end) */
+  const onQuery = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): void => {
+    const sql = buf.toString("utf8", start, Math.max(start, end - 1));
     const verdict = judge(sql);
     recs.push(queryRecord(sql, verdict, "simple", ts));
     if (verdict.decision === "allow") {
       const elevated = needsElevation(verdict);
       if (elevated) internalQuery(out, ELEVATE);
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
-      units.push({ kind: "client" });
+      units.push(CLIENT_UNIT);
       markBusy();
       out.push(raw);
       if (elevated) internalQuery(out, LOWER);
     } else {
-      units.push({ kind: "client" });
+      units.push(CLIENT_UNIT);
       out.push(message("Q", cstr(poison(verdict))));
     }
   };
 
   /** false: malformed */
-  const onParse = (raw: Buffer, body: Buffer, out: Buffer[], recs: GatewayRecord[], ts: string): boolean => {
-    const nameEnd = body.indexOf(0);
-    const queryEnd = nameEnd < 0 ? -1 : body.indexOf(0, nameEnd + 1);
-    if (queryEnd < 0) return false;
-    const name = nameEnd === 0 ? "" : body.toString("utf8", 0, nameEnd);
-    const sql = body.toString("utf8", nameEnd + 1, queryEnd);
+  const onParse = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): boolean => {
+    const nameEnd = buf.indexOf(0, start);
+    const queryEnd = nameEnd < 0 || nameEnd >= end ? -1 : buf.indexOf(0, nameEnd + 1);
+    if (queryEnd < 0 || queryEnd >= end) return false;
+    const name = nameEnd === start ? "" : buf.toString("utf8", start, nameEnd);
+    const sql = buf.toString("utf8", nameEnd + 1, queryEnd);
     const verdict = judge(sql);
     recs.push(queryRecord(sql, verdict, "extended", ts));
     if (verdict.decision === "allow") {
@@ -826,7 +842,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       statements: [],
     };
     recs.push(queryRecord("<FunctionCall message>", verdict, "function-call", ts));
-    units.push({ kind: "client" });
+    units.push(CLIENT_UNIT);
     out.push(message("Q", cstr(poison(verdict))));
   };
 
@@ -918,11 +934,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
             break scan;
           }
           flush(off);
-          const raw = buf.subarray(off, off + total);
-          ts ??= timestamp(new Date());
-          if (type === T_QUERY) onQuery(raw, buf.subarray(off + 5, off + total), out, recs, ts);
+          const raw = off === 0 && total === buf.length ? buf : buf.subarray(off, off + total);
+          ts ??= stamp();
+          if (type === T_QUERY) onQuery(raw, buf, off + 5, off + total, out, recs, ts);
           else if (type === T_PARSE) {
-            if (!onParse(raw, buf.subarray(off + 5, off + total), out, recs, ts)) {
+            if (!onParse(raw, buf, off + 5, off + total, out, recs, ts)) {
               close("malformed Parse");
               return;
             }
@@ -936,7 +952,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           discardUntilSync = false;
           off += total;
           flush(off);
-          units.push({ kind: "client" });
+          units.push(CLIENT_UNIT);
           batchMessages = 0;
           if (batchElevated) {
             batchElevated = false;
@@ -1058,7 +1074,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           off += total;
           continue;
         }
-        ts ??= timestamp(new Date());
+        ts ??= stamp();
         if (type === T_COMMAND_COMPLETE) {
           const tag = buf.toString("utf8", off + 5, Math.max(off + 5, off + total - 1));
           const rows = rowsFromTag(tag);
