@@ -117,6 +117,22 @@ function dbName(url: URL | null): string | null {
 }
 
 /**
+ * Why a database chosen by mode (production `prodVar` in paper mode, its
+ * `_TEST` twin otherwise) has no usable URL.
+ */
+function byModeRefusal(mode: PhaseMode, prodVar: "DATABASE_URL" | "QUESTDB_URL", prod: string | undefined, test: string | undefined, what: string): string {
+  const testVar = `${prodVar}_TEST`;
+  if (mode === "paper") {
+    return prod ? `${prodVar} is not a valid URL` : `${prodVar} is not set (project .env or SANDBOXD_SERVICE_${prodVar})`;
+  }
+  if (test) return `${testVar} is not a valid URL`;
+  return (
+    `a ${mode}-mode phase may use only the test ${what}, and ${testVar} is not set` +
+    (prod ? ` (${prodVar}, production, is never used in this mode)` : "")
+  );
+}
+
+/**
  * Resolve a phase's services from the project's .env (`vars`, as readDotenv
  * returned them) and the daemon's overrides, for a mode, under the policy's
  * network section. Services the policy does not list are left out (nothing
@@ -154,17 +170,7 @@ export function resolveServices(
     const paper = mode === "paper";
     const raw = paper ? prodUrl : testUrl;
     const url = parseUrl(raw);
-    let refusal: string | null = null;
-    if (!url) {
-      refusal = paper
-        ? prodUrl
-          ? "DATABASE_URL is not a valid URL"
-          : "DATABASE_URL is not set (project .env or SANDBOXD_SERVICE_DATABASE_URL)"
-        : testUrl
-          ? "DATABASE_URL_TEST is not a valid URL"
-          : `a ${mode}-mode phase may use only the test database, and DATABASE_URL_TEST is not set` +
-            (prodUrl ? " (DATABASE_URL, production, is never used in this mode)" : "");
-    }
+    const refusal = url ? null : byModeRefusal(mode, "DATABASE_URL", prodUrl, testUrl, "database");
     services.push({
       ...d,
       upstream: url ? upstreamOf(url, 5432) : null,
@@ -185,15 +191,7 @@ export function resolveServices(
   }
 
   // QuestDB: one URL names the host; the PostgreSQL wire (8812) and HTTP (9000) ports are both tunnelled.
-  const questRefusal =
-    mode === "paper"
-      ? questProd
-        ? "QUESTDB_URL is not a valid URL"
-        : "QUESTDB_URL is not set (project .env or SANDBOXD_SERVICE_QUESTDB_URL)"
-      : questTest
-        ? "QUESTDB_URL_TEST is not a valid URL"
-        : `a ${mode}-mode phase may use only the test QuestDB, and QUESTDB_URL_TEST is not set` +
-          (questProd ? " (QUESTDB_URL, production, is never used in this mode)" : "");
+  const questRefusal = byModeRefusal(mode, "QUESTDB_URL", questProd, questTest, "QuestDB");
   for (const name of ["questdb-pg", "questdb-http"] as const) {
     const d = def(name);
     let upstream: Upstream | null = null;

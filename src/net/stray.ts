@@ -13,6 +13,7 @@ import { actionLine, timestamp } from "../audit/format.js";
 import type { PhaseRecorder } from "../phases/recorder.js";
 import type { RefusedConnection } from "../runtime/netns.js";
 import type { Clock } from "../util/clock.js";
+import { TokenBucket } from "./rate.js";
 import { NETWORK_CLAUSE } from "./services.js";
 
 /** Where TCP to non-loopback addresses is redirected inside a phase container: nothing can listen there. */
@@ -32,16 +33,17 @@ export interface StrayOptions {
 }
 
 export class StrayConnections {
-  private bucket = RATE_BURST;
-  private bucketAt = 0;
+  private readonly bucket: TokenBucket;
   private dropped = 0;
   private timer: NodeJS.Timeout | null = null;
 
-  constructor(private readonly opts: StrayOptions) {}
+  constructor(private readonly opts: StrayOptions) {
+    this.bucket = new TokenBucket(RATE_BURST, RATE_PER_SECOND, () => opts.clock.monotonicMs());
+  }
 
   /** Records one refused connection (or counts it, over the rate). */
   refused(m: RefusedConnection): void {
-    if (!this.takeToken()) {
+    if (!this.bucket.take()) {
       this.dropped++;
       this.timer ??= setTimeout(() => this.flush(), 1000);
       return;
@@ -75,14 +77,5 @@ export class StrayConnections {
         actionLine(timestamp(this.opts.clock.now()), "NET", "CONNECT", "*", `FORBID ${STRAY_RULE}: ${reason}`),
       ])
       .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record refused connections"));
-  }
-
-  private takeToken(): boolean {
-    const now = this.opts.clock.monotonicMs();
-    this.bucket = Math.min(RATE_BURST, this.bucket + ((now - this.bucketAt) / 1000) * RATE_PER_SECOND);
-    this.bucketAt = now;
-    if (this.bucket < 1) return false;
-    this.bucket -= 1;
-    return true;
   }
 }

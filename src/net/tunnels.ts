@@ -26,6 +26,7 @@ import type { PhaseMode } from "../phases/types.js";
 import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
 import type { Clock } from "../util/clock.js";
 import { handleProxyClient } from "./proxy.js";
+import { TokenBucket } from "./rate.js";
 import { handleRedisClient } from "./redis.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
 
@@ -81,12 +82,13 @@ export class TunnelServer {
   /** tunnel connections from the shim */
   private readonly tunnels = new Set<net.Socket>();
   private closed = false;
-  private bucket = RATE_BURST;
-  private bucketAt = 0;
+  private readonly bucket: TokenBucket;
   private dropped = 0;
   private dropTimer: NodeJS.Timeout | null = null;
 
-  constructor(private readonly opts: TunnelServerOptions) {}
+  constructor(private readonly opts: TunnelServerOptions) {
+    this.bucket = new TokenBucket(RATE_BURST, RATE_PER_SECOND, () => opts.clock.monotonicMs());
+  }
 
   get connections(): number {
     return this.tunnels.size;
@@ -119,7 +121,7 @@ export class TunnelServer {
 
   private onConnection(sock: net.Socket): void {
     if (this.closed) return void sock.destroy();
-    if (!this.takeToken()) {
+    if (!this.bucket.take()) {
       sock.destroy();
       this.dropped++;
       this.dropTimer ??= setTimeout(() => this.flushDropped(), 1000);
@@ -381,15 +383,6 @@ export class TunnelServer {
       )
       .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection"));
     this.opts.log.info({ phase: this.opts.phaseId, service: r.service, reason: r.reason }, "tunnel connection refused");
-  }
-
-  private takeToken(): boolean {
-    const now = this.opts.clock.monotonicMs();
-    this.bucket = Math.min(RATE_BURST, this.bucket + ((now - this.bucketAt) / 1000) * RATE_PER_SECOND);
-    this.bucketAt = now;
-    if (this.bucket < 1) return false;
-    this.bucket -= 1;
-    return true;
   }
 
   private flushDropped(): void {

@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { startPostgres, type TestPostgres } from "../helpers/postgres.js";
-import { startRedis } from "../helpers/redis.js";
+import { startRedis, type TestRedis } from "../helpers/redis.js";
 import { ApiClient } from "../../src/cli/client.js";
 import {
   OWNER,
@@ -586,20 +586,26 @@ s.sendall(b"".join(cmd(*c) for c in cmds))
 print(json.dumps([reply(f) for _ in cmds]))
 `;
 
+  /** A phase whose REDIS_URL is `redis`; `cmds` pipelined from inside it over one connection; the replies in order. */
+  async function sendFromSandbox(redis: TestRedis, mode: "test" | "paper", cmds: string[][]): Promise<{ phase: PhaseView; replies: string[] }> {
+    const project = await makeProject();
+    cleanup.push(project);
+    await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+    await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: `redis-${mode}`, mode });
+    const script = await writeScript(project, RESP);
+    const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script, JSON.stringify(cmds)] })).result;
+    expect(r.stderr).toBe("");
+    return { phase, replies: JSON.parse(r.stdout) as string[] };
+  }
+
   it("test mode: reads and writes work, FLUSHALL and CONFIG are refused, and the data survives (checked with redis-cli)", async () => {
     const redis = await startRedis();
     try {
       await redis.cli("SET", "keep", "me");
-      const project = await makeProject();
-      cleanup.push(project);
-      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
-      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
-      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-real", mode: "test" });
-      const script = await writeScript(project, RESP);
-      const cmds = [["SET", "a", "1"], ["FLUSHALL"], ["CONFIG", "SET", "maxmemory", "1"], ["FLUSHDB"], ["GET", "a"], ["GET", "keep"], ["DBSIZE"]];
-      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script, JSON.stringify(cmds)] })).result;
-      expect(r.stderr).toBe("");
-      const replies = JSON.parse(r.stdout) as string[];
+      const { phase, replies } = await sendFromSandbox(redis, "test", [
+        ["SET", "a", "1"], ["FLUSHALL"], ["CONFIG", "SET", "maxmemory", "1"], ["FLUSHDB"], ["GET", "a"], ["GET", "keep"], ["DBSIZE"],
+      ]);
       expect(replies[0]).toBe("+OK\r\n");
       expect(replies[1]).toMatch(/^-ERR sandboxd refused FLUSHALL \(rule redis\.denied/);
       expect(replies[2]).toMatch(/^-ERR sandboxd refused CONFIG/);
@@ -619,16 +625,7 @@ print(json.dumps([reply(f) for _ in cmds]))
     const redis = await startRedis();
     try {
       await redis.cli("SET", "price", "100");
-      const project = await makeProject();
-      cleanup.push(project);
-      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
-      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
-      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-paper", mode: "paper" });
-      const script = await writeScript(project, RESP);
-      const cmds = [["GET", "price"], ["SET", "price", "1"], ["DEL", "price"], ["INCR", "price"], ["GET", "price"]];
-      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script, JSON.stringify(cmds)] })).result;
-      expect(r.stderr).toBe("");
-      const replies = JSON.parse(r.stdout) as string[];
+      const { phase, replies } = await sendFromSandbox(redis, "paper", [["GET", "price"], ["SET", "price", "1"], ["DEL", "price"], ["INCR", "price"], ["GET", "price"]]);
       expect(replies[0]).toBe("$3\r\n100\r\n");
       for (const i of [1, 2, 3]) expect(replies[i]).toMatch(/^-ERR sandboxd refused /);
       expect(replies[4]).toBe("$3\r\n100\r\n");
