@@ -41,6 +41,7 @@ import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlRul
 import { classifyQuestDb } from "./questdb-gate.js";
 
 export interface GatewayUpstream {
+  /** a host name or address; or, as in libpq, a directory (starts with `/`) holding the server's unix socket `.s.PGSQL.<port>` */
   host: string;
   port: number;
   user: string;
@@ -263,8 +264,13 @@ interface UpstreamKey {
 /** the key each client was given → the upstream backend's key */
 const cancelKeys = new Map<string, UpstreamKey>();
 
+/** TCP to host:port, or the unix socket `<dir>/.s.PGSQL.<port>` when host is a directory (libpq's convention) */
+function dial(host: string, port: number): net.Socket {
+  return host.startsWith("/") ? net.connect({ path: `${host}/.s.PGSQL.${port}` }) : net.connect({ host, port });
+}
+
 function sendCancel(key: UpstreamKey): void {
-  const s = net.connect({ host: key.host, port: key.port });
+  const s = dial(key.host, key.port);
   s.on("error", () => undefined);
   s.setTimeout(CONNECT_TIMEOUT_MS, () => s.destroy());
   s.on("connect", () => {
@@ -322,8 +328,8 @@ function scramClientProof(password: string, clientFirstBare: string, serverFirst
 
 async function connectUpstream(opts: GatewayOptions, timeoutMs: number): Promise<Upstream> {
   const { host, port, user, password, database } = opts.upstream;
-  const socket = net.connect({ host, port });
-  socket.setNoDelay(true);
+  const socket = dial(host, port);
+  socket.setNoDelay(true); // a no-op on a unix socket
   const reader = new ByteReader(socket);
   const timer = setTimeout(() => socket.destroy(new Error(`upstream ${host}:${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
   try {

@@ -632,6 +632,24 @@ describe("db gateway: a chunk's messages are judged, recorded and forwarded toge
   });
 });
 
+describe("db gateway: upstream over the server's unix socket", () => {
+  it("connects through <dir>/.s.PGSQL.<port> when the upstream host is a directory, and still judges and records", async () => {
+    const gw = await startGateway("paper", {
+      upstream: { host: db.socketDir, port: db.port, user: db.gateway.user, password: "", database: "trading" },
+    });
+    const c = await gw.connect();
+    try {
+      expect((await c.query("SELECT count(*)::int AS n FROM orders")).rows[0].n).toBe(3);
+      expect((await c.query("SELECT current_user AS u, inet_server_addr() AS a")).rows[0]).toEqual({ u: "sandboxd_gw", a: null });
+      expect((await refused(c, "DELETE FROM orders")).code).toBe("42501");
+    } finally {
+      await c.end();
+    }
+    expect(await superCount("orders", "trading")).toBe(3);
+    expect(gw.lines().some((l) => l.endsWith("DB_QUERY [PostgreSQL]: DELETE FROM orders"))).toBe(true);
+  });
+});
+
 describe("rowsFromTag", () => {
   it("reads the row count of CommandComplete tags", () => {
     expect(rowsFromTag("SELECT 3")).toBe(3);
