@@ -2,8 +2,8 @@
 # Make sure a Docker engine is reachable, and (as root on an apt system) that
 # debootstrap is installed: no registry is reachable from CI, so the sandbox
 # base image is built offline with debootstrap (see src/runtime/image.ts);
-# and conntrack (conntrack-tools), with which the daemon records connections
-# refused inside a sandbox (see src/runtime/netns.ts).
+# and conntrack (conntrack-tools), ip (iproute2) and iptables, with which the
+# daemon records connections refused inside a sandbox (src/runtime/netns.ts).
 #
 # Idempotent and silent when nothing needs doing. Exit 1 with advice when the
 # engine cannot be reached and this script cannot fix that itself.
@@ -41,7 +41,7 @@ apt_install_missing() {
 if engine_up; then
   # Engine already running; still make sure the host tools are present.
   if is_root && has_apt; then
-    apt_install_missing debootstrap conntrack
+    apt_install_missing debootstrap conntrack iproute2 iptables
   fi
   exit 0
 fi
@@ -58,7 +58,7 @@ if ! is_root || ! has_apt; then
   exit 1
 fi
 
-apt_install_missing docker.io debootstrap conntrack
+apt_install_missing docker.io debootstrap conntrack iproute2 iptables
 
 if ! engine_up; then
   if pgrep -x dockerd >/dev/null 2>&1; then
