@@ -554,6 +554,39 @@ async function benchPg() {
     });
   }
 
+  // info: the gateway's upstream over PostgreSQL's unix socket (GatewayUpstream.host = the socket
+  // directory), against pgbench over the same unix socket and over TCP (above); 8 clients
+  {
+    const gu = await startGateway(tmp, { ...upstream, host: pg.socketDir, password: "" });
+    const benchUnix = (c, j, mode) =>
+      pgbench(pgbenchBin, ["-n", "-S", "-T", String(SECONDS), "-c", String(c), "-j", String(j), "-M", mode, "-h", pg.socketDir, "-p", String(pg.port), "-U", GATEWAY_ROLE, DB], env).then(parseTps);
+    for (const mode of ["simple", "extended"]) {
+      const k = { clients: 8, threads: 2, mode };
+      const direct = [];
+      const gateway = [];
+      for (let r = 0; r < ROUNDS; r++) {
+        for (const side of r % 2 ? ["gateway", "direct"] : ["direct", "gateway"]) {
+          const s = side === "direct" ? await benchUnix(8, 2, mode) : await measured({ proxy: gu }, k);
+          (side === "direct" ? direct : gateway).push(s.tps);
+          say(`unix upstream round ${r + 1} ${side} -c 8 -M ${mode}: ${s.tps.toFixed(0)} tps`);
+        }
+      }
+      const dTcp = results.configs.find((x) => x.clients === 8 && x.mode === mode).directTps;
+      results.info.push({
+        sink: "memory",
+        what: "upstream over PostgreSQL's unix socket: pgbench → TCP → gateway → unix socket → PostgreSQL, against pgbench → unix socket → PostgreSQL (ratio) and → TCP (ratioVsTcp)",
+        ...k,
+        directTps: Math.round(median(direct)),
+        gatewayTps: Math.round(median(gateway)),
+        ratio: Number((median(gateway) / median(direct)).toFixed(3)),
+        directTcpTps: dTcp,
+        ratioVsTcp: Number((median(gateway) / dTcp).toFixed(3)),
+        samples: { direct: direct.map(Math.round), gateway: gateway.map(Math.round) },
+      });
+    }
+    await gu.stop();
+  }
+
   results.pass = results.configs.filter((x) => x.clients === 8).every((x) => x.pass);
 
   if (!results.pass) {
@@ -775,7 +808,12 @@ function printTable() {
       `${String(x.clients).padStart(7)}  ${x.mode.padEnd(9)}  ${String(x.directTps).padStart(10)}  ${`${x.relayTps} (${x.relayRatio.toFixed(2)})`.padStart(17)}  ${String(x.gatewayTps).padStart(11)}  ${x.ratio.toFixed(2).padStart(5)}  ${String(x.addedLatencyUs).padStart(11)}  ${String(x.processCpuUsPerTx.gateway).padStart(17)}  ${x.pass === null ? "" : x.pass ? `pass (≥ ${TARGET})` : `MISS (< ${TARGET})`}`,
     );
   }
-  for (const x of results.info) lines.push(`info: ${x.what}, -c ${x.clients} -M ${x.mode}: direct ${x.directTps}, gateway ${x.gatewayTps}, ratio ${x.ratio.toFixed(2)}`);
+  for (const x of results.info) {
+    lines.push(
+      `info: ${x.what}, -c ${x.clients} -M ${x.mode}: direct ${x.directTps}, gateway ${x.gatewayTps}, ratio ${x.ratio.toFixed(2)}` +
+        (x.ratioVsTcp !== undefined ? ` (direct TCP ${x.directTcpTps}, ratio ${x.ratioVsTcp.toFixed(2)})` : ""),
+    );
+  }
   if (results.profile) {
     lines.push(`gateway profile (-c 8 -M extended, ${results.profile.tps} tps, ${results.profile.busyMs} ms busy), self time by area:`);
     for (const a of results.profile.areas) lines.push(`  ${String(a.pct).padStart(5)} %  ${a.area}`);
