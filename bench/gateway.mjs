@@ -745,13 +745,24 @@ async function benchRedis(tmp) {
     parseRedisCsv(
       (await run("docker", ["run", "--rm", "--network", "host", "--entrypoint", "redis-benchmark", IMAGE, ...redisArgs("127.0.0.1", port)], { maxBuffer: 1 << 20 })).stdout,
     );
+  // the in-container shim (the child of the container's tini) is the tunnel's other user-space hop
+  let shimPid = NaN;
+  try {
+    const init = execFileSync("docker", ["inspect", "--format", "{{.State.Pid}}", phase.containerId], { encoding: "utf8" }).trim();
+    shimPid = Number(fs.readFileSync(`/proc/${init}/task/${init}/children`, "utf8").trim().split(/\s+/)[0]);
+  } catch {
+    /* not measured */
+  }
   const tunnelCpu = [];
+  const shimCpu = [];
   const tunnel = async () => {
     const cpu0 = procCpuSeconds(d.pid);
+    const shim0 = procCpuSeconds(shimPid);
     const { result } = await d.api.request("POST", `/v1/phases/${phase.id}/exec`, { argv: ["redis-benchmark", ...redisArgs("127.0.0.1", 6379)], timeoutMs: 60_000 });
     if (result.exitCode !== 0) throw new Error(`redis-benchmark in the phase exited ${result.exitCode}: ${result.stderr}\n${d.logTail()}`);
     // the daemon's CPU per round trip (tunnel server + RESP filter; the exec itself is a few ms of it)
     tunnelCpu.push(((procCpuSeconds(d.pid) - cpu0) * 1e6) / (REDIS_N * REDIS_TESTS.split(",").length));
+    shimCpu.push(((procCpuSeconds(shimPid) - shim0) * 1e6) / (REDIS_N * REDIS_TESTS.split(",").length));
     return parseRedisCsv(result.stdout);
   };
   say("redis: warm-up");
@@ -785,6 +796,7 @@ async function benchRedis(tmp) {
     n: REDIS_N,
     rounds: ROUNDS,
     daemonCpuUsPerRoundTrip: Math.round(median(tunnelCpu.slice(-ROUNDS))),
+    shimCpuUsPerRoundTrip: Number.isFinite(median(shimCpu.slice(-ROUNDS))) ? Math.round(median(shimCpu.slice(-ROUNDS))) : null,
     tests: tests.map((t) => {
       const p50 = (leg) => median(samples[leg].map((x) => x[t].p50Ms));
       const rps = (leg) => Math.round(median(samples[leg].map((x) => x[t].rps)));
@@ -821,7 +833,7 @@ function printTable() {
     for (const f of results.profile.top.slice(0, 12)) lines.push(`  ${String(f.pct).padStart(5)} %  ${f.fn}`);
   }
   if (results.redis?.measured) {
-    lines.push(`redis (${results.redis.command}, n ${results.redis.n}, median of ${results.redis.rounds}; daemon ${results.redis.daemonCpuUsPerRoundTrip} µs CPU per tunnelled round trip): p50 ms direct / container (host net) / tunnel, added by the tunnel`);
+    lines.push(`redis (${results.redis.command}, n ${results.redis.n}, median of ${results.redis.rounds}; CPU per tunnelled round trip: daemon ${results.redis.daemonCpuUsPerRoundTrip} µs, shim ${results.redis.shimCpuUsPerRoundTrip} µs): p50 ms direct / container (host net) / tunnel, added by the tunnel`);
     for (const t of results.redis.tests) {
       lines.push(`  ${t.test.padEnd(11)} ${t.p50Ms.direct} / ${t.p50Ms.container} / ${t.p50Ms.tunnel} ms, +${t.addedP50Us.tunnelVsDirect} µs vs direct, +${t.addedP50Us.tunnelVsContainer} µs vs container; rps ${t.rps.direct} / ${t.rps.container} / ${t.rps.tunnel}`);
     }
