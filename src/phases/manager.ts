@@ -307,8 +307,11 @@ export class PhaseManager {
         // always switch to a non-zero uid (root-owned projects are refused).
         capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
       });
-      await live.channel.waitReady(this.connectTimeoutMs);
-      await this.confineNetwork(live);
+      // the namespace is set up while the shim starts; both before any command can run
+      // (both settled before going on, so a failure's cleanup below sees, and stops, the watch)
+      const [ready, confined] = await Promise.allSettled([live.channel.waitReady(this.connectTimeoutMs), this.confineNetwork(live)]);
+      if (ready.status === "rejected") throw ready.reason;
+      if (confined.status === "rejected") throw confined.reason;
       record.state = "running";
       await this.store.save(record);
       const ts = timestamp(this.opts.clock.now());
@@ -386,8 +389,6 @@ export class PhaseManager {
     let error: string | null = null;
     try {
       const pid = await this.opts.runtime.containerPid(record.containerId!);
-      // after a restart the namespace keeps its rules; only the watch is new
-      if (!opts.readopt) await confineNetwork(pid, { deadPort: DEAD_PORT });
       const watch = new RefusalWatch(
         pid,
         DEAD_PORT,
@@ -395,11 +396,17 @@ export class PhaseManager {
         (why) => void this.watchEnded(live, why),
       );
       live.watch = watch;
-      await watch.ready(WATCH_READY_MS).catch((err: Error) => {
+      // The watch subscribes while the rules go in (after a restart the namespace
+      // keeps its rules; only the watch is new). Its readiness probe is answered
+      // once both are in place: conntrack runs in the namespace from the NAT table on.
+      const rulesIn = opts.readopt ? Promise.resolve() : confineNetwork(pid, { deadPort: DEAD_PORT });
+      rulesIn.catch(() => watch.stop()); // no rules, no events: stop waiting for them at once
+      const [rules, ready] = await Promise.allSettled([rulesIn, watch.ready(WATCH_READY_MS)]);
+      if (rules.status === "rejected" || ready.status === "rejected") {
         watch.stop();
         live.watch = null;
-        throw err;
-      });
+        throw (rules.status === "rejected" ? rules.reason : (ready as PromiseRejectedResult).reason) as Error;
+      }
     } catch (err) {
       error = (err as Error).message;
       this.opts.log.warn({ phase: record.id, err: error }, "connections to anything but services will be refused but not recorded");

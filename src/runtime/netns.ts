@@ -63,6 +63,15 @@ export function natRules(c: Confinement): string {
   return lines.join("\n");
 }
 
+/** The `ip -batch` input: TCP for any address is routed to `lo`, from 127.0.0.1. Exported for the unit test. */
+export function routeCommands(): string {
+  return [
+    `rule add pref ${RULE_PREF} ipproto tcp lookup ${TCP_TABLE}`,
+    `route add default dev lo src 127.0.0.1 table ${TCP_TABLE}`,
+    "",
+  ].join("\n");
+}
+
 /**
  * Applies the rules in the namespace of process `pid` (the container's init).
  * Throws with the failing step and its stderr; the caller decides what a
@@ -84,9 +93,11 @@ export async function confineNetwork(pid: number, c: Confinement): Promise<void>
       throw new Error(`${what}: ${detail}`);
     }
   };
-  await step("ip rule (TCP to the loopback table)", ["ip", "rule", "add", "pref", String(RULE_PREF), "ipproto", "tcp", "lookup", String(TCP_TABLE)]);
-  await step("ip route (loopback table)", ["ip", "route", "add", "default", "dev", "lo", "src", "127.0.0.1", "table", String(TCP_TABLE)]);
-  await step("iptables-restore (NAT to the catch-all)", ["iptables-restore", "-w", "5"], natRules(c));
+  // routing and NAT are independent: both at once, each one process
+  await Promise.all([
+    step("ip (TCP to the loopback table)", ["ip", "-batch", "-"], routeCommands()),
+    step("iptables-restore (NAT to the dead port)", ["iptables-restore", "-w", "5"], natRules(c)),
+  ]);
 }
 
 export interface RefusedConnection {

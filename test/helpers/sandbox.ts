@@ -158,11 +158,11 @@ export function cli(args: string[], opts: { socket?: string; timeoutMs?: number 
 export async function spawnDaemon(
   stateDir: string,
   socket: string,
-  opts: { policy?: string } = {},
+  opts: { policy?: string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<{ child: ChildProcess; output: () => string }> {
   const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, ...(opts.policy ? ["--policy", opts.policy] : [])], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info" },
+    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", ...opts.env },
   });
   let out = "";
   child.stdout!.on("data", (c: Buffer) => (out += c.toString()));

@@ -8,14 +8,28 @@
  * The host runs a TCP server on all its addresses, so a path out of the
  * sandbox, if there were one, would connect.
  */
-import { readFile } from "node:fs/promises";
+import { execFileSync } from "node:child_process";
+import { readFile, symlink } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { ApiClient } from "../../src/cli/client.js";
+import {
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  spawnDaemon,
+  startTestDaemon,
+  tempDir,
+  waitExit,
+  writeScript,
+  type TestDaemon,
+} from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 let open: net.Server;
@@ -214,5 +228,44 @@ describe("network boundary (connections to anything but services)", () => {
     expect(got.single).toBeLessThan(n); // the rate limit kicked in
     expect(got.summarised).toBeGreaterThan(0);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
+});
+
+describe("network boundary where refusals cannot be recorded", () => {
+  it("without conntrack-tools the phase still runs, stray connections are still refused, and the trail says they go unrecorded", async () => {
+    // a PATH with every tool the daemon uses for the namespace but conntrack
+    const bin = await tempDir("bin-no-conntrack");
+    cleanup.push(bin);
+    for (const tool of ["setpriv", "nsenter", "ip", "iptables-restore", "bash"]) {
+      const where = execFileSync("bash", ["-c", `command -v ${tool}`], { encoding: "utf8" }).trim();
+      await symlink(where, `${bin}/${tool}`);
+    }
+    const stateDir = await tempDir("no-conntrack");
+    cleanup.push(stateDir);
+    const socket = path.join(stateDir, "sandboxd.sock");
+    const daemon = await spawnDaemon(stateDir, socket, { env: { PATH: bin } });
+    const api = new ApiClient(socket);
+    try {
+      const project = await makeProject();
+      cleanup.push(project);
+      const started = Date.now();
+      const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "degraded", mode: "test" });
+      expect(Date.now() - started).toBeLessThan(4_000); // no wait for a watch that cannot start
+      const r = (await api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", await writeScript(project, BURST(3))] })).result;
+      expect(r.stdout.trim()).toBe("3"); // refused at once all the same
+      const text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
+      const mine = text.split("\n").filter((l) => l.includes(phase.id));
+      const confine = mine.map((l) => JSON.parse(l) as { event?: Record<string, unknown> }).map((r) => r.event ?? r).find((e) => (e as Record<string, unknown>).type === "net.confine");
+      expect(confine).toMatchObject({ recorded: false });
+      expect(String((confine as Record<string, unknown>).error)).toMatch(/conntrack/);
+      expect(mine.some((l) => l.includes("net.unlisted-destination"))).toBe(false);
+      await api.request("DELETE", `/v1/phases/${phase.id}`);
+      const log = await readFile(phase.buildLog, "utf8");
+      expect(log).toMatch(/\[NET\] \[CONFINE\] .*DEGRADED: connections to anything but services are refused by the kernel but not recorded/);
+    } finally {
+      daemon.child.kill("SIGTERM");
+      await waitExit(daemon.child).catch(() => undefined);
+      for (const c of await containersOf(stateDir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined);
+    }
   });
 });

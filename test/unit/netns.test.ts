@@ -3,7 +3,7 @@
  * conntrack's DESTROY events (lines as conntrack-tools 1.4.7 prints them).
  */
 import { describe, expect, it } from "vitest";
-import { natRules, parseRefusal } from "../../src/runtime/netns.js";
+import { natRules, parseRefusal, routeCommands, TCP_TABLE } from "../../src/runtime/netns.js";
 
 describe("natRules", () => {
   it("redirects TCP to anything outside loopback to the dead port, and nothing else", () => {
@@ -24,6 +24,16 @@ describe("natRules", () => {
     expect(() => natRules({ deadPort: 1024 })).toThrow(/privileged port/);
     expect(() => natRules({ deadPort: 0 })).toThrow(/privileged port/);
     expect(() => natRules({ deadPort: 1.5 })).toThrow(/privileged port/);
+  });
+});
+
+describe("routeCommands", () => {
+  it("sends TCP (only) for any address to lo, from 127.0.0.1, in a table of its own", () => {
+    expect(routeCommands().split("\n")).toEqual([
+      `rule add pref 1000 ipproto tcp lookup ${TCP_TABLE}`,
+      `route add default dev lo src 127.0.0.1 table ${TCP_TABLE}`,
+      "",
+    ]);
   });
 });
 
