@@ -7,6 +7,7 @@ import { statSync } from "node:fs";
 import type { Readable } from "node:stream";
 import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
+import { Forker, ForkerUnavailable, SpawnFailure } from "./forker.js";
 import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, type ProcStat } from "./procs.js";
 
 /** setTimeout fires at once for delays above 2^31-1 ms; clamp (about 24.8 days). */
@@ -66,7 +67,11 @@ export interface ExecLink {
   send(message: ShimToDaemon): void;
   sendOutput(kind: OutputKind, execId: number, chunk: Buffer): void;
   readonly gate: OutputGate;
+  /** starts commands cheaply when it is running (see forker.ts); otherwise Node's spawn */
+  readonly forker?: Forker;
 }
+
+type LeaderExit = { code: number | null; signal: NodeJS.Signals | null };
 
 export class RunningExec {
   readonly execId: number;
@@ -87,6 +92,8 @@ export class RunningExec {
    * let the final cleanup find them anyway.
    */
   private known: ProcStat[] = [];
+  /** a signal asked for while the forker was still starting the command */
+  private signalOnStart: NodeJS.Signals | null = null;
 
   private constructor(
     private readonly msg: ExecMessage,
@@ -109,6 +116,10 @@ export class RunningExec {
 
   /** Forwards a daemon-requested signal to the whole process group. */
   signal(signal: NodeJS.Signals): void {
+    if (this.pid === undefined && !this.leaderExited) {
+      this.signalOnStart = this.signalOnStart === "SIGKILL" ? "SIGKILL" : signal;
+      return;
+    }
     if (!this.running || this.pid === undefined) return;
     log("info", "signal", { execId: this.execId, signal });
     // The signal goes to the group, as a terminal's would; the snapshot is for
@@ -119,6 +130,10 @@ export class RunningExec {
 
   /** SIGKILLs everything the exec started (disconnect, shutdown, shim exit). */
   kill(): void {
+    if (this.pid === undefined && !this.leaderExited) {
+      this.signalOnStart = "SIGKILL"; // still starting: killed as soon as it has a pid
+      return;
+    }
     // After the leader has exited, cleanup has already run, and its pid may in
     // principle be reused by an unrelated process; do not signal it again.
     if (!this.running || this.pid === undefined) return;
@@ -127,8 +142,28 @@ export class RunningExec {
 
   private spawn(): void {
     const { msg } = this;
-    const [file, ...args] = msg.argv;
-    if (file === undefined) return this.spawnFailed("EINVAL", "argv is empty");
+    if (msg.argv[0] === undefined) return this.spawnFailed("EINVAL", "argv is empty");
+    const forker = this.link.forker;
+    if (!forker) return this.spawnWithNode();
+    forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid }).then(
+      (c) => this.started(c.pid, c.stdout, c.stderr, c.exited),
+      (err: Error) => {
+        if (err instanceof SpawnFailure) {
+          // worded as Node's spawn words it
+          this.spawnFailed(err.code, this.explainSpawnError(err.code, `spawn ${msg.argv[0]} ${err.code} (${err.message})`));
+        } else if (err instanceof ForkerUnavailable) {
+          this.spawnWithNode(); // nothing was started
+        } else {
+          // the forker failed midway: the command may have started, so it is not started again
+          this.spawnFailed("ESPAWN", `the command could not be started: ${err.message}`);
+        }
+      },
+    );
+  }
+
+  private spawnWithNode(): void {
+    const { msg } = this;
+    const [file, ...args] = msg.argv as [string, ...string[]];
     let child: ChildProcess;
     try {
       child = spawn(file, args, {
@@ -156,25 +191,34 @@ export class RunningExec {
       });
       return;
     }
-    this.pid = child.pid;
     // A live child can still emit 'error' (e.g. a failed child.kill()); without a
     // listener that would crash the shim.
     child.on("error", (err) => log("warn", "child process error", { execId: this.execId, ...errorFields(err) }));
+    const exited = new Promise<LeaderExit>((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
+    // stdio is ["ignore", "pipe", "pipe"], so both streams exist.
+    this.started(child.pid, child.stdout!, child.stderr!, exited);
+  }
+
+  /** The command runs (started by the forker or by Node): report it, stream it, time it. */
+  private started(pid: number, stdout: Readable, stderr: Readable, exited: Promise<LeaderExit>): void {
+    const { msg } = this;
+    this.pid = pid;
     log("info", "exec started", {
       execId: this.execId,
-      pid: this.pid,
-      argv0: file,
+      pid,
+      argv0: msg.argv[0],
       argc: msg.argv.length,
       cwd: msg.cwd,
       uid: msg.uid,
       gid: msg.gid,
     });
-    this.link.send({ type: "started", execId: this.execId, pid: this.pid });
-    // stdio is ["ignore", "pipe", "pipe"], so both streams exist.
-    this.pipeOutput(child.stdout!, FrameKind.Stdout);
-    this.pipeOutput(child.stderr!, FrameKind.Stderr);
-    child.once("exit", (code, signal) => void this.onLeaderExit(code, signal));
-    this.armTimeout(this.pid);
+    this.link.send({ type: "started", execId: this.execId, pid });
+    this.pipeOutput(stdout, FrameKind.Stdout);
+    this.pipeOutput(stderr, FrameKind.Stderr);
+    void exited.then(({ code, signal }) => this.onLeaderExit(code, signal));
+    this.armTimeout(pid);
+    if (this.signalOnStart === "SIGKILL") this.kill();
+    else if (this.signalOnStart) this.signal(this.signalOnStart);
   }
 
   /** ENOENT is also what a missing cwd produces; say which it was. */
@@ -217,6 +261,8 @@ export class RunningExec {
     });
     stream.on("error", (err) => log("warn", "output stream error", { execId: this.execId, ...errorFields(err) }));
     this.link.gate.add(stream);
+    // The forker's output sockets arrive explicitly paused, which a 'data' listener does not undo.
+    if (!this.link.gate.paused) stream.resume();
   }
 
   private armTimeout(pid: number): void {

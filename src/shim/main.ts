@@ -14,6 +14,7 @@ import net from "node:net";
 import path from "node:path";
 import { errorFields, log } from "./log.js";
 import { OutputGate, RunningExec, type ExecLink, type OutputKind } from "./exec.js";
+import { Forker } from "./forker.js";
 import { TunnelListeners } from "./tunnels.js";
 import {
   FrameDecoder,
@@ -46,6 +47,8 @@ class Shim implements ExecLink {
   private socket: net.Socket | null = null;
   private welcomed = false;
   private readonly tunnels: TunnelListeners;
+  /** starts commands without forking the shim (see forker.ts) */
+  readonly forker: Forker;
 
   constructor(
     private readonly socketPath: string,
@@ -53,6 +56,7 @@ class Shim implements ExecLink {
     tunnelSocketPath: string,
   ) {
     this.tunnels = new TunnelListeners(tunnelSocketPath, token);
+    this.forker = new Forker();
   }
 
   /** Serves connection after connection; only shutdown or a signal ends the process. */
@@ -215,6 +219,7 @@ class Shim implements ExecLink {
         log("info", "shutdown requested by the daemon");
         this.tunnels.closeAll();
         this.killAll();
+        this.forker.stop();
         this.socket?.destroy();
         process.exit(0);
     }
@@ -277,12 +282,14 @@ function main(): void {
     process.on(signal, () => {
       log("info", "signal received, killing all commands", { signal });
       shim.killAll();
+      shim.forker.stop();
       process.exit(128 + number);
     });
   }
   process.on("uncaughtException", (err) => {
     log("error", "shim crashed, killing all commands", { ...errorFields(err), stack: err.stack });
     shim.killAll();
+    shim.forker.stop();
     process.exit(1);
   });
 

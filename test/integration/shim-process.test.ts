@@ -273,9 +273,24 @@ async function run(conn: Conn, fields: Partial<ExecMessage> & Pick<ExecMessage, 
   return finished(conn, sendExec(conn, fields));
 }
 
+/**
+ * Whether the tests' commands are started by the forker (src/shim/forker.ts):
+ * then each shim first runs one command as the tests' user, which starts the
+ * forker, and the tests begin once it says it is ready.
+ */
+let viaForker = false;
+
 async function welcomed(shim: ShimProcess, n = 0): Promise<Conn> {
   const conn = await shim.daemon.connection(n);
   await conn.message("hello");
+  if (viaForker && n === 0 && shim.daemon.autoWelcome) {
+    await run(conn, { argv: ["true"] });
+    const deadline = Date.now() + 10_000;
+    while (!shim.stderr().includes('"forker ready"')) {
+      if (Date.now() > deadline) throw new Error(`the forker did not start: ${shim.stderr()}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
   return conn;
 }
 
@@ -348,6 +363,28 @@ describe.skipIf(!isRoot)("shim process (real bundle, fake daemon)", { timeout: 3
     // Safety net only: a leak would already have failed its test.
     for (const m of markers) for (const pid of liveProcesses(NOBODY, `sleep ${m}`)) process.kill(pid, "SIGKILL");
     if (tempDir) rmSync(tempDir, { recursive: true, force: true });
+  });
+
+  describe.each([{ via: "node" }, { via: "forker" }])("commands started by $via", ({ via }) => {
+  beforeAll(() => {
+    viaForker = via === "forker";
+  });
+
+  it("starts commands the way it says: by the forker once it runs, else by node itself", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const r = await run(conn, { argv: ["sh", "-c", "echo $PPID; cat /proc/$PPID/comm"] });
+    expect(r.exit?.exitCode).toBe(0);
+    const [parent, comm] = r.stdout.toString().trim().split("\n");
+    expect(comm).toBe(via === "forker" ? "python3" : "node");
+    if (via === "forker") {
+      // the forker cannot be read or traced by the user it runs as (the agent's)
+      const forkerPid = Number(parent);
+      const probe = await run(conn, {
+        argv: ["sh", "-c", `cat /proc/${forkerPid}/environ >/dev/null 2>&1 && echo readable || echo denied; ls /tmp/.sandboxd-forker-* >/dev/null 2>&1 && echo listed || echo unlisted`],
+      });
+      expect(probe.stdout.toString().split("\n").filter(Boolean)).toEqual(["denied", "unlisted"]);
+    }
   });
 
   it("exits 2 with a clear message when the token is missing", async () => {
@@ -597,4 +634,5 @@ describe.skipIf(!isRoot)("shim process (real bundle, fake daemon)", { timeout: 3
     expect((await shim.exited).code).toBe(143);
     await expectGone(`sleep ${m}`);
   });
+});
 });
