@@ -276,7 +276,7 @@ export class PhaseManager {
     };
     this.phases.set(id, live);
     try {
-      live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
+      live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log, { uid: record.uid, gid: record.gid });
       await live.channel.listen();
       await this.openTunnels(live, token);
       record.containerId = await this.opts.runtime.runPhaseContainer({
@@ -406,6 +406,12 @@ export class PhaseManager {
         watch.stop();
         live.watch = null;
         throw (rules.status === "rejected" ? rules.reason : (ready as PromiseRejectedResult).reason) as Error;
+      }
+      if (this.phases.get(record.id) !== live || record.state === "stopping" || record.state === "stopped" || record.state === "failed") {
+        // the phase ended while the watch was starting: nothing is left to watch
+        watch.stop();
+        live.watch = null;
+        return;
       }
     } catch (err) {
       error = (err as Error).message;
@@ -829,7 +835,7 @@ export class PhaseManager {
           try {
             if (live.record.state === "failed") throw new Error(live.record.endReason ?? "phase policy unreadable");
             const token = await this.store.token(id);
-            live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log);
+            live.channel = new ShimChannel(this.store.controlSocket(id), token, id, this.opts.log, { uid: record.uid, gid: record.gid });
             await live.channel.listen();
             await this.openTunnels(live, token);
             await live.channel.waitReady(this.connectTimeoutMs);

@@ -49,6 +49,8 @@ export class ShimChannel {
     private readonly token: string,
     private readonly phaseId: string,
     private readonly log: Logger,
+    /** the phase owner, for whom the shim starts its forker */
+    private readonly owner?: { uid: number; gid: number },
   ) {}
 
   async listen(): Promise<void> {
@@ -212,7 +214,7 @@ export class ShimChannel {
       this.failAll(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} reconnected; running commands were ended`));
     }
     if (this.pausedBy > 0) sock.pause();
-    this.send({ type: "welcome", phaseId: this.phaseId });
+    this.send({ type: "welcome", phaseId: this.phaseId, ...(this.owner ? { owner: this.owner } : {}) });
     if (this.services) this.send({ type: "listen", services: this.services });
     this.log.info({ phase: this.phaseId, shimPid: pid }, "shim connected");
     const waiters = this.readyWaiters;

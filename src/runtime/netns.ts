@@ -93,11 +93,9 @@ export async function confineNetwork(pid: number, c: Confinement): Promise<void>
       throw new Error(`${what}: ${detail}`);
     }
   };
-  // routing and NAT are independent: both at once, each one process
-  await Promise.all([
-    step("ip (TCP to the loopback table)", ["ip", "-batch", "-"], routeCommands()),
-    step("iptables-restore (NAT to the dead port)", ["iptables-restore", "-w", "5"], natRules(c)),
-  ]);
+  // NAT first: routing TCP to lo without the REDIRECT would make connects hang instead of fail
+  await step("iptables-restore (NAT to the dead port)", ["iptables-restore", "-w", "5"], natRules(c));
+  await step("ip (TCP to the loopback table)", ["ip", "-batch", "-"], routeCommands());
 }
 
 export interface RefusedConnection {
@@ -135,6 +133,13 @@ export function parseRefusal(line: string): RefusedConnection | null {
 }
 
 const PROBE_INTERVAL_MS = 50;
+/**
+ * Where the readiness probe connects: on loopback (all of 127.0.0.0/8 is
+ * local, so the dead port answers with a reset there too) but not 127.0.0.1,
+ * so its refusals are told apart from a program's. A program connecting to
+ * exactly this address and port goes unrecorded; nothing is lost by it.
+ */
+export const PROBE_ADDRESS = "127.83.66.88";
 
 /**
  * Follows refused TCP connections in the namespace of `pid`. `ready()`
@@ -176,24 +181,17 @@ export class RefusalWatch {
   async ready(timeoutMs: number): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     let seen = false;
-    const probePorts = new Set<number>();
-    // the probe's own attempts: to the dead port, from the bash we start (any source port)
+    // the probe's own attempts, to an address of its own on loopback (whatever the source port)
     this.probing = (c) => {
-      if (c.address !== "127.0.0.1" || c.port !== this.deadPort) return false;
+      if (c.address !== PROBE_ADDRESS || c.port !== this.deadPort) return false;
       seen = true;
-      probePorts.add(c.sourcePort);
       return true;
     };
-    try {
-      while (!seen) {
-        if (this.stopped) throw new Error("the conntrack watch ended before it was ready");
-        if (Date.now() > deadline) throw new Error(`the conntrack watch reported nothing within ${timeoutMs} ms`);
-        await run("nsenter", ["-t", String(this.pid), "-n", "--", "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/${this.deadPort}`], { timeout: 2_000 }).catch(() => undefined);
-        if (!seen) await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS));
-      }
-    } finally {
-      // late echoes of the probe are still the probe's; after a moment, every event counts
-      setTimeout(() => (this.probing = null), 200).unref();
+    while (!seen) {
+      if (this.stopped) throw new Error("the conntrack watch ended before it was ready");
+      if (Date.now() > deadline) throw new Error(`the conntrack watch reported nothing within ${timeoutMs} ms`);
+      await run("nsenter", ["-t", String(this.pid), "-n", "--", "bash", "-c", `exec 3<>/dev/tcp/${PROBE_ADDRESS}/${this.deadPort}`], { timeout: 2_000 }).catch(() => undefined);
+      if (!seen) await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS));
     }
   }
 

@@ -3,7 +3,8 @@
  * make sure nothing it started outlives it before `exit` is reported.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { statSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
+import { constants } from "node:os";
 import type { Readable } from "node:stream";
 import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
@@ -72,6 +73,13 @@ export interface ExecLink {
 }
 
 type LeaderExit = { code: number | null; signal: NodeJS.Signals | null };
+
+/** How often a forker-started leader is looked up in /proc (see reapedBehindForker). */
+const REAP_CHECK_MS = 500;
+
+function signalName(n: number): string | undefined {
+  return Object.entries(constants.signals).find(([, v]) => v === n)?.[0];
+}
 
 export class RunningExec {
   readonly execId: number;
@@ -146,7 +154,7 @@ export class RunningExec {
     const forker = this.link.forker;
     if (!forker) return this.spawnWithNode();
     forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid }).then(
-      (c) => this.started(c.pid, c.stdout, c.stderr, c.exited),
+      (c) => this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.reapedBehindForker(c.pid)])),
       (err: Error) => {
         if (err instanceof SpawnFailure) {
           // worded as Node's spawn words it
@@ -221,6 +229,41 @@ export class RunningExec {
     else if (this.signalOnStart) this.signal(this.signalOnStart);
   }
 
+  /**
+   * The forker reports exits; a forker the agent stopped (SIGSTOP, same uid)
+   * reports nothing, and its dead children stay zombies. So /proc is checked
+   * too: a leader seen as a zombie, or gone, on two checks in a row without
+   * an exit report has exited, with the status the kernel keeps for it.
+   */
+  private reapedBehindForker(pid: number): Promise<LeaderExit> {
+    return new Promise((resolve) => {
+      let strikes = 0;
+      const timer = setInterval(() => {
+        if (this.leaderExited) return void clearInterval(timer);
+        let stat: string | null = null;
+        try {
+          stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+        } catch {
+          stat = null;
+        }
+        const fields = stat?.slice(stat.lastIndexOf(")") + 2).split(" ") ?? [];
+        if (stat !== null && fields[0] !== "Z") {
+          strikes = 0;
+          return;
+        }
+        if (++strikes < 2) return;
+        clearInterval(timer);
+        log("warn", "the forker did not report an exit; taken from /proc", { execId: this.execId, pid });
+        // field 52, exit_code: the wait status
+        const status = Number(fields[49]);
+        if (stat === null || !Number.isInteger(status)) resolve({ code: null, signal: "SIGKILL" });
+        else if ((status & 0x7f) === 0) resolve({ code: (status >> 8) & 0xff, signal: null });
+        else resolve({ code: null, signal: (signalName(status & 0x7f) ?? "SIGKILL") as NodeJS.Signals });
+      }, REAP_CHECK_MS);
+      timer.unref();
+    });
+  }
+
   /** ENOENT is also what a missing cwd produces; say which it was. */
   private explainSpawnError(code: string | undefined, message: string): string {
     if (code !== "ENOENT") return message;
@@ -282,6 +325,7 @@ export class RunningExec {
   }
 
   private async onLeaderExit(exitCode: number | null, signal: NodeJS.Signals | null): Promise<void> {
+    if (this.leaderExited) return;
     this.leaderExited = true;
     for (const t of this.timers) clearTimeout(t);
     this.lastOutputAt = Date.now();

@@ -33,10 +33,13 @@ import { errorFields, log } from "./log.js";
 
 /** Python 3, `python3 -I -S -c`. */
 const FORKER_PY = String.raw`
-import ctypes, errno, json, os, select, signal, socket, struct, subprocess, sys
-# Not dumpable: the agent's processes run as this same uid and must not
-# ptrace the forker (or read its memory) to start commands behind the shim.
-ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+import ctypes
+# First of all, not dumpable: the agent's processes run as this same uid and
+# must not ptrace the forker (or read its memory). The shim starts no command
+# of this uid until the forker says "ready", which it does only after this.
+if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+    raise SystemExit("prctl(PR_SET_DUMPABLE) failed")
+import errno, json, os, select, signal, socket, struct, subprocess, sys
 buf = b""
 while b"\n" not in buf:
     c = os.read(0, 65536)
@@ -132,6 +135,10 @@ while True:
 `;
 
 const HEADER_BYTES = 4 + 1 + 32;
+const HEADER_TIMEOUT_MS = 2_000;
+const MAX_UNAUTHENTICATED = 32;
+/** how long commands of the owner wait for a starting forker before it is given up for good */
+const READY_TIMEOUT_MS = 5_000;
 /** a request the forker has not answered in this long means it is stuck: commands go back to Node */
 const ANSWER_TIMEOUT_MS = 5_000;
 
@@ -190,6 +197,13 @@ export class Forker {
   /** exits of commands already handed over, by id */
   private readonly running = new Map<number, (e: { code: number | null; signal: NodeJS.Signals | null }) => void>();
   private ready = false;
+  /** once stopped or dead, never started again: a new forker would be dumpable while the agent's processes run */
+  private dead = false;
+  /** resolves true once ready, false if it failed first */
+  private readiness: Promise<boolean> | null = null;
+  private settleReadiness: (ok: boolean) => void = () => undefined;
+  /** output-socket connections that have not sent their header yet */
+  private unauthenticated = 0;
   private buf = "";
 
   private uid: number | null = null;
@@ -209,9 +223,17 @@ export class Forker {
    * there), and every connection must carry the token, which only the
    * forker (not dumpable) holds.
    */
-  private start(uid: number, gid: number): void {
+  startFor(uid: number, gid: number): void {
+    if (this.readiness || this.dead) return;
     this.uid = uid;
     this.gid = gid;
+    this.readiness = new Promise<boolean>((resolve) => (this.settleReadiness = resolve));
+    const giveUp = setTimeout(() => {
+      if (this.ready) return;
+      log("warn", "forker not ready in time; commands are started by node", { timeoutMs: READY_TIMEOUT_MS });
+      this.stop();
+    }, READY_TIMEOUT_MS);
+    void this.readiness.then(() => clearTimeout(giveUp));
     let socketPath: string;
     try {
       const dir = mkdtempSync("/tmp/.sandboxd-forker-");
@@ -249,17 +271,19 @@ export class Forker {
       child.stdout!.setEncoding("utf8");
       child.stdout!.on("data", (s: string) => this.onReplies(s));
       child.once("exit", (code, signal) => {
+        if (this.child !== child) return; // stopped already
         log("warn", "forker exited; commands are started by node", { code, signal });
         this.child = null;
-        this.ready = false;
-        this.failAll(new Error(`the forker exited (${signal ?? code})`));
+        this.stop();
       });
     });
     this.server = server;
   }
 
   stop(): void {
+    this.dead = true;
     this.ready = false;
+    this.settleReadiness(false);
     this.child?.kill("SIGKILL");
     this.child = null;
     this.server?.close();
@@ -275,11 +299,12 @@ export class Forker {
    * caller may start it with Node), and with another Error when the forker
    * failed midway (whether the command started is unknown: not to be retried).
    */
-  spawn(req: ForkRequest): Promise<ForkedCommand> {
-    if (this.uid === null) this.start(req.uid, req.gid); // for this uid from now on; this command goes to node
+  async spawn(req: ForkRequest): Promise<ForkedCommand> {
+    if (req.uid !== this.uid || req.gid !== this.gid) throw new ForkerUnavailable("the forker runs as another user, or not at all");
+    // While the forker starts, commands of its user wait: none may run while it is still dumpable.
+    if (!this.ready && this.readiness && !this.dead) await this.readiness;
     const child = this.child;
-    if (!this.usable || !child) return Promise.reject(new ForkerUnavailable("the forker is not running"));
-    if (req.uid !== this.uid || req.gid !== this.gid) return Promise.reject(new ForkerUnavailable("the forker runs as another user"));
+    if (!this.usable || !child) throw new ForkerUnavailable("the forker is not running");
     return new Promise((resolve, reject) => {
       let onExit!: Pending["onExit"];
       const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => (onExit = r));
@@ -308,7 +333,9 @@ export class Forker {
         return;
       }
       if (m.type === "ready") {
+        if (this.dead) continue;
         this.ready = true;
+        this.settleReadiness(true);
         log("info", "forker ready", { pid: this.child?.pid });
         continue;
       }
@@ -347,10 +374,22 @@ export class Forker {
 
   private onOutput(sock: net.Socket): void {
     sock.on("error", (err) => log("debug", "forker output socket error", errorFields(err)));
+    if (this.unauthenticated >= MAX_UNAUTHENTICATED) return void sock.destroy();
+    this.unauthenticated++;
+    let counted = true;
+    const authenticated = () => {
+      if (counted) this.unauthenticated--;
+      counted = false;
+      clearTimeout(deadline);
+    };
+    // the forker sends its header at once; anyone else gets a moment, not a slot
+    const deadline = setTimeout(() => sock.destroy(), HEADER_TIMEOUT_MS);
+    sock.once("close", authenticated);
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
       if (head.length < HEADER_BYTES) return;
+      authenticated();
       sock.off("data", onData);
       sock.pause();
       const rest = head.subarray(HEADER_BYTES);
@@ -360,6 +399,10 @@ export class Forker {
       const p = this.pending.get(id);
       if (!p || !timingSafeEqual(head.subarray(5, HEADER_BYTES), this.token) || (kind !== 1 && kind !== 2)) {
         sock.destroy();
+        return;
+      }
+      if ((kind === 1 && p.stdout) || (kind === 2 && p.stderr)) {
+        sock.destroy(); // the first stream of each kind stands
         return;
       }
       if (kind === 1) p.stdout = sock;

@@ -46,6 +46,8 @@ class Shim implements ExecLink {
   private readonly execs = new Map<number, RunningExec>();
   private socket: net.Socket | null = null;
   private welcomed = false;
+  /** a command has been asked for since the shim began */
+  private anyExec = false;
   private readonly tunnels: TunnelListeners;
   /** starts commands without forking the shim (see forker.ts) */
   readonly forker: Forker;
@@ -183,6 +185,9 @@ class Shim implements ExecLink {
         clearTimeout(welcomeTimer);
         this.welcomed = true;
         log("info", "welcomed by the daemon", { phaseId: message.phaseId });
+        // Only before any command has run: no process of the owner's uid may
+        // exist while the forker is still dumpable (see forker.ts).
+        if (message.owner && !this.anyExec) this.forker.startFor(message.owner.uid, message.owner.gid);
       }
       return;
     }
@@ -196,6 +201,7 @@ class Shim implements ExecLink {
   private dispatch(message: Exclude<DaemonToShim, { type: "welcome" }>): void {
     switch (message.type) {
       case "exec": {
+        this.anyExec = true;
         const { execId } = message;
         if (this.execs.has(execId)) {
           this.send({ type: "spawn_error", execId, code: "EEXIST", message: `execId ${execId} is already running` });

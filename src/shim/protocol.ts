@@ -177,7 +177,17 @@ export type ExitMessage = z.infer<typeof exitSchema>;
 
 /* ---------------------------- daemon -> shim ---------------------------- */
 
-export const welcomeSchema = z.object({ type: z.literal("welcome"), phaseId: z.string() }).strict();
+/**
+ * `owner`: the phase owner's uid and gid. On the first welcome, before any
+ * command has run, the shim starts its forker as that user (forker.ts).
+ */
+export const welcomeSchema = z
+  .object({
+    type: z.literal("welcome"),
+    phaseId: z.string(),
+    owner: z.object({ uid: z.number().int().min(1), gid: z.number().int().min(0) }).strict().optional(),
+  })
+  .strict();
 
 export const execSchema = z
   .object({

@@ -154,6 +154,7 @@ describe("network boundary (connections to anything but services)", () => {
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "stray", mode: "test" });
     const targets: Array<[string, number]> = [
       ["127.0.0.1", 5433], // a loopback port that is not a service
+      ["127.0.0.1", 1], // the dead port itself (the watch's own probe uses another address)
       ["127.0.0.2", 5432], // a service port on another loopback address
       ["10.0.0.1", 80], // another host
       ["172.17.0.1", openPort], // the Docker bridge's host address

@@ -62,7 +62,9 @@ class Conn {
             continue;
           }
           this.events.push({ type: "message", message: parsed.data });
-          if (autoWelcome && parsed.data.type === "hello") this.send({ type: "welcome", phaseId: "phase-test" });
+          if (autoWelcome && parsed.data.type === "hello") {
+            this.send({ type: "welcome", phaseId: "phase-test", ...(viaForker ? { owner: { uid: NOBODY, gid: NOBODY } } : {}) });
+          }
         } else {
           this.events.push({ type: "output", kind: frame.kind, execId: frame.execId, data: frame.payload });
         }
@@ -275,22 +277,14 @@ async function run(conn: Conn, fields: Partial<ExecMessage> & Pick<ExecMessage, 
 
 /**
  * Whether the tests' commands are started by the forker (src/shim/forker.ts):
- * then each shim first runs one command as the tests' user, which starts the
- * forker, and the tests begin once it says it is ready.
+ * then the fake daemon's welcome names the tests' user as the phase owner,
+ * and the shim starts its forker before any command.
  */
 let viaForker = false;
 
 async function welcomed(shim: ShimProcess, n = 0): Promise<Conn> {
   const conn = await shim.daemon.connection(n);
   await conn.message("hello");
-  if (viaForker && n === 0 && shim.daemon.autoWelcome) {
-    await run(conn, { argv: ["true"] });
-    const deadline = Date.now() + 10_000;
-    while (!shim.stderr().includes('"forker ready"')) {
-      if (Date.now() > deadline) throw new Error(`the forker did not start: ${shim.stderr()}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
   return conn;
 }
 
@@ -378,12 +372,33 @@ describe.skipIf(!isRoot)("shim process (real bundle, fake daemon)", { timeout: 3
     const [parent, comm] = r.stdout.toString().trim().split("\n");
     expect(comm).toBe(via === "forker" ? "python3" : "node");
     if (via === "forker") {
+      // the very first command already waited for the forker
+      expect(logLines(shim).some((l) => l.msg === "forker ready")).toBe(true);
       // the forker cannot be read or traced by the user it runs as (the agent's)
       const forkerPid = Number(parent);
       const probe = await run(conn, {
         argv: ["sh", "-c", `cat /proc/${forkerPid}/environ >/dev/null 2>&1 && echo readable || echo denied; ls /tmp/.sandboxd-forker-* >/dev/null 2>&1 && echo listed || echo unlisted`],
       });
       expect(probe.stdout.toString().split("\n").filter(Boolean)).toEqual(["denied", "unlisted"]);
+    }
+  });
+
+  // (registered only where it applies: a skipped test would count for nothing)
+  if (via === "forker") it("a stopped forker cannot hold an exit back: the leader's status is taken from /proc", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const first = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    const forkerPid = Number(first.stdout.toString().trim());
+    expect(readFileSync(`/proc/${forkerPid}/comm`, "utf8").trim()).toBe("python3");
+    const id = sendExec(conn, { argv: ["sh", "-c", "sleep 0.5; exit 7"] });
+    await conn.message("started", id);
+    process.kill(forkerPid, "SIGSTOP"); // as the agent could: same uid
+    try {
+      const r = await finished(conn, id, 10_000);
+      expect(r.exit).toMatchObject({ exitCode: 7, signal: null });
+      expect(logLines(shim).some((l) => l.msg === "the forker did not report an exit; taken from /proc")).toBe(true);
+    } finally {
+      process.kill(forkerPid, "SIGCONT");
     }
   });
 
