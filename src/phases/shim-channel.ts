@@ -178,7 +178,7 @@ export class ShimChannel {
           if (!tokenMatches(msg.token, this.token)) return drop("hello carried a wrong token");
           clearTimeout(helloTimer);
           authenticated = true;
-          this.adopt(sock, msg.pid);
+          this.adopt(sock, msg.pid, msg.features ?? []);
           continue;
         }
         if (frame.kind === FrameKind.Stdout || frame.kind === FrameKind.Stderr) {
@@ -206,7 +206,7 @@ export class ShimChannel {
     });
   }
 
-  private adopt(sock: net.Socket, pid: number): void {
+  private adopt(sock: net.Socket, pid: number, features: readonly string[]): void {
     const previous = this.active;
     this.active = sock;
     if (previous) {
@@ -214,7 +214,9 @@ export class ShimChannel {
       this.failAll(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} reconnected; running commands were ended`));
     }
     if (this.pausedBy > 0) sock.pause();
-    this.send({ type: "welcome", phaseId: this.phaseId, ...(this.owner ? { owner: this.owner } : {}) });
+    // a shim from before "owner" would refuse the whole welcome
+    const owner = this.owner && features.includes("owner") ? { owner: this.owner } : {};
+    this.send({ type: "welcome", phaseId: this.phaseId, ...owner });
     if (this.services) this.send({ type: "listen", services: this.services });
     this.log.info({ phase: this.phaseId, shimPid: pid }, "shim connected");
     const waiters = this.readyWaiters;

@@ -4,7 +4,6 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, statSync } from "node:fs";
-import { constants } from "node:os";
 import type { Readable } from "node:stream";
 import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
@@ -74,12 +73,8 @@ export interface ExecLink {
 
 type LeaderExit = { code: number | null; signal: NodeJS.Signals | null };
 
-/** How often a forker-started leader is looked up in /proc (see reapedBehindForker). */
+/** How often a forker-started leader is looked up in /proc (see lostBehindForker). */
 const REAP_CHECK_MS = 500;
-
-function signalName(n: number): string | undefined {
-  return Object.entries(constants.signals).find(([, v]) => v === n)?.[0];
-}
 
 export class RunningExec {
   readonly execId: number;
@@ -154,7 +149,7 @@ export class RunningExec {
     const forker = this.link.forker;
     if (!forker) return this.spawnWithNode();
     forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid }).then(
-      (c) => this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.reapedBehindForker(c.pid)])),
+      (c) => this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.lostBehindForker(c.pid, c.forkerPid)])),
       (err: Error) => {
         if (err instanceof SpawnFailure) {
           // worded as Node's spawn words it
@@ -232,33 +227,37 @@ export class RunningExec {
   /**
    * The forker reports exits; a forker the agent stopped (SIGSTOP, same uid)
    * reports nothing, and its dead children stay zombies. So /proc is checked
-   * too: a leader seen as a zombie, or gone, on two checks in a row without
-   * an exit report has exited, with the status the kernel keeps for it.
+   * too: a leader that is a zombie (or gone) while the forker is stopped (or
+   * gone), on two checks in a row, has exited. Its status cannot be read
+   * (the kernel shows a zombie's exit code only to a process that may trace
+   * it), so it is reported as lost: killed, like commands whose forker died.
+   * A forker that is merely slow is waited for.
    */
-  private reapedBehindForker(pid: number): Promise<LeaderExit> {
+  private lostBehindForker(pid: number, forkerPid: number): Promise<LeaderExit> {
+    const state = (p: number): string | null => {
+      try {
+        const stat = readFileSync(`/proc/${p}/stat`, "utf8");
+        return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0] ?? null;
+      } catch {
+        return null;
+      }
+    };
     return new Promise((resolve) => {
       let strikes = 0;
       const timer = setInterval(() => {
         if (this.leaderExited) return void clearInterval(timer);
-        let stat: string | null = null;
-        try {
-          stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-        } catch {
-          stat = null;
-        }
-        const fields = stat?.slice(stat.lastIndexOf(")") + 2).split(" ") ?? [];
-        if (stat !== null && fields[0] !== "Z") {
+        const leader = state(pid);
+        const forker = state(forkerPid);
+        const leaderDone = leader === null || leader === "Z";
+        const forkerStuck = forker === null || forker === "Z" || forker === "T" || forker === "t";
+        if (!(leaderDone && forkerStuck)) {
           strikes = 0;
           return;
         }
         if (++strikes < 2) return;
         clearInterval(timer);
-        log("warn", "the forker did not report an exit; taken from /proc", { execId: this.execId, pid });
-        // field 52, exit_code: the wait status
-        const status = Number(fields[49]);
-        if (stat === null || !Number.isInteger(status)) resolve({ code: null, signal: "SIGKILL" });
-        else if ((status & 0x7f) === 0) resolve({ code: (status >> 8) & 0xff, signal: null });
-        else resolve({ code: null, signal: (signalName(status & 0x7f) ?? "SIGKILL") as NodeJS.Signals });
+        log("warn", "the forker is stopped and did not report an exit; status lost, reported as killed", { execId: this.execId, pid });
+        resolve({ code: null, signal: "SIGKILL" });
       }, REAP_CHECK_MS);
       timer.unref();
     });

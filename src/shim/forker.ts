@@ -18,9 +18,10 @@
  * read its memory. The command's stdout and stderr are unix stream sockets
  * to the shim: the forker connects two to the shim's output socket, with a
  * 37-byte header (exec id, stream, token), before it starts the command,
- * which takes them as fds 1 and 2. The socket has a random name in a
- * root-owned 0711 directory under /tmp (nothing there can be listed), and a
- * connection without the token is dropped. The forker reaps its children and
+ * which takes them as fds 1 and 2. The socket is in a root-owned 0711
+ * directory under /tmp (its path still shows in /proc/net/unix); a
+ * connection without the token within 2 s is dropped, and a flood of them
+ * only pushes out older unauthenticated ones. The forker reaps its children and
  * reports each exit. Requests and replies are JSON lines on the forker's
  * stdin and stdout, which only the shim holds.
  */
@@ -153,6 +154,8 @@ export interface ForkRequest {
 
 export interface ForkedCommand {
   pid: number;
+  /** the forker's pid (its state tells a stopped forker from a slow one) */
+  forkerPid: number;
   stdout: net.Socket;
   stderr: net.Socket;
   /** the command's exit, as the forker reaped it */
@@ -202,8 +205,8 @@ export class Forker {
   /** resolves true once ready, false if it failed first */
   private readiness: Promise<boolean> | null = null;
   private settleReadiness: (ok: boolean) => void = () => undefined;
-  /** output-socket connections that have not sent their header yet */
-  private unauthenticated = 0;
+  /** output-socket connections that have not sent their header yet, oldest first */
+  private readonly waiting = new Set<net.Socket>();
   private buf = "";
 
   private uid: number | null = null;
@@ -218,9 +221,8 @@ export class Forker {
   /**
    * Starts the output socket and the forker process, running as `uid:gid`;
    * failures leave the forker unusable, never throw. The socket must be
-   * reachable by that uid, which is also the agent's: it lives under a
-   * random name in a root-owned 0711 directory (nothing can be listed
-   * there), and every connection must carry the token, which only the
+   * reachable by that uid, which is also the agent's (its path shows in
+   * /proc/net/unix); every connection must carry the token, which only the
    * forker (not dumpable) holds.
    */
   startFor(uid: number, gid: number): void {
@@ -374,12 +376,12 @@ export class Forker {
 
   private onOutput(sock: net.Socket): void {
     sock.on("error", (err) => log("debug", "forker output socket error", errorFields(err)));
-    if (this.unauthenticated >= MAX_UNAUTHENTICATED) return void sock.destroy();
-    this.unauthenticated++;
-    let counted = true;
+    // Over the cap, the oldest waiting connection goes, not the new one: the
+    // forker sends its header with the connect, so its own always gets in.
+    if (this.waiting.size >= MAX_UNAUTHENTICATED) this.waiting.values().next().value?.destroy();
+    this.waiting.add(sock);
     const authenticated = () => {
-      if (counted) this.unauthenticated--;
-      counted = false;
+      this.waiting.delete(sock);
       clearTimeout(deadline);
     };
     // the forker sends its header at once; anyone else gets a moment, not a slot
@@ -419,7 +421,7 @@ export class Forker {
     if (!p || p.started === undefined || !p.stdout || !p.stderr) return;
     this.settle(id);
     if (!p.ended) this.running.set(id, (e) => p.onExit(e));
-    p.resolve({ pid: p.started, stdout: p.stdout, stderr: p.stderr, exited: p.exited });
+    p.resolve({ pid: p.started, forkerPid: this.child?.pid ?? 0, stdout: p.stdout, stderr: p.stderr, exited: p.exited });
   }
 
   private settle(id: number): void {
@@ -434,6 +436,14 @@ export class Forker {
       this.settle(id);
       p.stdout?.destroy();
       p.stderr?.destroy();
+      // started but never handed over: nobody would track or kill it
+      if (p.started !== undefined) {
+        try {
+          process.kill(-p.started, "SIGKILL");
+        } catch {
+          // gone already
+        }
+      }
       p.reject(err);
     }
     // commands already running lose their exit report; their output still ends

@@ -155,6 +155,7 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
+        features: ["owner"],
       });
     });
   }

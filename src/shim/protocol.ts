@@ -137,6 +137,12 @@ export const helloSchema = z
     node: z.string().max(64),
     /** execs the shim still tracks after a reconnect (normally none: it kills them on disconnect) */
     running: z.array(execIdSchema).max(10_000),
+    /**
+     * What this shim understands beyond protocol 1, so that a daemon can
+     * still talk to the shims of containers started by an older version:
+     * "owner" — a welcome may name the phase owner (forker.ts).
+     */
+    features: z.array(z.string().max(32)).max(32).optional(),
   })
   .strict();
 
