@@ -34,6 +34,7 @@ export interface StrayOptions {
 
 export class StrayConnections {
   private readonly bucket: TokenBucket;
+  private lastLossAt = -Infinity;
   private dropped = 0;
   private timer: NodeJS.Timeout | null = null;
 
@@ -58,6 +59,22 @@ export class StrayConnections {
       )
       .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused connection"));
     this.opts.log.info({ phase: this.opts.phaseId, target }, "stray connection refused");
+  }
+
+  /**
+   * The watch lost events (the kernel could not hand them all over): some
+   * refused connections went unrecorded. Said once a second at most.
+   */
+  lost(what: string): void {
+    const now = this.opts.clock.monotonicMs();
+    if (now - this.lastLossAt < 1000) return;
+    this.lastLossAt = now;
+    const reason = `conntrack lost events, so some refused connections went unrecorded (they were still refused): ${what}`;
+    void this.opts.rec
+      .record({ type: "net.watch", lost: true, rule: STRAY_RULE, clause: NETWORK_CLAUSE, reason }, [
+        actionLine(timestamp(this.opts.clock.now()), "NET", "WATCH", "conntrack", `LOST EVENTS: ${reason}`),
+      ])
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record lost watch events"));
   }
 
   /** Records what is still counted; call when the phase ends. */

@@ -394,6 +394,7 @@ export class PhaseManager {
         DEAD_PORT,
         (c) => live.stray?.refused(c),
         (why) => void this.watchEnded(live, why),
+        (what) => live.stray?.lost(what),
       );
       live.watch = watch;
       // The watch subscribes while the rules go in (after a restart the namespace

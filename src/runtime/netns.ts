@@ -158,6 +158,8 @@ export class RefusalWatch {
     onRefused: (c: RefusedConnection) => void,
     /** the watch ended on its own (its process failed or exited) */
     private readonly onEnd: (why: string) => void,
+    /** conntrack says it lost events (ENOBUFS): some refusals went unrecorded */
+    onLoss: (what: string) => void = () => undefined,
   ) {
     // setpriv --pdeathsig: the watch dies with the daemon, even a SIGKILLed one (it
     // would otherwise keep the namespace alive after the container is gone)
@@ -167,7 +169,11 @@ export class RefusalWatch {
     });
     this.child = child;
     let stderr = "";
-    child.stderr!.on("data", (b: Buffer) => (stderr = (stderr + b.toString("utf8")).slice(-2000)));
+    child.stderr!.on("data", (b: Buffer) => {
+      const text = b.toString("utf8");
+      stderr = (stderr + text).slice(-2000);
+      if (/ENOBUFS|losing events/i.test(text)) onLoss(text.trim().split("\n")[0]!.slice(0, 300));
+    });
     createInterface({ input: child.stdout! }).on("line", (line) => {
       const c = parseRefusal(line);
       if (!c) return;

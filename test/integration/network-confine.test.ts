@@ -205,7 +205,7 @@ describe("network boundary (connections to anything but services)", () => {
     expect(log).toMatch(/\[NET\] \[CONNECT\] \[127\.0\.0\.1:5433\] \[FORBID net\.unlisted-destination/);
   });
 
-  it("accounts for every attempt of a connect loop: one by one up to the rate, the rest in a summary", async () => {
+  it("accounts for every attempt of a connect loop (one by one up to the rate, the rest in a summary), or records that events were lost", async () => {
     const project = await makeProject();
     cleanup.push(project);
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "burst", mode: "test" });
@@ -220,12 +220,22 @@ describe("network boundary (connections to anything but services)", () => {
         summarised: recs.reduce((a, e) => a + (typeof e.count === "number" ? e.count : 0), 0),
       };
     };
+    const lossRecorded = async () => (await netRecords(phase.id)).some((e) => e.type === "net.watch" && e.lost === true);
     let got = await accounted();
     for (let i = 0; i < 60 && got.single + got.summarised < n; i++) {
       await new Promise((res) => setTimeout(res, 100));
       got = await accounted();
     }
-    expect(got.single + got.summarised).toBe(n);
+    if (got.single + got.summarised < n) {
+      // On a loaded machine the kernel can drop conntrack events (ENOBUFS):
+      // then, and only then, fewer are accounted for, and the trail says so.
+      await new Promise((res) => setTimeout(res, 1_500)); // the last summary
+      got = await accounted();
+      expect(await lossRecorded(), `only ${got.single + got.summarised} of ${n} accounted for, and no loss on record`).toBe(true);
+      expect(got.single + got.summarised).toBeLessThan(n);
+    } else {
+      expect(got.single + got.summarised).toBe(n);
+    }
     expect(got.single).toBeLessThan(n); // the rate limit kicked in
     expect(got.summarised).toBeGreaterThan(0);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
