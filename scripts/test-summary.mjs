@@ -16,12 +16,13 @@ for (const file of files) {
     failed += 1;
     continue;
   }
-  // A test file that fails to load counts as a failed suite with no failed tests in it.
-  const suitesWithFailedTests = (report.testResults ?? []).filter(
-    (s) => s.status === "failed" && (s.assertionResults ?? []).some((a) => a.status === "failed"),
+  // A test file that fails to load is a failed file with no failed test in it: one failure.
+  // (numFailedTestSuites is not used: vitest counts every failed describe block in it.)
+  const filesFailedWithoutTests = (report.testResults ?? []).filter(
+    (s) => s.status === "failed" && !(s.assertionResults ?? []).some((a) => a.status === "failed"),
   ).length;
   passed += report.numPassedTests ?? 0;
-  failed += (report.numFailedTests ?? 0) + (report.numFailedTestSuites ?? 0) - suitesWithFailedTests;
+  failed += (report.numFailedTests ?? 0) + filesFailedWithoutTests;
   skipped += (report.numPendingTests ?? 0) + (report.numTodoTests ?? 0);
 }
 console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}`);
