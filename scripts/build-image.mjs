@@ -42,7 +42,7 @@ async function main() {
   const started = Date.now();
   const log = (line) => process.stdout.write(`${line}\n`);
   const result = await image.ensureSandboxImage(new Docker(), {
-    tag: args.tag ?? image.DEFAULT_SANDBOX_IMAGE,
+    tag: args.tag ?? (process.env.SANDBOXD_IMAGE || image.DEFAULT_SANDBOX_IMAGE),
     ...(args.base === undefined ? {} : { base: args.base }),
     dockerfileDir: path.join(root, "sandbox"),
     shimBundlePath: args.shim ?? path.join(root, "dist", "shim", "shim.cjs"),

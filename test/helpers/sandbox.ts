@@ -13,6 +13,14 @@ import Docker from "dockerode";
 import pino from "pino";
 import { ApiClient } from "../../src/cli/client.js";
 import { DEFAULT_IMAGE, resolveSettings } from "../../src/config/settings.js";
+
+/**
+ * The sandbox image the tests run: SANDBOXD_IMAGE when set (so two checkouts on
+ * one engine each test their own shim), else the default tag.
+ */
+export const TEST_IMAGE = process.env.SANDBOXD_IMAGE || DEFAULT_IMAGE;
+/** What the tests pass as the daemon's environment: only the image choice. */
+export const TEST_ENV: NodeJS.ProcessEnv = process.env.SANDBOXD_IMAGE ? { SANDBOXD_IMAGE: process.env.SANDBOXD_IMAGE } : {};
 import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -29,9 +37,9 @@ export async function requireEngineAndImage(): Promise<void> {
     throw new Error(`no Docker engine reachable (${(err as Error).message}); run \`npm test\`, which starts one`);
   }
   try {
-    await docker.getImage(DEFAULT_IMAGE).inspect();
+    await docker.getImage(TEST_IMAGE).inspect();
   } catch {
-    throw new Error(`sandbox image ${DEFAULT_IMAGE} missing; run \`npm test\` (or \`sandboxd image build\`)`);
+    throw new Error(`sandbox image ${TEST_IMAGE} missing; run \`npm test\` (or \`sandboxd image build\`)`);
   }
 }
 
@@ -115,7 +123,7 @@ export interface TestDaemon {
 export async function startTestDaemon(opts: { policy?: string } = {}): Promise<TestDaemon> {
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, {});
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, TEST_ENV);
   const daemon = await startDaemon(settings, { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) });
   return {
     daemon,

@@ -13,6 +13,7 @@ import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import {
   OWNER,
+  TEST_ENV,
   ROOT,
   cli,
   containersOf,
@@ -285,7 +286,7 @@ async function startTestDaemonAt(stateDir: string) {
   const { ApiClient } = await import("../../src/cli/client.js");
   const sockDir = await tempDir("fullsock");
   const socket = path.join(sockDir, "s.sock");
-  const daemon = await startDaemon(resolveSettings({ socket, stateDir }, {}), { log: pino({ level: "silent" }) });
+  const daemon = await startDaemon(resolveSettings({ socket, stateDir }, TEST_ENV), { log: pino({ level: "silent" }) });
   return {
     api: new ApiClient(socket),
     close: async () => {
