@@ -371,7 +371,7 @@ export class PhaseManager {
       rec: live.rec,
       clock: this.opts.clock,
       log: this.opts.log,
-      services: () => listenList(live.services),
+      services: () => live.services,
     });
     live.channel?.setServices(listenList(live.services));
   }
