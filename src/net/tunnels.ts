@@ -28,6 +28,7 @@ import type { Clock } from "../util/clock.js";
 import { handleProxyClient } from "./proxy.js";
 import { TokenBucket } from "./rate.js";
 import { handleRedisClient } from "./redis.js";
+import { openRedisUpstream, RedisUnreachable } from "./redis-upstream.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
 
 const HEADER_TIMEOUT_MS = 5_000;
@@ -65,6 +66,14 @@ export interface TunnelServerOptions {
   log: Logger;
   /** the SQL gateway (src/db/gateway.ts) once it exists; null: raw pipe to the test database only */
   gateway?: GatewayHandoff | null;
+}
+
+/** Counts of one Redis connection, in its net.close record. */
+interface RedisCounts {
+  commands: number;
+  reads: number;
+  writes: number;
+  refused: number;
 }
 
 interface Refusal {
@@ -242,7 +251,7 @@ export class TunnelServer {
     // bytes that came with the header belong to the tunnelled stream
     if (head.length > 0) sock.unshift(head);
     const started = this.opts.clock.monotonicMs();
-    let redisCommands: number | null = null;
+    let redisCounts: RedisCounts | null = null;
     let proxyTarget: string | null = null;
     const closed = (error: string | null) => {
       const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
@@ -259,7 +268,7 @@ export class TunnelServer {
             bytesOut,
             durationMs,
             error,
-            ...(redisCommands !== null ? { commands: redisCommands } : {}),
+            ...(redisCounts ?? {}),
             ...(proxyIndex ? { target: proxyTarget } : {}),
           },
           [
@@ -268,7 +277,7 @@ export class TunnelServer {
               "NET",
               "CLOSE",
               `${service.name} 127.0.0.1:${service.port}${proxyTarget ? ` CONNECT ${proxyTarget}` : ""}`,
-              `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`,
+              `in=${bytesIn} out=${bytesOut} ${durationMs}ms${redisCounts ? ` reads=${redisCounts.reads} writes=${redisCounts.writes} refused=${redisCounts.refused}` : ""}${error ? ` ERROR ${error}` : ""}`,
             ),
           ],
         )
@@ -309,35 +318,67 @@ export class TunnelServer {
       );
       return;
     }
-    if (via === "redis-filter") {
-      redisCommands = 0;
-      let filtered: Promise<unknown> = Promise.resolve();
-      // net.close waits for the filter's count of forwarded commands
-      return this.pipeRaw(sock, service, (error) => void filtered.then(() => closed(error)), (upstream) => {
-        filtered = handleRedisClient(sock, upstream, {
-          mode: this.opts.mode,
-          record: async (event, lines) => {
-            await this.opts.rec.record({ ...event, type: String(event.type), service: service.name, port: service.port }, lines);
-          },
-        }).then((r) => {
-          redisCommands = r.commands;
-        });
-      });
-    }
+    if (via === "redis-filter") return void this.relayRedis(sock, service, closed, (c) => (redisCounts = c));
     this.pipeRaw(sock, service, closed);
   }
 
-  /** Dials the upstream; `relay` (default: a raw pipe both ways) takes over once it is connected. */
-  private pipeRaw(
-    sock: net.Socket,
-    service: ResolvedService,
-    closed: (error: string | null) => void,
-    relay: (upstream: net.Socket) => void = (upstream) => {
+  /**
+   * Redis: the daemon's own logged-in connection (src/net/redis-upstream.ts),
+   * then the command filter. When Redis cannot be reached or refuses the
+   * login, the client gets a RESP error naming the cause, recorded first.
+   */
+  private async relayRedis(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void, counts: (c: RedisCounts) => void): Promise<void> {
+    const where = `${service.upstream!.host}:${service.upstream!.port}`;
+    const login = service.redis ?? { user: null, password: null, db: 0 };
+    const record = async (event: Record<string, unknown>, lines: string[]) => {
+      await this.opts.rec.record({ ...event, type: String(event.type), service: service.name, port: service.port }, lines);
+    };
+    let upstream: net.Socket;
+    try {
+      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
+        this.sockets.add(s);
+        s.once("close", () => this.sockets.delete(s));
+      });
+    } catch (e) {
+      const reason = e instanceof RedisUnreachable ? e.message : String(e);
+      const text = `sandboxd: Redis at ${where} unreachable: ${reason}`;
+      try {
+        await record({ type: "redis.unreachable", upstream: where, reason, mode: this.opts.mode }, [
+          actionLine(this.ts(), "NET", "REDIS", where, `ERROR unreachable: ${reason}`),
+        ]);
+        if (!sock.destroyed) sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+      } catch {
+        sock.destroy();
+      }
+      if (sock.destroyed) closed(text);
+      else sock.once("close", () => closed(text));
+      sock.resume(); // drain what the client sent meanwhile, so the end completes
+      return;
+    }
+    if (sock.destroyed || this.closed) {
+      upstream.destroy();
+      closed("the sandbox side closed before the upstream was ready");
+      return;
+    }
+    const r = await handleRedisClient(sock, upstream, {
+      mode: this.opts.mode,
+      db: login.db,
+      now: () => this.opts.clock.now(),
+      record,
+      recordMany: (entries) =>
+        this.opts.rec.recordMany(entries.map((e) => ({ event: { ...e.event, type: String(e.event.type), service: service.name, port: service.port }, lines: e.lines }))),
+    });
+    counts({ commands: r.commands, reads: r.reads, writes: r.writes, refused: r.refused });
+    closed(r.error);
+  }
+
+  /** Dials the upstream and pipes both ways. */
+  private pipeRaw(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void): void {
+    const relay = (upstream: net.Socket) => {
       sock.pipe(upstream);
       upstream.pipe(sock);
       sock.resume();
-    },
-  ): void {
+    };
     const upstream = net.connect({ host: service.upstream!.host, port: service.upstream!.port });
     this.sockets.add(upstream);
     upstream.once("close", () => this.sockets.delete(upstream));
