@@ -32,22 +32,50 @@
  * - CancelRequest from the client is mapped from the key the gateway gave it
  *   to the upstream backend's key.
  */
-import { createHash, createHmac, pbkdf2Sync, randomBytes, randomInt, timingSafeEqual } from "node:crypto";
-import net from "node:net";
+import { randomBytes, randomInt } from "node:crypto";
+import type net from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { escapeControl, timestamp } from "../audit/format.js";
+import { systemClock, type Clock } from "../util/clock.js";
 import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlRules, type SqlVerdict } from "./classify.js";
 import { classifyQuestDb } from "./questdb-gate.js";
+import { PgSession, isWrite } from "./session.js";
+import { cancelKeys, connectUpstream, sendCancel, UpstreamError, type GatewayUpstream, type Upstream, type UpstreamKey } from "./upstream.js";
+import {
+  ByteReader,
+  CANCEL_REQUEST,
+  GSSENC_REQUEST,
+  MAX_MESSAGE,
+  PROTOCOL_3,
+  SSL_REQUEST,
+  T_BIND,
+  T_CLOSE,
+  T_COMMAND_COMPLETE,
+  T_COPY_DATA,
+  T_COPY_DONE,
+  T_COPY_FAIL,
+  T_DESCRIBE,
+  T_ERROR,
+  T_EXECUTE,
+  T_FLUSH,
+  T_FUNCTION_CALL,
+  T_PARSE,
+  T_QUERY,
+  T_READY,
+  T_SYNC,
+  T_TERMINATE,
+  cstr,
+  errorResponse,
+  int32,
+  message,
+  parseFields,
+  readyForQuery,
+  rowsFromTag,
+} from "./wire.js";
 
-export interface GatewayUpstream {
-  /** a host name or address; or, as in libpq, a directory (starts with `/`) holding the server's unix socket `.s.PGSQL.<port>` */
-  host: string;
-  port: number;
-  user: string;
-  password: string;
-  database: string;
-}
+export type { GatewayUpstream } from "./upstream.js";
+export { rowsFromTag } from "./wire.js";
 
 /** One audit entry: the journal event and the build_audit.log lines. */
 export interface GatewayRecord {
@@ -78,71 +106,18 @@ export interface GatewayOptions {
   /** upstream idle_in_transaction_session_timeout; default 60000 */
   idleInTransactionTimeoutMs?: number;
   log?: Logger;
+  /** time for the watchdog and the session's bounds; default the system clock */
+  clock?: Clock;
 }
 
 export const MAX_STATEMENT_TIMEOUT_MS = 30_000;
 const WATCHDOG_CANCEL_AFTER_MS = 2_000;
 const WATCHDOG_DROP_AFTER_MS = 5_000;
-const CONNECT_TIMEOUT_MS = 10_000;
-/** larger messages are a protocol violation (PostgreSQL's own limit is 1 GB) */
-const MAX_MESSAGE = 1 << 30;
 
 /** a chunk's output segments up to this many bytes in all are joined into one buffer; larger ones are corked (one writev) */
 const JOIN_MAX = 16 * 1024;
 /** bytes a source may queue while an earlier chunk waits for its records, before it is paused */
 const QUEUE_HIGH_WATER = 256 * 1024;
-
-// message type bytes
-const T_QUERY = 0x51; // Q
-const T_PARSE = 0x50; // P
-const T_BIND = 0x42; // B
-const T_EXECUTE = 0x45; // E (frontend)
-const T_DESCRIBE = 0x44; // D (frontend)
-const T_CLOSE = 0x43; // C (frontend)
-const T_FLUSH = 0x48; // H
-const T_SYNC = 0x53; // S
-const T_TERMINATE = 0x58; // X
-const T_FUNCTION_CALL = 0x46; // F
-const T_COPY_DATA = 0x64; // d
-const T_COPY_DONE = 0x63; // c
-const T_COPY_FAIL = 0x66; // f
-const T_COMMAND_COMPLETE = 0x43; // C (backend)
-const T_ERROR = 0x45; // E (backend)
-const T_READY = 0x5a; // Z
-
-const PROTOCOL_3 = 196608;
-const SSL_REQUEST = 80877103;
-const GSSENC_REQUEST = 80877104;
-const CANCEL_REQUEST = 80877102;
-
-/* ----------------------------- message codec ---------------------------- */
-
-function cstr(s: string): Buffer {
-  return Buffer.from(`${s}\u0000`, "utf8");
-}
-
-function message(type: string, ...parts: Buffer[]): Buffer {
-  const len = parts.reduce((n, p) => n + p.length, 4);
-  const head = Buffer.allocUnsafe(5);
-  head.write(type, 0, "latin1");
-  head.writeInt32BE(len, 1);
-  return Buffer.concat([head, ...parts]);
-}
-
-function int32(n: number): Buffer {
-  const b = Buffer.allocUnsafe(4);
-  b.writeInt32BE(n);
-  return b;
-}
-
-function errorResponse(fields: Record<string, string>): Buffer {
-  const parts = Object.entries(fields).map(([k, v]) => Buffer.concat([Buffer.from(k, "latin1"), cstr(v)]));
-  return message("E", ...parts, Buffer.from([0]));
-}
-
-function readyForQuery(status: "I" | "T" | "E"): Buffer {
-  return message("Z", Buffer.from(status, "latin1"));
-}
 
 /** the gateway's own queries around an allowed paper-mode write; their answers never reach the client */
 const ELEVATE = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"));
@@ -167,250 +142,7 @@ function verdictCache(rules: Readonly<SqlRules> | undefined, engine: GatewayOpti
   return c;
 }
 
-/** ErrorResponse/NoticeResponse body → field code → value */
-function parseFields(body: Buffer): Map<string, string> {
-  const out = new Map<string, string>();
-  let i = 0;
-  while (i < body.length && body[i] !== 0) {
-    const code = String.fromCharCode(body[i]!);
-    const end = body.indexOf(0, i + 1);
-    if (end < 0) break;
-    out.set(code, body.toString("utf8", i + 1, end));
-    i = end + 1;
-  }
-  return out;
-}
-
-/** Rows from a CommandComplete tag: `SELECT 3`, `INSERT 0 1`, `UPDATE 2`, `COPY 5`, … (0 for tags without a count) */
-export function rowsFromTag(tag: string): number {
-  const m = /^(?:SELECT|INSERT \d+|UPDATE|DELETE|MERGE|COPY|FETCH|MOVE) (\d+)$/.exec(tag);
-  return m ? Number(m[1]) : 0;
-}
-
-/* ------------------------------ byte reader ----------------------------- */
-
-/** Buffered reads of exact lengths from a stream, for the startup phase only. */
-class ByteReader {
-  private chunks: Buffer[] = [];
-  private length = 0;
-  private wake: (() => void) | undefined;
-  private failure: Error | undefined;
-
-  constructor(private readonly stream: Duplex) {
-    stream.on("data", this.onData);
-    stream.on("end", this.onEnd);
-    stream.on("close", this.onEnd);
-    stream.on("error", this.onError);
-  }
-
-  private readonly onData = (b: Buffer): void => {
-    this.chunks.push(b);
-    this.length += b.length;
-    this.wake?.();
-  };
-  private readonly onEnd = (): void => {
-    this.failure ??= new Error("connection closed");
-    this.wake?.();
-  };
-  private readonly onError = (e: Error): void => {
-    this.failure ??= e;
-    this.wake?.();
-  };
-
-  async read(n: number): Promise<Buffer> {
-    while (this.length < n) {
-      if (this.failure) throw this.failure;
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = undefined;
-    }
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
-    this.chunks = all.length > n ? [all.subarray(n)] : [];
-    this.length -= n;
-    return all.subarray(0, n);
-  }
-
-  /** a typed message: type byte, int32 length, body */
-  async message(): Promise<{ type: string; body: Buffer }> {
-    const head = await this.read(5);
-    const len = head.readInt32BE(1);
-    if (len < 4 || len > MAX_MESSAGE) throw new Error(`bad message length ${len}`);
-    const body = await this.read(len - 4);
-    return { type: String.fromCharCode(head[0]!), body };
-  }
-
-  /** Stops listening and returns what was read but not consumed; the stream is left paused. */
-  detach(): Buffer | undefined {
-    this.stream.off("data", this.onData);
-    this.stream.off("end", this.onEnd);
-    this.stream.off("close", this.onEnd);
-    this.stream.off("error", this.onError);
-    this.stream.pause();
-    const rest = this.chunks.length ? Buffer.concat(this.chunks) : undefined;
-    this.chunks = [];
-    this.length = 0;
-    return rest;
-  }
-}
-
-/* ------------------------------- cancel keys ---------------------------- */
-
-interface UpstreamKey {
-  host: string;
-  port: number;
-  pid: number;
-  secret: number;
-}
-
-/** the key each client was given → the upstream backend's key */
-const cancelKeys = new Map<string, UpstreamKey>();
-
-/** TCP to host:port, or the unix socket `<dir>/.s.PGSQL.<port>` when host is a directory (libpq's convention) */
-function dial(host: string, port: number): net.Socket {
-  return host.startsWith("/") ? net.connect({ path: `${host}/.s.PGSQL.${port}` }) : net.connect({ host, port });
-}
-
-function sendCancel(key: UpstreamKey): void {
-  const s = dial(key.host, key.port);
-  s.on("error", () => undefined);
-  s.setTimeout(CONNECT_TIMEOUT_MS, () => s.destroy());
-  s.on("connect", () => {
-    const b = Buffer.allocUnsafe(16);
-    b.writeInt32BE(16, 0);
-    b.writeInt32BE(CANCEL_REQUEST, 4);
-    b.writeInt32BE(key.pid, 8);
-    b.writeInt32BE(key.secret, 12);
-    s.end(b);
-  });
-}
-
-/* ------------------------------ upstream auth --------------------------- */
-
-interface Upstream {
-  socket: net.Socket;
-  pid: number;
-  secret: number;
-  /** raw ParameterStatus messages to replay to the client */
-  parameterStatus: Buffer[];
-  status: "I" | "T" | "E";
-  leftover: Buffer | undefined;
-}
-
-class UpstreamError extends Error {
-  constructor(
-    message: string,
-    readonly fields?: Map<string, string>,
-  ) {
-    super(message);
-  }
-}
-
-function scramClientProof(password: string, clientFirstBare: string, serverFirst: string, clientNonce: string) {
-  const attrs = new Map(serverFirst.split(",").map((kv) => [kv.slice(0, 1), kv.slice(2)] as const));
-  const nonce = attrs.get("r");
-  const salt = attrs.get("s");
-  const iterations = Number(attrs.get("i"));
-  if (!nonce || !salt || !Number.isInteger(iterations) || iterations < 1) throw new UpstreamError("bad SCRAM server-first-message");
-  if (!nonce.startsWith(clientNonce) || nonce.length === clientNonce.length) throw new UpstreamError("SCRAM nonce mismatch");
-  if (iterations > 1_000_000) throw new UpstreamError("SCRAM iteration count too large");
-  // SASLprep is not applied: the gateway's password is generated ASCII
-  const salted = pbkdf2Sync(password.normalize("NFKC"), Buffer.from(salt, "base64"), iterations, 32, "sha256");
-  const clientKey = createHmac("sha256", salted).update("Client Key").digest();
-  const storedKey = createHash("sha256").update(clientKey).digest();
-  const withoutProof = `c=biws,r=${nonce}`;
-  const authMessage = `${clientFirstBare},${serverFirst},${withoutProof}`;
-  const signature = createHmac("sha256", storedKey).update(authMessage).digest();
-  const proof = Buffer.alloc(clientKey.length);
-  for (let i = 0; i < proof.length; i++) proof[i] = clientKey[i]! ^ signature[i]!;
-  const serverKey = createHmac("sha256", salted).update("Server Key").digest();
-  const serverSignature = createHmac("sha256", serverKey).update(authMessage).digest();
-  return { final: `${withoutProof},p=${proof.toString("base64")}`, serverSignature };
-}
-
-async function connectUpstream(opts: GatewayOptions, timeoutMs: number): Promise<Upstream> {
-  const { host, port, user, password, database } = opts.upstream;
-  const socket = dial(host, port);
-  socket.setNoDelay(true); // a no-op on a unix socket
-  const reader = new ByteReader(socket);
-  const timer = setTimeout(() => socket.destroy(new Error(`upstream ${host}:${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
-  try {
-    const params: Record<string, string> = { user, database, application_name: "sandboxd-gateway" };
-    if (opts.engine === "postgres") {
-      Object.assign(params, {
-        client_encoding: "UTF8",
-        standard_conforming_strings: "on",
-        default_transaction_read_only: opts.mode === "paper" ? "on" : "off",
-        statement_timeout: String(timeoutMs),
-        idle_in_transaction_session_timeout: String(opts.idleInTransactionTimeoutMs ?? 60_000),
-      });
-    }
-    const body = Buffer.concat([int32(PROTOCOL_3), ...Object.entries(params).flatMap(([k, v]) => [cstr(k), cstr(v)]), Buffer.from([0])]);
-    socket.write(Buffer.concat([int32(body.length + 4), body]));
-
-    let scram: { clientNonce: string; clientFirstBare: string; serverSignature?: Buffer } | undefined;
-    const up: Omit<Upstream, "leftover"> = { socket, pid: 0, secret: 0, parameterStatus: [], status: "I" };
-    for (;;) {
-      const { type, body: b } = await reader.message();
-      if (type === "R") {
-        const code = b.readInt32BE(0);
-        if (code === 0) continue;
-        if (code === 3) {
-          socket.write(message("p", cstr(password)));
-        } else if (code === 5) {
-          const inner = createHash("md5").update(password + user).digest("hex");
-          const outer = createHash("md5").update(inner).update(b.subarray(4, 8)).digest("hex");
-          socket.write(message("p", cstr(`md5${outer}`)));
-        } else if (code === 10) {
-          const mechanisms = b.toString("utf8", 4).split("\u0000");
-          if (!mechanisms.includes("SCRAM-SHA-256")) throw new UpstreamError(`upstream offers no supported SASL mechanism (${mechanisms.join(", ")})`);
-          const clientNonce = randomBytes(18).toString("base64");
-          const clientFirstBare = `n=*,r=${clientNonce}`;
-          scram = { clientNonce, clientFirstBare };
-          const first = Buffer.from(`n,,${clientFirstBare}`, "utf8");
-          socket.write(message("p", cstr("SCRAM-SHA-256"), int32(first.length), first));
-        } else if (code === 11) {
-          if (!scram) throw new UpstreamError("SASLContinue without SASL");
-          const r = scramClientProof(password, scram.clientFirstBare, b.toString("utf8", 4), scram.clientNonce);
-          scram.serverSignature = r.serverSignature;
-          socket.write(message("p", Buffer.from(r.final, "utf8")));
-        } else if (code === 12) {
-          const v = /(?:^|,)v=([^,]*)/.exec(b.toString("utf8", 4))?.[1];
-          const got = v ? Buffer.from(v, "base64") : Buffer.alloc(0);
-          if (!scram?.serverSignature || got.length !== scram.serverSignature.length || !timingSafeEqual(got, scram.serverSignature)) {
-            throw new UpstreamError("upstream's SCRAM server signature does not verify");
-          }
-        } else {
-          throw new UpstreamError(`upstream asks for an unsupported authentication method (${code})`);
-        }
-      } else if (type === "E") {
-        const f = parseFields(b);
-        throw new UpstreamError(f.get("M") ?? "upstream refused the connection", f);
-      } else if (type === "S") {
-        up.parameterStatus.push(message("S", b));
-      } else if (type === "K") {
-        up.pid = b.readInt32BE(0);
-        up.secret = b.readInt32BE(4);
-      } else if (type === "Z") {
-        up.status = (String.fromCharCode(b[0] ?? 73) as Upstream["status"]) ?? "I";
-        break;
-      }
-      // NoticeResponse, NegotiateProtocolVersion: ignored during startup
-    }
-    clearTimeout(timer);
-    const leftover = reader.detach();
-    return { ...up, leftover };
-  } catch (e) {
-    clearTimeout(timer);
-    reader.detach();
-    socket.destroy();
-    throw e;
-  }
-}
-
 /* ------------------------------- the session ---------------------------- */
-
-type Unit = { readonly kind: "client" } | { readonly kind: "internal" };
-const CLIENT_UNIT: Unit = Object.freeze({ kind: "client" });
-const INTERNAL_UNIT: Unit = Object.freeze({ kind: "internal" });
 
 /** The audit timestamp, formatted once per millisecond (a busy connection records many per ms). */
 let lastStampMs = -1;
@@ -426,6 +158,21 @@ function stamp(): string {
 
 interface Refusal {
   verdict: SqlVerdict;
+}
+
+/** The upstream session's startup parameters: the gateway's choice, per mode (the client's are dropped). */
+function upstreamSettings(opts: GatewayOptions, timeoutMs: number): Record<string, string> {
+  const settings: Record<string, string> = { application_name: "sandboxd-gateway" };
+  if (opts.engine === "postgres") {
+    Object.assign(settings, {
+      client_encoding: "UTF8",
+      standard_conforming_strings: "on",
+      default_transaction_read_only: opts.mode === "paper" ? "on" : "off",
+      statement_timeout: String(timeoutMs),
+      idle_in_transaction_session_timeout: String(opts.idleInTransactionTimeoutMs ?? 60_000),
+    });
+  }
+  return settings;
 }
 
 /**
@@ -486,7 +233,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   /* ---- upstream ---- */
   let upstream: Upstream;
   try {
-    upstream = await connectUpstream(opts, timeoutMs);
+    upstream = await connectUpstream(opts.upstream, upstreamSettings(opts, timeoutMs));
   } catch (e) {
     log?.warn({ err: e, upstream: `${opts.upstream.host}:${opts.upstream.port}/${opts.upstream.database}` }, "db gateway: upstream connection failed");
     const msg = e instanceof UpstreamError ? e.message : (e as Error).message;
@@ -514,22 +261,13 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   const clientLeftover = creader.detach();
 
   /* ---- session state ---- */
+  const clock = opts.clock ?? systemClock;
+  const session = new PgSession({ engine: opts.engine, mode: opts.mode, clock }, upstream.status);
   const nonce = randomBytes(6).toString("hex");
   const poisonPrefix = `sandboxd_refused_${nonce}_`;
   let poisonSeq = 0;
   const refusals = new Map<number, Refusal>();
-  const prepared = new Map<string, SqlVerdict>();
-  /** extended-protocol statement names whose (allowed) statement writes, for paper-mode elevation */
-  const writeStatements = new Set<string>();
-  /** who owns each pending ReadyForQuery, in order */
-  const units: Unit[] = [];
-  let txStatus: Upstream["status"] = upstream.status;
-  /** messages of the current extended batch forwarded so far (reset at Sync) */
-  let batchMessages = 0;
-  let batchElevated = false;
-  let discardUntilSync = false;
-  let busySince: number | undefined;
-  let cancelSent = false;
+  const prepared = session.prepared;
   let closed = false;
 
   const rules = opts.rules;
@@ -563,8 +301,8 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   client.on("end", () => close("client ended"));
 
   watchdog = setInterval(() => {
-    if (busySince === undefined) return;
-    const ran = Date.now() - busySince;
+    if (session.busySince === undefined) return;
+    const ran = clock.monotonicMs() - session.busySince;
     if (ran > timeoutMs + WATCHDOG_DROP_AFTER_MS) {
       log?.warn({ ran }, "db gateway: query still running past the timeout; dropping the connection");
       void opts
@@ -573,20 +311,15 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         ])
         .catch(() => undefined);
       close("watchdog");
-    } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !cancelSent) {
-      cancelSent = true;
+    } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !session.cancelSent) {
+      session.cancelSent = true;
       log?.warn({ ran }, "db gateway: query running past the timeout; cancelling upstream");
       sendCancel(upstreamKey);
     }
   }, 250);
   watchdog.unref();
 
-  const markBusy = (): void => {
-    if (busySince === undefined) {
-      busySince = Date.now();
-      cancelSent = false;
-    }
-  };
+  const markBusy = (): void => session.markBusy();
 
   const auditFailed = (e: unknown): void => {
     log?.error({ err: e }, "db gateway: audit sink failed; closing the connection (fail closed)");
@@ -761,12 +494,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     close(why);
   };
 
-  const internalQuery = (out: Buffer[], msg: Buffer): void => {
-    units.push(INTERNAL_UNIT);
+  const internalQuery = (out: Buffer[], msg: Buffer, owner: "elevate" | "lower"): void => {
+    session.expect(owner);
     out.push(msg);
   };
-  const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
-  const needsElevation = (v: SqlVerdict): boolean => opts.engine === "postgres" && opts.mode === "paper" && txStatus === "I" && isWrite(v);
+  const needsElevation = (v: SqlVerdict): boolean => session.needsElevation(v);
 
   const judge = (sql: string): SqlVerdict => {
     try {
@@ -799,14 +531,14 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     recs.push(queryRecord(sql, verdict, "simple", ts));
     if (verdict.decision === "allow") {
       const elevated = needsElevation(verdict);
-      if (elevated) internalQuery(out, ELEVATE);
+      if (elevated) internalQuery(out, ELEVATE, "elevate");
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
-      units.push(CLIENT_UNIT);
+      session.expect("client");
       markBusy();
       out.push(raw);
-      if (elevated) internalQuery(out, LOWER);
+      if (elevated) internalQuery(out, LOWER, "lower");
     } else {
-      units.push(CLIENT_UNIT);
+      session.expect("client");
       out.push(message("Q", cstr(poison(verdict))));
     }
   };
@@ -821,20 +553,20 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     const verdict = judge(sql);
     recs.push(queryRecord(sql, verdict, "extended", ts));
     if (verdict.decision === "allow") {
-      if (isWrite(verdict)) writeStatements.add(name);
-      else if (writeStatements.size) writeStatements.delete(name);
-      if (batchMessages === 0 && needsElevation(verdict)) {
-        internalQuery(out, ELEVATE);
-        batchElevated = true;
+      if (isWrite(verdict)) session.writeStatements.add(name);
+      else if (session.writeStatements.size) session.writeStatements.delete(name);
+      if (session.batchMessages === 0 && needsElevation(verdict)) {
+        internalQuery(out, ELEVATE, "elevate");
+        session.batchElevated = true;
       }
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
-      batchMessages++;
+      session.batchMessages++;
       out.push(raw);
     } else {
-      writeStatements.delete(name);
-      batchMessages++;
+      session.writeStatements.delete(name);
+      session.batchMessages++;
       out.push(message("P", cstr(""), cstr(poison(verdict)), Buffer.from([0, 0])));
-      discardUntilSync = true;
+      session.discardUntilSync = true;
     }
     return true;
   };
@@ -848,19 +580,19 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       statements: [],
     };
     recs.push(queryRecord("<FunctionCall message>", verdict, "function-call", ts));
-    units.push(CLIENT_UNIT);
+    session.expect("client");
     out.push(message("Q", cstr(poison(verdict))));
   };
 
   /** a Bind opening a paper-mode batch for a statement that writes (re-execution of a named statement) */
   const elevateForBind = (buf: Buffer, off: number, total: number): boolean => {
     // B: portal cstring, statement cstring, …
-    if (batchMessages !== 0 || opts.mode !== "paper" || opts.engine !== "postgres" || txStatus !== "I" || writeStatements.size === 0) return false;
+    if (session.batchMessages !== 0 || opts.mode !== "paper" || opts.engine !== "postgres" || session.txStatus !== "I" || session.writeStatements.size === 0) return false;
     const p = buf.indexOf(0, off + 5);
     if (p < 0 || p >= off + total) return false;
     const s = buf.indexOf(0, p + 1);
     if (s < 0 || s >= off + total) return false;
-    return writeStatements.has(buf.toString("utf8", p + 1, s));
+    return session.writeStatements.has(buf.toString("utf8", p + 1, s));
   };
 
   /**
@@ -909,7 +641,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       const total = len + 1;
       const complete = buf.length - off >= total;
 
-      if (discardUntilSync && type !== T_SYNC) {
+      if (session.discardUntilSync && type !== T_SYNC) {
         flush(off);
         if (complete) {
           off += total;
@@ -924,8 +656,8 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
 
       if (type === T_BIND && complete && elevateForBind(buf, off, total)) {
         flush(off);
-        internalQuery(out, ELEVATE);
-        batchElevated = true;
+        internalQuery(out, ELEVATE, "elevate");
+        session.batchElevated = true;
       }
       switch (type) {
         case T_QUERY:
@@ -955,14 +687,14 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         }
         case T_SYNC:
           if (!complete) break scan;
-          discardUntilSync = false;
+          session.discardUntilSync = false;
           off += total;
           flush(off);
-          units.push(CLIENT_UNIT);
-          batchMessages = 0;
-          if (batchElevated) {
-            batchElevated = false;
-            internalQuery(out, LOWER);
+          session.expect("client");
+          session.batchMessages = 0;
+          if (session.batchElevated) {
+            session.batchElevated = false;
+            internalQuery(out, LOWER, "lower");
           }
           continue;
         case T_TERMINATE:
@@ -979,7 +711,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         case T_COPY_DONE:
         case T_COPY_FAIL:
           if (type === T_EXECUTE) markBusy();
-          if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) batchMessages++;
+          if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) session.batchMessages++;
           if (complete) {
             off += total;
             continue;
@@ -1044,7 +776,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       const total = len + 1;
       const complete = buf.length - off >= total;
 
-      if (units[0]?.kind === "internal") {
+      if (session.owner !== undefined && session.owner !== "client") {
         // answers to the gateway's own queries never reach the client
         flush(off);
         if (!complete) {
@@ -1055,10 +787,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           break scan;
         }
         if (type === T_ERROR) log?.warn({ error: parseFields(buf.subarray(off + 5, off + total)).get("M") }, "db gateway: internal query failed");
-        if (type === T_READY) {
-          units.shift();
-          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
-        }
+        if (type === T_READY) session.ready(String.fromCharCode(buf[off + 5]!) as Upstream["status"]);
         off += total;
         seg = off;
         continue;
@@ -1067,16 +796,8 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (type === T_COMMAND_COMPLETE || type === T_ERROR || type === T_READY) {
         if (!complete) break;
         if (type === T_READY) {
-          units.shift();
-          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
-          if (units.length === 0) {
-            busySince = undefined;
-            refusals.clear();
-          } else {
-            // pipelined: the next statement starts now
-            busySince = Date.now();
-            cancelSent = false;
-          }
+          session.ready(String.fromCharCode(buf[off + 5]!) as Upstream["status"]);
+          if (session.idle) refusals.clear();
           off += total;
           continue;
         }
