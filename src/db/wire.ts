@@ -28,6 +28,7 @@ export const T_COPY_FAIL = 0x66; // f
 export const T_COMMAND_COMPLETE = 0x43; // C (backend)
 export const T_ERROR = 0x45; // E (backend)
 export const T_READY = 0x5a; // Z
+export const T_DATA_ROW = 0x44; // D (backend)
 
 export const PROTOCOL_3 = 196608;
 export const SSL_REQUEST = 80877103;
