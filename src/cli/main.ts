@@ -321,7 +321,7 @@ function program(): Command {
       }
       const rows = [["ID", "PHASE", "STATE", "REQUESTED", "RULE", "COMMAND"]];
       for (const a of list) {
-        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, a.argv ? quoteArgv(a.argv) : (a.command ?? "")]);
+        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? "")]);
       }
       process.stdout.write(table(rows));
     });
