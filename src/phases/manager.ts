@@ -20,7 +20,7 @@ import dotenv from "dotenv";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import type { AuditEvent, AuditJournal } from "../audit/journal.js";
-import { Redactor, findSecrets, secretsFromDotenv, variants } from "../audit/redact.js";
+import { LogSecrets, Redactor, findSecrets, secretsFromDotenv, variants } from "../audit/redact.js";
 import { ApprovalQueue, type Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, combine, evaluateCommand, loadPolicy, type Policy, type Verdict } from "../policy/index.js";
@@ -59,6 +59,8 @@ export interface ManagerOptions {
   buildLogLocation?: "project" | "state";
   /** service URLs overriding the project's .env (settings.serviceOverrides) */
   serviceOverrides?: Readonly<Record<string, string>>;
+  /** the daemon log's scrubber: each live phase's secrets are registered here */
+  logSecrets?: LogSecrets;
 }
 
 export interface StartRequest {
@@ -344,6 +346,7 @@ export class PhaseManager {
       await this.buildLogs.release(buildLog, id).catch(() => undefined);
       await this.store.remove(id).catch(() => undefined);
       this.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
+      this.opts.logSecrets?.remove(id);
       throw err;
     }
   }
@@ -489,6 +492,8 @@ export class PhaseManager {
     const redactor = new Redactor(secrets, {
       onWarning: (m) => this.opts.log.warn({ phase: record.id }, m),
     });
+    // the daemon's own log is scrubbed of them too, while the phase lives
+    this.opts.logSecrets?.add(record.id, redactor);
     return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
   }
 
@@ -802,6 +807,7 @@ export class PhaseManager {
     await this.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
     this.phases.delete(record.id);
     this.opts.log.info({ phase: record.id, state, why }, "phase ended");
+    this.opts.logSecrets?.remove(record.id);
   }
 
   private async saveContainerLogs(record: PhaseRecord): Promise<void> {
