@@ -102,13 +102,16 @@ function patternSource(pattern: string, groups: Set<string> | null): string {
   return out;
 }
 
+/** dotAll: a path with a newline in it must not slip past `dir/**` (`.` would stop at the newline). */
+const FLAGS = "su";
+
 export function compileGlob(glob: string): RegExp {
-  return new RegExp(`^${patternSource(glob, null)}$`, "u");
+  return new RegExp(`^${patternSource(glob, null)}$`, FLAGS);
 }
 
 /** The standalone regex of one template side (placeholders as plain groups), to find candidate paths cheaply. */
 function compileSide(template: string): RegExp {
-  return new RegExp(`^${patternSource(template, new Set())}$`, "u");
+  return new RegExp(`^${patternSource(template, new Set())}$`, FLAGS);
 }
 
 export interface CompiledCoupling {
@@ -122,7 +125,7 @@ export function compileCoupling(spec: CouplingPattern): CompiledCoupling {
   const groups = new Set<string>();
   const a = patternSource(spec.between[0], groups);
   const b = patternSource(spec.between[1], groups);
-  return { spec, sides: [compileSide(spec.between[0]), compileSide(spec.between[1])], pair: new RegExp(`^${a}\\x00${b}$`, "u") };
+  return { spec, sides: [compileSide(spec.between[0]), compileSide(spec.between[1])], pair: new RegExp(`^${a}\\x00${b}$`, FLAGS) };
 }
 
 /** Whether the pattern couples the two paths, in either order. */
