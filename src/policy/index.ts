@@ -13,8 +13,17 @@ export {
   type Decision,
   type ErrorCategory,
   type FailFastPolicy,
-  type FilePathRule,
-  type FilePolicy,
+  PHASE_PERMISSIONS,
+  WORKSPACE_DECISIONS,
+  WORKSPACE_DECISION_RANK,
+  WORKSPACE_OPERATIONS,
+  type CouplingPattern,
+  type PhasePermission,
+  type ProtectedPathRule,
+  type ProtectedTreatment,
+  type WorkspaceDecision,
+  type WorkspaceOperation,
+  type WorkspacePolicy,
   type Policy,
   type PolicyFile,
   type ShellLayer,
@@ -40,4 +49,13 @@ export {
   parseCommand,
   type ParseResult,
 } from "./shellparse.js";
+export {
+  compileGlob,
+  compileWorkspace,
+  couples,
+  protects,
+  type CompiledCoupling,
+  type CompiledProtection,
+  type CompiledWorkspace,
+} from "./workspace.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
