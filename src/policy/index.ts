@@ -22,6 +22,8 @@ export {
 export { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "./load.js";
 export {
   MAX_SHELL_NESTING,
+  MAX_WRAPPER_DEPTH,
+  WRAPPER_OPTION_RULE_ID,
   OPERATOR_RULE_ID,
   PARSE_RULE_ID,
   UNKNOWN_RULE_ID,
@@ -35,9 +37,10 @@ export {
 export {
   MAX_COMMAND_LENGTH,
   initShellParser,
-  innerShellCommand,
   isShellParserReady,
   parseCommand,
   type ParseResult,
 } from "./shellparse.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
+export { judgingViews, pythonTarget, signalName, type PythonTarget } from "./options.js";
+export { unwrap, type Inner, type Unwrapped } from "./wrappers.js";
