@@ -38,6 +38,7 @@ import {
   type ShellRuleSpec,
   type TokenSpec,
 } from "./schema.js";
+import { quoteArgv } from "../audit/format.js";
 import { judgingViews } from "./options.js";
 import { parseCommand } from "./shellparse.js";
 import { unwrap } from "./wrappers.js";
@@ -373,13 +374,11 @@ function compileAtom(atom: AtomSpec): ArgMatcher {
 
 /* -------------------------------- display ------------------------------- */
 
-const SAFE_WORD = /^[A-Za-z0-9_@%+=:,./-]+$/;
-
-/** argv as a reader would type it, shortened for messages */
+/** argv as a reader would type it (invisible characters escaped, src/audit/format.ts), shortened for messages */
 export function show(argv: readonly string[], max = 160): string {
   let out = "";
   for (const a of argv) {
-    const word = SAFE_WORD.test(a) ? a : `'${a.replaceAll("'", `'\\''`)}'`;
+    const word = quoteArgv([a]);
     out = out === "" ? word : `${out} ${word}`;
     if (out.length > max) return `${out.slice(0, max - 1)}…`;
   }
