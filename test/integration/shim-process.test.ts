@@ -412,8 +412,8 @@ print(json.dumps(out))
 
 describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
   beforeAll(() => {
-    // commands run as another user and the shim moves processes between cgroups: root only, as in a container
-    if (!isRoot) throw new Error("the shim-process tests need root (the shim runs as uid 0 in its container); run them as root");
+    // Fails, never skips: a run without root would otherwise pass while testing nothing.
+    if (!isRoot) throw new Error("the shim tests must run as root (the shim switches every command to the owner's uid); run them as root");
     ensureBundle();
     tempDir = mkdtempSync(join(tmpdir(), "sandboxd-shim-test-"));
   });
