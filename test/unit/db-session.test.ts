@@ -31,7 +31,7 @@ function checked() {
   const t = session();
   t.s.expect("check");
   t.s.internalRow(["on", "on"]);
-  expect(t.s.ready("I").event).toBeUndefined();
+  expect(t.s.ready("I")).toBeUndefined();
   expect(t.s.access).toBe("read-only");
   return t;
 }
@@ -66,7 +66,7 @@ describe("PgSession transitions", () => {
     s.expect("check");
     if (row) s.internalRow([...row]);
     if (error) s.internalError(error);
-    const e = s.ready(status).event;
+    const e = s.ready(status);
     expect(e).toMatchObject({ kind: "failed", reason: expect.stringMatching(why) });
     expect(s.access).toBe("failed");
     expect(s.open).toBe(false);
@@ -83,11 +83,11 @@ describe("PgSession transitions", () => {
     expect(s.access).toBe("checking");
     expect(s.open).toBe(false);
     s.internalRow(["off"]);
-    expect(s.ready("I")).toEqual({ owner: "elevate", event: { kind: "elevated" } });
-    expect(s.ready("I")).toEqual({ owner: "elevated", event: undefined });
-    expect(s.ready("I")).toEqual({ owner: "lower", event: undefined });
+    expect([s.ready("I"), s.lastOwner]).toEqual([{ kind: "elevated" }, "elevate"]);
+    expect([s.ready("I"), s.lastOwner]).toEqual([undefined, "elevated"]);
+    expect([s.ready("I"), s.lastOwner]).toEqual([undefined, "lower"]);
     s.internalRow(["on", "on"]);
-    expect(s.ready("I")).toEqual({ owner: "check", event: undefined });
+    expect([s.ready("I"), s.lastOwner]).toEqual([undefined, "check"]);
     expect(s.access).toBe("read-only");
     expect(s.idle).toBe(true);
   });
@@ -99,7 +99,7 @@ describe("PgSession transitions", () => {
     s.expect("lower");
     s.expect("check");
     s.internalRow(["not elevated: a target is not an ordinary table"]);
-    expect(s.ready("I").event).toEqual({ kind: "not-elevated", reason: "not elevated: a target is not an ordinary table" });
+    expect(s.ready("I")).toEqual({ kind: "not-elevated", reason: "not elevated: a target is not an ordinary table" });
     s.ready("I");
     s.ready("I");
     s.internalRow(["on", "on"]);
@@ -123,7 +123,7 @@ describe("PgSession transitions", () => {
     for (const o of order) {
       if (o === failing) {
         if (error) s.internalError(error);
-        const e = s.ready(status).event;
+        const e = s.ready(status);
         expect(e).toMatchObject({ kind: "failed", reason: expect.stringMatching(why) });
         expect(s.access).toBe("failed");
         return;
@@ -164,6 +164,23 @@ describe("PgSession transitions", () => {
     expect(s.overdue()).toMatchObject({ reason: "transaction" });
     s.expect("client");
     s.ready("I"); // COMMIT
+    expect(s.overdue()).toBeUndefined();
+  });
+
+  it("bounds an extended batch left open without Sync (an implicit transaction the server's idle timeout never sees)", () => {
+    const { s, advance } = checked();
+    s.batchMessages = 3; // Parse, Bind, Execute, then only Flushes
+    expect(s.overdue()).toBeUndefined(); // first seen now
+    advance(59_000);
+    expect(s.overdue()).toBeUndefined();
+    advance(2_000);
+    expect(s.overdue()).toMatchObject({ reason: "transaction" });
+    s.endBatch();
+    expect(s.overdue()).toBeUndefined();
+    // a new batch is timed from when it is first seen
+    s.batchMessages = 1;
+    expect(s.overdue()).toBeUndefined();
+    advance(30_000);
     expect(s.overdue()).toBeUndefined();
   });
 
