@@ -31,7 +31,7 @@
 import type { Duplex } from "node:stream";
 import { actionLine, timestamp } from "../audit/format.js";
 import type { PhaseMode } from "../phases/types.js";
-import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, type Verdict } from "./redis-commands.js";
+import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, verdictKey, type Verdict } from "./redis-commands.js";
 
 export { DENIED_CLAUSE, READ_ONLY_CLAUSE } from "./redis-commands.js";
 /** Recorded with each allowed write (test and backtest phases write only to the test instance). */
@@ -48,6 +48,8 @@ const MAX_RECORDED_KEY = 200;
 /** parsed-but-unforwarded bytes before the client is paused */
 const QUEUE_HIGH_WATER = 8 * 1024 * 1024;
 const SUBSCRIBE = new Set(["SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"]);
+/** verdicts cached per connection (by command name, and subcommand where there is one) */
+const MAX_CACHED_VERDICTS = 256;
 const DISCARD = Buffer.from("*1\r\n$7\r\nDISCARD\r\n");
 
 export interface RedisFilterOptions {
@@ -347,6 +349,18 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
   let refused = 0;
   let error: string | null = null;
 
+  // the hot path: a read costs a map lookup and a counter, its verdict is shared
+  const verdicts = new Map<string, Verdict>();
+  const judge = (cmd: RedisCommand): Verdict => {
+    const key = verdictKey(cmd.name, cmd.sub);
+    if (key === null) return checkCommand(cmd, opts.mode, db);
+    let v = verdicts.get(key);
+    if (!v) {
+      v = checkCommand(cmd, opts.mode, db);
+      if (verdicts.size < MAX_CACHED_VERDICTS) verdicts.set(key, v);
+    }
+    return v;
+  };
   const commit = (entries: Entry[]): Promise<unknown> =>
     opts.recordMany ? opts.recordMany(entries) : Promise.all(entries.map((e) => opts.record(e.event, e.lines)));
 
@@ -487,7 +501,7 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       const gated: Array<{ ready: boolean }> = [];
       const add = (cmds: RedisCommand[]) => {
         for (const cmd of cmds) {
-          const verdict = checkCommand(cmd, opts.mode, db);
+          const verdict = judge(cmd);
           const item = { cmd, verdict, ready: true };
           if (verdict.allow && verdict.cls === "write") {
             entries.push(writeEntry(cmd, verdict));
