@@ -349,7 +349,10 @@ export class TunnelServer {
         await record({ type: "redis.unreachable", upstream: where, reason, mode: this.opts.mode }, [
           actionLine(this.ts(), "NET", "REDIS", where, `ERROR unreachable: ${reason}`),
         ]);
-        if (!sock.destroyed) sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+        if (!sock.destroyed) {
+          sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+          setTimeout(() => sock.destroy(), 5_000).unref(); // a client that never closes its side
+        }
       } catch {
         sock.destroy();
       }
