@@ -14,6 +14,9 @@
  * then its error is written, then forwarding resumes. Each refusal is
  * recorded (awaited) before the error is written.
  *
+ * Connection names: CLIENT SETNAME and HELLO … SETNAME are forwarded with
+ * the name prefixed `sandboxd-` (withNamePrefix).
+ *
  * Transactions: a command refused between MULTI and EXEC makes the EXEC
  * fail as a queueing error does in Redis: the filter sends DISCARD instead
  * and answers `-EXECABORT`, so nothing of the transaction runs.
@@ -313,6 +316,34 @@ export function checkCommand(cmd: RedisCommand, mode: PhaseMode, db = 0): Verdic
   return judgeCommand(cmd.name, cmd.sub, cmd.argv, { mode, db });
 }
 
+/** What every connection name set from a sandbox starts with. */
+export const CLIENT_NAME_PREFIX = "sandboxd-";
+
+function encodeCommand(argv: readonly string[]): Buffer {
+  const parts = [`*${argv.length}\r\n`];
+  for (const a of argv) parts.push(`$${Buffer.byteLength(a, "latin1")}\r\n${a}\r\n`);
+  return Buffer.from(parts.join(""), "latin1");
+}
+
+/**
+ * CLIENT SETNAME and HELLO … SETNAME: the name the server shows (CLIENT
+ * LIST, the operator's monitoring) gets the sandbox's prefix, so a sandbox
+ * cannot pass for the trading engine. The rewritten bytes, or null when the
+ * command sets no name.
+ */
+export function withNamePrefix(cmd: RedisCommand): Buffer | null {
+  let i = -1;
+  if (cmd.name === "CLIENT" && cmd.sub === "SETNAME" && cmd.argc === 3 && cmd.argv.length === 3) i = 2;
+  else if (cmd.name === "HELLO" && cmd.argc === cmd.argv.length) {
+    const j = cmd.argv.findIndex((a, k) => k >= 2 && a.toUpperCase() === "SETNAME");
+    if (j > 0 && j + 1 < cmd.argv.length) i = j + 1;
+  }
+  if (i < 0) return null;
+  const argv = [...cmd.argv];
+  argv[i] = CLIENT_NAME_PREFIX + argv[i]!;
+  return encodeCommand(argv);
+}
+
 /** The error a refused command gets: the command, the rule, the clause and what to do instead. */
 export function refusalReply(v: Extract<Verdict, { allow: false }>): string {
   return `-ERR sandboxd refused ${v.display} (rule ${v.rule}, ${v.clause}): ${HINTS[v.rule]}\r\n`;
@@ -478,7 +509,7 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
         commands++;
         if (v.cls === "read") reads++;
         else if (v.cls === "write") writes++;
-        forward(item.cmd.raw);
+        forward(name === "CLIENT" || name === "HELLO" ? (withNamePrefix(item.cmd) ?? item.cmd.raw) : item.cmd.raw);
       }
       if (queuedBytes < QUEUE_HIGH_WATER && client.isPaused() && upstream.writableNeedDrain !== true) client.resume();
       if (queue.length === 0 && clientEnded && !finished && !busy) {

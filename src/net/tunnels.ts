@@ -335,7 +335,8 @@ export class TunnelServer {
     };
     let upstream: net.Socket;
     try {
-      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
+      const name = `sandboxd-${this.opts.phaseId}`.replace(/[^\w.:-]/g, "_");
+      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login, name }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
         this.sockets.add(s);
         s.once("close", () => this.sockets.delete(s));
       });
