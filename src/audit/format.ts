@@ -87,3 +87,21 @@ export function renderOutput(ts: string, label: "STDOUT" | "STDERR", text: strin
 export function actionLine(ts: string, skill: string, action: string, target: string, result: string): string {
   return `[${ts}] [${skill}] [${action}] [${escapeControl(target)}] [${escapeControl(result)}]`;
 }
+
+/**
+ * The daemon's own part at the start of a line this module renders: the
+ * timestamp and `[SKILL] [ACTION] `, or `LABEL: ` (with `[Engine]` and a
+ * byte-count note), or the continuation indent. Never sandbox text.
+ */
+const OWN_PREFIX = /^(?:\[[0-9T:.Z-]+\] (?:\[[A-Z_]+\] \[[A-Z_]+\] |[A-Z_]+(?: \[[A-Za-z]+\])?:(?: \[\d+ [a-z ]+\])? ?)|    \| )/;
+
+/**
+ * Redacts a build_audit.log line but not its structure: the prefix the
+ * daemon wrote (timestamp, skill, action, label) is kept as is, the rest —
+ * where command lines, output, SQL and error text go — is scrubbed.
+ */
+export function redactLine(line: string, redactor: { redact(text: string): string }): string {
+  const m = OWN_PREFIX.exec(line);
+  if (!m) return redactor.redact(line);
+  return m[0] + redactor.redact(line.slice(m[0].length));
+}

@@ -106,9 +106,9 @@ export class PhaseManager {
     }
     const previous = before.state;
     const a = await this.ctx.opts.approvals.decide(approvalId, decision, note);
-    const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : (a.command ?? ""));
+    const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? ""));
     // approving a denied request: the person changed their mind, and the trail says so
-    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, note: note ?? null, previous }, [
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null, previous }, [
       actionLine(
         timestamp(this.ctx.opts.clock.now()),
         "APPROVAL",

@@ -13,8 +13,17 @@ export {
   type Decision,
   type ErrorCategory,
   type FailFastPolicy,
-  type FilePathRule,
-  type FilePolicy,
+  PHASE_PERMISSIONS,
+  WORKSPACE_DECISIONS,
+  WORKSPACE_DECISION_RANK,
+  WORKSPACE_OPERATIONS,
+  type CouplingPattern,
+  type PhasePermission,
+  type ProtectedPathRule,
+  type ProtectedTreatment,
+  type WorkspaceDecision,
+  type WorkspaceOperation,
+  type WorkspacePolicy,
   type Policy,
   type PolicyFile,
   type ShellLayer,
@@ -41,6 +50,15 @@ export {
   parseCommand,
   type ParseResult,
 } from "./shellparse.js";
+export {
+  compileGlob,
+  compileWorkspace,
+  couples,
+  protects,
+  type CompiledCoupling,
+  type CompiledProtection,
+  type CompiledWorkspace,
+} from "./workspace.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
 export { judgingViews, pythonTarget, signalName, type PythonTarget } from "./options.js";
 export { unwrap, type Inner, type Unwrapped } from "./wrappers.js";

@@ -3,7 +3,8 @@ import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { BuildLog } from "../../src/audit/buildlog.js";
-import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../../src/audit/format.js";
+import { actionLine, escapeControl, quoteArgv, redactLine, renderOutput, timestamp } from "../../src/audit/format.js";
+import { Redactor } from "../../src/audit/redact.js";
 
 const TS = timestamp(new Date(Date.UTC(2025, 0, 28, 14, 32, 1, 5)));
 
@@ -74,5 +75,21 @@ describe("BuildLog", () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("redactLine keeps the daemon's structure", () => {
+  const red = new Redactor(["quest", "SHELL", "APPROVAL"], { onWarning: () => undefined });
+  it("scrubs only the text after the daemon's prefix", () => {
+    const ts = "2026-01-28T14:32:01.123Z";
+    expect(redactLine(actionLine(ts, "APPROVAL", "REQUEST", "psql -W quest", "ap_1 pending: quest"), red)).toBe(
+      `[${ts}] [APPROVAL] [REQUEST] [psql -W [REDACTED]] [ap_1 pending: [REDACTED]]`,
+    );
+    expect(redactLine(`[${ts}] SHELL_EXEC: echo quest`, red)).toBe(`[${ts}] SHELL_EXEC: echo [REDACTED]`);
+    expect(redactLine(`[${ts}] DB_QUERY [QuestDB]: SELECT 'quest'`, red)).toBe(`[${ts}] DB_QUERY [QuestDB]: SELECT '[REDACTED]'`);
+    expect(redactLine("    | requests handled: 3; questdb ok", red)).toBe("    | requests handled: 3; questdb ok");
+    expect(redactLine("    | SHELL quest", red)).toBe("    | [REDACTED] [REDACTED]");
+    // a line of unknown shape is scrubbed whole
+    expect(redactLine("quest SHELL", red)).toBe("[REDACTED] [REDACTED]");
   });
 });
