@@ -36,6 +36,14 @@ export const ERRORS = {
     hint: "pass the command as argv (an array, no shell), or a simpler command string the policy can judge part by part",
   },
   SBX_ERR_APPROVAL_NOT_FOUND: { status: 404, hint: "list pending approvals with `sandboxd approvals ls`" },
+  SBX_ERR_APPROVAL_DENIED: {
+    status: 403,
+    hint: "a person denied this exact command in this phase; do something else, or ask the operator to reconsider (`sandboxd approvals approve ID`)",
+  },
+  SBX_ERR_APPROVAL_STALE: {
+    status: 409,
+    hint: "the files this command runs changed after a person approved it; a new request with their current content is pending",
+  },
   SBX_ERR_APPROVAL_DECIDED: { status: 409, hint: "this approval was already decided; `sandboxd approvals ls --all` shows its decision" },
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {
