@@ -206,7 +206,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"stdout"|"stderr","data":"…"}` lines as output
+ * NDJSON exec: `{"type":"started","phaseId","pid","rule"}` as soon as the
+ * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
  * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
@@ -251,9 +252,16 @@ async function streamExec(
   });
 
   try {
-    // The first output chunk (or the exit) commits the 200; anything thrown
-    // before that — policy, validation, a stopped phase — is a normal error reply.
-    const result = await manager.exec(id, body, { stdout: emit("stdout"), stderr: emit("stderr") }, abort.signal);
+    // The command's start commits the 200 with a `started` event, so the
+    // client knows at once that it runs (not at its first output); anything
+    // thrown before that — policy, validation, a stopped phase — is a normal
+    // error reply.
+    const result = await manager.exec(
+      id,
+      body,
+      { started: (info) => write({ type: "started", phaseId: id, ...info }), stdout: emit("stdout"), stderr: emit("stderr") },
+      abort.signal,
+    );
     write({ type: "exit", result });
     res.end();
   } catch (err) {
