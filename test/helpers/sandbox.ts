@@ -120,10 +120,11 @@ export interface TestDaemon {
 }
 
 /** The real daemon, in this process, serving a real unix socket. */
-export async function startTestDaemon(opts: { policy?: string; logLines?: string[] } = {}): Promise<TestDaemon> {
+export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.ProcessEnv; logLines?: string[] } = {}): Promise<TestDaemon> {
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, TEST_ENV);
+  // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, { ...TEST_ENV, ...opts.env });
   // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
   const lines = opts.logLines;
   const daemon = await startDaemon(

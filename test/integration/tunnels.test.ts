@@ -172,7 +172,8 @@ describe("service tunnels", () => {
     expect(out.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading",
       DATABASE_URL_TEST: null,
-      REDIS_URL: "redis://127.0.0.1:6379/2",
+      // test mode without REDIS_URL_TEST: Redis is refused, and the variable names the tunnel, never production
+      REDIS_URL: "redis://127.0.0.1:6379/0",
       QUESTDB_URL: "http://127.0.0.1:9000",
       QUESTDB_URL_TEST: "http://127.0.0.1:9000",
     });
@@ -493,11 +494,11 @@ s.sendall(b"".join(cmd(*c) for c in cmds))
 print(json.dumps([reply(f) for _ in cmds]))
 `;
 
-  /** A phase whose REDIS_URL is `redis`; `cmds` pipelined from inside it over one connection; the replies in order. */
+  /** A phase whose Redis for its mode (REDIS_URL_TEST outside paper mode) is `redis`; `cmds` pipelined from inside it over one connection; the replies in order. */
   async function sendFromSandbox(redis: TestRedis, mode: "test" | "paper", cmds: string[][]): Promise<{ phase: PhaseView; replies: string[] }> {
     const project = await makeProject();
     cleanup.push(project);
-    await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+    await writeFile(path.join(project, ".env"), `${mode === "paper" ? "REDIS_URL" : "REDIS_URL_TEST"}=redis://127.0.0.1:${redis.port}/0\n`);
     await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: `redis-${mode}`, mode });
     const script = await writeScript(project, RESP);
@@ -544,6 +545,39 @@ print(json.dumps([reply(f) for _ in cmds]))
       for (const i of [1, 2, 3]) expect(replies[i]).toMatch(/^-ERR sandboxd refused /);
       expect(replies[4]).toBe("$3\r\n100\r\n");
       expect(await redis.cli("GET", "price")).toBe("100");
+      await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      await redis.stop();
+    }
+  });
+
+  it("a backtest phase without REDIS_URL_TEST is refused, recorded, and told why; production Redis is untouched", async () => {
+    const redis = await startRedis();
+    try {
+      await redis.cli("SET", "price", "100");
+      const project = await makeProject();
+      cleanup.push(project);
+      // production only: a backtest must not fall back to it
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-bt", mode: "backtest" });
+      const script = await writeScript(
+        project,
+        "import os, subprocess\nfor argv in (['SET', 'price', '1'], ['DEL', 'price']):\n    p = subprocess.run(['redis-cli', '-u', os.environ['REDIS_URL']] + argv, capture_output=True, text=True)\n    print((p.stdout + p.stderr).strip())",
+      );
+      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
+      const lines = r.stdout.trim().split("\n");
+      expect(lines).toHaveLength(2);
+      for (const l of lines) expect(l).toMatch(/sandboxd refused the connection \(rule redis\.test-instance-only, .*REDIS_URL_TEST is not set.*REDIS_URL, production, is never used/);
+      expect(await redis.cli("GET", "price")).toBe("100");
+      expect(await redis.cli("DBSIZE")).toBe("1");
+      let refused: Array<Record<string, unknown>> = [];
+      for (let i = 0; i < 50 && refused.length < 2; i++) {
+        refused = (await journal()).filter((e) => e.phase === phase.id && e.type === "net.connect" && e.service === "redis");
+        if (refused.length < 2) await new Promise((res) => setTimeout(res, 100));
+      }
+      expect(refused).toHaveLength(2);
+      for (const e of refused) expect(e).toMatchObject({ decision: "forbid", rule: "redis.test-instance-only" });
       await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     } finally {
       await redis.stop();
