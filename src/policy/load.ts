@@ -19,6 +19,7 @@ import { compileLayer, judgeInLayer, ruleMatches, show } from "./evaluate.js";
 import type { PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
+  DEFAULT_AUDIT,
   DEFAULT_NETWORK,
   ERROR_CATEGORIES,
   policyFileSchema,
@@ -236,6 +237,7 @@ function build(file: string, data: PolicyFile): Policy {
     files: data.files,
     database: data.database,
     network: data.network ?? DEFAULT_NETWORK,
+    audit: data.audit ?? DEFAULT_AUDIT,
   };
 }
 
@@ -303,6 +305,18 @@ export function combine(base: Policy, stricter: Policy): Policy {
     files,
     database,
     network,
+    audit: {
+      textCapBytes: Math.min(base.audit.textCapBytes, stricter.audit.textCapBytes),
+      phaseBudget: {
+        bytes: Math.min(base.audit.phaseBudget.bytes, stricter.audit.phaseBudget.bytes),
+        recordsPerSecond: Math.min(base.audit.phaseBudget.recordsPerSecond, stricter.audit.phaseBudget.recordsPerSecond),
+        burstRecords: Math.min(base.audit.phaseBudget.burstRecords, stricter.audit.phaseBudget.burstRecords),
+      },
+      buildLog: {
+        rotateBytes: Math.min(base.audit.buildLog.rotateBytes, stricter.audit.buildLog.rotateBytes),
+        keep: Math.min(base.audit.buildLog.keep, stricter.audit.buildLog.keep),
+      },
+    },
   });
 }
 
