@@ -15,7 +15,7 @@ import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseView } from "../phases/types.js";
 import type { Approval } from "../approvals/queue.js";
-import { quoteArgv } from "../audit/format.js";
+import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
@@ -30,11 +30,16 @@ class CliExit extends Error {
   }
 }
 
+/** Text for a terminal: invisible characters escaped line by line (a message may hold a command from the sandbox). */
+function visible(text: string): string {
+  return text.split("\n").map(escapeControl).join("\n");
+}
+
 function printError(err: unknown): void {
   if (err instanceof SandboxdError) {
-    process.stderr.write(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}\n`);
+    process.stderr.write(visible(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}`) + "\n");
   } else {
-    process.stderr.write(`sandboxd: ${(err as Error).message ?? String(err)}\n`);
+    process.stderr.write(visible(`sandboxd: ${(err as Error).message ?? String(err)}`) + "\n");
   }
 }
 
@@ -55,7 +60,14 @@ function age(iso: string): string {
   return `${Math.floor(s / 86400)}d`;
 }
 
-function table(rows: string[][]): string {
+/**
+ * Every human-facing listing goes through here: each cell is escaped
+ * (src/audit/format.ts escapeControl: controls, ANSI escapes, bidi overrides,
+ * separators), so a value from the sandbox cannot move the cursor, rewrite
+ * what was printed or reorder the line. `--json` prints the values exactly.
+ */
+function table(input: string[][]): string {
+  const rows = input.map((r) => r.map(escapeControl));
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length)));
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
 }
@@ -74,6 +86,32 @@ function printPhase(p: PhaseView): void {
     ...(p.endReason ? [["end reason", p.endReason]] : []),
   ];
   process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v ?? ""])));
+}
+
+/** argv quoted (invisible characters as $'…' escapes), or the command string as given; escaped again by table() */
+function approvalCommand(a: Approval): string {
+  return a.argv ? quoteArgv(a.argv) : a.sql !== null && a.sql !== undefined ? `SQL: ${a.sql}` : (a.command ?? "");
+}
+
+function printApproval(a: Approval): void {
+  const ext = a as Approval & { files?: Array<{ path: string; sha256: string | null }>; retries?: number; reasons?: string[] };
+  const lines: Array<[string, string]> = [
+    ["id", a.id],
+    ["phase", a.phaseId],
+    ["state", a.state],
+    ["command", approvalCommand(a)],
+    ...(a.argv ? [["argv", JSON.stringify(a.argv)] as [string, string]] : []),
+    ["rule", `${a.ruleId} (${a.clause})`],
+    ["policy says", a.policyReason],
+    ["agent's reason", a.requestReason ?? "-"],
+    ...(ext.reasons ?? []).map((r): [string, string] => ["later reason", r]),
+    ...(ext.files ?? []).map((f): [string, string] => ["runs file", `${f.path} sha256:${f.sha256 ?? "(missing)"}`]),
+    ["requested", a.requestedAt],
+    ...(a.decidedAt ? [["decided", a.decidedAt] as [string, string]] : []),
+    ...(a.note ? [["note", a.note] as [string, string]] : []),
+    ...(a.usedAt ? [["used", a.usedAt] as [string, string]] : []),
+  ];
+  process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v])));
 }
 
 function parseTimeout(value: string): number {
@@ -321,9 +359,19 @@ function program(): Command {
       }
       const rows = [["ID", "PHASE", "STATE", "REQUESTED", "RULE", "COMMAND"]];
       for (const a of list) {
-        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? "")]);
+        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, approvalCommand(a)]);
       }
       process.stdout.write(table(rows));
+    });
+  approvals
+    .command("show")
+    .description("show one approval request in full: the exact command (invisible characters escaped), why, and the files it is bound to")
+    .argument("<id>", "approval id (ap_…)")
+    .option("--json", "print JSON (the exact values)")
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      const { approval: a } = await client(cmd).request<{ approval: Approval }>("GET", `/v1/approvals/${encodeURIComponent(id)}`);
+      if (opts.json) return printJson(a);
+      printApproval(a);
     });
   for (const decision of ["approve", "deny"] as const) {
     approvals
@@ -465,7 +513,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       code = exitCodeFor(ev.result);
       if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
     } else if (ev.type === "error") {
-      process.stderr.write(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}\n`);
+      process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
       code = EXIT.sandboxdFailed;
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
     else if (ev.type === "stderr") process.stderr.write(ev.data);

@@ -22,8 +22,9 @@ export function renderRecord(r: AuditRecord): string {
     f.timedOut === true ? "timeout" : "",
     typeof f.approval === "string" ? String(f.approval) : "",
     typeof f.reason === "string" && r.type.startsWith("phase.") ? String(f.reason) : "",
-    what ? escapeControl(what) : "",
+    what,
   ].filter(Boolean);
-  return `${String(r.seq).padStart(6)}  ${r.ts}  ${r.phase ?? "-".padEnd(15)}  ${r.type.padEnd(16)} ${bits.join("  ")}`;
+  // every field escaped: a record's values come from the sandbox
+  return escapeControl(`${String(r.seq).padStart(6)}  ${r.ts}  ${r.phase ?? "-".padEnd(15)}  ${r.type.padEnd(16)} ${bits.join("  ")}`);
 }
 

@@ -321,7 +321,30 @@ export function proxyEnv(index: Readonly<PackageIndexPolicy>): Record<string, st
   };
 }
 
-/** The listen list sent to the shim: every known service (refused ones too, so the refusal is recorded, not a bare ECONNREFUSED). */
+/**
+ * The listen list sent to the shim: only the services this phase really has
+ * (an upstream for this mode, or the package-index proxy). Nothing listens on
+ * the port of a service that is listed by policy but not configured: a
+ * connection there is refused by the kernel like any closed port (immediate
+ * ECONNREFUSED, not an accept then a silent close), and a suite that starts
+ * its own server on that port can bind it. The refusal is still recorded, with
+ * the service's own reason, by the conntrack watch (net/stray.ts, see
+ * `unavailableAt`).
+ */
 export function listenList(s: PhaseServices): Array<{ name: string; port: number }> {
-  return s.services.map(({ name, port }) => ({ name, port }));
+  return s.services.filter(isAvailable).map(({ name, port }) => ({ name, port }));
+}
+
+function isAvailable(s: ResolvedService): boolean {
+  return s.protocol === "http-proxy" || (s.upstream !== null && s.refusal === null);
+}
+
+/**
+ * The service the policy lists on 127.0.0.1:`port` that this phase does not
+ * have (no upstream in this mode), for the record of a refused connection
+ * there; undefined for any other port.
+ */
+export function unavailableAt(s: PhaseServices, address: string, port: number): ResolvedService | undefined {
+  if (address !== "127.0.0.1") return undefined;
+  return s.services.find((x) => x.port === port && !isAvailable(x));
 }

@@ -40,7 +40,7 @@ export async function openTunnels(ctx: PhaseContext, live: LivePhase, token: str
     rec: live.rec,
     clock: ctx.opts.clock,
     log: ctx.opts.log,
-    services: () => listenList(live.services),
+    services: () => live.services,
   });
   live.channel?.setServices(listenList(live.services));
 }

@@ -123,15 +123,10 @@ try:
 except OSError as e:
     out["external"] = e.errno
 
-# 4. PostgreSQL in test mode without DATABASE_URL_TEST: accepted by the shim, closed by the daemon
-s, err, _ = connect(5432, retry_s=5)
-if s:
-    s.settimeout(5)
-    try:
-        out["pg_read"] = len(s.recv(100))
-    except OSError as e:
-        out["pg_read"] = "err %s" % e.errno
-    s.close()
+# 4. PostgreSQL in test mode without DATABASE_URL_TEST: nothing listens, refused like a closed port
+s, err, dt = connect(5432)
+out["pg_errno"] = err
+out["pg_secs"] = dt
 
 out["env"] = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_TEST", "REDIS_URL", "QUESTDB_URL", "QUESTDB_URL_TEST")}
 out["secret_in_env"] = any("${secret}" in v for v in os.environ.values())
@@ -168,7 +163,8 @@ describe("service tunnels", () => {
     expect(out.p5433_secs as number).toBeLessThan(0.5);
     expect(out.host_port_errno).toBe(111);
     expect(out.external).toBe(111); // ECONNREFUSED at once: redirected to a port nothing can listen on (net.unlisted-destination)
-    expect(out.pg_read).toBe(0); // closed by the daemon without a byte
+    expect(out.pg_errno).toBe(111); // not configured for this mode: nothing listens (ECONNREFUSED), at once
+    expect(out.pg_secs as number).toBeLessThan(0.5);
     expect(out.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading",
       DATABASE_URL_TEST: null,
@@ -192,9 +188,14 @@ describe("service tunnels", () => {
     const close = records.find((e) => e.type === "net.close" && e.service === "questdb-http");
     expect(close).toMatchObject({ bytesIn: out.sent, bytesOut: out.sent, error: null });
     expect(typeof close!.durationMs).toBe("number");
-    const pg = records.find((e) => e.type === "net.connect" && e.service === "postgres");
-    expect(pg).toMatchObject({ decision: "forbid", rule: "db.test-database-only" });
-    expect(String(pg!.reason)).toMatch(/DATABASE_URL_TEST is not set/);
+    // recorded by the conntrack watch with the service's own rule and reason
+    let pg: Record<string, unknown> | undefined;
+    for (let i = 0; i < 50 && !pg; i++) {
+      pg = (await journal()).find((e) => e.phase === phase.id && e.type === "net.connect" && e.service === "postgres");
+      if (!pg) await new Promise((res) => setTimeout(res, 100));
+    }
+    expect(pg).toMatchObject({ decision: "forbid", rule: "db.test-database-only", address: "127.0.0.1", port: 5432 });
+    expect(String(pg!.reason)).toMatch(/nothing listens for it.*DATABASE_URL_TEST is not set/);
     // the refusal comes before the connection would have been made
     expect(records.indexOf(redisConnect!)).toBeLessThan(records.indexOf(close!));
 

@@ -24,7 +24,21 @@ describe("build_audit.log format", () => {
   });
 
   it("escapes control characters, ANSI escapes and line separators", () => {
-    expect(escapeControl("a\nb\r\tc\u001b[31m\u2028")).toBe("a\\nb\\r\\tc\\x1b[31m\\x2028");
+    expect(escapeControl("a\nb\r\tc\u001b[31m\u2028")).toBe("a\\nb\\r\\tc\\x1b[31m\\u2028");
+  });
+
+  it("escapes bidi overrides, zero-width and other format characters, and look-alike spaces", () => {
+    expect(escapeControl("a\u202eb\u2066c\u200bd\ufeffe\u00adf\u00a0g\u{e0041}h")).toBe(
+      "a\\u202eb\\u2066c\\u200bd\\ufeffe\\x00adf\\x00a0g\\U000e0041h".replace(/\\x00/g, "\\x"),
+    );
+    expect(escapeControl("plain ascii, é and 日本")).toBe("plain ascii, é and 日本");
+  });
+
+  it("quotes a word with an invisible character the $'…' way, exactly", () => {
+    const attack = "rm -rf /workspace/x #\u001b[35Dpytest -q tests/\u001b[K";
+    expect(quoteArgv(["sh", "-c", attack])).toBe(`sh -c $'rm -rf /workspace/x #\\x1b[35Dpytest -q tests/\\x1b[K'`);
+    expect(quoteArgv(["a\rb", "it's\b\\"])).toBe(`$'a\\rb' $'it\\'s\\x08\\\\'`);
+    expect(quoteArgv(["x\u202etxt.py"])).toBe(`$'x\\u202etxt.py'`);
   });
 
   it("renders multi-line output as indented continuation lines that cannot forge a record", () => {

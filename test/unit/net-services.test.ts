@@ -8,7 +8,7 @@ const WITH_RAW = {
     { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
   ],
 };
-import { listenList, proxyEnv, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
+import { listenList, proxyEnv, resolveServices, serviceOverridesFromEnv, unavailableAt } from "../../src/net/services.js";
 import { daemonToShimSchema, tunnelHeaderSchema } from "../../src/shim/protocol.js";
 import { readFile } from "node:fs/promises";
 import { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "../../src/policy/load.js";
@@ -129,10 +129,21 @@ describe("resolveServices", () => {
     expect(byName(resolveServices("paper", { REDIS_URL: "redis://trader:p%40ss@h:6379" }, {}, WITH_RAW), "redis").redis).toEqual({ user: "trader", password: "p@ss", db: 0 });
   });
 
-  it("services that are not configured are listed but refused, and no variable is invented", () => {
+  it("services that are not configured are refused, nothing listens for them, and no variable is invented", () => {
     const s = resolveServices("test", {}, {}, WITH_RAW);
     expect(s.env).toEqual(proxyEnv(DEFAULT_NETWORK.packageIndex!));
     for (const svc of s.services.filter((x) => x.protocol !== "http-proxy")) expect(svc.refusal).toBeTruthy();
+    // only the package-index proxy listens; the other ports are closed, as in any container
+    expect(listenList(s)).toEqual([{ name: "pip-proxy", port: 3128 }]);
+    expect(unavailableAt(s, "127.0.0.1", 5432)).toMatchObject({ name: "postgres", rule: "db.test-database-only" });
+    expect(unavailableAt(s, "127.0.0.1", 6379)).toMatchObject({ name: "redis", rule: "net.service.redis" });
+    expect(unavailableAt(s, "127.0.0.2", 5432)).toBeUndefined();
+    expect(unavailableAt(s, "127.0.0.1", 3128)).toBeUndefined();
+    expect(unavailableAt(s, "127.0.0.1", 5433)).toBeUndefined();
+    // test mode with only production configured: PostgreSQL is not listened for either
+    const prodOnly = resolveServices("test", { DATABASE_URL: "postgresql://u:pw@db.internal/trading" }, {}, DEFAULT_NETWORK);
+    expect(listenList(prodOnly).map((x) => x.name)).toEqual(["pip-proxy"]);
+    expect(unavailableAt(prodOnly, "127.0.0.1", 5432)?.refusal).toMatch(/DATABASE_URL_TEST is not set/);
   });
 
   it("points pip (and urllib, requests) at the proxy and keeps the tunnels direct", () => {
