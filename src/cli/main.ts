@@ -508,6 +508,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
   const handle = (line: string) => {
     if (!line) return;
     const ev = JSON.parse(line) as
+      | { type: "started"; pid: number }
       | { type: "stdout" | "stderr"; data: string }
       | { type: "exit"; result: ExecResult }
       | { type: "error"; error: { code: string; message: string; hint: string } };
@@ -518,7 +519,8 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
       code = EXIT.sandboxdFailed;
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
-    else process.stderr.write(ev.data);
+    else if (ev.type === "stderr") process.stderr.write(ev.data);
+    // "started" and event types of newer daemons print nothing
   };
   for await (const chunk of res) {
     buffered += (chunk as Buffer).toString("utf8");

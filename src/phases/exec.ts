@@ -23,6 +23,8 @@ export interface ExecRequest {
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
+  /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
+  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -195,7 +197,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
@@ -226,7 +228,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
           gid: record.gid,
         },
         {
-          onStarted: () => undefined,
+          onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
           onStdout: (c) => {
             out.count(c.length);
             const text = outText.push(c);
@@ -248,23 +250,39 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
     },
-  ).catch(async (e: unknown) => {
+  );
+  // Whatever the redactors held back (a possible secret in the making) is
+  // flushed, scrubbed — also when the command was cut off (the phase stopped,
+  // the shim was lost): the streaming client and the record get every byte.
+  const flushHeld = () => {
+    for (const [buf, stream, toSink] of [
+      [out, outText, sink?.stdout.bind(sink)],
+      [err, errText, sink?.stderr.bind(sink)],
+    ] as const) {
+      const rest = stream.end();
+      buf.push(rest);
+      if (rest) toSink?.(rest);
+    }
+  };
+  const outcome = await outcomeP.catch(async (e: unknown) => {
+    flushHeld();
     await rec
-      .record({ type: "exec.error", ...what, error: (e as Error).message }, [
-        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
-      ])
+      .record(
+        {
+          type: "exec.error",
+          ...what,
+          error: (e as Error).message,
+          stdoutBytes: out.total,
+          stderrBytes: err.total,
+          stdout: out.text(limits.auditOutputCapBytes),
+          stderr: err.text(limits.auditOutputCapBytes),
+        },
+        [actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`)],
+      )
       .catch(() => undefined);
     throw e;
   });
-  // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
-  for (const [buf, stream, toSink] of [
-    [out, outText, sink?.stdout.bind(sink)],
-    [err, errText, sink?.stderr.bind(sink)],
-  ] as const) {
-    const rest = stream.end();
-    buf.push(rest);
-    if (rest) toSink?.(rest);
-  }
+  flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
   let exitCode: number | null;
