@@ -174,6 +174,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     })();
     await live.ending;
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
+    ctx.opts.logSecrets?.remove(id);
     throw err;
   }
 }
@@ -297,6 +298,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   await ctx.buildLogs.release(record.buildLog, record.id).catch(warn("releasing the build log failed"));
   ctx.phases.delete(record.id);
   ctx.log.info({ phase: record.id, state: outcome, why }, "phase ended");
+  ctx.opts.logSecrets?.remove(record.id);
 }
 
 export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord): Promise<void> {
