@@ -198,27 +198,31 @@ export function openChannel(ctx: PhaseContext, live: LivePhase, token: string): 
  */
 async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const { record } = live;
-  if (live.ending || record.state !== "running" || !record.containerId) return;
-  let cause: string | null;
-  try {
-    const st = await ctx.opts.runtime.inspect(record.containerId);
-    cause = !st
-      ? "its container was removed from outside sandboxd"
-      : st.running
-        ? null
-        : `its container stopped (${st.status}, exit code ${st.exitCode ?? "unknown"}${st.oomKilled ? ", killed for lack of memory" : st.exitCode === 137 ? ", killed by SIGKILL" : ""})`;
-  } catch (e) {
-    cause = `its shim disconnected and the container could not be inspected: ${(e as Error).message}`;
-  }
-  if (cause === null) {
+  const deadline = ctx.opts.clock.monotonicMs() + ctx.connectTimeoutMs;
+  let cause: string | null = null;
+  // Docker may still call a container running for a moment after its processes
+  // died; so its state is asked again until the shim is back or the time is up.
+  for (;;) {
+    if (live.ending || record.state !== "running" || !record.containerId) return;
+    if (live.channel?.connected) return;
     try {
-      await live.channel?.waitReady(ctx.connectTimeoutMs);
-      return;
-    } catch {
-      cause = `its shim disconnected and did not reconnect within ${ctx.connectTimeoutMs} ms`;
+      const st = await ctx.opts.runtime.inspect(record.containerId);
+      if (!st) cause = "its container was removed from outside sandboxd";
+      else if (!st.running) {
+        const how = st.oomKilled ? ", killed for lack of memory" : st.exitCode === 137 ? ", killed by SIGKILL" : "";
+        cause = `its container stopped (${st.status}, exit code ${st.exitCode ?? "unknown"}${how})`;
+      }
+    } catch (e) {
+      cause = `its shim disconnected and the container could not be inspected: ${(e as Error).message}`;
     }
+    if (cause) break;
+    if (ctx.opts.clock.monotonicMs() >= deadline) {
+      cause = `its shim disconnected and did not reconnect within ${ctx.connectTimeoutMs} ms`;
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 250));
   }
-  if (live.ending || record.state !== "running") return;
+  if (live.ending || record.state !== "running" || live.channel?.connected) return;
   ctx.log.warn({ phase: record.id, cause }, "phase lost its container");
   await endPhase(ctx, live, "failed", cause);
 }
