@@ -8,7 +8,7 @@ import path from "node:path";
 import { PassThrough, type Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
-import type { ContainerRuntime, ContainerSummary, PhaseContainerSpec } from "./types.js";
+import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "./types.js";
 
 /** Every phase container's hostname; its /etc/hosts maps it to 127.0.0.1. */
 export const SANDBOX_HOSTNAME = "sandbox";
@@ -267,6 +267,16 @@ export class DockerRuntime implements ContainerRuntime {
     }
     if (!state.Running || !(state.Pid > 0)) throw new SandboxdError("SBX_ERR_DOCKER", `container ${id} is not running`);
     return state.Pid;
+  }
+
+  async inspect(id: string): Promise<ContainerState | null> {
+    try {
+      const { State } = await this.docker.getContainer(id).inspect();
+      return { running: State.Running, status: State.Status, exitCode: State.Running ? null : State.ExitCode, oomKilled: State.OOMKilled };
+    } catch (err) {
+      if (statusOf(err) === 404) return null;
+      throw dockerError(`inspecting container ${id}`, err);
+    }
   }
 
   async logs(id: string, opts: { follow: boolean }): Promise<Readable> {
