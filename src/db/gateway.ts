@@ -20,9 +20,16 @@
  *   the client's messages up to Sync are discarded.
  * - Upstream session: statement_timeout (≤ 30 s), idle-in-transaction
  *   timeout, and default_transaction_read_only=on in paper mode (production).
- *   An allowed paper-mode write (to `paper_*`) outside a transaction block is
- *   bracketed by the gateway's own `SET SESSION CHARACTERISTICS AS
- *   TRANSACTION READ WRITE` / `READ ONLY`, whose answers the client never sees.
+ *   Paper mode keeps production read-only AND checked outside one
+ *   gateway-owned elevated statement (src/db/session.ts PgSession, its
+ *   invariants at its top): only a string (or batch) of nothing but paper
+ *   DML is elevated, conditionally on the server's catalog, with nothing in
+ *   flight and no transaction block open; the gateway lowers and reads the
+ *   access mode back before forwarding anything else, and closes the
+ *   connection if any of its own statements fails. Transaction blocks are
+ *   bounded by the watchdog whatever the client sets.
+ * - A statement the policy sends to a person (`ask`) becomes an approval
+ *   request through `askApproval`; approved, the same text runs once.
  * - Every statement is recorded (awaited) before it is forwarded, every
  *   CommandComplete before the client gets it, every server error likewise:
  *   `DB_QUERY [PostgreSQL|QuestDB]: …`, `DB_RESULT: n rows returned`,
