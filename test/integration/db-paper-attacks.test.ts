@@ -184,6 +184,10 @@ describe("paper mode: production stays read-only for the whole session (attacks 
       "ok []",
       expect.stringMatching(/^error 25006 .*read-only transaction/),
     ]);
+    expect(records.find((e) => e.type === "db.query" && e.rule === "db.paper-elevation" && /outside a transaction block/.test(e.reason))).toMatchObject({
+      decision: "forbid",
+      sql: expect.stringMatching(/^INSERT INTO paper_orders/),
+    });
   });
 
   it("runs a write read-only when it calls an application function, directly, wrapped, or through a view it reads", () => {
@@ -199,6 +203,9 @@ describe("paper mode: production stays read-only for the whole session (attacks 
     expect(out["temp-view"]![0]).toMatch(/^error 42501 .*db\.paper-prefix.*a view named `paper_…`/);
     expect(out.view![0]).toMatch(/^error 42501 .*db\.paper-prefix/);
     expect(out.matview![0]).toMatch(/^error 42501 .*db\.paper-prefix/);
+    for (const sql of ["CREATE TEMP VIEW paper_v", "CREATE VIEW paper_v2", "CREATE MATERIALIZED VIEW paper_mv"]) {
+      expect(refusedBy(sql), sql).toMatchObject({ decision: "forbid", rule: "db.paper-prefix", reason: expect.stringMatching(/paper names are for ordinary tables only/) });
+    }
     expect(out["operator-view"]).toEqual([expect.stringMatching(/^error 25006 /), expect.stringMatching(/^error 25006 /)]);
     expect(records.filter((e) => e.type === "db.elevation" && /not an ordinary table/.test(e.reason)).length).toBeGreaterThanOrEqual(3); // paper_v (refused view write), paper_view ×2, paper_fills
   });
