@@ -8,7 +8,7 @@ import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
-import { SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
+import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import type { PhaseContext } from "./context.js";
 import { commandEnv, readProjectFile } from "./project.js";
 import type { PhaseRecorder } from "./recorder.js";
@@ -23,6 +23,8 @@ export interface ExecRequest {
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
+  /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
+  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -87,6 +89,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   ctx.assertServing();
   const live = await ctx.running(id);
   const { record, rec } = live;
+  // Said before any verdict is recorded: an allowed verdict is always followed by its result or its error.
+  if (!live.channel?.connected) {
+    throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+  }
   const limits = ctx.limitsOf(live);
   const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
   if (timeoutMs > limits.maxTimeoutMs) {
@@ -95,6 +101,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
     );
   }
+  const env = commandEnv(record, live.dotenv);
+  const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
+  checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
@@ -185,9 +194,19 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
   if (verdict.decision !== "allow") throw policyError(verdict, cmd, rec);
 
+  const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
+    await rec
+      .record({ type: "exec.error", ...what, error: (e as Error).message, ...output }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
+      ])
+      .catch((re: Error) => ctx.log.error({ phase: id, err: re.message }, "could not record the error of a command"));
+  };
   const channel = live.channel;
   if (!channel?.connected) {
-    throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+    // the link broke while the verdict was being recorded
+    const e = new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+    await recordError(e);
+    throw e;
   }
   const out = new CappedText(limits.outputCapBytes);
   const err = new CappedText(limits.outputCapBytes);
@@ -195,7 +214,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
@@ -207,64 +226,76 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         timeoutMs + limits.killGraceMs + 10_000,
       );
       const onAbort = () => channel.signal(execId, "SIGKILL");
+      // Once the exec has its outcome, nothing of it reaches the caller again:
+      // the channel forgets it, so late output of a command given up on is dropped.
       let done = false;
       const finish = (fn: () => void) => {
         if (done) return;
         done = true;
         clearTimeout(backstop);
         abort?.removeEventListener("abort", onAbort);
+        channel.forget(execId);
         fn();
       };
-      execId = channel.exec(
-        {
-          argv: verdict.execArgv,
-          cwd: SHIM_PATHS.workspace,
-          env: commandEnv(record, live.dotenv),
-          timeoutMs,
-          killGraceMs: limits.killGraceMs,
-          uid: record.uid,
-          gid: record.gid,
-        },
-        {
-          onStarted: () => undefined,
-          onStdout: (c) => {
-            out.count(c.length);
-            const text = outText.push(c);
-            out.push(text);
-            if (text) sink?.stdout(text);
+      let sent: number;
+      try {
+        sent = channel.exec(
+          { argv: verdict.execArgv, ...execBase },
+          {
+            onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
+            onStdout: (c) => {
+              if (done) return;
+              out.count(c.length);
+              const text = outText.push(c);
+              out.push(text);
+              if (text) sink?.stdout(text);
+            },
+            onStderr: (c) => {
+              if (done) return;
+              err.count(c.length);
+              const text = errText.push(c);
+              err.push(text);
+              if (text) sink?.stderr(text);
+            },
+            onExit: (exit) => finish(() => resolve({ exit })),
+            onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
+            onLost: (e) => finish(() => reject(e)),
           },
-          onStderr: (c) => {
-            err.count(c.length);
-            const text = errText.push(c);
-            err.push(text);
-            if (text) sink?.stderr(text);
-          },
-          onExit: (exit) => finish(() => resolve({ exit })),
-          onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
-          onLost: (e) => finish(() => reject(e)),
-        },
-      );
-      // A client that goes away (Ctrl-C on a streaming exec) ends its command.
+        );
+      } catch (e) {
+        finish(() => reject(e as Error));
+        return;
+      }
+      execId = sent;
+      // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
     },
-  ).catch(async (e: unknown) => {
-    await rec
-      .record({ type: "exec.error", ...what, error: (e as Error).message }, [
-        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
-      ])
-      .catch(() => undefined);
+  );
+  // Whatever the redactors held back (a possible secret in the making) is
+  // flushed, scrubbed — also when the command was cut off (the phase stopped,
+  // the shim was lost): the streaming client and the record get every byte.
+  const flushHeld = () => {
+    for (const [buf, stream, toSink] of [
+      [out, outText, sink?.stdout.bind(sink)],
+      [err, errText, sink?.stderr.bind(sink)],
+    ] as const) {
+      const rest = stream.end();
+      buf.push(rest);
+      if (rest) toSink?.(rest);
+    }
+  };
+  const outcome = await outcomeP.catch(async (e: unknown) => {
+    flushHeld();
+    await recordError(e, {
+      stdoutBytes: out.total,
+      stderrBytes: err.total,
+      stdout: out.text(limits.auditOutputCapBytes),
+      stderr: err.text(limits.auditOutputCapBytes),
+    });
     throw e;
   });
-  // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
-  for (const [buf, stream, toSink] of [
-    [out, outText, sink?.stdout.bind(sink)],
-    [err, errText, sink?.stderr.bind(sink)],
-  ] as const) {
-    const rest = stream.end();
-    buf.push(rest);
-    if (rest) toSink?.(rest);
-  }
+  flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
   let exitCode: number | null;
@@ -273,7 +304,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (outcome.spawnError) {
     // Same convention as a shell: 127 not found, 126 not executable.
     exitCode = outcome.spawnError.code === "ENOENT" ? 127 : 126;
-    err.push(rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`));
+    // said where the output goes too: a streaming caller sees why nothing ran
+    const why = rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`);
+    err.push(why);
+    sink?.stderr(why);
   } else {
     const exit = outcome.exit!;
     exitCode = exit.exitCode;
@@ -360,6 +394,37 @@ function staleError(stale: { approval: Approval; changed: string[] }, pending: A
       details: { approvalId: pending.id, staleApprovalId: stale.approval.id, changed: stale.changed, decision: "ask" },
     },
   );
+}
+
+/**
+ * Linux refuses a single argument or environment string of MAX_ARG_STRLEN
+ * (32 pages: 131,072 bytes, the terminating NUL included) with E2BIG.
+ */
+export const MAX_ARG_STRLEN = 131_072;
+
+/**
+ * Refuses, before anything is recorded or sent, a command the kernel would
+ * refuse (a string over MAX_ARG_STRLEN) or whose exec message would not fit
+ * one control-channel frame: the shim treats an oversized frame as a broken
+ * link, which would end every running command of the phase.
+ */
+export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
+  const strings = [...msg.argv.map((a, i) => ({ what: `argument ${i}`, s: a })), ...Object.entries(msg.env).map(([k, v]) => ({ what: `environment variable ${k}`, s: `${k}=${v}` }))];
+  for (const { what, s } of strings) {
+    const bytes = Buffer.byteLength(s);
+    if (bytes >= MAX_ARG_STRLEN) {
+      throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `${what} is ${bytes} bytes; the kernel refuses a single one of ${MAX_ARG_STRLEN} bytes or more (E2BIG)`, {
+        details: { what, bytes, limit: MAX_ARG_STRLEN - 1 },
+      });
+    }
+  }
+  // exactly what the channel will encode, with the widest exec id
+  const bytes = Buffer.byteLength(JSON.stringify({ type: "exec", execId: 0xffffffff, ...msg }));
+  if (bytes > MAX_FRAME_PAYLOAD) {
+    throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `the command's arguments and environment take ${bytes} bytes encoded; at most ${MAX_FRAME_PAYLOAD} fit one message to the sandbox`, {
+      details: { bytes, limit: MAX_FRAME_PAYLOAD },
+    });
+  }
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */
