@@ -88,6 +88,38 @@ describe("SQL through the gateway", () => {
   }, 180_000);
 });
 
+describe("long outputs keep their head and their tail", () => {
+  it("a 115 kB pytest run keeps its summary line in audit.jsonl, build_audit.log and the API result", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await writeFile(
+      path.join(project, "tests", "test_many.py"),
+      ["import pytest", "", "@pytest.mark.parametrize('i', range(1400))", "def test_many(i):", "    assert i != 1399", ""].join("\n"),
+    );
+    await chown(path.join(project, "tests", "test_many.py"), OWNER.uid, OWNER.gid);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "long", mode: "test" });
+    const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, {
+      argv: ["python3", "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_many.py", "tests/test_broken.py"],
+      timeoutMs: 60_000,
+    });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    console.log(`pytest printed ${result.stdoutBytes} bytes`);
+    expect(result.stdoutBytes).toBeGreaterThan(100_000);
+    const summary = /=+ 2 failed, 1399 passed in [\d.]+s =+/;
+    expect(result.stdout).toMatch(summary);
+    expect(result.stdout).toMatch(/^=+ test session starts =+/);
+    const rec = (await records(phase.id)).find((r) => r.type === "exec.result")!;
+    expect(rec.stdoutOmitted).toBeGreaterThan(30_000);
+    expect(Buffer.byteLength(rec.stdout)).toBeLessThan(64 * 1024 + 100);
+    expect(rec.stdout).toMatch(summary);
+    expect(rec.stdout).toMatch(/FAILED tests\/test_many.py::test_many\[1399\]/);
+    expect(rec.stdout).toMatch(/^=+ test session starts =+/);
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(/ {4}~ \[\d+ bytes not kept\]\n/);
+    expect(log).toMatch(new RegExp(`\\n {4}\\| ${summary.source}\\n`));
+  }, 120_000);
+});
+
 describe("the API and the budget", () => {
   it("a body with 200k unknown keys gets a small error naming a few of them", async () => {
     const body: Record<string, number> = {};

@@ -122,3 +122,30 @@ describe("the per-phase budget", () => {
     expect(burst.spent?.records).toBe(52);
   });
 });
+
+describe("HeadTailText: long output keeps its first and last bytes", () => {
+  it("matches the head and tail of the whole text, whatever the chunking and the characters", async () => {
+    const { HeadTailText } = await import("../../src/phases/exec.js");
+    const whole = Array.from({ length: 3000 }, (_, i) => `line ${i} é😀\n`).join("");
+    const bytes = Buffer.from(whole);
+    for (const chunk of [1, 7, 100, 4096]) {
+      const h = new HeadTailText(8192);
+      // chunks of whole characters, as the stream decoder and redactor hand them over
+      const chars = Array.from(whole);
+      for (let i = 0; i < chars.length; i += chunk) h.push(chars.slice(i, i + chunk).join(""));
+      expect(h.truncated).toBe(true);
+      for (const limit of [8192, 1000]) {
+        const v = h.view(limit);
+        expect(bytes.subarray(0, Buffer.byteLength(v.head)).toString()).toBe(v.head);
+        expect(bytes.subarray(bytes.length - Buffer.byteLength(v.tail)).toString()).toBe(v.tail);
+        expect(Buffer.byteLength(v.head)).toBeGreaterThan(limit / 2 - 4);
+        expect(Buffer.byteLength(v.tail)).toBeGreaterThan(limit / 2 - 4);
+        expect(Buffer.byteLength(v.head) + v.omitted + Buffer.byteLength(v.tail)).toBe(bytes.length);
+      }
+    }
+    const small = new HeadTailText(8192);
+    small.push("short\n");
+    expect(small.view(1000)).toEqual({ head: "short\n", omitted: 0, tail: "" });
+    expect(small.text()).toBe("short\n");
+  });
+});
