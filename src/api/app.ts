@@ -40,11 +40,17 @@ const startBody = z
   })
   .strict();
 
-const MAX_ARG_BYTES = 128 * 1024;
+/** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
+const MAX_ARG_BYTES = 131_071;
 const execBody = z
   .object({
     argv: z
-      .array(z.string().max(MAX_ARG_BYTES).refine((a) => !a.includes("\0"), "must not contain NUL bytes"))
+      .array(
+        z
+          .string()
+          .refine((a) => Buffer.byteLength(a) <= MAX_ARG_BYTES, `an argument may be at most ${MAX_ARG_BYTES} bytes (the kernel's limit); pass larger input in a file`)
+          .refine((a) => !a.includes("\0"), "must not contain NUL bytes"),
+      )
       .min(1, "must name a program to run")
       .max(4096)
       .refine((a) => a[0] !== "", "argv[0] must not be empty")
@@ -128,6 +134,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.setErrorHandler((err, req, reply) => {
     if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
     const fe = err as { code?: string; statusCode?: number; message: string };
+    if (fe.statusCode === 413) {
+      const e = new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `request body too large: ${fe.message}`, {
+        hint: "put large inputs in a file in the project and name the file in the command",
+      });
+      return reply.status(e.status).send(e.toBody());
+    }
     if (fe.code?.startsWith("FST_ERR_CTP") || err instanceof SyntaxError) {
       const e = new SandboxdError("SBX_ERR_BAD_JSON", `request body is not valid JSON: ${fe.message}`);
       return reply.status(fe.statusCode === 413 ? 413 : e.status).send(e.toBody());
@@ -166,7 +178,17 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     const q = parse(streamQuery, req.query, "query");
     const body = parse(execBody, req.body, "body");
     if (!truthy(q.stream)) {
-      return { result: await manager.exec(id, body) };
+      // A client that goes away before its answer ends its command, as a streaming one does.
+      const abort = new AbortController();
+      const onClose = () => {
+        if (!reply.raw.writableFinished) abort.abort();
+      };
+      reply.raw.on("close", onClose);
+      try {
+        return { result: await manager.exec(id, body, undefined, abort.signal) };
+      } finally {
+        reply.raw.off("close", onClose);
+      }
     }
     return streamExec(reply, manager, id, body);
   });
@@ -235,6 +257,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
+ *
+ * The request owns one FlowConsumer (src/phases/flow.ts): it holds the
+ * phase's channel paused while the client drains, and whatever way the
+ * request ends (exit, error, client gone) the consumer is closed, so its
+ * pause ends with it. Once the answer is sent (`answered`), nothing more is
+ * written: output arriving late is dropped, never sent after the end.
  */
 async function streamExec(
   reply: FastifyReply,
@@ -245,8 +273,8 @@ async function streamExec(
   const res = reply.raw;
   const abort = new AbortController();
   const flow = manager.flow(id);
-  let paused = false;
   let headersSent = false;
+  let answered = false;
 
   const ensureHeaders = () => {
     if (headersSent) return;
@@ -255,23 +283,17 @@ async function streamExec(
     res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
   };
   const write = (obj: unknown) => {
+    if (answered || res.destroyed || res.writableEnded) return;
     ensureHeaders();
-    if (!res.write(JSON.stringify(obj) + "\n") && !paused) {
-      paused = true;
+    if (!res.write(JSON.stringify(obj) + "\n") && !flow.isHolding && !flow.isClosed) {
       flow.pause();
-      res.once("drain", () => {
-        paused = false;
-        flow.resume();
-      });
+      res.once("drain", () => flow.resume());
     }
   };
   const emit = (type: "stdout" | "stderr") => (data: string) => write({ type, data });
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
-    if (paused) {
-      paused = false;
-      flow.resume();
-    }
+    flow.close();
   });
 
   try {
@@ -286,11 +308,21 @@ async function streamExec(
       abort.signal,
     );
     write({ type: "exit", result });
-    res.end();
+    answered = true;
+    // (no headers only when the client left before anything was written: nothing to answer)
+    if (headersSent) res.end();
+    else reply.hijack();
   } catch (err) {
-    if (!headersSent) throw err;
+    if (!headersSent) {
+      answered = true;
+      throw err;
+    }
     const e = err instanceof SandboxdError ? err : new SandboxdError("SBX_ERR_INTERNAL", (err as Error).message);
     write({ type: "error", ...e.toBody() });
+    answered = true;
     res.end();
+  } finally {
+    answered = true;
+    flow.close();
   }
 }

@@ -66,6 +66,8 @@ export interface LivePhase {
   /** connections to destinations that are not services: refused by the kernel, recorded from the conntrack watch */
   stray: StrayConnections | null;
   watch: RefusalWatch | null;
+  /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
+  ending: Promise<void> | null;
 }
 
 export class PhaseContext {
