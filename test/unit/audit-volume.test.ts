@@ -149,3 +149,24 @@ describe("HeadTailText: long output keeps its first and last bytes", () => {
     expect(small.text()).toBe("short\n");
   });
 });
+
+describe("build_audit.log rotation", () => {
+  it("past rotateBytes the live file's lines move to <dir>/build_audit.log.1 (older shift, keep K), the live file is emptied in place", async () => {
+    const { BuildLog } = await import("../../src/audit/buildlog.js");
+    const { stat: statFile, readdir } = await import("node:fs/promises");
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-rotate-"));
+    dirs.push(dir);
+    const live = path.join(dir, "build_audit.log");
+    const rotated = path.join(dir, "rotated");
+    const log = await BuildLog.openSafely(live, 0o644, () => ({ rotateBytes: 100, keep: 2, dir: rotated }));
+    const inode = (await statFile(live)).ino;
+    for (let i = 0; i < 10; i++) await log.append([`line ${i} ${"x".repeat(30)}`]);
+    await log.close();
+    expect((await statFile(live)).ino).toBe(inode); // the same file, so a bind mount of it still shows it
+    expect((await statFile(live)).size).toBeLessThanOrEqual(100);
+    expect((await readdir(rotated)).sort()).toEqual(["build_audit.log.1", "build_audit.log.2"]);
+    const all = [await readFile(path.join(rotated, "build_audit.log.2"), "utf8"), await readFile(path.join(rotated, "build_audit.log.1"), "utf8"), await readFile(live, "utf8")].join("");
+    // the newest lines, in order, none lost between the files kept; the oldest file dropped
+    expect(all.trim().split("\n").map((l) => Number(l.split(" ")[1]))).toEqual([4, 5, 6, 7, 8, 9]);
+  });
+});
