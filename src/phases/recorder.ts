@@ -10,12 +10,13 @@
  * daemon's prefix of a build-log line (format.ts redactLine).
  */
 import type { BuildLog } from "../audit/buildlog.js";
+import type { EventRecorder } from "../audit/recorder.js";
 import type { AuditEvent, AuditJournal, AuditRecord } from "../audit/journal.js";
 import { redactLine } from "../audit/format.js";
 import { Redactor, StreamRedactor } from "../audit/redact.js";
 import { StringDecoder } from "node:string_decoder";
 
-export class PhaseRecorder {
+export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
   private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
   private buildBusy = false;
