@@ -87,14 +87,37 @@ const auditQuery = z
 const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
+/** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
+const MAX_PROBLEMS = 20;
+const MAX_KEYS = 10;
+const MAX_NAME = 100;
+
+function shortName(s: string | number): string {
+  const t = String(s);
+  return t.length > MAX_NAME ? `${t.slice(0, MAX_NAME)}…` : t;
+}
+
+function someOf(items: readonly string[], max: number): string {
+  const shown = items.slice(0, max).map(shortName).join(", ");
+  return items.length > max ? `${shown} and ${items.length - max} more` : shown;
+}
+
 function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
   const r = schema.safeParse(value ?? {});
   if (r.success) return r.data;
-  const problems = r.error.issues.map((i) => {
-    const at = i.path.length ? i.path.join(".") : where;
-    return i.code === "unrecognized_keys" ? `${where}: unknown field(s) ${i.keys.join(", ")}` : `${where}.${at}: ${i.message}`;
+  const issues = r.error.issues;
+  const problems = issues.slice(0, MAX_PROBLEMS).map((i) => {
+    const at = i.path.length ? i.path.map(shortName).join(".") : where;
+    return i.code === "unrecognized_keys" ? `${where}: unknown field(s) ${someOf(i.keys, MAX_KEYS)}` : `${where}.${at}: ${shortName(i.message)}`;
   });
-  throw new SandboxdError("SBX_ERR_VALIDATION", `invalid request: ${problems.join("; ")}`, { details: r.error.issues });
+  if (issues.length > MAX_PROBLEMS) problems.push(`and ${issues.length - MAX_PROBLEMS} more problems`);
+  const details = issues.slice(0, MAX_PROBLEMS).map((i) => ({
+    code: i.code,
+    path: i.path.slice(0, 10).map((p) => (typeof p === "string" ? shortName(p) : p)),
+    message: shortName(i.message),
+    ...(i.code === "unrecognized_keys" ? { keys: i.keys.slice(0, MAX_KEYS).map(shortName), keyCount: i.keys.length } : {}),
+  }));
+  throw new SandboxdError("SBX_ERR_VALIDATION", `invalid request: ${problems.join("; ")}`, { details: { issues: details, issueCount: issues.length } });
 }
 
 const truthy = (v: string | undefined) => v === "1" || v === "true";
@@ -228,7 +251,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"stdout"|"stderr","data":"…"}` lines as output
+ * NDJSON exec: `{"type":"started","phaseId","pid","rule"}` as soon as the
+ * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
  * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
@@ -273,9 +297,16 @@ async function streamExec(
   });
 
   try {
-    // The first output chunk (or the exit) commits the 200; anything thrown
-    // before that — policy, validation, a stopped phase — is a normal error reply.
-    const result = await manager.exec(id, body, { stdout: emit("stdout"), stderr: emit("stderr") }, abort.signal);
+    // The command's start commits the 200 with a `started` event, so the
+    // client knows at once that it runs (not at its first output); anything
+    // thrown before that — policy, validation, a stopped phase — is a normal
+    // error reply.
+    const result = await manager.exec(
+      id,
+      body,
+      { started: (info) => write({ type: "started", phaseId: id, ...info }), stdout: emit("stdout"), stderr: emit("stderr") },
+      abort.signal,
+    );
     write({ type: "exit", result });
     answered = true;
     // (no headers only when the client left before anything was written: nothing to answer)

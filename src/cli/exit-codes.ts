@@ -15,6 +15,8 @@ export function exitCodeForRefusal(code: string | undefined): number {
     case "SBX_ERR_POLICY_DENIED":
     case "SBX_ERR_POLICY_NEEDS_APPROVAL":
     case "SBX_ERR_COMMAND_PARSE":
+    case "SBX_ERR_APPROVAL_DENIED":
+    case "SBX_ERR_APPROVAL_STALE":
       return EXIT.policy;
     case "SBX_ERR_TIMEOUT_RANGE":
     case "SBX_ERR_VALIDATION":

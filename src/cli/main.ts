@@ -37,6 +37,7 @@ function visible(text: string): string {
   return text.split("\n").map(escapeControl).join("\n");
 }
 
+/** refusals `exec` exits 126 for: the policy, or a person, said no (yet) */
 function printError(err: unknown): void {
   if (err instanceof SandboxdError) {
     process.stderr.write(visible(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}`) + "\n");
@@ -96,7 +97,6 @@ function approvalCommand(a: Approval): string {
 }
 
 function printApproval(a: Approval): void {
-  const ext = a as Approval & { files?: Array<{ path: string; sha256: string | null }>; retries?: number; reasons?: string[] };
   const lines: Array<[string, string]> = [
     ["id", a.id],
     ["phase", a.phaseId],
@@ -106,12 +106,13 @@ function printApproval(a: Approval): void {
     ["rule", `${a.ruleId} (${a.clause})`],
     ["policy says", a.policyReason],
     ["agent's reason", a.requestReason ?? "-"],
-    ...(ext.reasons ?? []).map((r): [string, string] => ["later reason", r]),
-    ...(ext.files ?? []).map((f): [string, string] => ["runs file", `${f.path} sha256:${f.sha256 ?? "(missing)"}`]),
+    ...(a.laterReasons ?? []).map((r): [string, string] => ["later reason", `${r.at} ${r.reason}`]),
+    ...(a.files ?? []).map((f): [string, string] => ["runs file", `${quoteArgv([f.path])} ${f.sha256 ? `sha256:${f.sha256}` : `(${f.note ?? "not bound"})`}`]),
+    ["retries", String(a.retries ?? 0)],
     ["requested", a.requestedAt],
     ...(a.decidedAt ? [["decided", a.decidedAt] as [string, string]] : []),
     ...(a.note ? [["note", a.note] as [string, string]] : []),
-    ...(a.usedAt ? [["used", a.usedAt] as [string, string]] : []),
+    ...(a.usedAt ? [[a.state === "stale" ? "refused (files changed)" : "used", a.usedAt] as [string, string]] : []),
   ];
   process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v])));
 }
@@ -506,6 +507,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
   const handle = (line: string) => {
     if (!line) return;
     const ev = JSON.parse(line) as
+      | { type: "started"; pid: number }
       | { type: "stdout" | "stderr"; data: string }
       | { type: "exit"; result: ExecResult }
       | { type: "error"; error: { code: string; message: string; hint: string } };
@@ -516,7 +518,8 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
       code = EXIT.sandboxdFailed;
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
-    else process.stderr.write(ev.data);
+    else if (ev.type === "stderr") process.stderr.write(ev.data);
+    // "started" and event types of newer daemons print nothing
   };
   for await (const chunk of res) {
     buffered += (chunk as Buffer).toString("utf8");

@@ -108,7 +108,12 @@ export class PhaseContext {
     });
     // the daemon's own log is scrubbed of them too, while the phase lives
     this.opts.logSecrets?.add(record.id, redactor);
-    return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
+    return new PhaseRecorder(record.id, this.opts.journal, log, redactor, {
+      // the policy of the moment (a reload applies), narrowed by the phase's own
+      audit: () => this.policyFor(this.phases.get(record.id)?.phasePolicy ?? null).audit,
+      clock: this.opts.clock,
+      onSpent: (why) => this.opts.log.warn({ phase: record.id, why }, "phase spent its audit budget; it takes no new work"),
+    });
   }
 
   view(record: PhaseRecord): PhaseView {

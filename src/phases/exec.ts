@@ -4,12 +4,13 @@
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
-import type { Approval } from "../approvals/queue.js";
+import { bindFiles, filesRun } from "../approvals/binding.js";
+import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import type { PhaseContext } from "./context.js";
-import { commandEnv } from "./project.js";
+import { commandEnv, readProjectFile } from "./project.js";
 import type { PhaseRecorder } from "./recorder.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
@@ -22,6 +23,8 @@ export interface ExecRequest {
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
+  /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
+  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -109,18 +112,37 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const key = { argv: req.argv, command: req.command };
   const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
 
-  // An `ask` a human already approved for exactly this command runs once.
+  // An `ask` a human already approved for exactly this command, with the same
+  // content in the files it runs, runs once. A denied one stays denied.
   let approval: Approval | null = null;
+  let denial: Approval | null = null;
+  let stale: { approval: Approval; changed: string[] } | null = null;
+  let files: FileBinding[] = [];
   if (verdict.decision === "ask") {
-    approval = await ctx.opts.approvals.consume(id, key);
-    if (approval) {
-      verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
+    files = await bindFiles(filesRun(input), (rel) => readProjectFile(record, rel));
+    const approved = ctx.opts.approvals.approvedFor(id, key);
+    if (approved) {
+      const used = await ctx.opts.approvals.use(approved.id, files);
+      if (used.changed.length === 0) {
+        approval = used.approval;
+        verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
+      } else {
+        stale = used;
+      }
+    } else {
+      denial = await ctx.opts.approvals.deniedFor(id, key);
     }
   }
 
   // The verdict is on disk, in both records, before anything runs.
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
-  const approvalNote = approval ? ` approval=${approval.id}` : "";
+  const approvalNote = approval
+    ? ` approval=${approval.id}`
+    : denial
+      ? ` denied=${denial.id}`
+      : stale
+        ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
+        : "";
   await rec.record(
     {
       type: "exec.verdict",
@@ -131,6 +153,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       reason: verdict.reason,
       parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
       approval: approval?.id ?? null,
+      deniedBy: denial?.id ?? null,
+      staleApproval: stale ? { approval: stale.approval.id, changed: stale.changed } : null,
+      files,
       requestReason: req.reason ?? null,
       timeoutMs,
     },
@@ -139,27 +164,39 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
     ],
   );
+  if (denial) throw deniedError(denial, cmd, rec);
+  if (stale) {
+    await rec.record(
+      { type: "approval.stale", approval: stale.approval.id, ...what, changed: stale.changed, files },
+      [actionLine(ts(), "APPROVAL", "STALE", cmd, `${stale.approval.id} not used: ${stale.changed.join(", ")} changed since it was approved`)],
+    );
+  }
   if (verdict.decision === "ask") {
-    const { approval: pending, created } = await ctx.opts.approvals.request(id, key, {
-      ruleId: verdict.ruleId,
-      clause: verdict.clause,
-      policyReason: verdict.reason,
-      requestReason: req.reason,
-    });
+    const { approval: pending, created, reasonAdded } = await ctx.opts.approvals.request(
+      id,
+      key,
+      { ruleId: verdict.ruleId, clause: verdict.clause, policyReason: verdict.reason, requestReason: req.reason },
+      files,
+    );
     if (created) {
       await rec.record(
-        { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason },
-        [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)],
+        { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason, requestReason: req.reason ?? null, files },
+        [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}${filesNote(files)}`)],
       );
       ctx.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+    } else if (reasonAdded) {
+      await rec.record({ type: "approval.reason", approval: pending.id, ...what, reason: req.reason ?? null }, [
+        actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),
+      ]);
     }
+    if (stale) throw staleError(stale, pending, cmd);
     throw policyError(verdict, cmd, rec, pending.id);
   }
   if (verdict.decision !== "allow") throw policyError(verdict, cmd, rec);
 
-  const recordError = async (e: unknown) => {
+  const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
     await rec
-      .record({ type: "exec.error", ...what, error: (e as Error).message }, [
+      .record({ type: "exec.error", ...what, error: (e as Error).message, ...output }, [
         actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
       ])
       .catch((re: Error) => ctx.log.error({ phase: id, err: re.message }, "could not record the error of a command"));
@@ -177,7 +214,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
@@ -205,7 +242,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         sent = channel.exec(
           { argv: verdict.execArgv, ...execBase },
           {
-            onStarted: () => undefined,
+            onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
             onStdout: (c) => {
               if (done) return;
               out.count(c.length);
@@ -234,19 +271,31 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
     },
-  ).catch(async (e: unknown) => {
-    await recordError(e);
+  );
+  // Whatever the redactors held back (a possible secret in the making) is
+  // flushed, scrubbed — also when the command was cut off (the phase stopped,
+  // the shim was lost): the streaming client and the record get every byte.
+  const flushHeld = () => {
+    for (const [buf, stream, toSink] of [
+      [out, outText, sink?.stdout.bind(sink)],
+      [err, errText, sink?.stderr.bind(sink)],
+    ] as const) {
+      const rest = stream.end();
+      buf.push(rest);
+      if (rest) toSink?.(rest);
+    }
+  };
+  const outcome = await outcomeP.catch(async (e: unknown) => {
+    flushHeld();
+    await recordError(e, {
+      stdoutBytes: out.total,
+      stderrBytes: err.total,
+      stdout: out.text(limits.auditOutputCapBytes),
+      stderr: err.text(limits.auditOutputCapBytes),
+    });
     throw e;
   });
-  // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
-  for (const [buf, stream, toSink] of [
-    [out, outText, sink?.stdout.bind(sink)],
-    [err, errText, sink?.stderr.bind(sink)],
-  ] as const) {
-    const rest = stream.end();
-    buf.push(rest);
-    if (rest) toSink?.(rest);
-  }
+  flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
   let exitCode: number | null;
@@ -316,6 +365,35 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     outputCapBytes: limits.outputCapBytes,
     rule: { id: verdict.ruleId, clause: verdict.clause },
   };
+}
+
+function filesNote(files: readonly FileBinding[]): string {
+  if (files.length === 0) return "";
+  return `; runs ${files.map((f) => `${f.path}${f.sha256 ? ` sha256:${f.sha256.slice(0, 12)}` : ` (${f.note})`}`).join(", ")}`;
+}
+
+/** A retry of a command a person denied: the denial, with the person's note, until a person or the policy says otherwise. */
+function deniedError(denial: Approval, cmd: string, rec: PhaseRecorder): SandboxdError {
+  const note = denial.note ? rec.redact(denial.note) : null;
+  return new SandboxdError(
+    "SBX_ERR_APPROVAL_DENIED",
+    `a human denied \`${cmd}\` (approval ${denial.id}${denial.decidedAt ? `, ${denial.decidedAt}` : ""})${note ? `: ${note}` : " without a note"}`,
+    {
+      details: { approvalId: denial.id, note, decidedAt: denial.decidedAt, rule: denial.ruleId, clause: denial.clause, decision: "deny" },
+    },
+  );
+}
+
+/** An approval whose files changed: not used; a new request with the files' current content is pending. */
+function staleError(stale: { approval: Approval; changed: string[] }, pending: Approval, cmd: string): SandboxdError {
+  return new SandboxdError(
+    "SBX_ERR_APPROVAL_STALE",
+    `approval ${stale.approval.id} of \`${cmd}\` was not used: ${stale.changed.join(", ")} changed since a human approved it; new request ${pending.id} is pending`,
+    {
+      hint: `a human can review the changed files and run \`sandboxd approvals approve ${pending.id}\`, then run the same command again`,
+      details: { approvalId: pending.id, staleApprovalId: stale.approval.id, changed: stale.changed, decision: "ask" },
+    },
+  );
 }
 
 /**

@@ -16,6 +16,7 @@ import { LABELS } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { ShimChannel } from "./shim-channel.js";
 import { transition } from "./state.js";
@@ -39,6 +40,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${ctx.opts.image} is not in the Docker engine`);
   }
   const { vars: env, text: envText } = await readDotenv(project, owner.uid);
+  const { kept: envKept, dropped: envReserved } = splitDotenv(env);
   const id = ctx.opts.ids.phaseId();
   const token = ctx.opts.ids.token();
   const limits = ctx.policyFor(phasePolicy).limits[req.mode];
@@ -71,7 +73,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     channel: null,
     rec: ctx.recorder(record, audit ?? (await ctx.buildLogs.acquire(buildLog, id)), envText, env),
     phasePolicy,
-    dotenv: { ...env, ...services.env },
+    // reserved names dropped (they change what runs or where packages come from); the daemon's services after
+    dotenv: { ...envKept, ...services.env },
     services,
     tunnels: null,
     stray: null,
@@ -140,9 +143,14 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         image: record.image,
         container: record.containerId,
         policyFile: record.policyFile,
+        // names only, never values
+        envReserved,
       },
       [
         actionLine(ts, "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
+        ...(envReserved.length
+          ? [actionLine(ts, "ENV", "RESERVED", ".env", `not given to commands: ${envReserved.join(", ")} (they change what runs or where packages come from)`)]
+          : []),
         `[${ts}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
       ],
     );

@@ -109,15 +109,17 @@ export class PhaseManager {
     if (!live) {
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
     }
+    const previous = before.state;
     const a = await this.ctx.opts.approvals.decide(approvalId, decision, note);
     const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? ""));
-    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null }, [
+    // approving a denied request: the person changed their mind, and the trail says so
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null, previous }, [
       actionLine(
         timestamp(this.ctx.opts.clock.now()),
         "APPROVAL",
         decision === "approve" ? "APPROVE" : "DENY",
         cmd,
-        `${a.id} by operator${note ? `: ${note}` : ""}`,
+        `${a.id} by operator${previous === "denied" ? " (was denied)" : ""}${note ? `: ${note}` : ""}`,
       ),
     ]);
     this.ctx.opts.log.info({ phase: a.phaseId, approval: a.id, decision }, "approval decided");

@@ -13,6 +13,7 @@ import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { splitDotenv } from "../policy/env.js";
 import { readDotenv } from "./project.js";
 import { isTerminal } from "./state.js";
 import type { PhaseRecord } from "./types.js";
@@ -154,7 +155,7 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     channel: null,
     rec: ctx.recorder(record, log, text, vars),
     phasePolicy: null,
-    dotenv: { ...vars, ...services.env },
+    dotenv: { ...splitDotenv(vars).kept, ...services.env },
     services,
     tunnels: null,
     stray: null,

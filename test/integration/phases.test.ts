@@ -99,9 +99,11 @@ describe("phase lifecycle", () => {
     expect(hc.NanoCpus).toBe(1e9);
     expect(hc.PidsLimit).toBe(256);
     expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 10 * 1024 * 1024, Hard: 10 * 1024 * 1024 }]);
-    // Only the project and the phase's run dir come from the host; no Docker socket.
+    // Only the project, the phase's run dir and its hosts file come from the host; no Docker socket.
     const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
-    expect(sources).toEqual([project, path.join(t.stateDir, "phases", phase.id, "run"), phase.buildLog].sort());
+    const runDir = path.join(t.stateDir, "phases", phase.id, "run");
+    expect(sources).toEqual([project, runDir, path.join(runDir, "hosts"), phase.buildLog].sort());
+    expect(info.Mounts.find((m) => m.Source === path.join(runDir, "hosts"))).toMatchObject({ Destination: "/etc/hosts", RW: false });
     expect(info.Mounts.find((m) => m.Source === phase.buildLog)).toMatchObject({ Destination: "/workspace/build_audit.log", RW: false });
     expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
     // no network endpoint at all (Docker lists none, or only "none")
