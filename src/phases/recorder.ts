@@ -11,6 +11,7 @@
  */
 import { createHash } from "node:crypto";
 import type { BuildLog } from "../audit/buildlog.js";
+import type { EventRecorder } from "../audit/recorder.js";
 import { AuditBudget } from "../audit/budget.js";
 import { capUtf8, type AppendOptions, type AuditEvent, type AuditJournal, type AuditRecord } from "../audit/journal.js";
 import { actionLine, redactLine, timestamp } from "../audit/format.js";
@@ -39,7 +40,7 @@ const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
  */
 const CLOSING = /^(?:exec\.(?:result|error)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
 
-export class PhaseRecorder {
+export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
   private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
   private buildBusy = false;

@@ -220,6 +220,8 @@ export class DockerRuntime implements ContainerRuntime {
     try {
       await container.start();
     } catch (err) {
+      // the start's own error is what the caller needs; a container left behind carries its labels and is reaped by reconcile
+      // eslint-disable-next-line no-restricted-syntax -- see the line above
       await container.remove({ force: true }).catch(() => undefined);
       if (cgroupDir) await removeCommandCgroupDir(spec.name);
       throw dockerError(`starting container ${spec.name}`, err);
