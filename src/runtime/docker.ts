@@ -59,6 +59,15 @@ export function commandCgroupDir(root: string, containerName: string): string {
 async function makeCommandCgroupDir(containerName: string): Promise<string | null> {
   const root = await cgroup2Root();
   if (!root) return null;
+  // Only where the v2 hierarchy gives its children no controller (a hybrid host like this
+  // project's, whose limits live in v1): there a process moved into a
+  // per-command cgroup keeps every limit of its container. On a host whose v2
+  // hierarchy has controllers, a directory outside the container's own cgroup
+  // would take commands out of its memory, pids and CPU limits; until the
+  // directory is placed inside the container's cgroup, such hosts use the
+  // shim's process-table fallback.
+  const distributed = await readFile(path.join(root, "cgroup.subtree_control"), "utf8").catch(() => "unreadable");
+  if (distributed.trim() !== "") return null;
   const dir = commandCgroupDir(root, containerName);
   try {
     await mkdir(dir, { recursive: true });
@@ -66,6 +75,7 @@ async function makeCommandCgroupDir(containerName: string): Promise<string | nul
     await stat(path.join(dir, "cgroup.kill"));
     return dir;
   } catch {
+// eslint-disable-next-line no-restricted-syntax -- cleaning up a directory that proved unusable; null already says per-command cgroups are off
     await rmdir(dir).catch(() => undefined);
     return null;
   }
@@ -88,6 +98,7 @@ export async function removeCommandCgroupDir(containerName: string): Promise<voi
   }
   for (const name of entries) {
     const child = path.join(dir, name);
+    // eslint-disable-next-line no-restricted-syntax -- the cgroup may be empty and gone already; the rmdir below is what must succeed
     await writeFile(path.join(child, "cgroup.kill"), "1").catch(() => undefined);
     for (let i = 0; i < 100; i++) {
       try {
@@ -98,6 +109,7 @@ export async function removeCommandCgroupDir(containerName: string): Promise<voi
       }
     }
   }
+// eslint-disable-next-line no-restricted-syntax -- the container is gone and its commands were killed above; a directory that is still busy is left behind, never reused (phase ids are unique)
   await rmdir(dir).catch(() => undefined);
 }
 
@@ -211,6 +223,8 @@ export class DockerRuntime implements ContainerRuntime {
     try {
       await container.start();
     } catch (err) {
+      // the start's own error is what the caller needs; a container left behind carries its labels and is reaped by reconcile
+      // eslint-disable-next-line no-restricted-syntax -- see the line above
       await container.remove({ force: true }).catch(() => undefined);
       if (cgroupDir) await removeCommandCgroupDir(spec.name);
       throw dockerError(`starting container ${spec.name}`, err);

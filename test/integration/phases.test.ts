@@ -193,9 +193,11 @@ describe("mediated exec", () => {
     expect(r.exitCode).toBe(0);
     expect(r.stdoutBytes).toBe(5_000_000);
     expect(r.stdoutTruncated).toBe(true);
-    expect(r.stdout.length).toBe(r.outputCapBytes);
+    // the first and last outputCapBytes/2, the bytes between counted and marked
+    expect(r.stdoutOmitted).toBe(5_000_000 - r.outputCapBytes);
+    expect(r.stdout).toBe(`${"x".repeat(r.outputCapBytes / 2)}\n[… ${r.stdoutOmitted} bytes not kept …]\n${"x".repeat(r.outputCapBytes / 2)}`);
     const log = await readFile(phase.buildLog, "utf8");
-    expect(log).toMatch(/STDOUT: \[\d+ more bytes not kept\] x+/);
+    expect(log).toMatch(/STDOUT: x+\n {4}~ \[\d+ bytes not kept\]\n {4}\| x+\n/);
   });
 
   it("streams every byte of a large output", async () => {

