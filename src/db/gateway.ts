@@ -358,7 +358,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
             `[${stamp()}] DB_ERROR: ${what} for ${Math.round(over.ms)} ms (bound ${over.reason === "transaction" ? session.opts.maxTransactionMs : session.opts.idleInTransactionMs} ms); connection cut`,
           ]),
         )
-        .catch(() => undefined);
+        .catch((e: Error) => log?.error({ err: e.message }, "db gateway: could not record the cut; the journal refuses further work if it is failing"));
       close("transaction bound");
       return;
     }
@@ -370,7 +370,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         .record({ type: "db.timeout", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, action: "drop", ms: ran }, [
           `[${timestamp(new Date())}] DB_ERROR: query still running after ${ran} ms; connection dropped`,
         ])
-        .catch(() => undefined);
+        .catch((e: Error) => log?.error({ err: e.message }, "db gateway: could not record the drop; the journal refuses further work if it is failing"));
       close("watchdog");
     } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !session.cancelSent) {
       session.cancelSent = true;
