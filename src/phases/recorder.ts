@@ -136,6 +136,8 @@ export class PhaseRecorder implements EventRecorder {
 
   private spend(bytes: number): void {
     const why = this.budget?.add(bytes);
+    // a failed write of this notice fails the journal, which then refuses all new work and says why
+    // eslint-disable-next-line no-restricted-syntax -- see the line above
     if (why) void this.spent(why).catch(() => undefined);
   }
 

@@ -239,6 +239,31 @@ describe("exit codes", () => {
   });
 });
 
+describe("idle connections", () => {
+  it("a connection that never sends a request is closed; a silent follow that did send one is not", async () => {
+    const net = await import("node:net");
+    const idle = net.connect(socket);
+    const closedAt = new Promise<number>((r) => idle.on("close", () => r(Date.now())));
+    idle.on("error", () => undefined);
+    const t0 = Date.now();
+    // a follow of the audit trail, quiet for longer than the idle limit
+    const follow = http.request({ socketPath: socket, method: "GET", path: "/v1/audit?follow=1&last=1" });
+    follow.end();
+    const res = await new Promise<http.IncomingMessage>((r) => follow.on("response", r));
+    let got = "";
+    res.on("data", (c: Buffer) => (got += c.toString()));
+    const closed = await closedAt;
+    expect(closed - t0).toBeGreaterThan(8_000);
+    expect(closed - t0).toBeLessThan(20_000);
+    expect(res.destroyed).toBe(false);
+    // still live: a new record reaches it
+    const before = got.length;
+    const p = await startPhase();
+    await until("the follow to see the new phase", async () => got.length > before && got.includes(p.id));
+    res.destroy();
+  }, 60_000);
+});
+
 describe("shutdown", () => {
   it("SIGTERM ends a phase whose streaming reader left, and the daemon exits", async () => {
     const p = await startPhase();
