@@ -32,7 +32,7 @@ export interface RecorderLimits {
 /** Command output: bounded by the exec's own head-and-tail cap (limits.auditOutputCapBytes), not by textCapBytes. */
 const OUTPUT_FIELDS: ReadonlySet<string> = new Set(["stdout", "stderr"]);
 /** Build-log lines of command output (bounded the same way). */
-const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| )/;
+const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
 /**
  * Records that close work already under way (its result, its end): still
  * written once the budget is spent — they are bounded by the work in flight —

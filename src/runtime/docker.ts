@@ -60,6 +60,15 @@ export function commandCgroupDir(root: string, containerName: string): string {
 async function makeCommandCgroupDir(containerName: string): Promise<string | null> {
   const root = await cgroup2Root();
   if (!root) return null;
+  // Only where the v2 hierarchy gives its children no controller (a hybrid host like this
+  // project's, whose limits live in v1): there a process moved into a
+  // per-command cgroup keeps every limit of its container. On a host whose v2
+  // hierarchy has controllers, a directory outside the container's own cgroup
+  // would take commands out of its memory, pids and CPU limits; until the
+  // directory is placed inside the container's cgroup, such hosts use the
+  // shim's process-table fallback.
+  const distributed = await readFile(path.join(root, "cgroup.subtree_control"), "utf8").catch(() => "unreadable");
+  if (distributed.trim() !== "") return null;
   const dir = commandCgroupDir(root, containerName);
   try {
     await mkdir(dir, { recursive: true });
