@@ -76,8 +76,7 @@ async function makeCommandCgroupDir(containerName: string): Promise<string | nul
     await stat(path.join(dir, "cgroup.kill"));
     return dir;
   } catch {
-    // no per-command cgroups here: the directory is removed if it was made, and null says so
-    // eslint-disable-next-line no-restricted-syntax -- see the line above
+    // eslint-disable-next-line no-restricted-syntax -- cleaning up a directory that proved unusable; null already says per-command cgroups are off
     await rmdir(dir).catch(() => undefined);
     return null;
   }
@@ -100,8 +99,7 @@ export async function removeCommandCgroupDir(containerName: string): Promise<voi
   }
   for (const name of entries) {
     const child = path.join(dir, name);
-    // an empty or vanished cgroup has nothing to kill; the rmdir loop below is what must succeed
-    // eslint-disable-next-line no-restricted-syntax -- see the line above
+    // eslint-disable-next-line no-restricted-syntax -- the cgroup may be empty and gone already; the rmdir below is what must succeed
     await writeFile(path.join(child, "cgroup.kill"), "1").catch(() => undefined);
     for (let i = 0; i < 100; i++) {
       try {
@@ -112,8 +110,7 @@ export async function removeCommandCgroupDir(containerName: string): Promise<voi
       }
     }
   }
-  // best effort once the container is gone: a directory left behind holds no process
-  // eslint-disable-next-line no-restricted-syntax -- see the line above
+  // eslint-disable-next-line no-restricted-syntax -- the container is gone and its commands were killed above; a directory that is still busy is left behind, never reused (phase ids are unique)
   await rmdir(dir).catch(() => undefined);
 }
 
