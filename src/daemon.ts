@@ -55,6 +55,32 @@ async function instanceId(stateDir: string): Promise<string> {
   return id;
 }
 
+/**
+ * A connection that has not sent its first request within this time is
+ * closed. Each holds a file descriptor, and a client that opens connections
+ * and never speaks would otherwise fill the fd table. Once a request has
+ * come, the connection is no longer idle by this measure: a streaming exec
+ * or a follow may stay silent for as long as its command or its trail does.
+ * Between requests, Node's keepAliveTimeout (fastify: 72 s) closes it.
+ */
+export const IDLE_CONNECTION_MS = 10_000;
+
+export function closeIdleConnections(server: import("node:http").Server, idleMs: number): void {
+  const silent = new WeakMap<import("node:net").Socket, NodeJS.Timeout>();
+  server.on("connection", (sock: import("node:net").Socket) => {
+    const timer = setTimeout(() => sock.destroy(), idleMs);
+    timer.unref();
+    silent.set(sock, timer);
+    sock.once("close", () => clearTimeout(timer));
+  });
+  server.on("request", (req: import("node:http").IncomingMessage) => {
+    const timer = silent.get(req.socket);
+    if (timer) clearTimeout(timer);
+  });
+  // a request whose headers never complete is cut by Node itself
+  server.headersTimeout = idleMs;
+}
+
 export async function startDaemon(
   settings: Settings,
   deps: { runtime?: ContainerRuntime; log?: Logger; logDestination?: { write(line: string): unknown } } = {},
@@ -125,6 +151,7 @@ export async function startDaemon(
   } finally {
     process.umask(oldMask);
   }
+  closeIdleConnections(app.server, IDLE_CONNECTION_MS);
   await chmod(settings.socket, 0o600);
   log.info({ socket: settings.socket, stateDir: settings.stateDir, instance, version: VERSION }, "sandboxd listening");
 
