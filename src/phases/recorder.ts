@@ -11,6 +11,7 @@
  */
 import { createHash } from "node:crypto";
 import type { BuildLog } from "../audit/buildlog.js";
+import type { EventRecorder } from "../audit/recorder.js";
 import { AuditBudget } from "../audit/budget.js";
 import { capUtf8, type AppendOptions, type AuditEvent, type AuditJournal, type AuditRecord } from "../audit/journal.js";
 import { actionLine, redactLine, timestamp } from "../audit/format.js";
@@ -52,7 +53,7 @@ function buildLogFailed(file: string, e: unknown): unknown {
 /** The records that end a phase. */
 const ENDS = /^phase\.(?:complete|failed)$/;
 
-export class PhaseRecorder {
+export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
   private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
   private buildBusy = false;
