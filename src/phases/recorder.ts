@@ -38,7 +38,7 @@ const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
  * written once the budget is spent — they are bounded by the work in flight —
  * while every record that would start new work is refused.
  */
-const CLOSING = /^(?:exec\.(?:result|error)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
+const CLOSING = /^(?:exec\.(?:result|error|lost)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
 
 /** A build_audit.log append that failed (ENOSPC, EIO): an audit failure like the journal's, coded alike. */
 function buildLogFailed(file: string, e: unknown): unknown {
