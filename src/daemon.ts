@@ -2,7 +2,7 @@
  * The daemon process: settings, single-instance check, reconcile, serve the
  * API on the unix socket, stop cleanly on SIGTERM/SIGINT.
  */
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { chmod, mkdir, readFile, unlink, writeFile } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
@@ -10,7 +10,8 @@ import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
 import { AuditJournal } from "./audit/journal.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
-import { initShellParser, loadPolicy } from "./policy/index.js";
+import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
+import { parse as parseYaml } from "yaml";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -155,18 +156,49 @@ export async function startDaemon(
   await chmod(settings.socket, 0o600);
   log.info({ socket: settings.socket, stateDir: settings.stateDir, instance, version: VERSION }, "sandboxd listening");
 
-  /** SIGHUP: re-read the policy; a broken file changes nothing (it never half-applies). */
+  /**
+   * SIGHUP: re-read the policy; a broken file changes nothing (it never
+   * half-applies). Accepted or refused, the trail records which content it
+   * was (SHA-256 and size of the bytes read, count of shell rules) before the
+   * new policy applies.
+   */
   const reload = async (): Promise<boolean> => {
+    const file = settings.policyFile;
+    let text: string | null = null;
     try {
-      const next = await loadPolicy(settings.policyFile);
-      policy = next;
-      await journal.append({ type: "policy.reload", file: settings.policyFile });
-      log.info({ policy: settings.policyFile }, "policy reloaded");
-      return true;
+      text = await readFile(file, "utf8");
+    } catch {
+      /* parsePolicy is not reached; loadPolicy's error below says why */
+    }
+    const content = text === null ? { sha256: null, bytes: null } : { sha256: createHash("sha256").update(text).digest("hex"), bytes: Buffer.byteLength(text) };
+    let next: Awaited<ReturnType<typeof loadPolicy>>;
+    try {
+      next = text === null ? await loadPolicy(file) : parsePolicy(text, file);
     } catch (err) {
-      log.error({ policy: settings.policyFile, err: (err as Error).message }, "policy reload refused; the previous policy stays in force");
+      const message = (err as Error).message;
+      let rules: number | null = null;
+      try {
+        const raw = parseYaml(text ?? "") as { shell?: { rules?: unknown } } | null;
+        rules = Array.isArray(raw?.shell?.rules) ? raw.shell.rules.length : null;
+      } catch {
+        /* not YAML: no count */
+      }
+      await journal
+        .append({ type: "policy.reload_refused", file, ...content, rules, error: message.length > 4096 ? `${message.slice(0, 4096)}…` : message })
+        .catch((e: Error) => log.error({ err: e.message }, "could not record the refused policy reload"));
+      log.error({ policy: file, err: message }, "policy reload refused; the previous policy stays in force");
       return false;
     }
+    const rules = next.shell.layers.reduce((n, l) => n + l.rules.length, 0);
+    try {
+      await journal.append({ type: "policy.reload", file, ...content, rules });
+    } catch (err) {
+      log.error({ policy: file, err: (err as Error).message }, "policy reload not recorded, so not applied; the previous policy stays in force");
+      return false;
+    }
+    policy = next;
+    log.info({ policy: file, sha256: content.sha256, rules }, "policy reloaded");
+    return true;
   };
 
   let closing: Promise<void> | null = null;

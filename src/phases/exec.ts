@@ -210,7 +210,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
         : "";
-  await rec.record(
+  const verdictRecord = await rec.record(
     {
       type: "exec.verdict",
       ...what,
@@ -421,7 +421,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
-  );
+  ).catch((e: unknown) => {
+    throw mayHaveRun(e, cmd, verdictRecord.seq);
+  });
 
   return {
     phaseId: id,
@@ -506,6 +508,21 @@ export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
       details: { bytes, limit: MAX_FRAME_PAYLOAD },
     });
   }
+}
+
+/**
+ * The result of a command that ran could not be recorded (the audit disk
+ * failed after its verdict was durable): the caller must not read the 503
+ * as "nothing ran". The answer says the command may have run, and names
+ * its verdict record.
+ */
+function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
+  if (!(e instanceof SandboxdError) || e.code !== "SBX_ERR_AUDIT_FAILED") return e;
+  return new SandboxdError(
+    "SBX_ERR_AUDIT_FAILED",
+    `${e.message}. The command \`${cmd}\` was allowed (verdict recorded as audit seq ${verdictSeq}) and may have run; its result is not recorded`,
+    { hint: e.hint, details: { ...((e.details as object | undefined) ?? {}), verdictSeq, mayHaveRun: true } },
+  );
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */
