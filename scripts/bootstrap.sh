@@ -18,8 +18,14 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   fi
 fi
 
-say "building (tsc + shim bundle)"
-npm run --silent build
+# The build runs when an input is newer than the last build's stamp (or there
+# is none), so a second `npm start` goes straight to the daemon.
+stamp=dist/.build-stamp
+if [ ! -f "$stamp" ] || [ -n "$(find src scripts/bundle-shim.mjs tsconfig.json package.json package-lock.json -newer "$stamp" -print -quit)" ]; then
+  say "building (tsc + shim bundle)"
+  npm run --silent build
+  touch "$stamp"
+fi
 
 bash scripts/ensure-docker.sh
 

@@ -120,6 +120,55 @@ function program(): Command {
       });
     });
 
+  prog
+    .command("doctor")
+    .description("check the host: engine and runc versions, cgroups, seccomp/AppArmor, the sandbox image, socket and state-dir permissions, conntrack, disk")
+    .option("--state-dir <dir>", "the state dir to check (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
+    .option("--json", "print the checks as JSON")
+    .action(async (opts: { stateDir?: string; json?: boolean }, cmd: Command) => {
+      const { default: Docker } = await import("dockerode");
+      const doctor = await import("./doctor.js");
+      const settings = resolveSettings({ socket: cmd.optsWithGlobals<{ socket?: string }>().socket, stateDir: opts.stateDir });
+      const docker = new Docker();
+      let engine: import("./doctor.js").DoctorInput["engine"];
+      let imagePresent: boolean | null = null;
+      try {
+        const [version, info] = await Promise.all([docker.version(), docker.info() as Promise<Record<string, unknown>>]);
+        const components = (version as { Components?: Array<{ Name: string; Version: string; Details?: { GitCommit?: string } }> }).Components ?? [];
+        const runc = components.find((c) => c.Name.toLowerCase() === "runc");
+        engine = {
+          version: version.Version,
+          apiVersion: version.ApiVersion,
+          // Debian's packages carry their revision (which names a backported fix) only in the commit field
+          runc: runc ? `${runc.Version}${runc.Details?.GitCommit && runc.Details.GitCommit !== runc.Version ? ` (commit ${runc.Details.GitCommit})` : ""}` : null,
+          cgroupVersion: typeof info.CgroupVersion === "string" ? info.CgroupVersion : null,
+          cgroupDriver: typeof info.CgroupDriver === "string" ? info.CgroupDriver : null,
+          securityOptions: Array.isArray(info.SecurityOptions) ? (info.SecurityOptions as string[]) : [],
+        };
+        imagePresent = await docker
+          .getImage(settings.image)
+          .inspect()
+          .then(
+            () => true,
+            () => false,
+          );
+      } catch (err) {
+        engine = { error: (err as Error).message };
+      }
+      const checks = await doctor.hostChecks({
+        engine,
+        imagePresent,
+        image: settings.image,
+        stateDir: settings.stateDir,
+        socket: settings.socket,
+        isRoot: process.getuid?.() === 0,
+        nodeVersion: process.version,
+      });
+      if (opts.json) printJson({ checks, ok: checks.every((c) => c.status !== "fail") });
+      else process.stdout.write(doctor.formatChecks(checks));
+      if (checks.some((c) => c.status === "fail")) throw new CliExit(EXIT.error);
+    });
+
   const image = prog.command("image").description("manage the sandbox image");
   image
     .command("build")

@@ -1,12 +1,14 @@
 /**
  * Daemon settings: flags over environment over defaults, validated once, whole.
  */
-import os from "node:os";
 import path from "node:path";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
+import { defaultSocket, defaultStateDir } from "./paths.js";
+
+export { clientSocket, defaultSocket, defaultStateDir } from "./paths.js";
 
 export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
 /**
@@ -30,27 +32,6 @@ export interface Settings {
   buildLog: "project" | "state";
   /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_REDIS_URL) */
   serviceOverrides: Record<string, string>;
-}
-
-function isRoot(): boolean {
-  return process.getuid?.() === 0;
-}
-
-export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
-  if (isRoot()) return "/var/lib/sandboxd";
-  const base = env.XDG_STATE_HOME || path.join(os.homedir(), ".local", "state");
-  return path.join(base, "sandboxd");
-}
-
-export function defaultSocket(env: NodeJS.ProcessEnv = process.env): string {
-  if (isRoot()) return "/run/sandboxd/sandboxd.sock";
-  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, "sandboxd", "sandboxd.sock");
-  return path.join(defaultStateDir(env), "sandboxd.sock");
-}
-
-/** The socket a client talks to: --socket, then SANDBOXD_SOCKET, then the default. */
-export function clientSocket(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
-  return path.resolve(flag ?? (env.SANDBOXD_SOCKET || defaultSocket(env)));
 }
 
 const settingsSchema = z

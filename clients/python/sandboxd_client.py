@@ -1,0 +1,221 @@
+"""sandboxd_client: a small, stdlib-only Python client for the sandboxd daemon.
+
+For harness authors driving phases from Python (3.8+). It speaks the daemon's
+HTTP API over its unix socket (docs/API.md is the reference) and raises
+SandboxdError, carrying the daemon's code and hint, for every refusal.
+
+    from sandboxd_client import Sandboxd, SandboxdError
+
+    sbx = Sandboxd()                                   # $SANDBOXD_SOCKET or the default socket
+    phase = sbx.start_phase("/srv/repo", "2.3", "backtest")
+    result = sbx.exec(phase["id"], ["pytest", "-q", "tests/"],
+                      on_stdout=lambda text: print(text, end=""))
+    print(result["exitCode"])
+    sbx.stop_phase(phase["id"])
+
+Branch on `SandboxdError.code` (e.g. "SBX_ERR_POLICY_NEEDS_APPROVAL"), never
+on the message.
+"""
+
+import http.client
+import json
+import os
+import socket
+import urllib.parse
+
+__all__ = ["Sandboxd", "SandboxdError", "default_socket"]
+
+
+class SandboxdError(Exception):
+    """An error the daemon answered with: code (SBX_ERR_*), message, hint, details, HTTP status."""
+
+    def __init__(self, code, message, hint=None, details=None, status=None):
+        super().__init__("%s [%s]" % (message, code))
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.details = details
+        self.status = status
+
+
+def default_socket():
+    """The socket the CLI would use: $SANDBOXD_SOCKET, else the daemon's default for this user."""
+    env = os.environ.get("SANDBOXD_SOCKET")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/sandboxd/sandboxd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "sandboxd", "sandboxd.sock")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "sandboxd", "sandboxd.sock")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("sandboxd", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.timeout is not None:
+            s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError as e:
+            s.close()
+            raise SandboxdError(
+                "SBX_ERR_DAEMON_UNREACHABLE",
+                "cannot reach the sandboxd daemon at %s (%s)" % (self._path, e.strerror or e),
+                hint="start it with `sandboxd start` (or `npm start`), or pass the socket it serves",
+            ) from e
+        self.sock = s
+
+
+def _query(params):
+    items = [(k, v) for k, v in params.items() if v is not None]
+    return ("?" + urllib.parse.urlencode(items)) if items else ""
+
+
+class Sandboxd:
+    """One daemon, reached through its unix socket. Each call opens its own connection."""
+
+    def __init__(self, socket_path=None, timeout=None):
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+
+    # ------------------------------------------------------------ plumbing
+
+    def _send(self, method, path, body=None, timeout=None):
+        conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
+        payload = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"content-type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        return conn, conn.getresponse()
+
+    @staticmethod
+    def _raise_for(resp, raw):
+        try:
+            err = json.loads(raw.decode("utf-8")).get("error") or {}
+        except ValueError:
+            err = {}
+        raise SandboxdError(
+            err.get("code", "SBX_ERR_INTERNAL"),
+            err.get("message", "daemon answered HTTP %d without a coded error" % resp.status),
+            hint=err.get("hint"),
+            details=err.get("details"),
+            status=resp.status,
+        )
+
+    def request(self, method, path, body=None):
+        """Any JSON route (e.g. one newer than this client): the decoded answer, or SandboxdError."""
+        conn, resp = self._send(method, path, body)
+        try:
+            raw = resp.read()
+            if resp.status >= 400:
+                self._raise_for(resp, raw)
+            return json.loads(raw.decode("utf-8")) if raw else {}
+        finally:
+            conn.close()
+
+    def _ndjson(self, method, path, body=None):
+        """Yields the events of a streaming route; errors before the stream starts raise."""
+        conn, resp = self._send(method, path, body, timeout=None)
+        try:
+            if resp.status >= 400:
+                self._raise_for(resp, resp.read())
+            for line in resp:
+                line = line.strip()
+                if line:
+                    yield json.loads(line.decode("utf-8"))
+        finally:
+            conn.close()
+
+    # -------------------------------------------------------------- daemon
+
+    def health(self):
+        return self.request("GET", "/v1/health")
+
+    # -------------------------------------------------------------- phases
+
+    def start_phase(self, project, phase, mode, policy=None):
+        """Starts a phase on `project` (an absolute path); returns the phase record once it is running."""
+        body = {"project": os.path.abspath(project), "phase": phase, "mode": mode}
+        if policy is not None:
+            body["policy"] = os.path.abspath(policy)
+        return self.request("POST", "/v1/phases", body)["phase"]
+
+    def phases(self):
+        return self.request("GET", "/v1/phases")["phases"]
+
+    def phase(self, phase_id):
+        return self.request("GET", "/v1/phases/%s" % phase_id)["phase"]
+
+    def stop_phase(self, phase_id):
+        return self.request("DELETE", "/v1/phases/%s" % phase_id)["phase"]
+
+    # ---------------------------------------------------------------- exec
+
+    def exec(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, on_stdout=None, on_stderr=None):
+        """Runs a command in the phase and returns its result (exitCode, signal, timedOut, stdout, …).
+
+        Give argv (a list, no shell) or command (a string the policy judges part
+        by part). With on_stdout/on_stderr the output streams to those callbacks
+        as it arrives (text, secrets already scrubbed); without, it comes back in
+        the result. A refused command raises SandboxdError (code
+        SBX_ERR_POLICY_DENIED or SBX_ERR_POLICY_NEEDS_APPROVAL, details naming
+        the rule and, for the latter, the approval id).
+        """
+        if (argv is None) == (command is None):
+            raise ValueError("give exactly one of argv (a list) or command (a string)")
+        body = {"argv": list(argv)} if argv is not None else {"command": command}
+        if timeout_ms is not None:
+            body["timeoutMs"] = int(timeout_ms)
+        if reason is not None:
+            body["reason"] = reason
+        path = "/v1/phases/%s/exec" % phase_id
+        if on_stdout is None and on_stderr is None:
+            return self.request("POST", path, body)["result"]
+        for event in self._ndjson("POST", path + "?stream=1", body):
+            kind = event.get("type")
+            if kind == "stdout" and on_stdout is not None:
+                on_stdout(event.get("data", ""))
+            elif kind == "stderr" and on_stderr is not None:
+                on_stderr(event.get("data", ""))
+            elif kind == "exit":
+                return event["result"]
+            elif kind == "error":
+                err = event.get("error") or {}
+                raise SandboxdError(err.get("code", "SBX_ERR_INTERNAL"), err.get("message", "the command failed"),
+                                    hint=err.get("hint"), details=err.get("details"))
+            # other event types (newer daemons) are skipped
+        raise SandboxdError("SBX_ERR_INTERNAL", "the exec stream ended without a result",
+                            hint="the daemon may have stopped; check `sandboxd phase show %s`" % phase_id)
+
+    # ----------------------------------------------------------- approvals
+
+    def approvals(self, phase_id=None, all=False):
+        return self.request("GET", "/v1/approvals" + _query({"phase": phase_id, "all": "1" if all else None}))["approvals"]
+
+    def approval(self, approval_id):
+        return self.request("GET", "/v1/approvals/%s" % approval_id)["approval"]
+
+    def approve(self, approval_id, note=None):
+        return self.request("POST", "/v1/approvals/%s/approve" % approval_id, {} if note is None else {"note": note})["approval"]
+
+    def deny(self, approval_id, note=None):
+        return self.request("POST", "/v1/approvals/%s/deny" % approval_id, {} if note is None else {"note": note})["approval"]
+
+    # --------------------------------------------------------------- audit
+
+    def audit(self, phase_id=None, after=None, last=None):
+        """Records of audit.jsonl (optionally one phase's, after a sequence number, or the last N)."""
+        return self.request("GET", "/v1/audit" + _query({"phase": phase_id, "after": after, "last": last}))["records"]
+
+    def follow_audit(self, phase_id=None, after=None):
+        """Yields audit records as they are written, forever (close the generator to stop)."""
+        return self._ndjson("GET", "/v1/audit" + _query({"phase": phase_id, "after": after, "follow": "1"}))
+
+    def verify_audit(self):
+        return self.request("GET", "/v1/audit/verify")["verify"]

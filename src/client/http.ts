@@ -1,0 +1,81 @@
+/**
+ * HTTP over the daemon's unix socket: JSON requests and raw streaming
+ * responses, errors turned back into SandboxdError. The typed client
+ * (./index.ts), the CLI and the end-to-end tests are built on it.
+ */
+import http from "node:http";
+import { SandboxdError, isErrorCode, type ErrorBody } from "../errors.js";
+
+export class ApiClient {
+  constructor(readonly socketPath: string) {}
+
+  /** JSON request; throws SandboxdError (with the daemon's code and hint) on a non-2xx answer. */
+  async request<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const res = await this.raw(method, path, body);
+    const text = await readAll(res);
+    let json: unknown;
+    try {
+      json = text ? JSON.parse(text) : {};
+    } catch {
+      throw new SandboxdError("SBX_ERR_INTERNAL", `daemon answered ${res.statusCode} with a body that is not JSON`);
+    }
+    if ((res.statusCode ?? 500) >= 400) throw errorFromBody(json, res.statusCode ?? 500);
+    return json as T;
+  }
+
+  /** The raw response, for streaming routes; errors before the stream starts are thrown like request(). */
+  async stream(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
+    const res = await this.raw(method, path, body);
+    if ((res.statusCode ?? 500) >= 400) {
+      const text = await readAll(res);
+      let json: unknown = {};
+      try {
+        json = JSON.parse(text);
+      } catch {
+        /* fall through with an empty body */
+      }
+      throw errorFromBody(json, res.statusCode ?? 500);
+    }
+    return res;
+  }
+
+  private raw(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
+    return new Promise((resolve, reject) => {
+      const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+      const req = http.request(
+        {
+          socketPath: this.socketPath,
+          method,
+          path,
+          headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
+        },
+        resolve,
+      );
+      req.on("error", (err: NodeJS.ErrnoException) => {
+        if (err.code === "ENOENT" || err.code === "ECONNREFUSED" || err.code === "EACCES") {
+          reject(
+            new SandboxdError(
+              "SBX_ERR_DAEMON_UNREACHABLE",
+              `cannot reach the sandboxd daemon at ${this.socketPath} (${err.code})`,
+              err.code === "EACCES" ? { hint: "the socket is 0600: run the CLI as the daemon's user" } : {},
+            ),
+          );
+        } else reject(err);
+      });
+      req.end(payload);
+    });
+  }
+}
+
+/** The daemon's `{error: {code, message, hint}}` body as a SandboxdError. */
+export function errorFromBody(json: unknown, status: number): SandboxdError {
+  const e = (json as Partial<ErrorBody>)?.error;
+  if (e && isErrorCode(e.code)) return new SandboxdError(e.code, e.message, { hint: e.hint, details: e.details });
+  return new SandboxdError("SBX_ERR_INTERNAL", `daemon answered HTTP ${status} without a coded error`);
+}
+
+async function readAll(res: http.IncomingMessage): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of res) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString("utf8");
+}

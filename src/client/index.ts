@@ -1,0 +1,203 @@
+/**
+ * The typed TypeScript client for the sandboxd daemon, exported by the
+ * package: `import { Sandboxd } from "sandboxd"`.
+ *
+ * It speaks the daemon's HTTP API over its unix socket (docs/API.md) and
+ * throws SandboxdError, carrying the daemon's code and hint, for every
+ * refusal. Branch on `err.code`, never on the message. It loads nothing of
+ * the daemon (no policy engine, no zod, no fastify): the types below are
+ * erased at build time.
+ */
+import type { IncomingMessage } from "node:http";
+import { clientSocket } from "../config/paths.js";
+import { SandboxdError } from "../errors.js";
+import type { Approval } from "../approvals/queue.js";
+import type { AuditRecord } from "../audit/journal.js";
+import type { ExecResult } from "../phases/manager.js";
+import type { PhaseMode, PhaseView } from "../phases/types.js";
+import { ApiClient, errorFromBody } from "./http.js";
+
+export { SandboxdError } from "../errors.js";
+export type { ErrorCode } from "../errors.js";
+export type { Approval, AuditRecord, ExecResult, PhaseMode, PhaseView };
+
+export interface StartPhaseRequest {
+  /** absolute path of the project directory */
+  project: string;
+  /** the phase's name, e.g. "2.3" */
+  phase: string;
+  mode: PhaseMode;
+  /** absolute path of a stricter policy for this phase */
+  policy?: string;
+}
+
+export interface ExecOptions {
+  /** exactly one of argv (no shell) or command (a string judged part by part) */
+  argv?: string[];
+  command?: string;
+  timeoutMs?: number;
+  reason?: string;
+}
+
+export interface StreamHandlers {
+  /** output as it arrives (UTF-8 text, secrets already scrubbed); given either, the exec streams */
+  onStdout?: (text: string) => void;
+  onStderr?: (text: string) => void;
+  /** aborting ends the command (the daemon kills it when the stream's client goes away) */
+  signal?: AbortSignal;
+}
+
+export interface VerifyResult {
+  ok: boolean;
+  [key: string]: unknown;
+}
+
+export class Sandboxd {
+  readonly api: ApiClient;
+
+  /** `socket`: the daemon's socket; default $SANDBOXD_SOCKET, else the daemon's default for this user. */
+  constructor(opts: { socket?: string } = {}) {
+    this.api = new ApiClient(clientSocket(opts.socket));
+  }
+
+  /** Any JSON route (e.g. one newer than this client). */
+  request<T>(method: string, path: string, body?: unknown): Promise<T> {
+    return this.api.request<T>(method, path, body);
+  }
+
+  async health(): Promise<{ ok: boolean; version: string; instance: string; pid: number }> {
+    return this.request("GET", "/v1/health");
+  }
+
+  /* ------------------------------- phases ------------------------------- */
+
+  async startPhase(req: StartPhaseRequest): Promise<PhaseView> {
+    return (await this.request<{ phase: PhaseView }>("POST", "/v1/phases", req)).phase;
+  }
+
+  async phases(): Promise<PhaseView[]> {
+    return (await this.request<{ phases: PhaseView[] }>("GET", "/v1/phases")).phases;
+  }
+
+  async phase(id: string): Promise<PhaseView> {
+    return (await this.request<{ phase: PhaseView }>("GET", `/v1/phases/${id}`)).phase;
+  }
+
+  async stopPhase(id: string): Promise<PhaseView> {
+    return (await this.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${id}`)).phase;
+  }
+
+  /* -------------------------------- exec -------------------------------- */
+
+  /**
+   * Runs a command in the phase; resolves with its result (a non-zero exit is
+   * a result, not an error). A refusal throws SandboxdError
+   * (SBX_ERR_POLICY_DENIED, or SBX_ERR_POLICY_NEEDS_APPROVAL with
+   * `details.approvalId`). With handlers, output streams as it arrives.
+   */
+  async exec(id: string, req: ExecOptions, handlers: StreamHandlers = {}): Promise<ExecResult> {
+    const path = `/v1/phases/${id}/exec`;
+    if (!handlers.onStdout && !handlers.onStderr && !handlers.signal) {
+      return (await this.request<{ result: ExecResult }>("POST", path, req)).result;
+    }
+    const res = await this.api.stream("POST", `${path}?stream=1`, req);
+    const stop = () => res.destroy();
+    handlers.signal?.addEventListener("abort", stop, { once: true });
+    try {
+      for await (const event of ndjson<{ type: string; data?: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } }>(res)) {
+        switch (event.type) {
+          case "stdout":
+            handlers.onStdout?.(event.data ?? "");
+            break;
+          case "stderr":
+            handlers.onStderr?.(event.data ?? "");
+            break;
+          case "exit":
+            return event.result!;
+          case "error":
+            throw errorFromBody({ error: event.error }, 500);
+          default:
+            // event types of newer daemons are skipped
+            break;
+        }
+      }
+    } finally {
+      handlers.signal?.removeEventListener("abort", stop);
+    }
+    if (handlers.signal?.aborted) throw new SandboxdError("SBX_ERR_INTERNAL", "the exec was aborted by its caller", { hint: "the daemon killed the command" });
+    throw new SandboxdError("SBX_ERR_INTERNAL", "the exec stream ended without a result", {
+      hint: `the daemon may have stopped; check \`sandboxd phase show ${id}\``,
+    });
+  }
+
+  /* ------------------------------ approvals ----------------------------- */
+
+  async approvals(opts: { phase?: string; all?: boolean } = {}): Promise<Approval[]> {
+    const q = query({ phase: opts.phase, all: opts.all ? "1" : undefined });
+    return (await this.request<{ approvals: Approval[] }>("GET", `/v1/approvals${q}`)).approvals;
+  }
+
+  async approval(id: string): Promise<Approval> {
+    return (await this.request<{ approval: Approval }>("GET", `/v1/approvals/${id}`)).approval;
+  }
+
+  async approve(id: string, note?: string): Promise<Approval> {
+    return (await this.request<{ approval: Approval }>("POST", `/v1/approvals/${id}/approve`, note === undefined ? {} : { note })).approval;
+  }
+
+  async deny(id: string, note?: string): Promise<Approval> {
+    return (await this.request<{ approval: Approval }>("POST", `/v1/approvals/${id}/deny`, note === undefined ? {} : { note })).approval;
+  }
+
+  /* -------------------------------- audit ------------------------------- */
+
+  async audit(opts: { phase?: string; after?: number; last?: number } = {}): Promise<AuditRecord[]> {
+    const q = query({ phase: opts.phase, after: opts.after?.toString(), last: opts.last?.toString() });
+    return (await this.request<{ records: AuditRecord[] }>("GET", `/v1/audit${q}`)).records;
+  }
+
+  /** Audit records as they are written, until the signal aborts (or the daemon stops). */
+  async *followAudit(opts: { phase?: string; after?: number; signal?: AbortSignal } = {}): AsyncGenerator<AuditRecord> {
+    const q = query({ phase: opts.phase, after: opts.after?.toString(), follow: "1" });
+    const res = await this.api.stream("GET", `/v1/audit${q}`);
+    const stop = () => res.destroy();
+    opts.signal?.addEventListener("abort", stop, { once: true });
+    try {
+      yield* ndjson<AuditRecord>(res);
+    } finally {
+      opts.signal?.removeEventListener("abort", stop);
+      res.destroy();
+    }
+  }
+
+  async verifyAudit(): Promise<VerifyResult> {
+    return (await this.request<{ verify: VerifyResult }>("GET", "/v1/audit/verify")).verify;
+  }
+}
+
+function query(params: Record<string, string | undefined>): string {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined) q.set(k, v);
+  const s = q.toString();
+  return s ? `?${s}` : "";
+}
+
+/** One JSON value per line; a destroyed response ends the iteration quietly. */
+async function* ndjson<T>(res: IncomingMessage): AsyncGenerator<T> {
+  let buf = "";
+  res.setEncoding("utf8");
+  try {
+    for await (const chunk of res as AsyncIterable<string>) {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (line.trim()) yield JSON.parse(line) as T;
+      }
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ERR_STREAM_PREMATURE_CLOSE" && !res.destroyed) throw err;
+  }
+  if (buf.trim()) yield JSON.parse(buf) as T;
+}

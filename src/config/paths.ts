@@ -1,0 +1,29 @@
+/**
+ * Where the daemon's socket and state dir are by default. Apart from
+ * settings.ts (and its zod schema) so that clients, which only need the
+ * socket's path, load nothing else.
+ */
+import os from "node:os";
+import path from "node:path";
+
+function isRoot(): boolean {
+  return process.getuid?.() === 0;
+}
+
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (isRoot()) return "/var/lib/sandboxd";
+  const base = env.XDG_STATE_HOME || path.join(os.homedir(), ".local", "state");
+  return path.join(base, "sandboxd");
+}
+
+export function defaultSocket(env: NodeJS.ProcessEnv = process.env): string {
+  if (isRoot()) return "/run/sandboxd/sandboxd.sock";
+  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, "sandboxd", "sandboxd.sock");
+  return path.join(defaultStateDir(env), "sandboxd.sock");
+}
+
+/** The socket a client talks to: --socket, then SANDBOXD_SOCKET, then the default. */
+export function clientSocket(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
+  return path.resolve(flag ?? (env.SANDBOXD_SOCKET || defaultSocket(env)));
+}
+

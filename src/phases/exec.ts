@@ -1,0 +1,321 @@
+/**
+ * One command in a running phase: the policy's verdict (recorded before
+ * anything runs), an approval consumed or requested, the run through the
+ * shim with output scrubbed and capped as it arrives, and the result record.
+ */
+import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
+import type { Approval } from "../approvals/queue.js";
+import { SandboxdError } from "../errors.js";
+import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
+import { SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
+import type { PhaseContext } from "./context.js";
+import { commandEnv } from "./project.js";
+import type { PhaseRecorder } from "./recorder.js";
+
+/** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
+export interface ExecRequest {
+  argv?: string[] | undefined;
+  command?: string | undefined;
+  timeoutMs?: number | undefined;
+  reason?: string | undefined;
+}
+
+/** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
+export interface ExecSink {
+  stdout(text: string): void;
+  stderr(text: string): void;
+}
+
+export interface ExecResult {
+  phaseId: string;
+  argv: string[] | null;
+  command: string | null;
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  durationMs: number;
+  stdout: string;
+  stderr: string;
+  stdoutBytes: number;
+  stderrBytes: number;
+  stdoutTruncated: boolean;
+  stderrTruncated: boolean;
+  outputCapBytes: number;
+  rule: { id: string; clause: string };
+}
+
+
+/** Keeps the first `cap` UTF-8 bytes of a stream's (scrubbed) text; `total` counts the command's raw bytes. */
+class CappedText {
+  private parts: string[] = [];
+  kept = 0;
+  total = 0;
+  truncated = false;
+  constructor(private readonly cap: number) {}
+  count(rawBytes: number): void {
+    this.total += rawBytes;
+  }
+  push(text: string): void {
+    if (text === "") return;
+    const room = this.cap - this.kept;
+    if (room <= 0) {
+      this.truncated = true;
+      return;
+    }
+    const bytes = Buffer.byteLength(text);
+    if (bytes <= room) {
+      this.parts.push(text);
+      this.kept += bytes;
+      return;
+    }
+    // cut at a character boundary within the room left
+    const cut = Buffer.from(text).subarray(0, room).toString("utf8").replace(/\uFFFD$/, "");
+    this.parts.push(cut);
+    this.kept += Buffer.byteLength(cut);
+    this.truncated = true;
+  }
+  text(limitBytes = this.cap): string {
+    const all = this.parts.join("");
+    if (limitBytes >= this.kept) return all;
+    return Buffer.from(all).subarray(0, limitBytes).toString("utf8").replace(/\uFFFD$/, "");
+  }
+}
+
+
+export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+  ctx.assertServing();
+  const live = await ctx.running(id);
+  const { record, rec } = live;
+  const limits = ctx.limitsOf(live);
+  const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
+  if (timeoutMs > limits.maxTimeoutMs) {
+    throw new SandboxdError(
+      "SBX_ERR_TIMEOUT_RANGE",
+      `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+    );
+  }
+  const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
+  let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
+  // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
+  const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
+  const ts = () => timestamp(ctx.opts.clock.now());
+  const key = { argv: req.argv, command: req.command };
+  const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
+
+  // An `ask` a human already approved for exactly this command runs once.
+  let approval: Approval | null = null;
+  if (verdict.decision === "ask") {
+    approval = await ctx.opts.approvals.consume(id, key);
+    if (approval) {
+      verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
+    }
+  }
+
+  // The verdict is on disk, in both records, before anything runs.
+  const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
+  const approvalNote = approval ? ` approval=${approval.id}` : "";
+  await rec.record(
+    {
+      type: "exec.verdict",
+      ...what,
+      decision: verdict.decision,
+      rule: verdict.ruleId,
+      clause: verdict.clause,
+      reason: verdict.reason,
+      parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
+      approval: approval?.id ?? null,
+      requestReason: req.reason ?? null,
+      timeoutMs,
+    },
+    [
+      `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
+      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
+    ],
+  );
+  if (verdict.decision === "ask") {
+    const { approval: pending, created } = await ctx.opts.approvals.request(id, key, {
+      ruleId: verdict.ruleId,
+      clause: verdict.clause,
+      policyReason: verdict.reason,
+      requestReason: req.reason,
+    });
+    if (created) {
+      await rec.record(
+        { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason },
+        [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)],
+      );
+      ctx.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+    }
+    throw policyError(verdict, cmd, rec, pending.id);
+  }
+  if (verdict.decision !== "allow") throw policyError(verdict, cmd, rec);
+
+  const channel = live.channel;
+  if (!channel?.connected) {
+    throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+  }
+  const out = new CappedText(limits.outputCapBytes);
+  const err = new CappedText(limits.outputCapBytes);
+  const outText = rec.outputStream();
+  const errText = rec.outputStream();
+  const started = ctx.opts.clock.monotonicMs();
+
+  const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+    (resolve, reject) => {
+      let execId = 0;
+      // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
+      const backstop = setTimeout(
+        () => {
+          channel.signal(execId, "SIGKILL");
+          finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
+        },
+        timeoutMs + limits.killGraceMs + 10_000,
+      );
+      const onAbort = () => channel.signal(execId, "SIGKILL");
+      let done = false;
+      const finish = (fn: () => void) => {
+        if (done) return;
+        done = true;
+        clearTimeout(backstop);
+        abort?.removeEventListener("abort", onAbort);
+        fn();
+      };
+      execId = channel.exec(
+        {
+          argv: verdict.execArgv,
+          cwd: SHIM_PATHS.workspace,
+          env: commandEnv(record, live.dotenv),
+          timeoutMs,
+          killGraceMs: limits.killGraceMs,
+          uid: record.uid,
+          gid: record.gid,
+        },
+        {
+          onStarted: () => undefined,
+          onStdout: (c) => {
+            out.count(c.length);
+            const text = outText.push(c);
+            out.push(text);
+            if (text) sink?.stdout(text);
+          },
+          onStderr: (c) => {
+            err.count(c.length);
+            const text = errText.push(c);
+            err.push(text);
+            if (text) sink?.stderr(text);
+          },
+          onExit: (exit) => finish(() => resolve({ exit })),
+          onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
+          onLost: (e) => finish(() => reject(e)),
+        },
+      );
+      // A client that goes away (Ctrl-C on a streaming exec) ends its command.
+      if (abort?.aborted) onAbort();
+      else abort?.addEventListener("abort", onAbort, { once: true });
+    },
+  ).catch(async (e: unknown) => {
+    await rec
+      .record({ type: "exec.error", ...what, error: (e as Error).message }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
+      ])
+      .catch(() => undefined);
+    throw e;
+  });
+  // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
+  for (const [buf, stream, toSink] of [
+    [out, outText, sink?.stdout.bind(sink)],
+    [err, errText, sink?.stderr.bind(sink)],
+  ] as const) {
+    const rest = stream.end();
+    buf.push(rest);
+    if (rest) toSink?.(rest);
+  }
+
+  const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
+  let exitCode: number | null;
+  let signal: string | null = null;
+  let timedOut = false;
+  if (outcome.spawnError) {
+    // Same convention as a shell: 127 not found, 126 not executable.
+    exitCode = outcome.spawnError.code === "ENOENT" ? 127 : 126;
+    err.push(rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`));
+  } else {
+    const exit = outcome.exit!;
+    exitCode = exit.exitCode;
+    signal = exit.signal;
+    timedOut = exit.timedOut;
+  }
+
+  const resultWord = timedOut
+    ? `TIMEOUT after ${timeoutMs} ms`
+    : exitCode === 0
+      ? "PASS"
+      : exitCode === null
+        ? `KILLED ${signal}`
+        : `FAIL exit ${exitCode}`;
+  const auditCap = limits.auditOutputCapBytes;
+  const auditOut = out.text(auditCap);
+  const auditErr = err.text(auditCap);
+  const notKept = (b: CappedText, kept: string) => Math.max(0, b.total - Buffer.byteLength(kept));
+  await rec.record(
+    {
+      type: "exec.result",
+      ...what,
+      exitCode,
+      signal,
+      timedOut,
+      durationMs,
+      stdoutBytes: out.total,
+      stderrBytes: err.total,
+      stdout: auditOut,
+      stderr: auditErr,
+    },
+    [
+      `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
+      ...renderOutput(ts(), "STDOUT", auditOut, notKept(out, auditOut)),
+      ...renderOutput(ts(), "STDERR", auditErr, notKept(err, auditErr)),
+      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
+    ],
+  );
+
+  return {
+    phaseId: id,
+    // scrubbed like every other copy: the caller may have passed a secret as an argument
+    argv: what.argv?.map((a) => rec.redact(a)) ?? null,
+    command: what.command === null ? null : rec.redact(what.command),
+    exitCode,
+    signal,
+    timedOut,
+    durationMs,
+    stdout: out.text(),
+    stderr: err.text(),
+    stdoutBytes: out.total,
+    stderrBytes: err.total,
+    stdoutTruncated: out.truncated,
+    stderrTruncated: err.truncated,
+    outputCapBytes: limits.outputCapBytes,
+    rule: { id: verdict.ruleId, clause: verdict.clause },
+  };
+}
+
+/** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */
+function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approvalId?: string): SandboxdError {
+  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision, ...(approvalId ? { approvalId } : {}) };
+  const reason = rec.redact(verdict.reason);
+  if (verdict.decision === "forbid") {
+    const code = verdict.ruleId === PARSE_RULE_ID ? "SBX_ERR_COMMAND_PARSE" : "SBX_ERR_POLICY_DENIED";
+    return new SandboxdError(code, `policy denied \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`, {
+      details,
+    });
+  }
+  return new SandboxdError(
+    "SBX_ERR_POLICY_NEEDS_APPROVAL",
+    `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`,
+    {
+      hint: approvalId
+        ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
+        : "run a whitelisted command instead",
+      details,
+    },
+  );
+}

@@ -1,0 +1,89 @@
+/**
+ * What a phase takes from its project: the project directory itself (checked
+ * once, at start), its `.env` (read without trusting the project) and the
+ * environment every command gets.
+ */
+import { constants as fsc } from "node:fs";
+import { open as openFile, realpath, stat } from "node:fs/promises";
+import path from "node:path";
+import dotenv from "dotenv";
+import { SandboxdError } from "../errors.js";
+import type { PhaseRecord } from "./types.js";
+
+export const BUILD_LOG_NAME = "build_audit.log";
+
+/** Names a project's .env cannot set for commands: the sandbox's own plumbing. */
+const RESERVED_ENV = /^(PATH|HOME|LANG|SANDBOXD_.*|LD_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP)$/;
+
+/** Environment of every command (the shim gives commands nothing of its own). */
+export function commandEnv(record: Pick<PhaseRecord, "id" | "mode">, fromDotenv: Record<string, string> = {}): Record<string, string> {
+  const base: Record<string, string> = {};
+  for (const [k, v] of Object.entries(fromDotenv)) if (!RESERVED_ENV.test(k)) base[k] = v;
+  return {
+    ...base,
+    PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    HOME: "/tmp",
+    LANG: "C.UTF-8",
+    PYTHONUNBUFFERED: "1",
+    // no __pycache__ churn in the operator's tree
+    PYTHONDONTWRITEBYTECODE: "1",
+    // `pip install NAME` (SKILLS.md §2) works: the image's Python is Debian's and
+    // read-only, so pip installs into the user site under HOME (the phase's /tmp);
+    // without this, PEP 668 refuses every install outside a venv
+    PIP_BREAK_SYSTEM_PACKAGES: "1",
+    SANDBOXD_PHASE: record.id,
+    SANDBOXD_MODE: record.mode,
+  };
+}
+
+/**
+ * The project's .env, read without trusting the project: the agent could have
+ * replaced it with a symlink to a file only root may read, and the daemon
+ * (root) must not pass that file's contents to the agent's commands.
+ */
+export async function readDotenv(project: string, ownerUid: number): Promise<{ vars: Record<string, string>; text: string }> {
+  let fh;
+  try {
+    fh = await openFile(path.join(project, ".env"), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return { vars: {}, text: "" };
+    if (code === "ELOOP") throw new SandboxdError("SBX_ERR_VALIDATION", `${project}/.env is a symbolic link; sandboxd reads only a regular .env file`, {
+      hint: "replace the link with the file itself",
+    });
+    throw err;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || (st.uid !== ownerUid && st.uid !== 0) || st.size > 1024 * 1024) {
+      throw new SandboxdError("SBX_ERR_VALIDATION", `${project}/.env must be a regular file under 1 MiB owned by the project's owner`, {
+        hint: "fix the file's type, owner or size",
+      });
+    }
+    const text = await fh.readFile("utf8");
+    return { vars: dotenv.parse(text), text };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** The project's real path, refused when it is missing, not a directory, or root's. */
+export async function resolveProject(project: string): Promise<string> {
+  let real: string;
+  try {
+    real = await realpath(project);
+  } catch {
+    throw new SandboxdError("SBX_ERR_PROJECT_NOT_FOUND", `project path ${project} does not exist`);
+  }
+  const s = await stat(real);
+  if (!s.isDirectory()) {
+    throw new SandboxdError("SBX_ERR_PROJECT_NOT_DIR", `project path ${project} is not a directory`);
+  }
+  if (s.uid === 0) {
+    // Commands run as the project's owner. As uid 0 they would keep the shim's
+    // capabilities (root keeps its bounding set across execve) and could read
+    // the shim's secret; so root-owned projects are refused outright.
+    throw new SandboxdError("SBX_ERR_PROJECT_ROOT_OWNED", `project ${real} is owned by root; its commands would run as root`);
+  }
+  return real;
+}

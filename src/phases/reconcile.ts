@@ -1,0 +1,181 @@
+/**
+ * After a restart, the daemon reconciles what its records say with what
+ * Docker reports: a running phase whose shim reconnects is re-adopted,
+ * everything else this instance created is ended (recorded) and removed.
+ * The decision for each phase is `reconcileAction`, a pure function of the
+ * record and the container; the rest carries it out.
+ */
+import type { BuildLog } from "../audit/buildlog.js";
+import { actionLine, timestamp } from "../audit/format.js";
+import { resolveServices } from "../net/services.js";
+import { loadPolicy } from "../policy/index.js";
+import { LABELS, type ContainerSummary } from "../runtime/types.js";
+import type { LivePhase, PhaseContext } from "./context.js";
+import { finish, saveContainerLogs } from "./lifecycle.js";
+import { confineNetwork, openTunnels } from "./network.js";
+import { readDotenv } from "./project.js";
+import { ShimChannel } from "./shim-channel.js";
+import { isTerminal, transition } from "./state.js";
+import type { PhaseRecord } from "./types.js";
+
+export interface ReconcileReport {
+  readopted: string[];
+  reaped: Array<{ id: string; reason: string }>;
+  lost: string[];
+}
+
+/** What reconcile does with one phase, given its record (if any) and its container (if any). */
+export type ReconcileAction =
+  /** a live record and a running container: reconnect the shim and carry on */
+  | { kind: "readopt" }
+  /** a live record whose container is not running (or a record that was stopping): end it as failed, remove the container */
+  | { kind: "end"; why: string }
+  /** the phase already ended; only its container was left: keep its log, remove it */
+  | { kind: "remove-ended" }
+  /** a container of this instance with no record: remove it */
+  | { kind: "remove-orphan" }
+  /** a live record whose container is gone: end it as failed */
+  | { kind: "lost" }
+  /** an ended phase with nothing left behind */
+  | { kind: "none" };
+
+export function reconcileAction(record: PhaseRecord | undefined, container: Pick<ContainerSummary, "running" | "state"> | undefined): ReconcileAction {
+  if (!record) return container ? { kind: "remove-orphan" } : { kind: "none" };
+  if (isTerminal(record.state)) return container ? { kind: "remove-ended" } : { kind: "none" };
+  if (!container) return { kind: "lost" };
+  if (container.running && (record.state === "running" || record.state === "starting")) return { kind: "readopt" };
+  return { kind: "end", why: container.running ? `record says ${record.state}` : `container had ${container.state}` };
+}
+
+export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
+  const report: ReconcileReport = { readopted: [], reaped: [], lost: [] };
+  const containers = await ctx.opts.runtime.list({ [LABELS.instance]: ctx.opts.instance });
+  const { records, broken } = await ctx.store.loadAll();
+  for (const b of broken) ctx.opts.log.warn({ phase: b.id, err: b.error }, "unreadable phase record skipped");
+  const byId = new Map(records.map((r) => [r.id, r]));
+  const seen = new Set<string>();
+
+  await Promise.all(
+    containers.map(async (c) => {
+      const id = c.labels[LABELS.phase] ?? "";
+      seen.add(id);
+      const record = byId.get(id);
+      const action = reconcileAction(record, c);
+      switch (action.kind) {
+        case "readopt": {
+          const { live, refusal } = await revive(ctx, { ...record!, containerId: c.id });
+          ctx.phases.set(id, live);
+          try {
+            if (refusal) throw new Error(refusal);
+            await readopt(ctx, live);
+            report.readopted.push(id);
+          } catch (err) {
+            await finish(ctx, live, "failed", `daemon restarted and the phase could not be re-adopted: ${(err as Error).message}`);
+            report.reaped.push({ id, reason: "shim did not reconnect" });
+          }
+          return;
+        }
+        case "end": {
+          const { live } = await revive(ctx, { ...record!, containerId: c.id });
+          await finish(ctx, live, "failed", `reaped after daemon restart (${action.why})`);
+          report.reaped.push({ id, reason: action.why });
+          return;
+        }
+        case "remove-ended":
+          await removeEnded(ctx, record!, c.id);
+          report.reaped.push({ id, reason: `record says ${record!.state}` });
+          return;
+        case "remove-orphan":
+          await ctx.opts.runtime.stopAndRemove(c.id, 0);
+          report.reaped.push({ id: id || c.name, reason: "no phase record" });
+          return;
+        case "lost":
+        case "none":
+          return; // not reachable with a container
+      }
+    }),
+  );
+
+  for (const r of records) {
+    if (seen.has(r.id) || reconcileAction(r, undefined).kind !== "lost") continue;
+    const { live } = await revive(ctx, { ...r, containerId: null });
+    await finish(ctx, live, "failed", "container vanished while the daemon was down");
+    report.lost.push(r.id);
+  }
+  if (report.readopted.length + report.reaped.length + report.lost.length > 0) {
+    ctx.opts.log.info(report, "reconciled phases after restart");
+  }
+  return report;
+}
+
+async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  const { record } = live;
+  const token = await ctx.store.token(record.id);
+  live.channel = new ShimChannel(ctx.store.controlSocket(record.id), token, record.id, ctx.opts.log, { uid: record.uid, gid: record.gid });
+  await live.channel.listen();
+  await openTunnels(ctx, live, token);
+  await live.channel.waitReady(ctx.connectTimeoutMs);
+  await confineNetwork(ctx, live, { readopt: true });
+  if (record.state === "starting") transition(record, "running");
+  await ctx.store.save(record);
+  await live.rec.record({ type: "phase.readopt", name: record.name }, [
+    actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, "daemon restarted; shim reconnected"),
+  ]);
+}
+
+/** The container of a phase that had already ended: its log is kept beside the others, then it goes. */
+async function removeEnded(ctx: PhaseContext, record: PhaseRecord, containerId: string): Promise<void> {
+  await saveContainerLogs(ctx, { ...record, containerId }).catch((e: Error) =>
+    ctx.opts.log.warn({ phase: record.id, err: e.message }, "could not keep container logs"),
+  );
+  await ctx.opts.runtime.stopAndRemove(containerId, 0);
+  await ctx.store.removeRunDir(record.id);
+}
+
+/**
+ * A phase's in-memory state rebuilt from its record after a restart. A phase
+ * whose own policy can no longer be read is not re-adopted with a wider one:
+ * `refusal` says why, and the caller ends the phase.
+ */
+async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: LivePhase; refusal: string | null }> {
+  const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
+  const log = await reopenAudit(ctx, record);
+  const services = resolveServices(record.mode, vars, ctx.opts.serviceOverrides, ctx.opts.policy().network);
+  const live: LivePhase = {
+    record,
+    channel: null,
+    rec: ctx.recorder(record, log, text, vars),
+    phasePolicy: null,
+    dotenv: { ...vars, ...services.env },
+    services,
+    tunnels: null,
+    stray: null,
+    watch: null,
+  };
+  let refusal: string | null = null;
+  if (record.policyFile) {
+    try {
+      live.phasePolicy = await loadPolicy(record.policyFile);
+      live.services = resolveServices(record.mode, vars, ctx.opts.serviceOverrides, ctx.policyFor(live.phasePolicy).network);
+    } catch (err) {
+      refusal = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
+    }
+  }
+  return { live, refusal };
+}
+
+/**
+ * After a restart, a phase's log may have become unusable (removed and
+ * replaced by something unsafe); then the record goes to the state dir,
+ * so reconciling never fails for want of a log.
+ */
+async function reopenAudit(ctx: PhaseContext, record: PhaseRecord): Promise<BuildLog> {
+  try {
+    return await ctx.buildLogs.acquire(record.buildLog, record.id, 0o644);
+  } catch (err) {
+    const fallback = ctx.store.buildLogPath(record.id);
+    ctx.opts.log.warn({ phase: record.id, path: record.buildLog, err: (err as Error).message, fallback }, "build log unusable; writing to the state dir");
+    record.buildLog = fallback;
+    return ctx.buildLogs.acquire(fallback, record.id);
+  }
+}

@@ -1,0 +1,88 @@
+/**
+ * The package's exported client (`import { Sandboxd } from "sandboxd"`, the
+ * built dist/client) against the real daemon, and what it loads: nothing of
+ * the daemon's engine (zod, fastify, the policy and SQL parsers).
+ */
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Sandboxd, SandboxdError } from "sandboxd";
+import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, type TestDaemon } from "../helpers/sandbox.js";
+
+let d: TestDaemon;
+const dirs: string[] = [];
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  d = await startTestDaemon();
+});
+
+afterAll(async () => {
+  await d?.close();
+  for (const x of dirs) await removeDir(x);
+});
+
+/** Every module dist/client/index.js reaches through static imports (type imports are gone in JS). */
+async function importGraph(entry: string): Promise<{ files: Set<string>; packages: Set<string> }> {
+  const files = new Set<string>();
+  const packages = new Set<string>();
+  const todo = [entry];
+  while (todo.length) {
+    const file = todo.pop()!;
+    if (files.has(file)) continue;
+    files.add(file);
+    const src = await readFile(file, "utf8");
+    for (const m of src.matchAll(/^\s*(?:import|export)\s[^;]*?from\s+"([^"]+)"|^\s*import\s+"([^"]+)"|import\("([^"]+)"\)/gm)) {
+      const spec = m[1] ?? m[2] ?? m[3]!;
+      if (spec.startsWith(".")) todo.push(path.resolve(path.dirname(file), spec));
+      else packages.add(spec);
+    }
+  }
+  return { files, packages };
+}
+
+describe('import { Sandboxd } from "sandboxd"', () => {
+  it("loads only node built-ins", async () => {
+    const { packages } = await importGraph(path.join(ROOT, "dist", "client", "index.js"));
+    expect([...packages].filter((p) => !p.startsWith("node:"))).toEqual([]);
+  });
+
+  it("drives a phase: start, streamed exec, refusal with its code, approvals, audit, stop", async () => {
+    const project = await makeProject();
+    dirs.push(project);
+    const sbx = new Sandboxd({ socket: d.socket });
+    expect((await sbx.health()).ok).toBe(true);
+    const phase = await sbx.startPhase({ project, phase: "7.2", mode: "test" });
+    expect(phase.state).toBe("running");
+
+    let streamed = "";
+    const result = await sbx.exec(phase.id, { argv: ["pytest", "-q", "tests/test_calc.py"] }, { onStdout: (t) => (streamed += t) });
+    expect(result.exitCode).toBe(0);
+    expect(streamed).toMatch(/1 passed/);
+    expect((await sbx.exec(phase.id, { argv: ["pytest", "-q", "tests/test_broken.py"] })).exitCode).toBe(1);
+
+    const refused = await sbx.exec(phase.id, { argv: ["rm", "-rf", "/"] }).catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(SandboxdError);
+    expect((refused as SandboxdError).code).toBe("SBX_ERR_POLICY_DENIED");
+
+    const asked = (await sbx.exec(phase.id, { argv: ["ls"] }).catch((e: unknown) => e)) as SandboxdError;
+    expect(asked.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    const approvalId = (asked.details as { approvalId: string }).approvalId;
+    expect((await sbx.approvals({ phase: phase.id })).map((a) => a.id)).toContain(approvalId);
+    await sbx.deny(approvalId, "not now");
+    expect((await sbx.approval(approvalId)).state).toBe("denied");
+
+    const ac = new AbortController();
+    const seen: string[] = [];
+    for await (const r of sbx.followAudit({ phase: phase.id, signal: ac.signal })) {
+      seen.push(r.type);
+      if (r.type === "approval.deny") ac.abort();
+    }
+    expect(seen).toEqual(expect.arrayContaining(["phase.start", "exec.verdict", "exec.result", "approval.request", "approval.deny"]));
+
+    expect((await sbx.stopPhase(phase.id)).state).toBe("stopped");
+    expect((await sbx.verifyAudit()).ok).toBe(true);
+    const missing = await new Sandboxd({ socket: d.socket + ".nope" }).health().catch((e: unknown) => e);
+    expect((missing as SandboxdError).code).toBe("SBX_ERR_DAEMON_UNREACHABLE");
+  });
+});

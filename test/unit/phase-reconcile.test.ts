@@ -1,0 +1,158 @@
+/**
+ * What a restarted daemon does with what it finds: the decision table
+ * (reconcileAction) for every combination of record and container, and each
+ * branch carried out against a fake runtime on a real state dir.
+ */
+import { readFile, stat, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { reconcileAction } from "../../src/phases/reconcile.js";
+import { PHASE_STATES, type PhaseRecord, type PhaseState, type PhaseView } from "../../src/phases/types.js";
+import { LABELS } from "../../src/runtime/types.js";
+import { harness, type Harness } from "../helpers/fake-runtime.js";
+
+let h: Harness;
+afterEach(async () => {
+  await h?.close();
+});
+
+const rec = (state: PhaseState) => ({ state }) as PhaseRecord;
+const running = { running: true, state: "running" };
+const exited = { running: false, state: "exited" };
+
+describe("reconcileAction", () => {
+  it("decides for every record state with a running, an exited or no container", () => {
+    const table: Record<PhaseState, [string, string, string]> = {
+      //          running container  exited container  no container
+      starting: ["readopt", "end", "lost"],
+      running: ["readopt", "end", "lost"],
+      stopping: ["end", "end", "lost"],
+      stopped: ["remove-ended", "remove-ended", "none"],
+      failed: ["remove-ended", "remove-ended", "none"],
+    };
+    for (const s of PHASE_STATES) {
+      const got = [reconcileAction(rec(s), running).kind, reconcileAction(rec(s), exited).kind, reconcileAction(rec(s), undefined).kind];
+      expect(got, s).toEqual(table[s]);
+    }
+    expect(reconcileAction(undefined, running).kind).toBe("remove-orphan");
+    expect(reconcileAction(undefined, undefined).kind).toBe("none");
+    expect(reconcileAction(rec("running"), exited)).toEqual({ kind: "end", why: "container had exited" });
+    expect(reconcileAction(rec("stopping"), running)).toEqual({ kind: "end", why: "record says stopping" });
+  });
+});
+
+/** The daemon "dies": its phases keep their containers and records; a new manager reconciles. */
+async function crashWithPhases(n: number): Promise<PhaseView[]> {
+  const views: PhaseView[] = [];
+  for (let i = 0; i < n; i++) views.push(await h.manager.start({ project: h.project, phase: `p${i}`, mode: "backtest" }));
+  for (const v of views) h.runtime.shimOf(v.containerId)?.destroy();
+  return views;
+}
+
+/** Reconnects a phase's fake shim once the new daemon listens on its control socket (a new inode). */
+async function reconnectWhenListening(v: PhaseView): Promise<void> {
+  const sock = path.join(h.stateDir, "phases", v.id, "run", "control.sock");
+  const before = (await stat(sock)).ino;
+  for (let i = 0; i < 200; i++) {
+    const now = await stat(sock).then((s) => s.ino, () => before);
+    if (now !== before) {
+      await h.runtime.reconnect(v.containerId!, sock, "t".repeat(64));
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error("the restarted daemon never listened");
+}
+
+describe("reconcile after a restart", () => {
+  it("readopt: a running phase whose shim reconnects stays running, recorded as re-adopted, and runs commands", async () => {
+    h = await harness();
+    const [v] = await crashWithPhases(1);
+    const m = await h.restart();
+    const [report] = await Promise.all([m.reconcile(), reconnectWhenListening(v!)]);
+    expect(report).toEqual({ readopted: [v!.id], reaped: [], lost: [] });
+    expect((await m.get(v!.id)).state).toBe("running");
+    expect((await m.exec(v!.id, { argv: ["python3", "again"] })).stdout).toBe("again\n");
+    expect((await h.records()).some((r) => r.type === "phase.readopt" && r.phase === v!.id)).toBe(true);
+  });
+
+  it("readopt that fails (the shim never reconnects) ends the phase failed, container removed", async () => {
+    h = await harness({ shimConnectTimeoutMs: 300 });
+    const [v] = await crashWithPhases(1);
+    const m = await h.restart();
+    const report = await m.reconcile();
+    expect(report.reaped).toEqual([{ id: v!.id, reason: "shim did not reconnect" }]);
+    const after = await m.get(v!.id);
+    expect(after.state).toBe("failed");
+    expect(after.endReason).toMatch(/could not be re-adopted/);
+    expect(h.runtime.containers.size).toBe(0);
+  });
+
+  it("readopt is refused when the phase's own policy can no longer be read", async () => {
+    h = await harness();
+    const [w] = await crashWithPhases(1);
+    // the record names a phase policy that is gone by the time the daemon restarts
+    const file = path.join(h.stateDir, "phases", w!.id, "phase.json");
+    const record = JSON.parse(await readFile(file, "utf8")) as PhaseRecord;
+    await writeFile(file, JSON.stringify({ ...record, policyFile: path.join(h.dir, "gone.yaml") }));
+    const m = await h.restart();
+    await m.reconcile();
+    const after = await m.get(w!.id);
+    expect(after.state).toBe("failed");
+    expect(after.endReason).toMatch(/phase policy .*gone\.yaml unreadable after restart/);
+  });
+
+  it("end: a running record whose container exited ends failed with the cause, one PHASE_FAILED", async () => {
+    h = await harness();
+    const [v] = await crashWithPhases(1);
+    const c = h.runtime.containers.get(v!.containerId!)!;
+    c.running = false;
+    c.state = "exited";
+    const m = await h.restart();
+    const report = await m.reconcile();
+    expect(report.reaped).toEqual([{ id: v!.id, reason: "container had exited" }]);
+    const after = await m.get(v!.id);
+    expect(after.state).toBe("failed");
+    expect(after.endReason).toBe("reaped after daemon restart (container had exited)");
+    expect((await h.records()).filter((r) => r.type === "phase.failed" && r.phase === v!.id)).toHaveLength(1);
+    expect(h.runtime.containers.size).toBe(0);
+  });
+
+  it("lost: a running record with no container ends failed", async () => {
+    h = await harness();
+    const [v] = await crashWithPhases(1);
+    h.runtime.containers.clear();
+    const m = await h.restart();
+    expect(await m.reconcile()).toEqual({ readopted: [], reaped: [], lost: [v!.id] });
+    const after = await m.get(v!.id);
+    expect(after.state).toBe("failed");
+    expect(after.endReason).toBe("container vanished while the daemon was down");
+  });
+
+  it("remove-ended: a stopped phase's leftover container is removed, its log kept, no second end recorded", async () => {
+    h = await harness();
+    const v = await h.manager.start({ project: h.project, phase: "p", mode: "backtest" });
+    await h.manager.stop(v.id);
+    h.runtime.add({ name: v.containerName, labels: { [LABELS.phase]: v.id, [LABELS.instance]: "0123456789abcdef" }, running: true, state: "running" });
+    const m = await h.restart();
+    const report = await m.reconcile();
+    expect(report.reaped).toEqual([{ id: v.id, reason: "record says stopped" }]);
+    expect((await m.get(v.id)).state).toBe("stopped");
+    expect((await h.records()).filter((r) => r.type === "phase.complete")).toHaveLength(1);
+    expect(h.runtime.containers.size).toBe(0);
+  });
+
+  it("remove-orphan: a container of this instance with no record is removed; another instance's is left alone", async () => {
+    h = await harness();
+    h.runtime.add({ name: "sandboxd-ph_00000000dead", labels: { [LABELS.phase]: "ph_00000000dead", [LABELS.instance]: "0123456789abcdef" }, running: true, state: "running" });
+    const other = h.runtime.add({ name: "theirs", labels: { [LABELS.phase]: "ph_00000000beef", [LABELS.instance]: "fedcba9876543210" }, running: true, state: "running" });
+    const report = await h.manager.reconcile();
+    expect(report.reaped).toEqual([{ id: "ph_00000000dead", reason: "no phase record" }]);
+    expect([...h.runtime.containers.keys()]).toEqual([other.id]);
+  });
+
+  it("none: nothing found, nothing done", async () => {
+    h = await harness();
+    expect(await h.manager.reconcile()).toEqual({ readopted: [], reaped: [], lost: [] });
+  });
+});
