@@ -8,7 +8,8 @@ import type { Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
-import type { PhaseContext } from "./context.js";
+import type { LivePhase, PhaseContext } from "./context.js";
+import { checkpointBeforeValidation } from "./workspace.js";
 import { commandEnv } from "./project.js";
 import type { PhaseRecorder } from "./recorder.js";
 
@@ -154,6 +155,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (!channel?.connected) {
     throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
   }
+  const leave = await enterWorkspace(live, verdict, cmd, ts);
   const out = new CappedText(limits.outputCapBytes);
   const err = new CappedText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -220,7 +222,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       ])
       .catch(() => undefined);
     throw e;
-  });
+  }).finally(leave);
   // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
   for (const [buf, stream, toSink] of [
     [out, outText, sink?.stdout.bind(sink)],
@@ -296,6 +298,35 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     outputCapBytes: limits.outputCapBytes,
     rule: { id: verdict.ruleId, clause: verdict.clause },
   };
+}
+
+/**
+ * The workspace's part in a command (src/workspace): before a validation
+ * command the changes so far are judged as an iteration (refused → the
+ * command does not run); then the command holds the phase's gate, so no
+ * checkpoint remounts the view under it. Returns the gate's release.
+ */
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+  const ws = live.workspace;
+  if (!ws) return () => undefined;
+  try {
+    await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
+    const leave = await ws.gate.enter();
+    try {
+      ws.assertNotPending();
+    } catch (e) {
+      leave();
+      throw e;
+    }
+    return leave;
+  } catch (e) {
+    await live.rec
+      .record({ type: "exec.error", argv: verdict.execArgv, error: (e as Error).message }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `NOT RUN ${(e as SandboxdError).code ?? ""} ${(e as Error).message}`),
+      ])
+      .catch(() => undefined);
+    throw e;
+  }
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */

@@ -5,7 +5,7 @@
  * through the guard in ./state.ts.
  */
 import { createWriteStream } from "node:fs";
-import { stat } from "node:fs/promises";
+import { stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import { actionLine, timestamp } from "../audit/format.js";
@@ -19,6 +19,7 @@ import { confineNetwork, openTunnels } from "./network.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { ShimChannel } from "./shim-channel.js";
 import { transition } from "./state.js";
+import { destroyWorkspace, endWorkspace, makeWorkspace } from "./workspace.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
 
 export interface StartRequest {
@@ -27,6 +28,8 @@ export interface StartRequest {
   mode: PhaseMode;
   /** a stricter policy file (host path) for this phase; it can only narrow the daemon's */
   policy?: string | undefined;
+  /** protected paths this phase may change (SKILLS.md "Phase specification"): only `main.py` */
+  allow?: string[] | undefined;
 }
 
 
@@ -64,8 +67,12 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     policyFile: req.policy ?? null,
     buildLog,
     endReason: null,
+    ...(req.allow?.length ? { allow: req.allow } : {}),
   };
   await ctx.store.create(record, token);
+  // what the daemon read is what the phase keeps, also across a daemon restart:
+  // the project's file is never read again while the phase lives
+  await writeFile(ctx.store.dotenvPath(id), envText, { mode: 0o600 });
   const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
   const live: LivePhase = {
     record,
@@ -77,9 +84,17 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     tunnels: null,
     stray: null,
     watch: null,
+    workspace: null,
   };
   ctx.phases.set(id, live);
+  let layerMounted: Promise<void> | null = null;
   try {
+    live.workspace = makeWorkspace(ctx, live);
+    // the view must be a shared mount point before the container binds it; the
+    // layer's disk and the overlay are made while the container starts
+    await live.workspace.layer.prepare();
+    layerMounted = live.workspace.layer.mount();
+    layerMounted.catch(() => undefined);
     live.channel = new ShimChannel(ctx.store.controlSocket(id), token, id, ctx.opts.log, { uid: record.uid, gid: record.gid });
     await live.channel.listen();
     await openTunnels(ctx, live, token);
@@ -93,10 +108,13 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         [LABELS.mode]: req.mode,
         [LABELS.project]: project,
       },
-      projectDir: project,
+      // the phase's view of the project (src/workspace/layer.ts); what is mounted on it
+      // later (the overlay, the read-only protected paths) reaches the container
+      projectDir: live.workspace.layer.paths.view,
+      projectPropagation: "rslave",
       runDir: ctx.store.runDir(id),
-      // the agent reads its audit trail but can neither change nor replace it
-      readOnlyFiles: inProject ? [{ host: buildLog, container: `${SHIM_PATHS.workspace}/${BUILD_LOG_NAME}` }] : [],
+      // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
+      readOnlyFiles: [],
       env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
       memoryBytes: limits.memoryBytes,
       cpus: limits.cpus,
@@ -111,9 +129,12 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       // always switch to a non-zero uid (root-owned projects are refused).
       capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
     });
-    // the namespace is set up while the shim starts; both before any command can run
-    // (both settled before going on, so a failure's cleanup below sees, and stops, the watch)
-    const [ready, confined] = await Promise.allSettled([live.channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live)]);
+    // the namespace and the view are set up while the shim starts; all before any command can run
+    // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
+    const ws = live.workspace;
+    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(record.containerId!)));
+    const [ready, confined, attached] = await Promise.allSettled([live.channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
+    if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
     if (confined.status === "rejected") throw confined.reason;
     transition(record, "running");
@@ -146,6 +167,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     await live.tunnels?.close().catch(() => undefined);
     live.watch?.stop();
     if (record.containerId) await ctx.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
+    await layerMounted?.catch(() => undefined);
+    if (live.workspace) await live.workspace.layer.destroy(null).catch(() => undefined);
     await ctx.buildLogs.release(buildLog, id).catch(() => undefined);
     await ctx.store.remove(id).catch(() => undefined);
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
@@ -175,6 +198,8 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   const { record } = live;
   if (record.state !== "stopping") transition(record, "stopping");
   const running = live.channel?.runningExecs ?? 0;
+  // the last changes are judged while the sandbox can still compile them
+  await endWorkspace(ctx, live, state, why);
   await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
   await live.tunnels?.close().catch(() => undefined);
   live.watch?.stop();
@@ -186,6 +211,7 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
     );
     await ctx.opts.runtime.stopAndRemove(record.containerId, 2);
   }
+  await destroyWorkspace(ctx, live);
   await ctx.store.removeRunDir(record.id).catch(() => undefined);
   await ctx.opts.approvals.expirePhase(record.id).catch(() => undefined);
   transition(record, state);
@@ -197,13 +223,19 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
     .record({ type: state === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running }, [
       actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
       state === "stopped"
-        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}`
+        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}${iterationSummary(live)}`
         : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
     ])
     .catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
   await ctx.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
   ctx.phases.delete(record.id);
   ctx.opts.log.info({ phase: record.id, state, why }, "phase ended");
+}
+
+function iterationSummary(live: LivePhase): string {
+  const s = live.workspace?.summary();
+  if (!s || s.iterations.length === 0) return "";
+  return `; iterations: ${s.accepted} accepted, ${s.rejected} refused${s.pending ? `, ${s.pending} pending` : ""}`;
 }
 
 export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord): Promise<void> {

@@ -13,7 +13,9 @@ import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { finish, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
-import { readDotenv } from "./project.js";
+import { readFile } from "node:fs/promises";
+import dotenv from "dotenv";
+import { makeWorkspace } from "./workspace.js";
 import { ShimChannel } from "./shim-channel.js";
 import { isTerminal, transition } from "./state.js";
 import type { PhaseRecord } from "./types.js";
@@ -114,6 +116,8 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   live.channel = new ShimChannel(ctx.store.controlSocket(record.id), token, record.id, ctx.opts.log, { uid: record.uid, gid: record.gid });
   await live.channel.listen();
   await openTunnels(ctx, live, token);
+  // the layer's mounts outlive the daemon; what is missing is mounted again
+  await live.workspace?.layer.reattach();
   await live.channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   if (record.state === "starting") transition(record, "running");
@@ -138,7 +142,13 @@ async function removeEnded(ctx: PhaseContext, record: PhaseRecord, containerId: 
  * `refusal` says why, and the caller ends the phase.
  */
 async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: LivePhase; refusal: string | null }> {
-  const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
+  // the .env the daemon read at phase start, kept in the state dir: the project's
+  // file is never read again (the phase could have had a hand in it since)
+  let refusal: string | null = null;
+  const kept = await readFile(ctx.store.dotenvPath(record.id), "utf8").catch(() => null);
+  if (kept === null) refusal = "the .env read at phase start was not kept in the state dir; it is not read again from the project";
+  const text = kept ?? "";
+  const vars = dotenv.parse(text);
   const log = await reopenAudit(ctx, record);
   const services = resolveServices(record.mode, vars, ctx.opts.serviceOverrides, ctx.opts.policy().network);
   const live: LivePhase = {
@@ -151,8 +161,10 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
+    workspace: null,
   };
-  let refusal: string | null = null;
+  live.workspace = makeWorkspace(ctx, live);
+  await live.workspace.load();
   if (record.policyFile) {
     try {
       live.phasePolicy = await loadPolicy(record.policyFile);

@@ -39,7 +39,7 @@ export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
     ReadonlyRootfs: true,
     Tmpfs: { "/tmp": `rw,nosuid,nodev,size=${spec.tmpfsBytes},mode=1777` },
     Binds: [
-      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw`,
+      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw${spec.projectPropagation ? `,${spec.projectPropagation}` : ""}`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
     ],
@@ -92,7 +92,10 @@ export class DockerRuntime implements ContainerRuntime {
         Labels: spec.labels,
         Env: Object.entries(spec.env).map(([k, v]) => `${k}=${v}`),
         User: "0:0",
-        WorkingDir: SHIM_PATHS.workspace,
+        // not /workspace: a process whose cwd is in the view keeps the
+        // container's copy of the overlay from following a remount (the
+        // commands get /workspace as their cwd by path, each time)
+        WorkingDir: "/",
         NetworkDisabled: true,
         Tty: false,
         OpenStdin: false,

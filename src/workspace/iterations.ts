@@ -62,7 +62,8 @@ export interface WorkspaceOptions {
   gid: number;
   /** `phase start --allow main.py` */
   allowMainPy: boolean;
-  policy: WorkspacePolicy;
+  /** read at each checkpoint, so a policy reload (SIGHUP) applies to the next one */
+  policy: () => WorkspacePolicy;
   /** where iterations are kept across a daemon restart */
   stateFile: string;
 }
@@ -182,7 +183,7 @@ export class PhaseWorkspace {
           failures.push({ rule: "workspace.syntax", clause: "SKILLS.md §1 Pre-Write Validation", message: compiled.trim() });
           decision = "reject";
         } else {
-          const j = judgeChangeSet(set, { policy: this.opts.policy, allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
+          const j = judgeChangeSet(set, { policy: this.opts.policy(), allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
           decision = j.decision;
           failures.push(...j.failures);
         }

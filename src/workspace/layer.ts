@@ -14,12 +14,25 @@
  *               the container gets it at /workspace with `rslave` propagation,
  *               so mounts the daemon makes here on the host appear inside
  *               the running container
+ *   stage/      where the view is put together before it is moved onto view/
  *
- * The overlay (lower = the project, read-only to it) is mounted on view/, and
- * on top of it read-only bind mounts of the protected paths (`.git`,
+ * The view is the overlay (lower = the project, which it never writes) with
+ * read-only bind mounts of the protected paths on top (`.git`,
  * `build_audit.log`, …), so writes there fail with EROFS inside. Credential
  * files (`.env`) are whited out in the upper before each mount, so they are
  * not in the view at all.
+ *
+ * Measured (kernel 6.18, docs/WORKSPACE.md) and relied on:
+ *   - the container must bind view/ while nothing is mounted on it: Docker
+ *     binds the top mount of a path, and a copy of the overlay made that way
+ *     is the container's /workspace itself, which no host unmount removes.
+ *     So the overlay goes on only after the container exists (`attach`).
+ *   - a read-only remount does not propagate: a bind made on view/ and then
+ *     remounted ro stays rw in the container. So the tree is built in stage/
+ *     (a private mount), made read-only there, and moved onto view/ in one
+ *     `mount --move`; the propagated copies keep the flags.
+ *   - a lazy unmount on the host propagates into the container even when a
+ *     process there holds its cwd in the view.
  *
  * overlayfs does not allow the lower to change under a mounted overlay, so an
  * iteration is accepted or discarded with the overlay unmounted: unmount
@@ -31,7 +44,7 @@
  */
 import { execFile } from "node:child_process";
 import { constants as fsc } from "node:fs";
-import { lstat, mkdir, open, readFile, readdir, rm, stat } from "node:fs/promises";
+import { chmod, chown, lstat, mkdir, open, readFile, readdir, rm, stat } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { SandboxdError } from "../errors.js";
@@ -60,6 +73,7 @@ export interface LayerPaths {
   upper: string;
   work: string;
   view: string;
+  stage: string;
 }
 
 export function layerPaths(phaseDir: string): LayerPaths {
@@ -72,6 +86,7 @@ export function layerPaths(phaseDir: string): LayerPaths {
     upper: path.join(layerMnt, "upper"),
     work: path.join(layerMnt, "work"),
     view: path.join(root, "view"),
+    stage: path.join(root, "stage"),
   };
 }
 
@@ -150,11 +165,22 @@ export class WorkspaceLayer {
     }
     const p = this.paths;
     await mkdir(p.view, { recursive: true, mode: 0o755 });
+    await mkdir(p.stage, { recursive: true, mode: 0o755 });
     await mkdir(p.layerMnt, { recursive: true, mode: 0o700 });
-    await sh(`mountpoint -q ${quote(p.view)} || mount --bind ${quote(p.view)} ${quote(p.view)}; mount --make-shared ${quote(p.view)}`, "making the view a shared mount point");
+    await sh(
+      [
+        `if ! mountpoint -q ${quote(p.view)}; then mount --bind ${quote(p.view)} ${quote(p.view)}; mount --make-shared ${quote(p.view)}; fi`,
+        // private whatever the host's / is (systemd makes it shared): flags set here stay local until the move
+        `if ! mountpoint -q ${quote(p.stage)}; then mount --bind ${quote(p.stage)} ${quote(p.stage)}; mount --make-private ${quote(p.stage)}; fi`,
+      ].join("\n"),
+      "making the view a shared mount point",
+    );
   }
 
-  /** Step 2: the layer's file system and the overlay. */
+  /**
+   * Step 2, while the container starts: the layer's file system, an empty
+   * upper, and the view put together in stage/.
+   */
   async mount(): Promise<void> {
     const p = this.paths;
     const mib = Math.max(16, Math.ceil(this.spec.budgetBytes / (1024 * 1024)));
@@ -178,7 +204,17 @@ export class WorkspaceLayer {
     });
     this.upperDev = (await stat(p.layerMnt)).dev;
     await this.freshUpper();
-    await this.mountOverlay();
+    await this.stageView();
+  }
+
+  /**
+   * Step 3, once the container exists: the staged view is moved onto view/
+   * and so appears at the container's /workspace (checked there when its
+   * init's pid is given).
+   */
+  async attach(containerPid: number | null): Promise<void> {
+    await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
+    if (containerPid) await this.verifyInContainer(containerPid);
   }
 
   /** After a daemon restart: the mounts outlive the daemon; put back what is missing. */
@@ -193,7 +229,11 @@ export class WorkspaceLayer {
     }
     this.upperDev = (await stat(this.paths.layerMnt)).dev;
     const top = mountsAt(info, this.paths.view).at(-1);
-    if (!top || !this.isOurs(top)) await this.mountOverlay();
+    if (top && this.isOurs(top)) return;
+    // the daemon died between unmount and mount: the upper is what it was
+    const staged = mountsAt(info, this.paths.stage).some((m) => this.isOurs(m));
+    if (!staged) await this.stageView();
+    await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
   }
 
   /** this phase's overlay (a mount table entry naming our upper dir) */
@@ -209,16 +249,17 @@ export class WorkspaceLayer {
     return `lowerdir=${this.spec.project},upperdir=${p.upper},workdir=${p.work},redirect_dir=off,metacopy=off,index=off`;
   }
 
-  private async mountOverlay(): Promise<void> {
+  /** The overlay and the read-only binds, in stage/ (a private mount point, so the ro flags are set before anything is propagated). */
+  private async stageView(): Promise<void> {
     const p = this.paths;
-    const lines = [`mount -t overlay overlay -o ${quote(this.overlayOptions())} ${quote(p.view)}`];
+    const lines = [`mount -t overlay overlay -o ${quote(this.overlayOptions())} ${quote(p.stage)}`];
     for (const rel of this.spec.readOnly) {
       // only a real file or folder of the project: a symbolic link there would
       // make mount(8) bind whatever it points to on the host
       const src = path.join(this.spec.project, rel);
       const st = await lstat(src).catch(() => null);
       if (!st || !(st.isFile() || st.isDirectory())) continue;
-      const dst = path.join(p.view, rel);
+      const dst = path.join(p.stage, rel);
       lines.push(`mount --bind ${quote(src)} ${quote(dst)}`, `mount -o remount,bind,ro ${quote(dst)}`);
     }
     await sh(lines.join("\n"), "mounting the overlay").catch((err: SandboxdError) => {
@@ -237,6 +278,10 @@ export class WorkspaceLayer {
     await rm(p.work, { recursive: true, force: true });
     await mkdir(p.upper, { mode: 0o755 });
     await mkdir(p.work, { mode: 0o700 });
+    // the view's root takes the upper's owner and mode: make them the project's
+    const root = await stat(this.spec.project);
+    await chown(p.upper, root.uid, root.gid);
+    await chmod(p.upper, root.mode & 0o7777);
     const lines: string[] = [];
     for (const rel of this.spec.hidden) {
       const dst = path.join(p.upper, rel);
@@ -253,8 +298,9 @@ export class WorkspaceLayer {
   async unmount(containerPid: number | null): Promise<void> {
     const p = this.paths;
     const info = await readFile("/proc/self/mountinfo", "utf8");
-    if (mountsAt(info, p.view).some((m) => this.isOurs(m))) {
-      await sh(`umount -l ${quote(p.view)}`, "unmounting the view");
+    for (const where of [p.view, p.stage]) {
+      // lazily: the overlay and the binds on it go at once, whoever still looks
+      if (mountsAt(info, where).some((m) => this.isOurs(m))) await sh(`umount -l ${quote(where)}`, "unmounting the view");
     }
     if (containerPid) await this.detachStale(containerPid);
   }
@@ -270,7 +316,8 @@ export class WorkspaceLayer {
       }
       const top = mountsAt(info, "/workspace").at(-1);
       if (!top || !this.isOurs(top)) return;
-      await sh(`nsenter -t ${pid} -m umount -l /workspace`, "detaching a stale view in the container");
+      // -p as well: umount(8) reads /proc/self/mountinfo, which only resolves inside the container's pid namespace
+      await sh(`nsenter -t ${pid} -m -p umount -l /workspace`, "detaching a stale view in the container");
     }
     throw new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the container's /workspace could not be detached");
   }
@@ -283,8 +330,8 @@ export class WorkspaceLayer {
   async reset(containerPid: number | null): Promise<void> {
     await this.unmount(containerPid);
     await this.freshUpper();
-    await this.mountOverlay();
-    if (containerPid) await this.verifyInContainer(containerPid);
+    await this.stageView();
+    await this.attach(containerPid);
   }
 
   private async verifyInContainer(pid: number): Promise<void> {
@@ -310,6 +357,7 @@ export class WorkspaceLayer {
     await sh(
       [
         `while mountpoint -q ${quote(p.view)}; do umount -l ${quote(p.view)}; done`,
+        `while mountpoint -q ${quote(p.stage)}; do umount -l ${quote(p.stage)}; done`,
         `while mountpoint -q ${quote(p.layerMnt)}; do umount -l ${quote(p.layerMnt)}; done`,
       ].join("\n"),
       "unmounting the layer",

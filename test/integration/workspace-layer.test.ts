@@ -46,6 +46,7 @@ beforeEach(async () => {
   layer = new WorkspaceLayer({ phaseDir, project, hidden: [".env"], readOnly: [".git"], budgetBytes: 64 * 1024 * 1024 });
   await layer.prepare();
   await layer.mount();
+  await layer.attach(null);
 });
 
 afterEach(async () => {
