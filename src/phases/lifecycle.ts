@@ -89,7 +89,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
   ctx.phases.set(id, live);
   let layerMounted: Promise<void> | null = null;
   try {
-    live.workspace = makeWorkspace(ctx, live);
+    live.workspace = await makeWorkspace(ctx, live);
     // the view must be a shared mount point before the container binds it; the
     // layer's disk and the overlay are made while the container starts
     await live.workspace.layer.prepare();
@@ -120,7 +120,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       cpus: limits.cpus,
       pidsLimit: limits.pidsLimit,
       fileSizeBytes: limits.fileSizeBytes,
-      tmpfsBytes: limits.tmpfsBytes,
+      // the policy's workspace.disk.tmpBytes (SKILLS.md Resource Limits — Disk), within the limits' ceiling
+      tmpfsBytes: Math.min(limits.tmpfsBytes, ctx.policyFor(phasePolicy).workspace.disk.tmpBytes),
       // SETUID/SETGID: drop to the project owner; KILL: signal that owner's
       // process groups; DAC_READ_SEARCH: libuv chdirs into /workspace before
       // it switches uid, and a 0700 project is closed to a capability-less
@@ -172,6 +173,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     await ctx.buildLogs.release(buildLog, id).catch(() => undefined);
     await ctx.store.remove(id).catch(() => undefined);
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
+    ctx.opts.logSecrets?.remove(id);
     throw err;
   }
 }
@@ -230,6 +232,7 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   await ctx.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
   ctx.phases.delete(record.id);
   ctx.opts.log.info({ phase: record.id, state, why }, "phase ended");
+  ctx.opts.logSecrets?.remove(record.id);
 }
 
 function iterationSummary(live: LivePhase): string {

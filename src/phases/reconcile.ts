@@ -163,8 +163,6 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     watch: null,
     workspace: null,
   };
-  live.workspace = makeWorkspace(ctx, live);
-  await live.workspace.load();
   if (record.policyFile) {
     try {
       live.phasePolicy = await loadPolicy(record.policyFile);
@@ -172,6 +170,12 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     } catch (err) {
       refusal = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
     }
+  }
+  try {
+    live.workspace = await makeWorkspace(ctx, live);
+    await live.workspace.load();
+  } catch (err) {
+    refusal ??= `the phase's workspace layer cannot be re-attached: ${(err as Error).message}`;
   }
   return { live, refusal };
 }

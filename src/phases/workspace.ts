@@ -7,72 +7,51 @@ import path from "node:path";
 import { actionLine, timestamp } from "../audit/format.js";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
-import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, workspaceSettings, type CheckpointResult, type FileChange, type IterationRecord, type WorkspacePolicy } from "../workspace/index.js";
+import type { WorkspacePolicy } from "../policy/index.js";
+import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
 import type { PhaseRecord } from "./types.js";
 
-/**
- * Prints each file that does not compile as the compiler reports it. compile()
- * rather than py_compile: py_compile would write a .pyc into the view.
- */
-const COMPILE_SCRIPT = [
-  "import sys, traceback",
-  "bad = 0",
-  "for f in sys.argv[1:]:",
-  "    try:",
-  "        with open(f, 'rb') as fh: src = fh.read()",
-  "        compile(src, f, 'exec', dont_inherit=True)",
-  "    except (SyntaxError, ValueError) as e:",
-  "        bad = 1",
-  "        sys.stderr.write(''.join(traceback.format_exception_only(type(e), e)))",
-  "sys.exit(bad)",
-].join("\n");
 const COMPILE_TIMEOUT_MS = 30_000;
 
-/** The project-relative paths a phase may never write: read-only over its view. */
-function readOnlyPaths(record: PhaseRecord, buildLogInProject: boolean): string[] {
-  const extra: string[] = [];
-  if (buildLogInProject) extra.push(BUILD_LOG_NAME);
-  if (record.policyFile) {
-    const rel = path.relative(record.project, record.policyFile);
-    if (!rel.startsWith("..") && !path.isAbsolute(rel)) extra.push(rel.split(path.sep).join("/"));
-  }
-  return [...new Set(workspaceSettings(extra).readOnly)];
+/** The policy's workspace section for this phase (the daemon's, narrowed by the phase's own). */
+export function workspacePolicy(ctx: PhaseContext, live: LivePhase): WorkspacePolicy {
+  return ctx.policyFor(live.phasePolicy).workspace;
 }
 
-export function makeWorkspace(ctx: PhaseContext, live: LivePhase): PhaseWorkspace {
+/** The phase's workspace: the layer (not mounted yet) and its iterations. */
+export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise<PhaseWorkspace> {
   const { record } = live;
-  const settings = workspaceSettings();
+  const ws = workspacePolicy(ctx, live);
+  const allowMainPy = (record.allow ?? []).includes("main.py");
+  const extra: string[] = [];
+  // the build log in the project is the phase's audit trail: read-only whatever the policy's globs say
+  if (record.buildLog === path.join(record.project, BUILD_LOG_NAME)) extra.push(BUILD_LOG_NAME);
+  const { hidden, readOnly } = await protectedRootEntries(record.project, ws, { allowMainPy, extraReadOnly: extra });
   const layer = new WorkspaceLayer({
     phaseDir: ctx.store.dir(record.id),
     project: record.project,
-    hidden: settings.hidden,
-    readOnly: readOnlyPaths(record, record.buildLog === path.join(record.project, BUILD_LOG_NAME)),
-    budgetBytes: settings.budgetBytes,
+    hidden,
+    readOnly,
+    budgetBytes: ws.disk.layerBytes,
   });
   return new PhaseWorkspace(
     layer,
     {
       containerPid: () => containerPid(ctx, live),
-      compile: (paths) => compileInSandbox(ctx, live, paths),
+      runInSandbox: (argv) => runInSandbox(live, argv),
       record: async (event, lines) => void (await live.rec.record(event, lines)),
       now: () => timestamp(ctx.opts.clock.now()),
     },
     {
       uid: record.uid,
       gid: record.gid,
-      allowMainPy: (record.allow ?? []).includes("main.py"),
-      policy: () => judgePolicy(ctx, live),
-      stateFile: path.join(ctx.store.dir(record.id), "iterations.json"),
+      allowMainPy,
+      policy: () => workspacePolicy(ctx, live),
+      stateFile: ctx.store.iterationsPath(record.id),
     },
   );
-}
-
-/** The judge's limits from the policy's `files:` section (SKILLS.md §1, Resource Limits). */
-function judgePolicy(ctx: PhaseContext, live: LivePhase): WorkspacePolicy {
-  const files = ctx.policyFor(live.phasePolicy).files;
-  return { ...workspaceSettings().judge, maxFiles: files.maxFilesPerIteration.value, maxFileBytes: files.maxFileSizeBytes.value };
 }
 
 async function containerPid(ctx: PhaseContext, live: LivePhase): Promise<number | null> {
@@ -84,15 +63,15 @@ async function containerPid(ctx: PhaseContext, live: LivePhase): Promise<number 
   }
 }
 
-/** null when every file compiles; else what the compiler said. Runs as the project owner, in the sandbox. */
-async function compileInSandbox(ctx: PhaseContext, live: LivePhase, paths: string[]): Promise<string | null> {
+/** A check the daemon runs in the sandbox as the project owner (the compile check): its stdout. */
+async function runInSandbox(live: LivePhase, argv: string[]): Promise<string> {
   const channel = live.channel;
   if (!channel?.connected) throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${live.record.id} is not connected; the iteration cannot be checked`);
-  const stderr: Buffer[] = [];
+  const stdout: Buffer[] = [];
   const exit = await new Promise<{ code: number | null; spawn?: string }>((resolve, reject) => {
     channel.exec(
       {
-        argv: ["python3", "-I", "-c", COMPILE_SCRIPT, ...paths],
+        argv,
         cwd: SHIM_PATHS.workspace,
         env: commandEnv(live.record),
         timeoutMs: COMPILE_TIMEOUT_MS,
@@ -102,18 +81,16 @@ async function compileInSandbox(ctx: PhaseContext, live: LivePhase, paths: strin
       },
       {
         onStarted: () => undefined,
-        onStdout: () => undefined,
-        onStderr: (c) => void stderr.push(c),
+        onStdout: (c) => void stdout.push(c),
+        onStderr: () => undefined,
         onExit: (e) => resolve({ code: e.exitCode }),
         onSpawnError: (_code, message) => resolve({ code: null, spawn: message }),
         onLost: reject,
       },
     );
   });
-  if (exit.spawn) throw new SandboxdError("SBX_ERR_WORKSPACE", `could not run the Python compiler in the sandbox: ${exit.spawn}`);
-  if (exit.code === 0) return null;
-  const text = Buffer.concat(stderr).toString("utf8").slice(0, 16 * 1024);
-  return live.rec.redact(text || `the Python compiler exited with ${exit.code ?? "a signal"}`);
+  if (exit.spawn) throw new SandboxdError("SBX_ERR_WORKSPACE", `could not run the compile check in the sandbox: ${exit.spawn}`);
+  return live.rec.redact(Buffer.concat(stdout).toString("utf8").slice(0, 1024 * 1024));
 }
 
 /** The error a command or checkpoint gets when its iteration was refused. */
@@ -131,8 +108,8 @@ export function iterationError(it: IterationRecord): SandboxdError {
  */
 export async function checkpointBeforeValidation(live: LivePhase, parts: ReadonlyArray<readonly string[]>, cmd: string): Promise<void> {
   const ws = live.workspace;
-  const settings = workspaceSettings();
-  if (!ws || !settings.checkpointBeforeValidation || !isValidationCommand(parts, settings.validationCommands)) return;
+  const rule = ws?.policy.checkpointBeforeValidation;
+  if (!ws || !rule?.value || !isValidationCommand(parts, rule.programs)) return;
   const { iteration } = await ws.checkpoint(`before ${cmd}`, "validation");
   if (iteration?.state === "rejected") throw iterationError(iteration);
   if (iteration?.state === "pending") ws.assertNotPending();

@@ -13,8 +13,17 @@ export {
   type Decision,
   type ErrorCategory,
   type FailFastPolicy,
-  type FilePathRule,
-  type FilePolicy,
+  PHASE_PERMISSIONS,
+  WORKSPACE_DECISIONS,
+  WORKSPACE_DECISION_RANK,
+  WORKSPACE_OPERATIONS,
+  type CouplingPattern,
+  type PhasePermission,
+  type ProtectedPathRule,
+  type ProtectedTreatment,
+  type WorkspaceDecision,
+  type WorkspaceOperation,
+  type WorkspacePolicy,
   type Policy,
   type PolicyFile,
   type ShellLayer,
@@ -22,6 +31,8 @@ export {
 export { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "./load.js";
 export {
   MAX_SHELL_NESTING,
+  MAX_WRAPPER_DEPTH,
+  WRAPPER_OPTION_RULE_ID,
   OPERATOR_RULE_ID,
   PARSE_RULE_ID,
   UNKNOWN_RULE_ID,
@@ -35,9 +46,19 @@ export {
 export {
   MAX_COMMAND_LENGTH,
   initShellParser,
-  innerShellCommand,
   isShellParserReady,
   parseCommand,
   type ParseResult,
 } from "./shellparse.js";
+export {
+  compileGlob,
+  compileWorkspace,
+  couples,
+  protects,
+  type CompiledCoupling,
+  type CompiledProtection,
+  type CompiledWorkspace,
+} from "./workspace.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
+export { judgingViews, pythonTarget, signalName, type PythonTarget } from "./options.js";
+export { unwrap, type Inner, type Unwrapped } from "./wrappers.js";

@@ -15,7 +15,8 @@ import { LineCounter, parseDocument, isNode } from "yaml";
 import type { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { PHASE_MODES, type PhaseMode } from "../phases/types.js";
-import { compileLayer, judgeInLayer, ruleMatches, show } from "./evaluate.js";
+import { compileLayer, evaluateInLayer, ruleMatches, show, wrappedArgvs } from "./evaluate.js";
+import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js";
 import type { PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
@@ -23,9 +24,9 @@ import {
   ERROR_CATEGORIES,
   policyFileSchema,
   shellRuleSchema,
+  workspaceSchema,
   type DatabasePolicy,
   type Decision,
-  type FilePolicy,
   type NetworkPolicy,
   type PackageIndexHost,
   type PackageIndexPolicy,
@@ -101,6 +102,11 @@ export function parsePolicy(text: string, file: string): Policy {
   problems.push(...checkRules(file, valid, rawUnknown === "forbid" ? "forbid" : "ask"));
   if (Array.isArray(rawRules)) problems.push(...duplicateIds(rawRules));
 
+  // Likewise the workspace section's examples, when the section itself is valid.
+  const rawWorkspace = (raw as { workspace?: unknown } | null)?.workspace;
+  const workspace = workspaceSchema.safeParse(rawWorkspace);
+  if (workspace.success) problems.push(...checkWorkspace(workspace.data));
+
   if (parsed.success) problems.push(...checkLimits(parsed.data));
 
   if (problems.length > 0) {
@@ -147,11 +153,12 @@ function checkRules(file: string, rules: Array<{ index: number; spec: ShellRuleS
     const rule = layer.rules[k]!;
     spec.match?.forEach((argv, j) => {
       const path = [...base, "match", j];
-      if (!ruleMatches(rule, argv)) {
+      // an example may be a wrapped form (`env rm -rf /`): the rule matches what it runs
+      if (!wrappedArgvs(argv).some((a) => ruleMatches(rule, a))) {
         problems.push({ path, message: `rule ${spec.id} does not match its example \`${show(argv)}\`` });
         return;
       }
-      const v = judgeInLayer(layer, argv);
+      const v = evaluateInLayer(layer, argv);
       if (v.decision !== spec.decision) {
         problems.push({
           path,
@@ -233,7 +240,7 @@ function build(file: string, data: PolicyFile): Policy {
     shell: { layers: [compileLayer(file, data.shell.rules, data.shell.unknown)] },
     limits: resolveLimits(data),
     failFast: data.failFast,
-    files: data.files,
+    workspace: buildWorkspace(data.workspace),
     database: data.database,
     network: data.network ?? DEFAULT_NETWORK,
   };
@@ -243,7 +250,8 @@ function build(file: string, data: PolicyFile): Policy {
  * The policy a phase runs under when it brings its own (stricter) policy:
  * commands are judged under both (strictest verdict wins), every limit and
  * attempt count is the smaller, lists of protected paths, denied functions
- * and markers are the union, and a database write exception survives only if
+ * and markers are the union, a pair of files is coupled only if both
+ * policies couple it, and a database write exception survives only if
  * both policies name the same one. Nothing in `stricter` can widen `base`.
  */
 export function combine(base: Policy, stricter: Policy): Policy {
@@ -258,11 +266,6 @@ export function combine(base: Policy, stricter: Policy): Policy {
   const maxAttempts = { ...base.failFast.maxAttempts };
   for (const c of ERROR_CATEGORIES) maxAttempts[c] = Math.min(base.failFast.maxAttempts[c], stricter.failFast.maxAttempts[c]);
 
-  const files: FilePolicy = {
-    maxFilesPerIteration: minValue(base.files.maxFilesPerIteration, stricter.files.maxFilesPerIteration),
-    maxFileSizeBytes: minValue(base.files.maxFileSizeBytes, stricter.files.maxFileSizeBytes),
-    paths: [...base.files.paths, ...stricter.files.paths],
-  };
   const a = base.database;
   const b = stricter.database;
   const database: DatabasePolicy = {
@@ -300,7 +303,7 @@ export function combine(base: Policy, stricter: Policy): Policy {
     shell: { layers: [...base.shell.layers, ...stricter.shell.layers] },
     limits,
     failFast: { clause: base.failFast.clause, maxAttempts },
-    files,
+    workspace: combineWorkspace(base.workspace, stricter.workspace),
     database,
     network,
   });

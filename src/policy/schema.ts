@@ -186,41 +186,202 @@ const failFastSchema = z
   })
   .strict();
 
-const FILE_OPERATIONS = ["create", "modify", "delete", "rename"] as const;
+/* ------------------------------ workspace ------------------------------ */
 
-const filesSchema = z
+/** What a checkpoint does with an iteration's change set: apply it, hold it for a human, or discard it. */
+export const WORKSPACE_DECISIONS = ["accept", "ask", "reject"] as const;
+export type WorkspaceDecision = (typeof WORKSPACE_DECISIONS)[number];
+/** reject > ask > accept: the strictest failure decides the iteration. */
+export const WORKSPACE_DECISION_RANK: Readonly<Record<WorkspaceDecision, number>> = Object.freeze({ accept: 0, ask: 1, reject: 2 });
+
+export const WORKSPACE_OPERATIONS = ["create", "modify", "delete", "rename"] as const;
+export type WorkspaceOperation = (typeof WORKSPACE_OPERATIONS)[number];
+
+/** Permissions a phase can be started with (`sandboxd phase start --allow main.py`); a closed list, so a typo is an error. */
+export const PHASE_PERMISSIONS = ["main.py"] as const;
+export type PhasePermission = (typeof PHASE_PERMISSIONS)[number];
+
+/** A project-relative path as the change set carries it: POSIX, no leading "/" or "./", no "." or ".." segment, no NUL. */
+export const projectPathSchema = z
+  .string()
+  .min(1, "a path cannot be empty")
+  .refine((s) => !s.includes("\0") && s.split("/").every((seg) => seg !== "" && seg !== "." && seg !== ".."), {
+    message: 'a project-relative POSIX path such as "services/risk_manager.py" (no leading "/" or "./", no "." or ".." segment, no "//")',
+  });
+
+/**
+ * A project-relative glob: `*` any characters within one segment (dot files
+ * included), `?` one character, `**` any number of whole segments. `dir/**`
+ * covers the directory itself and everything below it. Checked by
+ * compileGlob (src/policy/workspace.ts) at load.
+ */
+const globSchema = z.string().min(1, "a glob cannot be empty");
+
+/**
+ * One side of a coupling pattern: a glob that may also hold placeholders:
+ * `{name}` (one or more characters within a segment) and `{name**}/` (zero or
+ * more whole leading directories). A placeholder named on both sides must
+ * take the same value in both paths. Checked by compileTemplate at load.
+ */
+const templateSchema = z.string().min(1, "a template cannot be empty");
+
+const pathPairSchema = z.tuple([projectPathSchema, projectPathSchema]);
+
+const workspaceDecisionSchema = z.enum(WORKSPACE_DECISIONS);
+const failDecisionSchema = z.enum(["ask", "reject"]);
+
+const couplingPatternSchema = z
   .object({
-    maxFilesPerIteration: z
+    id: idSchema,
+    clause: clauseSchema,
+    justification: justificationSchema,
+    /** the two templates; a pair of changed files is coupled when one matches each side with equal placeholders */
+    between: z.tuple([templateSchema, templateSchema]),
+    /** pairs this pattern must couple (checked at load) */
+    couples: z.array(pathPairSchema).min(1, "give at least one pair of paths this pattern couples"),
+    /** pairs this pattern must not couple (checked at load) */
+    notCouples: z.array(pathPairSchema).optional(),
+  })
+  .strict();
+export type CouplingPattern = z.infer<typeof couplingPatternSchema>;
+
+const operationDecisionsSchema = z
+  .object({ create: workspaceDecisionSchema, modify: workspaceDecisionSchema, delete: workspaceDecisionSchema, rename: workspaceDecisionSchema })
+  .strict();
+
+/**
+ * How a protected path is treated:
+ * - hidden: not visible in the sandbox at all; any change is refused (no approval can lift it);
+ * - readOnly: visible, never changed from the sandbox; any change is refused;
+ * - per operation: the decision for a create, modify, delete and rename of a path under it.
+ */
+const treatmentSchema = z.union([z.literal("hidden"), z.literal("readOnly"), operationDecisionsSchema], {
+  errorMap: () => ({ message: "expected hidden, readOnly or {create, modify, delete, rename: accept | ask | reject}" }),
+});
+export type ProtectedTreatment = z.infer<typeof treatmentSchema>;
+
+const protectedPathSchema = z
+  .object({
+    id: idSchema,
+    clause: clauseSchema,
+    justification: justificationSchema,
+    paths: z.array(globSchema).min(1, "list at least one glob"),
+    /** globs under `paths` this rule does not cover (.env.example next to .env) */
+    except: z.array(globSchema).optional(),
+    treatment: treatmentSchema,
+    /** a human's approval of the exact path (approvedPaths) lifts an ask or reject of this rule; never for hidden or readOnly */
+    approvable: z.boolean().optional(),
+    /** the rule does not apply in a phase started with this permission (`--allow main.py`) */
+    unlessPermission: z.enum(PHASE_PERMISSIONS).optional(),
+    /** paths this rule must cover, and paths it must not (checked at load) */
+    covers: z.array(projectPathSchema).min(1, "give at least one path this rule covers"),
+    notCovers: z.array(projectPathSchema).optional(),
+  })
+  .strict()
+  .superRefine((r, ctx) => {
+    if (r.approvable && typeof r.treatment === "string") {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["approvable"], message: `a ${r.treatment} path is never changed from the sandbox; no approval can lift it (drop approvable or give per-operation decisions)` });
+    }
+  });
+export type ProtectedPathRule = z.infer<typeof protectedPathSchema>;
+
+const VALIDATION_PROGRAM = /^[A-Za-z0-9][A-Za-z0-9._+-]*$/;
+
+export const workspaceSchema = z
+  .object({
+    /**
+     * What a failing iteration becomes: reject (discarded at once) or ask (it
+     * waits for a human who sees its diff). Hidden and read-only paths and
+     * Python that does not compile are refused either way.
+     */
+    failedIteration: z.object({ id: idSchema, clause: clauseSchema, decision: failDecisionSchema, justification: justificationSchema }).strict(),
+    atomicModification: z
       .object({
         id: idSchema,
         clause: clauseSchema,
-        value: z.number().int().min(1).max(2, "at most 2 (SKILLS.md §1 Atomic Modification Rule)"),
+        maxFilesPerIteration: z.number().int().min(1).max(2, "at most 2 (SKILLS.md §1 Atomic Modification Rule)"),
+        decision: failDecisionSchema,
+        justification: justificationSchema,
       })
       .strict(),
-    maxFileSizeBytes: z
+    coupling: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        patterns: z.array(couplingPatternSchema),
+        /** pairs no pattern may couple (SKILLS.md "Not considered coupled"; checked at load against every pattern) */
+        notCoupled: z.array(pathPairSchema),
+      })
+      .strict(),
+    maxFileBytes: z
       .object({
         id: idSchema,
         clause: clauseSchema,
         value: atMost(bytes(), 10 * MiB, "SKILLS.md Resource Limits: no files larger than 10MB"),
+        decision: failDecisionSchema,
+        /** a human's approval of the exact path lifts it */
+        approvable: z.boolean(),
+        justification: justificationSchema,
       })
       .strict(),
-    paths: z.array(
-      z
-        .object({
-          id: idSchema,
-          clause: clauseSchema,
-          /** project-relative glob: `*` within a path segment, `**` across segments */
-          glob: z.string().min(1),
-          operations: z.array(z.enum(FILE_OPERATIONS)).min(1),
-          decision: decisionSchema,
-          /** the decision does not apply when the phase was started with permission for this path */
-          phasePermission: z.boolean().optional(),
-          justification: justificationSchema,
-        })
-        .strict(),
-    ),
+    massChange: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        /** more changed files than this under one directory (at any depth; the project root excluded) is a mass change */
+        maxFilesPerDirectory: z.number().int().min(1),
+        /** the decision for deleting or renaming a whole directory */
+        directoryDelete: failDecisionSchema,
+        directoryRename: failDecisionSchema,
+        decision: failDecisionSchema,
+        justification: justificationSchema,
+      })
+      .strict(),
+    protectedPaths: z.array(protectedPathSchema),
+    pythonCompile: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        /** a changed file matching one of these globs must compile */
+        paths: z.array(globSchema).min(1),
+        justification: justificationSchema,
+      })
+      .strict(),
+    checkpointBeforeValidation: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        value: z.boolean(),
+        /** programs (by file name) before which the daemon checkpoints */
+        programs: z.array(z.string().regex(VALIDATION_PROGRAM, "a program name such as pytest")),
+      })
+      .strict(),
+    disk: z
+      .object({
+        id: idSchema,
+        clause: clauseSchema,
+        /** the phase's change layer */
+        layerBytes: bytes(),
+        /** the phase's /tmp */
+        tmpBytes: bytes(),
+      })
+      .strict(),
   })
   .strict();
+export type WorkspaceFile = z.infer<typeof workspaceSchema>;
+
+/**
+ * The workspace section as the daemon uses it. A combined policy keeps every
+ * layer's coupling patterns: a pair is coupled only if it is coupled under
+ * every layer, so a phase policy can drop couplings but never add one.
+ */
+export interface WorkspacePolicy extends Omit<WorkspaceFile, "coupling"> {
+  coupling: {
+    id: string;
+    clause: string;
+    layers: ReadonlyArray<readonly CouplingPattern[]>;
+  };
+}
 
 const sqlName = z.string().regex(/^[a-z_][a-z0-9_]*$/, "a lower-case SQL name");
 
@@ -430,7 +591,7 @@ export const policyFileSchema = z
       .strict(),
     limits: limitsSchema,
     failFast: failFastSchema,
-    files: filesSchema,
+    workspace: workspaceSchema,
     database: databaseSchema,
     /** optional: without it, DEFAULT_NETWORK */
     network: networkSchema.optional(),
@@ -469,8 +630,6 @@ export interface ShellLayer {
 }
 
 export type FailFastPolicy = PolicyFile["failFast"];
-export type FilePolicy = PolicyFile["files"];
-export type FilePathRule = FilePolicy["paths"][number];
 
 /** The database section; a combined policy sets a write exception to null when the layers disagree on it. */
 export interface DatabasePolicy extends Omit<PolicyFile["database"], "readOnlyDefault"> {
@@ -487,7 +646,7 @@ export interface Policy {
   readonly shell: { readonly layers: readonly ShellLayer[] };
   readonly limits: Readonly<Record<PhaseMode, Readonly<PhaseLimits>>>;
   readonly failFast: Readonly<FailFastPolicy>;
-  readonly files: Readonly<FilePolicy>;
+  readonly workspace: Readonly<WorkspacePolicy>;
   readonly database: Readonly<DatabasePolicy>;
   /**
    * the services a phase may reach; a combined policy keeps only those both layers allow on the same port,

@@ -1,48 +1,151 @@
 /**
- * Stand-in for the unified-diff renderer (the full one lands from the
- * workspace-rules work): whole-file hunks, enough to see an iteration.
+ * A change set as a unified diff, in git's extended format, for the human who
+ * accepts or rejects an iteration (`sandboxd diff`, GET /v1/phases/:id/diff).
+ *
+ * - text files: unified hunks (jsdiff's structuredPatch, 3 lines of context);
+ * - creates and deletes against /dev/null, with `new file mode` /
+ *   `deleted file mode`;
+ * - renames as `rename from` / `rename to` (hunks only if the content changed
+ *   too), mode changes as `old mode` / `new mode`;
+ * - binary files (a NUL in the first 8000 bytes, as git decides, or bytes
+ *   that are not UTF-8) as `Binary files … differ`; files over the size cap
+ *   as one line with their sizes, never read;
+ * - directories deleted or renamed as one line each (git has no form for
+ *   them; the judge refuses them as mass changes anyway).
+ *
+ * This text is for reading, not for `git apply`: it is shown to the person
+ * deciding, so nothing in it may draw on their terminal. Paths are quoted as
+ * git quotes them ("a\nb", octal escapes) when they hold a control
+ * character, a quote or a backslash; content lines have control characters
+ * (tab kept), C1 controls, line separators and bidirectional overrides
+ * ("Trojan Source") escaped, so an ANSI sequence or a right-to-left override
+ * in a file shows as what it is rather than hiding the line it is on.
  */
-import type { FileChange } from "./changes.js";
+import { structuredPatch } from "diff";
+import type { ChangeSet, FileChange } from "./changes.js";
 
-export interface DiffInput {
-  change: FileChange;
-  /** bytes before (the project's), null when absent or not a regular file */
-  before: Buffer | null;
-  /** bytes after (the layer's), null when absent or not a regular file */
-  after: Buffer | null;
+export interface FileVersion {
+  size: number;
+  /** permission bits (e.g. 0o644), when known */
+  mode?: number;
+  read(): Promise<Buffer>;
 }
 
-function isBinary(b: Buffer | null): boolean {
-  return b !== null && b.subarray(0, 8000).includes(0);
+/** How the diff reads the two sides: the project's accepted state and the phase's view. */
+export interface DiffSource {
+  /** the project's accepted version of a path, or null when it has none */
+  accepted(path: string): Promise<FileVersion | null>;
+  /** the phase's view of a path (the layer over the project), or null when it has none */
+  view(path: string): Promise<FileVersion | null>;
 }
 
-function lines(b: Buffer | null): string[] {
-  if (!b || b.length === 0) return [];
-  const text = b.toString("utf8");
-  const out = text.split("\n");
-  if (out.at(-1) === "") out.pop();
-  return out;
+export interface DiffOptions {
+  /** files larger than this (either side) are summarised, not read; default 1 MiB */
+  maxBytes?: number;
+  /** lines of context; default 3 */
+  context?: number;
 }
 
-export function renderUnifiedDiff(files: readonly DiffInput[]): string {
-  const out: string[] = [];
-  for (const { change, before, after } of files) {
-    if (change.isDir) continue;
-    const a = change.kind === "create" ? "/dev/null" : `a/${change.from ?? change.path}`;
-    const b = change.kind === "delete" ? "/dev/null" : `b/${change.path}`;
-    out.push(`diff --sandboxd ${a} ${b}`);
-    if (change.kind === "rename") out.push(`rename from ${change.from}`, `rename to ${change.path}`);
-    if (change.mode !== undefined) out.push(`new mode ${change.mode.toString(8).padStart(6, "100")}`);
-    if (change.modeOnly || (change.kind === "rename" && before?.equals(after ?? Buffer.alloc(0)))) continue;
-    if (isBinary(before) || isBinary(after)) {
-      out.push(`Binary files ${a} and ${b} differ`);
-      continue;
-    }
-    const old = lines(before);
-    const neu = lines(after);
-    out.push(`--- ${a}`, `+++ ${b}`, `@@ -${old.length ? 1 : 0},${old.length} +${neu.length ? 1 : 0},${neu.length} @@`);
-    for (const l of old) out.push(`-${l}`);
-    for (const l of neu) out.push(`+${l}`);
+export const DEFAULT_DIFF_MAX_BYTES = 1024 * 1024;
+
+/** git's quoting of a path (quote_c_style): C escapes and octal, in double quotes, only when needed. */
+export function quotePath(p: string): string {
+  if (!/[\u0000-\u001f"\\\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/.test(p)) return p;
+  let out = "";
+  for (const ch of p) {
+    const code = ch.codePointAt(0)!;
+    const named: Record<string, string> = { "\u0007": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\u000b": "\\v", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\" };
+    if (named[ch]) out += named[ch];
+    else if (code < 0x20 || code === 0x7f || (code >= 0x80 && code <= 0x9f) || code === 0x2028 || code === 0x2029 || (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069)) {
+      for (const byte of Buffer.from(ch, "utf8")) out += `\\${byte.toString(8).padStart(3, "0")}`;
+    } else out += ch;
   }
-  return out.length ? out.join("\n") + "\n" : "";
+  return `"${out}"`;
+}
+
+/** A content line made safe to show: control characters (but tab) and bidi overrides escaped. */
+function safeLine(line: string): string {
+  return line.replace(/[\u0000-\u0008\u000a-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (ch) => {
+    const code = ch.codePointAt(0)!;
+    if (ch === "\r") return "\\r";
+    return code <= 0xff ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u{${code.toString(16)}}`;
+  });
+}
+
+const side = (prefix: "a" | "b", p: string) => quotePath(`${prefix}/${p}`);
+
+function gitMode(mode: number | undefined): string {
+  return `100${((mode ?? 0o644) & 0o7777).toString(8).padStart(3, "0")}`;
+}
+
+const UTF8 = new TextDecoder("utf-8", { fatal: true });
+
+/** The text of a file, or null when git would call it binary (or it is not UTF-8). */
+function asText(buf: Buffer): string | null {
+  if (buf.subarray(0, 8000).includes(0)) return null;
+  try {
+    return UTF8.decode(buf);
+  } catch {
+    return null;
+  }
+}
+
+export async function diffChangeSet(set: ChangeSet, source: DiffSource, opts: DiffOptions = {}): Promise<string> {
+  const maxBytes = opts.maxBytes ?? DEFAULT_DIFF_MAX_BYTES;
+  const context = opts.context ?? 3;
+  const changes = [...set.changes].sort((x, y) => (x.path < y.path ? -1 : x.path > y.path ? 1 : 0));
+  const out: string[] = [];
+  for (const c of changes) out.push(...(await diffOne(c, source, maxBytes, context)));
+  return out.length === 0 ? "" : `${out.join("\n")}\n`;
+}
+
+async function diffOne(c: FileChange, source: DiffSource, maxBytes: number, context: number): Promise<string[]> {
+  if (c.isDir) {
+    if (c.kind === "delete") return [`Directory ${quotePath(c.path)} deleted (with everything in it)`];
+    if (c.kind === "rename") return [`Directory renamed: ${quotePath(c.from ?? "?")} → ${quotePath(c.path)}`];
+    return []; // a created or re-moded directory shows through the files in it
+  }
+  const oldPath = c.kind === "rename" ? (c.from ?? c.path) : c.path;
+  const before = c.kind === "create" ? null : await source.accepted(oldPath);
+  const after = c.kind === "delete" ? null : await source.view(c.path);
+
+  const lines = [`diff --git ${side("a", oldPath)} ${side("b", c.path)}`];
+  if (!before && after) lines.push(`new file mode ${gitMode(c.mode ?? after.mode)}`);
+  else if (before && !after) lines.push(`deleted file mode ${gitMode(before.mode)}`);
+  else if (before && after) {
+    const oldMode = before.mode;
+    const newMode = c.mode ?? after.mode;
+    if (oldMode !== undefined && newMode !== undefined && (oldMode & 0o7777) !== (newMode & 0o7777)) {
+      lines.push(`old mode ${gitMode(oldMode)}`, `new mode ${gitMode(newMode)}`);
+    }
+  }
+  if (c.kind === "rename") lines.push(`rename from ${quotePath(oldPath)}`, `rename to ${quotePath(c.path)}`);
+  if (c.modeOnly) return lines;
+
+  const aName = before ? side("a", oldPath) : "/dev/null";
+  const bName = after ? side("b", c.path) : "/dev/null";
+  const tooBig = (before?.size ?? 0) > maxBytes || (after?.size ?? 0) > maxBytes;
+  if (tooBig) {
+    lines.push(`File too large to show: ${before ? `${before.size} bytes` : "absent"} → ${after ? `${after.size} bytes` : "absent"} (diff cap ${maxBytes} bytes)`);
+    return lines;
+  }
+  const oldBuf = before ? await before.read() : Buffer.alloc(0);
+  const newBuf = after ? await after.read() : Buffer.alloc(0);
+  if (before && after && oldBuf.equals(newBuf)) return lines; // a pure rename or mode change
+  const oldText = asText(oldBuf);
+  const newText = asText(newBuf);
+  if (oldText === null || newText === null) {
+    lines.push(`Binary files ${aName} and ${bName} differ`);
+    return lines;
+  }
+  const patch = structuredPatch(aName, bName, oldText, newText, undefined, undefined, { context });
+  if (patch.hunks.length === 0) return lines;
+  lines.push(`--- ${aName}`, `+++ ${bName}`);
+  for (const h of patch.hunks) {
+    // as git (and jsdiff's formatPatch): an empty side starts at the line before it, a one-line side has no ",1"
+    const range = (start: number, n: number) => (n === 1 ? `${start}` : n === 0 ? `${start - 1},0` : `${start},${n}`);
+    lines.push(`@@ -${range(h.oldStart, h.oldLines)} +${range(h.newStart, h.newLines)} @@`);
+    for (const l of h.lines) lines.push(l.startsWith("\\") ? l : `${l[0]}${safeLine(l.slice(1))}`);
+  }
+  return lines;
 }

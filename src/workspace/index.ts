@@ -9,5 +9,6 @@ export { WorkspaceLayer, layerPaths, readRegular, type LayerSpec } from "./layer
 export { applyChangeSet, checkRelPath, projectPath } from "./apply.js";
 export { PhaseWorkspace, type CheckpointResult, type IterationRecord, type IterationTrigger, type WorkspaceHooks } from "./iterations.js";
 export { ExecGate } from "./gate.js";
-export { DEFAULT_WORKSPACE_POLICY, type WorkspacePolicy } from "./rules.js";
-export { isValidationCommand, workspaceSettings, type WorkspaceSettings } from "./settings.js";
+export { judgeChangeSet, type Judgement, type RuleFailure } from "./rules.js";
+export { diffChangeSet } from "./diff.js";
+export { isValidationCommand, protectedRootEntries } from "./settings.js";

@@ -13,7 +13,8 @@
  * Every checkpoint holds the phase's ExecGate alone: no command runs while
  * the layer is read, unmounted, applied and mounted again.
  */
-import { readFile, readlink, rename, writeFile } from "node:fs/promises";
+import { constants as fsc } from "node:fs";
+import { lstat, open, readFile, readlink, rename, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { z } from "zod";
 import { actionLine, escapeControl } from "../audit/format.js";
@@ -21,10 +22,14 @@ import type { AuditEvent } from "../audit/journal.js";
 import { SandboxdError } from "../errors.js";
 import { applyChangeSet } from "./apply.js";
 import type { ChangeSet, FileChange } from "./changes.js";
-import { renderUnifiedDiff, type DiffInput } from "./diff.js";
+import type { WorkspacePolicy } from "../policy/index.js";
+import { diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
 import type { WorkspaceLayer } from "./layer.js";
-import { judgeChangeSet, type JudgeFailure, type WorkspacePolicy } from "./rules.js";
+import { projectPath } from "./apply.js";
+import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
+
+type JudgeFailure = Pick<RuleFailure, "rule" | "clause" | "message"> & Partial<RuleFailure>;
 
 export type IterationTrigger = "api" | "validation" | "stop";
 export type IterationState = "accepted" | "rejected" | "pending";
@@ -50,8 +55,8 @@ export interface CheckpointResult {
 export interface WorkspaceHooks {
   /** the container's init pid (its mount namespace), null when it is gone */
   containerPid(): Promise<number | null>;
-  /** compile the given view paths in the sandbox as the project owner; null when all compile, else the compiler's message */
-  compile(paths: string[]): Promise<string | null>;
+  /** run argv in the sandbox (cwd /workspace) as the project owner; its stdout */
+  runInSandbox(argv: string[]): Promise<string>;
   record(event: AuditEvent, lines: string[]): Promise<void>;
   /** SKILLS.md timestamp */
   now(): string;
@@ -73,21 +78,26 @@ const stateSchema = z.object({
   failedIterations: z.number().int(),
 });
 
-/** Paths the sandbox never changes, whatever the policy's judgement: not even with approval. */
-export function hardFailures(set: ChangeSet, layer: WorkspaceLayer, links: Map<string, string>): JudgeFailure[] {
-  const out: JudgeFailure[] = [];
-  const under = (p: string, roots: readonly string[]) => roots.some((r) => p === r || p.startsWith(`${r}/`));
+/**
+ * What the layer itself refuses, whatever the policy says: a link that
+ * points out of the project, and files that are neither regular files,
+ * folders nor links (fifos, sockets, devices).
+ */
+export async function layerFailures(set: ChangeSet, layer: WorkspaceLayer, links: Map<string, string>): Promise<RuleFailure[]> {
+  const out: RuleFailure[] = [];
+  const clause = "SKILLS.md §1 Forbidden Operations: creating files outside the project directory structure";
   for (const c of set.changes) {
-    for (const p of [c.path, ...(c.from ? [c.from] : [])]) {
-      if (under(p, layer.spec.hidden)) {
-        out.push({ rule: "workspace.hidden", clause: "SKILLS.md Credential Handling", path: p, message: `${p} is a credential file; the sandbox neither sees nor writes it` });
-      } else if (under(p, layer.spec.readOnly)) {
-        out.push({ rule: "workspace.protected", clause: "SKILLS.md §1 Forbidden Operations", path: p, message: `${p} is protected; it is never changed from the sandbox` });
-      }
-    }
+    if (c.kind === "delete" || c.isDir) continue;
     const target = links.get(c.path);
-    if (target !== undefined && (path.isAbsolute(target) || path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target)).startsWith(".."))) {
-      out.push({ rule: "workspace.symlink", clause: "SKILLS.md §1 Forbidden Operations (files outside the project)", path: c.path, message: `${c.path} is a link to ${target}, outside the project` });
+    if (target !== undefined) {
+      if (path.isAbsolute(target) || path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target)).startsWith("..")) {
+        out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, outside the project; make it a file or a link within the project`, decision: "reject", final: true });
+      }
+      continue;
+    }
+    const st = await lstat(path.join(layer.paths.upper, c.path)).catch(() => null);
+    if (st && !st.isFile()) {
+      out.push({ rule: "workspace.special-file", clause, path: c.path, message: `${c.path} is not a regular file (a fifo, socket or device); only files, folders and links reach the project`, decision: "reject", final: true });
     }
   }
   return out;
@@ -104,6 +114,10 @@ export class PhaseWorkspace {
     private readonly hooks: WorkspaceHooks,
     private readonly opts: WorkspaceOptions,
   ) {}
+
+  get policy(): WorkspacePolicy {
+    return this.opts.policy();
+  }
 
   /** Iterations kept from before a daemon restart. */
   async load(): Promise<void> {
@@ -146,17 +160,18 @@ export class PhaseWorkspace {
     return (await this.layer.changes()).changes;
   }
 
-  /** The pending changes as a unified diff. */
-  async diff(maxFileBytes = 1024 * 1024): Promise<string> {
+  /**
+   * The pending changes as a unified diff. Both sides are read without
+   * following a link (a link shows as absent), the view's side only from
+   * the layer's own file system.
+   */
+  async diff(): Promise<string> {
     const set = await this.layer.changes();
-    const inputs: DiffInput[] = [];
-    for (const change of set.changes) {
-      if (change.isDir) continue;
-      const before = change.kind === "create" ? null : await this.layer.readProject(change.from ?? change.path, maxFileBytes);
-      const after = change.kind === "delete" ? null : await this.layer.readUpper(change.path, maxFileBytes);
-      inputs.push({ change, before, after });
-    }
-    return renderUnifiedDiff(inputs);
+    const upperDev = await this.layer.upperDevice();
+    return diffChangeSet(set, {
+      accepted: (p) => versionOf(this.layer.spec.project, p, null),
+      view: (p) => versionOf(this.layer.paths.upper, p, upperDev),
+    });
   }
 
   /**
@@ -174,20 +189,17 @@ export class PhaseWorkspace {
         const t = await readlink(path.join(this.layer.paths.upper, c.path)).catch(() => null);
         if (t !== null) links.set(c.path, t);
       }
-      const failures = hardFailures(set, this.layer, links);
-      let decision: "accept" | "reject" | "ask" = failures.length ? "reject" : "accept";
-      if (failures.length === 0) {
-        const py = set.changes.filter((c) => c.kind !== "delete" && !c.isDir && c.path.endsWith(".py") && !links.has(c.path)).map((c) => c.path);
-        const compiled = py.length ? await this.hooks.compile(py) : null;
-        if (compiled !== null) {
-          failures.push({ rule: "workspace.syntax", clause: "SKILLS.md §1 Pre-Write Validation", message: compiled.trim() });
-          decision = "reject";
-        } else {
-          const j = judgeChangeSet(set, { policy: this.opts.policy(), allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
-          decision = j.decision;
-          failures.push(...j.failures);
-        }
+      const policy = this.opts.policy();
+      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
+      j = withCompileResults(j, await layerFailures(set, this.layer, links));
+      // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
+      const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
+      if (py.length > 0 && !j.failures.some((f) => f.final)) {
+        const stdout = await this.hooks.runInSandbox(compileCheckArgv(py));
+        j = withCompileResults(j, parseCompileOutput(stdout, py, policy));
       }
+      const decision = j.decision;
+      const failures: RuleFailure[] = j.failures;
       const it: IterationRecord = {
         n: this.iterations.length + 1,
         message,
@@ -296,10 +308,35 @@ export class PhaseWorkspace {
       { type: "workspace.iteration", n: it.n, state: "rejected", trigger: it.trigger, message: it.message, decidedBy: by, changes: it.changes, failures: it.failures, failedIterations: this.failedIterations },
       [
         ...it.changes.filter((c) => !c.isDir).map((c) => actionLine(ts, "FILE", kindWord(c), target(c), `REFUSED ${firstRule}`)),
-        `[${ts}] ITERATION_REFUSED: iteration ${it.n} (${escapeControl(it.message)}) discarded, the workspace is back to the last accepted state — ${escapeControl(why)}`,
+        `[${ts}] ITERATION_REFUSED: iteration ${it.n} (${escapeControl(it.message)}) discarded${by === "rules" ? "" : ` by ${escapeControl(by)}`}, the workspace is back to the last accepted state — ${escapeControl(why)}`,
       ],
     );
   }
+}
+
+async function versionOf(root: string, rel: string, requireDev: number | null): Promise<FileVersion | null> {
+  let file: string;
+  try {
+    file = await projectPath(root, rel);
+  } catch {
+    return null;
+  }
+  const st = await lstat(file).catch(() => null);
+  if (!st?.isFile() || (requireDev !== null && st.dev !== requireDev)) return null;
+  return {
+    size: st.size,
+    mode: st.mode & 0o7777,
+    read: async () => {
+      const fh = await open(file, fsc.O_RDONLY | fsc.O_NOFOLLOW);
+      try {
+        const f = await fh.stat();
+        if (f.ino !== st.ino || f.dev !== st.dev) throw new Error(`${rel} changed while it was read`);
+        return await fh.readFile();
+      } finally {
+        await fh.close();
+      }
+    },
+  };
 }
 
 function kindWord(c: FileChange): string {

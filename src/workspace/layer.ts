@@ -405,6 +405,13 @@ export class WorkspaceLayer {
 
 /* --------------------------- the upper walk --------------------------- */
 
+/**
+ * Folders tools write as a by-product (pytest's cache, bytecode, mypy's
+ * cache): never part of an iteration, never applied; they live in the layer
+ * until the next checkpoint empties it.
+ */
+export const TOOL_CACHES: ReadonlySet<string> = new Set(["__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"]);
+
 const WHITEOUT = (st: { isCharacterDevice(): boolean; rdev: number }) => st.isCharacterDevice() && st.rdev === 0;
 
 async function xattr(file: string, name: string): Promise<string | null> {
@@ -433,6 +440,7 @@ class UpperWalk {
     for (const name of names) {
       const r = rel ? `${rel}/${name}` : name;
       const up = await lstat(path.join(dir, name));
+      if (up.isDirectory() && TOOL_CACHES.has(name)) continue;
       // a hidden path is absent from the view: whatever is there now was created
       const low = lowerVisible && !this.hidden.has(r) ? await lstat(path.join(this.lower, r)).catch(() => null) : null;
       if (WHITEOUT(up)) {

@@ -124,14 +124,14 @@ describe("iterations", () => {
     ]);
     const { iteration } = await checkpoint("three things at once");
     expect(iteration?.state).toBe("rejected");
-    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.atomic");
+    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.atomic-modification");
     expect(await snapshot(project)).toEqual(before);
     // the sandbox sees the last accepted state again: deleted file back, created file gone
     const v = await py("import os\nprint(os.path.exists('/workspace/tests/test_broken.py'), os.path.exists('/workspace/services/other.py'), oct(os.stat('/workspace/conftest.py').st_mode & 0o777))");
     expect(v.stdout.trim()).toBe("True False 0o644");
     const log = await readFile(phase.buildLog, "utf8");
-    expect(log).toMatch(/\[FILE\] \[CREATE\] \[services\/other\.py\] \[REFUSED workspace\.atomic\]/);
-    expect(log).toMatch(/\[FILE\] \[DELETE\] \[tests\/test_broken\.py\] \[REFUSED workspace\.atomic\]/);
+    expect(log).toMatch(/\[FILE\] \[CREATE\] \[services\/other\.py\] \[REFUSED workspace\.atomic-modification\]/);
+    expect(log).toMatch(/\[FILE\] \[DELETE\] \[tests\/test_broken\.py\] \[REFUSED workspace\.atomic-modification\]/);
     expect(log).toMatch(/ITERATION_REFUSED: iteration 1 \(three things at once\)/);
     const shown = await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${phase.id}`);
     expect(shown.phase.workspace?.failed).toBe(1);
@@ -173,20 +173,27 @@ describe("iterations", () => {
     await py("open('/workspace/services/calc.py', 'a').write('\\ndef broken(:\\n    pass\\n')");
     const { iteration } = await checkpoint("broken");
     expect(iteration?.state).toBe("rejected");
-    expect(iteration?.failures[0]?.rule).toBe("workspace.syntax");
-    expect(iteration?.failures[0]?.message).toMatch(/services\/calc\.py.*line \d+[\s\S]*SyntaxError/);
+    expect(iteration?.failures[0]?.rule).toBe("workspace.python-compile");
+    expect(iteration?.failures[0]?.message).toMatch(/^services\/calc\.py:\d+:\d+: SyntaxError: invalid syntax/);
     expect(await readFile(path.join(project, "services", "calc.py"), "utf8")).toBe(old);
     const v = await py("print(open('/workspace/services/calc.py').read())");
     expect(v.stdout).toBe(old + "\n");
   });
 
-  it("a 20 MB file can be written (no process limit at 10 MB) but is refused at the checkpoint", async () => {
+  it("a 20 MB file can be written (no process limit at 10 MB), waits for a human at the checkpoint, and a rejection discards it", async () => {
     const r = await py("open('/workspace/data.bin', 'wb').write(b'0' * (20 * 1024 * 1024))");
     expect(r.exitCode).toBe(0);
     const { iteration } = await checkpoint("big data");
-    expect(iteration?.state).toBe("rejected");
-    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.file-size");
+    expect(iteration?.state).toBe("pending");
+    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.max-file-size");
+    // while it waits, no command runs
+    await expect(py("print(1)")).rejects.toMatchObject({ code: "SBX_ERR_ITERATION_PENDING" });
+    const d = await cli(["iteration", "reject", phase.id, String(iteration!.n), "--note", "no data files in the repo"], { socket: t.socket });
+    expect(d.stderr).toBe("");
+    expect(d.stdout).toContain(`iteration ${iteration!.n} rejected`);
     await expect(lstat(path.join(project, "data.bin"))).rejects.toMatchObject({ code: "ENOENT" });
+    expect((await py("import os\nprint(os.path.exists('/workspace/data.bin'))")).stdout).toBe("False\n");
+    expect(await readFile(phase.buildLog, "utf8")).toMatch(/ITERATION_REFUSED: iteration \d+ \(big data\) discarded by operator: no data files in the repo/);
   });
 
   it("a rename is shown and applied as a rename", async () => {
@@ -206,7 +213,7 @@ describe("iterations", () => {
     await py("import os\nos.remove('/workspace/shared/models.py')");
     const { iteration } = await checkpoint("cleanup");
     expect(iteration?.state).toBe("rejected");
-    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.shared");
+    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.shared");
     expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toBe("class Order:\n    pass\n");
   });
 
@@ -216,7 +223,7 @@ describe("iterations", () => {
     expect(r.exitCode).toBe(0);
     const { iteration } = await checkpoint("env tweak");
     expect(iteration?.state).toBe("rejected");
-    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.hidden");
+    expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.credentials");
     expect(await readFile(path.join(project, ".env"), "utf8")).toBe(before);
     const v = await py("import os\nprint(os.path.exists('/workspace/.env'), os.environ.get('FLAG'))");
     expect(v.stdout.trim()).toBe("False one");
@@ -272,8 +279,10 @@ describe("the disk budget", () => {
       // the other phase writes, and the audit trail records, as before
       const o = await py("open('/workspace/services/extra.py', 'w').write('y = 2\\n')\nprint('ok')", p2.id, other);
       expect(o.stdout).toBe("ok\n");
-      // the full phase is recovered by discarding its iteration
-      expect((await checkpoint("fill")).iteration?.state).toBe("rejected");
+      // the full phase is recovered by discarding its iteration (files over 10 MiB wait for a human)
+      const { iteration } = await checkpoint("fill");
+      expect(iteration?.state).toBe("pending");
+      await t.api.request("POST", `/v1/phases/${phase.id}/iterations/${iteration!.n}/reject`, {});
       const again = await py("open('/workspace/small.txt', 'w').write('x')\nprint('ok')");
       expect(again.stdout).toBe("ok\n");
       expect((await checkpoint("small")).iteration?.state).toBe("accepted");
