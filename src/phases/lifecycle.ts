@@ -133,7 +133,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     // the namespace and the view are set up while the shim starts; all before any command can run
     // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
     const ws = live.workspace;
-    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(record.containerId!)));
+    // (the container's pid only checks that the view reached it; a runtime without one skips the check)
+    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(record.containerId!).catch(() => null)));
     const [ready, confined, attached] = await Promise.allSettled([live.channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
     if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
