@@ -216,6 +216,71 @@ function sanitize(value: unknown, redact: ((s: string) => string) | null): unkno
   return value;
 }
 
+/** A string value longer than the cap: what was dropped, so the whole can still be matched. */
+export interface CappedText {
+  /** UTF-8 bytes of the whole (scrubbed) text */
+  bytes: number;
+  /** SHA-256 of the whole scrubbed text (not of the raw text: a hash of text holding a short secret would let anyone test guesses) */
+  sha256: string;
+}
+
+/** What `append` does to an event's strings besides the journal's own redactor. */
+export interface AppendOptions {
+  redactor?: TextRedactor;
+  /**
+   * String values over this many UTF-8 bytes keep their head (cut at a
+   * character boundary, then "…"), and the record gets
+   * `capped: {"<path>": {bytes, sha256}}` (path like `sql` or `argv.3`).
+   */
+  capBytes?: number;
+  /** field names (at any depth) whose strings are not capped: the caller bounds them itself (command output) */
+  uncapped?: ReadonlySet<string>;
+  /** told the byte length of the record's line as soon as it is built (before it is durable) */
+  onSize?: (bytes: number) => void;
+}
+
+/** `text` cut to at most `cap` UTF-8 bytes at a character boundary, or null when it fits. */
+export function capUtf8(text: string, cap: number): { head: string; bytes: number } | null {
+  if (text.length * 3 <= cap) return null; // fits whatever the characters
+  const bytes = Buffer.byteLength(text, "utf8");
+  if (bytes <= cap) return null;
+  const head = Buffer.from(text, "utf8").subarray(0, cap).toString("utf8").replace(/\uFFFD$/, "");
+  return { head, bytes };
+}
+
+function sanitizeCapped(
+  value: unknown,
+  redact: ((s: string) => string) | null,
+  cap: number,
+  uncapped: ReadonlySet<string> | undefined,
+  at: string,
+  capped: Record<string, CappedText>,
+  capThis: boolean,
+): unknown {
+  if (typeof value === "string") {
+    const w = toWellFormed(value);
+    const text = redact ? redact(w) : w;
+    if (!capThis) return text;
+    const cut = capUtf8(text, cap);
+    if (!cut) return text;
+    capped[at] = { bytes: cut.bytes, sha256: createHash("sha256").update(text, "utf8").digest("hex") };
+    return `${cut.head}…`;
+  }
+  if (Array.isArray(value)) return value.map((v, i) => sanitizeCapped(v, redact, cap, uncapped, `${at}.${i}`, capped, capThis));
+  if (typeof value === "object" && value !== null) {
+    const proto: unknown = Object.getPrototypeOf(value);
+    if (proto !== Object.prototype && proto !== null) return value; // canonicalJson rejects it
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) {
+      if (v === undefined) continue;
+      const key = toWellFormed(k);
+      out[key] = sanitizeCapped(v, OWN_WORDS.has(k) ? null : redact, cap, uncapped, at ? `${at}.${key}` : key, capped, capThis && !uncapped?.has(k));
+    }
+    return out;
+  }
+  return value;
+}
+
 interface Pending {
   line: Buffer;
   record: AuditRecord;
@@ -460,12 +525,13 @@ export class AuditJournal {
    * SBX_ERR_INTERNAL for an event that is not JSON data or sets a reserved
    * field; such an event takes no seq.
    */
-  append(event: AuditEvent, opts: { redactor?: TextRedactor } = {}): Promise<AuditRecord> {
+  append(event: AuditEvent, opts: AppendOptions = {}): Promise<AuditRecord> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.closed) return Promise.reject(new SandboxdError("SBX_ERR_INTERNAL", `audit journal ${this.path} is closed`));
     let pending: Omit<Pending, "resolve" | "reject">;
     try {
-      pending = this.build(event, opts.redactor ?? this.redactor);
+      pending = this.build(event, opts.redactor ?? this.redactor, opts);
+      opts.onSize?.(pending.line.length);
     } catch (e) {
       return Promise.reject(
         e instanceof SandboxdError
@@ -495,12 +561,21 @@ export class AuditJournal {
     return this.closing;
   }
 
-  private build(event: AuditEvent, redactor: TextRedactor | null): Omit<Pending, "resolve" | "reject"> {
+  private build(event: AuditEvent, redactor: TextRedactor | null, opts: AppendOptions = {}): Omit<Pending, "resolve" | "reject"> {
     if (typeof event !== "object" || event === null) throw new SandboxdError("SBX_ERR_INTERNAL", "audit event must be an object");
     for (const key of Object.keys(event)) {
-      if (RESERVED.has(key)) throw new SandboxdError("SBX_ERR_INTERNAL", `audit event sets the reserved field "${key}"`);
+      if (RESERVED.has(key) || (opts.capBytes !== undefined && key === "capped")) {
+        throw new SandboxdError("SBX_ERR_INTERNAL", `audit event sets the reserved field "${key}"`);
+      }
     }
-    const clean = sanitize(event, redactor ? (s) => redactor.redact(s) : null) as Record<string, unknown>;
+    const redact = redactor ? (s: string) => redactor.redact(s) : null;
+    let clean: Record<string, unknown>;
+    if (opts.capBytes === undefined) clean = sanitize(event, redact) as Record<string, unknown>;
+    else {
+      const capped: Record<string, CappedText> = {};
+      clean = sanitizeCapped(event, redact, opts.capBytes, opts.uncapped, "", capped, true) as Record<string, unknown>;
+      if (Object.keys(capped).length > 0) clean.capped = capped;
+    }
     const { type, phase, rule, clause, ...fields } = clean;
     if (typeof type !== "string" || type === "") throw new SandboxdError("SBX_ERR_INTERNAL", "audit event needs a non-empty string type");
     for (const [k, v] of [

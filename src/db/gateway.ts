@@ -910,7 +910,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           session.discardUntilSync = false;
           off += total;
           flush(off);
-          session.batchMessages = 0;
+          session.endBatch();
           if (session.elevatedStatement !== undefined) {
             // the elevated batch ends: lower and read back right behind its Sync (PgSession invariant 2)
             session.endElevatedBatch();
@@ -1029,7 +1029,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         else if (type === T_DATA_ROW) session.internalRow(parseDataRow(buf.subarray(off + 5, off + total)));
         else if (type === T_READY) {
           ts ??= stamp();
-          if (!onSessionEvent(session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus).event, recs, ts)) return;
+          if (!onSessionEvent(session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus), recs, ts)) return;
         }
         off += total;
         seg = off;
@@ -1039,9 +1039,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (type === T_COMMAND_COMPLETE || type === T_ERROR || type === T_READY) {
         if (!complete) break;
         if (type === T_READY) {
-          const r = session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus);
-          ts ??= stamp();
-          if (!onSessionEvent(r.event, recs, ts)) return;
+          const event = session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus);
+          if (event) {
+            ts ??= stamp();
+            if (!onSessionEvent(event, recs, ts)) return;
+          }
           if (session.idle) refusals.clear();
           off += total;
           continue;

@@ -185,6 +185,19 @@ export function needsArgs(name: string): boolean {
   return SUBCOMMANDS.has(name);
 }
 
+/** Commands whose verdict reads arguments beyond the subcommand. */
+const ARG_DEPENDENT = new Set(["HELLO", "SELECT", "INFO", "COPY"]);
+
+/**
+ * The text a verdict depends on besides mode and database, for a
+ * per-connection cache: the name, plus the subcommand for commands that have
+ * one (never a key); null when the verdict reads further arguments.
+ */
+export function verdictKey(name: string, sub: string | null): string | null {
+  if (ARG_DEPENDENT.has(name)) return null;
+  return WITH_SUB.has(name) || SUBCOMMANDS.has(name) ? `${name} ${sub ?? ""}` : name;
+}
+
 const INFO_SECTIONS = new Set(["DEFAULT", "SERVER", "CLIENTS", "MEMORY", "PERSISTENCE", "STATS", "REPLICATION", "CPU", "KEYSPACE"]);
 
 /**

@@ -70,6 +70,8 @@ export interface LivePhase {
   watch: RefusalWatch | null;
   /** the change layer over the project and its iterations (src/workspace) */
   workspace: PhaseWorkspace | null;
+  /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
+  ending: Promise<void> | null;
 }
 
 export class PhaseContext {
@@ -110,7 +112,12 @@ export class PhaseContext {
     });
     // the daemon's own log is scrubbed of them too, while the phase lives
     this.opts.logSecrets?.add(record.id, redactor);
-    return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
+    return new PhaseRecorder(record.id, this.opts.journal, log, redactor, {
+      // the policy of the moment (a reload applies), narrowed by the phase's own
+      audit: () => this.policyFor(this.phases.get(record.id)?.phasePolicy ?? null).audit,
+      clock: this.opts.clock,
+      onSpent: (why) => this.opts.log.warn({ phase: record.id, why }, "phase spent its audit budget; it takes no new work"),
+    });
   }
 
   view(record: PhaseRecord): PhaseView {

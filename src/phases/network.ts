@@ -134,6 +134,9 @@ export function gatewayFor(ctx: PhaseContext, live: LivePhase): GatewayHandoff {
       recordMany: async (entries) => void (await live.rec.recordMany(entries)),
       redact: (text) => live.rec.redact(text),
       statementTimeoutMs: ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+      // a transaction block (and its idle time) is bounded at twice the query timeout: 60 s under SKILLS.md's 30 s
+      maxTransactionMs: 2 * ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+      idleInTransactionTimeoutMs: 2 * ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
       rules: sqlRulesFor(ctx.policyFor(live.phasePolicy).database),
       askApproval: (req) => askSqlApproval(ctx, live, req),
       log: ctx.opts.log,

@@ -20,6 +20,7 @@ import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js
 import type { PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
+  DEFAULT_AUDIT,
   DEFAULT_NETWORK,
   ERROR_CATEGORIES,
   policyFileSchema,
@@ -243,6 +244,7 @@ function build(file: string, data: PolicyFile): Policy {
     workspace: buildWorkspace(data.workspace),
     database: data.database,
     network: data.network ?? DEFAULT_NETWORK,
+    audit: data.audit ?? DEFAULT_AUDIT,
   };
 }
 
@@ -306,6 +308,18 @@ export function combine(base: Policy, stricter: Policy): Policy {
     workspace: combineWorkspace(base.workspace, stricter.workspace),
     database,
     network,
+    audit: {
+      textCapBytes: Math.min(base.audit.textCapBytes, stricter.audit.textCapBytes),
+      phaseBudget: {
+        bytes: Math.min(base.audit.phaseBudget.bytes, stricter.audit.phaseBudget.bytes),
+        recordsPerSecond: Math.min(base.audit.phaseBudget.recordsPerSecond, stricter.audit.phaseBudget.recordsPerSecond),
+        burstRecords: Math.min(base.audit.phaseBudget.burstRecords, stricter.audit.phaseBudget.burstRecords),
+      },
+      buildLog: {
+        rotateBytes: Math.min(base.audit.buildLog.rotateBytes, stricter.audit.buildLog.rotateBytes),
+        keep: Math.min(base.audit.buildLog.keep, stricter.audit.buildLog.keep),
+      },
+    },
   });
 }
 

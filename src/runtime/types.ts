@@ -47,6 +47,15 @@ export interface ContainerSummary {
   state: string;
 }
 
+/** What became of a container, for a phase that lost its shim: running, or how it ended. */
+export interface ContainerState {
+  running: boolean;
+  /** Docker's word: running, exited, dead, paused … */
+  status: string;
+  exitCode: number | null;
+  oomKilled: boolean;
+}
+
 export interface ContainerRuntime {
   /** throws SBX_ERR_DOCKER when the engine cannot be reached */
   ping(): Promise<void>;
@@ -63,4 +72,6 @@ export interface ContainerRuntime {
    * are where src/runtime/netns.ts works. Throws when the container is gone.
    */
   containerPid(id: string): Promise<number>;
+  /** The container's state; null when it no longer exists. */
+  inspect(id: string): Promise<ContainerState | null>;
 }

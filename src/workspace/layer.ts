@@ -144,6 +144,13 @@ export class WorkspaceLayer {
   readonly paths: LayerPaths;
   /** st_dev of the layer's own file system: every file read from the upper must be on it */
   private upperDev = -1;
+  /** a mount or attach under way: destroy waits for it, so nothing is mounted after the layer is gone */
+  private inFlight: Promise<unknown> = Promise.resolve();
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.inFlight = Promise.allSettled([this.inFlight, p]);
+    return p;
+  }
 
   constructor(readonly spec: LayerSpec) {
     this.paths = layerPaths(spec.phaseDir);
@@ -181,7 +188,11 @@ export class WorkspaceLayer {
    * Step 2, while the container starts: the layer's file system, an empty
    * upper, and the view put together in stage/.
    */
-  async mount(): Promise<void> {
+  mount(): Promise<void> {
+    return this.track(this.makeDisk());
+  }
+
+  private async makeDisk(): Promise<void> {
     const p = this.paths;
     const mib = Math.max(16, Math.ceil(this.spec.budgetBytes / (1024 * 1024)));
     // fallocate reserves the budget on the state dir's disk (a sparse image could
@@ -212,10 +223,17 @@ export class WorkspaceLayer {
    * and so appears at the container's /workspace (checked there when its
    * init's pid is given).
    */
-  async attach(containerPid: number | null): Promise<void> {
-    await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
-    if (containerPid) await this.verifyInContainer(containerPid);
+  attach(containerPid: number | null): Promise<void> {
+    if (this.destroyed) return Promise.reject(new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the phase ended while its view was being mounted"));
+    return this.track(
+      (async () => {
+        await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
+        if (containerPid) await this.verifyInContainer(containerPid);
+      })(),
+    );
   }
+
+  private destroyed = false;
 
   /** After a daemon restart: the mounts outlive the daemon; put back what is missing. */
   async reattach(): Promise<void> {
@@ -353,6 +371,8 @@ export class WorkspaceLayer {
   /** Everything unmounted and removed (phase end). */
   async destroy(containerPid: number | null): Promise<void> {
     const p = this.paths;
+    this.destroyed = true;
+    await this.inFlight;
     await this.unmount(containerPid).catch(() => undefined);
     await sh(
       [

@@ -163,7 +163,8 @@ describe("loopback in a phase", () => {
     }
     expect(refused.find((e) => e.service === "postgres")).toMatchObject({ rule: "db.test-database-only" });
     expect(String(refused.find((e) => e.service === "postgres")!.reason)).toMatch(/DATABASE_URL_TEST is not set/);
-    expect(String(refused.find((e) => e.service === "redis")!.reason)).toMatch(/REDIS_URL is not set/);
+    expect(refused.find((e) => e.service === "redis")).toMatchObject({ rule: "redis.test-instance-only" });
+    expect(String(refused.find((e) => e.service === "redis")!.reason)).toMatch(/REDIS_URL_TEST is not set/);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(/\[NET\] \[CONNECT\] \[postgres 127\.0\.0\.1:5432\] \[FORBID db\.test-database-only/);

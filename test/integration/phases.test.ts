@@ -105,8 +105,11 @@ describe("phase lifecycle", () => {
     const runDir = path.join(t.stateDir, "phases", phase.id, "run");
     const view = path.join(t.stateDir, "phases", phase.id, "ws", "view");
     const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
-    expect(sources).toEqual([view, runDir, path.join(runDir, "hosts")].sort());
+    const cgroups = sources.filter((s) => s.startsWith("/sys/fs/cgroup/"));
+    expect(cgroups).toEqual([expect.stringMatching(new RegExp(`/sandboxd/sandboxd-${phase.id}$`))]);
+    expect(sources.filter((s) => !s.startsWith("/sys/fs/cgroup/"))).toEqual([view, runDir, path.join(runDir, "hosts")].sort());
     expect(info.Mounts.find((m) => m.Source === view)).toMatchObject({ Destination: "/workspace", RW: true, Propagation: "rslave" });
+    expect(info.Mounts.find((m) => m.Source === path.join(runDir, "hosts"))).toMatchObject({ Destination: "/etc/hosts", RW: false });
     expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
     // no network endpoint at all (Docker lists none, or only "none")
     expect(Object.keys(info.NetworkSettings.Networks ?? {}).filter((n) => n !== "none")).toEqual([]);
