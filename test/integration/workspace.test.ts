@@ -308,3 +308,45 @@ describe("phase end", () => {
     await chown(project, OWNER.uid, OWNER.gid);
   });
 });
+
+describe("across a daemon crash", () => {
+  it("after SIGKILL the re-adopted phase keeps its .env as read at start, its layer and its pending changes", async () => {
+    const { spawnDaemon, waitExit } = await import("../helpers/sandbox.js");
+    const { ApiClient } = await import("../../src/cli/client.js");
+    const stateDir = await tempDir("wscrash");
+    const socket = path.join(stateDir, "d.sock");
+    const proj = await makeProject();
+    await writeFile(path.join(proj, ".env"), "DATABASE_URL=postgres://prod:pw@db.internal/trading\nDATABASE_URL_TEST=postgres://test:pw@db.internal/trading_test\nFLAG=one\n");
+    await run("chown", ["-R", `${OWNER.uid}:${OWNER.gid}`, proj]);
+    let d = await spawnDaemon(stateDir, socket);
+    const api = new ApiClient(socket);
+    try {
+      const { phase: p } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: proj, phase: "9.1", mode: "backtest" });
+      const pyIn = async (code: string) => (await api.request<{ result: ExecResult }>("POST", `/v1/phases/${p.id}/exec`, { argv: ["python3", await writeScript(proj, code)] })).result;
+      // the agent rewrites .env (a create in its view) and starts other work
+      await pyIn("open('/workspace/.env', 'w').write('DATABASE_URL_TEST=postgres://prod:pw@db.internal/trading\\nFLAG=two\\n')\nopen('/workspace/services/wip.py', 'w').write('w = 1\\n')");
+      d.child.kill("SIGKILL");
+      await waitExit(d.child);
+      // had anything rewritten the project's .env meanwhile, a restarted daemon must not read it
+      await writeFile(path.join(proj, ".env"), "FLAG=host-edit\n");
+      d = await spawnDaemon(stateDir, socket);
+      const r = await pyIn("import os\nprint(os.environ.get('FLAG'), os.path.exists('/workspace/services/wip.py'))");
+      expect(r.stdout).toBe("one True\n");
+      const { changes } = await api.request<{ changes: FileChange[] }>("GET", `/v1/phases/${p.id}/files`);
+      expect(changes.map((c) => `${c.kind} ${c.path}`).sort()).toEqual(["create .env", "create services/wip.py"]);
+      const { iteration } = await api.request<CheckpointResult>("POST", `/v1/phases/${p.id}/checkpoint`, { message: "after the crash" });
+      expect(iteration?.state).toBe("rejected");
+      expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.credentials");
+      expect(await readFile(path.join(proj, ".env"), "utf8")).toBe("FLAG=host-edit\n");
+      await api.request("DELETE", `/v1/phases/${p.id}`);
+      expect(await readFile("/proc/self/mountinfo", "utf8")).not.toContain(p.id);
+    } finally {
+      if (d.child.exitCode === null) {
+        d.child.kill("SIGTERM");
+        await waitExit(d.child).catch(() => undefined);
+      }
+      await removeDir(proj);
+      await removeDir(stateDir);
+    }
+  });
+});
