@@ -279,7 +279,7 @@ function program(): Command {
   const phase = prog.command("phase").description("start, inspect and stop phases");
   phase
     .command("start")
-    .description("start a phase: a fresh sandbox container with the project mounted at /workspace")
+    .description("start a phase: a fresh sandbox container with a view of the project at /workspace (changes reach the project at accepted checkpoints)")
     .argument("<project>", "the project directory")
     .requiredOption("--phase <name>", "the phase's name from the implementation plan, e.g. 2.3")
     .addOption(new Option("--mode <mode>", "backtest, paper or test").choices(["backtest", "paper", "test"]).makeOptionMandatory())
