@@ -22,6 +22,7 @@ import {
   startTestDaemon,
   type TestDaemon,
 } from "../helpers/sandbox.js";
+import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
 
 let t: TestDaemon;
 let project: string;
@@ -100,14 +101,15 @@ describe("phase lifecycle", () => {
     expect(hc.PidsLimit).toBe(256);
     // a wide safety cap: the 10 MB rule is judged per iteration (test/integration/workspace.test.ts)
     expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 2048 * 1024 * 1024, Hard: 2048 * 1024 * 1024 }]);
-    // Only the phase's view of the project (src/workspace/layer.ts: the overlay and the
-    // read-only protected paths reach it by propagation) and its run dir come from the host; no Docker socket.
+    // Only the phase's view of the project (src/workspace/layer.ts: the overlay and the read-only
+    // protected paths reach it by propagation), its run dir, its hosts file and its own cgroup v2
+    // directory (per-command cgroups, src/shim/cgroups.ts) come from the host; no Docker socket.
+    const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
     const runDir = path.join(t.stateDir, "phases", phase.id, "run");
     const view = path.join(t.stateDir, "phases", phase.id, "ws", "view");
-    const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
-    const cgroups = sources.filter((s) => s.startsWith("/sys/fs/cgroup/"));
-    expect(cgroups).toEqual([expect.stringMatching(new RegExp(`/sandboxd/sandboxd-${phase.id}$`))]);
-    expect(sources.filter((s) => !s.startsWith("/sys/fs/cgroup/"))).toEqual([view, runDir, path.join(runDir, "hosts")].sort());
+    const cgroupDir = commandCgroupDir((await cgroup2Root())!, phase.containerName);
+    expect(sources).toEqual([view, runDir, path.join(runDir, "hosts"), cgroupDir].sort());
+    expect(info.Mounts.find((m) => m.Source === cgroupDir)).toMatchObject({ Destination: "/run/sandboxd-cgroup", RW: true });
     expect(info.Mounts.find((m) => m.Source === view)).toMatchObject({ Destination: "/workspace", RW: true, Propagation: "rslave" });
     expect(info.Mounts.find((m) => m.Source === path.join(runDir, "hosts"))).toMatchObject({ Destination: "/etc/hosts", RW: false });
     expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
@@ -194,9 +196,11 @@ describe("mediated exec", () => {
     expect(r.exitCode).toBe(0);
     expect(r.stdoutBytes).toBe(5_000_000);
     expect(r.stdoutTruncated).toBe(true);
-    expect(r.stdout.length).toBe(r.outputCapBytes);
+    // the first and last outputCapBytes/2, the bytes between counted and marked
+    expect(r.stdoutOmitted).toBe(5_000_000 - r.outputCapBytes);
+    expect(r.stdout).toBe(`${"x".repeat(r.outputCapBytes / 2)}\n[… ${r.stdoutOmitted} bytes not kept …]\n${"x".repeat(r.outputCapBytes / 2)}`);
     const log = await readFile(phase.buildLog, "utf8");
-    expect(log).toMatch(/STDOUT: \[\d+ more bytes not kept\] x+/);
+    expect(log).toMatch(/STDOUT: x+\n {4}~ \[\d+ bytes not kept\]\n {4}\| x+\n/);
   });
 
   it("streams every byte of a large output", async () => {
