@@ -350,3 +350,43 @@ describe("across a daemon crash", () => {
     }
   });
 });
+
+describe("the .env rewrite against a real database", () => {
+  it("a backtest phase that rewrites .env leaves the next backtest phase on the test database", async () => {
+    const { startPostgres } = await import("../helpers/postgres.js");
+    const db = await startPostgres();
+    const proj = await makeProject();
+    try {
+      const gw = `${db.gateway.user}:${encodeURIComponent(db.gateway.password)}@127.0.0.1:${db.port}`;
+      const envText = `DATABASE_URL=postgresql://${gw}/trading\nDATABASE_URL_TEST=postgresql://${gw}/trading_test\n`;
+      await writeFile(path.join(proj, ".env"), envText);
+      await run("chown", ["-R", `${OWNER.uid}:${OWNER.gid}`, proj]);
+      const { phase: p1 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: proj, phase: "7.1", mode: "backtest" });
+      // the attack: production's URL copied into DATABASE_URL_TEST
+      const w = await py(`open('/workspace/.env', 'w').write(${JSON.stringify(`DATABASE_URL_TEST=postgresql://${gw}/trading\n`)})`, p1.id, proj);
+      expect(w.exitCode).toBe(0);
+      const { phase: ended } = await t.api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${p1.id}`);
+      expect((ended.workspace?.iterations as Array<{ state: string }>).at(-1)?.state).toBe("rejected");
+      expect(await readFile(path.join(proj, ".env"), "utf8")).toBe(envText);
+
+      const { phase: p2 } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: proj, phase: "7.2", mode: "backtest" });
+      const r = await py(
+        [
+          "import os, psycopg2",
+          "c = psycopg2.connect(os.environ['DATABASE_URL_TEST'])",
+          "cur = c.cursor()",
+          "cur.execute('select current_database()')",
+          "print(cur.fetchone()[0])",
+        ].join("\n"),
+        p2.id,
+        proj,
+      );
+      expect(r.stderr).toBe("");
+      expect(r.stdout).toBe("trading_test\n");
+      await t.api.request("DELETE", `/v1/phases/${p2.id}`);
+    } finally {
+      await db.stop();
+      await removeDir(proj);
+    }
+  });
+});
