@@ -19,6 +19,7 @@ import { DockerRuntime } from "./runtime/docker.js";
 import type { ContainerRuntime } from "./runtime/types.js";
 import { randomIds, systemClock } from "./util/clock.js";
 import { VERSION } from "./version.js";
+import { removeIfPresent } from "./util/fs.js";
 
 export interface RunningDaemon {
   close(): Promise<void>;
@@ -135,12 +136,13 @@ export async function startDaemon(
   if (settings.console) {
     try {
       const { startConsole } = await import("./console/server.js");
-      consoleServer = await startConsole(appOptions, settings.console, log);
+      consoleServer = await startConsole(buildApp(appOptions), settings.console, log);
     } catch (err) {
       // A console that cannot listen stops the start, as a broken policy does; nothing is left serving.
       // Phases re-adopted above keep running, as after a crash: the next daemon adopts them again.
       await app.close();
-      await journal.close().catch(() => undefined);
+      await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
+      // eslint-disable-next-line no-restricted-syntax -- the socket may already be gone; nothing to do then
       await unlink(settings.socket).catch(() => undefined);
       throw err;
     }
@@ -168,7 +170,7 @@ export async function startDaemon(
       await consoleServer?.close();
       await app.close();
       await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
-      await unlink(settings.socket).catch(() => undefined);
+      await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
       log.info("stopped");
     })());
   return { close, reload, manager, log, consoleUrl: consoleServer?.url ?? null };

@@ -566,6 +566,13 @@ process.stdout.on("error", (err: NodeJS.ErrnoException) => {
   throw err;
 });
 
-main(process.argv).then((code) => {
-  process.exitCode = code;
-});
+main(process.argv).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    // main reports every error itself; reaching here is a bug, said as one
+    process.stderr.write(`sandboxd: internal error: ${(err as Error).stack ?? String(err)}\n`);
+    process.exitCode = EXIT.sandboxdFailed;
+  },
+);

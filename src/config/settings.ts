@@ -6,7 +6,7 @@ import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
-import { parseConsoleAddress, type ConsoleAddress } from "../console/address.js";
+import { parseConsoleAddress, type ConsoleAddress } from "./console.js";
 import { defaultSocket, defaultStateDir } from "./paths.js";
 
 export { clientSocket, defaultSocket, defaultStateDir } from "./paths.js";

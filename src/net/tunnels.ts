@@ -21,8 +21,8 @@ import net from "node:net";
 import { timingSafeEqual } from "node:crypto";
 import type { Logger } from "pino";
 import { actionLine, timestamp } from "../audit/format.js";
-import type { PhaseRecorder } from "../phases/recorder.js";
-import type { PhaseMode } from "../phases/types.js";
+import type { EventRecorder } from "../audit/recorder.js";
+import type { PhaseMode } from "../domain.js";
 import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
 import type { Clock } from "../util/clock.js";
 import { handleProxyClient } from "./proxy.js";
@@ -30,6 +30,7 @@ import { TokenBucket } from "./rate.js";
 import { handleRedisClient } from "./redis.js";
 import { openRedisUpstream, RedisUnreachable } from "./redis-upstream.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
+import { removeIfPresent } from "../util/fs.js";
 
 const HEADER_TIMEOUT_MS = 5_000;
 const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
@@ -61,7 +62,7 @@ export interface TunnelServerOptions {
   mode: PhaseMode;
   /** a getter: the phase's services as resolved at start (or re-adoption) */
   services: () => PhaseServices;
-  rec: PhaseRecorder;
+  rec: EventRecorder;
   clock: Clock;
   log: Logger;
   /** the SQL gateway (src/db/gateway.ts) once it exists; null: raw pipe to the test database only */
@@ -104,7 +105,7 @@ export class TunnelServer {
   }
 
   async listen(): Promise<void> {
-    await unlink(this.opts.socketPath).catch(() => undefined);
+    await removeIfPresent(this.opts.socketPath);
     const server = net.createServer({ pauseOnConnect: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -125,7 +126,7 @@ export class TunnelServer {
     this.server = null;
     for (const s of this.sockets) s.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
-    await unlink(this.opts.socketPath).catch(() => undefined);
+    await removeIfPresent(this.opts.socketPath);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -244,7 +245,7 @@ export class TunnelServer {
         .record({ type: "net.close", service: name, port, bytesIn: 0, bytesOut: 0, durationMs: 0, error: "closed before the upstream was dialled" }, [
           actionLine(this.ts(), "NET", "CLOSE", `${name} 127.0.0.1:${port}`, "in=0 out=0 0ms ERROR closed before the upstream was dialled"),
         ])
-        .catch(() => undefined);
+        .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
       return;
     }
 

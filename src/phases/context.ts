@@ -4,6 +4,8 @@
  * passed to lifecycle, exec, network and reconcile, so none of them keeps
  * state of its own.
  */
+import { createHash } from "node:crypto";
+import path from "node:path";
 import type { Logger } from "pino";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import type { AuditJournal } from "../audit/journal.js";
@@ -73,13 +75,18 @@ export interface LivePhase {
 export class PhaseContext {
   readonly phases = new Map<string, LivePhase>();
   readonly store: PhaseStore;
-  readonly buildLogs = new BuildLogRegistry();
+  readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;
   readonly connectTimeoutMs: number;
   shuttingDown = false;
 
   constructor(readonly opts: ManagerOptions) {
     this.store = new PhaseStore(opts.stateDir);
+    // rotated build logs go to the state dir: next to a state-dir log, or under rotated/ for a project's
+    this.buildLogs = new BuildLogRegistry((file) => ({
+      ...opts.policy().audit.buildLog,
+      dir: file.startsWith(path.join(opts.stateDir, "phases") + path.sep) ? path.dirname(file) : rotatedDir(opts.stateDir, file),
+    }));
     this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
   }
@@ -142,6 +149,13 @@ export class PhaseContext {
     const view = await this.get(id);
     throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${view.state}, not running`);
   }
+}
+
+/** `<state>/rotated/<project dir name>-<8 hex of its path's SHA-256>`: one per project, out of the agent's reach. */
+export function rotatedDir(stateDir: string, file: string): string {
+  const project = path.dirname(file);
+  const tag = createHash("sha256").update(project).digest("hex").slice(0, 8);
+  return path.join(stateDir, "rotated", `${path.basename(project).replace(/[^\w.-]/g, "_")}-${tag}`);
 }
 
 export function notFound(id: string): SandboxdError {

@@ -41,49 +41,116 @@ export interface ExecResult {
   stderr: string;
   stdoutBytes: number;
   stderrBytes: number;
+  /** output kept: each stream's first and last outputCapBytes/2; the text marks where bytes were left out */
   stdoutTruncated: boolean;
   stderrTruncated: boolean;
+  /** scrubbed bytes left out between the kept head and tail (0 when all is kept) */
+  stdoutOmitted: number;
+  stderrOmitted: number;
   outputCapBytes: number;
   rule: { id: string; clause: string };
 }
 
 
-/** Keeps the first `cap` UTF-8 bytes of a stream's (scrubbed) text; `total` counts the command's raw bytes. */
-class CappedText {
-  private parts: string[] = [];
-  kept = 0;
+/** The first `n` UTF-8 bytes of `text`, cut at a character boundary. */
+function headBytes(text: string, n: number): string {
+  if (text.length * 3 <= n || Buffer.byteLength(text) <= n) return text;
+  return Buffer.from(text).subarray(0, n).toString("utf8").replace(/\uFFFD$/, "");
+}
+
+/** The last `n` UTF-8 bytes of `text`, cut at a character boundary. */
+function tailBytes(text: string, n: number): string {
+  if (text.length * 3 <= n) return text;
+  const buf = Buffer.from(text);
+  if (buf.length <= n) return text;
+  let start = buf.length - n;
+  while (start < buf.length && (buf[start]! & 0xc0) === 0x80) start += 1; // not inside a character
+  return buf.subarray(start).toString("utf8");
+}
+
+/**
+ * One stream's (scrubbed) text, kept as its first `cap/2` and last `cap/2`
+ * UTF-8 bytes: a long test run keeps its summary line and its list of
+ * failures, which come last. `total` counts the command's raw bytes, `seen`
+ * the scrubbed text's.
+ */
+export class HeadTailText {
+  private head = "";
+  private headLen = 0;
+  private headFull = false;
+  /** pieces of the rolling tail, oldest first */
+  private tail: string[] = [];
+  private tailLen = 0;
+  seen = 0;
   total = 0;
-  truncated = false;
-  constructor(private readonly cap: number) {}
+  private readonly headCap: number;
+  private readonly tailCap: number;
+
+  constructor(cap: number) {
+    this.headCap = Math.floor(cap / 2);
+    this.tailCap = cap - this.headCap;
+  }
+
   count(rawBytes: number): void {
     this.total += rawBytes;
   }
+
   push(text: string): void {
     if (text === "") return;
-    const room = this.cap - this.kept;
-    if (room <= 0) {
-      this.truncated = true;
-      return;
-    }
     const bytes = Buffer.byteLength(text);
-    if (bytes <= room) {
-      this.parts.push(text);
-      this.kept += bytes;
-      return;
+    this.seen += bytes;
+    let rest = text;
+    if (!this.headFull) {
+      const take = headBytes(text, this.headCap - this.headLen);
+      this.head += take;
+      this.headLen += Buffer.byteLength(take);
+      rest = text.slice(take.length);
+      if (rest === "") return;
+      // the head ends here, even a few bytes short (a character did not fit): what follows is the tail's
+      this.headFull = true;
     }
-    // cut at a character boundary within the room left
-    const cut = Buffer.from(text).subarray(0, room).toString("utf8").replace(/\uFFFD$/, "");
-    this.parts.push(cut);
-    this.kept += Buffer.byteLength(cut);
-    this.truncated = true;
+    this.tail.push(rest);
+    this.tailLen += Buffer.byteLength(rest);
+    while (this.tailLen > this.tailCap) {
+      const first = this.tail[0]!;
+      const fb = Buffer.byteLength(first);
+      if (this.tailLen - fb >= this.tailCap) {
+        this.tail.shift();
+        this.tailLen -= fb;
+        continue;
+      }
+      const kept = tailBytes(first, fb - (this.tailLen - this.tailCap));
+      this.tail[0] = kept;
+      this.tailLen -= fb - Buffer.byteLength(kept);
+      break;
+    }
   }
-  text(limitBytes = this.cap): string {
-    const all = this.parts.join("");
-    if (limitBytes >= this.kept) return all;
-    return Buffer.from(all).subarray(0, limitBytes).toString("utf8").replace(/\uFFFD$/, "");
+
+  get truncated(): boolean {
+    return this.seen > this.headLen + this.tailLen;
+  }
+
+  /**
+   * What is kept within `limit` bytes: all of it when it fits, else its first
+   * and last `limit/2` bytes and how many bytes lie between.
+   */
+  view(limit = this.headCap + this.tailCap): { head: string; omitted: number; tail: string } {
+    const tail = this.tail.join("");
+    if (this.seen <= limit && !this.truncated) return { head: this.head + tail, omitted: 0, tail: "" };
+    const hl = Math.floor(limit / 2);
+    // all kept (head and tail are contiguous): cut the view from the whole; else from each end
+    const whole = this.truncated ? null : this.head + tail;
+    const h = headBytes(whole ?? this.head, hl);
+    const t = tailBytes(whole ?? tail, limit - hl);
+    return { head: h, omitted: this.seen - Buffer.byteLength(h) - Buffer.byteLength(t), tail: t };
+  }
+
+  /** The kept text as one string, the bytes not kept marked where they were. */
+  text(limit?: number): string {
+    const v = this.view(limit);
+    return v.omitted === 0 ? v.head : `${v.head}\n[… ${v.omitted} bytes not kept …]\n${v.tail}`;
   }
 }
-
 
 export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
   ctx.assertServing();
@@ -208,8 +275,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     await recordError(e);
     throw e;
   }
-  const out = new CappedText(limits.outputCapBytes);
-  const err = new CappedText(limits.outputCapBytes);
+  const out = new HeadTailText(limits.outputCapBytes);
+  const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
@@ -322,10 +389,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : exitCode === null
         ? `KILLED ${signal}`
         : `FAIL exit ${exitCode}`;
+  // The logs keep each stream's first and last auditOutputCapBytes/2, with the count of bytes between.
   const auditCap = limits.auditOutputCapBytes;
-  const auditOut = out.text(auditCap);
-  const auditErr = err.text(auditCap);
-  const notKept = (b: CappedText, kept: string) => Math.max(0, b.total - Buffer.byteLength(kept));
+  const outView = out.view(auditCap);
+  const errView = err.view(auditCap);
   await rec.record(
     {
       type: "exec.result",
@@ -336,13 +403,15 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       durationMs,
       stdoutBytes: out.total,
       stderrBytes: err.total,
-      stdout: auditOut,
-      stderr: auditErr,
+      stdout: out.text(auditCap),
+      stderr: err.text(auditCap),
+      stdoutOmitted: outView.omitted,
+      stderrOmitted: errView.omitted,
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
-      ...renderOutput(ts(), "STDOUT", auditOut, notKept(out, auditOut)),
-      ...renderOutput(ts(), "STDERR", auditErr, notKept(err, auditErr)),
+      ...renderOutput(ts(), "STDOUT", outView.head, outView.omitted, outView.tail),
+      ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
   );
@@ -362,6 +431,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     stderrBytes: err.total,
     stdoutTruncated: out.truncated,
     stderrTruncated: err.truncated,
+    stdoutOmitted: out.view().omitted,
+    stderrOmitted: err.view().omitted,
     outputCapBytes: limits.outputCapBytes,
     rule: { id: verdict.ruleId, clause: verdict.clause },
   };

@@ -161,7 +161,11 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       // Someone else (stop, shutdown, a lost container) ended the phase while it
       // started: that end is the phase's one record; this start only reports it.
       await live.ending;
-      if (record.containerId === null && containerId) await ctx.opts.runtime.stopAndRemove(containerId, 0).catch(() => undefined);
+      if (record.containerId === null && containerId) {
+        await ctx.opts.runtime
+          .stopAndRemove(containerId, 0)
+          .catch((e: Error) => ctx.log.error({ phase: id, container: containerId, err: e.message }, "could not remove the container of an aborted start"));
+      }
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started: ${record.endReason ?? record.state}`, {
         hint: "start a new phase with `sandboxd phase start`",
         cause: err,

@@ -107,7 +107,7 @@ export async function watchEnded(ctx: PhaseContext, live: LivePhase, why: string
     .record({ type: "net.confine", deadPort: DEAD_PORT, recorded: false, error: why }, [
       actionLine(timestamp(ctx.opts.clock.now()), "NET", "CONFINE", `${live.record.name} (${live.record.id})`, `DEGRADED: the conntrack watch ended (${why}); refused connections are no longer recorded`),
     ])
-    .catch(() => undefined);
+    .catch((e: Error) => ctx.log.error({ phase: live.record.id, err: e.message }, "could not record that the conntrack watch ended"));
 }
 
 /**

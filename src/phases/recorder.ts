@@ -11,6 +11,7 @@
  */
 import { createHash } from "node:crypto";
 import type { BuildLog } from "../audit/buildlog.js";
+import type { EventRecorder } from "../audit/recorder.js";
 import { AuditBudget } from "../audit/budget.js";
 import { capUtf8, type AppendOptions, type AuditEvent, type AuditJournal, type AuditRecord } from "../audit/journal.js";
 import { actionLine, redactLine, timestamp } from "../audit/format.js";
@@ -31,7 +32,7 @@ export interface RecorderLimits {
 /** Command output: bounded by the exec's own head-and-tail cap (limits.auditOutputCapBytes), not by textCapBytes. */
 const OUTPUT_FIELDS: ReadonlySet<string> = new Set(["stdout", "stderr"]);
 /** Build-log lines of command output (bounded the same way). */
-const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| )/;
+const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
 /**
  * Records that close work already under way (its result, its end): still
  * written once the budget is spent — they are bounded by the work in flight —
@@ -39,7 +40,7 @@ const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| )/;
  */
 const CLOSING = /^(?:exec\.(?:result|error)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
 
-export class PhaseRecorder {
+export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
   private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
   private buildBusy = false;

@@ -18,7 +18,7 @@
  * - `close()` ends every connection at once (a paused link included) and
  *   rejects whoever waits for the shim.
  */
-import { chmod, unlink } from "node:fs/promises";
+import { chmod } from "node:fs/promises";
 import net from "node:net";
 import { timingSafeEqual } from "node:crypto";
 import type { Logger } from "pino";
@@ -34,6 +34,7 @@ import {
   type ExitMessage,
 } from "../shim/protocol.js";
 import { SandboxdError } from "../errors.js";
+import { removeIfPresent } from "../util/fs.js";
 
 export interface ExecHandlers {
   onStarted(pid: number): void;
@@ -72,7 +73,7 @@ export class ShimChannel {
   ) {}
 
   async listen(): Promise<void> {
-    await unlink(this.socketPath).catch(() => undefined);
+    await removeIfPresent(this.socketPath);
     const server = net.createServer((sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -206,7 +207,7 @@ export class ShimChannel {
       await new Promise<void>((resolve) => server.close(() => resolve()));
       clearTimeout(forced);
     }
-    await unlink(this.socketPath).catch(() => undefined);
+    await removeIfPresent(this.socketPath);
   }
 
   private send(message: DaemonToShim): void {

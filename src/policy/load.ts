@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url";
 import { LineCounter, parseDocument, isNode } from "yaml";
 import type { z } from "zod";
 import { SandboxdError } from "../errors.js";
-import { PHASE_MODES, type PhaseMode } from "../phases/types.js";
+import { PHASE_MODES, type PhaseMode } from "../domain.js";
 import { compileLayer, evaluateInLayer, ruleMatches, show, wrappedArgvs } from "./evaluate.js";
 import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js";
 import type { PhaseLimits } from "./limits.js";

@@ -12,7 +12,7 @@
  * "2GiB"); durations as numbers (ms) or with a unit ("60s", "5m", "2000ms").
  */
 import { z } from "zod";
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 import type { PhaseLimits } from "./limits.js";
 
 export const DECISIONS = ["allow", "ask", "forbid"] as const;

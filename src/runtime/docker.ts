@@ -59,6 +59,15 @@ export function commandCgroupDir(root: string, containerName: string): string {
 async function makeCommandCgroupDir(containerName: string): Promise<string | null> {
   const root = await cgroup2Root();
   if (!root) return null;
+  // Only where the v2 hierarchy gives its children no controller (a hybrid host like this
+  // project's, whose limits live in v1): there a process moved into a
+  // per-command cgroup keeps every limit of its container. On a host whose v2
+  // hierarchy has controllers, a directory outside the container's own cgroup
+  // would take commands out of its memory, pids and CPU limits; until the
+  // directory is placed inside the container's cgroup, such hosts use the
+  // shim's process-table fallback.
+  const distributed = await readFile(path.join(root, "cgroup.subtree_control"), "utf8").catch(() => "unreadable");
+  if (distributed.trim() !== "") return null;
   const dir = commandCgroupDir(root, containerName);
   try {
     await mkdir(dir, { recursive: true });
@@ -211,6 +220,8 @@ export class DockerRuntime implements ContainerRuntime {
     try {
       await container.start();
     } catch (err) {
+      // the start's own error is what the caller needs; a container left behind carries its labels and is reaped by reconcile
+      // eslint-disable-next-line no-restricted-syntax -- see the line above
       await container.remove({ force: true }).catch(() => undefined);
       if (cgroupDir) await removeCommandCgroupDir(spec.name);
       throw dockerError(`starting container ${spec.name}`, err);

@@ -6,7 +6,7 @@
  * passes its audit budget refuses new work with SBX_ERR_AUDIT_BUDGET and
  * the trail says why.
  */
-import { readFile, stat, writeFile, chown } from "node:fs/promises";
+import { readFile, readdir, stat, writeFile, chown } from "node:fs/promises";
 import http from "node:http";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -88,6 +88,38 @@ describe("SQL through the gateway", () => {
   }, 180_000);
 });
 
+describe("long outputs keep their head and their tail", () => {
+  it("a 115 kB pytest run keeps its summary line in audit.jsonl, build_audit.log and the API result", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await writeFile(
+      path.join(project, "tests", "test_many.py"),
+      ["import pytest", "", "@pytest.mark.parametrize('i', range(1400))", "def test_many(i):", "    assert i != 1399", ""].join("\n"),
+    );
+    await chown(path.join(project, "tests", "test_many.py"), OWNER.uid, OWNER.gid);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "long", mode: "test" });
+    const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, {
+      argv: ["python3", "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_many.py", "tests/test_broken.py"],
+      timeoutMs: 60_000,
+    });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    console.log(`pytest printed ${result.stdoutBytes} bytes`);
+    expect(result.stdoutBytes).toBeGreaterThan(100_000);
+    const summary = /=+ 2 failed, 1399 passed in [\d.]+s =+/;
+    expect(result.stdout).toMatch(summary);
+    expect(result.stdout).toMatch(/^=+ test session starts =+/);
+    const rec = (await records(phase.id)).find((r) => r.type === "exec.result")!;
+    expect(rec.stdoutOmitted).toBeGreaterThan(30_000);
+    expect(Buffer.byteLength(rec.stdout)).toBeLessThan(64 * 1024 + 100);
+    expect(rec.stdout).toMatch(summary);
+    expect(rec.stdout).toMatch(/FAILED tests\/test_many.py::test_many\[1399\]/);
+    expect(rec.stdout).toMatch(/^=+ test session starts =+/);
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(/ {4}~ \[\d+ bytes not kept\]\n/);
+    expect(log).toMatch(new RegExp(`\\n {4}\\| ${summary.source}\\n`));
+  }, 120_000);
+});
+
 describe("the API and the budget", () => {
   it("a body with 200k unknown keys gets a small error naming a few of them", async () => {
     const body: Record<string, number> = {};
@@ -138,5 +170,39 @@ describe("the API and the budget", () => {
     expect(types).toContain("audit.budget_summary");
     expect(types.at(-1)).toBe("phase.complete");
     expect(recs.find((r) => r.type === "audit.budget_summary")!.refused).toEqual({ "exec.verdict": 1 });
+  }, 120_000);
+});
+
+describe("build_audit.log stays bounded", () => {
+  it("rotates at audit.buildLog.rotateBytes into the state dir (keep K); the sandbox still reads the live log", async () => {
+    const base = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+    const dir = await tempDir("policy");
+    cleanup.push(dir);
+    expect(base).toContain("    rotateBytes: 16MiB");
+    const policy = path.join(dir, "small-log.yaml");
+    await writeFile(policy, base.replace("    rotateBytes: 16MiB", "    rotateBytes: 8KiB").replace("    keep: 3 ", "    keep: 2 "));
+    const rt = await startTestDaemon({ policy });
+    try {
+      const project = await makeProject();
+      cleanup.push(project);
+      const { phase } = await rt.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "rot", mode: "test" });
+      const script = await writeScript(project, "import sys\nprint('r' * 3000)\nprint(open('build_audit.log').read().splitlines()[0][:40])");
+      let last: ExecResult | null = null;
+      for (let i = 0; i < 12; i++) last = (await rt.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script], reason: `run ${i}` })).result;
+      // inside the sandbox, the live log (a bind mount of the same file) starts with a recent line, not the phase's start
+      expect(last!.stdout).not.toContain("PHASE");
+      await rt.api.request("DELETE", `/v1/phases/${phase.id}`);
+      expect((await stat(phase.buildLog)).size).toBeLessThanOrEqual(8 * 1024);
+      const rotatedRoot = path.join(rt.stateDir, "rotated");
+      const [projectDir] = await readdir(rotatedRoot);
+      expect(projectDir).toMatch(new RegExp(`^${path.basename(project)}-[0-9a-f]{8}$`));
+      expect((await readdir(path.join(rotatedRoot, projectDir!))).sort()).toEqual(["build_audit.log.1", "build_audit.log.2"]);
+      const older = await readFile(path.join(rotatedRoot, projectDir!, "build_audit.log.1"), "utf8");
+      expect(older).toMatch(/SHELL_EXEC: python3/);
+      const live = await readFile(phase.buildLog, "utf8");
+      expect(live).toMatch(/PHASE_COMPLETE/);
+    } finally {
+      await rt.close();
+    }
   }, 120_000);
 });

@@ -184,6 +184,10 @@ describe("paper mode: production stays read-only for the whole session (attacks 
       "ok []",
       expect.stringMatching(/^error 25006 .*read-only transaction/),
     ]);
+    expect(records.find((e) => e.type === "db.query" && e.rule === "db.paper-elevation" && /outside a transaction block/.test(e.reason))).toMatchObject({
+      decision: "forbid",
+      sql: expect.stringMatching(/^INSERT INTO paper_orders/),
+    });
   });
 
   it("runs a write read-only when it calls an application function, directly, wrapped, or through a view it reads", () => {
@@ -199,6 +203,9 @@ describe("paper mode: production stays read-only for the whole session (attacks 
     expect(out["temp-view"]![0]).toMatch(/^error 42501 .*db\.paper-prefix.*a view named `paper_…`/);
     expect(out.view![0]).toMatch(/^error 42501 .*db\.paper-prefix/);
     expect(out.matview![0]).toMatch(/^error 42501 .*db\.paper-prefix/);
+    for (const sql of ["CREATE TEMP VIEW paper_v", "CREATE VIEW paper_v2", "CREATE MATERIALIZED VIEW paper_mv"]) {
+      expect(refusedBy(sql), sql).toMatchObject({ decision: "forbid", rule: "db.paper-prefix", reason: expect.stringMatching(/paper names are for ordinary tables only/) });
+    }
     expect(out["operator-view"]).toEqual([expect.stringMatching(/^error 25006 /), expect.stringMatching(/^error 25006 /)]);
     expect(records.filter((e) => e.type === "db.elevation" && /not an ordinary table/.test(e.reason)).length).toBeGreaterThanOrEqual(3); // paper_v (refused view write), paper_view ×2, paper_fills
   });
@@ -267,7 +274,7 @@ describe("paper mode: a transaction block is bounded whatever the client does", 
 });
 
 describe("SQL approvals from a real sandbox", () => {
-  it("DROP TABLE queues an approval naming itself; once a human approves, the same statement runs once", async () => {
+  it("DROP TABLE queues an approval naming itself; once a human approves, the same statement runs once; a denial stays", async () => {
     const project = await pgProject();
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "migrate", mode: "test" });
     const script = await writeScript(
@@ -302,6 +309,16 @@ describe("SQL approvals from a real sandbox", () => {
     const third = JSON.parse((await exec(phase, ["python3", script, "create"])).stdout) as { result: string; message: string };
     expect(third.result).toBe("refused");
     expect(third.message).not.toContain(id!);
+    // a denial reaches the agent, with the person's note, and stays
+    const id3 = /approval (ap_[0-9a-f]+) is pending/.exec(third.message)?.[1];
+    await t.api.request("POST", `/v1/approvals/${id3}/deny`, { note: "migrations go through review" });
+    for (let i = 0; i < 2; i++) {
+      const denied = JSON.parse((await exec(phase, ["python3", script, "again"])).stdout) as { result: string; message: string; hint: string };
+      expect(denied.result).toBe("refused");
+      expect(denied.message).toContain(`approval ${id3} was denied: migrations go through review`);
+      expect(denied.hint).toMatch(/do not send it again/);
+    }
+    expect((await t.api.request<{ approvals: unknown[] }>("GET", `/v1/approvals?phase=${phase.id}`)).approvals).toEqual([]);
 
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     const recs = await journal(phase.id);
@@ -309,7 +326,9 @@ describe("SQL approvals from a real sandbox", () => {
     expect(recs.filter((e) => e.type === "db.query" && e.sql === "DROP TABLE scratch_t").map((e) => [e.decision, e.approval, e.approvalState])).toEqual([
       ["ask", id, "pending"],
       ["allow", id, "approved"],
-      ["ask", expect.any(String), "pending"],
+      ["ask", id3, "pending"],
+      ["ask", id3, "denied"],
+      ["ask", id3, "denied"],
     ]);
   }, 120_000);
 });

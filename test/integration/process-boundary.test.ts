@@ -6,10 +6,12 @@
  * that once made a failing `python3 victim.py` print "ALL PASSED!" and be
  * recorded as a pass.
  */
-import { readFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { readdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
+import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { containersOf, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
@@ -144,7 +146,11 @@ describe("each command's process boundary", () => {
     const top = (await docker.getContainer(c!.Id).top({ ps_args: "-o uid,pid,args" })) as { Processes: string[][] };
     const owners = top.Processes.filter((p) => p[0] === "1000");
     expect(owners.map((p) => p[2]).filter((a) => !/python3 -I -S -c/.test(a ?? ""))).toEqual([]); // the forker only
+    // the phase's cgroup directory holds only the shim's own cgroup between commands, and goes with the phase
+    const dir = commandCgroupDir((await cgroup2Root())!, phase.containerName);
+    expect((await readdir(dir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name)).toEqual(["supervisor"]);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    expect(existsSync(dir)).toBe(false);
   });
 
   it("a command cannot stop, trace or rewrite a concurrent command: the failing suite still fails, and that is what the trail records", async () => {

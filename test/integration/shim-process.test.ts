@@ -506,6 +506,34 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     if (via === "forker") expect(results.every((r) => r.started !== undefined)).toBe(true);
   });
 
+  // (frozen from outside the shim's own cgroups, so only where the shim has none)
+  if (via === "forker" && !cgroups) it("a forker that is slow (frozen, not stopped) is waited for, not given up", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const first = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    const forkerPid = first.stdout.toString().trim();
+    // a cgroup v2 freeze leaves it sleeping (S), as a forker starved of CPU would look, unlike SIGSTOP (T)
+    const slow = makeCgroupDir();
+    writeFileSync(join(slow, "cgroup.procs"), forkerPid);
+    writeFileSync(join(slow, "cgroup.freeze"), "1");
+    const id = sendExec(conn, { argv: ["sh", "-c", "echo late; exit 5"] });
+    try {
+      await new Promise((r) => setTimeout(r, 6_000)); // past the 5 s after which the forker used to be given up
+      expect(readFileSync(`/proc/${forkerPid}/stat`, "utf8").split(") ")[1]?.[0]).toBe("S");
+      expect(conn.messages().some((m) => "execId" in m && m.execId === id)).toBe(false);
+    } finally {
+      writeFileSync(join(slow, "cgroup.freeze"), "0");
+    }
+    const r = await finished(conn, id);
+    expect(r.exit).toMatchObject({ exitCode: 5, signal: null, timedOut: false });
+    expect(r.stdout.toString()).toBe("late\n");
+    expect(logLines(shim).some((l) => l.msg === "the forker is slow to answer; waiting")).toBe(true);
+    expect(logLines(shim).some((l) => /replacing|stopped or gone/.test(String(l.msg)))).toBe(false);
+    // the same forker serves on
+    const after = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    expect(after.stdout.toString().trim()).toBe(forkerPid);
+  });
+
   if (via === "forker") it("a forker that dies while idle is replaced before the next command, which the new one starts", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);

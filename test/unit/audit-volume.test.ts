@@ -122,3 +122,51 @@ describe("the per-phase budget", () => {
     expect(burst.spent?.records).toBe(52);
   });
 });
+
+describe("HeadTailText: long output keeps its first and last bytes", () => {
+  it("matches the head and tail of the whole text, whatever the chunking and the characters", async () => {
+    const { HeadTailText } = await import("../../src/phases/exec.js");
+    const whole = Array.from({ length: 3000 }, (_, i) => `line ${i} é😀\n`).join("");
+    const bytes = Buffer.from(whole);
+    for (const chunk of [1, 7, 100, 4096]) {
+      const h = new HeadTailText(8192);
+      // chunks of whole characters, as the stream decoder and redactor hand them over
+      const chars = Array.from(whole);
+      for (let i = 0; i < chars.length; i += chunk) h.push(chars.slice(i, i + chunk).join(""));
+      expect(h.truncated).toBe(true);
+      for (const limit of [8192, 1000]) {
+        const v = h.view(limit);
+        expect(bytes.subarray(0, Buffer.byteLength(v.head)).toString()).toBe(v.head);
+        expect(bytes.subarray(bytes.length - Buffer.byteLength(v.tail)).toString()).toBe(v.tail);
+        expect(Buffer.byteLength(v.head)).toBeGreaterThan(limit / 2 - 4);
+        expect(Buffer.byteLength(v.tail)).toBeGreaterThan(limit / 2 - 4);
+        expect(Buffer.byteLength(v.head) + v.omitted + Buffer.byteLength(v.tail)).toBe(bytes.length);
+      }
+    }
+    const small = new HeadTailText(8192);
+    small.push("short\n");
+    expect(small.view(1000)).toEqual({ head: "short\n", omitted: 0, tail: "" });
+    expect(small.text()).toBe("short\n");
+  });
+});
+
+describe("build_audit.log rotation", () => {
+  it("past rotateBytes the live file's lines move to <dir>/build_audit.log.1 (older shift, keep K), the live file is emptied in place", async () => {
+    const { BuildLog } = await import("../../src/audit/buildlog.js");
+    const { stat: statFile, readdir } = await import("node:fs/promises");
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-rotate-"));
+    dirs.push(dir);
+    const live = path.join(dir, "build_audit.log");
+    const rotated = path.join(dir, "rotated");
+    const log = await BuildLog.openSafely(live, 0o644, () => ({ rotateBytes: 100, keep: 2, dir: rotated }));
+    const inode = (await statFile(live)).ino;
+    for (let i = 0; i < 10; i++) await log.append([`line ${i} ${"x".repeat(30)}`]);
+    await log.close();
+    expect((await statFile(live)).ino).toBe(inode); // the same file, so a bind mount of it still shows it
+    expect((await statFile(live)).size).toBeLessThanOrEqual(100);
+    expect((await readdir(rotated)).sort()).toEqual(["build_audit.log.1", "build_audit.log.2"]);
+    const all = [await readFile(path.join(rotated, "build_audit.log.2"), "utf8"), await readFile(path.join(rotated, "build_audit.log.1"), "utf8"), await readFile(live, "utf8")].join("");
+    // the newest lines, in order, none lost between the files kept; the oldest file dropped
+    expect(all.trim().split("\n").map((l) => Number(l.split(" ")[1]))).toEqual([4, 5, 6, 7, 8, 9]);
+  });
+});

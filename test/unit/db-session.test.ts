@@ -167,6 +167,20 @@ describe("PgSession transitions", () => {
     expect(s.overdue()).toBeUndefined();
   });
 
+  it("does not cut a long transaction block in test mode (fixtures), only an idle one", () => {
+    const { s, advance } = session("test");
+    s.expect("client");
+    s.ready("T");
+    for (let i = 0; i < 30; i++) {
+      s.expect("client");
+      advance(5_000);
+      s.ready("T");
+    }
+    expect(s.overdue()).toBeUndefined();
+    advance(10_001);
+    expect(s.overdue()).toMatchObject({ reason: "idle-in-transaction" });
+  });
+
   it("bounds an extended batch left open without Sync (an implicit transaction the server's idle timeout never sees)", () => {
     const { s, advance } = checked();
     s.batchMessages = 3; // Parse, Bind, Execute, then only Flushes
