@@ -184,8 +184,9 @@ describe("the console's gate", () => {
       const attacker = await ctx.newPage();
       await attacker.goto(`http://127.0.0.1:${(evil.address() as AddressInfo).port}/`);
       await expect.poll(() => attacker.title()).toBe("sent");
-      await Promise.all([attacker.waitForEvent("response"), attacker.evaluate(() => (document.getElementById("f") as HTMLFormElement).submit())]);
-      expect(await attacker.content()).toContain("SBX_ERR_CONSOLE");
+      const [answer] = await Promise.all([attacker.waitForResponse(approve), attacker.evaluate(() => (document.getElementById("f") as HTMLFormElement).submit())]);
+      expect(answer.status()).toBe(403);
+      expect(await answer.text()).toContain("SBX_ERR_CONSOLE_FORBIDDEN");
     } finally {
       evil.close();
     }
@@ -221,9 +222,9 @@ describe("the console's page", () => {
     expect((await run).result.exitCode).toBe(0);
     const text = (await result.textContent())!;
     expect(text).toContain("exit 0");
-    expect(text).toContain("\u241b[31mRED\u241b[0m\u241b]0;owned\u2407");
+    expect(text).toContain("\\x1b[31mRED\\x1b[0m\\x1b]0;owned\\x07");
     expect(text).toContain('<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">');
-    expect(text).toContain("python3 hostile.py '<b onmouseover=alert(1)>\u241b[2J'");
+    expect(text).toContain("python3 hostile.py $'<b onmouseover=alert(1)>\\x1b[2J'");
     expect(text).not.toContain("\x1b");
     expect(await page.locator('#audit li[data-type="exec.verdict"]').last().textContent()).toMatch(/allow.*shell\.whitelist/);
     expect(await page.locator("#audit script, #audit img, #audit b").count()).toBe(0);
@@ -240,7 +241,7 @@ describe("the console's page", () => {
     await card.waitFor();
     expect(await card.locator(".cmd").textContent()).toBe("ls -1 services");
     expect(await card.locator(".rule").textContent()).toMatch(/^shell\.not-whitelisted — SKILLS\.md/);
-    expect(await card.locator(".reason").first().textContent()).toBe("agent's reason: look at <the> services\u241b[0m");
+    expect(await card.locator(".reason").first().textContent()).toBe("agent's reason: look at <the> services\\x1b[0m");
     const waited = async () => Number(/waiting (\d+)s/.exec((await card.locator(".waited").textContent())!)![1]);
     const first = await waited();
     await expect.poll(waited, { timeout: 5000 }).toBeGreaterThan(first);

@@ -8,24 +8,44 @@ const $ = (id) => document.getElementById(id);
 
 // ── text ─────────────────────────────────────────────────────────────────
 
-// C0/C1 controls (but newline and tab), bidi overrides and zero-width characters:
-// shown as a visible stand-in (␛ for ESC), so output cannot repaint or disguise itself.
-const INVISIBLE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2069\ufeff]/g;
+// The same escapes as the CLI and build_audit.log (src/audit/format.ts, kept
+// in step by hand: the page has no build): controls (ANSI escapes included),
+// format characters (bidi overrides, zero-width), separators, surrogates,
+// private-use and unassigned code points and look-alike spaces become
+// `\x1b`, `\u202e`…, so output can neither repaint the page nor disguise itself.
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}\p{Co}\p{Cn}\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]/u;
+const INVISIBLE_ALL = new RegExp(INVISIBLE.source, "gu");
+const INVISIBLE_BUT_LINES = new RegExp(`(?![\\n\\t])${INVISIBLE.source}`, "gu");
+const SAFE_ARG = /^[\w@%+=:,./-]+$/;
+
+function escapeChar(ch) {
+  if (ch === "\n") return "\\n";
+  if (ch === "\r") return "\\r";
+  if (ch === "\t") return "\\t";
+  const cp = ch.codePointAt(0);
+  if (cp <= 0xff) return `\\x${cp.toString(16).padStart(2, "0")}`;
+  if (cp <= 0xffff) return `\\u${cp.toString(16).padStart(4, "0")}`;
+  return `\\U${cp.toString(16).padStart(8, "0")}`;
+}
+/** Multi-line text (output): newlines and tabs kept, every other invisible character escaped. */
 export function visible(s) {
-  return String(s).replace(INVISIBLE, (c) => {
-    const n = c.codePointAt(0);
-    if (n < 0x20) return String.fromCodePoint(0x2400 + n);
-    if (n === 0x7f) return "\u2421";
-    return `\\u{${n.toString(16)}}`;
-  });
+  return String(s).replace(INVISIBLE_BUT_LINES, escapeChar);
 }
-/** One line: newlines and tabs made visible too. */
+/** One line: newlines and tabs escaped too. */
 export function visibleLine(s) {
-  return visible(s).replace(/\n/g, "\u2424").replace(/\t/g, "\u2409");
+  return String(s).replace(INVISIBLE_ALL, escapeChar);
 }
-/** argv as a person would type it in a shell, quoted where needed. */
+/** argv as a shell would read it: quoted where needed, `$'…'` with escapes when a word holds an invisible character. */
 export function shellWords(argv) {
-  return argv.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(" ");
+  return argv
+    .map((a) => {
+      if (a !== "" && SAFE_ARG.test(a)) return a;
+      if (!INVISIBLE.test(a)) return `'${a.replace(/'/g, `'\\''`)}'`;
+      let out = "";
+      for (const ch of a) out += ch === "\\" || ch === "'" ? `\\${ch}` : INVISIBLE.test(ch) ? escapeChar(ch) : ch;
+      return `$'${out}'`;
+    })
+    .join(" ");
 }
 function excerpt(s, max = 4000) {
   const t = String(s);
