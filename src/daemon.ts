@@ -28,6 +28,8 @@ export interface RunningDaemon {
   reload(): Promise<boolean>;
   manager: PhaseManager;
   log: Logger;
+  /** the operator console's base URL (no token) when one was asked for */
+  consoleUrl: string | null;
 }
 
 /** Is something answering on this unix socket? */
@@ -138,13 +140,14 @@ export async function startDaemon(
   for (const r of report.reaped) log.info({ phase: r.id, reason: r.reason }, "cleaned up phase container");
   for (const id of report.lost) log.warn({ phase: id }, "phase's container was gone; marked failed");
 
-  const app = buildApp({
+  const appOptions = {
     manager,
     approvals,
     stateDir: settings.stateDir,
     logger: log,
     info: { version: VERSION, instance, pid: process.pid, stateDir: settings.stateDir, socket: settings.socket },
-  });
+  };
+  const app = buildApp(appOptions);
   // The socket is created 0600 (umask) and chmod'ed again: no window where another user can connect.
   const oldMask = process.umask(0o177);
   try {
@@ -155,6 +158,23 @@ export async function startDaemon(
   closeIdleConnections(app.server, IDLE_CONNECTION_MS);
   await chmod(settings.socket, 0o600);
   log.info({ socket: settings.socket, stateDir: settings.stateDir, instance, version: VERSION }, "sandboxd listening");
+
+  // The console (off by default) is imported only when asked for: a daemon without one never loads it.
+  let consoleServer: { url: string; close(): Promise<void> } | null = null;
+  if (settings.console) {
+    try {
+      const { startConsole } = await import("./console/server.js");
+      consoleServer = await startConsole(buildApp(appOptions), settings.console, log);
+    } catch (err) {
+      // A console that cannot listen stops the start, as a broken policy does; nothing is left serving.
+      // Phases re-adopted above keep running, as after a crash: the next daemon adopts them again.
+      await app.close();
+      await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
+      // eslint-disable-next-line no-restricted-syntax -- the socket may already be gone; nothing to do then
+      await unlink(settings.socket).catch(() => undefined);
+      throw err;
+    }
+  }
 
   /**
    * SIGHUP: re-read the policy; a broken file changes nothing (it never
@@ -206,10 +226,11 @@ export async function startDaemon(
     (closing ??= (async () => {
       log.info("shutting down: stopping phases");
       await manager.shutdown();
+      await consoleServer?.close();
       await app.close();
       await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
       await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
       log.info("stopped");
     })());
-  return { close, reload, manager, log };
+  return { close, reload, manager, log, consoleUrl: consoleServer?.url ?? null };
 }
