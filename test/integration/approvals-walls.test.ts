@@ -20,6 +20,9 @@ const cleanup: string[] = [];
 let project: string;
 let phase: PhaseView;
 
+/** A file as the phase's commands see it: writes land in the phase's view (its change layer), not in the project. */
+const inView = (rel: string) => path.join(t.stateDir, "phases", phase.id, "ws", "view", rel);
+
 type Rec = Record<string, unknown> & { type: string; phase?: string };
 
 async function startPhase(dir: string): Promise<PhaseView> {
@@ -104,8 +107,8 @@ describe("an approval is bound to the files the command runs", () => {
     const second = (stale.details as { approvalId: string; staleApprovalId: string }).approvalId;
     expect((stale.details as { staleApprovalId: string }).staleApprovalId).toBe(first);
     expect(second).not.toBe(first);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(false);
-    expect(await exists(path.join(project, "helper-ran"))).toBe(false);
+    expect(await exists(inView("evil-ran"))).toBe(false);
+    expect(await exists(inView("helper-ran"))).toBe(false);
 
     const list = await approvalsOf(phase.id);
     expect(list.find((a) => a.id === first)?.state).toBe("stale");
@@ -124,7 +127,7 @@ describe("an approval is bound to the files the command runs", () => {
     // approving what is there now runs exactly that, once
     await decide(second, "approve");
     expect((await exec(phase, { argv: ["sh", "x/helper.sh"] })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(true);
+    expect(await exists(inView("evil-ran"))).toBe(true);
     expect((await refusal(exec(phase, { argv: ["sh", "x/helper.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
   });
 
@@ -198,7 +201,7 @@ describe("a wrapped forbid is refused, never run", () => {
     const e = await refusal(exec(phase, { argv: ["python3", "-m", "timeit", "-n", "1", "open('/workspace/timeit-ran', 'w')"] }));
     expect(e.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
     expect((e.details as { rule: string }).rule).toBe("shell.python-inline-module");
-    expect(await exists(path.join(project, "timeit-ran"))).toBe(false);
+    expect(await exists(inView("timeit-ran"))).toBe(false);
   });
 });
 
@@ -220,12 +223,12 @@ describe("a denial reaches the agent", () => {
     expect(mine.map((a) => [a.id, a.state, a.retries])).toEqual([[id, "denied", 2]]);
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && JSON.stringify(r.argv) === JSON.stringify(argv));
     expect(verdicts.map((v) => v.deniedBy)).toEqual([null, id, id]);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(false);
+    expect(await exists(inView("denied-ran"))).toBe(false);
 
     // the person says otherwise
     await decide(id, "approve", "fine after all");
     expect((await exec(phase, { argv })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(true);
+    expect(await exists(inView("denied-ran"))).toBe(true);
     expect((await records(phase.id)).find((r) => r.type === "approval.approve" && r.approval === id)).toMatchObject({ previous: "denied" });
   });
 
