@@ -182,6 +182,40 @@ describe("a wrapped forbid is refused, never run", () => {
     expect(approvals.filter((a) => wrapped.some((w) => JSON.stringify(w) === JSON.stringify(a.argv)))).toEqual([]);
   });
 
+  // programs of the image that run their arguments as a command: util-linux's scheduling, limits,
+  // credentials, namespaces and personality wrappers, sg, tini, and the dynamic loader itself
+  const installed: string[][] = [
+    ["setarch", "x86_64", "rm", "-rf", "victim"],
+    ["linux64", "-R", "rm", "-rf", "victim"],
+    ["chrt", "-o", "0", "rm", "-rf", "victim"],
+    ["prlimit", "--nofile=64", "rm", "-rf", "victim"],
+    ["setpriv", "--nnp", "rm", "-rf", "victim"],
+    ["unshare", "rm", "-rf", "victim"],
+    ["nsenter", "rm", "-rf", "victim"],
+    ["sg", "users", "-c", "rm -rf victim"],
+    ["tini", "-s", "--", "rm", "-rf", "victim"],
+    ["/lib64/ld-linux-x86-64.so.2", "/bin/rm", "-rf", "victim"],
+    ["ld.so", "--preload", "x.so", "/bin/rm", "-rf", "victim"],
+  ];
+
+  it("setarch, chrt, prlimit, setpriv, unshare, nsenter, sg, tini and ld.so wrapping `rm -rf victim`: forbidden by the inner rule, not asked", async () => {
+    await ownedFile(path.join(project, "victim", "keep.txt"), "keep\n");
+    for (const argv of installed) {
+      const e = await refusal(exec(phase, { argv }));
+      expect({ argv, code: e.code, rule: (e.details as { rule: string }).rule }).toEqual({ argv, code: "SBX_ERR_POLICY_DENIED", rule: "shell.forbidden.rm-recursive" });
+    }
+    expect(await readFile(path.join(project, "victim", "keep.txt"), "utf8")).toBe("keep\n");
+    const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && installed.some((w) => JSON.stringify(w) === JSON.stringify(r.argv)));
+    expect(verdicts).toHaveLength(installed.length);
+    for (const v of verdicts) {
+      expect(v).toMatchObject({ decision: "forbid", rule: "shell.forbidden.rm-recursive" });
+      const parts = v.parts as Array<{ argv: string[]; decision: string; rule: string }>;
+      expect(parts.some((p) => /(^|\/)rm$/.test(p.argv[0]!) && p.decision === "forbid" && p.rule === "shell.forbidden.rm-recursive")).toBe(true);
+    }
+    const approvals = await approvalsOf(phase.id);
+    expect(approvals.filter((a) => installed.some((w) => JSON.stringify(w) === JSON.stringify(a.argv)))).toEqual([]);
+  });
+
   it("kill -sKILL, ip addr fl lo and docker-compose down --volume are forbidden, not asked", async () => {
     for (const [argv, rule] of [
       [["kill", "-sKILL", "1"], "shell.forbidden.kill-9"],
