@@ -22,6 +22,11 @@ let phase: PhaseView;
 
 type Rec = Record<string, unknown> & { type: string; phase?: string };
 
+/** a path in the phase's own view of the workspace (the project under its change layer), as its commands see it */
+function viewOf(p: PhaseView, ...rel: string[]): string {
+  return path.join(t.stateDir, "phases", p.id, "ws", "view", ...rel);
+}
+
 async function startPhase(dir: string): Promise<PhaseView> {
   const { phase: p } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: dir, phase: "9.1", mode: "test" });
   return p;
@@ -104,8 +109,8 @@ describe("an approval is bound to the files the command runs", () => {
     const second = (stale.details as { approvalId: string; staleApprovalId: string }).approvalId;
     expect((stale.details as { staleApprovalId: string }).staleApprovalId).toBe(first);
     expect(second).not.toBe(first);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(false);
-    expect(await exists(path.join(project, "helper-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "evil-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "helper-ran"))).toBe(false);
 
     const list = await approvalsOf(phase.id);
     expect(list.find((a) => a.id === first)?.state).toBe("stale");
@@ -124,7 +129,7 @@ describe("an approval is bound to the files the command runs", () => {
     // approving what is there now runs exactly that, once
     await decide(second, "approve");
     expect((await exec(phase, { argv: ["sh", "x/helper.sh"] })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(true);
+    expect(await exists(viewOf(phase, "evil-ran"))).toBe(true);
     expect((await refusal(exec(phase, { argv: ["sh", "x/helper.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
   });
 
@@ -169,7 +174,7 @@ describe("a wrapped forbid is refused, never run", () => {
         rule: "shell.forbidden.rm-recursive",
       });
     }
-    expect(await readFile(path.join(project, "victim", "keep.txt"), "utf8")).toBe("keep\n");
+    expect(await readFile(viewOf(phase, "victim", "keep.txt"), "utf8")).toBe("keep\n");
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && wrapped.some((w) => JSON.stringify(w) === JSON.stringify(r.argv)));
     expect(verdicts).toHaveLength(wrapped.length);
     for (const v of verdicts) {
@@ -204,7 +209,7 @@ describe("a wrapped forbid is refused, never run", () => {
       const e = await refusal(exec(phase, { argv }));
       expect({ argv, code: e.code, rule: (e.details as { rule: string }).rule }).toEqual({ argv, code: "SBX_ERR_POLICY_DENIED", rule: "shell.forbidden.rm-recursive" });
     }
-    expect(await readFile(path.join(project, "victim", "keep.txt"), "utf8")).toBe("keep\n");
+    expect(await readFile(viewOf(phase, "victim", "keep.txt"), "utf8")).toBe("keep\n");
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && installed.some((w) => JSON.stringify(w) === JSON.stringify(r.argv)));
     expect(verdicts).toHaveLength(installed.length);
     for (const v of verdicts) {
@@ -232,7 +237,7 @@ describe("a wrapped forbid is refused, never run", () => {
     const e = await refusal(exec(phase, { argv: ["python3", "-m", "timeit", "-n", "1", "open('/workspace/timeit-ran', 'w')"] }));
     expect(e.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
     expect((e.details as { rule: string }).rule).toBe("shell.python-inline-module");
-    expect(await exists(path.join(project, "timeit-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "timeit-ran"))).toBe(false);
   });
 });
 
@@ -254,12 +259,12 @@ describe("a denial reaches the agent", () => {
     expect(mine.map((a) => [a.id, a.state, a.retries])).toEqual([[id, "denied", 2]]);
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && JSON.stringify(r.argv) === JSON.stringify(argv));
     expect(verdicts.map((v) => v.deniedBy)).toEqual([null, id, id]);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "denied-ran"))).toBe(false);
 
     // the person says otherwise
     await decide(id, "approve", "fine after all");
     expect((await exec(phase, { argv })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(true);
+    expect(await exists(viewOf(phase, "denied-ran"))).toBe(true);
     expect((await records(phase.id)).find((r) => r.type === "approval.approve" && r.approval === id)).toMatchObject({ previous: "denied" });
   });
 
@@ -349,7 +354,7 @@ describe(".env cannot change what runs or where packages come from", () => {
     const asked = await refusal(exec(p, { argv: ["bash", "-c", "true"] }));
     await decide((asked.details as { approvalId: string }).approvalId, "approve");
     expect((await exec(p, { argv: ["bash", "-c", "true"] })).exitCode).toBe(0);
-    expect(await exists(path.join(dir, "bash-env-ran"))).toBe(false);
+    expect(await exists(viewOf(p, "bash-env-ran"))).toBe(false);
 
     // the commands see the daemon's values, and .env's harmless ones
     const show = await writeScript(dir, "import json, os; print(json.dumps({k: os.environ.get(k) for k in ['BASH_ENV', 'ENV', 'PIP_INDEX_URL', 'PIP_EXTRA_INDEX_URL', 'PIP_CONFIG_FILE', 'PYTHONSTARTUP', 'LD_PRELOAD', 'LOG_LEVEL']}))");
@@ -364,7 +369,7 @@ describe(".env cannot change what runs or where packages come from", () => {
       LD_PRELOAD: null,
       LOG_LEVEL: "debug",
     });
-    expect(await exists(path.join(dir, "startup-ran"))).toBe(false);
+    expect(await exists(viewOf(p, "startup-ran"))).toBe(false);
     const pip = await exec(p, { argv: ["python3", "-m", "pip", "config", "list"] });
     expect(pip.exitCode).toBe(0);
     expect(pip.stdout).toContain("https://pypi.org/simple");
