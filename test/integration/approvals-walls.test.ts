@@ -319,6 +319,23 @@ describe("the operator's listings show what will run", () => {
 });
 
 describe(".env cannot change what runs or where packages come from", () => {
+  it("PYTEST_ADDOPTS and PYTHONOPTIMIZE from .env cannot turn a failing suite into a pass: dropped, named at phase start", async () => {
+    const dir = await makeProject();
+    cleanup.push(dir);
+    await ownedFile(path.join(dir, "tests", "test_orders.py"), "def test_fill():\n    assert 1 + 1 == 3\n");
+    // --co collects and exits 0 without running a test; PYTHONOPTIMIZE strips the code's own asserts
+    await ownedFile(path.join(dir, ".env"), "PYTEST_ADDOPTS=--co -q\nPYTHONOPTIMIZE=2\nLOG_LEVEL=debug\n");
+    const p = await startPhase(dir);
+    const start = (await records(p.id)).find((r) => r.type === "phase.start")!;
+    expect(start.envReserved).toEqual(["PYTEST_ADDOPTS", "PYTHONOPTIMIZE"]);
+    const r = await exec(p, { argv: ["pytest", "-q", "tests/"] });
+    // the suite ran: the failing test is reported failed, and so is the command, on record
+    expect({ exit: r.exitCode, ran: r.stdout.includes("FAILED tests/test_orders.py::test_fill") }).toEqual({ exit: 1, ran: true });
+    const result = (await records(p.id)).find((e) => e.type === "exec.result" && JSON.stringify(e.argv) === JSON.stringify(["pytest", "-q", "tests/"]));
+    expect(result).toMatchObject({ exitCode: 1 });
+    await t.api.request("DELETE", `/v1/phases/${p.id}`);
+  });
+
   it("BASH_ENV, ENV, PIP_* and Python's startup variables are dropped, named at phase start, and not used", async () => {
     const dir = await makeProject();
     cleanup.push(dir);
