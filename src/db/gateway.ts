@@ -728,11 +728,14 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     const { verdict, elevate, approval } = d;
     recs.push(queryRecord(sql, verdict, "extended", ts, approval));
     if (verdict.decision === "allow") {
+      // a name the server already holds keeps its old statement (this Parse fails there): never the paper write's
+      const held = session.nameHeld(name);
       if (session.paper) {
-        if (isWrite(verdict) && whyNotElevatable(verdict, "I") === undefined) session.paperStatements.set(name, verdict);
+        if (!held && isWrite(verdict) && whyNotElevatable(verdict, "I") === undefined) session.paperStatements.set(name, verdict);
         else if (session.paperStatements.size) session.paperStatements.delete(name);
       }
-      if (elevate) {
+      if (name !== "") session.statementNames.add(name);
+      if (elevate && !held) {
         session.expect("elevate");
         out.push(elevateQuery(verdict));
         session.elevatedStatement = name;
@@ -949,6 +952,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         case T_COPY_DONE:
         case T_COPY_FAIL:
           if (type === T_EXECUTE) markBusy();
+          // Close of a statement ('S', name): the name may be parsed anew
+          if (type === T_CLOSE && complete && buf[off + 5] === 0x53) {
+            const nameEnd = buf.indexOf(0, off + 6);
+            if (nameEnd > 0 && nameEnd < off + total) session.closeStatement(buf.toString("utf8", off + 6, nameEnd));
+          }
           if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) session.batchMessages++;
           if (complete) {
             off += total;

@@ -91,6 +91,16 @@ export class PgSession {
   readonly prepared = new Map<string, SqlVerdict>();
   /** extended-protocol statement names parsed as elevatable paper writes, and their verdicts */
   readonly paperStatements = new Map<string, SqlVerdict>();
+  /**
+   * Protocol statement names the server may hold: every named Parse the
+   * gateway forwarded (it does not read whether the server accepted it),
+   * until a Close of the name. A Parse under a name already held fails at
+   * the server ("already exists") and leaves the old statement in place, so
+   * it is never taken for the paper write it carried (`nameHeld`). A name
+   * freed by SQL DEALLOCATE stays held here: a paper write re-parsed under
+   * it runs read-only (Close frees it).
+   */
+  readonly statementNames = new Set<string>();
   /** messages of the current extended batch forwarded so far (reset at Sync, see endBatch) */
   batchMessages = 0;
   /** extended batches ended so far */
@@ -119,6 +129,17 @@ export class PgSession {
     this.paper = opts.engine === "postgres" && opts.mode === "paper";
     this.txStatus = initialStatus;
     this.access = this.paper ? "checking" : "read-write";
+  }
+
+  /** the server may already hold a statement of this name (protocol Parse or SQL PREPARE), which a Parse cannot replace */
+  nameHeld(name: string): boolean {
+    return name !== "" && (this.statementNames.has(name) || this.prepared.has(name));
+  }
+
+  /** a Close of statement `name` was forwarded: the name is free again */
+  closeStatement(name: string): void {
+    this.statementNames.delete(name);
+    this.paperStatements.delete(name);
   }
 
   /** a Sync was written: the extended batch ends */

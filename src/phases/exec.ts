@@ -187,9 +187,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   let stale: { approval: Approval; changed: string[] } | null = null;
   let files: FileBinding[] = [];
   if (verdict.decision === "ask") {
-    // the files as the command will see them: the phase's view (the project and its pending changes), not the project alone
-    const seenFrom = { project: live.workspace?.layer.paths.view ?? record.project };
-    files = await bindFiles(filesRun(input), (rel) => readProjectFile(seenFrom, rel));
+    // the files as the command will see them: with a change layer, the phase's view (the project under the
+    // layer's changes, where the sandbox's edits are) — the project itself holds only accepted iterations
+    const seen = live.workspace ? { project: live.workspace.layer.paths.view } : record;
+    files = await bindFiles(filesRun(input), (rel) => readProjectFile(seen, rel));
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);

@@ -49,6 +49,10 @@ export const RESERVED_ENV: readonly ReservedGroup[] = [
     ],
   },
   {
+    why: "test runners read options and plugins from these, and Python strips asserts with PYTHONOPTIMIZE: `PYTEST_ADDOPTS=--co` made a failing suite exit 0 without running a test",
+    names: ["PYTHONOPTIMIZE", "PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DEBUG_TEMPROOT"],
+  },
+  {
     why: "where packages come from and how their source is trusted (pip's and uv's whole configuration, its config files under XDG dirs, CA bundles)",
     names: ["XDG_CONFIG_HOME", "XDG_CONFIG_DIRS", "XDG_DATA_HOME", "XDG_CACHE_HOME", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE"],
     prefixes: ["PIP_", "UV_"],

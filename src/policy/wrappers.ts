@@ -59,6 +59,21 @@ const valued = (...names: string[]): OptionSpec => ({ names, arity: 1 });
 
 const ENV_SPLIT: OptionSpec = { names: ["-S", "--split-string"], arity: 1 };
 
+/** util-linux setarch/linux32/linux64 (getopt "+hVv3BFILRSTXZ"): personality flags, then the command */
+const SETARCH: Grammar = {
+  abbreviations: true,
+  permute: false,
+  options: [
+    ...[["-R", "--addr-no-randomize"], ["-F", "--fdpic-funcptrs"], ["-Z", "--mmap-page-zero"], ["-L", "--addr-compat-layout"], ["-X", "--read-implies-exec"], ["-B", "--32bit"], ["-I", "--short-inode"], ["-S", "--whole-seconds"], ["-T", "--sticky-timeouts"], ["-3", "--3gb"], ["--4gb"], ["--uname-2.6"], ["-v", "--verbose"], ["-h", "--help"], ["-V", "--version"]].map(
+      (names): OptionSpec => ({ names }),
+    ),
+  ],
+};
+/** names of setarch that take no ARCH operand (the architecture is the name) */
+const SETARCH_ALIASES = new Set(["linux32", "linux64", "x86_64", "i386", "uname26", "i686", "aarch64", "arm64"]);
+/** the dynamic loader, run as a program: ld.so, ld-linux-x86-64.so.2, ld-linux-aarch64.so.1, ld64.so.2 */
+const LOADER = /^ld(-linux[-\w]*|64)?\.so(\.\d+)*$/;
+
 /** GNU coreutils/findutils/util-linux/strace option grammars; all stop at the first operand ("+" in getopt's optstring) */
 const WRAPPERS: Record<string, WrapperSpec> = {
   env: {
@@ -205,6 +220,125 @@ const WRAPPERS: Record<string, WrapperSpec> = {
         flag("--version"),
       ],
     },
+  },
+  // util-linux: scheduling, limits, credentials, namespaces, personality — each runs its command as given
+  chrt: {
+    grammar: {
+      abbreviations: true,
+      permute: false,
+      options: [
+        ...["-a", "--all-tasks", "-b", "--batch", "-d", "--deadline", "-e", "--ext", "-f", "--fifo", "-i", "--idle", "-m", "--max", "-o", "--other", "-p", "--pid", "-r", "--rr", "-R", "--reset-on-fork", "-v", "--verbose", "-h", "--help", "-V", "--version"].map((n) => flag(n)),
+        valued("-T", "--sched-runtime"),
+        valued("-P", "--sched-period"),
+        valued("-D", "--sched-deadline"),
+      ],
+    },
+    operands: 1,
+  },
+  prlimit: {
+    grammar: {
+      abbreviations: true,
+      permute: false,
+      options: [
+        valued("-p", "--pid"),
+        valued("-o", "--output"),
+        flag("--noheadings"),
+        flag("--raw"),
+        flag("--verbose"),
+        flag("-h", "--help"),
+        flag("-V", "--version"),
+        // resource limits take their value attached only (getopt "c::")
+        ...[
+          ["-c", "--core"], ["-d", "--data"], ["-e", "--nice"], ["-f", "--fsize"], ["-i", "--sigpending"], ["-l", "--memlock"], ["-m", "--rss"], ["-n", "--nofile"],
+          ["-q", "--msgqueue"], ["-r", "--rtprio"], ["-s", "--stack"], ["-t", "--cpu"], ["-u", "--nproc"], ["-v", "--as"], ["-x", "--locks"], ["-y", "--rttime"],
+        ].map((names): OptionSpec => ({ names, arity: "optional" })),
+      ],
+    },
+  },
+  setpriv: {
+    grammar: {
+      abbreviations: true,
+      permute: false,
+      options: [
+        flag("-d", "--dump"),
+        flag("--nnp", "--no-new-privs"),
+        flag("--clear-groups"),
+        flag("--keep-groups"),
+        flag("--init-groups"),
+        flag("--reset-env"),
+        flag("-h", "--help"),
+        flag("-V", "--version"),
+        ...["--inh-caps", "--ambient-caps", "--bounding-set", "--ruid", "--euid", "--rgid", "--egid", "--reuid", "--regid", "--groups", "--securebits", "--pdeathsig", "--selinux-label", "--apparmor-profile", "--landlock-access", "--landlock-rule"].map((n) => valued(n)),
+      ],
+    },
+  },
+  unshare: {
+    grammar: {
+      abbreviations: true,
+      permute: false,
+      options: [
+        ...[["-m", "--mount"], ["-u", "--uts"], ["-i", "--ipc"], ["-n", "--net"], ["-p", "--pid"], ["-U", "--user"], ["-C", "--cgroup"], ["-T", "--time"], ["--kill-child"], ["--mount-proc"], ["--map-users"], ["--map-groups"], ["--mount-binfmt"]].map(
+          (names): OptionSpec => ({ names, arity: "optional" }),
+        ),
+        flag("-f", "--fork"),
+        flag("-r", "--map-root-user"),
+        flag("-c", "--map-current-user"),
+        flag("--map-auto"),
+        flag("--keep-caps"),
+        flag("-h", "--help"),
+        flag("-V", "--version"),
+        ...[["--map-user"], ["--map-group"], ["--propagation"], ["--setgroups"], ["-R", "--root"], ["-w", "--wd"], ["-S", "--setuid"], ["-G", "--setgid"], ["--monotonic"], ["--boottime"], ["-l", "--load-interp"]].map(
+          (names): OptionSpec => ({ names, arity: 1 }),
+        ),
+      ],
+    },
+    defaultCommand: ["sh"],
+  },
+  nsenter: {
+    grammar: {
+      abbreviations: true,
+      permute: false,
+      options: [
+        valued("-t", "--target"),
+        flag("-a", "--all"),
+        ...[["-m", "--mount"], ["-u", "--uts"], ["-i", "--ipc"], ["-n", "--net"], ["-p", "--pid"], ["-U", "--user"], ["-C", "--cgroup"], ["-T", "--time"], ["-r", "--root"], ["-w", "--wd"]].map(
+          (names): OptionSpec => ({ names, arity: "optional" }),
+        ),
+        valued("-S", "--setuid"),
+        valued("-G", "--setgid"),
+        valued("-W", "--wdns"),
+        flag("--preserve-credentials"),
+        flag("-e", "--env"),
+        flag("-F", "--no-fork"),
+        flag("-Z", "--follow-context"),
+        flag("-c", "--join-cgroup"),
+        flag("-h", "--help"),
+        flag("-V", "--version"),
+      ],
+    },
+    defaultCommand: ["sh"],
+  },
+  // `linux64 [opts] CMD…` (and setarch ARCH …, below): runs CMD, /bin/sh without one
+  linux64: { grammar: SETARCH, defaultCommand: ["sh"] },
+  // the dynamic loader runs the program it is given: `ld.so /bin/rm -rf x`
+  "ld.so": {
+    grammar: {
+      permute: false,
+      options: [
+        flag("--list"),
+        flag("--verify"),
+        flag("--inhibit-cache"),
+        flag("--list-tunables"),
+        flag("--list-diagnostics"),
+        flag("--help"),
+        flag("--version"),
+        ...["--library-path", "--inhibit-rpath", "--audit", "--preload", "--argv0", "--glibc-hwcaps-prepend", "--glibc-hwcaps-mask"].map((n) => valued(n)),
+      ],
+    },
+  },
+  // an init as a wrapper: `tini -- rm -rf x`
+  tini: {
+    grammar: { permute: false, options: [flag("-h"), flag("-s"), flag("-v"), flag("-w"), flag("-g"), flag("-l"), flag("--version"), valued("-p"), valued("-e")] },
   },
 };
 
@@ -378,8 +512,23 @@ export function unwrap(argv: readonly string[]): Unwrapped | undefined {
   if (name === "watch") return unwrapWatch(args);
   if (name === "flock") return unwrapFlock(args);
   if (name === "script") return unwrapScript(args);
-  if (!Object.hasOwn(WRAPPERS, name)) return undefined;
-  const spec = WRAPPERS[name]!;
+  if (name === "setarch") return args.length === 0 ? undefined : { ...unwrapWith("setarch", WRAPPERS.linux64!, args.slice(1)) };
+  if (name === "sg") return unwrapSg(args);
+  const key = SETARCH_ALIASES.has(name) ? "linux64" : LOADER.test(name) ? "ld.so" : name;
+  if (!Object.hasOwn(WRAPPERS, key)) return undefined;
+  return unwrapWith(name, WRAPPERS[key]!, args);
+}
+
+/** `sg [-] GROUP [-c] COMMAND…`: the command words are joined and run by /bin/sh -c */
+function unwrapSg(args: readonly string[]): Unwrapped | undefined {
+  let i = args[0] === "-" ? 1 : 0;
+  i++; // the group
+  if (args[i] === "-c") i++;
+  const rest = args.slice(i);
+  return rest.length === 0 ? undefined : { wrapper: "sg", inner: [{ kind: "script", script: rest.join(" ") }], unknown: [] };
+}
+
+function unwrapWith(name: string, spec: WrapperSpec, args: readonly string[]): Unwrapped {
 
   const parsed = parseArgs(spec.grammar, args, true);
   for (const item of parsed.items) {
@@ -406,5 +555,11 @@ export function unwrap(argv: readonly string[]): Unwrapped | undefined {
 
 export function isWrapper(program: string): boolean {
   const name = baseName(program);
-  return SHELLS.has(name) || Object.hasOwn(WRAPPERS, name) || ["eval", ".", "source", "find", "watch", "flock", "script"].includes(name);
+  return (
+    SHELLS.has(name) ||
+    Object.hasOwn(WRAPPERS, name) ||
+    SETARCH_ALIASES.has(name) ||
+    LOADER.test(name) ||
+    ["eval", ".", "source", "find", "watch", "flock", "script", "setarch", "sg"].includes(name)
+  );
 }

@@ -20,10 +20,12 @@ const cleanup: string[] = [];
 let project: string;
 let phase: PhaseView;
 
-/** A file as the phase's commands see it: writes land in the phase's view (its change layer), not in the project. */
-const inView = (rel: string) => path.join(t.stateDir, "phases", phase.id, "ws", "view", rel);
-
 type Rec = Record<string, unknown> & { type: string; phase?: string };
+
+/** a path in the phase's own view of the workspace (the project under its change layer), as its commands see it */
+function viewOf(p: PhaseView, ...rel: string[]): string {
+  return path.join(t.stateDir, "phases", p.id, "ws", "view", ...rel);
+}
 
 async function startPhase(dir: string): Promise<PhaseView> {
   const { phase: p } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: dir, phase: "9.1", mode: "test" });
@@ -107,8 +109,8 @@ describe("an approval is bound to the files the command runs", () => {
     const second = (stale.details as { approvalId: string; staleApprovalId: string }).approvalId;
     expect((stale.details as { staleApprovalId: string }).staleApprovalId).toBe(first);
     expect(second).not.toBe(first);
-    expect(await exists(inView("evil-ran"))).toBe(false);
-    expect(await exists(inView("helper-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "evil-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "helper-ran"))).toBe(false);
 
     const list = await approvalsOf(phase.id);
     expect(list.find((a) => a.id === first)?.state).toBe("stale");
@@ -127,7 +129,7 @@ describe("an approval is bound to the files the command runs", () => {
     // approving what is there now runs exactly that, once
     await decide(second, "approve");
     expect((await exec(phase, { argv: ["sh", "x/helper.sh"] })).exitCode).toBe(0);
-    expect(await exists(inView("evil-ran"))).toBe(true);
+    expect(await exists(viewOf(phase, "evil-ran"))).toBe(true);
     expect((await refusal(exec(phase, { argv: ["sh", "x/helper.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
   });
 
@@ -172,7 +174,7 @@ describe("a wrapped forbid is refused, never run", () => {
         rule: "shell.forbidden.rm-recursive",
       });
     }
-    expect(await readFile(path.join(project, "victim", "keep.txt"), "utf8")).toBe("keep\n");
+    expect(await readFile(viewOf(phase, "victim", "keep.txt"), "utf8")).toBe("keep\n");
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && wrapped.some((w) => JSON.stringify(w) === JSON.stringify(r.argv)));
     expect(verdicts).toHaveLength(wrapped.length);
     for (const v of verdicts) {
@@ -183,6 +185,40 @@ describe("a wrapped forbid is refused, never run", () => {
     // no approval request was made for any of them
     const approvals = await approvalsOf(phase.id);
     expect(approvals.filter((a) => wrapped.some((w) => JSON.stringify(w) === JSON.stringify(a.argv)))).toEqual([]);
+  });
+
+  // programs of the image that run their arguments as a command: util-linux's scheduling, limits,
+  // credentials, namespaces and personality wrappers, sg, tini, and the dynamic loader itself
+  const installed: string[][] = [
+    ["setarch", "x86_64", "rm", "-rf", "victim"],
+    ["linux64", "-R", "rm", "-rf", "victim"],
+    ["chrt", "-o", "0", "rm", "-rf", "victim"],
+    ["prlimit", "--nofile=64", "rm", "-rf", "victim"],
+    ["setpriv", "--nnp", "rm", "-rf", "victim"],
+    ["unshare", "rm", "-rf", "victim"],
+    ["nsenter", "rm", "-rf", "victim"],
+    ["sg", "users", "-c", "rm -rf victim"],
+    ["tini", "-s", "--", "rm", "-rf", "victim"],
+    ["/lib64/ld-linux-x86-64.so.2", "/bin/rm", "-rf", "victim"],
+    ["ld.so", "--preload", "x.so", "/bin/rm", "-rf", "victim"],
+  ];
+
+  it("setarch, chrt, prlimit, setpriv, unshare, nsenter, sg, tini and ld.so wrapping `rm -rf victim`: forbidden by the inner rule, not asked", async () => {
+    await ownedFile(path.join(project, "victim", "keep.txt"), "keep\n");
+    for (const argv of installed) {
+      const e = await refusal(exec(phase, { argv }));
+      expect({ argv, code: e.code, rule: (e.details as { rule: string }).rule }).toEqual({ argv, code: "SBX_ERR_POLICY_DENIED", rule: "shell.forbidden.rm-recursive" });
+    }
+    expect(await readFile(viewOf(phase, "victim", "keep.txt"), "utf8")).toBe("keep\n");
+    const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && installed.some((w) => JSON.stringify(w) === JSON.stringify(r.argv)));
+    expect(verdicts).toHaveLength(installed.length);
+    for (const v of verdicts) {
+      expect(v).toMatchObject({ decision: "forbid", rule: "shell.forbidden.rm-recursive" });
+      const parts = v.parts as Array<{ argv: string[]; decision: string; rule: string }>;
+      expect(parts.some((p) => /(^|\/)rm$/.test(p.argv[0]!) && p.decision === "forbid" && p.rule === "shell.forbidden.rm-recursive")).toBe(true);
+    }
+    const approvals = await approvalsOf(phase.id);
+    expect(approvals.filter((a) => installed.some((w) => JSON.stringify(w) === JSON.stringify(a.argv)))).toEqual([]);
   });
 
   it("kill -sKILL, ip addr fl lo and docker-compose down --volume are forbidden, not asked", async () => {
@@ -201,7 +237,7 @@ describe("a wrapped forbid is refused, never run", () => {
     const e = await refusal(exec(phase, { argv: ["python3", "-m", "timeit", "-n", "1", "open('/workspace/timeit-ran', 'w')"] }));
     expect(e.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
     expect((e.details as { rule: string }).rule).toBe("shell.python-inline-module");
-    expect(await exists(inView("timeit-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "timeit-ran"))).toBe(false);
   });
 });
 
@@ -223,12 +259,12 @@ describe("a denial reaches the agent", () => {
     expect(mine.map((a) => [a.id, a.state, a.retries])).toEqual([[id, "denied", 2]]);
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && JSON.stringify(r.argv) === JSON.stringify(argv));
     expect(verdicts.map((v) => v.deniedBy)).toEqual([null, id, id]);
-    expect(await exists(inView("denied-ran"))).toBe(false);
+    expect(await exists(viewOf(phase, "denied-ran"))).toBe(false);
 
     // the person says otherwise
     await decide(id, "approve", "fine after all");
     expect((await exec(phase, { argv })).exitCode).toBe(0);
-    expect(await exists(inView("denied-ran"))).toBe(true);
+    expect(await exists(viewOf(phase, "denied-ran"))).toBe(true);
     expect((await records(phase.id)).find((r) => r.type === "approval.approve" && r.approval === id)).toMatchObject({ previous: "denied" });
   });
 
@@ -283,6 +319,23 @@ describe("the operator's listings show what will run", () => {
 });
 
 describe(".env cannot change what runs or where packages come from", () => {
+  it("PYTEST_ADDOPTS and PYTHONOPTIMIZE from .env cannot turn a failing suite into a pass: dropped, named at phase start", async () => {
+    const dir = await makeProject();
+    cleanup.push(dir);
+    await ownedFile(path.join(dir, "tests", "test_orders.py"), "def test_fill():\n    assert 1 + 1 == 3\n");
+    // --co collects and exits 0 without running a test; PYTHONOPTIMIZE strips the code's own asserts
+    await ownedFile(path.join(dir, ".env"), "PYTEST_ADDOPTS=--co -q\nPYTHONOPTIMIZE=2\nLOG_LEVEL=debug\n");
+    const p = await startPhase(dir);
+    const start = (await records(p.id)).find((r) => r.type === "phase.start")!;
+    expect(start.envReserved).toEqual(["PYTEST_ADDOPTS", "PYTHONOPTIMIZE"]);
+    const r = await exec(p, { argv: ["pytest", "-q", "tests/"] });
+    // the suite ran: the failing test is reported failed, and so is the command, on record
+    expect({ exit: r.exitCode, ran: r.stdout.includes("FAILED tests/test_orders.py::test_fill") }).toEqual({ exit: 1, ran: true });
+    const result = (await records(p.id)).find((e) => e.type === "exec.result" && JSON.stringify(e.argv) === JSON.stringify(["pytest", "-q", "tests/"]));
+    expect(result).toMatchObject({ exitCode: 1 });
+    await t.api.request("DELETE", `/v1/phases/${p.id}`);
+  });
+
   it("BASH_ENV, ENV, PIP_* and Python's startup variables are dropped, named at phase start, and not used", async () => {
     const dir = await makeProject();
     cleanup.push(dir);
@@ -318,7 +371,7 @@ describe(".env cannot change what runs or where packages come from", () => {
     const asked = await refusal(exec(p, { argv: ["bash", "-c", "true"] }));
     await decide((asked.details as { approvalId: string }).approvalId, "approve");
     expect((await exec(p, { argv: ["bash", "-c", "true"] })).exitCode).toBe(0);
-    expect(await exists(path.join(dir, "bash-env-ran"))).toBe(false);
+    expect(await exists(viewOf(p, "bash-env-ran"))).toBe(false);
 
     // the commands see the daemon's values, and .env's harmless ones
     const show = await writeScript(dir, "import json, os; print(json.dumps({k: os.environ.get(k) for k in ['BASH_ENV', 'ENV', 'PIP_INDEX_URL', 'PIP_EXTRA_INDEX_URL', 'PIP_CONFIG_FILE', 'PYTHONSTARTUP', 'LD_PRELOAD', 'LOG_LEVEL']}))");
@@ -333,7 +386,7 @@ describe(".env cannot change what runs or where packages come from", () => {
       LD_PRELOAD: null,
       LOG_LEVEL: "debug",
     });
-    expect(await exists(path.join(dir, "startup-ran"))).toBe(false);
+    expect(await exists(viewOf(p, "startup-ran"))).toBe(false);
     const pip = await exec(p, { argv: ["python3", "-m", "pip", "config", "list"] });
     expect(pip.exitCode).toBe(0);
     expect(pip.stdout).toContain("https://pypi.org/simple");

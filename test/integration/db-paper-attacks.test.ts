@@ -341,3 +341,92 @@ describe("SQL approvals from a real sandbox", () => {
     ]);
   }, 120_000);
 });
+
+/**
+ * Raw extended protocol from the sandbox: a Parse of a paper write under a
+ * statement name the server already holds fails there ("already exists"),
+ * so the name still runs the old statement; a later Bind of that name must
+ * not be elevated as the paper write.
+ */
+const TAKEN_NAME = String.raw`
+import json, os, socket, struct, urllib.parse
+u = urllib.parse.urlparse(os.environ["DATABASE_URL"])
+s = socket.create_connection((u.hostname, u.port or 5432), timeout=20)
+f = s.makefile("rb")
+def cstr(x): return x.encode() + b"\0"
+def msg(t, body): return t + struct.pack("!I", len(body) + 4) + body
+def parse(name, sql): return msg(b"P", cstr(name) + cstr(sql) + struct.pack("!H", 0))
+def bind(stmt): return msg(b"B", cstr("") + cstr(stmt) + struct.pack("!HHH", 0, 0, 0))
+EXECUTE = msg(b"E", cstr("") + struct.pack("!I", 0))
+SYNC = msg(b"S", b"")
+def until_ready():
+    out = []
+    while True:
+        t = f.read(1)
+        if not t:
+            out.append("closed")
+            return out
+        body = f.read(struct.unpack("!I", f.read(4))[0] - 4)
+        if t == b"E":
+            fields = {p[:1]: p[1:].decode() for p in body.split(b"\0") if p}
+            out.append("E %s %s" % (fields.get(b"C"), fields.get(b"M", "")[:80]))
+        elif t == b"D":
+            out.append("D")
+        elif t == b"Z":
+            out.append("Z" + body.decode())
+            return out
+        elif t in (b"1", b"2", b"3", b"C"):
+            out.append(t.decode())
+startup = struct.pack("!I", 196608) + cstr("user") + cstr(u.username or "x") + cstr("database") + cstr(u.path[1:]) + b"\0"
+s.sendall(struct.pack("!I", len(startup) + 4) + startup)
+res = {"startup": until_ready()}
+INS = "INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ('TKN', 'buy', 1, 1, 'new')"
+steps = [
+    ("prepare-cancel", [parse("s1", "SELECT cancel_pending_orders()"), SYNC]),
+    ("reparse-as-paper-write", [parse("s1", INS), SYNC]),
+    ("bind-the-name", [bind("s1"), EXECUTE, SYNC]),
+    # the same within one batch: refused by the gateway (a paper write must open its batch)
+    ("same-batch", [parse("s2", "SELECT cancel_pending_orders()"), msg(b"H", b""), parse("s2", INS), SYNC]),
+    ("bind-s2", [bind("s2"), EXECUTE, SYNC]),
+    # after Close the name is free: a paper write parsed under it is elevated again
+    ("close", [msg(b"C", b"S" + cstr("s1")), SYNC]),
+    ("paper", [parse("s1", INS), SYNC]),
+    ("bind-paper", [bind("s1"), EXECUTE, SYNC]),
+]
+for name, parts in steps:
+    s.sendall(b"".join(parts))
+    res[name] = until_ready()
+print(json.dumps(res))
+`;
+
+describe("paper mode: a statement name the server already holds is not elevated as the paper write that failed to replace it", () => {
+  it("Parse s1 = SELECT cancel_pending_orders(); Parse s1 = paper INSERT (fails: exists); Bind s1 runs read-only; production unchanged", async () => {
+    const before = await production();
+    expect(before).toMatch(/\|pending/);
+    const project = await pgProject();
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "taken-name", mode: "paper" });
+    const r = await exec(phase, ["python3", await writeScript(project, TAKEN_NAME)]);
+    expect(r.stderr).toBe("");
+    const out = JSON.parse(r.stdout) as Record<string, string[]>;
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    expect(out["prepare-cancel"]).toEqual(["1", "ZI"]);
+    expect(out["reparse-as-paper-write"]).toEqual([expect.stringMatching(/^E 42P05 /), "ZI"]);
+    // the old statement runs, read-only: the server refuses its write
+    expect(out["bind-the-name"]).toEqual(["2", expect.stringMatching(/^E 25006 /), "ZI"]);
+    // within one batch the gateway refuses the paper write itself (it does not open the batch)
+    expect(out["same-batch"]).toEqual(["1", expect.stringMatching(/^E 42501 sandboxd refused this statement: db\.paper-elevation/), "ZI"]);
+    expect(out["bind-s2"]).toEqual(["2", expect.stringMatching(/^E 25006 /), "ZI"]);
+    // a legitimate paper write under a freed name still runs
+    expect(out.close).toEqual(["3", "ZI"]);
+    expect(out.paper).toEqual(["1", "ZI"]);
+    expect(out["bind-paper"]).toEqual(["2", "C", "ZI"]);
+    expect(await production()).toBe(before);
+    expect(Number((await db.psql("SELECT count(*) FROM paper_orders WHERE symbol = 'TKN'", "trading")).trim())).toBe(1);
+    const records = await journal(phase.id);
+    // the Parses of the paper write are on record (one refused inside a batch); nothing was closed
+    const inserts = records.filter((e) => e.type === "db.query" && String(e.sql).startsWith("INSERT INTO paper_orders"));
+    expect(inserts.map((e) => e.decision)).toEqual(["allow", "forbid", "allow"]);
+    expect(records.filter((e) => e.type === "db.query" && e.sql === "SELECT cancel_pending_orders()")).toHaveLength(2);
+    expect(records.filter((e) => e.type === "db.session")).toEqual([]);
+  }, 120_000);
+});
