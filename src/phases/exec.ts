@@ -524,6 +524,7 @@ async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts
       .record({ type: "exec.error", argv: verdict.execArgv, error: (e as Error).message }, [
         actionLine(ts(), "SHELL", "EXEC", cmd, `NOT RUN ${(e as SandboxdError).code ?? ""} ${(e as Error).message}`),
       ])
+      // eslint-disable-next-line no-restricted-syntax -- the command was not run and the caller gets the error; a failed record is the journal failing, which fails closed on its own
       .catch(() => undefined);
     throw e;
   }
