@@ -187,7 +187,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   let stale: { approval: Approval; changed: string[] } | null = null;
   let files: FileBinding[] = [];
   if (verdict.decision === "ask") {
-    files = await bindFiles(filesRun(input), (rel) => readProjectFile(record, rel));
+    // what will run is the phase's view of the project (src/workspace): an edit in the layer changes the hash
+    const viewRoot = live.workspace ? await live.workspace.layer.viewRoot() : record.project;
+    files = await bindFiles(filesRun(input), (rel) => readProjectFile({ project: viewRoot }, rel));
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);

@@ -57,6 +57,11 @@ async function approvalsOf(phaseId: string): Promise<Approval[]> {
   return (await t.api.request<{ approvals: Approval[] }>("GET", `/v1/approvals?all=1&phase=${phaseId}`)).approvals;
 }
 
+/** A path in the phase's view of the project (what commands write lands there first: docs/WORKSPACE.md). */
+function inView(name: string): string {
+  return path.join(t.stateDir, "phases", phase.id, "ws", "view", name);
+}
+
 async function exists(p: string): Promise<boolean> {
   return stat(p).then(
     () => true,
@@ -104,8 +109,8 @@ describe("an approval is bound to the files the command runs", () => {
     const second = (stale.details as { approvalId: string; staleApprovalId: string }).approvalId;
     expect((stale.details as { staleApprovalId: string }).staleApprovalId).toBe(first);
     expect(second).not.toBe(first);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(false);
-    expect(await exists(path.join(project, "helper-ran"))).toBe(false);
+    expect(await exists(inView("evil-ran"))).toBe(false);
+    expect(await exists(inView("helper-ran"))).toBe(false);
 
     const list = await approvalsOf(phase.id);
     expect(list.find((a) => a.id === first)?.state).toBe("stale");
@@ -124,7 +129,7 @@ describe("an approval is bound to the files the command runs", () => {
     // approving what is there now runs exactly that, once
     await decide(second, "approve");
     expect((await exec(phase, { argv: ["sh", "x/helper.sh"] })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "evil-ran"))).toBe(true);
+    expect(await exists(inView("evil-ran"))).toBe(true);
     expect((await refusal(exec(phase, { argv: ["sh", "x/helper.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
   });
 
@@ -198,7 +203,7 @@ describe("a wrapped forbid is refused, never run", () => {
     const e = await refusal(exec(phase, { argv: ["python3", "-m", "timeit", "-n", "1", "open('/workspace/timeit-ran', 'w')"] }));
     expect(e.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
     expect((e.details as { rule: string }).rule).toBe("shell.python-inline-module");
-    expect(await exists(path.join(project, "timeit-ran"))).toBe(false);
+    expect(await exists(inView("timeit-ran"))).toBe(false);
   });
 });
 
@@ -220,12 +225,12 @@ describe("a denial reaches the agent", () => {
     expect(mine.map((a) => [a.id, a.state, a.retries])).toEqual([[id, "denied", 2]]);
     const verdicts = (await records(phase.id)).filter((r) => r.type === "exec.verdict" && JSON.stringify(r.argv) === JSON.stringify(argv));
     expect(verdicts.map((v) => v.deniedBy)).toEqual([null, id, id]);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(false);
+    expect(await exists(inView("denied-ran"))).toBe(false);
 
     // the person says otherwise
     await decide(id, "approve", "fine after all");
     expect((await exec(phase, { argv })).exitCode).toBe(0);
-    expect(await exists(path.join(project, "denied-ran"))).toBe(true);
+    expect(await exists(inView("denied-ran"))).toBe(true);
     expect((await records(phase.id)).find((r) => r.type === "approval.approve" && r.approval === id)).toMatchObject({ previous: "denied" });
   });
 
