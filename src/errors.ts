@@ -52,7 +52,7 @@ export const ERRORS = {
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {
     status: 503,
-    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk, then restart the daemon; nothing runs without a record",
+    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk: the daemon re-probes every second and takes work again by itself, recording the gap; nothing runs without a record",
   },
   SBX_ERR_AUDIT_BUDGET: {
     status: 429,
@@ -67,6 +67,18 @@ export const ERRORS = {
   SBX_ERR_SHUTTING_DOWN: { status: 503, hint: "the daemon is stopping; start it again with `sandboxd start`" },
   SBX_ERR_DAEMON_RUNNING: { status: 409, hint: "another daemon holds this socket; stop it or pass --socket" },
   SBX_ERR_DAEMON_UNREACHABLE: { status: 503, hint: "start the daemon with `sandboxd start` (or `npm start`), or pass --socket" },
+  SBX_ERR_CONSOLE_ADDRESS: {
+    status: 500,
+    hint: "give the console a loopback address and a port, e.g. --console 127.0.0.1:8470 (or [::1]:8470); to reach it from elsewhere, forward the port over SSH (ssh -L 8470:127.0.0.1:8470 HOST)",
+  },
+  SBX_ERR_CONSOLE_AUTH: {
+    status: 401,
+    hint: "open the login URL the daemon printed at start (…/login#TOKEN), or send Authorization: Bearer TOKEN",
+  },
+  SBX_ERR_CONSOLE_FORBIDDEN: {
+    status: 403,
+    hint: "the console answers only its own pages: requests must name it by its own address (Host), and changes need its Origin and the X-Sandboxd-CSRF header the page sends",
+  },
   SBX_ERR_CONFIG: { status: 500, hint: "fix the settings named above and start again" },
   SBX_ERR_WORKSPACE: { status: 500, hint: "the phase's change layer could not be mounted or changed; the daemon log has the details (docs/WORKSPACE.md)" },
   SBX_ERR_WORKSPACE_UNSUPPORTED: {

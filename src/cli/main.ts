@@ -167,13 +167,22 @@ function program(): Command {
     .description("run the daemon in the foreground (SIGTERM or Ctrl-C stops it and its phases)")
     .option("--state-dir <dir>", "where phase records and audit logs live (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
     .option("--policy <file>", "the policy every phase runs under (default: $SANDBOXD_POLICY, policies/default.yaml); SIGHUP re-reads it")
-    .action(async (opts: { stateDir?: string; policy?: string }, cmd: Command) => {
+    .option("--console <host:port>", "also serve the operator console (web page + API) on this loopback address, e.g. 127.0.0.1:8470; prints a one-time login URL (default: $SANDBOXD_CONSOLE, off)")
+    .action(async (opts: { stateDir?: string; policy?: string; console?: string }, cmd: Command) => {
       const { startDaemon } = await import("../daemon.js");
       const settings = resolveSettings({
         socket: cmd.optsWithGlobals<{ socket?: string }>().socket,
         stateDir: opts.stateDir,
         policy: opts.policy,
+        console: opts.console,
       });
+      // The signals are taken before the daemon starts serving: a SIGTERM that
+      // arrives while it starts (the socket may already answer) stops it once
+      // started, never kills it mid-way with phases half made.
+      let signalled: string | null = null;
+      let onSignal: (sig: string) => void = (sig) => (signalled ??= sig);
+      process.once("SIGTERM", () => onSignal("SIGTERM"));
+      process.once("SIGINT", () => onSignal("SIGINT"));
       const daemon = await startDaemon(settings);
       process.on("SIGHUP", () => void daemon.reload());
       await new Promise<void>((resolve) => {
@@ -187,8 +196,8 @@ function program(): Command {
             resolve();
           });
         };
-        process.once("SIGTERM", () => stop("SIGTERM"));
-        process.once("SIGINT", () => stop("SIGINT"));
+        onSignal = stop;
+        if (signalled) stop(signalled);
       });
     });
 
