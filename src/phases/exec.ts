@@ -187,10 +187,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   let stale: { approval: Approval; changed: string[] } | null = null;
   let files: FileBinding[] = [];
   if (verdict.decision === "ask") {
-    // the files as the command will see them: with a change layer, the phase's view (the project under the
-    // layer's changes, where the sandbox's edits are) — the project itself holds only accepted iterations
-    const seen = live.workspace ? { project: live.workspace.layer.paths.view } : record;
-    files = await bindFiles(filesRun(input), (rel) => readProjectFile(seen, rel));
+    // what will run is the phase's view of the project (src/workspace): an edit in the layer changes the hash
+    const viewRoot = live.workspace ? await live.workspace.layer.viewRoot() : record.project;
+    files = await bindFiles(filesRun(input), (rel) => readProjectFile({ project: viewRoot }, rel));
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);

@@ -44,7 +44,7 @@
  */
 import { execFile } from "node:child_process";
 import { constants as fsc } from "node:fs";
-import { chmod, chown, lstat, mkdir, open, readFile, readdir, rm, stat } from "node:fs/promises";
+import { chmod, chown, lstat, mkdir, open, readFile, readdir, realpath, rm, stat } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { SandboxdError } from "../errors.js";
@@ -410,6 +410,15 @@ export class WorkspaceLayer {
   /** The file's bytes in the project (the last accepted state), never through a link. */
   async readProject(rel: string, maxBytes: number): Promise<Buffer | null> {
     return readRegular(this.spec.project, rel, maxBytes, null);
+  }
+
+  /**
+   * The view as the host sees it (the overlay, the phase's changes over the
+   * project): what a command in the sandbox reads at /workspace. The real
+   * path, for prefix checks.
+   */
+  async viewRoot(): Promise<string> {
+    return realpath(this.paths.view);
   }
 
   async upperDevice(): Promise<number> {

@@ -219,17 +219,18 @@ describe("pip's allow-list proxy", () => {
   it("lets pip download and install from the listed index, with nothing configured by the agent", async () => {
     const project = await makeProject();
     cleanup.push(project);
-    await writeFile(path.join(project, "standin-ca.pem"), caPem);
-    await chown(path.join(project, "standin-ca.pem"), OWNER.uid, OWNER.gid);
+    await writeFile(path.join(project, "standin-ca.crt"), caPem);
+    await chown(path.join(project, "standin-ca.crt"), OWNER.uid, OWNER.gid);
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "pip", mode: "test" });
 
-    const dl = await exec(phase, ["pip", "download", PKG, "--no-deps", "-d", "dl", "--cert", "standin-ca.pem", "--disable-pip-version-check"]);
+    const dl = await exec(phase, ["pip", "download", PKG, "--no-deps", "-d", "dl", "--cert", "standin-ca.crt", "--disable-pip-version-check"]);
     expect(dl.stderr).not.toMatch(/ERROR/);
     expect(dl.exitCode).toBe(0);
     expect(dl.stdout).toMatch(new RegExp(`Saved \\S*${WHEEL.replace(/\./g, "\\.")}`));
-    // the wheel arrived in the project, byte for byte
-    expect(await readdir(path.join(project, "dl"))).toEqual([WHEEL]);
-    expect((await readFile(path.join(project, "dl", WHEEL))).equals(wheel)).toBe(true);
+    // the wheel arrived in the phase's view of the project (docs/WORKSPACE.md), byte for byte
+    const view = path.join(t.stateDir, "phases", phase.id, "ws", "view");
+    expect(await readdir(path.join(view, "dl"))).toEqual([WHEEL]);
+    expect((await readFile(path.join(view, "dl", WHEEL))).equals(wheel)).toBe(true);
     expect(requests).toEqual(
       expect.arrayContaining([
         { host: INDEX_HOST, path: `/simple/${PKG}/` },
@@ -238,13 +239,13 @@ describe("pip's allow-list proxy", () => {
     );
 
     // `pip install NAME` is allowed by the shell policy and reaches the index the same way
-    const inst = await exec(phase, ["pip", "install", "--no-deps", "--target", "pkgs", PKG, "--cert", "standin-ca.pem", "--disable-pip-version-check"]);
+    const inst = await exec(phase, ["pip", "install", "--no-deps", "--target", "pkgs", PKG, "--cert", "standin-ca.crt", "--disable-pip-version-check"]);
     expect(inst.exitCode).toBe(0);
     const check = await writeScript(project, `import sys\nsys.path.insert(0, "pkgs")\nimport ${PKG}\nprint(${PKG}.VALUE)`);
     expect((await exec(phase, ["python3", check])).stdout.trim()).toBe("42");
     // and plainly, as SKILLS.md has it (`pip install [package]`): into the user site (the
     // image's system Python is read-only and Debian-managed), importable by later commands
-    const plain = await exec(phase, ["pip", "install", "--no-deps", PKG, "--cert", "standin-ca.pem", "--disable-pip-version-check"]);
+    const plain = await exec(phase, ["pip", "install", "--no-deps", PKG, "--cert", "standin-ca.crt", "--disable-pip-version-check"]);
     expect(plain.stderr).not.toMatch(/externally-managed|ERROR/);
     expect(plain.exitCode).toBe(0);
     const where = await writeScript(project, `import ${PKG}\nprint(${PKG}.VALUE, ${PKG}.__file__)`);

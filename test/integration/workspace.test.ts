@@ -365,7 +365,8 @@ describe("the .env rewrite against a real database", () => {
       // the attack: production's URL copied into DATABASE_URL_TEST
       const w = await py(`open('/workspace/.env', 'w').write(${JSON.stringify(`DATABASE_URL_TEST=postgresql://${gw}/trading\n`)})`, p1.id, proj);
       expect(w.exitCode).toBe(0);
-      const { phase: ended } = await t.api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${p1.id}`);
+      await t.api.request("DELETE", `/v1/phases/${p1.id}`);
+      const { phase: ended } = await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${p1.id}`);
       expect((ended.workspace?.iterations as Array<{ state: string }>).at(-1)?.state).toBe("rejected");
       expect(await readFile(path.join(proj, ".env"), "utf8")).toBe(envText);
 
