@@ -9,8 +9,9 @@ import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
-import type { PhaseContext } from "./context.js";
+import type { LivePhase, PhaseContext } from "./context.js";
 import { commandEnv, readProjectFile } from "./project.js";
+import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
@@ -210,7 +211,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
         : "";
-  await rec.record(
+  const verdictRecord = await rec.record(
     {
       type: "exec.verdict",
       ...what,
@@ -275,6 +276,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     await recordError(e);
     throw e;
   }
+  const leave = await enterWorkspace(live, verdict, cmd, ts);
   const out = new HeadTailText(limits.outputCapBytes);
   const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -368,7 +370,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  });
+  }).finally(leave);
   flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
@@ -421,7 +423,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
-  );
+  ).catch((e: unknown) => {
+    throw mayHaveRun(e, cmd, verdictRecord.seq);
+  });
 
   return {
     phaseId: id,
@@ -505,6 +509,51 @@ export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
     throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `the command's arguments and environment take ${bytes} bytes encoded; at most ${MAX_FRAME_PAYLOAD} fit one message to the sandbox`, {
       details: { bytes, limit: MAX_FRAME_PAYLOAD },
     });
+  }
+}
+
+/**
+ * The result of a command that ran could not be recorded (the audit disk
+ * failed after its verdict was durable): the caller must not read the 503
+ * as "nothing ran". The answer says the command may have run, and names
+ * its verdict record.
+ */
+function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
+  if (!(e instanceof SandboxdError) || e.code !== "SBX_ERR_AUDIT_FAILED") return e;
+  return new SandboxdError(
+    "SBX_ERR_AUDIT_FAILED",
+    `${e.message}. The command \`${cmd}\` was allowed (verdict recorded as audit seq ${verdictSeq}) and may have run; its result is not recorded`,
+    { hint: e.hint, details: { ...((e.details as object | undefined) ?? {}), verdictSeq, mayHaveRun: true } },
+  );
+}
+
+/**
+ * The workspace's part in a command (src/workspace): before a validation
+ * command the changes so far are judged as an iteration (refused → the
+ * command does not run); then the command holds the phase's gate, so no
+ * checkpoint remounts the view under it. Returns the gate's release.
+ */
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+  const ws = live.workspace;
+  if (!ws) return () => undefined;
+  try {
+    await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
+    const leave = await ws.gate.enter();
+    try {
+      ws.assertNotPending();
+    } catch (e) {
+      leave();
+      throw e;
+    }
+    return leave;
+  } catch (e) {
+    await live.rec
+      .record({ type: "exec.error", argv: verdict.execArgv, error: (e as Error).message }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `NOT RUN ${(e as SandboxdError).code ?? ""} ${(e as Error).message}`),
+      ])
+      // eslint-disable-next-line no-restricted-syntax -- the command did not run and the caller gets its error; a record that fails is the journal failing, which fails closed on its own
+      .catch(() => undefined);
+    throw e;
   }
 }
 
