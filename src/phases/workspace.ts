@@ -159,7 +159,7 @@ export async function endWorkspace(ctx: PhaseContext, live: LivePhase, state: "s
       .record({ type: "workspace.discard", reason: (err as Error).message }, [
         actionLine(timestamp(ctx.opts.clock.now()), "FILE", "DISCARD", live.record.name, `FAILED final checkpoint: ${(err as Error).message}`),
       ])
-      .catch(() => undefined);
+      .catch((e: Error) => ctx.log.error({ phase: live.record.id, err: e.message }, "could not record the discarded final checkpoint"));
   }
 }
 

@@ -159,6 +159,8 @@ async function writeFromUpper(c: FileChange, t: ApplyTarget): Promise<void> {
     }
     await rename(tmp, dst);
   } catch (err) {
+    // the copy's own error is the one to report; a temp file left behind is never read
+    // eslint-disable-next-line no-restricted-syntax -- see the line above
     await unlink(tmp).catch(() => undefined);
     throw err;
   } finally {

