@@ -159,8 +159,7 @@ async function writeFromUpper(c: FileChange, t: ApplyTarget): Promise<void> {
     }
     await rename(tmp, dst);
   } catch (err) {
-    // the copy's own error is the one to report; a temp file left behind is never read
-    // eslint-disable-next-line no-restricted-syntax -- see the line above
+    // eslint-disable-next-line no-restricted-syntax -- the write failed and its error is rethrown below; a temp file already gone is fine
     await unlink(tmp).catch(() => undefined);
     throw err;
   } finally {

@@ -262,8 +262,7 @@ export class PhaseWorkspace {
       p.state = "rejected";
       p.decidedAt = ts;
       p.decidedBy = why;
-      // best effort: the discard is recorded in the audit trail just above; this file only mirrors it
-      // eslint-disable-next-line no-restricted-syntax -- see the line above
+      // eslint-disable-next-line no-restricted-syntax -- the phase is ending and the discard is already in the trail (the record above); the saved iteration state only serves a later show
       await this.save().catch(() => undefined);
     }
   }

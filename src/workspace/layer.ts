@@ -373,8 +373,7 @@ export class WorkspaceLayer {
     const p = this.paths;
     this.destroyed = true;
     await this.inFlight;
-    // a view not (or no longer) mounted is the common case here; what must succeed is the removal below
-    // eslint-disable-next-line no-restricted-syntax -- see the line above
+    // eslint-disable-next-line no-restricted-syntax -- destroy goes on whatever the unmount says: the lazy unmounts below detach what is left
     await this.unmount(containerPid).catch(() => undefined);
     await sh(
       [
