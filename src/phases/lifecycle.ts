@@ -246,7 +246,8 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
     if (live.channel?.connected) return;
     try {
       const st = await ctx.opts.runtime.inspect(record.containerId);
-      if (!st) cause = "its container was removed from outside sandboxd";
+      // "removing": Docker is removing it (docker rm -f); the processes are already gone
+      if (!st || st.status === "removing") cause = "its container was removed from outside sandboxd";
       else if (!st.running) {
         const how = st.oomKilled ? ", killed for lack of memory" : st.exitCode === 137 ? ", killed by SIGKILL" : "";
         cause = `its container stopped (${st.status}, exit code ${st.exitCode ?? "unknown"}${how})`;
