@@ -70,7 +70,11 @@ describe("a full audit disk recovers without a restart", () => {
       await expect(api.request("POST", `/v1/phases/${a.id}/exec`, { argv: ["python3", "ok.py"] })).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_FAILED" });
       await api.request("DELETE", `/v1/phases/${b.id}`);
       // space returns: the daemon takes work again by itself
-      await rm(path.join(project, "filler"));
+      // the command's file is wherever its writes land (the project, or the phase's change layer in the state dir)
+      // (not through the overlay's merged view, which the daemon owns: the file itself, in its upper dir)
+      const fillers = execFileSync("find", [mnt, "-name", "filler", "-type", "f", "-not", "-path", "*/view/*"], { encoding: "utf8" }).trim().split("\n").filter(Boolean);
+      expect(fillers.length).toBeGreaterThan(0);
+      for (const f of fillers) await rm(f);
       let result: ExecResult | null = null;
       for (let i = 0; i < 50 && !result; i++) {
         await new Promise((r) => setTimeout(r, 200));
