@@ -52,7 +52,7 @@ export const ERRORS = {
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {
     status: 503,
-    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk, then restart the daemon; nothing runs without a record",
+    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk: the daemon re-probes every second and takes work again by itself, recording the gap; nothing runs without a record",
   },
   SBX_ERR_AUDIT_BUDGET: {
     status: 429,

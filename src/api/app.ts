@@ -220,6 +220,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    // sent now, not with the first record: a follow of a quiet trail is answered at once
+    res.flushHeaders();
     for (const r of records) res.write(JSON.stringify(r) + "\n");
     const stop = new AbortController();
     res.on("close", () => stop.abort());

@@ -146,6 +146,13 @@ function program(): Command {
         policy: opts.policy,
         console: opts.console,
       });
+      // The signals are taken before the daemon starts serving: a SIGTERM that
+      // arrives while it starts (the socket may already answer) stops it once
+      // started, never kills it mid-way with phases half made.
+      let signalled: string | null = null;
+      let onSignal: (sig: string) => void = (sig) => (signalled ??= sig);
+      process.once("SIGTERM", () => onSignal("SIGTERM"));
+      process.once("SIGINT", () => onSignal("SIGINT"));
       const daemon = await startDaemon(settings);
       process.on("SIGHUP", () => void daemon.reload());
       await new Promise<void>((resolve) => {
@@ -159,8 +166,8 @@ function program(): Command {
             resolve();
           });
         };
-        process.once("SIGTERM", () => stop("SIGTERM"));
-        process.once("SIGINT", () => stop("SIGINT"));
+        onSignal = stop;
+        if (signalled) stop(signalled);
       });
     });
 

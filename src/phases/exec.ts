@@ -210,7 +210,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
         : "";
-  await rec.record(
+  const verdictRecord = await rec.record(
     {
       type: "exec.verdict",
       ...what,
@@ -284,14 +284,16 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
-      // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
-      const backstop = setTimeout(
-        () => {
-          channel.signal(execId, "SIGKILL");
-          finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
-        },
-        timeoutMs + limits.killGraceMs + 10_000,
-      );
+      // Backstop: the shim enforces the timeout; this catches a shim that stopped
+      // answering. The shim's clock starts when the command starts, and under load
+      // a command can wait to be started; so the backstop is re-armed at the
+      // start the shim reports, and until then allows at least START_BACKSTOP_MS.
+      const runFor = timeoutMs + limits.killGraceMs + 10_000;
+      const giveUp = () => {
+        channel.signal(execId, "SIGKILL");
+        finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
+      };
+      let backstop = setTimeout(giveUp, Math.max(runFor, START_BACKSTOP_MS));
       const onAbort = () => channel.signal(execId, "SIGKILL");
       // Once the exec has its outcome, nothing of it reaches the caller again:
       // the channel forgets it, so late output of a command given up on is dropped.
@@ -309,7 +311,12 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         sent = channel.exec(
           { argv: verdict.execArgv, ...execBase },
           {
-            onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
+            onStarted: (pid) => {
+              if (done) return;
+              clearTimeout(backstop);
+              backstop = setTimeout(giveUp, runFor);
+              sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
+            },
             onStdout: (c) => {
               if (done) return;
               out.count(c.length);
@@ -414,7 +421,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
-  );
+  ).catch((e: unknown) => {
+    throw mayHaveRun(e, cmd, verdictRecord.seq);
+  });
 
   return {
     phaseId: id,
@@ -467,6 +476,9 @@ function staleError(stale: { approval: Approval; changed: string[] }, pending: A
   );
 }
 
+/** How long a command may wait to be started by the shim before the daemon gives up on it. */
+const START_BACKSTOP_MS = 60_000;
+
 /**
  * Linux refuses a single argument or environment string of MAX_ARG_STRLEN
  * (32 pages: 131,072 bytes, the terminating NUL included) with E2BIG.
@@ -496,6 +508,21 @@ export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
       details: { bytes, limit: MAX_FRAME_PAYLOAD },
     });
   }
+}
+
+/**
+ * The result of a command that ran could not be recorded (the audit disk
+ * failed after its verdict was durable): the caller must not read the 503
+ * as "nothing ran". The answer says the command may have run, and names
+ * its verdict record.
+ */
+function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
+  if (!(e instanceof SandboxdError) || e.code !== "SBX_ERR_AUDIT_FAILED") return e;
+  return new SandboxdError(
+    "SBX_ERR_AUDIT_FAILED",
+    `${e.message}. The command \`${cmd}\` was allowed (verdict recorded as audit seq ${verdictSeq}) and may have run; its result is not recorded`,
+    { hint: e.hint, details: { ...((e.details as object | undefined) ?? {}), verdictSeq, mayHaveRun: true } },
+  );
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */

@@ -6,7 +6,9 @@
  * record and the container; the rest carries it out.
  */
 import type { BuildLog } from "../audit/buildlog.js";
-import { actionLine, timestamp } from "../audit/format.js";
+import { actionLine, quoteArgv, timestamp } from "../audit/format.js";
+import type { AuditRecord } from "../audit/journal.js";
+import { readRecords } from "../audit/read.js";
 import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
@@ -130,6 +132,57 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await live.rec.record({ type: "phase.readopt", name: record.name }, [
     actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, "daemon restarted; shim reconnected"),
   ]);
+  await recordLostExecs(ctx, live);
+}
+
+/**
+ * Commands that were allowed (their verdict is on record) but have no
+ * result: the daemon died while they ran, and the shim ended them when its
+ * link dropped. Each gets an `exec.lost` record with what is known, so no
+ * verdict is left open. Verdicts and ends are paired by the command they
+ * name, first come first served (a command run twice at once is ambiguous
+ * only as to which verdict is whose, not as to how many were lost).
+ */
+export function lostVerdicts(records: readonly AuditRecord[]): AuditRecord[] {
+  const key = (r: AuditRecord) => JSON.stringify([r.argv ?? null, r.command ?? null]);
+  const open = new Map<string, AuditRecord[]>();
+  for (const r of records) {
+    if (r.type === "exec.verdict" && r.decision === "allow") {
+      const k = key(r);
+      open.set(k, [...(open.get(k) ?? []), r]);
+    } else if (r.type === "exec.result" || r.type === "exec.error" || r.type === "exec.lost") {
+      open.get(key(r))?.shift();
+    }
+  }
+  return [...open.values()].flat().sort((a, b) => a.seq - b.seq);
+}
+
+async function recordLostExecs(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  const { record } = live;
+  const lost = lostVerdicts(await readRecords(ctx.opts.stateDir, { phase: record.id }));
+  if (lost.length === 0) return;
+  const ts = timestamp(ctx.opts.clock.now());
+  await live.rec.recordMany(
+    lost.map((v) => ({
+      event: {
+        type: "exec.lost",
+        argv: v.argv ?? null,
+        command: v.command ?? null,
+        verdictSeq: v.seq,
+        verdictAt: v.ts,
+        reason: "the daemon stopped while the command ran; the shim ends commands whose link drops, so it ended then, with no result recorded",
+      },
+      lines: [
+        actionLine(
+          ts,
+          "SHELL",
+          "EXEC",
+          Array.isArray(v.argv) ? quoteArgv(v.argv as string[]) : String(v.command ?? ""),
+          `LOST (verdict seq ${v.seq} at ${v.ts}): the daemon stopped while it ran; no result`,
+        ),
+      ],
+    })),
+  );
 }
 
 /** The container of a phase that had already ended: its log is kept beside the others, then it goes. */
