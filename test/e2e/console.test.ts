@@ -64,12 +64,12 @@ afterAll(async () => {
   for (const x of dirs) await removeDir(x);
 });
 
-async function loggedIn(): Promise<{ ctx: BrowserContext; page: Page }> {
+async function loggedIn(waitForPhase = true): Promise<{ ctx: BrowserContext; page: Page }> {
   const ctx = await browser.newContext();
   const page = await ctx.newPage();
   await page.goto(loginUrl);
   await page.waitForURL(`${base}/`);
-  await page.locator(`tr[data-phase="${phase.id}"]`).waitFor();
+  if (waitForPhase) await page.locator(`tr[data-phase="${phase.id}"]`).waitFor();
   return { ctx, page };
 }
 
@@ -288,6 +288,22 @@ describe("the console's page", () => {
       .toBe("stopped");
     await page.locator("#show-ended").check();
     await expect.poll(() => page.locator(`tr[data-phase="${phase.id}"] .state`).textContent(), { timeout: 10_000 }).toMatch(/^stopped/);
+    await ctx.close();
+  });
+});
+
+describe("the console at daemon stop", () => {
+  it("ends a page's live audit stream and lets the daemon stop promptly", async () => {
+    const { ctx, page } = await loggedIn(false); // the phase has ended: listed once ended phases are shown
+    await page.locator("#show-ended").check();
+    await page.locator(`tr[data-phase="${phase.id}"] button.watch`).click();
+    await page.locator('#audit li[data-type="phase.start"]').waitFor();
+    const t0 = Date.now();
+    await d.daemon.close();
+    // an open follower (and the page's kept-alive connections) used to hold the close forever
+    expect(Date.now() - t0).toBeLessThan(15_000);
+    const r = await fetch(`${base}/v1/health`, { headers: { authorization: `Bearer ${token}` } }).catch((e: Error) => e);
+    expect(r).toBeInstanceOf(Error);
     await ctx.close();
   });
 });
