@@ -9,8 +9,9 @@ import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
-import type { PhaseContext } from "./context.js";
+import type { LivePhase, PhaseContext } from "./context.js";
 import { commandEnv, readProjectFile } from "./project.js";
+import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
@@ -275,6 +276,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     await recordError(e);
     throw e;
   }
+  const leave = await enterWorkspace(live, verdict, cmd, ts);
   const out = new HeadTailText(limits.outputCapBytes);
   const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -368,7 +370,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  });
+  }).finally(leave);
   flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
@@ -523,6 +525,36 @@ function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
     `${e.message}. The command \`${cmd}\` was allowed (verdict recorded as audit seq ${verdictSeq}) and may have run; its result is not recorded`,
     { hint: e.hint, details: { ...((e.details as object | undefined) ?? {}), verdictSeq, mayHaveRun: true } },
   );
+}
+
+/**
+ * The workspace's part in a command (src/workspace): before a validation
+ * command the changes so far are judged as an iteration (refused → the
+ * command does not run); then the command holds the phase's gate, so no
+ * checkpoint remounts the view under it. Returns the gate's release.
+ */
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+  const ws = live.workspace;
+  if (!ws) return () => undefined;
+  try {
+    await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
+    const leave = await ws.gate.enter();
+    try {
+      ws.assertNotPending();
+    } catch (e) {
+      leave();
+      throw e;
+    }
+    return leave;
+  } catch (e) {
+    await live.rec
+      .record({ type: "exec.error", argv: verdict.execArgv, error: (e as Error).message }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `NOT RUN ${(e as SandboxdError).code ?? ""} ${(e as Error).message}`),
+      ])
+      // eslint-disable-next-line no-restricted-syntax -- the command did not run and the caller gets its error; a record that fails is the journal failing, which fails closed on its own
+      .catch(() => undefined);
+    throw e;
+  }
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */

@@ -15,8 +15,10 @@ import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { readFile } from "node:fs/promises";
+import dotenv from "dotenv";
+import { makeWorkspace } from "./workspace.js";
 import { splitDotenv } from "../policy/env.js";
-import { readDotenv } from "./project.js";
 import { isTerminal } from "./state.js";
 import type { PhaseRecord } from "./types.js";
 
@@ -127,6 +129,8 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const channel = openChannel(ctx, live, token);
   await channel.listen();
   await openTunnels(ctx, live, token);
+  // the layer's mounts outlive the daemon; what is missing is mounted again
+  await live.workspace?.layer.reattach();
   await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   await live.rec.record({ type: "phase.readopt", name: record.name }, [
@@ -200,7 +204,13 @@ async function removeEnded(ctx: PhaseContext, record: PhaseRecord, containerId: 
  * `refusal` says why, and the caller ends the phase.
  */
 async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: LivePhase; refusal: string | null }> {
-  const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
+  // the .env the daemon read at phase start, kept in the state dir: the project's
+  // file is never read again (the phase could have had a hand in it since)
+  let refusal: string | null = null;
+  const kept = await readFile(ctx.store.dotenvPath(record.id), "utf8").catch(() => null);
+  if (kept === null) refusal = "the .env read at phase start was not kept in the state dir; it is not read again from the project";
+  const text = kept ?? "";
+  const vars = dotenv.parse(text);
   const log = await reopenAudit(ctx, record);
   const services = resolveServices(record.mode, vars, ctx.opts.serviceOverrides, ctx.opts.policy().network);
   const live: LivePhase = {
@@ -213,9 +223,9 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
+    workspace: null,
     ending: null,
   };
-  let refusal: string | null = null;
   if (record.policyFile) {
     try {
       live.phasePolicy = await loadPolicy(record.policyFile);
@@ -223,6 +233,12 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     } catch (err) {
       refusal = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
     }
+  }
+  try {
+    live.workspace = await makeWorkspace(ctx, live);
+    await live.workspace.load();
+  } catch (err) {
+    refusal ??= `the phase's workspace layer cannot be re-attached: ${(err as Error).message}`;
   }
   return { live, refusal };
 }

@@ -145,7 +145,7 @@ export function hostConfigFor(spec: PhaseContainerSpec, cgroupDir: string | null
     ReadonlyRootfs: true,
     Tmpfs: { "/tmp": `rw,nosuid,nodev,size=${spec.tmpfsBytes},mode=1777` },
     Binds: [
-      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw`,
+      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw${spec.projectPropagation ? `,${spec.projectPropagation}` : ""}`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
       `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
@@ -211,7 +211,10 @@ export class DockerRuntime implements ContainerRuntime {
         User: "0:0",
         // named in the image's /etc/hosts (runtime/image.ts SANDBOX_HOSTS), so gethostname() resolves
         Hostname: SANDBOX_HOSTNAME,
-        WorkingDir: SHIM_PATHS.workspace,
+        // not /workspace: a process whose cwd is in the view would pin the
+        // container's copy of the overlay (commands get /workspace as their
+        // cwd by path, each time)
+        WorkingDir: "/",
         NetworkDisabled: true,
         Tty: false,
         OpenStdin: false,
