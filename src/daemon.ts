@@ -164,7 +164,9 @@ export async function startDaemon(
   if (settings.console) {
     try {
       const { startConsole } = await import("./console/server.js");
-      consoleServer = await startConsole(buildApp(appOptions), settings.console, log);
+      const consoleApp = buildApp(appOptions);
+      consoleServer = await startConsole(consoleApp, settings.console, log);
+      closeIdleConnections(consoleApp.server, IDLE_CONNECTION_MS);
     } catch (err) {
       // A console that cannot listen stops the start, as a broken policy does; nothing is left serving.
       // Phases re-adopted above keep running, as after a crash: the next daemon adopts them again.

@@ -133,6 +133,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     loggerInstance: opts.logger.child({ mod: "api" }, { level: "warn" }) as FastifyBaseLogger,
     bodyLimit: 8 * 1024 * 1024,
     return503OnClosing: true,
+    // The daemon closes the app after its phases have stopped: a kept-alive or still-streaming connection then holds nothing worth waiting for.
+    forceCloseConnections: true,
   });
   const { manager } = opts;
 
@@ -156,6 +158,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.setNotFoundHandler((req, reply) => {
     const e = new SandboxdError("SBX_ERR_NOT_FOUND", `no route ${req.method} ${req.url}`);
     return reply.status(e.status).send(e.toBody());
+  });
+
+  // Audit followers never end by themselves: a closing server ends them, or its close would wait for them forever.
+  const followers = new Set<AbortController>();
+  app.addHook("preClose", async () => {
+    for (const f of followers) f.abort();
   });
 
   app.get("/v1/health", async () => ({ ok: true, ...opts.info }));
@@ -255,8 +263,13 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     for (const r of records) res.write(JSON.stringify(r) + "\n");
     const stop = new AbortController();
     res.on("close", () => stop.abort());
+    followers.add(stop);
     const after = records.at(-1)?.seq ?? q.after;
-    await followRecords(opts.stateDir, { phase: q.phase, after }, (r) => res.write(JSON.stringify(r) + "\n"), stop.signal);
+    try {
+      await followRecords(opts.stateDir, { phase: q.phase, after }, (r) => res.write(JSON.stringify(r) + "\n"), stop.signal);
+    } finally {
+      followers.delete(stop);
+    }
     res.end();
   });
 

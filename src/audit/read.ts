@@ -63,9 +63,17 @@ export async function followRecords(
     const { records, next } = await readFrom(file, offset, f);
     offset = next;
     for (const r of records) onRecord(r);
-    await new Promise((resolve) => {
-      const t = setTimeout(resolve, pollMs);
-      signal.addEventListener("abort", () => { clearTimeout(t); resolve(undefined); }, { once: true });
+    // One abort listener per wait, removed when the wait ends: a follow that lasts hours must not pile them up.
+    await new Promise<void>((resolve) => {
+      const onAbort = () => {
+        clearTimeout(t);
+        resolve();
+      };
+      const t = setTimeout(() => {
+        signal.removeEventListener("abort", onAbort);
+        resolve();
+      }, pollMs);
+      signal.addEventListener("abort", onAbort, { once: true });
     });
   }
 }

@@ -12,7 +12,8 @@ import path from "node:path";
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { PhaseView } from "../../src/phases/types.js";
-import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, type TestDaemon } from "../helpers/sandbox.js";
+import { spawn } from "node:child_process";
+import { CLI, ROOT, TEST_ENV, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, type TestDaemon } from "../helpers/sandbox.js";
 
 const CHROMIUM = "/usr/bin/chromium";
 /** A screenshot for the README is written here when SANDBOXD_CONSOLE_SCREENSHOT=1 (otherwise to a temp dir). */
@@ -64,12 +65,12 @@ afterAll(async () => {
   for (const x of dirs) await removeDir(x);
 });
 
-async function loggedIn(): Promise<{ ctx: BrowserContext; page: Page }> {
+async function loggedIn(waitForPhase = true): Promise<{ ctx: BrowserContext; page: Page }> {
   const ctx = await browser.newContext();
   const page = await ctx.newPage();
   await page.goto(loginUrl);
   await page.waitForURL(`${base}/`);
-  await page.locator(`tr[data-phase="${phase.id}"]`).waitFor();
+  if (waitForPhase) await page.locator(`tr[data-phase="${phase.id}"]`).waitFor();
   return { ctx, page };
 }
 
@@ -289,5 +290,55 @@ describe("the console's page", () => {
     await page.locator("#show-ended").check();
     await expect.poll(() => page.locator(`tr[data-phase="${phase.id}"] .state`).textContent(), { timeout: 10_000 }).toMatch(/^stopped/);
     await ctx.close();
+  });
+});
+
+describe("the console at daemon stop", () => {
+  it("ends a page's live audit stream and lets the daemon stop promptly", async () => {
+    const { ctx, page } = await loggedIn(false); // the phase has ended: listed once ended phases are shown
+    await page.locator("#show-ended").check();
+    await page.locator(`tr[data-phase="${phase.id}"] button.watch`).click();
+    await page.locator('#audit li[data-type="phase.start"]').waitFor();
+    const t0 = Date.now();
+    await d.daemon.close();
+    // an open follower (and the page's kept-alive connections) used to hold the close forever
+    expect(Date.now() - t0).toBeLessThan(15_000);
+    const r = await fetch(`${base}/v1/health`, { headers: { authorization: `Bearer ${token}` } }).catch((e: Error) => e);
+    expect(r).toBeInstanceOf(Error);
+    await ctx.close();
+  });
+});
+
+describe("sandboxd start --console", () => {
+  it("refuses an address that is not loopback, with its code, before anything starts", async () => {
+    const dir = await tempDir("cstate");
+    dirs.push(dir);
+    const r = await cli(["start", "--state-dir", dir, "--console", "0.0.0.0:8470"], { socket: path.join(dir, "s.sock") });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("SBX_ERR_CONSOLE_ADDRESS");
+    expect(r.stderr).toMatch(/ssh -L/);
+  });
+
+  it("prints the login URL once on the daemon's stdout, and the console answers", async () => {
+    const dir = await tempDir("cstate");
+    dirs.push(dir);
+    const child = spawn(process.execPath, [CLI, "--socket", path.join(dir, "s.sock"), "start", "--state-dir", dir, "--console", "127.0.0.1:0"], {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...TEST_ENV },
+    });
+    let out = "";
+    child.stdout.on("data", (c: Buffer) => (out += c.toString()));
+    try {
+      await expect.poll(() => out, { timeout: 60_000 }).toMatch(/"login":"http:\/\/127\.0\.0\.1:\d+\/login#[0-9a-f]{64}"/);
+      const login = /"login":"([^"]+)"/.exec(out)![1]!;
+      const [url, tok] = login.split("/login#") as [string, string];
+      expect((await fetch(`${url}/v1/phases`)).status).toBe(401);
+      expect((await fetch(`${url}/v1/phases`, { headers: { authorization: `Bearer ${tok}` } })).status).toBe(200);
+    } finally {
+      const exited = new Promise((r) => child.once("exit", r));
+      child.kill("SIGTERM");
+      await exited;
+    }
+    expect(out.split(/"login":/).length - 1).toBe(1);
   });
 });
