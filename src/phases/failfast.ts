@@ -67,6 +67,8 @@ export class FailFastState {
   lastTests: TestCounts | null = null;
   /** the last failure's full output (scrubbed), for the escalation report */
   lastError = "";
+  /** validation tools (pytest, mypy, pylint, black, flake8, isort) and whether their last run passed */
+  readonly validation = new Map<string, boolean>();
 
   /** A failure: counted (or not) and checked against the limits. */
   fail(

@@ -17,6 +17,8 @@ import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
+import { FailFastState } from "./failfast.js";
+import { buildReport, reportLines } from "./report.js";
 import { ShimChannel } from "./shim-channel.js";
 import { transition } from "./state.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
@@ -77,6 +79,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     tunnels: null,
     stray: null,
     watch: null,
+    failFast: new FailFastState(),
+    frozen: false,
   };
   ctx.phases.set(id, live);
   try {
@@ -176,6 +180,13 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   const { record } = live;
   if (record.state !== "stopping") transition(record, "stopping");
   const running = live.channel?.runningExecs ?? 0;
+  // a frozen container cannot hear the shim's shutdown nor a SIGTERM: thaw it first
+  if (live.frozen && record.containerId) {
+    await ctx.opts.runtime.unpause(record.containerId).catch((e: Error) => ctx.opts.log.warn({ phase: record.id, err: e.message }, "could not unpause"));
+    live.frozen = false;
+  }
+  const open = record.escalations?.at(-1);
+  if (open && open.resolved === null) open.resolved = { at: timestamp(ctx.opts.clock.now()), how: "stopped", note: why };
   await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
   await live.tunnels?.close().catch(() => undefined);
   live.watch?.stop();
@@ -194,12 +205,12 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   record.endReason = why;
   await ctx.store.save(record);
   const ts = timestamp(ctx.opts.clock.now());
+  const report = buildReport(record, live, ctx.opts.approvals.list({ all: true, phaseId: record.id }));
+  await ctx.store.saveReport(record.id, report).catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not keep the phase report"));
   await live.rec
-    .record({ type: state === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running }, [
-      actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
-      state === "stopped"
-        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}`
-        : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
+    .record({ type: state === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running, report }, [
+      actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, `${why}${running ? `; ${running} running command(s) ended` : ""}`),
+      ...reportLines(report, ts),
     ])
     .catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
   await ctx.buildLogs.release(record.buildLog, record.id).catch(() => undefined);

@@ -20,14 +20,17 @@ import { SandboxdError } from "../errors.js";
 import { PhaseContext, type ManagerOptions } from "./context.js";
 import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.js";
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
+import { abortPhase, pausePhase, resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
-import type { PhaseView } from "./types.js";
+import { buildReport, type PhaseReport } from "./report.js";
+import type { Escalation, PhaseView } from "./types.js";
 
 export type { ManagerOptions } from "./context.js";
 export type { ExecRequest, ExecResult, ExecSink } from "./exec.js";
 export type { StartRequest } from "./lifecycle.js";
 export { BUILD_LOG_NAME } from "./project.js";
 export type { ReconcileReport } from "./reconcile.js";
+export type { PhaseReport } from "./report.js";
 
 export class PhaseManager {
   private readonly ctx: PhaseContext;
@@ -70,6 +73,45 @@ export class PhaseManager {
    */
   reconcile(): Promise<ReconcileReport> {
     return reconcile(this.ctx);
+  }
+
+  /* ------------------------ fail-fast, a person's hand ------------------------ */
+
+  pause(id: string, note?: string): Promise<PhaseView> {
+    return pausePhase(this.ctx, id, note ?? null);
+  }
+
+  resume(id: string, note?: string): Promise<PhaseView> {
+    return resumePhase(this.ctx, id, note ?? null);
+  }
+
+  abort(id: string, note?: string): Promise<PhaseView> {
+    return abortPhase(this.ctx, id, note ?? null);
+  }
+
+  /** Escalations of every phase: open ones (the phase is escalated) only, unless `all`. */
+  async escalations(all: boolean): Promise<Array<Escalation & { phase: string; name: string; state: string }>> {
+    const out: Array<Escalation & { phase: string; name: string; state: string }> = [];
+    for (const p of await this.list()) {
+      for (const e of p.escalations ?? []) {
+        if (all || (e.resolved === null && p.state === "escalated")) out.push({ ...e, phase: p.id, name: p.name, state: p.state });
+      }
+    }
+    return out;
+  }
+
+  /** The phase report: built now for a live phase, as kept at its end for an ended one. */
+  async report(id: string): Promise<PhaseReport> {
+    const live = this.ctx.phases.get(id);
+    const approvals = this.ctx.opts.approvals.list({ all: true, phaseId: id });
+    if (live) return buildReport(live.record, live, approvals);
+    const view = await this.ctx.get(id);
+    try {
+      return (await this.ctx.store.loadReport(id)) as PhaseReport;
+    } catch {
+      // a phase that ended before reports existed, or whose report could not be kept
+      return buildReport(view, undefined, approvals);
+    }
   }
 
   /* --------------------------------- exec -------------------------------- */

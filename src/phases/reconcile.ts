@@ -11,6 +11,7 @@ import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import { FailFastState } from "./failfast.js";
 import { finish, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readDotenv } from "./project.js";
@@ -151,6 +152,8 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
+    failFast: new FailFastState(),
+    frozen: false,
   };
   let refusal: string | null = null;
   if (record.policyFile) {
