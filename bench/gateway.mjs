@@ -727,7 +727,8 @@ async function benchRedis(tmp) {
   const project = path.join(tmp, "redis-project");
   fs.mkdirSync(project);
   await writeFile(path.join(project, "README.md"), "sandboxd redis bench project\n");
-  await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${port}/0\n`);
+  // a test-mode phase reaches REDIS_URL_TEST only (never production)
+  await writeFile(path.join(project, ".env"), `REDIS_URL_TEST=redis://127.0.0.1:${port}/0\n`);
   for (const f of ["README.md", ".env", "."]) await chown(path.join(project, f), OWNER.uid, OWNER.gid);
   fs.chmodSync(tmp, 0o755);
 

@@ -19,6 +19,7 @@ import { DockerRuntime } from "./runtime/docker.js";
 import type { ContainerRuntime } from "./runtime/types.js";
 import { randomIds, systemClock } from "./util/clock.js";
 import { VERSION } from "./version.js";
+import { removeIfPresent } from "./util/fs.js";
 
 export interface RunningDaemon {
   close(): Promise<void>;
@@ -148,7 +149,7 @@ export async function startDaemon(
       await manager.shutdown();
       await app.close();
       await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
-      await unlink(settings.socket).catch(() => undefined);
+      await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
       log.info("stopped");
     })());
   return { close, reload, manager, log };

@@ -25,6 +25,10 @@ export const ERRORS = {
     status: 400,
     hint: "remove or rename that file in the project; sandboxd creates build_audit.log itself (or set SANDBOXD_BUILD_LOG=state)",
   },
+  SBX_ERR_REQUEST_TOO_LARGE: {
+    status: 413,
+    hint: "put large inputs in a file in the project and name the file in the command; one argument or variable may be at most 131,071 bytes, a command's arguments and environment together about 1 MiB",
+  },
   SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within the phase's limit (SKILLS.md §2: 60 s, up to 5 min in paper mode)" },
   SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
   SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },
@@ -42,11 +46,23 @@ export const ERRORS = {
     hint: "pass the command as argv (an array, no shell), or a simpler command string the policy can judge part by part",
   },
   SBX_ERR_APPROVAL_NOT_FOUND: { status: 404, hint: "list pending approvals with `sandboxd approvals ls`" },
+  SBX_ERR_APPROVAL_DENIED: {
+    status: 403,
+    hint: "a person denied this exact command in this phase; do something else, or ask the operator to reconsider (`sandboxd approvals approve ID`)",
+  },
+  SBX_ERR_APPROVAL_STALE: {
+    status: 409,
+    hint: "the files this command runs changed after a person approved it; a new request with their current content is pending",
+  },
   SBX_ERR_APPROVAL_DECIDED: { status: 409, hint: "this approval was already decided; `sandboxd approvals ls --all` shows its decision" },
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {
     status: 503,
     hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk, then restart the daemon; nothing runs without a record",
+  },
+  SBX_ERR_AUDIT_BUDGET: {
+    status: 429,
+    hint: "this phase made more audit records or bytes than its policy allows (audit.phaseBudget), so it takes no new work; stop it (`sandboxd phase stop`) and look at what flooded its trail",
   },
   SBX_ERR_AUDIT_CORRUPT: { status: 500, hint: "the audit chain does not verify; run `sandboxd audit verify` to find the first bad record" },
   SBX_ERR_SQL_REFUSED: { status: 403, hint: "run a read-only query, or one the phase's mode allows" },

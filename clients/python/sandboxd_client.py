@@ -165,7 +165,9 @@ class Sandboxd:
         as it arrives (text, secrets already scrubbed); without, it comes back in
         the result. A refused command raises SandboxdError (code
         SBX_ERR_POLICY_DENIED or SBX_ERR_POLICY_NEEDS_APPROVAL, details naming
-        the rule and, for the latter, the approval id).
+        the rule and, for the latter, the approval id; SBX_ERR_APPROVAL_DENIED
+        when a person denied it, details.note saying why;
+        SBX_ERR_APPROVAL_STALE when the files it runs changed after approval).
         """
         if (argv is None) == (command is None):
             raise ValueError("give exactly one of argv (a list) or command (a string)")

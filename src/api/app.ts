@@ -42,11 +42,17 @@ const startBody = z
   })
   .strict();
 
-const MAX_ARG_BYTES = 128 * 1024;
+/** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
+const MAX_ARG_BYTES = 131_071;
 const execBody = z
   .object({
     argv: z
-      .array(z.string().max(MAX_ARG_BYTES).refine((a) => !a.includes("\0"), "must not contain NUL bytes"))
+      .array(
+        z
+          .string()
+          .refine((a) => Buffer.byteLength(a) <= MAX_ARG_BYTES, `an argument may be at most ${MAX_ARG_BYTES} bytes (the kernel's limit); pass larger input in a file`)
+          .refine((a) => !a.includes("\0"), "must not contain NUL bytes"),
+      )
       .min(1, "must name a program to run")
       .max(4096)
       .refine((a) => a[0] !== "", "argv[0] must not be empty")
@@ -93,14 +99,37 @@ const eventsQuery = z
 const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
+/** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
+const MAX_PROBLEMS = 20;
+const MAX_KEYS = 10;
+const MAX_NAME = 100;
+
+function shortName(s: string | number): string {
+  const t = String(s);
+  return t.length > MAX_NAME ? `${t.slice(0, MAX_NAME)}…` : t;
+}
+
+function someOf(items: readonly string[], max: number): string {
+  const shown = items.slice(0, max).map(shortName).join(", ");
+  return items.length > max ? `${shown} and ${items.length - max} more` : shown;
+}
+
 function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
   const r = schema.safeParse(value ?? {});
   if (r.success) return r.data;
-  const problems = r.error.issues.map((i) => {
-    const at = i.path.length ? i.path.join(".") : where;
-    return i.code === "unrecognized_keys" ? `${where}: unknown field(s) ${i.keys.join(", ")}` : `${where}.${at}: ${i.message}`;
+  const issues = r.error.issues;
+  const problems = issues.slice(0, MAX_PROBLEMS).map((i) => {
+    const at = i.path.length ? i.path.map(shortName).join(".") : where;
+    return i.code === "unrecognized_keys" ? `${where}: unknown field(s) ${someOf(i.keys, MAX_KEYS)}` : `${where}.${at}: ${shortName(i.message)}`;
   });
-  throw new SandboxdError("SBX_ERR_VALIDATION", `invalid request: ${problems.join("; ")}`, { details: r.error.issues });
+  if (issues.length > MAX_PROBLEMS) problems.push(`and ${issues.length - MAX_PROBLEMS} more problems`);
+  const details = issues.slice(0, MAX_PROBLEMS).map((i) => ({
+    code: i.code,
+    path: i.path.slice(0, 10).map((p) => (typeof p === "string" ? shortName(p) : p)),
+    message: shortName(i.message),
+    ...(i.code === "unrecognized_keys" ? { keys: i.keys.slice(0, MAX_KEYS).map(shortName), keyCount: i.keys.length } : {}),
+  }));
+  throw new SandboxdError("SBX_ERR_VALIDATION", `invalid request: ${problems.join("; ")}`, { details: { issues: details, issueCount: issues.length } });
 }
 
 const truthy = (v: string | undefined) => v === "1" || v === "true";
@@ -117,6 +146,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.setErrorHandler((err, req, reply) => {
     if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
     const fe = err as { code?: string; statusCode?: number; message: string };
+    if (fe.statusCode === 413) {
+      const e = new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `request body too large: ${fe.message}`, {
+        hint: "put large inputs in a file in the project and name the file in the command",
+      });
+      return reply.status(e.status).send(e.toBody());
+    }
     if (fe.code?.startsWith("FST_ERR_CTP") || err instanceof SyntaxError) {
       const e = new SandboxdError("SBX_ERR_BAD_JSON", `request body is not valid JSON: ${fe.message}`);
       return reply.status(fe.statusCode === 413 ? 413 : e.status).send(e.toBody());
@@ -155,7 +190,17 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     const q = parse(streamQuery, req.query, "query");
     const body = parse(execBody, req.body, "body");
     if (!truthy(q.stream)) {
-      return { result: await manager.exec(id, body) };
+      // A client that goes away before its answer ends its command, as a streaming one does.
+      const abort = new AbortController();
+      const onClose = () => {
+        if (!reply.raw.writableFinished) abort.abort();
+      };
+      reply.raw.on("close", onClose);
+      try {
+        return { result: await manager.exec(id, body, undefined, abort.signal) };
+      } finally {
+        reply.raw.off("close", onClose);
+      }
     }
     return streamExec(reply, manager, id, body);
   });
@@ -274,11 +319,18 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"stdout"|"stderr","data":"…"}` lines as output
+ * NDJSON exec: `{"type":"started","phaseId","pid","rule"}` as soon as the
+ * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
  * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
+ *
+ * The request owns one FlowConsumer (src/phases/flow.ts): it holds the
+ * phase's channel paused while the client drains, and whatever way the
+ * request ends (exit, error, client gone) the consumer is closed, so its
+ * pause ends with it. Once the answer is sent (`answered`), nothing more is
+ * written: output arriving late is dropped, never sent after the end.
  */
 async function streamExec(
   reply: FastifyReply,
@@ -289,8 +341,8 @@ async function streamExec(
   const res = reply.raw;
   const abort = new AbortController();
   const flow = manager.flow(id);
-  let paused = false;
   let headersSent = false;
+  let answered = false;
 
   const ensureHeaders = () => {
     if (headersSent) return;
@@ -299,35 +351,46 @@ async function streamExec(
     res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
   };
   const write = (obj: unknown) => {
+    if (answered || res.destroyed || res.writableEnded) return;
     ensureHeaders();
-    if (!res.write(JSON.stringify(obj) + "\n") && !paused) {
-      paused = true;
+    if (!res.write(JSON.stringify(obj) + "\n") && !flow.isHolding && !flow.isClosed) {
       flow.pause();
-      res.once("drain", () => {
-        paused = false;
-        flow.resume();
-      });
+      res.once("drain", () => flow.resume());
     }
   };
   const emit = (type: "stdout" | "stderr") => (data: string) => write({ type, data });
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
-    if (paused) {
-      paused = false;
-      flow.resume();
-    }
+    flow.close();
   });
 
   try {
-    // The first output chunk (or the exit) commits the 200; anything thrown
-    // before that — policy, validation, a stopped phase — is a normal error reply.
-    const result = await manager.exec(id, body, { stdout: emit("stdout"), stderr: emit("stderr") }, abort.signal);
+    // The command's start commits the 200 with a `started` event, so the
+    // client knows at once that it runs (not at its first output); anything
+    // thrown before that — policy, validation, a stopped phase — is a normal
+    // error reply.
+    const result = await manager.exec(
+      id,
+      body,
+      { started: (info) => write({ type: "started", phaseId: id, ...info }), stdout: emit("stdout"), stderr: emit("stderr") },
+      abort.signal,
+    );
     write({ type: "exit", result });
-    res.end();
+    answered = true;
+    // (no headers only when the client left before anything was written: nothing to answer)
+    if (headersSent) res.end();
+    else reply.hijack();
   } catch (err) {
-    if (!headersSent) throw err;
+    if (!headersSent) {
+      answered = true;
+      throw err;
+    }
     const e = err instanceof SandboxdError ? err : new SandboxdError("SBX_ERR_INTERNAL", (err as Error).message);
     write({ type: "error", ...e.toBody() });
+    answered = true;
     res.end();
+  } finally {
+    answered = true;
+    flow.close();
   }
 }

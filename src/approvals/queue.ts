@@ -8,6 +8,17 @@
  * once, in that phase; using it marks it `used`. Requests of a phase that ends
  * expire. The queue is persisted (atomic replace) so a daemon restart loses no
  * decision.
+ *
+ * A person approves exactly what will run:
+ * - the request records the SHA-256 of every file the command runs
+ *   (./binding.ts: `sh x.sh`, `python x.py`, `python -m pkg.mod`, `./x.sh`);
+ *   using the approval re-hashes them, and an approval whose files changed
+ *   becomes `stale` instead of running (the exec makes a new request);
+ * - a denial is sticky: a retry of the same command in the same phase is
+ *   answered with the denial (its id and the person's note) and creates no new
+ *   request, until a person approves it after all (`approve` on a denied
+ *   request) or the policy stops asking;
+ * - a retry of a pending request with another `reason` adds it to the request.
  */
 import { randomBytes } from "node:crypto";
 import { readFile, rename, writeFile } from "node:fs/promises";
@@ -17,8 +28,21 @@ import { SandboxdError } from "../errors.js";
 import { timestamp } from "../audit/format.js";
 import type { Clock } from "../util/clock.js";
 
-export const APPROVAL_STATES = ["pending", "approved", "denied", "used", "expired"] as const;
+export const APPROVAL_STATES = ["pending", "approved", "denied", "used", "expired", "stale"] as const;
 export type ApprovalState = (typeof APPROVAL_STATES)[number];
+
+/** One file the command runs, as it was when the approval was requested. */
+export const fileBindingSchema = z
+  .object({
+    /** as the command names it (relative to /workspace, or absolute) */
+    path: z.string(),
+    /** hex SHA-256 of its content; null when there is no file to hash (see `note`) */
+    sha256: z.string().nullable(),
+    /** why there is no hash: "absent", "outside the project", "not a regular file", "too large" */
+    note: z.string().nullable(),
+  })
+  .strict();
+export type FileBinding = z.infer<typeof fileBindingSchema>;
 
 export const approvalSchema = z
   .object({
@@ -40,9 +64,24 @@ export const approvalSchema = z
     decidedAt: z.string().nullable(),
     note: z.string().nullable(),
     usedAt: z.string().nullable(),
+    /** the files the command runs, hashed at request time (older records: none) */
+    files: z.array(fileBindingSchema).default([]),
+    /** reasons given on retries of the pending request, in order */
+    laterReasons: z.array(z.object({ at: z.string(), reason: z.string() }).strict()).default([]),
+    /** retries answered with this request (pending or denied) instead of a new one */
+    retries: z.number().int().nonnegative().default(0),
   })
   .strict();
 export type Approval = z.infer<typeof approvalSchema>;
+
+/** Paths whose content differs between two bindings of the same command (a file added, removed or changed). */
+export function changedFiles(before: readonly FileBinding[], now: readonly FileBinding[]): string[] {
+  const was = new Map(before.map((f) => [f.path, f.sha256]));
+  const is = new Map(now.map((f) => [f.path, f.sha256]));
+  const changed: string[] = [];
+  for (const p of new Set([...was.keys(), ...is.keys()])) if (was.get(p) !== is.get(p)) changed.push(p);
+  return changed;
+}
 
 export interface CommandKey {
   argv?: string[] | undefined;
@@ -92,14 +131,25 @@ export class ApprovalQueue {
     return a;
   }
 
-  /** Queue a request, or return the pending one for the same command in the same phase. */
+  /**
+   * Queue a request, or return the pending one for the same command in the
+   * same phase (a reason it does not have yet is added to it: `reasonAdded`).
+   */
   async request(
     phaseId: string,
     key: CommandKey,
     why: { ruleId: string; clause: string; policyReason: string; requestReason?: string | undefined },
-  ): Promise<{ approval: Approval; created: boolean }> {
+    files: readonly FileBinding[] = [],
+  ): Promise<{ approval: Approval; created: boolean; reasonAdded: boolean }> {
     const existing = this.items.find((a) => a.phaseId === phaseId && a.state === "pending" && sameCommand(a, key));
-    if (existing) return { approval: existing, created: false };
+    if (existing) {
+      existing.retries++;
+      const reason = why.requestReason;
+      const known = reason === undefined || reason === existing.requestReason || existing.laterReasons.some((r) => r.reason === reason);
+      if (!known) existing.laterReasons.push({ at: timestamp(this.clock.now()), reason: reason! });
+      await this.save();
+      return { approval: existing, created: false, reasonAdded: !known };
+    }
     const approval: Approval = {
       id: this.newId(),
       phaseId,
@@ -115,16 +165,22 @@ export class ApprovalQueue {
       decidedAt: null,
       note: null,
       usedAt: null,
+      files: [...files],
+      laterReasons: [],
+      retries: 0,
     };
     this.items.push(approval);
     await this.save();
-    return { approval, created: true };
+    return { approval, created: true, reasonAdded: false };
   }
 
+  /** A person decides a pending request, or approves a denied one after all (the person says otherwise). */
   async decide(id: string, decision: "approve" | "deny", note?: string): Promise<Approval> {
     const a = this.get(id);
-    if (a.state !== "pending") {
-      throw new SandboxdError("SBX_ERR_APPROVAL_DECIDED", `approval ${id} is already ${a.state}`);
+    if (a.state !== "pending" && !(a.state === "denied" && decision === "approve")) {
+      throw new SandboxdError("SBX_ERR_APPROVAL_DECIDED", `approval ${id} is already ${a.state}`, {
+        hint: a.state === "denied" ? "a denied request can still be approved; it cannot be denied twice" : undefined,
+      });
     }
     a.state = decision === "approve" ? "approved" : "denied";
     a.decidedAt = timestamp(this.clock.now());
@@ -133,14 +189,41 @@ export class ApprovalQueue {
     return a;
   }
 
-  /** An approved, unused approval for exactly this command in this phase, marked used. */
-  async consume(phaseId: string, key: CommandKey): Promise<Approval | null> {
-    const a = this.items.find((x) => x.phaseId === phaseId && x.state === "approved" && sameCommand(x, key));
-    if (!a) return null;
-    a.state = "used";
+  /** An approved, unused approval for exactly this command in this phase (not yet marked used). */
+  approvedFor(phaseId: string, key: CommandKey): Approval | null {
+    return this.items.find((x) => x.phaseId === phaseId && x.state === "approved" && sameCommand(x, key)) ?? null;
+  }
+
+  /** The denial standing for exactly this command in this phase (the latest), its retry counted. */
+  async deniedFor(phaseId: string, key: CommandKey): Promise<Approval | null> {
+    let found: Approval | null = null;
+    for (const x of this.items) if (x.phaseId === phaseId && x.state === "denied" && sameCommand(x, key)) found = x;
+    if (found) {
+      found.retries++;
+      await this.save();
+    }
+    return found;
+  }
+
+  /**
+   * Use an approval: with the files the command runs now. Unchanged files:
+   * marked used, returned. Changed: marked stale (it approved other content),
+   * and the changed paths returned.
+   */
+  async use(id: string, filesNow: readonly FileBinding[]): Promise<{ approval: Approval; changed: string[] }> {
+    const a = this.get(id);
+    if (a.state !== "approved") throw new SandboxdError("SBX_ERR_APPROVAL_DECIDED", `approval ${id} is ${a.state}, not approved`);
+    const changed = changedFiles(a.files, filesNow);
+    a.state = changed.length === 0 ? "used" : "stale";
     a.usedAt = timestamp(this.clock.now());
     await this.save();
-    return a;
+    return { approval: a, changed };
+  }
+
+  /** An approved, unused approval for exactly this command in this phase, marked used (files not checked). */
+  async consume(phaseId: string, key: CommandKey): Promise<Approval | null> {
+    const a = this.approvedFor(phaseId, key);
+    return a ? (await this.use(a.id, a.files)).approval : null;
   }
 
   /** A phase ended: its open requests and unused approvals can no longer be used. */
@@ -158,6 +241,8 @@ export class ApprovalQueue {
       await writeFile(tmp, data, { mode: 0o600 });
       await rename(tmp, this.file);
     });
+    // the chain outlives a failed save; the caller of that save gets its rejection from `next`
+    // eslint-disable-next-line no-restricted-syntax -- the rejection is delivered through `next`
     this.saving = next.catch(() => undefined);
     return next;
   }

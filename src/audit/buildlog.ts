@@ -7,8 +7,21 @@
  * truncated. (The hash-chained audit.jsonl arrives with the policy engine.)
  */
 import { constants } from "node:fs";
-import { open, type FileHandle } from "node:fs/promises";
+import { mkdir, open, rename, unlink, type FileHandle } from "node:fs/promises";
+import path from "node:path";
 import { SandboxdError } from "../errors.js";
+
+/**
+ * When and where a build log is rotated (policy `audit.buildLog`). Rotated
+ * files go to `dir` — in the daemon's state dir, out of the agent's reach
+ * (the project root, where the live log is by default, is the agent's to
+ * rename and delete in).
+ */
+export interface Rotation {
+  rotateBytes: number;
+  keep: number;
+  dir: string;
+}
 
 /**
  * Open a log for appending without trusting the directory it is in.
@@ -50,20 +63,24 @@ export class BuildLog {
   private handle: Promise<FileHandle>;
   private tail: Promise<void> = Promise.resolve();
   private closed = false;
+  /** bytes in the live file, once known */
+  private size: number | null = null;
 
   constructor(
     readonly path: string,
     handle?: Promise<FileHandle>,
+    private readonly rotation?: () => Rotation | null,
   ) {
     this.handle = handle ?? open(path, "a", 0o600);
     // Surface an open failure on the first append, not as an unhandled rejection.
+    // eslint-disable-next-line no-restricted-syntax -- the same promise is awaited by every append, which sees the failure
     this.handle.catch(() => undefined);
   }
 
   /** Opened with openAppendSafely; rejects (nothing created in memory) when the path is unsafe. */
-  static async openSafely(path: string, mode = 0o600): Promise<BuildLog> {
+  static async openSafely(path: string, mode = 0o600, rotation?: () => Rotation | null): Promise<BuildLog> {
     const fh = await openAppendSafely(path, mode);
-    return new BuildLog(path, Promise.resolve(fh));
+    return new BuildLog(path, Promise.resolve(fh), rotation);
   }
 
   append(lines: readonly string[]): Promise<void> {
@@ -71,16 +88,83 @@ export class BuildLog {
     const data = Buffer.from(lines.map((l) => `${l}\n`).join(""), "utf8");
     const next = this.tail.then(async () => {
       const fh = await this.handle;
+      const rot = this.rotation?.() ?? null;
+      if (rot) {
+        this.size ??= (await fh.stat()).size;
+        if (this.size > 0 && this.size + data.length > rot.rotateBytes) {
+          await this.rotate(fh, rot);
+          this.size = 0;
+        }
+      }
       let off = 0;
       while (off < data.length) {
         const { bytesWritten } = await fh.write(data, off, data.length - off);
         off += bytesWritten;
       }
       await fh.datasync();
+      if (this.size !== null) this.size += data.length;
     });
     // Keep the chain alive after a failure; the failing caller still sees its own rejection.
+    // eslint-disable-next-line no-restricted-syntax -- the failing caller gets the rejection from `next`
     this.tail = next.catch(() => undefined);
     return next;
+  }
+
+  /**
+   * The live file's bytes become `<dir>/<name>.1` (older ones shift to .2 …
+   * .keep; the oldest is dropped), then the live file is emptied in place.
+   * In place, not renamed: the sandbox sees the live file through a bind
+   * mount of its inode, which must stay the one the daemon writes. The copy
+   * is made durable (temp file, fsync, rename, fsync of the dir) before the
+   * live file is cut, so a crash in between leaves lines twice, never none.
+   * The copy is read through a fresh O_NOFOLLOW descriptor checked to be the
+   * same inode as the one written.
+   */
+  private async rotate(fh: FileHandle, rot: Rotation): Promise<void> {
+    await mkdir(rot.dir, { recursive: true, mode: 0o700 });
+    const base = path.basename(this.path);
+    const nth = (i: number) => path.join(rot.dir, `${base}.${i}`);
+    const ignoreMissing = (e: NodeJS.ErrnoException) => {
+      if (e.code !== "ENOENT") throw e;
+    };
+    const st = await fh.stat();
+    const src = await open(this.path, constants.O_RDONLY | constants.O_NOFOLLOW);
+    const tmp = path.join(rot.dir, `${base}.rotating`);
+    try {
+      const sst = await src.stat();
+      if (sst.ino !== st.ino || sst.dev !== st.dev) {
+        throw new SandboxdError("SBX_ERR_BUILD_LOG_UNSAFE", `${this.path} is no longer the file sandboxd writes; not rotating it`);
+      }
+      const out = await open(tmp, "w", 0o600);
+      try {
+        const buf = Buffer.alloc(1024 * 1024);
+        for (let pos = 0; pos < st.size; ) {
+          const { bytesRead } = await src.read(buf, 0, Math.min(buf.length, st.size - pos), pos);
+          if (bytesRead === 0) break;
+          await out.write(buf, 0, bytesRead);
+          pos += bytesRead;
+        }
+        await out.sync();
+      } finally {
+        await out.close();
+      }
+    } catch (e) {
+      await unlink(tmp).catch(() => undefined);
+      throw e;
+    } finally {
+      await src.close();
+    }
+    await unlink(nth(rot.keep)).catch(ignoreMissing);
+    for (let i = rot.keep - 1; i >= 1; i--) await rename(nth(i), nth(i + 1)).catch(ignoreMissing);
+    await rename(tmp, nth(1));
+    const dfd = await open(rot.dir, constants.O_RDONLY);
+    try {
+      await dfd.sync();
+    } finally {
+      await dfd.close();
+    }
+    await fh.truncate(0);
+    await fh.sync();
   }
 
   async close(): Promise<void> {
@@ -98,10 +182,14 @@ export class BuildLog {
 export class BuildLogRegistry {
   private readonly open = new Map<string, { log: Promise<BuildLog>; users: Set<string> }>();
 
+  /** `rotation(path)`: where and when the log at `path` is rotated (none when absent) */
+  constructor(private readonly rotation?: (path: string) => Rotation | null) {}
+
   async acquire(path: string, user: string, mode = 0o600): Promise<BuildLog> {
     let entry = this.open.get(path);
     if (!entry) {
-      const log = BuildLog.openSafely(path, mode);
+      const rotation = this.rotation;
+      const log = BuildLog.openSafely(path, mode, rotation ? () => rotation(path) : undefined);
       entry = { log, users: new Set() };
       this.open.set(path, entry);
       log.catch(() => this.open.delete(path));

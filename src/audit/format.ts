@@ -72,15 +72,27 @@ export function escapeControl(text: string): string {
 
 /**
  * Output as one header line plus continuation lines. Tabs are kept; other
- * control characters (ANSI escapes included) are escaped.
+ * control characters (ANSI escapes included) are escaped. When bytes were
+ * left out between a kept head and tail, a line of the daemon's own —
+ * `    ~ [N bytes not kept]`, a prefix no output line has — stands where
+ * they were.
  */
-export function renderOutput(ts: string, label: "STDOUT" | "STDERR", text: string, truncatedBytes: number): string[] {
-  const trimmed = text.endsWith("\n") ? text.slice(0, -1) : text;
-  const note = truncatedBytes > 0 ? ` [${truncatedBytes} more bytes not kept]` : "";
-  if (trimmed === "") return [`[${ts}] ${label}: (empty)${note}`];
-  const rows = trimmed.split("\n").map((row) => escapeControl(row).replace(/\\t/g, "\t"));
-  const [first, ...rest] = rows;
-  return [`[${ts}] ${label}:${note} ${first}`, ...rest.map((r) => `    | ${r}`)];
+export function renderOutput(ts: string, label: "STDOUT" | "STDERR", head: string, omitted = 0, tail = ""): string[] {
+  const rows = (text: string) => text.split("\n").map((row) => escapeControl(row).replace(/\\t/g, "\t"));
+  const strip = (text: string) => (text.endsWith("\n") ? text.slice(0, -1) : text);
+  if (omitted === 0) {
+    const trimmed = strip(head);
+    if (trimmed === "") return [`[${ts}] ${label}: (empty)`];
+    const [first, ...rest] = rows(trimmed);
+    return [`[${ts}] ${label}: ${first}`, ...rest.map((r) => `    | ${r}`)];
+  }
+  const [first, ...rest] = rows(head);
+  return [
+    `[${ts}] ${label}: ${first}`,
+    ...rest.map((r) => `    | ${r}`),
+    `    ~ [${omitted} bytes not kept]`,
+    ...(strip(tail) === "" ? [] : rows(strip(tail)).map((r) => `    | ${r}`)),
+  ];
 }
 
 /** `[TIMESTAMP] [SKILL] [ACTION] [TARGET] [RESULT]` */
@@ -93,7 +105,7 @@ export function actionLine(ts: string, skill: string, action: string, target: st
  * timestamp and `[SKILL] [ACTION] `, or `LABEL: ` (with `[Engine]` and a
  * byte-count note), or the continuation indent. Never sandbox text.
  */
-const OWN_PREFIX = /^(?:\[[0-9T:.Z-]+\] (?:\[[A-Z_]+\] \[[A-Z_]+\] |[A-Z_]+(?: \[[A-Za-z]+\])?:(?: \[\d+ [a-z ]+\])? ?)|    \| )/;
+const OWN_PREFIX = /^(?:\[[0-9T:.Z-]+\] (?:\[[A-Z_]+\] \[[A-Z_]+\] |[A-Z_]+(?: \[[A-Za-z]+\])?: ?)|    \| |    ~ )/;
 
 /**
  * Redacts a build_audit.log line but not its structure: the prefix the

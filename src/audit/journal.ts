@@ -26,6 +26,7 @@ import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import type { Clock } from "../util/clock.js";
 import { canonicalJson, canonicalMembers, toWellFormed, withMember } from "./canonical.js";
+import { removeIfPresent } from "../util/fs.js";
 
 export const JOURNAL_FILE = "audit.jsonl";
 export const ANCHOR_FILE = "audit.anchor";
@@ -216,6 +217,71 @@ function sanitize(value: unknown, redact: ((s: string) => string) | null): unkno
   return value;
 }
 
+/** A string value longer than the cap: what was dropped, so the whole can still be matched. */
+export interface CappedText {
+  /** UTF-8 bytes of the whole (scrubbed) text */
+  bytes: number;
+  /** SHA-256 of the whole scrubbed text (not of the raw text: a hash of text holding a short secret would let anyone test guesses) */
+  sha256: string;
+}
+
+/** What `append` does to an event's strings besides the journal's own redactor. */
+export interface AppendOptions {
+  redactor?: TextRedactor;
+  /**
+   * String values over this many UTF-8 bytes keep their head (cut at a
+   * character boundary, then "…"), and the record gets
+   * `capped: {"<path>": {bytes, sha256}}` (path like `sql` or `argv.3`).
+   */
+  capBytes?: number;
+  /** field names (at any depth) whose strings are not capped: the caller bounds them itself (command output) */
+  uncapped?: ReadonlySet<string>;
+  /** told the byte length of the record's line as soon as it is built (before it is durable) */
+  onSize?: (bytes: number) => void;
+}
+
+/** `text` cut to at most `cap` UTF-8 bytes at a character boundary, or null when it fits. */
+export function capUtf8(text: string, cap: number): { head: string; bytes: number } | null {
+  if (text.length * 3 <= cap) return null; // fits whatever the characters
+  const bytes = Buffer.byteLength(text, "utf8");
+  if (bytes <= cap) return null;
+  const head = Buffer.from(text, "utf8").subarray(0, cap).toString("utf8").replace(/\uFFFD$/, "");
+  return { head, bytes };
+}
+
+function sanitizeCapped(
+  value: unknown,
+  redact: ((s: string) => string) | null,
+  cap: number,
+  uncapped: ReadonlySet<string> | undefined,
+  at: string,
+  capped: Record<string, CappedText>,
+  capThis: boolean,
+): unknown {
+  if (typeof value === "string") {
+    const w = toWellFormed(value);
+    const text = redact ? redact(w) : w;
+    if (!capThis) return text;
+    const cut = capUtf8(text, cap);
+    if (!cut) return text;
+    capped[at] = { bytes: cut.bytes, sha256: createHash("sha256").update(text, "utf8").digest("hex") };
+    return `${cut.head}…`;
+  }
+  if (Array.isArray(value)) return value.map((v, i) => sanitizeCapped(v, redact, cap, uncapped, `${at}.${i}`, capped, capThis));
+  if (typeof value === "object" && value !== null) {
+    const proto: unknown = Object.getPrototypeOf(value);
+    if (proto !== Object.prototype && proto !== null) return value; // canonicalJson rejects it
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) {
+      if (v === undefined) continue;
+      const key = toWellFormed(k);
+      out[key] = sanitizeCapped(v, OWN_WORDS.has(k) ? null : redact, cap, uncapped, at ? `${at}.${key}` : key, capped, capThis && !uncapped?.has(k));
+    }
+    return out;
+  }
+  return value;
+}
+
 interface Pending {
   line: Buffer;
   record: AuditRecord;
@@ -234,38 +300,91 @@ export function anchorBytes(head: ChainHead): Buffer {
   return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
 }
 
-function pidAlive(pid: number): boolean {
+/**
+ * Who a process is, beyond its pid: the boot it runs in and its start time
+ * (field 22 of /proc/<pid>/stat, in clock ticks since boot). A pid is reused
+ * after its process dies or the machine reboots; these two are not.
+ */
+interface ProcessIdentity {
+  pid: number;
+  bootId: string;
+  startTime: string;
+}
+
+async function bootId(): Promise<string> {
+  return (await readFile("/proc/sys/kernel/random/boot_id", "utf8")).trim();
+}
+
+/** The process's state letter and start time, or null when it does not exist. */
+async function procStat(pid: number): Promise<{ state: string; startTime: string } | null> {
+  let text: string;
   try {
-    process.kill(pid, 0);
-    return true;
+    text = await readFile(`/proc/${pid}/stat`, "utf8");
   } catch (e) {
-    return errnoOf(e) === "EPERM";
+    if (errnoOf(e) === "ENOENT" || errnoOf(e) === "ESRCH") return null;
+    throw e;
   }
+  // the command name (field 2) is in parentheses and may hold spaces: fields count from its end
+  const rest = text.slice(text.lastIndexOf(")") + 2).split(" ");
+  return { state: rest[0] ?? "", startTime: rest[19] ?? "" };
+}
+
+async function selfIdentity(): Promise<ProcessIdentity> {
+  const st = await procStat(process.pid);
+  return { pid: process.pid, bootId: await bootId(), startTime: st?.startTime ?? "" };
+}
+
+/**
+ * Is the lock's writer still running? Only if a process with its pid exists
+ * in this boot, is not a zombie (a `kill -9`ed daemon its parent has not yet
+ * reaped still has a pid), and started when the writer did. A lock from
+ * before a reboot, from a dead writer, or from a pid now used by another
+ * process is stale. A lock written by an older version (a bare pid) falls
+ * back to "that pid is alive and not a zombie".
+ */
+async function lockHeld(content: string): Promise<number | null> {
+  const [pidText, boot, startTime] = content.trim().split(/\s+/);
+  const pid = Number.parseInt(pidText ?? "", 10);
+  if (!Number.isSafeInteger(pid) || pid <= 0) return null;
+  if (boot !== undefined && boot !== (await bootId())) return null;
+  const st = await procStat(pid);
+  if (!st || st.state === "Z" || st.state === "X") return null;
+  if (startTime !== undefined && startTime !== st.startTime) return null;
+  return pid;
 }
 
 /**
  * One writer per journal: two daemons appending to the same file would fork
- * the chain. `audit.lock` holds the writer's pid, created O_EXCL; a lock whose
- * process is gone (a crashed daemon) is taken over.
+ * the chain. `audit.lock` holds the writer's pid, boot id and start time,
+ * created O_EXCL; a lock whose writer is gone (a crashed daemon, a reboot) is
+ * taken over (lockHeld).
  */
 async function acquireLock(dir: string): Promise<string> {
   const file = path.join(dir, LOCK_FILE);
+  const me = await selfIdentity();
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      await writeFile(file, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
+      await writeFile(file, `${me.pid} ${me.bootId} ${me.startTime}\n`, { flag: "wx", mode: 0o600 });
       return file;
     } catch (e) {
       if (errnoOf(e) !== "EEXIST") throw auditFailed("lock", file, e);
     }
-    const pid = Number.parseInt(await readFile(file, "utf8").catch(() => ""), 10);
-    if (Number.isSafeInteger(pid) && pid > 0 && pidAlive(pid)) {
+    let content: string;
+    try {
+      content = await readFile(file, "utf8");
+    } catch (e) {
+      if (errnoOf(e) === "ENOENT") continue; // its writer just removed it
+      throw auditFailed("lock", file, e);
+    }
+    const pid = await lockHeld(content);
+    if (pid !== null) {
       throw new SandboxdError(
         "SBX_ERR_AUDIT_FAILED",
         `${path.join(dir, JOURNAL_FILE)} is already being written by process ${pid} (${file}); one writer per audit journal`,
         { hint: "stop the other sandboxd that uses this state dir, or give this one its own --state-dir" },
       );
     }
-    await unlink(file).catch(() => undefined); // stale: its writer died
+    await removeIfPresent(file); // stale: its writer died
   }
   throw new SandboxdError("SBX_ERR_AUDIT_FAILED", `could not take ${file}: other processes keep creating it`);
 }
@@ -331,8 +450,12 @@ export class AuditJournal {
     let afd = -1;
     let lockFile: string | null = null;
     const closeAll = async () => {
+      // undoing a failed open: the open's own error is the one reported
+      // eslint-disable-next-line no-restricted-syntax -- see above
       if (fd >= 0) await jfs.close(fd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
       if (afd >= 0) await jfs.close(afd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
       if (lockFile) await unlink(lockFile).catch(() => undefined);
     };
     let step = "open";
@@ -460,12 +583,13 @@ export class AuditJournal {
    * SBX_ERR_INTERNAL for an event that is not JSON data or sets a reserved
    * field; such an event takes no seq.
    */
-  append(event: AuditEvent, opts: { redactor?: TextRedactor } = {}): Promise<AuditRecord> {
+  append(event: AuditEvent, opts: AppendOptions = {}): Promise<AuditRecord> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.closed) return Promise.reject(new SandboxdError("SBX_ERR_INTERNAL", `audit journal ${this.path} is closed`));
     let pending: Omit<Pending, "resolve" | "reject">;
     try {
-      pending = this.build(event, opts.redactor ?? this.redactor);
+      pending = this.build(event, opts.redactor ?? this.redactor, opts);
+      opts.onSize?.(pending.line.length);
     } catch (e) {
       return Promise.reject(
         e instanceof SandboxdError
@@ -487,20 +611,36 @@ export class AuditJournal {
     this.closed = true;
     this.closing = (async () => {
       await this.idle();
+      // Closing is best effort by design: every accepted record is already durable
+      // (the anchor only speeds up the next verify), and a close that fails
+      // changes nothing a reader could see. A lock left behind is stale (lockHeld).
+      // eslint-disable-next-line no-restricted-syntax -- see above
       if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
       await this.fs.close(this.fd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
       if (this.afd >= 0) await this.fs.close(this.afd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
       await unlink(this.lockFile).catch(() => undefined);
     })();
     return this.closing;
   }
 
-  private build(event: AuditEvent, redactor: TextRedactor | null): Omit<Pending, "resolve" | "reject"> {
+  private build(event: AuditEvent, redactor: TextRedactor | null, opts: AppendOptions = {}): Omit<Pending, "resolve" | "reject"> {
     if (typeof event !== "object" || event === null) throw new SandboxdError("SBX_ERR_INTERNAL", "audit event must be an object");
     for (const key of Object.keys(event)) {
-      if (RESERVED.has(key)) throw new SandboxdError("SBX_ERR_INTERNAL", `audit event sets the reserved field "${key}"`);
+      if (RESERVED.has(key) || (opts.capBytes !== undefined && key === "capped")) {
+        throw new SandboxdError("SBX_ERR_INTERNAL", `audit event sets the reserved field "${key}"`);
+      }
     }
-    const clean = sanitize(event, redactor ? (s) => redactor.redact(s) : null) as Record<string, unknown>;
+    const redact = redactor ? (s: string) => redactor.redact(s) : null;
+    let clean: Record<string, unknown>;
+    if (opts.capBytes === undefined) clean = sanitize(event, redact) as Record<string, unknown>;
+    else {
+      const capped: Record<string, CappedText> = {};
+      clean = sanitizeCapped(event, redact, opts.capBytes, opts.uncapped, "", capped, true) as Record<string, unknown>;
+      if (Object.keys(capped).length > 0) clean.capped = capped;
+    }
     const { type, phase, rule, clause, ...fields } = clean;
     if (typeof type !== "string" || type === "") throw new SandboxdError("SBX_ERR_INTERNAL", "audit event needs a non-empty string type");
     for (const [k, v] of [

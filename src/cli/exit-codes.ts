@@ -1,7 +1,31 @@
 import { constants as osConstants } from "node:os";
 
 /** The CLI's exit statuses (README "Exit codes"). */
-export const EXIT = { ok: 0, error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126 } as const;
+export const EXIT = { ok: 0, error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126, brokenPipe: 141 } as const;
+
+/**
+ * `sandboxd exec` when the daemon refused the request: 126 for a command the
+ * policy or the shell parser refused (it did not run, as a shell says 126 for
+ * a command it cannot execute), 2 for a request that can never be valid as
+ * given (a timeout over the mode's limit, an argument too large), 125 for
+ * anything else sandboxd failed at.
+ */
+export function exitCodeForRefusal(code: string | undefined): number {
+  switch (code) {
+    case "SBX_ERR_POLICY_DENIED":
+    case "SBX_ERR_POLICY_NEEDS_APPROVAL":
+    case "SBX_ERR_COMMAND_PARSE":
+    case "SBX_ERR_APPROVAL_DENIED":
+    case "SBX_ERR_APPROVAL_STALE":
+      return EXIT.policy;
+    case "SBX_ERR_TIMEOUT_RANGE":
+    case "SBX_ERR_VALIDATION":
+    case "SBX_ERR_REQUEST_TOO_LARGE":
+      return EXIT.usage;
+    default:
+      return EXIT.sandboxdFailed;
+  }
+}
 
 /** `sandboxd exec`: the command's own code, 124 at its timeout, 128+N for death by signal N. */
 export function exitCodeFor(result: { exitCode: number | null; signal: string | null; timedOut: boolean }): number {

@@ -4,8 +4,10 @@
  *
  * Exit codes: 0 success; 1 an error sandboxd reported (code and hint on
  * stderr); 2 bad usage. `exec` exits with the command's own code, 124 when
- * the command was killed at its timeout, 126 when policy refused it, 125 when
- * sandboxd itself failed, 128+N when the command died of signal N.
+ * the command was killed at its timeout, 126 when policy or the shell parser
+ * refused it, 2 when the request can never be valid (a timeout over the
+ * mode's limit), 125 when sandboxd itself failed, 128+N when the command died
+ * of signal N, 141 when the reader of its output went away.
  */
 import { Argument, Command, Option, InvalidArgumentError } from "commander";
 import path from "node:path";
@@ -19,7 +21,7 @@ import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
-import { EXIT, exitCodeFor } from "./exit-codes.js";
+import { EXIT, exitCodeFor, exitCodeForRefusal } from "./exit-codes.js";
 import { renderRecord } from "./render.js";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -35,6 +37,7 @@ function visible(text: string): string {
   return text.split("\n").map(escapeControl).join("\n");
 }
 
+/** refusals `exec` exits 126 for: the policy, or a person, said no (yet) */
 function printError(err: unknown): void {
   if (err instanceof SandboxdError) {
     process.stderr.write(visible(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}`) + "\n");
@@ -94,7 +97,6 @@ function approvalCommand(a: Approval): string {
 }
 
 function printApproval(a: Approval): void {
-  const ext = a as Approval & { files?: Array<{ path: string; sha256: string | null }>; retries?: number; reasons?: string[] };
   const lines: Array<[string, string]> = [
     ["id", a.id],
     ["phase", a.phaseId],
@@ -104,12 +106,13 @@ function printApproval(a: Approval): void {
     ["rule", `${a.ruleId} (${a.clause})`],
     ["policy says", a.policyReason],
     ["agent's reason", a.requestReason ?? "-"],
-    ...(ext.reasons ?? []).map((r): [string, string] => ["later reason", r]),
-    ...(ext.files ?? []).map((f): [string, string] => ["runs file", `${f.path} sha256:${f.sha256 ?? "(missing)"}`]),
+    ...(a.laterReasons ?? []).map((r): [string, string] => ["later reason", `${r.at} ${r.reason}`]),
+    ...(a.files ?? []).map((f): [string, string] => ["runs file", `${quoteArgv([f.path])} ${f.sha256 ? `sha256:${f.sha256}` : `(${f.note ?? "not bound"})`}`]),
+    ["retries", String(a.retries ?? 0)],
     ["requested", a.requestedAt],
     ...(a.decidedAt ? [["decided", a.decidedAt] as [string, string]] : []),
     ...(a.note ? [["note", a.note] as [string, string]] : []),
-    ...(a.usedAt ? [["used", a.usedAt] as [string, string]] : []),
+    ...(a.usedAt ? [[a.state === "stale" ? "refused (files changed)" : "used", a.usedAt] as [string, string]] : []),
   ];
   process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v])));
 }
@@ -312,7 +315,7 @@ function program(): Command {
     .option("--json", "do not stream; print the result record as JSON when the command ends")
     .addHelpText(
       "after",
-      "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy;\n125 sandboxd failed; 128+N the command died of signal N.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
+      "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over the mode's limit,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
     .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string }, cmd: Command) => {
       const api = client(cmd);
@@ -333,8 +336,7 @@ function program(): Command {
       } catch (err) {
         if (err instanceof CliExit) throw err;
         printError(err);
-        const policy = err instanceof SandboxdError && (err.code === "SBX_ERR_POLICY_DENIED" || err.code === "SBX_ERR_POLICY_NEEDS_APPROVAL");
-        throw new CliExit(policy ? EXIT.policy : EXIT.sandboxdFailed);
+        throw new CliExit(exitCodeForRefusal(err instanceof SandboxdError ? err.code : undefined));
       }
     });
 
@@ -505,6 +507,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
   const handle = (line: string) => {
     if (!line) return;
     const ev = JSON.parse(line) as
+      | { type: "started"; pid: number }
       | { type: "stdout" | "stderr"; data: string }
       | { type: "exit"; result: ExecResult }
       | { type: "error"; error: { code: string; message: string; hint: string } };
@@ -515,7 +518,8 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
       code = EXIT.sandboxdFailed;
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
-    else process.stderr.write(ev.data);
+    else if (ev.type === "stderr") process.stderr.write(ev.data);
+    // "started" and event types of newer daemons print nothing
   };
   for await (const chunk of res) {
     buffered += (chunk as Buffer).toString("utf8");
@@ -552,6 +556,21 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv).then((code) => {
-  process.exitCode = code;
+// A reader that stops early (`| head`, `| grep -q`) closes stdout. That ends
+// sandboxd quietly, as SIGPIPE ends a shell tool (128+13); the daemon sees the
+// connection go and ends the command.
+process.stdout.on("error", (err: NodeJS.ErrnoException) => {
+  if (err.code === "EPIPE") process.exit(EXIT.brokenPipe);
+  throw err;
 });
+
+main(process.argv).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    // main reports every error itself; reaching here is a bug, said as one
+    process.stderr.write(`sandboxd: internal error: ${(err as Error).stack ?? String(err)}\n`);
+    process.exitCode = EXIT.sandboxdFailed;
+  },
+);

@@ -5,16 +5,7 @@ import type { AuditRecord } from "../audit/journal.js";
 /** One audit record as a line: seq, time, phase, type, then its decision and the most telling fields. */
 export function renderRecord(r: AuditRecord): string {
   const f = r as Record<string, unknown>;
-  const what =
-    typeof f.command === "string"
-      ? f.command
-      : Array.isArray(f.argv)
-        ? quoteArgv(f.argv as string[])
-        : typeof f.sql === "string"
-          ? `${typeof f.engine === "string" ? `${f.engine}: ` : ""}${f.sql}`
-          : r.type.startsWith("net.") && (typeof f.service === "string" || typeof f.address === "string" || typeof f.host === "string")
-            ? [f.service ?? f.host ?? f.address, f.port].filter((x) => x !== undefined && x !== null).join(":")
-            : "";
+  const what = whatOf(r, f);
   const bits = [
     typeof f.decision === "string" ? String(f.decision).toUpperCase() : "",
     r.rule ? `${r.rule}` : "",
@@ -28,3 +19,17 @@ export function renderRecord(r: AuditRecord): string {
   return escapeControl(`${String(r.seq).padStart(6)}  ${r.ts}  ${r.phase ?? "-".padEnd(15)}  ${r.type.padEnd(16)} ${bits.join("  ")}`);
 }
 
+/** The most telling field of a record: its command, SQL or destination. */
+function whatOf(r: AuditRecord, f: Record<string, unknown>): string {
+  if (typeof f.command === "string") {
+    // a Redis write names its keys
+    return Array.isArray(f.keys) && f.keys.length > 0 ? `${f.command} ${(f.keys as unknown[]).join(" ")}` : f.command;
+  }
+  if (r.type === "redis.unreachable") return `${String(f.upstream)}: ${String(f.reason)}`;
+  if (Array.isArray(f.argv)) return quoteArgv(f.argv as string[]);
+  if (typeof f.sql === "string") return `${typeof f.engine === "string" ? `${f.engine}: ` : ""}${f.sql}`;
+  if (r.type.startsWith("net.") && (typeof f.service === "string" || typeof f.address === "string" || typeof f.host === "string")) {
+    return [f.service ?? f.host ?? f.address, f.port].filter((x) => x !== undefined && x !== null).join(":");
+  }
+  return "";
+}

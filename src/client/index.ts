@@ -92,8 +92,11 @@ export class Sandboxd {
   /**
    * Runs a command in the phase; resolves with its result (a non-zero exit is
    * a result, not an error). A refusal throws SandboxdError
-   * (SBX_ERR_POLICY_DENIED, or SBX_ERR_POLICY_NEEDS_APPROVAL with
-   * `details.approvalId`). With handlers, output streams as it arrives.
+   * (SBX_ERR_POLICY_DENIED; SBX_ERR_POLICY_NEEDS_APPROVAL with
+   * `details.approvalId`; SBX_ERR_APPROVAL_DENIED with the person's
+   * `details.note`; SBX_ERR_APPROVAL_STALE when the approved files changed,
+   * with the new request's `details.approvalId`). With handlers, output
+   * streams as it arrives.
    */
   async exec(id: string, req: ExecOptions, handlers: StreamHandlers = {}): Promise<ExecResult> {
     const path = `/v1/phases/${id}/exec`;

@@ -30,7 +30,7 @@ export interface Settings {
   policyFile: string;
   /** build_audit.log at the project root (mounted read-only in the sandbox) or in the state dir */
   buildLog: "project" | "state";
-  /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_REDIS_URL) */
+  /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_QUESTDB_URL_TEST, …_REDIS_URL, …_REDIS_URL_TEST) */
   serviceOverrides: Record<string, string>;
 }
 

@@ -20,9 +20,16 @@
  *   the client's messages up to Sync are discarded.
  * - Upstream session: statement_timeout (≤ 30 s), idle-in-transaction
  *   timeout, and default_transaction_read_only=on in paper mode (production).
- *   An allowed paper-mode write (to `paper_*`) outside a transaction block is
- *   bracketed by the gateway's own `SET SESSION CHARACTERISTICS AS
- *   TRANSACTION READ WRITE` / `READ ONLY`, whose answers the client never sees.
+ *   Paper mode keeps production read-only AND checked outside one
+ *   gateway-owned elevated statement (src/db/session.ts PgSession, its
+ *   invariants at its top): only a string (or batch) of nothing but paper
+ *   DML is elevated, conditionally on the server's catalog, with nothing in
+ *   flight and no transaction block open; the gateway lowers and reads the
+ *   access mode back before forwarding anything else, and closes the
+ *   connection if any of its own statements fails. Transaction blocks are
+ *   bounded by the watchdog whatever the client sets.
+ * - A statement the policy sends to a person (`ask`) becomes an approval
+ *   request through `askApproval`; approved, the same text runs once.
  * - Every statement is recorded (awaited) before it is forwarded, every
  *   CommandComplete before the client gets it, every server error likewise:
  *   `DB_QUERY [PostgreSQL|QuestDB]: …`, `DB_RESULT: n rows returned`,
@@ -351,7 +358,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
             `[${stamp()}] DB_ERROR: ${what} for ${Math.round(over.ms)} ms (bound ${over.reason === "transaction" ? session.opts.maxTransactionMs : session.opts.idleInTransactionMs} ms); connection cut`,
           ]),
         )
-        .catch(() => undefined);
+        .catch((e: Error) => log?.error({ err: e.message }, "db gateway: could not record the cut; the journal refuses further work if it is failing"));
       close("transaction bound");
       return;
     }
@@ -363,7 +370,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         .record({ type: "db.timeout", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, action: "drop", ms: ran }, [
           `[${timestamp(new Date())}] DB_ERROR: query still running after ${ran} ms; connection dropped`,
         ])
-        .catch(() => undefined);
+        .catch((e: Error) => log?.error({ err: e.message }, "db gateway: could not record the drop; the journal refuses further work if it is failing"));
       close("watchdog");
     } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !session.cancelSent) {
       session.cancelSent = true;
@@ -784,6 +791,16 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   };
 
   /**
+   * Stops a chunk at a message that must wait: what came before it (`out`,
+   * `recs`) is sent, and the rest — from that message on — is processed once
+   * `w` resolves, before any later chunk (the pump waits for this promise).
+   */
+  const resumeAfter = (w: Wait, rest: Buffer, out: Buffer[], recs: GatewayRecord[]): Promise<void> =>
+    Promise.resolve(send(up, out, recs, clientPump))
+      .then(() => w)
+      .then(() => (closed || session.access === "failed" ? undefined : processClient(rest)));
+
+  /**
    * One chunk from the client: every complete message is judged in place
    * (offsets into the chunk, no copies), its records collected, and what goes
    * upstream — the chunk's bytes, with refused statements swapped for their
@@ -820,18 +837,13 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (to > seg) out.push(seg === 0 && to === buf.length ? buf : buf.subarray(seg, to));
       seg = to;
     };
-    /** stop at the message at `off`: send what came before, process the rest once `w` resolves */
-    const holdAt = (w: Wait): Promise<void> => {
-      flush(off);
-      const rest = buf.subarray(off);
-      return Promise.resolve(send(up, out, recs, clientPump))
-        .then(() => w)
-        .then(() => (closed || session.access === "failed" ? undefined : processClient(rest)));
-    };
     let terminate = false;
     scan: while (off < buf.length) {
       if (buf.length - off < 5) break;
-      if (!session.open) return holdAt(untilOpen());
+      if (!session.open) {
+        flush(off);
+        return resumeAfter(untilOpen(), buf.subarray(off), out, recs);
+      }
       const type = buf[off]!;
       const len = buf.readInt32BE(off + 1);
       if (len < 4 || len > MAX_MESSAGE) {
@@ -856,7 +868,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
 
       if (type === T_BIND && complete && session.paper) {
         const b = onPaperBind(buf, off, total);
-        if (b instanceof Promise) return holdAt(b);
+        if (b instanceof Promise) {
+          flush(off);
+          return resumeAfter(b, buf.subarray(off), out, recs);
+        }
         if (b === "elevate") {
           flush(off);
           session.expect("elevate");
@@ -891,10 +906,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           ts ??= stamp();
           if (type === T_QUERY) {
             const w = onQuery(raw, buf, off + 5, off + total, out, recs, ts);
-            if (w) return holdAt(w);
+            if (w) return resumeAfter(w, buf.subarray(off), out, recs);
           } else if (type === T_PARSE) {
             const r = onParse(raw, buf, off + 5, off + total, out, recs, ts);
-            if (r instanceof Promise) return holdAt(r);
+            if (r instanceof Promise) return resumeAfter(r, buf.subarray(off), out, recs);
             if (!r) {
               close("malformed Parse");
               return;
@@ -910,7 +925,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           session.discardUntilSync = false;
           off += total;
           flush(off);
-          session.batchMessages = 0;
+          session.endBatch();
           if (session.elevatedStatement !== undefined) {
             // the elevated batch ends: lower and read back right behind its Sync (PgSession invariant 2)
             session.endElevatedBatch();
@@ -1029,7 +1044,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         else if (type === T_DATA_ROW) session.internalRow(parseDataRow(buf.subarray(off + 5, off + total)));
         else if (type === T_READY) {
           ts ??= stamp();
-          if (!onSessionEvent(session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus).event, recs, ts)) return;
+          if (!onSessionEvent(session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus), recs, ts)) return;
         }
         off += total;
         seg = off;
@@ -1039,9 +1054,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (type === T_COMMAND_COMPLETE || type === T_ERROR || type === T_READY) {
         if (!complete) break;
         if (type === T_READY) {
-          const r = session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus);
-          ts ??= stamp();
-          if (!onSessionEvent(r.event, recs, ts)) return;
+          const event = session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus);
+          if (event) {
+            ts ??= stamp();
+            if (!onSessionEvent(event, recs, ts)) return;
+          }
           if (session.idle) refusals.clear();
           off += total;
           continue;

@@ -29,9 +29,13 @@
  *    wrong read-back, a ReadyForQuery not idle) moves `access` to `failed`:
  *    the gateway closes the connection (fail closed) and records why. There
  *    is no way out of `failed`.
- * 5. A transaction block (status `T`/`E`) lasts at most `maxTransactionMs`,
- *    and sits idle at most `idleInTransactionMs`, whatever the client set:
- *    `overdue()` says when the gateway must cut the connection.
+ * 5. A transaction block (status `T`/`E`) sits idle at most
+ *    `idleInTransactionMs`, and in paper mode (production) lasts at most
+ *    `maxTransactionMs`, whatever the client set:
+ *    `overdue()` says when the gateway must cut the connection. An extended
+ *    batch left open without Sync is an implicit transaction the server's
+ *    own idle timeout never sees: it counts as a block (seen by the
+ *    watchdog's ticks, so the hot path pays nothing for it).
  */
 import type { Clock } from "../util/clock.js";
 import type { SqlVerdict } from "./classify.js";
@@ -58,7 +62,7 @@ export interface SessionOptions {
   engine: "postgres" | "questdb";
   mode: "backtest" | "paper" | "test";
   clock: Clock;
-  /** a transaction block open longer than this is cut */
+  /** paper mode: a transaction block open longer than this is cut (the test database's fixtures may hold longer ones) */
   maxTransactionMs: number;
   /** a transaction block idle (nothing pending) longer than this is cut */
   idleInTransactionMs: number;
@@ -77,6 +81,8 @@ export const CHECK_SQL = "SELECT pg_catalog.current_setting('default_transaction
 export const ELEVATED = "off";
 
 export class PgSession {
+  /** paper mode on PostgreSQL: the session is read-only and writes need the gateway's elevation */
+  readonly paper: boolean;
   /** status of the last ReadyForQuery (the session's state once nothing is pending) */
   txStatus: TxStatus;
   access: Access;
@@ -85,8 +91,13 @@ export class PgSession {
   readonly prepared = new Map<string, SqlVerdict>();
   /** extended-protocol statement names parsed as elevatable paper writes, and their verdicts */
   readonly paperStatements = new Map<string, SqlVerdict>();
-  /** messages of the current extended batch forwarded so far (reset at Sync) */
+  /** messages of the current extended batch forwarded so far (reset at Sync, see endBatch) */
   batchMessages = 0;
+  /** extended batches ended so far */
+  private batches = 0;
+  /** the open batch the watchdog saw, and since when */
+  private seenBatch = -1;
+  private seenBatchSince = 0;
   /** the statement name an elevated extended batch may bind; undefined: the batch is not elevated */
   elevatedStatement: string | undefined;
   /** a refused message: the client's messages up to Sync are dropped, as the server would */
@@ -98,20 +109,22 @@ export class PgSession {
   private txSince: number | undefined;
   private idleSince: number | undefined;
   /** what the answer of the gateway statement at pending[0] said so far */
-  private answer: { error?: string; values?: Array<string | null> } = {};
+  private answer: { error?: string | undefined; values?: Array<string | null> | undefined } = {};
   private waiters: Array<{ until: () => boolean; resolve: () => void }> = [];
 
   constructor(
     readonly opts: SessionOptions,
     initialStatus: TxStatus,
   ) {
+    this.paper = opts.engine === "postgres" && opts.mode === "paper";
     this.txStatus = initialStatus;
     this.access = this.paper ? "checking" : "read-write";
   }
 
-  /** paper mode on PostgreSQL: the session is read-only and writes need the gateway's elevation */
-  get paper(): boolean {
-    return this.opts.engine === "postgres" && this.opts.mode === "paper";
+  /** a Sync was written: the extended batch ends */
+  endBatch(): void {
+    this.batchMessages = 0;
+    this.batches++;
   }
 
   /** the owner of the next answer */
@@ -176,29 +189,39 @@ export class PgSession {
     return { kind: "failed", reason };
   }
 
-  /** A ReadyForQuery arrived: the owner it ends, and what it means for the access mode. */
-  ready(status: TxStatus): { owner: Owner | undefined; event?: SessionEvent } {
+  /** the owner the last ReadyForQuery ended */
+  lastOwner: Owner | undefined;
+
+  /** A ReadyForQuery arrived: what it means for the access mode (`lastOwner` says whose it was). */
+  ready(status: TxStatus): SessionEvent | undefined {
     const owner = this.pending.shift();
-    const now = this.opts.clock.monotonicMs();
+    this.lastOwner = owner;
     this.txStatus = status;
-    if (status === "I") this.txSince = undefined;
-    else this.txSince ??= now;
-    this.idleSince = this.pending.length === 0 && status !== "I" ? now : undefined;
+    // the hot path (idle, nothing pipelined) reads no clock
+    if (status === "I") {
+      this.txSince = undefined;
+      this.idleSince = undefined;
+    } else {
+      const now = this.opts.clock.monotonicMs();
+      this.txSince ??= now;
+      this.idleSince = this.pending.length === 0 ? now : undefined;
+    }
     if (owner === "client" || owner === "elevated") {
       if (this.pending.length === 0) this.busySince = undefined;
       else {
         // pipelined: the next statement starts now
-        this.busySince = now;
+        this.busySince = this.opts.clock.monotonicMs();
         this.cancelSent = false;
       }
+    }
+    if (owner === "client" || owner === undefined) {
+      if (this.waiters.length) this.wake();
+      return undefined;
     }
     const answer = this.answer;
     this.answer = {};
     let event: SessionEvent | undefined;
     switch (owner) {
-      case undefined:
-      case "client":
-        break;
       case "elevated":
         // invariant 3: the elevated statement was its own implicit transaction
         if (status !== "I") event = this.fail(`the elevated statement ended inside a transaction block (status ${status})`);
@@ -224,13 +247,19 @@ export class PgSession {
       }
     }
     this.wake();
-    return { owner, event };
+    return event;
   }
 
   /** Invariant 5: the bound a transaction block has passed, if any. */
   overdue(): { reason: "transaction" | "idle-in-transaction"; ms: number } | undefined {
     const now = this.opts.clock.monotonicMs();
-    if (this.txSince !== undefined && now - this.txSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.txSince };
+    if (this.opts.mode === "paper" && this.batchMessages > 0) {
+      if (this.seenBatch !== this.batches) {
+        this.seenBatch = this.batches;
+        this.seenBatchSince = now;
+      } else if (now - this.seenBatchSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.seenBatchSince };
+    }
+    if (this.opts.mode === "paper" && this.txSince !== undefined && now - this.txSince > this.opts.maxTransactionMs) return { reason: "transaction", ms: now - this.txSince };
     if (this.idleSince !== undefined && now - this.idleSince > this.opts.idleInTransactionMs) return { reason: "idle-in-transaction", ms: now - this.idleSince };
     return undefined;
   }
@@ -314,9 +343,9 @@ export function elevationSql(v: SqlVerdict): string {
   return [
     "SELECT CASE",
     `WHEN EXISTS (SELECT FROM pg_catalog.unnest(${textArray(targets)}) AS t(n) LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.n)`,
-    "  WHERE c.oid IS NULL OR c.relkind <> 'r' OR c.relhasrules",
+    "  WHERE c.oid IS NULL OR c.relkind <> 'r' OR c.relhasrules OR c.relrowsecurity",
     "  OR EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal))",
-    "THEN 'not elevated: a target is not an ordinary table without rules and triggers (a view, or a table whose rules or triggers run other code)'",
+    "THEN 'not elevated: a target is not an ordinary table without rules, row security and triggers (a view, or a table whose rules, policies or triggers run other code)'",
     `WHEN EXISTS (SELECT FROM pg_catalog.unnest(${textArray(reads)}) AS r(n) JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(r.n) WHERE c.relkind NOT IN ('r', 'p', 'm'))`,
     "THEN 'not elevated: the statement reads a view or foreign table (its query would run read-write)'",
     `WHEN EXISTS (SELECT FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace WHERE p.proname = ANY (${textArray(functions)}) AND s.nspname <> 'pg_catalog')`,

@@ -19,7 +19,7 @@
  * Pure data and pure functions: unit-tested table-driven
  * (test/unit/redis-filter.test.ts).
  */
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 
 export const DENIED_CLAUSE = "SKILLS.md Safety First: no destructive actions";
 export const READ_ONLY_CLAUSE = "SKILLS.md §3 Read-Only Default: production is read-only";
@@ -183,6 +183,19 @@ export function needsArgs(name: string): boolean {
   const spec = COMMANDS.get(name);
   if (spec) return spec.cls === "write" || name === "HELLO" || name === "SELECT" || name === "INFO" || name === "XREAD";
   return SUBCOMMANDS.has(name);
+}
+
+/** Commands whose verdict reads arguments beyond the subcommand. */
+const ARG_DEPENDENT = new Set(["HELLO", "SELECT", "INFO", "COPY"]);
+
+/**
+ * The text a verdict depends on besides mode and database, for a
+ * per-connection cache: the name, plus the subcommand for commands that have
+ * one (never a key); null when the verdict reads further arguments.
+ */
+export function verdictKey(name: string, sub: string | null): string | null {
+  if (ARG_DEPENDENT.has(name)) return null;
+  return WITH_SUB.has(name) || SUBCOMMANDS.has(name) ? `${name} ${sub ?? ""}` : name;
 }
 
 const INFO_SECTIONS = new Set(["DEFAULT", "SERVER", "CLIENTS", "MEMORY", "PERSISTENCE", "STATS", "REPLICATION", "CPU", "KEYSPACE"]);

@@ -1,7 +1,8 @@
 /**
  * The daemon's own Redis connection for one tunnelled client: dial, then log
  * in (AUTH with the ACL user and password of the mode's URL) and SELECT the
- * URL's database, before a single byte of the client is forwarded. The
+ * URL's database, and name the connection `sandboxd-<phase>`, before a
+ * single byte of the client is forwarded. The
  * sandbox never holds the password; the filter refuses AUTH and HELLO … AUTH
  * from it, and SELECT of any other database (src/net/redis-commands.ts).
  *
@@ -21,6 +22,8 @@ export interface RedisLogin {
   password: string | null;
   /** database index; 0 is not selected explicitly */
   db: number;
+  /** the connection's name on the server (CLIENT SETNAME), so the operator sees whose it is; none when null */
+  name?: string | null;
 }
 
 export class RedisUnreachable extends Error {}
@@ -42,6 +45,7 @@ export function openRedisUpstream(login: RedisLogin, timeoutMs: number, onSocket
       steps.push({ what: `login${login.user !== null ? ` as ${login.user}` : ""}`, bytes: auth });
     }
     if (login.db !== 0) steps.push({ what: `SELECT ${login.db}`, bytes: command("SELECT", String(login.db)) });
+    if (login.name) steps.push({ what: "CLIENT SETNAME", bytes: command("CLIENT", "SETNAME", login.name) });
     const counter = new ReplyCounter();
     let got = Buffer.alloc(0);
     let answered = 0;

@@ -14,6 +14,9 @@
  * then its error is written, then forwarding resumes. Each refusal is
  * recorded (awaited) before the error is written.
  *
+ * Connection names: CLIENT SETNAME and HELLO … SETNAME are forwarded with
+ * the name prefixed `sandboxd-` (withNamePrefix).
+ *
  * Transactions: a command refused between MULTI and EXEC makes the EXEC
  * fail as a queueing error does in Redis: the filter sends DISCARD instead
  * and answers `-EXECABORT`, so nothing of the transaction runs.
@@ -30,8 +33,8 @@
  */
 import type { Duplex } from "node:stream";
 import { actionLine, timestamp } from "../audit/format.js";
-import type { PhaseMode } from "../phases/types.js";
-import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, type Verdict } from "./redis-commands.js";
+import type { PhaseMode } from "../domain.js";
+import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, verdictKey, type Verdict } from "./redis-commands.js";
 
 export { DENIED_CLAUSE, READ_ONLY_CLAUSE } from "./redis-commands.js";
 /** Recorded with each allowed write (test and backtest phases write only to the test instance). */
@@ -48,6 +51,8 @@ const MAX_RECORDED_KEY = 200;
 /** parsed-but-unforwarded bytes before the client is paused */
 const QUEUE_HIGH_WATER = 8 * 1024 * 1024;
 const SUBSCRIBE = new Set(["SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"]);
+/** verdicts cached per connection (by command name, and subcommand where there is one) */
+const MAX_CACHED_VERDICTS = 256;
 const DISCARD = Buffer.from("*1\r\n$7\r\nDISCARD\r\n");
 
 export interface RedisFilterOptions {
@@ -55,7 +60,7 @@ export interface RedisFilterOptions {
   /** the database index the daemon selected upstream (SELECT of this one is a no-op; others are refused) */
   db?: number;
   record(event: Record<string, unknown>, lines: string[]): Promise<void>;
-  /** several records durable together (PhaseRecorder.recordMany); falls back to `record` per entry */
+  /** several records durable together (EventRecorder.recordMany); falls back to `record` per entry */
   recordMany?(entries: Array<{ event: Record<string, unknown>; lines: string[] }>): Promise<unknown>;
   /** timestamps for the audit lines */
   now?: () => Date;
@@ -311,6 +316,34 @@ export function checkCommand(cmd: RedisCommand, mode: PhaseMode, db = 0): Verdic
   return judgeCommand(cmd.name, cmd.sub, cmd.argv, { mode, db });
 }
 
+/** What every connection name set from a sandbox starts with. */
+export const CLIENT_NAME_PREFIX = "sandboxd-";
+
+function encodeCommand(argv: readonly string[]): Buffer {
+  const parts = [`*${argv.length}\r\n`];
+  for (const a of argv) parts.push(`$${Buffer.byteLength(a, "latin1")}\r\n${a}\r\n`);
+  return Buffer.from(parts.join(""), "latin1");
+}
+
+/**
+ * CLIENT SETNAME and HELLO … SETNAME: the name the server shows (CLIENT
+ * LIST, the operator's monitoring) gets the sandbox's prefix, so a sandbox
+ * cannot pass for the trading engine. The rewritten bytes, or null when the
+ * command sets no name.
+ */
+export function withNamePrefix(cmd: RedisCommand): Buffer | null {
+  let i = -1;
+  if (cmd.name === "CLIENT" && cmd.sub === "SETNAME" && cmd.argc === 3 && cmd.argv.length === 3) i = 2;
+  else if (cmd.name === "HELLO" && cmd.argc === cmd.argv.length) {
+    const j = cmd.argv.findIndex((a, k) => k >= 2 && a.toUpperCase() === "SETNAME");
+    if (j > 0 && j + 1 < cmd.argv.length) i = j + 1;
+  }
+  if (i < 0) return null;
+  const argv = [...cmd.argv];
+  argv[i] = CLIENT_NAME_PREFIX + argv[i]!;
+  return encodeCommand(argv);
+}
+
 /** The error a refused command gets: the command, the rule, the clause and what to do instead. */
 export function refusalReply(v: Extract<Verdict, { allow: false }>): string {
   return `-ERR sandboxd refused ${v.display} (rule ${v.rule}, ${v.clause}): ${HINTS[v.rule]}\r\n`;
@@ -347,6 +380,18 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
   let refused = 0;
   let error: string | null = null;
 
+  // the hot path: a read costs a map lookup and a counter, its verdict is shared
+  const verdicts = new Map<string, Verdict>();
+  const judge = (cmd: RedisCommand): Verdict => {
+    const key = verdictKey(cmd.name, cmd.sub);
+    if (key === null) return checkCommand(cmd, opts.mode, db);
+    let v = verdicts.get(key);
+    if (!v) {
+      v = checkCommand(cmd, opts.mode, db);
+      if (verdicts.size < MAX_CACHED_VERDICTS) verdicts.set(key, v);
+    }
+    return v;
+  };
   const commit = (entries: Entry[]): Promise<unknown> =>
     opts.recordMany ? opts.recordMany(entries) : Promise.all(entries.map((e) => opts.record(e.event, e.lines)));
 
@@ -464,7 +509,7 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
         commands++;
         if (v.cls === "read") reads++;
         else if (v.cls === "write") writes++;
-        forward(item.cmd.raw);
+        forward(name === "CLIENT" || name === "HELLO" ? (withNamePrefix(item.cmd) ?? item.cmd.raw) : item.cmd.raw);
       }
       if (queuedBytes < QUEUE_HIGH_WATER && client.isPaused() && upstream.writableNeedDrain !== true) client.resume();
       if (queue.length === 0 && clientEnded && !finished && !busy) {
@@ -487,7 +532,7 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       const gated: Array<{ ready: boolean }> = [];
       const add = (cmds: RedisCommand[]) => {
         for (const cmd of cmds) {
-          const verdict = checkCommand(cmd, opts.mode, db);
+          const verdict = judge(cmd);
           const item = { cmd, verdict, ready: true };
           if (verdict.allow && verdict.cls === "write") {
             entries.push(writeEntry(cmd, verdict));

@@ -18,7 +18,7 @@
  * the daemon logs in with the URL's user and password and selects its
  * database (src/net/redis-upstream.ts).
  */
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 import { DEFAULT_NETWORK, type NetworkPolicy, type PackageIndexPolicy } from "../policy/schema.js";
 
 /** How the daemon treats a service's bytes. */

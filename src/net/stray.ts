@@ -10,7 +10,7 @@
  */
 import type { Logger } from "pino";
 import { actionLine, timestamp } from "../audit/format.js";
-import type { PhaseRecorder } from "../phases/recorder.js";
+import type { EventRecorder } from "../audit/recorder.js";
 import type { RefusedConnection } from "../runtime/netns.js";
 import type { Clock } from "../util/clock.js";
 import { TokenBucket } from "./rate.js";
@@ -25,7 +25,7 @@ const RATE_PER_SECOND = 20;
 
 export interface StrayOptions {
   phaseId: string;
-  rec: PhaseRecorder;
+  rec: EventRecorder;
   clock: Clock;
   log: Logger;
   /**

@@ -21,8 +21,8 @@ import net from "node:net";
 import { timingSafeEqual } from "node:crypto";
 import type { Logger } from "pino";
 import { actionLine, timestamp } from "../audit/format.js";
-import type { PhaseRecorder } from "../phases/recorder.js";
-import type { PhaseMode } from "../phases/types.js";
+import type { EventRecorder } from "../audit/recorder.js";
+import type { PhaseMode } from "../domain.js";
 import { TUNNEL_HEADER_MAX, tunnelHeaderSchema } from "../shim/protocol.js";
 import type { Clock } from "../util/clock.js";
 import { handleProxyClient } from "./proxy.js";
@@ -30,6 +30,7 @@ import { TokenBucket } from "./rate.js";
 import { handleRedisClient } from "./redis.js";
 import { openRedisUpstream, RedisUnreachable } from "./redis-upstream.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
+import { removeIfPresent } from "../util/fs.js";
 
 const HEADER_TIMEOUT_MS = 5_000;
 const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
@@ -61,7 +62,7 @@ export interface TunnelServerOptions {
   mode: PhaseMode;
   /** a getter: the phase's services as resolved at start (or re-adoption) */
   services: () => PhaseServices;
-  rec: PhaseRecorder;
+  rec: EventRecorder;
   clock: Clock;
   log: Logger;
   /** the SQL gateway (src/db/gateway.ts) once it exists; null: raw pipe to the test database only */
@@ -104,7 +105,7 @@ export class TunnelServer {
   }
 
   async listen(): Promise<void> {
-    await unlink(this.opts.socketPath).catch(() => undefined);
+    await removeIfPresent(this.opts.socketPath);
     const server = net.createServer({ pauseOnConnect: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -125,7 +126,7 @@ export class TunnelServer {
     this.server = null;
     for (const s of this.sockets) s.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
-    await unlink(this.opts.socketPath).catch(() => undefined);
+    await removeIfPresent(this.opts.socketPath);
   }
 
   private onConnection(sock: net.Socket): void {
@@ -209,10 +210,7 @@ export class TunnelServer {
     // pip's proxy has no fixed upstream: it dials the allow-listed host each CONNECT names (src/net/proxy.ts)
     const proxyIndex = service.protocol === "http-proxy" ? (service.packageIndex ?? null) : null;
     if (!proxyIndex && (!service.upstream || service.refusal)) {
-      const reason = service.refusal ?? `${name} has no upstream`;
-      // a Redis client gets the reason as a RESP error (redis-cli and redis-py print it) rather than a bare close
-      const reply = service.name === "redis" ? `-ERR sandboxd refused the connection (rule ${service.rule}, ${service.clause}): ${reason.replace(/[\r\n]/g, " ")}\r\n` : undefined;
-      return this.refuse(sock, { ...base, reason }, reply);
+      return this.refuse(sock, { ...base, reason: service.refusal ?? `${name} has no upstream` });
     }
     const gateway = this.opts.gateway ?? null;
     if (service.protocol === "postgres" && !gateway && !(service.name === "postgres" && this.opts.mode !== "paper")) {
@@ -247,7 +245,7 @@ export class TunnelServer {
         .record({ type: "net.close", service: name, port, bytesIn: 0, bytesOut: 0, durationMs: 0, error: "closed before the upstream was dialled" }, [
           actionLine(this.ts(), "NET", "CLOSE", `${name} 127.0.0.1:${port}`, "in=0 out=0 0ms ERROR closed before the upstream was dialled"),
         ])
-        .catch(() => undefined);
+        .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record the end of a tunnel connection"));
       return;
     }
 
@@ -338,7 +336,8 @@ export class TunnelServer {
     };
     let upstream: net.Socket;
     try {
-      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
+      const name = `sandboxd-${this.opts.phaseId}`.replace(/[^\w.:-]/g, "_");
+      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login, name }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
         this.sockets.add(s);
         s.once("close", () => this.sockets.delete(s));
       });
@@ -349,7 +348,10 @@ export class TunnelServer {
         await record({ type: "redis.unreachable", upstream: where, reason, mode: this.opts.mode }, [
           actionLine(this.ts(), "NET", "REDIS", where, `ERROR unreachable: ${reason}`),
         ]);
-        if (!sock.destroyed) sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+        if (!sock.destroyed) {
+          sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+          setTimeout(() => sock.destroy(), 5_000).unref(); // a client that never closes its side
+        }
       } catch {
         sock.destroy();
       }
@@ -417,29 +419,15 @@ export class TunnelServer {
     upstream.once("close", onClose(sock));
   }
 
-  /** `reply`: bytes the client gets (after the record) before the close, in its service's protocol; none by default. */
-  private async refuse(sock: net.Socket, r: Refusal, reply?: string): Promise<void> {
-    if (!reply) sock.destroy();
+  private async refuse(sock: net.Socket, r: Refusal): Promise<void> {
+    sock.destroy();
     if (this.closed && r.rule === "net.tunnel-header") return; // torn down by close(), not a refusal
-    const recorded = await this.opts.rec
+    await this.opts.rec
       .record(
         { type: "net.connect", service: r.service, port: r.port, decision: "forbid", rule: r.rule, clause: r.clause, reason: r.reason },
         [actionLine(this.ts(), "NET", "CONNECT", `${r.service} 127.0.0.1:${r.port ?? "?"}`, `FORBID ${r.rule} (${r.clause}): ${r.reason}`)],
       )
-      .then(
-        () => true,
-        (e: Error) => {
-          this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection");
-          return false;
-        },
-      );
-    if (reply) {
-      if (recorded && !sock.destroyed) {
-        sock.end(reply);
-        sock.resume(); // read and drop what the client sent, so the close completes
-        setTimeout(() => sock.destroy(), 5_000).unref();
-      } else sock.destroy();
-    }
+      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection"));
     this.opts.log.info({ phase: this.opts.phaseId, service: r.service, reason: r.reason }, "tunnel connection refused");
   }
 

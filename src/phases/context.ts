@@ -4,6 +4,8 @@
  * passed to lifecycle, exec, network and reconcile, so none of them keeps
  * state of its own.
  */
+import { createHash } from "node:crypto";
+import path from "node:path";
 import type { Logger } from "pino";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import type { AuditJournal } from "../audit/journal.js";
@@ -73,18 +75,25 @@ export interface LivePhase {
   frozen: boolean;
   /** the container's first process, as the host sees it (cached for the JUnit read) */
   pid?: number;
+  /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
+  ending: Promise<void> | null;
 }
 
 export class PhaseContext {
   readonly phases = new Map<string, LivePhase>();
   readonly store: PhaseStore;
-  readonly buildLogs = new BuildLogRegistry();
+  readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;
   readonly connectTimeoutMs: number;
   shuttingDown = false;
 
   constructor(readonly opts: ManagerOptions) {
     this.store = new PhaseStore(opts.stateDir);
+    // rotated build logs go to the state dir: next to a state-dir log, or under rotated/ for a project's
+    this.buildLogs = new BuildLogRegistry((file) => ({
+      ...opts.policy().audit.buildLog,
+      dir: file.startsWith(path.join(opts.stateDir, "phases") + path.sep) ? path.dirname(file) : rotatedDir(opts.stateDir, file),
+    }));
     this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
   }
@@ -113,7 +122,12 @@ export class PhaseContext {
     });
     // the daemon's own log is scrubbed of them too, while the phase lives
     this.opts.logSecrets?.add(record.id, redactor);
-    return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
+    return new PhaseRecorder(record.id, this.opts.journal, log, redactor, {
+      // the policy of the moment (a reload applies), narrowed by the phase's own
+      audit: () => this.policyFor(this.phases.get(record.id)?.phasePolicy ?? null).audit,
+      clock: this.opts.clock,
+      onSpent: (why) => this.opts.log.warn({ phase: record.id, why }, "phase spent its audit budget; it takes no new work"),
+    });
   }
 
   view(record: PhaseRecord): PhaseView {
@@ -164,6 +178,13 @@ export class PhaseContext {
     const view = await this.get(id);
     throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${view.state}, not running`);
   }
+}
+
+/** `<state>/rotated/<project dir name>-<8 hex of its path's SHA-256>`: one per project, out of the agent's reach. */
+export function rotatedDir(stateDir: string, file: string): string {
+  const project = path.dirname(file);
+  const tag = createHash("sha256").update(project).digest("hex").slice(0, 8);
+  return path.join(stateDir, "rotated", `${path.basename(project).replace(/[^\w.-]/g, "_")}-${tag}`);
 }
 
 export function notFound(id: string): SandboxdError {

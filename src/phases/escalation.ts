@@ -15,7 +15,7 @@ import { SandboxdError } from "../errors.js";
 import type { FailureCategory, TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { categoryTitle, escalationReport, recommend, type Attempt, type LimitReached, type Source } from "./failfast.js";
-import { finish } from "./lifecycle.js";
+import { endPhase } from "./lifecycle.js";
 import { transition } from "./state.js";
 import type { Escalation, PhaseView } from "./types.js";
 
@@ -221,11 +221,10 @@ export async function resumePhase(ctx: PhaseContext, id: string, note: string | 
 export async function abortPhase(ctx: PhaseContext, id: string, note: string | null): Promise<PhaseView> {
   const live = liveOf(ctx, id);
   const { record } = live;
-  if (record.state === "stopping") throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already stopping`);
+  if (record.state === "stopping" || live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already stopping`);
   const at = timestamp(ctx.opts.clock.now());
   const esc = record.state === "escalated" ? record.escalations?.at(-1) : undefined;
   if (esc) esc.resolved = { at, how: "aborted", note };
-  transition(record, "stopping");
-  await finish(ctx, live, "failed", `aborted by operator${note ? `: ${note}` : ""}`);
+  await endPhase(ctx, live, "failed", `aborted by operator${note ? `: ${note}` : ""}`);
   return ctx.view(record);
 }

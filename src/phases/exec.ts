@@ -4,15 +4,16 @@
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
-import type { Approval } from "../approvals/queue.js";
+import { bindFiles, filesRun } from "../approvals/binding.js";
+import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
-import { SHIM_PATHS, type ExitMessage } from "../shim/protocol.js";
+import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, recordAttempt } from "./escalation.js";
 import { junitPathFor, readJunit } from "./junit.js";
-import { commandEnv } from "./project.js";
+import { commandEnv, readProjectFile } from "./project.js";
 import type { PhaseRecorder } from "./recorder.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
@@ -25,6 +26,8 @@ export interface ExecRequest {
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
+  /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
+  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -41,8 +44,12 @@ export interface ExecResult {
   stderr: string;
   stdoutBytes: number;
   stderrBytes: number;
+  /** output kept: each stream's first and last outputCapBytes/2; the text marks where bytes were left out */
   stdoutTruncated: boolean;
   stderrTruncated: boolean;
+  /** scrubbed bytes left out between the kept head and tail (0 when all is kept) */
+  stdoutOmitted: number;
+  stderrOmitted: number;
   outputCapBytes: number;
   rule: { id: string; clause: string };
   /** SKILLS.md error category of a failed command (null: it succeeded), and how the fail-fast counters took it */
@@ -54,47 +61,114 @@ export interface ExecResult {
 }
 
 
-/** Keeps the first `cap` UTF-8 bytes of a stream's (scrubbed) text; `total` counts the command's raw bytes. */
-class CappedText {
-  private parts: string[] = [];
-  kept = 0;
+/** The first `n` UTF-8 bytes of `text`, cut at a character boundary. */
+function headBytes(text: string, n: number): string {
+  if (text.length * 3 <= n || Buffer.byteLength(text) <= n) return text;
+  return Buffer.from(text).subarray(0, n).toString("utf8").replace(/\uFFFD$/, "");
+}
+
+/** The last `n` UTF-8 bytes of `text`, cut at a character boundary. */
+function tailBytes(text: string, n: number): string {
+  if (text.length * 3 <= n) return text;
+  const buf = Buffer.from(text);
+  if (buf.length <= n) return text;
+  let start = buf.length - n;
+  while (start < buf.length && (buf[start]! & 0xc0) === 0x80) start += 1; // not inside a character
+  return buf.subarray(start).toString("utf8");
+}
+
+/**
+ * One stream's (scrubbed) text, kept as its first `cap/2` and last `cap/2`
+ * UTF-8 bytes: a long test run keeps its summary line and its list of
+ * failures, which come last. `total` counts the command's raw bytes, `seen`
+ * the scrubbed text's.
+ */
+export class HeadTailText {
+  private head = "";
+  private headLen = 0;
+  private headFull = false;
+  /** pieces of the rolling tail, oldest first */
+  private tail: string[] = [];
+  private tailLen = 0;
+  seen = 0;
   total = 0;
-  truncated = false;
-  constructor(private readonly cap: number) {}
+  private readonly headCap: number;
+  private readonly tailCap: number;
+
+  constructor(cap: number) {
+    this.headCap = Math.floor(cap / 2);
+    this.tailCap = cap - this.headCap;
+  }
+
   count(rawBytes: number): void {
     this.total += rawBytes;
   }
+
   push(text: string): void {
     if (text === "") return;
-    const room = this.cap - this.kept;
-    if (room <= 0) {
-      this.truncated = true;
-      return;
-    }
     const bytes = Buffer.byteLength(text);
-    if (bytes <= room) {
-      this.parts.push(text);
-      this.kept += bytes;
-      return;
+    this.seen += bytes;
+    let rest = text;
+    if (!this.headFull) {
+      const take = headBytes(text, this.headCap - this.headLen);
+      this.head += take;
+      this.headLen += Buffer.byteLength(take);
+      rest = text.slice(take.length);
+      if (rest === "") return;
+      // the head ends here, even a few bytes short (a character did not fit): what follows is the tail's
+      this.headFull = true;
     }
-    // cut at a character boundary within the room left
-    const cut = Buffer.from(text).subarray(0, room).toString("utf8").replace(/\uFFFD$/, "");
-    this.parts.push(cut);
-    this.kept += Buffer.byteLength(cut);
-    this.truncated = true;
+    this.tail.push(rest);
+    this.tailLen += Buffer.byteLength(rest);
+    while (this.tailLen > this.tailCap) {
+      const first = this.tail[0]!;
+      const fb = Buffer.byteLength(first);
+      if (this.tailLen - fb >= this.tailCap) {
+        this.tail.shift();
+        this.tailLen -= fb;
+        continue;
+      }
+      const kept = tailBytes(first, fb - (this.tailLen - this.tailCap));
+      this.tail[0] = kept;
+      this.tailLen -= fb - Buffer.byteLength(kept);
+      break;
+    }
   }
-  text(limitBytes = this.cap): string {
-    const all = this.parts.join("");
-    if (limitBytes >= this.kept) return all;
-    return Buffer.from(all).subarray(0, limitBytes).toString("utf8").replace(/\uFFFD$/, "");
+
+  get truncated(): boolean {
+    return this.seen > this.headLen + this.tailLen;
+  }
+
+  /**
+   * What is kept within `limit` bytes: all of it when it fits, else its first
+   * and last `limit/2` bytes and how many bytes lie between.
+   */
+  view(limit = this.headCap + this.tailCap): { head: string; omitted: number; tail: string } {
+    const tail = this.tail.join("");
+    if (this.seen <= limit && !this.truncated) return { head: this.head + tail, omitted: 0, tail: "" };
+    const hl = Math.floor(limit / 2);
+    // all kept (head and tail are contiguous): cut the view from the whole; else from each end
+    const whole = this.truncated ? null : this.head + tail;
+    const h = headBytes(whole ?? this.head, hl);
+    const t = tailBytes(whole ?? tail, limit - hl);
+    return { head: h, omitted: this.seen - Buffer.byteLength(h) - Buffer.byteLength(t), tail: t };
+  }
+
+  /** The kept text as one string, the bytes not kept marked where they were. */
+  text(limit?: number): string {
+    const v = this.view(limit);
+    return v.omitted === 0 ? v.head : `${v.head}\n[… ${v.omitted} bytes not kept …]\n${v.tail}`;
   }
 }
-
 
 export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
   ctx.assertServing();
   const live = await ctx.running(id);
   const { record, rec } = live;
+  // Said before any verdict is recorded: an allowed verdict is always followed by its result or its error.
+  if (!live.channel?.connected) {
+    throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+  }
   const limits = ctx.limitsOf(live);
   const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
   if (timeoutMs > limits.maxTimeoutMs) {
@@ -103,6 +177,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
     );
   }
+  const env = commandEnv(record, live.dotenv);
+  const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
+  checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
@@ -111,18 +188,37 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const key = { argv: req.argv, command: req.command };
   const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
 
-  // An `ask` a human already approved for exactly this command runs once.
+  // An `ask` a human already approved for exactly this command, with the same
+  // content in the files it runs, runs once. A denied one stays denied.
   let approval: Approval | null = null;
+  let denial: Approval | null = null;
+  let stale: { approval: Approval; changed: string[] } | null = null;
+  let files: FileBinding[] = [];
   if (verdict.decision === "ask") {
-    approval = await ctx.opts.approvals.consume(id, key);
-    if (approval) {
-      verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
+    files = await bindFiles(filesRun(input), (rel) => readProjectFile(record, rel));
+    const approved = ctx.opts.approvals.approvedFor(id, key);
+    if (approved) {
+      const used = await ctx.opts.approvals.use(approved.id, files);
+      if (used.changed.length === 0) {
+        approval = used.approval;
+        verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}${approval.note ? `: ${approval.note}` : ""})` };
+      } else {
+        stale = used;
+      }
+    } else {
+      denial = await ctx.opts.approvals.deniedFor(id, key);
     }
   }
 
   // The verdict is on disk, in both records, before anything runs.
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
-  const approvalNote = approval ? ` approval=${approval.id}` : "";
+  const approvalNote = approval
+    ? ` approval=${approval.id}`
+    : denial
+      ? ` denied=${denial.id}`
+      : stale
+        ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
+        : "";
   await rec.record(
     {
       type: "exec.verdict",
@@ -133,6 +229,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       reason: verdict.reason,
       parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
       approval: approval?.id ?? null,
+      deniedBy: denial?.id ?? null,
+      staleApproval: stale ? { approval: stale.approval.id, changed: stale.changed } : null,
+      files,
       requestReason: req.reason ?? null,
       timeoutMs,
     },
@@ -141,21 +240,33 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
     ],
   );
+  if (denial) throw deniedError(denial, cmd, rec);
+  if (stale) {
+    await rec.record(
+      { type: "approval.stale", approval: stale.approval.id, ...what, changed: stale.changed, files },
+      [actionLine(ts(), "APPROVAL", "STALE", cmd, `${stale.approval.id} not used: ${stale.changed.join(", ")} changed since it was approved`)],
+    );
+  }
   if (verdict.decision === "ask") {
-    const { approval: pending, created } = await ctx.opts.approvals.request(id, key, {
-      ruleId: verdict.ruleId,
-      clause: verdict.clause,
-      policyReason: verdict.reason,
-      requestReason: req.reason,
-    });
+    const { approval: pending, created, reasonAdded } = await ctx.opts.approvals.request(
+      id,
+      key,
+      { ruleId: verdict.ruleId, clause: verdict.clause, policyReason: verdict.reason, requestReason: req.reason },
+      files,
+    );
     if (created) {
       await rec.record(
-        { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason },
-        [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}`)],
+        { type: "approval.request", approval: pending.id, ...what, rule: verdict.ruleId, clause: verdict.clause, reason: verdict.reason, requestReason: req.reason ?? null, files },
+        [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}${filesNote(files)}`)],
       );
       ctx.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+    } else if (reasonAdded) {
+      await rec.record({ type: "approval.reason", approval: pending.id, ...what, reason: req.reason ?? null }, [
+        actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),
+      ]);
     }
     await countRefusal(ctx, live, verdict, cmd);
+    if (stale) throw staleError(stale, pending, cmd);
     throw policyError(verdict, cmd, rec, pending.id);
   }
   if (verdict.decision !== "allow") {
@@ -167,17 +278,27 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const junit = isPytest(verdict.execArgv) ? junitPathFor() : null;
   const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
 
+  const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
+    await rec
+      .record({ type: "exec.error", ...what, error: (e as Error).message, ...output }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
+      ])
+      .catch((re: Error) => ctx.log.error({ phase: id, err: re.message }, "could not record the error of a command"));
+  };
   const channel = live.channel;
   if (!channel?.connected) {
-    throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+    // the link broke while the verdict was being recorded
+    const e = new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} is not connected`);
+    await recordError(e);
+    throw e;
   }
-  const out = new CappedText(limits.outputCapBytes);
-  const err = new CappedText(limits.outputCapBytes);
+  const out = new HeadTailText(limits.outputCapBytes);
+  const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcome = await new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
@@ -189,64 +310,76 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         timeoutMs + limits.killGraceMs + 10_000,
       );
       const onAbort = () => channel.signal(execId, "SIGKILL");
+      // Once the exec has its outcome, nothing of it reaches the caller again:
+      // the channel forgets it, so late output of a command given up on is dropped.
       let done = false;
       const finish = (fn: () => void) => {
         if (done) return;
         done = true;
         clearTimeout(backstop);
         abort?.removeEventListener("abort", onAbort);
+        channel.forget(execId);
         fn();
       };
-      execId = channel.exec(
-        {
-          argv: runArgv,
-          cwd: SHIM_PATHS.workspace,
-          env: commandEnv(record, live.dotenv),
-          timeoutMs,
-          killGraceMs: limits.killGraceMs,
-          uid: record.uid,
-          gid: record.gid,
-        },
-        {
-          onStarted: () => undefined,
-          onStdout: (c) => {
-            out.count(c.length);
-            const text = outText.push(c);
-            out.push(text);
-            if (text) sink?.stdout(text);
+      let sent: number;
+      try {
+        sent = channel.exec(
+          { argv: runArgv, ...execBase },
+          {
+            onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
+            onStdout: (c) => {
+              if (done) return;
+              out.count(c.length);
+              const text = outText.push(c);
+              out.push(text);
+              if (text) sink?.stdout(text);
+            },
+            onStderr: (c) => {
+              if (done) return;
+              err.count(c.length);
+              const text = errText.push(c);
+              err.push(text);
+              if (text) sink?.stderr(text);
+            },
+            onExit: (exit) => finish(() => resolve({ exit })),
+            onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
+            onLost: (e) => finish(() => reject(e)),
           },
-          onStderr: (c) => {
-            err.count(c.length);
-            const text = errText.push(c);
-            err.push(text);
-            if (text) sink?.stderr(text);
-          },
-          onExit: (exit) => finish(() => resolve({ exit })),
-          onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
-          onLost: (e) => finish(() => reject(e)),
-        },
-      );
-      // A client that goes away (Ctrl-C on a streaming exec) ends its command.
+        );
+      } catch (e) {
+        finish(() => reject(e as Error));
+        return;
+      }
+      execId = sent;
+      // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
     },
-  ).catch(async (e: unknown) => {
-    await rec
-      .record({ type: "exec.error", ...what, error: (e as Error).message }, [
-        actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
-      ])
-      .catch(() => undefined);
+  );
+  // Whatever the redactors held back (a possible secret in the making) is
+  // flushed, scrubbed — also when the command was cut off (the phase stopped,
+  // the shim was lost): the streaming client and the record get every byte.
+  const flushHeld = () => {
+    for (const [buf, stream, toSink] of [
+      [out, outText, sink?.stdout.bind(sink)],
+      [err, errText, sink?.stderr.bind(sink)],
+    ] as const) {
+      const rest = stream.end();
+      buf.push(rest);
+      if (rest) toSink?.(rest);
+    }
+  };
+  const outcome = await outcomeP.catch(async (e: unknown) => {
+    flushHeld();
+    await recordError(e, {
+      stdoutBytes: out.total,
+      stderrBytes: err.total,
+      stdout: out.text(limits.auditOutputCapBytes),
+      stderr: err.text(limits.auditOutputCapBytes),
+    });
     throw e;
   });
-  // Whatever the redactors held back (a possible secret prefix) is flushed, scrubbed.
-  for (const [buf, stream, toSink] of [
-    [out, outText, sink?.stdout.bind(sink)],
-    [err, errText, sink?.stderr.bind(sink)],
-  ] as const) {
-    const rest = stream.end();
-    buf.push(rest);
-    if (rest) toSink?.(rest);
-  }
+  flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
   let exitCode: number | null;
@@ -255,7 +388,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (outcome.spawnError) {
     // Same convention as a shell: 127 not found, 126 not executable.
     exitCode = outcome.spawnError.code === "ENOENT" ? 127 : 126;
-    err.push(rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`));
+    // said where the output goes too: a streaming caller sees why nothing ran
+    const why = rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`);
+    err.push(why);
+    sink?.stderr(why);
   } else {
     const exit = outcome.exit!;
     exitCode = exit.exitCode;
@@ -301,10 +437,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : exitCode === null
         ? `KILLED ${signal}`
         : `FAIL exit ${exitCode}`;
+  // The logs keep each stream's first and last auditOutputCapBytes/2, with the count of bytes between.
   const auditCap = limits.auditOutputCapBytes;
-  const auditOut = out.text(auditCap);
-  const auditErr = err.text(auditCap);
-  const notKept = (b: CappedText, kept: string) => Math.max(0, b.total - Buffer.byteLength(kept));
+  const outView = out.view(auditCap);
+  const errView = err.view(auditCap);
   await rec.record(
     {
       type: "exec.result",
@@ -315,8 +451,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       durationMs,
       stdoutBytes: out.total,
       stderrBytes: err.total,
-      stdout: auditOut,
-      stderr: auditErr,
+      stdout: out.text(auditCap),
+      stderr: err.text(auditCap),
+      stdoutOmitted: outView.omitted,
+      stderrOmitted: errView.omitted,
       category: failure?.category ?? null,
       evidence: failure?.evidence ?? null,
       failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
@@ -324,8 +462,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
-      ...renderOutput(ts(), "STDOUT", auditOut, notKept(out, auditOut)),
-      ...renderOutput(ts(), "STDERR", auditErr, notKept(err, auditErr)),
+      ...renderOutput(ts(), "STDOUT", outView.head, outView.omitted, outView.tail),
+      ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord + failNote + testsNote),
     ],
   );
@@ -347,6 +485,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     stderrBytes: err.total,
     stdoutTruncated: out.truncated,
     stderrTruncated: err.truncated,
+    stdoutOmitted: out.view().omitted,
+    stderrOmitted: err.view().omitted,
     outputCapBytes: limits.outputCapBytes,
     rule: { id: verdict.ruleId, clause: verdict.clause },
     failure,
@@ -375,6 +515,66 @@ async function countRefusal(ctx: PhaseContext, live: LivePhase, verdict: Verdict
 function lastError(stderr: string, stdout: string): string {
   const text = stderr.trim() ? stderr : stdout;
   return text.length > 16_384 ? "…" + text.slice(-16_384) : text;
+}
+
+function filesNote(files: readonly FileBinding[]): string {
+  if (files.length === 0) return "";
+  return `; runs ${files.map((f) => `${f.path}${f.sha256 ? ` sha256:${f.sha256.slice(0, 12)}` : ` (${f.note})`}`).join(", ")}`;
+}
+
+/** A retry of a command a person denied: the denial, with the person's note, until a person or the policy says otherwise. */
+function deniedError(denial: Approval, cmd: string, rec: PhaseRecorder): SandboxdError {
+  const note = denial.note ? rec.redact(denial.note) : null;
+  return new SandboxdError(
+    "SBX_ERR_APPROVAL_DENIED",
+    `a human denied \`${cmd}\` (approval ${denial.id}${denial.decidedAt ? `, ${denial.decidedAt}` : ""})${note ? `: ${note}` : " without a note"}`,
+    {
+      details: { approvalId: denial.id, note, decidedAt: denial.decidedAt, rule: denial.ruleId, clause: denial.clause, decision: "deny" },
+    },
+  );
+}
+
+/** An approval whose files changed: not used; a new request with the files' current content is pending. */
+function staleError(stale: { approval: Approval; changed: string[] }, pending: Approval, cmd: string): SandboxdError {
+  return new SandboxdError(
+    "SBX_ERR_APPROVAL_STALE",
+    `approval ${stale.approval.id} of \`${cmd}\` was not used: ${stale.changed.join(", ")} changed since a human approved it; new request ${pending.id} is pending`,
+    {
+      hint: `a human can review the changed files and run \`sandboxd approvals approve ${pending.id}\`, then run the same command again`,
+      details: { approvalId: pending.id, staleApprovalId: stale.approval.id, changed: stale.changed, decision: "ask" },
+    },
+  );
+}
+
+/**
+ * Linux refuses a single argument or environment string of MAX_ARG_STRLEN
+ * (32 pages: 131,072 bytes, the terminating NUL included) with E2BIG.
+ */
+export const MAX_ARG_STRLEN = 131_072;
+
+/**
+ * Refuses, before anything is recorded or sent, a command the kernel would
+ * refuse (a string over MAX_ARG_STRLEN) or whose exec message would not fit
+ * one control-channel frame: the shim treats an oversized frame as a broken
+ * link, which would end every running command of the phase.
+ */
+export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
+  const strings = [...msg.argv.map((a, i) => ({ what: `argument ${i}`, s: a })), ...Object.entries(msg.env).map(([k, v]) => ({ what: `environment variable ${k}`, s: `${k}=${v}` }))];
+  for (const { what, s } of strings) {
+    const bytes = Buffer.byteLength(s);
+    if (bytes >= MAX_ARG_STRLEN) {
+      throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `${what} is ${bytes} bytes; the kernel refuses a single one of ${MAX_ARG_STRLEN} bytes or more (E2BIG)`, {
+        details: { what, bytes, limit: MAX_ARG_STRLEN - 1 },
+      });
+    }
+  }
+  // exactly what the channel will encode, with the widest exec id
+  const bytes = Buffer.byteLength(JSON.stringify({ type: "exec", execId: 0xffffffff, ...msg }));
+  if (bytes > MAX_FRAME_PAYLOAD) {
+    throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `the command's arguments and environment take ${bytes} bytes encoded; at most ${MAX_FRAME_PAYLOAD} fit one message to the sandbox`, {
+      details: { bytes, limit: MAX_FRAME_PAYLOAD },
+    });
+  }
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */

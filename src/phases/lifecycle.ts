@@ -16,6 +16,7 @@ import { LABELS } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { FailFastState } from "./failfast.js";
 import { buildReport, reportLines } from "./report.js";
@@ -31,7 +32,6 @@ export interface StartRequest {
   policy?: string | undefined;
 }
 
-
 export async function start(ctx: PhaseContext, req: StartRequest): Promise<PhaseView> {
   ctx.assertServing();
   const project = await resolveProject(req.project);
@@ -42,6 +42,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${ctx.opts.image} is not in the Docker engine`);
   }
   const { vars: env, text: envText } = await readDotenv(project, owner.uid);
+  const { kept: envKept, dropped: envReserved } = splitDotenv(env);
   const id = ctx.opts.ids.phaseId();
   const token = ctx.opts.ids.token();
   const limits = ctx.policyFor(phasePolicy).limits[req.mode];
@@ -74,20 +75,29 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     channel: null,
     rec: ctx.recorder(record, audit ?? (await ctx.buildLogs.acquire(buildLog, id)), envText, env),
     phasePolicy,
-    dotenv: { ...env, ...services.env },
+    // reserved names dropped (they change what runs or where packages come from); the daemon's services after
+    dotenv: { ...envKept, ...services.env },
     services,
     tunnels: null,
     stray: null,
     watch: null,
     failFast: new FailFastState(),
     frozen: false,
+    ending: null,
   };
   ctx.phases.set(id, live);
+  // Set once the container exists: if the phase was ended while it was being
+  // created, the end could not see it, and this start removes it.
+  let containerId: string | null = null;
+  const stillStarting = () => {
+    if (live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started`);
+  };
   try {
-    live.channel = new ShimChannel(ctx.store.controlSocket(id), token, id, ctx.opts.log, { uid: record.uid, gid: record.gid });
-    await live.channel.listen();
+    const channel = openChannel(ctx, live, token);
+    await channel.listen();
     await openTunnels(ctx, live, token);
-    record.containerId = await ctx.opts.runtime.runPhaseContainer({
+    stillStarting();
+    containerId = await ctx.opts.runtime.runPhaseContainer({
       name: record.containerName,
       image: ctx.opts.image,
       labels: {
@@ -115,11 +125,14 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       // always switch to a non-zero uid (root-owned projects are refused).
       capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
     });
+    stillStarting();
+    record.containerId = containerId;
     // the namespace is set up while the shim starts; both before any command can run
     // (both settled before going on, so a failure's cleanup below sees, and stops, the watch)
-    const [ready, confined] = await Promise.allSettled([live.channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live)]);
+    const [ready, confined] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live)]);
     if (ready.status === "rejected") throw ready.reason;
     if (confined.status === "rejected") throw confined.reason;
+    stillStarting();
     transition(record, "running");
     await ctx.store.save(record);
     const ts = timestamp(ctx.opts.clock.now());
@@ -134,28 +147,103 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         image: record.image,
         container: record.containerId,
         policyFile: record.policyFile,
+        // names only, never values
+        envReserved,
       },
       [
         actionLine(ts, "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
+        ...(envReserved.length
+          ? [actionLine(ts, "ENV", "RESERVED", ".env", `not given to commands: ${envReserved.join(", ")} (they change what runs or where packages come from)`)]
+          : []),
         `[${ts}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
       ],
     );
     ctx.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
     return ctx.view(record);
   } catch (err) {
-    // A phase that failed to start leaves nothing behind.
-    if (record.state === "starting") transition(record, "stopping");
-    ctx.phases.delete(id);
-    await live.channel?.close({ shutdownShim: false }).catch(() => undefined);
-    await live.tunnels?.close().catch(() => undefined);
-    live.watch?.stop();
-    if (record.containerId) await ctx.opts.runtime.stopAndRemove(record.containerId, 0).catch(() => undefined);
-    await ctx.buildLogs.release(buildLog, id).catch(() => undefined);
-    await ctx.store.remove(id).catch(() => undefined);
+    if (live.ending) {
+      // Someone else (stop, shutdown, a lost container) ended the phase while it
+      // started: that end is the phase's one record; this start only reports it.
+      await live.ending;
+      if (record.containerId === null && containerId) {
+        await ctx.opts.runtime
+          .stopAndRemove(containerId, 0)
+          .catch((e: Error) => ctx.log.error({ phase: id, container: containerId, err: e.message }, "could not remove the container of an aborted start"));
+      }
+      throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started: ${record.endReason ?? record.state}`, {
+        hint: "start a new phase with `sandboxd phase start`",
+        cause: err,
+      });
+    }
+    // A phase that failed to start leaves nothing behind (and no record: the caller got the error).
+    transition(record, "stopping");
+    live.ending = (async () => {
+      ctx.phases.delete(id);
+      await live.channel?.close({ shutdownShim: false });
+      await live.tunnels?.close().catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "closing the tunnels of a failed start failed"));
+      live.watch?.stop();
+      const cid = record.containerId ?? containerId;
+      if (cid) await ctx.opts.runtime.stopAndRemove(cid, 0).catch((e: Error) => ctx.log.error({ phase: id, container: cid, err: e.message }, "could not remove the container of a failed start"));
+      await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
+      await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a failed start"));
+      transition(record, "failed");
+    })();
+    await live.ending;
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
     ctx.opts.logSecrets?.remove(id);
     throw err;
   }
+}
+
+/** The control channel of a phase; its link closing outside a stop is how a lost container shows. */
+export function openChannel(ctx: PhaseContext, live: LivePhase, token: string): ShimChannel {
+  const { record } = live;
+  live.channel = new ShimChannel(ctx.store.controlSocket(record.id), token, record.id, ctx.opts.log, { uid: record.uid, gid: record.gid }, () =>
+    // shimLost handles its own errors; nothing waits for it
+    void shimLost(ctx, live),
+  );
+  return live.channel;
+}
+
+/**
+ * The shim's link closed while the phase was not being stopped. If the
+ * container is gone or no longer running (killed, removed, out of memory,
+ * the shim crashed), the phase ends `failed` with that cause. If it still
+ * runs, the shim reconnects (it does after a dropped link); if it does not
+ * within the connect timeout, the phase ends `failed` too.
+ */
+/** States in which a lost container ends the phase: a frozen (escalated, paused) one too. */
+const LIVE_STATES: ReadonlySet<string> = new Set(["running", "escalated", "paused"]);
+
+async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  const { record } = live;
+  const deadline = ctx.opts.clock.monotonicMs() + ctx.connectTimeoutMs;
+  let cause: string | null = null;
+  // Docker may still call a container running for a moment after its processes
+  // died; so its state is asked again until the shim is back or the time is up.
+  for (;;) {
+    if (live.ending || !LIVE_STATES.has(record.state) || !record.containerId) return;
+    if (live.channel?.connected) return;
+    try {
+      const st = await ctx.opts.runtime.inspect(record.containerId);
+      if (!st) cause = "its container was removed from outside sandboxd";
+      else if (!st.running) {
+        const how = st.oomKilled ? ", killed for lack of memory" : st.exitCode === 137 ? ", killed by SIGKILL" : "";
+        cause = `its container stopped (${st.status}, exit code ${st.exitCode ?? "unknown"}${how})`;
+      }
+    } catch (e) {
+      cause = `its shim disconnected and the container could not be inspected: ${(e as Error).message}`;
+    }
+    if (cause) break;
+    if (ctx.opts.clock.monotonicMs() >= deadline) {
+      cause = `its shim disconnected and did not reconnect within ${ctx.connectTimeoutMs} ms`;
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  if (live.ending || !LIVE_STATES.has(record.state) || live.channel?.connected) return;
+  ctx.log.warn({ phase: record.id, cause }, "phase lost its container");
+  await endPhase(ctx, live, "failed", cause);
 }
 
 export async function stop(ctx: PhaseContext, id: string, why = "stopped by operator"): Promise<PhaseView> {
@@ -166,19 +254,39 @@ export async function stop(ctx: PhaseContext, id: string, why = "stopped by oper
       hint: "nothing to stop; `sandboxd ps` lists running phases",
     });
   }
-  transition(live.record, "stopping");
-  await finish(ctx, live, "stopped", why);
+  if (live.ending) {
+    throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already ${live.record.state}`, {
+      hint: "it is ending; `sandboxd phase show` says how it ended",
+    });
+  }
+  await endPhase(ctx, live, "stopped", why);
   return ctx.view(live.record);
 }
 
 /**
- * Stop the container, keep its logs, close the record. The phase is taken
- * into `stopping` here unless its caller already did (stop's guard, or a
- * record that was `stopping` when the daemon died).
+ * Ends a phase, once. The first caller takes it into `stopping` (through the
+ * guard) and runs `finish`; every later caller — a stop racing a shutdown, a
+ * lost container during a stop — waits for that same end. Resolves when the
+ * phase is `stopped` or `failed`; never rejects.
  */
-export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped" | "failed", why: string): Promise<void> {
+export function endPhase(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "failed", why: string): Promise<void> {
+  if (live.ending) return live.ending;
+  // a record revived in `stopping` (the daemon died while ending it) is already there
+  if (live.record.state !== "stopping") transition(live.record, "stopping");
+  live.ending = finish(ctx, live, outcome, why);
+  return live.ending;
+}
+
+/**
+ * Release everything the phase holds, keep the container's log, remove the
+ * container and close the record. Every step is tried whatever the one
+ * before did; a step that fails is logged and, when it leaves something
+ * behind (a container Docker would not remove), turns the end into `failed`
+ * with the reason — a phase never stays `stopping`.
+ */
+async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "failed", why: string): Promise<void> {
   const { record } = live;
-  if (record.state !== "stopping") transition(record, "stopping");
+  const warn = (what: string) => (e: Error) => ctx.log.warn({ phase: record.id, err: e.message }, what);
   const running = live.channel?.runningExecs ?? 0;
   // a frozen container cannot hear the shim's shutdown nor a SIGTERM: thaw it first
   if (live.frozen && record.containerId) {
@@ -187,35 +295,39 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   }
   const open = record.escalations?.at(-1);
   if (open && open.resolved === null) open.resolved = { at: timestamp(ctx.opts.clock.now()), how: "stopped", note: why };
-  await live.channel?.close({ shutdownShim: true }).catch(() => undefined);
-  await live.tunnels?.close().catch(() => undefined);
+  await live.channel?.close({ shutdownShim: true });
+  await live.tunnels?.close().catch(warn("closing the tunnels failed"));
   live.watch?.stop();
   live.watch = null;
   live.stray?.close();
   if (record.containerId) {
-    await saveContainerLogs(ctx, record).catch((e: Error) =>
-      ctx.opts.log.warn({ phase: record.id, err: e.message }, "could not keep container logs"),
-    );
-    await ctx.opts.runtime.stopAndRemove(record.containerId, 2);
+    await saveContainerLogs(ctx, record).catch(warn("could not keep container logs"));
+    try {
+      await ctx.opts.runtime.stopAndRemove(record.containerId, 2);
+    } catch (e) {
+      ctx.log.error({ phase: record.id, container: record.containerId, err: (e as Error).message }, "could not remove the phase's container");
+      outcome = "failed";
+      why = `${why}; its container could not be removed: ${(e as Error).message}`;
+    }
   }
-  await ctx.store.removeRunDir(record.id).catch(() => undefined);
-  await ctx.opts.approvals.expirePhase(record.id).catch(() => undefined);
-  transition(record, state);
+  await ctx.store.removeRunDir(record.id).catch(warn("could not remove the run dir"));
+  await ctx.opts.approvals.expirePhase(record.id).catch(warn("could not expire the phase's approvals"));
+  transition(record, outcome);
   record.stoppedAt = timestamp(ctx.opts.clock.now());
   record.endReason = why;
-  await ctx.store.save(record);
+  await ctx.store.save(record).catch((e: Error) => ctx.log.error({ phase: record.id, err: e.message }, "could not save the end of the phase"));
   const ts = timestamp(ctx.opts.clock.now());
   const report = buildReport(record, live, ctx.opts.approvals.list({ all: true, phaseId: record.id }));
   await ctx.store.saveReport(record.id, report).catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not keep the phase report"));
   await live.rec
-    .record({ type: state === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running, report }, [
+    .record({ type: outcome === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running, report }, [
       actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, `${why}${running ? `; ${running} running command(s) ended` : ""}`),
       ...reportLines(report, ts),
     ])
-    .catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
-  await ctx.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
+    .catch((e: Error) => ctx.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
+  await ctx.buildLogs.release(record.buildLog, record.id).catch(warn("releasing the build log failed"));
   ctx.phases.delete(record.id);
-  ctx.opts.log.info({ phase: record.id, state, why }, "phase ended");
+  ctx.log.info({ phase: record.id, state: outcome, why }, "phase ended");
   ctx.opts.logSecrets?.remove(record.id);
 }
 
@@ -225,17 +337,9 @@ export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord):
   await pipeline(stream, createWriteStream(ctx.store.containerLogPath(record.id), { flags: "a", mode: 0o600 }));
 }
 
-
-
-/** SIGTERM: refuse new work, stop every phase, leave nothing running. */
+/** SIGTERM: refuse new work, stop every phase once, leave nothing running. */
 export async function shutdown(ctx: PhaseContext): Promise<void> {
   ctx.shuttingDown = true;
-  await Promise.all(
-    [...ctx.phases.values()].map((live) =>
-      finish(ctx, live, "stopped", "daemon shut down").catch((e: Error) =>
-        ctx.opts.log.error({ phase: live.record.id, err: e.message }, "stopping phase at shutdown failed"),
-      ),
-    ),
-  );
+  // endPhase never rejects, and a phase already ending is waited for, not ended again
+  await Promise.all([...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down")));
 }
-

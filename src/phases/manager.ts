@@ -18,6 +18,7 @@ import { actionLine, quoteArgv, timestamp } from "../audit/format.js";
 import type { Approval } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PhaseContext, type ManagerOptions } from "./context.js";
+import { FlowConsumer } from "./flow.js";
 import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.js";
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
 import { abortPhase, pausePhase, resumePhase } from "./escalation.js";
@@ -28,6 +29,7 @@ import type { Escalation, PhaseView } from "./types.js";
 export type { ManagerOptions } from "./context.js";
 export type { ExecRequest, ExecResult, ExecSink } from "./exec.js";
 export type { StartRequest } from "./lifecycle.js";
+export type { FlowConsumer } from "./flow.js";
 export { BUILD_LOG_NAME } from "./project.js";
 export type { ReconcileReport } from "./reconcile.js";
 export type { PhaseReport } from "./report.js";
@@ -120,10 +122,13 @@ export class PhaseManager {
     return exec(this.ctx, id, req, sink, abort);
   }
 
-  /** Flow control for a streaming client of this phase. */
-  flow(id: string): { pause(): void; resume(): void } {
-    const ch = this.ctx.phases.get(id)?.channel;
-    return { pause: () => ch?.pause(), resume: () => ch?.resume() };
+  /**
+   * Flow control for one streaming client of this phase: it may hold the
+   * phase's channel paused while it drains, and releases that pause when it
+   * closes (./flow.ts). Close it however the client's request ends.
+   */
+  flow(id: string): FlowConsumer {
+    return new FlowConsumer(this.ctx.phases.get(id)?.channel ?? null);
   }
 
   /* --------------------------------- logs -------------------------------- */
@@ -146,15 +151,17 @@ export class PhaseManager {
     if (!live) {
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
     }
+    const previous = before.state;
     const a = await this.ctx.opts.approvals.decide(approvalId, decision, note);
     const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? ""));
-    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null }, [
+    // approving a denied request: the person changed their mind, and the trail says so
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null, previous }, [
       actionLine(
         timestamp(this.ctx.opts.clock.now()),
         "APPROVAL",
         decision === "approve" ? "APPROVE" : "DENY",
         cmd,
-        `${a.id} by operator${note ? `: ${note}` : ""}`,
+        `${a.id} by operator${previous === "denied" ? " (was denied)" : ""}${note ? `: ${note}` : ""}`,
       ),
     ]);
     this.ctx.opts.log.info({ phase: a.phaseId, approval: a.id, decision }, "approval decided");

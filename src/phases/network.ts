@@ -107,7 +107,7 @@ export async function watchEnded(ctx: PhaseContext, live: LivePhase, why: string
     .record({ type: "net.confine", deadPort: DEAD_PORT, recorded: false, error: why }, [
       actionLine(timestamp(ctx.opts.clock.now()), "NET", "CONFINE", `${live.record.name} (${live.record.id})`, `DEGRADED: the conntrack watch ended (${why}); refused connections are no longer recorded`),
     ])
-    .catch(() => undefined);
+    .catch((e: Error) => ctx.log.error({ phase: live.record.id, err: e.message }, "could not record that the conntrack watch ended"));
 }
 
 /**
@@ -134,6 +134,9 @@ export function gatewayFor(ctx: PhaseContext, live: LivePhase): GatewayHandoff {
       recordMany: async (entries) => void (await live.rec.recordMany(entries)),
       redact: (text) => live.rec.redact(text),
       statementTimeoutMs: ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+      // a transaction block (and its idle time) is bounded at twice the query timeout: 60 s under SKILLS.md's 30 s
+      maxTransactionMs: 2 * ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
+      idleInTransactionTimeoutMs: 2 * ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
       rules: sqlRulesFor(ctx.policyFor(live.phasePolicy).database),
       askApproval: (req) => askSqlApproval(ctx, live, req),
       log: ctx.opts.log,

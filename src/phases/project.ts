@@ -7,20 +7,21 @@ import { constants as fsc } from "node:fs";
 import { open as openFile, realpath, stat } from "node:fs/promises";
 import path from "node:path";
 import dotenv from "dotenv";
+import type { ProjectFile } from "../approvals/binding.js";
 import { SandboxdError } from "../errors.js";
 import type { PhaseRecord } from "./types.js";
 
 export const BUILD_LOG_NAME = "build_audit.log";
 
-/** Names a project's .env cannot set for commands: the sandbox's own plumbing. */
-const RESERVED_ENV = /^(PATH|HOME|LANG|SANDBOXD_.*|LD_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP)$/;
-
-/** Environment of every command (the shim gives commands nothing of its own). */
-export function commandEnv(record: Pick<PhaseRecord, "id" | "mode">, fromDotenv: Record<string, string> = {}): Record<string, string> {
-  const base: Record<string, string> = {};
-  for (const [k, v] of Object.entries(fromDotenv)) if (!RESERVED_ENV.test(k)) base[k] = v;
+/**
+ * Environment of every command (the shim gives commands nothing of its own):
+ * the phase's variables — the project's .env without its reserved names
+ * (src/policy/env.ts splitDotenv), then the daemon's service and proxy
+ * variables — and the daemon's plumbing last, so nothing overrides it.
+ */
+export function commandEnv(record: Pick<PhaseRecord, "id" | "mode">, phaseVars: Record<string, string> = {}): Record<string, string> {
   return {
-    ...base,
+    ...phaseVars,
     PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     HOME: "/tmp",
     LANG: "C.UTF-8",
@@ -86,4 +87,49 @@ export async function resolveProject(project: string): Promise<string> {
     throw new SandboxdError("SBX_ERR_PROJECT_ROOT_OWNED", `project ${real} is owned by root; its commands would run as root`);
   }
   return real;
+}
+
+/** Files larger than this are not hashed for an approval (SKILLS.md: no files larger than 10 MB). */
+const MAX_PROJECT_FILE = 10 * 1024 * 1024;
+
+/**
+ * A file of the phase's project, read by the daemon (root) without trusting
+ * the project: a path that leaves the project, or a symbolic link that
+ * resolves outside it, is "outside" and not read; only regular files are.
+ * The one place the daemon reads a project file for a phase (approval
+ * bindings), so that it can read the phase's own view of the workspace once
+ * it has one.
+ */
+export async function readProjectFile(phase: Pick<PhaseRecord, "project">, relPath: string): Promise<ProjectFile> {
+  const root = phase.project;
+  const joined = path.resolve(root, relPath);
+  if (!joined.startsWith(root + path.sep)) return { kind: "outside" };
+  let real: string;
+  try {
+    real = await realpath(joined);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return { kind: "absent" };
+    if (code === "ELOOP") return { kind: "not-regular" };
+    throw err;
+  }
+  if (!real.startsWith(root + path.sep)) return { kind: "outside" };
+  let fh;
+  try {
+    // the link was resolved above; a link put in its place since is not followed
+    fh = await openFile(real, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return { kind: "absent" };
+    if (code === "ELOOP") return { kind: "not-regular" };
+    throw err;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) return { kind: "not-regular" };
+    if (st.size > MAX_PROJECT_FILE) return { kind: "too-large" };
+    return { kind: "file", data: await fh.readFile() };
+  } finally {
+    await fh.close();
+  }
 }

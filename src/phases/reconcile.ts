@@ -12,11 +12,11 @@ import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { FailFastState } from "./failfast.js";
-import { finish, saveContainerLogs } from "./lifecycle.js";
+import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { splitDotenv } from "../policy/env.js";
 import { readDotenv } from "./project.js";
-import { ShimChannel } from "./shim-channel.js";
-import { isTerminal, transition } from "./state.js";
+import { isTerminal } from "./state.js";
 import type { PhaseRecord } from "./types.js";
 
 export interface ReconcileReport {
@@ -27,24 +27,34 @@ export interface ReconcileReport {
 
 /** What reconcile does with one phase, given its record (if any) and its container (if any). */
 export type ReconcileAction =
-  /** a live record and a running container: reconnect the shim and carry on */
+  /** a running phase and its running container: reconnect the shim and carry on */
   | { kind: "readopt" }
-  /** a live record whose container is not running (or a record that was stopping): end it as failed, remove the container */
+  /**
+   * end it as failed and remove the container: a phase whose container is not
+   * running, one that was stopping, or one that was still starting (its client
+   * never learned it started: the start call died with the daemon)
+   */
   | { kind: "end"; why: string }
   /** the phase already ended; only its container was left: keep its log, remove it */
   | { kind: "remove-ended" }
   /** a container of this instance with no record: remove it */
   | { kind: "remove-orphan" }
   /** a live record whose container is gone: end it as failed */
-  | { kind: "lost" }
+  | { kind: "lost"; why: string }
   /** an ended phase with nothing left behind */
   | { kind: "none" };
 
 export function reconcileAction(record: PhaseRecord | undefined, container: Pick<ContainerSummary, "running" | "state"> | undefined): ReconcileAction {
   if (!record) return container ? { kind: "remove-orphan" } : { kind: "none" };
   if (isTerminal(record.state)) return container ? { kind: "remove-ended" } : { kind: "none" };
-  if (!container) return { kind: "lost" };
-  if (container.running && (record.state === "running" || record.state === "starting")) return { kind: "readopt" };
+  if (!container) {
+    return {
+      kind: "lost",
+      why: record.state === "starting" ? "the daemon stopped while the phase was starting, before its container existed" : "container vanished while the daemon was down",
+    };
+  }
+  if (container.running && record.state === "running") return { kind: "readopt" };
+  if (record.state === "starting") return { kind: "end", why: "the daemon stopped while the phase was starting; its client was never told it started" };
   return { kind: "end", why: container.running ? `record says ${record.state}` : `container had ${container.state}` };
 }
 
@@ -71,14 +81,14 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
             await readopt(ctx, live);
             report.readopted.push(id);
           } catch (err) {
-            await finish(ctx, live, "failed", `daemon restarted and the phase could not be re-adopted: ${(err as Error).message}`);
+            await endPhase(ctx, live, "failed", `daemon restarted and the phase could not be re-adopted: ${(err as Error).message}`);
             report.reaped.push({ id, reason: "shim did not reconnect" });
           }
           return;
         }
         case "end": {
           const { live } = await revive(ctx, { ...record!, containerId: c.id });
-          await finish(ctx, live, "failed", `reaped after daemon restart (${action.why})`);
+          await endPhase(ctx, live, "failed", `reaped after daemon restart (${action.why})`);
           report.reaped.push({ id, reason: action.why });
           return;
         }
@@ -98,9 +108,10 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
   );
 
   for (const r of records) {
-    if (seen.has(r.id) || reconcileAction(r, undefined).kind !== "lost") continue;
+    const action = reconcileAction(r, undefined);
+    if (seen.has(r.id) || action.kind !== "lost") continue;
     const { live } = await revive(ctx, { ...r, containerId: null });
-    await finish(ctx, live, "failed", "container vanished while the daemon was down");
+    await endPhase(ctx, live, "failed", action.why);
     report.lost.push(r.id);
   }
   if (report.readopted.length + report.reaped.length + report.lost.length > 0) {
@@ -112,13 +123,11 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
 async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const { record } = live;
   const token = await ctx.store.token(record.id);
-  live.channel = new ShimChannel(ctx.store.controlSocket(record.id), token, record.id, ctx.opts.log, { uid: record.uid, gid: record.gid });
-  await live.channel.listen();
+  const channel = openChannel(ctx, live, token);
+  await channel.listen();
   await openTunnels(ctx, live, token);
-  await live.channel.waitReady(ctx.connectTimeoutMs);
+  await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
-  if (record.state === "starting") transition(record, "running");
-  await ctx.store.save(record);
   await live.rec.record({ type: "phase.readopt", name: record.name }, [
     actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, "daemon restarted; shim reconnected"),
   ]);
@@ -147,13 +156,14 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     channel: null,
     rec: ctx.recorder(record, log, text, vars),
     phasePolicy: null,
-    dotenv: { ...vars, ...services.env },
+    dotenv: { ...splitDotenv(vars).kept, ...services.env },
     services,
     tunnels: null,
     stray: null,
     watch: null,
     failFast: new FailFastState(),
     frozen: false,
+    ending: null,
   };
   let refusal: string | null = null;
   if (record.policyFile) {

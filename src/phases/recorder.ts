@@ -9,28 +9,63 @@
  * — never a record type, a key, an id field (journal OWN_WORDS) or the
  * daemon's prefix of a build-log line (format.ts redactLine).
  */
+import { createHash } from "node:crypto";
 import type { BuildLog } from "../audit/buildlog.js";
-import type { AuditEvent, AuditJournal, AuditRecord } from "../audit/journal.js";
-import { redactLine } from "../audit/format.js";
+import type { EventRecorder } from "../audit/recorder.js";
+import { AuditBudget } from "../audit/budget.js";
+import { capUtf8, type AppendOptions, type AuditEvent, type AuditJournal, type AuditRecord } from "../audit/journal.js";
+import { actionLine, redactLine, timestamp } from "../audit/format.js";
 import { Redactor, StreamRedactor } from "../audit/redact.js";
+import { SandboxdError } from "../errors.js";
+import type { AuditPolicy } from "../policy/schema.js";
+import type { Clock } from "../util/clock.js";
 import { StringDecoder } from "node:string_decoder";
 
-export class PhaseRecorder {
+/** Volume bounds of one phase's records (policy `audit`); without them nothing is capped. */
+export interface RecorderLimits {
+  audit: () => Readonly<AuditPolicy>;
+  clock: Clock;
+  /** told once, when the phase spends its budget */
+  onSpent?: (why: string) => void;
+}
+
+/** Command output: bounded by the exec's own head-and-tail cap (limits.auditOutputCapBytes), not by textCapBytes. */
+const OUTPUT_FIELDS: ReadonlySet<string> = new Set(["stdout", "stderr"]);
+/** Build-log lines of command output (bounded the same way). */
+const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
+/**
+ * Records that close work already under way (its result, its end): still
+ * written once the budget is spent — they are bounded by the work in flight —
+ * while every record that would start new work is refused.
+ */
+const CLOSING = /^(?:exec\.(?:result|error)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
+
+export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
   private buildNext: { lines: string[]; done: Promise<void>; resolve(): void; reject(e: unknown): void } | undefined;
   private buildBusy = false;
+  private readonly budget: AuditBudget | null;
 
   constructor(
     readonly phaseId: string,
     private readonly journal: AuditJournal,
     readonly build: BuildLog,
     readonly redactor: Redactor,
-  ) {}
+    private readonly limits?: RecorderLimits,
+  ) {
+    this.budget = limits ? new AuditBudget(() => limits.audit().phaseBudget, limits.clock) : null;
+  }
+
+  /** why the phase spent its audit budget, or null while it has not */
+  get budgetSpent(): string | null {
+    return this.budget?.spent?.why ?? null;
+  }
 
   async record(event: AuditEvent, lines: readonly string[]): Promise<AuditRecord> {
+    await this.admit([event]);
     const [rec] = await Promise.all([
-      this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor }),
-      this.build.append(lines.map((l) => redactLine(l, this.redactor))),
+      this.journal.append({ ...event, phase: this.phaseId }, this.appendOptions()),
+      this.build.append(this.buildLines(lines)),
     ]);
     return rec;
   }
@@ -45,11 +80,81 @@ export class PhaseRecorder {
    */
   async recordMany(entries: readonly { event: AuditEvent; lines: readonly string[] }[]): Promise<AuditRecord[]> {
     if (entries.length === 0) return [];
-    const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, { redactor: this.redactor }));
-    const lines: string[] = [];
-    for (const e of entries) for (const l of e.lines) lines.push(redactLine(l, this.redactor));
+    await this.admit(entries.map((e) => e.event));
+    const opts = this.appendOptions();
+    const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, opts));
+    const lines = this.buildLines(entries.flatMap((e) => e.lines));
     const [records] = await Promise.all([Promise.all(appends), this.appendBuildGrouped(lines)]);
     return records;
+  }
+
+  private appendOptions(): AppendOptions {
+    if (!this.limits) return { redactor: this.redactor };
+    return { redactor: this.redactor, capBytes: this.limits.audit().textCapBytes, uncapped: OUTPUT_FIELDS, onSize: (n) => this.spend(n) };
+  }
+
+  /** Scrubbed (structure kept), and each line of untrusted text capped with its byte count and SHA-256. */
+  private buildLines(lines: readonly string[]): string[] {
+    const cap = this.limits?.audit().textCapBytes;
+    let bytes = 0;
+    const out = lines.map((l) => {
+      let line = redactLine(l, this.redactor);
+      if (cap !== undefined && !OUTPUT_LINE.test(line)) {
+        const cut = capUtf8(line, cap);
+        if (cut) line = `${cut.head}… [${cut.bytes - Buffer.byteLength(cut.head)} more bytes not kept; ${cut.bytes} bytes, sha256 ${createHash("sha256").update(line, "utf8").digest("hex")}]`;
+      }
+      bytes += Buffer.byteLength(line) + 1;
+      return line;
+    });
+    if (cap !== undefined) this.spend(bytes);
+    return out;
+  }
+
+  /**
+   * Refuses (SBX_ERR_AUDIT_BUDGET) records that would start new work once the
+   * phase has spent its budget, counting them for the summary; before the
+   * phase's end record, writes that summary.
+   */
+  private async admit(events: readonly AuditEvent[]): Promise<void> {
+    const budget = this.budget;
+    if (!budget) return;
+    const opening = events.filter((e) => !CLOSING.test(e.type));
+    if (!budget.spent) {
+      const why = budget.take(events.length);
+      if (why) await this.spent(why);
+    }
+    const spent = budget.spent;
+    if (spent && opening.length > 0) {
+      for (const e of opening) budget.refuse(e.type);
+      throw new SandboxdError("SBX_ERR_AUDIT_BUDGET", `phase ${this.phaseId} has spent its audit budget (${spent.why}); it takes no new work`);
+    }
+    if (spent && events.some((e) => e.type === "phase.complete" || e.type === "phase.failed")) {
+      const refused = budget.drainRefused();
+      if (refused) await this.write({ type: "audit.budget_summary", why: spent.why, refused }, `refused after the budget was spent: ${JSON.stringify(refused)}`);
+    }
+  }
+
+  private spend(bytes: number): void {
+    const why = this.budget?.add(bytes);
+    if (why) void this.spent(why).catch(() => undefined);
+  }
+
+  /** The phase passed its budget: say so once, in both logs (not itself counted), and tell the daemon. */
+  private async spent(why: string): Promise<void> {
+    this.limits?.onSpent?.(why);
+    const b = this.limits!.audit().phaseBudget;
+    await this.write(
+      { type: "audit.budget_spent", why, bytes: this.budget!.bytes, records: this.budget!.records, limit: { ...b } },
+      `${why}; the phase takes no new work (SBX_ERR_AUDIT_BUDGET)`,
+    );
+  }
+
+  private async write(event: AuditEvent, result: string): Promise<void> {
+    const ts = timestamp(this.limits!.clock.now());
+    await Promise.all([
+      this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor }),
+      this.build.append([actionLine(ts, "AUDIT", "BUDGET", this.phaseId, result)]),
+    ]);
   }
 
   /**

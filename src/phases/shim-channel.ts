@@ -7,14 +7,26 @@
  * the shim sends is validated as untrusted input; a malformed frame ends the
  * connection. When the shim reconnects (after a daemon restart, or a dropped
  * link) the new authenticated connection replaces the old one.
+ *
+ * Invariants:
+ * - the link is paused exactly while at least one consumer holds a pause
+ *   (`hold`/`release`, a set keyed by consumer: a consumer holds at most one,
+ *   and releasing twice or never having held is harmless), so a consumer that
+ *   goes away can release what it held and nothing else;
+ * - an exec's handlers are called until its exit, its spawn error, its loss
+ *   or `forget(execId)`, and never after;
+ * - `close()` ends every connection at once (a paused link included) and
+ *   rejects whoever waits for the shim.
  */
-import { chmod, unlink } from "node:fs/promises";
+import { chmod } from "node:fs/promises";
 import net from "node:net";
 import { timingSafeEqual } from "node:crypto";
 import type { Logger } from "pino";
 import {
   FrameDecoder,
   FrameKind,
+  HEADER_BYTES,
+  MAX_FRAME_PAYLOAD,
   encodeMessage,
   shimToDaemonSchema,
   type DaemonToShim,
@@ -22,6 +34,7 @@ import {
   type ExitMessage,
 } from "../shim/protocol.js";
 import { SandboxdError } from "../errors.js";
+import { removeIfPresent } from "../util/fs.js";
 
 export interface ExecHandlers {
   onStarted(pid: number): void;
@@ -40,8 +53,12 @@ export class ShimChannel {
   private active: net.Socket | null = null;
   private readonly execs = new Map<number, ExecHandlers>();
   private nextExecId = 1;
-  private readyWaiters: Array<() => void> = [];
-  private pausedBy = 0;
+  private readyWaiters: Array<{ resolve(): void; reject(e: Error): void }> = [];
+  /** consumers holding the link paused (see the invariants above) */
+  private readonly holders = new Set<object>();
+  /** every connection, authenticated or not, so close() can end them all */
+  private readonly sockets = new Set<net.Socket>();
+  private closed = false;
   private services: Array<{ name: string; port: number }> | null = null;
 
   constructor(
@@ -51,10 +68,12 @@ export class ShimChannel {
     private readonly log: Logger,
     /** the phase owner, for whom the shim starts its forker */
     private readonly owner?: { uid: number; gid: number },
+    /** called when an authenticated shim's link closes (not when close() ends it) */
+    private readonly onDisconnect?: () => void,
   ) {}
 
   async listen(): Promise<void> {
-    await unlink(this.socketPath).catch(() => undefined);
+    await removeIfPresent(this.socketPath);
     const server = net.createServer((sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -76,22 +95,33 @@ export class ShimChannel {
     return this.execs.size;
   }
 
-  /** Resolves when an authenticated shim is connected; rejects after timeoutMs. */
+  /** Resolves when an authenticated shim is connected; rejects after timeoutMs, or when the channel is closed. */
   waitReady(timeoutMs: number): Promise<void> {
     if (this.active) return Promise.resolve();
+    if (this.closed) return Promise.reject(this.closedError());
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
-        this.readyWaiters = this.readyWaiters.filter((w) => w !== done);
+        this.readyWaiters = this.readyWaiters.filter((w) => w !== waiter);
         reject(
           new SandboxdError("SBX_ERR_SHIM_TIMEOUT", `the shim of phase ${this.phaseId} did not connect within ${timeoutMs} ms`),
         );
       }, timeoutMs);
-      const done = () => {
-        clearTimeout(timer);
-        resolve();
+      const waiter = {
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (e: Error) => {
+          clearTimeout(timer);
+          reject(e);
+        },
       };
-      this.readyWaiters.push(done);
+      this.readyWaiters.push(waiter);
     });
+  }
+
+  private closedError(): SandboxdError {
+    return new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${this.phaseId} was stopped before its shim connected`);
   }
 
   /**
@@ -109,8 +139,14 @@ export class ShimChannel {
       throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} is not connected`);
     }
     const execId = this.nextExecId++;
+    const frame = encodeMessage({ type: "exec", execId, ...msg });
+    // The shim takes an oversized frame for a broken link and ends every command
+    // of the phase; such a message is refused here, never sent (callers check first).
+    if (frame.length - HEADER_BYTES > MAX_FRAME_PAYLOAD) {
+      throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `the exec message is ${frame.length - HEADER_BYTES} bytes; a frame holds at most ${MAX_FRAME_PAYLOAD}`);
+    }
     this.execs.set(execId, handlers);
-    this.send({ type: "exec", execId, ...msg });
+    sock.write(frame);
     return execId;
   }
 
@@ -118,31 +154,60 @@ export class ShimChannel {
     if (this.active && this.execs.has(execId)) this.send({ type: "signal", execId, signal });
   }
 
+  /** The daemon gave up on this exec (it answered already): its handlers are never called again. */
+  forget(execId: number): void {
+    this.execs.delete(execId);
+  }
+
   /**
    * Flow control for streaming consumers: while any consumer holds a pause,
    * the daemon stops reading from the shim, and the shim (whose writes then
-   * back up) pauses its children's pipes.
+   * back up) pauses its children's pipes. Keyed by consumer, so one that
+   * goes away releases its own pause and cannot leave the link paused.
    */
-  pause(): void {
-    this.pausedBy++;
-    if (this.pausedBy === 1) this.active?.pause();
+  hold(consumer: object): void {
+    if (this.closed || this.holders.has(consumer)) return;
+    this.holders.add(consumer);
+    if (this.holders.size === 1) this.active?.pause();
   }
 
-  resume(): void {
-    if (this.pausedBy === 0) return;
-    this.pausedBy--;
-    if (this.pausedBy === 0) this.active?.resume();
+  release(consumer: object): void {
+    if (!this.holders.delete(consumer)) return;
+    if (this.holders.size === 0) this.active?.resume();
+  }
+
+  get paused(): boolean {
+    return this.holders.size > 0;
   }
 
   async close(opts: { shutdownShim: boolean }): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     if (opts.shutdownShim && this.active) this.send({ type: "shutdown" });
     this.failAll(new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${this.phaseId} stopped while the command ran`));
-    this.active?.end();
+    const waiters = this.readyWaiters;
+    this.readyWaiters = [];
+    for (const w of waiters) w.reject(this.closedError());
+    this.holders.clear();
+    const active = this.active;
     this.active = null;
+    // The shutdown frame is flushed, then every link ends at once: a paused
+    // link never reads the shim's FIN, so waiting for it could wait forever.
+    for (const sock of this.sockets) {
+      if (sock === active) sock.end(() => sock.destroy());
+      else sock.destroy();
+    }
+    active?.resume();
     const server = this.server;
     this.server = null;
-    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
-    await unlink(this.socketPath).catch(() => undefined);
+    if (server) {
+      const forced = setTimeout(() => {
+        for (const sock of this.sockets) sock.destroy();
+      }, 1_000);
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      clearTimeout(forced);
+    }
+    await removeIfPresent(this.socketPath);
   }
 
   private send(message: DaemonToShim): void {
@@ -150,6 +215,11 @@ export class ShimChannel {
   }
 
   private onConnection(sock: net.Socket): void {
+    if (this.closed) {
+      sock.destroy();
+      return;
+    }
+    this.sockets.add(sock);
     const decoder = new FrameDecoder();
     let authenticated = false;
     const helloTimer = setTimeout(() => {
@@ -196,12 +266,14 @@ export class ShimChannel {
     sock.on("error", (err) => this.log.debug({ phase: this.phaseId, err: err.message }, "control socket error"));
     sock.on("close", () => {
       clearTimeout(helloTimer);
+      this.sockets.delete(sock);
       if (this.active === sock) {
         this.active = null;
         this.log.warn({ phase: this.phaseId }, "shim disconnected");
         this.failAll(
           new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} disconnected while the command ran`),
         );
+        this.onDisconnect?.();
       }
     });
   }
@@ -213,7 +285,7 @@ export class ShimChannel {
       previous.destroy();
       this.failAll(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} reconnected; running commands were ended`));
     }
-    if (this.pausedBy > 0) sock.pause();
+    if (this.holders.size > 0) sock.pause();
     // a shim from before "owner" would refuse the whole welcome
     const owner = this.owner && features.includes("owner") ? { owner: this.owner } : {};
     this.send({ type: "welcome", phaseId: this.phaseId, ...owner });
@@ -221,7 +293,7 @@ export class ShimChannel {
     this.log.info({ phase: this.phaseId, shimPid: pid }, "shim connected");
     const waiters = this.readyWaiters;
     this.readyWaiters = [];
-    for (const w of waiters) w();
+    for (const w of waiters) w.resolve();
   }
 
   private onMessage(msg: NonNullable<ReturnType<typeof parseMessage>>): void {

@@ -4,7 +4,8 @@
  * calls this through its `askApproval` option, so db/ records through an
  * interface and never imports phases/. The request goes to the same queue as
  * commands, keyed by the phase and the statement's exact (redacted) text; an
- * approved one is used up by the next identical statement from that phase.
+ * approved one is used up by the next identical statement from that phase; a
+ * denied one is answered as denied (with the person's note) from then on.
  */
 import { actionLine, escapeControl, timestamp } from "../audit/format.js";
 import type { SqlApprovalAnswer, SqlApprovalRequest } from "../db/gateway.js";
@@ -15,6 +16,9 @@ export async function askSqlApproval(ctx: PhaseContext, live: LivePhase, req: Sq
   const key = { sql: req.sql };
   const used = await ctx.opts.approvals.consume(id, key);
   if (used) return { id: used.id, state: "approved", note: used.note };
+  // as for commands: a statement a person denied stays denied, with the person's note
+  const denial = await ctx.opts.approvals.deniedFor(id, key);
+  if (denial) return { id: denial.id, state: "denied", note: denial.note };
   const { approval, created } = await ctx.opts.approvals.request(id, key, { ruleId: req.ruleId, clause: req.clause, policyReason: req.reason });
   if (created) {
     await live.rec.record(

@@ -1,7 +1,7 @@
 import { z } from "zod";
+import { PHASE_MODES } from "../domain.js";
 
-export const PHASE_MODES = ["backtest", "paper", "test"] as const;
-export type PhaseMode = (typeof PHASE_MODES)[number];
+export { PHASE_MODES, type PhaseMode } from "../domain.js";
 
 export const PHASE_STATES = ["starting", "running", "escalated", "paused", "stopping", "stopped", "failed"] as const;
 export type PhaseState = (typeof PHASE_STATES)[number];

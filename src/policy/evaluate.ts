@@ -39,6 +39,7 @@ import {
   type TokenSpec,
 } from "./schema.js";
 import { quoteArgv } from "../audit/format.js";
+import { isReservedEnv } from "./env.js";
 import { judgingViews } from "./options.js";
 import { parseCommand } from "./shellparse.js";
 import { unwrap } from "./wrappers.js";
@@ -89,6 +90,7 @@ export const MAX_SHELL_NESTING = 2;
 /** `nice timeout 5 env … cmd`: wrappers within wrappers, at most this deep */
 export const MAX_WRAPPER_DEPTH = 8;
 export const WRAPPER_OPTION_RULE_ID = "shell.wrapper-option";
+export const RESERVED_ENV_RULE_ID = "shell.env-reserved";
 
 /** how deep the current argv is nested: in shell strings, in wrappers */
 interface Depth {
@@ -182,6 +184,17 @@ function judgeArgv(policy: Policy, argv: string[], opts: EvaluateOptions, depth:
       ruleId: WRAPPER_OPTION_RULE_ID,
       clause: CLAUSE_WHITELIST,
       reason: `\`${show(argv)}\`: ${wrapped.wrapper} is given option${wrapped.unknown.length > 1 ? "s" : ""} ${wrapped.unknown.map((u) => `\`${u}\``).join(", ")} that sandboxd does not know, so what it runs is uncertain; it requires human approval`,
+    });
+  }
+  const reserved = (wrapped.assigns ?? []).filter(isReservedEnv);
+  if (reserved.length > 0) {
+    // what `.env` may not set (./env.ts), set for one command: a person sees it named
+    parts.push({
+      argv,
+      decision: "ask",
+      ruleId: RESERVED_ENV_RULE_ID,
+      clause: CLAUSE_WHITELIST,
+      reason: `\`${show(argv)}\` sets ${reserved.join(", ")}, which change${reserved.length === 1 ? "s" : ""} what runs or where packages come from; it requires human approval`,
     });
   }
   for (const inner of wrapped.inner) {

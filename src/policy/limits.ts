@@ -3,7 +3,7 @@
  * one enforces. The policy engine (policies/*.yaml) will supply these values;
  * until then these are the defaults it must reproduce.
  */
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 
 export interface PhaseLimits {
   /** SKILLS.md "Resource Limits" — Memory: >1GB sustained escalates; the hard ceiling sits above it. */

@@ -14,12 +14,13 @@ import { fileURLToPath } from "node:url";
 import { LineCounter, parseDocument, isNode } from "yaml";
 import type { z } from "zod";
 import { SandboxdError } from "../errors.js";
-import { PHASE_MODES, type PhaseMode } from "../phases/types.js";
+import { PHASE_MODES, type PhaseMode } from "../domain.js";
 import { compileLayer, evaluateInLayer, ruleMatches, show, wrappedArgvs } from "./evaluate.js";
 import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js";
 import type { PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
+  DEFAULT_AUDIT,
   DEFAULT_NETWORK,
   ERROR_CATEGORIES,
   FAIL_FAST_DEFAULTS,
@@ -259,6 +260,7 @@ function build(file: string, data: PolicyFile): Policy {
     workspace: buildWorkspace(data.workspace),
     database: data.database,
     network: data.network ?? DEFAULT_NETWORK,
+    audit: data.audit ?? DEFAULT_AUDIT,
   };
 }
 
@@ -332,6 +334,18 @@ export function combine(base: Policy, stricter: Policy): Policy {
     workspace: combineWorkspace(base.workspace, stricter.workspace),
     database,
     network,
+    audit: {
+      textCapBytes: Math.min(base.audit.textCapBytes, stricter.audit.textCapBytes),
+      phaseBudget: {
+        bytes: Math.min(base.audit.phaseBudget.bytes, stricter.audit.phaseBudget.bytes),
+        recordsPerSecond: Math.min(base.audit.phaseBudget.recordsPerSecond, stricter.audit.phaseBudget.recordsPerSecond),
+        burstRecords: Math.min(base.audit.phaseBudget.burstRecords, stricter.audit.phaseBudget.burstRecords),
+      },
+      buildLog: {
+        rotateBytes: Math.min(base.audit.buildLog.rotateBytes, stricter.audit.buildLog.rotateBytes),
+        keep: Math.min(base.audit.buildLog.keep, stricter.audit.buildLog.keep),
+      },
+    },
   });
 }
 

@@ -433,6 +433,83 @@ export function pythonTarget(args: readonly string[]): PythonTarget {
 
 export const PYTHON_NAME = /^python(3(\.\d+)?)?$/;
 
+/**
+ * pip (optparse: clusters, `--opt=value`, and any unique prefix of a long
+ * option — `pip install --ind URL` is `--index-url URL`). The options that
+ * take a value are listed so that clusters and prefixes read right; a word
+ * the table does not know stays as it is (the rules' {flag:} matcher still
+ * reads it). Global and subcommand options are one table: pip accepts both
+ * on either side of the subcommand.
+ */
+const PIP: Grammar = {
+  abbreviations: true,
+  permute: true,
+  options: [
+    { names: ["-i", "--index-url"], arity: 1 },
+    { names: ["--extra-index-url"], arity: 1 },
+    { names: ["--no-index"] },
+    { names: ["-f", "--find-links"], arity: 1 },
+    { names: ["--trusted-host"], arity: 1 },
+    { names: ["--proxy"], arity: 1 },
+    { names: ["--cert"], arity: 1 },
+    { names: ["--client-cert"], arity: 1 },
+    { names: ["-r", "--requirement"], arity: 1 },
+    { names: ["-c", "--constraint"], arity: 1 },
+    { names: ["-e", "--editable"], arity: 1 },
+    { names: ["-t", "--target"], arity: 1 },
+    { names: ["-d", "--dest"], arity: 1 },
+    { names: ["--prefix"], arity: 1 },
+    { names: ["--root"], arity: 1 },
+    { names: ["--src"], arity: 1 },
+    { names: ["--cache-dir"], arity: 1 },
+    { names: ["--log"], arity: 1 },
+    { names: ["--python"], arity: 1 },
+    { names: ["--timeout"], arity: 1 },
+    { names: ["--retries"], arity: 1 },
+    { names: ["--exists-action"], arity: 1 },
+    { names: ["--progress-bar"], arity: 1 },
+    { names: ["--no-binary"], arity: 1 },
+    { names: ["--only-binary"], arity: 1 },
+    { names: ["--platform"], arity: 1 },
+    { names: ["--python-version"], arity: 1 },
+    { names: ["--implementation"], arity: 1 },
+    { names: ["--abi"], arity: 1 },
+    { names: ["--upgrade-strategy"], arity: 1 },
+    { names: ["--report"], arity: 1 },
+    { names: ["-C", "--config-settings"], arity: 1 },
+    { names: ["--global-option"], arity: 1 },
+    { names: ["--keyring-provider"], arity: 1 },
+    { names: ["--use-feature"], arity: 1 },
+    { names: ["--use-deprecated"], arity: 1 },
+    { names: ["--format"], arity: 1 },
+    { names: ["-U", "--upgrade"] },
+    { names: ["--user"] },
+    { names: ["--no-deps"] },
+    { names: ["--pre"] },
+    { names: ["-q", "--quiet"] },
+    { names: ["-v", "--verbose"] },
+    { names: ["--no-cache-dir"] },
+    { names: ["--require-hashes"] },
+    { names: ["--break-system-packages"] },
+    { names: ["--isolated"] },
+    { names: ["-I", "--ignore-installed"] },
+    { names: ["--force-reinstall"] },
+    { names: ["--dry-run"] },
+    { names: ["-y", "--yes"] },
+    { names: ["--no-build-isolation"] },
+    { names: ["--no-warn-script-location"] },
+    { names: ["--disable-pip-version-check"] },
+    { names: ["--no-color"] },
+    { names: ["--no-input"] },
+    { names: ["-l", "--local"] },
+    { names: ["-o", "--outdated"] },
+    { names: ["-h", "--help"] },
+    { names: ["-V", "--version"] },
+  ],
+};
+
+export const PIP_NAME = /^pip(3(\.\d+)?)?$/;
+
 /* ----------------------------------- ip ----------------------------------- */
 
 /** ip's objects (iproute2 ip.c), in its order */
@@ -519,5 +596,6 @@ export function judgingViews(argv: readonly string[]): string[][] {
   const args = argv.slice(1);
   if (name === "ip") return ipViews(program, args);
   if (PYTHON_NAME.test(name)) return [pythonView(program, args)];
+  if (PIP_NAME.test(name)) return [getoptView(PIP, program, args)];
   return [Object.hasOwn(GRAMMARS, name) ? getoptView(GRAMMARS[name]!, program, args) : [...argv]];
 }

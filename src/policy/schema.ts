@@ -12,7 +12,7 @@
  * "2GiB"); durations as numbers (ms) or with a unit ("60s", "5m", "2000ms").
  */
 import { z } from "zod";
-import type { PhaseMode } from "../phases/types.js";
+import type { PhaseMode } from "../domain.js";
 import type { PhaseLimits } from "./limits.js";
 
 export const DECISIONS = ["allow", "ask", "forbid"] as const;
@@ -170,6 +170,44 @@ const limitsSchema = z
       .optional(),
   })
   .strict();
+
+/* --------------------------------- audit -------------------------------- */
+
+/**
+ * How much a phase may add to the audit trail (docs/AUDIT.md "Volume").
+ * Optional: without it, DEFAULT_AUDIT.
+ */
+const auditSchema = z
+  .object({
+    /** untrusted text kept per field (command lines, SQL, error text); longer text keeps its head, byte count and SHA-256 */
+    textCapBytes: atMost(bytes(), 1 * MiB, "at most 1MiB: a larger cap does not bound the trail"),
+    phaseBudget: z
+      .object({
+        /** bytes one phase may add to audit.jsonl and build_audit.log together */
+        bytes: bytes(),
+        /** records per second one phase may sustain (averaged over burstRecords / recordsPerSecond seconds) */
+        recordsPerSecond: z.number().int().positive(),
+        /** records one phase may make at once above that rate */
+        burstRecords: z.number().int().positive(),
+      })
+      .strict(),
+    buildLog: z
+      .object({
+        /** build_audit.log is renamed to build_audit.log.1 (and older ones shifted) when an append would pass this size */
+        rotateBytes: bytes(),
+        /** rotated files kept: build_audit.log.1 … .N */
+        keep: z.number().int().min(1).max(20),
+      })
+      .strict(),
+  })
+  .strict();
+export type AuditPolicy = z.infer<typeof auditSchema>;
+
+export const DEFAULT_AUDIT: AuditPolicy = {
+  textCapBytes: 16 * 1024,
+  phaseBudget: { bytes: 256 * MiB, recordsPerSecond: 500, burstRecords: 5000 },
+  buildLog: { rotateBytes: 16 * MiB, keep: 3 },
+};
 
 /* ---------------------- fail-fast, files, database ---------------------- */
 
@@ -619,6 +657,8 @@ export const policyFileSchema = z
     database: databaseSchema,
     /** optional: without it, DEFAULT_NETWORK */
     network: networkSchema.optional(),
+    /** optional: without it, DEFAULT_AUDIT */
+    audit: auditSchema.optional(),
   })
   .strict();
 export type NetworkPolicy = z.infer<typeof networkSchema>;
@@ -684,4 +724,6 @@ export interface Policy {
    * and only the package-index hosts both list alike (same name, port and pin)
    */
   readonly network: Readonly<NetworkPolicy>;
+  /** how much a phase may add to the audit trail; a combined policy takes the smaller of each */
+  readonly audit: Readonly<AuditPolicy>;
 }

@@ -38,6 +38,8 @@ export interface Unwrapped {
   unknown: string[];
   /** set when what it runs cannot be known: the command is refused */
   refuse?: string;
+  /** variables the wrapper sets for the command (env NAME=VALUE), by name */
+  assigns?: string[];
 }
 
 interface WrapperSpec {
@@ -268,14 +270,15 @@ export function unwrap(argv: readonly string[]): Unwrapped | undefined {
   const lastUnknown = unknowns[unknowns.length - 1];
   if (lastUnknown && !lastUnknown.word.includes("=") && parsed.rest < args.length) readings.push(parsed.rest + 1);
   const inner: Inner[] = [];
+  const assigns = new Set<string>();
   for (const start of readings) {
     let j = start + (spec.operands ?? 0);
-    if (spec.assignments) while (j < args.length && /^[^=]+=/.test(args[j]!)) j++;
+    if (spec.assignments) while (j < args.length && /^[^=]+=/.test(args[j]!)) assigns.add(args[j++]!.split("=")[0]!);
     const cmd = args.slice(j);
     if (cmd.length > 0) inner.push({ kind: "argv", argv: cmd });
     else if (spec.defaultCommand) inner.push({ kind: "argv", argv: [...spec.defaultCommand] });
   }
-  return { wrapper: name, inner, unknown: parsed.unknown };
+  return { wrapper: name, inner, unknown: parsed.unknown, ...(assigns.size ? { assigns: [...assigns] } : {}) };
 }
 
 export function isWrapper(program: string): boolean {

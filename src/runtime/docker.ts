@@ -3,12 +3,12 @@
  * sandbox's hardening is written down.
  */
 import Docker from "dockerode";
-import { writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { PassThrough, type Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
-import type { ContainerRuntime, ContainerSummary, PhaseContainerSpec } from "./types.js";
+import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "./types.js";
 
 /** Every phase container's hostname; its /etc/hosts maps it to 127.0.0.1. */
 export const SANDBOX_HOSTNAME = "sandbox";
@@ -26,6 +26,90 @@ export const SANDBOX_HOSTNAME = "sandbox";
 export const SANDBOX_HOSTS = `127.0.0.1\tlocalhost ${SANDBOX_HOSTNAME}\n`;
 const HOSTS_FILE = "hosts";
 
+/**
+ * Where the cgroup v2 hierarchy is mounted on the host (/sys/fs/cgroup on a
+ * pure v2 host, /sys/fs/cgroup/unified on a hybrid one like this project's
+ * machines), or null.
+ */
+export async function cgroup2Root(mounts = "/proc/self/mounts"): Promise<string | null> {
+  let text: string;
+  try {
+    text = await readFile(mounts, "utf8");
+  } catch {
+    return null;
+  }
+  for (const line of text.split("\n")) {
+    const [, target, type] = line.split(" ");
+    if (type === "cgroup2" && target) return target.replace(/\\040/g, " ");
+  }
+  return null;
+}
+
+/** The host directory of a phase container's per-command cgroups (see src/shim/cgroups.ts). */
+export function commandCgroupDir(root: string, containerName: string): string {
+  return path.join(root, "sandboxd", containerName);
+}
+
+/**
+ * Makes the phase's cgroup v2 directory, to be mounted read-write in the
+ * container: there the shim makes one cgroup per command and kills it when
+ * the command ends. Only root on the host can; null otherwise (the shim then
+ * falls back to its process-table walk, with its known gap).
+ */
+async function makeCommandCgroupDir(containerName: string): Promise<string | null> {
+  const root = await cgroup2Root();
+  if (!root) return null;
+  // Only where the v2 hierarchy gives its children no controller (a hybrid host like this
+  // project's, whose limits live in v1): there a process moved into a
+  // per-command cgroup keeps every limit of its container. On a host whose v2
+  // hierarchy has controllers, a directory outside the container's own cgroup
+  // would take commands out of its memory, pids and CPU limits; until the
+  // directory is placed inside the container's cgroup, such hosts use the
+  // shim's process-table fallback.
+  const distributed = await readFile(path.join(root, "cgroup.subtree_control"), "utf8").catch(() => "unreadable");
+  if (distributed.trim() !== "") return null;
+  const dir = commandCgroupDir(root, containerName);
+  try {
+    await mkdir(dir, { recursive: true });
+    // cgroup.kill (Linux 5.14+) is what ends a command's processes
+    await stat(path.join(dir, "cgroup.kill"));
+    return dir;
+  } catch {
+    await rmdir(dir).catch(() => undefined);
+    return null;
+  }
+}
+
+/**
+ * Removes a phase container's cgroup directory once the container is gone:
+ * anything still in a command's cgroup is killed first (cgroup.kill), then
+ * the empty cgroups are removed, children before the parent.
+ */
+export async function removeCommandCgroupDir(containerName: string): Promise<void> {
+  const root = await cgroup2Root();
+  if (!root) return;
+  const dir = commandCgroupDir(root, containerName);
+  let entries: string[];
+  try {
+    entries = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name);
+  } catch {
+    return; // never made, or removed already
+  }
+  for (const name of entries) {
+    const child = path.join(dir, name);
+    await writeFile(path.join(child, "cgroup.kill"), "1").catch(() => undefined);
+    for (let i = 0; i < 100; i++) {
+      try {
+        await rmdir(child);
+        break;
+      } catch {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+  await rmdir(dir).catch(() => undefined);
+}
+
 function statusOf(err: unknown): number | undefined {
   return typeof err === "object" && err !== null && "statusCode" in err
     ? (err as { statusCode?: number }).statusCode
@@ -38,7 +122,7 @@ function dockerError(what: string, err: unknown): SandboxdError {
 }
 
 /** The HostConfig every phase container gets. Exported for the hardening tests. */
-export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
+export function hostConfigFor(spec: PhaseContainerSpec, cgroupDir: string | null = null): Docker.HostConfig {
   return {
     // Loopback only: `--internal` networks can still reach the host's bridge addresses.
     NetworkMode: "none",
@@ -61,6 +145,7 @@ export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
       `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
+      ...(cgroupDir ? [`${cgroupDir}:${SHIM_PATHS.commandCgroups}:rw`] : []),
     ],
     Memory: spec.memoryBytes,
     MemorySwap: spec.memoryBytes,
@@ -112,6 +197,7 @@ export class DockerRuntime implements ContainerRuntime {
         cause: err,
       });
     }
+    const cgroupDir = await makeCommandCgroupDir(spec.name);
     try {
       container = await this.docker.createContainer({
         name: spec.name,
@@ -125,15 +211,19 @@ export class DockerRuntime implements ContainerRuntime {
         NetworkDisabled: true,
         Tty: false,
         OpenStdin: false,
-        HostConfig: hostConfigFor(spec),
+        HostConfig: hostConfigFor(spec, cgroupDir),
       });
     } catch (err) {
+      if (cgroupDir) await removeCommandCgroupDir(spec.name);
       throw dockerError(`creating container ${spec.name}`, err);
     }
     try {
       await container.start();
     } catch (err) {
+      // the start's own error is what the caller needs; a container left behind carries its labels and is reaped by reconcile
+      // eslint-disable-next-line no-restricted-syntax -- see the line above
       await container.remove({ force: true }).catch(() => undefined);
+      if (cgroupDir) await removeCommandCgroupDir(spec.name);
       throw dockerError(`starting container ${spec.name}`, err);
     }
     return container.id;
@@ -141,6 +231,10 @@ export class DockerRuntime implements ContainerRuntime {
 
   async stopAndRemove(id: string, graceSec: number): Promise<void> {
     const c = this.docker.getContainer(id);
+    const name = await c.inspect().then(
+      (info) => info.Name.replace(/^\//, ""),
+      () => null,
+    );
     try {
       await c.stop({ t: graceSec });
     } catch (err) {
@@ -154,6 +248,7 @@ export class DockerRuntime implements ContainerRuntime {
       // 409: removal already in progress
       if (s !== 404 && s !== 409) throw dockerError(`removing container ${id}`, err);
     }
+    if (name) await removeCommandCgroupDir(name);
   }
 
   async list(labelFilter: Record<string, string>): Promise<ContainerSummary[]> {
@@ -209,6 +304,16 @@ export class DockerRuntime implements ContainerRuntime {
     try {
       return (await this.docker.getContainer(id).inspect()).State.Paused === true;
     } catch (err) {
+      throw dockerError(`inspecting container ${id}`, err);
+    }
+  }
+
+  async inspect(id: string): Promise<ContainerState | null> {
+    try {
+      const { State } = await this.docker.getContainer(id).inspect();
+      return { running: State.Running, status: State.Status, exitCode: State.Running ? null : State.ExitCode, oomKilled: State.OOMKilled };
+    } catch (err) {
+      if (statusOf(err) === 404) return null;
       throw dockerError(`inspecting container ${id}`, err);
     }
   }

@@ -322,6 +322,7 @@ async function createOfflineBase(docker: Docker, log: ImageLog): Promise<void> {
       tar.on("close", (code) => (code === 0 ? resolve() : reject(new Error(`tar exited ${code}: ${tarErr.trim()}`))));
     });
     // Awaited after the import; this only keeps an early tar failure from being an unhandled rejection.
+    // eslint-disable-next-line no-restricted-syntax -- tarDone is awaited below; this only defers its rejection
     tarDone.catch(() => {});
     try {
       const stream = await docker.importImage(tar.stdout, { repo, tag, message: "sandboxd offline base (debootstrap)" });

@@ -196,6 +196,7 @@ export class RefusalWatch {
     while (!seen) {
       if (this.stopped) throw new Error("the conntrack watch ended before it was ready");
       if (Date.now() > deadline) throw new Error(`the conntrack watch reported nothing within ${timeoutMs} ms`);
+      // eslint-disable-next-line no-restricted-syntax -- the probe connection is meant to be refused; what counts is the event it makes
       await run("nsenter", ["-t", String(this.pid), "-n", "--", "bash", "-c", `exec 3<>/dev/tcp/${PROBE_ADDRESS}/${this.deadPort}`], { timeout: 2_000 }).catch(() => undefined);
       if (!seen) await new Promise((r) => setTimeout(r, PROBE_INTERVAL_MS));
     }

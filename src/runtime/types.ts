@@ -42,6 +42,15 @@ export interface ContainerSummary {
   state: string;
 }
 
+/** What became of a container, for a phase that lost its shim: running, or how it ended. */
+export interface ContainerState {
+  running: boolean;
+  /** Docker's word: running, exited, dead, paused … */
+  status: string;
+  exitCode: number | null;
+  oomKilled: boolean;
+}
+
 export interface ContainerRuntime {
   /** throws SBX_ERR_DOCKER when the engine cannot be reached */
   ping(): Promise<void>;
@@ -64,4 +73,6 @@ export interface ContainerRuntime {
   unpause(id: string): Promise<void>;
   /** whether the container is paused (docker inspect State.Paused) */
   isPaused(id: string): Promise<boolean>;
+  /** The container's state; null when it no longer exists. */
+  inspect(id: string): Promise<ContainerState | null>;
 }

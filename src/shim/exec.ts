@@ -3,12 +3,13 @@
  * make sure nothing it started outlives it before `exit` is reported.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync, statSync } from "node:fs";
+import { statSync } from "node:fs";
 import type { Readable } from "node:stream";
 import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
-import { Forker, ForkerUnavailable, SpawnFailure } from "./forker.js";
-import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, type ProcStat } from "./procs.js";
+import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
+import { Forker, ForkerUnavailable, SpawnFailure, isDeadState, procState } from "./forker.js";
+import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, signalPid, type ProcStat } from "./procs.js";
 
 /** setTimeout fires at once for delays above 2^31-1 ms; clamp (about 24.8 days). */
 const MAX_TIMER_MS = 0x7fffffff;
@@ -69,6 +70,8 @@ export interface ExecLink {
   readonly gate: OutputGate;
   /** starts commands cheaply when it is running (see forker.ts); otherwise Node's spawn */
   readonly forker?: Forker;
+  /** one cgroup per command, when the daemon provided them (see cgroups.ts) */
+  readonly cgroups?: CommandCgroups | null;
 }
 
 type LeaderExit = { code: number | null; signal: NodeJS.Signals | null };
@@ -97,6 +100,8 @@ export class RunningExec {
   private known: ProcStat[] = [];
   /** a signal asked for while the forker was still starting the command */
   private signalOnStart: NodeJS.Signals | null = null;
+  /** everything the command starts is born here and killed with it (null: the process-table walk only) */
+  private cgroup: CommandCgroup | null = null;
 
   private constructor(
     private readonly msg: ExecMessage,
@@ -140,15 +145,25 @@ export class RunningExec {
     // After the leader has exited, cleanup has already run, and its pid may in
     // principle be reused by an unrelated process; do not signal it again.
     if (!this.running || this.pid === undefined) return;
+    this.cgroup?.kill();
     signalExecProcesses(this.pid, "SIGKILL", this.known);
   }
 
   private spawn(): void {
     const { msg } = this;
     if (msg.argv[0] === undefined) return this.spawnFailed("EINVAL", "argv is empty");
+    const cgroups = this.link.cgroups;
+    if (cgroups) {
+      try {
+        this.cgroup = cgroups.create(msg.execId);
+      } catch (err) {
+        // the command still runs; its leftovers are found by the process table
+        log("warn", "no cgroup for this command", { execId: this.execId, ...errorFields(err) });
+      }
+    }
     const forker = this.link.forker;
     if (!forker) return this.spawnWithNode();
-    forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid }).then(
+    forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid, cgroup: this.cgroup }).then(
       (c) => this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.lostBehindForker(c.pid, c.forkerPid)])),
       (err: Error) => {
         if (err instanceof SpawnFailure) {
@@ -168,7 +183,10 @@ export class RunningExec {
     const { msg } = this;
     const [file, ...args] = msg.argv as [string, ...string[]];
     let child: ChildProcess;
+    const cgroups = this.link.cgroups;
     try {
+      // The child is born in the shim's cgroup: the shim is in the command's for the (synchronous) fork.
+      if (this.cgroup && cgroups) this.cgroup.place(process.pid);
       child = spawn(file, args, {
         cwd: msg.cwd,
         env: msg.env, // exactly as given: nothing of the shim's environment is inherited
@@ -184,6 +202,8 @@ export class RunningExec {
       // emits 'error' for others (ENOENT, EACCES): both are a spawn_error.
       const { code, error } = errorFields(err);
       return this.spawnFailed(code ?? "ESPAWN", error);
+    } finally {
+      if (this.cgroup && cgroups) cgroups.home(process.pid);
     }
     if (child.pid === undefined) {
       child.stdout?.destroy();
@@ -234,22 +254,13 @@ export class RunningExec {
    * A forker that is merely slow is waited for.
    */
   private lostBehindForker(pid: number, forkerPid: number): Promise<LeaderExit> {
-    const state = (p: number): string | null => {
-      try {
-        const stat = readFileSync(`/proc/${p}/stat`, "utf8");
-        return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0] ?? null;
-      } catch {
-        return null;
-      }
-    };
     return new Promise((resolve) => {
       let strikes = 0;
       const timer = setInterval(() => {
         if (this.leaderExited) return void clearInterval(timer);
-        const leader = state(pid);
-        const forker = state(forkerPid);
+        const leader = procState(pid);
         const leaderDone = leader === null || leader === "Z";
-        const forkerStuck = forker === null || forker === "Z" || forker === "T" || forker === "t";
+        const forkerStuck = isDeadState(procState(forkerPid));
         if (!(leaderDone && forkerStuck)) {
           strikes = 0;
           return;
@@ -276,6 +287,8 @@ export class RunningExec {
 
   private spawnFailed(code: string, message: string): void {
     log("warn", "spawn failed", { execId: this.execId, argv0: this.msg.argv[0], code, error: message });
+    // the forker may have started it before failing: whatever is there goes
+    void this.cgroup?.end();
     this.link.send({
       type: "spawn_error",
       execId: this.execId,
@@ -314,8 +327,10 @@ export class RunningExec {
         this.timedOut = true;
         log("info", "exec timed out, sending SIGTERM", { execId: this.execId, timeoutMs, killGraceMs });
         this.known = signalExecProcesses(pid, "SIGTERM");
+        for (const p of this.cgroup?.pids() ?? []) signalPid(p, "SIGTERM");
         this.timers.push(
           setTimeout(() => {
+            this.cgroup?.kill();
             this.known = signalExecProcesses(pid, "SIGKILL", this.known);
           }, Math.min(killGraceMs, MAX_TIMER_MS)),
         );
@@ -328,9 +343,12 @@ export class RunningExec {
     this.leaderExited = true;
     for (const t of this.timers) clearTimeout(t);
     this.lastOutputAt = Date.now();
-    // No background process may outlive its command.
-    const killed = signalExecProcesses(this.pid!, "SIGKILL", this.known);
-    if (killed.length > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed.length });
+    // No background process may outlive its command. With a cgroup, everything
+    // it started is in there, whatever it did to its session or parentage (a
+    // declared background job, not yet an API feature, would keep its cgroup
+    // here instead). Without one, the process-table walk and its known gap.
+    const killed = this.cgroup ? await this.cgroup.end() : signalExecProcesses(this.pid!, "SIGKILL", this.known).length;
+    if (killed > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed });
     await this.outputClosed();
     const durationMs = Math.min(Math.round(performance.now() - this.startedAt), MAX_DURATION_MS);
     log("info", "exec exited", { execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });

@@ -7,53 +7,84 @@
  * Node has no vfork. Python's subprocess does, as long as the child needs no
  * uid, gid or group change — so the forker runs as the phase owner from the
  * start: the shim starts it (python3 -I -S, from the image) with the uid and
- * gid of the first command, and from then on commands for that user are
+ * gid of the phase owner, and from then on commands for that user are
  * started by the forker with Popen: new session, the requested cwd, stdin
  * from /dev/null, default SIGPIPE/SIGXFSZ, no inherited descriptors, exactly
  * the environment the daemon sent. Other users' commands, and every command
- * while the forker is not running (not started yet, or it died: the agent
- * runs as the same uid and can kill it), are started by Node as before.
+ * while no forker can run, are started by Node as before.
  *
  * The forker is not dumpable, so the agent's processes cannot ptrace it or
- * read its memory. The command's stdout and stderr are unix stream sockets
- * to the shim: the forker connects two to the shim's output socket, with a
- * 37-byte header (exec id, stream, token), before it starts the command,
- * which takes them as fds 1 and 2. The socket is in a root-owned 0711
- * directory under /tmp (its path still shows in /proc/net/unix); a
- * connection without the token within 2 s is dropped, and a flood of them
- * only pushes out older unauthenticated ones. The forker reaps its children and
- * reports each exit. Requests and replies are JSON lines on the forker's
- * stdin and stdout, which only the shim holds.
+ * read its memory, and each command runs in a Landlock domain of its own
+ * (scoped for signals), so no command can trace or signal the forker, the
+ * shim or another command (see `confine` below). A command's stdout and
+ * stderr are socketpairs the forker makes: one end becomes the command's fd
+ * 1 or 2, the other is handed to the shim over Node's IPC channel
+ * (SCM_RIGHTS on a socketpair only the two of them hold). Nothing listens
+ * anywhere for them, so nothing can crowd them out. Requests and replies are
+ * JSON lines on the forker's stdin and stdout.
+ *
+ * Requests go one at a time (the next when the previous is answered): with
+ * per-command cgroups (cgroups.ts) the shim moves the forker into the
+ * command's cgroup before the request and back after the answer, so the
+ * command is born in its cgroup. A slow forker is waited for; only one that
+ * is stopped (/proc state T), a zombie or gone counts as dead. A dead forker
+ * is replaced (see `spawn`) only when no process of the owner's uid is alive,
+ * so nothing could attach to the new one while it is still dumpable;
+ * otherwise the command is started by Node.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { randomBytes, timingSafeEqual } from "node:crypto";
-import { chmodSync, mkdtempSync, rmSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { constants } from "node:os";
-import net from "node:net";
+import type net from "node:net";
+import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
 import { errorFields, log } from "./log.js";
 
 /** Python 3, `python3 -I -S -c`. */
 const FORKER_PY = String.raw`
 import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
 # First of all, not dumpable: the agent's processes run as this same uid and
 # must not ptrace the forker (or read its memory). The shim starts no command
 # of this uid until the forker says "ready", which it does only after this.
-if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
     raise SystemExit("prctl(PR_SET_DUMPABLE) failed")
-import errno, json, os, select, signal, socket, struct, subprocess, sys
-buf = b""
-while b"\n" not in buf:
-    c = os.read(0, 65536)
-    if not c:
-        sys.exit(0)
-    buf += c
-first, buf = buf.split(b"\n", 1)
-init = json.loads(first)
-SOCK, TOKEN = init["sock"], bytes.fromhex(init["token"])
+import errno, json, os, select, signal, socket, subprocess, sys, threading
+IPC = socket.socket(fileno=int(os.environ.get("NODE_CHANNEL_FD", "3")))
 out = sys.stdout.buffer
+
+# Landlock (Linux 6.12+, ABI 6): each command gets a domain of its own, made
+# in a thread that exists only to start it (a domain binds the thread that
+# makes it and every process it then starts; the forker's main thread stays
+# outside all of them). A process in a domain cannot ptrace (nor open
+# /proc/<pid>/mem of, nor process_vm_writev into) a process outside it or in
+# a sibling domain, and with LANDLOCK_SCOPE_SIGNAL cannot signal one. No
+# filesystem or network access is handled: those stay as they are.
+class _Attr(ctypes.Structure):
+    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+_abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+LANDLOCK = _abi >= 6
+def confine():
+    attr = _Attr(0, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
+    fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    try:
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
+            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(fd)
+
 def reply(o):
     out.write(json.dumps(o).encode() + b"\n")
     out.flush()
+def hand_over(i, kind, s):
+    # Node's IPC protocol for a handle: one JSON line with the fd attached
+    data = (json.dumps({"cmd": "NODE_HANDLE", "type": "net.Socket", "msg": {"id": i, "kind": kind}}) + "\n").encode()
+    n = socket.send_fds(IPC, [data], [s.fileno()])
+    if n < len(data):
+        IPC.sendall(data[n:])
 wr, ww = os.pipe()
 os.set_blocking(wr, False)
 os.set_blocking(ww, False)
@@ -77,48 +108,60 @@ def reap():
             reply({"type": "exit", "id": i, "code": None, "signal": os.WTERMSIG(status)})
         else:
             reply({"type": "exit", "id": i, "code": os.WEXITSTATUS(status), "signal": None})
-def connect(i, kind):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(SOCK)
-    s.sendall(struct.pack(">IB", i, kind) + TOKEN)
-    return s
+def start(req, result):
+    try:
+        if LANDLOCK:
+            confine()
+        # no uid or gid change here (the forker already runs as the owner), so
+        # _posixsubprocess may use vfork: well under a millisecond
+        result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"], stdin=subprocess.DEVNULL,
+                                       stdout=result["c1"].fileno(), stderr=result["c2"].fileno(),
+                                       start_new_session=True, restore_signals=True, close_fds=True)
+    except BaseException as e:
+        result["e"] = e
 def run(req):
     i = req["id"]
     try:
-        s1 = connect(i, 1)
-        s2 = connect(i, 2)
+        p1, c1 = socket.socketpair()
+        p2, c2 = socket.socketpair()
     except OSError as e:
-        reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socket: %s" % e})
+        reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socketpair: %s" % e})
         return
-    try:
-        # no uid or gid change here (the forker already runs as the owner), so
-        # _posixsubprocess may use vfork: well under a millisecond
-        p = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"], stdin=subprocess.DEVNULL,
-                             stdout=s1.fileno(), stderr=s2.fileno(), start_new_session=True,
-                             restore_signals=True, close_fds=True)
-    except OSError as e:
-        code = errno.errorcode.get(e.errno, "ESPAWN") if e.errno else "ESPAWN"
-        reply({"type": "error", "id": i, "code": code, "message": e.strerror or str(e)})
+    result = {"c1": c1, "c2": c2}
+    t = threading.Thread(target=start, args=(req, result))
+    t.start()
+    t.join()
+    c1.close()
+    c2.close()
+    e = result.get("e")
+    if e is not None:
+        p1.close()
+        p2.close()
+        if isinstance(e, OSError) and e.errno:
+            reply({"type": "error", "id": i, "code": errno.errorcode.get(e.errno, "ESPAWN"), "message": e.strerror or str(e)})
+        else:
+            reply({"type": "error", "id": i, "code": "ESPAWN", "message": str(e)})
         return
-    except BaseException as e:
-        reply({"type": "error", "id": i, "code": "ESPAWN", "message": str(e)})
-        return
-    finally:
-        s1.close()
-        s2.close()
+    p = result["p"]
     children[p.pid] = (i, p)
+    try:
+        hand_over(i, 1, p1)
+        hand_over(i, 2, p2)
+    finally:
+        p1.close()
+        p2.close()
     reply({"type": "started", "id": i, "pid": p.pid})
-reply({"type": "ready"})
+reply({"type": "ready", "landlock": _abi})
+buf = b""
 def drain():
     global buf
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
         run(json.loads(line))
         reap()
-drain()
 while True:
     try:
-        ready, _, _ = select.select([0, wr], [], [])
+        ready, _, _ = select.select([0, wr, IPC], [], [])
     except InterruptedError:
         continue
     if wr in ready:
@@ -126,6 +169,10 @@ while True:
             os.read(wr, 4096)
         except BlockingIOError:
             pass
+    if IPC in ready:
+        # Node acknowledges each handle (NODE_HANDLE_ACK): read and dropped
+        if not IPC.recv(65536):
+            break
     reap()
     if 0 in ready:
         c = os.read(0, 1 << 20)
@@ -135,13 +182,12 @@ while True:
         drain()
 `;
 
-const HEADER_BYTES = 4 + 1 + 32;
-const HEADER_TIMEOUT_MS = 2_000;
-const MAX_UNAUTHENTICATED = 32;
-/** how long commands of the owner wait for a starting forker before it is given up for good */
+/** how long commands of the owner wait for a starting forker before it is given up */
 const READY_TIMEOUT_MS = 5_000;
-/** a request the forker has not answered in this long means it is stuck: commands go back to Node */
-const ANSWER_TIMEOUT_MS = 5_000;
+/** how often an unanswered request makes the shim look at the forker's state (slow is not dead) */
+const ANSWER_CHECK_MS = 2_000;
+/** a forker replaced this many times is not replaced again: commands go to Node */
+const MAX_STARTS = 4;
 
 export interface ForkRequest {
   id: number;
@@ -150,7 +196,11 @@ export interface ForkRequest {
   cwd: string;
   uid: number;
   gid: number;
+  /** the command's own cgroup: the forker is moved into it for the fork */
+  cgroup?: CommandCgroup | null;
 }
+
+type Exit = { code: number | null; signal: NodeJS.Signals | null };
 
 export interface ForkedCommand {
   pid: number;
@@ -159,7 +209,7 @@ export interface ForkedCommand {
   stdout: net.Socket;
   stderr: net.Socket;
   /** the command's exit, as the forker reaped it */
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  exited: Promise<Exit>;
 }
 
 /** Nothing was started: the caller may start the command another way. */
@@ -176,6 +226,7 @@ export class SpawnFailure extends Error {
 }
 
 interface Pending {
+  req: ForkRequest;
   started?: number;
   /** the exit came before the hand-over */
   ended?: boolean;
@@ -183,116 +234,134 @@ interface Pending {
   stderr?: net.Socket;
   resolve(c: ForkedCommand): void;
   reject(e: Error): void;
-  timer: NodeJS.Timeout;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  onExit(e: { code: number | null; signal: NodeJS.Signals | null }): void;
+  exited: Promise<Exit>;
+  onExit(e: Exit): void;
 }
 
 const SIGNAL_NAMES = new Map<number, NodeJS.Signals>(
   Object.entries(constants.signals).map(([name, n]) => [n as number, name as NodeJS.Signals]),
 );
 
+/** One-letter state of a process from /proc (null: gone). */
+export function procState(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** A forker in this state will never answer: stopped (T, t), a zombie, or gone. */
+export function isDeadState(state: string | null): boolean {
+  return state === null || state === "Z" || state === "X" || state === "T" || state === "t";
+}
+
+/** Live (not zombie) processes whose real or effective uid is `uid`, other than `except`. */
+function liveProcessesOf(uid: number, except: ReadonlySet<number>): number[] {
+  const found: number[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name) || except.has(Number(name))) continue;
+    try {
+      const status = readFileSync(`/proc/${name}/status`, "utf8");
+      if (/^State:\s+[ZX]/m.test(status)) continue;
+      const uids = /^Uid:\s+(\d+)\s+(\d+)/m.exec(status);
+      if (uids && (Number(uids[1]) === uid || Number(uids[2]) === uid)) found.push(Number(name));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return found;
+}
+
 export class Forker {
   private child: ChildProcess | null = null;
-  private server: net.Server | null = null;
-  private readonly token = randomBytes(32);
   private readonly pending = new Map<number, Pending>();
+  /** requests not yet sent: one is in flight at a time */
+  private readonly queue: number[] = [];
+  private inFlight: number | null = null;
+  private answerTimer: NodeJS.Timeout | null = null;
   /** exits of commands already handed over, by id */
-  private readonly running = new Map<number, (e: { code: number | null; signal: NodeJS.Signals | null }) => void>();
+  private readonly running = new Map<number, (e: Exit) => void>();
   private ready = false;
-  /** once stopped or dead, never started again: a new forker would be dumpable while the agent's processes run */
+  /** the current forker is gone (stopped, died, or never started) */
   private dead = false;
+  /** set by stop(): never started again */
+  private closed = false;
+  private starts = 0;
   /** resolves true once ready, false if it failed first */
   private readiness: Promise<boolean> | null = null;
   private settleReadiness: (ok: boolean) => void = () => undefined;
-  /** output-socket connections that have not sent their header yet, oldest first */
-  private readonly waiting = new Set<net.Socket>();
   private buf = "";
+  /** forkers this shim killed (a stopped one stays in /proc until reaped) */
+  private readonly killed = new Set<number>();
 
   private uid: number | null = null;
-  private dir: string | null = null;
   private gid: number | null = null;
+
+  constructor(private readonly cgroups: CommandCgroups | null = null) {}
 
   /** True once the forker answered; until then (and after it died) callers spawn with Node. */
   get usable(): boolean {
-    return this.ready && this.child !== null;
+    return this.ready && this.child !== null && !this.dead;
   }
 
   /**
-   * Starts the output socket and the forker process, running as `uid:gid`;
-   * failures leave the forker unusable, never throw. The socket must be
-   * reachable by that uid, which is also the agent's (its path shows in
-   * /proc/net/unix); every connection must carry the token, which only the
-   * forker (not dumpable) holds.
+   * Starts the forker process, running as `uid:gid`; failures leave the
+   * forker unusable, never throw. Called before any command of that user ran
+   * (the welcome), and again by spawn() to replace a dead forker when no
+   * process of that user is alive.
    */
   startFor(uid: number, gid: number): void {
-    if (this.readiness || this.dead) return;
+    if (this.closed || (this.readiness && !this.dead)) return;
     this.uid = uid;
     this.gid = gid;
-    this.readiness = new Promise<boolean>((resolve) => (this.settleReadiness = resolve));
+    this.dead = false;
+    this.ready = false;
+    this.starts++;
+    const readiness = new Promise<boolean>((resolve) => (this.settleReadiness = resolve));
+    this.readiness = readiness;
     const giveUp = setTimeout(() => {
-      if (this.ready) return;
+      if (this.ready || this.readiness !== readiness) return;
       log("warn", "forker not ready in time; commands are started by node", { timeoutMs: READY_TIMEOUT_MS });
-      this.stop();
+      this.die("not ready in time");
     }, READY_TIMEOUT_MS);
-    void this.readiness.then(() => clearTimeout(giveUp));
-    let socketPath: string;
+    void readiness.then(() => clearTimeout(giveUp));
+    let child: ChildProcess;
     try {
-      const dir = mkdtempSync("/tmp/.sandboxd-forker-");
-      this.dir = dir;
-      chmodSync(dir, 0o711);
-      socketPath = `${dir}/${randomBytes(16).toString("hex")}.sock`;
+      child = spawn("python3", ["-I", "-S", "-c", FORKER_PY], {
+        cwd: "/",
+        env: { PATH: "/usr/bin:/bin", LANG: "C.UTF-8" },
+        uid,
+        gid,
+        // fd 3: Node's IPC channel, which carries the commands' output sockets
+        stdio: ["pipe", "pipe", "inherit", "ipc"],
+      });
     } catch (err) {
-      log("warn", "no place for the forker's output socket; commands are started by node", errorFields(err));
+      log("warn", "forker did not start; commands are started by node", errorFields(err));
+      this.die("did not start");
       return;
     }
-    const server = net.createServer({ pauseOnConnect: true }, (sock) => this.onOutput(sock));
-    server.on("error", (err) => {
-      log("warn", "forker output socket failed; commands are started by node", errorFields(err));
-      this.stop();
+    this.child = child;
+    this.buf = "";
+    child.on("error", (err) => log("warn", "forker error", errorFields(err)));
+    child.stdin!.on("error", () => undefined);
+    child.stdout!.setEncoding("utf8");
+    child.stdout!.on("data", (s: string) => {
+      if (this.child === child) this.onReplies(s);
     });
-    server.listen(socketPath, () => {
-      let child: ChildProcess;
-      try {
-        chmodSync(socketPath, 0o666);
-        child = spawn("python3", ["-I", "-S", "-c", FORKER_PY], {
-          cwd: "/",
-          env: { PATH: "/usr/bin:/bin", LANG: "C.UTF-8" },
-          uid,
-          gid,
-          stdio: ["pipe", "pipe", "inherit"],
-        });
-      } catch (err) {
-        log("warn", "forker did not start; commands are started by node", errorFields(err));
-        return;
-      }
-      this.child = child;
-      child.on("error", (err) => log("warn", "forker error", errorFields(err)));
-      child.stdin!.on("error", () => undefined);
-      child.stdin!.write(JSON.stringify({ sock: socketPath, token: this.token.toString("hex") }) + "\n");
-      child.stdout!.setEncoding("utf8");
-      child.stdout!.on("data", (s: string) => this.onReplies(s));
-      child.once("exit", (code, signal) => {
-        if (this.child !== child) return; // stopped already
-        log("warn", "forker exited; commands are started by node", { code, signal });
-        this.child = null;
-        this.stop();
-      });
+    child.on("message", (m: unknown, handle: unknown) => this.onHandle(child, m, handle));
+    child.once("exit", (code, signal) => {
+      if (this.child !== child) return; // replaced or stopped already
+      log("warn", "forker exited", { code, signal });
+      this.die(`exited (${signal ?? code})`);
     });
-    this.server = server;
   }
 
+  /** Ends the forker for good (shutdown): commands still waiting fail, later ones go to Node. */
   stop(): void {
-    this.dead = true;
-    this.ready = false;
-    this.settleReadiness(false);
-    this.child?.kill("SIGKILL");
-    this.child = null;
-    this.server?.close();
-    this.server = null;
-    if (this.dir) rmSync(this.dir, { recursive: true, force: true });
-    this.dir = null;
-    this.failAll(new Error("the forker was stopped"));
+    this.closed = true;
+    this.die("stopped");
   }
 
   /**
@@ -303,21 +372,113 @@ export class Forker {
    */
   async spawn(req: ForkRequest): Promise<ForkedCommand> {
     if (req.uid !== this.uid || req.gid !== this.gid) throw new ForkerUnavailable("the forker runs as another user, or not at all");
+    if (this.dead && !this.closed) this.replace();
     // While the forker starts, commands of its user wait: none may run while it is still dumpable.
     if (!this.ready && this.readiness && !this.dead) await this.readiness;
-    const child = this.child;
-    if (!this.usable || !child) throw new ForkerUnavailable("the forker is not running");
+    if (!this.usable) throw new ForkerUnavailable("the forker is not running");
     return new Promise((resolve, reject) => {
       let onExit!: Pending["onExit"];
-      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => (onExit = r));
-      const timer = setTimeout(() => {
-        // The forker is stuck: drop it, so this and later commands fall back to node.
-        log("warn", "forker did not answer; stopping it", { id: req.id });
-        this.stop();
-      }, ANSWER_TIMEOUT_MS);
-      this.pending.set(req.id, { resolve, reject, timer, exited, onExit });
-      child.stdin!.write(JSON.stringify(req) + "\n");
+      const exited = new Promise<Exit>((r) => (onExit = r));
+      this.pending.set(req.id, { req, resolve, reject, exited, onExit });
+      this.queue.push(req.id);
+      this.sendNext();
     });
+  }
+
+  /**
+   * A dead forker is replaced only while no process of its user is alive
+   * (the new one is dumpable until its first statement), and not forever.
+   */
+  private replace(): void {
+    if (this.uid === null || this.gid === null || this.starts >= MAX_STARTS) return;
+    const alive = liveProcessesOf(this.uid, this.killed);
+    if (alive.length > 0) {
+      log("info", "forker not replaced while processes of its user run; this command is started by node", { count: alive.length });
+      return;
+    }
+    log("info", "replacing the forker", { starts: this.starts });
+    this.startFor(this.uid, this.gid);
+  }
+
+  /** Sends the next queued request once the previous one is answered. */
+  private sendNext(): void {
+    const child = this.child;
+    if (this.inFlight !== null || !child || !this.usable) return;
+    const id = this.queue.shift();
+    if (id === undefined) return;
+    const p = this.pending.get(id);
+    if (!p) return this.sendNext();
+    try {
+      // the command is born in its cgroup: its parent is there when it forks
+      p.req.cgroup?.place(child.pid!);
+    } catch (err) {
+      this.pending.delete(id);
+      p.reject(new ForkerUnavailable(`could not place the forker in the command's cgroup: ${(err as Error).message}`));
+      return this.sendNext();
+    }
+    this.inFlight = id;
+    const { cgroup: _cgroup, ...wire } = p.req;
+    child.stdin!.write(JSON.stringify(wire) + "\n");
+    this.armAnswerCheck(id);
+  }
+
+  /** The answer to the request in flight came: the forker leaves the command's cgroup, the next request goes. */
+  private answered(id: number): void {
+    if (this.inFlight !== id) return;
+    this.inFlight = null;
+    if (this.answerTimer) clearTimeout(this.answerTimer);
+    this.answerTimer = null;
+    if (this.cgroups && this.child?.pid !== undefined) {
+      try {
+        this.cgroups.home(this.child.pid);
+      } catch (err) {
+        // it would be killed with that command: better to lose it now
+        log("warn", "could not move the forker out of a command's cgroup; stopping it", errorFields(err));
+        this.die("could not leave a command's cgroup");
+        return;
+      }
+    }
+    this.sendNext();
+  }
+
+  /**
+   * No answer yet: look at the forker. Busy (running, sleeping, in I/O) is
+   * waited for, however long; stopped, a zombie or gone is dead.
+   */
+  private armAnswerCheck(id: number): void {
+    let warned = false;
+    const check = (): void => {
+      if (this.inFlight !== id || !this.child) return;
+      const pid = this.child.pid!;
+      const state = procState(pid);
+      if (isDeadState(state)) {
+        log("warn", "the forker is stopped or gone with a request unanswered; replacing it", { id, state });
+        this.die(`unresponsive (state ${state ?? "gone"})`);
+        return;
+      }
+      if (!warned) log("info", "the forker is slow to answer; waiting", { id, state });
+      warned = true;
+      this.answerTimer = setTimeout(check, ANSWER_CHECK_MS);
+    };
+    this.answerTimer = setTimeout(check, ANSWER_CHECK_MS);
+  }
+
+  private onHandle(child: ChildProcess, m: unknown, handle: unknown): void {
+    const sock = handle as net.Socket | undefined;
+    const msg = m as { id?: unknown; kind?: unknown } | null;
+    const p = typeof msg?.id === "number" ? this.pending.get(msg.id) : undefined;
+    if (this.child !== child || !sock || !p || (msg!.kind !== 1 && msg!.kind !== 2)) {
+      sock?.destroy();
+      return;
+    }
+    if ((msg!.kind === 1 && p.stdout) || (msg!.kind === 2 && p.stderr)) {
+      sock.destroy(); // the first stream of each kind stands
+      return;
+    }
+    sock.pause();
+    if (msg!.kind === 1) p.stdout = sock;
+    else p.stderr = sock;
+    this.complete(msg!.id as number);
   }
 
   private onReplies(s: string): void {
@@ -326,19 +487,20 @@ export class Forker {
     while ((nl = this.buf.indexOf("\n")) >= 0) {
       const line = this.buf.slice(0, nl);
       this.buf = this.buf.slice(nl + 1);
-      let m: { type: string; id?: number; pid?: number; code?: unknown; signal?: unknown; message?: string };
+      let m: { type: string; id?: number; pid?: number; code?: unknown; signal?: unknown; message?: string; landlock?: unknown };
       try {
         m = JSON.parse(line) as typeof m;
       } catch {
         log("warn", "forker said something unreadable; stopping it", { line: line.slice(0, 200) });
-        this.stop();
+        this.die("unreadable reply");
         return;
       }
       if (m.type === "ready") {
         if (this.dead) continue;
         this.ready = true;
         this.settleReadiness(true);
-        log("info", "forker ready", { pid: this.child?.pid });
+        log("info", "forker ready", { pid: this.child?.pid, landlockAbi: m.landlock });
+        this.sendNext();
         continue;
       }
       const id = m.id ?? -1;
@@ -361,9 +523,11 @@ export class Forker {
       if (!p) continue;
       if (m.type === "started" && typeof m.pid === "number") {
         p.started = m.pid;
+        this.answered(id);
         this.complete(id);
       } else if (m.type === "error") {
-        this.settle(id);
+        this.pending.delete(id);
+        this.answered(id);
         p.stdout?.destroy();
         p.stderr?.destroy();
         const code = typeof m.code === "string" ? m.code : "ESPAWN";
@@ -374,79 +538,53 @@ export class Forker {
     }
   }
 
-  private onOutput(sock: net.Socket): void {
-    sock.on("error", (err) => log("debug", "forker output socket error", errorFields(err)));
-    // Over the cap, the oldest waiting connection goes, not the new one: the
-    // forker sends its header with the connect, so its own always gets in.
-    if (this.waiting.size >= MAX_UNAUTHENTICATED) this.waiting.values().next().value?.destroy();
-    this.waiting.add(sock);
-    const authenticated = () => {
-      this.waiting.delete(sock);
-      clearTimeout(deadline);
-    };
-    // the forker sends its header at once; anyone else gets a moment, not a slot
-    const deadline = setTimeout(() => sock.destroy(), HEADER_TIMEOUT_MS);
-    sock.once("close", authenticated);
-    let head = Buffer.alloc(0);
-    const onData = (chunk: Buffer) => {
-      head = Buffer.concat([head, chunk]);
-      if (head.length < HEADER_BYTES) return;
-      authenticated();
-      sock.off("data", onData);
-      sock.pause();
-      const rest = head.subarray(HEADER_BYTES);
-      if (rest.length > 0) sock.unshift(rest);
-      const id = head.readUInt32BE(0);
-      const kind = head[4];
-      const p = this.pending.get(id);
-      if (!p || !timingSafeEqual(head.subarray(5, HEADER_BYTES), this.token) || (kind !== 1 && kind !== 2)) {
-        sock.destroy();
-        return;
-      }
-      if ((kind === 1 && p.stdout) || (kind === 2 && p.stderr)) {
-        sock.destroy(); // the first stream of each kind stands
-        return;
-      }
-      if (kind === 1) p.stdout = sock;
-      else p.stderr = sock;
-      this.complete(id);
-    };
-    sock.on("data", onData);
-    sock.resume();
-  }
-
   /** Hands the command over once it is started and both its streams are here. */
   private complete(id: number): void {
     const p = this.pending.get(id);
     if (!p || p.started === undefined || !p.stdout || !p.stderr) return;
-    this.settle(id);
+    this.pending.delete(id);
     if (!p.ended) this.running.set(id, (e) => p.onExit(e));
     p.resolve({ pid: p.started, forkerPid: this.child?.pid ?? 0, stdout: p.stdout, stderr: p.stderr, exited: p.exited });
   }
 
-  private settle(id: number): void {
-    const p = this.pending.get(id);
-    if (!p) return;
-    clearTimeout(p.timer);
-    this.pending.delete(id);
-  }
-
-  private failAll(err: Error): void {
+  /**
+   * The current forker is gone for good: killed if it still exists, requests
+   * not yet sent go back to the caller (nothing was started), the one in
+   * flight fails (it may have started), running commands lose their exit
+   * report (reported killed; the caller then kills what is left of them).
+   */
+  private die(why: string): void {
+    const child = this.child;
+    this.child = null;
+    this.dead = true;
+    this.ready = false;
+    this.settleReadiness(false);
+    if (this.answerTimer) clearTimeout(this.answerTimer);
+    this.answerTimer = null;
+    if (child?.pid !== undefined) {
+      this.killed.add(child.pid);
+      child.kill("SIGKILL");
+      child.once("exit", () => this.killed.delete(child.pid!));
+    }
+    const inFlight = this.inFlight;
+    this.inFlight = null;
+    this.queue.length = 0;
     for (const [id, p] of this.pending) {
-      this.settle(id);
+      this.pending.delete(id);
       p.stdout?.destroy();
       p.stderr?.destroy();
-      // started but never handed over: nobody would track or kill it
       if (p.started !== undefined) {
+        // started but never handed over: nobody would track or kill it
         try {
           process.kill(-p.started, "SIGKILL");
         } catch {
           // gone already
         }
+        p.req.cgroup?.kill();
       }
-      p.reject(err);
+      if (id === inFlight || p.started !== undefined) p.reject(new Error(`the forker ${why} before it reported the start`));
+      else p.reject(new ForkerUnavailable(`the forker ${why}`));
     }
-    // commands already running lose their exit report; their output still ends
     for (const [, onExit] of this.running) onExit({ code: null, signal: "SIGKILL" });
     this.running.clear();
   }

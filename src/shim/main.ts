@@ -14,6 +14,7 @@ import net from "node:net";
 import path from "node:path";
 import { errorFields, log } from "./log.js";
 import { OutputGate, RunningExec, type ExecLink, type OutputKind } from "./exec.js";
+import { CommandCgroups } from "./cgroups.js";
 import { Forker } from "./forker.js";
 import { TunnelListeners } from "./tunnels.js";
 import {
@@ -51,14 +52,18 @@ class Shim implements ExecLink {
   private readonly tunnels: TunnelListeners;
   /** starts commands without forking the shim (see forker.ts) */
   readonly forker: Forker;
+  /** one cgroup per command, killed when it ends (see cgroups.ts) */
+  readonly cgroups: CommandCgroups | null;
 
   constructor(
     private readonly socketPath: string,
     private readonly token: string,
     tunnelSocketPath: string,
+    cgroupDir: string,
   ) {
     this.tunnels = new TunnelListeners(tunnelSocketPath, token);
-    this.forker = new Forker();
+    this.cgroups = CommandCgroups.open(cgroupDir);
+    this.forker = new Forker(this.cgroups);
   }
 
   /** Serves connection after connection; only shutdown or a signal ends the process. */
@@ -264,10 +269,12 @@ class Shim implements ExecLink {
 function main(): void {
   const token = process.env[SHIM_ENV.token];
   const socketPath = process.env[SHIM_ENV.socket] || SHIM_PATHS.controlSocket;
+  const cgroupDir = process.env[SHIM_ENV.cgroupDir] || SHIM_PATHS.commandCgroups;
   // Children get exactly the env the daemon sends, but drop these anyway so no
   // later code path can leak them.
   delete process.env[SHIM_ENV.token];
   delete process.env[SHIM_ENV.socket];
+  delete process.env[SHIM_ENV.cgroupDir];
   if (!token) {
     process.stderr.write(
       `sandboxd-shim: ${SHIM_ENV.token} is not set. The daemon passes the phase's token when it creates ` +
@@ -277,7 +284,7 @@ function main(): void {
   }
 
   // the tunnel socket sits beside the control socket, in the phase's run dir
-  const shim = new Shim(socketPath, token, path.join(path.dirname(socketPath), path.basename(SHIM_PATHS.tunnelSocket)));
+  const shim = new Shim(socketPath, token, path.join(path.dirname(socketPath), path.basename(SHIM_PATHS.tunnelSocket)), cgroupDir);
   log("info", "shim starting", { pid: process.pid, node: process.version, socket: socketPath });
 
   // tini forwards `docker stop`'s SIGTERM to us; the commands run in their own

@@ -88,7 +88,8 @@ export function signalGroup(pgid: number, signal: NodeJS.Signals): boolean {
   return signalPid(-pgid, signal);
 }
 
-function signalPid(pid: number, signal: NodeJS.Signals): boolean {
+/** Signals one process; false when it no longer exists. */
+export function signalPid(pid: number, signal: NodeJS.Signals): boolean {
   try {
     process.kill(pid, signal);
     return true;

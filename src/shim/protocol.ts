@@ -260,6 +260,8 @@ export const SHIM_PATHS = {
   controlSocket: "/run/sandboxd/control.sock",
   /** one connection per tunnelled TCP connection (header line, then raw bytes) */
   tunnelSocket: "/run/sandboxd/tunnel.sock",
+  /** the phase's cgroup v2 directory, read-write: one cgroup per command (shim/cgroups.ts) */
+  commandCgroups: "/run/sandboxd-cgroup",
   workspace: "/workspace",
   /** where sandbox/Dockerfile installs the bundled shim */
   shimBundle: "/opt/sandboxd/shim.cjs",
@@ -268,4 +270,6 @@ export const SHIM_PATHS = {
 export const SHIM_ENV = {
   token: "SANDBOXD_SHIM_TOKEN",
   socket: "SANDBOXD_CONTROL_SOCKET",
+  /** where the phase's cgroup v2 directory is mounted (default SHIM_PATHS.commandCgroups) */
+  cgroupDir: "SANDBOXD_CGROUP_DIR",
 } as const;

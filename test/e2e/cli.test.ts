@@ -127,6 +127,31 @@ describe("sandboxd CLI", () => {
     expect(bad.stderr).toMatch(/SBX_ERR_APPROVAL_NOT_FOUND/);
   });
 
+  it("approvals ls/show escape a command that would rewrite itself on the terminal; --json keeps it exact; a denial is answered on retry", async () => {
+    const p = await startPhase();
+    // on a terminal the raw bytes would show `touch pytest -q tests/`
+    const disguised = "/workspace/x #\u001b[35Dpytest -q tests/\u001b[K\r\u202e";
+    const refused = await cli(["exec", p.id, "--", "touch", disguised], { socket });
+    expect(refused.code).toBe(126);
+    const id = /approval (ap_[0-9a-f]{12}) is pending/.exec(refused.stderr)?.[1];
+    expect(id).toBeDefined();
+    for (const args of [["approvals", "ls"], ["approvals", "show", id!], ["audit", "show", p.id]]) {
+      const out = (await cli(args, { socket })).stdout;
+      // bytes: no control character but the newline, no format character
+      expect(out.replace(/\n/g, "")).not.toMatch(/[\p{Cc}\p{Cf}]/u);
+      expect(out).toContain(`touch $'/workspace/x #\\x1b[35Dpytest -q tests/\\x1b[K\\r\\u202e'`);
+    }
+    expect(refused.stderr.replace(/\n/g, "")).not.toMatch(/[\p{Cc}\p{Cf}]/u);
+    const json = JSON.parse((await cli(["approvals", "show", id!, "--json"], { socket })).stdout) as { argv: string[] };
+    expect(json.argv).toEqual(["touch", disguised]);
+    expect((await cli(["approvals", "deny", id!, "--note", "looks disguised"], { socket })).stdout.trim()).toBe(`${id} denied`);
+    const again = await cli(["exec", p.id, "--", "touch", disguised], { socket });
+    expect(again.code).toBe(126);
+    expect(again.stderr).toMatch(/SBX_ERR_APPROVAL_DENIED/);
+    expect(again.stderr).toContain(`looks disguised`);
+    expect(again.stderr).toContain(id!);
+  });
+
   it("logs prints the container's log and -f follows it until the phase stops", async () => {
     const p = await startPhase();
     const logs = await cli(["logs", p.id], { socket });

@@ -16,7 +16,7 @@ import { AuditJournal, JOURNAL_FILE } from "../../src/audit/journal.js";
 import { ApprovalQueue } from "../../src/approvals/queue.js";
 import { PhaseManager, type ManagerOptions } from "../../src/phases/manager.js";
 import { initShellParser, loadPolicy, type Policy } from "../../src/policy/index.js";
-import type { ContainerRuntime, ContainerSummary, PhaseContainerSpec } from "../../src/runtime/types.js";
+import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "../../src/runtime/types.js";
 import {
   FrameDecoder,
   FrameKind,
@@ -129,8 +129,9 @@ export class FakeRuntime implements ContainerRuntime {
     const c: FakeContainer = { id, name: spec.name, labels: spec.labels, running: true, state: "running", spec, shim: null };
     this.containers.set(id, c);
     if (!this.faults.noShim) {
+      // like a real container, it does not wait for its shim: the shim connects (or not) on its own
       c.shim = new FakeShim(path.join(spec.runDir, "control.sock"), spec.env[SHIM_ENV.token]!);
-      await c.shim.connect();
+      c.shim.connect().catch(() => undefined);
     }
     return id;
   }
@@ -151,6 +152,19 @@ export class FakeRuntime implements ContainerRuntime {
 
   async logs(): Promise<Readable> {
     return Readable.from([Buffer.from(this.logText)]);
+  }
+
+  async inspect(id: string): Promise<ContainerState | null> {
+    const c = this.containers.get(id);
+    return c ? { running: c.running, status: c.state, exitCode: c.running ? null : 137, oomKilled: false } : null;
+  }
+
+  /** The container dies (docker kill): its shim's link closes. */
+  kill(id: string): void {
+    const c = this.containers.get(id)!;
+    c.running = false;
+    c.state = "exited";
+    c.shim?.destroy();
   }
 
   async containerPid(): Promise<number> {
@@ -204,7 +218,11 @@ export interface Harness {
   approvals: ApprovalQueue;
   /** the journal's records, parsed */
   records(): Promise<Array<Record<string, unknown>>>;
-  /** a new manager on the same state dir, as a restarted daemon builds it */
+  /**
+   * A new manager on the same state dir, as a restarted daemon builds it. The
+   * old one is left as a killed daemon leaves things: it does nothing more
+   * (its links stay open, nobody uses them).
+   */
   restart(): Promise<PhaseManager>;
   close(): Promise<void>;
 }
@@ -243,6 +261,8 @@ export async function harness(opts: Partial<ManagerOptions> = {}): Promise<Harne
       buildLogLocation: "state",
       ...opts,
     });
+  const old: PhaseManager[] = [];
+  const orphans: FakeShim[] = [];
   const h: Harness = {
     dir,
     stateDir,
@@ -259,12 +279,20 @@ export async function harness(opts: Partial<ManagerOptions> = {}): Promise<Harne
         .map((l) => JSON.parse(l) as Record<string, unknown>);
     },
     async restart() {
+      old.push(h.manager);
+      // the dead daemon's links stay open (nobody reads them); the new daemon's
+      // stops must not close them, or the old manager would react
+      for (const c of runtime.containers.values()) {
+        if (c.shim) orphans.push(c.shim);
+        c.shim = null;
+      }
       h.manager = make();
       return h.manager;
     },
     async close() {
-      await h.manager.shutdown().catch(() => undefined);
+      for (const m of [h.manager, ...old]) await m.shutdown().catch(() => undefined);
       for (const c of runtime.containers.values()) c.shim?.destroy();
+      for (const shim of orphans) shim.destroy();
       await journal.close();
       await rm(dir, { recursive: true, force: true });
     },

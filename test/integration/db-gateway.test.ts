@@ -659,3 +659,83 @@ describe("rowsFromTag", () => {
     expect(rowsFromTag("CREATE TABLE")).toBe(0);
   });
 });
+
+describe("db gateway: paper-mode elevation in the extended protocol (raw wire, real PostgreSQL)", () => {
+  const parse = (name: string, sql: string): Buffer => frame("P", Buffer.concat([Buffer.from(`${name}\0${sql}\0`), Buffer.from([0, 0])]));
+  const bind = (stmt: string): Buffer => frame("B", Buffer.concat([Buffer.from(`\0${stmt}\0`), Buffer.from([0, 0, 0, 0, 0, 0])]));
+  const execute = (): Buffer => frame("E", Buffer.from([0, 0, 0, 0, 0]));
+  const sync = (): Buffer => frame("S", Buffer.alloc(0));
+  const INSERT = "INSERT INTO paper_orders (symbol, side, qty, price, status) VALUES ('EXT-USD', 'buy', 1, 1, 'new')";
+  let gw: Gateway;
+  let before: string;
+
+  beforeAll(async () => {
+    await db.psql(
+      `CREATE OR REPLACE FUNCTION cancel_pending_orders() RETURNS int LANGUAGE sql SECURITY DEFINER AS
+         $$ WITH c AS (UPDATE orders SET status = 'cancelled' WHERE status = 'pending' RETURNING 1) SELECT count(*)::int FROM c $$`,
+      "trading",
+    );
+    gw = await startGateway("paper");
+    before = await db.psql("SELECT id, status FROM orders ORDER BY id", "trading");
+  });
+
+  const open = async (): Promise<RawClient> => {
+    const c = await RawClient.open(gw.port);
+    c.sock.write(startup());
+    await c.untilReady();
+    return c;
+  };
+
+  it("refuses any other statement in an elevated batch, so the batch rolls back whole", async () => {
+    const paperBefore = await superCount("paper_orders", "trading");
+    const c = await open();
+    try {
+      c.sock.write(Buffer.concat([parse("", INSERT), bind(""), execute(), parse("", "SELECT cancel_pending_orders()"), bind(""), execute(), sync()]));
+      expect(await c.untilReady()).toEqual(["1", "2", "C", "E:42501", "Z"]);
+      // a named read parsed earlier cannot be bound into an elevated batch either
+      c.sock.write(Buffer.concat([parse("s_cancel", "SELECT cancel_pending_orders()"), sync()]));
+      expect(await c.untilReady()).toEqual(["1", "Z"]);
+      c.sock.write(Buffer.concat([parse("", INSERT), bind(""), execute(), bind("s_cancel"), execute(), sync()]));
+      expect(await c.untilReady()).toEqual(["1", "2", "C", "E:42501", "Z"]);
+      c.sock.write(q("SHOW default_transaction_read_only"));
+      expect(await c.untilReady()).toEqual(["T", "D", "C", "Z"]);
+    } finally {
+      c.sock.destroy();
+    }
+    expect(await db.psql("SELECT id, status FROM orders ORDER BY id", "trading")).toBe(before);
+    expect(await superCount("paper_orders", "trading")).toBe(paperBefore);
+    expect(gw.records.filter((r) => r.event.rule === "db.paper-elevation").map((r) => r.event.sql)).toEqual([
+      "SELECT cancel_pending_orders()",
+      '<Bind of statement "s_cancel" in an elevated batch>',
+    ]);
+  });
+
+  it("closes the connection when a simple Query arrives inside an elevated batch", async () => {
+    const c = await open();
+    try {
+      c.sock.write(Buffer.concat([parse("", INSERT), bind(""), execute(), q("SELECT cancel_pending_orders()")]));
+      await new Promise((r) => c.sock.once("close", r));
+    } finally {
+      c.sock.destroy();
+    }
+    expect(await db.psql("SELECT id, status FROM orders ORDER BY id", "trading")).toBe(before);
+    expect(gw.records.some((r) => r.event.type === "db.session" && /simple Query arrived inside an elevated extended batch/.test(String(r.event.reason)))).toBe(true);
+  });
+
+  it("does not elevate a name a SQL PREPARE gave new content after it was parsed as a paper write", async () => {
+    const c = await open();
+    try {
+      c.sock.write(Buffer.concat([parse("w", INSERT), sync()]));
+      expect(await c.untilReady()).toEqual(["1", "Z"]);
+      c.sock.write(q("DEALLOCATE w"));
+      expect(await c.untilReady()).toEqual(["C", "Z"]);
+      c.sock.write(q("PREPARE w AS SELECT cancel_pending_orders()"));
+      expect(await c.untilReady()).toEqual(["C", "Z"]);
+      c.sock.write(Buffer.concat([bind("w"), execute(), sync()]));
+      expect(await c.untilReady()).toEqual(["2", "E:25006", "Z"]);
+    } finally {
+      c.sock.destroy();
+    }
+    expect(await db.psql("SELECT id, status FROM orders ORDER BY id", "trading")).toBe(before);
+  });
+});

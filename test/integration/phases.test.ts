@@ -22,6 +22,7 @@ import {
   startTestDaemon,
   type TestDaemon,
 } from "../helpers/sandbox.js";
+import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
 
 let t: TestDaemon;
 let project: string;
@@ -99,10 +100,13 @@ describe("phase lifecycle", () => {
     expect(hc.NanoCpus).toBe(1e9);
     expect(hc.PidsLimit).toBe(256);
     expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 10 * 1024 * 1024, Hard: 10 * 1024 * 1024 }]);
-    // Only the project, the phase's run dir and its hosts file come from the host; no Docker socket.
+    // Only the project, the phase's run dir, its hosts file and its own cgroup v2 directory (per-command
+    // cgroups, src/shim/cgroups.ts) come from the host; no Docker socket.
     const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
     const runDir = path.join(t.stateDir, "phases", phase.id, "run");
-    expect(sources).toEqual([project, runDir, path.join(runDir, "hosts"), phase.buildLog].sort());
+    const cgroupDir = commandCgroupDir((await cgroup2Root())!, phase.containerName);
+    expect(sources).toEqual([project, runDir, path.join(runDir, "hosts"), phase.buildLog, cgroupDir].sort());
+    expect(info.Mounts.find((m) => m.Source === cgroupDir)).toMatchObject({ Destination: "/run/sandboxd-cgroup", RW: true });
     expect(info.Mounts.find((m) => m.Source === path.join(runDir, "hosts"))).toMatchObject({ Destination: "/etc/hosts", RW: false });
     expect(info.Mounts.find((m) => m.Source === phase.buildLog)).toMatchObject({ Destination: "/workspace/build_audit.log", RW: false });
     expect(JSON.stringify(info.Mounts)).not.toContain("docker.sock");
@@ -189,9 +193,11 @@ describe("mediated exec", () => {
     expect(r.exitCode).toBe(0);
     expect(r.stdoutBytes).toBe(5_000_000);
     expect(r.stdoutTruncated).toBe(true);
-    expect(r.stdout.length).toBe(r.outputCapBytes);
+    // the first and last outputCapBytes/2, the bytes between counted and marked
+    expect(r.stdoutOmitted).toBe(5_000_000 - r.outputCapBytes);
+    expect(r.stdout).toBe(`${"x".repeat(r.outputCapBytes / 2)}\n[… ${r.stdoutOmitted} bytes not kept …]\n${"x".repeat(r.outputCapBytes / 2)}`);
     const log = await readFile(phase.buildLog, "utf8");
-    expect(log).toMatch(/STDOUT: \[\d+ more bytes not kept\] x+/);
+    expect(log).toMatch(/STDOUT: x+\n {4}~ \[\d+ bytes not kept\]\n {4}\| x+\n/);
   });
 
   it("streams every byte of a large output", async () => {

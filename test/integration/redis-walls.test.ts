@@ -87,7 +87,7 @@ def cmd(args):
 def reply(f):
     line = f.readline()
     t = line[:1]
-    if t == b"$":
+    if t in (b"$", b"=", b"!"):
         n = int(line[1:])
         return line.decode("latin1") + (f.read(n + 2).decode("latin1") if n >= 0 else "")
     if t in (b"*", b"%", b"~", b">"):
@@ -248,7 +248,28 @@ describe("Redis walls, from inside real sandboxes", () => {
     expect(await testRedis.cli("-n", "0", "DBSIZE")).toBe("0");
     for (const db of ["0", "1", "2", "5"]) expect(await prod.cli("-n", db, "EXISTS", "orders:42", "fills", "position:AAPL")).toBe("0");
 
-    const rs = await recordsOf(phase, (x) => x.filter((e) => e.type === "net.close" && e.service === "redis").length >= 3);
+    // RESP3 (HELLO 3 without AUTH passes): replies stay in order around a refusal, the login is kept
+    const resp3 = await drive(phase, project, {
+      pipeline: [
+        ["HELLO", "3"], ["HGETALL", "position:AAPL"], ["FLUSHALL"], ["ACL", "WHOAMI"], ["CLIENT", "INFO"], ["PING"],
+        // a sandbox cannot pass for the trading engine in CLIENT LIST: the names it sets are prefixed
+        ["CLIENT", "SETNAME", "trading-engine"], ["CLIENT", "GETNAME"], ["HELLO", "3", "SETNAME", "engine2"], ["CLIENT", "GETNAME"],
+      ],
+    });
+    expect(resp3.replies[0]).toMatch(/^%\d+\r\n/);
+    expect(resp3.replies[1]).toBe("%1\r\n$3\r\nqty\r\n$2\r\n10\r\n");
+    expect(resp3.replies[2]).toMatch(refusedBy("redis.denied", "FLUSHALL"));
+    expect(resp3.replies[3]).toMatch(refusedBy("redis.denied", "ACL WHOAMI"));
+    expect(resp3.replies[4]).toMatch(/ db=1 .* user=sandboxd_test .* resp=3/);
+    expect(resp3.replies[5]).toBe("+PONG\r\n");
+    // the daemon names its connection after the phase
+    expect(resp3.replies[4]).toContain(` name=sandboxd-${phase.id} `);
+    expect(resp3.replies[6]).toBe("+OK\r\n");
+    expect(resp3.replies[7]).toBe("$23\r\nsandboxd-trading-engine\r\n");
+    expect(resp3.replies[8]).toMatch(/^%\d+\r\n/);
+    expect(resp3.replies[9]).toBe("$16\r\nsandboxd-engine2\r\n");
+
+    const rs = await recordsOf(phase, (x) => x.filter((e) => e.type === "net.close" && e.service === "redis").length >= 4);
     const writes = rs.filter((e) => e.type === "redis.write").map((e) => [e.command, e.keys]);
     expect(writes).toEqual([["SET", ["orders:42"]], ["XADD", ["fills"]], ["PUBLISH", ["orders"]], ["HSET", ["position:AAPL"]]]);
     expect(rs.find((e) => e.type === "redis.write")).toMatchObject({ rule: "redis.write", mode: "test", service: "redis" });

@@ -6,7 +6,7 @@
  * Needs root, like the shim in its container: commands run as uid/gid 65534.
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -197,6 +197,8 @@ const shims: ShimProcess[] = [];
 
 function launchShim(socketPath: string, token: string | undefined): Omit<ShimProcess, "daemon"> {
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, SANDBOXD_CONTROL_SOCKET: socketPath };
+  // a cgroup v2 directory of its own, as the daemon mounts one in a phase container
+  env.SANDBOXD_CGROUP_DIR = withCgroups ? makeCgroupDir() : join(tempDir, "no-cgroups");
   if (token !== undefined) env.SANDBOXD_SHIM_TOKEN = token;
   const proc = spawn(process.execPath, [bundle], { env, stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
@@ -281,6 +283,43 @@ async function run(conn: Conn, fields: Partial<ExecMessage> & Pick<ExecMessage, 
  * and the shim starts its forker before any command.
  */
 let viaForker = false;
+/** Whether the shim gets a cgroup v2 directory for per-command cgroups (src/shim/cgroups.ts). */
+let withCgroups = false;
+
+/** The host's cgroup v2 mount (/sys/fs/cgroup/unified on these hybrid machines). */
+function cgroup2Root(): string {
+  const line = readFileSync("/proc/self/mounts", "utf8").split("\n").find((l) => l.split(" ")[2] === "cgroup2");
+  if (!line) throw new Error("no cgroup v2 hierarchy mounted on this host: per-command cgroups cannot be tested");
+  return line.split(" ")[1]!;
+}
+const cgroupDirs: string[] = [];
+function makeCgroupDir(): string {
+  const dir = join(cgroup2Root(), `sandboxd-shim-test-${process.pid}-${cgroupDirs.length}`);
+  mkdirSync(dir);
+  cgroupDirs.push(dir);
+  return dir;
+}
+/** Kills what is left in a test cgroup tree and removes it, children first. */
+function removeCgroupDir(dir: string): void {
+  if (!existsSync(dir)) return;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    if (!e.isDirectory()) continue;
+    removeCgroupDir(join(dir, e.name));
+  }
+  try {
+    writeFileSync(join(dir, "cgroup.kill"), "1");
+  } catch {
+    // the root of the test tree may be busy being emptied
+  }
+  for (let i = 0; i < 100; i++) {
+    try {
+      rmdirSync(dir);
+      return;
+    } catch {
+      execFileSync("sleep", ["0.02"]);
+    }
+  }
+}
 
 async function welcomed(shim: ShimProcess, n = 0): Promise<Conn> {
   const conn = await shim.daemon.connection(n);
@@ -335,6 +374,40 @@ function logLines(shim: ShimProcess): Record<string, unknown>[] {
     .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
+/** From one command, against the pids given: signal, ptrace, /proc/<pid>/mem, process_vm_writev. */
+const ATTACK = String.raw`
+import ctypes, json, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class IOV(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+out = {}
+for arg in sys.argv[1:]:
+    pid = int(arg)
+    r = {}
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        r["kill"] = "sent"
+        os.kill(pid, signal.SIGCONT)
+    except OSError as e:
+        r["kill"] = e.errno
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    r["ptrace"] = "attached" if libc.ptrace(16, pid, None, None) == 0 else ctypes.get_errno()  # PTRACE_ATTACH
+    try:
+        open("/proc/%d/mem" % pid, "r+b").close()
+        r["mem"] = "opened"
+    except OSError as e:
+        r["mem"] = e.errno
+    buf = ctypes.create_string_buffer(8)
+    local = IOV(ctypes.cast(buf, ctypes.c_void_p), 8)
+    remote = IOV(0x400000, 8)
+    libc.syscall.restype = ctypes.c_long
+    libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    n = libc.syscall(311, pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)  # process_vm_writev
+    r["vm_write"] = "wrote" if n >= 0 else ctypes.get_errno()
+    out[arg] = r
+print(json.dumps(out))
+`;
+
 /* --------------------------------- tests --------------------------------- */
 
 describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
@@ -358,12 +431,19 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
   afterAll(() => {
     // Safety net only: a leak would already have failed its test.
     for (const m of markers) for (const pid of liveProcesses(NOBODY, `sleep ${m}`)) process.kill(pid, "SIGKILL");
+    for (const dir of cgroupDirs) removeCgroupDir(dir);
     if (tempDir) rmSync(tempDir, { recursive: true, force: true });
   });
 
-  describe.each([{ via: "node" }, { via: "forker" }])("commands started by $via", ({ via }) => {
+  describe.each([
+    { via: "node", cgroups: false },
+    { via: "forker", cgroups: false },
+    { via: "node", cgroups: true },
+    { via: "forker", cgroups: true },
+  ])("commands started by $via, per-command cgroups: $cgroups", ({ via, cgroups }) => {
   beforeAll(() => {
     viaForker = via === "forker";
+    withCgroups = cgroups;
   });
 
   it("starts commands the way it says: by the forker once it runs, else by node itself", async () => {
@@ -385,30 +465,138 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     }
   });
 
-  if (via === "forker") it("connections that never introduce themselves on the output socket cannot crowd out a command's streams", async () => {
+  if (via === "forker") it("hands each command's output over its private channel: there is no socket for others to crowd or reach", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);
-    expect((await run(conn, { argv: ["true"] })).exit?.exitCode).toBe(0); // the forker is up
-    // its socket path is visible to anyone in /proc/net/unix
-    const path = readFileSync("/proc/net/unix", "utf8")
-      .split("\n")
-      .map((l) => l.trim().split(/\s+/).at(-1) ?? "")
-      .find((p) => p.includes(".sandboxd-forker-"));
-    expect(path).toBeDefined();
-    const squatters = await Promise.all(
-      Array.from({ length: 40 }, () => new Promise<net.Socket>((resolve) => {
-        const c = net.connect(path!, () => resolve(c));
-        c.on("error", () => undefined);
-      })),
+    const r = await run(conn, { argv: ["sh", "-c", "echo out; echo err >&2"] });
+    expect(r.exit?.exitCode).toBe(0);
+    expect(r.stdout.toString()).toBe("out\n");
+    expect(r.stderr.toString()).toBe("err\n");
+    // no listening socket of the forker's anywhere (the streams are socketpairs passed over Node's IPC channel)
+    const unix = readFileSync("/proc/net/unix", "utf8");
+    expect(unix).not.toContain("sandboxd-forker");
+    expect(readdirSync("/tmp").filter((f) => f.startsWith(".sandboxd-forker-"))).toEqual([]);
+  });
+
+  it("50 concurrent commands: every result is exactly what its command did", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    expect((await run(conn, { argv: ["true"] })).exit?.exitCode).toBe(0); // the forker (if any) is up
+    const ids = Array.from({ length: 50 }, (_, i) =>
+      sendExec(conn, {
+        argv: ["sh", "-c", `sleep 0.0${i % 10}; echo out-${i}; echo err-${i} >&2; exit ${i % 7}`],
+        timeoutMs: 20_000,
+      }),
     );
+    const results = await Promise.all(ids.map((id) => finished(conn, id, 25_000)));
+    const wrong = results.flatMap((r, i) => {
+      const want = { exitCode: i % 7, signal: null, timedOut: false, stdout: `out-${i}\n`, stderr: `err-${i}\n` };
+      const got = {
+        exitCode: r.exit?.exitCode,
+        signal: r.exit?.signal,
+        timedOut: r.exit?.timedOut,
+        stdout: r.stdout.toString(),
+        stderr: r.stderr.toString(),
+      };
+      return JSON.stringify(got) === JSON.stringify(want) ? [] : [{ i, want, got, spawnError: r.spawnError }];
+    });
+    expect(wrong).toEqual([]);
+    // nothing gave up on the forker under the burst
+    expect(logLines(shim).filter((l) => /forker/.test(String(l.msg)) && l.level === "warn")).toEqual([]);
+    if (via === "forker") expect(results.every((r) => r.started !== undefined)).toBe(true);
+  });
+
+  // (frozen from outside the shim's own cgroups, so only where the shim has none)
+  if (via === "forker" && !cgroups) it("a forker that is slow (frozen, not stopped) is waited for, not given up", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const first = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    const forkerPid = first.stdout.toString().trim();
+    // a cgroup v2 freeze leaves it sleeping (S), as a forker starved of CPU would look, unlike SIGSTOP (T)
+    const slow = makeCgroupDir();
+    writeFileSync(join(slow, "cgroup.procs"), forkerPid);
+    writeFileSync(join(slow, "cgroup.freeze"), "1");
+    const id = sendExec(conn, { argv: ["sh", "-c", "echo late; exit 5"] });
     try {
-      const r = await run(conn, { argv: ["sh", "-c", "echo out; echo err >&2"] });
-      expect(r.exit?.exitCode).toBe(0);
-      expect(r.stdout.toString()).toBe("out\n");
-      expect(r.stderr.toString()).toBe("err\n");
+      await new Promise((r) => setTimeout(r, 6_000)); // past the 5 s after which the forker used to be given up
+      expect(readFileSync(`/proc/${forkerPid}/stat`, "utf8").split(") ")[1]?.[0]).toBe("S");
+      expect(conn.messages().some((m) => "execId" in m && m.execId === id)).toBe(false);
     } finally {
-      for (const c of squatters) c.destroy();
+      writeFileSync(join(slow, "cgroup.freeze"), "0");
     }
+    const r = await finished(conn, id);
+    expect(r.exit).toMatchObject({ exitCode: 5, signal: null, timedOut: false });
+    expect(r.stdout.toString()).toBe("late\n");
+    expect(logLines(shim).some((l) => l.msg === "the forker is slow to answer; waiting")).toBe(true);
+    expect(logLines(shim).some((l) => /replacing|stopped or gone/.test(String(l.msg)))).toBe(false);
+    // the same forker serves on
+    const after = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    expect(after.stdout.toString().trim()).toBe(forkerPid);
+  });
+
+  if (via === "forker") it("a forker that dies while idle is replaced before the next command, which the new one starts", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const first = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    const oldForker = Number(first.stdout.toString().trim());
+    process.kill(oldForker, "SIGKILL"); // as a fault would (the agent cannot: see the Landlock test)
+    for (let i = 0; i < 200 && !logLines(shim).some((l) => l.msg === "forker exited"); i++) await new Promise((r) => setTimeout(r, 25));
+    const next = await run(conn, { argv: ["sh", "-c", "echo $PPID; cat /proc/$PPID/comm"] });
+    const [parent, comm] = next.stdout.toString().trim().split("\n");
+    expect(next.exit?.exitCode).toBe(0);
+    expect(comm).toBe("python3");
+    expect(Number(parent)).not.toBe(oldForker);
+    expect(logLines(shim).some((l) => l.msg === "replacing the forker")).toBe(true);
+  });
+
+  if (via === "forker") it("a command whose forker dies is reported killed and its processes are gone; the next command still runs", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    const id = sendExec(conn, { argv: ["sh", "-c", `echo $PPID; sleep ${m}`] });
+    await conn.waitFor(() => (conn.output(id, FrameKind.Stdout).length > 0 ? true : undefined), "the forker's pid");
+    await expectAlive(`sleep ${m}`, 1);
+    process.kill(Number(conn.output(id, FrameKind.Stdout).toString().trim()), "SIGKILL");
+    const r = await finished(conn, id);
+    expect(r.exit).toMatchObject({ exitCode: null, signal: "SIGKILL" }); // its status died with the forker
+    await expectGone(`sleep ${m}`);
+    const next = await run(conn, { argv: ["echo", "after"] });
+    expect(next.stdout.toString()).toBe("after\n");
+  });
+
+  if (cgroups) it("kills what a command left behind even after a double fork (out of its session, its parent gone)", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const m = marker();
+    // the subshell starts a new session for sleep and exits at once: sleep is re-parented
+    // to init with no link back to the command, which the process-table walk cannot see
+    const r = await run(conn, { argv: ["sh", "-c", `(setsid sleep ${m} >/dev/null 2>&1 &); sleep 0.2; exit 0`] });
+    expect(r.exit).toMatchObject({ exitCode: 0, timedOut: false });
+    await expectGone(`sleep ${m}`);
+    expect(logLines(shim).some((l) => l.msg === "killed leftover processes")).toBe(true);
+    // and its cgroup is gone with it
+    const dir = logLines(shim).find((l) => l.msg === "per-command cgroups")?.root as string;
+    expect(readdirSync(dir).filter((f) => f.startsWith("cmd-"))).toEqual([]);
+  });
+
+  if (via === "forker") it("one command cannot signal, ptrace or write the memory of another's processes, nor of the forker", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const victim = sendExec(conn, { argv: ["sh", "-c", "echo $$ $PPID; sleep 1.5; echo survived"] });
+    await conn.waitFor(() => (conn.output(victim, FrameKind.Stdout).length > 0 ? true : undefined), "the victim's pid");
+    const [victimPid, forkerPid] = conn.output(victim, FrameKind.Stdout).toString().trim().split(" ");
+    const attack = await run(conn, { argv: ["python3", "-I", "-c", ATTACK, victimPid!, forkerPid!] });
+    expect(attack.stderr.toString()).toBe("");
+    const out = JSON.parse(attack.stdout.toString()) as Record<string, Record<string, unknown>>;
+    for (const target of [victimPid!, forkerPid!]) {
+      expect(out[target], `attack on ${target}`).toEqual({ kill: 1, ptrace: 1, mem: 13, vm_write: 1 }); // EPERM, EPERM, EACCES, EPERM
+    }
+    const v = await finished(conn, victim);
+    expect(v.exit).toMatchObject({ exitCode: 0, signal: null, timedOut: false });
+    expect(v.stdout.toString()).toBe(`${victimPid} ${forkerPid}\nsurvived\n`);
+    // processes of one command still reach each other
+    const own = await run(conn, { argv: ["sh", "-c", "sleep 5 & kill $!; wait $!; echo $?"] });
+    expect(own.stdout.toString()).toBe("143\n");
   });
 
   // (registered only where it applies: a skipped test would count for nothing)

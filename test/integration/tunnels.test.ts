@@ -552,7 +552,7 @@ print(json.dumps([reply(f) for _ in cmds]))
     }
   });
 
-  it("a backtest phase without REDIS_URL_TEST is refused like a closed port and recorded with why; production Redis is untouched", async () => {
+  it("a backtest phase without REDIS_URL_TEST is refused (nothing listens) and recorded with the reason; production Redis is untouched", async () => {
     const redis = await startRedis();
     try {
       await redis.cli("SET", "price", "100");
@@ -569,8 +569,6 @@ print(json.dumps([reply(f) for _ in cmds]))
       const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
       const lines = r.stdout.trim().split("\n");
       expect(lines).toHaveLength(2);
-      // nothing listens for a service the phase does not have: refused like any closed port (issue: service ports
-      // only for services the phase really has); why is in the trail, which the agent can read
       for (const l of lines) expect(l).toMatch(/Could not connect to Redis at 127\.0\.0\.1:6379: Connection refused/);
       expect(await redis.cli("GET", "price")).toBe("100");
       expect(await redis.cli("DBSIZE")).toBe("1");
@@ -579,11 +577,11 @@ print(json.dumps([reply(f) for _ in cmds]))
         refused = (await journal()).filter((e) => e.phase === phase.id && e.type === "net.connect" && e.service === "redis");
         if (refused.length < 2) await new Promise((res) => setTimeout(res, 100));
       }
-      // each redis-cli attempt is on record (a client may try more than once)
+      // one per attempt (redis-cli may try more than once)
       expect(refused.length).toBeGreaterThanOrEqual(2);
       for (const e of refused) {
-        expect(e).toMatchObject({ decision: "forbid", rule: "redis.test-instance-only" });
-        expect(String(e.reason)).toMatch(/REDIS_URL_TEST is not set.*REDIS_URL, production, is never used/);
+        expect(e).toMatchObject({ decision: "forbid", rule: "redis.test-instance-only", address: "127.0.0.1", port: 6379 });
+        expect(String(e.reason)).toMatch(/nothing listens for it.*REDIS_URL_TEST is not set.*REDIS_URL, production, is never used/);
       }
       await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     } finally {

@@ -52,7 +52,15 @@ describe("build_audit.log format", () => {
 
   it("notes empty and truncated output", () => {
     expect(renderOutput(TS, "STDERR", "", 0)).toEqual([`[${TS}] STDERR: (empty)`]);
-    expect(renderOutput(TS, "STDOUT", "x", 10)[0]).toBe(`[${TS}] STDOUT: [10 more bytes not kept] x`);
+    expect(renderOutput(TS, "STDOUT", "x", 10)).toEqual([`[${TS}] STDOUT: x`, "    ~ [10 bytes not kept]"]);
+    // head and tail: the daemon's own line (a prefix no output line has) stands where bytes were left out
+    expect(renderOutput(TS, "STDOUT", "collected 900 items\ntests/a", 51094, "ssed\n== 3 failed, 897 passed ==\n")).toEqual([
+      `[${TS}] STDOUT: collected 900 items`,
+      "    | tests/a",
+      "    ~ [51094 bytes not kept]",
+      "    | ssed",
+      "    | == 3 failed, 897 passed ==",
+    ]);
   });
 });
 

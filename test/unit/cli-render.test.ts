@@ -18,4 +18,10 @@ describe("audit records as the CLI prints them", () => {
     const line = renderRecord({ ...base, type: "exec.verdict", argv: ["pytest", "-q"], decision: "allow", rule: "shell.whitelist" } as unknown as AuditRecord);
     expect(line).toMatch(/ALLOW\s+shell\.whitelist\s+pytest -q/);
   });
+  it("a Redis write shows its command and keys; an unreachable Redis its address and cause", () => {
+    const line = renderRecord({ ...base, type: "redis.write", command: "SET", keys: ["orders:42"], rule: "redis.write" } as unknown as AuditRecord);
+    expect(line).toMatch(/redis\.write\s+SET orders:42$/);
+    const down = renderRecord({ ...base, type: "redis.unreachable", upstream: "127.0.0.1:6390", reason: "connect ECONNREFUSED 127.0.0.1:6390" } as unknown as AuditRecord);
+    expect(down).toContain("127.0.0.1:6390: connect ECONNREFUSED");
+  });
 });

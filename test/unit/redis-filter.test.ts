@@ -6,7 +6,7 @@
  */
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { checkCommand, handleRedisClient, refusalReply, ReplyCounter, RequestParser, RespProtocolError } from "../../src/net/redis.js";
+import { checkCommand, handleRedisClient, refusalReply, ReplyCounter, RequestParser, RespProtocolError, withNamePrefix } from "../../src/net/redis.js";
 import { keysOf, needsArgs } from "../../src/net/redis-commands.js";
 import type { PhaseMode } from "../../src/phases/types.js";
 
@@ -386,5 +386,20 @@ describe("the allowlist (judgeCommand)", () => {
     expect(keys(["BITOP", "AND", "dest", "a", "b"])).toEqual(["dest", "a", "b"]);
     expect(keys(["SET", "k".repeat(2000), "v"])).toEqual(["<2000 bytes>"]);
     expect(keys(["DEL", "a", "k".repeat(600)])).toEqual(["a", "<600 bytes>"]);
+  });
+});
+
+describe("connection names from a sandbox", () => {
+  const rewrite = (...argv: string[]) => {
+    const [cmd] = new RequestParser(needsArgs).feed(Buffer.from(resp(...argv)));
+    return withNamePrefix(cmd!)?.toString("latin1") ?? null;
+  };
+  it("prefixes CLIENT SETNAME and HELLO … SETNAME, and leaves everything else alone", () => {
+    expect(rewrite("CLIENT", "SETNAME", "trading-engine")).toBe(resp("CLIENT", "SETNAME", "sandboxd-trading-engine"));
+    expect(rewrite("client", "setname", "x")).toBe(resp("client", "setname", "sandboxd-x"));
+    expect(rewrite("HELLO", "3", "SETNAME", "engine")).toBe(resp("HELLO", "3", "SETNAME", "sandboxd-engine"));
+    expect(rewrite("HELLO", "3")).toBeNull();
+    expect(rewrite("CLIENT", "GETNAME")).toBeNull();
+    expect(rewrite("GET", "SETNAME")).toBeNull();
   });
 });

@@ -1,0 +1,258 @@
+/**
+ * The exec path under the faults users and operators cause (issue 13), each
+ * reproduced against a real daemon process, the real CLI and real
+ * containers: a reader that goes away, a client that disconnects, a paused
+ * container, oversized requests, a container killed or removed from
+ * outside, and the exit codes of refusals.
+ */
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { readFile } from "node:fs/promises";
+import http from "node:http";
+import path from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ApiClient } from "../../src/cli/client.js";
+import { SandboxdError } from "../../src/errors.js";
+import type { ExecResult } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import {
+  CLI,
+  cli,
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  spawnDaemon,
+  tempDir,
+  waitExit,
+  writeScript,
+} from "../helpers/sandbox.js";
+
+const run = promisify(execFile);
+
+let stateDir: string;
+let socket: string;
+let daemon: { child: ChildProcess; output: () => string };
+let api: ApiClient;
+const projects: string[] = [];
+
+async function startPhase(): Promise<PhaseView & { project: string }> {
+  const project = await makeProject();
+  projects.push(project);
+  const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "13", mode: "backtest" });
+  return { ...phase, project };
+}
+
+async function records(): Promise<Array<Record<string, unknown>>> {
+  const text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+async function until<T>(what: string, f: () => Promise<T | undefined | null | false>, timeoutMs = 20_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function errorOf(p: Promise<unknown>): Promise<SandboxdError> {
+  const e = await p.then(
+    () => null,
+    (err: unknown) => err,
+  );
+  expect(e).toBeInstanceOf(SandboxdError);
+  return e as SandboxdError;
+}
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  stateDir = await tempDir("faults");
+  socket = path.join(stateDir, "sandboxd.sock");
+  daemon = await spawnDaemon(stateDir, socket);
+  api = new ApiClient(socket);
+}, 120_000);
+
+afterAll(async () => {
+  if (daemon?.child.exitCode === null) {
+    daemon.child.kill("SIGTERM");
+    await waitExit(daemon.child).catch(() => undefined);
+  }
+  for (const c of stateDir ? await containersOf(stateDir).catch(() => []) : []) {
+    await docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined);
+  }
+  for (const p of projects) await removeDir(p);
+  if (stateDir) await removeDir(stateDir);
+});
+
+describe("a reader or client that goes away", () => {
+  it("`exec … | head -2` exits quietly, the command is ended, and the phase answers the next command at once", async () => {
+    const p = await startPhase();
+    // far more than every buffer on the way holds, so the writer is blocked when head leaves
+    const emit = await writeScript(p.project, "import sys\nfor i in range(2_000_000):\n    sys.stdout.write(f'line {i} ' + 'x' * 80 + '\\n')");
+    for (let round = 0; round < 3; round++) {
+      const t0 = Date.now();
+      const { stdout, stderr } = await run(
+        "bash",
+        ["-c", `set -o pipefail; "${process.execPath}" "${CLI}" --socket "${socket}" exec ${p.id} -- python3 ${emit} | head -2; echo "status=$?" >&2`],
+        { timeout: 60_000 },
+      );
+      expect(stdout).toBe(`line 0 ${"x".repeat(80)}\nline 1 ${"x".repeat(80)}\n`);
+      // no stack trace, no EPIPE noise: only the pipeline's status (141: the reader left)
+      expect(stderr.trim()).toBe("status=141");
+      const quick = Date.now();
+      const next = await cli(["exec", p.id, "--", "python3", await writeScript(p.project, "print('next')")], { socket, timeoutMs: 30_000 });
+      expect(next.stdout).toBe("next\n");
+      expect(next.code).toBe(0);
+      expect(Date.now() - quick, `round ${round}: the next command waited`).toBeLessThan(10_000);
+      expect(Date.now() - t0).toBeLessThan(40_000);
+    }
+    // each departed reader's command was ended, not left to run to its end
+    const ended = (await records()).filter((r) => r.phase === p.id && r.type === "exec.result" && Array.isArray(r.argv) && (r.argv as string[])[1] === emit);
+    expect(ended).toHaveLength(3);
+    for (const r of ended) expect(r.signal).toBe("SIGKILL");
+    const t = Date.now();
+    expect((await cli(["phase", "stop", p.id], { socket, timeoutMs: 60_000 })).code).toBe(0);
+    expect(Date.now() - t).toBeLessThan(20_000);
+  }, 180_000);
+
+  it("a non-streaming exec whose client disconnects ends its command", async () => {
+    const p = await startPhase();
+    const script = await writeScript(p.project, "import time\nfor i in range(300):\n    time.sleep(0.1)\nprint('ran to the end')");
+    const req = http.request({ socketPath: socket, method: "POST", path: `/v1/phases/${p.id}/exec`, headers: { "content-type": "application/json" } });
+    req.on("error", () => undefined);
+    req.end(JSON.stringify({ argv: ["python3", script] }));
+    await until("the command to start", async () => (await records()).some((r) => r.phase === p.id && r.type === "exec.verdict"));
+    await new Promise((r) => setTimeout(r, 500));
+    req.destroy();
+    const result = await until(
+      "the command's result",
+      async () => (await records()).find((r) => r.phase === p.id && r.type === "exec.result"),
+      15_000,
+    );
+    expect(result.signal).toBe("SIGKILL");
+    expect(result.durationMs as number).toBeLessThan(15_000);
+  }, 60_000);
+
+  it("a late write after the backstop answered does not crash the daemon (docker pause, then unpause)", async () => {
+    const p = await startPhase();
+    const chatty = await writeScript(p.project, "import time, sys\nfor i in range(400):\n    print('tick', i, flush=True)\n    time.sleep(0.05)");
+    const container = docker.getContainer(p.containerName);
+    const running = cli(["exec", p.id, "--timeout", "1", "--", "python3", chatty], { socket, timeoutMs: 90_000 });
+    await until("output to flow", async () => (await records()).some((r) => r.phase === p.id && r.type === "exec.verdict"));
+    await new Promise((r) => setTimeout(r, 300));
+    await container.pause();
+    try {
+      const r = await running;
+      // the backstop answered (timeout + grace + 10 s) with the shim's silence
+      expect(r.stderr).toMatch(/SBX_ERR_SHIM_LOST/);
+    } finally {
+      await container.unpause();
+    }
+    // whatever the shim now sends late for that exec is dropped; the daemon lives and serves
+    await new Promise((r) => setTimeout(r, 2_000));
+    expect(daemon.child.exitCode).toBeNull();
+    expect(daemon.output()).not.toMatch(/ERR_HTTP_HEADERS_SENT|uncaught/i);
+    const next = await cli(["exec", p.id, "--", "python3", await writeScript(p.project, "print('alive')")], { socket, timeoutMs: 30_000 });
+    expect(next.stdout).toBe("alive\n");
+  }, 120_000);
+});
+
+describe("large requests", () => {
+  it("argv over the channel's frame is refused with a coded 413 before anything is sent; the phase's running command is unharmed", async () => {
+    const p = await startPhase();
+    const slow = api.request<{ result: ExecResult }>("POST", `/v1/phases/${p.id}/exec`, {
+      argv: ["python3", await writeScript(p.project, "import time; time.sleep(3); print('survived')")],
+    });
+    await new Promise((r) => setTimeout(r, 500));
+    const big = Array.from({ length: 10 }, () => "a".repeat(110_000));
+    const e = await errorOf(api.request("POST", `/v1/phases/${p.id}/exec`, { argv: ["python3", "-V", ...big] }));
+    expect(e.code).toBe("SBX_ERR_REQUEST_TOO_LARGE");
+    expect(e.status).toBe(413);
+    expect(e.hint).toMatch(/file/);
+    const { result } = await slow;
+    expect(result.stdout).toBe("survived\n");
+    expect(result.exitCode).toBe(0);
+    // nothing was recorded for the refused request: it never became a decision
+    expect((await records()).filter((r) => r.phase === p.id && r.type === "exec.verdict")).toHaveLength(1);
+  });
+
+  it("one argument of 131,072 bytes is refused as the kernel would (400), one of 131,071 runs", async () => {
+    const p = await startPhase();
+    const script = await writeScript(p.project, "import sys; print(len(sys.argv[1]))");
+    const e = await errorOf(api.request("POST", `/v1/phases/${p.id}/exec`, { argv: ["python3", script, "b".repeat(131_072)] }));
+    expect(e.code).toBe("SBX_ERR_VALIDATION");
+    expect(e.message).toMatch(/at most 131071 bytes/);
+    const { result } = await api.request<{ result: ExecResult }>("POST", `/v1/phases/${p.id}/exec`, { argv: ["python3", script, "b".repeat(131_071)] });
+    expect(result.exitCode).toBe(0);
+    expect(result.stdout).toBe("131071\n");
+  });
+});
+
+describe("a container killed or removed from outside", () => {
+  for (const how of ["kill", "remove"] as const) {
+    it(`docker ${how}: the phase ends failed with the cause; later execs are refused with no verdict recorded`, async () => {
+      const p = await startPhase();
+      const c = docker.getContainer(p.containerName);
+      if (how === "kill") await c.kill();
+      else await c.remove({ force: true });
+      const ended = await until("the phase to end", async () => {
+        const { phase } = await api.request<{ phase: PhaseView }>("GET", `/v1/phases/${p.id}`);
+        return phase.state === "failed" ? phase : null;
+      });
+      expect(ended.endReason).toMatch(how === "kill" ? /its container stopped \(exited, exit code 137/ : /removed from outside sandboxd/);
+      const failed = await until("the end record", async () => (await records()).find((r) => r.phase === p.id && r.type === "phase.failed"));
+      expect(failed.reason).toBe(ended.endReason);
+      const e = await errorOf(api.request("POST", `/v1/phases/${p.id}/exec`, { argv: ["python3", "-V"] }));
+      expect(e.code).toBe("SBX_ERR_PHASE_NOT_RUNNING");
+      expect((await records()).filter((r) => r.phase === p.id && r.type === "exec.verdict")).toHaveLength(0);
+      const stop = await cli(["phase", "stop", p.id], { socket });
+      expect(stop.code).toBe(1);
+      expect(stop.stderr).toMatch(/already failed/);
+      expect((await records()).filter((r) => r.phase === p.id && (r.type === "phase.complete" || r.type === "phase.failed"))).toHaveLength(1);
+    }, 60_000);
+  }
+});
+
+describe("exit codes", () => {
+  it("126 for a string the shell parser refuses, 2 with a hint for a timeout over the mode's limit, the reason on stderr for a missing program", async () => {
+    const p = await startPhase();
+    const parse = await cli(["exec", p.id, "--command", "echo hi > x.txt"], { socket });
+    expect(parse.code).toBe(126);
+    expect(parse.stderr).toMatch(/SBX_ERR_COMMAND_PARSE/);
+
+    const tooLong = await cli(["exec", p.id, "--timeout", "600", "--", "python3", "-V"], { socket });
+    expect(tooLong.code).toBe(2);
+    expect(tooLong.stderr).toMatch(/SBX_ERR_TIMEOUT_RANGE/);
+    expect(tooLong.stderr).toMatch(/hint: use a timeout within/);
+
+    // whitelisted (SKILLS.md §2) but not in the sandbox image
+    const missing = await cli(["exec", p.id, "--", "docker-compose", "ps"], { socket });
+    expect(missing.code).toBe(127);
+    expect(missing.stderr).toMatch(/^sandboxd: cannot run docker-compose: .*ENOENT/m);
+  });
+});
+
+describe("shutdown", () => {
+  it("SIGTERM ends a phase whose streaming reader left, and the daemon exits", async () => {
+    const p = await startPhase();
+    const emit = await writeScript(p.project, "import sys\nfor i in range(2_000_000):\n    sys.stdout.write('y' * 90 + '\\n')");
+    // a reader that stops reading but keeps its end open: the stream stays paused
+    const stuck = spawn(process.execPath, [CLI, "--socket", socket, "exec", p.id, "--", "python3", emit], { stdio: ["ignore", "pipe", "ignore"] });
+    stuck.stdout!.once("data", () => stuck.stdout!.pause());
+    await until("output to flow", async () => (await records()).some((r) => r.phase === p.id && r.type === "exec.verdict"));
+    await new Promise((r) => setTimeout(r, 1_000));
+    const t = Date.now();
+    daemon.child.kill("SIGTERM");
+    expect(await waitExit(daemon.child, 60_000)).toBe(0);
+    expect(Date.now() - t).toBeLessThan(30_000);
+    stuck.kill("SIGKILL");
+    expect(await containersOf(stateDir)).toHaveLength(0);
+  }, 120_000);
+});
