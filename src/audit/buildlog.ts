@@ -149,6 +149,7 @@ export class BuildLog {
         await out.close();
       }
     } catch (e) {
+      // eslint-disable-next-line no-restricted-syntax -- the copy failed and its error is rethrown below; a temp file already gone is fine
       await unlink(tmp).catch(() => undefined);
       throw e;
     } finally {

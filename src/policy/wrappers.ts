@@ -59,7 +59,7 @@ const valued = (...names: string[]): OptionSpec => ({ names, arity: 1 });
 
 const ENV_SPLIT: OptionSpec = { names: ["-S", "--split-string"], arity: 1 };
 
-/** GNU coreutils/findutils/util-linux option grammars; all stop at the first operand ("+" in getopt's optstring) */
+/** GNU coreutils/findutils/util-linux/strace option grammars; all stop at the first operand ("+" in getopt's optstring) */
 const WRAPPERS: Record<string, WrapperSpec> = {
   env: {
     grammar: {
@@ -180,7 +180,127 @@ const WRAPPERS: Record<string, WrapperSpec> = {
   },
   // `busybox rm -rf /` is rm
   busybox: { grammar: { permute: false, options: [] } },
+  // `chroot NEWROOT CMD…` (root only; judged all the same)
+  chroot: {
+    grammar: { abbreviations: true, permute: false, options: [valued("--userspec"), valued("--groups"), flag("--skip-chdir")] },
+    operands: 1,
+    defaultCommand: ["sh", "-i"],
+  },
+  strace: {
+    grammar: {
+      permute: false,
+      options: [
+        ...["-e", "-o", "-p", "-s", "-u", "-E", "-I", "-a", "-b", "-P", "-S", "-X", "-O", "-U"].map((n) => valued(n)),
+        ...["-c", "-C", "-d", "-D", "-f", "-F", "-h", "-i", "-k", "-n", "-q", "-r", "-t", "-T", "-v", "-V", "-w", "-x", "-y", "-z", "-Z"].map((n) => flag(n)),
+        valued("--trace"),
+        valued("--signal"),
+        valued("--status"),
+        valued("--output"),
+        valued("--attach"),
+        valued("--user"),
+        valued("--env"),
+        flag("--follow-forks"),
+        flag("--summary-only"),
+        flag("--help"),
+        flag("--version"),
+      ],
+    },
+  },
 };
+
+/** `watch [opts] CMD…` runs `sh -c "CMD …"` (the words joined by blanks), or the argv itself with -x/--exec. */
+const WATCH: Grammar = {
+  abbreviations: true,
+  permute: false,
+  options: [
+    valued("-n", "--interval"),
+    { names: ["-d", "--differences"], arity: "optional" },
+    flag("-e", "--errexit"),
+    flag("-g", "--chgexit"),
+    valued("-q", "--equexit"),
+    flag("-t", "--no-title"),
+    flag("-b", "--beep"),
+    flag("-c", "--color"),
+    flag("-C", "--no-color"),
+    flag("-x", "--exec"),
+    flag("-w", "--no-wrap"),
+    flag("-p", "--precise"),
+    flag("-r", "--no-rerun"),
+    flag("-h", "--help"),
+    flag("-v", "--version"),
+  ],
+};
+
+/** `flock [opts] FILE CMD…`, `flock [opts] FILE -c STRING` (run by sh -c) */
+const FLOCK_COMMAND: OptionSpec = { names: ["-c", "--command"], arity: 1 };
+const FLOCK: Grammar = {
+  abbreviations: true,
+  permute: false,
+  options: [
+    flag("-s", "--shared"),
+    flag("-x", "-e", "--exclusive"),
+    flag("-u", "--unlock"),
+    flag("-n", "--nb", "--nonblock"),
+    valued("-w", "--wait", "--timeout"),
+    valued("-E", "--conflict-exit-code"),
+    flag("-o", "--close"),
+    flag("-F", "--no-fork"),
+    flag("--verbose"),
+    FLOCK_COMMAND,
+    flag("-h", "--help"),
+    flag("-V", "--version"),
+  ],
+};
+
+/** `script [opts] [FILE]` runs `-c STRING` through the shell */
+const SCRIPT: Grammar = {
+  abbreviations: true,
+  permute: true,
+  options: [
+    flag("-a", "--append"),
+    { ...FLOCK_COMMAND },
+    flag("-e", "--return"),
+    flag("-f", "--flush"),
+    flag("--force"),
+    flag("-q", "--quiet"),
+    { names: ["-t", "--timing"], arity: "optional" },
+    valued("-T", "--log-timing"),
+    valued("-B", "--log-io"),
+    valued("-I", "--log-in"),
+    valued("-O", "--log-out"),
+    valued("-E", "--echo"),
+    valued("-m", "--logging-format"),
+    valued("-o", "--output-limit"),
+  ],
+};
+
+function unwrapWatch(args: readonly string[]): Unwrapped {
+  const parsed = parseArgs(WATCH, args, true);
+  const rest = args.slice(parsed.rest);
+  const exec = parsed.items.some((x) => x.kind === "option" && x.spec.names.includes("-x"));
+  const inner: Inner[] = rest.length === 0 ? [] : exec ? [{ kind: "argv", argv: rest }] : [{ kind: "script", script: rest.join(" ") }];
+  return { wrapper: "watch", inner, unknown: parsed.unknown };
+}
+
+function unwrapFlock(args: readonly string[]): Unwrapped {
+  const parsed = parseArgs(FLOCK, args, true);
+  const inner: Inner[] = [];
+  for (const item of parsed.items) if (item.kind === "option" && item.spec === FLOCK_COMMAND && item.values[0] !== undefined) inner.push({ kind: "script", script: item.values[0] });
+  const after = args.slice(parsed.rest + 1); // the lock file, then the command
+  if (after[0] === "-c" || after[0] === "--command") {
+    if (after[1] !== undefined) inner.push({ kind: "script", script: after[1] });
+  } else if (after.length > 0) {
+    inner.push({ kind: "argv", argv: after });
+  }
+  return { wrapper: "flock", inner, unknown: parsed.unknown };
+}
+
+function unwrapScript(args: readonly string[]): Unwrapped {
+  const parsed = parseArgs(SCRIPT, args);
+  const inner: Inner[] = [];
+  for (const item of parsed.items) if (item.kind === "option" && item.spec.names.includes("-c") && item.values[0] !== undefined) inner.push({ kind: "script", script: item.values[0] });
+  return { wrapper: "script", inner, unknown: parsed.unknown };
+}
 
 /** Shells: sh (dash), bash. Their options are `set` letters plus a few of their own. */
 const SHELLS = new Set(["sh", "bash", "dash", "rbash"]);
@@ -255,6 +375,9 @@ export function unwrap(argv: readonly string[]): Unwrapped | undefined {
   if (name === "eval") return args.length === 0 ? undefined : { wrapper: name, inner: [{ kind: "script", script: args.join(" ") }], unknown: [] };
   if (name === "." || name === "source") return args[0] === undefined ? undefined : { wrapper: name, inner: [{ kind: "file", path: args[0] }], unknown: [] };
   if (name === "find") return unwrapFind(args);
+  if (name === "watch") return unwrapWatch(args);
+  if (name === "flock") return unwrapFlock(args);
+  if (name === "script") return unwrapScript(args);
   if (!Object.hasOwn(WRAPPERS, name)) return undefined;
   const spec = WRAPPERS[name]!;
 
@@ -283,5 +406,5 @@ export function unwrap(argv: readonly string[]): Unwrapped | undefined {
 
 export function isWrapper(program: string): boolean {
   const name = baseName(program);
-  return SHELLS.has(name) || Object.hasOwn(WRAPPERS, name) || name === "eval" || name === "." || name === "source" || name === "find";
+  return SHELLS.has(name) || Object.hasOwn(WRAPPERS, name) || ["eval", ".", "source", "find", "watch", "flock", "script"].includes(name);
 }

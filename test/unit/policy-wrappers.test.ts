@@ -80,6 +80,17 @@ const wrapped: Row[] = [
   [["find", ".", "-exec", "rm", "-rf", "{}", ";"], "forbid", RM],
   [["find", ".", "-execdir", "rm", "-r", "{}", "+"], "forbid", RM],
   [["eval", "rm", "-rf", "x"], "forbid", RM],
+  // neighbours
+  [["watch", "-n", "1", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "-x", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "rm -rf x"], "forbid", RM],
+  [["flock", "/tmp/l", "rm", "-rf", "x"], "forbid", RM],
+  [["flock", "-w", "5", "/tmp/l", "-c", "rm -rf x"], "forbid", RM],
+  [["flock", "-c", "rm -rf x", "/tmp/l"], "forbid", RM],
+  [["strace", "-f", "-o", "/tmp/t", "rm", "-rf", "x"], "forbid", RM],
+  [["script", "-q", "-c", "rm -rf x", "/dev/null"], "forbid", RM],
+  [["chroot", "/", "rm", "-rf", "x"], "forbid", RM],
+  [["watch", "pytest"], "ask", UNKNOWN],
   // nested
   [["nice", "timeout", "5", "env", "-i", "nohup", "rm", "-rf", "x"], "forbid", RM],
   [["env", "sh", "-c", "rm -rf x", "x"], "forbid", RM],
