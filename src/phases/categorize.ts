@@ -81,7 +81,8 @@ export function categorize(r: CategorizeInput): Failure | null {
     if (r.noTestsIsFailure === false) return null;
     return { category: "test", evidence: "pytest collected no tests (exit 5)" };
   }
-  const text = `${r.stderr}\n${r.stdout}`;
+  // the deciding lines (a traceback's last, a tool's summary) are at the end: only the tails are read
+  const text = `${tail(r.stderr)}\n${tail(r.stdout)}`;
   const oom = /\b(Killed|Out of memory|MemoryError|oom-kill)/.exec(text);
   if (r.exitCode === 137 || r.signal === "SIGKILL") {
     return { category: "runtime", evidence: clip(oom ? `killed (SIGKILL), likely out of memory: ${lineAt(text, oom.index)}` : "killed (SIGKILL / exit 137)") };
@@ -132,6 +133,13 @@ export function categorize(r: CategorizeInput): Failure | null {
     return { category: "runtime", evidence: clip(exc?.line ?? "Traceback (most recent call last)") };
   }
   return { category: "unknown", evidence: `exit ${r.exitCode}` };
+}
+
+const TAIL_CHARS = 64 * 1024;
+function tail(s: string): string {
+  if (s.length <= TAIL_CHARS) return s;
+  const cut = s.indexOf("\n", s.length - TAIL_CHARS);
+  return s.slice(cut < 0 ? s.length - TAIL_CHARS : cut + 1);
 }
 
 function testFailure(j: TestCounts): Failure {

@@ -20,7 +20,7 @@ import type { PhaseLimits } from "../policy/limits.js";
 import type { RefusalWatch } from "../runtime/netns.js";
 import type { ContainerRuntime } from "../runtime/types.js";
 import type { Clock, IdSource } from "../util/clock.js";
-import { FailFastState } from "./failfast.js";
+import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
 import type { ShimChannel } from "./shim-channel.js";
@@ -73,6 +73,8 @@ export interface LivePhase {
   failFast: FailFastState;
   /** the container is paused (escalated, or paused by a person): thawed before it is stopped */
   frozen: boolean;
+  /** a limit reached while commands ran (escalation.ts recordAttempt): the phase escalates when the next command ends */
+  pendingEscalation?: LimitReached | null;
   /** the container's first process, as the host sees it (cached for the JUnit read) */
   pid?: number;
   /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */

@@ -81,7 +81,12 @@ export async function recordAttempt(ctx: PhaseContext, live: LivePhase, a: Attem
     },
     [actionLine(ts, "FAILFAST", "ATTEMPT", out.attempt.action, `${categoryTitle(a.category)}${out.counted ? ` ${out.count}/${out.limit}` : " (not counted)"}: ${out.attempt.evidence}`)],
   );
-  if (out.reached) out.escalation = await escalate(ctx, live, out.reached);
+  if (out.reached) {
+    // A failure seen while commands run (a database error from inside a script) stops the phase
+    // when they end — freezing them mid-flight would leave their callers waiting for nothing.
+    if ((live.channel?.runningExecs ?? 0) > 0) live.pendingEscalation = out.reached;
+    else out.escalation = await escalate(ctx, live, out.reached);
+  }
   return out;
 }
 
@@ -98,6 +103,7 @@ export async function recordSuccess(ctx: PhaseContext, live: LivePhase, source: 
 export async function escalate(ctx: PhaseContext, live: LivePhase, reached: LimitReached): Promise<Escalation | null> {
   const { record } = live;
   if (record.state !== "running" && record.state !== "paused") return null;
+  live.pendingEscalation = null;
   transition(record, "escalated");
   const at = timestamp(ctx.opts.clock.now());
   const n = (record.escalations?.length ?? 0) + 1;

@@ -468,6 +468,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     ],
   );
   // after the result is on record: a limit reached escalates the phase (this result is still returned)
+  // (or one reached while this command ran: a database error from inside it)
+  reached ??= live.pendingEscalation ?? null;
   const esc = reached ? await escalate(ctx, live, reached) : null;
 
   return {
