@@ -16,6 +16,7 @@ import { verifyJournal } from "../audit/verify.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { PHASE_MODES } from "../phases/types.js";
 import { isEvent, toEvent } from "./events.js";
+import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
 
 export interface AppOptions {
@@ -224,7 +225,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   app.get("/v1/phases/:id/report", async (req) => {
     const { id } = parse(phaseIdParam, req.params, "path");
-    return { report: await manager.report(id) };
+    const report = await manager.report(id);
+    // the same lines the logs got (SKILLS.md build loop step 7), without their timestamp, for clients that print it
+    return { report, text: reportLines(report, "").join("\n").replace(/^\[\] /, "") };
   });
 
   app.get("/v1/escalations", async (req) => {

@@ -16,7 +16,6 @@ import { SandboxdError } from "../errors.js";
 import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { Escalation, PhaseView } from "../phases/types.js";
-import { reportLines, type PhaseReport } from "../phases/report.js";
 import type { Approval } from "../approvals/queue.js";
 import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
@@ -287,9 +286,9 @@ function program(): Command {
       const api = client(cmd);
       const id = await resolvePhaseRef(api, ref, { runningOnly: true });
       const { phase: p } = await api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${encodeURIComponent(id)}`);
-      const { report } = await api.request<{ report: PhaseReport }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+      const { report, text } = await api.request<{ report: unknown; text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
       if (opts.json) printJson({ ...p, report });
-      else process.stdout.write(`${p.id} ${p.state}\n${visible(reportLines(report, p.stoppedAt ?? "").slice(1).join("\n"))}\n`);
+      else process.stdout.write(`${p.id} ${p.state}\n${visible(text.split("\n").slice(1).join("\n"))}\n`);
     });
   // a person's hand: SKILLS.md Fail-Fast "Await manual intervention"
   for (const [verb, what] of [
@@ -310,8 +309,8 @@ function program(): Command {
         if (opts.json) return printJson(p);
         process.stdout.write(`${p.id} ${p.state}\n`);
         if (verb === "abort") {
-          const { report } = await api.request<{ report: PhaseReport }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
-          process.stdout.write(visible(reportLines(report, p.stoppedAt ?? "").slice(1).join("\n")) + "\n");
+          const { text } = await api.request<{ text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+          process.stdout.write(visible(text.split("\n").slice(1).join("\n")) + "\n");
         }
       });
   }
@@ -353,9 +352,9 @@ function program(): Command {
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
       const api = client(cmd);
       const id = await resolvePhaseRef(api, ref);
-      const { report } = await api.request<{ report: PhaseReport }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+      const { report, text } = await api.request<{ report: unknown; text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
       if (opts.json) return printJson(report);
-      process.stdout.write(visible(reportLines(report, "").join("\n").replace(/^\[\] /, "")) + "\n");
+      process.stdout.write(visible(text) + "\n");
     });
 
   prog

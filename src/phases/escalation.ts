@@ -158,7 +158,7 @@ async function freeze(ctx: PhaseContext, live: LivePhase): Promise<void> {
       .record({ type: "phase.freeze-failed", error: (e as Error).message }, [
         actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "FREEZE", `${live.record.name} (${live.record.id})`, `FAILED: ${(e as Error).message}`),
       ])
-      .catch(() => undefined);
+      .catch((re: Error) => ctx.opts.log.error({ phase: live.record.id, err: re.message }, "could not record the failed freeze"));
   }
 }
 

@@ -53,7 +53,7 @@ export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath
       return parseJunit(xml);
     } finally {
       await fh.close();
-      await unlink(file).catch(() => undefined);
+      await unlink(file).catch((e: Error) => ctx.opts.log.warn({ phase: live.record.id, err: e.message }, "could not remove pytest's JUnit report"));
     }
   } catch (e) {
     ctx.opts.log.warn({ phase: live.record.id, err: (e as Error).message }, "pytest's JUnit report could not be read; its counts are unknown");

@@ -21,7 +21,8 @@ import { PhaseContext, type ManagerOptions } from "./context.js";
 import { FlowConsumer } from "./flow.js";
 import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.js";
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
-import { abortPhase, pausePhase, resumePhase } from "./escalation.js";
+import { abortPhase, pausePhase, recordAttempt, type AttemptInput, type AttemptOutcome } from "./escalation.js";
+import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
@@ -89,6 +90,18 @@ export class PhaseManager {
 
   abort(id: string, note?: string): Promise<PhaseView> {
     return abortPhase(this.ctx, id, note ?? null);
+  }
+
+  /**
+   * The fail-fast hook for failures that are not a command's result — an
+   * iteration refused at a checkpoint: `{category: "iteration", source:
+   * "checkpoint", action: "iteration 3", result: "REJECTED", evidence: rule}`.
+   * Recorded (`failfast.attempt`) and counted; at the limit the phase escalates.
+   */
+  async recordAttempt(id: string, attempt: AttemptInput): Promise<AttemptOutcome> {
+    const live = this.ctx.phases.get(id);
+    if (!live || live.record.state !== "running") return this.ctx.running(id).then(() => recordAttempt(this.ctx, live!, attempt));
+    return recordAttempt(this.ctx, live, attempt);
   }
 
   /** Escalations of every phase: open ones (the phase is escalated) only, unless `all`. */

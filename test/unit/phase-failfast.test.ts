@@ -107,6 +107,18 @@ describe("fail-fast with a fake runtime", () => {
     expect(types).toEqual(expect.arrayContaining(["phase.paused", "phase.resumed", "phase.failed"]));
   });
 
+  it("the iteration hook: three refused iterations escalate; a success of the checkpoint resets", async () => {
+    const v = await started({ stderr: null });
+    const refused = { category: "iteration" as const, source: "checkpoint" as const, action: "iteration", result: "REJECTED", evidence: "files.atomic (3 files)" };
+    expect(await h.manager.recordAttempt(v.id, refused)).toMatchObject({ counted: true, count: 1, limit: 3, escalation: null });
+    await h.manager.recordAttempt(v.id, refused);
+    const third = await h.manager.recordAttempt(v.id, refused);
+    expect(third.escalation).toMatchObject({ category: "iteration" });
+    expect((await h.manager.get(v.id)).state).toBe("escalated");
+    expect(await codeOf(h.manager.recordAttempt(v.id, refused))).toBe("SBX_ERR_PHASE_ESCALATED");
+    expect((await h.records()).filter((r) => r.type === "failfast.attempt")).toHaveLength(3);
+  });
+
   it("stop writes [PHASE_COMPLETE] with validation, attempts and approvals", async () => {
     const state = { stderr: "Found 2 errors in 1 file (checked 3 source files)\n" as string | null };
     const v = await started(state);
