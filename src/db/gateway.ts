@@ -130,7 +130,7 @@ export interface GatewayOptions {
   statementTimeoutMs?: number;
   /** upstream idle_in_transaction_session_timeout, and the gateway's own bound on an idle transaction block; default 60000 */
   idleInTransactionTimeoutMs?: number;
-  /** the longest a transaction block may stay open, whatever the client sets; the gateway cuts the connection past it; default 60000 */
+  /** paper mode: the longest a transaction block may stay open, whatever the client sets; the gateway cuts the connection past it; default 60000 */
   maxTransactionMs?: number;
   /**
    * A statement the policy says needs a human (`ask`): queue an approval

@@ -326,8 +326,10 @@ function textArray(items: Iterable<string>): string {
 /**
  * The gateway's conditional elevation for an elevatable verdict: one query
  * that turns the session's default read-write only if every target is an
- * ordinary table (relkind `r`) without rules or user triggers, every relation
- * read is a table or materialized view (not a view or foreign table, which
+ * ordinary table (relkind `r`) without rules, row security or user triggers,
+ * whose column defaults, check constraints and column domains call no
+ * function outside pg_catalog, every relation read is a table or
+ * materialized view (not a view or foreign table, which
  * run code), and no function or operator the statement names exists outside
  * pg_catalog (an application function may be SECURITY DEFINER and write
  * anywhere). Otherwise the default stays read-only — the client's statement,
@@ -346,6 +348,14 @@ export function elevationSql(v: SqlVerdict): string {
     "  WHERE c.oid IS NULL OR c.relkind <> 'r' OR c.relhasrules OR c.relrowsecurity",
     "  OR EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal))",
     "THEN 'not elevated: a target is not an ordinary table without rules, row security and triggers (a view, or a table whose rules, policies or triggers run other code)'",
+    // column defaults, check constraints and the column types' domain constraints run on every write: none may call an application function
+    `WHEN EXISTS (SELECT FROM pg_catalog.unnest(${textArray(targets)}) AS t(n) JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.n)`,
+    "  JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass",
+    "  JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace AND s.nspname <> 'pg_catalog'",
+    "  WHERE (d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid IN (SELECT a.oid FROM pg_catalog.pg_attrdef a WHERE a.adrelid = c.oid))",
+    "  OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid IN (SELECT k.oid FROM pg_catalog.pg_constraint k WHERE k.conrelid = c.oid",
+    "    OR k.contypid IN (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid))))",
+    "THEN 'not elevated: a target has a column default, check or domain constraint calling a function defined outside pg_catalog'",
     `WHEN EXISTS (SELECT FROM pg_catalog.unnest(${textArray(reads)}) AS r(n) JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(r.n) WHERE c.relkind NOT IN ('r', 'p', 'm'))`,
     "THEN 'not elevated: the statement reads a view or foreign table (its query would run read-write)'",
     `WHEN EXISTS (SELECT FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace WHERE p.proname = ANY (${textArray(functions)}) AND s.nspname <> 'pg_catalog')`,

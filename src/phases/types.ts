@@ -50,6 +50,8 @@ export const phaseRecordSchema = z
     escalations: z.array(escalationSchema).optional(),
     /** a person's pause: when and why */
     pausedBy: z.object({ at: z.string(), note: z.string().nullable() }).strict().nullable().optional(),
+    /** protected paths this phase may change (`phase start --allow main.py`: SKILLS.md "Phase specification") */
+    allow: z.array(z.string()).optional(),
   })
   .strict();
 export type PhaseRecord = z.infer<typeof phaseRecordSchema>;
@@ -57,4 +59,13 @@ export type PhaseRecord = z.infer<typeof phaseRecordSchema>;
 /** The public view of a phase (what the API returns). */
 export interface PhaseView extends PhaseRecord {
   runningExecs: number;
+  /** the phase's iterations (src/workspace): counts and each one's outcome */
+  workspace?: {
+    accepted: number;
+    rejected: number;
+    pending: number;
+    /** refused iterations: SKILLS.md fail-fast, category `iteration` */
+    failed: number;
+    iterations: unknown[];
+  };
 }

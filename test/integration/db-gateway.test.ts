@@ -722,6 +722,27 @@ describe("db gateway: paper-mode elevation in the extended protocol (raw wire, r
     expect(gw.records.some((r) => r.event.type === "db.session" && /simple Query arrived inside an elevated extended batch/.test(String(r.event.reason)))).toBe(true);
   });
 
+  it("cuts an extended batch held open without Sync (an implicit transaction holding a lock on orders) at the bound", async () => {
+    const bounded = await startGateway("paper", { maxTransactionMs: 1_500 });
+    const c = await RawClient.open(bounded.port);
+    const t0 = Date.now();
+    try {
+      c.sock.write(startup());
+      await c.untilReady();
+      c.sock.write(Buffer.concat([parse("", "SELECT id FROM orders LIMIT 1"), bind(""), execute(), frame("H", Buffer.alloc(0))]));
+      const locks = async () => Number((await db.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'orders' AND l.pid <> pg_backend_pid()", "trading")).trim());
+      await new Promise((r) => setTimeout(r, 300));
+      expect(await locks()).toBeGreaterThan(0); // the batch's implicit transaction holds AccessShareLock on orders
+      await new Promise((r) => c.sock.once("close", r));
+      expect(Date.now() - t0).toBeLessThan(4_000);
+      for (let i = 0; i < 20 && (await locks()) > 0; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(await locks()).toBe(0);
+    } finally {
+      c.sock.destroy();
+    }
+    expect(bounded.records.find((r) => r.event.type === "db.timeout")?.event).toMatchObject({ action: "drop", reason: "transaction" });
+  });
+
   it("does not elevate a name a SQL PREPARE gave new content after it was parsed as a paper write", async () => {
     const c = await open();
     try {

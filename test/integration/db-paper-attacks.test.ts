@@ -36,6 +36,10 @@ CREATE FUNCTION paper_fills_trigger() RETURNS trigger LANGUAGE plpgsql SECURITY 
   $$ BEGIN PERFORM cancel_pending_orders(); RETURN NEW; END $$;
 CREATE TRIGGER paper_fills_cancel AFTER INSERT ON paper_fills FOR EACH ROW EXECUTE FUNCTION paper_fills_trigger();
 GRANT INSERT, SELECT ON paper_fills TO ${GATEWAY_ROLE};
+CREATE TABLE paper_defaults (id int, note text DEFAULT cancel_pending_orders()::text);
+CREATE DOMAIN checked_qty AS numeric CHECK (cancel_pending_orders() >= 0);
+CREATE TABLE paper_domains (id int, qty checked_qty);
+GRANT INSERT, SELECT ON paper_defaults, paper_domains TO ${GATEWAY_ROLE};
 GRANT USAGE ON SEQUENCE paper_fills_id_seq TO ${GATEWAY_ROLE};
 `;
 
@@ -108,6 +112,8 @@ attacks = {
   "matview": ["CREATE MATERIALIZED VIEW paper_mv AS SELECT * FROM orders"],
   "operator-view": ["UPDATE paper_view SET status = 'cancelled' WHERE status = 'pending'", "DELETE FROM paper_view"],
   "trigger": ["INSERT INTO paper_fills (qty) VALUES (1)"],
+  "default": ["INSERT INTO paper_defaults (id) VALUES (1)"],
+  "domain": ["INSERT INTO paper_domains (id, qty) VALUES (1, 1)"],
   "settings": [
     "SET idle_in_transaction_session_timeout = 0", "SET idle_session_timeout = 0", "SET lock_timeout = 0",
     "SET work_mem = '2GB'", "SET hash_mem_multiplier = 100", "SET max_parallel_workers_per_gather = 64",
@@ -195,7 +201,7 @@ describe("paper mode: production stays read-only for the whole session (attacks 
     expect(out["wrapped-function"]![0]).toMatch(/^error 25006 /);
     expect(out["view-read-in-write"]![0]).toMatch(/^error 25006 /);
     const why = records.filter((e) => e.type === "db.elevation").map((e) => e.reason as string);
-    expect(why.filter((r) => /function defined outside pg_catalog/.test(r))).toHaveLength(2);
+    expect(why.filter((r) => /the statement calls a function defined outside pg_catalog/.test(r))).toHaveLength(2);
     expect(why.filter((r) => /reads a view or foreign table/.test(r))).toHaveLength(1);
   });
 
@@ -210,8 +216,11 @@ describe("paper mode: production stays read-only for the whole session (attacks 
     expect(records.filter((e) => e.type === "db.elevation" && /not an ordinary table/.test(e.reason)).length).toBeGreaterThanOrEqual(3); // paper_v (refused view write), paper_view ×2, paper_fills
   });
 
-  it("does not elevate a write to a paper table whose trigger runs other code", () => {
+  it("does not elevate a write to a paper table whose trigger, column default or column domain runs other code", () => {
     expect(out.trigger![0]).toMatch(/^error 25006 /);
+    expect(out.default![0]).toMatch(/^error 25006 /);
+    expect(out.domain![0]).toMatch(/^error 25006 /);
+    expect(records.filter((e) => e.type === "db.elevation" && /column default, check or domain constraint/.test(e.reason))).toHaveLength(2);
   });
 
   it("refuses every setting outside the allowlist, so application_name still names the gateway", () => {
