@@ -28,7 +28,7 @@ const EVENT_TYPES: ReadonlySet<string> = new Set([
 const KEEP = [
   "name", "mode", "reason", "category", "evidence", "failFast", "tests", "exitCode", "timedOut", "argv", "command",
   "n", "scope", "count", "limit", "report", "recommendation", "note", "from", "countersReset", "approval",
-  "source", "action", "result", "counted", "decision", "rule",
+  "source", "action", "result", "counted", "decision", "rule", "trigger", "message", "failures", "failedIterations",
 ] as const;
 
 export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>): boolean {
@@ -36,7 +36,7 @@ export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>):
   // a command's result is an event when it failed (its category) or pytest ran (its counts)
   if (r.type === "exec.result") return r.category != null || r.tests != null;
   // the change layer's iteration records (src/workspace): iteration.*, checkpoint.*
-  return r.type.startsWith("iteration.") || r.type.startsWith("checkpoint.");
+  return r.type === "workspace.iteration" || r.type.startsWith("iteration.") || r.type.startsWith("checkpoint.");
 }
 
 export function toEvent(r: AuditRecord): Record<string, unknown> {
@@ -47,6 +47,7 @@ export function toEvent(r: AuditRecord): Record<string, unknown> {
   else if (r.type === "phase.resumed" || r.type === "phase.start") e.state = "running";
   else if (r.type === "phase.complete") e.state = "stopped";
   else if (r.type === "phase.failed") e.state = "failed";
+  else if (r.type === "workspace.iteration") e.iteration = rec.state; // pending, accepted, rejected
   for (const k of KEEP) if (rec[k] !== undefined && rec[k] !== null) e[k] = rec[k];
   return e;
 }
