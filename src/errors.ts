@@ -33,6 +33,12 @@ export const ERRORS = {
   SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
   SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },
   SBX_ERR_PHASE_NOT_RUNNING: { status: 409, hint: "start a new phase with `sandboxd phase start`" },
+  SBX_ERR_PHASE_ESCALATED: {
+    status: 423,
+    hint: "a person reads the escalation report (`sandboxd escalations ls`), then `sandboxd phase resume <id> --note …` or `sandboxd phase abort <id>`",
+  },
+  SBX_ERR_PHASE_PAUSED: { status: 423, hint: "a person paused this phase; `sandboxd phase resume <id>` lets it go on" },
+  SBX_ERR_PHASE_NOT_ESCALATED: { status: 409, hint: "only an escalated or paused phase can be resumed; `sandboxd ps` shows its state" },
   SBX_ERR_POLICY_DENIED: { status: 403, hint: "run a narrower command that the policy allows" },
   SBX_ERR_POLICY_NEEDS_APPROVAL: { status: 403, hint: "this command is not on the whitelist and needs human approval" },
   SBX_ERR_COMMAND_PARSE: {

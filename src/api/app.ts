@@ -15,6 +15,9 @@ import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { PHASE_MODES } from "../phases/types.js";
+import { isEvent, toEvent } from "./events.js";
+import { reportLines } from "../phases/report.js";
+import { readFile } from "node:fs/promises";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -85,6 +88,16 @@ const auditQuery = z
     phase: phaseIdParam.shape.id.optional(),
     after: z.coerce.number().int().nonnegative().optional(),
     last: z.coerce.number().int().positive().max(100_000).optional(),
+    follow: z.enum(["0", "1", "true", "false"]).optional(),
+  })
+  .strict();
+
+const noteBody = z.object({ note: z.string().max(2000).optional() }).strict();
+const escalationsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+const eventsQuery = z
+  .object({
+    since: z.coerce.number().int().nonnegative().optional(),
+    phase: phaseIdParam.shape.id.optional(),
     follow: z.enum(["0", "1", "true", "false"]).optional(),
   })
   .strict();
@@ -206,6 +219,63 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return streamExec(reply, manager, id, body);
   });
 
+  // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
+  app.post("/v1/phases/:id/pause", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const body = parse(noteBody, req.body ?? {}, "body");
+    return { phase: await manager.pause(id, body.note) };
+  });
+  app.post("/v1/phases/:id/resume", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const body = parse(noteBody, req.body ?? {}, "body");
+    return { phase: await manager.resume(id, body.note) };
+  });
+  app.post("/v1/phases/:id/abort", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const body = parse(noteBody, req.body ?? {}, "body");
+    return { phase: await manager.abort(id, body.note) };
+  });
+
+  app.get("/v1/phases/:id/report", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const report = await manager.report(id);
+    // the same lines the logs got (SKILLS.md build loop step 7), without their timestamp, for clients that print it
+    return { report, text: reportLines(report, "").join("\n").replace(/^\[\] /, "") };
+  });
+
+  app.get("/v1/escalations", async (req) => {
+    const q = parse(escalationsQuery, req.query, "query");
+    return { escalations: await manager.escalations(truthy(q.all)) };
+  });
+
+  // the phase's last escalation with its report's text (SKILLS.md Human Escalation Log)
+  app.get("/v1/phases/:id/escalation", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const e = (await manager.get(id)).escalations?.at(-1);
+    if (!e) throw new SandboxdError("SBX_ERR_NOT_FOUND", `phase ${id} has no escalation`, { hint: "`sandboxd escalations ls --all` lists every escalation" });
+    return { escalation: e, text: await readFile(e.report, "utf8").catch(() => null) };
+  });
+
+  // NDJSON of the audit trail's events (src/api/events.ts); follows unless follow=0
+  app.get("/v1/events", async (req, reply) => {
+    const q = parse(eventsQuery, req.query, "query");
+    const filter = { phase: q.phase, after: q.since };
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    const write = (r: Parameters<typeof toEvent>[0]) => {
+      if (isEvent(r as never)) res.write(JSON.stringify(toEvent(r)) + "\n");
+    };
+    if (q.follow === "0" || q.follow === "false") {
+      for (const r of await readRecords(opts.stateDir, filter)) write(r);
+      res.end();
+      return;
+    }
+    const stop = new AbortController();
+    res.on("close", () => stop.abort());
+    await followRecords(opts.stateDir, filter, write, stop.signal, 100, true);
+    res.end();
+  });
   // the phase's workspace (docs/WORKSPACE.md)
   app.post("/v1/phases/:id/checkpoint", async (req) => {
     const { id } = parse(phaseIdParam, req.params, "path");

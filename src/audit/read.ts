@@ -56,9 +56,11 @@ export async function followRecords(
   onRecord: (r: AuditRecord) => void,
   signal: AbortSignal,
   pollMs = 200,
+  /** read from the journal's first byte (the filter's `after` decides), so nothing between a read and the follow is missed */
+  fromStart = false,
 ): Promise<void> {
   const file = path.join(stateDir, JOURNAL_FILE);
-  let offset = (await stat(file).catch(() => null))?.size ?? 0;
+  let offset = fromStart ? 0 : ((await stat(file).catch(() => null))?.size ?? 0);
   while (!signal.aborted) {
     const { records, next } = await readFrom(file, offset, f);
     offset = next;

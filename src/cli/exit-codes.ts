@@ -1,7 +1,7 @@
 import { constants as osConstants } from "node:os";
 
 /** The CLI's exit statuses (README "Exit codes"). */
-export const EXIT = { ok: 0, error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126, brokenPipe: 141 } as const;
+export const EXIT = { ok: 0, error: 1, usage: 2, timeout: 124, sandboxdFailed: 125, policy: 126, brokenPipe: 141, locked: 75 } as const;
 
 /**
  * `sandboxd exec` when the daemon refused the request: 126 for a command the
@@ -18,6 +18,10 @@ export function exitCodeForRefusal(code: string | undefined): number {
     case "SBX_ERR_APPROVAL_DENIED":
     case "SBX_ERR_APPROVAL_STALE":
       return EXIT.policy;
+    // fail-fast: the phase waits for a person (EX_TEMPFAIL: the same command may run after a resume)
+    case "SBX_ERR_PHASE_ESCALATED":
+    case "SBX_ERR_PHASE_PAUSED":
+      return EXIT.locked;
     case "SBX_ERR_TIMEOUT_RANGE":
     case "SBX_ERR_VALIDATION":
     case "SBX_ERR_REQUEST_TOO_LARGE":

@@ -15,7 +15,7 @@ import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
 import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
-import type { PhaseView } from "../phases/types.js";
+import type { Escalation, PhaseView } from "../phases/types.js";
 import type { Approval } from "../approvals/queue.js";
 import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
@@ -327,8 +327,94 @@ function program(): Command {
       const api = client(cmd);
       const id = await resolvePhaseRef(api, ref, { runningOnly: true });
       const { phase: p } = await api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${encodeURIComponent(id)}`);
-      if (opts.json) printJson(p);
-      else process.stdout.write(`${p.id} ${p.state}\n`);
+      const { report, text } = await api.request<{ report: unknown; text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+      if (opts.json) printJson({ ...p, report });
+      else process.stdout.write(`${p.id} ${p.state}\n${visible(text.split("\n").slice(1).join("\n"))}\n`);
+    });
+  // a person's hand: SKILLS.md Fail-Fast "Await manual intervention"
+  for (const [verb, what] of [
+    ["pause", "freeze a phase (docker pause); every call on it answers 423 until `phase resume`"],
+    ["resume", "let an escalated or paused phase go on (after an escalation --note is required; its fail-fast counters reset)"],
+    ["abort", "end an escalated, paused or running phase as failed; its reports are kept"],
+  ] as const) {
+    phase
+      .command(verb)
+      .description(what)
+      .argument("<id>", "phase id (ph_…) or the phase's name")
+      .option("--note <text>", "what the person decided and why (recorded in the audit trail)")
+      .option("--json", "print the phase record as JSON")
+      .action(async (ref: string, opts: { note?: string; json?: boolean }, cmd: Command) => {
+        const api = client(cmd);
+        const id = await resolvePhaseRef(api, ref);
+        const { phase: p } = await api.request<{ phase: PhaseView }>("POST", `/v1/phases/${encodeURIComponent(id)}/${verb}`, opts.note ? { note: opts.note } : {});
+        if (opts.json) return printJson(p);
+        process.stdout.write(`${p.id} ${p.state}\n`);
+        if (verb === "abort") {
+          const { text } = await api.request<{ text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+          process.stdout.write(visible(text.split("\n").slice(1).join("\n")) + "\n");
+        }
+      });
+  }
+
+  const escalations = prog.command("escalations").description("fail-fast escalations: phases stopped for a person (SKILLS.md Human Escalation Log)");
+  escalations
+    .command("ls")
+    .description("list open escalations (--all: every escalation, with how it ended)")
+    .option("-a, --all", "include resolved escalations")
+    .option("--json", "print JSON")
+    .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
+      const { escalations: list } = await client(cmd).request<{ escalations: Array<Escalation & { phase: string; name: string; state: string }> }>(
+        "GET",
+        `/v1/escalations${opts.all ? "?all=1" : ""}`,
+      );
+      if (opts.json) return printJson(list);
+      const rows = [["PHASE", "NAME", "#", "CATEGORY", "WHEN", "STATUS", "REPORT"]];
+      for (const e of list) rows.push([e.phase, e.name, String(e.n), e.category, e.at, e.resolved ? `${e.resolved.how}${e.resolved.note ? `: ${e.resolved.note}` : ""}` : "open", e.report]);
+      process.stdout.write(visible(table(rows)));
+    });
+  escalations
+    .command("show")
+    .description("print a phase's last escalation report")
+    .argument("<id>", "phase id (ph_…) or the phase's name")
+    .option("--json", "print JSON")
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const r = await api.request<{ escalation: Escalation; text: string | null }>("GET", `/v1/phases/${encodeURIComponent(id)}/escalation`);
+      if (opts.json) return printJson(r);
+      process.stdout.write(visible(r.text ?? `(report ${r.escalation.report} is missing)`) + "\n");
+    });
+
+  prog
+    .command("report")
+    .description("a phase's report (SKILLS.md build loop step 7): files, tests, validation, attempts, escalations, approvals")
+    .argument("<id>", "phase id (ph_…) or the phase's name")
+    .option("--json", "print JSON")
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { report, text } = await api.request<{ report: unknown; text: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/report`);
+      if (opts.json) return printJson(report);
+      process.stdout.write(visible(text) + "\n");
+    });
+
+  prog
+    .command("events")
+    .description("follow the daemon's events as NDJSON: phase states, failure categories, escalations, approvals, iterations")
+    .option("--since <seq>", "only events after this audit sequence number (resume where you left off)", (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError("give a whole number ≥ 0");
+      return n;
+    })
+    .option("--phase <id>", "only this phase's events")
+    .option("--no-follow", "print the events so far and exit")
+    .action(async (opts: { since?: number; phase?: string; follow: boolean }, cmd: Command) => {
+      const q = new URLSearchParams();
+      if (opts.since !== undefined) q.set("since", String(opts.since));
+      if (opts.phase) q.set("phase", opts.phase);
+      if (!opts.follow) q.set("follow", "0");
+      const res = await client(cmd).stream("GET", `/v1/events?${q.toString()}`);
+      for await (const chunk of res) process.stdout.write(chunk as Buffer);
     });
 
   prog
@@ -395,7 +481,7 @@ function program(): Command {
     .option("--json", "print JSON")
     .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
       const { phases } = await client(cmd).request<{ phases: PhaseView[] }>("GET", "/v1/phases");
-      const shown = opts.all ? phases : phases.filter((p) => p.state === "running" || p.state === "starting" || p.state === "stopping");
+      const shown = opts.all ? phases : phases.filter((p) => !["stopped", "failed"].includes(p.state));
       if (opts.json) return printJson(shown);
       const rows = [["ID", "PHASE", "MODE", "STATE", "AGE", "RUNNING", "PROJECT"]];
       for (const p of shown) rows.push([p.id, p.name, p.mode, p.state, age(p.createdAt), String(p.runningExecs), p.project]);
@@ -611,6 +697,8 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       | { type: "error"; error: { code: string; message: string; hint: string } };
     if (ev.type === "exit") {
       code = exitCodeFor(ev.result);
+      const esc = ev.result.escalation;
+      if (esc) process.stderr.write(visible(`sandboxd: fail-fast: phase escalated (${esc.summary}); report ${esc.report}`) + "\n");
       if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
     } else if (ev.type === "error") {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");

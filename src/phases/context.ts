@@ -21,6 +21,7 @@ import type { PhaseLimits } from "../policy/limits.js";
 import type { RefusalWatch } from "../runtime/netns.js";
 import type { ContainerRuntime } from "../runtime/types.js";
 import type { Clock, IdSource } from "../util/clock.js";
+import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
 import type { ShimChannel } from "./shim-channel.js";
@@ -70,6 +71,14 @@ export interface LivePhase {
   /** connections to destinations that are not services: refused by the kernel, recorded from the conntrack watch */
   stray: StrayConnections | null;
   watch: RefusalWatch | null;
+  /** the fail-fast counters (src/phases/failfast.ts); in memory: a re-adopted phase starts them again */
+  failFast: FailFastState;
+  /** the container is paused (escalated, or paused by a person): thawed before it is stopped */
+  frozen: boolean;
+  /** a limit reached while commands ran (escalation.ts recordAttempt): the phase escalates when the next command ends */
+  pendingEscalation?: LimitReached | null;
+  /** the container's first process, as the host sees it (cached for the JUnit read) */
+  pid?: number;
   /** the change layer over the project and its iterations (src/workspace) */
   workspace: PhaseWorkspace | null;
   /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
@@ -159,9 +168,31 @@ export class PhaseContext {
     if (failed) throw failed;
   }
 
+  /**
+   * The gate of every mutating call on a phase: a running phase passes; an
+   * escalated or paused one answers 423 naming its report or its pause.
+   */
   async running(id: string): Promise<LivePhase> {
     const live = this.phases.get(id);
     if (live && live.record.state === "running") return live;
+    if (live?.record.state === "escalated") {
+      const e = live.record.escalations?.at(-1);
+      throw new SandboxdError(
+        "SBX_ERR_PHASE_ESCALATED",
+        `phase ${id} is escalated (fail-fast: ${e?.summary ?? "limit reached"}); nothing runs until a person decides. Report: ${e?.report ?? "unknown"}`,
+        {
+          hint: `read the report (\`sandboxd escalations show ${id}\`), then \`sandboxd phase resume ${id} --note …\` or \`sandboxd phase abort ${id}\``,
+          details: { state: "escalated", report: e?.report ?? null, category: e?.category ?? null },
+        },
+      );
+    }
+    if (live?.record.state === "paused") {
+      const p = live.record.pausedBy;
+      throw new SandboxdError("SBX_ERR_PHASE_PAUSED", `phase ${id} was paused by a person at ${p?.at ?? "?"}${p?.note ? `: ${p.note}` : ""}`, {
+        hint: `wait for the person, or resume it: \`sandboxd phase resume ${id}\``,
+        details: { state: "paused", note: p?.note ?? null },
+      });
+    }
     const view = await this.get(id);
     throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${view.state}, not running`);
   }

@@ -9,7 +9,10 @@ import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
+import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import { countAttempt, escalate, recordAttempt } from "./escalation.js";
+import { junitPathFor, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
@@ -50,6 +53,12 @@ export interface ExecResult {
   stderrOmitted: number;
   outputCapBytes: number;
   rule: { id: string; clause: string };
+  /** SKILLS.md error category of a failed command (null: it succeeded), and how the fail-fast counters took it */
+  failure: { category: FailureCategory; evidence: string; counted: boolean; count: number; limit: number | null } | null;
+  /** pytest's counts, read from the JUnit report the daemon asked it for (null: not pytest, or no report) */
+  tests: TestCounts | null;
+  /** set when this command's failure reached a fail-fast limit: the phase is now escalated */
+  escalation: { n: number; category: string; report: string; summary: string } | null;
 }
 
 
@@ -259,10 +268,18 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),
       ]);
     }
+    await countRefusal(ctx, live, verdict, cmd);
     if (stale) throw staleError(stale, pending, cmd);
     throw policyError(verdict, cmd, rec, pending.id);
   }
-  if (verdict.decision !== "allow") throw policyError(verdict, cmd, rec);
+  if (verdict.decision !== "allow") {
+    await countRefusal(ctx, live, verdict, cmd);
+    throw policyError(verdict, cmd, rec);
+  }
+
+  // pytest is asked for a JUnit report in the container's /tmp, read back after it ends (junit.ts)
+  const junit = isPytest(verdict.execArgv) ? junitPathFor() : null;
+  const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
     await rec
@@ -313,7 +330,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       let sent: number;
       try {
         sent = channel.exec(
-          { argv: verdict.execArgv, ...execBase },
+          { argv: runArgv, ...execBase },
           {
             onStarted: (pid) => {
               if (done) return;
@@ -393,6 +410,37 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     timedOut = exit.timedOut;
   }
 
+  // Categorised only when it failed; pytest's report read whenever pytest ran (its counts are the phase report's).
+  const tests = junit ? await readJunit(ctx, live, junit) : null;
+  if (tests) live.failFast.lastTests = tests;
+  const policy = ctx.policyFor(live.phasePolicy).failFast;
+  const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
+  const category =
+    exitCode === 0 && !timedOut
+      ? null
+      : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure });
+  let failure: ExecResult["failure"] = null;
+  let reached: ReturnType<typeof countAttempt>["reached"] = null;
+  if (category) {
+    const o = countAttempt(ctx, live, {
+      category: category.category,
+      source: tool,
+      action: cmd,
+      result: timedOut ? "TIMEOUT" : exitCode === null ? `KILLED ${signal}` : `FAIL exit ${exitCode}`,
+      evidence: category.evidence,
+      lastError: lastError(err.text(), out.text()),
+    });
+    failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
+    reached = o.reached;
+  } else {
+    live.failFast.succeed(tool);
+  }
+  if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+  const failNote = failure
+    ? ` [${failure.category}${failure.counted ? ` ${failure.count}/${failure.limit}` : ""}: ${failure.evidence}]`
+    : "";
+  const testsNote = tests ? ` [tests: ${tests.passed} passed, ${tests.failures} failed, ${tests.errors} errors, ${tests.skipped} skipped of ${tests.tests}]` : "";
+
   const resultWord = timedOut
     ? `TIMEOUT after ${timeoutMs} ms`
     : exitCode === 0
@@ -418,16 +466,24 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(auditCap),
       stdoutOmitted: outView.omitted,
       stderrOmitted: errView.omitted,
+      category: failure?.category ?? null,
+      evidence: failure?.evidence ?? null,
+      failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
+      tests,
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
       ...renderOutput(ts(), "STDOUT", outView.head, outView.omitted, outView.tail),
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
-      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
+      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord + failNote + testsNote),
     ],
   ).catch((e: unknown) => {
     throw mayHaveRun(e, cmd, verdictRecord.seq);
   });
+  // after the result is on record: a limit reached escalates the phase (this result is still returned)
+  // (or one reached while this command ran: a database error from inside it)
+  reached ??= live.pendingEscalation ?? null;
+  const esc = reached ? await escalate(ctx, live, reached) : null;
 
   return {
     phaseId: id,
@@ -448,7 +504,32 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     stderrOmitted: err.view().omitted,
     outputCapBytes: limits.outputCapBytes,
     rule: { id: verdict.ruleId, clause: verdict.clause },
+    failure,
+    tests,
+    escalation: esc ? { n: esc.n, category: esc.category, report: esc.report, summary: esc.summary } : null,
   };
+}
+
+/** The tools of SKILLS.md build loop steps 3-4 ("Validate", "Run Tests"): their last result is the phase report's validation status. */
+const VALIDATION_TOOLS: ReadonlySet<string> = new Set(["pytest", "mypy", "pylint", "black", "flake8", "isort"]);
+
+/** A refusal is a failed attempt only when the policy says so (failFast.countPolicyRefusals; default no). */
+async function countRefusal(ctx: PhaseContext, live: LivePhase, verdict: Verdict, cmd: string): Promise<void> {
+  if (!ctx.policyFor(live.phasePolicy).failFast.countPolicyRefusals) return;
+  await recordAttempt(ctx, live, {
+    category: "policy",
+    source: "policy",
+    action: cmd,
+    result: `${verdict.decision.toUpperCase()} ${verdict.ruleId}`,
+    evidence: `${verdict.ruleId} (${verdict.clause})`,
+    lastError: verdict.reason,
+  });
+}
+
+/** What the escalation report shows as "Last Error": stderr, or stdout when stderr is empty; the last 16 KiB. */
+function lastError(stderr: string, stdout: string): string {
+  const text = stderr.trim() ? stderr : stdout;
+  return text.length > 16_384 ? "…" + text.slice(-16_384) : text;
 }
 
 function filesNote(files: readonly FileBinding[]): string {

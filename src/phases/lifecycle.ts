@@ -18,6 +18,8 @@ import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
+import { FailFastState } from "./failfast.js";
+import { buildReport, reportLines } from "./report.js";
 import { ShimChannel } from "./shim-channel.js";
 import { transition } from "./state.js";
 import { destroyWorkspace, endWorkspace, makeWorkspace } from "./workspace.js";
@@ -86,6 +88,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     tunnels: null,
     stray: null,
     watch: null,
+    failFast: new FailFastState(),
+    frozen: false,
     workspace: null,
     ending: null,
   };
@@ -235,6 +239,9 @@ export function openChannel(ctx: PhaseContext, live: LivePhase, token: string): 
  * runs, the shim reconnects (it does after a dropped link); if it does not
  * within the connect timeout, the phase ends `failed` too.
  */
+/** States in which a lost container ends the phase: a frozen (escalated, paused) one too. */
+const LIVE_STATES: ReadonlySet<string> = new Set(["running", "escalated", "paused"]);
+
 async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const { record } = live;
   const deadline = ctx.opts.clock.monotonicMs() + ctx.connectTimeoutMs;
@@ -242,7 +249,7 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
   // Docker may still call a container running for a moment after its processes
   // died; so its state is asked again until the shim is back or the time is up.
   for (;;) {
-    if (live.ending || record.state !== "running" || !record.containerId) return;
+    if (live.ending || !LIVE_STATES.has(record.state) || !record.containerId) return;
     if (live.channel?.connected) return;
     try {
       const st = await ctx.opts.runtime.inspect(record.containerId);
@@ -262,7 +269,7 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
     }
     await new Promise((r) => setTimeout(r, 250));
   }
-  if (live.ending || record.state !== "running" || live.channel?.connected) return;
+  if (live.ending || !LIVE_STATES.has(record.state) || live.channel?.connected) return;
   ctx.log.warn({ phase: record.id, cause }, "phase lost its container");
   await endPhase(ctx, live, "failed", cause);
 }
@@ -309,6 +316,13 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   const { record } = live;
   const warn = (what: string) => (e: Error) => ctx.log.warn({ phase: record.id, err: e.message }, what);
   const running = live.channel?.runningExecs ?? 0;
+  // a frozen container cannot hear the shim's shutdown nor a SIGTERM: thaw it first
+  if (live.frozen && record.containerId) {
+    await ctx.opts.runtime.unpause(record.containerId).catch((e: Error) => ctx.opts.log.warn({ phase: record.id, err: e.message }, "could not unpause"));
+    live.frozen = false;
+  }
+  const open = record.escalations?.at(-1);
+  if (open && open.resolved === null) open.resolved = { at: timestamp(ctx.opts.clock.now()), how: "stopped", note: why };
   // the last changes are judged while the sandbox can still compile them
   await endWorkspace(ctx, live, outcome, why);
   await live.channel?.close({ shutdownShim: true });
@@ -334,12 +348,12 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   record.endReason = why;
   await ctx.store.save(record).catch((e: Error) => ctx.log.error({ phase: record.id, err: e.message }, "could not save the end of the phase"));
   const ts = timestamp(ctx.opts.clock.now());
+  const report = buildReport(record, live, ctx.opts.approvals.list({ all: true, phaseId: record.id }));
+  await ctx.store.saveReport(record.id, report).catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not keep the phase report"));
   await live.rec
-    .record({ type: outcome === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running }, [
-      actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
-      outcome === "stopped"
-        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}${iterationSummary(live)}`
-        : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
+    .record({ type: outcome === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running, report }, [
+      actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, `${why}${running ? `; ${running} running command(s) ended` : ""}${iterationSummary(live)}`),
+      ...reportLines(report, ts),
     ])
     .catch((e: Error) => ctx.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
   await ctx.buildLogs.release(record.buildLog, record.id).catch(warn("releasing the build log failed"));

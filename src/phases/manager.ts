@@ -21,8 +21,11 @@ import { PhaseContext, type ManagerOptions } from "./context.js";
 import { FlowConsumer } from "./flow.js";
 import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.js";
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
+import { abortPhase, pausePhase, recordAttempt, type AttemptInput, type AttemptOutcome } from "./escalation.js";
+import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
-import type { PhaseView } from "./types.js";
+import { buildReport, type PhaseReport } from "./report.js";
+import type { Escalation, PhaseView } from "./types.js";
 import { checkpoint, decideIteration, pendingDiff, pendingFiles } from "./workspace.js";
 import type { CheckpointResult, FileChange, IterationRecord } from "../workspace/index.js";
 
@@ -32,6 +35,7 @@ export type { StartRequest } from "./lifecycle.js";
 export type { FlowConsumer } from "./flow.js";
 export { BUILD_LOG_NAME } from "./project.js";
 export type { ReconcileReport } from "./reconcile.js";
+export type { PhaseReport } from "./report.js";
 
 export class PhaseManager {
   private readonly ctx: PhaseContext;
@@ -74,6 +78,57 @@ export class PhaseManager {
    */
   reconcile(): Promise<ReconcileReport> {
     return reconcile(this.ctx);
+  }
+
+  /* ------------------------ fail-fast, a person's hand ------------------------ */
+
+  pause(id: string, note?: string): Promise<PhaseView> {
+    return pausePhase(this.ctx, id, note ?? null);
+  }
+
+  resume(id: string, note?: string): Promise<PhaseView> {
+    return resumePhase(this.ctx, id, note ?? null);
+  }
+
+  abort(id: string, note?: string): Promise<PhaseView> {
+    return abortPhase(this.ctx, id, note ?? null);
+  }
+
+  /**
+   * The fail-fast hook for failures that are not a command's result — an
+   * iteration refused at a checkpoint: `{category: "iteration", source:
+   * "checkpoint", action: "iteration 3", result: "REJECTED", evidence: rule}`.
+   * Recorded (`failfast.attempt`) and counted; at the limit the phase escalates.
+   */
+  async recordAttempt(id: string, attempt: AttemptInput): Promise<AttemptOutcome> {
+    const live = this.ctx.phases.get(id);
+    if (!live || live.record.state !== "running") return this.ctx.running(id).then(() => recordAttempt(this.ctx, live!, attempt));
+    return recordAttempt(this.ctx, live, attempt);
+  }
+
+  /** Escalations of every phase: open ones (the phase is escalated) only, unless `all`. */
+  async escalations(all: boolean): Promise<Array<Escalation & { phase: string; name: string; state: string }>> {
+    const out: Array<Escalation & { phase: string; name: string; state: string }> = [];
+    for (const p of await this.list()) {
+      for (const e of p.escalations ?? []) {
+        if (all || (e.resolved === null && p.state === "escalated")) out.push({ ...e, phase: p.id, name: p.name, state: p.state });
+      }
+    }
+    return out;
+  }
+
+  /** The phase report: built now for a live phase, as kept at its end for an ended one. */
+  async report(id: string): Promise<PhaseReport> {
+    const live = this.ctx.phases.get(id);
+    const approvals = this.ctx.opts.approvals.list({ all: true, phaseId: id });
+    if (live) return buildReport(live.record, live, approvals);
+    const view = await this.ctx.get(id);
+    try {
+      return (await this.ctx.store.loadReport(id)) as PhaseReport;
+    } catch {
+      // a phase that ended before reports existed, or whose report could not be kept
+      return buildReport(view, undefined, approvals);
+    }
   }
 
   /* --------------------------------- exec -------------------------------- */

@@ -12,6 +12,7 @@ import { DEAD_PORT, StrayConnections } from "../net/stray.js";
 import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
 import { confineNetwork as confineNamespace, RefusalWatch } from "../runtime/netns.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import { recordAttempt } from "./escalation.js";
 import { askSqlApproval } from "./sql-approval.js";
 
 /** How long the conntrack watch may take to show it sees events (src/runtime/netns.ts). */
@@ -116,6 +117,32 @@ export async function watchEnded(ctx: PhaseContext, live: LivePhase, why: string
  * (they stay in the daemon), judges every statement under the phase's
  * policy and records DB_QUERY / DB_RESULT / DB_ERROR.
  */
+/**
+ * SKILLS.md "Database Errors" (max 1 attempt): what the gateway records is
+ * read here, so the gateway never imports the phases. A server error
+ * (`db.error`: a query that does not run, a connection refused upstream) is
+ * a `database` failure; a statement the policy refused (`db.query`, forbid)
+ * is one only when the policy counts refusals (failFast.countPolicyRefusals),
+ * as for commands; a result (`db.result`) resets the count.
+ */
+async function observeDb(ctx: PhaseContext, live: LivePhase, events: ReadonlyArray<Record<string, unknown>>): Promise<void> {
+  for (const e of events) {
+    if (live.record.state !== "running") return;
+    if (e.type === "db.result") live.failFast.succeed("gateway");
+    const refused = e.type === "db.query" && e.decision === "forbid" && ctx.policyFor(live.phasePolicy).failFast.countPolicyRefusals;
+    if (e.type !== "db.error" && !refused) continue;
+    const what = e.type === "db.error" ? `${String(e.message ?? "error")}${e.sqlstate ? ` (SQLSTATE ${String(e.sqlstate)})` : ""}` : `refused by ${String(e.rule)}: ${String(e.reason ?? "")}`;
+    await recordAttempt(ctx, live, {
+      category: "database",
+      source: "gateway",
+      action: e.type === "db.query" ? `SQL: ${String(e.sql ?? "")}` : `SQL on ${String(e.engine ?? "database")} ${String(e.database ?? "")}`,
+      result: e.type === "db.error" ? "DB_ERROR" : "REFUSED",
+      evidence: what,
+      lastError: what,
+    });
+  }
+}
+
 export function gatewayFor(ctx: PhaseContext, live: LivePhase): GatewayHandoff {
   return async (client, service) => {
     const url = new URL(service.url!);
@@ -129,9 +156,16 @@ export function gatewayFor(ctx: PhaseContext, live: LivePhase): GatewayHandoff {
         password: decodeURIComponent(url.password),
         database: service.database ?? "",
       },
-      record: async (event, lines) => void (await live.rec.record(event, lines)),
+      // the gateway's records are also the fail-fast's view of the database (observeDb), after they are durable
+      record: async (event, lines) => {
+        await live.rec.record(event, lines);
+        await observeDb(ctx, live, [event]);
+      },
       // a chunk's statements and results are made durable together (one group commit, one build-log append)
-      recordMany: async (entries) => void (await live.rec.recordMany(entries)),
+      recordMany: async (entries) => {
+        await live.rec.recordMany(entries);
+        await observeDb(ctx, live, entries.map((e) => e.event));
+      },
       redact: (text) => live.rec.redact(text),
       statementTimeoutMs: ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
       // a transaction block (and its idle time) is bounded at twice the query timeout: 60 s under SKILLS.md's 30 s

@@ -13,6 +13,7 @@ import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import { FailFastState } from "./failfast.js";
 import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
@@ -223,6 +224,8 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
+    failFast: new FailFastState(),
+    frozen: false,
     workspace: null,
     ending: null,
   };

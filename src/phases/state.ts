@@ -2,8 +2,14 @@
  * The phase lifecycle as one table and one guard.
  *
  *   starting ──▶ running ──▶ stopping ──▶ stopped
- *       │                        │
- *       └────────▶ stopping      └──────▶ failed
+ *       │          ▲  │  ▲         │
+ *       │          │  ▼  │         └──────▶ failed
+ *       │      escalated / paused ──▶ stopping
+ *       └────────▶ stopping
+ *
+ * `escalated`: the fail-fast protocol stopped the phase (its container is
+ * frozen, a report waits for a person); `paused`: a person froze it. Both
+ * answer every mutating call with 423 until a person resumes or aborts.
  *
  * Every change of `record.state` goes through `transition()`; nothing else
  * assigns it. A phase ends by one road, whatever ends it (the operator's
@@ -27,6 +33,17 @@ export const PHASE_TRANSITIONS: { readonly [S in PhaseState]: Readonly<Partial<R
   },
   running: {
     stopping: "stopped by the operator, the daemon's shutdown, or its container or shim was lost",
+    escalated: "a fail-fast limit was reached (SKILLS.md Fail-Fast Protocol): the container is frozen for a person",
+    paused: "a person paused the phase",
+  },
+  escalated: {
+    running: "a person resumed the phase after reading the escalation report (counters reset)",
+    stopping: "a person aborted the phase, or it was stopped",
+  },
+  paused: {
+    running: "a person resumed the phase",
+    escalated: "a command that ended as the person paused reached a fail-fast limit",
+    stopping: "a person aborted the phase, or it was stopped",
   },
   stopping: {
     stopped: "everything released; the end was asked for",

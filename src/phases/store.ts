@@ -54,6 +54,21 @@ export class PhaseStore {
     await rename(tmp, file);
   }
 
+  reportPath(id: string): string {
+    return path.join(this.dir(id), "report.json");
+  }
+
+  /** The phase report (report.ts), kept when the phase ends. */
+  async saveReport(id: string, report: unknown): Promise<void> {
+    const file = this.reportPath(id);
+    await writeFile(`${file}.tmp`, JSON.stringify(report, null, 2) + "\n", { mode: 0o600 });
+    await rename(`${file}.tmp`, file);
+  }
+
+  async loadReport(id: string): Promise<unknown> {
+    return JSON.parse(await readFile(this.reportPath(id), "utf8"));
+  }
+
   async token(id: string): Promise<string> {
     return (await readFile(path.join(this.dir(id), "token"), "utf8")).trim();
   }

@@ -3,8 +3,26 @@ import { PHASE_MODES } from "../domain.js";
 
 export { PHASE_MODES, type PhaseMode } from "../domain.js";
 
-export const PHASE_STATES = ["starting", "running", "stopping", "stopped", "failed"] as const;
+export const PHASE_STATES = ["starting", "running", "escalated", "paused", "stopping", "stopped", "failed"] as const;
 export type PhaseState = (typeof PHASE_STATES)[number];
+
+/** One fail-fast escalation of a phase: its report, and how a person ended it. */
+export const escalationSchema = z
+  .object({
+    /** 1-based, per phase */
+    n: z.number().int().positive(),
+    at: z.string(),
+    category: z.string(),
+    /** the report file (SKILLS.md Human Escalation Log) in the phase's state folder */
+    report: z.string(),
+    summary: z.string(),
+    resolved: z
+      .object({ at: z.string(), how: z.enum(["resumed", "aborted", "stopped"]), note: z.string().nullable() })
+      .strict()
+      .nullable(),
+  })
+  .strict();
+export type Escalation = z.infer<typeof escalationSchema>;
 
 /** What the daemon persists about a phase (phase.json in the phase's state folder). */
 export const phaseRecordSchema = z
@@ -28,6 +46,10 @@ export const phaseRecordSchema = z
     buildLog: z.string(),
     /** why the phase ended, when it did not end by an operator's stop */
     endReason: z.string().nullable(),
+    /** fail-fast escalations, oldest first (absent in records of daemons before fail-fast) */
+    escalations: z.array(escalationSchema).optional(),
+    /** a person's pause: when and why */
+    pausedBy: z.object({ at: z.string(), note: z.string().nullable() }).strict().nullable().optional(),
     /** protected paths this phase may change (`phase start --allow main.py`: SKILLS.md "Phase specification") */
     allow: z.array(z.string()).optional(),
   })

@@ -23,10 +23,12 @@ import {
   DEFAULT_AUDIT,
   DEFAULT_NETWORK,
   ERROR_CATEGORIES,
+  FAIL_FAST_DEFAULTS,
   policyFileSchema,
   shellRuleSchema,
   workspaceSchema,
   type DatabasePolicy,
+  type FailFastPolicy,
   type Decision,
   type NetworkPolicy,
   type PackageIndexHost,
@@ -234,13 +236,27 @@ function resolveLimits(data: PolicyFile): Record<PhaseMode, PhaseLimits> {
   return out;
 }
 
+function resolveFailFast(f: PolicyFile["failFast"]): FailFastPolicy {
+  return {
+    clause: f.clause,
+    maxAttempts: {
+      ...f.maxAttempts,
+      iteration: f.maxAttempts.iteration ?? FAIL_FAST_DEFAULTS.iteration,
+      policy: f.maxAttempts.policy ?? FAIL_FAST_DEFAULTS.policy,
+    },
+    consecutive: f.consecutive ?? FAIL_FAST_DEFAULTS.consecutive,
+    countPolicyRefusals: f.countPolicyRefusals ?? FAIL_FAST_DEFAULTS.countPolicyRefusals,
+    noTestsIsFailure: f.noTestsIsFailure ?? FAIL_FAST_DEFAULTS.noTestsIsFailure,
+  };
+}
+
 function build(file: string, data: PolicyFile): Policy {
   return {
     version: 1,
     sources: [file],
     shell: { layers: [compileLayer(file, data.shell.rules, data.shell.unknown)] },
     limits: resolveLimits(data),
-    failFast: data.failFast,
+    failFast: resolveFailFast(data.failFast),
     workspace: buildWorkspace(data.workspace),
     database: data.database,
     network: data.network ?? DEFAULT_NETWORK,
@@ -266,7 +282,17 @@ export function combine(base: Policy, stricter: Policy): Policy {
     limits[mode] = l;
   }
   const maxAttempts = { ...base.failFast.maxAttempts };
-  for (const c of ERROR_CATEGORIES) maxAttempts[c] = Math.min(base.failFast.maxAttempts[c], stricter.failFast.maxAttempts[c]);
+  for (const c of [...ERROR_CATEGORIES, "iteration", "policy"] as const) {
+    maxAttempts[c] = Math.min(base.failFast.maxAttempts[c], stricter.failFast.maxAttempts[c]);
+  }
+  const failFast: FailFastPolicy = {
+    clause: base.failFast.clause,
+    maxAttempts,
+    consecutive: Math.min(base.failFast.consecutive, stricter.failFast.consecutive),
+    // counting more is stricter
+    countPolicyRefusals: base.failFast.countPolicyRefusals || stricter.failFast.countPolicyRefusals,
+    noTestsIsFailure: base.failFast.noTestsIsFailure || stricter.failFast.noTestsIsFailure,
+  };
 
   const a = base.database;
   const b = stricter.database;
@@ -304,7 +330,7 @@ export function combine(base: Policy, stricter: Policy): Policy {
     sources: [...base.sources, ...stricter.sources],
     shell: { layers: [...base.shell.layers, ...stricter.shell.layers] },
     limits,
-    failFast: { clause: base.failFast.clause, maxAttempts },
+    failFast,
     workspace: combineWorkspace(base.workspace, stricter.workspace),
     database,
     network,

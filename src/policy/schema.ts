@@ -215,14 +215,40 @@ export const DEFAULT_AUDIT: AuditPolicy = {
 
 const attempts = z.number().int().min(1).max(3, "at most 3 (SKILLS.md Fail-Fast Protocol: 3 consecutive attempts)");
 
+/**
+ * SKILLS.md Fail-Fast Protocol as the supervisor runs it (src/phases/failfast.ts):
+ * consecutive failures per category against maxAttempts, and across
+ * categories against `consecutive` ("3 consecutive self-correction
+ * attempts"). The keys added after the first format are optional, with the
+ * defaults of FAIL_FAST_DEFAULTS, so older policy files still load.
+ */
 const failFastSchema = z
   .object({
     clause: clauseSchema,
     maxAttempts: z
-      .object({ syntax: attempts, import: attempts, type: attempts, test: attempts, runtime: attempts, database: attempts })
+      .object({
+        syntax: attempts,
+        import: attempts,
+        type: attempts,
+        test: attempts,
+        runtime: attempts,
+        database: attempts,
+        /** iterations refused at a checkpoint (workspace rules) */
+        iteration: attempts.optional(),
+        /** commands the policy refused; only counted when countPolicyRefusals is true */
+        policy: attempts.optional(),
+      })
       .strict(),
+    /** consecutive failed attempts of any category before escalation (SKILLS.md Core Principles: 3) */
+    consecutive: attempts.optional(),
+    /** whether a policy refusal counts as a failed attempt (default false: the refusal already stopped the command) */
+    countPolicyRefusals: z.boolean().optional(),
+    /** whether pytest's "no tests collected" (exit 5) is a `test` failure (default true: SKILLS.md "pytest non-zero exit code") */
+    noTestsIsFailure: z.boolean().optional(),
   })
   .strict();
+
+export const FAIL_FAST_DEFAULTS = { iteration: 3, policy: 3, consecutive: 3, countPolicyRefusals: false, noTestsIsFailure: true } as const;
 
 /* ------------------------------ workspace ------------------------------ */
 
@@ -669,7 +695,14 @@ export interface ShellLayer {
   readonly whitelist: readonly string[];
 }
 
-export type FailFastPolicy = PolicyFile["failFast"];
+/** The failFast section with every default filled in (load.ts). */
+export interface FailFastPolicy {
+  clause: string;
+  maxAttempts: Record<ErrorCategory | "iteration" | "policy", number>;
+  consecutive: number;
+  countPolicyRefusals: boolean;
+  noTestsIsFailure: boolean;
+}
 
 /** The database section; a combined policy sets a write exception to null when the layers disagree on it. */
 export interface DatabasePolicy extends Omit<PolicyFile["database"], "readOnlyDefault"> {

@@ -287,6 +287,34 @@ export class DockerRuntime implements ContainerRuntime {
     return state.Pid;
   }
 
+  async pause(id: string): Promise<void> {
+    try {
+      await this.docker.getContainer(id).pause();
+    } catch (err) {
+      // 409: already paused
+      if (statusOf(err) !== 409 || !(await this.isPaused(id))) throw dockerError(`pausing container ${id}`, err);
+    }
+  }
+
+  async unpause(id: string): Promise<void> {
+    try {
+      await this.docker.getContainer(id).unpause();
+    } catch (err) {
+      const s = statusOf(err);
+      // 409/500 "is not paused", 404 gone: nothing to thaw
+      if (s === 404 || !(await this.isPaused(id).catch(() => false))) return;
+      throw dockerError(`unpausing container ${id}`, err);
+    }
+  }
+
+  async isPaused(id: string): Promise<boolean> {
+    try {
+      return (await this.docker.getContainer(id).inspect()).State.Paused === true;
+    } catch (err) {
+      throw dockerError(`inspecting container ${id}`, err);
+    }
+  }
+
   async inspect(id: string): Promise<ContainerState | null> {
     try {
       const { State } = await this.docker.getContainer(id).inspect();

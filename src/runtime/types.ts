@@ -72,6 +72,12 @@ export interface ContainerRuntime {
    * are where src/runtime/netns.ts works. Throws when the container is gone.
    */
   containerPid(id: string): Promise<number>;
+  /** freeze every process of the container (cgroup freezer), state kept for a person to inspect */
+  pause(id: string): Promise<void>;
+  /** thaw a paused container; a container that is not paused is not an error */
+  unpause(id: string): Promise<void>;
+  /** whether the container is paused (docker inspect State.Paused) */
+  isPaused(id: string): Promise<boolean>;
   /** The container's state; null when it no longer exists. */
   inspect(id: string): Promise<ContainerState | null>;
 }

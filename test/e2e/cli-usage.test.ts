@@ -54,7 +54,7 @@ describe("phases by name", () => {
     expect(missing.stderr).toMatch(/no phase with id or name "no-such-phase" \[SBX_ERR_PHASE_NOT_FOUND\]/);
     expect(missing.stderr).toMatch(/sandboxd ps --all/);
     const stopped = await cli(["phase", "stop", "9.4-names"], { socket: d.socket });
-    expect(stopped.stdout).toBe(`${id} stopped\n`);
+    expect(stopped.stdout).toMatch(new RegExp(`^${id} stopped\\n- Files modified: `));
   });
 });
 

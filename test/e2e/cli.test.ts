@@ -73,7 +73,7 @@ describe("sandboxd CLI", () => {
     const show = await cli(["phase", "show", id], { socket });
     expect(show.stdout).toMatch(/state:\s+running/);
     const stop = await cli(["phase", "stop", id], { socket });
-    expect(stop.stdout.trim()).toBe(`${id} stopped`);
+    expect(stop.stdout).toMatch(new RegExp(`^${id} stopped\\n- Files modified: `));
     expect((await cli(["ps"], { socket })).stdout).not.toContain(id);
     expect((await cli(["ps", "--all"], { socket })).stdout).toMatch(new RegExp(`${id}.*stopped`));
   });

@@ -171,6 +171,22 @@ export class FakeRuntime implements ContainerRuntime {
     throw new Error("a fake container has no pid");
   }
 
+  async pause(id: string): Promise<void> {
+    this.calls.push(`pause ${id.slice(0, 8)}`);
+    const c = this.containers.get(id);
+    if (c) c.state = "paused";
+  }
+
+  async unpause(id: string): Promise<void> {
+    this.calls.push(`unpause ${id.slice(0, 8)}`);
+    const c = this.containers.get(id);
+    if (c?.state === "paused") c.state = "running";
+  }
+
+  async isPaused(id: string): Promise<boolean> {
+    return this.containers.get(id)?.state === "paused";
+  }
+
   /** A container as a previous daemon left it (for reconcile). */
   add(c: Omit<FakeContainer, "id" | "spec" | "shim"> & { id?: string }): FakeContainer {
     const id = c.id ?? `c${String(this.next++).padStart(63, "0")}`;

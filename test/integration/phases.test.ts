@@ -519,7 +519,7 @@ describe("bad input leaves nothing behind", () => {
     await expect(docker.getContainer(p2.containerName).inspect()).rejects.toMatchObject({ statusCode: 404 });
     const dir = path.join(t.stateDir, "phases", p2.id);
     expect(stopped.buildLog).toBe(path.join(other, "build_audit.log"));
-    expect(await readFile(stopped.buildLog, "utf8")).toMatch(/PHASE_COMPLETE: Phase 9/);
+    expect(await readFile(stopped.buildLog, "utf8")).toMatch(/\[PHASE_COMPLETE\] Phase 9 /);
     expect(await readFile(path.join(dir, "container.log"), "utf8")).toMatch(/\S/);
     await removeDir(other);
   });

@@ -331,6 +331,8 @@ describe("PostgreSQL through the tunnel and the SQL gateway", () => {
       expect(out.message).toMatch(/statement timeout/);
       expect(out.secs).toBeGreaterThanOrEqual(29.5);
       expect(out.secs).toBeLessThan(33);
+      // SKILLS.md Database Errors, max 1 attempt: the phase escalates when the script that met the error ends
+      expect(r.escalation?.category).toBe("database");
       await sleepy.api.request("DELETE", `/v1/phases/${phase.id}`);
       const log = await readFile(phase.buildLog, "utf8");
       expect(log).toMatch(/DB_QUERY \[PostgreSQL\]: select pg_sleep\(40\)/);

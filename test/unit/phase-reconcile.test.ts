@@ -26,6 +26,9 @@ describe("reconcileAction", () => {
       //          running container  exited container  no container
       starting: ["end", "end", "lost"],
       running: ["readopt", "end", "lost"],
+      // a frozen phase's shim cannot reconnect: it ends (failed), its escalation report kept
+      escalated: ["end", "end", "lost"],
+      paused: ["end", "end", "lost"],
       stopping: ["end", "end", "lost"],
       stopped: ["remove-ended", "remove-ended", "none"],
       failed: ["remove-ended", "remove-ended", "none"],

@@ -12,6 +12,13 @@ const EDGES: Array<[PhaseState, PhaseState]> = [
   ["starting", "running"],
   ["starting", "stopping"],
   ["running", "stopping"],
+  ["running", "escalated"],
+  ["running", "paused"],
+  ["escalated", "running"],
+  ["escalated", "stopping"],
+  ["paused", "running"],
+  ["paused", "escalated"],
+  ["paused", "stopping"],
   ["stopping", "stopped"],
   ["stopping", "failed"],
 ];

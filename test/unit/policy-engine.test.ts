@@ -135,7 +135,7 @@ describe("the default policy (policies/default.yaml)", () => {
   });
 
   it("encodes the fail-fast attempts per error category", () => {
-    expect(policy.failFast.maxAttempts).toEqual({ syntax: 3, import: 2, type: 3, test: 3, runtime: 2, database: 1 });
+    expect(policy.failFast.maxAttempts).toEqual({ syntax: 3, import: 2, type: 3, test: 3, runtime: 2, database: 1, iteration: 3, policy: 3 });
   });
 
   it("encodes the workspace and database rules", () => {
@@ -558,7 +558,7 @@ describe("combine(): a phase policy can only narrow", () => {
   it("takes the smaller of every limit and attempt count", () => {
     const c = combine(policy, strict);
     expect(c.limits.paper).toMatchObject({ memoryBytes: 1024 ** 3, maxTimeoutMs: 60_000, defaultTimeoutMs: 30_000, pidsLimit: 128 });
-    expect(c.failFast.maxAttempts).toEqual({ syntax: 2, import: 1, type: 2, test: 2, runtime: 1, database: 1 });
+    expect(c.failFast.maxAttempts).toEqual({ syntax: 2, import: 1, type: 2, test: 2, runtime: 1, database: 1, iteration: 3, policy: 3 });
     expect(c.workspace.atomicModification.maxFilesPerIteration).toBe(1);
     expect(c.database.statementTimeoutMs.value).toBe(10_000);
     expect(c.database.schemaChanges.decision).toBe("forbid");

@@ -1,0 +1,53 @@
+/**
+ * `GET /v1/events`: what a harness waits on instead of polling — phase state
+ * changes, failure categories, fail-fast attempts, escalations, approvals
+ * requested and decided, iterations — as NDJSON, one event a line, each
+ * with the audit record's `seq`. Derived from audit.jsonl (already durable,
+ * ordered and hash-chained): an event exists exactly when its record does,
+ * a daemon restart loses none, and `?since=<seq>` resumes after the last
+ * one a client saw. The journal is followed from its first byte with the
+ * `since` filter, so nothing appended between the read and the follow is lost.
+ */
+import type { AuditRecord } from "../audit/journal.js";
+
+/** Record types that are events as they are. */
+const EVENT_TYPES: ReadonlySet<string> = new Set([
+  "phase.start",
+  "phase.escalated",
+  "phase.paused",
+  "phase.resumed",
+  "phase.complete",
+  "phase.failed",
+  "failfast.attempt",
+  "approval.request",
+  "approval.approve",
+  "approval.deny",
+]);
+
+/** Fields an event carries (the rest of the record — output, SQL — stays in the audit trail). */
+const KEEP = [
+  "name", "mode", "reason", "category", "evidence", "failFast", "tests", "exitCode", "timedOut", "argv", "command",
+  "n", "scope", "count", "limit", "report", "recommendation", "note", "from", "countersReset", "approval",
+  "source", "action", "result", "counted", "decision", "rule", "trigger", "message", "failures", "failedIterations",
+] as const;
+
+export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>): boolean {
+  if (EVENT_TYPES.has(r.type)) return true;
+  // a command's result is an event when it failed (its category) or pytest ran (its counts)
+  if (r.type === "exec.result") return r.category != null || r.tests != null;
+  // the change layer's iteration records (src/workspace): iteration.*, checkpoint.*
+  return r.type === "workspace.iteration" || r.type.startsWith("iteration.") || r.type.startsWith("checkpoint.");
+}
+
+export function toEvent(r: AuditRecord): Record<string, unknown> {
+  const rec = r as unknown as Record<string, unknown>;
+  const e: Record<string, unknown> = { seq: r.seq, ts: r.ts, type: r.type, phase: rec.phase ?? null };
+  if (r.type === "phase.escalated") e.state = "escalated";
+  else if (r.type === "phase.paused") e.state = "paused";
+  else if (r.type === "phase.resumed" || r.type === "phase.start") e.state = "running";
+  else if (r.type === "phase.complete") e.state = "stopped";
+  else if (r.type === "phase.failed") e.state = "failed";
+  else if (r.type === "workspace.iteration") e.iteration = rec.state; // pending, accepted, rejected
+  for (const k of KEEP) if (rec[k] !== undefined && rec[k] !== null) e[k] = rec[k];
+  return e;
+}

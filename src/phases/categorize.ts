@@ -1,0 +1,211 @@
+/**
+ * SKILLS.md "Error Categories": what kind of failure a command's result is,
+ * and the evidence (the line that decided it). Pure: the exec path hands it
+ * the result it already holds, so it costs nothing on a success (exit 0 is
+ * never read) and one pass over the kept output on a failure.
+ *
+ * pytest is not read from its free text: the daemon asks it for a JUnit XML
+ * report (exec.ts adds `--junitxml`), and its counts come from that report's
+ * <testsuite> attributes (parseJunit). mypy is read from its own summary
+ * line ("Found N errors in M files" / "Success: no issues found").
+ */
+import path from "node:path";
+import { XMLParser } from "fast-xml-parser";
+
+export const FAILURE_CATEGORIES = ["syntax", "import", "type", "test", "runtime", "database", "iteration", "policy", "unknown"] as const;
+export type FailureCategory = (typeof FAILURE_CATEGORIES)[number];
+
+/** The tool a command runs, as far as fail-fast is concerned: its successes reset the counters its failures fed. */
+export type Tool = "pytest" | "mypy" | "pylint" | "black" | "flake8" | "isort" | "python" | "other";
+
+export interface Failure {
+  category: FailureCategory;
+  /** the line (or summary) that decided the category, scrubbed by the caller's redactor, at most 500 characters */
+  evidence: string;
+}
+
+export interface TestCounts {
+  tests: number;
+  passed: number;
+  failures: number;
+  errors: number;
+  skipped: number;
+  /** "file::name" of each failing or erroring test case, at most 50 */
+  failed: string[];
+}
+
+export interface CategorizeInput {
+  /** the program's argv as run (after the policy's wrappers): used to know the tool */
+  argv: readonly string[];
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  stdout: string;
+  stderr: string;
+  /** pytest's JUnit report, when the daemon asked for one and read it back */
+  junit?: TestCounts | null;
+  /** SKILLS.md leaves it open; the policy says whether pytest's "no tests collected" (exit 5) is a failure */
+  noTestsIsFailure?: boolean;
+}
+
+const MAX_EVIDENCE = 500;
+const clip = (s: string) => (s.length > MAX_EVIDENCE ? s.slice(0, MAX_EVIDENCE - 1) + "…" : s);
+
+/** The tool of an argv: the program itself, or what `python -m X` / `python3 -m X` runs. */
+export function toolOf(argv: readonly string[]): Tool {
+  const prog = path.basename(argv[0] ?? "");
+  let name = prog;
+  if (/^python(\d(\.\d+)?)?$/.test(prog)) {
+    const m = argv.indexOf("-m");
+    name = m > 0 && argv[m + 1] ? argv[m + 1]! : "python";
+  }
+  if (name === "pytest" || name === "py.test") return "pytest";
+  if (name === "mypy" || name === "pylint" || name === "black" || name === "flake8" || name === "isort" || name === "python") return name;
+  return "other";
+}
+
+/** Where in an argv `--junitxml=…` may be added: pytest run directly or as `python -m pytest`. */
+export function isPytest(argv: readonly string[]): boolean {
+  return toolOf(argv) === "pytest";
+}
+
+/**
+ * The category of a finished command, or null when it succeeded. Only a
+ * non-zero exit (or a signal, a timeout) is read at all.
+ */
+export function categorize(r: CategorizeInput): Failure | null {
+  const tool = toolOf(r.argv);
+  if (r.timedOut) return { category: "runtime", evidence: "timed out (killed by the phase's timeout)" };
+  if (r.exitCode === 0) return null;
+  if (tool === "pytest" && r.exitCode === 5) {
+    if (r.noTestsIsFailure === false) return null;
+    return { category: "test", evidence: "pytest collected no tests (exit 5)" };
+  }
+  // the deciding lines (a traceback's last, a tool's summary) are at the end: only the tails are read
+  const text = `${tail(r.stderr)}\n${tail(r.stdout)}`;
+  const oom = /\b(Killed|Out of memory|MemoryError|oom-kill)/.exec(text);
+  if (r.exitCode === 137 || r.signal === "SIGKILL") {
+    return { category: "runtime", evidence: clip(oom ? `killed (SIGKILL), likely out of memory: ${lineAt(text, oom.index)}` : "killed (SIGKILL / exit 137)") };
+  }
+  if (r.exitCode === null) return { category: "runtime", evidence: `killed by ${r.signal ?? "a signal"}` };
+
+  // Linters' own words for "this does not parse".
+  if (tool === "pylint") {
+    const m = /^.*\bE0001\b.*$/m.exec(text);
+    if (m) return { category: "syntax", evidence: clip(m[0].trim()) };
+  }
+  if (tool === "black") {
+    const m = /^.*(cannot parse|Cannot parse).*$/m.exec(text);
+    if (m) return { category: "syntax", evidence: clip(m[0].trim()) };
+  }
+  if (tool === "flake8") {
+    const m = /^.*\bE999\b.*$/m.exec(text);
+    if (m) return { category: "syntax", evidence: clip(m[0].trim()) };
+  }
+  if (tool === "mypy") {
+    const syntax = /^.*: error: .*(invalid syntax|SyntaxError).*$/m.exec(text);
+    if (syntax) return { category: "syntax", evidence: clip(syntax[0].trim()) };
+    const summary = /^Found (\d+) errors? in (\d+) files?.*$/m.exec(text);
+    if (summary) return { category: "type", evidence: clip(summary[0].trim()) };
+  }
+
+  // a test run with failing tests is a test failure, whatever the tests raised
+  if (tool === "pytest" && r.junit && r.junit.failures > 0) return testFailure(r.junit);
+  // Python's own exceptions: the last "Name: message" line of a traceback decides.
+  const exc = lastException(text);
+  if (exc) {
+    if (exc.name === "SyntaxError" || exc.name === "IndentationError" || exc.name === "TabError") return { category: "syntax", evidence: clip(exc.line) };
+    if (exc.name === "ModuleNotFoundError" || exc.name === "ImportError") {
+      // pytest reports a test module that does not import as a collection error; it is still an import error.
+      return { category: "import", evidence: clip(exc.line) };
+    }
+  }
+  if (tool === "pytest") {
+    if (r.junit) return testFailure(r.junit);
+    return { category: "test", evidence: `pytest exit ${r.exitCode} (no JUnit report read)` };
+  }
+  if (tool === "mypy") return { category: "type", evidence: clip(firstLine(text, /: error: /) ?? `mypy exit ${r.exitCode}`) };
+  if (tool === "pylint" || tool === "black" || tool === "flake8" || tool === "isort") {
+    // lint findings that are not syntax: not a SKILLS.md category of their own
+    return { category: "unknown", evidence: clip(firstLine(text, /\S/) ?? `${tool} exit ${r.exitCode}`) };
+  }
+  if (exc || /^Traceback \(most recent call last\):/m.test(text)) {
+    return { category: "runtime", evidence: clip(exc?.line ?? "Traceback (most recent call last)") };
+  }
+  return { category: "unknown", evidence: `exit ${r.exitCode}` };
+}
+
+const TAIL_CHARS = 64 * 1024;
+function tail(s: string): string {
+  if (s.length <= TAIL_CHARS) return s;
+  const cut = s.indexOf("\n", s.length - TAIL_CHARS);
+  return s.slice(cut < 0 ? s.length - TAIL_CHARS : cut + 1);
+}
+
+function testFailure(j: TestCounts): Failure {
+  const first = j.failed[0] ? `; first: ${j.failed[0]}` : "";
+  return { category: "test", evidence: clip(`${j.failures} failed, ${j.errors} errors, ${j.passed} passed, ${j.skipped} skipped of ${j.tests}${first}`) };
+}
+
+function lastException(text: string): { name: string; line: string } | null {
+  const re = /^\s*(?:E\s+)?((?:[A-Za-z_][\w]*\.)*([A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Interrupt)))(?::\s.*)?$/gm;
+  let found: { name: string; line: string } | null = null;
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(text)) !== null) found = { name: m[2]!, line: m[0].trim() };
+  return found;
+}
+
+function lineAt(text: string, index: number): string {
+  const start = text.lastIndexOf("\n", index) + 1;
+  const end = text.indexOf("\n", index);
+  return text.slice(start, end < 0 ? undefined : end).trim();
+}
+
+function firstLine(text: string, re: RegExp): string | null {
+  for (const l of text.split("\n")) if (re.test(l)) return l.trim();
+  return null;
+}
+
+/* ------------------------------ JUnit XML ------------------------------ */
+
+const MAX_FAILED_NAMES = 50;
+const parser = new XMLParser({
+  ignoreAttributes: false,
+  attributeNamePrefix: "",
+  // no entity expansion beyond XML's five: a report is data, never markup to expand
+  processEntities: false,
+  parseAttributeValue: false,
+  isArray: (name) => name === "testsuite" || name === "testcase",
+});
+
+/**
+ * pytest's JUnit XML: `<testsuites><testsuite tests= failures= errors=
+ * skipped=>` with one <testcase> per test, a <failure>/<error> child on
+ * those that did not pass. Totals are summed over every suite; names are
+ * "classname::name" of the failing cases. Throws on a report that is not one.
+ */
+export function parseJunit(xml: string): TestCounts {
+  const doc = parser.parse(xml) as Record<string, unknown>;
+  const root = (doc.testsuites ?? doc) as Record<string, unknown>;
+  const suites = root.testsuite as Array<Record<string, unknown>> | undefined;
+  if (!Array.isArray(suites) || suites.length === 0) throw new Error("no <testsuite> in the JUnit report");
+  const n = (v: unknown) => {
+    const x = Number.parseInt(String(v ?? "0"), 10);
+    if (!Number.isFinite(x) || x < 0) throw new Error(`bad count ${String(v)} in the JUnit report`);
+    return x;
+  };
+  const out: TestCounts = { tests: 0, passed: 0, failures: 0, errors: 0, skipped: 0, failed: [] };
+  for (const s of suites) {
+    out.tests += n(s.tests);
+    out.failures += n(s.failures);
+    out.errors += n(s.errors);
+    out.skipped += n(s.skipped);
+    for (const c of (s.testcase as Array<Record<string, unknown>> | undefined) ?? []) {
+      if ((c.failure !== undefined || c.error !== undefined) && out.failed.length < MAX_FAILED_NAMES) {
+        out.failed.push(`${String(c.classname ?? "")}::${String(c.name ?? "")}`);
+      }
+    }
+  }
+  out.passed = Math.max(0, out.tests - out.failures - out.errors - out.skipped);
+  return out;
+}

@@ -1,0 +1,236 @@
+/**
+ * SKILLS.md Fail-Fast Protocol, the acting half: a failed attempt counted
+ * (recordAttempt, the hook every source of failures calls: exec, the SQL
+ * gateway, the checkpoint), a limit reached (escalate: the phase becomes
+ * `escalated`, its container frozen, the Human Escalation Log written to
+ * both logs and a file), and what a person does next (pause, resume,
+ * abort). "1. STOP all execution 2. Generate a detailed error log 3. Report
+ * to human supervisor 4. Await manual intervention" — done by the
+ * supervisor, not left to the agent.
+ */
+import { writeFile } from "node:fs/promises";
+import path from "node:path";
+import { actionLine, escapeControl, timestamp } from "../audit/format.js";
+import { SandboxdError } from "../errors.js";
+import type { FailureCategory, TestCounts } from "./categorize.js";
+import type { LivePhase, PhaseContext } from "./context.js";
+import { categoryTitle, escalationReport, recommend, type Attempt, type LimitReached, type Source } from "./failfast.js";
+import { endPhase } from "./lifecycle.js";
+import { transition } from "./state.js";
+import type { Escalation, PhaseView } from "./types.js";
+
+export interface AttemptInput {
+  category: FailureCategory;
+  source: Source;
+  /** what was tried: a command, a statement, an iteration */
+  action: string;
+  /** what came of it */
+  result: string;
+  evidence: string;
+  /** the full error (scrubbed by the caller or here), for the report's "Last Error" */
+  lastError?: string;
+}
+
+export interface AttemptOutcome {
+  counted: boolean;
+  /** consecutive failures of this category, this one included */
+  count: number;
+  limit: number | null;
+  attempt: Attempt;
+  /** set when this attempt escalated the phase */
+  escalation: Escalation | null;
+  /** the limit this attempt reached (escalate() takes it after the caller's record) */
+  reached: LimitReached | null;
+}
+
+/** Count a failure without recording it: exec puts the outcome in its own exec.result record, then calls escalate. */
+export function countAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput): AttemptOutcome {
+  const policy = ctx.policyFor(live.phasePolicy).failFast;
+  if (a.lastError !== undefined) live.failFast.lastError = live.rec.redact(a.lastError);
+  const r = live.failFast.fail(policy, {
+    at: timestamp(ctx.opts.clock.now()),
+    category: a.category,
+    source: a.source,
+    action: live.rec.redact(a.action),
+    result: live.rec.redact(a.result),
+    evidence: live.rec.redact(a.evidence),
+  });
+  return { counted: r.counted, count: r.count, limit: r.limit, attempt: r.attempt, escalation: null, reached: r.reached };
+}
+
+/**
+ * The hook for failures that are not a command's result: an iteration
+ * refused at a checkpoint (`{category: "iteration", source: "checkpoint"}`),
+ * a database refusal or server error (`{category: "database", source:
+ * "gateway"}`). Records a `failfast.attempt` and escalates at the limit.
+ */
+export async function recordAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput): Promise<AttemptOutcome> {
+  const out = countAttempt(ctx, live, a);
+  const ts = timestamp(ctx.opts.clock.now());
+  await live.rec.record(
+    {
+      type: "failfast.attempt",
+      category: a.category,
+      evidence: out.attempt.evidence,
+      source: a.source,
+      action: out.attempt.action,
+      result: out.attempt.result,
+      counted: out.counted,
+      count: out.count,
+      limit: out.limit,
+    },
+    [actionLine(ts, "FAILFAST", "ATTEMPT", out.attempt.action, `${categoryTitle(a.category)}${out.counted ? ` ${out.count}/${out.limit}` : " (not counted)"}: ${out.attempt.evidence}`)],
+  );
+  if (out.reached) {
+    // A failure seen while commands run (a database error from inside a script) stops the phase
+    // when they end — freezing them mid-flight would leave their callers waiting for nothing.
+    if ((live.channel?.runningExecs ?? 0) > 0) live.pendingEscalation = out.reached;
+    else out.escalation = await escalate(ctx, live, out.reached);
+  }
+  return out;
+}
+
+/** A success of `source`: the counters its failures fed start again (recorded only when one did). */
+export async function recordSuccess(ctx: PhaseContext, live: LivePhase, source: Source): Promise<FailureCategory[]> {
+  return live.failFast.succeed(source);
+}
+
+/**
+ * A limit reached: the phase becomes `escalated` at once (so the next call
+ * gets 423), the report is written and recorded, then the container is
+ * frozen. Returns null when the phase is already escalated or ending.
+ */
+export async function escalate(ctx: PhaseContext, live: LivePhase, reached: LimitReached): Promise<Escalation | null> {
+  const { record } = live;
+  if (record.state !== "running" && record.state !== "paused") return null;
+  live.pendingEscalation = null;
+  transition(record, "escalated");
+  const at = timestamp(ctx.opts.clock.now());
+  const n = (record.escalations?.length ?? 0) + 1;
+  const tests: TestCounts | null = live.failFast.lastTests;
+  const lines = escalationReport({
+    phase: { id: record.id, name: record.name, mode: record.mode, project: record.project },
+    reached,
+    filesModified: null,
+    lastError: live.failFast.lastError,
+    tests,
+    at,
+  }).map((l) => escapeControl(live.rec.redact(l)));
+  const report = path.join(ctx.store.dir(record.id), `escalation-${n}.log`);
+  const summary =
+    reached.scope === "category"
+      ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
+      : `${reached.count} consecutive failed attempts (limit ${reached.limit}), the last ${reached.category}`;
+  const esc: Escalation = { n, at, category: reached.category, report, summary, resolved: null };
+  record.escalations = [...(record.escalations ?? []), esc];
+  await writeFile(report, lines.join("\n") + "\n", { mode: 0o640 });
+  await ctx.store.save(record);
+  // on disk, in both records, before the container is touched
+  await live.rec.record(
+    {
+      type: "phase.escalated",
+      n,
+      category: reached.category,
+      scope: reached.scope,
+      count: reached.count,
+      limit: reached.limit,
+      attempts: reached.attempts.map((a) => ({ ...a })),
+      report,
+      tests,
+      recommendation: recommend(reached, tests),
+    },
+    [actionLine(at, "PHASE", "ESCALATE", `${record.name} (${record.id})`, `${summary}; report ${report}`), ...lines],
+  );
+  await freeze(ctx, live);
+  ctx.opts.log.warn({ phase: record.id, category: reached.category, report }, "phase escalated (fail-fast)");
+  return esc;
+}
+
+async function freeze(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  if (!live.record.containerId) return;
+  try {
+    await ctx.opts.runtime.pause(live.record.containerId);
+    live.frozen = true;
+  } catch (e) {
+    // The 423 gate still holds every call; the container just is not frozen. Said in the trail.
+    ctx.opts.log.error({ phase: live.record.id, err: (e as Error).message }, "could not freeze the container");
+    await live.rec
+      .record({ type: "phase.freeze-failed", error: (e as Error).message }, [
+        actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "FREEZE", `${live.record.name} (${live.record.id})`, `FAILED: ${(e as Error).message}`),
+      ])
+      .catch((re: Error) => ctx.opts.log.error({ phase: live.record.id, err: re.message }, "could not record the failed freeze"));
+  }
+}
+
+function liveOf(ctx: PhaseContext, id: string): LivePhase {
+  const live = ctx.phases.get(id);
+  if (!live) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is not live (ended, or unknown to this daemon)`);
+  return live;
+}
+
+/** A person freezes a running phase. */
+export async function pausePhase(ctx: PhaseContext, id: string, note: string | null): Promise<PhaseView> {
+  ctx.assertServing();
+  const live = liveOf(ctx, id);
+  transition(live.record, "paused");
+  const at = timestamp(ctx.opts.clock.now());
+  live.record.pausedBy = { at, note };
+  await ctx.store.save(live.record);
+  await live.rec.record({ type: "phase.paused", note }, [
+    actionLine(at, "PHASE", "PAUSE", `${live.record.name} (${live.record.id})`, `by operator${note ? `: ${note}` : ""}`),
+  ]);
+  await freeze(ctx, live);
+  return ctx.view(live.record);
+}
+
+/**
+ * A person lets an escalated or paused phase go on: the container thaws; after
+ * an escalation every fail-fast counter starts again. The note is audited.
+ */
+export async function resumePhase(ctx: PhaseContext, id: string, note: string | null): Promise<PhaseView> {
+  ctx.assertServing();
+  const live = liveOf(ctx, id);
+  const { record } = live;
+  const from = record.state;
+  if (from !== "escalated" && from !== "paused") {
+    throw new SandboxdError("SBX_ERR_PHASE_NOT_ESCALATED", `phase ${id} is ${from}; only an escalated or paused phase can be resumed`);
+  }
+  if (from === "escalated" && !note?.trim()) {
+    throw new SandboxdError("SBX_ERR_VALIDATION", `resuming escalated phase ${id} needs a note: what the person decided after reading the report`, {
+      hint: `sandboxd phase resume ${id} --note "fixed the fixture; go on"`,
+    });
+  }
+  if (record.containerId) await ctx.opts.runtime.unpause(record.containerId);
+  live.frozen = false;
+  const at = timestamp(ctx.opts.clock.now());
+  const esc = from === "escalated" ? record.escalations?.at(-1) : undefined;
+  if (esc) {
+    esc.resolved = { at, how: "resumed", note };
+    live.failFast.reset();
+  }
+  record.pausedBy = null;
+  transition(record, "running");
+  await ctx.store.save(record);
+  await live.rec.record({ type: "phase.resumed", from, note, escalation: esc?.n ?? null, countersReset: esc !== undefined }, [
+    actionLine(
+      at,
+      "PHASE",
+      "RESUME",
+      `${record.name} (${record.id})`,
+      `by operator from ${from}${esc ? ` (escalation ${esc.n}; fail-fast counters reset)` : ""}${note ? `: ${note}` : ""}`,
+    ),
+  ]);
+  return ctx.view(record);
+}
+
+/** A person ends the phase as failed; its reports stay. */
+export async function abortPhase(ctx: PhaseContext, id: string, note: string | null): Promise<PhaseView> {
+  const live = liveOf(ctx, id);
+  const { record } = live;
+  if (record.state === "stopping" || live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is already stopping`);
+  const at = timestamp(ctx.opts.clock.now());
+  const esc = record.state === "escalated" ? record.escalations?.at(-1) : undefined;
+  if (esc) esc.resolved = { at, how: "aborted", note };
+  await endPhase(ctx, live, "failed", `aborted by operator${note ? `: ${note}` : ""}`);
+  return ctx.view(record);
+}

@@ -1,0 +1,205 @@
+/**
+ * SKILLS.md Fail-Fast Protocol, the counting half (pure): consecutive failed
+ * attempts per category against the policy's maxAttempts, and across
+ * categories against `consecutive` (Core Principles: "3 consecutive
+ * self-correction attempts"). escalation.ts does what a limit reached means.
+ *
+ * What counts:
+ *   - a command whose result categorize.ts puts in syntax, import, type,
+ *     test or runtime; a database refusal or server error from the gateway;
+ *     an iteration refused at a checkpoint (`iteration`, via recordAttempt);
+ *     a policy refusal only when the policy's countPolicyRefusals is true.
+ *   - `unknown` (a grep that matched nothing, a lint finding that is not a
+ *     syntax error) is recorded with its evidence but never counted: it is
+ *     not an error SKILLS.md names, and counting it would escalate ordinary
+ *     exploration.
+ *
+ * What resets ("a success of the same kind"): every counter remembers the
+ * tools whose failures fed it (pytest, mypy, pylint, python, …; the
+ * gateway for `database`; the checkpoint for `iteration`). A success of one
+ * of those tools resets that counter — a passing pytest resets `test`, and
+ * `import` if pytest's import failed; a passing mypy resets `type`. A
+ * success that resets a counter also ends the consecutive streak. Other
+ * successes (ls, cat) reset nothing.
+ */
+import type { FailureCategory, TestCounts, Tool } from "./categorize.js";
+import type { FailFastPolicy } from "../policy/schema.js";
+
+/** Who produced an attempt: a command's tool, the SQL gateway or the checkpoint. */
+export type Source = Tool | "gateway" | "checkpoint" | "policy";
+
+export interface Attempt {
+  /** 1-based, over the phase */
+  n: number;
+  at: string;
+  category: FailureCategory;
+  source: Source;
+  /** what the agent did: the command, the statement, the iteration */
+  action: string;
+  /** what came of it: "FAIL exit 1", "refused by db.read-only", … */
+  result: string;
+  evidence: string;
+}
+
+export interface Counter {
+  count: number;
+  sources: Set<Source>;
+  attempts: Attempt[];
+}
+
+/** A limit reached: which scope, which category, how many of how many. */
+export interface LimitReached {
+  scope: "category" | "consecutive";
+  category: FailureCategory;
+  count: number;
+  limit: number;
+  /** the attempts the limit counted, oldest first */
+  attempts: Attempt[];
+}
+
+export class FailFastState {
+  readonly counters = new Map<FailureCategory, Counter>();
+  /** consecutive counted failures of any category */
+  streak: Attempt[] = [];
+  /** every counted failed attempt of the phase */
+  total = 0;
+  /** pytest's counts from the last run whose report was read */
+  lastTests: TestCounts | null = null;
+  /** the last failure's full output (scrubbed), for the escalation report */
+  lastError = "";
+  /** validation tools (pytest, mypy, pylint, black, flake8, isort) and whether their last run passed */
+  readonly validation = new Map<string, boolean>();
+
+  /** A failure: counted (or not) and checked against the limits. */
+  fail(
+    policy: FailFastPolicy,
+    a: Omit<Attempt, "n">,
+  ): { counted: boolean; attempt: Attempt; count: number; limit: number | null; reached: LimitReached | null } {
+    const limit = limitOf(policy, a.category);
+    if (limit === null) return { counted: false, attempt: { ...a, n: this.total }, count: 0, limit: null, reached: null };
+    this.total += 1;
+    const attempt: Attempt = { ...a, n: this.total };
+    let c = this.counters.get(a.category);
+    if (!c) this.counters.set(a.category, (c = { count: 0, sources: new Set(), attempts: [] }));
+    c.count += 1;
+    c.sources.add(a.source);
+    c.attempts.push(attempt);
+    this.streak.push(attempt);
+    let reached: LimitReached | null = null;
+    if (c.count >= limit) reached = { scope: "category", category: a.category, count: c.count, limit, attempts: [...c.attempts] };
+    else if (this.streak.length >= policy.consecutive) {
+      reached = { scope: "consecutive", category: a.category, count: this.streak.length, limit: policy.consecutive, attempts: [...this.streak] };
+    }
+    return { counted: true, attempt, count: c.count, limit, reached };
+  }
+
+  /** A success of `source`: resets the counters it fed; returns the categories reset. */
+  succeed(source: Source): FailureCategory[] {
+    const reset: FailureCategory[] = [];
+    for (const [cat, c] of this.counters) {
+      if (c.sources.has(source)) {
+        this.counters.delete(cat);
+        reset.push(cat);
+      }
+    }
+    if (reset.length > 0) this.streak = [];
+    return reset;
+  }
+
+  /** After a person resumed an escalated phase: every count starts again. */
+  reset(): void {
+    this.counters.clear();
+    this.streak = [];
+  }
+
+  snapshot(): Record<string, number> {
+    return Object.fromEntries([...this.counters].map(([k, c]) => [k, c.count]));
+  }
+}
+
+/** The policy's limit for a category, or null when it is not counted. */
+export function limitOf(policy: FailFastPolicy, category: FailureCategory): number | null {
+  if (category === "unknown") return null;
+  if (category === "policy" && !policy.countPolicyRefusals) return null;
+  return policy.maxAttempts[category];
+}
+
+const TITLES: Record<FailureCategory, string> = {
+  syntax: "Syntax",
+  import: "Import",
+  type: "Type",
+  test: "Test",
+  runtime: "Runtime",
+  database: "Database",
+  iteration: "Iteration",
+  policy: "Policy",
+  unknown: "Unknown",
+};
+
+export function categoryTitle(c: FailureCategory): string {
+  return TITLES[c];
+}
+
+/** The daemon's reading of the evidence: what a person should look at first. */
+export function recommend(reached: LimitReached, tests: TestCounts | null): string {
+  const last = reached.attempts.at(-1);
+  const ev = last?.evidence ?? "";
+  const same = reached.attempts.every((a) => a.evidence === ev);
+  const repeat = same && reached.attempts.length > 1 ? ` The same error came back ${reached.attempts.length} times unchanged: the corrections did not reach its cause.` : "";
+  switch (reached.category) {
+    case "test": {
+      const names = tests?.failed.length ? ` Failing: ${tests.failed.slice(0, 5).join(", ")}.` : "";
+      return `Tests keep failing (${ev}).${names} Check whether the test or the specification is wrong before more fixes to the implementation.${repeat}`;
+    }
+    case "import":
+      return `A module cannot be imported (${ev}). If it is a third-party package, it must be in requirements.txt and installed through the package proxy; if it is the project's own, check the package layout and PYTHONPATH.${repeat}`;
+    case "syntax":
+      return `The code does not parse (${ev}). Look at the named line; an edit may have been applied partially.${repeat}`;
+    case "type":
+      return `mypy reports type errors (${ev}). Review the signatures involved rather than adding ignores.${repeat}`;
+    case "runtime":
+      return `The program fails at run time (${ev}). Check the inputs and the environment it runs with (services, data, memory).${repeat}`;
+    case "database":
+      return `The database refused or failed (${ev}). Check the service and the statement against the phase's mode; SKILLS.md escalates database issues at once.${repeat}`;
+    case "iteration":
+      return `Iterations keep being refused at the checkpoint (${ev}). The changes break SKILLS.md §1 file rules; make smaller, atomic changes.${repeat}`;
+    case "policy":
+      return `Commands keep being refused by the policy (${ev}). The agent is trying something the policy forbids; decide whether to approve it or redirect the agent.${repeat}`;
+    default:
+      return `${ev}${repeat}`;
+  }
+}
+
+export interface ReportInput {
+  phase: { id: string; name: string; mode: string; project: string };
+  reached: LimitReached;
+  filesModified: readonly string[] | null;
+  lastError: string;
+  tests: TestCounts | null;
+  at: string;
+}
+
+/** SKILLS.md "Human Escalation Log", filled in. Every line is the daemon's; the caller scrubs. */
+export function escalationReport(r: ReportInput): string[] {
+  const { reached } = r;
+  const why =
+    reached.scope === "category"
+      ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
+      : `${reached.count} consecutive failed attempts (limit ${reached.limit}, SKILLS.md Fail-Fast Protocol)`;
+  const lastError = (r.lastError.trim() || "(no output)").split("\n").map((l) => `  ${l}`);
+  return [
+    `[ESCALATION] Phase ${r.phase.name} (${r.phase.id}) failed after ${reached.count} attempts`,
+    "---",
+    `Phase: ${r.phase.name} (${r.phase.id}) - mode ${r.phase.mode}, project ${r.phase.project}`,
+    `Error Category: ${categoryTitle(reached.category)}`,
+    `Escalated: ${r.at} — ${why}`,
+    `Files Modified: ${r.filesModified === null ? "unknown (the phase's change set is not tracked by this daemon)" : r.filesModified.length ? r.filesModified.join(", ") : "none"}`,
+    ...(r.tests ? [`Tests (last pytest run): ${r.tests.passed} passed, ${r.tests.failures} failed, ${r.tests.errors} errors, ${r.tests.skipped} skipped of ${r.tests.tests}`] : []),
+    "Last Error:",
+    ...lastError,
+    "Self-Correction Attempts:",
+    ...reached.attempts.map((a, i) => `  ${i + 1}. [${a.at}] ${a.action} → ${a.result} [${categoryTitle(a.category)}: ${a.evidence}]`),
+    `Recommendation: ${recommend(reached, r.tests)}`,
+    "---",
+  ];
+}

@@ -1,0 +1,62 @@
+/**
+ * pytest's real result: the daemon adds `--junitxml=/tmp/.sandboxd-junit-<random>.xml`
+ * to a pytest command and, when it ends, reads the report back through the
+ * container's root as the host sees it (/proc/<container pid>/root/tmp/…;
+ * the daemon runs as root), then deletes it. Nothing is opened to the
+ * command's uid: not the run dir (the control socket lives there), not the
+ * project.
+ *
+ * The file is in a place the agent can write, so it is read as untrusted:
+ * a random name; opened with O_NOFOLLOW (a symlink planted there would
+ * otherwise be resolved against the HOST's root) and O_NONBLOCK (a FIFO
+ * does not hang the daemon); a regular file only, at most 16 MiB; parsed by
+ * a real XML parser without entity expansion (categorize.ts parseJunit).
+ * A report that cannot be read leaves the counts unknown (null), never wrong.
+ */
+import { randomBytes } from "node:crypto";
+import { constants } from "node:fs";
+import { open, unlink } from "node:fs/promises";
+import path from "node:path";
+import { parseJunit, type TestCounts } from "./categorize.js";
+import type { LivePhase, PhaseContext } from "./context.js";
+
+const MAX_REPORT_BYTES = 16 * 1024 * 1024;
+
+export interface JunitPath {
+  name: string;
+  inContainer: string;
+}
+
+export function junitPathFor(): JunitPath {
+  const name = `.sandboxd-junit-${randomBytes(12).toString("hex")}.xml`;
+  return { name, inContainer: `/tmp/${name}` };
+}
+
+export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath): Promise<TestCounts | null> {
+  const cid = live.record.containerId;
+  if (!cid) return null;
+  try {
+    live.pid ??= await ctx.opts.runtime.containerPid(cid);
+    const file = path.join("/proc", String(live.pid), "root", "tmp", j.name);
+    let fh;
+    try {
+      fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return null; // pytest wrote none (usage error, -p no:junitxml)
+      throw e;
+    }
+    try {
+      const st = await fh.stat();
+      if (!st.isFile()) throw new Error("the JUnit report is not a regular file");
+      if (st.size > MAX_REPORT_BYTES) throw new Error(`the JUnit report is ${st.size} bytes, over ${MAX_REPORT_BYTES}`);
+      const xml = await fh.readFile("utf8");
+      return parseJunit(xml);
+    } finally {
+      await fh.close();
+      await unlink(file).catch((e: Error) => ctx.opts.log.warn({ phase: live.record.id, err: e.message }, "could not remove pytest's JUnit report"));
+    }
+  } catch (e) {
+    ctx.opts.log.warn({ phase: live.record.id, err: (e as Error).message }, "pytest's JUnit report could not be read; its counts are unknown");
+    return null;
+  }
+}
