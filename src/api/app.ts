@@ -42,6 +42,8 @@ const startBody = z
 
 /** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
 const MAX_ARG_BYTES = 131_071;
+/** An exec waits at most this long for a person's decision: a longer wait is a request left to hang, not a decision. */
+export const MAX_WAIT_APPROVAL_MS = 3_600_000;
 const execBody = z
   .object({
     argv: z
@@ -63,6 +65,8 @@ const execBody = z
       .optional(),
     timeoutMs: z.number().int().positive().max(86_400_000).optional(),
     reason: z.string().max(2000).optional(),
+    /** when the policy asks a person: wait this long for the decision (long poll) */
+    waitApprovalMs: z.number().int().positive().max(MAX_WAIT_APPROVAL_MS, "at most 1 hour (3,600,000 ms); wait again with the approval's id after that").optional(),
   })
   .strict()
   .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
@@ -195,12 +199,14 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   app.get("/v1/approvals", async (req) => {
     const q = parse(approvalsQuery, req.query, "query");
-    return { approvals: opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) }) };
+    const list = opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) });
+    return { approvals: list.map((a) => ({ ...a, waiting: opts.approvals.waiting(a.id) })) };
   });
 
   app.get("/v1/approvals/:id", async (req) => {
     const { id } = parse(approvalIdParam, req.params, "path");
-    return { approval: opts.approvals.get(id) };
+    // waiting: how many execs are blocked on this decision right now (exec waitApprovalMs)
+    return { approval: { ...opts.approvals.get(id), waiting: opts.approvals.waiting(id) } };
   });
 
   for (const decision of ["approve", "deny"] as const) {
@@ -251,7 +257,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"started","phaseId","pid","rule"}` as soon as the
+ * NDJSON exec: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
+ * when it waits for a person's decision (waitApprovalMs),
+ * `{"type":"started","phaseId","pid","rule"}` as soon as the
  * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
  * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
@@ -268,7 +276,7 @@ async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
   id: string,
-  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined },
+  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();
@@ -304,7 +312,11 @@ async function streamExec(
     const result = await manager.exec(
       id,
       body,
-      { started: (info) => write({ type: "started", phaseId: id, ...info }), stdout: emit("stdout"), stderr: emit("stderr") },
+      {
+        started: (info) => write({ type: "started", phaseId: id, ...info }),
+        // commits the 200: the decision (run, denial, no decision in time) follows in the stream
+        waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
+        stdout: emit("stdout"), stderr: emit("stderr") },
       abort.signal,
     );
     write({ type: "exit", result });

@@ -123,6 +123,15 @@ function parseTimeout(value: string): number {
   return Math.round(n * 1000);
 }
 
+/** `--wait-approval` without a value: 10 minutes. */
+const DEFAULT_WAIT_APPROVAL_MS = 600_000;
+
+function parseWait(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0 || n > 3600) throw new InvalidArgumentError("give the wait in seconds, a positive number up to 3600 (e.g. --wait-approval=300)");
+  return Math.round(n * 1000);
+}
+
 function program(): Command {
   const prog = new Command("sandboxd")
     .description("Run autonomous coding agents' phases in disposable, policy-mediated Docker sandboxes.")
@@ -312,17 +321,30 @@ function program(): Command {
     .option("-c, --command <string>", "a shell command string instead of argv; parsed and judged part by part (anything the parser cannot vouch for is refused)")
     .option("--timeout <seconds>", "kill the command after this many seconds (default 60; paper mode allows up to 300)", parseTimeout)
     .option("--reason <text>", "why the command is run (recorded in the audit trail)")
+    .option(
+      "--wait-approval [seconds]",
+      "when the policy asks a person, wait for their decision (default 600 s, at most 3600): approved, the command runs; denied, exit 126 with their note",
+      parseWait,
+    )
     .option("--json", "do not stream; print the result record as JSON when the command ends")
     .addHelpText(
       "after",
       "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over the mode's limit,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
-    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string }, cmd: Command) => {
+    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string; waitApproval?: number | true }, cmd: Command) => {
       const api = client(cmd);
       if ((argv.length > 0) === (opts.command !== undefined)) {
         cmd.error("give the command either after -- as argv, or as --command \"STRING\" (not both)", { exitCode: EXIT.usage });
       }
-      const body = { ...(opts.command !== undefined ? { command: opts.command } : { argv }), ...(opts.timeout ? { timeoutMs: opts.timeout } : {}), ...(opts.reason ? { reason: opts.reason } : {}) };
+      const waitApprovalMs = opts.waitApproval === true ? DEFAULT_WAIT_APPROVAL_MS : opts.waitApproval;
+      const body = {
+        ...(opts.command !== undefined ? { command: opts.command } : { argv }),
+        ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
+        ...(opts.reason ? { reason: opts.reason } : {}),
+        ...(waitApprovalMs ? { waitApprovalMs } : {}),
+      };
+      // the JSON answer comes only at the end: say up front that it may wait
+      if (opts.json && waitApprovalMs) process.stderr.write(`sandboxd: if a person must approve, waiting up to ${waitApprovalMs / 1000} s for their decision\n`);
       const url = `/v1/phases/${encodeURIComponent(id)}/exec`;
       try {
         if (opts.json) {
@@ -508,6 +530,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
     if (!line) return;
     const ev = JSON.parse(line) as
       | { type: "started"; pid: number }
+      | { type: "waiting"; approvalId: string; command: string; rule: { id: string; clause: string }; waitMs: number }
       | { type: "stdout" | "stderr"; data: string }
       | { type: "exit"; result: ExecResult }
       | { type: "error"; error: { code: string; message: string; hint: string } };
@@ -516,7 +539,14 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
     } else if (ev.type === "error") {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
-      code = EXIT.sandboxdFailed;
+      // a refusal after a wait (denied, no decision in time) exits as one before it would
+      code = exitCodeForRefusal(ev.error.code);
+    } else if (ev.type === "waiting") {
+      process.stderr.write(
+        visible(
+          `sandboxd: waiting for approval ${ev.approvalId} of \`${ev.command}\` (rule ${ev.rule.id}, ${ev.rule.clause}), up to ${Math.round(ev.waitMs / 1000)} s; a person can run: sandboxd approvals approve ${ev.approvalId}`,
+        ) + "\n",
+      );
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
     else if (ev.type === "stderr") process.stderr.write(ev.data);
     // "started" and event types of newer daemons print nothing

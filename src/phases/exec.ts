@@ -19,12 +19,28 @@ export interface ExecRequest {
   command?: string | undefined;
   timeoutMs?: number | undefined;
   reason?: string | undefined;
+  /**
+   * When the policy asks a person: keep the request open this long for their
+   * decision (approved: the command runs in this call; denied: the denial).
+   */
+  waitApprovalMs?: number | undefined;
+}
+
+/** What a waiting exec waits for: said to the caller before the wait starts. */
+export interface ApprovalWait {
+  approvalId: string;
+  /** the command as the person sees it (scrubbed) */
+  command: string;
+  rule: { id: string; clause: string };
+  waitMs: number;
 }
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
   /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
   started?(info: { pid: number; rule: { id: string; clause: string } }): void;
+  /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
+  waiting?(info: ApprovalWait): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -225,6 +241,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       files,
       requestReason: req.reason ?? null,
       timeoutMs,
+      waitApprovalMs: req.waitApprovalMs ?? null,
     },
     [
       `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
@@ -255,6 +272,18 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       await rec.record({ type: "approval.reason", approval: pending.id, ...what, reason: req.reason ?? null }, [
         actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),
       ]);
+    }
+    if (req.waitApprovalMs) {
+      const waitMs = req.waitApprovalMs;
+      sink?.waiting?.({ approvalId: pending.id, command: cmd, rule: { id: verdict.ruleId, clause: verdict.clause }, waitMs });
+      ctx.opts.log.info({ phase: id, approval: pending.id, waitMs }, "exec waits for a decision");
+      const out = await ctx.opts.approvals.waitFor(pending.id, waitMs, abort);
+      if (out.kind === "decided" && out.approval.state === "approved") {
+        // Judged and bound again, as any retry: the approval is used only if the files it binds are unchanged.
+        return exec(ctx, id, { ...req, waitApprovalMs: undefined }, sink, abort);
+      }
+      if (out.kind === "decided" && out.approval.state === "denied") throw deniedError(out.approval, cmd, rec);
+      // no decision in time, the phase ended, or the caller left: the usual answer, with the id
     }
     if (stale) throw staleError(stale, pending, cmd);
     throw policyError(verdict, cmd, rec, pending.id);

@@ -123,6 +123,8 @@ export class PhaseManager {
       ),
     ]);
     this.ctx.opts.log.info({ phase: a.phaseId, approval: a.id, decision }, "approval decided");
+    // after the decision's record: a waiting exec's records follow it in the trail
+    this.ctx.opts.approvals.announce(a.id);
     return a;
   }
 }
