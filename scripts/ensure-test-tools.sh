@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Programs the test suite runs for real besides Docker and PostgreSQL:
-# redis-server (Redis through the tunnel's command filter). As root on an apt
+# redis-server (Redis through the tunnel's command filter) and Debian's
+# chromium (the operator console's end-to-end test drives it headless with
+# playwright-core, which never downloads a browser of its own). As root on an apt
 # system, installs what is missing; otherwise says what to install and exits 1.
 # Idempotent and silent when nothing needs doing.
 set -euo pipefail
@@ -9,6 +11,7 @@ say() { echo "ensure-test-tools: $*" >&2; }
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

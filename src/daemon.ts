@@ -2,7 +2,7 @@
  * The daemon process: settings, single-instance check, reconcile, serve the
  * API on the unix socket, stop cleanly on SIGTERM/SIGINT.
  */
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { chmod, mkdir, readFile, unlink, writeFile } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
@@ -10,7 +10,8 @@ import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
 import { AuditJournal } from "./audit/journal.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
-import { initShellParser, loadPolicy } from "./policy/index.js";
+import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
+import { parse as parseYaml } from "yaml";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -27,6 +28,8 @@ export interface RunningDaemon {
   reload(): Promise<boolean>;
   manager: PhaseManager;
   log: Logger;
+  /** the operator console's base URL (no token) when one was asked for */
+  consoleUrl: string | null;
 }
 
 /** Is something answering on this unix socket? */
@@ -53,6 +56,32 @@ async function instanceId(stateDir: string): Promise<string> {
   const id = randomBytes(8).toString("hex");
   await writeFile(file, id + "\n", { mode: 0o600 });
   return id;
+}
+
+/**
+ * A connection that has not sent its first request within this time is
+ * closed. Each holds a file descriptor, and a client that opens connections
+ * and never speaks would otherwise fill the fd table. Once a request has
+ * come, the connection is no longer idle by this measure: a streaming exec
+ * or a follow may stay silent for as long as its command or its trail does.
+ * Between requests, Node's keepAliveTimeout (fastify: 72 s) closes it.
+ */
+export const IDLE_CONNECTION_MS = 10_000;
+
+export function closeIdleConnections(server: import("node:http").Server, idleMs: number): void {
+  const silent = new WeakMap<import("node:net").Socket, NodeJS.Timeout>();
+  server.on("connection", (sock: import("node:net").Socket) => {
+    const timer = setTimeout(() => sock.destroy(), idleMs);
+    timer.unref();
+    silent.set(sock, timer);
+    sock.once("close", () => clearTimeout(timer));
+  });
+  server.on("request", (req: import("node:http").IncomingMessage) => {
+    const timer = silent.get(req.socket);
+    if (timer) clearTimeout(timer);
+  });
+  // a request whose headers never complete is cut by Node itself
+  server.headersTimeout = idleMs;
 }
 
 export async function startDaemon(
@@ -111,13 +140,14 @@ export async function startDaemon(
   for (const r of report.reaped) log.info({ phase: r.id, reason: r.reason }, "cleaned up phase container");
   for (const id of report.lost) log.warn({ phase: id }, "phase's container was gone; marked failed");
 
-  const app = buildApp({
+  const appOptions = {
     manager,
     approvals,
     stateDir: settings.stateDir,
     logger: log,
     info: { version: VERSION, instance, pid: process.pid, stateDir: settings.stateDir, socket: settings.socket },
-  });
+  };
+  const app = buildApp(appOptions);
   // The socket is created 0600 (umask) and chmod'ed again: no window where another user can connect.
   const oldMask = process.umask(0o177);
   try {
@@ -125,21 +155,70 @@ export async function startDaemon(
   } finally {
     process.umask(oldMask);
   }
+  closeIdleConnections(app.server, IDLE_CONNECTION_MS);
   await chmod(settings.socket, 0o600);
   log.info({ socket: settings.socket, stateDir: settings.stateDir, instance, version: VERSION }, "sandboxd listening");
 
-  /** SIGHUP: re-read the policy; a broken file changes nothing (it never half-applies). */
-  const reload = async (): Promise<boolean> => {
+  // The console (off by default) is imported only when asked for: a daemon without one never loads it.
+  let consoleServer: { url: string; close(): Promise<void> } | null = null;
+  if (settings.console) {
     try {
-      const next = await loadPolicy(settings.policyFile);
-      policy = next;
-      await journal.append({ type: "policy.reload", file: settings.policyFile });
-      log.info({ policy: settings.policyFile }, "policy reloaded");
-      return true;
+      const { startConsole } = await import("./console/server.js");
+      consoleServer = await startConsole(buildApp(appOptions), settings.console, log);
     } catch (err) {
-      log.error({ policy: settings.policyFile, err: (err as Error).message }, "policy reload refused; the previous policy stays in force");
+      // A console that cannot listen stops the start, as a broken policy does; nothing is left serving.
+      // Phases re-adopted above keep running, as after a crash: the next daemon adopts them again.
+      await app.close();
+      await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
+      // eslint-disable-next-line no-restricted-syntax -- the socket may already be gone; nothing to do then
+      await unlink(settings.socket).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /**
+   * SIGHUP: re-read the policy; a broken file changes nothing (it never
+   * half-applies). Accepted or refused, the trail records which content it
+   * was (SHA-256 and size of the bytes read, count of shell rules) before the
+   * new policy applies.
+   */
+  const reload = async (): Promise<boolean> => {
+    const file = settings.policyFile;
+    let text: string | null = null;
+    try {
+      text = await readFile(file, "utf8");
+    } catch {
+      /* parsePolicy is not reached; loadPolicy's error below says why */
+    }
+    const content = text === null ? { sha256: null, bytes: null } : { sha256: createHash("sha256").update(text).digest("hex"), bytes: Buffer.byteLength(text) };
+    let next: Awaited<ReturnType<typeof loadPolicy>>;
+    try {
+      next = text === null ? await loadPolicy(file) : parsePolicy(text, file);
+    } catch (err) {
+      const message = (err as Error).message;
+      let rules: number | null = null;
+      try {
+        const raw = parseYaml(text ?? "") as { shell?: { rules?: unknown } } | null;
+        rules = Array.isArray(raw?.shell?.rules) ? raw.shell.rules.length : null;
+      } catch {
+        /* not YAML: no count */
+      }
+      await journal
+        .append({ type: "policy.reload_refused", file, ...content, rules, error: message.length > 4096 ? `${message.slice(0, 4096)}…` : message })
+        .catch((e: Error) => log.error({ err: e.message }, "could not record the refused policy reload"));
+      log.error({ policy: file, err: message }, "policy reload refused; the previous policy stays in force");
       return false;
     }
+    const rules = next.shell.layers.reduce((n, l) => n + l.rules.length, 0);
+    try {
+      await journal.append({ type: "policy.reload", file, ...content, rules });
+    } catch (err) {
+      log.error({ policy: file, err: (err as Error).message }, "policy reload not recorded, so not applied; the previous policy stays in force");
+      return false;
+    }
+    policy = next;
+    log.info({ policy: file, sha256: content.sha256, rules }, "policy reloaded");
+    return true;
   };
 
   let closing: Promise<void> | null = null;
@@ -147,10 +226,11 @@ export async function startDaemon(
     (closing ??= (async () => {
       log.info("shutting down: stopping phases");
       await manager.shutdown();
+      await consoleServer?.close();
       await app.close();
       await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
       await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
       log.info("stopped");
     })());
-  return { close, reload, manager, log };
+  return { close, reload, manager, log, consoleUrl: consoleServer?.url ?? null };
 }

@@ -52,7 +52,7 @@ export const ERRORS = {
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {
     status: 503,
-    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk, then restart the daemon; nothing runs without a record",
+    hint: "the audit trail cannot be written (disk full or I/O error); free space or fix the disk: the daemon re-probes every second and takes work again by itself, recording the gap; nothing runs without a record",
   },
   SBX_ERR_AUDIT_BUDGET: {
     status: 429,
@@ -67,7 +67,30 @@ export const ERRORS = {
   SBX_ERR_SHUTTING_DOWN: { status: 503, hint: "the daemon is stopping; start it again with `sandboxd start`" },
   SBX_ERR_DAEMON_RUNNING: { status: 409, hint: "another daemon holds this socket; stop it or pass --socket" },
   SBX_ERR_DAEMON_UNREACHABLE: { status: 503, hint: "start the daemon with `sandboxd start` (or `npm start`), or pass --socket" },
+  SBX_ERR_CONSOLE_ADDRESS: {
+    status: 500,
+    hint: "give the console a loopback address and a port, e.g. --console 127.0.0.1:8470 (or [::1]:8470); to reach it from elsewhere, forward the port over SSH (ssh -L 8470:127.0.0.1:8470 HOST)",
+  },
+  SBX_ERR_CONSOLE_AUTH: {
+    status: 401,
+    hint: "open the login URL the daemon printed at start (…/login#TOKEN), or send Authorization: Bearer TOKEN",
+  },
+  SBX_ERR_CONSOLE_FORBIDDEN: {
+    status: 403,
+    hint: "the console answers only its own pages: requests must name it by its own address (Host), and changes need its Origin and the X-Sandboxd-CSRF header the page sends",
+  },
   SBX_ERR_CONFIG: { status: 500, hint: "fix the settings named above and start again" },
+  SBX_ERR_WORKSPACE: { status: 500, hint: "the phase's change layer could not be mounted or changed; the daemon log has the details (docs/WORKSPACE.md)" },
+  SBX_ERR_WORKSPACE_UNSUPPORTED: {
+    status: 400,
+    hint: "the project must be on a local file system overlayfs can use as a lower layer, and the daemon needs root, a loop device and mkfs.ext4 (docs/WORKSPACE.md)",
+  },
+  SBX_ERR_ITERATION_REJECTED: { status: 409, hint: "the iteration was discarded; the workspace is back to the last accepted state: fix what the failures name and try again" },
+  SBX_ERR_ITERATION_PENDING: { status: 409, hint: "a human must accept or reject the pending iteration first (`sandboxd iteration accept|reject`)" },
+  SBX_ERR_ITERATION_NOT_FOUND: { status: 404, hint: "`sandboxd phase show <id>` lists the phase's iterations" },
+  SBX_ERR_ITERATION_DECIDED: { status: 409, hint: "this iteration was already decided; `sandboxd phase show <id>` shows how" },
+  SBX_ERR_PATH_INVALID: { status: 400, hint: "name a file by its project-relative path (no `..`, no leading /, no NUL, no symbolic link on the way)" },
+  SBX_ERR_FILE_TOO_LARGE: { status: 413, hint: "write a smaller file; the policy's file size limit applies to project files" },
   SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
 } as const satisfies Record<string, ErrorSpec>;
 

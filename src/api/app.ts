@@ -37,8 +37,13 @@ const startBody = z
       .regex(/^[\w.\- ]+$/, "letters, digits, space, '.', '_' and '-' only"),
     mode: z.enum(PHASE_MODES),
     policy: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path to a policy file").optional(),
+    // SKILLS.md "Phase specification": the one protected path a phase may be given
+    allow: z.array(z.enum(["main.py"])).max(1).optional(),
   })
   .strict();
+
+const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
+const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
 
 /** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
 const MAX_ARG_BYTES = 131_071;
@@ -197,6 +202,31 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return streamExec(reply, manager, id, body);
   });
 
+  // the phase's workspace (docs/WORKSPACE.md)
+  app.post("/v1/phases/:id/checkpoint", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    const body = parse(checkpointBody, req.body, "body");
+    return manager.checkpoint(id, body.message);
+  });
+
+  app.get("/v1/phases/:id/files", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    return { changes: await manager.files(id) };
+  });
+
+  app.get("/v1/phases/:id/diff", async (req) => {
+    const { id } = parse(phaseIdParam, req.params, "path");
+    return { diff: await manager.diff(id) };
+  });
+
+  for (const decision of ["accept", "reject"] as const) {
+    app.post(`/v1/phases/:id/iterations/:n/${decision}`, async (req) => {
+      const { id, n } = parse(iterationParams, req.params, "path");
+      const body = parse(decisionBody, req.body ?? {}, "body");
+      return { iteration: await manager.decideIteration(id, n, decision, body.note) };
+    });
+  }
+
   app.get("/v1/approvals", async (req) => {
     const q = parse(approvalsQuery, req.query, "query");
     const list = opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) });
@@ -226,6 +256,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    // sent now, not with the first record: a follow of a quiet trail is answered at once
+    res.flushHeaders();
     for (const r of records) res.write(JSON.stringify(r) + "\n");
     const stop = new AbortController();
     res.on("close", () => stop.abort());

@@ -114,6 +114,12 @@ export interface JournalOptions {
    * regardless, before the batch is acknowledged.
    */
   anchorSyncMs?: number;
+  /**
+   * After a failure, how often (ms) the journal tries to recover by itself:
+   * cut the unacknowledged bytes, write an `audit.gap` record, go on with the
+   * chain. Default 1000; 0 = never (stay failed until restarted).
+   */
+  recoverProbeMs?: number;
 }
 
 const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
@@ -416,7 +422,30 @@ export class AuditJournal {
   private lastAnchorSync = -Infinity;
   private stats = { batches: 0, records: 0 };
 
-  private constructor(dir: string, fd: number, afd: number, lockFile: string, anchorSize: number, head: ChainHead, opts: JournalOptions) {
+  /** file offset just after the last synced record: the journal is cut back here before it recovers */
+  private syncedEnd: number;
+  private readonly recoverProbeMs: number;
+  private probeTimer: NodeJS.Timeout | null = null;
+  private probing: Promise<void> | null = null;
+  /** while failed: when, and how many appends were refused */
+  private failedAt: string | null = null;
+  private refusedWhileFailed = 0;
+  /** records to write first thing on recovery (ends of phases that ended while the journal was failing) */
+  private deferred: Array<{ event: AuditEvent; opts: AppendOptions }> = [];
+  private recoveredListeners: Array<() => void> = [];
+
+  private constructor(
+    dir: string,
+    fd: number,
+    afd: number,
+    lockFile: string,
+    anchorSize: number,
+    head: ChainHead,
+    opts: JournalOptions,
+    syncedEnd: number,
+  ) {
+    this.syncedEnd = syncedEnd;
+    this.recoverProbeMs = opts.recoverProbeMs ?? 1000;
     this.lockFile = lockFile;
     this.path = path.join(dir, JOURNAL_FILE);
     this.anchorPath = path.join(dir, ANCHOR_FILE);
@@ -529,7 +558,7 @@ export class AuditJournal {
           throw auditFailed("truncate of a torn final line", file, e);
         }
       }
-      const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts);
+      const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts, tail.completeEnd);
       let appended = false;
       if (tail.tornBytes > 0) {
         appended = true;
@@ -584,7 +613,10 @@ export class AuditJournal {
    * field; such an event takes no seq.
    */
   append(event: AuditEvent, opts: AppendOptions = {}): Promise<AuditRecord> {
-    if (this.failure) return Promise.reject(this.failure);
+    if (this.failure) {
+      this.refusedWhileFailed += 1;
+      return Promise.reject(this.failure);
+    }
     if (this.closed) return Promise.reject(new SandboxdError("SBX_ERR_INTERNAL", `audit journal ${this.path} is closed`));
     let pending: Omit<Pending, "resolve" | "reject">;
     try {
@@ -605,11 +637,27 @@ export class AuditJournal {
     });
   }
 
+  /**
+   * An event to write as soon as the failed journal recovers (before any new
+   * record): the end of a phase that ended while it was failing.
+   */
+  deferUntilRecovered(event: AuditEvent, opts: AppendOptions = {}): void {
+    this.deferred.push({ event, opts });
+  }
+
+  /** Called each time the journal recovers from a failure. */
+  onRecovered(fn: () => void): void {
+    this.recoveredListeners.push(fn);
+  }
+
   /** Waits for every accepted append, makes the anchor durable, closes the files. */
   close(): Promise<void> {
     if (this.closing) return this.closing;
     this.closed = true;
     this.closing = (async () => {
+      if (this.probeTimer) clearTimeout(this.probeTimer);
+      this.probeTimer = null;
+      await this.probing;
       await this.idle();
       // Closing is best effort by design: every accepted record is already durable
       // (the anchor only speeds up the next verify), and a close that fails
@@ -692,6 +740,7 @@ export class AuditJournal {
           op = "fdatasync";
           await this.fs.fdatasync(this.fd);
           this.synced = { seq: last.seq, hash: last.hash };
+          this.syncedEnd += data.length;
           this.stats.batches += 1;
           this.stats.records += batch.length;
           if (this.afd >= 0) {
@@ -719,10 +768,78 @@ export class AuditJournal {
 
   private fail(err: SandboxdError, batch: Pending[]): void {
     this.failure = err;
+    this.failedAt ??= this.clock.now().toISOString();
     const rest = this.queue;
     this.queue = [];
+    this.refusedWhileFailed += batch.length + rest.length;
     for (const p of batch) p.reject(err);
     for (const p of rest) p.reject(err);
+    this.scheduleProbe();
+  }
+
+  private scheduleProbe(): void {
+    if (this.recoverProbeMs <= 0 || this.closed || this.probeTimer) return;
+    this.probeTimer = setTimeout(() => {
+      this.probeTimer = null;
+      this.probing = this.tryRecover().finally(() => {
+        this.probing = null;
+      });
+    }, this.recoverProbeMs);
+    this.probeTimer.unref();
+  }
+
+  /**
+   * Re-probes a failed journal: cuts the file back to the last synced record
+   * (the bytes after it were never acknowledged), then writes, syncs and
+   * anchors an `audit.gap` record — the failure's cause, when it began and
+   * ended, how many appends were refused — followed by the deferred records.
+   * If that works the chain goes on from there and new work is taken again;
+   * if not, it tries again later.
+   */
+  private async tryRecover(): Promise<void> {
+    const failure = this.failure;
+    if (!failure || this.closed) return;
+    const savedHead = this.head;
+    try {
+      await this.fs.ftruncate(this.fd, this.syncedEnd);
+      await this.fs.fdatasync(this.fd);
+      this.head = { ...this.synced };
+      const details = (failure.details ?? {}) as { errno?: string; op?: string; path?: string };
+      const built = [
+        this.build(
+          {
+            type: "audit.gap",
+            cause: failure.message,
+            errno: details.errno ?? null,
+            op: details.op ?? null,
+            failedAt: this.failedAt,
+            recoveredAt: this.clock.now().toISOString(),
+            refusedAppends: this.refusedWhileFailed,
+            afterSeq: this.synced.seq,
+            reason: "the journal could not be written; appends in between were refused (nothing was acted on for them) and the chain goes on here",
+          },
+          this.redactor,
+        ),
+        ...this.deferred.map((d) => this.build(d.event, d.opts.redactor ?? this.redactor, d.opts)),
+      ];
+      const data = Buffer.concat(built.map((b) => b.line));
+      await this.writeFully(data);
+      await this.fs.fdatasync(this.fd);
+      const last = built[built.length - 1]!.record;
+      this.synced = { seq: last.seq, hash: last.hash };
+      this.syncedEnd += data.length;
+      if (this.afd >= 0) await this.writeAnchor(this.synced, true);
+    } catch {
+      this.head = savedHead;
+      this.scheduleProbe();
+      return;
+    }
+    this.deferred = [];
+    this.failure = null;
+    this.failedAt = null;
+    this.refusedWhileFailed = 0;
+    for (const fn of this.recoveredListeners) fn();
+    if (this.queue.length > 0) this.schedule();
   }
 
   private async writeFully(data: Buffer): Promise<void> {

@@ -87,8 +87,38 @@ function printPhase(p: PhaseView): void {
     ["created", p.createdAt],
     ...(p.stoppedAt ? [["stopped", p.stoppedAt]] : []),
     ...(p.endReason ? [["end reason", p.endReason]] : []),
+    ...(p.workspace
+      ? [["iterations", `${p.workspace.accepted} accepted, ${p.workspace.rejected} refused, ${p.workspace.pending} pending`]]
+      : []),
   ];
   process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v ?? ""])));
+  for (const it of (p.workspace?.iterations ?? []) as IterationView[]) {
+    process.stdout.write(`  #${it.n} ${it.state.padEnd(8)} ${it.at} ${it.message}\n`);
+    for (const c of it.changes) if (!c.isDir) process.stdout.write(`      ${changeLine(c)}\n`);
+    for (const f of it.failures) process.stdout.write(`      ! ${f.rule}: ${f.message.split("\n").join("\n        ")}\n`);
+  }
+}
+
+interface ChangeView {
+  kind: string;
+  path: string;
+  from?: string;
+  isDir: boolean;
+  sizeBytes: number;
+  modeOnly?: boolean;
+}
+interface IterationView {
+  n: number;
+  state: string;
+  at: string;
+  message: string;
+  changes: ChangeView[];
+  failures: Array<{ rule: string; message: string }>;
+}
+
+function changeLine(c: ChangeView): string {
+  const what = c.kind === "rename" ? `${c.from} -> ${c.path}` : c.path;
+  return `${c.kind.toUpperCase().padEnd(6)} ${what}${c.isDir ? "/" : ""}${c.kind === "delete" || c.isDir ? "" : ` (${c.sizeBytes} bytes${c.modeOnly ? ", mode only" : ""})`}`;
 }
 
 /** argv quoted (invisible characters as $'…' escapes), or the command string as given; escaped again by table() */
@@ -146,13 +176,22 @@ function program(): Command {
     .description("run the daemon in the foreground (SIGTERM or Ctrl-C stops it and its phases)")
     .option("--state-dir <dir>", "where phase records and audit logs live (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
     .option("--policy <file>", "the policy every phase runs under (default: $SANDBOXD_POLICY, policies/default.yaml); SIGHUP re-reads it")
-    .action(async (opts: { stateDir?: string; policy?: string }, cmd: Command) => {
+    .option("--console <host:port>", "also serve the operator console (web page + API) on this loopback address, e.g. 127.0.0.1:8470; prints a one-time login URL (default: $SANDBOXD_CONSOLE, off)")
+    .action(async (opts: { stateDir?: string; policy?: string; console?: string }, cmd: Command) => {
       const { startDaemon } = await import("../daemon.js");
       const settings = resolveSettings({
         socket: cmd.optsWithGlobals<{ socket?: string }>().socket,
         stateDir: opts.stateDir,
         policy: opts.policy,
+        console: opts.console,
       });
+      // The signals are taken before the daemon starts serving: a SIGTERM that
+      // arrives while it starts (the socket may already answer) stops it once
+      // started, never kills it mid-way with phases half made.
+      let signalled: string | null = null;
+      let onSignal: (sig: string) => void = (sig) => (signalled ??= sig);
+      process.once("SIGTERM", () => onSignal("SIGTERM"));
+      process.once("SIGINT", () => onSignal("SIGINT"));
       const daemon = await startDaemon(settings);
       process.on("SIGHUP", () => void daemon.reload());
       await new Promise<void>((resolve) => {
@@ -166,8 +205,8 @@ function program(): Command {
             resolve();
           });
         };
-        process.once("SIGTERM", () => stop("SIGTERM"));
-        process.once("SIGINT", () => stop("SIGINT"));
+        onSignal = stop;
+        if (signalled) stop(signalled);
       });
     });
 
@@ -258,18 +297,20 @@ function program(): Command {
   const phase = prog.command("phase").description("start, inspect and stop phases");
   phase
     .command("start")
-    .description("start a phase: a fresh sandbox container with the project mounted at /workspace")
+    .description("start a phase: a fresh sandbox container with a view of the project at /workspace (changes reach the project at accepted checkpoints)")
     .argument("<project>", "the project directory")
     .requiredOption("--phase <name>", "the phase's name from the implementation plan, e.g. 2.3")
     .addOption(new Option("--mode <mode>", "backtest, paper or test").choices(["backtest", "paper", "test"]).makeOptionMandatory())
     .option("--policy <file>", "a stricter policy file for this phase (it can only narrow the daemon's policy)")
+    .addOption(new Option("--allow <path>", "a protected path this phase may change (SKILLS.md Phase specification)").choices(["main.py"]))
     .option("--json", "print the phase record as JSON")
-    .action(async (project: string, opts: { phase: string; mode: string; policy?: string; json?: boolean }, cmd: Command) => {
+    .action(async (project: string, opts: { phase: string; mode: string; policy?: string; allow?: string; json?: boolean }, cmd: Command) => {
       const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("POST", "/v1/phases", {
         project: path.resolve(project),
         phase: opts.phase,
         mode: opts.mode,
         ...(opts.policy ? { policy: path.resolve(opts.policy) } : {}),
+        ...(opts.allow ? { allow: [opts.allow] } : {}),
       });
       if (opts.json) printJson(p);
       else process.stdout.write(p.id + "\n");
@@ -298,6 +339,63 @@ function program(): Command {
       if (opts.json) printJson(p);
       else process.stdout.write(`${p.id} ${p.state}\n`);
     });
+
+  prog
+    .command("checkpoint")
+    .description("end the phase's current iteration: its changes are judged, then applied to the project or discarded")
+    .argument("<id>", "the phase")
+    .requiredOption("-m, --message <text>", "what the iteration did (recorded as `Modified [file]: [message]`)")
+    .option("--json", "print the iteration as JSON")
+    .action(async (id: string, opts: { message: string; json?: boolean }, cmd: Command) => {
+      const r = await client(cmd).request<{ iteration: IterationView | null }>("POST", `/v1/phases/${encodeURIComponent(id)}/checkpoint`, { message: opts.message });
+      if (opts.json) printJson(r);
+      else if (!r.iteration) process.stdout.write("nothing changed since the last checkpoint\n");
+      else {
+        const it = r.iteration;
+        process.stdout.write(`iteration ${it.n} ${it.state}\n`);
+        for (const c of it.changes) if (!c.isDir) process.stdout.write(`  ${changeLine(c)}\n`);
+        for (const f of it.failures) process.stderr.write(`  ${f.rule}: ${f.message}\n`);
+      }
+      if (r.iteration && r.iteration.state !== "accepted") throw new CliExit(EXIT.policy);
+    });
+
+  prog
+    .command("files")
+    .description("the files a phase changed since its last checkpoint (what the next checkpoint judges)")
+    .argument("<id>", "the phase")
+    .option("--json", "print JSON")
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      const { changes } = await client(cmd).request<{ changes: ChangeView[] }>("GET", `/v1/phases/${encodeURIComponent(id)}/files`);
+      if (opts.json) return printJson(changes);
+      for (const c of changes) if (!c.isDir || c.kind === "create") process.stdout.write(changeLine(c) + "\n");
+    });
+
+  prog
+    .command("diff")
+    .description("the phase's pending iteration as a unified diff")
+    .argument("<id>", "the phase")
+    .action(async (id: string, _opts: unknown, cmd: Command) => {
+      const { diff } = await client(cmd).request<{ diff: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/diff`);
+      process.stdout.write(diff);
+    });
+
+  const iteration = prog.command("iteration").description("decide an iteration the policy left to a human");
+  for (const decision of ["accept", "reject"] as const) {
+    iteration
+      .command(decision)
+      .description(decision === "accept" ? "apply the pending iteration to the project" : "discard the pending iteration")
+      .argument("<id>", "the phase")
+      .argument("<n>", "the iteration's number (`sandboxd phase show`)")
+      .option("--note <text>", "why, for the audit trail")
+      .action(async (id: string, n: string, opts: { note?: string }, cmd: Command) => {
+        const { iteration: it } = await client(cmd).request<{ iteration: IterationView }>(
+          "POST",
+          `/v1/phases/${encodeURIComponent(id)}/iterations/${encodeURIComponent(n)}/${decision}`,
+          opts.note ? { note: opts.note } : {},
+        );
+        process.stdout.write(`iteration ${it.n} ${it.state}\n`);
+      });
+  }
 
   prog
     .command("ps")

@@ -6,6 +6,7 @@ import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
+import { parseConsoleAddress, type ConsoleAddress } from "./console.js";
 import { defaultSocket, defaultStateDir } from "./paths.js";
 
 export { clientSocket, defaultSocket, defaultStateDir } from "./paths.js";
@@ -32,6 +33,8 @@ export interface Settings {
   buildLog: "project" | "state";
   /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_QUESTDB_URL_TEST, …_REDIS_URL, …_REDIS_URL_TEST) */
   serviceOverrides: Record<string, string>;
+  /** the operator console's loopback address (--console, SANDBOXD_CONSOLE); null: no console (the default) */
+  console: ConsoleAddress | null;
 }
 
 const settingsSchema = z
@@ -49,7 +52,7 @@ const settingsSchema = z
   .strict();
 
 export function resolveSettings(
-  flags: { socket?: string | undefined; stateDir?: string | undefined; policy?: string | undefined },
+  flags: { socket?: string | undefined; stateDir?: string | undefined; policy?: string | undefined; console?: string | undefined },
   env: NodeJS.ProcessEnv = process.env,
 ): Settings {
   const raw = {
@@ -73,5 +76,8 @@ export function resolveSettings(
       hint: "check --socket/--state-dir and SANDBOXD_* variables (see .env.example)",
     });
   }
-  return Object.freeze(r.data) as Settings;
+  // Parsed apart from the schema: a refused address is its own coded error (SBX_ERR_CONSOLE_ADDRESS).
+  const consoleSpec = flags.console ?? (env.SANDBOXD_CONSOLE || undefined);
+  const consoleAddress = consoleSpec === undefined ? null : Object.freeze(parseConsoleAddress(consoleSpec));
+  return Object.freeze({ ...r.data, console: consoleAddress }) as Settings;
 }

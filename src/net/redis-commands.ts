@@ -185,8 +185,13 @@ export function needsArgs(name: string): boolean {
   return SUBCOMMANDS.has(name);
 }
 
-/** Commands whose verdict reads arguments beyond the subcommand. */
-const ARG_DEPENDENT = new Set(["HELLO", "SELECT", "INFO", "COPY"]);
+/**
+ * Commands whose verdict reads arguments beyond the subcommand. Such a
+ * command with more arguments than the parser keeps is refused whole
+ * (redis.ts checkCommand): `COPY a b REPLACE …×70 DB 5` would hide its `DB`
+ * past what the filter reads, and Redis accepts a repeated option.
+ */
+export const ARG_DEPENDENT: ReadonlySet<string> = new Set(["HELLO", "SELECT", "INFO", "COPY"]);
 
 /**
  * The text a verdict depends on besides mode and database, for a

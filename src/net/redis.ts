@@ -34,7 +34,7 @@
 import type { Duplex } from "node:stream";
 import { actionLine, timestamp } from "../audit/format.js";
 import type { PhaseMode } from "../domain.js";
-import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, verdictKey, type Verdict } from "./redis-commands.js";
+import { ARG_DEPENDENT, DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, verdictKey, type Verdict } from "./redis-commands.js";
 
 export { DENIED_CLAUSE, READ_ONLY_CLAUSE } from "./redis-commands.js";
 /** Recorded with each allowed write (test and backtest phases write only to the test instance). */
@@ -308,10 +308,16 @@ export class ReplyCounter {
 type Item = { cmd: RedisCommand; verdict: Verdict; ready: boolean } | { fatal: string };
 type Entry = { event: Record<string, unknown>; lines: string[] };
 
-/** The verdict on a parsed command (HELLO with more arguments than the parser keeps is refused: AUTH could hide there). */
+/**
+ * The verdict on a parsed command. A command whose verdict depends on its
+ * arguments, sent with more of them than the parser keeps, is refused: what
+ * the filter did not read could hold AUTH (HELLO), DB (COPY) or a section
+ * (INFO).
+ */
 export function checkCommand(cmd: RedisCommand, mode: PhaseMode, db = 0): Verdict {
-  if (cmd.name === "HELLO" && cmd.argc > cmd.argv.length) {
-    return { allow: false, rule: "redis.auth", clause: DENIED_CLAUSE, display: "HELLO", reason: "HELLO with more arguments than the filter reads" };
+  if (ARG_DEPENDENT.has(cmd.name) && cmd.argc > cmd.argv.length) {
+    if (cmd.name === "HELLO") return { allow: false, rule: "redis.auth", clause: DENIED_CLAUSE, display: "HELLO", reason: "HELLO with more arguments than the filter reads" };
+    return { allow: false, rule: "redis.unlisted", clause: DENIED_CLAUSE, display: cmd.name, reason: `${cmd.name} with more arguments (${cmd.argc - 1}) than the filter reads` };
   }
   return judgeCommand(cmd.name, cmd.sub, cmd.argv, { mode, db });
 }

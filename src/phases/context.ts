@@ -4,6 +4,7 @@
  * passed to lifecycle, exec, network and reconcile, so none of them keeps
  * state of its own.
  */
+import { readFile } from "node:fs/promises";
 import { createHash } from "node:crypto";
 import path from "node:path";
 import type { Logger } from "pino";
@@ -25,6 +26,7 @@ import { PhaseRecorder } from "./recorder.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
+import type { PhaseWorkspace } from "../workspace/index.js";
 
 export interface ManagerOptions {
   runtime: ContainerRuntime;
@@ -68,6 +70,8 @@ export interface LivePhase {
   /** connections to destinations that are not services: refused by the kernel, recorded from the conntrack watch */
   stray: StrayConnections | null;
   watch: RefusalWatch | null;
+  /** the change layer over the project and its iterations (src/workspace) */
+  workspace: PhaseWorkspace | null;
   /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
   ending: Promise<void> | null;
 }
@@ -124,7 +128,10 @@ export class PhaseContext {
   }
 
   view(record: PhaseRecord): PhaseView {
-    return { ...record, runningExecs: this.phases.get(record.id)?.channel?.runningExecs ?? 0 };
+    const live = this.phases.get(record.id);
+    const view: PhaseView = { ...record, runningExecs: live?.channel?.runningExecs ?? 0 };
+    if (live?.workspace) view.workspace = live.workspace.summary();
+    return view;
   }
 
   async get(id: string): Promise<PhaseView> {
@@ -133,7 +140,16 @@ export class PhaseContext {
     const { records } = await this.store.loadAll();
     const r = records.find((x) => x.id === id);
     if (!r) throw notFound(id);
-    return this.view(r);
+    const view = this.view(r);
+    // an ended phase's iterations, as it left them
+    try {
+      const kept = JSON.parse(await readFile(this.store.iterationsPath(id), "utf8")) as { iterations: Array<{ state: string }>; failedIterations: number };
+      const count = (s: string) => kept.iterations.filter((i) => i.state === s).length;
+      view.workspace = { accepted: count("accepted"), rejected: count("rejected"), pending: count("pending"), failed: kept.failedIterations, iterations: kept.iterations };
+    } catch {
+      /* no iterations */
+    }
+    return view;
   }
 
   assertServing(): void {

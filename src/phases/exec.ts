@@ -9,8 +9,9 @@ import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
-import type { PhaseContext } from "./context.js";
+import type { LivePhase, PhaseContext } from "./context.js";
 import { commandEnv, readProjectFile } from "./project.js";
+import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
@@ -226,7 +227,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
         : "";
-  await rec.record(
+  const verdictRecord = await rec.record(
     {
       type: "exec.verdict",
       ...what,
@@ -304,6 +305,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     await recordError(e);
     throw e;
   }
+  const leave = await enterWorkspace(live, verdict, cmd, ts);
   const out = new HeadTailText(limits.outputCapBytes);
   const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -313,14 +315,16 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
-      // Backstop: the shim enforces the timeout; this catches a shim that stopped answering.
-      const backstop = setTimeout(
-        () => {
-          channel.signal(execId, "SIGKILL");
-          finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
-        },
-        timeoutMs + limits.killGraceMs + 10_000,
-      );
+      // Backstop: the shim enforces the timeout; this catches a shim that stopped
+      // answering. The shim's clock starts when the command starts, and under load
+      // a command can wait to be started; so the backstop is re-armed at the
+      // start the shim reports, and until then allows at least START_BACKSTOP_MS.
+      const runFor = timeoutMs + limits.killGraceMs + 10_000;
+      const giveUp = () => {
+        channel.signal(execId, "SIGKILL");
+        finish(() => reject(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${id} did not report the end of the command`)));
+      };
+      let backstop = setTimeout(giveUp, Math.max(runFor, START_BACKSTOP_MS));
       const onAbort = () => channel.signal(execId, "SIGKILL");
       // Once the exec has its outcome, nothing of it reaches the caller again:
       // the channel forgets it, so late output of a command given up on is dropped.
@@ -338,7 +342,12 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         sent = channel.exec(
           { argv: verdict.execArgv, ...execBase },
           {
-            onStarted: (pid) => sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } }),
+            onStarted: (pid) => {
+              if (done) return;
+              clearTimeout(backstop);
+              backstop = setTimeout(giveUp, runFor);
+              sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
+            },
             onStdout: (c) => {
               if (done) return;
               out.count(c.length);
@@ -390,7 +399,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  });
+  }).finally(leave);
   flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
@@ -443,7 +452,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
       actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
-  );
+  ).catch((e: unknown) => {
+    throw mayHaveRun(e, cmd, verdictRecord.seq);
+  });
 
   return {
     phaseId: id,
@@ -496,6 +507,9 @@ function staleError(stale: { approval: Approval; changed: string[] }, pending: A
   );
 }
 
+/** How long a command may wait to be started by the shim before the daemon gives up on it. */
+const START_BACKSTOP_MS = 60_000;
+
 /**
  * Linux refuses a single argument or environment string of MAX_ARG_STRLEN
  * (32 pages: 131,072 bytes, the terminating NUL included) with E2BIG.
@@ -524,6 +538,51 @@ export function checkExecSize(msg: Omit<ExecMessage, "type" | "execId">): void {
     throw new SandboxdError("SBX_ERR_REQUEST_TOO_LARGE", `the command's arguments and environment take ${bytes} bytes encoded; at most ${MAX_FRAME_PAYLOAD} fit one message to the sandbox`, {
       details: { bytes, limit: MAX_FRAME_PAYLOAD },
     });
+  }
+}
+
+/**
+ * The result of a command that ran could not be recorded (the audit disk
+ * failed after its verdict was durable): the caller must not read the 503
+ * as "nothing ran". The answer says the command may have run, and names
+ * its verdict record.
+ */
+function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
+  if (!(e instanceof SandboxdError) || e.code !== "SBX_ERR_AUDIT_FAILED") return e;
+  return new SandboxdError(
+    "SBX_ERR_AUDIT_FAILED",
+    `${e.message}. The command \`${cmd}\` was allowed (verdict recorded as audit seq ${verdictSeq}) and may have run; its result is not recorded`,
+    { hint: e.hint, details: { ...((e.details as object | undefined) ?? {}), verdictSeq, mayHaveRun: true } },
+  );
+}
+
+/**
+ * The workspace's part in a command (src/workspace): before a validation
+ * command the changes so far are judged as an iteration (refused → the
+ * command does not run); then the command holds the phase's gate, so no
+ * checkpoint remounts the view under it. Returns the gate's release.
+ */
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+  const ws = live.workspace;
+  if (!ws) return () => undefined;
+  try {
+    await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
+    const leave = await ws.gate.enter();
+    try {
+      ws.assertNotPending();
+    } catch (e) {
+      leave();
+      throw e;
+    }
+    return leave;
+  } catch (e) {
+    await live.rec
+      .record({ type: "exec.error", argv: verdict.execArgv, error: (e as Error).message }, [
+        actionLine(ts(), "SHELL", "EXEC", cmd, `NOT RUN ${(e as SandboxdError).code ?? ""} ${(e as Error).message}`),
+      ])
+      // eslint-disable-next-line no-restricted-syntax -- the command did not run and the caller gets its error; a record that fails is the journal failing, which fails closed on its own
+      .catch(() => undefined);
+    throw e;
   }
 }
 

@@ -5,7 +5,7 @@
  * through the guard in ./state.ts.
  */
 import { createWriteStream } from "node:fs";
-import { stat } from "node:fs/promises";
+import { stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import { actionLine, timestamp } from "../audit/format.js";
@@ -20,6 +20,7 @@ import { splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { ShimChannel } from "./shim-channel.js";
 import { transition } from "./state.js";
+import { destroyWorkspace, endWorkspace, makeWorkspace } from "./workspace.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
 
 export interface StartRequest {
@@ -28,6 +29,8 @@ export interface StartRequest {
   mode: PhaseMode;
   /** a stricter policy file (host path) for this phase; it can only narrow the daemon's */
   policy?: string | undefined;
+  /** protected paths this phase may change (SKILLS.md "Phase specification"): only `main.py` */
+  allow?: string[] | undefined;
 }
 
 export async function start(ctx: PhaseContext, req: StartRequest): Promise<PhaseView> {
@@ -65,8 +68,12 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     policyFile: req.policy ?? null,
     buildLog,
     endReason: null,
+    ...(req.allow?.length ? { allow: req.allow } : {}),
   };
   await ctx.store.create(record, token);
+  // what the daemon read is what the phase keeps, also across a daemon restart:
+  // the project's file is never read again while the phase lives
+  await writeFile(ctx.store.dotenvPath(id), envText, { mode: 0o600 });
   const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
   const live: LivePhase = {
     record,
@@ -79,6 +86,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     tunnels: null,
     stray: null,
     watch: null,
+    workspace: null,
     ending: null,
   };
   ctx.phases.set(id, live);
@@ -88,7 +96,14 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
   const stillStarting = () => {
     if (live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started`);
   };
+  let layerMounted: Promise<void> | null = null;
   try {
+    live.workspace = await makeWorkspace(ctx, live);
+    // the view must be a shared mount point before the container binds it; the
+    // layer's disk and the overlay are made while the container starts
+    await live.workspace.layer.prepare();
+    layerMounted = live.workspace.layer.mount();
+    layerMounted.catch(() => undefined);
     const channel = openChannel(ctx, live, token);
     await channel.listen();
     await openTunnels(ctx, live, token);
@@ -103,16 +118,20 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         [LABELS.mode]: req.mode,
         [LABELS.project]: project,
       },
-      projectDir: project,
+      // the phase's view of the project (src/workspace/layer.ts); what is mounted on it
+      // later (the overlay, the read-only protected paths) reaches the container
+      projectDir: live.workspace.layer.paths.view,
+      projectPropagation: "rslave",
       runDir: ctx.store.runDir(id),
-      // the agent reads its audit trail but can neither change nor replace it
-      readOnlyFiles: inProject ? [{ host: buildLog, container: `${SHIM_PATHS.workspace}/${BUILD_LOG_NAME}` }] : [],
+      // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
+      readOnlyFiles: [],
       env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
       memoryBytes: limits.memoryBytes,
       cpus: limits.cpus,
       pidsLimit: limits.pidsLimit,
       fileSizeBytes: limits.fileSizeBytes,
-      tmpfsBytes: limits.tmpfsBytes,
+      // the policy's workspace.disk.tmpBytes (SKILLS.md Resource Limits — Disk), within the limits' ceiling
+      tmpfsBytes: Math.min(limits.tmpfsBytes, ctx.policyFor(phasePolicy).workspace.disk.tmpBytes),
       // SETUID/SETGID: drop to the project owner; KILL: signal that owner's
       // process groups; DAC_READ_SEARCH: libuv chdirs into /workspace before
       // it switches uid, and a 0700 project is closed to a capability-less
@@ -123,9 +142,13 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     });
     stillStarting();
     record.containerId = containerId;
-    // the namespace is set up while the shim starts; both before any command can run
-    // (both settled before going on, so a failure's cleanup below sees, and stops, the watch)
-    const [ready, confined] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live)]);
+    // the namespace and the view are set up while the shim starts; all before any command can run
+    // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
+    const ws = live.workspace;
+    // (the container's pid only checks that the view reached it; a runtime without one skips the check)
+    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)));
+    const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
+    if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
     if (confined.status === "rejected") throw confined.reason;
     stillStarting();
@@ -180,6 +203,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       live.watch?.stop();
       const cid = record.containerId ?? containerId;
       if (cid) await ctx.opts.runtime.stopAndRemove(cid, 0).catch((e: Error) => ctx.log.error({ phase: id, container: cid, err: e.message }, "could not remove the container of a failed start"));
+      await layerMounted?.catch(() => undefined);
+      if (live.workspace) await live.workspace.layer.destroy(null).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the workspace layer of a failed start"));
       await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
       await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a failed start"));
       transition(record, "failed");
@@ -281,6 +306,8 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   const { record } = live;
   const warn = (what: string) => (e: Error) => ctx.log.warn({ phase: record.id, err: e.message }, what);
   const running = live.channel?.runningExecs ?? 0;
+  // the last changes are judged while the sandbox can still compile them
+  await endWorkspace(ctx, live, outcome, why);
   await live.channel?.close({ shutdownShim: true });
   await live.tunnels?.close().catch(warn("closing the tunnels failed"));
   live.watch?.stop();
@@ -296,6 +323,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
       why = `${why}; its container could not be removed: ${(e as Error).message}`;
     }
   }
+  await destroyWorkspace(ctx, live);
   await ctx.store.removeRunDir(record.id).catch(warn("could not remove the run dir"));
   await ctx.opts.approvals.expirePhase(record.id).catch(warn("could not expire the phase's approvals"));
   transition(record, outcome);
@@ -307,7 +335,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
     .record({ type: outcome === "stopped" ? "phase.complete" : "phase.failed", name: record.name, reason: why, runningCommandsEnded: running }, [
       actionLine(ts, "PHASE", "STOP", `${record.name} (${record.id})`, why),
       outcome === "stopped"
-        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}`
+        ? `[${ts}] PHASE_COMPLETE: Phase ${record.name} (${record.id}) — ${why}${running ? `; ${running} running command(s) ended` : ""}${iterationSummary(live)}`
         : `[${ts}] PHASE_FAILED: Phase ${record.name} (${record.id}) — ${why}`,
     ])
     .catch((e: Error) => ctx.log.error({ phase: record.id, err: e.message }, "could not record the end of the phase"));
@@ -315,6 +343,12 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   ctx.phases.delete(record.id);
   ctx.log.info({ phase: record.id, state: outcome, why }, "phase ended");
   ctx.opts.logSecrets?.remove(record.id);
+}
+
+function iterationSummary(live: LivePhase): string {
+  const s = live.workspace?.summary();
+  if (!s || s.iterations.length === 0) return "";
+  return `; iterations: ${s.accepted} accepted, ${s.rejected} refused${s.pending ? `, ${s.pending} pending` : ""}`;
 }
 
 export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord): Promise<void> {

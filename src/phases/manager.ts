@@ -23,6 +23,8 @@ import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.j
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
 import type { PhaseView } from "./types.js";
+import { checkpoint, decideIteration, pendingDiff, pendingFiles } from "./workspace.js";
+import type { CheckpointResult, FileChange, IterationRecord } from "../workspace/index.js";
 
 export type { ManagerOptions } from "./context.js";
 export type { ExecRequest, ExecResult, ExecSink } from "./exec.js";
@@ -98,6 +100,26 @@ export class PhaseManager {
     }
     await this.ctx.get(id); // 404 for an unknown id
     return { file: this.ctx.store.containerLogPath(id) };
+  }
+
+  /* ------------------------------ workspace ------------------------------ */
+
+  /** Judge the phase's changes since the last checkpoint now (src/workspace). */
+  checkpoint(id: string, message: string): Promise<CheckpointResult> {
+    return checkpoint(this.ctx, id, message);
+  }
+
+  /** What a checkpoint now would judge. */
+  files(id: string): Promise<FileChange[]> {
+    return pendingFiles(this.ctx, id);
+  }
+
+  diff(id: string): Promise<string> {
+    return pendingDiff(this.ctx, id);
+  }
+
+  decideIteration(id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {
+    return decideIteration(this.ctx, id, n, decision, note);
   }
 
   /* ------------------------------ approvals ----------------------------- */

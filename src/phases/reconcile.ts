@@ -6,15 +6,19 @@
  * record and the container; the rest carries it out.
  */
 import type { BuildLog } from "../audit/buildlog.js";
-import { actionLine, timestamp } from "../audit/format.js";
+import { actionLine, quoteArgv, timestamp } from "../audit/format.js";
+import type { AuditRecord } from "../audit/journal.js";
+import { readRecords } from "../audit/read.js";
 import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
+import { readFile } from "node:fs/promises";
+import dotenv from "dotenv";
+import { makeWorkspace } from "./workspace.js";
 import { splitDotenv } from "../policy/env.js";
-import { readDotenv } from "./project.js";
 import { isTerminal } from "./state.js";
 import type { PhaseRecord } from "./types.js";
 
@@ -125,11 +129,64 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const channel = openChannel(ctx, live, token);
   await channel.listen();
   await openTunnels(ctx, live, token);
+  // the layer's mounts outlive the daemon; what is missing is mounted again
+  await live.workspace?.layer.reattach();
   await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   await live.rec.record({ type: "phase.readopt", name: record.name }, [
     actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, "daemon restarted; shim reconnected"),
   ]);
+  await recordLostExecs(ctx, live);
+}
+
+/**
+ * Commands that were allowed (their verdict is on record) but have no
+ * result: the daemon died while they ran, and the shim ended them when its
+ * link dropped. Each gets an `exec.lost` record with what is known, so no
+ * verdict is left open. Verdicts and ends are paired by the command they
+ * name, first come first served (a command run twice at once is ambiguous
+ * only as to which verdict is whose, not as to how many were lost).
+ */
+export function lostVerdicts(records: readonly AuditRecord[]): AuditRecord[] {
+  const key = (r: AuditRecord) => JSON.stringify([r.argv ?? null, r.command ?? null]);
+  const open = new Map<string, AuditRecord[]>();
+  for (const r of records) {
+    if (r.type === "exec.verdict" && r.decision === "allow") {
+      const k = key(r);
+      open.set(k, [...(open.get(k) ?? []), r]);
+    } else if (r.type === "exec.result" || r.type === "exec.error" || r.type === "exec.lost") {
+      open.get(key(r))?.shift();
+    }
+  }
+  return [...open.values()].flat().sort((a, b) => a.seq - b.seq);
+}
+
+async function recordLostExecs(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  const { record } = live;
+  const lost = lostVerdicts(await readRecords(ctx.opts.stateDir, { phase: record.id }));
+  if (lost.length === 0) return;
+  const ts = timestamp(ctx.opts.clock.now());
+  await live.rec.recordMany(
+    lost.map((v) => ({
+      event: {
+        type: "exec.lost",
+        argv: v.argv ?? null,
+        command: v.command ?? null,
+        verdictSeq: v.seq,
+        verdictAt: v.ts,
+        reason: "the daemon stopped while the command ran; the shim ends commands whose link drops, so it ended then, with no result recorded",
+      },
+      lines: [
+        actionLine(
+          ts,
+          "SHELL",
+          "EXEC",
+          Array.isArray(v.argv) ? quoteArgv(v.argv as string[]) : String(v.command ?? ""),
+          `LOST (verdict seq ${v.seq} at ${v.ts}): the daemon stopped while it ran; no result`,
+        ),
+      ],
+    })),
+  );
 }
 
 /** The container of a phase that had already ended: its log is kept beside the others, then it goes. */
@@ -147,7 +204,13 @@ async function removeEnded(ctx: PhaseContext, record: PhaseRecord, containerId: 
  * `refusal` says why, and the caller ends the phase.
  */
 async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: LivePhase; refusal: string | null }> {
-  const { vars, text } = await readDotenv(record.project, record.uid).catch(() => ({ vars: {}, text: "" }));
+  // the .env the daemon read at phase start, kept in the state dir: the project's
+  // file is never read again (the phase could have had a hand in it since)
+  let refusal: string | null = null;
+  const kept = await readFile(ctx.store.dotenvPath(record.id), "utf8").catch(() => null);
+  if (kept === null) refusal = "the .env read at phase start was not kept in the state dir; it is not read again from the project";
+  const text = kept ?? "";
+  const vars = dotenv.parse(text);
   const log = await reopenAudit(ctx, record);
   const services = resolveServices(record.mode, vars, ctx.opts.serviceOverrides, ctx.opts.policy().network);
   const live: LivePhase = {
@@ -160,9 +223,9 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
+    workspace: null,
     ending: null,
   };
-  let refusal: string | null = null;
   if (record.policyFile) {
     try {
       live.phasePolicy = await loadPolicy(record.policyFile);
@@ -170,6 +233,12 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     } catch (err) {
       refusal = `phase policy ${record.policyFile} unreadable after restart: ${(err as Error).message}`;
     }
+  }
+  try {
+    live.workspace = await makeWorkspace(ctx, live);
+    await live.workspace.load();
+  } catch (err) {
+    refusal ??= `the phase's workspace layer cannot be re-attached: ${(err as Error).message}`;
   }
   return { live, refusal };
 }

@@ -38,7 +38,20 @@ const OUTPUT_LINE = /^(?:\[[^\]]*\] STD(?:OUT|ERR):|    \| |    ~ )/;
  * written once the budget is spent — they are bounded by the work in flight —
  * while every record that would start new work is refused.
  */
-const CLOSING = /^(?:exec\.(?:result|error)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
+const CLOSING = /^(?:exec\.(?:result|error|lost)|net\.close|db\.(?:result|error|timeout)|phase\.|audit\.)/;
+
+/** A build_audit.log append that failed (ENOSPC, EIO): an audit failure like the journal's, coded alike. */
+function buildLogFailed(file: string, e: unknown): unknown {
+  if (e instanceof SandboxdError) return e;
+  const code = (e as NodeJS.ErrnoException | null)?.code ?? "EUNKNOWN";
+  return new SandboxdError("SBX_ERR_AUDIT_FAILED", `build_audit.log append failed with ${code} on ${file}: ${(e as Error)?.message ?? String(e)}`, {
+    cause: e,
+    details: { errno: code, path: file, op: "build log append" },
+  });
+}
+
+/** The records that end a phase. */
+const ENDS = /^phase\.(?:complete|failed)$/;
 
 export class PhaseRecorder implements EventRecorder {
   /** build-log lines of recordMany calls waiting for the next grouped append */
@@ -63,11 +76,19 @@ export class PhaseRecorder implements EventRecorder {
 
   async record(event: AuditEvent, lines: readonly string[]): Promise<AuditRecord> {
     await this.admit([event]);
-    const [rec] = await Promise.all([
-      this.journal.append({ ...event, phase: this.phaseId }, this.appendOptions()),
-      this.build.append(this.buildLines(lines)),
-    ]);
-    return rec;
+    const opts = this.appendOptions();
+    const journaled = this.journal.append({ ...event, phase: this.phaseId }, opts).catch((e: unknown) => {
+      // a phase that ends while the journal is failing gets its end record when the journal recovers
+      if (ENDS.test(event.type) && (e as { code?: string }).code === "SBX_ERR_AUDIT_FAILED") {
+        this.journal.deferUntilRecovered({ ...event, phase: this.phaseId, deferred: true }, { ...opts, onSize: undefined });
+      }
+      throw e;
+    });
+    const [j, b] = await Promise.allSettled([journaled, this.build.append(this.buildLines(lines))]);
+    // the journal's failure says the most (it is the source of truth and recovers by itself)
+    if (j.status === "rejected") throw j.reason;
+    if (b.status === "rejected") throw buildLogFailed(this.build.path, b.reason);
+    return j.value;
   }
 
   /**
@@ -84,8 +105,10 @@ export class PhaseRecorder implements EventRecorder {
     const opts = this.appendOptions();
     const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, opts));
     const lines = this.buildLines(entries.flatMap((e) => e.lines));
-    const [records] = await Promise.all([Promise.all(appends), this.appendBuildGrouped(lines)]);
-    return records;
+    const [j, b] = await Promise.allSettled([Promise.all(appends), this.appendBuildGrouped(lines)]);
+    if (j.status === "rejected") throw j.reason;
+    if (b.status === "rejected") throw buildLogFailed(this.build.path, b.reason);
+    return j.value;
   }
 
   private appendOptions(): AppendOptions {

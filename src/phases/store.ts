@@ -27,6 +27,13 @@ export class PhaseStore {
   buildLogPath(id: string): string {
     return path.join(this.dir(id), "build_audit.log");
   }
+  /** the project's .env as the daemon read it at phase start: never re-read from the project */
+  dotenvPath(id: string): string {
+    return path.join(this.dir(id), "dotenv");
+  }
+  iterationsPath(id: string): string {
+    return path.join(this.dir(id), "iterations.json");
+  }
   containerLogPath(id: string): string {
     return path.join(this.dir(id), "container.log");
   }

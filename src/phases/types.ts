@@ -28,6 +28,8 @@ export const phaseRecordSchema = z
     buildLog: z.string(),
     /** why the phase ended, when it did not end by an operator's stop */
     endReason: z.string().nullable(),
+    /** protected paths this phase may change (`phase start --allow main.py`: SKILLS.md "Phase specification") */
+    allow: z.array(z.string()).optional(),
   })
   .strict();
 export type PhaseRecord = z.infer<typeof phaseRecordSchema>;
@@ -35,4 +37,13 @@ export type PhaseRecord = z.infer<typeof phaseRecordSchema>;
 /** The public view of a phase (what the API returns). */
 export interface PhaseView extends PhaseRecord {
   runningExecs: number;
+  /** the phase's iterations (src/workspace): counts and each one's outcome */
+  workspace?: {
+    accepted: number;
+    rejected: number;
+    pending: number;
+    /** refused iterations: SKILLS.md fail-fast, category `iteration` */
+    failed: number;
+    iterations: unknown[];
+  };
 }

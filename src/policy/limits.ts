@@ -12,7 +12,11 @@ export interface PhaseLimits {
   cpus: number;
   /** fork-bomb guard; not in SKILLS.md, required by "Safety First". */
   pidsLimit: number;
-  /** SKILLS.md "Resource Limits" — Disk: no files larger than 10MB. Enforced as RLIMIT_FSIZE. */
+  /**
+   * RLIMIT_FSIZE: a wide safety cap (the layer's budget), so `pip install numpy`
+   * works. SKILLS.md "Resource Limits" — Disk: no files larger than 10MB — is
+   * judged on the project's files at each checkpoint (src/workspace).
+   */
   fileSizeBytes: number;
   /** size of the container's only writable scratch space (/tmp) */
   tmpfsBytes: number;
@@ -35,7 +39,7 @@ export function defaultLimits(mode: PhaseMode): PhaseLimits {
     memoryBytes: 2048 * MiB,
     cpus: 1,
     pidsLimit: 256,
-    fileSizeBytes: 10 * MiB,
+    fileSizeBytes: 2048 * MiB,
     tmpfsBytes: 512 * MiB,
     defaultTimeoutMs: 60_000,
     maxTimeoutMs: mode === "paper" ? 300_000 : 60_000,

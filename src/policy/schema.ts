@@ -146,7 +146,9 @@ const limitFields = {
   memoryBytes: bytes(),
   cpus: z.number().positive(),
   pidsLimit: z.number().int().positive(),
-  fileSizeBytes: atMost(bytes(), 10 * MiB, "SKILLS.md Resource Limits: no files larger than 10MB"),
+  // a safety cap only (RLIMIT_FSIZE on every process, /tmp and pip's installs included):
+  // SKILLS.md's 10 MB is judged on project files at each checkpoint (src/workspace)
+  fileSizeBytes: atMost(bytes(), 4 * 1024 * MiB, "a per-process safety cap within the phase's disk budget"),
   tmpfsBytes: bytes(),
   defaultTimeoutMs: millis(),
   maxTimeoutMs: atMost(millis(), 300_000, "SKILLS.md §2 Execution Timeouts: up to 5 minutes"),

@@ -5,9 +5,10 @@
 import Docker from "dockerode";
 import { mkdir, readdir, readFile, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { PassThrough, type Readable } from "node:stream";
+import type { Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
+import { DockerLogDemux } from "./demux.js";
 import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "./types.js";
 
 /** Every phase container's hostname; its /etc/hosts maps it to 127.0.0.1. */
@@ -75,7 +76,7 @@ async function makeCommandCgroupDir(containerName: string): Promise<string | nul
     await stat(path.join(dir, "cgroup.kill"));
     return dir;
   } catch {
-// eslint-disable-next-line no-restricted-syntax -- cleaning up a directory that proved unusable; null already says per-command cgroups are off
+    // eslint-disable-next-line no-restricted-syntax -- cleaning up a directory that proved unusable; null already says per-command cgroups are off
     await rmdir(dir).catch(() => undefined);
     return null;
   }
@@ -109,7 +110,7 @@ export async function removeCommandCgroupDir(containerName: string): Promise<voi
       }
     }
   }
-// eslint-disable-next-line no-restricted-syntax -- the container is gone and its commands were killed above; a directory that is still busy is left behind, never reused (phase ids are unique)
+  // eslint-disable-next-line no-restricted-syntax -- the container is gone and its commands were killed above; a directory that is still busy is left behind, never reused (phase ids are unique)
   await rmdir(dir).catch(() => undefined);
 }
 
@@ -144,7 +145,7 @@ export function hostConfigFor(spec: PhaseContainerSpec, cgroupDir: string | null
     ReadonlyRootfs: true,
     Tmpfs: { "/tmp": `rw,nosuid,nodev,size=${spec.tmpfsBytes},mode=1777` },
     Binds: [
-      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw`,
+      `${spec.projectDir}:${SHIM_PATHS.workspace}:rw${spec.projectPropagation ? `,${spec.projectPropagation}` : ""}`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
       `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
@@ -210,7 +211,10 @@ export class DockerRuntime implements ContainerRuntime {
         User: "0:0",
         // named in the image's /etc/hosts (runtime/image.ts SANDBOX_HOSTS), so gethostname() resolves
         Hostname: SANDBOX_HOSTNAME,
-        WorkingDir: SHIM_PATHS.workspace,
+        // not /workspace: a process whose cwd is in the view would pin the
+        // container's copy of the overlay (commands get /workspace as their
+        // cwd by path, each time)
+        WorkingDir: "/",
         NetworkDisabled: true,
         Tty: false,
         OpenStdin: false,
@@ -293,27 +297,35 @@ export class DockerRuntime implements ContainerRuntime {
     }
   }
 
+  /**
+   * The container's log as a stream, followed or not, demultiplexed as it is
+   * read (./demux.ts): bounded memory however long the log.
+   */
   async logs(id: string, opts: { follow: boolean }): Promise<Readable> {
-    const c = this.docker.getContainer(id);
-    const out = new PassThrough();
+    let raw: Readable;
     try {
-      if (opts.follow) {
-        const raw = await c.logs({ follow: true, stdout: true, stderr: true });
-        this.docker.modem.demuxStream(raw, out, out);
-        raw.on("end", () => out.end());
-        raw.on("error", (e) => out.destroy(e));
-        out.on("close", () => (raw as unknown as { destroy?: () => void }).destroy?.());
-      } else {
-        const buf = await c.logs({ follow: false, stdout: true, stderr: true });
-        const src = new PassThrough();
-        this.docker.modem.demuxStream(src, out, out);
-        src.on("end", () => out.end());
-        src.end(buf);
-      }
+      // dockerode buffers a non-followed log whole; the engine's stream is asked for directly
+      raw = await new Promise<Readable>((resolve, reject) => {
+        (this.docker.modem as { dial(o: unknown, cb: (err: unknown, stream: Readable) => void): void }).dial(
+          {
+            path: `/containers/${encodeURIComponent(id)}/logs?`,
+            method: "GET",
+            isStream: true,
+            statusCodes: { 200: true, 404: "no such container", 500: "server error" },
+            options: { follow: opts.follow, stdout: true, stderr: true },
+          },
+          (err, stream) => (err ? reject(err) : resolve(stream)),
+        );
+      });
     } catch (err) {
       if (statusOf(err) === 404) throw new SandboxdError("SBX_ERR_DOCKER", `container ${id} no longer exists`);
       throw dockerError(`reading logs of ${id}`, err);
     }
-    return out;
+    const out = new DockerLogDemux();
+    raw.on("error", (e) => out.destroy(e));
+    // a consumer that goes away (a closed follow) ends the engine's stream too
+    out.on("close", () => raw.destroy());
+    return raw.pipe(out);
   }
+
 }

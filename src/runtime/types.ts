@@ -19,6 +19,11 @@ export interface PhaseContainerSpec {
   labels: Record<string, string>;
   /** host path bind-mounted read-write at /workspace */
   projectDir: string;
+  /**
+   * mount propagation of that bind: "rslave" when projectDir is a shared
+   * mount point the daemon mounts the phase's view on (src/workspace/layer.ts)
+   */
+  projectPropagation?: "rslave";
   /** host path bind-mounted at /run/sandboxd (the control socket lives here) */
   runDir: string;
   /** host files mounted read-only at a path inside /workspace (over the rw project mount) */

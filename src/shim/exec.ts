@@ -4,11 +4,12 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { statSync } from "node:fs";
-import type { Readable } from "node:stream";
+import { PassThrough, type Readable } from "node:stream";
 import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
 import { Forker, ForkerUnavailable, SpawnFailure, isDeadState, procState } from "./forker.js";
+import { LANDLOCK_EXEC_PY } from "./landlock.js";
 import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, signalPid, type ProcStat } from "./procs.js";
 
 /** setTimeout fires at once for delays above 2^31-1 ms; clamp (about 24.8 days). */
@@ -179,15 +180,21 @@ export class RunningExec {
     );
   }
 
+  /**
+   * Node's spawn, through a small Python wrapper that puts the command in a
+   * Landlock domain of its own before it execs it (see landlock.ts): Node has
+   * no hook between fork and exec. It costs a Python start (about 20 ms);
+   * this path is for commands of another user and for a shim with no forker.
+   * The wrapper reports a failed exec on fd 3, worded as Node's spawn would.
+   */
   private spawnWithNode(): void {
     const { msg } = this;
-    const [file, ...args] = msg.argv as [string, ...string[]];
     let child: ChildProcess;
     const cgroups = this.link.cgroups;
     try {
       // The child is born in the shim's cgroup: the shim is in the command's for the (synchronous) fork.
       if (this.cgroup && cgroups) this.cgroup.place(process.pid);
-      child = spawn(file, args, {
+      child = spawn("python3", ["-I", "-S", "-c", LANDLOCK_EXEC_PY, ...msg.argv], {
         cwd: msg.cwd,
         env: msg.env, // exactly as given: nothing of the shim's environment is inherited
         uid: msg.uid,
@@ -195,7 +202,7 @@ export class RunningExec {
         // New session and process group, so the whole command can be signalled
         // at once (Docker has no exec-kill API, which is why the shim does it).
         detached: true,
-        stdio: ["ignore", "pipe", "pipe"],
+        stdio: ["ignore", "pipe", "pipe", "pipe"],
       });
     } catch (err) {
       // Node throws for some errors (EPERM from setuid, bad arguments) and
@@ -208,6 +215,7 @@ export class RunningExec {
     if (child.pid === undefined) {
       child.stdout?.destroy();
       child.stderr?.destroy();
+      (child.stdio[3] as Readable | null)?.destroy();
       child.once("error", (err) => {
         const { code, error } = errorFields(err);
         this.spawnFailed(code ?? "ESPAWN", this.explainSpawnError(code, error));
@@ -218,8 +226,36 @@ export class RunningExec {
     // listener that would crash the shim.
     child.on("error", (err) => log("warn", "child process error", { execId: this.execId, ...errorFields(err) }));
     const exited = new Promise<LeaderExit>((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
-    // stdio is ["ignore", "pipe", "pipe"], so both streams exist.
-    this.started(child.pid, child.stdout!, child.stderr!, exited);
+    const pid = child.pid;
+    // Read from now on: Node drops (resumes) a child's stdio that nobody reads
+    // when the child exits, and a short command can exit before its exec is
+    // confirmed below. Destroying our end destroys the pipe.
+    const hold = (source: Readable): Readable => {
+      const held = source.pipe(new PassThrough());
+      held.once("close", () => source.destroy());
+      return held;
+    };
+    const stdout = hold(child.stdout!);
+    const stderr = hold(child.stderr!);
+    const errPipe = child.stdio[3] as Readable;
+    let report = "";
+    errPipe.setEncoding("utf8");
+    errPipe.on("data", (s: string) => (report = (report + s).slice(0, 4096)));
+    errPipe.on("error", () => undefined);
+    errPipe.once("close", () => {
+      if (report === "") {
+        // closed by a successful exec: the command runs
+        this.started(pid, stdout, stderr, exited);
+        return;
+      }
+      stdout.destroy();
+      stderr.destroy();
+      const space = report.indexOf(" ");
+      const code = space > 0 ? report.slice(0, space) : "ESPAWN";
+      const detail = space > 0 ? report.slice(space + 1) : report;
+      // worded as Node's spawn words it
+      this.spawnFailed(code, this.explainSpawnError(code, `spawn ${msg.argv[0]} ${code} (${detail})`));
+    });
   }
 
   /** The command runs (started by the forker or by Node): report it, stream it, time it. */

@@ -37,6 +37,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { constants } from "node:os";
 import type net from "node:net";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
+import { LANDLOCK_PY } from "./landlock.js";
 import { errorFields, log } from "./log.js";
 
 /** Python 3, `python3 -I -S -c`. */
@@ -52,30 +53,7 @@ import errno, json, os, select, signal, socket, subprocess, sys, threading
 IPC = socket.socket(fileno=int(os.environ.get("NODE_CHANNEL_FD", "3")))
 out = sys.stdout.buffer
 
-# Landlock (Linux 6.12+, ABI 6): each command gets a domain of its own, made
-# in a thread that exists only to start it (a domain binds the thread that
-# makes it and every process it then starts; the forker's main thread stays
-# outside all of them). A process in a domain cannot ptrace (nor open
-# /proc/<pid>/mem of, nor process_vm_writev into) a process outside it or in
-# a sibling domain, and with LANDLOCK_SCOPE_SIGNAL cannot signal one. No
-# filesystem or network access is handled: those stay as they are.
-class _Attr(ctypes.Structure):
-    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-_abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
-LANDLOCK = _abi >= 6
-def confine():
-    attr = _Attr(0, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
-    fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
-    try:
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
-            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-        if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
-    finally:
-        os.close(fd)
-
+${LANDLOCK_PY}
 def reply(o):
     out.write(json.dumps(o).encode() + b"\n")
     out.flush()

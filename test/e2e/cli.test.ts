@@ -214,6 +214,13 @@ describe("sandboxd CLI", () => {
     const keep = await startPhase("backtest", "keep");
     const dies = await startPhase("backtest", "dies");
     await writeFile(path.join(stateDir, "marker"), "x");
+    // a command in flight when the daemon dies: its verdict is on record, its result never will be
+    const longScript = await writeScript(keep.project, "import time; time.sleep(60)");
+    void cli(["exec", keep.id, "--", "python3", longScript], { socket, timeoutMs: 120_000 });
+    for (let i = 0; i < 100; i++) {
+      if ((await readFile(path.join(stateDir, "audit.jsonl"), "utf8")).includes(longScript)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
 
     daemon.child.kill("SIGKILL");
     await waitExit(daemon.child);
@@ -230,6 +237,19 @@ describe("sandboxd CLI", () => {
     const r = await cli(["exec", keep.id, "--", "python3", await writeScript(keep.project, "print('after restart')")], { socket });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe("after restart\n");
+    // the command cut off by the crash is marked lost after the re-adoption, naming its verdict
+    const recs = (await readFile(path.join(stateDir, "audit.jsonl"), "utf8"))
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as Record<string, any>)
+      .filter((x) => x.phase === keep.id);
+    const verdict = recs.find((x) => x.type === "exec.verdict" && x.argv?.[1] === longScript)!;
+    const readopt = recs.findIndex((x) => x.type === "phase.readopt");
+    const lost = recs.findIndex((x) => x.type === "exec.lost");
+    expect(readopt).toBeGreaterThan(0);
+    expect(lost).toBeGreaterThan(readopt);
+    expect(recs[lost]).toMatchObject({ argv: ["python3", longScript], verdictSeq: verdict.seq });
+    expect(recs.filter((x) => x.type === "exec.lost")).toHaveLength(1);
 
     const gone = JSON.parse((await cli(["phase", "show", dies.id, "--json"], { socket })).stdout) as PhaseView;
     expect(gone.state).toBe("failed");

@@ -239,6 +239,75 @@ describe("exit codes", () => {
   });
 });
 
+describe("idle connections", () => {
+  it("a connection that never sends a request is closed; a silent follow that did send one is not", async () => {
+    const net = await import("node:net");
+    const idle = net.connect(socket);
+    const closedAt = new Promise<number>((r) => idle.on("close", () => r(Date.now())));
+    idle.on("error", () => undefined);
+    const t0 = Date.now();
+    // a follow of the audit trail, quiet for longer than the idle limit
+    const follow = http.request({ socketPath: socket, method: "GET", path: "/v1/audit?follow=1&last=1" });
+    follow.end();
+    const res = await new Promise<http.IncomingMessage>((r) => follow.on("response", r));
+    let got = "";
+    res.on("data", (c: Buffer) => (got += c.toString()));
+    const closed = await closedAt;
+    expect(closed - t0).toBeGreaterThan(8_000);
+    expect(closed - t0).toBeLessThan(20_000);
+    expect(res.destroyed).toBe(false);
+    // still live: a new record reaches it
+    const before = got.length;
+    const p = await startPhase();
+    await until("the follow to see the new phase", async () => got.length > before && got.includes(p.id));
+    res.destroy();
+  }, 60_000);
+});
+
+describe("kill -9 during phase start", () => {
+  it("the restarted daemon (0.7 s later, the dead one not yet reaped) takes the audit lock and ends the half-started phase, recorded", async () => {
+    const dir = await tempDir("kill9");
+    const sock = path.join(dir, "s.sock");
+    try {
+      // the daemon's parent never reaps it (sh exec'd into sleep): after kill -9 it stays a zombie holding its pid
+      const env = { ...process.env, SANDBOXD_LOG_LEVEL: "info" };
+      const sh = spawn("sh", ["-c", `"${process.execPath}" "${CLI}" --socket "${sock}" start --state-dir "${dir}" >"${dir}/d1.log" 2>&1 & echo $!; exec sleep 120`], {
+        stdio: ["ignore", "pipe", "ignore"],
+        env,
+      });
+      const pid = Number((await new Promise<Buffer>((r) => sh.stdout!.once("data", r))).toString().trim());
+      const a = new ApiClient(sock);
+      await until("the first daemon", () => a.request("GET", "/v1/health").then(() => true, () => false), 60_000);
+      const project = await makeProject();
+      projects.push(project);
+      const starting = a.request("POST", "/v1/phases", { project, phase: "k9", mode: "backtest" }).catch((e: unknown) => e);
+      // kill as soon as the container exists, while the phase is still starting
+      await until("the phase's container", async () => (await containersOf(dir)).length > 0, 30_000);
+      process.kill(pid, "SIGKILL");
+      await starting;
+      await new Promise((r) => setTimeout(r, 700));
+      const second = await spawnDaemon(dir, sock);
+      try {
+        const { phases } = await new ApiClient(sock).request<{ phases: PhaseView[] }>("GET", "/v1/phases");
+        expect(phases).toHaveLength(1);
+        const p = phases[0]!;
+        if (p.state === "failed") expect(p.endReason).toMatch(/while the phase was starting|container/);
+        else expect(p.state).toBe("running"); // the start had completed before the kill: re-adopted
+        const recs = await readFile(path.join(dir, "audit.jsonl"), "utf8");
+        if (p.state === "failed") expect(recs).toMatch(/"type":"phase.failed"/);
+        if (p.state === "failed") expect(await containersOf(dir)).toHaveLength(0);
+      } finally {
+        second.child.kill("SIGTERM");
+        await waitExit(second.child);
+        sh.kill("SIGKILL");
+      }
+    } finally {
+      for (const c of await containersOf(dir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true });
+      await removeDir(dir);
+    }
+  }, 180_000);
+});
+
 describe("shutdown", () => {
   it("SIGTERM ends a phase whose streaming reader left, and the daemon exits", async () => {
     const p = await startPhase();

@@ -15,7 +15,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { CLI, OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { createHash } from "node:crypto";
+import { CLI, OWNER, ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const logLines: string[] = [];
@@ -187,4 +188,34 @@ describe("streaming stays live with a .env", () => {
     expect(records).toHaveLength(1);
     expect(records[0]!.stdout).toBe("key [REDACTED] progress AKIAEX");
   }, 60_000);
+});
+
+describe("policy reloads are on record", () => {
+  it("accepted and refused reloads alike record the content's SHA-256, size and rule count", async () => {
+    const dir = await tempDir("reload");
+    cleanup.push(dir);
+    const file = path.join(dir, "policy.yaml");
+    const good = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+    await writeFile(file, good);
+    const rt = await startTestDaemon({ policy: file });
+    try {
+      expect(await rt.daemon.reload()).toBe(true);
+      const broken = good.replace("version: 1", "version: 2");
+      await writeFile(file, broken);
+      expect(await rt.daemon.reload()).toBe(false);
+      const recs = (await readFile(path.join(rt.stateDir, "audit.jsonl"), "utf8"))
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l) as Record<string, any>);
+      const sha = (t: string) => createHash("sha256").update(t).digest("hex");
+      const ok = recs.find((r) => r.type === "policy.reload")!;
+      expect(ok).toMatchObject({ file, sha256: sha(good), bytes: Buffer.byteLength(good) });
+      expect(ok.rules).toBeGreaterThan(10);
+      const refused = recs.find((r) => r.type === "policy.reload_refused")!;
+      expect(refused).toMatchObject({ file, sha256: sha(broken), rules: ok.rules });
+      expect(refused.error).toMatch(/version/);
+    } finally {
+      await rt.close();
+    }
+  });
 });

@@ -60,15 +60,18 @@ describe("SQL through the gateway", () => {
         "import os, psycopg2",
         "conn = psycopg2.connect(os.environ['DATABASE_URL_TEST'])",
         "cur = conn.cursor()",
-        "for i in range(25):",
+        "for i in range(5):",
         "    cur.execute(\"SELECT length('\" + 'x' * (4 * 1024 * 1024) + \"') AS n\")",
         "    print(cur.fetchone()[0])",
         "conn.close()",
       ].join("\n"),
     );
-    const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script], timeoutMs: 60_000 });
-    expect(result.stderr).toBe("");
-    expect(result.stdout.trim().split("\n")).toEqual(Array(25).fill(String(4 * 1024 * 1024)));
+    // five commands of five statements: each command well within the 60 s limit on a busy machine
+    for (let k = 0; k < 5; k++) {
+      const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script], timeoutMs: 60_000 });
+      expect(result.stderr).toBe("");
+      expect(result.stdout.trim().split("\n")).toEqual(Array(5).fill(String(4 * 1024 * 1024)));
+    }
     const added = { journal: (await stat(journal)).size - before.journal, build: (await stat(phase.buildLog)).size - before.build };
     console.log(`25 × 4 MiB SQL added ${added.journal} bytes to audit.jsonl and ${added.build} bytes to build_audit.log`);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);

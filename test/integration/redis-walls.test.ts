@@ -282,6 +282,27 @@ describe("Redis walls, from inside real sandboxes", () => {
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
   });
 
+  it("test mode: an argument the verdict depends on cannot hide past the arguments the filter reads (COPY … DB, INFO sections)", async () => {
+    const { phase, project } = await phaseIn("test");
+    await testRedis.cli("-n", "1", "SET", "orders:7", "live");
+    // Redis accepts a repeated REPLACE: 70 of them push DB 5 beyond the 64 arguments the filter keeps
+    const copyFar = ["COPY", "orders:7", "stolen", ...Array<string>(70).fill("REPLACE"), "DB", "5"];
+    const infoFar = ["INFO", ...Array<string>(70).fill("default"), "commandstats"];
+    const out = await drive(phase, project, { pipeline: [copyFar, infoFar, ["COPY", "orders:7", "copy7"], ["PING"]] });
+    expect(out.replies[0]).toMatch(refusedBy("redis.unlisted", "COPY"));
+    expect(out.replies[1]).toMatch(refusedBy("redis.unlisted", "INFO"));
+    expect(out.replies[2]).toBe(":1\r\n");
+    expect(out.replies[3]).toBe("+PONG\r\n");
+    // from outside: nothing reached database 5; the plain COPY stayed in database 1
+    expect(await testRedis.cli("-n", "5", "DBSIZE")).toBe("0");
+    expect(await testRedis.cli("-n", "1", "GET", "copy7")).toBe("live");
+    const rs = await recordsOf(phase, (x) => x.some((e) => e.type === "net.close" && e.service === "redis"));
+    const refusals = rs.filter((e) => e.type === "redis.refused");
+    expect(refusals.map((e) => [e.command, e.rule])).toEqual([["COPY", "redis.unlisted"], ["INFO", "redis.unlisted"]]);
+    expect(String(refusals[0]!.reason)).toContain("more arguments (74) than the filter reads");
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
+
   it("the sandbox holds no Redis password: not in its environment, not in any file it can read, not in the records", async () => {
     const { phase, project } = await phaseIn("backtest");
     const scan = await writeScript(

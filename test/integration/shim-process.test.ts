@@ -579,7 +579,7 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     expect(readdirSync(dir).filter((f) => f.startsWith("cmd-"))).toEqual([]);
   });
 
-  if (via === "forker") it("one command cannot signal, ptrace or write the memory of another's processes, nor of the forker", async () => {
+  it("one command cannot signal, ptrace or write the memory of another's processes, nor of its starter (the forker, or the shim)", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);
     const victim = sendExec(conn, { argv: ["sh", "-c", "echo $$ $PPID; sleep 1.5; echo survived"] });

@@ -333,6 +333,32 @@ describe("fail closed", () => {
     expect(await verifyJournal(dir)).toMatchObject({ ok: true, lastSeq: 3, anchor: { seq: 3 } });
   });
 
+  it("recovers by itself when space returns: the gap is recorded with its cause, deferred ends follow, the chain goes on", async () => {
+    let full = false;
+    const jfs = hookedFs((op, _fd, isJournal) => {
+      if (full && op === "write" && isJournal) throw errno("ENOSPC");
+    });
+    const j = await AuditJournal.open(dir, { clock: fixedClock(), fs: jfs, recoverProbeMs: 20 });
+    for (let i = 1; i <= 3; i++) await j.append({ type: "ok", i });
+    full = true;
+    await expect(j.append({ type: "lost" })).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_FAILED" });
+    await expect(j.append({ type: "refused" })).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_FAILED" });
+    j.deferUntilRecovered({ type: "phase.complete", phase: "ph_1", reason: "stopped while the disk was full" });
+    await new Promise((r) => setTimeout(r, 100)); // probes keep failing while the disk is full
+    expect(j.failed).not.toBeNull();
+    full = false;
+    await new Promise<void>((r) => j.onRecovered(r));
+    expect(j.failed).toBeNull();
+    const next = await j.append({ type: "after" });
+    await j.close();
+    const recs = (await readLines()).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(recs.map((r) => r.type)).toEqual(["ok", "ok", "ok", "audit.gap", "phase.complete", "after"]);
+    expect(recs[3]).toMatchObject({ seq: 4, errno: "ENOSPC", op: "write", afterSeq: 3, refusedAppends: 2 });
+    expect(String(recs[3]!.cause)).toMatch(/ENOSPC/);
+    expect(next.seq).toBe(6);
+    expect(await verifyJournal(dir)).toMatchObject({ ok: true, lastSeq: 6, anchor: { seq: 6 } });
+  });
+
   it("EIO on fdatasync rejects the whole in-flight batch and everything queued behind it", async () => {
     let syncs = 0;
     const jfs = hookedFs((op, _fd, isJournal) => {

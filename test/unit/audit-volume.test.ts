@@ -170,3 +170,26 @@ describe("build_audit.log rotation", () => {
     expect(all.trim().split("\n").map((l) => Number(l.split(" ")[1]))).toEqual([4, 5, 6, 7, 8, 9]);
   });
 });
+
+describe("exec.lost: verdicts left open by a daemon that died", () => {
+  it("pairs allowed verdicts with their ends by command, first come first served; what is left was lost", async () => {
+    const { lostVerdicts } = await import("../../src/phases/reconcile.js");
+    let seq = 0;
+    const r = (type: string, argv: string[], extra: Record<string, unknown> = {}) => ({ seq: ++seq, ts: "t", prev: "", hash: "", type, argv, command: null, ...extra });
+    const recs = [
+      r("exec.verdict", ["pytest"], { decision: "allow" }),
+      r("exec.verdict", ["sleep", "30"], { decision: "allow" }),
+      r("exec.verdict", ["pytest"], { decision: "allow" }),
+      r("exec.verdict", ["curl", "x"], { decision: "ask" }),
+      r("exec.result", ["pytest"]),
+      r("exec.verdict", ["ls"], { decision: "allow" }),
+      r("exec.error", ["ls"]),
+    ];
+    expect(lostVerdicts(recs).map((x) => [x.seq, x.argv])).toEqual([
+      [2, ["sleep", "30"]],
+      [3, ["pytest"]],
+    ]);
+    // recorded once: a second restart finds nothing left open
+    expect(lostVerdicts([...recs, r("exec.lost", ["sleep", "30"]), r("exec.lost", ["pytest"])])).toEqual([]);
+  });
+});

@@ -1,0 +1,348 @@
+/**
+ * A phase's iterations: from one checkpoint to the next, the layer's change
+ * set is read, checked, judged, and then applied to the project (accepted),
+ * discarded (rejected: the view is the last accepted state again), or held
+ * for a human (ask). SKILLS.md §1: Atomic Modification Rule, pre-write
+ * validation, protected paths, "Modified [file]: [reason]".
+ *
+ *   checkpoint ─▶ empty                       (nothing changed: no iteration)
+ *              ─▶ accepted  (applied, fresh upper)
+ *              ─▶ rejected  (discarded, fresh upper, counted as a failed attempt)
+ *              ─▶ pending ─▶ accepted | rejected   (an operator decides)
+ *
+ * Every checkpoint holds the phase's ExecGate alone: no command runs while
+ * the layer is read, unmounted, applied and mounted again.
+ */
+import { constants as fsc } from "node:fs";
+import { lstat, open, readFile, readlink, rename, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { z } from "zod";
+import { actionLine, escapeControl } from "../audit/format.js";
+import type { AuditEvent } from "../audit/journal.js";
+import { SandboxdError } from "../errors.js";
+import { applyChangeSet } from "./apply.js";
+import type { ChangeSet, FileChange } from "./changes.js";
+import type { WorkspacePolicy } from "../policy/index.js";
+import { diffChangeSet, type FileVersion } from "./diff.js";
+import { ExecGate } from "./gate.js";
+import type { WorkspaceLayer } from "./layer.js";
+import { projectPath } from "./apply.js";
+import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
+
+type JudgeFailure = Pick<RuleFailure, "rule" | "clause" | "message"> & Partial<RuleFailure>;
+
+export type IterationTrigger = "api" | "validation" | "stop";
+export type IterationState = "accepted" | "rejected" | "pending";
+
+export interface IterationRecord {
+  n: number;
+  message: string;
+  trigger: IterationTrigger;
+  state: IterationState;
+  at: string;
+  decidedAt: string | null;
+  /** "rules" or "operator" */
+  decidedBy: string | null;
+  changes: FileChange[];
+  failures: JudgeFailure[];
+}
+
+export interface CheckpointResult {
+  /** null: nothing had changed since the last checkpoint */
+  iteration: IterationRecord | null;
+}
+
+export interface WorkspaceHooks {
+  /** the container's init pid (its mount namespace), null when it is gone */
+  containerPid(): Promise<number | null>;
+  /** run argv in the sandbox (cwd /workspace) as the project owner; its stdout */
+  runInSandbox(argv: string[]): Promise<string>;
+  record(event: AuditEvent, lines: string[]): Promise<void>;
+  /** SKILLS.md timestamp */
+  now(): string;
+}
+
+export interface WorkspaceOptions {
+  uid: number;
+  gid: number;
+  /** `phase start --allow main.py` */
+  allowMainPy: boolean;
+  /** read at each checkpoint, so a policy reload (SIGHUP) applies to the next one */
+  policy: () => WorkspacePolicy;
+  /** where iterations are kept across a daemon restart */
+  stateFile: string;
+}
+
+const stateSchema = z.object({
+  iterations: z.array(z.any()),
+  failedIterations: z.number().int(),
+});
+
+/**
+ * What the layer itself refuses, whatever the policy says: a link that
+ * points out of the project, and files that are neither regular files,
+ * folders nor links (fifos, sockets, devices).
+ */
+export async function layerFailures(set: ChangeSet, layer: WorkspaceLayer, links: Map<string, string>): Promise<RuleFailure[]> {
+  const out: RuleFailure[] = [];
+  const clause = "SKILLS.md §1 Forbidden Operations: creating files outside the project directory structure";
+  for (const c of set.changes) {
+    if (c.kind === "delete" || c.isDir) continue;
+    const target = links.get(c.path);
+    if (target !== undefined) {
+      if (path.isAbsolute(target) || path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target)).startsWith("..")) {
+        out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, outside the project; make it a file or a link within the project`, decision: "reject", final: true });
+      }
+      continue;
+    }
+    const st = await lstat(path.join(layer.paths.upper, c.path)).catch(() => null);
+    if (st && !st.isFile()) {
+      out.push({ rule: "workspace.special-file", clause, path: c.path, message: `${c.path} is not a regular file (a fifo, socket or device); only files, folders and links reach the project`, decision: "reject", final: true });
+    }
+  }
+  return out;
+}
+
+export class PhaseWorkspace {
+  readonly gate = new ExecGate();
+  iterations: IterationRecord[] = [];
+  /** failed iterations (SKILLS.md fail-fast, category `iteration`) */
+  failedIterations = 0;
+
+  constructor(
+    readonly layer: WorkspaceLayer,
+    private readonly hooks: WorkspaceHooks,
+    private readonly opts: WorkspaceOptions,
+  ) {}
+
+  get policy(): WorkspacePolicy {
+    return this.opts.policy();
+  }
+
+  /** Iterations kept from before a daemon restart. */
+  async load(): Promise<void> {
+    try {
+      const s = stateSchema.parse(JSON.parse(await readFile(this.opts.stateFile, "utf8")));
+      this.iterations = s.iterations as IterationRecord[];
+      this.failedIterations = s.failedIterations;
+    } catch {
+      /* a phase without iterations yet */
+    }
+  }
+
+  private async save(): Promise<void> {
+    const tmp = `${this.opts.stateFile}.tmp`;
+    await writeFile(tmp, JSON.stringify({ iterations: this.iterations, failedIterations: this.failedIterations }) + "\n", { mode: 0o600 });
+    await rename(tmp, this.opts.stateFile);
+  }
+
+  pending(): IterationRecord | null {
+    return this.iterations.find((i) => i.state === "pending") ?? null;
+  }
+
+  summary(): { accepted: number; rejected: number; pending: number; failed: number; iterations: IterationRecord[] } {
+    const count = (s: IterationState) => this.iterations.filter((i) => i.state === s).length;
+    return { accepted: count("accepted"), rejected: count("rejected"), pending: count("pending"), failed: this.failedIterations, iterations: this.iterations };
+  }
+
+  assertNotPending(): void {
+    const p = this.pending();
+    if (p) {
+      throw new SandboxdError("SBX_ERR_ITERATION_PENDING", `iteration ${p.n} of this phase waits for a human decision`, {
+        hint: `see it with \`sandboxd diff\`; accept or reject it with \`sandboxd iteration accept|reject <phase> ${p.n}\``,
+        details: { iteration: p.n },
+      });
+    }
+  }
+
+  /** The pending changes (what a checkpoint now would judge). */
+  async files(): Promise<FileChange[]> {
+    return (await this.layer.changes()).changes;
+  }
+
+  /**
+   * The pending changes as a unified diff. Both sides are read without
+   * following a link (a link shows as absent), the view's side only from
+   * the layer's own file system.
+   */
+  async diff(): Promise<string> {
+    const set = await this.layer.changes();
+    const upperDev = await this.layer.upperDevice();
+    return diffChangeSet(set, {
+      accepted: (p) => versionOf(this.layer.spec.project, p, null),
+      view: (p) => versionOf(this.layer.paths.upper, p, upperDev),
+    });
+  }
+
+  /**
+   * Judge the layer's changes now. Waits for running commands to end;
+   * no command starts meanwhile.
+   */
+  async checkpoint(message: string, trigger: IterationTrigger): Promise<CheckpointResult> {
+    return this.gate.exclusive(async () => {
+      this.assertNotPending();
+      const set = await this.layer.changes();
+      if (set.changes.length === 0) return { iteration: null };
+      const links = new Map<string, string>();
+      for (const c of set.changes) {
+        if (c.kind === "delete" || c.isDir) continue;
+        const t = await readlink(path.join(this.layer.paths.upper, c.path)).catch(() => null);
+        if (t !== null) links.set(c.path, t);
+      }
+      const policy = this.opts.policy();
+      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
+      j = withCompileResults(j, await layerFailures(set, this.layer, links));
+      // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
+      const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
+      if (py.length > 0 && !j.failures.some((f) => f.final)) {
+        const stdout = await this.hooks.runInSandbox(compileCheckArgv(py));
+        j = withCompileResults(j, parseCompileOutput(stdout, py, policy));
+      }
+      const decision = j.decision;
+      const failures: RuleFailure[] = j.failures;
+      const it: IterationRecord = {
+        n: this.iterations.length + 1,
+        message,
+        trigger,
+        state: "pending",
+        at: this.hooks.now(),
+        decidedAt: null,
+        decidedBy: null,
+        changes: set.changes,
+        failures,
+      };
+      this.iterations.push(it);
+      if (decision === "accept") await this.accept(it, set, "rules");
+      else if (decision === "reject") await this.reject(it, "rules");
+      else {
+        await this.save();
+        await this.hooks.record(
+          { type: "workspace.iteration", n: it.n, state: "pending", trigger, message, changes: it.changes, failures },
+          [
+            ...it.changes.map((c) => actionLine(it.at, "FILE", kindWord(c), target(c), "PENDING approval")),
+            `[${it.at}] ITERATION_PENDING: iteration ${it.n} (${escapeControl(message)}) waits for a human: ${failures.map((f) => `${f.rule}: ${f.message}`).join("; ")}`,
+          ],
+        );
+      }
+      return { iteration: it };
+    });
+  }
+
+  /** An operator's decision on a pending iteration. */
+  async decide(n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {
+    return this.gate.exclusive(async () => {
+      const it = this.iterations.find((i) => i.n === n);
+      if (!it) throw new SandboxdError("SBX_ERR_ITERATION_NOT_FOUND", `this phase has no iteration ${n}`);
+      if (it.state !== "pending") {
+        throw new SandboxdError("SBX_ERR_ITERATION_DECIDED", `iteration ${n} was already ${it.state}`);
+      }
+      const by = `operator${note ? `: ${note}` : ""}`;
+      if (decision === "accept") {
+        // what is applied is what is in the layer now (nothing ran since: commands wait while an iteration is pending)
+        await this.accept(it, await this.layer.changes(), by);
+      } else await this.reject(it, by);
+      return it;
+    });
+  }
+
+  /** At the end of a phase whose sandbox is gone: nothing is judged, nothing applied. */
+  async discardAtEnd(why: string): Promise<void> {
+    const set = await this.layer.changes().catch(() => ({ changes: [] as FileChange[] }));
+    const p = this.pending();
+    if (set.changes.length === 0 && !p) return;
+    const ts = this.hooks.now();
+    await this.hooks.record(
+      { type: "workspace.discard", pendingIteration: p?.n ?? null, changes: set.changes, reason: why },
+      [
+        ...set.changes.map((c) => actionLine(ts, "FILE", kindWord(c), target(c), `DISCARDED ${why}`)),
+        `[${ts}] ITERATION_DISCARDED: ${set.changes.length} unjudged change(s) not applied — ${escapeControl(why)}`,
+      ],
+    );
+    if (p) {
+      p.state = "rejected";
+      p.decidedAt = ts;
+      p.decidedBy = why;
+      await this.save().catch(() => undefined);
+    }
+  }
+
+  private async accept(it: IterationRecord, set: ChangeSet, by: string): Promise<void> {
+    const pid = await this.hooks.containerPid();
+    await this.layer.unmount(pid);
+    const done = await applyChangeSet(set, {
+      project: this.layer.spec.project,
+      upper: this.layer.paths.upper,
+      upperDev: await this.layer.upperDevice(),
+      uid: this.opts.uid,
+      gid: this.opts.gid,
+    });
+    await this.layer.reset(pid);
+    it.state = "accepted";
+    it.changes = set.changes;
+    it.decidedAt = this.hooks.now();
+    it.decidedBy = by;
+    await this.save();
+    const ts = it.decidedAt;
+    const lines: string[] = [];
+    for (const c of done) {
+      if (c.isDir && c.kind !== "delete") continue;
+      lines.push(actionLine(ts, "FILE", kindWord(c), target(c), "SUCCESS"));
+    }
+    for (const c of done) if (!c.isDir) lines.push(`[${ts}] Modified ${escapeControl(c.path)}: ${escapeControl(it.message)}`);
+    lines.push(`[${ts}] ITERATION_ACCEPTED: iteration ${it.n} (${escapeControl(it.message)}) applied to the project by ${escapeControl(by)}`);
+    await this.hooks.record({ type: "workspace.iteration", n: it.n, state: "accepted", trigger: it.trigger, message: it.message, decidedBy: by, changes: done }, lines);
+  }
+
+  private async reject(it: IterationRecord, by: string): Promise<void> {
+    const pid = await this.hooks.containerPid();
+    await this.layer.reset(pid);
+    it.state = "rejected";
+    it.decidedAt = this.hooks.now();
+    it.decidedBy = by;
+    this.failedIterations++;
+    await this.save();
+    const ts = it.decidedAt;
+    const why = it.failures.length ? it.failures.map((f) => `${f.rule} (${f.clause}): ${f.message}`).join("; ") : `rejected by ${by}`;
+    const firstRule = it.failures[0]?.rule ?? "workspace.operator";
+    await this.hooks.record(
+      { type: "workspace.iteration", n: it.n, state: "rejected", trigger: it.trigger, message: it.message, decidedBy: by, changes: it.changes, failures: it.failures, failedIterations: this.failedIterations },
+      [
+        ...it.changes.filter((c) => !c.isDir).map((c) => actionLine(ts, "FILE", kindWord(c), target(c), `REFUSED ${firstRule}`)),
+        `[${ts}] ITERATION_REFUSED: iteration ${it.n} (${escapeControl(it.message)}) discarded${by === "rules" ? "" : ` by ${escapeControl(by)}`}, the workspace is back to the last accepted state — ${escapeControl(why)}`,
+      ],
+    );
+  }
+}
+
+async function versionOf(root: string, rel: string, requireDev: number | null): Promise<FileVersion | null> {
+  let file: string;
+  try {
+    file = await projectPath(root, rel);
+  } catch {
+    return null;
+  }
+  const st = await lstat(file).catch(() => null);
+  if (!st?.isFile() || (requireDev !== null && st.dev !== requireDev)) return null;
+  return {
+    size: st.size,
+    mode: st.mode & 0o7777,
+    read: async () => {
+      const fh = await open(file, fsc.O_RDONLY | fsc.O_NOFOLLOW);
+      try {
+        const f = await fh.stat();
+        if (f.ino !== st.ino || f.dev !== st.dev) throw new Error(`${rel} changed while it was read`);
+        return await fh.readFile();
+      } finally {
+        await fh.close();
+      }
+    },
+  };
+}
+
+function kindWord(c: FileChange): string {
+  return { create: "CREATE", modify: "MODIFY", delete: "DELETE", rename: "RENAME" }[c.kind];
+}
+
+function target(c: FileChange): string {
+  return c.kind === "rename" ? `${c.from} -> ${c.path}` : c.path;
+}

@@ -1,0 +1,632 @@
+/**
+ * A phase's change layer: the project seen through overlayfs, with every write
+ * landing in a per-phase upper dir on a size-capped file system of its own.
+ *
+ * On the host, in the phase's state dir (`<phase>/ws/`):
+ *
+ *   layer.img   the layer's disk: an ext4 image of `budgetBytes`, space
+ *               reserved (fallocate), loop-mounted at layer/ — its size is the
+ *               phase's hard disk budget: a full layer is ENOSPC inside this
+ *               phase only, never on the disk the audit journal lives on
+ *   layer/upper the overlay's upper dir = the pending iteration's changes
+ *   layer/work  overlayfs' work dir
+ *   view/       a shared mount point (bind-mounted onto itself, made shared);
+ *               the container gets it at /workspace with `rslave` propagation,
+ *               so mounts the daemon makes here on the host appear inside
+ *               the running container
+ *   stage/      where the view is put together before it is moved onto view/
+ *
+ * The view is the overlay (lower = the project, which it never writes) with
+ * read-only bind mounts of the protected paths on top (`.git`,
+ * `build_audit.log`, …), so writes there fail with EROFS inside. Credential
+ * files (`.env`) are whited out in the upper before each mount, so they are
+ * not in the view at all.
+ *
+ * Measured (kernel 6.18, docs/WORKSPACE.md) and relied on:
+ *   - the container must bind view/ while nothing is mounted on it: Docker
+ *     binds the top mount of a path, and a copy of the overlay made that way
+ *     is the container's /workspace itself, which no host unmount removes.
+ *     So the overlay goes on only after the container exists (`attach`).
+ *   - a read-only remount does not propagate: a bind made on view/ and then
+ *     remounted ro stays rw in the container. So the tree is built in stage/
+ *     (a private mount), made read-only there, and moved onto view/ in one
+ *     `mount --move`; the propagated copies keep the flags.
+ *   - a lazy unmount on the host propagates into the container even when a
+ *     process there holds its cwd in the view.
+ *
+ * overlayfs does not allow the lower to change under a mounted overlay, so an
+ * iteration is accepted or discarded with the overlay unmounted: unmount
+ * (lazily, so a stale reference cannot block it), apply the upper to the
+ * project (src/workspace/apply.ts) or not, empty the upper, mount again. A
+ * process that still holds its cwd inside the container's copy of the overlay
+ * stops the unmount from propagating into the container; `reset` checks the
+ * container's mount table afterwards and detaches such a copy there itself.
+ */
+import { execFile } from "node:child_process";
+import { constants as fsc } from "node:fs";
+import { chmod, chown, lstat, mkdir, open, readFile, readdir, rm, stat } from "node:fs/promises";
+import path from "node:path";
+import { promisify } from "node:util";
+import { SandboxdError } from "../errors.js";
+import type { ChangeSet, FileChange } from "./changes.js";
+
+const run = promisify(execFile);
+const COMMAND_TIMEOUT_MS = 30_000;
+
+export interface LayerSpec {
+  /** the phase's state folder (`<stateDir>/phases/<id>`) */
+  phaseDir: string;
+  /** the project (real path): the overlay's lower dir */
+  project: string;
+  /** project-relative paths not visible in the view (credential files) */
+  hidden: readonly string[];
+  /** project-relative paths mounted read-only over the view, where they exist as a file or folder */
+  readOnly: readonly string[];
+  /** size of the layer's file system: the phase's disk budget for project writes */
+  budgetBytes: number;
+}
+
+export interface LayerPaths {
+  root: string;
+  image: string;
+  layerMnt: string;
+  upper: string;
+  work: string;
+  view: string;
+  stage: string;
+}
+
+export function layerPaths(phaseDir: string): LayerPaths {
+  const root = path.join(phaseDir, "ws");
+  const layerMnt = path.join(root, "layer");
+  return {
+    root,
+    image: path.join(root, "layer.img"),
+    layerMnt,
+    upper: path.join(layerMnt, "upper"),
+    work: path.join(layerMnt, "work"),
+    view: path.join(root, "view"),
+    stage: path.join(root, "stage"),
+  };
+}
+
+/** overlayfs' mount options take `,` `:` and `\` as syntax; a project path holding them cannot be a lower dir. */
+const OVERLAY_UNSAFE = /[,:\\\s]/;
+
+function quote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+async function sh(script: string, what: string): Promise<void> {
+  try {
+    await run("sh", ["-ec", script], { timeout: COMMAND_TIMEOUT_MS });
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new SandboxdError("SBX_ERR_WORKSPACE", `workspace layer: ${what} failed: ${(e.stderr || e.message).trim()}`, { cause: err });
+  }
+}
+
+/** Which mounts sit at `target` in a mount table (/proc/<pid>/mountinfo), bottom to top. */
+export interface MountEntry {
+  id: number;
+  dev: string;
+  fstype: string;
+  /** per-mount options (rw/ro, …) */
+  options: string;
+  /** the file system's options (an overlay's upperdir=…) */
+  superOptions: string;
+}
+
+export function mountsAt(mountinfo: string, target: string): MountEntry[] {
+  const found: MountEntry[] = [];
+  for (const line of mountinfo.split("\n")) {
+    if (!line) continue;
+    const [left, right] = line.split(" - ");
+    if (!left || !right) continue;
+    const f = left.split(" ");
+    // mountinfo escapes space, tab, newline and backslash as octal
+    const mp = (f[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    if (mp !== target) continue;
+    const r = right.split(" ");
+    found.push({ id: Number(f[0]), dev: f[2] ?? "", fstype: r[0] ?? "", options: f[5] ?? "", superOptions: r[2] ?? "" });
+  }
+  return found;
+}
+
+function devString(dev: number): string {
+  // st_dev → "major:minor" as in mountinfo (Linux's new_encode_dev layout)
+  const major = ((dev >> 8) & 0xfff) | ((dev >>> 32) & ~0xfff);
+  const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+  return `${major}:${minor}`;
+}
+
+export class WorkspaceLayer {
+  readonly paths: LayerPaths;
+  /** st_dev of the layer's own file system: every file read from the upper must be on it */
+  private upperDev = -1;
+  /** a mount or attach under way: destroy waits for it, so nothing is mounted after the layer is gone */
+  private inFlight: Promise<unknown> = Promise.resolve();
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.inFlight = Promise.allSettled([this.inFlight, p]);
+    return p;
+  }
+
+  constructor(readonly spec: LayerSpec) {
+    this.paths = layerPaths(spec.phaseDir);
+  }
+
+  /**
+   * Step 1, before the container is created: the view mount point exists and
+   * is shared, so the container's rslave bind follows what is mounted on it.
+   * Cheap (one `sh`); the disk and overlay come in `mount()`, which may run
+   * while the container starts.
+   */
+  async prepare(): Promise<void> {
+    if (OVERLAY_UNSAFE.test(this.spec.project)) {
+      throw new SandboxdError(
+        "SBX_ERR_WORKSPACE_UNSUPPORTED",
+        `project path ${this.spec.project} contains a comma, colon, backslash or white space, which overlayfs cannot take as a lower dir`,
+        { hint: "move or link the project to a path without those characters" },
+      );
+    }
+    const p = this.paths;
+    await mkdir(p.view, { recursive: true, mode: 0o755 });
+    await mkdir(p.stage, { recursive: true, mode: 0o755 });
+    await mkdir(p.layerMnt, { recursive: true, mode: 0o700 });
+    await sh(
+      [
+        `if ! mountpoint -q ${quote(p.view)}; then mount --bind ${quote(p.view)} ${quote(p.view)}; mount --make-shared ${quote(p.view)}; fi`,
+        // private whatever the host's / is (systemd makes it shared): flags set here stay local until the move
+        `if ! mountpoint -q ${quote(p.stage)}; then mount --bind ${quote(p.stage)} ${quote(p.stage)}; mount --make-private ${quote(p.stage)}; fi`,
+      ].join("\n"),
+      "making the view a shared mount point",
+    );
+  }
+
+  /**
+   * Step 2, while the container starts: the layer's file system, an empty
+   * upper, and the view put together in stage/.
+   */
+  mount(): Promise<void> {
+    return this.track(this.makeDisk());
+  }
+
+  private async makeDisk(): Promise<void> {
+    const p = this.paths;
+    const mib = Math.max(16, Math.ceil(this.spec.budgetBytes / (1024 * 1024)));
+    // fallocate reserves the budget on the state dir's disk (a sparse image could
+    // find the disk full before the budget); nodiscard keeps the reservation.
+    await sh(
+      [
+        `if ! mountpoint -q ${quote(p.layerMnt)}; then`,
+        `  rm -f ${quote(p.image)}`,
+        `  fallocate -l ${mib}M ${quote(p.image)} 2>/dev/null || truncate -s ${mib}M ${quote(p.image)}`,
+        `  mkfs.ext4 -q -F -m 0 -O ^has_journal -E nodiscard,lazy_itable_init=1 ${quote(p.image)}`,
+        `  mount -o loop,nosuid,nodev ${quote(p.image)} ${quote(p.layerMnt)}`,
+        `fi`,
+      ].join("\n"),
+      "creating the layer's disk",
+    ).catch((err: SandboxdError) => {
+      throw new SandboxdError("SBX_ERR_WORKSPACE_UNSUPPORTED", `${err.message}`, {
+        hint: "the daemon needs root, a loop device (losetup), mkfs.ext4 and room for the layer's budget in the state dir",
+        cause: err,
+      });
+    });
+    this.upperDev = (await stat(p.layerMnt)).dev;
+    await this.freshUpper();
+    await this.stageView();
+  }
+
+  /**
+   * Step 3, once the container exists: the staged view is moved onto view/
+   * and so appears at the container's /workspace (checked there when its
+   * init's pid is given).
+   */
+  attach(containerPid: number | null): Promise<void> {
+    if (this.destroyed) return Promise.reject(new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the phase ended while its view was being mounted"));
+    return this.track(
+      (async () => {
+        await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
+        if (containerPid) await this.verifyInContainer(containerPid);
+      })(),
+    );
+  }
+
+  private destroyed = false;
+
+  /** After a daemon restart: the mounts outlive the daemon; put back what is missing. */
+  async reattach(): Promise<void> {
+    await this.prepare();
+    const info = await readFile("/proc/self/mountinfo", "utf8");
+    const layerMounted = mountsAt(info, this.paths.layerMnt).length > 0;
+    if (!layerMounted) {
+      // the disk is gone (host reboot): the pending iteration is lost with it
+      await this.mount();
+      return;
+    }
+    this.upperDev = (await stat(this.paths.layerMnt)).dev;
+    const top = mountsAt(info, this.paths.view).at(-1);
+    if (top && this.isOurs(top)) return;
+    // the daemon died between unmount and mount: the upper is what it was
+    const staged = mountsAt(info, this.paths.stage).some((m) => this.isOurs(m));
+    if (!staged) await this.stageView();
+    await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
+  }
+
+  /** this phase's overlay (a mount table entry naming our upper dir) */
+  private isOurs(m: MountEntry): boolean {
+    return m.fstype === "overlay" && m.superOptions.split(",").includes(`upperdir=${this.paths.upper}`);
+  }
+
+  private overlayOptions(): string {
+    const p = this.paths;
+    // redirect_dir=off: a folder of the project renamed inside is copied, not
+    // recorded as a redirect we would have to follow; metacopy=off: a chmod
+    // copies the whole file up, so the upper alone says what the file is now.
+    return `lowerdir=${this.spec.project},upperdir=${p.upper},workdir=${p.work},redirect_dir=off,metacopy=off,index=off`;
+  }
+
+  /** The overlay and the read-only binds, in stage/ (a private mount point, so the ro flags are set before anything is propagated). */
+  private async stageView(): Promise<void> {
+    const p = this.paths;
+    const lines = [`mount -t overlay overlay -o ${quote(this.overlayOptions())} ${quote(p.stage)}`];
+    for (const rel of this.spec.readOnly) {
+      // only a real file or folder of the project: a symbolic link there would
+      // make mount(8) bind whatever it points to on the host
+      const src = path.join(this.spec.project, rel);
+      const st = await lstat(src).catch(() => null);
+      if (!st || !(st.isFile() || st.isDirectory())) continue;
+      const dst = path.join(p.stage, rel);
+      lines.push(`mount --bind ${quote(src)} ${quote(dst)}`, `mount -o remount,bind,ro ${quote(dst)}`);
+    }
+    await sh(lines.join("\n"), "mounting the overlay").catch((err: SandboxdError) => {
+      throw new SandboxdError(
+        "SBX_ERR_WORKSPACE_UNSUPPORTED",
+        `${err.message} (project ${this.spec.project})`,
+        { hint: "the project must be on a local file system overlayfs accepts as a lower layer (ext4, xfs, btrfs, tmpfs…), and the state dir on one with d_type and trusted xattrs", cause: err },
+      );
+    });
+  }
+
+  /** An empty upper and work dir, with the whiteouts that hide credential files. */
+  private async freshUpper(): Promise<void> {
+    const p = this.paths;
+    await rm(p.upper, { recursive: true, force: true });
+    await rm(p.work, { recursive: true, force: true });
+    await mkdir(p.upper, { mode: 0o755 });
+    await mkdir(p.work, { mode: 0o700 });
+    // the view's root takes the upper's owner and mode: make them the project's
+    const root = await stat(this.spec.project);
+    await chown(p.upper, root.uid, root.gid);
+    await chmod(p.upper, root.mode & 0o7777);
+    const lines: string[] = [];
+    for (const rel of this.spec.hidden) {
+      const dst = path.join(p.upper, rel);
+      lines.push(`mkdir -p ${quote(path.dirname(dst))}`, `mknod ${quote(dst)} c 0 0`);
+    }
+    if (lines.length > 0) await sh(lines.join("\n"), "hiding credential files");
+  }
+
+  /**
+   * Unmount the view on the host and in the container, so neither the project
+   * nor the upper can change under the caller. `containerPid` is the
+   * container's init (its mount namespace); null when the container is gone.
+   */
+  async unmount(containerPid: number | null): Promise<void> {
+    const p = this.paths;
+    const info = await readFile("/proc/self/mountinfo", "utf8");
+    for (const where of [p.view, p.stage]) {
+      // lazily: the overlay and the binds on it go at once, whoever still looks
+      if (mountsAt(info, where).some((m) => this.isOurs(m))) await sh(`umount -l ${quote(where)}`, "unmounting the view");
+    }
+    if (containerPid) await this.detachStale(containerPid);
+  }
+
+  /** A copy of the overlay that stayed in the container (a process's cwd pinned it) is detached there. */
+  private async detachStale(pid: number): Promise<void> {
+    for (let i = 0; i < 8; i++) {
+      let info: string;
+      try {
+        info = await readFile(`/proc/${pid}/mountinfo`, "utf8");
+      } catch {
+        return; // container gone
+      }
+      const top = mountsAt(info, "/workspace").at(-1);
+      if (!top || !this.isOurs(top)) return;
+      // -p as well: umount(8) reads /proc/self/mountinfo, which only resolves inside the container's pid namespace
+      await sh(`nsenter -t ${pid} -m -p umount -l /workspace`, "detaching a stale view in the container");
+    }
+    throw new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the container's /workspace could not be detached");
+  }
+
+  /**
+   * Empty the upper and mount the view again: the container sees the project
+   * as it is now (after an accept: with the iteration applied). Checks that
+   * the new overlay reached the container.
+   */
+  async reset(containerPid: number | null): Promise<void> {
+    await this.unmount(containerPid);
+    await this.freshUpper();
+    await this.stageView();
+    await this.attach(containerPid);
+  }
+
+  private async verifyInContainer(pid: number): Promise<void> {
+    const want = devString((await stat(this.paths.view)).dev);
+    let info: string;
+    try {
+      info = await readFile(`/proc/${pid}/mountinfo`, "utf8");
+    } catch {
+      return;
+    }
+    const top = mountsAt(info, "/workspace").at(-1);
+    if (top?.dev !== want) {
+      throw new SandboxdError("SBX_ERR_WORKSPACE", `workspace layer: the remounted view did not reach the container (its /workspace is ${top?.fstype ?? "missing"} ${top?.dev ?? ""}, the view is ${want})`, {
+        hint: "the state dir must be on a mount the Docker engine sees with the same propagation; see docs/WORKSPACE.md",
+      });
+    }
+  }
+
+  /** Everything unmounted and removed (phase end). */
+  async destroy(containerPid: number | null): Promise<void> {
+    const p = this.paths;
+    this.destroyed = true;
+    await this.inFlight;
+    await this.unmount(containerPid).catch(() => undefined);
+    await sh(
+      [
+        `while mountpoint -q ${quote(p.view)}; do umount -l ${quote(p.view)}; done`,
+        `while mountpoint -q ${quote(p.stage)}; do umount -l ${quote(p.stage)}; done`,
+        `while mountpoint -q ${quote(p.layerMnt)}; do umount -l ${quote(p.layerMnt)}; done`,
+      ].join("\n"),
+      "unmounting the layer",
+    );
+    await rm(p.root, { recursive: true, force: true });
+  }
+
+  /* ------------------------------ reading ------------------------------ */
+
+  /**
+   * The pending iteration: walks the upper dir only, so it costs time in the
+   * number of changes, not in the size of the project.
+   */
+  async changes(): Promise<ChangeSet> {
+    if (this.upperDev < 0) this.upperDev = (await stat(this.paths.layerMnt)).dev;
+    const w = new UpperWalk(this.paths.upper, this.spec.project, new Set(this.spec.hidden));
+    await w.walk("", true);
+    return { changes: await pairRenames(w.out, this.paths.upper, this.spec.project, this.upperDev) };
+  }
+
+  /**
+   * The bytes of a changed file as the phase wrote it, read from the upper
+   * without following any link and only from the layer's own file system.
+   */
+  async readUpper(rel: string, maxBytes: number): Promise<Buffer | null> {
+    return readRegular(this.paths.upper, rel, maxBytes, this.upperDev);
+  }
+
+  /** The file's bytes in the project (the last accepted state), never through a link. */
+  async readProject(rel: string, maxBytes: number): Promise<Buffer | null> {
+    return readRegular(this.spec.project, rel, maxBytes, null);
+  }
+
+  async upperDevice(): Promise<number> {
+    if (this.upperDev < 0) this.upperDev = (await stat(this.paths.layerMnt)).dev;
+    return this.upperDev;
+  }
+
+  /** Bytes used on the layer's disk. */
+  async usedBytes(): Promise<number> {
+    const { stdout } = await run("df", ["-B1", "--output=used", this.paths.layerMnt]);
+    return Number(stdout.trim().split("\n").at(-1) ?? 0);
+  }
+}
+
+/* --------------------------- the upper walk --------------------------- */
+
+/**
+ * Folders tools write as a by-product (pytest's cache, bytecode, mypy's
+ * cache): never part of an iteration, never applied; they live in the layer
+ * until the next checkpoint empties it.
+ */
+export const TOOL_CACHES: ReadonlySet<string> = new Set(["__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"]);
+
+const WHITEOUT = (st: { isCharacterDevice(): boolean; rdev: number }) => st.isCharacterDevice() && st.rdev === 0;
+
+async function xattr(file: string, name: string): Promise<string | null> {
+  // Node has no getxattr; getfattr is one process per opaque candidate
+  // (folders only, and only those in the upper)
+  try {
+    const { stdout } = await run("getfattr", ["--absolute-names", "--only-values", "-h", "-n", name, file]);
+    return stdout;
+  } catch {
+    return null;
+  }
+}
+
+class UpperWalk {
+  readonly out: FileChange[] = [];
+  constructor(
+    private readonly upper: string,
+    private readonly lower: string,
+    private readonly hidden: ReadonlySet<string>,
+  ) {}
+
+  /** `lowerVisible`: the lower at this folder still shows through (not a new or opaque folder). */
+  async walk(rel: string, lowerVisible: boolean): Promise<void> {
+    const dir = path.join(this.upper, rel);
+    const names = (await readdir(dir)).sort();
+    for (const name of names) {
+      const r = rel ? `${rel}/${name}` : name;
+      const up = await lstat(path.join(dir, name));
+      if (up.isDirectory() && TOOL_CACHES.has(name)) continue;
+      // a hidden path is absent from the view: whatever is there now was created
+      const low = lowerVisible && !this.hidden.has(r) ? await lstat(path.join(this.lower, r)).catch(() => null) : null;
+      if (WHITEOUT(up)) {
+        if (this.hidden.has(r)) continue; // planted by the daemon
+        if (low) await this.deleted(r, low.isDirectory());
+        continue;
+      }
+      if (up.isDirectory()) {
+        if (low && !low.isDirectory()) {
+          await this.deleted(r, false);
+          this.out.push({ kind: "create", path: r, isDir: true, sizeBytes: 0, mode: up.mode & 0o7777 });
+          await this.walk(r, false);
+          continue;
+        }
+        if (!low) {
+          this.out.push({ kind: "create", path: r, isDir: true, sizeBytes: 0, mode: up.mode & 0o7777 });
+          await this.walk(r, false);
+          continue;
+        }
+        const opaque = (await xattr(path.join(dir, name), "trusted.overlay.opaque")) === "y";
+        if (opaque) {
+          // removed and made again: what the lower had and the upper lacks is gone
+          const inUpper = new Set(await readdir(path.join(dir, name)));
+          for (const child of (await readdir(path.join(this.lower, r))).sort()) {
+            if (inUpper.has(child)) continue;
+            const cst = await lstat(path.join(this.lower, r, child));
+            await this.deleted(`${r}/${child}`, cst.isDirectory());
+          }
+        }
+        if ((up.mode & 0o7777) !== (low.mode & 0o7777)) {
+          this.out.push({ kind: "modify", path: r, isDir: true, sizeBytes: 0, mode: up.mode & 0o7777, modeOnly: true });
+        }
+        await this.walk(r, !opaque);
+        continue;
+      }
+      // a file, link or special file
+      const mode = up.mode & 0o7777;
+      if (low && low.isDirectory()) {
+        await this.deleted(r, true);
+        this.out.push({ kind: "create", path: r, isDir: false, sizeBytes: up.size, mode });
+        continue;
+      }
+      if (!low) {
+        this.out.push({ kind: "create", path: r, isDir: false, sizeBytes: up.size, mode });
+        continue;
+      }
+      const sameKind = (low.isFile() && up.isFile()) || (low.isSymbolicLink() && up.isSymbolicLink());
+      if (sameKind && low.size === up.size && (await sameContent(path.join(this.upper, r), path.join(this.lower, r), up.isSymbolicLink()))) {
+        // copied up without a change in content (opened for writing, touched, chmod)
+        if ((up.mode & 0o7777) !== (low.mode & 0o7777)) {
+          this.out.push({ kind: "modify", path: r, isDir: false, sizeBytes: up.size, mode, modeOnly: true });
+        }
+        continue;
+      }
+      this.out.push({ kind: "modify", path: r, isDir: false, sizeBytes: up.size, mode });
+    }
+  }
+
+  /** A deletion; a folder's is listed file by file (deepest first), so the judge counts what was lost. */
+  private async deleted(rel: string, isDir: boolean): Promise<void> {
+    if (isDir) {
+      for (const child of (await readdir(path.join(this.lower, rel))).sort()) {
+        const cst = await lstat(path.join(this.lower, rel, child));
+        await this.deleted(`${rel}/${child}`, cst.isDirectory());
+      }
+    }
+    this.out.push({ kind: "delete", path: rel, isDir, sizeBytes: 0 });
+  }
+}
+
+async function sameContent(a: string, b: string, links: boolean): Promise<boolean> {
+  if (links) {
+    const { readlink } = await import("node:fs/promises");
+    return (await readlink(a)) === (await readlink(b));
+  }
+  const fa = await open(a, fsc.O_RDONLY | fsc.O_NOFOLLOW);
+  const fb = await open(b, fsc.O_RDONLY | fsc.O_NOFOLLOW).catch(async (e) => {
+    await fa.close();
+    throw e;
+  });
+  try {
+    const ba = Buffer.allocUnsafe(1 << 20);
+    const bb = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const [ra, rb] = await Promise.all([fa.read(ba, 0, ba.length, null), fb.read(bb, 0, bb.length, null)]);
+      if (ra.bytesRead !== rb.bytesRead) return false;
+      if (ra.bytesRead === 0) return true;
+      if (ba.compare(bb, 0, rb.bytesRead, 0, ra.bytesRead) !== 0) return false;
+    }
+  } finally {
+    await fa.close();
+    await fb.close();
+  }
+}
+
+/**
+ * overlayfs records a file's rename as a whiteout at the old path and a copy
+ * at the new one: a deleted file and a created file with the same bytes are
+ * shown as one rename. Only unambiguous pairs (one candidate each way).
+ */
+async function pairRenames(changes: FileChange[], upper: string, lower: string, upperDev: number): Promise<FileChange[]> {
+  const deletes = changes.filter((c) => c.kind === "delete" && !c.isDir);
+  const creates = changes.filter((c) => c.kind === "create" && !c.isDir);
+  if (deletes.length === 0 || creates.length === 0) return changes;
+  const sizeOf = new Map<string, number>();
+  for (const d of deletes) {
+    const st = await lstat(path.join(lower, d.path)).catch(() => null);
+    if (st?.isFile()) sizeOf.set(d.path, st.size);
+  }
+  const used = new Set<FileChange>();
+  const renamed = new Map<FileChange, FileChange>();
+  for (const c of creates) {
+    const candidates = deletes.filter((d) => !used.has(d) && sizeOf.get(d.path) === c.sizeBytes);
+    const matches: FileChange[] = [];
+    for (const d of candidates) {
+      const up = await lstat(path.join(upper, c.path)).catch(() => null);
+      if (!up?.isFile() || up.dev !== upperDev) break;
+      if (await sameContent(path.join(upper, c.path), path.join(lower, d.path), false).catch(() => false)) matches.push(d);
+      if (matches.length > 1) break;
+    }
+    if (matches.length === 1) {
+      used.add(matches[0]!);
+      renamed.set(c, matches[0]!);
+    }
+  }
+  const out: FileChange[] = [];
+  for (const ch of changes) {
+    if (used.has(ch)) continue;
+    const from = renamed.get(ch);
+    if (from) {
+      const lowMode = (await lstat(path.join(lower, from.path))).mode & 0o7777;
+      const r: FileChange = { kind: "rename", path: ch.path, from: from.path, isDir: false, sizeBytes: ch.sizeBytes };
+      if (ch.mode !== undefined && ch.mode !== lowMode) r.mode = ch.mode;
+      out.push(r);
+    } else out.push(ch);
+  }
+  return out;
+}
+
+/**
+ * Reads a regular file under `root` at a project-relative path, never through
+ * a symbolic link (every component is checked), at most `maxBytes`. null when
+ * the path does not name a regular file there.
+ */
+export async function readRegular(root: string, rel: string, maxBytes: number, requireDev: number | null): Promise<Buffer | null> {
+  const parts = rel.split("/");
+  let cur = root;
+  for (const part of parts.slice(0, -1)) {
+    cur = path.join(cur, part);
+    const st = await lstat(cur).catch(() => null);
+    if (!st?.isDirectory()) return null;
+  }
+  let fh;
+  try {
+    fh = await open(path.join(root, rel), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch {
+    return null;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) return null;
+    if (requireDev !== null && st.dev !== requireDev) return null;
+    const buf = Buffer.alloc(Math.min(st.size, maxBytes));
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
