@@ -5,14 +5,14 @@
  * leaves no waiter).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { chown, mkdir, readFile, stat, writeFile } from "node:fs/promises";
+import { chown, mkdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Approval } from "../../src/approvals/queue.js";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult } from "../../src/phases/exec.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { CLI, OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI, OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -52,11 +52,11 @@ async function shown(id: string): Promise<Shown> {
   return (await t.api.request<{ approval: Shown }>("GET", `/v1/approvals/${id}`)).approval;
 }
 
-async function exists(p: string): Promise<boolean> {
-  return stat(p).then(
-    () => true,
-    () => false,
-  );
+/** Whether the sandbox sees the file (writes land in the phase's layer, not the project, until accepted). */
+async function exists(rel: string): Promise<boolean> {
+  const probe = await writeScript(project, "import os, sys; print(os.path.exists(sys.argv[1]))");
+  const r = await exec(phase, { argv: ["python3", probe, rel] });
+  return r.stdout.trim() === "True";
 }
 
 async function ownedFile(file: string, text: string): Promise<void> {
@@ -106,11 +106,11 @@ describe("exec --wait-approval", () => {
     const id = m[1]!;
     expect(m[3]).toBe(id);
     expect((await shown(id)).waiting).toBe(1);
-    expect(await exists(path.join(project, "w", "a-ran"))).toBe(false);
+    expect(await exists("w/a-ran")).toBe(false);
     await decide(id, "approve", "fine");
     expect(await waitExit(run.child, 60_000)).toBe(0);
     expect(run.out()).toContain("approved-and-ran");
-    expect(await exists(path.join(project, "w", "a-ran"))).toBe(true);
+    expect(await exists("w/a-ran")).toBe(true);
     const a = await shown(id);
     expect(a.state).toBe("used");
     expect(a.waiting).toBe(0);
@@ -130,7 +130,7 @@ describe("exec --wait-approval", () => {
     expect(await waitExit(run.child, 60_000)).toBe(126);
     expect(run.err()).toContain("SBX_ERR_APPROVAL_DENIED");
     expect(run.err()).toContain("not on a Friday");
-    expect(await exists(path.join(project, "w", "d-ran"))).toBe(false);
+    expect(await exists("w/d-ran")).toBe(false);
     expect((await shown(id)).waiting).toBe(0);
   }, 120_000);
 
@@ -146,7 +146,7 @@ describe("exec --wait-approval", () => {
     const a = await shown(id);
     expect(a.state).toBe("pending");
     expect(a.waiting).toBe(0);
-    expect(await exists(path.join(project, "w", "t-ran"))).toBe(false);
+    expect(await exists("w/t-ran")).toBe(false);
   }, 60_000);
 
   it("a wait over the cap is refused as invalid before anything is judged", async () => {
@@ -170,7 +170,7 @@ describe("exec --wait-approval", () => {
     expect(waiting).toBe(0);
     await decide(id, "approve");
     await new Promise((r) => setTimeout(r, 500));
-    expect(await exists(path.join(project, "w", "g-ran"))).toBe(false);
+    expect(await exists("w/g-ran")).toBe(false);
     expect((await shown(id)).state).toBe("approved");
   }, 60_000);
 });
