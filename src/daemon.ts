@@ -12,6 +12,7 @@ import { AuditJournal } from "./audit/journal.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
+import { GrantStore } from "./approvals/grants.js";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -118,8 +119,10 @@ export async function startDaemon(
   let policy = await loadPolicy(settings.policyFile);
   const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
+  const grants = await GrantStore.open(settings.stateDir, systemClock);
   const manager = new PhaseManager({
     approvals,
+    grants,
     journal,
     policy: () => policy,
     runtime,

@@ -10,6 +10,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRepl
 import type { Logger } from "pino";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
+import { grantPatternSchema } from "../approvals/grants.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
@@ -83,6 +84,24 @@ const approvalsQuery = z
   .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
   .strict();
 const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
+
+const grantIdParam = z.object({ id: z.string().regex(/^gr_[0-9a-f]{12}$/, "not a standing approval id (gr_ followed by 12 hex digits)") });
+const grantsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** A standing approval lasts at most 30 days: a longer one is a policy change, which belongs in the policy file. */
+const MAX_GRANT_MS = 30 * 86_400_000;
+const grantBody = z
+  .object({
+    phase: phaseIdParam.shape.id.optional(),
+    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path").optional(),
+    argv: execBody.innerType().shape.argv,
+    pattern: grantPatternSchema.optional(),
+    expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
+    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    note: z.string().max(2000).optional(),
+  })
+  .strict()
+  .refine((b) => (b.phase === undefined) !== (b.project === undefined), { message: "give exactly one scope: phase (an id) or project (a directory)" })
+  .refine((b) => (b.argv === undefined) !== (b.pattern === undefined), { message: "give exactly one of argv (an exact command) or pattern (policy-style tokens)" });
 
 const auditQuery = z
   .object({
@@ -246,6 +265,32 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       return { approval: await manager.decideApproval(id, decision, body.note) };
     });
   }
+
+  app.get("/v1/grants", async (req) => {
+    const q = parse(grantsQuery, req.query, "query");
+    return { grants: manager.listGrants(truthy(q.all)) };
+  });
+
+  app.post("/v1/grants", async (req) => {
+    const b = parse(grantBody, req.body, "body");
+    return {
+      grant: await manager.grant({
+        phaseId: b.phase,
+        project: b.project,
+        argv: b.argv,
+        pattern: b.pattern,
+        expiresInMs: b.expiresInMs,
+        maxTimeoutMs: b.maxTimeoutMs,
+        note: b.note,
+      }),
+    };
+  });
+
+  app.post("/v1/grants/:id/revoke", async (req) => {
+    const { id } = parse(grantIdParam, req.params, "path");
+    const body = parse(decisionBody, req.body ?? {}, "body");
+    return { grant: await manager.revokeGrant(id, body.note) };
+  });
 
   // audit.jsonl, as JSON (a list) or, with follow, NDJSON as records are appended.
   app.get("/v1/audit", async (req, reply) => {

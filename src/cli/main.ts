@@ -16,6 +16,7 @@ import { SandboxdError } from "../errors.js";
 import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseView } from "../phases/types.js";
+import type { Grant } from "../approvals/grants.js";
 import type { Approval } from "../approvals/queue.js";
 import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
@@ -151,6 +152,20 @@ function parseTimeout(value: string): number {
   const n = Number(value);
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("give the timeout in seconds, a positive number (e.g. 30 or 0.5)");
   return Math.round(n * 1000);
+}
+
+/** A duration: 90s, 30m, 2h, 7d. */
+function parseDuration(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)(s|m|h|d)$/.exec(value.trim());
+  if (!m) throw new InvalidArgumentError("give a duration such as 30m, 2h or 7d");
+  return Math.round(Number(m[1]) * { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as "s" | "m" | "h" | "d"]);
+}
+
+/** A command or pattern given as one option: a JSON array, or words split at blanks. */
+function words(value: string): string[] {
+  const t = value.trim();
+  if (t.startsWith("[")) return JSON.parse(t) as string[];
+  return t.split(/\s+/).filter(Boolean);
 }
 
 /** `--wait-approval` without a value: 10 minutes. */
@@ -516,6 +531,73 @@ function program(): Command {
         process.stdout.write(`${a.id} ${a.state}\n`);
       });
   }
+
+  approvals
+    .command("grant")
+    .description("grant a standing approval: a command (exact argv) or a pattern the policy would ask about runs without asking, in one phase or every phase of a project, until it expires or is revoked (never lifts a forbid)")
+    .option("--phase <id>", "scope: this phase")
+    .option("--project <dir>", "scope: every phase of this project")
+    .option("--argv <command>", "the exact command: words split at blanks, or a JSON array (e.g. '[\"sh\", \"x.sh\"]'); bound to the content of the files it runs")
+    .option("--pattern <tokens>", "a policy-style pattern (a shell rule's tokens, as in policies/default.yaml: words split at blanks, or a JSON array such as '[\"sh\", {\"prefix\": \"scripts/\"}]'; it matches an argv prefix); each file it runs is pinned at its first use")
+    .requiredOption("--expires <duration>", "how long it holds: 30m, 2h, 7d (at most 30d)", parseDuration)
+    .option("--max-timeout <seconds>", "commands it covers may also run with a timeout up to this (over the mode's limit, within the policy's ceiling)", parseTimeout)
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .option("--json", "print the grant as JSON")
+    .action(
+      async (
+        opts: { phase?: string; project?: string; argv?: string; pattern?: string; expires: number; maxTimeout?: number; note?: string; json?: boolean },
+        cmd: Command,
+      ) => {
+        if ((opts.phase === undefined) === (opts.project === undefined)) cmd.error("give exactly one scope: --phase ID or --project DIR", { exitCode: EXIT.usage });
+        if ((opts.argv === undefined) === (opts.pattern === undefined)) cmd.error("give exactly one of --argv or --pattern", { exitCode: EXIT.usage });
+        const body = {
+          ...(opts.phase ? { phase: opts.phase } : { project: path.resolve(opts.project!) }),
+          ...(opts.argv !== undefined ? { argv: words(opts.argv) } : { pattern: words(opts.pattern!) }),
+          expiresInMs: opts.expires,
+          ...(opts.maxTimeout ? { maxTimeoutMs: opts.maxTimeout } : {}),
+          ...(opts.note ? { note: opts.note } : {}),
+        };
+        const { grant: g } = await client(cmd).request<{ grant: Grant }>("POST", "/v1/grants", body);
+        if (opts.json) return printJson(g);
+        process.stdout.write(`${g.id} granted until ${g.expiresAt}\n`);
+      },
+    );
+
+  approvals
+    .command("grants")
+    .description("list standing approvals (active ones; --all with expired and revoked)")
+    .option("-a, --all", "include expired and revoked grants")
+    .option("--json", "print JSON")
+    .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
+      const { grants } = await client(cmd).request<{ grants: Grant[] }>("GET", `/v1/grants${opts.all ? "?all=1" : ""}`);
+      if (opts.json) return printJson(grants);
+      if (grants.length === 0) {
+        process.stdout.write("no standing approvals\n");
+        return;
+      }
+      const rows = [["ID", "SCOPE", "COMMAND", "EXPIRES", "USES", "STATE"]];
+      for (const g of grants) {
+        rows.push([
+          g.id,
+          g.phaseId ?? g.project ?? "",
+          visible(g.argv ? quoteArgv(g.argv) : `pattern ${JSON.stringify(g.pattern)}`),
+          g.expiresAt,
+          String(g.uses),
+          g.revokedAt ? "revoked" : Date.parse(g.expiresAt) <= Date.now() ? "expired" : "active",
+        ]);
+      }
+      process.stdout.write(table(rows));
+    });
+
+  approvals
+    .command("revoke")
+    .description("revoke a standing approval: the commands it covered ask again")
+    .argument("<id>", "grant id (gr_…)")
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .action(async (id: string, opts: { note?: string }, cmd: Command) => {
+      const { grant: g } = await client(cmd).request<{ grant: Grant }>("POST", `/v1/grants/${encodeURIComponent(id)}/revoke`, opts.note ? { note: opts.note } : {});
+      process.stdout.write(`${g.id} revoked\n`);
+    });
 
   const audit = prog.command("audit").description("read and verify the audit trail (audit.jsonl: hash-chained, one record per event)");
   audit

@@ -5,6 +5,7 @@
  */
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { bindFiles, filesRun } from "../approvals/binding.js";
+import type { Grant } from "../approvals/grants.js";
 import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
@@ -199,6 +200,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   // An `ask` a human already approved for exactly this command, with the same
   // content in the files it runs, runs once. A denied one stays denied.
   let approval: Approval | null = null;
+  let grant: Grant | null = null;
   let denial: Approval | null = null;
   let stale: { approval: Approval; changed: string[] } | null = null;
   let files: FileBinding[] = [];
@@ -214,7 +216,14 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         stale = used;
       }
     } else {
-      denial = await ctx.opts.approvals.deniedFor(id, key);
+      // a standing approval of this phase or project, for this command with these files
+      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files) ?? null;
+      if (covering) {
+        grant = await ctx.opts.grants!.use(covering.id, files);
+        verdict = { ...verdict, decision: "allow", reason: `standing approval ${grant.id}${grant.note ? ` (${grant.note})` : ""}, until ${grant.expiresAt}` };
+      } else {
+        denial = await ctx.opts.approvals.deniedFor(id, key);
+      }
     }
   }
 
@@ -222,7 +231,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
   const approvalNote = approval
     ? ` approval=${approval.id}`
-    : denial
+    : grant
+      ? ` grant=${grant.id}`
+      : denial
       ? ` denied=${denial.id}`
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
@@ -237,6 +248,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       reason: verdict.reason,
       parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
       approval: approval?.id ?? null,
+      grant: grant?.id ?? null,
       deniedBy: denial?.id ?? null,
       staleApproval: stale ? { approval: stale.approval.id, changed: stale.changed } : null,
       files,

@@ -12,7 +12,7 @@ import type { Approval } from "../../src/approvals/queue.js";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult } from "../../src/phases/exec.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { CLI, OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI, OWNER, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -172,5 +172,55 @@ describe("exec --wait-approval", () => {
     await new Promise((r) => setTimeout(r, 500));
     expect(await exists("w/g-ran")).toBe(false);
     expect((await shown(id)).state).toBe("approved");
+  }, 60_000);
+});
+
+describe("standing approvals", () => {
+  const grantCli = async (args: string[]) => {
+    const r = await cli(["approvals", "grant", ...args], { socket: t.socket });
+    expect(r.code, r.stderr).toBe(0);
+    return r.stdout.match(/(gr_[0-9a-f]{12}) granted until/)![1]!;
+  };
+
+  it("a grant lets the same command run without asking, bound to the script's content, until revoked; every use audited", async () => {
+    await ownedFile(path.join(project, "g", "x.sh"), "echo granted-ran\n");
+    expect((await refusal(exec(phase, { argv: ["sh", "g/x.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    const id = await grantCli(["--phase", phase.id, "--argv", "sh g/x.sh", "--expires", "2h", "--note", "fixtures"]);
+    for (let i = 0; i < 2; i++) expect((await exec(phase, { argv: ["sh", "g/x.sh"] })).stdout).toContain("granted-ran");
+    const listed = await cli(["approvals", "grants"], { socket: t.socket });
+    expect(listed.stdout).toMatch(new RegExp(`${id}.*sh g/x.sh.*\\b2\\b.*active`));
+    const recs = await records(phase.id);
+    expect(recs.find((r) => r.type === "grant.create")).toMatchObject({ grant: id, argv: ["sh", "g/x.sh"], note: "fixtures" });
+    expect(recs.filter((r) => r.type === "exec.verdict" && r.grant === id)).toHaveLength(2);
+    expect(await readFile(phase.buildLog, "utf8")).toContain(`grant=${id}`);
+
+    // an edited script is not what the person granted
+    await ownedFile(path.join(project, "g", "x.sh"), "echo edited\n");
+    expect((await refusal(exec(phase, { argv: ["sh", "g/x.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    await ownedFile(path.join(project, "g", "x.sh"), "echo granted-ran\n");
+    expect((await exec(phase, { argv: ["sh", "g/x.sh"] })).exitCode).toBe(0);
+
+    const revoked = await cli(["approvals", "revoke", id, "--note", "done"], { socket: t.socket });
+    expect(revoked.code, revoked.stderr).toBe(0);
+    expect((await refusal(exec(phase, { argv: ["sh", "g/x.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    expect((await records(phase.id)).find((r) => r.type === "grant.revoke")).toMatchObject({ grant: id, note: "done", uses: 3 });
+  }, 120_000);
+
+  it("a project grant by pattern covers its phases until it expires", async () => {
+    await ownedFile(path.join(project, "g", "p1.sh"), "echo p1\n");
+    const id = await grantCli(["--project", project, "--pattern", '["sh", {"prefix": "g/p"}]', "--expires", "3s"]);
+    expect((await exec(phase, { argv: ["sh", "g/p1.sh"] })).stdout).toContain("p1");
+    await new Promise((r) => setTimeout(r, 3200));
+    expect((await refusal(exec(phase, { argv: ["sh", "g/p1.sh"] }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    const all = await cli(["approvals", "grants", "--all"], { socket: t.socket });
+    expect(all.stdout).toMatch(new RegExp(`${id}.*expired`));
+  }, 60_000);
+
+  it("a grant never lifts a forbid", async () => {
+    await grantCli(["--phase", phase.id, "--pattern", "rm", "--expires", "1h"]);
+    const e = await refusal(exec(phase, { argv: ["rm", "-rf", "/"] }));
+    expect(e.code).toBe("SBX_ERR_POLICY_DENIED");
+    const v = (await records(phase.id)).filter((r) => r.type === "exec.verdict").pop()!;
+    expect(v).toMatchObject({ decision: "forbid", grant: null });
   }, 60_000);
 });
