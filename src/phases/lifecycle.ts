@@ -103,6 +103,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     // layer's disk and the overlay are made while the container starts
     await live.workspace.layer.prepare();
     layerMounted = live.workspace.layer.mount();
+    // eslint-disable-next-line no-restricted-syntax -- only keeps an early failure from being unhandled; the promise is awaited below, where its error is the start's
     layerMounted.catch(() => undefined);
     const channel = openChannel(ctx, live, token);
     await channel.listen();
@@ -203,6 +204,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       live.watch?.stop();
       const cid = record.containerId ?? containerId;
       if (cid) await ctx.opts.runtime.stopAndRemove(cid, 0).catch((e: Error) => ctx.log.error({ phase: id, container: cid, err: e.message }, "could not remove the container of a failed start"));
+      // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
       await layerMounted?.catch(() => undefined);
       if (live.workspace) await live.workspace.layer.destroy(null).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the workspace layer of a failed start"));
       await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));

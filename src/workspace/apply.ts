@@ -159,6 +159,7 @@ async function writeFromUpper(c: FileChange, t: ApplyTarget): Promise<void> {
     }
     await rename(tmp, dst);
   } catch (err) {
+    // eslint-disable-next-line no-restricted-syntax -- the write failed and its error is rethrown below; a temp file already gone is fine
     await unlink(tmp).catch(() => undefined);
     throw err;
   } finally {

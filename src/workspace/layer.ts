@@ -373,6 +373,7 @@ export class WorkspaceLayer {
     const p = this.paths;
     this.destroyed = true;
     await this.inFlight;
+    // eslint-disable-next-line no-restricted-syntax -- destroy goes on whatever the unmount says: the lazy unmounts below detach what is left
     await this.unmount(containerPid).catch(() => undefined);
     await sh(
       [
