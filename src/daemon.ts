@@ -13,6 +13,7 @@ import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
 import { GrantStore } from "./approvals/grants.js";
+import { makeNotifier } from "./approvals/notify.js";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -123,6 +124,7 @@ export async function startDaemon(
   const manager = new PhaseManager({
     approvals,
     grants,
+    notify: makeNotifier({ command: settings.notifyCommand, url: settings.notifyUrl, log }),
     journal,
     policy: () => policy,
     runtime,

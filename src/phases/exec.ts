@@ -281,6 +281,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}${filesNote(files)}`)],
       );
       ctx.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+      ctx.opts.notify?.(pending);
     } else if (reasonAdded) {
       await rec.record({ type: "approval.reason", approval: pending.id, ...what, reason: req.reason ?? null }, [
         actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),

@@ -5,6 +5,7 @@
  * leaves no waiter).
  */
 import { spawn, type ChildProcess } from "node:child_process";
+import { createServer } from "node:http";
 import { chown, mkdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -12,7 +13,7 @@ import type { Approval } from "../../src/approvals/queue.js";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult } from "../../src/phases/exec.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { CLI, OWNER, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI, OWNER, cli, tempDir, makeProject, removeDir, requireEngineAndImage, startTestDaemon, waitExit, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -223,4 +224,55 @@ describe("standing approvals", () => {
     const v = (await records(phase.id)).filter((r) => r.type === "exec.verdict").pop()!;
     expect(v).toMatchObject({ decision: "forbid", grant: null });
   }, 60_000);
+});
+
+describe("the notification hook", () => {
+  it("SANDBOXD_NOTIFY_COMMAND gets each new request as JSON on stdin, and SANDBOXD_NOTIFY_URL gets it POSTed; a failing notifier fails nothing", async () => {
+    const out = await tempDir("notify");
+    cleanup.push(out);
+    const posted: string[] = [];
+    const server = createServer((req, res) => {
+      let b = "";
+      req.on("data", (c: Buffer) => (b += c.toString()));
+      req.on("end", () => {
+        posted.push(b);
+        res.end("ok");
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as { port: number }).port;
+    const n = await startTestDaemon({
+      env: { SANDBOXD_NOTIFY_COMMAND: `cat > ${out}/$SANDBOXD_APPROVAL_ID.json; exit 3`, SANDBOXD_NOTIFY_URL: `http://127.0.0.1:${port}/hook` },
+    });
+    try {
+      const dir = await makeProject();
+      cleanup.push(dir);
+      await ownedFile(path.join(dir, "n.sh"), "true\n");
+      const { phase: p } = await n.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: dir, phase: "9.3", mode: "test" });
+      const e = await refusal(n.api.request("POST", `/v1/phases/${p.id}/exec`, { argv: ["sh", "n.sh"], reason: "notify me" }));
+      expect(e.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+      const id = (e.details as { approvalId: string }).approvalId;
+      const file = path.join(out, `${id}.json`);
+      let text = "";
+      for (let i = 0; i < 100 && (text === "" || posted.length === 0); i++) {
+        await new Promise((r) => setTimeout(r, 50));
+        text = await readFile(file, "utf8").catch(() => "");
+      }
+      const got = JSON.parse(text) as { event: string; approval: Approval };
+      expect(got.event).toBe("approval.request");
+      expect(got.approval).toMatchObject({ id, argv: ["sh", "n.sh"], state: "pending", requestReason: "notify me" });
+      expect(JSON.parse(posted[0]!)).toMatchObject({ event: "approval.request", approval: { id } });
+      // a retry of the pending request is no new request: no second notification
+      await refusal(n.api.request("POST", `/v1/phases/${p.id}/exec`, { argv: ["sh", "n.sh"] }));
+      await new Promise((r) => setTimeout(r, 300));
+      expect(posted).toHaveLength(1);
+    } finally {
+      await n.close();
+      server.close();
+    }
+  }, 120_000);
+
+  it("a notify URL that is neither https nor loopback is refused at start", async () => {
+    await expect(startTestDaemon({ env: { SANDBOXD_NOTIFY_URL: "http://example.com/hook" } })).rejects.toThrow(/neither https nor a loopback/);
+  });
 });
