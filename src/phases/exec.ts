@@ -184,6 +184,11 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     throw new SandboxdError(
       "SBX_ERR_TIMEOUT_RANGE",
       `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+      {
+        // SKILLS.md calls 60 s a default: the operator may raise it for a mode, up to the policy's 5-minute ceiling
+        hint: `use a timeout within ${limits.maxTimeoutMs / 1000} s (SKILLS.md §2: 60 s by default, up to 5 min in paper mode), or have the operator raise it in the policy: limits.modes.${record.mode}.maxTimeoutMs (at most 300000; README "Timeouts")`,
+        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
+      },
     );
   }
   const env = commandEnv(record, live.dotenv);
