@@ -12,6 +12,8 @@ import { AuditJournal } from "./audit/journal.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
+import { GrantStore } from "./approvals/grants.js";
+import { makeNotifier } from "./approvals/notify.js";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
@@ -118,8 +120,11 @@ export async function startDaemon(
   let policy = await loadPolicy(settings.policyFile);
   const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
+  const grants = await GrantStore.open(settings.stateDir, systemClock);
   const manager = new PhaseManager({
     approvals,
+    grants,
+    notify: makeNotifier({ command: settings.notifyCommand, url: settings.notifyUrl, log }),
     journal,
     policy: () => policy,
     runtime,

@@ -54,6 +54,7 @@ export const ERRORS = {
     status: 409,
     hint: "the files this command runs changed after a person approved it; a new request with their current content is pending",
   },
+  SBX_ERR_GRANT_NOT_FOUND: { status: 404, hint: "list standing approvals with `sandboxd approvals grants --all`" },
   SBX_ERR_APPROVAL_DECIDED: { status: 409, hint: "this approval was already decided; `sandboxd approvals ls --all` shows its decision" },
   SBX_ERR_POLICY_INVALID: { status: 400, hint: "fix the policy file at the paths named above; every problem is listed" },
   SBX_ERR_AUDIT_FAILED: {

@@ -157,7 +157,8 @@ class Sandboxd:
 
     # ---------------------------------------------------------------- exec
 
-    def exec(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, on_stdout=None, on_stderr=None):
+    def exec(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, on_stdout=None, on_stderr=None,
+             wait_approval_ms=None, on_waiting=None):
         """Runs a command in the phase and returns its result (exitCode, signal, timedOut, stdout, …).
 
         Give argv (a list, no shell) or command (a string the policy judges part
@@ -168,6 +169,12 @@ class Sandboxd:
         the rule and, for the latter, the approval id; SBX_ERR_APPROVAL_DENIED
         when a person denied it, details.note saying why;
         SBX_ERR_APPROVAL_STALE when the files it runs changed after approval).
+
+        With wait_approval_ms, a command the policy sends to a person waits up
+        to that long for their decision: approved, it runs and this returns its
+        result; denied, SBX_ERR_APPROVAL_DENIED; no decision in time, the usual
+        SBX_ERR_POLICY_NEEDS_APPROVAL with details.approvalId. on_waiting (with
+        streaming) gets {approvalId, command, rule, waitMs} when the wait starts.
         """
         if (argv is None) == (command is None):
             raise ValueError("give exactly one of argv (a list) or command (a string)")
@@ -176,8 +183,10 @@ class Sandboxd:
             body["timeoutMs"] = int(timeout_ms)
         if reason is not None:
             body["reason"] = reason
+        if wait_approval_ms is not None:
+            body["waitApprovalMs"] = int(wait_approval_ms)
         path = "/v1/phases/%s/exec" % phase_id
-        if on_stdout is None and on_stderr is None:
+        if on_stdout is None and on_stderr is None and on_waiting is None:
             return self.request("POST", path, body)["result"]
         for event in self._ndjson("POST", path + "?stream=1", body):
             kind = event.get("type")
@@ -185,6 +194,8 @@ class Sandboxd:
                 on_stdout(event.get("data", ""))
             elif kind == "stderr" and on_stderr is not None:
                 on_stderr(event.get("data", ""))
+            elif kind == "waiting" and on_waiting is not None:
+                on_waiting(event)
             elif kind == "exit":
                 return event["result"]
             elif kind == "error":

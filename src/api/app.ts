@@ -10,6 +10,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRepl
 import type { Logger } from "pino";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
+import { grantPatternSchema } from "../approvals/grants.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
@@ -50,6 +51,8 @@ const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positiv
 
 /** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
 const MAX_ARG_BYTES = 131_071;
+/** An exec waits at most this long for a person's decision: a longer wait is a request left to hang, not a decision. */
+export const MAX_WAIT_APPROVAL_MS = 3_600_000;
 const execBody = z
   .object({
     argv: z
@@ -71,6 +74,8 @@ const execBody = z
       .optional(),
     timeoutMs: z.number().int().positive().max(86_400_000).optional(),
     reason: z.string().max(2000).optional(),
+    /** when the policy asks a person: wait this long for the decision (long poll) */
+    waitApprovalMs: z.number().int().positive().max(MAX_WAIT_APPROVAL_MS, "at most 1 hour (3,600,000 ms); wait again with the approval's id after that").optional(),
   })
   .strict()
   .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
@@ -82,6 +87,24 @@ const approvalsQuery = z
   .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
   .strict();
 const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
+
+const grantIdParam = z.object({ id: z.string().regex(/^gr_[0-9a-f]{12}$/, "not a standing approval id (gr_ followed by 12 hex digits)") });
+const grantsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** A standing approval lasts at most 30 days: a longer one is a policy change, which belongs in the policy file. */
+const MAX_GRANT_MS = 30 * 86_400_000;
+const grantBody = z
+  .object({
+    phase: phaseIdParam.shape.id.optional(),
+    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path").optional(),
+    argv: execBody.innerType().shape.argv,
+    pattern: grantPatternSchema.optional(),
+    expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
+    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    note: z.string().max(2000).optional(),
+  })
+  .strict()
+  .refine((b) => (b.phase === undefined) !== (b.project === undefined), { message: "give exactly one scope: phase (an id) or project (a directory)" })
+  .refine((b) => (b.argv === undefined) !== (b.pattern === undefined), { message: "give exactly one of argv (an exact command) or pattern (policy-style tokens)" });
 
 const auditQuery = z
   .object({
@@ -303,12 +326,14 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   app.get("/v1/approvals", async (req) => {
     const q = parse(approvalsQuery, req.query, "query");
-    return { approvals: opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) }) };
+    const list = opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) });
+    return { approvals: list.map((a) => ({ ...a, waiting: opts.approvals.waiting(a.id) })) };
   });
 
   app.get("/v1/approvals/:id", async (req) => {
     const { id } = parse(approvalIdParam, req.params, "path");
-    return { approval: opts.approvals.get(id) };
+    // waiting: how many execs are blocked on this decision right now (exec waitApprovalMs)
+    return { approval: { ...opts.approvals.get(id), waiting: opts.approvals.waiting(id) } };
   });
 
   for (const decision of ["approve", "deny"] as const) {
@@ -318,6 +343,32 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       return { approval: await manager.decideApproval(id, decision, body.note) };
     });
   }
+
+  app.get("/v1/grants", async (req) => {
+    const q = parse(grantsQuery, req.query, "query");
+    return { grants: manager.listGrants(truthy(q.all)) };
+  });
+
+  app.post("/v1/grants", async (req) => {
+    const b = parse(grantBody, req.body, "body");
+    return {
+      grant: await manager.grant({
+        phaseId: b.phase,
+        project: b.project,
+        argv: b.argv,
+        pattern: b.pattern,
+        expiresInMs: b.expiresInMs,
+        maxTimeoutMs: b.maxTimeoutMs,
+        note: b.note,
+      }),
+    };
+  });
+
+  app.post("/v1/grants/:id/revoke", async (req) => {
+    const { id } = parse(grantIdParam, req.params, "path");
+    const body = parse(decisionBody, req.body ?? {}, "body");
+    return { grant: await manager.revokeGrant(id, body.note) };
+  });
 
   // audit.jsonl, as JSON (a list) or, with follow, NDJSON as records are appended.
   app.get("/v1/audit", async (req, reply) => {
@@ -366,7 +417,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"started","phaseId","pid","rule"}` as soon as the
+ * NDJSON exec: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
+ * when it waits for a person's decision (waitApprovalMs),
+ * `{"type":"started","phaseId","pid","rule"}` as soon as the
  * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
  * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
@@ -383,7 +436,7 @@ async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
   id: string,
-  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined },
+  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();
@@ -419,7 +472,11 @@ async function streamExec(
     const result = await manager.exec(
       id,
       body,
-      { started: (info) => write({ type: "started", phaseId: id, ...info }), stdout: emit("stdout"), stderr: emit("stderr") },
+      {
+        started: (info) => write({ type: "started", phaseId: id, ...info }),
+        // commits the 200: the decision (run, denial, no decision in time) follows in the stream
+        waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
+        stdout: emit("stdout"), stderr: emit("stderr") },
       abort.signal,
     );
     write({ type: "exit", result });

@@ -96,8 +96,13 @@ function sameCommand(a: Approval, k: CommandKey): boolean {
   return a.command !== null && a.command === k.command;
 }
 
+/** What a waiting exec learns: the request was decided (or expired), or the wait ended without a decision. */
+export type WaitOutcome = { kind: "decided"; approval: Approval } | { kind: "timeout" } | { kind: "aborted" };
+
 export class ApprovalQueue {
   private items: Approval[] = [];
+  /** execs waiting for a person's decision (`exec --wait-approval`), by approval id */
+  private waiters = new Map<string, Set<(a: Approval) => void>>();
   private saving: Promise<void> = Promise.resolve();
 
   constructor(
@@ -226,11 +231,49 @@ export class ApprovalQueue {
     return a ? (await this.use(a.id, a.files)).approval : null;
   }
 
+  /**
+   * Wait until a person decides `id` (announce), the phase ends (expire), `ms`
+   * pass or `signal` aborts. However the wait ends, the waiter is removed.
+   */
+  waitFor(id: string, ms: number, signal?: AbortSignal): Promise<WaitOutcome> {
+    const a = this.get(id);
+    if (a.state !== "pending") return Promise.resolve({ kind: "decided", approval: a });
+    if (signal?.aborted) return Promise.resolve({ kind: "aborted" });
+    return new Promise((resolve) => {
+      const set = this.waiters.get(id) ?? new Set();
+      this.waiters.set(id, set);
+      const done = (out: WaitOutcome) => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        set.delete(wake);
+        if (set.size === 0) this.waiters.delete(id);
+        resolve(out);
+      };
+      const wake = (approval: Approval) => done({ kind: "decided", approval });
+      const onAbort = () => done({ kind: "aborted" });
+      const timer = setTimeout(() => done({ kind: "timeout" }), ms);
+      set.add(wake);
+      signal?.addEventListener("abort", onAbort, { once: true });
+    });
+  }
+
+  /** How many execs wait for a decision on `id` (shown with the request: someone is blocked on it). */
+  waiting(id: string): number {
+    return this.waiters.get(id)?.size ?? 0;
+  }
+
+  /** Wake the execs waiting on `id`: called once its decision is recorded, so their records follow it. */
+  announce(id: string): void {
+    const a = this.get(id);
+    for (const wake of [...(this.waiters.get(id) ?? [])]) wake(a);
+  }
+
   /** A phase ended: its open requests and unused approvals can no longer be used. */
   async expirePhase(phaseId: string): Promise<Approval[]> {
     const expired = this.items.filter((a) => a.phaseId === phaseId && (a.state === "pending" || a.state === "approved"));
     for (const a of expired) a.state = "expired";
     if (expired.length) await this.save();
+    for (const a of expired) this.announce(a.id);
     return expired;
   }
 

@@ -16,6 +16,7 @@ import { SandboxdError } from "../errors.js";
 import { clientSocket, resolveSettings } from "../config/settings.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { Escalation, PhaseView } from "../phases/types.js";
+import type { Grant } from "../approvals/grants.js";
 import type { Approval } from "../approvals/queue.js";
 import { escapeControl, quoteArgv } from "../audit/format.js";
 import type { AuditRecord } from "../audit/journal.js";
@@ -150,6 +151,29 @@ function printApproval(a: Approval): void {
 function parseTimeout(value: string): number {
   const n = Number(value);
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("give the timeout in seconds, a positive number (e.g. 30 or 0.5)");
+  return Math.round(n * 1000);
+}
+
+/** A duration: 90s, 30m, 2h, 7d. */
+function parseDuration(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)(s|m|h|d)$/.exec(value.trim());
+  if (!m) throw new InvalidArgumentError("give a duration such as 30m, 2h or 7d");
+  return Math.round(Number(m[1]) * { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as "s" | "m" | "h" | "d"]);
+}
+
+/** A command or pattern given as one option: a JSON array, or words split at blanks. */
+function words(value: string): string[] {
+  const t = value.trim();
+  if (t.startsWith("[")) return JSON.parse(t) as string[];
+  return t.split(/\s+/).filter(Boolean);
+}
+
+/** `--wait-approval` without a value: 10 minutes. */
+const DEFAULT_WAIT_APPROVAL_MS = 600_000;
+
+function parseWait(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0 || n > 3600) throw new InvalidArgumentError("give the wait in seconds, a positive number up to 3600 (e.g. --wait-approval=300)");
   return Math.round(n * 1000);
 }
 
@@ -496,17 +520,30 @@ function program(): Command {
     .option("-c, --command <string>", "a shell command string instead of argv; parsed and judged part by part (anything the parser cannot vouch for is refused)")
     .option("--timeout <seconds>", "kill the command after this many seconds (default 60; paper mode allows up to 300)", parseTimeout)
     .option("--reason <text>", "why the command is run (recorded in the audit trail)")
+    .option(
+      "--wait-approval [seconds]",
+      "when the policy asks a person, wait for their decision (default 600 s, at most 3600): approved, the command runs; denied, exit 126 with their note",
+      parseWait,
+    )
     .option("--json", "do not stream; print the result record as JSON when the command ends")
     .addHelpText(
       "after",
       "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over the mode's limit,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
-    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string }, cmd: Command) => {
+    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string; waitApproval?: number | true }, cmd: Command) => {
       const api = client(cmd);
       if ((argv.length > 0) === (opts.command !== undefined)) {
         cmd.error("give the command either after -- as argv, or as --command \"STRING\" (not both)", { exitCode: EXIT.usage });
       }
-      const body = { ...(opts.command !== undefined ? { command: opts.command } : { argv }), ...(opts.timeout ? { timeoutMs: opts.timeout } : {}), ...(opts.reason ? { reason: opts.reason } : {}) };
+      const waitApprovalMs = opts.waitApproval === true ? DEFAULT_WAIT_APPROVAL_MS : opts.waitApproval;
+      const body = {
+        ...(opts.command !== undefined ? { command: opts.command } : { argv }),
+        ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
+        ...(opts.reason ? { reason: opts.reason } : {}),
+        ...(waitApprovalMs ? { waitApprovalMs } : {}),
+      };
+      // the JSON answer comes only at the end: say up front that it may wait
+      if (opts.json && waitApprovalMs) process.stderr.write(`sandboxd: if a person must approve, waiting up to ${waitApprovalMs / 1000} s for their decision\n`);
       const url = `/v1/phases/${encodeURIComponent(id)}/exec`;
       try {
         if (opts.json) {
@@ -580,6 +617,73 @@ function program(): Command {
         process.stdout.write(`${a.id} ${a.state}\n`);
       });
   }
+
+  approvals
+    .command("grant")
+    .description("grant a standing approval: a command (exact argv) or a pattern the policy would ask about runs without asking, in one phase or every phase of a project, until it expires or is revoked (never lifts a forbid)")
+    .option("--phase <id>", "scope: this phase")
+    .option("--project <dir>", "scope: every phase of this project")
+    .option("--argv <command>", "the exact command: words split at blanks, or a JSON array (e.g. '[\"sh\", \"x.sh\"]'); bound to the content of the files it runs")
+    .option("--pattern <tokens>", "a policy-style pattern (a shell rule's tokens, as in policies/default.yaml: words split at blanks, or a JSON array such as '[\"sh\", {\"prefix\": \"scripts/\"}]'; it matches an argv prefix); each file it runs is pinned at its first use")
+    .requiredOption("--expires <duration>", "how long it holds: 30m, 2h, 7d (at most 30d)", parseDuration)
+    .option("--max-timeout <seconds>", "commands it covers may also run with a timeout up to this (over the mode's limit, within the policy's ceiling)", parseTimeout)
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .option("--json", "print the grant as JSON")
+    .action(
+      async (
+        opts: { phase?: string; project?: string; argv?: string; pattern?: string; expires: number; maxTimeout?: number; note?: string; json?: boolean },
+        cmd: Command,
+      ) => {
+        if ((opts.phase === undefined) === (opts.project === undefined)) cmd.error("give exactly one scope: --phase ID or --project DIR", { exitCode: EXIT.usage });
+        if ((opts.argv === undefined) === (opts.pattern === undefined)) cmd.error("give exactly one of --argv or --pattern", { exitCode: EXIT.usage });
+        const body = {
+          ...(opts.phase ? { phase: opts.phase } : { project: path.resolve(opts.project!) }),
+          ...(opts.argv !== undefined ? { argv: words(opts.argv) } : { pattern: words(opts.pattern!) }),
+          expiresInMs: opts.expires,
+          ...(opts.maxTimeout ? { maxTimeoutMs: opts.maxTimeout } : {}),
+          ...(opts.note ? { note: opts.note } : {}),
+        };
+        const { grant: g } = await client(cmd).request<{ grant: Grant }>("POST", "/v1/grants", body);
+        if (opts.json) return printJson(g);
+        process.stdout.write(`${g.id} granted until ${g.expiresAt}\n`);
+      },
+    );
+
+  approvals
+    .command("grants")
+    .description("list standing approvals (active ones; --all with expired and revoked)")
+    .option("-a, --all", "include expired and revoked grants")
+    .option("--json", "print JSON")
+    .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
+      const { grants } = await client(cmd).request<{ grants: Grant[] }>("GET", `/v1/grants${opts.all ? "?all=1" : ""}`);
+      if (opts.json) return printJson(grants);
+      if (grants.length === 0) {
+        process.stdout.write("no standing approvals\n");
+        return;
+      }
+      const rows = [["ID", "SCOPE", "COMMAND", "EXPIRES", "USES", "STATE"]];
+      for (const g of grants) {
+        rows.push([
+          g.id,
+          g.phaseId ?? g.project ?? "",
+          visible(g.argv ? quoteArgv(g.argv) : `pattern ${JSON.stringify(g.pattern)}`),
+          g.expiresAt,
+          String(g.uses),
+          g.revokedAt ? "revoked" : Date.parse(g.expiresAt) <= Date.now() ? "expired" : "active",
+        ]);
+      }
+      process.stdout.write(table(rows));
+    });
+
+  approvals
+    .command("revoke")
+    .description("revoke a standing approval: the commands it covered ask again")
+    .argument("<id>", "grant id (gr_…)")
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .action(async (id: string, opts: { note?: string }, cmd: Command) => {
+      const { grant: g } = await client(cmd).request<{ grant: Grant }>("POST", `/v1/grants/${encodeURIComponent(id)}/revoke`, opts.note ? { note: opts.note } : {});
+      process.stdout.write(`${g.id} revoked\n`);
+    });
 
   const audit = prog.command("audit").description("read and verify the audit trail (audit.jsonl: hash-chained, one record per event)");
   audit
@@ -692,6 +796,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
     if (!line) return;
     const ev = JSON.parse(line) as
       | { type: "started"; pid: number }
+      | { type: "waiting"; approvalId: string; command: string; rule: { id: string; clause: string }; waitMs: number }
       | { type: "stdout" | "stderr"; data: string }
       | { type: "exit"; result: ExecResult }
       | { type: "error"; error: { code: string; message: string; hint: string } };
@@ -702,7 +807,14 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
     } else if (ev.type === "error") {
       process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
-      code = EXIT.sandboxdFailed;
+      // a refusal after a wait (denied, no decision in time) exits as one before it would
+      code = exitCodeForRefusal(ev.error.code);
+    } else if (ev.type === "waiting") {
+      process.stderr.write(
+        visible(
+          `sandboxd: waiting for approval ${ev.approvalId} of \`${ev.command}\` (rule ${ev.rule.id}, ${ev.rule.clause}), up to ${Math.round(ev.waitMs / 1000)} s; a person can run: sandboxd approvals approve ${ev.approvalId}`,
+        ) + "\n",
+      );
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
     else if (ev.type === "stderr") process.stderr.write(ev.data);
     // "started" and event types of newer daemons print nothing

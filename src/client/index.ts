@@ -37,12 +37,16 @@ export interface ExecOptions {
   command?: string;
   timeoutMs?: number;
   reason?: string;
+  /** when the policy asks a person: wait up to this long for their decision (approved: runs; denied: SBX_ERR_APPROVAL_DENIED) */
+  waitApprovalMs?: number;
 }
 
 export interface StreamHandlers {
   /** output as it arrives (UTF-8 text, secrets already scrubbed); given either, the exec streams */
   onStdout?: (text: string) => void;
   onStderr?: (text: string) => void;
+  /** the command waits for a person's decision on this request (with waitApprovalMs); given, the exec streams */
+  onWaiting?: (wait: { approvalId: string; command: string; rule: { id: string; clause: string }; waitMs: number }) => void;
   /** aborting ends the command (the daemon kills it when the stream's client goes away) */
   signal?: AbortSignal;
 }
@@ -100,7 +104,7 @@ export class Sandboxd {
    */
   async exec(id: string, req: ExecOptions, handlers: StreamHandlers = {}): Promise<ExecResult> {
     const path = `/v1/phases/${id}/exec`;
-    if (!handlers.onStdout && !handlers.onStderr && !handlers.signal) {
+    if (!handlers.onStdout && !handlers.onStderr && !handlers.onWaiting && !handlers.signal) {
       return (await this.request<{ result: ExecResult }>("POST", path, req)).result;
     }
     const res = await this.api.stream("POST", `${path}?stream=1`, req);
@@ -114,6 +118,9 @@ export class Sandboxd {
             break;
           case "stderr":
             handlers.onStderr?.(event.data ?? "");
+            break;
+          case "waiting":
+            handlers.onWaiting?.(event as unknown as Parameters<NonNullable<StreamHandlers["onWaiting"]>>[0]);
             break;
           case "exit":
             return event.result!;

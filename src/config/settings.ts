@@ -3,6 +3,7 @@
  */
 import path from "node:path";
 import { z } from "zod";
+import { checkNotifyUrl } from "../approvals/notify.js";
 import { SandboxdError } from "../errors.js";
 import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
@@ -33,6 +34,10 @@ export interface Settings {
   buildLog: "project" | "state";
   /** service URLs that override the project's .env (SANDBOXD_SERVICE_DATABASE_URL, …_DATABASE_URL_TEST, …_QUESTDB_URL, …_QUESTDB_URL_TEST, …_REDIS_URL, …_REDIS_URL_TEST) */
   serviceOverrides: Record<string, string>;
+  /** run on every new approval request, the request as JSON on stdin (SANDBOXD_NOTIFY_COMMAND) */
+  notifyCommand: string | null;
+  /** POSTed every new approval request (SANDBOXD_NOTIFY_URL: https, or http on loopback) */
+  notifyUrl: string | null;
   /** the operator console's loopback address (--console, SANDBOXD_CONSOLE); null: no console (the default) */
   console: ConsoleAddress | null;
 }
@@ -48,6 +53,8 @@ const settingsSchema = z
     policyFile: z.string().min(1),
     extraAllow: z.array(z.string().regex(/^[\w.+-]+$/, "SANDBOXD_EXTRA_ALLOW takes bare program names separated by commas")),
     serviceOverrides: z.record(z.string().url("SANDBOXD_SERVICE_*_URL must be a URL")),
+    notifyCommand: z.string().min(1).nullable(),
+    notifyUrl: z.string().nullable(),
   })
   .strict();
 
@@ -68,6 +75,8 @@ export function resolveSettings(
       .map((p) => p.trim())
       .filter(Boolean),
     serviceOverrides: serviceOverridesFromEnv(env),
+    notifyCommand: env.SANDBOXD_NOTIFY_COMMAND || null,
+    notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

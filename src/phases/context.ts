@@ -11,6 +11,8 @@ import type { Logger } from "pino";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import type { AuditJournal } from "../audit/journal.js";
 import { Redactor, findSecrets, secretsFromDotenv, variants, type LogSecrets } from "../audit/redact.js";
+import type { GrantStore } from "../approvals/grants.js";
+import type { Notify } from "../approvals/notify.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import type { PhaseServices } from "../net/services.js";
@@ -41,6 +43,10 @@ export interface ManagerOptions {
   /** operator's additions to the whitelist (settings.extraAllow) */
   extraAllow?: readonly string[];
   approvals: ApprovalQueue;
+  /** standing approvals (src/approvals/grants.ts); none: every ask goes to a person */
+  grants?: GrantStore;
+  /** tells a person that a new request waits (src/approvals/notify.ts) */
+  notify?: Notify | undefined;
   /** the hash-chained audit.jsonl: every decision is recorded here before it is acted on */
   journal: AuditJournal;
   /** the daemon's policy; a getter, so a reload (SIGHUP) applies to the next decision */

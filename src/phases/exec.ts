@@ -5,6 +5,7 @@
  */
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { bindFiles, filesRun } from "../approvals/binding.js";
+import type { Grant } from "../approvals/grants.js";
 import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
@@ -23,12 +24,28 @@ export interface ExecRequest {
   command?: string | undefined;
   timeoutMs?: number | undefined;
   reason?: string | undefined;
+  /**
+   * When the policy asks a person: keep the request open this long for their
+   * decision (approved: the command runs in this call; denied: the denial).
+   */
+  waitApprovalMs?: number | undefined;
+}
+
+/** What a waiting exec waits for: said to the caller before the wait starts. */
+export interface ApprovalWait {
+  approvalId: string;
+  /** the command as the person sees it (scrubbed) */
+  command: string;
+  rule: { id: string; clause: string };
+  waitMs: number;
 }
 
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
   /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
   started?(info: { pid: number; rule: { id: string; clause: string } }): void;
+  /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
+  waiting?(info: ApprovalWait): void;
   stdout(text: string): void;
   stderr(text: string): void;
 }
@@ -176,6 +193,11 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     throw new SandboxdError(
       "SBX_ERR_TIMEOUT_RANGE",
       `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+      {
+        // SKILLS.md calls 60 s a default: the operator may raise it for a mode, up to the policy's 5-minute ceiling
+        hint: `use a timeout within ${limits.maxTimeoutMs / 1000} s (SKILLS.md §2: 60 s by default, up to 5 min in paper mode), or have the operator raise it in the policy: limits.modes.${record.mode}.maxTimeoutMs (at most 300000; README "Timeouts")`,
+        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
+      },
     );
   }
   const env = commandEnv(record, live.dotenv);
@@ -192,6 +214,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   // An `ask` a human already approved for exactly this command, with the same
   // content in the files it runs, runs once. A denied one stays denied.
   let approval: Approval | null = null;
+  let grant: Grant | null = null;
   let denial: Approval | null = null;
   let stale: { approval: Approval; changed: string[] } | null = null;
   let files: FileBinding[] = [];
@@ -209,7 +232,14 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         stale = used;
       }
     } else {
-      denial = await ctx.opts.approvals.deniedFor(id, key);
+      // a standing approval of this phase or project, for this command with these files
+      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files) ?? null;
+      if (covering) {
+        grant = await ctx.opts.grants!.use(covering.id, files);
+        verdict = { ...verdict, decision: "allow", reason: `standing approval ${grant.id}${grant.note ? ` (${grant.note})` : ""}, until ${grant.expiresAt}` };
+      } else {
+        denial = await ctx.opts.approvals.deniedFor(id, key);
+      }
     }
   }
 
@@ -217,7 +247,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
   const approvalNote = approval
     ? ` approval=${approval.id}`
-    : denial
+    : grant
+      ? ` grant=${grant.id}`
+      : denial
       ? ` denied=${denial.id}`
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
@@ -232,11 +264,13 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       reason: verdict.reason,
       parts: verdict.parts.map((p) => ({ argv: p.argv, decision: p.decision, rule: p.ruleId })),
       approval: approval?.id ?? null,
+      grant: grant?.id ?? null,
       deniedBy: denial?.id ?? null,
       staleApproval: stale ? { approval: stale.approval.id, changed: stale.changed } : null,
       files,
       requestReason: req.reason ?? null,
       timeoutMs,
+      waitApprovalMs: req.waitApprovalMs ?? null,
     },
     [
       `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
@@ -263,11 +297,28 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         [actionLine(ts(), "APPROVAL", "REQUEST", cmd, `${pending.id} pending: ${verdict.reason}${filesNote(files)}`)],
       );
       ctx.opts.log.info({ phase: id, approval: pending.id, command: cmd }, "approval requested");
+      ctx.opts.notify?.(pending);
     } else if (reasonAdded) {
       await rec.record({ type: "approval.reason", approval: pending.id, ...what, reason: req.reason ?? null }, [
         actionLine(ts(), "APPROVAL", "REASON", cmd, `${pending.id}: ${req.reason ?? ""}`),
       ]);
     }
+    if (req.waitApprovalMs) {
+      const waitMs = req.waitApprovalMs;
+      sink?.waiting?.({ approvalId: pending.id, command: cmd, rule: { id: verdict.ruleId, clause: verdict.clause }, waitMs });
+      ctx.opts.log.info({ phase: id, approval: pending.id, waitMs }, "exec waits for a decision");
+      const out = await ctx.opts.approvals.waitFor(pending.id, waitMs, abort);
+      if (out.kind === "decided" && out.approval.state === "approved") {
+        // Judged and bound again, as any retry: the approval is used only if the files it binds are unchanged.
+        return exec(ctx, id, { ...req, waitApprovalMs: undefined }, sink, abort);
+      }
+      if (out.kind === "decided" && out.approval.state === "denied") {
+        await countRefusal(ctx, live, verdict, cmd);
+        throw deniedError(out.approval, cmd, rec);
+      }
+      // no decision in time, the phase ended, or the caller left: the usual answer, with the id
+    }
+    // counted only once the command did not run after all (an approval mid-wait runs it above)
     await countRefusal(ctx, live, verdict, cmd);
     if (stale) throw staleError(stale, pending, cmd);
     throw policyError(verdict, cmd, rec, pending.id);

@@ -15,7 +15,11 @@
  * orphaned.
  */
 import { actionLine, quoteArgv, timestamp } from "../audit/format.js";
+import { realpath, stat } from "node:fs/promises";
+import { bindFiles, filesRun } from "../approvals/binding.js";
+import type { Grant, GrantRequest } from "../approvals/grants.js";
 import type { Approval } from "../approvals/queue.js";
+import { readProjectFile } from "./project.js";
 import { SandboxdError } from "../errors.js";
 import { PhaseContext, type ManagerOptions } from "./context.js";
 import { FlowConsumer } from "./flow.js";
@@ -200,6 +204,68 @@ export class PhaseManager {
       ),
     ]);
     this.ctx.opts.log.info({ phase: a.phaseId, approval: a.id, decision }, "approval decided");
+    // after the decision's record: a waiting exec's records follow it in the trail
+    this.ctx.opts.approvals.announce(a.id);
     return a;
+  }
+
+  /* ------------------------- standing approvals ------------------------- */
+
+  private get grantStore() {
+    const g = this.ctx.opts.grants;
+    if (!g) throw new SandboxdError("SBX_ERR_INTERNAL", "this daemon keeps no standing approvals");
+    return g;
+  }
+
+  listGrants(all = false): Grant[] {
+    return this.grantStore.list({ all });
+  }
+
+  /**
+   * A person grants a standing approval. Phase scope: the phase must be
+   * running. An argv grant is bound to the files its command runs as they
+   * are now (in the project). Recorded in audit.jsonl (and the phase's build
+   * log) before it can be used.
+   */
+  async grant(req: GrantRequest): Promise<Grant> {
+    this.ctx.assertServing();
+    let project = req.project;
+    const live = req.phaseId ? this.ctx.phases.get(req.phaseId) : undefined;
+    if (req.phaseId) {
+      if (!live) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${req.phaseId} is not running; a standing approval of a phase needs it running`);
+      project = live.record.project;
+    } else {
+      const ok = project ? await stat(project).then((s) => s.isDirectory(), () => false) : false;
+      if (!ok) throw new SandboxdError("SBX_ERR_PROJECT_NOT_FOUND", `project ${project ?? "(none)"} is not a directory`);
+      // as phases record it: the real path
+      project = await realpath(project!);
+    }
+    const files = req.argv ? await bindFiles(filesRun({ argv: req.argv }), (rel) => readProjectFile({ project: project! }, rel)) : [];
+    const g = await this.grantStore.grant({ ...req, project }, files);
+    const what = g.argv ? quoteArgv(g.argv) : `pattern ${JSON.stringify(g.pattern)}`;
+    const event = { type: "grant.create", grant: g.id, phaseId: g.phaseId, project: g.project, argv: g.argv, pattern: g.pattern, expiresAt: g.expiresAt, maxTimeoutMs: g.maxTimeoutMs, note: g.note, files: g.files };
+    if (live) {
+      await live.rec.record(event, [
+        actionLine(timestamp(this.ctx.opts.clock.now()), "APPROVAL", "GRANT", what, `${g.id} by operator until ${g.expiresAt}${g.note ? `: ${g.note}` : ""}`),
+      ]);
+    } else {
+      await this.ctx.opts.journal.append(event);
+    }
+    this.ctx.opts.log.info({ grant: g.id, phase: g.phaseId, project: g.project }, "standing approval granted");
+    return g;
+  }
+
+  async revokeGrant(id: string, note?: string): Promise<Grant> {
+    this.ctx.assertServing();
+    const g = await this.grantStore.revoke(id, note);
+    const event = { type: "grant.revoke", grant: g.id, phaseId: g.phaseId, project: g.project, note: note ?? null, uses: g.uses };
+    const live = g.phaseId ? this.ctx.phases.get(g.phaseId) : undefined;
+    if (live) {
+      const what = g.argv ? quoteArgv(g.argv) : `pattern ${JSON.stringify(g.pattern)}`;
+      await live.rec.record(event, [actionLine(timestamp(this.ctx.opts.clock.now()), "APPROVAL", "REVOKE", what, `${g.id} by operator${note ? `: ${note}` : ""}`)]);
+    } else {
+      await this.ctx.opts.journal.append(event);
+    }
+    return g;
   }
 }
