@@ -487,10 +487,11 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     live.failFast.succeed(tool);
   }
   if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
-  const failNote = failure
-    ? ` [${failure.category}${failure.counted ? ` ${failure.count}/${failure.limit}` : ""}: ${failure.evidence}]`
-    : "";
-  const testsNote = tests ? ` [tests: ${tests.passed} passed, ${tests.failures} failed, ${tests.errors} errors, ${tests.skipped} skipped of ${tests.tests}]` : "";
+  // Lines of their own, so that the SKILLS.md action line keeps its one-bracket [RESULT]
+  const failLine = failure
+    ? [`[${ts()}] ERROR_CATEGORY: ${failure.category}${failure.counted ? ` (attempt ${failure.count}/${failure.limit})` : ""}: ${escapeControl(failure.evidence)}`]
+    : [];
+  const testsLine = tests ? [`[${ts()}] TESTS: ${tests.passed} passed, ${tests.failures} failed, ${tests.errors} errors, ${tests.skipped} skipped of ${tests.tests}`] : [];
 
   const resultWord = timedOut
     ? `TIMEOUT after ${timeoutMs} ms`
@@ -526,7 +527,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
       ...renderOutput(ts(), "STDOUT", outView.head, outView.omitted, outView.tail),
       ...renderOutput(ts(), "STDERR", errView.head, errView.omitted, errView.tail),
-      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord + failNote + testsNote),
+      ...failLine,
+      ...testsLine,
+      actionLine(ts(), "SHELL", "EXEC", cmd, resultWord),
     ],
   ).catch((e: unknown) => {
     throw mayHaveRun(e, cmd, verdictRecord.seq);

@@ -9,7 +9,7 @@
  * sandbox, if there were one, would connect.
  */
 import { execFileSync } from "node:child_process";
-import { readFile, symlink } from "node:fs/promises";
+import { readFile, readdir, symlink } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -244,13 +244,20 @@ describe("network boundary (connections to anything but services)", () => {
 
 describe("network boundary where refusals cannot be recorded", () => {
   it("without conntrack-tools the phase still runs, stray connections are still refused, and the trail says they go unrecorded", async () => {
-    // a PATH with every tool the daemon uses for the namespace but conntrack
+    // the daemon's PATH with every program on it but conntrack (the workspace layer, the namespace tools … stay)
     const bin = await tempDir("bin-no-conntrack");
     cleanup.push(bin);
-    for (const tool of ["setpriv", "nsenter", "ip", "iptables-restore", "bash"]) {
-      const where = execFileSync("bash", ["-c", `command -v ${tool}`], { encoding: "utf8" }).trim();
-      await symlink(where, `${bin}/${tool}`);
+    const linked = new Set<string>();
+    for (const dir of (process.env.PATH ?? "").split(":").filter(Boolean)) {
+      const names = await readdir(dir).catch(() => [] as string[]);
+      for (const name of names) {
+        if (name === "conntrack" || linked.has(name)) continue;
+        linked.add(name);
+        await symlink(path.join(dir, name), `${bin}/${name}`);
+      }
     }
+    expect(linked.has("nsenter") && linked.has("sh") && !linked.has("conntrack")).toBe(true);
+    expect(execFileSync("bash", ["-c", "command -v conntrack || true"], { encoding: "utf8", env: { PATH: bin } }).trim()).toBe("");
     const stateDir = await tempDir("no-conntrack");
     cleanup.push(stateDir);
     const socket = path.join(stateDir, "sandboxd.sock");
