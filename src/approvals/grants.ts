@@ -21,7 +21,7 @@
  * validated with zod on load.
  */
 import { randomBytes } from "node:crypto";
-import { readFile, rename, writeFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { z } from "zod";
 import { timestamp } from "../audit/format.js";
@@ -30,6 +30,7 @@ import { compileRule, ruleMatches, type Verdict } from "../policy/evaluate.js";
 import { shellRuleSchema } from "../policy/schema.js";
 import type { Clock } from "../util/clock.js";
 import { changedFiles, fileBindingSchema, type FileBinding } from "./queue.js";
+import { JsonFileWriter } from "../util/fs.js";
 
 export const grantPatternSchema = shellRuleSchema.shape.pattern;
 
@@ -81,13 +82,17 @@ function sameArgv(a: readonly string[], b: readonly string[]): boolean {
 
 export class GrantStore {
   private items: Grant[] = [];
-  private saving: Promise<void> = Promise.resolve();
+
+  /** the state dir file, rewritten whole at each change */
+  private readonly writer: JsonFileWriter;
 
   constructor(
     private readonly file: string,
     private readonly clock: Clock,
     private readonly newId: () => string = () => `gr_${randomBytes(6).toString("hex")}`,
-  ) {}
+  ) {
+    this.writer = new JsonFileWriter(file);
+  }
 
   static async open(stateDir: string, clock: Clock): Promise<GrantStore> {
     const g = new GrantStore(path.join(stateDir, "grants.json"), clock);
@@ -190,15 +195,6 @@ export class GrantStore {
   }
 
   private save(): Promise<void> {
-    const data = JSON.stringify(this.items, null, 2) + "\n";
-    const next = this.saving.then(async () => {
-      const tmp = `${this.file}.tmp`;
-      await writeFile(tmp, data, { mode: 0o600 });
-      await rename(tmp, this.file);
-    });
-    // the chain outlives a failed save; the caller of that save gets its rejection from `next`
-    // eslint-disable-next-line no-restricted-syntax -- the rejection is delivered through `next`
-    this.saving = next.catch(() => undefined);
-    return next;
+    return this.writer.write(this.items);
   }
 }

@@ -21,12 +21,13 @@
  * - a retry of a pending request with another `reason` adds it to the request.
  */
 import { randomBytes } from "node:crypto";
-import { readFile, rename, writeFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { timestamp } from "../audit/format.js";
 import type { Clock } from "../util/clock.js";
+import { JsonFileWriter } from "../util/fs.js";
 
 export const APPROVAL_STATES = ["pending", "approved", "denied", "used", "expired", "stale"] as const;
 export type ApprovalState = (typeof APPROVAL_STATES)[number];
@@ -103,13 +104,17 @@ export class ApprovalQueue {
   private items: Approval[] = [];
   /** execs waiting for a person's decision (`exec --wait-approval`), by approval id */
   private waiters = new Map<string, Set<(a: Approval) => void>>();
-  private saving: Promise<void> = Promise.resolve();
+
+  /** the state dir file, rewritten whole at each change */
+  private readonly writer: JsonFileWriter;
 
   constructor(
     private readonly file: string,
     private readonly clock: Clock,
     private readonly newId: () => string = () => `ap_${randomBytes(6).toString("hex")}`,
-  ) {}
+  ) {
+    this.writer = new JsonFileWriter(file);
+  }
 
   static async open(stateDir: string, clock: Clock): Promise<ApprovalQueue> {
     const q = new ApprovalQueue(path.join(stateDir, "approvals.json"), clock);
@@ -278,15 +283,6 @@ export class ApprovalQueue {
   }
 
   private save(): Promise<void> {
-    const data = JSON.stringify(this.items, null, 2) + "\n";
-    const next = this.saving.then(async () => {
-      const tmp = `${this.file}.tmp`;
-      await writeFile(tmp, data, { mode: 0o600 });
-      await rename(tmp, this.file);
-    });
-    // the chain outlives a failed save; the caller of that save gets its rejection from `next`
-    // eslint-disable-next-line no-restricted-syntax -- the rejection is delivered through `next`
-    this.saving = next.catch(() => undefined);
-    return next;
+    return this.writer.write(this.items);
   }
 }
