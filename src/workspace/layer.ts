@@ -90,6 +90,10 @@ export function layerPaths(phaseDir: string): LayerPaths {
   };
 }
 
+function endedWhileMounting(): SandboxdError {
+  return new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the phase ended while its view was being mounted");
+}
+
 /** overlayfs' mount options take `,` `:` and `\` as syntax; a project path holding them cannot be a lower dir. */
 const OVERLAY_UNSAFE = /[,:\\\s]/;
 
@@ -162,7 +166,13 @@ export class WorkspaceLayer {
    * Cheap (one `sh`); the disk and overlay come in `mount()`, which may run
    * while the container starts.
    */
-  async prepare(): Promise<void> {
+  prepare(): Promise<void> {
+    // tracked like every mount: a destroy that comes while it runs waits for it
+    return this.track(this.makeMountPoints());
+  }
+
+  private async makeMountPoints(): Promise<void> {
+    if (this.destroyed) throw endedWhileMounting();
     if (OVERLAY_UNSAFE.test(this.spec.project)) {
       throw new SandboxdError(
         "SBX_ERR_WORKSPACE_UNSUPPORTED",
@@ -189,6 +199,8 @@ export class WorkspaceLayer {
    * upper, and the view put together in stage/.
    */
   mount(): Promise<void> {
+    // a phase ended (destroy ran) before its disk was made gets no disk: nothing would unmount it
+    if (this.destroyed) return Promise.reject(endedWhileMounting());
     return this.track(this.makeDisk());
   }
 
@@ -224,7 +236,7 @@ export class WorkspaceLayer {
    * init's pid is given).
    */
   attach(containerPid: number | null): Promise<void> {
-    if (this.destroyed) return Promise.reject(new SandboxdError("SBX_ERR_WORKSPACE", "workspace layer: the phase ended while its view was being mounted"));
+    if (this.destroyed) return Promise.reject(endedWhileMounting());
     return this.track(
       (async () => {
         await sh(`mount --move ${quote(this.paths.stage)} ${quote(this.paths.view)}`, "mounting the view");
