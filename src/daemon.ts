@@ -9,6 +9,7 @@ import path from "node:path";
 import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
 import { AuditJournal } from "./audit/journal.js";
+import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy } from "./policy/index.js";
 import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
@@ -55,9 +56,18 @@ async function instanceId(stateDir: string): Promise<string> {
 
 export async function startDaemon(
   settings: Settings,
-  deps: { runtime?: ContainerRuntime; log?: Logger } = {},
+  deps: { runtime?: ContainerRuntime; log?: Logger; logDestination?: { write(line: string): unknown } } = {},
 ): Promise<RunningDaemon> {
-  const log = deps.log ?? pino({ level: settings.logLevel, base: { pid: process.pid } });
+  // Every line of the daemon's log passes the secrets of every live phase
+  // (phases register theirs): an error text from a command or a database can
+  // carry a .env value into a log line.
+  const logSecrets = new LogSecrets();
+  const log =
+    deps.log ??
+    pino(
+      { level: settings.logLevel, base: { pid: process.pid } },
+      redactingWriter(logSecrets, deps.logDestination ?? pino.destination({ dest: 1, sync: true })),
+    );
   await mkdir(settings.stateDir, { recursive: true, mode: 0o700 });
   await mkdir(path.dirname(settings.socket), { recursive: true, mode: 0o700 });
 
@@ -93,6 +103,7 @@ export async function startDaemon(
     extraAllow: settings.extraAllow,
     serviceOverrides: settings.serviceOverrides,
     buildLogLocation: settings.buildLog,
+    logSecrets,
   });
   const report = await manager.reconcile();
   for (const id of report.readopted) log.info({ phase: id }, "re-adopted running phase");

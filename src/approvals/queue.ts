@@ -27,6 +27,8 @@ export const approvalSchema = z
     /** exactly one of argv / command is set: what the agent asked to run */
     argv: z.array(z.string()).nullable(),
     command: z.string().nullable(),
+    /** set instead for a SQL statement the database gateway refused as `ask`: its exact text (redacted) */
+    sql: z.string().nullable().default(null),
     ruleId: z.string(),
     clause: z.string(),
     /** why the policy asks */
@@ -45,9 +47,12 @@ export type Approval = z.infer<typeof approvalSchema>;
 export interface CommandKey {
   argv?: string[] | undefined;
   command?: string | undefined;
+  /** a SQL statement (src/db/gateway.ts askApproval): never matches a command, nor a command it */
+  sql?: string | undefined;
 }
 
 function sameCommand(a: Approval, k: CommandKey): boolean {
+  if (k.sql !== undefined) return a.sql === k.sql;
   if (k.argv) return a.argv !== null && a.argv.length === k.argv.length && a.argv.every((x, i) => x === k.argv![i]);
   return a.command !== null && a.command === k.command;
 }
@@ -99,7 +104,8 @@ export class ApprovalQueue {
       id: this.newId(),
       phaseId,
       argv: key.argv ?? null,
-      command: key.argv ? null : (key.command ?? null),
+      command: key.argv || key.sql !== undefined ? null : (key.command ?? null),
+      sql: key.sql ?? null,
       ruleId: why.ruleId,
       clause: why.clause,
       policyReason: why.policyReason,

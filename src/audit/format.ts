@@ -13,25 +13,61 @@ export function timestamp(date: Date): string {
 
 const SAFE_ARG = /^[A-Za-z0-9_\-+=.,/:@%^]+$/;
 
-/** POSIX-shell quoting of argv for display (the command is never run from this text). */
-export function quoteArgv(argv: readonly string[]): string {
-  return argv.map((a) => (a !== "" && SAFE_ARG.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(" ");
+/**
+ * Characters a terminal does not show as themselves: C0/C1 controls and DEL
+ * (ESC starts cursor movements that can overwrite what was printed before,
+ * CR returns to the line start, BS steps back), Unicode format characters
+ * (bidi overrides such as U+202E reorder the text around them; zero-width
+ * characters hide), line and paragraph separators, unusual spaces that look
+ * like a plain space, surrogates, private-use and unassigned code points.
+ */
+export const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}\p{Co}\p{Cn}\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]/u;
+const INVISIBLE_ALL = new RegExp(INVISIBLE.source, "gu");
+
+function escapeChar(ch: string): string {
+  switch (ch) {
+    case "\n":
+      return "\\n";
+    case "\r":
+      return "\\r";
+    case "\t":
+      return "\\t";
+  }
+  const cp = ch.codePointAt(0)!;
+  if (cp <= 0xff) return `\\x${cp.toString(16).padStart(2, "0")}`;
+  if (cp <= 0xffff) return `\\u${cp.toString(16).padStart(4, "0")}`;
+  return `\\U${cp.toString(16).padStart(8, "0")}`;
 }
 
-/** Escape every C0 control character, DEL and the C1 range so one field stays on one line. */
+/**
+ * POSIX-shell quoting of argv for display (the command is never run from
+ * this text). A word with an invisible character is written bash's `$'…'`
+ * way with the character escaped (`$'a\x1b[2Kb'`), so what a person reads is
+ * exactly the argument, on one line.
+ */
+export function quoteArgv(argv: readonly string[]): string {
+  return argv.map(quoteWord).join(" ");
+}
+
+function quoteWord(a: string): string {
+  if (a !== "" && SAFE_ARG.test(a)) return a;
+  if (!INVISIBLE.test(a)) return `'${a.replace(/'/g, `'\\''`)}'`;
+  let out = "";
+  for (const ch of a) {
+    if (ch === "\\" || ch === "'") out += `\\${ch}`;
+    else if (INVISIBLE.test(ch)) out += escapeChar(ch);
+    else out += ch;
+  }
+  return `$'${out}'`;
+}
+
+/**
+ * Escape every invisible character (see INVISIBLE: controls, ANSI escapes,
+ * bidi overrides, separators) so one field stays on one line and shows what
+ * it holds.
+ */
 export function escapeControl(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (ch) => {
-    switch (ch) {
-      case "\n":
-        return "\\n";
-      case "\r":
-        return "\\r";
-      case "\t":
-        return "\\t";
-      default:
-        return `\\x${ch.charCodeAt(0).toString(16).padStart(2, "0")}`;
-    }
-  });
+  return text.replace(INVISIBLE_ALL, escapeChar);
 }
 
 /**
@@ -50,4 +86,22 @@ export function renderOutput(ts: string, label: "STDOUT" | "STDERR", text: strin
 /** `[TIMESTAMP] [SKILL] [ACTION] [TARGET] [RESULT]` */
 export function actionLine(ts: string, skill: string, action: string, target: string, result: string): string {
   return `[${ts}] [${skill}] [${action}] [${escapeControl(target)}] [${escapeControl(result)}]`;
+}
+
+/**
+ * The daemon's own part at the start of a line this module renders: the
+ * timestamp and `[SKILL] [ACTION] `, or `LABEL: ` (with `[Engine]` and a
+ * byte-count note), or the continuation indent. Never sandbox text.
+ */
+const OWN_PREFIX = /^(?:\[[0-9T:.Z-]+\] (?:\[[A-Z_]+\] \[[A-Z_]+\] |[A-Z_]+(?: \[[A-Za-z]+\])?:(?: \[\d+ [a-z ]+\])? ?)|    \| )/;
+
+/**
+ * Redacts a build_audit.log line but not its structure: the prefix the
+ * daemon wrote (timestamp, skill, action, label) is kept as is, the rest —
+ * where command lines, output, SQL and error text go — is scrubbed.
+ */
+export function redactLine(line: string, redactor: { redact(text: string): string }): string {
+  const m = OWN_PREFIX.exec(line);
+  if (!m) return redactor.redact(line);
+  return m[0] + redactor.redact(line.slice(m[0].length));
 }

@@ -1,6 +1,6 @@
 /** Public surface of the audit folder: build_audit.log, audit.jsonl, verification, redaction. */
 export { BuildLog } from "./buildlog.js";
-export { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "./format.js";
+export { actionLine, escapeControl, quoteArgv, redactLine, renderOutput, timestamp } from "./format.js";
 export { canonicalBytes, canonicalJson, toWellFormed, type JsonValue } from "./canonical.js";
 export {
   ANCHOR_BYTES,
@@ -23,10 +23,12 @@ export {
 export { assertJournalIntact, describeVerifyResult, verifyJournal, type VerifyResult } from "./verify.js";
 export {
   ByteStreamRedactor,
+  LogSecrets,
   MIN_SECRET_LENGTH,
   REDACTED,
   Redactor,
   SECRET_NAME,
+  SHORT_SECRET_LENGTH,
   StreamRedactor,
   collectSecrets,
   findSecrets,

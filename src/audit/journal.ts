@@ -104,7 +104,7 @@ export interface JournalOptions {
   /** keep audit.anchor up to date (default true) */
   anchor?: boolean;
   fs?: JournalFs;
-  /** applied to every string (keys and values) of every event before it is hashed */
+  /** applied to every string value of every event before it is hashed (not to keys nor OWN_WORDS fields) */
   redactor?: TextRedactor;
   /**
    * How often the anchor is made durable against power loss (fdatasync of
@@ -186,6 +186,17 @@ function auditFailed(op: string, file: string, e: unknown): SandboxdError {
   );
 }
 
+/**
+ * Fields whose values are the daemon's own words — record types, phase,
+ * rule and approval ids, verdict words — at any depth. The redactor never
+ * touches them, nor any key: a scrubbed `type` or field name breaks every
+ * reader that filters on it, and its pattern of damage shows the secret.
+ * Every other string value is scanned (token-bounded for short secrets,
+ * ./redact.ts), so a caller that puts sandbox text in a new field is safe
+ * by default.
+ */
+export const OWN_WORDS: ReadonlySet<string> = new Set(["type", "phase", "rule", "clause", "decision", "mode", "engine", "approval", "sqlstate"]);
+
 function sanitize(value: unknown, redact: ((s: string) => string) | null): unknown {
   if (typeof value === "string") {
     const w = toWellFormed(value);
@@ -198,7 +209,7 @@ function sanitize(value: unknown, redact: ((s: string) => string) | null): unkno
     const out: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(value)) {
       if (v === undefined) continue;
-      out[sanitize(k, redact) as string] = sanitize(v, redact);
+      out[toWellFormed(k)] = sanitize(v, OWN_WORDS.has(k) ? null : redact);
     }
     return out;
   }

@@ -203,9 +203,35 @@ export async function collectSecrets(
 
 /* ------------------------------ matching ------------------------------ */
 
+/**
+ * Secrets shorter than this are matched only on token boundaries: an
+ * occurrence (or a run of touching occurrences) must not cut a run of word
+ * characters [A-Za-z0-9_] in two at either edge, so `quest` is scrubbed in
+ * `pw=quest;` or `admin:quest@` but not inside `request` or `questdb`
+ * (replacing those damaged ordinary text and, by its pattern, revealed the
+ * secret). A run of secret text this long or longer is scrubbed anywhere: a
+ * 12-char value inside an unrelated word is vanishingly unlikely, and a key
+ * glued to other characters (`tok=sk_live_…x`, or to itself) must still go.
+ */
+export const SHORT_SECRET_LENGTH = 12;
+
+/** [A-Za-z0-9_] */
+function isWord(c: number): boolean {
+  return (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c === 95;
+}
+
 /** Finds the merged [start, end) intervals of secret occurrences in a text. */
 export interface IntervalFinder {
   intervals(text: string): Array<[number, number]>;
+}
+
+/** What a scan found, and where it left the automaton (for streams). */
+interface Scan {
+  intervals: Array<[number, number]>;
+  /** automaton state after the last char: its depth is the longest suffix that may still begin a secret */
+  state: number;
+  /** start of the first cluster a stream must still hold back (text.length: none) */
+  undecidedFrom: number;
 }
 
 /** Dense transition tables above this many cells fall back to the sparse trie walk. */
@@ -220,14 +246,21 @@ const MAX_DENSE_CELLS = 8_000_000;
 class Matcher implements IntervalFinder {
   private readonly goto: Array<Map<number, number>> = [new Map()];
   private readonly fail: number[] = [0];
-  /** length of the longest pattern that ends at this state (itself or via fail links), 0 if none */
-  private readonly best: Int32Array;
+  /** length of the pattern that ends exactly at this state, 0 if none */
+  private readonly term: Int32Array;
+  /** nearest state on the fail chain (excluding itself) where a pattern ends, 0 if none */
+  private readonly dict: Int32Array;
+  /** 1 when some pattern ends at this state or on its fail chain */
+  private readonly hit: Uint8Array;
+  /** trie depth: length of the string this state stands for */
+  readonly depth: Int32Array;
   private readonly classOf: Uint16Array | null = null;
   private readonly width: number = 0;
   private readonly delta: Int32Array | null = null;
 
   constructor(patterns: readonly string[]) {
-    const best: number[] = [0];
+    const term: number[] = [0];
+    const depth: number[] = [0];
     for (const p of patterns) {
       let s = 0;
       for (let i = 0; i < p.length; i++) {
@@ -237,13 +270,15 @@ class Matcher implements IntervalFinder {
           t = this.goto.length;
           this.goto.push(new Map());
           this.fail.push(0);
-          best.push(0);
+          term.push(0);
+          depth.push(i + 1);
           this.goto[s]!.set(c, t);
         }
         s = t;
       }
-      best[s] = Math.max(best[s]!, p.length);
+      term[s] = p.length;
     }
+    const dict: number[] = new Array<number>(term.length).fill(0);
     const order: number[] = [];
     for (const t of this.goto[0]!.values()) order.push(t);
     for (let qi = 0; qi < order.length; qi++) {
@@ -253,11 +288,15 @@ class Matcher implements IntervalFinder {
         while (f !== 0 && !this.goto[f]!.has(c)) f = this.fail[f]!;
         const ft = this.goto[f]!.get(c);
         this.fail[t] = ft !== undefined && ft !== t ? ft : 0;
-        best[t] = Math.max(best[t]!, best[this.fail[t]!]!);
+        const ff = this.fail[t]!;
+        dict[t] = term[ff]! > 0 ? ff : dict[ff]!;
         order.push(t);
       }
     }
-    this.best = Int32Array.from(best);
+    this.term = Int32Array.from(term);
+    this.dict = Int32Array.from(dict);
+    this.depth = Int32Array.from(depth);
+    this.hit = Uint8Array.from(term, (len, s) => (len > 0 || dict[s]! > 0 ? 1 : 0));
 
     const classOf = new Uint16Array(65536);
     let classes = 0;
@@ -288,40 +327,86 @@ class Matcher implements IntervalFinder {
    * intervals: overlapping occurrences become one interval. Sorted, disjoint.
    */
   intervals(text: string): Array<[number, number]> {
-    const out: Array<[number, number]> = [];
-    const best = this.best;
-    const push = (i: number, len: number) => {
-      let start = i + 1 - len;
-      // merge with earlier intervals this one overlaps (it may reach back over several)
-      while (out.length > 0 && out[out.length - 1]![1] > start) start = Math.min(start, out.pop()![0]);
-      out.push([start, i + 1]);
+    return this.scan(text, -1, true).intervals;
+  }
+
+  /**
+   * Finds every occurrence (the longest secret ending at each position),
+   * merges overlapping and touching ones into clusters, and keeps a cluster
+   * when it is at least SHORT_SECRET_LENGTH long or is a whole token: it
+   * does not cut a run of word characters in two at either edge. `before`
+   * is the code unit just before `text` (-1: none). A stream passes
+   * `continues`: clusters starting within that many chars of the text's start
+   * continue a kept cluster already emitted, so they are kept. When not
+   * `final` the text may go on, and a short cluster that reaches the part a
+   * future secret could start in (the automaton's depth at the end) could
+   * still grow or gain a glued neighbour: it is undecided, left out, and
+   * `undecidedFrom` says where the first one starts (the stream holds it
+   * back).
+   */
+  scan(text: string, before: number, final: boolean, continues = -1): Scan {
+    const n = text.length;
+    const term = this.term;
+    const dict = this.dict;
+    const hit = this.hit;
+    /** clusters as flat [start, end] pairs */
+    const raw: number[] = [];
+    const push = (i: number, s: number) => {
+      const start = i + 1 - term[term[s]! > 0 ? s : dict[s]!]!;
+      let k = raw.length;
+      let from = start;
+      // merge with earlier clusters this occurrence overlaps or touches (it may reach back over several)
+      while (k > 0 && raw[k - 1]! >= from) {
+        from = Math.min(from, raw[k - 2]!);
+        k -= 2;
+      }
+      raw.length = k;
+      raw.push(from, i + 1);
     };
     let s = 0;
     if (this.delta && this.classOf) {
       const delta = this.delta;
       const classOf = this.classOf;
       const width = this.width;
-      for (let i = 0; i < text.length; i++) {
+      for (let i = 0; i < n; i++) {
         s = delta[s * width + classOf[text.charCodeAt(i)]!]!;
-        const len = best[s]!;
-        if (len > 0) push(i, len);
+        if (hit[s] === 1) push(i, s);
       }
-      return out;
-    }
-    const goto = this.goto;
-    const fail = this.fail;
-    for (let i = 0; i < text.length; i++) {
-      const c = text.charCodeAt(i);
-      let t = goto[s]!.get(c);
-      while (t === undefined && s !== 0) {
-        s = fail[s]!;
-        t = goto[s]!.get(c);
+    } else {
+      const goto = this.goto;
+      const fail = this.fail;
+      for (let i = 0; i < n; i++) {
+        const c = text.charCodeAt(i);
+        let t = goto[s]!.get(c);
+        while (t === undefined && s !== 0) {
+          s = fail[s]!;
+          t = goto[s]!.get(c);
+        }
+        s = t ?? 0;
+        if (hit[s] === 1) push(i, s);
       }
-      s = t ?? 0;
-      const len = best[s]!;
-      if (len > 0) push(i, len);
     }
-    return out;
+    const intervals: Array<[number, number]> = [];
+    let undecidedFrom = n;
+    // a secret still to come starts within the automaton's depth: clusters reaching it may grow
+    const settledBefore = n - this.depth[s]!;
+    for (let k = 0; k < raw.length; k += 2) {
+      const start = raw[k]!;
+      const end = raw[k + 1]!;
+      if (end - start >= SHORT_SECRET_LENGTH || start <= continues) {
+        intervals.push([start, end]);
+        continue;
+      }
+      if (!final && end >= settledBefore) {
+        undecidedFrom = Math.min(undecidedFrom, start);
+        continue;
+      }
+      const left = start === 0 ? before : text.charCodeAt(start - 1);
+      if (left >= 0 && isWord(left) && isWord(text.charCodeAt(start))) continue;
+      if (end < n && isWord(text.charCodeAt(end - 1)) && isWord(text.charCodeAt(end))) continue;
+      intervals.push([start, end]);
+    }
+    return { intervals, state: s, undecidedFrom };
   }
 }
 
@@ -332,7 +417,7 @@ export interface RedactorOptions {
 
 export class Redactor {
   private readonly matcher: Matcher | null;
-  /** length of the longest secret; a stream holds back up to this − 1 chars */
+  /** length of the longest secret */
   readonly longest: number;
   readonly size: number;
   readonly warnings: readonly string[];
@@ -364,7 +449,7 @@ export class Redactor {
   /** `text` with every secret occurrence replaced by [REDACTED]. */
   redact(text: string): string {
     if (!this.matcher || text.length === 0) return text;
-    return render(text, this.matcher.intervals(text), 0, text.length).out;
+    return render(text, this.matcher.intervals(text), -1, text.length).out;
   }
 
   /** UTF-8 in, UTF-8 out (invalid bytes become U+FFFD). */
@@ -375,7 +460,7 @@ export class Redactor {
 
   /** A redactor for one output stream, safe across chunk boundaries. */
   stream(): StreamRedactor {
-    return new StreamRedactor(this.matcher, this.longest);
+    return new StreamRedactor(this.matcher);
   }
 
   /** The same for raw bytes: decodes UTF-8 across chunk boundaries (StringDecoder) first. */
@@ -419,60 +504,96 @@ export function redactingWriter<W extends { write(chunk: string): unknown }>(
 }
 
 /**
- * Emits text up to `cut`; intervals must be sorted and disjoint. The first
- * `cover` chars are already emitted inside an earlier [REDACTED] (a secret
- * that straddled the previous cut), so intervals overlapping them continue
- * that marker instead of starting a new one. Returns the output and, if an
- * interval crosses `cut`, how far past `cut` the marker already reaches.
+ * The secrets of every live phase, for the daemon's process-wide log. Each
+ * phase registers its Redactor when its recorder is made and removes it when
+ * the phase has ended (after its last log line); `redact` applies them all.
+ * A line about one phase may so lose another phase's secret too, which is
+ * only ever more scrubbing. Log lines are few (no command output goes to the
+ * log), so scanning each with every live phase's automaton costs little.
+ */
+export class LogSecrets {
+  private readonly byOwner = new Map<string, { redact(text: string): string; size: number }>();
+
+  add(owner: string, redactor: { redact(text: string): string; size: number }): void {
+    if (redactor.size > 0) this.byOwner.set(owner, redactor);
+  }
+
+  remove(owner: string): void {
+    this.byOwner.delete(owner);
+  }
+
+  redact(text: string): string {
+    for (const r of this.byOwner.values()) text = r.redact(text);
+    return text;
+  }
+}
+
+/**
+ * Emits text up to `cut`; intervals must be sorted, disjoint and not
+ * touching. `cover` ≥ 0 means an earlier [REDACTED] reaches `cover` chars
+ * into `buf` (0: up to its very start), so intervals overlapping or touching
+ * that reach continue the marker instead of starting a new one; -1 means
+ * none. Returns the output and, when the last marker reaches `cut` or
+ * beyond, how far past `cut` it reaches (else -1).
  */
 function render(buf: string, ivs: ReadonlyArray<[number, number]>, cover: number, cut: number): { out: string; cover: number } {
   let out = "";
   let pos = 0;
   let i = 0;
-  if (cover > 0) {
+  if (cover >= 0) {
     let end = cover;
-    while (i < ivs.length && ivs[i]![0] < end) end = Math.max(end, ivs[i++]![1]);
-    if (end > cut) return { out: "", cover: end - cut };
+    // an interval touching the marker continues it (touching occurrences are one cluster)
+    while (i < ivs.length && ivs[i]![0] <= end) end = Math.max(end, ivs[i++]![1]);
+    if (end >= cut) return { out: "", cover: end - cut };
     pos = end;
   }
   for (; i < ivs.length; i++) {
     const [s, e] = ivs[i]!;
     if (s >= cut) break;
     out += buf.slice(pos, s) + REDACTED;
-    if (e > cut) return { out, cover: e - cut };
+    if (e >= cut) return { out, cover: e - cut };
     pos = e;
   }
   if (pos < cut) out += buf.slice(pos, cut);
-  return { out, cover: 0 };
+  return { out, cover: -1 };
 }
 
 /**
  * Redacts a stream of text chunks. `push` returns what is safe to emit now
- * and holds back the last (longest secret − 1) chars, which could be the
- * start of a secret completed by the next chunk; `end` flushes. The
+ * and holds back only the chars that are a partial match of some secret —
+ * the automaton's depth after the last char, i.e. the longest suffix that is
+ * a prefix of a secret (plus a short secret that just ended, until the next
+ * char says whether it is a token). Output that cannot begin a secret, such
+ * as a line ending in "\n", goes out at once, whole. `end` flushes. The
  * concatenated output equals `redact()` of the concatenated input, wherever
  * the chunks were split.
  */
 export class StreamRedactor {
   private held = "";
-  /** chars at the start of `held` already covered by an emitted [REDACTED] */
-  private cover = 0;
+  /** chars at the start of `held` already inside an emitted [REDACTED] (0: it ends just before `held`), -1: none */
+  private cover = -1;
+  /** the input code unit just before `held` (-1 at the start), for token boundaries */
+  private before = -1;
   private ended = false;
 
-  constructor(
-    private readonly matcher: IntervalFinder | null,
-    private readonly longest: number,
-  ) {}
+  constructor(private readonly matcher: Matcher | null) {}
+
+  /** chars currently held back (a possible secret in the making) */
+  get holding(): number {
+    return this.held.length;
+  }
 
   push(chunk: string): string {
     if (this.ended) throw new Error("StreamRedactor: push after end");
     if (!this.matcher) return chunk;
     if (chunk.length === 0) return "";
     const buf = this.held + chunk;
-    let cut = Math.max(0, buf.length - (this.longest - 1));
+    const scan = this.matcher.scan(buf, this.before, false, this.cover);
+    // hold back what may still begin a secret (the automaton's depth), and a short run of secret text that may still grow
+    let cut = Math.min(buf.length - this.matcher.depth[scan.state]!, scan.undecidedFrom);
     // never split a surrogate pair between two emitted pieces
     if (cut > 0 && cut < buf.length && isHighSurrogate(buf.charCodeAt(cut - 1))) cut -= 1;
-    return this.emit(buf, cut);
+    return this.emit(buf, scan.intervals, cut);
   }
 
   end(): string {
@@ -480,11 +601,12 @@ export class StreamRedactor {
     this.ended = true;
     if (!this.matcher) return "";
     const buf = this.held;
-    return this.emit(buf, buf.length);
+    return this.emit(buf, this.matcher.scan(buf, this.before, true, this.cover).intervals, buf.length);
   }
 
-  private emit(buf: string, cut: number): string {
-    const r = render(buf, this.matcher!.intervals(buf), this.cover, cut);
+  private emit(buf: string, ivs: Array<[number, number]>, cut: number): string {
+    const r = render(buf, ivs, this.cover, cut);
+    if (cut > 0) this.before = buf.charCodeAt(cut - 1);
     this.held = buf.slice(cut);
     this.cover = r.cover;
     return r.out;

@@ -7,7 +7,7 @@
  * the command was killed at its timeout, 126 when policy refused it, 125 when
  * sandboxd itself failed, 128+N when the command died of signal N.
  */
-import { Command, Option, InvalidArgumentError } from "commander";
+import { Argument, Command, Option, InvalidArgumentError } from "commander";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
@@ -20,6 +20,7 @@ import type { AuditRecord } from "../audit/journal.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
 import { EXIT, exitCodeFor } from "./exit-codes.js";
+import { renderRecord } from "./render.js";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 
@@ -29,11 +30,16 @@ class CliExit extends Error {
   }
 }
 
+/** Text for a terminal: invisible characters escaped line by line (a message may hold a command from the sandbox). */
+function visible(text: string): string {
+  return text.split("\n").map(escapeControl).join("\n");
+}
+
 function printError(err: unknown): void {
   if (err instanceof SandboxdError) {
-    process.stderr.write(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}\n`);
+    process.stderr.write(visible(`sandboxd: ${err.message} [${err.code}]\n  hint: ${err.hint}`) + "\n");
   } else {
-    process.stderr.write(`sandboxd: ${(err as Error).message ?? String(err)}\n`);
+    process.stderr.write(visible(`sandboxd: ${(err as Error).message ?? String(err)}`) + "\n");
   }
 }
 
@@ -54,7 +60,14 @@ function age(iso: string): string {
   return `${Math.floor(s / 86400)}d`;
 }
 
-function table(rows: string[][]): string {
+/**
+ * Every human-facing listing goes through here: each cell is escaped
+ * (src/audit/format.ts escapeControl: controls, ANSI escapes, bidi overrides,
+ * separators), so a value from the sandbox cannot move the cursor, rewrite
+ * what was printed or reorder the line. `--json` prints the values exactly.
+ */
+function table(input: string[][]): string {
+  const rows = input.map((r) => r.map(escapeControl));
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length)));
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
 }
@@ -73,6 +86,32 @@ function printPhase(p: PhaseView): void {
     ...(p.endReason ? [["end reason", p.endReason]] : []),
   ];
   process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v ?? ""])));
+}
+
+/** argv quoted (invisible characters as $'…' escapes), or the command string as given; escaped again by table() */
+function approvalCommand(a: Approval): string {
+  return a.argv ? quoteArgv(a.argv) : a.sql !== null && a.sql !== undefined ? `SQL: ${a.sql}` : (a.command ?? "");
+}
+
+function printApproval(a: Approval): void {
+  const ext = a as Approval & { files?: Array<{ path: string; sha256: string | null }>; retries?: number; reasons?: string[] };
+  const lines: Array<[string, string]> = [
+    ["id", a.id],
+    ["phase", a.phaseId],
+    ["state", a.state],
+    ["command", approvalCommand(a)],
+    ...(a.argv ? [["argv", JSON.stringify(a.argv)] as [string, string]] : []),
+    ["rule", `${a.ruleId} (${a.clause})`],
+    ["policy says", a.policyReason],
+    ["agent's reason", a.requestReason ?? "-"],
+    ...(ext.reasons ?? []).map((r): [string, string] => ["later reason", r]),
+    ...(ext.files ?? []).map((f): [string, string] => ["runs file", `${f.path} sha256:${f.sha256 ?? "(missing)"}`]),
+    ["requested", a.requestedAt],
+    ...(a.decidedAt ? [["decided", a.decidedAt] as [string, string]] : []),
+    ...(a.note ? [["note", a.note] as [string, string]] : []),
+    ...(a.usedAt ? [["used", a.usedAt] as [string, string]] : []),
+  ];
+  process.stdout.write(table(lines.map(([k, v]) => [`${k}:`, v])));
 }
 
 function parseTimeout(value: string): number {
@@ -193,11 +232,14 @@ function program(): Command {
         const base = await img.ensureBaseImage(docker, { base: opts.base ?? img.DEFAULT_BASE_IMAGE, log });
         const r = await img.buildSandboxImage(docker, { ...common, base, noCache: !opts.cache });
         if (opts.json) printJson({ tag: opts.tag, ...r });
-        else process.stdout.write(`${opts.tag} ${r.imageId}\n`);
+        else process.stdout.write(`${opts.tag} built (image ${r.imageId.replace(/^sha256:/, "").slice(0, 12)})\n`);
       } else {
         const r = await img.ensureSandboxImage(docker, { ...common, force: opts.force ?? false });
         if (opts.json) printJson(r);
-        else process.stdout.write(`${r.tag} ${r.imageId}\n`);
+        else {
+          const what = r.built ? (r.cached ? "rebuilt from the layer cache" : "built") : "already current: nothing to do (--force rebuilds)";
+          process.stdout.write(`${r.tag} ${what} (image ${r.imageId.replace(/^sha256:/, "").slice(0, 12)}, base ${r.base})\n`);
+        }
       }
     });
 
@@ -223,20 +265,24 @@ function program(): Command {
   phase
     .command("show")
     .description("show one phase")
-    .argument("<id>")
+    .argument("<id>", "phase id (ph_…) or the phase's name (e.g. 2.3) when one phase has it")
     .option("--json", "print JSON")
-    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
-      const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("GET", `/v1/phases/${encodeURIComponent(id)}`);
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { phase: p } = await api.request<{ phase: PhaseView }>("GET", `/v1/phases/${encodeURIComponent(id)}`);
       if (opts.json) printJson(p);
       else printPhase(p);
     });
   phase
     .command("stop")
     .description("stop a phase: end its commands, remove its container, keep its logs and audit trail")
-    .argument("<id>")
+    .argument("<id>", "phase id (ph_…) or the name of one running phase")
     .option("--json", "print the final phase record as JSON")
-    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
-      const { phase: p } = await client(cmd).request<{ phase: PhaseView }>("DELETE", `/v1/phases/${encodeURIComponent(id)}`);
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref, { runningOnly: true });
+      const { phase: p } = await api.request<{ phase: PhaseView }>("DELETE", `/v1/phases/${encodeURIComponent(id)}`);
       if (opts.json) printJson(p);
       else process.stdout.write(`${p.id} ${p.state}\n`);
     });
@@ -313,9 +359,19 @@ function program(): Command {
       }
       const rows = [["ID", "PHASE", "STATE", "REQUESTED", "RULE", "COMMAND"]];
       for (const a of list) {
-        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, a.argv ? quoteArgv(a.argv) : (a.command ?? "")]);
+        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, approvalCommand(a)]);
       }
       process.stdout.write(table(rows));
+    });
+  approvals
+    .command("show")
+    .description("show one approval request in full: the exact command (invisible characters escaped), why, and the files it is bound to")
+    .argument("<id>", "approval id (ap_…)")
+    .option("--json", "print JSON (the exact values)")
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      const { approval: a } = await client(cmd).request<{ approval: Approval }>("GET", `/v1/approvals/${encodeURIComponent(id)}`);
+      if (opts.json) return printJson(a);
+      printApproval(a);
     });
   for (const decision of ["approve", "deny"] as const) {
     approvals
@@ -410,23 +466,37 @@ function program(): Command {
       for await (const chunk of res) process.stdout.write(chunk as Buffer);
     });
 
+  prog
+    .command("completion")
+    .description("print a shell completion script: eval \"$(sandboxd completion bash)\" in ~/.bashrc (or zsh in ~/.zshrc)")
+    .addArgument(new Argument("<shell>", "bash or zsh").choices(["bash", "zsh"]))
+    .action(async (shell: "bash" | "zsh") => {
+      const { bashCompletion, zshCompletion } = await import("./completion.js");
+      process.stdout.write(shell === "bash" ? bashCompletion(prog) : zshCompletion(prog));
+    });
+
   return prog;
 }
 
-/** One audit record as a line: seq, time, phase, type, then its decision and the most telling fields. */
-function renderRecord(r: AuditRecord): string {
-  const f = r as Record<string, unknown>;
-  const what = typeof f.command === "string" ? f.command : Array.isArray(f.argv) ? quoteArgv(f.argv as string[]) : "";
-  const bits = [
-    typeof f.decision === "string" ? String(f.decision).toUpperCase() : "",
-    r.rule ? `${r.rule}` : "",
-    typeof f.exitCode === "number" || f.exitCode === null && "signal" in f ? `exit=${f.exitCode ?? f.signal}` : "",
-    f.timedOut === true ? "timeout" : "",
-    typeof f.approval === "string" ? String(f.approval) : "",
-    typeof f.reason === "string" && r.type.startsWith("phase.") ? String(f.reason) : "",
-    what ? escapeControl(what) : "",
-  ].filter(Boolean);
-  return `${String(r.seq).padStart(6)}  ${r.ts}  ${r.phase ?? "-".padEnd(15)}  ${r.type.padEnd(16)} ${bits.join("  ")}`;
+/**
+ * A phase named the way people name it: its id, or its name (e.g. 2.3) when
+ * exactly one phase (one running phase, for stop) has that name.
+ */
+async function resolvePhaseRef(api: ApiClient, ref: string, opts: { runningOnly?: boolean } = {}): Promise<string> {
+  if (/^ph_[0-9a-f]{12}$/.test(ref)) return ref;
+  const { phases } = await api.request<{ phases: PhaseView[] }>("GET", "/v1/phases");
+  const named = phases.filter((p) => p.name === ref && (!opts.runningOnly || p.state === "running"));
+  const live = named.filter((p) => p.state === "running");
+  const pick = live.length === 1 ? live : named;
+  if (pick.length === 1) return pick[0]!.id;
+  if (pick.length === 0) {
+    throw new SandboxdError("SBX_ERR_PHASE_NOT_FOUND", `no ${opts.runningOnly ? "running " : ""}phase with id or name ${JSON.stringify(ref)}`, {
+      hint: "`sandboxd ps --all` lists phases with their ids and names",
+    });
+  }
+  throw new SandboxdError("SBX_ERR_VALIDATION", `${pick.length} phases are named ${JSON.stringify(ref)}: ${pick.map((p) => `${p.id} (${p.state})`).join(", ")}`, {
+    hint: "give the phase's id instead",
+  });
 }
 
 async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
@@ -442,7 +512,7 @@ async function followExecStream(res: AsyncIterable<unknown>): Promise<number> {
       code = exitCodeFor(ev.result);
       if (ev.result.timedOut) process.stderr.write(`sandboxd: command killed after its timeout (${ev.result.durationMs} ms)\n`);
     } else if (ev.type === "error") {
-      process.stderr.write(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}\n`);
+      process.stderr.write(visible(`sandboxd: ${ev.error.message} [${ev.error.code}]\n  hint: ${ev.error.hint}`) + "\n");
       code = EXIT.sandboxdFailed;
     } else if (ev.type === "stdout") process.stdout.write(ev.data);
     else process.stderr.write(ev.data);
@@ -468,7 +538,13 @@ async function main(argv: string[]): Promise<number> {
     const ce = err as { code?: string; exitCode?: number };
     if (typeof ce.code === "string" && ce.code.startsWith("commander.")) {
       // help and version are not errors
-      if (ce.code === "commander.helpDisplayed" || ce.code === "commander.version" || ce.code === "commander.help") return 0;
+      if (ce.code === "commander.helpDisplayed" || ce.code === "commander.version") return 0;
+      // `sandboxd phase` without a subcommand shows the group's help as an error (exit code 1 from commander)
+      if (ce.code === "commander.help") return ce.exitCode === 0 ? 0 : EXIT.usage;
+      if (ce.code === "commander.unknownOption" && argv.slice(2).includes("exec") && !argv.includes("--")) {
+        // `sandboxd exec ID pytest -q`: the command's own options were taken for sandboxd's
+        process.stderr.write("  hint: put the command after --, e.g. `sandboxd exec ph_0123456789ab -- pytest -q tests/`\n");
+      }
       return EXIT.usage;
     }
     printError(err);

@@ -113,6 +113,13 @@ export interface SqlRules {
   paperPrefix: string;
   /** settings the gateway enforces; SET/RESET of them is refused */
   protectedSettings: string[];
+  /**
+   * The only settings a session may SET or RESET (an allowlist: a setting not
+   * named here is refused, so a new server version's settings start refused).
+   * Client formats and name resolution only: nothing that changes what other
+   * sessions see, the server's resources, or the gateway's bounds.
+   */
+  settableSettings: string[];
 }
 
 export interface SqlStatementVerdict {
@@ -127,6 +134,10 @@ export interface SqlStatementVerdict {
   /** the SKILLS.md clause the deciding rule enforces */
   clause: string;
   reason: string;
+  /** every function the statement names (own name, lower case as parsed), for the gateway's elevation check */
+  functions: string[];
+  /** every operator the statement names, for the gateway's elevation check */
+  operators: string[];
   /** set on PREPARE: the name it prepares (see rememberPrepared) */
   prepares?: string;
   /** set on DEALLOCATE: the name it frees, or "*" for ALL */
@@ -230,6 +241,26 @@ export const DEFAULT_SQL_RULES: Readonly<SqlRules> = deepFreeze<SqlRules>({
     // disables triggers and foreign keys
     "session_replication_role",
   ],
+  settableSettings: [
+    // what drivers and ORMs set on connect, and output formats
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "extra_float_digits",
+    "bytea_output",
+    "client_min_messages",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "xmlbinary",
+    "xmloption",
+    // name resolution and the session's own transaction defaults
+    "search_path",
+    "transaction_isolation",
+    "transaction_deferrable",
+    "default_transaction_isolation",
+    "default_transaction_deferrable",
+  ],
 });
 
 function deepFreeze<T>(value: T): T {
@@ -254,6 +285,7 @@ export const sqlRulesSchema = z
       .strict(),
     paperPrefix: z.string().min(1),
     protectedSettings: z.array(z.string().min(1)),
+    settableSettings: z.array(z.string().min(1)),
   })
   .strict()
   .partial();
@@ -332,6 +364,7 @@ export interface CompiledRules {
   alphaTables: string[][];
   paperPrefix: string;
   protectedSettings: Set<string>;
+  settableSettings: Set<string>;
 }
 
 function compileRules(partial: Partial<SqlRules> | undefined): CompiledRules {
@@ -344,6 +377,7 @@ function compileRules(partial: Partial<SqlRules> | undefined): CompiledRules {
     alphaTables: (r.alphaMarkers.tables ?? []).map((set) => set.map((t) => t.toLowerCase())),
     paperPrefix: r.paperPrefix,
     protectedSettings: new Set(r.protectedSettings.map((s) => s.toLowerCase())),
+    settableSettings: new Set(r.settableSettings.map((s) => s.toLowerCase())),
   };
 }
 
@@ -391,6 +425,8 @@ interface Finding {
 interface Facts {
   /** every function name referenced, display form (schema-qualified as written) and own name */
   funcs: Array<{ display: string; name: string }>;
+  /** every operator name used (`+`, `@>`, a user-defined `###`) */
+  operators: string[];
   reads: Array<{ display: string; relname: string; location: number }>;
   writes: Write[];
   /** structural findings (forbid/ask) made during the walk */
@@ -616,6 +652,7 @@ type Handler = (node: Obj, w: Walk, effective: boolean) => boolean | void;
 class Walk {
   readonly facts: Facts = {
     funcs: [],
+    operators: [],
     reads: [],
     writes: [],
     findings: [],
@@ -688,6 +725,11 @@ class Walk {
       if (Array.isArray(node.funcname)) {
         const n = nameListDisplay(node.funcname);
         if (n.last !== null) this.facts.funcs.push({ display: n.display, name: n.last });
+      }
+      // A_Expr (`a + b`, `x = ANY(…)`), and OPERATOR(schema.op): operators run functions too
+      if (Array.isArray(node.name) && typeof node.kind === "string" && node.kind.startsWith("AEXPR_")) {
+        const n = nameListDisplay(node.name);
+        if (n.last !== null) this.facts.operators.push(n.last);
       }
       for (const key in node) {
         const child = node[key];
@@ -860,9 +902,16 @@ const HANDLERS: Record<string, Handler> = {
       }
       return;
     }
+    const verb = n.kind === "VAR_RESET" ? "RESET" : "SET";
     if (w.rules.protectedSettings.has(name)) {
-      const verb = n.kind === "VAR_RESET" ? "RESET" : "SET";
       w.forbid("db.protected-setting", C_SETTINGS, `${verb} ${name} changes a setting the gateway enforces; it cannot be changed from a session`);
+    } else if (!w.rules.settableSettings.has(name)) {
+      // an allowlist: timeouts, memory, parallelism, application_name … are the gateway's or the server's to set
+      w.forbid(
+        "db.protected-setting",
+        C_SETTINGS,
+        `${verb} ${name}: a session may change only client formats and name resolution (${[...w.rules.settableSettings].join(", ")}); the gateway and the server's configuration decide the rest`,
+      );
     }
   },
   TransactionStmt(n, w) {
@@ -1072,6 +1121,14 @@ function judgeStatement(stmt: Obj, ctx: SqlContext, rules: CompiledRules, prepar
             `${first.via} on ${list(outside.map((w) => w.display))}: in paper mode production is read-only; write only to tables named \`${rules.paperPrefix}…\`` +
             (quotedCase ? ` (a quoted name is not folded: "PAPER_x" is not ${rules.paperPrefix}x)` : ""),
         });
+      } else if (writes.some((w) => w.via === "CREATE VIEW" || w.via === "CREATE MATERIALIZED VIEW")) {
+        // a write through a view reaches the tables it reads: a paper_ name must stand for a table of its own
+        findings.push({
+          decision: "forbid",
+          ruleId: "db.paper-prefix",
+          clause: C_SANDBOX,
+          reason: `a view named \`${rules.paperPrefix}…\` would let writes "to a paper table" reach the tables it reads; paper names are for ordinary tables only`,
+        });
       } else {
         findings.push({
           decision: "allow",
@@ -1167,6 +1224,8 @@ function judgeStatement(stmt: Obj, ctx: SqlContext, rules: CompiledRules, prepar
     readOnly,
     tables: [...new Set(tables)],
     writes: [...new Set(writes.map((w) => w.display).concat(executedWrites))],
+    functions: [...new Set(facts.funcs.map((f) => f.name.toLowerCase()))],
+    operators: [...new Set(facts.operators)],
     decision: win.decision,
     ruleId: win.ruleId,
     clause: win.clause,

@@ -32,21 +32,67 @@
  * - CancelRequest from the client is mapped from the key the gateway gave it
  *   to the upstream backend's key.
  */
-import { createHash, createHmac, pbkdf2Sync, randomBytes, randomInt, timingSafeEqual } from "node:crypto";
-import net from "node:net";
+import { randomBytes, randomInt } from "node:crypto";
+import type net from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "pino";
 import { escapeControl, timestamp } from "../audit/format.js";
-import { classifySql, initSqlParser, rememberPrepared, VerdictCache, type SqlRules, type SqlVerdict } from "./classify.js";
+import { systemClock, type Clock } from "../util/clock.js";
+import { classifySql, initSqlParser, rememberPrepared, SQL_CLAUSES, VerdictCache, type SqlRules, type SqlVerdict } from "./classify.js";
 import { classifyQuestDb } from "./questdb-gate.js";
+import { CHECK_SQL, LOWER_SQL, PgSession, elevationSql, isWrite, whyNotElevatable, type SessionEvent } from "./session.js";
+import { cancelKeys, connectUpstream, sendCancel, UpstreamError, type GatewayUpstream, type Upstream, type UpstreamKey } from "./upstream.js";
+import {
+  ByteReader,
+  CANCEL_REQUEST,
+  GSSENC_REQUEST,
+  MAX_MESSAGE,
+  PROTOCOL_3,
+  SSL_REQUEST,
+  T_BIND,
+  T_CLOSE,
+  T_COMMAND_COMPLETE,
+  T_COPY_DATA,
+  T_COPY_DONE,
+  T_COPY_FAIL,
+  T_DATA_ROW,
+  T_DESCRIBE,
+  T_ERROR,
+  T_EXECUTE,
+  T_FLUSH,
+  T_FUNCTION_CALL,
+  T_PARSE,
+  T_QUERY,
+  T_READY,
+  T_SYNC,
+  T_TERMINATE,
+  cstr,
+  errorResponse,
+  int32,
+  message,
+  parseFields,
+  readyForQuery,
+  rowsFromTag,
+  type TxStatus,
+} from "./wire.js";
 
-export interface GatewayUpstream {
-  /** a host name or address; or, as in libpq, a directory (starts with `/`) holding the server's unix socket `.s.PGSQL.<port>` */
-  host: string;
-  port: number;
-  user: string;
-  password: string;
-  database: string;
+export type { GatewayUpstream } from "./upstream.js";
+export { rowsFromTag } from "./wire.js";
+
+export interface SqlApprovalRequest {
+  /** the statement text exactly as sent (redacted), the approval's key */
+  sql: string;
+  via: "simple" | "extended";
+  ruleId: string;
+  clause: string;
+  reason: string;
+}
+
+export interface SqlApprovalAnswer {
+  id: string;
+  /** approved: a human approved this text and the approval is now used (it runs once); pending/denied: refused */
+  state: "approved" | "pending" | "denied";
+  note?: string | null;
 }
 
 /** One audit entry: the journal event and the build_audit.log lines. */
@@ -75,78 +121,36 @@ export interface GatewayOptions {
   rules?: Readonly<SqlRules>;
   /** default and maximum 30000 (SKILLS.md §3: 30 s max query timeout) */
   statementTimeoutMs?: number;
-  /** upstream idle_in_transaction_session_timeout; default 60000 */
+  /** upstream idle_in_transaction_session_timeout, and the gateway's own bound on an idle transaction block; default 60000 */
   idleInTransactionTimeoutMs?: number;
+  /** the longest a transaction block may stay open, whatever the client sets; the gateway cuts the connection past it; default 60000 */
+  maxTransactionMs?: number;
+  /**
+   * A statement the policy says needs a human (`ask`): queue an approval
+   * request (or find the phase's approved one for this exact text and use it
+   * up). Without it, `ask` is refused like `forbid`. The gateway stays out of
+   * phases/: the caller keys the request by its phase.
+   */
+  askApproval?(req: SqlApprovalRequest): Promise<SqlApprovalAnswer>;
   log?: Logger;
+  /** time for the watchdog and the session's bounds; default the system clock */
+  clock?: Clock;
 }
 
 export const MAX_STATEMENT_TIMEOUT_MS = 30_000;
 const WATCHDOG_CANCEL_AFTER_MS = 2_000;
 const WATCHDOG_DROP_AFTER_MS = 5_000;
-const CONNECT_TIMEOUT_MS = 10_000;
-/** larger messages are a protocol violation (PostgreSQL's own limit is 1 GB) */
-const MAX_MESSAGE = 1 << 30;
+export const DEFAULT_MAX_TRANSACTION_MS = 60_000;
+export const DEFAULT_IDLE_IN_TRANSACTION_MS = 60_000;
 
 /** a chunk's output segments up to this many bytes in all are joined into one buffer; larger ones are corked (one writev) */
 const JOIN_MAX = 16 * 1024;
 /** bytes a source may queue while an earlier chunk waits for its records, before it is paused */
 const QUEUE_HIGH_WATER = 256 * 1024;
 
-// message type bytes
-const T_QUERY = 0x51; // Q
-const T_PARSE = 0x50; // P
-const T_BIND = 0x42; // B
-const T_EXECUTE = 0x45; // E (frontend)
-const T_DESCRIBE = 0x44; // D (frontend)
-const T_CLOSE = 0x43; // C (frontend)
-const T_FLUSH = 0x48; // H
-const T_SYNC = 0x53; // S
-const T_TERMINATE = 0x58; // X
-const T_FUNCTION_CALL = 0x46; // F
-const T_COPY_DATA = 0x64; // d
-const T_COPY_DONE = 0x63; // c
-const T_COPY_FAIL = 0x66; // f
-const T_COMMAND_COMPLETE = 0x43; // C (backend)
-const T_ERROR = 0x45; // E (backend)
-const T_READY = 0x5a; // Z
-
-const PROTOCOL_3 = 196608;
-const SSL_REQUEST = 80877103;
-const GSSENC_REQUEST = 80877104;
-const CANCEL_REQUEST = 80877102;
-
-/* ----------------------------- message codec ---------------------------- */
-
-function cstr(s: string): Buffer {
-  return Buffer.from(`${s}\u0000`, "utf8");
-}
-
-function message(type: string, ...parts: Buffer[]): Buffer {
-  const len = parts.reduce((n, p) => n + p.length, 4);
-  const head = Buffer.allocUnsafe(5);
-  head.write(type, 0, "latin1");
-  head.writeInt32BE(len, 1);
-  return Buffer.concat([head, ...parts]);
-}
-
-function int32(n: number): Buffer {
-  const b = Buffer.allocUnsafe(4);
-  b.writeInt32BE(n);
-  return b;
-}
-
-function errorResponse(fields: Record<string, string>): Buffer {
-  const parts = Object.entries(fields).map(([k, v]) => Buffer.concat([Buffer.from(k, "latin1"), cstr(v)]));
-  return message("E", ...parts, Buffer.from([0]));
-}
-
-function readyForQuery(status: "I" | "T" | "E"): Buffer {
-  return message("Z", Buffer.from(status, "latin1"));
-}
-
-/** the gateway's own queries around an allowed paper-mode write; their answers never reach the client */
-const ELEVATE = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"));
-const LOWER = message("Q", cstr("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"));
+/** the gateway's own queries after a paper-mode write (session.ts); their answers never reach the client */
+const LOWER = message("Q", cstr(LOWER_SQL));
+const CHECK = message("Q", cstr(CHECK_SQL));
 
 /**
  * Verdict caches, one per rules object, engine and mode, shared by every
@@ -167,250 +171,7 @@ function verdictCache(rules: Readonly<SqlRules> | undefined, engine: GatewayOpti
   return c;
 }
 
-/** ErrorResponse/NoticeResponse body → field code → value */
-function parseFields(body: Buffer): Map<string, string> {
-  const out = new Map<string, string>();
-  let i = 0;
-  while (i < body.length && body[i] !== 0) {
-    const code = String.fromCharCode(body[i]!);
-    const end = body.indexOf(0, i + 1);
-    if (end < 0) break;
-    out.set(code, body.toString("utf8", i + 1, end));
-    i = end + 1;
-  }
-  return out;
-}
-
-/** Rows from a CommandComplete tag: `SELECT 3`, `INSERT 0 1`, `UPDATE 2`, `COPY 5`, … (0 for tags without a count) */
-export function rowsFromTag(tag: string): number {
-  const m = /^(?:SELECT|INSERT \d+|UPDATE|DELETE|MERGE|COPY|FETCH|MOVE) (\d+)$/.exec(tag);
-  return m ? Number(m[1]) : 0;
-}
-
-/* ------------------------------ byte reader ----------------------------- */
-
-/** Buffered reads of exact lengths from a stream, for the startup phase only. */
-class ByteReader {
-  private chunks: Buffer[] = [];
-  private length = 0;
-  private wake: (() => void) | undefined;
-  private failure: Error | undefined;
-
-  constructor(private readonly stream: Duplex) {
-    stream.on("data", this.onData);
-    stream.on("end", this.onEnd);
-    stream.on("close", this.onEnd);
-    stream.on("error", this.onError);
-  }
-
-  private readonly onData = (b: Buffer): void => {
-    this.chunks.push(b);
-    this.length += b.length;
-    this.wake?.();
-  };
-  private readonly onEnd = (): void => {
-    this.failure ??= new Error("connection closed");
-    this.wake?.();
-  };
-  private readonly onError = (e: Error): void => {
-    this.failure ??= e;
-    this.wake?.();
-  };
-
-  async read(n: number): Promise<Buffer> {
-    while (this.length < n) {
-      if (this.failure) throw this.failure;
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = undefined;
-    }
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
-    this.chunks = all.length > n ? [all.subarray(n)] : [];
-    this.length -= n;
-    return all.subarray(0, n);
-  }
-
-  /** a typed message: type byte, int32 length, body */
-  async message(): Promise<{ type: string; body: Buffer }> {
-    const head = await this.read(5);
-    const len = head.readInt32BE(1);
-    if (len < 4 || len > MAX_MESSAGE) throw new Error(`bad message length ${len}`);
-    const body = await this.read(len - 4);
-    return { type: String.fromCharCode(head[0]!), body };
-  }
-
-  /** Stops listening and returns what was read but not consumed; the stream is left paused. */
-  detach(): Buffer | undefined {
-    this.stream.off("data", this.onData);
-    this.stream.off("end", this.onEnd);
-    this.stream.off("close", this.onEnd);
-    this.stream.off("error", this.onError);
-    this.stream.pause();
-    const rest = this.chunks.length ? Buffer.concat(this.chunks) : undefined;
-    this.chunks = [];
-    this.length = 0;
-    return rest;
-  }
-}
-
-/* ------------------------------- cancel keys ---------------------------- */
-
-interface UpstreamKey {
-  host: string;
-  port: number;
-  pid: number;
-  secret: number;
-}
-
-/** the key each client was given → the upstream backend's key */
-const cancelKeys = new Map<string, UpstreamKey>();
-
-/** TCP to host:port, or the unix socket `<dir>/.s.PGSQL.<port>` when host is a directory (libpq's convention) */
-function dial(host: string, port: number): net.Socket {
-  return host.startsWith("/") ? net.connect({ path: `${host}/.s.PGSQL.${port}` }) : net.connect({ host, port });
-}
-
-function sendCancel(key: UpstreamKey): void {
-  const s = dial(key.host, key.port);
-  s.on("error", () => undefined);
-  s.setTimeout(CONNECT_TIMEOUT_MS, () => s.destroy());
-  s.on("connect", () => {
-    const b = Buffer.allocUnsafe(16);
-    b.writeInt32BE(16, 0);
-    b.writeInt32BE(CANCEL_REQUEST, 4);
-    b.writeInt32BE(key.pid, 8);
-    b.writeInt32BE(key.secret, 12);
-    s.end(b);
-  });
-}
-
-/* ------------------------------ upstream auth --------------------------- */
-
-interface Upstream {
-  socket: net.Socket;
-  pid: number;
-  secret: number;
-  /** raw ParameterStatus messages to replay to the client */
-  parameterStatus: Buffer[];
-  status: "I" | "T" | "E";
-  leftover: Buffer | undefined;
-}
-
-class UpstreamError extends Error {
-  constructor(
-    message: string,
-    readonly fields?: Map<string, string>,
-  ) {
-    super(message);
-  }
-}
-
-function scramClientProof(password: string, clientFirstBare: string, serverFirst: string, clientNonce: string) {
-  const attrs = new Map(serverFirst.split(",").map((kv) => [kv.slice(0, 1), kv.slice(2)] as const));
-  const nonce = attrs.get("r");
-  const salt = attrs.get("s");
-  const iterations = Number(attrs.get("i"));
-  if (!nonce || !salt || !Number.isInteger(iterations) || iterations < 1) throw new UpstreamError("bad SCRAM server-first-message");
-  if (!nonce.startsWith(clientNonce) || nonce.length === clientNonce.length) throw new UpstreamError("SCRAM nonce mismatch");
-  if (iterations > 1_000_000) throw new UpstreamError("SCRAM iteration count too large");
-  // SASLprep is not applied: the gateway's password is generated ASCII
-  const salted = pbkdf2Sync(password.normalize("NFKC"), Buffer.from(salt, "base64"), iterations, 32, "sha256");
-  const clientKey = createHmac("sha256", salted).update("Client Key").digest();
-  const storedKey = createHash("sha256").update(clientKey).digest();
-  const withoutProof = `c=biws,r=${nonce}`;
-  const authMessage = `${clientFirstBare},${serverFirst},${withoutProof}`;
-  const signature = createHmac("sha256", storedKey).update(authMessage).digest();
-  const proof = Buffer.alloc(clientKey.length);
-  for (let i = 0; i < proof.length; i++) proof[i] = clientKey[i]! ^ signature[i]!;
-  const serverKey = createHmac("sha256", salted).update("Server Key").digest();
-  const serverSignature = createHmac("sha256", serverKey).update(authMessage).digest();
-  return { final: `${withoutProof},p=${proof.toString("base64")}`, serverSignature };
-}
-
-async function connectUpstream(opts: GatewayOptions, timeoutMs: number): Promise<Upstream> {
-  const { host, port, user, password, database } = opts.upstream;
-  const socket = dial(host, port);
-  socket.setNoDelay(true); // a no-op on a unix socket
-  const reader = new ByteReader(socket);
-  const timer = setTimeout(() => socket.destroy(new Error(`upstream ${host}:${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
-  try {
-    const params: Record<string, string> = { user, database, application_name: "sandboxd-gateway" };
-    if (opts.engine === "postgres") {
-      Object.assign(params, {
-        client_encoding: "UTF8",
-        standard_conforming_strings: "on",
-        default_transaction_read_only: opts.mode === "paper" ? "on" : "off",
-        statement_timeout: String(timeoutMs),
-        idle_in_transaction_session_timeout: String(opts.idleInTransactionTimeoutMs ?? 60_000),
-      });
-    }
-    const body = Buffer.concat([int32(PROTOCOL_3), ...Object.entries(params).flatMap(([k, v]) => [cstr(k), cstr(v)]), Buffer.from([0])]);
-    socket.write(Buffer.concat([int32(body.length + 4), body]));
-
-    let scram: { clientNonce: string; clientFirstBare: string; serverSignature?: Buffer } | undefined;
-    const up: Omit<Upstream, "leftover"> = { socket, pid: 0, secret: 0, parameterStatus: [], status: "I" };
-    for (;;) {
-      const { type, body: b } = await reader.message();
-      if (type === "R") {
-        const code = b.readInt32BE(0);
-        if (code === 0) continue;
-        if (code === 3) {
-          socket.write(message("p", cstr(password)));
-        } else if (code === 5) {
-          const inner = createHash("md5").update(password + user).digest("hex");
-          const outer = createHash("md5").update(inner).update(b.subarray(4, 8)).digest("hex");
-          socket.write(message("p", cstr(`md5${outer}`)));
-        } else if (code === 10) {
-          const mechanisms = b.toString("utf8", 4).split("\u0000");
-          if (!mechanisms.includes("SCRAM-SHA-256")) throw new UpstreamError(`upstream offers no supported SASL mechanism (${mechanisms.join(", ")})`);
-          const clientNonce = randomBytes(18).toString("base64");
-          const clientFirstBare = `n=*,r=${clientNonce}`;
-          scram = { clientNonce, clientFirstBare };
-          const first = Buffer.from(`n,,${clientFirstBare}`, "utf8");
-          socket.write(message("p", cstr("SCRAM-SHA-256"), int32(first.length), first));
-        } else if (code === 11) {
-          if (!scram) throw new UpstreamError("SASLContinue without SASL");
-          const r = scramClientProof(password, scram.clientFirstBare, b.toString("utf8", 4), scram.clientNonce);
-          scram.serverSignature = r.serverSignature;
-          socket.write(message("p", Buffer.from(r.final, "utf8")));
-        } else if (code === 12) {
-          const v = /(?:^|,)v=([^,]*)/.exec(b.toString("utf8", 4))?.[1];
-          const got = v ? Buffer.from(v, "base64") : Buffer.alloc(0);
-          if (!scram?.serverSignature || got.length !== scram.serverSignature.length || !timingSafeEqual(got, scram.serverSignature)) {
-            throw new UpstreamError("upstream's SCRAM server signature does not verify");
-          }
-        } else {
-          throw new UpstreamError(`upstream asks for an unsupported authentication method (${code})`);
-        }
-      } else if (type === "E") {
-        const f = parseFields(b);
-        throw new UpstreamError(f.get("M") ?? "upstream refused the connection", f);
-      } else if (type === "S") {
-        up.parameterStatus.push(message("S", b));
-      } else if (type === "K") {
-        up.pid = b.readInt32BE(0);
-        up.secret = b.readInt32BE(4);
-      } else if (type === "Z") {
-        up.status = (String.fromCharCode(b[0] ?? 73) as Upstream["status"]) ?? "I";
-        break;
-      }
-      // NoticeResponse, NegotiateProtocolVersion: ignored during startup
-    }
-    clearTimeout(timer);
-    const leftover = reader.detach();
-    return { ...up, leftover };
-  } catch (e) {
-    clearTimeout(timer);
-    reader.detach();
-    socket.destroy();
-    throw e;
-  }
-}
-
 /* ------------------------------- the session ---------------------------- */
-
-type Unit = { readonly kind: "client" } | { readonly kind: "internal" };
-const CLIENT_UNIT: Unit = Object.freeze({ kind: "client" });
-const INTERNAL_UNIT: Unit = Object.freeze({ kind: "internal" });
 
 /** The audit timestamp, formatted once per millisecond (a busy connection records many per ms). */
 let lastStampMs = -1;
@@ -426,6 +187,22 @@ function stamp(): string {
 
 interface Refusal {
   verdict: SqlVerdict;
+  approval?: SqlApprovalAnswer | undefined;
+}
+
+/** The upstream session's startup parameters: the gateway's choice, per mode (the client's are dropped). */
+function upstreamSettings(opts: GatewayOptions, timeoutMs: number): Record<string, string> {
+  const settings: Record<string, string> = { application_name: "sandboxd-gateway" };
+  if (opts.engine === "postgres") {
+    Object.assign(settings, {
+      client_encoding: "UTF8",
+      standard_conforming_strings: "on",
+      default_transaction_read_only: opts.mode === "paper" ? "on" : "off",
+      statement_timeout: String(timeoutMs),
+      idle_in_transaction_session_timeout: String(opts.idleInTransactionTimeoutMs ?? DEFAULT_IDLE_IN_TRANSACTION_MS),
+    });
+  }
+  return settings;
 }
 
 /**
@@ -486,7 +263,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   /* ---- upstream ---- */
   let upstream: Upstream;
   try {
-    upstream = await connectUpstream(opts, timeoutMs);
+    upstream = await connectUpstream(opts.upstream, upstreamSettings(opts, timeoutMs));
   } catch (e) {
     log?.warn({ err: e, upstream: `${opts.upstream.host}:${opts.upstream.port}/${opts.upstream.database}` }, "db gateway: upstream connection failed");
     const msg = e instanceof UpstreamError ? e.message : (e as Error).message;
@@ -514,22 +291,22 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   const clientLeftover = creader.detach();
 
   /* ---- session state ---- */
+  const clock = opts.clock ?? systemClock;
+  const session = new PgSession(
+    {
+      engine: opts.engine,
+      mode: opts.mode,
+      clock,
+      maxTransactionMs: opts.maxTransactionMs ?? DEFAULT_MAX_TRANSACTION_MS,
+      idleInTransactionMs: opts.idleInTransactionTimeoutMs ?? DEFAULT_IDLE_IN_TRANSACTION_MS,
+    },
+    upstream.status,
+  );
   const nonce = randomBytes(6).toString("hex");
   const poisonPrefix = `sandboxd_refused_${nonce}_`;
   let poisonSeq = 0;
   const refusals = new Map<number, Refusal>();
-  const prepared = new Map<string, SqlVerdict>();
-  /** extended-protocol statement names whose (allowed) statement writes, for paper-mode elevation */
-  const writeStatements = new Set<string>();
-  /** who owns each pending ReadyForQuery, in order */
-  const units: Unit[] = [];
-  let txStatus: Upstream["status"] = upstream.status;
-  /** messages of the current extended batch forwarded so far (reset at Sync) */
-  let batchMessages = 0;
-  let batchElevated = false;
-  let discardUntilSync = false;
-  let busySince: number | undefined;
-  let cancelSent = false;
+  const prepared = session.prepared;
   let closed = false;
 
   const rules = opts.rules;
@@ -563,8 +340,23 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   client.on("end", () => close("client ended"));
 
   watchdog = setInterval(() => {
-    if (busySince === undefined) return;
-    const ran = Date.now() - busySince;
+    // PgSession invariant 5: a transaction block is bounded whatever the client set (an ALTER TABLE on the host waits at most this long)
+    const over = session.overdue();
+    if (over) {
+      log?.warn(over, "db gateway: transaction block past its bound; cutting the connection");
+      const what = over.reason === "transaction" ? "transaction block open" : "transaction block idle";
+      void Promise.resolve()
+        .then(() =>
+          opts.record({ type: "db.timeout", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, action: "drop", reason: over.reason, ms: Math.round(over.ms) }, [
+            `[${stamp()}] DB_ERROR: ${what} for ${Math.round(over.ms)} ms (bound ${over.reason === "transaction" ? session.opts.maxTransactionMs : session.opts.idleInTransactionMs} ms); connection cut`,
+          ]),
+        )
+        .catch(() => undefined);
+      close("transaction bound");
+      return;
+    }
+    if (session.busySince === undefined) return;
+    const ran = clock.monotonicMs() - session.busySince;
     if (ran > timeoutMs + WATCHDOG_DROP_AFTER_MS) {
       log?.warn({ ran }, "db gateway: query still running past the timeout; dropping the connection");
       void opts
@@ -573,20 +365,15 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         ])
         .catch(() => undefined);
       close("watchdog");
-    } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !cancelSent) {
-      cancelSent = true;
+    } else if (ran > timeoutMs + WATCHDOG_CANCEL_AFTER_MS && !session.cancelSent) {
+      session.cancelSent = true;
       log?.warn({ ran }, "db gateway: query running past the timeout; cancelling upstream");
       sendCancel(upstreamKey);
     }
   }, 250);
   watchdog.unref();
 
-  const markBusy = (): void => {
-    if (busySince === undefined) {
-      busySince = Date.now();
-      cancelSent = false;
-    }
-  };
+  const markBusy = (): void => session.markBusy();
 
   const auditFailed = (e: unknown): void => {
     log?.error({ err: e }, "db gateway: audit sink failed; closing the connection (fail closed)");
@@ -607,7 +394,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     return Promise.all(recs.map((r) => opts.record(r.event, r.lines)));
   };
 
-  const queryRecord = (sql: string, verdict: SqlVerdict, via: string, ts: string): GatewayRecord => {
+  const queryRecord = (sql: string, verdict: SqlVerdict, via: string, ts: string, approval?: SqlApprovalAnswer): GatewayRecord => {
     const shown = redact(sql);
     const lines = [`[${ts}] DB_QUERY [${engineName}]: ${escapeControl(shown)}`];
     if (verdict.decision !== "allow") {
@@ -628,6 +415,11 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       lines,
     };
     if (verdict.decision !== "allow") record.event.reason = redact(verdict.reason);
+    if (approval) {
+      record.event.approval = approval.id;
+      record.event.approvalState = approval.state;
+      lines[0] += ` [approval ${approval.id} ${approval.state}]`;
+    }
     return record;
   };
 
@@ -761,12 +553,28 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     close(why);
   };
 
-  const internalQuery = (out: Buffer[], msg: Buffer): void => {
-    units.push(INTERNAL_UNIT);
-    out.push(msg);
+  /**
+   * A gateway-owned statement failed, or the session is not in a state the
+   * gateway can vouch for (PgSession invariant 4): the connection is closed —
+   * the server then rolls back whatever is open and the session's settings die
+   * with it — and the reason is recorded.
+   */
+  const failClosed = (reason: string): void => {
+    if (closed) return;
+    session.fail(reason);
+    log?.error({ reason }, "db gateway: the session cannot be vouched for; closing the connection (fail closed)");
+    const rec: GatewayRecord = {
+      event: { type: "db.session", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, action: "close", reason: redact(reason) },
+      lines: [`[${stamp()}] DB_ERROR: ${escapeControl(redact(reason))}; connection closed (fail closed)`],
+    };
+    void Promise.resolve()
+      .then(() => commit([rec]))
+      .catch((e: unknown) => log?.error({ err: e }, "db gateway: could not record the closing"));
+    client.write(
+      errorResponse({ S: "FATAL", V: "FATAL", C: "08006", M: `sandboxd database gateway: ${reason}; the connection is closed (fail closed, SBX_ERR_SQL_REFUSED)` }),
+    );
+    close("fail closed");
   };
-  const isWrite = (v: SqlVerdict): boolean => v.statements.some((s) => !s.readOnly);
-  const needsElevation = (v: SqlVerdict): boolean => opts.engine === "postgres" && opts.mode === "paper" && txStatus === "I" && isWrite(v);
 
   const judge = (sql: string): SqlVerdict => {
     try {
@@ -777,11 +585,82 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
     }
   };
 
-  const poison = (verdict: SqlVerdict): string => {
+  const poison = (verdict: SqlVerdict, approval?: SqlApprovalAnswer): string => {
     const n = ++poisonSeq;
-    refusals.set(n, { verdict });
+    refusals.set(n, { verdict, approval });
     return `${poisonPrefix}${n}`;
   };
+
+  /** the paper-mode elevation rule's refusal of an otherwise allowed write */
+  const notElevatable = (v: SqlVerdict, reason: string): SqlVerdict => ({
+    decision: "forbid",
+    ruleId: "db.paper-elevation",
+    clause: SQL_CLAUSES.readOnly,
+    reason,
+    statements: v.statements,
+  });
+
+  /* ---- waiting: the client's stream stops at a message until the session allows it ---- */
+  type Wait = Promise<void>;
+  const untilOpen = (): Wait => session.when(() => session.open);
+  const untilCanElevate = (): Wait => session.when(() => session.idle && session.access === "read-only");
+  /** answers of askApproval, by statement text, for the one reprocessing of that statement */
+  const approvalAnswers = new Map<string, SqlApprovalAnswer>();
+  const askFor = (sql: string, via: "simple" | "extended", v: SqlVerdict): Wait =>
+    Promise.resolve()
+      .then(() => opts.askApproval!({ sql: redact(sql), via, ruleId: v.ruleId, clause: v.clause, reason: redact(v.reason) }))
+      .then(
+        (a) => void approvalAnswers.set(sql, a),
+        (e: unknown) => {
+          log?.error({ err: e }, "db gateway: the approval queue failed");
+          failClosed("the approval request could not be made");
+        },
+      );
+
+  interface Decision {
+    verdict: SqlVerdict;
+    /** run read-write behind the gateway's conditional elevation (paper mode) */
+    elevate: boolean;
+    approval?: SqlApprovalAnswer;
+  }
+
+  /**
+   * What to do with a statement: the classifier's verdict, then the
+   * paper-mode elevation rule (PgSession invariants 2 and 3), then a human's
+   * approval for an `ask`. A Wait when the session must settle first (the
+   * statement is judged again after it).
+   */
+  const decide = (sql: string, via: "simple" | "extended"): Decision | Wait => {
+    let verdict = judge(sql);
+    let elevate = false;
+    if (session.paper && verdict.decision !== "forbid") {
+      if (via === "extended" && session.elevatedStatement !== undefined) {
+        verdict = notElevatable(verdict, "an elevated extended batch runs read-write and holds only its one paper write; Sync before the next statement");
+      } else if (isWrite(verdict)) {
+        if (via === "extended" && session.batchMessages !== 0) {
+          verdict = notElevatable(verdict, "in paper mode a paper write runs read-write only when its Parse opens an extended batch (right after Sync); Sync first");
+        } else {
+          if (!(session.idle && session.access === "read-only")) return untilCanElevate();
+          const why = whyNotElevatable(verdict, session.txStatus);
+          if (why !== undefined) verdict = notElevatable(verdict, why);
+          else elevate = true;
+        }
+      }
+    }
+    let approval: SqlApprovalAnswer | undefined;
+    if (verdict.decision === "ask" && opts.askApproval) {
+      approval = approvalAnswers.get(sql);
+      if (!approval) return askFor(sql, via, verdict);
+      approvalAnswers.delete(sql);
+      if (approval.state === "approved") verdict = { ...verdict, decision: "allow", reason: `approved by a human (${approval.id}): ${verdict.reason}` };
+    }
+    return { verdict, elevate: elevate && verdict.decision === "allow", approval };
+  };
+
+  /** PREPARE/DEALLOCATE/DISCARD can give a protocol statement name new content: forget which names are paper writes */
+  const touchesPrepared = (v: SqlVerdict): boolean => v.statements.some((s) => s.kind === "prepare" || s.kind === "other");
+
+  const elevateQuery = (v: SqlVerdict): Buffer => message("Q", cstr(elevationSql(v)));
 
   /* ---- client → upstream ---- */
   /** an incomplete message (or header) carried over, as chunks, and the bytes it needs in all (0: header incomplete) */
@@ -793,53 +672,81 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let streamForward = true;
 
   /** a Query message: `raw` whole, its body at buf[start, end) */
-  const onQuery = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): void => {
+  const onQuery = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): Wait | undefined => {
+    if (session.elevatedStatement !== undefined) {
+      failClosed("a simple Query arrived inside an elevated extended batch (before its Sync)");
+      return;
+    }
     const sql = buf.toString("utf8", start, Math.max(start, end - 1));
-    const verdict = judge(sql);
-    recs.push(queryRecord(sql, verdict, "simple", ts));
+    const d = decide(sql, "simple");
+    if (d instanceof Promise) return d;
+    const { verdict, elevate, approval } = d;
+    recs.push(queryRecord(sql, verdict, "simple", ts, approval));
     if (verdict.decision === "allow") {
-      const elevated = needsElevation(verdict);
-      if (elevated) internalQuery(out, ELEVATE);
-      if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
-      units.push(CLIENT_UNIT);
+      if (opts.engine === "postgres") {
+        rememberPrepared(prepared, verdict);
+        if (session.paperStatements.size && touchesPrepared(verdict)) session.paperStatements.clear();
+      }
+      if (elevate) {
+        // conditional elevation, the statement, lowering and read-back, in one write (PgSession invariant 2)
+        session.expect("elevate");
+        out.push(elevateQuery(verdict));
+        session.expect("elevated");
+        markBusy();
+        out.push(raw, LOWER);
+        session.expect("lower");
+        session.expect("check");
+        out.push(CHECK);
+        return;
+      }
+      session.expect("client");
       markBusy();
       out.push(raw);
-      if (elevated) internalQuery(out, LOWER);
     } else {
-      units.push(CLIENT_UNIT);
-      out.push(message("Q", cstr(poison(verdict))));
+      session.expect("client");
+      out.push(message("Q", cstr(poison(verdict, approval))));
     }
+    return;
   };
 
   /** false: malformed */
-  const onParse = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): boolean => {
+  const onParse = (raw: Buffer, buf: Buffer, start: number, end: number, out: Buffer[], recs: GatewayRecord[], ts: string): boolean | Wait => {
     const nameEnd = buf.indexOf(0, start);
     const queryEnd = nameEnd < 0 || nameEnd >= end ? -1 : buf.indexOf(0, nameEnd + 1);
     if (queryEnd < 0 || queryEnd >= end) return false;
     const name = nameEnd === start ? "" : buf.toString("utf8", start, nameEnd);
     const sql = buf.toString("utf8", nameEnd + 1, queryEnd);
-    const verdict = judge(sql);
-    recs.push(queryRecord(sql, verdict, "extended", ts));
+    const d = decide(sql, "extended");
+    if (d instanceof Promise) return d;
+    const { verdict, elevate, approval } = d;
+    recs.push(queryRecord(sql, verdict, "extended", ts, approval));
     if (verdict.decision === "allow") {
-      if (isWrite(verdict)) writeStatements.add(name);
-      else if (writeStatements.size) writeStatements.delete(name);
-      if (batchMessages === 0 && needsElevation(verdict)) {
-        internalQuery(out, ELEVATE);
-        batchElevated = true;
+      if (session.paper) {
+        if (isWrite(verdict) && whyNotElevatable(verdict, "I") === undefined) session.paperStatements.set(name, verdict);
+        else if (session.paperStatements.size) session.paperStatements.delete(name);
+      }
+      if (elevate) {
+        session.expect("elevate");
+        out.push(elevateQuery(verdict));
+        session.elevatedStatement = name;
       }
       if (opts.engine === "postgres") rememberPrepared(prepared, verdict);
-      batchMessages++;
+      session.batchMessages++;
       out.push(raw);
     } else {
-      writeStatements.delete(name);
-      batchMessages++;
-      out.push(message("P", cstr(""), cstr(poison(verdict)), Buffer.from([0, 0])));
-      discardUntilSync = true;
+      if (session.paperStatements.size) session.paperStatements.delete(name);
+      session.batchMessages++;
+      out.push(message("P", cstr(""), cstr(poison(verdict, approval)), Buffer.from([0, 0])));
+      session.discardUntilSync = true;
     }
     return true;
   };
 
   const onFunctionCall = (out: Buffer[], recs: GatewayRecord[], ts: string): void => {
+    if (session.elevatedStatement !== undefined) {
+      failClosed("a FunctionCall arrived inside an elevated extended batch");
+      return;
+    }
     const verdict: SqlVerdict = {
       decision: "forbid",
       ruleId: "db.function-call",
@@ -848,19 +755,32 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       statements: [],
     };
     recs.push(queryRecord("<FunctionCall message>", verdict, "function-call", ts));
-    units.push(CLIENT_UNIT);
+    session.expect("client");
     out.push(message("Q", cstr(poison(verdict))));
   };
 
-  /** a Bind opening a paper-mode batch for a statement that writes (re-execution of a named statement) */
-  const elevateForBind = (buf: Buffer, off: number, total: number): boolean => {
-    // B: portal cstring, statement cstring, …
-    if (batchMessages !== 0 || opts.mode !== "paper" || opts.engine !== "postgres" || txStatus !== "I" || writeStatements.size === 0) return false;
+  /** the statement name a Bind binds (B: portal cstring, statement cstring, …); undefined when malformed */
+  const bindStatement = (buf: Buffer, off: number, total: number): string | undefined => {
     const p = buf.indexOf(0, off + 5);
-    if (p < 0 || p >= off + total) return false;
+    if (p < 0 || p >= off + total) return undefined;
     const s = buf.indexOf(0, p + 1);
-    if (s < 0 || s >= off + total) return false;
-    return writeStatements.has(buf.toString("utf8", p + 1, s));
+    if (s < 0 || s >= off + total) return undefined;
+    return buf.toString("utf8", p + 1, s);
+  };
+
+  /**
+   * Paper mode, a complete Bind: inside an elevated batch only the elevated
+   * statement may be bound ("refuse"); opening a batch, a Bind of a statement
+   * parsed as an elevatable paper write is elevated ("elevate").
+   */
+  const onPaperBind = (buf: Buffer, off: number, total: number): "pass" | "refuse" | "elevate" | Wait => {
+    const name = bindStatement(buf, off, total);
+    if (session.elevatedStatement !== undefined) return name === session.elevatedStatement ? "pass" : "refuse";
+    if (session.batchMessages !== 0 || name === undefined || !session.paperStatements.has(name)) return "pass";
+    if (!(session.idle && session.access === "read-only")) return untilCanElevate();
+    if (session.txStatus !== "I") return "pass"; // inside a block: runs read-only, and fails as the server says
+    session.elevatedStatement = name;
+    return "elevate";
   };
 
   /**
@@ -868,7 +788,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
    * (offsets into the chunk, no copies), its records collected, and what goes
    * upstream — the chunk's bytes, with refused statements swapped for their
    * placeholders and the gateway's own queries inserted — is written once,
-   * after the records are durable.
+   * after the records are durable. When the session must settle first (the
+   * read-back after an elevation, an idle session before one, an approval
+   * request), what came before the message is sent and the rest of the chunk
+   * is processed once it has.
    */
   const processClient = (chunk: Buffer): Promise<void> | void => {
     let buf = chunk;
@@ -897,9 +820,18 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (to > seg) out.push(seg === 0 && to === buf.length ? buf : buf.subarray(seg, to));
       seg = to;
     };
+    /** stop at the message at `off`: send what came before, process the rest once `w` resolves */
+    const holdAt = (w: Wait): Promise<void> => {
+      flush(off);
+      const rest = buf.subarray(off);
+      return Promise.resolve(send(up, out, recs, clientPump))
+        .then(() => w)
+        .then(() => (closed || session.access === "failed" ? undefined : processClient(rest)));
+    };
     let terminate = false;
     scan: while (off < buf.length) {
       if (buf.length - off < 5) break;
+      if (!session.open) return holdAt(untilOpen());
       const type = buf[off]!;
       const len = buf.readInt32BE(off + 1);
       if (len < 4 || len > MAX_MESSAGE) {
@@ -909,7 +841,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       const total = len + 1;
       const complete = buf.length - off >= total;
 
-      if (discardUntilSync && type !== T_SYNC) {
+      if (session.discardUntilSync && type !== T_SYNC) {
         flush(off);
         if (complete) {
           off += total;
@@ -922,10 +854,25 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         continue;
       }
 
-      if (type === T_BIND && complete && elevateForBind(buf, off, total)) {
-        flush(off);
-        internalQuery(out, ELEVATE);
-        batchElevated = true;
+      if (type === T_BIND && complete && session.paper) {
+        const b = onPaperBind(buf, off, total);
+        if (b instanceof Promise) return holdAt(b);
+        if (b === "elevate") {
+          flush(off);
+          session.expect("elevate");
+          out.push(elevateQuery(session.paperStatements.get(session.elevatedStatement!)!));
+        } else if (b === "refuse") {
+          flush(off);
+          ts ??= stamp();
+          const v = notElevatable({ decision: "forbid", ruleId: "", clause: "", reason: "", statements: [] }, "an elevated extended batch may bind only its own paper write; Sync first");
+          recs.push(queryRecord(`<Bind of statement "${bindStatement(buf, off, total) ?? "?"}" in an elevated batch>`, v, "extended", ts));
+          out.push(message("P", cstr(""), cstr(poison(v)), Buffer.from([0, 0])));
+          session.batchMessages++;
+          session.discardUntilSync = true;
+          off += total;
+          seg = off;
+          continue;
+        }
       }
       switch (type) {
         case T_QUERY:
@@ -942,28 +889,36 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
           flush(off);
           const raw = off === 0 && total === buf.length ? buf : buf.subarray(off, off + total);
           ts ??= stamp();
-          if (type === T_QUERY) onQuery(raw, buf, off + 5, off + total, out, recs, ts);
-          else if (type === T_PARSE) {
-            if (!onParse(raw, buf, off + 5, off + total, out, recs, ts)) {
+          if (type === T_QUERY) {
+            const w = onQuery(raw, buf, off + 5, off + total, out, recs, ts);
+            if (w) return holdAt(w);
+          } else if (type === T_PARSE) {
+            const r = onParse(raw, buf, off + 5, off + total, out, recs, ts);
+            if (r instanceof Promise) return holdAt(r);
+            if (!r) {
               close("malformed Parse");
               return;
             }
           } else onFunctionCall(out, recs, ts);
+          if (closed) return;
           off += total;
           seg = off;
           continue;
         }
         case T_SYNC:
           if (!complete) break scan;
-          discardUntilSync = false;
+          session.discardUntilSync = false;
           off += total;
           flush(off);
-          units.push(CLIENT_UNIT);
-          batchMessages = 0;
-          if (batchElevated) {
-            batchElevated = false;
-            internalQuery(out, LOWER);
-          }
+          session.batchMessages = 0;
+          if (session.elevatedStatement !== undefined) {
+            // the elevated batch ends: lower and read back right behind its Sync (PgSession invariant 2)
+            session.endElevatedBatch();
+            session.expect("elevated");
+            out.push(LOWER, CHECK);
+            session.expect("lower");
+            session.expect("check");
+          } else session.expect("client");
           continue;
         case T_TERMINATE:
           flush(off);
@@ -979,7 +934,7 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         case T_COPY_DONE:
         case T_COPY_FAIL:
           if (type === T_EXECUTE) markBusy();
-          if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) batchMessages++;
+          if (type !== T_COPY_DATA && type !== T_COPY_DONE && type !== T_COPY_FAIL && type !== T_FLUSH) session.batchMessages++;
           if (complete) {
             off += total;
             continue;
@@ -1009,11 +964,26 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   let uStreamRemaining = 0;
   let uStreamForward = true;
 
+  /** what a ReadyForQuery meant for the session: a failure closes, a paper write left read-only is recorded */
+  const onSessionEvent = (e: SessionEvent | undefined, recs: GatewayRecord[], ts: string): boolean => {
+    if (!e || e.kind === "elevated") return true;
+    if (e.kind === "failed") {
+      failClosed(e.reason);
+      return false;
+    }
+    recs.push({
+      event: { type: "db.elevation", engine: opts.engine, mode: opts.mode, database: opts.upstream.database, elevated: false, reason: e.reason },
+      lines: [`[${ts}] DB_ERROR: paper write run read-only (${escapeControl(e.reason)})`],
+    });
+    return true;
+  };
+
   /**
    * One chunk from the server: CommandComplete and real errors are recorded
    * (DB_RESULT / DB_ERROR) and pass through in place; refusal placeholders'
-   * errors are rewritten; answers to the gateway's own queries are dropped.
-   * The rest is written to the client once, after the records are durable.
+   * errors are rewritten; answers to the gateway's own queries are read by
+   * the session and dropped. The rest is written to the client once, after
+   * the records are durable.
    */
   const processUpstream = (chunk: Buffer): Promise<void> | void => {
     const buf = uPending ? Buffer.concat([uPending, chunk]) : chunk;
@@ -1044,20 +1014,22 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       const total = len + 1;
       const complete = buf.length - off >= total;
 
-      if (units[0]?.kind === "internal") {
-        // answers to the gateway's own queries never reach the client
+      const owner = session.owner;
+      if (owner === "elevate" || owner === "lower" || owner === "check") {
+        // answers to the gateway's own queries never reach the client; the session reads them
         flush(off);
         if (!complete) {
-          if (type === T_READY || type === T_ERROR) break scan; // kept in uPending below
+          if (type === T_READY || type === T_ERROR || type === T_DATA_ROW) break scan; // kept in uPending below
           uStreamRemaining = total - (buf.length - off);
           uStreamForward = false;
           off = seg = buf.length;
           break scan;
         }
-        if (type === T_ERROR) log?.warn({ error: parseFields(buf.subarray(off + 5, off + total)).get("M") }, "db gateway: internal query failed");
-        if (type === T_READY) {
-          units.shift();
-          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
+        if (type === T_ERROR) session.internalError(parseFields(buf.subarray(off + 5, off + total)).get("M") ?? "error");
+        else if (type === T_DATA_ROW) session.internalRow(parseDataRow(buf.subarray(off + 5, off + total)));
+        else if (type === T_READY) {
+          ts ??= stamp();
+          if (!onSessionEvent(session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus).event, recs, ts)) return;
         }
         off += total;
         seg = off;
@@ -1067,16 +1039,10 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
       if (type === T_COMMAND_COMPLETE || type === T_ERROR || type === T_READY) {
         if (!complete) break;
         if (type === T_READY) {
-          units.shift();
-          txStatus = String.fromCharCode(buf[off + 5]!) as Upstream["status"];
-          if (units.length === 0) {
-            busySince = undefined;
-            refusals.clear();
-          } else {
-            // pipelined: the next statement starts now
-            busySince = Date.now();
-            cancelSent = false;
-          }
+          const r = session.ready(String.fromCharCode(buf[off + 5]!) as TxStatus);
+          ts ??= stamp();
+          if (!onSessionEvent(r.event, recs, ts)) return;
+          if (session.idle) refusals.clear();
           off += total;
           continue;
         }
@@ -1097,18 +1063,8 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
         const at = m.indexOf(poisonPrefix);
         const refusal = at >= 0 ? refusals.get(Number.parseInt(m.slice(at + poisonPrefix.length), 10)) : undefined;
         if (refusal) {
-          const v = refusal.verdict;
           flush(off);
-          out.push(
-            errorResponse({
-              S: "ERROR",
-              V: "ERROR",
-              C: "42501",
-              M: `sandboxd refused this statement: ${v.ruleId} (${v.clause}): ${v.reason}`,
-              D: `decision: ${v.decision}; error code SBX_ERR_SQL_REFUSED`,
-              H: v.decision === "ask" ? "this needs human approval; ask the operator, or run a read-only query" : "run a read-only query, or one the phase's mode allows",
-            }),
-          );
+          out.push(refusalResponse(refusal));
           off += total;
           seg = off;
         } else {
@@ -1140,8 +1096,54 @@ async function serve(client: Duplex, opts: GatewayOptions): Promise<void> {
   /* ---- pumps: one chunk at a time, in order ---- */
   const upPump = makePump(up, processUpstream);
   const clientPump = makePump(client, processClient);
+  if (session.paper) {
+    // the login asked for a read-only session; read it back before the client's first statement (PgSession invariant 2)
+    session.expect("check");
+    up.write(CHECK);
+  }
   start(upPump, upstream.leftover);
   start(clientPump, clientLeftover);
 
   await finished;
+  session.close();
+}
+
+/** The client's answer to a refused statement (in place of the placeholder's syntax error). */
+function refusalResponse(refusal: Refusal): Buffer {
+  const v = refusal.verdict;
+  const a = refusal.approval;
+  let m = `sandboxd refused this statement: ${v.ruleId} (${v.clause}): ${v.reason}`;
+  let hint = v.decision === "ask" ? "this needs human approval; ask the operator, or run a read-only query" : "run a read-only query, or one the phase's mode allows";
+  if (a?.state === "pending") {
+    m += ` — approval ${a.id} is pending`;
+    hint = `a human can run \`sandboxd approvals approve ${a.id}\`; then send the same statement again from this phase (it runs once)`;
+  } else if (a?.state === "denied") {
+    m += ` — approval ${a.id} was denied${a.note ? `: ${a.note}` : ""}`;
+    hint = "a person denied this statement; do not send it again";
+  }
+  return errorResponse({
+    S: "ERROR",
+    V: "ERROR",
+    C: "42501",
+    M: m,
+    D: `decision: ${v.decision}; error code SBX_ERR_SQL_REFUSED${a ? `; approval ${a.id}` : ""}`,
+    H: hint,
+  });
+}
+
+/** DataRow body → column values (null for SQL NULL) */
+function parseDataRow(body: Buffer): Array<string | null> {
+  const n = body.readInt16BE(0);
+  const out: Array<string | null> = [];
+  let i = 2;
+  for (let c = 0; c < n && i + 4 <= body.length; c++) {
+    const len = body.readInt32BE(i);
+    i += 4;
+    if (len < 0) out.push(null);
+    else {
+      out.push(body.toString("utf8", i, i + len));
+      i += len;
+    }
+  }
+  return out;
 }

@@ -35,6 +35,7 @@ export function sqlRulesFor(db: Readonly<Policy["database"]>): Readonly<SqlRules
     },
     paperPrefix: db.readOnlyDefault.paperTablePrefix ?? NO_PAPER_TABLE,
     protectedSettings: [...DEFAULT_SQL_RULES.protectedSettings],
+    settableSettings: [...DEFAULT_SQL_RULES.settableSettings],
   };
   const key = JSON.stringify(rules);
   let known = byContent.get(key);

@@ -209,6 +209,9 @@ function verdictOf(kind: StatementKind, readOnly: boolean, tables: string[], wri
     readOnly,
     tables: [...new Set(tables)],
     writes: [...new Set(writes)],
+    // QuestDB is never elevated (docs/DATABASE.md "QuestDB"): the gate does not list calls
+    functions: [],
+    operators: [],
     decision: win.decision,
     ruleId: win.ruleId,
     clause: win.clause,

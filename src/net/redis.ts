@@ -1,13 +1,11 @@
 /**
  * Redis command filter for the `redis` tunnel: parses RESP from the sandbox,
- * forwards allowed commands upstream and answers refused ones itself.
+ * judges every command against the allowlist (src/net/redis-commands.ts),
+ * forwards allowed ones upstream and answers refused ones itself.
  *
  * Requests must be RESP arrays of bulk strings (what every client library
  * sends). An inline command (first byte not `*`) or a malformed request is
- * refused and the connection closed. The first element, uppercased, is the
- * command; for CONFIG/CLIENT/DEBUG/SCRIPT/FUNCTION/ACL/CLUSTER/MODULE the
- * subcommand counts too ("CLIENT KILL" is refused, "CLIENT SETNAME" is not).
- * In paper mode (production) every write command is refused as well.
+ * refused and the connection closed.
  *
  * Reply order with pipelining: the filter counts commands forwarded and not
  * yet answered, by counting complete top-level replies from upstream (RESP2
@@ -16,55 +14,49 @@
  * then its error is written, then forwarding resumes. Each refusal is
  * recorded (awaited) before the error is written.
  *
+ * Transactions: a command refused between MULTI and EXEC makes the EXEC
+ * fail as a queueing error does in Redis: the filter sends DISCARD instead
+ * and answers `-EXECABORT`, so nothing of the transaction runs.
+ *
+ * Audit: every allowed write is recorded with its keys (capped; values never)
+ * before it is forwarded — the writes of one incoming chunk together
+ * (`recordMany`, one group commit). Reads are only counted; the counts go
+ * into the connection's `net.close` record.
+ *
  * Limits: a command is buffered whole before it is forwarded (at most
- * MAX_COMMAND_BYTES). CLIENT REPLY is refused (it would break reply
- * counting). In subscribed (pub/sub) mode replies cannot be counted; a
- * refused command there is answered at once and the connection closed.
+ * MAX_COMMAND_BYTES). In subscribed (pub/sub) mode replies cannot be
+ * counted; a refused command there is answered at once and the connection
+ * closed.
  */
 import type { Duplex } from "node:stream";
 import { actionLine, timestamp } from "../audit/format.js";
 import type { PhaseMode } from "../phases/types.js";
+import { DENIED_CLAUSE, HINTS, judgeCommand, keysOf, needsArgs, type Verdict } from "./redis-commands.js";
 
-export const DENIED_CLAUSE = "SKILLS.md Safety First: no destructive actions";
-export const READ_ONLY_CLAUSE = "SKILLS.md §3 Read-Only Default: production is read-only";
+export { DENIED_CLAUSE, READ_ONLY_CLAUSE } from "./redis-commands.js";
+/** Recorded with each allowed write (test and backtest phases write only to the test instance). */
+export const TEST_WRITE_CLAUSE = "SKILLS.md §3 Read-Only Default: INSERT/UPDATE/DELETE only in test-only environments";
 const MAX_COMMAND_BYTES = 64 * 1024 * 1024;
 const MAX_ARGS = 1024 * 1024;
 const MAX_LINE = 64 * 1024;
+/** arguments kept (for judging and for the record of a write); the rest are forwarded unread */
+const MAX_KEPT_ARGS = 64;
+/** an argument longer than this is kept as a placeholder (`<n bytes>`), which matches no keyword */
+const MAX_KEPT_ARG = 512;
+/** a key in a record is cut to this many characters */
+const MAX_RECORDED_KEY = 200;
 /** parsed-but-unforwarded bytes before the client is paused */
 const QUEUE_HIGH_WATER = 8 * 1024 * 1024;
-
-/** Commands refused in every mode. "CMD SUB" entries refuse one subcommand only. */
-export const DEFAULT_DENIED: readonly string[] = Object.freeze([
-  "FLUSHALL", "FLUSHDB", "CONFIG", "SHUTDOWN", "DEBUG", "SLAVEOF", "REPLICAOF", "MIGRATE", "MODULE", "ACL",
-  "SAVE", "BGSAVE", "BGREWRITEAOF", "SWAPDB", "FAILOVER", "CLUSTER", "RESTORE", "EVAL", "EVALSHA", "EVAL_RO",
-  "EVALSHA_RO", "SCRIPT", "FUNCTION", "FCALL", "FCALL_RO", "MONITOR", "SYNC", "PSYNC", "CLIENT KILL",
-  // not destructive, but it turns replies off, and the filter counts replies to keep their order
-  "CLIENT REPLY",
-]);
-
-/** Redis write commands (refused in paper mode: production is read-only). */
-export const WRITE_COMMANDS: ReadonlySet<string> = new Set([
-  "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX", "APPEND", "INCR", "INCRBY", "INCRBYFLOAT",
-  "DECR", "DECRBY", "MSET", "MSETNX", "SETRANGE", "SETBIT", "BITOP", "BITFIELD", "DEL", "UNLINK", "EXPIRE",
-  "EXPIREAT", "PEXPIRE", "PEXPIREAT", "PERSIST", "RENAME", "RENAMENX", "MOVE", "COPY", "RESTORE", "SORT",
-  "HSET", "HSETNX", "HMSET", "HDEL", "HINCRBY", "HINCRBYFLOAT", "HEXPIRE", "HPEXPIRE", "HEXPIREAT", "HPEXPIREAT",
-  "HPERSIST", "HGETDEL", "HGETEX", "HSETEX", "LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "LPOP", "RPOP", "LSET", "LREM",
-  "LTRIM", "LINSERT", "LMOVE", "BLMOVE", "RPOPLPUSH", "BRPOPLPUSH", "BLPOP", "BRPOP", "LMPOP", "BLMPOP", "SADD",
-  "SREM", "SPOP", "SMOVE", "SINTERSTORE", "SUNIONSTORE", "SDIFFSTORE", "ZADD", "ZINCRBY", "ZREM",
-  "ZREMRANGEBYSCORE", "ZREMRANGEBYRANK", "ZREMRANGEBYLEX", "ZPOPMIN", "ZPOPMAX", "BZPOPMIN", "BZPOPMAX", "ZMPOP",
-  "BZMPOP", "ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE", "ZRANGESTORE", "XADD", "XDEL", "XTRIM", "XGROUP", "XACK",
-  "XCLAIM", "XAUTOCLAIM", "XREADGROUP", "XSETID", "PFADD", "PFMERGE", "PFDEBUG", "GEOADD", "GEORADIUS",
-  "GEORADIUSBYMEMBER", "GEOSEARCHSTORE", "FLUSHALL", "FLUSHDB", "SWAPDB", "MIGRATE",
-]);
-
-const WITH_SUBCOMMAND = new Set(["CONFIG", "CLIENT", "DEBUG", "SCRIPT", "FUNCTION", "ACL", "CLUSTER", "MODULE"]);
 const SUBSCRIBE = new Set(["SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"]);
+const DISCARD = Buffer.from("*1\r\n$7\r\nDISCARD\r\n");
 
 export interface RedisFilterOptions {
   mode: PhaseMode;
+  /** the database index the daemon selected upstream (SELECT of this one is a no-op; others are refused) */
+  db?: number;
   record(event: Record<string, unknown>, lines: string[]): Promise<void>;
-  /** replaces DEFAULT_DENIED */
-  denied?: string[];
+  /** several records durable together (PhaseRecorder.recordMany); falls back to `record` per entry */
+  recordMany?(entries: Array<{ event: Record<string, unknown>; lines: string[] }>): Promise<unknown>;
   /** timestamps for the audit lines */
   now?: () => Date;
 }
@@ -72,15 +64,21 @@ export interface RedisFilterOptions {
 export interface RedisFilterResult {
   /** commands forwarded upstream */
   commands: number;
+  reads: number;
+  writes: number;
   refused: number;
   error: string | null;
 }
 
-/** One parsed request: the bytes to forward and the command's name ("CLIENT KILL"). */
+/** One parsed request: the bytes to forward, the command's name, and its first arguments (capped). */
 export interface RedisCommand {
   raw: Buffer;
   name: string;
   sub: string | null;
+  /** the arguments as sent (latin1), argv[0] is the command; only the first two unless the parser was asked for more */
+  argv: string[];
+  /** the number of arguments sent (argv may hold fewer) */
+  argc: number;
 }
 
 export class RespProtocolError extends Error {
@@ -98,8 +96,13 @@ export class RequestParser {
   private bulk = 0; // bytes of bulk (+CRLF) still to read
   private bulkTarget = 0; // payload length of the current bulk
   private bulkBuf: Buffer[] = [];
-  private keep = false; // keep this bulk's bytes (first two arguments)
+  private keep = false; // keep this bulk's bytes
   private argv: string[] = [];
+  private full = false; // keep every argument of this command (capped)
+  private argc = 0;
+
+  /** `wantArgs(name)`: keep the arguments after the second for this command (judging, records) */
+  constructor(private readonly wantArgs: (name: string) => boolean = () => false) {}
 
   /** Complete commands in this chunk; throws RespProtocolError on anything but RESP arrays of bulk strings. */
   feed(chunk: Buffer): RedisCommand[] {
@@ -160,13 +163,18 @@ export class RequestParser {
           continue;
         }
         this.args = n;
+        this.argc = n;
         continue;
       }
       if (text[0] !== "$" || n === null || n < 0) throw new RespProtocolError("array element is not a bulk string");
       this.bulk = n + 2;
       this.bulkTarget = n;
-      this.keep = this.argv.length < 2 && n <= 1024;
-      if (this.argv.length < 2 && !this.keep) this.argv.push("?"); // a huge name or subcommand: no match, kept as is
+      const k = this.argv.length;
+      if (k === 1) this.full = this.wantArgs((this.argv[0] ?? "").toUpperCase());
+      const wanted = k < 2 || (this.full && k < MAX_KEPT_ARGS);
+      this.keep = wanted && n <= (k < 2 ? 1024 : MAX_KEPT_ARG);
+      // a huge argument: kept as a placeholder that matches no command or keyword
+      if (wanted && !this.keep) this.argv.push(k === 0 ? "?" : `<${n} bytes>`);
       if (this.size + this.bulk > MAX_COMMAND_BYTES) throw new RespProtocolError(`command larger than ${MAX_COMMAND_BYTES} bytes`);
     }
   }
@@ -181,7 +189,7 @@ export class RequestParser {
     if (--this.args > 0) return;
     const name = (this.argv[0] ?? "").toUpperCase();
     const sub = this.argv[1] !== undefined ? this.argv[1].toUpperCase() : null;
-    out.push({ raw: Buffer.concat(this.parts, this.size), name, sub });
+    out.push({ raw: Buffer.concat(this.parts, this.size), name, sub, argv: this.argv, argc: this.argc });
     this.reset();
   }
 
@@ -190,6 +198,7 @@ export class RequestParser {
     this.size = 0;
     this.args = -1;
     this.argv = [];
+    this.full = false;
   }
 }
 
@@ -291,47 +300,61 @@ export class ReplyCounter {
   }
 }
 
-type Item = { cmd: RedisCommand; refusal: { rule: string; clause: string; display: string } | null } | { fatal: string };
+type Item = { cmd: RedisCommand; verdict: Verdict; ready: boolean } | { fatal: string };
+type Entry = { event: Record<string, unknown>; lines: string[] };
 
-/** The refusal for a command, or null when it may be forwarded. */
-export function checkCommand(cmd: { name: string; sub: string | null }, mode: PhaseMode, denied: ReadonlySet<string>): { rule: string; clause: string; display: string } | null {
-  const withSub = WITH_SUBCOMMAND.has(cmd.name) && cmd.sub ? `${cmd.name} ${cmd.sub}` : null;
-  const display = sanitize(withSub ?? cmd.name);
-  if (denied.has(cmd.name) || (withSub && denied.has(withSub))) return { rule: "redis.denied", clause: DENIED_CLAUSE, display };
-  if (mode === "paper" && WRITE_COMMANDS.has(cmd.name)) return { rule: "redis.read-only", clause: READ_ONLY_CLAUSE, display };
-  return null;
+/** The verdict on a parsed command (HELLO with more arguments than the parser keeps is refused: AUTH could hide there). */
+export function checkCommand(cmd: RedisCommand, mode: PhaseMode, db = 0): Verdict {
+  if (cmd.name === "HELLO" && cmd.argc > cmd.argv.length) {
+    return { allow: false, rule: "redis.auth", clause: DENIED_CLAUSE, display: "HELLO", reason: "HELLO with more arguments than the filter reads" };
+  }
+  return judgeCommand(cmd.name, cmd.sub, cmd.argv, { mode, db });
 }
 
-function sanitize(s: string): string {
-  const clean = s.replace(/[^A-Z0-9_.:\- ]/g, "?");
-  return clean.length > 64 ? `${clean.slice(0, 64)}…` : clean || "?";
+/** The error a refused command gets: the command, the rule, the clause and what to do instead. */
+export function refusalReply(v: Extract<Verdict, { allow: false }>): string {
+  return `-ERR sandboxd refused ${v.display} (rule ${v.rule}, ${v.clause}): ${HINTS[v.rule]}\r\n`;
+}
+
+function recordedKey(k: string): string {
+  // keys are arbitrary bytes; shown as UTF-8 where they are, capped
+  const text = Buffer.from(k, "latin1").toString("utf8");
+  return text.length > MAX_RECORDED_KEY ? `${text.slice(0, MAX_RECORDED_KEY)}…` : text;
 }
 
 /**
  * Relays one tunnelled Redis connection between `client` (the sandbox) and
- * `upstream` (the real Redis, already connected). Resolves when both are closed.
+ * `upstream` (the real Redis, connected and logged in). Resolves when both are closed.
  */
 export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisFilterOptions): Promise<RedisFilterResult> {
-  const denied = new Set((opts.denied ?? DEFAULT_DENIED).map((d) => d.toUpperCase().trim().replace(/\s+/g, " ")));
   const now = opts.now ?? (() => new Date());
-  const requests = new RequestParser();
+  const db = opts.db ?? 0;
+  const requests = new RequestParser(needsArgs);
   const replies = new ReplyCounter();
   const queue: Item[] = [];
   let queuedBytes = 0;
   let pending = 0;
-  let busy = false; // a refusal is being recorded
+  let busy = false; // a refusal is being recorded, or an aborted EXEC's DISCARD answered
+  let swallow = false; // the next reply is the filter's own DISCARD's
   let subscribed = false;
+  let inMulti = false;
+  let multiAborted = false; // a command of the open MULTI was refused
   let finished = false; // no more commands will be processed
   let clientEnded = false;
   let commands = 0;
+  let reads = 0;
+  let writes = 0;
   let refused = 0;
   let error: string | null = null;
+
+  const commit = (entries: Entry[]): Promise<unknown> =>
+    opts.recordMany ? opts.recordMany(entries) : Promise.all(entries.map((e) => opts.record(e.event, e.lines)));
 
   return new Promise<RedisFilterResult>((resolve) => {
     let closedCount = 0;
     const onClose = () => {
       if (++closedCount < 2) return;
-      resolve({ commands, refused, error });
+      resolve({ commands, reads, writes, refused, error });
     };
     client.once("close", () => {
       if (!upstream.destroyed) upstream.destroy();
@@ -350,17 +373,21 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       client.destroy();
     });
 
+    const failClosed = (e: unknown, what: string) => {
+      // nothing runs unrecorded: a record that cannot be made ends the connection
+      error ??= `could not record ${what}: ${(e as Error).message}`;
+      finished = true;
+      client.destroy();
+      upstream.destroy();
+    };
+
     const refuse = async (event: Record<string, unknown>, line: string, reply: string, close: boolean) => {
       busy = true;
       refused++;
       try {
         await opts.record(event, [line]);
       } catch (e) {
-        // fail closed: a refusal that cannot be recorded ends the connection
-        error ??= `could not record a refusal: ${(e as Error).message}`;
-        client.destroy();
-        upstream.destroy();
-        return;
+        return failClosed(e, "a refusal");
       }
       busy = false;
       if (client.destroyed) return;
@@ -372,6 +399,14 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
         return;
       }
       pump();
+    };
+
+    const forward = (raw: Buffer) => {
+      pending++;
+      if (!upstream.write(raw)) {
+        client.pause();
+        upstream.once("drain", () => client.resume());
+      }
     };
 
     const pump = () => {
@@ -389,28 +424,47 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
           );
           return;
         }
-        if (item.refusal) {
+        if (!item.ready) return; // its record is not durable yet
+        const v = item.verdict;
+        if (!v.allow) {
           if ((pending > 0 || !replies.idle) && !subscribed) return;
           queue.shift();
           queuedBytes -= item.cmd.raw.length;
-          const r = item.refusal;
+          if (inMulti) multiAborted = true;
           void refuse(
-            { type: "redis.refused", command: r.display, rule: r.rule, clause: r.clause },
-            actionLine(timestamp(now()), "NET", "REDIS", r.display, `FORBID ${r.rule} (${r.clause})`),
-            `-ERR sandboxd refused ${r.display} (rule ${r.rule}, ${r.clause})\r\n`,
+            { type: "redis.refused", command: v.display, rule: v.rule, clause: v.clause, reason: v.reason, mode: opts.mode },
+            actionLine(timestamp(now()), "NET", "REDIS", v.display, `FORBID ${v.rule} (${v.clause}): ${v.reason}`),
+            refusalReply(v),
             subscribed,
           );
           return;
         }
+        const name = item.cmd.name;
+        if (name === "EXEC" && multiAborted && !subscribed) {
+          if (pending > 0 || !replies.idle) return;
+          queue.shift();
+          queuedBytes -= item.cmd.raw.length;
+          // The server queued the rest of the transaction: discard it, and answer the EXEC as
+          // Redis answers one after a queueing error. Nothing else is in flight meanwhile.
+          inMulti = false;
+          multiAborted = false;
+          busy = true;
+          swallow = true;
+          forward(DISCARD);
+          return;
+        }
         queue.shift();
         queuedBytes -= item.cmd.raw.length;
-        if (SUBSCRIBE.has(item.cmd.name)) subscribed = true;
-        commands++;
-        pending++;
-        if (!upstream.write(item.cmd.raw)) {
-          client.pause();
-          upstream.once("drain", () => client.resume());
+        if (SUBSCRIBE.has(name)) subscribed = true;
+        else if (name === "MULTI") inMulti = true;
+        else if (name === "EXEC" || name === "DISCARD") {
+          inMulti = false;
+          multiAborted = false;
         }
+        commands++;
+        if (v.cls === "read") reads++;
+        else if (v.cls === "write") writes++;
+        forward(item.cmd.raw);
       }
       if (queuedBytes < QUEUE_HIGH_WATER && client.isPaused() && upstream.writableNeedDrain !== true) client.resume();
       if (queue.length === 0 && clientEnded && !finished && !busy) {
@@ -419,11 +473,28 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       }
     };
 
+    const writeEntry = (cmd: RedisCommand, v: Extract<Verdict, { allow: true }>): Entry => {
+      const keys = keysOf(v.keys, cmd.argv).map(recordedKey);
+      return {
+        event: { type: "redis.write", command: v.display, keys, args: cmd.argc - 1, mode: opts.mode, rule: "redis.write", clause: TEST_WRITE_CLAUSE },
+        lines: [actionLine(timestamp(now()), "NET", "REDIS", `${v.display}${keys.length ? ` ${keys.join(" ")}` : ""}`, `ALLOW redis.write (${TEST_WRITE_CLAUSE})`)],
+      };
+    };
+
     client.on("data", (chunk: Buffer) => {
       if (finished || queue.some((q) => "fatal" in q)) return;
+      const entries: Entry[] = [];
+      const gated: Array<{ ready: boolean }> = [];
       const add = (cmds: RedisCommand[]) => {
         for (const cmd of cmds) {
-          queue.push({ cmd, refusal: checkCommand(cmd, opts.mode, denied) });
+          const verdict = checkCommand(cmd, opts.mode, db);
+          const item = { cmd, verdict, ready: true };
+          if (verdict.allow && verdict.cls === "write") {
+            entries.push(writeEntry(cmd, verdict));
+            item.ready = false;
+            gated.push(item);
+          }
+          queue.push(item);
           queuedBytes += cmd.raw.length;
         }
       };
@@ -432,6 +503,22 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       } catch (e) {
         if (e instanceof RespProtocolError) add(e.parsed);
         queue.push({ fatal: e instanceof RespProtocolError ? e.message : String(e) });
+      }
+      if (entries.length > 0) {
+        // the chunk's writes are durable together before the first of them is forwarded
+        let committed: Promise<unknown>;
+        try {
+          committed = commit(entries);
+        } catch (e) {
+          committed = Promise.reject(e);
+        }
+        committed.then(
+          () => {
+            for (const g of gated) g.ready = true;
+            pump();
+          },
+          (e: unknown) => failClosed(e, "a write"),
+        );
       }
       if (queuedBytes >= QUEUE_HIGH_WATER) client.pause();
       pump();
@@ -453,6 +540,15 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
         return;
       }
       pending = Math.max(0, pending - n);
+      if (swallow) {
+        // only the filter's DISCARD was in flight: these bytes are its answer
+        if (n === 0) return;
+        swallow = false;
+        busy = false;
+        client.write("-EXECABORT Transaction discarded because of previous errors.\r\n");
+        pump();
+        return;
+      }
       if (!client.write(chunk)) {
         upstream.pause();
         client.once("drain", () => upstream.resume());
@@ -463,5 +559,6 @@ export function handleRedisClient(client: Duplex, upstream: Duplex, opts: RedisF
       if (!client.destroyed) client.end();
     });
     client.resume();
+    upstream.resume();
   });
 }

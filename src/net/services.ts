@@ -14,7 +14,9 @@
  * available and every attempt is refused and recorded with that reason);
  * paper → DATABASE_URL. QuestDB likewise (SKILLS.md §3 Sandbox Principle:
  * isolated test databases only): backtest/test → QUESTDB_URL_TEST, paper →
- * QUESTDB_URL.
+ * QUESTDB_URL. Redis too: backtest/test → REDIS_URL_TEST, paper → REDIS_URL;
+ * the daemon logs in with the URL's user and password and selects its
+ * database (src/net/redis-upstream.ts).
  */
 import type { PhaseMode } from "../phases/types.js";
 import { DEFAULT_NETWORK, type NetworkPolicy, type PackageIndexPolicy } from "../policy/schema.js";
@@ -50,7 +52,7 @@ export const NETWORK_CLAUSE = DEFAULT_NETWORK.clause;
 export const TEST_DB_CLAUSE = "SKILLS.md §3 Read-Only Default: INSERT/UPDATE/DELETE only in test-only environments";
 
 /** The .env variables that name services (and are rewritten for the sandbox). */
-export const SERVICE_VARS = ["DATABASE_URL", "DATABASE_URL_TEST", "QUESTDB_URL", "QUESTDB_URL_TEST", "REDIS_URL"] as const;
+export const SERVICE_VARS = ["DATABASE_URL", "DATABASE_URL_TEST", "QUESTDB_URL", "QUESTDB_URL_TEST", "REDIS_URL", "REDIS_URL_TEST"] as const;
 export type ServiceVar = (typeof SERVICE_VARS)[number];
 
 /** Daemon-side override variable for a service variable: SANDBOXD_SERVICE_REDIS_URL … */
@@ -77,6 +79,8 @@ export interface ResolvedService extends ServiceDefault {
   clause: string;
   /** the pip-proxy service: the allow-list it enforces */
   packageIndex?: PackageIndexPolicy;
+  /** the redis service: the daemon's login and database (daemon memory only) */
+  redis?: { user: string | null; password: string | null; db: number };
 }
 
 export interface PhaseServices {
@@ -116,11 +120,27 @@ function dbName(url: URL | null): string | null {
   return name || null;
 }
 
+/** A Redis URL's address, login and database, or why it cannot be used. */
+function redisTarget(raw: string | undefined): { url: URL; user: string | null; password: string | null; db: number } | { invalid: string } | { missing: true } {
+  if (raw === undefined) return { missing: true };
+  const url = parseUrl(raw);
+  if (!url) return { invalid: "is not a valid URL" };
+  if (url.protocol === "rediss:") return { invalid: "asks for TLS (rediss://), which the daemon does not speak upstream; use redis:// on a trusted network" };
+  if (url.protocol !== "redis:") return { invalid: `is not a redis:// URL (${url.protocol})` };
+  const path = url.pathname.replace(/^\//, "");
+  const dbText = url.searchParams.get("db") ?? path;
+  if (dbText !== "" && !/^\d{1,5}$/.test(dbText)) return { invalid: `names database ${JSON.stringify(dbText.slice(0, 20))}, not a number` };
+  const user = url.username ? decodeURIComponent(url.username) : null;
+  const password = url.password ? decodeURIComponent(url.password) : null;
+  // an ACL user with no password still logs in by name (a nopass user accepts any password)
+  return { url, user: user === "default" && password === null ? null : user, password: password ?? (user !== null && user !== "default" ? "" : null), db: dbText === "" ? 0 : Number(dbText) };
+}
+
 /**
  * Why a database chosen by mode (production `prodVar` in paper mode, its
  * `_TEST` twin otherwise) has no usable URL.
  */
-function byModeRefusal(mode: PhaseMode, prodVar: "DATABASE_URL" | "QUESTDB_URL", prod: string | undefined, test: string | undefined, what: string): string {
+function byModeRefusal(mode: PhaseMode, prodVar: "DATABASE_URL" | "QUESTDB_URL" | "REDIS_URL", prod: string | undefined, test: string | undefined, what: string): string {
   const testVar = `${prodVar}_TEST`;
   if (mode === "paper") {
     return prod ? `${prodVar} is not a valid URL` : `${prodVar} is not set (project .env or SANDBOXD_SERVICE_${prodVar})`;
@@ -153,7 +173,9 @@ export function resolveServices(
   const questTest = pick("QUESTDB_URL_TEST");
   const questRaw = mode === "paper" ? questProd : questTest;
   const questUrl = parseUrl(questRaw);
-  const redisUrl = parseUrl(pick("REDIS_URL"));
+  // Redis, like PostgreSQL, by mode
+  const redisProd = pick("REDIS_URL");
+  const redisTest = pick("REDIS_URL_TEST");
 
   const services: ResolvedService[] = [];
   const env: Record<string, string> = {};
@@ -231,22 +253,31 @@ export function resolveServices(
     if (questTest !== undefined) env.QUESTDB_URL_TEST = fallback;
   }
 
-  // Redis
+  // Redis: the test instance outside paper mode, never production
   {
     const d = def("redis");
+    const paper = mode === "paper";
+    const raw = paper ? redisProd : redisTest;
+    const parsed = redisTarget(raw);
+    const refusal = raw !== undefined && "invalid" in parsed
+      ? `${paper ? "REDIS_URL" : "REDIS_URL_TEST"} ${parsed.invalid}`
+      : "url" in parsed ? null : byModeRefusal(mode, "REDIS_URL", redisProd, redisTest, "Redis instance");
+    const ok = "url" in parsed ? parsed : null;
     services.push({
       ...d,
-      upstream: redisUrl ? upstreamOf(redisUrl, 6379) : null,
-      database: null,
-      url: redisUrl ? redisUrl.href : null,
-      refusal: redisUrl ? null : "REDIS_URL is not set (project .env or SANDBOXD_SERVICE_REDIS_URL)",
-      rule: ruleOf("redis"),
-      clause: network.clause,
+      upstream: ok ? upstreamOf(ok.url, 6379) : null,
+      database: ok ? String(ok.db) : null,
+      url: ok ? raw! : null,
+      refusal,
+      // outside paper mode, a missing test instance is refused under the read-only rule, not the network one
+      rule: !paper && !ok ? "redis.test-instance-only" : ruleOf("redis"),
+      clause: !paper && !ok ? TEST_DB_CLAUSE : network.clause,
+      ...(ok ? { redis: { user: ok.user, password: ok.password, db: ok.db } } : {}),
     });
-    if (pick("REDIS_URL") !== undefined) {
-      const dbIndex = redisUrl?.pathname.replace(/^\//, "") || "0";
-      env.REDIS_URL = `redis://127.0.0.1:${d.port}/${/^\d+$/.test(dbIndex) ? dbIndex : "0"}`;
-    }
+    // both names point at the instance the tunnel really reaches in this mode, with no credentials
+    const inside = `redis://127.0.0.1:${d.port}/${ok?.db ?? 0}`;
+    if (redisProd !== undefined) env.REDIS_URL = inside;
+    if (redisTest !== undefined) env.REDIS_URL_TEST = inside;
   }
 
   const listed = services.filter((s) => allowed(s.name));
@@ -290,7 +321,30 @@ export function proxyEnv(index: Readonly<PackageIndexPolicy>): Record<string, st
   };
 }
 
-/** The listen list sent to the shim: every known service (refused ones too, so the refusal is recorded, not a bare ECONNREFUSED). */
+/**
+ * The listen list sent to the shim: only the services this phase really has
+ * (an upstream for this mode, or the package-index proxy). Nothing listens on
+ * the port of a service that is listed by policy but not configured: a
+ * connection there is refused by the kernel like any closed port (immediate
+ * ECONNREFUSED, not an accept then a silent close), and a suite that starts
+ * its own server on that port can bind it. The refusal is still recorded, with
+ * the service's own reason, by the conntrack watch (net/stray.ts, see
+ * `unavailableAt`).
+ */
 export function listenList(s: PhaseServices): Array<{ name: string; port: number }> {
-  return s.services.map(({ name, port }) => ({ name, port }));
+  return s.services.filter(isAvailable).map(({ name, port }) => ({ name, port }));
+}
+
+function isAvailable(s: ResolvedService): boolean {
+  return s.protocol === "http-proxy" || (s.upstream !== null && s.refusal === null);
+}
+
+/**
+ * The service the policy lists on 127.0.0.1:`port` that this phase does not
+ * have (no upstream in this mode), for the record of a refused connection
+ * there; undefined for any other port.
+ */
+export function unavailableAt(s: PhaseServices, address: string, port: number): ResolvedService | undefined {
+  if (address !== "127.0.0.1") return undefined;
+  return s.services.find((x) => x.port === port && !isAvailable(x));
 }

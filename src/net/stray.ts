@@ -14,7 +14,7 @@ import type { PhaseRecorder } from "../phases/recorder.js";
 import type { RefusedConnection } from "../runtime/netns.js";
 import type { Clock } from "../util/clock.js";
 import { TokenBucket } from "./rate.js";
-import { NETWORK_CLAUSE } from "./services.js";
+import { NETWORK_CLAUSE, listenList, unavailableAt, type PhaseServices } from "./services.js";
 
 /** Where TCP to non-loopback addresses is redirected inside a phase container: nothing can listen there. */
 export const DEAD_PORT = 1;
@@ -28,8 +28,13 @@ export interface StrayOptions {
   rec: PhaseRecorder;
   clock: Clock;
   log: Logger;
-  /** the services this phase may use, named in the refusal ("postgres 127.0.0.1:5432, …") */
-  services: () => Array<{ name: string; port: number }>;
+  /**
+   * The phase's services: those it has are named in the refusal ("postgres
+   * 127.0.0.1:5432, …"); a refused connection to the port of one it is listed
+   * for but does not have (nothing listens there) is recorded with that
+   * service's rule and reason.
+   */
+  services: () => PhaseServices;
 }
 
 export class StrayConnections {
@@ -49,13 +54,36 @@ export class StrayConnections {
       this.timer ??= setTimeout(() => this.flush(), 1000);
       return;
     }
-    const target = `${m.address}:${m.port}`;
-    const listed = this.opts.services().map((s) => `${s.name} 127.0.0.1:${s.port}`).join(", ") || "none";
-    const reason = `${m.proto} connection to ${target} refused: not a service this phase may use (services: ${listed})`;
+    const services = this.opts.services();
+    const unavailable = unavailableAt(services, m.address, m.port);
+    let target = `${m.address}:${m.port}`;
+    let rule = STRAY_RULE;
+    let clause = NETWORK_CLAUSE;
+    let reason: string;
+    if (unavailable) {
+      // a service the policy lists, not configured for this phase: its own refusal
+      target = `${unavailable.name} ${target}`;
+      rule = unavailable.rule;
+      clause = unavailable.clause;
+      reason = `${m.proto} connection to ${unavailable.name} refused (nothing listens for it): ${unavailable.refusal ?? `${unavailable.name} has no upstream`}`;
+    } else {
+      const listed = listenList(services).map((s) => `${s.name} 127.0.0.1:${s.port}`).join(", ") || "none";
+      reason = `${m.proto} connection to ${target} refused: not a service this phase may use (services: ${listed})`;
+    }
     void this.opts.rec
       .record(
-        { type: "net.connect", service: null, proto: m.proto, address: m.address, port: m.port, decision: "forbid", rule: STRAY_RULE, clause: NETWORK_CLAUSE, reason },
-        [actionLine(timestamp(this.opts.clock.now()), "NET", "CONNECT", target, `FORBID ${STRAY_RULE} (${NETWORK_CLAUSE}): ${reason}`)],
+        {
+          type: "net.connect",
+          service: unavailable?.name ?? null,
+          proto: m.proto,
+          address: m.address,
+          port: m.port,
+          decision: "forbid",
+          rule,
+          clause,
+          reason,
+        },
+        [actionLine(timestamp(this.opts.clock.now()), "NET", "CONNECT", target, `FORBID ${rule} (${clause}): ${reason}`)],
       )
       .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused connection"));
     this.opts.log.info({ phase: this.opts.phaseId, target }, "stray connection refused");

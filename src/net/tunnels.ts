@@ -28,6 +28,7 @@ import type { Clock } from "../util/clock.js";
 import { handleProxyClient } from "./proxy.js";
 import { TokenBucket } from "./rate.js";
 import { handleRedisClient } from "./redis.js";
+import { openRedisUpstream, RedisUnreachable } from "./redis-upstream.js";
 import { NETWORK_CLAUSE, type PhaseServices, type ResolvedService } from "./services.js";
 
 const HEADER_TIMEOUT_MS = 5_000;
@@ -65,6 +66,14 @@ export interface TunnelServerOptions {
   log: Logger;
   /** the SQL gateway (src/db/gateway.ts) once it exists; null: raw pipe to the test database only */
   gateway?: GatewayHandoff | null;
+}
+
+/** Counts of one Redis connection, in its net.close record. */
+interface RedisCounts {
+  commands: number;
+  reads: number;
+  writes: number;
+  refused: number;
 }
 
 interface Refusal {
@@ -200,7 +209,10 @@ export class TunnelServer {
     // pip's proxy has no fixed upstream: it dials the allow-listed host each CONNECT names (src/net/proxy.ts)
     const proxyIndex = service.protocol === "http-proxy" ? (service.packageIndex ?? null) : null;
     if (!proxyIndex && (!service.upstream || service.refusal)) {
-      return this.refuse(sock, { ...base, reason: service.refusal ?? `${name} has no upstream` });
+      const reason = service.refusal ?? `${name} has no upstream`;
+      // a Redis client gets the reason as a RESP error (redis-cli and redis-py print it) rather than a bare close
+      const reply = service.name === "redis" ? `-ERR sandboxd refused the connection (rule ${service.rule}, ${service.clause}): ${reason.replace(/[\r\n]/g, " ")}\r\n` : undefined;
+      return this.refuse(sock, { ...base, reason }, reply);
     }
     const gateway = this.opts.gateway ?? null;
     if (service.protocol === "postgres" && !gateway && !(service.name === "postgres" && this.opts.mode !== "paper")) {
@@ -242,7 +254,7 @@ export class TunnelServer {
     // bytes that came with the header belong to the tunnelled stream
     if (head.length > 0) sock.unshift(head);
     const started = this.opts.clock.monotonicMs();
-    let redisCommands: number | null = null;
+    let redisCounts: RedisCounts | null = null;
     let proxyTarget: string | null = null;
     const closed = (error: string | null) => {
       const durationMs = Math.round(this.opts.clock.monotonicMs() - started);
@@ -259,7 +271,7 @@ export class TunnelServer {
             bytesOut,
             durationMs,
             error,
-            ...(redisCommands !== null ? { commands: redisCommands } : {}),
+            ...(redisCounts ?? {}),
             ...(proxyIndex ? { target: proxyTarget } : {}),
           },
           [
@@ -268,7 +280,7 @@ export class TunnelServer {
               "NET",
               "CLOSE",
               `${service.name} 127.0.0.1:${service.port}${proxyTarget ? ` CONNECT ${proxyTarget}` : ""}`,
-              `in=${bytesIn} out=${bytesOut} ${durationMs}ms${error ? ` ERROR ${error}` : ""}`,
+              `in=${bytesIn} out=${bytesOut} ${durationMs}ms${redisCounts ? ` reads=${redisCounts.reads} writes=${redisCounts.writes} refused=${redisCounts.refused}` : ""}${error ? ` ERROR ${error}` : ""}`,
             ),
           ],
         )
@@ -309,35 +321,67 @@ export class TunnelServer {
       );
       return;
     }
-    if (via === "redis-filter") {
-      redisCommands = 0;
-      let filtered: Promise<unknown> = Promise.resolve();
-      // net.close waits for the filter's count of forwarded commands
-      return this.pipeRaw(sock, service, (error) => void filtered.then(() => closed(error)), (upstream) => {
-        filtered = handleRedisClient(sock, upstream, {
-          mode: this.opts.mode,
-          record: async (event, lines) => {
-            await this.opts.rec.record({ ...event, type: String(event.type), service: service.name, port: service.port }, lines);
-          },
-        }).then((r) => {
-          redisCommands = r.commands;
-        });
-      });
-    }
+    if (via === "redis-filter") return void this.relayRedis(sock, service, closed, (c) => (redisCounts = c));
     this.pipeRaw(sock, service, closed);
   }
 
-  /** Dials the upstream; `relay` (default: a raw pipe both ways) takes over once it is connected. */
-  private pipeRaw(
-    sock: net.Socket,
-    service: ResolvedService,
-    closed: (error: string | null) => void,
-    relay: (upstream: net.Socket) => void = (upstream) => {
+  /**
+   * Redis: the daemon's own logged-in connection (src/net/redis-upstream.ts),
+   * then the command filter. When Redis cannot be reached or refuses the
+   * login, the client gets a RESP error naming the cause, recorded first.
+   */
+  private async relayRedis(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void, counts: (c: RedisCounts) => void): Promise<void> {
+    const where = `${service.upstream!.host}:${service.upstream!.port}`;
+    const login = service.redis ?? { user: null, password: null, db: 0 };
+    const record = async (event: Record<string, unknown>, lines: string[]) => {
+      await this.opts.rec.record({ ...event, type: String(event.type), service: service.name, port: service.port }, lines);
+    };
+    let upstream: net.Socket;
+    try {
+      upstream = await openRedisUpstream({ host: service.upstream!.host, port: service.upstream!.port, ...login }, UPSTREAM_CONNECT_TIMEOUT_MS, (s) => {
+        this.sockets.add(s);
+        s.once("close", () => this.sockets.delete(s));
+      });
+    } catch (e) {
+      const reason = e instanceof RedisUnreachable ? e.message : String(e);
+      const text = `sandboxd: Redis at ${where} unreachable: ${reason}`;
+      try {
+        await record({ type: "redis.unreachable", upstream: where, reason, mode: this.opts.mode }, [
+          actionLine(this.ts(), "NET", "REDIS", where, `ERROR unreachable: ${reason}`),
+        ]);
+        if (!sock.destroyed) sock.end(`-ERR ${text.replace(/[\r\n]/g, " ")}\r\n`);
+      } catch {
+        sock.destroy();
+      }
+      if (sock.destroyed) closed(text);
+      else sock.once("close", () => closed(text));
+      sock.resume(); // drain what the client sent meanwhile, so the end completes
+      return;
+    }
+    if (sock.destroyed || this.closed) {
+      upstream.destroy();
+      closed("the sandbox side closed before the upstream was ready");
+      return;
+    }
+    const r = await handleRedisClient(sock, upstream, {
+      mode: this.opts.mode,
+      db: login.db,
+      now: () => this.opts.clock.now(),
+      record,
+      recordMany: (entries) =>
+        this.opts.rec.recordMany(entries.map((e) => ({ event: { ...e.event, type: String(e.event.type), service: service.name, port: service.port }, lines: e.lines }))),
+    });
+    counts({ commands: r.commands, reads: r.reads, writes: r.writes, refused: r.refused });
+    closed(r.error);
+  }
+
+  /** Dials the upstream and pipes both ways. */
+  private pipeRaw(sock: net.Socket, service: ResolvedService, closed: (error: string | null) => void): void {
+    const relay = (upstream: net.Socket) => {
       sock.pipe(upstream);
       upstream.pipe(sock);
       sock.resume();
-    },
-  ): void {
+    };
     const upstream = net.connect({ host: service.upstream!.host, port: service.upstream!.port });
     this.sockets.add(upstream);
     upstream.once("close", () => this.sockets.delete(upstream));
@@ -373,15 +417,29 @@ export class TunnelServer {
     upstream.once("close", onClose(sock));
   }
 
-  private async refuse(sock: net.Socket, r: Refusal): Promise<void> {
-    sock.destroy();
+  /** `reply`: bytes the client gets (after the record) before the close, in its service's protocol; none by default. */
+  private async refuse(sock: net.Socket, r: Refusal, reply?: string): Promise<void> {
+    if (!reply) sock.destroy();
     if (this.closed && r.rule === "net.tunnel-header") return; // torn down by close(), not a refusal
-    await this.opts.rec
+    const recorded = await this.opts.rec
       .record(
         { type: "net.connect", service: r.service, port: r.port, decision: "forbid", rule: r.rule, clause: r.clause, reason: r.reason },
         [actionLine(this.ts(), "NET", "CONNECT", `${r.service} 127.0.0.1:${r.port ?? "?"}`, `FORBID ${r.rule} (${r.clause}): ${r.reason}`)],
       )
-      .catch((e: Error) => this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection"));
+      .then(
+        () => true,
+        (e: Error) => {
+          this.opts.log.error({ phase: this.opts.phaseId, err: e.message }, "could not record a refused tunnel connection");
+          return false;
+        },
+      );
+    if (reply) {
+      if (recorded && !sock.destroyed) {
+        sock.end(reply);
+        sock.resume(); // read and drop what the client sent, so the close completes
+        setTimeout(() => sock.destroy(), 5_000).unref();
+      } else sock.destroy();
+    }
     this.opts.log.info({ phase: this.opts.phaseId, service: r.service, reason: r.reason }, "tunnel connection refused");
   }
 

@@ -7,7 +7,7 @@
 import type { Logger } from "pino";
 import { BuildLogRegistry, type BuildLog } from "../audit/buildlog.js";
 import type { AuditJournal } from "../audit/journal.js";
-import { Redactor, findSecrets, secretsFromDotenv, variants } from "../audit/redact.js";
+import { Redactor, findSecrets, secretsFromDotenv, variants, type LogSecrets } from "../audit/redact.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import type { PhaseServices } from "../net/services.js";
@@ -44,6 +44,8 @@ export interface ManagerOptions {
   buildLogLocation?: "project" | "state";
   /** service URLs overriding the project's .env (settings.serviceOverrides) */
   serviceOverrides?: Readonly<Record<string, string>>;
+  /** the daemon log's scrubber: each live phase's secrets are registered here */
+  logSecrets?: LogSecrets;
 }
 
 /** A phase this daemon supervises: its record and everything it holds while it lives. */
@@ -102,6 +104,8 @@ export class PhaseContext {
     const redactor = new Redactor(secrets, {
       onWarning: (m) => this.opts.log.warn({ phase: record.id }, m),
     });
+    // the daemon's own log is scrubbed of them too, while the phase lives
+    this.opts.logSecrets?.add(record.id, redactor);
     return new PhaseRecorder(record.id, this.opts.journal, log, redactor);
   }
 

@@ -149,6 +149,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     await ctx.buildLogs.release(buildLog, id).catch(() => undefined);
     await ctx.store.remove(id).catch(() => undefined);
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
+    ctx.opts.logSecrets?.remove(id);
     throw err;
   }
 }
@@ -204,6 +205,7 @@ export async function finish(ctx: PhaseContext, live: LivePhase, state: "stopped
   await ctx.buildLogs.release(record.buildLog, record.id).catch(() => undefined);
   ctx.phases.delete(record.id);
   ctx.opts.log.info({ phase: record.id, state, why }, "phase ended");
+  ctx.opts.logSecrets?.remove(record.id);
 }
 
 export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord): Promise<void> {

@@ -105,8 +105,8 @@ export class PhaseManager {
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
     }
     const a = await this.ctx.opts.approvals.decide(approvalId, decision, note);
-    const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : (a.command ?? ""));
-    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, note: note ?? null }, [
+    const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? ""));
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, argv: a.argv, command: a.command, sql: a.sql, note: note ?? null }, [
       actionLine(
         timestamp(this.ctx.opts.clock.now()),
         "APPROVAL",

@@ -12,6 +12,7 @@ import { DEAD_PORT, StrayConnections } from "../net/stray.js";
 import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
 import { confineNetwork as confineNamespace, RefusalWatch } from "../runtime/netns.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import { askSqlApproval } from "./sql-approval.js";
 
 /** How long the conntrack watch may take to show it sees events (src/runtime/netns.ts). */
 const WATCH_READY_MS = 5_000;
@@ -39,7 +40,7 @@ export async function openTunnels(ctx: PhaseContext, live: LivePhase, token: str
     rec: live.rec,
     clock: ctx.opts.clock,
     log: ctx.opts.log,
-    services: () => listenList(live.services),
+    services: () => live.services,
   });
   live.channel?.setServices(listenList(live.services));
 }
@@ -134,6 +135,7 @@ export function gatewayFor(ctx: PhaseContext, live: LivePhase): GatewayHandoff {
       redact: (text) => live.rec.redact(text),
       statementTimeoutMs: ctx.policyFor(live.phasePolicy).database.statementTimeoutMs.value,
       rules: sqlRulesFor(ctx.policyFor(live.phasePolicy).database),
+      askApproval: (req) => askSqlApproval(ctx, live, req),
       log: ctx.opts.log,
     });
   };

@@ -5,10 +5,13 @@
  * before acting on the decision it records. The two appends (each with its
  * own fdatasync) run concurrently: after a crash between them, one file can
  * hold a record the other lacks, never a decision that was acted on without
- * both. Every string passes the phase's secret redactor on the way in.
+ * both. Every string value passes the phase's secret redactor on the way in
+ * — never a record type, a key, an id field (journal OWN_WORDS) or the
+ * daemon's prefix of a build-log line (format.ts redactLine).
  */
 import type { BuildLog } from "../audit/buildlog.js";
 import type { AuditEvent, AuditJournal, AuditRecord } from "../audit/journal.js";
+import { redactLine } from "../audit/format.js";
 import { Redactor, StreamRedactor } from "../audit/redact.js";
 import { StringDecoder } from "node:string_decoder";
 
@@ -27,7 +30,7 @@ export class PhaseRecorder {
   async record(event: AuditEvent, lines: readonly string[]): Promise<AuditRecord> {
     const [rec] = await Promise.all([
       this.journal.append({ ...event, phase: this.phaseId }, { redactor: this.redactor }),
-      this.build.append(lines.map((l) => this.redactor.redact(l))),
+      this.build.append(lines.map((l) => redactLine(l, this.redactor))),
     ]);
     return rec;
   }
@@ -44,7 +47,7 @@ export class PhaseRecorder {
     if (entries.length === 0) return [];
     const appends = entries.map((e) => this.journal.append({ ...e.event, phase: this.phaseId }, { redactor: this.redactor }));
     const lines: string[] = [];
-    for (const e of entries) for (const l of e.lines) lines.push(this.redactor.redact(l));
+    for (const e of entries) for (const l of e.lines) lines.push(redactLine(l, this.redactor));
     const [records] = await Promise.all([Promise.all(appends), this.appendBuildGrouped(lines)]);
     return records;
   }

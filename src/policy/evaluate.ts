@@ -14,11 +14,17 @@
  * human would be asked to approve something nobody could judge, and argv is
  * always available instead.
  *
- * `bash -c STRING` and `sh -c STRING` (exactly that form) are judged twice:
- * as themselves (not on the whitelist, so they ask) and by their inner string,
- * parsed and judged recursively to a nesting depth of 2. A forbidden inner
- * command therefore forbids the wrapper; an inner string that cannot be
- * parsed forbids it too.
+ * Each argv is judged on its judging views (./options.ts): the program's own
+ * option grammar applied, options written canonically (`rm --rec`, `rm -R`
+ * → `rm --recursive`; `kill -sKILL`, `kill -n 9` → `kill --signal=KILL`;
+ * `python3 -I -mpip` → `python3 -m pip`), every view under every rule.
+ *
+ * A wrapper (./wrappers.ts: sh/bash -c, env, nice, timeout, xargs, stdbuf,
+ * nohup, time, command, exec, find -exec, …) is judged as itself (none is on
+ * the whitelist: ask) AND by what it runs, recursively: a forbidden inner
+ * command forbids the wrapper. A shell's `-c` string is parsed and judged to a
+ * shell nesting depth of 2; wrappers nest at most MAX_WRAPPER_DEPTH deep; an
+ * option a wrapper's grammar does not know asks (rule shell.wrapper-option).
  */
 import type { ErrorCode } from "../errors.js";
 import {
@@ -32,7 +38,10 @@ import {
   type ShellRuleSpec,
   type TokenSpec,
 } from "./schema.js";
-import { innerShellCommand, parseCommand } from "./shellparse.js";
+import { quoteArgv } from "../audit/format.js";
+import { judgingViews } from "./options.js";
+import { parseCommand } from "./shellparse.js";
+import { unwrap } from "./wrappers.js";
 
 export interface PartVerdict {
   argv: string[];
@@ -67,6 +76,8 @@ export interface EvaluateOptions {
    * still wins, and an `unknown: forbid` policy is not overridden.
    */
   extraAllow?: ReadonlySet<string>;
+  /** judge shell strings inside wrappers (sh -c); false only when the loader checks examples without the parser */
+  scripts?: boolean;
 }
 
 export const PARSE_RULE_ID = "shell.parse";
@@ -75,6 +86,15 @@ export const OPERATOR_RULE_ID = "shell.operator-allow";
 const CLAUSE_WHITELIST = "SKILLS.md §2 Command Whitelist Pattern";
 /** `bash -c "bash -c '…'"` is judged; one level more is refused */
 export const MAX_SHELL_NESTING = 2;
+/** `nice timeout 5 env … cmd`: wrappers within wrappers, at most this deep */
+export const MAX_WRAPPER_DEPTH = 8;
+export const WRAPPER_OPTION_RULE_ID = "shell.wrapper-option";
+
+/** how deep the current argv is nested: in shell strings, in wrappers */
+interface Depth {
+  shells: number;
+  wrappers: number;
+}
 
 export function evaluateCommand(policy: Policy, input: CommandInput, opts: EvaluateOptions = {}): Verdict {
   const parts: PartVerdict[] = [];
@@ -82,11 +102,11 @@ export function evaluateCommand(policy: Policy, input: CommandInput, opts: Evalu
   if ("argv" in input && Array.isArray(input.argv)) {
     const argv = [...input.argv];
     execArgv = argv;
-    judgeArgv(policy, argv, opts, 0, parts);
+    judgeArgv(policy, argv, opts, { shells: 0, wrappers: 0 }, parts);
   } else if ("command" in input && typeof input.command === "string") {
     const command = input.command;
     execArgv = ["/bin/sh", "-c", command];
-    judgeString(policy, command, opts, 0, parts, undefined);
+    judgeString(policy, command, opts, { shells: 0, wrappers: 0 }, parts, undefined);
   } else {
     throw new TypeError("evaluateCommand: pass {argv: string[]} or {command: string}");
   }
@@ -107,7 +127,7 @@ function judgeString(
   policy: Policy,
   command: string,
   opts: EvaluateOptions,
-  depth: number,
+  depth: Depth,
   parts: PartVerdict[],
   wrapper: readonly string[] | undefined,
 ): void {
@@ -126,7 +146,7 @@ function judgeString(
   for (const argv of parsed.commands) judgeArgv(policy, argv, opts, depth, parts);
 }
 
-function judgeArgv(policy: Policy, argv: string[], opts: EvaluateOptions, depth: number, parts: PartVerdict[]): void {
+function judgeArgv(policy: Policy, argv: string[], opts: EvaluateOptions, depth: Depth, parts: PartVerdict[]): void {
   const program = argv[0];
   if (program === undefined || program === "" || argv.some((a) => a.includes("\0"))) {
     parts.push({
@@ -138,35 +158,77 @@ function judgeArgv(policy: Policy, argv: string[], opts: EvaluateOptions, depth:
     });
     return;
   }
+  const views = judgingViews(argv);
   let best: PartVerdict | undefined;
   for (const layer of policy.shell.layers) {
-    const v = judgeInLayer(layer, argv, opts.extraAllow);
+    const v = judgeInLayer(layer, argv, opts.extraAllow, views);
     if (best === undefined || DECISION_RANK[v.decision] > DECISION_RANK[best.decision]) best = v;
   }
-  const inner = innerShellCommand(argv);
-  if (inner !== undefined && best!.ruleId === UNKNOWN_RULE_ID) {
-    best!.reason += "; or send the inner command itself as the `command` string, where it is judged on its own";
+  const wrapped = unwrap(argv);
+  if (wrapped !== undefined && wrapped.inner.length > 0 && best!.ruleId === UNKNOWN_RULE_ID) {
+    best!.reason += "; or run the wrapped command itself, where it is judged on its own";
   }
   parts.push(best!);
-  if (inner === undefined) return;
-  if (depth + 1 > MAX_SHELL_NESTING) {
-    parts.push({
-      argv,
-      decision: "forbid",
-      ruleId: PARSE_RULE_ID,
-      clause: CLAUSE_WHITELIST,
-      reason: `\`${show(argv)}\` nests shells deeper than ${MAX_SHELL_NESTING} levels; run the innermost command directly`,
-    });
+  if (wrapped === undefined) return;
+  const forbid = (reason: string) => parts.push({ argv, decision: "forbid", ruleId: PARSE_RULE_ID, clause: CLAUSE_WHITELIST, reason });
+  if (wrapped.refuse !== undefined) {
+    forbid(`\`${show(argv)}\`: ${wrapped.refuse}`);
     return;
   }
-  judgeString(policy, inner, opts, depth + 1, parts, argv);
+  if (wrapped.unknown.length > 0) {
+    parts.push({
+      argv,
+      decision: "ask",
+      ruleId: WRAPPER_OPTION_RULE_ID,
+      clause: CLAUSE_WHITELIST,
+      reason: `\`${show(argv)}\`: ${wrapped.wrapper} is given option${wrapped.unknown.length > 1 ? "s" : ""} ${wrapped.unknown.map((u) => `\`${u}\``).join(", ")} that sandboxd does not know, so what it runs is uncertain; it requires human approval`,
+    });
+  }
+  for (const inner of wrapped.inner) {
+    if (inner.kind === "file") continue; // a script file: bound to its content when approved (src/approvals/binding.ts)
+    if (inner.kind === "script" && opts.scripts === false) continue;
+    if (inner.kind === "argv") {
+      if (depth.wrappers + 1 > MAX_WRAPPER_DEPTH) {
+        forbid(`\`${show(argv)}\` nests wrappers deeper than ${MAX_WRAPPER_DEPTH} levels; run the innermost command directly`);
+        return;
+      }
+      judgeArgv(policy, inner.argv, opts, { ...depth, wrappers: depth.wrappers + 1 }, parts);
+      continue;
+    }
+    if (depth.shells + 1 > MAX_SHELL_NESTING) {
+      forbid(`\`${show(argv)}\` nests shells deeper than ${MAX_SHELL_NESTING} levels; run the innermost command directly`);
+      return;
+    }
+    judgeString(policy, inner.script, opts, { ...depth, shells: depth.shells + 1 }, parts, argv);
+  }
+}
+
+/**
+ * argv and every argv it runs through wrappers (not shell strings), for the
+ * loader's example checks: an example `env rm -rf /` belongs to the rm rule.
+ */
+export function wrappedArgvs(argv: readonly string[], depth = 0): string[][] {
+  const out = [[...argv]];
+  const w = depth < MAX_WRAPPER_DEPTH ? unwrap(argv) : undefined;
+  for (const inner of w?.inner ?? []) if (inner.kind === "argv") out.push(...wrappedArgvs(inner.argv, depth + 1));
+  return out;
+}
+
+/** The verdict of one layer alone for argv, wrappers unwrapped (shell strings in them not judged): the loader's example check. */
+export function evaluateInLayer(layer: ShellLayer, argv: readonly string[]): Verdict {
+  return evaluateCommand({ shell: { layers: [layer] } } as unknown as Policy, { argv }, { scripts: false });
 }
 
 /** The verdict of one layer for one argv: strictest matching rule, else the layer's unknown decision. */
-export function judgeInLayer(layer: ShellLayer, argv: readonly string[], extraAllow?: ReadonlySet<string>): PartVerdict {
+export function judgeInLayer(
+  layer: ShellLayer,
+  argv: readonly string[],
+  extraAllow?: ReadonlySet<string>,
+  views: readonly (readonly string[])[] = judgingViews(argv),
+): PartVerdict {
   let best: CompiledRule | undefined;
   for (const rule of layer.rules) {
-    if ((best === undefined || rule.rank > best.rank) && ruleMatches(rule, argv)) {
+    if ((best === undefined || rule.rank > best.rank) && views.some((v) => matchView(rule, v))) {
       best = rule;
       if (rule.rank === DECISION_RANK.forbid) break;
     }
@@ -198,7 +260,12 @@ export function judgeInLayer(layer: ShellLayer, argv: readonly string[], extraAl
   };
 }
 
+/** Whether a rule matches argv: any of its judging views (./options.ts). */
 export function ruleMatches(rule: CompiledRule, argv: readonly string[]): boolean {
+  return judgingViews(argv).some((v) => matchView(rule, v));
+}
+
+function matchView(rule: CompiledRule, argv: readonly string[]): boolean {
   const program = argv[0];
   if (program === undefined) return false;
   if (!rule.program(program)) {
@@ -307,13 +374,11 @@ function compileAtom(atom: AtomSpec): ArgMatcher {
 
 /* -------------------------------- display ------------------------------- */
 
-const SAFE_WORD = /^[A-Za-z0-9_@%+=:,./-]+$/;
-
-/** argv as a reader would type it, shortened for messages */
+/** argv as a reader would type it (invisible characters escaped, src/audit/format.ts), shortened for messages */
 export function show(argv: readonly string[], max = 160): string {
   let out = "";
   for (const a of argv) {
-    const word = SAFE_WORD.test(a) ? a : `'${a.replaceAll("'", `'\\''`)}'`;
+    const word = quoteArgv([a]);
     out = out === "" ? word : `${out} ${word}`;
     if (out.length > max) return `${out.slice(0, max - 1)}…`;
   }

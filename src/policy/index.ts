@@ -31,6 +31,8 @@ export {
 export { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "./load.js";
 export {
   MAX_SHELL_NESTING,
+  MAX_WRAPPER_DEPTH,
+  WRAPPER_OPTION_RULE_ID,
   OPERATOR_RULE_ID,
   PARSE_RULE_ID,
   UNKNOWN_RULE_ID,
@@ -44,7 +46,6 @@ export {
 export {
   MAX_COMMAND_LENGTH,
   initShellParser,
-  innerShellCommand,
   isShellParserReady,
   parseCommand,
   type ParseResult,
@@ -59,3 +60,5 @@ export {
   type CompiledWorkspace,
 } from "./workspace.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
+export { judgingViews, pythonTarget, signalName, type PythonTarget } from "./options.js";
+export { unwrap, type Inner, type Unwrapped } from "./wrappers.js";

@@ -15,7 +15,7 @@ import { LineCounter, parseDocument, isNode } from "yaml";
 import type { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { PHASE_MODES, type PhaseMode } from "../phases/types.js";
-import { compileLayer, judgeInLayer, ruleMatches, show } from "./evaluate.js";
+import { compileLayer, evaluateInLayer, ruleMatches, show, wrappedArgvs } from "./evaluate.js";
 import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js";
 import type { PhaseLimits } from "./limits.js";
 import {
@@ -153,11 +153,12 @@ function checkRules(file: string, rules: Array<{ index: number; spec: ShellRuleS
     const rule = layer.rules[k]!;
     spec.match?.forEach((argv, j) => {
       const path = [...base, "match", j];
-      if (!ruleMatches(rule, argv)) {
+      // an example may be a wrapped form (`env rm -rf /`): the rule matches what it runs
+      if (!wrappedArgvs(argv).some((a) => ruleMatches(rule, a))) {
         problems.push({ path, message: `rule ${spec.id} does not match its example \`${show(argv)}\`` });
         return;
       }
-      const v = judgeInLayer(layer, argv);
+      const v = evaluateInLayer(layer, argv);
       if (v.decision !== spec.decision) {
         problems.push({
           path,

@@ -41,8 +41,9 @@
  * blanks, newlines and line continuations, words of one command must be
  * separated by blanks, parts of one word must touch.
  *
- * `bash -c STRING` / `sh -c STRING` are recognised by innerShellCommand(); the
- * evaluator parses and judges the inner string (nesting depth ≤ 2).
+ * `bash -c STRING` / `sh -c STRING` (and other wrappers) are recognised by
+ * ./wrappers.ts; the evaluator parses and judges the inner string (nesting
+ * depth ≤ 2).
  */
 import { createRequire } from "node:module";
 import { Language, Parser, type Node } from "web-tree-sitter";
@@ -104,21 +105,6 @@ export function parseCommand(command: string): ParseResult {
   } finally {
     tree.delete();
   }
-}
-
-const SHELL_WRAPPERS = new Set(["bash", "sh"]);
-
-/**
- * The inner command string of exactly `bash -c STRING` or `sh -c STRING`
- * (program named bare or by path); undefined for anything else. Other forms
- * (`bash -lc`, `bash -c s arg0`, `bash script.sh`) are not unwrapped: they are
- * judged as the program `bash`/`sh` itself, which is not on the whitelist.
- */
-export function innerShellCommand(argv: readonly string[]): string | undefined {
-  if (argv.length !== 3 || argv[1] !== "-c") return undefined;
-  const program = argv[0]!;
-  const name = program.slice(program.lastIndexOf("/") + 1);
-  return SHELL_WRAPPERS.has(name) ? argv[2] : undefined;
 }
 
 /* -------------------------------------------------------------------------- */

@@ -3,10 +3,28 @@
  * sandbox's hardening is written down.
  */
 import Docker from "dockerode";
+import { writeFile } from "node:fs/promises";
+import path from "node:path";
 import { PassThrough, type Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import type { ContainerRuntime, ContainerSummary, PhaseContainerSpec } from "./types.js";
+
+/** Every phase container's hostname; its /etc/hosts maps it to 127.0.0.1. */
+export const SANDBOX_HOSTNAME = "sandbox";
+
+/**
+ * The phase container's /etc/hosts, written into the run dir and mounted
+ * read-only. With networking disabled Docker writes none (the container gets
+ * an empty file in its init layer, over anything the image has), and
+ * `localhost` does not resolve: a suite binding ("localhost", port), or a
+ * client configured with host=localhost, fails. IPv4 only, as the container
+ * is: a `::1 localhost` line would make resolvers that use every address
+ * (asyncio's create_server) or the first one (Node's listen) try ::1 and fail
+ * with EADDRNOTAVAIL.
+ */
+export const SANDBOX_HOSTS = `127.0.0.1\tlocalhost ${SANDBOX_HOSTNAME}\n`;
+const HOSTS_FILE = "hosts";
 
 function statusOf(err: unknown): number | undefined {
   return typeof err === "object" && err !== null && "statusCode" in err
@@ -42,6 +60,7 @@ export function hostConfigFor(spec: PhaseContainerSpec): Docker.HostConfig {
       `${spec.projectDir}:${SHIM_PATHS.workspace}:rw`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
+      `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
     ],
     Memory: spec.memoryBytes,
     MemorySwap: spec.memoryBytes,
@@ -86,12 +105,22 @@ export class DockerRuntime implements ContainerRuntime {
   async runPhaseContainer(spec: PhaseContainerSpec): Promise<string> {
     let container: Docker.Container;
     try {
+      await writeFile(path.join(spec.runDir, HOSTS_FILE), SANDBOX_HOSTS, { mode: 0o644 });
+    } catch (err) {
+      throw new SandboxdError("SBX_ERR_DOCKER", `cannot write the phase's hosts file in ${spec.runDir}: ${(err as Error).message}`, {
+        hint: "the run dir must exist and be writable by the daemon",
+        cause: err,
+      });
+    }
+    try {
       container = await this.docker.createContainer({
         name: spec.name,
         Image: spec.image,
         Labels: spec.labels,
         Env: Object.entries(spec.env).map(([k, v]) => `${k}=${v}`),
         User: "0:0",
+        // named in the image's /etc/hosts (runtime/image.ts SANDBOX_HOSTS), so gethostname() resolves
+        Hostname: SANDBOX_HOSTNAME,
         WorkingDir: SHIM_PATHS.workspace,
         NetworkDisabled: true,
         Tty: false,

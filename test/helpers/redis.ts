@@ -13,6 +13,9 @@ const run = promisify(execFile);
 
 export interface TestRedis {
   port: number;
+  /** the ACL user the daemon logs in as (when started with `auth`) */
+  user: string | null;
+  password: string | null;
   /** redis-cli against it, from the host; trimmed stdout */
   cli(...args: string[]): Promise<string>;
   stop(): Promise<void>;
@@ -26,18 +29,27 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-export async function startRedis(): Promise<TestRedis> {
+/**
+ * `auth`: the server wants a login, as an operator runs it — the `default`
+ * user gets an admin password (used by cli()), and an ACL user `user` with
+ * `password` may run everything (so only the filter stands between a sandbox
+ * and the server's dangerous commands; a real operator would narrow it).
+ */
+export async function startRedis(opts: { auth?: { user: string; password: string } } = {}): Promise<TestRedis> {
   const dir = await tempDir("redis");
   const port = await freePort();
+  const admin = opts.auth ? `admin-${Math.random().toString(36).slice(2)}-pw` : null;
+  const authArgs = opts.auth ? ["--requirepass", admin!, "--user", opts.auth.user, "on", `>${opts.auth.password}`, "~*", "&*", "+@all"] : [];
   const child: ChildProcess = spawn(
     "redis-server",
-    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no", "--loglevel", "warning"],
+    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no", "--loglevel", "warning", ...authArgs],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
   let stderr = "";
   child.stderr!.on("data", (b: Buffer) => (stderr += b.toString()));
   const spawnFailed = new Promise<never>((_, reject) => child.once("error", reject));
-  const cli = async (...args: string[]) => (await run("redis-cli", ["-p", String(port), ...args])).stdout.trim();
+  const login = admin ? ["-a", admin, "--no-auth-warning"] : [];
+  const cli = async (...args: string[]) => (await run("redis-cli", ["-p", String(port), ...login, ...args])).stdout.trim();
   const deadline = Date.now() + 10_000;
   for (;;) {
     const ok = await Promise.race([cli("PING").then((o) => o === "PONG", () => false), spawnFailed]);
@@ -51,9 +63,11 @@ export async function startRedis(): Promise<TestRedis> {
   }
   return {
     port,
+    user: opts.auth?.user ?? null,
+    password: opts.auth?.password ?? null,
     cli,
     stop: async () => {
-      if (child.exitCode === null) {
+      if (child.exitCode === null && child.signalCode === null) {
         const exited = new Promise((r) => child.once("exit", r));
         child.kill("SIGTERM");
         await exited;

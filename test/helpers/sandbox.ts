@@ -120,11 +120,17 @@ export interface TestDaemon {
 }
 
 /** The real daemon, in this process, serving a real unix socket. */
-export async function startTestDaemon(opts: { policy?: string } = {}): Promise<TestDaemon> {
+export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.ProcessEnv; logLines?: string[] } = {}): Promise<TestDaemon> {
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, TEST_ENV);
-  const daemon = await startDaemon(settings, { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) });
+  // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, { ...TEST_ENV, ...opts.env });
+  // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
+  const lines = opts.logLines;
+  const daemon = await startDaemon(
+    settings,
+    lines ? { logDestination: { write: (l: string) => lines.push(l) } } : { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) },
+  );
   return {
     daemon,
     api: new ApiClient(socket),

@@ -123,15 +123,10 @@ try:
 except OSError as e:
     out["external"] = e.errno
 
-# 4. PostgreSQL in test mode without DATABASE_URL_TEST: accepted by the shim, closed by the daemon
-s, err, _ = connect(5432, retry_s=5)
-if s:
-    s.settimeout(5)
-    try:
-        out["pg_read"] = len(s.recv(100))
-    except OSError as e:
-        out["pg_read"] = "err %s" % e.errno
-    s.close()
+# 4. PostgreSQL in test mode without DATABASE_URL_TEST: nothing listens, refused like a closed port
+s, err, dt = connect(5432)
+out["pg_errno"] = err
+out["pg_secs"] = dt
 
 out["env"] = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_TEST", "REDIS_URL", "QUESTDB_URL", "QUESTDB_URL_TEST")}
 out["secret_in_env"] = any("${secret}" in v for v in os.environ.values())
@@ -168,11 +163,13 @@ describe("service tunnels", () => {
     expect(out.p5433_secs as number).toBeLessThan(0.5);
     expect(out.host_port_errno).toBe(111);
     expect(out.external).toBe(111); // ECONNREFUSED at once: redirected to a port nothing can listen on (net.unlisted-destination)
-    expect(out.pg_read).toBe(0); // closed by the daemon without a byte
+    expect(out.pg_errno).toBe(111); // not configured for this mode: nothing listens (ECONNREFUSED), at once
+    expect(out.pg_secs as number).toBeLessThan(0.5);
     expect(out.env).toEqual({
       DATABASE_URL: "postgresql://sandbox@127.0.0.1:5432/trading",
       DATABASE_URL_TEST: null,
-      REDIS_URL: "redis://127.0.0.1:6379/2",
+      // test mode without REDIS_URL_TEST: Redis is refused, and the variable names the tunnel, never production
+      REDIS_URL: "redis://127.0.0.1:6379/0",
       QUESTDB_URL: "http://127.0.0.1:9000",
       QUESTDB_URL_TEST: "http://127.0.0.1:9000",
     });
@@ -191,9 +188,14 @@ describe("service tunnels", () => {
     const close = records.find((e) => e.type === "net.close" && e.service === "questdb-http");
     expect(close).toMatchObject({ bytesIn: out.sent, bytesOut: out.sent, error: null });
     expect(typeof close!.durationMs).toBe("number");
-    const pg = records.find((e) => e.type === "net.connect" && e.service === "postgres");
-    expect(pg).toMatchObject({ decision: "forbid", rule: "db.test-database-only" });
-    expect(String(pg!.reason)).toMatch(/DATABASE_URL_TEST is not set/);
+    // recorded by the conntrack watch with the service's own rule and reason
+    let pg: Record<string, unknown> | undefined;
+    for (let i = 0; i < 50 && !pg; i++) {
+      pg = (await journal()).find((e) => e.phase === phase.id && e.type === "net.connect" && e.service === "postgres");
+      if (!pg) await new Promise((res) => setTimeout(res, 100));
+    }
+    expect(pg).toMatchObject({ decision: "forbid", rule: "db.test-database-only", address: "127.0.0.1", port: 5432 });
+    expect(String(pg!.reason)).toMatch(/nothing listens for it.*DATABASE_URL_TEST is not set/);
     // the refusal comes before the connection would have been made
     expect(records.indexOf(redisConnect!)).toBeLessThan(records.indexOf(close!));
 
@@ -493,11 +495,11 @@ s.sendall(b"".join(cmd(*c) for c in cmds))
 print(json.dumps([reply(f) for _ in cmds]))
 `;
 
-  /** A phase whose REDIS_URL is `redis`; `cmds` pipelined from inside it over one connection; the replies in order. */
+  /** A phase whose Redis for its mode (REDIS_URL_TEST outside paper mode) is `redis`; `cmds` pipelined from inside it over one connection; the replies in order. */
   async function sendFromSandbox(redis: TestRedis, mode: "test" | "paper", cmds: string[][]): Promise<{ phase: PhaseView; replies: string[] }> {
     const project = await makeProject();
     cleanup.push(project);
-    await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+    await writeFile(path.join(project, ".env"), `${mode === "paper" ? "REDIS_URL" : "REDIS_URL_TEST"}=redis://127.0.0.1:${redis.port}/0\n`);
     await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: `redis-${mode}`, mode });
     const script = await writeScript(project, RESP);
@@ -544,6 +546,39 @@ print(json.dumps([reply(f) for _ in cmds]))
       for (const i of [1, 2, 3]) expect(replies[i]).toMatch(/^-ERR sandboxd refused /);
       expect(replies[4]).toBe("$3\r\n100\r\n");
       expect(await redis.cli("GET", "price")).toBe("100");
+      await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    } finally {
+      await redis.stop();
+    }
+  });
+
+  it("a backtest phase without REDIS_URL_TEST is refused, recorded, and told why; production Redis is untouched", async () => {
+    const redis = await startRedis();
+    try {
+      await redis.cli("SET", "price", "100");
+      const project = await makeProject();
+      cleanup.push(project);
+      // production only: a backtest must not fall back to it
+      await writeFile(path.join(project, ".env"), `REDIS_URL=redis://127.0.0.1:${redis.port}/0\n`);
+      await chown(path.join(project, ".env"), OWNER.uid, OWNER.gid);
+      const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "redis-bt", mode: "backtest" });
+      const script = await writeScript(
+        project,
+        "import os, subprocess\nfor argv in (['SET', 'price', '1'], ['DEL', 'price']):\n    p = subprocess.run(['redis-cli', '-u', os.environ['REDIS_URL']] + argv, capture_output=True, text=True)\n    print((p.stdout + p.stderr).strip())",
+      );
+      const r = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] })).result;
+      const lines = r.stdout.trim().split("\n");
+      expect(lines).toHaveLength(2);
+      for (const l of lines) expect(l).toMatch(/sandboxd refused the connection \(rule redis\.test-instance-only, .*REDIS_URL_TEST is not set.*REDIS_URL, production, is never used/);
+      expect(await redis.cli("GET", "price")).toBe("100");
+      expect(await redis.cli("DBSIZE")).toBe("1");
+      let refused: Array<Record<string, unknown>> = [];
+      for (let i = 0; i < 50 && refused.length < 2; i++) {
+        refused = (await journal()).filter((e) => e.phase === phase.id && e.type === "net.connect" && e.service === "redis");
+        if (refused.length < 2) await new Promise((res) => setTimeout(res, 100));
+      }
+      expect(refused).toHaveLength(2);
+      for (const e of refused) expect(e).toMatchObject({ decision: "forbid", rule: "redis.test-instance-only" });
       await t.api.request("DELETE", `/v1/phases/${phase.id}`);
     } finally {
       await redis.stop();

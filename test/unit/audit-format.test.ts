@@ -3,7 +3,8 @@ import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { BuildLog } from "../../src/audit/buildlog.js";
-import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../../src/audit/format.js";
+import { actionLine, escapeControl, quoteArgv, redactLine, renderOutput, timestamp } from "../../src/audit/format.js";
+import { Redactor } from "../../src/audit/redact.js";
 
 const TS = timestamp(new Date(Date.UTC(2025, 0, 28, 14, 32, 1, 5)));
 
@@ -23,7 +24,21 @@ describe("build_audit.log format", () => {
   });
 
   it("escapes control characters, ANSI escapes and line separators", () => {
-    expect(escapeControl("a\nb\r\tc\u001b[31m\u2028")).toBe("a\\nb\\r\\tc\\x1b[31m\\x2028");
+    expect(escapeControl("a\nb\r\tc\u001b[31m\u2028")).toBe("a\\nb\\r\\tc\\x1b[31m\\u2028");
+  });
+
+  it("escapes bidi overrides, zero-width and other format characters, and look-alike spaces", () => {
+    expect(escapeControl("a\u202eb\u2066c\u200bd\ufeffe\u00adf\u00a0g\u{e0041}h")).toBe(
+      "a\\u202eb\\u2066c\\u200bd\\ufeffe\\x00adf\\x00a0g\\U000e0041h".replace(/\\x00/g, "\\x"),
+    );
+    expect(escapeControl("plain ascii, é and 日本")).toBe("plain ascii, é and 日本");
+  });
+
+  it("quotes a word with an invisible character the $'…' way, exactly", () => {
+    const attack = "rm -rf /workspace/x #\u001b[35Dpytest -q tests/\u001b[K";
+    expect(quoteArgv(["sh", "-c", attack])).toBe(`sh -c $'rm -rf /workspace/x #\\x1b[35Dpytest -q tests/\\x1b[K'`);
+    expect(quoteArgv(["a\rb", "it's\b\\"])).toBe(`$'a\\rb' $'it\\'s\\x08\\\\'`);
+    expect(quoteArgv(["x\u202etxt.py"])).toBe(`$'x\\u202etxt.py'`);
   });
 
   it("renders multi-line output as indented continuation lines that cannot forge a record", () => {
@@ -60,5 +75,21 @@ describe("BuildLog", () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("redactLine keeps the daemon's structure", () => {
+  const red = new Redactor(["quest", "SHELL", "APPROVAL"], { onWarning: () => undefined });
+  it("scrubs only the text after the daemon's prefix", () => {
+    const ts = "2026-01-28T14:32:01.123Z";
+    expect(redactLine(actionLine(ts, "APPROVAL", "REQUEST", "psql -W quest", "ap_1 pending: quest"), red)).toBe(
+      `[${ts}] [APPROVAL] [REQUEST] [psql -W [REDACTED]] [ap_1 pending: [REDACTED]]`,
+    );
+    expect(redactLine(`[${ts}] SHELL_EXEC: echo quest`, red)).toBe(`[${ts}] SHELL_EXEC: echo [REDACTED]`);
+    expect(redactLine(`[${ts}] DB_QUERY [QuestDB]: SELECT 'quest'`, red)).toBe(`[${ts}] DB_QUERY [QuestDB]: SELECT '[REDACTED]'`);
+    expect(redactLine("    | requests handled: 3; questdb ok", red)).toBe("    | requests handled: 3; questdb ok");
+    expect(redactLine("    | SHELL quest", red)).toBe("    | [REDACTED] [REDACTED]");
+    // a line of unknown shape is scrubbed whole
+    expect(redactLine("quest SHELL", red)).toBe("[REDACTED] [REDACTED]");
   });
 });

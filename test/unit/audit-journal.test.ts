@@ -148,15 +148,25 @@ describe("audit.jsonl record format", () => {
     expect((await verifyJournal(dir)).ok).toBe(true);
   });
 
-  it("scrubs secrets from every string before hashing when given a redactor", async () => {
-    const redactor = new Redactor(["hunter2-secret"]);
+  it("scrubs secrets from every string value before hashing, never a key, the type or an id field", async () => {
+    const redactor = new Redactor(["hunter2-secret", "quest"]);
     const j = await AuditJournal.open(dir, { clock: fixedClock(), redactor });
-    const rec = await j.append({ type: "shell.exec", command: "psql -p hunter2-secret", nested: { "key hunter2-secret": ["x hunter2-secret"] } });
+    const rec = await j.append({
+      type: "approval.request",
+      rule: "quest",
+      command: "psql -p hunter2-secret -W quest",
+      requestReason: "requests: 3; questdb ok",
+      nested: { "key hunter2-secret": ["x hunter2-secret"], decision: "quest" },
+    });
     await j.close();
-    expect(rec.command).toBe("psql -p [REDACTED]");
+    expect(rec.command).toBe("psql -p [REDACTED] -W [REDACTED]");
+    expect(rec.type).toBe("approval.request");
+    expect(rec.rule).toBe("quest");
+    expect(rec.requestReason).toBe("requests: 3; questdb ok");
     const raw = await readFile(journalPath(), "utf8");
-    expect(raw).not.toContain("hunter2");
-    expect(raw).toContain('{"key [REDACTED]":["x [REDACTED]"]}');
+    expect(raw).not.toContain("x hunter2");
+    // keys are the daemon's: never rewritten
+    expect(raw).toContain('{"decision":"quest","key hunter2-secret":["x [REDACTED]"]}');
     expect((await verifyJournal(dir)).ok).toBe(true);
   });
 

@@ -8,7 +8,7 @@ const WITH_RAW = {
     { id: "net.service.questdb-http", name: "questdb-http" as const, port: 9000, justification: "opt-in" },
   ],
 };
-import { listenList, proxyEnv, resolveServices, serviceOverridesFromEnv } from "../../src/net/services.js";
+import { listenList, proxyEnv, resolveServices, serviceOverridesFromEnv, unavailableAt } from "../../src/net/services.js";
 import { daemonToShimSchema, tunnelHeaderSchema } from "../../src/shim/protocol.js";
 import { readFile } from "node:fs/promises";
 import { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy } from "../../src/policy/load.js";
@@ -19,6 +19,7 @@ const ENV = {
   QUESTDB_URL: "postgresql://admin:quest@qdb.internal:8812/qdb",
   QUESTDB_URL_TEST: "postgresql://qtester:qt3st-pw@127.0.0.1:8813/qdb_test",
   REDIS_URL: "redis://:r3dis-pw@cache.internal:6380/3",
+  REDIS_URL_TEST: "redis://tester:r3dis-t3st-pw@127.0.0.1:6390/5",
 };
 
 const byName = (s: ReturnType<typeof resolveServices>, n: string) => s.services.find((x) => x.name === n)!;
@@ -73,13 +74,14 @@ describe("resolveServices", () => {
       DATABASE_URL_TEST: "postgresql://sandbox@127.0.0.1:5432/trading_test",
       QUESTDB_URL: "postgresql://qtester@127.0.0.1:8812/qdb_test",
       QUESTDB_URL_TEST: "postgresql://qtester@127.0.0.1:8812/qdb_test",
-      REDIS_URL: "redis://127.0.0.1:6379/3",
+      REDIS_URL: "redis://127.0.0.1:6379/5",
+      REDIS_URL_TEST: "redis://127.0.0.1:6379/5",
       ...proxyEnv(DEFAULT_NETWORK.packageIndex!),
     });
     for (const v of Object.values(s.env)) expect(v).not.toMatch(/pw|quest$/);
     expect(byName(s, "questdb-pg").upstream).toEqual({ host: "127.0.0.1", port: 8813 });
     expect(byName(s, "questdb-http").upstream).toEqual({ host: "127.0.0.1", port: 9000 });
-    expect(byName(s, "redis").upstream).toEqual({ host: "cache.internal", port: 6380 });
+    expect(byName(s, "redis").upstream).toEqual({ host: "127.0.0.1", port: 6390 });
     expect(listenList(s)).toEqual([
       { name: "postgres", port: 5432 },
       { name: "questdb-pg", port: 8812 },
@@ -90,15 +92,58 @@ describe("resolveServices", () => {
   });
 
   it("daemon overrides win over the project's .env", () => {
-    const overrides = serviceOverridesFromEnv({ SANDBOXD_SERVICE_REDIS_URL: "redis://10.1.1.1:7000/0", OTHER: "x" });
-    expect(overrides).toEqual({ REDIS_URL: "redis://10.1.1.1:7000/0" });
+    const overrides = serviceOverridesFromEnv({ SANDBOXD_SERVICE_REDIS_URL_TEST: "redis://10.1.1.1:7000/0", OTHER: "x" });
+    expect(overrides).toEqual({ REDIS_URL_TEST: "redis://10.1.1.1:7000/0" });
     expect(byName(resolveServices("test", ENV, overrides, WITH_RAW), "redis").upstream).toEqual({ host: "10.1.1.1", port: 7000 });
+    expect(serviceOverridesFromEnv({ SANDBOXD_SERVICE_REDIS_URL: "redis://10.1.1.2:7001/1" })).toEqual({ REDIS_URL: "redis://10.1.1.2:7001/1" });
   });
 
-  it("services that are not configured are listed but refused, and no variable is invented", () => {
+  it("Redis by mode: test/backtest reach REDIS_URL_TEST only (refused without it, never production); paper reaches REDIS_URL", () => {
+    for (const mode of ["test", "backtest"] as const) {
+      const r = byName(resolveServices(mode, ENV, {}, WITH_RAW), "redis");
+      expect(r).toMatchObject({ upstream: { host: "127.0.0.1", port: 6390 }, refusal: null, redis: { user: "tester", password: "r3dis-t3st-pw", db: 5 } });
+      const { REDIS_URL_TEST: _, ...prodOnly } = ENV;
+      const s = resolveServices(mode, prodOnly, {}, WITH_RAW);
+      const refused = byName(s, "redis");
+      expect(refused).toMatchObject({ upstream: null, rule: "redis.test-instance-only" });
+      expect(refused.refusal).toMatch(/REDIS_URL_TEST is not set.*REDIS_URL, production, is never used/);
+      expect(refused.redis).toBeUndefined();
+      // the variable names the tunnel, never the real host or password
+      expect(s.env.REDIS_URL).toBe("redis://127.0.0.1:6379/0");
+    }
+    const paper = resolveServices("paper", ENV, {}, WITH_RAW);
+    expect(byName(paper, "redis")).toMatchObject({ upstream: { host: "cache.internal", port: 6380 }, redis: { user: null, password: "r3dis-pw", db: 3 } });
+    expect(paper.env.REDIS_URL).toBe("redis://127.0.0.1:6379/3");
+    expect(paper.env.REDIS_URL_TEST).toBe("redis://127.0.0.1:6379/3");
+    // URLs the tunnel cannot use are refused with the reason
+    for (const [url, why] of [
+      ["rediss://:pw@h:6380/0", /TLS/],
+      ["redis://h:6379/abc", /not a number/],
+      ["http://h:6379/0", /not a redis:\/\/ URL/],
+    ] as const) {
+      const r = byName(resolveServices("paper", { REDIS_URL: url }, {}, WITH_RAW), "redis");
+      expect(r.upstream).toBeNull();
+      expect(r.refusal).toMatch(why);
+    }
+    // an ACL user
+    expect(byName(resolveServices("paper", { REDIS_URL: "redis://trader:p%40ss@h:6379" }, {}, WITH_RAW), "redis").redis).toEqual({ user: "trader", password: "p@ss", db: 0 });
+  });
+
+  it("services that are not configured are refused, nothing listens for them, and no variable is invented", () => {
     const s = resolveServices("test", {}, {}, WITH_RAW);
     expect(s.env).toEqual(proxyEnv(DEFAULT_NETWORK.packageIndex!));
     for (const svc of s.services.filter((x) => x.protocol !== "http-proxy")) expect(svc.refusal).toBeTruthy();
+    // only the package-index proxy listens; the other ports are closed, as in any container
+    expect(listenList(s)).toEqual([{ name: "pip-proxy", port: 3128 }]);
+    expect(unavailableAt(s, "127.0.0.1", 5432)).toMatchObject({ name: "postgres", rule: "db.test-database-only" });
+    expect(unavailableAt(s, "127.0.0.1", 6379)).toMatchObject({ name: "redis", rule: "net.service.redis" });
+    expect(unavailableAt(s, "127.0.0.2", 5432)).toBeUndefined();
+    expect(unavailableAt(s, "127.0.0.1", 3128)).toBeUndefined();
+    expect(unavailableAt(s, "127.0.0.1", 5433)).toBeUndefined();
+    // test mode with only production configured: PostgreSQL is not listened for either
+    const prodOnly = resolveServices("test", { DATABASE_URL: "postgresql://u:pw@db.internal/trading" }, {}, DEFAULT_NETWORK);
+    expect(listenList(prodOnly).map((x) => x.name)).toEqual(["pip-proxy"]);
+    expect(unavailableAt(prodOnly, "127.0.0.1", 5432)?.refusal).toMatch(/DATABASE_URL_TEST is not set/);
   });
 
   it("points pip (and urllib, requests) at the proxy and keeps the tunnels direct", () => {

@@ -37,7 +37,7 @@ beforeAll(async () => {
   // QuestDB's HTTP port is a raw pipe: the echo server stands in for it. (Redis goes through its command filter.)
   const services = resolveServices(
     "test",
-    { REDIS_URL: `redis://127.0.0.1:${port}/0`, QUESTDB_URL_TEST: `http://127.0.0.1:${port}` },
+    { REDIS_URL_TEST: `redis://127.0.0.1:${port}/0`, QUESTDB_URL_TEST: `http://127.0.0.1:${port}` },
     {},
     WITH_RAW,
   );

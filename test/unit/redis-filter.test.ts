@@ -6,7 +6,8 @@
  */
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { handleRedisClient, ReplyCounter, RequestParser, RespProtocolError } from "../../src/net/redis.js";
+import { checkCommand, handleRedisClient, refusalReply, ReplyCounter, RequestParser, RespProtocolError } from "../../src/net/redis.js";
+import { keysOf, needsArgs } from "../../src/net/redis-commands.js";
 import type { PhaseMode } from "../../src/phases/types.js";
 
 function resp(...args: string[]): string {
@@ -85,6 +86,7 @@ afterAll(async () => {
 /** A filtered connection: sends `input` in the given pieces, reads until `expect` bytes or close. */
 async function session(mode: PhaseMode, pieces: Buffer[], expectBytes: number | null) {
   const events: Array<Record<string, unknown>> = [];
+  const writes: Array<Record<string, unknown>> = [];
   const lines: string[] = [];
   const front = net.createServer();
   await new Promise<void>((r) => front.listen(0, "127.0.0.1", r));
@@ -97,6 +99,10 @@ async function session(mode: PhaseMode, pieces: Buffer[], expectBytes: number | 
         await new Promise((r) => setTimeout(r, 2));
         events.push(e);
         lines.push(...l);
+      },
+      recordMany: async (entries) => {
+        await new Promise((r) => setTimeout(r, 2));
+        for (const e of entries) writes.push(e.event);
       },
     });
   });
@@ -120,7 +126,7 @@ async function session(mode: PhaseMode, pieces: Buffer[], expectBytes: number | 
   await closed;
   const result = await done;
   front.close();
-  return { text: Buffer.concat(got).toString("latin1"), events, lines, result };
+  return { text: Buffer.concat(got).toString("latin1"), events, writes, lines, result };
 }
 
 function splitRandomly(buf: Buffer, seed: number): Buffer[] {
@@ -190,12 +196,12 @@ describe("handleRedisClient", () => {
     ];
     const expected = [
       "+OK\r\n",
-      "-ERR sandboxd refused FLUSHALL (rule redis.denied, SKILLS.md Safety First: no destructive actions)\r\n",
+      "-ERR sandboxd refused FLUSHALL (rule redis.denied, SKILLS.md Safety First: no destructive actions): server administration is not available from a sandbox; ask a person\r\n",
       "$1\r\n1\r\n",
-      "-ERR sandboxd refused CONFIG SET (rule redis.denied, SKILLS.md Safety First: no destructive actions)\r\n",
+      "-ERR sandboxd refused CONFIG SET (rule redis.denied, SKILLS.md Safety First: no destructive actions): server administration is not available from a sandbox; ask a person\r\n",
       "-ERR unknown command 'CLIENT'\r\n",
       "$5\r\nhello\r\n",
-      "-ERR sandboxd refused CLIENT KILL (rule redis.denied, SKILLS.md Safety First: no destructive actions)\r\n",
+      "-ERR sandboxd refused CLIENT KILL (rule redis.denied, SKILLS.md Safety First: no destructive actions): server administration is not available from a sandbox; ask a person\r\n",
       "$2\r\nme\r\n",
     ].join("");
     seen.length = 0;
@@ -205,7 +211,9 @@ describe("handleRedisClient", () => {
       expect(r.events.map((e) => e.command)).toEqual(["FLUSHALL", "CONFIG SET", "CLIENT KILL"]);
       expect(r.events[0]).toMatchObject({ type: "redis.refused", rule: "redis.denied", clause: "SKILLS.md Safety First: no destructive actions" });
       expect(r.lines[0]).toMatch(/\[NET\] \[REDIS\] \[FLUSHALL\] \[FORBID redis\.denied/);
-      expect(r.result).toMatchObject({ commands: 5, refused: 3 });
+      expect(r.result).toMatchObject({ commands: 5, refused: 3, reads: 2, writes: 1 });
+      // the allowed write is recorded, with its key, before it is forwarded
+      expect(r.writes.map((e) => [e.command, e.keys])).toEqual([["SET", ["a"]]]);
     }
     expect(seen).not.toContain("FLUSHALL");
     expect(seen).not.toContain("CONFIG");
@@ -226,15 +234,157 @@ describe("handleRedisClient", () => {
     const input = resp("GET", "k") + resp("SET", "k", "w") + resp("DEL", "k") + resp("GET", "k");
     const expected =
       "$1\r\nv\r\n" +
-      "-ERR sandboxd refused SET (rule redis.read-only, SKILLS.md §3 Read-Only Default: production is read-only)\r\n" +
-      "-ERR sandboxd refused DEL (rule redis.read-only, SKILLS.md §3 Read-Only Default: production is read-only)\r\n" +
+      "-ERR sandboxd refused SET (rule redis.read-only, SKILLS.md §3 Read-Only Default: production is read-only): production Redis is read-only in paper mode; write in a test or backtest phase (REDIS_URL_TEST)\r\n" +
+      "-ERR sandboxd refused DEL (rule redis.read-only, SKILLS.md §3 Read-Only Default: production is read-only): production Redis is read-only in paper mode; write in a test or backtest phase (REDIS_URL_TEST)\r\n" +
       "$1\r\nv\r\n";
     const r = await session("paper", [Buffer.from(input)], Buffer.byteLength(expected, "latin1"));
     expect(Buffer.from(r.text, "latin1").toString("utf8")).toBe(expected);
-    expect(r.events.map((e) => [e.command, e.rule])).toEqual([["SET", "redis.read-only"], ["DEL", "redis.read-only"]]);
+    expect(r.events.filter((e) => e.type === "redis.refused").map((e) => [e.command, e.rule])).toEqual([["SET", "redis.read-only"], ["DEL", "redis.read-only"]]);
     expect(data.get("k")).toBe("v");
     // the same writes pass in test mode
     const t = await session("test", [Buffer.from(resp("SET", "k", "w") + resp("GET", "k"))], "+OK\r\n$1\r\nw\r\n".length);
     expect(t.text).toBe("+OK\r\n$1\r\nw\r\n");
+  });
+});
+
+/** argv → the verdict's rule (null: allowed), per mode. */
+function rule(mode: PhaseMode, argv: string[], db = 0): string | null {
+  const raw = Buffer.from(resp(...argv));
+  const [cmd] = new RequestParser(needsArgs).feed(raw);
+  const v = checkCommand(cmd!, mode, db);
+  return v.allow ? null : v.rule;
+}
+
+describe("the allowlist (judgeCommand)", () => {
+  // every attack the review reproduced, and the classes around them
+  const never: Array<[string[], string]> = [
+    [["RESTORE", "k", "0", "\x00\x05hello\x0b\x00payload", "REPLACE"], "redis.denied"],
+    [["restore", "k", "0", "x"], "redis.denied"],
+    [["CLIENT", "PAUSE", "2000", "ALL"], "redis.denied"],
+    [["CLIENT", "PAUSE", "2000", "WRITE"], "redis.denied"],
+    [["CLIENT", "KILL", "ADDR", "127.0.0.1:1"], "redis.denied"],
+    [["CLIENT", "LIST"], "redis.denied"],
+    [["CLIENT", "REPLY", "OFF"], "redis.denied"],
+    [["CLIENT", "TRACKING", "ON"], "redis.denied"],
+    [["CLIENT", "NO-EVICT", "ON"], "redis.denied"],
+    [["CLIENT", "UNBLOCK", "5"], "redis.denied"],
+    [["CLIENT", "WHATEVER"], "redis.unlisted"],
+    [["SLOWLOG", "RESET"], "redis.denied"],
+    [["SLOWLOG", "GET"], "redis.denied"],
+    [["LATENCY", "RESET"], "redis.denied"],
+    [["MEMORY", "PURGE"], "redis.denied"],
+    [["MEMORY", "DOCTOR"], "redis.denied"],
+    [["SELECT", "5"], "redis.select"],
+    [["SELECT", "0", "extra"], "redis.select"],
+    [["SELECT", "00x"], "redis.select"],
+    [["AUTH", "secret"], "redis.auth"],
+    [["AUTH", "default", "secret"], "redis.auth"],
+    [["HELLO", "3", "AUTH", "default", "secret"], "redis.auth"],
+    [["HELLO", "2", "SETNAME", "x", "auth", "u", "p"], "redis.auth"],
+    [["RESET"], "redis.denied"],
+    [["CONFIG", "SET", "dir", "/tmp"], "redis.denied"],
+    [["CONFIG", "GET", "*"], "redis.denied"],
+    [["FLUSHALL"], "redis.denied"],
+    [["FLUSHDB", "ASYNC"], "redis.denied"],
+    [["DEBUG", "SLEEP", "10"], "redis.denied"],
+    [["MODULE", "LOAD", "/tmp/x.so"], "redis.denied"],
+    [["SCRIPT", "LOAD", "return 1"], "redis.denied"],
+    [["EVAL", "return redis.call('flushall')", "0"], "redis.denied"],
+    [["EVALSHA", "abc", "0"], "redis.denied"],
+    [["FUNCTION", "FLUSH"], "redis.denied"],
+    [["FCALL", "f", "0"], "redis.denied"],
+    [["SHUTDOWN", "NOSAVE"], "redis.denied"],
+    [["REPLICAOF", "10.0.0.1", "6379"], "redis.denied"],
+    [["SLAVEOF", "10.0.0.1", "6379"], "redis.denied"],
+    [["MIGRATE", "h", "1", "k", "0", "1000"], "redis.denied"],
+    [["ACL", "SETUSER", "x", "on", ">p", "+@all"], "redis.denied"],
+    [["MONITOR"], "redis.denied"],
+    [["SWAPDB", "0", "1"], "redis.denied"],
+    [["MOVE", "k", "1"], "redis.denied"],
+    [["COPY", "a", "b", "DB", "3"], "redis.select"],
+    [["DUMP", "k"], "redis.denied"],
+    [["SAVE"], "redis.denied"],
+    [["BGSAVE"], "redis.denied"],
+    [["SYNC"], "redis.denied"],
+    [["WAIT", "1", "0"], "redis.unlisted"],
+    [["LOLWUT"], "redis.unlisted"],
+    [["INFO", "commandstats"], "redis.unlisted"],
+    [["INFO", "everything"], "redis.unlisted"],
+    [["CLUSTER", "RESET"], "redis.denied"],
+    [["FAILOVER"], "redis.denied"],
+    [["PFDEBUG", "GETREG", "k"], "redis.unlisted"],
+  ];
+
+  it("refuses the never-list and everything unlisted, in every mode", () => {
+    for (const mode of ["paper", "test", "backtest"] as const) {
+      for (const [argv, want] of never) {
+        expect([argv.join(" "), mode, rule(mode, argv)]).toEqual([argv.join(" "), mode, want]);
+      }
+    }
+  });
+
+  const reads = [
+    ["GET", "k"], ["MGET", "a", "b"], ["HGETALL", "h"], ["LRANGE", "l", "0", "-1"], ["SMEMBERS", "s"], ["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+    ["XRANGE", "x", "-", "+"], ["XREAD", "COUNT", "10", "STREAMS", "x", "0"], ["XLEN", "x"], ["XINFO", "STREAM", "x"], ["XPENDING", "x", "g"],
+    ["EXISTS", "k"], ["TTL", "k"], ["PTTL", "k"], ["TYPE", "k"], ["SCAN", "0", "MATCH", "a*"], ["HSCAN", "h", "0"], ["SSCAN", "s", "0"],
+    ["ZSCAN", "z", "0"], ["KEYS", "*"], ["DBSIZE"], ["PING"], ["ECHO", "x"], ["INFO"], ["INFO", "keyspace"], ["INFO", "memory", "stats"],
+    ["TIME"], ["SELECT", "0"], ["HELLO"], ["HELLO", "3"], ["HELLO", "3", "SETNAME", "me"], ["CLIENT", "SETNAME", "me"],
+    ["CLIENT", "SETINFO", "LIB-NAME", "redis-py"], ["CLIENT", "INFO"], ["CLIENT", "ID"], ["CLIENT", "GETNAME"],
+    ["SUBSCRIBE", "c"], ["PSUBSCRIBE", "c*"], ["UNSUBSCRIBE"], ["PUBSUB", "CHANNELS"], ["MULTI"], ["EXEC"], ["DISCARD"], ["WATCH", "k"],
+    ["UNWATCH"], ["SORT_RO", "l"], ["GEORADIUS_RO", "g", "0", "0", "1", "km"], ["PFCOUNT", "h"], ["OBJECT", "ENCODING", "k"],
+    ["MEMORY", "USAGE", "k"], ["COMMAND"], ["COMMAND", "COUNT"], ["QUIT"],
+  ];
+  const writes = [
+    ["SET", "k", "v"], ["SET", "k", "v", "EX", "10"], ["DEL", "k"], ["EXPIRE", "k", "10"], ["HSET", "h", "f", "v"], ["LPUSH", "l", "x"],
+    ["SADD", "s", "x"], ["ZADD", "z", "1", "m"], ["XADD", "x", "*", "f", "v"], ["XREADGROUP", "GROUP", "g", "c", "STREAMS", "x", ">"],
+    ["XACK", "x", "g", "1-0"], ["XGROUP", "CREATE", "x", "g", "$", "MKSTREAM"], ["PUBLISH", "c", "m"], ["INCR", "n"], ["MSET", "a", "1", "b", "2"],
+    ["RENAME", "a", "b"], ["COPY", "a", "b"], ["BLPOP", "a", "b", "0"], ["ZUNIONSTORE", "d", "2", "a", "b"], ["PFADD", "h", "x"], ["SORT", "l"],
+  ];
+
+  it("allows reads and session commands in every mode", () => {
+    for (const mode of ["paper", "test", "backtest"] as const) for (const argv of reads) expect([argv.join(" "), rule(mode, argv)]).toEqual([argv.join(" "), null]);
+  });
+
+  it("allows data writes (PUBLISH included) only in test and backtest; paper mode refuses them as read-only", () => {
+    for (const argv of writes) {
+      expect([argv.join(" "), rule("paper", argv)]).toEqual([argv.join(" "), "redis.read-only"]);
+      expect([argv.join(" "), rule("test", argv)]).toEqual([argv.join(" "), null]);
+      expect([argv.join(" "), rule("backtest", argv)]).toEqual([argv.join(" "), null]);
+    }
+  });
+
+  it("SELECT passes only for the phase's own database", () => {
+    expect(rule("test", ["SELECT", "3"], 3)).toBeNull();
+    expect(rule("test", ["SELECT", "0"], 3)).toBe("redis.select");
+  });
+
+  it("a HELLO whose AUTH lies beyond the arguments the filter reads is refused", () => {
+    const argv = ["HELLO", "3", ...Array.from({ length: 80 }, (_, i) => (i % 2 ? "x" : "SETNAME")), "AUTH", "u", "p"];
+    expect(rule("test", argv)).toBe("redis.auth");
+  });
+
+  it("the refusal names the command, the rule, the clause and what to do", () => {
+    const [cmd] = new RequestParser(needsArgs).feed(Buffer.from(resp("CLIENT", "PAUSE", "2000", "ALL")));
+    const v = checkCommand(cmd!, "paper");
+    expect(v.allow).toBe(false);
+    if (!v.allow) expect(refusalReply(v)).toBe("-ERR sandboxd refused CLIENT PAUSE (rule redis.denied, SKILLS.md Safety First: no destructive actions): server administration is not available from a sandbox; ask a person\r\n");
+  });
+
+  it("finds the keys of a write for its record (values never)", () => {
+    const keys = (argv: string[]) => {
+      const [cmd] = new RequestParser(needsArgs).feed(Buffer.from(resp(...argv)));
+      const v = checkCommand(cmd!, "test");
+      return v.allow ? keysOf(v.keys, cmd!.argv) : null;
+    };
+    expect(keys(["SET", "orders:1", "secret-value"])).toEqual(["orders:1"]);
+    expect(keys(["MSET", "a", "1", "b", "2"])).toEqual(["a", "b"]);
+    expect(keys(["DEL", "a", "b", "c"])).toEqual(["a", "b", "c"]);
+    expect(keys(["BLPOP", "a", "b", "0"])).toEqual(["a", "b"]);
+    expect(keys(["ZUNIONSTORE", "d", "2", "a", "b", "WEIGHTS", "1", "2"])).toEqual(["d", "a", "b"]);
+    expect(keys(["XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", "s1", "s2", ">", ">"])).toEqual(["s1", "s2"]);
+    expect(keys(["XGROUP", "CREATE", "x", "g", "$"])).toEqual(["x"]);
+    expect(keys(["BITOP", "AND", "dest", "a", "b"])).toEqual(["dest", "a", "b"]);
+    expect(keys(["SET", "k".repeat(2000), "v"])).toEqual(["<2000 bytes>"]);
+    expect(keys(["DEL", "a", "k".repeat(600)])).toEqual(["a", "<600 bytes>"]);
   });
 });

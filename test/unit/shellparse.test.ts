@@ -3,7 +3,14 @@ import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, 
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
-import { MAX_COMMAND_LENGTH, initShellParser, innerShellCommand, parseCommand } from "../../src/policy/shellparse.js";
+import { MAX_COMMAND_LENGTH, initShellParser, parseCommand } from "../../src/policy/shellparse.js";
+import { unwrap } from "../../src/policy/wrappers.js";
+
+/** the -c string of a shell argv (src/policy/wrappers.ts), or undefined */
+function innerShellCommand(argv: string[]): string | undefined {
+  const inner = unwrap(argv)?.inner[0];
+  return inner?.kind === "script" ? inner.script : undefined;
+}
 
 /** [input, expected argv list | the reason a refusal must name] */
 type Case = [string, string[][] | RegExp];
@@ -166,13 +173,16 @@ describe("bash -c / sh -c nesting", () => {
     await initShellParser();
   });
 
-  it("recognises exactly `bash -c STRING` and `sh -c STRING`", () => {
+  it("finds the -c string of sh, bash and dash, whatever options and $0 surround it", () => {
     expect(innerShellCommand(["bash", "-c", "pytest -q"])).toBe("pytest -q");
     expect(innerShellCommand(["sh", "-c", "pytest"])).toBe("pytest");
     expect(innerShellCommand(["/bin/sh", "-c", "pytest"])).toBe("pytest");
-    expect(innerShellCommand(["bash", "-lc", "pytest"])).toBeUndefined();
-    expect(innerShellCommand(["bash", "-c", "pytest", "arg0"])).toBeUndefined();
+    expect(innerShellCommand(["bash", "-lc", "pytest"])).toBe("pytest");
+    expect(innerShellCommand(["bash", "-e", "-o", "pipefail", "-c", "pytest"])).toBe("pytest");
+    expect(innerShellCommand(["bash", "--norc", "-xc", "pytest", "arg0", "arg1"])).toBe("pytest");
+    expect(innerShellCommand(["sh", "-c", "rm -rf x", "x"])).toBe("rm -rf x");
     expect(innerShellCommand(["bash", "script.sh"])).toBeUndefined();
+    expect(unwrap(["bash", "script.sh", "-c", "x"])?.inner).toEqual([{ kind: "file", path: "script.sh" }]);
     expect(innerShellCommand(["zsh", "-c", "pytest"])).toBeUndefined();
   });
 
