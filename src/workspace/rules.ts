@@ -73,6 +73,10 @@ export interface RuleFailure {
   final: boolean;
 }
 
+/** The name the layer's iteration code uses for a failure. */
+export type JudgeFailure = RuleFailure;
+export type { WorkspacePolicy };
+
 export interface Judgement {
   decision: WorkspaceDecision;
   failures: RuleFailure[];
