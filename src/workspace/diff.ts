@@ -90,25 +90,65 @@ function asText(buf: Buffer): string | null {
   }
 }
 
+/** One side of a file as the renderer sees it: its size and mode, and its bytes unless it was too large to read. */
+interface Side {
+  size: number;
+  mode?: number;
+  /** null: over the cap, not read */
+  bytes: Buffer | null;
+}
+
+const byPath = (x: FileChange, y: FileChange) => (x.path < y.path ? -1 : x.path > y.path ? 1 : 0);
+
+/** Reads both sides of every change through `source` (a side over the cap is never read) and renders the diff. */
 export async function diffChangeSet(set: ChangeSet, source: DiffSource, opts: DiffOptions = {}): Promise<string> {
   const maxBytes = opts.maxBytes ?? DEFAULT_DIFF_MAX_BYTES;
-  const context = opts.context ?? 3;
-  const changes = [...set.changes].sort((x, y) => (x.path < y.path ? -1 : x.path > y.path ? 1 : 0));
+  const load = async (v: FileVersion | null): Promise<Side | null> =>
+    v && { size: v.size, ...(v.mode !== undefined ? { mode: v.mode } : {}), bytes: v.size > maxBytes ? null : await v.read() };
   const out: string[] = [];
-  for (const c of changes) out.push(...(await diffOne(c, source, maxBytes, context)));
+  for (const c of [...set.changes].sort(byPath)) {
+    if (c.isDir) {
+      out.push(...renderChange(c, null, null, opts));
+      continue;
+    }
+    const oldPath = c.kind === "rename" ? (c.from ?? c.path) : c.path;
+    const before = c.kind === "create" ? null : await load(await source.accepted(oldPath));
+    const after = c.kind === "delete" ? null : await load(await source.view(c.path));
+    out.push(...renderChange(c, before, after, opts));
+  }
   return out.length === 0 ? "" : `${out.join("\n")}\n`;
 }
 
-async function diffOne(c: FileChange, source: DiffSource, maxBytes: number, context: number): Promise<string[]> {
+/** The bytes of a change as the layer read them (null: absent, or not a regular file). */
+export interface DiffInput {
+  change: FileChange;
+  before: Buffer | null;
+  after: Buffer | null;
+  /** the project file's mode, for `old mode` lines */
+  beforeMode?: number;
+}
+
+/** The same rendering for bytes already read (sorted by path; sides over the cap summarised). */
+export function renderUnifiedDiff(files: readonly DiffInput[], opts: DiffOptions = {}): string {
+  const maxBytes = opts.maxBytes ?? DEFAULT_DIFF_MAX_BYTES;
+  const side = (b: Buffer | null, mode: number | undefined): Side | null =>
+    b && { size: b.length, ...(mode !== undefined ? { mode } : {}), bytes: b.length > maxBytes ? null : b };
+  const out: string[] = [];
+  for (const f of [...files].sort((x, y) => byPath(x.change, y.change))) {
+    out.push(...renderChange(f.change, side(f.before, f.beforeMode), side(f.after, f.change.mode), opts));
+  }
+  return out.length === 0 ? "" : `${out.join("\n")}\n`;
+}
+
+function renderChange(c: FileChange, before: Side | null, after: Side | null, opts: DiffOptions): string[] {
+  const maxBytes = opts.maxBytes ?? DEFAULT_DIFF_MAX_BYTES;
+  const context = opts.context ?? 3;
   if (c.isDir) {
     if (c.kind === "delete") return [`Directory ${quotePath(c.path)} deleted (with everything in it)`];
     if (c.kind === "rename") return [`Directory renamed: ${quotePath(c.from ?? "?")} → ${quotePath(c.path)}`];
     return []; // a created or re-moded directory shows through the files in it
   }
   const oldPath = c.kind === "rename" ? (c.from ?? c.path) : c.path;
-  const before = c.kind === "create" ? null : await source.accepted(oldPath);
-  const after = c.kind === "delete" ? null : await source.view(c.path);
-
   const lines = [`diff --git ${side("a", oldPath)} ${side("b", c.path)}`];
   if (!before && after) lines.push(`new file mode ${gitMode(c.mode ?? after.mode)}`);
   else if (before && !after) lines.push(`deleted file mode ${gitMode(before.mode)}`);
@@ -124,13 +164,12 @@ async function diffOne(c: FileChange, source: DiffSource, maxBytes: number, cont
 
   const aName = before ? side("a", oldPath) : "/dev/null";
   const bName = after ? side("b", c.path) : "/dev/null";
-  const tooBig = (before?.size ?? 0) > maxBytes || (after?.size ?? 0) > maxBytes;
-  if (tooBig) {
+  if ((before && before.bytes === null) || (after && after.bytes === null)) {
     lines.push(`File too large to show: ${before ? `${before.size} bytes` : "absent"} → ${after ? `${after.size} bytes` : "absent"} (diff cap ${maxBytes} bytes)`);
     return lines;
   }
-  const oldBuf = before ? await before.read() : Buffer.alloc(0);
-  const newBuf = after ? await after.read() : Buffer.alloc(0);
+  const oldBuf = before?.bytes ?? Buffer.alloc(0);
+  const newBuf = after?.bytes ?? Buffer.alloc(0);
   if (before && after && oldBuf.equals(newBuf)) return lines; // a pure rename or mode change
   const oldText = asText(oldBuf);
   const newText = asText(newBuf);

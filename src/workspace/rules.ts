@@ -38,6 +38,7 @@
  * the failure says so (such an iteration is a mass change anyway).
  */
 import { escapeControl } from "../audit/format.js";
+import { SandboxdError } from "../errors.js";
 import {
   WORKSPACE_DECISION_RANK,
   compileWorkspace,
@@ -72,6 +73,10 @@ export interface RuleFailure {
   /** no human can accept it: hidden or read-only paths, bad paths, Python that does not compile */
   final: boolean;
 }
+
+/** The name the layer's iteration code uses for a failure. */
+export type JudgeFailure = RuleFailure;
+export type { WorkspacePolicy };
 
 export interface Judgement {
   decision: WorkspaceDecision;
@@ -432,7 +437,9 @@ export function pythonFilesToCompile(set: ChangeSet, ws: WorkspacePolicy): strin
  */
 export function compileCheckArgv(paths: readonly string[]): string[] {
   for (const p of paths) {
-    if (!isProjectPath(p)) throw new Error(`compileCheckArgv: ${JSON.stringify(p)} is not a project-relative path`);
+    if (!isProjectPath(p)) {
+      throw new SandboxdError("SBX_ERR_INTERNAL", `compile check asked for ${JSON.stringify(p)}, which is not a project-relative path; nothing was run`);
+    }
   }
   // "./" keeps a path starting with "-" from being read as an option by anything downstream
   return ["python3", "-I", "-B", "-c", COMPILE_SCRIPT, ...paths.map((p) => `./${p}`)];

@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { FileChange } from "../../src/workspace/changes.js";
-import { diffChangeSet, quotePath, type DiffSource, type FileVersion } from "../../src/workspace/diff.js";
+import { diffChangeSet, quotePath, renderUnifiedDiff, type DiffSource, type FileVersion } from "../../src/workspace/diff.js";
 
 let root: string;
 let oldDir: string;
@@ -168,6 +168,25 @@ describe("diffChangeSet", () => {
       source,
     );
     expect(d).toBe("Directory renamed: lib → pkg\nDirectory services/legacy deleted (with everything in it)\n");
+  });
+
+  it("renders bytes already read the same way (renderUnifiedDiff)", async () => {
+    const changes: FileChange[] = [
+      change({ kind: "rename", from: "services/a.py", path: "services/b.py" }),
+      change({ kind: "create", path: "tests/test_risk.py", mode: 0o644 }),
+      change({ kind: "modify", path: "data/blob.bin" }),
+    ];
+    const read = (dir: string, p: string) => readFileSync(path.join(dir, p));
+    const viaSource = await diffChangeSet({ changes }, source);
+    const viaBytes = renderUnifiedDiff([
+      { change: changes[0]!, before: read(oldDir, "services/a.py"), after: read(newDir, "services/b.py"), beforeMode: 0o644 },
+      { change: changes[1]!, before: null, after: read(newDir, "tests/test_risk.py") },
+      { change: changes[2]!, before: read(oldDir, "data/blob.bin"), after: read(newDir, "data/blob.bin"), beforeMode: 0o644 },
+    ]);
+    expect(viaBytes).toBe(viaSource);
+    expect(renderUnifiedDiff([{ change: change({ kind: "create", path: "big.txt" }), before: null, after: Buffer.alloc(50, "a") }], { maxBytes: 10 })).toContain(
+      "File too large to show: absent → 50 bytes (diff cap 10 bytes)",
+    );
   });
 
   it("is empty for an empty change set", async () => {
