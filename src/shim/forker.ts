@@ -106,9 +106,14 @@ def run(req):
         reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socketpair: %s" % e})
         return
     result = {"c1": c1, "c2": c2}
-    t = threading.Thread(target=start, args=(req, result))
-    t.start()
-    t.join()
+    try:
+        t = threading.Thread(target=start, args=(req, result))
+        t.start()
+        t.join()
+    except RuntimeError as e:
+        # no thread to be had (the container's pids limit, a fork bomb in another command):
+        # this command is not started, and the forker lives on for the others
+        result["e"] = OSError(errno.EAGAIN, "no thread to start it (%s)" % e)
     c1.close()
     c2.close()
     e = result.get("e")
@@ -125,6 +130,14 @@ def run(req):
     try:
         hand_over(i, 1, p1)
         hand_over(i, 2, p2)
+    except OSError as e:
+        # started, but its output cannot reach the shim: it goes (its exit is reaped and ignored)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        reply({"type": "error", "id": i, "code": errno.errorcode.get(e.errno, "ESPAWN"), "message": "output hand-over: %s" % e})
+        return
     finally:
         p1.close()
         p2.close()
@@ -135,7 +148,12 @@ def drain():
     global buf
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
-        run(json.loads(line))
+        req = json.loads(line)
+        try:
+            run(req)
+        except Exception as e:
+            # whatever failed (memory, in a starved container) fails this command, not the forker
+            reply({"type": "error", "id": req["id"], "code": "ESPAWN", "message": "the forker could not start it: %s" % e})
         reap()
 while True:
     try:
