@@ -104,6 +104,10 @@ argv = sys.argv[1:]
 # the environment as given, not os.environ: Python's start-up adds LC_CTYPE (locale coercion) there
 env = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read().split(b"\0") if b"=" in kv)
 try:
+    # the OOM killer takes commands before the shim (see below_supervisor in forker.ts); before confine(),
+    # which closes /proc to writes
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
     if LANDLOCK:
         confine()
     os.execvpe(argv[0], argv, env)

@@ -199,8 +199,8 @@ describe("each command's process boundary", () => {
     });
     const v = await victim;
     expect(v).toMatchObject({ exitCode: 1, signal: null, timedOut: false });
-    // nice 19 is every command's own (below the shim), not the attacker's doing
-    expect(JSON.parse(v.stdout)).toEqual({ nofile: "untouched", nice: 19, oom: "0", policy: 0, files: "opened 50" });
+    // nice 19 and oom_score_adj 1000 are every command's own (below the shim), not the attacker's doing
+    expect(JSON.parse(v.stdout)).toEqual({ nofile: "untouched", nice: 19, oom: "1000", policy: 0, files: "opened 50" });
 
     const recorded = await results(phase.id);
     const victimRecord = recorded.find((r) => (r.argv as string[] | undefined)?.[1] === victimScript);
@@ -248,7 +248,53 @@ describe("each command's process boundary", () => {
     expect(after).toMatchObject({ exitCode: 0, stdout: "after\n" });
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
   });
+
+  it("memory spread over many small processes gets them OOM-killed, not the shim: a concurrent command keeps its result", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "oom", mode: "test" });
+    const innocentScript = await writeScript(project, "import time\ntime.sleep(8)\nprint('finished fine')");
+    const hogScript = await writeScript(project, MEMORY_HOGS);
+    const innocent = exec(phase, ["python3", innocentScript]);
+    await new Promise((r) => setTimeout(r, 500));
+    // 200 processes of 16 MiB each: more than the phase's 2 GiB, each far smaller than the shim
+    const hog = await exec(phase, ["python3", hogScript, "200", "16"]);
+    expect(hog.exitCode).toBe(0);
+    const killed = Number(/killed (\d+)/.exec(hog.stdout)?.[1]);
+    expect(killed).toBeGreaterThan(0); // the OOM killer did run
+    const i = await innocent;
+    expect(i).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    const record = (await results(phase.id)).find((r) => (r.argv as string[] | undefined)?.[1] === innocentScript);
+    expect(record).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    // same shim, same forker, and the phase runs the next command
+    const logs = (await docker.getContainer(phase.containerName).logs({ stdout: true, stderr: true })).toString("utf8");
+    expect(logs.match(/"shim starting"/g)).toHaveLength(1);
+    expect(logs).not.toContain("forker exited");
+    const after = await exec(phase, ["python3", await writeScript(project, "print(open('/proc/self/oom_score_adj').read().strip())")]);
+    expect(after).toMatchObject({ exitCode: 0, stdout: "1000\n" });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
 });
+
+const MEMORY_HOGS = `
+import os, sys, time
+n, mb = int(sys.argv[1]), int(sys.argv[2])
+kids = []
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            b = bytearray(mb << 20)
+            for j in range(0, len(b), 4096):
+                b[j] = 1
+        except MemoryError:
+            pass
+        time.sleep(4)
+        os._exit(0)
+    kids.append(pid)
+killed = sum(1 for k in kids if os.WIFSIGNALED(os.waitpid(k, 0)[1]))
+print("killed %d" % killed)
+`;
 
 /** A failing run that, at its end, reports the limits and priority it had. */
 const LIMITS_VICTIM = `
@@ -293,7 +339,7 @@ attempt("setpriority_user", lambda: os.setpriority(os.PRIO_USER, os.getuid(), 19
 attempt("sched_setscheduler", lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)))
 attempt("sched_setaffinity", lambda: os.sched_setaffinity(pid, {0}))
 attempt("ioprio_set", ioprio)
-attempt("oom_score_adj", lambda: open("/proc/%d/oom_score_adj" % pid, "w").write("1000"))
+attempt("oom_score_adj", lambda: open("/proc/%d/oom_score_adj" % pid, "w").write("0"))
 attempt("autogroup", lambda: open("/proc/%d/autogroup" % pid, "w").write("19"))
 attempt("prlimit_read", lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE))
 print(json.dumps(out))
