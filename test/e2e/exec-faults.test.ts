@@ -262,6 +262,29 @@ describe("idle connections", () => {
     await until("the follow to see the new phase", async () => got.length > before && got.includes(p.id));
     res.destroy();
   }, 60_000);
+
+  it("a request whose body trickles in is cut; the daemon records no exec for it and answers the next client", async () => {
+    const net = await import("node:net");
+    const p = await startPhase();
+    const slow = net.connect(socket);
+    slow.on("error", () => undefined);
+    const t0 = Date.now();
+    const closedAt = new Promise<number>((r) => slow.on("close", () => r(Date.now())));
+    slow.write(
+      `POST /v1/phases/${p.id}/exec HTTP/1.1\r\nHost: sandboxd\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"argv":["python3"`,
+    );
+    const drip = setInterval(() => slow.write(" "), 1_000);
+    const closed = await closedAt;
+    clearInterval(drip);
+    expect(closed - t0).toBeGreaterThan(8_000);
+    expect(closed - t0).toBeLessThan(20_000);
+    const r = await cli(["exec", p.id, "--", "python3", "--version"], { socket });
+    expect(r.code).toBe(0);
+    const verdicts = (await readFile(path.join(stateDir, "audit.jsonl"), "utf8"))
+      .split("\n")
+      .filter((l) => l.includes('"exec.verdict"') && l.includes(p.id));
+    expect(verdicts).toHaveLength(1); // the CLI's, not the cut request's
+  }, 60_000);
 });
 
 describe("kill -9 during phase start", () => {
