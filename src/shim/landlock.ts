@@ -106,8 +106,11 @@ env = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read().s
 try:
     # the OOM killer takes commands before the shim (see below_supervisor in forker.ts); before confine(),
     # which closes /proc to writes
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass  # a /proc that will not take it costs this protection, not the command
     if LANDLOCK:
         confine()
     os.execvpe(argv[0], argv, env)
