@@ -26,6 +26,7 @@ import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import type { Clock } from "../util/clock.js";
 import { canonicalJson, canonicalMembers, toWellFormed, withMember } from "./canonical.js";
+import { type AnchorSigner, verifyAnchorSignature } from "./signing.js";
 import { removeIfPresent } from "../util/fs.js";
 
 export const JOURNAL_FILE = "audit.jsonl";
@@ -54,6 +55,14 @@ export interface AuditRecord extends AuditEvent {
 export interface ChainHead {
   seq: number;
   hash: string;
+}
+
+/** What audit.anchor holds: the chain head, and when the journal has a signer, its ed25519 signature (./signing.ts). */
+export interface Anchor extends ChainHead {
+  /** fingerprint of the signing key (SHA-256 hex of its DER SubjectPublicKeyInfo) */
+  key?: string;
+  /** base64 ed25519 signature over anchorMessage({seq, hash}) */
+  sig?: string;
 }
 
 /** Anything with a `redact(text)` method (./redact.ts `Redactor`). */
@@ -120,6 +129,12 @@ export interface JournalOptions {
    * chain. Default 1000; 0 = never (stay failed until restarted).
    */
   recoverProbeMs?: number;
+  /**
+   * Signs every anchor (./signing.ts). On open the journal records the key
+   * (`audit.signing_key`), checks that an anchor signed with this key
+   * verifies, and refuses an unsigned anchor over a trail that was signed.
+   */
+  signer?: AnchorSigner;
 }
 
 const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
@@ -156,14 +171,16 @@ export function checkRecord(line: string, parsed: unknown): string | null {
   return null;
 }
 
-export function parseAnchor(bytes: Buffer, file: string): ChainHead {
+const B64SIG = /^[A-Za-z0-9+/]{86}==$/;
+
+export function parseAnchor(bytes: Buffer, file: string): Anchor {
   let parsed: unknown;
   try {
     parsed = JSON.parse(bytes.toString("utf8"));
   } catch {
     throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} is not JSON`);
   }
-  const a = parsed as Partial<ChainHead> | null;
+  const a = parsed as Partial<Anchor> | null;
   if (
     typeof a !== "object" ||
     a === null ||
@@ -175,7 +192,11 @@ export function parseAnchor(bytes: Buffer, file: string): ChainHead {
   ) {
     throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} does not hold {seq, hash}`);
   }
-  return { seq: a.seq, hash: a.hash };
+  if (a.key === undefined && a.sig === undefined) return { seq: a.seq, hash: a.hash };
+  if (typeof a.key !== "string" || !HEX64.test(a.key) || typeof a.sig !== "string" || !B64SIG.test(a.sig)) {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} has a malformed signature (key must be a 64-hex fingerprint, sig a base64 ed25519 signature)`);
+  }
+  return { seq: a.seq, hash: a.hash, key: a.key, sig: a.sig };
 }
 
 function errnoOf(e: unknown): string {
@@ -297,12 +318,16 @@ interface Pending {
 
 const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT;
 const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT;
-/** The anchor is always this many bytes (JSON padded with spaces, then "\n"), overwritten in place. */
-export const ANCHOR_BYTES = 128;
+/**
+ * The anchor is always this many bytes (JSON padded with spaces, then "\n"),
+ * overwritten in place: one sector, so one pwrite(2) (about 250 bytes of
+ * JSON with a signature; 128 bytes before anchors were signed).
+ */
+export const ANCHOR_BYTES = 512;
 
-/** `{"hash":"…","seq":N}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
-export function anchorBytes(head: ChainHead): Buffer {
-  const json = canonicalJson({ seq: head.seq, hash: head.hash });
+/** `{"hash":"…","key":"…","seq":N,"sig":"…"}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
+export function anchorBytes(anchor: Anchor): Buffer {
+  const json = canonicalJson(anchor.sig === undefined ? { seq: anchor.seq, hash: anchor.hash } : { seq: anchor.seq, hash: anchor.hash, key: anchor.key, sig: anchor.sig });
   return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
 }
 
@@ -402,6 +427,9 @@ export class AuditJournal {
   private readonly clock: Clock;
   private readonly anchorSyncMs: number;
   private readonly redactor: TextRedactor | null;
+  private readonly signer: AnchorSigner | null;
+  /** signature of `synced` (when there is a signer), kept for the anchor written on close */
+  private syncedSig: string | undefined;
   private readonly fd: number;
   /** fd of audit.anchor, -1 when the anchor is off */
   private readonly afd: number;
@@ -453,6 +481,7 @@ export class AuditJournal {
     this.clock = opts.clock;
     this.anchorSyncMs = opts.anchorSyncMs ?? 1000;
     this.redactor = opts.redactor ?? null;
+    this.signer = opts.signer ?? null;
     this.fd = fd;
     this.afd = afd;
     this.anchorOversize = anchorSize > ANCHOR_BYTES;
@@ -516,7 +545,7 @@ export class AuditJournal {
     }
     try {
       const tail = await readTail(jfs, fd, file);
-      let anchor: ChainHead | null = null;
+      let anchor: Anchor | null = null;
       let anchorSize = 0;
       if (anchorEnabled) {
         let bytes: Buffer;
@@ -548,6 +577,7 @@ export class AuditJournal {
             `record ${anchor.seq} in ${file} does not have the hash ${anchorFile} holds: the journal's tail was rewritten`,
           );
         }
+        if (opts.signer) await checkAnchorAtOpen(jfs, fd, file, anchorFile, anchor, tail.head.seq, opts.signer);
       }
       if (tail.tornBytes > 0) {
         // The torn record's seq is tail.head.seq + 1 > anchor.seq: never acknowledged.
@@ -576,6 +606,19 @@ export class AuditJournal {
           type: "audit.anchor_missing",
           afterSeq: tail.head.seq,
           reason: `${ANCHOR_FILE} was absent or empty; truncation of the journal before this record cannot be ruled out`,
+        });
+      }
+      if (opts.signer) {
+        // The key is part of the trail: a verifier finds here the public key of every anchor signed from now on.
+        appended = true;
+        await journal.append({
+          type: "audit.signing_key",
+          fingerprint: opts.signer.fingerprint,
+          publicKey: opts.signer.publicKeyPem,
+          keyFile: opts.signer.keyFile,
+          created: opts.signer.created,
+          previousKey: anchor?.key ?? null,
+          anchoredSeq: anchor?.seq ?? null,
         });
       }
       if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq || anchorSize !== ANCHOR_BYTES)) {
@@ -663,7 +706,7 @@ export class AuditJournal {
       // (the anchor only speeds up the next verify), and a close that fails
       // changes nothing a reader could see. A lock left behind is stale (lockHeld).
       // eslint-disable-next-line no-restricted-syntax -- see above
-      if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true).catch(() => undefined);
+      if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true, this.syncedSig).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
       await this.fs.close(this.fd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
@@ -735,19 +778,26 @@ export class AuditJournal {
         const last = batch[batch.length - 1]!.record;
         let op = "write";
         let file = this.path;
+        // The anchor's signature is made on the thread pool while the batch is written and synced (both take about as long).
+        const signing = this.signer && this.afd >= 0 ? this.signer.sign({ seq: last.seq, hash: last.hash }) : null;
+        // eslint-disable-next-line no-restricted-syntax -- awaited below; only a batch that failed first leaves it unobserved
+        signing?.catch(() => undefined);
         try {
           await this.writeFully(data);
           op = "fdatasync";
           await this.fs.fdatasync(this.fd);
           this.synced = { seq: last.seq, hash: last.hash };
+          this.syncedSig = undefined;
           this.syncedEnd += data.length;
           this.stats.batches += 1;
           this.stats.records += batch.length;
           if (this.afd >= 0) {
-            op = "anchor update";
+            op = "anchor signing";
             file = this.anchorPath;
+            const sig = signing ? await signing : undefined;
+            op = "anchor update";
             const due = this.clock.monotonicMs() - this.lastAnchorSync >= this.anchorSyncMs;
-            await this.writeAnchor(this.synced, due);
+            await this.writeAnchor(this.synced, due, sig);
           }
         } catch (e) {
           this.fail(auditFailed(op, file, e), batch);
@@ -827,8 +877,9 @@ export class AuditJournal {
       await this.fs.fdatasync(this.fd);
       const last = built[built.length - 1]!.record;
       this.synced = { seq: last.seq, hash: last.hash };
+      this.syncedSig = undefined;
       this.syncedEnd += data.length;
-      if (this.afd >= 0) await this.writeAnchor(this.synced, true);
+      if (this.afd >= 0) await this.writeAnchor(this.synced, true, this.signer?.signSync(this.synced));
     } catch {
       this.head = savedHead;
       this.scheduleProbe();
@@ -860,8 +911,12 @@ export class AuditJournal {
    * that relies on a 128-byte overwrite at offset 0 being atomic on the disk
    * (it lies within one 512-byte sector). See docs/AUDIT.md.
    */
-  private async writeAnchor(head: ChainHead, durable: boolean): Promise<void> {
-    const data = anchorBytes(head);
+  private async writeAnchor(head: ChainHead, durable: boolean, sig?: string): Promise<void> {
+    if (this.signer) {
+      sig ??= this.signer.signSync(head);
+      if (head.seq === this.synced.seq) this.syncedSig = sig;
+    }
+    const data = anchorBytes(this.signer ? { ...head, key: this.signer.fingerprint, sig } : head);
     let off = 0;
     while (off < data.length) {
       const n = await this.fs.writeAt(this.afd, data, off, data.length - off, off);
@@ -882,6 +937,68 @@ export class AuditJournal {
     if (!this.flushing && !this.scheduled && this.queue.length === 0) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
+}
+
+/**
+ * With a signer, before the chain goes on: an anchor signed in the name of
+ * this key must verify (else the anchor was forged, or the chain under it
+ * rewritten, and signing on would bless that); an anchor signed with another
+ * key is a rotation, recorded by the caller and checked by `audit verify`.
+ * An unsigned anchor over records is a trail from before anchors were signed —
+ * unless the trail already records a signing key, in which case the anchor
+ * was replaced by one without a signature: refused. Finding that out reads
+ * the whole journal, which happens only when the anchor is unsigned.
+ */
+async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, anchorFile: string, anchor: Anchor | null, lastSeq: number, signer: AnchorSigner): Promise<void> {
+  if (anchor?.sig !== undefined) {
+    if (anchor.key === signer.fingerprint && !verifyAnchorSignature(anchor, anchor.sig, signer.publicKey)) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_CORRUPT",
+        `${anchorFile} names this daemon's signing key ${signer.fingerprint} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
+      );
+    }
+    return;
+  }
+  if (lastSeq === 0) return;
+  const seq = await findSigningKeyRecord(jfs, fd, file);
+  if (seq !== null) {
+    throw new SandboxdError(
+      "SBX_ERR_AUDIT_CORRUPT",
+      `${anchorFile} carries no signature, but ${file} records a signing key at seq ${seq}: the signed anchor was replaced; run \`sandboxd audit verify\``,
+    );
+  }
+}
+
+/** seq of the first `audit.signing_key` record in the journal, or null. */
+async function findSigningKeyRecord(jfs: JournalFs, fd: number, file: string): Promise<number | null> {
+  const needle = Buffer.from('"type":"audit.signing_key"');
+  const STEP = 1 << 20;
+  try {
+    const size = await jfs.size(fd);
+    let carry = Buffer.alloc(0);
+    for (let pos = 0; pos < size; pos += STEP) {
+      const chunk = Buffer.concat([carry, await readExactly(jfs, fd, pos, Math.min(STEP, size - pos))]);
+      let lineStart = 0;
+      for (;;) {
+        const nl = chunk.indexOf(10, lineStart);
+        if (nl < 0) break;
+        const line = chunk.subarray(lineStart, nl);
+        if (line.includes(needle)) {
+          try {
+            const rec = JSON.parse(line.toString("utf8")) as { type?: unknown; seq?: unknown };
+            if (rec.type === "audit.signing_key" && typeof rec.seq === "number") return rec.seq;
+          } catch {
+            /* a bad line is `audit verify`'s to report */
+          }
+        }
+        lineStart = nl + 1;
+      }
+      carry = chunk.subarray(lineStart);
+    }
+  } catch (e) {
+    throw auditFailed("read", file, e);
+  }
+  return null;
 }
 
 interface Tail {
