@@ -950,11 +950,21 @@ export class AuditJournal {
  * the whole journal, which happens only when the anchor is unsigned.
  */
 async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, anchorFile: string, anchor: Anchor | null, lastSeq: number, signer: AnchorSigner): Promise<void> {
-  if (anchor?.sig !== undefined) {
-    if (anchor.key === signer.fingerprint && !verifyAnchorSignature(anchor, anchor.sig, signer.publicKey)) {
+  if (anchor?.sig !== undefined && anchor.key !== undefined) {
+    const key = anchor.key === signer.fingerprint ? signer.publicKey : signer.previous.get(anchor.key);
+    if (!key) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_KEY",
+        `${anchorFile} is signed with key ${anchor.key}, which is neither this daemon's key ${signer.fingerprint} (${signer.keyFile}) nor one it was rotated from (${signer.keyFile}.previous): the trail was re-signed elsewhere, or the key file was swapped`,
+        {
+          hint: `check the trail with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`; if you replaced the key yourself, append the old key's public key to ${signer.keyFile}.previous (\`sandboxd audit key --rotate\` does that) and start again`,
+        },
+      );
+    }
+    if (!verifyAnchorSignature(anchor, anchor.sig, key)) {
       throw new SandboxdError(
         "SBX_ERR_AUDIT_CORRUPT",
-        `${anchorFile} names this daemon's signing key ${signer.fingerprint} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
+        `${anchorFile} names signing key ${anchor.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
       );
     }
     return;

@@ -19,7 +19,7 @@
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
 import { constants as fsc } from "node:fs";
-import { link, mkdir, open, readFile, stat, unlink } from "node:fs/promises";
+import { appendFile, link, mkdir, open, readFile, rename, stat, unlink } from "node:fs/promises";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import { canonicalJson } from "./canonical.js";
@@ -72,10 +72,15 @@ export class AnchorSigner {
    * @param keyFile where the private key was read from (recorded, for the operator)
    * @param created the key was created by this start (recorded in the trail)
    */
+  /**
+   * @param previous keys this one replaced (`<keyFile>.previous`): an anchor
+   *   signed by one of them is a rotation the operator made, not a stranger's
+   */
   constructor(
     private readonly key: KeyObject,
     readonly keyFile: string,
     readonly created = false,
+    readonly previous: ReadonlyMap<string, KeyObject> = new Map(),
   ) {
     if (key.type !== "private" || key.asymmetricKeyType !== "ed25519") throw new TypeError("AnchorSigner needs an ed25519 private key");
     const pub = createPublicKey(key);
@@ -98,9 +103,9 @@ export class AnchorSigner {
     return new Promise((resolve, reject) => sign(null, msg, this.key, (err, sig) => (err ? reject(err) : resolve(sig.toString("base64")))));
   }
 
-  /** A signer from a freshly made key held in memory (tests, benches). */
-  static ephemeral(): AnchorSigner {
-    return new AnchorSigner(generateKeyPairSync("ed25519").privateKey, "(in memory)");
+  /** A signer from a freshly made key held in memory (tests, benches); `previous`: the signers it replaced. */
+  static ephemeral(previous: readonly AnchorSigner[] = []): AnchorSigner {
+    return new AnchorSigner(generateKeyPairSync("ed25519").privateKey, "(in memory)", false, new Map(previous.map((p) => [p.fingerprint, p.publicKey])));
   }
 }
 
@@ -110,6 +115,29 @@ function keyError(message: string, hint: string, cause?: unknown): SandboxdError
 
 const KEY_HINT =
   "give the daemon a readable ed25519 key (PEM, PKCS#8), mode 0600, outside the state dir: --audit-key FILE or SANDBOXD_AUDIT_KEY; `sandboxd audit key --new --key-file FILE` makes one (docs/AUDIT.md \"Signed anchors\")";
+
+/** `<keyFile>.previous`: the public keys (PEM, one after another) of the keys this one replaced. */
+export function previousKeysFile(keyFile: string): string {
+  return `${keyFile}.previous`;
+}
+
+async function readPreviousKeys(keyFile: string): Promise<Map<string, KeyObject>> {
+  const file = previousKeysFile(keyFile);
+  let text: string;
+  try {
+    text = await readFile(file, "utf8");
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return new Map();
+    throw keyError(`cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`, KEY_HINT, e);
+  }
+  const keys = new Map<string, KeyObject>();
+  for (const pem of text.match(/-----BEGIN PUBLIC KEY-----[\s\S]*?-----END PUBLIC KEY-----/g) ?? []) {
+    const k = publicKeyFromPem(pem);
+    if (!k) throw keyError(`${file} holds a public key that is not ed25519`, "keep only the ed25519 public keys of earlier signing keys in it");
+    keys.set(fingerprintOf(k), k);
+  }
+  return keys;
+}
 
 /** Reads and checks a private key file: ed25519, PEM, not readable by group or others. */
 export async function readSigningKey(file: string): Promise<AnchorSigner> {
@@ -137,7 +165,48 @@ export async function readSigningKey(file: string): Promise<AnchorSigner> {
   if (key.asymmetricKeyType !== "ed25519") {
     throw keyError(`${file} holds a ${key.asymmetricKeyType ?? "unknown"} key; audit anchors are signed with ed25519`, KEY_HINT);
   }
-  return new AnchorSigner(key, file);
+  return new AnchorSigner(key, file, false, await readPreviousKeys(file));
+}
+
+/**
+ * Rotation: a new key replaces the one at `file`, whose public key is
+ * appended to `<file>.previous` first, so the daemon's next start accepts
+ * the trail's last anchor (signed by the old key) as its own history. The old
+ * private key is not kept. The trail records the change on the next start
+ * (`audit.signing_key` with `previousKey`).
+ */
+export async function rotateSigningKey(file: string): Promise<{ signer: AnchorSigner; replaced: string }> {
+  const old = await readSigningKey(file);
+  const prevFile = previousKeysFile(file);
+  const { privateKey } = generateKeyPairSync("ed25519");
+  const tmp = `${file}.${process.pid}.${Date.now()}.tmp`;
+  try {
+    await appendFile(prevFile, old.publicKeyPem, { mode: 0o600 });
+    const pfh = await open(prevFile, fsc.O_RDONLY);
+    try {
+      await pfh.sync();
+    } finally {
+      await pfh.close();
+    }
+    const fh = await open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
+    try {
+      await fh.writeFile(privateKey.export({ type: "pkcs8", format: "pem" }).toString());
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, file);
+    const dfh = await open(path.dirname(file), fsc.O_RDONLY);
+    try {
+      await dfh.sync();
+    } finally {
+      await dfh.close();
+    }
+  } catch (e) {
+    await unlink(tmp).catch(() => undefined);
+    throw keyError(`could not rotate the audit signing key ${file}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`, KEY_HINT, e);
+  }
+  return { signer: await readSigningKey(file), replaced: old.fingerprint };
 }
 
 /**
@@ -195,7 +264,7 @@ export async function loadOrCreateSigningKey(file: string, trailSignedBy: string
   if (trailSignedBy !== null) {
     throw keyError(
       `the audit signing key ${file} is missing, but the trail's anchor is signed with key ${trailSignedBy}; a new key is not made in its place without an operator's decision`,
-      `restore ${file} from its backup; or, to rotate to a new key on purpose, run \`sandboxd audit key --new --key-file ${file}\` and start again (the trail records the change)`,
+      `restore ${file} from its backup; or, if it is lost for good, make a new one (\`sandboxd audit key --new --key-file ${file}\`), append the lost key's public key (the trail's audit.signing_key record holds it) to ${previousKeysFile(file)}, and start again (the trail records the change)`,
     );
   }
   try {

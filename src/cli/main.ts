@@ -804,15 +804,22 @@ function program(): Command {
     .command("key")
     .description("print the public key that signs the audit trail's anchors and its fingerprint (give it to auditors); --new makes a key")
     .option("--key-file <file>", "read this private key file instead of asking the daemon (or, with --new, where to make the key)")
-    .option("--new", "make a new ed25519 key (0600) at --key-file or the default path; never overwrites (rotation: docs/AUDIT.md)")
+    .option("--new", "make a new ed25519 key (0600) at --key-file or the default path; never overwrites")
+    .option("--rotate", "replace the key at --key-file or the default path with a new one; the old public key is appended to FILE.previous so the next start accepts the trail's last anchor (restart the daemon after)")
     .option("--json", "print {fingerprint, publicKey, keyFile} as JSON")
-    .action(async (opts: { keyFile?: string; new?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (opts: { keyFile?: string; new?: boolean; rotate?: boolean; json?: boolean }, cmd: Command) => {
       const signing = await import("../audit/signing.js");
       let key: { fingerprint: string; publicKey: string; keyFile: string };
-      if (opts.new || opts.keyFile) {
+      if (opts.new && opts.rotate) throw new SandboxdError("SBX_ERR_VALIDATION", "give --new or --rotate, not both");
+      if (opts.new || opts.rotate || opts.keyFile) {
         const { defaultAuditKey } = await import("../config/paths.js");
         const file = path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey()));
-        const s = opts.new ? await signing.createSigningKey(file) : await signing.readSigningKey(file);
+        let s: Awaited<ReturnType<typeof signing.readSigningKey>>;
+        if (opts.rotate) {
+          const r = await signing.rotateSigningKey(file);
+          process.stderr.write(`rotated ${file}: key ${r.replaced} replaced (its public key is in ${signing.previousKeysFile(file)}); restart the daemon to sign with the new key\n`);
+          s = r.signer;
+        } else s = opts.new ? await signing.createSigningKey(file) : await signing.readSigningKey(file);
         key = { fingerprint: s.fingerprint, publicKey: s.publicKeyPem, keyFile: s.keyFile };
       } else {
         key = (await client(cmd).request<{ key: typeof key }>("GET", "/v1/audit/key")).key;
