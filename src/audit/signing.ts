@@ -203,6 +203,8 @@ export async function rotateSigningKey(file: string): Promise<{ signer: AnchorSi
       await dfh.close();
     }
   } catch (e) {
+    // the temp file may not exist yet; the rotation's own error is the one reported
+    // eslint-disable-next-line no-restricted-syntax -- see above
     await unlink(tmp).catch(() => undefined);
     throw keyError(`could not rotate the audit signing key ${file}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`, KEY_HINT, e);
   }
@@ -242,6 +244,8 @@ export async function createSigningKey(file: string): Promise<AnchorSigner> {
     if (code === "EEXIST") throw keyError(`${file} already exists; a key is never overwritten`, "move the old key aside first (keep its public key for auditors: `sandboxd audit key --key-file FILE`)", e);
     throw keyError(`cannot create the audit signing key ${file}: ${code}`, KEY_HINT, e);
   } finally {
+    // linked into place (or never made): the temp name goes either way
+    // eslint-disable-next-line no-restricted-syntax -- see above
     await unlink(tmp).catch(() => undefined);
   }
   return new AnchorSigner(privateKey, file, true);
