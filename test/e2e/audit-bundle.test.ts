@@ -10,7 +10,7 @@
  */
 import type { ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { copyFile, readFile, stat, writeFile } from "node:fs/promises";
+import { copyFile, readFile, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { canonicalJson } from "../../src/audit/canonical.js";
@@ -234,4 +234,25 @@ describe("sandboxd audit export / verify --bundle", () => {
     expect(r.code).toBe(1);
     expect(r.stdout).toMatch(new RegExp(`REFUSED: signing key ${theirs.fingerprint} \\(recorded at seq ${chain[k]!.seq}\\) is not among the pinned keys \\(${fingerprint}\\)`));
   });
+
+  it("the daemon does not start with its key missing under a signed trail, or open to others: a coded error, never an unsigned anchor", async () => {
+    const dir = await tempDir("keyless");
+    const sock = path.join(dir, "s.sock");
+    const keyFile = testAuditKey(dir);
+    try {
+      const d = await spawnDaemon(dir, sock);
+      d.child.kill("SIGTERM");
+      expect(await waitExit(d.child)).toBe(0);
+      const anchorBefore = await readFile(path.join(dir, "audit.anchor"), "utf8");
+      await rm(keyFile);
+      await expect(spawnDaemon(dir, sock)).rejects.toThrow(/the audit signing key .* is missing, but the trail's anchor is signed with key [0-9a-f]{64}.*\[SBX_ERR_AUDIT_KEY\]/s);
+      await expect(stat(keyFile)).rejects.toMatchObject({ code: "ENOENT" });
+      await writeFile(keyFile, "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIP7e6q3ZQ4c0p1n0m3o4Vq3w1E6x9k2cQe1N0bV8yRr0\n-----END PRIVATE KEY-----\n", { mode: 0o644 });
+      await expect(spawnDaemon(dir, sock)).rejects.toThrow(/is open to group or others \(mode 0644\).*\[SBX_ERR_AUDIT_KEY\]/s);
+      // nothing was written meanwhile: the anchor is the one the last daemon signed
+      expect(await readFile(path.join(dir, "audit.anchor"), "utf8")).toBe(anchorBefore);
+    } finally {
+      await removeDir(dir);
+    }
+  }, 120_000);
 });
