@@ -66,7 +66,7 @@ async function instanceId(stateDir: string): Promise<string> {
 /** The fingerprint of the key that signed the state dir's anchor, or null (no anchor, unsigned, unreadable: the journal's open judges it). */
 async function anchorSignedBy(stateDir: string): Promise<string | null> {
   try {
-    return parseAnchor(await readFile(path.join(stateDir, ANCHOR_FILE)), ANCHOR_FILE).key ?? null;
+    return parseAnchor(await readFile(path.join(stateDir, ANCHOR_FILE)), ANCHOR_FILE).signed?.key ?? null;
   } catch {
     return null;
   }

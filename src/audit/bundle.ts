@@ -27,7 +27,7 @@ import { createReadStream } from "node:fs";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import { canonicalJson } from "./canonical.js";
-import { JOURNAL_FILE, type Anchor, type AuditJournal } from "./journal.js";
+import { JOURNAL_FILE, type AuditJournal, type SignedHead } from "./journal.js";
 import { publicKeyFromPem, fingerprintOf, type AnchorSigner } from "./signing.js";
 import { ChainChecker, type RecordedKey, type RecordedPolicy, type VerifyFailure } from "./verify.js";
 
@@ -82,7 +82,7 @@ async function* journalLines(file: string, count: number): AsyncGenerator<Buffer
 
 export interface PreparedExport {
   header: BundleHeader;
-  anchor: Required<Anchor>;
+  anchor: SignedHead;
   /** the bundle's bytes, line by line */
   body(): AsyncGenerator<Buffer>;
 }
@@ -199,9 +199,9 @@ export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?
   if (!pending || !checker) return fail("the bundle holds no records, or no signed anchor after them");
   const c = checker;
 
-  let anchor: Required<Anchor>;
+  let anchor: SignedHead;
   try {
-    const a = (JSON.parse(pending.toString("utf8")) as { anchor?: Partial<Anchor> } | null)?.anchor;
+    const a = (JSON.parse(pending.toString("utf8")) as { anchor?: Partial<SignedHead> } | null)?.anchor;
     if (!a || typeof a.seq !== "number" || typeof a.hash !== "string" || typeof a.key !== "string" || typeof a.sig !== "string") throw new Error("no anchor");
     anchor = { seq: a.seq, hash: a.hash, key: a.key, sig: a.sig };
   } catch {
@@ -216,7 +216,7 @@ export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?
   if (anchor.hash !== c.lastHash) {
     return fail(`the signed anchor holds another hash for seq ${anchor.seq} than the records give: the chain was rewritten`, anchor.seq, anchor.seq - 1);
   }
-  const sig = c.finishSignature(anchor, opts.pinned ?? []);
+  const sig = c.finishSignature({ seq: anchor.seq, hash: anchor.hash, signed: anchor }, opts.pinned ?? []);
   if ("ok" in sig) return sig;
   // the header is not signed: what it says must be what the records say
   const problems: string[] = [];

@@ -57,12 +57,21 @@ export interface ChainHead {
   hash: string;
 }
 
-/** What audit.anchor holds: the chain head, and when the journal has a signer, its ed25519 signature (./signing.ts). */
-export interface Anchor extends ChainHead {
+/** A chain head with its ed25519 signature (./signing.ts). */
+export interface SignedHead extends ChainHead {
   /** fingerprint of the signing key (SHA-256 hex of its DER SubjectPublicKeyInfo) */
-  key?: string;
+  key: string;
   /** base64 ed25519 signature over anchorMessage({seq, hash}) */
-  sig?: string;
+  sig: string;
+}
+
+/**
+ * What audit.anchor holds: the last synced head, and when the journal has a
+ * signer, the latest signed head — the same one, or one a signature behind
+ * while that signature is being made (appends never wait for it).
+ */
+export interface Anchor extends ChainHead {
+  signed?: SignedHead;
 }
 
 /** Anything with a `redact(text)` method (./redact.ts `Redactor`). */
@@ -135,6 +144,13 @@ export interface JournalOptions {
    * verifies, and refuses an unsigned anchor over a trail that was signed.
    */
   signer?: AnchorSigner;
+  /**
+   * At most one anchor signature per this many ms of the injected clock's
+   * monotonic time (default 100; 0 = as soon as the previous one is made).
+   * Appends never wait for a signature: the anchor's signed head trails its
+   * head by at most this and one signature (≈70 µs). docs/AUDIT.md.
+   */
+  signIntervalMs?: number;
 }
 
 const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
@@ -192,11 +208,25 @@ export function parseAnchor(bytes: Buffer, file: string): Anchor {
   ) {
     throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} does not hold {seq, hash}`);
   }
-  if (a.key === undefined && a.sig === undefined) return { seq: a.seq, hash: a.hash };
-  if (typeof a.key !== "string" || !HEX64.test(a.key) || typeof a.sig !== "string" || !B64SIG.test(a.sig)) {
-    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} has a malformed signature (key must be a 64-hex fingerprint, sig a base64 ed25519 signature)`);
+  if (a.signed === undefined) return { seq: a.seq, hash: a.hash };
+  const s = a.signed as Partial<SignedHead> | null;
+  if (
+    typeof s !== "object" ||
+    s === null ||
+    typeof s.seq !== "number" ||
+    !Number.isSafeInteger(s.seq) ||
+    s.seq < 0 ||
+    s.seq > a.seq ||
+    typeof s.hash !== "string" ||
+    !HEX64.test(s.hash) ||
+    typeof s.key !== "string" ||
+    !HEX64.test(s.key) ||
+    typeof s.sig !== "string" ||
+    !B64SIG.test(s.sig)
+  ) {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} has a malformed signed head (signed: {seq ≤ seq, hash, key: a 64-hex fingerprint, sig: a base64 ed25519 signature})`);
   }
-  return { seq: a.seq, hash: a.hash, key: a.key, sig: a.sig };
+  return { seq: a.seq, hash: a.hash, signed: { seq: s.seq, hash: s.hash, key: s.key, sig: s.sig } };
 }
 
 function errnoOf(e: unknown): string {
@@ -325,9 +355,9 @@ const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT;
  */
 export const ANCHOR_BYTES = 512;
 
-/** `{"hash":"…","key":"…","seq":N,"sig":"…"}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
+/** `{"hash":"…","seq":N,"signed":{"hash","key","seq","sig"}}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
 export function anchorBytes(anchor: Anchor): Buffer {
-  const json = canonicalJson(anchor.sig === undefined ? { seq: anchor.seq, hash: anchor.hash } : { seq: anchor.seq, hash: anchor.hash, key: anchor.key, sig: anchor.sig });
+  const json = canonicalJson(anchor.signed === undefined ? { seq: anchor.seq, hash: anchor.hash } : { seq: anchor.seq, hash: anchor.hash, signed: { ...anchor.signed } });
   return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
 }
 
@@ -428,8 +458,15 @@ export class AuditJournal {
   private readonly anchorSyncMs: number;
   private readonly redactor: TextRedactor | null;
   private readonly signer: AnchorSigner | null;
-  /** signature of `synced` (when there is a signer), kept for the anchor written on close */
-  private syncedSig: string | undefined;
+  /** the latest signed head (a synced one), written into every anchor */
+  private signed: SignedHead | null = null;
+  /** the signature being made on the thread pool, if any (one at a time) */
+  private signing: Promise<void> | null = null;
+  private readonly signIntervalMs: number;
+  private lastSignStart = -Infinity;
+  private signTimer: NodeJS.Timeout | null = null;
+  /** anchor writes, one after another: each writes the state at the time it runs */
+  private anchorQueue: Promise<void> = Promise.resolve();
   private readonly fd: number;
   /** fd of audit.anchor, -1 when the anchor is off */
   private readonly afd: number;
@@ -482,6 +519,7 @@ export class AuditJournal {
     this.anchorSyncMs = opts.anchorSyncMs ?? 1000;
     this.redactor = opts.redactor ?? null;
     this.signer = opts.signer ?? null;
+    this.signIntervalMs = opts.signIntervalMs ?? 100;
     this.fd = fd;
     this.afd = afd;
     this.anchorOversize = anchorSize > ANCHOR_BYTES;
@@ -589,6 +627,8 @@ export class AuditJournal {
         }
       }
       const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts, tail.completeEnd);
+      // verified by checkAnchorAtOpen: carried on until this journal's own first signature replaces it
+      if (opts.signer && anchor?.signed) journal.signed = anchor.signed;
       let appended = false;
       if (tail.tornBytes > 0) {
         appended = true;
@@ -617,12 +657,12 @@ export class AuditJournal {
           publicKey: opts.signer.publicKeyPem,
           keyFile: opts.signer.keyFile,
           created: opts.signer.created,
-          previousKey: anchor?.key ?? null,
+          previousKey: anchor?.signed?.key ?? null,
           anchoredSeq: anchor?.seq ?? null,
         });
       }
       if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq || anchorSize !== ANCHOR_BYTES)) {
-        await journal.writeAnchor(journal.synced, true).catch((e: unknown) => {
+        await journal.writeAnchor(true).catch((e: unknown) => {
           throw auditFailed("anchor update", anchorFile, e);
         });
       }
@@ -702,11 +742,17 @@ export class AuditJournal {
       this.probeTimer = null;
       await this.probing;
       await this.idle();
+      if (this.signTimer) clearTimeout(this.signTimer);
+      this.signTimer = null;
+      await this.signing;
       // Closing is best effort by design: every accepted record is already durable
       // (the anchor only speeds up the next verify), and a close that fails
       // changes nothing a reader could see. A lock left behind is stale (lockHeld).
-      // eslint-disable-next-line no-restricted-syntax -- see above
-      if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true, this.syncedSig).catch(() => undefined);
+      if (!this.failure && this.afd >= 0) {
+        if (this.signer && (this.signed?.seq ?? -1) < this.synced.seq) this.signed = this.signHead(this.synced);
+        // eslint-disable-next-line no-restricted-syntax -- see above
+        await this.writeAnchor(true).catch(() => undefined);
+      }
       // eslint-disable-next-line no-restricted-syntax -- see above
       await this.fs.close(this.fd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
@@ -778,26 +824,25 @@ export class AuditJournal {
         const last = batch[batch.length - 1]!.record;
         let op = "write";
         let file = this.path;
-        // The anchor's signature is made on the thread pool while the batch is written and synced (both take about as long).
-        const signing = this.signer && this.afd >= 0 ? this.signer.sign({ seq: last.seq, hash: last.hash }) : null;
-        // eslint-disable-next-line no-restricted-syntax -- awaited below; only a batch that failed first leaves it unobserved
-        signing?.catch(() => undefined);
         try {
           await this.writeFully(data);
           op = "fdatasync";
           await this.fs.fdatasync(this.fd);
           this.synced = { seq: last.seq, hash: last.hash };
-          this.syncedSig = undefined;
           this.syncedEnd += data.length;
           this.stats.batches += 1;
           this.stats.records += batch.length;
           if (this.afd >= 0) {
-            op = "anchor signing";
-            file = this.anchorPath;
-            const sig = signing ? await signing : undefined;
             op = "anchor update";
+            file = this.anchorPath;
+            // The very first signature of this journal is waited for: an anchor
+            // never goes unsigned over a recorded key (a crash then would look
+            // like a stripped signature). After that, appends do not wait for
+            // signatures: the anchor carries the latest one made.
+            if (this.signer && this.signed === null) this.signed = this.signHead(this.synced);
             const due = this.clock.monotonicMs() - this.lastAnchorSync >= this.anchorSyncMs;
-            await this.writeAnchor(this.synced, due, sig);
+            await this.writeAnchor(due);
+            this.kickSigner();
           }
         } catch (e) {
           this.fail(auditFailed(op, file, e), batch);
@@ -877,9 +922,11 @@ export class AuditJournal {
       await this.fs.fdatasync(this.fd);
       const last = built[built.length - 1]!.record;
       this.synced = { seq: last.seq, hash: last.hash };
-      this.syncedSig = undefined;
       this.syncedEnd += data.length;
-      if (this.afd >= 0) await this.writeAnchor(this.synced, true, this.signer?.signSync(this.synced));
+      if (this.afd >= 0) {
+        if (this.signer) this.signed = this.signHead(this.synced);
+        await this.writeAnchor(true);
+      }
     } catch {
       this.head = savedHead;
       this.scheduleProbe();
@@ -911,12 +958,65 @@ export class AuditJournal {
    * that relies on a 128-byte overwrite at offset 0 being atomic on the disk
    * (it lies within one 512-byte sector). See docs/AUDIT.md.
    */
-  private async writeAnchor(head: ChainHead, durable: boolean, sig?: string): Promise<void> {
-    if (this.signer) {
-      sig ??= this.signer.signSync(head);
-      if (head.seq === this.synced.seq) this.syncedSig = sig;
+  private signHead(head: ChainHead): SignedHead {
+    const signer = this.signer!;
+    return { seq: head.seq, hash: head.hash, key: signer.fingerprint, sig: signer.signSync(head) };
+  }
+
+  /**
+   * Starts signing the synced head on the thread pool unless a signature is
+   * under way or the head is signed already. When it is made it goes into the
+   * anchor at once (a quiet journal does not leave its last records
+   * unsigned) unless a batch is under way, whose anchor will carry it; then
+   * the next head, if the chain moved meanwhile, is signed.
+   * One ed25519 signature costs ≈70 µs of CPU; waiting for it on every batch
+   * halved throughput with one append outstanding, and even made off the
+   * critical path one per batch cost a quarter of it on this shared 2-core
+   * machine (BENCHMARKS.md), so appends are acknowledged on the unsigned head,
+   * and signatures follow, at most one per signIntervalMs.
+   */
+  private kickSigner(): void {
+    const signer = this.signer;
+    if (!signer || this.signing || this.signTimer || this.failure || this.closed || this.afd < 0) return;
+    const head = { ...this.synced };
+    if ((this.signed?.seq ?? -1) >= head.seq) return;
+    const wait = this.lastSignStart + this.signIntervalMs - this.clock.monotonicMs();
+    if (wait > 0) {
+      this.signTimer = setTimeout(() => {
+        this.signTimer = null;
+        this.kickSigner();
+      }, wait);
+      this.signTimer.unref();
+      return;
     }
-    const data = anchorBytes(this.signer ? { ...head, key: this.signer.fingerprint, sig } : head);
+    this.lastSignStart = this.clock.monotonicMs();
+    this.signing = signer.sign(head).then(
+      async (sig) => {
+        if ((this.signed?.seq ?? -1) < head.seq) this.signed = { ...head, key: signer.fingerprint, sig };
+        // a batch under way writes the anchor anyway (with this signature): only an idle journal writes it here
+        const idle = !this.flushing && !this.scheduled && this.queue.length === 0;
+        if (idle && !this.failure && !this.closed) await this.writeAnchor(false).catch((e: unknown) => this.fail(auditFailed("anchor update", this.anchorPath, e), []));
+        this.signing = null;
+        if (!this.closed) this.kickSigner();
+      },
+      (e: unknown) => {
+        this.signing = null;
+        this.fail(auditFailed("anchor signing", this.anchorPath, e), []);
+      },
+    );
+  }
+
+  /** Queues an anchor write of the state at the time it runs: the last synced head and the latest signed one. */
+  private writeAnchor(durable: boolean): Promise<void> {
+    const run = this.anchorQueue.then(() => this.writeAnchorNow(durable));
+    // eslint-disable-next-line no-restricted-syntax -- the queue outlives a failed write; its caller gets the rejection from `run`
+    this.anchorQueue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async writeAnchorNow(durable: boolean): Promise<void> {
+    const head = this.synced;
+    const data = anchorBytes(this.signed ? { seq: head.seq, hash: head.hash, signed: this.signed } : { seq: head.seq, hash: head.hash });
     let off = 0;
     while (off < data.length) {
       const n = await this.fs.writeAt(this.afd, data, off, data.length - off, off);
@@ -950,28 +1050,31 @@ export class AuditJournal {
  * the whole journal, which happens only when the anchor is unsigned.
  */
 async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, anchorFile: string, anchor: Anchor | null, lastSeq: number, signer: AnchorSigner): Promise<void> {
-  if (anchor?.sig !== undefined && anchor.key !== undefined) {
-    const key = anchor.key === signer.fingerprint ? signer.publicKey : signer.previous.get(anchor.key);
+  if (anchor === null) return; // recorded as audit.anchor_missing; verify wants a signed anchor again after it
+  const signed = anchor.signed;
+  if (signed) {
+    const key = signed.key === signer.fingerprint ? signer.publicKey : signer.previous.get(signed.key);
     if (!key) {
       throw new SandboxdError(
         "SBX_ERR_AUDIT_KEY",
-        `${anchorFile} is signed with key ${anchor.key}, which is neither this daemon's key ${signer.fingerprint} (${signer.keyFile}) nor one it was rotated from (${signer.keyFile}.previous): the trail was re-signed elsewhere, or the key file was swapped`,
+        `${anchorFile} is signed with key ${signed.key}, which is neither this daemon's key ${signer.fingerprint} (${signer.keyFile}) nor one it was rotated from (${signer.keyFile}.previous): the trail was re-signed elsewhere, or the key file was swapped`,
         {
           hint: `check the trail with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`; if you replaced the key yourself, append the old key's public key to ${signer.keyFile}.previous (\`sandboxd audit key --rotate\` does that) and start again`,
         },
       );
     }
-    if (!verifyAnchorSignature(anchor, anchor.sig, key)) {
+    if (!verifyAnchorSignature(signed, signed.sig, key)) {
       throw new SandboxdError(
         "SBX_ERR_AUDIT_CORRUPT",
-        `${anchorFile} names signing key ${anchor.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
+        `${anchorFile} names signing key ${signed.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
       );
     }
     return;
   }
   if (lastSeq === 0) return;
+  // a key recorded after the anchor is fine: the crash came before that record's anchor
   const seq = await findSigningKeyRecord(jfs, fd, file);
-  if (seq !== null) {
+  if (seq !== null && seq <= anchor.seq) {
     throw new SandboxdError(
       "SBX_ERR_AUDIT_CORRUPT",
       `${anchorFile} carries no signature, but ${file} records a signing key at seq ${seq}: the signed anchor was replaced; run \`sandboxd audit verify\``,

@@ -114,6 +114,10 @@ export class ChainChecker {
     if (this.anchor && this.anchor.seq === rec.seq && this.anchor.hash !== rec.hash) {
       return bad(`hash differs from the one ${ANCHOR_FILE} holds for this seq: the chain was rewritten from here`);
     }
+    const signed = this.anchor?.signed;
+    if (signed && signed.seq === rec.seq && signed.hash !== rec.hash) {
+      return bad(`hash differs from the one the anchor's signed head holds for this seq: the chain was rewritten from here`);
+    }
     if (rec.type === "audit.signing_key") {
       const problem = this.addKey(rec);
       if (problem) return bad(`audit.signing_key: ${problem}`);
@@ -149,15 +153,20 @@ export class ChainChecker {
    * `pinned` (fingerprints), every key the trail records must be one of them.
    */
   finishSignature(anchor: Anchor | null, pinned: readonly string[]): VerifyFailure | { signature: { key: string; seq: number } | null; pinned: boolean } {
-    const after = (a: Anchor) => a.seq + 1;
+    const after = (a: { seq: number }) => a.seq + 1;
     if (pinned.length > 0) {
       const stranger = this.keys.find((k) => !pinned.includes(k.fingerprint));
       if (stranger) {
         return this.fail(`signing key ${stranger.fingerprint} (recorded at seq ${stranger.seq}) is not among the pinned keys (${pinned.join(", ")}): the trail was re-signed with a key that is not the daemon's`, stranger.seq);
       }
     }
-    if (!anchor) return { signature: null, pinned: pinned.length > 0 && this.keys.length > 0 };
-    if (anchor.sig === undefined || anchor.key === undefined) {
+    if (!anchor) {
+      const k = this.keys[0];
+      if (k) return this.fail(`there is no anchor, but the trail records signing key ${k.fingerprint} at seq ${k.seq}: the signed anchor was removed`, this.lastSeq + 1);
+      return { signature: null, pinned: false };
+    }
+    const signed = anchor.signed;
+    if (!signed) {
       const signedBefore = this.keys.find((k) => k.seq <= anchor.seq);
       if (signedBefore) {
         return this.fail(`the anchor at seq ${anchor.seq} carries no signature, but the trail records signing key ${signedBefore.fingerprint} at seq ${signedBefore.seq}: the signed anchor was replaced`, after(anchor));
@@ -165,20 +174,20 @@ export class ChainChecker {
       if (pinned.length > 0) return this.fail(`the anchor at seq ${anchor.seq} is not signed, so it cannot be checked against the pinned keys`, after(anchor));
       return { signature: null, pinned: false };
     }
-    const key = this.keyObjects.get(anchor.key);
+    const key = this.keyObjects.get(signed.key);
     if (!key) {
       return this.fail(
-        `the anchor at seq ${anchor.seq} is signed with key ${anchor.key}, which the trail does not record (${this.keys.length ? `recorded: ${this.keys.map((k) => k.fingerprint).join(", ")}` : "it records none"}): the anchor was re-signed with another key`,
-        after(anchor),
+        `the anchor at seq ${signed.seq} is signed with key ${signed.key}, which the trail does not record (${this.keys.length ? `recorded: ${this.keys.map((k) => k.fingerprint).join(", ")}` : "it records none"}): the anchor was re-signed with another key`,
+        after(signed),
       );
     }
-    if (!verifyAnchorSignature(anchor, anchor.sig, key)) {
+    if (!verifyAnchorSignature(signed, signed.sig, key)) {
       return this.fail(
-        `the anchor's signature over seq ${anchor.seq} does not verify with key ${anchor.key}: the records up to seq ${anchor.seq} (or the anchor) were changed after it was signed`,
-        after(anchor),
+        `the anchor's signature over seq ${signed.seq} does not verify with key ${signed.key}: the records up to seq ${signed.seq} (or the anchor) were changed after it was signed`,
+        after(signed),
       );
     }
-    return { signature: { key: anchor.key, seq: anchor.seq }, pinned: pinned.length > 0 };
+    return { signature: { key: signed.key, seq: signed.seq }, pinned: pinned.length > 0 };
   }
 }
 
@@ -264,7 +273,7 @@ export function describeVerifyResult(r: VerifyResult): string {
   }
   const notes: string[] = [];
   notes.push(r.anchor ? `anchor at ${r.anchor.seq}` : "no anchor file");
-  if (r.signature) notes.push(`signed with key ${r.signature.key}${r.pinned ? " (pinned)" : ""}`);
+  if (r.signature) notes.push(`signed up to ${r.signature.seq} with key ${r.signature.key}${r.pinned ? " (pinned)" : ""}`);
   else if (r.anchor) notes.push("anchor not signed");
   if (r.tornTailBytes > 0) notes.push(`${r.tornTailBytes} bytes of an unacknowledged torn record at the end`);
   return `audit chain intact up to ${r.lastSeq} (${r.records} records; ${notes.join("; ")})`;

@@ -110,9 +110,9 @@ describe("sandboxd audit export / verify --bundle", () => {
     await writeFile(pubKey, key.publicKey);
     const trail = (await readFile(path.join(stateDir, "audit.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l) as Rec);
     expect(trail.find((x) => x.type === "audit.signing_key")).toMatchObject({ fingerprint, publicKey: key.publicKey, created: true });
-    const anchor = JSON.parse(await readFile(path.join(stateDir, "audit.anchor"), "utf8")) as { key: string };
-    expect(anchor.key).toBe(fingerprint);
-    expect((await cli(["audit", "verify"], { socket })).stdout).toMatch(new RegExp(`intact up to \\d+ .*signed with key ${fingerprint}`));
+    const anchor = JSON.parse(await readFile(path.join(stateDir, "audit.anchor"), "utf8")) as { signed: { key: string } };
+    expect(anchor.signed.key).toBe(fingerprint);
+    expect((await cli(["audit", "verify"], { socket })).stdout).toMatch(new RegExp(`intact up to \\d+ .*signed up to \\d+ with key ${fingerprint}`));
   });
 
   it("a bundle exported, copied to another place, verifies there with no daemon and no state dir", async () => {

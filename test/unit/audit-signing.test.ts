@@ -12,7 +12,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { canonicalJson } from "../../src/audit/canonical.js";
-import { ANCHOR_BYTES, ANCHOR_FILE, AuditJournal, JOURNAL_FILE, anchorBytes, recordHash, type AuditRecord } from "../../src/audit/journal.js";
+import { ANCHOR_BYTES, ANCHOR_FILE, AuditJournal, JOURNAL_FILE, anchorBytes, recordHash, type Anchor, type AuditRecord } from "../../src/audit/journal.js";
 import { AnchorSigner, anchorMessage, createSigningKey, loadOrCreateSigningKey, readSigningKey, rotateSigningKey } from "../../src/audit/signing.js";
 import { verifyJournal } from "../../src/audit/verify.js";
 import { resolveSettings } from "../../src/config/settings.js";
@@ -35,8 +35,8 @@ async function records(state: string): Promise<AuditRecord[]> {
     .map((l) => JSON.parse(l) as AuditRecord);
 }
 
-async function anchorOf(state: string): Promise<{ seq: number; hash: string; key?: string; sig?: string }> {
-  return JSON.parse(await readFile(path.join(state, ANCHOR_FILE), "utf8")) as { seq: number; hash: string; key?: string; sig?: string };
+async function anchorOf(state: string): Promise<Anchor> {
+  return JSON.parse(await readFile(path.join(state, ANCHOR_FILE), "utf8")) as Anchor;
 }
 
 /** A trail of n events written by a journal signing with `signer`. */
@@ -128,19 +128,45 @@ describe("signed anchors", () => {
     const raw = await readFile(path.join(dir, ANCHOR_FILE));
     expect(raw.length).toBe(ANCHOR_BYTES);
     const a = await anchorOf(dir);
-    expect(a).toMatchObject({ seq: 7, hash: recs.at(-1)!.hash, key: signer.fingerprint });
+    // closed: the signature covers the last record
+    expect(a).toMatchObject({ seq: 7, hash: recs.at(-1)!.hash, signed: { seq: 7, hash: recs.at(-1)!.hash, key: signer.fingerprint } });
     // the signed bytes are documented: openssl checks the signature without sandboxd
     const msgFile = path.join(dir, "msg");
     const sigFile = path.join(dir, "sig");
     const pubFile = path.join(dir, "pub.pem");
     await writeFile(msgFile, `{"ctx":"sandboxd.audit.anchor.v1","hash":"${a.hash}","seq":${a.seq}}`);
     expect(anchorMessage(a).toString()).toBe(await readFile(msgFile, "utf8"));
-    await writeFile(sigFile, Buffer.from(a.sig!, "base64"));
+    await writeFile(sigFile, Buffer.from(a.signed!.sig, "base64"));
     await writeFile(pubFile, signer.publicKeyPem);
     expect(execFileSync("openssl", ["pkeyutl", "-verify", "-pubin", "-inkey", pubFile, "-rawin", "-in", msgFile, "-sigfile", sigFile]).toString()).toMatch(/Signature Verified Successfully/);
 
     const v = await verifyJournal(dir, { pinned: [signer.fingerprint] });
     expect(v).toMatchObject({ ok: true, lastSeq: 7, signature: { key: signer.fingerprint, seq: 7 }, pinned: true });
+  });
+
+  it("appends do not wait for signatures; the signature follows, also on a quiet journal, and a crash leaves a signed anchor", async () => {
+    class SlowSigner extends AnchorSigner {
+      override sign(head: { seq: number; hash: string }): Promise<string> {
+        return new Promise((r) => setTimeout(() => r(this.signSync(head)), 300));
+      }
+    }
+    const signer = new SlowSigner(generateKeyPairSync("ed25519").privateKey, "(slow)");
+    const j = await AuditJournal.open(dir, { clock, signer });
+    // the journal's first anchor is signed before open returns (the key record is under it)
+    expect((await anchorOf(dir)).signed).toMatchObject({ seq: 1 });
+    const t0 = performance.now();
+    await j.append({ type: "a" });
+    await j.append({ type: "b" });
+    expect(performance.now() - t0).toBeLessThan(250);
+    const lagging = await anchorOf(dir);
+    expect(lagging).toMatchObject({ seq: 3, signed: { seq: 1 } });
+    // a crash now: what is on disk verifies, signed up to 1
+    expect(await verifyJournal(dir)).toMatchObject({ ok: true, lastSeq: 3, signature: { seq: 1 } });
+    await new Promise((r) => setTimeout(r, 800));
+    // quiet journal: the latest head got its signature without another append
+    expect((await anchorOf(dir)).signed).toMatchObject({ seq: 3, key: signer.fingerprint });
+    expect(await verifyJournal(dir)).toMatchObject({ ok: true, lastSeq: 3, signature: { seq: 3 } });
+    await j.close();
   });
 
   it("a key rotation is on record: the new key names the one before it", async () => {
@@ -176,7 +202,7 @@ describe("signed anchors", () => {
       r.fingerprint = theirs.fingerprint;
       r.publicKey = theirs.publicKeyPem;
     });
-    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ seq: 7, hash: head, key: theirs.fingerprint, sig: theirs.signSync({ seq: 7, hash: head }) }));
+    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ seq: 7, hash: head, signed: { seq: 7, hash: head, key: theirs.fingerprint, sig: theirs.signSync({ seq: 7, hash: head }) } }));
     // consistent on its own terms…
     expect(await verifyJournal(dir)).toMatchObject({ ok: true, signature: { key: theirs.fingerprint } });
     // …but not the daemon's key
@@ -189,7 +215,7 @@ describe("signed anchors", () => {
     await signedTrail(dir, signer);
     const a = await anchorOf(dir);
     const head = await rewriteFrom(dir, 3, (r) => ((r.argv as string[])[1] = "rewritten"));
-    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ ...a, hash: head } as never));
+    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ seq: 7, hash: head, signed: { ...a.signed!, hash: head } }));
     expect(await verifyJournal(dir)).toMatchObject({ ok: false, reason: expect.stringMatching(/signature over seq 7 does not verify with key .*changed after it was signed/) });
     await expect(AuditJournal.open(dir, { clock, signer })).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_CORRUPT", message: expect.stringMatching(/signature does not verify/) });
   });
@@ -199,7 +225,7 @@ describe("signed anchors", () => {
     await signedTrail(dir, signer);
     const other = AnchorSigner.ephemeral();
     const head = await rewriteFrom(dir, 3, (r) => ((r.argv as string[])[1] = "rewritten"));
-    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ seq: 7, hash: head, key: other.fingerprint, sig: other.signSync({ seq: 7, hash: head }) }));
+    await writeFile(path.join(dir, ANCHOR_FILE), anchorBytes({ seq: 7, hash: head, signed: { seq: 7, hash: head, key: other.fingerprint, sig: other.signSync({ seq: 7, hash: head }) } }));
     expect(await verifyJournal(dir)).toMatchObject({ ok: false, reason: expect.stringMatching(`signed with key ${other.fingerprint}, which the trail does not record`) });
   });
 
@@ -216,7 +242,7 @@ describe("signed anchors", () => {
     const j = await AuditJournal.open(dir, { clock });
     await j.append({ type: "old" });
     await j.close();
-    expect((await anchorOf(dir)).sig).toBeUndefined();
+    expect((await anchorOf(dir)).signed).toBeUndefined();
     const signer = AnchorSigner.ephemeral();
     await signedTrail(dir, signer, 1);
     expect(await verifyJournal(dir)).toMatchObject({ ok: true, lastSeq: 3, signature: { key: signer.fingerprint, seq: 3 } });
