@@ -3,8 +3,10 @@
  * large journal is never held in memory) and checks each line's UTF-8 and
  * JSON, seq continuity, the prev link, the hash and the canonical form, then
  * compares the end of the chain with audit.anchor (a journal shorter than
- * its anchor was truncated). Names the first bad seq, or says the chain is
- * intact up to N.
+ * its anchor was truncated) and checks the anchor's signature against the
+ * signing keys the trail records (`audit.signing_key`; with `pinned`, every
+ * one of them must be pinned). Names the first bad seq, or says the chain is
+ * intact up to N. `ChainChecker` is shared with the bundle check (bundle.ts).
  *
  * The anchor is read before the journal, so a daemon appending meanwhile
  * cannot make a healthy journal look truncated; a final line still being
