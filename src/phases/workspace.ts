@@ -5,9 +5,11 @@
  */
 import path from "node:path";
 import { actionLine, timestamp } from "../audit/format.js";
+import type { AuditEvent } from "../audit/journal.js";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import type { WorkspacePolicy } from "../policy/index.js";
+import { fileEventRecord, fileEventsDroppedRecord } from "../workspace/audit.js";
 import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
@@ -36,13 +38,32 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
     readOnly,
     budgetBytes: ws.disk.layerBytes,
   });
+  const now = () => timestamp(ctx.opts.clock.now());
+  // live file events are recorded in the order the watcher delivered them, one batch after the other
+  let recorded: Promise<unknown> = Promise.resolve();
+  const recordLive = (pairs: Array<{ event: AuditEvent; lines: string[] }>) => {
+    recorded = recorded
+      .then(() => live.rec.recordMany(pairs))
+      .catch((err: Error) => ctx.opts.log.warn({ phase: record.id, err: err.message }, "a live file event was not recorded"));
+  };
   return new PhaseWorkspace(
     layer,
     {
       containerPid: () => containerPid(ctx, live),
       runInSandbox: (argv) => runInSandbox(live, argv),
       record: async (event, lines) => void (await live.rec.record(event, lines)),
-      now: () => timestamp(ctx.opts.clock.now()),
+      now,
+      fileEvents: (batch) => recordLive(batch.map((e) => fileEventRecord({ event: e.kind, path: e.path, isDir: e.isDir, ts: now() }))),
+      fileEventsDropped: (count, windowMs) => recordLive([fileEventsDroppedRecord({ count, windowMs, ts: now() })]),
+      watchFailed: (err) => {
+        ctx.opts.log.error({ phase: record.id, err: err.message }, "the workspace watcher failed; live file events stop (checkpoints still see every change)");
+        recordLive([
+          {
+            event: { type: "workspace.watch.failed", reason: err.message },
+            lines: [actionLine(now(), "FILE", "WATCH", "(layer)", `FAILED ${err.message}; live file events stop, the checkpoint still lists every change`)],
+          },
+        ]);
+      },
     },
     {
       uid: record.uid,
@@ -149,6 +170,7 @@ export async function decideIteration(ctx: PhaseContext, id: string, n: number, 
 export async function endWorkspace(ctx: PhaseContext, live: LivePhase, state: "stopped" | "failed", why: string): Promise<void> {
   const ws = live.workspace;
   if (!ws) return;
+  await ws.unwatch();
   try {
     const canJudge = state === "stopped" && live.channel?.connected === true && ws.gate.runningCommands === 0 && !ws.pending();
     if (canJudge) await ws.checkpoint(`phase end: ${why}`, "stop");
@@ -166,5 +188,6 @@ export async function endWorkspace(ctx: PhaseContext, live: LivePhase, state: "s
 
 export async function destroyWorkspace(ctx: PhaseContext, live: LivePhase): Promise<void> {
   if (!live.workspace) return;
+  await live.workspace.unwatch();
   await live.workspace.layer.destroy(null).catch((e: Error) => ctx.opts.log.error({ phase: live.record.id, err: e.message }, "could not remove the workspace layer"));
 }

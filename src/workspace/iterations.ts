@@ -25,7 +25,8 @@ import type { ChangeSet, FileChange } from "./changes.js";
 import type { WorkspacePolicy } from "../policy/index.js";
 import { diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
-import type { WorkspaceLayer } from "./layer.js";
+import { TOOL_CACHES, type WorkspaceLayer } from "./layer.js";
+import { LayerWatcher, type LayerEvent } from "./watch.js";
 import { projectPath } from "./apply.js";
 import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
 
@@ -60,6 +61,12 @@ export interface WorkspaceHooks {
   record(event: AuditEvent, lines: string[]): Promise<void>;
   /** SKILLS.md timestamp */
   now(): string;
+  /** live file events from the layer (src/workspace/watch.ts); without it nothing is watched */
+  fileEvents?(batch: LayerEvent[]): void;
+  /** events over the watcher's rate cap, counted */
+  fileEventsDropped?(count: number, windowMs: number): void;
+  /** the watcher could not start or failed; the checkpoint still sees every change */
+  watchFailed?(err: Error): void;
 }
 
 export interface WorkspaceOptions {
@@ -109,11 +116,60 @@ export class PhaseWorkspace {
   /** failed iterations (SKILLS.md fail-fast, category `iteration`) */
   failedIterations = 0;
 
+  /** the live file-event watcher on the upper, while the view is mounted */
+  private watcher: LayerWatcher | null = null;
+  /** watch() was called and unwatch() was not: the watcher is started again after each remount */
+  private watching = false;
+
   constructor(
     readonly layer: WorkspaceLayer,
     private readonly hooks: WorkspaceHooks,
     private readonly opts: WorkspaceOptions,
   ) {}
+
+  /**
+   * Live file events (create/modify/delete with paths) from the upper: the
+   * layer holds only what the phase changed, so this watches a handful of
+   * folders, not the project. The upper is emptied and made again at every
+   * accepted or discarded iteration, so the watcher is stopped before and
+   * started again after (a discard's own removals are not the agent's
+   * writes). Tool caches (__pycache__, …) are not watched: they are never
+   * part of an iteration. A watcher that fails is reported, not fatal: the
+   * checkpoint reads the layer itself.
+   */
+  async watch(): Promise<void> {
+    this.watching = true;
+    if (this.watcher || !this.hooks.fileEvents) return;
+    const onEvents = this.hooks.fileEvents.bind(this.hooks);
+    try {
+      this.watcher = await LayerWatcher.start({
+        upperDir: this.layer.paths.upper,
+        lowerDir: this.layer.spec.project,
+        ignoreNames: TOOL_CACHES,
+        onEvents,
+        onDropped: (n, w) => this.hooks.fileEventsDropped?.(n, w),
+        onError: (err) => this.hooks.watchFailed?.(err),
+      });
+    } catch (err) {
+      this.hooks.watchFailed?.(err as Error);
+    }
+  }
+
+  /** Stops the live events (phase end). */
+  async unwatch(): Promise<void> {
+    this.watching = false;
+    await this.pauseWatch();
+  }
+
+  private async pauseWatch(): Promise<void> {
+    const w = this.watcher;
+    this.watcher = null;
+    await w?.close();
+  }
+
+  private async resumeWatch(): Promise<void> {
+    if (this.watching) await this.watch();
+  }
 
   get policy(): WorkspacePolicy {
     return this.opts.policy();
@@ -269,6 +325,7 @@ export class PhaseWorkspace {
 
   private async accept(it: IterationRecord, set: ChangeSet, by: string): Promise<void> {
     const pid = await this.hooks.containerPid();
+    await this.pauseWatch();
     await this.layer.unmount(pid);
     const done = await applyChangeSet(set, {
       project: this.layer.spec.project,
@@ -278,6 +335,7 @@ export class PhaseWorkspace {
       gid: this.opts.gid,
     });
     await this.layer.reset(pid);
+    await this.resumeWatch();
     it.state = "accepted";
     it.changes = set.changes;
     it.decidedAt = this.hooks.now();
@@ -296,7 +354,9 @@ export class PhaseWorkspace {
 
   private async reject(it: IterationRecord, by: string): Promise<void> {
     const pid = await this.hooks.containerPid();
+    await this.pauseWatch();
     await this.layer.reset(pid);
+    await this.resumeWatch();
     it.state = "rejected";
     it.decidedAt = this.hooks.now();
     it.decidedBy = by;
