@@ -46,6 +46,14 @@ const startBody = z
   })
   .strict();
 
+/** `*` is the file's project-relative path (fastify has decoded it; src/workspace/apply.ts checkRelPath judges it) */
+const filePathParams = z
+  .object({ id: phaseIdParam.shape.id, "*": z.string() })
+  .transform((p) => ({ id: p.id, path: p["*"] }));
+const putQuery = z.object({ mode: z.string().regex(/^0?[0-7]{3}$/, "permission bits in octal, e.g. 0644 or 755").optional() }).strict();
+/** A write through the daemon is at most this large on the wire; the policy's file size limit (10 MB) is checked on top. */
+const MAX_PUT_BYTES = 64 * 1024 * 1024;
+
 const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
 const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
 
@@ -143,7 +151,7 @@ function someOf(items: readonly string[], max: number): string {
   return items.length > max ? `${shown} and ${items.length - max} more` : shown;
 }
 
-function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
+function parse<T>(schema: z.ZodType<T, z.ZodTypeDef, unknown>, value: unknown, where: string): T {
   const r = schema.safeParse(value ?? {});
   if (r.success) return r.data;
   const issues = r.error.issues;
@@ -173,6 +181,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     forceCloseConnections: true,
   });
   const { manager } = opts;
+
+  // PUT /v1/phases/:id/files/<path>: the body is the file's bytes
+  app.addContentTypeParser("application/octet-stream", { parseAs: "buffer", bodyLimit: MAX_PUT_BYTES }, (_req, body, done) => done(null, body));
 
   app.setErrorHandler((err, req, reply) => {
     if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
@@ -309,6 +320,22 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.get("/v1/phases/:id/files", async (req) => {
     const { id } = parse(phaseIdParam, req.params, "path");
     return { changes: await manager.files(id) };
+  });
+
+  // a file of the phase's view, read or written through the daemon (src/workspace/files.ts)
+  app.get("/v1/phases/:id/files/*", async (req, reply) => {
+    const { id, path: rel } = parse(filePathParams, req.params, "path");
+    const f = await manager.readFile(id, rel);
+    return reply.header("content-type", "application/octet-stream").header("x-sandboxd-mode", f.mode.toString(8).padStart(4, "0")).send(f.bytes);
+  });
+
+  app.put("/v1/phases/:id/files/*", { bodyLimit: MAX_PUT_BYTES }, async (req) => {
+    const { id, path: rel } = parse(filePathParams, req.params, "path");
+    const q = parse(putQuery, req.query, "query");
+    if (!Buffer.isBuffer(req.body)) {
+      throw new SandboxdError("SBX_ERR_VALIDATION", "invalid request: the body is the file's bytes, sent as Content-Type: application/octet-stream");
+    }
+    return { file: await manager.writeFile(id, rel, req.body, q.mode === undefined ? undefined : parseInt(q.mode, 8)) };
   });
 
   app.get("/v1/phases/:id/diff", async (req) => {

@@ -30,7 +30,8 @@ import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
-import { checkpoint, decideIteration, pendingDiff, pendingFiles } from "./workspace.js";
+import { checkpoint, decideIteration, pendingDiff, pendingFiles, readPhaseFile, writePhaseFile } from "./workspace.js";
+import type { ViewFile } from "../workspace/files.js";
 import type { CheckpointResult, FileChange, IterationRecord } from "../workspace/index.js";
 
 export type { ManagerOptions } from "./context.js";
@@ -175,6 +176,16 @@ export class PhaseManager {
 
   diff(id: string): Promise<string> {
     return pendingDiff(this.ctx, id);
+  }
+
+  /** A file as the phase sees it. */
+  readFile(id: string, rel: string): Promise<ViewFile> {
+    return readPhaseFile(this.ctx, id, rel);
+  }
+
+  /** A file written into the phase's view (atomic, size-checked, Python compiled first). */
+  writeFile(id: string, rel: string, bytes: Buffer, mode?: number): ReturnType<typeof writePhaseFile> {
+    return writePhaseFile(this.ctx, id, rel, bytes, mode);
   }
 
   decideIteration(id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {

@@ -10,6 +10,7 @@ import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import type { WorkspacePolicy } from "../policy/index.js";
 import { fileEventRecord, fileEventsDroppedRecord } from "../workspace/audit.js";
+import type { ViewFile } from "../workspace/files.js";
 import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
@@ -153,6 +154,25 @@ export async function pendingDiff(ctx: PhaseContext, id: string): Promise<string
   const live = await ctx.running(id);
   if (!live.workspace) return "";
   return live.workspace.diff();
+}
+
+/** Files served by GET /v1/phases/:id/files/<path> at most (a larger one is read in the phase or the project). */
+export const MAX_SERVED_FILE_BYTES = 64 * 1024 * 1024;
+
+/** A file of the phase's view (GET /v1/phases/:id/files/<path>): also while the phase is escalated or paused. */
+export async function readPhaseFile(ctx: PhaseContext, id: string, rel: string): Promise<ViewFile> {
+  const live = ctx.phases.get(id);
+  if (!live || !["running", "escalated", "paused"].includes(live.record.state)) await ctx.running(id); // its error
+  if (!live?.workspace) throw new SandboxdError("SBX_ERR_WORKSPACE", `phase ${id} has no workspace layer`);
+  return live.workspace.readFile(rel, MAX_SERVED_FILE_BYTES);
+}
+
+/** A harness writes a file through the daemon (PUT /v1/phases/:id/files/<path>). */
+export async function writePhaseFile(ctx: PhaseContext, id: string, rel: string, bytes: Buffer, mode?: number): Promise<Awaited<ReturnType<PhaseWorkspace["writeFile"]>>> {
+  ctx.assertServing();
+  const live = await ctx.running(id);
+  if (!live.workspace) throw new SandboxdError("SBX_ERR_WORKSPACE", `phase ${id} has no workspace layer`);
+  return live.workspace.writeFile(rel, bytes, mode === undefined ? {} : { mode });
 }
 
 export async function decideIteration(ctx: PhaseContext, id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {

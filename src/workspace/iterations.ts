@@ -27,7 +27,9 @@ import { diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
 import { TOOL_CACHES, type WorkspaceLayer } from "./layer.js";
 import { LayerWatcher, type LayerEvent } from "./watch.js";
-import { projectPath } from "./apply.js";
+import { readViewFile, viewEntry, writeViewFile, type ViewFile, type WriteResult } from "./files.js";
+import { createHash } from "node:crypto";
+import { checkRelPath, projectPath } from "./apply.js";
 import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
 
 type JudgeFailure = Pick<RuleFailure, "rule" | "clause" | "message"> & Partial<RuleFailure>;
@@ -115,6 +117,8 @@ export class PhaseWorkspace {
   iterations: IterationRecord[] = [];
   /** failed iterations (SKILLS.md fail-fast, category `iteration`) */
   failedIterations = 0;
+  /** project paths a human approved for the next checkpoint (size cap, shared/ edits) */
+  approvedPaths = new Set<string>();
 
   /** the live file-event watcher on the upper, while the view is mounted */
   private watcher: LayerWatcher | null = null;
@@ -231,6 +235,81 @@ export class PhaseWorkspace {
   }
 
   /**
+   * A file as the phase sees it (its view), for a harness. Holds the gate as
+   * a command does, so no checkpoint remounts the view meanwhile.
+   */
+  async readFile(rel: string, maxBytes: number): Promise<ViewFile> {
+    const leave = await this.gate.enter();
+    try {
+      return await readViewFile(this.layer.paths.view, rel, maxBytes);
+    } finally {
+      leave();
+    }
+  }
+
+  /**
+   * A harness writes a file through the daemon: into the view (the layer),
+   * as the agent would, so the next checkpoint judges it with everything
+   * else. Before it lands: what the judge would refuse for good (hidden and
+   * read-only paths) and files over the size limit are refused, and Python
+   * is compiled in the sandbox (the compiler's message is the refusal).
+   * Atomic (src/workspace/files.ts); recorded either way.
+   */
+  async writeFile(rel: string, bytes: Buffer, opts: { mode?: number } = {}): Promise<WriteResult & { path: string; sha256: string; atCheckpoint: JudgeFailure[] }> {
+    const leave = await this.gate.enter();
+    const sha256 = createHash("sha256").update(bytes).digest("hex");
+    const ts = this.hooks.now();
+    try {
+      checkRelPath(rel);
+      this.assertNotPending();
+      const policy = this.opts.policy();
+      const kind = (await viewEntry(this.layer.paths.view, rel)) === null ? "create" : "modify";
+      const change: FileChange = { kind, path: rel, isDir: false, sizeBytes: bytes.length };
+      const j = judgeChangeSet({ changes: [change] }, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: this.approvedPaths });
+      const final = j.failures.filter((f) => f.final);
+      if (final.length > 0) {
+        throw new SandboxdError("SBX_ERR_PATH_PROTECTED", `writing ${rel} refused: ${final.map((f) => `${f.rule}: ${f.message}`).join("; ")}`, { details: { failures: final } });
+      }
+      const size = j.failures.find((f) => f.rule === policy.maxFileBytes.id);
+      if (size) {
+        throw new SandboxdError("SBX_ERR_FILE_TOO_LARGE", `writing ${rel} refused: ${size.message}`, {
+          hint: "write a smaller file, or have a human approve the path first (`sandboxd files approve`)",
+          details: { failures: [size] },
+        });
+      }
+      const py = pythonFilesToCompile({ changes: [change] }, policy);
+      const check = py.length
+        ? async (tmpRel: string) => {
+            const stdout = await this.hooks.runInSandbox(compileCheckArgv([tmpRel]));
+            const failed = parseCompileOutput(stdout, [tmpRel], policy);
+            if (failed.length > 0) {
+              const msg = failed.map((f) => f.message.split(tmpRel).join(rel)).join("; ");
+              throw new SandboxdError("SBX_ERR_PYTHON_SYNTAX", `writing ${rel} refused: ${msg}`, { details: { failures: failed.map((f) => ({ ...f, path: rel, message: f.message.split(tmpRel).join(rel) })) } });
+            }
+          }
+        : undefined;
+      const done = await writeViewFile(this.layer.paths.view, rel, bytes, { uid: this.opts.uid, gid: this.opts.gid, ...(opts.mode !== undefined ? { mode: opts.mode } : {}), ...(check ? { check } : {}) });
+      // what the checkpoint will still ask a human about (shared/ edits, …)
+      const atCheckpoint = j.failures.filter((f) => f.rule !== policy.maxFileBytes.id);
+      await this.hooks.record({ type: "workspace.put", path: rel, bytes: bytes.length, sha256, created: done.created, mode: done.mode }, [
+        actionLine(ts, "FILE", "PUT", rel, `SUCCESS ${done.created ? "created" : "replaced"} ${bytes.length} bytes sha256 ${sha256}${atCheckpoint.length ? `; the checkpoint asks: ${atCheckpoint.map((f) => f.rule).join(", ")}` : ""}`),
+      ]);
+      return { ...done, path: rel, sha256, atCheckpoint };
+    } catch (err) {
+      const e = err as SandboxdError;
+      await this.hooks
+        .record({ type: "workspace.put", path: rel.slice(0, 4096), bytes: bytes.length, sha256, refused: e.code ?? "error", reason: e.message }, [
+          actionLine(ts, "FILE", "PUT", rel, `REFUSED ${e.code ?? ""} ${e.message}`),
+        ])
+        // eslint-disable-next-line no-restricted-syntax -- the caller gets the write's own error; a record that fails is the journal failing, which fails closed on its own
+        .catch(() => undefined);
+      throw err;
+    } finally {
+      leave();
+    }
+  }
+
+  /**
    * Judge the layer's changes now. Waits for running commands to end;
    * no command starts meanwhile.
    */
@@ -246,7 +325,7 @@ export class PhaseWorkspace {
         if (t !== null) links.set(c.path, t);
       }
       const policy = this.opts.policy();
-      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
+      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: this.approvedPaths });
       j = withCompileResults(j, await layerFailures(set, this.layer, links));
       // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
       const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
