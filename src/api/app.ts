@@ -54,6 +54,7 @@ const putQuery = z.object({ mode: z.string().regex(/^0?[0-7]{3}$/, "permission b
 /** A write through the daemon is at most this large on the wire; the policy's file size limit (10 MB) is checked on top. */
 const MAX_PUT_BYTES = 64 * 1024 * 1024;
 
+const diffQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
 const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
 
@@ -340,7 +341,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   app.get("/v1/phases/:id/diff", async (req) => {
     const { id } = parse(phaseIdParam, req.params, "path");
-    return { diff: await manager.diff(id) };
+    const q = parse(diffQuery, req.query, "query");
+    return { diff: await manager.diff(id, truthy(q.all)) };
   });
 
   for (const decision of ["accept", "reject"] as const) {

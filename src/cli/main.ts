@@ -474,10 +474,11 @@ function program(): Command {
 
   prog
     .command("diff")
-    .description("the phase's pending iteration as a unified diff")
+    .description("the phase's pending iteration as a unified diff (--all: everything the phase changed since it started)")
     .argument("<id>", "the phase")
-    .action(async (id: string, _opts: unknown, cmd: Command) => {
-      const { diff } = await client(cmd).request<{ diff: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/diff`);
+    .option("--all", "the whole phase: accepted iterations and the pending one, from the project as the phase found it")
+    .action(async (id: string, opts: { all?: boolean }, cmd: Command) => {
+      const { diff } = await client(cmd).request<{ diff: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/diff${opts.all ? "?all=1" : ""}`);
       process.stdout.write(diff);
     });
 

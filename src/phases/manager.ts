@@ -174,8 +174,9 @@ export class PhaseManager {
     return pendingFiles(this.ctx, id);
   }
 
-  diff(id: string): Promise<string> {
-    return pendingDiff(this.ctx, id);
+  /** The pending iteration as a unified diff; with `all`, everything the phase changed since it started. */
+  diff(id: string, all = false): Promise<string> {
+    return pendingDiff(this.ctx, id, all);
   }
 
   /** A file as the phase sees it. */

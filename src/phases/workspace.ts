@@ -150,10 +150,11 @@ export async function pendingFiles(ctx: PhaseContext, id: string): Promise<FileC
   return live.workspace.files();
 }
 
-export async function pendingDiff(ctx: PhaseContext, id: string): Promise<string> {
+/** The pending iteration's diff, or with `all` the whole phase's (from the project as the phase found it). */
+export async function pendingDiff(ctx: PhaseContext, id: string, all = false): Promise<string> {
   const live = await ctx.running(id);
   if (!live.workspace) return "";
-  return live.workspace.diff();
+  return all ? live.workspace.diffAll() : live.workspace.diff();
 }
 
 /** Files served by GET /v1/phases/:id/files/<path> at most (a larger one is read in the phase or the project). */

@@ -217,3 +217,20 @@ export async function viewEntry(root: string, rel: string): Promise<"file" | "ot
     await opened.dir.close();
   }
 }
+
+/** A file of the view as the diff reads it (never through a link), or null when the path is not a regular file there. */
+export async function viewVersion(root: string, rel: string): Promise<{ size: number; mode: number; read(): Promise<Buffer> } | null> {
+  let opened: { dir: FileHandle; name: string };
+  try {
+    opened = await openParent(root, rel, null);
+  } catch {
+    return null;
+  }
+  try {
+    const st = await lstat(at(opened.dir, opened.name)).catch(() => null);
+    if (!st?.isFile()) return null;
+    return { size: st.size, mode: st.mode & 0o7777, read: async () => (await readViewFile(root, rel, Math.max(st.size, 1) * 2 + 1024 * 1024)).bytes };
+  } finally {
+    await opened.dir.close();
+  }
+}

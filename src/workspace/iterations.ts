@@ -23,11 +23,12 @@ import { SandboxdError } from "../errors.js";
 import { applyChangeSet } from "./apply.js";
 import type { ChangeSet, FileChange } from "./changes.js";
 import type { WorkspacePolicy } from "../policy/index.js";
-import { diffChangeSet, type FileVersion } from "./diff.js";
+import { DEFAULT_DIFF_MAX_BYTES, diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
 import { TOOL_CACHES, type WorkspaceLayer } from "./layer.js";
 import { LayerWatcher, type LayerEvent } from "./watch.js";
-import { readViewFile, viewEntry, writeViewFile, type ViewFile, type WriteResult } from "./files.js";
+import { PhaseHistory } from "./history.js";
+import { readViewFile, viewEntry, viewVersion, writeViewFile, type ViewFile, type WriteResult } from "./files.js";
 import { createHash } from "node:crypto";
 import { checkRelPath, projectPath } from "./apply.js";
 import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
@@ -119,6 +120,8 @@ export class PhaseWorkspace {
   failedIterations = 0;
   /** project paths a human approved for the next checkpoint (size cap, shared/ edits) */
   approvedPaths = new Set<string>();
+  /** the project's versions of what accepted iterations changed, for the whole phase's diff */
+  readonly history: PhaseHistory;
 
   /** the live file-event watcher on the upper, while the view is mounted */
   private watcher: LayerWatcher | null = null;
@@ -129,7 +132,9 @@ export class PhaseWorkspace {
     readonly layer: WorkspaceLayer,
     private readonly hooks: WorkspaceHooks,
     private readonly opts: WorkspaceOptions,
-  ) {}
+  ) {
+    this.history = new PhaseHistory(path.join(path.dirname(opts.stateFile), "history"));
+  }
 
   /**
    * Live file events (create/modify/delete with paths) from the upper: the
@@ -232,6 +237,44 @@ export class PhaseWorkspace {
       accepted: (p) => versionOf(this.layer.spec.project, p, null),
       view: (p) => versionOf(this.layer.paths.upper, p, upperDev),
     });
+  }
+
+  /**
+   * The whole phase as a unified diff: every path an accepted iteration or
+   * the pending changes touched, from what the project was when the phase
+   * started (kept by PhaseHistory before each accept) to the view now.
+   * Renames show as a delete and a create.
+   */
+  async diffAll(): Promise<string> {
+    const leave = await this.gate.enter();
+    try {
+      const paths = new Set(await this.history.paths());
+      for (const c of (await this.layer.changes()).changes) {
+        if (c.isDir) continue;
+        paths.add(c.path);
+        if (c.kind === "rename" && c.from) paths.add(c.from);
+      }
+      const view = this.layer.paths.view;
+      const project = this.layer.spec.project;
+      const before = new Map<string, FileVersion | null>();
+      const after = new Map<string, FileVersion | null>();
+      const changes: FileChange[] = [];
+      for (const p of paths) {
+        const kept = await this.history.before(p);
+        const b = kept === undefined ? await versionOf(project, p, null) : kept;
+        const a = await viewVersion(view, p);
+        if (!b && !a) continue;
+        if (b && a && b.size === a.size && (b.mode ?? 0) === a.mode && a.size <= DEFAULT_DIFF_MAX_BYTES && (await b.read()).equals(await a.read())) continue;
+        before.set(p, b);
+        after.set(p, a);
+        const kind = !b ? "create" : !a ? "delete" : "modify";
+        const modeOnly = kind === "modify" && b!.size === a!.size && a!.size <= DEFAULT_DIFF_MAX_BYTES && (await b!.read()).equals(await a!.read());
+        changes.push({ kind, path: p, isDir: false, sizeBytes: a?.size ?? 0, ...(a ? { mode: a.mode } : {}), ...(modeOnly ? { modeOnly } : {}) });
+      }
+      return await diffChangeSet({ changes }, { accepted: async (p) => before.get(p) ?? null, view: async (p) => after.get(p) ?? null });
+    } finally {
+      leave();
+    }
   }
 
   /**
@@ -406,6 +449,7 @@ export class PhaseWorkspace {
     const pid = await this.hooks.containerPid();
     await this.pauseWatch();
     await this.layer.unmount(pid);
+    await this.history.capture(set, this.layer.spec.project);
     const done = await applyChangeSet(set, {
       project: this.layer.spec.project,
       upper: this.layer.paths.upper,

@@ -182,4 +182,32 @@ describe("writing through the daemon", () => {
     const log = await readFile(phase.buildLog, "utf8");
     expect(log).toMatch(/\[FILE\] \[PUT\] \[services\/agentdir\/planted\.txt\] \[REFUSED SBX_ERR_PATH_INVALID/);
   });
+
+  it("diff --all: the whole phase, from the project as the phase found it, across accepted iterations and the pending one", async () => {
+    await py("import os\nos.remove('/workspace/agentfile.txt')\nos.remove('/workspace/services/agentdir')");
+    const checkpoint = async (message: string) => (await t.api.request<CheckpointResult>("POST", `/v1/phases/${phase.id}/checkpoint`, { message })).iteration;
+    await put("services/calc.py", '"""Tiny module under test."""\n\n\ndef add(a: int, b: int) -> int:\n    return b + a  # v2\n');
+    expect((await checkpoint("v2"))?.state).toBe("accepted");
+    await py("import os\nos.remove('/workspace/tests/test_broken.py')");
+    expect((await checkpoint("drop the broken test"))?.state).toBe("accepted");
+    await put("services/calc.py", '"""Tiny module under test."""\n\n\ndef add(a: int, b: int) -> int:\n    return int(a) + int(b)  # v3\n');
+    const pending = await cli(["diff", phase.id], { socket: t.socket });
+    expect(pending.stdout).toContain("-    return b + a  # v2");
+    expect(pending.stdout).toContain("+    return int(a) + int(b)  # v3");
+    expect(pending.stdout).not.toContain("test_broken");
+    const all = await cli(["diff", phase.id, "--all"], { socket: t.socket });
+    expect(all.stderr).toBe("");
+    expect(all.stdout).toContain("diff --git a/services/calc.py b/services/calc.py");
+    expect(all.stdout).toContain("-    return a + b");
+    expect(all.stdout).toContain("+    return int(a) + int(b)  # v3");
+    expect(all.stdout).not.toContain("# v2");
+    expect(all.stdout).toMatch(/diff --git a\/tests\/test_broken\.py b\/tests\/test_broken\.py\ndeleted file mode 100644/);
+    expect(all.stdout).toMatch(/diff --git a\/services\/risk\.py b\/services\/risk\.py\nnew file mode 100644/);
+    expect(all.stdout).toContain("+    assert limit() == 3");
+    // a file the phase never changed is not in it, and the host file behind a link never is
+    expect(all.stdout).not.toContain("conftest.py");
+    expect(all.stdout).not.toContain("HOST-SECRET");
+    const api = await t.api.request<{ diff: string }>("GET", `/v1/phases/${phase.id}/diff?all=1`);
+    expect(api.diff).toBe(all.stdout);
+  });
 });
