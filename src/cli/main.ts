@@ -125,6 +125,7 @@ function changeLine(c: ChangeView): string {
 
 /** argv quoted (invisible characters as $'…' escapes), or the command string as given; escaped again by table() */
 function approvalCommand(a: Approval): string {
+  if (a.workspace) return `iteration ${a.workspace.iteration}: ${a.workspace.paths.join(", ")}`;
   return a.argv ? quoteArgv(a.argv) : a.sql !== null && a.sql !== undefined ? `SQL: ${a.sql}` : (a.command ?? "");
 }
 

@@ -6,6 +6,7 @@
 import path from "node:path";
 import { actionLine, timestamp } from "../audit/format.js";
 import type { AuditEvent } from "../audit/journal.js";
+import { changedFiles } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import type { WorkspacePolicy } from "../policy/index.js";
@@ -54,6 +55,24 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
       runInSandbox: (argv) => runInSandbox(live, argv),
       record: async (event, lines) => void (await live.rec.record(event, lines)),
       now,
+      askHuman: async (it, files) => {
+        const strictest = it.failures.find((f) => f.decision === "ask") ?? it.failures[0];
+        const why = it.failures.map((f) => `${f.rule}: ${f.message}`).join("; ");
+        const paths = it.changes.filter((c) => !c.isDir).map((c) => (c.kind === "rename" ? `${c.from ?? "?"} -> ${c.path}` : c.path));
+        const a = await ctx.opts.approvals.requestIteration(
+          record.id,
+          { n: it.n, paths },
+          { ruleId: strictest?.rule ?? "workspace.failed-iteration", clause: strictest?.clause ?? "SKILLS.md §1", policyReason: why, requestReason: it.message },
+          files,
+        );
+        await live.rec.record(
+          { type: "approval.request", approval: a.id, workspace: a.workspace, rule: a.ruleId, clause: a.clause, reason: why, requestReason: it.message, files },
+          [actionLine(now(), "APPROVAL", "REQUEST", `iteration ${it.n}: ${paths.join(", ")}`, `${a.id} pending: ${why}`)],
+        );
+        ctx.opts.log.info({ phase: record.id, approval: a.id, iteration: it.n }, "iteration waits for approval");
+        ctx.opts.notify?.(a);
+        return a.id;
+      },
       fileEvents: (batch) => recordLive(batch.map((e) => fileEventRecord({ event: e.kind, path: e.path, isDir: e.isDir, ts: now() }))),
       fileEventsDropped: (count, windowMs) => recordLive([fileEventsDroppedRecord({ count, windowMs, ts: now() })]),
       watchFailed: (err) => {
@@ -176,11 +195,37 @@ export async function writePhaseFile(ctx: PhaseContext, id: string, rel: string,
   return live.workspace.writeFile(rel, bytes, mode === undefined ? {} : { mode });
 }
 
-export async function decideIteration(ctx: PhaseContext, id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {
+/**
+ * An operator decides a pending iteration (`sandboxd iteration accept|reject`,
+ * or its approval request: `sandboxd approvals approve|deny`). Either way
+ * the iteration and its request end decided together: approving applies the
+ * files bound in the request, and only if the layer still holds those bytes.
+ */
+export async function decideIteration(ctx: PhaseContext, id: string, n: number, decision: "accept" | "reject", note?: string, viaApproval = false): Promise<IterationRecord> {
   ctx.assertServing();
   const live = await ctx.running(id);
-  if (!live.workspace) throw new SandboxdError("SBX_ERR_ITERATION_NOT_FOUND", `phase ${id} has no iterations`);
-  return live.workspace.decide(n, decision, note);
+  const ws = live.workspace;
+  if (!ws) throw new SandboxdError("SBX_ERR_ITERATION_NOT_FOUND", `phase ${id} has no iterations`);
+  const it = ws.iterations.find((i) => i.n === n);
+  const request = ctx.opts.approvals.forIteration(id, n);
+  if (decision === "accept" && request && it?.state === "pending") {
+    // a person approves exactly what will be applied
+    const now = await ws.bindings(await ws.layer.changes());
+    const changed = changedFiles(request.files, now);
+    if (changed.length > 0) {
+      throw new SandboxdError("SBX_ERR_APPROVAL_STALE", `iteration ${n} changed since it was put to a person: ${changed.join(", ")}; nothing was applied`, {
+        hint: "reject it, or look at `sandboxd diff` again",
+      });
+    }
+  }
+  const decided = await ws.decide(n, decision, viaApproval && request ? `${note ?? ""}${note ? " " : ""}(${request.id})`.trim() : note);
+  // decided here, its request ends with it (through the request, the caller decides it)
+  if (request && !viaApproval) {
+    if (request.state === "pending") await ctx.opts.approvals.decide(request.id, decision === "accept" ? "approve" : "deny", note);
+    if (decision === "accept") await ctx.opts.approvals.use(request.id, request.files);
+    ctx.opts.approvals.announce(request.id);
+  }
+  return decided;
 }
 
 /**

@@ -25,7 +25,7 @@ import type { ChangeSet, FileChange } from "./changes.js";
 import type { WorkspacePolicy } from "../policy/index.js";
 import { DEFAULT_DIFF_MAX_BYTES, diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
-import { TOOL_CACHES, type WorkspaceLayer } from "./layer.js";
+import { TOOL_CACHES, readRegular, type WorkspaceLayer } from "./layer.js";
 import { LayerWatcher, type LayerEvent } from "./watch.js";
 import { PhaseHistory } from "./history.js";
 import { readViewFile, viewEntry, viewVersion, writeViewFile, type ViewFile, type WriteResult } from "./files.js";
@@ -49,6 +49,15 @@ export interface IterationRecord {
   decidedBy: string | null;
   changes: FileChange[];
   failures: JudgeFailure[];
+  /** the approval request a person decides it by (`sandboxd approvals approve|deny`), when it waits */
+  approval?: string | null;
+}
+
+/** One file of a pending iteration as a person approves it: its bytes' SHA-256 as they would be applied. */
+export interface IterationFileBinding {
+  path: string;
+  sha256: string | null;
+  note: string | null;
 }
 
 export interface CheckpointResult {
@@ -64,6 +73,11 @@ export interface WorkspaceHooks {
   record(event: AuditEvent, lines: string[]): Promise<void>;
   /** SKILLS.md timestamp */
   now(): string;
+  /**
+   * The iteration waits for a person: queue its approval request (bound to
+   * `files`) and say so; the request's id, or null when no queue is kept.
+   */
+  askHuman?(it: IterationRecord, files: IterationFileBinding[]): Promise<string | null>;
   /** live file events from the layer (src/workspace/watch.ts); without it nothing is watched */
   fileEvents?(batch: LayerEvent[]): void;
   /** events over the watcher's rate cap, counted */
@@ -118,7 +132,7 @@ export class PhaseWorkspace {
   iterations: IterationRecord[] = [];
   /** failed iterations (SKILLS.md fail-fast, category `iteration`) */
   failedIterations = 0;
-  /** project paths a human approved for the next checkpoint (size cap, shared/ edits) */
+  /** project paths whose approvable failures the judge lifts (no API sets them yet: an `ask` iteration is decided whole, through the approval queue) */
   approvedPaths = new Set<string>();
   /** the project's versions of what accepted iterations changed, for the whole phase's diff */
   readonly history: PhaseHistory;
@@ -316,7 +330,7 @@ export class PhaseWorkspace {
       const size = j.failures.find((f) => f.rule === policy.maxFileBytes.id);
       if (size) {
         throw new SandboxdError("SBX_ERR_FILE_TOO_LARGE", `writing ${rel} refused: ${size.message}`, {
-          hint: "write a smaller file, or have a human approve the path first (`sandboxd files approve`)",
+          hint: "write a smaller file; a larger one written in the sandbox waits for a person's approval at the checkpoint",
           details: { failures: [size] },
         });
       }
@@ -401,9 +415,32 @@ export class PhaseWorkspace {
             `[${it.at}] ITERATION_PENDING: iteration ${it.n} (${escapeControl(message)}) waits for a human: ${failures.map((f) => `${f.rule}: ${f.message}`).join("; ")}`,
           ],
         );
+        // through the approval queue: `sandboxd approvals ls` lists it, approve applies it, deny discards it
+        it.approval = (await this.hooks.askHuman?.(it, await this.bindings(set))) ?? null;
+        await this.save();
       }
       return { iteration: it };
     });
+  }
+
+  /**
+   * The files of a change set as a person approves them: the SHA-256 of each
+   * one's bytes in the layer (read without following a link, from the
+   * layer's own file system); deletes and folders carry a note instead.
+   */
+  async bindings(set: ChangeSet): Promise<IterationFileBinding[]> {
+    const out: IterationFileBinding[] = [];
+    const dev = await this.layer.upperDevice();
+    for (const c of set.changes) {
+      if (c.isDir) continue;
+      if (c.kind === "delete") {
+        out.push({ path: c.path, sha256: null, note: "deleted" });
+        continue;
+      }
+      const bytes = await readRegular(this.layer.paths.upper, c.path, Math.max(c.sizeBytes, 0) + 1, dev).catch(() => null);
+      out.push(bytes ? { path: c.path, sha256: createHash("sha256").update(bytes).digest("hex"), note: c.modeOnly ? "mode only" : null } : { path: c.path, sha256: null, note: c.modeOnly ? "mode only" : "not a regular file" });
+    }
+    return out;
   }
 
   /** An operator's decision on a pending iteration. */

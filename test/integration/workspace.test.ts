@@ -6,10 +6,12 @@
  * cannot be written; the layer's disk budget is the phase's alone.
  */
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import { chown, lstat, mkdir, readFile, readdir, rm, symlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Approval } from "../../src/approvals/queue.js";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import type { CheckpointResult, FileChange } from "../../src/workspace/index.js";
@@ -259,12 +261,46 @@ describe("iterations", () => {
     expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.max-file-size");
     // while it waits, no command runs
     await expect(py("print(1)")).rejects.toMatchObject({ code: "SBX_ERR_ITERATION_PENDING" });
+    // it waits in the approval queue too, bound to the file's bytes
+    expect(iteration?.approval).toMatch(/^ap_[0-9a-f]{12}$/);
+    const { approval } = await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`);
+    expect(approval).toMatchObject({ state: "pending", workspace: { iteration: iteration!.n, paths: ["data.bin"] }, ruleId: "workspace.max-file-size" });
+    expect(approval.files).toEqual([{ path: "data.bin", sha256: createHash("sha256").update(Buffer.alloc(20 * 1024 * 1024, "0")).digest("hex"), note: null }]);
     const d = await cli(["iteration", "reject", phase.id, String(iteration!.n), "--note", "no data files in the repo"], { socket: t.socket });
     expect(d.stderr).toBe("");
     expect(d.stdout).toContain(`iteration ${iteration!.n} rejected`);
     await expect(lstat(path.join(project, "data.bin"))).rejects.toMatchObject({ code: "ENOENT" });
     expect((await py("import os\nprint(os.path.exists('/workspace/data.bin'))")).stdout).toBe("False\n");
     expect(await readFile(phase.buildLog, "utf8")).toMatch(/ITERATION_REFUSED: iteration \d+ \(big data\) discarded by operator: no data files in the repo/);
+    expect((await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`)).approval.state).toBe("denied");
+  });
+
+  it("a shared/ edit waits in the approval queue; approving the request applies exactly the bytes it showed", async () => {
+    await py("open('/workspace/shared/models.py', 'a').write('\\n\\nclass Fill:\\n    pass\\n')");
+    const { iteration } = await checkpoint("Fill model");
+    expect(iteration?.state).toBe("pending");
+    expect(iteration?.failures.map((f) => f.rule)).toEqual(["workspace.protected.shared"]);
+    const ls = await cli(["approvals", "ls"], { socket: t.socket });
+    expect(ls.stdout).toContain(iteration!.approval!);
+    expect(ls.stdout).toContain(`iteration ${iteration!.n}: shared/models.py`);
+    const ok = await cli(["approvals", "approve", iteration!.approval!, "--note", "reviewed the diff"], { socket: t.socket });
+    expect(ok.stderr).toBe("");
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toContain("class Fill:");
+    const { approval } = await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`);
+    expect(approval.state).toBe("used");
+    const shown = await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${phase.id}`);
+    expect(shown.phase.workspace?.iterations.find((i) => (i as { n: number }).n === iteration!.n)).toMatchObject({ state: "accepted", decidedBy: expect.stringContaining(iteration!.approval!) });
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[REQUEST\\] \\[iteration ${iteration!.n}: shared/models\\.py\\] \\[${iteration!.approval} pending: workspace\\.protected\\.shared`));
+    expect(log).toMatch(/\[FILE\] \[MODIFY\] \[shared\/models\.py\] \[SUCCESS\]/);
+    // a second decision is refused
+    await expect(t.api.request("POST", `/v1/approvals/${iteration!.approval}/deny`, {})).rejects.toMatchObject({ code: "SBX_ERR_APPROVAL_DECIDED" });
+    // and denying one discards the iteration
+    await py("open('/workspace/shared/models.py', 'a').write('\\n\\nclass Other:\\n    pass\\n')");
+    const second = (await checkpoint("Other model")).iteration!;
+    await t.api.request("POST", `/v1/approvals/${second.approval}/deny`, { note: "not now" });
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).not.toContain("class Other");
+    expect((await py("print('Other' in open('/workspace/shared/models.py').read())")).stdout).toBe("False\n");
   });
 
   it("a rename is shown and applied as a rename", async () => {
@@ -285,7 +321,7 @@ describe("iterations", () => {
     const { iteration } = await checkpoint("cleanup");
     expect(iteration?.state).toBe("rejected");
     expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.shared");
-    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toBe("class Order:\n    pass\n");
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toMatch(/^class Order:\n    pass\n/);
   });
 
   it("a rewritten .env never reaches the project, and the phase keeps the values it started with", async () => {
