@@ -227,6 +227,7 @@ async function main() {
     baselineCpAMs: s(cpa),
     suite: { layerMs: s(suite.layer), bindMs: s(suite.bind), ratioP50: round(summarize(suite.layer).p50 / summarize(suite.bind).p50, 3) },
     fileEventMs: s(lat),
+    samples: { accept: accept.map((x) => round(x, 1)), gitAddWriteTree: gitTree.map((x) => round(x, 1)), reject: reject.map((x) => round(x, 1)), cpA: cpa.map((x) => round(x, 0)), suiteLayer: suite.layer.map((x) => round(x, 0)), suiteBind: suite.bind.map((x) => round(x, 0)) },
     targets: {
       acceptP50Le50ms: summarize(accept).p50 <= 50,
       rejectP50Le50ms: summarize(reject).p50 <= 50,
