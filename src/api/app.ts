@@ -19,6 +19,8 @@ import { PHASE_MODES } from "../phases/types.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
+import { StringDecoder } from "node:string_decoder";
+import { FRAMES_CONTENT_TYPE, StreamFrame, frameHeader } from "../client/frames.js";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -125,7 +127,8 @@ const eventsQuery = z
   })
   .strict();
 
-const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** `stream`: `frames` for the byte format (src/client/frames.ts), `1`/`true`/`ndjson` for NDJSON, `0`/`false` (or none) for one JSON answer */
+const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false", "ndjson", "frames"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
 /** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
@@ -226,7 +229,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     const { id } = parse(phaseIdParam, req.params, "path");
     const q = parse(streamQuery, req.query, "query");
     const body = parse(execBody, req.body, "body");
-    if (!truthy(q.stream)) {
+    if (q.stream === undefined || q.stream === "0" || q.stream === "false") {
       // A client that goes away before its answer ends its command, as a streaming one does.
       const abort = new AbortController();
       const onClose = () => {
@@ -239,7 +242,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
         reply.raw.off("close", onClose);
       }
     }
-    return streamExec(reply, manager, id, body);
+    return streamExec(reply, manager, id, body, q.stream === "frames" ? "frames" : "ndjson");
   });
 
   // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
@@ -417,11 +420,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
+ * A streaming exec, in one of two formats (docs/API.md "Streaming exec"):
+ * `frames`, the byte format the CLI and the clients use — each event a JSON
+ * frame, each piece of output a 5-byte header and the scrubbed bytes as they
+ * came from the shim, never decoded — or NDJSON, one JSON object per line,
+ * output decoded to text (a character split between chunks is joined first).
+ * The events: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
  * when it waits for a person's decision (waitApprovalMs),
- * `{"type":"started","phaseId","pid","rule"}` as soon as the
- * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
- * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
+ * `{"type":"started","phaseId","pid","rule"}` as soon as the command runs,
+ * output (`{"type":"stdout"|"stderr","data":"…"}` lines in NDJSON), then
+ * `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
@@ -437,6 +445,7 @@ async function streamExec(
   manager: PhaseManager,
   id: string,
   body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
+  format: "frames" | "ndjson",
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();
@@ -448,17 +457,51 @@ async function streamExec(
     if (headersSent) return;
     headersSent = true;
     reply.hijack();
-    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    res.writeHead(200, { "content-type": format === "frames" ? FRAMES_CONTENT_TYPE : "application/x-ndjson", "cache-control": "no-store" });
   };
-  const write = (obj: unknown) => {
-    if (answered || res.destroyed || res.writableEnded) return;
-    ensureHeaders();
-    if (!res.write(JSON.stringify(obj) + "\n") && !flow.isHolding && !flow.isClosed) {
+  const writable = () => !(answered || res.destroyed || res.writableEnded);
+  const backpressure = (ok: boolean) => {
+    if (!ok && !flow.isHolding && !flow.isClosed) {
       flow.pause();
       res.once("drain", () => flow.resume());
     }
   };
-  const emit = (type: "stdout" | "stderr") => (data: string) => write({ type, data });
+  const write = (obj: unknown) => {
+    if (!writable()) return;
+    ensureHeaders();
+    if (format === "ndjson") return backpressure(res.write(JSON.stringify(obj) + "\n"));
+    const json = Buffer.from(JSON.stringify(obj), "utf8");
+    res.write(frameHeader(StreamFrame.Event, json.length));
+    backpressure(res.write(json));
+  };
+  /** NDJSON: what a decoder holds (a character cut off at the end) is said before the end */
+  const flushers: Array<() => void> = [];
+  const emit = (type: "stdout" | "stderr") => {
+    if (format === "frames") {
+      const kind = type === "stdout" ? StreamFrame.Stdout : StreamFrame.Stderr;
+      return (chunk: Buffer) => {
+        if (!writable()) return;
+        ensureHeaders();
+        // header and payload as two writes, sent together (corked): the payload is never copied
+        res.cork();
+        res.write(frameHeader(kind, chunk.length));
+        const ok = res.write(chunk);
+        res.uncork();
+        backpressure(ok);
+      };
+    }
+    // NDJSON: text, a character split between chunks joined first
+    const decoder = new StringDecoder("utf8");
+    flushers.push(() => {
+      const data = decoder.end();
+      if (data) write({ type, data });
+    });
+    return (chunk: Buffer) => {
+      const data = decoder.write(chunk);
+      if (data) write({ type, data });
+    };
+  };
+  const sink = { stdout: emit("stdout"), stderr: emit("stderr") };
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
     flow.close();
@@ -476,9 +519,10 @@ async function streamExec(
         started: (info) => write({ type: "started", phaseId: id, ...info }),
         // commits the 200: the decision (run, denial, no decision in time) follows in the stream
         waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
-        stdout: emit("stdout"), stderr: emit("stderr") },
+        ...sink },
       abort.signal,
     );
+    for (const f of flushers) f();
     write({ type: "exit", result });
     answered = true;
     // (no headers only when the client left before anything was written: nothing to answer)
@@ -490,6 +534,7 @@ async function streamExec(
       throw err;
     }
     const e = err instanceof SandboxdError ? err : new SandboxdError("SBX_ERR_INTERNAL", (err as Error).message);
+    for (const f of flushers) f();
     write({ type: "error", ...e.toBody() });
     answered = true;
     res.end();
