@@ -438,7 +438,7 @@ async function streamViaApi(d, phase, dockerd, format = "frames") {
   let tailChunks = [];
   let tailBytes = 0;
   // frames: read as a client does (FrameReader), stdout bytes counted, the last event kept
-  const { FrameReader, StreamFrame } = await import(path.join(ROOT, "dist", "client", "frames.js"));
+  const { FrameReader, StreamFrame } = await import(path.join(ROOT, "dist", "frames.js"));
   const frames = format === "frames" ? new FrameReader() : null;
   let frameStdout = 0;
   let lastEvent = null;

@@ -74,7 +74,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-# frame kinds of the exec byte stream (src/client/frames.ts)
+# frame kinds of the exec byte stream (src/frames.ts)
 _EVENT, _STDOUT, _STDERR = 1, 2, 3
 
 

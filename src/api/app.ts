@@ -20,7 +20,7 @@ import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
 import { StringDecoder } from "node:string_decoder";
-import { FRAMES_CONTENT_TYPE, StreamFrame, frameHeader } from "../client/frames.js";
+import { FRAMES_CONTENT_TYPE, StreamFrame, frameHeader } from "../frames.js";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -127,7 +127,7 @@ const eventsQuery = z
   })
   .strict();
 
-/** `stream`: `frames` for the byte format (src/client/frames.ts), `1`/`true`/`ndjson` for NDJSON, `0`/`false` (or none) for one JSON answer */
+/** `stream`: `frames` for the byte format (src/frames.ts), `1`/`true`/`ndjson` for NDJSON, `0`/`false` (or none) for one JSON answer */
 const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false", "ndjson", "frames"]).optional() }).strict();
 const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 

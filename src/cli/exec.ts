@@ -11,7 +11,7 @@ import type { IncomingMessage } from "node:http";
 import { escapeControl } from "../audit/format.js";
 import { SandboxdError } from "../errors.js";
 import { ApiClient } from "../client/http.js";
-import { FrameReader, StreamFrame } from "../client/frames.js";
+import { FrameReader, StreamFrame } from "../frames.js";
 import type { ExecResult } from "../phases/manager.js";
 import { EXIT, exitCodeFor, exitCodeForRefusal } from "./exit-codes.js";
 

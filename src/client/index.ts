@@ -16,7 +16,7 @@ import type { AuditRecord } from "../audit/journal.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseMode, PhaseView } from "../phases/types.js";
 import { StringDecoder } from "node:string_decoder";
-import { FrameReader, StreamFrame } from "./frames.js";
+import { FrameReader, StreamFrame } from "../frames.js";
 import { ApiClient, errorFromBody } from "./http.js";
 
 export { SandboxdError } from "../errors.js";

@@ -14,7 +14,7 @@
 
 export const FRAME_HEADER_BYTES = 5;
 export const StreamFrame = { Event: 1, Stdout: 2, Stderr: 3 } as const;
-/** `?stream=` values: the byte format, and NDJSON (`1`, `true`, `ndjson`) for people and tools that want lines of JSON. */
+/** The byte stream's content type (`?stream=1`, `true` or `ndjson` answers application/x-ndjson, for people and tools that want lines of JSON). */
 export const FRAMES_CONTENT_TYPE = "application/vnd.sandboxd.frames";
 /** Larger frames are a broken stream (the daemon sends at most the shim's 1 MiB frames, and events far smaller). */
 export const MAX_STREAM_FRAME = 16 * 1024 * 1024;
