@@ -112,8 +112,10 @@ function tailBytes(buf: Buffer, n: number): Buffer {
 export class HeadTailText {
   private head: Buffer | null = null;
   private headLen = 0;
-  /** pieces of the rolling tail, oldest first */
-  private tail: Buffer[] = [];
+  /** the rolling tail: a ring of tailCap bytes, made at the first byte past the head (nothing is allocated per chunk) */
+  private ring: Buffer | null = null;
+  /** where the oldest kept tail byte is in the ring */
+  private ringStart = 0;
   private tailLen = 0;
   seen = 0;
   total = 0;
@@ -141,25 +143,33 @@ export class HeadTailText {
       rest = rest.subarray(take);
       if (rest.length === 0) return;
     }
-    if (rest.length >= this.tailCap) {
-      // copied: a view would keep the whole chunk it came in alive
-      this.tail = [Buffer.from(rest.subarray(rest.length - this.tailCap))];
-      this.tailLen = this.tailCap;
+    const cap = this.tailCap;
+    if (cap === 0) return;
+    this.ring ??= Buffer.allocUnsafe(cap);
+    if (rest.length >= cap) {
+      rest.copy(this.ring, 0, rest.length - cap);
+      this.ringStart = 0;
+      this.tailLen = cap;
       return;
     }
-    this.tail.push(Buffer.from(rest));
-    this.tailLen += rest.length;
-    while (this.tailLen > this.tailCap) {
-      const first = this.tail[0]!;
-      const over = this.tailLen - this.tailCap;
-      if (first.length <= over) {
-        this.tail.shift();
-        this.tailLen -= first.length;
-      } else {
-        this.tail[0] = first.subarray(over);
-        this.tailLen -= over;
-      }
-    }
+    // write after the newest byte, wrapping; what does not fit pushes the oldest out
+    const at = (this.ringStart + this.tailLen) % cap;
+    const first = Math.min(rest.length, cap - at);
+    rest.copy(this.ring, at, 0, first);
+    if (first < rest.length) rest.copy(this.ring, 0, first);
+    const over = this.tailLen + rest.length - cap;
+    if (over > 0) {
+      this.ringStart = (this.ringStart + over) % cap;
+      this.tailLen = cap;
+    } else this.tailLen += rest.length;
+  }
+
+  /** the kept tail, oldest byte first */
+  private tailBuffer(): Buffer {
+    if (!this.ring || this.tailLen === 0) return Buffer.alloc(0);
+    const end = this.ringStart + this.tailLen;
+    if (end <= this.tailCap) return this.ring.subarray(this.ringStart, end);
+    return Buffer.concat([this.ring.subarray(this.ringStart), this.ring.subarray(0, end - this.tailCap)]);
   }
 
   get truncated(): boolean {
@@ -172,7 +182,7 @@ export class HeadTailText {
    */
   view(limit = this.headCap + this.tailCap): { head: string; omitted: number; tail: string } {
     const head = this.head ? this.head.subarray(0, this.headLen) : Buffer.alloc(0);
-    const tail = this.tail.length === 1 ? this.tail[0]! : Buffer.concat(this.tail, this.tailLen);
+    const tail = this.tailBuffer();
     // all kept (head and tail are contiguous): cut the view from the whole; else from each end
     const whole = this.truncated ? null : Buffer.concat([head, tail]);
     if (whole && whole.length <= limit) return { head: whole.toString("utf8"), omitted: 0, tail: "" };
