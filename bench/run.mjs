@@ -483,7 +483,7 @@ async function streamViaDocker(d, phase, dockerd, devNull, count) {
   await sleep(CFG.settleMs);
   gc();
   const cpu = cpuMeter(d.pid, phase.containerId, dockerd);
-  const r = await timedOk("docker", ["exec", phase.containerId, ...STREAM_ARGV], { stdout: count ? "count" : devNull, timeoutMs: 120_000 });
+  const r = await timedOk("docker", ["exec", "-w", "/workspace", phase.containerId, ...STREAM_ARGV], { stdout: count ? "count" : devNull, timeoutMs: 120_000 });
   if (count && r.stdoutBytes !== STREAM_BYTES) throw new Error(`docker exec streamed ${r.stdoutBytes} bytes, want ${STREAM_BYTES}`);
   return { ms: r.ms, MBps: STREAM_BYTES / MB / (r.ms / 1000), cpuS: cpu() };
 }
