@@ -177,7 +177,10 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
     const ws = live.workspace;
     // (the container's pid only checks that the view reached it; a runtime without one skips the check)
-    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)));
+    // the live file-event watcher starts on the upper meanwhile (a failure to watch is recorded, not fatal)
+    const viewAttached = layerMounted.then(async () => {
+      await Promise.all([ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)), ws.watch()]);
+    });
     const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
     if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
