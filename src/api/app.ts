@@ -11,6 +11,7 @@ import type { Logger } from "pino";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import { grantPatternSchema } from "../approvals/grants.js";
+import { TIMEOUT_CEILING_MS } from "../policy/index.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
@@ -99,7 +100,7 @@ const grantBody = z
     argv: execBody.innerType().shape.argv,
     pattern: grantPatternSchema.optional(),
     expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
-    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    maxTimeoutMs: z.number().int().positive().max(TIMEOUT_CEILING_MS, `at most ${TIMEOUT_CEILING_MS} ms (SKILLS.md §2: 5 minutes)`).optional(),
     note: z.string().max(2000).optional(),
   })
   .strict()

@@ -8,7 +8,9 @@ import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Grant } from "../approvals/grants.js";
 import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
-import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
+import type { PhaseMode } from "../domain.js";
+import { PARSE_RULE_ID, TIMEOUT_CEILING_MS, evaluateCommand, judgeTimeout, type Verdict } from "../policy/index.js";
+import { seconds } from "../policy/timeout.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
@@ -189,26 +191,28 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
   const limits = ctx.limitsOf(live);
   const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
-  if (timeoutMs > limits.maxTimeoutMs) {
+  if (timeoutMs > Math.max(limits.maxTimeoutMs, TIMEOUT_CEILING_MS)) {
     throw new SandboxdError(
       "SBX_ERR_TIMEOUT_RANGE",
-      `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+      `timeout ${timeoutMs} ms exceeds the ${TIMEOUT_CEILING_MS} ms ceiling (SKILLS.md §2: 5 minutes); the limit of a ${record.mode}-mode phase is ${limits.maxTimeoutMs} ms`,
       {
-        // SKILLS.md calls 60 s a default: the operator may raise it for a mode, up to the policy's 5-minute ceiling
-        hint: `use a timeout within ${limits.maxTimeoutMs / 1000} s (SKILLS.md §2: 60 s by default, up to 5 min in paper mode), or have the operator raise it in the policy: limits.modes.${record.mode}.maxTimeoutMs (at most 300000; README "Timeouts")`,
-        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
+        hint: timeoutHint(record.mode, limits.maxTimeoutMs),
+        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, ceilingMs: TIMEOUT_CEILING_MS, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
       },
     );
   }
+  // Over the mode's limit, within the ceiling: a person's call (src/policy/timeout.ts), bound to this timeout.
+  const longTimeout = timeoutMs > limits.maxTimeoutMs;
   const env = commandEnv(record, live.dotenv);
   const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
   checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
+  if (longTimeout) verdict = judgeTimeout(verdict, timeoutMs, limits.maxTimeoutMs, record.mode);
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
   const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
   const ts = () => timestamp(ctx.opts.clock.now());
-  const key = { argv: req.argv, command: req.command };
+  const key = { argv: req.argv, command: req.command, timeoutMs: longTimeout ? timeoutMs : undefined };
   const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
 
   // An `ask` a human already approved for exactly this command, with the same
@@ -233,7 +237,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       }
     } else {
       // a standing approval of this phase or project, for this command with these files
-      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files) ?? null;
+      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files, longTimeout ? timeoutMs : undefined) ?? null;
       if (covering) {
         grant = await ctx.opts.grants!.use(covering.id, files);
         verdict = { ...verdict, decision: "allow", reason: `standing approval ${grant.id}${grant.note ? ` (${grant.note})` : ""}, until ${grant.expiresAt}` };
@@ -321,7 +325,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     // counted only once the command did not run after all (an approval mid-wait runs it above)
     await countRefusal(ctx, live, verdict, cmd);
     if (stale) throw staleError(stale, pending, cmd);
-    throw policyError(verdict, cmd, rec, pending.id);
+    throw policyError(verdict, cmd, rec, pending.id, longTimeout ? { mode: record.mode, maxTimeoutMs: limits.maxTimeoutMs, timeoutMs } : undefined);
   }
   if (verdict.decision !== "allow") {
     await countRefusal(ctx, live, verdict, cmd);
@@ -695,8 +699,20 @@ async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */
-function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approvalId?: string): SandboxdError {
-  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision, ...(approvalId ? { approvalId } : {}) };
+function policyError(
+  verdict: Verdict,
+  cmd: string,
+  rec: PhaseRecorder,
+  approvalId?: string,
+  timeout?: { mode: PhaseMode; maxTimeoutMs: number; timeoutMs: number },
+): SandboxdError {
+  const details = {
+    rule: verdict.ruleId,
+    clause: verdict.clause,
+    decision: verdict.decision,
+    ...(approvalId ? { approvalId } : {}),
+    ...(timeout ? { timeoutMs: timeout.timeoutMs, maxTimeoutMs: timeout.maxTimeoutMs, setting: `limits.modes.${timeout.mode}.maxTimeoutMs` } : {}),
+  };
   const reason = rec.redact(verdict.reason);
   if (verdict.decision === "forbid") {
     const code = verdict.ruleId === PARSE_RULE_ID ? "SBX_ERR_COMMAND_PARSE" : "SBX_ERR_POLICY_DENIED";
@@ -704,14 +720,29 @@ function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approval
       details,
     });
   }
+  const pending = approvalId
+    ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
+    : "run a whitelisted command instead";
   return new SandboxdError(
     "SBX_ERR_POLICY_NEEDS_APPROVAL",
     `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`,
     {
-      hint: approvalId
-        ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
-        : "run a whitelisted command instead",
+      hint: timeout
+        ? `${pending} with --timeout ${seconds(timeout.timeoutMs)}; or use a timeout within ${seconds(timeout.maxTimeoutMs)} s. ${timeoutWays(timeout.mode)}`
+        : pending,
       details,
     },
   );
+}
+
+/** The ways to a longer timeout, said wherever one is refused or asked for. */
+function timeoutWays(mode: PhaseMode): string {
+  return (
+    `For many runs a person can grant a standing approval (\`sandboxd grant --phase ID --pattern … --max-timeout SECONDS\`, at most ${TIMEOUT_CEILING_MS / 1000}), ` +
+    `or the operator can raise the mode's limit in the daemon's policy: limits.modes.${mode}.maxTimeoutMs (README "Timeouts")`
+  );
+}
+
+function timeoutHint(mode: PhaseMode, maxTimeoutMs: number): string {
+  return `use a timeout within ${TIMEOUT_CEILING_MS / 1000} s; up to ${seconds(maxTimeoutMs)} s runs at once, longer asks a person (SKILLS.md §2: 60 s by default, up to 5 min). ${timeoutWays(mode)}`;
 }
