@@ -14,6 +14,7 @@ import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
+import { DEFAULT_PACKAGES_BYTES, PACKAGES_DIR } from "../workspace/packages.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { splitDotenv } from "../policy/env.js";
@@ -112,6 +113,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     const channel = openChannel(ctx, live, token);
     await channel.listen();
     await openTunnels(ctx, live, token);
+    // the project's package environment, kept from its last phase (src/workspace/packages.ts)
+    const packagesDir = await acquirePackages(ctx, live);
     stillStarting();
     containerId = await ctx.opts.runtime.runPhaseContainer({
       name: record.containerName,
@@ -130,6 +133,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       runDir: ctx.store.runDir(id),
       // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
       readOnlyFiles: [],
+      writableDirs: [{ host: packagesDir, container: PACKAGES_DIR }],
       env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
       memoryBytes: limits.memoryBytes,
       cpus: limits.cpus,
@@ -194,6 +198,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
           .stopAndRemove(containerId, 0)
           .catch((e: Error) => ctx.log.error({ phase: id, container: containerId, err: e.message }, "could not remove the container of an aborted start"));
       }
+      // the package disk acquired after that end released what it held
+      await releasePackages(ctx, live);
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started: ${record.endReason ?? record.state}`, {
         hint: "start a new phase with `sandboxd phase start`",
         cause: err,
@@ -211,6 +217,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
       await layerMounted?.catch(() => undefined);
       if (live.workspace) await live.workspace.layer.destroy(null).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the workspace layer of a failed start"));
+      await releasePackages(ctx, live);
       await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
       await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a failed start"));
       transition(record, "failed");
@@ -220,6 +227,23 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     ctx.opts.logSecrets?.remove(id);
     throw err;
   }
+}
+
+/** The phase becomes a user of its project's package disk (mounted by the first); the host folder to bind. */
+export async function acquirePackages(ctx: PhaseContext, live: LivePhase): Promise<string> {
+  const { record } = live;
+  // the daemon's policy sizes it: the disk is the project's, shared by phases with different phase policies
+  const budget = ctx.opts.policy().workspace.disk.packagesBytes ?? DEFAULT_PACKAGES_BYTES;
+  const dir = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget);
+  live.packagesHeld = true;
+  return dir;
+}
+
+/** After the container is gone: the last phase of the project unmounts its package disk. */
+async function releasePackages(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  if (!live.packagesHeld) return;
+  live.packagesHeld = false;
+  await ctx.packages.release(live.record.project).catch((e: Error) => ctx.log.warn({ phase: live.record.id, err: e.message }, "could not unmount the project's package disk"));
 }
 
 /** The control channel of a phase; its link closing outside a stop is how a lost container shows. */
@@ -341,6 +365,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
     }
   }
   await destroyWorkspace(ctx, live);
+  await releasePackages(ctx, live);
   await ctx.store.removeRunDir(record.id).catch(warn("could not remove the run dir"));
   await ctx.opts.approvals.expirePhase(record.id).catch(warn("could not expire the phase's approvals"));
   transition(record, outcome);

@@ -14,7 +14,7 @@ import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { FailFastState } from "./failfast.js";
-import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
+import { acquirePackages, endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
 import dotenv from "dotenv";
@@ -132,6 +132,8 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await openTunnels(ctx, live, token);
   // the layer's mounts outlive the daemon; what is missing is mounted again
   await live.workspace?.layer.reattach();
+  // counted again as a user of the project's package disk (still mounted, or mounted again)
+  await acquirePackages(ctx, live);
   await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   await live.rec.record({ type: "phase.readopt", name: record.name }, [
