@@ -76,6 +76,12 @@ function table(input: string[][]): string {
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
 }
 
+/** The .env names a phase's commands do not get, each with why: said at start, never silently. */
+function envDroppedText(dropped: ReadonlyArray<{ name: string; why: string }>): string {
+  const lines = dropped.map((d) => `  ${visible(d.name)}: ${d.why}\n`);
+  return `sandboxd: the project's .env sets ${dropped.length} name(s) its commands do not get (src/policy/env.ts; set them in code or ask the operator):\n${lines.join("")}`;
+}
+
 function printPhase(p: PhaseView): void {
   const lines = [
     ["id", p.id],
@@ -88,6 +94,7 @@ function printPhase(p: PhaseView): void {
     ["created", p.createdAt],
     ...(p.stoppedAt ? [["stopped", p.stoppedAt]] : []),
     ...(p.endReason ? [["end reason", p.endReason]] : []),
+    ...(p.envDropped?.length ? [[".env not given", p.envDropped.map((d) => d.name).join(", ")]] : []),
     ...(p.workspace
       ? [["iterations", `${p.workspace.accepted} accepted, ${p.workspace.rejected} refused, ${p.workspace.pending} pending`]]
       : []),
@@ -330,6 +337,8 @@ function program(): Command {
       });
       if (opts.json) printJson(p);
       else process.stdout.write(p.id + "\n");
+      // stderr: stdout stays the id alone for scripts
+      if (p.envDropped?.length) process.stderr.write(envDroppedText(p.envDropped));
     });
   phase
     .command("show")

@@ -17,7 +17,7 @@ import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import { DEFAULT_PACKAGES_BYTES, PACKAGES_DIR } from "../workspace/packages.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { confineNetwork, openTunnels } from "./network.js";
-import { splitDotenv } from "../policy/env.js";
+import { reservedReason, splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { FailFastState } from "./failfast.js";
 import { buildReport, reportLines } from "./report.js";
@@ -72,6 +72,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     buildLog,
     endReason: null,
     ...(req.allow?.length ? { allow: req.allow } : {}),
+    // said in the start's answer, the CLI's output and the trail: a dropped PYTHONPATH is otherwise a puzzling ImportError
+    ...(envReserved.length ? { envDropped: envReserved.map((name) => ({ name, why: reservedReason(name) ?? "reserved" })) } : {}),
   };
   await ctx.store.create(record, token);
   // what the daemon read is what the phase keeps, also across a daemon restart:
@@ -177,6 +179,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         policyFile: record.policyFile,
         // names only, never values
         envReserved,
+        envDropped: record.envDropped ?? [],
       },
       [
         actionLine(ts, "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
