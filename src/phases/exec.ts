@@ -17,6 +17,7 @@ import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, recordAttempt } from "./escalation.js";
 import { junitPathFor, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
+import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 
@@ -209,6 +210,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
   if (longTimeout) verdict = judgeTimeout(verdict, timeoutMs, limits.maxTimeoutMs, record.mode);
+  // docker-compose runs on the host, and only in the grammar the daemon mediates (./compose.ts)
+  const composed = judgeCompose(verdict);
+  verdict = composed.verdict;
+  const composeCall = composed.call;
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
   const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
   const ts = () => timestamp(ctx.opts.clock.now());
@@ -357,7 +362,21 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  const onStdout = (c: Buffer) => {
+    out.count(c.length);
+    const text = outText.push(c);
+    out.push(text);
+    if (text) sink?.stdout(text);
+  };
+  const onStderr = (c: Buffer) => {
+    err.count(c.length);
+    const text = errText.push(c);
+    err.push(text);
+    if (text) sink?.stderr(text);
+  };
+  const outcomeP = composeCall
+    ? hostCompose(ctx, live, composeCall, { timeoutMs, killGraceMs: limits.killGraceMs, onStdout, onStderr, abort, started: () => sink?.started?.({ pid: 0, rule: { id: verdict.ruleId, clause: verdict.clause } }) })
+    : new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped
@@ -394,18 +413,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
               sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
             },
             onStdout: (c) => {
-              if (done) return;
-              out.count(c.length);
-              const text = outText.push(c);
-              out.push(text);
-              if (text) sink?.stdout(text);
+              if (!done) onStdout(c);
             },
             onStderr: (c) => {
-              if (done) return;
-              err.count(c.length);
-              const text = errText.push(c);
-              err.push(text);
-              if (text) sink?.stderr(text);
+              if (!done) onStderr(c);
             },
             onExit: (exit) => finish(() => resolve({ exit })),
             onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
@@ -745,4 +756,42 @@ function timeoutWays(mode: PhaseMode): string {
 
 function timeoutHint(mode: PhaseMode, maxTimeoutMs: number): string {
   return `use a timeout within ${TIMEOUT_CEILING_MS / 1000} s; up to ${seconds(maxTimeoutMs)} s runs at once, longer asks a person (SKILLS.md §2: 60 s by default, up to 5 min). ${timeoutWays(mode)}`;
+}
+
+/**
+ * An allowed docker-compose command, run by the daemon on the host against
+ * the project's compose file (./compose.ts), in the shape of the shim's
+ * outcome so that it is recorded, categorised and answered like any command.
+ */
+async function hostCompose(
+  ctx: PhaseContext,
+  live: LivePhase,
+  call: ComposeCall,
+  o: { timeoutMs: number; killGraceMs: number; onStdout(c: Buffer): void; onStderr(c: Buffer): void; abort?: AbortSignal | undefined; started(): void },
+): Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }> {
+  const { record } = live;
+  const file = await composeFile(record.project);
+  const started = ctx.opts.clock.monotonicMs();
+  const exit = (exitCode: number | null, signal: string | null, timedOut: boolean): { exit: ExitMessage } => ({
+    exit: { type: "exit", execId: 0, exitCode, signal, timedOut, durationMs: Math.round(ctx.opts.clock.monotonicMs() - started) },
+  });
+  if (!file) {
+    o.onStderr(Buffer.from(`sandboxd: the project has no compose file (compose.yaml, compose.yml, docker-compose.yaml or docker-compose.yml in ${record.project})\n`));
+    return exit(1, null, false);
+  }
+  await live.rec.record({ type: "compose.run", argv: hostArgv(record.project, file, call), file }, []);
+  o.started();
+  const r = await runCompose({
+    project: record.project,
+    file,
+    call,
+    timeoutMs: o.timeoutMs,
+    killGraceMs: o.killGraceMs,
+    dockerHost: process.env.DOCKER_HOST,
+    onStdout: o.onStdout,
+    onStderr: o.onStderr,
+    signal: o.abort,
+  });
+  if (r.spawnError) return { spawnError: r.spawnError };
+  return exit(r.exitCode, r.signal, r.timedOut);
 }
