@@ -118,6 +118,10 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
     await endPhase(ctx, live, "failed", action.why);
     report.lost.push(r.id);
   }
+  // package disks a dead daemon left mounted for phases that did not come back (src/workspace/packages.ts)
+  await ctx.packages
+    .sweep()
+    .catch((e: Error) => ctx.opts.log.warn({ err: e.message }, "could not unmount the package disks of ended phases"));
   if (report.readopted.length + report.reaped.length + report.lost.length > 0) {
     ctx.opts.log.info(report, "reconciled phases after restart");
   }

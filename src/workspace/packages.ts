@@ -147,6 +147,28 @@ export class ProjectPackages {
     });
   }
 
+  /**
+   * After a restart's reconcile: every package disk mounted under the state
+   * dir that no phase counts as a user (their phases ended while no daemon
+   * ran, or in a start a crash cut short) is unmounted.
+   */
+  async sweep(): Promise<void> {
+    const root = path.join(this.stateDir, "projects") + path.sep;
+    const info = await readFile("/proc/self/mountinfo", "utf8");
+    const mounted = new Set<string>();
+    for (const line of info.split("\n")) {
+      const mp = (line.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+      if (mp.startsWith(root) && path.basename(mp) === "packages") mounted.add(mp);
+    }
+    for (const mnt of mounted) {
+      const key = path.basename(path.dirname(mnt));
+      await this.locked(key, async () => {
+        if ((this.users.get(key) ?? 0) > 0) return;
+        await run("umount", ["-l", mnt], { timeout: COMMAND_TIMEOUT_MS });
+      });
+    }
+  }
+
   /** Bytes used on a project's package disk (0 when it is not mounted). */
   async usedBytes(project: string): Promise<number> {
     const p = this.paths(project);
