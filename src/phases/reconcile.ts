@@ -136,6 +136,7 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await openTunnels(ctx, live, token);
   // the layer's mounts outlive the daemon; what is missing is mounted again
   await live.workspace?.layer.reattach();
+  await live.workspace?.watch();
   // counted again as a user of the project's package disk (still mounted, or mounted again)
   await acquirePackages(ctx, live);
   await channel.waitReady(ctx.connectTimeoutMs);
