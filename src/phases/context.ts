@@ -26,6 +26,7 @@ import type { Clock, IdSource } from "../util/clock.js";
 import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
+import type { PhaseResources } from "./resources.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
@@ -83,6 +84,13 @@ export interface LivePhase {
   frozen: boolean;
   /** a limit reached while commands ran (escalation.ts recordAttempt): the phase escalates when the next command ends */
   pendingEscalation?: LimitReached | null;
+  /** the resource watch (./resources.ts): memory, OOM kills, the container's end; null when the cgroup cannot be read */
+  resources?: PhaseResources | null;
+  /**
+   * a phase re-adopted frozen (escalated or paused when the daemon restarted): its
+   * shim cannot reconnect until the container thaws, so resume finishes the re-adoption
+   */
+  reattach?: (() => Promise<void>) | null;
   /** the container's first process, as the host sees it (cached for the JUnit read) */
   pid?: number;
   /** the change layer over the project and its iterations (src/workspace) */

@@ -93,6 +93,39 @@ async function runInSandbox(live: LivePhase, argv: string[]): Promise<string> {
   return live.rec.redact(Buffer.concat(stdout).toString("utf8").slice(0, 1024 * 1024));
 }
 
+/**
+ * SKILLS.md "Files Modified" (phase and escalation reports): the project
+ * paths the phase's accepted iterations changed, in the order they were
+ * first changed — created, modified, deleted or renamed (both names) —
+ * folders left out. Null when the phase has no change layer (nothing is
+ * tracked).
+ */
+export function filesModified(live: Pick<LivePhase, "workspace">): string[] | null {
+  const ws = live.workspace;
+  if (!ws) return null;
+  const out = new Set<string>();
+  for (const it of ws.iterations) {
+    if (it.state !== "accepted") continue;
+    for (const c of it.changes) {
+      if (c.isDir) continue;
+      if (c.kind === "rename" && c.from) out.add(c.from);
+      out.add(c.path);
+    }
+  }
+  return [...out];
+}
+
+/** Changes in the layer not judged yet (what the next checkpoint would see); [] when they cannot be read. */
+export async function unjudgedFiles(ctx: PhaseContext, live: LivePhase): Promise<string[]> {
+  if (!live.workspace) return [];
+  try {
+    return (await live.workspace.files()).filter((c) => !c.isDir).map((c) => c.path);
+  } catch (err) {
+    ctx.opts.log.warn({ phase: live.record.id, err: (err as Error).message }, "could not read the layer's pending changes for a report");
+    return [];
+  }
+}
+
 /** The error a command or checkpoint gets when its iteration was refused. */
 export function iterationError(it: IterationRecord): SandboxdError {
   const why = it.failures.map((f) => `${f.rule}: ${f.message}`).join("; ");
