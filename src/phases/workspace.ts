@@ -12,6 +12,7 @@ import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntri
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
 import type { PhaseRecord } from "./types.js";
+import { recordAttempt, recordSuccess } from "./escalation.js";
 
 const COMPILE_TIMEOUT_MS = 30_000;
 
@@ -43,6 +44,7 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
       runInSandbox: (argv) => runInSandbox(live, argv),
       record: async (event, lines) => void (await live.rec.record(event, lines)),
       now: () => timestamp(ctx.opts.clock.now()),
+      decided: (it) => iterationDecided(ctx, live, it),
     },
     {
       uid: record.uid,
@@ -124,6 +126,33 @@ export async function unjudgedFiles(ctx: PhaseContext, live: LivePhase): Promise
     ctx.opts.log.warn({ phase: live.record.id, err: (err as Error).message }, "could not read the layer's pending changes for a report");
     return [];
   }
+}
+
+/**
+ * SKILLS.md fail-fast, category `iteration`: a refused iteration (by the
+ * rules at a checkpoint, or by an operator) is a failed attempt — counted,
+ * recorded (`failfast.attempt`) and, at failFast.maxAttempts.iteration (3),
+ * escalated; an accepted one is a success of the checkpoint and resets the
+ * count. Iterations decided while the phase ends count nothing.
+ */
+async function iterationDecided(ctx: PhaseContext, live: LivePhase, it: IterationRecord): Promise<void> {
+  const st = live.record.state;
+  if (live.ending || (st !== "running" && st !== "paused" && st !== "escalated")) return;
+  if (it.state === "accepted") {
+    await recordSuccess(ctx, live, "checkpoint");
+    return;
+  }
+  if (it.state !== "rejected") return;
+  const first = it.failures[0];
+  const byRules = it.decidedBy === "rules";
+  await recordAttempt(ctx, live, {
+    category: "iteration",
+    source: "checkpoint",
+    action: `iteration ${it.n} (${it.message}): ${it.changes.filter((c) => !c.isDir).map((c) => c.path).join(", ") || "no files"}`,
+    result: byRules ? `REFUSED ${first?.rule ?? "workspace"}` : `REJECTED by ${it.decidedBy ?? "operator"}`,
+    evidence: first ? `${first.rule}: ${first.message}` : `rejected by ${it.decidedBy ?? "operator"}`,
+    lastError: it.failures.map((f) => `${f.rule} (${f.clause}): ${f.message}`).join("\n") || `rejected by ${it.decidedBy ?? "operator"}`,
+  });
 }
 
 /** The error a command or checkpoint gets when its iteration was refused. */
