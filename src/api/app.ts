@@ -6,19 +6,19 @@
  */
 import { createReadStream } from "node:fs";
 import { access } from "node:fs/promises";
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { SandboxdError } from "../errors.js";
-import { grantPatternSchema } from "../approvals/grants.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
 import type { PhaseManager } from "../phases/manager.js";
-import { PHASE_MODES } from "../phases/types.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
+import { openApiDocument } from "./openapi.js";
+import { ROUTES, routeKey, routeOf, type RouteKey } from "./routes.js";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -28,105 +28,6 @@ export interface AppOptions {
   logger: Logger;
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
 }
-
-const phaseIdParam = z.object({ id: z.string().regex(/^ph_[0-9a-f]{12}$/, "not a phase id (ph_ followed by 12 hex digits)") });
-
-const startBody = z
-  .object({
-    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path"),
-    phase: z
-      .string()
-      .min(1)
-      .max(128)
-      .regex(/^[\w.\- ]+$/, "letters, digits, space, '.', '_' and '-' only"),
-    mode: z.enum(PHASE_MODES),
-    policy: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path to a policy file").optional(),
-    // SKILLS.md "Phase specification": the one protected path a phase may be given
-    allow: z.array(z.enum(["main.py"])).max(1).optional(),
-  })
-  .strict();
-
-const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
-const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
-
-/** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
-const MAX_ARG_BYTES = 131_071;
-/** An exec waits at most this long for a person's decision: a longer wait is a request left to hang, not a decision. */
-export const MAX_WAIT_APPROVAL_MS = 3_600_000;
-const execBody = z
-  .object({
-    argv: z
-      .array(
-        z
-          .string()
-          .refine((a) => Buffer.byteLength(a) <= MAX_ARG_BYTES, `an argument may be at most ${MAX_ARG_BYTES} bytes (the kernel's limit); pass larger input in a file`)
-          .refine((a) => !a.includes("\0"), "must not contain NUL bytes"),
-      )
-      .min(1, "must name a program to run")
-      .max(4096)
-      .refine((a) => a[0] !== "", "argv[0] must not be empty")
-      .optional(),
-    command: z
-      .string()
-      .min(1, "must not be empty")
-      .max(32 * 1024)
-      .refine((c) => !c.includes("\0"), "must not contain NUL bytes")
-      .optional(),
-    timeoutMs: z.number().int().positive().max(86_400_000).optional(),
-    reason: z.string().max(2000).optional(),
-    /** when the policy asks a person: wait this long for the decision (long poll) */
-    waitApprovalMs: z.number().int().positive().max(MAX_WAIT_APPROVAL_MS, "at most 1 hour (3,600,000 ms); wait again with the approval's id after that").optional(),
-  })
-  .strict()
-  .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
-    message: "give exactly one of argv (an array, preferred) or command (a string)",
-  });
-
-const approvalIdParam = z.object({ id: z.string().regex(/^ap_[0-9a-f]{12}$/, "not an approval id (ap_ followed by 12 hex digits)") });
-const approvalsQuery = z
-  .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
-  .strict();
-const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
-
-const grantIdParam = z.object({ id: z.string().regex(/^gr_[0-9a-f]{12}$/, "not a standing approval id (gr_ followed by 12 hex digits)") });
-const grantsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
-/** A standing approval lasts at most 30 days: a longer one is a policy change, which belongs in the policy file. */
-const MAX_GRANT_MS = 30 * 86_400_000;
-const grantBody = z
-  .object({
-    phase: phaseIdParam.shape.id.optional(),
-    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path").optional(),
-    argv: execBody.innerType().shape.argv,
-    pattern: grantPatternSchema.optional(),
-    expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
-    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
-    note: z.string().max(2000).optional(),
-  })
-  .strict()
-  .refine((b) => (b.phase === undefined) !== (b.project === undefined), { message: "give exactly one scope: phase (an id) or project (a directory)" })
-  .refine((b) => (b.argv === undefined) !== (b.pattern === undefined), { message: "give exactly one of argv (an exact command) or pattern (policy-style tokens)" });
-
-const auditQuery = z
-  .object({
-    phase: phaseIdParam.shape.id.optional(),
-    after: z.coerce.number().int().nonnegative().optional(),
-    last: z.coerce.number().int().positive().max(100_000).optional(),
-    follow: z.enum(["0", "1", "true", "false"]).optional(),
-  })
-  .strict();
-
-const noteBody = z.object({ note: z.string().max(2000).optional() }).strict();
-const escalationsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
-const eventsQuery = z
-  .object({
-    since: z.coerce.number().int().nonnegative().optional(),
-    phase: phaseIdParam.shape.id.optional(),
-    follow: z.enum(["0", "1", "true", "false"]).optional(),
-  })
-  .strict();
-
-const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
-const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
 /** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
 const MAX_PROBLEMS = 20;
@@ -162,6 +63,21 @@ function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
 }
 
 const truthy = (v: string | undefined) => v === "1" || v === "true";
+
+/** The table's entry for a key, as a type: its schemas give the handler's input types. */
+type RouteOf<K extends string> = K extends `${infer M} ${infer P}` ? Extract<(typeof ROUTES)[number], { method: M; path: P }> : never;
+type Parsed<D, F extends "params" | "query" | "body"> = D extends { [k in F]: infer S extends z.ZodTypeAny } ? z.output<S> : undefined;
+export interface RouteInput<K extends string> {
+  params: Parsed<RouteOf<K>, "params">;
+  query: Parsed<RouteOf<K>, "query">;
+  body: Parsed<RouteOf<K>, "body">;
+}
+
+/** The routes each app registered, as `METHOD /path` (the test that the OpenAPI document lists exactly them reads this). */
+const registered = new WeakMap<FastifyInstance, string[]>();
+export function registeredRoutes(app: FastifyInstance): readonly string[] {
+  return registered.get(app) ?? [];
+}
 
 export function buildApp(opts: AppOptions): FastifyInstance {
   const app = Fastify({
@@ -202,30 +118,49 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     for (const f of followers) f.abort();
   });
 
-  app.get("/v1/health", async () => ({ ok: true, ...opts.info }));
+  const routes: string[] = [];
+  registered.set(app, routes);
+  /**
+   * Registers the handler of a route of the table (routes.ts): params, query
+   * and body are parsed with the table's schemas, in that order, before the
+   * handler runs; a key not in the table throws at build.
+   */
+  const on = <K extends RouteKey>(key: K, handler: (input: RouteInput<K>, req: FastifyRequest, reply: FastifyReply) => unknown) => {
+    const def = routeOf(key);
+    routes.push(routeKey(def));
+    app.route({
+      method: def.method,
+      url: def.path,
+      handler: async (req, reply) => {
+        const input = {
+          params: def.params ? parse(def.params, req.params, "path") : undefined,
+          query: def.query ? parse(def.query, req.query, "query") : undefined,
+          body: def.body ? parse(def.body, req.body, "body") : undefined,
+        } as RouteInput<K>;
+        return handler(input, req, reply);
+      },
+    });
+  };
 
-  app.get("/v1/phases", async () => ({ phases: await manager.list() }));
+  on("GET /v1/openapi.json", async () => openApiDocument());
+  on("GET /v1/health", async () => ({ ok: true, ...opts.info }));
 
-  app.post("/v1/phases", async (req, reply) => {
-    const body = parse(startBody, req.body, "body");
+  on("GET /v1/phases", async () => ({ phases: await manager.list() }));
+
+  on("POST /v1/phases", async ({ body }, _req, reply) => {
     const phase = await manager.start(body);
     return reply.status(201).send({ phase });
   });
 
-  app.get("/v1/phases/:id", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("GET /v1/phases/:id", async ({ params: { id } }) => {
     return { phase: await manager.get(id) };
   });
 
-  app.delete("/v1/phases/:id", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("DELETE /v1/phases/:id", async ({ params: { id } }) => {
     return { phase: await manager.stop(id) };
   });
 
-  app.post("/v1/phases/:id/exec", async (req, reply) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const q = parse(streamQuery, req.query, "query");
-    const body = parse(execBody, req.body, "body");
+  on("POST /v1/phases/:id/exec", async ({ params: { id }, query: q, body }, _req, reply) => {
     if (!truthy(q.stream)) {
       // A client that goes away before its answer ends its command, as a streaming one does.
       const abort = new AbortController();
@@ -243,45 +178,35 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
-  app.post("/v1/phases/:id/pause", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const body = parse(noteBody, req.body ?? {}, "body");
+  on("POST /v1/phases/:id/pause", async ({ params: { id }, body }) => {
     return { phase: await manager.pause(id, body.note) };
   });
-  app.post("/v1/phases/:id/resume", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const body = parse(noteBody, req.body ?? {}, "body");
+  on("POST /v1/phases/:id/resume", async ({ params: { id }, body }) => {
     return { phase: await manager.resume(id, body.note) };
   });
-  app.post("/v1/phases/:id/abort", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const body = parse(noteBody, req.body ?? {}, "body");
+  on("POST /v1/phases/:id/abort", async ({ params: { id }, body }) => {
     return { phase: await manager.abort(id, body.note) };
   });
 
-  app.get("/v1/phases/:id/report", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("GET /v1/phases/:id/report", async ({ params: { id } }) => {
     const report = await manager.report(id);
     // the same lines the logs got (SKILLS.md build loop step 7), without their timestamp, for clients that print it
     return { report, text: reportLines(report, "").join("\n").replace(/^\[\] /, "") };
   });
 
-  app.get("/v1/escalations", async (req) => {
-    const q = parse(escalationsQuery, req.query, "query");
+  on("GET /v1/escalations", async ({ query: q }) => {
     return { escalations: await manager.escalations(truthy(q.all)) };
   });
 
   // the phase's last escalation with its report's text (SKILLS.md Human Escalation Log)
-  app.get("/v1/phases/:id/escalation", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("GET /v1/phases/:id/escalation", async ({ params: { id } }) => {
     const e = (await manager.get(id)).escalations?.at(-1);
     if (!e) throw new SandboxdError("SBX_ERR_NOT_FOUND", `phase ${id} has no escalation`, { hint: "`sandboxd escalations ls --all` lists every escalation" });
     return { escalation: e, text: await readFile(e.report, "utf8").catch(() => null) };
   });
 
   // NDJSON of the audit trail's events (src/api/events.ts); follows unless follow=0
-  app.get("/v1/events", async (req, reply) => {
-    const q = parse(eventsQuery, req.query, "query");
+  on("GET /v1/events", async ({ query: q }, _req, reply) => {
     const filter = { phase: q.phase, after: q.since };
     reply.hijack();
     const res = reply.raw;
@@ -300,57 +225,45 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     res.end();
   });
   // the phase's workspace (docs/WORKSPACE.md)
-  app.post("/v1/phases/:id/checkpoint", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const body = parse(checkpointBody, req.body, "body");
+  on("POST /v1/phases/:id/checkpoint", async ({ params: { id }, body }) => {
     return manager.checkpoint(id, body.message);
   });
 
-  app.get("/v1/phases/:id/files", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("GET /v1/phases/:id/files", async ({ params: { id } }) => {
     return { changes: await manager.files(id) };
   });
 
-  app.get("/v1/phases/:id/diff", async (req) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
+  on("GET /v1/phases/:id/diff", async ({ params: { id } }) => {
     return { diff: await manager.diff(id) };
   });
 
   for (const decision of ["accept", "reject"] as const) {
-    app.post(`/v1/phases/:id/iterations/:n/${decision}`, async (req) => {
-      const { id, n } = parse(iterationParams, req.params, "path");
-      const body = parse(decisionBody, req.body ?? {}, "body");
+    on(`POST /v1/phases/:id/iterations/:n/${decision}`, async ({ params: { id, n }, body }) => {
       return { iteration: await manager.decideIteration(id, n, decision, body.note) };
     });
   }
 
-  app.get("/v1/approvals", async (req) => {
-    const q = parse(approvalsQuery, req.query, "query");
+  on("GET /v1/approvals", async ({ query: q }) => {
     const list = opts.approvals.list({ all: truthy(q.all), ...(q.phase ? { phaseId: q.phase } : {}) });
     return { approvals: list.map((a) => ({ ...a, waiting: opts.approvals.waiting(a.id) })) };
   });
 
-  app.get("/v1/approvals/:id", async (req) => {
-    const { id } = parse(approvalIdParam, req.params, "path");
+  on("GET /v1/approvals/:id", async ({ params: { id } }) => {
     // waiting: how many execs are blocked on this decision right now (exec waitApprovalMs)
     return { approval: { ...opts.approvals.get(id), waiting: opts.approvals.waiting(id) } };
   });
 
   for (const decision of ["approve", "deny"] as const) {
-    app.post(`/v1/approvals/:id/${decision}`, async (req) => {
-      const { id } = parse(approvalIdParam, req.params, "path");
-      const body = parse(decisionBody, req.body ?? {}, "body");
+    on(`POST /v1/approvals/:id/${decision}`, async ({ params: { id }, body }) => {
       return { approval: await manager.decideApproval(id, decision, body.note) };
     });
   }
 
-  app.get("/v1/grants", async (req) => {
-    const q = parse(grantsQuery, req.query, "query");
+  on("GET /v1/grants", async ({ query: q }) => {
     return { grants: manager.listGrants(truthy(q.all)) };
   });
 
-  app.post("/v1/grants", async (req) => {
-    const b = parse(grantBody, req.body, "body");
+  on("POST /v1/grants", async ({ body: b }) => {
     return {
       grant: await manager.grant({
         phaseId: b.phase,
@@ -364,15 +277,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     };
   });
 
-  app.post("/v1/grants/:id/revoke", async (req) => {
-    const { id } = parse(grantIdParam, req.params, "path");
-    const body = parse(decisionBody, req.body ?? {}, "body");
+  on("POST /v1/grants/:id/revoke", async ({ params: { id }, body }) => {
     return { grant: await manager.revokeGrant(id, body.note) };
   });
 
   // audit.jsonl, as JSON (a list) or, with follow, NDJSON as records are appended.
-  app.get("/v1/audit", async (req, reply) => {
-    const q = parse(auditQuery, req.query, "query");
+  on("GET /v1/audit", async ({ query: q }, _req, reply) => {
     const filter = { phase: q.phase, after: q.after };
     const records = await readRecords(opts.stateDir, filter, q.last);
     if (!truthy(q.follow)) return { records };
@@ -394,11 +304,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     res.end();
   });
 
-  app.get("/v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
+  on("GET /v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
 
-  app.get("/v1/phases/:id/logs", async (req, reply) => {
-    const { id } = parse(phaseIdParam, req.params, "path");
-    const q = parse(logsQuery, req.query, "query");
+  on("GET /v1/phases/:id/logs", async ({ params: { id }, query: q }, _req, reply) => {
     const src = await manager.logs(id, truthy(q.follow));
     reply.header("content-type", "text/plain; charset=utf-8");
     if ("file" in src) {

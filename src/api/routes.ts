@@ -1,0 +1,90 @@
+/**
+ * The table of the API's routes: method, path, the zod schemas of what each
+ * takes, and what it answers. app.ts registers a handler only for a route
+ * of this table (and parses with its schemas); openapi.ts generates the
+ * OpenAPI document from it; a test checks that the table, the server's
+ * registered routes and docs/API.md name the same routes. A route therefore
+ * cannot exist undocumented, nor be documented without existing.
+ */
+import type { z } from "zod";
+import type { ErrorCode } from "../errors.js";
+import * as S from "./schemas.js";
+
+export type Method = "GET" | "POST" | "DELETE";
+
+export interface RouteDef {
+  method: Method;
+  /** fastify's form: `/v1/phases/:id` */
+  path: string;
+  summary: string;
+  tag: "daemon" | "phases" | "exec" | "jobs" | "workspace" | "fail-fast" | "approvals" | "audit";
+  params?: z.AnyZodObject;
+  query?: z.AnyZodObject;
+  body?: z.ZodTypeAny;
+  /** the answer when it works: its status, what it is, and how it is encoded */
+  ok: { status: number; description: string; content: "json" | "ndjson" | "text" | "json-or-ndjson" };
+  /** the coded errors this route is known to answer (beyond SBX_ERR_VALIDATION, SBX_ERR_BAD_JSON and SBX_ERR_INTERNAL) */
+  errors?: readonly ErrorCode[];
+}
+
+const phase = { params: S.phaseIdParam } as const;
+const running: readonly ErrorCode[] = ["SBX_ERR_PHASE_NOT_FOUND", "SBX_ERR_PHASE_NOT_RUNNING", "SBX_ERR_PHASE_ESCALATED", "SBX_ERR_PHASE_PAUSED"];
+
+export const ROUTES = [
+  { method: "GET", path: "/v1/health", tag: "daemon", summary: "the daemon's version, instance, pid, state dir and socket", ok: { status: 200, description: "{ok, version, instance, pid, stateDir, socket}", content: "json" } },
+  { method: "GET", path: "/v1/openapi.json", tag: "daemon", summary: "this document (OpenAPI 3.1), generated from the schemas the server validates with", ok: { status: 200, description: "the OpenAPI document", content: "json" } },
+
+  { method: "GET", path: "/v1/phases", tag: "phases", summary: "every phase on record, oldest first", ok: { status: 200, description: "{phases: [...]}", content: "json" } },
+  {
+    method: "POST", path: "/v1/phases", tag: "phases", summary: "start a phase: container, shim, workspace layer, tunnels", body: S.startBody,
+    ok: { status: 201, description: "{phase}, once the container runs and its shim has connected", content: "json" },
+    errors: ["SBX_ERR_PROJECT_NOT_FOUND", "SBX_ERR_PROJECT_NOT_DIR", "SBX_ERR_PROJECT_ROOT_OWNED", "SBX_ERR_IMAGE_MISSING", "SBX_ERR_DOCKER", "SBX_ERR_SHIM_TIMEOUT"],
+  },
+  { method: "GET", path: "/v1/phases/:id", tag: "phases", summary: "one phase", ...phase, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+  { method: "DELETE", path: "/v1/phases/:id", tag: "phases", summary: "stop a phase: its commands and jobs end, its container is removed, its report is kept", ...phase, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND", "SBX_ERR_PHASE_NOT_RUNNING"] },
+  { method: "GET", path: "/v1/phases/:id/logs", tag: "phases", summary: "the container's log (the shim's JSON lines)", ...phase, query: S.logsQuery, ok: { status: 200, description: "text; with follow=1 it stays open", content: "text" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+
+  {
+    method: "POST", path: "/v1/phases/:id/exec", tag: "exec", summary: "run one command (judged by the policy, recorded before it runs)", ...phase, query: S.streamQuery, body: S.execBody,
+    ok: { status: 200, description: "{result}; with stream=1, NDJSON events (waiting, started, stdout, stderr, exit, error)", content: "json-or-ndjson" },
+    errors: [...running, "SBX_ERR_POLICY_DENIED", "SBX_ERR_COMMAND_PARSE", "SBX_ERR_POLICY_NEEDS_APPROVAL", "SBX_ERR_APPROVAL_DENIED", "SBX_ERR_APPROVAL_STALE", "SBX_ERR_TIMEOUT_RANGE", "SBX_ERR_REQUEST_TOO_LARGE", "SBX_ERR_AUDIT_BUDGET", "SBX_ERR_SHIM_LOST"],
+  },
+
+  { method: "POST", path: "/v1/phases/:id/pause", tag: "fail-fast", summary: "freeze a running phase (a person's hand)", ...phase, body: S.noteBody, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_RUNNING"] },
+  { method: "POST", path: "/v1/phases/:id/resume", tag: "fail-fast", summary: "thaw an escalated or paused phase (a note is required after an escalation)", ...phase, body: S.noteBody, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_ESCALATED"] },
+  { method: "POST", path: "/v1/phases/:id/abort", tag: "fail-fast", summary: "end the phase as failed (aborted by operator)", ...phase, body: S.noteBody, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+  { method: "GET", path: "/v1/phases/:id/report", tag: "fail-fast", summary: "the phase report (built now for a live phase)", ...phase, ok: { status: 200, description: "{report, text}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+  { method: "GET", path: "/v1/phases/:id/escalation", tag: "fail-fast", summary: "the phase's last escalation and its report's text", ...phase, ok: { status: 200, description: "{escalation, text}", content: "json" }, errors: ["SBX_ERR_NOT_FOUND"] },
+  { method: "GET", path: "/v1/escalations", tag: "fail-fast", summary: "open escalations (every one with all=1)", query: S.escalationsQuery, ok: { status: 200, description: "{escalations: [...]}", content: "json" } },
+
+  { method: "POST", path: "/v1/phases/:id/checkpoint", tag: "workspace", summary: "judge the changes since the last checkpoint as an iteration", ...phase, body: S.checkpointBody, ok: { status: 200, description: "{iteration} (null when nothing changed)", content: "json" }, errors: [...running, "SBX_ERR_ITERATION_PENDING"] },
+  { method: "GET", path: "/v1/phases/:id/files", tag: "workspace", summary: "the pending change set", ...phase, ok: { status: 200, description: "{changes: [...]}", content: "json" } },
+  { method: "GET", path: "/v1/phases/:id/diff", tag: "workspace", summary: "the pending change set as a unified diff", ...phase, ok: { status: 200, description: "{diff}", content: "json" } },
+  { method: "POST", path: "/v1/phases/:id/iterations/:n/accept", tag: "workspace", summary: "accept a pending iteration (applied to the project)", params: S.iterationParams, body: S.decisionBody, ok: { status: 200, description: "{iteration}", content: "json" }, errors: ["SBX_ERR_ITERATION_NOT_FOUND", "SBX_ERR_ITERATION_DECIDED"] },
+  { method: "POST", path: "/v1/phases/:id/iterations/:n/reject", tag: "workspace", summary: "reject a pending iteration (discarded)", params: S.iterationParams, body: S.decisionBody, ok: { status: 200, description: "{iteration}", content: "json" }, errors: ["SBX_ERR_ITERATION_NOT_FOUND", "SBX_ERR_ITERATION_DECIDED"] },
+
+  { method: "GET", path: "/v1/approvals", tag: "approvals", summary: "approval requests (pending only without all=1)", query: S.approvalsQuery, ok: { status: 200, description: "{approvals: [...]}", content: "json" } },
+  { method: "GET", path: "/v1/approvals/:id", tag: "approvals", summary: "one approval request", params: S.approvalIdParam, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND"] },
+  { method: "POST", path: "/v1/approvals/:id/approve", tag: "approvals", summary: "approve a request (the command may run once)", params: S.approvalIdParam, body: S.decisionBody, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND", "SBX_ERR_APPROVAL_DECIDED", "SBX_ERR_PHASE_NOT_RUNNING"] },
+  { method: "POST", path: "/v1/approvals/:id/deny", tag: "approvals", summary: "deny a request", params: S.approvalIdParam, body: S.decisionBody, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND", "SBX_ERR_APPROVAL_DECIDED", "SBX_ERR_PHASE_NOT_RUNNING"] },
+  { method: "GET", path: "/v1/grants", tag: "approvals", summary: "standing approvals (active only without all=1)", query: S.grantsQuery, ok: { status: 200, description: "{grants: [...]}", content: "json" } },
+  { method: "POST", path: "/v1/grants", tag: "approvals", summary: "grant a standing approval (phase or project scope, exact argv or pattern, expiry)", body: S.grantBody, ok: { status: 200, description: "{grant}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_RUNNING", "SBX_ERR_PROJECT_NOT_FOUND"] },
+  { method: "POST", path: "/v1/grants/:id/revoke", tag: "approvals", summary: "revoke a standing approval", params: S.grantIdParam, body: S.decisionBody, ok: { status: 200, description: "{grant}", content: "json" }, errors: ["SBX_ERR_GRANT_NOT_FOUND"] },
+
+  { method: "GET", path: "/v1/events", tag: "audit", summary: "NDJSON events derived from the audit trail (follows unless follow=0)", query: S.eventsQuery, ok: { status: 200, description: "NDJSON, one event a line", content: "ndjson" } },
+  { method: "GET", path: "/v1/audit", tag: "audit", summary: "audit.jsonl records (a list; NDJSON as they are appended with follow=1)", query: S.auditQuery, ok: { status: 200, description: "{records: [...]}, or NDJSON with follow=1", content: "json-or-ndjson" } },
+  { method: "GET", path: "/v1/audit/verify", tag: "audit", summary: "verify the audit trail's hash chain", ok: { status: 200, description: "{verify}", content: "json" } },
+] as const satisfies readonly RouteDef[];
+
+export type RouteKey = `${(typeof ROUTES)[number]["method"]} ${(typeof ROUTES)[number]["path"]}`;
+
+export function routeKey(r: Pick<RouteDef, "method" | "path">): string {
+  return `${r.method} ${r.path}`;
+}
+
+/** The table's entry for `key`; throws for a route the table does not have (a handler for an undocumented route is a bug). */
+export function routeOf(key: string): RouteDef {
+  const def = (ROUTES as readonly RouteDef[]).find((r) => routeKey(r) === key);
+  if (!def) throw new Error(`route ${key} is not in src/api/routes.ts: add it there (and to docs/API.md) before registering it`);
+  return def;
+}

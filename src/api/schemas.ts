@@ -1,0 +1,108 @@
+/**
+ * The zod schemas of every request the API takes: path parameters, queries
+ * and bodies. The server parses with them (app.ts), and the OpenAPI document
+ * (openapi.ts) is generated from them, so the two cannot drift.
+ */
+import { z } from "zod";
+import { grantPatternSchema } from "../approvals/grants.js";
+import { PHASE_MODES } from "../phases/types.js";
+
+export const phaseIdParam = z.object({ id: z.string().regex(/^ph_[0-9a-f]{12}$/, "not a phase id (ph_ followed by 12 hex digits)") });
+
+export const startBody = z
+  .object({
+    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path"),
+    phase: z
+      .string()
+      .min(1)
+      .max(128)
+      .regex(/^[\w.\- ]+$/, "letters, digits, space, '.', '_' and '-' only"),
+    mode: z.enum(PHASE_MODES),
+    policy: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path to a policy file").optional(),
+    // SKILLS.md "Phase specification": the one protected path a phase may be given
+    allow: z.array(z.enum(["main.py"])).max(1).optional(),
+  })
+  .strict();
+
+export const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
+export const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
+
+/** Linux's MAX_ARG_STRLEN (131,072) counts the terminating NUL: an argument of 131,072 bytes fails with E2BIG. */
+export const MAX_ARG_BYTES = 131_071;
+/** An exec waits at most this long for a person's decision: a longer wait is a request left to hang, not a decision. */
+export const MAX_WAIT_APPROVAL_MS = 3_600_000;
+export const execBody = z
+  .object({
+    argv: z
+      .array(
+        z
+          .string()
+          .refine((a) => Buffer.byteLength(a) <= MAX_ARG_BYTES, `an argument may be at most ${MAX_ARG_BYTES} bytes (the kernel's limit); pass larger input in a file`)
+          .refine((a) => !a.includes("\0"), "must not contain NUL bytes"),
+      )
+      .min(1, "must name a program to run")
+      .max(4096)
+      .refine((a) => a[0] !== "", "argv[0] must not be empty")
+      .optional(),
+    command: z
+      .string()
+      .min(1, "must not be empty")
+      .max(32 * 1024)
+      .refine((c) => !c.includes("\0"), "must not contain NUL bytes")
+      .optional(),
+    timeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    reason: z.string().max(2000).optional(),
+    /** when the policy asks a person: wait this long for the decision (long poll) */
+    waitApprovalMs: z.number().int().positive().max(MAX_WAIT_APPROVAL_MS, "at most 1 hour (3,600,000 ms); wait again with the approval's id after that").optional(),
+  })
+  .strict()
+  .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
+    message: "give exactly one of argv (an array, preferred) or command (a string)",
+  });
+
+export const approvalIdParam = z.object({ id: z.string().regex(/^ap_[0-9a-f]{12}$/, "not an approval id (ap_ followed by 12 hex digits)") });
+export const approvalsQuery = z
+  .object({ all: z.enum(["0", "1", "true", "false"]).optional(), phase: phaseIdParam.shape.id.optional() })
+  .strict();
+export const decisionBody = z.object({ note: z.string().max(2000).optional() }).strict();
+
+export const grantIdParam = z.object({ id: z.string().regex(/^gr_[0-9a-f]{12}$/, "not a standing approval id (gr_ followed by 12 hex digits)") });
+export const grantsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** A standing approval lasts at most 30 days: a longer one is a policy change, which belongs in the policy file. */
+export const MAX_GRANT_MS = 30 * 86_400_000;
+export const grantBody = z
+  .object({
+    phase: phaseIdParam.shape.id.optional(),
+    project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path").optional(),
+    argv: execBody.innerType().shape.argv,
+    pattern: grantPatternSchema.optional(),
+    expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
+    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    note: z.string().max(2000).optional(),
+  })
+  .strict()
+  .refine((b) => (b.phase === undefined) !== (b.project === undefined), { message: "give exactly one scope: phase (an id) or project (a directory)" })
+  .refine((b) => (b.argv === undefined) !== (b.pattern === undefined), { message: "give exactly one of argv (an exact command) or pattern (policy-style tokens)" });
+
+export const auditQuery = z
+  .object({
+    phase: phaseIdParam.shape.id.optional(),
+    after: z.coerce.number().int().nonnegative().optional(),
+    last: z.coerce.number().int().positive().max(100_000).optional(),
+    follow: z.enum(["0", "1", "true", "false"]).optional(),
+  })
+  .strict();
+
+export const noteBody = z.object({ note: z.string().max(2000).optional() }).strict();
+export const escalationsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+export const eventsQuery = z
+  .object({
+    since: z.coerce.number().int().nonnegative().optional(),
+    phase: phaseIdParam.shape.id.optional(),
+    follow: z.enum(["0", "1", "true", "false"]).optional(),
+  })
+  .strict();
+
+export const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+export const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+
