@@ -40,6 +40,12 @@ export interface Settings {
   notifyUrl: string | null;
   /** the operator console's loopback address (--console, SANDBOXD_CONSOLE); null: no console (the default) */
   console: ConsoleAddress | null;
+  /**
+   * SANDBOXD_BENCH_NO_FAILFAST=1: commands are not categorised, counted or read for pytest's
+   * report, and memory is not watched — for the benchmark's side-by-side run only (bench/run.mjs
+   * `failfast`); the daemon says so at start and in every phase's trail
+   */
+  benchNoFailFast: boolean;
 }
 
 const settingsSchema = z
@@ -55,6 +61,7 @@ const settingsSchema = z
     serviceOverrides: z.record(z.string().url("SANDBOXD_SERVICE_*_URL must be a URL")),
     notifyCommand: z.string().min(1).nullable(),
     notifyUrl: z.string().nullable(),
+    benchNoFailFast: z.boolean(),
   })
   .strict();
 
@@ -77,6 +84,7 @@ export function resolveSettings(
     serviceOverrides: serviceOverridesFromEnv(env),
     notifyCommand: env.SANDBOXD_NOTIFY_COMMAND || null,
     notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
+    benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

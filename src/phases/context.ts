@@ -58,6 +58,11 @@ export interface ManagerOptions {
   serviceOverrides?: Readonly<Record<string, string>>;
   /** the daemon log's scrubber: each live phase's secrets are registered here */
   logSecrets?: LogSecrets;
+  /**
+   * false only for the benchmark's side-by-side run (SANDBOXD_BENCH_NO_FAILFAST=1): no
+   * category, count or pytest report for commands, no resource watch. Default true.
+   */
+  failFast?: boolean;
 }
 
 /** A phase this daemon supervises: its record and everything it holds while it lives. */

@@ -329,7 +329,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
 
   // pytest is asked for a JUnit report in the container's /tmp, read back after it ends (junit.ts)
-  const junit = isPytest(verdict.execArgv) ? junitPathFor() : null;
+  const failFastOn = ctx.opts.failFast !== false;
+  const junit = failFastOn && isPytest(verdict.execArgv) ? junitPathFor() : null;
   const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
@@ -353,7 +354,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
   // the kernel's OOM count before and after: a kill meanwhile is charged to this command if it failed (resources.ts)
-  const oomBefore = live.resources?.oomKills() ?? null;
+  const oomBefore = failFastOn ? (live.resources?.oomKills() ?? null) : null;
 
   const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
@@ -471,7 +472,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const policy = ctx.policyFor(live.phasePolicy).failFast;
   const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
   const category =
-    exitCode === 0 && !timedOut
+    (exitCode === 0 && !timedOut) || !failFastOn
       ? null
       : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
@@ -488,10 +489,12 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
     reached = o.reached;
   }
-  const reset = category ? [] : live.failFast.succeed(tool);
-  if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
-  // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
-  if (failure?.counted || reset.length > 0 || tests || VALIDATION_TOOLS.has(tool)) await persistFailFast(ctx, live);
+  if (failFastOn) {
+    const reset = category ? [] : live.failFast.succeed(tool);
+    if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+    // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
+    if (failure?.counted || reset.length > 0 || tests || VALIDATION_TOOLS.has(tool)) await persistFailFast(ctx, live);
+  }
   // Lines of their own, so that the SKILLS.md action line keeps its one-bracket [RESULT]
   const failLine = failure
     ? [`[${ts()}] ERROR_CATEGORY: ${failure.category}${failure.counted ? ` (attempt ${failure.count}/${failure.limit})` : ""}: ${escapeControl(failure.evidence)}`]

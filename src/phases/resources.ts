@@ -124,6 +124,14 @@ export class PhaseResources {
 export async function watchResources(ctx: PhaseContext, live: LivePhase): Promise<void> {
   const { record } = live;
   if (!record.containerId) return;
+  if (ctx.opts.failFast === false) {
+    await live.rec
+      .record({ type: "resource.watch", watching: false, reason: "fail-fast is off in this daemon (SANDBOXD_BENCH_NO_FAILFAST=1, the benchmark's side-by-side run)" }, [
+        actionLine(timestamp(ctx.opts.clock.now()), "RESOURCE", "WATCH", `${record.name} (${record.id})`, "OFF: fail-fast is off in this daemon (benchmark run)"),
+      ])
+      .catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not record that the resource watch is off"));
+    return;
+  }
   const probe = await ctx.opts.runtime.memoryProbe(record.containerId).catch((e: Error) => {
     ctx.opts.log.warn({ phase: record.id, err: e.message }, "no memory probe for the container");
     return null;
