@@ -67,6 +67,10 @@ async function instanceId(stateDir: string): Promise<string> {
  * come, the connection is no longer idle by this measure: a streaming exec
  * or a follow may stay silent for as long as its command or its trail does.
  * Between requests, Node's keepAliveTimeout (fastify: 72 s) closes it.
+ * The request itself must arrive whole within the same time of its headers:
+ * a client that sends headers and then trickles its body a byte at a time
+ * would otherwise hold the connection forever (fastify turns Node's
+ * requestTimeout off), and 8 MiB over a unix socket takes milliseconds.
  */
 export const IDLE_CONNECTION_MS = 10_000;
 
@@ -81,6 +85,14 @@ export function closeIdleConnections(server: import("node:http").Server, idleMs:
   server.on("request", (req: import("node:http").IncomingMessage) => {
     const timer = silent.get(req.socket);
     if (timer) clearTimeout(timer);
+    if (req.complete) return;
+    const sock = req.socket;
+    const receiving = setTimeout(() => {
+      if (!req.complete) sock.destroy();
+    }, idleMs);
+    receiving.unref();
+    sock.once("close", () => clearTimeout(receiving));
+    req.once("end", () => clearTimeout(receiving));
   });
   // a request whose headers never complete is cut by Node itself
   server.headersTimeout = idleMs;

@@ -334,8 +334,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
  *
- * The request owns one FlowConsumer (src/phases/flow.ts): it holds the
- * phase's channel paused while the client drains, and whatever way the
+ * The request owns one FlowConsumer (src/phases/flow.ts): it holds its
+ * exec's output paused in the shim while the client drains (the whole
+ * channel, with a shim older than "execflow"), and whatever way the
  * request ends (exit, error, client gone) the consumer is closed, so its
  * pause ends with it. Once the answer is sent (`answered`), nothing more is
  * written: output arriving late is dropped, never sent after the end.
@@ -384,7 +385,9 @@ async function streamExec(
         started: (info) => write({ type: "started", phaseId: id, ...info }),
         // commits the 200: the decision (run, denial, no decision in time) follows in the stream
         waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
-        stdout: emit("stdout"), stderr: emit("stderr") },
+        stdout: emit("stdout"), stderr: emit("stderr"),
+        // from the command's start, this client's pause is its exec's alone (a slow reader holds up no other command)
+        sent: (execId) => flow.bind(execId) },
       abort.signal,
     );
     write({ type: "exit", result });

@@ -48,6 +48,8 @@ export interface ExecSink {
   waiting?(info: ApprovalWait): void;
   stdout(text: string): void;
   stderr(text: string): void;
+  /** the channel's id of the command, once sent: a streaming client's flow control pauses that exec only */
+  sent?(execId: number): void;
 }
 
 export interface ExecResult {
@@ -416,6 +418,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         return;
       }
       execId = sent;
+      sink?.sent?.(sent);
       // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
