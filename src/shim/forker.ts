@@ -46,8 +46,9 @@ import { errorFields, log } from "./log.js";
  * born with its parent's value, so the forker holds COMMAND_OOM_SCORE_ADJ
  * from the request to its answer (a millisecond) and 0 otherwise: the
  * command starts raised, with no window in which it could grow unraised
- * (written into the child after the fork, it would race the child's exec,
- * whose new image is not dumpable at first). Going back down to 0 needs no
+ * (written into the child after the fork alone, as below_supervisor also
+ * does, it races the child's exec, whose new image is not dumpable at
+ * first, so its /proc file is root's). Going back down to 0 needs no
  * privilege: 0 is the floor the forker inherited.
  */
 function setOomScoreAdj(pid: number, value: number): void {

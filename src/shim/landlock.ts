@@ -32,28 +32,17 @@
 import { SECCOMP_PY } from "./seccomp.js";
 
 /**
- * The OOM killer's bias for every command (oom_score_adj, -1000…1000). The
- * shim and the forker stay at 0: a command of any size scores above them
- * (the kernel adds adj/1000 of the container's limit to its score), so when
- * memory runs out the kernel kills a command, not the supervisor (issue 8:
- * 60 small processes made it kill the shim). Lowering the shim below 0 would
- * need CAP_SYS_RESOURCE, which neither the shim nor, on this project's
- * machines, the daemon has; raising needs nothing. A command may lower its
- * own value back to 0 (never below: that is the floor it inherits), and
- * then ties with the shim — it can make itself as likely a victim as the
- * supervisor, never less; if the shim is killed the phase ends `failed`.
+ * The OOM killer's bias for every command (oom_score_adj, -1000…1000): the
+ * shim and the forker stay at 0, so a command of any size scores above
+ * them and the kernel takes commands first (issue 8: 60 small processes
+ * made it kill the shim). Lowering the shim instead would need
+ * CAP_SYS_RESOURCE, which neither the shim nor, on this project's machines,
+ * the daemon has; raising needs nothing. A command is born with it (the
+ * forker holds it for the fork: forker.ts setOomScoreAdj), the forker writes
+ * it again on what the command forked early (below_supervisor), and the Node
+ * path's wrapper sets its own before it execs.
  */
-export const COMMAND_OOM_SCORE_ADJ = 500;
-
-/** Python, for Node's path: `raise_oom(path)` writes COMMAND_OOM_SCORE_ADJ (the forker's path: forker.ts setOomScoreAdj). */
-const RAISE_OOM_PY = String.raw`
-def raise_oom(path):
-    try:
-        with open(path, "w") as f:
-            f.write("${COMMAND_OOM_SCORE_ADJ}")
-    except OSError:
-        pass
-`;
+export const COMMAND_OOM_SCORE_ADJ = 1000;
 
 /**
  * Python: `confine()` and `LANDLOCK` (whether the kernel has ABI 6). Needs
@@ -122,12 +111,11 @@ def confine():
 export const LANDLOCK_EXEC_PY = String.raw`
 import ctypes, errno, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
-${LANDLOCK_PY}${RAISE_OOM_PY}
+${LANDLOCK_PY}
 os.set_inheritable(3, False)
 argv = sys.argv[1:]
 # the environment as given, not os.environ: Python's start-up adds LC_CTYPE (locale coercion) there
 env = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read().split(b"\0") if b"=" in kv)
-raise_oom("/proc/self/oom_score_adj")
 try:
     # the OOM killer takes commands before the shim (see below_supervisor in forker.ts); before confine(),
     # which closes /proc to writes

@@ -150,7 +150,7 @@ describe("resource watch in a real sandbox", () => {
     const { phase, project } = await start("mem.2", policy);
     // commands are the OOM killer's first choice; the shim (and the forker) stay at 0
     const adj = await exec(phase.id, ["python3", await writeScript(project, 'print(open("/proc/self/oom_score_adj").read().strip())')]);
-    expect(adj.stdout.trim()).toBe("500");
+    expect(adj.stdout.trim()).toBe("1000");
     const shim = await shimPid(phase.containerId!);
     expect((await readFile(`/proc/${shim}/oom_score_adj`, "utf8")).trim()).toBe("0");
 
@@ -208,11 +208,26 @@ describe("resource watch in a real sandbox", () => {
     const policy = await memoryPolicy({ memoryBytes: "256MiB", memoryEscalateBytes: "250MiB", memorySustainMs: "60s" });
     const { phase, project } = await start("mem.3", policy);
     await exec(phase.id, ["pytest", "-q", "tests/test_calc.py"]);
-    // Make the shim the kernel's first choice, as it was before commands were raised above it,
-    // and have the hog lower itself back to 0 (the floor a command can reach).
+    // Make the shim the kernel's first choice, as it was before commands were raised above it:
+    // the shim up to 1000 and, once the hog runs (it waits for a go-file in its /tmp), the hog
+    // down to 0 — from the host, as root (a command cannot write its own /proc).
     const shim = await shimPid(phase.containerId!);
     await writeFile(`/proc/${shim}/oom_score_adj`, "1000");
-    const script = await writeScript(project, `with open("/proc/self/oom_score_adj", "w") as f:\n    f.write("0")\n${HOG(600, 20)}`);
+    const script = await writeScript(project, `import os, time\nwhile not os.path.exists("/tmp/go"):\n    time.sleep(0.05)\n${HOG(600, 20)}`);
+    const root = `/proc/${(await docker.getContainer(phase.containerId!).inspect()).State.Pid}/root`;
+    void (async () => {
+      const hogPid = await until("the hog", async () => {
+        for (const pid of (await readFile(`/proc/${shim}/task/${shim}/children`, "utf8")).trim().split(/\s+/).map(Number)) {
+          for (const kid of (await readFile(`/proc/${pid}/task/${pid}/children`, "utf8").catch(() => "")).trim().split(/\s+/).filter(Boolean).map(Number)) {
+            const cmd = await readFile(`/proc/${kid}/cmdline`, "utf8").catch(() => "");
+            if (cmd.includes(path.basename(script))) return kid;
+          }
+        }
+        return null;
+      }, 20_000);
+      await writeFile(`/proc/${hogPid}/oom_score_adj`, "0");
+      await writeFile(`${root}/tmp/go`, "");
+    })();
     const t0 = Date.now();
     const hog = await exec(phase.id, ["python3", script]).then(
       () => null,
