@@ -65,6 +65,10 @@ export const ERRORS = {
     status: 429,
     hint: "this phase made more audit records or bytes than its policy allows (audit.phaseBudget), so it takes no new work; stop it (`sandboxd phase stop`) and look at what flooded its trail",
   },
+  SBX_ERR_AUDIT_KEY: {
+    status: 500,
+    hint: "the daemon signs every audit anchor with its ed25519 key and never writes one unsigned; fix the key file named above (docs/AUDIT.md \"Signed anchors\")",
+  },
   SBX_ERR_AUDIT_CORRUPT: { status: 500, hint: "the audit chain does not verify; run `sandboxd audit verify` to find the first bad record" },
   SBX_ERR_SQL_REFUSED: { status: 403, hint: "run a read-only query, or one the phase's mode allows" },
   SBX_ERR_IMAGE_MISSING: { status: 503, hint: "build the sandbox image with `sandboxd image build`" },
@@ -98,6 +102,12 @@ export const ERRORS = {
   SBX_ERR_ITERATION_DECIDED: { status: 409, hint: "this iteration was already decided; `sandboxd phase show <id>` shows how" },
   SBX_ERR_PATH_INVALID: { status: 400, hint: "name a file by its project-relative path (no `..`, no leading /, no NUL, no symbolic link on the way)" },
   SBX_ERR_FILE_TOO_LARGE: { status: 413, hint: "write a smaller file; the policy's file size limit applies to project files" },
+  SBX_ERR_FILE_NOT_FOUND: { status: 404, hint: "`sandboxd files <phase>` lists what the phase changed; the path is project-relative" },
+  SBX_ERR_PATH_PROTECTED: {
+    status: 403,
+    hint: "this path is protected in the sandbox (SKILLS.md §1: credentials hidden; .git, build_audit.log, policy files and main.py read-only); write another path",
+  },
+  SBX_ERR_PYTHON_SYNTAX: { status: 422, hint: "fix the syntax error the compiler names and write the file again; nothing was written" },
   SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
 } as const satisfies Record<string, ErrorSpec>;
 

@@ -13,12 +13,14 @@ import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
+import type { PreparedExport } from "../audit/bundle.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
 import { openApiDocument } from "./openapi.js";
 import { ROUTES, routeKey, routeOf, type RouteKey } from "./routes.js";
+import { MAX_PUT_BYTES } from "./schemas.js";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -26,6 +28,11 @@ export interface AppOptions {
   /** the daemon's state dir, where audit.jsonl lives */
   stateDir: string;
   logger: Logger;
+  /** the audit trail's signing key and its export (the daemon's; absent in tests that build the app alone) */
+  audit?: {
+    key: { fingerprint: string; publicKey: string; keyFile: string };
+    exportBundle(): Promise<PreparedExport>;
+  };
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
 }
 
@@ -90,6 +97,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
   const { manager } = opts;
 
+  // PUT /v1/phases/:id/files/<path>: the body is the file's bytes
+  app.addContentTypeParser("application/octet-stream", { parseAs: "buffer", bodyLimit: MAX_PUT_BYTES }, (_req, body, done) => done(null, body));
+
   app.setErrorHandler((err, req, reply) => {
     if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
     const fe = err as { code?: string; statusCode?: number; message: string };
@@ -131,9 +141,13 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     app.route({
       method: def.method,
       url: def.path,
+      ...(def.bodyLimit ? { bodyLimit: def.bodyLimit } : {}),
       handler: async (req, reply) => {
+        // a trailing wildcard (`files/*`) is the route's `path` parameter
+        const rawParams = req.params as Record<string, unknown>;
+        const paramsIn = "*" in rawParams ? { ...Object.fromEntries(Object.entries(rawParams).filter(([k]) => k !== "*")), path: rawParams["*"] } : rawParams;
         const input = {
-          params: def.params ? parse(def.params, req.params, "path") : undefined,
+          params: def.params ? parse(def.params, paramsIn, "path") : undefined,
           query: def.query ? parse(def.query, req.query, "query") : undefined,
           body: def.body ? parse(def.body, req.body, "body") : undefined,
         } as RouteInput<K>;
@@ -233,8 +247,21 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return { changes: await manager.files(id) };
   });
 
-  on("GET /v1/phases/:id/diff", async ({ params: { id } }) => {
-    return { diff: await manager.diff(id) };
+  on("GET /v1/phases/:id/diff", async ({ params: { id }, query: q }) => {
+    return { diff: await manager.diff(id, truthy(q.all)) };
+  });
+
+  // a file of the phase's view, read or written through the daemon (src/workspace/files.ts)
+  on("GET /v1/phases/:id/files/*", async ({ params: { id, path: rel } }, _req, reply) => {
+    const f = await manager.readFile(id, rel);
+    return reply.header("content-type", "application/octet-stream").header("x-sandboxd-mode", f.mode.toString(8).padStart(4, "0")).send(f.bytes);
+  });
+
+  on("PUT /v1/phases/:id/files/*", async ({ params: { id, path: rel }, query: q }, req) => {
+    if (!Buffer.isBuffer(req.body)) {
+      throw new SandboxdError("SBX_ERR_VALIDATION", "invalid request: the body is the file's bytes, sent as Content-Type: application/octet-stream");
+    }
+    return { file: await manager.writeFile(id, rel, req.body, q.mode === undefined ? undefined : parseInt(q.mode, 8)) };
   });
 
   for (const decision of ["accept", "reject"] as const) {
@@ -305,6 +332,47 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   on("GET /v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
+
+  const auditSigning = () => {
+    if (!opts.audit) throw new SandboxdError("SBX_ERR_NOT_FOUND", "this API has no audit signing key");
+    return opts.audit;
+  };
+  on("GET /v1/audit/key", async () => ({ key: auditSigning().key }));
+
+  // A verifiable bundle (src/audit/bundle.ts): checked and signed before the first byte is sent, then streamed.
+  on("GET /v1/audit/export", async (_input, _req, reply) => {
+    const prepared = await auditSigning().exportBundle();
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, {
+      "content-type": "application/x-ndjson",
+      "cache-control": "no-store",
+      "x-sandboxd-bundle-records": String(prepared.header.records),
+      "x-sandboxd-bundle-key": prepared.anchor.key,
+    });
+    try {
+      for await (const chunk of prepared.body()) {
+        if (res.destroyed) break;
+        if (!res.write(chunk)) {
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              res.off("drain", done);
+              res.off("close", done);
+              resolve();
+            };
+            res.once("drain", done);
+            res.once("close", done);
+          });
+        }
+      }
+    } catch (e) {
+      // the records changed under the export: the client sees a cut bundle, which does not verify
+      opts.logger.error({ err: (e as Error).message }, "audit export cut short");
+      res.destroy();
+      return;
+    }
+    res.end();
+  });
 
   on("GET /v1/phases/:id/logs", async ({ params: { id }, query: q }, _req, reply) => {
     const src = await manager.logs(id, truthy(q.follow));

@@ -139,6 +139,7 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await openTunnels(ctx, live, token);
   // the layer's mounts outlive the daemon; what is missing is mounted again
   await live.workspace?.layer.reattach();
+  await live.workspace?.watch();
   const frozen = record.state !== "running" && record.containerId !== null && (await ctx.opts.runtime.isPaused(record.containerId));
   if (frozen) {
     // Escalated or paused: the container stays frozen for the person who will read
