@@ -25,6 +25,7 @@ import {
   requireEngineAndImage,
   spawnDaemon,
   tempDir,
+  testAuditKey,
   waitExit,
   writeScript,
 } from "../helpers/sandbox.js";
@@ -324,7 +325,8 @@ describe("kill -9 during phase start", () => {
     const sock = path.join(dir, "s.sock");
     try {
       // the daemon's parent never reaps it (sh exec'd into sleep): after kill -9 it stays a zombie holding its pid
-      const env = { ...process.env, SANDBOXD_LOG_LEVEL: "info" };
+      // the key the restarted daemon (spawnDaemon) signs with: a daemon refuses an anchor signed by another key
+      const env = { ...process.env, SANDBOXD_LOG_LEVEL: "info", SANDBOXD_AUDIT_KEY: testAuditKey(dir) };
       const sh = spawn("sh", ["-c", `"${process.execPath}" "${CLI}" --socket "${sock}" start --state-dir "${dir}" >"${dir}/d1.log" 2>&1 & echo $!; exec sleep 120`], {
         stdio: ["ignore", "pipe", "ignore"],
         env,
