@@ -244,12 +244,13 @@ describe("pip's allow-list proxy", () => {
     const check = await writeScript(project, `import sys\nsys.path.insert(0, "pkgs")\nimport ${PKG}\nprint(${PKG}.VALUE)`);
     expect((await exec(phase, ["python3", check])).stdout.trim()).toBe("42");
     // and plainly, as SKILLS.md has it (`pip install [package]`): into the user site (the
-    // image's system Python is read-only and Debian-managed), importable by later commands
+    // image's system Python is read-only and Debian-managed) on the project's package disk,
+    // importable by later commands and by the project's next phases (src/workspace/packages.ts)
     const plain = await exec(phase, ["pip", "install", "--no-deps", PKG, "--cert", "standin-ca.crt", "--disable-pip-version-check"]);
     expect(plain.stderr).not.toMatch(/externally-managed|ERROR/);
     expect(plain.exitCode).toBe(0);
     const where = await writeScript(project, `import ${PKG}\nprint(${PKG}.VALUE, ${PKG}.__file__)`);
-    expect((await exec(phase, ["python3", where])).stdout.trim()).toMatch(new RegExp(`^42 /tmp/\\.local/lib/python3\\.\\d+/site-packages/`));
+    expect((await exec(phase, ["python3", where])).stdout.trim()).toMatch(new RegExp(`^42 /opt/sandboxd-packages/user/lib/python3\\.\\d+/site-packages/`));
 
     const records = await waitForCloses(phase, 6);
     const allowed = records.filter((e) => e.type === "net.proxy" && e.decision === "allow");
