@@ -98,6 +98,12 @@ export const ERRORS = {
   SBX_ERR_ITERATION_DECIDED: { status: 409, hint: "this iteration was already decided; `sandboxd phase show <id>` shows how" },
   SBX_ERR_PATH_INVALID: { status: 400, hint: "name a file by its project-relative path (no `..`, no leading /, no NUL, no symbolic link on the way)" },
   SBX_ERR_FILE_TOO_LARGE: { status: 413, hint: "write a smaller file; the policy's file size limit applies to project files" },
+  SBX_ERR_FILE_NOT_FOUND: { status: 404, hint: "`sandboxd files <phase>` lists what the phase changed; the path is project-relative" },
+  SBX_ERR_PATH_PROTECTED: {
+    status: 403,
+    hint: "this path is protected in the sandbox (SKILLS.md §1: credentials hidden; .git, build_audit.log, policy files and main.py read-only); write another path",
+  },
+  SBX_ERR_PYTHON_SYNTAX: { status: 422, hint: "fix the syntax error the compiler names and write the file again; nothing was written" },
   SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
 } as const satisfies Record<string, ErrorSpec>;
 
