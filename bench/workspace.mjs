@@ -39,6 +39,8 @@ import { loadPolicy } from "../dist/policy/index.js";
 
 const run = promisify(execFile);
 const ROUNDS = Number(process.env.BENCH_WS_ROUNDS ?? 5);
+/** BENCH_WS_ONLY=suite: only the test suite through the view beside the bind mount (no git copy, no accept/reject rounds) */
+const ONLY = process.env.BENCH_WS_ONLY ?? "";
 const FILES = Number(process.env.BENCH_WS_FILES ?? 100_000);
 const PER_DIR = 20;
 const IMAGE = process.env.SANDBOXD_IMAGE ?? "sandboxd-sandbox:latest";
@@ -111,7 +113,7 @@ async function main() {
   console.error(`bench/workspace: generating ${FILES} files… (loadavg ${loadavg()})`);
   const gen = generate();
   console.error(`bench/workspace: ${gen.files} files, ${gen.folders} folders in ${gen.seconds} s; seeding the git copy…`);
-  await sh(`cp -a ${project} ${gitCopy} && cd ${gitCopy} && git init -q && git add -A && git -c user.email=b@b -c user.name=b commit -qm seed`);
+  if (ONLY !== "suite") await sh(`cp -a ${project} ${gitCopy} && cd ${gitCopy} && git init -q && git add -A && git -c user.email=b@b -c user.name=b commit -qm seed`);
 
   const policy = (await loadPolicy()).workspace;
   const journal = path.join(root, "records.jsonl");
@@ -143,7 +145,7 @@ async function main() {
   const gitTree = [];
   const cpa = [];
   const loads = [];
-  for (let r = 0; r < ROUNDS; r++) {
+  for (let r = 0; r < (ONLY === "suite" ? 0 : ROUNDS); r++) {
     loads.push(loadavg());
     // accept: a module and its direct test
     writeFileSync(path.join(view, "services", `mod${r}.py`), `def f${r}() -> int:\n    return ${r} + 0\n`);

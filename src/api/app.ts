@@ -13,6 +13,7 @@ import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
+import type { PreparedExport } from "../audit/bundle.js";
 import type { PhaseManager } from "../phases/manager.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
@@ -27,6 +28,11 @@ export interface AppOptions {
   /** the daemon's state dir, where audit.jsonl lives */
   stateDir: string;
   logger: Logger;
+  /** the audit trail's signing key and its export (the daemon's; absent in tests that build the app alone) */
+  audit?: {
+    key: { fingerprint: string; publicKey: string; keyFile: string };
+    exportBundle(): Promise<PreparedExport>;
+  };
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
 }
 
@@ -326,6 +332,47 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   on("GET /v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
+
+  const auditSigning = () => {
+    if (!opts.audit) throw new SandboxdError("SBX_ERR_NOT_FOUND", "this API has no audit signing key");
+    return opts.audit;
+  };
+  on("GET /v1/audit/key", async () => ({ key: auditSigning().key }));
+
+  // A verifiable bundle (src/audit/bundle.ts): checked and signed before the first byte is sent, then streamed.
+  on("GET /v1/audit/export", async (_input, _req, reply) => {
+    const prepared = await auditSigning().exportBundle();
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, {
+      "content-type": "application/x-ndjson",
+      "cache-control": "no-store",
+      "x-sandboxd-bundle-records": String(prepared.header.records),
+      "x-sandboxd-bundle-key": prepared.anchor.key,
+    });
+    try {
+      for await (const chunk of prepared.body()) {
+        if (res.destroyed) break;
+        if (!res.write(chunk)) {
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              res.off("drain", done);
+              res.off("close", done);
+              resolve();
+            };
+            res.once("drain", done);
+            res.once("close", done);
+          });
+        }
+      }
+    } catch (e) {
+      // the records changed under the export: the client sees a cut bundle, which does not verify
+      opts.logger.error({ err: (e as Error).message }, "audit export cut short");
+      res.destroy();
+      return;
+    }
+    res.end();
+  });
 
   on("GET /v1/phases/:id/logs", async ({ params: { id }, query: q }, _req, reply) => {
     const src = await manager.logs(id, truthy(q.follow));
