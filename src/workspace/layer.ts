@@ -315,9 +315,19 @@ export class WorkspaceLayer {
     await chown(p.upper, root.uid, root.gid);
     await chmod(p.upper, root.mode & 0o7777);
     const lines: string[] = [];
+    const made = new Set<string>();
     for (const rel of this.spec.hidden) {
-      const dst = path.join(p.upper, rel);
-      lines.push(`mkdir -p ${quote(path.dirname(dst))}`, `mknod ${quote(dst)} c 0 0`);
+      // a folder on the way takes the project's owner and mode, so the view shows it as it is
+      const parts = rel.split("/");
+      for (let i = 1; i < parts.length; i++) {
+        const dir = parts.slice(0, i).join("/");
+        if (made.has(dir)) continue;
+        made.add(dir);
+        const up = quote(path.join(p.upper, dir));
+        const low = quote(path.join(this.spec.project, dir));
+        lines.push(`mkdir ${up}`, `chown --reference=${low} ${up}`, `chmod --reference=${low} ${up}`);
+      }
+      lines.push(`mknod ${quote(path.join(p.upper, rel))} c 0 0`);
     }
     if (lines.length > 0) await sh(lines.join("\n"), "hiding credential files");
   }

@@ -116,3 +116,41 @@ describe("what held", () => {
     expect(await exists(path.join(project, "vendor"))).toBe(false);
   });
 });
+
+describe("credential files below the root", () => {
+  it("config/.env and deploy/server.key are not readable in the sandbox; a rewrite is refused and the project keeps them", async () => {
+    const p2 = await makeProject();
+    await mkdir(path.join(p2, "config"));
+    await mkdir(path.join(p2, "deploy"), { mode: 0o750 });
+    await writeFile(path.join(p2, "config", ".env"), "DATABASE_URL=postgres://prod:pw@db.internal/trading\n");
+    await writeFile(path.join(p2, "config", "app.yaml"), "name: app\n");
+    await writeFile(path.join(p2, "deploy", "server.key"), "-----BEGIN PRIVATE KEY-----\n");
+    await run("chown", ["-R", `${OWNER.uid}:${OWNER.gid}`, p2]);
+    const { phase: ph } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: p2, phase: "1.2", mode: "backtest" });
+    try {
+      const ex = async (code: string) => (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${ph.id}/exec`, { argv: ["python3", await writeScript(p2, code)] })).result;
+      const r = await ex(
+        "import os\nfor p in ['/workspace/config/.env', '/workspace/deploy/server.key']:\n    print(p, os.path.exists(p))\nprint(sorted(os.listdir('/workspace/config')))\nst = os.stat('/workspace/deploy')\nprint(oct(st.st_mode & 0o7777), st.st_uid)\nopen('/workspace/config/app.yaml', 'a').write('x: 1\\n')",
+      );
+      expect(r.stdout).toContain("/workspace/config/.env False");
+      expect(r.stdout).toContain("/workspace/deploy/server.key False");
+      expect(r.stdout).toContain("['app.yaml']");
+      // the folders on the way are the project's, as they were
+      expect(r.stdout).toContain(`0o750 ${OWNER.uid}`);
+      // an ordinary edit in the same folder is one change and is accepted
+      const ok = await t.api.request<CheckpointResult>("POST", `/v1/phases/${ph.id}/checkpoint`, { message: "config edit" });
+      expect(ok.iteration?.state).toBe("accepted");
+      expect(ok.iteration?.changes.map((c) => c.path)).toEqual(["config/app.yaml"]);
+      // written again in the sandbox: refused, the host's file kept
+      await ex("open('/workspace/config/.env', 'w').write('DATABASE_URL=postgres://evil\\n')");
+      const c = await t.api.request<CheckpointResult>("POST", `/v1/phases/${ph.id}/checkpoint`, { message: "env" });
+      expect(c.iteration?.state).toBe("rejected");
+      expect(c.iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.credentials");
+      expect(await readFile(path.join(p2, "config", ".env"), "utf8")).toBe("DATABASE_URL=postgres://prod:pw@db.internal/trading\n");
+      expect((await lastRefusal()).failures).toContainEqual(expect.objectContaining({ rule: "workspace.protected.credentials", path: "config/.env" }));
+    } finally {
+      await t.api.request("POST", `/v1/phases/${ph.id}/stop`, {}).catch(() => undefined);
+      await removeDir(p2);
+    }
+  });
+});
