@@ -45,6 +45,8 @@ import {
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const CLI = path.join(ROOT, "dist", "cli", "main.js");
+/** the `sandboxd` command as package.json's bin names it (npm link puts it on the PATH) */
+const CLI_BIN = path.join(ROOT, JSON.parse(readFileSync(path.join(ROOT, "package.json"), "utf8")).bin.sandboxd);
 const IMAGE = process.env.SANDBOXD_IMAGE || "sandboxd-sandbox:latest";
 const OWNER = { uid: 1000, gid: 1000 };
 
@@ -86,6 +88,8 @@ const TARGETS = {
   phaseStartRatio: 1.3, // phase start p50 ≤ 1.3 × bare docker run p50
   execApiRatio: 0.1, // API exec p50 ≤ 1/10 of docker exec p50
   streamMBps: 200, // ≥ 200 MB/s (10^6 bytes)
+  streamRatio: 1.5, // API stream p50 ≥ 1.5 × docker exec p50 (issue #14)
+  execCliRatio: 0.7, // `sandboxd exec ID -- true` p50 ≤ 0.7 × `docker exec` p50, whole processes (issue #14)
   streamRssGrowthMB: 50, // < 50 MB (10^6 bytes) peak RSS growth of the daemon
 };
 
@@ -311,7 +315,8 @@ async function benchExec(d, phase) {
     if (keep) shimLeg.push(result.durationMs);
     return ms;
   };
-  const cliOnce = async () => (await timedOk(process.execPath, [CLI, "--socket", d.socket, "exec", phase.id, "--", "true"], { timeoutMs: 30_000 })).ms;
+  // as a harness runs it: the `sandboxd` command (package.json bin), a process per command
+  const cliOnce = async () => (await timedOk(CLI_BIN, ["--socket", d.socket, "exec", phase.id, "--", "true"], { timeoutMs: 30_000 })).ms;
   const dockerOnce = async () => (await timedOk("docker", ["exec", phase.containerId, "true"], { timeoutMs: 30_000 })).ms;
 
   say(`(b) exec true: warm-up, then ${CFG.apiN} API / ${CFG.cliN} CLI / ${CFG.dockerExecN} docker exec, interleaved`);
@@ -369,8 +374,11 @@ async function benchExec(d, phase) {
     apiRatioP50: round(ratio, 4),
     apiRatioMean: round(s.api.mean / s.docker.mean, 4),
     cliRatioP50: round(s.cli.p50 / s.docker.p50, 3),
+    cliRatioMean: round(s.cli.mean / s.docker.mean, 3),
     target: `API p50 ≤ ${TARGETS.execApiRatio} × docker exec p50`,
     pass: ratio <= TARGETS.execApiRatio,
+    cliTarget: `CLI p50 ≤ ${TARGETS.execCliRatio} × docker exec p50 (whole processes)`,
+    cliPass: s.cli.p50 / s.docker.p50 <= TARGETS.execCliRatio,
     samples: { api: api.map((x) => round(x, 3)), cli: cli.map((x) => round(x)), dockerExec: dock.map((x) => round(x)) },
   };
 }
@@ -418,7 +426,8 @@ function cpuMeter(daemonPid, containerId, dockerd) {
   };
 }
 
-async function streamViaApi(d, phase, dockerd) {
+/** One streaming exec through the API: `frames` (the byte format the CLI and the clients use) or `ndjson`. */
+async function streamViaApi(d, phase, dockerd, format = "frames") {
   await sleep(CFG.settleMs);
   gc();
   const cpu = cpuMeter(d.pid, phase.containerId, dockerd);
@@ -428,12 +437,17 @@ async function streamViaApi(d, phase, dockerd) {
   let rawBytes = 0;
   let tailChunks = [];
   let tailBytes = 0;
+  // frames: read as a client does (FrameReader), stdout bytes counted, the last event kept
+  const { FrameReader, StreamFrame } = await import(path.join(ROOT, "dist", "frames.js"));
+  const frames = format === "frames" ? new FrameReader() : null;
+  let frameStdout = 0;
+  let lastEvent = null;
   const TAIL_KEEP = 4 << 20; // the exit line carries up to 1 MiB of captured stdout
   let sampled;
   const t0 = performance.now();
   try {
     const res = await withTimeout(
-      d.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, { argv: STREAM_ARGV, timeoutMs: 60_000 }),
+      d.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=${format === "frames" ? "frames" : "1"}`, { argv: STREAM_ARGV, timeoutMs: 60_000 }),
       30_000,
       "streaming exec (response headers)",
     );
@@ -441,6 +455,13 @@ async function streamViaApi(d, phase, dockerd) {
       new Promise((resolve, reject) => {
         res.on("data", (c) => {
           rawBytes += c.length;
+          if (frames) {
+            for (const f of frames.push(c)) {
+              if (f.kind === StreamFrame.Stdout) frameStdout += f.payload.length;
+              else if (f.kind === StreamFrame.Event) lastEvent = f.payload;
+            }
+            return;
+          }
           tailChunks.push(c);
           tailBytes += c.length;
           while (tailBytes - tailChunks[0].length >= TAIL_KEEP) tailBytes -= tailChunks.shift().length;
@@ -458,9 +479,15 @@ async function streamViaApi(d, phase, dockerd) {
   const ms = performance.now() - t0;
   const cpuS = cpu();
   const hwm = hwmReset ? procStatusBytes(d.pid, "VmHWM") : NaN;
-  const lines = Buffer.concat(tailChunks).toString("utf8").trimEnd().split("\n");
-  const last = JSON.parse(lines[lines.length - 1]);
-  if (last.type !== "exit") throw new Error(`stream ended with ${JSON.stringify(last).slice(0, 500)}`);
+  let last;
+  if (frames) {
+    last = JSON.parse(lastEvent?.toString("utf8") ?? "null");
+    if (frameStdout !== STREAM_BYTES) throw new Error(`frames stream: ${frameStdout} stdout bytes arrived (want ${STREAM_BYTES})`);
+  } else {
+    const lines = Buffer.concat(tailChunks).toString("utf8").trimEnd().split("\n");
+    last = JSON.parse(lines[lines.length - 1]);
+  }
+  if (last?.type !== "exit") throw new Error(`stream ended with ${JSON.stringify(last).slice(0, 500)}`);
   if (last.result.exitCode !== 0 || last.result.stdoutBytes !== STREAM_BYTES) {
     throw new Error(`stream: exit ${last.result.exitCode}, ${last.result.stdoutBytes} stdout bytes (want 0, ${STREAM_BYTES})`);
   }
@@ -468,7 +495,7 @@ async function streamViaApi(d, phase, dockerd) {
   return {
     ms,
     MBps: STREAM_BYTES / MB / (ms / 1000),
-    ndjsonBytes: rawBytes,
+    wireBytes: rawBytes,
     rssBeforeMB: rssBefore / MB,
     rssPeakSampledMB: sampled.peak / MB,
     rssPeakHwmMB: hwm / MB,
@@ -483,8 +510,17 @@ async function streamViaDocker(d, phase, dockerd, devNull, count) {
   await sleep(CFG.settleMs);
   gc();
   const cpu = cpuMeter(d.pid, phase.containerId, dockerd);
-  const r = await timedOk("docker", ["exec", phase.containerId, ...STREAM_ARGV], { stdout: count ? "count" : devNull, timeoutMs: 120_000 });
+  const r = await timedOk("docker", ["exec", "-w", "/workspace", phase.containerId, ...STREAM_ARGV], { stdout: count ? "count" : devNull, timeoutMs: 120_000 });
   if (count && r.stdoutBytes !== STREAM_BYTES) throw new Error(`docker exec streamed ${r.stdoutBytes} bytes, want ${STREAM_BYTES}`);
+  return { ms: r.ms, MBps: STREAM_BYTES / MB / (r.ms / 1000), cpuS: cpu() };
+}
+
+/** `sandboxd exec ID -- python3 emit_200mib.py > /dev/null`: the whole CLI process, as docker exec is measured. */
+async function streamViaCli(d, phase, dockerd, devNull) {
+  await sleep(CFG.settleMs);
+  gc();
+  const cpu = cpuMeter(d.pid, phase.containerId, dockerd);
+  const r = await timedOk(CLI_BIN, ["--socket", d.socket, "exec", phase.id, "--timeout", "60", "--", ...STREAM_ARGV], { stdout: devNull, timeoutMs: 120_000 });
   return { ms: r.ms, MBps: STREAM_BYTES / MB / (r.ms / 1000), cpuS: cpu() };
 }
 
@@ -495,48 +531,63 @@ async function benchStream(d, phase) {
   try {
     const rssIdleMB = procStatusBytes(d.pid, "VmRSS") / MB;
     for (let i = 0; i < CFG.streamWarmup; i++) {
-      await streamViaApi(d, phase, dockerd);
+      await streamViaApi(d, phase, dockerd, "frames");
+      await streamViaApi(d, phase, dockerd, "ndjson");
+      await streamViaCli(d, phase, dockerd, devNull);
       await streamViaDocker(d, phase, dockerd, devNull, true); // also checks the byte count
     }
     const api = [];
+    const ndjson = [];
+    const cli = [];
     const dock = [];
     for (let i = 0; i < CFG.streamN; i++) {
-      const order = i % 2 === 0 ? ["api", "docker"] : ["docker", "api"];
+      const order = i % 2 === 0 ? ["api", "docker", "cli", "ndjson"] : ["ndjson", "cli", "docker", "api"];
       for (const which of order) {
-        if (which === "api") api.push(await streamViaApi(d, phase, dockerd));
+        if (which === "api") api.push(await streamViaApi(d, phase, dockerd, "frames"));
+        else if (which === "ndjson") ndjson.push(await streamViaApi(d, phase, dockerd, "ndjson"));
+        else if (which === "cli") cli.push(await streamViaCli(d, phase, dockerd, devNull));
         else dock.push(await streamViaDocker(d, phase, dockerd, devNull, false));
       }
     }
     const apiMBps = summarize(api.map((r) => r.MBps));
     const dockMBps = summarize(dock.map((r) => r.MBps));
-    const growth = summarize(api.map((r) => r.rssGrowthMB));
+    const growth = summarize([...api, ...ndjson].map((r) => r.rssGrowthMB));
+    const ratio = apiMBps.p50 / dockMBps.p50;
     const passMBps = apiMBps.p50 >= TARGETS.streamMBps;
+    const passRatio = ratio >= TARGETS.streamRatio;
     const passRss = growth.max < TARGETS.streamRssGrowthMB;
     return {
       description:
-        "200 MiB (209,715,200 B) of ASCII stdout from a python3 script in the phase: streaming exec (NDJSON, consumed as fast as possible, byte count checked) vs `docker exec <container> <same argv>` > /dev/null; MB = 10^6 B",
+        "200 MiB (209,715,200 B) of ASCII stdout from a python3 script in the phase: streaming exec (?stream=frames, read with FrameReader as fast as it comes, byte count checked) vs `docker exec <container> <same argv>` > /dev/null; info: the same as NDJSON (?stream=1), and through the CLI (`sandboxd exec … > /dev/null`, whole process); MB = 10^6 B",
       payloadBytes: STREAM_BYTES,
       argv: STREAM_ARGV,
       script: STREAM_SCRIPT_TEXT,
       apiMBps: roundStats(apiMBps, 1),
       dockerExecMBps: roundStats(dockMBps, 1),
-      ratioP50: round(apiMBps.p50 / dockMBps.p50, 3),
+      ratioP50: round(ratio, 3),
+      ndjsonMBpsInfo: roundStats(summarize(ndjson.map((r) => r.MBps)), 1),
+      cliMBpsInfo: roundStats(summarize(cli.map((r) => r.MBps)), 1),
       apiSeconds: roundStats(summarize(api.map((r) => r.ms / 1000)), 3),
       dockerExecSeconds: roundStats(summarize(dock.map((r) => r.ms / 1000)), 3),
       daemonRssIdleMB: round(rssIdleMB, 1),
       daemonRssGrowthMB: roundStats(growth, 1),
-      ndjsonBytesPerRun: api[0]?.ndjsonBytes,
+      wireBytesPerRun: { frames: api[0]?.wireBytes, ndjson: ndjson[0]?.wireBytes },
       cpuSecondsPerRunMean: {
         api: meanCpu(api.map((r) => r.cpuS)),
+        ndjson: meanCpu(ndjson.map((r) => r.cpuS)),
+        cli: meanCpu(cli.map((r) => r.cpuS)),
         dockerExec: meanCpu(dock.map((r) => r.cpuS)),
       },
       targets: {
         throughput: { target: `API p50 ≥ ${TARGETS.streamMBps} MB/s`, pass: passMBps },
+        ratio: { target: `API p50 ≥ ${TARGETS.streamRatio} × docker exec p50`, pass: passRatio },
         rss: { target: `daemon peak RSS growth < ${TARGETS.streamRssGrowthMB} MB in every run`, pass: passRss },
       },
-      pass: passMBps && passRss,
+      pass: passMBps && passRatio && passRss,
       samples: {
         api: api.map((r) => Object.fromEntries(Object.entries(r).map(([k, v]) => [k, k === "cpuS" ? meanCpu([v]) : round(v, 2)]))),
+        ndjson: ndjson.map((r) => Object.fromEntries(Object.entries(r).map(([k, v]) => [k, k === "cpuS" ? meanCpu([v]) : round(v, 2)]))),
+        cli: cli.map((r) => ({ ms: round(r.ms), MBps: round(r.MBps, 1), cpuS: meanCpu([r.cpuS]) })),
         dockerExec: dock.map((r) => ({ ms: round(r.ms), MBps: round(r.MBps, 1), cpuS: meanCpu([r.cpuS]) })),
       },
     };
@@ -576,7 +627,9 @@ function printTable(r) {
   }
   const c = r.benchmarks.stream;
   if (c) {
-    add("(c) 200 MiB stdout via API stream", c.apiMBps, "MB/s");
+    add("(c) 200 MiB stdout via API stream (frames)", c.apiMBps, "MB/s");
+    add("(c)   same as NDJSON, ?stream=1 (info)", c.ndjsonMBpsInfo, "MB/s");
+    add("(c)   via the CLI > /dev/null, process (info)", c.cliMBpsInfo, "MB/s");
     add("(c) baseline docker exec > /dev/null", c.dockerExecMBps, "MB/s");
     add("(c) daemon peak RSS growth", c.daemonRssGrowthMB, "MB");
   }
@@ -588,8 +641,10 @@ function printTable(r) {
   const verdict = (p) => (p ? "PASS" : "MISS");
   if (a) out.push(`  (a) phase start / docker run, p50 ratio ${fmt(a.ratioP50, 2)} (mean ${fmt(a.ratioMean, 2)})  target ≤ ${TARGETS.phaseStartRatio}  ${verdict(a.pass)}`);
   if (b) out.push(`  (b) API exec / docker exec, p50 ratio ${fmt(b.apiRatioP50, 3)} (mean ${fmt(b.apiRatioMean, 3)})  target ≤ ${TARGETS.execApiRatio}  ${verdict(b.pass)}`);
+  if (b) out.push(`  (b) CLI exec / docker exec, p50 ratio ${fmt(b.cliRatioP50, 3)} (mean ${fmt(b.cliRatioMean, 3)})  target ≤ ${TARGETS.execCliRatio}  ${verdict(b.cliPass)}`);
   if (c) {
     out.push(`  (c) stream throughput p50 ${fmt(c.apiMBps.p50)} MB/s (docker exec ${fmt(c.dockerExecMBps.p50)} MB/s)  target ≥ ${TARGETS.streamMBps}  ${verdict(c.targets.throughput.pass)}`);
+    out.push(`  (c) stream / docker exec, p50 ratio ${fmt(c.ratioP50, 2)}  target ≥ ${TARGETS.streamRatio}  ${verdict(c.targets.ratio.pass)}`);
     out.push(`  (c) daemon RSS growth max ${fmt(c.daemonRssGrowthMB.max)} MB  target < ${TARGETS.streamRssGrowthMB}  ${verdict(c.targets.rss.pass)}`);
   }
   const busy = Object.entries(r.benchmarks)

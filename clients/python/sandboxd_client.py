@@ -17,6 +17,7 @@ Branch on `SandboxdError.code` (e.g. "SBX_ERR_POLICY_NEEDS_APPROVAL"), never
 on the message.
 """
 
+import codecs
 import http.client
 import json
 import os
@@ -71,6 +72,25 @@ class _UnixConnection(http.client.HTTPConnection):
                 hint="start it with `sandboxd start` (or `npm start`), or pass the socket it serves",
             ) from e
         self.sock = s
+
+
+# frame kinds of the exec byte stream (src/frames.ts)
+_EVENT, _STDOUT, _STDERR = 1, 2, 3
+
+
+def _read_exact(resp, n):
+    """n bytes from the response; None at its clean end (nothing read); raises when it ends inside them."""
+    parts = []
+    got = 0
+    while got < n:
+        part = resp.read(n - got)
+        if not part:
+            if got == 0:
+                return None
+            raise SandboxdError("SBX_ERR_INTERNAL", "the exec stream was cut off inside a frame")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _query(params):
@@ -132,6 +152,24 @@ class Sandboxd:
         finally:
             conn.close()
 
+    def _frames(self, method, path, body=None):
+        """Yields (kind, payload) frames of a byte stream (docs/API.md "Streaming exec"); errors before it starts raise."""
+        conn, resp = self._send(method, path, body, timeout=None)
+        try:
+            if resp.status >= 400:
+                self._raise_for(resp, resp.read())
+            while True:
+                head = _read_exact(resp, 5)
+                if head is None:
+                    return
+                length = int.from_bytes(head[1:5], "big")
+                payload = _read_exact(resp, length)
+                if payload is None:
+                    raise SandboxdError("SBX_ERR_INTERNAL", "the exec stream was cut off inside a frame")
+                yield head[0], payload
+        finally:
+            conn.close()
+
     # -------------------------------------------------------------- daemon
 
     def health(self):
@@ -188,13 +226,29 @@ class Sandboxd:
         path = "/v1/phases/%s/exec" % phase_id
         if on_stdout is None and on_stderr is None and on_waiting is None:
             return self.request("POST", path, body)["result"]
-        for event in self._ndjson("POST", path + "?stream=1", body):
+        # output arrives as bytes; a character split between frames is joined before the callback sees it
+        text = {_STDOUT: codecs.getincrementaldecoder("utf-8")("replace"), _STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
+        say = {_STDOUT: on_stdout, _STDERR: on_stderr}
+
+        def flush():
+            for k in (_STDOUT, _STDERR):
+                rest = text[k].decode(b"", final=True)
+                if rest and say[k] is not None:
+                    say[k](rest)
+
+        for frame_kind, payload in self._frames("POST", path + "?stream=frames", body):
+            if frame_kind in (_STDOUT, _STDERR):
+                chunk = text[frame_kind].decode(payload)
+                if chunk and say[frame_kind] is not None:
+                    say[frame_kind](chunk)
+                continue
+            if frame_kind != _EVENT:
+                continue  # frames of kinds newer daemons may add
+            event = json.loads(payload.decode("utf-8"))
             kind = event.get("type")
-            if kind == "stdout" and on_stdout is not None:
-                on_stdout(event.get("data", ""))
-            elif kind == "stderr" and on_stderr is not None:
-                on_stderr(event.get("data", ""))
-            elif kind == "waiting" and on_waiting is not None:
+            if kind in ("exit", "error"):
+                flush()
+            if kind == "waiting" and on_waiting is not None:
                 on_waiting(event)
             elif kind == "exit":
                 return event["result"]

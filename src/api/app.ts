@@ -18,6 +18,8 @@ import type { PhaseManager } from "../phases/manager.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
+import { StringDecoder } from "node:string_decoder";
+import { FRAMES_CONTENT_TYPE, StreamFrame, frameHeader } from "../frames.js";
 import { openApiDocument } from "./openapi.js";
 import { ROUTES, routeKey, routeOf, type RouteKey } from "./routes.js";
 import { MAX_PUT_BYTES } from "./schemas.js";
@@ -175,7 +177,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   on("POST /v1/phases/:id/exec", async ({ params: { id }, query: q, body }, _req, reply) => {
-    if (!truthy(q.stream)) {
+    if (q.stream === undefined || q.stream === "0" || q.stream === "false") {
       // A client that goes away before its answer ends its command, as a streaming one does.
       const abort = new AbortController();
       const onClose = () => {
@@ -188,7 +190,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
         reply.raw.off("close", onClose);
       }
     }
-    return streamExec(reply, manager, id, body);
+    return streamExec(reply, manager, id, body, q.stream === "frames" ? "frames" : "ndjson");
   });
 
   // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
@@ -393,11 +395,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 }
 
 /**
- * NDJSON exec: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
+ * A streaming exec, in one of two formats (docs/API.md "Streaming exec"):
+ * `frames`, the byte format the CLI and the clients use — each event a JSON
+ * frame, each piece of output a 5-byte header and the scrubbed bytes as they
+ * came from the shim, never decoded — or NDJSON, one JSON object per line,
+ * output decoded to text (a character split between chunks is joined first).
+ * The events: `{"type":"waiting","phaseId","approvalId","command","rule","waitMs"}`
  * when it waits for a person's decision (waitApprovalMs),
- * `{"type":"started","phaseId","pid","rule"}` as soon as the
- * command runs, `{"type":"stdout"|"stderr","data":"…"}` lines as output
- * arrives, then `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
+ * `{"type":"started","phaseId","pid","rule"}` as soon as the command runs,
+ * output (`{"type":"stdout"|"stderr","data":"…"}` lines in NDJSON), then
+ * `{"type":"exit","result":{…}}` or `{"type":"error","error":{…}}`.
  * A policy refusal or bad request is answered before the stream starts, as an
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
@@ -414,6 +421,7 @@ async function streamExec(
   manager: PhaseManager,
   id: string,
   body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
+  format: "frames" | "ndjson",
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();
@@ -425,17 +433,51 @@ async function streamExec(
     if (headersSent) return;
     headersSent = true;
     reply.hijack();
-    res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
+    res.writeHead(200, { "content-type": format === "frames" ? FRAMES_CONTENT_TYPE : "application/x-ndjson", "cache-control": "no-store" });
   };
-  const write = (obj: unknown) => {
-    if (answered || res.destroyed || res.writableEnded) return;
-    ensureHeaders();
-    if (!res.write(JSON.stringify(obj) + "\n") && !flow.isHolding && !flow.isClosed) {
+  const writable = () => !(answered || res.destroyed || res.writableEnded);
+  const backpressure = (ok: boolean) => {
+    if (!ok && !flow.isHolding && !flow.isClosed) {
       flow.pause();
       res.once("drain", () => flow.resume());
     }
   };
-  const emit = (type: "stdout" | "stderr") => (data: string) => write({ type, data });
+  const write = (obj: unknown) => {
+    if (!writable()) return;
+    ensureHeaders();
+    if (format === "ndjson") return backpressure(res.write(JSON.stringify(obj) + "\n"));
+    const json = Buffer.from(JSON.stringify(obj), "utf8");
+    res.write(frameHeader(StreamFrame.Event, json.length));
+    backpressure(res.write(json));
+  };
+  /** NDJSON: what a decoder holds (a character cut off at the end) is said before the end */
+  const flushers: Array<() => void> = [];
+  const emit = (type: "stdout" | "stderr") => {
+    if (format === "frames") {
+      const kind = type === "stdout" ? StreamFrame.Stdout : StreamFrame.Stderr;
+      return (chunk: Buffer) => {
+        if (!writable()) return;
+        ensureHeaders();
+        // header and payload as two writes, sent together (corked): the payload is never copied
+        res.cork();
+        res.write(frameHeader(kind, chunk.length));
+        const ok = res.write(chunk);
+        res.uncork();
+        backpressure(ok);
+      };
+    }
+    // NDJSON: text, a character split between chunks joined first
+    const decoder = new StringDecoder("utf8");
+    flushers.push(() => {
+      const data = decoder.end();
+      if (data) write({ type, data });
+    });
+    return (chunk: Buffer) => {
+      const data = decoder.write(chunk);
+      if (data) write({ type, data });
+    };
+  };
+  const sink = { stdout: emit("stdout"), stderr: emit("stderr") };
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
     flow.close();
@@ -453,11 +495,12 @@ async function streamExec(
         started: (info) => write({ type: "started", phaseId: id, ...info }),
         // commits the 200: the decision (run, denial, no decision in time) follows in the stream
         waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
-        stdout: emit("stdout"), stderr: emit("stderr"),
+        ...sink,
         // from the command's start, this client's pause is its exec's alone (a slow reader holds up no other command)
         sent: (execId) => flow.bind(execId) },
       abort.signal,
     );
+    for (const f of flushers) f();
     write({ type: "exit", result });
     answered = true;
     // (no headers only when the client left before anything was written: nothing to answer)
@@ -469,6 +512,7 @@ async function streamExec(
       throw err;
     }
     const e = err instanceof SandboxdError ? err : new SandboxdError("SBX_ERR_INTERNAL", (err as Error).message);
+    for (const f of flushers) f();
     write({ type: "error", ...e.toBody() });
     answered = true;
     res.end();

@@ -11,6 +11,7 @@
 import { OpenAPIRegistry, OpenApiGeneratorV31, extendZodWithOpenApi } from "@asteasolutions/zod-to-openapi";
 import { z } from "zod";
 import { ERRORS, type ErrorCode } from "../errors.js";
+import { FRAMES_CONTENT_TYPE } from "../frames.js";
 import { VERSION } from "../version.js";
 import { ROUTES, type RouteDef } from "./routes.js";
 
@@ -39,6 +40,9 @@ function content(kind: RouteDef["ok"]["content"]): Record<string, { schema: z.Zo
       return { "application/json": { schema: any }, "application/x-ndjson": { schema: z.string() } };
     case "bytes":
       return { "application/octet-stream": { schema: z.string() } };
+    case "exec":
+      // the frames are binary (docs/API.md "Streaming exec", src/frames.ts)
+      return { "application/json": { schema: any }, [FRAMES_CONTENT_TYPE]: { schema: z.string() }, "application/x-ndjson": { schema: z.string() } };
   }
 }
 

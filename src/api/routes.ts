@@ -22,7 +22,7 @@ export interface RouteDef {
   query?: z.AnyZodObject;
   body?: z.ZodTypeAny;
   /** the answer when it works: its status, what it is, and how it is encoded */
-  ok: { status: number; description: string; content: "json" | "ndjson" | "text" | "json-or-ndjson" | "bytes" };
+  ok: { status: number; description: string; content: "json" | "ndjson" | "text" | "json-or-ndjson" | "bytes" | "exec" };
   /** the body is raw bytes of this type (not JSON), at most bodyLimit */
   rawBody?: "application/octet-stream";
   bodyLimit?: number;
@@ -49,7 +49,7 @@ export const ROUTES = [
 
   {
     method: "POST", path: "/v1/phases/:id/exec", tag: "exec", summary: "run one command (judged by the policy, recorded before it runs)", ...phase, query: S.streamQuery, body: S.execBody,
-    ok: { status: 200, description: "{result}; with stream=1, NDJSON events (waiting, started, stdout, stderr, exit, error)", content: "json-or-ndjson" },
+    ok: { status: 200, description: "{result}; with stream=frames, the byte stream (5-byte frame headers: JSON events, stdout and stderr bytes); with stream=1, NDJSON events (waiting, started, stdout, stderr, exit, error)", content: "exec" },
     errors: [...running, "SBX_ERR_POLICY_DENIED", "SBX_ERR_COMMAND_PARSE", "SBX_ERR_POLICY_NEEDS_APPROVAL", "SBX_ERR_APPROVAL_DENIED", "SBX_ERR_APPROVAL_STALE", "SBX_ERR_TIMEOUT_RANGE", "SBX_ERR_REQUEST_TOO_LARGE", "SBX_ERR_AUDIT_BUDGET", "SBX_ERR_SHIM_LOST"],
   },
 

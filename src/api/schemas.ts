@@ -109,6 +109,7 @@ export const eventsQuery = z
   })
   .strict();
 
-export const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** `stream`: `frames` for the byte format (src/frames.ts), `1`/`true`/`ndjson` for NDJSON, `0`/`false` (or none) for one JSON answer */
+export const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false", "ndjson", "frames"]).optional() }).strict();
 export const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 

@@ -20,13 +20,13 @@
  * each line (≥ 8 chars) of a multi-line value (a PEM key) on its own. Other
  * encodings (base64, hex) of a secret are NOT recognised.
  *
- * Matching is Aho-Corasick over UTF-16 code units: one pass over the text
- * whatever the number of secrets. Overlapping occurrences are merged into one
+ * Matching is Aho-Corasick, over UTF-16 code units for text and over bytes
+ * for command output (ByteStreamRedactor: output is never decoded on its way
+ * through the daemon): one pass whatever the number of secrets. Overlapping occurrences are merged into one
  * [REDACTED], so no fragment of any secret survives.
  */
 import { readFile } from "node:fs/promises";
 import path from "node:path";
-import { StringDecoder } from "node:string_decoder";
 import dotenv from "dotenv";
 
 export const REDACTED = "[REDACTED]";
@@ -237,11 +237,24 @@ interface Scan {
 /** Dense transition tables above this many cells fall back to the sparse trie walk. */
 const MAX_DENSE_CELLS = 8_000_000;
 
+/** A sequence of symbols the automaton reads: a string's UTF-16 code units, or bytes. */
+interface Symbols {
+  readonly length: number;
+  at(i: number): number;
+}
+const textSymbols = (text: string): Symbols => ({ length: text.length, at: (i) => text.charCodeAt(i) });
+const byteSymbols = (bytes: Uint8Array): Symbols => ({ length: bytes.length, at: (i) => bytes[i]! });
+
 /**
- * Aho-Corasick automaton over UTF-16 code units. The trie is compiled into a
- * dense DFA over the code units that occur in some secret (every other code
- * unit is class 0 and leads back to the root), so scanning costs one table
- * lookup per code unit whatever the number of secrets.
+ * Aho-Corasick automaton over symbols: UTF-16 code units (for text), or
+ * bytes (for output as the command wrote it: the patterns are the secrets'
+ * UTF-8 encodings). The trie is compiled into a dense DFA over the symbols
+ * that occur in some secret (every other symbol is class 0 and leads back to
+ * the root), so scanning costs one table lookup per symbol whatever the
+ * number of secrets. The token rule (SHORT_SECRET_LENGTH, isWord) counts
+ * symbols: word characters are ASCII, one byte and one code unit alike, and
+ * a non-ASCII secret is as long or longer in bytes (so it is scrubbed
+ * anywhere at least as often).
  */
 class Matcher implements IntervalFinder {
   private readonly goto: Array<Map<number, number>> = [new Map()];
@@ -258,13 +271,14 @@ class Matcher implements IntervalFinder {
   private readonly width: number = 0;
   private readonly delta: Int32Array | null = null;
 
-  constructor(patterns: readonly string[]) {
+  /** `alphabet`: 65536 for code units, 256 for bytes */
+  constructor(patterns: readonly Symbols[], alphabet: number) {
     const term: number[] = [0];
     const depth: number[] = [0];
     for (const p of patterns) {
       let s = 0;
       for (let i = 0; i < p.length; i++) {
-        const c = p.charCodeAt(i);
+        const c = p.at(i);
         let t = this.goto[s]!.get(c);
         if (t === undefined) {
           t = this.goto.length;
@@ -298,11 +312,11 @@ class Matcher implements IntervalFinder {
     this.depth = Int32Array.from(depth);
     this.hit = Uint8Array.from(term, (len, s) => (len > 0 || dict[s]! > 0 ? 1 : 0));
 
-    const classOf = new Uint16Array(65536);
+    const classOf = new Uint16Array(alphabet);
     let classes = 0;
     for (const p of patterns) {
       for (let i = 0; i < p.length; i++) {
-        const c = p.charCodeAt(i);
+        const c = p.at(i);
         if (classOf[c] === 0) classOf[c] = ++classes;
       }
     }
@@ -335,57 +349,78 @@ class Matcher implements IntervalFinder {
    * merges overlapping and touching ones into clusters, and keeps a cluster
    * when it is at least SHORT_SECRET_LENGTH long or is a whole token: it
    * does not cut a run of word characters in two at either edge. `before`
-   * is the code unit just before `text` (-1: none). A stream passes
-   * `continues`: clusters starting within that many chars of the text's start
+   * is the symbol just before `text` (-1: none). A stream passes
+   * `continues`: clusters starting within that many symbols of the start
    * continue a kept cluster already emitted, so they are kept. When not
-   * `final` the text may go on, and a short cluster that reaches the part a
+   * `final` the input may go on, and a short cluster that reaches the part a
    * future secret could start in (the automaton's depth at the end) could
    * still grow or gain a glued neighbour: it is undecided, left out, and
    * `undecidedFrom` says where the first one starts (the stream holds it
    * back).
    */
   scan(text: string, before: number, final: boolean, continues = -1): Scan {
-    const n = text.length;
-    const term = this.term;
-    const dict = this.dict;
-    const hit = this.hit;
-    /** clusters as flat [start, end] pairs */
     const raw: number[] = [];
-    const push = (i: number, s: number) => {
-      const start = i + 1 - term[term[s]! > 0 ? s : dict[s]!]!;
-      let k = raw.length;
-      let from = start;
-      // merge with earlier clusters this occurrence overlaps or touches (it may reach back over several)
-      while (k > 0 && raw[k - 1]! >= from) {
-        from = Math.min(from, raw[k - 2]!);
-        k -= 2;
-      }
-      raw.length = k;
-      raw.push(from, i + 1);
-    };
     let s = 0;
+    const n = text.length;
     if (this.delta && this.classOf) {
-      const delta = this.delta;
-      const classOf = this.classOf;
-      const width = this.width;
+      const { delta, classOf, width, hit } = this;
       for (let i = 0; i < n; i++) {
         s = delta[s * width + classOf[text.charCodeAt(i)]!]!;
-        if (hit[s] === 1) push(i, s);
+        if (hit[s] === 1) this.push(raw, i, s);
       }
-    } else {
-      const goto = this.goto;
-      const fail = this.fail;
+    } else s = this.walk(textSymbols(text), raw);
+    return this.decide(textSymbols(text), raw, s, before, final, continues);
+  }
+
+  /** scan() over bytes (the hot path: a command's output as it arrives). */
+  scanBytes(bytes: Uint8Array, before: number, final: boolean, continues = -1): Scan {
+    const raw: number[] = [];
+    let s = 0;
+    const n = bytes.length;
+    if (this.delta && this.classOf) {
+      const { delta, classOf, width, hit } = this;
       for (let i = 0; i < n; i++) {
-        const c = text.charCodeAt(i);
-        let t = goto[s]!.get(c);
-        while (t === undefined && s !== 0) {
-          s = fail[s]!;
-          t = goto[s]!.get(c);
-        }
-        s = t ?? 0;
-        if (hit[s] === 1) push(i, s);
+        s = delta[s * width + classOf[bytes[i]!]!]!;
+        if (hit[s] === 1) this.push(raw, i, s);
       }
+    } else s = this.walk(byteSymbols(bytes), raw);
+    return this.decide(byteSymbols(bytes), raw, s, before, final, continues);
+  }
+
+  /** the sparse trie walk, for secret sets too large for a dense table */
+  private walk(seq: Symbols, raw: number[]): number {
+    const { goto, fail, hit } = this;
+    let s = 0;
+    for (let i = 0; i < seq.length; i++) {
+      const c = seq.at(i);
+      let t = goto[s]!.get(c);
+      while (t === undefined && s !== 0) {
+        s = fail[s]!;
+        t = goto[s]!.get(c);
+      }
+      s = t ?? 0;
+      if (hit[s] === 1) this.push(raw, i, s);
     }
+    return s;
+  }
+
+  /** Records the occurrence ending at `i` in `raw` (clusters as flat [start, end] pairs), merged with those it overlaps or touches. */
+  private push(raw: number[], i: number, s: number): void {
+    const term = this.term;
+    const start = i + 1 - term[term[s]! > 0 ? s : this.dict[s]!]!;
+    let k = raw.length;
+    let from = start;
+    // merge with earlier clusters this occurrence overlaps or touches (it may reach back over several)
+    while (k > 0 && raw[k - 1]! >= from) {
+      from = Math.min(from, raw[k - 2]!);
+      k -= 2;
+    }
+    raw.length = k;
+    raw.push(from, i + 1);
+  }
+
+  private decide(seq: Symbols, raw: number[], s: number, before: number, final: boolean, continues: number): Scan {
+    const n = seq.length;
     const intervals: Array<[number, number]> = [];
     let undecidedFrom = n;
     // a secret still to come starts within the automaton's depth: clusters reaching it may grow
@@ -401,9 +436,9 @@ class Matcher implements IntervalFinder {
         undecidedFrom = Math.min(undecidedFrom, start);
         continue;
       }
-      const left = start === 0 ? before : text.charCodeAt(start - 1);
-      if (left >= 0 && isWord(left) && isWord(text.charCodeAt(start))) continue;
-      if (end < n && isWord(text.charCodeAt(end - 1)) && isWord(text.charCodeAt(end))) continue;
+      const left = start === 0 ? before : seq.at(start - 1);
+      if (left >= 0 && isWord(left) && isWord(seq.at(start))) continue;
+      if (end < n && isWord(seq.at(end - 1)) && isWord(seq.at(end))) continue;
       intervals.push([start, end]);
     }
     return { intervals, state: s, undecidedFrom };
@@ -443,7 +478,19 @@ export class Redactor {
     const list = [...all].sort((a, b) => b.length - a.length);
     this.size = list.length;
     this.longest = list[0]?.length ?? 0;
-    this.matcher = list.length > 0 ? new Matcher(list) : null;
+    this.list = list;
+    this.matcher = list.length > 0 ? new Matcher(list.map(textSymbols), 65536) : null;
+  }
+
+  private readonly list: readonly string[];
+  private byteMatcher: Matcher | null | undefined;
+
+  /** the automaton over the secrets' UTF-8 bytes, made at the first byte stream */
+  private bytes(): Matcher | null {
+    if (this.byteMatcher === undefined) {
+      this.byteMatcher = this.list.length > 0 ? new Matcher(this.list.map((x) => byteSymbols(Buffer.from(x, "utf8"))), 256) : null;
+    }
+    return this.byteMatcher;
   }
 
   /** `text` with every secret occurrence replaced by [REDACTED]. */
@@ -452,10 +499,10 @@ export class Redactor {
     return render(text, this.matcher.intervals(text), -1, text.length).out;
   }
 
-  /** UTF-8 in, UTF-8 out (invalid bytes become U+FFFD). */
+  /** Bytes in, bytes out: each secret's UTF-8 encoding replaced, every other byte as it was. */
   redactBuffer(bytes: Uint8Array): Buffer {
-    if (!this.matcher) return Buffer.from(bytes);
-    return Buffer.from(this.redact(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("utf8")), "utf8");
+    const s = this.byteStream();
+    return Buffer.concat([s.push(bytes), s.end()]);
   }
 
   /** A redactor for one output stream, safe across chunk boundaries. */
@@ -463,9 +510,9 @@ export class Redactor {
     return new StreamRedactor(this.matcher);
   }
 
-  /** The same for raw bytes: decodes UTF-8 across chunk boundaries (StringDecoder) first. */
+  /** The same for bytes, never decoded: a command's output on its way to the log and the client. */
   byteStream(): ByteStreamRedactor {
-    return new ByteStreamRedactor(this.stream());
+    return new ByteStreamRedactor(this.bytes());
   }
 }
 
@@ -613,18 +660,86 @@ export class StreamRedactor {
   }
 }
 
-/** StreamRedactor for bytes: UTF-8 is decoded across chunk boundaries, the output re-encoded. */
+const REDACTED_BYTES = Buffer.from(REDACTED, "latin1");
+
+/** render() for bytes: the kept bytes are views of `buf` (no copy when nothing is replaced). */
+function renderBytes(buf: Buffer, ivs: ReadonlyArray<[number, number]>, cover: number, cut: number): { out: Buffer; cover: number } {
+  const parts: Buffer[] = [];
+  let pos = 0;
+  let i = 0;
+  const done = (c: number) => ({ out: parts.length === 1 ? parts[0]! : Buffer.concat(parts), cover: c });
+  if (cover >= 0) {
+    let end = cover;
+    while (i < ivs.length && ivs[i]![0] <= end) end = Math.max(end, ivs[i++]![1]);
+    if (end >= cut) return { out: EMPTY, cover: end - cut };
+    pos = end;
+  }
+  for (; i < ivs.length; i++) {
+    const [s, e] = ivs[i]!;
+    if (s >= cut) break;
+    if (s > pos) parts.push(buf.subarray(pos, s));
+    parts.push(REDACTED_BYTES);
+    if (e >= cut) return done(e - cut);
+    pos = e;
+  }
+  if (pos < cut) parts.push(buf.subarray(pos, cut));
+  return parts.length === 0 ? { out: EMPTY, cover: -1 } : done(-1);
+}
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * StreamRedactor over bytes, for command output: the automaton reads the
+ * bytes as they arrive, nothing is decoded or re-encoded, and what goes out
+ * is a view of the input wherever no secret was replaced. It holds back only
+ * the bytes that are a partial match of some secret (the automaton's depth
+ * after the last byte; plus a short secret that just ended, until the next
+ * byte says whether it is a token): a cut may fall inside a UTF-8 character,
+ * which the reader's decoder joins again. The concatenated output equals
+ * redactBuffer() of the concatenated input, wherever the chunks were split.
+ */
 export class ByteStreamRedactor {
-  private readonly decoder = new StringDecoder("utf8");
-  constructor(private readonly inner: StreamRedactor) {}
+  private held: Buffer = EMPTY;
+  /** bytes at the start of `held` already inside an emitted [REDACTED] (0: it ends just before `held`), -1: none */
+  private cover = -1;
+  /** the input byte just before `held` (-1 at the start), for token boundaries */
+  private before = -1;
+  private ended = false;
+
+  constructor(private readonly matcher: Matcher | null) {}
+
+  /** bytes currently held back (a possible secret in the making) */
+  get holding(): number {
+    return this.held.length;
+  }
 
   push(chunk: Uint8Array): Buffer {
-    return Buffer.from(this.inner.push(this.decoder.write(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength))), "utf8");
+    if (this.ended) throw new Error("ByteStreamRedactor: push after end");
+    const c = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    if (!this.matcher) return c;
+    if (c.length === 0) return EMPTY;
+    const buf = this.held.length === 0 ? c : Buffer.concat([this.held, c]);
+    const scan = this.matcher.scanBytes(buf, this.before, false, this.cover);
+    const cut = Math.min(buf.length - this.matcher.depth[scan.state]!, scan.undecidedFrom);
+    return this.emit(buf, scan.intervals, cut);
   }
 
   end(): Buffer {
-    const rest = this.decoder.end();
-    return Buffer.from(this.inner.push(rest) + this.inner.end(), "utf8");
+    if (this.ended || !this.matcher) {
+      this.ended = true;
+      return EMPTY;
+    }
+    this.ended = true;
+    const buf = this.held;
+    return this.emit(buf, this.matcher.scanBytes(buf, this.before, true, this.cover).intervals, buf.length);
+  }
+
+  private emit(buf: Buffer, ivs: Array<[number, number]>, cut: number): Buffer {
+    const r = renderBytes(buf, ivs, this.cover, cut);
+    if (cut > 0) this.before = buf[cut - 1]!;
+    // what is held is copied: a view would keep the whole chunk it came in alive
+    this.held = cut < buf.length ? Buffer.from(buf.subarray(cut)) : EMPTY;
+    this.cover = r.cover;
+    return r.out;
   }
 }
 

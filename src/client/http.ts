@@ -62,10 +62,12 @@ export class ApiClient {
       const req = http.request(
         {
           socketPath: this.socketPath,
+          // no TLS server name to work out: the Agent's check of it compiles the IPv6 pattern, ms of a CLI process's start
+          servername: "",
           method,
           path,
           headers: payload ? { "content-type": contentType, "content-length": payload.length } : {},
-        },
+        } as http.RequestOptions,
         resolve,
       );
       req.on("error", (err: NodeJS.ErrnoException) => {

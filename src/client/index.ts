@@ -15,6 +15,8 @@ import type { Approval } from "../approvals/queue.js";
 import type { AuditRecord } from "../audit/journal.js";
 import type { ExecResult } from "../phases/manager.js";
 import type { PhaseMode, PhaseView } from "../phases/types.js";
+import { StringDecoder } from "node:string_decoder";
+import { FrameReader, StreamFrame } from "../frames.js";
 import { ApiClient, errorFromBody } from "./http.js";
 
 export { SandboxdError } from "../errors.js";
@@ -42,7 +44,7 @@ export interface ExecOptions {
 }
 
 export interface StreamHandlers {
-  /** output as it arrives (UTF-8 text, secrets already scrubbed); given either, the exec streams */
+  /** output as it arrives (decoded as UTF-8, secrets already scrubbed); given either, the exec streams */
   onStdout?: (text: string) => void;
   onStderr?: (text: string) => void;
   /** the command waits for a person's decision on this request (with waitApprovalMs); given, the exec streams */
@@ -107,30 +109,53 @@ export class Sandboxd {
     if (!handlers.onStdout && !handlers.onStderr && !handlers.onWaiting && !handlers.signal) {
       return (await this.request<{ result: ExecResult }>("POST", path, req)).result;
     }
-    const res = await this.api.stream("POST", `${path}?stream=1`, req);
+    const res = await this.api.stream("POST", `${path}?stream=frames`, req);
     const stop = () => res.destroy();
     handlers.signal?.addEventListener("abort", stop, { once: true });
+    // output comes as bytes (docs/API.md "Streaming exec"); a character split between frames is joined before the handler sees it
+    const text = { out: new StringDecoder("utf8"), err: new StringDecoder("utf8") };
+    const flushText = () => {
+      const out = text.out.end();
+      const err = text.err.end();
+      if (out) handlers.onStdout?.(out);
+      if (err) handlers.onStderr?.(err);
+    };
     try {
-      for await (const event of ndjson<{ type: string; data?: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } }>(res)) {
-        switch (event.type) {
-          case "stdout":
-            handlers.onStdout?.(event.data ?? "");
-            break;
-          case "stderr":
-            handlers.onStderr?.(event.data ?? "");
-            break;
-          case "waiting":
-            handlers.onWaiting?.(event as unknown as Parameters<NonNullable<StreamHandlers["onWaiting"]>>[0]);
-            break;
-          case "exit":
-            return event.result!;
-          case "error":
-            throw errorFromBody({ error: event.error }, 500);
-          default:
-            // event types of newer daemons are skipped
-            break;
+      const reader = new FrameReader();
+      for await (const chunk of res as AsyncIterable<Buffer>) {
+        for (const f of reader.push(chunk)) {
+          if (f.kind === StreamFrame.Stdout) {
+            const t = text.out.write(f.payload);
+            if (t) handlers.onStdout?.(t);
+            continue;
+          }
+          if (f.kind === StreamFrame.Stderr) {
+            const t = text.err.write(f.payload);
+            if (t) handlers.onStderr?.(t);
+            continue;
+          }
+          // frames of kinds newer daemons may add are skipped
+          if (f.kind !== StreamFrame.Event) continue;
+          const event = JSON.parse(f.payload.toString("utf8")) as { type: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } };
+          switch (event.type) {
+            case "waiting":
+              handlers.onWaiting?.(event as unknown as Parameters<NonNullable<StreamHandlers["onWaiting"]>>[0]);
+              break;
+            case "exit":
+              flushText();
+              return event.result!;
+            case "error":
+              flushText();
+              throw errorFromBody({ error: event.error }, 500);
+            default:
+              // event types of newer daemons are skipped
+              break;
+          }
         }
       }
+    } catch (err) {
+      // a coded error is the daemon's; a response cut off (the caller aborted, the daemon went) is said below
+      if (err instanceof SandboxdError || ((err as NodeJS.ErrnoException).code !== "ERR_STREAM_PREMATURE_CLOSE" && !res.destroyed)) throw err;
     } finally {
       handlers.signal?.removeEventListener("abort", stop);
     }

@@ -40,14 +40,18 @@ export interface ApprovalWait {
   waitMs: number;
 }
 
-/** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
+/**
+ * Receives output as it arrives: the command's bytes with secrets already
+ * scrubbed, never decoded (a chunk may end inside a UTF-8 character; the next
+ * one goes on with it).
+ */
 export interface ExecSink {
   /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
   started?(info: { pid: number; rule: { id: string; clause: string } }): void;
   /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
   waiting?(info: ApprovalWait): void;
-  stdout(text: string): void;
-  stderr(text: string): void;
+  stdout(chunk: Buffer): void;
+  stderr(chunk: Buffer): void;
   /** the channel's id of the command, once sent: a streaming client's flow control pauses that exec only */
   sent?(execId: number): void;
 }
@@ -81,34 +85,39 @@ export interface ExecResult {
 }
 
 
-/** The first `n` UTF-8 bytes of `text`, cut at a character boundary. */
-function headBytes(text: string, n: number): string {
-  if (text.length * 3 <= n || Buffer.byteLength(text) <= n) return text;
-  return Buffer.from(text).subarray(0, n).toString("utf8").replace(/\uFFFD$/, "");
+/** The first `n` bytes of `buf`, not cutting a UTF-8 character in two. */
+function headBytes(buf: Buffer, n: number): Buffer {
+  if (buf.length <= n) return buf;
+  let end = n;
+  // inside a character: back to its first byte (at most 3 back: past that it is not UTF-8)
+  while (end > 0 && end > n - 4 && (buf[end]! & 0xc0) === 0x80) end -= 1;
+  return buf.subarray(0, end);
 }
 
-/** The last `n` UTF-8 bytes of `text`, cut at a character boundary. */
-function tailBytes(text: string, n: number): string {
-  if (text.length * 3 <= n) return text;
-  const buf = Buffer.from(text);
-  if (buf.length <= n) return text;
+/** The last `n` bytes of `buf`, not cutting a UTF-8 character in two. */
+function tailBytes(buf: Buffer, n: number): Buffer {
+  if (buf.length <= n) return buf;
   let start = buf.length - n;
-  while (start < buf.length && (buf[start]! & 0xc0) === 0x80) start += 1; // not inside a character
-  return buf.subarray(start).toString("utf8");
+  const limit = start + 3;
+  while (start < buf.length && start < limit && (buf[start]! & 0xc0) === 0x80) start += 1; // not inside a character
+  return buf.subarray(start);
 }
 
 /**
- * One stream's (scrubbed) text, kept as its first `cap/2` and last `cap/2`
- * UTF-8 bytes: a long test run keeps its summary line and its list of
- * failures, which come last. `total` counts the command's raw bytes, `seen`
- * the scrubbed text's.
+ * One stream's (scrubbed) output, kept as its first `cap/2` and last `cap/2`
+ * bytes: a long test run keeps its summary line and its list of failures,
+ * which come last. Bytes are kept as they came and decoded only when the
+ * text is asked for (the result, the audit record), cut at character
+ * boundaries. `total` counts the command's raw bytes, `seen` the scrubbed
+ * output's.
  */
 export class HeadTailText {
-  private head = "";
+  private head: Buffer | null = null;
   private headLen = 0;
-  private headFull = false;
-  /** pieces of the rolling tail, oldest first */
-  private tail: string[] = [];
+  /** the rolling tail: a ring of tailCap bytes, made at the first byte past the head (nothing is allocated per chunk) */
+  private ring: Buffer | null = null;
+  /** where the oldest kept tail byte is in the ring */
+  private ringStart = 0;
   private tailLen = 0;
   seen = 0;
   total = 0;
@@ -124,35 +133,45 @@ export class HeadTailText {
     this.total += rawBytes;
   }
 
-  push(text: string): void {
-    if (text === "") return;
-    const bytes = Buffer.byteLength(text);
-    this.seen += bytes;
-    let rest = text;
-    if (!this.headFull) {
-      const take = headBytes(text, this.headCap - this.headLen);
-      this.head += take;
-      this.headLen += Buffer.byteLength(take);
-      rest = text.slice(take.length);
-      if (rest === "") return;
-      // the head ends here, even a few bytes short (a character did not fit): what follows is the tail's
-      this.headFull = true;
+  push(chunk: Buffer | string): void {
+    let rest = typeof chunk === "string" ? Buffer.from(chunk, "utf8") : chunk;
+    if (rest.length === 0) return;
+    this.seen += rest.length;
+    if (this.headLen < this.headCap) {
+      this.head ??= Buffer.allocUnsafe(this.headCap);
+      const take = Math.min(rest.length, this.headCap - this.headLen);
+      rest.copy(this.head, this.headLen, 0, take);
+      this.headLen += take;
+      rest = rest.subarray(take);
+      if (rest.length === 0) return;
     }
-    this.tail.push(rest);
-    this.tailLen += Buffer.byteLength(rest);
-    while (this.tailLen > this.tailCap) {
-      const first = this.tail[0]!;
-      const fb = Buffer.byteLength(first);
-      if (this.tailLen - fb >= this.tailCap) {
-        this.tail.shift();
-        this.tailLen -= fb;
-        continue;
-      }
-      const kept = tailBytes(first, fb - (this.tailLen - this.tailCap));
-      this.tail[0] = kept;
-      this.tailLen -= fb - Buffer.byteLength(kept);
-      break;
+    const cap = this.tailCap;
+    if (cap === 0) return;
+    this.ring ??= Buffer.allocUnsafe(cap);
+    if (rest.length >= cap) {
+      rest.copy(this.ring, 0, rest.length - cap);
+      this.ringStart = 0;
+      this.tailLen = cap;
+      return;
     }
+    // write after the newest byte, wrapping; what does not fit pushes the oldest out
+    const at = (this.ringStart + this.tailLen) % cap;
+    const first = Math.min(rest.length, cap - at);
+    rest.copy(this.ring, at, 0, first);
+    if (first < rest.length) rest.copy(this.ring, 0, first);
+    const over = this.tailLen + rest.length - cap;
+    if (over > 0) {
+      this.ringStart = (this.ringStart + over) % cap;
+      this.tailLen = cap;
+    } else this.tailLen += rest.length;
+  }
+
+  /** the kept tail, oldest byte first */
+  private tailBuffer(): Buffer {
+    if (!this.ring || this.tailLen === 0) return Buffer.alloc(0);
+    const end = this.ringStart + this.tailLen;
+    if (end <= this.tailCap) return this.ring.subarray(this.ringStart, end);
+    return Buffer.concat([this.ring.subarray(this.ringStart), this.ring.subarray(0, end - this.tailCap)]);
   }
 
   get truncated(): boolean {
@@ -164,14 +183,15 @@ export class HeadTailText {
    * and last `limit/2` bytes and how many bytes lie between.
    */
   view(limit = this.headCap + this.tailCap): { head: string; omitted: number; tail: string } {
-    const tail = this.tail.join("");
-    if (this.seen <= limit && !this.truncated) return { head: this.head + tail, omitted: 0, tail: "" };
-    const hl = Math.floor(limit / 2);
+    const head = this.head ? this.head.subarray(0, this.headLen) : Buffer.alloc(0);
+    const tail = this.tailBuffer();
     // all kept (head and tail are contiguous): cut the view from the whole; else from each end
-    const whole = this.truncated ? null : this.head + tail;
-    const h = headBytes(whole ?? this.head, hl);
+    const whole = this.truncated ? null : Buffer.concat([head, tail]);
+    if (whole && whole.length <= limit) return { head: whole.toString("utf8"), omitted: 0, tail: "" };
+    const hl = Math.floor(limit / 2);
+    const h = headBytes(whole ?? head, hl);
     const t = tailBytes(whole ?? tail, limit - hl);
-    return { head: h, omitted: this.seen - Buffer.byteLength(h) - Buffer.byteLength(t), tail: t };
+    return { head: h.toString("utf8"), omitted: this.seen - h.length - t.length, tail: t.toString("utf8") };
   }
 
   /** The kept text as one string, the bytes not kept marked where they were. */
@@ -394,16 +414,18 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
             onStdout: (c) => {
               if (done) return;
               out.count(c.length);
-              const text = outText.push(c);
-              out.push(text);
-              if (text) sink?.stdout(text);
+              const scrubbed = outText.push(c);
+              if (scrubbed.length === 0) return;
+              out.push(scrubbed);
+              sink?.stdout(scrubbed);
             },
             onStderr: (c) => {
               if (done) return;
               err.count(c.length);
-              const text = errText.push(c);
-              err.push(text);
-              if (text) sink?.stderr(text);
+              const scrubbed = errText.push(c);
+              if (scrubbed.length === 0) return;
+              err.push(scrubbed);
+              sink?.stderr(scrubbed);
             },
             onExit: (exit) => finish(() => resolve({ exit })),
             onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
@@ -431,7 +453,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     ] as const) {
       const rest = stream.end();
       buf.push(rest);
-      if (rest) toSink?.(rest);
+      if (rest.length > 0) toSink?.(rest);
     }
   };
   const outcome = await outcomeP.catch(async (e: unknown) => {
@@ -456,7 +478,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     // said where the output goes too: a streaming caller sees why nothing ran
     const why = rec.redact(`sandboxd: cannot run ${verdict.execArgv[0]}: ${outcome.spawnError.message}\n`);
     err.push(why);
-    sink?.stderr(why);
+    sink?.stderr(Buffer.from(why, "utf8"));
   } else {
     const exit = outcome.exit!;
     exitCode = exit.exitCode;

@@ -15,11 +15,10 @@ import type { EventRecorder } from "../audit/recorder.js";
 import { AuditBudget } from "../audit/budget.js";
 import { capUtf8, type AppendOptions, type AuditEvent, type AuditJournal, type AuditRecord } from "../audit/journal.js";
 import { actionLine, redactLine, timestamp } from "../audit/format.js";
-import { Redactor, StreamRedactor } from "../audit/redact.js";
+import { Redactor, type ByteStreamRedactor } from "../audit/redact.js";
 import { SandboxdError } from "../errors.js";
 import type { AuditPolicy } from "../policy/schema.js";
 import type { Clock } from "../util/clock.js";
-import { StringDecoder } from "node:string_decoder";
 
 /** Volume bounds of one phase's records (policy `audit`); without them nothing is capped. */
 export interface RecorderLimits {
@@ -223,27 +222,8 @@ export class PhaseRecorder implements EventRecorder {
     return this.redactor.redact(text);
   }
 
-  /** Decoder + redactor for one output stream of one command. */
-  outputStream(): OutputText {
-    return new OutputText(this.redactor.size > 0 ? this.redactor.stream() : null);
-  }
-}
-
-/**
- * Bytes of one output stream → UTF-8 text with secrets scrubbed, correct
- * across chunk boundaries (a character or a secret split between chunks).
- */
-export class OutputText {
-  private readonly decoder = new StringDecoder("utf8");
-  constructor(private readonly redactor: StreamRedactor | null) {}
-
-  push(chunk: Buffer): string {
-    const text = this.decoder.write(chunk);
-    return this.redactor ? this.redactor.push(text) : text;
-  }
-
-  end(): string {
-    const rest = this.decoder.end();
-    return this.redactor ? this.redactor.push(rest) + this.redactor.end() : rest;
+  /** The redactor for one output stream of one command: bytes in, scrubbed bytes out (passed through when the phase has no secrets). */
+  outputStream(): ByteStreamRedactor {
+    return this.redactor.byteStream();
   }
 }

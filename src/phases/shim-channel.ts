@@ -236,7 +236,8 @@ export class ShimChannel {
       return;
     }
     this.sockets.add(sock);
-    const decoder = new FrameDecoder();
+    // output passes through in the pieces it is read in (no copy, no allocation per frame)
+    const decoder = new FrameDecoder({ streamData: true });
     let authenticated = false;
     const helloTimer = setTimeout(() => {
       this.log.warn({ phase: this.phaseId }, "control connection sent no hello in time; dropped");

@@ -57,16 +57,34 @@ export class ProtocolError extends Error {
 /**
  * Incremental frame decoder. Keeps a list of pending chunks and only copies
  * when a frame straddles chunk boundaries.
+ *
+ * With `streamData`, stdout and stderr payloads are not gathered: each piece
+ * is given as soon as it is read, as a view of the chunk it came in (never
+ * copied), so one frame on the wire may come out as several frames of the
+ * same kind and execId, in order. Output is a byte stream: its consumer does
+ * not care where frames were cut, and the daemon so allocates nothing per
+ * frame beyond the chunks the socket reads (every 64 KiB of garbage
+ * brings the next full collection of the daemon's heap closer).
  */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private buffered = 0;
+  /** streamData: bytes still to come of the data frame being read, its kind and exec */
+  private dataLeft = 0;
+  private dataKind: FrameKindValue = FrameKind.Stdout;
+  private dataExec = 0;
+
+  constructor(private readonly opts: { streamData?: boolean } = {}) {}
 
   push(chunk: Buffer): Frame[] {
     this.chunks.push(chunk);
     this.buffered += chunk.length;
     const frames: Frame[] = [];
     for (;;) {
+      if (this.dataLeft > 0) {
+        this.pieces(frames);
+        if (this.dataLeft > 0) break;
+      }
       if (this.buffered < HEADER_BYTES) break;
       const head = this.peek(HEADER_BYTES);
       const length = head.readUInt32BE(0);
@@ -78,12 +96,33 @@ export class FrameDecoder {
       if (kind !== FrameKind.Json && kind !== FrameKind.Stdout && kind !== FrameKind.Stderr) {
         throw new ProtocolError(`unknown frame kind ${kind}`);
       }
+      if (this.opts.streamData && kind !== FrameKind.Json) {
+        this.take(HEADER_BYTES);
+        this.dataLeft = length;
+        this.dataKind = kind as FrameKindValue;
+        this.dataExec = execId;
+        continue;
+      }
       if (this.buffered < HEADER_BYTES + length) break;
       this.take(HEADER_BYTES);
       const payload = this.take(length);
       frames.push({ kind: kind as FrameKindValue, execId, payload });
     }
     return frames;
+  }
+
+  /** streamData: what has arrived of the current data frame, as views of the chunks */
+  private pieces(frames: Frame[]): void {
+    while (this.dataLeft > 0 && this.chunks.length > 0) {
+      const first = this.chunks[0]!;
+      const n = Math.min(first.length, this.dataLeft);
+      const payload = n === first.length ? first : first.subarray(0, n);
+      if (n === first.length) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      this.buffered -= n;
+      this.dataLeft -= n;
+      if (n > 0) frames.push({ kind: this.dataKind, execId: this.dataExec, payload });
+    }
   }
 
   private peek(n: number): Buffer {

@@ -25,6 +25,8 @@ import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(ROOT, "dist", "cli", "main.js");
+/** The same command line bundled (scripts/bundle-cli.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
+export const CLI_BUNDLE = path.join(ROOT, "dist", "cli", "main.cjs");
 /** The uid:gid that owns test projects (commands run as the project owner). */
 export const OWNER = { uid: 1000, gid: 1000 };
 
@@ -159,10 +161,10 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Run the real CLI (built JS) and collect its output. */
+/** Run the real CLI (built JS, the bundle the `sandboxd` command runs) and collect its output. */
 export function cli(args: string[], opts: { socket?: string; timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
+    const child = spawn(process.execPath, [CLI_BUNDLE, ...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
       stdio: ["ignore", "pipe", "pipe"],
     });
     let stdout = "";

@@ -9,6 +9,7 @@ import { chown, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SandboxdError } from "../../src/errors.js";
+import { FrameReader, StreamFrame } from "../../src/frames.js";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import {
@@ -91,6 +92,25 @@ describe("secrets never reach a log", () => {
     const streamed = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=1`, { argv: ["python3", script] });
     let body = "";
     for await (const c of streamed) body += (c as Buffer).toString();
+    // the byte stream the CLI reads: the key, split across two writes 0.2 s apart, scrubbed as bytes
+    const framed = await t.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=frames`, { argv: ["python3", script] });
+    const reader = new FrameReader();
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    const last: { event?: { type: string; result?: { exitCode: number } } } = {};
+    for await (const c of framed) {
+      for (const f of reader.push(c as Buffer)) {
+        if (f.kind === StreamFrame.Stdout) out.push(f.payload);
+        else if (f.kind === StreamFrame.Stderr) err.push(f.payload);
+        else last.event = JSON.parse(f.payload.toString()) as typeof last.event;
+      }
+    }
+    expect(last.event?.type).toBe("exit");
+    expect(last.event?.result?.exitCode).toBe(0);
+    const framedOut = Buffer.concat(out).toString();
+    expect(framedOut).toMatch(/^\[REDACTED\]\n/m); // the split key's line
+    expect(Buffer.concat(err).toString()).toBe("key [REDACTED]\n");
+    body += framedOut + Buffer.concat(err).toString();
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
 
     const stored = [

@@ -107,6 +107,35 @@ describe("FrameDecoder", () => {
     expect(frames[0]?.payload.length).toBe(MAX_FRAME_PAYLOAD);
   });
 
+  it("streamData: output comes in the pieces it is read in, never copied, JSON frames whole; joined, the same frames", () => {
+    const frames = sampleFrames();
+    const wire = encodeAll(frames);
+    const rand = rng(77);
+    for (let round = 0; round < 50; round++) {
+      const decoder = new FrameDecoder({ streamData: true });
+      const out: Frame[] = [];
+      const chunks: Buffer[] = [];
+      for (let pos = 0; pos < wire.length; ) {
+        const n = 1 + Math.floor(rand() * 20_000);
+        // each chunk its own allocation, as a socket read is
+        const c = Buffer.from(wire.subarray(pos, pos + n));
+        chunks.push(c);
+        out.push(...decoder.push(c));
+        pos += n;
+      }
+      // every output piece is a view of some chunk read
+      for (const f of out) if (f.kind !== FrameKind.Json) expect(chunks.some((c) => c.buffer === f.payload.buffer)).toBe(true);
+      // pieces of one frame joined again (an empty frame gives no piece)
+      const joined: Frame[] = [];
+      for (const f of out) {
+        const last = joined[joined.length - 1];
+        if (last && f.kind !== FrameKind.Json && last.kind === f.kind && last.execId === f.execId) last.payload = Buffer.concat([last.payload, f.payload]);
+        else joined.push({ ...f });
+      }
+      expectSameFrames(joined, frames.filter((f) => f.payload.length > 0 || f.kind === FrameKind.Json));
+    }
+  });
+
   it("rejects an oversize frame from its header alone", () => {
     const header = encodeHeader(FrameKind.Stdout, 1, MAX_FRAME_PAYLOAD + 1);
     expect(() => new FrameDecoder().push(header)).toThrow(ProtocolError);
