@@ -4,7 +4,7 @@
  * project, and asserts the project is left as it was and the trail says why.
  */
 import { execFile } from "node:child_process";
-import { lstat, mkdir, readFile, readlink, writeFile } from "node:fs/promises";
+import { lstat, mkdir, readFile, readdir, readlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -106,6 +106,17 @@ describe("what held", () => {
     await new Promise((res) => setTimeout(res, 4000));
     const v = await py("print(open('/workspace/services/calc.py').read(), end='')");
     expect(v.stdout).toBe("def add(a, b):\n    return a + b\n");
+  });
+
+  it("a folder removed and made again (an opaque folder in the layer) is judged as every file it lost, with or without getfattr on the host", async () => {
+    const before = await readFile(path.join(project, "services", "calc.py"), "utf8");
+    await py("import shutil, os\nshutil.rmtree('/workspace/services')\nos.mkdir('/workspace/services')\nopen('/workspace/services/calc.py', 'w').write('x = 1\\n')");
+    const c = await checkpoint("replace the folder");
+    expect(c.iteration?.state).toBe("rejected");
+    expect(c.iteration?.changes.filter((x) => x.kind === "delete").map((x) => x.path)).toContain("services/__init__.py");
+    expect(await readFile(path.join(project, "services", "calc.py"), "utf8")).toBe(before);
+    expect(await exists(path.join(project, "services", "__init__.py"))).toBe(true);
+    expect((await lastRefusal()).state).toBe("rejected");
   });
 
   it("a .git file in a subfolder (gitdir: pointer) is refused as repository metadata", async () => {
