@@ -13,6 +13,7 @@ import type { AuditRecord } from "../audit/journal.js";
 /** Record types that are events as they are. */
 const EVENT_TYPES: ReadonlySet<string> = new Set([
   "phase.start",
+  "phase.ready",
   "phase.escalated",
   "phase.paused",
   "phase.resumed",
@@ -46,7 +47,8 @@ export function toEvent(r: AuditRecord): Record<string, unknown> {
   const e: Record<string, unknown> = { seq: r.seq, ts: r.ts, type: r.type, phase: rec.phase ?? null };
   if (r.type === "phase.escalated") e.state = "escalated";
   else if (r.type === "phase.paused") e.state = "paused";
-  else if (r.type === "phase.resumed" || r.type === "phase.start") e.state = "running";
+  else if (r.type === "phase.start") e.state = "starting";
+  else if (r.type === "phase.resumed" || r.type === "phase.ready") e.state = "running";
   else if (r.type === "phase.complete") e.state = "stopped";
   else if (r.type === "phase.failed") e.state = "failed";
   else if (r.type === "workspace.iteration") e.iteration = rec.state; // pending, accepted, rejected

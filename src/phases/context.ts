@@ -93,6 +93,12 @@ export interface LivePhase {
 
 export class PhaseContext {
   readonly phases = new Map<string, LivePhase>();
+  /**
+   * Starts in their first steps: the phase's record exists (it is listed,
+   * `starting`) but it is not live yet — its start record is being made.
+   * Settles once it is live or gone; a stop waits for it (lifecycle.ts).
+   */
+  readonly opening = new Map<string, Promise<void>>();
   readonly store: PhaseStore;
   readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;

@@ -15,6 +15,7 @@ import { loadPolicy } from "../policy/index.js";
 import { LABELS } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import type { LivePhase, PhaseContext } from "./context.js";
+import type { PhaseRecorder } from "./recorder.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
@@ -72,15 +73,37 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     endReason: null,
     ...(req.allow?.length ? { allow: req.allow } : {}),
   };
-  await ctx.store.create(record, token);
-  // what the daemon read is what the phase keeps, also across a daemon restart:
-  // the project's file is never read again while the phase lives
-  await writeFile(ctx.store.dotenvPath(id), envText, { mode: 0o600 });
   const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
+  let rec: PhaseRecorder;
+  let opened!: () => void;
+  ctx.opening.set(id, new Promise<void>((r) => (opened = r)));
+  const open = () => {
+    ctx.opening.delete(id);
+    opened();
+  };
+  try {
+    await ctx.store.create(record, token);
+    // what the daemon read is what the phase keeps, also across a daemon restart:
+    // the project's file is never read again while the phase lives
+    await writeFile(ctx.store.dotenvPath(id), envText, { mode: 0o600 });
+    rec = ctx.recorder(record, audit ?? (await ctx.buildLogs.acquire(buildLog, id)), envText, env);
+    // The start is on record, durably, before anything of the phase exists
+    // (its workspace, socket, tunnels, container): from here on the phase
+    // ends by the one road below, and that writes its end record — whatever
+    // ends it, a failed start, a stop during start, a daemon killed
+    // meanwhile (reconcile ends it at the restart).
+    await rec.record(...startRecord(record, envReserved, ctx.opts.clock.now()));
+  } catch (err) {
+    // nothing exists yet, and nothing was recorded: the phase never began
+    await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
+    await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a start that was not recorded"));
+    open();
+    throw err;
+  }
   const live: LivePhase = {
     record,
     channel: null,
-    rec: ctx.recorder(record, audit ?? (await ctx.buildLogs.acquire(buildLog, id)), envText, env),
+    rec,
     phasePolicy,
     // reserved names dropped (they change what runs or where packages come from); the daemon's services after
     dotenv: { ...envKept, ...services.env },
@@ -94,6 +117,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     ending: null,
   };
   ctx.phases.set(id, live);
+  open();
   // Set once the container exists: if the phase was ended while it was being
   // created, the end could not see it, and this start removes it.
   let containerId: string | null = null;
@@ -103,6 +127,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
   let layerMounted: Promise<void> | null = null;
   try {
     live.workspace = await makeWorkspace(ctx, live);
+    // ended meanwhile: its end saw no workspace, so none may be mounted now
+    stillStarting();
     // the view must be a shared mount point before the container binds it; the
     // layer's disk and the overlay are made while the container starts
     await live.workspace.layer.prepare();
@@ -163,28 +189,9 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     transition(record, "running");
     await ctx.store.save(record);
     const ts = timestamp(ctx.opts.clock.now());
-    await live.rec.record(
-      {
-        type: "phase.start",
-        name: record.name,
-        mode: record.mode,
-        project,
-        uid: record.uid,
-        gid: record.gid,
-        image: record.image,
-        container: record.containerId,
-        policyFile: record.policyFile,
-        // names only, never values
-        envReserved,
-      },
-      [
-        actionLine(ts, "PHASE", "START", `${record.name} (${id})`, `mode=${record.mode} project=${project}`),
-        ...(envReserved.length
-          ? [actionLine(ts, "ENV", "RESERVED", ".env", `not given to commands: ${envReserved.join(", ")} (they change what runs or where packages come from)`)]
-          : []),
-        `[${ts}] PHASE_START: Phase ${record.name} (${id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
-      ],
-    );
+    await live.rec.record({ type: "phase.ready", name: record.name, container: record.containerId }, [
+      actionLine(ts, "PHASE", "READY", `${record.name} (${id})`, `container ${record.containerId.slice(0, 12)}; shim connected, network confined`),
+    ]);
     ctx.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
     return ctx.view(record);
   } catch (err) {
@@ -202,28 +209,50 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
         cause: err,
       });
     }
-    // A phase that failed to start leaves nothing behind (and no record: the caller got the error).
-    transition(record, "stopping");
-    live.ending = (async () => {
-      ctx.phases.delete(id);
-      await live.channel?.close({ shutdownShim: false });
-      await live.tunnels?.close().catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "closing the tunnels of a failed start failed"));
-      live.watch?.stop();
-      const cid = record.containerId ?? containerId;
-      if (cid) await ctx.opts.runtime.stopAndRemove(cid, 0).catch((e: Error) => ctx.log.error({ phase: id, container: cid, err: e.message }, "could not remove the container of a failed start"));
-      // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
-      await layerMounted?.catch(() => undefined);
-      await live.workspace?.unwatch();
-      if (live.workspace) await live.workspace.layer.destroy(null).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the workspace layer of a failed start"));
-      await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
-      await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a failed start"));
-      transition(record, "failed");
-    })();
-    await live.ending;
+    // A start that failed ends by the same road as every phase: what it made
+    // is released and removed, and the end is recorded (phase.failed, with the
+    // start's error), so its phase.start has its end. The caller gets the error.
+    if (record.containerId === null && containerId) record.containerId = containerId;
+    // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
+    await layerMounted?.catch(() => undefined);
+    await endPhase(ctx, live, "failed", `the start failed: ${(err as Error).message}`);
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
-    ctx.opts.logSecrets?.remove(id);
     throw err;
   }
+}
+
+/**
+ * The start record: written before anything of the phase exists, so every
+ * phase in the trail has it, and (once ended) an end record after it. A
+ * record made at a restart for a phase whose start the daemon did not live
+ * to record is marked `deferred`.
+ */
+export function startRecord(record: PhaseRecord, envReserved: readonly string[], now: Date, deferred = false): Parameters<PhaseRecorder["record"]> {
+  const ts = timestamp(now);
+  const note = deferred ? " (recorded at the daemon's restart: it stopped before it could record the start)" : "";
+  return [
+    {
+      type: "phase.start",
+      state: "starting",
+      name: record.name,
+      mode: record.mode,
+      project: record.project,
+      uid: record.uid,
+      gid: record.gid,
+      image: record.image,
+      policyFile: record.policyFile,
+      // names only, never values
+      envReserved: [...envReserved],
+      ...(deferred ? { deferred: true, createdAt: record.createdAt } : {}),
+    },
+    [
+      actionLine(ts, "PHASE", "START", `${record.name} (${record.id})`, `mode=${record.mode} project=${record.project}${note}`),
+      ...(envReserved.length
+        ? [actionLine(ts, "ENV", "RESERVED", ".env", `not given to commands: ${envReserved.join(", ")} (they change what runs or where packages come from)`)]
+        : []),
+      `[${ts}] PHASE_START: Phase ${record.name} (${record.id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
+    ],
+  ];
 }
 
 /** The control channel of a phase; its link closing outside a stop is how a lost container shows. */
@@ -279,6 +308,10 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
 }
 
 export async function stop(ctx: PhaseContext, id: string, why = "stopped by operator"): Promise<PhaseView> {
+  // a phase listed as starting whose start record is still being made: it is live in a moment
+  // (awaited only then: a stop of a live phase takes it into `stopping` in the same tick)
+  const opening = ctx.opening.get(id);
+  if (opening) await opening;
   const live = ctx.phases.get(id);
   if (!live) {
     const view = await ctx.get(id);

@@ -14,7 +14,7 @@ import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { FailFastState } from "./failfast.js";
-import { endPhase, openChannel, saveContainerLogs } from "./lifecycle.js";
+import { endPhase, openChannel, saveContainerLogs, startRecord } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
 import dotenv from "dotenv";
@@ -65,8 +65,13 @@ export function reconcileAction(record: PhaseRecord | undefined, container: Pick
 export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
   const report: ReconcileReport = { readopted: [], reaped: [], lost: [] };
   const containers = await ctx.opts.runtime.list({ [LABELS.instance]: ctx.opts.instance });
-  const { records, broken } = await ctx.store.loadAll();
+  const { records, broken, unborn } = await ctx.store.loadAll();
   for (const b of broken) ctx.opts.log.warn({ phase: b.id, err: b.error }, "unreadable phase record skipped");
+  for (const id of unborn) {
+    // its start was cut before its record existed: nothing else of it was made or recorded
+    ctx.opts.log.info({ phase: id }, "removing the state of a phase whose start was cut before its record was written");
+    await ctx.store.remove(id);
+  }
   const byId = new Map(records.map((r) => [r.id, r]));
   const seen = new Set<string>();
 
@@ -92,6 +97,7 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
         }
         case "end": {
           const { live } = await revive(ctx, { ...record!, containerId: c.id });
+          await recordStartIfCut(ctx, live);
           await endPhase(ctx, live, "failed", `reaped after daemon restart (${action.why})`);
           report.reaped.push({ id, reason: action.why });
           return;
@@ -115,6 +121,7 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
     const action = reconcileAction(r, undefined);
     if (seen.has(r.id) || action.kind !== "lost") continue;
     const { live } = await revive(ctx, { ...r, containerId: null });
+    await recordStartIfCut(ctx, live);
     await endPhase(ctx, live, "failed", action.why);
     report.lost.push(r.id);
   }
@@ -122,6 +129,21 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
     ctx.opts.log.info(report, "reconciled phases after restart");
   }
   return report;
+}
+
+/**
+ * A phase found `starting` at a restart: its start record is written right
+ * after its state dir is made, before anything else of it exists; a daemon
+ * killed in between left a phase with no start on record. It gets one now,
+ * marked deferred, so the end record reconcile writes next has its start.
+ */
+async function recordStartIfCut(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  const { record } = live;
+  if (record.state !== "starting") return;
+  const mine = await readRecords(ctx.opts.stateDir, { phase: record.id });
+  if (mine.some((r) => r.type === "phase.start")) return;
+  const envReserved = splitDotenv(dotenv.parse(await readFile(ctx.store.dotenvPath(record.id), "utf8").catch(() => ""))).dropped;
+  await live.rec.record(...startRecord(record, envReserved, ctx.opts.clock.now(), true));
 }
 
 async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {

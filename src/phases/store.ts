@@ -73,25 +73,32 @@ export class PhaseStore {
     return (await readFile(path.join(this.dir(id), "token"), "utf8")).trim();
   }
 
-  /** Every readable record; unreadable ones are reported, not fatal. */
-  async loadAll(): Promise<{ records: PhaseRecord[]; broken: Array<{ id: string; error: string }> }> {
+  /**
+   * Every readable record; unreadable ones are reported, not fatal. `unborn`:
+   * folders with no phase.json at all — a daemon killed inside `create`,
+   * before the record (written last, by rename) existed; nothing else of
+   * such a phase was made or recorded.
+   */
+  async loadAll(): Promise<{ records: PhaseRecord[]; broken: Array<{ id: string; error: string }>; unborn: string[] }> {
     const records: PhaseRecord[] = [];
     const broken: Array<{ id: string; error: string }> = [];
+    const unborn: string[] = [];
     let ids: string[];
     try {
       ids = await readdir(this.root);
     } catch {
-      return { records, broken };
+      return { records, broken, unborn };
     }
     for (const id of ids) {
       try {
         const raw = JSON.parse(await readFile(path.join(this.dir(id), "phase.json"), "utf8"));
         records.push(phaseRecordSchema.parse(raw));
       } catch (err) {
-        broken.push({ id, error: (err as Error).message });
+        if ((err as NodeJS.ErrnoException).code === "ENOENT") unborn.push(id);
+        else broken.push({ id, error: (err as Error).message });
       }
     }
-    return { records, broken };
+    return { records, broken, unborn };
   }
 
   /** For a phase whose start failed: nothing of it may stay behind. */

@@ -137,10 +137,16 @@ export function mountsAt(mountinfo: string, target: string): MountEntry[] {
   return found;
 }
 
-function devString(dev: number): string {
-  // st_dev → "major:minor" as in mountinfo (Linux's new_encode_dev layout)
-  const major = ((dev >> 8) & 0xfff) | ((dev >>> 32) & ~0xfff);
-  const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+/**
+ * st_dev → "major:minor" as in mountinfo: glibc's gnu_dev_major/minor, in
+ * BigInt because JS shifts count modulo 32 (`dev >>> 32` is `dev`, which
+ * once made anonymous devices past minor 255 — many overlays on the host —
+ * read as major 1048576 and failed every phase start).
+ */
+export function devString(dev: number): string {
+  const d = BigInt(dev);
+  const major = ((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n);
+  const minor = (d & 0xffn) | ((d >> 12n) & 0xffffff00n);
   return `${major}:${minor}`;
 }
 

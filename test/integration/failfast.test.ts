@@ -115,6 +115,7 @@ describe("fail-fast in a real sandbox", () => {
     expect([...seqs].sort((a, b) => a - b)).toEqual(seqs);
     expect(ev.map((x) => `${x.type}${x.category ? `:${x.category}` : ""}`)).toEqual([
       "phase.start",
+      "phase.ready",
       "exec.result:test",
       "exec.result:test",
       "exec.result:test",
@@ -211,6 +212,6 @@ describe("fail-fast in a real sandbox", () => {
     expect(await paused(phase.containerId!)).toBe(false);
     expect((await exec(phase.id, ["pytest", "-q", "tests/test_calc.py"])).exitCode).toBe(0);
     const ev = (await events(phase.id)).map((x) => `${x.type}:${x.state ?? ""}`);
-    expect(ev).toEqual(["phase.start:running", "phase.paused:paused", "phase.resumed:running", "exec.result:"]);
+    expect(ev).toEqual(["phase.start:starting", "phase.ready:running", "phase.paused:paused", "phase.resumed:running", "exec.result:"]);
   }, 120_000);
 });

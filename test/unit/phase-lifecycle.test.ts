@@ -33,7 +33,7 @@ async function codeOf(p: Promise<unknown>): Promise<string> {
 const types = async (): Promise<string[]> => (await h.records()).map((r) => String(r.type));
 
 describe("phase lifecycle with a fake runtime", () => {
-  it("start: starting → running, a labelled container, PHASE_START recorded, the shim welcomed", async () => {
+  it("start: starting → running, a labelled container, phase.start before anything exists and phase.ready once it runs, the shim welcomed", async () => {
     h = await harness();
     const v = await h.manager.start({ project: h.project, phase: "1.1", mode: "backtest" });
     expect(v.state).toBe("running");
@@ -41,7 +41,7 @@ describe("phase lifecycle with a fake runtime", () => {
     expect(c.labels[LABELS.phase]).toBe(v.id);
     expect(c.labels[LABELS.instance]).toBe("0123456789abcdef");
     expect(c.shim!.received.map((m) => m.type)).toEqual(expect.arrayContaining(["welcome", "listen"]));
-    expect(await types()).toEqual(["net.confine", "phase.start"]);
+    expect(await types()).toEqual(["phase.start", "net.confine", "phase.ready"]);
     expect((await h.manager.get(v.id)).state).toBe("running");
   });
 
@@ -67,19 +67,22 @@ describe("phase lifecycle with a fake runtime", () => {
     expect(await exists(path.join(h.stateDir, "phases", v.id, "container.log"))).toBe(true);
   });
 
-  it("a start whose container cannot be created leaves nothing behind", async () => {
+  it("a start whose container cannot be created ends failed, with its start and end on record, and leaves no container", async () => {
     h = await harness();
     h.runtime.faults.runPhaseContainer = new SandboxdError("SBX_ERR_DOCKER", "engine said no");
     expect(await codeOf(h.manager.start({ project: h.project, phase: "1.1", mode: "backtest" }))).toBe("SBX_ERR_DOCKER");
-    expect(await h.manager.list()).toEqual([]);
+    const [p] = await h.manager.list();
+    expect({ state: p?.state, endReason: p?.endReason }).toEqual({ state: "failed", endReason: "the start failed: engine said no" });
+    expect(await types()).toEqual(["phase.start", "phase.failed"]);
     expect(h.runtime.containers.size).toBe(0);
   });
 
-  it("a start whose shim never connects times out, removes the container and leaves no record", async () => {
+  it("a start whose shim never connects times out, removes the container and ends failed, recorded", async () => {
     h = await harness({ shimConnectTimeoutMs: 300 });
     h.runtime.faults.noShim = true;
     expect(await codeOf(h.manager.start({ project: h.project, phase: "1.1", mode: "backtest" }))).toBe("SBX_ERR_SHIM_TIMEOUT");
-    expect(await h.manager.list()).toEqual([]);
+    expect((await h.manager.list()).map((p) => p.state)).toEqual(["failed"]);
+    expect((await types()).filter((t) => t.startsWith("phase."))).toEqual(["phase.start", "phase.failed"]);
     expect(h.runtime.containers.size).toBe(0);
   });
 
@@ -119,7 +122,7 @@ describe("phase lifecycle with a fake runtime", () => {
     expect(h.runtime.containers.size).toBe(0);
     const phases = await h.manager.list();
     expect(phases.map((p) => [p.id, p.state])).toEqual([[id, "stopped"]]);
-    expect((await types()).filter((t) => t.startsWith("phase."))).toEqual(["phase.complete"]);
+    expect((await types()).filter((t) => t.startsWith("phase."))).toEqual(["phase.start", "phase.complete"]);
   });
 
   it("stop while the start waits for its shim: the wait ends at once, not at the connect timeout", async () => {
@@ -151,7 +154,7 @@ describe("phase lifecycle with a fake runtime", () => {
     expect(after.state).toBe("failed");
     expect(after.endReason).toMatch(/stopped by operator; its container could not be removed: .*boom/);
     expect((await h.manager.get(v.id)).state).toBe("failed");
-    expect((await types()).filter((t) => t.startsWith("phase."))).toEqual(["phase.start", "phase.failed"]);
+    expect((await types()).filter((t) => t.startsWith("phase."))).toEqual(["phase.start", "phase.ready", "phase.failed"]);
     h.runtime.faults = {};
   });
 
@@ -175,7 +178,7 @@ describe("phase lifecycle with a fake runtime", () => {
     expect(await codeOf(h.manager.exec(v.id, { argv: ["python3", "x"] }))).toBe("SBX_ERR_PHASE_NOT_RUNNING");
     expect((await types()).length).toBe(before);
     expect(await codeOf(h.manager.stop(v.id))).toBe("SBX_ERR_PHASE_NOT_RUNNING");
-    expect((await types()).filter((t) => t.startsWith("phase.") || t.startsWith("net."))).toEqual(["net.confine", "phase.start", "phase.failed"]);
+    expect((await types()).filter((t) => t.startsWith("phase.") || t.startsWith("net."))).toEqual(["phase.start", "net.confine", "phase.ready", "phase.failed"]);
   });
 
   it("a container removed from outside says so", async () => {

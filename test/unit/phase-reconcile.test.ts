@@ -3,7 +3,7 @@
  * (reconcileAction) for every combination of record and container, and each
  * branch carried out against a fake runtime on a real state dir.
  */
-import { readFile, stat, writeFile } from "node:fs/promises";
+import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { reconcileAction } from "../../src/phases/reconcile.js";
@@ -132,6 +132,35 @@ describe("reconcile after a restart", () => {
     const after = await m.get(v!.id);
     expect(after.state).toBe("failed");
     expect(after.endReason).toBe("container vanished while the daemon was down");
+  });
+
+  it("a phase found starting whose start was never recorded (killed between its state dir and its start record) gets a deferred phase.start, then its phase.failed", async () => {
+    h = await harness();
+    const [v] = await crashWithPhases(1);
+    // a second phase as the daemon leaves it when killed right after making its state dir
+    const id = "ph_cut000000000";
+    const dir = path.join(h.stateDir, "phases", id);
+    const record = JSON.parse(await readFile(path.join(h.stateDir, "phases", v!.id, "phase.json"), "utf8")) as PhaseRecord;
+    await mkdir(path.join(dir, "run"), { recursive: true });
+    await writeFile(path.join(dir, "token"), "t".repeat(64));
+    await writeFile(path.join(dir, "dotenv"), "PIP_INDEX_URL=https://example.invalid/simple\n");
+    await writeFile(
+      path.join(dir, "phase.json"),
+      JSON.stringify({ ...record, id, name: "cut", state: "starting", containerId: null, containerName: `sandboxd-${id}`, buildLog: path.join(dir, "build_audit.log") }),
+    );
+    // and a third, killed inside the state dir's making: a folder with no phase.json
+    const unborn = path.join(h.stateDir, "phases", "ph_unborn0000000");
+    await mkdir(path.join(unborn, "run"), { recursive: true });
+    const m = await h.restart();
+    await Promise.all([m.reconcile(), reconnectWhenListening(v!)]);
+    expect(await stat(unborn).catch(() => null)).toBeNull();
+    expect((await h.records()).filter((r) => r.phase === "ph_unborn0000000")).toEqual([]);
+    const mine = (await h.records()).filter((r) => r.phase === id);
+    expect(mine.map((r) => r.type)).toEqual(["phase.start", "phase.failed"]);
+    expect(mine[0]).toMatchObject({ state: "starting", deferred: true, name: "cut", envReserved: ["PIP_INDEX_URL"] });
+    expect((await m.get(id)).state).toBe("failed");
+    // the phase whose start was recorded gets no second one
+    expect((await h.records()).filter((r) => r.phase === v!.id && r.type === "phase.start")).toHaveLength(1);
   });
 
   it("remove-ended: a stopped phase's leftover container is removed, its log kept, no second end recorded", async () => {
