@@ -41,7 +41,7 @@ apt_install_missing() {
 if engine_up; then
   # Engine already running; still make sure the host tools are present.
   if is_root && has_apt; then
-    apt_install_missing debootstrap conntrack iproute2 iptables
+    apt_install_missing debootstrap conntrack iproute2 iptables docker-compose
   fi
   exit 0
 fi
@@ -58,7 +58,7 @@ if ! is_root || ! has_apt; then
   exit 1
 fi
 
-apt_install_missing docker.io debootstrap conntrack iproute2 iptables
+apt_install_missing docker.io debootstrap conntrack iproute2 iptables docker-compose
 
 if ! engine_up; then
   if pgrep -x dockerd >/dev/null 2>&1; then

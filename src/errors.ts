@@ -29,7 +29,7 @@ export const ERRORS = {
     status: 413,
     hint: "put large inputs in a file in the project and name the file in the command; one argument or variable may be at most 131,071 bytes, a command's arguments and environment together about 1 MiB",
   },
-  SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within the phase's limit (SKILLS.md §2: 60 s, up to 5 min in paper mode)" },
+  SBX_ERR_TIMEOUT_RANGE: { status: 400, hint: "use a timeout within 5 minutes (SKILLS.md §2); over the mode's limit a person approves it (one command, or a standing approval with --max-timeout), or the operator raises limits.modes.<mode>.maxTimeoutMs" },
   SBX_ERR_NOT_FOUND: { status: 404, hint: "check the URL; docs/API.md lists the routes" },
   SBX_ERR_PHASE_NOT_FOUND: { status: 404, hint: "list phases with `sandboxd ps`" },
   SBX_ERR_PHASE_NOT_RUNNING: { status: 409, hint: "start a new phase with `sandboxd phase start`" },

@@ -5,6 +5,7 @@
  */
 import { z } from "zod";
 import { grantPatternSchema } from "../approvals/grants.js";
+import { TIMEOUT_CEILING_MS } from "../policy/timeout.js";
 import { PHASE_MODES } from "../phases/types.js";
 
 export const phaseIdParam = z.object({ id: z.string().regex(/^ph_[0-9a-f]{12}$/, "not a phase id (ph_ followed by 12 hex digits)") });
@@ -83,7 +84,7 @@ export const grantBody = z
     argv: execBody.innerType().shape.argv,
     pattern: grantPatternSchema.optional(),
     expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
-    maxTimeoutMs: z.number().int().positive().max(86_400_000).optional(),
+    maxTimeoutMs: z.number().int().positive().max(TIMEOUT_CEILING_MS, `at most ${TIMEOUT_CEILING_MS} ms (SKILLS.md §2: 5 minutes)`).optional(),
     note: z.string().max(2000).optional(),
   })
   .strict()

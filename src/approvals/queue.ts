@@ -77,6 +77,12 @@ export const approvalSchema = z
     laterReasons: z.array(z.object({ at: z.string(), reason: z.string() }).strict()).default([]),
     /** retries answered with this request (pending or denied) instead of a new one */
     retries: z.number().int().nonnegative().default(0),
+    /**
+     * set when the request is for a timeout over the mode's limit
+     * (src/policy/timeout.ts): the approval allows the command with exactly
+     * this timeout; null for a command within the limit (and a SQL statement)
+     */
+    timeoutMs: z.number().int().positive().nullable().default(null),
   })
   .strict();
 export type Approval = z.infer<typeof approvalSchema>;
@@ -95,12 +101,15 @@ export interface CommandKey {
   command?: string | undefined;
   /** a SQL statement (src/db/gateway.ts askApproval): never matches a command, nor a command it */
   sql?: string | undefined;
+  /** a timeout over the mode's limit the command asks for: part of what is approved */
+  timeoutMs?: number | undefined;
 }
 
 function sameCommand(a: Approval, k: CommandKey): boolean {
   // an iteration's request is decided with the iteration, never used by a command
   if (a.workspace) return false;
   if (k.sql !== undefined) return a.sql === k.sql;
+  if (a.timeoutMs !== (k.timeoutMs ?? null)) return false;
   if (k.argv) return a.argv !== null && a.argv.length === k.argv.length && a.argv.every((x, i) => x === k.argv![i]);
   return a.command !== null && a.command === k.command;
 }
@@ -187,6 +196,7 @@ export class ApprovalQueue {
       files: [...files],
       laterReasons: [],
       retries: 0,
+      timeoutMs: key.timeoutMs ?? null,
     };
     this.items.push(approval);
     await this.save();
@@ -223,7 +233,7 @@ export class ApprovalQueue {
       usedAt: null,
       files: [...files],
       laterReasons: [],
-      retries: 0,
+      retries: 0,      timeoutMs: null,
     };
     this.items.push(approval);
     await this.save();

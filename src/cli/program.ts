@@ -6,8 +6,8 @@
  * Exit codes: 0 success; 1 an error sandboxd reported (code and hint on
  * stderr); 2 bad usage. `exec` exits with the command's own code, 124 when
  * the command was killed at its timeout, 126 when policy or the shell parser
- * refused it, 2 when the request can never be valid (a timeout over the
- * mode's limit), 125 when sandboxd itself failed, 128+N when the command died
+ * refused it (a timeout over the mode's limit asks a person), 2 when the request
+ * can never be valid (a timeout over 300 s), 125 when sandboxd itself failed, 128+N when the command died
  * of signal N, 141 when the reader of its output went away.
  */
 import { Argument, Command, Option, InvalidArgumentError } from "commander";
@@ -64,6 +64,12 @@ function table(input: string[][]): string {
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
 }
 
+/** The .env names a phase's commands do not get, each with why: said at start, never silently. */
+function envDroppedText(dropped: ReadonlyArray<{ name: string; why: string }>): string {
+  const lines = dropped.map((d) => `  ${visible(d.name)}: ${d.why}\n`);
+  return `sandboxd: the project's .env sets ${dropped.length} name(s) its commands do not get (src/policy/env.ts; set them in code or ask the operator):\n${lines.join("")}`;
+}
+
 function printPhase(p: PhaseView): void {
   const lines = [
     ["id", p.id],
@@ -76,6 +82,7 @@ function printPhase(p: PhaseView): void {
     ["created", p.createdAt],
     ...(p.stoppedAt ? [["stopped", p.stoppedAt]] : []),
     ...(p.endReason ? [["end reason", p.endReason]] : []),
+    ...(p.envDropped?.length ? [[".env not given", p.envDropped.map((d) => d.name).join(", ")]] : []),
     ...(p.workspace
       ? [["iterations", `${p.workspace.accepted} accepted, ${p.workspace.rejected} refused, ${p.workspace.pending} pending`]]
       : []),
@@ -123,6 +130,7 @@ function printApproval(a: Approval): void {
     ["state", a.state],
     ["command", approvalCommand(a)],
     ...(a.argv ? [["argv", JSON.stringify(a.argv)] as [string, string]] : []),
+    ...(a.timeoutMs ? [["timeout", `${a.timeoutMs / 1000} s (over the mode's limit)`] as [string, string]] : []),
     ["rule", `${a.ruleId} (${a.clause})`],
     ["policy says", a.policyReason],
     ["agent's reason", a.requestReason ?? "-"],
@@ -319,6 +327,8 @@ function program(): Command {
       });
       if (opts.json) printJson(p);
       else process.stdout.write(p.id + "\n");
+      // stderr: stdout stays the id alone for scripts
+      if (p.envDropped?.length) process.stderr.write(envDroppedText(p.envDropped));
     });
   phase
     .command("show")
@@ -540,7 +550,7 @@ function program(): Command {
     .argument("<id>", "phase id")
     .argument("[argv...]", "the command and its arguments (put them after --)")
     .option("-c, --command <string>", "a shell command string instead of argv; parsed and judged part by part (anything the parser cannot vouch for is refused)")
-    .option("--timeout <seconds>", "kill the command after this many seconds (default 60; paper mode allows up to 300)", parseTimeout)
+    .option("--timeout <seconds>", "kill the command after this many seconds (default 60; over the mode's limit — 60 s, 300 s in paper mode — a person approves it, at most 300)", parseTimeout)
     .option("--reason <text>", "why the command is run (recorded in the audit trail)")
     .option(
       "--wait-approval [seconds]",
@@ -550,7 +560,7 @@ function program(): Command {
     .option("--json", "do not stream; print the result record as JSON when the command ends")
     .addHelpText(
       "after",
-      "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over the mode's limit,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
+      "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over 300 s,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
     .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string; waitApproval?: number | true }, cmd: Command) => {
       if ((argv.length > 0) === (opts.command !== undefined)) {
@@ -590,7 +600,7 @@ function program(): Command {
       }
       const rows = [["ID", "PHASE", "STATE", "REQUESTED", "RULE", "COMMAND"]];
       for (const a of list) {
-        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, approvalCommand(a)]);
+        rows.push([a.id, a.phaseId, a.state, a.requestedAt, a.ruleId, `${approvalCommand(a)}${a.timeoutMs ? ` (timeout ${a.timeoutMs / 1000} s)` : ""}`]);
       }
       process.stdout.write(table(rows));
     });

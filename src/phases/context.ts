@@ -30,6 +30,7 @@ import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
 import type { PhaseWorkspace } from "../workspace/index.js";
+import { ProjectPackages } from "../workspace/packages.js";
 
 export interface ManagerOptions {
   runtime: ContainerRuntime;
@@ -89,6 +90,8 @@ export interface LivePhase {
   workspace: PhaseWorkspace | null;
   /** the phase's end, once something began it (lifecycle.ts endPhase): later callers wait for it */
   ending: Promise<void> | null;
+  /** the phase counts as a user of its project's package disk (src/workspace/packages.ts): released at its end */
+  packagesHeld?: boolean;
 }
 
 export class PhaseContext {
@@ -103,6 +106,8 @@ export class PhaseContext {
   readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;
   readonly connectTimeoutMs: number;
+  /** each project's package environment, kept across its phases */
+  readonly packages: ProjectPackages;
   shuttingDown = false;
 
   constructor(readonly opts: ManagerOptions) {
@@ -114,6 +119,7 @@ export class PhaseContext {
     }));
     this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
+    this.packages = new ProjectPackages(opts.stateDir);
   }
 
   get log(): Logger {

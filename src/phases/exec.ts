@@ -8,13 +8,16 @@ import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Grant } from "../approvals/grants.js";
 import type { Approval, FileBinding } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
-import { PARSE_RULE_ID, evaluateCommand, type Verdict } from "../policy/index.js";
+import type { PhaseMode } from "../domain.js";
+import { PARSE_RULE_ID, TIMEOUT_CEILING_MS, evaluateCommand, judgeTimeout, type Verdict } from "../policy/index.js";
+import { seconds } from "../policy/timeout.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, recordAttempt } from "./escalation.js";
 import { junitPathFor, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
+import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 
@@ -211,26 +214,32 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
   const limits = ctx.limitsOf(live);
   const timeoutMs = req.timeoutMs ?? limits.defaultTimeoutMs;
-  if (timeoutMs > limits.maxTimeoutMs) {
+  if (timeoutMs > Math.max(limits.maxTimeoutMs, TIMEOUT_CEILING_MS)) {
     throw new SandboxdError(
       "SBX_ERR_TIMEOUT_RANGE",
-      `timeout ${timeoutMs} ms exceeds the ${limits.maxTimeoutMs} ms limit of a ${record.mode}-mode phase`,
+      `timeout ${timeoutMs} ms exceeds the ${TIMEOUT_CEILING_MS} ms ceiling (SKILLS.md §2: 5 minutes); the limit of a ${record.mode}-mode phase is ${limits.maxTimeoutMs} ms`,
       {
-        // SKILLS.md calls 60 s a default: the operator may raise it for a mode, up to the policy's 5-minute ceiling
-        hint: `use a timeout within ${limits.maxTimeoutMs / 1000} s (SKILLS.md §2: 60 s by default, up to 5 min in paper mode), or have the operator raise it in the policy: limits.modes.${record.mode}.maxTimeoutMs (at most 300000; README "Timeouts")`,
-        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
+        hint: timeoutHint(record.mode, limits.maxTimeoutMs),
+        details: { timeoutMs, maxTimeoutMs: limits.maxTimeoutMs, ceilingMs: TIMEOUT_CEILING_MS, mode: record.mode, setting: `limits.modes.${record.mode}.maxTimeoutMs` },
       },
     );
   }
+  // Over the mode's limit, within the ceiling: a person's call (src/policy/timeout.ts), bound to this timeout.
+  const longTimeout = timeoutMs > limits.maxTimeoutMs;
   const env = commandEnv(record, live.dotenv);
   const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
   checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
+  if (longTimeout) verdict = judgeTimeout(verdict, timeoutMs, limits.maxTimeoutMs, record.mode);
+  // docker-compose runs on the host, and only in the grammar the daemon mediates (./compose.ts)
+  const composed = judgeCompose(verdict);
+  verdict = composed.verdict;
+  const composeCall = composed.call;
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
   const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
   const ts = () => timestamp(ctx.opts.clock.now());
-  const key = { argv: req.argv, command: req.command };
+  const key = { argv: req.argv, command: req.command, timeoutMs: longTimeout ? timeoutMs : undefined };
   const what = { argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null) };
 
   // An `ask` a human already approved for exactly this command, with the same
@@ -255,7 +264,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       }
     } else {
       // a standing approval of this phase or project, for this command with these files
-      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files) ?? null;
+      const covering = ctx.opts.grants?.covering({ phaseId: id, project: record.project }, verdict, files, longTimeout ? timeoutMs : undefined) ?? null;
       if (covering) {
         grant = await ctx.opts.grants!.use(covering.id, files);
         verdict = { ...verdict, decision: "allow", reason: `standing approval ${grant.id}${grant.note ? ` (${grant.note})` : ""}, until ${grant.expiresAt}` };
@@ -343,7 +352,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     // counted only once the command did not run after all (an approval mid-wait runs it above)
     await countRefusal(ctx, live, verdict, cmd);
     if (stale) throw staleError(stale, pending, cmd);
-    throw policyError(verdict, cmd, rec, pending.id);
+    throw policyError(verdict, cmd, rec, pending.id, longTimeout ? { mode: record.mode, maxTimeoutMs: limits.maxTimeoutMs, timeoutMs } : undefined);
   }
   if (verdict.decision !== "allow") {
     await countRefusal(ctx, live, verdict, cmd);
@@ -375,7 +384,24 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
 
-  const outcomeP = new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
+  // output stays bytes: scrubbed on bytes, kept head+tail as bytes, streamed as bytes
+  const onStdout = (c: Buffer) => {
+    out.count(c.length);
+    const scrubbed = outText.push(c);
+    if (scrubbed.length === 0) return;
+    out.push(scrubbed);
+    sink?.stdout(scrubbed);
+  };
+  const onStderr = (c: Buffer) => {
+    err.count(c.length);
+    const scrubbed = errText.push(c);
+    if (scrubbed.length === 0) return;
+    err.push(scrubbed);
+    sink?.stderr(scrubbed);
+  };
+  const outcomeP = composeCall
+    ? hostCompose(ctx, live, composeCall, { timeoutMs, killGraceMs: limits.killGraceMs, onStdout, onStderr, abort, started: () => sink?.started?.({ pid: 0, rule: { id: verdict.ruleId, clause: verdict.clause } }) })
+    : new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
       // Backstop: the shim enforces the timeout; this catches a shim that stopped
@@ -412,20 +438,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
               sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
             },
             onStdout: (c) => {
-              if (done) return;
-              out.count(c.length);
-              const scrubbed = outText.push(c);
-              if (scrubbed.length === 0) return;
-              out.push(scrubbed);
-              sink?.stdout(scrubbed);
+              if (!done) onStdout(c);
             },
             onStderr: (c) => {
-              if (done) return;
-              err.count(c.length);
-              const scrubbed = errText.push(c);
-              if (scrubbed.length === 0) return;
-              err.push(scrubbed);
-              sink?.stderr(scrubbed);
+              if (!done) onStderr(c);
             },
             onExit: (exit) => finish(() => resolve({ exit })),
             onSpawnError: (code, message) => finish(() => resolve({ spawnError: { code, message } })),
@@ -720,8 +736,20 @@ async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts
 }
 
 /** The refusal the caller gets: the rule, its SKILLS.md clause and what to do next. */
-function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approvalId?: string): SandboxdError {
-  const details = { rule: verdict.ruleId, clause: verdict.clause, decision: verdict.decision, ...(approvalId ? { approvalId } : {}) };
+function policyError(
+  verdict: Verdict,
+  cmd: string,
+  rec: PhaseRecorder,
+  approvalId?: string,
+  timeout?: { mode: PhaseMode; maxTimeoutMs: number; timeoutMs: number },
+): SandboxdError {
+  const details = {
+    rule: verdict.ruleId,
+    clause: verdict.clause,
+    decision: verdict.decision,
+    ...(approvalId ? { approvalId } : {}),
+    ...(timeout ? { timeoutMs: timeout.timeoutMs, maxTimeoutMs: timeout.maxTimeoutMs, setting: `limits.modes.${timeout.mode}.maxTimeoutMs` } : {}),
+  };
   const reason = rec.redact(verdict.reason);
   if (verdict.decision === "forbid") {
     const code = verdict.ruleId === PARSE_RULE_ID ? "SBX_ERR_COMMAND_PARSE" : "SBX_ERR_POLICY_DENIED";
@@ -729,14 +757,67 @@ function policyError(verdict: Verdict, cmd: string, rec: PhaseRecorder, approval
       details,
     });
   }
+  const pending = approvalId
+    ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
+    : "run a whitelisted command instead";
   return new SandboxdError(
     "SBX_ERR_POLICY_NEEDS_APPROVAL",
     `policy requires approval for \`${cmd}\` (rule ${verdict.ruleId}, ${verdict.clause}): ${reason}`,
     {
-      hint: approvalId
-        ? `approval ${approvalId} is pending: a human can run \`sandboxd approvals approve ${approvalId}\`, then run the same command again (it may run once)`
-        : "run a whitelisted command instead",
+      hint: timeout
+        ? `${pending} with --timeout ${seconds(timeout.timeoutMs)}; or use a timeout within ${seconds(timeout.maxTimeoutMs)} s. ${timeoutWays(timeout.mode)}`
+        : pending,
       details,
     },
   );
+}
+
+/** The ways to a longer timeout, said wherever one is refused or asked for. */
+function timeoutWays(mode: PhaseMode): string {
+  return (
+    `For many runs a person can grant a standing approval (\`sandboxd grant --phase ID --pattern … --max-timeout SECONDS\`, at most ${TIMEOUT_CEILING_MS / 1000}), ` +
+    `or the operator can raise the mode's limit in the daemon's policy: limits.modes.${mode}.maxTimeoutMs (README "Timeouts")`
+  );
+}
+
+function timeoutHint(mode: PhaseMode, maxTimeoutMs: number): string {
+  return `use a timeout within ${TIMEOUT_CEILING_MS / 1000} s; up to ${seconds(maxTimeoutMs)} s runs at once, longer asks a person (SKILLS.md §2: 60 s by default, up to 5 min). ${timeoutWays(mode)}`;
+}
+
+/**
+ * An allowed docker-compose command, run by the daemon on the host against
+ * the project's compose file (./compose.ts), in the shape of the shim's
+ * outcome so that it is recorded, categorised and answered like any command.
+ */
+async function hostCompose(
+  ctx: PhaseContext,
+  live: LivePhase,
+  call: ComposeCall,
+  o: { timeoutMs: number; killGraceMs: number; onStdout(c: Buffer): void; onStderr(c: Buffer): void; abort?: AbortSignal | undefined; started(): void },
+): Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }> {
+  const { record } = live;
+  const file = await composeFile(record.project);
+  const started = ctx.opts.clock.monotonicMs();
+  const exit = (exitCode: number | null, signal: string | null, timedOut: boolean): { exit: ExitMessage } => ({
+    exit: { type: "exit", execId: 0, exitCode, signal, timedOut, durationMs: Math.round(ctx.opts.clock.monotonicMs() - started) },
+  });
+  if (!file) {
+    o.onStderr(Buffer.from(`sandboxd: the project has no compose file (compose.yaml, compose.yml, docker-compose.yaml or docker-compose.yml in ${record.project})\n`));
+    return exit(1, null, false);
+  }
+  await live.rec.record({ type: "compose.run", argv: hostArgv(record.project, file, call), file }, []);
+  o.started();
+  const r = await runCompose({
+    project: record.project,
+    file,
+    call,
+    timeoutMs: o.timeoutMs,
+    killGraceMs: o.killGraceMs,
+    dockerHost: process.env.DOCKER_HOST,
+    onStdout: o.onStdout,
+    onStderr: o.onStderr,
+    signal: o.abort,
+  });
+  if (r.spawnError) return { spawnError: r.spawnError };
+  return exit(r.exitCode, r.signal, r.timedOut);
 }

@@ -14,10 +14,11 @@ import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS } from "../runtime/types.js";
 import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
+import { DEFAULT_PACKAGES_BYTES, PACKAGES_DIR } from "../workspace/packages.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import type { PhaseRecorder } from "./recorder.js";
 import { confineNetwork, openTunnels } from "./network.js";
-import { splitDotenv } from "../policy/env.js";
+import { reservedReason, splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { FailFastState } from "./failfast.js";
 import { buildReport, reportLines } from "./report.js";
@@ -72,6 +73,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     buildLog,
     endReason: null,
     ...(req.allow?.length ? { allow: req.allow } : {}),
+    // said in the start's answer, the CLI's output and the trail: a dropped PYTHONPATH is otherwise a puzzling ImportError
+    ...(envReserved.length ? { envDropped: envReserved.map((name) => ({ name, why: reservedReason(name) ?? "reserved" })) } : {}),
   };
   const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
   let rec: PhaseRecorder;
@@ -138,6 +141,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     const channel = openChannel(ctx, live, token);
     await channel.listen();
     await openTunnels(ctx, live, token);
+    // the project's package environment, kept from its last phase (src/workspace/packages.ts)
+    const packagesDir = await acquirePackages(ctx, live);
     stillStarting();
     containerId = await ctx.opts.runtime.runPhaseContainer({
       name: record.containerName,
@@ -156,6 +161,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       runDir: ctx.store.runDir(id),
       // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
       readOnlyFiles: [],
+      writableDirs: [{ host: packagesDir, container: PACKAGES_DIR }],
       env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
       memoryBytes: limits.memoryBytes,
       cpus: limits.cpus,
@@ -204,6 +210,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
           .stopAndRemove(containerId, 0)
           .catch((e: Error) => ctx.log.error({ phase: id, container: containerId, err: e.message }, "could not remove the container of an aborted start"));
       }
+      // the package disk acquired after that end released what it held
+      await releasePackages(ctx, live);
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started: ${record.endReason ?? record.state}`, {
         hint: "start a new phase with `sandboxd phase start`",
         cause: err,
@@ -243,6 +251,7 @@ export function startRecord(record: PhaseRecord, envReserved: readonly string[],
       policyFile: record.policyFile,
       // names only, never values
       envReserved: [...envReserved],
+      envDropped: record.envDropped ?? [],
       ...(deferred ? { deferred: true, createdAt: record.createdAt } : {}),
     },
     [
@@ -253,6 +262,23 @@ export function startRecord(record: PhaseRecord, envReserved: readonly string[],
       `[${ts}] PHASE_START: Phase ${record.name} (${record.id}) mode=${record.mode} uid=${record.uid}:${record.gid}${record.policyFile ? ` policy=${record.policyFile}` : ""}`,
     ],
   ];
+}
+
+/** The phase becomes a user of its project's package disk (mounted by the first); the host folder to bind. */
+export async function acquirePackages(ctx: PhaseContext, live: LivePhase): Promise<string> {
+  const { record } = live;
+  // the daemon's policy sizes it: the disk is the project's, shared by phases with different phase policies
+  const budget = ctx.opts.policy().workspace.disk.packagesBytes ?? DEFAULT_PACKAGES_BYTES;
+  const dir = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget);
+  live.packagesHeld = true;
+  return dir;
+}
+
+/** After the container is gone: the last phase of the project unmounts its package disk. */
+async function releasePackages(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  if (!live.packagesHeld) return;
+  live.packagesHeld = false;
+  await ctx.packages.release(live.record.project).catch((e: Error) => ctx.log.warn({ phase: live.record.id, err: e.message }, "could not unmount the project's package disk"));
 }
 
 /** The control channel of a phase; its link closing outside a stop is how a lost container shows. */
@@ -378,6 +404,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
     }
   }
   await destroyWorkspace(ctx, live);
+  await releasePackages(ctx, live);
   await ctx.store.removeRunDir(record.id).catch(warn("could not remove the run dir"));
   await ctx.opts.approvals.expirePhase(record.id).catch(warn("could not expire the phase's approvals"));
   transition(record, outcome);

@@ -10,6 +10,7 @@ import dotenv from "dotenv";
 import type { ProjectFile } from "../approvals/binding.js";
 import { SandboxdError } from "../errors.js";
 import type { PhaseRecord } from "./types.js";
+import { PACKAGES_ENV } from "../workspace/packages.js";
 
 export const BUILD_LOG_NAME = "build_audit.log";
 
@@ -22,16 +23,21 @@ export const BUILD_LOG_NAME = "build_audit.log";
 export function commandEnv(record: Pick<PhaseRecord, "id" | "mode">, phaseVars: Record<string, string> = {}): Record<string, string> {
   return {
     ...phaseVars,
-    PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    // the project's installed packages' console scripts first (src/workspace/packages.ts)
+    PATH: `${PACKAGES_ENV.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`,
     HOME: "/tmp",
     LANG: "C.UTF-8",
     PYTHONUNBUFFERED: "1",
     // no __pycache__ churn in the operator's tree
     PYTHONDONTWRITEBYTECODE: "1",
     // `pip install NAME` (SKILLS.md §2) works: the image's Python is Debian's and
-    // read-only, so pip installs into the user site under HOME (the phase's /tmp);
-    // without this, PEP 668 refuses every install outside a venv
+    // read-only, so pip installs into the user site; without this, PEP 668
+    // refuses every install outside a venv
     PIP_BREAK_SYSTEM_PACKAGES: "1",
+    // the user site and pip's cache on the project's package disk, kept for its
+    // next phases (src/workspace/packages.ts), not on /tmp, which every stop loses
+    PYTHONUSERBASE: PACKAGES_ENV.PYTHONUSERBASE,
+    PIP_CACHE_DIR: PACKAGES_ENV.PIP_CACHE_DIR,
     SANDBOXD_PHASE: record.id,
     SANDBOXD_MODE: record.mode,
   };

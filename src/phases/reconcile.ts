@@ -14,7 +14,7 @@ import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { FailFastState } from "./failfast.js";
-import { endPhase, openChannel, saveContainerLogs, startRecord } from "./lifecycle.js";
+import { acquirePackages, endPhase, openChannel, saveContainerLogs, startRecord } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
 import dotenv from "dotenv";
@@ -125,6 +125,10 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
     await endPhase(ctx, live, "failed", action.why);
     report.lost.push(r.id);
   }
+  // package disks a dead daemon left mounted for phases that did not come back (src/workspace/packages.ts)
+  await ctx.packages
+    .sweep()
+    .catch((e: Error) => ctx.opts.log.warn({ err: e.message }, "could not unmount the package disks of ended phases"));
   if (report.readopted.length + report.reaped.length + report.lost.length > 0) {
     ctx.opts.log.info(report, "reconciled phases after restart");
   }
@@ -155,6 +159,8 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   // the layer's mounts outlive the daemon; what is missing is mounted again
   await live.workspace?.layer.reattach();
   await live.workspace?.watch();
+  // counted again as a user of the project's package disk (still mounted, or mounted again)
+  await acquirePackages(ctx, live);
   await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   await live.rec.record({ type: "phase.readopt", name: record.name }, [

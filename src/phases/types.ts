@@ -52,6 +52,11 @@ export const phaseRecordSchema = z
     pausedBy: z.object({ at: z.string(), note: z.string().nullable() }).strict().nullable().optional(),
     /** protected paths this phase may change (`phase start --allow main.py`: SKILLS.md "Phase specification") */
     allow: z.array(z.string()).optional(),
+    /**
+     * names the project's .env sets that commands do not get (src/policy/env.ts),
+     * each with why — never their values; said at start (absent in older records)
+     */
+    envDropped: z.array(z.object({ name: z.string(), why: z.string() }).strict()).optional(),
   })
   .strict();
 export type PhaseRecord = z.infer<typeof phaseRecordSchema>;

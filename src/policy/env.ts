@@ -90,6 +90,12 @@ export function isReservedEnv(name: string): boolean {
   return NAMES.has(name) || PREFIXES.some((p) => name.startsWith(p));
 }
 
+/** Why a name is reserved (its group's reason), or null when `.env` may set it. */
+export function reservedReason(name: string): string | null {
+  const g = RESERVED_ENV.find((x) => (x.names ?? []).includes(name) || (x.prefixes ?? []).some((p) => name.startsWith(p)));
+  return g ? g.why : null;
+}
+
 /** Splits a project's .env: what commands get, and the reserved names dropped (sorted). */
 export function splitDotenv(vars: Readonly<Record<string, string>>): { kept: Record<string, string>; dropped: string[] } {
   const kept: Record<string, string> = {};

@@ -61,5 +61,6 @@ export {
   type CompiledWorkspace,
 } from "./workspace.js";
 export { defaultLimits, type PhaseLimits } from "./limits.js";
+export { TIMEOUT_CEILING_MS, TIMEOUT_CLAUSE, TIMEOUT_RULE_ID, judgeTimeout, timeoutNeedsApproval } from "./timeout.js";
 export { judgingViews, pythonTarget, signalName, type PythonTarget } from "./options.js";
 export { unwrap, type Inner, type Unwrapped } from "./wrappers.js";

@@ -428,6 +428,8 @@ export const workspaceSchema = z
         layerBytes: bytes(),
         /** the phase's /tmp */
         tmpBytes: bytes(),
+        /** the project's package environment (pip's user site and cache), kept across its phases (src/workspace/packages.ts); 1GiB when absent */
+        packagesBytes: bytes().optional(),
       })
       .strict(),
   })

@@ -289,6 +289,10 @@ export function combineWorkspace(a: WorkspacePolicy, b: WorkspacePolicy): Worksp
       value: a.checkpointBeforeValidation.value || b.checkpointBeforeValidation.value,
       programs: [...new Set([...a.checkpointBeforeValidation.programs, ...b.checkpointBeforeValidation.programs])],
     },
-    disk: { ...a.disk, layerBytes: Math.min(a.disk.layerBytes, b.disk.layerBytes), tmpBytes: Math.min(a.disk.tmpBytes, b.disk.tmpBytes) },
+    disk: { ...a.disk, layerBytes: Math.min(a.disk.layerBytes, b.disk.layerBytes), tmpBytes: Math.min(a.disk.tmpBytes, b.disk.tmpBytes), packagesBytes: minDefined(a.disk.packagesBytes, b.disk.packagesBytes) },
   };
+}
+
+function minDefined(a: number | undefined, b: number | undefined): number | undefined {
+  return a === undefined ? b : b === undefined ? a : Math.min(a, b);
 }

@@ -28,6 +28,8 @@ export interface PhaseContainerSpec {
   runDir: string;
   /** host files mounted read-only at a path inside /workspace (over the rw project mount) */
   readOnlyFiles: Array<{ host: string; container: string }>;
+  /** host folders bound read-write (the project's package disk, src/workspace/packages.ts) */
+  writableDirs?: Array<{ host: string; container: string }>;
   /** environment of the shim process (not of the commands it runs) */
   env: Record<string, string>;
   memoryBytes: number;

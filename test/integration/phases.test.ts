@@ -23,6 +23,7 @@ import {
   type TestDaemon,
 } from "../helpers/sandbox.js";
 import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
+import { projectKey } from "../../src/workspace/packages.js";
 
 let t: TestDaemon;
 let project: string;
@@ -102,13 +103,16 @@ describe("phase lifecycle", () => {
     // a wide safety cap: the 10 MB rule is judged per iteration (test/integration/workspace.test.ts)
     expect(hc.Ulimits).toEqual([{ Name: "fsize", Soft: 2048 * 1024 * 1024, Hard: 2048 * 1024 * 1024 }]);
     // Only the phase's view of the project (src/workspace/layer.ts: the overlay and the read-only
-    // protected paths reach it by propagation), its run dir, its hosts file and its own cgroup v2
+    // protected paths reach it by propagation), its run dir, its hosts file, its own cgroup v2
     // directory (per-command cgroups, src/shim/cgroups.ts) come from the host; no Docker socket.
     const sources = info.Mounts.filter((m) => m.Type === "bind").map((m) => m.Source).sort();
     const runDir = path.join(t.stateDir, "phases", phase.id, "run");
     const view = path.join(t.stateDir, "phases", phase.id, "ws", "view");
     const cgroupDir = commandCgroupDir((await cgroup2Root())!, phase.containerName);
-    expect(sources).toEqual([view, runDir, path.join(runDir, "hosts"), cgroupDir].sort());
+    // and the project's package disk (src/workspace/packages.ts), its own, read-write
+    const packages = path.join(t.stateDir, "projects", projectKey(phase.project), "packages");
+    expect(sources).toEqual([view, runDir, path.join(runDir, "hosts"), cgroupDir, packages].sort());
+    expect(info.Mounts.find((m) => m.Source === packages)).toMatchObject({ Destination: "/opt/sandboxd-packages", RW: true });
     expect(info.Mounts.find((m) => m.Source === cgroupDir)).toMatchObject({ Destination: "/run/sandboxd-cgroup", RW: true });
     expect(info.Mounts.find((m) => m.Source === view)).toMatchObject({ Destination: "/workspace", RW: true, Propagation: "rslave" });
     expect(info.Mounts.find((m) => m.Source === path.join(runDir, "hosts"))).toMatchObject({ Destination: "/etc/hosts", RW: false });
@@ -225,11 +229,11 @@ describe("mediated exec", () => {
     expect(stdout.endsWith("00199999\n")).toBe(true);
   });
 
-  it("reports an allowed program that is not installed as exit 127", async () => {
-    // docker-compose is on the whitelist but not in the sandbox image
+  it("runs docker-compose on the host: a project without a compose file gets exit 1 and the reason", async () => {
+    // whitelisted, run by the daemon (src/phases/compose.ts; test/integration/compose.test.ts)
     const r = await exec(["docker-compose", "ps"]);
-    expect(r.exitCode).toBe(127);
-    expect(r.stderr).toMatch(/cannot run docker-compose/);
+    expect(r.exitCode).toBe(1);
+    expect(r.stderr).toMatch(/the project has no compose file/);
   });
 
   it("runs execs in two phases at once", async () => {
@@ -531,7 +535,8 @@ describe("bad input leaves nothing behind", () => {
       const r = await py("print('feed')", { phaseId: p2.id, project: other, timeoutMs: 300_000 });
       expect(r.exitCode).toBe(0);
       await expectCode(exec(["python3", "-c", "1"], { phaseId: p2.id, timeoutMs: 300_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
-      await expectCode(exec(["python3", "-c", "1"], { timeoutMs: 60_001 }), "SBX_ERR_TIMEOUT_RANGE", 400);
+      // over the backtest limit, within the ceiling: a person's call (test/integration/long-timeouts.test.ts)
+      await expectCode(exec(["python3", "-c", "1"], { timeoutMs: 60_001 }), "SBX_ERR_POLICY_NEEDS_APPROVAL", 403);
     } finally {
       await t.api.request("DELETE", `/v1/phases/${p2.id}`);
       await removeDir(other);
