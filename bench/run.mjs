@@ -7,6 +7,9 @@
  *   (b) `true` through the API / through the CLI     vs  docker exec <container> true
  *   (c) 200 MiB of stdout streamed through the shim  vs  docker exec <container> … > /dev/null
  *       plus the daemon's peak RSS growth while it streams
+ *   (d) fail-fast (BENCH_ONLY=failfast, not in the default set): `true`, `false` and a real pytest
+ *       suite through this daemon vs a second daemon started with SANDBOXD_BENCH_NO_FAILFAST=1
+ *       (no categorisation, no counting, no JUnit report, no resource watch), interleaved
  *
  * The daemon is the real one, `node dist/cli/main.js start`, as a separate
  * process (so its RSS can be read from /proc). Everything the bench creates —
@@ -16,7 +19,7 @@
  * Settings (environment): BENCH_START_N (10), BENCH_API_N (200), BENCH_CLI_N (30),
  * BENCH_DOCKER_EXEC_N (30), BENCH_STREAM_N (5), BENCH_TIMEOUT_S (900),
  * BENCH_OUT (bench/results/latest.json), BENCH_ONLY (comma list of start, exec,
- * stream; default all), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
+ * stream, failfast; default start,exec,stream), BENCH_FF_N (200), BENCH_FF_PYTEST_N (20), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
  * e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"). BENCH_QUICK=1 runs a small smoke version.
  */
 import { execFileSync, spawn } from "node:child_process";
@@ -69,6 +72,8 @@ const CFG = {
   dockerExecN: envInt("BENCH_DOCKER_EXEC_N", 30, 5),
   execWarmup: 3,
   streamN: envInt("BENCH_STREAM_N", 5, 2),
+  ffN: envInt("BENCH_FF_N", 200, 30),
+  ffPytestN: envInt("BENCH_FF_PYTEST_N", 20, 4),
   streamWarmup: 1,
   timeoutS: envInt("BENCH_TIMEOUT_S", 900, 600),
   out: process.env.BENCH_OUT || path.join(ROOT, "bench", "results", "latest.json"),
@@ -91,6 +96,8 @@ const TARGETS = {
   streamRatio: 1.5, // API stream p50 ≥ 1.5 × docker exec p50 (issue #14)
   execCliRatio: 0.7, // `sandboxd exec ID -- true` p50 ≤ 0.7 × `docker exec` p50, whole processes (issue #14)
   streamRssGrowthMB: 50, // < 50 MB (10^6 bytes) peak RSS growth of the daemon
+  failFastExecRatio: 1.05, // exec p50 with categorisation ≤ 1.05 × without (issue 8)
+  failFastPytestMs: 50, // pytest's report read adds ≤ 50 ms (p50 difference) to a real suite
 };
 
 const MB = 1e6;
@@ -156,10 +163,10 @@ async function makeProject(dir) {
 }
 
 /** `sandboxd start` as its own process; resolves when the socket answers. */
-async function startDaemon(tmp) {
-  const stateDir = path.join(tmp, "state");
-  const socket = path.join(tmp, "sandboxd.sock");
-  const logFile = path.join(tmp, "daemon.log");
+async function startDaemon(tmp, extraEnv = {}, name = "") {
+  const stateDir = path.join(tmp, `state${name}`);
+  const socket = path.join(tmp, `sandboxd${name}.sock`);
+  const logFile = path.join(tmp, `daemon${name}.log`);
   const logFd = openSync(logFile, "a");
   // e.g. BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" to profile the daemon
   const nodeArgs = (process.env.BENCH_DAEMON_NODE_ARGS || "").split(/\s+/).filter(Boolean);
@@ -170,7 +177,8 @@ async function startDaemon(tmp) {
       SANDBOXD_LOG_LEVEL: process.env.SANDBOXD_LOG_LEVEL || "info",
       SANDBOXD_IMAGE: IMAGE,
       // `true` and `head` are not on the SKILLS.md whitelist; the operator allows them for the bench.
-      SANDBOXD_EXTRA_ALLOW: "true,head",
+      SANDBOXD_EXTRA_ALLOW: "true,head,false",
+      ...extraEnv,
     },
   });
   closeSync(logFd);
@@ -221,6 +229,22 @@ async function removeLabelled(label) {
 }
 
 /* ------------------------------- phases ------------------------------- */
+
+/** A real pytest suite: 3 files, 60 passing tests (fixtures, parametrize, a class). */
+async function addPytestSuite(dir) {
+  const files = {
+    "tests/__init__.py": "",
+    "tests/test_math.py": "import math\nimport pytest\n\n\n@pytest.mark.parametrize('n', range(30))\ndef test_sqrt(n):\n    assert math.isclose(math.sqrt(n) ** 2, n)\n",
+    "tests/test_text.py": "import pytest\n\n\n@pytest.fixture\ndef words():\n    return ['alpha', 'beta', 'gamma']\n\n\n@pytest.mark.parametrize('i', range(20))\ndef test_join(words, i):\n    assert ' '.join(words * i).count('beta') == i\n",
+    "tests/test_cls.py": "class TestDict:\n" + Array.from({ length: 10 }, (_, i) => `    def test_${i}(self):\n        assert {${i}: 'x'}[${i}] == 'x'\n`).join(""),
+  };
+  await mkdir(path.join(dir, "tests"), { recursive: true });
+  await chown(path.join(dir, "tests"), OWNER.uid, OWNER.gid);
+  for (const [name, text] of Object.entries(files)) {
+    await writeFile(path.join(dir, name), text);
+    await chown(path.join(dir, name), OWNER.uid, OWNER.gid);
+  }
+}
 
 function phaseOps(d, project) {
   const live = new Set();
@@ -601,6 +625,70 @@ function meanCpu(list) {
   return Object.fromEntries(Object.keys(list[0]).map((k) => [k, round(list.reduce((a, c) => a + c[k], 0) / list.length, 3)]));
 }
 
+/* ----------------------------- (d) fail-fast ---------------------------- */
+
+async function benchFailFast(on, off, phaseOn, phaseOff) {
+  const once = async (d, phase, argv, expectCode) => {
+    const t0 = performance.now();
+    const { result } = await withTimeout(d.api.request("POST", `/v1/phases/${phase.id}/exec`, { argv }), 60_000, `exec ${argv.join(" ")}`);
+    const ms = performance.now() - t0;
+    if (result.exitCode !== expectCode) throw new Error(`${argv.join(" ")} exited ${result.exitCode} (expected ${expectCode}): ${result.stderr}`);
+    return { ms, result };
+  };
+  const pair = async (argv, code, n, warm) => {
+    for (let i = 0; i < warm; i++) {
+      await once(on, phaseOn, argv, code);
+      await once(off, phaseOff, argv, code);
+    }
+    const a = [];
+    const b = [];
+    let last = null;
+    for (let k = 0; k < n; k++) {
+      gc();
+      // alternate who goes first, so drift on the shared machine falls on both
+      if (k % 2 === 0) {
+        const x = await once(on, phaseOn, argv, code);
+        a.push(x.ms);
+        last = x.result;
+        b.push((await once(off, phaseOff, argv, code)).ms);
+      } else {
+        b.push((await once(off, phaseOff, argv, code)).ms);
+        const x = await once(on, phaseOn, argv, code);
+        a.push(x.ms);
+        last = x.result;
+      }
+    }
+    return { on: summarize(a), off: summarize(b), last };
+  };
+  say(`(d) fail-fast: ${CFG.ffN} × true and false, ${CFG.ffPytestN} × pytest (60 tests), with vs without categorisation, interleaved`);
+  const t = await pair(["true"], 0, CFG.ffN, 20);
+  const f = await pair(["false"], 1, CFG.ffN, 20);
+  const p = await pair(["pytest", "-q", "tests"], 0, CFG.ffPytestN, 2);
+  if (!p.last?.tests || p.last.tests.passed !== 60) throw new Error(`pytest's report was not read: ${JSON.stringify(p.last?.tests)}`);
+  if (f.last?.failure?.category !== "unknown") throw new Error(`false was not categorised: ${JSON.stringify(f.last?.failure)}`);
+  const ratio = (x) => x.on.p50 / x.off.p50;
+  return {
+    description:
+      "exec round trip (ApiClient POST /v1/phases/:id/exec) on this daemon vs a second daemon with SANDBOXD_BENCH_NO_FAILFAST=1, interleaved: `true` (success path: OOM count read, counters), `false` (failure path: categorised `unknown`, ERROR_CATEGORY line), `pytest -q tests` on a 60-test suite (JUnit report asked for and read back, counts, failfast.json)",
+    unit: "ms",
+    trueWith: roundStats(t.on, 3),
+    trueWithout: roundStats(t.off, 3),
+    falseWith: roundStats(f.on, 3),
+    falseWithout: roundStats(f.off, 3),
+    pytestWith: roundStats(p.on, 1),
+    pytestWithout: roundStats(p.off, 1),
+    trueRatioP50: round(ratio(t), 4),
+    falseRatioP50: round(ratio(f), 4),
+    pytestAddedMsP50: round(p.on.p50 - p.off.p50, 1),
+    pytestAddedMsMean: round(p.on.mean - p.off.mean, 1),
+    pytestCounts: p.last.tests,
+    targets: {
+      exec: { target: `p50 with ≤ ${TARGETS.failFastExecRatio} × without (true and false)`, pass: ratio(t) <= TARGETS.failFastExecRatio && ratio(f) <= TARGETS.failFastExecRatio },
+      pytest: { target: `pytest p50 with − without ≤ ${TARGETS.failFastPytestMs} ms`, pass: p.on.p50 - p.off.p50 <= TARGETS.failFastPytestMs },
+    },
+  };
+}
+
 /* -------------------------------- report -------------------------------- */
 
 function fmt(x, d = 1) {
@@ -633,6 +721,15 @@ function printTable(r) {
     add("(c) baseline docker exec > /dev/null", c.dockerExecMBps, "MB/s");
     add("(c) daemon peak RSS growth", c.daemonRssGrowthMB, "MB");
   }
+  const ff = r.benchmarks.failFast;
+  if (ff) {
+    add("(d) exec true, fail-fast on", ff.trueWith, "ms", 2);
+    add("(d) exec true, fail-fast off", ff.trueWithout, "ms", 2);
+    add("(d) exec false, fail-fast on", ff.falseWith, "ms", 2);
+    add("(d) exec false, fail-fast off", ff.falseWithout, "ms", 2);
+    add("(d) pytest (60 tests), on", ff.pytestWith, "ms");
+    add("(d) pytest (60 tests), off", ff.pytestWithout, "ms");
+  }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
   const line = (row) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
   const out = [line(rows[0]), widths.map((w) => "-".repeat(w)).join("  "), ...rows.slice(1).map(line)];
@@ -646,6 +743,10 @@ function printTable(r) {
     out.push(`  (c) stream throughput p50 ${fmt(c.apiMBps.p50)} MB/s (docker exec ${fmt(c.dockerExecMBps.p50)} MB/s)  target ≥ ${TARGETS.streamMBps}  ${verdict(c.targets.throughput.pass)}`);
     out.push(`  (c) stream / docker exec, p50 ratio ${fmt(c.ratioP50, 2)}  target ≥ ${TARGETS.streamRatio}  ${verdict(c.targets.ratio.pass)}`);
     out.push(`  (c) daemon RSS growth max ${fmt(c.daemonRssGrowthMB.max)} MB  target < ${TARGETS.streamRssGrowthMB}  ${verdict(c.targets.rss.pass)}`);
+  }
+  if (ff) {
+    out.push(`  (d) exec with / without categorisation, p50 ratio true ${fmt(ff.trueRatioP50, 3)}, false ${fmt(ff.falseRatioP50, 3)}  target ≤ ${TARGETS.failFastExecRatio}  ${verdict(ff.targets.exec.pass)}`);
+    out.push(`  (d) pytest report read adds ${fmt(ff.pytestAddedMsP50)} ms (p50; mean ${fmt(ff.pytestAddedMsMean)} ms)  target ≤ ${TARGETS.failFastPytestMs} ms  ${verdict(ff.targets.pytest.pass)}`);
   }
   const busy = Object.entries(r.benchmarks)
     .map(([k, v]) => v.machineDuringRun && `${k} ${Math.round(v.machineDuringRun.cpuBusyFraction * 100)}%`)
@@ -714,6 +815,22 @@ async function main() {
     if (CFG.only.includes("exec")) results.benchmarks.exec = await section(() => benchExec(d, phase));
     if (CFG.only.includes("stream")) results.benchmarks.stream = await section(() => benchStream(d, phase));
     await phases.stop(phase.id);
+  }
+
+  if (CFG.only.includes("failfast")) {
+    // a second daemon, fail-fast off, on a copy of the project; both phases run the same commands in turn
+    const projectOff = path.join(tmp, "project-off");
+    await makeProject(projectOff);
+    await addPytestSuite(project);
+    await addPytestSuite(projectOff);
+    const off = await startDaemon(tmp, { SANDBOXD_BENCH_NO_FAILFAST: "1" }, "-off");
+    cleanup.push("remove the second daemon's leftover containers", () => removeLabelled(`sandboxd.instance=${off.instance}`));
+    const phasesOff = phaseOps(off, projectOff);
+    const phaseOn = await phases.start("bench-ff-on");
+    const phaseOff = await phasesOff.start("bench-ff-off");
+    results.benchmarks.failFast = await section(() => benchFailFast(d, off, phaseOn, phaseOff));
+    await phases.stop(phaseOn.id);
+    await phasesOff.stop(phaseOff.id);
   }
 
   results.machine.loadavgAtEnd = os.loadavg().map((x) => round(x, 2));

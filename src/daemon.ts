@@ -162,6 +162,7 @@ export async function startDaemon(
   });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
   const grants = await GrantStore.open(settings.stateDir, systemClock);
+  if (settings.benchNoFailFast) log.warn("SANDBOXD_BENCH_NO_FAILFAST=1: commands are not categorised or counted and memory is not watched (a benchmark's side-by-side run; never for agents)");
   const manager = new PhaseManager({
     approvals,
     grants,
@@ -177,6 +178,7 @@ export async function startDaemon(
     ids: randomIds,
     shimConnectTimeoutMs: settings.shimConnectTimeoutMs,
     extraAllow: settings.extraAllow,
+    failFast: !settings.benchNoFailFast,
     serviceOverrides: settings.serviceOverrides,
     buildLogLocation: settings.buildLog,
     logSecrets,

@@ -1,7 +1,8 @@
 /**
  * `GET /v1/events`: what a harness waits on instead of polling — phase state
- * changes, failure categories, fail-fast attempts, escalations, approvals
- * requested and decided, iterations — as NDJSON, one event a line, each
+ * changes, failure categories, fail-fast attempts, escalations (memory ones
+ * with their figures), OOM kills, approvals requested and decided,
+ * iterations — as NDJSON, one event a line, each
  * with the audit record's `seq`. Derived from audit.jsonl (already durable,
  * ordered and hash-chained): an event exists exactly when its record does,
  * a daemon restart loses none, and `?since=<seq>` resumes after the last
@@ -19,7 +20,10 @@ const EVENT_TYPES: ReadonlySet<string> = new Set([
   "phase.resumed",
   "phase.complete",
   "phase.failed",
+  "phase.readopt",
   "failfast.attempt",
+  "resource.oom",
+  "resource.watch",
   "approval.request",
   "approval.approve",
   "approval.deny",
@@ -30,6 +34,7 @@ const KEEP = [
   "name", "mode", "reason", "category", "evidence", "failFast", "tests", "exitCode", "timedOut", "argv", "command",
   "n", "scope", "count", "limit", "report", "recommendation", "note", "from", "countersReset", "approval",
   "source", "action", "result", "counted", "decision", "rule", "trigger", "message", "failures", "failedIterations",
+  "memory", "kills", "total", "workingSetBytes", "usageBytes", "limitBytes", "runningExecs", "oomKills", "frozen", "watching",
   "event", "path", "isDir",
 ] as const;
 
@@ -51,6 +56,7 @@ export function toEvent(r: AuditRecord): Record<string, unknown> {
   else if (r.type === "phase.resumed" || r.type === "phase.ready") e.state = "running";
   else if (r.type === "phase.complete") e.state = "stopped";
   else if (r.type === "phase.failed") e.state = "failed";
+  else if (r.type === "phase.readopt") e.state = typeof rec.state === "string" ? rec.state : "running"; // escalated and paused phases stay so
   else if (r.type === "workspace.iteration") e.iteration = rec.state; // pending, accepted, rejected
   for (const k of KEEP) if (rec[k] !== undefined && rec[k] !== null) e[k] = rec[k];
   return e;

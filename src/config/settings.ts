@@ -42,6 +42,12 @@ export interface Settings {
   console: ConsoleAddress | null;
   /** the ed25519 key that signs audit anchors (--audit-key, SANDBOXD_AUDIT_KEY); never inside the state dir */
   auditKey: string;
+  /**
+   * SANDBOXD_BENCH_NO_FAILFAST=1: commands are not categorised, counted or read for pytest's
+   * report, and memory is not watched — for the benchmark's side-by-side run only (bench/run.mjs
+   * `failfast`); the daemon says so at start and in every phase's trail
+   */
+  benchNoFailFast: boolean;
 }
 
 const settingsSchema = z
@@ -58,6 +64,7 @@ const settingsSchema = z
     notifyCommand: z.string().min(1).nullable(),
     notifyUrl: z.string().nullable(),
     auditKey: z.string().min(1),
+    benchNoFailFast: z.boolean(),
   })
   .strict()
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
@@ -90,6 +97,7 @@ export function resolveSettings(
     notifyCommand: env.SANDBOXD_NOTIFY_COMMAND || null,
     notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
     auditKey: path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env))),
+    benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

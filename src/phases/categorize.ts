@@ -46,9 +46,25 @@ export interface CategorizeInput {
   junit?: TestCounts | null;
   /** SKILLS.md leaves it open; the policy says whether pytest's "no tests collected" (exit 5) is a failure */
   noTestsIsFailure?: boolean;
+  /**
+   * OOM kills the container's cgroup counted while the command ran (the
+   * resource watch's probe, read before and after): a failed command that
+   * saw one is a `runtime` failure, whatever its output says
+   */
+  oomKills?: number;
+  /** the container's hard memory limit, for the evidence */
+  memoryLimitBytes?: number | null;
 }
 
 const MAX_EVIDENCE = 500;
+
+/** 1536 MiB → "1.5 GiB", 300 MiB → "300 MiB" */
+export function formatBytes(n: number): string {
+  const MiB = 1024 * 1024;
+  if (n >= 1024 * MiB) return `${+(n / (1024 * MiB)).toFixed(2)} GiB`;
+  if (n >= MiB) return `${+(n / MiB).toFixed(1)} MiB`;
+  return `${+(n / 1024).toFixed(1)} KiB`;
+}
 const clip = (s: string) => (s.length > MAX_EVIDENCE ? s.slice(0, MAX_EVIDENCE - 1) + "…" : s);
 
 /** The tool of an argv: the program itself, or what `python -m X` / `python3 -m X` runs. */
@@ -77,6 +93,12 @@ export function categorize(r: CategorizeInput): Failure | null {
   const tool = toolOf(r.argv);
   if (r.timedOut) return { category: "runtime", evidence: "timed out (killed by the phase's timeout)" };
   if (r.exitCode === 0) return null;
+  // the kernel's own count, not a guess from the output: a process of the container was killed for lack of memory meanwhile
+  if (r.oomKills && r.oomKills > 0) {
+    const limit = r.memoryLimitBytes ? ` (the phase's memory limit, ${formatBytes(r.memoryLimitBytes)})` : "";
+    const how = r.exitCode === null ? `it was killed by ${r.signal ?? "a signal"}` : `it exited ${r.exitCode}`;
+    return { category: "runtime", evidence: clip(`out of memory: the kernel's OOM killer killed ${r.oomKills} process(es) in the container while this command ran${limit}; ${how}`) };
+  }
   if (tool === "pytest" && r.exitCode === 5) {
     if (r.noTestsIsFailure === false) return null;
     return { category: "test", evidence: "pytest collected no tests (exit 5)" };

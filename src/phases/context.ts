@@ -26,6 +26,7 @@ import type { Clock, IdSource } from "../util/clock.js";
 import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
+import type { PhaseResources } from "./resources.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
@@ -58,6 +59,11 @@ export interface ManagerOptions {
   serviceOverrides?: Readonly<Record<string, string>>;
   /** the daemon log's scrubber: each live phase's secrets are registered here */
   logSecrets?: LogSecrets;
+  /**
+   * false only for the benchmark's side-by-side run (SANDBOXD_BENCH_NO_FAILFAST=1): no
+   * category, count or pytest report for commands, no resource watch. Default true.
+   */
+  failFast?: boolean;
 }
 
 /** A phase this daemon supervises: its record and everything it holds while it lives. */
@@ -84,6 +90,13 @@ export interface LivePhase {
   frozen: boolean;
   /** a limit reached while commands ran (escalation.ts recordAttempt): the phase escalates when the next command ends */
   pendingEscalation?: LimitReached | null;
+  /** the resource watch (./resources.ts): memory, OOM kills, the container's end; null when the cgroup cannot be read */
+  resources?: PhaseResources | null;
+  /**
+   * a phase re-adopted frozen (escalated or paused when the daemon restarted): its
+   * shim cannot reconnect until the container thaws, so resume finishes the re-adoption
+   */
+  reattach?: (() => Promise<void>) | null;
   /** the container's first process, as the host sees it (cached for the JUnit read) */
   pid?: number;
   /** the change layer over the project and its iterations (src/workspace) */

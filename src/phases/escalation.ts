@@ -14,7 +14,8 @@ import { actionLine, escapeControl, timestamp } from "../audit/format.js";
 import { SandboxdError } from "../errors.js";
 import type { FailureCategory, TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
-import { categoryTitle, escalationReport, recommend, type Attempt, type LimitReached, type Source } from "./failfast.js";
+import { categoryTitle, escalationReport, memorySummary, recommend, type Attempt, type LimitReached, type Source } from "./failfast.js";
+import { filesModified, unjudgedFiles } from "./workspace.js";
 import { endPhase } from "./lifecycle.js";
 import { transition } from "./state.js";
 import type { Escalation, PhaseView } from "./types.js";
@@ -59,6 +60,17 @@ export function countAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput
 }
 
 /**
+ * The counters on disk (failfast.json), so a daemon restarted after a crash
+ * re-adopts the phase with the counts it had. Awaited before the answer that
+ * reports them; a failed write is logged (the counts in memory still hold).
+ */
+export async function persistFailFast(ctx: PhaseContext, live: LivePhase): Promise<void> {
+  await ctx.store
+    .saveFailFast(live.record.id, live.failFast.toJSON())
+    .catch((e: Error) => ctx.opts.log.error({ phase: live.record.id, err: e.message }, "could not keep the fail-fast counters"));
+}
+
+/**
  * The hook for failures that are not a command's result: an iteration
  * refused at a checkpoint (`{category: "iteration", source: "checkpoint"}`),
  * a database refusal or server error (`{category: "database", source:
@@ -66,6 +78,7 @@ export function countAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput
  */
 export async function recordAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput): Promise<AttemptOutcome> {
   const out = countAttempt(ctx, live, a);
+  if (out.counted) await persistFailFast(ctx, live);
   const ts = timestamp(ctx.opts.clock.now());
   await live.rec.record(
     {
@@ -92,7 +105,9 @@ export async function recordAttempt(ctx: PhaseContext, live: LivePhase, a: Attem
 
 /** A success of `source`: the counters its failures fed start again (recorded only when one did). */
 export async function recordSuccess(ctx: PhaseContext, live: LivePhase, source: Source): Promise<FailureCategory[]> {
-  return live.failFast.succeed(source);
+  const reset = live.failFast.succeed(source);
+  if (reset.length > 0) await persistFailFast(ctx, live);
+  return reset;
 }
 
 /**
@@ -111,17 +126,20 @@ export async function escalate(ctx: PhaseContext, live: LivePhase, reached: Limi
   const lines = escalationReport({
     phase: { id: record.id, name: record.name, mode: record.mode, project: record.project },
     reached,
-    filesModified: null,
-    lastError: live.failFast.lastError,
+    filesModified: filesModified(live),
+    filesPending: await unjudgedFiles(ctx, live),
+    lastError: reached.memory ? memorySummary(reached.memory) : live.failFast.lastError,
     tests,
     at,
   }).map((l) => escapeControl(live.rec.redact(l)));
   const report = path.join(ctx.store.dir(record.id), `escalation-${n}.log`);
   const summary =
-    reached.scope === "category"
-      ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
-      : `${reached.count} consecutive failed attempts (limit ${reached.limit}), the last ${reached.category}`;
-  const esc: Escalation = { n, at, category: reached.category, report, summary, resolved: null };
+    reached.scope === "memory" && reached.memory
+      ? memorySummary(reached.memory)
+      : reached.scope === "category"
+        ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
+        : `${reached.count} consecutive failed attempts (limit ${reached.limit}), the last ${reached.category}`;
+  const esc: Escalation = { n, at, category: reached.scope === "memory" ? "memory" : reached.category, report, summary, resolved: null };
   record.escalations = [...(record.escalations ?? []), esc];
   await writeFile(report, lines.join("\n") + "\n", { mode: 0o640 });
   await ctx.store.save(record);
@@ -137,6 +155,7 @@ export async function escalate(ctx: PhaseContext, live: LivePhase, reached: Limi
       attempts: reached.attempts.map((a) => ({ ...a })),
       report,
       tests,
+      memory: reached.memory ?? null,
       recommendation: recommend(reached, tests),
     },
     [actionLine(at, "PHASE", "ESCALATE", `${record.name} (${record.id})`, `${summary}; report ${report}`), ...lines],
@@ -202,11 +221,21 @@ export async function resumePhase(ctx: PhaseContext, id: string, note: string | 
   }
   if (record.containerId) await ctx.opts.runtime.unpause(record.containerId);
   live.frozen = false;
+  if (live.reattach) {
+    // re-adopted frozen after a daemon restart: the thawed shim reconnects now
+    try {
+      await live.reattach();
+    } catch (err) {
+      await endPhase(ctx, live, "failed", `resumed after a daemon restart, but its shim did not reconnect: ${(err as Error).message}`);
+      throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} could not be resumed: its shim did not reconnect after the daemon's restart (${(err as Error).message}); the phase ended failed, its reports kept`);
+    }
+  }
   const at = timestamp(ctx.opts.clock.now());
   const esc = from === "escalated" ? record.escalations?.at(-1) : undefined;
   if (esc) {
     esc.resolved = { at, how: "resumed", note };
     live.failFast.reset();
+    await persistFailFast(ctx, live);
   }
   record.pausedBy = null;
   transition(record, "running");

@@ -14,7 +14,7 @@ import { seconds } from "../policy/timeout.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
-import { countAttempt, escalate, recordAttempt } from "./escalation.js";
+import { countAttempt, escalate, persistFailFast, recordAttempt } from "./escalation.js";
 import { junitPathFor, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
 import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
@@ -360,7 +360,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
 
   // pytest is asked for a JUnit report in the container's /tmp, read back after it ends (junit.ts)
-  const junit = isPytest(verdict.execArgv) ? junitPathFor() : null;
+  const failFastOn = ctx.opts.failFast !== false;
+  const junit = failFastOn && isPytest(verdict.execArgv) ? junitPathFor() : null;
   const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
@@ -383,6 +384,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const outText = rec.outputStream();
   const errText = rec.outputStream();
   const started = ctx.opts.clock.monotonicMs();
+  // the kernel's OOM count before and after: a kill meanwhile is charged to this command if it failed (resources.ts)
+  const oomBefore = failFastOn ? (live.resources?.oomKills() ?? null) : null;
 
   // output stays bytes: scrubbed on bytes, kept head+tail as bytes, streamed as bytes
   const onStdout = (c: Buffer) => {
@@ -483,6 +486,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     throw e;
   }).finally(leave);
   flushHeld();
+  const oomAfter = oomBefore === null ? null : (live.resources?.oomKills() ?? null);
+  const oomKills = oomBefore !== null && oomAfter !== null && oomAfter > oomBefore ? oomAfter - oomBefore : 0;
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
   let exitCode: number | null;
@@ -508,9 +513,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const policy = ctx.policyFor(live.phasePolicy).failFast;
   const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
   const category =
-    exitCode === 0 && !timedOut
+    (exitCode === 0 && !timedOut) || !failFastOn
       ? null
-      : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure });
+      : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
   let reached: ReturnType<typeof countAttempt>["reached"] = null;
   if (category) {
@@ -524,10 +529,13 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     });
     failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
     reached = o.reached;
-  } else {
-    live.failFast.succeed(tool);
   }
-  if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+  if (failFastOn) {
+    const reset = category ? [] : live.failFast.succeed(tool);
+    if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+    // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
+    if (failure?.counted || reset.length > 0 || tests || VALIDATION_TOOLS.has(tool)) await persistFailFast(ctx, live);
+  }
   // Lines of their own, so that the SKILLS.md action line keeps its one-bracket [RESULT]
   const failLine = failure
     ? [`[${ts()}] ERROR_CATEGORY: ${failure.category}${failure.counted ? ` (attempt ${failure.count}/${failure.limit})` : ""}: ${escapeControl(failure.evidence)}`]
@@ -563,6 +571,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       evidence: failure?.evidence ?? null,
       failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
       tests,
+      ...(oomKills > 0 ? { oomKills } : {}),
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,

@@ -22,7 +22,8 @@
  * success that resets a counter also ends the consecutive streak. Other
  * successes (ls, cat) reset nothing.
  */
-import type { FailureCategory, TestCounts, Tool } from "./categorize.js";
+import { z } from "zod";
+import { FAILURE_CATEGORIES, formatBytes, type FailureCategory, type TestCounts, type Tool } from "./categorize.js";
 import type { FailFastPolicy } from "../policy/schema.js";
 
 /** Who produced an attempt: a command's tool, the SQL gateway or the checkpoint. */
@@ -47,14 +48,71 @@ export interface Counter {
   attempts: Attempt[];
 }
 
+/** The resource watch's figures when memory stayed high (src/phases/resources.ts). */
+export interface MemoryFigures {
+  /** the policy's limits.memoryEscalateBytes and memorySustainMs */
+  thresholdBytes: number;
+  sustainMs: number;
+  /** how long the working set has been at or above the threshold, and how many samples said so */
+  overMs: number;
+  samples: number;
+  /** working set (usage less inactive file cache) at the last sample, and the highest seen while over */
+  currentBytes: number;
+  peakBytes: number;
+  /** everything charged to the container at the last sample, file cache included */
+  usageBytes: number;
+  /** the container's hard limit (null: none) */
+  limitBytes: number | null;
+}
+
 /** A limit reached: which scope, which category, how many of how many. */
 export interface LimitReached {
-  scope: "category" | "consecutive";
+  /** category/consecutive: counted failures; memory: the resource watch (SKILLS.md Resource Limits) */
+  scope: "category" | "consecutive" | "memory";
   category: FailureCategory;
   count: number;
   limit: number;
-  /** the attempts the limit counted, oldest first */
+  /** the attempts the limit counted, oldest first (none for memory) */
   attempts: Attempt[];
+  /** scope memory: what the cgroup said */
+  memory?: MemoryFigures;
+}
+
+/** "working set 1.2 GiB ≥ 1 GiB for 31 s (peak 1.3 GiB; hard limit 2 GiB)" */
+export function memorySummary(m: MemoryFigures): string {
+  return `memory (working set) ${formatBytes(m.currentBytes)} at or above ${formatBytes(m.thresholdBytes)} for ${Math.round(m.overMs / 100) / 10} s (peak ${formatBytes(m.peakBytes)}, ${m.samples} samples; hard limit ${m.limitBytes === null ? "none" : formatBytes(m.limitBytes)})`;
+}
+
+const attemptSchema = z.object({
+  n: z.number().int(),
+  at: z.string(),
+  category: z.enum(FAILURE_CATEGORIES),
+  source: z.string(),
+  action: z.string(),
+  result: z.string(),
+  evidence: z.string(),
+});
+
+/** failfast.json as read back after a restart: checked, never trusted as it lies. */
+export const failFastSnapshotSchema = z.object({
+  counters: z.array(z.object({ category: z.enum(FAILURE_CATEGORIES), count: z.number().int().nonnegative(), sources: z.array(z.string()), attempts: z.array(attemptSchema) })),
+  streak: z.array(attemptSchema),
+  total: z.number().int().nonnegative(),
+  lastTests: z
+    .object({ tests: z.number(), passed: z.number(), failures: z.number(), errors: z.number(), skipped: z.number(), failed: z.array(z.string()) })
+    .nullable(),
+  lastError: z.string(),
+  validation: z.array(z.tuple([z.string(), z.boolean()])),
+});
+
+/** What FailFastState keeps across a daemon restart (failfast.json in the phase's state folder). */
+export interface FailFastSnapshot {
+  counters: Array<{ category: FailureCategory; count: number; sources: Source[]; attempts: Attempt[] }>;
+  streak: Attempt[];
+  total: number;
+  lastTests: TestCounts | null;
+  lastError: string;
+  validation: Array<[string, boolean]>;
 }
 
 export class FailFastState {
@@ -115,6 +173,28 @@ export class FailFastState {
   snapshot(): Record<string, number> {
     return Object.fromEntries([...this.counters].map(([k, c]) => [k, c.count]));
   }
+
+  toJSON(): FailFastSnapshot {
+    return {
+      counters: [...this.counters].map(([category, c]) => ({ category, count: c.count, sources: [...c.sources], attempts: c.attempts })),
+      streak: this.streak,
+      total: this.total,
+      lastTests: this.lastTests,
+      lastError: this.lastError,
+      validation: [...this.validation],
+    };
+  }
+
+  static fromJSON(s: FailFastSnapshot): FailFastState {
+    const f = new FailFastState();
+    for (const c of s.counters) f.counters.set(c.category, { count: c.count, sources: new Set(c.sources), attempts: c.attempts });
+    f.streak = s.streak;
+    f.total = s.total;
+    f.lastTests = s.lastTests;
+    f.lastError = s.lastError;
+    for (const [k, v] of s.validation) f.validation.set(k, v);
+    return f;
+  }
 }
 
 /** The policy's limit for a category, or null when it is not counted. */
@@ -142,6 +222,9 @@ export function categoryTitle(c: FailureCategory): string {
 
 /** The daemon's reading of the evidence: what a person should look at first. */
 export function recommend(reached: LimitReached, tests: TestCounts | null): string {
+  if (reached.scope === "memory" && reached.memory) {
+    return `The phase's memory stayed at or above ${formatBytes(reached.memory.thresholdBytes)} (SKILLS.md Resource Limits: >1GB sustained). Inspect the frozen processes (docker top, /proc/<pid>/status) for a leak or an unbounded load — a whole data set read at once, a cache that only grows — before resuming; resumed as it is, it escalates again.`;
+  }
   const last = reached.attempts.at(-1);
   const ev = last?.evidence ?? "";
   const same = reached.attempts.every((a) => a.evidence === ev);
@@ -174,6 +257,8 @@ export interface ReportInput {
   phase: { id: string; name: string; mode: string; project: string };
   reached: LimitReached;
   filesModified: readonly string[] | null;
+  /** changed in the layer but not judged yet (no checkpoint since) */
+  filesPending?: readonly string[];
   lastError: string;
   tests: TestCounts | null;
   at: string;
@@ -183,21 +268,35 @@ export interface ReportInput {
 export function escalationReport(r: ReportInput): string[] {
   const { reached } = r;
   const why =
-    reached.scope === "category"
-      ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
-      : `${reached.count} consecutive failed attempts (limit ${reached.limit}, SKILLS.md Fail-Fast Protocol)`;
+    reached.scope === "memory" && reached.memory
+      ? `${memorySummary(reached.memory)} (SKILLS.md Resource Limits)`
+      : reached.scope === "category"
+        ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
+        : `${reached.count} consecutive failed attempts (limit ${reached.limit}, SKILLS.md Fail-Fast Protocol)`;
+  const head =
+    reached.scope === "memory"
+      ? `[ESCALATION] Phase ${r.phase.name} (${r.phase.id}) held too much memory for too long`
+      : `[ESCALATION] Phase ${r.phase.name} (${r.phase.id}) failed after ${reached.count} attempts`;
+  const m = reached.memory;
   const lastError = (r.lastError.trim() || "(no output)").split("\n").map((l) => `  ${l}`);
   return [
-    `[ESCALATION] Phase ${r.phase.name} (${r.phase.id}) failed after ${reached.count} attempts`,
+    head,
     "---",
     `Phase: ${r.phase.name} (${r.phase.id}) - mode ${r.phase.mode}, project ${r.phase.project}`,
-    `Error Category: ${categoryTitle(reached.category)}`,
+    `Error Category: ${categoryTitle(reached.category)}${reached.scope === "memory" ? " (memory: SKILLS.md Resource Limits)" : ""}`,
     `Escalated: ${r.at} — ${why}`,
-    `Files Modified: ${r.filesModified === null ? "unknown (the phase's change set is not tracked by this daemon)" : r.filesModified.length ? r.filesModified.join(", ") : "none"}`,
+    `Files Modified: ${r.filesModified === null ? "unknown (the phase has no change layer)" : r.filesModified.length ? `${r.filesModified.join(", ")} (accepted iterations)` : "none accepted"}`,
+    ...(r.filesPending?.length ? [`Files Changed Since The Last Checkpoint (not judged, not in the project): ${r.filesPending.join(", ")}`] : []),
+    ...(m
+      ? [
+          `Memory: working set ${formatBytes(m.currentBytes)} (peak ${formatBytes(m.peakBytes)}; usage with file cache ${formatBytes(m.usageBytes)}), threshold ${formatBytes(m.thresholdBytes)} for ${m.sustainMs / 1000} s (limits.memoryEscalateBytes, memorySustainMs), over it for ${Math.round(m.overMs / 100) / 10} s in ${m.samples} samples; hard limit ${m.limitBytes === null ? "none" : formatBytes(m.limitBytes)}`,
+        ]
+      : []),
     ...(r.tests ? [`Tests (last pytest run): ${r.tests.passed} passed, ${r.tests.failures} failed, ${r.tests.errors} errors, ${r.tests.skipped} skipped of ${r.tests.tests}`] : []),
     "Last Error:",
     ...lastError,
     "Self-Correction Attempts:",
+    ...(reached.attempts.length === 0 ? ["  none counted (the resource watch escalated, not a failed attempt)"] : []),
     ...reached.attempts.map((a, i) => `  ${i + 1}. [${a.at}] ${a.action} → ${a.result} [${categoryTitle(a.category)}: ${a.evidence}]`),
     `Recommendation: ${recommend(reached, r.tests)}`,
     "---",

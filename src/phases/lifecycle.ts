@@ -23,6 +23,7 @@ import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { FailFastState } from "./failfast.js";
 import { buildReport, reportLines } from "./report.js";
 import { ShimChannel } from "./shim-channel.js";
+import { stopWatch, watchResources } from "./resources.js";
 import { transition } from "./state.js";
 import { destroyWorkspace, endWorkspace, makeWorkspace } from "./workspace.js";
 import type { PhaseMode, PhaseRecord, PhaseView } from "./types.js";
@@ -199,6 +200,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       actionLine(ts, "PHASE", "READY", `${record.name} (${id})`, `container ${record.containerId.slice(0, 12)}; shim connected, network confined`),
     ]);
     ctx.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
+    await watchResources(ctx, live);
     return ctx.view(record);
   } catch (err) {
     if (live.ending) {
@@ -285,23 +287,26 @@ async function releasePackages(ctx: PhaseContext, live: LivePhase): Promise<void
 export function openChannel(ctx: PhaseContext, live: LivePhase, token: string): ShimChannel {
   const { record } = live;
   live.channel = new ShimChannel(ctx.store.controlSocket(record.id), token, record.id, ctx.opts.log, { uid: record.uid, gid: record.gid }, () =>
-    // shimLost handles its own errors; nothing waits for it
-    void shimLost(ctx, live),
+    // containerLost handles its own errors; nothing waits for it
+    void containerLost(ctx, live, "its shim disconnected"),
   );
   return live.channel;
 }
 
-/**
- * The shim's link closed while the phase was not being stopped. If the
- * container is gone or no longer running (killed, removed, out of memory,
- * the shim crashed), the phase ends `failed` with that cause. If it still
- * runs, the shim reconnects (it does after a dropped link); if it does not
- * within the connect timeout, the phase ends `failed` too.
- */
 /** States in which a lost container ends the phase: a frozen (escalated, paused) one too. */
 const LIVE_STATES: ReadonlySet<string> = new Set(["running", "escalated", "paused"]);
 
-async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
+/**
+ * The shim's link closed while the phase was not being stopped, or the
+ * resource watch found the container's cgroup gone (`trigger` says which).
+ * If the container is gone or no longer running (killed, removed, out of
+ * memory, the shim crashed or was OOM-killed: tini then exits with it), the
+ * phase ends `failed` with that cause, its records and report kept. If it
+ * still runs, the shim reconnects (it does after a dropped link); if it does
+ * not within the connect timeout, the phase ends `failed` too. A frozen
+ * phase re-adopted before its shim reconnected waits for its resume.
+ */
+export async function containerLost(ctx: PhaseContext, live: LivePhase, trigger: string): Promise<void> {
   const { record } = live;
   const deadline = ctx.opts.clock.monotonicMs() + ctx.connectTimeoutMs;
   let cause: string | null = null;
@@ -310,18 +315,22 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
   for (;;) {
     if (live.ending || !LIVE_STATES.has(record.state) || !record.containerId) return;
     if (live.channel?.connected) return;
+    // a frozen container's shim cannot reconnect before it thaws: only its death ends the phase
+    const waitsForThaw = live.frozen || live.reattach;
     try {
       const st = await ctx.opts.runtime.inspect(record.containerId);
       // "removing": Docker is removing it (docker rm -f); the processes are already gone
       if (!st || st.status === "removing") cause = "its container was removed from outside sandboxd";
       else if (!st.running) {
-        const how = st.oomKilled ? ", killed for lack of memory" : st.exitCode === 137 ? ", killed by SIGKILL" : "";
+        // Docker's OOMKilled: the kernel's OOM killer acted in the container at some point (the shim, or a command before)
+        const how = `${st.exitCode === 137 ? ", killed by SIGKILL" : ""}${st.oomKilled ? "; the OOM killer killed processes in it (out of memory)" : ""}`;
         cause = `its container stopped (${st.status}, exit code ${st.exitCode ?? "unknown"}${how})`;
       }
     } catch (e) {
       cause = `its shim disconnected and the container could not be inspected: ${(e as Error).message}`;
     }
     if (cause) break;
+    if (waitsForThaw) return;
     if (ctx.opts.clock.monotonicMs() >= deadline) {
       cause = `its shim disconnected and did not reconnect within ${ctx.connectTimeoutMs} ms`;
       break;
@@ -329,7 +338,7 @@ async function shimLost(ctx: PhaseContext, live: LivePhase): Promise<void> {
     await new Promise((r) => setTimeout(r, 250));
   }
   if (live.ending || !LIVE_STATES.has(record.state) || live.channel?.connected) return;
-  ctx.log.warn({ phase: record.id, cause }, "phase lost its container");
+  ctx.log.warn({ phase: record.id, cause, trigger }, "phase lost its container");
   await endPhase(ctx, live, "failed", cause);
 }
 
@@ -392,6 +401,7 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
   await live.tunnels?.close().catch(warn("closing the tunnels failed"));
   live.watch?.stop();
   live.watch = null;
+  stopWatch(live);
   live.stray?.close();
   if (record.containerId) {
     await saveContainerLogs(ctx, record).catch(warn("could not keep container logs"));

@@ -12,7 +12,7 @@ import { DEAD_PORT, StrayConnections } from "../net/stray.js";
 import { TunnelServer, type GatewayHandoff } from "../net/tunnels.js";
 import { confineNetwork as confineNamespace, RefusalWatch } from "../runtime/netns.js";
 import type { LivePhase, PhaseContext } from "./context.js";
-import { recordAttempt } from "./escalation.js";
+import { recordAttempt, recordSuccess } from "./escalation.js";
 import { askSqlApproval } from "./sql-approval.js";
 
 /** How long the conntrack watch may take to show it sees events (src/runtime/netns.ts). */
@@ -128,7 +128,7 @@ export async function watchEnded(ctx: PhaseContext, live: LivePhase, why: string
 async function observeDb(ctx: PhaseContext, live: LivePhase, events: ReadonlyArray<Record<string, unknown>>): Promise<void> {
   for (const e of events) {
     if (live.record.state !== "running") return;
-    if (e.type === "db.result") live.failFast.succeed("gateway");
+    if (e.type === "db.result") await recordSuccess(ctx, live, "gateway");
     const refused = e.type === "db.query" && e.decision === "forbid" && ctx.policyFor(live.phasePolicy).failFast.countPolicyRefusals;
     if (e.type !== "db.error" && !refused) continue;
     const what = e.type === "db.error" ? `${String(e.message ?? "error")}${e.sqlstate ? ` (SQLSTATE ${String(e.sqlstate)})` : ""}` : `refused by ${String(e.rule)}: ${String(e.reason ?? "")}`;

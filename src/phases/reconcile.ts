@@ -13,7 +13,8 @@ import { resolveServices } from "../net/services.js";
 import { loadPolicy } from "../policy/index.js";
 import { LABELS, type ContainerSummary } from "../runtime/types.js";
 import type { LivePhase, PhaseContext } from "./context.js";
-import { FailFastState } from "./failfast.js";
+import { FailFastState, failFastSnapshotSchema, type FailFastSnapshot } from "./failfast.js";
+import { watchResources } from "./resources.js";
 import { acquirePackages, endPhase, openChannel, saveContainerLogs, startRecord } from "./lifecycle.js";
 import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
@@ -31,7 +32,11 @@ export interface ReconcileReport {
 
 /** What reconcile does with one phase, given its record (if any) and its container (if any). */
 export type ReconcileAction =
-  /** a running phase and its running container: reconnect the shim and carry on */
+  /**
+   * a running phase and its running container: reconnect the shim and carry on;
+   * an escalated or paused phase and its (frozen) container: taken back frozen,
+   * its counters and report as they were, the shim reconnecting at its resume
+   */
   | { kind: "readopt" }
   /**
    * end it as failed and remove the container: a phase whose container is not
@@ -57,7 +62,9 @@ export function reconcileAction(record: PhaseRecord | undefined, container: Pick
       why: record.state === "starting" ? "the daemon stopped while the phase was starting, before its container existed" : "container vanished while the daemon was down",
     };
   }
-  if (container.running && record.state === "running") return { kind: "readopt" };
+  // Docker lists a frozen container as "paused" (it still runs)
+  const alive = container.running || container.state === "paused";
+  if (alive && (record.state === "running" || record.state === "escalated" || record.state === "paused")) return { kind: "readopt" };
   if (record.state === "starting") return { kind: "end", why: "the daemon stopped while the phase was starting; its client was never told it started" };
   return { kind: "end", why: container.running ? `record says ${record.state}` : `container had ${container.state}` };
 }
@@ -161,12 +168,32 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await live.workspace?.watch();
   // counted again as a user of the project's package disk (still mounted, or mounted again)
   await acquirePackages(ctx, live);
-  await channel.waitReady(ctx.connectTimeoutMs);
-  await confineNetwork(ctx, live, { readopt: true });
-  await live.rec.record({ type: "phase.readopt", name: record.name }, [
-    actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, "daemon restarted; shim reconnected"),
+  const frozen = record.state !== "running" && record.containerId !== null && (await ctx.opts.runtime.isPaused(record.containerId));
+  if (frozen) {
+    // Escalated or paused: the container stays frozen for the person who will read
+    // the report; its shim cannot reconnect until it thaws, so the resume does the rest.
+    live.frozen = true;
+    live.reattach = async () => {
+      live.reattach = null;
+      await channel.waitReady(ctx.connectTimeoutMs);
+      await confineNetwork(ctx, live, { readopt: true });
+    };
+  } else {
+    await channel.waitReady(ctx.connectTimeoutMs);
+    await confineNetwork(ctx, live, { readopt: true });
+    // a phase recorded escalated or paused whose container is not frozen (the daemon died between the two): frozen now
+    if (record.state !== "running" && record.containerId) {
+      await ctx.opts.runtime.pause(record.containerId);
+      live.frozen = true;
+    }
+  }
+  const counts = live.failFast.snapshot();
+  const note = `daemon restarted; ${live.reattach ? `container kept frozen (${record.state}); the shim reconnects at resume` : "shim reconnected"}${Object.keys(counts).length ? `; fail-fast counters kept: ${Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(", ")}` : ""}`;
+  await live.rec.record({ type: "phase.readopt", name: record.name, state: record.state, frozen: live.frozen, failFast: counts }, [
+    actionLine(timestamp(ctx.opts.clock.now()), "PHASE", "READOPT", `${record.name} (${record.id})`, note),
   ]);
   await recordLostExecs(ctx, live);
+  await watchResources(ctx, live);
 }
 
 /**
@@ -253,7 +280,7 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     tunnels: null,
     stray: null,
     watch: null,
-    failFast: new FailFastState(),
+    failFast: await keptFailFast(ctx, record),
     frozen: false,
     workspace: null,
     ending: null,
@@ -273,6 +300,18 @@ async function revive(ctx: PhaseContext, record: PhaseRecord): Promise<{ live: L
     refusal ??= `the phase's workspace layer cannot be re-attached: ${(err as Error).message}`;
   }
   return { live, refusal };
+}
+
+/** The counters the phase had when the daemon stopped (failfast.json); fresh ones when none were kept or they cannot be read. */
+async function keptFailFast(ctx: PhaseContext, record: PhaseRecord): Promise<FailFastState> {
+  try {
+    const raw = await ctx.store.loadFailFast(record.id);
+    if (raw === null) return new FailFastState();
+    return FailFastState.fromJSON(failFastSnapshotSchema.parse(raw) as FailFastSnapshot);
+  } catch (err) {
+    ctx.opts.log.warn({ phase: record.id, err: (err as Error).message }, "the kept fail-fast counters are unreadable; they start again at 0");
+    return new FailFastState();
+  }
 }
 
 /**

@@ -10,6 +10,7 @@ import type { Approval } from "../approvals/queue.js";
 import type { TestCounts } from "./categorize.js";
 import type { LivePhase } from "./context.js";
 import { categoryTitle } from "./failfast.js";
+import { filesModified } from "./workspace.js";
 import type { Escalation, PhaseRecord } from "./types.js";
 
 export interface PhaseReport {
@@ -18,7 +19,7 @@ export interface PhaseReport {
   state: string;
   outcome: "complete" | "failed" | "in progress";
   reason: string | null;
-  /** null: this daemon does not track the phase's change set */
+  /** the project paths the phase's accepted iterations changed (src/workspace); null: the phase has no change layer */
   filesModified: string[] | null;
   tests: TestCounts | null;
   /** PASS: the last run of every validation tool that ran passed; FAIL names the ones that did not; NOT RUN: none ran */
@@ -40,7 +41,7 @@ export function buildReport(record: PhaseRecord, live: LivePhase | undefined, ap
     state: record.state,
     outcome: record.state === "stopped" ? "complete" : record.state === "failed" ? "failed" : "in progress",
     reason: record.endReason,
-    filesModified: null,
+    filesModified: live ? filesModified(live) : null,
     tests: ff?.lastTests ?? null,
     validation: { status: ran.length === 0 ? "NOT RUN" : failing.length ? "FAIL" : "PASS", failing, ran },
     attempts: {
@@ -64,7 +65,7 @@ export function reportLines(r: PhaseReport, ts: string): string[] {
   const tests = r.tests
     ? `${r.tests.passed}/${r.tests.tests} (${r.tests.failures} failed, ${r.tests.errors} errors, ${r.tests.skipped} skipped; last pytest run)`
     : "no pytest report";
-  const files = r.filesModified === null ? "unknown (not tracked by this daemon)" : r.filesModified.length ? r.filesModified.join(", ") : "none";
+  const files = r.filesModified === null ? "unknown (the phase had no change layer)" : r.filesModified.length ? r.filesModified.join(", ") : "none";
   const validation = r.validation.status === "FAIL" ? `FAIL (${r.validation.failing.join(", ")})` : r.validation.status;
   const esc = r.escalations.length
     ? `${r.escalations.length} (${r.escalations.map((e) => `#${e.n} ${e.category}: ${e.resolved?.how ?? "open"}`).join("; ")})`

@@ -6,10 +6,13 @@
  */
 import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
+import { JsonFileWriter } from "../util/fs.js";
 import { phaseRecordSchema, type PhaseRecord } from "./types.js";
 
 export class PhaseStore {
   readonly root: string;
+  /** one serial writer per phase's failfast.json: concurrent commands' counts land in order */
+  private readonly failFastWriters = new Map<string, JsonFileWriter>();
 
   constructor(stateDir: string) {
     this.root = path.join(stateDir, "phases");
@@ -34,6 +37,32 @@ export class PhaseStore {
   iterationsPath(id: string): string {
     return path.join(this.dir(id), "iterations.json");
   }
+  /** the fail-fast counters (failfast.ts FailFastSnapshot), so a re-adopted phase keeps them */
+  failFastPath(id: string): string {
+    return path.join(this.dir(id), "failfast.json");
+  }
+
+  saveFailFast(id: string, snapshot: unknown): Promise<void> {
+    let w = this.failFastWriters.get(id);
+    if (!w) this.failFastWriters.set(id, (w = new JsonFileWriter(this.failFastPath(id))));
+    return w.write(snapshot);
+  }
+
+  /** The kept counters; null when none were kept (a phase of an older daemon, or one that never failed). */
+  async loadFailFast(id: string): Promise<unknown> {
+    try {
+      return JSON.parse(await readFile(this.failFastPath(id), "utf8"));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+      throw err;
+    }
+  }
+
+  /** The phase ended: its writer goes (the file stays, with the last counts). */
+  forgetFailFast(id: string): void {
+    this.failFastWriters.delete(id);
+  }
+
   containerLogPath(id: string): string {
     return path.join(this.dir(id), "container.log");
   }

@@ -16,6 +16,7 @@ import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntri
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
 import type { PhaseRecord } from "./types.js";
+import { recordAttempt, recordSuccess } from "./escalation.js";
 
 const COMPILE_TIMEOUT_MS = 30_000;
 
@@ -84,6 +85,7 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
           },
         ]);
       },
+      decided: (it) => iterationDecided(ctx, live, it),
     },
     {
       uid: record.uid,
@@ -132,6 +134,66 @@ async function runInSandbox(live: LivePhase, argv: string[]): Promise<string> {
   });
   if (exit.spawn) throw new SandboxdError("SBX_ERR_WORKSPACE", `could not run the compile check in the sandbox: ${exit.spawn}`);
   return live.rec.redact(Buffer.concat(stdout).toString("utf8").slice(0, 1024 * 1024));
+}
+
+/**
+ * SKILLS.md "Files Modified" (phase and escalation reports): the project
+ * paths the phase's accepted iterations changed, in the order they were
+ * first changed — created, modified, deleted or renamed (both names) —
+ * folders left out. Null when the phase has no change layer (nothing is
+ * tracked).
+ */
+export function filesModified(live: Pick<LivePhase, "workspace">): string[] | null {
+  const ws = live.workspace;
+  if (!ws) return null;
+  const out = new Set<string>();
+  for (const it of ws.iterations) {
+    if (it.state !== "accepted") continue;
+    for (const c of it.changes) {
+      if (c.isDir) continue;
+      if (c.kind === "rename" && c.from) out.add(c.from);
+      out.add(c.path);
+    }
+  }
+  return [...out];
+}
+
+/** Changes in the layer not judged yet (what the next checkpoint would see); [] when they cannot be read. */
+export async function unjudgedFiles(ctx: PhaseContext, live: LivePhase): Promise<string[]> {
+  if (!live.workspace) return [];
+  try {
+    return (await live.workspace.files()).filter((c) => !c.isDir).map((c) => c.path);
+  } catch (err) {
+    ctx.opts.log.warn({ phase: live.record.id, err: (err as Error).message }, "could not read the layer's pending changes for a report");
+    return [];
+  }
+}
+
+/**
+ * SKILLS.md fail-fast, category `iteration`: a refused iteration (by the
+ * rules at a checkpoint, or by an operator) is a failed attempt — counted,
+ * recorded (`failfast.attempt`) and, at failFast.maxAttempts.iteration (3),
+ * escalated; an accepted one is a success of the checkpoint and resets the
+ * count. Iterations decided while the phase ends count nothing.
+ */
+async function iterationDecided(ctx: PhaseContext, live: LivePhase, it: IterationRecord): Promise<void> {
+  const st = live.record.state;
+  if (live.ending || (st !== "running" && st !== "paused" && st !== "escalated")) return;
+  if (it.state === "accepted") {
+    await recordSuccess(ctx, live, "checkpoint");
+    return;
+  }
+  if (it.state !== "rejected") return;
+  const first = it.failures[0];
+  const byRules = it.decidedBy === "rules";
+  await recordAttempt(ctx, live, {
+    category: "iteration",
+    source: "checkpoint",
+    action: `iteration ${it.n} (${it.message}): ${it.changes.filter((c) => !c.isDir).map((c) => c.path).join(", ") || "no files"}`,
+    result: byRules ? `REFUSED ${first?.rule ?? "workspace"}` : `REJECTED by ${it.decidedBy ?? "operator"}`,
+    evidence: first ? `${first.rule}: ${first.message}` : `rejected by ${it.decidedBy ?? "operator"}`,
+    lastError: it.failures.map((f) => `${f.rule} (${f.clause}): ${f.message}`).join("\n") || `rejected by ${it.decidedBy ?? "operator"}`,
+  });
 }
 
 /** The error a command or checkpoint gets when its iteration was refused. */

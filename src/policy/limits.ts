@@ -8,6 +8,14 @@ import type { PhaseMode } from "../domain.js";
 export interface PhaseLimits {
   /** SKILLS.md "Resource Limits" — Memory: >1GB sustained escalates; the hard ceiling sits above it. */
   memoryBytes: number;
+  /**
+   * SKILLS.md "Resource Limits" — Memory: ">1GB sustained → escalate". The
+   * container's working set (usage less inactive file cache) at or above this
+   * for memorySustainMs escalates the phase (src/phases/resources.ts).
+   */
+  memoryEscalateBytes: number;
+  /** how long the working set must stay at or above memoryEscalateBytes ("sustained") */
+  memorySustainMs: number;
   /** SKILLS.md "Resource Limits" — CPU: a single Python process, no parallel execution. */
   cpus: number;
   /** fork-bomb guard; not in SKILLS.md, required by "Safety First". */
@@ -34,9 +42,16 @@ export interface PhaseLimits {
 
 const MiB = 1024 * 1024;
 
+/** The resource watch's keys, for policy files that predate them. */
+export const MEMORY_WATCH_DEFAULTS = {
+  memoryEscalateBytes: 1024 * MiB,
+  memorySustainMs: 30_000,
+} as const;
+
 export function defaultLimits(mode: PhaseMode): PhaseLimits {
   return {
     memoryBytes: 2048 * MiB,
+    ...MEMORY_WATCH_DEFAULTS,
     cpus: 1,
     pidsLimit: 256,
     fileSizeBytes: 2048 * MiB,

@@ -17,7 +17,7 @@ import { SandboxdError } from "../errors.js";
 import { PHASE_MODES, type PhaseMode } from "../domain.js";
 import { compileLayer, evaluateInLayer, ruleMatches, show, wrappedArgvs } from "./evaluate.js";
 import { buildWorkspace, checkWorkspace, combineWorkspace } from "./workspace.js";
-import type { PhaseLimits } from "./limits.js";
+import { MEMORY_WATCH_DEFAULTS, type PhaseLimits } from "./limits.js";
 import {
   DECISION_RANK,
   DEFAULT_AUDIT,
@@ -196,6 +196,10 @@ function checkLimits(data: PolicyFile): Problem[] {
   const resolved = resolveLimits(data);
   for (const mode of PHASE_MODES) {
     const l = resolved[mode];
+    if (l.memoryEscalateBytes > l.memoryBytes) {
+      const where = data.limits.modes?.[mode]?.memoryEscalateBytes !== undefined ? ["limits", "modes", mode, "memoryEscalateBytes"] : ["limits", "default", "memoryEscalateBytes"];
+      problems.push({ path: where, message: `memoryEscalateBytes (${l.memoryEscalateBytes}) must not exceed memoryBytes (${l.memoryBytes}) in ${mode} mode: the hard limit would OOM-kill before the watch escalates` });
+    }
     if (l.defaultTimeoutMs > l.maxTimeoutMs) {
       const where = data.limits.modes?.[mode]?.defaultTimeoutMs !== undefined ? ["limits", "modes", mode, "defaultTimeoutMs"] : ["limits", "default", "defaultTimeoutMs"];
       problems.push({ path: where, message: `defaultTimeoutMs (${l.defaultTimeoutMs}) exceeds maxTimeoutMs (${l.maxTimeoutMs}) in ${mode} mode` });
@@ -232,7 +236,7 @@ function invalid(file: string, problems: Problem[], rawRules: unknown): Sandboxd
 
 function resolveLimits(data: PolicyFile): Record<PhaseMode, PhaseLimits> {
   const out = {} as Record<PhaseMode, PhaseLimits>;
-  for (const mode of PHASE_MODES) out[mode] = { ...data.limits.default, ...data.limits.modes?.[mode] };
+  for (const mode of PHASE_MODES) out[mode] = { ...MEMORY_WATCH_DEFAULTS, ...data.limits.default, ...data.limits.modes?.[mode] };
   return out;
 }
 

@@ -155,6 +155,10 @@ const limitFields = {
   killGraceMs: millis(),
   outputCapBytes: bytes(),
   auditOutputCapBytes: bytes(),
+  // SKILLS.md Resource Limits — Memory ">1GB sustained → escalate" (src/phases/resources.ts);
+  // optional, with the defaults of MEMORY_WATCH_DEFAULTS, so older policy files still load
+  memoryEscalateBytes: bytes().optional(),
+  memorySustainMs: millis().optional(),
 };
 
 const limitsSchema = z

@@ -9,6 +9,7 @@ import type { Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import { DockerLogDemux } from "./demux.js";
+import { memoryProbeOf, type MemoryProbe } from "./cgroup.js";
 import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "./types.js";
 
 /** Every phase container's hostname; its /etc/hosts maps it to 127.0.0.1. */
@@ -323,6 +324,16 @@ export class DockerRuntime implements ContainerRuntime {
     } catch (err) {
       if (statusOf(err) === 404) return null;
       throw dockerError(`inspecting container ${id}`, err);
+    }
+  }
+
+  async memoryProbe(id: string): Promise<MemoryProbe | null> {
+    const pid = await this.containerPid(id);
+    try {
+      return await memoryProbeOf(pid);
+    } catch {
+      // /proc of a process this daemon cannot read: no watch, said by the caller
+      return null;
     }
   }
 

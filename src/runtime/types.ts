@@ -4,6 +4,9 @@
  * backend can stand beside it.
  */
 import type { Readable } from "node:stream";
+import type { MemoryProbe } from "./cgroup.js";
+
+export type { MemoryProbe, MemorySample } from "./cgroup.js";
 
 export const LABELS = {
   managed: "sandboxd.managed",
@@ -82,4 +85,10 @@ export interface ContainerRuntime {
   isPaused(id: string): Promise<boolean>;
   /** The container's state; null when it no longer exists. */
   inspect(id: string): Promise<ContainerState | null>;
+  /**
+   * The running container's memory as its cgroup reports it (src/runtime/cgroup.ts):
+   * for the resource watch. Null when it cannot be read here (a daemon that is not
+   * root, an engine on another host).
+   */
+  memoryProbe(id: string): Promise<MemoryProbe | null>;
 }

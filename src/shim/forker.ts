@@ -33,12 +33,31 @@
  * otherwise the command is started by Node.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { constants } from "node:os";
 import type net from "node:net";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
-import { LANDLOCK_PY } from "./landlock.js";
+import { COMMAND_OOM_SCORE_ADJ, LANDLOCK_PY } from "./landlock.js";
 import { errorFields, log } from "./log.js";
+
+/**
+ * The forker's OOM bias, set by the shim (uid 0: the non-dumpable forker's
+ * /proc files are root's, so the forker cannot write its own). A command is
+ * born with its parent's value, so the forker holds COMMAND_OOM_SCORE_ADJ
+ * from the request to its answer (a millisecond) and 0 otherwise: the
+ * command starts raised, with no window in which it could grow unraised
+ * (written into the child after the fork alone, as below_supervisor also
+ * does, it races the child's exec, whose new image is not dumpable at
+ * first, so its /proc file is root's). Going back down to 0 needs no
+ * privilege: 0 is the floor the forker inherited.
+ */
+function setOomScoreAdj(pid: number, value: number): void {
+  try {
+    writeFileSync(`/proc/${pid}/oom_score_adj`, String(value));
+  } catch (err) {
+    log("warn", "could not set the forker's oom_score_adj", { pid, value, ...errorFields(err) });
+  }
+}
 
 /** Python 3, `python3 -I -S -c`. */
 const FORKER_PY = String.raw`
@@ -439,6 +458,8 @@ export class Forker {
       p.reject(new ForkerUnavailable(`could not place the forker in the command's cgroup: ${(err as Error).message}`));
       return this.sendNext();
     }
+    // ... and with the commands' OOM bias (landlock.ts COMMAND_OOM_SCORE_ADJ), which the forker takes for the fork
+    setOomScoreAdj(child.pid!, COMMAND_OOM_SCORE_ADJ);
     this.inFlight = id;
     const { cgroup, ...wire } = p.req;
     // procs: where the forker finds what the command forked early (below_supervisor)
@@ -452,6 +473,7 @@ export class Forker {
     this.inFlight = null;
     if (this.answerTimer) clearTimeout(this.answerTimer);
     this.answerTimer = null;
+    if (this.child?.pid !== undefined) setOomScoreAdj(this.child.pid, 0);
     if (this.cgroups && this.child?.pid !== undefined) {
       try {
         this.cgroups.home(this.child.pid);

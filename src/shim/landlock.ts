@@ -32,6 +32,19 @@
 import { SECCOMP_PY } from "./seccomp.js";
 
 /**
+ * The OOM killer's bias for every command (oom_score_adj, -1000…1000): the
+ * shim and the forker stay at 0, so a command of any size scores above
+ * them and the kernel takes commands first (issue 8: 60 small processes
+ * made it kill the shim). Lowering the shim instead would need
+ * CAP_SYS_RESOURCE, which neither the shim nor, on this project's machines,
+ * the daemon has; raising needs nothing. A command is born with it (the
+ * forker holds it for the fork: forker.ts setOomScoreAdj), the forker writes
+ * it again on what the command forked early (below_supervisor), and the Node
+ * path's wrapper sets its own before it execs.
+ */
+export const COMMAND_OOM_SCORE_ADJ = 1000;
+
+/**
  * Python: `confine()` and `LANDLOCK` (whether the kernel has ABI 6). Needs
  * `ctypes`, `os` and `libc = ctypes.CDLL(None, use_errno=True)` defined.
  */

@@ -74,6 +74,11 @@ export interface WorkspaceHooks {
   /** SKILLS.md timestamp */
   now(): string;
   /**
+   * an iteration was decided (accepted or refused, by the rules or an operator), after its
+   * record: the phase's fail-fast counts a refusal as a failed attempt (category `iteration`)
+   */
+  decided?(it: IterationRecord): Promise<void>;
+  /**
    * The iteration waits for a person: queue its approval request (bound to
    * `files`) and say so; the request's id, or null when no queue is kept.
    */
@@ -554,6 +559,7 @@ export class PhaseWorkspace {
     for (const c of done) if (!c.isDir) lines.push(`[${ts}] Modified ${escapeControl(c.path)}: ${escapeControl(it.message)}`);
     lines.push(`[${ts}] ITERATION_ACCEPTED: iteration ${it.n} (${escapeControl(it.message)}) applied to the project by ${escapeControl(by)}`);
     await this.hooks.record({ type: "workspace.iteration", n: it.n, state: "accepted", trigger: it.trigger, message: it.message, decidedBy: by, changes: done }, lines);
+    await this.hooks.decided?.(it);
   }
 
   private async reject(it: IterationRecord, by: string): Promise<void> {
@@ -576,6 +582,7 @@ export class PhaseWorkspace {
         `[${ts}] ITERATION_REFUSED: iteration ${it.n} (${escapeControl(it.message)}) discarded${by === "rules" ? "" : ` by ${escapeControl(by)}`}, the workspace is back to the last accepted state — ${escapeControl(why)}`,
       ],
     );
+    await this.hooks.decided?.(it);
   }
 }
 

@@ -16,7 +16,7 @@ import { AuditJournal, JOURNAL_FILE } from "../../src/audit/journal.js";
 import { ApprovalQueue } from "../../src/approvals/queue.js";
 import { PhaseManager, type ManagerOptions } from "../../src/phases/manager.js";
 import { initShellParser, loadPolicy, type Policy } from "../../src/policy/index.js";
-import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "../../src/runtime/types.js";
+import type { ContainerRuntime, ContainerState, ContainerSummary, MemoryProbe, PhaseContainerSpec } from "../../src/runtime/types.js";
 import {
   FrameDecoder,
   FrameKind,
@@ -185,6 +185,19 @@ export class FakeRuntime implements ContainerRuntime {
 
   async isPaused(id: string): Promise<boolean> {
     return this.containers.get(id)?.state === "paused";
+  }
+
+  /** scripted memory probes, by container id (none: the phase runs without a resource watch) */
+  readonly probes = new Map<string, MemoryProbe>();
+  /** a probe set before the container exists: given to the next container run */
+  nextProbe: MemoryProbe | null = null;
+
+  async memoryProbe(id: string): Promise<MemoryProbe | null> {
+    if (this.nextProbe && !this.probes.has(id)) {
+      this.probes.set(id, this.nextProbe);
+      this.nextProbe = null;
+    }
+    return this.probes.get(id) ?? null;
   }
 
   /** A container as a previous daemon left it (for reconcile). */

@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult, PhaseReport } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
+import type { CheckpointResult } from "../../src/workspace/index.js";
 import { OWNER, cli, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
@@ -213,5 +214,61 @@ describe("fail-fast in a real sandbox", () => {
     expect((await exec(phase.id, ["pytest", "-q", "tests/test_calc.py"])).exitCode).toBe(0);
     const ev = (await events(phase.id)).map((x) => `${x.type}:${x.state ?? ""}`);
     expect(ev).toEqual(["phase.start:starting", "phase.ready:running", "phase.paused:paused", "phase.resumed:running", "exec.result:"]);
+  }, 120_000);
+
+  it("refused iterations are attempts (category iteration): the third in a row escalates, the report lists the accepted iterations' files", async () => {
+    const { phase, project } = await start("4.5");
+    const py = async (code: string) => exec(phase.id, ["python3", await writeScript(project, code)]);
+    const checkpoint = (message: string) => t.api.request<CheckpointResult>("POST", `/v1/phases/${phase.id}/checkpoint`, { message });
+    await py("open('/workspace/services/calc.py', 'a').write('\\n\\ndef mul(a: int, b: int) -> int:\\n    return a * b\\n')");
+    expect((await checkpoint("Added mul")).iteration?.state).toBe("accepted");
+    for (let i = 1; i <= 3; i++) {
+      await py(`open('/workspace/services/calc.py', 'a').write('\\ndef broken${i}(:\\n    pass\\n')`);
+      const it3 = (await checkpoint(`broken ${i}`)).iteration!;
+      expect(it3.state).toBe("rejected");
+    }
+    const view = (await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${phase.id}`)).phase;
+    expect(view.state).toBe("escalated");
+    expect(await paused(view.containerId!)).toBe(true);
+    const esc = view.escalations!.at(-1)!;
+    expect(esc).toMatchObject({ n: 1, category: "iteration" });
+    expect(esc.summary).toBe("3 iteration failures in a row (limit 3)");
+    const report = await readFile(esc.report, "utf8");
+    expect(report).toContain("Error Category: Iteration");
+    expect(report).toContain("Files Modified: services/calc.py (accepted iterations)");
+    expect(report).toMatch(/  1\. \[[^\]]+\] iteration 2 \(broken 1\): services\/calc\.py → REFUSED workspace\.python-compile \[Iteration: workspace\.python-compile: services\/calc\.py:\d+:\d+: SyntaxError/);
+    expect(report).toMatch(/  3\. \[[^\]]+\] iteration 4 \(broken 3\)/);
+    // the trail: each refusal, counted, then the escalation
+    const ev = (await events(phase.id)).filter((x) => x.type === "failfast.attempt" || x.type === "phase.escalated");
+    expect(ev.map((x) => `${x.type}:${x.category}:${x.count ?? ""}`)).toEqual([
+      "failfast.attempt:iteration:1",
+      "failfast.attempt:iteration:2",
+      "failfast.attempt:iteration:3",
+      "phase.escalated:iteration:3",
+    ]);
+  }, 120_000);
+
+  it("an accepted iteration resets the iteration count; the stop report lists the files the accepted iterations changed", async () => {
+    const { phase, project } = await start("4.6");
+    const py = async (code: string) => exec(phase.id, ["python3", await writeScript(project, code)]);
+    const checkpoint = (message: string) => t.api.request<CheckpointResult>("POST", `/v1/phases/${phase.id}/checkpoint`, { message });
+    const attempts = async () => (await events(phase.id)).filter((x) => x.type === "failfast.attempt").map((x) => x.count);
+    await py("open('/workspace/services/calc.py', 'a').write('\\ndef broken(:\\n    pass\\n')");
+    expect((await checkpoint("broken")).iteration?.state).toBe("rejected");
+    await py("open('/workspace/services/calc.py', 'a').write('\\n\\ndef mul(a: int, b: int) -> int:\\n    return a * b\\n')");
+    expect((await checkpoint("Added mul")).iteration?.state).toBe("accepted");
+    await py("open('/workspace/services/calc.py', 'a').write('\\ndef broken(:\\n    pass\\n')");
+    expect((await checkpoint("broken again")).iteration?.state).toBe("rejected");
+    // 1, then reset by the accepted iteration, then 1 again: not 2
+    expect(await attempts()).toEqual([1, 1]);
+    await py("import os\nos.makedirs('/workspace/services/io', exist_ok=True)\nopen('/workspace/services/io/__init__.py', 'w').write('')\nopen('/workspace/services/io/feed.py', 'w').write('X = 1\\n')");
+    expect((await checkpoint("Added the feed module")).iteration?.state).toBe("accepted");
+    const stop = await cli(["phase", "stop", phase.id], { socket: t.socket });
+    expect(stop.code).toBe(0);
+    const rep = (await t.api.request<{ report: PhaseReport }>("GET", `/v1/phases/${phase.id}/report`)).report;
+    expect(rep.filesModified).toEqual(["services/calc.py", "services/io/__init__.py", "services/io/feed.py"]);
+    expect(rep.attempts.total).toBe(2);
+    const log = await readFile(path.join(project, "build_audit.log"), "utf8");
+    expect(log).toMatch(/\[PHASE_COMPLETE\] Phase 4\.6 \(ph_[0-9a-f]{12}\): stopped by operator\n- Files modified: services\/calc\.py, services\/io\/__init__\.py, services\/io\/feed\.py\n/);
   }, 120_000);
 });

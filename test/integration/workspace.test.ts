@@ -34,7 +34,14 @@ async function py(code: string, phaseId = phase.id, proj = project): Promise<Exe
 }
 
 async function checkpoint(message: string, phaseId = phase.id): Promise<CheckpointResult> {
-  return t.api.request<CheckpointResult>("POST", `/v1/phases/${phaseId}/checkpoint`, { message });
+  const r = await t.api.request<CheckpointResult>("POST", `/v1/phases/${phaseId}/checkpoint`, { message });
+  // Refusals are these tests' subject, one after another on one phase; fail-fast escalates at the
+  // third in a row (failfast.test.ts tests that): a person lets the phase go on each time.
+  if (r.iteration?.state === "rejected") {
+    const { phase: v } = await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${phaseId}`);
+    if (v.state === "escalated") await t.api.request("POST", `/v1/phases/${phaseId}/resume`, { note: "workspace tests: refusals are the subject" });
+  }
+  return r;
 }
 
 /** Every file and folder of a tree with its mode and bytes (sbx_scripts/, the tests' own scripts, left out). */

@@ -129,7 +129,7 @@ describe("fail-fast with a fake runtime", () => {
     const report = await h.manager.report(v.id);
     expect(report).toMatchObject({ outcome: "complete", validation: { status: "PASS", ran: ["mypy"] }, attempts: { total: 1, open: {} } });
     const log = await readFile((await h.manager.get(v.id)).buildLog, "utf8");
-    expect(log).toMatch(/\[PHASE_COMPLETE\] Phase 2\.1 \(ph_[0-9a-f]{12}\): stopped by operator\n.*- Files modified: unknown/);
+    expect(log).toMatch(/\[PHASE_COMPLETE\] Phase 2\.1 \(ph_[0-9a-f]{12}\): stopped by operator\n.*- Files modified: none/);
     expect(log).toMatch(/- Validation: PASS/);
     expect(log).toMatch(/- Approvals: 0 requested/);
   });

@@ -26,9 +26,9 @@ describe("reconcileAction", () => {
       //          running container  exited container  no container
       starting: ["end", "end", "lost"],
       running: ["readopt", "end", "lost"],
-      // a frozen phase's shim cannot reconnect: it ends (failed), its escalation report kept
-      escalated: ["end", "end", "lost"],
-      paused: ["end", "end", "lost"],
+      // a frozen phase is taken back frozen, its counters and report kept; its shim reconnects at resume
+      escalated: ["readopt", "end", "lost"],
+      paused: ["readopt", "end", "lost"],
       stopping: ["end", "end", "lost"],
       stopped: ["remove-ended", "remove-ended", "none"],
       failed: ["remove-ended", "remove-ended", "none"],
@@ -37,6 +37,8 @@ describe("reconcileAction", () => {
       const got = [reconcileAction(rec(s), running).kind, reconcileAction(rec(s), exited).kind, reconcileAction(rec(s), undefined).kind];
       expect(got, s).toEqual(table[s]);
     }
+    // Docker lists a frozen container as "paused", not "running"
+    expect(reconcileAction(rec("escalated"), { running: false, state: "paused" }).kind).toBe("readopt");
     expect(reconcileAction(undefined, running).kind).toBe("remove-orphan");
     expect(reconcileAction(undefined, undefined).kind).toBe("none");
     expect(reconcileAction(rec("running"), exited)).toEqual({ kind: "end", why: "container had exited" });
