@@ -22,7 +22,7 @@ import type { AuditEvent } from "../audit/journal.js";
 import { SandboxdError } from "../errors.js";
 import { applyChangeSet } from "./apply.js";
 import type { ChangeSet, FileChange } from "./changes.js";
-import type { WorkspacePolicy } from "../policy/index.js";
+import { compileWorkspace, protects, type WorkspacePolicy } from "../policy/index.js";
 import { DEFAULT_DIFF_MAX_BYTES, diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
 import { TOOL_CACHES, readRegular, type WorkspaceLayer } from "./layer.js";
@@ -109,19 +109,42 @@ const stateSchema = z.object({
 
 /**
  * What the layer itself refuses, whatever the policy says: a link that
- * points out of the project, and files that are neither regular files,
- * folders nor links (fifos, sockets, devices).
+ * points out of the project, a link to the project's root, to a hidden or
+ * read-only path (`.env`, `.git`, …) or through another link, and files that
+ * are neither regular files, folders nor links (fifos, sockets, devices).
+ *
+ * A link is applied to the project as a link: one to `.env` or `.git` would
+ * alias a protected path on the host under a name no rule protects (a deploy
+ * copies the production credentials through it; a later write or a harness's
+ * PUT through it reaches `.git/hooks`). Its target is judged lexically, so a
+ * target that passes through a link (whose destination the judge would have
+ * to follow) is refused too.
  */
-export async function layerFailures(set: ChangeSet, layer: WorkspaceLayer, links: Map<string, string>): Promise<RuleFailure[]> {
+export async function layerFailures(
+  set: ChangeSet,
+  layer: WorkspaceLayer,
+  links: Map<string, string>,
+  guard: { policy: WorkspacePolicy; allowMainPy: boolean } | null = null,
+): Promise<RuleFailure[]> {
   const out: RuleFailure[] = [];
   const clause = "SKILLS.md §1 Forbidden Operations: creating files outside the project directory structure";
   for (const c of set.changes) {
     if (c.kind === "delete" || c.isDir) continue;
     const target = links.get(c.path);
     if (target !== undefined) {
-      if (path.isAbsolute(target) || path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target)).startsWith("..")) {
-        out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, outside the project; make it a file or a link within the project`, decision: "reject", final: true });
+      const refuse = (why: string) =>
+        out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, ${why}; make it a file or a link within the project`, decision: "reject", final: true });
+      const norm = path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target));
+      if (path.isAbsolute(target) || norm === ".." || norm.startsWith("../")) {
+        refuse("outside the project");
+        continue;
       }
+      if (norm === "." || norm === "") {
+        refuse("the project's root (every protected path would be reachable through it)");
+        continue;
+      }
+      const bad = guard ? await linkTargetProblem(norm, layer, guard) : null;
+      if (bad) refuse(bad);
       continue;
     }
     const st = await lstat(path.join(layer.paths.upper, c.path)).catch(() => null);
@@ -130,6 +153,27 @@ export async function layerFailures(set: ChangeSet, layer: WorkspaceLayer, links
     }
   }
   return out;
+}
+
+/** Why a link to the project-relative `norm` may not reach the project, or null. */
+async function linkTargetProblem(norm: string, layer: WorkspaceLayer, guard: { policy: WorkspacePolicy; allowMainPy: boolean }): Promise<string | null> {
+  const { protections } = compileWorkspace(guard.policy);
+  const parts = norm.split("/");
+  for (let i = 1; i <= parts.length; i++) {
+    const prefix = parts.slice(0, i).join("/");
+    for (const rule of protections) {
+      const t = rule.spec.treatment;
+      if (t !== "hidden" && t !== "readOnly") continue;
+      if (rule.spec.unlessPermission === "main.py" && guard.allowMainPy) continue;
+      if (protects(rule, prefix) || protects(rule, `${prefix}/x`)) return `a ${t === "hidden" ? "hidden" : "read-only"} path (${rule.spec.id})`;
+    }
+    // a link on the way: its destination is not what the target says
+    for (const root of [layer.paths.upper, layer.spec.project]) {
+      const st = await lstat(path.join(root, prefix)).catch(() => null);
+      if (st?.isSymbolicLink()) return `through the link ${prefix} (a link to a link is not followed to judge it)`;
+    }
+  }
+  return null;
 }
 
 export class PhaseWorkspace {
@@ -388,7 +432,7 @@ export class PhaseWorkspace {
       }
       const policy = this.opts.policy();
       let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: this.approvedPaths });
-      j = withCompileResults(j, await layerFailures(set, this.layer, links));
+      j = withCompileResults(j, await layerFailures(set, this.layer, links, { policy, allowMainPy: this.opts.allowMainPy }));
       // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
       const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
       if (py.length > 0 && !j.failures.some((f) => f.final)) {

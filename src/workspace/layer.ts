@@ -321,9 +321,19 @@ export class WorkspaceLayer {
     await chown(p.upper, root.uid, root.gid);
     await chmod(p.upper, root.mode & 0o7777);
     const lines: string[] = [];
+    const made = new Set<string>();
     for (const rel of this.spec.hidden) {
-      const dst = path.join(p.upper, rel);
-      lines.push(`mkdir -p ${quote(path.dirname(dst))}`, `mknod ${quote(dst)} c 0 0`);
+      // a folder on the way takes the project's owner and mode, so the view shows it as it is
+      const parts = rel.split("/");
+      for (let i = 1; i < parts.length; i++) {
+        const dir = parts.slice(0, i).join("/");
+        if (made.has(dir)) continue;
+        made.add(dir);
+        const up = quote(path.join(p.upper, dir));
+        const low = quote(path.join(this.spec.project, dir));
+        lines.push(`mkdir ${up}`, `chown --reference=${low} ${up}`, `chmod --reference=${low} ${up}`);
+      }
+      lines.push(`mknod ${quote(path.join(p.upper, rel))} c 0 0`);
     }
     if (lines.length > 0) await sh(lines.join("\n"), "hiding credential files");
   }
@@ -475,10 +485,33 @@ async function xattr(file: string, name: string): Promise<string | null> {
   try {
     const { stdout } = await run("getfattr", ["--absolute-names", "--only-values", "-h", "-n", name, file]);
     return stdout;
-  } catch {
-    return null;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") return null; // no such attribute
+  }
+  // no getfattr on this host: Python's os.getxattr. Never a silent "not
+  // opaque": a folder removed and made again would hide its lost files from
+  // the judge (and the apply would keep them)
+  try {
+    const { stdout } = await run("python3", ["-I", "-c", XATTR_PY, file, name]);
+    return stdout === "" ? null : stdout.slice(1);
+  } catch (err) {
+    throw new SandboxdError("SBX_ERR_WORKSPACE_UNSUPPORTED", `cannot read ${name} of ${file}: neither getfattr nor python3 works`, {
+      hint: "install getfattr (Debian/Ubuntu: apt-get install attr) on the daemon's host",
+      cause: err,
+    });
   }
 }
+
+/** Prints "=" and the value, or nothing when the attribute is absent; fails on any other error. */
+const XATTR_PY = [
+  "import errno, os, sys",
+  "try:",
+  "    v = os.getxattr(sys.argv[1], sys.argv[2], follow_symlinks=False)",
+  "except OSError as e:",
+  "    if e.errno == errno.ENODATA: sys.exit(0)",
+  "    raise",
+  "sys.stdout.write('=' + v.decode('latin-1'))",
+].join("\n");
 
 class UpperWalk {
   readonly out: FileChange[] = [];

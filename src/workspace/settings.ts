@@ -5,14 +5,15 @@
  * trigger a checkpoint.
  *
  * Protected paths are globs; the view needs concrete paths (a whiteout, a
- * bind mount). They are resolved against the project root's own entries
- * only (one readdir at phase start, cheap at any project size): `.env`,
- * `.git`, `.envrc`, `build_audit.log`, `main.py`. A protected path deeper in
- * the tree (`config/.env`) is still never changed — the judge refuses any
- * iteration that touches it — but it is visible in the view
- * (docs/WORKSPACE.md, "Left undone").
+ * bind mount). Read-only paths are resolved against the project root's own
+ * entries (`.git`, `.envrc`, `build_audit.log`, `main.py`); one deeper in
+ * the tree (`vendor/lib/.git/config`) is writable in the view but never
+ * changed — the judge refuses any iteration that touches it. Hidden paths
+ * (credential files) are found at any depth by one walk of the project at
+ * phase start: `config/.env` read in the sandbox would leak its values.
  */
 import { readdir } from "node:fs/promises";
+import path from "node:path";
 import { compileWorkspace, protects, type WorkspacePolicy } from "../policy/index.js";
 
 export interface LayerPaths {
@@ -34,6 +35,8 @@ export async function protectedRootEntries(project: string, ws: WorkspacePolicy,
       else if (rule.spec.treatment === "readOnly" && !(rule.spec.unlessPermission === "main.py" && opts.allowMainPy)) readOnly.add(name);
     }
   }
+  // hidden files deeper in the tree (config/.env, deploy/server.key): a credential file is hidden wherever it is
+  for (const rel of await hiddenBelow(project, protections.filter((r) => r.spec.treatment === "hidden"))) if (!hidden.includes(rel)) hidden.push(rel);
   // a name both hidden and read-only is hidden
   return { hidden, readOnly: [...readOnly].filter((n) => !hidden.includes(n)) };
 }
@@ -50,4 +53,29 @@ export function isValidationCommand(parts: ReadonlyArray<readonly string[]>, pro
     }
     return false;
   });
+}
+
+/** Folders never searched for credential files: the repository's metadata (read-only) and tools' caches. */
+const SKIP_DIRS = new Set([".git", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"]);
+
+/**
+ * Files below the project's root that a hidden rule covers. One walk of the
+ * project at phase start (links are not followed); the view whites each out.
+ */
+async function hiddenBelow(project: string, rules: ReturnType<typeof compileWorkspace>["protections"]): Promise<string[]> {
+  const out: string[] = [];
+  if (rules.length === 0) return out;
+  const walk = async (rel: string): Promise<void> => {
+    const entries = await readdir(path.join(project, rel), { withFileTypes: true }).catch(() => []);
+    for (const e of entries) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (rel && rules.some((rule) => protects(rule, r))) {
+        out.push(r);
+        continue;
+      }
+      if (e.isDirectory() && !SKIP_DIRS.has(e.name)) await walk(r);
+    }
+  };
+  await walk("");
+  return out;
 }
