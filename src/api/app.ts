@@ -13,7 +13,8 @@ import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
-import type { PhaseManager } from "../phases/manager.js";
+import type { ExecRequest, PhaseManager } from "../phases/manager.js";
+import { execBody } from "./schemas.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
@@ -63,6 +64,19 @@ function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
 }
 
 const truthy = (v: string | undefined) => v === "1" || v === "true";
+
+/** A job's wait without timeoutMs answers after this long. */
+const DEFAULT_JOB_WAIT_MS = 30_000;
+
+/** The exec body as the manager takes it: stdin as bytes. */
+function execRequest(body: z.output<typeof execBody>): ExecRequest {
+  const { stdin, stdinBase64, ...rest } = body;
+  return {
+    ...rest,
+    ...(stdin !== undefined ? { stdin: Buffer.from(stdin, "utf8") } : {}),
+    ...(stdinBase64 !== undefined ? { stdin: Buffer.from(stdinBase64, "base64") } : {}),
+  };
+}
 
 /** The table's entry for a key, as a type: its schemas give the handler's input types. */
 type RouteOf<K extends string> = K extends `${infer M} ${infer P}` ? Extract<(typeof ROUTES)[number], { method: M; path: P }> : never;
@@ -161,6 +175,10 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   on("POST /v1/phases/:id/exec", async ({ params: { id }, query: q, body }, _req, reply) => {
+    if (body.background) {
+      if (truthy(q.stream)) throw new SandboxdError("SBX_ERR_VALIDATION", "invalid request: background and stream=1 do not go together: a job's output is read with GET …/jobs/:job/output");
+      return reply.status(202).send({ job: await manager.startJob(id, execRequest(body)) });
+    }
     if (!truthy(q.stream)) {
       // A client that goes away before its answer ends its command, as a streaming one does.
       const abort = new AbortController();
@@ -169,13 +187,36 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       };
       reply.raw.on("close", onClose);
       try {
-        return { result: await manager.exec(id, body, undefined, abort.signal) };
+        return { result: await manager.exec(id, execRequest(body), undefined, abort.signal) };
       } finally {
         reply.raw.off("close", onClose);
       }
     }
-    return streamExec(reply, manager, id, body);
+    return streamExec(reply, manager, id, execRequest(body));
   });
+
+  // the phase's running commands, each cancellable by id
+  on("GET /v1/phases/:id/execs", async ({ params: { id } }) => ({ execs: await manager.runs(id) }));
+  on("POST /v1/phases/:id/execs/:exec/cancel", async ({ params: { id, exec }, body }) => ({ exec: await manager.cancel(id, exec, body.note) }));
+
+  // background jobs (src/phases/jobs.ts)
+  on("GET /v1/phases/:id/jobs", async ({ params: { id } }) => ({ jobs: await manager.listJobs(id) }));
+  on("GET /v1/phases/:id/jobs/:job", async ({ params: { id, job } }) => ({ job: manager.job(id, job) }));
+  on("GET /v1/phases/:id/jobs/:job/output", async ({ params: { id, job } }) => ({ output: manager.jobOutput(id, job) }));
+  on("GET /v1/phases/:id/jobs/:job/wait", async ({ params: { id, job }, query: q }, _req, reply) => {
+    // a client that goes away ends its wait (not the job)
+    const abort = new AbortController();
+    const onClose = () => {
+      if (!reply.raw.writableFinished) abort.abort();
+    };
+    reply.raw.on("close", onClose);
+    try {
+      return { job: await manager.waitJob(id, job, q.timeoutMs ?? DEFAULT_JOB_WAIT_MS, abort.signal) };
+    } finally {
+      reply.raw.off("close", onClose);
+    }
+  });
+  on("POST /v1/phases/:id/jobs/:job/kill", async ({ params: { id, job }, body }) => ({ job: await manager.killJob(id, job, body.note) }));
 
   // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
   on("POST /v1/phases/:id/pause", async ({ params: { id }, body }) => {
@@ -344,7 +385,7 @@ async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
   id: string,
-  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
+  body: ExecRequest,
 ): Promise<void> {
   const res = reply.raw;
   const abort = new AbortController();

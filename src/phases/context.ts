@@ -26,6 +26,7 @@ import type { Clock, IdSource } from "../util/clock.js";
 import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
+import { RunTable } from "./runs.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
@@ -93,6 +94,8 @@ export interface LivePhase {
 
 export class PhaseContext {
   readonly phases = new Map<string, LivePhase>();
+  /** every command running now, by its id (runs.ts) */
+  readonly runs = new RunTable();
   readonly store: PhaseStore;
   readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;

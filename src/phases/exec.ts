@@ -3,6 +3,7 @@
  * anything runs), an approval consumed or requested, the run through the
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
+import path from "node:path";
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Grant } from "../approvals/grants.js";
@@ -17,6 +18,8 @@ import { junitPathFor, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
+import { checkEnv, checkStdin, resolveCwd } from "./exec-options.js";
+import { RunHandle, newRunId } from "./runs.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
 export interface ExecRequest {
@@ -29,6 +32,16 @@ export interface ExecRequest {
    * decision (approved: the command runs in this call; denied: the denial).
    */
   waitApprovalMs?: number | undefined;
+  /** where it starts: relative to the workspace, or absolute under /workspace (default: the workspace) */
+  cwd?: string | undefined;
+  /** variables of its own, over the project's .env (reserved names refused: exec-options.ts) */
+  env?: Record<string, string> | undefined;
+  /** bytes for its stdin (default: none, /dev/null) */
+  stdin?: Buffer | undefined;
+  /** a background job (jobs.ts): recorded as such */
+  background?: boolean | undefined;
+  /** the id the command runs under (a job's id); default a new `ex_…` */
+  runId?: string | undefined;
 }
 
 /** What a waiting exec waits for: said to the caller before the wait starts. */
@@ -43,7 +56,7 @@ export interface ApprovalWait {
 /** Receives output as it arrives: UTF-8 text with secrets already scrubbed. */
 export interface ExecSink {
   /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
-  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
+  started?(info: { id: string; pid: number; rule: { id: string; clause: string } }): void;
   /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
   waiting?(info: ApprovalWait): void;
   stdout(text: string): void;
@@ -51,6 +64,8 @@ export interface ExecSink {
 }
 
 export interface ExecResult {
+  /** the command's id (`ex_…`; a background job's `jb_…`), as listed while it ran */
+  id: string;
   phaseId: string;
   argv: string[] | null;
   command: string | null;
@@ -76,6 +91,8 @@ export interface ExecResult {
   tests: TestCounts | null;
   /** set when this command's failure reached a fail-fast limit: the phase is now escalated */
   escalation: { n: number; category: string; report: string; summary: string } | null;
+  /** a person or client cancelled it by id (it got SIGTERM, then SIGKILL after the grace) */
+  cancelled: { at: string; note: string | null } | null;
 }
 
 
@@ -200,8 +217,36 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       },
     );
   }
-  const env = commandEnv(record, live.dotenv);
-  const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
+  // what the command asks for beyond its argv, each refused with its own code before anything is recorded
+  let cwd: Awaited<ReturnType<typeof resolveCwd>>;
+  let ownEnv: Record<string, string>;
+  let stdin: ReturnType<typeof checkStdin>;
+  try {
+    cwd = await resolveCwd(live, req.cwd);
+    ownEnv = checkEnv(live, req.env);
+    stdin = checkStdin(live, req.stdin);
+  } catch (e) {
+    // a directory out of the workspace or a reserved variable is an attempt worth a record (never the values)
+    if (e instanceof SandboxdError && (e.code === "SBX_ERR_EXEC_CWD" || e.code === "SBX_ERR_ENV_RESERVED")) {
+      const shown = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
+      await rec.record(
+        { type: "exec.refused", argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null), code: e.code, cwd: req.cwd ?? null, env: Object.keys(req.env ?? {}).sort(), message: e.message },
+        [actionLine(timestamp(ctx.opts.clock.now()), "SHELL", "EXEC", shown, `REFUSED ${e.code}: ${rec.redact(e.message)}`)],
+      );
+    }
+    throw e;
+  }
+  const runId = req.runId ?? newRunId(false);
+  const env = commandEnv(record, { ...live.dotenv, ...ownEnv });
+  const execBase = {
+    cwd: cwd.inContainer,
+    env,
+    timeoutMs,
+    killGraceMs: limits.killGraceMs,
+    uid: record.uid,
+    gid: record.gid,
+    ...(req.stdin !== undefined ? { stdin: req.stdin.toString("base64") } : {}),
+  };
   checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
@@ -221,7 +266,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (verdict.decision === "ask") {
     // what will run is the phase's view of the project (src/workspace): an edit in the layer changes the hash
     const viewRoot = live.workspace ? await live.workspace.layer.viewRoot() : record.project;
-    files = await bindFiles(filesRun(input), (rel) => readProjectFile({ project: viewRoot }, rel));
+    // a path the command names is read from where it starts (an approval of `sh x.sh` is not one of `sh sub/x.sh`)
+    const named = cwd.relative ? filesRun(input).map((p) => path.posix.resolve(cwd.inContainer, p)) : filesRun(input);
+    files = await bindFiles(named, (rel) => readProjectFile({ project: viewRoot }, rel));
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);
@@ -245,6 +292,14 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
 
   // The verdict is on disk, in both records, before anything runs.
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
+  const ownEnvNames = Object.keys(ownEnv).sort();
+  // where it runs and what it was given, without the values (a variable or stdin may carry a secret)
+  const startNote = [
+    cwd.relative ? ` cwd=${JSON.stringify(cwd.relative)}` : "",
+    ownEnvNames.length ? ` env=${ownEnvNames.join(",")}` : "",
+    stdin ? ` stdin=${stdin.bytes}B sha256:${stdin.sha256.slice(0, 12)}` : "",
+    req.background ? ` background=${runId}` : "",
+  ].join("");
   const approvalNote = approval
     ? ` approval=${approval.id}`
     : grant
@@ -271,10 +326,15 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       requestReason: req.reason ?? null,
       timeoutMs,
       waitApprovalMs: req.waitApprovalMs ?? null,
+      id: runId,
+      cwd: cwd.relative || ".",
+      env: ownEnvNames,
+      stdin,
+      background: req.background === true,
     },
     [
       `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
-      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
+      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}${escapeControl(startNote)}`),
     ],
   );
   if (denial) throw deniedError(denial, cmd, rec);
@@ -310,7 +370,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       const out = await ctx.opts.approvals.waitFor(pending.id, waitMs, abort);
       if (out.kind === "decided" && out.approval.state === "approved") {
         // Judged and bound again, as any retry: the approval is used only if the files it binds are unchanged.
-        return exec(ctx, id, { ...req, waitApprovalMs: undefined }, sink, abort);
+        return exec(ctx, id, { ...req, runId, waitApprovalMs: undefined }, sink, abort);
       }
       if (out.kind === "decided" && out.approval.state === "denied") {
         await countRefusal(ctx, live, verdict, cmd);
@@ -347,6 +407,24 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     throw e;
   }
   const leave = await enterWorkspace(live, verdict, cmd, ts);
+  // listed (and cancellable by id) from here until its result is recorded
+  let channelExecId = 0;
+  const run = new RunHandle(
+    {
+      id: runId,
+      phaseId: id,
+      argv: what.argv?.map((a) => rec.redact(a)) ?? null,
+      command: what.command === null ? null : rec.redact(what.command),
+      cwd: cwd.inContainer,
+      startedAt: ts(),
+      pid: null,
+      background: req.background === true,
+      cancelled: null,
+    },
+    (sig) => channel.signal(channelExecId, sig),
+    limits.killGraceMs,
+  );
+  ctx.runs.add(run);
   const out = new HeadTailText(limits.outputCapBytes);
   const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -387,7 +465,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
               if (done) return;
               clearTimeout(backstop);
               backstop = setTimeout(giveUp, runFor);
-              sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
+              run.info.pid = pid;
+              sink?.started?.({ id: runId, pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
             },
             onStdout: (c) => {
               if (done) return;
@@ -413,6 +492,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         return;
       }
       execId = sent;
+      channelExecId = sent;
       // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });
@@ -440,7 +520,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  }).finally(leave);
+  }).finally(() => {
+    ctx.runs.remove(runId);
+    leave();
+  });
   flushHeld();
 
   const durationMs = Math.round(ctx.opts.clock.monotonicMs() - started);
@@ -466,8 +549,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (tests) live.failFast.lastTests = tests;
   const policy = ctx.policyFor(live.phasePolicy).failFast;
   const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
+  // a command cancelled by id was ended by its caller: neither a failed attempt nor a success (fail-fast)
+  const cancelled = run.info.cancelled !== null;
   const category =
-    exitCode === 0 && !timedOut
+    (exitCode === 0 && !timedOut) || cancelled
       ? null
       : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure });
   let failure: ExecResult["failure"] = null;
@@ -483,17 +568,19 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     });
     failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
     reached = o.reached;
-  } else {
+  } else if (!cancelled) {
     live.failFast.succeed(tool);
   }
-  if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+  if (VALIDATION_TOOLS.has(tool) && !cancelled) live.failFast.validation.set(tool, failure === null);
   // Lines of their own, so that the SKILLS.md action line keeps its one-bracket [RESULT]
   const failLine = failure
     ? [`[${ts()}] ERROR_CATEGORY: ${failure.category}${failure.counted ? ` (attempt ${failure.count}/${failure.limit})` : ""}: ${escapeControl(failure.evidence)}`]
     : [];
   const testsLine = tests ? [`[${ts()}] TESTS: ${tests.passed} passed, ${tests.failures} failed, ${tests.errors} errors, ${tests.skipped} skipped of ${tests.tests}`] : [];
 
-  const resultWord = timedOut
+  const resultWord = run.info.cancelled
+    ? `CANCELLED (${exitCode ?? `signal ${signal}`})`
+    : timedOut
     ? `TIMEOUT after ${timeoutMs} ms`
     : exitCode === 0
       ? "PASS"
@@ -522,6 +609,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       evidence: failure?.evidence ?? null,
       failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
       tests,
+      id: runId,
+      cancelled: run.info.cancelled,
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
@@ -540,6 +629,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const esc = reached ? await escalate(ctx, live, reached) : null;
 
   return {
+    id: runId,
     phaseId: id,
     // scrubbed like every other copy: the caller may have passed a secret as an argument
     argv: what.argv?.map((a) => rec.redact(a)) ?? null,
@@ -561,6 +651,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     failure,
     tests,
     escalation: esc ? { n: esc.n, category: esc.category, report: esc.report, summary: esc.summary } : null,
+    cancelled: run.info.cancelled,
   };
 }
 

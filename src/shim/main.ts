@@ -160,7 +160,7 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
-        features: ["owner"],
+        features: ["owner", "stdin"],
       });
     });
   }
