@@ -399,9 +399,10 @@ export class RunningExec {
     for (const t of this.timers) clearTimeout(t);
     this.lastOutputAt = Date.now();
     // No background process may outlive its command. With a cgroup, everything
-    // it started is in there, whatever it did to its session or parentage (a
-    // declared background job, not yet an API feature, would keep its cgroup
-    // here instead). Without one, the process-table walk and its known gap.
+    // it started is in there, whatever it did to its session or parentage. A
+    // declared background job (src/phases/jobs.ts) is a command of its own,
+    // with its own cgroup, ended the same way. Without one, the process-table
+    // walk and its known gap.
     const killed = this.cgroup ? await this.cgroup.end() : signalExecProcesses(this.pid!, "SIGKILL", this.known).length;
     if (killed > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed });
     await this.outputClosed();

@@ -167,7 +167,7 @@ class Shim implements ExecLink {
 
   private onFrame(frame: Frame, welcomeTimer: NodeJS.Timeout): void {
     if (frame.kind !== FrameKind.Json) {
-      log("warn", "ignoring an output frame from the daemon (commands have no stdin)", { kind: frame.kind });
+      log("warn", "ignoring an output frame from the daemon (a command's stdin comes in its exec message)", { kind: frame.kind });
       return;
     }
     let json: unknown;
