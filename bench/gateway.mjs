@@ -41,7 +41,11 @@
  * daemon and its phase) is stopped at the end, on failure, on SIGINT/SIGTERM
  * and by a watchdog (BENCH_GW_TIMEOUT_S, default 900). BENCH_GW_SECONDS
  * (default 10) sets pgbench -T; BENCH_GW_ROUNDS (default 2) the rounds;
- * BENCH_GW_ONLY=pg,redis the parts. Exit 1 if the target is missed or the
+ * BENCH_GW_ONLY=pg,redis the parts; BENCH_GW_INFO=0 skips the info rows;
+ * BENCH_GW_CLIENTS=8 (default 1,8) the client counts;
+ * BENCH_GW_BEFORE=<dist/ of an earlier build> adds that build's gateway as a
+ * fourth side of every round (a change measured against what it replaced:
+ * target ≥ 0.95×). Exit 1 if the target is missed or the
  * bench failed.
  */
 import { execFile, execFileSync, spawn } from "node:child_process";
@@ -64,6 +68,8 @@ const SECONDS = Number(process.env.BENCH_GW_SECONDS ?? 10);
 const ROUNDS = Number(process.env.BENCH_GW_ROUNDS ?? 2);
 const TIMEOUT_S = Number(process.env.BENCH_GW_TIMEOUT_S ?? 900);
 const TARGET = 0.75;
+const BEFORE_DIST = process.env.BENCH_GW_BEFORE ? path.resolve(process.env.BENCH_GW_BEFORE) : undefined;
+const BEFORE_TARGET = 0.95; // a change to the gateway keeps ≥ 95 % of the throughput of the build it replaces
 const GATEWAY_ROLE = "sandboxd_gw";
 const SUPERUSER = "sbx_super";
 const DB = "bench";
@@ -74,7 +80,7 @@ const DB = "bench";
 
 async function serve() {
   const cfg = JSON.parse(process.env.BENCH_GW_SERVE);
-  const { handleClient } = await import(pathToFileURL(GATEWAY_JS).href);
+  const { handleClient } = await import(pathToFileURL(cfg.gatewayJs ?? GATEWAY_JS).href);
   let records = 0;
   let record;
   let recordMany;
@@ -295,11 +301,11 @@ async function startCluster(tmp) {
 }
 
 /** The gateway in its own Node process; resolves with its port and a stop() that reports the records count. */
-async function startGateway(tmp, upstream, { recordFile, recordDir, sink, relay, cpuProfDir } = {}) {
+async function startGateway(tmp, upstream, { recordFile, recordDir, sink, relay, cpuProfDir, gatewayJs } = {}) {
   const args = [...(cpuProfDir ? ["--cpu-prof", `--cpu-prof-dir=${cpuProfDir}`] : []), fileURLToPath(import.meta.url), "--serve"];
   const child = spawn(process.execPath, args, {
     stdio: ["ignore", "pipe", "inherit"],
-    env: { ...process.env, BENCH_GW_SERVE: JSON.stringify({ upstream, recordFile, recordDir, sink, relay }) },
+    env: { ...process.env, BENCH_GW_SERVE: JSON.stringify({ upstream, recordFile, recordDir, sink, relay, gatewayJs }) },
   });
   let out = "";
   child.stdout.on("data", (c) => (out += c));
@@ -450,6 +456,9 @@ async function benchPg() {
 
   const gw = await startGateway(tmp, upstream);
   const relay = await startGateway(tmp, upstream, { relay: true });
+  // BENCH_GW_BEFORE=<a dist/ directory of an earlier build>: that build's gateway is a fourth side of
+  // every round ("before"), so a change to the gateway is measured against what it replaced, same run
+  const before = BEFORE_DIST ? await startGateway(tmp, upstream, { gatewayJs: path.join(BEFORE_DIST, "db", "gateway.js") }) : undefined;
   const env = { PGPASSWORD: pg.gateway.password, PGSSLMODE: "disable", PGCONNECT_TIMEOUT: "10" };
   const bench = (port, c, j, mode, seconds = SECONDS) =>
     pgbench(pgbenchBin, ["-n", "-S", "-T", String(seconds), "-c", String(c), "-j", String(j), "-M", mode, "-h", "127.0.0.1", "-p", String(port), "-U", GATEWAY_ROLE, DB], env).then(parseTps);
@@ -459,10 +468,11 @@ async function benchPg() {
   await bench(pg.port, 8, 2, "extended", 2);
   await bench(relay.port, 8, 2, "extended", 2);
   await bench(gw.port, 8, 2, "extended", 2);
+  if (before) await bench(before.port, 8, 2, "extended", 2);
 
   /** one pgbench run through `via`, with the CPU it cost (machine, and the proxy process's own) */
   const measured = async (via, k, seconds = SECONDS) => {
-    const proxy = via === "gateway" ? gw : via === "relay" ? relay : via.proxy;
+    const proxy = via === "gateway" ? gw : via === "relay" ? relay : via === "before" ? before : via.proxy;
     const cpu0 = proxy ? procCpuSeconds(proxy.pid) : NaN;
     const cs0 = proxy ? procContextSwitches(proxy.pid) : undefined;
     const busy0 = systemBusySeconds();
@@ -471,16 +481,18 @@ async function benchPg() {
     s.machineCpuUsPerTx = Math.round(((systemBusySeconds() - busy0) * 1e6) / tx);
     if (proxy) {
       const cs1 = procContextSwitches(proxy.pid);
-      s.proxyCpuUsPerTx = Math.round(((procCpuSeconds(proxy.pid) - cpu0) * 1e6) / tx);
+      s.proxyCpuUsPerTxExact = ((procCpuSeconds(proxy.pid) - cpu0) * 1e6) / tx;
+      s.proxyCpuUsPerTx = Math.round(s.proxyCpuUsPerTxExact);
       s.proxyInvoluntarySwitchesPerTx = Number(((cs1.involuntary - cs0.involuntary) / tx).toFixed(3));
     }
     return s;
   };
 
-  const SIDES = ["direct", "relay", "gateway"];
+  const SIDES = before ? ["direct", "relay", "gateway", "before"] : ["direct", "relay", "gateway"];
   const configs = [];
-  for (const c of [1, 8]) for (const mode of ["simple", "extended"]) configs.push({ clients: c, threads: c === 1 ? 1 : 2, mode });
-  const samples = new Map(configs.map((k) => [k, { direct: [], relay: [], gateway: [] }]));
+  const clientCounts = (process.env.BENCH_GW_CLIENTS ?? "1,8").split(",").map(Number);
+  for (const c of clientCounts) for (const mode of ["simple", "extended"]) configs.push({ clients: c, threads: c === 1 ? 1 : 2, mode });
+  const samples = new Map(configs.map((k) => [k, { direct: [], relay: [], gateway: [], before: [] }]));
   for (let r = 0; r < ROUNDS; r++) {
     for (const k of configs) {
       // the order rotates every round, so no side always runs first
@@ -497,7 +509,9 @@ async function benchPg() {
   }
   const { records } = await gw.stop();
   await relay.stop();
+  if (before) await before.stop();
   results.recordsMemorySink = records;
+  if (before) results.before = { dist: BEFORE_DIST, target: BEFORE_TARGET };
   const med = (xs, f) => median(xs.map(f));
   for (const k of configs) {
     const s = samples.get(k);
@@ -518,11 +532,30 @@ async function benchPg() {
       machineCpuUsPerTx: Object.fromEntries(SIDES.map((side) => [side, med(s[side], (x) => x.machineCpuUsPerTx)])),
       processCpuUsPerTx: { relay: med(s.relay, (x) => x.proxyCpuUsPerTx), gateway: med(s.gateway, (x) => x.proxyCpuUsPerTx) },
       involuntarySwitchesPerTx: { relay: med(s.relay, (x) => x.proxyInvoluntarySwitchesPerTx), gateway: med(s.gateway, (x) => x.proxyInvoluntarySwitchesPerTx) },
+      ...(before
+        ? (() => {
+            const b = med(s.before, (x) => x.tps);
+            return {
+              beforeTps: Math.round(b),
+              ratioToBefore: Number((gateway / b).toFixed(3)),
+              // paired per round: gateway ÷ before measured back to back, then the median
+              pairedRatioToBefore: Number(median(s.gateway.map((g, i) => g.tps / s.before[i].tps)).toFixed(3)),
+              beforeProcessCpuUsPerTx: med(s.before, (x) => x.proxyCpuUsPerTx),
+              // the proxy process's own CPU per transaction, gateway ÷ before, paired per round: the
+              // measure a loaded machine disturbs least (tps follows whoever else has the cores)
+              cpuRatioToBefore: Number(median(s.gateway.map((g, i) => g.proxyCpuUsPerTxExact / s.before[i].proxyCpuUsPerTxExact)).toFixed(3)),
+            };
+          })()
+        : {}),
       target: k.clients === 8 ? TARGET : null,
       pass: k.clients === 8 ? gateway / direct >= TARGET : null,
     });
   }
 
+  if (process.env.BENCH_GW_INFO === "0") {
+    results.pass = results.configs.filter((x) => x.clients === 8).every((x) => x.pass);
+    return;
+  }
   // info: durable record sinks, 8 clients, extended, against the direct median above
   const k8 = { clients: 8, threads: 2, mode: "extended" };
   const d8 = results.configs.find((x) => x.clients === 8 && x.mode === "extended").directTps;
@@ -820,6 +853,11 @@ function printTable() {
     lines.push(
       `${String(x.clients).padStart(7)}  ${x.mode.padEnd(9)}  ${String(x.directTps).padStart(10)}  ${`${x.relayTps} (${x.relayRatio.toFixed(2)})`.padStart(17)}  ${String(x.gatewayTps).padStart(11)}  ${x.ratio.toFixed(2).padStart(5)}  ${String(x.addedLatencyUs).padStart(11)}  ${String(x.processCpuUsPerTx.gateway).padStart(17)}  ${x.pass === null ? "" : x.pass ? `pass (≥ ${TARGET})` : `MISS (< ${TARGET})`}`,
     );
+    if (x.beforeTps !== undefined) {
+      lines.push(
+        `         before: ${x.beforeTps} tps (${x.beforeProcessCpuUsPerTx} µs CPU/tx); gateway ÷ before: tps ${x.ratioToBefore.toFixed(3)} (medians), ${x.pairedRatioToBefore.toFixed(3)} (paired per round); process CPU per tx ${x.cpuRatioToBefore.toFixed(3)} (paired) — ${x.pairedRatioToBefore >= BEFORE_TARGET ? "tps within" : "tps NOT within"} ${Math.round((1 - BEFORE_TARGET) * 100)} %, ${x.cpuRatioToBefore <= 1 / BEFORE_TARGET ? "CPU within" : "CPU NOT within"} ${Math.round((1 - BEFORE_TARGET) * 100)} %`,
+      );
+    }
   }
   for (const x of results.info) {
     lines.push(
