@@ -28,6 +28,15 @@ export interface AppOptions {
   stateDir: string;
   logger: Logger;
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
+  /**
+   * How the daemon stops over its API: `phases` ends (or, with keepPhases,
+   * detaches) the phases and answers their ids; `close` then closes the
+   * servers and the journal, once the answer is sent. Absent: refused.
+   */
+  stop?: {
+    phases(o: { keepPhases: boolean; drainMs: number | undefined }): Promise<string[]>;
+    close(): Promise<void>;
+  };
 }
 
 /** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
@@ -157,6 +166,15 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   };
 
   on("GET /v1/openapi.json", async () => openApiDocument());
+  on("POST /v1/daemon/stop", async ({ body }, _req, reply) => {
+    const stop = opts.stop;
+    if (!stop) throw new SandboxdError("SBX_ERR_SHUTDOWN_REFUSED", "this daemon cannot be stopped over its API");
+    const keepPhases = body.keepPhases === true;
+    const phases = await stop.phases({ keepPhases, drainMs: body.drainMs });
+    // the rest of the stop (servers, journal) once this answer is out
+    reply.raw.once("finish", () => void stop.close());
+    return { stopping: true, keepPhases, phases };
+  });
   on("GET /v1/health", async () => ({ ok: true, ...opts.info }));
 
   on("GET /v1/phases", async () => ({ phases: await manager.list() }));

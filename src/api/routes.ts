@@ -32,6 +32,11 @@ const running: readonly ErrorCode[] = ["SBX_ERR_PHASE_NOT_FOUND", "SBX_ERR_PHASE
 
 export const ROUTES = [
   { method: "GET", path: "/v1/health", tag: "daemon", summary: "the daemon's version, instance, pid, state dir and socket", ok: { status: 200, description: "{ok, version, instance, pid, stateDir, socket}", content: "json" } },
+  {
+    method: "POST", path: "/v1/daemon/stop", tag: "daemon", summary: "stop the daemon; with keepPhases, a planned restart that leaves running phases for the next daemon to re-adopt", body: S.daemonStopBody,
+    ok: { status: 200, description: "{stopping: true, keepPhases, phases} once the phases are stopped or detached; the daemon then closes", content: "json" },
+    errors: ["SBX_ERR_SHUTDOWN_REFUSED", "SBX_ERR_SHUTTING_DOWN"],
+  },
   { method: "GET", path: "/v1/openapi.json", tag: "daemon", summary: "this document (OpenAPI 3.1), generated from the schemas the server validates with", ok: { status: 200, description: "the OpenAPI document", content: "json" } },
 
   { method: "GET", path: "/v1/phases", tag: "phases", summary: "every phase on record, oldest first", ok: { status: 200, description: "{phases: [...]}", content: "json" } },

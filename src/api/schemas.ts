@@ -126,6 +126,15 @@ export const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false"]
 export const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
 
+/** A planned restart waits at most this long for running commands before it cancels them. */
+export const MAX_DRAIN_MS = 300_000;
+export const daemonStopBody = z
+  .object({
+    keepPhases: z.boolean().optional(),
+    drainMs: z.number().int().nonnegative().max(MAX_DRAIN_MS, "at most 5 minutes (300,000 ms)").optional(),
+  })
+  .strict();
+
 const runIdSchema = z.string().regex(/^(ex|jb)_[0-9a-f]{12}$/, "not a command id (ex_ or jb_ followed by 12 hex digits)");
 export const runParams = phaseIdParam.extend({ exec: runIdSchema });
 export const jobParams = phaseIdParam.extend({ job: z.string().regex(/^jb_[0-9a-f]{12}$/, "not a job id (jb_ followed by 12 hex digits)") });

@@ -241,7 +241,28 @@ function program(): Command {
         };
         onSignal = stop;
         if (signalled) stop(signalled);
+        // stopped over the API (`sandboxd stop`): the process ends too
+        void daemon.closed.then(resolve);
       });
+    });
+
+  prog
+    .command("stop")
+    .description("stop the daemon: its phases are stopped, or with --keep-phases left running for the next daemon to re-adopt (a planned restart)")
+    .option("--keep-phases", "a planned restart: running commands get --drain seconds, then are cancelled (recorded); running phases keep their containers and are re-adopted by the next `sandboxd start`")
+    .option("--drain <seconds>", "with --keep-phases: how long running commands may take to end before they are cancelled (default 10, at most 300)", parseTimeout)
+    .option("--json", "print the answer as JSON")
+    .action(async (opts: { keepPhases?: boolean; drain?: number; json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const body = { ...(opts.keepPhases ? { keepPhases: true } : {}), ...(opts.drain !== undefined ? { drainMs: opts.drain } : {}) };
+      const res = await api.request<{ stopping: boolean; keepPhases: boolean; phases: string[] }>("POST", "/v1/daemon/stop", body);
+      if (opts.json) return printJson(res);
+      const n = res.phases.length;
+      process.stdout.write(
+        res.keepPhases
+          ? `daemon stopping; ${n} phase${n === 1 ? "" : "s"} left running for the next daemon${n ? `: ${res.phases.join(" ")}` : ""}\n`
+          : `daemon stopping; ${n} phase${n === 1 ? "" : "s"} stopped\n`,
+      );
     });
 
   prog

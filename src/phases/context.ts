@@ -96,6 +96,15 @@ export class PhaseContext {
   readonly phases = new Map<string, LivePhase>();
   /** every command running now, by its id (runs.ts) */
   readonly runs = new RunTable();
+  /** every exec call not yet answered (a planned restart waits for their records: detach.ts) */
+  readonly inflight = new Set<Promise<unknown>>();
+
+  track<T>(p: Promise<T>): Promise<T> {
+    this.inflight.add(p);
+    const done = () => void this.inflight.delete(p);
+    p.then(done, done);
+    return p;
+  }
   readonly store: PhaseStore;
   readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;

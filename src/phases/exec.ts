@@ -196,7 +196,11 @@ export class HeadTailText {
   }
 }
 
-export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+export function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+  return ctx.track(execOnce(ctx, id, req, sink, abort));
+}
+
+async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
   ctx.assertServing();
   const live = await ctx.running(id);
   const { record, rec } = live;

@@ -30,6 +30,7 @@ import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
 import { abortPhase, pausePhase, recordAttempt, type AttemptInput, type AttemptOutcome } from "./escalation.js";
 import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
+import { detachAll } from "./detach.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
 import { checkpoint, decideIteration, pendingDiff, pendingFiles } from "./workspace.js";
@@ -80,6 +81,16 @@ export class PhaseManager {
   /** SIGTERM: refuse new work, stop every phase, leave nothing running. */
   shutdown(): Promise<void> {
     return shutdown(this.ctx);
+  }
+
+  /**
+   * A planned restart (`sandboxd stop --keep-phases`): commands drain (then
+   * are cancelled), every phase is left running for the next daemon to
+   * re-adopt (detach.ts). Refused, changing nothing, when a phase is not
+   * running. Answers the ids of the phases left running.
+   */
+  detach(drainMs: number): Promise<string[]> {
+    return detachAll(this.ctx, drainMs);
   }
 
   /**
