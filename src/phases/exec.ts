@@ -273,6 +273,8 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     // a path the command names is read from where it starts (an approval of `sh x.sh` is not one of `sh sub/x.sh`)
     const named = cwd.relative ? filesRun(input).map((p) => path.posix.resolve(cwd.inContainer, p)) : filesRun(input);
     files = await bindFiles(named, (rel) => readProjectFile({ project: viewRoot }, rel));
+    // the directory is part of what a person approves: `ls` approved in the workspace is not `ls` in another directory
+    if (cwd.relative) files.push({ path: `${cwd.inContainer}/`, sha256: null, note: "working directory" });
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);

@@ -111,6 +111,19 @@ describe("exec: cwd, env, stdin", () => {
     expect(JSON.stringify(refused)).not.toContain("http://evil");
   });
 
+  it("an approval is bound to the directory it was asked in: approved in one, it does not run in another", async () => {
+    const asked = await refusal(sbx.exec(phaseId, { argv: ["ls", "-1"] }));
+    expect(asked.code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    const id = (asked.details as { approvalId: string }).approvalId;
+    await sbx.approve(id, "a listing of the workspace");
+    const elsewhere = await refusal(sbx.exec(phaseId, { argv: ["ls", "-1"], cwd: "services" }));
+    expect(elsewhere.code).toBe("SBX_ERR_APPROVAL_STALE");
+    const fresh = await sbx.approval((elsewhere.details as { approvalId: string }).approvalId);
+    // the person sees the directory in the new request
+    expect(fresh.files).toEqual([{ path: "/workspace/services/", sha256: null, note: "working directory" }]);
+    expect((await records("exec.verdict")).filter((r) => Array.isArray(r.argv) && r.argv[0] === "ls" && r.decision === "allow")).toEqual([]);
+  });
+
   it("caps stdin at 512 KiB", async () => {
     const e = await refusal(sbx.exec(phaseId, { argv: ["python3", scripts.where!], stdin: Buffer.alloc(512 * 1024 + 1) }));
     expect(e.code).toBe("SBX_ERR_REQUEST_TOO_LARGE");
