@@ -112,7 +112,10 @@ export const ERRORS = {
   },
   SBX_ERR_EXEC_NOT_FOUND: { status: 404, hint: "`sandboxd execs ls <phase>` lists the phase's running commands and `sandboxd jobs ls <phase>` its background jobs" },
   SBX_ERR_JOB_LIMIT: { status: 429, hint: "wait for or kill one of the phase's background jobs (`sandboxd jobs ls <phase>`) before starting another" },
-  SBX_ERR_SHUTDOWN_REFUSED: { status: 409, hint: "this daemon was started without a way to stop it over its API; stop it with SIGTERM (--keep-phases: SIGUSR2)" },
+  SBX_ERR_SHUTDOWN_REFUSED: {
+    status: 409,
+    hint: "a planned restart keeps only running phases: resume, abort or stop the ones named, or stop the daemon without --keep-phases (which stops every phase)",
+  },
   SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
 } as const satisfies Record<string, ErrorSpec>;
 
