@@ -6,20 +6,24 @@
  *                  naive durable logger does; build_audit.log's BuildLog)
  *   journal        AuditJournal: hash chain + group commit + anchor per batch
  *                  (anchor made power-loss durable once a second: the default)
+ *   journal-signed the same with every anchor signed (ed25519, as the daemon
+ *                  runs it; src/audit/signing.ts): signing on vs off
  *   journal-noanchor        the same without audit.anchor (cost of the anchor)
  *   journal-anchorsync      anchor fdatasync'ed + dir fsync'ed every batch
  *
  * Each with 1, 16 and 256 appends outstanding, records of about the same size
  * (~300 B), on the real disk in a temp dir (BENCH_AUDIT_DIR to choose where),
- * interleaved over BENCH_AUDIT_ROUNDS rounds (default 3) after a warm-up.
+ * interleaved over BENCH_AUDIT_ROUNDS rounds (default 3) after a warm-up; the
+ * writers' order rotates every round. BENCH_AUDIT_VARIANTS=journal,journal-signed
+ * runs only those.
  * Reports records/s (median over rounds) and append latency p50/p99 (all
  * rounds pooled), from the call to the resolution of the promise.
  *
  *   node bench/audit-throughput.mjs          prints a table and the JSON
  *   import { run } from "./audit-throughput.mjs"; await run({ rounds: 1 })
  *
- * src/audit/journal.ts is compiled with esbuild into the temp dir, so the
- * bench never measures a stale dist/.
+ * src/audit/journal.ts and signing.ts are compiled with esbuild into the temp
+ * dir, so the bench never measures a stale dist/.
  */
 import fs from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -110,7 +114,11 @@ export async function run(opts = {}) {
   try {
     const modPath = path.join(tmp, "journal.mjs");
     await build({
-      entryPoints: [path.join(ROOT, "src", "audit", "journal.ts")],
+      stdin: {
+        contents: 'export * from "./journal.ts"; export { AnchorSigner } from "./signing.ts";',
+        resolveDir: path.join(ROOT, "src", "audit"),
+        loader: "ts",
+      },
       bundle: true,
       platform: "node",
       format: "esm",
@@ -118,7 +126,8 @@ export async function run(opts = {}) {
       outfile: modPath,
       logLevel: "silent",
     });
-    const { AuditJournal, JOURNAL_FILE } = await import(pathToFileURL(modPath).href);
+    const { AuditJournal, AnchorSigner, JOURNAL_FILE } = await import(pathToFileURL(modPath).href);
+    const signer = AnchorSigner.ephemeral();
 
     // the plain writer writes lines of the journal's own record size
     const probeDir = path.join(tmp, "probe");
@@ -139,6 +148,10 @@ export async function run(opts = {}) {
         const j = await AuditJournal.open(dir, { clock });
         return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
       },
+      "journal-signed": async (dir) => {
+        const j = await AuditJournal.open(dir, { clock, signer });
+        return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
+      },
       "journal-noanchor": async (dir) => {
         const j = await AuditJournal.open(dir, { clock, anchor: false });
         return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
@@ -148,7 +161,8 @@ export async function run(opts = {}) {
         return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
       },
     };
-    const names = opts.variants ?? Object.keys(variants);
+    const names = opts.variants ?? (process.env.BENCH_AUDIT_VARIANTS ? process.env.BENCH_AUDIT_VARIANTS.split(",") : Object.keys(variants));
+    for (const name of names) if (!variants[name]) throw new Error(`unknown writer ${name}; known: ${Object.keys(variants).join(", ")}`);
 
     // warm-up: JIT, page cache, the disk's journal
     for (const name of names) {
@@ -161,7 +175,9 @@ export async function run(opts = {}) {
     let n = 0;
     for (let round = 0; round < rounds; round++) {
       for (const c of concurrencies) {
-        for (const name of names) {
+        // rotate the order every round, so no writer always runs first (or right after another's burst)
+        const order = names.map((_, i) => names[(i + round) % names.length]);
+        for (const name of order) {
           const v = await variants[name](path.join(tmp, `r${n++}`));
           const total = perRun(name, c);
           const res = await drive(v.append, total, c);
@@ -186,7 +202,7 @@ export async function run(opts = {}) {
         recordsPerSync: r2(median(a.recordsPerSync)),
       };
     });
-    return { recordBytes, rounds, dir: base, node: process.version, results };
+    return { recordBytes, rounds, dir: base, node: process.version, loadavg: fs.readFileSync("/proc/loadavg", "utf8").trim(), results };
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }
@@ -194,7 +210,7 @@ export async function run(opts = {}) {
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
   const out = await run();
-  console.log(`audit throughput (records of ${out.recordBytes} B, ${out.rounds} rounds, ${out.dir}, node ${out.node})`);
+  console.log(`audit throughput (records of ${out.recordBytes} B, ${out.rounds} rounds, ${out.dir}, node ${out.node}, loadavg after: ${out.loadavg})`);
   console.log("writer               outstanding   records/s   p50 ms   p99 ms   records/sync");
   for (const r of out.results) {
     console.log(

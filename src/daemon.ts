@@ -5,10 +5,13 @@
 import { createHash, randomBytes } from "node:crypto";
 import { chmod, mkdir, readFile, unlink, writeFile } from "node:fs/promises";
 import net from "node:net";
+import { hostname } from "node:os";
 import path from "node:path";
 import pino, { type Logger } from "pino";
 import { buildApp } from "./api/app.js";
-import { AuditJournal } from "./audit/journal.js";
+import { prepareExport } from "./audit/bundle.js";
+import { ANCHOR_FILE, AuditJournal, parseAnchor } from "./audit/journal.js";
+import { loadOrCreateSigningKey } from "./audit/signing.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
@@ -64,6 +67,15 @@ async function instanceId(stateDir: string): Promise<string> {
   return id;
 }
 
+/** The fingerprint of the key that signed the state dir's anchor, or null (no anchor, unsigned, unreadable: the journal's open judges it). */
+async function anchorSignedBy(stateDir: string): Promise<string | null> {
+  try {
+    return parseAnchor(await readFile(path.join(stateDir, ANCHOR_FILE)), ANCHOR_FILE).signed?.key ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * A connection that has not sent its first request within this time is
  * closed. Each holds a file descriptor, and a client that opens connections
@@ -71,6 +83,10 @@ async function instanceId(stateDir: string): Promise<string> {
  * come, the connection is no longer idle by this measure: a streaming exec
  * or a follow may stay silent for as long as its command or its trail does.
  * Between requests, Node's keepAliveTimeout (fastify: 72 s) closes it.
+ * The request itself must arrive whole within the same time of its headers:
+ * a client that sends headers and then trickles its body a byte at a time
+ * would otherwise hold the connection forever (fastify turns Node's
+ * requestTimeout off), and 8 MiB over a unix socket takes milliseconds.
  */
 export const IDLE_CONNECTION_MS = 10_000;
 
@@ -85,6 +101,14 @@ export function closeIdleConnections(server: import("node:http").Server, idleMs:
   server.on("request", (req: import("node:http").IncomingMessage) => {
     const timer = silent.get(req.socket);
     if (timer) clearTimeout(timer);
+    if (req.complete) return;
+    const sock = req.socket;
+    const receiving = setTimeout(() => {
+      if (!req.complete) sock.destroy();
+    }, idleMs);
+    receiving.unref();
+    sock.once("close", () => clearTimeout(receiving));
+    req.once("end", () => clearTimeout(receiving));
   });
   // a request whose headers never complete is cut by Node itself
   server.headersTimeout = idleMs;
@@ -121,8 +145,25 @@ export async function startDaemon(
   const instance = await instanceId(settings.stateDir);
   // The policy is loaded and validated whole before anything is served; a broken one stops the start.
   await initShellParser();
-  let policy = await loadPolicy(settings.policyFile);
-  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock });
+  // read once: what is parsed is what is hashed into policy.load
+  const policyText = await readFile(settings.policyFile, "utf8").catch(() => null);
+  let policy = policyText === null ? await loadPolicy(settings.policyFile) : parsePolicy(policyText, settings.policyFile);
+  // Every anchor is signed (docs/AUDIT.md "Signed anchors"); without a usable key the daemon does not start.
+  const signer = await loadOrCreateSigningKey(settings.auditKey, await anchorSignedBy(settings.stateDir));
+  if (signer.created) {
+    log.warn(
+      { keyFile: signer.keyFile, fingerprint: signer.fingerprint },
+      "created the audit signing key: back it up, and give auditors its public key (`sandboxd audit key`)",
+    );
+  }
+  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock, signer });
+  await journal.append({
+    type: "policy.load",
+    file: settings.policyFile,
+    sha256: createHash("sha256").update(policyText ?? "").digest("hex"),
+    bytes: Buffer.byteLength(policyText ?? ""),
+    rules: policy.shell.layers.reduce((n, l) => n + l.rules.length, 0),
+  });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
   const grants = await GrantStore.open(settings.stateDir, systemClock);
   const manager = new PhaseManager({
@@ -191,6 +232,10 @@ export async function startDaemon(
     },
     manager,
     approvals,
+    audit: {
+      key: { fingerprint: signer.fingerprint, publicKey: signer.publicKeyPem, keyFile: signer.keyFile },
+      exportBundle: () => prepareExport({ stateDir: settings.stateDir, journal, signer, source: { instance, stateDir: settings.stateDir, hostname: hostname(), version: VERSION } }),
+    },
     stateDir: settings.stateDir,
     logger: log,
     info: { version: VERSION, instance, pid: process.pid, stateDir: settings.stateDir, socket: settings.socket },

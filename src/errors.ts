@@ -65,6 +65,10 @@ export const ERRORS = {
     status: 429,
     hint: "this phase made more audit records or bytes than its policy allows (audit.phaseBudget), so it takes no new work; stop it (`sandboxd phase stop`) and look at what flooded its trail",
   },
+  SBX_ERR_AUDIT_KEY: {
+    status: 500,
+    hint: "the daemon signs every audit anchor with its ed25519 key and never writes one unsigned; fix the key file named above (docs/AUDIT.md \"Signed anchors\")",
+  },
   SBX_ERR_AUDIT_CORRUPT: { status: 500, hint: "the audit chain does not verify; run `sandboxd audit verify` to find the first bad record" },
   SBX_ERR_SQL_REFUSED: { status: 403, hint: "run a read-only query, or one the phase's mode allows" },
   SBX_ERR_IMAGE_MISSING: { status: 503, hint: "build the sandbox image with `sandboxd image build`" },

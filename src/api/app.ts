@@ -13,6 +13,7 @@ import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
+import type { PreparedExport } from "../audit/bundle.js";
 import type { ExecRequest, PhaseManager } from "../phases/manager.js";
 import { execBody } from "./schemas.js";
 import { isEvent, toEvent } from "./events.js";
@@ -27,6 +28,11 @@ export interface AppOptions {
   /** the daemon's state dir, where audit.jsonl lives */
   stateDir: string;
   logger: Logger;
+  /** the audit trail's signing key and its export (the daemon's; absent in tests that build the app alone) */
+  audit?: {
+    key: { fingerprint: string; publicKey: string; keyFile: string };
+    exportBundle(): Promise<PreparedExport>;
+  };
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
   /**
    * How the daemon stops over its API: `phases` ends (or, with keepPhases,
@@ -365,6 +371,47 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   on("GET /v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
 
+  const auditSigning = () => {
+    if (!opts.audit) throw new SandboxdError("SBX_ERR_NOT_FOUND", "this API has no audit signing key");
+    return opts.audit;
+  };
+  on("GET /v1/audit/key", async () => ({ key: auditSigning().key }));
+
+  // A verifiable bundle (src/audit/bundle.ts): checked and signed before the first byte is sent, then streamed.
+  on("GET /v1/audit/export", async (_input, _req, reply) => {
+    const prepared = await auditSigning().exportBundle();
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, {
+      "content-type": "application/x-ndjson",
+      "cache-control": "no-store",
+      "x-sandboxd-bundle-records": String(prepared.header.records),
+      "x-sandboxd-bundle-key": prepared.anchor.key,
+    });
+    try {
+      for await (const chunk of prepared.body()) {
+        if (res.destroyed) break;
+        if (!res.write(chunk)) {
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              res.off("drain", done);
+              res.off("close", done);
+              resolve();
+            };
+            res.once("drain", done);
+            res.once("close", done);
+          });
+        }
+      }
+    } catch (e) {
+      // the records changed under the export: the client sees a cut bundle, which does not verify
+      opts.logger.error({ err: (e as Error).message }, "audit export cut short");
+      res.destroy();
+      return;
+    }
+    res.end();
+  });
+
   on("GET /v1/phases/:id/logs", async ({ params: { id }, query: q }, _req, reply) => {
     const src = await manager.logs(id, truthy(q.follow));
     reply.header("content-type", "text/plain; charset=utf-8");
@@ -393,8 +440,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
  * ordinary error response. A slow reader slows the command (backpressure);
  * a reader that disconnects ends it.
  *
- * The request owns one FlowConsumer (src/phases/flow.ts): it holds the
- * phase's channel paused while the client drains, and whatever way the
+ * The request owns one FlowConsumer (src/phases/flow.ts): it holds its
+ * exec's output paused in the shim while the client drains (the whole
+ * channel, with a shim older than "execflow"), and whatever way the
  * request ends (exit, error, client gone) the consumer is closed, so its
  * pause ends with it. Once the answer is sent (`answered`), nothing more is
  * written: output arriving late is dropped, never sent after the end.
@@ -443,7 +491,9 @@ async function streamExec(
         started: (info) => write({ type: "started", phaseId: id, ...info }),
         // commits the 200: the decision (run, denial, no decision in time) follows in the stream
         waiting: (info) => write({ type: "waiting", phaseId: id, ...info }),
-        stdout: emit("stdout"), stderr: emit("stderr") },
+        stdout: emit("stdout"), stderr: emit("stderr"),
+        // from the command's start, this client's pause is its exec's alone (a slow reader holds up no other command)
+        sent: (execId) => flow.bind(execId) },
       abort.signal,
     );
     write({ type: "exit", result });

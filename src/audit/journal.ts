@@ -26,6 +26,7 @@ import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import type { Clock } from "../util/clock.js";
 import { canonicalJson, canonicalMembers, toWellFormed, withMember } from "./canonical.js";
+import { type AnchorSigner, verifyAnchorSignature } from "./signing.js";
 import { removeIfPresent } from "../util/fs.js";
 
 export const JOURNAL_FILE = "audit.jsonl";
@@ -54,6 +55,23 @@ export interface AuditRecord extends AuditEvent {
 export interface ChainHead {
   seq: number;
   hash: string;
+}
+
+/** A chain head with its ed25519 signature (./signing.ts). */
+export interface SignedHead extends ChainHead {
+  /** fingerprint of the signing key (SHA-256 hex of its DER SubjectPublicKeyInfo) */
+  key: string;
+  /** base64 ed25519 signature over anchorMessage({seq, hash}) */
+  sig: string;
+}
+
+/**
+ * What audit.anchor holds: the last synced head, and when the journal has a
+ * signer, the latest signed head — the same one, or one a signature behind
+ * while that signature is being made (appends never wait for it).
+ */
+export interface Anchor extends ChainHead {
+  signed?: SignedHead;
 }
 
 /** Anything with a `redact(text)` method (./redact.ts `Redactor`). */
@@ -120,6 +138,19 @@ export interface JournalOptions {
    * chain. Default 1000; 0 = never (stay failed until restarted).
    */
   recoverProbeMs?: number;
+  /**
+   * Signs every anchor (./signing.ts). On open the journal records the key
+   * (`audit.signing_key`), checks that an anchor signed with this key
+   * verifies, and refuses an unsigned anchor over a trail that was signed.
+   */
+  signer?: AnchorSigner;
+  /**
+   * At most one anchor signature per this many ms of the injected clock's
+   * monotonic time (default 100; 0 = as soon as the previous one is made).
+   * Appends never wait for a signature: the anchor's signed head trails its
+   * head by at most this and one signature (≈70 µs). docs/AUDIT.md.
+   */
+  signIntervalMs?: number;
 }
 
 const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
@@ -156,14 +187,16 @@ export function checkRecord(line: string, parsed: unknown): string | null {
   return null;
 }
 
-export function parseAnchor(bytes: Buffer, file: string): ChainHead {
+const B64SIG = /^[A-Za-z0-9+/]{86}==$/;
+
+export function parseAnchor(bytes: Buffer, file: string): Anchor {
   let parsed: unknown;
   try {
     parsed = JSON.parse(bytes.toString("utf8"));
   } catch {
     throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} is not JSON`);
   }
-  const a = parsed as Partial<ChainHead> | null;
+  const a = parsed as Partial<Anchor> | null;
   if (
     typeof a !== "object" ||
     a === null ||
@@ -175,7 +208,25 @@ export function parseAnchor(bytes: Buffer, file: string): ChainHead {
   ) {
     throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} does not hold {seq, hash}`);
   }
-  return { seq: a.seq, hash: a.hash };
+  if (a.signed === undefined) return { seq: a.seq, hash: a.hash };
+  const s = a.signed as Partial<SignedHead> | null;
+  if (
+    typeof s !== "object" ||
+    s === null ||
+    typeof s.seq !== "number" ||
+    !Number.isSafeInteger(s.seq) ||
+    s.seq < 0 ||
+    s.seq > a.seq ||
+    typeof s.hash !== "string" ||
+    !HEX64.test(s.hash) ||
+    typeof s.key !== "string" ||
+    !HEX64.test(s.key) ||
+    typeof s.sig !== "string" ||
+    !B64SIG.test(s.sig)
+  ) {
+    throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${file} has a malformed signed head (signed: {seq ≤ seq, hash, key: a 64-hex fingerprint, sig: a base64 ed25519 signature})`);
+  }
+  return { seq: a.seq, hash: a.hash, signed: { seq: s.seq, hash: s.hash, key: s.key, sig: s.sig } };
 }
 
 function errnoOf(e: unknown): string {
@@ -297,12 +348,16 @@ interface Pending {
 
 const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT;
 const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT;
-/** The anchor is always this many bytes (JSON padded with spaces, then "\n"), overwritten in place. */
-export const ANCHOR_BYTES = 128;
+/**
+ * The anchor is always this many bytes (JSON padded with spaces, then "\n"),
+ * overwritten in place: one sector, so one pwrite(2) (about 250 bytes of
+ * JSON with a signature; 128 bytes before anchors were signed).
+ */
+export const ANCHOR_BYTES = 512;
 
-/** `{"hash":"…","seq":N}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
-export function anchorBytes(head: ChainHead): Buffer {
-  const json = canonicalJson({ seq: head.seq, hash: head.hash });
+/** `{"hash":"…","seq":N,"signed":{"hash","key","seq","sig"}}` padded to ANCHOR_BYTES; JSON.parse ignores the padding. */
+export function anchorBytes(anchor: Anchor): Buffer {
+  const json = canonicalJson(anchor.signed === undefined ? { seq: anchor.seq, hash: anchor.hash } : { seq: anchor.seq, hash: anchor.hash, signed: { ...anchor.signed } });
   return Buffer.from(`${json.padEnd(ANCHOR_BYTES - 1, " ")}\n`, "utf8");
 }
 
@@ -402,6 +457,16 @@ export class AuditJournal {
   private readonly clock: Clock;
   private readonly anchorSyncMs: number;
   private readonly redactor: TextRedactor | null;
+  private readonly signer: AnchorSigner | null;
+  /** the latest signed head (a synced one), written into every anchor */
+  private signed: SignedHead | null = null;
+  /** the signature being made on the thread pool, if any (one at a time) */
+  private signing: Promise<void> | null = null;
+  private readonly signIntervalMs: number;
+  private lastSignStart = -Infinity;
+  private signTimer: NodeJS.Timeout | null = null;
+  /** anchor writes, one after another: each writes the state at the time it runs */
+  private anchorQueue: Promise<void> = Promise.resolve();
   private readonly fd: number;
   /** fd of audit.anchor, -1 when the anchor is off */
   private readonly afd: number;
@@ -453,6 +518,8 @@ export class AuditJournal {
     this.clock = opts.clock;
     this.anchorSyncMs = opts.anchorSyncMs ?? 1000;
     this.redactor = opts.redactor ?? null;
+    this.signer = opts.signer ?? null;
+    this.signIntervalMs = opts.signIntervalMs ?? 100;
     this.fd = fd;
     this.afd = afd;
     this.anchorOversize = anchorSize > ANCHOR_BYTES;
@@ -516,7 +583,7 @@ export class AuditJournal {
     }
     try {
       const tail = await readTail(jfs, fd, file);
-      let anchor: ChainHead | null = null;
+      let anchor: Anchor | null = null;
       let anchorSize = 0;
       if (anchorEnabled) {
         let bytes: Buffer;
@@ -548,6 +615,7 @@ export class AuditJournal {
             `record ${anchor.seq} in ${file} does not have the hash ${anchorFile} holds: the journal's tail was rewritten`,
           );
         }
+        if (opts.signer) await checkAnchorAtOpen(jfs, fd, file, anchorFile, anchor, tail.head.seq, opts.signer);
       }
       if (tail.tornBytes > 0) {
         // The torn record's seq is tail.head.seq + 1 > anchor.seq: never acknowledged.
@@ -559,6 +627,8 @@ export class AuditJournal {
         }
       }
       const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts, tail.completeEnd);
+      // verified by checkAnchorAtOpen: carried on until this journal's own first signature replaces it
+      if (opts.signer && anchor?.signed) journal.signed = anchor.signed;
       let appended = false;
       if (tail.tornBytes > 0) {
         appended = true;
@@ -578,8 +648,21 @@ export class AuditJournal {
           reason: `${ANCHOR_FILE} was absent or empty; truncation of the journal before this record cannot be ruled out`,
         });
       }
+      if (opts.signer) {
+        // The key is part of the trail: a verifier finds here the public key of every anchor signed from now on.
+        appended = true;
+        await journal.append({
+          type: "audit.signing_key",
+          fingerprint: opts.signer.fingerprint,
+          publicKey: opts.signer.publicKeyPem,
+          keyFile: opts.signer.keyFile,
+          created: opts.signer.created,
+          previousKey: anchor?.signed?.key ?? null,
+          anchoredSeq: anchor?.seq ?? null,
+        });
+      }
       if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq || anchorSize !== ANCHOR_BYTES)) {
-        await journal.writeAnchor(journal.synced, true).catch((e: unknown) => {
+        await journal.writeAnchor(true).catch((e: unknown) => {
           throw auditFailed("anchor update", anchorFile, e);
         });
       }
@@ -659,11 +742,17 @@ export class AuditJournal {
       this.probeTimer = null;
       await this.probing;
       await this.idle();
+      if (this.signTimer) clearTimeout(this.signTimer);
+      this.signTimer = null;
+      await this.signing;
       // Closing is best effort by design: every accepted record is already durable
       // (the anchor only speeds up the next verify), and a close that fails
       // changes nothing a reader could see. A lock left behind is stale (lockHeld).
-      // eslint-disable-next-line no-restricted-syntax -- see above
-      if (!this.failure && this.afd >= 0) await this.writeAnchor(this.synced, true).catch(() => undefined);
+      if (!this.failure && this.afd >= 0) {
+        if (this.signer && (this.signed?.seq ?? -1) < this.synced.seq) this.signed = this.signHead(this.synced);
+        // eslint-disable-next-line no-restricted-syntax -- see above
+        await this.writeAnchor(true).catch(() => undefined);
+      }
       // eslint-disable-next-line no-restricted-syntax -- see above
       await this.fs.close(this.fd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
@@ -746,8 +835,14 @@ export class AuditJournal {
           if (this.afd >= 0) {
             op = "anchor update";
             file = this.anchorPath;
+            // The very first signature of this journal is waited for: an anchor
+            // never goes unsigned over a recorded key (a crash then would look
+            // like a stripped signature). After that, appends do not wait for
+            // signatures: the anchor carries the latest one made.
+            if (this.signer && this.signed === null) this.signed = this.signHead(this.synced);
             const due = this.clock.monotonicMs() - this.lastAnchorSync >= this.anchorSyncMs;
-            await this.writeAnchor(this.synced, due);
+            await this.writeAnchor(due);
+            this.kickSigner();
           }
         } catch (e) {
           this.fail(auditFailed(op, file, e), batch);
@@ -828,7 +923,10 @@ export class AuditJournal {
       const last = built[built.length - 1]!.record;
       this.synced = { seq: last.seq, hash: last.hash };
       this.syncedEnd += data.length;
-      if (this.afd >= 0) await this.writeAnchor(this.synced, true);
+      if (this.afd >= 0) {
+        if (this.signer) this.signed = this.signHead(this.synced);
+        await this.writeAnchor(true);
+      }
     } catch {
       this.head = savedHead;
       this.scheduleProbe();
@@ -860,8 +958,65 @@ export class AuditJournal {
    * that relies on a 128-byte overwrite at offset 0 being atomic on the disk
    * (it lies within one 512-byte sector). See docs/AUDIT.md.
    */
-  private async writeAnchor(head: ChainHead, durable: boolean): Promise<void> {
-    const data = anchorBytes(head);
+  private signHead(head: ChainHead): SignedHead {
+    const signer = this.signer!;
+    return { seq: head.seq, hash: head.hash, key: signer.fingerprint, sig: signer.signSync(head) };
+  }
+
+  /**
+   * Starts signing the synced head on the thread pool unless a signature is
+   * under way or the head is signed already. When it is made it goes into the
+   * anchor at once (a quiet journal does not leave its last records
+   * unsigned) unless a batch is under way, whose anchor will carry it; then
+   * the next head, if the chain moved meanwhile, is signed.
+   * One ed25519 signature costs ≈70 µs of CPU; waiting for it on every batch
+   * halved throughput with one append outstanding, and even made off the
+   * critical path one per batch cost a quarter of it on this shared 2-core
+   * machine (BENCHMARKS.md), so appends are acknowledged on the unsigned head,
+   * and signatures follow, at most one per signIntervalMs.
+   */
+  private kickSigner(): void {
+    const signer = this.signer;
+    if (!signer || this.signing || this.signTimer || this.failure || this.closed || this.afd < 0) return;
+    const head = { ...this.synced };
+    if ((this.signed?.seq ?? -1) >= head.seq) return;
+    const wait = this.lastSignStart + this.signIntervalMs - this.clock.monotonicMs();
+    if (wait > 0) {
+      this.signTimer = setTimeout(() => {
+        this.signTimer = null;
+        this.kickSigner();
+      }, wait);
+      this.signTimer.unref();
+      return;
+    }
+    this.lastSignStart = this.clock.monotonicMs();
+    this.signing = signer.sign(head).then(
+      async (sig) => {
+        if ((this.signed?.seq ?? -1) < head.seq) this.signed = { ...head, key: signer.fingerprint, sig };
+        // a batch under way writes the anchor anyway (with this signature): only an idle journal writes it here
+        const idle = !this.flushing && !this.scheduled && this.queue.length === 0;
+        if (idle && !this.failure && !this.closed) await this.writeAnchor(false).catch((e: unknown) => this.fail(auditFailed("anchor update", this.anchorPath, e), []));
+        this.signing = null;
+        if (!this.closed) this.kickSigner();
+      },
+      (e: unknown) => {
+        this.signing = null;
+        this.fail(auditFailed("anchor signing", this.anchorPath, e), []);
+      },
+    );
+  }
+
+  /** Queues an anchor write of the state at the time it runs: the last synced head and the latest signed one. */
+  private writeAnchor(durable: boolean): Promise<void> {
+    const run = this.anchorQueue.then(() => this.writeAnchorNow(durable));
+    // eslint-disable-next-line no-restricted-syntax -- the queue outlives a failed write; its caller gets the rejection from `run`
+    this.anchorQueue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async writeAnchorNow(durable: boolean): Promise<void> {
+    const head = this.synced;
+    const data = anchorBytes(this.signed ? { seq: head.seq, hash: head.hash, signed: this.signed } : { seq: head.seq, hash: head.hash });
     let off = 0;
     while (off < data.length) {
       const n = await this.fs.writeAt(this.afd, data, off, data.length - off, off);
@@ -882,6 +1037,81 @@ export class AuditJournal {
     if (!this.flushing && !this.scheduled && this.queue.length === 0) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
+}
+
+/**
+ * With a signer, before the chain goes on: an anchor signed in the name of
+ * this key must verify (else the anchor was forged, or the chain under it
+ * rewritten, and signing on would bless that); an anchor signed with another
+ * key is a rotation, recorded by the caller and checked by `audit verify`.
+ * An unsigned anchor over records is a trail from before anchors were signed —
+ * unless the trail already records a signing key, in which case the anchor
+ * was replaced by one without a signature: refused. Finding that out reads
+ * the whole journal, which happens only when the anchor is unsigned.
+ */
+async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, anchorFile: string, anchor: Anchor | null, lastSeq: number, signer: AnchorSigner): Promise<void> {
+  if (anchor === null) return; // recorded as audit.anchor_missing; verify wants a signed anchor again after it
+  const signed = anchor.signed;
+  if (signed) {
+    const key = signed.key === signer.fingerprint ? signer.publicKey : signer.previous.get(signed.key);
+    if (!key) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_KEY",
+        `${anchorFile} is signed with key ${signed.key}, which is neither this daemon's key ${signer.fingerprint} (${signer.keyFile}) nor one it was rotated from (${signer.keyFile}.previous): the trail was re-signed elsewhere, or the key file was swapped`,
+        {
+          hint: `check the trail with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`; if you replaced the key yourself, append the old key's public key to ${signer.keyFile}.previous (\`sandboxd audit key --rotate\` does that) and start again`,
+        },
+      );
+    }
+    if (!verifyAnchorSignature(signed, signed.sig, key)) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_CORRUPT",
+        `${anchorFile} names signing key ${signed.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
+      );
+    }
+    return;
+  }
+  if (lastSeq === 0) return;
+  // a key recorded after the anchor is fine: the crash came before that record's anchor
+  const seq = await findSigningKeyRecord(jfs, fd, file);
+  if (seq !== null && seq <= anchor.seq) {
+    throw new SandboxdError(
+      "SBX_ERR_AUDIT_CORRUPT",
+      `${anchorFile} carries no signature, but ${file} records a signing key at seq ${seq}: the signed anchor was replaced; run \`sandboxd audit verify\``,
+    );
+  }
+}
+
+/** seq of the first `audit.signing_key` record in the journal, or null. */
+async function findSigningKeyRecord(jfs: JournalFs, fd: number, file: string): Promise<number | null> {
+  const needle = Buffer.from('"type":"audit.signing_key"');
+  const STEP = 1 << 20;
+  try {
+    const size = await jfs.size(fd);
+    let carry = Buffer.alloc(0);
+    for (let pos = 0; pos < size; pos += STEP) {
+      const chunk = Buffer.concat([carry, await readExactly(jfs, fd, pos, Math.min(STEP, size - pos))]);
+      let lineStart = 0;
+      for (;;) {
+        const nl = chunk.indexOf(10, lineStart);
+        if (nl < 0) break;
+        const line = chunk.subarray(lineStart, nl);
+        if (line.includes(needle)) {
+          try {
+            const rec = JSON.parse(line.toString("utf8")) as { type?: unknown; seq?: unknown };
+            if (rec.type === "audit.signing_key" && typeof rec.seq === "number") return rec.seq;
+          } catch {
+            /* a bad line is `audit verify`'s to report */
+          }
+        }
+        lineStart = nl + 1;
+      }
+      carry = chunk.subarray(lineStart);
+    }
+  } catch (e) {
+    throw auditFailed("read", file, e);
+  }
+  return null;
 }
 
 interface Tail {

@@ -3,8 +3,10 @@
  * large journal is never held in memory) and checks each line's UTF-8 and
  * JSON, seq continuity, the prev link, the hash and the canonical form, then
  * compares the end of the chain with audit.anchor (a journal shorter than
- * its anchor was truncated). Names the first bad seq, or says the chain is
- * intact up to N.
+ * its anchor was truncated) and checks the anchor's signature against the
+ * signing keys the trail records (`audit.signing_key`; with `pinned`, every
+ * one of them must be pinned). Names the first bad seq, or says the chain is
+ * intact up to N. `ChainChecker` is shared with the bundle check (bundle.ts).
  *
  * The anchor is read before the journal, so a daemon appending meanwhile
  * cannot make a healthy journal look truncated; a final line still being
@@ -15,7 +17,31 @@ import { createReadStream } from "node:fs";
 import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
-import { ANCHOR_FILE, GENESIS_HASH, JOURNAL_FILE, checkRecord, parseAnchor, type ChainHead } from "./journal.js";
+import type { KeyObject } from "node:crypto";
+import { ANCHOR_FILE, GENESIS_HASH, JOURNAL_FILE, checkRecord, parseAnchor, type Anchor, type AuditRecord } from "./journal.js";
+import { fingerprintOf, publicKeyFromPem, verifyAnchorSignature } from "./signing.js";
+
+/** A signing key the trail records (`audit.signing_key`, written by the journal each time it opens with a signer). */
+export interface RecordedKey {
+  fingerprint: string;
+  publicKey: string;
+  seq: number;
+  previousKey: string | null;
+}
+
+/** A policy the trail records: loaded at start, reloaded, or a reload refused. */
+export interface RecordedPolicy {
+  seq: number;
+  type: string;
+  file: string | null;
+  sha256: string | null;
+  bytes: number | null;
+  rules: number | null;
+}
+
+const POLICY_TYPES = new Set(["policy.load", "policy.reload", "policy.reload_refused"]);
+
+export type VerifyFailure = { ok: false; badSeq: number; reason: string; verifiedUpTo: number };
 
 export type VerifyResult =
   | {
@@ -23,45 +49,50 @@ export type VerifyResult =
       records: number;
       lastSeq: number;
       lastHash: string;
-      /** the anchor's {seq, hash}; null when there is no audit.anchor */
-      anchor: ChainHead | null;
+      /** the anchor's {seq, hash} (and key, sig when signed); null when there is no audit.anchor */
+      anchor: Anchor | null;
+      /** the anchor's signature, checked: by which key, up to which seq; null when the anchor is not signed */
+      signature: { key: string; seq: number } | null;
+      /** signing keys the trail records, in order */
+      keys: RecordedKey[];
+      /** every recorded key was among the keys the caller pinned (false when none were pinned) */
+      pinned: boolean;
       /**
        * bytes after the last newline: a record torn by a crash, never
        * acknowledged (it is after the anchor); opening the journal drops it
        */
       tornTailBytes: number;
     }
-  | { ok: false; badSeq: number; reason: string; verifiedUpTo: number };
+  | VerifyFailure;
 
-export async function verifyJournal(dir: string): Promise<VerifyResult> {
-  const file = path.join(dir, JOURNAL_FILE);
-  const anchorFile = path.join(dir, ANCHOR_FILE);
+/**
+ * Checks audit.jsonl lines one at a time, as they are read (journal or
+ * bundle): UTF-8, JSON, seq continuity, prev link, hash, canonical form, and
+ * the hash at the anchored seq. Collects the signing keys and policies the
+ * trail records; `finishSignature` then checks the anchor's signature.
+ */
+export class ChainChecker {
+  lastSeq = 0;
+  lastHash = GENESIS_HASH;
+  lineNo = 0;
+  readonly keys: RecordedKey[] = [];
+  readonly policies: RecordedPolicy[] = [];
+  private readonly keyObjects = new Map<string, KeyObject>();
 
-  let anchor: ChainHead | null = null;
-  let anchorProblem: string | null = null;
-  // The daemon overwrites the anchor in place; a read racing that write could
-  // see a mix, so an unparsable anchor is read again before it is reported.
-  for (let attempt = 0; attempt < 3; attempt++) {
-    anchorProblem = null;
-    try {
-      const bytes = await readFile(anchorFile);
-      if (bytes.length > 0) anchor = parseAnchor(bytes, anchorFile); // empty: created, never written
-      break;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") break;
-      anchorProblem = (e as Error).message;
-      await new Promise((r) => setTimeout(r, 10));
-    }
+  /** @param anchor the anchor to compare with the record at its seq, if any; @param label how a line is named in reasons */
+  constructor(
+    private readonly anchor: Anchor | null,
+    private readonly label = "line",
+  ) {}
+
+  fail(reason: string, seq = this.lastSeq + 1): VerifyFailure {
+    return { ok: false, badSeq: seq, reason, verifiedUpTo: this.lastSeq };
   }
 
-  let lastSeq = 0;
-  let lastHash = GENESIS_HASH;
-  let lineNo = 0;
-
-  const check = (line: Buffer): { ok: false; badSeq: number; reason: string; verifiedUpTo: number } | null => {
-    lineNo += 1;
-    const expected = lastSeq + 1;
-    const bad = (reason: string, seq = expected) => ({ ok: false as const, badSeq: seq, reason: `line ${lineNo}: ${reason}`, verifiedUpTo: lastSeq });
+  line(line: Buffer): VerifyFailure | null {
+    this.lineNo += 1;
+    const expected = this.lastSeq + 1;
+    const bad = (reason: string) => this.fail(`${this.label} ${this.lineNo}: ${reason}`, expected);
     if (!isUtf8(line)) return bad("not valid UTF-8");
     const text = line.toString("utf8");
     let parsed: unknown;
@@ -80,16 +111,115 @@ export async function verifyJournal(dir: string): Promise<VerifyResult> {
     }
     const recordProblem = checkRecord(text, parsed);
     if (recordProblem) return bad(recordProblem);
-    const rec = parsed as { seq: number; prev: string; hash: string };
-    if (rec.prev !== lastHash) return bad(`prev does not match the hash of record ${lastSeq === 0 ? "0 (genesis)" : lastSeq}`);
-    if (anchor && anchor.seq === rec.seq && anchor.hash !== rec.hash) {
+    const rec = parsed as AuditRecord;
+    if (rec.prev !== this.lastHash) return bad(`prev does not match the hash of record ${this.lastSeq === 0 ? "0 (genesis)" : this.lastSeq}`);
+    if (this.anchor && this.anchor.seq === rec.seq && this.anchor.hash !== rec.hash) {
       return bad(`hash differs from the one ${ANCHOR_FILE} holds for this seq: the chain was rewritten from here`);
     }
-    lastSeq = rec.seq;
-    lastHash = rec.hash;
+    const signed = this.anchor?.signed;
+    if (signed && signed.seq === rec.seq && signed.hash !== rec.hash) {
+      return bad(`hash differs from the one the anchor's signed head holds for this seq: the chain was rewritten from here`);
+    }
+    if (rec.type === "audit.signing_key") {
+      const problem = this.addKey(rec);
+      if (problem) return bad(`audit.signing_key: ${problem}`);
+    } else if (POLICY_TYPES.has(rec.type)) {
+      const num = (v: unknown) => (typeof v === "number" ? v : null);
+      const str = (v: unknown) => (typeof v === "string" ? v : null);
+      this.policies.push({ seq: rec.seq, type: rec.type, file: str(rec.file), sha256: str(rec.sha256), bytes: num(rec.bytes), rules: num(rec.rules) });
+    }
+    this.lastSeq = rec.seq;
+    this.lastHash = rec.hash;
     return null;
-  };
+  }
 
+  private addKey(rec: AuditRecord): string | null {
+    const { fingerprint, publicKey, previousKey } = rec as { fingerprint?: unknown; publicKey?: unknown; previousKey?: unknown };
+    if (typeof fingerprint !== "string" || typeof publicKey !== "string") return "no fingerprint or public key";
+    const key = publicKeyFromPem(publicKey);
+    if (!key) return "its public key is not an ed25519 public key in PEM form";
+    if (fingerprintOf(key) !== fingerprint) return `the fingerprint ${fingerprint} is not that of its public key (${fingerprintOf(key)})`;
+    const prev = typeof previousKey === "string" ? previousKey : null;
+    if (prev !== null && !this.keyObjects.has(prev)) {
+      return `it names previous key ${prev}, which the trail never recorded: the anchor was replaced before this start`;
+    }
+    this.keyObjects.set(fingerprint, key);
+    this.keys.push({ fingerprint, publicKey, seq: rec.seq, previousKey: prev });
+    return null;
+  }
+
+  /**
+   * The anchor's signature, once every line up to it was checked: made by a
+   * key the trail records, and valid over {seq, hash}. An unsigned anchor is
+   * accepted only when the trail recorded no key at or before it. With
+   * `pinned` (fingerprints), every key the trail records must be one of them.
+   */
+  finishSignature(anchor: Anchor | null, pinned: readonly string[]): VerifyFailure | { signature: { key: string; seq: number } | null; pinned: boolean } {
+    const after = (a: { seq: number }) => a.seq + 1;
+    if (pinned.length > 0) {
+      const stranger = this.keys.find((k) => !pinned.includes(k.fingerprint));
+      if (stranger) {
+        return this.fail(`signing key ${stranger.fingerprint} (recorded at seq ${stranger.seq}) is not among the pinned keys (${pinned.join(", ")}): the trail was re-signed with a key that is not the daemon's`, stranger.seq);
+      }
+    }
+    if (!anchor) {
+      const k = this.keys[0];
+      if (k) return this.fail(`there is no anchor, but the trail records signing key ${k.fingerprint} at seq ${k.seq}: the signed anchor was removed`, this.lastSeq + 1);
+      return { signature: null, pinned: false };
+    }
+    const signed = anchor.signed;
+    if (!signed) {
+      const signedBefore = this.keys.find((k) => k.seq <= anchor.seq);
+      if (signedBefore) {
+        return this.fail(`the anchor at seq ${anchor.seq} carries no signature, but the trail records signing key ${signedBefore.fingerprint} at seq ${signedBefore.seq}: the signed anchor was replaced`, after(anchor));
+      }
+      if (pinned.length > 0) return this.fail(`the anchor at seq ${anchor.seq} is not signed, so it cannot be checked against the pinned keys`, after(anchor));
+      return { signature: null, pinned: false };
+    }
+    const key = this.keyObjects.get(signed.key);
+    if (!key) {
+      return this.fail(
+        `the anchor at seq ${signed.seq} is signed with key ${signed.key}, which the trail does not record (${this.keys.length ? `recorded: ${this.keys.map((k) => k.fingerprint).join(", ")}` : "it records none"}): the anchor was re-signed with another key`,
+        after(signed),
+      );
+    }
+    if (!verifyAnchorSignature(signed, signed.sig, key)) {
+      return this.fail(
+        `the anchor's signature over seq ${signed.seq} does not verify with key ${signed.key}: the records up to seq ${signed.seq} (or the anchor) were changed after it was signed`,
+        after(signed),
+      );
+    }
+    return { signature: { key: signed.key, seq: signed.seq }, pinned: pinned.length > 0 };
+  }
+}
+
+/**
+ * Verifies the journal in `dir`. `pinned`: fingerprints of the keys the
+ * caller trusts (the daemon pins its own); every key the trail records must
+ * then be one of them.
+ */
+export async function verifyJournal(dir: string, opts: { pinned?: readonly string[] } = {}): Promise<VerifyResult> {
+  const file = path.join(dir, JOURNAL_FILE);
+  const anchorFile = path.join(dir, ANCHOR_FILE);
+
+  let anchor: Anchor | null = null;
+  let anchorProblem: string | null = null;
+  // The daemon overwrites the anchor in place; a read racing that write could
+  // see a mix, so an unparsable anchor is read again before it is reported.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    anchorProblem = null;
+    try {
+      const bytes = await readFile(anchorFile);
+      if (bytes.length > 0) anchor = parseAnchor(bytes, anchorFile); // empty: created, never written
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") break;
+      anchorProblem = (e as Error).message;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
+  const checker = new ChainChecker(anchor);
   let carry: Buffer[] = [];
   const stream = createReadStream(file, { highWaterMark: 1 << 20 });
   try {
@@ -104,22 +234,23 @@ export async function verifyJournal(dir: string): Promise<VerifyResult> {
         const piece = chunk.subarray(start, nl);
         const line = carry.length > 0 ? Buffer.concat([...carry, piece]) : piece;
         carry = [];
-        const res = check(line);
+        const res = checker.line(line);
         if (res) return res;
         start = nl + 1;
       }
     }
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === "ENOENT" && lineNo === 0) {
+    if (code === "ENOENT" && checker.lineNo === 0) {
       if (anchor && anchor.seq > 0) return { ok: false, badSeq: 1, reason: `${file} is missing; truncated: anchor says ${anchor.seq}`, verifiedUpTo: 0 };
-      return { ok: true, records: 0, lastSeq: 0, lastHash: GENESIS_HASH, anchor, tornTailBytes: 0 };
+      return { ok: true, records: 0, lastSeq: 0, lastHash: GENESIS_HASH, anchor, signature: null, keys: [], pinned: false, tornTailBytes: 0 };
     }
     throw new SandboxdError("SBX_ERR_AUDIT_FAILED", `cannot read ${file}: ${(e as Error).message}`, { cause: e });
   } finally {
     stream.destroy();
   }
   const tornTailBytes = carry.reduce((n, b) => n + b.length, 0);
+  const { lastSeq, lastHash } = checker;
 
   if (anchor && anchor.seq > lastSeq) {
     return { ok: false, badSeq: lastSeq + 1, reason: `truncated: anchor says ${anchor.seq}, the journal ends at ${lastSeq}`, verifiedUpTo: lastSeq };
@@ -132,7 +263,9 @@ export async function verifyJournal(dir: string): Promise<VerifyResult> {
       verifiedUpTo: lastSeq,
     };
   }
-  return { ok: true, records: lastSeq, lastSeq, lastHash, anchor, tornTailBytes };
+  const sig = checker.finishSignature(anchor, opts.pinned ?? []);
+  if ("ok" in sig) return sig;
+  return { ok: true, records: lastSeq, lastSeq, lastHash, anchor, signature: sig.signature, keys: checker.keys, pinned: sig.pinned, tornTailBytes };
 }
 
 /** One line for the CLI. */
@@ -142,6 +275,8 @@ export function describeVerifyResult(r: VerifyResult): string {
   }
   const notes: string[] = [];
   notes.push(r.anchor ? `anchor at ${r.anchor.seq}` : "no anchor file");
+  if (r.signature) notes.push(`signed up to ${r.signature.seq} with key ${r.signature.key}${r.pinned ? " (pinned)" : ""}`);
+  else if (r.anchor) notes.push("anchor not signed");
   if (r.tornTailBytes > 0) notes.push(`${r.tornTailBytes} bytes of an unacknowledged torn record at the end`);
   return `audit chain intact up to ${r.lastSeq} (${r.records} records; ${notes.join("; ")})`;
 }

@@ -211,13 +211,15 @@ function program(): Command {
     .option("--state-dir <dir>", "where phase records and audit logs live (default: $SANDBOXD_STATE_DIR, /var/lib/sandboxd as root)")
     .option("--policy <file>", "the policy every phase runs under (default: $SANDBOXD_POLICY, policies/default.yaml); SIGHUP re-reads it")
     .option("--console <host:port>", "also serve the operator console (web page + API) on this loopback address, e.g. 127.0.0.1:8470; prints a one-time login URL (default: $SANDBOXD_CONSOLE, off)")
-    .action(async (opts: { stateDir?: string; policy?: string; console?: string }, cmd: Command) => {
+    .option("--audit-key <file>", "the ed25519 key that signs audit anchors, outside the state dir; created on first start (default: $SANDBOXD_AUDIT_KEY, /etc/sandboxd/audit-signing.key as root)")
+    .action(async (opts: { stateDir?: string; policy?: string; console?: string; auditKey?: string }, cmd: Command) => {
       const { startDaemon } = await import("../daemon.js");
       const settings = resolveSettings({
         socket: cmd.optsWithGlobals<{ socket?: string }>().socket,
         stateDir: opts.stateDir,
         policy: opts.policy,
         console: opts.console,
+        auditKey: opts.auditKey,
       });
       // The signals are taken before the daemon starts serving: a SIGTERM that
       // arrives while it starts (the socket may already answer) stops it once
@@ -894,17 +896,97 @@ function program(): Command {
     });
   audit
     .command("verify")
-    .description("check the hash chain and its anchor: names the first bad record, or says the chain is intact up to N")
+    .description("check the hash chain, its anchor and the anchor's signature: names the first bad record, or says the chain is intact up to N; --bundle checks an exported bundle without the daemon")
     .option("--state-dir <dir>", "verify the files in this state dir directly, without the daemon")
+    .option("--bundle <file>", "verify a bundle written by `sandboxd audit export` (no daemon, no state dir needed)")
+    .option("--key <fingerprint|file>", "pin a signing key (its fingerprint, or a file with its public key as `sandboxd audit key` prints it): every key the trail records must be pinned; repeat for keys of a rotation", (v: string, prev: string[] = []) => [...prev, v])
     .option("--json", "print the result as JSON")
-    .action(async (opts: { stateDir?: string; json?: boolean }, cmd: Command) => {
+    .action(async (opts: { stateDir?: string; bundle?: string; key?: string[]; json?: boolean }, cmd: Command) => {
       const { verifyJournal, describeVerifyResult } = await import("../audit/verify.js");
+      const bundleMod = await import("../audit/bundle.js");
+      const pinned: string[] = [];
+      for (const k of opts.key ?? []) {
+        let text = k;
+        if (!/^[0-9a-f]{64}$/i.test(k)) {
+          const { readFile } = await import("node:fs/promises");
+          text = await readFile(k, "utf8").catch((e: NodeJS.ErrnoException) => {
+            throw new SandboxdError("SBX_ERR_VALIDATION", `--key ${k}: not a fingerprint (64 hex digits) and not a readable file (${e.code ?? e.message})`, {
+              hint: "give the fingerprint or the public key that `sandboxd audit key` prints",
+            });
+          });
+        }
+        const fp = bundleMod.pinnedFingerprint(text);
+        if (!fp) throw new SandboxdError("SBX_ERR_VALIDATION", `--key ${k}: neither a fingerprint nor an ed25519 public key in PEM form`, { hint: "give the fingerprint or the public key that `sandboxd audit key` prints" });
+        pinned.push(fp);
+      }
+      if (opts.bundle) {
+        if (opts.stateDir) throw new SandboxdError("SBX_ERR_VALIDATION", "give --bundle or --state-dir, not both");
+        const file = path.resolve(opts.bundle);
+        const result = await bundleMod.verifyBundleFile(file, { pinned });
+        if (opts.json) printJson(result);
+        else process.stdout.write(visible(bundleMod.describeBundleResult(result, file)) + "\n");
+        if (!result.ok) throw new CliExit(EXIT.error);
+        return;
+      }
+      if (!opts.stateDir && pinned.length > 0) throw new SandboxdError("SBX_ERR_VALIDATION", "--key pins keys for --bundle or --state-dir; the daemon checks its trail against the keys the trail records");
       const result = opts.stateDir
-        ? await verifyJournal(path.resolve(opts.stateDir))
+        ? await verifyJournal(path.resolve(opts.stateDir), { pinned })
         : (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
       if (opts.json) printJson(result);
       else process.stdout.write(describeVerifyResult(result) + "\n");
       if (!result.ok) throw new CliExit(EXIT.error);
+    });
+  audit
+    .command("export")
+    .description("write a verifiable bundle of the whole trail (records, signing keys, policy hashes, a signed anchor) for `sandboxd audit verify --bundle` elsewhere")
+    .option("-o, --output <file>", "where to write it (default: standard output); written to FILE.part, then renamed")
+    .action(async (opts: { output?: string }, cmd: Command) => {
+      const res = await client(cmd).stream("GET", "/v1/audit/export");
+      const records = res.headers["x-sandboxd-bundle-records"];
+      const key = res.headers["x-sandboxd-bundle-key"];
+      if (!opts.output) {
+        for await (const chunk of res) process.stdout.write(chunk as Buffer);
+        return;
+      }
+      const { createWriteStream } = await import("node:fs");
+      const { rename } = await import("node:fs/promises");
+      const { pipeline } = await import("node:stream/promises");
+      const out = path.resolve(opts.output);
+      const part = `${out}.part`;
+      await pipeline(res, createWriteStream(part, { mode: 0o600 }));
+      // a bundle cut short (the daemon stopped mid-way) has no anchor line and would not verify: check before naming it
+      const { verifyBundleFile } = await import("../audit/bundle.js");
+      const check = await verifyBundleFile(part);
+      if (!check.ok) throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `the exported bundle does not verify (${check.reason}); left at ${part}`);
+      await rename(part, out);
+      process.stderr.write(`wrote ${out}: ${String(records)} records, anchor signed with key ${String(key)}\n`);
+    });
+  audit
+    .command("key")
+    .description("print the public key that signs the audit trail's anchors and its fingerprint (give it to auditors); --new makes a key")
+    .option("--key-file <file>", "read this private key file instead of asking the daemon (or, with --new, where to make the key)")
+    .option("--new", "make a new ed25519 key (0600) at --key-file or the default path; never overwrites")
+    .option("--rotate", "replace the key at --key-file or the default path with a new one; the old public key is appended to FILE.previous so the next start accepts the trail's last anchor (restart the daemon after)")
+    .option("--json", "print {fingerprint, publicKey, keyFile} as JSON")
+    .action(async (opts: { keyFile?: string; new?: boolean; rotate?: boolean; json?: boolean }, cmd: Command) => {
+      const signing = await import("../audit/signing.js");
+      let key: { fingerprint: string; publicKey: string; keyFile: string };
+      if (opts.new && opts.rotate) throw new SandboxdError("SBX_ERR_VALIDATION", "give --new or --rotate, not both");
+      if (opts.new || opts.rotate || opts.keyFile) {
+        const { defaultAuditKey } = await import("../config/paths.js");
+        const file = path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey()));
+        let s: Awaited<ReturnType<typeof signing.readSigningKey>>;
+        if (opts.rotate) {
+          const r = await signing.rotateSigningKey(file);
+          process.stderr.write(`rotated ${file}: key ${r.replaced} replaced (its public key is in ${signing.previousKeysFile(file)}); restart the daemon to sign with the new key\n`);
+          s = r.signer;
+        } else s = opts.new ? await signing.createSigningKey(file) : await signing.readSigningKey(file);
+        key = { fingerprint: s.fingerprint, publicKey: s.publicKeyPem, keyFile: s.keyFile };
+      } else {
+        key = (await client(cmd).request<{ key: typeof key }>("GET", "/v1/audit/key")).key;
+      }
+      if (opts.json) return printJson(key);
+      process.stdout.write(`key file:    ${key.keyFile}\nfingerprint: ${key.fingerprint}\n${key.publicKey}`);
     });
 
   prog

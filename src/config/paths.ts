@@ -16,6 +16,18 @@ export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(base, "sandboxd");
 }
 
+/**
+ * The key that signs audit anchors: outside the state dir on purpose (whoever
+ * can write the state dir must not hold the key too). As root
+ * /etc/sandboxd/audit-signing.key, else $XDG_CONFIG_HOME/sandboxd/ (by
+ * default ~/.config/sandboxd/).
+ */
+export function defaultAuditKey(env: NodeJS.ProcessEnv = process.env): string {
+  if (isRoot()) return "/etc/sandboxd/audit-signing.key";
+  const base = env.XDG_CONFIG_HOME || path.join(os.homedir(), ".config");
+  return path.join(base, "sandboxd", "audit-signing.key");
+}
+
 export function defaultSocket(env: NodeJS.ProcessEnv = process.env): string {
   if (isRoot()) return "/run/sandboxd/sandboxd.sock";
   if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, "sandboxd", "sandboxd.sock");

@@ -8,9 +8,9 @@ import { SandboxdError } from "../errors.js";
 import { fileURLToPath } from "node:url";
 import { serviceOverridesFromEnv } from "../net/services.js";
 import { parseConsoleAddress, type ConsoleAddress } from "./console.js";
-import { defaultSocket, defaultStateDir } from "./paths.js";
+import { defaultAuditKey, defaultSocket, defaultStateDir } from "./paths.js";
 
-export { clientSocket, defaultSocket, defaultStateDir } from "./paths.js";
+export { clientSocket, defaultAuditKey, defaultSocket, defaultStateDir } from "./paths.js";
 
 export const DEFAULT_IMAGE = "sandboxd-sandbox:latest";
 /**
@@ -40,6 +40,8 @@ export interface Settings {
   notifyUrl: string | null;
   /** the operator console's loopback address (--console, SANDBOXD_CONSOLE); null: no console (the default) */
   console: ConsoleAddress | null;
+  /** the ed25519 key that signs audit anchors (--audit-key, SANDBOXD_AUDIT_KEY); never inside the state dir */
+  auditKey: string;
 }
 
 const settingsSchema = z
@@ -55,11 +57,21 @@ const settingsSchema = z
     serviceOverrides: z.record(z.string().url("SANDBOXD_SERVICE_*_URL must be a URL")),
     notifyCommand: z.string().min(1).nullable(),
     notifyUrl: z.string().nullable(),
+    auditKey: z.string().min(1),
   })
-  .strict();
+  .strict()
+  .refine((s) => !isInside(s.auditKey, s.stateDir), {
+    path: ["auditKey"],
+    message: "the audit signing key must be outside the state dir (whoever can write the state dir must not hold the key that signs it); the default is /etc/sandboxd/audit-signing.key as root",
+  });
+
+function isInside(file: string, dir: string): boolean {
+  const rel = path.relative(dir, file);
+  return rel === "" || (!rel.startsWith("..") && !path.isAbsolute(rel));
+}
 
 export function resolveSettings(
-  flags: { socket?: string | undefined; stateDir?: string | undefined; policy?: string | undefined; console?: string | undefined },
+  flags: { socket?: string | undefined; stateDir?: string | undefined; policy?: string | undefined; console?: string | undefined; auditKey?: string | undefined },
   env: NodeJS.ProcessEnv = process.env,
 ): Settings {
   const raw = {
@@ -77,12 +89,13 @@ export function resolveSettings(
     serviceOverrides: serviceOverridesFromEnv(env),
     notifyCommand: env.SANDBOXD_NOTIFY_COMMAND || null,
     notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
+    auditKey: path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env))),
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {
     const problems = r.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");
     throw new SandboxdError("SBX_ERR_CONFIG", `invalid settings: ${problems}`, {
-      hint: "check --socket/--state-dir and SANDBOXD_* variables (see .env.example)",
+      hint: "check --socket/--state-dir/--audit-key and SANDBOXD_* variables (see .env.example)",
     });
   }
   // Parsed apart from the schema: a refused address is its own coded error (SBX_ERR_CONSOLE_ADDRESS).

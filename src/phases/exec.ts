@@ -61,6 +61,8 @@ export interface ExecSink {
   waiting?(info: ApprovalWait): void;
   stdout(text: string): void;
   stderr(text: string): void;
+  /** the channel's id of the command, once sent: a streaming client's flow control pauses that exec only */
+  sent?(execId: number): void;
 }
 
 export interface ExecResult {
@@ -499,6 +501,7 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       }
       execId = sent;
       channelExecId = sent;
+      sink?.sent?.(sent);
       // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
       else abort?.addEventListener("abort", onAbort, { once: true });

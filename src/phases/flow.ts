@@ -8,15 +8,21 @@
  *   re-pause a link nobody will resume);
  * - whatever else pauses or resumes the channel, this consumer releases
  *   only its own pause.
+ * - once bound to its exec (`bind`), its pause is that exec's alone when the
+ *   shim can pause one exec ("execflow"): a slow client of one command does
+ *   not hold up another's output or exit (it once made a concurrent `echo`
+ *   wait 60 s and be answered SBX_ERR_SHIM_LOST).
  */
 export interface PauseGate {
-  hold(consumer: object): void;
+  /** `execId`: the exec whose output this consumer takes, when known */
+  hold(consumer: object, execId?: number): void;
   release(consumer: object): void;
 }
 
 export class FlowConsumer {
   private holding = false;
   private closed = false;
+  private execId: number | undefined;
 
   constructor(private readonly gate: PauseGate | null) {}
 
@@ -24,7 +30,14 @@ export class FlowConsumer {
   pause(): void {
     if (this.closed || this.holding || !this.gate) return;
     this.holding = true;
-    this.gate.hold(this);
+    this.gate.hold(this, this.execId);
+  }
+
+  /** The exec this consumer takes output from: its pause is that exec's from now on. */
+  bind(execId: number): void {
+    if (this.closed || this.execId !== undefined) return;
+    this.execId = execId;
+    if (this.holding) this.gate?.hold(this, execId); // held before the exec was sent: now it is its own
   }
 
   /** The consumer drained. */

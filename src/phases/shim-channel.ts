@@ -9,10 +9,14 @@
  * link) the new authenticated connection replaces the old one.
  *
  * Invariants:
- * - the link is paused exactly while at least one consumer holds a pause
- *   (`hold`/`release`, a set keyed by consumer: a consumer holds at most one,
- *   and releasing twice or never having held is harmless), so a consumer that
- *   goes away can release what it held and nothing else;
+ * - with a shim that has "execflow", a consumer's pause is its exec's alone
+ *   (a `flow` message; the link is never paused): a consumer holding a pause
+ *   has its exec paused in the shim, and release resumes it whether or not
+ *   the daemon still tracks the exec; with an older shim, the link is paused
+ *   exactly while at least one consumer holds a pause. Either way holds are
+ *   keyed by consumer: a consumer holds at most one, and releasing twice or
+ *   never having held is harmless, so a consumer that goes away can release
+ *   what it held and nothing else;
  * - an exec's handlers are called until its exit, its spawn error, its loss
  *   or `forget(execId)`, and never after;
  * - `close()` ends every connection at once (a paused link included) and
@@ -54,8 +58,10 @@ export class ShimChannel {
   private readonly execs = new Map<number, ExecHandlers>();
   private nextExecId = 1;
   private readyWaiters: Array<{ resolve(): void; reject(e: Error): void }> = [];
-  /** consumers holding the link paused (see the invariants above) */
-  private readonly holders = new Set<object>();
+  /** consumers holding a pause, with the exec each takes output from when known (see the invariants above) */
+  private readonly holders = new Map<object, number | undefined>();
+  /** the connected shim pauses one exec at a time (feature "execflow") */
+  private execFlow = false;
   /** every connection, authenticated or not, so close() can end them all */
   private readonly sockets = new Set<net.Socket>();
   private closed = false;
@@ -172,15 +178,25 @@ export class ShimChannel {
    * back up) pauses its children's pipes. Keyed by consumer, so one that
    * goes away releases its own pause and cannot leave the link paused.
    */
-  hold(consumer: object): void {
-    if (this.closed || this.holders.has(consumer)) return;
-    this.holders.add(consumer);
-    if (this.holders.size === 1) this.active?.pause();
+  hold(consumer: object, execId?: number): void {
+    if (this.closed) return;
+    const had = this.holders.has(consumer);
+    if (had && this.holders.get(consumer) === execId) return;
+    this.holders.set(consumer, execId);
+    if (this.execFlow) {
+      // before its exec is sent a consumer has no output to hold back
+      if (execId !== undefined) this.send({ type: "flow", execId, paused: true });
+    } else if (!had && this.holders.size === 1) this.active?.pause();
   }
 
   release(consumer: object): void {
-    if (!this.holders.delete(consumer)) return;
-    if (this.holders.size === 0) this.active?.resume();
+    if (!this.holders.has(consumer)) return;
+    const execId = this.holders.get(consumer);
+    this.holders.delete(consumer);
+    if (this.execFlow) {
+      // sent even for an exec the daemon gave up on: the shim must not keep its pipes paused
+      if (execId !== undefined) this.send({ type: "flow", execId, paused: false });
+    } else if (this.holders.size === 0) this.active?.resume();
   }
 
   get paused(): boolean {
@@ -293,7 +309,9 @@ export class ShimChannel {
       previous.destroy();
       this.failAll(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} reconnected; running commands were ended`));
     }
-    if (this.holders.size > 0) sock.pause();
+    this.execFlow = features.includes("execflow");
+    // the execs these holds were for ended with the previous link; an older shim is paused as before
+    if (!this.execFlow && this.holders.size > 0) sock.pause();
     // a shim from before "owner" would refuse the whole welcome
     const owner = this.owner && features.includes("owner") ? { owner: this.owner } : {};
     this.send({ type: "welcome", phaseId: this.phaseId, ...owner });

@@ -38,15 +38,16 @@ export type OutputKind = typeof FrameKind.Stdout | typeof FrameKind.Stderr;
  * then block on their full pipes, which is the backpressure they should feel.
  */
 export class OutputGate {
-  private readonly streams = new Set<Readable>();
+  /** each stream, with whether its exec's own client holds it paused (see RunningExec.setClientPaused) */
+  private readonly streams = new Map<Readable, () => boolean>();
   private pausedNow = false;
 
   get paused(): boolean {
     return this.pausedNow;
   }
 
-  add(stream: Readable): void {
-    this.streams.add(stream);
+  add(stream: Readable, heldByClient: () => boolean = () => false): void {
+    this.streams.set(stream, heldByClient);
     stream.once("close", () => this.streams.delete(stream));
     if (this.pausedNow) stream.pause();
   }
@@ -54,13 +55,13 @@ export class OutputGate {
   pause(): void {
     if (this.pausedNow) return;
     this.pausedNow = true;
-    for (const s of this.streams) s.pause();
+    for (const s of this.streams.keys()) s.pause();
   }
 
   resume(): void {
     if (!this.pausedNow) return;
     this.pausedNow = false;
-    for (const s of this.streams) s.resume();
+    for (const [s, held] of this.streams) if (!held()) s.resume();
   }
 }
 
@@ -103,6 +104,8 @@ export class RunningExec {
   private signalOnStart: NodeJS.Signals | null = null;
   /** everything the command starts is born here and killed with it (null: the process-table walk only) */
   private cgroup: CommandCgroup | null = null;
+  /** this exec's streaming client cannot take more (a `flow` message): its pipes wait, nobody else's */
+  private clientPaused = false;
 
   private constructor(
     private readonly msg: ExecMessage,
@@ -135,6 +138,20 @@ export class RunningExec {
     // the cleanup after the leader exits (see `known`).
     this.known = [...this.known, ...findExecProcesses(readProcTable(), this.pid)];
     signalGroup(this.pid, signal);
+  }
+
+  /**
+   * Per-exec flow control: while this exec's client is slow, only its own
+   * pipes stop being read (its command then blocks on write); the channel,
+   * and every other command's output and exit, go on.
+   */
+  setClientPaused(paused: boolean): void {
+    if (this.clientPaused === paused) return;
+    this.clientPaused = paused;
+    for (const s of this.streams) {
+      if (paused) s.pause();
+      else if (!this.link.gate.paused) s.resume();
+    }
   }
 
   /** SIGKILLs everything the exec started (disconnect, shutdown, shim exit). */
@@ -370,9 +387,10 @@ export class RunningExec {
       this.link.sendOutput(kind, this.execId, chunk);
     });
     stream.on("error", (err) => log("warn", "output stream error", { execId: this.execId, ...errorFields(err) }));
-    this.link.gate.add(stream);
+    this.link.gate.add(stream, () => this.clientPaused);
     // The forker's output sockets arrive explicitly paused, which a 'data' listener does not undo.
-    if (!this.link.gate.paused) stream.resume();
+    if (this.clientPaused) stream.pause();
+    else if (!this.link.gate.paused) stream.resume();
   }
 
   private armTimeout(pid: number): void {
@@ -418,8 +436,8 @@ export class RunningExec {
     const open = this.streams.filter((s) => !s.destroyed);
     const closed = Promise.all(open.map((s) => new Promise((resolve) => s.once("close", resolve))));
     const watchdog = setInterval(() => {
-      // Time spent paused for backpressure is the daemon's, not a leak.
-      if (this.link.gate.paused) this.lastOutputAt = Date.now();
+      // Time spent paused for backpressure is the daemon's (or this exec's client's), not a leak.
+      if (this.link.gate.paused || this.clientPaused) this.lastOutputAt = Date.now();
       else if (Date.now() - this.lastOutputAt >= OUTPUT_IDLE_CAP_MS) {
         log("warn", "output pipe still open after the command exited; closing it", { execId: this.execId });
         this.closeOutput();

@@ -98,6 +98,32 @@ def start(req, result):
                                        start_new_session=True, restore_signals=True, close_fds=True)
     except BaseException as e:
         result["e"] = e
+def below_supervisor(pid, procs):
+    # The container's memory limit is shared: split over many small processes, a command's
+    # allocation would make the shim (the largest single process) the OOM killer's choice,
+    # and every command's result with it. A command's processes get oom_score_adj 1000, so the
+    # kernel takes them first. Its children inherit it, and it cannot lower it (Landlock: no
+    # /proc writes); those it forked before this write are found in its cgroup (a pass that
+    # finds no new process ends it). The forker itself is in that cgroup now: skipped.
+    done = {os.getpid()}
+    for _ in range(3):
+        pids = [pid]
+        try:
+            if procs:
+                with open(procs) as f:
+                    pids += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+        fresh = [q for q in pids if q not in done]
+        if not fresh:
+            return
+        for q in fresh:
+            done.add(q)
+            try:
+                with open("/proc/%d/oom_score_adj" % q, "w") as f:
+                    f.write("1000")
+            except OSError:
+                pass  # gone already
 def run(req):
     i = req["id"]
     p0 = c0 = None
@@ -111,9 +137,14 @@ def run(req):
         reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socketpair: %s" % e})
         return
     result = {"c0": c0, "c1": c1, "c2": c2}
-    t = threading.Thread(target=start, args=(req, result))
-    t.start()
-    t.join()
+    try:
+        t = threading.Thread(target=start, args=(req, result))
+        t.start()
+        t.join()
+    except RuntimeError as e:
+        # no thread to be had (the container's pids limit, a fork bomb in another command):
+        # this command is not started, and the forker lives on for the others
+        result["e"] = OSError(errno.EAGAIN, "no thread to start it (%s)" % e)
     c1.close()
     c2.close()
     if c0 is not None:
@@ -131,11 +162,20 @@ def run(req):
         return
     p = result["p"]
     children[p.pid] = (i, p)
+    below_supervisor(p.pid, req.get("procs"))
     try:
         if p0 is not None:
             hand_over(i, 0, p0)
         hand_over(i, 1, p1)
         hand_over(i, 2, p2)
+    except OSError as e:
+        # started, but its output cannot reach the shim: it goes (its exit is reaped and ignored)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        reply({"type": "error", "id": i, "code": errno.errorcode.get(e.errno, "ESPAWN"), "message": "output hand-over: %s" % e})
+        return
     finally:
         p1.close()
         p2.close()
@@ -148,7 +188,12 @@ def drain():
     global buf
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
-        run(json.loads(line))
+        req = json.loads(line)
+        try:
+            run(req)
+        except Exception as e:
+            # whatever failed (memory, in a starved container) fails this command, not the forker
+            reply({"type": "error", "id": req["id"], "code": "ESPAWN", "message": "the forker could not start it: %s" % e})
         reap()
 while True:
     try:
@@ -413,8 +458,9 @@ export class Forker {
       return this.sendNext();
     }
     this.inFlight = id;
-    const { cgroup: _cgroup, ...wire } = p.req;
-    child.stdin!.write(JSON.stringify(wire) + "\n");
+    const { cgroup, ...wire } = p.req;
+    // procs: where the forker finds what the command forked early (below_supervisor)
+    child.stdin!.write(JSON.stringify({ ...wire, procs: cgroup ? `${cgroup.dir}/cgroup.procs` : null }) + "\n");
     this.armAnswerCheck(id);
   }
 

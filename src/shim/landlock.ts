@@ -5,17 +5,31 @@
  * A process in a domain cannot ptrace — nor open /proc/<pid>/mem or maps
  * of, nor process_vm_readv/writev into — a process outside its domain or in
  * a sibling one, and with LANDLOCK_SCOPE_SIGNAL cannot signal one either.
- * Processes of one command share its domain and still reach each other. No
- * filesystem or network access is handled: nothing else changes. It needs
- * no privilege (no_new_privs, which Docker's no-new-privileges already
- * sets), and Docker's seccomp profile allows the syscalls here.
+ * Processes of one command share its domain and still reach each other.
+ *
+ * Two more doors the uid leaves open are closed here as well:
+ * - writing another process's /proc files (`/proc/<pid>/oom_score_adj`
+ *   makes a concurrent command the OOM killer's first victim; `autogroup`
+ *   lowers its CPU share): the domain handles "write a file" and grants it
+ *   beneath every top-level folder but /proc, so no command writes any /proc
+ *   file, its own included. Everything else is written as before (writable
+ *   mounts are below those folders; pipes and sockets reopened through
+ *   /proc/self/fd are not files Landlock handles).
+ * - changing another process's limits and priorities by pid: the seccomp
+ *   filter of seccomp.ts, installed by the same thread.
+ * The thread also sets nice 19 for the command: inside the container only
+ * the shim, the forker and tini compete with commands for its CPU, and a
+ * fork bomb must not starve the shim's timeout and kill.
+ * It needs no privilege (no_new_privs, which Docker's no-new-privileges
+ * already sets), and Docker's seccomp profile allows the syscalls here.
  *
  * Each command must get a domain of its own, made by the thread that starts
- * it, never by the long-lived starter itself (domains stack and cannot be
- * left): the forker makes it in a thread that exists only to start one
- * command; on Node's path a small Python wrapper makes it and then execs
- * the command (Node has no hook between fork and exec).
+ * it, never by the long-lived starter itself (domains and filters stack and
+ * cannot be left): the forker makes it in a thread that exists only to
+ * start one command; on Node's path a small Python wrapper makes it and then
+ * execs the command (Node has no hook between fork and exec).
  */
+import { SECCOMP_PY } from "./seccomp.js";
 
 /**
  * Python: `confine()` and `LANDLOCK` (whether the kernel has ABI 6). Needs
@@ -24,20 +38,52 @@
 export const LANDLOCK_PY = String.raw`
 class _Attr(ctypes.Structure):
     _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+class _Beneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 _abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
 LANDLOCK = _abi >= 6
+_WRITE_FILE = 2  # LANDLOCK_ACCESS_FS_WRITE_FILE
+_COMMAND_NICE = 19
+` + SECCOMP_PY + String.raw`
 def confine():
-    attr = _Attr(0, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
+    attr = _Attr(_WRITE_FILE, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
     fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     try:
+        # files may be written beneath every top-level folder but /proc (links are their targets' business)
+        for name in os.listdir("/"):
+            if name == "proc" or os.path.islink("/" + name):
+                continue
+            try:
+                d = os.open("/" + name, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                rule = _Beneath(_WRITE_FILE, d)
+                if libc.syscall(445, fd, 1, ctypes.byref(rule), 0) != 0:  # landlock_add_rule, PATH_BENEATH
+                    raise OSError(ctypes.get_errno(), "landlock_add_rule /" + name)
+            finally:
+                os.close(d)
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
             raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
         if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
             raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     finally:
         os.close(fd)
+    # Below the supervisor: a command (a fork bomb of 250 processes) competes with the shim for the
+    # container's one CPU, and must not starve its timers. Per thread on Linux; the command inherits it
+    # and cannot take it back (no CAP_SYS_NICE). Commands still share the CPU evenly among themselves.
+    os.setpriority(os.PRIO_PROCESS, 0, _COMMAND_NICE)
+    prog = _SECCOMP.get(os.uname().machine)
+    if prog is not None:
+        buf = ctypes.create_string_buffer(prog, len(prog))
+        fprog = _Fprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+        if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            raise OSError(ctypes.get_errno(), "seccomp filter")
 
 `;
 
@@ -58,6 +104,13 @@ argv = sys.argv[1:]
 # the environment as given, not os.environ: Python's start-up adds LC_CTYPE (locale coercion) there
 env = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read().split(b"\0") if b"=" in kv)
 try:
+    # the OOM killer takes commands before the shim (see below_supervisor in forker.ts); before confine(),
+    # which closes /proc to writes
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass  # a /proc that will not take it costs this protection, not the command
     if LANDLOCK:
         confine()
     os.execvpe(argv[0], argv, env)

@@ -160,7 +160,7 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
-        features: ["owner", "stdin"],
+        features: ["owner", "execflow", "stdin"],
       });
     });
   }
@@ -224,6 +224,10 @@ class Shim implements ExecLink {
         else log("warn", "signal for an exec that is not running", { execId: message.execId });
         return;
       }
+      case "flow":
+        // an exec that ended meanwhile is not here: nothing to pause or resume
+        this.execs.get(message.execId)?.setClientPaused(message.paused);
+        return;
       case "listen":
         this.tunnels.apply(message.services);
         return;

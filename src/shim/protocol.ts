@@ -145,6 +145,8 @@ export const helloSchema = z
      * What this shim understands beyond protocol 1, so that a daemon can
      * still talk to the shims of containers started by an older version:
      * "owner" — a welcome may name the phase owner (forker.ts);
+     * "execflow" — it pauses one exec's output on a `flow` message, so a
+     * slow client of one command does not hold up the others;
      * "stdin" — an exec may carry bytes for the command's stdin.
      */
     features: z.array(z.string().max(32)).max(32).optional(),
@@ -228,6 +230,14 @@ export const signalMessageSchema = z
 
 export const shutdownSchema = z.object({ type: z.literal("shutdown") }).strict();
 
+/**
+ * Per-exec flow control (feature "execflow"): the exec's streaming client
+ * cannot take more (paused) or drained (not paused). The shim stops and
+ * restarts reading that exec's pipes only; the others' output and exits
+ * keep flowing on the channel.
+ */
+export const flowSchema = z.object({ type: z.literal("flow"), execId: execIdSchema, paused: z.boolean() }).strict();
+
 /** a service name as policy and the tunnel header carry it (postgres, questdb-pg, redis …) */
 export const serviceNameSchema = z.string().regex(/^[a-z][a-z0-9-]{0,31}$/);
 export const tunnelPortSchema = z.number().int().min(1).max(65535);
@@ -260,6 +270,7 @@ export const daemonToShimSchema = z.discriminatedUnion("type", [
   signalMessageSchema,
   shutdownSchema,
   listenSchema,
+  flowSchema,
 ]);
 export type DaemonToShim = z.infer<typeof daemonToShimSchema>;
 export type ExecMessage = z.infer<typeof execSchema>;

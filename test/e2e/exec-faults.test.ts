@@ -122,6 +122,37 @@ describe("a reader or client that goes away", () => {
     expect(Date.now() - t).toBeLessThan(20_000);
   }, 180_000);
 
+  it("a streaming reader that stops reading holds up only its own command: another command's output and exit arrive at once, and are recorded", async () => {
+    const p = await startPhase();
+    const emit = await writeScript(p.project, "import sys\nfor i in range(5_000_000):\n    sys.stdout.write(f'line {i} ' + 'x' * 80 + '\\n')");
+    const net = await import("node:net");
+    // a client that sends its exec and then never reads a byte
+    const stalled = net.connect(socket);
+    stalled.on("error", () => undefined);
+    const body = JSON.stringify({ argv: ["python3", emit] });
+    stalled.write(`POST /v1/phases/${p.id}/exec?stream=1 HTTP/1.1\r\nHost: sandboxd\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    stalled.pause();
+    // long enough for every buffer between the command and the stalled client to fill
+    await new Promise((r) => setTimeout(r, 4_000));
+    for (let round = 0; round < 3; round++) {
+      const t0 = Date.now();
+      const other = await cli(["exec", "--json", p.id, "--", "python3", await writeScript(p.project, `print('other ${round}')`)], { socket, timeoutMs: 90_000 });
+      expect(Date.now() - t0, `round ${round}: the other command waited for the stalled reader`).toBeLessThan(10_000);
+      expect(other.code).toBe(0);
+      expect(JSON.parse(other.stdout)).toMatchObject({ exitCode: 0, timedOut: false, stdout: `other ${round}\n` });
+    }
+    const others = (await records()).filter((r) => r.phase === p.id && r.type === "exec.result" && String((r.argv as string[])[1]).startsWith("sbx_scripts") && (r.argv as string[])[1] !== emit);
+    expect(others.map((r) => r.exitCode)).toEqual([0, 0, 0]);
+    // the stalled command is still there, blocked on its pipe, until its client goes
+    expect((await records()).some((r) => r.phase === p.id && r.type === "exec.result" && (r.argv as string[])[1] === emit)).toBe(false);
+    stalled.destroy();
+    await until("the stalled reader's command to end", async () =>
+      (await records()).find((r) => r.phase === p.id && r.type === "exec.result" && (r.argv as string[])[1] === emit),
+    );
+    const ended = (await records()).find((r) => r.phase === p.id && r.type === "exec.result" && (r.argv as string[])[1] === emit);
+    expect(ended).toMatchObject({ signal: "SIGKILL" });
+  }, 180_000);
+
   it("a non-streaming exec whose client disconnects ends its command", async () => {
     const p = await startPhase();
     const script = await writeScript(p.project, "import time\nfor i in range(300):\n    time.sleep(0.1)\nprint('ran to the end')");
@@ -261,6 +292,29 @@ describe("idle connections", () => {
     const p = await startPhase();
     await until("the follow to see the new phase", async () => got.length > before && got.includes(p.id));
     res.destroy();
+  }, 60_000);
+
+  it("a request whose body trickles in is cut; the daemon records no exec for it and answers the next client", async () => {
+    const net = await import("node:net");
+    const p = await startPhase();
+    const slow = net.connect(socket);
+    slow.on("error", () => undefined);
+    const t0 = Date.now();
+    const closedAt = new Promise<number>((r) => slow.on("close", () => r(Date.now())));
+    slow.write(
+      `POST /v1/phases/${p.id}/exec HTTP/1.1\r\nHost: sandboxd\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"argv":["python3"`,
+    );
+    const drip = setInterval(() => slow.write(" "), 1_000);
+    const closed = await closedAt;
+    clearInterval(drip);
+    expect(closed - t0).toBeGreaterThan(8_000);
+    expect(closed - t0).toBeLessThan(20_000);
+    const r = await cli(["exec", p.id, "--", "python3", "--version"], { socket });
+    expect(r.code).toBe(0);
+    const verdicts = (await readFile(path.join(stateDir, "audit.jsonl"), "utf8"))
+      .split("\n")
+      .filter((l) => l.includes('"exec.verdict"') && l.includes(p.id));
+    expect(verdicts).toHaveLength(1); // the CLI's, not the cut request's
   }, 60_000);
 });
 

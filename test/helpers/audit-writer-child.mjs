@@ -6,15 +6,17 @@
  * parent kills it with SIGKILL mid-burst and checks that every seq it saw is
  * in a chain that verifies.
  *
- *   node audit-writer-child.mjs JOURNAL_MODULE DIR COUNT CONCURRENCY
+ *   node audit-writer-child.mjs JOURNAL_MODULE DIR COUNT CONCURRENCY [KEY_FILE]
  *
- * JOURNAL_MODULE is src/audit/journal.ts compiled to one ES module.
+ * JOURNAL_MODULE is src/audit/journal.ts (and signing.ts) compiled to one ES
+ * module. With KEY_FILE the journal signs its anchors with that key, as the
+ * daemon does.
  */
 import { writeSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 
-const [modulePath, dir, countArg, concurrencyArg] = process.argv.slice(2);
-const { AuditJournal } = await import(pathToFileURL(modulePath).href);
+const [modulePath, dir, countArg, concurrencyArg, keyFile] = process.argv.slice(2);
+const { AuditJournal, readSigningKey } = await import(pathToFileURL(modulePath).href);
 const count = Number(countArg);
 const concurrency = Number(concurrencyArg);
 
@@ -32,7 +34,7 @@ function say(text) {
 }
 
 const clock = { now: () => new Date(), monotonicMs: () => performance.now() };
-const journal = await AuditJournal.open(dir, { clock });
+const journal = await AuditJournal.open(dir, { clock, ...(keyFile ? { signer: await readSigningKey(keyFile) } : {}) });
 say(`ready ${journal.durable.seq}\n`);
 
 let next = 0;

@@ -124,7 +124,7 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
   // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, { ...TEST_ENV, ...opts.env });
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, { SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...TEST_ENV, ...opts.env });
   // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
   const lines = opts.logLines;
   const daemon = await startDaemon(
@@ -139,8 +139,18 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
     close: async () => {
       await daemon.close();
       await rm(stateDir, { recursive: true, force: true });
+      await rm(testAuditKey(stateDir), { force: true });
     },
   };
+}
+
+/**
+ * The audit signing key of a test daemon: beside its state dir (never inside:
+ * settings refuse that), so test daemons do not all share the machine's
+ * default key under /etc/sandboxd. The daemon creates it on first start.
+ */
+export function testAuditKey(stateDir: string): string {
+  return `${stateDir}-audit-signing.key`;
 }
 
 export interface CliResult {
@@ -176,7 +186,7 @@ export async function spawnDaemon(
 ): Promise<{ child: ChildProcess; output: () => string }> {
   const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, ...(opts.policy ? ["--policy", opts.policy] : [])], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", ...opts.env },
+    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...opts.env },
   });
   let out = "";
   child.stdout!.on("data", (c: Buffer) => (out += c.toString()));
@@ -215,4 +225,5 @@ export async function containersOf(stateDir: string): Promise<Docker.ContainerIn
 
 export async function removeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
+  await rm(testAuditKey(dir), { force: true });
 }

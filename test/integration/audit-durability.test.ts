@@ -16,6 +16,7 @@ import { build } from "esbuild";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AuditJournal, JOURNAL_FILE } from "../../src/audit/journal.js";
 import { verifyJournal } from "../../src/audit/verify.js";
+import { createSigningKey, readSigningKey } from "../../src/audit/signing.js";
 import { systemClock } from "../../src/util/clock.js";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -30,7 +31,11 @@ beforeAll(async () => {
   // Compile the journal (and what it imports) to one ES module the child can load: no dist/ staleness.
   journalModule = path.join(tmp, "journal.mjs");
   await build({
-    entryPoints: [path.join(ROOT, "src", "audit", "journal.ts")],
+    stdin: {
+      contents: 'export * from "./journal.ts"; export { readSigningKey } from "./signing.ts";',
+      resolveDir: path.join(ROOT, "src", "audit"),
+      loader: "ts",
+    },
     bundle: true,
     platform: "node",
     format: "esm",
@@ -52,9 +57,9 @@ interface RunResult {
 }
 
 /** Runs the writer, SIGKILLs it once it has acknowledged `killAfter` records. */
-function runAndKill(dir: string, killAfter: number): Promise<RunResult> {
+function runAndKill(dir: string, killAfter: number, keyFile?: string): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, journalModule, dir, String(COUNT), "64"], { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [CHILD, journalModule, dir, String(COUNT), "64", ...(keyFile ? [keyFile] : [])], { stdio: ["ignore", "pipe", "pipe"] });
     const acked: number[] = [];
     let startSeq = -1;
     let done = false;
@@ -101,19 +106,32 @@ async function seqsOnDisk(dir: string): Promise<Set<number>> {
 
 describe("audit journal under SIGKILL", () => {
   it("keeps every acknowledged record in a chain that verifies, across three kills mid-burst", async () => {
-    const dir = path.join(tmp, "state");
+    await killThreeTimes(path.join(tmp, "state"));
+  });
+
+  it("signing its anchors: the same, and each crash leaves an anchor whose signature verifies with the daemon's key pinned", async () => {
+    const keyFile = path.join(tmp, "audit-signing.key");
+    const signer = await createSigningKey(keyFile);
+    await killThreeTimes(path.join(tmp, "signed-state"), { keyFile, fingerprint: signer.fingerprint });
+  });
+});
+
+async function killThreeTimes(dir: string, signing?: { keyFile: string; fingerprint: string }): Promise<void> {
+  {
     const allAcked: number[] = [];
     const killPoints = [2000 + Math.floor(Math.random() * 1000), 4000 + Math.floor(Math.random() * 2000), 6500 + Math.floor(Math.random() * 2000)];
     let tornSeen = 0;
     for (const killAfter of killPoints) {
-      const run = await runAndKill(dir, killAfter);
+      const run = await runAndKill(dir, killAfter, signing?.keyFile);
       expect(run.signal).toBe("SIGKILL");
       expect(run.done, `the writer finished all ${COUNT} before the kill at ${killAfter}`).toBe(false);
       expect(run.acked.length).toBeGreaterThanOrEqual(killAfter);
       allAcked.push(...run.acked);
 
-      const result = await verifyJournal(dir);
+      const result = await verifyJournal(dir, signing ? { pinned: [signing.fingerprint] } : {});
       expect(result, JSON.stringify(result)).toMatchObject({ ok: true });
+      // signed: the crash left a signature (it may trail the anchor's head by up to signIntervalMs of records)
+      if (signing && result.ok) expect(result.signature).toMatchObject({ key: signing.fingerprint });
       if (!result.ok) return;
       if (result.tornTailBytes > 0) tornSeen++;
       const maxAcked = Math.max(...run.acked);
@@ -130,11 +148,12 @@ describe("audit journal under SIGKILL", () => {
       );
     }
     // the writer's journal is reopened cleanly after the last kill too
-    const j = await AuditJournal.open(dir, { clock: systemClock });
+    const j = await AuditJournal.open(dir, { clock: systemClock, ...(signing ? { signer: await readSigningKey(signing.keyFile) } : {}) });
     const rec = await j.append({ type: "after.crash" });
     await j.close();
-    const final = await verifyJournal(dir);
+    const final = await verifyJournal(dir, signing ? { pinned: [signing.fingerprint] } : {});
     expect(final).toMatchObject({ ok: true, lastSeq: rec.seq, tornTailBytes: 0 });
+    if (signing) expect(final).toMatchObject({ signature: { key: signing.fingerprint, seq: rec.seq }, pinned: true });
     console.log(`torn tails seen after a kill: ${tornSeen} of ${killPoints.length}`);
-  });
-});
+  }
+}

@@ -50,7 +50,7 @@ describe("a full audit disk recovers without a restart", () => {
     await chown(path.join(project, "ok.py"), OWNER.uid, OWNER.gid);
     const sockDir = await tempDir("recsock");
     const socket = path.join(sockDir, "s.sock");
-    const daemon = await startDaemon(resolveSettings({ socket, stateDir }, TEST_ENV), { log: pino({ level: "silent" }) });
+    const daemon = await startDaemon(resolveSettings({ socket, stateDir }, { ...TEST_ENV, SANDBOXD_AUDIT_KEY: path.join(sockDir, "audit-signing.key") }), { log: pino({ level: "silent" }) });
     const api = new ApiClient(socket);
     try {
       const { phase: a } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "a", mode: "test" });

@@ -286,7 +286,7 @@ async function startTestDaemonAt(stateDir: string) {
   const { ApiClient } = await import("../../src/cli/client.js");
   const sockDir = await tempDir("fullsock");
   const socket = path.join(sockDir, "s.sock");
-  const daemon = await startDaemon(resolveSettings({ socket, stateDir }, TEST_ENV), { log: pino({ level: "silent" }) });
+  const daemon = await startDaemon(resolveSettings({ socket, stateDir }, { ...TEST_ENV, SANDBOXD_AUDIT_KEY: path.join(sockDir, "audit-signing.key") }), { log: pino({ level: "silent" }) });
   return {
     api: new ApiClient(socket),
     close: async () => {

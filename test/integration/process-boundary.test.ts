@@ -175,4 +175,191 @@ describe("each command's process boundary", () => {
     const log = await readFile(phase.buildLog, "utf8");
     expect(log).toContain(`[SHELL] [EXEC] [python3 ${victimScript}] [FAIL exit 1]`);
   });
+
+  it("a command cannot change a concurrent command's limits, priorities or /proc files: the other's result is its own, and so is its record", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "limits", mode: "test" });
+    const victimScript = await writeScript(project, LIMITS_VICTIM);
+    const attackerScript = await writeScript(project, LIMITS_ATTACKER);
+    const victim = exec(phase, ["python3", victimScript]);
+    const attacker = await exec(phase, ["python3", attackerScript]);
+    expect(attacker.stderr).toBe("");
+    // EPERM from the seccomp filter for every call by pid; EACCES (Landlock) for the /proc file
+    expect(JSON.parse(attacker.stdout)).toEqual({
+      prlimit: 1,
+      setpriority: 1,
+      setpriority_user: 1,
+      sched_setscheduler: 1,
+      sched_setaffinity: 1,
+      ioprio_set: 1,
+      oom_score_adj: 13,
+      autogroup: 13,
+      prlimit_read: "ok",
+    });
+    const v = await victim;
+    expect(v).toMatchObject({ exitCode: 1, signal: null, timedOut: false });
+    // nice 19 and oom_score_adj 1000 are every command's own (below the shim), not the attacker's doing
+    expect(JSON.parse(v.stdout)).toEqual({ nofile: "untouched", nice: 19, oom: "1000", policy: 0, files: "opened 50" });
+
+    const recorded = await results(phase.id);
+    const victimRecord = recorded.find((r) => (r.argv as string[] | undefined)?.[1] === victimScript);
+    expect(victimRecord).toMatchObject({ exitCode: 1, signal: null, timedOut: false, stdout: v.stdout });
+    const attackerRecord = recorded.find((r) => (r.argv as string[] | undefined)?.[1] === attackerScript);
+    expect(attackerRecord).toMatchObject({ exitCode: 0, stdout: attacker.stdout });
+
+    // a command still changes its own limits and priority
+    const own = await exec(phase, ["python3", await writeScript(project, OWN_LIMITS)]);
+    expect(own).toMatchObject({ exitCode: 0, stdout: "nofile 64 nice 19 policy 3 affinity ok\n" });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
+
+  it("a fork bomb in one command neither stops the forker nor costs a concurrent command its result", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "forkbomb", mode: "test" });
+    const innocentScript = await writeScript(project, "import time\ntime.sleep(6)\nprint('finished fine')");
+    const duringScript = await writeScript(project, "print('started')");
+    const innocent = exec(phase, ["python3", innocentScript]);
+    await new Promise((r) => setTimeout(r, 500));
+    const bomb = t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, {
+      argv: ["python3", await writeScript(project, FORK_BOMB)],
+      timeoutMs: 4_000,
+    });
+    await new Promise((r) => setTimeout(r, 2_000));
+    // started while the container's pids are exhausted: refused (126 for the CLI), nothing else lost
+    const during = await t.api
+      .request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", duringScript] })
+      .then(
+        (r) => r.result,
+        (e: Error) => e,
+      );
+    expect((await bomb).result).toMatchObject({ timedOut: true });
+    const i = await innocent;
+    expect(i).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    const record = (await results(phase.id)).find((r) => (r.argv as string[] | undefined)?.[1] === innocentScript);
+    expect(record).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    // the forker is the one it started with: it never exited
+    const logs = (await docker.getContainer(phase.containerName).logs({ stdout: true, stderr: true })).toString("utf8");
+    expect(logs).not.toContain("forker exited");
+    expect(logs.match(/"forker ready"/g)).toHaveLength(1);
+    expect(during).toBeDefined();
+    const after = await exec(phase, ["python3", await writeScript(project, "print('after')")]);
+    expect(after).toMatchObject({ exitCode: 0, stdout: "after\n" });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
+
+  it("memory spread over many small processes gets them OOM-killed, not the shim: a concurrent command keeps its result", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "oom", mode: "test" });
+    const innocentScript = await writeScript(project, "import time\ntime.sleep(8)\nprint('finished fine')");
+    const hogScript = await writeScript(project, MEMORY_HOGS);
+    const innocent = exec(phase, ["python3", innocentScript]);
+    await new Promise((r) => setTimeout(r, 500));
+    // 200 processes of 16 MiB each: more than the phase's 2 GiB, each far smaller than the shim
+    const hog = await exec(phase, ["python3", hogScript, "200", "16"]);
+    expect(hog.exitCode).toBe(0);
+    const killed = Number(/killed (\d+)/.exec(hog.stdout)?.[1]);
+    expect(killed).toBeGreaterThan(0); // the OOM killer did run
+    const i = await innocent;
+    expect(i).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    const record = (await results(phase.id)).find((r) => (r.argv as string[] | undefined)?.[1] === innocentScript);
+    expect(record).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: "finished fine\n" });
+    // same shim, same forker, and the phase runs the next command
+    const logs = (await docker.getContainer(phase.containerName).logs({ stdout: true, stderr: true })).toString("utf8");
+    expect(logs.match(/"shim starting"/g)).toHaveLength(1);
+    expect(logs).not.toContain("forker exited");
+    const after = await exec(phase, ["python3", await writeScript(project, "print(open('/proc/self/oom_score_adj').read().strip())")]);
+    expect(after).toMatchObject({ exitCode: 0, stdout: "1000\n" });
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  });
 });
+
+const MEMORY_HOGS = `
+import os, sys, time
+n, mb = int(sys.argv[1]), int(sys.argv[2])
+kids = []
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            b = bytearray(mb << 20)
+            for j in range(0, len(b), 4096):
+                b[j] = 1
+        except MemoryError:
+            pass
+        time.sleep(4)
+        os._exit(0)
+    kids.append(pid)
+killed = sum(1 for k in kids if os.WIFSIGNALED(os.waitpid(k, 0)[1]))
+print("killed %d" % killed)
+`;
+
+/** A failing run that, at its end, reports the limits and priority it had. */
+const LIMITS_VICTIM = `
+import json, os, resource, sys, time
+open("limits-victim.pid", "w").write(str(os.getpid()))
+before = resource.getrlimit(resource.RLIMIT_NOFILE)
+time.sleep(2)
+out = {"nofile": "untouched" if resource.getrlimit(resource.RLIMIT_NOFILE) == before else resource.getrlimit(resource.RLIMIT_NOFILE),
+       "nice": os.getpriority(os.PRIO_PROCESS, 0), "oom": open("/proc/self/oom_score_adj").read().strip(),
+       "policy": os.sched_getscheduler(0)}
+try:
+    held = [open("/dev/null") for _ in range(50)]
+    out["files"] = "opened 50"
+except OSError as e:
+    out["files"] = e.errno
+print(json.dumps(out))
+sys.exit(1)
+`;
+
+/** Another command going for the victim's limits, priorities and /proc files. */
+const LIMITS_ATTACKER = `
+import ctypes, json, os, resource, time
+libc = ctypes.CDLL(None, use_errno=True)
+for _ in range(100):
+    if os.path.exists("limits-victim.pid"):
+        break
+    time.sleep(0.02)
+pid = int(open("limits-victim.pid").read())
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = e.errno
+def ioprio():
+    if libc.syscall(251, 1, pid, 3 << 13) != 0:  # ioprio_set(IOPRIO_WHO_PROCESS, pid, IOPRIO_CLASS_IDLE)
+        raise OSError(ctypes.get_errno(), "ioprio_set")
+attempt("prlimit", lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (5, 5)))
+attempt("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, pid, 19))
+attempt("setpriority_user", lambda: os.setpriority(os.PRIO_USER, os.getuid(), 19))
+attempt("sched_setscheduler", lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)))
+attempt("sched_setaffinity", lambda: os.sched_setaffinity(pid, {0}))
+attempt("ioprio_set", ioprio)
+attempt("oom_score_adj", lambda: open("/proc/%d/oom_score_adj" % pid, "w").write("0"))
+attempt("autogroup", lambda: open("/proc/%d/autogroup" % pid, "w").write("19"))
+attempt("prlimit_read", lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE))
+print(json.dumps(out))
+`;
+
+const OWN_LIMITS = `
+import os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+os.nice(3)
+os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+os.sched_setaffinity(0, os.sched_getaffinity(0))
+print("nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "nice", os.getpriority(os.PRIO_PROCESS, 0),
+      "policy", os.sched_getscheduler(0), "affinity ok")
+`;
+
+const FORK_BOMB = `
+import os, time
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.01)
+`;

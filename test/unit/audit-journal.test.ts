@@ -6,6 +6,7 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { canonicalJson } from "../../src/audit/canonical.js";
 import {
+  ANCHOR_BYTES,
   ANCHOR_FILE,
   AuditJournal,
   GENESIS_HASH,
@@ -102,7 +103,7 @@ describe("audit.jsonl record format", () => {
     expect(JSON.parse(lines[0]!)).toMatchObject({ seq: 1, ts: "2025-01-28T14:32:01.000Z", type: "shell.exec", phase: "ph_1", rule: "shell.allow.pytest", clause: "§2" });
     expect((await stat(journalPath())).mode & 0o777).toBe(0o600);
     const anchor = await readFile(path.join(dir, ANCHOR_FILE));
-    expect(anchor.length).toBe(128); // overwritten in place, always the same size
+    expect(anchor.length).toBe(ANCHOR_BYTES); // overwritten in place, always the same size
     expect(JSON.parse(anchor.toString())).toEqual({ seq: 2, hash: r2!.hash });
     expect((await stat(path.join(dir, ANCHOR_FILE))).mode & 0o777).toBe(0o600);
   });

@@ -77,4 +77,24 @@ describe("FlowConsumer", () => {
     none.pause();
     none.close();
   });
+
+  it("a bound consumer's pause is its exec's: held with the exec id, released with it, re-held when bound while holding", () => {
+    const calls: string[] = [];
+    const gate = {
+      hold: (_c: object, execId?: number) => calls.push(`hold ${execId ?? "-"}`),
+      release: () => calls.push("release"),
+    };
+    const early = new FlowConsumer(gate);
+    early.pause(); // a waiting line backed up before the exec was sent
+    early.bind(7);
+    early.resume();
+    const bound = new FlowConsumer(gate);
+    bound.bind(8);
+    bound.bind(9); // the first binding stands
+    bound.pause();
+    bound.close();
+    bound.bind(10);
+    bound.pause();
+    expect(calls).toEqual(["hold -", "hold 7", "release", "hold 8", "release"]);
+  });
 });
