@@ -141,7 +141,7 @@ describe("background jobs", () => {
     expect(job.id).toMatch(/^jb_[0-9a-f]{12}$/);
     expect((await sbx.execs(phaseId)).map((e) => e.id)).toContain(job.id);
     let out = await sbx.jobOutput(phaseId, job.id);
-    for (let i = 0; i < 50 && !out.stdout.includes("ready"); i++) {
+    for (let i = 0; i < 50 && !out.stdout.includes("ready\n"); i++) {
       await new Promise((r) => setTimeout(r, 100));
       out = await sbx.jobOutput(phaseId, job.id);
     }
