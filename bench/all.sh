@@ -16,7 +16,8 @@ node --expose-gc bench/run.mjs || status=1
 bash scripts/ensure-test-tools.sh || echo "bench: redis-server missing; the Redis round trip will not be measured" >&2
 
 # Each ends its stdout with a JSON document (after any table): that document is kept.
-for b in policy-eval sql-classify audit-throughput gateway; do
+# workspace: the change layer on a generated 100k-file tree (needs root, docker and the sandbox image)
+for b in policy-eval sql-classify audit-throughput gateway workspace; do
   echo "== $b (bench/$b.mjs)" >&2
   node "bench/$b.mjs" > "bench/results/$b.out" || status=1
   node -e '

@@ -114,12 +114,18 @@ export const ERRORS = {
     status: 409,
     hint: "this phase's container runs an older shim without that feature; start a new phase (after `sandboxd image build`) to use it",
   },
-  SBX_ERR_EXEC_NOT_FOUND: { status: 404, hint: "`sandboxd execs ls <phase>` lists the phase's running commands and `sandboxd jobs ls <phase>` its background jobs" },
+  SBX_ERR_EXEC_NOT_FOUND: { status: 404, hint: "`sandboxd execs <phase>` lists the phase's running commands and `sandboxd jobs ls <phase>` its background jobs" },
   SBX_ERR_JOB_LIMIT: { status: 429, hint: "wait for or kill one of the phase's background jobs (`sandboxd jobs ls <phase>`) before starting another" },
   SBX_ERR_SHUTDOWN_REFUSED: {
     status: 409,
     hint: "a planned restart keeps only running phases: resume, abort or stop the ones named, or stop the daemon without --keep-phases (which stops every phase)",
   },
+  SBX_ERR_FILE_NOT_FOUND: { status: 404, hint: "`sandboxd files <phase>` lists what the phase changed; the path is project-relative" },
+  SBX_ERR_PATH_PROTECTED: {
+    status: 403,
+    hint: "this path is protected in the sandbox (SKILLS.md §1: credentials hidden; .git, build_audit.log, policy files and main.py read-only); write another path",
+  },
+  SBX_ERR_PYTHON_SYNTAX: { status: 422, hint: "fix the syntax error the compiler names and write the file again; nothing was written" },
   SBX_ERR_INTERNAL: { status: 500, hint: "this is a bug in sandboxd; the daemon log has the details" },
 } as const satisfies Record<string, ErrorSpec>;
 

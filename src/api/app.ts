@@ -21,6 +21,7 @@ import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
 import { openApiDocument } from "./openapi.js";
 import { ROUTES, routeKey, routeOf, type RouteKey } from "./routes.js";
+import { MAX_PUT_BYTES } from "./schemas.js";
 
 export interface AppOptions {
   manager: PhaseManager;
@@ -119,6 +120,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
   const { manager } = opts;
 
+  // PUT /v1/phases/:id/files/<path>: the body is the file's bytes
+  app.addContentTypeParser("application/octet-stream", { parseAs: "buffer", bodyLimit: MAX_PUT_BYTES }, (_req, body, done) => done(null, body));
+
   app.setErrorHandler((err, req, reply) => {
     if (err instanceof SandboxdError) return reply.status(err.status).send(err.toBody());
     const fe = err as { code?: string; statusCode?: number; message: string };
@@ -160,9 +164,13 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     app.route({
       method: def.method,
       url: def.path,
+      ...(def.bodyLimit ? { bodyLimit: def.bodyLimit } : {}),
       handler: async (req, reply) => {
+        // a trailing wildcard (`files/*`) is the route's `path` parameter
+        const rawParams = req.params as Record<string, unknown>;
+        const paramsIn = "*" in rawParams ? { ...Object.fromEntries(Object.entries(rawParams).filter(([k]) => k !== "*")), path: rawParams["*"] } : rawParams;
         const input = {
-          params: def.params ? parse(def.params, req.params, "path") : undefined,
+          params: def.params ? parse(def.params, paramsIn, "path") : undefined,
           query: def.query ? parse(def.query, req.query, "query") : undefined,
           body: def.body ? parse(def.body, req.body, "body") : undefined,
         } as RouteInput<K>;
@@ -298,8 +306,21 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return { changes: await manager.files(id) };
   });
 
-  on("GET /v1/phases/:id/diff", async ({ params: { id } }) => {
-    return { diff: await manager.diff(id) };
+  on("GET /v1/phases/:id/diff", async ({ params: { id }, query: q }) => {
+    return { diff: await manager.diff(id, truthy(q.all)) };
+  });
+
+  // a file of the phase's view, read or written through the daemon (src/workspace/files.ts)
+  on("GET /v1/phases/:id/files/*", async ({ params: { id, path: rel } }, _req, reply) => {
+    const f = await manager.readFile(id, rel);
+    return reply.header("content-type", "application/octet-stream").header("x-sandboxd-mode", f.mode.toString(8).padStart(4, "0")).send(f.bytes);
+  });
+
+  on("PUT /v1/phases/:id/files/*", async ({ params: { id, path: rel }, query: q }, req) => {
+    if (!Buffer.isBuffer(req.body)) {
+      throw new SandboxdError("SBX_ERR_VALIDATION", "invalid request: the body is the file's bytes, sent as Content-Type: application/octet-stream");
+    }
+    return { file: await manager.writeFile(id, rel, req.body, q.mode === undefined ? undefined : parseInt(q.mode, 8)) };
   });
 
   for (const decision of ["accept", "reject"] as const) {

@@ -29,6 +29,7 @@ const KEEP = [
   "name", "mode", "reason", "category", "evidence", "failFast", "tests", "exitCode", "timedOut", "argv", "command",
   "n", "scope", "count", "limit", "report", "recommendation", "note", "from", "countersReset", "approval",
   "source", "action", "result", "counted", "decision", "rule", "trigger", "message", "failures", "failedIterations",
+  "event", "path", "isDir",
 ] as const;
 
 export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>): boolean {
@@ -36,7 +37,8 @@ export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>):
   // a command's result is an event when it failed (its category) or pytest ran (its counts)
   if (r.type === "exec.result") return r.category != null || r.tests != null;
   // the change layer's iteration records (src/workspace): iteration.*, checkpoint.*
-  return r.type === "workspace.iteration" || r.type.startsWith("iteration.") || r.type.startsWith("checkpoint.");
+  // and the live file events from the layer's watcher (workspace.file, workspace.file.dropped)
+  return r.type === "workspace.iteration" || r.type.startsWith("workspace.file") || r.type.startsWith("iteration.") || r.type.startsWith("checkpoint.");
 }
 
 export function toEvent(r: AuditRecord): Record<string, unknown> {

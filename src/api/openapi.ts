@@ -20,7 +20,8 @@ extendZodWithOpenApi(z);
 
 /** `/v1/phases/:id` → `/v1/phases/{id}` */
 export function openApiPath(path: string): string {
-  return path.replace(/:(\w+)/g, "{$1}");
+  // fastify's trailing wildcard is the file's path (`/v1/phases/:id/files/*`)
+  return path.replace(/:(\w+)/g, "{$1}").replace(/\/\*$/, "/{path}");
 }
 
 const ALWAYS: readonly ErrorCode[] = ["SBX_ERR_VALIDATION", "SBX_ERR_BAD_JSON", "SBX_ERR_INTERNAL"];
@@ -36,6 +37,8 @@ function content(kind: RouteDef["ok"]["content"]): Record<string, { schema: z.Zo
       return { "text/plain": { schema: z.string() } };
     case "json-or-ndjson":
       return { "application/json": { schema: any }, "application/x-ndjson": { schema: z.string() } };
+    case "bytes":
+      return { "application/octet-stream": { schema: z.string() } };
   }
 }
 
@@ -71,7 +74,7 @@ export function openApiDocument(): unknown {
       responses[String(status)] = { description: cs.join(", "), content: { "application/json": { schema: error } } };
     }
     registry.registerPath({
-      method: r.method.toLowerCase() as "get" | "post" | "delete",
+      method: r.method.toLowerCase() as "get" | "post" | "delete" | "put",
       path: openApiPath(r.path),
       operationId: operationId(r),
       summary: r.summary,
@@ -80,6 +83,7 @@ export function openApiDocument(): unknown {
         ...(r.params ? { params: r.params } : {}),
         ...(r.query ? { query: r.query } : {}),
         ...(r.body ? { body: { required: false, content: { "application/json": { schema: r.body } } } } : {}),
+        ...(r.rawBody ? { body: { required: true, content: { [r.rawBody]: { schema: z.string() } } } } : {}),
       },
       responses,
     });

@@ -10,7 +10,7 @@ import type { z } from "zod";
 import type { ErrorCode } from "../errors.js";
 import * as S from "./schemas.js";
 
-export type Method = "GET" | "POST" | "DELETE";
+export type Method = "GET" | "POST" | "DELETE" | "PUT";
 
 export interface RouteDef {
   method: Method;
@@ -22,7 +22,10 @@ export interface RouteDef {
   query?: z.AnyZodObject;
   body?: z.ZodTypeAny;
   /** the answer when it works: its status, what it is, and how it is encoded */
-  ok: { status: number; description: string; content: "json" | "ndjson" | "text" | "json-or-ndjson" };
+  ok: { status: number; description: string; content: "json" | "ndjson" | "text" | "json-or-ndjson" | "bytes" };
+  /** the body is raw bytes of this type (not JSON), at most bodyLimit */
+  rawBody?: "application/octet-stream";
+  bodyLimit?: number;
   /** the coded errors this route is known to answer (beyond SBX_ERR_VALIDATION, SBX_ERR_BAD_JSON and SBX_ERR_INTERNAL) */
   errors?: readonly ErrorCode[];
 }
@@ -75,13 +78,24 @@ export const ROUTES = [
 
   { method: "POST", path: "/v1/phases/:id/checkpoint", tag: "workspace", summary: "judge the changes since the last checkpoint as an iteration", ...phase, body: S.checkpointBody, ok: { status: 200, description: "{iteration} (null when nothing changed)", content: "json" }, errors: [...running, "SBX_ERR_ITERATION_PENDING"] },
   { method: "GET", path: "/v1/phases/:id/files", tag: "workspace", summary: "the pending change set", ...phase, ok: { status: 200, description: "{changes: [...]}", content: "json" } },
-  { method: "GET", path: "/v1/phases/:id/diff", tag: "workspace", summary: "the pending change set as a unified diff", ...phase, ok: { status: 200, description: "{diff}", content: "json" } },
+  { method: "GET", path: "/v1/phases/:id/diff", tag: "workspace", summary: "the pending change set as a unified diff (all=1: the whole phase)", ...phase, query: S.diffQuery, ok: { status: 200, description: "{diff}", content: "json" } },
+  {
+    method: "GET", path: "/v1/phases/:id/files/*", tag: "workspace", summary: "a file as the phase sees it (its view), never through a link", params: S.filePathParams,
+    ok: { status: 200, description: "the file's bytes; its permission bits in X-Sandboxd-Mode", content: "bytes" },
+    errors: ["SBX_ERR_PHASE_NOT_FOUND", "SBX_ERR_PHASE_NOT_RUNNING", "SBX_ERR_PATH_INVALID", "SBX_ERR_FILE_NOT_FOUND", "SBX_ERR_FILE_TOO_LARGE"],
+  },
+  {
+    method: "PUT", path: "/v1/phases/:id/files/*", tag: "workspace", summary: "write a file into the phase's view: atomic, size-checked, Python compiled first, never through a link", params: S.filePathParams, query: S.putFileQuery,
+    rawBody: "application/octet-stream", bodyLimit: S.MAX_PUT_BYTES,
+    ok: { status: 200, description: "{file: {path, created, size, mode, sha256, atCheckpoint}}", content: "json" },
+    errors: [...running, "SBX_ERR_ITERATION_PENDING", "SBX_ERR_PATH_INVALID", "SBX_ERR_PATH_PROTECTED", "SBX_ERR_FILE_TOO_LARGE", "SBX_ERR_PYTHON_SYNTAX", "SBX_ERR_REQUEST_TOO_LARGE", "SBX_ERR_SHIM_LOST"],
+  },
   { method: "POST", path: "/v1/phases/:id/iterations/:n/accept", tag: "workspace", summary: "accept a pending iteration (applied to the project)", params: S.iterationParams, body: S.decisionBody, ok: { status: 200, description: "{iteration}", content: "json" }, errors: ["SBX_ERR_ITERATION_NOT_FOUND", "SBX_ERR_ITERATION_DECIDED"] },
   { method: "POST", path: "/v1/phases/:id/iterations/:n/reject", tag: "workspace", summary: "reject a pending iteration (discarded)", params: S.iterationParams, body: S.decisionBody, ok: { status: 200, description: "{iteration}", content: "json" }, errors: ["SBX_ERR_ITERATION_NOT_FOUND", "SBX_ERR_ITERATION_DECIDED"] },
 
   { method: "GET", path: "/v1/approvals", tag: "approvals", summary: "approval requests (pending only without all=1)", query: S.approvalsQuery, ok: { status: 200, description: "{approvals: [...]}", content: "json" } },
   { method: "GET", path: "/v1/approvals/:id", tag: "approvals", summary: "one approval request", params: S.approvalIdParam, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND"] },
-  { method: "POST", path: "/v1/approvals/:id/approve", tag: "approvals", summary: "approve a request (the command may run once)", params: S.approvalIdParam, body: S.decisionBody, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND", "SBX_ERR_APPROVAL_DECIDED", "SBX_ERR_PHASE_NOT_RUNNING"] },
+  { method: "POST", path: "/v1/approvals/:id/approve", tag: "approvals", summary: "approve a request (the command may run once)", params: S.approvalIdParam, body: S.decisionBody, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND", "SBX_ERR_APPROVAL_DECIDED", "SBX_ERR_APPROVAL_STALE", "SBX_ERR_PHASE_NOT_RUNNING"] },
   { method: "POST", path: "/v1/approvals/:id/deny", tag: "approvals", summary: "deny a request", params: S.approvalIdParam, body: S.decisionBody, ok: { status: 200, description: "{approval}", content: "json" }, errors: ["SBX_ERR_APPROVAL_NOT_FOUND", "SBX_ERR_APPROVAL_DECIDED", "SBX_ERR_PHASE_NOT_RUNNING"] },
   { method: "GET", path: "/v1/grants", tag: "approvals", summary: "standing approvals (active only without all=1)", query: S.grantsQuery, ok: { status: 200, description: "{grants: [...]}", content: "json" } },
   { method: "POST", path: "/v1/grants", tag: "approvals", summary: "grant a standing approval (phase or project scope, exact argv or pattern, expiry)", body: S.grantBody, ok: { status: 200, description: "{grant}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_RUNNING", "SBX_ERR_PROJECT_NOT_FOUND"] },

@@ -25,6 +25,12 @@ export const startBody = z
   })
   .strict();
 
+export const diffQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
+/** a file of the phase's view: `path` is the route's `*` (fastify has decoded it; src/workspace/apply.ts checkRelPath judges it) */
+export const filePathParams = phaseIdParam.extend({ path: z.string() });
+export const putFileQuery = z.object({ mode: z.string().regex(/^0?[0-7]{3}$/, "permission bits in octal, e.g. 0644 or 755").optional() }).strict();
+/** A write through the daemon is at most this large on the wire; the policy's file size limit (10 MB) is checked on top. */
+export const MAX_PUT_BYTES = 64 * 1024 * 1024;
 export const checkpointBody = z.object({ message: z.string().min(1, "say what the iteration did").max(2000) }).strict();
 export const iterationParams = phaseIdParam.extend({ n: z.coerce.number().int().positive() });
 

@@ -54,6 +54,12 @@ export const approvalSchema = z
     command: z.string().nullable(),
     /** set instead for a SQL statement the database gateway refused as `ask`: its exact text (redacted) */
     sql: z.string().nullable().default(null),
+    /**
+     * set instead for an iteration of the phase's workspace the policy left to
+     * a person (a shared/ edit, a file over 10 MB): approving it applies the
+     * iteration, denying discards it; `files` binds the bytes it would apply
+     */
+    workspace: z.object({ iteration: z.number().int().positive(), paths: z.array(z.string()) }).strict().nullable().default(null),
     ruleId: z.string(),
     clause: z.string(),
     /** why the policy asks */
@@ -92,6 +98,8 @@ export interface CommandKey {
 }
 
 function sameCommand(a: Approval, k: CommandKey): boolean {
+  // an iteration's request is decided with the iteration, never used by a command
+  if (a.workspace) return false;
   if (k.sql !== undefined) return a.sql === k.sql;
   if (k.argv) return a.argv !== null && a.argv.length === k.argv.length && a.argv.every((x, i) => x === k.argv![i]);
   return a.command !== null && a.command === k.command;
@@ -166,6 +174,7 @@ export class ApprovalQueue {
       argv: key.argv ?? null,
       command: key.argv || key.sql !== undefined ? null : (key.command ?? null),
       sql: key.sql ?? null,
+      workspace: null,
       ruleId: why.ruleId,
       clause: why.clause,
       policyReason: why.policyReason,
@@ -182,6 +191,48 @@ export class ApprovalQueue {
     this.items.push(approval);
     await this.save();
     return { approval, created: true, reasonAdded: false };
+  }
+
+  /**
+   * Queue the request of a workspace iteration the policy left to a person
+   * (one per iteration; `files` the sha256 of each file as it would be applied).
+   */
+  async requestIteration(
+    phaseId: string,
+    iteration: { n: number; paths: string[] },
+    why: { ruleId: string; clause: string; policyReason: string; requestReason?: string | undefined },
+    files: readonly FileBinding[],
+  ): Promise<Approval> {
+    const existing = this.items.find((a) => a.phaseId === phaseId && a.state === "pending" && a.workspace?.iteration === iteration.n);
+    if (existing) return existing;
+    const approval: Approval = {
+      id: this.newId(),
+      phaseId,
+      argv: null,
+      command: null,
+      sql: null,
+      workspace: { iteration: iteration.n, paths: [...iteration.paths] },
+      ruleId: why.ruleId,
+      clause: why.clause,
+      policyReason: why.policyReason,
+      requestReason: why.requestReason ?? null,
+      state: "pending",
+      requestedAt: timestamp(this.clock.now()),
+      decidedAt: null,
+      note: null,
+      usedAt: null,
+      files: [...files],
+      laterReasons: [],
+      retries: 0,
+    };
+    this.items.push(approval);
+    await this.save();
+    return approval;
+  }
+
+  /** The pending request of a workspace iteration, if one was queued. */
+  forIteration(phaseId: string, n: number): Approval | null {
+    return this.items.find((a) => a.phaseId === phaseId && a.workspace?.iteration === n && (a.state === "pending" || a.state === "approved")) ?? null;
   }
 
   /** A person decides a pending request, or approves a denied one after all (the person says otherwise). */

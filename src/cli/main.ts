@@ -10,6 +10,7 @@
  * of signal N, 141 when the reader of its output went away.
  */
 import { Argument, Command, Option, InvalidArgumentError } from "commander";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
@@ -124,6 +125,7 @@ function changeLine(c: ChangeView): string {
 
 /** argv quoted (invisible characters as $'…' escapes), or the command string as given; escaped again by table() */
 function approvalCommand(a: Approval): string {
+  if (a.workspace) return `iteration ${a.workspace.iteration}: ${a.workspace.paths.join(", ")}`;
   return a.argv ? quoteArgv(a.argv) : a.sql !== null && a.sql !== undefined ? `SQL: ${a.sql}` : (a.command ?? "");
 }
 
@@ -515,11 +517,43 @@ function program(): Command {
 
   prog
     .command("diff")
-    .description("the phase's pending iteration as a unified diff")
+    .description("the phase's pending iteration as a unified diff (--all: everything the phase changed since it started)")
     .argument("<id>", "the phase")
-    .action(async (id: string, _opts: unknown, cmd: Command) => {
-      const { diff } = await client(cmd).request<{ diff: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/diff`);
+    .option("--all", "the whole phase: accepted iterations and the pending one, from the project as the phase found it")
+    .action(async (id: string, opts: { all?: boolean }, cmd: Command) => {
+      const { diff } = await client(cmd).request<{ diff: string }>("GET", `/v1/phases/${encodeURIComponent(id)}/diff${opts.all ? "?all=1" : ""}`);
       process.stdout.write(diff);
+    });
+
+  prog
+    .command("cat")
+    .description("print a file as the phase sees it (its view: the project with the phase's changes)")
+    .argument("<id>", "the phase")
+    .argument("<path>", "project-relative path")
+    .action(async (id: string, rel: string, _opts: unknown, cmd: Command) => {
+      const res = await client(cmd).stream("GET", `/v1/phases/${encodeURIComponent(id)}/files/${filePath(rel)}`);
+      for await (const chunk of res) process.stdout.write(chunk as Buffer);
+    });
+
+  prog
+    .command("put")
+    .description("write a file into the phase's view through the daemon: atomic, size-checked, Python compiled before it lands; the next checkpoint judges it")
+    .argument("<id>", "the phase")
+    .argument("<path>", "project-relative path")
+    .argument("[file]", "where the bytes come from (default: standard input)")
+    .option("--mode <octal>", "permission bits of a new file, e.g. 0755 (an existing file keeps its own)")
+    .option("--json", "print the answer as JSON")
+    .action(async (id: string, rel: string, file: string | undefined, opts: { mode?: string; json?: boolean }, cmd: Command) => {
+      const bytes = file && file !== "-" ? await readFile(file) : await readStdin();
+      const q = opts.mode ? `?mode=${encodeURIComponent(opts.mode)}` : "";
+      const r = await client(cmd).requestBytes<{ file: { path: string; created: boolean; size: number; sha256: string; atCheckpoint: Array<{ rule: string; message: string }> } }>(
+        "PUT",
+        `/v1/phases/${encodeURIComponent(id)}/files/${filePath(rel)}${q}`,
+        bytes,
+      );
+      if (opts.json) return printJson(r);
+      process.stdout.write(`${r.file.created ? "created" : "replaced"} ${escapeControl(r.file.path)} (${r.file.size} bytes)\n`);
+      for (const f of r.file.atCheckpoint) process.stderr.write(`  at the checkpoint: ${f.rule}: ${f.message}\n`);
     });
 
   const iteration = prog.command("iteration").description("decide an iteration the policy left to a human");
@@ -1115,3 +1149,14 @@ main(process.argv).then(
     process.exitCode = EXIT.sandboxdFailed;
   },
 );
+
+/** A project-relative path in a URL: each segment encoded (a `/` separates, anything else is data). */
+function filePath(rel: string): string {
+  return rel.split("/").map(encodeURIComponent).join("/");
+}
+
+async function readStdin(): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) chunks.push(c as Buffer);
+  return Buffer.concat(chunks);
+}

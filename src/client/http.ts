@@ -23,6 +23,20 @@ export class ApiClient {
     return json as T;
   }
 
+  /** A request whose body is bytes (PUT /v1/phases/:id/files/<path>); the answer is JSON. */
+  async requestBytes<T>(method: string, path: string, bytes: Buffer): Promise<T> {
+    const res = await this.raw(method, path, { bytes, contentType: "application/octet-stream" });
+    const text = await readAll(res);
+    let json: unknown;
+    try {
+      json = text ? JSON.parse(text) : {};
+    } catch {
+      throw new SandboxdError("SBX_ERR_INTERNAL", `daemon answered ${res.statusCode} with a body that is not JSON`);
+    }
+    if ((res.statusCode ?? 500) >= 400) throw errorFromBody(json, res.statusCode ?? 500);
+    return json as T;
+  }
+
   /** The raw response, for streaming routes; errors before the stream starts are thrown like request(). */
   async stream(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
     const res = await this.raw(method, path, body);
@@ -41,13 +55,16 @@ export class ApiClient {
 
   private raw(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
     return new Promise((resolve, reject) => {
-      const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+      const raw = body as { bytes?: unknown; contentType?: string } | undefined;
+      const isBytes = raw !== undefined && raw !== null && Buffer.isBuffer(raw.bytes) && typeof raw.contentType === "string";
+      const payload = body === undefined ? undefined : isBytes ? (raw.bytes as Buffer) : Buffer.from(JSON.stringify(body));
+      const contentType = isBytes ? raw.contentType! : "application/json";
       const req = http.request(
         {
           socketPath: this.socketPath,
           method,
           path,
-          headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
+          headers: payload ? { "content-type": contentType, "content-length": payload.length } : {},
         },
         resolve,
       );

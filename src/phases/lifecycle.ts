@@ -151,7 +151,10 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
     const ws = live.workspace;
     // (the container's pid only checks that the view reached it; a runtime without one skips the check)
-    const viewAttached = layerMounted.then(async () => ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)));
+    // the live file-event watcher starts on the upper meanwhile (a failure to watch is recorded, not fatal)
+    const viewAttached = layerMounted.then(async () => {
+      await Promise.all([ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)), ws.watch()]);
+    });
     const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
     if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
@@ -210,6 +213,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       if (cid) await ctx.opts.runtime.stopAndRemove(cid, 0).catch((e: Error) => ctx.log.error({ phase: id, container: cid, err: e.message }, "could not remove the container of a failed start"));
       // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
       await layerMounted?.catch(() => undefined);
+      await live.workspace?.unwatch();
       if (live.workspace) await live.workspace.layer.destroy(null).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the workspace layer of a failed start"));
       await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
       await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a failed start"));

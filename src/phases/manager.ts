@@ -33,7 +33,8 @@ import { reconcile, type ReconcileReport } from "./reconcile.js";
 import { detachAll } from "./detach.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
-import { checkpoint, decideIteration, pendingDiff, pendingFiles } from "./workspace.js";
+import { checkpoint, decideIteration, pendingDiff, pendingFiles, readPhaseFile, writePhaseFile } from "./workspace.js";
+import type { ViewFile } from "../workspace/files.js";
 import type { CheckpointResult, FileChange, IterationRecord } from "../workspace/index.js";
 
 export type { ManagerOptions } from "./context.js";
@@ -252,8 +253,19 @@ export class PhaseManager {
     return pendingFiles(this.ctx, id);
   }
 
-  diff(id: string): Promise<string> {
-    return pendingDiff(this.ctx, id);
+  /** The pending iteration as a unified diff; with `all`, everything the phase changed since it started. */
+  diff(id: string, all = false): Promise<string> {
+    return pendingDiff(this.ctx, id, all);
+  }
+
+  /** A file as the phase sees it. */
+  readFile(id: string, rel: string): Promise<ViewFile> {
+    return readPhaseFile(this.ctx, id, rel);
+  }
+
+  /** A file written into the phase's view (atomic, size-checked, Python compiled first). */
+  writeFile(id: string, rel: string, bytes: Buffer, mode?: number): ReturnType<typeof writePhaseFile> {
+    return writePhaseFile(this.ctx, id, rel, bytes, mode);
   }
 
   decideIteration(id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {
@@ -270,6 +282,7 @@ export class PhaseManager {
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${before.phaseId} of approval ${approvalId} is no longer running`);
     }
     const previous = before.state;
+    if (before.workspace) return this.decideIterationApproval(before, decision, note);
     const a = await this.ctx.opts.approvals.decide(approvalId, decision, note);
     const cmd = live.rec.redact(a.argv ? quoteArgv(a.argv) : a.sql !== null ? `SQL: ${a.sql}` : (a.command ?? ""));
     // approving a denied request: the person changed their mind, and the trail says so
@@ -286,6 +299,34 @@ export class PhaseManager {
     // after the decision's record: a waiting exec's records follow it in the trail
     this.ctx.opts.approvals.announce(a.id);
     return a;
+  }
+
+  /**
+   * The request of a workspace iteration (a shared/ edit, a file over 10 MB):
+   * approving applies the iteration — only with the bytes the request bound —
+   * and denying discards it, as `sandboxd iteration accept|reject` does.
+   */
+  private async decideIterationApproval(before: Approval, decision: "approve" | "deny", note?: string): Promise<Approval> {
+    const n = before.workspace!.iteration;
+    const live = this.ctx.phases.get(before.phaseId)!;
+    const it = live.workspace?.iterations.find((i) => i.n === n);
+    if (!it || it.state !== "pending" || before.state !== "pending") {
+      throw new SandboxdError("SBX_ERR_APPROVAL_DECIDED", `approval ${before.id} (iteration ${n}) is already ${before.state === "pending" ? `decided: the iteration was ${it?.state ?? "not found"}` : before.state}`);
+    }
+    const ts = timestamp(this.ctx.opts.clock.now());
+    const what = `iteration ${n}: ${before.workspace!.paths.join(", ")}`;
+    if (decision === "approve") {
+      // checked against the layer before the request is marked approved: a stale request applies nothing
+      await decideIteration(this.ctx, before.phaseId, n, "accept", note, true);
+    }
+    const a = await this.ctx.opts.approvals.decide(before.id, decision, note);
+    await live.rec.record({ type: `approval.${decision}`, approval: a.id, workspace: a.workspace, note: note ?? null, previous: "pending" }, [
+      actionLine(ts, "APPROVAL", decision === "approve" ? "APPROVE" : "DENY", live.rec.redact(what), `${a.id} by operator${note ? `: ${note}` : ""}`),
+    ]);
+    if (decision === "deny") await decideIteration(this.ctx, before.phaseId, n, "reject", note, true);
+    else await this.ctx.opts.approvals.use(a.id, a.files);
+    this.ctx.opts.approvals.announce(a.id);
+    return this.ctx.opts.approvals.get(a.id);
   }
 
   /* ------------------------- standing approvals ------------------------- */

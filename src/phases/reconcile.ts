@@ -132,6 +132,7 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await openTunnels(ctx, live, token);
   // the layer's mounts outlive the daemon; what is missing is mounted again
   await live.workspace?.layer.reattach();
+  await live.workspace?.watch();
   await channel.waitReady(ctx.connectTimeoutMs);
   await confineNetwork(ctx, live, { readopt: true });
   await live.rec.record({ type: "phase.readopt", name: record.name }, [

@@ -5,9 +5,13 @@
  */
 import path from "node:path";
 import { actionLine, timestamp } from "../audit/format.js";
+import type { AuditEvent } from "../audit/journal.js";
+import { changedFiles } from "../approvals/queue.js";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
 import type { WorkspacePolicy } from "../policy/index.js";
+import { fileEventRecord, fileEventsDroppedRecord } from "../workspace/audit.js";
+import type { ViewFile } from "../workspace/files.js";
 import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
@@ -36,13 +40,50 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
     readOnly,
     budgetBytes: ws.disk.layerBytes,
   });
+  const now = () => timestamp(ctx.opts.clock.now());
+  // live file events are recorded in the order the watcher delivered them, one batch after the other
+  let recorded: Promise<unknown> = Promise.resolve();
+  const recordLive = (pairs: Array<{ event: AuditEvent; lines: string[] }>) => {
+    recorded = recorded
+      .then(() => live.rec.recordMany(pairs))
+      .catch((err: Error) => ctx.opts.log.warn({ phase: record.id, err: err.message }, "a live file event was not recorded"));
+  };
   return new PhaseWorkspace(
     layer,
     {
       containerPid: () => containerPid(ctx, live),
       runInSandbox: (argv) => runInSandbox(live, argv),
       record: async (event, lines) => void (await live.rec.record(event, lines)),
-      now: () => timestamp(ctx.opts.clock.now()),
+      now,
+      askHuman: async (it, files) => {
+        const strictest = it.failures.find((f) => f.decision === "ask") ?? it.failures[0];
+        const why = it.failures.map((f) => `${f.rule}: ${f.message}`).join("; ");
+        const paths = it.changes.filter((c) => !c.isDir).map((c) => (c.kind === "rename" ? `${c.from ?? "?"} -> ${c.path}` : c.path));
+        const a = await ctx.opts.approvals.requestIteration(
+          record.id,
+          { n: it.n, paths },
+          { ruleId: strictest?.rule ?? "workspace.failed-iteration", clause: strictest?.clause ?? "SKILLS.md §1", policyReason: why, requestReason: it.message },
+          files,
+        );
+        await live.rec.record(
+          { type: "approval.request", approval: a.id, workspace: a.workspace, rule: a.ruleId, clause: a.clause, reason: why, requestReason: it.message, files },
+          [actionLine(now(), "APPROVAL", "REQUEST", `iteration ${it.n}: ${paths.join(", ")}`, `${a.id} pending: ${why}`)],
+        );
+        ctx.opts.log.info({ phase: record.id, approval: a.id, iteration: it.n }, "iteration waits for approval");
+        ctx.opts.notify?.(a);
+        return a.id;
+      },
+      fileEvents: (batch) => recordLive(batch.map((e) => fileEventRecord({ event: e.kind, path: e.path, isDir: e.isDir, ts: now() }))),
+      fileEventsDropped: (count, windowMs) => recordLive([fileEventsDroppedRecord({ count, windowMs, ts: now() })]),
+      watchFailed: (err) => {
+        ctx.opts.log.error({ phase: record.id, err: err.message }, "the workspace watcher failed; live file events stop (checkpoints still see every change)");
+        recordLive([
+          {
+            event: { type: "workspace.watch.failed", reason: err.message },
+            lines: [actionLine(now(), "FILE", "WATCH", "(layer)", `FAILED ${err.message}; live file events stop, the checkpoint still lists every change`)],
+          },
+        ]);
+      },
     },
     {
       uid: record.uid,
@@ -128,17 +169,63 @@ export async function pendingFiles(ctx: PhaseContext, id: string): Promise<FileC
   return live.workspace.files();
 }
 
-export async function pendingDiff(ctx: PhaseContext, id: string): Promise<string> {
+/** The pending iteration's diff, or with `all` the whole phase's (from the project as the phase found it). */
+export async function pendingDiff(ctx: PhaseContext, id: string, all = false): Promise<string> {
   const live = await ctx.running(id);
   if (!live.workspace) return "";
-  return live.workspace.diff();
+  return all ? live.workspace.diffAll() : live.workspace.diff();
 }
 
-export async function decideIteration(ctx: PhaseContext, id: string, n: number, decision: "accept" | "reject", note?: string): Promise<IterationRecord> {
+/** Files served by GET /v1/phases/:id/files/<path> at most (a larger one is read in the phase or the project). */
+export const MAX_SERVED_FILE_BYTES = 64 * 1024 * 1024;
+
+/** A file of the phase's view (GET /v1/phases/:id/files/<path>): also while the phase is escalated or paused. */
+export async function readPhaseFile(ctx: PhaseContext, id: string, rel: string): Promise<ViewFile> {
+  const live = ctx.phases.get(id);
+  if (!live || !["running", "escalated", "paused"].includes(live.record.state)) await ctx.running(id); // its error
+  if (!live?.workspace) throw new SandboxdError("SBX_ERR_WORKSPACE", `phase ${id} has no workspace layer`);
+  return live.workspace.readFile(rel, MAX_SERVED_FILE_BYTES);
+}
+
+/** A harness writes a file through the daemon (PUT /v1/phases/:id/files/<path>). */
+export async function writePhaseFile(ctx: PhaseContext, id: string, rel: string, bytes: Buffer, mode?: number): Promise<Awaited<ReturnType<PhaseWorkspace["writeFile"]>>> {
   ctx.assertServing();
   const live = await ctx.running(id);
-  if (!live.workspace) throw new SandboxdError("SBX_ERR_ITERATION_NOT_FOUND", `phase ${id} has no iterations`);
-  return live.workspace.decide(n, decision, note);
+  if (!live.workspace) throw new SandboxdError("SBX_ERR_WORKSPACE", `phase ${id} has no workspace layer`);
+  return live.workspace.writeFile(rel, bytes, mode === undefined ? {} : { mode });
+}
+
+/**
+ * An operator decides a pending iteration (`sandboxd iteration accept|reject`,
+ * or its approval request: `sandboxd approvals approve|deny`). Either way
+ * the iteration and its request end decided together: approving applies the
+ * files bound in the request, and only if the layer still holds those bytes.
+ */
+export async function decideIteration(ctx: PhaseContext, id: string, n: number, decision: "accept" | "reject", note?: string, viaApproval = false): Promise<IterationRecord> {
+  ctx.assertServing();
+  const live = await ctx.running(id);
+  const ws = live.workspace;
+  if (!ws) throw new SandboxdError("SBX_ERR_ITERATION_NOT_FOUND", `phase ${id} has no iterations`);
+  const it = ws.iterations.find((i) => i.n === n);
+  const request = ctx.opts.approvals.forIteration(id, n);
+  if (decision === "accept" && request && it?.state === "pending") {
+    // a person approves exactly what will be applied
+    const now = await ws.bindings(await ws.layer.changes());
+    const changed = changedFiles(request.files, now);
+    if (changed.length > 0) {
+      throw new SandboxdError("SBX_ERR_APPROVAL_STALE", `iteration ${n} changed since it was put to a person: ${changed.join(", ")}; nothing was applied`, {
+        hint: "reject it, or look at `sandboxd diff` again",
+      });
+    }
+  }
+  const decided = await ws.decide(n, decision, viaApproval && request ? `${note ?? ""}${note ? " " : ""}(${request.id})`.trim() : note);
+  // decided here, its request ends with it (through the request, the caller decides it)
+  if (request && !viaApproval) {
+    if (request.state === "pending") await ctx.opts.approvals.decide(request.id, decision === "accept" ? "approve" : "deny", note);
+    if (decision === "accept") await ctx.opts.approvals.use(request.id, request.files);
+    ctx.opts.approvals.announce(request.id);
+  }
+  return decided;
 }
 
 /**
@@ -149,6 +236,7 @@ export async function decideIteration(ctx: PhaseContext, id: string, n: number, 
 export async function endWorkspace(ctx: PhaseContext, live: LivePhase, state: "stopped" | "failed", why: string): Promise<void> {
   const ws = live.workspace;
   if (!ws) return;
+  await ws.unwatch();
   try {
     const canJudge = state === "stopped" && live.channel?.connected === true && ws.gate.runningCommands === 0 && !ws.pending();
     if (canJudge) await ws.checkpoint(`phase end: ${why}`, "stop");
@@ -166,5 +254,6 @@ export async function endWorkspace(ctx: PhaseContext, live: LivePhase, state: "s
 
 export async function destroyWorkspace(ctx: PhaseContext, live: LivePhase): Promise<void> {
   if (!live.workspace) return;
+  await live.workspace.unwatch();
   await live.workspace.layer.destroy(null).catch((e: Error) => ctx.opts.log.error({ phase: live.record.id, err: e.message }, "could not remove the workspace layer"));
 }

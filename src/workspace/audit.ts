@@ -181,6 +181,7 @@ export interface FileEvent {
   type: "workspace.file";
   event: FileEventKind;
   path: string;
+  isDir: boolean;
   [k: string]: unknown;
 }
 
@@ -192,10 +193,11 @@ export interface FileEventsDroppedEvent {
   [k: string]: unknown;
 }
 
-export function fileEventRecord(e: { event: FileEventKind; path: string; ts: string }): RecordPair<FileEvent> {
+export function fileEventRecord(e: { event: FileEventKind; path: string; isDir?: boolean; ts: string }): RecordPair<FileEvent> {
+  const isDir = e.isDir ?? false;
   return {
-    event: { type: "workspace.file", event: e.event, path: e.path },
-    lines: [actionLine(e.ts, "FILE", "WATCH", e.path, e.event.toUpperCase())],
+    event: { type: "workspace.file", event: e.event, path: e.path, isDir },
+    lines: [actionLine(e.ts, "FILE", "WATCH", isDir ? `${e.path}/` : e.path, e.event.toUpperCase())],
   };
 }
 

@@ -7,7 +7,7 @@
 export type { ChangeKind, ChangeSet, FileChange } from "./changes.js";
 export { WorkspaceLayer, layerPaths, readRegular, type LayerSpec } from "./layer.js";
 export { applyChangeSet, checkRelPath, projectPath } from "./apply.js";
-export { PhaseWorkspace, type CheckpointResult, type IterationRecord, type IterationTrigger, type WorkspaceHooks } from "./iterations.js";
+export { PhaseWorkspace, type CheckpointResult, type IterationFileBinding, type IterationRecord, type IterationTrigger, type WorkspaceHooks } from "./iterations.js";
 export { ExecGate } from "./gate.js";
 export { judgeChangeSet, type Judgement, type RuleFailure } from "./rules.js";
 export { diffChangeSet } from "./diff.js";

@@ -23,10 +23,14 @@ import { SandboxdError } from "../errors.js";
 import { applyChangeSet } from "./apply.js";
 import type { ChangeSet, FileChange } from "./changes.js";
 import type { WorkspacePolicy } from "../policy/index.js";
-import { diffChangeSet, type FileVersion } from "./diff.js";
+import { DEFAULT_DIFF_MAX_BYTES, diffChangeSet, type FileVersion } from "./diff.js";
 import { ExecGate } from "./gate.js";
-import type { WorkspaceLayer } from "./layer.js";
-import { projectPath } from "./apply.js";
+import { TOOL_CACHES, readRegular, type WorkspaceLayer } from "./layer.js";
+import { LayerWatcher, type LayerEvent } from "./watch.js";
+import { PhaseHistory } from "./history.js";
+import { readViewFile, viewEntry, viewVersion, writeViewFile, type ViewFile, type WriteResult } from "./files.js";
+import { createHash } from "node:crypto";
+import { checkRelPath, projectPath } from "./apply.js";
 import { compileCheckArgv, judgeChangeSet, parseCompileOutput, pythonFilesToCompile, withCompileResults, type RuleFailure } from "./rules.js";
 
 type JudgeFailure = Pick<RuleFailure, "rule" | "clause" | "message"> & Partial<RuleFailure>;
@@ -45,6 +49,15 @@ export interface IterationRecord {
   decidedBy: string | null;
   changes: FileChange[];
   failures: JudgeFailure[];
+  /** the approval request a person decides it by (`sandboxd approvals approve|deny`), when it waits */
+  approval?: string | null;
+}
+
+/** One file of a pending iteration as a person approves it: its bytes' SHA-256 as they would be applied. */
+export interface IterationFileBinding {
+  path: string;
+  sha256: string | null;
+  note: string | null;
 }
 
 export interface CheckpointResult {
@@ -60,6 +73,17 @@ export interface WorkspaceHooks {
   record(event: AuditEvent, lines: string[]): Promise<void>;
   /** SKILLS.md timestamp */
   now(): string;
+  /**
+   * The iteration waits for a person: queue its approval request (bound to
+   * `files`) and say so; the request's id, or null when no queue is kept.
+   */
+  askHuman?(it: IterationRecord, files: IterationFileBinding[]): Promise<string | null>;
+  /** live file events from the layer (src/workspace/watch.ts); without it nothing is watched */
+  fileEvents?(batch: LayerEvent[]): void;
+  /** events over the watcher's rate cap, counted */
+  fileEventsDropped?(count: number, windowMs: number): void;
+  /** the watcher could not start or failed; the checkpoint still sees every change */
+  watchFailed?(err: Error): void;
 }
 
 export interface WorkspaceOptions {
@@ -108,12 +132,67 @@ export class PhaseWorkspace {
   iterations: IterationRecord[] = [];
   /** failed iterations (SKILLS.md fail-fast, category `iteration`) */
   failedIterations = 0;
+  /** project paths whose approvable failures the judge lifts (no API sets them yet: an `ask` iteration is decided whole, through the approval queue) */
+  approvedPaths = new Set<string>();
+  /** the project's versions of what accepted iterations changed, for the whole phase's diff */
+  readonly history: PhaseHistory;
+
+  /** the live file-event watcher on the upper, while the view is mounted */
+  private watcher: LayerWatcher | null = null;
+  /** watch() was called and unwatch() was not: the watcher is started again after each remount */
+  private watching = false;
 
   constructor(
     readonly layer: WorkspaceLayer,
     private readonly hooks: WorkspaceHooks,
     private readonly opts: WorkspaceOptions,
-  ) {}
+  ) {
+    this.history = new PhaseHistory(path.join(path.dirname(opts.stateFile), "history"));
+  }
+
+  /**
+   * Live file events (create/modify/delete with paths) from the upper: the
+   * layer holds only what the phase changed, so this watches a handful of
+   * folders, not the project. The upper is emptied and made again at every
+   * accepted or discarded iteration, so the watcher is stopped before and
+   * started again after (a discard's own removals are not the agent's
+   * writes). Tool caches (__pycache__, …) are not watched: they are never
+   * part of an iteration. A watcher that fails is reported, not fatal: the
+   * checkpoint reads the layer itself.
+   */
+  async watch(): Promise<void> {
+    this.watching = true;
+    if (this.watcher || !this.hooks.fileEvents) return;
+    const onEvents = this.hooks.fileEvents.bind(this.hooks);
+    try {
+      this.watcher = await LayerWatcher.start({
+        upperDir: this.layer.paths.upper,
+        lowerDir: this.layer.spec.project,
+        ignoreNames: TOOL_CACHES,
+        onEvents,
+        onDropped: (n, w) => this.hooks.fileEventsDropped?.(n, w),
+        onError: (err) => this.hooks.watchFailed?.(err),
+      });
+    } catch (err) {
+      this.hooks.watchFailed?.(err as Error);
+    }
+  }
+
+  /** Stops the live events (phase end). */
+  async unwatch(): Promise<void> {
+    this.watching = false;
+    await this.pauseWatch();
+  }
+
+  private async pauseWatch(): Promise<void> {
+    const w = this.watcher;
+    this.watcher = null;
+    await w?.close();
+  }
+
+  private async resumeWatch(): Promise<void> {
+    if (this.watching) await this.watch();
+  }
 
   get policy(): WorkspacePolicy {
     return this.opts.policy();
@@ -175,6 +254,119 @@ export class PhaseWorkspace {
   }
 
   /**
+   * The whole phase as a unified diff: every path an accepted iteration or
+   * the pending changes touched, from what the project was when the phase
+   * started (kept by PhaseHistory before each accept) to the view now.
+   * Renames show as a delete and a create.
+   */
+  async diffAll(): Promise<string> {
+    const leave = await this.gate.enter();
+    try {
+      const paths = new Set(await this.history.paths());
+      for (const c of (await this.layer.changes()).changes) {
+        if (c.isDir) continue;
+        paths.add(c.path);
+        if (c.kind === "rename" && c.from) paths.add(c.from);
+      }
+      const view = this.layer.paths.view;
+      const project = this.layer.spec.project;
+      const before = new Map<string, FileVersion | null>();
+      const after = new Map<string, FileVersion | null>();
+      const changes: FileChange[] = [];
+      for (const p of paths) {
+        const kept = await this.history.before(p);
+        const b = kept === undefined ? await versionOf(project, p, null) : kept;
+        const a = await viewVersion(view, p);
+        if (!b && !a) continue;
+        if (b && a && b.size === a.size && (b.mode ?? 0) === a.mode && a.size <= DEFAULT_DIFF_MAX_BYTES && (await b.read()).equals(await a.read())) continue;
+        before.set(p, b);
+        after.set(p, a);
+        const kind = !b ? "create" : !a ? "delete" : "modify";
+        const modeOnly = kind === "modify" && b!.size === a!.size && a!.size <= DEFAULT_DIFF_MAX_BYTES && (await b!.read()).equals(await a!.read());
+        changes.push({ kind, path: p, isDir: false, sizeBytes: a?.size ?? 0, ...(a ? { mode: a.mode } : {}), ...(modeOnly ? { modeOnly } : {}) });
+      }
+      return await diffChangeSet({ changes }, { accepted: async (p) => before.get(p) ?? null, view: async (p) => after.get(p) ?? null });
+    } finally {
+      leave();
+    }
+  }
+
+  /**
+   * A file as the phase sees it (its view), for a harness. Holds the gate as
+   * a command does, so no checkpoint remounts the view meanwhile.
+   */
+  async readFile(rel: string, maxBytes: number): Promise<ViewFile> {
+    const leave = await this.gate.enter();
+    try {
+      return await readViewFile(this.layer.paths.view, rel, maxBytes);
+    } finally {
+      leave();
+    }
+  }
+
+  /**
+   * A harness writes a file through the daemon: into the view (the layer),
+   * as the agent would, so the next checkpoint judges it with everything
+   * else. Before it lands: what the judge would refuse for good (hidden and
+   * read-only paths) and files over the size limit are refused, and Python
+   * is compiled in the sandbox (the compiler's message is the refusal).
+   * Atomic (src/workspace/files.ts); recorded either way.
+   */
+  async writeFile(rel: string, bytes: Buffer, opts: { mode?: number } = {}): Promise<WriteResult & { path: string; sha256: string; atCheckpoint: JudgeFailure[] }> {
+    const leave = await this.gate.enter();
+    const sha256 = createHash("sha256").update(bytes).digest("hex");
+    const ts = this.hooks.now();
+    try {
+      checkRelPath(rel);
+      this.assertNotPending();
+      const policy = this.opts.policy();
+      const kind = (await viewEntry(this.layer.paths.view, rel)) === null ? "create" : "modify";
+      const change: FileChange = { kind, path: rel, isDir: false, sizeBytes: bytes.length };
+      const j = judgeChangeSet({ changes: [change] }, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: this.approvedPaths });
+      const final = j.failures.filter((f) => f.final);
+      if (final.length > 0) {
+        throw new SandboxdError("SBX_ERR_PATH_PROTECTED", `writing ${rel} refused: ${final.map((f) => `${f.rule}: ${f.message}`).join("; ")}`, { details: { failures: final } });
+      }
+      const size = j.failures.find((f) => f.rule === policy.maxFileBytes.id);
+      if (size) {
+        throw new SandboxdError("SBX_ERR_FILE_TOO_LARGE", `writing ${rel} refused: ${size.message}`, {
+          hint: "write a smaller file; a larger one written in the sandbox waits for a person's approval at the checkpoint",
+          details: { failures: [size] },
+        });
+      }
+      const py = pythonFilesToCompile({ changes: [change] }, policy);
+      const check = py.length
+        ? async (tmpRel: string) => {
+            const stdout = await this.hooks.runInSandbox(compileCheckArgv([tmpRel]));
+            const failed = parseCompileOutput(stdout, [tmpRel], policy);
+            if (failed.length > 0) {
+              const msg = failed.map((f) => f.message.split(tmpRel).join(rel)).join("; ");
+              throw new SandboxdError("SBX_ERR_PYTHON_SYNTAX", `writing ${rel} refused: ${msg}`, { details: { failures: failed.map((f) => ({ ...f, path: rel, message: f.message.split(tmpRel).join(rel) })) } });
+            }
+          }
+        : undefined;
+      const done = await writeViewFile(this.layer.paths.view, rel, bytes, { uid: this.opts.uid, gid: this.opts.gid, ...(opts.mode !== undefined ? { mode: opts.mode } : {}), ...(check ? { check } : {}) });
+      // what the checkpoint will still ask a human about (shared/ edits, …)
+      const atCheckpoint = j.failures.filter((f) => f.rule !== policy.maxFileBytes.id);
+      await this.hooks.record({ type: "workspace.put", path: rel, bytes: bytes.length, sha256, created: done.created, mode: done.mode }, [
+        actionLine(ts, "FILE", "PUT", rel, `SUCCESS ${done.created ? "created" : "replaced"} ${bytes.length} bytes sha256 ${sha256}${atCheckpoint.length ? `; the checkpoint asks: ${atCheckpoint.map((f) => f.rule).join(", ")}` : ""}`),
+      ]);
+      return { ...done, path: rel, sha256, atCheckpoint };
+    } catch (err) {
+      const e = err as SandboxdError;
+      await this.hooks
+        .record({ type: "workspace.put", path: rel.slice(0, 4096), bytes: bytes.length, sha256, refused: e.code ?? "error", reason: e.message }, [
+          actionLine(ts, "FILE", "PUT", rel, `REFUSED ${e.code ?? ""} ${e.message}`),
+        ])
+        // eslint-disable-next-line no-restricted-syntax -- the caller gets the write's own error; a record that fails is the journal failing, which fails closed on its own
+        .catch(() => undefined);
+      throw err;
+    } finally {
+      leave();
+    }
+  }
+
+  /**
    * Judge the layer's changes now. Waits for running commands to end;
    * no command starts meanwhile.
    */
@@ -190,7 +382,7 @@ export class PhaseWorkspace {
         if (t !== null) links.set(c.path, t);
       }
       const policy = this.opts.policy();
-      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: new Set() });
+      let j = judgeChangeSet(set, { policy, allowMainPy: this.opts.allowMainPy, approvedPaths: this.approvedPaths });
       j = withCompileResults(j, await layerFailures(set, this.layer, links));
       // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
       const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
@@ -223,9 +415,32 @@ export class PhaseWorkspace {
             `[${it.at}] ITERATION_PENDING: iteration ${it.n} (${escapeControl(message)}) waits for a human: ${failures.map((f) => `${f.rule}: ${f.message}`).join("; ")}`,
           ],
         );
+        // through the approval queue: `sandboxd approvals ls` lists it, approve applies it, deny discards it
+        it.approval = (await this.hooks.askHuman?.(it, await this.bindings(set))) ?? null;
+        await this.save();
       }
       return { iteration: it };
     });
+  }
+
+  /**
+   * The files of a change set as a person approves them: the SHA-256 of each
+   * one's bytes in the layer (read without following a link, from the
+   * layer's own file system); deletes and folders carry a note instead.
+   */
+  async bindings(set: ChangeSet): Promise<IterationFileBinding[]> {
+    const out: IterationFileBinding[] = [];
+    const dev = await this.layer.upperDevice();
+    for (const c of set.changes) {
+      if (c.isDir) continue;
+      if (c.kind === "delete") {
+        out.push({ path: c.path, sha256: null, note: "deleted" });
+        continue;
+      }
+      const bytes = await readRegular(this.layer.paths.upper, c.path, Math.max(c.sizeBytes, 0) + 1, dev).catch(() => null);
+      out.push(bytes ? { path: c.path, sha256: createHash("sha256").update(bytes).digest("hex"), note: c.modeOnly ? "mode only" : null } : { path: c.path, sha256: null, note: c.modeOnly ? "mode only" : "not a regular file" });
+    }
+    return out;
   }
 
   /** An operator's decision on a pending iteration. */
@@ -269,7 +484,9 @@ export class PhaseWorkspace {
 
   private async accept(it: IterationRecord, set: ChangeSet, by: string): Promise<void> {
     const pid = await this.hooks.containerPid();
+    await this.pauseWatch();
     await this.layer.unmount(pid);
+    await this.history.capture(set, this.layer.spec.project);
     const done = await applyChangeSet(set, {
       project: this.layer.spec.project,
       upper: this.layer.paths.upper,
@@ -278,6 +495,7 @@ export class PhaseWorkspace {
       gid: this.opts.gid,
     });
     await this.layer.reset(pid);
+    await this.resumeWatch();
     it.state = "accepted";
     it.changes = set.changes;
     it.decidedAt = this.hooks.now();
@@ -296,7 +514,9 @@ export class PhaseWorkspace {
 
   private async reject(it: IterationRecord, by: string): Promise<void> {
     const pid = await this.hooks.containerPid();
+    await this.pauseWatch();
     await this.layer.reset(pid);
+    await this.resumeWatch();
     it.state = "rejected";
     it.decidedAt = this.hooks.now();
     it.decidedBy = by;

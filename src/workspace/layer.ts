@@ -280,7 +280,7 @@ export class WorkspaceLayer {
   }
 
   /** The overlay and the read-only binds, in stage/ (a private mount point, so the ro flags are set before anything is propagated). */
-  private async stageView(): Promise<void> {
+  private async stageView(thenMove = false): Promise<void> {
     const p = this.paths;
     const lines = [`mount -t overlay overlay -o ${quote(this.overlayOptions())} ${quote(p.stage)}`];
     for (const rel of this.spec.readOnly) {
@@ -292,6 +292,8 @@ export class WorkspaceLayer {
       const dst = path.join(p.stage, rel);
       lines.push(`mount --bind ${quote(src)} ${quote(dst)}`, `mount -o remount,bind,ro ${quote(dst)}`);
     }
+    // at a remount, the move onto view/ (attach) in the same shell: one process fewer per iteration
+    if (thenMove) lines.push(`mount --move ${quote(p.stage)} ${quote(p.view)}`);
     await sh(lines.join("\n"), "mounting the overlay").catch((err: SandboxdError) => {
       throw new SandboxdError(
         "SBX_ERR_WORKSPACE_UNSUPPORTED",
@@ -360,8 +362,13 @@ export class WorkspaceLayer {
   async reset(containerPid: number | null): Promise<void> {
     await this.unmount(containerPid);
     await this.freshUpper();
-    await this.stageView();
-    await this.attach(containerPid);
+    if (this.destroyed) throw endedWhileMounting();
+    await this.track(
+      (async () => {
+        await this.stageView(true);
+        if (containerPid) await this.verifyInContainer(containerPid);
+      })(),
+    );
   }
 
   private async verifyInContainer(pid: number): Promise<void> {

@@ -159,7 +159,7 @@ function checkProtected(changes: readonly FileChange[], ctx: JudgeContext, failu
         if (d === "accept") continue;
         if (spec.approvable && ctx.approvedPaths.has(p)) continue;
         const next = d === "ask" ? "it waits for a human's approval" : "refused";
-        const approve = spec.approvable ? `; a human can approve ${show(p)} for the next checkpoint` : "";
+        const approve = d === "ask" ? "; the iteration waits in the approval queue (`sandboxd approvals ls`), where a person approves or denies it" : "";
         failures.add({ rule: spec.id, clause: spec.clause, path: p, message: `${what}: ${next}; ${spec.justification}${approve}`, decision: d, final: false });
       }
     }
@@ -173,7 +173,7 @@ function checkSize(changes: readonly FileChange[], ctx: JudgeContext, failures: 
   for (const c of changes) {
     if (c.isDir || c.kind === "delete" || c.sizeBytes <= rule.value) continue;
     if (rule.approvable && ctx.approvedPaths.has(c.path)) continue;
-    const approve = rule.approvable ? `; a human can approve ${show(c.path)} for the next checkpoint` : "";
+    const approve = rule.decision === "ask" ? "; the iteration waits in the approval queue (`sandboxd approvals ls`), where a person approves or denies it" : "";
     failures.add({
       rule: rule.id,
       clause: rule.clause,

@@ -51,6 +51,8 @@ export interface LayerWatcherOptions {
   /** the accepted project, to tell a copy-up (modify) from a new file (create); without it every new file is "create" */
   lowerDir?: string;
   onEvents(batch: LayerEvent[]): void;
+  /** folder names not watched at any depth (tool caches: never part of an iteration) */
+  ignoreNames?: ReadonlySet<string>;
   /** events over the bounds in the last window, delivered at most once per window */
   onDropped?(count: number, windowMs: number): void;
   onError?(err: Error): void;
@@ -81,6 +83,13 @@ export function coalesce(prev: FileEventKind | undefined, next: FileEventKind): 
   return next; // modify then modify/delete
 }
 
+/** A path inside an ignored folder, or the folder itself (a file that happens to bear the name is watched). */
+function ignoredBy(names: ReadonlySet<string>, rel: string, st: Stats | undefined): boolean {
+  const segs = rel.split(path.sep);
+  if (segs.slice(0, -1).some((s) => names.has(s))) return true;
+  return names.has(segs.at(-1) ?? "") && st?.isDirectory() === true;
+}
+
 export class LayerWatcher {
   private readonly pending = new Map<string, { kind: FileEventKind; isDir: boolean; at: number }>();
   /** per path, the event still being classified (bounded by maxPending) */
@@ -106,7 +115,9 @@ export class LayerWatcher {
   }
 
   static async start(opts: LayerWatcherOptions): Promise<LayerWatcher> {
+    const names = opts.ignoreNames;
     const fsw = watch(opts.upperDir, {
+      ...(names && names.size > 0 ? { ignored: (p: string, st?: Stats) => ignoredBy(names, path.relative(opts.upperDir, p), st) } : {}),
       persistent: true,
       ignoreInitial: true,
       followSymlinks: false,

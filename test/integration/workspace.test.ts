@@ -6,10 +6,12 @@
  * cannot be written; the layer's disk budget is the phase's alone.
  */
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import { chown, lstat, mkdir, readFile, readdir, rm, symlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Approval } from "../../src/approvals/queue.js";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import type { CheckpointResult, FileChange } from "../../src/workspace/index.js";
@@ -102,6 +104,77 @@ describe("the workspace view", () => {
   });
 });
 
+/** The journal's records of one type for the phase, in order. */
+async function journal(type: string, phaseId = phase.id): Promise<Array<Record<string, unknown> & { ts: string; seq: number }>> {
+  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Record<string, unknown> & { ts: string; seq: number; type: string; phase?: string })
+    .filter((r) => r.type === type && r.phase === phaseId);
+}
+
+describe("live file events", () => {
+  it("a write in the sandbox is on the audit trail within 100 ms (p50), with its path and kind; tool caches are not", async () => {
+    const N = 20;
+    // each write is timed in the sandbox (same kernel clock as the daemon's), 150 ms apart so each is its own event
+    const r = await py(
+      [
+        "import os, time",
+        "os.mkdir('/workspace/live')",
+        "time.sleep(0.15)",
+        `for i in range(${N}):`,
+        "    t = time.time()",
+        "    open(f'/workspace/live/f{i}.txt', 'w').write('x')",
+        "    print(f'live/f{i}.txt', t)",
+        "    time.sleep(0.15)",
+        "t = time.time(); open('/workspace/live/f0.txt', 'a').write('more'); print('modify', t); time.sleep(0.15)",
+        "t = time.time(); os.remove('/workspace/live/f1.txt'); print('delete', t); time.sleep(0.15)",
+        "t = time.time(); open('/workspace/conftest.py', 'a').write('# x'); print('copyup', t); time.sleep(0.15)",
+        "os.makedirs('/workspace/services/__pycache__', exist_ok=True); open('/workspace/services/__pycache__/calc.cpython-312.pyc', 'wb').write(b'x')",
+        "time.sleep(0.3)",
+      ].join("\n"),
+    );
+    expect(r.exitCode).toBe(0);
+    const wrote = new Map(r.stdout.trim().split("\n").map((l) => l.split(" ") as [string, string]).map(([k, v]) => [k, Number(v) * 1000]));
+    const deadline = Date.now() + 5000;
+    let events = await journal("workspace.file");
+    while (events.filter((e) => e.event === "create" && String(e.path).startsWith("live/f")).length < N && Date.now() < deadline) {
+      await new Promise((res) => setTimeout(res, 100));
+      events = await journal("workspace.file");
+    }
+    const latencies: number[] = [];
+    for (let i = 0; i < N; i++) {
+      const e = events.find((x) => x.path === `live/f${i}.txt` && x.event === "create");
+      expect(e, `live/f${i}.txt`).toBeDefined();
+      latencies.push(Date.parse(e!.ts) - wrote.get(`live/f${i}.txt`)!);
+    }
+    latencies.sort((a, b) => a - b);
+    const p50 = latencies[Math.floor(N / 2)]!;
+    console.log(`write → audit record: p50 ${p50.toFixed(1)} ms, max ${latencies.at(-1)!.toFixed(1)} ms over ${N} writes from the sandbox`);
+    expect(p50).toBeLessThanOrEqual(100);
+    expect(events.find((e) => e.path === "live" && e.event === "create")?.isDir).toBe(true);
+    const after = (k: string) => events.filter((e) => Date.parse(e.ts) >= wrote.get(k)! - 5);
+    expect(after("modify").some((e) => e.path === "live/f0.txt" && e.event === "modify")).toBe(true);
+    expect(after("delete").some((e) => e.path === "live/f1.txt" && e.event === "delete")).toBe(true);
+    // a project file written for the first time is a copy-up: modify, not create
+    expect(after("copyup").some((e) => e.path === "conftest.py" && e.event === "modify")).toBe(true);
+    expect(events.some((e) => String(e.path).includes("__pycache__"))).toBe(false);
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(/^\[[^\]]+\] \[FILE\] \[WATCH\] \[live\/f3\.txt\] \[CREATE\]$/m);
+    // the same on GET /v1/events
+    const res = await t.api.stream("GET", `/v1/events?phase=${phase.id}&follow=0`);
+    let body = "";
+    for await (const c of res) body += (c as Buffer).toString();
+    expect(body.split("\n").filter(Boolean).map((l) => JSON.parse(l) as { type: string; path?: string; event?: string })).toContainEqual(
+      expect.objectContaining({ type: "workspace.file", path: "live/f2.txt", event: "create" }),
+    );
+    // leave nothing pending for the tests after this one
+    await py("import shutil\nshutil.rmtree('/workspace/live')\nsrc = open('/workspace/conftest.py').read()\nopen('/workspace/conftest.py', 'w').write(src[:-3])");
+    expect((await t.api.request<{ changes: FileChange[] }>("GET", `/v1/phases/${phase.id}/files`)).changes).toEqual([]);
+  });
+});
+
 describe("iterations", () => {
   it("three unrelated files: refused, the project byte-identical, the view back to it, recorded", async () => {
     const before = await snapshot(project);
@@ -188,12 +261,46 @@ describe("iterations", () => {
     expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.max-file-size");
     // while it waits, no command runs
     await expect(py("print(1)")).rejects.toMatchObject({ code: "SBX_ERR_ITERATION_PENDING" });
+    // it waits in the approval queue too, bound to the file's bytes
+    expect(iteration?.approval).toMatch(/^ap_[0-9a-f]{12}$/);
+    const { approval } = await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`);
+    expect(approval).toMatchObject({ state: "pending", workspace: { iteration: iteration!.n, paths: ["data.bin"] }, ruleId: "workspace.max-file-size" });
+    expect(approval.files).toEqual([{ path: "data.bin", sha256: createHash("sha256").update(Buffer.alloc(20 * 1024 * 1024, "0")).digest("hex"), note: null }]);
     const d = await cli(["iteration", "reject", phase.id, String(iteration!.n), "--note", "no data files in the repo"], { socket: t.socket });
     expect(d.stderr).toBe("");
     expect(d.stdout).toContain(`iteration ${iteration!.n} rejected`);
     await expect(lstat(path.join(project, "data.bin"))).rejects.toMatchObject({ code: "ENOENT" });
     expect((await py("import os\nprint(os.path.exists('/workspace/data.bin'))")).stdout).toBe("False\n");
     expect(await readFile(phase.buildLog, "utf8")).toMatch(/ITERATION_REFUSED: iteration \d+ \(big data\) discarded by operator: no data files in the repo/);
+    expect((await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`)).approval.state).toBe("denied");
+  });
+
+  it("a shared/ edit waits in the approval queue; approving the request applies exactly the bytes it showed", async () => {
+    await py("open('/workspace/shared/models.py', 'a').write('\\n\\nclass Fill:\\n    pass\\n')");
+    const { iteration } = await checkpoint("Fill model");
+    expect(iteration?.state).toBe("pending");
+    expect(iteration?.failures.map((f) => f.rule)).toEqual(["workspace.protected.shared"]);
+    const ls = await cli(["approvals", "ls"], { socket: t.socket });
+    expect(ls.stdout).toContain(iteration!.approval!);
+    expect(ls.stdout).toContain(`iteration ${iteration!.n}: shared/models.py`);
+    const ok = await cli(["approvals", "approve", iteration!.approval!, "--note", "reviewed the diff"], { socket: t.socket });
+    expect(ok.stderr).toBe("");
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toContain("class Fill:");
+    const { approval } = await t.api.request<{ approval: Approval }>("GET", `/v1/approvals/${iteration!.approval}`);
+    expect(approval.state).toBe("used");
+    const shown = await t.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${phase.id}`);
+    expect(shown.phase.workspace?.iterations.find((i) => (i as { n: number }).n === iteration!.n)).toMatchObject({ state: "accepted", decidedBy: expect.stringContaining(iteration!.approval!) });
+    const log = await readFile(phase.buildLog, "utf8");
+    expect(log).toMatch(new RegExp(`\\[APPROVAL\\] \\[REQUEST\\] \\[iteration ${iteration!.n}: shared/models\\.py\\] \\[${iteration!.approval} pending: workspace\\.protected\\.shared`));
+    expect(log).toMatch(/\[FILE\] \[MODIFY\] \[shared\/models\.py\] \[SUCCESS\]/);
+    // a second decision is refused
+    await expect(t.api.request("POST", `/v1/approvals/${iteration!.approval}/deny`, {})).rejects.toMatchObject({ code: "SBX_ERR_APPROVAL_DECIDED" });
+    // and denying one discards the iteration
+    await py("open('/workspace/shared/models.py', 'a').write('\\n\\nclass Other:\\n    pass\\n')");
+    const second = (await checkpoint("Other model")).iteration!;
+    await t.api.request("POST", `/v1/approvals/${second.approval}/deny`, { note: "not now" });
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).not.toContain("class Other");
+    expect((await py("print('Other' in open('/workspace/shared/models.py').read())")).stdout).toBe("False\n");
   });
 
   it("a rename is shown and applied as a rename", async () => {
@@ -214,7 +321,7 @@ describe("iterations", () => {
     const { iteration } = await checkpoint("cleanup");
     expect(iteration?.state).toBe("rejected");
     expect(iteration?.failures.map((f) => f.rule)).toContain("workspace.protected.shared");
-    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toBe("class Order:\n    pass\n");
+    expect(await readFile(path.join(project, "shared", "models.py"), "utf8")).toMatch(/^class Order:\n    pass\n/);
   });
 
   it("a rewritten .env never reaches the project, and the phase keeps the values it started with", async () => {
@@ -251,6 +358,17 @@ describe("iterations", () => {
     expect(await readFile(secret, "utf8")).toBe("HOST-SECRET\n");
     expect((await lstat(path.join(project, "notes.txt"))).isFile()).toBe(true);
     await rm(outside, { recursive: true, force: true });
+  });
+});
+
+describe("live file events after checkpoints", () => {
+  it("the watcher follows the layer across accepted and refused iterations", async () => {
+    const before = (await journal("workspace.file")).length;
+    const r = await py("import time\nt = time.time()\nopen('/workspace/after_checkpoints.txt', 'w').write('x')\nprint(t)\ntime.sleep(0.3)");
+    expect(r.exitCode).toBe(0);
+    const events = (await journal("workspace.file")).slice(before);
+    expect(events).toContainEqual(expect.objectContaining({ path: "after_checkpoints.txt", event: "create" }));
+    await py("import os\nos.remove('/workspace/after_checkpoints.txt')");
   });
 });
 

@@ -128,9 +128,10 @@ describe("iterationRecord", () => {
 describe("live file event records", () => {
   it("one line and one event per file event; a summary when the rate cap dropped some", () => {
     expect(fileEventRecord({ event: "modify", path: "services/a.py", ts: TS })).toEqual({
-      event: { type: "workspace.file", event: "modify", path: "services/a.py" },
+      event: { type: "workspace.file", event: "modify", path: "services/a.py", isDir: false },
       lines: [`[${TS}] [FILE] [WATCH] [services/a.py] [MODIFY]`],
     });
+    expect(fileEventRecord({ event: "create", path: "services/new", isDir: true, ts: TS }).lines).toEqual([`[${TS}] [FILE] [WATCH] [services/new/] [CREATE]`]);
     const d = fileEventsDroppedRecord({ count: 870, windowMs: 1000, ts: TS });
     expect(d.event).toEqual({ type: "workspace.file.dropped", count: 870, windowMs: 1000 });
     expect(d.lines[0]).toMatch(ACTION_LINE);

@@ -154,7 +154,7 @@ describe("protected paths", () => {
     const d = judge(set(del("shared/models.py")));
     expect(d.decision).toBe("reject");
     expect(d.failures[0]).toMatchObject({ rule: "workspace.protected.shared", path: "shared/models.py", final: false });
-    expect(d.failures[0]!.message).toMatch(/^deleting shared\/models\.py: refused; .*a human can approve shared\/models\.py for the next checkpoint$/);
+    expect(d.failures[0]!.message).toMatch(/^deleting shared\/models\.py: refused; shared\/ is used by every service; files there are not deleted or renamed, and edits wait for a human$/);
     expect(judge(set(ren("shared/utils.py", "services/utils.py"))).failures[0]!.message).toMatch(/^renaming shared\/utils\.py \(rename shared\/utils\.py → services\/utils\.py\): refused/);
     expect(judge(set(ren("services/x.py", "shared/x.py"))).decision).toBe("reject");
     const m = judge(set(mod("shared/models.py")));
@@ -188,7 +188,7 @@ describe("size, mass change, bad paths", () => {
     const j = judge(set(add("data/prices.parquet", 20 * MiB)));
     expect(j.decision).toBe("ask");
     expect(j.failures[0]).toMatchObject({ rule: "workspace.max-file-size", path: "data/prices.parquet", decision: "ask" });
-    expect(j.failures[0]!.message).toMatch(/is 20971520 bytes, over the 10485760-byte limit: .*a human can approve data\/prices\.parquet/);
+    expect(j.failures[0]!.message).toMatch(/is 20971520 bytes, over the 10485760-byte limit: .*the iteration waits in the approval queue \(`sandboxd approvals ls`\)/);
     expect(judge(set(add("data/prices.parquet", 20 * MiB)), { approvedPaths: new Set(["data/prices.parquet"]) }).decision).toBe("accept");
     expect(judge(set(add("data/prices.parquet", 10 * MiB))).decision).toBe("accept");
     expect(judge(set(del("data/big.bin"))).decision).toBe("accept");

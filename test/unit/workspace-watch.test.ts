@@ -57,7 +57,7 @@ afterEach(async () => {
   rmSync(root, { recursive: true, force: true });
 });
 
-async function start(opts: { maxEventsPerSecond?: number; maxPending?: number } = {}): Promise<LayerWatcher> {
+async function start(opts: { maxEventsPerSecond?: number; maxPending?: number; ignoreNames?: ReadonlySet<string> } = {}): Promise<LayerWatcher> {
   watcher = await LayerWatcher.start({
     upperDir: upper,
     lowerDir: lower,
@@ -107,6 +107,19 @@ describe("LayerWatcher on a real directory", () => {
     await until(() => kinds().includes("modify services/renamed.py"));
     await rm(path.join(upper, "services/renamed.py"));
     await until(() => kinds().includes("delete services/renamed.py"));
+  });
+
+  it("does not watch ignored folders (tool caches) at any depth, but a file of that name is reported", async () => {
+    await start({ ignoreNames: new Set(["__pycache__", ".pytest_cache"]) });
+    await mkdir(path.join(upper, "services/__pycache__"), { recursive: true });
+    await writeFile(path.join(upper, "services/__pycache__/x.cpython-312.pyc"), "bytecode");
+    await mkdir(path.join(upper, ".pytest_cache/v"), { recursive: true });
+    await writeFile(path.join(upper, ".pytest_cache/v/lastfailed"), "{}");
+    await writeFile(path.join(upper, "services/__pycache__.txt"), "a file");
+    await writeFile(path.join(upper, "__pycache__"), "a file named like the cache");
+    await until(() => kinds().includes("create __pycache__") && kinds().includes("create services/__pycache__.txt"));
+    await new Promise((r) => setTimeout(r, 150));
+    expect(kinds().filter((k) => k.includes("pytest_cache") || k.includes(".pyc") || k.includes("__pycache__/"))).toEqual([]);
   });
 
   it("reports a whiteout (character device 0/0) as a delete", async (ctx) => {

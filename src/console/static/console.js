@@ -250,7 +250,7 @@ function approvalCard(a) {
     }
     await refreshApprovals().catch(() => undefined);
   };
-  const what = a.argv ? shellWords(a.argv) : (a.command ?? a.sql ?? "");
+  const what = a.workspace ? `iteration ${a.workspace.iteration}: ${a.workspace.paths.join(", ")}` : a.argv ? shellWords(a.argv) : (a.command ?? a.sql ?? "");
   const phase = state.phases.find((p) => p.id === a.phaseId);
   const li = el(
     "li",
