@@ -248,6 +248,9 @@ function program(): Command {
         // stopped over the API (`sandboxd stop`): the process ends too
         void daemon.closed.then(resolve);
       });
+      // Closed: the journal is shut and the socket gone. A detached phase's
+      // handles (kept for the next daemon) must not keep this process alive.
+      process.exit(0);
     });
 
   prog

@@ -87,7 +87,10 @@ describe("sandboxd stop --keep-phases", () => {
     expect(stop.code, stop.stderr).toBe(0);
     expect(stop.stdout).toContain(keep.id);
     expect(stop.stdout).toContain(paused.id);
-    expect(await waitExit(daemon.child, 60_000)).toBe(0);
+    const exited = await waitExit(daemon.child, 30_000).catch((e: Error) => {
+      throw new Error(`${e.message}; daemon output:\n${daemon.output().split("\n").slice(-15).join("\n")}`);
+    });
+    expect(exited).toBe(0);
     // the streamed client was answered: the command was cancelled (SIGTERM: 143), not cut off
     const s = await streamed;
     expect(s.stdout).toBe("started\n");
