@@ -21,6 +21,7 @@ import { ApprovalQueue } from "./approvals/queue.js";
 import type { Settings } from "./config/settings.js";
 import { SandboxdError } from "./errors.js";
 import { PhaseManager } from "./phases/manager.js";
+import { DEFAULT_DRAIN_MS } from "./phases/detach.js";
 import { DockerRuntime } from "./runtime/docker.js";
 import type { ContainerRuntime } from "./runtime/types.js";
 import { randomIds, systemClock } from "./util/clock.js";
@@ -28,7 +29,10 @@ import { VERSION } from "./version.js";
 import { removeIfPresent } from "./util/fs.js";
 
 export interface RunningDaemon {
-  close(): Promise<void>;
+  /** stops the daemon; with keepPhases, a planned restart that leaves running phases for the next daemon (phases/detach.ts) */
+  close(opts?: { keepPhases?: boolean; drainMs?: number }): Promise<void>;
+  /** settles once the daemon has closed, however it was asked to (a signal, or POST /v1/daemon/stop) */
+  closed: Promise<void>;
   /** re-read the policy file; false (and the old policy kept) when it is broken */
   reload(): Promise<boolean>;
   manager: PhaseManager;
@@ -188,7 +192,46 @@ export async function startDaemon(
   for (const r of report.reaped) log.info({ phase: r.id, reason: r.reason }, "cleaned up phase container");
   for (const id of report.lost) log.warn({ phase: id }, "phase's container was gone; marked failed");
 
+  // the stop, in two steps: the phases (stopped, or detached for a planned
+  // restart), then the servers and the journal; a refused detach changes nothing
+  let phasesEnded: Promise<string[]> | null = null;
+  const endPhases = (o: { keepPhases?: boolean; drainMs?: number | undefined }): Promise<string[]> => {
+    phasesEnded ??= (async () => {
+      if (!o.keepPhases) {
+        log.info("shutting down: stopping phases");
+        const ids = (await manager.list()).filter((p) => p.state === "running").map((p) => p.id);
+        await manager.shutdown();
+        return ids;
+      }
+      log.info({ drainMs: o.drainMs ?? DEFAULT_DRAIN_MS }, "planned restart: draining commands, keeping phases");
+      return manager.detach(o.drainMs ?? DEFAULT_DRAIN_MS);
+    })();
+    const p = phasesEnded;
+    p.catch(() => {
+      if (phasesEnded === p) phasesEnded = null;
+    });
+    return p;
+  };
+  let closing: Promise<void> | null = null;
+  let settleClosed!: () => void;
+  const closed = new Promise<void>((r) => (settleClosed = r));
+  const close = (o: { keepPhases?: boolean; drainMs?: number } = {}): Promise<void> =>
+    (closing ??= (async () => {
+      try {
+        await endPhases(o);
+      } catch (err) {
+        closing = null;
+        throw err;
+      }
+      await closeServers();
+      settleClosed();
+    })());
+
   const appOptions = {
+    stop: {
+      phases: (o: { keepPhases: boolean; drainMs: number | undefined }) => endPhases(o),
+      close: () => close().catch((e: Error) => log.error({ err: e.message }, "shutdown failed")),
+    },
     manager,
     approvals,
     audit: {
@@ -275,16 +318,13 @@ export async function startDaemon(
     return true;
   };
 
-  let closing: Promise<void> | null = null;
-  const close = () =>
-    (closing ??= (async () => {
-      log.info("shutting down: stopping phases");
-      await manager.shutdown();
-      await consoleServer?.close();
-      await app.close();
-      await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
-      await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
-      log.info("stopped");
-    })());
-  return { close, reload, manager, log, consoleUrl: consoleServer?.url ?? null };
+  // (called only once the servers exist: a stop comes through them, or after startDaemon returned)
+  async function closeServers(): Promise<void> {
+    await consoleServer?.close();
+    await app.close();
+    await journal.close().catch((e: Error) => log.error({ err: e.message }, "closing the audit journal failed"));
+    await removeIfPresent(settings.socket).catch((e: Error) => log.warn({ socket: settings.socket, err: e.message }, "could not remove the socket"));
+    log.info("stopped");
+  }
+  return { close, closed, reload, manager, log, consoleUrl: consoleServer?.url ?? null };
 }

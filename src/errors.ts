@@ -102,6 +102,24 @@ export const ERRORS = {
   SBX_ERR_ITERATION_DECIDED: { status: 409, hint: "this iteration was already decided; `sandboxd phase show <id>` shows how" },
   SBX_ERR_PATH_INVALID: { status: 400, hint: "name a file by its project-relative path (no `..`, no leading /, no NUL, no symbolic link on the way)" },
   SBX_ERR_FILE_TOO_LARGE: { status: 413, hint: "write a smaller file; the policy's file size limit applies to project files" },
+  SBX_ERR_EXEC_CWD: {
+    status: 400,
+    hint: "name an existing directory inside the workspace, relative to it (`services/api`) or under /workspace; links that lead out of it are refused",
+  },
+  SBX_ERR_ENV_RESERVED: {
+    status: 400,
+    hint: "leave out the names listed: the daemon sets them, or they change what runs or where packages come from (src/policy/env.ts lists each with its reason)",
+  },
+  SBX_ERR_SHIM_OUTDATED: {
+    status: 409,
+    hint: "this phase's container runs an older shim without that feature; start a new phase (after `sandboxd image build`) to use it",
+  },
+  SBX_ERR_EXEC_NOT_FOUND: { status: 404, hint: "`sandboxd execs <phase>` lists the phase's running commands and `sandboxd jobs ls <phase>` its background jobs" },
+  SBX_ERR_JOB_LIMIT: { status: 429, hint: "wait for or kill one of the phase's background jobs (`sandboxd jobs ls <phase>`) before starting another" },
+  SBX_ERR_SHUTDOWN_REFUSED: {
+    status: 409,
+    hint: "a planned restart keeps only running phases: resume, abort or stop the ones named, or stop the daemon without --keep-phases (which stops every phase)",
+  },
   SBX_ERR_FILE_NOT_FOUND: { status: 404, hint: "`sandboxd files <phase>` lists what the phase changed; the path is project-relative" },
   SBX_ERR_PATH_PROTECTED: {
     status: 403,

@@ -17,6 +17,7 @@ Branch on `SandboxdError.code` (e.g. "SBX_ERR_POLICY_NEEDS_APPROVAL"), never
 on the message.
 """
 
+import base64
 import codecs
 import http.client
 import json
@@ -196,7 +197,7 @@ class Sandboxd:
     # ---------------------------------------------------------------- exec
 
     def exec(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, on_stdout=None, on_stderr=None,
-             wait_approval_ms=None, on_waiting=None):
+             wait_approval_ms=None, on_waiting=None, cwd=None, env=None, stdin=None, on_started=None):
         """Runs a command in the phase and returns its result (exitCode, signal, timedOut, stdout, …).
 
         Give argv (a list, no shell) or command (a string the policy judges part
@@ -213,18 +214,15 @@ class Sandboxd:
         result; denied, SBX_ERR_APPROVAL_DENIED; no decision in time, the usual
         SBX_ERR_POLICY_NEEDS_APPROVAL with details.approvalId. on_waiting (with
         streaming) gets {approvalId, command, rule, waitMs} when the wait starts.
+
+        cwd: where the command starts, relative to the workspace (or under
+        /workspace); env: a dict of variables of its own (reserved names raise
+        SBX_ERR_ENV_RESERVED); stdin: str or bytes for its stdin (at most 512
+        KiB). on_started (streams) gets {id, pid, rule}: the id cancel() takes.
         """
-        if (argv is None) == (command is None):
-            raise ValueError("give exactly one of argv (a list) or command (a string)")
-        body = {"argv": list(argv)} if argv is not None else {"command": command}
-        if timeout_ms is not None:
-            body["timeoutMs"] = int(timeout_ms)
-        if reason is not None:
-            body["reason"] = reason
-        if wait_approval_ms is not None:
-            body["waitApprovalMs"] = int(wait_approval_ms)
+        body = self._exec_body(argv, command, timeout_ms, reason, wait_approval_ms, cwd, env, stdin)
         path = "/v1/phases/%s/exec" % phase_id
-        if on_stdout is None and on_stderr is None and on_waiting is None:
+        if on_stdout is None and on_stderr is None and on_waiting is None and on_started is None:
             return self.request("POST", path, body)["result"]
         # output arrives as bytes; a character split between frames is joined before the callback sees it
         text = {_STDOUT: codecs.getincrementaldecoder("utf-8")("replace"), _STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
@@ -248,7 +246,9 @@ class Sandboxd:
             kind = event.get("type")
             if kind in ("exit", "error"):
                 flush()
-            if kind == "waiting" and on_waiting is not None:
+            if kind == "started" and on_started is not None:
+                on_started(event)
+            elif kind == "waiting" and on_waiting is not None:
                 on_waiting(event)
             elif kind == "exit":
                 return event["result"]
@@ -261,6 +261,61 @@ class Sandboxd:
                             hint="the daemon may have stopped; check `sandboxd phase show %s`" % phase_id)
 
     # ----------------------------------------------------------- approvals
+
+    @staticmethod
+    def _exec_body(argv, command, timeout_ms, reason, wait_approval_ms, cwd, env, stdin):
+        if (argv is None) == (command is None):
+            raise ValueError("give exactly one of argv (a list) or command (a string)")
+        body = {"argv": list(argv)} if argv is not None else {"command": command}
+        if timeout_ms is not None:
+            body["timeoutMs"] = int(timeout_ms)
+        if reason is not None:
+            body["reason"] = reason
+        if wait_approval_ms is not None:
+            body["waitApprovalMs"] = int(wait_approval_ms)
+        if cwd is not None:
+            body["cwd"] = cwd
+        if env is not None:
+            body["env"] = dict(env)
+        if isinstance(stdin, str):
+            body["stdin"] = stdin
+        elif stdin is not None:
+            body["stdinBase64"] = base64.b64encode(bytes(stdin)).decode("ascii")
+        return body
+
+    def execs(self, phase_id):
+        """The phase's running commands (foreground and background jobs), each with its id."""
+        return self.request("GET", "/v1/phases/%s/execs" % phase_id)["execs"]
+
+    def cancel(self, phase_id, exec_id, note=None):
+        """Cancels a running command by id (SIGTERM, SIGKILL after the kill grace)."""
+        return self.request("POST", "/v1/phases/%s/execs/%s/cancel" % (phase_id, exec_id), {} if note is None else {"note": note})["exec"]
+
+    # ------------------------------------------------------------ jobs
+
+    def start_job(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, cwd=None, env=None, stdin=None):
+        """Starts a background job; returns it ({id: "jb_…", state: "running", …}) as soon as it runs."""
+        body = self._exec_body(argv, command, timeout_ms, reason, None, cwd, env, stdin)
+        body["background"] = True
+        return self.request("POST", "/v1/phases/%s/exec" % phase_id, body)["job"]
+
+    def jobs(self, phase_id):
+        return self.request("GET", "/v1/phases/%s/jobs" % phase_id)["jobs"]
+
+    def job(self, phase_id, job_id):
+        return self.request("GET", "/v1/phases/%s/jobs/%s" % (phase_id, job_id))["job"]
+
+    def job_output(self, phase_id, job_id):
+        """What the job printed so far: {stdout, stderr, stdoutBytes, …}."""
+        return self.request("GET", "/v1/phases/%s/jobs/%s/output" % (phase_id, job_id))["output"]
+
+    def wait_job(self, phase_id, job_id, timeout_ms=None):
+        """Waits until the job ends or timeout_ms passes (default 30 s); the job then (state tells which)."""
+        q = _query({"timeoutMs": None if timeout_ms is None else str(int(timeout_ms))})
+        return self.request("GET", "/v1/phases/%s/jobs/%s/wait%s" % (phase_id, job_id, q))["job"]
+
+    def kill_job(self, phase_id, job_id, note=None):
+        return self.request("POST", "/v1/phases/%s/jobs/%s/kill" % (phase_id, job_id), {} if note is None else {"note": note})["job"]
 
     def approvals(self, phase_id=None, all=False):
         return self.request("GET", "/v1/approvals" + _query({"phase": phase_id, "all": "1" if all else None}))["approvals"]

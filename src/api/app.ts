@@ -14,7 +14,8 @@ import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
 import { verifyJournal } from "../audit/verify.js";
 import type { PreparedExport } from "../audit/bundle.js";
-import type { PhaseManager } from "../phases/manager.js";
+import type { ExecRequest, PhaseManager } from "../phases/manager.js";
+import { execBody } from "./schemas.js";
 import { isEvent, toEvent } from "./events.js";
 import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
@@ -36,6 +37,15 @@ export interface AppOptions {
     exportBundle(): Promise<PreparedExport>;
   };
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
+  /**
+   * How the daemon stops over its API: `phases` ends (or, with keepPhases,
+   * detaches) the phases and answers their ids; `close` then closes the
+   * servers and the journal, once the answer is sent. Absent: refused.
+   */
+  stop?: {
+    phases(o: { keepPhases: boolean; drainMs: number | undefined }): Promise<string[]>;
+    close(): Promise<void>;
+  };
 }
 
 /** At most this many problems, unknown keys per problem, and characters per name are echoed: a hostile body must not make a huge answer. */
@@ -72,6 +82,19 @@ function parse<T>(schema: z.ZodType<T>, value: unknown, where: string): T {
 }
 
 const truthy = (v: string | undefined) => v === "1" || v === "true";
+
+/** A job's wait without timeoutMs answers after this long. */
+const DEFAULT_JOB_WAIT_MS = 30_000;
+
+/** The exec body as the manager takes it: stdin as bytes. */
+function execRequest(body: z.output<typeof execBody>): ExecRequest {
+  const { stdin, stdinBase64, ...rest } = body;
+  return {
+    ...rest,
+    ...(stdin !== undefined ? { stdin: Buffer.from(stdin, "utf8") } : {}),
+    ...(stdinBase64 !== undefined ? { stdin: Buffer.from(stdinBase64, "base64") } : {}),
+  };
+}
 
 /** The table's entry for a key, as a type: its schemas give the handler's input types. */
 type RouteOf<K extends string> = K extends `${infer M} ${infer P}` ? Extract<(typeof ROUTES)[number], { method: M; path: P }> : never;
@@ -159,6 +182,15 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   };
 
   on("GET /v1/openapi.json", async () => openApiDocument());
+  on("POST /v1/daemon/stop", async ({ body }, _req, reply) => {
+    const stop = opts.stop;
+    if (!stop) throw new SandboxdError("SBX_ERR_SHUTDOWN_REFUSED", "this daemon cannot be stopped over its API");
+    const keepPhases = body.keepPhases === true;
+    const phases = await stop.phases({ keepPhases, drainMs: body.drainMs });
+    // the rest of the stop (servers, journal) once this answer is out
+    reply.raw.once("finish", () => void stop.close());
+    return { stopping: true, keepPhases, phases };
+  });
   on("GET /v1/health", async () => ({ ok: true, ...opts.info }));
 
   on("GET /v1/phases", async () => ({ phases: await manager.list() }));
@@ -177,7 +209,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   on("POST /v1/phases/:id/exec", async ({ params: { id }, query: q, body }, _req, reply) => {
-    if (q.stream === undefined || q.stream === "0" || q.stream === "false") {
+    const streaming = !(q.stream === undefined || q.stream === "0" || q.stream === "false");
+    if (body.background) {
+      if (streaming) throw new SandboxdError("SBX_ERR_VALIDATION", "invalid request: background and stream do not go together: a job's output is read with GET …/jobs/:job/output");
+      return reply.status(202).send({ job: await manager.startJob(id, execRequest(body)) });
+    }
+    if (!streaming) {
       // A client that goes away before its answer ends its command, as a streaming one does.
       const abort = new AbortController();
       const onClose = () => {
@@ -185,13 +222,36 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       };
       reply.raw.on("close", onClose);
       try {
-        return { result: await manager.exec(id, body, undefined, abort.signal) };
+        return { result: await manager.exec(id, execRequest(body), undefined, abort.signal) };
       } finally {
         reply.raw.off("close", onClose);
       }
     }
-    return streamExec(reply, manager, id, body, q.stream === "frames" ? "frames" : "ndjson");
+    return streamExec(reply, manager, id, execRequest(body), q.stream === "frames" ? "frames" : "ndjson");
   });
+
+  // the phase's running commands, each cancellable by id
+  on("GET /v1/phases/:id/execs", async ({ params: { id } }) => ({ execs: await manager.runs(id) }));
+  on("POST /v1/phases/:id/execs/:exec/cancel", async ({ params: { id, exec }, body }) => ({ exec: await manager.cancel(id, exec, body.note) }));
+
+  // background jobs (src/phases/jobs.ts)
+  on("GET /v1/phases/:id/jobs", async ({ params: { id } }) => ({ jobs: await manager.listJobs(id) }));
+  on("GET /v1/phases/:id/jobs/:job", async ({ params: { id, job } }) => ({ job: manager.job(id, job) }));
+  on("GET /v1/phases/:id/jobs/:job/output", async ({ params: { id, job } }) => ({ output: manager.jobOutput(id, job) }));
+  on("GET /v1/phases/:id/jobs/:job/wait", async ({ params: { id, job }, query: q }, _req, reply) => {
+    // a client that goes away ends its wait (not the job)
+    const abort = new AbortController();
+    const onClose = () => {
+      if (!reply.raw.writableFinished) abort.abort();
+    };
+    reply.raw.on("close", onClose);
+    try {
+      return { job: await manager.waitJob(id, job, q.timeoutMs ?? DEFAULT_JOB_WAIT_MS, abort.signal) };
+    } finally {
+      reply.raw.off("close", onClose);
+    }
+  });
+  on("POST /v1/phases/:id/jobs/:job/kill", async ({ params: { id, job }, body }) => ({ job: await manager.killJob(id, job, body.note) }));
 
   // a person's hand on a phase (fail-fast): pause, resume (after an escalation: with a note), abort
   on("POST /v1/phases/:id/pause", async ({ params: { id }, body }) => {
@@ -420,7 +480,7 @@ async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
   id: string,
-  body: { argv?: string[] | undefined; command?: string | undefined; timeoutMs?: number | undefined; reason?: string | undefined; waitApprovalMs?: number | undefined },
+  body: ExecRequest,
   format: "frames" | "ndjson",
 ): Promise<void> {
   const res = reply.raw;

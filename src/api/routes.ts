@@ -35,6 +35,11 @@ const running: readonly ErrorCode[] = ["SBX_ERR_PHASE_NOT_FOUND", "SBX_ERR_PHASE
 
 export const ROUTES = [
   { method: "GET", path: "/v1/health", tag: "daemon", summary: "the daemon's version, instance, pid, state dir and socket", ok: { status: 200, description: "{ok, version, instance, pid, stateDir, socket}", content: "json" } },
+  {
+    method: "POST", path: "/v1/daemon/stop", tag: "daemon", summary: "stop the daemon; with keepPhases, a planned restart that leaves running phases for the next daemon to re-adopt", body: S.daemonStopBody,
+    ok: { status: 200, description: "{stopping: true, keepPhases, phases} once the phases are stopped or detached; the daemon then closes", content: "json" },
+    errors: ["SBX_ERR_SHUTDOWN_REFUSED", "SBX_ERR_SHUTTING_DOWN"],
+  },
   { method: "GET", path: "/v1/openapi.json", tag: "daemon", summary: "this document (OpenAPI 3.1), generated from the schemas the server validates with", ok: { status: 200, description: "the OpenAPI document", content: "json" } },
 
   { method: "GET", path: "/v1/phases", tag: "phases", summary: "every phase on record, oldest first", ok: { status: 200, description: "{phases: [...]}", content: "json" } },
@@ -49,9 +54,20 @@ export const ROUTES = [
 
   {
     method: "POST", path: "/v1/phases/:id/exec", tag: "exec", summary: "run one command (judged by the policy, recorded before it runs)", ...phase, query: S.streamQuery, body: S.execBody,
-    ok: { status: 200, description: "{result}; with stream=frames, the byte stream (5-byte frame headers: JSON events, stdout and stderr bytes); with stream=1, NDJSON events (waiting, started, stdout, stderr, exit, error)", content: "exec" },
-    errors: [...running, "SBX_ERR_POLICY_DENIED", "SBX_ERR_COMMAND_PARSE", "SBX_ERR_POLICY_NEEDS_APPROVAL", "SBX_ERR_APPROVAL_DENIED", "SBX_ERR_APPROVAL_STALE", "SBX_ERR_TIMEOUT_RANGE", "SBX_ERR_REQUEST_TOO_LARGE", "SBX_ERR_AUDIT_BUDGET", "SBX_ERR_SHIM_LOST"],
+    ok: { status: 200, description: "{result}; with stream=frames, the byte stream (5-byte frame headers: JSON events, stdout and stderr bytes); with stream=1, NDJSON events (waiting, started, stdout, stderr, exit, error); with background: 202 {job} once it runs", content: "exec" },
+    errors: [
+      ...running, "SBX_ERR_POLICY_DENIED", "SBX_ERR_COMMAND_PARSE", "SBX_ERR_POLICY_NEEDS_APPROVAL", "SBX_ERR_APPROVAL_DENIED", "SBX_ERR_APPROVAL_STALE", "SBX_ERR_TIMEOUT_RANGE",
+      "SBX_ERR_REQUEST_TOO_LARGE", "SBX_ERR_AUDIT_BUDGET", "SBX_ERR_SHIM_LOST", "SBX_ERR_EXEC_CWD", "SBX_ERR_ENV_RESERVED", "SBX_ERR_SHIM_OUTDATED", "SBX_ERR_JOB_LIMIT",
+    ],
   },
+  { method: "GET", path: "/v1/phases/:id/execs", tag: "exec", summary: "the phase's commands running now (foreground and background), each with its id", ...phase, ok: { status: 200, description: "{execs: [...]}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+  { method: "POST", path: "/v1/phases/:id/execs/:exec/cancel", tag: "exec", summary: "cancel a running command by id (SIGTERM, SIGKILL after the kill grace; recorded first)", params: S.runParams, body: S.noteBody, ok: { status: 200, description: "{exec}", content: "json" }, errors: ["SBX_ERR_EXEC_NOT_FOUND"] },
+
+  { method: "GET", path: "/v1/phases/:id/jobs", tag: "jobs", summary: "the phase's background jobs (running and ended)", ...phase, ok: { status: 200, description: "{jobs: [...]}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_FOUND"] },
+  { method: "GET", path: "/v1/phases/:id/jobs/:job", tag: "jobs", summary: "one background job (its result once it ended)", params: S.jobParams, ok: { status: 200, description: "{job}", content: "json" }, errors: ["SBX_ERR_EXEC_NOT_FOUND"] },
+  { method: "GET", path: "/v1/phases/:id/jobs/:job/output", tag: "jobs", summary: "a job's output so far (head and tail kept, as an exec's)", params: S.jobParams, ok: { status: 200, description: "{output}", content: "json" }, errors: ["SBX_ERR_EXEC_NOT_FOUND"] },
+  { method: "GET", path: "/v1/phases/:id/jobs/:job/wait", tag: "jobs", summary: "wait (long poll) until the job ends or timeoutMs passes (default 30 s)", params: S.jobParams, query: S.jobWaitQuery, ok: { status: 200, description: "{job} (state still running when the wait ended first)", content: "json" }, errors: ["SBX_ERR_EXEC_NOT_FOUND"] },
+  { method: "POST", path: "/v1/phases/:id/jobs/:job/kill", tag: "jobs", summary: "kill a job (a cancel by its id) and answer once it ended", params: S.jobParams, body: S.noteBody, ok: { status: 200, description: "{job}", content: "json" }, errors: ["SBX_ERR_EXEC_NOT_FOUND"] },
 
   { method: "POST", path: "/v1/phases/:id/pause", tag: "fail-fast", summary: "freeze a running phase (a person's hand)", ...phase, body: S.noteBody, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_RUNNING"] },
   { method: "POST", path: "/v1/phases/:id/resume", tag: "fail-fast", summary: "thaw an escalated or paused phase (a note is required after an escalation)", ...phase, body: S.noteBody, ok: { status: 200, description: "{phase}", content: "json" }, errors: ["SBX_ERR_PHASE_NOT_ESCALATED"] },

@@ -7,6 +7,7 @@ import { z } from "zod";
 import { grantPatternSchema } from "../approvals/grants.js";
 import { TIMEOUT_CEILING_MS } from "../policy/timeout.js";
 import { PHASE_MODES } from "../phases/types.js";
+import { MAX_STDIN_BYTES } from "../shim/protocol.js";
 
 export const phaseIdParam = z.object({ id: z.string().regex(/^ph_[0-9a-f]{12}$/, "not a phase id (ph_ followed by 12 hex digits)") });
 
@@ -61,11 +62,29 @@ export const execBody = z
     reason: z.string().max(2000).optional(),
     /** when the policy asks a person: wait this long for the decision (long poll) */
     waitApprovalMs: z.number().int().positive().max(MAX_WAIT_APPROVAL_MS, "at most 1 hour (3,600,000 ms); wait again with the approval's id after that").optional(),
+    /** where the command starts: relative to the workspace, or absolute under /workspace */
+    cwd: z
+      .string()
+      .min(1)
+      .max(4096)
+      .refine((c) => !c.includes("\0"), "must not contain NUL bytes")
+      .optional(),
+    /** variables of the command's own (names a .env may not set are refused: SBX_ERR_ENV_RESERVED) */
+    env: z
+      .record(z.string().refine((v) => !v.includes("\0"), "must not contain NUL bytes"))
+      .refine((e) => Object.keys(e).length <= 256, "at most 256 variables")
+      .optional(),
+    /** bytes for the command's stdin: UTF-8 text, or stdinBase64 for any bytes (at most 512 KiB either way) */
+    stdin: z.string().max(MAX_STDIN_BYTES).optional(),
+    stdinBase64: z.string().max(Math.ceil(MAX_STDIN_BYTES / 3) * 4 + 4).regex(/^[A-Za-z0-9+/]*={0,2}$/, "must be base64").optional(),
+    /** run as a background job: answered (202 {job}) as soon as it runs */
+    background: z.boolean().optional(),
   })
   .strict()
   .refine((b) => (b.argv === undefined) !== (b.command === undefined), {
     message: "give exactly one of argv (an array, preferred) or command (a string)",
-  });
+  })
+  .refine((b) => b.stdin === undefined || b.stdinBase64 === undefined, { message: "give at most one of stdin (text) or stdinBase64 (bytes)" });
 
 export const approvalIdParam = z.object({ id: z.string().regex(/^ap_[0-9a-f]{12}$/, "not an approval id (ap_ followed by 12 hex digits)") });
 export const approvalsQuery = z
@@ -81,7 +100,7 @@ export const grantBody = z
   .object({
     phase: phaseIdParam.shape.id.optional(),
     project: z.string().min(1).refine((p) => p.startsWith("/"), "must be an absolute path").optional(),
-    argv: execBody.innerType().shape.argv,
+    argv: execBody.innerType().innerType().shape.argv,
     pattern: grantPatternSchema.optional(),
     expiresInMs: z.number().int().positive().max(MAX_GRANT_MS, "at most 30 days"),
     maxTimeoutMs: z.number().int().positive().max(TIMEOUT_CEILING_MS, `at most ${TIMEOUT_CEILING_MS} ms (SKILLS.md §2: 5 minutes)`).optional(),
@@ -114,3 +133,21 @@ export const eventsQuery = z
 export const streamQuery = z.object({ stream: z.enum(["0", "1", "true", "false", "ndjson", "frames"]).optional() }).strict();
 export const logsQuery = z.object({ follow: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 
+
+/** A planned restart waits at most this long for running commands before it cancels them. */
+export const MAX_DRAIN_MS = 300_000;
+export const daemonStopBody = z
+  .object({
+    keepPhases: z.boolean().optional(),
+    drainMs: z.number().int().nonnegative().max(MAX_DRAIN_MS, "at most 5 minutes (300,000 ms)").optional(),
+  })
+  .strict();
+
+const runIdSchema = z.string().regex(/^(ex|jb)_[0-9a-f]{12}$/, "not a command id (ex_ or jb_ followed by 12 hex digits)");
+export const runParams = phaseIdParam.extend({ exec: runIdSchema });
+export const jobParams = phaseIdParam.extend({ job: z.string().regex(/^jb_[0-9a-f]{12}$/, "not a job id (jb_ followed by 12 hex digits)") });
+/** A wait answers after at most this long, ended or not: wait again. */
+export const MAX_JOB_WAIT_MS = 3_600_000;
+export const jobWaitQuery = z
+  .object({ timeoutMs: z.coerce.number().int().positive().max(MAX_JOB_WAIT_MS, "at most 1 hour (3,600,000 ms); wait again after that").optional() })
+  .strict();

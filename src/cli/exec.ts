@@ -27,6 +27,14 @@ export interface ExecCommand {
   timeoutMs?: number;
   reason?: string;
   waitApprovalMs?: number;
+  /** the directory it starts in (inside the workspace) */
+  cwd?: string;
+  /** variables of the command's own (names the daemon sets or reserves are refused) */
+  env?: Record<string, string>;
+  /** bytes for the command's stdin */
+  stdinBase64?: string;
+  /** run as a background job: print its id once it runs */
+  background?: boolean;
   /** do not stream: print the result record as JSON at the end */
   json?: boolean;
 }
@@ -52,11 +60,20 @@ export async function runExec(c: ExecCommand): Promise<number> {
     ...(c.timeoutMs ? { timeoutMs: c.timeoutMs } : {}),
     ...(c.reason ? { reason: c.reason } : {}),
     ...(c.waitApprovalMs ? { waitApprovalMs: c.waitApprovalMs } : {}),
+    ...(c.cwd !== undefined ? { cwd: c.cwd } : {}),
+    ...(c.env && Object.keys(c.env).length ? { env: c.env } : {}),
+    ...(c.stdinBase64 !== undefined ? { stdinBase64: c.stdinBase64 } : {}),
+    ...(c.background ? { background: true } : {}),
   };
   // the JSON answer comes only at the end: say up front that it may wait
   if (c.json && c.waitApprovalMs) process.stderr.write(`sandboxd: if a person must approve, waiting up to ${c.waitApprovalMs / 1000} s for their decision\n`);
   const url = `/v1/phases/${encodeURIComponent(c.id)}/exec`;
   try {
+    if (c.background) {
+      const { job } = await api.request<{ job: { id: string } }>("POST", url, body);
+      process.stdout.write(c.json ? JSON.stringify(job, null, 2) + "\n" : `${job.id}\n`);
+      return EXIT.ok;
+    }
     if (c.json) {
       const { result } = await api.request<{ result: ExecResult }>("POST", url, body);
       process.stdout.write(JSON.stringify(result, null, 2) + "\n");

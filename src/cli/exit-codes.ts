@@ -25,6 +25,8 @@ export function exitCodeForRefusal(code: string | undefined): number {
     case "SBX_ERR_TIMEOUT_RANGE":
     case "SBX_ERR_VALIDATION":
     case "SBX_ERR_REQUEST_TOO_LARGE":
+    case "SBX_ERR_EXEC_CWD":
+    case "SBX_ERR_ENV_RESERVED":
       return EXIT.usage;
     default:
       return EXIT.sandboxdFailed;

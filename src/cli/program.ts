@@ -16,6 +16,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
 import { clientSocket } from "../config/paths.js";
+import type { ExecResult, JobOutput, JobView, RunInfo } from "../phases/manager.js";
 import type { Escalation, PhaseView } from "../phases/types.js";
 import type { Grant } from "../approvals/grants.js";
 import type { Approval } from "../approvals/queue.js";
@@ -24,7 +25,7 @@ import type { AuditRecord } from "../audit/journal.js";
 import { VERSION } from "../version.js";
 import { ApiClient } from "./client.js";
 import { DEFAULT_WAIT_APPROVAL_MS, printError, runExec, visible } from "./exec.js";
-import { EXIT } from "./exit-codes.js";
+import { EXIT, exitCodeFor } from "./exit-codes.js";
 import { renderRecord } from "./render.js";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -159,6 +160,25 @@ function parseDuration(value: string): number {
 }
 
 /** A command or pattern given as one option: a JSON array, or words split at blanks. */
+/** `--env NAME=VALUE`, repeatable. */
+function collectEnv(value: string, acc: Record<string, string>): Record<string, string> {
+  const eq = value.indexOf("=");
+  if (eq <= 0) throw new InvalidArgumentError("give the variable as NAME=VALUE");
+  return { ...acc, [value.slice(0, eq)]: value.slice(eq + 1) };
+}
+
+async function readAll(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const c of stream) chunks.push(typeof c === "string" ? Buffer.from(c) : (c as Buffer));
+  return Buffer.concat(chunks);
+}
+
+/** A job's exit as a word: its code, its signal, or what it is still doing. */
+function jobExit(j: JobView): string {
+  if (!j.result) return j.state === "running" ? "-" : "error";
+  return j.result.exitCode !== null ? String(j.result.exitCode) : (j.result.signal ?? "?");
+}
+
 function words(value: string): string[] {
   const t = value.trim();
   if (t.startsWith("[")) return JSON.parse(t) as string[];
@@ -219,7 +239,31 @@ function program(): Command {
         };
         onSignal = stop;
         if (signalled) stop(signalled);
+        // stopped over the API (`sandboxd stop`): the process ends too
+        void daemon.closed.then(resolve);
       });
+      // Closed: the journal is shut and the socket gone. A detached phase's
+      // handles (kept for the next daemon) must not keep this process alive.
+      process.exit(0);
+    });
+
+  prog
+    .command("stop")
+    .description("stop the daemon: its phases are stopped, or with --keep-phases left running for the next daemon to re-adopt (a planned restart)")
+    .option("--keep-phases", "a planned restart: running commands get --drain seconds, then are cancelled (recorded); running phases keep their containers and are re-adopted by the next `sandboxd start`")
+    .option("--drain <seconds>", "with --keep-phases: how long running commands may take to end before they are cancelled (default 10, at most 300)", parseTimeout)
+    .option("--json", "print the answer as JSON")
+    .action(async (opts: { keepPhases?: boolean; drain?: number; json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const body = { ...(opts.keepPhases ? { keepPhases: true } : {}), ...(opts.drain !== undefined ? { drainMs: opts.drain } : {}) };
+      const res = await api.request<{ stopping: boolean; keepPhases: boolean; phases: string[] }>("POST", "/v1/daemon/stop", body);
+      if (opts.json) return printJson(res);
+      const n = res.phases.length;
+      process.stdout.write(
+        res.keepPhases
+          ? `daemon stopping; ${n} phase${n === 1 ? "" : "s"} left running for the next daemon${n ? `: ${res.phases.join(" ")}` : ""}\n`
+          : `daemon stopping; ${n} phase${n === 1 ? "" : "s"} stopped\n`,
+      );
     });
 
   prog
@@ -557,14 +601,26 @@ function program(): Command {
       "when the policy asks a person, wait for their decision (default 600 s, at most 3600): approved, the command runs; denied, exit 126 with their note",
       parseWait,
     )
+    .option("--cwd <dir>", "start in this directory: relative to the workspace (services/api) or under /workspace")
+    .option("-e, --env <NAME=VALUE>", "a variable of the command's own (repeatable; names the daemon sets or reserves are refused)", collectEnv, {})
+    .option("-i, --stdin", "send what is piped to sandboxd to the command's stdin (at most 512 KiB)")
+    .option("--background", "run as a background job: print its id (jb_…) as soon as it runs and exit 0; see `sandboxd jobs`")
     .option("--json", "do not stream; print the result record as JSON when the command ends")
     .addHelpText(
       "after",
       "\nExit status: the command's own; 124 killed at its timeout; 126 refused by policy or\nthe shell parser; 2 a request that cannot be valid (timeout over 300 s,\nargument too large); 125 sandboxd failed; 128+N the command died of signal N;\n141 the reader of sandboxd's output went away (| head): the command was ended.\n\nExample:\n  sandboxd exec ph_0123456789ab --timeout 30 -- pytest -q tests/",
     )
-    .action(async (id: string, argv: string[], opts: { timeout?: number; reason?: string; json?: boolean; command?: string; waitApproval?: number | true }, cmd: Command) => {
+    .action(async (
+      id: string,
+      argv: string[],
+      opts: { timeout?: number; reason?: string; json?: boolean; command?: string; waitApproval?: number | true; cwd?: string; env: Record<string, string>; stdin?: boolean; background?: boolean },
+      cmd: Command,
+    ) => {
       if ((argv.length > 0) === (opts.command !== undefined)) {
         cmd.error("give the command either after -- as argv, or as --command \"STRING\" (not both)", { exitCode: EXIT.usage });
+      }
+      if (opts.stdin && process.stdin.isTTY) {
+        cmd.error("--stdin sends what is piped to sandboxd; nothing is piped (stdin is a terminal)", { exitCode: EXIT.usage });
       }
       throw new CliExit(
         await runExec({
@@ -574,9 +630,112 @@ function program(): Command {
           ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
           ...(opts.reason ? { reason: opts.reason } : {}),
           ...(opts.waitApproval ? { waitApprovalMs: opts.waitApproval === true ? DEFAULT_WAIT_APPROVAL_MS : opts.waitApproval } : {}),
+          ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
+          ...(Object.keys(opts.env).length ? { env: opts.env } : {}),
+          ...(opts.stdin ? { stdinBase64: (await readAll(process.stdin)).toString("base64") } : {}),
+          ...(opts.background ? { background: true } : {}),
           ...(opts.json ? { json: true } : {}),
         }),
       );
+    });
+
+  prog
+    .command("execs")
+    .description("list a phase's running commands (foreground and background jobs), with the ids `sandboxd cancel` takes")
+    .argument("<phase>", "phase id or name")
+    .option("--json", "print JSON")
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { execs } = await api.request<{ execs: RunInfo[] }>("GET", `/v1/phases/${id}/execs`);
+      if (opts.json) return printJson(execs);
+      if (execs.length === 0) return void process.stdout.write("no running commands\n");
+      const rows = [["ID", "PID", "STARTED", "CWD", "COMMAND"]];
+      for (const r of execs) rows.push([r.id, String(r.pid ?? "-"), r.startedAt, r.cwd, visible(r.argv ? quoteArgv(r.argv) : (r.command ?? ""))]);
+      process.stdout.write(table(rows));
+    });
+
+  prog
+    .command("cancel")
+    .description("cancel a running command by id (SIGTERM, then SIGKILL after the kill grace); its caller gets its result, marked cancelled")
+    .argument("<phase>", "phase id or name")
+    .argument("<exec>", "command id (ex_… or a job's jb_…), from `sandboxd execs`")
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .action(async (ref: string, execId: string, opts: { note?: string }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { exec } = await api.request<{ exec: RunInfo }>("POST", `/v1/phases/${id}/execs/${encodeURIComponent(execId)}/cancel`, opts.note ? { note: opts.note } : {});
+      process.stdout.write(`${exec.id} cancelled\n`);
+    });
+
+  const jobs = prog.command("jobs").description("background jobs: commands started with `exec --background`");
+  jobs
+    .command("ls")
+    .description("list a phase's background jobs, running and ended")
+    .argument("<phase>", "phase id or name")
+    .option("--json", "print JSON")
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { jobs: list } = await api.request<{ jobs: JobView[] }>("GET", `/v1/phases/${id}/jobs`);
+      if (opts.json) return printJson(list);
+      if (list.length === 0) return void process.stdout.write("no background jobs\n");
+      const rows = [["ID", "STATE", "EXIT", "STARTED", "COMMAND"]];
+      for (const j of list) rows.push([j.id, j.state, jobExit(j), j.startedAt, visible(j.argv ? quoteArgv(j.argv) : (j.command ?? ""))]);
+      process.stdout.write(table(rows));
+    });
+  jobs
+    .command("show")
+    .description("one job: its state and, once it ended, its result")
+    .argument("<phase>", "phase id or name")
+    .argument("<job>", "job id (jb_…)")
+    .action(async (ref: string, jobId: string, _opts: unknown, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      printJson((await api.request<{ job: JobView }>("GET", `/v1/phases/${id}/jobs/${encodeURIComponent(jobId)}`)).job);
+    });
+  jobs
+    .command("output")
+    .description("what a job printed so far (stdout, then stderr to stderr)")
+    .argument("<phase>", "phase id or name")
+    .argument("<job>", "job id (jb_…)")
+    .action(async (ref: string, jobId: string, _opts: unknown, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { output } = await api.request<{ output: JobOutput }>("GET", `/v1/phases/${id}/jobs/${encodeURIComponent(jobId)}/output`);
+      process.stdout.write(output.stdout);
+      process.stderr.write(output.stderr);
+    });
+  jobs
+    .command("wait")
+    .description("wait for a job to end; exits with its exit code (as `exec` would), or 124 when --timeout passes first")
+    .argument("<phase>", "phase id or name")
+    .argument("<job>", "job id (jb_…)")
+    .option("--timeout <seconds>", "give up waiting after this long (default 30; at most 3600)", parseTimeout)
+    .action(async (ref: string, jobId: string, opts: { timeout?: number }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const q = opts.timeout ? `?timeoutMs=${opts.timeout}` : "";
+      const { job } = await api.request<{ job: JobView }>("GET", `/v1/phases/${id}/jobs/${encodeURIComponent(jobId)}/wait${q}`);
+      if (job.state === "running") {
+        process.stderr.write(`sandboxd: ${job.id} still running\n`);
+        throw new CliExit(EXIT.timeout);
+      }
+      if (job.result) throw new CliExit(exitCodeFor(job.result));
+      process.stderr.write(visible(`sandboxd: ${job.id} ended without a result: ${job.error?.message ?? "unknown"}`) + "\n");
+      throw new CliExit(EXIT.sandboxdFailed);
+    });
+  jobs
+    .command("kill")
+    .description("kill a job (SIGTERM, then SIGKILL after the kill grace) and wait for it to end")
+    .argument("<phase>", "phase id or name")
+    .argument("<job>", "job id (jb_…)")
+    .option("--note <text>", "why (recorded in the audit trail)")
+    .action(async (ref: string, jobId: string, opts: { note?: string }, cmd: Command) => {
+      const api = client(cmd);
+      const id = await resolvePhaseRef(api, ref);
+      const { job } = await api.request<{ job: JobView }>("POST", `/v1/phases/${id}/jobs/${encodeURIComponent(jobId)}/kill`, opts.note ? { note: opts.note } : {});
+      process.stdout.write(`${job.id} ${job.state}${job.result ? ` (${jobExit(job)})` : ""}\n`);
     });
 
   const approvals = prog

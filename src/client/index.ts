@@ -13,7 +13,7 @@ import { clientSocket } from "../config/paths.js";
 import { SandboxdError } from "../errors.js";
 import type { Approval } from "../approvals/queue.js";
 import type { AuditRecord } from "../audit/journal.js";
-import type { ExecResult } from "../phases/manager.js";
+import type { ExecResult, JobOutput, JobView, RunInfo } from "../phases/manager.js";
 import type { PhaseMode, PhaseView } from "../phases/types.js";
 import { StringDecoder } from "node:string_decoder";
 import { FrameReader, StreamFrame } from "../frames.js";
@@ -21,7 +21,7 @@ import { ApiClient, errorFromBody } from "./http.js";
 
 export { SandboxdError } from "../errors.js";
 export type { ErrorCode } from "../errors.js";
-export type { Approval, AuditRecord, ExecResult, PhaseMode, PhaseView };
+export type { Approval, AuditRecord, ExecResult, JobOutput, JobView, PhaseMode, PhaseView, RunInfo };
 
 export interface StartPhaseRequest {
   /** absolute path of the project directory */
@@ -41,6 +41,19 @@ export interface ExecOptions {
   reason?: string;
   /** when the policy asks a person: wait up to this long for their decision (approved: runs; denied: SBX_ERR_APPROVAL_DENIED) */
   waitApprovalMs?: number;
+  /** where it starts: relative to the workspace (`services/api`) or under /workspace */
+  cwd?: string;
+  /** variables of its own (reserved names: SBX_ERR_ENV_RESERVED) */
+  env?: Record<string, string>;
+  /** bytes for its stdin (text is sent as UTF-8); at most 512 KiB */
+  stdin?: string | Uint8Array;
+}
+
+/** The exec body: stdin as text, or as base64 for bytes. */
+function execBody(req: ExecOptions): Record<string, unknown> {
+  const { stdin, ...rest } = req;
+  if (stdin === undefined) return rest;
+  return typeof stdin === "string" ? { ...rest, stdin } : { ...rest, stdinBase64: Buffer.from(stdin).toString("base64") };
 }
 
 export interface StreamHandlers {
@@ -49,6 +62,8 @@ export interface StreamHandlers {
   onStderr?: (text: string) => void;
   /** the command waits for a person's decision on this request (with waitApprovalMs); given, the exec streams */
   onWaiting?: (wait: { approvalId: string; command: string; rule: { id: string; clause: string }; waitMs: number }) => void;
+  /** the command runs, under this id (for `cancel`); given, the exec streams */
+  onStarted?: (info: { id: string; pid: number; rule: { id: string; clause: string } }) => void;
   /** aborting ends the command (the daemon kills it when the stream's client goes away) */
   signal?: AbortSignal;
 }
@@ -106,10 +121,11 @@ export class Sandboxd {
    */
   async exec(id: string, req: ExecOptions, handlers: StreamHandlers = {}): Promise<ExecResult> {
     const path = `/v1/phases/${id}/exec`;
-    if (!handlers.onStdout && !handlers.onStderr && !handlers.onWaiting && !handlers.signal) {
-      return (await this.request<{ result: ExecResult }>("POST", path, req)).result;
+    const body = execBody(req);
+    if (!handlers.onStdout && !handlers.onStderr && !handlers.onWaiting && !handlers.onStarted && !handlers.signal) {
+      return (await this.request<{ result: ExecResult }>("POST", path, body)).result;
     }
-    const res = await this.api.stream("POST", `${path}?stream=frames`, req);
+    const res = await this.api.stream("POST", `${path}?stream=frames`, body);
     const stop = () => res.destroy();
     handlers.signal?.addEventListener("abort", stop, { once: true });
     // output comes as bytes (docs/API.md "Streaming exec"); a character split between frames is joined before the handler sees it
@@ -138,6 +154,9 @@ export class Sandboxd {
           if (f.kind !== StreamFrame.Event) continue;
           const event = JSON.parse(f.payload.toString("utf8")) as { type: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } };
           switch (event.type) {
+            case "started":
+              handlers.onStarted?.(event as unknown as Parameters<NonNullable<StreamHandlers["onStarted"]>>[0]);
+              break;
             case "waiting":
               handlers.onWaiting?.(event as unknown as Parameters<NonNullable<StreamHandlers["onWaiting"]>>[0]);
               break;
@@ -163,6 +182,44 @@ export class Sandboxd {
     throw new SandboxdError("SBX_ERR_INTERNAL", "the exec stream ended without a result", {
       hint: `the daemon may have stopped; check \`sandboxd phase show ${id}\``,
     });
+  }
+
+  /** The phase's commands running now (foreground and background jobs), each with its id. */
+  async execs(id: string): Promise<RunInfo[]> {
+    return (await this.request<{ execs: RunInfo[] }>("GET", `/v1/phases/${id}/execs`)).execs;
+  }
+
+  /** Cancels a running command by id: SIGTERM, SIGKILL after the kill grace; its caller gets its result with `cancelled`. */
+  async cancel(id: string, execId: string, note?: string): Promise<RunInfo> {
+    return (await this.request<{ exec: RunInfo }>("POST", `/v1/phases/${id}/execs/${execId}/cancel`, note === undefined ? {} : { note })).exec;
+  }
+
+  /* ------------------------------ background jobs ----------------------------- */
+
+  /** Starts a background job: resolves as soon as it runs (a refusal throws, as exec's does). */
+  async startJob(id: string, req: ExecOptions): Promise<JobView> {
+    return (await this.request<{ job: JobView }>("POST", `/v1/phases/${id}/exec`, { ...execBody(req), background: true })).job;
+  }
+
+  async jobs(id: string): Promise<JobView[]> {
+    return (await this.request<{ jobs: JobView[] }>("GET", `/v1/phases/${id}/jobs`)).jobs;
+  }
+
+  async job(id: string, jobId: string): Promise<JobView> {
+    return (await this.request<{ job: JobView }>("GET", `/v1/phases/${id}/jobs/${jobId}`)).job;
+  }
+
+  async jobOutput(id: string, jobId: string): Promise<JobOutput> {
+    return (await this.request<{ output: JobOutput }>("GET", `/v1/phases/${id}/jobs/${jobId}/output`)).output;
+  }
+
+  /** Waits until the job ends or timeoutMs passes (default 30 s): the job as it is then (`state` tells which). */
+  async waitJob(id: string, jobId: string, timeoutMs?: number): Promise<JobView> {
+    return (await this.request<{ job: JobView }>("GET", `/v1/phases/${id}/jobs/${jobId}/wait${query({ timeoutMs: timeoutMs?.toString() })}`)).job;
+  }
+
+  async killJob(id: string, jobId: string, note?: string): Promise<JobView> {
+    return (await this.request<{ job: JobView }>("POST", `/v1/phases/${id}/jobs/${jobId}/kill`, note === undefined ? {} : { note })).job;
   }
 
   /* ------------------------------ approvals ----------------------------- */

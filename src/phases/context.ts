@@ -27,6 +27,7 @@ import { FailFastState, type LimitReached } from "./failfast.js";
 import { commandEnv } from "./project.js";
 import { PhaseRecorder } from "./recorder.js";
 import type { PhaseResources } from "./resources.js";
+import { RunTable } from "./runs.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
@@ -115,6 +116,17 @@ export class PhaseContext {
    * Settles once it is live or gone; a stop waits for it (lifecycle.ts).
    */
   readonly opening = new Map<string, Promise<void>>();
+  /** every command running now, by its id (runs.ts) */
+  readonly runs = new RunTable();
+  /** every exec call not yet answered (a planned restart waits for their records: detach.ts) */
+  readonly inflight = new Set<Promise<unknown>>();
+
+  track<T>(p: Promise<T>): Promise<T> {
+    this.inflight.add(p);
+    const done = () => void this.inflight.delete(p);
+    p.then(done, done);
+    return p;
+  }
   readonly store: PhaseStore;
   readonly buildLogs: BuildLogRegistry;
   readonly extraAllow: ReadonlySet<string>;

@@ -3,6 +3,7 @@
  * anything runs), an approval consumed or requested, the run through the
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
+import path from "node:path";
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Grant } from "../approvals/grants.js";
@@ -20,6 +21,8 @@ import { commandEnv, readProjectFile } from "./project.js";
 import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
+import { checkEnv, checkStdin, resolveCwd } from "./exec-options.js";
+import { RunHandle, newRunId } from "./runs.js";
 
 /** Exactly one of argv (preferred: no shell) or command (parsed and judged part by part). */
 export interface ExecRequest {
@@ -32,6 +35,16 @@ export interface ExecRequest {
    * decision (approved: the command runs in this call; denied: the denial).
    */
   waitApprovalMs?: number | undefined;
+  /** where it starts: relative to the workspace, or absolute under /workspace (default: the workspace) */
+  cwd?: string | undefined;
+  /** variables of its own, over the project's .env (reserved names refused: exec-options.ts) */
+  env?: Record<string, string> | undefined;
+  /** bytes for its stdin (default: none, /dev/null) */
+  stdin?: Buffer | undefined;
+  /** a background job (jobs.ts): recorded as such */
+  background?: boolean | undefined;
+  /** the id the command runs under (a job's id); default a new `ex_…` */
+  runId?: string | undefined;
 }
 
 /** What a waiting exec waits for: said to the caller before the wait starts. */
@@ -50,7 +63,7 @@ export interface ApprovalWait {
  */
 export interface ExecSink {
   /** the command is running (its verdict is durable): a streaming client learns it at once, before any output */
-  started?(info: { pid: number; rule: { id: string; clause: string } }): void;
+  started?(info: { id: string; pid: number; rule: { id: string; clause: string } }): void;
   /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
   waiting?(info: ApprovalWait): void;
   stdout(chunk: Buffer): void;
@@ -60,6 +73,8 @@ export interface ExecSink {
 }
 
 export interface ExecResult {
+  /** the command's id (`ex_…`; a background job's `jb_…`), as listed while it ran */
+  id: string;
   phaseId: string;
   argv: string[] | null;
   command: string | null;
@@ -85,6 +100,8 @@ export interface ExecResult {
   tests: TestCounts | null;
   /** set when this command's failure reached a fail-fast limit: the phase is now escalated */
   escalation: { n: number; category: string; report: string; summary: string } | null;
+  /** a person or client cancelled it by id (it got SIGTERM, then SIGKILL after the grace) */
+  cancelled: { at: string; note: string | null } | null;
 }
 
 
@@ -204,7 +221,11 @@ export class HeadTailText {
   }
 }
 
-export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+export function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
+  return ctx.track(execOnce(ctx, id, req, sink, abort));
+}
+
+async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
   ctx.assertServing();
   const live = await ctx.running(id);
   const { record, rec } = live;
@@ -226,8 +247,36 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   }
   // Over the mode's limit, within the ceiling: a person's call (src/policy/timeout.ts), bound to this timeout.
   const longTimeout = timeoutMs > limits.maxTimeoutMs;
-  const env = commandEnv(record, live.dotenv);
-  const execBase = { cwd: SHIM_PATHS.workspace, env, timeoutMs, killGraceMs: limits.killGraceMs, uid: record.uid, gid: record.gid };
+  // what the command asks for beyond its argv, each refused with its own code before anything is recorded
+  let cwd: Awaited<ReturnType<typeof resolveCwd>>;
+  let ownEnv: Record<string, string>;
+  let stdin: ReturnType<typeof checkStdin>;
+  try {
+    cwd = await resolveCwd(live, req.cwd);
+    ownEnv = checkEnv(live, req.env);
+    stdin = checkStdin(live, req.stdin);
+  } catch (e) {
+    // a directory out of the workspace or a reserved variable is an attempt worth a record (never the values)
+    if (e instanceof SandboxdError && (e.code === "SBX_ERR_EXEC_CWD" || e.code === "SBX_ERR_ENV_RESERVED")) {
+      const shown = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
+      await rec.record(
+        { type: "exec.refused", argv: req.argv ?? null, command: req.argv ? null : (req.command ?? null), code: e.code, cwd: req.cwd ?? null, env: Object.keys(req.env ?? {}).sort(), message: e.message },
+        [actionLine(timestamp(ctx.opts.clock.now()), "SHELL", "EXEC", shown, `REFUSED ${e.code}: ${rec.redact(e.message)}`)],
+      );
+    }
+    throw e;
+  }
+  const runId = req.runId ?? newRunId(false);
+  const env = commandEnv(record, { ...live.dotenv, ...ownEnv });
+  const execBase = {
+    cwd: cwd.inContainer,
+    env,
+    timeoutMs,
+    killGraceMs: limits.killGraceMs,
+    uid: record.uid,
+    gid: record.gid,
+    ...(req.stdin !== undefined ? { stdin: req.stdin.toString("base64") } : {}),
+  };
   checkExecSize({ argv: req.argv ?? ["/bin/sh", "-c", req.command ?? ""], ...execBase });
   const input = req.argv ? { argv: req.argv } : { command: req.command ?? "" };
   let verdict: Verdict = evaluateCommand(ctx.policyFor(live.phasePolicy), input, { extraAllow: ctx.extraAllow });
@@ -252,7 +301,11 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (verdict.decision === "ask") {
     // what will run is the phase's view of the project (src/workspace): an edit in the layer changes the hash
     const viewRoot = live.workspace ? await live.workspace.layer.viewRoot() : record.project;
-    files = await bindFiles(filesRun(input), (rel) => readProjectFile({ project: viewRoot }, rel));
+    // a path the command names is read from where it starts (an approval of `sh x.sh` is not one of `sh sub/x.sh`)
+    const named = cwd.relative ? filesRun(input).map((p) => path.posix.resolve(cwd.inContainer, p)) : filesRun(input);
+    files = await bindFiles(named, (rel) => readProjectFile({ project: viewRoot }, rel));
+    // the directory is part of what a person approves: `ls` approved in the workspace is not `ls` in another directory
+    if (cwd.relative) files.push({ path: `${cwd.inContainer}/`, sha256: null, note: "working directory" });
     const approved = ctx.opts.approvals.approvedFor(id, key);
     if (approved) {
       const used = await ctx.opts.approvals.use(approved.id, files);
@@ -276,6 +329,14 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
 
   // The verdict is on disk, in both records, before anything runs.
   const reasonNote = req.reason ? ` reason=${JSON.stringify(req.reason)}` : "";
+  const ownEnvNames = Object.keys(ownEnv).sort();
+  // where it runs and what it was given, without the values (a variable or stdin may carry a secret)
+  const startNote = [
+    cwd.relative ? ` cwd=${JSON.stringify(cwd.relative)}` : "",
+    ownEnvNames.length ? ` env=${ownEnvNames.join(",")}` : "",
+    stdin ? ` stdin=${stdin.bytes}B sha256:${stdin.sha256.slice(0, 12)}` : "",
+    req.background ? ` background=${runId}` : "",
+  ].join("");
   const approvalNote = approval
     ? ` approval=${approval.id}`
     : grant
@@ -302,10 +363,15 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       requestReason: req.reason ?? null,
       timeoutMs,
       waitApprovalMs: req.waitApprovalMs ?? null,
+      id: runId,
+      cwd: cwd.relative || ".",
+      env: ownEnvNames,
+      stdin,
+      background: req.background === true,
     },
     [
       `[${ts()}] SHELL_EXEC: ${escapeControl(cmd)}`,
-      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}`),
+      actionLine(ts(), "SHELL", "POLICY", cmd, `${verdict.decision.toUpperCase()} ${verdict.ruleId} (${verdict.clause})${approvalNote}${reasonNote}${escapeControl(startNote)}`),
     ],
   );
   if (denial) throw deniedError(denial, cmd, rec);
@@ -341,7 +407,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       const out = await ctx.opts.approvals.waitFor(pending.id, waitMs, abort);
       if (out.kind === "decided" && out.approval.state === "approved") {
         // Judged and bound again, as any retry: the approval is used only if the files it binds are unchanged.
-        return exec(ctx, id, { ...req, waitApprovalMs: undefined }, sink, abort);
+        return exec(ctx, id, { ...req, runId, waitApprovalMs: undefined }, sink, abort);
       }
       if (out.kind === "decided" && out.approval.state === "denied") {
         await countRefusal(ctx, live, verdict, cmd);
@@ -379,6 +445,24 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     throw e;
   }
   const leave = await enterWorkspace(live, verdict, cmd, ts);
+  // listed (and cancellable by id) from here until its result is recorded
+  let channelExecId = 0;
+  const run = new RunHandle(
+    {
+      id: runId,
+      phaseId: id,
+      argv: what.argv?.map((a) => rec.redact(a)) ?? null,
+      command: what.command === null ? null : rec.redact(what.command),
+      cwd: cwd.inContainer,
+      startedAt: ts(),
+      pid: null,
+      background: req.background === true,
+      cancelled: null,
+    },
+    (sig) => channel.signal(channelExecId, sig),
+    limits.killGraceMs,
+  );
+  ctx.runs.add(run);
   const out = new HeadTailText(limits.outputCapBytes);
   const err = new HeadTailText(limits.outputCapBytes);
   const outText = rec.outputStream();
@@ -403,7 +487,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     sink?.stderr(scrubbed);
   };
   const outcomeP = composeCall
-    ? hostCompose(ctx, live, composeCall, { timeoutMs, killGraceMs: limits.killGraceMs, onStdout, onStderr, abort, started: () => sink?.started?.({ pid: 0, rule: { id: verdict.ruleId, clause: verdict.clause } }) })
+    ? hostCompose(ctx, live, composeCall, { timeoutMs, killGraceMs: limits.killGraceMs, onStdout, onStderr, abort, started: () => sink?.started?.({ id: runId, pid: 0, rule: { id: verdict.ruleId, clause: verdict.clause } }) })
     : new Promise<{ exit?: ExitMessage; spawnError?: { code: string; message: string } }>(
     (resolve, reject) => {
       let execId = 0;
@@ -438,7 +522,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
               if (done) return;
               clearTimeout(backstop);
               backstop = setTimeout(giveUp, runFor);
-              sink?.started?.({ pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
+              run.info.pid = pid;
+              sink?.started?.({ id: runId, pid, rule: { id: verdict.ruleId, clause: verdict.clause } });
             },
             onStdout: (c) => {
               if (!done) onStdout(c);
@@ -456,6 +541,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
         return;
       }
       execId = sent;
+      channelExecId = sent;
       sink?.sent?.(sent);
       // A client that goes away (Ctrl-C, a closed pipe, a dropped connection) ends its command.
       if (abort?.aborted) onAbort();
@@ -484,7 +570,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  }).finally(leave);
+  }).finally(() => {
+    ctx.runs.remove(runId);
+    leave();
+  });
   flushHeld();
   const oomAfter = oomBefore === null ? null : (live.resources?.oomKills() ?? null);
   const oomKills = oomBefore !== null && oomAfter !== null && oomAfter > oomBefore ? oomAfter - oomBefore : 0;
@@ -512,8 +601,10 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   if (tests) live.failFast.lastTests = tests;
   const policy = ctx.policyFor(live.phasePolicy).failFast;
   const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
+  // a command cancelled by id was ended by its caller: neither a failed attempt nor a success (fail-fast)
+  const cancelled = run.info.cancelled !== null;
   const category =
-    (exitCode === 0 && !timedOut) || !failFastOn
+    (exitCode === 0 && !timedOut) || !failFastOn || cancelled
       ? null
       : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
@@ -530,7 +621,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
     reached = o.reached;
   }
-  if (failFastOn) {
+  if (failFastOn && !cancelled) {
     const reset = category ? [] : live.failFast.succeed(tool);
     if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
     // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
@@ -542,7 +633,9 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     : [];
   const testsLine = tests ? [`[${ts()}] TESTS: ${tests.passed} passed, ${tests.failures} failed, ${tests.errors} errors, ${tests.skipped} skipped of ${tests.tests}`] : [];
 
-  const resultWord = timedOut
+  const resultWord = run.info.cancelled
+    ? `CANCELLED (${exitCode ?? `signal ${signal}`})`
+    : timedOut
     ? `TIMEOUT after ${timeoutMs} ms`
     : exitCode === 0
       ? "PASS"
@@ -572,6 +665,8 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
       failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
       tests,
       ...(oomKills > 0 ? { oomKills } : {}),
+      id: runId,
+      cancelled: run.info.cancelled,
     },
     [
       `[${ts()}] RETURN_CODE: ${exitCode ?? `signal ${signal}`}${timedOut ? " (timeout)" : ""}`,
@@ -590,6 +685,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
   const esc = reached ? await escalate(ctx, live, reached) : null;
 
   return {
+    id: runId,
     phaseId: id,
     // scrubbed like every other copy: the caller may have passed a secret as an argument
     argv: what.argv?.map((a) => rec.redact(a)) ?? null,
@@ -611,6 +707,7 @@ export async function exec(ctx: PhaseContext, id: string, req: ExecRequest, sink
     failure,
     tests,
     escalation: esc ? { n: esc.n, category: esc.category, report: esc.report, summary: esc.summary } : null,
+    cancelled: run.info.cancelled,
   };
 }
 

@@ -24,10 +24,13 @@ import { SandboxdError } from "../errors.js";
 import { PhaseContext, type ManagerOptions } from "./context.js";
 import { FlowConsumer } from "./flow.js";
 import { exec, type ExecRequest, type ExecResult, type ExecSink } from "./exec.js";
+import { JobTable, type JobOutput, type JobView } from "./jobs.js";
+import type { RunInfo } from "./runs.js";
 import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
 import { abortPhase, pausePhase, recordAttempt, type AttemptInput, type AttemptOutcome } from "./escalation.js";
 import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
+import { detachAll } from "./detach.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
 import { checkpoint, decideIteration, pendingDiff, pendingFiles, readPhaseFile, writePhaseFile } from "./workspace.js";
@@ -40,13 +43,17 @@ export type { StartRequest } from "./lifecycle.js";
 export type { FlowConsumer } from "./flow.js";
 export { BUILD_LOG_NAME } from "./project.js";
 export type { ReconcileReport } from "./reconcile.js";
+export type { JobOutput, JobView } from "./jobs.js";
+export type { RunInfo } from "./runs.js";
 export type { PhaseReport } from "./report.js";
 
 export class PhaseManager {
   private readonly ctx: PhaseContext;
+  private readonly jobs: JobTable;
 
   constructor(opts: ManagerOptions) {
     this.ctx = new PhaseContext(opts);
+    this.jobs = new JobTable(this.ctx);
   }
 
   /* ------------------------------- queries ------------------------------- */
@@ -75,6 +82,16 @@ export class PhaseManager {
   /** SIGTERM: refuse new work, stop every phase, leave nothing running. */
   shutdown(): Promise<void> {
     return shutdown(this.ctx);
+  }
+
+  /**
+   * A planned restart (`sandboxd stop --keep-phases`): commands drain (then
+   * are cancelled), every phase is left running for the next daemon to
+   * re-adopt (detach.ts). Refused, changing nothing, when a phase is not
+   * running. Answers the ids of the phases left running.
+   */
+  detach(drainMs: number): Promise<string[]> {
+    return detachAll(this.ctx, drainMs);
   }
 
   /**
@@ -140,6 +157,68 @@ export class PhaseManager {
 
   exec(id: string, req: ExecRequest, sink?: ExecSink, abort?: AbortSignal): Promise<ExecResult> {
     return exec(this.ctx, id, req, sink, abort);
+  }
+
+  /* ------------------------ running commands, jobs ----------------------- */
+
+  /** The phase's commands running now (foreground and background), by id. */
+  async runs(id: string): Promise<RunInfo[]> {
+    await this.ctx.get(id); // 404 for an unknown phase
+    return this.ctx.runs.of(id);
+  }
+
+  /**
+   * Cancels a running command by id: recorded (`exec.cancel`) before the
+   * signal; SIGTERM to its process group now, SIGKILL after the mode's kill
+   * grace. Its own caller gets its result, with `cancelled`.
+   */
+  async cancel(id: string, runId: string, note?: string): Promise<RunInfo> {
+    this.ctx.assertServing();
+    const run = this.ctx.runs.get(id, runId);
+    const live = this.ctx.phases.get(id);
+    if (!run.info.cancelled && live) {
+      const cmd = live.rec.redact(run.info.argv ? quoteArgv(run.info.argv) : (run.info.command ?? ""));
+      const at = timestamp(this.ctx.opts.clock.now());
+      await live.rec.record({ type: "exec.cancel", id: runId, background: run.info.background, argv: run.info.argv, command: run.info.command, note: note ?? null }, [
+        actionLine(at, "SHELL", "CANCEL", cmd, `${runId} by operator${note ? `: ${note}` : ""}`),
+      ]);
+      run.cancel(at, note ?? null);
+      this.ctx.opts.log.info({ phase: id, run: runId }, "command cancelled");
+    }
+    return { ...run.info };
+  }
+
+  /** Starts a background job: answers once it runs (exec.ts judges and records it as any command). */
+  startJob(id: string, req: ExecRequest): Promise<JobView> {
+    this.ctx.assertServing();
+    return this.jobs.start(id, req);
+  }
+
+  async listJobs(id: string): Promise<JobView[]> {
+    await this.ctx.get(id);
+    return this.jobs.list(id);
+  }
+
+  job(id: string, jobId: string): JobView {
+    return this.jobs.get(id, jobId);
+  }
+
+  jobOutput(id: string, jobId: string): JobOutput {
+    return this.jobs.output(id, jobId);
+  }
+
+  waitJob(id: string, jobId: string, timeoutMs: number, abort?: AbortSignal): Promise<JobView> {
+    return this.jobs.wait(id, jobId, timeoutMs, abort);
+  }
+
+  /** Kills a job (a cancel by its id) and answers once it has ended (at most its kill grace and a few seconds later). */
+  async killJob(id: string, jobId: string, note?: string): Promise<JobView> {
+    const job = this.jobs.get(id, jobId);
+    if (job.state !== "running") return job;
+    await this.cancel(id, jobId, note);
+    const live = this.ctx.phases.get(id);
+    const grace = live ? this.ctx.limitsOf(live).killGraceMs : 2_000;
+    return this.jobs.wait(id, jobId, grace + 10_000);
   }
 
   /**

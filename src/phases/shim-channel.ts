@@ -66,6 +66,8 @@ export class ShimChannel {
   private readonly sockets = new Set<net.Socket>();
   private closed = false;
   private services: Array<{ name: string; port: number }> | null = null;
+  /** what the connected shim said it understands beyond protocol 1 (its hello's features) */
+  private features: readonly string[] = [];
 
   constructor(
     private readonly socketPath: string,
@@ -95,6 +97,11 @@ export class ShimChannel {
 
   get connected(): boolean {
     return this.active !== null;
+  }
+
+  /** The connected shim understands `feature` (e.g. "stdin"): a container of an older image may not. */
+  supports(feature: string): boolean {
+    return this.active !== null && this.features.includes(feature);
   }
 
   get runningExecs(): number {
@@ -298,6 +305,7 @@ export class ShimChannel {
   private adopt(sock: net.Socket, pid: number, features: readonly string[]): void {
     const previous = this.active;
     this.active = sock;
+    this.features = features;
     if (previous) {
       previous.destroy();
       this.failAll(new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} reconnected; running commands were ended`));

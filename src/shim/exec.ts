@@ -3,9 +3,9 @@
  * make sure nothing it started outlives it before `exit` is reported.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { statSync } from "node:fs";
+import { realpathSync, statSync } from "node:fs";
 import { PassThrough, type Readable } from "node:stream";
-import { FrameKind, type ExecMessage, type ShimToDaemon } from "./protocol.js";
+import { FrameKind, SHIM_PATHS, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
 import { Forker, ForkerUnavailable, SpawnFailure, isDeadState, procState } from "./forker.js";
@@ -170,6 +170,10 @@ export class RunningExec {
   private spawn(): void {
     const { msg } = this;
     if (msg.argv[0] === undefined) return this.spawnFailed("EINVAL", "argv is empty");
+    // The daemon checked the cwd in the phase's view; a directory swapped for a
+    // link since then must not take the command out of the workspace.
+    const escaped = escapesWorkspace(msg.cwd);
+    if (escaped) return this.spawnFailed("EXDEV", escaped);
     const cgroups = this.link.cgroups;
     if (cgroups) {
       try {
@@ -181,8 +185,11 @@ export class RunningExec {
     }
     const forker = this.link.forker;
     if (!forker) return this.spawnWithNode();
-    forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid, cgroup: this.cgroup }).then(
-      (c) => this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.lostBehindForker(c.pid, c.forkerPid)])),
+    forker.spawn({ id: msg.execId, argv: msg.argv, env: msg.env, cwd: msg.cwd, uid: msg.uid, gid: msg.gid, cgroup: this.cgroup, stdin: msg.stdin !== undefined }).then(
+      (c) => {
+        this.feedStdin(c.stdin ?? null);
+        this.started(c.pid, c.stdout, c.stderr, Promise.race([c.exited, this.lostBehindForker(c.pid, c.forkerPid)]));
+      },
       (err: Error) => {
         if (err instanceof SpawnFailure) {
           // worded as Node's spawn words it
@@ -219,7 +226,7 @@ export class RunningExec {
         // New session and process group, so the whole command can be signalled
         // at once (Docker has no exec-kill API, which is why the shim does it).
         detached: true,
-        stdio: ["ignore", "pipe", "pipe", "pipe"],
+        stdio: [msg.stdin !== undefined ? "pipe" : "ignore", "pipe", "pipe", "pipe"],
       });
     } catch (err) {
       // Node throws for some errors (EPERM from setuid, bad arguments) and
@@ -239,6 +246,7 @@ export class RunningExec {
       });
       return;
     }
+    this.feedStdin(child.stdin);
     // A live child can still emit 'error' (e.g. a failed child.kill()); without a
     // listener that would crash the shim.
     child.on("error", (err) => log("warn", "child process error", { execId: this.execId, ...errorFields(err) }));
@@ -273,6 +281,17 @@ export class RunningExec {
       // worded as Node's spawn words it
       this.spawnFailed(code, this.explainSpawnError(code, `spawn ${msg.argv[0]} ${code} (${detail})`));
     });
+  }
+
+  /**
+   * Writes the exec's stdin bytes and closes the command's stdin (EOF). A
+   * command that exits without reading them makes the write fail (EPIPE):
+   * that is the command's choice, not an error of the shim.
+   */
+  private feedStdin(stream: NodeJS.WritableStream | null): void {
+    if (!stream) return;
+    (stream as NodeJS.WritableStream & { on(e: "error", f: () => void): unknown }).on("error", () => undefined);
+    stream.end(Buffer.from(this.msg.stdin ?? "", "base64"));
   }
 
   /** The command runs (started by the forker or by Node): report it, stream it, time it. */
@@ -398,9 +417,10 @@ export class RunningExec {
     for (const t of this.timers) clearTimeout(t);
     this.lastOutputAt = Date.now();
     // No background process may outlive its command. With a cgroup, everything
-    // it started is in there, whatever it did to its session or parentage (a
-    // declared background job, not yet an API feature, would keep its cgroup
-    // here instead). Without one, the process-table walk and its known gap.
+    // it started is in there, whatever it did to its session or parentage. A
+    // declared background job (src/phases/jobs.ts) is a command of its own,
+    // with its own cgroup, ended the same way. Without one, the process-table
+    // walk and its known gap.
     const killed = this.cgroup ? await this.cgroup.end() : signalExecProcesses(this.pid!, "SIGKILL", this.known).length;
     if (killed > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed });
     await this.outputClosed();
@@ -430,4 +450,22 @@ export class RunningExec {
   private closeOutput(): void {
     for (const s of this.streams) s.destroy();
   }
+}
+
+/**
+ * Why `cwd` is not acceptable: a directory named inside the workspace whose
+ * real path (links resolved) is outside it. null: fine (or not in the
+ * workspace at all, which only the shim's own tests use; a missing one is
+ * reported by the spawn as ENOENT).
+ */
+export function escapesWorkspace(cwd: string): string | null {
+  const ws = SHIM_PATHS.workspace;
+  if (cwd !== ws && !cwd.startsWith(`${ws}/`)) return null;
+  let real: string;
+  try {
+    real = realpathSync(cwd);
+  } catch {
+    return null;
+  }
+  return real === ws || real.startsWith(`${ws}/`) ? null : `cwd ${cwd} resolves to ${real}, outside ${ws}`;
 }

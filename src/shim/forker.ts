@@ -111,7 +111,8 @@ def start(req, result):
             confine()
         # no uid or gid change here (the forker already runs as the owner), so
         # _posixsubprocess may use vfork: well under a millisecond
-        result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"], stdin=subprocess.DEVNULL,
+        result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"],
+                                       stdin=result["c0"].fileno() if result["c0"] is not None else subprocess.DEVNULL,
                                        stdout=result["c1"].fileno(), stderr=result["c2"].fileno(),
                                        start_new_session=True, restore_signals=True, close_fds=True)
     except BaseException as e:
@@ -144,13 +145,17 @@ def below_supervisor(pid, procs):
                 pass  # gone already
 def run(req):
     i = req["id"]
+    p0 = c0 = None
     try:
         p1, c1 = socket.socketpair()
         p2, c2 = socket.socketpair()
+        if req.get("stdin"):
+            # the shim writes the exec's stdin bytes into p0, then shuts it down (EOF)
+            p0, c0 = socket.socketpair()
     except OSError as e:
         reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socketpair: %s" % e})
         return
-    result = {"c1": c1, "c2": c2}
+    result = {"c0": c0, "c1": c1, "c2": c2}
     try:
         t = threading.Thread(target=start, args=(req, result))
         t.start()
@@ -161,10 +166,14 @@ def run(req):
         result["e"] = OSError(errno.EAGAIN, "no thread to start it (%s)" % e)
     c1.close()
     c2.close()
+    if c0 is not None:
+        c0.close()
     e = result.get("e")
     if e is not None:
         p1.close()
         p2.close()
+        if p0 is not None:
+            p0.close()
         if isinstance(e, OSError) and e.errno:
             reply({"type": "error", "id": i, "code": errno.errorcode.get(e.errno, "ESPAWN"), "message": e.strerror or str(e)})
         else:
@@ -174,6 +183,8 @@ def run(req):
     children[p.pid] = (i, p)
     below_supervisor(p.pid, req.get("procs"))
     try:
+        if p0 is not None:
+            hand_over(i, 0, p0)
         hand_over(i, 1, p1)
         hand_over(i, 2, p2)
     except OSError as e:
@@ -187,6 +198,8 @@ def run(req):
     finally:
         p1.close()
         p2.close()
+        if p0 is not None:
+            p0.close()
     reply({"type": "started", "id": i, "pid": p.pid})
 reply({"type": "ready", "landlock": _abi})
 buf = b""
@@ -240,6 +253,8 @@ export interface ForkRequest {
   gid: number;
   /** the command's own cgroup: the forker is moved into it for the fork */
   cgroup?: CommandCgroup | null;
+  /** the command's stdin is a socket handed to the shim (else /dev/null) */
+  stdin?: boolean;
 }
 
 type Exit = { code: number | null; signal: NodeJS.Signals | null };
@@ -250,6 +265,8 @@ export interface ForkedCommand {
   forkerPid: number;
   stdout: net.Socket;
   stderr: net.Socket;
+  /** the write end of the command's stdin, when the request asked for one */
+  stdin?: net.Socket;
   /** the command's exit, as the forker reaped it */
   exited: Promise<Exit>;
 }
@@ -272,6 +289,7 @@ interface Pending {
   started?: number;
   /** the exit came before the hand-over */
   ended?: boolean;
+  stdin?: net.Socket;
   stdout?: net.Socket;
   stderr?: net.Socket;
   resolve(c: ForkedCommand): void;
@@ -513,16 +531,17 @@ export class Forker {
     const sock = handle as net.Socket | undefined;
     const msg = m as { id?: unknown; kind?: unknown } | null;
     const p = typeof msg?.id === "number" ? this.pending.get(msg.id) : undefined;
-    if (this.child !== child || !sock || !p || (msg!.kind !== 1 && msg!.kind !== 2)) {
+    if (this.child !== child || !sock || !p || (msg!.kind !== 0 && msg!.kind !== 1 && msg!.kind !== 2) || (msg!.kind === 0 && !p.req.stdin)) {
       sock?.destroy();
       return;
     }
-    if ((msg!.kind === 1 && p.stdout) || (msg!.kind === 2 && p.stderr)) {
+    if ((msg!.kind === 0 && p.stdin) || (msg!.kind === 1 && p.stdout) || (msg!.kind === 2 && p.stderr)) {
       sock.destroy(); // the first stream of each kind stands
       return;
     }
     sock.pause();
-    if (msg!.kind === 1) p.stdout = sock;
+    if (msg!.kind === 0) p.stdin = sock;
+    else if (msg!.kind === 1) p.stdout = sock;
     else p.stderr = sock;
     this.complete(msg!.id as number);
   }
@@ -574,6 +593,7 @@ export class Forker {
       } else if (m.type === "error") {
         this.pending.delete(id);
         this.answered(id);
+        p.stdin?.destroy();
         p.stdout?.destroy();
         p.stderr?.destroy();
         const code = typeof m.code === "string" ? m.code : "ESPAWN";
@@ -587,10 +607,10 @@ export class Forker {
   /** Hands the command over once it is started and both its streams are here. */
   private complete(id: number): void {
     const p = this.pending.get(id);
-    if (!p || p.started === undefined || !p.stdout || !p.stderr) return;
+    if (!p || p.started === undefined || !p.stdout || !p.stderr || (p.req.stdin && !p.stdin)) return;
     this.pending.delete(id);
     if (!p.ended) this.running.set(id, (e) => p.onExit(e));
-    p.resolve({ pid: p.started, forkerPid: this.child?.pid ?? 0, stdout: p.stdout, stderr: p.stderr, exited: p.exited });
+    p.resolve({ pid: p.started, forkerPid: this.child?.pid ?? 0, stdout: p.stdout, stderr: p.stderr, ...(p.stdin ? { stdin: p.stdin } : {}), exited: p.exited });
   }
 
   /**
@@ -617,6 +637,7 @@ export class Forker {
     this.queue.length = 0;
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
+      p.stdin?.destroy();
       p.stdout?.destroy();
       p.stderr?.destroy();
       if (p.started !== undefined) {

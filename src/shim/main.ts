@@ -160,14 +160,14 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
-        features: ["owner", "execflow"],
+        features: ["owner", "execflow", "stdin"],
       });
     });
   }
 
   private onFrame(frame: Frame, welcomeTimer: NodeJS.Timeout): void {
     if (frame.kind !== FrameKind.Json) {
-      log("warn", "ignoring an output frame from the daemon (commands have no stdin)", { kind: frame.kind });
+      log("warn", "ignoring an output frame from the daemon (a command's stdin comes in its exec message)", { kind: frame.kind });
       return;
     }
     let json: unknown;

@@ -162,6 +162,10 @@ export class FrameDecoder {
   }
 }
 
+/** At most this many bytes go to a command's stdin: with argv and environment they fit one frame (MAX_FRAME_PAYLOAD). */
+export const MAX_STDIN_BYTES = 512 * 1024;
+const MAX_STDIN_BASE64 = Math.ceil(MAX_STDIN_BYTES / 3) * 4;
+
 const execIdSchema = z.number().int().min(1).max(0xffffffff);
 const signalSchema = z.enum(["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP"]);
 
@@ -181,7 +185,8 @@ export const helloSchema = z
      * still talk to the shims of containers started by an older version:
      * "owner" — a welcome may name the phase owner (forker.ts);
      * "execflow" — it pauses one exec's output on a `flow` message, so a
-     * slow client of one command does not hold up the others.
+     * slow client of one command does not hold up the others;
+     * "stdin" — an exec may carry bytes for the command's stdin.
      */
     features: z.array(z.string().max(32)).max(32).optional(),
   })
@@ -248,6 +253,13 @@ export const execSchema = z
     killGraceMs: z.number().int().nonnegative(),
     uid: z.number().int().nonnegative(),
     gid: z.number().int().nonnegative(),
+    /**
+     * Bytes for the command's stdin, base64 (the shim writes them, then
+     * closes it); absent: stdin is /dev/null. Only to a shim whose hello
+     * lists the "stdin" feature (an older shim's strict schema would drop
+     * the whole message).
+     */
+    stdin: z.string().max(MAX_STDIN_BASE64).regex(/^[A-Za-z0-9+/]*={0,2}$/).optional(),
   })
   .strict();
 

@@ -13,7 +13,8 @@ import { chromium, type Browser, type BrowserContext, type Page } from "playwrig
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { PhaseView } from "../../src/phases/types.js";
 import { spawn } from "node:child_process";
-import { CLI, ROOT, TEST_ENV, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI, ROOT, TEST_ENV, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { readFile } from "node:fs/promises";
 
 const CHROMIUM = "/usr/bin/chromium";
 /** A screenshot for the README is written here when SANDBOXD_CONSOLE_SCREENSHOT=1 (otherwise to a temp dir). */
@@ -31,6 +32,8 @@ let token: string;
 let browser: Browser;
 let project: string;
 let phase: PhaseView;
+/** the phase the iteration and escalation views are tried on */
+let reviewPhase: PhaseView | undefined;
 const dirs: string[] = [];
 
 interface ApiError {
@@ -278,6 +281,68 @@ describe("the console's page", () => {
     expect(again.code).toBe("SBX_ERR_APPROVAL_DENIED");
     expect(again.details!.note).toBe("no listing of odd names");
     expect(await page.evaluate(() => (window as { __pwned?: number }).__pwned)).toBeUndefined();
+    await ctx.close();
+  });
+
+  it("shows a pending iteration with its rule and diff; accepting it in the page applies it to the project", async () => {
+    const p2 = await makeProject();
+    dirs.push(p2);
+    const mk = await writeScript(p2, "import os\nos.makedirs('shared', exist_ok=True)\nopen('shared/new_model.py', 'w').write('X = 1  # <b>bold</b>\\n')");
+    const ph = (await d.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: p2, phase: "9.2 review", mode: "test" })).phase;
+    reviewPhase = ph;
+    const { ctx, page } = await loggedIn();
+    expect((await d.api.request<{ result: { exitCode: number } }>("POST", `/v1/phases/${ph.id}/exec`, { argv: ["python3", mk] })).result.exitCode).toBe(0);
+    const cp = await d.api.request<{ iteration: { n: number; state: string } }>("POST", `/v1/phases/${ph.id}/checkpoint`, { message: "add a <b>shared</b> model" });
+    expect(cp.iteration.state).toBe("pending");
+    const card = page.locator(`#iterations li[data-iteration="${ph.id}/${cp.iteration.n}"]`);
+    await card.waitFor();
+    expect(await card.locator(".message").textContent()).toBe("add a <b>shared</b> model");
+    expect(await card.locator(".failure").first().textContent()).toContain("workspace.protected.shared");
+    await expect.poll(() => card.locator("pre.diff").textContent()).toContain("+X = 1  # <b>bold</b>");
+    expect(await card.locator("pre.diff").textContent()).toContain("shared/new_model.py");
+    expect(await page.locator("#iterations b").count()).toBe(0);
+    expect(await page.locator("#review-count").textContent()).not.toBe("");
+    await card.locator("input.note").fill("reviewed: a new constant");
+    await card.locator("button.accept").click();
+    await card.waitFor({ state: "detached" });
+    const shown = (await d.api.request<{ phase: { workspace: { iterations: Array<{ n: number; state: string }> } } }>("GET", `/v1/phases/${ph.id}`)).phase;
+    expect(shown.workspace.iterations.find((i) => i.n === cp.iteration.n)!.state).toBe("accepted");
+    expect(await readFile(path.join(p2, "shared", "new_model.py"), "utf8")).toBe("X = 1  # <b>bold</b>\n");
+    await ctx.close();
+  });
+
+  it("shows an escalation with its report; resume needs a note; abort ends the phase", async () => {
+    const ph = reviewPhase!;
+    const failThrice = async () => {
+      let last: { escalation: { n: number } | null } | null = null;
+      for (let i = 0; i < 3; i++) last = (await d.api.request<{ result: { escalation: { n: number } | null } }>("POST", `/v1/phases/${ph.id}/exec`, { argv: ["pytest", "-q", "tests/test_broken.py"] })).result;
+      return last!.escalation!;
+    };
+    const first = await failThrice();
+    const { ctx, page } = await loggedIn();
+    const card = page.locator(`#escalations li[data-escalation="${ph.id}/${first.n}"]`);
+    await card.waitFor();
+    await expect.poll(() => card.locator("pre.report").textContent()).toContain("[ESCALATION]");
+    expect(await card.locator(".summary").textContent()).not.toBe("");
+    // the daemon wants a note to resume after an escalation: the page says so, nothing changes
+    await card.locator("button.resume").click();
+    await expect.poll(() => page.locator("#status").textContent()).toContain("SBX_ERR_VALIDATION");
+    expect((await d.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${ph.id}`)).phase.state).toBe("escalated");
+    await card.locator("input.note").fill("fixture data was stale; refreshed");
+    await card.locator("button.resume").click();
+    await card.waitFor({ state: "detached" });
+    expect((await d.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${ph.id}`)).phase.state).toBe("running");
+
+    const second = await failThrice();
+    const card2 = page.locator(`#escalations li[data-escalation="${ph.id}/${second.n}"]`);
+    await card2.waitFor();
+    await card2.locator("input.note").fill("giving up on this phase");
+    await card2.locator("button.abort").click();
+    await card2.waitFor({ state: "detached" });
+    // the abort ends the phase (its container goes): answered once it has begun
+    await expect.poll(async () => (await d.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${ph.id}`)).phase.state, { timeout: 60_000 }).toBe("failed");
+    const ended = (await d.api.request<{ phase: PhaseView }>("GET", `/v1/phases/${ph.id}`)).phase;
+    expect(ended.endReason).toContain("giving up on this phase");
     await ctx.close();
   });
 

@@ -674,6 +674,20 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     expect(ofThisExec.at(-1)).toMatchObject({ type: "message", message: { type: "exit" } });
   });
 
+  it("writes an exec's stdin bytes to the command, then EOF; without them stdin is /dev/null", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    const bytes = Buffer.concat([Buffer.from([0, 255, 10]), Buffer.alloc(300_000, 97)]);
+    const fed = await run(conn, { argv: ["sh", "-c", "wc -c; echo end"], stdin: bytes.toString("base64") });
+    expect(fed.stdout.toString()).toBe(`${bytes.length}\nend\n`);
+    expect(fed.exit).toMatchObject({ exitCode: 0 });
+    const none = await run(conn, { argv: ["sh", "-c", "wc -c"] });
+    expect(none.stdout.toString()).toBe("0\n");
+    // a command that does not read its stdin still ends normally
+    const ignored = await run(conn, { argv: ["sh", "-c", "exit 0"], stdin: bytes.toString("base64") });
+    expect(ignored.exit).toMatchObject({ exitCode: 0 });
+  });
+
   it("reports a non-zero exit code", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);

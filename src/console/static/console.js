@@ -107,7 +107,7 @@ async function refreshPhases() {
   const { phases } = await api("GET", "/v1/phases");
   state.phases = phases;
   const showEnded = $("show-ended").checked;
-  const live = new Set(["starting", "running", "stopping"]);
+  const live = new Set(["starting", "running", "stopping", "escalated", "paused"]);
   const rows = phases
     .filter((p) => showEnded || live.has(p.state) || p.id === state.selected)
     .reverse()
@@ -301,6 +301,110 @@ async function refreshApprovals() {
   $("approvals-empty").hidden = approvals.length > 0;
 }
 
+// ── iterations and escalations ───────────────────────────────────────────
+
+const reviews = new Map();
+
+/** A card built once (a note being typed survives refreshes), removed when its subject is no longer waiting. */
+function keepCards(list, wanted) {
+  for (const [key, li] of reviews) {
+    if (li.parentElement === list && !wanted.has(key)) {
+      li.remove();
+      reviews.delete(key);
+    }
+  }
+  for (const [key, make] of wanted) {
+    if (!reviews.has(key)) {
+      const li = make();
+      reviews.set(key, li);
+      list.append(li);
+    }
+  }
+}
+
+/** A pending iteration (docs/WORKSPACE.md): its changes, why it waits, the diff, accept or reject with a note. */
+function iterationCard(p, it) {
+  const note = el("input", { class: "note", placeholder: "note (optional, recorded in the audit trail)", maxlength: "2000" });
+  const diff = el("pre", { class: "out diff", text: "loading the diff…" });
+  api("GET", `/v1/phases/${p.id}/diff`)
+    .then((d) => (diff.textContent = visible(excerpt(d.diff || "(no textual difference)", 20000))))
+    .catch((e) => (diff.textContent = visibleLine(e.message)));
+  const decide = (decision) => async () => {
+    say(`${decision === "accept" ? "accepting" : "rejecting"} iteration ${it.n} of ${p.id}…`);
+    try {
+      await api("POST", `/v1/phases/${p.id}/iterations/${it.n}/${decision}`, note.value ? { note: note.value } : {});
+      say("");
+    } catch (e) {
+      say(e.message);
+    }
+    await tick();
+  };
+  return el(
+    "li",
+    { data: { iteration: `${p.id}/${it.n}` } },
+    el("div", {}, el("strong", { text: `iteration ${it.n}` }), el("span", { class: "muted", text: ` · phase ${visibleLine(p.name)} ${p.id} · ${visibleLine(it.trigger ?? "")}${it.at ? ` · waiting ${age(it.at)}` : ""}` })),
+    el("div", { class: "message", text: visibleLine(it.message ?? "") }),
+    ...(it.failures ?? []).map((f) => el("div", { class: "failure" }, el("strong", { text: visibleLine(f.rule) }), el("span", { class: "muted", text: ` ${f.path ? `${visibleLine(f.path)}: ` : ""}${visibleLine(f.message)} — ${visibleLine(f.clause ?? "")}` }))),
+    (it.changes ?? []).length ? el("div", { class: "files muted mono", text: `changes: ${it.changes.map((c) => `${c.kind} ${visibleLine(c.path)}`).join(", ")}` }) : null,
+    diff,
+    el(
+      "div",
+      { class: "actions" },
+      note,
+      el("button", { type: "button", class: "accept", text: "Accept", onclick: decide("accept") }),
+      el("button", { type: "button", class: "reject", text: "Reject", onclick: decide("reject") }),
+    ),
+  );
+}
+
+/** An open escalation (SKILLS.md Human Escalation Log): the report's text; resume (a note is required) or abort. */
+function escalationCard(e) {
+  const note = el("input", { class: "note", placeholder: "note (required to resume; recorded in the audit trail)", maxlength: "2000" });
+  const report = el("pre", { class: "out report", text: "loading the report…" });
+  api("GET", `/v1/phases/${e.phase}/escalation`)
+    .then((r) => (report.textContent = visible(excerpt(r.text ?? "(the report could not be read)", 20000))))
+    .catch((err) => (report.textContent = visibleLine(err.message)));
+  const act = (what) => async () => {
+    say(`${what === "resume" ? "resuming" : "aborting"} ${e.phase}…`);
+    try {
+      await api("POST", `/v1/phases/${e.phase}/${what}`, note.value ? { note: note.value } : {});
+      say("");
+    } catch (err) {
+      say(err.message);
+    }
+    await tick();
+  };
+  return el(
+    "li",
+    { data: { escalation: `${e.phase}/${e.n}` } },
+    el("div", {}, el("strong", { text: `escalation ${e.n}: ${visibleLine(e.category ?? "")}` }), el("span", { class: "muted", text: ` · phase ${visibleLine(e.name)} ${e.phase} · waiting ${age(e.at)}` })),
+    el("div", { class: "summary", text: visibleLine(e.summary ?? "") }),
+    report,
+    el(
+      "div",
+      { class: "actions" },
+      note,
+      el("button", { type: "button", class: "resume", text: "Resume", onclick: act("resume") }),
+      el("button", { type: "button", class: "abort", text: "Abort", onclick: act("abort") }),
+    ),
+  );
+}
+
+async function refreshReviews() {
+  const wantedIt = new Map();
+  for (const p of state.phases) {
+    if (p.state !== "running") continue;
+    for (const it of p.workspace?.iterations ?? []) if (it.state === "pending") wantedIt.set(`it:${p.id}:${it.n}`, () => iterationCard(p, it));
+  }
+  keepCards($("iterations"), wantedIt);
+  const { escalations } = await api("GET", "/v1/escalations");
+  const wantedEsc = new Map(escalations.map((e) => [`esc:${e.phase}:${e.n}`, () => escalationCard(e)]));
+  keepCards($("escalations"), wantedEsc);
+  const n = wantedIt.size + wantedEsc.size;
+  $("review-count").textContent = n ? String(n) : "";
+  $("review-empty").hidden = n > 0;
+}
+
 // ── start ────────────────────────────────────────────────────────────────
 
 $("logout").addEventListener("click", async () => {
@@ -312,6 +416,7 @@ async function tick() {
   try {
     await refreshPhases();
     await refreshApprovals();
+    await refreshReviews();
   } catch (e) {
     say(e.message);
   }
