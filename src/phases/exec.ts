@@ -14,6 +14,7 @@ import type { PhaseMode } from "../domain.js";
 import { PARSE_RULE_ID, TIMEOUT_CEILING_MS, evaluateCommand, judgeTimeout, type Verdict } from "../policy/index.js";
 import { seconds } from "../policy/timeout.js";
 import { compileWorkspace, protects } from "../policy/workspace.js";
+import { pipArgs, pipRunArgv } from "../workspace/packages.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
@@ -440,7 +441,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   // pytest is asked for a JUnit report in the container's /tmp, read back after it ends (junit.ts)
   const failFastOn = ctx.opts.failFast !== false;
   const junit = failFastOn && isPytest(verdict.execArgv) ? junitPathFor() : null;
-  const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
+  // a pip command runs as the image's pip, and runs alone: what it writes on the package disk is kept for the project's next phases (src/workspace/packages.ts)
+  const pip = req.argv && verdict.parts.length === 1 && !composeCall ? pipArgs(verdict.execArgv) : null;
+  const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : pip ? pipRunArgv(pip) : verdict.execArgv;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
     await rec
@@ -456,7 +459,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     await recordError(e);
     throw e;
   }
-  const leave = await enterWorkspace(live, verdict, cmd, ts);
+  const leave = await enterWorkspace(live, verdict, cmd, ts, pip !== null);
+  // the kernel's clock, as the package disk's ctimes; a little early, as the kernel's coarse clock may lag
+  const pipSinceNs = pip ? BigInt(Date.now() - 50) * 1_000_000n : null;
   // listed (and cancellable by id) from here until its result is recorded
   let channelExecId = 0;
   const run = new RunHandle(
@@ -582,8 +587,12 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  }).finally(() => {
+  }).finally(async () => {
     ctx.runs.remove(runId);
+    // before the gate opens again: what the pip command wrote is noted while nothing else of the phase runs
+    if (pipSinceNs !== null) {
+      await ctx.packages.notePip(record.project, pipSinceNs).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "could not note what pip installed"));
+    }
     leave();
   });
   flushHeld();
@@ -829,12 +838,12 @@ function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
  * command does not run); then the command holds the phase's gate, so no
  * checkpoint remounts the view under it. Returns the gate's release.
  */
-async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string, alone = false): Promise<() => void> {
   const ws = live.workspace;
   if (!ws) return () => undefined;
   try {
     await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
-    const leave = await ws.gate.enter();
+    const leave = alone ? await ws.gate.alone() : await ws.gate.enter();
     try {
       ws.assertNotPending();
     } catch (e) {
