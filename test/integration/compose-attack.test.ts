@@ -138,7 +138,7 @@ describe("docker-compose attacks from inside a phase", () => {
       const probe = await writeScript(
         project,
         [
-          "for rel in ('docker-compose.override.yml', '.env'):",
+          "for rel in ('docker-compose.override.yml', 'compose.yaml', '.env'):",
           "    try:",
           "        open('/workspace/' + rel, 'w').write('x')",
           "        print(rel, 'written')",
@@ -154,6 +154,8 @@ describe("docker-compose attacks from inside a phase", () => {
       expect(JSON.stringify(iter)).toMatch(/workspace\.protected\.(compose|credentials)/);
       await expect(readFile(path.join(project, "docker-compose.override.yml"), "utf8")).rejects.toThrow();
       await expect(readFile(path.join(project, ".env"), "utf8")).rejects.toThrow();
+      // (compose.yaml would come before docker-compose.yml in compose's order of preference)
+      await expect(readFile(path.join(project, "compose.yaml"), "utf8")).rejects.toThrow();
     } finally {
       await t.api.request("DELETE", `/v1/phases/${p.id}`);
     }
