@@ -1146,6 +1146,17 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
         `${anchorFile} names signing key ${signed.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
       );
     }
+    if (signed.key !== signer.fingerprint) {
+      // signed by a key this one replaced: it must still have been the key in force at that seq (a retired key, perhaps
+      // stolen, signs nothing written after its successor was recorded). Read only on the first start after a rotation.
+      const inForce = await lastSigningKeyUpTo(jfs, fd, file, signed.seq);
+      if (inForce !== null && inForce.fingerprint !== signed.key) {
+        throw new SandboxdError(
+          "SBX_ERR_AUDIT_CORRUPT",
+          `${anchorFile} is signed at seq ${signed.seq} with retired key ${signed.key}, but the key in force there is ${inForce.fingerprint} (recorded at seq ${inForce.seq}): records written after the rotation were signed with the old key; run \`sandboxd audit verify\``,
+        );
+      }
+    }
     return;
   }
   if (lastSeq === 0) return;
@@ -1218,6 +1229,27 @@ async function scanLines(jfs: JournalFs, fd: number, file: string, visit: (line:
   } catch (e) {
     throw auditFailed("read", file, e);
   }
+}
+
+/** The last `audit.signing_key` record at or before `seq`, or null. */
+async function lastSigningKeyUpTo(jfs: JournalFs, fd: number, file: string, seq: number): Promise<{ seq: number; fingerprint: string } | null> {
+  const needle = Buffer.from('"type":"audit.signing_key"');
+  let found: { seq: number; fingerprint: string } | null = null;
+  let line = 0;
+  await scanLines(jfs, fd, file, (bytes) => {
+    line += 1;
+    if (line > seq) return false;
+    if (bytes.includes(needle)) {
+      try {
+        const rec = JSON.parse(bytes.toString("utf8")) as { type?: unknown; seq?: unknown; fingerprint?: unknown };
+        if (rec.type === "audit.signing_key" && typeof rec.seq === "number" && typeof rec.fingerprint === "string") found = { seq: rec.seq, fingerprint: rec.fingerprint };
+      } catch {
+        /* a bad line is `audit verify`'s to report */
+      }
+    }
+    return true;
+  });
+  return found;
 }
 
 /** seq of the first `audit.signing_key` record in the journal, or null. */

@@ -231,6 +231,15 @@ export class ChainChecker {
         after(signed),
       );
     }
+    // A rotation retires a key: only the key in force at the signed seq (the last one recorded at or before it) signs
+    // there. Else an old key — stolen, the reason to rotate — could sign a rewrite of what came after its successor.
+    const inForce = this.keys.filter((k) => k.seq <= signed.seq).at(-1);
+    if (inForce && inForce.fingerprint !== signed.key) {
+      return this.fail(
+        `the anchor at seq ${signed.seq} is signed with key ${signed.key}, but the key in force there is ${inForce.fingerprint} (recorded at seq ${inForce.seq}): a retired key signed records written after it was replaced (was it stolen?)`,
+        after(signed),
+      );
+    }
     if (!verifyAnchorSignature(signed, signed.sig, key)) {
       return this.fail(
         `the anchor's signature over seq ${signed.seq} does not verify with key ${signed.key}: the records up to seq ${signed.seq} (or the anchor) were changed after it was signed`,

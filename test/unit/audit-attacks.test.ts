@@ -189,6 +189,44 @@ describe("the anchor removed", () => {
   });
 });
 
+describe("key rotation abused", () => {
+  it("a retired key (stolen: the reason to rotate) signs a rewrite of what came after its successor: verify and the next open refuse", async () => {
+    const oldKey = AnchorSigner.ephemeral();
+    const newKey = AnchorSigner.ephemeral([oldKey]);
+    const j1 = await open(state, oldKey, undefined);
+    await j1.append({ type: "before rotation" });
+    await j1.close();
+    const j2 = await open(state, newKey, undefined);
+    await j2.append({ type: "shell.exec", argv: ["pytest"] });
+    await j2.close();
+    const recs = (await lines()).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const newKeyAt = recs.find((r) => r.fingerprint === newKey.fingerprint)!.seq as number;
+    // the thief rewrites a record after the rotation and signs the head with the old key, which the trail does record
+    const i = recs.length - 1;
+    recs[i] = { ...recs[i]!, argv: ["echo", "nothing to see"] };
+    rechain(recs, i);
+    await writeFile(path.join(state, JOURNAL_FILE), recs.map((r) => canonicalJson(r as never)).join("\n") + "\n");
+    const head = { seq: recs[i]!.seq as number, hash: recs[i]!.hash as string };
+    await writeFile(path.join(state, ANCHOR_FILE), anchorBytes({ ...head, signed: { ...head, key: oldKey.fingerprint, sig: oldKey.signSync(head) } }));
+    expect(await verifyJournal(state, { pinned: [oldKey.fingerprint, newKey.fingerprint] })).toMatchObject({
+      ok: false,
+      reason: expect.stringMatching(`the anchor at seq ${head.seq} is signed with key ${oldKey.fingerprint}, but the key in force there is ${newKey.fingerprint} \\(recorded at seq ${newKeyAt}\\): a retired key signed records written after it was replaced`),
+    });
+    await expect(open(state, newKey, undefined)).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_CORRUPT", message: expect.stringMatching(`signed at seq ${head.seq} with retired key ${oldKey.fingerprint}, but the key in force there is ${newKey.fingerprint}`) });
+  });
+
+  it("the first start after a genuine rotation still opens: the anchor signed by the old key is before the new key's record", async () => {
+    const oldKey = AnchorSigner.ephemeral();
+    const newKey = AnchorSigner.ephemeral([oldKey]);
+    const j1 = await open(state, oldKey);
+    await j1.append({ type: "x" });
+    await j1.close();
+    const j2 = await open(state, newKey);
+    await j2.close();
+    expect(await verifyJournal(state, { pinned: [oldKey.fingerprint, newKey.fingerprint], checkpoints: await witnessCheckpoint() })).toMatchObject({ ok: true, signature: { key: newKey.fingerprint } });
+  });
+});
+
 describe("symlinks in the state dir", () => {
   it("audit.anchor as a link to a file elsewhere: the daemon refuses to open it and writes nothing through it", async () => {
     await trail(1);
