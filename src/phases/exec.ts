@@ -613,14 +613,20 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     timedOut = exit.timedOut;
   }
 
-  // pytest's report, whenever a pytest ran in the command (its counts are the phase report's)
+  // pytest's report, whenever a pytest ran in the command
   const report = junit ? await readJunit(ctx, live, junit) : null;
   const tests = report?.counts ?? null;
-  if (tests) live.failFast.lastTests = tests;
   const policy = ctx.policyFor(live.phasePolicy).failFast;
   const partArgv = verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv;
-  // a report found: pytest ran, whatever the argv said (a script, pytest.main(), a command string)
-  const tool = report ? "pytest" : toolOf(partArgv);
+  const argvTool = toolOf(partArgv);
+  // A report is evidence against the command wherever it was found (a pytest inside a script,
+  // pytest.main(), a command string): a report found means pytest ran. It is evidence FOR the
+  // agent (a pass that resets counters, the phase report's counts, validation) only from a
+  // pytest the daemon started itself: any command can write a green report at the path it
+  // was given (it is in its environment).
+  const tool = report ? "pytest" : argvTool;
+  const ownReport = argvTool === "pytest" ? report : null;
+  if (ownReport) live.failFast.lastTests = ownReport.counts;
   // a command cancelled by id was ended by its caller: neither a failed attempt nor a success (fail-fast)
   const cancelled = run.info.cancelled !== null;
   // read also when it exited 0: the exit code is the agent's to choose, pytest's report is not (categorize.ts hiddenFailure)
@@ -645,9 +651,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   }
   let reset: FailureCategory[] = [];
   if (failFastOn && !cancelled) {
-    reset = category ? [] : live.failFast.succeedExec({ source: tool, action: cmd, tests: report });
-    // pytest passes validation only with a report that says so (not `pytest --version`)
-    if (VALIDATION_TOOLS.has(tool) && (tool !== "pytest" || tests || failure)) live.failFast.validation.set(tool, failure === null);
+    reset = category ? [] : live.failFast.succeedExec({ source: argvTool, action: cmd, tests: ownReport });
+    // pytest passes validation only with its own report saying so (not `pytest --version`, not a script's)
+    if (VALIDATION_TOOLS.has(tool) && (tool !== "pytest" || failure || ownReport)) live.failFast.validation.set(tool, failure === null);
     // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
     if (failure?.counted || reset.length > 0 || tests || VALIDATION_TOOLS.has(tool)) await persistFailFast(ctx, live);
   }

@@ -137,6 +137,64 @@ describe("fail-fast attacked from inside the sandbox", () => {
     expect(rs.filter((x) => x.category === "test").map((x) => (x.tests as { failures: number }).failures)).toEqual([1, 1, 1]);
   }, 180_000);
 
+  it("a green report forged by a script at the path in its environment resets nothing and is not the phase's test result", async () => {
+    const { phase, project } = await start("atk.4b");
+    const broken = ["pytest", "-q", "tests/test_broken.py"];
+    expect((await exec(phase.id, broken)).failure?.count).toBe(1);
+    const forge = await writeScript(
+      project,
+      [
+        "import os",
+        "path = os.environ['PYTEST_ADDOPTS'].split('=', 1)[1]",
+        "open(path, 'w').write('<testsuites><testsuite tests=\"2\" failures=\"0\" errors=\"0\" skipped=\"0\">'",
+        "    '<testcase classname=\"tests.test_broken\" name=\"test_broken\"/><testcase classname=\"tests.test_calc\" name=\"test_add\"/></testsuite></testsuites>')",
+        "print(path)",
+      ].join("\n"),
+    );
+    const f = await exec(phase.id, ["python3", forge]);
+    expect(f.exitCode).toBe(0);
+    expect(f.stdout).toMatch(/^\/tmp\/\.sandboxd-junit-[0-9a-f]{24}\.xml$/m);
+    expect(f.failure).toBeNull();
+    expect((await results(phase.id)).at(-1)!.failFast).toEqual({ reset: [] });
+    expect((await exec(phase.id, broken)).failure?.count).toBe(2);
+    // the phase's test result is pytest's own last report, not the forged one
+    const rep = (await t.api.request<{ report: { tests: { failures: number } | null; validation: { status: string } } }>("GET", `/v1/phases/${phase.id}/report`)).report;
+    expect(rep.tests).toMatchObject({ failures: 1 });
+    expect(rep.validation.status).not.toBe("PASS");
+  }, 180_000);
+
+  it("commands racing the escalation: none hangs, none starts on a frozen shim; each ends with its result or SBX_ERR_PHASE_ESCALATED, recorded", async () => {
+    const { phase, project } = await start("atk.8");
+    const broken = ["pytest", "-q", "tests/test_broken.py"];
+    await exec(phase.id, broken);
+    await exec(phase.id, broken);
+    const nap = await writeScript(project, "import time\ntime.sleep(0.3)\nprint('slept')");
+    const t0 = Date.now();
+    const racers = Array.from({ length: 8 }, () =>
+      run(phase.id, { argv: ["python3", nap] }, 60_000).then(
+        (r) => ({ ok: r.exitCode }),
+        (e: SandboxdError) => ({ code: e.code }),
+      ),
+    );
+    const third = exec(phase.id, broken);
+    const settled = await Promise.all(racers);
+    expect((await third).escalation).toMatchObject({ category: "test" });
+    expect(Date.now() - t0).toBeLessThan(20_000);
+    for (const s of settled) {
+      if ("code" in s) expect(s.code).toBe("SBX_ERR_PHASE_ESCALATED");
+      else expect(s.ok).toBe(0);
+    }
+    // while escalated, a background job is refused too
+    const job = await t.api.request("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", nap], background: true }).then(() => null, (e: SandboxdError) => e);
+    expect(job?.code).toBe("SBX_ERR_PHASE_ESCALATED");
+    // every allowed verdict has its result or its error on record
+    const recs = await audit(phase.id);
+    const verdicts = recs.filter((r) => r.type === "exec.verdict" && r.decision === "allow").map((r) => r.id);
+    const ends = new Set(recs.filter((r) => r.type === "exec.result" || r.type === "exec.error").map((r) => r.id));
+    for (const v of verdicts) expect(ends.has(v), String(v)).toBe(true);
+    expect(recs.filter((r) => r.type === "exec.error").every((r) => r.code === "SBX_ERR_PHASE_ESCALATED")).toBe(true);
+  }, 180_000);
+
   it("a Python program whose error output is thrown away is still a runtime failure, counted", async () => {
     const { phase, project } = await start("atk.5");
     const crash = await writeScript(project, "raise ValueError('bad candle')");
