@@ -5,11 +5,13 @@
  * failure, or to go on running while the phase is escalated. Each test
  * asserts the outcome and its audit record.
  */
+import { readFile, writeFile } from "node:fs/promises";
+import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SandboxdError } from "../../src/errors.js";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { ROOT, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const projects: string[] = [];
@@ -26,10 +28,10 @@ afterAll(async () => {
   for (const p of projects) await removeDir(p);
 });
 
-async function start(name: string): Promise<{ phase: PhaseView; project: string }> {
+async function start(name: string, policy?: string): Promise<{ phase: PhaseView; project: string }> {
   const project = await makeProject();
   projects.push(project);
-  const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: name, mode: "test" });
+  const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: name, mode: "test", ...(policy ? { policy } : {}) });
   started.push(phase.id);
   return { phase, project };
 }
@@ -269,4 +271,31 @@ describe("fail-fast attacked from inside the sandbox", () => {
     // the count survives whatever the agent tried
     expect((await exec(phase.id, ["pytest", "-q", "tests/test_broken.py"])).failure?.count).toBe(2);
   }, 180_000);
+
+  it("memory let go for a moment in every sustain window (a dip at every few samples) still escalates", async () => {
+    let text = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+    text = text.replace(/^( {4}memoryEscalateBytes:) 1GiB/m, "$1 300MiB").replace(/^( {4}memorySustainMs:) 30s/m, "$1 6s");
+    const dir = await tempDir("ffa-policy");
+    projects.push(dir);
+    await writeFile(path.join(dir, "policy.yaml"), text);
+    const { phase, project } = await start("atk.9", path.join(dir, "policy.yaml"));
+    // 400 MiB held for 2.5 s, let go for 1.2 s, again: before, no 6 s window was ever whole
+    const hog = await writeScript(
+      project,
+      "import time\nend = time.time() + 40\nwhile time.time() < end:\n    x = bytearray(400 * 1024 * 1024)\n    for i in range(0, len(x), 4096):\n        x[i] = 1\n    time.sleep(2.5)\n    del x\n    time.sleep(1.2)\n",
+    );
+    const t0 = Date.now();
+    const out = await run(phase.id, { argv: ["python3", hog] }, 60_000).then(
+      (r) => ({ r }),
+      (e: SandboxdError) => ({ e }),
+    );
+    expect(Date.now() - t0).toBeLessThan(25_000);
+    expect("e" in out && out.e.code).toBe("SBX_ERR_PHASE_ESCALATED");
+    const v = await view(phase.id);
+    expect(v.state).toBe("escalated");
+    expect(v.escalations!.at(-1)).toMatchObject({ category: "memory" });
+    const esc = (await audit(phase.id)).find((r) => r.type === "phase.escalated")!;
+    expect(esc).toMatchObject({ scope: "memory" });
+    expect((esc.memory as { overMs: number }).overMs).toBeGreaterThanOrEqual(6_000);
+  }, 120_000);
 });
