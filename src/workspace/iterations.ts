@@ -118,7 +118,10 @@ const stateSchema = z.object({
  * copies the production credentials through it; a later write or a harness's
  * PUT through it reaches `.git/hooks`). Its target is judged lexically, so a
  * target that passes through a link (whose destination the judge would have
- * to follow) is refused too.
+ * to follow) is refused too, and so is a target with `..` after a name
+ * (`L/../../x`): the kernel takes that `..` from where `L` leads, so the text
+ * and the destination part ways (tested: `a/b/c/d/e/m -> L/../L/../../../../etc/passwd`
+ * with two `L -> ..` links read as `a/b/etc/passwd` and was the host's /etc/passwd).
  */
 export async function layerFailures(
   set: ChangeSet,
@@ -134,6 +137,16 @@ export async function layerFailures(
     if (target !== undefined) {
       const refuse = (why: string) =>
         out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, ${why}; make it a file or a link within the project`, decision: "reject", final: true });
+      // `..` after a name goes up from wherever that name leads (a link `L -> ..`
+      // makes `L/../..` two levels above what the text says): judged lexically,
+      // such a target could look inside and reach the host's /etc. Only leading
+      // `..` are taken; they climb the link's own folders, real ones (apply checks).
+      const segs = target.split("/");
+      const ups = segs.findIndex((x) => x !== "..");
+      if (ups >= 0 && segs.slice(ups).includes("..")) {
+        refuse("whose `..` follows a name (the kernel applies it to where that name leads, not to the folder the text shows); write it as ../…/name");
+        continue;
+      }
       const norm = path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target));
       if (path.isAbsolute(target) || norm === ".." || norm.startsWith("../")) {
         refuse("outside the project");

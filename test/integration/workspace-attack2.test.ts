@@ -144,6 +144,21 @@ describe("holes found, fixed", () => {
     await okIteration();
   });
 
+  it("a link whose `..` follows another link is refused (workspace.symlink); lexically inside, it led to the host's /etc/passwd", async () => {
+    await py("import os\nos.makedirs('/workspace/a/b/c/d/e')\nos.symlink('..', '/workspace/a/b/c/d/e/L')\nos.symlink('..', '/workspace/a/b/c/L')");
+    expect((await checkpoint("folder links")).iteration?.state).toBe("accepted");
+    // from a/b/c/d/e, each `L/..` climbs two folders where the text climbs none: / in the sandbox, and / on the host for a project two levels deep (/tmp/sbx-proj-*)
+    const r = await py("import os\nos.symlink('L/../L/../../../../etc/passwd', '/workspace/a/b/c/d/e/m')\nprint(os.path.realpath('/workspace/a/b/c/d/e/m'))");
+    expect(r.stdout.trim()).toBe("/etc/passwd");
+    const c = await checkpoint("escape");
+    expect(c.iteration?.state).toBe("rejected");
+    expect(c.iteration?.failures).toContainEqual(expect.objectContaining({ rule: "workspace.symlink", path: "a/b/c/d/e/m", final: true }));
+    expect(await exists(path.join(project, "a", "b", "c", "d", "e", "m"))).toBe(false);
+    expect((await iterationRecord(c.iteration!.n)).rec.failures).toContainEqual(expect.objectContaining({ rule: "workspace.symlink", path: "a/b/c/d/e/m" }));
+    expect(await buildLog()).toMatch(/\[FILE\] \[CREATE\] \[a\/b\/c\/d\/e\/m\] \[REFUSED workspace\.symlink\]/);
+    await okIteration();
+  });
+
   it("a set-user-ID or set-group-ID file is refused (workspace.setuid); the project never gets the bit", async () => {
     const calc = path.join(project, "services", "calc.py");
     const mode = (await stat(calc)).mode & 0o7777;
