@@ -42,6 +42,8 @@ export const MAX_CHANGE_PATH_BYTES = 1024;
 export interface ChangeSetLimits {
   /** paths over MAX_CHANGE_PATH_BYTES (a few, cut to the cap), not descended into */
   tooLong: string[];
+  /** names that are not UTF-8 (a few, shown with U+FFFD): no string names them, so they are not read */
+  notUtf8: string[];
   /** the walk stopped at MAX_CHANGES: there were more */
   truncated: boolean;
 }

@@ -436,7 +436,8 @@ export class PhaseWorkspace {
     return this.gate.exclusive(async () => {
       this.assertNotPending();
       const set = await this.layer.changes();
-      if (set.changes.length === 0) return { iteration: null };
+      // a layer read only in part (limits) is an iteration even with nothing listed: it is refused, and so emptied
+      if (set.changes.length === 0 && !set.limits) return { iteration: null };
       const links = new Map<string, string>();
       for (const c of set.changes) {
         if (c.kind === "delete" || c.isDir) continue;

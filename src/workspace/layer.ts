@@ -436,7 +436,8 @@ export class WorkspaceLayer {
     const w = new UpperWalk(this.paths.upper, this.spec.project, new Set(this.spec.hidden));
     await w.walk("", true);
     const changes = await pairRenames(w.out, this.paths.upper, this.spec.project, this.upperDev);
-    return w.tooLong.length > 0 || w.truncated ? { changes, limits: { tooLong: w.tooLong, truncated: w.truncated } } : { changes };
+    const limits = { tooLong: w.tooLong, notUtf8: w.notUtf8, truncated: w.truncated };
+    return w.tooLong.length > 0 || w.notUtf8.length > 0 || w.truncated ? { changes, limits } : { changes };
   }
 
   /**
@@ -524,6 +525,8 @@ class UpperWalk {
   readonly tooLong: string[] = [];
   /** stopped at MAX_CHANGES */
   truncated = false;
+  /** names that are not UTF-8 (a few), shown with U+FFFD, not read */
+  readonly notUtf8: string[] = [];
   constructor(
     private readonly upper: string,
     private readonly lower: string,
@@ -533,7 +536,7 @@ class UpperWalk {
   /** `lowerVisible`: the lower at this folder still shows through (not a new or opaque folder). */
   async walk(rel: string, lowerVisible: boolean): Promise<void> {
     const dir = path.join(this.upper, rel);
-    const names = (await readdir(dir)).sort();
+    const names = await this.names(dir, rel);
     for (const name of names) {
       const r = rel ? `${rel}/${name}` : name;
       const up = await lstat(path.join(dir, name));
@@ -563,8 +566,8 @@ class UpperWalk {
         const opaque = (await xattr(path.join(dir, name), "trusted.overlay.opaque")) === "y";
         if (opaque) {
           // removed and made again: what the lower had and the upper lacks is gone
-          const inUpper = new Set(await readdir(path.join(dir, name)));
-          for (const child of (await readdir(path.join(this.lower, r))).sort()) {
+          const inUpper = new Set(await this.names(path.join(dir, name), r));
+          for (const child of await this.names(path.join(this.lower, r), r)) {
             if (inUpper.has(child)) continue;
             const cst = await lstat(path.join(this.lower, r, child));
             await this.deleted(`${r}/${child}`, cst.isDirectory());
@@ -599,6 +602,21 @@ class UpperWalk {
     }
   }
 
+  /**
+   * A folder's entries, sorted. A name that is not UTF-8 (`b'\xff.py'`) has
+   * no string that names it — Node would hand back U+FFFD, another file — so
+   * it is noted (the judge refuses the iteration for it) and left out.
+   */
+  private async names(dir: string, rel: string): Promise<string[]> {
+    const out: string[] = [];
+    for (const b of await readdir(dir, { encoding: "buffer" })) {
+      const name = b.toString("utf8");
+      if (Buffer.from(name).equals(b)) out.push(name);
+      else if (this.notUtf8.length < 10) this.notUtf8.push(rel ? `${rel}/${name}` : name);
+    }
+    return out.sort();
+  }
+
   /** The change cap is reached: the walk stops (the judge refuses the iteration for it). */
   private full(): boolean {
     if (this.out.length < MAX_CHANGES) return false;
@@ -617,7 +635,7 @@ class UpperWalk {
   private async deleted(rel: string, isDir: boolean): Promise<void> {
     if (this.full() || this.tooLongPath(rel)) return;
     if (isDir) {
-      for (const child of (await readdir(path.join(this.lower, rel))).sort()) {
+      for (const child of await this.names(path.join(this.lower, rel), rel)) {
         const cst = await lstat(path.join(this.lower, rel, child));
         await this.deleted(`${rel}/${child}`, cst.isDirectory());
       }

@@ -145,6 +145,16 @@ function checkLimits(set: ChangeSet, failures: FailureList): void {
       final: true,
     });
   }
+  for (const p of l.notUtf8) {
+    failures.add({
+      rule: PATH_RULE_ID,
+      clause: PATH_CLAUSE,
+      path: p,
+      message: `${show(p)} (U+FFFD stands for bytes that are not UTF-8) has a name that is not UTF-8; the daemon cannot name it to read, judge or apply it, so the iteration is refused: rename it`,
+      decision: "reject",
+      final: true,
+    });
+  }
   if (l.truncated) {
     failures.add({
       rule: CHANGE_LIMIT_RULE_ID,

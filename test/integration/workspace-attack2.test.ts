@@ -6,7 +6,7 @@
  * project on the host holds and what the trail says.
  */
 import { execFile } from "node:child_process";
-import { lstat, mkdir, readFile, stat, writeFile } from "node:fs/promises";
+import { lstat, mkdir, readFile, readdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -131,6 +131,17 @@ describe("holes found, fixed", () => {
     await okIteration();
   });
 
+  it("a name that is not UTF-8 is refused (workspace.path); it once failed every checkpoint with ENOENT (Node read it as U+FFFD, another name)", async () => {
+    await py("open(b'/workspace/services/\\xff.py', 'wb').write(b'x = 1\\n')");
+    const c = await checkpoint("bytes");
+    expect(c.iteration?.state).toBe("rejected");
+    expect(c.iteration?.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "services/\ufffd.py", final: true }));
+    expect((await readdir(path.join(project, "services"))).some((n) => n.includes("\ufffd"))).toBe(false);
+    expect((await iterationRecord(c.iteration!.n)).rec.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "services/\ufffd.py" }));
+    expect((await py("import os\nprint(os.listdir(b'/workspace/services'))")).stdout).not.toContain("xff");
+    await okIteration();
+  });
+
   it("more than 1000 changes are refused whole (workspace.change-limit) with a bounded record", async () => {
     await py("import os\nfor d in range(60):\n    os.makedirs(f'/workspace/many/d{d}')\n    for f in range(25):\n        open(f'/workspace/many/d{d}/' + 'f' * 180 + f'{f}.txt', 'w').write('x')");
     const c = await checkpoint("many");
@@ -188,6 +199,22 @@ describe("what held", () => {
     expect(b.nlink).toBe(1);
     expect(b.ino).not.toBe(a.ino);
     expect(await readFile(path.join(project, "services", "calc_copy.py"), "utf8")).toBe(await readFile(path.join(project, "services", "calc.py"), "utf8"));
+  });
+
+  it("a writer forked off a command and writing without pause is gone before the checkpoint reads the layer: the project gets what was judged", async () => {
+    const r = await py(
+      "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        for fd in (0, 1, 2): os.close(fd)\n        i = 0\n        while True:\n            i += 1\n            with open('/workspace/services/tick.txt', 'w') as f: f.write(str(i))\n    os._exit(0)\ntime.sleep(0.3)\nprint('started')",
+    );
+    expect(r.stdout.trim()).toBe("started");
+    const c = await checkpoint("tick");
+    expect(c.iteration?.state).toBe("accepted");
+    const applied = await readFile(path.join(project, "services", "tick.txt"), "utf8");
+    expect(Number(applied)).toBeGreaterThan(0);
+    await new Promise((res) => setTimeout(res, 1000));
+    // nothing wrote since: the layer is empty and the view shows what was applied
+    const { changes } = await t.api.request<{ changes: unknown[] }>("GET", `/v1/phases/${phase.id}/files`);
+    expect(changes).toEqual([]);
+    expect((await py("print(open('/workspace/services/tick.txt').read())")).stdout.trim()).toBe(applied);
   });
 
   it("overlay xattrs and whiteouts cannot be planted from inside; user.overlay.* are plain attributes the walk ignores", async () => {

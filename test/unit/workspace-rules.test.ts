@@ -241,10 +241,11 @@ describe("size, mass change, bad paths", () => {
 describe("what the layer's walk left unread, set-ID bits", () => {
   it("paths over the walk's cap and a truncated walk are refused for good, even with failedIteration: ask", () => {
     const askWs = { ...ws, failedIteration: { ...ws.failedIteration, decision: "ask" as const } };
-    const j = judgeChangeSet({ changes: [add("a.py")], limits: { tooLong: ["deep/ddd"], truncated: true } }, { ...ctx(), policy: askWs });
+    const j = judgeChangeSet({ changes: [add("a.py")], limits: { tooLong: ["deep/ddd"], notUtf8: ["x/\ufffd.py"], truncated: true } }, { ...ctx(), policy: askWs });
     expect(j.decision).toBe("reject");
     expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "deep/ddd", final: true }));
     expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.change-limit", final: true }));
+    expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "x/\ufffd.py", final: true }));
   });
 
   it("a set-user-ID or set-group-ID file (created or chmod'ed) is refused for good; a setgid folder is not", () => {
