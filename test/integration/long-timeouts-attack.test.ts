@@ -136,8 +136,10 @@ describe("long timeouts under attack", () => {
     expect(await grows()).toBe(false);
     // a command that ignores SIGTERM ends at its timeout plus the kill grace (2 s), not later
     const stubborn = await writeScript(project, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(30)");
+    // (in a phase of its own: two timeouts in a row in one phase are fail-fast's escalation)
+    const c = (await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "12.11", mode: "test" })).phase;
     const t0 = Date.now();
-    const killed = await exec(a, { argv: ["python3", stubborn], timeoutMs: 1500 });
+    const killed = await exec(c, { argv: ["python3", stubborn], timeoutMs: 1500 });
     expect(killed.timedOut).toBe(true);
     expect(Date.now() - t0).toBeLessThan(1500 + 2000 + 3000);
     // ended on its own, the daemonised grandchild left behind
@@ -147,13 +149,14 @@ describe("long timeouts under attack", () => {
   }, 90_000);
 
   it("a background job is bound by its timeout like a command, and over the mode's limit it asks like one", async () => {
-    const res = await t.api.request<{ job: JobView }>("POST", `/v1/phases/${a.id}/exec`, { argv: ["python3", await writeScript(project, "import time; time.sleep(30)")], background: true, timeoutMs: 1500 });
+    // phase b: phase a has had its one timeout (fail-fast escalates at the second in a row)
+    const res = await t.api.request<{ job: JobView }>("POST", `/v1/phases/${b.id}/exec`, { argv: ["python3", await writeScript(project, "import time; time.sleep(30)")], background: true, timeoutMs: 1500 });
     const started = Date.now();
-    const done = await t.api.request<{ job: JobView }>("GET", `/v1/phases/${a.id}/jobs/${res.job.id}/wait?timeoutMs=20000`);
+    const done = await t.api.request<{ job: JobView }>("GET", `/v1/phases/${b.id}/jobs/${res.job.id}/wait?timeoutMs=20000`);
     expect(done.job.result?.timedOut).toBe(true);
     expect(Date.now() - started).toBeLessThan(10_000);
-    expect((await refusal(t.api.request("POST", `/v1/phases/${a.id}/exec`, { argv: SLEEP3, background: true, timeoutMs: 4000 }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
-    const verdict = (await records(a)).filter((r) => r.type === "exec.verdict").pop();
+    expect((await refusal(t.api.request("POST", `/v1/phases/${b.id}/exec`, { argv: SLEEP3, background: true, timeoutMs: 4000 }))).code).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
+    const verdict = (await records(b)).filter((r) => r.type === "exec.verdict").pop();
     expect(verdict).toMatchObject({ decision: "ask", rule: "limits.timeout", background: true });
   }, 60_000);
 });
