@@ -213,9 +213,10 @@ function composeEnv(dockerHost?: string): Record<string, string> {
  *   `userns_mode`: `host` or `container:…`), no `volumes_from` a container;
  * - host paths (bind sources, `configs`/`secrets` files): inside the project
  *   once links are resolved (and replaced by that real path), never a socket;
- * - volumes and networks: no `external` ones (another stack's data or
- *   network), no volume `driver_opts` (a local volume with `o: bind` is a
- *   host bind), no driver but the default;
+ * - volumes and networks: no `external` ones and no explicit `name` outside
+ *   the project's prefix (another stack's data or network), no volume
+ *   `driver_opts` (a local volume with `o: bind` is a host bind), no driver
+ *   but the default;
  * - the project name: the directory's name as compose derives it, refused
  *   while containers of another directory carry that name (two projects
  *   called `trading` would otherwise act on one another's stack).
@@ -314,7 +315,7 @@ async function checkVolume(realProject: string, v: unknown, where: string): Prom
 }
 
 /** Refuses what the allow-list above does not accept; returns the config with host paths replaced by their real paths. */
-async function checkResolved(realProject: string, cfg: Obj): Promise<Obj> {
+async function checkResolved(realProject: string, projectName: string, cfg: Obj): Promise<Obj> {
   const services = isObj(cfg.services) ? cfg.services : {};
   for (const [name, svc] of Object.entries(services)) {
     if (!isObj(svc)) continue;
@@ -339,6 +340,10 @@ async function checkResolved(realProject: string, cfg: Obj): Promise<Obj> {
       if (!isObj(def)) continue;
       const ext = def.external;
       if (ext !== undefined && ext !== false) throw new Refused(`${section} ${name}: \`external\` is not accepted (another stack's ${section === "volumes" ? "data" : "network"})`);
+      // an explicit name is not prefixed with the project's: it can be another stack's
+      if (typeof def.name === "string" && !def.name.startsWith(`${projectName}_`)) {
+        throw new Refused(`${section} ${name}: \`name: ${def.name}\` is not accepted (a name outside this project's, ${projectName}_…, can be another stack's ${section === "volumes" ? "data" : "network"})`);
+      }
       if (def.driver_opts !== undefined && section === "volumes") throw new Refused(`volumes ${name}: \`driver_opts\` are not accepted (a local volume with o: bind is a host bind)`);
       const defaultDriver = section === "volumes" ? "local" : "bridge";
       if (def.driver !== undefined && def.driver !== defaultDriver) throw new Refused(`${section} ${name}: driver ${String(def.driver)} is not accepted (only ${defaultDriver})`);
@@ -381,8 +386,8 @@ export async function checkComposeInputs(o: { project: string; file: string; out
     if (cfg.exitCode !== 0) throw new Refused(`compose could not resolve the project's compose file: ${String(cfg.stderr || cfg.stdout).trim().slice(0, 500)}`);
     const parsed: unknown = parseYaml(String(cfg.stdout));
     if (!isObj(parsed)) throw new Refused("compose resolved the project's compose file to nothing");
-    const checked = await checkResolved(realProject, parsed);
     const projectName = composeProjectName(o.project);
+    const checked = await checkResolved(realProject, projectName, parsed);
     const others = await execa("docker", ["ps", "-a", "--filter", `label=com.docker.compose.project=${projectName}`, "--format", '{{.Label "com.docker.compose.project.working_dir"}}'], {
       env,
       extendEnv: false,

@@ -230,6 +230,8 @@ describe("docker-compose attacks from inside a phase", () => {
         [`    network_mode: host\n`, /`network_mode: host` is not accepted/],
         [`    volumes: ["ext:/d"]\nvolumes:\n  ext: {external: true}\n`, /volumes ext: `external` is not accepted/],
         [`    volumes: ["hostroot:/d"]\nvolumes:\n  hostroot: {driver_opts: {type: none, o: bind, device: /}}\n`, /driver_opts/],
+        [`    volumes: ["pg:/d"]\nvolumes:\n  pg: {name: otherproject_pgdata}\n`, /volumes pg: `name: otherproject_pgdata` is not accepted/],
+        [`    networks: [n]\nnetworks:\n  n: {name: otherproject_default}\n`, /networks n: `name: otherproject_default` is not accepted/],
       ];
       for (const [extra, why] of cases) {
         // the operator edits the file on the host between calls (it is read-only in the sandbox)
