@@ -61,7 +61,13 @@ LANDLOCK = _abi >= 6
 _WRITE_FILE = 2  # LANDLOCK_ACCESS_FS_WRITE_FILE
 _COMMAND_NICE = 19
 ` + SECCOMP_PY + String.raw`
-def confine():
+_RULESET = []
+def _ruleset():
+    # Made once and kept (O_CLOEXEC, and Popen closes every other fd): each landlock_restrict_self
+    # still makes a domain of its own from it, so commands stay apart; rebuilding the same rules
+    # for every command cost some 80 system calls. The root is read-only: its folders do not change.
+    if _RULESET:
+        return _RULESET[0]
     attr = _Attr(_WRITE_FILE, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
     fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
@@ -81,12 +87,18 @@ def confine():
                     raise OSError(ctypes.get_errno(), "landlock_add_rule /" + name)
             finally:
                 os.close(d)
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
-            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-        if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    _RULESET.append(fd)
+    return fd
+
+def confine():
+    fd = _ruleset()
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self: a new domain for this thread
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     # Below the supervisor: a command (a fork bomb of 250 processes) competes with the shim for the
     # container's one CPU, and must not starve its timers. Per thread on Linux; the command inherits it
     # and cannot take it back (no CAP_SYS_NICE). Commands still share the CPU evenly among themselves.
