@@ -61,19 +61,15 @@ LANDLOCK = _abi >= 6
 _WRITE_FILE = 2  # LANDLOCK_ACCESS_FS_WRITE_FILE
 _COMMAND_NICE = 19
 ` + SECCOMP_PY + String.raw`
-_RULESET = []
-def _ruleset():
-    # Made once and kept (O_CLOEXEC, and Popen closes every other fd): each landlock_restrict_self
-    # still makes a domain of its own from it, so commands stay apart; rebuilding the same rules
-    # for every command cost some 80 system calls. The root is read-only: its folders do not change.
-    if _RULESET:
-        return _RULESET[0]
+def confine():
     attr = _Attr(_WRITE_FILE, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
     fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     try:
-        # files may be written beneath every top-level folder but /proc (links are their targets' business)
+        # files may be written beneath every top-level folder but /proc (links are their targets' business).
+        # Made anew for every command: a rule holds the folder as opened now, and the phase's view is
+        # mounted over /workspace after the forker starts (a ruleset kept from before denied every write there).
         for name in os.listdir("/"):
             if name == "proc" or os.path.islink("/" + name):
                 continue
@@ -87,18 +83,12 @@ def _ruleset():
                     raise OSError(ctypes.get_errno(), "landlock_add_rule /" + name)
             finally:
                 os.close(d)
-    except BaseException:
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
+            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
         os.close(fd)
-        raise
-    _RULESET.append(fd)
-    return fd
-
-def confine():
-    fd = _ruleset()
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
-        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-    if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self: a new domain for this thread
-        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     # Below the supervisor: a command (a fork bomb of 250 processes) competes with the shim for the
     # container's one CPU, and must not starve its timers. Per thread on Linux; the command inherits it
     # and cannot take it back (no CAP_SYS_NICE). Commands still share the CPU evenly among themselves.
