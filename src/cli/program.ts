@@ -960,6 +960,9 @@ function program(): Command {
           return null;
         });
         result = await verifyJournal(stateDir, { pinned, checkpoints: w ? [{ seq: w.seq, hash: w.hash, source: `the witness ${wfile}` }] : [] });
+        if (!w && !opts.json) {
+          process.stderr.write(`note: no witness of this state dir was read (${wfile}: absent or unreadable), so a rollback to an older copy of the trail would not be noticed; give --key-file, or run as the daemon's user (docs/AUDIT.md "Threat model")\n`);
+        }
       } else {
         result = (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
       }
