@@ -954,7 +954,7 @@ function program(): Command {
         const { defaultAuditKey } = await import("../config/paths.js");
         const { readWitness, witnessFile } = await import("../audit/witness.js");
         const stateDir = path.resolve(opts.stateDir);
-        const wfile = witnessFile(path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey())), stateDir);
+        const wfile = witnessFile(path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey())), stateDir, process.env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);
         const w = await readWitness(wfile).catch((e: unknown) => {
           if (opts.keyFile) throw e; // asked for: its absence of rights is an answer
           return null;

@@ -404,4 +404,11 @@ describe("the witness file", () => {
     await trail(1);
     expect((await readWitness(wfile))!.seq).toBe(5);
   });
+
+  it("settings: beside the key by default, in SANDBOXD_AUDIT_WITNESS_DIR when the key's folder is read-only, never inside the state dir", async () => {
+    const { resolveSettings } = await import("../../src/config/settings.js");
+    expect(resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key" }).auditWitness).toMatch(/^\/tmp\/k\/a\.key\.heads\/[0-9a-f]{16}$/);
+    expect(resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key", SANDBOXD_AUDIT_WITNESS_DIR: "/var/lib/w" }).auditWitness).toBe(witnessFile("/tmp/k/a.key", "/tmp/st", "/var/lib/w"));
+    expect(() => resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key", SANDBOXD_AUDIT_WITNESS_DIR: "/tmp/st/w" })).toThrow(/SANDBOXD_AUDIT_WITNESS_DIR must be outside the state dir/);
+  });
 });
