@@ -621,7 +621,7 @@ export class AuditJournal {
           } catch (e) {
             throw new SandboxdError(
               "SBX_ERR_AUDIT_CORRUPT",
-              `${(e as Error).message}; run \`sandboxd audit verify\`. If the anchor was damaged in a power failure and the chain verifies, move ${anchorFile} aside and start again`,
+              `${(e as Error).message}; run \`sandboxd audit verify\`. If the anchor was damaged in a power failure and the chain verifies, restore ${anchorFile} from a backup; a signed trail does not go on without its anchor (docs/AUDIT.md "Threat model"): to start a new trail, move the journal, the anchor and the trail's witness aside together`,
             );
           }
         }
@@ -1134,7 +1134,7 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
         "SBX_ERR_AUDIT_CORRUPT",
         `${anchorFile} is missing or empty, but ${file} records a signing key at seq ${seq}: the signed anchor was removed, and the records could have been rewritten since it was signed; the daemon does not sign over them`,
         {
-          hint: `restore ${anchorFile} from a backup; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move ${file} and ${anchorFile} aside together (keep them as evidence), and the trail's witness (<key file>.heads/…) with them`,
+          hint: `restore ${anchorFile} from a backup; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move ${file} and ${anchorFile} aside together (keep them as evidence), and the trail's witness (<key file>.heads/…, or in SANDBOXD_AUDIT_WITNESS_DIR) with them`,
         },
       );
     }
