@@ -134,8 +134,29 @@ async function followExecStream(socket: string, path: string, body: unknown): Pr
   return code;
 }
 
-/** Both output streams drained (a file or terminal drains at once). */
+/**
+ * Both output streams drained (a file or terminal drains at once). One wait
+ * per stream, shared by every write that finds it full: the frames of one
+ * socket read may all be written before the first drain, and a listener
+ * each would pile up on the stream.
+ */
 function drained(): Promise<void> {
-  const wait = (s: NodeJS.WriteStream) => (s.writableNeedDrain ? new Promise<void>((r) => s.once("drain", () => r())) : Promise.resolve());
-  return Promise.all([wait(process.stdout), wait(process.stderr)]).then(() => undefined);
+  return Promise.all([drainOf(process.stdout), drainOf(process.stderr)]).then(() => undefined);
+}
+
+const drainWaits = new WeakMap<NodeJS.WriteStream, Promise<void>>();
+
+function drainOf(s: NodeJS.WriteStream): Promise<void> {
+  if (!s.writableNeedDrain) return Promise.resolve();
+  let wait = drainWaits.get(s);
+  if (!wait) {
+    wait = new Promise<void>((r) =>
+      s.once("drain", () => {
+        drainWaits.delete(s);
+        r();
+      }),
+    );
+    drainWaits.set(s, wait);
+  }
+  return wait;
 }

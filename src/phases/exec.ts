@@ -649,8 +649,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   const tool = report ? "pytest" : argvTool;
   const ownReport = argvTool === "pytest" ? report : null;
   if (ownReport) live.failFast.lastTests = ownReport.counts;
-  // a command cancelled by id was ended by its caller: neither a failed attempt nor a success (fail-fast)
-  const cancelled = run.info.cancelled !== null;
+  // a command cancelled by id, or ended because its client went away (a closed pipe, Ctrl-C)
+  // before it exited, was ended by its caller: neither a failed attempt nor a success (fail-fast)
+  const cancelled = run.info.cancelled !== null || (abort?.aborted === true && exitCode === null);
   // read also when it exited 0: the exit code is the agent's to choose, pytest's report is not (categorize.ts hiddenFailure)
   const category =
     !failFastOn || cancelled
