@@ -69,6 +69,7 @@ export interface ExecSink {
   started?(info: { id: string; pid: number; rule: { id: string; clause: string } }): void;
   /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
   waiting?(info: ApprovalWait): void;
+  /** scrubbed output, lent for the call (see ExecHandlers.onStdout in shim-channel.ts): retain it in outputPool or copy it to keep it */
   stdout(chunk: Buffer): void;
   stderr(chunk: Buffer): void;
   /** the channel's id of the command, once sent: a streaming client's flow control pauses that exec only */
