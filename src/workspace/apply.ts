@@ -82,7 +82,8 @@ export class ApplyError extends SandboxdError {
     readonly failedAt: FileChange,
     cause: unknown,
   ) {
-    super("SBX_ERR_WORKSPACE", `applying ${failedAt.path} failed after ${applied.length} change(s) were applied: ${(cause as Error).message}`, { cause });
+    // the step's own code when it has one (SBX_ERR_PATH_INVALID for a link on the way)
+    super(cause instanceof SandboxdError ? cause.code : "SBX_ERR_WORKSPACE", `applying ${failedAt.path} failed after ${applied.length} change(s) were applied: ${(cause as Error).message}`, { cause });
   }
 }
 

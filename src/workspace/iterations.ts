@@ -500,8 +500,8 @@ export class PhaseWorkspace {
         out.push({ path: c.path, sha256: null, note: "deleted" });
         continue;
       }
-      const bytes = await readRegular(this.layer.paths.upper, c.path, Math.max(c.sizeBytes, 0) + 1, dev).catch(() => null);
-      out.push(bytes ? { path: c.path, sha256: createHash("sha256").update(bytes).digest("hex"), note: c.modeOnly ? "mode only" : null } : { path: c.path, sha256: null, note: c.modeOnly ? "mode only" : "not a regular file" });
+      const sha256 = await hashRegular(this.layer.paths.upper, c.path, dev).catch(() => null);
+      out.push(sha256 ? { path: c.path, sha256, note: c.modeOnly ? "mode only" : null } : { path: c.path, sha256: null, note: c.modeOnly ? "mode only" : "not a regular file" });
     }
     return out;
   }
@@ -642,6 +642,32 @@ export class PhaseWorkspace {
       ],
     );
     await this.hooks.decided?.(it);
+  }
+}
+
+/**
+ * SHA-256 of a regular file under `root` (no link followed on the way or at
+ * the end, only on device `dev`), read 1 MiB at a time: a file of the
+ * layer can be as large as its 2 GiB budget, and the daemon must not hold it
+ * in memory to hash it (it once did, at every checkpoint that asked a person
+ * and again at the approval). null when it is not a regular file there.
+ */
+async function hashRegular(root: string, rel: string, dev: number): Promise<string | null> {
+  const file = await projectPath(root, rel);
+  const fh = await open(file, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.dev !== dev) return null;
+    const h = createHash("sha256");
+    const buf = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+      if (bytesRead === 0) break;
+      h.update(buf.subarray(0, bytesRead));
+    }
+    return h.digest("hex");
+  } finally {
+    await fh.close();
   }
 }
 

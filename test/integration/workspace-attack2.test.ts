@@ -155,6 +155,27 @@ describe("holes found, fixed", () => {
     await okIteration();
   });
 
+  it("a 1.5 GiB file put to a person is hashed for the approval without the daemon holding it in memory", async () => {
+    const size = 1536 * 1024 * 1024;
+    await py(`import os\nfd = os.open('/workspace/big.bin', os.O_CREAT | os.O_WRONLY, 0o644)\nos.posix_fallocate(fd, 0, ${size})\nos.close(fd)`);
+    // the daemon runs in this process: its resident size, sampled while it checkpoints
+    const base = process.memoryUsage.rss();
+    let peak = base;
+    const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage.rss())), 5);
+    let c: CheckpointResult;
+    try {
+      c = await checkpoint("big");
+    } finally {
+      clearInterval(sampler);
+    }
+    expect(c.iteration?.state).toBe("pending");
+    expect(c.iteration?.failures.map((f) => f.rule)).toContain("workspace.max-file-size");
+    expect(peak - base).toBeLessThan(256 * 1024 * 1024);
+    await t.api.request("POST", `/v1/phases/${phase.id}/iterations/${c.iteration!.n}/reject`, {});
+    expect(await exists(path.join(project, "big.bin"))).toBe(false);
+    await okIteration();
+  }, 300_000);
+
   it("a link whose `..` follows another link is refused (workspace.symlink); lexically inside, it led to the host's /etc/passwd", async () => {
     await py("import os\nos.makedirs('/workspace/a/b/c/d/e')\nos.symlink('..', '/workspace/a/b/c/d/e/L')\nos.symlink('..', '/workspace/a/b/c/L')");
     expect((await checkpoint("folder links")).iteration?.state).toBe("accepted");
@@ -217,6 +238,27 @@ describe("what held", () => {
     expect(changes).toEqual([]);
     expect((await py("print(open('/workspace/services/tick.txt').read())")).stdout.trim()).toBe(applied);
   });
+
+  it("a 100 MB one-line syntax error is refused with a short message, and the daemon does not grow with it", async () => {
+    await py("open('/workspace/services/huge.py', 'w').write('x = (' + 'a' * (100 * 1024 * 1024) + ' b\\n')");
+    const base = process.memoryUsage.rss();
+    let peak = base;
+    const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage.rss())), 5);
+    let c: CheckpointResult;
+    try {
+      c = await checkpoint("huge line");
+    } finally {
+      clearInterval(sampler);
+    }
+    // over 10 MB: a person would be asked, but a file that does not compile is refused first
+    expect(c.iteration?.state).toBe("rejected");
+    const f = c.iteration?.failures.find((x) => x.rule === "workspace.python-compile");
+    expect(f?.path).toBe("services/huge.py");
+    expect(f?.message.length).toBeLessThan(2000);
+    expect(peak - base).toBeLessThan(64 * 1024 * 1024);
+    expect(await exists(path.join(project, "services", "huge.py"))).toBe(false);
+    await okIteration();
+  }, 300_000);
 
   it("overlay xattrs and whiteouts cannot be planted from inside; user.overlay.* are plain attributes the walk ignores", async () => {
     const r = await py(
