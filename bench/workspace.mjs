@@ -52,6 +52,16 @@ const IMAGE = process.env.SANDBOXD_IMAGE ?? "sandboxd-sandbox:latest";
 /** the compile check's interpreter: a real binary (a pyenv shim is a shell script that costs more than the check) */
 const BENCH_PYTHON = process.env.BENCH_WS_PYTHON ?? "/usr/bin/python3";
 const loadavg = () => readFileSync("/proc/loadavg", "utf8").trim();
+/**
+ * bench/priority.sh puts this process in a high-CPU-weight cgroup; the
+ * suite's containers are Docker's, so they are put under the same cgroup
+ * (--cgroup-parent) to share its weight. null when not run through it.
+ */
+const CGROUP_PARENT = (() => {
+  const line = readFileSync("/proc/self/cgroup", "utf8").split("\n").find((l) => /^\d+:([^:]*,)?cpu(,[^:]*)?:/.test(l) || l.startsWith("0::"));
+  const p = line?.split(":")[2] ?? "";
+  return p.endsWith("/sandboxd-bench") ? p : null;
+})();
 
 const root = mkdtempSync(path.join(os.tmpdir(), "sbx-bench-ws-"));
 const project = path.join(root, "project");
@@ -205,7 +215,7 @@ async function main() {
   // the test suite through the view vs a plain bind mount, interleaved
   const suite = { layer: [], bind: [] };
   const dockerRun = async (src) => {
-    const r = spawnSync("docker", ["run", "--rm", "--network", "none", "--user", "0", "-v", `${src}:/workspace`, "-w", "/workspace", "--entrypoint", "python3", IMAGE, "-B", "bench_suite.py"], { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
+    const r = spawnSync("docker", ["run", "--rm", ...(CGROUP_PARENT ? ["--cgroup-parent", CGROUP_PARENT] : []), "--network", "none", "--user", "0", "-v", `${src}:/workspace`, "-w", "/workspace", "--entrypoint", "python3", IMAGE, "-B", "bench_suite.py"], { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
     const line = (r.stderr ?? "").trim().split("\n").reverse().find((l) => l.startsWith("{"));
     if (!line) throw new Error(`suite did not report: ${r.stderr?.slice(-2000)}`);
     const out = JSON.parse(line);

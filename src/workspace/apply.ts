@@ -108,10 +108,14 @@ export async function applyChangeSet(set: ChangeSet, t: ApplyTarget): Promise<Fi
     if (change.mode !== undefined) await chmod(dst, change.mode);
     done.push(change);
   }
-  for (const w of writes) {
-    await writeFromUpper(w, t);
-    done.push(w);
-  }
+  // each file lands whole (temporary file, fsync, rename); the files of one
+  // iteration are written side by side, so their fsyncs overlap. All have
+  // settled before a failure is thrown: none is written after the caller
+  // goes on.
+  const written = await Promise.allSettled(writes.map((w) => writeFromUpper(w, t)));
+  const failed = written.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (failed) throw failed.reason;
+  done.push(...writes);
   for (const m of modes) {
     const p = await projectPath(t.project, m.path);
     const st = await lstat(p);

@@ -228,8 +228,9 @@ export class WorkspaceLayer {
     // table block is not yet written back) when it makes a file, checking
     // each one — so after a checkpoint empties the upper, or a test suite
     // deletes its output, every create walks the thousands of freed inodes
-    // (ext4's recently_deleted(); measured: a write-heavy suite 1.4× slower
-    // than on a bind mount, 4× slower than with a journal; BENCHMARKS.md).
+    // (ext4's recently_deleted(), over half the CPU time under perf; a
+    // write-heavy suite ran about 3× slower than with a journal:
+    // bench/workspace-suite.mjs, BENCHMARKS.md).
     // The journal is small (16 MiB at a 1 GiB budget and up, mkfs's
     // default below); data=writeback and barrier=0 because the layer need
     // not survive a host crash: a layer found unmounted is made anew
