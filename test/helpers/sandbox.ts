@@ -25,7 +25,7 @@ import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(ROOT, "dist", "cli", "main.js");
-/** The same command line bundled (scripts/bundle-cli.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
+/** The same command line bundled (scripts/bundle.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
 export const CLI_BUNDLE = path.join(ROOT, "dist", "cli", "main.cjs");
 /** The uid:gid that owns test projects (commands run as the project owner). */
 export const OWNER = { uid: 1000, gid: 1000 };
@@ -142,6 +142,7 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
       await daemon.close();
       await rm(stateDir, { recursive: true, force: true });
       await rm(testAuditKey(stateDir), { force: true });
+      await rm(`${testAuditKey(stateDir)}.heads`, { recursive: true, force: true }); // its witness (src/audit/witness.ts)
     },
   };
 }
@@ -228,4 +229,5 @@ export async function containersOf(stateDir: string): Promise<Docker.ContainerIn
 export async function removeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
   await rm(testAuditKey(dir), { force: true });
+  await rm(`${testAuditKey(dir)}.heads`, { recursive: true, force: true });
 }
