@@ -61,6 +61,12 @@ export interface LayerSpec {
   project: string;
   /** project-relative paths not visible in the view (credential files) */
   hidden: readonly string[];
+  /**
+   * more of them, found by a walk of the project that runs while the
+   * container starts: awaited before the upper is first made (so before the
+   * view is mounted) and before the upper is first read
+   */
+  findHidden?: () => Promise<readonly string[]>;
   /** project-relative paths mounted read-only over the view, where they exist as a file or folder */
   readOnly: readonly string[];
   /** size of the layer's file system: the phase's disk budget for project writes */
@@ -173,6 +179,16 @@ export class WorkspaceLayer {
     this.paths = layerPaths(spec.phaseDir);
   }
 
+  private hiddenFound: Promise<readonly string[]> | null = null;
+
+  /** spec.hidden and what findHidden found (the walk runs once, on first need). */
+  private hidden(): Promise<readonly string[]> {
+    const find = this.spec.findHidden;
+    if (!find) return Promise.resolve(this.spec.hidden);
+    this.hiddenFound ??= find().then((more) => [...new Set([...this.spec.hidden, ...more])]);
+    return this.hiddenFound;
+  }
+
   /**
    * Step 1, before the container is created: the view mount point exists and
    * is shared, so the container's rslave bind follows what is mounted on it.
@@ -219,6 +235,9 @@ export class WorkspaceLayer {
 
   private async makeDisk(): Promise<void> {
     const p = this.paths;
+    // the walk for credential files (findHidden) runs while the disk is made; freshUpper awaits it
+    // eslint-disable-next-line no-restricted-syntax -- only keeps a failure from being unhandled while the disk is made: freshUpper awaits the same promise and gets its error
+    this.hidden().catch(() => undefined);
     const mib = Math.max(16, Math.ceil(this.spec.budgetBytes / (1024 * 1024)));
     // fallocate reserves the budget on the state dir's disk (a sparse image could
     // find the disk full before the budget); nodiscard keeps the reservation.
@@ -384,7 +403,7 @@ export class WorkspaceLayer {
     await chmod(p.upper, root.mode & 0o7777);
     const whiteouts: HostStep[] = [];
     const made = new Set<string>();
-    for (const rel of this.spec.hidden) {
+    for (const rel of await this.hidden()) {
       // a folder on the way takes the project's owner and mode, so the view shows it as it is
       const parts = rel.split("/");
       for (let i = 1; i < parts.length; i++) {
@@ -498,7 +517,7 @@ export class WorkspaceLayer {
     const values = await this.xattrs(candidates.map((rel) => path.join(upper, rel)), OPAQUE);
     const known = new Map(candidates.map((rel, i) => [rel, values[i] === "y"]));
     const isOpaque = async (rel: string): Promise<boolean> => known.get(rel) ?? (await this.xattrs([path.join(upper, rel)], OPAQUE))[0] === "y";
-    const w = new UpperWalk(upper, this.spec.project, new Set(this.spec.hidden), isOpaque);
+    const w = new UpperWalk(upper, this.spec.project, new Set(await this.hidden()), isOpaque);
     await w.walk("", true);
     const changes = await pairRenames(w.out, this.paths.upper, this.spec.project, this.upperDev);
     const limits = { tooLong: w.tooLong, notUtf8: w.notUtf8, truncated: w.truncated };
