@@ -176,6 +176,8 @@ async function startDaemon(tmp, extraEnv = {}, name = "") {
       ...process.env,
       SANDBOXD_LOG_LEVEL: process.env.SANDBOXD_LOG_LEVEL || "info",
       SANDBOXD_IMAGE: IMAGE,
+      // the bench's own signing key and witness, never the machine's /etc/sandboxd ones
+      SANDBOXD_AUDIT_KEY: path.join(tmp, `audit-signing${name}.key`),
       // `true` and `head` are not on the SKILLS.md whitelist; the operator allows them for the bench.
       SANDBOXD_EXTRA_ALLOW: "true,head,false",
       ...extraEnv,

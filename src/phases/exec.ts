@@ -16,7 +16,7 @@ import { seconds } from "../policy/timeout.js";
 import { compileWorkspace, protects } from "../policy/workspace.js";
 import { pipArgs, pipRunArgv } from "../workspace/packages.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
-import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
+import { categorize, isPytest, stderrDiscarded, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, persistFailFast, recordAttempt } from "./escalation.js";
 import { junitPathFor, pytestAddopts, readJunit } from "./junit.js";
@@ -655,7 +655,7 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   const category =
     !failFastOn || cancelled
       ? null
-      : categorize({ argv: partArgv, tool, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, junitAsked: junit !== null && verdict.parts.length === 1, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
+      : categorize({ argv: partArgv, tool, stderrDiscarded: what.command !== null && stderrDiscarded(what.command), exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, junitAsked: junit !== null && verdict.parts.length === 1, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
   let reached: ReturnType<typeof countAttempt>["reached"] = null;
   if (category) {
