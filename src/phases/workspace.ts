@@ -12,7 +12,7 @@ import { SHIM_PATHS } from "../shim/protocol.js";
 import type { WorkspacePolicy } from "../policy/index.js";
 import { fileEventRecord, fileEventsDroppedRecord } from "../workspace/audit.js";
 import type { ViewFile } from "../workspace/files.js";
-import { PhaseWorkspace, WorkspaceLayer, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
+import { PhaseWorkspace, WorkspaceLayer, hiddenBelowRoot, isValidationCommand, protectedRootEntries, type CheckpointResult, type FileChange, type IterationRecord } from "../workspace/index.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { BUILD_LOG_NAME, commandEnv } from "./project.js";
 import type { PhaseRecord } from "./types.js";
@@ -33,11 +33,13 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
   const extra: string[] = [];
   // the build log in the project is the phase's audit trail: read-only whatever the policy's globs say
   if (record.buildLog === path.join(record.project, BUILD_LOG_NAME)) extra.push(BUILD_LOG_NAME);
-  const { hidden, readOnly } = await protectedRootEntries(record.project, ws, { allowMainPy, extraReadOnly: extra });
+  // the walk for credential files below the root runs while the container starts (the layer awaits it before the view is mounted)
+  const { hidden, readOnly } = await protectedRootEntries(record.project, ws, { allowMainPy, extraReadOnly: extra, deep: false });
   const layer = new WorkspaceLayer({
     phaseDir: ctx.store.dir(record.id),
     project: record.project,
     hidden,
+    findHidden: () => hiddenBelowRoot(record.project, ws),
     readOnly,
     budgetBytes: ws.disk.layerBytes,
   });

@@ -449,9 +449,18 @@ export class PhaseWorkspace {
       j = withCompileResults(j, await layerFailures(set, this.layer, links, { policy, allowMainPy: this.opts.allowMainPy }));
       // compiled in the sandbox, as the project owner; not when the iteration is refused for good anyway
       const py = pythonFilesToCompile(set, policy).filter((p) => !links.has(p));
-      if (py.length > 0 && !j.failures.some((f) => f.final)) {
-        const stdout = await this.hooks.runInSandbox(compileCheckArgv(py));
-        j = withCompileResults(j, parseCompileOutput(stdout, py, policy));
+      // an iteration the rules accept keeps the project's versions of what it
+      // changes (for the phase's diff) while the compiler runs: the project
+      // cannot change meanwhile (the gate is held), and a version kept for an
+      // iteration the compiler then refuses is the one a later accept would keep
+      const captured = j.decision === "accept" ? this.history.capture(set, this.layer.spec.project) : null;
+      try {
+        if (py.length > 0 && !j.failures.some((f) => f.final)) {
+          const stdout = await this.hooks.runInSandbox(compileCheckArgv(py));
+          j = withCompileResults(j, parseCompileOutput(stdout, py, policy));
+        }
+      } finally {
+        await captured;
       }
       const decision = j.decision;
       const failures: RuleFailure[] = j.failures;
@@ -467,7 +476,7 @@ export class PhaseWorkspace {
         failures,
       };
       this.iterations.push(it);
-      if (decision === "accept") await this.accept(it, set, "rules");
+      if (decision === "accept") await this.accept(it, set, "rules", { captured: true });
       else if (decision === "reject") await this.reject(it, "rules");
       else {
         await this.save();
@@ -545,11 +554,11 @@ export class PhaseWorkspace {
     }
   }
 
-  private async accept(it: IterationRecord, set: ChangeSet, by: string): Promise<void> {
+  private async accept(it: IterationRecord, set: ChangeSet, by: string, opts: { captured?: boolean } = {}): Promise<void> {
     const pid = await this.hooks.containerPid();
     await this.pauseWatch();
     await this.layer.unmount(pid);
-    await this.history.capture(set, this.layer.spec.project);
+    if (!opts.captured) await this.history.capture(set, this.layer.spec.project);
     let done: FileChange[];
     try {
       done = await applyChangeSet(set, {

@@ -2,12 +2,16 @@
  * The change layer on the host, without a container: a real overlay on a
  * real loop-mounted ext4, written through the view as a command would, read
  * back as a change set, applied or discarded. (The container side — the view
- * propagating into a running sandbox — is in workspace.test.ts.)
+ * propagating into a running sandbox — is in workspace.test.ts.) Each case
+ * runs twice: with the daemon's host helper (mount steps and xattr reads as
+ * system calls in one long-lived process) and without it (a process per
+ * step, the fallback for a host without python3).
  */
 import { chmod, lstat, mkdir, readFile, readdir, rename, rm, symlink, unlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { applyChangeSet, WorkspaceLayer } from "../../src/workspace/index.js";
+import { HelperUnavailable, HostHelper, hostHelper } from "../../src/workspace/hosthelper.js";
 import { tempDir } from "../helpers/sandbox.js";
 
 let project: string;
@@ -30,7 +34,7 @@ async function snapshot(root: string): Promise<Record<string, string>> {
   return out;
 }
 
-beforeEach(async () => {
+async function setUp(useHelper: boolean): Promise<void> {
   project = await tempDir("wsproj");
   phaseDir = await tempDir("wsphase");
   await mkdir(path.join(project, "services"));
@@ -43,19 +47,26 @@ beforeEach(async () => {
   await writeFile(path.join(project, "tests", "test_risk.py"), "def test_x():\n    pass\n");
   await writeFile(path.join(project, "shared", "models.py"), "class M: pass\n");
   await writeFile(path.join(project, "run.sh"), "#!/bin/sh\n");
-  layer = new WorkspaceLayer({ phaseDir, project, hidden: [".env"], readOnly: [".git"], budgetBytes: 64 * 1024 * 1024 });
+  layer = new WorkspaceLayer({ phaseDir, project, hidden: [".env"], readOnly: [".git"], budgetBytes: 64 * 1024 * 1024, hostHelper: useHelper });
   await layer.prepare();
   await layer.mount();
   await layer.attach(null);
-});
+}
 
-afterEach(async () => {
-  await layer.destroy(null);
-  await rm(project, { recursive: true, force: true });
-  await rm(phaseDir, { recursive: true, force: true });
-});
+describe.each([
+  { mode: "the host helper", useHelper: true },
+  { mode: "a process per step", useHelper: false },
+])("workspace layer (host side), through $mode", ({ useHelper }) => {
+  beforeEach(async () => {
+    await setUp(useHelper);
+  });
 
-describe("workspace layer (host side)", () => {
+  afterEach(async () => {
+    await layer.destroy(null);
+    await rm(project, { recursive: true, force: true });
+    await rm(phaseDir, { recursive: true, force: true });
+  });
+
   it("hides .env, keeps .git read-only, and reads nothing changed from a fresh view", async () => {
     const view = layer.paths.view;
     await expect(lstat(path.join(view, ".env"))).rejects.toMatchObject({ code: "ENOENT" });
@@ -120,12 +131,13 @@ describe("workspace layer (host side)", () => {
     const view = layer.paths.view;
     // through the view on the host the link resolves to the host folder; a command in
     // the sandbox would see the container's; what matters is what apply does
+    // (an apply that fails says what it had applied — nothing here — and why: the link)
     await expect(
       applyChangeSet(
         { changes: [{ kind: "create", path: "escape/host.txt", isDir: false, sizeBytes: 1 }] },
         { project, upper: layer.paths.upper, upperDev: await layer.upperDevice(), uid: 0, gid: 0 },
       ),
-    ).rejects.toMatchObject({ code: "SBX_ERR_PATH_INVALID" });
+    ).rejects.toMatchObject({ code: "SBX_ERR_WORKSPACE", applied: [], cause: { code: "SBX_ERR_PATH_INVALID" } });
     expect(await readFile(path.join(outside, "host.txt"), "utf8")).toBe("host\n");
     expect(view).toBeTruthy();
     await rm(outside, { recursive: true, force: true });
@@ -140,5 +152,53 @@ describe("workspace layer (host side)", () => {
       err = e as NodeJS.ErrnoException;
     }
     expect(err?.code).toBe("ENOSPC");
+  });
+
+  it("a folder removed and made again (opaque) lists every file it lost; one made anew inside is a create", async () => {
+    const view = layer.paths.view;
+    await rm(path.join(view, "services"), { recursive: true });
+    await mkdir(path.join(view, "services"));
+    await writeFile(path.join(view, "services", "fresh.py"), "f = 1\n");
+    await mkdir(path.join(view, "tests", "unit"));
+    const { changes } = await layer.changes();
+    expect(changes).toContainEqual(expect.objectContaining({ kind: "delete", path: "services/risk.py" }));
+    expect(changes).toContainEqual(expect.objectContaining({ kind: "create", path: "services/fresh.py" }));
+    expect(changes).toContainEqual(expect.objectContaining({ kind: "create", path: "tests/unit", isDir: true }));
+    // tests/ was only written into, not made again: nothing of it is lost
+    expect(changes.filter((c) => c.kind === "delete").map((c) => c.path)).toEqual(["services/risk.py"]);
+  });
+});
+
+describe("the host helper", () => {
+  afterEach(async () => {
+    await layer.destroy(null);
+    await rm(project, { recursive: true, force: true });
+    await rm(phaseDir, { recursive: true, force: true });
+  });
+
+  it("is started again after it died; the layer goes on", async () => {
+    await setUp(true);
+    const first = hostHelper().pid;
+    expect(first).toBeGreaterThan(0);
+    process.kill(first!, "SIGKILL");
+    await new Promise((r) => setTimeout(r, 100));
+    await writeFile(path.join(layer.paths.view, "services", "risk.py"), "x = 9\n");
+    await layer.reset(null);
+    expect(hostHelper().pid).not.toBe(first);
+    expect(await readFile(path.join(layer.paths.view, "services", "risk.py"), "utf8")).toBe("x = 1\n");
+    await expect(writeFile(path.join(layer.paths.view, ".git", "config"), "x")).rejects.toMatchObject({ code: "EROFS" });
+  });
+
+  it("says it is unavailable when its interpreter cannot start, and never half-runs a step", async () => {
+    await setUp(true);
+    const h = new HostHelper("/nonexistent/python3");
+    await expect(h.run([{ op: "umount-lazy", target: layer.paths.view }])).rejects.toBeInstanceOf(HelperUnavailable);
+    // the view is still mounted
+    await expect(writeFile(path.join(layer.paths.view, ".git", "config"), "x")).rejects.toMatchObject({ code: "EROFS" });
+  });
+
+  it("a failed step stops the request and says which", async () => {
+    await setUp(true);
+    await expect(hostHelper().run([{ op: "bind", source: path.join(project, "nope"), target: path.join(project, "services") }])).rejects.toThrow(/No such file/);
   });
 });
