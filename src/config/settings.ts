@@ -48,7 +48,15 @@ export interface Settings {
    * `failfast`); the daemon says so at start and in every phase's trail
    */
   benchNoFailFast: boolean;
+  /**
+   * SANDBOXD_POOL_SIZE: warm pool containers kept ready per set of container
+   * limits (src/phases/pool.ts); 0 turns the pool off (every phase starts cold)
+   */
+  poolSize: number;
 }
+
+/** A small pool: each slot is an idle container (the shim's Node, ~40 MB) and a layer disk reserved. */
+export const DEFAULT_POOL_SIZE = 0;
 
 const settingsSchema = z
   .object({
@@ -65,6 +73,7 @@ const settingsSchema = z
     notifyUrl: z.string().nullable(),
     auditKey: z.string().min(1),
     benchNoFailFast: z.boolean(),
+    poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
   })
   .strict()
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
@@ -98,6 +107,7 @@ export function resolveSettings(
     notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
     auditKey: path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env))),
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
+    poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
   };
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {

@@ -149,7 +149,7 @@ export function hostConfigFor(spec: PhaseContainerSpec, cgroupDir: string | null
       `${spec.projectDir}:${SHIM_PATHS.workspace}:rw${spec.projectPropagation ? `,${spec.projectPropagation}` : ""}`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
-      ...(spec.writableDirs ?? []).map((d) => `${d.host}:${d.container}:rw`),
+      ...(spec.writableDirs ?? []).map((d) => `${d.host}:${d.container}:rw${d.propagation ? `,${d.propagation}` : ""}`),
       `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
       ...(cgroupDir ? [`${cgroupDir}:${SHIM_PATHS.commandCgroups}:rw`] : []),
     ],

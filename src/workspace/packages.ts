@@ -87,8 +87,9 @@ export class ProjectPackages {
    * A phase of `project` will run (or was re-adopted): its disk is mounted
    * (made first, of `budgetBytes`, at the project's first phase) and owned by
    * the project's owner. Returns the host folder to bind at PACKAGES_DIR.
+   * `bindAt`: a shared mount point it is bound on as well (a pooled container's).
    */
-  acquire(project: string, owner: { uid: number; gid: number }, budgetBytes: number): Promise<string> {
+  acquire(project: string, owner: { uid: number; gid: number }, budgetBytes: number, opts: { bindAt?: string } = {}): Promise<string> {
     const key = projectKey(project);
     return this.locked(key, async () => {
       const p = this.paths(project);
@@ -108,6 +109,8 @@ export class ProjectPackages {
               `  fi`,
               `  mount -o loop,nosuid,nodev ${quote(p.image)} ${quote(p.mnt)}`,
               `fi`,
+              // a warm pool's container: the disk also on its package mount point (src/phases/pool.ts), in the same shell
+              ...(opts.bindAt ? [`mount --bind ${quote(p.mnt)} ${quote(opts.bindAt)}`] : []),
             ].join("\n"),
           ],
           { timeout: COMMAND_TIMEOUT_MS },
