@@ -56,7 +56,7 @@ export interface Settings {
 }
 
 /** A small pool: each slot is an idle container (the shim's Node, ~40 MB) and a layer disk reserved. */
-export const DEFAULT_POOL_SIZE = 0;
+export const DEFAULT_POOL_SIZE = 2;
 
 const settingsSchema = z
   .object({
