@@ -21,7 +21,7 @@ fi
 # The build runs when an input is newer than the last build's stamp (or there
 # is none), so a second `npm start` goes straight to the daemon.
 stamp=dist/.build-stamp
-if [ ! -f "$stamp" ] || [ -n "$(find src scripts/bundle-shim.mjs scripts/bundle-cli.mjs tsconfig.json package.json package-lock.json -newer "$stamp" -print -quit)" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find src scripts/bundle.mjs tsconfig.json package.json package-lock.json -newer "$stamp" -print -quit)" ]; then
   say "building (tsc + shim bundle)"
   npm run --silent build
   touch "$stamp"

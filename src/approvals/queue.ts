@@ -177,27 +177,18 @@ export class ApprovalQueue {
       await this.save();
       return { approval: existing, created: false, reasonAdded: !known };
     }
-    const approval: Approval = {
-      id: this.newId(),
+    const approval = this.newApproval(
       phaseId,
-      argv: key.argv ?? null,
-      command: key.argv || key.sql !== undefined ? null : (key.command ?? null),
-      sql: key.sql ?? null,
-      workspace: null,
-      ruleId: why.ruleId,
-      clause: why.clause,
-      policyReason: why.policyReason,
-      requestReason: why.requestReason ?? null,
-      state: "pending",
-      requestedAt: timestamp(this.clock.now()),
-      decidedAt: null,
-      note: null,
-      usedAt: null,
-      files: [...files],
-      laterReasons: [],
-      retries: 0,
-      timeoutMs: key.timeoutMs ?? null,
-    };
+      {
+        argv: key.argv ?? null,
+        command: key.argv || key.sql !== undefined ? null : (key.command ?? null),
+        sql: key.sql ?? null,
+        workspace: null,
+        timeoutMs: key.timeoutMs ?? null,
+      },
+      why,
+      files,
+    );
     this.items.push(approval);
     await this.save();
     return { approval, created: true, reasonAdded: false };
@@ -215,13 +206,28 @@ export class ApprovalQueue {
   ): Promise<Approval> {
     const existing = this.items.find((a) => a.phaseId === phaseId && a.state === "pending" && a.workspace?.iteration === iteration.n);
     if (existing) return existing;
-    const approval: Approval = {
+    const approval = this.newApproval(
+      phaseId,
+      { argv: null, command: null, sql: null, workspace: { iteration: iteration.n, paths: [...iteration.paths] }, timeoutMs: null },
+      why,
+      files,
+    );
+    this.items.push(approval);
+    await this.save();
+    return approval;
+  }
+
+  /** A pending request: what is asked (`subject`), why, and the files it is bound to. */
+  private newApproval(
+    phaseId: string,
+    subject: Pick<Approval, "argv" | "command" | "sql" | "workspace" | "timeoutMs">,
+    why: { ruleId: string; clause: string; policyReason: string; requestReason?: string | undefined },
+    files: readonly FileBinding[],
+  ): Approval {
+    return {
       id: this.newId(),
       phaseId,
-      argv: null,
-      command: null,
-      sql: null,
-      workspace: { iteration: iteration.n, paths: [...iteration.paths] },
+      ...subject,
       ruleId: why.ruleId,
       clause: why.clause,
       policyReason: why.policyReason,
@@ -233,11 +239,8 @@ export class ApprovalQueue {
       usedAt: null,
       files: [...files],
       laterReasons: [],
-      retries: 0,      timeoutMs: null,
+      retries: 0,
     };
-    this.items.push(approval);
-    await this.save();
-    return approval;
   }
 
   /** The pending request of a workspace iteration, if one was queued. */

@@ -11,30 +11,12 @@ export class ApiClient {
 
   /** JSON request; throws SandboxdError (with the daemon's code and hint) on a non-2xx answer. */
   async request<T>(method: string, path: string, body?: unknown): Promise<T> {
-    const res = await this.raw(method, path, body);
-    const text = await readAll(res);
-    let json: unknown;
-    try {
-      json = text ? JSON.parse(text) : {};
-    } catch {
-      throw new SandboxdError("SBX_ERR_INTERNAL", `daemon answered ${res.statusCode} with a body that is not JSON`);
-    }
-    if ((res.statusCode ?? 500) >= 400) throw errorFromBody(json, res.statusCode ?? 500);
-    return json as T;
+    return jsonAnswer<T>(await this.raw(method, path, body));
   }
 
   /** A request whose body is bytes (PUT /v1/phases/:id/files/<path>); the answer is JSON. */
   async requestBytes<T>(method: string, path: string, bytes: Buffer): Promise<T> {
-    const res = await this.raw(method, path, { bytes, contentType: "application/octet-stream" });
-    const text = await readAll(res);
-    let json: unknown;
-    try {
-      json = text ? JSON.parse(text) : {};
-    } catch {
-      throw new SandboxdError("SBX_ERR_INTERNAL", `daemon answered ${res.statusCode} with a body that is not JSON`);
-    }
-    if ((res.statusCode ?? 500) >= 400) throw errorFromBody(json, res.statusCode ?? 500);
-    return json as T;
+    return jsonAnswer<T>(await this.raw(method, path, { bytes, contentType: "application/octet-stream" }));
   }
 
   /** The raw response, for streaming routes; errors before the stream starts are thrown like request(). */
@@ -97,4 +79,17 @@ async function readAll(res: http.IncomingMessage): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const c of res) chunks.push(c as Buffer);
   return Buffer.concat(chunks).toString("utf8");
+}
+
+/** A JSON answer's body; a non-2xx answer thrown as SandboxdError with the daemon's code and hint. */
+async function jsonAnswer<T>(res: http.IncomingMessage): Promise<T> {
+  const text = await readAll(res);
+  let json: unknown;
+  try {
+    json = text ? JSON.parse(text) : {};
+  } catch {
+    throw new SandboxdError("SBX_ERR_INTERNAL", `daemon answered ${res.statusCode} with a body that is not JSON`);
+  }
+  if ((res.statusCode ?? 500) >= 400) throw errorFromBody(json, res.statusCode ?? 500);
+  return json as T;
 }

@@ -150,12 +150,24 @@ export const NEVER: ReadonlyMap<string, string> = new Map(
 /** Commands whose first argument is a subcommand: shown and judged together ("CLIENT PAUSE"). */
 const WITH_SUB = new Set(["CONFIG", "CLIENT", "DEBUG", "SCRIPT", "FUNCTION", "ACL", "CLUSTER", "MODULE", "SLOWLOG", "LATENCY", "MEMORY", "OBJECT", "XINFO", "XGROUP", "PUBSUB", "COMMAND"]);
 
+/**
+ * Paper mode reads production, which the trading engine shares: a command
+ * that walks the whole keyspace in one call blocks every other client until
+ * it ends (Redis runs commands one at a time). KEYS is refused there, and
+ * the SCAN family's COUNT and MEMORY USAGE's SAMPLES are capped; the test
+ * instance allows all of them. (A read of one huge key — LRANGE 0 -1,
+ * SMEMBERS, HGETALL — is not capped: docs/POLICY-MATRIX.md "Not yet enforced".)
+ */
+export const PAPER_MAX_SCAN_COUNT = 1000;
+const SCAN_FAMILY = new Set(["SCAN", "HSCAN", "SSCAN", "ZSCAN"]);
+
 export const HINTS = {
   "redis.denied": "server administration is not available from a sandbox; ask a person",
   "redis.unlisted": "not on the sandbox's Redis allowlist (docs/DATABASE.md); use a listed command",
   "redis.read-only": "production Redis is read-only in paper mode; write in a test or backtest phase (REDIS_URL_TEST)",
   "redis.auth": "connect without a password: the daemon logs in upstream for the sandbox",
   "redis.select": "the phase's database comes from its Redis URL; use it without SELECT",
+  "redis.stall": `it would stall production Redis for every client; iterate with SCAN … MATCH pattern COUNT n (n ≤ ${PAPER_MAX_SCAN_COUNT})`,
 } as const;
 
 export type RedisRule = keyof typeof HINTS;
@@ -181,7 +193,7 @@ export interface JudgeContext {
 /** Which commands need every argument kept (capped) for judging or recording. */
 export function needsArgs(name: string): boolean {
   const spec = COMMANDS.get(name);
-  if (spec) return spec.cls === "write" || name === "HELLO" || name === "SELECT" || name === "INFO" || name === "XREAD";
+  if (spec) return spec.cls === "write" || name === "HELLO" || name === "SELECT" || name === "INFO" || name === "XREAD" || SCAN_FAMILY.has(name);
   return SUBCOMMANDS.has(name);
 }
 
@@ -191,7 +203,7 @@ export function needsArgs(name: string): boolean {
  * (redis.ts checkCommand): `COPY a b REPLACE …×70 DB 5` would hide its `DB`
  * past what the filter reads, and Redis accepts a repeated option.
  */
-export const ARG_DEPENDENT: ReadonlySet<string> = new Set(["HELLO", "SELECT", "INFO", "COPY"]);
+export const ARG_DEPENDENT: ReadonlySet<string> = new Set(["HELLO", "SELECT", "INFO", "COPY", "MEMORY", ...SCAN_FAMILY]);
 
 /**
  * The text a verdict depends on besides mode and database, for a
@@ -243,6 +255,37 @@ export function judgeCommand(name: string, sub: string | null, argv: readonly st
     case "COPY":
       // COPY src dst DB n writes into another database
       if (argv.slice(3).some((a) => a.toUpperCase() === "DB")) return refuse("redis.select", DENIED_CLAUSE, "COPY … DB writes into another database");
+      break;
+    case "KEYS":
+      if (ctx.mode === "paper") return refuse("redis.stall", DENIED_CLAUSE, "KEYS walks every key of production in one call");
+      break;
+    case "SCAN":
+    case "HSCAN":
+    case "SSCAN":
+    case "ZSCAN": {
+      if (ctx.mode !== "paper") break;
+      // SCAN cursor [options]; the others: key cursor [options]
+      const from = name === "SCAN" ? 2 : 3;
+      for (let k = from; k < argv.length - 1; k++) {
+        if (argv[k]!.toUpperCase() !== "COUNT") continue;
+        const n = Number(argv[k + 1]);
+        if (!Number.isFinite(n) || n > PAPER_MAX_SCAN_COUNT) {
+          return refuse("redis.stall", DENIED_CLAUSE, `${name} … COUNT ${sanitize(argv[k + 1]!)} reads more than ${PAPER_MAX_SCAN_COUNT} entries of production in one call`);
+        }
+      }
+      break;
+    }
+    case "MEMORY":
+      // MEMORY USAGE key SAMPLES 0 walks every element of the key
+      if (ctx.mode === "paper" && sub === "USAGE") {
+        for (let k = 3; k < argv.length - 1; k++) {
+          if (argv[k]!.toUpperCase() !== "SAMPLES") continue;
+          const n = Number(argv[k + 1]);
+          if (!Number.isFinite(n) || n <= 0 || n > PAPER_MAX_SCAN_COUNT) {
+            return refuse("redis.stall", DENIED_CLAUSE, `MEMORY USAGE … SAMPLES ${sanitize(argv[k + 1]!)} walks every element of a production key`);
+          }
+        }
+      }
       break;
     case "SORT":
       // SORT without STORE reads; it is classed as a write for its STORE form (paper clients use SORT_RO)

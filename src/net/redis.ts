@@ -332,7 +332,7 @@ function encodeCommand(argv: readonly string[]): Buffer {
 }
 
 /**
- * CLIENT SETNAME and HELLO … SETNAME: the name the server shows (CLIENT
+ * CLIENT SETNAME, CLIENT SETINFO LIB-NAME and HELLO … SETNAME: the name the server shows (CLIENT
  * LIST, the operator's monitoring) gets the sandbox's prefix, so a sandbox
  * cannot pass for the trading engine. The rewritten bytes, or null when the
  * command sets no name.
@@ -340,6 +340,8 @@ function encodeCommand(argv: readonly string[]): Buffer {
 export function withNamePrefix(cmd: RedisCommand): Buffer | null {
   let i = -1;
   if (cmd.name === "CLIENT" && cmd.sub === "SETNAME" && cmd.argc === 3 && cmd.argv.length === 3) i = 2;
+  // CLIENT SETINFO LIB-NAME shows in CLIENT LIST too (`lib-name=`); LIB-VER is a version, left as sent
+  else if (cmd.name === "CLIENT" && cmd.sub === "SETINFO" && cmd.argc === 4 && cmd.argv.length === 4 && cmd.argv[2]!.toUpperCase() === "LIB-NAME") i = 3;
   else if (cmd.name === "HELLO" && cmd.argc === cmd.argv.length) {
     const j = cmd.argv.findIndex((a, k) => k >= 2 && a.toUpperCase() === "SETNAME");
     if (j > 0 && j + 1 < cmd.argv.length) i = j + 1;

@@ -7,7 +7,7 @@
  * runs as uid 0 with only SETUID, SETGID and KILL, which is exactly enough to
  * start each command as the project owner and to kill what it leaves behind.
  *
- * Bundled by scripts/bundle-shim.mjs into one CommonJS file for the image's
+ * Bundled by scripts/bundle.mjs into one CommonJS file for the image's
  * Node 18, so only Node built-ins and zod may be imported here.
  */
 import net from "node:net";

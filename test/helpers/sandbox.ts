@@ -37,7 +37,7 @@ import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(ROOT, "dist", "cli", "main.js");
-/** The same command line bundled (scripts/bundle-cli.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
+/** The same command line bundled (scripts/bundle.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
 export const CLI_BUNDLE = path.join(ROOT, "dist", "cli", "main.cjs");
 /** The uid:gid that owns test projects (commands run as the project owner). */
 export const OWNER = { uid: 1000, gid: 1000 };

@@ -170,6 +170,10 @@ describe("Redis walls, from inside real sandboxes", () => {
         ["CONFIG", "SET", "maxmemory", "1"],
         ["GET", "price"],
         ["PING"],
+        // what would stall production for every client (the trading engine's connections)
+        ["KEYS", "*"],
+        ["SCAN", "0", "COUNT", "100000"],
+        ["SCAN", "0", "COUNT", "100"],
       ],
       cli: [["GET", "price"], ["FLUSHALL"], ["DBSIZE"]],
     });
@@ -188,7 +192,10 @@ describe("Redis walls, from inside real sandboxes", () => {
     // a refused command inside MULTI aborts the transaction, as a queueing error does in Redis
     expect(r.slice(11, 15)).toEqual(["+OK\r\n", "+QUEUED\r\n", expect.stringMatching(refusedBy("redis.read-only", "DEL")), "-EXECABORT Transaction discarded because of previous errors.\r\n"]);
     expect(r[15]).toMatch(refusedBy("redis.denied", "CONFIG SET"));
-    expect(r.slice(16)).toEqual(["$3\r\n100\r\n", "+PONG\r\n"]);
+    expect(r.slice(16, 18)).toEqual(["$3\r\n100\r\n", "+PONG\r\n"]);
+    expect(r[18]).toMatch(refusedBy("redis.stall", "KEYS"));
+    expect(r[19]).toMatch(refusedBy("redis.stall", "SCAN"));
+    expect(r[20]).toMatch(/^\*2\r\n\$1\r\n0\r\n\*2\r\n/);
     // redis-cli, with the URL it was given (its database, selected by redis-cli, is the phase's own)
     expect(out.cli[0]).toMatchObject({ code: 0, out: "100" });
     expect(out.cli[1]!.out + out.cli[1]!.err).toMatch(/sandboxd refused FLUSHALL \(rule redis\.denied/);
@@ -215,9 +222,10 @@ describe("Redis walls, from inside real sandboxes", () => {
       ["RESTORE", "redis.denied"], ["CLIENT PAUSE", "redis.denied"], ["PUBLISH", "redis.read-only"], ["SLOWLOG RESET", "redis.denied"],
       ["LATENCY RESET", "redis.denied"], ["MEMORY PURGE", "redis.denied"], ["SELECT", "redis.select"], ["AUTH", "redis.auth"],
       ["HELLO", "redis.auth"], ["SET", "redis.read-only"], ["DEL", "redis.read-only"], ["CONFIG SET", "redis.denied"], ["FLUSHALL", "redis.denied"],
+      ["KEYS", "redis.stall"], ["SCAN", "redis.stall"],
     ]) expect(refused).toContainEqual(want);
-    const close = rs.find((e) => e.type === "net.close" && e.service === "redis" && e.refused === 12);
-    expect(close).toMatchObject({ reads: 3, writes: 0, error: null });
+    const close = rs.find((e) => e.type === "net.close" && e.service === "redis" && e.refused === 14);
+    expect(close).toMatchObject({ reads: 4, writes: 0, error: null });
     // nothing was written, so nothing is recorded as a write
     expect(rs.filter((e) => e.type === "redis.write")).toEqual([]);
     const log = await readFile(phase.buildLog, "utf8");

@@ -31,7 +31,7 @@ function ensureBundle(): void {
   const srcDir = join(repoRoot, "src/shim");
   const newestSource = Math.max(...readdirSync(srcDir).map((f) => statSync(join(srcDir, f)).mtimeMs));
   if (existsSync(bundle) && statSync(bundle).mtimeMs >= newestSource) return;
-  execFileSync(process.execPath, [join(repoRoot, "scripts/bundle-shim.mjs")], { cwd: repoRoot, stdio: "pipe" });
+  execFileSync(process.execPath, [join(repoRoot, "scripts/bundle.mjs")], { cwd: repoRoot, stdio: "pipe" });
 }
 
 /* --------------------------- the daemon's side --------------------------- */

@@ -327,7 +327,7 @@ describe("the allowlist (judgeCommand)", () => {
     ["GET", "k"], ["MGET", "a", "b"], ["HGETALL", "h"], ["LRANGE", "l", "0", "-1"], ["SMEMBERS", "s"], ["ZRANGE", "z", "0", "-1", "WITHSCORES"],
     ["XRANGE", "x", "-", "+"], ["XREAD", "COUNT", "10", "STREAMS", "x", "0"], ["XLEN", "x"], ["XINFO", "STREAM", "x"], ["XPENDING", "x", "g"],
     ["EXISTS", "k"], ["TTL", "k"], ["PTTL", "k"], ["TYPE", "k"], ["SCAN", "0", "MATCH", "a*"], ["HSCAN", "h", "0"], ["SSCAN", "s", "0"],
-    ["ZSCAN", "z", "0"], ["KEYS", "*"], ["DBSIZE"], ["PING"], ["ECHO", "x"], ["INFO"], ["INFO", "keyspace"], ["INFO", "memory", "stats"],
+    ["ZSCAN", "z", "0"], ["SCAN", "0", "COUNT", "1000"], ["ZSCAN", "z", "0", "MATCH", "a*", "COUNT", "500"], ["DBSIZE"], ["PING"], ["ECHO", "x"], ["INFO"], ["INFO", "keyspace"], ["INFO", "memory", "stats"],
     ["TIME"], ["SELECT", "0"], ["HELLO"], ["HELLO", "3"], ["HELLO", "3", "SETNAME", "me"], ["CLIENT", "SETNAME", "me"],
     ["CLIENT", "SETINFO", "LIB-NAME", "redis-py"], ["CLIENT", "INFO"], ["CLIENT", "ID"], ["CLIENT", "GETNAME"],
     ["SUBSCRIBE", "c"], ["PSUBSCRIBE", "c*"], ["UNSUBSCRIBE"], ["PUBSUB", "CHANNELS"], ["MULTI"], ["EXEC"], ["DISCARD"], ["WATCH", "k"],
@@ -351,6 +351,25 @@ describe("the allowlist (judgeCommand)", () => {
       expect([argv.join(" "), rule("test", argv)]).toEqual([argv.join(" "), null]);
       expect([argv.join(" "), rule("backtest", argv)]).toEqual([argv.join(" "), null]);
     }
+  });
+
+  it("paper mode refuses what would stall production for every client: KEYS, a SCAN whose COUNT is over 1,000; the test instance allows both", () => {
+    const stalls = [["KEYS", "*"], ["keys", "order:*"], ["SCAN", "0", "COUNT", "1001"], ["SCAN", "0", "MATCH", "a*", "count", "100000"], ["HSCAN", "h", "0", "COUNT", "5000"],
+      ["SSCAN", "s", "0", "COUNT", "1e9"], ["ZSCAN", "z", "0", "COUNT", "Infinity"], ["SCAN", "0", "COUNT", "10", "COUNT", "99999"],
+      ["MEMORY", "USAGE", "k", "SAMPLES", "0"], ["memory", "usage", "k", "samples", "100000"]];
+    for (const argv of stalls) {
+      expect([argv.join(" "), rule("paper", argv)]).toEqual([argv.join(" "), "redis.stall"]);
+      expect([argv.join(" "), rule("test", argv)]).toEqual([argv.join(" "), null]);
+      expect([argv.join(" "), rule("backtest", argv)]).toEqual([argv.join(" "), null]);
+    }
+    expect(rule("paper", ["MEMORY", "USAGE", "k", "SAMPLES", "5"])).toBeNull();
+    expect(rule("paper", ["MEMORY", "USAGE", "SAMPLES", "SAMPLES", "5"])).toBeNull();
+    // the key of HSCAN is never read as an option (a key named COUNT)
+    expect(rule("paper", ["HSCAN", "COUNT", "0", "COUNT", "10"])).toBeNull();
+    const [cmd] = new RequestParser(needsArgs).feed(Buffer.from(resp("SCAN", "0", "COUNT", "50000")));
+    const v = checkCommand(cmd!, "paper");
+    expect(v.allow).toBe(false);
+    if (!v.allow) expect(refusalReply(v)).toMatch(/^-ERR sandboxd refused SCAN \(rule redis\.stall, .*\): it would stall production Redis for every client; iterate with SCAN … MATCH pattern COUNT n \(n ≤ 1000\)\r\n$/);
   });
 
   it("SELECT passes only for the phase's own database", () => {
@@ -394,7 +413,10 @@ describe("connection names from a sandbox", () => {
     const [cmd] = new RequestParser(needsArgs).feed(Buffer.from(resp(...argv)));
     return withNamePrefix(cmd!)?.toString("latin1") ?? null;
   };
-  it("prefixes CLIENT SETNAME and HELLO … SETNAME, and leaves everything else alone", () => {
+  it("prefixes CLIENT SETNAME, CLIENT SETINFO LIB-NAME and HELLO … SETNAME, and leaves everything else alone", () => {
+    expect(rewrite("CLIENT", "SETINFO", "LIB-NAME", "trading-engine")).toBe(resp("CLIENT", "SETINFO", "LIB-NAME", "sandboxd-trading-engine"));
+    expect(rewrite("client", "setinfo", "lib-name", "redis-py")).toBe(resp("client", "setinfo", "lib-name", "sandboxd-redis-py"));
+    expect(rewrite("CLIENT", "SETINFO", "LIB-VER", "5.0.1")).toBeNull();
     expect(rewrite("CLIENT", "SETNAME", "trading-engine")).toBe(resp("CLIENT", "SETNAME", "sandboxd-trading-engine"));
     expect(rewrite("client", "setname", "x")).toBe(resp("client", "setname", "sandboxd-x"));
     expect(rewrite("HELLO", "3", "SETNAME", "engine")).toBe(resp("HELLO", "3", "SETNAME", "sandboxd-engine"));
