@@ -259,7 +259,12 @@ export class WarmPool {
       const want = this.keys();
       // slots of a key the policy no longer has (a reload) are not claimed by anyone: they go
       const wanted = new Set(want.map(keyString));
-      for (const s of this.slots.values()) if (s.state === "ready" && !wanted.has(s.key)) await this.discard(s, "its limits are no longer the policy's");
+      for (const s of [...this.slots.values()]) {
+        if (s.state !== "ready") continue;
+        if (!wanted.has(s.key)) await this.discard(s, "its limits are no longer the policy's");
+        // its shim went away between the fill's wait and its readiness: no phase could claim it
+        else if (!s.channel?.connected) await this.discard(s, "its shim is not connected");
+      }
       const short = want.find((k) => [...this.slots.values()].filter((s) => s.key === keyString(k)).length < this.size);
       if (!short) {
         await new Promise<void>((r) => (this.wake = r));
