@@ -12,6 +12,8 @@ import { buildApp } from "./api/app.js";
 import { prepareExport } from "./audit/bundle.js";
 import { ANCHOR_FILE, AuditJournal, parseAnchor } from "./audit/journal.js";
 import { loadOrCreateSigningKey } from "./audit/signing.js";
+import { verifyJournal, type Checkpoint } from "./audit/verify.js";
+import { witnessFile } from "./audit/witness.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
@@ -156,7 +158,7 @@ export async function startDaemon(
       "created the audit signing key: back it up, and give auditors its public key (`sandboxd audit key`)",
     );
   }
-  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock, signer });
+  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock, signer, witness: witnessFile(settings.auditKey, settings.stateDir) });
   await journal.append({
     type: "policy.load",
     file: settings.policyFile,
@@ -239,7 +241,16 @@ export async function startDaemon(
     approvals,
     audit: {
       key: { fingerprint: signer.fingerprint, publicKey: signer.publicKeyPem, keyFile: signer.keyFile },
-      exportBundle: () => prepareExport({ stateDir: settings.stateDir, journal, signer, source: { instance, stateDir: settings.stateDir, hostname: hostname(), version: VERSION } }),
+      exportBundle: (o: { nonce?: string | undefined } = {}) =>
+        prepareExport({ stateDir: settings.stateDir, journal, signer, nonce: o.nonce, source: { instance, stateDir: settings.stateDir, hostname: hostname(), version: VERSION } }),
+      // The daemon knows more than the files: its own keys (pinned), and the last head it wrote and signed, which a
+      // trail rolled back or swapped while it runs no longer reaches.
+      verify: () => {
+        const checkpoints: Checkpoint[] = [{ ...journal.durable, source: "the running daemon's last written record" }];
+        const signed = journal.signedHead;
+        if (signed) checkpoints.push({ seq: signed.seq, hash: signed.hash, source: "the running daemon's last signed head" });
+        return verifyJournal(settings.stateDir, { pinned: [signer.fingerprint, ...signer.previous.keys()], checkpoints });
+      },
     },
     stateDir: settings.stateDir,
     logger: log,

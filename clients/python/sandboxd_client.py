@@ -341,3 +341,54 @@ class Sandboxd:
 
     def verify_audit(self):
         return self.request("GET", "/v1/audit/verify")["verify"]
+
+    def audit_key(self):
+        """The public key that signs the trail's anchors: {fingerprint, publicKey (PEM), keyFile}. Give it to auditors."""
+        return self.request("GET", "/v1/audit/key")["key"]
+
+    def export_audit(self, path, nonce=None):
+        """`sandboxd audit export -o PATH`: the whole trail as a bundle (docs/AUDIT.md "Export bundle").
+
+        Written to PATH.part, checked for its shape — a header, every record,
+        the signed anchor at the last record, which is the export's own
+        (`audit.export`, answering `nonce` when given) — then renamed to PATH.
+        Returns {path, records, lastSeq, key, nonce}. The chain and the
+        ed25519 signature are checked by `sandboxd audit verify --bundle PATH
+        --key PUB [--nonce N]` (Python's standard library has no ed25519).
+        """
+        conn, resp = self._send("GET", "/v1/audit/export" + _query({"nonce": nonce}), timeout=None)
+        part = path + ".part"
+        header = last_record = anchor = None
+        count = 0
+        try:
+            if resp.status >= 400:
+                self._raise_for(resp, resp.read())
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                pending = None
+                for line in resp:
+                    out.write(line)
+                    if header is None:
+                        header = json.loads(line.decode("utf-8"))
+                        continue
+                    if pending is not None:
+                        last_record = pending
+                        count += 1
+                    pending = line
+                anchor = json.loads(pending.decode("utf-8")).get("anchor") if pending else None
+        finally:
+            conn.close()
+        record = json.loads(last_record.decode("utf-8")) if last_record else {}
+        problem = None
+        if not header or header.get("bundle") != "sandboxd.audit.bundle.v1":
+            problem = "no bundle header"
+        elif not anchor or anchor.get("seq") != record.get("seq") or anchor.get("hash") != record.get("hash"):
+            problem = "the bundle does not end with a signed anchor over its last record (cut short?)"
+        elif record.get("type") != "audit.export" or header.get("records") != count:
+            problem = "the bundle does not end at its own audit.export record, or its header counts other records"
+        elif nonce is not None and record.get("nonce") != nonce:
+            problem = "the bundle answers nonce %r, not %r" % (record.get("nonce"), nonce)
+        if problem:
+            raise SandboxdError("SBX_ERR_AUDIT_CORRUPT", "the exported bundle does not check: %s; left at %s" % (problem, part))
+        os.replace(part, path)
+        return {"path": path, "records": count, "lastSeq": anchor["seq"], "key": anchor["key"], "nonce": record.get("nonce")}

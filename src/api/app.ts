@@ -12,7 +12,7 @@ import { z } from "zod";
 import { SandboxdError } from "../errors.js";
 import type { ApprovalQueue } from "../approvals/queue.js";
 import { followRecords, readRecords } from "../audit/read.js";
-import { verifyJournal } from "../audit/verify.js";
+import { verifyJournal, type VerifyResult } from "../audit/verify.js";
 import type { PreparedExport } from "../audit/bundle.js";
 import type { ExecRequest, PhaseManager } from "../phases/manager.js";
 import { execBody } from "./schemas.js";
@@ -34,7 +34,9 @@ export interface AppOptions {
   /** the audit trail's signing key and its export (the daemon's; absent in tests that build the app alone) */
   audit?: {
     key: { fingerprint: string; publicKey: string; keyFile: string };
-    exportBundle(): Promise<PreparedExport>;
+    exportBundle(opts?: { nonce?: string | undefined }): Promise<PreparedExport>;
+    /** the trail checked with what the daemon knows: its keys pinned, its last written and signed heads (docs/AUDIT.md "Threat model") */
+    verify?(): Promise<VerifyResult>;
   };
   info: { version: string; instance: string; pid: number; stateDir: string; socket: string };
   /**
@@ -393,7 +395,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     res.end();
   });
 
-  on("GET /v1/audit/verify", async () => ({ verify: await verifyJournal(opts.stateDir) }));
+  on("GET /v1/audit/verify", async () => ({ verify: opts.audit?.verify ? await opts.audit.verify() : await verifyJournal(opts.stateDir) }));
 
   const auditSigning = () => {
     if (!opts.audit) throw new SandboxdError("SBX_ERR_NOT_FOUND", "this API has no audit signing key");
@@ -402,8 +404,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   on("GET /v1/audit/key", async () => ({ key: auditSigning().key }));
 
   // A verifiable bundle (src/audit/bundle.ts): checked and signed before the first byte is sent, then streamed.
-  on("GET /v1/audit/export", async (_input, _req, reply) => {
-    const prepared = await auditSigning().exportBundle();
+  on("GET /v1/audit/export", async ({ query }, _req, reply) => {
+    const prepared = await auditSigning().exportBundle({ nonce: query.nonce });
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, {

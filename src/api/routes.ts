@@ -105,7 +105,7 @@ export const ROUTES = [
   { method: "GET", path: "/v1/audit", tag: "audit", summary: "audit.jsonl records (a list; NDJSON as they are appended with follow=1)", query: S.auditQuery, ok: { status: 200, description: "{records: [...]}, or NDJSON with follow=1", content: "json-or-ndjson" } },
   { method: "GET", path: "/v1/audit/verify", tag: "audit", summary: "verify the audit trail's hash chain, its anchor and the anchor's signature", ok: { status: 200, description: "{verify}", content: "json" } },
   { method: "GET", path: "/v1/audit/key", tag: "audit", summary: "the ed25519 public key that signs the audit anchors, its fingerprint and key file", ok: { status: 200, description: "{key: {fingerprint, publicKey, keyFile}}", content: "json" } },
-  { method: "GET", path: "/v1/audit/export", tag: "audit", summary: "a verifiable bundle of the whole trail: header, records, signed anchor (docs/AUDIT.md \"Export bundle\")", ok: { status: 200, description: "JSON lines: header, records 1…N byte for byte, {anchor}", content: "ndjson" }, errors: ["SBX_ERR_AUDIT_CORRUPT", "SBX_ERR_AUDIT_FAILED"] },
+  { method: "GET", path: "/v1/audit/export", tag: "audit", summary: "a verifiable bundle of the whole trail: header, records, signed anchor (docs/AUDIT.md \"Export bundle\"); nonce: the auditor's challenge, recorded in the bundle's last record", query: S.auditExportQuery, ok: { status: 200, description: "JSON lines: header, records 1…N byte for byte, {anchor}", content: "ndjson" }, errors: ["SBX_ERR_AUDIT_CORRUPT", "SBX_ERR_AUDIT_FAILED"] },
 ] as const satisfies readonly RouteDef[];
 
 export type RouteKey = `${(typeof ROUTES)[number]["method"]} ${(typeof ROUTES)[number]["path"]}`;

@@ -119,6 +119,18 @@ export const auditQuery = z
   })
   .strict();
 
+/**
+ * A caller's challenge for `GET /v1/audit/export`: recorded in the bundle's
+ * last record (audit.export), under the signature, so the auditor who chose
+ * it knows the bundle was made for this request and is not an older one.
+ */
+export const AUDIT_NONCE = /^[A-Za-z0-9._:-]{1,128}$/;
+export const auditExportQuery = z
+  .object({
+    nonce: z.string().regex(AUDIT_NONCE, "1-128 characters of A-Z a-z 0-9 . _ : -").optional(),
+  })
+  .strict();
+
 export const noteBody = z.object({ note: z.string().max(2000).optional() }).strict();
 export const escalationsQuery = z.object({ all: z.enum(["0", "1", "true", "false"]).optional() }).strict();
 export const eventsQuery = z

@@ -98,9 +98,11 @@ export async function prepareExport(opts: {
   journal: AuditJournal;
   signer: AnchorSigner;
   source: Record<string, string | number>;
+  /** the auditor's challenge, recorded in audit.export: the bundle answers this request, it is not an older one */
+  nonce?: string | undefined;
 }): Promise<PreparedExport> {
   const file = path.join(opts.stateDir, JOURNAL_FILE);
-  const rec = await opts.journal.append({ type: "audit.export", format: BUNDLE_FORMAT, key: opts.signer.fingerprint });
+  const rec = await opts.journal.append({ type: "audit.export", format: BUNDLE_FORMAT, key: opts.signer.fingerprint, nonce: opts.nonce });
   const head = { seq: rec.seq, hash: rec.hash };
   const checker = new ChainChecker(head);
   for await (const line of journalLines(file, head.seq)) {
@@ -143,6 +145,8 @@ export type BundleVerifyResult =
       policies: RecordedPolicy[];
       createdAt: string;
       source: Record<string, unknown>;
+      /** the nonce the export answered (its audit.export record), or null */
+      nonce: string | null;
     }
   | VerifyFailure;
 
@@ -165,12 +169,13 @@ function same(a: unknown, b: unknown): boolean {
  * records, the header against the records, and with `pinned` that every key
  * the trail records is pinned. The first failure is returned, naming it.
  */
-export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?: readonly string[] } = {}): Promise<BundleVerifyResult> {
+export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?: readonly string[]; nonce?: string | undefined } = {}): Promise<BundleVerifyResult> {
   const fail = (reason: string, badSeq = 0, verifiedUpTo = 0): VerifyFailure => ({ ok: false, badSeq, reason, verifiedUpTo });
   let header: BundleHeader | null = null;
   let checker: ChainChecker | null = null;
   let pending: Buffer | null = null;
   let lineNo = 0;
+  let lastRecord: { type: string; ts: string; nonce?: unknown } | null = null;
   for await (const line of lines(input)) {
     lineNo += 1;
     if (lineNo === 1) {
@@ -192,6 +197,7 @@ export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?
       checker ??= new ChainChecker(null, "bundle line");
       const bad = checker.line(pending);
       if (bad) return { ...bad, reason: bad.reason.replace(/^bundle line (\d+)/, (_, n: string) => `bundle line ${Number(n) + 1} (record)`) };
+      lastRecord = JSON.parse(pending.toString("utf8")) as { type: string; ts: string; nonce?: unknown }; // checked by checker.line
     }
     pending = line;
   }
@@ -218,10 +224,29 @@ export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?
   }
   const sig = c.finishSignature({ seq: anchor.seq, hash: anchor.hash, signed: anchor }, opts.pinned ?? []);
   if ("ok" in sig) return sig;
+  // Every export ends at its own audit.export record. Any head the daemon ever signed (an old audit.anchor, say)
+  // would otherwise make a valid-looking bundle of a shorter trail.
+  const last = lastRecord!;
+  if (last.type !== "audit.export") {
+    return fail(
+      `the bundle's last record (seq ${c.lastSeq}) is a ${last.type}, not the audit.export record every export ends with: the trail was cut back to an earlier signed head, or the bundle was not made by \`sandboxd audit export\``,
+      c.lastSeq,
+      c.lastSeq,
+    );
+  }
+  const nonce = typeof last.nonce === "string" ? last.nonce : null;
+  if (opts.nonce !== undefined && nonce !== opts.nonce) {
+    return fail(
+      `the bundle answers ${nonce === null ? "no nonce" : `nonce ${JSON.stringify(nonce)}`}, not ${JSON.stringify(opts.nonce)} (its audit.export record, seq ${c.lastSeq}, at ${last.ts}): it is an older export, or one made for another request`,
+      c.lastSeq,
+      c.lastSeq,
+    );
+  }
   // the header is not signed: what it says must be what the records say
   const problems: string[] = [];
   if (header.records !== c.lastSeq || header.lastSeq !== c.lastSeq) problems.push(`it counts ${header.records} records up to seq ${header.lastSeq}, the bundle holds ${c.lastSeq}`);
   if (header.lastHash !== c.lastHash) problems.push("its lastHash is not the last record's hash");
+  if (header.createdAt !== last.ts) problems.push(`its createdAt ${String(header.createdAt)} is not the time of the export's record (${last.ts})`);
   if (!same(header.signingKeys, c.keys)) problems.push("its signing keys are not those the records hold (audit.signing_key)");
   if (!same(header.policies, c.policies)) problems.push("its policies are not those the records hold (policy.load, policy.reload, policy.reload_refused)");
   if (problems.length > 0) return fail(`the header disagrees with the signed records: ${problems.join("; ")}`, 0, c.lastSeq);
@@ -236,10 +261,11 @@ export async function verifyBundle(input: AsyncIterable<Buffer>, opts: { pinned?
     policies: c.policies,
     createdAt: String(header.createdAt),
     source: header.source ?? {},
+    nonce,
   };
 }
 
-export async function verifyBundleFile(file: string, opts: { pinned?: readonly string[] } = {}): Promise<BundleVerifyResult> {
+export async function verifyBundleFile(file: string, opts: { pinned?: readonly string[]; nonce?: string | undefined } = {}): Promise<BundleVerifyResult> {
   const stream = createReadStream(file, { highWaterMark: 1 << 20 });
   try {
     return await verifyBundle(stream as AsyncIterable<Buffer>, opts);
@@ -257,13 +283,14 @@ export function describeBundleResult(r: BundleVerifyResult, file: string): strin
   if (!r.ok) return `audit bundle ${file} REFUSED: ${r.reason}${r.verifiedUpTo > 0 ? ` (records 1-${r.verifiedUpTo} verify)` : ""}`;
   const lines = [
     `audit bundle ${file} verifies: ${r.records} records, chain intact, anchor at seq ${r.lastSeq} signed with key ${r.key}${r.pinned ? " (pinned)" : ""}`,
+    `  exported at ${r.createdAt}${r.nonce !== null ? ` for nonce ${JSON.stringify(r.nonce)}` : " (no nonce: pass one to `audit export --nonce` to know the bundle is not an older one)"}`,
   ];
   if (!r.pinned) {
     lines.push(
       "  the signing key is not pinned: the bundle proves it is unchanged since that key signed it; to prove the key is the daemon's, compare the fingerprint with `sandboxd audit key` on the daemon's machine, or pass --key",
     );
   }
-  for (const k of r.keys) lines.push(`  signing key ${k.fingerprint} recorded at seq ${k.seq}${k.previousKey ? ` (after ${k.previousKey})` : ""}`);
+  for (const k of r.keys) lines.push(`  signing key ${k.fingerprint} recorded at seq ${k.seq}${k.previousKey ? ` (after ${k.previousKey})` : ""}${k.stateDir ? ` for state dir ${k.stateDir}` : ""}`);
   for (const p of r.policies) lines.push(`  ${p.type} seq ${p.seq}: ${p.file ?? "?"} sha256 ${p.sha256 ?? "unreadable"} (${p.rules ?? "?"} rules)`);
   return lines.join("\n");
 }

@@ -95,9 +95,14 @@ export function renderOutput(ts: string, label: "STDOUT" | "STDERR", head: strin
   ];
 }
 
-/** `[TIMESTAMP] [SKILL] [ACTION] [TARGET] [RESULT]` */
+/**
+ * `[TIMESTAMP] [SKILL] [ACTION] [TARGET] [RESULT]`. The target never holds
+ * `] [`: a file named `x] [SUCCESS` would end the field early for whoever
+ * splits the line there, and make a refused change read as a success (its
+ * space is written `\x20`).
+ */
 export function actionLine(ts: string, skill: string, action: string, target: string, result: string): string {
-  return `[${ts}] [${skill}] [${action}] [${escapeControl(target)}] [${escapeControl(result)}]`;
+  return `[${ts}] [${skill}] [${action}] [${escapeControl(target).replaceAll("] [", "]\\x20[")}] [${escapeControl(result)}]`;
 }
 
 /**

@@ -27,6 +27,7 @@ import { SandboxdError } from "../errors.js";
 import type { Clock } from "../util/clock.js";
 import { canonicalJson, canonicalMembers, toWellFormed, withMember } from "./canonical.js";
 import { type AnchorSigner, verifyAnchorSignature } from "./signing.js";
+import { readWitness, witnessBytes, type Witness } from "./witness.js";
 import { removeIfPresent } from "../util/fs.js";
 
 export const JOURNAL_FILE = "audit.jsonl";
@@ -151,6 +152,13 @@ export interface JournalOptions {
    * head by at most this and one signature (≈70 µs). docs/AUDIT.md.
    */
   signIntervalMs?: number;
+  /**
+   * The witness file (./witness.ts): the latest signed head, kept beside the
+   * key, outside the state dir. On open the trail must reach the witnessed
+   * head with its hash (else it was rolled back, cut or swapped); every new
+   * signature is written to it. Only with a signer.
+   */
+  witness?: string;
 }
 
 const RESERVED = new Set(["seq", "ts", "prev", "hash"]);
@@ -346,8 +354,9 @@ interface Pending {
   reject: (e: unknown) => void;
 }
 
-const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT;
-const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT;
+// O_NOFOLLOW: a symlink planted in the state dir must not make the daemon (root, by default) write through it elsewhere
+const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW;
+const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW;
 /**
  * The anchor is always this many bytes (JSON padded with spaces, then "\n"),
  * overwritten in place: one sector, so one pwrite(2) (about 250 bytes of
@@ -470,6 +479,12 @@ export class AuditJournal {
   private readonly fd: number;
   /** fd of audit.anchor, -1 when the anchor is off */
   private readonly afd: number;
+  /** fd of the witness beside the key (./witness.ts), -1 without one */
+  private readonly wfd: number;
+  private readonly witnessPath: string | null;
+  /** seq of the signed head last written to the witness */
+  private witnessSeq = -1;
+  private witnessDirty = false;
   private readonly lockFile: string;
   /** the anchor file is longer than ANCHOR_BYTES (written by something else): cut it on the next write */
   private anchorOversize: boolean;
@@ -508,8 +523,12 @@ export class AuditJournal {
     head: ChainHead,
     opts: JournalOptions,
     syncedEnd: number,
+    witness: { fd: number; path: string; seq: number } | null,
   ) {
     this.syncedEnd = syncedEnd;
+    this.wfd = witness?.fd ?? -1;
+    this.witnessPath = witness?.path ?? null;
+    this.witnessSeq = witness?.seq ?? -1;
     this.recoverProbeMs = opts.recoverProbeMs ?? 1000;
     this.lockFile = lockFile;
     this.path = path.join(dir, JOURNAL_FILE);
@@ -544,6 +563,7 @@ export class AuditJournal {
     const anchorEnabled = opts.anchor ?? true;
     let fd = -1;
     let afd = -1;
+    let wfd = -1;
     let lockFile: string | null = null;
     const closeAll = async () => {
       // undoing a failed open: the open's own error is the one reported
@@ -551,6 +571,8 @@ export class AuditJournal {
       if (fd >= 0) await jfs.close(fd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
       if (afd >= 0) await jfs.close(afd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
+      if (wfd >= 0) await jfs.close(wfd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
       if (lockFile) await unlink(lockFile).catch(() => undefined);
     };
@@ -617,6 +639,19 @@ export class AuditJournal {
         }
         if (opts.signer) await checkAnchorAtOpen(jfs, fd, file, anchorFile, anchor, tail.head.seq, opts.signer);
       }
+      let witness: { fd: number; path: string; seq: number } | null = null;
+      if (opts.signer && opts.witness && anchorEnabled) {
+        const wpath = opts.witness;
+        const w = await readWitness(wpath);
+        if (w) await checkWitnessAtOpen(jfs, fd, file, wpath, w, anchor, tail.head.seq);
+        try {
+          await jfs.mkdir(path.dirname(wpath));
+          wfd = await jfs.open(wpath, O_ANCHOR, 0o600);
+        } catch (e) {
+          throw auditFailed("witness open", wpath, e);
+        }
+        witness = { fd: wfd, path: wpath, seq: w?.seq ?? -1 };
+      }
       if (tail.tornBytes > 0) {
         // The torn record's seq is tail.head.seq + 1 > anchor.seq: never acknowledged.
         try {
@@ -626,7 +661,7 @@ export class AuditJournal {
           throw auditFailed("truncate of a torn final line", file, e);
         }
       }
-      const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts, tail.completeEnd);
+      const journal = new AuditJournal(dir, fd, afd, lockFile, anchorSize, tail.head, opts, tail.completeEnd, witness);
       // verified by checkAnchorAtOpen: carried on until this journal's own first signature replaces it
       if (opts.signer && anchor?.signed) journal.signed = anchor.signed;
       let appended = false;
@@ -659,6 +694,8 @@ export class AuditJournal {
           created: opts.signer.created,
           previousKey: anchor?.signed?.key ?? null,
           anchoredSeq: anchor?.seq ?? null,
+          // which trail this key signs from here: one key may sign several state dirs, and a signature does not name its trail
+          stateDir: path.resolve(dir),
         });
       }
       if (anchorEnabled && !appended && (anchor === null || anchor.seq !== journal.synced.seq || anchorSize !== ANCHOR_BYTES)) {
@@ -676,6 +713,11 @@ export class AuditJournal {
   /** The error that put the journal in its failed state, or null. */
   get failed(): SandboxdError | null {
     return this.failure;
+  }
+
+  /** The latest signed head (what the anchor and the witness carry), or null before the first signature. */
+  get signedHead(): SignedHead | null {
+    return this.signed ? { ...this.signed } : null;
   }
 
   /** seq and hash of the last record on disk (written, synced, anchored). */
@@ -757,6 +799,8 @@ export class AuditJournal {
       await this.fs.close(this.fd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
       if (this.afd >= 0) await this.fs.close(this.afd).catch(() => undefined);
+      // eslint-disable-next-line no-restricted-syntax -- see above
+      if (this.wfd >= 0) await this.fs.close(this.wfd).catch(() => undefined);
       // eslint-disable-next-line no-restricted-syntax -- see above
       await unlink(this.lockFile).catch(() => undefined);
     })();
@@ -1031,6 +1075,23 @@ export class AuditJournal {
       await this.fs.fdatasync(this.afd);
       this.lastAnchorSync = this.clock.monotonicMs();
     }
+    // the witness after the anchor, and only forward: it names the latest head signed for this trail
+    const signed = this.signed;
+    if (this.wfd >= 0 && signed && signed.seq > this.witnessSeq) {
+      const w = witnessBytes({ ...signed, stateDir: path.dirname(this.path) });
+      let woff = 0;
+      while (woff < w.length) {
+        const n = await this.fs.writeAt(this.wfd, w, woff, w.length - woff, woff);
+        if (n <= 0) throw Object.assign(new Error(`write of ${this.witnessPath} returned 0 bytes`), { code: "EIO" });
+        woff += n;
+      }
+      this.witnessSeq = signed.seq;
+      this.witnessDirty = true;
+    }
+    if (durable && this.witnessDirty) {
+      await this.fs.fdatasync(this.wfd);
+      this.witnessDirty = false;
+    }
   }
 
   private idle(): Promise<void> {
@@ -1050,7 +1111,23 @@ export class AuditJournal {
  * the whole journal, which happens only when the anchor is unsigned.
  */
 async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, anchorFile: string, anchor: Anchor | null, lastSeq: number, signer: AnchorSigner): Promise<void> {
-  if (anchor === null) return; // recorded as audit.anchor_missing; verify wants a signed anchor again after it
+  if (anchor === null) {
+    if (lastSeq === 0) return;
+    // A trail that recorded a key had a signed anchor, written and synced before that key's first record was
+    // acknowledged: without it nothing says the records were not rewritten. Going on (recording
+    // audit.anchor_missing, signing a new head) would bless whatever the file now holds.
+    const seq = await findSigningKeyRecord(jfs, fd, file);
+    if (seq !== null) {
+      throw new SandboxdError(
+        "SBX_ERR_AUDIT_CORRUPT",
+        `${anchorFile} is missing or empty, but ${file} records a signing key at seq ${seq}: the signed anchor was removed, and the records could have been rewritten since it was signed; the daemon does not sign over them`,
+        {
+          hint: `restore ${anchorFile} from a backup; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move ${file} and ${anchorFile} aside together (keep them as evidence), and the trail's witness (<key file>.heads/…) with them`,
+        },
+      );
+    }
+    return; // an unsigned trail: recorded as audit.anchor_missing
+  }
   const signed = anchor.signed;
   if (signed) {
     const key = signed.key === signer.fingerprint ? signer.publicKey : signer.previous.get(signed.key);
@@ -1069,6 +1146,17 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
         `${anchorFile} names signing key ${signed.key} but its signature does not verify: the anchor was forged or the chain under it rewritten; run \`sandboxd audit verify\``,
       );
     }
+    if (signed.key !== signer.fingerprint) {
+      // signed by a key this one replaced: it must still have been the key in force at that seq (a retired key, perhaps
+      // stolen, signs nothing written after its successor was recorded). Read only on the first start after a rotation.
+      const inForce = await lastSigningKeyUpTo(jfs, fd, file, signed.seq);
+      if (inForce !== null && inForce.fingerprint !== signed.key) {
+        throw new SandboxdError(
+          "SBX_ERR_AUDIT_CORRUPT",
+          `${anchorFile} is signed at seq ${signed.seq} with retired key ${signed.key}, but the key in force there is ${inForce.fingerprint} (recorded at seq ${inForce.seq}): records written after the rotation were signed with the old key; run \`sandboxd audit verify\``,
+        );
+      }
+    }
     return;
   }
   if (lastSeq === 0) return;
@@ -1080,6 +1168,88 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
       `${anchorFile} carries no signature, but ${file} records a signing key at seq ${seq}: the signed anchor was replaced; run \`sandboxd audit verify\``,
     );
   }
+}
+
+/**
+ * The trail must reach the head the daemon last signed for it (the witness,
+ * kept beside the key) with the same hash: a trail that ends before it was
+ * cut or rolled back to an older copy; one with another hash there was
+ * rewritten, or is another state dir's trail signed by the same key. The
+ * record at the witnessed seq is read unless the anchor's signed head is that
+ * very head (a clean stop leaves both equal; after a crash or power loss the
+ * anchor may be behind or ahead of the witness by a signature).
+ */
+async function checkWitnessAtOpen(jfs: JournalFs, fd: number, file: string, wfile: string, w: Witness, anchor: Anchor | null, lastSeq: number): Promise<void> {
+  const rolledBack = (what: string) =>
+    new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${what}, but the daemon signed seq ${w.seq} of this trail (witness ${wfile}): the trail was rolled back to an older copy, cut, or replaced; the daemon does not sign over it`, {
+      hint: `restore the state dir's audit.jsonl and audit.anchor from a backup that reaches seq ${w.seq}; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move both aside (keep them as evidence) and ${wfile} with them`,
+    });
+  if (lastSeq < w.seq) throw rolledBack(`${file} ends at seq ${lastSeq}`);
+  const s = anchor?.signed;
+  if (s && s.seq === w.seq && s.hash === w.hash) return;
+  const hash = await hashAtLine(jfs, fd, file, w.seq);
+  if (hash !== w.hash) throw rolledBack(`record ${w.seq} of ${file} has ${hash === null ? "no valid hash" : `hash ${hash}`}, not ${w.hash}`);
+}
+
+/** The `hash` of the record on line `n` (1-based) of the journal, or null when that line is not a record with seq n. */
+async function hashAtLine(jfs: JournalFs, fd: number, file: string, n: number): Promise<string | null> {
+  let found: string | null = null;
+  let line = 0;
+  await scanLines(jfs, fd, file, (bytes) => {
+    line += 1;
+    if (line < n) return true;
+    try {
+      const rec = JSON.parse(bytes.toString("utf8")) as { seq?: unknown; hash?: unknown };
+      if (rec.seq === n && typeof rec.hash === "string") found = rec.hash;
+    } catch {
+      /* not a record: null */
+    }
+    return false;
+  });
+  return found;
+}
+
+/** Calls `visit` with each complete line of the journal until it returns false. */
+async function scanLines(jfs: JournalFs, fd: number, file: string, visit: (line: Buffer) => boolean): Promise<void> {
+  const STEP = 1 << 20;
+  try {
+    const size = await jfs.size(fd);
+    let carry = Buffer.alloc(0);
+    for (let pos = 0; pos < size; pos += STEP) {
+      const chunk = Buffer.concat([carry, await readExactly(jfs, fd, pos, Math.min(STEP, size - pos))]);
+      let lineStart = 0;
+      for (;;) {
+        const nl = chunk.indexOf(10, lineStart);
+        if (nl < 0) break;
+        if (!visit(chunk.subarray(lineStart, nl))) return;
+        lineStart = nl + 1;
+      }
+      carry = chunk.subarray(lineStart);
+    }
+  } catch (e) {
+    throw auditFailed("read", file, e);
+  }
+}
+
+/** The last `audit.signing_key` record at or before `seq`, or null. */
+async function lastSigningKeyUpTo(jfs: JournalFs, fd: number, file: string, seq: number): Promise<{ seq: number; fingerprint: string } | null> {
+  const needle = Buffer.from('"type":"audit.signing_key"');
+  let found: { seq: number; fingerprint: string } | null = null;
+  let line = 0;
+  await scanLines(jfs, fd, file, (bytes) => {
+    line += 1;
+    if (line > seq) return false;
+    if (bytes.includes(needle)) {
+      try {
+        const rec = JSON.parse(bytes.toString("utf8")) as { type?: unknown; seq?: unknown; fingerprint?: unknown };
+        if (rec.type === "audit.signing_key" && typeof rec.seq === "number" && typeof rec.fingerprint === "string") found = { seq: rec.seq, fingerprint: rec.fingerprint };
+      } catch {
+        /* a bad line is `audit verify`'s to report */
+      }
+    }
+    return true;
+  });
+  return found;
 }
 
 /** seq of the first `audit.signing_key` record in the journal, or null. */

@@ -13,8 +13,8 @@
  * written shows up as `tornTailBytes`, not as an error.
  */
 import { isUtf8 } from "node:buffer";
-import { createReadStream } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { constants as fsConstants } from "node:fs";
+import { open, readFile, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
 import type { KeyObject } from "node:crypto";
@@ -27,6 +27,8 @@ export interface RecordedKey {
   publicKey: string;
   seq: number;
   previousKey: string | null;
+  /** the state dir the key signed this trail in (recorded since trails are checked against a witness) */
+  stateDir?: string;
 }
 
 /** A policy the trail records: loaded at start, reloaded, or a reload refused. */
@@ -43,6 +45,18 @@ const POLICY_TYPES = new Set(["policy.load", "policy.reload", "policy.reload_ref
 
 export type VerifyFailure = { ok: false; badSeq: number; reason: string; verifiedUpTo: number };
 
+/**
+ * A head known from outside the files being verified — the witness beside
+ * the key (./witness.ts), or the running daemon's own memory of what it
+ * wrote and signed. The trail must reach it with this hash.
+ */
+export interface Checkpoint {
+  seq: number;
+  hash: string;
+  /** how it is named in a failure, e.g. "the witness /etc/sandboxd/audit-signing.key.heads/…" */
+  source: string;
+}
+
 export type VerifyResult =
   | {
       ok: true;
@@ -57,6 +71,15 @@ export type VerifyResult =
       keys: RecordedKey[];
       /** every recorded key was among the keys the caller pinned (false when none were pinned) */
       pinned: boolean;
+      /** heads known from outside the state dir that the trail was checked against (witness, daemon memory) */
+      checkpoints: Checkpoint[];
+      /**
+       * records after the signed head (first, last), or null: no signature
+       * covers them yet. While the daemon runs that is the last ≤100 ms; after
+       * a crash, what was written since the last signature (docs/AUDIT.md
+       * "Threat model").
+       */
+      unsigned: { from: number; to: number } | null;
       /**
        * bytes after the last newline: a record torn by a crash, never
        * acknowledged (it is after the anchor); opening the journal drops it
@@ -79,11 +102,24 @@ export class ChainChecker {
   readonly policies: RecordedPolicy[] = [];
   private readonly keyObjects = new Map<string, KeyObject>();
 
-  /** @param anchor the anchor to compare with the record at its seq, if any; @param label how a line is named in reasons */
+  /**
+   * @param anchor the anchor to compare with the record at its seq, if any; @param label how a line is named in reasons
+   * @param checkpoints heads known from outside the files: the record at each seq must have its hash
+   */
   constructor(
     private readonly anchor: Anchor | null,
     private readonly label = "line",
+    readonly checkpoints: readonly Checkpoint[] = [],
   ) {}
+
+  /** A checkpoint the records did not reach: they were cut back before it. */
+  unreached(): VerifyFailure | null {
+    const cp = this.checkpoints.filter((c) => c.seq > this.lastSeq).sort((a, b) => b.seq - a.seq)[0];
+    if (!cp) return null;
+    return this.fail(
+      `the trail ends at seq ${this.lastSeq}, but ${cp.source} names seq ${cp.seq}: records ${this.lastSeq + 1}-${cp.seq} were removed (the trail was rolled back to an older copy, or cut)`,
+    );
+  }
 
   fail(reason: string, seq = this.lastSeq + 1): VerifyFailure {
     return { ok: false, badSeq: seq, reason, verifiedUpTo: this.lastSeq };
@@ -120,6 +156,17 @@ export class ChainChecker {
     if (signed && signed.seq === rec.seq && signed.hash !== rec.hash) {
       return bad(`hash differs from the one the anchor's signed head holds for this seq: the chain was rewritten from here`);
     }
+    for (const cp of this.checkpoints) {
+      if (cp.seq === rec.seq && cp.hash !== rec.hash) {
+        return bad(`hash differs from the one ${cp.source} holds for this seq: the trail was rewritten up to here, rolled back, or is another trail`);
+      }
+    }
+    if (rec.type === "audit.anchor_missing" && this.keys.length > 0) {
+      const k = this.keys[0]!;
+      return bad(
+        `audit.anchor_missing: the daemon found no anchor here, but the trail had recorded signing key ${k.fingerprint} at seq ${k.seq}: the signed anchor was removed, and records 1-${rec.seq - 1} could have been rewritten before this start`,
+      );
+    }
     if (rec.type === "audit.signing_key") {
       const problem = this.addKey(rec);
       if (problem) return bad(`audit.signing_key: ${problem}`);
@@ -144,7 +191,8 @@ export class ChainChecker {
       return `it names previous key ${prev}, which the trail never recorded: the anchor was replaced before this start`;
     }
     this.keyObjects.set(fingerprint, key);
-    this.keys.push({ fingerprint, publicKey, seq: rec.seq, previousKey: prev });
+    const stateDir = (rec as { stateDir?: unknown }).stateDir;
+    this.keys.push({ fingerprint, publicKey, seq: rec.seq, previousKey: prev, ...(typeof stateDir === "string" ? { stateDir } : {}) });
     return null;
   }
 
@@ -183,6 +231,15 @@ export class ChainChecker {
         after(signed),
       );
     }
+    // A rotation retires a key: only the key in force at the signed seq (the last one recorded at or before it) signs
+    // there. Else an old key — stolen, the reason to rotate — could sign a rewrite of what came after its successor.
+    const inForce = this.keys.filter((k) => k.seq <= signed.seq).at(-1);
+    if (inForce && inForce.fingerprint !== signed.key) {
+      return this.fail(
+        `the anchor at seq ${signed.seq} is signed with key ${signed.key}, but the key in force there is ${inForce.fingerprint} (recorded at seq ${inForce.seq}): a retired key signed records written after it was replaced (was it stolen?)`,
+        after(signed),
+      );
+    }
     if (!verifyAnchorSignature(signed, signed.sig, key)) {
       return this.fail(
         `the anchor's signature over seq ${signed.seq} does not verify with key ${signed.key}: the records up to seq ${signed.seq} (or the anchor) were changed after it was signed`,
@@ -198,7 +255,7 @@ export class ChainChecker {
  * caller trusts (the daemon pins its own); every key the trail records must
  * then be one of them.
  */
-export async function verifyJournal(dir: string, opts: { pinned?: readonly string[] } = {}): Promise<VerifyResult> {
+export async function verifyJournal(dir: string, opts: { pinned?: readonly string[]; checkpoints?: readonly Checkpoint[] } = {}): Promise<VerifyResult> {
   const file = path.join(dir, JOURNAL_FILE);
   const anchorFile = path.join(dir, ANCHOR_FILE);
 
@@ -219,10 +276,14 @@ export async function verifyJournal(dir: string, opts: { pinned?: readonly strin
     }
   }
 
-  const checker = new ChainChecker(anchor);
+  const checkpoints = opts.checkpoints ?? [];
+  const checker = new ChainChecker(anchor, "line", checkpoints);
   let carry: Buffer[] = [];
-  const stream = createReadStream(file, { highWaterMark: 1 << 20 });
+  // O_NOFOLLOW: the journal is a file of the state dir, never a link to somewhere else
+  let stream: ReturnType<FileHandle["createReadStream"]> | null = null;
   try {
+    const fh = await open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+    stream = fh.createReadStream({ highWaterMark: 1 << 20 });
     for await (const chunk of stream as AsyncIterable<Buffer>) {
       let start = 0;
       for (;;) {
@@ -241,13 +302,16 @@ export async function verifyJournal(dir: string, opts: { pinned?: readonly strin
     }
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
+    if (code === "ELOOP") return { ok: false, badSeq: 1, reason: `${file} is a symbolic link, not the journal: the state dir was tampered with`, verifiedUpTo: 0 };
     if (code === "ENOENT" && checker.lineNo === 0) {
       if (anchor && anchor.seq > 0) return { ok: false, badSeq: 1, reason: `${file} is missing; truncated: anchor says ${anchor.seq}`, verifiedUpTo: 0 };
-      return { ok: true, records: 0, lastSeq: 0, lastHash: GENESIS_HASH, anchor, signature: null, keys: [], pinned: false, tornTailBytes: 0 };
+      const gone = checker.unreached();
+      if (gone) return { ...gone, reason: `${file} is missing; ${gone.reason}` };
+      return { ok: true, records: 0, lastSeq: 0, lastHash: GENESIS_HASH, anchor, signature: null, keys: [], pinned: false, checkpoints: [...checkpoints], unsigned: null, tornTailBytes: 0 };
     }
     throw new SandboxdError("SBX_ERR_AUDIT_FAILED", `cannot read ${file}: ${(e as Error).message}`, { cause: e });
   } finally {
-    stream.destroy();
+    stream?.destroy();
   }
   const tornTailBytes = carry.reduce((n, b) => n + b.length, 0);
   const { lastSeq, lastHash } = checker;
@@ -255,6 +319,8 @@ export async function verifyJournal(dir: string, opts: { pinned?: readonly strin
   if (anchor && anchor.seq > lastSeq) {
     return { ok: false, badSeq: lastSeq + 1, reason: `truncated: anchor says ${anchor.seq}, the journal ends at ${lastSeq}`, verifiedUpTo: lastSeq };
   }
+  const unreached = checker.unreached();
+  if (unreached) return unreached;
   if (anchorProblem) {
     return {
       ok: false,
@@ -265,7 +331,9 @@ export async function verifyJournal(dir: string, opts: { pinned?: readonly strin
   }
   const sig = checker.finishSignature(anchor, opts.pinned ?? []);
   if ("ok" in sig) return sig;
-  return { ok: true, records: lastSeq, lastSeq, lastHash, anchor, signature: sig.signature, keys: checker.keys, pinned: sig.pinned, tornTailBytes };
+  const signedUpTo = sig.signature?.seq ?? 0;
+  const unsigned = checker.keys.length > 0 && signedUpTo < lastSeq ? { from: signedUpTo + 1, to: lastSeq } : null;
+  return { ok: true, records: lastSeq, lastSeq, lastHash, anchor, signature: sig.signature, keys: checker.keys, pinned: sig.pinned, checkpoints: [...checkpoints], unsigned, tornTailBytes };
 }
 
 /** One line for the CLI. */
@@ -275,8 +343,10 @@ export function describeVerifyResult(r: VerifyResult): string {
   }
   const notes: string[] = [];
   notes.push(r.anchor ? `anchor at ${r.anchor.seq}` : "no anchor file");
-  if (r.signature) notes.push(`signed up to ${r.signature.seq} with key ${r.signature.key}${r.pinned ? " (pinned)" : ""}`);
+  if (r.signature) notes.push(`signed up to ${r.signature.seq} with key ${r.signature.key}${r.pinned ? " (pinned)" : ", key not pinned"}`);
   else if (r.anchor) notes.push("anchor not signed");
+  if (r.unsigned) notes.push(`records ${r.unsigned.from}-${r.unsigned.to} after the last signature, covered by the chain alone`);
+  for (const cp of r.checkpoints) notes.push(`reaches seq ${cp.seq} of ${cp.source}`);
   if (r.tornTailBytes > 0) notes.push(`${r.tornTailBytes} bytes of an unacknowledged torn record at the end`);
   return `audit chain intact up to ${r.lastSeq} (${r.records} records; ${notes.join("; ")})`;
 }

@@ -925,8 +925,10 @@ function program(): Command {
     .option("--state-dir <dir>", "verify the files in this state dir directly, without the daemon")
     .option("--bundle <file>", "verify a bundle written by `sandboxd audit export` (no daemon, no state dir needed)")
     .option("--key <fingerprint|file>", "pin a signing key (its fingerprint, or a file with its public key as `sandboxd audit key` prints it): every key the trail records must be pinned; repeat for keys of a rotation", (v: string, prev: string[] = []) => [...prev, v])
+    .option("--nonce <nonce>", "with --bundle: the nonce given to `audit export --nonce`; the bundle must answer it (not an older export)")
+    .option("--key-file <file>", "with --state-dir: the daemon's signing key file (default: SANDBOXD_AUDIT_KEY or the default path); its witness of this state dir, when readable, must be reached by the trail")
     .option("--json", "print the result as JSON")
-    .action(async (opts: { stateDir?: string; bundle?: string; key?: string[]; json?: boolean }, cmd: Command) => {
+    .action(async (opts: { stateDir?: string; bundle?: string; key?: string[]; nonce?: string; keyFile?: string; json?: boolean }, cmd: Command) => {
       const { verifyJournal, describeVerifyResult } = await import("../audit/verify.js");
       const bundleMod = await import("../audit/bundle.js");
       const pinned: string[] = [];
@@ -947,16 +949,31 @@ function program(): Command {
       if (opts.bundle) {
         if (opts.stateDir) throw new SandboxdError("SBX_ERR_VALIDATION", "give --bundle or --state-dir, not both");
         const file = path.resolve(opts.bundle);
-        const result = await bundleMod.verifyBundleFile(file, { pinned });
+        const result = await bundleMod.verifyBundleFile(file, { pinned, nonce: opts.nonce });
         if (opts.json) printJson(result);
         else process.stdout.write(visible(bundleMod.describeBundleResult(result, file)) + "\n");
         if (!result.ok) throw new CliExit(EXIT.error);
         return;
       }
-      if (!opts.stateDir && pinned.length > 0) throw new SandboxdError("SBX_ERR_VALIDATION", "--key pins keys for --bundle or --state-dir; the daemon checks its trail against the keys the trail records");
-      const result = opts.stateDir
-        ? await verifyJournal(path.resolve(opts.stateDir), { pinned })
-        : (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
+      if (opts.nonce !== undefined) throw new SandboxdError("SBX_ERR_VALIDATION", "--nonce checks a bundle: give it with --bundle");
+      if (!opts.stateDir && (pinned.length > 0 || opts.keyFile)) {
+        throw new SandboxdError("SBX_ERR_VALIDATION", "--key and --key-file are for --bundle or --state-dir; the daemon checks its trail against its own keys and the heads it wrote and signed");
+      }
+      let result: Awaited<ReturnType<typeof verifyJournal>>;
+      if (opts.stateDir) {
+        // The witness beside the key (docs/AUDIT.md "Threat model") says how far this trail reached when last signed.
+        const { defaultAuditKey } = await import("../config/paths.js");
+        const { readWitness, witnessFile } = await import("../audit/witness.js");
+        const stateDir = path.resolve(opts.stateDir);
+        const wfile = witnessFile(path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey())), stateDir);
+        const w = await readWitness(wfile).catch((e: unknown) => {
+          if (opts.keyFile) throw e; // asked for: its absence of rights is an answer
+          return null;
+        });
+        result = await verifyJournal(stateDir, { pinned, checkpoints: w ? [{ seq: w.seq, hash: w.hash, source: `the witness ${wfile}` }] : [] });
+      } else {
+        result = (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
+      }
       if (opts.json) printJson(result);
       else process.stdout.write(describeVerifyResult(result) + "\n");
       if (!result.ok) throw new CliExit(EXIT.error);
@@ -965,8 +982,9 @@ function program(): Command {
     .command("export")
     .description("write a verifiable bundle of the whole trail (records, signing keys, policy hashes, a signed anchor) for `sandboxd audit verify --bundle` elsewhere")
     .option("-o, --output <file>", "where to write it (default: standard output); written to FILE.part, then renamed")
-    .action(async (opts: { output?: string }, cmd: Command) => {
-      const res = await client(cmd).stream("GET", "/v1/audit/export");
+    .option("--nonce <nonce>", "an auditor's challenge (1-128 of A-Z a-z 0-9 . _ : -), recorded in the bundle's last record; `verify --bundle --nonce` then knows the bundle is not an older one")
+    .action(async (opts: { output?: string; nonce?: string }, cmd: Command) => {
+      const res = await client(cmd).stream("GET", `/v1/audit/export${opts.nonce !== undefined ? `?nonce=${encodeURIComponent(opts.nonce)}` : ""}`);
       const records = res.headers["x-sandboxd-bundle-records"];
       const key = res.headers["x-sandboxd-bundle-key"];
       if (!opts.output) {
@@ -981,7 +999,7 @@ function program(): Command {
       await pipeline(res, createWriteStream(part, { mode: 0o600 }));
       // a bundle cut short (the daemon stopped mid-way) has no anchor line and would not verify: check before naming it
       const { verifyBundleFile } = await import("../audit/bundle.js");
-      const check = await verifyBundleFile(part);
+      const check = await verifyBundleFile(part, { nonce: opts.nonce });
       if (!check.ok) throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `the exported bundle does not verify (${check.reason}); left at ${part}`);
       await rename(part, out);
       process.stderr.write(`wrote ${out}: ${String(records)} records, anchor signed with key ${String(key)}\n`);

@@ -265,6 +265,58 @@ export class Sandboxd {
   async verifyAudit(): Promise<VerifyResult> {
     return (await this.request<{ verify: VerifyResult }>("GET", "/v1/audit/verify")).verify;
   }
+
+  /** The public key that signs the trail's anchors (give it, or its fingerprint, to auditors), and the key file. */
+  async auditKey(): Promise<AuditKey> {
+    return (await this.request<{ key: AuditKey }>("GET", "/v1/audit/key")).key;
+  }
+
+  /**
+   * `sandboxd audit export -o FILE`: the whole trail as a verifiable bundle
+   * (docs/AUDIT.md "Export bundle"), written to `FILE.part`, checked (chain,
+   * signature, that it ends at its own export record, and `nonce` when given),
+   * then renamed to `file`. `nonce`: an auditor's challenge, recorded in the
+   * bundle's last record, so `verifyAuditBundle(file, { nonce })` knows the
+   * bundle is not an older one. A bundle that does not check is left at
+   * `FILE.part` and SBX_ERR_AUDIT_CORRUPT is thrown.
+   */
+  async exportAudit(file: string, opts: { nonce?: string } = {}): Promise<AuditExport> {
+    const [{ createWriteStream }, { rename }, { pipeline }] = await Promise.all([import("node:fs"), import("node:fs/promises"), import("node:stream/promises")]);
+    const res = await this.api.stream("GET", `/v1/audit/export${query({ nonce: opts.nonce })}`);
+    const part = `${file}.part`;
+    await pipeline(res, createWriteStream(part, { mode: 0o600 }));
+    const check = await verifyAuditBundle(part, { nonce: opts.nonce });
+    if (!check.ok) throw new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `the exported bundle does not verify (${String(check.reason)}); left at ${part}`);
+    await rename(part, file);
+    return { file, records: Number(check.records), lastSeq: Number(check.lastSeq), key: String(check.key), nonce: (check.nonce as string | null) ?? null };
+  }
+}
+
+export interface AuditKey {
+  /** SHA-256 (hex) of the public key's DER SubjectPublicKeyInfo */
+  fingerprint: string;
+  /** PEM */
+  publicKey: string;
+  keyFile: string;
+}
+
+export interface AuditExport {
+  file: string;
+  records: number;
+  lastSeq: number;
+  /** fingerprint of the key that signed the bundle's anchor */
+  key: string;
+  nonce: string | null;
+}
+
+/**
+ * Checks a bundle without the daemon, as `sandboxd audit verify --bundle`
+ * does: `pinned` (fingerprints) must include every key the trail records;
+ * `nonce` must be the one the export answered. Loaded only when called.
+ */
+export async function verifyAuditBundle(file: string, opts: { pinned?: string[]; nonce?: string | undefined } = {}): Promise<VerifyResult> {
+  const { verifyBundleFile } = await import("../audit/bundle.js");
+  return (await verifyBundleFile(file, opts)) as unknown as VerifyResult;
 }
 
 function query(params: Record<string, string | undefined>): string {

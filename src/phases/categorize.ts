@@ -44,6 +44,14 @@ export interface CategorizeInput {
   stderr: string;
   /** pytest's JUnit report, when the daemon asked for one and read it back */
   junit?: TestCounts | null;
+  /**
+   * The daemon asked every pytest the command might run for a report
+   * (PYTEST_ADDOPTS, and `--junitxml` on a pytest argv): a pytest that
+   * exits 0 without one did not show that its tests passed.
+   */
+  junitAsked?: boolean;
+  /** the tool as the daemon knows it after the run (a report found: pytest ran, whatever the argv said) */
+  tool?: Tool;
   /** SKILLS.md leaves it open; the policy says whether pytest's "no tests collected" (exit 5) is a failure */
   noTestsIsFailure?: boolean;
   /**
@@ -90,9 +98,9 @@ export function isPytest(argv: readonly string[]): boolean {
  * non-zero exit (or a signal, a timeout) is read at all.
  */
 export function categorize(r: CategorizeInput): Failure | null {
-  const tool = toolOf(r.argv);
+  const tool = r.tool ?? toolOf(r.argv);
   if (r.timedOut) return { category: "runtime", evidence: "timed out (killed by the phase's timeout)" };
-  if (r.exitCode === 0) return null;
+  if (r.exitCode === 0) return hiddenFailure(r, tool);
   // the kernel's own count, not a guess from the output: a process of the container was killed for lack of memory meanwhile
   if (r.oomKills && r.oomKills > 0) {
     const limit = r.memoryLimitBytes ? ` (the phase's memory limit, ${formatBytes(r.memoryLimitBytes)})` : "";
@@ -154,7 +162,33 @@ export function categorize(r: CategorizeInput): Failure | null {
   if (exc || /^Traceback \(most recent call last\):/m.test(text)) {
     return { category: "runtime", evidence: clip(exc?.line ?? "Traceback (most recent call last)") };
   }
+  // A Python program that failed is a runtime failure even when its traceback is not in the
+  // output: `python3 main.py 2>/dev/null` must not turn an uncounted `unknown` out of a crash.
+  if (tool === "python") return { category: "runtime", evidence: `python exit ${r.exitCode} without a traceback in its output (its error output may have been discarded)` };
   return { category: "unknown", evidence: `exit ${r.exitCode}` };
+}
+
+/** pytest options that print and exit without running a test: their exit 0 is neither a pass nor a failure. */
+const PYTEST_INFO_ONLY = new Set(["--version", "-V", "--help", "-h", "--co", "--collect-only", "--fixtures", "--fixtures-per-test", "--markers", "--setup-plan"]);
+
+/**
+ * A command that exited 0 and still failed, as far as fail-fast goes: the
+ * exit code is the agent's to choose (`|| true`, `sys.exit(0)` after
+ * `pytest.main()`, `os._exit(0)` from a conftest.py), pytest's report is not.
+ *   - a report with failed or erroring tests: a `test` failure;
+ *   - pytest run directly, asked for a report, exiting 0 without one (killed
+ *     its own session before the report, switched the report off): a `test`
+ *     failure — nothing shows its tests passed. Options that only print
+ *     (--version, --help, --collect-only, …) are exempt.
+ */
+function hiddenFailure(r: CategorizeInput, tool: Tool): Failure | null {
+  if (r.junit && r.junit.failures + r.junit.errors > 0) {
+    return { category: "test", evidence: clip(`${testFailure(r.junit).evidence} (the command exited 0; pytest's report says its tests failed)`) };
+  }
+  if (tool === "pytest" && r.junitAsked && !r.junit && !r.argv.some((a) => PYTEST_INFO_ONLY.has(a))) {
+    return { category: "test", evidence: "pytest exited 0 without the JUnit report the daemon asked for (--junitxml): nothing shows its tests passed, so it is not a pass" };
+  }
+  return null;
 }
 
 const TAIL_CHARS = 64 * 1024;
@@ -207,6 +241,16 @@ const parser = new XMLParser({
  * "classname::name" of the failing cases. Throws on a report that is not one.
  */
 export function parseJunit(xml: string): TestCounts {
+  return parseJunitReport(xml).counts;
+}
+
+/** A report read: its counts, and every test case that passed ("classname::name"), which answers earlier failures (failfast.ts). */
+export interface JunitReport {
+  counts: TestCounts;
+  passed: Set<string>;
+}
+
+export function parseJunitReport(xml: string): JunitReport {
   const doc = parser.parse(xml) as Record<string, unknown>;
   const root = (doc.testsuites ?? doc) as Record<string, unknown>;
   const suites = root.testsuite as Array<Record<string, unknown>> | undefined;
@@ -217,17 +261,19 @@ export function parseJunit(xml: string): TestCounts {
     return x;
   };
   const out: TestCounts = { tests: 0, passed: 0, failures: 0, errors: 0, skipped: 0, failed: [] };
+  const passed = new Set<string>();
   for (const s of suites) {
     out.tests += n(s.tests);
     out.failures += n(s.failures);
     out.errors += n(s.errors);
     out.skipped += n(s.skipped);
     for (const c of (s.testcase as Array<Record<string, unknown>> | undefined) ?? []) {
-      if ((c.failure !== undefined || c.error !== undefined) && out.failed.length < MAX_FAILED_NAMES) {
-        out.failed.push(`${String(c.classname ?? "")}::${String(c.name ?? "")}`);
-      }
+      const id = `${String(c.classname ?? "")}::${String(c.name ?? "")}`;
+      if (c.failure !== undefined || c.error !== undefined) {
+        if (out.failed.length < MAX_FAILED_NAMES) out.failed.push(id);
+      } else if (c.skipped === undefined) passed.add(id);
     }
   }
   out.passed = Math.max(0, out.tests - out.failures - out.errors - out.skipped);
-  return out;
+  return { counts: out, passed };
 }

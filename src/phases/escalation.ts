@@ -30,6 +30,8 @@ export interface AttemptInput {
   evidence: string;
   /** the full error (scrubbed by the caller or here), for the report's "Last Error" */
   lastError?: string;
+  /** the tests that failed (pytest's report), which a later report can show passing */
+  tests?: string[];
 }
 
 export interface AttemptOutcome {
@@ -55,6 +57,7 @@ export function countAttempt(ctx: PhaseContext, live: LivePhase, a: AttemptInput
     action: live.rec.redact(a.action),
     result: live.rec.redact(a.result),
     evidence: live.rec.redact(a.evidence),
+    ...(a.tests?.length ? { tests: a.tests } : {}),
   });
   return { counted: r.counted, count: r.count, limit: r.limit, attempt: r.attempt, escalation: null, reached: r.reached };
 }
@@ -161,8 +164,36 @@ export async function escalate(ctx: PhaseContext, live: LivePhase, reached: Limi
     [actionLine(at, "PHASE", "ESCALATE", `${record.name} (${record.id})`, `${summary}; report ${report}`), ...lines],
   );
   await freeze(ctx, live);
+  abandonRunning(ctx, live, esc);
   ctx.opts.log.warn({ phase: record.id, category: reached.category, report }, "phase escalated (fail-fast)");
   return esc;
+}
+
+/**
+ * "STOP all execution": the commands still running when the phase escalated
+ * are frozen with the container (a person can inspect them: docker top,
+ * /proc), their SIGKILL is queued on the link (the frozen shim reads it the
+ * moment the container thaws: at resume they die before anything else runs;
+ * at abort the container is removed), and their callers get their answer
+ * now — SBX_ERR_PHASE_ESCALATED naming the escalation and what became of
+ * the command — instead of waiting for a result that will not come.
+ */
+function abandonRunning(ctx: PhaseContext, live: LivePhase, esc: Escalation): void {
+  for (const run of ctx.runs.handles(live.record.id)) {
+    const what = run.info.argv ? run.info.argv.join(" ") : (run.info.command ?? "");
+    // the kill goes out now; a frozen shim reads it when the container thaws
+    const fate = live.frozen ? "the command was frozen with the container and is killed when the phase resumes (removed with it on abort)" : "the container could not be frozen, so the command was killed now";
+    run.abandon(
+      new SandboxdError(
+        "SBX_ERR_PHASE_ESCALATED",
+        `phase ${live.record.id} escalated while \`${what}\` ran (escalation ${esc.n}: ${esc.summary}); ${fate}; it has no result. Report: ${esc.report}`,
+        {
+          hint: `read the report (\`sandboxd escalations show ${live.record.id}\`), then \`sandboxd phase resume ${live.record.id} --note …\` or \`sandboxd phase abort ${live.record.id}\``,
+          details: { state: "escalated", escalation: esc.n, report: esc.report, category: esc.category, command: run.info.id, killed: live.frozen ? "when the phase resumes" : "now" },
+        },
+      ),
+    );
+  }
 }
 
 async function freeze(ctx: PhaseContext, live: LivePhase): Promise<void> {

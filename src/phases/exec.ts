@@ -16,7 +16,7 @@ import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } fro
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, persistFailFast, recordAttempt } from "./escalation.js";
-import { junitPathFor, readJunit } from "./junit.js";
+import { junitPathFor, pytestAddopts, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
 import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
 import { checkpointBeforeValidation } from "./workspace.js";
@@ -425,14 +425,18 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     throw policyError(verdict, cmd, rec);
   }
 
-  // pytest is asked for a JUnit report in the container's /tmp, read back after it ends (junit.ts)
+  // Every command asks whatever pytest it runs for a JUnit report in the container's /tmp
+  // (PYTEST_ADDOPTS, a reserved name; and on a pytest argv, where the last --junitxml wins),
+  // read back after it ends (junit.ts): a pytest inside a script or a command string is read too.
   const failFastOn = ctx.opts.failFast !== false;
-  const junit = failFastOn && isPytest(verdict.execArgv) ? junitPathFor() : null;
-  const runArgv = junit ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
+  const junit = failFastOn ? junitPathFor() : null;
+  const runArgv = junit && isPytest(verdict.execArgv) ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
+  const runBase = junit ? { ...execBase, env: { ...execBase.env, PYTEST_ADDOPTS: pytestAddopts(junit) } } : execBase;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
+    const coded = e instanceof SandboxdError ? { code: e.code, ...(e.code === "SBX_ERR_PHASE_ESCALATED" ? { escalation: (e.details as { escalation?: number } | undefined)?.escalation ?? null } : {}) } : {};
     await rec
-      .record({ type: "exec.error", ...what, error: (e as Error).message, ...output }, [
+      .record({ type: "exec.error", ...what, id: runId, ...coded, error: (e as Error).message, ...output }, [
         actionLine(ts(), "SHELL", "EXEC", cmd, `ERROR ${(e as Error).message}`),
       ])
       .catch((re: Error) => ctx.log.error({ phase: id, err: re.message }, "could not record the error of a command"));
@@ -445,6 +449,18 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     throw e;
   }
   const leave = await enterWorkspace(live, verdict, cmd, ts);
+  // The phase may have escalated (or been paused) while this command was judged, recorded or
+  // checkpointed: nothing is sent to a shim that is frozen or about to be. No await from here
+  // to the send below, so no escalation can come in between.
+  if (live.record.state !== "running") {
+    leave();
+    const e = await ctx.running(id).then(
+      () => new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} is ${live.record.state}`),
+      (x: unknown) => x as Error,
+    );
+    await recordError(e);
+    throw e;
+  }
   // listed (and cancellable by id) from here until its result is recorded
   let channelExecId = 0;
   const run = new RunHandle(
@@ -515,8 +531,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       };
       let sent: number;
       try {
+        run.onAbandon = (e) => finish(() => reject(e));
         sent = channel.exec(
-          { argv: runArgv, ...execBase },
+          { argv: runArgv, ...runBase },
           {
             onStarted: (pid) => {
               if (done) return;
@@ -596,17 +613,27 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     timedOut = exit.timedOut;
   }
 
-  // Categorised only when it failed; pytest's report read whenever pytest ran (its counts are the phase report's).
-  const tests = junit ? await readJunit(ctx, live, junit) : null;
-  if (tests) live.failFast.lastTests = tests;
+  // pytest's report, whenever a pytest ran in the command
+  const report = junit ? await readJunit(ctx, live, junit) : null;
+  const tests = report?.counts ?? null;
   const policy = ctx.policyFor(live.phasePolicy).failFast;
-  const tool = toolOf(verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv);
+  const partArgv = verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv;
+  const argvTool = toolOf(partArgv);
+  // A report is evidence against the command wherever it was found (a pytest inside a script,
+  // pytest.main(), a command string): a report found means pytest ran. It is evidence FOR the
+  // agent (a pass that resets counters, the phase report's counts, validation) only from a
+  // pytest the daemon started itself: any command can write a green report at the path it
+  // was given (it is in its environment).
+  const tool = report ? "pytest" : argvTool;
+  const ownReport = argvTool === "pytest" ? report : null;
+  if (ownReport) live.failFast.lastTests = ownReport.counts;
   // a command cancelled by id was ended by its caller: neither a failed attempt nor a success (fail-fast)
   const cancelled = run.info.cancelled !== null;
+  // read also when it exited 0: the exit code is the agent's to choose, pytest's report is not (categorize.ts hiddenFailure)
   const category =
-    (exitCode === 0 && !timedOut) || !failFastOn || cancelled
+    !failFastOn || cancelled
       ? null
-      : categorize({ argv: verdict.parts.length === 1 ? verdict.parts[0]!.argv : verdict.execArgv, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
+      : categorize({ argv: partArgv, tool, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, junitAsked: junit !== null && verdict.parts.length === 1, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
   let reached: ReturnType<typeof countAttempt>["reached"] = null;
   if (category) {
@@ -617,13 +644,16 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       result: timedOut ? "TIMEOUT" : exitCode === null ? `KILLED ${signal}` : `FAIL exit ${exitCode}`,
       evidence: category.evidence,
       lastError: lastError(err.text(), out.text()),
+      ...(category.category === "test" && tests?.failed.length ? { tests: tests.failed } : {}),
     });
     failure = { category: category.category, evidence: o.attempt.evidence, counted: o.counted, count: o.count, limit: o.limit };
     reached = o.reached;
   }
+  let reset: FailureCategory[] = [];
   if (failFastOn && !cancelled) {
-    const reset = category ? [] : live.failFast.succeed(tool);
-    if (VALIDATION_TOOLS.has(tool)) live.failFast.validation.set(tool, failure === null);
+    reset = category ? [] : live.failFast.succeedExec({ source: argvTool, action: cmd, tests: ownReport });
+    // pytest passes validation only with its own report saying so (not `pytest --version`, not a script's)
+    if (VALIDATION_TOOLS.has(tool) && (tool !== "pytest" || failure || ownReport)) live.failFast.validation.set(tool, failure === null);
     // kept on disk when anything a restart must keep changed (a plain `ls` writes nothing)
     if (failure?.counted || reset.length > 0 || tests || VALIDATION_TOOLS.has(tool)) await persistFailFast(ctx, live);
   }
@@ -662,7 +692,8 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       stderrOmitted: errView.omitted,
       category: failure?.category ?? null,
       evidence: failure?.evidence ?? null,
-      failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : null,
+      // a success says which counters it reset (none: it answered no failed attempt; failfast.ts)
+      failFast: failure ? { counted: failure.counted, count: failure.count, limit: failure.limit } : failFastOn && !cancelled ? { reset } : null,
       tests,
       ...(oomKills > 0 ? { oomKills } : {}),
       id: runId,

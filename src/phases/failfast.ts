@@ -14,13 +14,21 @@
  *     not an error SKILLS.md names, and counting it would escalate ordinary
  *     exploration.
  *
- * What resets ("a success of the same kind"): every counter remembers the
- * tools whose failures fed it (pytest, mypy, pylint, python, …; the
- * gateway for `database`; the checkpoint for `iteration`). A success of one
- * of those tools resets that counter — a passing pytest resets `test`, and
- * `import` if pytest's import failed; a passing mypy resets `type`. A
- * success that resets a counter also ends the consecutive streak. Other
- * successes (ls, cat) reset nothing.
+ * What resets ("a success of the same kind"): a success that answers every
+ * failed attempt on a counter — shows that what failed now works:
+ *   - a command's attempt is answered by the same command (the same action,
+ *     as recorded) succeeding; when it is pytest, only with a report whose
+ *     tests ran and all passed;
+ *   - an attempt with failing tests is also answered by any pytest run whose
+ *     report has them passing and nothing failing (the full suite after a
+ *     fix), a collection error by passing tests of that module;
+ *   - the gateway's and the checkpoint's attempts by a success of theirs
+ *     (a query that worked, an accepted iteration: succeed()).
+ * A success of the same tool that does not answer them — `pytest --version`,
+ * a passing subset that leaves the failing test out, `python3 -c pass` after
+ * a crash of main.py — resets nothing: it was how an agent could fail for
+ * ever without escalating. A success that resets a counter also ends the
+ * consecutive streak. Other successes (ls, cat) reset nothing.
  */
 import { z } from "zod";
 import { FAILURE_CATEGORIES, formatBytes, type FailureCategory, type TestCounts, type Tool } from "./categorize.js";
@@ -40,6 +48,8 @@ export interface Attempt {
   /** what came of it: "FAIL exit 1", "refused by db.read-only", … */
   result: string;
   evidence: string;
+  /** the tests that failed in this attempt ("classname::name" from pytest's report), which a later report can show passing */
+  tests?: string[];
 }
 
 export interface Counter {
@@ -91,6 +101,7 @@ const attemptSchema = z.object({
   action: z.string(),
   result: z.string(),
   evidence: z.string(),
+  tests: z.array(z.string()).optional(),
 });
 
 /** failfast.json as read back after a restart: checked, never trusted as it lies. */
@@ -151,11 +162,36 @@ export class FailFastState {
     return { counted: true, attempt, count: c.count, limit, reached };
   }
 
-  /** A success of `source`: resets the counters it fed; returns the categories reset. */
+  /** A success of the gateway or the checkpoint (`source`): resets the counters it fed; returns the categories reset. */
   succeed(source: Source): FailureCategory[] {
     const reset: FailureCategory[] = [];
     for (const [cat, c] of this.counters) {
       if (c.sources.has(source)) {
+        this.counters.delete(cat);
+        reset.push(cat);
+      }
+    }
+    if (reset.length > 0) this.streak = [];
+    return reset;
+  }
+
+  /**
+   * A command that succeeded: resets each counter whose every attempt it
+   * answers (see the head of this file). `tests` is the run's pytest report,
+   * when one was read. Returns the categories reset.
+   */
+  succeedExec(s: { source: Source; action: string; tests: { counts: TestCounts; passed: ReadonlySet<string> } | null }): FailureCategory[] {
+    const green = s.tests !== null && s.tests.counts.passed > 0 && s.tests.counts.failures === 0 && s.tests.counts.errors === 0;
+    // pytest's exit 0 is a pass only with its report saying so
+    const sameActionPasses = s.source !== "pytest" || green;
+    const answers = (a: Attempt): boolean => {
+      if (a.action === s.action && a.source === s.source && sameActionPasses) return true;
+      if (!green || !a.tests?.length) return false;
+      return a.tests.every((id) => testPassed(id, s.tests!.passed));
+    };
+    const reset: FailureCategory[] = [];
+    for (const [cat, c] of this.counters) {
+      if (c.attempts.length > 0 && c.attempts.every(answers)) {
         this.counters.delete(cat);
         reset.push(cat);
       }
@@ -195,6 +231,19 @@ export class FailFastState {
     for (const [k, v] of s.validation) f.validation.set(k, v);
     return f;
   }
+}
+
+/**
+ * Whether a test that failed passed in a later report. A collection error is
+ * reported as `::<module>` (the module did not import): it passed when tests
+ * of that module did.
+ */
+function testPassed(id: string, passed: ReadonlySet<string>): boolean {
+  if (passed.has(id)) return true;
+  if (!id.startsWith("::")) return false;
+  const mod = id.slice(2);
+  for (const p of passed) if (p.startsWith(`${mod}::`) || p.startsWith(`${mod}.`)) return true;
+  return false;
 }
 
 /** The policy's limit for a category, or null when it is not counted. */

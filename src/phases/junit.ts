@@ -1,6 +1,11 @@
 /**
- * pytest's real result: the daemon adds `--junitxml=/tmp/.sandboxd-junit-<random>.xml`
- * to a pytest command and, when it ends, reads the report back through the
+ * pytest's real result: the daemon asks every command for a report at
+ * `/tmp/.sandboxd-junit-<random>.xml` — `--junitxml=` in the PYTEST_ADDOPTS it
+ * sets for every command (so a pytest inside a script, a command string or
+ * `pytest.main()` writes one too; the name is reserved, neither `.env`, a
+ * request nor a command string can set it), and again on the argv of a
+ * pytest run directly (the last `--junitxml` wins over one of the agent's) —
+ * and, when the command ends, reads the report back through the
  * container's root as the host sees it (/proc/<container pid>/root/tmp/…;
  * the daemon runs as root), then deletes it. Nothing is opened to the
  * command's uid: not the run dir (the control socket lives there), not the
@@ -17,7 +22,7 @@ import { randomBytes } from "node:crypto";
 import { constants } from "node:fs";
 import { open, unlink } from "node:fs/promises";
 import path from "node:path";
-import { parseJunit, type TestCounts } from "./categorize.js";
+import { parseJunitReport, type JunitReport } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 
 const MAX_REPORT_BYTES = 16 * 1024 * 1024;
@@ -32,7 +37,12 @@ export function junitPathFor(): JunitPath {
   return { name, inContainer: `/tmp/${name}` };
 }
 
-export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath): Promise<TestCounts | null> {
+/** The variable every command gets (SANDBOXD's own: reserved in src/policy/env.ts). */
+export function pytestAddopts(j: JunitPath): string {
+  return `--junitxml=${j.inContainer}`;
+}
+
+export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath): Promise<JunitReport | null> {
   const cid = live.record.containerId;
   if (!cid) return null;
   try {
@@ -42,7 +52,7 @@ export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath
     try {
       fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") return null; // pytest wrote none (usage error, -p no:junitxml)
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return null; // no pytest ran, or it wrote none (usage error, -p no:junitxml, killed)
       throw e;
     }
     try {
@@ -50,7 +60,7 @@ export async function readJunit(ctx: PhaseContext, live: LivePhase, j: JunitPath
       if (!st.isFile()) throw new Error("the JUnit report is not a regular file");
       if (st.size > MAX_REPORT_BYTES) throw new Error(`the JUnit report is ${st.size} bytes, over ${MAX_REPORT_BYTES}`);
       const xml = await fh.readFile("utf8");
-      return parseJunit(xml);
+      return parseJunitReport(xml);
     } finally {
       await fh.close();
       await unlink(file).catch((e: Error) => ctx.opts.log.warn({ phase: live.record.id, err: e.message }, "could not remove pytest's JUnit report"));

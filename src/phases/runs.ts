@@ -26,6 +26,8 @@ export interface RunInfo {
 
 export class RunHandle {
   private killTimer: NodeJS.Timeout | null = null;
+  /** set by exec while it waits for the outcome: ends the wait with an error (escalation.ts) */
+  onAbandon: ((e: Error) => void) | null = null;
 
   constructor(
     readonly info: RunInfo,
@@ -40,6 +42,16 @@ export class RunHandle {
     this.signal("SIGTERM");
     this.killTimer = setTimeout(() => this.signal("SIGKILL"), this.killGraceMs);
     this.killTimer.unref();
+  }
+
+  /**
+   * The phase escalated under the command: SIGKILL is sent (a frozen shim
+   * reads it when the container thaws) and its caller is answered with `e`
+   * now, not when a result comes that never will.
+   */
+  abandon(e: Error): void {
+    this.signal("SIGKILL");
+    this.onAbandon?.(e);
   }
 
   /** The command ended: no late SIGKILL for an exec id the channel may reuse. */
@@ -64,6 +76,10 @@ export class RunTable {
   remove(id: string): void {
     this.runs.get(id)?.ended();
     this.runs.delete(id);
+  }
+
+  handles(phaseId: string): RunHandle[] {
+    return [...this.runs.values()].filter((h) => h.info.phaseId === phaseId);
   }
 
   of(phaseId: string): RunInfo[] {

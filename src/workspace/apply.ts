@@ -67,9 +67,37 @@ export async function projectPath(project: string, rel: string): Promise<string>
 
 const depth = (p: string) => p.split("/").length;
 
-/** Applies `set`; returns the changes in the order they were made. */
+/**
+ * Set-user-ID and set-group-ID bits are never applied to a file: the daemon
+ * is root on the host and would plant an executable that runs as the
+ * project's owner for whoever starts it (the judge refuses them too,
+ * `workspace.setuid`; this is the mechanism's own floor).
+ */
+export const SETID_BITS = 0o6000;
+
+/** An apply that failed part-way: what it had already changed in the project. */
+export class ApplyError extends SandboxdError {
+  constructor(
+    readonly applied: FileChange[],
+    readonly failedAt: FileChange,
+    cause: unknown,
+  ) {
+    super("SBX_ERR_WORKSPACE", `applying ${failedAt.path} failed after ${applied.length} change(s) were applied: ${(cause as Error).message}`, { cause });
+  }
+}
+
+/** Applies `set`; returns the changes in the order they were made. Throws ApplyError with what was applied when a step fails. */
 export async function applyChangeSet(set: ChangeSet, t: ApplyTarget): Promise<FileChange[]> {
   const done: FileChange[] = [];
+  let current: FileChange | null = null;
+  try {
+    return await applyInOrder(set, t, done, (c) => (current = c));
+  } catch (err) {
+    throw new ApplyError(done, current ?? set.changes[0]!, err);
+  }
+}
+
+async function applyInOrder(set: ChangeSet, t: ApplyTarget, done: FileChange[], step: (c: FileChange) => void): Promise<FileChange[]> {
   const renames = set.changes.filter((c) => c.kind === "rename");
   const deletes = set.changes.filter((c) => c.kind === "delete").sort((a, b) => depth(b.path) - depth(a.path));
   const dirCreates = set.changes.filter((c) => c.kind === "create" && c.isDir).sort((a, b) => depth(a.path) - depth(b.path));
@@ -79,12 +107,14 @@ export async function applyChangeSet(set: ChangeSet, t: ApplyTarget): Promise<Fi
   // renames go through a staging name, so a folder deleted or made in between cannot get in the way
   const staged: Array<{ change: FileChange; tmp: string }> = [];
   for (const r of renames) {
+    step(r);
     const src = await projectPath(t.project, r.from!);
     const tmp = path.join(t.project, `.sbx-rename-${randomBytes(6).toString("hex")}`);
     await rename(src, tmp);
     staged.push({ change: r, tmp });
   }
   for (const d of deletes) {
+    step(d);
     const p = await projectPath(t.project, d.path);
     const st = await lstat(p).catch(() => null);
     if (!st) continue;
@@ -93,6 +123,7 @@ export async function applyChangeSet(set: ChangeSet, t: ApplyTarget): Promise<Fi
     done.push(d);
   }
   for (const c of dirCreates) {
+    step(c);
     const p = await projectPath(t.project, c.path);
     const st = await lstat(p).catch(() => null);
     if (!st) {
@@ -103,19 +134,22 @@ export async function applyChangeSet(set: ChangeSet, t: ApplyTarget): Promise<Fi
     done.push(c);
   }
   for (const { change, tmp } of staged) {
+    step(change);
     const dst = await projectPath(t.project, change.path);
     await rename(tmp, dst);
-    if (change.mode !== undefined) await chmod(dst, change.mode);
+    if (change.mode !== undefined) await chmod(dst, change.mode & ~SETID_BITS);
     done.push(change);
   }
   for (const w of writes) {
+    step(w);
     await writeFromUpper(w, t);
     done.push(w);
   }
   for (const m of modes) {
+    step(m);
     const p = await projectPath(t.project, m.path);
     const st = await lstat(p);
-    if (!st.isSymbolicLink() && m.mode !== undefined) await chmod(p, m.mode);
+    if (!st.isSymbolicLink() && m.mode !== undefined) await chmod(p, st.isDirectory() ? m.mode : m.mode & ~SETID_BITS);
     done.push(m);
   }
   return done;
@@ -127,7 +161,8 @@ async function writeFromUpper(c: FileChange, t: ApplyTarget): Promise<void> {
   const src = path.join(t.upper, c.path);
   // the upper's folders are checked too: a link there must not lead out of the layer
   await projectPath(t.upper, c.path);
-  const tmp = path.join(path.dirname(dst), `.${path.basename(dst)}.sbx-${randomBytes(6).toString("hex")}`);
+  // a name of its own length, not the target's: a 250-byte name plus a suffix would pass NAME_MAX (255) and fail half-way through an iteration
+  const tmp = path.join(path.dirname(dst), `.sbx-${randomBytes(6).toString("hex")}`);
   const sst = await lstat(src);
   if (sst.dev !== t.upperDev) throw new SandboxdError("SBX_ERR_WORKSPACE", `${c.path}: not on the layer's file system; not applied`);
   if (sst.isSymbolicLink()) {
@@ -137,7 +172,7 @@ async function writeFromUpper(c: FileChange, t: ApplyTarget): Promise<void> {
     return;
   }
   if (!sst.isFile()) throw new SandboxdError("SBX_ERR_WORKSPACE", `${c.path}: only regular files and links are applied`);
-  const mode = sst.mode & 0o7777;
+  const mode = sst.mode & 0o7777 & ~SETID_BITS;
   const from = await open(src, fsc.O_RDONLY | fsc.O_NOFOLLOW);
   try {
     const fst = await from.stat();

@@ -16,12 +16,14 @@
  * This text is for reading, not for `git apply`: it is shown to the person
  * deciding, so nothing in it may draw on their terminal. Paths are quoted as
  * git quotes them ("a\nb", octal escapes) when they hold a control
- * character, a quote or a backslash; content lines have control characters
+ * character, a quote, a backslash or a character that does not show
+ * (a zero-width space makes `.env\u200b` look like `.env`); content lines have control characters
  * (tab kept), C1 controls, line separators and bidirectional overrides
  * ("Trojan Source") escaped, so an ANSI sequence or a right-to-left override
  * in a file shows as what it is rather than hiding the line it is on.
  */
 import { structuredPatch } from "diff";
+import { INVISIBLE } from "../audit/format.js";
 import type { ChangeSet, FileChange } from "./changes.js";
 
 export interface FileVersion {
@@ -50,13 +52,13 @@ export const DEFAULT_DIFF_MAX_BYTES = 1024 * 1024;
 
 /** git's quoting of a path (quote_c_style): C escapes and octal, in double quotes, only when needed. */
 export function quotePath(p: string): string {
-  if (!/[\u0000-\u001f"\\\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/.test(p)) return p;
+  if (!/[\u0000-\u001f"\\\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/.test(p) && !INVISIBLE.test(p)) return p;
   let out = "";
   for (const ch of p) {
     const code = ch.codePointAt(0)!;
     const named: Record<string, string> = { "\u0007": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\u000b": "\\v", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\" };
     if (named[ch]) out += named[ch];
-    else if (code < 0x20 || code === 0x7f || (code >= 0x80 && code <= 0x9f) || code === 0x2028 || code === 0x2029 || (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069)) {
+    else if (code < 0x20 || code === 0x7f || (code >= 0x80 && code <= 0x9f) || code === 0x2028 || code === 0x2029 || (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069) || INVISIBLE.test(ch)) {
       for (const byte of Buffer.from(ch, "utf8")) out += `\\${byte.toString(8).padStart(3, "0")}`;
     } else out += ch;
   }

@@ -20,7 +20,7 @@ import { z } from "zod";
 import { actionLine, escapeControl } from "../audit/format.js";
 import type { AuditEvent } from "../audit/journal.js";
 import { SandboxdError } from "../errors.js";
-import { applyChangeSet } from "./apply.js";
+import { ApplyError, applyChangeSet } from "./apply.js";
 import type { ChangeSet, FileChange } from "./changes.js";
 import { compileWorkspace, protects, type WorkspacePolicy } from "../policy/index.js";
 import { DEFAULT_DIFF_MAX_BYTES, diffChangeSet, type FileVersion } from "./diff.js";
@@ -118,7 +118,10 @@ const stateSchema = z.object({
  * copies the production credentials through it; a later write or a harness's
  * PUT through it reaches `.git/hooks`). Its target is judged lexically, so a
  * target that passes through a link (whose destination the judge would have
- * to follow) is refused too.
+ * to follow) is refused too, and so is a target with `..` after a name
+ * (`L/../../x`): the kernel takes that `..` from where `L` leads, so the text
+ * and the destination part ways (tested: `a/b/c/d/e/m -> L/../L/../../../../etc/passwd`
+ * with two `L -> ..` links read as `a/b/etc/passwd` and was the host's /etc/passwd).
  */
 export async function layerFailures(
   set: ChangeSet,
@@ -134,6 +137,16 @@ export async function layerFailures(
     if (target !== undefined) {
       const refuse = (why: string) =>
         out.push({ rule: "workspace.symlink", clause, path: c.path, message: `${c.path} is a link to ${target}, ${why}; make it a file or a link within the project`, decision: "reject", final: true });
+      // `..` after a name goes up from wherever that name leads (a link `L -> ..`
+      // makes `L/../..` two levels above what the text says): judged lexically,
+      // such a target could look inside and reach the host's /etc. Only leading
+      // `..` are taken; they climb the link's own folders, real ones (apply checks).
+      const segs = target.split("/");
+      const ups = segs.findIndex((x) => x !== "..");
+      if (ups >= 0 && segs.slice(ups).includes("..")) {
+        refuse("whose `..` follows a name (the kernel applies it to where that name leads, not to the folder the text shows); write it as ../…/name");
+        continue;
+      }
       const norm = path.posix.normalize(path.posix.join(path.posix.dirname(c.path), target));
       if (path.isAbsolute(target) || norm === ".." || norm.startsWith("../")) {
         refuse("outside the project");
@@ -423,7 +436,8 @@ export class PhaseWorkspace {
     return this.gate.exclusive(async () => {
       this.assertNotPending();
       const set = await this.layer.changes();
-      if (set.changes.length === 0) return { iteration: null };
+      // a layer read only in part (limits) is an iteration even with nothing listed: it is refused, and so emptied
+      if (set.changes.length === 0 && !set.limits) return { iteration: null };
       const links = new Map<string, string>();
       for (const c of set.changes) {
         if (c.kind === "delete" || c.isDir) continue;
@@ -536,13 +550,21 @@ export class PhaseWorkspace {
     await this.pauseWatch();
     await this.layer.unmount(pid);
     await this.history.capture(set, this.layer.spec.project);
-    const done = await applyChangeSet(set, {
-      project: this.layer.spec.project,
-      upper: this.layer.paths.upper,
-      upperDev: await this.layer.upperDevice(),
-      uid: this.opts.uid,
-      gid: this.opts.gid,
-    });
+    let done: FileChange[];
+    try {
+      done = await applyChangeSet(set, {
+        project: this.layer.spec.project,
+        upper: this.layer.paths.upper,
+        upperDev: await this.layer.upperDevice(),
+        uid: this.opts.uid,
+        gid: this.opts.gid,
+      });
+    } catch (err) {
+      if (!(err instanceof ApplyError)) throw err;
+      it.changes = set.changes;
+      await this.applyFailed(it, err, by, pid);
+      return;
+    }
     await this.layer.reset(pid);
     await this.resumeWatch();
     it.state = "accepted";
@@ -559,6 +581,43 @@ export class PhaseWorkspace {
     for (const c of done) if (!c.isDir) lines.push(`[${ts}] Modified ${escapeControl(c.path)}: ${escapeControl(it.message)}`);
     lines.push(`[${ts}] ITERATION_ACCEPTED: iteration ${it.n} (${escapeControl(it.message)}) applied to the project by ${escapeControl(by)}`);
     await this.hooks.record({ type: "workspace.iteration", n: it.n, state: "accepted", trigger: it.trigger, message: it.message, decidedBy: by, changes: done }, lines);
+    await this.hooks.decided?.(it);
+  }
+
+  /**
+   * The apply stopped part-way (the host refused a step): what reached the
+   * project is recorded change by change, the rest is discarded with the
+   * layer, and the iteration ends refused — never left pending without a
+   * record, with the view unmounted.
+   */
+  private async applyFailed(it: IterationRecord, err: ApplyError, by: string, pid: number | null): Promise<void> {
+    await this.layer.reset(pid);
+    await this.resumeWatch();
+    const cause = escapeControl((err.cause as Error | undefined)?.message ?? err.message);
+    const failure: JudgeFailure = {
+      rule: "workspace.apply",
+      clause: "SKILLS.md Core Principles — Atomic Changes",
+      path: err.failedAt.path,
+      message: `applying ${escapeControl(target(err.failedAt))} to the project failed (${cause}) after ${err.applied.length} of ${it.changes.length} change(s) were applied; those are in the project (listed as applied in the trail), the rest was discarded; look at the project before going on`,
+      decision: "reject",
+      final: true,
+    };
+    it.state = "rejected";
+    it.failures = [...it.failures, failure];
+    it.decidedAt = this.hooks.now();
+    it.decidedBy = by;
+    this.failedIterations++;
+    await this.save();
+    const ts = it.decidedAt;
+    const applied = new Set(err.applied);
+    await this.hooks.record(
+      { type: "workspace.iteration", n: it.n, state: "rejected", trigger: it.trigger, message: it.message, decidedBy: by, changes: it.changes, applied: err.applied, failures: it.failures, failedIterations: this.failedIterations },
+      [
+        ...err.applied.filter((c) => !c.isDir || c.kind === "delete").map((c) => actionLine(ts, "FILE", kindWord(c), target(c), "SUCCESS applied before the failure")),
+        ...it.changes.filter((c) => !c.isDir && !applied.has(c)).map((c) => actionLine(ts, "FILE", kindWord(c), target(c), c === err.failedAt ? `FAILED ${cause}` : "DISCARDED")),
+        `[${ts}] ITERATION_FAILED: iteration ${it.n} (${escapeControl(it.message)}) applied in part — ${escapeControl(failure.message)}`,
+      ],
+    );
     await this.hooks.decided?.(it);
   }
 

@@ -48,7 +48,7 @@ import { chmod, chown, lstat, mkdir, open, readFile, readdir, realpath, rm, stat
 import path from "node:path";
 import { promisify } from "node:util";
 import { SandboxdError } from "../errors.js";
-import type { ChangeSet, FileChange } from "./changes.js";
+import { MAX_CHANGES, MAX_CHANGE_PATH_BYTES, type ChangeSet, type FileChange } from "./changes.js";
 
 const run = promisify(execFile);
 const COMMAND_TIMEOUT_MS = 30_000;
@@ -378,7 +378,11 @@ export class WorkspaceLayer {
    */
   private async freshUpper(deferHiding = false): Promise<string[]> {
     const p = this.paths;
-    await rm(p.upper, { recursive: true, force: true });
+    await rm(p.upper, { recursive: true, force: true }).catch(async (err: NodeJS.ErrnoException) => {
+      if (err.code !== "ENAMETOOLONG") throw err;
+      // a tree deeper than PATH_MAX, made in the sandbox with relative paths: rm(1) walks it by descriptor
+      await run("rm", ["-rf", "--one-file-system", p.upper], { timeout: COMMAND_TIMEOUT_MS });
+    });
     await rm(p.work, { recursive: true, force: true });
     await mkdir(p.upper, { mode: 0o755 });
     await mkdir(p.work, { mode: 0o700 });
@@ -499,7 +503,9 @@ export class WorkspaceLayer {
     if (this.upperDev < 0) this.upperDev = (await stat(this.paths.layerMnt)).dev;
     const w = new UpperWalk(this.paths.upper, this.spec.project, new Set(this.spec.hidden));
     await w.walk("", true);
-    return { changes: await pairRenames(w.out, this.paths.upper, this.spec.project, this.upperDev) };
+    const changes = await pairRenames(w.out, this.paths.upper, this.spec.project, this.upperDev);
+    const limits = { tooLong: w.tooLong, notUtf8: w.notUtf8, truncated: w.truncated };
+    return w.tooLong.length > 0 || w.notUtf8.length > 0 || w.truncated ? { changes, limits } : { changes };
   }
 
   /**
@@ -583,6 +589,12 @@ const XATTR_PY = [
 
 class UpperWalk {
   readonly out: FileChange[] = [];
+  /** paths over MAX_CHANGE_PATH_BYTES, not descended into (a few kept) */
+  readonly tooLong: string[] = [];
+  /** stopped at MAX_CHANGES */
+  truncated = false;
+  /** names that are not UTF-8 (a few), shown with U+FFFD, not read */
+  readonly notUtf8: string[] = [];
   constructor(
     private readonly upper: string,
     private readonly lower: string,
@@ -592,11 +604,14 @@ class UpperWalk {
   /** `lowerVisible`: the lower at this folder still shows through (not a new or opaque folder). */
   async walk(rel: string, lowerVisible: boolean): Promise<void> {
     const dir = path.join(this.upper, rel);
-    const names = (await readdir(dir)).sort();
+    const names = await this.names(dir, rel);
     for (const name of names) {
       const r = rel ? `${rel}/${name}` : name;
       const up = await lstat(path.join(dir, name));
       if (up.isDirectory() && TOOL_CACHES.has(name)) continue;
+      if (WHITEOUT(up) && this.hidden.has(r)) continue; // planted by the daemon
+      if (this.full()) return;
+      if (this.tooLongPath(r)) continue;
       // a hidden path is absent from the view: whatever is there now was created
       const low = lowerVisible && !this.hidden.has(r) ? await lstat(path.join(this.lower, r)).catch(() => null) : null;
       if (WHITEOUT(up)) {
@@ -619,8 +634,8 @@ class UpperWalk {
         const opaque = (await xattr(path.join(dir, name), "trusted.overlay.opaque")) === "y";
         if (opaque) {
           // removed and made again: what the lower had and the upper lacks is gone
-          const inUpper = new Set(await readdir(path.join(dir, name)));
-          for (const child of (await readdir(path.join(this.lower, r))).sort()) {
+          const inUpper = new Set(await this.names(path.join(dir, name), r));
+          for (const child of await this.names(path.join(this.lower, r), r)) {
             if (inUpper.has(child)) continue;
             const cst = await lstat(path.join(this.lower, r, child));
             await this.deleted(`${r}/${child}`, cst.isDirectory());
@@ -655,10 +670,40 @@ class UpperWalk {
     }
   }
 
+  /**
+   * A folder's entries, sorted. A name that is not UTF-8 (`b'\xff.py'`) has
+   * no string that names it — Node would hand back U+FFFD, another file — so
+   * it is noted (the judge refuses the iteration for it) and left out.
+   */
+  private async names(dir: string, rel: string): Promise<string[]> {
+    const out: string[] = [];
+    for (const b of await readdir(dir, { encoding: "buffer" })) {
+      const name = b.toString("utf8");
+      if (Buffer.from(name).equals(b)) out.push(name);
+      else if (this.notUtf8.length < 10) this.notUtf8.push(rel ? `${rel}/${name}` : name);
+    }
+    return out.sort();
+  }
+
+  /** The change cap is reached: the walk stops (the judge refuses the iteration for it). */
+  private full(): boolean {
+    if (this.out.length < MAX_CHANGES) return false;
+    this.truncated = true;
+    return true;
+  }
+
+  /** `r` is longer than the daemon reads: noted (a few), not read nor descended into (the judge refuses the iteration for it). */
+  private tooLongPath(r: string): boolean {
+    if (Buffer.byteLength(r) <= MAX_CHANGE_PATH_BYTES) return false;
+    if (this.tooLong.length < 10) this.tooLong.push(Buffer.from(r).subarray(0, MAX_CHANGE_PATH_BYTES).toString("utf8"));
+    return true;
+  }
+
   /** A deletion; a folder's is listed file by file (deepest first), so the judge counts what was lost. */
   private async deleted(rel: string, isDir: boolean): Promise<void> {
+    if (this.full() || this.tooLongPath(rel)) return;
     if (isDir) {
-      for (const child of (await readdir(path.join(this.lower, rel))).sort()) {
+      for (const child of await this.names(path.join(this.lower, rel), rel)) {
         const cst = await lstat(path.join(this.lower, rel, child));
         await this.deleted(`${rel}/${child}`, cst.isDirectory());
       }
@@ -692,6 +737,9 @@ async function sameContent(a: string, b: string, links: boolean): Promise<boolea
   }
 }
 
+/** File comparisons pairRenames makes at most per change set. */
+const MAX_RENAME_COMPARISONS = 2000;
+
 /**
  * overlayfs records a file's rename as a whiteout at the old path and a copy
  * at the new one: a deleted file and a created file with the same bytes are
@@ -708,10 +756,15 @@ async function pairRenames(changes: FileChange[], upper: string, lower: string, 
   }
   const used = new Set<FileChange>();
   const renamed = new Map<FileChange, FileChange>();
+  // many same-size deletes and creates would cost deletes × creates file reads
+  // while the checkpoint holds the gate; past the budget a rename stays a
+  // delete and a create (each judged as such: never looser)
+  let budget = MAX_RENAME_COMPARISONS;
   for (const c of creates) {
     const candidates = deletes.filter((d) => !used.has(d) && sizeOf.get(d.path) === c.sizeBytes);
     const matches: FileChange[] = [];
     for (const d of candidates) {
+      if (budget-- <= 0) break;
       const up = await lstat(path.join(upper, c.path)).catch(() => null);
       if (!up?.isFile() || up.dev !== upperDev) break;
       if (await sameContent(path.join(upper, c.path), path.join(lower, d.path), false).catch(() => false)) matches.push(d);

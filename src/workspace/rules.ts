@@ -49,7 +49,7 @@ import {
   type WorkspaceOperation,
   type WorkspacePolicy,
 } from "../policy/index.js";
-import type { ChangeSet, FileChange } from "./changes.js";
+import { MAX_CHANGES, MAX_CHANGE_PATH_BYTES, type ChangeSet, type FileChange } from "./changes.js";
 
 export const PATH_RULE_ID = "workspace.path";
 const PATH_CLAUSE = "SKILLS.md §1 Forbidden Operations: creating files outside the project directory structure";
@@ -117,11 +117,72 @@ export function judgeChangeSet(set: ChangeSet, ctx: JudgeContext): Judgement {
       }
     }
   }
+  checkLimits(set, failures);
+  checkSetId(changes, failures);
   checkProtected(changes, ctx, failures);
   checkSize(changes, ctx, failures);
   checkMassChange(changes, ws, failures);
   checkCount(changes, ws, failures);
   return failures.judgement();
+}
+
+/* ------------------------- the walk's limits, modes ------------------------- */
+
+export const CHANGE_LIMIT_RULE_ID = "workspace.change-limit";
+export const SETID_RULE_ID = "workspace.setuid";
+
+/** What the layer's walk did not read (see ChangeSetLimits): no one can accept an iteration not wholly read. */
+function checkLimits(set: ChangeSet, failures: FailureList): void {
+  const l = set.limits;
+  if (!l) return;
+  for (const p of l.tooLong) {
+    failures.add({
+      rule: PATH_RULE_ID,
+      clause: PATH_CLAUSE,
+      path: p,
+      message: `${show(p)}… is longer than ${MAX_CHANGE_PATH_BYTES} bytes from the project root; the daemon neither reads, judges nor applies such a path, so the iteration is refused: use shorter names and fewer levels`,
+      decision: "reject",
+      final: true,
+    });
+  }
+  for (const p of l.notUtf8) {
+    failures.add({
+      rule: PATH_RULE_ID,
+      clause: PATH_CLAUSE,
+      path: p,
+      message: `${show(p)} (U+FFFD stands for bytes that are not UTF-8) has a name that is not UTF-8; the daemon cannot name it to read, judge or apply it, so the iteration is refused: rename it`,
+      decision: "reject",
+      final: true,
+    });
+  }
+  if (l.truncated) {
+    failures.add({
+      rule: CHANGE_LIMIT_RULE_ID,
+      clause: "SKILLS.md §1 Atomic Modification Rule; Forbidden Operations: mass refactoring of entire directories",
+      message: `more than ${MAX_CHANGES} changes in one iteration; the layer was read up to there and the iteration is refused whole: an iteration is a few files — remove what is not part of this change and checkpoint again`,
+      decision: "reject",
+      final: true,
+    });
+  }
+}
+
+/**
+ * Set-user-ID or set-group-ID files: the daemon writes the project as root,
+ * so the bit would land on the host (an executable running as the project's
+ * owner for whoever starts it). Nothing a code change needs.
+ */
+function checkSetId(changes: readonly FileChange[], failures: FailureList): void {
+  for (const c of changes) {
+    if (c.isDir || c.kind === "delete" || c.mode === undefined || (c.mode & 0o6000) === 0) continue;
+    failures.add({
+      rule: SETID_RULE_ID,
+      clause: PATH_CLAUSE,
+      path: c.path,
+      message: `${show(c.path)} has the ${c.mode & 0o4000 ? "set-user-ID" : "set-group-ID"} bit (mode ${(c.mode & 0o7777).toString(8)}); such a file is never applied to the project: chmod ug-s it`,
+      decision: "reject",
+      final: true,
+    });
+  }
 }
 
 /* ----------------------------- protected paths ----------------------------- */

@@ -219,7 +219,7 @@ describe("sandboxd audit export / verify --bundle", () => {
     const forgedHeader = {
       ...header,
       lastHash: head.hash,
-      signingKeys: [{ fingerprint: theirs.fingerprint, publicKey: theirs.publicKeyPem, seq: chain[k]!.seq, previousKey: null }],
+      signingKeys: [{ fingerprint: theirs.fingerprint, publicKey: theirs.publicKeyPem, seq: chain[k]!.seq, previousKey: null, stateDir: chain[k]!.stateDir }],
     };
     const file = await writeBundle("theirs.jsonl", forgedHeader, chain.map((x) => canonicalJson(x as never)), {
       seq: head.seq,

@@ -9,7 +9,7 @@ import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, type TestDaemon } from "../helpers/sandbox.js";
+import { ROOT, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testAuditKey, type TestDaemon } from "../helpers/sandbox.js";
 
 const HARNESS = String.raw`
 import json, sys
@@ -58,6 +58,24 @@ except SandboxdError as e:
 print(json.dumps(out))
 `;
 
+const AUDIT_HARNESS = String.raw`
+import json, os, sys
+from sandboxd_client import Sandboxd, SandboxdError
+
+sbx = Sandboxd(sys.argv[1])
+out = {"key": sbx.audit_key()}
+bundle = os.path.join(sys.argv[2], "trail.bundle")
+out["export"] = sbx.export_audit(bundle, nonce="py-client.1")
+out["partLeft"] = os.path.exists(bundle + ".part")
+out["mode"] = oct(os.stat(bundle).st_mode & 0o777)
+try:
+    sbx.export_audit(bundle + "2", nonce="no spaces")
+    out["badNonce"] = "exported"
+except SandboxdError as e:
+    out["badNonce"] = e.code
+print(json.dumps(out))
+`;
+
 let d: TestDaemon;
 const dirs: string[] = [];
 
@@ -100,5 +118,35 @@ describe("the Python client, against the real daemon", () => {
     expect(out.verified).toBe(true);
     expect(out.followFirst).toBe((out.types as string[])[0]);
     expect(out.unreachable).toBe("SBX_ERR_DAEMON_UNREACHABLE");
+  });
+
+  it("the audit key and a bundle export answering a nonce, which the CLI then verifies against that key", async () => {
+    const dir = await tempDir("pyaudit");
+    dirs.push(dir);
+    const script = path.join(dir, "audit.py");
+    await writeFile(script, AUDIT_HARNESS);
+    const { stdout } = await promisify(execFile)("python3", [script, d.socket, dir], {
+      env: { ...process.env, PYTHONPATH: path.join(ROOT, "clients", "python") },
+      timeout: 120_000,
+    });
+    const out = JSON.parse(stdout) as {
+      key: { fingerprint: string; publicKey: string; keyFile: string };
+      export: { path: string; records: number; lastSeq: number; key: string; nonce: string };
+      partLeft: boolean;
+      mode: string;
+      badNonce: string;
+    };
+    expect(out.key.keyFile).toBe(testAuditKey(d.stateDir));
+    expect(out.key.publicKey).toMatch(/^-----BEGIN PUBLIC KEY-----/);
+    expect(out.export).toMatchObject({ path: path.join(dir, "trail.bundle"), key: out.key.fingerprint, nonce: "py-client.1" });
+    expect(out.export.records).toBe(out.export.lastSeq);
+    expect(out.partLeft).toBe(false);
+    expect(out.mode).toBe("0o600");
+    expect(out.badNonce).toBe("SBX_ERR_VALIDATION");
+    const pub = path.join(dir, "daemon.pub");
+    await writeFile(pub, out.key.publicKey);
+    const v = await cli(["audit", "verify", "--bundle", out.export.path, "--key", pub, "--nonce", "py-client.1"], { socket: path.join(dir, "none.sock") });
+    expect(v.stdout).toMatch(new RegExp(`verifies: ${out.export.records} records, chain intact, anchor at seq ${out.export.lastSeq} signed with key ${out.key.fingerprint} \\(pinned\\)`));
+    expect(v.code).toBe(0);
   });
 });

@@ -6,8 +6,8 @@
 import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Sandboxd, SandboxdError } from "sandboxd";
-import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, type TestDaemon } from "../helpers/sandbox.js";
+import { Sandboxd, SandboxdError, verifyAuditBundle } from "sandboxd";
+import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testAuditKey, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 const dirs: string[] = [];
@@ -84,5 +84,26 @@ describe('import { Sandboxd } from "sandboxd"', () => {
     expect((await sbx.verifyAudit()).ok).toBe(true);
     const missing = await new Sandboxd({ socket: d.socket + ".nope" }).health().catch((e: unknown) => e);
     expect((missing as SandboxdError).code).toBe("SBX_ERR_DAEMON_UNREACHABLE");
+  });
+
+  it("the audit key and a bundle export answering a nonce, checked against that key", async () => {
+    const sbx = new Sandboxd({ socket: d.socket });
+    const key = await sbx.auditKey();
+    expect(key.keyFile).toBe(testAuditKey(d.stateDir));
+    expect(key.fingerprint).toMatch(/^[0-9a-f]{64}$/);
+    expect(key.publicKey).toMatch(/^-----BEGIN PUBLIC KEY-----/);
+    const dir = await tempDir("ts-bundle");
+    dirs.push(dir);
+    const file = path.join(dir, "trail.bundle");
+    const ex = await sbx.exportAudit(file, { nonce: "ts-client.1" });
+    expect(ex).toMatchObject({ file, key: key.fingerprint, nonce: "ts-client.1" });
+    expect(ex.records).toBe(ex.lastSeq);
+    const lines = (await readFile(file, "utf8")).trimEnd().split("\n");
+    expect(lines.length).toBe(ex.records + 2);
+    expect(JSON.parse(lines.at(-2)!)).toMatchObject({ type: "audit.export", nonce: "ts-client.1", key: key.fingerprint });
+    expect(await verifyAuditBundle(file, { pinned: [key.fingerprint], nonce: "ts-client.1" })).toMatchObject({ ok: true, pinned: true });
+    expect(await verifyAuditBundle(file, { nonce: "another" })).toMatchObject({ ok: false, reason: expect.stringMatching(/answers nonce "ts-client.1", not "another"/) });
+    const bad = (await sbx.exportAudit(path.join(dir, "x"), { nonce: "no spaces" }).catch((e: unknown) => e)) as SandboxdError;
+    expect(bad.code).toBe("SBX_ERR_VALIDATION");
   });
 });

@@ -154,6 +154,7 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
       await daemon.close();
       await rm(stateDir, { recursive: true, force: true });
       await rm(testAuditKey(stateDir), { force: true });
+      await rm(`${testAuditKey(stateDir)}.heads`, { recursive: true, force: true }); // its witness (src/audit/witness.ts)
     },
   };
 }
@@ -240,4 +241,5 @@ export async function containersOf(stateDir: string): Promise<Docker.ContainerIn
 export async function removeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
   await rm(testAuditKey(dir), { force: true });
+  await rm(`${testAuditKey(dir)}.heads`, { recursive: true, force: true });
 }

@@ -176,10 +176,11 @@ describe("fail-fast in a real sandbox", () => {
   it("import errors escalate after two; a passing run between failures resets the count", async () => {
     const { phase, project } = await start("4.3");
     const bad = await writeScript(project, "import numpyy_not_installed");
-    const good = await writeScript(project, "print('ok')");
-    // python: fail, pass (resets), fail → count 1
+    // python: fail, the same command passes once fixed (resets), fail → count 1
     expect((await exec(phase.id, ["python3", bad])).failure).toMatchObject({ category: "import", count: 1, limit: 2, evidence: "ModuleNotFoundError: No module named 'numpyy_not_installed'" });
-    expect((await exec(phase.id, ["python3", good])).failure).toBeNull();
+    await put(project, bad, "print('ok')\n");
+    expect((await exec(phase.id, ["python3", bad])).failure).toBeNull();
+    await put(project, bad, "import numpyy_not_installed\n");
     const again = await exec(phase.id, ["python3", bad]);
     expect(again.failure).toMatchObject({ count: 1 });
     expect(again.escalation).toBeNull();

@@ -243,7 +243,7 @@ describe("resource watch in a real sandbox", () => {
     const rep = (await t.api.request<{ report: PhaseReport }>("GET", `/v1/phases/${phase.id}/report`)).report;
     expect(rep).toMatchObject({ outcome: "failed", tests: { passed: 1, tests: 1 } });
     const types = (await events(phase.id)).map((x) => x.type);
-    expect(types.at(-1)).toBe("phase.failed");
+    expect(types.at(-1), JSON.stringify(await events(phase.id))).toBe("phase.failed");
     const build = await readFile(path.join(project, "build_audit.log"), "utf8");
     expect(build).toMatch(/\[PHASE_FAILED\] Phase mem\.3 \(ph_[0-9a-f]{12}\): its container stopped/);
   }, 90_000);

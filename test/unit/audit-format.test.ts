@@ -19,6 +19,12 @@ describe("build_audit.log format", () => {
     );
   });
 
+  it("a target cannot end its own field: `] [` in a file name is written with \\x20", () => {
+    const line = actionLine(TS, "FILE", "CREATE", "x] [SUCCESS", "REFUSED workspace.atomic-modification");
+    expect(line).toBe("[2025-01-28T14:32:01.005Z] [FILE] [CREATE] [x]\\x20[SUCCESS] [REFUSED workspace.atomic-modification]");
+    expect(line.split("] [")).toHaveLength(5);
+  });
+
   it("quotes argv so the displayed command is unambiguous", () => {
     expect(quoteArgv(["pytest", "-k", "a b", "it's", ""])).toBe(`pytest -k 'a b' 'it'\\''s' ''`);
   });

@@ -1,6 +1,6 @@
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
-import { categorize, parseJunit, toolOf } from "../../src/phases/categorize.js";
+import { categorize, parseJunit, parseJunitReport, toolOf, type TestCounts } from "../../src/phases/categorize.js";
 import { FailFastState, escalationReport } from "../../src/phases/failfast.js";
 import { loadPolicy, type Policy } from "../../src/policy/index.js";
 import { ROOT } from "../helpers/sandbox.js";
@@ -52,6 +52,19 @@ describe("categorize", () => {
     expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: null, signal: "SIGKILL", timedOut: true })?.category).toBe("runtime");
     expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 137 })?.category).toBe("runtime");
     expect(categorize({ ...base, argv: ["grep", "x", "f"], exitCode: 1 })).toEqual({ category: "unknown", evidence: "exit 1" });
+    // a Python program with its error output thrown away still failed
+    expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 1 })).toEqual({ category: "runtime", evidence: "python exit 1 without a traceback in its output (its error output may have been discarded)" });
+  });
+  it("an exit 0 that pytest's report contradicts is a test failure; pytest exiting 0 without the report asked for too", () => {
+    const junit = { tests: 2, passed: 1, failures: 1, errors: 0, skipped: 0, failed: ["t::test_x"] };
+    expect(categorize({ ...base, argv: ["python3", "run.py"], tool: "pytest", exitCode: 0, junit, junitAsked: true })).toEqual({
+      category: "test",
+      evidence: "1 failed, 0 errors, 1 passed, 0 skipped of 2; first: t::test_x (the command exited 0; pytest's report says its tests failed)",
+    });
+    expect(categorize({ ...base, argv: ["pytest", "-q"], exitCode: 0, junit: null, junitAsked: true })?.evidence).toMatch(/^pytest exited 0 without the JUnit report/);
+    // options that only print are neither
+    expect(categorize({ ...base, argv: ["pytest", "--version"], exitCode: 0, junit: null, junitAsked: true })).toBeNull();
+    expect(categorize({ ...base, argv: ["pytest", "-q"], exitCode: 0, junit: { ...junit, failures: 0, passed: 2, failed: [] }, junitAsked: true })).toBeNull();
   });
 });
 
@@ -65,6 +78,10 @@ describe("parseJunit", () => {
 <testcase classname="tests.test_x" name="test_skip"><skipped message="no" /></testcase>
 </testsuite></testsuites>`;
     expect(parseJunit(xml)).toEqual({ tests: 7, passed: 3, failures: 2, errors: 1, skipped: 1, failed: ["tests.test_x::test_bad", "tests.test_x::test_bad2", "tests.test_x::test_err"] });
+  });
+  it("lists the cases that passed (not the skipped, not the failed)", () => {
+    const xml = `<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1"><testcase classname="a" name="ok" /><testcase classname="a" name="bad"><failure /></testcase><testcase classname="a" name="skip"><skipped /></testcase></testsuite></testsuites>`;
+    expect([...parseJunitReport(xml).passed]).toEqual(["a::ok"]);
   });
   it("refuses what is not a report", () => {
     expect(() => parseJunit("<html/>")).toThrow();
@@ -102,14 +119,55 @@ describe("FailFastState", () => {
     expect(t.fail(policy.failFast, att("import", "python")).reached).toBeNull();
     expect(t.fail(policy.failFast, att("import", "python")).reached).toMatchObject({ category: "import", count: 2 });
   });
-  it("a success of the same tool resets; another tool's does not", () => {
+  it("a success of another tool resets nothing; the gateway's and the checkpoint's reset their own", () => {
     const s = new FailFastState();
     s.fail(policy.failFast, att("test"));
     s.fail(policy.failFast, att("test"));
-    expect(s.succeed("mypy")).toEqual([]);
-    expect(s.succeed("pytest")).toEqual(["test"]);
-    expect(s.fail(policy.failFast, att("test")).reached).toBeNull();
+    expect(s.succeedExec({ source: "mypy", action: "mypy .", tests: null })).toEqual([]);
+    expect(s.succeed("checkpoint")).toEqual([]);
+    expect(s.fail(policy.failFast, att("test")).reached).toMatchObject({ count: 3 });
   });
+
+  const report = (counts: Partial<TestCounts>, passed: string[]) => ({
+    counts: { tests: 1, passed: 1, failures: 0, errors: 0, skipped: 0, failed: [], ...counts },
+    passed: new Set(passed),
+  });
+  const failing = (action: string, tests?: string[]) => ({ at: "t", category: "test" as const, source: "pytest" as const, action, result: "FAIL exit 1", evidence: "e", ...(tests ? { tests } : {}) });
+
+  it("a pytest success resets only when it shows the failing tests passing: not --version, not a subset without them", () => {
+    const s = new FailFastState();
+    s.fail(policy.failFast, failing("pytest -q tests/test_b.py", ["tests.test_b::test_b"]));
+    // pytest --version: no report
+    expect(s.succeedExec({ source: "pytest", action: "pytest --version", tests: null })).toEqual([]);
+    // the same command exiting 0 without a report (os._exit(0)): not a pass
+    expect(s.succeedExec({ source: "pytest", action: "pytest -q tests/test_b.py", tests: null })).toEqual([]);
+    // a passing subset that leaves the failing test out
+    expect(s.succeedExec({ source: "pytest", action: "pytest -q tests/test_a.py", tests: report({}, ["tests.test_a::test_a"]) })).toEqual([]);
+    expect(s.snapshot()).toEqual({ test: 1 });
+    // the full suite with it passing
+    expect(s.succeedExec({ source: "pytest", action: "pytest -q", tests: report({ tests: 2, passed: 2 }, ["tests.test_a::test_a", "tests.test_b::test_b"]) })).toEqual(["test"]);
+    expect(s.streak).toEqual([]);
+  });
+
+  it("every attempt on the counter must be answered; a collection error is answered by its module's tests", () => {
+    const s = new FailFastState();
+    s.fail(policy.failFast, failing("pytest tests/test_b.py", ["tests.test_b::test_b"]));
+    s.fail(policy.failFast, failing("pytest tests/test_c.py", ["tests.test_c::test_c"]));
+    expect(s.succeedExec({ source: "pytest", action: "pytest tests/test_b.py", tests: report({}, ["tests.test_b::test_b"]) })).toEqual([]);
+    expect(s.succeedExec({ source: "pytest", action: "pytest", tests: report({ tests: 2, passed: 2 }, ["tests.test_b::test_b", "tests.test_c::test_c"]) })).toEqual(["test"]);
+    const m = new FailFastState();
+    m.fail(policy.failFast, { ...failing("pytest", ["::tests.test_m"]), category: "import" });
+    expect(m.succeedExec({ source: "pytest", action: "pytest tests/test_x.py", tests: report({}, ["tests.test_x::test_1"]) })).toEqual([]);
+    expect(m.succeedExec({ source: "pytest", action: "pytest tests/test_m.py", tests: report({}, ["tests.test_m::test_1"]) })).toEqual(["import"]);
+  });
+
+  it("a python failure is answered by the same command succeeding, not by another script", () => {
+    const s = new FailFastState();
+    s.fail(policy.failFast, { ...att("import", "python"), action: "python3 main.py" });
+    expect(s.succeedExec({ source: "python", action: "python3 other.py", tests: null })).toEqual([]);
+    expect(s.succeedExec({ source: "python", action: "python3 main.py", tests: null })).toEqual(["import"]);
+  });
+
   it("three consecutive failures of different kinds escalate", () => {
     const s = new FailFastState();
     s.fail(policy.failFast, att("syntax", "pylint"));

@@ -68,8 +68,9 @@ describe("fail-fast with a fake runtime", () => {
     expect(await h.manager.escalations(false)).toHaveLength(0);
     // counters reset: one more failure does not escalate
     expect((await h.manager.exec(v.id, { argv: ["pytest", "-q"] })).failure).toMatchObject({ count: 1 });
+    // a pytest exiting 0 without the report the daemon asked for (the fake shim writes none) is no pass
     state.stderr = null;
-    expect((await h.manager.exec(v.id, { argv: ["pytest", "-q"] })).failure).toBeNull();
+    expect((await h.manager.exec(v.id, { argv: ["pytest", "-q"] })).failure).toMatchObject({ category: "test", count: 2, evidence: expect.stringMatching(/without the JUnit report/) });
     const types = (await h.records()).map((r) => r.type);
     expect(types.filter((t) => t === "phase.escalated")).toHaveLength(1);
     expect(types.filter((t) => t === "phase.resumed")).toHaveLength(1);

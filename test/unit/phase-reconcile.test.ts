@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { reconcileAction } from "../../src/phases/reconcile.js";
 import { PHASE_STATES, type PhaseRecord, type PhaseState, type PhaseView } from "../../src/phases/types.js";
 import { LABELS } from "../../src/runtime/types.js";
+import { SandboxdError } from "../../src/errors.js";
 import { harness, type Harness } from "../helpers/fake-runtime.js";
 
 let h: Harness;
@@ -81,6 +82,52 @@ describe("reconcile after a restart", () => {
     expect((await m.get(v!.id)).state).toBe("running");
     expect((await m.exec(v!.id, { argv: ["python3", "again"] })).stdout).toBe("again\n");
     expect((await h.records()).some((r) => r.type === "phase.readopt" && r.phase === v!.id)).toBe(true);
+  });
+
+  it("readopt frozen: an escalated phase taken back after a restart stays frozen with its counters, refuses exec (423 naming its report) until a person resumes; then its shim reconnects and counts start again", async () => {
+    h = await harness();
+    const v = await h.manager.start({ project: h.project, phase: "esc", mode: "backtest" });
+    const failing = (): void => {
+      h.runtime.shimOf(v.containerId)!.script = (msg, shim) => {
+        shim.send({ type: "started", execId: msg.execId, pid: 100 });
+        shim.output(msg.execId, "stderr", "ModuleNotFoundError: No module named 'nope'\n");
+        shim.send({ type: "exit", execId: msg.execId, exitCode: 1, signal: null, timedOut: false, durationMs: 1 });
+      };
+    };
+    failing();
+    await h.manager.exec(v.id, { argv: ["python3", "main.py"] });
+    const second = await h.manager.exec(v.id, { argv: ["python3", "main.py"] });
+    expect(second.escalation).toMatchObject({ n: 1, category: "import" });
+    expect(h.runtime.containers.get(v.containerId!)!.state).toBe("paused");
+
+    // the daemon dies; the container stays frozen (its shim cannot reconnect)
+    const m = await h.restart();
+    expect(await m.reconcile()).toEqual({ readopted: [v.id], reaped: [], lost: [] });
+    const after = await m.get(v.id);
+    expect(after.state).toBe("escalated");
+    expect(h.runtime.containers.get(v.containerId!)!.state).toBe("paused");
+    expect(h.runtime.calls.filter((c) => c.startsWith("unpause "))).toEqual([]);
+    const readopt = (await h.records()).filter((r) => r.type === "phase.readopt" && r.phase === v.id);
+    expect(readopt).toEqual([expect.objectContaining({ state: "escalated", frozen: true, failFast: { import: 2 } })]);
+
+    // every exec: 423 with the report, nothing sent, nothing recorded as run
+    const e = await m.exec(v.id, { argv: ["python3", "main.py"] }).then(() => null, (x: unknown) => x);
+    expect(e).toBeInstanceOf(SandboxdError);
+    expect((e as SandboxdError).code).toBe("SBX_ERR_PHASE_ESCALATED");
+    expect((e as SandboxdError).status).toBe(423);
+    expect((e as SandboxdError).message).toContain(second.escalation!.report);
+    expect((await h.records()).filter((r) => r.type === "exec.verdict" && r.phase === v.id)).toHaveLength(2);
+
+    // a person resumes with a note: thawed, the shim reconnects, counters start again
+    // (the restarted daemon listens since the reconcile: the thawed shim connects at once)
+    const sock = path.join(h.stateDir, "phases", v.id, "run", "control.sock");
+    const [resumed] = await Promise.all([m.resume(v.id, "package name fixed"), h.runtime.reconnect(v.containerId!, sock, "t".repeat(64))]);
+    expect(resumed.state).toBe("running");
+    expect(h.runtime.containers.get(v.containerId!)!.state).toBe("running");
+    failing();
+    const r = await m.exec(v.id, { argv: ["python3", "main.py"] });
+    expect(r.failure).toMatchObject({ category: "import", count: 1, limit: 2 });
+    expect(r.escalation).toBeNull();
   });
 
   it("readopt that fails (the shim never reconnects) ends the phase failed, container removed", async () => {

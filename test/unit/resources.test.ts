@@ -51,7 +51,7 @@ describe("statValue", () => {
   });
 });
 
-describe("MemoryWindow: sustained means at every sample for the sustain time", () => {
+describe("MemoryWindow: sustained means above the threshold for the sustain time, through short dips", () => {
   const at = (ws: number) => ({ workingSetBytes: ws * MiB, usageBytes: (ws + 10) * MiB, limitBytes: 2048 * MiB });
   it("escalates only after the sustain time above the threshold, with the figures, then starts again", () => {
     const w = new MemoryWindow();
@@ -71,14 +71,22 @@ describe("MemoryWindow: sustained means at every sample for the sustain time", (
     // the window starts again: the next sample alone is not sustained
     expect(w.observe(at(1150), 4_000, 1024 * MiB, 3_000)).toBeNull();
   });
-  it("one sample below the threshold starts the window again", () => {
+  it("a dip below the threshold no longer than a third of the sustain time does not start the window again; a longer one does", () => {
     const w = new MemoryWindow();
     w.observe(at(1100), 0, 1024 * MiB, 3_000);
     w.observe(at(1100), 2_000, 1024 * MiB, 3_000);
-    expect(w.observe(at(900), 2_500, 1024 * MiB, 3_000)).toBeNull();
-    expect(w.observe(at(1100), 3_000, 1024 * MiB, 3_000)).toBeNull();
-    expect(w.observe(at(1100), 5_999, 1024 * MiB, 3_000)).toBeNull();
-    expect(w.observe(at(1100), 6_000, 1024 * MiB, 3_000)?.overMs).toBe(3_000);
+    // let go of the memory for one sample, take it again: still the same window
+    expect(w.observe(at(100), 2_500, 1024 * MiB, 3_000)).toBeNull();
+    expect(w.observe(at(100), 3_000, 1024 * MiB, 3_000)).toBeNull();
+    expect(w.observe(at(1100), 3_000, 1024 * MiB, 3_000)?.overMs).toBe(3_000);
+    // a dip longer than the grace (1 s of 3 s) starts it again
+    const v = new MemoryWindow();
+    v.observe(at(1100), 0, 1024 * MiB, 3_000);
+    v.observe(at(1100), 2_000, 1024 * MiB, 3_000);
+    expect(v.observe(at(900), 3_001, 1024 * MiB, 3_000)).toBeNull();
+    expect(v.observe(at(1100), 4_000, 1024 * MiB, 3_000)).toBeNull();
+    expect(v.observe(at(1100), 6_999, 1024 * MiB, 3_000)).toBeNull();
+    expect(v.observe(at(1100), 7_000, 1024 * MiB, 3_000)?.overMs).toBe(3_000);
   });
 });
 

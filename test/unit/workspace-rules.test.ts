@@ -238,6 +238,29 @@ describe("size, mass change, bad paths", () => {
   });
 });
 
+describe("what the layer's walk left unread, set-ID bits", () => {
+  it("paths over the walk's cap and a truncated walk are refused for good, even with failedIteration: ask", () => {
+    const askWs = { ...ws, failedIteration: { ...ws.failedIteration, decision: "ask" as const } };
+    const j = judgeChangeSet({ changes: [add("a.py")], limits: { tooLong: ["deep/ddd"], notUtf8: ["x/\ufffd.py"], truncated: true } }, { ...ctx(), policy: askWs });
+    expect(j.decision).toBe("reject");
+    expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "deep/ddd", final: true }));
+    expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.change-limit", final: true }));
+    expect(j.failures).toContainEqual(expect.objectContaining({ rule: "workspace.path", path: "x/\ufffd.py", final: true }));
+  });
+
+  it("a set-user-ID or set-group-ID file (created or chmod'ed) is refused for good; a setgid folder is not", () => {
+    const j = judgeChangeSet(
+      set({ ...add("run.sh"), mode: 0o4755 }, { ...mod("calc.py"), mode: 0o2755, modeOnly: true }, { kind: "create", path: "shared_dir", isDir: true, sizeBytes: 0, mode: 0o2775 }),
+      ctx(),
+    );
+    expect(j.failures.filter((f) => f.rule === "workspace.setuid").map((f) => [f.path, f.final])).toEqual([
+      ["run.sh", true],
+      ["calc.py", true],
+    ]);
+    expect(judgeChangeSet(set({ ...add("run.sh"), mode: 0o755 }), ctx()).decision).toBe("accept");
+  });
+});
+
 describe("the failed-iteration decision", () => {
   let askPolicy: WorkspacePolicy;
   beforeAll(() => {
