@@ -327,8 +327,8 @@ export class DockerRuntime implements ContainerRuntime {
     }
   }
 
-  async memoryProbe(id: string): Promise<MemoryProbe | null> {
-    const pid = await this.containerPid(id);
+  async memoryProbe(id: string, knownPid?: number): Promise<MemoryProbe | null> {
+    const pid = knownPid ?? (await this.containerPid(id));
     try {
       return await memoryProbeOf(pid);
     } catch {

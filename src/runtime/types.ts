@@ -97,7 +97,8 @@ export interface ContainerRuntime {
   /**
    * The running container's memory as its cgroup reports it (src/runtime/cgroup.ts):
    * for the resource watch. Null when it cannot be read here (a daemon that is not
-   * root, an engine on another host).
+   * root, an engine on another host). `knownPid`: the container's init when the
+   * caller knows it already (a warm pool's container), sparing the engine a round trip.
    */
-  memoryProbe(id: string): Promise<MemoryProbe | null>;
+  memoryProbe(id: string, knownPid?: number): Promise<MemoryProbe | null>;
 }
