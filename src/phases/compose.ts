@@ -29,9 +29,10 @@
  * timeout: SIGTERM to the whole group at the timeout, SIGKILL after the
  * grace (execa starts it; the group kill is ours: execa signals one pid).
  */
-import { access } from "node:fs/promises";
+import { access, lstat, readFile, realpath, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { execa } from "execa";
+import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { Verdict } from "../policy/index.js";
 
 export const COMPOSE_RULE_ID = "compose.mediated";
@@ -47,6 +48,8 @@ export interface ComposeCall {
   sub: ComposeSub;
   /** the arguments after the subcommand, as run on the host */
   args: string[];
+  /** set by checkComposeInputs: the checked, fully resolved config the call runs, and the pinned project name */
+  resolved?: { file: string; projectName: string } | undefined;
 }
 
 const SERVICE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
@@ -175,16 +178,239 @@ export interface ComposeOutcome {
   spawnError: { code: string; message: string } | null;
 }
 
-/** The argv run on the host (exported for the tests and the record). */
+/** The argv run on the host (exported for the tests and the record): the checked config when there is one, under the pinned project name. */
 export function hostArgv(project: string, file: string, call: ComposeCall): string[] {
-  return [COMPOSE_PROGRAM, "--project-directory", project, "-f", file, "--ansi", "never", call.sub, ...call.args];
+  const pinned = call.resolved ? ["-p", call.resolved.projectName, "-f", call.resolved.file] : ["-f", file];
+  return [COMPOSE_PROGRAM, "--project-directory", project, ...pinned, "--ansi", "never", call.sub, ...call.args];
+}
+
+/** compose's environment on the host: nothing of the daemon's (its service passwords) nor of the agent's; compose reads the project's .env itself */
+function composeEnv(dockerHost?: string): Record<string, string> {
+  const env: Record<string, string> = { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8", HOME: "/root" };
+  if (dockerHost) env.DOCKER_HOST = dockerHost;
+  return env;
+}
+
+/* ------------------------- what compose would start ------------------------ */
+
+/**
+ * The compose file is the operator's (read-only in the sandbox), but compose
+ * reads more than that file, and the agent writes the project through
+ * accepted iterations: a file named by `extends: file:` can make a service
+ * privileged with `/:/host` bound, an `env_file` sets a container's DSN, a
+ * bind's source can be a link. So before any call the daemon has compose
+ * resolve the whole configuration on the host (`docker-compose config`, its
+ * environment pinned), refuses it unless every input is the operator's and
+ * every service stays inside this allow-list, and runs the call against that
+ * resolved file, under a pinned project name: what runs is what was checked.
+ *
+ * - inputs: every file compose reads besides the compose file (`extends`
+ *   files, `env_file`s, the project's `.env`) must be a path the policy keeps
+ *   read-only or hidden in the sandbox (workspace.protectedPaths);
+ * - services: no `privileged`, `cap_add`, `devices`, `device_cgroup_rules`,
+ *   `security_opt`, `cgroup_parent`, `runtime`, no host or another
+ *   container's namespaces (`network_mode`, `pid`, `ipc`, `uts`,
+ *   `userns_mode`: `host` or `container:…`), no `volumes_from` a container;
+ * - host paths (bind sources, `configs`/`secrets` files): inside the project
+ *   once links are resolved (and replaced by that real path), never a socket;
+ * - volumes and networks: no `external` ones and no explicit `name` outside
+ *   the project's prefix (another stack's data or network), no volume
+ *   `driver_opts` (a local volume with `o: bind` is a host bind), no driver
+ *   but the default;
+ * - the project name: the directory's name as compose derives it, refused
+ *   while containers of another directory carry that name (two projects
+ *   called `trading` would otherwise act on one another's stack).
+ */
+export const COMPOSE_CHECK_RULE_ID = "compose.config";
+export const COMPOSE_CHECK_CLAUSE = "SKILLS.md Security & Safety Guardrails — Filesystem Boundaries; §2 Infrastructure Management";
+
+/** Whether a project-relative path is the operator's: one the policy keeps read-only or hidden in the sandbox. */
+export type OperatorPath = (rel: string) => boolean;
+
+export type ComposeCheck = { resolved: { file: string; projectName: string } } | { refused: string };
+
+class Refused extends Error {}
+
+type Obj = Record<string, unknown>;
+const isObj = (v: unknown): v is Obj => typeof v === "object" && v !== null && !Array.isArray(v);
+
+/** compose 1.29's own project name for a directory (get_project_name → normalize_name). */
+export function composeProjectName(project: string): string {
+  return path.basename(project).toLowerCase().replace(/[^-_a-z0-9]/g, "") || "default";
+}
+
+const NAMESPACE_KEYS = ["network_mode", "pid", "ipc", "uts", "userns_mode"] as const;
+const NEVER_KEYS = ["privileged", "cap_add", "devices", "device_cgroup_rules", "security_opt", "cgroup_parent", "runtime"] as const;
+
+function within(root: string, p: string): boolean {
+  return p === root || p.startsWith(root + path.sep);
+}
+
+/** The real path of `p` (its longest existing prefix resolved, the rest appended), refused outside the project or as a socket. */
+async function hostPath(realProject: string, p: string, what: string): Promise<string> {
+  if (!path.isAbsolute(p)) throw new Refused(`${what} ${JSON.stringify(p)} is not a path compose resolved`);
+  let head = path.normalize(p);
+  const rest: string[] = [];
+  for (;;) {
+    try {
+      const st = await lstat(head);
+      if (rest.length === 0 && st.isSocket()) throw new Refused(`${what} ${p} is a socket (a Docker socket would hand the host to the container)`);
+      break;
+    } catch (e) {
+      if (e instanceof Refused) throw e;
+      if (head === path.dirname(head)) break;
+      rest.unshift(path.basename(head));
+      head = path.dirname(head);
+    }
+  }
+  const real = path.join(await realpath(head), ...rest);
+  if (!within(realProject, real)) throw new Refused(`${what} ${p}${real !== p ? ` (really ${real})` : ""} is outside the project: a container gets host paths of its own project only`);
+  if (/docker\.sock$/.test(real)) throw new Refused(`${what} ${p} names a Docker socket`);
+  return real;
+}
+
+/** The inputs compose reads besides the compose file, from the raw files (the operator's), following `extends` files. */
+async function checkInputs(project: string, file: string, isOperator: OperatorPath, depth = 0): Promise<void> {
+  if (depth > 8) throw new Refused("`extends` nests more than 8 files deep");
+  let doc: unknown;
+  try {
+    doc = parseYaml(await readFile(file, "utf8"));
+  } catch (e) {
+    throw new Refused(`${path.relative(project, file) || file} is not readable YAML: ${(e as Error).message}`);
+  }
+  if (!isObj(doc) || !isObj(doc.services)) return;
+  const operators = (ref: string, what: string): string => {
+    const abs = path.resolve(path.dirname(file), ref);
+    const rel = path.relative(project, abs);
+    if (rel.startsWith("..") || path.isAbsolute(rel)) throw new Refused(`${what} ${ref} is outside the project`);
+    if (!isOperator(rel.split(path.sep).join("/"))) {
+      throw new Refused(`${what} ${rel} is read by compose on the host but can be changed from the sandbox; make it the operator's (a readOnly path in the policy's workspace.protectedPaths) or inline it in the compose file`);
+    }
+    return abs;
+  };
+  for (const [name, svc] of Object.entries(doc.services)) {
+    if (!isObj(svc)) continue;
+    const envFiles = typeof svc.env_file === "string" ? [svc.env_file] : Array.isArray(svc.env_file) ? svc.env_file : [];
+    for (const f of envFiles) if (typeof f === "string") operators(f, `service ${name}: env_file`);
+    if (isObj(svc.extends) && typeof svc.extends.file === "string") {
+      await checkInputs(project, operators(svc.extends.file, `service ${name}: extends file`), isOperator, depth + 1);
+    }
+  }
+}
+
+async function checkVolume(realProject: string, v: unknown, where: string): Promise<unknown> {
+  if (typeof v === "string") {
+    const parts = v.split(":");
+    if (parts.length >= 2 && parts[0]!.startsWith("/")) {
+      const real = await hostPath(realProject, parts[0]!, `${where}: bind source`);
+      return [real, ...parts.slice(1)].join(":");
+    }
+    return v;
+  }
+  if (isObj(v)) {
+    if (v.type === "bind" && typeof v.source === "string") return { ...v, source: await hostPath(realProject, v.source, `${where}: bind source`) };
+    if (v.type !== undefined && v.type !== "volume" && v.type !== "tmpfs" && v.type !== "bind") throw new Refused(`${where}: volume type ${String(v.type)} is not accepted`);
+  }
+  return v;
+}
+
+/** Refuses what the allow-list above does not accept; returns the config with host paths replaced by their real paths. */
+async function checkResolved(realProject: string, projectName: string, cfg: Obj): Promise<Obj> {
+  const services = isObj(cfg.services) ? cfg.services : {};
+  for (const [name, svc] of Object.entries(services)) {
+    if (!isObj(svc)) continue;
+    const where = `service ${name}`;
+    for (const k of NEVER_KEYS) {
+      const v = svc[k];
+      if (v === undefined || v === null || v === false || (Array.isArray(v) && v.length === 0)) continue;
+      throw new Refused(`${where}: \`${k}\` is not accepted (the container would get more of the host than its own namespaces)`);
+    }
+    for (const k of NAMESPACE_KEYS) {
+      const v = svc[k];
+      if (typeof v === "string" && (v === "host" || v.startsWith("container:"))) throw new Refused(`${where}: \`${k}: ${v}\` is not accepted (the host's or another container's namespace)`);
+    }
+    if (Array.isArray(svc.volumes_from) && svc.volumes_from.some((x) => typeof x === "string" && x.startsWith("container:"))) {
+      throw new Refused(`${where}: \`volumes_from\` a container outside the project is not accepted`);
+    }
+    if (Array.isArray(svc.volumes)) svc.volumes = await Promise.all(svc.volumes.map((v) => checkVolume(realProject, v, where)));
+  }
+  for (const section of ["volumes", "networks"] as const) {
+    const all = isObj(cfg[section]) ? (cfg[section] as Obj) : {};
+    for (const [name, def] of Object.entries(all)) {
+      if (!isObj(def)) continue;
+      const ext = def.external;
+      if (ext !== undefined && ext !== false) throw new Refused(`${section} ${name}: \`external\` is not accepted (another stack's ${section === "volumes" ? "data" : "network"})`);
+      // an explicit name is not prefixed with the project's: it can be another stack's
+      if (typeof def.name === "string" && !def.name.startsWith(`${projectName}_`)) {
+        throw new Refused(`${section} ${name}: \`name: ${def.name}\` is not accepted (a name outside this project's, ${projectName}_…, can be another stack's ${section === "volumes" ? "data" : "network"})`);
+      }
+      if (def.driver_opts !== undefined && section === "volumes") throw new Refused(`volumes ${name}: \`driver_opts\` are not accepted (a local volume with o: bind is a host bind)`);
+      const defaultDriver = section === "volumes" ? "local" : "bridge";
+      if (def.driver !== undefined && def.driver !== defaultDriver) throw new Refused(`${section} ${name}: driver ${String(def.driver)} is not accepted (only ${defaultDriver})`);
+    }
+  }
+  for (const section of ["configs", "secrets"] as const) {
+    const all = isObj(cfg[section]) ? (cfg[section] as Obj) : {};
+    for (const [name, def] of Object.entries(all)) {
+      if (!isObj(def)) continue;
+      if (def.external !== undefined && def.external !== false) throw new Refused(`${section} ${name}: \`external\` is not accepted`);
+      if (typeof def.file === "string") def.file = await hostPath(realProject, def.file, `${section} ${name}: file`);
+    }
+  }
+  return cfg;
+}
+
+/**
+ * The check above, for a call about to run: the resolved config written to
+ * `outFile` (what the call then runs), or why nothing runs.
+ */
+export async function checkComposeInputs(o: { project: string; file: string; outFile: string; isOperator: OperatorPath; dockerHost?: string | undefined }): Promise<ComposeCheck> {
+  try {
+    const realProject = await realpath(o.project);
+    try {
+      await access(path.join(o.project, ".env"));
+      if (!o.isOperator(".env")) throw new Refused(".env is read by compose on the host (variables in the compose file) but can be changed from the sandbox; keep it hidden (workspace.protected.credentials)");
+    } catch (e) {
+      if (e instanceof Refused) throw e;
+    }
+    await checkInputs(o.project, o.file, o.isOperator);
+    const env = composeEnv(o.dockerHost);
+    const cfg = await execa(COMPOSE_PROGRAM, ["--project-directory", o.project, "-f", o.file, "--ansi", "never", "config"], {
+      cwd: o.project,
+      env,
+      extendEnv: false,
+      stdin: "ignore",
+      reject: false,
+      timeout: 30_000,
+    });
+    if (cfg.exitCode !== 0) throw new Refused(`compose could not resolve the project's compose file: ${String(cfg.stderr || cfg.stdout).trim().slice(0, 500)}`);
+    const parsed: unknown = parseYaml(String(cfg.stdout));
+    if (!isObj(parsed)) throw new Refused("compose resolved the project's compose file to nothing");
+    const projectName = composeProjectName(o.project);
+    const checked = await checkResolved(realProject, projectName, parsed);
+    const others = await execa("docker", ["ps", "-a", "--filter", `label=com.docker.compose.project=${projectName}`, "--format", '{{.Label "com.docker.compose.project.working_dir"}}'], {
+      env,
+      extendEnv: false,
+      stdin: "ignore",
+      reject: false,
+      timeout: 30_000,
+    });
+    if (others.exitCode !== 0) throw new Refused(`the engine's containers could not be listed: ${String(others.stderr).trim().slice(0, 300)}`);
+    const foreign = [...new Set(String(others.stdout).split("\n").map((l) => l.trim()).filter((d) => d && d !== o.project && d !== realProject))];
+    if (foreign.length > 0) {
+      throw new Refused(`compose project name ${projectName} is taken by containers of ${foreign.join(", ")}: the call would act on another directory's stack; rename one of the directories or stop that stack`);
+    }
+    await writeFile(o.outFile, `# resolved and checked by sandboxd from ${o.file}\n${stringifyYaml(checked)}`, { mode: 0o600 });
+    return { resolved: { file: o.outFile, projectName } };
+  } catch (e) {
+    if (e instanceof Refused) return { refused: e.message };
+    throw e;
+  }
 }
 
 export async function runCompose(r: ComposeRun): Promise<ComposeOutcome> {
   const [program, ...args] = hostArgv(r.project, r.file, r.call);
-  // nothing of the daemon's own environment (its service passwords) reaches compose; compose reads the project's .env itself
-  const env: Record<string, string> = { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8", HOME: "/root" };
-  if (r.dockerHost) env.DOCKER_HOST = r.dockerHost;
+  const env = composeEnv(r.dockerHost);
   const child = execa(program!, args, {
     cwd: r.project,
     env,

@@ -4,6 +4,7 @@
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
 import path from "node:path";
+import { mkdir } from "node:fs/promises";
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
 import { bindFiles, filesRun } from "../approvals/binding.js";
 import type { Grant } from "../approvals/grants.js";
@@ -12,13 +13,15 @@ import { SandboxdError } from "../errors.js";
 import type { PhaseMode } from "../domain.js";
 import { PARSE_RULE_ID, TIMEOUT_CEILING_MS, evaluateCommand, judgeTimeout, type Verdict } from "../policy/index.js";
 import { seconds } from "../policy/timeout.js";
+import { compileWorkspace, protects } from "../policy/workspace.js";
+import { pipArgs, pipRunArgv } from "../workspace/packages.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
 import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, persistFailFast, recordAttempt } from "./escalation.js";
 import { junitPathFor, pytestAddopts, readJunit } from "./junit.js";
 import { commandEnv, readProjectFile } from "./project.js";
-import { composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall } from "./compose.js";
+import { COMPOSE_CHECK_CLAUSE, COMPOSE_CHECK_RULE_ID, checkComposeInputs, composeFile, hostArgv, judgeCompose, runCompose, type ComposeCall, type ComposeCheck } from "./compose.js";
 import { checkpointBeforeValidation } from "./workspace.js";
 import type { PhaseRecorder } from "./recorder.js";
 import { checkEnv, checkStdin, resolveCwd } from "./exec-options.js";
@@ -284,7 +287,17 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   // docker-compose runs on the host, and only in the grammar the daemon mediates (./compose.ts)
   const composed = judgeCompose(verdict);
   verdict = composed.verdict;
-  const composeCall = composed.call;
+  let composeCall = composed.call;
+  if (composeCall) {
+    // what compose would start, resolved and checked on the host before the verdict is recorded (./compose.ts)
+    const checked = await checkCompose(ctx, live);
+    if (checked && "refused" in checked) {
+      verdict = { ...verdict, decision: "forbid", ruleId: COMPOSE_CHECK_RULE_ID, clause: COMPOSE_CHECK_CLAUSE, reason: checked.refused };
+      composeCall = null;
+    } else if (checked) {
+      composeCall = { ...composeCall, resolved: checked.resolved };
+    }
+  }
   // What is shown in logs and errors: argv quoted, or the string as given; scrubbed, one line.
   const cmd = rec.redact(req.argv ? quoteArgv(req.argv) : (req.command ?? ""));
   const ts = () => timestamp(ctx.opts.clock.now());
@@ -430,7 +443,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   // read back after it ends (junit.ts): a pytest inside a script or a command string is read too.
   const failFastOn = ctx.opts.failFast !== false;
   const junit = failFastOn ? junitPathFor() : null;
-  const runArgv = junit && isPytest(verdict.execArgv) ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : verdict.execArgv;
+  // a pip command runs as the image's pip, and runs alone: what it writes on the package disk is kept for the project's next phases (src/workspace/packages.ts)
+  const pip = req.argv && verdict.parts.length === 1 && !composeCall ? pipArgs(verdict.execArgv) : null;
+  const runArgv = junit && isPytest(verdict.execArgv) ? [...verdict.execArgv, `--junitxml=${junit.inContainer}`] : pip ? pipRunArgv(pip) : verdict.execArgv;
   const runBase = junit ? { ...execBase, env: { ...execBase.env, PYTEST_ADDOPTS: pytestAddopts(junit) } } : execBase;
 
   const recordError = async (e: unknown, output: Record<string, unknown> = {}) => {
@@ -448,7 +463,9 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     await recordError(e);
     throw e;
   }
-  const leave = await enterWorkspace(live, verdict, cmd, ts);
+  const leave = await enterWorkspace(live, verdict, cmd, ts, pip !== null);
+  // the kernel's clock, as the package disk's ctimes; a little early, as the kernel's coarse clock may lag
+  const pipSinceNs = pip ? BigInt(Date.now() - 50) * 1_000_000n : null;
   // The phase may have escalated (or been paused) while this command was judged, recorded or
   // checkpointed: nothing is sent to a shim that is frozen or about to be. No await from here
   // to the send below, so no escalation can come in between.
@@ -587,8 +604,12 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       stderr: err.text(limits.auditOutputCapBytes),
     });
     throw e;
-  }).finally(() => {
+  }).finally(async () => {
     ctx.runs.remove(runId);
+    // before the gate opens again: what the pip command wrote is noted while nothing else of the phase runs
+    if (pipSinceNs !== null) {
+      await ctx.packages.notePip(record.project, pipSinceNs).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "could not note what pip installed"));
+    }
     leave();
   });
   flushHeld();
@@ -848,12 +869,12 @@ function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
  * command does not run); then the command holds the phase's gate, so no
  * checkpoint remounts the view under it. Returns the gate's release.
  */
-async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string): Promise<() => void> {
+async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string, alone = false): Promise<() => void> {
   const ws = live.workspace;
   if (!ws) return () => undefined;
   try {
     await checkpointBeforeValidation(live, verdict.parts.map((p) => p.argv), cmd);
-    const leave = await ws.gate.enter();
+    const leave = alone ? await ws.gate.alone() : await ws.gate.enter();
     try {
       ws.assertNotPending();
     } catch (e) {
@@ -919,6 +940,24 @@ function timeoutWays(mode: PhaseMode): string {
 
 function timeoutHint(mode: PhaseMode, maxTimeoutMs: number): string {
   return `use a timeout within ${TIMEOUT_CEILING_MS / 1000} s; up to ${seconds(maxTimeoutMs)} s runs at once, longer asks a person (SKILLS.md §2: 60 s by default, up to 5 min). ${timeoutWays(mode)}`;
+}
+
+/**
+ * The project's compose configuration, resolved and checked (./compose.ts
+ * checkComposeInputs) into the phase's folder in the state dir; null when the
+ * project has no compose file (hostCompose says so).
+ */
+async function checkCompose(ctx: PhaseContext, live: LivePhase): Promise<ComposeCheck | null> {
+  const { record } = live;
+  const file = await composeFile(record.project);
+  if (!file) return null;
+  const { protections } = compileWorkspace(ctx.policyFor(live.phasePolicy).workspace);
+  // the operator's: a path the sandbox never changes (read-only or hidden there, whatever the phase's permissions)
+  const isOperator = (rel: string) =>
+    protections.some((p) => (p.spec.treatment === "readOnly" || p.spec.treatment === "hidden") && !p.spec.unlessPermission && protects(p, rel));
+  const dir = path.join(ctx.opts.stateDir, "phases", record.id);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  return checkComposeInputs({ project: record.project, file, outFile: path.join(dir, "compose.resolved.yml"), isOperator, dockerHost: process.env.DOCKER_HOST });
 }
 
 /**

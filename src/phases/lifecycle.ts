@@ -347,12 +347,29 @@ export function startRecord(record: PhaseRecord, envReserved: readonly string[],
 }
 
 /** The phase becomes a user of its project's package disk (mounted by the first); the host folder to bind. */
-export async function acquirePackages(ctx: PhaseContext, live: LivePhase, opts: { bindAt?: string } = {}): Promise<string> {
+export async function acquirePackages(ctx: PhaseContext, live: LivePhase, opts: { readopted?: boolean; bindAt?: string } = {}): Promise<string> {
   const { record } = live;
   // the daemon's policy sizes it: the disk is the project's, shared by phases with different phase policies
   const budget = ctx.opts.policy().workspace.disk.packagesBytes ?? DEFAULT_PACKAGES_BYTES;
-  const dir = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget, opts);
+  // a re-adopted phase's container uses the disk already: it is not verified under it
+  const { dir, removed } = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget, {
+    verify: !opts.readopted,
+    ...(opts.bindAt ? { bindAt: opts.bindAt } : {}),
+  });
   live.packagesHeld = true;
+  if (removed && removed.length > 0) {
+    // what a phase left on the disk outside pip: removed before this phase sees it (src/workspace/packages.ts)
+    const shown = removed.slice(0, 50);
+    await live.rec.record({ type: "packages.verify", removed: shown, removedCount: removed.length }, [
+      actionLine(
+        timestamp(ctx.opts.clock.now()),
+        "PACKAGES",
+        "VERIFY",
+        PACKAGES_DIR,
+        `removed ${removed.length} entr${removed.length === 1 ? "y" : "ies"} no pip command wrote: ${shown.join(", ")}${removed.length > shown.length ? ", …" : ""}`,
+      ),
+    ]);
+  }
   return dir;
 }
 

@@ -23,8 +23,9 @@ export const BUILD_LOG_NAME = "build_audit.log";
 export function commandEnv(record: Pick<PhaseRecord, "id" | "mode">, phaseVars: Record<string, string> = {}): Record<string, string> {
   return {
     ...phaseVars,
-    // the project's installed packages' console scripts first (src/workspace/packages.ts)
-    PATH: `${PACKAGES_ENV.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`,
+    // the image's programs first: a bare `pytest` or `python3` is the image's, never a file of the
+    // package disk (the agent writes there); its console scripts after (src/workspace/packages.ts)
+    PATH: `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PACKAGES_ENV.bin}`,
     HOME: "/tmp",
     LANG: "C.UTF-8",
     PYTHONUNBUFFERED: "1",

@@ -186,7 +186,7 @@ async function readopt(ctx: PhaseContext, live: LivePhase): Promise<void> {
   await live.workspace?.layer.reattach();
   await live.workspace?.watch();
   // counted again as a user of the project's package disk (still mounted, or mounted again)
-  await acquirePackages(ctx, live);
+  await acquirePackages(ctx, live, { readopted: true });
   const frozen = record.state !== "running" && record.containerId !== null && (await ctx.opts.runtime.isPaused(record.containerId));
   if (frozen) {
     // Escalated or paused: the container stays frozen for the person who will read

@@ -218,7 +218,8 @@ export class RunningExec {
     try {
       // The child is born in the shim's cgroup: the shim is in the command's for the (synchronous) fork.
       if (this.cgroup && cgroups) this.cgroup.place(process.pid);
-      child = spawn("python3", ["-I", "-S", "-c", LANDLOCK_EXEC_PY, ...msg.argv], {
+      // by its full path: spawn resolves a bare name on msg.env's PATH, which holds the package disk the agent writes
+      child = spawn("/usr/bin/python3", ["-I", "-S", "-c", LANDLOCK_EXEC_PY, ...msg.argv], {
         cwd: msg.cwd,
         env: msg.env, // exactly as given: nothing of the shim's environment is inherited
         uid: msg.uid,

@@ -28,6 +28,27 @@ export class ExecGate {
     };
   }
 
+  /**
+   * Enter as a command that runs alone (a pip command: what it writes on the
+   * package disk is kept, so nothing else of the phase may write there
+   * meanwhile): waits for the running ones to end, holds back new ones and
+   * checkpoints until the returned function is called.
+   */
+  async alone(): Promise<() => void> {
+    while (this.writer) await this.writer;
+    let open!: () => void;
+    this.writer = new Promise<void>((r) => (open = r));
+    if (this.running > 0) await new Promise<void>((r) => (this.drained = r));
+    this.drained = null;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.writer = null;
+      open();
+    };
+  }
+
   /** Run `fn` with no command running and none starting. */
   async exclusive<T>(fn: () => Promise<T>): Promise<T> {
     while (this.writer) await this.writer;

@@ -503,7 +503,8 @@ export function compileCheckArgv(paths: readonly string[]): string[] {
     }
   }
   // "./" keeps a path starting with "-" from being read as an option by anything downstream
-  return ["python3", "-I", "-B", "-c", COMPILE_SCRIPT, ...paths.map((p) => `./${p}`)];
+  // by its full path: the command environment's PATH holds the package disk, which the agent writes
+  return ["/usr/bin/python3", "-I", "-B", "-c", COMPILE_SCRIPT, ...paths.map((p) => `./${p}`)];
 }
 
 const MAX_COMPILER_MESSAGE = 500;

@@ -94,8 +94,10 @@ describe("docker-compose from a phase", () => {
     const psVerdict = recs.find((r) => r.type === "exec.verdict" && JSON.stringify(r.argv) === '["docker-compose","ps"]');
     expect(psVerdict).toMatchObject({ decision: "allow", rule: "shell.compose-allowed" });
     const runs = recs.filter((r) => r.type === "compose.run");
-    expect(runs.map((r) => (r.argv as string[]).slice(7).join(" "))).toEqual(["up -d --no-build", "ps", "logs --tail 5 idle", "restart idle"]);
-    expect(runs[0]!.argv).toEqual(["docker-compose", "--project-directory", project, "-f", path.join(project, "docker-compose.yml"), "--ansi", "never", "up", "-d", "--no-build"]);
+    expect(runs.map((r) => (r.argv as string[]).slice(9).join(" "))).toEqual(["up -d --no-build", "ps", "logs --tail 5 idle", "restart idle"]);
+    // the configuration compose resolved and the daemon checked (./compose-attack.test.ts), under the directory's project name
+    const name = path.basename(project).toLowerCase().replace(/[^-_a-z0-9]/g, "");
+    expect(runs[0]!.argv).toEqual(["docker-compose", "--project-directory", project, "-p", name, "-f", path.join(t.stateDir, "phases", phase.id, "compose.resolved.yml"), "--ansi", "never", "up", "-d", "--no-build"]);
     const psResult = recs.find((r) => r.type === "exec.result" && JSON.stringify(r.argv) === '["docker-compose","ps"]');
     expect(psResult).toMatchObject({ exitCode: 0 });
     expect(String(psResult!.stdout)).toMatch(/idle_1/);

@@ -313,7 +313,8 @@ describe("the Python compile check", () => {
   it("compiles each file with python3 (no bytecode written) and turns errors into failures with the compiler's message", () => {
     const paths = ["services/ok.py", "services/bad.py", "services/nul.py", "-dash.py", "services/latin.py", "services/missing.py"];
     const argv = compileCheckArgv(paths);
-    expect(argv.slice(0, 4)).toEqual(["python3", "-I", "-B", "-c"]);
+    // by its full path: the sandbox's PATH holds the package disk, which the agent writes
+    expect(argv.slice(0, 4)).toEqual(["/usr/bin/python3", "-I", "-B", "-c"]);
     const out = execFileSync(argv[0]!, argv.slice(1), { cwd: dir, encoding: "utf8" });
     const failures = parseCompileOutput(out, paths, ws);
     expect(failures.map((f) => f.path)).toEqual(["services/bad.py", "services/nul.py", "services/missing.py"]);
