@@ -149,7 +149,8 @@ export async function run(opts = {}) {
         return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
       },
       "journal-signed": async (dir) => {
-        const j = await AuditJournal.open(dir, { clock, signer });
+        // as the daemon runs it: each new signature also written to the witness beside the key (src/audit/witness.ts)
+        const j = await AuditJournal.open(dir, { clock, signer, witness: `${dir}.witness` });
         return { append: (i) => j.append(event(i)), close: () => j.close(), syncs: () => j.counters.batches };
       },
       "journal-noanchor": async (dir) => {

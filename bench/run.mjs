@@ -181,6 +181,8 @@ async function startDaemon(tmp, extraEnv = {}, name = "") {
       ...process.env,
       SANDBOXD_LOG_LEVEL: process.env.SANDBOXD_LOG_LEVEL || "info",
       SANDBOXD_IMAGE: IMAGE,
+      // the bench's own signing key and witness, never the machine's /etc/sandboxd ones
+      SANDBOXD_AUDIT_KEY: path.join(tmp, `audit-signing${name}.key`),
       // `true` and `head` are not on the SKILLS.md whitelist; the operator allows them for the bench.
       SANDBOXD_EXTRA_ALLOW: "true,head,false",
       ...extraEnv,
@@ -525,12 +527,29 @@ async function streamViaApi(d, phase, dockerd, format = "frames") {
   // frames: read as a client does (FrameReader), stdout bytes counted, the last event kept
   const { FrameReader, StreamFrame } = await import(path.join(ROOT, "dist", "frames.js"));
   const frames = format === "frames" ? new FrameReader() : null;
+  const framed = format !== "ndjson";
   let frameStdout = 0;
   let lastEvent = null;
   const TAIL_KEEP = 4 << 20; // the exit line carries up to 1 MiB of captured stdout
   let sampled;
   const t0 = performance.now();
-  try {
+  if (format === "frames-raw") {
+    // the CLI's own reader (client/frame-stream.ts): the socket read directly, pooled reads, output in pieces
+    const { streamFrames } = await import(path.join(ROOT, "dist", "client", "frame-stream.js"));
+    try {
+      await withTimeout(
+        streamFrames(d.socket, `/v1/phases/${phase.id}/exec?stream=frames`, { argv: STREAM_ARGV, timeoutMs: 60_000 }, (kind, payload) => {
+          rawBytes += payload.length + 5;
+          if (kind === StreamFrame.Stdout) frameStdout += payload.length;
+          else if (kind === StreamFrame.Event) lastEvent = Buffer.from(payload);
+        }),
+        90_000,
+        "streaming exec (CLI reader)",
+      );
+    } finally {
+      sampled = sampler.stop();
+    }
+  } else try {
     const res = await withTimeout(
       d.api.stream("POST", `/v1/phases/${phase.id}/exec?stream=${format === "frames" ? "frames" : "1"}`, { argv: STREAM_ARGV, timeoutMs: 60_000 }),
       30_000,
@@ -565,7 +584,7 @@ async function streamViaApi(d, phase, dockerd, format = "frames") {
   const cpuS = cpu();
   const hwm = hwmReset ? procStatusBytes(d.pid, "VmHWM") : NaN;
   let last;
-  if (frames) {
+  if (framed) {
     last = JSON.parse(lastEvent?.toString("utf8") ?? "null");
     if (frameStdout !== STREAM_BYTES) throw new Error(`frames stream: ${frameStdout} stdout bytes arrived (want ${STREAM_BYTES})`);
   } else {
@@ -618,32 +637,35 @@ async function benchStream(d, phase) {
     for (let i = 0; i < CFG.streamWarmup; i++) {
       await streamViaApi(d, phase, dockerd, "frames");
       await streamViaApi(d, phase, dockerd, "ndjson");
+      await streamViaApi(d, phase, dockerd, "frames-raw");
       await streamViaCli(d, phase, dockerd, devNull);
       await streamViaDocker(d, phase, dockerd, devNull, true); // also checks the byte count
     }
     const api = [];
     const ndjson = [];
+    const raw = [];
     const cli = [];
     const dock = [];
     for (let i = 0; i < CFG.streamN; i++) {
-      const order = i % 2 === 0 ? ["api", "docker", "cli", "ndjson"] : ["ndjson", "cli", "docker", "api"];
+      const order = i % 2 === 0 ? ["api", "docker", "raw", "cli", "ndjson"] : ["ndjson", "cli", "raw", "docker", "api"];
       for (const which of order) {
         if (which === "api") api.push(await streamViaApi(d, phase, dockerd, "frames"));
         else if (which === "ndjson") ndjson.push(await streamViaApi(d, phase, dockerd, "ndjson"));
+        else if (which === "raw") raw.push(await streamViaApi(d, phase, dockerd, "frames-raw"));
         else if (which === "cli") cli.push(await streamViaCli(d, phase, dockerd, devNull));
         else dock.push(await streamViaDocker(d, phase, dockerd, devNull, false));
       }
     }
     const apiMBps = summarize(api.map((r) => r.MBps));
     const dockMBps = summarize(dock.map((r) => r.MBps));
-    const growth = summarize([...api, ...ndjson].map((r) => r.rssGrowthMB));
+    const growth = summarize([...api, ...ndjson, ...raw].map((r) => r.rssGrowthMB));
     const ratio = apiMBps.p50 / dockMBps.p50;
     const passMBps = apiMBps.p50 >= TARGETS.streamMBps;
     const passRatio = ratio >= TARGETS.streamRatio;
     const passRss = growth.max < TARGETS.streamRssGrowthMB;
     return {
       description:
-        "200 MiB (209,715,200 B) of ASCII stdout from a python3 script in the phase: streaming exec (?stream=frames, read with FrameReader as fast as it comes, byte count checked) vs `docker exec <container> <same argv>` > /dev/null; info: the same as NDJSON (?stream=1), and through the CLI (`sandboxd exec … > /dev/null`, whole process); MB = 10^6 B",
+        "200 MiB (209,715,200 B) of ASCII stdout from a python3 script in the phase: streaming exec (?stream=frames, read with FrameReader as fast as it comes, byte count checked) vs `docker exec <container> <same argv>` > /dev/null; info: the same as NDJSON (?stream=1), the same read by the CLI's own reader in-process (client/frame-stream.ts: the socket read directly, pooled reads), and through the CLI (`sandboxd exec … > /dev/null`, whole process); MB = 10^6 B",
       payloadBytes: STREAM_BYTES,
       argv: STREAM_ARGV,
       script: STREAM_SCRIPT_TEXT,
@@ -651,6 +673,7 @@ async function benchStream(d, phase) {
       dockerExecMBps: roundStats(dockMBps, 1),
       ratioP50: round(ratio, 3),
       ndjsonMBpsInfo: roundStats(summarize(ndjson.map((r) => r.MBps)), 1),
+      rawReaderMBpsInfo: roundStats(summarize(raw.map((r) => r.MBps)), 1),
       cliMBpsInfo: roundStats(summarize(cli.map((r) => r.MBps)), 1),
       apiSeconds: roundStats(summarize(api.map((r) => r.ms / 1000)), 3),
       dockerExecSeconds: roundStats(summarize(dock.map((r) => r.ms / 1000)), 3),
@@ -660,6 +683,7 @@ async function benchStream(d, phase) {
       cpuSecondsPerRunMean: {
         api: meanCpu(api.map((r) => r.cpuS)),
         ndjson: meanCpu(ndjson.map((r) => r.cpuS)),
+        rawReader: meanCpu(raw.map((r) => r.cpuS)),
         cli: meanCpu(cli.map((r) => r.cpuS)),
         dockerExec: meanCpu(dock.map((r) => r.cpuS)),
       },
@@ -778,6 +802,7 @@ function printTable(r) {
   if (c) {
     add("(c) 200 MiB stdout via API stream (frames)", c.apiMBps, "MB/s");
     add("(c)   same as NDJSON, ?stream=1 (info)", c.ndjsonMBpsInfo, "MB/s");
+    if (c.rawReaderMBpsInfo) add("(c)   same, the CLI's reader in-process (info)", c.rawReaderMBpsInfo, "MB/s");
     add("(c)   via the CLI > /dev/null, process (info)", c.cliMBpsInfo, "MB/s");
     add("(c) baseline docker exec > /dev/null", c.dockerExecMBps, "MB/s");
     add("(c) daemon peak RSS growth", c.daemonRssGrowthMB, "MB");

@@ -13,7 +13,6 @@ import { prepareExport } from "./audit/bundle.js";
 import { ANCHOR_FILE, AuditJournal, parseAnchor } from "./audit/journal.js";
 import { loadOrCreateSigningKey } from "./audit/signing.js";
 import { verifyJournal, type Checkpoint } from "./audit/verify.js";
-import { witnessFile } from "./audit/witness.js";
 import { LogSecrets, redactingWriter } from "./audit/redact.js";
 import { initShellParser, loadPolicy, parsePolicy } from "./policy/index.js";
 import { parse as parseYaml } from "yaml";
@@ -158,7 +157,7 @@ export async function startDaemon(
       "created the audit signing key: back it up, and give auditors its public key (`sandboxd audit key`)",
     );
   }
-  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock, signer, witness: witnessFile(settings.auditKey, settings.stateDir) });
+  const journal = await AuditJournal.open(settings.stateDir, { clock: systemClock, signer, witness: settings.auditWitness });
   await journal.append({
     type: "policy.load",
     file: settings.policyFile,

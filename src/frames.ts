@@ -39,27 +39,52 @@ export class FrameReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
 
+  /**
+   * `borrowed`: each chunk pushed is only lent for the call (a pooled read
+   * buffer): the bytes of an unfinished frame are copied before push
+   * returns, and the frames it returns are valid only until then.
+   */
+  constructor(private readonly opts: { borrowed?: boolean; streamOutput?: boolean } = {}) {}
+
+  /** streamOutput: bytes still to come of the output frame being read, and its kind */
+  private outLeft = 0;
+  private outKind = 0;
+
   push(chunk: Buffer): StreamFrameOut[] {
     if (chunk.length > 0) {
       this.chunks.push(chunk);
       this.buffered += chunk.length;
     }
     const out: StreamFrameOut[] = [];
-    while (this.buffered >= FRAME_HEADER_BYTES) {
+    for (;;) {
+      // streamOutput: an output frame comes out in the pieces it is read in (views, never gathered)
+      while (this.outLeft > 0 && this.buffered > 0) {
+        const n = Math.min(this.outLeft, this.chunks[0]!.length);
+        this.outLeft -= n;
+        out.push({ kind: this.outKind, payload: this.take(n) });
+      }
+      if (this.outLeft > 0 || this.buffered < FRAME_HEADER_BYTES) break;
       const head = this.peek(FRAME_HEADER_BYTES);
       const kind = head[0]!;
       const length = head.readUInt32BE(1);
       if (length > MAX_STREAM_FRAME) throw new Error(`exec stream: a frame of ${length} bytes (at most ${MAX_STREAM_FRAME}): not a sandboxd frame stream`);
+      if (this.opts.streamOutput && (kind === StreamFrame.Stdout || kind === StreamFrame.Stderr)) {
+        this.take(FRAME_HEADER_BYTES);
+        this.outLeft = length;
+        this.outKind = kind;
+        continue;
+      }
       if (this.buffered < FRAME_HEADER_BYTES + length) break;
       this.take(FRAME_HEADER_BYTES);
       out.push({ kind, payload: this.take(length) });
     }
+    if (this.opts.borrowed && this.buffered > 0) this.chunks = [Buffer.concat(this.chunks, this.buffered)]; // a copy: the next read reuses them
     return out;
   }
 
-  /** bytes received that do not make a whole frame (a stream that ends with some was cut off) */
+  /** bytes received that do not make a whole frame, or of an output frame still to come (a stream that ends with some was cut off) */
   get pending(): number {
-    return this.buffered;
+    return this.buffered + this.outLeft;
   }
 
   private peek(n: number): Buffer {

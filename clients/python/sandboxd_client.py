@@ -375,7 +375,10 @@ class Sandboxd:
                         last_record = pending
                         count += 1
                     pending = line
-                anchor = json.loads(pending.decode("utf-8")).get("anchor") if pending else None
+                try:
+                    anchor = json.loads(pending.decode("utf-8")).get("anchor") if pending else None
+                except ValueError:
+                    anchor = None  # cut short mid-line: reported below
         finally:
             conn.close()
         record = json.loads(last_record.decode("utf-8")) if last_record else {}

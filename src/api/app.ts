@@ -21,6 +21,7 @@ import { reportLines } from "../phases/report.js";
 import { readFile } from "node:fs/promises";
 import { StringDecoder } from "node:string_decoder";
 import { FRAMES_CONTENT_TYPE, StreamFrame, frameHeader } from "../frames.js";
+import { outputPool } from "../shim/read-pool.js";
 import { openApiDocument } from "./openapi.js";
 import { ROUTES, routeKey, routeOf, type RouteKey } from "./routes.js";
 import { MAX_PUT_BYTES } from "./schemas.js";
@@ -478,6 +479,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
  * pause ends with it. Once the answer is sent (`answered`), nothing more is
  * written: output arriving late is dropped, never sent after the end.
  */
+/** a streaming exec's output waiting for its client beyond this pauses the command (the daemon's memory per slow client) */
+const STREAM_BACKLOG_BYTES = 1024 * 1024;
+
 async function streamExec(
   reply: FastifyReply,
   manager: PhaseManager,
@@ -498,8 +502,11 @@ async function streamExec(
     res.writeHead(200, { "content-type": format === "frames" ? FRAMES_CONTENT_TYPE : "application/x-ndjson", "cache-control": "no-store" });
   };
   const writable = () => !(answered || res.destroyed || res.writableEnded);
+  // Paused only once a real backlog waits for the client: one piece of output (up to 256 KiB)
+  // is already more than the socket's 16 KiB mark, and pausing at each would stop the command
+  // at every piece (a flow message to the shim and back each time).
   const backpressure = (ok: boolean) => {
-    if (!ok && !flow.isHolding && !flow.isClosed) {
+    if (!ok && res.writableLength >= STREAM_BACKLOG_BYTES && !flow.isHolding && !flow.isClosed) {
       flow.pause();
       res.once("drain", () => flow.resume());
     }
@@ -520,10 +527,12 @@ async function streamExec(
       return (chunk: Buffer) => {
         if (!writable()) return;
         ensureHeaders();
-        // header and payload as two writes, sent together (corked): the payload is never copied
+        // header and payload as two writes, sent together (corked): the payload is never copied;
+        // it may be a view of a pooled read buffer, held until written (src/shim/read-pool.ts)
         res.cork();
         res.write(frameHeader(kind, chunk.length));
-        const ok = res.write(chunk);
+        outputPool.retain(chunk);
+        const ok = res.write(chunk, () => outputPool.release(chunk));
         res.uncork();
         backpressure(ok);
       };

@@ -621,7 +621,7 @@ export class AuditJournal {
           } catch (e) {
             throw new SandboxdError(
               "SBX_ERR_AUDIT_CORRUPT",
-              `${(e as Error).message}; run \`sandboxd audit verify\`. If the anchor was damaged in a power failure and the chain verifies, move ${anchorFile} aside and start again`,
+              `${(e as Error).message}; run \`sandboxd audit verify\`. If the anchor was damaged in a power failure and the chain verifies, restore ${anchorFile} from a backup; a signed trail does not go on without its anchor (docs/AUDIT.md "Threat model"): to start a new trail, move the journal, the anchor and the trail's witness aside together`,
             );
           }
         }
@@ -638,12 +638,24 @@ export class AuditJournal {
           );
         }
         if (opts.signer) await checkAnchorAtOpen(jfs, fd, file, anchorFile, anchor, tail.head.seq, opts.signer);
+        const signed = anchor?.signed;
+        if (opts.signer && signed) {
+          // The signature covers {seq, hash}; the journal must hold that very record. The anchor's own {seq, hash}
+          // is unsigned: pointed at a re-chained tail, it would let a rewrite under a genuine signature through.
+          const at = signed.seq === tail.head.seq ? tail.head.hash : await recordHashAt(jfs, fd, file, tail.completeEnd, signed.seq);
+          if (at !== signed.hash) {
+            throw new SandboxdError(
+              "SBX_ERR_AUDIT_CORRUPT",
+              `record ${signed.seq} of ${file} ${at === null ? "is missing or not a record" : `has hash ${at}`}, not the hash ${signed.hash} that ${anchorFile}'s signature covers: the records up to it were rewritten; run \`sandboxd audit verify\``,
+            );
+          }
+        }
       }
       let witness: { fd: number; path: string; seq: number } | null = null;
       if (opts.signer && opts.witness && anchorEnabled) {
         const wpath = opts.witness;
         const w = await readWitness(wpath);
-        if (w) await checkWitnessAtOpen(jfs, fd, file, wpath, w, anchor, tail.head.seq);
+        if (w) await checkWitnessAtOpen(jfs, fd, file, wpath, w, anchor, tail);
         try {
           await jfs.mkdir(path.dirname(wpath));
           wfd = await jfs.open(wpath, O_ANCHOR, 0o600);
@@ -1122,7 +1134,7 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
         "SBX_ERR_AUDIT_CORRUPT",
         `${anchorFile} is missing or empty, but ${file} records a signing key at seq ${seq}: the signed anchor was removed, and the records could have been rewritten since it was signed; the daemon does not sign over them`,
         {
-          hint: `restore ${anchorFile} from a backup; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move ${file} and ${anchorFile} aside together (keep them as evidence), and the trail's witness (<key file>.heads/…) with them`,
+          hint: `restore ${anchorFile} from a backup; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move ${file} and ${anchorFile} aside together (keep them as evidence), and the trail's witness (<key file>.heads/…, or in SANDBOXD_AUDIT_WITNESS_DIR) with them`,
         },
       );
     }
@@ -1179,34 +1191,57 @@ async function checkAnchorAtOpen(jfs: JournalFs, fd: number, file: string, ancho
  * very head (a clean stop leaves both equal; after a crash or power loss the
  * anchor may be behind or ahead of the witness by a signature).
  */
-async function checkWitnessAtOpen(jfs: JournalFs, fd: number, file: string, wfile: string, w: Witness, anchor: Anchor | null, lastSeq: number): Promise<void> {
+async function checkWitnessAtOpen(jfs: JournalFs, fd: number, file: string, wfile: string, w: Witness, anchor: Anchor | null, tail: Tail): Promise<void> {
+  const lastSeq = tail.head.seq;
   const rolledBack = (what: string) =>
     new SandboxdError("SBX_ERR_AUDIT_CORRUPT", `${what}, but the daemon signed seq ${w.seq} of this trail (witness ${wfile}): the trail was rolled back to an older copy, cut, or replaced; the daemon does not sign over it`, {
       hint: `restore the state dir's audit.jsonl and audit.anchor from a backup that reaches seq ${w.seq}; check with \`sandboxd audit verify --state-dir DIR --key <the key you trust>\`. To start a new trail instead, move both aside (keep them as evidence) and ${wfile} with them`,
     });
   if (lastSeq < w.seq) throw rolledBack(`${file} ends at seq ${lastSeq}`);
+  // the anchor's signed head was checked against the journal's record at its seq just before
   const s = anchor?.signed;
   if (s && s.seq === w.seq && s.hash === w.hash) return;
-  const hash = await hashAtLine(jfs, fd, file, w.seq);
+  const hash = w.seq === lastSeq ? tail.head.hash : await recordHashAt(jfs, fd, file, tail.completeEnd, w.seq);
   if (hash !== w.hash) throw rolledBack(`record ${w.seq} of ${file} has ${hash === null ? "no valid hash" : `hash ${hash}`}, not ${w.hash}`);
 }
 
-/** The `hash` of the record on line `n` (1-based) of the journal, or null when that line is not a record with seq n. */
-async function hashAtLine(jfs: JournalFs, fd: number, file: string, n: number): Promise<string | null> {
-  let found: string | null = null;
-  let line = 0;
-  await scanLines(jfs, fd, file, (bytes) => {
-    line += 1;
-    if (line < n) return true;
-    try {
-      const rec = JSON.parse(bytes.toString("utf8")) as { seq?: unknown; hash?: unknown };
-      if (rec.seq === n && typeof rec.hash === "string") found = rec.hash;
-    } catch {
-      /* not a record: null */
+/**
+ * The `hash` of the record with this seq, read backwards from `end` (just
+ * after the last complete line): the heads checked at open (the signed one,
+ * the witnessed one) lie near the end, so a large journal is not read whole.
+ * Null when no line holds that seq (or a line on the way is not a record:
+ * `audit verify` says which).
+ */
+async function recordHashAt(jfs: JournalFs, fd: number, file: string, end: number, seq: number): Promise<string | null> {
+  const STEP = 1 << 20;
+  try {
+    let lo = end;
+    let buf = Buffer.alloc(0);
+    let j = 0; // buf[0, j) is unprocessed; buf[j-1] is a line's "\n"
+    while (lo > 0 || j > 0) {
+      const i = j >= 2 ? buf.lastIndexOf(10, j - 2) : -1;
+      if (i < 0 && lo > 0) {
+        const from = Math.max(0, lo - STEP);
+        buf = Buffer.concat([await readExactly(jfs, fd, from, lo - from), buf.subarray(0, j)]);
+        j += lo - from;
+        lo = from;
+        continue;
+      }
+      const line = buf.subarray(i + 1, j - 1);
+      j = i + 1;
+      let rec: { seq?: unknown; hash?: unknown };
+      try {
+        rec = JSON.parse(line.toString("utf8")) as { seq?: unknown; hash?: unknown };
+      } catch {
+        return null;
+      }
+      if (typeof rec.seq !== "number" || rec.seq < seq) return null;
+      if (rec.seq === seq) return typeof rec.hash === "string" ? rec.hash : null;
     }
-    return false;
-  });
-  return found;
+  } catch (e) {
+    throw auditFailed("read", file, e);
+  }
+  return null;
 }
 
 /** Calls `visit` with each complete line of the journal until it returns false. */

@@ -32,10 +32,13 @@ export interface Witness extends SignedHead {
   stateDir: string;
 }
 
-/** Where the witness of `stateDir` lives for the key at `keyFile`. */
-export function witnessFile(keyFile: string, stateDir: string): string {
+/**
+ * Where the witness of `stateDir` lives: in `dir` (SANDBOXD_AUDIT_WITNESS_DIR,
+ * for a key kept on a read-only mount), else beside the key at `keyFile`.
+ */
+export function witnessFile(keyFile: string, stateDir: string, dir?: string): string {
   const id = createHash("sha256").update(path.resolve(stateDir)).digest("hex").slice(0, 16);
-  return path.join(`${keyFile}.heads`, id);
+  return path.join(dir ? path.resolve(dir) : `${keyFile}.heads`, id);
 }
 
 export function witnessBytes(w: Witness): Buffer {

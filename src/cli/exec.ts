@@ -7,11 +7,10 @@
  * full command tree (./program.ts) calls it for the forms only commander
  * understands.
  */
-import type { IncomingMessage } from "node:http";
 import { escapeControl } from "../audit/format.js";
 import { SandboxdError } from "../errors.js";
-import { ApiClient } from "../client/http.js";
-import { FrameReader, StreamFrame } from "../frames.js";
+import { StreamFrame } from "../frames.js";
+import { clientPool, streamFrames } from "../client/frame-stream.js";
 import type { ExecResult } from "../phases/manager.js";
 import { EXIT, exitCodeFor, exitCodeForRefusal } from "./exit-codes.js";
 
@@ -54,7 +53,6 @@ export function printError(err: unknown): void {
 
 /** Runs the command in the phase; resolves with the CLI's exit status (README "Exit codes"). */
 export async function runExec(c: ExecCommand): Promise<number> {
-  const api = new ApiClient(c.socket);
   const body = {
     ...(c.command !== undefined ? { command: c.command } : { argv: c.argv ?? [] }),
     ...(c.timeoutMs ? { timeoutMs: c.timeoutMs } : {}),
@@ -69,17 +67,19 @@ export async function runExec(c: ExecCommand): Promise<number> {
   if (c.json && c.waitApprovalMs) process.stderr.write(`sandboxd: if a person must approve, waiting up to ${c.waitApprovalMs / 1000} s for their decision\n`);
   const url = `/v1/phases/${encodeURIComponent(c.id)}/exec`;
   try {
-    if (c.background) {
+    // node:http only for the forms that wait for one JSON answer; the stream reads the socket itself
+    const api = c.background || c.json ? new (await import("../client/http.js")).ApiClient(c.socket) : null;
+    if (c.background && api) {
       const { job } = await api.request<{ job: { id: string } }>("POST", url, body);
       process.stdout.write(c.json ? JSON.stringify(job, null, 2) + "\n" : `${job.id}\n`);
       return EXIT.ok;
     }
-    if (c.json) {
+    if (c.json && api) {
       const { result } = await api.request<{ result: ExecResult }>("POST", url, body);
       process.stdout.write(JSON.stringify(result, null, 2) + "\n");
       return exitCodeFor(result);
     }
-    return await followExecStream(await api.stream("POST", `${url}?stream=frames`, body));
+    return await followExecStream(c.socket, `${url}?stream=frames`, body);
   } catch (err) {
     printError(err);
     return exitCodeForRefusal(err instanceof SandboxdError ? err.code : undefined);
@@ -96,8 +96,10 @@ type ExecEvent =
  * Output frames go to stdout and stderr as the bytes they are; events are
  * said on stderr. Writes wait for the terminal or pipe to drain, so a slow
  * reader slows the command (the daemon holds its output), as a pipe would.
+ * The frames are read off the socket directly (../client/frame-stream.ts):
+ * each piece of output is a view of a pooled read buffer, held until written.
  */
-async function followExecStream(res: IncomingMessage): Promise<number> {
+async function followExecStream(socket: string, path: string, body: unknown): Promise<number> {
   let code: number = EXIT.sandboxdFailed;
   const event = (ev: ExecEvent) => {
     if (ev.type === "exit") {
@@ -118,18 +120,17 @@ async function followExecStream(res: IncomingMessage): Promise<number> {
     }
     // "started" and event types of newer daemons print nothing
   };
-  const reader = new FrameReader();
-  for await (const chunk of res as AsyncIterable<Buffer>) {
-    let full = false;
-    for (const f of reader.push(chunk)) {
-      if (f.kind === StreamFrame.Stdout) full = !process.stdout.write(f.payload) || full;
-      else if (f.kind === StreamFrame.Stderr) full = !process.stderr.write(f.payload) || full;
-      else if (f.kind === StreamFrame.Event) event(JSON.parse(f.payload.toString("utf8")) as ExecEvent);
-      // other kinds: a newer daemon's, skipped
-    }
-    if (full) await drained();
-  }
-  if (reader.pending > 0) process.stderr.write(`sandboxd: the exec stream was cut off (${reader.pending} bytes of an unfinished frame)\n`);
+  const out = (stream: NodeJS.WriteStream, payload: Buffer): Promise<void> | undefined => {
+    clientPool.retain(payload);
+    return stream.write(payload, () => clientPool.release(payload)) ? undefined : drained();
+  };
+  const { cut } = await streamFrames(socket, path, body, (kind, payload) => {
+    if (kind === StreamFrame.Stdout) return out(process.stdout, payload);
+    if (kind === StreamFrame.Stderr) return out(process.stderr, payload);
+    if (kind === StreamFrame.Event) event(JSON.parse(payload.toString("utf8")) as ExecEvent);
+    // other kinds: a newer daemon's, skipped
+  });
+  if (cut > 0) process.stderr.write(`sandboxd: the exec stream was cut off (${cut} bytes of an unfinished frame)\n`);
   return code;
 }
 

@@ -965,12 +965,15 @@ function program(): Command {
         const { defaultAuditKey } = await import("../config/paths.js");
         const { readWitness, witnessFile } = await import("../audit/witness.js");
         const stateDir = path.resolve(opts.stateDir);
-        const wfile = witnessFile(path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey())), stateDir);
+        const wfile = witnessFile(path.resolve(opts.keyFile ?? (process.env.SANDBOXD_AUDIT_KEY || defaultAuditKey())), stateDir, process.env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);
         const w = await readWitness(wfile).catch((e: unknown) => {
           if (opts.keyFile) throw e; // asked for: its absence of rights is an answer
           return null;
         });
         result = await verifyJournal(stateDir, { pinned, checkpoints: w ? [{ seq: w.seq, hash: w.hash, source: `the witness ${wfile}` }] : [] });
+        if (!w && !opts.json) {
+          process.stderr.write(`note: no witness of this state dir was read (${wfile}: absent or unreadable), so a rollback to an older copy of the trail would not be noticed; give --key-file, or run as the daemon's user (docs/AUDIT.md "Threat model")\n`);
+        }
       } else {
         result = (await client(cmd).request<{ verify: Awaited<ReturnType<typeof verifyJournal>> }>("GET", "/v1/audit/verify")).verify;
       }

@@ -4,7 +4,10 @@
  * (./index.ts), the CLI and the end-to-end tests are built on it.
  */
 import http from "node:http";
-import { SandboxdError, isErrorCode, type ErrorBody } from "../errors.js";
+import { SandboxdError } from "../errors.js";
+import { errorFromBody, unreachable } from "./errors.js";
+
+export { errorFromBody } from "./errors.js";
 
 export class ApiClient {
   constructor(readonly socketPath: string) {}
@@ -52,27 +55,10 @@ export class ApiClient {
         } as http.RequestOptions,
         resolve,
       );
-      req.on("error", (err: NodeJS.ErrnoException) => {
-        if (err.code === "ENOENT" || err.code === "ECONNREFUSED" || err.code === "EACCES") {
-          reject(
-            new SandboxdError(
-              "SBX_ERR_DAEMON_UNREACHABLE",
-              `cannot reach the sandboxd daemon at ${this.socketPath} (${err.code})`,
-              err.code === "EACCES" ? { hint: "the socket is 0600: run the CLI as the daemon's user" } : {},
-            ),
-          );
-        } else reject(err);
-      });
+      req.on("error", (err: NodeJS.ErrnoException) => reject(unreachable(err, this.socketPath)));
       req.end(payload);
     });
   }
-}
-
-/** The daemon's `{error: {code, message, hint}}` body as a SandboxdError. */
-export function errorFromBody(json: unknown, status: number): SandboxdError {
-  const e = (json as Partial<ErrorBody>)?.error;
-  if (e && isErrorCode(e.code)) return new SandboxdError(e.code, e.message, { hint: e.hint, details: e.details });
-  return new SandboxdError("SBX_ERR_INTERNAL", `daemon answered HTTP ${status} without a coded error`);
 }
 
 async function readAll(res: http.IncomingMessage): Promise<string> {

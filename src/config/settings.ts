@@ -1,6 +1,7 @@
 /**
  * Daemon settings: flags over environment over defaults, validated once, whole.
  */
+import { witnessFile } from "../audit/witness.js";
 import path from "node:path";
 import { z } from "zod";
 import { checkNotifyUrl } from "../approvals/notify.js";
@@ -43,6 +44,11 @@ export interface Settings {
   /** the ed25519 key that signs audit anchors (--audit-key, SANDBOXD_AUDIT_KEY); never inside the state dir */
   auditKey: string;
   /**
+   * the witness of the latest signed head (src/audit/witness.ts): `<auditKey>.heads/<id>`, or in
+   * SANDBOXD_AUDIT_WITNESS_DIR when the key's folder is read-only; never inside the state dir
+   */
+  auditWitness: string;
+  /**
    * SANDBOXD_BENCH_NO_FAILFAST=1: commands are not categorised, counted or read for pytest's
    * report, and memory is not watched — for the benchmark's side-by-side run only (bench/run.mjs
    * `failfast`); the daemon says so at start and in every phase's trail
@@ -72,6 +78,7 @@ const settingsSchema = z
     notifyCommand: z.string().min(1).nullable(),
     notifyUrl: z.string().nullable(),
     auditKey: z.string().min(1),
+    auditWitness: z.string().min(1),
     benchNoFailFast: z.boolean(),
     poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
   })
@@ -79,6 +86,10 @@ const settingsSchema = z
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
     path: ["auditKey"],
     message: "the audit signing key must be outside the state dir (whoever can write the state dir must not hold the key that signs it); the default is /etc/sandboxd/audit-signing.key as root",
+  })
+  .refine((s) => !isInside(s.auditWitness, s.stateDir), {
+    path: ["auditWitness"],
+    message: "SANDBOXD_AUDIT_WITNESS_DIR must be outside the state dir: the witness says how long the trail was, to someone who could cut it",
   });
 
 function isInside(file: string, dir: string): boolean {
@@ -105,10 +116,13 @@ export function resolveSettings(
     serviceOverrides: serviceOverridesFromEnv(env),
     notifyCommand: env.SANDBOXD_NOTIFY_COMMAND || null,
     notifyUrl: env.SANDBOXD_NOTIFY_URL ? checkNotifyUrl(env.SANDBOXD_NOTIFY_URL) : null,
-    auditKey: path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env))),
+    auditKey: "",
+    auditWitness: "",
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
     poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
   };
+  raw.auditKey = path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env)));
+  raw.auditWitness = witnessFile(raw.auditKey, raw.stateDir, env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);
   const r = settingsSchema.safeParse(raw);
   if (!r.success) {
     const problems = r.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");

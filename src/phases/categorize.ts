@@ -52,6 +52,8 @@ export interface CategorizeInput {
   junitAsked?: boolean;
   /** the tool as the daemon knows it after the run (a report found: pytest ran, whatever the argv said) */
   tool?: Tool;
+  /** the command string sent its stderr to /dev/null (stderrDiscarded): a traceback could not be read */
+  stderrDiscarded?: boolean;
   /** SKILLS.md leaves it open; the policy says whether pytest's "no tests collected" (exit 5) is a failure */
   noTestsIsFailure?: boolean;
   /**
@@ -162,10 +164,24 @@ export function categorize(r: CategorizeInput): Failure | null {
   if (exc || /^Traceback \(most recent call last\):/m.test(text)) {
     return { category: "runtime", evidence: clip(exc?.line ?? "Traceback (most recent call last)") };
   }
-  // A Python program that failed is a runtime failure even when its traceback is not in the
-  // output: `python3 main.py 2>/dev/null` must not turn an uncounted `unknown` out of a crash.
-  if (tool === "python") return { category: "runtime", evidence: `python exit ${r.exitCode} without a traceback in its output (its error output may have been discarded)` };
+  // A Python program that failed with its error output thrown away is a runtime failure:
+  // `python3 main.py 2>/dev/null` must not turn a crash into an uncounted `unknown`.
+  // (With stderr kept, a non-zero exit and no traceback is the program's own choice: unknown.)
+  if (tool === "python" && r.stderrDiscarded) {
+    return { category: "runtime", evidence: `python exit ${r.exitCode} with its error output discarded (2>/dev/null): no traceback could be read, a failure all the same` };
+  }
   return { category: "unknown", evidence: `exit ${r.exitCode}` };
+}
+
+/**
+ * Whether a command string sends stderr to /dev/null. The policy's shell
+ * grammar (src/policy/shellparse.ts) allows only `2>&1`, `>&2`, `>/dev/null`,
+ * `2>/dev/null` and `</dev/null`, so two shapes discard it: `2>/dev/null`,
+ * and `>/dev/null` with a later `2>&1`.
+ */
+export function stderrDiscarded(command: string): boolean {
+  if (/(^|\s)2>\s*\/dev\/null(?=\s|;|&|\||$)/.test(command)) return true;
+  return /(^|\s)1?>\s*\/dev\/null(?=\s|;|&|\||$)[\s\S]*\s2>&1/.test(command);
 }
 
 /** pytest options that print and exit without running a test: their exit 0 is neither a pass nor a failure. */

@@ -16,7 +16,7 @@ import { seconds } from "../policy/timeout.js";
 import { compileWorkspace, protects } from "../policy/workspace.js";
 import { pipArgs, pipRunArgv } from "../workspace/packages.js";
 import { MAX_FRAME_PAYLOAD, SHIM_PATHS, type ExecMessage, type ExitMessage } from "../shim/protocol.js";
-import { categorize, isPytest, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
+import { categorize, isPytest, stderrDiscarded, toolOf, type FailureCategory, type TestCounts } from "./categorize.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import { countAttempt, escalate, persistFailFast, recordAttempt } from "./escalation.js";
 import { junitPathFor, pytestAddopts, readJunit } from "./junit.js";
@@ -69,6 +69,7 @@ export interface ExecSink {
   started?(info: { id: string; pid: number; rule: { id: string; clause: string } }): void;
   /** the command waits for a person's decision on this request (exec `waitApprovalMs`) */
   waiting?(info: ApprovalWait): void;
+  /** scrubbed output, lent for the call (see ExecHandlers.onStdout in shim-channel.ts): retain it in outputPool or copy it to keep it */
   stdout(chunk: Buffer): void;
   stderr(chunk: Buffer): void;
   /** the channel's id of the command, once sent: a streaming client's flow control pauses that exec only */
@@ -654,7 +655,7 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
   const category =
     !failFastOn || cancelled
       ? null
-      : categorize({ argv: partArgv, tool, exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, junitAsked: junit !== null && verdict.parts.length === 1, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
+      : categorize({ argv: partArgv, tool, stderrDiscarded: what.command !== null && stderrDiscarded(what.command), exitCode, signal, timedOut, stdout: out.text(), stderr: err.text(), junit: tests, junitAsked: junit !== null && verdict.parts.length === 1, noTestsIsFailure: policy.noTestsIsFailure, oomKills, memoryLimitBytes: limits.memoryBytes });
   let failure: ExecResult["failure"] = null;
   let reached: ReturnType<typeof countAttempt>["reached"] = null;
   if (category) {

@@ -43,9 +43,15 @@ import {
 } from "../shim/protocol.js";
 import { SandboxdError } from "../errors.js";
 import { removeIfPresent } from "../util/fs.js";
+import { outputPool, readPooled } from "../shim/read-pool.js";
 
 export interface ExecHandlers {
   onStarted(pid: number): void;
+  /**
+   * A piece of output, lent for the call: a view of a pooled read buffer
+   * that the next read reuses. Keep it longer only after
+   * `outputPool.retain(chunk)` (and release it), or as a copy.
+   */
   onStdout(chunk: Buffer): void;
   onStderr(chunk: Buffer): void;
   onExit(exit: ExitMessage): void;
@@ -111,7 +117,8 @@ export class ShimChannel {
 
   async listen(): Promise<void> {
     await removeIfPresent(this.socketPath);
-    const server = net.createServer((sock) => this.onConnection(sock));
+    // paused: the connection is handed to pooled reads (read-pool.ts) before its first byte is read
+    const server = net.createServer({ pauseOnConnect: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(this.socketPath, () => {
@@ -267,14 +274,16 @@ export class ShimChannel {
     this.active?.write(encodeMessage(message));
   }
 
-  private onConnection(sock: net.Socket): void {
+  private onConnection(accepted: net.Socket): void {
+    let sock = accepted;
     if (this.closed) {
       sock.destroy();
       return;
     }
-    this.sockets.add(sock);
-    // output passes through in the pieces it is read in (no copy, no allocation per frame)
-    const decoder = new FrameDecoder({ streamData: true });
+    // Output passes through in the pieces it is read in, views of pooled read
+    // buffers (no copy, no allocation per read or frame; read-pool.ts): a
+    // handler that keeps a piece past its call retains it in outputPool or copies it.
+    const decoder = new FrameDecoder({ streamData: true, borrowed: true });
     let authenticated = false;
     const helloTimer = setTimeout(() => {
       this.log.warn({ phase: this.phaseId }, "control connection sent no hello in time; dropped");
@@ -286,7 +295,7 @@ export class ShimChannel {
       sock.destroy();
     };
 
-    sock.on("data", (chunk: Buffer) => {
+    const onChunk = (chunk: Buffer) => {
       let frames;
       try {
         frames = decoder.push(chunk);
@@ -316,7 +325,14 @@ export class ShimChannel {
         if (!msg) return drop("invalid control message");
         this.onMessage(msg);
       }
-    });
+    };
+    const pooled = readPooled(sock, outputPool, onChunk);
+    if (pooled) sock = pooled;
+    else {
+      sock.on("data", onChunk);
+      sock.resume();
+    }
+    this.sockets.add(sock);
     sock.on("error", (err) => this.log.debug({ phase: this.phaseId, err: err.message }, "control socket error"));
     sock.on("close", () => {
       clearTimeout(helloTimer);

@@ -124,7 +124,7 @@ async function runInSandbox(live: LivePhase, argv: string[]): Promise<string> {
       },
       {
         onStarted: () => undefined,
-        onStdout: (c) => void stdout.push(c),
+        onStdout: (c) => void stdout.push(Buffer.from(c)), // a copy: the piece is lent for the call (shim-channel.ts)
         onStderr: () => undefined,
         onExit: (e) => resolve({ code: e.exitCode }),
         onSpawnError: (_code, message) => resolve({ code: null, spawn: message }),

@@ -4,12 +4,14 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { realpathSync, statSync } from "node:fs";
+import net from "node:net";
 import { PassThrough, type Readable } from "node:stream";
 import { FrameKind, SHIM_PATHS, type ExecMessage, type ShimToDaemon } from "./protocol.js";
 import { errorFields, log } from "./log.js";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
 import { Forker, ForkerUnavailable, SpawnFailure, isDeadState, procState } from "./forker.js";
 import { LANDLOCK_EXEC_PY } from "./landlock.js";
+import { outputPool, readPooled } from "./read-pool.js";
 import { findExecProcesses, readProcTable, signalExecProcesses, signalGroup, signalPid, type ProcStat } from "./procs.js";
 
 /** setTimeout fires at once for delays above 2^31-1 ms; clamp (about 24.8 days). */
@@ -371,9 +373,8 @@ export class RunningExec {
     this.resolveDone();
   }
 
-  private pipeOutput(stream: Readable, kind: OutputKind): void {
-    this.streams.push(stream);
-    stream.on("data", (chunk: Buffer) => {
+  private pipeOutput(source: Readable, kind: OutputKind): void {
+    const onData = (chunk: Buffer): void => {
       this.lastOutputAt = Date.now();
       if (this.leaderExited) {
         this.postExitBudget -= chunk.length;
@@ -386,7 +387,13 @@ export class RunningExec {
         }
       }
       this.link.sendOutput(kind, this.execId, chunk);
-    });
+    };
+    // The forker's sockets are read into pooled buffers (read-pool.ts): no allocation per read,
+    // reads of 256 KiB; the link retains what it still has to write. Node's pipes: as they come.
+    const pooled = source instanceof net.Socket ? readPooled(source, outputPool, onData) : null;
+    const stream = pooled ?? source;
+    if (!pooled) stream.on("data", onData);
+    this.streams.push(stream);
     stream.on("error", (err) => log("warn", "output stream error", { execId: this.execId, ...errorFields(err) }));
     this.link.gate.add(stream, () => this.clientPaused);
     // The forker's output sockets arrive explicitly paused, which a 'data' listener does not undo.

@@ -67,7 +67,9 @@ def confine():
     if fd < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     try:
-        # files may be written beneath every top-level folder but /proc (links are their targets' business)
+        # files may be written beneath every top-level folder but /proc (links are their targets' business).
+        # Made anew for every command: a rule holds the folder as opened now, and the phase's view is
+        # mounted over /workspace after the forker starts (a ruleset kept from before denied every write there).
         for name in os.listdir("/"):
             if name == "proc" or os.path.islink("/" + name):
                 continue

@@ -17,6 +17,7 @@ import { OutputGate, RunningExec, type ExecLink, type OutputKind } from "./exec.
 import { CommandCgroups } from "./cgroups.js";
 import { Forker } from "./forker.js";
 import { TunnelListeners } from "./tunnels.js";
+import { outputPool } from "./read-pool.js";
 import {
   FrameDecoder,
   FrameKind,
@@ -33,6 +34,8 @@ import {
 } from "./protocol.js";
 
 const CONNECT_RETRY_MS = 100;
+/** output waiting to be written to the daemon beyond this pauses every command's output */
+const CONTROL_BACKLOG_BYTES = 1024 * 1024;
 const CONNECT_LOG_EVERY_MS = 5_000;
 /** A peer that accepts but never welcomes us is not a working daemon; redial. */
 const WELCOME_TIMEOUT_MS = 10_000;
@@ -265,9 +268,13 @@ class Shim implements ExecLink {
       // Header and payload as two writes inside cork/uncork: one writev, no copy.
       socket.cork();
       socket.write(encodeHeader(kind, execId, payload.length));
-      const flushed = socket.write(payload);
+      // a view of a pooled read buffer (read-pool.ts): held until written
+      outputPool.retain(payload);
+      const flushed = socket.write(payload, () => outputPool.release(payload));
       socket.uncork();
-      if (!flushed) this.gate.pause();
+      // A read (up to 256 KiB) is more than the socket's 16 KiB mark at once; the commands
+      // stop only when a real backlog waits for the daemon (the shim's memory).
+      if (!flushed && socket.writableLength >= CONTROL_BACKLOG_BYTES) this.gate.pause();
     }
   }
 

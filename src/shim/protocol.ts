@@ -74,7 +74,12 @@ export class FrameDecoder {
   private dataKind: FrameKindValue = FrameKind.Stdout;
   private dataExec = 0;
 
-  constructor(private readonly opts: { streamData?: boolean } = {}) {}
+  /**
+   * `borrowed`: each chunk pushed is only lent for the call (a pooled read
+   * buffer, read-pool.ts): the bytes of an unfinished frame are copied
+   * before push returns, and the frames it returns are valid only until then.
+   */
+  constructor(private readonly opts: { streamData?: boolean; borrowed?: boolean } = {}) {}
 
   push(chunk: Buffer): Frame[] {
     this.chunks.push(chunk);
@@ -108,6 +113,7 @@ export class FrameDecoder {
       const payload = this.take(length);
       frames.push({ kind: kind as FrameKindValue, execId, payload });
     }
+    if (this.opts.borrowed && this.buffered > 0) this.chunks = [Buffer.concat(this.chunks, this.buffered)]; // a copy: the next read reuses them
     return frames;
   }
 

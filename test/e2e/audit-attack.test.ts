@@ -158,6 +158,7 @@ print(json.dumps({"seen": seen, "found": found, "roots": roots, "control": contr
       const files = await cli(["audit", "verify", "--state-dir", stateDir, "--key-file", path.join(elsewhere, "no.key")], { socket: path.join(elsewhere, "none.sock") });
       expect(files.code).toBe(0);
       expect(files.stdout).toMatch(`signed up to ${head.seq} with key ${theirs.fingerprint}, key not pinned`);
+      expect(files.stderr).toMatch(/note: no witness of this state dir was read .*a rollback to an older copy of the trail would not be noticed/);
       const r = await cli(["audit", "verify"], { socket });
       expect(r.code).toBe(1);
       expect(r.stdout).toMatch(new RegExp(`audit chain broken at seq ${head.seq - 1}: signing key ${theirs.fingerprint} \\(recorded at seq ${head.seq - 1}\\) is not among the pinned keys`));

@@ -265,7 +265,8 @@ describe("sandboxd CLI", () => {
     const sock = path.join(dir, "d.sock");
     const child = spawn("npm", ["start", "--silent"], {
       cwd: ROOT,
-      env: { ...process.env, SANDBOXD_SOCKET: sock, SANDBOXD_STATE_DIR: dir },
+      // its own signing key (and so its own witness folder), never the machine's /etc/sandboxd one
+      env: { ...process.env, SANDBOXD_SOCKET: sock, SANDBOXD_STATE_DIR: dir, SANDBOXD_AUDIT_KEY: testAuditKey(dir) },
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "";

@@ -6,6 +6,7 @@
  * outside, and the exit codes of refusals.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import http from "node:http";
 import path from "node:path";
@@ -153,6 +154,36 @@ describe("a reader or client that goes away", () => {
     const ended = (await records()).find((r) => r.phase === p.id && r.type === "exec.result" && (r.argv as string[])[1] === emit);
     expect(ended).toMatchObject({ signal: "SIGKILL" });
   }, 180_000);
+
+  it("a frames reader that stops reading: the command waits, the daemon holds a bounded backlog, and every byte arrives once it reads again", async () => {
+    const p = await startPhase();
+    const total = 2400 * 65536; // 150 MiB: without backpressure, seconds of it would pile up in the daemon
+    const emit = await writeScript(p.project, "import sys\nb = bytes(range(256)) * 256\nfor _ in range(2400):\n    sys.stdout.buffer.write(b)\n");
+    const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${daemon.child.pid}/status`, "utf8"))![1]) * 1024;
+    const before = rss();
+    const res = await api.stream("POST", `/v1/phases/${p.id}/exec?stream=frames`, { argv: ["python3", emit] });
+    // no reader for 3 s: every buffer between the command and this client fills, then the command blocks
+    await new Promise((r) => setTimeout(r, 3_000));
+    const grown = rss() - before;
+    expect(grown, "the daemon's RSS grew while its client did not read").toBeLessThan(40 * 1024 * 1024);
+    const { FrameReader, StreamFrame } = await import("../../src/frames.js");
+    const reader = new FrameReader();
+    const pattern = Buffer.from(bytes256());
+    let got = 0;
+    let bad = -1;
+    let last: { type: string; result?: ExecResult } | null = null;
+    for await (const chunk of res as AsyncIterable<Buffer>) {
+      for (const f of reader.push(chunk)) {
+        if (f.kind === StreamFrame.Stdout) {
+          for (let i = 0; i < f.payload.length && bad < 0; i++) if (f.payload[i] !== pattern[(got + i) % 256]) bad = got + i;
+          got += f.payload.length;
+        } else if (f.kind === StreamFrame.Event) last = JSON.parse(f.payload.toString("utf8")) as typeof last;
+      }
+    }
+    expect(bad, "first byte out of order or changed").toBe(-1);
+    expect(got).toBe(total);
+    expect(last).toMatchObject({ type: "exit", result: { exitCode: 0, stdoutBytes: total } });
+  }, 120_000);
 
   it("a non-streaming exec whose client disconnects ends its command", async () => {
     const p = await startPhase();
@@ -381,3 +412,7 @@ describe("shutdown", () => {
     expect(await containersOf(stateDir)).toHaveLength(0);
   }, 120_000);
 });
+
+function bytes256(): number[] {
+  return Array.from({ length: 256 }, (_, i) => i);
+}

@@ -203,7 +203,7 @@ describe("fail-fast attacked from inside the sandbox", () => {
     const a = await run(phase.id, { command: `python3 ${crash} > /dev/null 2>&1` });
     expect(a.exitCode).toBe(1);
     expect(a.failure).toMatchObject({ category: "runtime", counted: true, count: 1, limit: 2 });
-    expect(a.failure!.evidence).toMatch(/python exit 1 without a traceback in its output/);
+    expect(a.failure!.evidence).toMatch(/^python exit 1 with its error output discarded \(2>\/dev\/null\)/);
     const b = await run(phase.id, { command: `python3 ${crash} 2>/dev/null` });
     expect(b.escalation).toMatchObject({ category: "runtime" });
     expect((await results(phase.id)).map((x) => x.category)).toEqual(["runtime", "runtime"]);
@@ -216,6 +216,8 @@ describe("fail-fast attacked from inside the sandbox", () => {
       (r) => ({ r }),
       (e: unknown) => ({ e }),
     );
+    // and a background job of the same
+    const { job } = await t.api.request<{ job: { id: string } }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", sleeper], background: true, timeoutMs: 60_000 });
     // the sleeper is running (listed) before the failures begin
     for (let i = 0; i < 100 && (await t.api.request<{ execs: Array<{ pid: number | null }> }>("GET", `/v1/phases/${phase.id}/execs`)).execs.every((x) => x.pid === null); i++) {
       await new Promise((r) => setTimeout(r, 100));
@@ -233,8 +235,14 @@ describe("fail-fast attacked from inside the sandbox", () => {
     expect(e.code).toBe("SBX_ERR_PHASE_ESCALATED");
     expect(e.message).toContain(second.escalation!.report);
     expect(e.message).toMatch(/killed/);
-    const errRec = (await audit(phase.id)).find((r) => r.type === "exec.error" && String(r.argv).includes(sleeper));
-    expect(errRec).toMatchObject({ code: "SBX_ERR_PHASE_ESCALATED", escalation: 1 });
+    const errRecs = (await audit(phase.id)).filter((r) => r.type === "exec.error" && String(r.argv).includes(sleeper));
+    expect(errRecs).toHaveLength(2);
+    const ids = errRecs.map((r) => String(r.id));
+    expect(ids).toContain(job.id);
+    expect(ids.filter((x) => x !== job.id)).toEqual([expect.stringMatching(/^ex_[0-9a-f]{12}$/)]);
+    for (const r of errRecs) expect(r).toMatchObject({ code: "SBX_ERR_PHASE_ESCALATED", escalation: 1 });
+    const jv = (await t.api.request<{ job: { state: string; error: { code: string } | null } }>("GET", `/v1/phases/${phase.id}/jobs/${job.id}`)).job;
+    expect(jv).toMatchObject({ state: "failed", error: { code: "SBX_ERR_PHASE_ESCALATED" } });
     // frozen while escalated; resumed, the sleeper is gone and never finished
     expect((await docker.getContainer(phase.containerId!).inspect()).State.Paused).toBe(true);
     await t.api.request("POST", `/v1/phases/${phase.id}/resume`, { note: "package name fixed" });

@@ -187,6 +187,12 @@ describe("mediated exec", () => {
     expect(r.durationMs).toBeGreaterThanOrEqual(1400);
     expect(r.durationMs).toBeLessThan(15_000);
     expect((await processes()).filter((c) => /sleep 30[01]/.test(c))).toEqual([]);
+    // the timeout is a counted runtime failure of this command; the same command fixed answers it
+    // (fail-fast: a success of another script would not), so the phase's later tests start at zero
+    expect(r.failure).toMatchObject({ category: "runtime", counted: true });
+    const script = r.argv![1]!;
+    await writeFile(path.join(project, script), "print('ok')\n");
+    expect((await exec(["python3", script])).exitCode).toBe(0);
   });
 
   it("leaves no background process behind once a command exits", async () => {

@@ -156,6 +156,51 @@ describe("rollback and truncation to an earlier signed head", () => {
   });
 });
 
+describe("the anchor's unsigned head", () => {
+  it("pointed at a re-chained journal while the genuine signed head is kept: the next open refuses to sign over the rewrite", async () => {
+    const j = await open(state, signer, undefined);
+    for (let i = 0; i < 4; i++) await j.append({ type: "shell.exec", argv: ["pytest", `t${i}`] });
+    await j.close();
+    const a = await anchorOf();
+    // everything from record 2 rewritten; the anchor's {seq, hash} follow the forgery, its signed head stays the genuine one
+    const recs = (await lines()).map((l) => JSON.parse(l) as Record<string, unknown>);
+    recs[1] = { ...recs[1]!, argv: ["echo", "rewritten"] };
+    rechain(recs, 1);
+    recs.push({ type: "shell.exec", argv: ["one", "more"], seq: recs.length + 1, ts: a.signed!.seq.toString(), prev: "", hash: "" });
+    rechain(recs, recs.length - 1);
+    await writeFile(path.join(state, JOURNAL_FILE), recs.map((r) => canonicalJson(r as never)).join("\n") + "\n");
+    const tail = recs.at(-1)!;
+    await writeFile(path.join(state, ANCHOR_FILE), anchorBytes({ seq: tail.seq as number, hash: tail.hash as string, signed: a.signed! }));
+    await expect(open(state, signer, undefined)).rejects.toMatchObject({
+      code: "SBX_ERR_AUDIT_CORRUPT",
+      message: expect.stringMatching(`record ${a.signed!.seq} of .* has hash [0-9a-f]{64}, not the hash ${a.signed!.hash} that .*audit.anchor's signature covers: the records up to it were rewritten`),
+    });
+    expect(await verifyJournal(state)).toMatchObject({ ok: false, badSeq: a.signed!.seq, reason: expect.stringMatching(/hash differs from the one the anchor's signed head holds/) });
+  });
+});
+
+describe("heads checked at open, read backwards across a large journal", () => {
+  it("a signed head far behind the tail (a crash after a long unsigned run) is found and matched; a forged one is not", async () => {
+    const j = await open(state, signer, undefined);
+    const pad = "x".repeat(3000);
+    for (let i = 0; i < 800; i++) void j.append({ type: "bulk", i, pad });
+    await j.append({ type: "last" });
+    await j.close();
+    const recs = (await lines()).map((l) => JSON.parse(l) as AuditRecord);
+    const tail = recs.at(-1)!;
+    const early = recs[9]!; // ~2.4 MB before the end: more than one 1 MiB step back
+    const signedEarly = { seq: early.seq, hash: early.hash, key: signer.fingerprint, sig: signer.signSync(early) };
+    await writeFile(path.join(state, ANCHOR_FILE), anchorBytes({ seq: tail.seq, hash: tail.hash, signed: signedEarly }));
+    const again = await open(state, signer, undefined);
+    await again.close();
+    // the same, with the signed head over a hash the journal does not hold at that seq
+    const other = { seq: early.seq, hash: "ab".repeat(32) };
+    const recs2 = (await lines()).map((l) => JSON.parse(l) as AuditRecord);
+    await writeFile(path.join(state, ANCHOR_FILE), anchorBytes({ seq: recs2.at(-1)!.seq, hash: recs2.at(-1)!.hash, signed: { ...other, key: signer.fingerprint, sig: signer.signSync(other) } }));
+    await expect(open(state, signer, undefined)).rejects.toMatchObject({ code: "SBX_ERR_AUDIT_CORRUPT", message: expect.stringMatching(`record ${early.seq} of .* has hash ${early.hash}, not the hash ${other.hash}`) });
+  });
+});
+
 describe("the anchor removed", () => {
   it("with the trail rewritten under it (same keys recorded): the next open refuses instead of recording audit.anchor_missing and signing over the forgery", async () => {
     await trail(4);
@@ -358,5 +403,12 @@ describe("the witness file", () => {
     expect(witnessFile(keyFile, path.join(root, "other"))).not.toBe(wfile);
     await trail(1);
     expect((await readWitness(wfile))!.seq).toBe(5);
+  });
+
+  it("settings: beside the key by default, in SANDBOXD_AUDIT_WITNESS_DIR when the key's folder is read-only, never inside the state dir", async () => {
+    const { resolveSettings } = await import("../../src/config/settings.js");
+    expect(resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key" }).auditWitness).toMatch(/^\/tmp\/k\/a\.key\.heads\/[0-9a-f]{16}$/);
+    expect(resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key", SANDBOXD_AUDIT_WITNESS_DIR: "/var/lib/w" }).auditWitness).toBe(witnessFile("/tmp/k/a.key", "/tmp/st", "/var/lib/w"));
+    expect(() => resolveSettings({ stateDir: "/tmp/st" }, { SANDBOXD_AUDIT_KEY: "/tmp/k/a.key", SANDBOXD_AUDIT_WITNESS_DIR: "/tmp/st/w" })).toThrow(/SANDBOXD_AUDIT_WITNESS_DIR must be outside the state dir/);
   });
 });

@@ -1,6 +1,6 @@
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
-import { categorize, parseJunit, parseJunitReport, toolOf, type TestCounts } from "../../src/phases/categorize.js";
+import { categorize, parseJunit, parseJunitReport, stderrDiscarded, toolOf, type TestCounts } from "../../src/phases/categorize.js";
 import { FailFastState, escalationReport } from "../../src/phases/failfast.js";
 import { loadPolicy, type Policy } from "../../src/policy/index.js";
 import { ROOT } from "../helpers/sandbox.js";
@@ -52,8 +52,14 @@ describe("categorize", () => {
     expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: null, signal: "SIGKILL", timedOut: true })?.category).toBe("runtime");
     expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 137 })?.category).toBe("runtime");
     expect(categorize({ ...base, argv: ["grep", "x", "f"], exitCode: 1 })).toEqual({ category: "unknown", evidence: "exit 1" });
-    // a Python program with its error output thrown away still failed
-    expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 1 })).toEqual({ category: "runtime", evidence: "python exit 1 without a traceback in its output (its error output may have been discarded)" });
+    // a Python program with its error output thrown away still failed; with it kept, no traceback is the program's choice
+    expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 1, stderrDiscarded: true })).toEqual({
+      category: "runtime",
+      evidence: "python exit 1 with its error output discarded (2>/dev/null): no traceback could be read, a failure all the same",
+    });
+    expect(categorize({ ...base, argv: ["python3", "main.py"], exitCode: 3 })?.category).toBe("unknown");
+    for (const c of ["python3 m.py 2>/dev/null", "python3 m.py 2> /dev/null", "python3 m.py >/dev/null 2>&1", "python3 m.py > /dev/null 2>&1"]) expect(stderrDiscarded(c), c).toBe(true);
+    for (const c of ["python3 m.py", "python3 m.py 2>&1", "python3 m.py >/dev/null", "python3 m.py 2>&1 >/dev/null", "python3 m2>/dev/null.py"]) expect(stderrDiscarded(c), c).toBe(false);
   });
   it("an exit 0 that pytest's report contradicts is a test failure; pytest exiting 0 without the report asked for too", () => {
     const junit = { tests: 2, passed: 1, failures: 1, errors: 0, skipped: 0, failed: ["t::test_x"] };
