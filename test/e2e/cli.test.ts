@@ -18,6 +18,7 @@ import {
   ROOT,
   spawnDaemon,
   tempDir,
+  testAuditKey,
   waitExit,
   writeScript,
 } from "../helpers/sandbox.js";
