@@ -76,7 +76,8 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
     // Opened (and checked) before anything else exists, so an unsafe path leaves nothing behind.
     audit = inProject ? await ctx.buildLogs.acquire(buildLog, id, 0o644) : null;
   } catch (err) {
-    await undoSlot();
+    // refused before anything of the phase reached the slot: it goes back to the pool as it was
+    if (slot) await ctx.pool.giveBack(slot);
     throw err;
   }
   const { kept: envKept, dropped: envReserved } = splitDotenv(env);
@@ -104,7 +105,14 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
     ...(envReserved.length ? { envDropped: envReserved.map((name) => ({ name, why: reservedReason(name) ?? "reserved" })) } : {}),
     ...(slot ? { pooled: { filledAt: slot.filledAt } } : {}),
   };
-  const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
+  let services: ReturnType<typeof resolveServices>;
+  try {
+    services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
+  } catch (err) {
+    if (slot) await ctx.pool.giveBack(slot);
+    await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
+    throw err;
+  }
   let rec: PhaseRecorder;
   let opened!: () => void;
   ctx.opening.set(id, new Promise<void>((r) => (opened = r)));
@@ -114,7 +122,10 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
   };
   try {
     // a slot's folder (run dir, token, mounts) becomes the phase's
-    if (slot) await ctx.store.claimSlot(record);
+    if (slot) {
+      ctx.pool.claimed(slot);
+      await ctx.store.claimSlot(record);
+    }
     else await ctx.store.create(record, token);
     // what the daemon read is what the phase keeps, also across a daemon restart:
     // the project's file is never read again while the phase lives

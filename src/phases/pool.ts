@@ -72,14 +72,18 @@ export const POOL_TRANSITIONS: Readonly<Record<PoolState, readonly PoolState[]>>
 };
 
 /**
- * filling: being made; ready: waits for a claim; claimed: handed to a phase
- * (the phase owns it now, and ends it as it ends); discarded: undone (a
- * failed fill, a slot whose shim or watch died, the pool closing).
+ * filling: being made; ready: waits for a claim; taken: a start holds it
+ * while it checks what it was asked (the project, its .env, its build log),
+ * nothing of the phase in it yet — a start refused there gives it back;
+ * claimed: handed to a phase (its record is in the slot's folder: the phase
+ * owns it now, and ends it as it ends); discarded: undone (a failed fill, a
+ * slot whose shim or watch died, the pool closing).
  */
-export type SlotState = "filling" | "ready" | "claimed" | "discarded";
+export type SlotState = "filling" | "ready" | "taken" | "claimed" | "discarded";
 export const SLOT_TRANSITIONS: Readonly<Record<SlotState, readonly SlotState[]>> = {
   filling: ["ready", "discarded"],
-  ready: ["claimed", "discarded"],
+  ready: ["taken", "discarded"],
+  taken: ["claimed", "ready", "discarded"],
   claimed: [],
   discarded: [],
 };
@@ -289,12 +293,32 @@ export class WarmPool {
       this.misses++;
       return null;
     }
-    this.moveSlot(slot, "claimed");
-    this.slots.delete(slot.id);
-    this.hits++;
+    this.moveSlot(slot, "taken");
     // no refill here: the caller asks for it once its phase is ready (or failed),
     // so a fill (a container start, a disk made) never competes with the claim for the CPU
     return slot;
+  }
+
+  /** The start that took `slot` makes it its phase's: from here it is never the pool's again. */
+  claimed(slot: Slot): void {
+    this.moveSlot(slot, "claimed");
+    this.slots.delete(slot.id);
+    this.hits++;
+  }
+
+  /**
+   * A start refused before anything of its phase reached the slot (no record
+   * in its folder, no welcome, nothing run): the slot is as it was made, and
+   * waits for the next start — or goes, when the pool closed meanwhile.
+   */
+  async giveBack(slot: Slot): Promise<void> {
+    if (slot.state !== "taken") return;
+    if (this.state === "closed" || !slot.channel?.connected) {
+      this.moveSlot(slot, "ready");
+      await this.discard(slot, this.state === "closed" ? "the pool closed" : "its shim is not connected");
+      return;
+    }
+    this.moveSlot(slot, "ready");
   }
 
   /** One slot made; false when it failed (recorded, undone). */
@@ -417,6 +441,7 @@ export class WarmPool {
 
   /** Undo a slot that no phase claimed: container, channel, watch, mounts, state folder. */
   private async discard(slot: Slot, why: string): Promise<void> {
+    // (a taken slot too, when the pool closes: the start that holds it then fails, and undoes what it made)
     if (slot.state === "discarded" || slot.state === "claimed") return;
     this.moveSlot(slot, "discarded");
     this.slots.delete(slot.id);

@@ -24,6 +24,9 @@ describe("pool lifecycles", () => {
     expect(SLOT_TRANSITIONS.claimed).toEqual([]);
     expect(SLOT_TRANSITIONS.discarded).toEqual([]);
     expect(SLOT_TRANSITIONS.ready).not.toContain("filling");
+    // a start refused before its record reached the slot gives it back; a claimed one never goes back
+    expect(SLOT_TRANSITIONS.taken).toContain("ready");
+    expect(SLOT_TRANSITIONS.ready).not.toContain("claimed");
   });
 
   it("a stopped pool does not start again by itself; only closing ends every state", () => {
