@@ -7,6 +7,9 @@
  *   (b) `true` through the API / through the CLI     vs  docker exec <container> true
  *   (c) 200 MiB of stdout streamed through the shim  vs  docker exec <container> … > /dev/null
  *       plus the daemon's peak RSS growth while it streams
+ *   (e) pool (BENCH_ONLY=pool): phase ready from the warm pool (POST /v1/phases, a second daemon
+ *       with SANDBOXD_POOL_SIZE=1, the pool full before each start)  vs  docker run --rm
+ *       --network none --entrypoint true IMAGE, interleaved; target ≤ 50 ms (issue #14)
  *   (d) fail-fast (BENCH_ONLY=failfast, not in the default set): `true`, `false` and a real pytest
  *       suite through this daemon vs a second daemon started with SANDBOXD_BENCH_NO_FAILFAST=1
  *       (no categorisation, no counting, no JUnit report, no resource watch), interleaved
@@ -19,7 +22,7 @@
  * Settings (environment): BENCH_START_N (10), BENCH_API_N (200), BENCH_CLI_N (30),
  * BENCH_DOCKER_EXEC_N (30), BENCH_STREAM_N (5), BENCH_TIMEOUT_S (900),
  * BENCH_OUT (bench/results/latest.json), BENCH_ONLY (comma list of start, exec,
- * stream, failfast; default start,exec,stream), BENCH_FF_N (200), BENCH_FF_PYTEST_N (20), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
+ * stream, failfast, pool; default start,exec,stream), BENCH_POOL_N (20), BENCH_FF_N (200), BENCH_FF_PYTEST_N (20), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
  * e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"). BENCH_QUICK=1 runs a small smoke version.
  */
 import { execFileSync, spawn } from "node:child_process";
@@ -74,6 +77,7 @@ const CFG = {
   streamN: envInt("BENCH_STREAM_N", 5, 2),
   ffN: envInt("BENCH_FF_N", 200, 30),
   ffPytestN: envInt("BENCH_FF_PYTEST_N", 20, 4),
+  poolN: envInt("BENCH_POOL_N", 20, 4),
   streamWarmup: 1,
   timeoutS: envInt("BENCH_TIMEOUT_S", 900, 600),
   out: process.env.BENCH_OUT || path.join(ROOT, "bench", "results", "latest.json"),
@@ -98,6 +102,7 @@ const TARGETS = {
   streamRssGrowthMB: 50, // < 50 MB (10^6 bytes) peak RSS growth of the daemon
   failFastExecRatio: 1.05, // exec p50 with categorisation ≤ 1.05 × without (issue 8)
   failFastPytestMs: 50, // pytest's report read adds ≤ 50 ms (p50 difference) to a real suite
+  poolReadyMs: 50, // phase ready ≤ 50 ms after POST /v1/phases, from the warm pool (issue #14)
 };
 
 const MB = 1e6;
@@ -325,6 +330,62 @@ async function benchPhaseStart(d, phases, benchLabel) {
       dockerRunBare: bare.map((x) => round(x)),
       dockerRunBareNoNetwork: bareNoNet.map((x) => round(x)),
       phaseStop: stop.map((x) => round(x)) },
+  };
+}
+
+/* ------------------------------- (e) pool ------------------------------- */
+
+/** Until the daemon's pool has a slot ready and none being made (a fill must not run beside a sample). */
+async function poolSettled(d) {
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const { pool } = await d.api.request("GET", "/v1/phases");
+    if (pool.state !== "running") throw new Error(`the warm pool is ${pool.state}: ${pool.lastError ?? ""}`);
+    if (pool.ready >= 1 && pool.filling === 0) return pool;
+    if (Date.now() > deadline) throw new Error(`the warm pool did not fill in 120 s: ${JSON.stringify(pool)}`);
+    await sleep(50);
+  }
+}
+
+async function benchPool(d, phases, benchLabel) {
+  const N = CFG.poolN;
+  const W = CFG.startWarmup;
+  const ready = [];
+  const bareNoNet = [];
+  say(`(e) phase ready from the warm pool vs docker run --network none: ${W} warm-up + ${N} measured, interleaved`);
+  for (let i = 0; i < W + N; i++) {
+    const order = i % 2 === 0 ? ["pool", "bareNoNet"] : ["bareNoNet", "pool"];
+    for (const which of order) {
+      // the pool refilled (its fill is a container start) before either sample
+      await poolSettled(d);
+      await sleep(CFG.settleMs);
+      gc();
+      if (which === "bareNoNet") {
+        const r = await timedOk("docker", ["run", "--rm", "--network", "none", "--label", benchLabel, "--entrypoint", "true", IMAGE], { timeoutMs: 60_000 });
+        if (i >= W) bareNoNet.push(r.ms);
+      } else {
+        const t0 = performance.now();
+        const p = await phases.start(`bench-pool-${i}`);
+        const ms = performance.now() - t0;
+        if (!p.pooled) throw new Error(`phase ${p.id} did not come from the pool`);
+        await phases.stop(p.id);
+        if (i >= W) ready.push(ms);
+      }
+    }
+  }
+  const { pool } = await d.api.request("GET", "/v1/phases");
+  const s = { ready: summarize(ready), bareNoNet: summarize(bareNoNet) };
+  return {
+    description: "POST /v1/phases until its 201 with a warm pool (SANDBOXD_POOL_SIZE=1, full before each start: every start a claim) vs `docker run --rm --network none --entrypoint true IMAGE` (whole CLI process)",
+    unit: "ms",
+    poolReady: roundStats(s.ready),
+    dockerRunNoNetwork: roundStats(s.bareNoNet),
+    ratioP50: round(s.ready.p50 / s.bareNoNet.p50, 3),
+    ratioMean: round(s.ready.mean / s.bareNoNet.mean, 3),
+    pool,
+    target: `p50 ≤ ${TARGETS.poolReadyMs} ms`,
+    pass: s.ready.p50 <= TARGETS.poolReadyMs,
+    samples: { poolReady: ready.map((x) => round(x)), dockerRunNoNetwork: bareNoNet.map((x) => round(x)) },
   };
 }
 
@@ -746,6 +807,11 @@ function printTable(r) {
     add("(c) baseline docker exec > /dev/null", c.dockerExecMBps, "MB/s");
     add("(c) daemon peak RSS growth", c.daemonRssGrowthMB, "MB");
   }
+  const e = r.benchmarks.pool;
+  if (e) {
+    add("(e) phase ready from the warm pool (API)", e.poolReady, "ms");
+    add("(e) baseline docker run --network none true", e.dockerRunNoNetwork, "ms");
+  }
   const ff = r.benchmarks.failFast;
   if (ff) {
     add("(d) exec true, fail-fast on", ff.trueWith, "ms", 2);
@@ -769,6 +835,7 @@ function printTable(r) {
     out.push(`  (c) stream / docker exec, p50 ratio ${fmt(c.ratioP50, 2)}  target ≥ ${TARGETS.streamRatio}  ${verdict(c.targets.ratio.pass)}`);
     out.push(`  (c) daemon RSS growth max ${fmt(c.daemonRssGrowthMB.max)} MB  target < ${TARGETS.streamRssGrowthMB}  ${verdict(c.targets.rss.pass)}`);
   }
+  if (e) out.push(`  (e) phase ready from the pool p50 ${fmt(e.poolReady.p50)} ms (${fmt(e.ratioP50, 2)} × docker run --network none)  target ≤ ${TARGETS.poolReadyMs} ms  ${verdict(e.pass)}`);
   if (ff) {
     out.push(`  (d) exec with / without categorisation, p50 ratio true ${fmt(ff.trueRatioP50, 3)}, false ${fmt(ff.falseRatioP50, 3)}  target ≤ ${TARGETS.failFastExecRatio}  ${verdict(ff.targets.exec.pass)}`);
     out.push(`  (d) pytest report read adds ${fmt(ff.pytestAddedMsP50)} ms (p50; mean ${fmt(ff.pytestAddedMsMean)} ms)  target ≤ ${TARGETS.failFastPytestMs} ms  ${verdict(ff.targets.pytest.pass)}`);
@@ -813,7 +880,8 @@ async function main() {
   cleanup.push("print the daemon log on failure", () => {
     if (results.error && d) process.stderr.write(`--- daemon log (tail) ---\n${tail(d.logFile)}\n---\n`);
   });
-  d = await startDaemon(tmp);
+  // the cold start is row (a): this daemon has no pool; row (e) has a daemon of its own with one
+  d = await startDaemon(tmp, { SANDBOXD_POOL_SIZE: "0" });
   instance = d.instance;
   say(`daemon pid ${d.pid}, socket ${d.socket}`);
   const phases = phaseOps(d, project);
@@ -842,13 +910,26 @@ async function main() {
     await phases.stop(phase.id);
   }
 
+  if (CFG.only.includes("pool")) {
+    const projectPool = path.join(tmp, "project-pool");
+    await makeProject(projectPool);
+    const pd = await startDaemon(tmp, { SANDBOXD_POOL_SIZE: "1" }, "-pool");
+    cleanup.push("remove the pool daemon's leftover containers", () => removeLabelled(`sandboxd.instance=${pd.instance}`));
+    results.benchmarks.pool = await section(() => benchPool(pd, phaseOps(pd, projectPool), benchLabel));
+    // its own stop removes the pool's unclaimed container: none may be left for the cleanup to find
+    pd.child.kill("SIGTERM");
+    await new Promise((r) => (pd.child.exitCode !== null ? r() : pd.child.once("exit", r)));
+    const left = (await timed("docker", ["ps", "-aq", "--filter", `label=sandboxd.instance=${pd.instance}`], { timeoutMs: 30_000 })).stdout.trim();
+    results.benchmarks.pool.containersLeftAfterStop = left ? left.split(/\s+/).length : 0;
+  }
+
   if (CFG.only.includes("failfast")) {
     // a second daemon, fail-fast off, on a copy of the project; both phases run the same commands in turn
     const projectOff = path.join(tmp, "project-off");
     await makeProject(projectOff);
     await addPytestSuite(project);
     await addPytestSuite(projectOff);
-    const off = await startDaemon(tmp, { SANDBOXD_BENCH_NO_FAILFAST: "1" }, "-off");
+    const off = await startDaemon(tmp, { SANDBOXD_BENCH_NO_FAILFAST: "1", SANDBOXD_POOL_SIZE: "0" }, "-off");
     cleanup.push("remove the second daemon's leftover containers", () => removeLabelled(`sandboxd.instance=${off.instance}`));
     const phasesOff = phaseOps(off, projectOff);
     const phaseOn = await phases.start("bench-ff-on");

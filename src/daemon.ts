@@ -187,11 +187,14 @@ export async function startDaemon(
     serviceOverrides: settings.serviceOverrides,
     buildLogLocation: settings.buildLog,
     logSecrets,
+    poolSize: settings.poolSize,
   });
   const report = await manager.reconcile();
   for (const id of report.readopted) log.info({ phase: id }, "re-adopted running phase");
   for (const r of report.reaped) log.info({ phase: r.id, reason: r.reason }, "cleaned up phase container");
   for (const id of report.lost) log.warn({ phase: id }, "phase's container was gone; marked failed");
+  if (report.pool) log.info(report.pool, "removed the previous daemon's warm pool");
+  manager.startPool();
 
   // the stop, in two steps: the phases (stopped, or detached for a planned
   // restart), then the servers and the journal; a refused detach changes nothing

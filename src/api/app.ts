@@ -196,7 +196,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
   on("GET /v1/health", async () => ({ ok: true, ...opts.info }));
 
-  on("GET /v1/phases", async () => ({ phases: await manager.list() }));
+  on("GET /v1/phases", async () => ({ phases: await manager.list(), pool: manager.poolStatus() }));
 
   on("POST /v1/phases", async ({ body }, _req, reply) => {
     const phase = await manager.start(body);

@@ -27,6 +27,11 @@ const EVENT_TYPES: ReadonlySet<string> = new Set([
   "approval.request",
   "approval.approve",
   "approval.deny",
+  // the warm pool's own (src/phases/pool.ts), with its size and hit rate
+  "pool.fill",
+  "pool.fill.failed",
+  "pool.stopped",
+  "pool.reaped",
 ]);
 
 /** Fields an event carries (the rest of the record — output, SQL — stays in the audit trail). */
@@ -36,6 +41,7 @@ const KEEP = [
   "source", "action", "result", "counted", "decision", "rule", "trigger", "message", "failures", "failedIterations",
   "memory", "kills", "total", "workingSetBytes", "usageBytes", "limitBytes", "runningExecs", "oomKills", "frozen", "watching",
   "event", "path", "isDir",
+  "pool", "pooled", "slot", "ms", "error", "consecutive", "failures", "slots", "containers",
 ] as const;
 
 export function isEvent(r: Pick<AuditRecord, "type"> & Record<string, unknown>): boolean {

@@ -42,7 +42,7 @@ export const ROUTES = [
   },
   { method: "GET", path: "/v1/openapi.json", tag: "daemon", summary: "this document (OpenAPI 3.1), generated from the schemas the server validates with", ok: { status: 200, description: "the OpenAPI document", content: "json" } },
 
-  { method: "GET", path: "/v1/phases", tag: "phases", summary: "every phase on record, oldest first", ok: { status: 200, description: "{phases: [...]}", content: "json" } },
+  { method: "GET", path: "/v1/phases", tag: "phases", summary: "every phase on record, oldest first, and the warm pool's status", ok: { status: 200, description: "{phases: [...], pool: {state, size, ready, filling, hits, misses, hitRate, fills, failures, lastError}}", content: "json" } },
   {
     method: "POST", path: "/v1/phases", tag: "phases", summary: "start a phase: container, shim, workspace layer, tunnels", body: S.startBody,
     ok: { status: 201, description: "{phase}, once the container runs and its shim has connected", content: "json" },

@@ -16,7 +16,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SandboxdError } from "../errors.js";
 import { clientSocket } from "../config/paths.js";
-import type { ExecResult, JobOutput, JobView, RunInfo } from "../phases/manager.js";
+import type { ExecResult, JobOutput, JobView, PoolStatus, RunInfo } from "../phases/manager.js";
 import type { Escalation, PhaseView } from "../phases/types.js";
 import type { Grant } from "../approvals/grants.js";
 import type { Approval } from "../approvals/queue.js";
@@ -69,6 +69,15 @@ function table(input: string[][]): string {
 function envDroppedText(dropped: ReadonlyArray<{ name: string; why: string }>): string {
   const lines = dropped.map((d) => `  ${visible(d.name)}: ${d.why}\n`);
   return `sandboxd: the project's .env sets ${dropped.length} name(s) its commands do not get (src/policy/env.ts; set them in code or ask the operator):\n${lines.join("")}`;
+}
+
+/** `sandboxd ps`'s last line: the warm pool's state, what is ready, and how often a start found a container there. */
+export function poolLine(p: PoolStatus): string {
+  if (p.state === "off") return "pool: off (SANDBOXD_POOL_SIZE=0): every phase starts cold";
+  const rate = p.hitRate === null ? "no starts yet" : `hit rate ${Math.round(p.hitRate * 100)}% (${p.hits} of ${p.hits + p.misses} starts)`;
+  const ready = `${p.ready} ready of ${p.size * p.keys}${p.filling ? `, ${p.filling} filling` : ""}`;
+  if (p.state === "stopped") return `pool: STOPPED after ${p.failures} failed fills in a row (last: ${p.lastError ?? "?"}); ${ready}; ${rate}; restart the daemon once fixed`;
+  return `pool: ${p.state}, ${ready}; ${rate}`;
 }
 
 function printPhase(p: PhaseView): void {
@@ -580,12 +589,14 @@ function program(): Command {
     .option("-a, --all", "include stopped and failed phases")
     .option("--json", "print JSON")
     .action(async (opts: { all?: boolean; json?: boolean }, cmd: Command) => {
-      const { phases } = await client(cmd).request<{ phases: PhaseView[] }>("GET", "/v1/phases");
+      const { phases, pool } = await client(cmd).request<{ phases: PhaseView[]; pool?: PoolStatus }>("GET", "/v1/phases");
       const shown = opts.all ? phases : phases.filter((p) => !["stopped", "failed"].includes(p.state));
       if (opts.json) return printJson(shown);
       const rows = [["ID", "PHASE", "MODE", "STATE", "AGE", "RUNNING", "PROJECT"]];
       for (const p of shown) rows.push([p.id, p.name, p.mode, p.state, age(p.createdAt), String(p.runningExecs), p.project]);
       process.stdout.write(table(rows));
+      // a daemon from before the pool answers without it
+      if (pool) process.stdout.write(`${poolLine(pool)}\n`);
     });
 
   prog

@@ -54,7 +54,15 @@ export interface Settings {
    * `failfast`); the daemon says so at start and in every phase's trail
    */
   benchNoFailFast: boolean;
+  /**
+   * SANDBOXD_POOL_SIZE: warm pool containers kept ready per set of container
+   * limits (src/phases/pool.ts); 0 turns the pool off (every phase starts cold)
+   */
+  poolSize: number;
 }
+
+/** A small pool: each slot is an idle container (the shim's Node, ~40 MB) and a layer disk reserved. */
+export const DEFAULT_POOL_SIZE = 2;
 
 const settingsSchema = z
   .object({
@@ -72,6 +80,7 @@ const settingsSchema = z
     auditKey: z.string().min(1),
     auditWitness: z.string().min(1),
     benchNoFailFast: z.boolean(),
+    poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
   })
   .strict()
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
@@ -110,6 +119,7 @@ export function resolveSettings(
     auditKey: "",
     auditWitness: "",
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
+    poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
   };
   raw.auditKey = path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env)));
   raw.auditWitness = witnessFile(raw.auditKey, raw.stateDir, env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);

@@ -30,6 +30,7 @@ import type { PhaseResources } from "./resources.js";
 import { RunTable } from "./runs.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
+import { WarmPool } from "./pool.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
 import type { PhaseWorkspace } from "../workspace/index.js";
 import { ProjectPackages } from "../workspace/packages.js";
@@ -60,6 +61,11 @@ export interface ManagerOptions {
   serviceOverrides?: Readonly<Record<string, string>>;
   /** the daemon log's scrubber: each live phase's secrets are registered here */
   logSecrets?: LogSecrets;
+  /**
+   * warm pool containers kept per key (src/phases/pool.ts; settings.poolSize);
+   * 0 or absent: every phase starts cold
+   */
+  poolSize?: number;
   /**
    * false only for the benchmark's side-by-side run (SANDBOXD_BENCH_NO_FAILFAST=1): no
    * category, count or pytest report for commands, no resource watch. Default true.
@@ -133,6 +139,8 @@ export class PhaseContext {
   readonly connectTimeoutMs: number;
   /** each project's package environment, kept across its phases */
   readonly packages: ProjectPackages;
+  /** containers made ahead of the phases that will claim them (./pool.ts) */
+  readonly pool: WarmPool;
   shuttingDown = false;
 
   constructor(readonly opts: ManagerOptions) {
@@ -145,6 +153,7 @@ export class PhaseContext {
     this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
     this.packages = new ProjectPackages(opts.stateDir);
+    this.pool = new WarmPool(this, opts.poolSize ?? 0);
   }
 
   get log(): Logger {

@@ -17,7 +17,9 @@ import { SHIM_ENV, SHIM_PATHS } from "../shim/protocol.js";
 import { DEFAULT_PACKAGES_BYTES, PACKAGES_DIR } from "../workspace/packages.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import type { PhaseRecorder } from "./recorder.js";
-import { confineNetwork, openTunnels } from "./network.js";
+import { adoptConfinement, confineNetwork, openTunnels } from "./network.js";
+import { checkPackages, destroySlot, phaseCapabilities, poolKeyOf, releaseSlotMounts, type Slot } from "./pool.js";
+import type { BuildLog } from "../audit/buildlog.js";
 import { reservedReason, splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
 import { FailFastState } from "./failfast.js";
@@ -39,23 +41,47 @@ export interface StartRequest {
 }
 
 export async function start(ctx: PhaseContext, req: StartRequest): Promise<PhaseView> {
+  try {
+    return await startPhase(ctx, req);
+  } finally {
+    // the pool makes up for what this start took (or could not find) once the start is over, not during it
+    ctx.pool.refill();
+  }
+}
+
+async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseView> {
   ctx.assertServing();
   const project = await resolveProject(req.project);
   const owner = await stat(project);
   // A phase policy is read and validated before anything exists.
   const phasePolicy = req.policy ? await loadPolicy(req.policy) : null;
-  if (!(await ctx.opts.runtime.imageExists(ctx.opts.image))) {
-    throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${ctx.opts.image} is not in the Docker engine`);
-  }
-  const { vars: env, text: envText } = await readDotenv(project, owner.uid);
-  const { kept: envKept, dropped: envReserved } = splitDotenv(env);
-  const id = ctx.opts.ids.phaseId();
-  const token = ctx.opts.ids.token();
-  const limits = ctx.policyFor(phasePolicy).limits[req.mode];
+  // a warm pool's container made with this phase's limits, when one is ready
+  // (pool.ts): the phase takes its id, and only attaches its project to it;
+  // from here on the slot is this start's, undone with it whatever happens
+  const slot = ctx.pool.take(poolKeyOf(ctx.opts.image, ctx.policyFor(phasePolicy), req.mode));
+  const undoSlot = async () => {
+    if (slot) await destroySlot(ctx, slot.id, slot);
+  };
+  let env: Record<string, string>, envText: string, audit: BuildLog | null;
+  const id = slot?.id ?? ctx.opts.ids.phaseId();
+  const token = slot?.token ?? ctx.opts.ids.token();
   const inProject = (ctx.opts.buildLogLocation ?? "project") === "project";
   const buildLog = inProject ? path.join(project, BUILD_LOG_NAME) : ctx.store.buildLogPath(id);
-  // Opened (and checked) before anything else exists, so an unsafe path leaves nothing behind.
-  const audit = inProject ? await ctx.buildLogs.acquire(buildLog, id, 0o644) : null;
+  try {
+    // a pooled container was made from the image: it exists
+    if (!slot && !(await ctx.opts.runtime.imageExists(ctx.opts.image))) {
+      throw new SandboxdError("SBX_ERR_IMAGE_MISSING", `the sandbox image ${ctx.opts.image} is not in the Docker engine`);
+    }
+    ({ vars: env, text: envText } = await readDotenv(project, owner.uid));
+    // Opened (and checked) before anything else exists, so an unsafe path leaves nothing behind.
+    audit = inProject ? await ctx.buildLogs.acquire(buildLog, id, 0o644) : null;
+  } catch (err) {
+    // refused before anything of the phase reached the slot: it goes back to the pool as it was
+    if (slot) await ctx.pool.giveBack(slot);
+    throw err;
+  }
+  const { kept: envKept, dropped: envReserved } = splitDotenv(env);
+  const limits = ctx.policyFor(phasePolicy).limits[req.mode];
   const record: PhaseRecord = {
     id,
     name: req.phase,
@@ -64,7 +90,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     state: "starting",
     instance: ctx.opts.instance,
     image: ctx.opts.image,
-    containerId: null,
+    // a pooled container exists before the phase does: its record names it from the start
+    containerId: slot?.containerId ?? null,
     containerName: `sandboxd-${id}`,
     uid: owner.uid,
     gid: owner.gid,
@@ -76,8 +103,16 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     ...(req.allow?.length ? { allow: req.allow } : {}),
     // said in the start's answer, the CLI's output and the trail: a dropped PYTHONPATH is otherwise a puzzling ImportError
     ...(envReserved.length ? { envDropped: envReserved.map((name) => ({ name, why: reservedReason(name) ?? "reserved" })) } : {}),
+    ...(slot ? { pooled: { filledAt: slot.filledAt } } : {}),
   };
-  const services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
+  let services: ReturnType<typeof resolveServices>;
+  try {
+    services = resolveServices(req.mode, env, ctx.opts.serviceOverrides, ctx.policyFor(phasePolicy).network);
+  } catch (err) {
+    if (slot) await ctx.pool.giveBack(slot);
+    await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
+    throw err;
+  }
   let rec: PhaseRecorder;
   let opened!: () => void;
   ctx.opening.set(id, new Promise<void>((r) => (opened = r)));
@@ -86,7 +121,12 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     opened();
   };
   try {
-    await ctx.store.create(record, token);
+    // a slot's folder (run dir, token, mounts) becomes the phase's
+    if (slot) {
+      ctx.pool.claimed(slot);
+      await ctx.store.claimSlot(record);
+    }
+    else await ctx.store.create(record, token);
     // what the daemon read is what the phase keeps, also across a daemon restart:
     // the project's file is never read again while the phase lives
     await writeFile(ctx.store.dotenvPath(id), envText, { mode: 0o600 });
@@ -100,13 +140,15 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
   } catch (err) {
     // nothing exists yet, and nothing was recorded: the phase never began
     await ctx.buildLogs.release(buildLog, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "releasing the build log failed"));
-    await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a start that was not recorded"));
+    if (slot) await undoSlot();
+    else await ctx.store.remove(id).catch((e: Error) => ctx.log.error({ phase: id, err: e.message }, "could not remove the record of a start that was not recorded"));
     open();
     throw err;
   }
   const live: LivePhase = {
     record,
-    channel: null,
+    // a pooled container's channel and watch are the phase's from here, so its end closes them whatever happens
+    channel: slot?.channel ?? null,
     rec,
     phasePolicy,
     // reserved names dropped (they change what runs or where packages come from); the daemon's services after
@@ -114,7 +156,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     services,
     tunnels: null,
     stray: null,
-    watch: null,
+    watch: slot?.watch ?? null,
     failFast: new FailFastState(),
     frozen: false,
     workspace: null,
@@ -129,14 +171,43 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     if (live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started`);
   };
   let layerMounted: Promise<void> | null = null;
+  let packagesBound: Promise<void> | null = null;
   try {
+    // a pooled container gets the project's package disk while the workspace is made
+    if (slot) {
+      packagesBound = acquirePackages(ctx, live, { bindAt: ctx.store.packagesMountPoint(id) }).then((dir) => checkPackages(dir, slot.pid));
+      // eslint-disable-next-line no-restricted-syntax -- only keeps an early failure from being unhandled; awaited in claimSlot, or below when the start fails
+      packagesBound.catch(() => undefined);
+    }
     live.workspace = await makeWorkspace(ctx, live);
     // ended meanwhile: its end saw no workspace, so none may be mounted now
     stillStarting();
+    if (slot) {
+      containerId = slot.containerId;
+      await claimSlot(ctx, live, slot, token, packagesBound!);
+    } else containerId = await coldStart();
+    stillStarting();
+    transition(record, "running");
+    await ctx.store.save(record);
+    const ts = timestamp(ctx.opts.clock.now());
+    const how = record.pooled ? `from the warm pool (made ${record.pooled.filledAt})` : "";
+    await live.rec.record({ type: "phase.ready", name: record.name, container: record.containerId, ...(record.pooled ? { pooled: true } : {}) }, [
+      actionLine(ts, "PHASE", "READY", `${record.name} (${id})`, `container ${record.containerId!.slice(0, 12)}${how ? ` ${how}` : ""}; shim connected, network confined`),
+    ]);
+    ctx.opts.log.info({ phase: id, name: record.name, mode: record.mode, project, pooled: !!slot }, "phase started");
+    await watchResources(ctx, live);
+    return ctx.view(record);
+  } catch (err) {
+    return await startFailed(err);
+  }
+
+  /** The cold road: workspace, channel, tunnels, package disk, container, view, confinement. */
+  async function coldStart(): Promise<string> {
+    const workspace = live.workspace!;
     // the view must be a shared mount point before the container binds it; the
     // layer's disk and the overlay are made while the container starts
-    await live.workspace.layer.prepare();
-    layerMounted = live.workspace.layer.mount();
+    await workspace.layer.prepare();
+    layerMounted = workspace.layer.mount();
     // eslint-disable-next-line no-restricted-syntax -- only keeps an early failure from being unhandled; the promise is awaited below, where its error is the start's
     layerMounted.catch(() => undefined);
     const channel = openChannel(ctx, live, token);
@@ -157,7 +228,7 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       },
       // the phase's view of the project (src/workspace/layer.ts); what is mounted on it
       // later (the overlay, the read-only protected paths) reaches the container
-      projectDir: live.workspace.layer.paths.view,
+      projectDir: workspace.layer.paths.view,
       projectPropagation: "rslave",
       runDir: ctx.store.runDir(id),
       // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
@@ -170,39 +241,26 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
       fileSizeBytes: limits.fileSizeBytes,
       // the policy's workspace.disk.tmpBytes (SKILLS.md Resource Limits — Disk), within the limits' ceiling
       tmpfsBytes: Math.min(limits.tmpfsBytes, ctx.policyFor(phasePolicy).workspace.disk.tmpBytes),
-      // SETUID/SETGID: drop to the project owner; KILL: signal that owner's
-      // process groups; DAC_READ_SEARCH: libuv chdirs into /workspace before
-      // it switches uid, and a 0700 project is closed to a capability-less
-      // root. A non-root daemon owns the run dir, so the shim then also needs
-      // DAC_OVERRIDE to reach its socket. Children keep none of these: they
-      // always switch to a non-zero uid (root-owned projects are refused).
-      capAdd: ["SETUID", "SETGID", "KILL", "DAC_READ_SEARCH", ...(process.getuid?.() === 0 ? [] : ["DAC_OVERRIDE"])],
+      capAdd: phaseCapabilities(),
     });
     stillStarting();
     record.containerId = containerId;
     // the namespace and the view are set up while the shim starts; all before any command can run
     // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
-    const ws = live.workspace;
+    const ws = workspace;
     // (the container's pid only checks that the view reached it; a runtime without one skips the check)
     // the live file-event watcher starts on the upper meanwhile (a failure to watch is recorded, not fatal)
-    const viewAttached = layerMounted.then(async () => {
+    const viewAttached = layerMounted!.then(async () => {
       await Promise.all([ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)), ws.watch()]);
     });
     const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
     if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
     if (confined.status === "rejected") throw confined.reason;
-    stillStarting();
-    transition(record, "running");
-    await ctx.store.save(record);
-    const ts = timestamp(ctx.opts.clock.now());
-    await live.rec.record({ type: "phase.ready", name: record.name, container: record.containerId }, [
-      actionLine(ts, "PHASE", "READY", `${record.name} (${id})`, `container ${record.containerId.slice(0, 12)}; shim connected, network confined`),
-    ]);
-    ctx.opts.log.info({ phase: id, name: record.name, mode: record.mode, project }, "phase started");
-    await watchResources(ctx, live);
-    return ctx.view(record);
-  } catch (err) {
+    return containerId;
+  }
+
+  async function startFailed(err: unknown): Promise<never> {
     if (live.ending) {
       // Someone else (stop, shutdown, a lost container) ended the phase while it
       // started: that end is the phase's one record; this start only reports it.
@@ -213,7 +271,10 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
           .catch((e: Error) => ctx.log.error({ phase: id, container: containerId, err: e.message }, "could not remove the container of an aborted start"));
       }
       // the package disk acquired after that end released what it held
+      // eslint-disable-next-line no-restricted-syntax -- the start already failed; this only waits for the acquisition to settle before it is released
+      await packagesBound?.catch(() => undefined);
       await releasePackages(ctx, live);
+      if (record.pooled) await releaseSlotMounts(ctx, id).catch((e: Error) => ctx.log.warn({ phase: id, err: e.message }, "could not unmount the pooled container's mount points"));
       throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started: ${record.endReason ?? record.state}`, {
         hint: "start a new phase with `sandboxd phase start`",
         cause: err,
@@ -223,12 +284,40 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     // is released and removed, and the end is recorded (phase.failed, with the
     // start's error), so its phase.start has its end. The caller gets the error.
     if (record.containerId === null && containerId) record.containerId = containerId;
-    // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mount to settle before the layer is destroyed
-    await layerMounted?.catch(() => undefined);
+    // eslint-disable-next-line no-restricted-syntax -- the start already failed with its own error; this only waits for the mounts to settle before they are undone
+    await Promise.all([layerMounted?.catch(() => undefined), packagesBound?.catch(() => undefined)]);
     await endPhase(ctx, live, "failed", `the start failed: ${(err as Error).message}`);
     ctx.opts.log.error({ phase: id, err: (err as Error).message }, "phase start failed; cleaned up");
     throw err;
   }
+}
+
+/**
+ * The warm road (pool.ts): the container runs, its shim is connected and
+ * waits, its namespace is confined. What is the phase's is attached: the
+ * channel is claimed (the welcome names the phase and its owner), the
+ * tunnels open, the overlay of the project is mounted on the view and the
+ * project's package disk on the package mount point (both reach the
+ * container by propagation, and are checked there), the conntrack watch
+ * reports to this phase.
+ */
+async function claimSlot(ctx: PhaseContext, live: LivePhase, slot: Slot, token: string, packagesBound: Promise<void>): Promise<void> {
+  const { record } = live;
+  const channel = slot.channel!;
+  channel.claim(record.id, { uid: record.uid, gid: record.gid }, () => void containerLost(ctx, live, "its shim disconnected"));
+  live.pid = slot.pid;
+  await openTunnels(ctx, live, token);
+  const ws = live.workspace!;
+  const [mounted, packages, ready, confined] = await Promise.allSettled([
+    ws.layer.claimMount(slot.pid).then(() => ws.watch()),
+    packagesBound,
+    channel.waitReady(ctx.connectTimeoutMs),
+    adoptConfinement(ctx, live, slot),
+  ]);
+  if (mounted.status === "rejected") throw mounted.reason;
+  if (packages.status === "rejected") throw packages.reason;
+  if (ready.status === "rejected") throw ready.reason;
+  if (confined.status === "rejected") throw confined.reason;
 }
 
 /**
@@ -254,10 +343,12 @@ export function startRecord(record: PhaseRecord, envReserved: readonly string[],
       // names only, never values
       envReserved: [...envReserved],
       envDropped: record.envDropped ?? [],
+      // a warm pool's container (pool.ts), made before the phase; absent: a cold start
+      ...(record.pooled ? { pooled: record.pooled, container: record.containerId } : {}),
       ...(deferred ? { deferred: true, createdAt: record.createdAt } : {}),
     },
     [
-      actionLine(ts, "PHASE", "START", `${record.name} (${record.id})`, `mode=${record.mode} project=${record.project}${note}`),
+      actionLine(ts, "PHASE", "START", `${record.name} (${record.id})`, `mode=${record.mode} project=${record.project}${record.pooled ? " container=warm pool" : ""}${note}`),
       ...(envReserved.length
         ? [actionLine(ts, "ENV", "RESERVED", ".env", `not given to commands: ${envReserved.join(", ")} (they change what runs or where packages come from)`)]
         : []),
@@ -267,12 +358,15 @@ export function startRecord(record: PhaseRecord, envReserved: readonly string[],
 }
 
 /** The phase becomes a user of its project's package disk (mounted by the first); the host folder to bind. */
-export async function acquirePackages(ctx: PhaseContext, live: LivePhase, opts: { readopted?: boolean } = {}): Promise<string> {
+export async function acquirePackages(ctx: PhaseContext, live: LivePhase, opts: { readopted?: boolean; bindAt?: string } = {}): Promise<string> {
   const { record } = live;
   // the daemon's policy sizes it: the disk is the project's, shared by phases with different phase policies
   const budget = ctx.opts.policy().workspace.disk.packagesBytes ?? DEFAULT_PACKAGES_BYTES;
   // a re-adopted phase's container uses the disk already: it is not verified under it
-  const { dir, removed } = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget, { verify: !opts.readopted });
+  const { dir, removed } = await ctx.packages.acquire(record.project, { uid: record.uid, gid: record.gid }, budget, {
+    verify: !opts.readopted,
+    ...(opts.bindAt ? { bindAt: opts.bindAt } : {}),
+  });
   live.packagesHeld = true;
   if (removed && removed.length > 0) {
     // what a phase left on the disk outside pip: removed before this phase sees it (src/workspace/packages.ts)
@@ -428,6 +522,8 @@ async function finish(ctx: PhaseContext, live: LivePhase, outcome: "stopped" | "
     }
   }
   await destroyWorkspace(ctx, live);
+  // a pooled container's mount points (the package disk's bind, a layer the phase did not get to make its own)
+  if (record.pooled) await releaseSlotMounts(ctx, record.id).catch(warn("could not unmount the pooled container's mount points"));
   await releasePackages(ctx, live);
   await ctx.store.removeRunDir(record.id).catch(warn("could not remove the run dir"));
   await ctx.opts.approvals.expirePhase(record.id).catch(warn("could not expire the phase's approvals"));
@@ -465,6 +561,7 @@ export async function saveContainerLogs(ctx: PhaseContext, record: PhaseRecord):
 /** SIGTERM: refuse new work, stop every phase once, leave nothing running. */
 export async function shutdown(ctx: PhaseContext): Promise<void> {
   ctx.shuttingDown = true;
-  // endPhase never rejects, and a phase already ending is waited for, not ended again
-  await Promise.all([...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down")));
+  // endPhase never rejects, and a phase already ending is waited for, not ended again;
+  // the warm pool's unclaimed containers go with them
+  await Promise.all([ctx.pool.close(), ...[...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down"))]);
 }

@@ -30,6 +30,7 @@ import { shutdown, start, stop, type StartRequest } from "./lifecycle.js";
 import { abortPhase, pausePhase, recordAttempt, type AttemptInput, type AttemptOutcome } from "./escalation.js";
 import { resumePhase } from "./escalation.js";
 import { reconcile, type ReconcileReport } from "./reconcile.js";
+import type { PoolStatus } from "./pool.js";
 import { detachAll } from "./detach.js";
 import { buildReport, type PhaseReport } from "./report.js";
 import type { Escalation, PhaseView } from "./types.js";
@@ -46,6 +47,7 @@ export type { ReconcileReport } from "./reconcile.js";
 export type { JobOutput, JobView } from "./jobs.js";
 export type { RunInfo } from "./runs.js";
 export type { PhaseReport } from "./report.js";
+export type { PoolStatus } from "./pool.js";
 
 export class PhaseManager {
   private readonly ctx: PhaseContext;
@@ -100,6 +102,16 @@ export class PhaseManager {
    */
   reconcile(): Promise<ReconcileReport> {
     return reconcile(this.ctx);
+  }
+
+  /** After the reconcile: the warm pool begins to fill (nothing when its size is 0). */
+  startPool(): void {
+    this.ctx.pool.refill();
+  }
+
+  /** The warm pool's state, size and hit rate (`sandboxd ps`). */
+  poolStatus(): PoolStatus {
+    return this.ctx.pool.status();
   }
 
   /* ------------------------ fail-fast, a person's hand ------------------------ */

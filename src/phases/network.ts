@@ -14,6 +14,7 @@ import { confineNetwork as confineNamespace, RefusalWatch } from "../runtime/net
 import type { LivePhase, PhaseContext } from "./context.js";
 import { recordAttempt, recordSuccess } from "./escalation.js";
 import { askSqlApproval } from "./sql-approval.js";
+import type { Slot } from "./pool.js";
 
 /** How long the conntrack watch may take to show it sees events (src/runtime/netns.ts). */
 const WATCH_READY_MS = 5_000;
@@ -97,6 +98,32 @@ export async function confineNetwork(ctx: PhaseContext, live: LivePhase, opts: {
         : `DEGRADED: connections to anything but services are refused by the kernel but not recorded: ${error}`),
     ],
   );
+}
+
+/**
+ * A phase that claimed a warm pool's container (pool.ts): the namespace was
+ * confined and its watch started when the slot was filled; from now on the
+ * watch reports to this phase. Recorded as a cold start's confinement is
+ * (`pooled` says when it was done).
+ */
+export async function adoptConfinement(ctx: PhaseContext, live: LivePhase, slot: Pick<Slot, "watch" | "confineError" | "target" | "filledAt">): Promise<void> {
+  const { record } = live;
+  const error = slot.watch ? null : (slot.confineError ?? "the pooled container's conntrack watch ended before the claim");
+  if (slot.watch) {
+    live.watch = slot.watch;
+    slot.target.refused = (c) => live.stray?.refused(c);
+    slot.target.lost = (what) => live.stray?.lost(what);
+    slot.target.end = (why) => void watchEnded(ctx, live, why);
+  } else {
+    live.watch = null;
+    ctx.opts.log.warn({ phase: record.id, err: error }, "connections to anything but services will be refused but not recorded");
+  }
+  const ts = timestamp(ctx.opts.clock.now());
+  await live.rec.record({ type: "net.confine", deadPort: DEAD_PORT, recorded: error === null, pooled: true, ...(error ? { error } : {}) }, [
+    actionLine(ts, "NET", "CONFINE", `${record.name} (${record.id})`, error === null
+      ? `TCP to any address but loopback → 127.0.0.1:${DEAD_PORT}; every refused connection recorded (confined when the warm pool made the container, ${slot.filledAt})`
+      : `DEGRADED: connections to anything but services are refused by the kernel but not recorded: ${error}`),
+  ]);
 }
 
 /** The conntrack watch of a running phase ended on its own: say so in its trail. */

@@ -20,6 +20,7 @@ import { confineNetwork, openTunnels } from "./network.js";
 import { readFile } from "node:fs/promises";
 import dotenv from "dotenv";
 import { makeWorkspace } from "./workspace.js";
+import { destroySlot } from "./pool.js";
 import { splitDotenv } from "../policy/env.js";
 import { isTerminal } from "./state.js";
 import type { PhaseRecord } from "./types.js";
@@ -28,6 +29,8 @@ export interface ReconcileReport {
   readopted: string[];
   reaped: Array<{ id: string; reason: string }>;
   lost: string[];
+  /** a dead daemon's warm pool, removed: slot folders and containers no phase claimed */
+  pool?: { slots: number; containers: number };
 }
 
 /** What reconcile does with one phase, given its record (if any) and its container (if any). */
@@ -74,13 +77,22 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
   const containers = await ctx.opts.runtime.list({ [LABELS.instance]: ctx.opts.instance });
   const { records, broken, unborn } = await ctx.store.loadAll();
   for (const b of broken) ctx.opts.log.warn({ phase: b.id, err: b.error }, "unreadable phase record skipped");
+  const slots: string[] = [];
   for (const id of unborn) {
+    if (await ctx.store.isSlot(id)) {
+      // a warm pool's slot no phase claimed (pool.ts): its mounts go with it; its container, labelled, goes below
+      slots.push(id);
+      await destroySlot(ctx, id, { containerId: null, channel: null, watch: null });
+      continue;
+    }
     // its start was cut before its record existed: nothing else of it was made or recorded
     ctx.opts.log.info({ phase: id }, "removing the state of a phase whose start was cut before its record was written");
     await ctx.store.remove(id);
   }
   const byId = new Map(records.map((r) => [r.id, r]));
   const seen = new Set<string>();
+  /** containers of the warm pool no phase claimed (they carry the pool label and have no record) */
+  const poolContainers: string[] = [];
 
   await Promise.all(
     containers.map(async (c) => {
@@ -115,7 +127,8 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
           return;
         case "remove-orphan":
           await ctx.opts.runtime.stopAndRemove(c.id, 0);
-          report.reaped.push({ id: id || c.name, reason: "no phase record" });
+          if (c.labels[LABELS.pool] === "1") poolContainers.push(id || c.name);
+          else report.reaped.push({ id: id || c.name, reason: "no phase record" });
           return;
         case "lost":
         case "none":
@@ -131,6 +144,12 @@ export async function reconcile(ctx: PhaseContext): Promise<ReconcileReport> {
     await recordStartIfCut(ctx, live);
     await endPhase(ctx, live, "failed", action.why);
     report.lost.push(r.id);
+  }
+  if (slots.length + poolContainers.length > 0) {
+    report.pool = { slots: slots.length, containers: poolContainers.length };
+    await ctx.opts.journal
+      .append({ type: "pool.reaped", slots, containers: poolContainers, reason: "the daemon restarted; a warm pool's unclaimed containers are never handed to a phase of another daemon" })
+      .catch((e: Error) => ctx.opts.log.error({ err: e.message }, "could not record the pool's reap"));
   }
   // package disks a dead daemon left mounted for phases that did not come back (src/workspace/packages.ts)
   await ctx.packages

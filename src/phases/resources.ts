@@ -143,7 +143,7 @@ export async function watchResources(ctx: PhaseContext, live: LivePhase): Promis
       .catch((e: Error) => ctx.opts.log.error({ phase: record.id, err: e.message }, "could not record that the resource watch is off"));
     return;
   }
-  const probe = await ctx.opts.runtime.memoryProbe(record.containerId).catch((e: Error) => {
+  const probe = await ctx.opts.runtime.memoryProbe(record.containerId, live.pid).catch((e: Error) => {
     ctx.opts.log.warn({ phase: record.id, err: e.message }, "no memory probe for the container");
     return null;
   });

@@ -20,7 +20,11 @@
  * - an exec's handlers are called until its exit, its spawn error, its loss
  *   or `forget(execId)`, and never after;
  * - `close()` ends every connection at once (a paused link included) and
- *   rejects whoever waits for the shim.
+ *   rejects whoever waits for the shim;
+ * - a pooled channel (a warm pool's container, src/phases/pool.ts) sends
+ *   nothing to its shim until `claim`: no welcome, so no forker, no owner,
+ *   no command; `claim` names the phase once, then it is a phase's channel
+ *   like any other.
  */
 import { chmod } from "node:fs/promises";
 import net from "node:net";
@@ -75,16 +79,41 @@ export class ShimChannel {
   /** what the connected shim said it understands beyond protocol 1 (its hello's features) */
   private features: readonly string[] = [];
 
+  /** pooled and not yet claimed: the welcome is held back (see the invariants above) */
+  private held: boolean;
+
   constructor(
     private readonly socketPath: string,
     private readonly token: string,
-    private readonly phaseId: string,
+    private phaseId: string,
     private readonly log: Logger,
     /** the phase owner, for whom the shim starts its forker */
-    private readonly owner?: { uid: number; gid: number },
+    private owner?: { uid: number; gid: number },
     /** called when an authenticated shim's link closes (not when close() ends it) */
-    private readonly onDisconnect?: () => void,
-  ) {}
+    private onDisconnect?: () => void,
+    opts: { pooled?: boolean } = {},
+  ) {
+    this.held = opts.pooled === true;
+  }
+
+  /**
+   * A warm pool's channel becomes the phase's: its id, its owner and its
+   * loss handler, and the welcome goes to the connected shim now (to one
+   * that connects later, at its hello, as for every phase).
+   */
+  claim(phaseId: string, owner: { uid: number; gid: number }, onDisconnect: () => void): void {
+    if (!this.held) throw new Error(`channel of ${this.phaseId} is not a pooled one waiting for its claim`);
+    this.held = false;
+    this.phaseId = phaseId;
+    this.owner = owner;
+    this.onDisconnect = onDisconnect;
+    if (this.active) this.welcome();
+  }
+
+  /** The connected shim said it waits for a claim's welcome (feature "pool"). */
+  get pooledShim(): boolean {
+    return this.active !== null && this.features.includes("pool");
+  }
 
   async listen(): Promise<void> {
     await removeIfPresent(this.socketPath);
@@ -150,12 +179,13 @@ export class ShimChannel {
    */
   setServices(services: Array<{ name: string; port: number }>): void {
     this.services = services;
-    if (this.active) this.send({ type: "listen", services });
+    if (this.active && !this.held) this.send({ type: "listen", services });
   }
 
   exec(msg: Omit<ExecMessage, "type" | "execId">, handlers: ExecHandlers): number {
     const sock = this.active;
-    if (!sock) {
+    // a pooled channel runs nothing before a phase claims it
+    if (!sock || this.held) {
       throw new SandboxdError("SBX_ERR_SHIM_LOST", `the shim of phase ${this.phaseId} is not connected`);
     }
     const execId = this.nextExecId++;
@@ -329,14 +359,18 @@ export class ShimChannel {
     this.execFlow = features.includes("execflow");
     // the execs these holds were for ended with the previous link; an older shim is paused as before
     if (!this.execFlow && this.holders.size > 0) sock.pause();
-    // a shim from before "owner" would refuse the whole welcome
-    const owner = this.owner && features.includes("owner") ? { owner: this.owner } : {};
-    this.send({ type: "welcome", phaseId: this.phaseId, ...owner });
-    if (this.services) this.send({ type: "listen", services: this.services });
-    this.log.info({ phase: this.phaseId, shimPid: pid }, "shim connected");
+    if (!this.held) this.welcome();
+    this.log.info({ phase: this.phaseId, shimPid: pid, held: this.held }, "shim connected");
     const waiters = this.readyWaiters;
     this.readyWaiters = [];
     for (const w of waiters) w.resolve();
+  }
+
+  private welcome(): void {
+    // a shim from before "owner" would refuse the whole welcome
+    const owner = this.owner && this.features.includes("owner") ? { owner: this.owner } : {};
+    this.send({ type: "welcome", phaseId: this.phaseId, ...owner });
+    if (this.services) this.send({ type: "listen", services: this.services });
   }
 
   private onMessage(msg: NonNullable<ReturnType<typeof parseMessage>>): void {

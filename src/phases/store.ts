@@ -4,10 +4,13 @@
  * (kept when the container is removed) and run/ (bind-mounted into the
  * container; 0700, so only the root-run shim can reach the socket in it).
  */
-import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { JsonFileWriter } from "../util/fs.js";
 import { phaseRecordSchema, type PhaseRecord } from "./types.js";
+
+/** In a warm pool's slot folder instead of phase.json (src/phases/pool.ts). */
+export const SLOT_MARKER = "pool.json";
 
 export class PhaseStore {
   readonly root: string;
@@ -65,6 +68,44 @@ export class PhaseStore {
 
   containerLogPath(id: string): string {
     return path.join(this.dir(id), "container.log");
+  }
+
+  /**
+   * The package disk's mount point of a warm pool's container (src/phases/pool.ts):
+   * a shared mount point the project's disk is bound on at the claim.
+   */
+  packagesMountPoint(id: string): string {
+    return path.join(this.dir(id), "pkg");
+  }
+
+  /**
+   * A warm pool's slot: its folder, run dir and token, and pool.json in
+   * place of phase.json (it is no phase until claimed; reconcile removes a
+   * slot no phase claimed).
+   */
+  async createSlot(id: string, token: string, marker: Record<string, unknown>): Promise<void> {
+    await mkdir(this.root, { recursive: true, mode: 0o700 });
+    await mkdir(this.dir(id), { mode: 0o700 });
+    await mkdir(this.runDir(id), { mode: 0o700 });
+    await writeFile(path.join(this.dir(id), "token"), token, { mode: 0o600 });
+    await writeFile(path.join(this.dir(id), SLOT_MARKER), JSON.stringify(marker) + "\n", { mode: 0o600 });
+  }
+
+  /** The folder is a warm pool's slot no phase claimed. */
+  async isSlot(id: string): Promise<boolean> {
+    return stat(path.join(this.dir(id), SLOT_MARKER)).then(
+      () => true,
+      () => false,
+    );
+  }
+
+  /**
+   * A phase that claimed a slot: the slot's folder (run dir, token, mounts)
+   * becomes the phase's; its record is written first, then the marker goes.
+   */
+  async claimSlot(record: PhaseRecord): Promise<void> {
+    await this.save(record);
+    await rm(path.join(this.dir(record.id), SLOT_MARKER), { force: true });
   }
 
   async create(record: PhaseRecord, token: string): Promise<void> {

@@ -57,6 +57,11 @@ export const phaseRecordSchema = z
      * each with why — never their values; said at start (absent in older records)
      */
     envDropped: z.array(z.object({ name: z.string(), why: z.string() }).strict()).optional(),
+    /**
+     * the phase claimed a warm pool's container (src/phases/pool.ts), made at
+     * `filledAt`; absent: a cold start
+     */
+    pooled: z.object({ filledAt: z.string() }).strict().optional(),
   })
   .strict();
 export type PhaseRecord = z.infer<typeof phaseRecordSchema>;

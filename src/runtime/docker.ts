@@ -149,7 +149,7 @@ export function hostConfigFor(spec: PhaseContainerSpec, cgroupDir: string | null
       `${spec.projectDir}:${SHIM_PATHS.workspace}:rw${spec.projectPropagation ? `,${spec.projectPropagation}` : ""}`,
       `${spec.runDir}:${SHIM_PATHS.runDir}:rw`,
       ...spec.readOnlyFiles.map((f) => `${f.host}:${f.container}:ro`),
-      ...(spec.writableDirs ?? []).map((d) => `${d.host}:${d.container}:rw`),
+      ...(spec.writableDirs ?? []).map((d) => `${d.host}:${d.container}:rw${d.propagation ? `,${d.propagation}` : ""}`),
       `${path.join(spec.runDir, HOSTS_FILE)}:/etc/hosts:ro`,
       ...(cgroupDir ? [`${cgroupDir}:${SHIM_PATHS.commandCgroups}:rw`] : []),
     ],
@@ -327,8 +327,8 @@ export class DockerRuntime implements ContainerRuntime {
     }
   }
 
-  async memoryProbe(id: string): Promise<MemoryProbe | null> {
-    const pid = await this.containerPid(id);
+  async memoryProbe(id: string, knownPid?: number): Promise<MemoryProbe | null> {
+    const pid = knownPid ?? (await this.containerPid(id));
     try {
       return await memoryProbeOf(pid);
     } catch {

@@ -14,6 +14,12 @@ export const LABELS = {
   instance: "sandboxd.instance",
   mode: "sandboxd.mode",
   project: "sandboxd.project",
+  /**
+   * set on a warm pool's container (src/phases/pool.ts): made before any phase
+   * claimed it, so it carries no mode or project label; its phase label is the
+   * id the claiming phase takes
+   */
+  pool: "sandboxd.pool",
 } as const;
 
 export interface PhaseContainerSpec {
@@ -31,8 +37,11 @@ export interface PhaseContainerSpec {
   runDir: string;
   /** host files mounted read-only at a path inside /workspace (over the rw project mount) */
   readOnlyFiles: Array<{ host: string; container: string }>;
-  /** host folders bound read-write (the project's package disk, src/workspace/packages.ts) */
-  writableDirs?: Array<{ host: string; container: string }>;
+  /**
+   * host folders bound read-write (the project's package disk, src/workspace/packages.ts);
+   * "rslave" for a shared mount point the daemon mounts the real folder on later (a warm pool's)
+   */
+  writableDirs?: Array<{ host: string; container: string; propagation?: "rslave" }>;
   /** environment of the shim process (not of the commands it runs) */
   env: Record<string, string>;
   memoryBytes: number;
@@ -88,7 +97,8 @@ export interface ContainerRuntime {
   /**
    * The running container's memory as its cgroup reports it (src/runtime/cgroup.ts):
    * for the resource watch. Null when it cannot be read here (a daemon that is not
-   * root, an engine on another host).
+   * root, an engine on another host). `knownPid`: the container's init when the
+   * caller knows it already (a warm pool's container), sparing the engine a round trip.
    */
-  memoryProbe(id: string): Promise<MemoryProbe | null>;
+  memoryProbe(id: string, knownPid?: number): Promise<MemoryProbe | null>;
 }

@@ -50,6 +50,8 @@ class Shim implements ExecLink {
   private readonly execs = new Map<number, RunningExec>();
   private socket: net.Socket | null = null;
   private welcomed = false;
+  /** a welcome came on some connection since the shim began */
+  private everWelcomed = false;
   /** a command has been asked for since the shim began */
   private anyExec = false;
   private readonly tunnels: TunnelListeners;
@@ -63,6 +65,8 @@ class Shim implements ExecLink {
     private readonly token: string,
     tunnelSocketPath: string,
     cgroupDir: string,
+    /** a warm pool's shim: its welcome comes when a phase claims the container, however long that takes */
+    private readonly pooled: boolean,
   ) {
     this.tunnels = new TunnelListeners(tunnelSocketPath, token);
     this.cgroups = CommandCgroups.open(cgroupDir);
@@ -123,7 +127,10 @@ class Shim implements ExecLink {
       this.socket = socket;
       this.welcomed = false;
       const decoder = new FrameDecoder();
+      // pooled, until the first welcome: the daemon holds it back until a phase claims this container
+      const waitsForClaim = this.pooled && !this.everWelcomed;
       const welcomeTimer = setTimeout(() => {
+        if (waitsForClaim) return;
         log("warn", "no welcome from the daemon, redialling", { timeoutMs: WELCOME_TIMEOUT_MS });
         socket.destroy();
       }, WELCOME_TIMEOUT_MS);
@@ -163,7 +170,7 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
-        features: ["owner", "execflow", "stdin"],
+        features: ["owner", "execflow", "stdin", "pool"],
       });
     });
   }
@@ -193,6 +200,7 @@ class Shim implements ExecLink {
       else {
         clearTimeout(welcomeTimer);
         this.welcomed = true;
+        this.everWelcomed = true;
         log("info", "welcomed by the daemon", { phaseId: message.phaseId });
         // Only before any command has run: no process of the owner's uid may
         // exist while the forker is still dumpable (see forker.ts).
@@ -281,11 +289,13 @@ function main(): void {
   const token = process.env[SHIM_ENV.token];
   const socketPath = process.env[SHIM_ENV.socket] || SHIM_PATHS.controlSocket;
   const cgroupDir = process.env[SHIM_ENV.cgroupDir] || SHIM_PATHS.commandCgroups;
+  const pooled = process.env[SHIM_ENV.pooled] === "1";
   // Children get exactly the env the daemon sends, but drop these anyway so no
   // later code path can leak them.
   delete process.env[SHIM_ENV.token];
   delete process.env[SHIM_ENV.socket];
   delete process.env[SHIM_ENV.cgroupDir];
+  delete process.env[SHIM_ENV.pooled];
   if (!token) {
     process.stderr.write(
       `sandboxd-shim: ${SHIM_ENV.token} is not set. The daemon passes the phase's token when it creates ` +
@@ -295,8 +305,8 @@ function main(): void {
   }
 
   // the tunnel socket sits beside the control socket, in the phase's run dir
-  const shim = new Shim(socketPath, token, path.join(path.dirname(socketPath), path.basename(SHIM_PATHS.tunnelSocket)), cgroupDir);
-  log("info", "shim starting", { pid: process.pid, node: process.version, socket: socketPath });
+  const shim = new Shim(socketPath, token, path.join(path.dirname(socketPath), path.basename(SHIM_PATHS.tunnelSocket)), cgroupDir, pooled);
+  log("info", "shim starting", { pid: process.pid, node: process.version, socket: socketPath, pooled });
 
   // tini forwards `docker stop`'s SIGTERM to us; the commands run in their own
   // sessions and would not get it, so take them down before going.

@@ -192,7 +192,9 @@ export const helloSchema = z
      * "owner" — a welcome may name the phase owner (forker.ts);
      * "execflow" — it pauses one exec's output on a `flow` message, so a
      * slow client of one command does not hold up the others;
-     * "stdin" — an exec may carry bytes for the command's stdin.
+     * "stdin" — an exec may carry bytes for the command's stdin;
+     * "pool" — it waits for its welcome as long as it takes when started
+     * pooled (SHIM_ENV.pooled): a warm pool's container is welcomed at its claim.
      */
     features: z.array(z.string().max(32)).max(32).optional(),
   })
@@ -340,4 +342,10 @@ export const SHIM_ENV = {
   socket: "SANDBOXD_CONTROL_SOCKET",
   /** where the phase's cgroup v2 directory is mounted (default SHIM_PATHS.commandCgroups) */
   cgroupDir: "SANDBOXD_CGROUP_DIR",
+  /**
+   * "1" in a warm pool's container (src/phases/pool.ts): the daemon holds the
+   * welcome back until a phase claims the container, so the shim waits for it
+   * without redialling
+   */
+  pooled: "SANDBOXD_SHIM_POOLED",
 } as const;

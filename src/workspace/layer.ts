@@ -163,6 +163,84 @@ export function devString(dev: number): string {
   return `${major}:${minor}`;
 }
 
+async function makeDirs(p: LayerPaths): Promise<void> {
+  await mkdir(p.view, { recursive: true, mode: 0o755 });
+  await mkdir(p.stage, { recursive: true, mode: 0o755 });
+  await mkdir(p.layerMnt, { recursive: true, mode: 0o700 });
+}
+
+/** view/ a shared mount point, stage/ a private one (each made once). */
+function mountPointsScript(p: LayerPaths): string[] {
+  return [
+    `if ! mountpoint -q ${quote(p.view)}; then mount --bind ${quote(p.view)} ${quote(p.view)}; mount --make-shared ${quote(p.view)}; fi`,
+    // private whatever the host's / is (systemd makes it shared): flags set here stay local until the move
+    `if ! mountpoint -q ${quote(p.stage)}; then mount --bind ${quote(p.stage)} ${quote(p.stage)}; mount --make-private ${quote(p.stage)}; fi`,
+  ];
+}
+
+/** The layer's disk of `budgetBytes`, made and mounted at layer/ unless it is mounted there already. */
+function diskScript(p: LayerPaths, budgetBytes: number): string[] {
+  const mib = Math.max(16, Math.ceil(budgetBytes / (1024 * 1024)));
+  // fallocate reserves the budget on the state dir's disk (a sparse image could
+  // find the disk full before the budget); nodiscard keeps the reservation.
+  //
+  // With a journal, though nothing here needs one: ext4 without a journal
+  // skips every inode number freed in the last 5 s (305 s while its inode
+  // table block is not yet written back) when it makes a file, checking
+  // each one — so after a checkpoint empties the upper, or a test suite
+  // deletes its output, every create walks the thousands of freed inodes
+  // (ext4's recently_deleted(), over half the CPU time under perf; a
+  // write-heavy suite ran about 3× slower than with a journal:
+  // bench/workspace-suite.mjs, BENCHMARKS.md).
+  // The journal is small (16 MiB at a 1 GiB budget and up, mkfs's
+  // default below); data=writeback and barrier=0 because the layer need
+  // not survive a host crash: a layer found unmounted is made anew
+  // (reattach), so no flush to the disk is ever worth its wait.
+  const journal = mib >= 1024 ? "-J size=16 " : "";
+  return [
+    `if ! mountpoint -q ${quote(p.layerMnt)}; then`,
+    `  rm -f ${quote(p.image)}`,
+    `  fallocate -l ${mib}M ${quote(p.image)} 2>/dev/null || truncate -s ${mib}M ${quote(p.image)}`,
+    `  mkfs.ext4 -q -F -m 0 ${journal}-E nodiscard,lazy_itable_init=1,lazy_journal_init=1 ${quote(p.image)}`,
+    `  mount -o loop,nosuid,nodev,data=writeback,barrier=0 ${quote(p.image)} ${quote(p.layerMnt)}`,
+    `fi`,
+  ];
+}
+
+function unsupportedDisk(err: SandboxdError): never {
+  throw new SandboxdError("SBX_ERR_WORKSPACE_UNSUPPORTED", `${err.message}`, {
+    hint: "the daemon needs root, a loop device (losetup), mkfs.ext4 and room for the layer's budget in the state dir",
+    cause: err,
+  });
+}
+
+/**
+ * A warm pool's slot (src/phases/pool.ts), before any project is known: the
+ * mount points and the layer's disk, in one shell, so the phase that claims
+ * it only mounts its view (`WorkspaceLayer.claimMount`).
+ */
+export async function prepareSlotLayer(phaseDir: string, budgetBytes: number): Promise<LayerPaths> {
+  const p = layerPaths(phaseDir);
+  await makeDirs(p);
+  await sh([...mountPointsScript(p), ...diskScript(p, budgetBytes)].join("\n"), "preparing a pooled layer").catch(unsupportedDisk);
+  return p;
+}
+
+/**
+ * Everything a slot or a phase mounted under `phaseDir` unmounted (lazily)
+ * and removed: the layer's view, stage and disk, and `extra` mount points
+ * (a pooled container's package mount point). For a slot no phase claimed,
+ * and for the end of a phase that claimed one before its layer was made.
+ */
+export async function destroySlotMounts(phaseDir: string, extra: readonly string[]): Promise<void> {
+  const p = layerPaths(phaseDir);
+  await sh(
+    [p.view, p.stage, p.layerMnt, ...extra].map((m) => `while mountpoint -q ${quote(m)}; do umount -l ${quote(m)}; done`).join("\n"),
+    "unmounting a pooled layer",
+  );
+  await rm(p.root, { recursive: true, force: true });
+}
+
 export class WorkspaceLayer {
   readonly paths: LayerPaths;
   /** st_dev of the layer's own file system: every file read from the upper must be on it */
@@ -202,6 +280,12 @@ export class WorkspaceLayer {
 
   private async makeMountPoints(): Promise<void> {
     if (this.destroyed) throw endedWhileMounting();
+    this.checkProject();
+    await makeDirs(this.paths);
+    await sh(mountPointsScript(this.paths).join("\n"), "making the view a shared mount point");
+  }
+
+  private checkProject(): void {
     if (OVERLAY_UNSAFE.test(this.spec.project)) {
       throw new SandboxdError(
         "SBX_ERR_WORKSPACE_UNSUPPORTED",
@@ -209,17 +293,27 @@ export class WorkspaceLayer {
         { hint: "move or link the project to a path without those characters" },
       );
     }
-    const p = this.paths;
-    await mkdir(p.view, { recursive: true, mode: 0o755 });
-    await mkdir(p.stage, { recursive: true, mode: 0o755 });
-    await mkdir(p.layerMnt, { recursive: true, mode: 0o700 });
-    await sh(
-      [
-        `if ! mountpoint -q ${quote(p.view)}; then mount --bind ${quote(p.view)} ${quote(p.view)}; mount --make-shared ${quote(p.view)}; fi`,
-        // private whatever the host's / is (systemd makes it shared): flags set here stay local until the move
-        `if ! mountpoint -q ${quote(p.stage)}; then mount --bind ${quote(p.stage)} ${quote(p.stage)}; mount --make-private ${quote(p.stage)}; fi`,
-      ].join("\n"),
-      "making the view a shared mount point",
+  }
+
+  /**
+   * For a phase that claimed a warm pool's container (src/phases/pool.ts):
+   * the mount points and the layer's disk were made when the pool filled its
+   * slot, and the container runs; what is left is the project's part — an
+   * empty upper with its whiteouts and the view staged and moved onto view/
+   * in one shell — checked in the container.
+   */
+  claimMount(containerPid: number | null): Promise<void> {
+    if (this.destroyed) return Promise.reject(endedWhileMounting());
+    return this.track(
+      (async () => {
+        this.checkProject();
+        this.upperDev = (await stat(this.paths.layerMnt)).dev;
+        const hiding = await this.freshUpper(true);
+        if (this.destroyed) throw endedWhileMounting();
+        // the whiteouts, the overlay, the read-only binds and the move onto view/: one request to the host helper
+        await this.stageView(true, hiding);
+        if (containerPid) await this.verifyInContainer(containerPid);
+      })(),
     );
   }
 
@@ -238,39 +332,7 @@ export class WorkspaceLayer {
     // the walk for credential files (findHidden) runs while the disk is made; freshUpper awaits it
     // eslint-disable-next-line no-restricted-syntax -- only keeps a failure from being unhandled while the disk is made: freshUpper awaits the same promise and gets its error
     this.hidden().catch(() => undefined);
-    const mib = Math.max(16, Math.ceil(this.spec.budgetBytes / (1024 * 1024)));
-    // fallocate reserves the budget on the state dir's disk (a sparse image could
-    // find the disk full before the budget); nodiscard keeps the reservation.
-    //
-    // With a journal, though nothing here needs one: ext4 without a journal
-    // skips every inode number freed in the last 5 s (305 s while its inode
-    // table block is not yet written back) when it makes a file, checking
-    // each one — so after a checkpoint empties the upper, or a test suite
-    // deletes its output, every create walks the thousands of freed inodes
-    // (ext4's recently_deleted(), over half the CPU time under perf; a
-    // write-heavy suite ran about 3× slower than with a journal:
-    // bench/workspace-suite.mjs, BENCHMARKS.md).
-    // The journal is small (16 MiB at a 1 GiB budget and up, mkfs's
-    // default below); data=writeback and barrier=0 because the layer need
-    // not survive a host crash: a layer found unmounted is made anew
-    // (reattach), so no flush to the disk is ever worth its wait.
-    const journal = mib >= 1024 ? "-J size=16 " : "";
-    await sh(
-      [
-        `if ! mountpoint -q ${quote(p.layerMnt)}; then`,
-        `  rm -f ${quote(p.image)}`,
-        `  fallocate -l ${mib}M ${quote(p.image)} 2>/dev/null || truncate -s ${mib}M ${quote(p.image)}`,
-        `  mkfs.ext4 -q -F -m 0 ${journal}-E nodiscard,lazy_itable_init=1,lazy_journal_init=1 ${quote(p.image)}`,
-        `  mount -o loop,nosuid,nodev,data=writeback,barrier=0 ${quote(p.image)} ${quote(p.layerMnt)}`,
-        `fi`,
-      ].join("\n"),
-      "creating the layer's disk",
-    ).catch((err: SandboxdError) => {
-      throw new SandboxdError("SBX_ERR_WORKSPACE_UNSUPPORTED", `${err.message}`, {
-        hint: "the daemon needs root, a loop device (losetup), mkfs.ext4 and room for the layer's budget in the state dir",
-        cause: err,
-      });
-    });
+    await sh(diskScript(p, this.spec.budgetBytes).join("\n"), "creating the layer's disk").catch(unsupportedDisk);
     this.upperDev = (await stat(p.layerMnt)).dev;
     await this.freshUpper();
     await this.stageView();
@@ -363,9 +425,9 @@ export class WorkspaceLayer {
   }
 
   /** The overlay and the read-only binds, in stage/ (a private mount point, so the ro flags are set before anything is propagated). */
-  private async stageView(thenMove = false): Promise<void> {
+  private async stageView(thenMove = false, before: readonly HostStep[] = []): Promise<void> {
     const p = this.paths;
-    const steps: HostStep[] = [{ op: "overlay", target: p.stage, options: this.overlayOptions() }];
+    const steps: HostStep[] = [...before, { op: "overlay", target: p.stage, options: this.overlayOptions() }];
     for (const rel of this.spec.readOnly) {
       // only a real file or folder of the project: a symbolic link there would
       // make mount(8) bind whatever it points to on the host
@@ -386,8 +448,12 @@ export class WorkspaceLayer {
     });
   }
 
-  /** An empty upper and work dir, with the whiteouts that hide credential files. */
-  private async freshUpper(): Promise<void> {
+  /**
+   * An empty upper and work dir, with the whiteouts that hide credential
+   * files; `deferHiding`: the whiteouts are returned, to go in the caller's
+   * own request to the host helper with the overlay (one round trip fewer at a pooled claim).
+   */
+  private async freshUpper(deferHiding = false): Promise<HostStep[]> {
     const p = this.paths;
     await rm(p.upper, { recursive: true, force: true }).catch(async (err: NodeJS.ErrnoException) => {
       if (err.code !== "ENAMETOOLONG") throw err;
@@ -418,7 +484,9 @@ export class WorkspaceLayer {
       }
       whiteouts.push({ op: "whiteout", path: path.join(p.upper, rel) });
     }
+    if (deferHiding) return whiteouts;
     await this.steps(whiteouts, "hiding credential files");
+    return [];
   }
 
   /**

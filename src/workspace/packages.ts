@@ -280,8 +280,9 @@ export class ProjectPackages {
    * A phase of `project` will run (or was re-adopted): its disk is mounted
    * (made first, of `budgetBytes`, at the project's first phase) and owned by
    * the project's owner. Returns the host folder to bind at PACKAGES_DIR.
+   * `bindAt`: a shared mount point it is bound on as well (a pooled container's).
    */
-  acquire(project: string, owner: { uid: number; gid: number }, budgetBytes: number, opts: { verify: boolean } = { verify: true }): Promise<{ dir: string; removed: string[] | null }> {
+  acquire(project: string, owner: { uid: number; gid: number }, budgetBytes: number, opts: { verify?: boolean; bindAt?: string } = {}): Promise<{ dir: string; removed: string[] | null }> {
     const key = projectKey(project);
     return this.locked(key, async () => {
       const p = this.paths(project);
@@ -313,11 +314,20 @@ export class ProjectPackages {
         });
       }
       // no phase of the project runs (a re-adopted one may: its disk is left as it is): only what pip wrote stays
-      const removed = opts.verify && (this.users.get(key) ?? 0) === 0 ? await this.verify(p) : null;
+      const removed = (opts.verify ?? true) && (this.users.get(key) ?? 0) === 0 ? await this.verify(p) : null;
       // the project's owner writes it (pip runs as that uid); the same owner for every phase of the project
       for (const dir of [p.mnt, path.join(p.mnt, "user"), path.join(p.mnt, "cache")]) {
         await mkdir(dir, { recursive: true });
         await chown(dir, owner.uid, owner.gid);
+      }
+      // a warm pool's container: the disk, verified, also on its package mount point (src/phases/pool.ts)
+      if (opts.bindAt) {
+        await run("mount", ["--bind", p.mnt, opts.bindAt], { timeout: COMMAND_TIMEOUT_MS }).catch((err: Error & { stderr?: string }) => {
+          throw new SandboxdError("SBX_ERR_WORKSPACE", `the project's package disk could not be bound into the pooled container: ${(err.stderr || err.message).trim()}`, {
+            hint: "the state dir must be on a mount the Docker engine sees with the same propagation; see docs/WORKSPACE.md",
+            cause: err,
+          });
+        });
       }
       this.users.set(key, (this.users.get(key) ?? 0) + 1);
       return { dir: p.mnt, removed };

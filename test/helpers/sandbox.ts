@@ -19,8 +19,20 @@ import { DEFAULT_IMAGE, resolveSettings } from "../../src/config/settings.js";
  * one engine each test their own shim), else the default tag.
  */
 export const TEST_IMAGE = process.env.SANDBOXD_IMAGE || DEFAULT_IMAGE;
-/** What the tests pass as the daemon's environment: only the image choice. */
-export const TEST_ENV: NodeJS.ProcessEnv = process.env.SANDBOXD_IMAGE ? { SANDBOXD_IMAGE: process.env.SANDBOXD_IMAGE } : {};
+/**
+ * The warm pool of the tests' daemons: off unless SANDBOXD_POOL_SIZE says
+ * otherwise (`SANDBOXD_POOL_SIZE=2 npm test` runs the suite with phases
+ * claimed from a pool). Off by default because many tests take "the"
+ * container of their daemon, count its containers, or cut a cold start at
+ * its steps; test/integration/pool.test.ts and test/e2e/pool-restart.test.ts
+ * set their own size.
+ */
+export const TEST_POOL_SIZE = process.env.SANDBOXD_POOL_SIZE ?? "0";
+/** What the tests pass as the daemon's environment: the image choice and the pool's size. */
+export const TEST_ENV: NodeJS.ProcessEnv = {
+  ...(process.env.SANDBOXD_IMAGE ? { SANDBOXD_IMAGE: process.env.SANDBOXD_IMAGE } : {}),
+  SANDBOXD_POOL_SIZE: TEST_POOL_SIZE,
+};
 import { startDaemon, type RunningDaemon } from "../../src/daemon.js";
 
 export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -189,7 +201,7 @@ export async function spawnDaemon(
 ): Promise<{ child: ChildProcess; output: () => string }> {
   const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, ...(opts.policy ? ["--policy", opts.policy] : [])], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...opts.env },
+    env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), SANDBOXD_POOL_SIZE: TEST_POOL_SIZE, ...opts.env },
   });
   let out = "";
   child.stdout!.on("data", (c: Buffer) => (out += c.toString()));

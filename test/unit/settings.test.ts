@@ -27,6 +27,16 @@ describe("settings", () => {
   });
 });
 
+describe("the warm pool's size", () => {
+  it("is a small pool by default, 0 turns it off, anything but a whole number up to 16 is refused", () => {
+    expect(resolveSettings({}, {}).poolSize).toBe(2);
+    expect(resolveSettings({}, { SANDBOXD_POOL_SIZE: "0" }).poolSize).toBe(0);
+    for (const bad of ["two", "1.5", "-1", "17"]) {
+      expect(() => resolveSettings({}, { SANDBOXD_POOL_SIZE: bad }), bad).toThrow(/poolSize/);
+    }
+  });
+});
+
 describe("the default policy path", () => {
   it("is the same file whether the CLI or the policy loader names it", async () => {
     const settings = await import("../../src/config/settings.js");

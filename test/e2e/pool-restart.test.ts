@@ -1,0 +1,93 @@
+/**
+ * A daemon with a warm pool killed with SIGKILL (nothing of it runs its
+ * shutdown): the next daemon on the same state dir removes every container
+ * of the pool no phase claimed, their folders and mounts, and records it
+ * (`pool.reaped`); a phase that had claimed one is a phase like any other
+ * and is re-adopted; its commands run.
+ */
+import { readdir, readFile } from "node:fs/promises";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ApiClient } from "../../src/cli/client.js";
+import type { ExecResult, PoolStatus } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import { docker, makeProject, removeDir, requireEngineAndImage, spawnDaemon, tempDir, waitExit } from "../helpers/sandbox.js";
+
+let stateDir: string;
+let socket: string;
+let project: string;
+let daemon: Awaited<ReturnType<typeof spawnDaemon>> | null = null;
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  stateDir = await tempDir("pool-restart");
+  socket = path.join(stateDir, "sandboxd.sock");
+  project = await makeProject();
+}, 60_000);
+
+afterAll(async () => {
+  if (daemon && daemon.child.exitCode === null) {
+    daemon.child.kill("SIGTERM");
+    await waitExit(daemon.child);
+  }
+  await removeDir(project);
+  await removeDir(stateDir);
+});
+
+async function pool(api: ApiClient): Promise<PoolStatus> {
+  return (await api.request<{ pool: PoolStatus }>("GET", "/v1/phases")).pool;
+}
+
+async function poolContainers(instance: string): Promise<string[]> {
+  const found = await docker.listContainers({ all: true, filters: { label: [`sandboxd.instance=${instance}`, "sandboxd.pool=1"] } });
+  return found.map((c) => c.Labels["sandboxd.phase"] ?? c.Id);
+}
+
+describe("warm pool across a daemon killed with SIGKILL", () => {
+  it("the next daemon removes the unclaimed pool containers, their folders and mounts, and re-adopts the phase that claimed one", async () => {
+    daemon = await spawnDaemon(stateDir, socket, { env: { SANDBOXD_POOL_SIZE: "2" } });
+    const api = new ApiClient(socket);
+    const instance = (await readFile(path.join(stateDir, "instance"), "utf8")).trim();
+    const deadline = Date.now() + 90_000;
+    while ((await pool(api)).ready < 2) {
+      if (Date.now() > deadline) throw new Error(`the pool did not fill: ${daemon.output()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const { phase } = await api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "kept", mode: "backtest" });
+    expect(phase.pooled).toBeTruthy();
+    // the claim's refill may be under way when the daemon dies: the reap must cover whatever state it was in
+    await new Promise((r) => setTimeout(r, 300));
+    const unclaimed = (await poolContainers(instance)).filter((id) => id !== phase.id);
+    expect(unclaimed.length).toBeGreaterThanOrEqual(1);
+
+    daemon.child.kill("SIGKILL");
+    await waitExit(daemon.child);
+    // the pool's containers outlive a killed daemon
+    expect((await poolContainers(instance)).length).toBeGreaterThanOrEqual(2);
+
+    daemon = await spawnDaemon(stateDir, socket, { env: { SANDBOXD_POOL_SIZE: "0" } });
+    // only the claimed one is left: it is the phase's
+    expect(await poolContainers(instance)).toEqual([phase.id]);
+    for (const id of await readdir(path.join(stateDir, "phases"))) {
+      expect(await readdir(path.join(stateDir, "phases", id)), id).not.toContain("pool.json");
+    }
+    for (const id of unclaimed) expect(await readdir(path.join(stateDir, "phases"))).not.toContain(id);
+    const mounts = await readFile("/proc/self/mountinfo", "utf8");
+    for (const id of unclaimed) expect(mounts).not.toContain(id);
+    const trail = (await readFile(path.join(stateDir, "audit.jsonl"), "utf8")).trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const reaped = trail.find((r) => r.type === "pool.reaped") as { containers: string[] } | undefined;
+    expect(reaped?.containers.sort()).toEqual(unclaimed.sort());
+    expect(trail.some((r) => r.type === "phase.readopt" && r.phase === phase.id)).toBe(true);
+
+    const { result } = await api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", "-m", "pytest", "-q", "tests/test_calc.py"] });
+    expect(result.exitCode, result.stdout + result.stderr).toBe(0);
+    expect((await pool(api)).state).toBe("off");
+
+    await api.request("DELETE", `/v1/phases/${phase.id}`);
+    daemon.child.kill("SIGTERM");
+    expect(await waitExit(daemon.child)).toBe(0);
+    daemon = null;
+    expect(await poolContainers(instance)).toEqual([]);
+    expect(await readFile("/proc/self/mountinfo", "utf8")).not.toContain(stateDir);
+  });
+});
