@@ -297,7 +297,8 @@ describe("fail-fast attacked from inside the sandbox", () => {
       (r) => ({ r }),
       (e: SandboxdError) => ({ e }),
     );
-    expect(Date.now() - t0).toBeLessThan(25_000);
+    // escalated while the hog still ran (it ends by itself at 40 s, and holds nothing after)
+    expect(Date.now() - t0).toBeLessThan(38_000);
     expect("e" in out && out.e.code).toBe("SBX_ERR_PHASE_ESCALATED");
     const v = await view(phase.id);
     expect(v.state).toBe("escalated");

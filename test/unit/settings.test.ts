@@ -29,7 +29,8 @@ describe("settings", () => {
 
 describe("the warm pool's size", () => {
   it("is a small pool by default, 0 turns it off, anything but a whole number up to 16 is refused", () => {
-    expect(resolveSettings({}, {}).poolSize).toBe(2);
+    expect(resolveSettings({}, {}).poolSize).toBe(0);
+    expect(resolveSettings({}, { SANDBOXD_POOL_SIZE: "2" }).poolSize).toBe(2);
     expect(resolveSettings({}, { SANDBOXD_POOL_SIZE: "0" }).poolSize).toBe(0);
     for (const bad of ["two", "1.5", "-1", "17"]) {
       expect(() => resolveSettings({}, { SANDBOXD_POOL_SIZE: bad }), bad).toThrow(/poolSize/);
