@@ -1,0 +1,193 @@
+/**
+ * Attacks on the warm pool (src/phases/pool.ts) from inside real sandboxes,
+ * as an agent makes them: commands through exec, files in /workspace. Each
+ * checks that a phase claimed from the pool keeps every wall of a cold
+ * start — protected paths read-only and credential files hidden, the
+ * network confined from its first command, no shim secret in reach, no
+ * other container or slot in sight, the limits of its own policy — and the
+ * audit record that says so.
+ */
+import { mkdir, readFile, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readRecords } from "../../src/audit/read.js";
+import type { ExecResult, PoolStatus } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import { ROOT, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+
+const sh = promisify(execFile);
+
+async function poolUntil(t: TestDaemon, done: (p: PoolStatus) => boolean, timeoutMs = 90_000): Promise<PoolStatus> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const p = (await t.api.request<{ pool: PoolStatus }>("GET", "/v1/phases")).pool;
+    if (done(p)) return p;
+    if (Date.now() > deadline) throw new Error(`the pool did not get there in time: ${JSON.stringify(p)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function startPhase(t: TestDaemon, project: string, name: string, policy?: string): Promise<PhaseView> {
+  const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: name, mode: "backtest", ...(policy ? { policy } : {}) });
+  return phase;
+}
+
+async function py(t: TestDaemon, id: string, project: string, code: string): Promise<ExecResult> {
+  const script = await writeScript(project, code);
+  const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${id}/exec`, { argv: ["python3", script] });
+  return result;
+}
+
+describe("warm pool under attack", () => {
+  let t: TestDaemon;
+  const cleanup: string[] = [];
+
+  beforeAll(async () => {
+    await requireEngineAndImage();
+    t = await startTestDaemon({ env: { SANDBOXD_POOL_SIZE: "2" } });
+  }, 120_000);
+
+  afterAll(async () => {
+    await t?.close();
+    for (const d of cleanup) await removeDir(d);
+  });
+
+  it("the first command of a pooled phase is confined: a connection out is refused and recorded as this phase's", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const script = await writeScript(project, "import socket\ntry:\n    socket.create_connection(('10.9.8.7', 80), timeout=3)\n    print('CONNECTED')\nexcept OSError as e:\n    print(type(e).__name__)");
+    await poolUntil(t, (p) => p.ready >= 2);
+    const a = await startPhase(t, project, "first-ms");
+    expect(a.pooled).toBeTruthy();
+    // no command before this one: the first thing the agent does
+    const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${a.id}/exec`, { argv: ["python3", script] });
+    expect(result.stdout.trim()).toBe("ConnectionRefusedError");
+    await expect
+      .poll(async () => (await readRecords(t.stateDir, { phase: a.id })).some((x) => x.type === "net.connect" && x.address === "10.9.8.7" && x.decision === "forbid"), { timeout: 10_000 })
+      .toBe(true);
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+
+  it("a pooled phase cannot write .git, build_audit.log or main.py, and sees no .env", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await mkdir(path.join(project, ".git"));
+    await writeFile(path.join(project, ".git", "config"), "[core]\n");
+    await writeFile(path.join(project, "main.py"), "print('main')\n");
+    await writeFile(path.join(project, ".env"), "POOL_ATTACK_SECRET=pool-attack-secret-value-42\n");
+    await sh("chown", ["-R", "1000:1000", project]);
+    await poolUntil(t, (p) => p.ready >= 1);
+    const a = await startPhase(t, project, "protected");
+    expect(a.pooled).toBeTruthy();
+    const r = await py(t, a.id, project, [
+      "import os, json",
+      "out = {}",
+      "for f in ['.git/config', 'build_audit.log', 'main.py']:",
+      "    try:",
+      "        open('/workspace/' + f, 'a').write('# tampered\\n')",
+      "        out[f] = 'WROTE'",
+      "    except OSError as e:",
+      "        out[f] = e.errno",
+      "try:",
+      "    os.rename('/workspace/main.py', '/workspace/main_gone.py')",
+      "    out['rename'] = 'RENAMED'",
+      "except OSError as e:",
+      "    out['rename'] = e.errno",
+      "out['env_listed'] = '.env' in os.listdir('/workspace')",
+      "try:",
+      "    out['env_read'] = open('/workspace/.env').read()",
+      "except OSError as e:",
+      "    out['env_read'] = e.errno",
+      "print(json.dumps(out))",
+    ].join("\n"));
+    expect(r.exitCode, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout) as Record<string, unknown>;
+    for (const f of [".git/config", "build_audit.log", "main.py", "rename"]) expect(String(out[f]), f).not.toMatch(/WROTE|RENAMED/);
+    expect(out[".git/config"]).toBe(30); // EROFS
+    expect(out["main.py"]).toBe(30);
+    expect(out.env_listed).toBe(false);
+    expect(out.env_read).toBe(2); // ENOENT
+    // the project itself is untouched
+    expect(await readFile(path.join(project, "main.py"), "utf8")).toBe("print('main')\n");
+    expect(await readFile(path.join(project, ".git", "config"), "utf8")).toBe("[core]\n");
+    const records = await readRecords(t.stateDir, { phase: a.id });
+    expect(records.find((x) => x.type === "phase.start")?.pooled).toBeTruthy();
+    expect(records.some((x) => x.type === "exec.result")).toBe(true);
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+
+  it("a pooled phase's commands see no shim secret, no other container's processes, mounts or sockets", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await poolUntil(t, (p) => p.ready >= 2);
+    // the slot that stays ready while A runs: its id must be out of A's reach
+    const a = await startPhase(t, project, "snoop");
+    expect(a.pooled).toBeTruthy();
+    await poolUntil(t, (p) => p.ready >= 2);
+    const phasesDir = path.join(t.stateDir, "phases");
+    const { stdout: ls } = await sh("ls", [phasesDir]);
+    const others = ls.split("\n").filter((x) => x && x !== a.id);
+    expect(others.length).toBeGreaterThanOrEqual(2);
+    const r = await py(t, a.id, project, [
+      "import os, json, socket, glob",
+      "out = {'env': sorted(k + '=' + v for k, v in os.environ.items() if k.startswith('SANDBOXD') or 'TOKEN' in k)}",
+      "try:",
+      "    out['init_environ'] = open('/proc/1/environ', 'rb').read().decode(errors='replace')",
+      "except OSError as e:",
+      "    out['init_environ'] = e.errno",
+      "try:",
+      "    out['rundir'] = os.listdir('/run/sandboxd')",
+      "except OSError as e:",
+      "    out['rundir'] = e.errno",
+      "s = socket.socket(socket.AF_UNIX)",
+      "try:",
+      "    s.connect('/run/sandboxd/control.sock'); out['control'] = 'CONNECTED'",
+      "except OSError as e:",
+      "    out['control'] = e.errno",
+      "out['mountinfo'] = open('/proc/self/mountinfo').read()",
+      "out['unix'] = open('/proc/net/unix').read()",
+      "out['pids'] = [p for p in os.listdir('/proc') if p.isdigit()]",
+      "out['cmdlines'] = []",
+      "for p in out['pids']:",
+      "    try: out['cmdlines'].append(open('/proc/%s/cmdline' % p, 'rb').read().replace(b'\\0', b' ').decode())",
+      "    except OSError: pass",
+      "print(json.dumps(out))",
+    ].join("\n"));
+    expect(r.exitCode, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout) as { env: string[]; init_environ: unknown; rundir: unknown; control: unknown; mountinfo: string; unix: string; cmdlines: string[] };
+    // what the phase is, never how the shim reaches the daemon (its token, socket, pooled flag)
+    expect(out.env).toEqual(["SANDBOXD_MODE=backtest", `SANDBOXD_PHASE=${a.id}`]);
+    // the shim's environment (where its token came from) is root's: closed to the owner
+    expect(out.init_environ).toBe(13);
+    expect(out.control).not.toBe("CONNECTED");
+    // no other slot's or phase's id in its mounts, its unix sockets or its processes
+    for (const id of others) {
+      expect(out.mountinfo).not.toContain(id);
+      expect(out.unix).not.toContain(id);
+      expect(out.cmdlines.join("\n")).not.toContain(id);
+    }
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+
+  it("a phase policy with other limits never claims a slot: it starts cold, with its own limits", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const dir = await tempDir("policy");
+    cleanup.push(dir);
+    const base = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+    expect(base).toContain("    pidsLimit: 256 ");
+    const file = path.join(dir, "narrow.yaml");
+    await writeFile(file, base.replace("    pidsLimit: 256 ", "    pidsLimit: 64 "));
+    await poolUntil(t, (p) => p.ready >= 2);
+    const a = await startPhase(t, project, "narrow", file);
+    expect(a.pooled).toBeUndefined();
+    const info = await docker.getContainer(a.containerId!).inspect();
+    expect(info.HostConfig.PidsLimit).toBe(64);
+    expect(info.Config.Labels["sandboxd.pool"]).toBeUndefined();
+    const records = await readRecords(t.stateDir, { phase: a.id });
+    expect(records.find((x) => x.type === "phase.start")?.pooled).toBeUndefined();
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+});
