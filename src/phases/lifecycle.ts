@@ -58,7 +58,7 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
   // a warm pool's container made with this phase's limits, when one is ready
   // (pool.ts): the phase takes its id, and only attaches its project to it;
   // from here on the slot is this start's, undone with it whatever happens
-  const slot = ctx.pool.take(poolKeyOf(ctx.opts.image, ctx.policyFor(phasePolicy), req.mode));
+  const slot = await ctx.pool.take(poolKeyOf(ctx.opts.image, ctx.policyFor(phasePolicy), req.mode));
   const undoSlot = async () => {
     if (slot) await destroySlot(ctx, slot.id, slot);
   };

@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readRecords } from "../../src/audit/read.js";
 import type { ExecResult, PoolStatus } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { ROOT, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { ROOT, TEST_IMAGE, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const sh = promisify(execFile);
 
@@ -188,6 +188,48 @@ describe("warm pool under attack", () => {
     expect(info.Config.Labels["sandboxd.pool"]).toBeUndefined();
     const records = await readRecords(t.stateDir, { phase: a.id });
     expect(records.find((x) => x.type === "phase.start")?.pooled).toBeUndefined();
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+});
+
+describe("warm pool whose image is rebuilt under it", () => {
+  // a tag of this test's own, so rebuilding it touches no other daemon's image
+  const tag = `sandboxd-sandbox:pool-attack-swap-${process.pid}`;
+  let t: TestDaemon;
+  const cleanup: string[] = [];
+
+  beforeAll(async () => {
+    await requireEngineAndImage();
+    await sh("docker", ["tag", TEST_IMAGE, tag]);
+  }, 60_000);
+
+  afterAll(async () => {
+    await t?.close();
+    for (const d of cleanup) await removeDir(d);
+    await sh("docker", ["rmi", tag]).catch(() => undefined);
+  });
+
+  it("a phase started after the image was rebuilt runs the rebuilt image, never a slot made from the old one", async () => {
+    t = await startTestDaemon({ env: { SANDBOXD_POOL_SIZE: "2", SANDBOXD_IMAGE: tag } });
+    await poolUntil(t, (p) => p.ready >= 2 && p.filling === 0);
+    // the operator rebuilds the image (a fixed shim, a tightened Dockerfile): the tag names new content
+    const ctxDir = await tempDir("rebuild");
+    cleanup.push(ctxDir);
+    await writeFile(path.join(ctxDir, "marker"), "rebuilt\n");
+    await writeFile(path.join(ctxDir, "Dockerfile"), `FROM ${TEST_IMAGE}\nCOPY marker /etc/sandboxd-rebuilt\n`);
+    await sh("docker", ["build", "-q", "-t", tag, ctxDir], { timeout: 120_000 });
+    const now = (await docker.getImage(tag).inspect()).Id;
+
+    const project = await makeProject();
+    cleanup.push(project);
+    const a = await startPhase(t, project, "after-rebuild");
+    const info = await docker.getContainer(a.containerId!).inspect();
+    expect(info.Image).toBe(now);
+    const r = await py(t, a.id, project, "import os\nprint(os.path.exists('/etc/sandboxd-rebuilt'))");
+    expect(r.stdout.trim()).toBe("True");
+    // the old slots went, and the trail says why
+    const trail = await readRecords(t.stateDir, {});
+    expect(trail.some((x) => x.type === "pool.discard" && String(x.reason).includes("image"))).toBe(true);
     await t.api.request("DELETE", `/v1/phases/${a.id}`);
   });
 });
