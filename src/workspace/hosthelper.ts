@@ -36,7 +36,9 @@ export type HostStep =
   /** umount -l TARGET */
   | { op: "umount-lazy"; target: string }
   /** mknod PATH c 0 0: an overlayfs whiteout */
-  | { op: "whiteout"; path: string };
+  | { op: "whiteout"; path: string }
+  /** unless TARGET is a mount point already: mount --bind TARGET TARGET; mount --make-shared|--make-private TARGET */
+  | { op: "mount-point"; target: string; propagation: "shared" | "private" };
 
 /** The helper: reads a JSON request per line, answers a JSON line with the same id. */
 const HELPER_PY = String.raw`
@@ -45,6 +47,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_MOVE = 1, 2, 4, 8, 32, 4096, 8192
+MS_PRIVATE, MS_SHARED = 1 << 18, 1 << 20
 MNT_DETACH = 2
 def enc(s):
     return None if s is None else os.fsencode(s)
@@ -54,6 +57,11 @@ def check(rc, what):
         raise OSError(e, os.strerror(e), what)
 def mount(src, tgt, fstype, flags, data):
     check(libc.mount(enc(src), enc(tgt), enc(fstype), flags, enc(data)), tgt)
+def is_mount_point(target):
+    # mountinfo's field 5, with space, tab, newline and backslash octal-escaped
+    want = target.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == want for line in f)
 def step(s):
     op = s["op"]
     if op == "overlay":
@@ -70,6 +78,10 @@ def step(s):
         check(libc.umount2(enc(s["target"]), MNT_DETACH), s["target"])
     elif op == "whiteout":
         os.mknod(s["path"], stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    elif op == "mount-point":
+        if not is_mount_point(s["target"]):
+            mount(s["target"], s["target"], None, MS_BIND, None)
+            mount(None, s["target"], None, MS_SHARED if s["propagation"] == "shared" else MS_PRIVATE, None)
     else:
         raise ValueError("unknown step " + repr(op))
 def xattr(p, name):
@@ -123,6 +135,8 @@ export function stepsToShell(steps: readonly HostStep[]): string {
           return `umount -l ${q(s.target)}`;
         case "whiteout":
           return `mknod ${q(s.path)} c 0 0`;
+        case "mount-point":
+          return `if ! mountpoint -q ${q(s.target)}; then mount --bind ${q(s.target)} ${q(s.target)}; mount --make-${s.propagation} ${q(s.target)}; fi`;
       }
     })
     .join("\n");

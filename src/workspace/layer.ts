@@ -282,7 +282,14 @@ export class WorkspaceLayer {
     if (this.destroyed) throw endedWhileMounting();
     this.checkProject();
     await makeDirs(this.paths);
-    await sh(mountPointsScript(this.paths).join("\n"), "making the view a shared mount point");
+    // private whatever the host's / is (systemd makes it shared): flags set in stage/ stay local until the move
+    await this.steps(
+      [
+        { op: "mount-point", target: this.paths.view, propagation: "shared" },
+        { op: "mount-point", target: this.paths.stage, propagation: "private" },
+      ],
+      "making the view a shared mount point",
+    );
   }
 
   private checkProject(): void {

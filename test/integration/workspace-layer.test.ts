@@ -137,7 +137,7 @@ describe.each([
         { changes: [{ kind: "create", path: "escape/host.txt", isDir: false, sizeBytes: 1 }] },
         { project, upper: layer.paths.upper, upperDev: await layer.upperDevice(), uid: 0, gid: 0 },
       ),
-    ).rejects.toMatchObject({ code: "SBX_ERR_WORKSPACE", applied: [], cause: { code: "SBX_ERR_PATH_INVALID" } });
+    ).rejects.toMatchObject({ code: "SBX_ERR_PATH_INVALID", applied: [], failedAt: { path: "escape/host.txt" } });
     expect(await readFile(path.join(outside, "host.txt"), "utf8")).toBe("host\n");
     expect(view).toBeTruthy();
     await rm(outside, { recursive: true, force: true });
