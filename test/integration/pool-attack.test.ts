@@ -189,6 +189,34 @@ describe("warm pool under attack", () => {
     const records = await readRecords(t.stateDir, { phase: a.id });
     expect(records.find((x) => x.type === "phase.start")?.pooled).toBeUndefined();
     await t.api.request("DELETE", `/v1/phases/${a.id}`);
+    // and a phase of the daemon's policy is served by a slot whose container has exactly that policy's limits
+    await poolUntil(t, (p) => p.ready >= 1);
+    const b = await startPhase(t, project, "default-limits");
+    expect(b.pooled).toBeTruthy();
+    const host = (await docker.getContainer(b.containerId!).inspect()).HostConfig;
+    expect(host.PidsLimit).toBe(256);
+    expect(host.Memory).toBe(2 * 1024 ** 3);
+    expect(host.NanoCpus).toBe(1e9);
+    await t.api.request("DELETE", `/v1/phases/${b.id}`);
+  });
+
+  it("a claim racing the daemon's stop leaves no container, mount or folder, and a phase on record has its end", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    await poolUntil(t, (p) => p.ready >= 2);
+    const instance = (await readFile(path.join(t.stateDir, "instance"), "utf8")).trim();
+    // two starts in flight when the daemon stops: each either never began or ended on record
+    const starts = [0, 1].map((i) => startPhase(t, project, `race-${i}`).catch((e: Error) => e));
+    await new Promise((r) => setTimeout(r, 5));
+    await t.daemon.close();
+    await Promise.all(starts);
+    const left = await docker.listContainers({ all: true, filters: { label: [`sandboxd.instance=${instance}`] } });
+    expect(left.map((c) => c.Names)).toEqual([]);
+    expect(await readFile("/proc/self/mountinfo", "utf8")).not.toContain(t.stateDir);
+    const trail = await readRecords(t.stateDir, {});
+    for (const start of trail.filter((x) => x.type === "phase.start")) {
+      expect(trail.some((x) => (x.type === "phase.complete" || x.type === "phase.failed") && x.phase === start.phase), `phase ${String(start.phase)} has no end`).toBe(true);
+    }
   });
 });
 
