@@ -77,6 +77,9 @@ describe("warm pool under attack", () => {
     await writeFile(path.join(project, ".git", "config"), "[core]\n");
     await writeFile(path.join(project, "main.py"), "print('main')\n");
     await writeFile(path.join(project, ".env"), "POOL_ATTACK_SECRET=pool-attack-secret-value-42\n");
+    await mkdir(path.join(project, "config"));
+    await writeFile(path.join(project, "config", ".env.production"), "PROD=1\n");
+    await writeFile(path.join(project, "config", "server.key"), "KEY\n");
     await sh("chown", ["-R", "1000:1000", project]);
     await poolUntil(t, (p) => p.ready >= 1);
     const a = await startPhase(t, project, "protected");
@@ -96,6 +99,7 @@ describe("warm pool under attack", () => {
       "except OSError as e:",
       "    out['rename'] = e.errno",
       "out['env_listed'] = '.env' in os.listdir('/workspace')",
+      "out['config'] = sorted(os.listdir('/workspace/config'))",
       "try:",
       "    out['env_read'] = open('/workspace/.env').read()",
       "except OSError as e:",
@@ -109,6 +113,7 @@ describe("warm pool under attack", () => {
     expect(out["main.py"]).toBe(30);
     expect(out.env_listed).toBe(false);
     expect(out.env_read).toBe(2); // ENOENT
+    expect(out.config).toEqual([]);
     // the project itself is untouched
     expect(await readFile(path.join(project, "main.py"), "utf8")).toBe("print('main')\n");
     expect(await readFile(path.join(project, ".git", "config"), "utf8")).toBe("[core]\n");
@@ -125,6 +130,13 @@ describe("warm pool under attack", () => {
     // the slot that stays ready while A runs: its id must be out of A's reach
     const a = await startPhase(t, project, "snoop");
     expect(a.pooled).toBeTruthy();
+    // another project claimed meanwhile: its overlay is mounted on its own slot's view, never on A's
+    const other = await makeProject();
+    cleanup.push(other);
+    await writeFile(path.join(other, "only_other.txt"), "other\n");
+    await sh("chown", ["1000:1000", path.join(other, "only_other.txt")]);
+    const b = await startPhase(t, other, "neighbour");
+    expect(b.pooled).toBeTruthy();
     await poolUntil(t, (p) => p.ready >= 2);
     const phasesDir = path.join(t.stateDir, "phases");
     const { stdout: ls } = await sh("ls", [phasesDir]);
@@ -148,6 +160,7 @@ describe("warm pool under attack", () => {
       "    out['control'] = e.errno",
       "out['mountinfo'] = open('/proc/self/mountinfo').read()",
       "out['unix'] = open('/proc/net/unix').read()",
+      "out['ws'] = sorted(os.listdir('/workspace'))",
       "out['pids'] = [p for p in os.listdir('/proc') if p.isdigit()]",
       "out['cmdlines'] = []",
       "for p in out['pids']:",
@@ -156,18 +169,21 @@ describe("warm pool under attack", () => {
       "print(json.dumps(out))",
     ].join("\n"));
     expect(r.exitCode, r.stderr).toBe(0);
-    const out = JSON.parse(r.stdout) as { env: string[]; init_environ: unknown; rundir: unknown; control: unknown; mountinfo: string; unix: string; cmdlines: string[] };
+    const out = JSON.parse(r.stdout) as { ws: string[]; env: string[]; init_environ: unknown; rundir: unknown; control: unknown; mountinfo: string; unix: string; cmdlines: string[] };
     // what the phase is, never how the shim reaches the daemon (its token, socket, pooled flag)
     expect(out.env).toEqual(["SANDBOXD_MODE=backtest", `SANDBOXD_PHASE=${a.id}`]);
     // the shim's environment (where its token came from) is root's: closed to the owner
     expect(out.init_environ).toBe(13);
     expect(out.control).not.toBe("CONNECTED");
+    expect(out.ws).not.toContain("only_other.txt");
+    expect(others).toContain(b.id);
     // no other slot's or phase's id in its mounts, its unix sockets or its processes
     for (const id of others) {
       expect(out.mountinfo).not.toContain(id);
       expect(out.unix).not.toContain(id);
       expect(out.cmdlines.join("\n")).not.toContain(id);
     }
+    await t.api.request("DELETE", `/v1/phases/${b.id}`);
     await t.api.request("DELETE", `/v1/phases/${a.id}`);
   });
 
