@@ -442,8 +442,14 @@ export class WarmPool {
       (what) => slot.target.lost(what),
     );
     slot.watch = watch;
-    // before the claim, a watch that ends takes the slot with it
-    slot.target.end = (why) => void this.lost(slot, `its conntrack watch ended: ${why}`);
+    // before the claim, a watch that ends takes a ready slot with it; a slot a start holds
+    // keeps going, and its phase records the confinement as degraded (adoptConfinement),
+    // as a cold phase whose watch ends does (network.ts watchEnded)
+    slot.target.end = (why) => {
+      if (slot.watch === watch) slot.watch = null;
+      slot.confineError = `its conntrack watch ended before the phase took it: ${why}`;
+      void this.lost(slot, `its conntrack watch ended: ${why}`);
+    };
     const rulesIn = confineNamespace(slot.pid, { deadPort: DEAD_PORT });
     rulesIn.catch(() => watch.stop());
     const [rules, ready] = await Promise.allSettled([rulesIn, watch.ready(WATCH_READY_MS)]);

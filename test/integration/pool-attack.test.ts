@@ -7,7 +7,7 @@
  * other container or slot in sight, the limits of its own policy — and the
  * audit record that says so.
  */
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { mkdir, readFile, readlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
@@ -216,6 +216,51 @@ describe("warm pool under attack", () => {
     await t.api.request("DELETE", `/v1/phases/${b.id}`);
   });
 
+  it("a pooled slot's conntrack watch that dies during the claim is on record as degraded, never as recording", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    // a tree the credential walk takes a while over: the claim's window is wide enough to hit
+    await sh("sh", ["-c", `cd ${project} && mkdir -p bulk && cd bulk && for d in $(seq 1 40); do mkdir d$d; (cd d$d && touch $(seq -f f%g 1 500)); done && chown -R 1000:1000 ${project}`]);
+    await poolUntil(t, (p) => p.ready >= 2 && p.filling === 0);
+    const phasesDir = path.join(t.stateDir, "phases");
+    const exists = (f: string) => readFile(f, "utf8").then(() => true, () => false);
+    const slots: string[] = [];
+    for (const id of (await sh("ls", [phasesDir])).stdout.split("\n").filter(Boolean)) {
+      if ((await exists(path.join(phasesDir, id, "pool.json"))) && !(await exists(path.join(phasesDir, id, "phase.json")))) slots.push(id);
+    }
+    expect(slots.length).toBe(2);
+    const started = startPhase(t, project, "watch-dies");
+    // the slot this start claimed: its folder has the phase's record now
+    let claimed: string | undefined;
+    const deadline = Date.now() + 20_000;
+    while (!claimed && Date.now() < deadline) {
+      for (const id of slots) {
+        if (await exists(path.join(phasesDir, id, "phase.json"))) claimed = id;
+      }
+      if (!claimed) await new Promise((r) => setTimeout(r, 2));
+    }
+    expect(claimed).toBeTruthy();
+    const info = await docker.getContainer(`sandboxd-${claimed!}`).inspect();
+    // this daemon's watch of that container (the test started it; killed by its pid)
+    const netns = await readlink(`/proc/${info.State.Pid}/ns/net`);
+    const { stdout } = await sh("pgrep", ["-P", String(process.pid), "conntrack"]);
+    let killed = 0;
+    for (const pid of stdout.split("\n").filter(Boolean)) {
+      if ((await readlink(`/proc/${pid}/ns/net`).catch(() => "")) !== netns) continue;
+      process.kill(Number(pid), "SIGKILL");
+      killed++;
+    }
+    expect(killed).toBe(1);
+    const a = await started;
+    expect(a.id).toBe(claimed);
+    expect(a.pooled).toBeTruthy();
+    await new Promise((r) => setTimeout(r, 500));
+    const confines = (await readRecords(t.stateDir, { phase: a.id })).filter((x) => x.type === "net.confine");
+    // the last word on the watch says it no longer records
+    expect(confines.at(-1)?.recorded, JSON.stringify(confines)).toBe(false);
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+
   it("a claim racing the daemon's stop leaves no container, mount or folder, and a phase on record has its end", async () => {
     const project = await makeProject();
     cleanup.push(project);
@@ -227,7 +272,7 @@ describe("warm pool under attack", () => {
     await t.daemon.close();
     await Promise.all(starts);
     const left = await docker.listContainers({ all: true, filters: { label: [`sandboxd.instance=${instance}`] } });
-    expect(left.map((c) => c.Names)).toEqual([]);
+    expect(left.map((c) => [c.Names, c.Labels["sandboxd.pool"], c.State, c.Created])).toEqual([]);
     expect(await readFile("/proc/self/mountinfo", "utf8")).not.toContain(t.stateDir);
     const trail = await readRecords(t.stateDir, {});
     for (const start of trail.filter((x) => x.type === "phase.start")) {
