@@ -187,6 +187,41 @@ describe("warm pool under attack", () => {
     await t.api.request("DELETE", `/v1/phases/${a.id}`);
   });
 
+  it("a ready slot runs its shim alone, and a pooled phase's commands cannot signal it", async () => {
+    await poolUntil(t, (p) => p.ready >= 2 && p.filling === 0);
+    const instance = (await readFile(path.join(t.stateDir, "instance"), "utf8")).trim();
+    const ready = await docker.listContainers({ filters: { label: [`sandboxd.instance=${instance}`, "sandboxd.pool=1"] } });
+    expect(ready.length).toBe(2);
+    for (const c of ready) {
+      // before its claim: no forker, no owner's process, nothing but the shim (under tini)
+      const top = await docker.getContainer(c.Id).top({ ps_args: "-o pid,user,args" });
+      expect(top.Processes.length, JSON.stringify(top.Processes)).toBe(2);
+      for (const p of top.Processes) expect(p.slice(1).join(" ")).toMatch(/^root (\/usr\/bin\/tini -g -- )?node \/opt\/sandboxd\/shim\.cjs$/);
+    }
+    const project = await makeProject();
+    cleanup.push(project);
+    const a = await startPhase(t, project, "signals");
+    expect(a.pooled).toBeTruthy();
+    const r = await py(t, a.id, project, [
+      "import os, signal, json",
+      "out = {}",
+      "try:",
+      "    os.kill(1, signal.SIGKILL)",
+      "    out['1'] = 'SENT'",
+      "except OSError as e:",
+      "    out['1'] = e.errno",
+      "print(json.dumps(out))",
+    ].join("\n"));
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)["1"]).toBe(1); // EPERM
+    // the shim lives on: the phase still runs commands, and its trail has both
+    const again = await py(t, a.id, project, "print('alive')");
+    expect(again.stdout.trim()).toBe("alive");
+    const results = (await readRecords(t.stateDir, { phase: a.id })).filter((x) => x.type === "exec.result");
+    expect(results.length).toBeGreaterThanOrEqual(2);
+    await t.api.request("DELETE", `/v1/phases/${a.id}`);
+  });
+
   it("a phase policy with other limits never claims a slot: it starts cold, with its own limits", async () => {
     const project = await makeProject();
     cleanup.push(project);
