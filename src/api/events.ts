@@ -31,6 +31,7 @@ const EVENT_TYPES: ReadonlySet<string> = new Set([
   "pool.fill",
   "pool.fill.failed",
   "pool.stopped",
+  "pool.discard",
   "pool.reaped",
 ]);
 

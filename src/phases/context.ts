@@ -126,6 +126,12 @@ export class PhaseContext {
   readonly runs = new RunTable();
   /** every exec call not yet answered (a planned restart waits for their records: detach.ts) */
   readonly inflight = new Set<Promise<unknown>>();
+  /**
+   * Starts past their `assertServing` gate: a shutdown that began meanwhile
+   * did not see their phase (not yet in `phases`), so it waits for them and
+   * ends what they made (lifecycle.ts shutdown).
+   */
+  readonly starts = new Set<Promise<unknown>>();
 
   track<T>(p: Promise<T>): Promise<T> {
     this.inflight.add(p);

@@ -41,9 +41,12 @@ export interface StartRequest {
 }
 
 export async function start(ctx: PhaseContext, req: StartRequest): Promise<PhaseView> {
+  const started = startPhase(ctx, req);
+  ctx.starts.add(started);
   try {
-    return await startPhase(ctx, req);
+    return await started;
   } finally {
+    ctx.starts.delete(started);
     // the pool makes up for what this start took (or could not find) once the start is over, not during it
     ctx.pool.refill();
   }
@@ -58,7 +61,7 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
   // a warm pool's container made with this phase's limits, when one is ready
   // (pool.ts): the phase takes its id, and only attaches its project to it;
   // from here on the slot is this start's, undone with it whatever happens
-  const slot = ctx.pool.take(poolKeyOf(ctx.opts.image, ctx.policyFor(phasePolicy), req.mode));
+  const slot = await ctx.pool.take(poolKeyOf(ctx.opts.image, ctx.policyFor(phasePolicy), req.mode));
   const undoSlot = async () => {
     if (slot) await destroySlot(ctx, slot.id, slot);
   };
@@ -169,6 +172,8 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
   let containerId: string | null = null;
   const stillStarting = () => {
     if (live.ending) throw new SandboxdError("SBX_ERR_PHASE_NOT_RUNNING", `phase ${id} was ended while it started`);
+    // a shutdown that began after this start's gate: it ends here, by the start's own cleanup
+    if (ctx.shuttingDown) throw new SandboxdError("SBX_ERR_SHUTTING_DOWN", `the daemon began shutting down while phase ${id} started`);
   };
   let layerMounted: Promise<void> | null = null;
   let packagesBound: Promise<void> | null = null;
@@ -564,4 +569,8 @@ export async function shutdown(ctx: PhaseContext): Promise<void> {
   // endPhase never rejects, and a phase already ending is waited for, not ended again;
   // the warm pool's unclaimed containers go with them
   await Promise.all([ctx.pool.close(), ...[...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down"))]);
+  // starts that were past their gate when the shutdown began (a pooled one may hold a slot the
+  // pool no longer lists): each fails at its next check, or ends with the rest below
+  await Promise.allSettled([...ctx.starts]);
+  await Promise.all([...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down")));
 }

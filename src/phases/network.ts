@@ -129,7 +129,9 @@ export async function adoptConfinement(ctx: PhaseContext, live: LivePhase, slot:
 /** The conntrack watch of a running phase ended on its own: say so in its trail. */
 export async function watchEnded(ctx: PhaseContext, live: LivePhase, why: string): Promise<void> {
   live.watch = null;
-  if (live.record.state !== "running") return;
+  // a phase still starting is recorded too: its confinement record (written before) said the
+  // watch records, and its commands run as soon as it is ready
+  if (live.record.state !== "running" && live.record.state !== "starting") return;
   ctx.opts.log.warn({ phase: live.record.id, why }, "conntrack watch ended; refused connections go unrecorded");
   await live.rec
     .record({ type: "net.confine", deadPort: DEAD_PORT, recorded: false, error: why }, [

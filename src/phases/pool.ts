@@ -162,6 +162,11 @@ export interface Slot {
   id: string;
   token: string;
   key: string;
+  /**
+   * The id the image's tag named just before the container was made (the
+   * container's is this or newer): a claim checks the tag still names it.
+   */
+  imageId: string | null;
   state: SlotState;
   filledAt: string;
   containerId: string | null;
@@ -285,18 +290,32 @@ export class WarmPool {
    * is the caller's from here: it ends with the phase (lifecycle.ts), never
    * comes back. The caller calls `refill` once its start is over.
    */
-  take(key: PoolKey): Slot | null {
+  async take(key: PoolKey): Promise<Slot | null> {
     if (this.state === "off" || this.state === "closed") return null;
     const k = keyString(key);
-    const slot = [...this.slots.values()].find((s) => s.state === "ready" && s.key === k && s.channel?.connected);
-    if (!slot) {
-      this.misses++;
-      return null;
+    // the tag names other content than a slot was made from (`sandboxd image build`, a pull):
+    // a cold start would run the new image, so a pooled one must too
+    let current: Promise<string | null> | null = null;
+    for (;;) {
+      const slot = [...this.slots.values()].find((s) => s.state === "ready" && s.key === k && s.channel?.connected);
+      if (!slot) {
+        this.misses++;
+        return null;
+      }
+      // taken before the engine is asked: no other start can claim it meanwhile
+      this.moveSlot(slot, "taken");
+      current ??= this.ctx.opts.runtime.imageId(key.image).catch(() => null);
+      const now = await current;
+      if (now !== null && now === slot.imageId) {
+        // no refill here: the caller asks for it once its phase is ready (or failed),
+        // so a fill (a container start, a disk made) never competes with the claim for the CPU
+        return slot;
+      }
+      const reason = `the image ${key.image} is ${now ?? "gone"} now, the slot was made from ${slot.imageId ?? "an unknown image"}`;
+      await this.record("pool.discard", { slot: slot.id, container: slot.containerId, reason });
+      // its container goes while the start goes on (cold, or with another slot)
+      void this.discard(slot, reason);
     }
-    this.moveSlot(slot, "taken");
-    // no refill here: the caller asks for it once its phase is ready (or failed),
-    // so a fill (a container start, a disk made) never competes with the claim for the CPU
-    return slot;
   }
 
   /** The start that took `slot` makes it its phase's: from here it is never the pool's again. */
@@ -329,6 +348,7 @@ export class WarmPool {
       id: ctx.opts.ids.phaseId(),
       token: ctx.opts.ids.token(),
       key: keyString(key),
+      imageId: null,
       state: "filling",
       filledAt: timestamp(ctx.opts.clock.now()),
       containerId: null,
@@ -376,6 +396,9 @@ export class WarmPool {
     const view = (await prepareSlotLayer(store.dir(slot.id), key.layerBytes)).view;
     const pkg = store.packagesMountPoint(slot.id);
     await makeSharedMountPoint(pkg);
+    // before the container: a rebuild in between makes the slot look older than it is (discarded at
+    // its claim for nothing), never newer
+    slot.imageId = await runtime.imageId(key.image);
     slot.channel = new ShimChannel(store.controlSocket(slot.id), slot.token, `pool slot ${slot.id}`, ctx.log, undefined, () => void this.lost(slot, "its shim disconnected"), { pooled: true });
     await slot.channel.listen();
     slot.containerId = await runtime.runPhaseContainer({
@@ -419,8 +442,14 @@ export class WarmPool {
       (what) => slot.target.lost(what),
     );
     slot.watch = watch;
-    // before the claim, a watch that ends takes the slot with it
-    slot.target.end = (why) => void this.lost(slot, `its conntrack watch ended: ${why}`);
+    // before the claim, a watch that ends takes a ready slot with it; a slot a start holds
+    // keeps going, and its phase records the confinement as degraded (adoptConfinement),
+    // as a cold phase whose watch ends does (network.ts watchEnded)
+    slot.target.end = (why) => {
+      if (slot.watch === watch) slot.watch = null;
+      slot.confineError = `its conntrack watch ended before the phase took it: ${why}`;
+      void this.lost(slot, `its conntrack watch ended: ${why}`);
+    };
     const rulesIn = confineNamespace(slot.pid, { deadPort: DEAD_PORT });
     rulesIn.catch(() => watch.stop());
     const [rules, ready] = await Promise.allSettled([rulesIn, watch.ready(WATCH_READY_MS)]);

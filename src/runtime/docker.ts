@@ -193,6 +193,15 @@ export class DockerRuntime implements ContainerRuntime {
     }
   }
 
+  async imageId(ref: string): Promise<string | null> {
+    try {
+      return (await this.docker.getImage(ref).inspect()).Id;
+    } catch (err) {
+      if (statusOf(err) === 404) return null;
+      throw dockerError(`inspecting image ${ref}`, err);
+    }
+  }
+
   async runPhaseContainer(spec: PhaseContainerSpec): Promise<string> {
     let container: Docker.Container;
     try {

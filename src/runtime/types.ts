@@ -74,6 +74,8 @@ export interface ContainerRuntime {
   /** throws SBX_ERR_DOCKER when the engine cannot be reached */
   ping(): Promise<void>;
   imageExists(ref: string): Promise<boolean>;
+  /** the id of the image `ref` names now (a rebuild moves the tag); null when there is none */
+  imageId(ref: string): Promise<string | null>;
   /** create and start; returns the container id */
   runPhaseContainer(spec: PhaseContainerSpec): Promise<string>;
   /** stop (SIGTERM, then SIGKILL after graceSec) and remove; a missing container is not an error */

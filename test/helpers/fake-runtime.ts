@@ -120,6 +120,9 @@ export class FakeRuntime implements ContainerRuntime {
   async imageExists(): Promise<boolean> {
     return true;
   }
+  async imageId(ref: string): Promise<string | null> {
+    return `sha256:fake-${ref}`;
+  }
 
   async runPhaseContainer(spec: PhaseContainerSpec): Promise<string> {
     this.calls.push(`run ${spec.name}`);
