@@ -61,10 +61,10 @@ export interface Settings {
   poolSize: number;
 }
 
-/** A small pool: each slot is an idle container (the shim's Node, ~40 MB) and a layer disk reserved. */
-// Off unless asked for: each slot reserves its layer's disk (2 GiB by default) and an
-// idle container, and a daemon stopped by SIGTERM while a slot was being made was once
-// seen to hang in the tests (not yet explained; docs/ARCHITECTURE.md "Warm pool").
+/**
+ * Off unless asked for: each slot is an idle container (the shim's Node,
+ * ~40 MB) and its layer's disk reserved (2 GiB by default; docs/ARCHITECTURE.md "Warm pool").
+ */
 export const DEFAULT_POOL_SIZE = 0;
 
 const settingsSchema = z

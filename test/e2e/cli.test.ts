@@ -289,6 +289,8 @@ describe("sandboxd CLI", () => {
       await expect(stat(sock)).rejects.toThrow();
       expect(out).toMatch(/"msg":"stopped"/);
     } finally {
+      // after a failed assertion the daemon (npm's child) may still run: stopped through its socket, not orphaned
+      if (child.exitCode === null) await cli(["stop"], { socket: sock }).catch(() => undefined);
       if (child.exitCode === null) child.kill("SIGKILL");
       for (const c of await containersOf(dir).catch(() => [])) await docker.getContainer(c.Id).remove({ force: true });
       await removeDir(dir);
