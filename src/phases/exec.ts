@@ -3,6 +3,7 @@
  * anything runs), an approval consumed or requested, the run through the
  * shim with output scrubbed and capped as it arrives, and the result record.
  */
+import { setTimeout as delay } from "node:timers/promises";
 import path from "node:path";
 import { mkdir } from "node:fs/promises";
 import { actionLine, escapeControl, quoteArgv, renderOutput, timestamp } from "../audit/format.js";
@@ -465,8 +466,7 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
     throw e;
   }
   const leave = await enterWorkspace(live, verdict, cmd, ts, pip !== null);
-  // the kernel's clock, as the package disk's ctimes; a little early, as the kernel's coarse clock may lag
-  const pipSinceNs = pip ? BigInt(Date.now() - 50) * 1_000_000n : null;
+  const pipSinceNs = pip ? await pipMark() : null;
   // The phase may have escalated (or been paused) while this command was judged, recorded or
   // checkpointed: nothing is sent to a shim that is frozen or about to be. No await from here
   // to the send below, so no escalation can come in between.
@@ -871,6 +871,25 @@ function mayHaveRun(e: unknown, cmd: string, verdictSeq: number): unknown {
  * command does not run); then the command holds the phase's gate, so no
  * checkpoint remounts the view under it. Returns the gate's release.
  */
+/**
+ * The time from which what changes on the package disk is pip's (packages.ts
+ * notePip), taken once every other command of the phase has ended (the gate
+ * is held alone). File ctimes come from the kernel's coarse clock, which may
+ * lag the real time by up to a tick (10 ms at HZ=100): a tick before the
+ * mark, so the last write of an earlier command reads as older than the
+ * mark, and a tick after it, so pip's first write reads as no older. (A mark
+ * taken early instead, to allow for the lag, counted a file the agent
+ * edited just before `pip` as installed by pip.)
+ */
+async function pipMark(): Promise<bigint> {
+  await delay(CLOCK_TICK_MS);
+  const mark = BigInt(Date.now()) * 1_000_000n;
+  await delay(CLOCK_TICK_MS);
+  return mark;
+}
+
+const CLOCK_TICK_MS = 12;
+
 async function enterWorkspace(live: LivePhase, verdict: Verdict, cmd: string, ts: () => string, alone = false): Promise<() => void> {
   const ws = live.workspace;
   if (!ws) return () => undefined;
