@@ -242,8 +242,12 @@ describe("resource watch in a real sandbox", () => {
     expect(ended.endReason).toMatch(/its container stopped \(exited, exit code \d+.*the OOM killer killed processes in it \(out of memory\)\)/);
     const rep = (await t.api.request<{ report: PhaseReport }>("GET", `/v1/phases/${phase.id}/report`)).report;
     expect(rep).toMatchObject({ outcome: "failed", tests: { passed: 1, tests: 1 } });
-    const types = (await events(phase.id)).map((x) => x.type);
-    expect(types.at(-1), JSON.stringify(await events(phase.id))).toBe("phase.failed");
+    // the state is saved just before the end is recorded: the events stream has it a moment later
+    const types = await until("phase.failed in the events", async () => {
+      const all = (await events(phase.id)).map((x) => x.type);
+      return all.includes("phase.failed") ? all : null;
+    }, 5_000);
+    expect(types.at(-1), JSON.stringify(types)).toBe("phase.failed");
     const build = await readFile(path.join(project, "build_audit.log"), "utf8");
     expect(build).toMatch(/\[PHASE_FAILED\] Phase mem\.3 \(ph_[0-9a-f]{12}\): its container stopped/);
   }, 90_000);
