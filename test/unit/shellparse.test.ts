@@ -220,7 +220,8 @@ describe("parsed argv equals what dash and bash execute", () => {
     const dump = path.join(dir, "argv-dump");
     writeFileSync(
       dump,
-      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\037%s' "$a"; done; printf '\\036'; } >> "$ARGV_OUT"\n`,
+      // one write per run (pipeline members run at once: several writes each would interleave)
+      `#!/bin/sh\nus=$(printf '\\037'); r="\${0##*/}"; for a in "$@"; do r="$r$us$a"; done; printf '%s\\036' "$r" >> "$ARGV_OUT"\n`,
     );
     chmodSync(dump, 0o755);
     for (const p of programs) symlinkSync(dump, path.join(dir, p));
@@ -274,7 +275,8 @@ describe("fuzz: accepted strings run as parsed", () => {
     const dump = path.join(dir, "p");
     writeFileSync(
       dump,
-      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\037%s' "$a"; done; printf '\\036'; } >> "$ARGV_OUT"\n`,
+      // one write per run (pipeline members run at once: several writes each would interleave)
+      `#!/bin/sh\nus=$(printf '\\037'); r="\${0##*/}"; for a in "$@"; do r="$r$us$a"; done; printf '%s\\036' "$r" >> "$ARGV_OUT"\n`,
     );
     chmodSync(dump, 0o755);
     symlinkSync(dump, path.join(dir, "q"));
