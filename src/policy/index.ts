@@ -56,6 +56,7 @@ export {
   compileWorkspace,
   couples,
   protects,
+  protectsName,
   type CompiledCoupling,
   type CompiledProtection,
   type CompiledWorkspace,

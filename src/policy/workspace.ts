@@ -137,10 +137,41 @@ export interface CompiledProtection {
   readonly spec: ProtectedPathRule;
   readonly paths: readonly RegExp[];
   readonly except: readonly RegExp[];
+  /**
+   * When every path and exception is `**` then `/NAME` (NAME one segment): one
+   * regex each over a file's name alone, which decides as `protects` would
+   * at any depth below the root. The phase-start walk for credential files
+   * tests 100k names with it instead of 8 path patterns each.
+   */
+  readonly names: NameTest | null;
+}
+
+export interface NameTest {
+  readonly paths: RegExp;
+  readonly except: RegExp | null;
 }
 
 export function compileProtection(spec: ProtectedPathRule): CompiledProtection {
-  return { spec, paths: spec.paths.map(compileGlob), except: (spec.except ?? []).map(compileGlob) };
+  return { spec, paths: spec.paths.map(compileGlob), except: (spec.except ?? []).map(compileGlob), names: nameOnly(spec) };
+}
+
+/** A glob `**` + `/NAME` → NAME, for a NAME of one segment without placeholders; else null. */
+function nameOf(glob: string): string | null {
+  const m = /^\*\*\/([^/{}]+)$/.exec(glob);
+  return m && !m[1]!.includes("**") ? m[1]! : null;
+}
+
+function nameOnly(spec: ProtectedPathRule): NameTest | null {
+  const paths = spec.paths.map(nameOf);
+  const except = (spec.except ?? []).map(nameOf);
+  if (paths.length === 0 || paths.some((n) => n === null) || except.some((n) => n === null)) return null;
+  const any = (names: (string | null)[]) => new RegExp(names.map((n) => compileGlob(n!).source).join("|"), FLAGS);
+  return { paths: any(paths), except: except.length > 0 ? any(except) : null };
+}
+
+/** What `protects` says of a file named `name` anywhere below the project's root, by a rule's `names`. */
+export function protectsName(names: NameTest, name: string): boolean {
+  return names.paths.test(name) && !(names.except?.test(name) ?? false);
 }
 
 export function protects(p: CompiledProtection, path: string): boolean {

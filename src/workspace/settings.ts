@@ -14,7 +14,7 @@
  */
 import { readdir } from "node:fs/promises";
 import path from "node:path";
-import { compileWorkspace, protects, type WorkspacePolicy } from "../policy/index.js";
+import { compileWorkspace, protects, protectsName, type WorkspacePolicy } from "../policy/index.js";
 
 export interface LayerPaths {
   /** not visible in the view at all (credential files) */
@@ -83,12 +83,12 @@ async function hiddenBelow(project: string, rules: ReturnType<typeof compileWork
     const entries = await readdir(path.join(project, rel), { withFileTypes: true }).catch(() => []);
     const below: string[] = [];
     for (const e of entries) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (rel && rules.some((rule) => protects(rule, r))) {
-        out.push(r);
+      // a name-only rule (every default one) tests the name; the path is made only when needed
+      if (rel && rules.some((rule) => (rule.names ? protectsName(rule.names, e.name) : protects(rule, `${rel}/${e.name}`)))) {
+        out.push(`${rel}/${e.name}`);
         continue;
       }
-      if (e.isDirectory() && !SKIP_DIRS.has(e.name)) below.push(r);
+      if (e.isDirectory() && !SKIP_DIRS.has(e.name)) below.push(rel ? `${rel}/${e.name}` : e.name);
     }
     await Promise.all(below.map(walk));
   };

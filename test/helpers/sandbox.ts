@@ -4,7 +4,7 @@
  * and finds neither fails with a message saying how to set them up.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
-import { chown, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { chown, mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -28,6 +28,33 @@ export const TEST_IMAGE = process.env.SANDBOXD_IMAGE || DEFAULT_IMAGE;
  * set their own size.
  */
 export const TEST_POOL_SIZE = process.env.SANDBOXD_POOL_SIZE ?? "0";
+/**
+ * The policy the tests' daemons run when a test names none: policies/default.yaml
+ * with smaller disk budgets. The default reserves (fallocate) 2 GiB per phase
+ * for its layer and 1 GiB per project for its packages; a suite file that keeps
+ * ten phases running reserved 30 GiB, and the suite ran the machine's disk full.
+ * A test about the default's own sizes passes DEFAULT_POLICY.
+ */
+export const DEFAULT_POLICY = fileURLToPath(new URL("../../policies/default.yaml", import.meta.url));
+let smallDiskPolicy: Promise<string> | undefined;
+export function testPolicy(): Promise<string> {
+  smallDiskPolicy ??= (async () => {
+    const base = await readFile(DEFAULT_POLICY, "utf8");
+    const text = base.replace(/^( {4}layerBytes:) 2GiB/m, "$1 384MiB").replace(/^( {4}packagesBytes:) 1GiB/m, "$1 256MiB");
+    if (text === base || !text.includes("layerBytes: 384MiB") || !text.includes("packagesBytes: 256MiB")) {
+      throw new Error("test helpers: policies/default.yaml's disk budgets moved; update testPolicy()");
+    }
+    const dir = fileURLToPath(new URL("../../.state", import.meta.url));
+    await mkdir(dir, { recursive: true });
+    const file = path.join(dir, "test-policy-small-disk.yaml");
+    // written whole, then renamed: other workers may read it meanwhile
+    const tmp = `${file}.${process.pid}`;
+    await writeFile(tmp, text);
+    await rename(tmp, file);
+    return file;
+  })();
+  return smallDiskPolicy;
+}
 /** What the tests pass as the daemon's environment: the image choice and the pool's size. */
 export const TEST_ENV: NodeJS.ProcessEnv = {
   ...(process.env.SANDBOXD_IMAGE ? { SANDBOXD_IMAGE: process.env.SANDBOXD_IMAGE } : {}),
@@ -96,8 +123,7 @@ async function chownTree(dir: string): Promise<void> {
  * network list is the file's last section, so the entry is appended to it.
  */
 export async function policyWithRawServices(): Promise<string> {
-  const { readFile } = await import("node:fs/promises");
-  const base = await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8");
+  const base = await readFile(DEFAULT_POLICY, "utf8");
   const dir = await tempDir("policy");
   const file = path.join(dir, "with-raw-services.yaml");
   await writeFile(
@@ -138,7 +164,7 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
   // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy }, { SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...TEST_ENV, ...opts.env });
+  const settings = resolveSettings({ socket, stateDir, policy: opts.policy ?? (await testPolicy()) }, { SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...TEST_ENV, ...opts.env });
   // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
   const lines = opts.logLines;
   const daemon = await startDaemon(
@@ -199,7 +225,7 @@ export async function spawnDaemon(
   socket: string,
   opts: { policy?: string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<{ child: ChildProcess; output: () => string }> {
-  const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, ...(opts.policy ? ["--policy", opts.policy] : [])], {
+  const child = spawn(process.execPath, [CLI, "--socket", socket, "start", "--state-dir", stateDir, "--policy", opts.policy ?? (await testPolicy())], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, SANDBOXD_LOG_LEVEL: "info", SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), SANDBOXD_POOL_SIZE: TEST_POOL_SIZE, ...opts.env },
   });
@@ -233,7 +259,6 @@ export function waitExit(child: ChildProcess, timeoutMs = 60_000): Promise<numbe
 
 /** Containers labelled with this daemon instance. */
 export async function containersOf(stateDir: string): Promise<Docker.ContainerInfo[]> {
-  const { readFile } = await import("node:fs/promises");
   const instance = (await readFile(path.join(stateDir, "instance"), "utf8")).trim();
   return docker.listContainers({ all: true, filters: { label: [`sandboxd.instance=${instance}`] } });
 }

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import type { CheckpointResult } from "../../src/workspace/index.js";
-import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { DEFAULT_POLICY, OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const run = promisify(execFile);
 let t: TestDaemon;
@@ -59,7 +59,8 @@ async function iterationRecord(n: number): Promise<{ rec: IterationRec; bytes: n
 
 beforeAll(async () => {
   await requireEngineAndImage();
-  t = await startTestDaemon();
+  // the default's 2 GiB layer: one test here puts a 1.5 GiB file in it
+  t = await startTestDaemon({ policy: DEFAULT_POLICY });
   project = await makeProject();
   await mkdir(path.join(project, ".git"), { recursive: true });
   await writeFile(path.join(project, ".git", "config"), "[core]\n\trepositoryformatversion = 0\n");

@@ -8,7 +8,7 @@ import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { SandboxdError } from "../../src/errors.js";
 import { DEFAULT_POLICY_FILE, combine, loadPolicy, parsePolicy, type Policy } from "../../src/policy/index.js";
-import { compileCoupling, compileGlob, compileWorkspace, couples, protects } from "../../src/policy/workspace.js";
+import { compileCoupling, compileGlob, compileProtection, compileWorkspace, couples, protects, protectsName } from "../../src/policy/workspace.js";
 
 const ROOT = path.resolve(import.meta.dirname, "../..");
 const DEFAULT_TEXT = readFileSync(DEFAULT_POLICY_FILE, "utf8");
@@ -154,6 +154,26 @@ describe("default.yaml workspace section", () => {
     expect(ruleOf("shared/models.py")).toEqual(["workspace.protected.shared"]);
     expect(ruleOf("main.py")).toEqual(["workspace.protected.main-py"]);
     expect(ruleOf("services/risk_manager.py")).toEqual([]);
+  });
+
+  it("a rule of name globs only is decided by the name alone, as its path patterns decide at any depth", () => {
+    const ws = compileWorkspace(policy.workspace);
+    const credentials = ws.protections.find((r) => r.spec.id === "workspace.protected.credentials")!;
+    expect(credentials.names).not.toBeNull();
+    // rules with a folder in a pattern, or no ** before the name, are tested by path
+    expect(ws.protections.find((r) => r.spec.id === "workspace.protected.shared")!.names).toBeNull();
+    expect(ws.protections.find((r) => r.spec.id === "workspace.protected.main-py")!.names).toBeNull();
+    const names = [".env", ".env.production", ".env.example", ".env.sample", "env.py", "server.key", "keys.py", "a.pem", ".pem", "id_rsa", "id_rsa.pub",
+      "id_ed25519", "x.pemx", ".pgpass", ".netrc", ".netrcx", "README.md", "line\nbreak.key", ".ENV", "key"];
+    for (const name of names) {
+      for (const dir of ["a", "a/b/c", "deep/er/than/that/x"]) {
+        expect(protectsName(credentials.names!, name), `${dir}/${name}`).toBe(protects(credentials, `${dir}/${name}`));
+      }
+    }
+    expect(names.filter((n) => protectsName(credentials.names!, n))).toEqual([".env", ".env.production", "server.key", "a.pem", ".pem", "id_rsa", "id_rsa.pub", "id_ed25519", ".pgpass", ".netrc", "line\nbreak.key"]);
+    // an exception with a folder in it makes the whole rule a path rule
+    expect(compileProtection({ ...credentials.spec, except: ["config/.env.example"] }).names).toBeNull();
+    expect(compileProtection({ ...credentials.spec, paths: ["**/.env", "deploy/*.pem"] }).names).toBeNull();
   });
 });
 
