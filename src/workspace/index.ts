@@ -11,4 +11,4 @@ export { PhaseWorkspace, type CheckpointResult, type IterationFileBinding, type 
 export { ExecGate } from "./gate.js";
 export { judgeChangeSet, type Judgement, type RuleFailure } from "./rules.js";
 export { diffChangeSet } from "./diff.js";
-export { hiddenBelowRoot, isValidationCommand, protectedRootEntries } from "./settings.js";
+export { clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan, isValidationCommand, protectedRootEntries } from "./settings.js";

@@ -1,0 +1,88 @@
+/**
+ * The credential walk's cache (src/workspace/settings.ts): a folder whose
+ * (dev, ino, mtime, ctime) are unchanged is not read again, and a credential
+ * file the operator adds between two phase starts is never missed.
+ */
+import { mkdirSync, mkdtempSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { loadPolicy } from "../../src/policy/index.js";
+import { clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan } from "../../src/workspace/index.js";
+
+// a folder changed within 2 s of its read is read again next time (the kernel's coarse clock): the tests wait that out
+const settle = () => new Promise((r) => setTimeout(r, 2100));
+
+describe("the credential walk's cache", () => {
+  let root: string;
+  let project: string;
+  beforeEach(() => {
+    clearCredentialScanCache();
+    root = mkdtempSync(path.join(os.tmpdir(), "sbx-credscan-"));
+    project = path.join(root, "project");
+    for (const d of ["config", "src/app/models", "src/app/views", "deploy", "tests"]) mkdirSync(path.join(project, d), { recursive: true });
+    writeFileSync(path.join(project, "config", "app.yaml"), "x: 1\n");
+    writeFileSync(path.join(project, "deploy", "server.key"), "KEY\n");
+    writeFileSync(path.join(project, "src/app/models", "m.py"), "M = 1\n");
+  });
+  afterEach(() => rmSync(root, { recursive: true, force: true }));
+
+  const walk = async () => hiddenBelowRoot(project, (await loadPolicy()).workspace);
+
+  it("reads no unchanged folder twice, and finds what it found", async () => {
+    const folders = 8; // the root and its 7 folders
+    await settle();
+    expect(await walk()).toEqual(["deploy/server.key"]);
+    expect(lastCredentialScan()).toEqual({ read: folders, reused: 0 });
+    expect(await walk()).toEqual(["deploy/server.key"]);
+    expect(lastCredentialScan()).toEqual({ read: 0, reused: folders });
+  }, 10_000);
+
+  it("a config/.env added between two phase starts is hidden in the second, and only its folder is read again", async () => {
+    await settle();
+    expect(await walk()).toEqual(["deploy/server.key"]);
+    await settle();
+    expect(await walk()).toEqual(["deploy/server.key"]);
+    writeFileSync(path.join(project, "config", ".env"), "DATABASE_URL=postgres://prod\n");
+    expect(await walk()).toEqual(["config/.env", "deploy/server.key"]);
+    expect(lastCredentialScan().read).toBe(1);
+  }, 10_000);
+
+  it("a folder's mtime set back after a credential file was added does not hide it (ctime moves)", async () => {
+    const views = path.join(project, "src/app/views");
+    const old = 1_600_000_000; // whole seconds: set back exactly
+    utimesSync(views, old, old);
+    await settle();
+    await walk();
+    writeFileSync(path.join(views, ".env"), "A=1\n");
+    utimesSync(views, old, old);
+    expect(statSync(views).mtimeMs).toBe(old * 1000);
+    await settle(); // not racy any more: only the ctime can tell
+    expect(await walk()).toContain("src/app/views/.env");
+  }, 10_000);
+
+  it("a folder renamed or replaced by another with a credential file is read anew", async () => {
+    await settle();
+    await walk();
+    // another folder put in place of src/app/models, holding a key
+    const other = path.join(project, "elsewhere");
+    mkdirSync(other);
+    writeFileSync(path.join(other, "id_rsa"), "KEY\n");
+    rmSync(path.join(project, "src/app/models"), { recursive: true });
+    renameSync(other, path.join(project, "src/app/models"));
+    // and deploy/ moved under tests/
+    renameSync(path.join(project, "deploy"), path.join(project, "tests", "deploy"));
+    await settle();
+    const found = await walk();
+    expect(found).toContain("tests/deploy/server.key");
+    expect(found).not.toContain("deploy/server.key");
+    expect(found).toEqual(expect.arrayContaining([expect.stringMatching(/^src\/app\/models\//)]));
+  }, 15_000);
+
+  it("a folder changed within the kernel's clock tick of its read is read again, not trusted", async () => {
+    await walk(); // no settle: every folder is recent
+    writeFileSync(path.join(project, "config", ".env"), "A=1\n");
+    expect(await walk()).toContain("config/.env");
+    expect(lastCredentialScan().reused).toBe(0);
+  });
+});
