@@ -108,8 +108,14 @@ export function closeIdleConnections(server: import("node:http").Server, idleMs:
       if (!req.complete) sock.destroy();
     }, idleMs);
     receiving.unref();
-    sock.once("close", () => clearTimeout(receiving));
-    req.once("end", () => clearTimeout(receiving));
+    // one connection carries many requests (keep-alive): the close listener goes with its request,
+    // or each request would leave one (and its request) on the socket until it closes
+    const stop = () => clearTimeout(receiving);
+    sock.once("close", stop);
+    req.once("end", () => {
+      stop();
+      sock.removeListener("close", stop);
+    });
   });
   // a request whose headers never complete is cut by Node itself
   server.headersTimeout = idleMs;

@@ -7,7 +7,7 @@
  */
 import http from "node:http";
 import type { AddressInfo } from "node:net";
-import { writeFile } from "node:fs/promises";
+import { rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -253,7 +253,13 @@ describe("the console's page", () => {
 
     await page.locator(`tr[data-phase="${phase.id}"] button.watch`).click();
     await page.locator('#audit li[data-type="approval.request"]').last().waitFor();
-    await page.screenshot({ path: SCREENSHOT ?? path.join(await tempDir("shot"), "console.png"), fullPage: true });
+    // kept where SANDBOXD_CONSOLE_SCREENSHOT says; else taken (the page renders whole) and thrown away
+    const shotDir = SCREENSHOT ? null : await tempDir("shot");
+    try {
+      await page.screenshot({ path: SCREENSHOT ?? path.join(shotDir!, "console.png"), fullPage: true });
+    } finally {
+      if (shotDir) await rm(shotDir, { recursive: true, force: true });
+    }
 
     await card.locator("input.note").fill("fine, read-only");
     await card.locator("button.approve").click();

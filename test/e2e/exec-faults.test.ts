@@ -326,6 +326,30 @@ describe("idle connections", () => {
     res.destroy();
   }, 60_000);
 
+  it("many requests over one kept-alive connection leave no listener behind on it (a harness that keeps its connection)", async () => {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const sockets = new Set<unknown>();
+    try {
+      for (let i = 0; i < 40; i++) {
+        const status = await new Promise<number>((resolve, reject) => {
+          const req = http.request({ socketPath: socket, method: "GET", path: "/v1/health", agent }, (res) => {
+            res.resume();
+            res.on("end", () => resolve(res.statusCode ?? 0));
+          });
+          req.on("socket", (s) => sockets.add(s));
+          req.on("error", reject);
+          req.end();
+        });
+        expect(status).toBe(200);
+      }
+    } finally {
+      agent.destroy();
+    }
+    expect(sockets.size).toBe(1);
+    // each request used to add a close listener to the connection, kept until it closed
+    expect(daemon.output()).not.toMatch(/MaxListenersExceededWarning/);
+  });
+
   it("a request whose body trickles in is cut; the daemon records no exec for it and answers the next client", async () => {
     const net = await import("node:net");
     const p = await startPhase();

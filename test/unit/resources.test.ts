@@ -5,7 +5,7 @@
  * escalation report, the policy keys and the counters' round trip to disk.
  */
 import path from "node:path";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, onTestFinished } from "vitest";
 import { memoryCgroupDir, statValue } from "../../src/runtime/cgroup.js";
 import { MemoryWindow } from "../../src/phases/resources.js";
 import { categorize } from "../../src/phases/categorize.js";
@@ -13,7 +13,7 @@ import { FailFastState, escalationReport, failFastSnapshotSchema } from "../../s
 import { loadPolicy } from "../../src/policy/index.js";
 import { writeFileSync } from "node:fs";
 import { ROOT, tempDir } from "../helpers/sandbox.js";
-import { readFile } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 
 const MiB = 1024 * 1024;
 
@@ -139,6 +139,7 @@ describe("policy: the resource watch's keys", () => {
     const p = await loadPolicy(path.join(ROOT, "policies", "default.yaml"));
     expect(p.limits.test).toMatchObject({ memoryBytes: 2048 * MiB, memoryEscalateBytes: 1024 * MiB, memorySustainMs: 30_000, cpus: 1 });
     const dir = await tempDir("respolicy");
+    onTestFinished(() => rm(dir, { recursive: true, force: true }));
     const file = path.join(dir, "p.yaml");
     writeFileSync(file, (await readFile(path.join(ROOT, "policies", "default.yaml"), "utf8")).replace("memoryEscalateBytes: 1GiB", "memoryEscalateBytes: 3GiB"));
     await expect(loadPolicy(file)).rejects.toThrow(/limits\.default\.memoryEscalateBytes: memoryEscalateBytes \(3221225472\) must not exceed memoryBytes/);
