@@ -25,7 +25,9 @@
  * across rounds as across a project's phase starts (src/workspace/
  * settings.ts): after the first (uncounted) round it reads only the folders
  * that changed; BENCH_WS_COLD=1 clears the cache before every round (a
- * daemon's first phase on a project). BENCH_WS_ROUNDS (default 8), BENCH_WS_FILES (default 100000).
+ * daemon's first phase on a project). The layer's disk is the daemon's
+ * spare (src/workspace/spare.ts), made again after each round, untimed, as
+ * the daemon makes it after a start; BENCH_WS_SPARE=0 makes it in mount(). BENCH_WS_ROUNDS (default 8), BENCH_WS_FILES (default 100000).
  * Needs root, docker and the sandbox image (SANDBOXD_IMAGE). Ends its stdout
  * with a JSON document.
  */
@@ -37,7 +39,7 @@ import path from "node:path";
 import { performance } from "node:perf_hooks";
 import { promisify } from "node:util";
 import { summarize, roundStats, round } from "./lib.mjs";
-import { WorkspaceLayer, clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan, protectedRootEntries } from "../dist/workspace/index.js";
+import { SpareLayer, WorkspaceLayer, clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan, protectedRootEntries } from "../dist/workspace/index.js";
 import { loadPolicy } from "../dist/policy/index.js";
 
 const run = promisify(execFile);
@@ -50,6 +52,7 @@ const root = mkdtempSync(path.join(os.tmpdir(), "sbx-bench-wsstart-"));
 const project = path.join(root, "project");
 const containers = new Set();
 const layers = new Set();
+let spare = null;
 
 function generate() {
   const dirs = Math.ceil(FILES / 20);
@@ -98,6 +101,7 @@ async function removeContainer(name) {
 async function cleanup() {
   for (const c of [...containers]) await removeContainer(c);
   for (const l of layers) await l.destroy(null).catch((e) => console.error("bench: layer destroy:", e.message));
+  await spare?.close().catch((e) => console.error("bench: spare close:", e.message));
   rmSync(root, { recursive: true, force: true });
 }
 process.on("SIGINT", () => cleanup().then(() => process.exit(130)));
@@ -108,6 +112,11 @@ async function main() {
   // a folder changed within 2 s of a walk is read again by the next (the kernel's coarse clock): a project just written is not the usual case
   await new Promise((r) => setTimeout(r, 2500));
   const ws = (await loadPolicy()).workspace;
+  // the daemon's spare layer disk (src/workspace/spare.ts), made again after each start as the daemon does (untimed)
+  spare = new SpareLayer({ dir: path.join(root, "spare-layer"), enabled: process.env.BENCH_WS_SPARE !== "0", budgetBytes: () => ws.disk.layerBytes, warn: (m, e) => console.error(`bench: ${m}: ${e.message}`) });
+  spare.refill();
+  await spare.settled();
+  let spareTaken = 0;
   const without = [];
   const withLayer = [];
   const walk = [];
@@ -138,7 +147,12 @@ async function main() {
         };
         let tWalk = NaN;
         let scan = null;
-        const layer = new WorkspaceLayer({ phaseDir: path.join(root, `phase${r + 1}`), project, hidden, findHidden, readOnly, budgetBytes: ws.disk.layerBytes });
+        const takeSpare = (b) => {
+          const got = spare.take(b);
+          if (got && r >= 0) spareTaken++;
+          return got;
+        };
+        const layer = new WorkspaceLayer({ phaseDir: path.join(root, `phase${r + 1}`), project, hidden, findHidden, readOnly, budgetBytes: ws.disk.layerBytes, takeSpare });
         layers.add(layer);
         await layer.prepare();
         const mounted = layer.mount();
@@ -155,6 +169,8 @@ async function main() {
         await removeContainer(c);
         await layer.destroy(null);
         layers.delete(layer);
+        spare.refill();
+        await spare.settled();
       }
     }
     if (r >= 0) console.error(`round ${r}: without ${Math.round(without[r])} ms, with ${Math.round(withLayer[r])} ms (walk ${Math.round(walk[r])} ms, folders read ${scans[r]?.read}, from the cache ${scans[r]?.reused})`);
@@ -170,6 +186,8 @@ async function main() {
     withLayerMs: s(withLayer),
     /** the walk for credential files below the root, inside mount(), while the container starts */
     credentialWalkMs: s(walk),
+    /** rounds whose layer disk was the spare one (made ahead, as the daemon keeps it) */
+    spareTaken,
     ratioP50: round(summarize(withLayer).p50 / summarize(without).p50, 3),
     pairedRatio: withLayer.map((x, i) => round(x / without[i], 2)),
     /** per round: folders the walk read, and those it took from the daemon's cache (unchanged since the last phase start) */

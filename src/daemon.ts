@@ -194,6 +194,7 @@ export async function startDaemon(
     buildLogLocation: settings.buildLog,
     logSecrets,
     poolSize: settings.poolSize,
+    spareLayer: settings.spareLayer,
   });
   const report = await manager.reconcile();
   for (const id of report.readopted) log.info({ phase: id }, "re-adopted running phase");

@@ -59,6 +59,11 @@ export interface Settings {
    * limits (src/phases/pool.ts); 0 turns the pool off (every phase starts cold)
    */
   poolSize: number;
+  /**
+   * SANDBOXD_SPARE_LAYER: "0" keeps no spare layer disk (src/workspace/spare.ts):
+   * every cold start makes its own, and the state dir reserves one budget less
+   */
+  spareLayer: boolean;
 }
 
 /**
@@ -84,6 +89,7 @@ const settingsSchema = z
     auditWitness: z.string().min(1),
     benchNoFailFast: z.boolean(),
     poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
+    spareLayer: z.boolean(),
   })
   .strict()
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
@@ -123,6 +129,7 @@ export function resolveSettings(
     auditWitness: "",
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
     poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
+    spareLayer: env.SANDBOXD_SPARE_LAYER !== "0",
   };
   raw.auditKey = path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env)));
   raw.auditWitness = witnessFile(raw.auditKey, raw.stateDir, env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);

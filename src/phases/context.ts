@@ -31,6 +31,7 @@ import { RunTable } from "./runs.js";
 import type { ShimChannel } from "./shim-channel.js";
 import { PhaseStore } from "./store.js";
 import { WarmPool } from "./pool.js";
+import { SpareLayer } from "../workspace/spare.js";
 import type { PhaseRecord, PhaseView } from "./types.js";
 import type { PhaseWorkspace } from "../workspace/index.js";
 import { ProjectPackages } from "../workspace/packages.js";
@@ -66,6 +67,11 @@ export interface ManagerOptions {
    * 0 or absent: every phase starts cold
    */
   poolSize?: number;
+  /**
+   * false: no spare layer disk is kept (src/workspace/spare.ts), every cold
+   * start makes its own; default true
+   */
+  spareLayer?: boolean;
   /**
    * false only for the benchmark's side-by-side run (SANDBOXD_BENCH_NO_FAILFAST=1): no
    * category, count or pytest report for commands, no resource watch. Default true.
@@ -147,6 +153,8 @@ export class PhaseContext {
   readonly packages: ProjectPackages;
   /** containers made ahead of the phases that will claim them (./pool.ts) */
   readonly pool: WarmPool;
+  /** one phase's layer disk made ahead, for the next cold start (src/workspace/spare.ts) */
+  readonly spare: SpareLayer;
   shuttingDown = false;
 
   constructor(readonly opts: ManagerOptions) {
@@ -160,6 +168,12 @@ export class PhaseContext {
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
     this.packages = new ProjectPackages(opts.stateDir);
     this.pool = new WarmPool(this, opts.poolSize ?? 0);
+    this.spare = new SpareLayer({
+      dir: path.join(opts.stateDir, "spare-layer"),
+      enabled: opts.spareLayer !== false,
+      budgetBytes: () => opts.policy().workspace.disk.layerBytes,
+      warn: (msg, err) => opts.log.warn({ err: err.message }, msg),
+    });
   }
 
   get log(): Logger {

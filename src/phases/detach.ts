@@ -46,6 +46,8 @@ export async function detachAll(ctx: PhaseContext, drainMs: number): Promise<str
   ctx.shuttingDown = true;
   // the warm pool's unclaimed containers are not left for the next daemon (its reconcile would remove them)
   await ctx.pool.close();
+  // and the spare layer disk: a phase of the next daemon never gets one this daemon made
+  await ctx.spare.close();
   const ids = [...ctx.phases.keys()];
 
   // 2-3: commands end by themselves, or are cancelled after the drain

@@ -49,6 +49,8 @@ export async function start(ctx: PhaseContext, req: StartRequest): Promise<Phase
     ctx.starts.delete(started);
     // the pool makes up for what this start took (or could not find) once the start is over, not during it
     ctx.pool.refill();
+    // and the spare layer disk (src/workspace/spare.ts) is made again if this start took it
+    ctx.spare.refill();
   }
 }
 
@@ -568,7 +570,7 @@ export async function shutdown(ctx: PhaseContext): Promise<void> {
   ctx.shuttingDown = true;
   // endPhase never rejects, and a phase already ending is waited for, not ended again;
   // the warm pool's unclaimed containers go with them
-  await Promise.all([ctx.pool.close(), ...[...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down"))]);
+  await Promise.all([ctx.pool.close(), ctx.spare.close(), ...[...ctx.phases.values()].map((live) => endPhase(ctx, live, "stopped", "daemon shut down"))]);
   // starts that were past their gate when the shutdown began (a pooled one may hold a slot the
   // pool no longer lists): each fails at its next check, or ends with the rest below
   await Promise.allSettled([...ctx.starts]);

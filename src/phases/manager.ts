@@ -104,9 +104,11 @@ export class PhaseManager {
     return reconcile(this.ctx);
   }
 
-  /** After the reconcile: the warm pool begins to fill (nothing when its size is 0). */
+  /** After the reconcile: the warm pool begins to fill (nothing when its size is 0), and the spare layer disk is made. */
   startPool(): void {
     this.ctx.pool.refill();
+    // the spare layer disk: a previous daemon's removed, one made for the next cold start
+    this.ctx.spare.refill();
   }
 
   /** The warm pool's state, size and hit rate (`sandboxd ps`). */

@@ -42,6 +42,8 @@ export async function makeWorkspace(ctx: PhaseContext, live: LivePhase): Promise
     findHidden: () => hiddenBelowRoot(record.project, ws),
     readOnly,
     budgetBytes: ws.disk.layerBytes,
+    // a cold start takes the spare layer disk if its budget matches (a pooled claim never calls prepare)
+    takeSpare: (budget) => ctx.spare.take(budget),
   });
   const now = () => timestamp(ctx.opts.clock.now());
   // live file events are recorded in the order the watcher delivered them, one batch after the other

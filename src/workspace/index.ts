@@ -12,3 +12,4 @@ export { ExecGate } from "./gate.js";
 export { judgeChangeSet, type Judgement, type RuleFailure } from "./rules.js";
 export { diffChangeSet } from "./diff.js";
 export { clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan, isValidationCommand, protectedRootEntries } from "./settings.js";
+export { SpareLayer, type SpareState } from "./spare.js";

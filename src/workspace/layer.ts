@@ -44,7 +44,7 @@
  */
 import { execFile } from "node:child_process";
 import { constants as fsc } from "node:fs";
-import { chmod, chown, lstat, mkdir, open, readFile, readdir, realpath, rm, stat } from "node:fs/promises";
+import { chmod, chown, lstat, mkdir, open, readFile, readdir, realpath, rename, rm, rmdir, stat } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { SandboxdError } from "../errors.js";
@@ -71,6 +71,12 @@ export interface LayerSpec {
   readOnly: readonly string[];
   /** size of the layer's file system: the phase's disk budget for project writes */
   budgetBytes: number;
+  /**
+   * A spare layer (src/workspace/spare.ts) of `budgetBytes`, if one is ready:
+   * its `ws/` folder, the caller's from then on. `prepare` renames it into
+   * the phase's folder, so `mount` has no disk to make.
+   */
+  takeSpare?: (budgetBytes: number) => string | null;
   /**
    * false: every mount step and xattr read starts its own process (`sh`,
    * mount(8), getfattr), as before the host helper — kept for a host without
@@ -275,7 +281,33 @@ export class WorkspaceLayer {
    */
   prepare(): Promise<void> {
     // tracked like every mount: a destroy that comes while it runs waits for it
-    return this.track(this.makeMountPoints());
+    return this.track(this.takeSpareOrMakeMountPoints());
+  }
+
+  /** the disk is mounted at layer/ already (a spare taken): `mount` makes no disk */
+  private diskReady = false;
+
+  /** The spare layer, when one of the phase's budget is ready, renamed into place; else the mount points made here. */
+  private async takeSpareOrMakeMountPoints(): Promise<void> {
+    if (this.destroyed) throw endedWhileMounting();
+    this.checkProject();
+    const spare = this.spec.takeSpare?.(this.spec.budgetBytes) ?? null;
+    if (spare) {
+      try {
+        await mkdir(this.spec.phaseDir, { recursive: true });
+        // the mounts in the folder move with it: view/ (shared), stage/ (private), layer/ (the disk) are this phase's
+        await rename(spare, this.paths.root);
+        // eslint-disable-next-line no-restricted-syntax -- the folder that held it is empty now; the spare's sweep removes it if this fails
+        await rmdir(path.dirname(spare)).catch(() => undefined);
+        this.diskReady = true;
+        return;
+      } catch {
+        // (a ws/ already here: not a fresh phase) the spare is removed; the phase makes its own
+        // eslint-disable-next-line no-restricted-syntax -- a spare that cannot be removed is swept at the next daemon start
+        await destroySlotMounts(path.dirname(spare), []).catch(() => undefined);
+      }
+    }
+    await this.makeMountPoints();
   }
 
   private async makeMountPoints(): Promise<void> {
@@ -339,7 +371,7 @@ export class WorkspaceLayer {
     // the walk for credential files (findHidden) runs while the disk is made; freshUpper awaits it
     // eslint-disable-next-line no-restricted-syntax -- only keeps a failure from being unhandled while the disk is made: freshUpper awaits the same promise and gets its error
     this.hidden().catch(() => undefined);
-    await sh(diskScript(p, this.spec.budgetBytes).join("\n"), "creating the layer's disk").catch(unsupportedDisk);
+    if (!this.diskReady) await sh(diskScript(p, this.spec.budgetBytes).join("\n"), "creating the layer's disk").catch(unsupportedDisk);
     this.upperDev = (await stat(p.layerMnt)).dev;
     await this.freshUpper();
     await this.stageView();
@@ -401,7 +433,8 @@ export class WorkspaceLayer {
 
   /** After a daemon restart: the mounts outlive the daemon; put back what is missing. */
   async reattach(): Promise<void> {
-    await this.prepare();
+    // its own mount points, never a spare: the phase's ws/ is there already
+    await this.track(this.makeMountPoints());
     const info = await readFile("/proc/self/mountinfo", "utf8");
     const layerMounted = mountsAt(info, this.paths.layerMnt).length > 0;
     if (!layerMounted) {

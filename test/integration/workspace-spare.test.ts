@@ -1,0 +1,173 @@
+/**
+ * The spare layer disk (src/workspace/spare.ts), with real mounts and a real
+ * daemon: a cold phase start takes the disk made ahead (the same loop device
+ * ends up at its layer/), the daemon makes another after the start, the
+ * stop leaves nothing mounted; a process killed with -9 holding a spare
+ * leaves mounts that the next one's sweep removes; a spare of another budget
+ * is not taken.
+ */
+import { spawn } from "node:child_process";
+import { chown, mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mountsAt } from "../../src/workspace/layer.js";
+import { SpareLayer, WorkspaceLayer } from "../../src/workspace/index.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+
+const MiB = 1024 * 1024;
+
+/** Mount points at or below `dir` in this process's mount table. */
+async function mountsBelow(dir: string): Promise<string[]> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return info
+    .split("\n")
+    .map((l) => (l.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((mp) => mp === dir || mp.startsWith(dir + "/"));
+}
+
+/** The block device (major:minor) mounted at `at`, or null. */
+async function deviceAt(at: string): Promise<string | null> {
+  return mountsAt(await readFile("/proc/self/mountinfo", "utf8"), at).at(-1)?.dev ?? null;
+}
+
+async function until<T>(what: string, get: () => Promise<T | null | undefined | false>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await get();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const warn = (m: string, e: Error) => {
+  throw new Error(`${m}: ${e.message}`);
+};
+
+describe("the spare layer disk, alone", () => {
+  let root: string;
+  beforeAll(async () => {
+    root = await mkdtemp(path.join(os.tmpdir(), "sbx-spare-"));
+  });
+  afterAll(async () => {
+    for (const mp of (await mountsBelow(root)).reverse()) await new Promise((r) => spawn("umount", ["-l", mp]).on("exit", r));
+    await rm(root, { recursive: true, force: true });
+  });
+
+  it("a layer of its budget takes it with its mounts; it is made again in a new folder; one of another budget is not taken; close removes it", async () => {
+    const dir = path.join(root, "spare-layer");
+    const spare = new SpareLayer({ dir, enabled: true, budgetBytes: () => 64 * MiB, warn });
+    spare.refill();
+    await spare.settled();
+    expect(spare.status.state).toBe("ready");
+    const spareDisk = await deviceAt(path.join(dir, "n1", "ws", "layer"));
+    expect(spareDisk).toBeTruthy();
+
+    const project = path.join(root, "project");
+    await mkdir(project);
+    const other = new WorkspaceLayer({ phaseDir: path.join(root, "p0"), project, hidden: [], readOnly: [], budgetBytes: 32 * MiB, takeSpare: (b) => spare.take(b) });
+    await other.prepare();
+    await other.mount();
+    // another budget: its own disk, the spare still there
+    expect(await deviceAt(other.paths.layerMnt)).not.toBe(spareDisk);
+    expect(spare.status.state).toBe("ready");
+    await other.destroy(null);
+
+    const layer = new WorkspaceLayer({ phaseDir: path.join(root, "p1"), project, hidden: [], readOnly: [], budgetBytes: 64 * MiB, takeSpare: (b) => spare.take(b) });
+    await layer.prepare();
+    expect(spare.status.state).toBe("idle");
+    await layer.mount();
+    await layer.attach(null);
+    // the very disk made ahead, now the phase's; its image moved with it
+    expect(await deviceAt(layer.paths.layerMnt)).toBe(spareDisk);
+    expect((await readdir(layer.paths.root)).sort()).toEqual(["layer", "layer.img", "stage", "view"]);
+    expect((await deviceAt(layer.paths.view)) !== null).toBe(true);
+    expect(await readdir(dir)).toEqual([]);
+
+    spare.refill();
+    await spare.settled();
+    expect(spare.status.state).toBe("ready");
+    expect(await readdir(dir)).toEqual(["n2"]);
+
+    await layer.destroy(null);
+    expect(await mountsBelow(path.join(root, "p1"))).toEqual([]);
+    await spare.close();
+    expect(await mountsBelow(dir)).toEqual([]);
+    expect(await readdir(dir)).toEqual([]);
+    expect(spare.take(64 * MiB)).toBeNull();
+    spare.refill(); // closed: nothing is made
+    await spare.settled();
+    expect(await readdir(dir)).toEqual([]);
+  }, 60_000);
+
+  it("a process killed with -9 holding a spare leaves its mounts; the next one's sweep unmounts and removes them before it makes its own", async () => {
+    const dir = path.join(root, "killed", "spare-layer");
+    const script = [
+      `const { SpareLayer } = await import(${JSON.stringify(path.resolve("dist/workspace/spare.js"))});`,
+      `const s = new SpareLayer({ dir: ${JSON.stringify(dir)}, enabled: true, budgetBytes: () => ${64 * MiB}, warn: (m, e) => { console.error(m, e.message); process.exit(3); } });`,
+      "s.refill(); await s.settled(); console.log('ready'); setInterval(() => {}, 1000);",
+    ].join("\n");
+    const child = spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on("data", (d: Buffer) => d.toString().includes("ready") && resolve());
+      child.on("exit", (code) => reject(new Error(`the child exited ${code}`)));
+    });
+    child.kill("SIGKILL");
+    await new Promise((r) => child.on("exit", r));
+    const left = await mountsBelow(dir);
+    expect(left.length).toBe(3); // view, stage, the disk
+    const oldDisk = await deviceAt(path.join(dir, "n1", "ws", "layer"));
+
+    const next = new SpareLayer({ dir, enabled: true, budgetBytes: () => 64 * MiB, warn });
+    next.refill();
+    await next.settled();
+    expect(next.status.state).toBe("ready");
+    // one spare, freshly made: the dead process's mounts are gone (a loop device may be reused, but only one disk is mounted)
+    expect((await mountsBelow(dir)).length).toBe(3);
+    expect(await readdir(dir)).toEqual(["n1"]);
+    expect(oldDisk).toBeTruthy();
+    await next.close();
+    expect(await mountsBelow(dir)).toEqual([]);
+    expect(await readdir(dir)).toEqual([]);
+  }, 60_000);
+});
+
+describe("the spare layer disk in the daemon", () => {
+  let t: TestDaemon;
+  let project: string;
+  beforeAll(async () => {
+    await requireEngineAndImage();
+    t = await startTestDaemon();
+    project = await makeProject();
+    for (const f of await readdir(project)) await chown(path.join(project, f), OWNER.uid, OWNER.gid);
+  }, 120_000);
+  afterAll(async () => {
+    await t?.close();
+    await removeDir(project);
+  });
+
+  it("a cold phase start takes the spare (its disk becomes the phase's layer), the daemon makes another, the stop leaves nothing mounted", async () => {
+    const spareDir = path.join(t.stateDir, "spare-layer");
+    const spareDisk = await until("the spare layer disk", () => deviceAt(path.join(spareDir, "n1", "ws", "layer")));
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "spare-a", mode: "backtest" });
+    expect(phase.state).toBe("running");
+    const layerMnt = path.join(t.stateDir, "phases", phase.id, "ws", "layer");
+    expect(await deviceAt(layerMnt)).toBe(spareDisk);
+    // remade after the start, in a new folder
+    await until("a new spare", () => deviceAt(path.join(spareDir, "n2", "ws", "layer")));
+    expect(await readdir(spareDir)).toEqual(["n2"]);
+    // the phase works on it
+    const script = await writeScript(project, "open('/workspace/new.txt', 'w').write('hi\\n')\nprint(open('/workspace/new.txt').read(), end='')");
+    const { result } = await t.api.request<{ result: { exitCode: number; stdout: string } }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] });
+    expect(result.exitCode).toBe(0);
+    expect(result.stdout).toBe("hi\n");
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+    expect(await mountsBelow(path.join(t.stateDir, "phases", phase.id))).toEqual([]);
+    // the daemon's stop removes the spare: nothing of the state dir stays mounted
+    await t.daemon.close();
+    expect(await mountsBelow(t.stateDir)).toEqual([]);
+    expect(await readdir(spareDir).catch(() => [])).toEqual([]);
+  }, 120_000);
+});
