@@ -79,7 +79,8 @@ beforeAll(async () => {
   stateDir = await tempDir("bundle");
   socket = path.join(stateDir, "sandboxd.sock");
   elsewhere = await tempDir("auditor");
-  daemon = await spawnDaemon(stateDir, socket);
+  // the default policy file itself: its path and SHA-256 are checked in the bundle's header
+  daemon = await spawnDaemon(stateDir, socket, { policy: DEFAULT_POLICY_FILE });
   project = await makeProject();
 }, 120_000);
 

@@ -241,8 +241,9 @@ describe("fail-fast attacked from inside the sandbox", () => {
     expect(ids).toContain(job.id);
     expect(ids.filter((x) => x !== job.id)).toEqual([expect.stringMatching(/^ex_[0-9a-f]{12}$/)]);
     for (const r of errRecs) expect(r).toMatchObject({ code: "SBX_ERR_PHASE_ESCALATED", escalation: 1 });
-    const jv = (await t.api.request<{ job: { state: string; error: { code: string } | null } }>("GET", `/v1/phases/${phase.id}/jobs/${job.id}`)).job;
-    expect(jv).toMatchObject({ state: "failed", error: { code: "SBX_ERR_PHASE_ESCALATED" } });
+    // the job's view settles a moment after its record is durable
+    const jobView = async () => (await t.api.request<{ job: { state: string; error: { code: string } | null } }>("GET", `/v1/phases/${phase.id}/jobs/${job.id}`)).job;
+    await expect.poll(jobView, { timeout: 5_000 }).toMatchObject({ state: "failed", error: { code: "SBX_ERR_PHASE_ESCALATED" } });
     // frozen while escalated; resumed, the sleeper is gone and never finished
     expect((await docker.getContainer(phase.containerId!).inspect()).State.Paused).toBe(true);
     await t.api.request("POST", `/v1/phases/${phase.id}/resume`, { note: "package name fixed" });
