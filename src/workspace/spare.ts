@@ -8,7 +8,7 @@
  * (the two compete for the host's cores: BENCHMARKS.md "Phase start with
  * the layer").
  *
- * On the host: `<stateDir>/spare-layer/<n>/ws/` (the layout of a phase's
+ * On the host: `<stateDir>/spare-layer/s<pid>-<n>/ws/` (the layout of a phase's
  * `ws/`, src/workspace/layer.ts). A rename of the folder moves the mounts
  * in it with it (they hang on its entries, not on its path), so the phase's
  * `ws/view`, `ws/stage` and `ws/layer` are mounted where its own would be,
@@ -129,7 +129,8 @@ export class SpareLayer {
     this.making = (async () => {
       await before;
       await this.sweep().catch((e: Error) => this.opts.warn("could not remove a previous daemon's spare layer disk", e));
-      const folder = path.join(this.opts.dir, `n${++this.made}`);
+      // a name no other daemon used: a killed daemon's spare is never mistaken for this one's (the sweep removes it)
+      const folder = path.join(this.opts.dir, `s${process.pid}-${++this.made}`);
       const budgetBytes = this.opts.budgetBytes();
       try {
         await mkdir(this.opts.dir, { recursive: true, mode: 0o700 });

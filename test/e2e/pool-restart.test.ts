@@ -3,7 +3,9 @@
  * shutdown): the next daemon on the same state dir removes every container
  * of the pool no phase claimed, their folders and mounts, and records it
  * (`pool.reaped`); a phase that had claimed one is a phase like any other
- * and is re-adopted; its commands run.
+ * and is re-adopted; its commands run. The killed daemon's spare layer
+ * disk is swept by the next, which makes one of its own (three mounts, not
+ * six), and its stop leaves nothing mounted.
  */
 import { readdir, readFile } from "node:fs/promises";
 import path from "node:path";
@@ -34,6 +36,23 @@ afterAll(async () => {
   await removeDir(stateDir);
 });
 
+/** Mount points at or below `dir` in this process's mount table. */
+async function mountsBelow(dir: string): Promise<string[]> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return info
+    .split("\n")
+    .map((l) => (l.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((mp) => mp === dir || mp.startsWith(dir + "/"));
+}
+
+async function until(what: string, done: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await done())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 async function pool(api: ApiClient): Promise<PoolStatus> {
   return (await api.request<{ pool: PoolStatus }>("GET", "/v1/phases")).pool;
 }
@@ -60,12 +79,24 @@ describe("warm pool across a daemon killed with SIGKILL", () => {
     const unclaimed = (await poolContainers(instance)).filter((id) => id !== phase.id);
     expect(unclaimed.length).toBeGreaterThanOrEqual(1);
 
+    // the daemon's spare layer disk (src/workspace/spare.ts) is mounted when it dies
+    const spareDir = path.join(stateDir, "spare-layer");
+    await until("the spare layer disk", async () => (await mountsBelow(spareDir)).length === 3);
+
     daemon.child.kill("SIGKILL");
     await waitExit(daemon.child);
+    expect((await mountsBelow(spareDir)).length).toBe(3);
+    const [deadSpare] = await readdir(spareDir);
     // the pool's containers outlive a killed daemon
     expect((await poolContainers(instance)).length).toBeGreaterThanOrEqual(2);
 
     daemon = await spawnDaemon(stateDir, socket, { env: { SANDBOXD_POOL_SIZE: "0" } });
+    // the killed daemon's spare swept, one of its own made: one folder, three mounts, not six
+    await until("the new daemon's spare", async () => (await readdir(spareDir).catch(() => [])).some((n) => n !== deadSpare) && (await mountsBelow(spareDir)).length === 3);
+    await new Promise((r) => setTimeout(r, 300));
+    expect((await readdir(spareDir)).filter((n) => n !== deadSpare)).toHaveLength(1);
+    expect(await readdir(spareDir)).not.toContain(deadSpare);
+    expect(await mountsBelow(spareDir)).toHaveLength(3);
     // only the claimed one is left: it is the phase's
     expect(await poolContainers(instance)).toEqual([phase.id]);
     for (const id of await readdir(path.join(stateDir, "phases"))) {

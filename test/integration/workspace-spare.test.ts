@@ -62,7 +62,8 @@ describe("the spare layer disk, alone", () => {
     spare.refill();
     await spare.settled();
     expect(spare.status.state).toBe("ready");
-    const spareDisk = await deviceAt(path.join(dir, "n1", "ws", "layer"));
+    const [first] = await readdir(dir);
+    const spareDisk = await deviceAt(path.join(dir, first!, "ws", "layer"));
     expect(spareDisk).toBeTruthy();
 
     const project = path.join(root, "project");
@@ -89,7 +90,9 @@ describe("the spare layer disk, alone", () => {
     spare.refill();
     await spare.settled();
     expect(spare.status.state).toBe("ready");
-    expect(await readdir(dir)).toEqual(["n2"]);
+    const again = await readdir(dir);
+    expect(again).toHaveLength(1);
+    expect(again[0]).not.toBe(first);
 
     await layer.destroy(null);
     expect(await mountsBelow(path.join(root, "p1"))).toEqual([]);
@@ -118,16 +121,17 @@ describe("the spare layer disk, alone", () => {
     await new Promise((r) => child.on("exit", r));
     const left = await mountsBelow(dir);
     expect(left.length).toBe(3); // view, stage, the disk
-    const oldDisk = await deviceAt(path.join(dir, "n1", "ws", "layer"));
+    const [dead] = await readdir(dir);
 
     const next = new SpareLayer({ dir, enabled: true, budgetBytes: () => 64 * MiB, warn });
     next.refill();
     await next.settled();
     expect(next.status.state).toBe("ready");
-    // one spare, freshly made: the dead process's mounts are gone (a loop device may be reused, but only one disk is mounted)
+    // one spare, freshly made: the dead process's folder and its three mounts are gone
     expect((await mountsBelow(dir)).length).toBe(3);
-    expect(await readdir(dir)).toEqual(["n1"]);
-    expect(oldDisk).toBeTruthy();
+    const now = await readdir(dir);
+    expect(now).toHaveLength(1);
+    expect(now[0]).not.toBe(dead);
     await next.close();
     expect(await mountsBelow(dir)).toEqual([]);
     expect(await readdir(dir)).toEqual([]);
@@ -150,14 +154,16 @@ describe("the spare layer disk in the daemon", () => {
 
   it("a cold phase start takes the spare (its disk becomes the phase's layer), the daemon makes another, the stop leaves nothing mounted", async () => {
     const spareDir = path.join(t.stateDir, "spare-layer");
-    const spareDisk = await until("the spare layer disk", () => deviceAt(path.join(spareDir, "n1", "ws", "layer")));
+    const first = await until("the spare layer disk", async () => (await readdir(spareDir).catch(() => []))[0]);
+    const spareDisk = await until("the spare layer disk", () => deviceAt(path.join(spareDir, first, "ws", "layer")));
     const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "spare-a", mode: "backtest" });
     expect(phase.state).toBe("running");
     const layerMnt = path.join(t.stateDir, "phases", phase.id, "ws", "layer");
     expect(await deviceAt(layerMnt)).toBe(spareDisk);
     // remade after the start, in a new folder
-    await until("a new spare", () => deviceAt(path.join(spareDir, "n2", "ws", "layer")));
-    expect(await readdir(spareDir)).toEqual(["n2"]);
+    const second = await until("a new spare", async () => (await readdir(spareDir)).find((n) => n !== first));
+    await until("a new spare's disk", () => deviceAt(path.join(spareDir, second, "ws", "layer")));
+    expect(await readdir(spareDir)).toEqual([second]);
     // the phase works on it
     const script = await writeScript(project, "open('/workspace/new.txt', 'w').write('hi\\n')\nprint(open('/workspace/new.txt').read(), end='')");
     const { result } = await t.api.request<{ result: { exitCode: number; stdout: string } }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", script] });
