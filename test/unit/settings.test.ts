@@ -38,6 +38,14 @@ describe("the warm pool's size", () => {
   });
 });
 
+describe("the spare layer disk", () => {
+  it("is kept by default; SANDBOXD_SPARE_LAYER=0 turns it off", () => {
+    expect(resolveSettings({}, {}).spareLayer).toBe(true);
+    expect(resolveSettings({}, { SANDBOXD_SPARE_LAYER: "0" }).spareLayer).toBe(false);
+    expect(resolveSettings({}, { SANDBOXD_SPARE_LAYER: "1" }).spareLayer).toBe(true);
+  });
+});
+
 describe("the default policy path", () => {
   it("is the same file whether the CLI or the policy loader names it", async () => {
     const settings = await import("../../src/config/settings.js");
