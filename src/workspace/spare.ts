@@ -166,6 +166,9 @@ export class SpareLayer {
     this.ready = null;
     const names = await readdir(this.opts.dir).catch(() => [] as string[]);
     for (const n of names) {
+      // a taken one is its phase's (renamed away, or being renamed); only its empty folder is left here
+      // eslint-disable-next-line no-restricted-syntax -- not empty: its phase's rename is under way and the phase removes what it took; the next sweep removes the folder
+      if (this.given.has(n)) await rmdir(path.join(this.opts.dir, n)).catch(() => undefined);
       if (this.given.has(n)) continue;
       await removeFolder(path.join(this.opts.dir, n)).catch((e: Error) => this.opts.warn("could not remove the spare layer disk", e));
     }
