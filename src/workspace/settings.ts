@@ -12,10 +12,11 @@
  * (credential files) are found at any depth by one walk of the project at
  * phase start: `config/.env` read in the sandbox would leak its values.
  */
-import { lstatSync, readdirSync, type BigIntStats, type Dirent } from "node:fs";
+import { lstatSync, readdirSync, readFileSync, type BigIntStats, type Dirent } from "node:fs";
 import { readdir } from "node:fs/promises";
 import { performance } from "node:perf_hooks";
 import path from "node:path";
+import { SandboxdError } from "../errors.js";
 import { compileWorkspace, protects, protectsName, type WorkspacePolicy } from "../policy/index.js";
 
 export interface LayerPaths {
@@ -68,8 +69,14 @@ export async function hiddenBelowRoot(project: string, ws: WorkspacePolicy): Pro
   return hiddenBelow(project, protections.filter((r) => r.spec.treatment === "hidden"));
 }
 
-/** Folders never searched for credential files: the repository's metadata (read-only) and tools' caches. */
-const SKIP_DIRS = new Set([".git", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"]);
+/**
+ * The root's `.git` is not searched: the view binds the project's own folder
+ * read-only over the overlay, so a whiteout in the upper would not hide
+ * anything in it (docs/WORKSPACE.md, "Not yet enforced"). Every other folder
+ * is, tools' caches and nested repositories too: the view shows them, and a
+ * `pkg/__pycache__/.env` skipped by an earlier walk was readable there.
+ */
+const SKIP_ROOT_DIRS = new Set([".git"]);
 
 type HiddenRules = ReturnType<typeof compileWorkspace>["protections"];
 
@@ -180,21 +187,89 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
       } catch {
         // unreadable: nothing found in it (its mode changing changes its ctime)
       }
+      const isHit = (p: string, name: string) => rules.some((rule) => (rule.names ? protectsName(rule.names, name) : protects(rule, p)));
+      if (entries.some((e) => e.name.includes("\ufffd"))) {
+        // a name that is not UTF-8 comes back with U+FFFD, a name that opens another file (or none): the folder is read by bytes
+        const raw = readdirSync(dir, { withFileTypes: true, encoding: "buffer" });
+        const bad = raw.filter((e) => !Buffer.from(e.name.toString("utf8")).equals(e.name));
+        if (bad.length > 0) {
+          notUtf8(dir, rel, bad, isHit);
+          // never taken from the cache: what is below such a folder is not in it
+          scan.racy = true;
+          entries = raw.filter((e) => !bad.includes(e)).map((e) => Object.assign(e, { name: e.name.toString("utf8") }) as unknown as Dirent);
+        }
+      }
       for (const e of entries) {
         // a name-only rule (every default one) tests the name; the path is made only when needed
-        if (rel && rules.some((rule) => (rule.names ? protectsName(rule.names, e.name) : protects(rule, sub(e.name))))) {
+        if (rel && isHit(sub(e.name), e.name)) {
           scan.hits.push(sub(e.name));
           continue;
         }
-        if (e.isDirectory() && !SKIP_DIRS.has(e.name)) todo.push({ rel: sub(e.name), name: e.name, cached: cached?.subdirs.get(e.name), into: scan.subdirs });
+        if (e.isDirectory() && !(rel === "" && SKIP_ROOT_DIRS.has(e.name))) todo.push({ rel: sub(e.name), name: e.name, cached: cached?.subdirs.get(e.name), into: scan.subdirs });
       }
     }
     out.push(...scan.hits);
   }
   lastCounts = counts;
+  // a file system mounted in the project hides, on the host, the folder the view shows (overlayfs does not cross mounts in its lower)
+  const mounts = mountPointsBelow(project);
+  const found = mounts.length === 0 ? out : out.filter((h) => !mounts.some((m) => h === m || h.startsWith(`${m}/`)));
+  found.push(...mounts);
   const scan = root.subdirs.get("");
   scanCache.delete(key); // set again: the most recently walked last
   if (scan) scanCache.set(key, scan);
   while (scanCache.size > MAX_CACHED_PROJECTS) scanCache.delete(scanCache.keys().next().value!);
-  return out.sort();
+  return found.sort();
+}
+
+function unsupportedName(where: string): SandboxdError {
+  return new SandboxdError("SBX_ERR_WORKSPACE_UNSUPPORTED", `the project has a credential file at ${where}, a path that is not UTF-8: the view cannot hide it, so the phase does not start`, {
+    hint: "rename the file (or the folder on its way) to a UTF-8 name, or move it out of the project",
+  });
+}
+
+/**
+ * The entries of `dir` whose names are not UTF-8 (`bad`), by their bytes:
+ * one that a hidden rule covers (tested as Node decodes it: U+FFFD stands
+ * for a byte, and the rules' fixed parts are ASCII), or a credential file
+ * anywhere below such a folder, refuses the start: the whiteout that hides a
+ * file needs a name a string can hold. A harmless one (`café/readme.txt` in
+ * Latin-1) is left as it is.
+ */
+function notUtf8(dir: string, rel: string, bad: Dirent<Buffer>[], isHit: (p: string, name: string) => boolean): void {
+  const check = (at: Buffer, e: Dirent<Buffer>, shown: string): void => {
+    const name = e.name.toString("utf8");
+    const p = shown ? `${shown}/${name}` : name;
+    if (isHit(p, name)) throw unsupportedName(p);
+    if (!e.isDirectory()) return;
+    const inner = Buffer.concat([at, Buffer.from("/"), e.name]);
+    let entries: Dirent<Buffer>[] = [];
+    try {
+      entries = readdirSync(inner, { encoding: "buffer", withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const c of entries) check(inner, c, p);
+  };
+  for (const e of bad) check(Buffer.from(dir), e, rel);
+}
+
+/** Mount points strictly below `project` in the daemon's mount table, project-relative, outermost only. */
+function mountPointsBelow(project: string): string[] {
+  let info: string;
+  try {
+    info = readFileSync("/proc/self/mountinfo", "latin1");
+  } catch {
+    return [];
+  }
+  const prefix = `${project}/`;
+  const found: string[] = [];
+  for (const line of info.split("\n")) {
+    const field = line.split(" ")[4];
+    if (!field) continue;
+    // octal escapes (space, tab, newline, backslash) of the path's bytes
+    const mp = Buffer.from(field.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))), "latin1").toString("utf8");
+    if (mp.startsWith(prefix)) found.push(mp.slice(prefix.length));
+  }
+  return found.filter((m) => !found.some((o) => o !== m && m.startsWith(`${o}/`)));
 }
