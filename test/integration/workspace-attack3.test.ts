@@ -8,12 +8,13 @@
  * checked from inside the sandbox, in the exec's record of the trail too.
  */
 import { execFile } from "node:child_process";
-import { chown, mkdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
+import { chown, mkdir, readFile, readdir, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
+import { mountsAt } from "../../src/workspace/layer.js";
 import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const run = promisify(execFile);
@@ -221,5 +222,97 @@ describe("the credential walk: holes found, fixed", () => {
       await removeDir(empty);
     }
     expect((await stat(path.join(project, "vault", ".env"))).isFile()).toBe(true);
+  }, 120_000);
+});
+
+/** The block device (major:minor) mounted at `at` in this process's mount table, or null. */
+async function deviceAt(at: string): Promise<string | null> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return mountsAt(info, at).at(-1)?.dev ?? null;
+}
+async function until<T>(what: string, get: () => Promise<T | null | undefined | false>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await get();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe("the spare layer disk: what held", () => {
+  it("a phase on a spare sees nothing of the phase before it (files, xattrs, freed blocks), nor the spare folder, which is the daemon's alone (0700)", async () => {
+    const spareDir = path.join(t.stateDir, "spare-layer");
+    await until("a spare", async () => (await readdir(spareDir).catch(() => [])).length === 1 && deviceAt(path.join(spareDir, (await readdir(spareDir))[0]!, "ws", "layer")));
+    expect((await stat(spareDir)).mode & 0o777).toBe(0o700);
+    const a = await startPhase();
+    const aDisk = await deviceAt(path.join(t.stateDir, "phases", a.id, "ws", "layer"));
+    // left in the layer, never applied (a tool's cache): a file with the secret, a user xattr, 20 MB written then freed
+    const w = await py(
+      a,
+      [
+        "import os",
+        "os.makedirs('/workspace/__pycache__/keep', exist_ok=True)",
+        `s = ${JSON.stringify(SECRET.slice(0, 5))} + ${JSON.stringify(SECRET.slice(5))}`,
+        "open('/workspace/__pycache__/keep/left.pyc', 'w').write(s)",
+        "os.setxattr('/workspace/__pycache__/keep', 'user.left', s.encode())",
+        "with open('/workspace/__pycache__/big', 'wb') as f: f.write((s * 1000).encode() * 1000)",
+        "os.unlink('/workspace/__pycache__/big')",
+        "print('ok')",
+      ].join("\n"),
+    );
+    expect(w.stdout.trim()).toBe("ok");
+    await stopPhase(a);
+    // the spare made after a's start: b takes it
+    const next = await until("the next spare", async () => {
+      const [n] = await readdir(spareDir).catch(() => []);
+      return n ? deviceAt(path.join(spareDir, n, "ws", "layer")) : null;
+    });
+    const b = await startPhase();
+    const bDisk = await deviceAt(path.join(t.stateDir, "phases", b.id, "ws", "layer"));
+    expect(bDisk).toBe(next);
+    const r = await py(
+      b,
+      [
+        SEARCH(["__pycache__/keep", "__pycache__"]),
+        // no mount of the daemon's state dir in the sandbox's table
+        "print(any('spare-layer' in l.split(' ')[4] for l in open('/proc/self/mountinfo')))",
+      ].join("\n"),
+    );
+    expect(r.stdout).toBe("__pycache__/keep False\n__pycache__ False\nFalse\n");
+    const rec = await lastResult(b);
+    expect(rec.stdout).toBe(r.stdout);
+    expect(rec.stdout).not.toContain("LEAK");
+    // a's disk went with it; b's is another (the spare made after a's start)
+    expect(aDisk).toBeTruthy();
+    expect(await deviceAt(path.join(t.stateDir, "phases", a.id, "ws", "layer"))).toBeNull();
+    await stopPhase(b);
+  }, 120_000);
+
+  it("two phases started at once: one takes the spare, the other makes its own disk; neither sees the other's writes", async () => {
+    const spareDir = path.join(t.stateDir, "spare-layer");
+    const spare = await until("a spare", async () => {
+      const [n] = await readdir(spareDir).catch(() => []);
+      return n ? deviceAt(path.join(spareDir, n, "ws", "layer")) : null;
+    });
+    const other = await makeProject();
+    try {
+      const [p, q] = await Promise.all([
+        startPhase(),
+        t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project: other, phase: "a3-other", mode: "backtest" }).then((x) => x.phase),
+      ]);
+      const disks = [await deviceAt(path.join(t.stateDir, "phases", p.id, "ws", "layer")), await deviceAt(path.join(t.stateDir, "phases", q.id, "ws", "layer"))];
+      expect(disks.filter((d) => d === spare)).toHaveLength(1);
+      expect(disks[0]).not.toBe(disks[1]);
+      await py(p, "open('/workspace/services/mine_p.txt', 'w').write('p')");
+      const { result } = await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${q.id}/exec`, {
+        argv: ["python3", await writeScript(other, "import os\nprint(os.path.exists('/workspace/services/mine_p.txt'))")],
+      });
+      expect(result.stdout.trim()).toBe("False");
+      await stopPhase(q);
+      await stopPhase(p);
+    } finally {
+      await removeDir(other);
+    }
   }, 120_000);
 });
