@@ -468,6 +468,7 @@ export class WorkspaceLayer {
   private async stageView(thenMove = false, before: readonly HostStep[] = []): Promise<void> {
     const p = this.paths;
     const steps: HostStep[] = [...before, { op: "overlay", target: p.stage, options: this.overlayOptions() }];
+    const hidden = await this.hidden();
     for (const rel of this.spec.readOnly) {
       // only a real file or folder of the project: a symbolic link there would
       // make mount(8) bind whatever it points to on the host
@@ -475,7 +476,9 @@ export class WorkspaceLayer {
       const st = await lstat(src).catch(() => null);
       if (!st || !(st.isFile() || st.isDirectory())) continue;
       const dst = path.join(p.stage, rel);
-      steps.push({ op: "bind", source: src, target: dst }, { op: "remount-ro", target: dst });
+      // a folder holding a credential file (.git/id_rsa) is bound from the overlay, whose whiteout hides it; the project's own folder would show it
+      const source = st.isDirectory() && hidden.some((h) => h.startsWith(`${rel}/`)) ? dst : src;
+      steps.push({ op: "bind", source, target: dst }, { op: "remount-ro", target: dst });
     }
     // at a remount, the move onto view/ (attach) in the same request
     if (thenMove) steps.push({ op: "move", source: p.stage, target: p.view });

@@ -69,14 +69,6 @@ export async function hiddenBelowRoot(project: string, ws: WorkspacePolicy): Pro
   return hiddenBelow(project, protections.filter((r) => r.spec.treatment === "hidden"));
 }
 
-/**
- * The root's `.git` is not searched: the view binds the project's own folder
- * read-only over the overlay, so a whiteout in the upper would not hide
- * anything in it (docs/WORKSPACE.md, "Not yet enforced"). Every other folder
- * is, tools' caches and nested repositories too: the view shows them, and a
- * `pkg/__pycache__/.env` skipped by an earlier walk was readable there.
- */
-const SKIP_ROOT_DIRS = new Set([".git"]);
 
 type HiddenRules = ReturnType<typeof compileWorkspace>["protections"];
 
@@ -205,7 +197,8 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
           scan.hits.push(sub(e.name));
           continue;
         }
-        if (e.isDirectory() && !(rel === "" && SKIP_ROOT_DIRS.has(e.name))) todo.push({ rel: sub(e.name), name: e.name, cached: cached?.subdirs.get(e.name), into: scan.subdirs });
+        // every folder, tools' caches and .git too: the view shows them (a `pkg/__pycache__/.env` an earlier walk skipped was readable there)
+        if (e.isDirectory()) todo.push({ rel: sub(e.name), name: e.name, cached: cached?.subdirs.get(e.name), into: scan.subdirs });
       }
     }
     out.push(...scan.hits);

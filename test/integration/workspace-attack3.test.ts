@@ -316,3 +316,17 @@ describe("the spare layer disk: what held", () => {
     }
   }, 120_000);
 });
+
+describe("a read-only folder holding a credential file", () => {
+  it("the root's .git/id_rsa is not visible: the read-only .git was bound from the project itself, over the whiteout (and the walk skipped .git)", async () => {
+    await put(".git/config", "[core]\n");
+    await put(".git/id_rsa");
+    await own();
+    const p = await startPhase();
+    const r = await py(p, SEARCH([".git/id_rsa", ".git/config"]) + "\ntry:\n    open('/workspace/.git/new', 'w')\nexcept OSError as e:\n    print(e.errno)");
+    // hidden, the rest of .git there and still read-only (EROFS)
+    expect(r.stdout).toBe(".git/id_rsa False\n.git/config True\n30\n");
+    expect((await lastResult(p)).stdout).toBe(r.stdout);
+    await stopPhase(p);
+  }, 120_000);
+});
