@@ -33,9 +33,9 @@ describe("the credential walk's cache", () => {
     const folders = 8; // the root and its 7 folders
     await settle();
     expect(await walk()).toEqual(["deploy/server.key"]);
-    expect(lastCredentialScan()).toEqual({ read: folders, reused: 0 });
+    expect(lastCredentialScan()).toMatchObject({ read: folders, reused: 0 });
     expect(await walk()).toEqual(["deploy/server.key"]);
-    expect(lastCredentialScan()).toEqual({ read: 0, reused: folders });
+    expect(lastCredentialScan()).toMatchObject({ read: 0, reused: folders });
   }, 10_000);
 
   it("a config/.env added between two phase starts is hidden in the second, and only its folder is read again", async () => {
@@ -100,12 +100,15 @@ describe("the credential walk's cache", () => {
     }, 1);
     try {
       expect(await walk()).toEqual(["data/prod.pem", "deploy/server.key"]);
-      // a tick after the walk: a stall at its very end shows too
-      await new Promise((r) => setTimeout(r, 5));
     } finally {
       clearInterval(probe);
     }
-    // one readdirSync of the folder: 160–230 ms here; in batches 7–12 ms alone, up to ~110 ms in the test runner (its collector)
-    expect(worst).toBeLessThan(150);
+    // Counted, not timed (a loaded machine slows the walk and so makes it yield more, never less):
+    // the walk let the event loop in every 2 ms slice while it read and tested the folder's
+    // 200k names. One readdirSync and one loop over the names (160–230 ms of CPU here) yielded
+    // only between folders: a few times in all.
+    const { yields } = lastCredentialScan();
+    console.log(`200k-entry folder: the walk yielded ${yields} times; the longest wait of a 1 ms timer was ${worst.toFixed(1)} ms`);
+    expect(yields).toBeGreaterThanOrEqual(20);
   }, 60_000);
 });
