@@ -8,7 +8,7 @@
  * (the two compete for the host's cores: BENCHMARKS.md "Phase start with
  * the layer").
  *
- * On the host: `<stateDir>/spare-layer/s<pid>-<n>/ws/` (the layout of a phase's
+ * On the host: `<stateDir>/spare-layer/s<pid>-<random>-<n>/ws/` (the layout of a phase's
  * `ws/`, src/workspace/layer.ts). A rename of the folder moves the mounts
  * in it with it (they hang on its entries, not on its path), so the phase's
  * `ws/view`, `ws/stage` and `ws/layer` are mounted where its own would be,
@@ -25,6 +25,7 @@
  * States (a table, moved only by the guard): idle — none ready; making;
  * ready; closed — the daemon stops, nothing is made again.
  */
+import { randomBytes } from "node:crypto";
 import { mkdir, readdir, rmdir } from "node:fs/promises";
 import path from "node:path";
 import { destroySlotMounts, prepareSlotLayer } from "./layer.js";
@@ -65,9 +66,12 @@ export class SpareLayer {
   private making: Promise<void> = Promise.resolve();
   private made = 0;
   private failures = 0;
-  private swept: Promise<void> | null = null;
   /** folders handed out by `take`: their phase owns them, `close` leaves them to it */
   private readonly given = new Set<string>();
+  /** the folders this one made (a sweep leaves them alone) */
+  private readonly own = new Set<string>();
+  /** in every folder name: a daemon with a reused pid never makes a name a dead one used */
+  private readonly nonce = randomBytes(4).toString("hex");
 
   constructor(private readonly opts: SpareLayerOptions) {}
 
@@ -81,16 +85,17 @@ export class SpareLayer {
   }
 
   /**
-   * Everything in `spare-layer/` unmounted and removed: what a previous
-   * daemon left (killed while it held or made a spare). Once, before the
-   * first make.
+   * Everything in `spare-layer/` that this one did not make, unmounted and
+   * removed: what a previous daemon left (killed while it held or made a
+   * spare). Before every make, not only the first: a daemon killed while it
+   * made one leaves its shell running (fallocate, mkfs, the loop mount), and
+   * that mount may land after this daemon's first sweep.
    */
   sweep(): Promise<void> {
-    this.swept ??= (async () => {
+    return (async () => {
       const names = await readdir(this.opts.dir).catch(() => [] as string[]);
-      for (const n of names) await removeFolder(path.join(this.opts.dir, n));
+      for (const n of names) if (!this.own.has(n)) await removeFolder(path.join(this.opts.dir, n));
     })();
-    return this.swept;
   }
 
   /**
@@ -130,7 +135,9 @@ export class SpareLayer {
       await before;
       await this.sweep().catch((e: Error) => this.opts.warn("could not remove a previous daemon's spare layer disk", e));
       // a name no other daemon used: a killed daemon's spare is never mistaken for this one's (the sweep removes it)
-      const folder = path.join(this.opts.dir, `s${process.pid}-${++this.made}`);
+      const name = `s${process.pid}-${this.nonce}-${++this.made}`;
+      this.own.add(name);
+      const folder = path.join(this.opts.dir, name);
       const budgetBytes = this.opts.budgetBytes();
       try {
         await mkdir(this.opts.dir, { recursive: true, mode: 0o700 });

@@ -7,11 +7,11 @@
  * is not taken.
  */
 import { spawn } from "node:child_process";
-import { chown, mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { chown, mkdir, mkdtemp, readdir, readFile, rm, rmdir } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { mountsAt } from "../../src/workspace/layer.js";
+import { destroySlotMounts, mountsAt, prepareSlotLayer } from "../../src/workspace/layer.js";
 import { SpareLayer, WorkspaceLayer } from "../../src/workspace/index.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
@@ -132,6 +132,21 @@ describe("the spare layer disk, alone", () => {
     const now = await readdir(dir);
     expect(now).toHaveLength(1);
     expect(now[0]).not.toBe(dead);
+
+    // A daemon killed while it made a spare leaves that make's shell running: its disk can be
+    // mounted after the next daemon's first sweep. Every make sweeps again what is not its own.
+    const late = path.join(dir, "s1-deadbeef-1");
+    await prepareSlotLayer(late, 64 * MiB);
+    expect((await mountsBelow(dir)).length).toBe(6);
+    const taken = next.take(64 * MiB);
+    expect(taken).not.toBeNull();
+    await destroySlotMounts(path.dirname(taken!), []);
+    await rmdir(path.dirname(taken!));
+    next.refill();
+    await next.settled();
+    expect(next.status.state).toBe("ready");
+    expect(await readdir(dir)).not.toContain("s1-deadbeef-1");
+    expect((await mountsBelow(dir)).length).toBe(3); // the new spare's alone
     await next.close();
     expect(await mountsBelow(dir)).toEqual([]);
     expect(await readdir(dir)).toEqual([]);
