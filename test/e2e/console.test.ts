@@ -13,7 +13,7 @@ import { chromium, type Browser, type BrowserContext, type Page } from "playwrig
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { PhaseView } from "../../src/phases/types.js";
 import { spawn } from "node:child_process";
-import { CLI, ROOT, TEST_ENV, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI, ROOT, TEST_ENV, cli, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testAuditKey, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 import { readFile } from "node:fs/promises";
 
 const CHROMIUM = "/usr/bin/chromium";
@@ -395,7 +395,8 @@ describe("sandboxd start --console", () => {
     dirs.push(dir);
     const child = spawn(process.execPath, [CLI, "--socket", path.join(dir, "s.sock"), "start", "--state-dir", dir, "--console", "127.0.0.1:0"], {
       stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, ...TEST_ENV },
+      // its own signing key (removeDir takes it and its witness away), never the machine's /etc/sandboxd one
+      env: { ...process.env, ...TEST_ENV, SANDBOXD_AUDIT_KEY: testAuditKey(dir) },
     });
     let out = "";
     child.stdout.on("data", (c: Buffer) => (out += c.toString()));
