@@ -27,6 +27,7 @@ import {
   spawnDaemon,
   tempDir,
   testAuditKey,
+  until,
   waitExit,
   writeScript,
 } from "../helpers/sandbox.js";
@@ -54,15 +55,6 @@ async function records(): Promise<Array<Record<string, unknown>>> {
     .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
-async function until<T>(what: string, f: () => Promise<T | undefined | null | false>, timeoutMs = 20_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 async function errorOf(p: Promise<unknown>): Promise<SandboxdError> {
   const e = await p.then(

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiClient } from "../../src/cli/client.js";
 import type { ExecResult, PoolStatus } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { containersOf, docker, makeProject, removeDir, requireEngineAndImage, spawnDaemon, tempDir, waitExit } from "../helpers/sandbox.js";
+import { containersOf, docker, makeProject, mountsBelow, removeDir, requireEngineAndImage, spawnDaemon, tempDir, waitExit } from "../helpers/sandbox.js";
 
 let stateDir: string;
 let socket: string;
@@ -36,14 +36,6 @@ afterAll(async () => {
   await removeDir(stateDir);
 });
 
-/** Mount points at or below `dir` in this process's mount table. */
-async function mountsBelow(dir: string): Promise<string[]> {
-  const info = await readFile("/proc/self/mountinfo", "utf8");
-  return info
-    .split("\n")
-    .map((l) => (l.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
-    .filter((mp) => mp === dir || mp.startsWith(dir + "/"));
-}
 
 async function until(what: string, done: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

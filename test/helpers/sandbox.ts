@@ -13,6 +13,7 @@ import Docker from "dockerode";
 import pino from "pino";
 import { ApiClient } from "../../src/cli/client.js";
 import { DEFAULT_IMAGE, resolveSettings } from "../../src/config/settings.js";
+import { mountsAt } from "../../src/workspace/layer.js";
 
 /**
  * The sandbox image the tests run: SANDBOXD_IMAGE when set (so two checkouts on
@@ -267,4 +268,29 @@ export async function removeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
   await rm(testAuditKey(dir), { force: true });
   await rm(`${testAuditKey(dir)}.heads`, { recursive: true, force: true });
+}
+
+/** `f`'s first truthy answer, asked every `pollMs` until `timeoutMs`; else an error naming `what`. */
+export async function until<T>(what: string, f: () => Promise<T | null | undefined | false>, timeoutMs = 30_000, pollMs = 50): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
+
+/** Mount points at or below `dir` in this process's mount table. */
+export async function mountsBelow(dir: string): Promise<string[]> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return info
+    .split("\n")
+    .map((l) => (l.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((mp) => mp === dir || mp.startsWith(dir + "/"));
+}
+
+/** The block device (major:minor) mounted at `at` in this process's mount table, or null. */
+export async function deviceAt(at: string): Promise<string | null> {
+  return mountsAt(await readFile("/proc/self/mountinfo", "utf8"), at).at(-1)?.dev ?? null;
 }

@@ -12,7 +12,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult, PhaseReport } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { ROOT, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { ROOT, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, until, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const dirs: string[] = [];
@@ -54,15 +54,6 @@ const view = async (id: string) => (await t.api.request<{ phase: PhaseView }>("G
 const exec = async (id: string, argv: string[], timeoutMs = 60_000) =>
   (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${id}/exec`, { argv, timeoutMs })).result;
 
-async function until<T>(what: string, f: () => Promise<T | null | undefined | false>, ms: number): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 async function events(phase: string): Promise<Array<Record<string, unknown>>> {
   const res = await t.api.stream("GET", `/v1/events?phase=${phase}&since=0&follow=0`);

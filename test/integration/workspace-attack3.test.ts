@@ -14,8 +14,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { mountsAt } from "../../src/workspace/layer.js";
-import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { OWNER, deviceAt, makeProject, removeDir, requireEngineAndImage, startTestDaemon, until, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const run = promisify(execFile);
 let t: TestDaemon;
@@ -225,20 +224,6 @@ describe("the credential walk: holes found, fixed", () => {
   }, 120_000);
 });
 
-/** The block device (major:minor) mounted at `at` in this process's mount table, or null. */
-async function deviceAt(at: string): Promise<string | null> {
-  const info = await readFile("/proc/self/mountinfo", "utf8");
-  return mountsAt(info, at).at(-1)?.dev ?? null;
-}
-async function until<T>(what: string, get: () => Promise<T | null | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await get();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe("the spare layer disk: what held", () => {
   it("a phase on a spare sees nothing of the phase before it (files, xattrs, freed blocks), nor the spare folder, which is the daemon's alone (0700)", async () => {

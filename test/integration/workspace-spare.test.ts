@@ -7,40 +7,19 @@
  * is not taken.
  */
 import { spawn } from "node:child_process";
-import { chown, mkdir, mkdtemp, readdir, readFile, rm, rmdir } from "node:fs/promises";
+import { chown, mkdir, mkdtemp, readdir, rm, rmdir } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { destroySlotMounts, mountsAt, prepareSlotLayer } from "../../src/workspace/layer.js";
+import { destroySlotMounts, prepareSlotLayer } from "../../src/workspace/layer.js";
 import { SpareLayer, WorkspaceLayer } from "../../src/workspace/index.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { OWNER, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { OWNER, deviceAt, makeProject, mountsBelow, removeDir, requireEngineAndImage, startTestDaemon, until, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const MiB = 1024 * 1024;
 
-/** Mount points at or below `dir` in this process's mount table. */
-async function mountsBelow(dir: string): Promise<string[]> {
-  const info = await readFile("/proc/self/mountinfo", "utf8");
-  return info
-    .split("\n")
-    .map((l) => (l.split(" ")[4] ?? "").replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
-    .filter((mp) => mp === dir || mp.startsWith(dir + "/"));
-}
 
-/** The block device (major:minor) mounted at `at`, or null. */
-async function deviceAt(at: string): Promise<string | null> {
-  return mountsAt(await readFile("/proc/self/mountinfo", "utf8"), at).at(-1)?.dev ?? null;
-}
 
-async function until<T>(what: string, get: () => Promise<T | null | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await get();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 const warn = (m: string, e: Error) => {
   throw new Error(`${m}: ${e.message}`);
