@@ -120,8 +120,10 @@ describe("the credential walk's cache: what held", () => {
     await settle();
     const old = new Date("2020-01-01T00:00:00Z");
     // cp -p of a key into a cached folder, the folder's times set back
-    await writeFile("/tmp/sbx-a3-server.key", `${SECRET}\n`);
-    await run("cp", ["-p", "/tmp/sbx-a3-server.key", path.join(project, "deploy", "server.key")]);
+    const keyFile = path.join(path.dirname(project), `${path.basename(project)}-server.key`);
+    await writeFile(keyFile, `${SECRET}\n`);
+    await run("cp", ["-p", keyFile, path.join(project, "deploy", "server.key")]);
+    await rm(keyFile);
     await utimes(path.join(project, "deploy"), old, old);
     // a tree with old times moved whole into a cached folder (mv: one rename)
     const staging = path.join(path.dirname(project), `${path.basename(project)}-staging`);
