@@ -114,17 +114,27 @@ export async function recordSuccess(ctx: PhaseContext, live: LivePhase, source: 
 }
 
 /**
- * A limit reached: the phase becomes `escalated` at once (so the next call
- * gets 423), the report is written and recorded, then the container is
- * frozen. Returns null when the phase is already escalated or ending.
+ * A limit reached: the phase becomes `escalated` at once, with its
+ * escalation (so the next call gets 423 and a view names it), the report is
+ * written and recorded, then the container is frozen. Returns null when the phase is already escalated or ending.
  */
 export async function escalate(ctx: PhaseContext, live: LivePhase, reached: LimitReached): Promise<Escalation | null> {
   const { record } = live;
   if (record.state !== "running" && record.state !== "paused") return null;
   live.pendingEscalation = null;
-  transition(record, "escalated");
   const at = timestamp(ctx.opts.clock.now());
   const n = (record.escalations?.length ?? 0) + 1;
+  const report = path.join(ctx.store.dir(record.id), `escalation-${n}.log`);
+  const summary =
+    reached.scope === "memory" && reached.memory
+      ? memorySummary(reached.memory)
+      : reached.scope === "category"
+        ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
+        : `${reached.count} consecutive failed attempts (limit ${reached.limit}), the last ${reached.category}`;
+  const esc: Escalation = { n, at, category: reached.scope === "memory" ? "memory" : reached.category, report, summary, resolved: null };
+  // the state and its escalation change together: a view never shows `escalated` without it
+  transition(record, "escalated");
+  record.escalations = [...(record.escalations ?? []), esc];
   const tests: TestCounts | null = live.failFast.lastTests;
   const lines = escalationReport({
     phase: { id: record.id, name: record.name, mode: record.mode, project: record.project },
@@ -135,15 +145,6 @@ export async function escalate(ctx: PhaseContext, live: LivePhase, reached: Limi
     tests,
     at,
   }).map((l) => escapeControl(live.rec.redact(l)));
-  const report = path.join(ctx.store.dir(record.id), `escalation-${n}.log`);
-  const summary =
-    reached.scope === "memory" && reached.memory
-      ? memorySummary(reached.memory)
-      : reached.scope === "category"
-        ? `${reached.count} ${reached.category} failures in a row (limit ${reached.limit})`
-        : `${reached.count} consecutive failed attempts (limit ${reached.limit}), the last ${reached.category}`;
-  const esc: Escalation = { n, at, category: reached.scope === "memory" ? "memory" : reached.category, report, summary, resolved: null };
-  record.escalations = [...(record.escalations ?? []), esc];
   await writeFile(report, lines.join("\n") + "\n", { mode: 0o640 });
   await ctx.store.save(record);
   // on disk, in both records, before the container is touched
