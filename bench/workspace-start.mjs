@@ -8,14 +8,17 @@
  * container start without it:
  *
  *   without   `docker run -d` of the sandbox image with the project bound
- *             at /workspace (what a phase start did before the layer)
+ *             at /workspace (what a phase start did before the layer),
+ *             then the container's pid read from the engine's API (a
+ *             phase start reads it with or without the layer: the network
+ *             confinement needs it)
  *   with      the protected entries of the project's root found
  *             (protectedRootEntries), prepare(), then the container started
  *             while mount() walks the project for credential files below
- *             the root and makes the layer's disk and overlay, then the
- *             container's pid read (from the engine's API, as the daemon
- *             does) and attach() (the view moved in and
- *             checked in the container's mount table)
+ *             the root and makes the layer's disk and overlay, then
+ *             attach() (the view moved in, and checked in the container's
+ *             mount table once the pid, read from the engine's API as on
+ *             the other side, is there: read once, as the daemon does)
  *
  * Everything else a phase start does (the shim's channel and its handshake,
  * tunnels, the package disk, the network confinement, the records) is the
@@ -130,6 +133,8 @@ async function main() {
       if (side === "without") {
         const t = performance.now();
         const c = await dockerRun(project, null);
+        // a phase start reads the pid with or without the layer (its network confinement needs it)
+        await containerPid(c);
         const ms = performance.now() - t;
         if (r >= 0) without.push(ms);
         await removeContainer(c);
@@ -157,7 +162,8 @@ async function main() {
         await layer.prepare();
         const mounted = layer.mount();
         const c = await dockerRun(layer.paths.view, "rslave");
-        const pid = await containerPid(c);
+        // read once (src/phases/lifecycle.ts): the view's move does not wait for it, only its check
+        const pid = containerPid(c).catch(() => null);
         await mounted;
         await layer.attach(pid);
         const ms = performance.now() - t;

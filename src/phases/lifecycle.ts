@@ -255,12 +255,15 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
     // the namespace and the view are set up while the shim starts; all before any command can run
     // (all settled before going on, so a failure's cleanup below sees, and stops, the watch)
     const ws = workspace;
-    // (the container's pid only checks that the view reached it; a runtime without one skips the check)
+    // the container's pid, read once from the engine for the network confinement and the view's check
+    const pidRead = ctx.opts.runtime.containerPid(containerId);
+    // (the pid only checks that the view reached the container; a runtime without one skips the check)
+    const pidForView = pidRead.catch(() => null);
     // the live file-event watcher starts on the upper meanwhile (a failure to watch is recorded, not fatal)
     const viewAttached = layerMounted!.then(async () => {
-      await Promise.all([ws.layer.attach(await ctx.opts.runtime.containerPid(containerId!).catch(() => null)), ws.watch()]);
+      await Promise.all([ws.layer.attach(pidForView), ws.watch()]);
     });
-    const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live), viewAttached]);
+    const [ready, confined, attached] = await Promise.allSettled([channel.waitReady(ctx.connectTimeoutMs), confineNetwork(ctx, live, { readopt: false, pid: pidRead }), viewAttached]);
     if (attached.status === "rejected") throw attached.reason;
     if (ready.status === "rejected") throw ready.reason;
     if (confined.status === "rejected") throw confined.reason;

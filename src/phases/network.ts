@@ -55,11 +55,13 @@ export async function openTunnels(ctx: PhaseContext, live: LivePhase, token: str
  * the sandbox is no less closed — the kernel still refuses every such
  * connection — but those refusals go unrecorded; the audit trail says so.
  */
-export async function confineNetwork(ctx: PhaseContext, live: LivePhase, opts: { readopt: boolean } = { readopt: false }): Promise<void> {
+export async function confineNetwork(ctx: PhaseContext, live: LivePhase, opts: { readopt: boolean; pid?: Promise<number> } = { readopt: false }): Promise<void> {
   const { record } = live;
   let error: string | null = null;
   try {
-    const pid = await ctx.opts.runtime.containerPid(record.containerId!);
+    // (a start passes the pid it reads once for this and the workspace's view)
+    const pid = await (opts.pid ?? ctx.opts.runtime.containerPid(record.containerId!));
+    live.pid ??= pid;
     const watch = new RefusalWatch(
       pid,
       DEAD_PORT,

@@ -43,7 +43,7 @@
  * container's mount table afterwards and detaches such a copy there itself.
  */
 import { execFile } from "node:child_process";
-import { constants as fsc } from "node:fs";
+import { chmodSync, chownSync, constants as fsc, lstatSync, mkdirSync, readFileSync, statSync } from "node:fs";
 import { chmod, chown, lstat, mkdir, open, readFile, readdir, realpath, rename, rm, rmdir, stat } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -373,21 +373,24 @@ export class WorkspaceLayer {
     this.hidden().catch(() => undefined);
     if (!this.diskReady) await sh(diskScript(p, this.spec.budgetBytes).join("\n"), "creating the layer's disk").catch(unsupportedDisk);
     this.upperDev = (await stat(p.layerMnt)).dev;
-    await this.freshUpper();
-    await this.stageView();
+    // the whiteouts, the overlay and the read-only binds: one request to the host helper
+    const hiding = await this.freshUpper(true);
+    await this.stageView(false, hiding);
   }
 
   /**
    * Step 3, once the container exists: the staged view is moved onto view/
    * and so appears at the container's /workspace (checked there when its
-   * init's pid is given).
+   * init's pid is given). The pid may still be on its way: the move does not
+   * need it, only the check after it.
    */
-  attach(containerPid: number | null): Promise<void> {
+  attach(containerPid: number | null | Promise<number | null>): Promise<void> {
     if (this.destroyed) return Promise.reject(endedWhileMounting());
     return this.track(
       (async () => {
         await this.steps([{ op: "move", source: this.paths.stage, target: this.paths.view }], "mounting the view");
-        if (containerPid) await this.verifyInContainer(containerPid);
+        const pid = await containerPid;
+        if (pid) await this.verifyInContainer(pid);
       })(),
     );
   }
@@ -473,7 +476,8 @@ export class WorkspaceLayer {
       // only a real file or folder of the project: a symbolic link there would
       // make mount(8) bind whatever it points to on the host
       const src = path.join(this.spec.project, rel);
-      const st = await lstat(src).catch(() => null);
+      // (a few names, at the start: sync, no trip through the thread pool)
+      const st = lstatSync(src, { throwIfNoEntry: false });
       if (!st || !(st.isFile() || st.isDirectory())) continue;
       const dst = path.join(p.stage, rel);
       // a folder holding a credential file (.git/id_rsa) is bound from the overlay, whose whiteout hides it; the project's own folder would show it
@@ -498,18 +502,23 @@ export class WorkspaceLayer {
    */
   private async freshUpper(deferHiding = false): Promise<HostStep[]> {
     const p = this.paths;
-    await rm(p.upper, { recursive: true, force: true }).catch(async (err: NodeJS.ErrnoException) => {
-      if (err.code !== "ENAMETOOLONG") throw err;
-      // a tree deeper than PATH_MAX, made in the sandbox with relative paths: rm(1) walks it by descriptor
-      await run("rm", ["-rf", "--one-file-system", p.upper], { timeout: COMMAND_TIMEOUT_MS });
-    });
-    await rm(p.work, { recursive: true, force: true });
-    await mkdir(p.upper, { mode: 0o755 });
-    await mkdir(p.work, { mode: 0o700 });
+    // a used upper (an iteration's files) is removed off the event loop; a new disk has none
+    if (lstatSync(p.upper, { throwIfNoEntry: false })) {
+      await rm(p.upper, { recursive: true, force: true }).catch(async (err: NodeJS.ErrnoException) => {
+        if (err.code !== "ENAMETOOLONG") throw err;
+        // a tree deeper than PATH_MAX, made in the sandbox with relative paths: rm(1) walks it by descriptor
+        await run("rm", ["-rf", "--one-file-system", p.upper], { timeout: COMMAND_TIMEOUT_MS });
+      });
+    }
+    if (lstatSync(p.work, { throwIfNoEntry: false })) await rm(p.work, { recursive: true, force: true });
+    // the rest is a few metadata calls on the layer's own disk, made sync: at a start each
+    // trip through the thread pool costs a wake-up of one of its threads
+    mkdirSync(p.upper, { mode: 0o755 });
+    mkdirSync(p.work, { mode: 0o700 });
     // the view's root takes the upper's owner and mode: make them the project's
-    const root = await stat(this.spec.project);
-    await chown(p.upper, root.uid, root.gid);
-    await chmod(p.upper, root.mode & 0o7777);
+    const root = statSync(this.spec.project);
+    chownSync(p.upper, root.uid, root.gid);
+    chmodSync(p.upper, root.mode & 0o7777);
     const whiteouts: HostStep[] = [];
     const made = new Set<string>();
     for (const rel of await this.hidden()) {
@@ -520,10 +529,10 @@ export class WorkspaceLayer {
         if (made.has(dir)) continue;
         made.add(dir);
         const up = path.join(p.upper, dir);
-        const low = await stat(path.join(this.spec.project, dir));
-        await mkdir(up);
-        await chown(up, low.uid, low.gid);
-        await chmod(up, low.mode & 0o7777);
+        const low = statSync(path.join(this.spec.project, dir));
+        mkdirSync(up);
+        chownSync(up, low.uid, low.gid);
+        chmodSync(up, low.mode & 0o7777);
       }
       whiteouts.push({ op: "whiteout", path: path.join(p.upper, rel) });
     }
@@ -581,10 +590,11 @@ export class WorkspaceLayer {
   }
 
   private async verifyInContainer(pid: number): Promise<void> {
-    const want = devString((await stat(this.paths.view)).dev);
+    // sync: a stat and a small procfs file (readFile is four trips through the thread pool)
+    const want = devString(statSync(this.paths.view).dev);
     let info: string;
     try {
-      info = await readFile(`/proc/${pid}/mountinfo`, "utf8");
+      info = readFileSync(`/proc/${pid}/mountinfo`, "utf8");
     } catch {
       return;
     }

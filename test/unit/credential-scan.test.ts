@@ -48,6 +48,52 @@ describe("the credential walk's cache", () => {
     expect(lastCredentialScan().read).toBe(1);
   }, 10_000);
 
+  it("a walk of an unchanged project copies no cached record; a change three folders down copies only the three on its way", async () => {
+    await settle();
+    await walk();
+    expect(await walk()).toEqual(["deploy/server.key"]);
+    expect(lastCredentialScan()).toMatchObject({ read: 0, reused: 8, copied: 0 });
+    writeFileSync(path.join(project, "src/app/views", ".env"), "A=1\n");
+    expect(await walk()).toEqual(["deploy/server.key", "src/app/views/.env"]);
+    // views/ read; the root, src/ and src/app/ copied to hold its new record; the rest shared
+    expect(lastCredentialScan()).toMatchObject({ read: 1, reused: 7, copied: 3 });
+    await settle();
+    expect(await walk()).toEqual(["deploy/server.key", "src/app/views/.env"]); // views/ was racy: read once more
+    expect(await walk()).toEqual(["deploy/server.key", "src/app/views/.env"]);
+    expect(lastCredentialScan()).toMatchObject({ read: 0, copied: 0 });
+  }, 15_000);
+
+  it("a removed folder is gone from the next walk's records, and what changed beside it is found", async () => {
+    await settle();
+    await walk();
+    rmSync(path.join(project, "deploy"), { recursive: true });
+    writeFileSync(path.join(project, "tests", "id_rsa"), "KEY\n");
+    await settle();
+    expect(await walk()).toEqual(["tests/id_rsa"]);
+    expect(await walk()).toEqual(["tests/id_rsa"]);
+    expect(lastCredentialScan()).toMatchObject({ read: 0, reused: 7, copied: 0 }); // the root and its 6 folders left
+  }, 15_000);
+
+  it("two walks side by side on a changed project both find every credential file: one never changes the cached records the other reads", async () => {
+    // bulk/ holds 50 folders with a .env each and 3,000 folders below them: enough that each walk yields (2 ms slices) and the two interleave
+    for (let d = 0; d < 50; d++) {
+      for (let e = 0; e < 60; e++) mkdirSync(path.join(project, "bulk", `d${d}`, `e${e}`), { recursive: true });
+      writeFileSync(path.join(project, "bulk", `d${d}`, ".env"), "A=1\n");
+    }
+    const all = [...Array.from({ length: 50 }, (_, d) => `bulk/d${d}/.env`), "deploy/server.key"].sort();
+    await settle();
+    expect(await walk()).toEqual(all);
+    // bulk/ itself changes (a new file): read anew; its 50 folders are unchanged, and each keeps its finding
+    writeFileSync(path.join(project, "bulk", "notes.txt"), "n\n");
+    await settle();
+    const [a, b] = await Promise.all([walk(), walk()]);
+    expect(lastCredentialScan().yields).toBeGreaterThan(0);
+    expect(a).toEqual(all);
+    expect(b).toEqual(all);
+    expect(await walk()).toEqual(all);
+    expect(lastCredentialScan()).toMatchObject({ read: 0, copied: 0 });
+  }, 20_000);
+
   it("a folder's mtime set back after a credential file was added does not hide it (ctime moves)", async () => {
     const views = path.join(project, "src/app/views");
     const old = 1_600_000_000; // whole seconds: set back exactly
