@@ -361,6 +361,8 @@ async function execOnce(ctx: PhaseContext, id: string, req: ExecRequest, sink?: 
       : stale
         ? ` stale=${stale.approval.id} changed=${stale.changed.join(",")}`
         : "";
+  // the shim readies the command's cgroup while the verdict is made durable (nothing runs before it is)
+  if (verdict.decision === "allow") live.channel?.prepare();
   const verdictRecord = await rec.record(
     {
       type: "exec.verdict",

@@ -200,6 +200,15 @@ export class ShimChannel {
     return execId;
   }
 
+  /**
+   * The next exec is on its way (its verdict is being made durable): a shim
+   * with "prepare" readies its cgroup meanwhile. Nothing runs on it; the
+   * exec that takes the id uses it, and an unused one is undone by the shim.
+   */
+  prepare(): void {
+    if (this.active && !this.held && this.features.includes("prepare")) this.send({ type: "prepare", execId: this.nextExecId });
+  }
+
   signal(execId: number, signal: "SIGTERM" | "SIGKILL" | "SIGINT"): void {
     if (this.active && this.execs.has(execId)) this.send({ type: "signal", execId, signal });
   }

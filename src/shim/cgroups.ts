@@ -26,13 +26,26 @@
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { errorFields, log } from "./log.js";
 
+/** What the cgroups ask of the forker to ready a cgroup for it (forker.ts). */
+export interface CgroupTenant {
+  /** moves into `cgroup` if idle and nowhere else; false when it did not */
+  enter(cgroup: CommandCgroup): boolean;
+  /** leaves `cgroup` if it is there and not forking; false when it is still in it */
+  leave(cgroup: CommandCgroup): boolean;
+}
+
 const SUPERVISOR = "supervisor";
+/** how long a readied cgroup waits for its exec before it is undone (the daemon's writes take milliseconds) */
+const PREPARED_MS = 2_000;
 /** after cgroup.kill, how long the kernel gets to empty the cgroup before the shim stops waiting */
 const EMPTY_WAIT_MS = 2_000;
 const EMPTY_POLL_MS = 2;
 
 export class CommandCgroups {
   private constructor(private readonly root: string) {}
+
+  /** the cgroup readied for the next exec (prepare), with the forker in it, until that exec takes it */
+  private prepared: { execId: number; cgroup: CommandCgroup; tenant: CgroupTenant; timer: NodeJS.Timeout } | null = null;
 
   /**
    * Opens the phase's cgroup directory and moves the shim into its
@@ -62,8 +75,52 @@ export class CommandCgroups {
     writeFileSync(`${this.root}/${SUPERVISOR}/cgroup.procs`, String(pid));
   }
 
-  /** A new, empty cgroup for one command. Throws when it cannot be made. */
+  /**
+   * Readies exec `execId`'s cgroup ahead of its message, with the forker in
+   * it (the move costs a grace period after a pause; made now, it overlaps
+   * the daemon's durable writes). Only when the forker is idle and no other
+   * is readied; anything else leaves the exec to make its own. Undone after
+   * PREPARED_MS if no exec takes it.
+   */
+  prepare(execId: number, tenant: CgroupTenant): void {
+    if (this.prepared) return;
+    const dir = `${this.root}/cmd-${execId}`;
+    try {
+      mkdirSync(dir);
+    } catch {
+      return; // a stale one (EEXIST): the exec's own create() empties it
+    }
+    const cgroup = new CommandCgroup(dir);
+    if (!tenant.enter(cgroup)) {
+      cgroup.discard();
+      return;
+    }
+    const timer = setTimeout(() => this.unprepare(), PREPARED_MS);
+    timer.unref();
+    this.prepared = { execId, cgroup, tenant, timer };
+  }
+
+  /** No exec took the readied cgroup: the forker leaves it, and it goes (never killed: only the forker was in it). */
+  private unprepare(): void {
+    const p = this.prepared;
+    if (!p) return;
+    this.prepared = null;
+    clearTimeout(p.timer);
+    if (p.tenant.leave(p.cgroup)) p.cgroup.discard();
+  }
+
+  /** A new, empty cgroup for one command (the one readied for it, if any). Throws when it cannot be made. */
   create(execId: number): CommandCgroup {
+    const p = this.prepared;
+    if (p) {
+      if (p.execId === execId) {
+        this.prepared = null;
+        clearTimeout(p.timer);
+        return p.cgroup;
+      }
+      // another exec came first: the readied one is undone (the forker is moved to this exec's when it forks)
+      this.unprepare();
+    }
     const dir = `${this.root}/cmd-${execId}`;
     try {
       mkdirSync(dir);
@@ -125,6 +182,11 @@ export class CommandCgroup {
       await new Promise((resolve) => setTimeout(resolve, EMPTY_POLL_MS));
     }
     return left;
+  }
+
+  /** Removes the cgroup if it is empty, and only then (never a kill). */
+  discard(): boolean {
+    return this.tryRemove();
   }
 
   /** rmdir succeeds only on an empty cgroup (EBUSY otherwise). */

@@ -197,7 +197,9 @@ export class RunningExec {
           // worded as Node's spawn words it
           this.spawnFailed(err.code, this.explainSpawnError(err.code, `spawn ${msg.argv[0]} ${err.code} (${err.message})`));
         } else if (err instanceof ForkerUnavailable) {
-          this.spawnWithNode(); // nothing was started
+          // nothing was started; a cgroup readied with the forker in it is left to the command alone
+          if (this.cgroup) forker.leave(this.cgroup);
+          this.spawnWithNode();
         } else {
           // the forker failed midway: the command may have started, so it is not started again
           this.spawnFailed("ESPAWN", `the command could not be started: ${err.message}`);

@@ -358,8 +358,54 @@ export class Forker {
 
   private uid: number | null = null;
   private gid: number | null = null;
+  /**
+   * The command cgroup the forker is in (null: the supervisor's). Every move
+   * goes through here, so a command is forked only with its own cgroup here
+   * (sendNext), and a move is skipped when the forker is there already: a
+   * cgroup readied ahead (enter) costs nothing at the fork.
+   */
+  private placedIn: CommandCgroup | null = null;
 
   constructor(private readonly cgroups: CommandCgroups | null = null) {}
+
+  /** CgroupTenant (cgroups.ts): into a readied cgroup, only when idle, ready and in the supervisor's. */
+  enter(cgroup: CommandCgroup): boolean {
+    const pid = this.child?.pid;
+    if (!this.cgroups || !this.usable || pid === undefined || this.inFlight !== null || this.queue.length > 0 || this.placedIn !== null) return false;
+    try {
+      cgroup.place(pid);
+    } catch (err) {
+      log("warn", "could not ready a command's cgroup for the forker", { dir: cgroup.dir, ...errorFields(err) });
+      return false;
+    }
+    this.placedIn = cgroup;
+    return true;
+  }
+
+  /** CgroupTenant: out of `cgroup` (home) if it is there and not forking; true when it is not in it afterwards. */
+  leave(cgroup: CommandCgroup): boolean {
+    if (this.placedIn !== cgroup) return true;
+    if (this.inFlight !== null) return false;
+    return this.goHome();
+  }
+
+  /** Back to the supervisor's cgroup; a forker that cannot leave a command's cgroup is stopped (it would die with that command). */
+  private goHome(): boolean {
+    const pid = this.child?.pid;
+    if (this.placedIn === null || !this.cgroups || pid === undefined) {
+      this.placedIn = null;
+      return true;
+    }
+    try {
+      this.cgroups.home(pid);
+      this.placedIn = null;
+      return true;
+    } catch (err) {
+      log("warn", "could not move the forker out of a command's cgroup; stopping it", errorFields(err));
+      this.die("could not leave a command's cgroup");
+      return false;
+    }
+  }
 
   /** True once the forker answered; until then (and after it died) callers spawn with Node. */
   get usable(): boolean {
@@ -469,8 +515,15 @@ export class Forker {
     const p = this.pending.get(id);
     if (!p) return this.sendNext();
     try {
-      // the command is born in its cgroup: its parent is there when it forks
-      p.req.cgroup?.place(child.pid!);
+      // the command is born in its cgroup: its parent is there when it forks (already, when readied ahead)
+      const target = p.req.cgroup ?? null;
+      if (target && this.placedIn !== target) {
+        target.place(child.pid!);
+        this.placedIn = target;
+      } else if (!target && this.placedIn !== null && !this.goHome()) {
+        // a command without a cgroup is never born in another command's: the forker was stopped, its requests went back
+        return;
+      }
     } catch (err) {
       this.pending.delete(id);
       p.reject(new ForkerUnavailable(`could not place the forker in the command's cgroup: ${(err as Error).message}`));
@@ -492,16 +545,8 @@ export class Forker {
     if (this.answerTimer) clearTimeout(this.answerTimer);
     this.answerTimer = null;
     if (this.child?.pid !== undefined) setOomScoreAdj(this.child.pid, 0);
-    if (this.cgroups && this.child?.pid !== undefined) {
-      try {
-        this.cgroups.home(this.child.pid);
-      } catch (err) {
-        // it would be killed with that command: better to lose it now
-        log("warn", "could not move the forker out of a command's cgroup; stopping it", errorFields(err));
-        this.die("could not leave a command's cgroup");
-        return;
-      }
-    }
+    // it would be killed with that command: a forker that cannot leave is stopped (goHome)
+    if (!this.goHome()) return;
     this.sendNext();
   }
 
@@ -622,6 +667,7 @@ export class Forker {
   private die(why: string): void {
     const child = this.child;
     this.child = null;
+    this.placedIn = null; // a new forker is born in the shim's cgroup, the supervisor's
     this.dead = true;
     this.ready = false;
     this.settleReadiness(false);

@@ -170,7 +170,7 @@ class Shim implements ExecLink {
         pid: process.pid,
         node: process.version,
         running,
-        features: ["owner", "execflow", "stdin", "pool"],
+        features: ["owner", "execflow", "stdin", "pool", "prepare"],
       });
     });
   }
@@ -241,6 +241,9 @@ class Shim implements ExecLink {
         return;
       case "listen":
         this.tunnels.apply(message.services);
+        return;
+      case "prepare":
+        if (!this.execs.has(message.execId)) this.cgroups?.prepare(message.execId, this.forker);
         return;
       case "shutdown":
         log("info", "shutdown requested by the daemon");

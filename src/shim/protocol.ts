@@ -194,7 +194,8 @@ export const helloSchema = z
      * slow client of one command does not hold up the others;
      * "stdin" — an exec may carry bytes for the command's stdin;
      * "pool" — it waits for its welcome as long as it takes when started
-     * pooled (SHIM_ENV.pooled): a warm pool's container is welcomed at its claim.
+     * pooled (SHIM_ENV.pooled): a warm pool's container is welcomed at its claim;
+     * "prepare" — it readies the next exec's cgroup on a `prepare` message.
      */
     features: z.array(z.string().max(32)).max(32).optional(),
   })
@@ -311,6 +312,15 @@ export const tunnelHeaderSchema = z
 export type TunnelHeader = z.infer<typeof tunnelHeaderSchema>;
 export const TUNNEL_HEADER_MAX = 1024;
 
+/**
+ * Feature "prepare": an exec whose verdict allows it is on its way (the
+ * daemon is making the verdict durable). The shim makes that exec's cgroup
+ * and puts the forker in it now, so the move's kernel wait (an RCU grace
+ * period after a pause: 5–8 ms here) overlaps the daemon's writes instead of
+ * delaying the fork. Nothing runs on it; unused, it is undone (cgroups.ts).
+ */
+export const prepareSchema = z.object({ type: z.literal("prepare"), execId: execIdSchema }).strict();
+
 export const daemonToShimSchema = z.discriminatedUnion("type", [
   welcomeSchema,
   execSchema,
@@ -318,6 +328,7 @@ export const daemonToShimSchema = z.discriminatedUnion("type", [
   shutdownSchema,
   listenSchema,
   flowSchema,
+  prepareSchema,
 ]);
 export type DaemonToShim = z.infer<typeof daemonToShimSchema>;
 export type ExecMessage = z.infer<typeof execSchema>;

@@ -579,6 +579,67 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     expect(readdirSync(dir).filter((f) => f.startsWith("cmd-"))).toEqual([]);
   });
 
+  if (cgroups && via === "forker") it("a cgroup readied ahead (prepare): the command is born in it alone, the forker back in the supervisor's; unused, it is undone; taken by another id, the forker moves", async () => {
+    const shim = await startShim();
+    const conn = await welcomed(shim);
+    expect((await run(conn, { argv: ["true"] })).exit?.exitCode).toBe(0); // the forker is up
+    const dir = logLines(shim).find((l) => l.msg === "per-command cgroups")?.root as string;
+    // the cgroup tree is polled: the shim sends no message when it readies or undoes one
+    const poll = async (what: string, ok: () => boolean, timeoutMs = 10_000) => {
+      for (const deadline = Date.now() + timeoutMs; !ok(); await new Promise((r) => setTimeout(r, 20))) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      }
+    };
+    const procs = (d: string) => readFileSync(join(dir, d, "cgroup.procs"), "utf8").split("\n").filter(Boolean).map(Number);
+    const forkerPid = Number((await run(conn, { argv: ["sh", "-c", "echo $PPID"] })).stdout.toString().trim());
+    expect(procs("supervisor")).toContain(forkerPid);
+
+    // readied for the next id: the forker waits in it, nothing else does
+    const id = nextExecId;
+    conn.send({ type: "prepare", execId: id });
+    await poll("the readied cgroup", () => existsSync(join(dir, `cmd-${id}`)) && procs(`cmd-${id}`).includes(forkerPid));
+    expect(procs(`cmd-${id}`)).toEqual([forkerPid]);
+    const m = marker();
+    const running = sendExec(conn, { argv: ["sh", "-c", `echo $$; exec sleep ${m}`] });
+    expect(running).toBe(id);
+    await conn.waitFor(() => (conn.output(id, FrameKind.Stdout).length > 0 ? true : undefined), "the command's pid");
+    const cmdPid = Number(conn.output(id, FrameKind.Stdout).toString().trim());
+    // born in its cgroup, which the forker has left
+    await poll("the forker leaving", () => !procs(`cmd-${id}`).includes(forkerPid));
+    expect(procs(`cmd-${id}`)).toEqual([cmdPid]);
+    expect(procs("supervisor")).toContain(forkerPid);
+    conn.send({ type: "signal", execId: id, signal: "SIGKILL" });
+    expect((await finished(conn, id)).exit?.signal).toBe("SIGKILL");
+    await expectGone(`sleep ${m}`);
+    await poll("the command's cgroup removed", () => !existsSync(join(dir, `cmd-${id}`)));
+
+    // readied, and no exec comes: undone (the forker home, the cgroup gone, nothing killed)
+    const unused = nextExecId + 100;
+    conn.send({ type: "prepare", execId: unused });
+    await poll("the second readied cgroup", () => existsSync(join(dir, `cmd-${unused}`)));
+    await poll("the unused cgroup undone", () => !existsSync(join(dir, `cmd-${unused}`)), 5_000);
+    expect(procs("supervisor")).toContain(forkerPid);
+
+    // readied for one id, taken by another exec first: that one is born in its own cgroup, alone
+    const other = nextExecId + 200;
+    conn.send({ type: "prepare", execId: other });
+    await poll("the third readied cgroup", () => existsSync(join(dir, `cmd-${other}`)));
+    const m2 = marker();
+    const first = sendExec(conn, { argv: ["sh", "-c", `echo $$; exec sleep ${m2}`] });
+    await conn.waitFor(() => (conn.output(first, FrameKind.Stdout).length > 0 ? true : undefined), "the other command's pid");
+    const firstPid = Number(conn.output(first, FrameKind.Stdout).toString().trim());
+    await poll("the forker leaving the other cgroup", () => !procs(`cmd-${first}`).includes(forkerPid));
+    expect(procs(`cmd-${first}`)).toEqual([firstPid]);
+    expect(existsSync(join(dir, `cmd-${other}`))).toBe(false);
+    conn.send({ type: "signal", execId: first, signal: "SIGKILL" });
+    await finished(conn, first);
+    await expectGone(`sleep ${m2}`);
+    // the forker lived through all of it, and starts the next command
+    const after = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    expect(Number(after.stdout.toString().trim())).toBe(forkerPid);
+    expect(logLines(shim).filter((l) => /forker/.test(String(l.msg)) && l.level === "warn")).toEqual([]);
+  });
+
   it("one command cannot signal, ptrace or write the memory of another's processes, nor of its starter (the forker, or the shim)", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);
