@@ -9,6 +9,7 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { loadPolicy } from "../../src/policy/index.js";
 import { clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan } from "../../src/workspace/index.js";
+import { swapFolders } from "../helpers/swap.js";
 
 // a folder changed within 2 s of its read is read again next time (the kernel's coarse clock): the tests wait that out
 const settle = () => new Promise((r) => setTimeout(r, 2100));
@@ -124,6 +125,33 @@ describe("the credential walk's cache", () => {
     expect(found).not.toContain("deploy/server.key");
     expect(found).toEqual(expect.arrayContaining([expect.stringMatching(/^src\/app\/models\//)]));
   }, 15_000);
+
+  it("a folder swapped with another at its path between the walk's stat and its read (mv a a.old; mv a.new a) leaves no record of the one folder with the other's entries: once it did, and the next walks missed its credential files", async () => {
+    // a/ holds 200 folders with a .env each, a2/ the same folders without: while a walk reads
+    // them, a/ and a2/ swap names over and over (renameat2 RENAME_EXCHANGE in a loop)
+    const n = 200;
+    for (let i = 0; i < n; i++) {
+      mkdirSync(path.join(project, "a", `b${i}`), { recursive: true });
+      mkdirSync(path.join(project, "a2", `b${i}`), { recursive: true });
+      writeFileSync(path.join(project, "a", `b${i}`, ".env"), "A=1\n");
+    }
+    const all = Array.from({ length: n }, (_, i) => `a/b${i}/.env`);
+    await settle(); // the b folders are old: a record of one is trusted while its times hold
+    for (let round = 0; round < 3; round++) {
+      clearCredentialScanCache();
+      const stop = await swapFolders(project, "a", "a2");
+      try {
+        await walk();
+      } finally {
+        await stop(); // a/ is the folder with the .env files again, a2/ the other
+      }
+      // read by path, each b folder had the stat of one and the entries of the other about a
+      // third of the time: 30–80 of the 200 .env files were missing from here on
+      const found = await walk();
+      expect(all.filter((p) => !found.includes(p))).toEqual([]);
+      expect(found.filter((p) => p.startsWith("a2/"))).toEqual([]);
+    }
+  }, 30_000);
 
   it("a folder changed within the kernel's clock tick of its read is read again, not trusted", async () => {
     await walk(); // no settle: every folder is recent
