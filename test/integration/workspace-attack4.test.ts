@@ -161,4 +161,29 @@ describe("the credential walk's cache, fourth round", () => {
       await Promise.all([stopPhase(a), stopPhase(b)]);
     }
   }, 180_000);
+
+  it("held: a phase started while another on the same project stops and applies its last iteration (new folders, a file moved) is blind to the project's credential files, and so is the next", async () => {
+    await put("lib/conf/.env");
+    await writeFile(path.join(project, "lib", "old.py"), "X = 1\n");
+    await own();
+    await settle();
+    const a = await startPhase();
+    // the agent's last changes: a new folder three deep and a file moved beside the .env
+    const w = await py(a, ["import os, shutil", "os.makedirs('/workspace/lib/x/y/z')", "open('/workspace/lib/x/y/z/m.py', 'w').write('Y = 2\\n')", "shutil.move('/workspace/lib/old.py', '/workspace/lib/conf/old.py')"].join("\n"));
+    expect(w.exitCode, w.stderr).toBe(0);
+    // the stop applies them to the project while the new phase's walk reads it
+    const [, b] = await Promise.all([stopPhase(a), startPhase()]);
+    try {
+      await expectNoLeak(b, 5);
+    } finally {
+      await stopPhase(b);
+    }
+    expect(await readFile(path.join(project, "lib", "x", "y", "z", "m.py"), "utf8")).toBe("Y = 2\n");
+    const c = await startPhase();
+    try {
+      await expectNoLeak(c, 5);
+    } finally {
+      await stopPhase(c);
+    }
+  }, 180_000);
 });
