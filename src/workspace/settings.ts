@@ -89,7 +89,9 @@ interface FolderScan {
   /**
    * read within RACY_MS of its ctime: a change made in the same clock tick
    * (the kernel's coarse clock) would leave the ctime as it was, so such a
-   * folder is read again next time (git's "racy" entries, the same way)
+   * folder is read again next time (git's "racy" entries, the same way);
+   * also a folder whose inode number is past 2^53 (not an identity as a
+   * number) or that could not be opened
    */
   racy: boolean;
   hits: string[];
@@ -264,7 +266,10 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
     let scan: FolderScan;
     try {
       const now = Date.now();
-      const racy = fd < 0 || now - st.ctimeMs < RACY_MS || now - st.mtimeMs < RACY_MS;
+      // an inode number a double cannot hold (overlayfs with xino, CIFS: 64-bit numbers) is not
+      // an identity: two folders made together had the same number and times, and one swapped
+      // to the other's path was taken for it, with its findings. Such a folder is read every walk.
+      const racy = fd < 0 || !Number.isSafeInteger(st.ino) || now - st.ctimeMs < RACY_MS || now - st.mtimeMs < RACY_MS;
       scan = { dev: st.dev, ino: st.ino, mtimeMs: st.mtimeMs, ctimeMs: st.ctimeMs, racy, hits: [], subdirs: new Map() };
       visit.own = scan;
       ownScan(visit.parent!, counts).subdirs.set(visit.name, scan);

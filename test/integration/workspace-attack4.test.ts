@@ -9,7 +9,8 @@
  * exec.result record of the trail.
  */
 import { execFile } from "node:child_process";
-import { chown, mkdir, readFile, writeFile } from "node:fs/promises";
+import { chown, mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -184,6 +185,56 @@ describe("the credential walk's cache, fourth round", () => {
       await expectNoLeak(c, 5);
     } finally {
       await stopPhase(c);
+    }
+  }, 180_000);
+
+  it("a project on a file system whose inode numbers a double cannot hold (overlayfs with xino): a folder swapped with its twin is not taken for it from the cache; once it was, and the sandbox read its .env", async () => {
+    // the operator's project is an overlay: lower on this disk, upper on a tmpfs (xino puts the
+    // layer in the lower's inode numbers' top bits, past 2^53), folder renames as redirects
+    const base = await mkdtemp(path.join(os.tmpdir(), "sbx-a4-xino-"));
+    const lower = path.join(base, "lower");
+    const up = path.join(base, "up");
+    const ov = path.join(base, "project");
+    await mkdir(path.join(lower, "app", "b"), { recursive: true });
+    await mkdir(path.join(lower, "app2", "b"), { recursive: true });
+    await writeFile(path.join(lower, "app2", "b", ".env"), `TOKEN=${SECRET}\n`);
+    await writeFile(path.join(lower, "app", "b", "main.py"), "X = 1\n");
+    await writeFile(path.join(lower, "app2", "b", "main.py"), "X = 2\n");
+    // both b folders' times set at once, as tar -xp leaves them: the same (mtime, ctime)
+    await run("touch", ["-d", "2024-01-01", path.join(lower, "app", "b"), path.join(lower, "app2", "b")]);
+    await run("chown", ["-R", `${OWNER.uid}:${OWNER.gid}`, lower]);
+    await mkdir(up);
+    await mkdir(ov);
+    await run("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", up]);
+    const saved = project;
+    try {
+      await mkdir(path.join(up, "u"));
+      await mkdir(path.join(up, "w"));
+      await chown(path.join(up, "u"), OWNER.uid, OWNER.gid);
+      await run("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${lower},upperdir=${up}/u,workdir=${up}/w,xino=on,redirect_dir=on`, ov]);
+      project = ov;
+      try {
+        await settle();
+        const p1 = await startPhase(); // the daemon's walk of this project: app/b has no .env
+        await stopPhase(p1);
+        // app and app2 swap names: each b keeps its inode (the same number as a double) and its times
+        await rename(path.join(ov, "app"), path.join(ov, "t"));
+        await rename(path.join(ov, "app2"), path.join(ov, "app"));
+        await rename(path.join(ov, "t"), path.join(ov, "app2"));
+        const p2 = await startPhase();
+        try {
+          // app/b was taken from the cache as the app/b before (no .env): its .env was readable here
+          await expectNoLeak(p2, 4);
+        } finally {
+          await stopPhase(p2);
+        }
+      } finally {
+        project = saved;
+        await run("umount", ["-l", ov]);
+      }
+    } finally {
+      await run("umount", ["-l", up]);
+      await rm(base, { recursive: true, force: true });
     }
   }, 180_000);
 });
