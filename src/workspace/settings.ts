@@ -275,6 +275,7 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
       ownScan(visit.parent!, counts).subdirs.set(visit.name, scan);
       // the descriptor's folder by name (Node reads folders by path only)
       const at = `/proc/self/fd/${fd}`;
+      let from = at;
       try {
         if (fd < 0) entries = [];
         else if (st.size <= BIG_DIR_BYTES) entries = readdirSync(at, { withFileTypes: true });
@@ -294,14 +295,23 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
           }
         }
       } catch {
-        // unreadable: nothing found in it (its mode changing changes its ctime)
+        // not through the descriptor (no /proc): by path, as before, and never taken from the cache;
+        // unreadable that way too: nothing found in it
+        scan.racy = true;
+        from = dir;
+        entries = [];
+        try {
+          entries = readdirSync(dir, { withFileTypes: true });
+        } catch {
+          // (its mode changing changes its ctime)
+        }
       }
       if (entries.some((e) => e.name.includes("\ufffd"))) {
         // a name that is not UTF-8 comes back with U+FFFD, a name that opens another file (or none): the folder is read by bytes
-        const raw = readdirSync(at, { withFileTypes: true, encoding: "buffer" });
+        const raw = readdirSync(from, { withFileTypes: true, encoding: "buffer" });
         const bad = raw.filter((e) => !Buffer.from(e.name.toString("utf8")).equals(e.name));
         if (bad.length > 0) {
-          notUtf8(at, rel, bad, isHit);
+          notUtf8(from, rel, bad, isHit);
           // never taken from the cache: what is below such a folder is not in it
           scan.racy = true;
           entries = raw.filter((e) => !bad.includes(e)).map((e) => Object.assign(e, { name: e.name.toString("utf8") }) as unknown as Dirent);
