@@ -12,7 +12,7 @@
  * (credential files) are found at any depth by one walk of the project at
  * phase start: `config/.env` read in the sandbox would leak its values.
  */
-import { lstatSync, opendirSync, readdirSync, readFileSync, type Dirent, type Stats } from "node:fs";
+import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, opendirSync, readdirSync, readFileSync, type Dirent, type Stats } from "node:fs";
 import { readdir } from "node:fs/promises";
 import { performance } from "node:perf_hooks";
 import path from "node:path";
@@ -89,7 +89,9 @@ interface FolderScan {
   /**
    * read within RACY_MS of its ctime: a change made in the same clock tick
    * (the kernel's coarse clock) would leave the ctime as it was, so such a
-   * folder is read again next time (git's "racy" entries, the same way)
+   * folder is read again next time (git's "racy" entries, the same way);
+   * also a folder whose inode number is past 2^53 (not an identity as a
+   * number) or that could not be opened
    */
   racy: boolean;
   hits: string[];
@@ -205,67 +207,118 @@ async function hiddenBelow(project: string, rules: HiddenRules): Promise<string[
     const visit = todo.pop()!;
     const { rel, cached } = visit;
     const dir = rel ? `${project}/${rel}` : project;
-    // the stat before the read: a change after it gives a newer ctime, which the next walk sees
-    let st: Stats;
-    try {
-      st = lstatSync(dir);
-    } catch {
-      ownScan(visit.parent!, counts).subdirs.delete(visit.name); // gone since its folder was read
-      continue;
+    // a folder the last walk read and trusts: its lstat says whether it is unchanged
+    if (cached && !cached.racy) {
+      let st: Stats;
+      try {
+        st = lstatSync(dir);
+      } catch {
+        ownScan(visit.parent!, counts).subdirs.delete(visit.name); // gone since its folder was read
+        continue;
+      }
+      if (!st.isDirectory()) {
+        ownScan(visit.parent!, counts).subdirs.delete(visit.name);
+        continue;
+      }
+      if (cached.dev === st.dev && cached.ino === st.ino && cached.mtimeMs === st.mtimeMs && cached.ctimeMs === st.ctimeMs) {
+        // unchanged: the same entries, so the same findings and subfolders (each checked in turn);
+        // its record is the cached one, copied only if something below it changed
+        counts.reused++;
+        const holder = visit.parent!.own;
+        if (holder && holder.subdirs.get(visit.name) !== cached) holder.subdirs.set(visit.name, cached);
+        for (const [n, c] of cached.subdirs) todo.push({ rel: rel ? `${rel}/${n}` : n, name: n, cached: c, parent: visit, own: null });
+        if (cached.hits.length > 0) out.push(...cached.hits);
+        continue;
+      }
     }
-    if (!st.isDirectory()) {
+    // Read through a descriptor: the record's (dev, ino, times) are those of the folder whose
+    // entries it holds. Read by path, a folder swapped in at the path between the lstat and the
+    // readdir (`mv a a.old; mv a.new a`, or an exchange) gave the one folder's identity the
+    // other's entries; the next walk took the first from the cache with none of its credential
+    // files, and every later phase showed them.
+    let fd: number;
+    try {
+      fd = openSync(dir, fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENOTDIR" || code === "ELOOP") {
+        ownScan(visit.parent!, counts).subdirs.delete(visit.name); // gone, or a link or file now, since its lstat
+        continue;
+      }
+      fd = -1; // unreadable: nothing found in it, and never taken from the cache
+    }
+    // the stat before the read (of the descriptor's folder): a change after it gives a newer ctime, which the next walk sees
+    let st: Stats | null;
+    try {
+      st = fd >= 0 ? fstatSync(fd) : lstatSync(dir);
+    } catch {
+      st = null;
+    }
+    if (!st?.isDirectory()) {
+      if (fd >= 0) closeSync(fd);
       ownScan(visit.parent!, counts).subdirs.delete(visit.name);
       continue;
     }
-    if (cached && !cached.racy && cached.dev === st.dev && cached.ino === st.ino && cached.mtimeMs === st.mtimeMs && cached.ctimeMs === st.ctimeMs) {
-      // unchanged: the same entries, so the same findings and subfolders (each checked in turn);
-      // its record is the cached one, copied only if something below it changed
-      counts.reused++;
-      const holder = visit.parent!.own;
-      if (holder && holder.subdirs.get(visit.name) !== cached) holder.subdirs.set(visit.name, cached);
-      for (const [n, c] of cached.subdirs) todo.push({ rel: rel ? `${rel}/${n}` : n, name: n, cached: c, parent: visit, own: null });
-      if (cached.hits.length > 0) out.push(...cached.hits);
-      continue;
-    }
-    const now = Date.now();
-    const racy = now - st.ctimeMs < RACY_MS || now - st.mtimeMs < RACY_MS;
-    const scan: FolderScan = { dev: st.dev, ino: st.ino, mtimeMs: st.mtimeMs, ctimeMs: st.ctimeMs, racy, hits: [], subdirs: new Map() };
-    visit.own = scan;
-    ownScan(visit.parent!, counts).subdirs.set(visit.name, scan);
-    const sub = (n: string) => (rel ? `${rel}/${n}` : n);
     counts.read++;
+    const sub = (n: string) => (rel ? `${rel}/${n}` : n);
+    const isHit = (p: string, name: string) => rules.some((rule) => (rule.names ? protectsName(rule.names, name) : protects(rule, p)));
     let entries: Dirent[] = [];
+    let scan: FolderScan;
     try {
-      if (st.size <= BIG_DIR_BYTES) entries = readdirSync(dir, { withFileTypes: true });
-      else {
-        // a folder of many entries (200k: 160 ms in one readdirSync) is read a batch at a time, yielding as between folders
-        const d = opendirSync(dir, { bufferSize: 256 });
-        try {
-          for (let e = d.readSync(); e; e = d.readSync()) {
-            entries.push(e);
-            if ((entries.length & 255) === 0 && performance.now() - sliceStart > SLICE_MS) {
-              await yieldTurn(counts);
-              sliceStart = performance.now();
+      const now = Date.now();
+      // an inode number a double cannot hold (overlayfs with xino, CIFS: 64-bit numbers) is not
+      // an identity: two folders made together had the same number and times, and one swapped
+      // to the other's path was taken for it, with its findings. Such a folder is read every walk.
+      const racy = fd < 0 || !Number.isSafeInteger(st.ino) || now - st.ctimeMs < RACY_MS || now - st.mtimeMs < RACY_MS;
+      scan = { dev: st.dev, ino: st.ino, mtimeMs: st.mtimeMs, ctimeMs: st.ctimeMs, racy, hits: [], subdirs: new Map() };
+      visit.own = scan;
+      ownScan(visit.parent!, counts).subdirs.set(visit.name, scan);
+      // the descriptor's folder by name (Node reads folders by path only)
+      const at = `/proc/self/fd/${fd}`;
+      let from = at;
+      try {
+        if (fd < 0) entries = [];
+        else if (st.size <= BIG_DIR_BYTES) entries = readdirSync(at, { withFileTypes: true });
+        else {
+          // a folder of many entries (200k: 160 ms in one readdirSync) is read a batch at a time, yielding as between folders
+          const d = opendirSync(at, { bufferSize: 256 });
+          try {
+            for (let e = d.readSync(); e; e = d.readSync()) {
+              entries.push(e);
+              if ((entries.length & 255) === 0 && performance.now() - sliceStart > SLICE_MS) {
+                await yieldTurn(counts);
+                sliceStart = performance.now();
+              }
             }
+          } finally {
+            d.closeSync();
           }
-        } finally {
-          d.closeSync();
+        }
+      } catch {
+        // not through the descriptor (no /proc): by path, as before, and never taken from the cache;
+        // unreadable that way too: nothing found in it
+        scan.racy = true;
+        from = dir;
+        entries = [];
+        try {
+          entries = readdirSync(dir, { withFileTypes: true });
+        } catch {
+          // (its mode changing changes its ctime)
         }
       }
-    } catch {
-      // unreadable: nothing found in it (its mode changing changes its ctime)
-    }
-    const isHit = (p: string, name: string) => rules.some((rule) => (rule.names ? protectsName(rule.names, name) : protects(rule, p)));
-    if (entries.some((e) => e.name.includes("\ufffd"))) {
-      // a name that is not UTF-8 comes back with U+FFFD, a name that opens another file (or none): the folder is read by bytes
-      const raw = readdirSync(dir, { withFileTypes: true, encoding: "buffer" });
-      const bad = raw.filter((e) => !Buffer.from(e.name.toString("utf8")).equals(e.name));
-      if (bad.length > 0) {
-        notUtf8(dir, rel, bad, isHit);
-        // never taken from the cache: what is below such a folder is not in it
-        scan.racy = true;
-        entries = raw.filter((e) => !bad.includes(e)).map((e) => Object.assign(e, { name: e.name.toString("utf8") }) as unknown as Dirent);
+      if (entries.some((e) => e.name.includes("\ufffd"))) {
+        // a name that is not UTF-8 comes back with U+FFFD, a name that opens another file (or none): the folder is read by bytes
+        const raw = readdirSync(from, { withFileTypes: true, encoding: "buffer" });
+        const bad = raw.filter((e) => !Buffer.from(e.name.toString("utf8")).equals(e.name));
+        if (bad.length > 0) {
+          notUtf8(from, rel, bad, isHit);
+          // never taken from the cache: what is below such a folder is not in it
+          scan.racy = true;
+          entries = raw.filter((e) => !bad.includes(e)).map((e) => Object.assign(e, { name: e.name.toString("utf8") }) as unknown as Dirent);
+        }
       }
+    } finally {
+      if (fd >= 0) closeSync(fd);
     }
     for (let i = 0; i < entries.length; i++) {
       const e = entries[i]!;

@@ -3,12 +3,14 @@
  * (dev, ino, mtime, ctime) are unchanged is not read again, and a credential
  * file the operator adds between two phase starts is never missed.
  */
+import { execFileSync } from "node:child_process";
 import { closeSync, mkdirSync, mkdtempSync, openSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { loadPolicy } from "../../src/policy/index.js";
 import { clearCredentialScanCache, hiddenBelowRoot, lastCredentialScan } from "../../src/workspace/index.js";
+import { swapFolders } from "../helpers/swap.js";
 
 // a folder changed within 2 s of its read is read again next time (the kernel's coarse clock): the tests wait that out
 const settle = () => new Promise((r) => setTimeout(r, 2100));
@@ -123,6 +125,74 @@ describe("the credential walk's cache", () => {
     expect(found).toContain("tests/deploy/server.key");
     expect(found).not.toContain("deploy/server.key");
     expect(found).toEqual(expect.arrayContaining([expect.stringMatching(/^src\/app\/models\//)]));
+  }, 15_000);
+
+  it("a folder swapped with another at its path between the walk's stat and its read (mv a a.old; mv a.new a) leaves no record of the one folder with the other's entries: once it did, and the next walks missed its credential files", async () => {
+    // a/ holds 200 folders with a .env each, a2/ the same folders without: while a walk reads
+    // them, a/ and a2/ swap names over and over (renameat2 RENAME_EXCHANGE in a loop)
+    const n = 200;
+    for (let i = 0; i < n; i++) {
+      mkdirSync(path.join(project, "a", `b${i}`), { recursive: true });
+      mkdirSync(path.join(project, "a2", `b${i}`), { recursive: true });
+      writeFileSync(path.join(project, "a", `b${i}`, ".env"), "A=1\n");
+    }
+    const all = Array.from({ length: n }, (_, i) => `a/b${i}/.env`);
+    await settle(); // the b folders are old: a record of one is trusted while its times hold
+    for (let round = 0; round < 3; round++) {
+      clearCredentialScanCache();
+      const stop = await swapFolders(project, "a", "a2");
+      try {
+        await walk();
+      } finally {
+        await stop(); // a/ is the folder with the .env files again, a2/ the other
+      }
+      // read by path, each b folder had the stat of one and the entries of the other about a
+      // third of the time: 30–80 of the 200 .env files were missing from here on
+      const found = await walk();
+      expect(all.filter((p) => !found.includes(p))).toEqual([]);
+      expect(found.filter((p) => p.startsWith("a2/"))).toEqual([]);
+    }
+  }, 30_000);
+
+  it("on a file system whose inode numbers a double cannot hold (overlayfs with xino), two folders made together are not taken for each other: once a swap of their parents left one's .env out", async () => {
+    // the project on an overlay: lower on this disk, upper on a tmpfs (xino: the lower's inode
+    // numbers get the layer in their top bits, past 2^53), folder renames as redirects
+    const lower = path.join(root, "lower");
+    const up = path.join(root, "up");
+    const ov = path.join(root, "ov");
+    mkdirSync(path.join(lower, "a", "b"), { recursive: true });
+    mkdirSync(path.join(lower, "a2", "b"), { recursive: true });
+    writeFileSync(path.join(lower, "a2", "b", ".env"), "A=1\n");
+    // both b folders' times set in one call (tar -xp does the same): equal to the double
+    execFileSync("touch", ["-d", "2024-01-01", path.join(lower, "a", "b"), path.join(lower, "a2", "b")]);
+    mkdirSync(up);
+    mkdirSync(ov);
+    execFileSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", up]);
+    try {
+      mkdirSync(path.join(up, "u"));
+      mkdirSync(path.join(up, "w"));
+      execFileSync("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${lower},upperdir=${up}/u,workdir=${up}/w,xino=on,redirect_dir=on`, ov]);
+      try {
+        const [x, y] = [statSync(path.join(ov, "a", "b"), { bigint: true }), statSync(path.join(ov, "a2", "b"), { bigint: true })];
+        expect(x.ino).not.toBe(y.ino);
+        // as numbers, Node's lstat: the same folder twice
+        expect(statSync(path.join(ov, "a", "b")).ino).toBe(statSync(path.join(ov, "a2", "b")).ino);
+        expect(statSync(path.join(ov, "a", "b")).ctimeMs).toBe(statSync(path.join(ov, "a2", "b")).ctimeMs);
+        await settle();
+        const scan = async () => hiddenBelowRoot(ov, (await loadPolicy()).workspace);
+        expect(await scan()).toEqual(["a2/b/.env"]);
+        // a and a2 swap names (renames of their own: each b keeps its inode and times)
+        renameSync(path.join(ov, "a"), path.join(ov, "t"));
+        renameSync(path.join(ov, "a2"), path.join(ov, "a"));
+        renameSync(path.join(ov, "t"), path.join(ov, "a2"));
+        // a/b was taken from the cache as the a/b before (no .env): the .env was missed
+        expect(await scan()).toEqual(["a/b/.env"]);
+      } finally {
+        execFileSync("umount", [ov]);
+      }
+    } finally {
+      execFileSync("umount", [up]);
+    }
   }, 15_000);
 
   it("a folder changed within the kernel's clock tick of its read is read again, not trusted", async () => {
