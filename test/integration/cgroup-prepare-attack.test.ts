@@ -8,20 +8,28 @@
  * the supervisor's, never another's), what it left ends with it, and the
  * forker is never killed with a command.
  */
-import { readdir, readFile } from "node:fs/promises";
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
-import { docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, until, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testPolicy, until as until2, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
 
 beforeAll(async () => {
   await requireEngineAndImage();
-  t = await startTestDaemon();
+  // two commands timed out on purpose, in a row: at the default's 2 fail-fast would escalate the phase (not the wall under test)
+  const base = await readFile(await testPolicy(), "utf8");
+  const text = base.replace(/^( {4}runtime:) 2$/m, "$1 3");
+  if (!/^ {4}runtime: 3$/m.test(text)) throw new Error("policies/default.yaml's failFast limits moved; update this test");
+  const dir = await tempDir("prepare-policy");
+  cleanup.push(dir);
+  const policy = path.join(dir, "policy.yaml");
+  await writeFile(policy, text);
+  t = await startTestDaemon({ policy });
 });
 
 afterAll(async () => {
@@ -70,6 +78,32 @@ os.wait()
 left = int(os.read(r, 32).decode())
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
 print(json.dumps({"self": cg("self"), "left": left, "leftIn": cg(left), "parent": cg(os.getppid())}))
+`;
+
+/** Daemonizes, says the daemon's pid at once, then outlasts its timeout ignoring SIGTERM: the kill lands on its cgroup. */
+const OUTLAST = `
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.close(r)
+        os.write(w, str(os.getpid()).encode())
+        os.close(w)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        time.sleep(600)
+        os._exit(0)
+    os._exit(0)
+os.close(w)
+os.wait()
+print(os.read(r, 32).decode(), flush=True)
+# a child of its own in its session too, which ignores SIGTERM as well
+if os.fork() == 0:
+    time.sleep(600)
+    os._exit(0)
+time.sleep(60)
 `;
 
 /** Which of these pids are still processes (seen from a later command). */
@@ -175,7 +209,7 @@ describe("cgroups readied ahead (prepare), attacked from inside", () => {
     const alive = await exec(phase, { argv: ["python3", await writeScript(project, ALIVE), ...seen.map((s) => String(s.left))] });
     expect(JSON.parse(alive.stdout)).toEqual([]);
     // from the host: between commands only the supervisor's cgroup is left, with the shim and the forker in it
-    const tree = await until("the command cgroups removed", async () => {
+    const tree = await until2("the command cgroups removed", async () => {
       const now = await cgroupTree(phase);
       return Object.keys(now).length === 1 ? now : null;
     });
@@ -189,6 +223,64 @@ describe("cgroups readied ahead (prepare), attacked from inside", () => {
     expect(logs.match(/"forker ready"/g)).toHaveLength(1);
     const recorded = await results(phase.id);
     expect(recorded.filter((r) => (r.argv as string[] | undefined)?.[1] === born)).toHaveLength(runs.length);
+    await t.api.request("DELETE", `/v1/phases/${phase.id}`);
+  }, 120_000);
+
+  it("timeouts and kills landing while the forker sits in a readied cgroup end their own commands only: the forker lives, every other command keeps its result, and a refused command readies nothing", async () => {
+    const project = await makeProject();
+    cleanup.push(project);
+    const { phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "prepare-kill", mode: "test" });
+    const quick = await writeScript(project, "import os\nprint(os.getpid())");
+    expect((await exec(phase, { argv: ["python3", quick] })).exitCode).toBe(0); // the forker is up
+
+    // refused by the policy: no prepare, so no cgroup is readied for it (none appears, not even for the 2 s an unused one lives)
+    const refused = await exec(phase, { argv: ["true"] }).then(
+      () => null,
+      (e: Error) => e,
+    );
+    expect(refused?.message).toMatch(/requires approval/);
+    expect(Object.keys(await cgroupTree(phase))).toEqual(["supervisor"]);
+
+    const outlast = await writeScript(project, OUTLAST);
+    const forker = (await starters((await cgroupTree(phase)).supervisor!)).forker;
+    expect(forker).toHaveLength(1);
+    const watch = watchForker(phase, forker[0]!);
+    // commands timing out (SIGTERM ignored: the SIGKILL goes to the cgroup) at staggered times ...
+    const victims = [400, 900].map((timeoutMs) => exec(phase, { argv: ["python3", outlast], timeoutMs }));
+    // ... while short commands keep coming, each with its prepare, in three chains
+    const shorts: ExecResult[] = [];
+    const until = Date.now() + 2_500;
+    await Promise.all(
+      [0, 1, 2].map(async () => {
+        while (Date.now() < until) shorts.push(await exec(phase, { argv: ["python3", quick] }));
+      }),
+    );
+    const timedOut = await Promise.all(victims);
+    expect((await watch.stop()).readied).toBeGreaterThan(0); // prepares did land meanwhile
+    for (const v of timedOut) expect(v).toMatchObject({ timedOut: true, signal: "SIGKILL" });
+    expect(shorts.length).toBeGreaterThan(10);
+    for (const r of shorts) expect(r).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stderr: "" });
+    // what the timed-out commands left (a daemon each) ended with them
+    const leftovers = timedOut.map((v) => v.stdout.trim());
+    for (const p of leftovers) expect(p).toMatch(/^\d+$/);
+    const alive = await exec(phase, { argv: ["python3", await writeScript(project, ALIVE), ...leftovers] });
+    expect(JSON.parse(alive.stdout)).toEqual([]);
+    // the forker was never killed with a command: the one it started with, in the supervisor's cgroup
+    const logs = await containerLog(phase);
+    expect(logs).not.toContain("forker exited");
+    expect(logs).not.toContain("replacing the forker");
+    expect(logs.match(/"forker ready"/g)).toHaveLength(1);
+    const tree = await until2("the command cgroups removed", async () => {
+      const now = await cgroupTree(phase);
+      return Object.keys(now).length === 1 ? now : null;
+    });
+    expect((await starters(tree.supervisor!)).forker).toEqual(forker);
+    // and the trail says so: each victim timed out, each short command exited 0
+    const recorded = await results(phase.id);
+    expect(recorded.filter((r) => (r.argv as string[] | undefined)?.[1] === outlast).map((r) => [r.timedOut, r.signal])).toEqual(victims.map(() => [true, "SIGKILL"]));
+    const quickRecords = recorded.filter((r) => (r.argv as string[] | undefined)?.[1] === quick);
+    expect(quickRecords).toHaveLength(shorts.length + 1);
+    expect(quickRecords.every((r) => r.exitCode === 0 && r.timedOut === false)).toBe(true);
     await t.api.request("DELETE", `/v1/phases/${phase.id}`);
   }, 120_000);
 });
