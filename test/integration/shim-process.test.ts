@@ -640,6 +640,92 @@ describe("shim process (real bundle, fake daemon)", { timeout: 30_000 }, () => {
     expect(logLines(shim).filter((l) => /forker/.test(String(l.msg)) && l.level === "warn")).toEqual([]);
   });
 
+  if (cgroups && via === "forker") it("a readied cgroup (prepare) under faults: taken by a command of another user (Node), with its forker killed meanwhile, taken after its undo, or across a reconnect — each command is born in it alone and the forker is never in it when it is killed", async () => {
+    const shim = await startShim();
+    let conn = await welcomed(shim);
+    expect((await run(conn, { argv: ["true"] })).exit?.exitCode).toBe(0); // the forker is up
+    const dir = logLines(shim).find((l) => l.msg === "per-command cgroups")?.root as string;
+    const poll = async (what: string, ok: () => boolean, timeoutMs = 10_000) => {
+      for (const deadline = Date.now() + timeoutMs; !ok(); await new Promise((r) => setTimeout(r, 10))) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      }
+    };
+    const procs = (d: string) => (existsSync(join(dir, d)) ? readFileSync(join(dir, d, "cgroup.procs"), "utf8").split("\n").filter(Boolean).map(Number) : []);
+    const pidOf = async (c: Conn, id: number) => {
+      await c.waitFor(() => (c.output(id, FrameKind.Stdout).toString().includes("\n") ? true : undefined), `the pid of exec ${id}`);
+      return c.output(id, FrameKind.Stdout).toString().trim().split(" ").map(Number);
+    };
+    const procState = (pid: number) => (existsSync(`/proc/${pid}/stat`) ? readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]?.[0] ?? null : null);
+    const readied = async (c: Conn, forkerPid: number): Promise<number> => {
+      const id = nextExecId;
+      c.send({ type: "prepare", execId: id });
+      await poll(`cmd-${id} readied`, () => procs(`cmd-${id}`).includes(forkerPid));
+      expect(procs(`cmd-${id}`)).toEqual([forkerPid]);
+      return id;
+    };
+    let forkerPid = Number((await run(conn, { argv: ["sh", "-c", "echo $PPID"] })).stdout.toString().trim());
+
+    // 1. taken by a command of another user: the Node path, the forker out of it first
+    const other = await readied(conn, forkerPid);
+    const m1 = marker();
+    expect(sendExec(conn, { argv: ["sh", "-c", `echo $$; exec sleep ${m1}`], uid: NOBODY - 1, gid: NOBODY - 1 })).toBe(other);
+    const [nodePid] = await pidOf(conn, other);
+    expect(procs(`cmd-${other}`)).toEqual([nodePid]);
+    expect(procs("supervisor")).toContain(forkerPid);
+    conn.send({ type: "signal", execId: other, signal: "SIGKILL" });
+    expect((await finished(conn, other)).exit?.signal).toBe("SIGKILL");
+    await poll(`cmd-${other} removed`, () => !existsSync(join(dir, `cmd-${other}`)));
+    expect(procState(forkerPid)).toMatch(/^[RS]$/); // not killed with it
+
+    // 2. its forker killed while it waits in the readied cgroup (a fault): the command is still born there alone, by the new forker
+    const orphaned = await readied(conn, forkerPid);
+    process.kill(forkerPid, "SIGKILL");
+    await poll("the forker's exit seen", () => logLines(shim).some((l) => l.msg === "forker exited"));
+    const m2 = marker();
+    expect(sendExec(conn, { argv: ["sh", "-c", `echo $$ $PPID; exec sleep ${m2}`] })).toBe(orphaned);
+    const [bornPid, newForker] = await pidOf(conn, orphaned);
+    expect(newForker).not.toBe(forkerPid);
+    await poll("the new forker home", () => procs("supervisor").includes(newForker!));
+    expect(procs(`cmd-${orphaned}`)).toEqual([bornPid]);
+    forkerPid = newForker!;
+    conn.send({ type: "signal", execId: orphaned, signal: "SIGKILL" });
+    await finished(conn, orphaned);
+    await expectGone(`sleep ${m2}`);
+    expect(procState(forkerPid)).toMatch(/^[RS]$/);
+
+    // 3. its exec comes after the undo (2 s): a cgroup of its own again, the forker home
+    const late = nextExecId;
+    conn.send({ type: "prepare", execId: late });
+    await poll(`cmd-${late} readied`, () => procs(`cmd-${late}`).includes(forkerPid));
+    await poll(`cmd-${late} undone`, () => !existsSync(join(dir, `cmd-${late}`)), 5_000);
+    const m3 = marker();
+    expect(sendExec(conn, { argv: ["sh", "-c", `echo $$; exec sleep ${m3}`] })).toBe(late);
+    const [latePid] = await pidOf(conn, late);
+    expect(procs(`cmd-${late}`)).toEqual([latePid]);
+    expect(procs("supervisor")).toContain(forkerPid);
+    conn.send({ type: "signal", execId: late, signal: "SIGKILL" });
+    await finished(conn, late);
+    await expectGone(`sleep ${m3}`);
+
+    // 4. readied, then the link drops: the exec of that id on the next connection is born there alone
+    const across = await readied(conn, forkerPid);
+    conn.socket.destroy();
+    conn = await welcomed(shim, 1);
+    const m4 = marker();
+    expect(sendExec(conn, { argv: ["sh", "-c", `echo $$ $PPID; exec sleep ${m4}`] })).toBe(across);
+    const [acrossPid, acrossForker] = await pidOf(conn, across);
+    expect(acrossForker).toBe(forkerPid);
+    await poll("the forker home", () => procs("supervisor").includes(forkerPid));
+    expect(procs(`cmd-${across}`)).toEqual([acrossPid]);
+    conn.send({ type: "signal", execId: across, signal: "SIGKILL" });
+    await finished(conn, across);
+    await expectGone(`sleep ${m4}`);
+    // the forker that started the last three lives on, and starts the next command
+    const after = await run(conn, { argv: ["sh", "-c", "echo $PPID"] });
+    expect(Number(after.stdout.toString().trim())).toBe(forkerPid);
+    expect(readdirSync(dir).filter((f) => f.startsWith("cmd-"))).toEqual([]);
+  });
+
   it("one command cannot signal, ptrace or write the memory of another's processes, nor of its starter (the forker, or the shim)", async () => {
     const shim = await startShim();
     const conn = await welcomed(shim);
