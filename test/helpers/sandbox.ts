@@ -270,6 +270,38 @@ export async function removeDir(dir: string): Promise<void> {
   await rm(`${testAuditKey(dir)}.heads`, { recursive: true, force: true });
 }
 
+/**
+ * Python lines for a test command: a classic daemon (fork, setsid, fork
+ * again, the middle one exits; the grandchild sleeps 600 s with no stdio),
+ * after which `os.read(r, 32)` gives the daemon's pid. Needs `os` and `time`
+ * imported.
+ */
+export const DAEMONIZE_PY = `r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.close(r)
+        os.write(w, str(os.getpid()).encode())
+        os.close(w)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        time.sleep(600)
+        os._exit(0)
+    os._exit(0)
+os.close(w)
+os.wait()
+`;
+
+/** The daemon's audit records (audit.jsonl in `stateDir`), oldest first, each as its event (a record that wraps one is unwrapped). */
+export async function auditEvents<T = Record<string, unknown>>(stateDir: string): Promise<T[]> {
+  const text = await readFile(path.join(stateDir, "audit.jsonl"), "utf8");
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .map((r) => ((r.event as Record<string, unknown> | undefined) ?? r) as T);
+}
+
 /** `f`'s first truthy answer, asked every `pollMs` until `timeoutMs`; else an error naming `what`. */
 export async function until<T>(what: string, f: () => Promise<T | null | undefined | false>, timeoutMs = 30_000, pollMs = 50): Promise<T> {
   const deadline = Date.now() + timeoutMs;

@@ -14,7 +14,20 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
-import { docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testPolicy, until as until2, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import {
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  startTestDaemon,
+  tempDir,
+  testPolicy,
+  until as until2,
+  writeScript,
+  type TestDaemon,
+  auditEvents,
+  DAEMONIZE_PY,
+} from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -42,13 +55,7 @@ function exec(phase: PhaseView, body: Record<string, unknown>): Promise<ExecResu
 }
 
 async function results(phaseId: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => (r.event as Record<string, unknown> | undefined) ?? r)
-    .filter((e) => e.phase === phaseId && e.type === "exec.result");
+  return (await auditEvents(t.stateDir)).filter((e) => e.phase === phaseId && e.type === "exec.result");
 }
 
 /**
@@ -61,21 +68,7 @@ import json, os, sys, time
 def cg(pid):
     # the v2 hierarchy's line (the host is hybrid: the v1 lines are the container's)
     return [l for l in open("/proc/%s/cgroup" % pid).read().splitlines() if l.startswith("0::")][0]
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.close(r)
-        os.write(w, str(os.getpid()).encode())
-        os.close(w)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        time.sleep(600)
-        os._exit(0)
-    os._exit(0)
-os.close(w)
-os.wait()
-left = int(os.read(r, 32).decode())
+${DAEMONIZE_PY}left = int(os.read(r, 32).decode())
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
 print(json.dumps({"self": cg("self"), "left": left, "leftIn": cg(left), "parent": cg(os.getppid())}))
 `;
@@ -84,21 +77,7 @@ print(json.dumps({"self": cg("self"), "left": left, "leftIn": cg(left), "parent"
 const OUTLAST = `
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.close(r)
-        os.write(w, str(os.getpid()).encode())
-        os.close(w)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        time.sleep(600)
-        os._exit(0)
-    os._exit(0)
-os.close(w)
-os.wait()
-print(os.read(r, 32).decode(), flush=True)
+${DAEMONIZE_PY}print(os.read(r, 32).decode(), flush=True)
 # a child of its own in its session too, which ignores SIGTERM as well
 if os.fork() == 0:
     time.sleep(600)

@@ -16,7 +16,18 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { GATEWAY_ROLE, startPostgres, type TestPostgres } from "../helpers/postgres.js";
-import { OWNER, ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import {
+  OWNER,
+  ROOT,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  startTestDaemon,
+  tempDir,
+  writeScript,
+  type TestDaemon,
+  auditEvents,
+} from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 let db: TestPostgres;
@@ -77,13 +88,7 @@ async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
 }
 
 async function journal(phaseId: string): Promise<Array<Record<string, any>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, any>)
-    .map((r) => (r.event as Record<string, any> | undefined) ?? r)
-    .filter((e) => e.phase === phaseId);
+  return (await auditEvents<Record<string, any>>(t.stateDir)).filter((e) => e.phase === phaseId);
 }
 
 const production = async (): Promise<string> => db.psql("SELECT id, status FROM orders ORDER BY id", "trading");

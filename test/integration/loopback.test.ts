@@ -8,11 +8,10 @@
  * service's reason.
  */
 import { readFile } from "node:fs/promises";
-import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon, auditEvents } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -32,12 +31,7 @@ async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
 }
 
 async function journal(): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => (r.event as Record<string, unknown> | undefined) ?? r);
+  return auditEvents(t.stateDir);
 }
 
 const RESOLVE = `

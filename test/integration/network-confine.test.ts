@@ -29,6 +29,7 @@ import {
   waitExit,
   writeScript,
   type TestDaemon,
+  auditEvents,
 } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
@@ -60,13 +61,7 @@ async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
 }
 
 async function netRecords(phaseId: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => (r.event as Record<string, unknown> | undefined) ?? r)
-    .filter((e) => e.phase === phaseId && String(e.type).startsWith("net."));
+  return (await auditEvents(t.stateDir)).filter((e) => e.phase === phaseId && String(e.type).startsWith("net."));
 }
 
 /** The host's own IPv4 addresses (not loopback): reachable from a container on a bridge, not from a sandbox. */

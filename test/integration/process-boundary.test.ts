@@ -13,7 +13,18 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import { cgroup2Root, commandCgroupDir } from "../../src/runtime/docker.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { containersOf, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import {
+  containersOf,
+  docker,
+  makeProject,
+  removeDir,
+  requireEngineAndImage,
+  startTestDaemon,
+  writeScript,
+  type TestDaemon,
+  auditEvents,
+  DAEMONIZE_PY,
+} from "../helpers/sandbox.js";
 
 let t: TestDaemon;
 const cleanup: string[] = [];
@@ -33,33 +44,13 @@ async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
 }
 
 async function results(phaseId: string): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => (r.event as Record<string, unknown> | undefined) ?? r)
-    .filter((e) => e.phase === phaseId && e.type === "exec.result");
+  return (await auditEvents(t.stateDir)).filter((e) => e.phase === phaseId && e.type === "exec.result");
 }
 
 /** A classic daemon: fork, setsid, fork again, the middle one exits; the grandchild lives on. */
 const DAEMONIZE = `
 import os, sys, time
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.close(r)
-        os.write(w, str(os.getpid()).encode())
-        os.close(w)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        time.sleep(600)
-        os._exit(0)
-    os._exit(0)
-os.close(w)
-os.wait()
-print(os.read(r, 32).decode())
+${DAEMONIZE_PY}print(os.read(r, 32).decode())
 `;
 
 const ALIVE = `

@@ -19,7 +19,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { startRedis, type TestRedis } from "../helpers/redis.js";
-import { makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon, auditEvents } from "../helpers/sandbox.js";
 
 const run = promisify(execFile);
 const PROD_PW = "Pr0d-redis-Secr3t-9174";
@@ -49,12 +49,7 @@ afterAll(async () => {
 });
 
 async function journal(): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => (r.event as Record<string, unknown> | undefined) ?? r);
+  return auditEvents(t.stateDir);
 }
 
 /** Waits until `pick` finds records of the phase (net.close is written after both sides closed). */

@@ -33,6 +33,7 @@ import {
   waitExit,
   writeScript,
   type TestDaemon,
+  auditEvents,
 } from "../helpers/sandbox.js";
 
 let t: TestDaemon;
@@ -69,12 +70,7 @@ async function exec(phase: PhaseView, argv: string[]): Promise<ExecResult> {
 }
 
 async function journal(): Promise<Array<Record<string, unknown>>> {
-  const text = await readFile(path.join(t.stateDir, "audit.jsonl"), "utf8");
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .map((r) => ((r.event as Record<string, unknown> | undefined) ?? r));
+  return auditEvents(t.stateDir);
 }
 
 const PROBE = (secret: string, echoPortOnHost: number) => `
