@@ -21,8 +21,8 @@ fi
 # The build runs when an input is newer than the last build's stamp (or there
 # is none), so a second `npm start` goes straight to the daemon.
 stamp=dist/.build-stamp
-if [ ! -f "$stamp" ] || [ -n "$(find src scripts/bundle.mjs tsconfig.json package.json package-lock.json -newer "$stamp" -print -quit)" ]; then
-  say "building (tsc + shim bundle)"
+if [ ! -f "$stamp" ] || [ -n "$(find src native/exec/src native/exec/Cargo.toml scripts/bundle.mjs scripts/build-native.mjs tsconfig.json package.json package-lock.json -newer "$stamp" -print -quit)" ]; then
+  say "building (tsc, the bundles, the native exec client)"
   npm run --silent build
   touch "$stamp"
 fi

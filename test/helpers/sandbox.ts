@@ -67,6 +67,10 @@ export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(ROOT, "dist", "cli", "main.js");
 /** The same command line bundled (scripts/bundle.mjs): what bin/sandboxd, the `sandboxd` command, runs. */
 export const CLI_BUNDLE = path.join(ROOT, "dist", "cli", "main.cjs");
+/** The `sandboxd` command (package.json "bin"), as a user or harness runs it. */
+export const CLI_COMMAND = path.join(ROOT, "bin", "sandboxd");
+/** `exec`'s native fast path (scripts/build-native.mjs), which CLI_COMMAND runs for the plain form. */
+export const CLI_NATIVE = path.join(ROOT, "dist", "native", "sandboxd-exec");
 /** The uid:gid that owns test projects (commands run as the project owner). */
 export const OWNER = { uid: 1000, gid: 1000 };
 
@@ -201,11 +205,12 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Run the real CLI (built JS, the bundle the `sandboxd` command runs) and collect its output. */
-export function cli(args: string[], opts: { socket?: string; timeoutMs?: number } = {}): Promise<CliResult> {
+/** Run the real CLI, the `sandboxd` command itself (bin/sandboxd: `exec`'s plain form natively, the rest on Node), and collect its output; `env` on top of the tests'. */
+export function cli(args: string[], opts: { socket?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI_BUNDLE, ...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
+    const child = spawn(CLI_COMMAND, [...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
       stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...opts.env },
     });
     let stdout = "";
     let stderr = "";

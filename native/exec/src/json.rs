@@ -43,13 +43,14 @@ impl Json {
 
 pub fn parse(bytes: &[u8]) -> Option<Json> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut p = Parser { s: text.as_bytes(), i: 0, depth: 0 };
+    let mut p = Parser { text, s: text.as_bytes(), i: 0, depth: 0 };
     let v = p.value()?;
     p.ws();
     (p.i == p.s.len()).then_some(v)
 }
 
 struct Parser<'a> {
+    text: &'a str,
     s: &'a [u8],
     i: usize,
     depth: u32,
@@ -154,8 +155,8 @@ impl Parser<'_> {
         self.i += 1; // the opening quote
         let mut out = Vec::new();
         loop {
-            let rest = std::str::from_utf8(&self.s[self.i..]).ok()?;
-            let c = rest.chars().next()?;
+            // self.i is always on a character boundary: it moves by whole characters and ASCII escapes
+            let c = self.text.get(self.i..)?.chars().next()?;
             self.i += c.len_utf8();
             match c {
                 '"' => return Some(out),
