@@ -403,32 +403,38 @@ async function benchExec(d, phase) {
     return ms;
   };
   // as a harness runs it: the `sandboxd` command (package.json bin), a process per command
+  // bin/sandboxd runs this plain form natively (native/exec); with SANDBOXD_CLI_NODE=1 on Node, as it did before (info)
   const cliOnce = async () => (await timedOk(CLI_BIN, ["--socket", d.socket, "exec", phase.id, "--", "true"], { timeoutMs: 30_000 })).ms;
+  const onNode = { ...process.env, SANDBOXD_CLI_NODE: "1" };
+  const cliNodeOnce = async () => (await timedOk(CLI_BIN, ["--socket", d.socket, "exec", phase.id, "--", "true"], { timeoutMs: 30_000, env: onNode })).ms;
   const dockerOnce = async () => (await timedOk("docker", ["exec", phase.containerId, "true"], { timeoutMs: 30_000 })).ms;
 
   say(`(b) exec true: warm-up, then ${CFG.apiN} API / ${CFG.cliN} CLI / ${CFG.dockerExecN} docker exec, interleaved`);
   for (let i = 0; i < CFG.apiWarmup; i++) await apiOnce();
   for (let i = 0; i < CFG.execWarmup; i++) {
     await cliOnce();
+    await cliNodeOnce();
     await dockerOnce();
   }
   const api = [];
   const cli = [];
+  const cliNode = [];
   const dock = [];
   const rounds = Math.max(CFG.cliN, CFG.dockerExecN, 1);
   for (let k = 0; k < rounds; k++) {
-    const order = k % 2 === 0 ? ["docker", "cli", "api"] : ["api", "cli", "docker"];
+    const order = k % 2 === 0 ? ["docker", "cli", "cliNode", "api"] : ["api", "cliNode", "cli", "docker"];
     for (const which of order) {
       gc();
       if (which === "docker" && k < CFG.dockerExecN) dock.push(await dockerOnce());
       if (which === "cli" && k < CFG.cliN) cli.push(await cliOnce());
+      if (which === "cliNode" && k < CFG.cliN) cliNode.push(await cliNodeOnce());
       if (which === "api") {
         const count = Math.floor(((k + 1) * CFG.apiN) / rounds) - Math.floor((k * CFG.apiN) / rounds);
         for (let j = 0; j < count; j++) api.push(await apiOnce(true));
       }
     }
   }
-  const s = { api: summarize(api), cli: summarize(cli), docker: summarize(dock) };
+  const s = { api: summarize(api), cli: summarize(cli), cliNode: summarize(cliNode), docker: summarize(dock) };
   const ratio = s.api.p50 / s.docker.p50;
   // The shim logs each exec's spawn-to-exit time (after stdout/stderr closed); every exec so far was `true`.
   let shimOwn = [];
@@ -451,12 +457,14 @@ async function benchExec(d, phase) {
     say(`(b) could not read the shim's log: ${e.message}`);
   }
   return {
-    description: "`true` in a running phase: ApiClient POST /v1/phases/:id/exec; `sandboxd exec ID -- true` (whole CLI process); `docker exec <container> true` (whole CLI process)",
+    description:
+      "`true` in a running phase: ApiClient POST /v1/phases/:id/exec; `sandboxd exec ID -- true` (whole CLI process: bin/sandboxd, the plain form run natively); the same with SANDBOXD_CLI_NODE=1 (on Node, info); `docker exec <container> true` (whole CLI process)",
     unit: "ms",
     api: roundStats(s.api, 3),
     apiShimLegInfo: roundStats(summarize(shimLeg), 1),
     shimSpawnToExitInfo: roundStats(summarize(shimOwn), 1),
     cli: roundStats(s.cli),
+    cliNodeInfo: roundStats(s.cliNode),
     dockerExec: roundStats(s.docker),
     apiRatioP50: round(ratio, 4),
     apiRatioMean: round(s.api.mean / s.docker.mean, 4),
@@ -466,7 +474,7 @@ async function benchExec(d, phase) {
     pass: ratio <= TARGETS.execApiRatio,
     cliTarget: `CLI p50 ≤ ${TARGETS.execCliRatio} × docker exec p50 (whole processes)`,
     cliPass: s.cli.p50 / s.docker.p50 <= TARGETS.execCliRatio,
-    samples: { api: api.map((x) => round(x, 3)), cli: cli.map((x) => round(x)), dockerExec: dock.map((x) => round(x)) },
+    samples: { api: api.map((x) => round(x, 3)), cli: cli.map((x) => round(x)), cliNode: cliNode.map((x) => round(x)), dockerExec: dock.map((x) => round(x)) },
   };
 }
 
@@ -796,6 +804,7 @@ function printTable(r) {
     add("(b)   of which daemon→shim→exit (info)", b.apiShimLegInfo, "ms");
     add("(b)   of which shim spawn→exit (info)", b.shimSpawnToExitInfo, "ms");
     add("(b) exec true via CLI (process)", b.cli, "ms");
+    if (b.cliNodeInfo) add("(b)   the CLI on Node, SANDBOXD_CLI_NODE=1 (info)", b.cliNodeInfo, "ms");
     add("(b) baseline docker exec true", b.dockerExec, "ms");
   }
   const c = r.benchmarks.stream;
