@@ -23,7 +23,8 @@
  * Only running phases can be kept: an escalated or paused one (a frozen
  * container) or one starting or stopping is refused up front, with the
  * list, so a person decides (resume, abort or stop it, or stop the daemon
- * without --keep-phases).
+ * without --keep-phases). A start still in its first steps (not yet listed)
+ * is refused by the shutdown and waited for before anything is detached.
  */
 import { actionLine, quoteArgv, timestamp } from "../audit/format.js";
 import { SandboxdError } from "../errors.js";
@@ -44,6 +45,11 @@ export async function detachAll(ctx: PhaseContext, drainMs: number): Promise<str
     );
   }
   ctx.shuttingDown = true;
+  // Starts past their gate when the refusal began, not yet listed as phases (so the check above
+  // could not see them): each fails at its next check and cleans up after itself. Waited for, so
+  // that happens while the daemon still serves, records and answers, and nothing of it is left.
+  // (One listed as starting was refused above; none can become running after the flag is set.)
+  await Promise.allSettled([...ctx.starts]);
   // the warm pool's unclaimed containers are not left for the next daemon (its reconcile would remove them)
   await ctx.pool.close();
   // and the spare layer disk: a phase of the next daemon never gets one this daemon made
