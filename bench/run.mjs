@@ -25,14 +25,13 @@
  * stream, failfast, pool; default start,exec,stream), BENCH_POOL_N (20), BENCH_FF_N (200), BENCH_FF_PYTEST_N (20), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
  * e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"). BENCH_QUICK=1 runs a small smoke version.
  */
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync, fork, spawn } from "node:child_process";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from "node:fs";
 import { chown, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import Docker from "dockerode";
 import {
   Cleanup,
   containerCpuSeconds,
@@ -409,27 +408,21 @@ async function benchExec(d, phase) {
   const onNode = { ...process.env, SANDBOXD_CLI_NODE: "1" };
   const cliNodeOnce = async () => (await timedOk(CLI_BIN, ["--socket", d.socket, "exec", phase.id, "--", "true"], { timeoutMs: 30_000, env: onNode })).ms;
   const dockerOnce = async () => (await timedOk("docker", ["exec", phase.containerId, "true"], { timeoutMs: 30_000 })).ms;
-  // the API's baseline (issue 14): the Docker Engine API's exec from this process, as a harness would call it
-  // with dockerode: create, start (attached, read to its end), inspect for the exit code
-  const container = new Docker().getContainer(phase.containerId);
+  // the API's baseline (issue 14): the Docker Engine API's exec from a harness's own process (dockerode:
+  // create, start, inspect), timed in that process: bench/engine-exec.mjs says why it is not this one
+  const engineProc = fork(path.join(ROOT, "bench", "engine-exec.mjs"), [phase.containerId], { stdio: ["ignore", "inherit", "inherit", "ipc"] });
+  const fromEngine = () => new Promise((resolve) => engineProc.once("message", resolve));
+  await withTimeout(fromEngine(), 30_000, "engine-exec.mjs start");
   const engineOnce = async () => {
-    const t0 = performance.now();
-    const ex = await container.exec({ Cmd: ["true"], AttachStdout: true, AttachStderr: true });
-    const stream = await ex.start({ hijack: true, stdin: false });
-    await new Promise((resolve, reject) => {
-      stream.on("end", resolve);
-      stream.on("close", resolve);
-      stream.on("error", reject);
-      stream.resume();
-    });
-    const info = await ex.inspect();
-    const ms = performance.now() - t0;
-    if (info.ExitCode !== 0) throw new Error(`Engine API exec true exited ${info.ExitCode}`);
-    return ms;
+    const answer = fromEngine();
+    engineProc.send("run");
+    const m = await withTimeout(answer, 30_000, "Engine API exec true");
+    if (m.error) throw new Error(m.error);
+    return m.ms;
   };
-
-  say(`(b) exec true: warm-up, then ${CFG.apiN} API / ${CFG.cliN} CLI / ${CFG.dockerExecN} docker exec, interleaved`);
-  for (let i = 0; i < CFG.apiWarmup; i++) await apiOnce();
+  cleanup.push("stop bench/engine-exec.mjs", async () => {
+    if (engineProc.exitCode === null) engineProc.kill("SIGKILL");
+  });
   for (let i = 0; i < CFG.execWarmup; i++) await engineOnce();
   for (let i = 0; i < CFG.execWarmup; i++) {
     await cliOnce();
@@ -458,6 +451,7 @@ async function benchExec(d, phase) {
       }
     }
   }
+  engineProc.send("exit");
   const s = { api: summarize(api), cli: summarize(cli), cliNode: summarize(cliNode), docker: summarize(dock), engine: summarize(engine) };
   const ratio = s.api.p50 / s.engine.p50;
   // The shim logs each exec's spawn-to-exit time (after stdout/stderr closed); every exec so far was `true`.

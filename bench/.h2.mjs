@@ -1,0 +1,13 @@
+const mod = process.env.IMP;
+if (mod) await import(mod);
+const http = await import("node:http");
+const { FrameReader } = await import("../dist/frames.js");
+const payload = Buffer.alloc(1 << 20, 120);
+const head = Buffer.from([2, 0, 16, 0, 0]);
+const srv = http.createServer((req, res) => { let n = 0; const w = () => { while (n < 200) { n++; res.write(head); if (!res.write(payload)) return res.once("drain", w); } res.end(); }; w(); });
+await new Promise((r) => srv.listen(0, r));
+const port = srv.address().port;
+const once = () => new Promise((resolve) => { const s = performance.now(); const c0 = process.cpuUsage(); http.get({ port, agent: false }, (res) => { const fr = new FrameReader(); let b = 0; res.on("data", (c) => { for (const f of fr.push(c)) b += f.payload.length; }); res.on("end", () => { const cpu = process.cpuUsage(c0); resolve(`${((b / 1e6) / ((performance.now() - s) / 1000)).toFixed(0)}MB/s cpu ${((cpu.user + cpu.system) / 1e6).toFixed(2)}`); }); }); });
+const r = []; for (let i = 0; i < 4; i++) r.push(await once());
+console.log(mod || "none", r.join(" | "));
+srv.close();
