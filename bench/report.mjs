@@ -30,7 +30,9 @@ if (b.exec) {
   row("(b) `true` via the API (ms)", b.exec.api, 2);
   row("(b) info: of which daemon → shim → exit (ms)", b.exec.apiShimLegInfo);
   row("(b) info: of which the shim's spawn → exit (ms)", b.exec.shimSpawnToExitInfo);
+  if (b.exec.engineApiExec) row("(b) baseline: the Engine API exec of `true`, in-process (dockerode) (ms)", b.exec.engineApiExec);
   row("(b) `sandboxd exec ID -- true`, the CLI as a whole process (ms)", b.exec.cli);
+  if (b.exec.cliNodeInfo) row("(b) info: the same on Node, `SANDBOXD_CLI_NODE=1` (ms)", b.exec.cliNodeInfo);
   row("(b) baseline: `docker exec <c> true`, whole process (ms)", b.exec.dockerExec);
 }
 if (b.stream) {
@@ -49,6 +51,7 @@ if (b.exec?.cliTarget) out.push(`| (b) CLI exec ≤ 0.7 × docker exec, whole pr
 if (b.stream) {
   out.push(`| (c) stream ≥ 200 MB/s (p50) | ${f(b.stream.apiMBps.p50)} MB/s (docker exec: ${f(b.stream.dockerExecMBps.p50)}) | ${verdict(b.stream.targets.throughput.pass)} |`);
   if (b.stream.targets.ratio) out.push(`| (c) stream ≥ 1.5 × docker exec (p50s) | ${f(b.stream.ratioP50, 2)} × | ${verdict(b.stream.targets.ratio.pass)} |`);
+  if (b.stream.targets.cliRatio) out.push(`| (c) the CLI process ≥ 1.5 × docker exec, both > /dev/null (p50s) | ${f(b.stream.cliRatioP50, 2)} × | ${verdict(b.stream.targets.cliRatio.pass)} |`);
   out.push(`| (c) daemon RSS growth < 50 MB (every run) | max ${f(b.stream.daemonRssGrowthMB.max)} MB (idle RSS ${f(b.stream.daemonRssIdleMB)} MB) | ${verdict(b.stream.targets.rss.pass)} |`);
 }
 out.push("");
