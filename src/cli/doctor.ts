@@ -6,6 +6,7 @@
 import { constants as fsc } from "node:fs";
 import { access, readFile, stat, statfs } from "node:fs/promises";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 
 export type CheckStatus = "ok" | "warn" | "fail";
 
@@ -186,7 +187,27 @@ export async function hostChecks(input: DoctorInput): Promise<Check[]> {
   checks.push(await modeCheck("state dir", input.stateDir, 0o700, `${input.stateDir} does not exist yet (created 0700 at start)`));
   checks.push(await modeCheck("socket", input.socket, 0o600, `${input.socket}: no daemon is serving it`));
   checks.push(await diskCheck(input.stateDir));
+  checks.push(await nativeExecCheck());
   return checks;
+}
+
+/** `exec`'s native client (scripts/build-native.mjs), beside this module's dist/cli: without it every `sandboxd exec` starts Node. */
+async function nativeExecCheck(): Promise<Check> {
+  const file = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "native", "sandboxd-exec");
+  try {
+    await access(file, fsc.X_OK);
+  } catch {
+    return {
+      name: "exec client",
+      status: "warn",
+      detail: `${path.normalize(file)} is not built: every \`sandboxd exec\` starts Node (about 50 ms against 15)`,
+      hint: "install a Rust toolchain (cargo on the PATH) and run `npm run build`",
+    };
+  }
+  if (process.env.SANDBOXD_CLI_NODE === "1") {
+    return { name: "exec client", status: "ok", detail: `${path.normalize(file)}, but SANDBOXD_CLI_NODE=1 here runs \`sandboxd exec\` on Node` };
+  }
+  return { name: "exec client", status: "ok", detail: `${path.normalize(file)}: the plain form of \`sandboxd exec\` runs without Node` };
 }
 
 async function diskCheck(stateDir: string): Promise<Check> {

@@ -23,6 +23,8 @@ describe("sandboxd doctor", () => {
     expect(by.get("docker engine")?.status).toBe("ok");
     expect(by.get("sandbox image")?.detail).toBe(TEST_IMAGE);
     expect(by.get("state dir")?.status).toBe("ok");
+    // built on this machine (cargo is here): the native exec client
+    expect(by.get("exec client")).toMatchObject({ status: "ok", detail: expect.stringMatching(/dist\/native\/sandboxd-exec: the plain form/) });
     expect(r.code).toBe(out.ok ? 0 : 1);
   });
 
