@@ -113,25 +113,31 @@ class ChunkedBody {
  * hands each frame to `onFrame` as it arrives. Resolves when the response
  * has ended: `cut` is how many bytes of an unfinished frame (or of the
  * chunked framing) were left when the connection ended early (0 normally).
+ * `signal` aborts it: the connection closes and it rejects (an AbortError).
  */
-export function streamFrames(socketPath: string, path: string, body: unknown, onFrame: FrameHandler): Promise<{ cut: number }> {
+export function streamFrames(socketPath: string, path: string, body: unknown, onFrame: FrameHandler, signal?: AbortSignal): Promise<{ cut: number }> {
   return new Promise((resolve, reject) => {
     const payload = Buffer.from(JSON.stringify(body), "utf8");
     const raw = net.createConnection(socketPath);
     let sock: net.Socket = raw;
     let settled = false;
+    /** the abort listener's removal, once it is added (a settled stream no longer listens) */
+    let forgetSignal = () => {};
     const fail = (err: unknown) => {
       if (settled) return;
       settled = true;
+      forgetSignal();
       sock.destroy();
       reject(err);
     };
     const finish = (cut: number) => {
       if (settled) return;
       settled = true;
+      forgetSignal();
       sock.destroy();
       resolve({ cut });
     };
+    const abort = () => fail(Object.assign(new Error("the exec stream was aborted"), { name: "AbortError", code: "ABORT_ERR" }));
 
     let head: Head | null = null;
     let headBytes: Buffer[] = [];
@@ -224,5 +230,13 @@ export function streamFrames(socketPath: string, path: string, body: unknown, on
       sock.write(payload);
     });
     raw.once("error", (err: NodeJS.ErrnoException) => fail(unreachable(err, socketPath)));
+    // the caller gives up: the connection closes (the daemon then ends the command) and this rejects
+    if (signal) {
+      if (signal.aborted) abort();
+      else {
+        signal.addEventListener("abort", abort, { once: true });
+        forgetSignal = () => signal.removeEventListener("abort", abort);
+      }
+    }
   });
 }

@@ -17,6 +17,7 @@ import type { ExecResult, JobOutput, JobView, RunInfo } from "../phases/manager.
 import type { PhaseMode, PhaseView } from "../phases/types.js";
 import { StringDecoder } from "node:string_decoder";
 import { FrameReader, StreamFrame } from "../frames.js";
+import { streamFrames } from "./frame-stream.js";
 import { ApiClient, errorFromBody } from "./http.js";
 
 export { SandboxdError } from "../errors.js";
@@ -60,6 +61,13 @@ export interface StreamHandlers {
   /** output as it arrives (decoded as UTF-8, secrets already scrubbed); given either, the exec streams */
   onStdout?: (text: string) => void;
   onStderr?: (text: string) => void;
+  /**
+   * output as the bytes the command wrote (secrets already scrubbed), in the pieces they arrive in,
+   * never decoded: for a harness that stores or forwards output, and for output that is not text.
+   * Each buffer is the handler's to keep. Given either, the exec streams; with onStdout too, both are called.
+   */
+  onStdoutBytes?: (bytes: Buffer) => void;
+  onStderrBytes?: (bytes: Buffer) => void;
   /** the command waits for a person's decision on this request (with waitApprovalMs); given, the exec streams */
   onWaiting?: (wait: { approvalId: string; command: string; rule: { id: string; clause: string }; waitMs: number }) => void;
   /** the command runs, under this id (for `cancel`); given, the exec streams */
@@ -71,6 +79,17 @@ export interface StreamHandlers {
 export interface VerifyResult {
   ok: boolean;
   [key: string]: unknown;
+}
+
+/** How a streamed exec's connection ends when it is cut off rather than answered. */
+const CUT_OFF = new Set(["ABORT_ERR", "ECONNRESET", "EPIPE", "ECONNABORTED", "ERR_STREAM_PREMATURE_CLOSE"]);
+
+/** What the decoders hold of a character split at the end of the output, to the handlers. */
+function flushText(text: { out: StringDecoder; err: StringDecoder }, handlers: StreamHandlers): void {
+  const out = text.out.end();
+  const err = text.err.end();
+  if (out) handlers.onStdout?.(out);
+  if (err) handlers.onStderr?.(err);
 }
 
 export class Sandboxd {
@@ -122,37 +141,41 @@ export class Sandboxd {
   async exec(id: string, req: ExecOptions, handlers: StreamHandlers = {}): Promise<ExecResult> {
     const path = `/v1/phases/${id}/exec`;
     const body = execBody(req);
-    if (!handlers.onStdout && !handlers.onStderr && !handlers.onWaiting && !handlers.onStarted && !handlers.signal) {
+    if (!handlers.onStdout && !handlers.onStderr && !handlers.onStdoutBytes && !handlers.onStderrBytes && !handlers.onWaiting && !handlers.onStarted && !handlers.signal) {
       return (await this.request<{ result: ExecResult }>("POST", path, body)).result;
     }
-    const res = await this.api.stream("POST", `${path}?stream=frames`, body);
-    const stop = () => res.destroy();
-    handlers.signal?.addEventListener("abort", stop, { once: true });
     // output comes as bytes (docs/API.md "Streaming exec"); a character split between frames is joined before the handler sees it
     const text = { out: new StringDecoder("utf8"), err: new StringDecoder("utf8") };
-    const flushText = () => {
-      const out = text.out.end();
-      const err = text.err.end();
-      if (out) handlers.onStdout?.(out);
-      if (err) handlers.onStderr?.(err);
-    };
+    let result: ExecResult | null = null;
+    let refused: SandboxdError | null = null;
     try {
-      const reader = new FrameReader();
-      for await (const chunk of res as AsyncIterable<Buffer>) {
-        for (const f of reader.push(chunk)) {
-          if (f.kind === StreamFrame.Stdout) {
-            const t = text.out.write(f.payload);
-            if (t) handlers.onStdout?.(t);
-            continue;
+      // read off the socket directly (frame-stream.ts, as the CLI reads it): no node:http between the daemon and the handlers
+      await streamFrames(
+        this.api.socketPath,
+        `${path}?stream=frames`,
+        body,
+        (kind, payload) => {
+          if (result || refused) return;
+          // the payload is a view of a pooled read buffer, valid during this call: copied for a bytes handler, decoded for a text one
+          if (kind === StreamFrame.Stdout) {
+            handlers.onStdoutBytes?.(Buffer.from(payload));
+            if (handlers.onStdout) {
+              const t = text.out.write(payload);
+              if (t) handlers.onStdout(t);
+            }
+            return;
           }
-          if (f.kind === StreamFrame.Stderr) {
-            const t = text.err.write(f.payload);
-            if (t) handlers.onStderr?.(t);
-            continue;
+          if (kind === StreamFrame.Stderr) {
+            handlers.onStderrBytes?.(Buffer.from(payload));
+            if (handlers.onStderr) {
+              const t = text.err.write(payload);
+              if (t) handlers.onStderr(t);
+            }
+            return;
           }
           // frames of kinds newer daemons may add are skipped
-          if (f.kind !== StreamFrame.Event) continue;
-          const event = JSON.parse(f.payload.toString("utf8")) as { type: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } };
+          if (kind !== StreamFrame.Event) return;
+          const event = JSON.parse(payload.toString("utf8")) as { type: string; result?: ExecResult; error?: { code: string; message: string; hint?: string } };
           switch (event.type) {
             case "started":
               handlers.onStarted?.(event as unknown as Parameters<NonNullable<StreamHandlers["onStarted"]>>[0]);
@@ -161,23 +184,27 @@ export class Sandboxd {
               handlers.onWaiting?.(event as unknown as Parameters<NonNullable<StreamHandlers["onWaiting"]>>[0]);
               break;
             case "exit":
-              flushText();
-              return event.result!;
+              flushText(text, handlers);
+              result = event.result!;
+              break;
             case "error":
-              flushText();
-              throw errorFromBody({ error: event.error }, 500);
+              flushText(text, handlers);
+              refused = errorFromBody({ error: event.error }, 500);
+              break;
             default:
               // event types of newer daemons are skipped
               break;
           }
-        }
-      }
+        },
+        handlers.signal,
+      );
     } catch (err) {
-      // a coded error is the daemon's; a response cut off (the caller aborted, the daemon went) is said below
-      if (err instanceof SandboxdError || ((err as NodeJS.ErrnoException).code !== "ERR_STREAM_PREMATURE_CLOSE" && !res.destroyed)) throw err;
-    } finally {
-      handlers.signal?.removeEventListener("abort", stop);
+      // a response cut off (the caller aborted, the daemon went) is said below; anything else —
+      // the daemon's coded errors, an unreachable socket, a handler's own exception — as it is
+      if (!CUT_OFF.has((err as NodeJS.ErrnoException).code ?? "")) throw err;
     }
+    if (refused) throw refused;
+    if (result) return result;
     if (handlers.signal?.aborted) throw new SandboxdError("SBX_ERR_INTERNAL", "the exec was aborted by its caller", { hint: "the daemon killed the command" });
     throw new SandboxdError("SBX_ERR_INTERNAL", "the exec stream ended without a result", {
       hint: `the daemon may have stopped; check \`sandboxd phase show ${id}\``,

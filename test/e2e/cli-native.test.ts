@@ -17,7 +17,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
-import { CLI_COMMAND, CLI_NATIVE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI_COMMAND, CLI_NATIVE, PATH_WITH_THIS_NODE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 let project: string;
@@ -65,7 +65,7 @@ interface Run {
 
 function run(file: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+    const child = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PATH: PATH_WITH_THIS_NODE, ...env } });
     const out: Buffer[] = [];
     let stderr = "";
     child.stdout.on("data", (c: Buffer) => out.push(c));
@@ -94,7 +94,7 @@ const fresh = async () => (await new Sandboxd({ socket: d.socket }).startPhase({
  * fail-fast limit, so `failing` runs each in a phase of its own.
  */
 async function both(args: (phase: string) => string[], failing = false): Promise<{ native: Run; node: Run }> {
-  const native = await run(CLI_COMMAND, args(failing ? await fresh() : phaseId), { PATH: `${stubDir}:${process.env.PATH}` });
+  const native = await run(CLI_COMMAND, args(failing ? await fresh() : phaseId), { PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
   const node = await run(CLI_COMMAND, args(failing ? await fresh() : phaseId), { SANDBOXD_CLI_NODE: "1" });
   return { native, node };
 }
@@ -145,7 +145,7 @@ describe("the native exec client beside the Node CLI", () => {
       await run(CLI_COMMAND, args, env);
       return { escalating: await run(CLI_COMMAND, args, env), after: await run(CLI_COMMAND, args, env) };
     };
-    const native = await twice({ PATH: `${stubDir}:${process.env.PATH}` });
+    const native = await twice({ PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
     const node = await twice({ SANDBOXD_CLI_NODE: "1" });
     expectSame({ native: native.escalating, node: node.escalating });
     expect(native.escalating.code).toBe(143);
@@ -194,7 +194,7 @@ describe("the native exec client beside the Node CLI", () => {
   it("a reader that goes away (`| head -c 100`) ends it with 141, and the command with it", async () => {
     const line = (env: string) =>
       `${env} "${CLI_COMMAND}" --socket "${d.socket}" exec ${phaseId} -- python3 ${scripts.endless!} | head -c 100 > /dev/null; echo "status=\${PIPESTATUS[0]}"`;
-    const native = await run("bash", ["-c", line(`PATH="${stubDir}:$PATH"`)]);
+    const native = await run("bash", ["-c", line(`PATH="${stubDir}:${PATH_WITH_THIS_NODE}"`)]);
     const node = await run("bash", ["-c", line("SANDBOXD_CLI_NODE=1")]);
     expect(native.stdout.toString()).toBe("status=141\n");
     expect(node.stdout.toString()).toBe("status=141\n");
@@ -202,10 +202,10 @@ describe("the native exec client beside the Node CLI", () => {
   }, 60_000);
 
   it("the socket from SANDBOXD_SOCKET or --socket=; an unreachable one is Node's to report, before anything is sent", async () => {
-    const viaEnv = await run(CLI_COMMAND, ["exec", phaseId, "--", "python3", scripts.args!, "x"], { SANDBOXD_SOCKET: d.socket, PATH: `${stubDir}:${process.env.PATH}` });
+    const viaEnv = await run(CLI_COMMAND, ["exec", phaseId, "--", "python3", scripts.args!, "x"], { SANDBOXD_SOCKET: d.socket, PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
     expect(viaEnv.code).toBe(0);
     expect(viaEnv.stdout.toString()).toBe('["x"]\n');
-    const viaEq = await run(CLI_COMMAND, [`--socket=${d.socket}`, "exec", phaseId, "--", "python3", scripts.args!, "y"], { PATH: `${stubDir}:${process.env.PATH}` });
+    const viaEq = await run(CLI_COMMAND, [`--socket=${d.socket}`, "exec", phaseId, "--", "python3", scripts.args!, "y"], { PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
     expect(viaEq.code).toBe(0);
     expect(viaEq.stdout.toString()).toBe('["y"]\n');
     const gone = path.join(stubDir, "no-daemon.sock");
@@ -228,7 +228,7 @@ describe("the native exec client beside the Node CLI", () => {
       ["exec", phaseId],
       ["exec", phaseId, "--"],
     ]) {
-      const r = await run(CLI_NATIVE, ["--socket", d.socket, ...args], { PATH: `${stubDir}:${process.env.PATH}` });
+      const r = await run(CLI_NATIVE, ["--socket", d.socket, ...args], { PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
       expect({ args, stderr: r.stderr, code: r.code }).toEqual({ args, stderr: "NODE-CALLED\n", code: 99 });
     }
     // and Node answers it as it always has

@@ -7,7 +7,7 @@ import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd, SandboxdError, verifyAuditBundle } from "sandboxd";
-import { ROOT, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testAuditKey, type TestDaemon } from "../helpers/sandbox.js";
+import { ROOT, auditEvents, makeProject, removeDir, requireEngineAndImage, startTestDaemon, tempDir, testAuditKey, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 const dirs: string[] = [];
@@ -85,6 +85,79 @@ describe('import { Sandboxd } from "sandboxd"', () => {
     const missing = await new Sandboxd({ socket: d.socket + ".nope" }).health().catch((e: unknown) => e);
     expect((missing as SandboxdError).code).toBe("SBX_ERR_DAEMON_UNREACHABLE");
   });
+
+  it("a streamed exec, read off the socket: both streams as text (a character split between writes joined), started first, a refusal coded, an abort that ends the command, a handler's own exception as it is", async () => {
+    const project = await makeProject();
+    dirs.push(project);
+    const script = await writeScript(
+      project,
+      [
+        "import sys, time",
+        // 'é' (2 bytes) and '😀' (4 bytes) each split over two flushed writes: two frames
+        "for b in (b'caf\\xc3', b'\\xa9 ', b'\\xf0\\x9f', b'\\x98\\x80\\n'):",
+        "    sys.stdout.buffer.write(b); sys.stdout.flush(); time.sleep(0.05)",
+        "sys.stderr.write('to stderr\\n'); sys.stderr.flush()",
+        "if len(sys.argv) > 1:",
+        "    print('waiting', flush=True); time.sleep(60)",
+        "sys.exit(3)",
+      ].join("\n"),
+    );
+    const sbx = new Sandboxd({ socket: d.socket });
+    const phase = await sbx.startPhase({ project, phase: "7.3", mode: "test" });
+    const seen: string[] = [];
+    let out = "";
+    let err = "";
+    const result = await sbx.exec(phase.id, { argv: ["python3", script] }, {
+      onStarted: () => seen.push("started"),
+      onStdout: (t) => {
+        seen.push("stdout");
+        out += t;
+      },
+      onStderr: (t) => (err += t),
+    });
+    expect(result.exitCode).toBe(3);
+    expect(out).toBe("café 😀\n");
+    expect(out).not.toContain("\ufffd");
+    expect(err).toBe("to stderr\n");
+    expect(seen[0]).toBe("started");
+
+    // the same as bytes: what the command wrote, in the pieces it came in, each piece the handler's to keep
+    const pieces: Buffer[] = [];
+    const errBytes: Buffer[] = [];
+    const asBytes = await sbx.exec(phase.id, { argv: ["python3", script] }, { onStdoutBytes: (b) => pieces.push(b), onStderrBytes: (b) => errBytes.push(b) });
+    expect(asBytes.exitCode).toBe(3);
+    expect(Buffer.concat(pieces).equals(Buffer.from("café 😀\n", "utf8"))).toBe(true);
+    expect(pieces.length).toBeGreaterThan(1);
+    expect(Buffer.concat(errBytes).toString()).toBe("to stderr\n");
+
+    // refused before the stream: the coded error, as without handlers
+    const refused = (await sbx.exec(phase.id, { argv: ["rm", "-rf", "/"] }, { onStdout: () => undefined }).catch((e: unknown) => e)) as SandboxdError;
+    expect(refused).toBeInstanceOf(SandboxdError);
+    expect(refused.code).toBe("SBX_ERR_POLICY_DENIED");
+
+    // the caller aborts: the exec rejects, the command is ended, and its result is recorded as killed
+    const ac = new AbortController();
+    const aborted = (await sbx
+      .exec(phase.id, { argv: ["python3", script, "wait"] }, { signal: ac.signal, onStdout: (t) => t.includes("waiting") && ac.abort() })
+      .catch((e: unknown) => e)) as SandboxdError;
+    expect(aborted).toBeInstanceOf(SandboxdError);
+    expect(aborted.message).toBe("the exec was aborted by its caller");
+    await expect
+      .poll(async () => (await auditEvents<{ type: string; argv?: string[]; signal?: string | null }>(d.stateDir)).filter((r) => r.type === "exec.result" && r.argv?.[2] === "wait").length, { timeout: 15_000 })
+      .toBe(1);
+
+    // a handler that throws: its exception, not a lost stream
+    const thrown = await sbx
+      .exec(phase.id, { argv: ["python3", script] }, {
+        onStdout: () => {
+          throw new Error("the harness's own failure");
+        },
+      })
+      .catch((e: unknown) => e);
+    expect((thrown as Error).message).toBe("the harness's own failure");
+    expect(thrown).not.toBeInstanceOf(SandboxdError);
+    await sbx.stopPhase(phase.id);
+  }, 90_000);
 
   it("the audit key and a bundle export answering a nonce, checked against that key", async () => {
     const sbx = new Sandboxd({ socket: d.socket });

@@ -69,6 +69,8 @@ export const CLI = path.join(ROOT, "dist", "cli", "main.js");
 export const CLI_BUNDLE = path.join(ROOT, "dist", "cli", "main.cjs");
 /** The `sandboxd` command (package.json "bin"), as a user or harness runs it. */
 export const CLI_COMMAND = path.join(ROOT, "bin", "sandboxd");
+/** The PATH with the Node running the tests first: CLI_COMMAND runs the `node` on the PATH (CI runs the suites under Node 24 too). */
+export const PATH_WITH_THIS_NODE = `${path.dirname(process.execPath)}:${process.env.PATH ?? ""}`;
 /** `exec`'s native fast path (scripts/build-native.mjs), which CLI_COMMAND runs for the plain form. */
 export const CLI_NATIVE = path.join(ROOT, "dist", "native", "sandboxd-exec");
 /** The uid:gid that owns test projects (commands run as the project owner). */
@@ -210,7 +212,7 @@ export function cli(args: string[], opts: { socket?: string; timeoutMs?: number;
   return new Promise((resolve, reject) => {
     const child = spawn(CLI_COMMAND, [...(opts.socket ? ["--socket", opts.socket] : []), ...args], {
       stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, ...opts.env },
+      env: { ...process.env, PATH: PATH_WITH_THIS_NODE, ...opts.env },
     });
     let stdout = "";
     let stderr = "";
