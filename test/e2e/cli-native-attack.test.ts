@@ -15,7 +15,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
-import { CLI_COMMAND, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI_COMMAND, PATH_WITH_THIS_NODE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 let project: string;
@@ -54,7 +54,7 @@ function run(file: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?
   return new Promise((resolve, reject) => {
     const child = spawn(file, args, {
       stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, ...opts.env },
+      env: { ...process.env, PATH: PATH_WITH_THIS_NODE, ...opts.env },
       cwd: opts.cwd,
       ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
     });
