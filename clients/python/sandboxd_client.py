@@ -197,7 +197,8 @@ class Sandboxd:
     # ---------------------------------------------------------------- exec
 
     def exec(self, phase_id, argv=None, command=None, timeout_ms=None, reason=None, on_stdout=None, on_stderr=None,
-             wait_approval_ms=None, on_waiting=None, cwd=None, env=None, stdin=None, on_started=None):
+             wait_approval_ms=None, on_waiting=None, cwd=None, env=None, stdin=None, on_started=None,
+             on_stdout_bytes=None, on_stderr_bytes=None):
         """Runs a command in the phase and returns its result (exitCode, signal, timedOut, stdout, …).
 
         Give argv (a list, no shell) or command (a string the policy judges part
@@ -219,10 +220,14 @@ class Sandboxd:
         /workspace); env: a dict of variables of its own (reserved names raise
         SBX_ERR_ENV_RESERVED); stdin: str or bytes for its stdin (at most 512
         KiB). on_started (streams) gets {id, pid, rule}: the id cancel() takes.
+        on_stdout_bytes/on_stderr_bytes (stream) get the output as the bytes the
+        command wrote, in the pieces they arrive in, never decoded (for logs,
+        archives, output that is not text); with on_stdout too, both are called.
         """
         body = self._exec_body(argv, command, timeout_ms, reason, wait_approval_ms, cwd, env, stdin)
         path = "/v1/phases/%s/exec" % phase_id
-        if on_stdout is None and on_stderr is None and on_waiting is None and on_started is None:
+        raw = {_STDOUT: on_stdout_bytes, _STDERR: on_stderr_bytes}
+        if on_stdout is None and on_stderr is None and on_waiting is None and on_started is None and on_stdout_bytes is None and on_stderr_bytes is None:
             return self.request("POST", path, body)["result"]
         # output arrives as bytes; a character split between frames is joined before the callback sees it
         text = {_STDOUT: codecs.getincrementaldecoder("utf-8")("replace"), _STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
@@ -236,6 +241,10 @@ class Sandboxd:
 
         for frame_kind, payload in self._frames("POST", path + "?stream=frames", body):
             if frame_kind in (_STDOUT, _STDERR):
+                if raw[frame_kind] is not None:
+                    raw[frame_kind](bytes(payload))
+                if say[frame_kind] is None:
+                    continue
                 chunk = text[frame_kind].decode(payload)
                 if chunk and say[frame_kind] is not None:
                     say[frame_kind](chunk)

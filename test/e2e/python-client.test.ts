@@ -26,6 +26,10 @@ chunks = []
 res = sbx.exec(pid, ["pytest", "-q", "tests/test_calc.py"], on_stdout=chunks.append, reason="run the tests")
 out["streamed"] = "".join(chunks)
 out["streamedExit"] = res["exitCode"]
+pieces, text = [], []
+res = sbx.exec(pid, ["pytest", "-q", "tests/test_calc.py"], on_stdout_bytes=pieces.append, on_stdout=text.append)
+out["bytesTyped"] = all(type(p) is bytes for p in pieces)
+out["bytesMatchText"] = b"".join(pieces).decode("utf-8") == "".join(text) and b"1 passed" in b"".join(pieces)
 out["plainExit"] = sbx.exec(pid, ["pytest", "-q", "tests/test_broken.py"])["exitCode"]
 
 try:
@@ -106,6 +110,8 @@ describe("the Python client, against the real daemon", () => {
     expect(out.state).toBe("running");
     expect(out.streamed).toMatch(/1 passed/);
     expect(out.streamedExit).toBe(0);
+    expect(out.bytesTyped).toBe(true);
+    expect(out.bytesMatchText).toBe(true);
     expect(out.plainExit).toBe(1);
     expect(out.ask).toBe("SBX_ERR_POLICY_NEEDS_APPROVAL");
     expect((out.pending as string[]).length).toBe(1);
