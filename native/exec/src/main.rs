@@ -22,7 +22,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -111,6 +111,7 @@ fn plain_form(args: &[OsString]) -> Option<Request> {
         Some(s) => s,
         None => default_socket()?,
     };
+    let socket = resolve(&socket)?;
     Some(Request { socket, id: id.to_string(), argv: argv.iter().map(|s| s.to_string()).collect(), timeout_ms })
 }
 
@@ -128,14 +129,32 @@ fn seconds(value: &str) -> Option<u64> {
 
 /// src/config/paths.ts clientSocket without --socket, where it needs no more than the environment.
 fn default_socket() -> Option<String> {
-    if let Some(s) = env::var("SANDBOXD_SOCKET").ok().filter(|s| !s.is_empty()) {
-        return Some(s);
+    // set but not UTF-8: Node names it (with U+FFFD for the bytes), never the default socket
+    if let Some(s) = env::var_os("SANDBOXD_SOCKET").filter(|s| !s.is_empty()) {
+        return s.into_string().ok();
     }
     if real_uid()? == 0 {
         return Some("/run/sandboxd/sandboxd.sock".into());
     }
     let run = env::var("XDG_RUNTIME_DIR").ok().filter(|s| !s.is_empty())?;
     Some(format!("{}/sandboxd/sandboxd.sock", run.trim_end_matches('/')))
+}
+
+/// Node's path.resolve: absolute against the working directory, `.` and `..` taken by the letter (not
+/// through symlinks), so both clients reach the same socket, and neither one whose absolute path is too long.
+fn resolve(p: &str) -> Option<String> {
+    let cwd = if p.starts_with('/') { String::new() } else { env::current_dir().ok()?.into_os_string().into_string().ok()? };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in cwd.split('/').chain(p.split('/')) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            _ => parts.push(part),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
 }
 
 fn real_uid() -> Option<u32> {
@@ -510,7 +529,9 @@ impl Stream {
             return Err(error_from_body(&self.error_body, head.status));
         }
         let complete = if head.chunked { self.chunk == Chunk::Done } else { head.length.is_none_or(|len| self.body_seen >= len) };
-        let cut = self.pending.len() + self.out_left + usize::from(!complete);
+        // an event frame's header counts as Node counts it: bytes received of the unfinished frame
+        let header = if self.event_len.is_some() { FRAME_HEADER } else { 0 };
+        let cut = header + self.pending.len() + self.out_left + usize::from(!complete);
         if cut > 0 {
             say(&cps(&format!("sandboxd: the exec stream was cut off ({cut} bytes of an unfinished frame)")));
         }
@@ -524,10 +545,29 @@ fn write_all(f: &mut File, mut bytes: &[u8]) -> io::Result<()> {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // O_NONBLOCK belongs to the pipe or terminal, set by any of its holders: wait until it drains, as Node does
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(f.as_raw_fd()),
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// poll(2) for POLLOUT (std has no wrapper; it links the C library that has it)
+fn wait_writable(fd: i32) {
+    #[repr(C)]
+    struct PollFd {
+        fd: i32,
+        events: i16,
+        revents: i16,
+    }
+    extern "C" {
+        fn poll(fds: *mut PollFd, nfds: std::ffi::c_ulong, timeout: i32) -> i32;
+    }
+    const POLLOUT: i16 = 4;
+    let mut p = PollFd { fd, events: POLLOUT, revents: 0 };
+    // an error or hang-up shows in the next write
+    unsafe { poll(&mut p, 1, -1) };
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
