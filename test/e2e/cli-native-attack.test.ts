@@ -7,7 +7,6 @@
  * that breaks off mid-frame is a socket server of the test's own, since the
  * real one never does.
  */
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmod, mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
 import net from "node:net";
@@ -15,7 +14,8 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
-import { CLI_COMMAND, PATH_WITH_THIS_NODE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { runProcess, type ProcessRun } from "../helpers/run-process.js";
+import { CLI_COMMAND, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 let project: string;
@@ -44,32 +44,8 @@ afterAll(async () => {
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
 
-interface Run {
-  code: number | null;
-  stdout: Buffer;
-  stderr: string;
-}
-
-function run(file: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string; uid?: number } = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, {
-      stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, PATH: PATH_WITH_THIS_NODE, ...opts.env },
-      cwd: opts.cwd,
-      ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
-    });
-    const out: Buffer[] = [];
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => out.push(c));
-    child.stderr.on("data", (c: Buffer) => (stderr += c.toString("utf8")));
-    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
-    child.on("error", reject);
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout: Buffer.concat(out), stderr });
-    });
-  });
-}
+type Run = ProcessRun;
+const run = runProcess;
 
 /** the same thing natively and on Node */
 async function both(f: (env: NodeJS.ProcessEnv) => Promise<Run>): Promise<{ native: Run; node: Run }> {

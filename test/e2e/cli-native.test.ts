@@ -9,7 +9,6 @@
  * sent: with a `node` on the PATH that only says it was called, the plain
  * forms never call it and the other forms always do.
  */
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
@@ -17,6 +16,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
+import { runProcess, type ProcessRun } from "../helpers/run-process.js";
 import { CLI_COMMAND, CLI_NATIVE, PATH_WITH_THIS_NODE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
@@ -57,27 +57,8 @@ afterAll(async () => {
   if (stubDir) await rm(stubDir, { recursive: true, force: true });
 });
 
-interface Run {
-  code: number | null;
-  stdout: Buffer;
-  stderr: string;
-}
-
-function run(file: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PATH: PATH_WITH_THIS_NODE, ...env } });
-    const out: Buffer[] = [];
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => out.push(c));
-    child.stderr.on("data", (c: Buffer) => (stderr += c.toString("utf8")));
-    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
-    child.on("error", reject);
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout: Buffer.concat(out), stderr });
-    });
-  });
-}
+type Run = ProcessRun;
+const run = (file: string, args: string[], env: NodeJS.ProcessEnv = {}) => runProcess(file, args, { env });
 
 /** what differs from one run to the next: approval and phase ids, durations */
 const normal = (text: string) =>
