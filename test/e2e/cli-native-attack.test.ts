@@ -15,13 +15,13 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
 import { runProcess, type ProcessRun } from "../helpers/run-process.js";
-import { CLI_COMMAND, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI_COMMAND, daemonWithPhase, removeDir, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 let project: string;
 let phaseId: string;
 let tmp: string;
-const scripts: Record<string, string> = {};
+let scripts: Record<string, string> = {};
 
 const CODE = {
   args: "import json, sys\nprint(json.dumps(sys.argv[1:]))",
@@ -30,11 +30,7 @@ const CODE = {
 };
 
 beforeAll(async () => {
-  await requireEngineAndImage();
-  d = await startTestDaemon();
-  project = await makeProject();
-  for (const [k, v] of Object.entries(CODE)) scripts[k] = `/workspace/${await writeScript(project, v)}`;
-  phaseId = (await new Sandboxd({ socket: d.socket }).startPhase({ project, phase: "14.1", mode: "test" })).id;
+  ({ d, project, phaseId, scripts } = await daemonWithPhase(CODE, "14.1"));
   tmp = await mkdtemp(path.join(os.tmpdir(), "sbx-native-attack-"));
 }, 120_000);
 

@@ -17,13 +17,13 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Sandboxd } from "sandboxd";
 import { runProcess, type ProcessRun } from "../helpers/run-process.js";
-import { CLI_COMMAND, CLI_NATIVE, PATH_WITH_THIS_NODE, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { CLI_COMMAND, CLI_NATIVE, PATH_WITH_THIS_NODE, daemonWithPhase, removeDir, type TestDaemon } from "../helpers/sandbox.js";
 
 let d: TestDaemon;
 let project: string;
 let phaseId: string;
 let stubDir: string;
-const scripts: Record<string, string> = {};
+let scripts: Record<string, string> = {};
 
 const CODE = {
   // its arguments back as JSON, a line on stderr
@@ -40,11 +40,7 @@ const CODE = {
 };
 
 beforeAll(async () => {
-  await requireEngineAndImage();
-  d = await startTestDaemon();
-  project = await makeProject();
-  for (const [k, v] of Object.entries(CODE)) scripts[k] = `/workspace/${await writeScript(project, v)}`;
-  phaseId = (await new Sandboxd({ socket: d.socket }).startPhase({ project, phase: "14.1", mode: "test" })).id;
+  ({ d, project, phaseId, scripts } = await daemonWithPhase(CODE, "14.1"));
   // a `node` that only says it was called: the native client must not need it for the plain forms
   stubDir = await mkdtemp(path.join(os.tmpdir(), "sbx-node-stub-"));
   await writeFile(path.join(stubDir, "node"), "#!/bin/sh\necho NODE-CALLED >&2\nexit 99\n");

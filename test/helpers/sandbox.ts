@@ -333,3 +333,20 @@ export async function mountsBelow(dir: string): Promise<string[]> {
 export async function deviceAt(at: string): Promise<string | null> {
   return mountsAt(await readFile("/proc/self/mountinfo", "utf8"), at).at(-1)?.dev ?? null;
 }
+
+/**
+ * A test daemon, a project holding `code`'s Python scripts (their paths under
+ * /workspace, by the same keys) and a running test-mode phase of it.
+ */
+export async function daemonWithPhase(
+  code: Record<string, string>,
+  phase: string,
+): Promise<{ d: TestDaemon; project: string; phaseId: string; scripts: Record<string, string> }> {
+  await requireEngineAndImage();
+  const d = await startTestDaemon();
+  const project = await makeProject();
+  const scripts: Record<string, string> = {};
+  for (const [k, v] of Object.entries(code)) scripts[k] = `/workspace/${await writeScript(project, v)}`;
+  const { phase: started } = await d.api.request<{ phase: { id: string } }>("POST", "/v1/phases", { project, phase, mode: "test" });
+  return { d, project, phaseId: started.id, scripts };
+}
