@@ -170,14 +170,26 @@ export interface TestDaemon {
 export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.ProcessEnv; logLines?: string[] } = {}): Promise<TestDaemon> {
   const stateDir = await tempDir("state");
   const socket = path.join(stateDir, "sandboxd.sock");
-  // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
-  const settings = resolveSettings({ socket, stateDir, policy: opts.policy ?? (await testPolicy()) }, { SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...TEST_ENV, ...opts.env });
-  // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
-  const lines = opts.logLines;
-  const daemon = await startDaemon(
-    settings,
-    lines ? { logDestination: { write: (l: string) => lines.push(l) } } : { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) },
-  );
+  const removeState = async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    await rm(testAuditKey(stateDir), { force: true });
+    await rm(`${testAuditKey(stateDir)}.heads`, { recursive: true, force: true }); // its witness (src/audit/witness.ts)
+  };
+  let daemon: RunningDaemon;
+  try {
+    // env: the daemon's own environment on top of the tests' (SANDBOXD_SERVICE_* overrides …)
+    const settings = resolveSettings({ socket, stateDir, policy: opts.policy ?? (await testPolicy()) }, { SANDBOXD_AUDIT_KEY: testAuditKey(stateDir), ...TEST_ENV, ...opts.env });
+    // with logLines: the daemon's own log (its scrubbing destination included), one entry per line
+    const lines = opts.logLines;
+    daemon = await startDaemon(
+      settings,
+      lines ? { logDestination: { write: (l: string) => lines.push(l) } } : { log: pino({ level: process.env.SANDBOXD_TEST_LOG ?? "silent" }) },
+    );
+  } catch (err) {
+    // settings refused or a start that failed (some tests expect it): nothing of it is left in /tmp
+    await removeState();
+    throw err;
+  }
   return {
     daemon,
     api: new ApiClient(socket),
@@ -185,9 +197,7 @@ export async function startTestDaemon(opts: { policy?: string; env?: NodeJS.Proc
     socket,
     close: async () => {
       await daemon.close();
-      await rm(stateDir, { recursive: true, force: true });
-      await rm(testAuditKey(stateDir), { force: true });
-      await rm(`${testAuditKey(stateDir)}.heads`, { recursive: true, force: true }); // its witness (src/audit/witness.ts)
+      await removeState();
     },
   };
 }
