@@ -160,33 +160,56 @@ describe("the credential walk's cache", () => {
     const lower = path.join(root, "lower");
     const up = path.join(root, "up");
     const ov = path.join(root, "ov");
-    mkdirSync(path.join(lower, "a", "b"), { recursive: true });
-    mkdirSync(path.join(lower, "a2", "b"), { recursive: true });
-    writeFileSync(path.join(lower, "a2", "b", ".env"), "A=1\n");
-    // both b folders' times set in one call (tar -xp does the same): equal to the double
-    execFileSync("touch", ["-d", "2024-01-01", path.join(lower, "a", "b"), path.join(lower, "a2", "b")]);
+    const mountOverlay = () =>
+      execFileSync("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${lower},upperdir=${up}/u,workdir=${up}/w,xino=on,redirect_dir=on`, ov]);
+    // candidates: p0/b … p31/b. Two b folders are one double only when their inode numbers fall in one
+    // step of 2048 at 2^63; ext4 gives folders made together near numbers, not always that near, so the
+    // pair is found, not assumed (a and a2 alone fell 8,000 apart once)
+    const candidates = Array.from({ length: 32 }, (_, i) => `p${i}`);
+    for (const c of candidates) mkdirSync(path.join(lower, c, "b"), { recursive: true });
     mkdirSync(up);
     mkdirSync(ov);
     execFileSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", up]);
     try {
       mkdirSync(path.join(up, "u"));
       mkdirSync(path.join(up, "w"));
-      execFileSync("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${lower},upperdir=${up}/u,workdir=${up}/w,xino=on,redirect_dir=on`, ov]);
+      mountOverlay();
+      const byDouble = new Map<number, string>();
+      let pair: [string, string] | undefined;
       try {
-        const [x, y] = [statSync(path.join(ov, "a", "b"), { bigint: true }), statSync(path.join(ov, "a2", "b"), { bigint: true })];
+        for (const c of candidates) {
+          const ino = statSync(path.join(ov, c, "b"), { bigint: true }).ino;
+          const other = byDouble.get(Number(ino));
+          if (other !== undefined) {
+            pair = [other, c];
+            break;
+          }
+          byDouble.set(Number(ino), c);
+        }
+      } finally {
+        execFileSync("umount", [ov]);
+      }
+      if (!pair) throw new Error(`no two of ${candidates.length} folders made together have inode numbers one double apart: ${[...byDouble.keys()].join(", ")}`);
+      const [a, a2] = pair;
+      writeFileSync(path.join(lower, a2, "b", ".env"), "A=1\n");
+      // both b folders' times set in one call (tar -xp does the same): equal to the double
+      execFileSync("touch", ["-d", "2024-01-01", path.join(lower, a, "b"), path.join(lower, a2, "b")]);
+      mountOverlay();
+      try {
+        const [x, y] = [statSync(path.join(ov, a, "b"), { bigint: true }), statSync(path.join(ov, a2, "b"), { bigint: true })];
         expect(x.ino).not.toBe(y.ino);
         // as numbers, Node's lstat: the same folder twice
-        expect(statSync(path.join(ov, "a", "b")).ino).toBe(statSync(path.join(ov, "a2", "b")).ino);
-        expect(statSync(path.join(ov, "a", "b")).ctimeMs).toBe(statSync(path.join(ov, "a2", "b")).ctimeMs);
+        expect(statSync(path.join(ov, a, "b")).ino).toBe(statSync(path.join(ov, a2, "b")).ino);
+        expect(statSync(path.join(ov, a, "b")).ctimeMs).toBe(statSync(path.join(ov, a2, "b")).ctimeMs);
         await settle();
         const scan = async () => hiddenBelowRoot(ov, (await loadPolicy()).workspace);
-        expect(await scan()).toEqual(["a2/b/.env"]);
-        // a and a2 swap names (renames of their own: each b keeps its inode and times)
-        renameSync(path.join(ov, "a"), path.join(ov, "t"));
-        renameSync(path.join(ov, "a2"), path.join(ov, "a"));
-        renameSync(path.join(ov, "t"), path.join(ov, "a2"));
+        expect(await scan()).toEqual([`${a2}/b/.env`]);
+        // the two swap names (renames of their own: each b keeps its inode and times)
+        renameSync(path.join(ov, a), path.join(ov, "t"));
+        renameSync(path.join(ov, a2), path.join(ov, a));
+        renameSync(path.join(ov, "t"), path.join(ov, a2));
         // a/b was taken from the cache as the a/b before (no .env): the .env was missed
-        expect(await scan()).toEqual(["a/b/.env"]);
+        expect(await scan()).toEqual([`${a}/b/.env`]);
       } finally {
         execFileSync("umount", [ov]);
       }
