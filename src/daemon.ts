@@ -24,6 +24,7 @@ import { SandboxdError } from "./errors.js";
 import { PhaseManager } from "./phases/manager.js";
 import { DEFAULT_DRAIN_MS } from "./phases/detach.js";
 import { DockerRuntime } from "./runtime/docker.js";
+import { favorDynmods } from "./util/dynmods.js";
 import type { ContainerRuntime } from "./runtime/types.js";
 import { randomIds, systemClock } from "./util/clock.js";
 import { VERSION } from "./version.js";
@@ -173,6 +174,10 @@ export async function startDaemon(
   });
   const approvals = await ApprovalQueue.open(settings.stateDir, systemClock);
   const grants = await GrantStore.open(settings.stateDir, systemClock);
+  const dynmods = await favorDynmods(settings.cgroupFavorDynmods);
+  if (dynmods.state === "turned-on") log.info({ cgroup2: dynmods.root }, "turned favordynmods on for the cgroup v2 hierarchy: a command's cgroup move no longer waits a grace period after an idle moment (SANDBOXD_CGROUP_FAVORDYNMODS=0 leaves it)");
+  else if (dynmods.state === "failed") log.warn({ cgroup2: dynmods.root, err: dynmods.error }, "could not turn favordynmods on: a command after an idle moment waits a kernel grace period (about 12 ms) for its cgroup");
+  else if (dynmods.state === "off") log.info({ cgroup2: dynmods.root }, "SANDBOXD_CGROUP_FAVORDYNMODS=0: favordynmods left off; a command after an idle moment waits a kernel grace period for its cgroup");
   if (settings.benchNoFailFast) log.warn("SANDBOXD_BENCH_NO_FAILFAST=1: commands are not categorised or counted and memory is not watched (a benchmark's side-by-side run; never for agents)");
   const manager = new PhaseManager({
     approvals,

@@ -7,6 +7,7 @@ import { constants as fsc } from "node:fs";
 import { access, readFile, stat, statfs } from "node:fs/promises";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { DYNMODS_OPTION, favorDynmods, type DynmodsOutcome } from "../util/dynmods.js";
 
 export type CheckStatus = "ok" | "warn" | "fail";
 
@@ -188,7 +189,29 @@ export async function hostChecks(input: DoctorInput): Promise<Check[]> {
   checks.push(await modeCheck("socket", input.socket, 0o600, `${input.socket}: no daemon is serving it`));
   checks.push(await diskCheck(input.stateDir));
   checks.push(await nativeExecCheck());
+  checks.push(dynmodsCheck(await favorDynmods(false)));
   return checks;
+}
+
+/** Whether a command's cgroup move waits a kernel grace period after an idle moment (src/util/dynmods.ts). */
+export function dynmodsCheck(o: DynmodsOutcome): Check {
+  const name = "cgroup moves";
+  switch (o.state) {
+    case "on":
+    case "turned-on":
+      return { name, status: "ok", detail: `${DYNMODS_OPTION} is on for ${o.root}: a command's cgroup move never waits a grace period` };
+    case "not-used":
+      return { name, status: "ok", detail: o.root ? `${o.root} hands out controllers: commands get no cgroup of their own here, nothing moves` : "no cgroup v2 mount: commands get no cgroup of their own here, nothing moves" };
+    case "off":
+      return {
+        name,
+        status: "warn",
+        detail: `${DYNMODS_OPTION} is off for ${o.root}: a command after an idle moment waits a kernel grace period (about 12 ms here) for its cgroup`,
+        hint: `the daemon turns it on at start unless SANDBOXD_CGROUP_FAVORDYNMODS=0; by hand, as root: mount -o remount,${DYNMODS_OPTION} ${o.root}`,
+      };
+    case "failed":
+      return { name, status: "warn", detail: `cannot tell whether ${DYNMODS_OPTION} is on: ${o.error}` };
+  }
 }
 
 /** `exec`'s native client (scripts/build-native.mjs), beside this module's dist/cli: without it every `sandboxd exec` starts Node. */

@@ -64,6 +64,12 @@ export interface Settings {
    * every cold start makes its own, and the state dir reserves one budget less
    */
   spareLayer: boolean;
+  /**
+   * SANDBOXD_CGROUP_FAVORDYNMODS: "0" leaves the host's cgroup v2 mount as it
+   * is; otherwise the daemon turns favordynmods on at start where commands get
+   * cgroups of their own (src/runtime/dynmods.ts)
+   */
+  cgroupFavorDynmods: boolean;
 }
 
 /**
@@ -90,6 +96,7 @@ const settingsSchema = z
     benchNoFailFast: z.boolean(),
     poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
     spareLayer: z.boolean(),
+    cgroupFavorDynmods: z.boolean(),
   })
   .strict()
   .refine((s) => !isInside(s.auditKey, s.stateDir), {
@@ -130,6 +137,7 @@ export function resolveSettings(
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
     poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
     spareLayer: env.SANDBOXD_SPARE_LAYER !== "0",
+    cgroupFavorDynmods: env.SANDBOXD_CGROUP_FAVORDYNMODS !== "0",
   };
   raw.auditKey = path.resolve(flags.auditKey ?? (env.SANDBOXD_AUDIT_KEY || defaultAuditKey(env)));
   raw.auditWitness = witnessFile(raw.auditKey, raw.stateDir, env.SANDBOXD_AUDIT_WITNESS_DIR || undefined);

@@ -8,6 +8,7 @@ import path from "node:path";
 import type { Readable } from "node:stream";
 import { SandboxdError } from "../errors.js";
 import { SHIM_PATHS } from "../shim/protocol.js";
+import { cgroup2Mount } from "../util/dynmods.js";
 import { DockerLogDemux } from "./demux.js";
 import { memoryProbeOf, type MemoryProbe } from "./cgroup.js";
 import type { ContainerRuntime, ContainerState, ContainerSummary, PhaseContainerSpec } from "./types.js";
@@ -34,17 +35,8 @@ const HOSTS_FILE = "hosts";
  * machines), or null.
  */
 export async function cgroup2Root(mounts = "/proc/self/mounts"): Promise<string | null> {
-  let text: string;
-  try {
-    text = await readFile(mounts, "utf8");
-  } catch {
-    return null;
-  }
-  for (const line of text.split("\n")) {
-    const [, target, type] = line.split(" ");
-    if (type === "cgroup2" && target) return target.replace(/\\040/g, " ");
-  }
-  return null;
+  const text = await readFile(mounts, "utf8").catch(() => "");
+  return cgroup2Mount(text)?.root ?? null;
 }
 
 /** The host directory of a phase container's per-command cgroups (see src/shim/cgroups.ts). */
