@@ -199,6 +199,7 @@ export async function startDaemon(
     buildLogLocation: settings.buildLog,
     logSecrets,
     poolSize: settings.poolSize,
+    poolMaxAgeSeconds: settings.poolMaxAgeSeconds,
     spareLayer: settings.spareLayer,
   });
   const report = await manager.reconcile();

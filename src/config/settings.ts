@@ -59,6 +59,8 @@ export interface Settings {
    * limits (src/phases/pool.ts); 0 turns the pool off (every phase starts cold)
    */
   poolSize: number;
+  /** SANDBOXD_POOL_MAX_AGE: seconds a warm pool slot may wait for a claim before it is replaced */
+  poolMaxAgeSeconds: number;
   /**
    * SANDBOXD_SPARE_LAYER: "0" keeps no spare layer disk (src/workspace/spare.ts):
    * every cold start makes its own, and the state dir reserves one budget less
@@ -77,6 +79,8 @@ export interface Settings {
  * ~40 MB) and its layer's disk reserved (2 GiB by default; docs/ARCHITECTURE.md "Warm pool").
  */
 export const DEFAULT_POOL_SIZE = 0;
+/** a warm pool slot older than this (seconds) is replaced, claimed by no one (src/phases/pool.ts) */
+export const DEFAULT_POOL_MAX_AGE_SECONDS = 1800;
 
 const settingsSchema = z
   .object({
@@ -95,6 +99,11 @@ const settingsSchema = z
     auditWitness: z.string().min(1),
     benchNoFailFast: z.boolean(),
     poolSize: z.number().int("SANDBOXD_POOL_SIZE takes a whole number").min(0).max(16),
+    poolMaxAgeSeconds: z
+      .number({ invalid_type_error: "SANDBOXD_POOL_MAX_AGE takes a whole number of seconds" })
+      .int("SANDBOXD_POOL_MAX_AGE takes a whole number of seconds")
+      .min(1, "SANDBOXD_POOL_MAX_AGE is at least 1 second")
+      .max(7 * 86_400, "SANDBOXD_POOL_MAX_AGE is at most 604800 seconds (7 days)"),
     spareLayer: z.boolean(),
     cgroupFavorDynmods: z.boolean(),
   })
@@ -136,6 +145,7 @@ export function resolveSettings(
     auditWitness: "",
     benchNoFailFast: env.SANDBOXD_BENCH_NO_FAILFAST === "1",
     poolSize: env.SANDBOXD_POOL_SIZE ? Number(env.SANDBOXD_POOL_SIZE) : DEFAULT_POOL_SIZE,
+    poolMaxAgeSeconds: env.SANDBOXD_POOL_MAX_AGE ? Number(env.SANDBOXD_POOL_MAX_AGE) : DEFAULT_POOL_MAX_AGE_SECONDS,
     spareLayer: env.SANDBOXD_SPARE_LAYER !== "0",
     cgroupFavorDynmods: env.SANDBOXD_CGROUP_FAVORDYNMODS !== "0",
   };

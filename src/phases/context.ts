@@ -67,6 +67,8 @@ export interface ManagerOptions {
    * 0 or absent: every phase starts cold
    */
   poolSize?: number;
+  /** seconds a pool slot waits for a claim before it is replaced (settings.poolMaxAgeSeconds; default 1800) */
+  poolMaxAgeSeconds?: number;
   /**
    * false: no spare layer disk is kept (src/workspace/spare.ts), every cold
    * start makes its own; default true
@@ -167,7 +169,7 @@ export class PhaseContext {
     this.extraAllow = new Set(opts.extraAllow ?? []);
     this.connectTimeoutMs = opts.shimConnectTimeoutMs ?? 30_000;
     this.packages = new ProjectPackages(opts.stateDir);
-    this.pool = new WarmPool(this, opts.poolSize ?? 0);
+    this.pool = new WarmPool(this, opts.poolSize ?? 0, (opts.poolMaxAgeSeconds ?? 1800) * 1000);
     this.spare = new SpareLayer({
       dir: path.join(opts.stateDir, "spare-layer"),
       enabled: opts.spareLayer !== false,

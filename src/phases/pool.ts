@@ -52,6 +52,8 @@ const run = promisify(execFile);
 export const MAX_CONSECUTIVE_FAILURES = 3;
 /** Between a failed fill and the next try: a little longer after each failure. */
 const RETRY_BASE_MS = 250;
+/** setTimeout's longest delay (2^31 − 1 ms): a later limit is looked at again then */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** How long the conntrack watch may take to show it sees events (as network.ts). */
 const WATCH_READY_MS = 5_000;
 
@@ -169,6 +171,8 @@ export interface Slot {
   imageId: string | null;
   state: SlotState;
   filledAt: string;
+  /** when it became ready (the injected clock's monotonic ms): a slot older than the pool's max age is replaced */
+  readyAtMs: number | null;
   containerId: string | null;
   /** the container's init, as the host sees it */
   pid: number;
@@ -212,6 +216,13 @@ export class WarmPool {
   constructor(
     private readonly ctx: PhaseContext,
     private readonly size: number,
+    /**
+     * A ready slot older than this is replaced (recorded as pool.discard):
+     * what a slot was made with (the service addresses, the engine, the shim
+     * that has idled since) is never older than this at a claim, give or take
+     * a fill (the loop sweeps between fills)
+     */
+    private readonly maxAgeMs = 30 * 60_000,
   ) {
     this.state = size > 0 ? "running" : "off";
   }
@@ -268,15 +279,29 @@ export class WarmPool {
       const want = this.keys();
       // slots of a key the policy no longer has (a reload) are not claimed by anyone: they go
       const wanted = new Set(want.map(keyString));
+      const now = this.ctx.opts.clock.monotonicMs();
       for (const s of [...this.slots.values()]) {
         if (s.state !== "ready") continue;
         if (!wanted.has(s.key)) await this.discard(s, "its limits are no longer the policy's");
         // its shim went away between the fill's wait and its readiness: no phase could claim it
         else if (!s.channel?.connected) await this.discard(s, "its shim is not connected");
+        else if (s.readyAtMs !== null && now - s.readyAtMs >= this.maxAgeMs) {
+          const reason = `it waited ${Math.round((now - s.readyAtMs) / 1000)} s for a claim, the pool's limit is ${Math.round(this.maxAgeMs / 1000)} s (SANDBOXD_POOL_MAX_AGE)`;
+          await this.record("pool.discard", { slot: s.id, container: s.containerId, reason });
+          await this.discard(s, reason);
+        }
       }
       const short = want.find((k) => [...this.slots.values()].filter((s) => s.key === keyString(k)).length < this.size);
       if (!short) {
-        await new Promise<void>((r) => (this.wake = r));
+        // until a claim, or the oldest ready slot's limit
+        const ages = [...this.slots.values()].filter((s) => s.state === "ready" && s.readyAtMs !== null).map((s) => s.readyAtMs!);
+        const due = ages.length > 0 ? Math.max(0, Math.min(...ages) + this.maxAgeMs - this.ctx.opts.clock.monotonicMs()) : null;
+        let timer: NodeJS.Timeout | undefined;
+        await new Promise<void>((r) => {
+          this.wake = r;
+          if (due !== null) timer = setTimeout(r, Math.min(due + 1, MAX_TIMER_MS));
+        });
+        clearTimeout(timer);
         this.wake = null;
         continue;
       }
@@ -351,6 +376,7 @@ export class WarmPool {
       imageId: null,
       state: "filling",
       filledAt: timestamp(ctx.opts.clock.now()),
+      readyAtMs: null,
       containerId: null,
       pid: 0,
       channel: null,
@@ -363,6 +389,7 @@ export class WarmPool {
       await this.make(slot, key);
       if (slot.state !== "filling") throw new Error("the pool closed while the slot was made");
       this.moveSlot(slot, "ready");
+      slot.readyAtMs = ctx.opts.clock.monotonicMs();
       this.fills++;
       this.failures = 0;
       const ms = Math.round(ctx.opts.clock.monotonicMs() - t0);

@@ -30,6 +30,11 @@ describe("settings", () => {
 describe("the warm pool's size", () => {
   it("is a small pool by default, 0 turns it off, anything but a whole number up to 16 is refused", () => {
     expect(resolveSettings({}, {}).poolSize).toBe(0);
+    expect(resolveSettings({}, {}).poolMaxAgeSeconds).toBe(1800);
+    expect(resolveSettings({}, { SANDBOXD_POOL_MAX_AGE: "60" }).poolMaxAgeSeconds).toBe(60);
+    for (const bad of ["0", "-1", "1.5", "ten", "604801"]) {
+      expect(() => resolveSettings({}, { SANDBOXD_POOL_MAX_AGE: bad }), bad).toThrow(/poolMaxAgeSeconds: SANDBOXD_POOL_MAX_AGE /);
+    }
     expect(resolveSettings({}, { SANDBOXD_POOL_SIZE: "2" }).poolSize).toBe(2);
     expect(resolveSettings({}, { SANDBOXD_POOL_SIZE: "0" }).poolSize).toBe(0);
     for (const bad of ["two", "1.5", "-1", "17"]) {
