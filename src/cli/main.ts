@@ -27,10 +27,13 @@ const SANDBOXD_FAILED = 125;
 
 // A reader that stops early (`| head`, `| grep -q`) closes stdout. That ends
 // sandboxd quietly, as SIGPIPE ends a shell tool (128+13); the daemon sees the
-// connection go and ends the command.
+// connection go and ends the command. Any other failed write (a full disk,
+// ENOSPC; a file past its size limit, EFBIG) is said in one line, as the
+// native exec client says it, and ends sandboxd with 125, not a stack trace.
 process.stdout.on("error", (err: NodeJS.ErrnoException) => {
   if (err.code === "EPIPE") process.exit(BROKEN_PIPE);
-  throw err;
+  process.stderr.write(`sandboxd: ${err.code ? `write ${err.code}` : err.message}\n`);
+  process.exit(SANDBOXD_FAILED);
 });
 
 async function run(argv: string[]): Promise<number> {

@@ -178,6 +178,14 @@ describe("the native exec client beside the Node CLI", () => {
     expect(native.stderr).toBe("");
   }, 60_000);
 
+  it("a stdout that cannot take the output (/dev/full: ENOSPC) is said in one line and exits 125, on Node as natively (Node crashed with a stack trace and 1)", async () => {
+    const line = (env: string) => `${env} "${CLI_COMMAND}" --socket "${d.socket}" exec ${phaseId} -- python3 ${scripts.status!} 0 > /dev/full; echo "status=$?" >&2`;
+    const native = await run("bash", ["-c", line(`PATH="${stubDir}:${PATH_WITH_THIS_NODE}"`)]);
+    const node = await run("bash", ["-c", line("SANDBOXD_CLI_NODE=1")]);
+    expect(native.stderr).toBe("sandboxd: write ENOSPC\nstatus=125\n");
+    expect(node.stderr).toBe("sandboxd: write ENOSPC\nstatus=125\n");
+  }, 60_000);
+
   it("the socket from SANDBOXD_SOCKET or --socket=; an unreachable one is Node's to report, before anything is sent", async () => {
     const viaEnv = await run(CLI_COMMAND, ["exec", phaseId, "--", "python3", scripts.args!, "x"], { SANDBOXD_SOCKET: d.socket, PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
     expect(viaEnv.code).toBe(0);
