@@ -35,6 +35,9 @@ process.stdout.on("error", (err: NodeJS.ErrnoException) => {
   process.stderr.write(`sandboxd: ${err.code ? `write ${err.code}` : err.message}\n`);
   process.exit(SANDBOXD_FAILED);
 });
+// A stderr nobody reads any more (its reader exited) costs its lines, not the
+// command's output or status: the exit code stays the command's, as natively.
+process.stderr.on("error", () => undefined);
 
 async function run(argv: string[]): Promise<number> {
   const { parseExecArgs } = await import("./exec-args.js");

@@ -9,6 +9,7 @@
  * sent: with a `node` on the PATH that only says it was called, the plain
  * forms never call it and the other forms always do.
  */
+import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
@@ -184,6 +185,23 @@ describe("the native exec client beside the Node CLI", () => {
     const node = await run("bash", ["-c", line("SANDBOXD_CLI_NODE=1")]);
     expect(native.stderr).toBe("sandboxd: write ENOSPC\nstatus=125\n");
     expect(node.stderr).toBe("sandboxd: write ENOSPC\nstatus=125\n");
+  }, 60_000);
+
+  it("a stderr whose reader went away costs its lines only: stdout arrives and the command's status is the exit code, on Node as natively (Node exited 1)", async () => {
+    const once = (env: NodeJS.ProcessEnv) =>
+      new Promise<{ code: number | null; stdout: string }>((resolve, reject) => {
+        const child = spawn(CLI_COMMAND, ["--socket", d.socket, "exec", phaseId, "--", "python3", scripts.args!, "kept"], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+        // the reader goes before the client has anything to say there: its writes to stderr fail with EPIPE
+        child.stderr.destroy();
+        let stdout = "";
+        child.stdout.on("data", (c: Buffer) => (stdout += c.toString("utf8")));
+        child.on("error", reject);
+        child.on("close", (code) => resolve({ code, stdout }));
+      });
+    const native = await once({ PATH: `${stubDir}:${PATH_WITH_THIS_NODE}` });
+    const node = await once({ PATH: PATH_WITH_THIS_NODE, SANDBOXD_CLI_NODE: "1" });
+    expect(native).toEqual({ code: 0, stdout: '["kept"]\n' });
+    expect(node).toEqual({ code: 0, stdout: '["kept"]\n' });
   }, 60_000);
 
   it("the socket from SANDBOXD_SOCKET or --socket=; an unreachable one is Node's to report, before anything is sent", async () => {
