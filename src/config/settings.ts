@@ -69,7 +69,7 @@ export interface Settings {
   /**
    * SANDBOXD_CGROUP_FAVORDYNMODS: "0" leaves the host's cgroup v2 mount as it
    * is; otherwise the daemon turns favordynmods on at start where commands get
-   * cgroups of their own (src/runtime/dynmods.ts)
+   * cgroups of their own (src/util/dynmods.ts)
    */
   cgroupFavorDynmods: boolean;
 }
