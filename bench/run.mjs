@@ -20,7 +20,8 @@
  * failure, on SIGINT/SIGTERM, and when the watchdog (BENCH_TIMEOUT_S) fires.
  *
  * Settings (environment): BENCH_START_N (10), BENCH_API_N (200), BENCH_CLI_N (30),
- * BENCH_DOCKER_EXEC_N (30), BENCH_STREAM_N (5), BENCH_TIMEOUT_S (900),
+ * BENCH_DOCKER_EXEC_N (30), BENCH_EXEC_IDLE_N (20: (b)'s pairs after 100 ms idle, info),
+ * BENCH_STREAM_N (5), BENCH_TIMEOUT_S (900),
  * BENCH_OUT (bench/results/latest.json), BENCH_ONLY (comma list of start, exec,
  * stream, failfast, pool; default start,exec,stream), BENCH_POOL_N (20), BENCH_FF_N (200), BENCH_FF_PYTEST_N (20), BENCH_DAEMON_NODE_ARGS (extra node flags for the daemon,
  * e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"). BENCH_QUICK=1 runs a small smoke version.
@@ -72,6 +73,9 @@ const CFG = {
   apiN: envInt("BENCH_API_N", 200, 40),
   apiWarmup: 20,
   cliN: envInt("BENCH_CLI_N", 30, 5),
+  // (b)'s info rows after a pause: an agent's commands mostly come after one (it thinks between them)
+  idleN: envInt("BENCH_EXEC_IDLE_N", 20, 4),
+  idleMs: 100,
   dockerExecN: envInt("BENCH_DOCKER_EXEC_N", 30, 5),
   execWarmup: 3,
   streamN: envInt("BENCH_STREAM_N", 5, 2),
@@ -451,8 +455,20 @@ async function benchExec(d, phase) {
       }
     }
   }
+  // The same `true` after CFG.idleMs of idleness each, the API and the Engine API alternating (info:
+  // the target rows above are back to back): what a harness sees after its agent thought.
+  const apiIdle = [];
+  const engineIdle = [];
+  for (let k = 0; k < CFG.idleN; k++) {
+    for (const which of k % 2 === 0 ? ["api", "engine"] : ["engine", "api"]) {
+      await sleep(CFG.idleMs);
+      if (which === "api") apiIdle.push(await apiOnce(false));
+      else engineIdle.push(await engineOnce());
+    }
+  }
   engineProc.send("exit");
   const s = { api: summarize(api), cli: summarize(cli), cliNode: summarize(cliNode), docker: summarize(dock), engine: summarize(engine) };
+  const idle = { api: summarize(apiIdle), engine: summarize(engineIdle) };
   const ratio = s.api.p50 / s.engine.p50;
   // The shim logs each exec's spawn-to-exit time (after stdout/stderr closed); every exec so far was `true`.
   let shimOwn = [];
@@ -488,13 +504,17 @@ async function benchExec(d, phase) {
     apiRatioP50: round(ratio, 4),
     apiRatioMean: round(s.api.mean / s.engine.mean, 4),
     apiToDockerExecCliP50Info: round(s.api.p50 / s.docker.p50, 4),
+    apiAfterIdleInfo: roundStats(idle.api, 2),
+    engineApiExecAfterIdleInfo: roundStats(idle.engine, 2),
+    idleMsInfo: CFG.idleMs,
+    apiAfterIdleRatioP50Info: round(idle.api.p50 / idle.engine.p50, 4),
     cliRatioP50: round(s.cli.p50 / s.docker.p50, 3),
     cliRatioMean: round(s.cli.mean / s.docker.mean, 3),
     target: `API p50 ≤ ${TARGETS.execApiRatio} × the Engine API exec's p50 (in-process)`,
     pass: ratio <= TARGETS.execApiRatio,
     cliTarget: `CLI p50 ≤ ${TARGETS.execCliRatio} × docker exec p50 (whole processes)`,
     cliPass: s.cli.p50 / s.docker.p50 <= TARGETS.execCliRatio,
-    samples: { api: api.map((x) => round(x, 3)), engineApiExec: engine.map((x) => round(x, 2)), cli: cli.map((x) => round(x)), cliNode: cliNode.map((x) => round(x)), dockerExec: dock.map((x) => round(x)) },
+    samples: { api: api.map((x) => round(x, 3)), engineApiExec: engine.map((x) => round(x, 2)), apiAfterIdle: apiIdle.map((x) => round(x, 2)), engineApiExecAfterIdle: engineIdle.map((x) => round(x, 2)), cli: cli.map((x) => round(x)), cliNode: cliNode.map((x) => round(x)), dockerExec: dock.map((x) => round(x)) },
   };
 }
 
@@ -855,6 +875,8 @@ function printTable(r) {
     add("(b)   of which daemon→shim→exit (info)", b.apiShimLegInfo, "ms");
     add("(b)   of which shim spawn→exit (info)", b.shimSpawnToExitInfo, "ms");
     if (b.engineApiExec) add("(b) baseline Engine API exec true, in-process", b.engineApiExec, "ms");
+    if (b.apiAfterIdleInfo) add(`(b)   API exec after ${b.idleMsInfo} ms idle (info)`, b.apiAfterIdleInfo, "ms");
+    if (b.engineApiExecAfterIdleInfo) add(`(b)   Engine API exec after ${b.idleMsInfo} ms idle (info)`, b.engineApiExecAfterIdleInfo, "ms");
     add("(b) exec true via CLI (process)", b.cli, "ms");
     if (b.cliNodeInfo) add("(b)   the CLI on Node, SANDBOXD_CLI_NODE=1 (info)", b.cliNodeInfo, "ms");
     add("(b) baseline docker exec true", b.dockerExec, "ms");
@@ -891,7 +913,7 @@ function printTable(r) {
   out.push("", "targets:");
   const verdict = (p) => (p ? "PASS" : "MISS");
   if (a) out.push(`  (a) phase start / docker run, p50 ratio ${fmt(a.ratioP50, 2)} (mean ${fmt(a.ratioMean, 2)})  target ≤ ${TARGETS.phaseStartRatio}  ${verdict(a.pass)}`);
-  if (b) out.push(`  (b) API exec / Engine API exec, p50 ratio ${fmt(b.apiRatioP50, 3)} (mean ${fmt(b.apiRatioMean, 3)}; to the docker exec CLI ${fmt(b.apiToDockerExecCliP50Info, 3)})  target ≤ ${TARGETS.execApiRatio}  ${verdict(b.pass)}`);
+  if (b) out.push(`  (b) API exec / Engine API exec, p50 ratio ${fmt(b.apiRatioP50, 3)} (mean ${fmt(b.apiRatioMean, 3)}; to the docker exec CLI ${fmt(b.apiToDockerExecCliP50Info, 3)}; after ${b.idleMsInfo ?? "?"} ms idle ${fmt(b.apiAfterIdleRatioP50Info, 3)}, info)  target ≤ ${TARGETS.execApiRatio}  ${verdict(b.pass)}`);
   if (b) out.push(`  (b) CLI exec / docker exec, p50 ratio ${fmt(b.cliRatioP50, 3)} (mean ${fmt(b.cliRatioMean, 3)})  target ≤ ${TARGETS.execCliRatio}  ${verdict(b.cliPass)}`);
   if (c) {
     out.push(`  (c) the client's stream p50 ${fmt((c.clientMBps ?? c.apiMBps).p50)} MB/s (docker exec ${fmt(c.dockerExecMBps.p50)} MB/s)  target ≥ ${TARGETS.streamMBps}  ${verdict(c.targets.throughput.pass)}`);
