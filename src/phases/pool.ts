@@ -287,8 +287,10 @@ export class WarmPool {
         else if (!s.channel?.connected) await this.discard(s, "its shim is not connected");
         else if (s.readyAtMs !== null && now - s.readyAtMs >= this.maxAgeMs) {
           const reason = `it waited ${Math.round((now - s.readyAtMs) / 1000)} s for a claim, the pool's limit is ${Math.round(this.maxAgeMs / 1000)} s (SANDBOXD_POOL_MAX_AGE)`;
+          // discarded before the record's await: a start cannot take it meanwhile
+          const gone = this.discard(s, reason);
           await this.record("pool.discard", { slot: s.id, container: s.containerId, reason });
-          await this.discard(s, reason);
+          await gone;
         }
       }
       const short = want.find((k) => [...this.slots.values()].filter((s) => s.key === keyString(k)).length < this.size);
