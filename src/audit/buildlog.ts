@@ -1,12 +1,14 @@
 /**
  * Append-only writer for a phase's build_audit.log.
  *
- * Appends are serialised through one promise chain and each is fdatasync'd
+ * Appends are serialised through one promise chain and each is durable
  * before the returned promise resolves: a caller that awaits `append` before
- * acting knows the record is on disk. The file is opened O_APPEND and never
- * truncated. (The hash-chained audit.jsonl arrives with the policy engine.)
+ * acting knows the record is on disk. The file is opened O_APPEND | O_DSYNC
+ * (each write returns once its data and the file's size are on disk, one
+ * call where a write and an fdatasync would be two) and is never truncated
+ * but by rotation.
  */
-import { constants } from "node:fs";
+import { constants, write } from "node:fs";
 import { mkdir, open, rename, unlink, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { SandboxdError } from "../errors.js";
@@ -23,6 +25,13 @@ export interface Rotation {
   dir: string;
 }
 
+const O_LOG = constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_DSYNC;
+
+/** write(2) through the callback API: about a third of the event loop's time of FileHandle.write */
+function appendTo(fd: number, data: Buffer, off: number): Promise<number> {
+  return new Promise((resolve, reject) => write(fd, data, off, data.length - off, null, (e, n) => (e ? reject(e) : resolve(n))));
+}
+
 /**
  * Open a log for appending without trusting the directory it is in.
  *
@@ -35,7 +44,7 @@ export interface Rotation {
 export async function openAppendSafely(path: string, mode = 0o600): Promise<FileHandle> {
   let fh: FileHandle;
   try {
-    fh = await open(path, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NOFOLLOW, mode);
+    fh = await open(path, O_LOG | constants.O_NOFOLLOW, mode);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === "ELOOP") {
@@ -71,7 +80,7 @@ export class BuildLog {
     handle?: Promise<FileHandle>,
     private readonly rotation?: () => Rotation | null,
   ) {
-    this.handle = handle ?? open(path, "a", 0o600);
+    this.handle = handle ?? open(path, O_LOG, 0o600);
     // Surface an open failure on the first append, not as an unhandled rejection.
     // eslint-disable-next-line no-restricted-syntax -- the same promise is awaited by every append, which sees the failure
     this.handle.catch(() => undefined);
@@ -96,12 +105,13 @@ export class BuildLog {
           this.size = 0;
         }
       }
+      // durable when written: O_DSYNC
       let off = 0;
       while (off < data.length) {
-        const { bytesWritten } = await fh.write(data, off, data.length - off);
-        off += bytesWritten;
+        const n = await appendTo(fh.fd, data, off);
+        if (n <= 0) throw Object.assign(new Error("write returned 0 bytes"), { code: "EIO" });
+        off += n;
       }
-      await fh.datasync();
       if (this.size !== null) this.size += data.length;
     });
     // Keep the chain alive after a failure; the failing caller still sees its own rejection.

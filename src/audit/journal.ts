@@ -8,11 +8,12 @@
  * and the guarantees.
  *
  * Durability: every append goes through this one writer. `append` resolves
- * only after the record's bytes are written (O_APPEND) and fdatasync'ed, and
- * after audit.anchor names it; callers await it before acting on the decision
- * it records (ARCHITECTURE.md: "fsync'd before the verdict is acted on").
- * Appends that arrive while a write+sync is in flight are batched into the
- * next single write+fdatasync (group commit).
+ * only after the record's bytes are written durably (O_APPEND | O_DSYNC: the
+ * write returns once the data and the size are on disk, as a write then an
+ * fdatasync would, in one call) and after audit.anchor names it; callers
+ * await it before acting on the decision it records (ARCHITECTURE.md:
+ * "fsync'd before the verdict is acted on"). Appends that arrive while a
+ * write is in flight are batched into the next single write (group commit).
  *
  * Fail closed: the first failed write, sync or anchor update (ENOSPC, EIO,
  * anything) puts the journal in a failed state; that append and every later
@@ -82,7 +83,7 @@ export interface TextRedactor {
 
 /**
  * The file-system calls the journal makes, so a unit test can inject ENOSPC
- * on the Nth write or count fdatasync calls. `nodeJournalFs` is the real one.
+ * on the Nth write or count the journal's writes. `nodeJournalFs` is the real one.
  */
 export interface JournalFs {
   mkdir(dir: string): Promise<void>;
@@ -354,8 +355,9 @@ interface Pending {
   reject: (e: unknown) => void;
 }
 
-// O_NOFOLLOW: a symlink planted in the state dir must not make the daemon (root, by default) write through it elsewhere
-const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW;
+// O_NOFOLLOW: a symlink planted in the state dir must not make the daemon (root, by default) write through it elsewhere.
+// O_DSYNC: each write is durable when it returns (one call to the thread pool per batch, not a write and an fdatasync).
+const O_JOURNAL = fs.constants.O_RDWR | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW | fs.constants.O_DSYNC;
 const O_ANCHOR = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW;
 /**
  * The anchor is always this many bytes (JSON padded with spaces, then "\n"),
@@ -737,14 +739,14 @@ export class AuditJournal {
     return { ...this.synced };
   }
 
-  /** write+fdatasync batches so far, and the records in them */
+  /** durable write batches so far, and the records in them */
   get counters(): { batches: number; records: number } {
     return { ...this.stats };
   }
 
   /**
    * Appends one record. Resolves with the record once its bytes are written
-   * and fdatasync'ed (and the anchor names it). Rejects with
+   * durably (and the anchor names it). Rejects with
    * SBX_ERR_AUDIT_FAILED if the journal failed (this append or any before),
    * SBX_ERR_INTERNAL for an event that is not JSON data or sets a reserved
    * field; such an event takes no seq.
@@ -881,9 +883,8 @@ export class AuditJournal {
         let op = "write";
         let file = this.path;
         try {
+          // durable once written: the journal is O_DSYNC
           await this.writeFully(data);
-          op = "fdatasync";
-          await this.fs.fdatasync(this.fd);
           this.synced = { seq: last.seq, hash: last.hash };
           this.syncedEnd += data.length;
           this.stats.batches += 1;
@@ -974,8 +975,7 @@ export class AuditJournal {
         ...this.deferred.map((d) => this.build(d.event, d.opts.redactor ?? this.redactor, d.opts)),
       ];
       const data = Buffer.concat(built.map((b) => b.line));
-      await this.writeFully(data);
-      await this.fs.fdatasync(this.fd);
+      await this.writeFully(data); // durable: O_DSYNC
       const last = built[built.length - 1]!.record;
       this.synced = { seq: last.seq, hash: last.hash };
       this.syncedEnd += data.length;

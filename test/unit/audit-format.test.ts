@@ -1,4 +1,5 @@
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { constants } from "node:fs";
+import { mkdtemp, readdir, readFile, readlink, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -86,6 +87,45 @@ describe("BuildLog", () => {
       expect(text.split("\n").filter(Boolean)).toEqual([...Array.from({ length: 50 }, (_, i) => `line ${i}`), "again"]);
       const bad = new BuildLog(path.join(dir, "missing-dir", "x.log"));
       await expect(bad.append(["x"])).rejects.toThrow(/ENOENT/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("BuildLog durability", () => {
+  /** the flags (octal, as the kernel reports them) of this process's descriptors open on `file` */
+  async function flagsOf(file: string): Promise<number[]> {
+    const out: number[] = [];
+    for (const fd of await readdir("/proc/self/fd")) {
+      const target = await readlink(`/proc/self/fd/${fd}`).catch(() => "");
+      if (target !== file) continue;
+      const m = /^flags:\s+([0-7]+)$/m.exec(await readFile(`/proc/self/fdinfo/${fd}`, "utf8").catch(() => ""));
+      if (m) out.push(Number.parseInt(m[1]!, 8));
+    }
+    return out;
+  }
+
+  it("writes O_DSYNC, opened either way: an append resolves once its bytes are durable, with no fdatasync of its own", async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "sbx-log-"));
+    try {
+      const plain = path.join(dir, "a.log");
+      const safe = path.join(dir, "b.log");
+      const a = new BuildLog(plain);
+      const b = await BuildLog.openSafely(safe);
+      await a.append(["one"]);
+      await b.append(["two"]);
+      expect(constants.O_DSYNC).toBe(0o10000);
+      for (const file of [plain, safe]) {
+        const flags = await flagsOf(file);
+        expect(flags).toHaveLength(1);
+        expect(flags[0]! & constants.O_DSYNC).toBe(constants.O_DSYNC);
+        expect(flags[0]! & constants.O_APPEND).toBe(constants.O_APPEND);
+      }
+      await a.close();
+      await b.close();
+      expect(await readFile(plain, "utf8")).toBe("one\n");
+      expect(await readFile(safe, "utf8")).toBe("two\n");
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

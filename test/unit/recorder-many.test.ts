@@ -1,6 +1,6 @@
 /**
  * PhaseRecorder.recordMany: several events recorded in order, durable
- * together — one journal batch (one write + fdatasync) and one build-log
+ * together — one journal batch (one durable write) and one build-log
  * append — with secrets scrubbed as `record` does.
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
