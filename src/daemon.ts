@@ -193,6 +193,7 @@ export async function startDaemon(
     clock: systemClock,
     ids: randomIds,
     shimConnectTimeoutMs: settings.shimConnectTimeoutMs,
+    shimDebugLog: settings.logLevel === "debug" || settings.logLevel === "trace",
     extraAllow: settings.extraAllow,
     failFast: !settings.benchNoFailFast,
     serviceOverrides: settings.serviceOverrides,

@@ -45,6 +45,8 @@ export interface ManagerOptions {
   clock: Clock;
   ids: IdSource;
   shimConnectTimeoutMs?: number;
+  /** the shim logs each exec's start and exit (the daemon's own log level is debug or trace) */
+  shimDebugLog?: boolean;
   /** operator's additions to the whitelist (settings.extraAllow) */
   extraAllow?: readonly string[];
   approvals: ApprovalQueue;

@@ -18,7 +18,7 @@ import { DEFAULT_PACKAGES_BYTES, PACKAGES_DIR } from "../workspace/packages.js";
 import type { LivePhase, PhaseContext } from "./context.js";
 import type { PhaseRecorder } from "./recorder.js";
 import { adoptConfinement, confineNetwork, openTunnels } from "./network.js";
-import { checkPackages, destroySlot, phaseCapabilities, poolKeyOf, releaseSlotMounts, type Slot } from "./pool.js";
+import { checkPackages, destroySlot, phaseCapabilities, poolKeyOf, releaseSlotMounts, shimLogEnv, type Slot } from "./pool.js";
 import type { BuildLog } from "../audit/buildlog.js";
 import { reservedReason, splitDotenv } from "../policy/env.js";
 import { BUILD_LOG_NAME, readDotenv, resolveProject } from "./project.js";
@@ -241,7 +241,7 @@ async function startPhase(ctx: PhaseContext, req: StartRequest): Promise<PhaseVi
       // build_audit.log and the other protected paths are read-only binds over the view (the layer's)
       readOnlyFiles: [],
       writableDirs: [{ host: packagesDir, container: PACKAGES_DIR }],
-      env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket },
+      env: { [SHIM_ENV.token]: token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket, ...shimLogEnv(ctx.opts) },
       memoryBytes: limits.memoryBytes,
       cpus: limits.cpus,
       pidsLimit: limits.pidsLimit,

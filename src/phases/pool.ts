@@ -201,6 +201,11 @@ export interface PoolStatus {
   lastError: string | null;
 }
 
+/** The shim's log level for a container's env (SHIM_ENV.logLevel): debug when the daemon logs at debug or trace. */
+export function shimLogEnv(opts: { shimDebugLog?: boolean }): Record<string, string> {
+  return opts.shimDebugLog ? { [SHIM_ENV.logLevel]: "debug" } : {};
+}
+
 export class WarmPool {
   private state: PoolState;
   private readonly slots = new Map<string, Slot>();
@@ -444,7 +449,7 @@ export class WarmPool {
       runDir: store.runDir(slot.id),
       readOnlyFiles: [],
       writableDirs: [{ host: pkg, container: PACKAGES_DIR, propagation: "rslave" }],
-      env: { [SHIM_ENV.token]: slot.token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket, [SHIM_ENV.pooled]: "1" },
+      env: { [SHIM_ENV.token]: slot.token, [SHIM_ENV.socket]: SHIM_PATHS.controlSocket, [SHIM_ENV.pooled]: "1", ...shimLogEnv(ctx.opts) },
       memoryBytes: key.memoryBytes,
       cpus: key.cpus,
       pidsLimit: key.pidsLimit,

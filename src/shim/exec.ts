@@ -303,7 +303,7 @@ export class RunningExec {
   private started(pid: number, stdout: Readable, stderr: Readable, exited: Promise<LeaderExit>): void {
     const { msg } = this;
     this.pid = pid;
-    log("info", "exec started", {
+    log("debug", "exec started", {
       execId: this.execId,
       pid,
       argv0: msg.argv[0],
@@ -435,7 +435,7 @@ export class RunningExec {
     if (killed > 0) log("info", "killed leftover processes", { execId: this.execId, count: killed });
     await this.outputClosed();
     const durationMs = Math.min(Math.round(performance.now() - this.startedAt), MAX_DURATION_MS);
-    log("info", "exec exited", { execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });
+    log("debug", "exec exited", { execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });
     // Sent after the streams closed, so after every output frame of this exec.
     this.link.send({ type: "exit", execId: this.execId, exitCode, signal, timedOut: this.timedOut, durationMs });
     this.resolveDone();

@@ -359,4 +359,6 @@ export const SHIM_ENV = {
    * without redialling
    */
   pooled: "SANDBOXD_SHIM_POOLED",
+  /** "debug": the shim also logs each exec's start and exit (the daemon's SANDBOXD_LOG_LEVEL debug or trace) */
+  logLevel: "SANDBOXD_SHIM_LOG_LEVEL",
 } as const;

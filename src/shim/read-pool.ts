@@ -109,13 +109,18 @@ export function readPooled(sock: net.Socket, pool: ReadPool, onChunk: (chunk: Bu
   // the old object lets go of the connection (its close only ends a server's count of it)
   s._handle = null;
   sock.destroy();
+  // Node asks for the next read's buffer as soon as a read is delivered (and one at the start), so
+  // a socket always holds one it has not filled: given back at its close, or every short-lived
+  // socket (a command's stdout of a few bytes) would cost a fresh buffer and its zeroing.
+  let lent: Buffer | null = null;
   const next = new net.Socket({
     handle: handle as never,
     readable: true,
     writable: true,
     onread: {
-      buffer: () => pool.take(),
+      buffer: () => (lent = pool.take()),
       callback: (n: number, buf: Uint8Array) => {
+        if (lent !== null && buf.buffer === lent.buffer) lent = null; // filled: released below, not at the close
         try {
           onChunk(Buffer.from(buf.buffer, buf.byteOffset, n));
         } finally {
@@ -124,6 +129,11 @@ export function readPooled(sock: net.Socket, pool: ReadPool, onChunk: (chunk: Bu
       },
     },
   } as net.SocketConstructorOpts);
+  next.once("close", () => {
+    // the handle is closed: nothing reads into it any more
+    if (lent !== null) pool.release(lent);
+    lent = null;
+  });
   for (const c of early) onChunk(c);
   return next;
 }

@@ -157,6 +157,36 @@ describe("readPooled", () => {
     expect(Buffer.concat(got).equals(Buffer.concat([first, rest]))).toBe(true);
   });
 
+  it("a socket's unfilled buffer goes back at its close: 50 short connections in a row share the pool's buffers", async () => {
+    const pool = new ReadPool(64 * 1024, 4);
+    const seen = new Set<ArrayBufferLike>();
+    const closed: Array<Promise<void>> = [];
+    const texts: string[] = [];
+    const { path: p, srv } = await server({ pauseOnConnect: true }, (accepted) => {
+      let text = "";
+      const sock = readPooled(accepted, pool, (c) => {
+        seen.add(c.buffer);
+        text += c.toString();
+      });
+      closed.push(new Promise((resolve) => sock!.once("close", () => (texts.push(text), resolve()))));
+    });
+    for (let i = 0; i < 50; i++) {
+      // a command's output of a few bytes, or none, then its end
+      await new Promise<void>((resolve, reject) => {
+        const c = net.connect(p, () => c.end(i % 2 ? `out ${i}` : ""));
+        c.on("close", () => resolve());
+        c.on("error", reject);
+      });
+      await closed[i];
+    }
+    await new Promise<void>((resolve) => srv.close(() => resolve()));
+    expect(texts).toEqual(Array.from({ length: 50 }, (_, i) => (i % 2 ? `out ${i}` : "")));
+    // each connection held one buffer it never filled (and the odd ones one they did): all came back
+    expect(seen.size).toBeLessThanOrEqual(2);
+    expect(pool.idle).toBeGreaterThanOrEqual(1);
+    expect(pool.idle).toBeLessThanOrEqual(2);
+  });
+
   it("writes still work on the socket it returns, and the server's close is not held up by the old one", async () => {
     const pool = new ReadPool(1024, 2);
     const { path: p, srv } = await server({ pauseOnConnect: true }, (accepted) => {
