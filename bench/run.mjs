@@ -470,33 +470,12 @@ async function benchExec(d, phase) {
   const s = { api: summarize(api), cli: summarize(cli), cliNode: summarize(cliNode), docker: summarize(dock), engine: summarize(engine) };
   const idle = { api: summarize(apiIdle), engine: summarize(engineIdle) };
   const ratio = s.api.p50 / s.engine.p50;
-  // The shim logs each exec's spawn-to-exit time (after stdout/stderr closed); every exec so far was `true`.
-  let shimOwn = [];
-  try {
-    const res = await withTimeout(d.api.stream("GET", `/v1/phases/${phase.id}/logs`), 30_000, "container log");
-    let text = "";
-    for await (const c of res) text += c.toString();
-    shimOwn = text
-      .split("\n")
-      .map((l) => {
-        try {
-          return JSON.parse(l);
-        } catch {
-          return null;
-        }
-      })
-      .filter((e) => e?.msg === "exec exited" && typeof e.durationMs === "number")
-      .map((e) => e.durationMs);
-  } catch (e) {
-    say(`(b) could not read the shim's log: ${e.message}`);
-  }
   return {
     description:
       "`true` in a running phase: ApiClient POST /v1/phases/:id/exec vs the Docker Engine API's exec from the same process (dockerode: create, start attached and read to its end, inspect); `sandboxd exec ID -- true` (whole CLI process: bin/sandboxd, the plain form run natively) vs `docker exec <container> true` (whole CLI process); the CLI with SANDBOXD_CLI_NODE=1 (on Node, info)",
     unit: "ms",
     api: roundStats(s.api, 3),
     apiShimLegInfo: roundStats(summarize(shimLeg), 1),
-    shimSpawnToExitInfo: roundStats(summarize(shimOwn), 1),
     cli: roundStats(s.cli),
     cliNodeInfo: roundStats(s.cliNode),
     dockerExec: roundStats(s.docker),
@@ -873,7 +852,6 @@ function printTable(r) {
   if (b) {
     add("(b) exec true via API", b.api, "ms", 2);
     add("(b)   of which daemon→shim→exit (info)", b.apiShimLegInfo, "ms");
-    add("(b)   of which shim spawn→exit (info)", b.shimSpawnToExitInfo, "ms");
     if (b.engineApiExec) add("(b) baseline Engine API exec true, in-process", b.engineApiExec, "ms");
     if (b.apiAfterIdleInfo) add(`(b)   API exec after ${b.idleMsInfo} ms idle (info)`, b.apiAfterIdleInfo, "ms");
     if (b.engineApiExecAfterIdleInfo) add(`(b)   Engine API exec after ${b.idleMsInfo} ms idle (info)`, b.engineApiExecAfterIdleInfo, "ms");
