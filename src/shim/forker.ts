@@ -51,11 +51,13 @@ import { errorFields, log } from "./log.js";
  * first, so its /proc file is root's). Going back down to 0 needs no
  * privilege: 0 is the floor the forker inherited.
  */
-function setOomScoreAdj(pid: number, value: number): void {
+function setOomScoreAdj(pid: number, value: number): boolean {
   try {
     writeFileSync(`/proc/${pid}/oom_score_adj`, String(value));
+    return true;
   } catch (err) {
     log("warn", "could not set the forker's oom_score_adj", { pid, value, ...errorFields(err) });
+    return false;
   }
 }
 
@@ -105,14 +107,30 @@ def reap():
             reply({"type": "exit", "id": i, "code": None, "signal": os.WTERMSIG(status)})
         else:
             reply({"type": "exit", "id": i, "code": os.WEXITSTATUS(status), "signal": None})
+# The Landlock ruleset is kept from one command to the next (each command still gets a domain of its
+# own: confine). A rule holds a folder as it was opened, so the kept ruleset goes after any mount or
+# unmount in this mount namespace (the phase's view mounted over /workspace): /proc/self/mountinfo
+# marks an exceptional condition for select() on each change since the last look.
+MOUNTS = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+kept = None
+DEVNULL = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # every command's stdin unless it has one
+def kept_ruleset():
+    global kept
+    if kept is not None and not select.select([], [], [MOUNTS], 0)[2]:
+        return kept
+    if kept is not None:
+        os.close(kept)
+        kept = None
+    kept = ruleset()
+    return kept
 def start(req, result):
     try:
         if LANDLOCK:
-            confine()
+            confine(result["rules"])
         # no uid or gid change here (the forker already runs as the owner), so
         # _posixsubprocess may use vfork: well under a millisecond
         result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"],
-                                       stdin=result["c0"].fileno() if result["c0"] is not None else subprocess.DEVNULL,
+                                       stdin=result["c0"].fileno() if result["c0"] is not None else DEVNULL,
                                        stdout=result["c1"].fileno(), stderr=result["c2"].fileno(),
                                        start_new_session=True, restore_signals=True, close_fds=True)
     except BaseException as e:
@@ -155,7 +173,16 @@ def run(req):
     except OSError as e:
         reply({"type": "error", "id": i, "code": "ESOCK", "message": "output socketpair: %s" % e})
         return
-    result = {"c0": c0, "c1": c1, "c2": c2}
+    result = {"c0": c0, "c1": c1, "c2": c2, "rules": None}
+    if LANDLOCK:
+        try:
+            result["rules"] = kept_ruleset()
+        except OSError as e:
+            for s in (p1, c1, p2, c2, p0, c0):
+                if s is not None:
+                    s.close()
+            reply({"type": "error", "id": i, "code": errno.errorcode.get(e.errno, "ESPAWN") if e.errno else "ESPAWN", "message": "landlock ruleset: %s" % e})
+            return
     try:
         t = threading.Thread(target=start, args=(req, result))
         t.start()
@@ -181,7 +208,9 @@ def run(req):
         return
     p = result["p"]
     children[p.pid] = (i, p)
-    below_supervisor(p.pid, req.get("procs"))
+    if req.get("raise"):
+        # born unraised: the shim could not give the forker the commands' bias for the fork
+        below_supervisor(p.pid, req.get("procs"))
     try:
         if p0 is not None:
             hand_over(i, 0, p0)
@@ -530,11 +559,12 @@ export class Forker {
       return this.sendNext();
     }
     // ... and with the commands' OOM bias (landlock.ts COMMAND_OOM_SCORE_ADJ), which the forker takes for the fork
-    setOomScoreAdj(child.pid!, COMMAND_OOM_SCORE_ADJ);
+    const biased = setOomScoreAdj(child.pid!, COMMAND_OOM_SCORE_ADJ);
     this.inFlight = id;
     const { cgroup, ...wire } = p.req;
-    // procs: where the forker finds what the command forked early (below_supervisor)
-    child.stdin!.write(JSON.stringify({ ...wire, procs: cgroup ? `${cgroup.dir}/cgroup.procs` : null }) + "\n");
+    // raise: born without the bias, the command is raised by the forker after the fork, with what it
+    // forked early, found in procs (below_supervisor)
+    child.stdin!.write(JSON.stringify({ ...wire, raise: !biased, procs: cgroup ? `${cgroup.dir}/cgroup.procs` : null }) + "\n");
     this.armAnswerCheck(id);
   }
 

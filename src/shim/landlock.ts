@@ -38,14 +38,15 @@ import { SECCOMP_PY } from "./seccomp.js";
  * made it kill the shim). Lowering the shim instead would need
  * CAP_SYS_RESOURCE, which neither the shim nor, on this project's machines,
  * the daemon has; raising needs nothing. A command is born with it (the
- * forker holds it for the fork: forker.ts setOomScoreAdj), the forker writes
- * it again on what the command forked early (below_supervisor), and the Node
- * path's wrapper sets its own before it execs.
+ * forker holds it for the fork: forker.ts setOomScoreAdj; when the shim
+ * could not give it that, the forker writes it on the command and on what
+ * it forked early, below_supervisor), and the Node path's wrapper sets its
+ * own before it execs.
  */
 export const COMMAND_OOM_SCORE_ADJ = 1000;
 
 /**
- * Python: `confine()` and `LANDLOCK` (whether the kernel has ABI 6). Needs
+ * Python: `ruleset()`, `confine(rules=None)` and `LANDLOCK` (whether the kernel has ABI 6). Needs
  * `ctypes`, `os` and `libc = ctypes.CDLL(None, use_errno=True)` defined.
  */
 export const LANDLOCK_PY = String.raw`
@@ -61,15 +62,16 @@ LANDLOCK = _abi >= 6
 _WRITE_FILE = 2  # LANDLOCK_ACCESS_FS_WRITE_FILE
 _COMMAND_NICE = 19
 ` + SECCOMP_PY + String.raw`
-def confine():
+def ruleset():
+    """A Landlock ruleset (its fd): files may be written beneath every top-level folder but /proc."""
     attr = _Attr(_WRITE_FILE, 0, 2)  # LANDLOCK_SCOPE_SIGNAL
     fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     try:
-        # files may be written beneath every top-level folder but /proc (links are their targets' business).
-        # Made anew for every command: a rule holds the folder as opened now, and the phase's view is
-        # mounted over /workspace after the forker starts (a ruleset kept from before denied every write there).
+        # (links are their targets' business). A rule holds the folder as opened now: a ruleset
+        # kept from before the phase's view was mounted over /workspace denied every write there,
+        # so a kept one is made anew after any mount or unmount (the forker's kept_ruleset).
         for name in os.listdir("/"):
             if name == "proc" or os.path.islink("/" + name):
                 continue
@@ -83,12 +85,22 @@ def confine():
                     raise OSError(ctypes.get_errno(), "landlock_add_rule /" + name)
             finally:
                 os.close(d)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+def confine(rules=None):
+    """Confines the calling thread: a new Landlock domain of its own (from rules, a ruleset fd, or one made now), nice, seccomp."""
+    fd = rules if rules is not None else ruleset()
+    try:
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (already set by Docker; required)
             raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        # every call makes a new domain, whichever ruleset it is given: two commands are never in one
         if libc.syscall(446, fd, 0) != 0:  # landlock_restrict_self
             raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     finally:
-        os.close(fd)
+        if rules is None:
+            os.close(fd)
     # Below the supervisor: a command (a fork bomb of 250 processes) competes with the shim for the
     # container's one CPU, and must not starve its timers. Per thread on Linux; the command inherits it
     # and cannot take it back (no CAP_SYS_NICE). Commands still share the CPU evenly among themselves.

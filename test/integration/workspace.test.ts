@@ -248,6 +248,25 @@ describe("iterations", () => {
     expect(await readFile(phase.buildLog, "utf8")).toMatch(/ITERATION_ACCEPTED: iteration 3 \(before pytest -q tests\/test_calc\.py\)/);
   });
 
+  it("after an accepted iteration mounts the view anew, commands write in it and still write no /proc file (the forker's kept Landlock rules follow mounts)", async () => {
+    // the iterations above were accepted: the view at /workspace is not the one the forker first saw
+    const r = await py(
+      [
+        "open('/workspace/after_reset.txt', 'w').write('x')",
+        "try:",
+        // the value it has already: only Landlock can refuse it
+        "    open('/proc/self/oom_score_adj', 'w').write('1000')",
+        "    print('proc written')",
+        "except OSError as e:",
+        "    print('proc', e.errno)",
+      ].join("\n"),
+    );
+    expect(r.stderr).toBe("");
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout.trim()).toBe("proc 13");
+    await py("import os\nos.remove('/workspace/after_reset.txt')");
+  });
+
   it("a syntax error: refused with the compiler's message, the old content kept", async () => {
     const old = await readFile(path.join(project, "services", "calc.py"), "utf8");
     await py("open('/workspace/services/calc.py', 'a').write('\\ndef broken(:\\n    pass\\n')");
