@@ -113,7 +113,6 @@ def reap():
 # marks an exceptional condition for select() on each change since the last look.
 MOUNTS = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
 kept = None
-DEVNULL = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # every command's stdin unless it has one
 def kept_ruleset():
     global kept
     if kept is not None and not select.select([], [], [MOUNTS], 0)[2]:
@@ -124,17 +123,25 @@ def kept_ruleset():
     kept = ruleset()
     return kept
 def start(req, result):
+    null = None
     try:
         if LANDLOCK:
             confine(result["rules"])
+        if result["c0"] is None:
+            # stdin: a /dev/null of its own. One opened once for all would be one open file description
+            # shared by every command: its flags (fcntl F_SETFL) set by one command, seen by all the others.
+            null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         # no uid or gid change here (the forker already runs as the owner), so
         # _posixsubprocess may use vfork: well under a millisecond
         result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"],
-                                       stdin=result["c0"].fileno() if result["c0"] is not None else DEVNULL,
+                                       stdin=result["c0"].fileno() if result["c0"] is not None else null,
                                        stdout=result["c1"].fileno(), stderr=result["c2"].fileno(),
                                        start_new_session=True, restore_signals=True, close_fds=True)
     except BaseException as e:
         result["e"] = e
+    finally:
+        if null is not None:
+            os.close(null)
 def below_supervisor(pid, procs):
     # The container's memory limit is shared: split over many small processes, a command's
     # allocation would make the shim (the largest single process) the OOM killer's choice,

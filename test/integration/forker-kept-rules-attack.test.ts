@@ -1,0 +1,328 @@
+/**
+ * The forker keeps its Landlock ruleset from one command to the next (made
+ * anew only when /proc/self/mountinfo reports a mount change), raises a
+ * command after the fork only when it was born unraised, and gives every
+ * command without stdin one /dev/null (src/shim/forker.ts). Attacked from
+ * inside a real sandbox: commands started back to back from the kept ruleset
+ * are still in domains of their own (no signal, trace or memory read across,
+ * nor into the forker or the shim); mounts made in the container's mount
+ * namespace after the ruleset was made (a top-level folder covered, uncovered,
+ * covered again) are followed, and no rebuild ever opens /proc to writes; no
+ * descriptor of the forker reaches a command; every command and what it forks
+ * at once is born with oom_score_adj 1000 under load, cannot change it, and
+ * the shim and the forker stay at 0.
+ */
+import { execFile } from "node:child_process";
+import { readFile } from "node:fs/promises";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { ExecResult } from "../../src/phases/manager.js";
+import type { PhaseView } from "../../src/phases/types.js";
+import { auditEvents, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+
+const run = promisify(execFile);
+let t: TestDaemon;
+let project: string;
+let phase: PhaseView;
+
+beforeAll(async () => {
+  await requireEngineAndImage();
+  t = await startTestDaemon();
+  project = await makeProject();
+  ({ phase } = await t.api.request<{ phase: PhaseView }>("POST", "/v1/phases", { project, phase: "kept-rules", mode: "test" }));
+}, 120_000);
+
+afterAll(async () => {
+  if (phase) await t?.api.request("DELETE", `/v1/phases/${phase.id}`).catch(() => undefined);
+  await t?.close();
+  if (project) await removeDir(project);
+});
+
+async function exec(argv: string[]): Promise<ExecResult> {
+  return (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv })).result;
+}
+
+async function py(code: string): Promise<ExecResult> {
+  return exec(["python3", await writeScript(project, code)]);
+}
+
+async function results(): Promise<Array<Record<string, unknown>>> {
+  return (await auditEvents(t.stateDir)).filter((e) => e.phase === phase.id && e.type === "exec.result");
+}
+
+/** The container's init, as the host sees it: nsenter's target for the container's mount namespace. */
+async function containerPid(): Promise<number> {
+  return (await docker.getContainer(phase.containerName).inspect()).State.Pid;
+}
+
+/** A mount change in the container's mount namespace, made from the host (as the daemon's layer does for /workspace). */
+async function inContainerNs(...argv: string[]): Promise<void> {
+  await run("nsenter", ["-t", String(await containerPid()), "-m", "--", ...argv], { timeout: 30_000 });
+}
+
+/** The shim and the forker, host pids: tini's child, and the shim's python child. */
+async function supervisorPids(): Promise<{ shim: number; forker: number }> {
+  const tini = await containerPid();
+  const kids = async (pid: number) => (await readFile(`/proc/${pid}/task/${pid}/children`, "utf8")).trim().split(/\s+/).filter(Boolean).map(Number);
+  for (const shim of await kids(tini)) {
+    if (!(await readFile(`/proc/${shim}/cmdline`, "utf8")).includes("shim.cjs")) continue;
+    for (const forker of await kids(shim)) {
+      if ((await readFile(`/proc/${forker}/cmdline`, "utf8")).startsWith("python3\0-I\0-S\0-c")) return { shim, forker };
+    }
+  }
+  throw new Error("no shim with a forker in the container");
+}
+
+/** Sleeps, its pid in a file, and reports at its end whether anything stopped or traced it. */
+const VICTIM = (tag: string) => `
+import os, sys, time
+open("${tag}.pid", "w").write(str(os.getpid()))
+secret = bytearray(b"VICTIM-SECRET-${tag}")
+start = time.monotonic()
+time.sleep(2.5)
+status = open("/proc/self/status").read()
+tracer = [l.split()[1] for l in status.splitlines() if l.startswith("TracerPid:")][0]
+print("tracer", tracer, "slept", round(time.monotonic() - start) , secret.decode())
+`;
+
+/**
+ * Started right after the victim, from the same kept ruleset: goes for the
+ * victim, the forker (its parent) and the shim (the forker's parent) with a
+ * signal, ptrace, process_vm_readv and /proc/<pid>/mem; and, to show the
+ * attempts are real, for a child of its own, which it may signal.
+ */
+const ATTACKER = (tag: string) => `
+import ctypes, json, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+for _ in range(200):
+    if os.path.exists("${tag}.pid"):
+        break
+    time.sleep(0.01)
+victim = int(open("${tag}.pid").read())
+forker = os.getppid()
+shim = int(open("/proc/%d/stat" % forker).read().rsplit(")", 1)[1].split()[1])
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+def attack(pid):
+    out = {}
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        out["kill"] = "sent"
+        os.kill(pid, signal.SIGCONT)
+    except OSError as e:
+        out["kill"] = e.errno
+    try:
+        os.kill(pid, 0)
+        out["kill0"] = "sent"
+    except OSError as e:
+        out["kill0"] = e.errno
+    out["ptrace"] = "attached" if libc.ptrace(16, pid, None, None) == 0 else ctypes.get_errno()
+    out["seize"] = "seized" if libc.ptrace(0x4206, pid, None, None) == 0 else ctypes.get_errno()
+    buf = ctypes.create_string_buffer(64)
+    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), 64)
+    remote = Iovec(0x400000, 64)
+    n = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    out["vm_readv"] = "read" if n >= 0 else ctypes.get_errno()
+    try:
+        open("/proc/%d/mem" % pid, "rb").close()
+        out["mem"] = "opened"
+    except OSError as e:
+        out["mem"] = e.errno
+    return out
+res = {"victim": attack(victim), "forker": attack(forker), "shim": attack(shim)}
+kid = os.fork()
+if kid == 0:
+    time.sleep(30)
+    os._exit(0)
+os.kill(kid, signal.SIGTERM)
+res["own_child"] = os.WTERMSIG(os.waitpid(kid, 0)[1])
+print(json.dumps(res))
+`;
+
+const REFUSED = { kill: 1, kill0: 1, ptrace: 1, seize: 1, vm_readv: 1, mem: 13 }; // EPERM …, EACCES
+
+describe("commands from one kept Landlock ruleset", () => {
+  it("two commands started back to back are in two domains: neither signals, traces or reads the other, the forker or the shim; each still signals its own child", async () => {
+    // warm: the ruleset is made for the first command and kept for the next ones
+    expect((await py("print('warm')")).stdout).toBe("warm\n");
+    for (const tag of ["pair1", "pair2"]) {
+      const victimScript = await writeScript(project, VICTIM(tag));
+      const attackerScript = await writeScript(project, ATTACKER(tag));
+      const victim = exec(["python3", victimScript]);
+      const attacker = await exec(["python3", attackerScript]);
+      expect(attacker.stderr).toBe("");
+      expect(JSON.parse(attacker.stdout)).toEqual({ victim: REFUSED, forker: REFUSED, shim: REFUSED, own_child: 15 });
+      const v = await victim;
+      expect(v).toMatchObject({ exitCode: 0, signal: null, timedOut: false, stdout: `tracer 0 slept 3 VICTIM-SECRET-${tag}\n` });
+      const recorded = await results();
+      expect(recorded.find((r) => (r.argv as string[])[1] === victimScript)).toMatchObject({ exitCode: 0, stdout: v.stdout });
+      expect(recorded.find((r) => (r.argv as string[])[1] === attackerScript)).toMatchObject({ exitCode: 0, stdout: attacker.stdout });
+    }
+  }, 120_000);
+});
+
+/** Writes a file in each folder given and tries /proc files: the errno or "ok" of each. */
+const WRITES = `
+import json, os, sys
+out = {}
+for d in sys.argv[1:]:
+    try:
+        with open(os.path.join(d, "kept-rules-probe"), "w") as f:
+            f.write("x")
+        os.remove(os.path.join(d, "kept-rules-probe"))
+        out[d] = "ok"
+    except OSError as e:
+        out[d] = e.errno
+procs = {"/proc/self/oom_score_adj": "1000", "/proc/self/oom_adj": "15", "/proc/forker/oom_score_adj": "1000", "/proc/self/attr/current": "x",
+         "/proc/self/comm": "renamed", "/proc/sys/kernel/ns_last_pid": "1"}
+for p, value in procs.items():
+    try:
+        # the values a command has already, or may set another way (comm: prctl): only the wall can refuse them
+        with open(p.replace("forker", str(os.getppid())), "w") as f:
+            f.write(value)
+        out[p] = "ok"
+    except OSError as e:
+        out[p] = e.errno
+print(json.dumps(out))
+`;
+
+/** EACCES from Landlock for every /proc file; EROFS where /proc/sys is mounted read-only (checked before it) */
+const PROC_REFUSED = {
+  "/proc/self/oom_score_adj": 13,
+  "/proc/self/oom_adj": 13,
+  "/proc/forker/oom_score_adj": 13,
+  "/proc/self/attr/current": 13,
+  "/proc/self/comm": 13,
+  "/proc/sys/kernel/ns_last_pid": 30,
+};
+
+describe("the kept ruleset follows mounts", () => {
+  async function writes(...dirs: string[]): Promise<Record<string, unknown>> {
+    const r = await exec(["python3", await writeScript(project, WRITES), ...dirs]);
+    expect(r.stderr).toBe("");
+    expect(r.exitCode).toBe(0);
+    return JSON.parse(r.stdout) as Record<string, unknown>;
+  }
+
+  it("a top-level folder mounted over, unmounted and mounted over again after the ruleset was made: each next command writes what is there now, and never a /proc file", async () => {
+    // made and kept: /mnt is the image's read-only folder (EROFS: Landlock let it through, the file system refused)
+    const before = await writes("/workspace", "/tmp", "/mnt");
+    expect(before).toMatchObject({ "/workspace": "ok", "/tmp": "ok", "/mnt": 30 });
+    const proc = (o: Record<string, unknown>) => Object.fromEntries(Object.entries(o).filter(([k]) => k.startsWith("/proc/")));
+    const procBefore = proc(before);
+    expect(procBefore).toEqual(PROC_REFUSED);
+    try {
+      for (let round = 0; round < 3; round++) {
+        // a tmpfs over /mnt: a folder the kept ruleset's rule for /mnt does not hold
+        await inContainerNs("mount", "-t", "tmpfs", "-o", `size=1m,mode=1777`, `kept-rules-${round}`, "/mnt");
+        const covered = await writes("/workspace", "/tmp", "/mnt");
+        expect(covered).toMatchObject({ "/workspace": "ok", "/tmp": "ok", "/mnt": "ok" });
+        expect(proc(covered)).toEqual(procBefore);
+        // back to the image's folder, then a new tmpfs over /tmp itself (the top-level folder commands write most)
+        await inContainerNs("umount", "/mnt");
+        await inContainerNs("mount", "-t", "tmpfs", "-o", "size=1m,mode=1777", `kept-rules-tmp-${round}`, "/tmp");
+        const uncovered = await writes("/workspace", "/tmp", "/mnt");
+        expect(uncovered).toMatchObject({ "/workspace": "ok", "/tmp": "ok", "/mnt": 30 });
+        expect(proc(uncovered)).toEqual(procBefore);
+        await inContainerNs("umount", "/tmp");
+        // several changes between two commands, the last one a mount over /workspace's parent's sibling
+        const again = await writes("/workspace", "/tmp", "/mnt");
+        expect(again).toMatchObject({ "/workspace": "ok", "/tmp": "ok", "/mnt": 30 });
+      }
+    } finally {
+      await inContainerNs("sh", "-c", "while umount /mnt 2>/dev/null; do :; done; while grep -q ' /tmp tmpfs .*kept-rules' /proc/mounts && umount /tmp; do :; done").catch(() => undefined);
+    }
+    // what the commands did is what the trail says
+    const recorded = await results();
+    expect(recorded.filter((r) => (r.stdout as string | undefined)?.includes('"/mnt": "ok"')).length).toBe(3);
+  }, 120_000);
+});
+
+/** Every descriptor open in this process and in a child it forks and execs at once: fd → target, flags. */
+const FDS = `
+import json, os, subprocess, sys
+def fds(pid):
+    out = {}
+    base = "/proc/%s/fd" % pid
+    for fd in sorted(os.listdir(base), key=int):
+        try:
+            target = os.readlink("%s/%s" % (base, fd))
+        except OSError:
+            continue  # the listing's own descriptor, closed already
+        flags = [l.split()[1] for l in open("/proc/%s/fdinfo/%s" % (pid, fd)).read().splitlines() if l.startswith("flags:")][0]
+        out[fd] = [target if not target.startswith("socket:") else "socket", flags]
+    return out
+if len(sys.argv) > 1:
+    print(json.dumps(fds("self")))
+    sys.exit(0)
+me = fds("self")
+child = json.loads(subprocess.run([sys.executable, sys.argv[0], "child"], capture_output=True, text=True, stdin=None).stdout)
+print(json.dumps({"self": me, "child": child, "stdin_read": os.read(0, 10).decode(), "pid": os.getpid()}))
+`;
+
+describe("the forker's descriptors", () => {
+  it("a command holds its three standard descriptors and nothing of the forker's (ruleset, mountinfo, /dev/null, IPC socket, wakeup pipe), nor does what it starts; stdin is /dev/null read-only", async () => {
+    // some commands first, and a mount change: the kept ruleset is an old one, then a new one
+    for (let i = 0; i < 2; i++) {
+      const r = await py(FDS);
+      expect(r.stderr).toBe("");
+      const seen = JSON.parse(r.stdout) as { self: Record<string, [string, string]>; child: Record<string, [string, string]>; stdin_read: string };
+      // the listing's own descriptor (3) is closed by the time it is read: only 0, 1, 2 remain
+      expect(Object.keys(seen.self)).toEqual(["0", "1", "2"]);
+      expect(Object.keys(seen.child)).toEqual(["0", "1", "2"]);
+      expect(seen.self["1"]![0]).toBe("socket");
+      expect(seen.self["2"]![0]).toBe("socket");
+      for (const [target] of Object.values(seen.self)) expect(target).not.toMatch(/landlock|mountinfo|pipe:/);
+      // stdin: /dev/null, read-only, not close-on-exec (it is the command's own fd 0); read gives EOF
+      expect(seen.self["0"]).toEqual(["/dev/null", "0100000"]);
+      expect(seen.child["0"]).toEqual(["/dev/null", "0100000"]);
+      expect(seen.stdin_read).toBe("");
+      await inContainerNs("mount", "-t", "tmpfs", "-o", "size=1m", "kept-rules-fds", "/mnt");
+      await inContainerNs("umount", "/mnt");
+    }
+    // a second command cannot reach the first's stdin through /proc (another domain's process is not ptrace-readable)
+    const victimScript = await writeScript(project, VICTIM("fds"));
+    const victim = exec(["python3", victimScript]);
+    const reach = await py(`
+import os, time
+for _ in range(200):
+    if os.path.exists("fds.pid"):
+        break
+    time.sleep(0.01)
+pid = int(open("fds.pid").read())
+out = []
+def attempt(f):
+    try:
+        out.append(f())
+    except OSError as e:
+        out.append(e.errno)
+attempt(lambda: sorted(os.listdir("/proc/%d/fd" % pid)))
+attempt(lambda: os.readlink("/proc/%d/fd/0" % pid))
+attempt(lambda: open("/proc/%d/fdinfo/0" % pid).read())
+attempt(lambda: os.open("/proc/%d/fd/0" % pid, os.O_RDONLY))
+print(out)
+`);
+    // the numbers of another process's descriptors are listed (one uid: the folder is its own), what they are is not
+    expect(reach.stdout).toBe("[['0', '1', '2'], 13, 13, 13]\n");
+    expect((await victim).exitCode).toBe(0);
+  }, 120_000);
+
+  it("a command that changes the flags of its stdin changes nothing of a later command's stdin (each has a /dev/null of its own)", async () => {
+    const first = await py(`
+import fcntl, os
+fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK | os.O_APPEND)
+print(oct(fcntl.fcntl(0, fcntl.F_GETFL)))
+`);
+    expect(first.stderr).toBe("");
+    const second = await py(`
+import fcntl, os
+print(oct(fcntl.fcntl(0, fcntl.F_GETFL)), repr(os.read(0, 5)))
+`);
+    expect(first.stdout).toBe("0o106000\n"); // O_LARGEFILE | O_NONBLOCK | O_APPEND: its own stdin took them
+    expect(second.stderr).toBe("");
+    // with one /dev/null kept by the forker for all, this read "0o106000 b''"
+    expect(second.stdout).toBe("0o100000 b''\n");
+  }, 60_000);
+});
