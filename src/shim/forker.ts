@@ -37,7 +37,7 @@ import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { constants } from "node:os";
 import type net from "node:net";
 import type { CommandCgroup, CommandCgroups } from "./cgroups.js";
-import { COMMAND_OOM_SCORE_ADJ, LANDLOCK_PY } from "./landlock.js";
+import { COMMAND_OOM_SCORE_ADJ, LANDLOCK_EXEC_FD_PY, LANDLOCK_PY } from "./landlock.js";
 import { errorFields, log } from "./log.js";
 
 /**
@@ -46,10 +46,12 @@ import { errorFields, log } from "./log.js";
  * born with its parent's value, so the forker holds COMMAND_OOM_SCORE_ADJ
  * from the request to its answer (a millisecond) and 0 otherwise: the
  * command starts raised, with no window in which it could grow unraised
- * (written into the child after the fork alone, as below_supervisor also
- * does, it races the child's exec, whose new image is not dumpable at
- * first, so its /proc file is root's). Going back down to 0 needs no
- * privilege: 0 is the floor the forker inherited.
+ * (written into the child after the fork, it races the child's exec, whose
+ * new image is not dumpable at first, so its /proc file is root's). When
+ * this write fails, the request says `raise` and the forker starts the
+ * command through the wrapper that raises itself (LANDLOCK_EXEC_FD_PY).
+ * Going back down to 0 needs no privilege: 0 is the floor the forker
+ * inherited.
  */
 function setOomScoreAdj(pid: number, value: number): boolean {
   try {
@@ -75,6 +77,7 @@ IPC = socket.socket(fileno=int(os.environ.get("NODE_CHANNEL_FD", "3")))
 out = sys.stdout.buffer
 
 ${LANDLOCK_PY}
+EXEC_WRAPPER = ${JSON.stringify(LANDLOCK_EXEC_FD_PY)}
 def reply(o):
     out.write(json.dumps(o).encode() + b"\n")
     out.flush()
@@ -123,9 +126,18 @@ def kept_ruleset():
     kept = ruleset()
     return kept
 def start(req, result):
-    null = None
+    null = ew = None
     try:
-        if LANDLOCK:
+        argv, fds = req["argv"], ()
+        if req.get("raise"):
+            # born unraised: the shim could not give the forker the commands' OOM bias for the fork. The
+            # command starts through the wrapper, which raises itself, then confines itself and execs it: no
+            # process of the command is ever below the bias. (Raised from here after the fork, it raced the
+            # exec, whose new image is root's in /proc at first: under load, commands stayed at 0.)
+            er, ew = os.pipe()
+            result["err"] = er
+            argv, fds = [sys.executable, "-I", "-S", "-c", EXEC_WRAPPER, str(ew)] + argv, (ew,)
+        elif LANDLOCK:
             confine(result["rules"])
         if result["c0"] is None:
             # stdin: a /dev/null of its own. One opened once for all would be one open file description
@@ -133,41 +145,35 @@ def start(req, result):
             null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         # no uid or gid change here (the forker already runs as the owner), so
         # _posixsubprocess may use vfork: well under a millisecond
-        result["p"] = subprocess.Popen(req["argv"], env=req["env"], cwd=req["cwd"],
+        result["p"] = subprocess.Popen(argv, env=req["env"], cwd=req["cwd"], pass_fds=fds,
                                        stdin=result["c0"].fileno() if result["c0"] is not None else null,
                                        stdout=result["c1"].fileno(), stderr=result["c2"].fileno(),
                                        start_new_session=True, restore_signals=True, close_fds=True)
     except BaseException as e:
         result["e"] = e
+        er = result.pop("err", None)
+        if er is not None:
+            os.close(er)
     finally:
         if null is not None:
             os.close(null)
-def below_supervisor(pid, procs):
-    # The container's memory limit is shared: split over many small processes, a command's
-    # allocation would make the shim (the largest single process) the OOM killer's choice,
-    # and every command's result with it. A command's processes get oom_score_adj 1000, so the
-    # kernel takes them first. Its children inherit it, and it cannot lower it (Landlock: no
-    # /proc writes); those it forked before this write are found in its cgroup (a pass that
-    # finds no new process ends it). The forker itself is in that cgroup now: skipped.
-    done = {os.getpid()}
-    for _ in range(3):
-        pids = [pid]
-        try:
-            if procs:
-                with open(procs) as f:
-                    pids += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-        fresh = [q for q in pids if q not in done]
-        if not fresh:
-            return
-        for q in fresh:
-            done.add(q)
-            try:
-                with open("/proc/%d/oom_score_adj" % q, "w") as f:
-                    f.write("1000")
-            except OSError:
-                pass  # gone already
+        if ew is not None:
+            os.close(ew)
+def wrapper_failure(result):
+    """The wrapper's word on its exec (None: the command runs), once its error pipe closes."""
+    er = result.pop("err", None)
+    if er is None:
+        return None
+    msg = b""
+    try:
+        while True:
+            chunk = os.read(er, 4096)
+            if not chunk:
+                break
+            msg += chunk
+    finally:
+        os.close(er)
+    return msg.decode(errors="replace") if msg else None
 def run(req):
     i = req["id"]
     p0 = c0 = None
@@ -214,10 +220,17 @@ def run(req):
             reply({"type": "error", "id": i, "code": "ESPAWN", "message": str(e)})
         return
     p = result["p"]
+    failed = wrapper_failure(result)
+    if failed is not None:
+        # the wrapper could not exec the command (ENOENT …): it exits 127, reaped and ignored
+        p1.close()
+        p2.close()
+        if p0 is not None:
+            p0.close()
+        code, _, message = failed.partition(" ")
+        reply({"type": "error", "id": i, "code": code or "ESPAWN", "message": message or failed})
+        return
     children[p.pid] = (i, p)
-    if req.get("raise"):
-        # born unraised: the shim could not give the forker the commands' bias for the fork
-        below_supervisor(p.pid, req.get("procs"))
     try:
         if p0 is not None:
             hand_over(i, 0, p0)
@@ -569,9 +582,8 @@ export class Forker {
     const biased = setOomScoreAdj(child.pid!, COMMAND_OOM_SCORE_ADJ);
     this.inFlight = id;
     const { cgroup, ...wire } = p.req;
-    // raise: born without the bias, the command is raised by the forker after the fork, with what it
-    // forked early, found in procs (below_supervisor)
-    child.stdin!.write(JSON.stringify({ ...wire, raise: !biased, procs: cgroup ? `${cgroup.dir}/cgroup.procs` : null }) + "\n");
+    // raise: the forker would give it no bias at birth; the command starts through the wrapper that raises itself
+    child.stdin!.write(JSON.stringify({ ...wire, raise: !biased }) + "\n");
     this.armAnswerCheck(id);
   }
 

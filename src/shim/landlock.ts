@@ -38,10 +38,13 @@ import { SECCOMP_PY } from "./seccomp.js";
  * made it kill the shim). Lowering the shim instead would need
  * CAP_SYS_RESOURCE, which neither the shim nor, on this project's machines,
  * the daemon has; raising needs nothing. A command is born with it (the
- * forker holds it for the fork: forker.ts setOomScoreAdj; when the shim
- * could not give it that, the forker writes it on the command and on what
- * it forked early, below_supervisor), and the Node path's wrapper sets its
- * own before it execs.
+ * forker holds it for the fork: forker.ts setOomScoreAdj); when the shim
+ * could not give the forker that, and on the Node path, the command is
+ * started through a wrapper that sets its own before it confines itself and
+ * execs (LANDLOCK_EXEC_PY). Never written into the command from outside after
+ * the fork: that races the child's exec, whose new image is not dumpable at
+ * first (it takes the forker's flag until the kernel resets it), so its /proc
+ * file is root's and the forker's write fails; under load, every time.
  */
 export const COMMAND_OOM_SCORE_ADJ = 1000;
 
@@ -114,25 +117,20 @@ def confine(rules=None):
 
 `;
 
-/**
- * `python3 -I -S -c LANDLOCK_EXEC_PY argv...`: confines itself, then execs
- * argv with the environment it was given (PATH lookup as Node's spawn does
- * it; the environment is read back from /proc/self/environ, as Python's
- * start-up adds LC_CTYPE to os.environ). Fd 3 is the error pipe: closed on exec when it succeeds; on failure
- * it carries "ERRNO_NAME message" and the wrapper exits 127, so the shim
- * reports a spawn_error as for Node's own spawn.
- */
-export const LANDLOCK_EXEC_PY = String.raw`
+/** The wrapper's Python, its error pipe at the descriptor `errFd` and the command's argv in `argv` (Python expressions). */
+function execWrapperPy(errFd: string, argv: string): string {
+  return String.raw`
 import ctypes, errno, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 ${LANDLOCK_PY}
-os.set_inheritable(3, False)
-argv = sys.argv[1:]
+ERR = ${errFd}
+os.set_inheritable(ERR, False)
+argv = ${argv}
 # the environment as given, not os.environ: Python's start-up adds LC_CTYPE (locale coercion) there
 env = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read().split(b"\0") if b"=" in kv)
 try:
-    # the OOM killer takes commands before the shim (see below_supervisor in forker.ts); before confine(),
-    # which closes /proc to writes
+    # the OOM killer takes commands before the shim (COMMAND_OOM_SCORE_ADJ); before confine(), which
+    # closes /proc to writes. Its own file is its own to write: this process is dumpable once it runs
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -143,6 +141,26 @@ try:
     os.execvpe(argv[0], argv, env)
 except OSError as e:
     name = errno.errorcode.get(e.errno, "ESPAWN") if e.errno else "ESPAWN"
-    os.write(3, ("%s %s" % (name, e.strerror or e)).encode())
+    os.write(ERR, ("%s %s" % (name, e.strerror or e)).encode())
     os._exit(127)
 `;
+}
+
+/**
+ * `python3 -I -S -c LANDLOCK_EXEC_PY argv...`: raises its own OOM bias,
+ * confines itself, then execs argv with the environment it was given (PATH
+ * lookup as Node's spawn does it; the environment is read back from
+ * /proc/self/environ, as Python's start-up adds LC_CTYPE to os.environ). Fd 3
+ * is the error pipe: closed on exec when it succeeds; on failure it carries
+ * "ERRNO_NAME message" and the wrapper exits 127, so the shim reports a
+ * spawn_error as for Node's own spawn.
+ */
+export const LANDLOCK_EXEC_PY = execWrapperPy("3", "sys.argv[1:]");
+
+/**
+ * `python3 -I -S -c LANDLOCK_EXEC_FD_PY FD argv...`: the same, its error pipe
+ * at descriptor FD (the forker's Popen keeps a passed descriptor at its own
+ * number). The forker starts a command through it when the shim could not
+ * give the forker the commands' bias for the fork.
+ */
+export const LANDLOCK_EXEC_FD_PY = execWrapperPy("int(sys.argv[1])", "sys.argv[2:]");

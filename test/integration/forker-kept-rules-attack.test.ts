@@ -326,3 +326,146 @@ print(oct(fcntl.fcntl(0, fcntl.F_GETFL)), repr(os.read(0, 5)))
     expect(second.stdout).toBe("0o100000 b''\n");
   }, 60_000);
 });
+
+/** Forks at once (before Python has done anything else) and reports its own and its children's bias. */
+const FORKS_AT_ONCE = `import os, sys
+kids = []
+for _ in range(4):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, open("/proc/self/oom_score_adj", "rb").read().strip())
+        os._exit(0)
+    os.close(w)
+    kids.append(os.read(r, 16).decode())
+    os.waitpid(pid, 0)
+print(open("/proc/self/oom_score_adj").read().strip(), *kids)
+`;
+
+const FORK_FIRST = `import os
+r, w = os.pipe()
+if os.fork() == 0:
+    os.write(w, open("/proc/self/oom_score_adj", "rb").read().strip())
+    os._exit(0)
+os.close(w)
+print(open("/proc/self/oom_score_adj").read().strip(), os.read(r, 16).decode())`;
+
+/** Every way a command might lower (or touch) its own bias, its thread's, or its parent command's. */
+const OWN_BIAS = `
+import json, os, threading
+out = {}
+def attempt(name, path, value):
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = e.errno
+attempt("self_0", "/proc/self/oom_score_adj", "0")
+attempt("self_1000", "/proc/self/oom_score_adj", "1000")
+attempt("self_min", "/proc/self/oom_score_adj", "-1000")
+attempt("legacy", "/proc/self/oom_adj", "0")
+attempt("thread_self", "/proc/thread-self/oom_score_adj", "0")
+attempt("task", "/proc/%d/task/%d/oom_score_adj" % (os.getpid(), threading.get_native_id()), "0")
+# reopened for writing through a descriptor opened to read it
+fd = os.open("/proc/self/oom_score_adj", os.O_RDONLY)
+attempt("reopen", "/proc/self/fd/%d" % fd, "0")
+# a child, in the same domain, on its parent
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        with open("/proc/%d/oom_score_adj" % os.getppid(), "w") as f:
+            f.write("0")
+        os.write(w, b"ok")
+    except OSError as e:
+        os.write(w, str(e.errno).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+got = os.read(r, 16)
+out["child_on_parent"] = got.decode() if got == b"ok" else int(got)
+out["now"] = open("/proc/self/oom_score_adj").read().strip()
+print(json.dumps(out))
+`;
+
+describe("the commands' OOM bias, born with it", () => {
+  it("under load, every command and what it forks at once has oom_score_adj 1000; the shim and the forker are at 0 between commands", async () => {
+    const { shim, forker } = await supervisorPids();
+    // load: two busy commands for the container's CPUs while a dozen others start
+    const busyScript = await writeScript(project, "import time\nend = time.monotonic() + 4\nwhile time.monotonic() < end:\n    pass\nprint(open('/proc/self/oom_score_adj').read().strip())");
+    const busy = [exec(["python3", busyScript]), exec(["python3", busyScript])];
+    const forksScript = await writeScript(project, FORKS_AT_ONCE);
+    const forkFirst = await writeScript(project, FORK_FIRST);
+    const runs = await Promise.all([
+      ...Array.from({ length: 12 }, () => exec(["python3", forksScript])),
+      // forks before Python's site or anything else is loaded (-S): its first statement
+      ...Array.from({ length: 6 }, () => exec(["python3", "-S", forkFirst])),
+    ]);
+    for (const r of runs.slice(0, 12)) expect(r).toMatchObject({ exitCode: 0, stderr: "", stdout: "1000 1000 1000 1000 1000\n" });
+    for (const r of runs.slice(12)) expect(r).toMatchObject({ exitCode: 0, stderr: "", stdout: "1000 1000\n" });
+    for (const b of await Promise.all(busy)) expect(b).toMatchObject({ exitCode: 0, stdout: "1000\n" });
+    // the raise was the bias the forker held for the fork: it was never written after it (no below_supervisor)
+    const logs = (await docker.getContainer(phase.containerName).logs({ stdout: true, stderr: true })).toString("utf8");
+    expect(logs).not.toContain("could not set the forker's oom_score_adj");
+    // the supervisors, as the host sees them, with nothing in flight
+    expect((await readFile(`/proc/${shim}/oom_score_adj`, "utf8")).trim()).toBe("0");
+    expect((await readFile(`/proc/${forker}/oom_score_adj`, "utf8")).trim()).toBe("0");
+    // every record says what the command printed
+    const recorded = await results();
+    expect(recorded.filter((r) => (r.argv as string[])[1] === forksScript && r.stdout === "1000 1000 1000 1000 1000\n")).toHaveLength(12);
+  }, 180_000);
+
+  it("a command cannot change its own bias, its thread's, or (from a child) its parent's, by any /proc path: refused (EACCES), still 1000", async () => {
+    const r = await py(OWN_BIAS);
+    expect(r.stderr).toBe("");
+    expect(JSON.parse(r.stdout)).toEqual({
+      self_0: 13,
+      self_1000: 13,
+      self_min: 13,
+      legacy: 13,
+      thread_self: 13,
+      task: 13,
+      reopen: 13,
+      child_on_parent: 13,
+      now: "1000",
+    });
+    const record = (await results()).find((e) => e.stdout === r.stdout);
+    expect(record).toMatchObject({ exitCode: 0 });
+  }, 60_000);
+});
+
+describe("a forker the shim cannot bias for the fork", () => {
+  // before the fix (the forker wrote the bias into the command after the fork, racing its exec) every
+  // command here came out "0 0 0 0 0": the write met the new image's /proc file while it was still root's
+  it("when the shim's write of the forker's oom_score_adj fails, each command starts through the wrapper that raises itself: it and what it forks at once at 1000 under load, the failure logged", async () => {
+    const { forker } = await supervisorPids();
+    // the forker's pid in the container's pid namespace: the last of NSpid
+    const nspid = /^NSpid:\s+(.*)$/m.exec(await readFile(`/proc/${forker}/status`, "utf8"))![1]!.trim().split(/\s+/).pop()!;
+    // a read-only file over the forker's /proc/<pid>/oom_score_adj in the container's mount namespace: the shim's write fails (EROFS)
+    const target = `/proc/${nspid}/oom_score_adj`;
+    await inContainerNs("mount", "--bind", "-o", "ro", "/etc/hostname", target);
+    try {
+      const busyScript = await writeScript(project, "import time\nend = time.monotonic() + 3\nwhile time.monotonic() < end:\n    pass\nprint(open('/proc/self/oom_score_adj').read().strip())");
+      const busy = exec(["python3", busyScript]);
+      const forksScript = await writeScript(project, FORKS_AT_ONCE);
+      const forkFirst = await writeScript(project, FORK_FIRST);
+      const runs = await Promise.all([
+        ...Array.from({ length: 8 }, () => exec(["python3", forksScript])),
+        ...Array.from({ length: 8 }, () => exec(["python3", "-S", forkFirst])),
+      ]);
+      for (const r of runs.slice(0, 8)) expect(r).toMatchObject({ exitCode: 0, stderr: "", stdout: "1000 1000 1000 1000 1000\n" });
+      for (const r of runs.slice(8)) expect(r).toMatchObject({ exitCode: 0, stderr: "", stdout: "1000 1000\n" });
+      expect(await busy).toMatchObject({ exitCode: 0, stdout: "1000\n" });
+      const logs = (await docker.getContainer(phase.containerName).logs({ stdout: true, stderr: true })).toString("utf8");
+      expect(logs).toContain("could not set the forker's oom_score_adj");
+      // the commands still write what they may, and no /proc file (the bind was a mount change: a new ruleset)
+      const w = await exec(["python3", await writeScript(project, WRITES), "/workspace", "/tmp"]);
+      // (the forker's own file is the read-only bind now: EROFS before Landlock's EACCES)
+      expect(JSON.parse(w.stdout)).toMatchObject({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED, "/proc/forker/oom_score_adj": 30 });
+    } finally {
+      await inContainerNs("umount", target).catch(() => undefined);
+    }
+    // the forker itself was never raised
+    expect((await readFile(`/proc/${forker}/oom_score_adj`, "utf8")).trim()).toBe("0");
+  }, 180_000);
+});
