@@ -18,7 +18,7 @@
  * a real XML parser without entity expansion (categorize.ts parseJunit).
  * A report that cannot be read leaves the counts unknown (null), never wrong.
  */
-import { randomBytes } from "node:crypto";
+import { randomHex } from "../util/random.js";
 import { closeSync, constants, fstatSync, openSync, readFile } from "node:fs";
 import { unlink } from "node:fs/promises";
 import { promisify } from "node:util";
@@ -36,7 +36,7 @@ export interface JunitPath {
 }
 
 export function junitPathFor(): JunitPath {
-  const name = `.sandboxd-junit-${randomBytes(12).toString("hex")}.xml`;
+  const name = `.sandboxd-junit-${randomHex(12)}.xml`;
   return { name, inContainer: `/tmp/${name}` };
 }
 

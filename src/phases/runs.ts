@@ -7,7 +7,7 @@
  * The cancel is recorded (`exec.cancel`) before the signal is sent; the
  * command's result then says `cancelled`.
  */
-import { randomBytes } from "node:crypto";
+import { randomHex } from "../util/random.js";
 import { SandboxdError } from "../errors.js";
 
 export interface RunInfo {
@@ -63,7 +63,7 @@ export class RunHandle {
 
 /** `ex_` or `jb_` followed by 12 hex digits, like phase ids. */
 export function newRunId(background: boolean): string {
-  return `${background ? "jb" : "ex"}_${randomBytes(6).toString("hex")}`;
+  return `${background ? "jb" : "ex"}_${randomHex(6)}`;
 }
 
 export class RunTable {
