@@ -282,6 +282,14 @@ describe("the forker's descriptors", () => {
       await inContainerNs("mount", "-t", "tmpfs", "-o", "size=1m", "kept-rules-fds", "/mnt");
       await inContainerNs("umount", "/mnt");
     }
+    // with stdin given: a socket the shim writes and closes, and still nothing else
+    const fed = (await t.api.request<{ result: ExecResult }>("POST", `/v1/phases/${phase.id}/exec`, { argv: ["python3", await writeScript(project, FDS.replace('os.read(0, 10)', 'os.read(0, 100)'))], stdin: "fed" })).result;
+    expect(fed.stderr).toBe("");
+    const fedSeen = JSON.parse(fed.stdout) as { self: Record<string, [string, string]>; child: Record<string, [string, string]>; stdin_read: string };
+    expect(Object.keys(fedSeen.self)).toEqual(["0", "1", "2"]);
+    expect(Object.keys(fedSeen.child)).toEqual(["0", "1", "2"]);
+    expect(fedSeen.self["0"]![0]).toBe("socket");
+    expect(fedSeen.stdin_read).toBe("fed");
     // a second command cannot reach the first's stdin through /proc (another domain's process is not ptrace-readable)
     const victimScript = await writeScript(project, VICTIM("fds"));
     const victim = exec(["python3", victimScript]);
@@ -460,6 +468,20 @@ describe("a forker the shim cannot bias for the fork", () => {
       expect(logs).toContain("could not set the forker's oom_score_adj");
       // the commands still write what they may, and no /proc file (the bind was a mount change: a new ruleset)
       const w = await exec(["python3", await writeScript(project, WRITES), "/workspace", "/tmp"]);
+      // started through the wrapper: its error pipe closed at the exec, nothing else of the forker's held
+      const fds = await py(FDS);
+      expect(fds.stderr).toBe("");
+      const seen = JSON.parse(fds.stdout) as { self: Record<string, [string, string]>; child: Record<string, [string, string]> };
+      expect(Object.keys(seen.self)).toEqual(["0", "1", "2"]);
+      expect(Object.keys(seen.child)).toEqual(["0", "1", "2"]);
+      expect(seen.self["0"]).toEqual(["/dev/null", "0100000"]);
+      // each in a domain of its own all the same (the wrapper's): no signal, trace or read across
+      const victimScript = await writeScript(project, VICTIM("raised"));
+      const victim = exec(["python3", victimScript]);
+      const attacker = await exec(["python3", await writeScript(project, ATTACKER("raised"))]);
+      expect(attacker.stderr).toBe("");
+      expect(JSON.parse(attacker.stdout)).toEqual({ victim: REFUSED, forker: REFUSED, shim: REFUSED, own_child: 15 });
+      expect(await victim).toMatchObject({ exitCode: 0, stdout: "tracer 0 slept 3 VICTIM-SECRET-raised\n" });
       // (the forker's own file is the read-only bind now: EROFS before Landlock's EACCES)
       expect(JSON.parse(w.stdout)).toMatchObject({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED, "/proc/forker/oom_score_adj": 30 });
     } finally {
