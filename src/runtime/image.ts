@@ -480,12 +480,18 @@ export async function buildSandboxImage(docker: Docker, opts: BuildOptions): Pro
       hint: "check the engine's log; the tag may have been removed concurrently",
     });
   }
-  // A rebuild moves the tag; drop the image it left behind unless a container still uses it.
+  // A rebuild moves the tag; drop the image it left behind unless another tag still names it (an
+  // operator's `docker tag … :known-good`: removing by id would untag and delete it when it is the
+  // only other one) or a container still uses it (the engine refuses).
   if (previous !== undefined && previous.Id !== info.Id) {
-    try {
-      await docker.getImage(previous.Id).remove();
-    } catch {
-      // in use or already gone: harmless
+    const left = await inspectImage(docker, previous.Id);
+    const named = (left?.RepoTags ?? []).filter((t) => t !== "<none>:<none>");
+    if (left !== undefined && named.length === 0) {
+      try {
+        await docker.getImage(previous.Id).remove();
+      } catch {
+        // in use or already gone: harmless
+      }
     }
   }
   const firstFrom = steps.findIndex((st) => /^FROM\s/i.test(st.text));

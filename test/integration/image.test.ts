@@ -177,6 +177,31 @@ describe("sandbox image (real engine)", () => {
     }
   });
 
+  it("a rebuild that moves its tag leaves the old image to another tag that names it", async () => {
+    // the operator's own name for the image (here TAG, the first build) and sandboxd's tag on the same image
+    const movedTag = `${TAG}-moved`;
+    const changedDir = await mkdtemp(path.join(tmpdir(), "sandboxd-image-it-moved-"));
+    try {
+      const same = await ensureSandboxImage(docker, { tag: movedTag, dockerfileDir, shimBundlePath: shimPath, log: () => undefined });
+      // the cache gives the same image: two tags, one id
+      expect(same.imageId).toBe(first.imageId);
+      const changedShim = path.join(changedDir, "shim.cjs");
+      await writeFile(changedShim, "// the moved tag's new shim\nprocess.exit(0);\n");
+      const moved = await ensureSandboxImage(docker, { tag: movedTag, dockerfileDir, shimBundlePath: changedShim, log: () => undefined });
+      expect(moved.built).toBe(true);
+      expect(moved.imageId).not.toBe(first.imageId);
+      // the other tag still names the old image, which is still there
+      const kept = await docker.getImage(TAG).inspect();
+      expect(kept.Id).toBe(first.imageId);
+    } finally {
+      await docker
+        .getImage(movedTag)
+        .remove()
+        .catch(() => {});
+      await rm(changedDir, { recursive: true, force: true });
+    }
+  });
+
   it("reports a failing build step with the builder's message", async () => {
     const dir = await mkdtemp(path.join(tmpdir(), "sandboxd-image-it-bad-"));
     try {
