@@ -491,3 +491,40 @@ describe("a forker the shim cannot bias for the fork", () => {
     expect((await readFile(`/proc/${forker}/oom_score_adj`, "utf8")).trim()).toBe("0");
   }, 180_000);
 });
+
+/** A command's own tries at the mount table: to force or prevent the forker's rebuild, or to change what a folder is. */
+const MOUNT_TRIES = `
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def call(name, rc):
+    out[name] = "ok" if rc == 0 else ctypes.get_errno()
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+call("mount_tmpfs_tmp", libc.mount(b"x", b"/tmp", b"tmpfs", 0, None))
+call("bind_over_workspace", libc.mount(b"/tmp", b"/workspace", None, 4096, None))  # MS_BIND
+call("umount_workspace", libc.umount2(b"/workspace", 2))  # MNT_DETACH
+call("remount_proc", libc.mount(None, b"/proc", None, 32 | 4096, None))  # MS_REMOUNT | MS_BIND
+call("unshare_user_mnt", libc.unshare(0x10000000 | 0x00020000))  # CLONE_NEWUSER | CLONE_NEWNS
+call("unshare_mnt", libc.unshare(0x00020000))
+call("fsopen", 0 if libc.syscall(430, b"tmpfs", 0) >= 0 else -1)
+call("open_tree", 0 if libc.syscall(428, -100, b"/tmp", 1) >= 0 else -1)  # OPEN_TREE_CLONE
+call("pivot_root", libc.syscall(41 if os.uname().machine == "aarch64" else 155, b"/tmp", b"/tmp"))
+print(json.dumps(out))
+`;
+
+describe("a command and the mount table", () => {
+  it("a command cannot change the mount table, in the container's namespace or a new one: every try refused, the table as it was, the next command writes as before", async () => {
+    const mountinfo = async () => (await readFile(`/proc/${await containerPid()}/mountinfo`, "utf8")).split("\n").map((l) => l.split(" ").slice(4, 5).join()).sort();
+    const before = await mountinfo();
+    const r = await py(MOUNT_TRIES);
+    expect(r.stderr).toBe("");
+    const tries = JSON.parse(r.stdout) as Record<string, unknown>;
+    // EPERM everywhere: no capability, Docker's seccomp profile, and Landlock forbids any mount change to a confined process
+    expect(tries).toEqual({ mount_tmpfs_tmp: 1, bind_over_workspace: 1, umount_workspace: 1, remount_proc: 1, unshare_user_mnt: 1, unshare_mnt: 1, fsopen: 1, open_tree: 1, pivot_root: 1 });
+    expect(await mountinfo()).toEqual(before);
+    const after = await exec(["python3", await writeScript(project, WRITES), "/workspace", "/tmp"]);
+    expect(JSON.parse(after.stdout)).toEqual({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED });
+    const record = (await results()).find((e) => e.stdout === r.stdout);
+    expect(record).toMatchObject({ exitCode: 0 });
+  }, 60_000);
+});
