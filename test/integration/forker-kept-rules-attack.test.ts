@@ -13,10 +13,12 @@
  * the shim and the forker stay at 0.
  */
 import { execFile } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { readFile, rm, writeFile } from "node:fs/promises";
+import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
+import { LANDLOCK_EXEC_FD_PY } from "../../src/shim/landlock.js";
 import type { PhaseView } from "../../src/phases/types.js";
 import { auditEvents, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
@@ -482,6 +484,16 @@ describe("a forker the shim cannot bias for the fork", () => {
       expect(attacker.stderr).toBe("");
       expect(JSON.parse(attacker.stdout)).toEqual({ victim: REFUSED, forker: REFUSED, shim: REFUSED, own_child: 15 });
       expect(await victim).toMatchObject({ exitCode: 0, stdout: "tracer 0 slept 3 VICTIM-SECRET-raised\n" });
+      // the wrapper runs unconfined until it confines itself, in the command's cwd: modules planted there
+      // (the project's root, /workspace) are not what it imports (-I: neither the cwd nor PYTHON* variables)
+      const plant = "open('/tmp/kept-rules-hijacked', 'w').write(__name__)\n";
+      for (const name of ["ctypes.py", "errno.py", "os.py", "sys.py"]) await writeFile(path.join(project, name), plant);
+      try {
+        const planted = await py("import os\nprint(os.getcwd(), os.path.exists('ctypes.py'), os.path.exists('/tmp/kept-rules-hijacked'), open('/proc/self/oom_score_adj').read().strip())");
+        expect(planted).toMatchObject({ exitCode: 0, stderr: "", stdout: "/workspace True False 1000\n" });
+      } finally {
+        for (const name of ["ctypes.py", "errno.py", "os.py", "sys.py"]) await rm(path.join(project, name), { force: true });
+      }
       // (the forker's own file is the read-only bind now: EROFS before Landlock's EACCES)
       expect(JSON.parse(w.stdout)).toMatchObject({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED, "/proc/forker/oom_score_adj": 30 });
     } finally {
@@ -526,5 +538,17 @@ describe("a command and the mount table", () => {
     expect(JSON.parse(after.stdout)).toEqual({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED });
     const record = (await results()).find((e) => e.stdout === r.stdout);
     expect(record).toMatchObject({ exitCode: 0 });
+  }, 60_000);
+});
+
+describe("the self-raising wrapper's word on a failed exec", () => {
+  it("a program that cannot be run: the wrapper writes 'ENOENT …' on the descriptor it was given and exits 127 (what the forker answers the shim with)", async () => {
+    // in the sandbox, as the agent's uid: the wrapper the forker starts a command through when it cannot bias it
+    const r = await run(
+      "docker",
+      ["exec", "-u", "1000", phase.containerName, "sh", "-c", 'python3 -I -S -c "$1" 5 /no/such/program 5>&1 >/dev/null; echo " exit $?"', "sh", LANDLOCK_EXEC_FD_PY],
+      { timeout: 30_000 },
+    );
+    expect(r.stdout).toBe("ENOENT No such file or directory exit 127\n");
   }, 60_000);
 });
