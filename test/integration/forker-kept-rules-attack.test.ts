@@ -59,7 +59,8 @@ async function containerPid(): Promise<number> {
 
 /** A mount change in the container's mount namespace, made from the host (as the daemon's layer does for /workspace). */
 async function inContainerNs(...argv: string[]): Promise<void> {
-  await run("nsenter", ["-t", String(await containerPid()), "-m", "--", ...argv], { timeout: 30_000 });
+  // -p too: umount(8) reads /proc/self/mountinfo, which the container's /proc has only for its own pids
+  await run("nsenter", ["-t", String(await containerPid()), "-m", "-p", "--", ...argv], { timeout: 30_000 });
 }
 
 /** The shim and the forker, host pids: tini's child, and the shim's python child. */
@@ -171,9 +172,10 @@ import json, os, sys
 out = {}
 for d in sys.argv[1:]:
     try:
-        with open(os.path.join(d, "kept-rules-probe"), "w") as f:
+        name = os.path.join(d, "kept-rules-probe-%d" % os.getpid())
+        with open(name, "w") as f:
             f.write("x")
-        os.remove(os.path.join(d, "kept-rules-probe"))
+        os.remove(name)
         out[d] = "ok"
     except OSError as e:
         out[d] = e.errno
@@ -263,6 +265,40 @@ me = fds("self")
 child = json.loads(subprocess.run([sys.executable, sys.argv[0], "child"], capture_output=True, text=True, stdin=None).stdout)
 print(json.dumps({"self": me, "child": child, "stdin_read": os.read(0, 10).decode(), "pid": os.getpid()}))
 `;
+
+describe("the kept ruleset under racing mounts", () => {
+  it("commands started while /mnt is mounted over and unmounted again and again: every one writes /workspace and /tmp, none a /proc file", async () => {
+    let toggling = true;
+    const toggles = (async () => {
+      let n = 0;
+      while (toggling) {
+        await inContainerNs("sh", "-c", `mount -t tmpfs -o size=1m,mode=1777 kept-rules-race-${n} /mnt && umount /mnt`);
+        n++;
+      }
+      return n;
+    })();
+    const probe = await writeScript(project, WRITES);
+    try {
+      const runs: ExecResult[] = [];
+      for (let round = 0; round < 6; round++) runs.push(...(await Promise.all(Array.from({ length: 4 }, () => exec(["python3", probe, "/workspace", "/tmp", "/mnt"])))));
+      for (const r of runs) {
+        expect(r.stderr).toBe("");
+        const o = JSON.parse(r.stdout) as Record<string, unknown>;
+        expect(o).toMatchObject({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED });
+        // /mnt: the image's read-only folder (EROFS), the tmpfs (written), or the tmpfs that came after the
+        // command's ruleset was made (EACCES: an older ruleset grants nothing on a newer mount)
+        expect([30, "ok", 13]).toContain(o["/mnt"]);
+      }
+    } finally {
+      toggling = false;
+      expect(await toggles).toBeGreaterThan(0);
+      await inContainerNs("sh", "-c", "while umount /mnt 2>/dev/null; do :; done").catch(() => undefined);
+    }
+    // quiet again: the next command sees the image's folder, and writes as before
+    const after = await exec(["python3", await writeScript(project, WRITES), "/workspace", "/tmp", "/mnt"]);
+    expect(JSON.parse(after.stdout)).toEqual({ "/workspace": "ok", "/tmp": "ok", "/mnt": 30, ...PROC_REFUSED });
+  }, 180_000);
+});
 
 describe("the forker's descriptors", () => {
   it("a command holds its three standard descriptors and nothing of the forker's (ruleset, mountinfo, /dev/null, IPC socket, wakeup pipe), nor does what it starts; stdin is /dev/null read-only", async () => {
@@ -497,7 +533,7 @@ describe("a forker the shim cannot bias for the fork", () => {
       // (the forker's own file is the read-only bind now: EROFS before Landlock's EACCES)
       expect(JSON.parse(w.stdout)).toMatchObject({ "/workspace": "ok", "/tmp": "ok", ...PROC_REFUSED, "/proc/forker/oom_score_adj": 30 });
     } finally {
-      await inContainerNs("umount", target).catch(() => undefined);
+      await inContainerNs("umount", target);
     }
     // the forker itself was never raised
     expect((await readFile(`/proc/${forker}/oom_score_adj`, "utf8")).trim()).toBe("0");
