@@ -10,7 +10,14 @@
  * covered again) are followed, and no rebuild ever opens /proc to writes; no
  * descriptor of the forker reaches a command; every command and what it forks
  * at once is born with oom_score_adj 1000 under load, cannot change it, and
- * the shim and the forker stay at 0.
+ * the shim and the forker stay at 0 — also when the shim's write of the
+ * forker's bias fails (then the command starts through a wrapper that raises
+ * itself: the forker's write after the fork, which it replaced, left every
+ * command of a loaded container at 0); a command cannot change the mount
+ * table to force or hold off a rebuild.
+ *
+ * Mounts are made from the host with nsenter into the container's mount (and
+ * pid) namespace, as the daemon's workspace layer changes /workspace.
  */
 import { execFile } from "node:child_process";
 import { readFile, rm, writeFile } from "node:fs/promises";
