@@ -595,3 +595,26 @@ describe("the self-raising wrapper's word on a failed exec", () => {
     expect(r.stdout).toBe("ENOENT No such file or directory exit 127\n");
   }, 60_000);
 });
+
+describe("the cgroup files beneath a granted folder", () => {
+  it("the ruleset grants writes beneath /run, where the phase's cgroup is mounted read-write: every cgroup file is still refused to a command (root's, EACCES), its own cgroup's and its limits included", async () => {
+    const r = await py(`
+import json, os
+tried, written = 0, []
+for root, dirs, files in os.walk("/run/sandboxd-cgroup"):
+    for f in files:
+        p = os.path.join(root, f)
+        tried += 1
+        try:
+            with open(p, "w") as fh:
+                fh.write("max")
+            written.append(p)
+        except OSError as e:
+            if e.errno != 13:
+                written.append("%s: %d" % (p, e.errno))
+print(json.dumps({"own": open("/proc/self/cgroup").read().strip().rsplit("/", 1)[1], "tried": tried > 50, "written": written}))
+`);
+    expect(r.stderr).toBe("");
+    expect(JSON.parse(r.stdout)).toEqual({ own: expect.stringMatching(/^cmd-/), tried: true, written: [] });
+  }, 60_000);
+});
