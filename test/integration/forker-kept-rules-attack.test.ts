@@ -20,6 +20,7 @@
  * pid) namespace, as the daemon's workspace layer changes /workspace.
  */
 import { execFile } from "node:child_process";
+import { existsSync } from "node:fs";
 import { readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -27,7 +28,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExecResult } from "../../src/phases/manager.js";
 import { LANDLOCK_EXEC_FD_PY } from "../../src/shim/landlock.js";
 import type { PhaseView } from "../../src/phases/types.js";
-import { auditEvents, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, writeScript, type TestDaemon } from "../helpers/sandbox.js";
+import { auditEvents, docker, makeProject, removeDir, requireEngineAndImage, startTestDaemon, until, writeScript, type TestDaemon } from "../helpers/sandbox.js";
 
 const run = promisify(execFile);
 let t: TestDaemon;
@@ -157,10 +158,16 @@ describe("commands from one kept Landlock ruleset", () => {
   it("two commands started back to back are in two domains: neither signals, traces or reads the other, the forker or the shim; each still signals its own child", async () => {
     // warm: the ruleset is made for the first command and kept for the next ones
     expect((await py("print('warm')")).stdout).toBe("warm\n");
-    for (const tag of ["pair1", "pair2"]) {
+    // pair3: a mount change between the two, so the attacker's domain comes from a ruleset made anew
+    for (const tag of ["pair1", "pair2", "pair3"]) {
       const victimScript = await writeScript(project, VICTIM(tag));
       const attackerScript = await writeScript(project, ATTACKER(tag));
       const victim = exec(["python3", victimScript]);
+      if (tag === "pair3") {
+        // its pid file, in the phase's layer (the view's upper dir): the victim runs, under the old ruleset
+        await until("the victim started", async () => existsSync(path.join(t.stateDir, "phases", phase.id, "ws", "layer", "upper", "pair3.pid")));
+        await inContainerNs("sh", "-c", "mount -t tmpfs -o size=1m kept-rules-pair /mnt && umount /mnt");
+      }
       const attacker = await exec(["python3", attackerScript]);
       expect(attacker.stderr).toBe("");
       expect(JSON.parse(attacker.stdout)).toEqual({ victim: REFUSED, forker: REFUSED, shim: REFUSED, own_child: 15 });
